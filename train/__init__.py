@@ -1,0 +1,37 @@
+"""mrkd.train: the MRKD model, its training and its evaluation (needs PyTorch: ``pip install 'mrkd[train]'``).
+
+Public API (imported lazily so that ``mrkd.train.synthetic`` and ``mrkd.train.metrics`` work without
+PyTorch)::
+
+    mrkd.train.wide_resnet50_2(teacher_weights="imagenet")   # also resnet18, resnet50,
+    mrkd.train.build_model(backbone, teacher_weights)         # wide_resnet101_2, efficientnet_lite0
+    mrkd.train.load_checkpoint(path)          -> MRKD in eval mode
+    mrkd.train.from_official(ckpt, teacher_weights="imagenet", backbone="wide_resnet50_2")
+    model.anomaly_map(x), model.per_scale_maps(x), model.save(path)
+    mrkd.train.metrics.image_auroc / pixel_auroc / aupro
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "MRKD": "model", "MRKDConfig": "model", "build_model": "model",
+    "resnet18": "model", "resnet50": "model", "wide_resnet50_2": "model", "wide_resnet101_2": "model",
+    "efficientnet_lite0": "model",
+    "load_checkpoint": "checkpoint", "from_official": "checkpoint", "save_checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "AnomalyMapHead": "head",
+}
+
+__all__ = sorted(_LAZY) + ["metrics"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from mrkd.deps import require
+        require("torch")
+        return getattr(importlib.import_module(f"mrkd.train.{_LAZY[name]}"), name)
+    if name in ("metrics", "synthetic", "data", "augment", "plots"):
+        return importlib.import_module(f"mrkd.train.{name}")
+    raise AttributeError(f"module 'mrkd.train' has no attribute {name!r}")

@@ -1,0 +1,138 @@
+"""Checkpoints: ours (self-contained, atomic, weights_only-loadable) and the official RD4AD/MRKD format.
+
+Our checkpoint is a plain dict of tensors and primitives::
+
+    {"format": "mrkd-checkpoint", "format_version": 1, "config": {...},
+     "bottleneck": state_dict, "student": state_dict,
+     "teacher": {"kind", "name", "sha256", "state_dict" (absent for named ImageNet weights)},
+     "calibration": {...}}
+
+The teacher's weights travel with the checkpoint unless they are a named ImageNet release, which
+is fetched again by name and checked against the stored hash — so a random-teacher model reloads
+bit-identically on another machine.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mrkd.atomic import atomic_write_bytes
+from mrkd.train.model import MRKD, MRKDConfig, build_model
+from mrkd.train.teachers import TeacherWeightsError, teacher_spec
+
+FORMAT = "mrkd-checkpoint"
+FORMAT_VERSION = 1
+
+# Layers the official code defines but never calls in forward(); their weights are dropped on import.
+OFFICIAL_UNUSED = {"bn": ("conv4.", "bn4."), "decoder": ("conv1.",)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or not of the expected format; the message names the file."""
+
+
+def checkpoint_dict(model: MRKD) -> dict:
+    source = model.teacher_source
+    teacher = source.to_dict()
+    if source.kind != "imagenet":
+        teacher["state_dict"] = {k: v.detach().cpu() for k, v in model.teacher.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "bottleneck": {k: v.detach().cpu() for k, v in model.bottleneck.state_dict().items()},
+        "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
+        "teacher": teacher,
+        "calibration": dict(model.calibration),
+    }
+
+
+def save_checkpoint(model: MRKD, path, extra: Optional[dict] = None) -> None:
+    """Write ``model`` (plus ``extra`` entries, e.g. training state) atomically to ``path``."""
+    data = checkpoint_dict(model)
+    if extra:
+        data.update(extra)
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path) -> dict:
+    """``torch.load(weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(data).__name__}")
+    return data
+
+
+def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
+    if data.get("format") != FORMAT:
+        hint = " (an official RD4AD/MRKD checkpoint? use mrkd.train.from_official)" if "bn" in data else ""
+        raise CheckpointError(f"{source}: not an mrkd checkpoint{hint}")
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{source}: checkpoint format {data['format_version']} is newer than this mrkd")
+    config = MRKDConfig.from_dict(data["config"])
+    teacher = data["teacher"]
+    teacher_sd = teacher.get("state_dict")
+    weights = teacher.get("name") or config.teacher_weights
+    try:
+        model = build_model(config.backbone, weights if teacher_sd is None else config.teacher_weights,
+                            teacher_state_dict=teacher_sd,
+                            **{k: v for k, v in config.to_dict().items() if k not in ("backbone", "teacher_weights")})
+    except TeacherWeightsError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+    if teacher.get("sha256") and model.teacher_source.sha256 != teacher["sha256"]:
+        raise CheckpointError(f"{source}: the teacher weights {weights!r} found here differ from the ones the "
+                              f"model was trained with (sha256 {model.teacher_source.sha256[:12]} != "
+                              f"{teacher['sha256'][:12]})")
+    model.teacher_source.kind = teacher.get("kind", model.teacher_source.kind)
+    model.teacher_source.name = teacher.get("name")
+    try:
+        model.bottleneck.load_state_dict(data["bottleneck"])
+        model.student.load_state_dict(data["student"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: student weights do not fit backbone {config.backbone} ({exc})") from exc
+    model.calibration = dict(data.get("calibration") or {})
+    return model.eval()
+
+
+def load_checkpoint(path, map_location: str = "cpu") -> MRKD:
+    """Load one of our checkpoints; returns the model in eval mode."""
+    return model_from_dict(read_checkpoint(path), source=str(path)).to(map_location)
+
+
+def _strip_module_prefix(state_dict: dict) -> dict:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def from_official(ckpt_path, teacher_weights: str = "imagenet", backbone: str = "wide_resnet50_2",
+                  image_size: int = 256, **config_kwargs) -> MRKD:
+    """Import a checkpoint of the official RD4AD/MRKD code (a dict with ``bn`` and ``decoder``).
+
+    ``teacher_weights`` names the teacher the checkpoint was trained against ("imagenet" for the
+    official code's torchvision weights, or a state-dict path). Returns the model in eval mode.
+    """
+    data = read_checkpoint(ckpt_path)
+    missing = [k for k in ("bn", "decoder") if k not in data]
+    if missing:
+        raise CheckpointError(f"{ckpt_path}: not an official RD4AD/MRKD checkpoint (no {', '.join(missing)} entry)")
+    teacher_spec(backbone)  # unknown backbone -> clear error before any download
+    model = build_model(backbone, teacher_weights, image_size=image_size, **config_kwargs)
+    for part, module in (("bn", model.bottleneck), ("decoder", model.student)):
+        state = {k: v for k, v in _strip_module_prefix(data[part]).items()
+                 if not k.startswith(OFFICIAL_UNUSED[part])}
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{ckpt_path}: '{part}' weights do not fit backbone {backbone} ({exc})") from exc
+    return model.eval()

@@ -1,0 +1,145 @@
+"""The MRKD detector: frozen teacher + one-class bottleneck + decoder student + anomaly-map head.
+
+Builders mirror torchvision's (one function per backbone, weights as one explicit argument)::
+
+    model = mrkd.train.wide_resnet50_2(teacher_weights="imagenet", image_size=256)
+    maps = model.anomaly_map(x)          # N×1×H×W, official protocol
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from mrkd.train.head import AnomalyMapHead, distillation_loss
+from mrkd.train.student import Decoder, OneClassBottleneck
+from mrkd.train.teachers import TeacherSource, build_teacher, teacher_spec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class MRKDConfig:
+    """What a model needs to be rebuilt and used for inference; stored in every checkpoint."""
+
+    backbone: str = "wide_resnet50_2"
+    image_size: int = 256
+    teacher_weights: str = "imagenet"      # "imagenet" | weights name | file path | "random"
+    mask_ratio: float = 0.2                # feature-level masking: share of positions zeroed
+    flm: bool = True                       # feature-level masking on (training only)
+    test_time_mask: bool = False           # mask at inference too, as the official code does
+    sigma: float = 4.0                     # Gaussian smoothing of the anomaly map
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    resize_mode: str = "resize"            # "resize" (whole image) | "center_crop" (official)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MRKDConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for name in ("mean", "std"):
+            if name in kwargs:
+                kwargs[name] = tuple(float(v) for v in kwargs[name])
+        return cls(**kwargs)
+
+
+class MRKD(nn.Module):
+    """Masked Reverse Knowledge Distillation.
+
+    ``forward(x_clean, x_student)`` is the training step's model: the teacher's features of the
+    clean image are the target, and the student restores them from the teacher's features of the
+    image-level-masked (patch-swapped) image ``x_student`` through the bottleneck and decoder.
+    At inference both are the same image.
+    """
+
+    def __init__(self, config: MRKDConfig, teacher: nn.Module, teacher_source: TeacherSource):
+        super().__init__()
+        spec = teacher_spec(config.backbone)
+        self.config = config
+        self.teacher = teacher
+        self.teacher_source = teacher_source
+        self.bottleneck = OneClassBottleneck(spec.channels, spec.student_block, spec.bottleneck_blocks,
+                                             spec.width_per_group)
+        self.student = Decoder(spec.channels, spec.student_block, spec.student_layers, spec.width_per_group,
+                               mask_ratio=config.mask_ratio, flm=config.flm,
+                               test_time_mask=config.test_time_mask)
+        self.head = AnomalyMapHead(config.image_size, config.sigma)
+        self.calibration: Dict[str, float] = {}
+
+    # The teacher stays frozen in eval mode (its BatchNorm statistics are ImageNet's).
+    def train(self, mode: bool = True) -> "MRKD":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return list(self.bottleneck.parameters()) + list(self.student.parameters())
+
+    def teacher_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def forward(self, x_clean: torch.Tensor, x_student: Optional[torch.Tensor] = None
+                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        target = self.teacher_features(x_clean)
+        source = target if x_student is None else self.teacher_features(x_student)
+        restored = self.student(self.bottleneck(source))
+        return target, restored
+
+    def loss(self, x_clean: torch.Tensor, x_student: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return distillation_loss(*self(x_clean, x_student))
+
+    # --- inference API -------------------------------------------------------------------------
+    @torch.no_grad()
+    def per_scale_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The three unsmoothed 1 − cos maps at feature resolution (strides 4, 8, 16), N×h×w."""
+        return self.head.per_scale_maps(*self(x))
+
+    @torch.no_grad()
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        """N×1×H×W smoothed anomaly map (official protocol) for ImageNet-normalised N×3×H×W input."""
+        return self.head(*self(x))
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.scores(self.anomaly_map(x))
+
+    def save(self, path) -> None:
+        """Write this model as a self-contained checkpoint, atomically (see mrkd.train.checkpoint)."""
+        from mrkd.train.checkpoint import save_checkpoint
+        save_checkpoint(self, path)
+
+
+def build_model(backbone: str = "wide_resnet50_2", teacher_weights: str = "imagenet", *,
+                image_size: int = 256, teacher_state_dict: Optional[dict] = None, **config_kwargs) -> MRKD:
+    """Build an MRKD detector for ``backbone`` with the teacher weights named by ``teacher_weights``."""
+    config = MRKDConfig(backbone=backbone, image_size=image_size, teacher_weights=str(teacher_weights),
+                        **config_kwargs)
+    teacher, source = build_teacher(backbone, str(teacher_weights), state_dict=teacher_state_dict)
+    return MRKD(config, teacher, source)
+
+
+def _builder(backbone: str):
+    def build(*, teacher_weights: str = "imagenet", image_size: int = 256, **config_kwargs) -> MRKD:
+        return build_model(backbone, teacher_weights, image_size=image_size, **config_kwargs)
+    build.__name__ = backbone
+    build.__doc__ = (f"MRKD with a frozen {backbone} teacher. ``teacher_weights``: 'imagenet', a weights "
+                     f"name, a state-dict path, or 'random' (plumbing only).")
+    return build
+
+
+resnet18 = _builder("resnet18")
+resnet50 = _builder("resnet50")
+wide_resnet50_2 = _builder("wide_resnet50_2")
+wide_resnet101_2 = _builder("wide_resnet101_2")
+efficientnet_lite0 = _builder("efficientnet_lite0")
