@@ -1,0 +1,127 @@
+"""Pre-processing shared by training and the runtime: resize to a square, then normalise.
+
+One implementation on purpose: a model sees at the edge exactly the pixels it was trained on.
+numpy + OpenCV only (no torch).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # RGB order, as torchvision's Normalize
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+RESIZE_MODES = ("resize", "center_crop")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def _check_size(size: int) -> int:
+    if int(size) != size or size < 1:
+        raise ValueError(f"image size must be a positive integer, got {size!r}")
+    return int(size)
+
+
+def center_crop_geometry(height: int, width: int, size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """The official protocol's geometry: shorter side scaled to ``size`` (torchvision Resize(int)),
+    then a centred size×size crop (torchvision CenterCrop).
+
+    Returns ((resized_h, resized_w), (top, left)).
+    """
+    if height <= width:
+        resized = (size, int(size * width / height))
+    else:
+        resized = (int(size * height / width), size)
+    top = int(round((resized[0] - size) / 2.0))
+    left = int(round((resized[1] - size) / 2.0))
+    return resized, (top, left)
+
+
+def _interpolation(src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> int:
+    # INTER_AREA averages the source pixels under each output pixel (no aliasing) but is only a
+    # true area filter when shrinking in both directions; otherwise bilinear.
+    shrinking = src_hw[0] >= dst_hw[0] and src_hw[1] >= dst_hw[1]
+    return cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+
+
+def _resize_to(image: np.ndarray, hw: Tuple[int, int], interpolation: int) -> np.ndarray:
+    if image.shape[:2] == tuple(hw):
+        return image
+    return cv2.resize(image, (hw[1], hw[0]), interpolation=interpolation)
+
+
+def resize_square(bgr: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
+    """Resize a uint8 HxWx3 image to size×size×3.
+
+    mode "resize": the whole image is squashed to the square (aspect not kept, nothing cropped, so a
+    defect at the border stays in view). mode "center_crop": the official MRKD protocol (shorter side
+    to ``size``, then a centre crop). INTER_AREA when shrinking, INTER_LINEAR when enlarging.
+    """
+    size = _check_size(size)
+    _check_mode(mode)
+    if bgr.ndim != 3 or bgr.shape[2] != 3:
+        raise ValueError(f"resize_square expects an HxWx3 image, got shape {bgr.shape}")
+    height, width = bgr.shape[:2]
+    if mode == "resize":
+        out = _resize_to(bgr, (size, size), _interpolation((height, width), (size, size)))
+    else:
+        resized, (top, left) = center_crop_geometry(height, width, size)
+        out = _resize_to(bgr, resized, _interpolation((height, width), resized))
+        out = out[top:top + size, left:left + size]
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
+    """Resize a bool HxW mask with nearest-neighbour sampling and the same geometry as resize_square."""
+    size = _check_size(size)
+    _check_mode(mode)
+    if mask.ndim != 2:
+        raise ValueError(f"resize_mask expects an HxW mask, got shape {mask.shape}")
+    as_u8 = mask.astype(np.uint8)
+    height, width = mask.shape
+    if mode == "resize":
+        out = _resize_to(as_u8, (size, size), cv2.INTER_NEAREST)
+    else:
+        resized, (top, left) = center_crop_geometry(height, width, size)
+        out = _resize_to(as_u8, resized, cv2.INTER_NEAREST)[top:top + size, left:left + size]
+    return np.ascontiguousarray(out) != 0
+
+
+def _affine(mean: Sequence[float], std: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) per RGB channel so that x*scale + offset == (x/255 - mean) / std."""
+    mean = np.asarray(mean, dtype=np.float64).reshape(3)
+    std = np.asarray(std, dtype=np.float64).reshape(3)
+    if np.any(std <= 0):
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+    return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+def normalize_batch(images: Union[np.ndarray, Sequence[np.ndarray]],
+                    mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """uint8 BGR images (N×H×W×3 array or a list of equal-size H×W×3) -> float32 N×3×H×W RGB,
+    normalised as torchvision's ToTensor + Normalize(mean, std) (mean/std in RGB order)."""
+    batch = np.asarray(images) if not isinstance(images, np.ndarray) else images
+    if batch.ndim != 4 or batch.shape[3] != 3:
+        raise ValueError(f"normalize_batch expects N×H×W×3 BGR images, got shape {batch.shape}")
+    scale, offset = _affine(mean, std)
+    # BGR -> RGB and HWC -> CHW in one transposed view; a single fused multiply-add writes the output.
+    rgb_chw = batch[..., ::-1].transpose(0, 3, 1, 2)
+    out = np.empty(rgb_chw.shape, dtype=np.float32)
+    np.multiply(rgb_chw, scale[None, :, None, None], out=out, dtype=np.float32)
+    out += offset[None, :, None, None]
+    return out
+
+
+def normalize(bgr_square: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """uint8 H×W×3 BGR -> float32 3×H×W RGB, as torchvision ToTensor + Normalize(mean, std)."""
+    if bgr_square.ndim != 3 or bgr_square.shape[2] != 3:
+        raise ValueError(f"normalize expects an H×W×3 BGR image, got shape {bgr_square.shape}")
+    return normalize_batch(bgr_square[None], mean, std)[0]
