@@ -1,17 +1,9 @@
-"""Shared test settings: CPU threads, quiet warnings for the random plumbing teacher, GPU skips."""
+"""Shared test settings: CPU threads and clean skips for GPU/TensorRT tests."""
 
 import os
-import warnings
-
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-
-def pytest_configure(config):
-    # The random-teacher warning is the product's loud message for users; tests use random teachers
-    # on purpose (tests that check the warning itself use pytest.warns).
-    warnings.filterwarnings("ignore", message="teacher_weights='random'")
 
 
 def gpu_available() -> bool:
