@@ -1,0 +1,277 @@
+"""Data sets for training and evaluation: MVTec AD layout scanning and the torch Datasets.
+
+Layout of one category (MVTec AD; the embedded synthetic set writes the same):
+
+    <root>/<category>/train/good/*.png            good images for training
+    <root>/<category>/test/good/*                 good test images (label 0)
+    <root>/<category>/test/<defect>/*             defective test images (label 1)
+    <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+
+A plain folder (or glob) of good images also works for training: scan_folder().
+Images are decoded and pre-processed by mrkd.runtime (the same code the edge runtime runs).
+"""
+
+from __future__ import annotations
+
+import glob
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mrkd.deps import require
+from mrkd.runtime.images import ImageReadError, is_image_file, read_image, read_mask
+from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_mask, resize_square
+
+torch = require("torch")
+from torch.utils.data import Dataset, get_worker_info  # noqa: E402
+
+LAYOUT_HELP = ("expected MVTec AD layout: <root>/<category>/train/good/<images>, "
+               "<root>/<category>/test/<good|defect>/<images>, "
+               "<root>/<category>/ground_truth/<defect>/<stem>_mask.png")
+
+
+class DataError(ValueError):
+    """The data on disk does not match what mrkd needs; the message names the path."""
+
+
+@dataclass(frozen=True)
+class TestItem:
+    __test__ = False              # not a pytest test class
+    path: str
+    label: int                    # 0 good, 1 defective
+    defect_type: str              # "good" or the test/ sub-folder name
+    mask_path: Optional[str]      # None for good images
+
+
+@dataclass
+class CategoryData:
+    """What scan_category found for one category."""
+
+    root: str
+    category: str
+    train_paths: List[str]
+    test_items: List[TestItem]
+    skipped_unreadable: List[str] = field(default_factory=list)
+    skipped_other: int = 0        # files without an image extension (notes, thumbnails, ...)
+
+    @property
+    def defect_types(self) -> List[str]:
+        return sorted({item.defect_type for item in self.test_items if item.label == 1})
+
+
+def _image_files(folder: Path) -> Tuple[List[Path], int]:
+    """Image files directly in folder (sorted) and the number of other files ignored."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if is_image_file(p)]
+    return images, len(files) - len(images)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise DataError(f"missing folder {path} ({what}); {LAYOUT_HELP}")
+
+
+def list_categories(root) -> List[str]:
+    """Sub-folders of ``root`` that hold a train/ folder, sorted."""
+    root = Path(root)
+    _require_dir(root, "the data root")
+    names = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    if not names:
+        raise DataError(f"no categories under {root}: no <category>/train folder found; {LAYOUT_HELP}")
+    return names
+
+
+def _find_mask(gt_dir: Path, stem: str) -> Optional[Path]:
+    for name in (f"{stem}_mask", stem):
+        for extension in (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"):
+            candidate = gt_dir / f"{name}{extension}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _readable(path: Path, reader) -> bool:
+    try:
+        reader(path)
+        return True
+    except ImageReadError:
+        return False
+
+
+def scan_category(root, category: str, skip_unreadable: bool = False, require_test: bool = True) -> CategoryData:
+    """List the train and test files of one MVTec-layout category.
+
+    Raises DataError (naming the path) for a missing folder, an empty train set or a defect image
+    without its mask. skip_unreadable=True decodes every file now, and skips (with a warning) the ones
+    that cannot be read instead of failing later when they are loaded.
+    """
+    base = Path(root) / category
+    _require_dir(base, f"category {category!r}")
+    train_dir = base / "train" / "good"
+    _require_dir(train_dir, "good training images")
+    train_paths, skipped_other = _image_files(train_dir)
+    if not train_paths:
+        raise DataError(f"no training images in {train_dir} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)")
+
+    test_items: List[TestItem] = []
+    test_dir = base / "test"
+    if test_dir.is_dir():
+        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            images, other = _image_files(type_dir)
+            skipped_other += other
+            good = type_dir.name == "good"
+            for path in images:
+                mask_path = None
+                if not good:
+                    gt_dir = base / "ground_truth" / type_dir.name
+                    mask_path = _find_mask(gt_dir, path.stem)
+                    if mask_path is None:
+                        raise DataError(f"defect image {path} has no mask: expected {gt_dir / (path.stem + '_mask.png')}")
+                test_items.append(TestItem(str(path), 0 if good else 1, type_dir.name,
+                                           None if mask_path is None else str(mask_path)))
+    elif require_test:
+        _require_dir(test_dir, "test images")
+
+    skipped: List[str] = []
+    if skip_unreadable:
+        readable = [_readable(p, read_image) for p in train_paths]
+        skipped += [str(p) for p, ok in zip(train_paths, readable) if not ok]
+        train_paths = [p for p, ok in zip(train_paths, readable) if ok]
+        kept_test = []
+        for item in test_items:
+            ok = _readable(Path(item.path), read_image) and (
+                item.mask_path is None or _readable(Path(item.mask_path), read_mask))
+            (kept_test if ok else skipped).append(item if ok else item.path)
+        test_items = kept_test
+        if skipped:
+            warnings.warn(f"{category}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+        if not train_paths:
+            raise DataError(f"no readable training images in {train_dir}")
+    return CategoryData(str(root), category, [str(p) for p in train_paths], test_items, skipped, skipped_other)
+
+
+def scan_folder(folder) -> List[str]:
+    """Good images directly inside ``folder`` (not recursive), or matching a glob such as 'cam1/*.jpg'."""
+    text = str(folder)
+    if any(char in text for char in "*?["):
+        paths = sorted(p for p in glob.glob(text) if Path(p).is_file() and is_image_file(p))
+        if not paths:
+            raise DataError(f"no image files match {text!r}")
+        return paths
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder} (a folder of good images, or a glob like 'dir/*.png')")
+    paths, _ = _image_files(folder)
+    if not paths:
+        raise DataError(f"no image files in {folder} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)")
+    return [str(p) for p in paths]
+
+
+def load_square(path, image_size: int, resize_mode: str) -> np.ndarray:
+    """read_image + resize_square, with a DataError naming the file when it cannot be read."""
+    try:
+        return resize_square(read_image(path), image_size, resize_mode)
+    except ImageReadError as exc:
+        raise DataError(f"{exc} (pass skip_unreadable=True to scan_category to skip such files)") from exc
+
+
+class _WorkerRandom:
+    """A numpy Generator that is re-seeded in each DataLoader worker from torch's worker seed, so
+    workers never share a random stream (and runs with a seeded DataLoader repeat)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._owner = None
+        self._rng = np.random.default_rng(seed)
+
+    def get(self) -> np.random.Generator:
+        info = get_worker_info()
+        owner = None if info is None else (info.id, info.seed)
+        if owner != self._owner:
+            self._owner = owner
+            self._rng = np.random.default_rng(self.seed if info is None else [self.seed, info.seed])
+        return self._rng
+
+
+class TrainDataset(Dataset):
+    """Good training images -> (clean, student_input) float32 3×H×W tensors.
+
+    All images are decoded once and kept as uint8 squares in memory. With ``augment`` (a PatchSwap),
+    student_input is the clean image with patches from another random training image swapped in (MRKD's
+    image-level masking); without it, student_input is the clean image.
+    """
+
+    def __init__(self, paths: Sequence[str], image_size: int, resize_mode: str = "resize",
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 augment=None, seed: int = 0, progress: bool = True):
+        if len(paths) == 0:
+            raise DataError("TrainDataset needs at least one image")
+        from tqdm import tqdm
+        self.paths = [str(p) for p in paths]
+        self.image_size, self.resize_mode = image_size, resize_mode
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.images = [load_square(p, image_size, resize_mode)
+                       for p in tqdm(self.paths, desc="loading images", unit="img", leave=False,
+                                     disable=not progress or len(self.paths) < 100)]
+        self._random = _WorkerRandom(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def augmented_pair(self, index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(clean uint8, student-input uint8, changed-pixel mask uint8) for one image."""
+        clean = self.images[index]
+        if self.augment is None:
+            return clean, clean, np.zeros(clean.shape[:2], np.uint8)
+        rng = self._random.get()
+        other = index
+        if len(self.images) > 1:   # another image: draw from the others
+            other = int(rng.integers(len(self.images) - 1))
+            other += other >= index
+        student, mask = self.augment(clean, self.images[other], rng)
+        return clean, student, mask
+
+    def __getitem__(self, index: int):
+        clean, student, _ = self.augmented_pair(index)
+        clean_t = torch.from_numpy(normalize(clean, self.mean, self.std))
+        student_t = clean_t if student is clean else torch.from_numpy(normalize(student, self.mean, self.std))
+        return clean_t, student_t
+
+
+class TestDataset(Dataset):
+    """Test items -> (image float32 3×H×W, mask bool H×W, label int, path str); loaded lazily."""
+
+    __test__ = False              # not a pytest test class
+
+    def __init__(self, items: Sequence[TestItem], image_size: int, resize_mode: str = "resize",
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.items = list(items)
+        self.image_size, self.resize_mode = image_size, resize_mode
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(uint8 square BGR image, bool square mask) for one item."""
+        item = self.items[index]
+        try:
+            image = read_image(item.path)
+            mask = np.zeros(image.shape[:2], bool) if item.mask_path is None else read_mask(item.mask_path)
+        except ImageReadError as exc:
+            raise DataError(f"{exc} (pass skip_unreadable=True to scan_category to skip such files)") from exc
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"mask {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {item.path} "
+                            f"is {image.shape[1]}x{image.shape[0]}")
+        return (resize_square(image, self.image_size, self.resize_mode),
+                resize_mask(mask, self.image_size, self.resize_mode))
+
+    def __getitem__(self, index: int):
+        image, mask = self.load(index)
+        item = self.items[index]
+        return (torch.from_numpy(normalize(image, self.mean, self.std)), torch.from_numpy(mask),
+                item.label, item.path)
