@@ -1,0 +1,41 @@
+"""The reference pipeline every speed figure is compared with: one image the way the official MRKD
+evaluation scores it.
+
+PyTorch eager FP32 teacher → bottleneck → decoder; per scale ``1 − F.cosine_similarity`` and
+``F.interpolate(bilinear, align_corners=True)``; maps moved to numpy, summed, smoothed with
+``scipy.ndimage.gaussian_filter(sigma=4)``; score = max. Batch 1, as the official loop runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def official_style_score(model, image):
+    """Score one 1×3×H×W image with the official evaluation's steps; returns (map H×W, score)."""
+    import torch
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    with torch.no_grad():
+        teacher_feats = model.teacher(image)
+        student_feats = model.student(model.bottleneck(teacher_feats))
+        size = image.shape[-1]
+        total = np.zeros((size, size))
+        for t, s in zip(teacher_feats, student_feats):
+            amap = 1 - F.cosine_similarity(t, s).unsqueeze(1)
+            amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=True)
+            total += amap[0, 0].cpu().numpy()
+    smoothed = gaussian_filter(total, sigma=model.config.sigma)
+    return smoothed, float(smoothed.max())
+
+
+def official_style_preprocess(bgr, size: int):
+    """The official data path for one frame: PIL resize (shorter side), centre crop, ToTensor, Normalize."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    rgb = Image.fromarray(bgr[..., ::-1].copy())
+    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                           T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    return transform(rgb).unsqueeze(0)
