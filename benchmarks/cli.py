@@ -1,0 +1,70 @@
+"""``mrkd bench``: run the benchmarks, print a table, write JSON + markdown + PNG.
+
+Each benchmark is a module ``mrkd.benchmarks.bench_<name>`` with ``run(quick) -> dict``; ratios are
+always against a baseline measured in the same process on the same machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+from pathlib import Path
+
+import click
+
+BENCHES = {
+    "model": "model throughput/latency per backend vs the official-style pipeline (+ GFLOP/image)",
+    "postprocess": "cpp_ext CPU/CUDA vs scipy vs PyTorch ops, batch 1-32, 256/512 px",
+    "end_to_end": "a video file through the runtime (decode, pre, model, post, alarm) vs the baseline",
+    "aupro": "metrics.aupro vs the official pandas loop",
+    "augment": "ILM patch-swap images/s per core at 256 px",
+    "teachers": "GFLOP and CPU latency per teacher (efficientnet_lite0, resnet18, wide_resnet50_2)",
+}
+
+
+def run_benches(names, quick: bool, options: dict) -> dict:
+    from mrkd.benchmarks.timing import machine_description
+
+    results = {"machine": machine_description()}
+    for name in names:
+        click.echo(f"[bench] {name} ...", err=True)
+        started = time.perf_counter()
+        try:
+            module = importlib.import_module(f"mrkd.benchmarks.bench_{name}")
+            accepted = inspect.signature(module.run).parameters
+            kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
+            results[name] = module.run(quick=quick, **kwargs)
+        except Exception as exc:  # one failing bench must not hide the others' numbers
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name]["wall_s"] = round(time.perf_counter() - started, 2)
+    return results
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--only", "only", multiple=True, type=click.Choice(list(BENCHES)),
+              help="Run only these benchmarks (repeatable). Default: all of them.")
+@click.option("--quick", is_flag=True,
+              help="Seconds-long smoke mode with tiny sizes (what CI runs); numbers are not meaningful.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_out"),
+              show_default=True, help="Folder for results.json, RESULTS.md and speedups.png.")
+@click.option("--backbone", default=None, help="Backbone for the model and end-to-end benchmarks "
+              "(default wide_resnet50_2; resnet18 in --quick).")
+@click.option("--image-size", type=int, default=None, help="Input size in pixels (default 256; 64 in --quick).")
+@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default 2).")
+def bench_command(only, quick, out_dir, backbone, image_size, threads):
+    """Measure every stage and backend of mrkd against the official MRKD pipeline."""
+    from mrkd.benchmarks.report import markdown, write_all
+
+    names = list(only) or list(BENCHES)
+    results = run_benches(names, quick, {"backbone": backbone, "image_size": image_size, "threads": threads})
+    click.echo(markdown(results))
+    paths = write_all(results, out_dir)
+    click.echo("Wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = [n for n in names if "error" in results[n]]
+    if failed:
+        raise click.ClickException("benchmark(s) failed: " + ", ".join(f"{n}: {results[n]['error']}" for n in failed))
+
+
+bench_command.help = (bench_command.help or "") + "\n\nBenchmarks:\n\n" + "\n\n".join(
+    f"{name}: {text}" for name, text in BENCHES.items())
