@@ -35,10 +35,13 @@ def synthetic_masks_and_maps(num_images: int, size: int, regions_per_image: int 
             cy, cx = rng.uniform(0.1, 0.9, 2) * size
             ry, rx = rng.uniform(0.02, 0.12, 2) * size
             image |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-    signal = masks * rng.uniform(0.3, 1.0, (num_images, 1, 1))  # some defects are faint
-    noise = rng.normal(0.0, 0.6, masks.shape)
-    maps = np.stack([gaussian_filter(s + n, sigma=max(size / 64, 1.0)) for s, n in zip(signal, noise)])
-    return masks, maps.astype(np.float32)
+    sigma = max(size / 64, 1.0)
+    maps = np.empty(masks.shape, dtype=np.float32)
+    for index, mask in enumerate(masks):
+        signal = gaussian_filter(mask * rng.uniform(0.3, 1.0), sigma)  # some defects are faint
+        noise = gaussian_filter(rng.normal(size=mask.shape), sigma)
+        maps[index] = signal + 0.15 * noise / noise.std()  # blotchy background of a fixed strength
+    return masks, maps
 
 
 def _timed(fn, *args, repeats: int = 1):

@@ -92,6 +92,15 @@ def test_aupro_matches_brute_force_when_map_values_sit_on_thresholds():
     assert metrics.aupro(masks, quantized, num_thresholds=20) == pytest.approx(expected, abs=1e-6)
 
 
+def test_threshold_grid_index_equals_searchsorted_at_and_next_to_every_threshold():
+    maps = np.random.default_rng(8).random((2, 16, 16)).astype(np.float32) * 3 - 1
+    thresholds = metrics.pro_thresholds(maps, 200)
+    values = np.concatenate([maps.ravel(), thresholds, np.nextafter(thresholds, np.inf),
+                             np.nextafter(thresholds, -np.inf), [-5.0, 5.0]])
+    np.testing.assert_array_equal(metrics._thresholds_below(values, thresholds),
+                                  np.searchsorted(thresholds, values, side="left"))
+
+
 def test_aupro_counts_diagonal_neighbours_as_one_region():
     # 8-connectivity (skimage's 2-D default): a diagonal pair is one region of area 2, not two of 1.
     masks = np.zeros((1, 6, 6), dtype=bool)

@@ -13,8 +13,8 @@ AUPRO follows the official MRKD/RD4AD ``compute_pro`` (test.py) exactly: thresho
 ``skimage.measure.label`` for 2-D) of the fraction of its pixels flagged, FPR is the fraction of
 all defect-free pixels flagged, points with FPR < max_fpr are kept, FPR is divided by the largest
 kept FPR and the area is the trapezoid rule. The official code loops over thresholds × regions
-in Python; here each pixel is binned once against the sorted thresholds (searchsorted) and the
-per-threshold counts come from one bincount and a cumulative sum.
+in Python; here each pixel is placed once on the threshold grid and every threshold's counts for
+every region come from one bincount and a cumulative sum.
 """
 
 from __future__ import annotations
@@ -140,20 +140,31 @@ def pro_thresholds(maps, num_thresholds: int = 200) -> np.ndarray:
     return np.arange(low, high, (high - low) / num_thresholds)
 
 
-def _count_above(values: np.ndarray, thresholds: np.ndarray, groups: Optional[np.ndarray] = None,
-                 num_groups: int = 1) -> np.ndarray:
-    """counts[g, t] = number of ``values`` in group g with value > thresholds[t] (thresholds ascending).
+def _thresholds_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many of the ascending ``thresholds`` each value exceeds: ``searchsorted(..., 'left')``.
 
-    A value exceeds exactly the first ``searchsorted(thresholds, value, 'left')`` thresholds, so a
-    histogram of that index, summed from the top, gives every threshold's count at once.
+    The official grid is arithmetic, so the index is estimated with one multiply (about twice as
+    fast as a binary search) and then checked; the few values where rounding put the estimate off
+    by one are redone with searchsorted, so the result is exact for any ascending thresholds.
     """
-    n_bins = thresholds.size + 1
-    exceeded = np.searchsorted(thresholds, values, side="left")
-    if groups is not None:
-        exceeded = groups * n_bins + exceeded
-    hist = np.bincount(exceeded, minlength=num_groups * n_bins).reshape(num_groups, n_bins)
-    above_or_equal_bin = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-    return above_or_equal_bin[:, 1:]
+    count = thresholds.size
+    if count == 1:
+        return (values > thresholds[0]).astype(np.intp)
+    low, step = float(thresholds[0]), float(thresholds[1] - thresholds[0])
+    estimate = values.astype(np.float64)
+    estimate -= low
+    estimate *= 1.0 / step
+    np.floor(estimate, out=estimate)
+    np.clip(estimate, -1, count - 1, out=estimate)
+    below = estimate.astype(np.intp)
+    del estimate
+    below += 1
+    padded = np.concatenate([[-np.inf], thresholds, [np.inf]])  # padded[i] = thresholds[i - 1]
+    wrong = padded[below] >= values  # the below-th threshold is not below the value
+    wrong |= padded[below + 1] < values  # or the next one is below it too
+    if wrong.any():
+        below[wrong] = np.searchsorted(thresholds, values[wrong], side="left")
+    return below
 
 
 def pro_curve(masks, maps, num_thresholds: int = 200) -> dict:
@@ -168,17 +179,22 @@ def pro_curve(masks, maps, num_thresholds: int = 200) -> dict:
     if num_regions == 0:
         raise ValueError("AUPRO needs at least one defect region, but every mask is empty "
                          "(pass only defective images, or use image-level metrics)")
-    num_negative = masks.size - int(np.count_nonzero(masks))
-    if num_negative == 0:
+    regions = regions.ravel()  # 0 = defect-free, i = region i
+    pixels_per_group = np.bincount(regions, minlength=num_regions + 1)
+    if pixels_per_group[0] == 0:
         raise ValueError("AUPRO needs defect-free pixels for the FPR, but every mask pixel is a defect")
     thresholds = pro_thresholds(maps, num_thresholds)
 
-    region_ids = regions[masks] - 1  # label order: region i is label i + 1
-    region_area = np.bincount(region_ids, minlength=num_regions)
-    region_hits = _count_above(maps[masks], thresholds, region_ids, num_regions)
-    pro = (region_hits / region_area[:, None]).mean(axis=0)
-    false_positives = _count_above(maps[~masks], thresholds)[0]
-    fpr = false_positives / num_negative
+    # A pixel is flagged at threshold t exactly when t < its "below" count, so one histogram of
+    # (group, below) summed from the top gives every group's flagged count at every threshold.
+    n_bins = thresholds.size + 1
+    cell = regions.astype(np.intp) * n_bins
+    cell += _thresholds_below(maps.ravel(), thresholds)
+    histogram = np.bincount(cell, minlength=(num_regions + 1) * n_bins).reshape(num_regions + 1, n_bins)
+    flagged = np.cumsum(histogram[:, ::-1], axis=1)[:, ::-1][:, 1:]
+
+    pro = (flagged[1:] / pixels_per_group[1:, None]).mean(axis=0)
+    fpr = flagged[0] / pixels_per_group[0]
     return {"thresholds": thresholds, "pro": pro, "fpr": fpr, "num_regions": int(num_regions)}
 
 
