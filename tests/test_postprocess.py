@@ -1,0 +1,221 @@
+"""Anomaly-map post-processing (runtime/postprocess.py + cpp_ext) against independent references:
+scipy.ndimage.map_coordinates for align_corners=True bilinear upsampling, scipy.ndimage.gaussian_filter
+(mode='reflect', truncate=4.0) for smoothing, torch F.interpolate for the upsampling alone."""
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mrkd.runtime import postprocess as pp
+
+HOST_IMPLS = ["cpu", "numpy"]
+ATOL = 1e-5
+
+
+def scipy_reference(per_scale, height, width, sigma):
+    """Official pipeline in float64: upsample each scale (align_corners=True), sum, gaussian_filter, max."""
+    n = per_scale[0].shape[0]
+    maps = np.zeros((n, height, width))
+    for m in per_scale:
+        h, w = m.shape[1:]
+        ys = np.arange(height) * ((h - 1) / (height - 1) if height > 1 else 0.0)
+        xs = np.arange(width) * ((w - 1) / (width - 1) if width > 1 else 0.0)
+        coords = np.stack(np.meshgrid(ys, xs, indexing="ij"))
+        for i in range(n):
+            maps[i] += ndimage.map_coordinates(m[i].astype(np.float64), coords, order=1, mode="nearest")
+    smoothed = np.stack([ndimage.gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0) for m in maps])
+    return smoothed, smoothed.max(axis=(1, 2))
+
+
+def random_maps(rng, n, lowres_shapes):
+    return [rng.random((n, h, w), dtype=np.float32) for h, w in lowres_shapes]
+
+
+# (output H x W, low-res shapes per scale): square, non-square, outputs smaller than 2*radius
+# (repeated reflection), 1x1 low-res maps, single-row/column outputs.
+CASES = [
+    ((32, 32), [(8, 8), (4, 4), (2, 2)]),
+    ((24, 40), [(6, 10), (3, 5), (2, 3), (1, 1)]),
+    ((7, 5), [(3, 2), (1, 1)]),
+    ((3, 11), [(1, 1)]),
+    ((1, 9), [(2, 3), (1, 4)]),
+    ((16, 1), [(4, 1)]),
+    ((20, 20), [(5, 5), (20, 20)]),  # a scale already at output size
+]
+
+
+@pytest.mark.parametrize("impl", HOST_IMPLS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 4.0, 6.0])
+def test_matches_scipy_pipeline(impl, case, sigma):
+    (height, width), shapes = CASES[case]
+    rng = np.random.default_rng(case * 10 + int(sigma * 2))
+    n = 1 + case % 3
+    per_scale = random_maps(rng, n, shapes)
+    maps, scores = pp.anomaly_map(per_scale, (height, width), sigma=sigma, impl=impl)
+    assert pp.last_impl() == impl
+    ref_maps, ref_scores = scipy_reference(per_scale, height, width, sigma)
+    assert maps.shape == (n, height, width) and maps.dtype == np.float32
+    assert scores.shape == (n,) and scores.dtype == np.float32
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("impl", HOST_IMPLS)
+@pytest.mark.parametrize("n_scales", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_scales_and_batches_official_layout(impl, n_scales, batch):
+    """Scales at 1/4, 1/8, 1/16, 1/32 of a 64x64 input, default sigma 4."""
+    rng = np.random.default_rng(100 + n_scales * 7 + batch)
+    per_scale = random_maps(rng, batch, [(64 // 2 ** (s + 2),) * 2 for s in range(n_scales)])
+    maps, scores = pp.anomaly_map(per_scale, 64, impl=impl)
+    ref_maps, ref_scores = scipy_reference(per_scale, 64, 64, 4.0)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
+    # each image is processed on its own: one image alone gives the same result
+    alone, alone_score = pp.anomaly_map([m[-1:] for m in per_scale], 64, impl=impl)
+    np.testing.assert_allclose(alone[0], maps[-1], rtol=0, atol=1e-6)
+    assert alone_score[0] == pytest.approx(scores[-1], abs=1e-6)
+
+
+@pytest.mark.parametrize("impl", HOST_IMPLS)
+@pytest.mark.parametrize("out_size,shapes", [((32, 32), [(8, 8), (4, 4)]), ((17, 30), [(5, 7), (1, 1), (2, 9)]),
+                                             ((1, 1), [(3, 3)])])
+def test_upsampling_matches_torch_interpolate(impl, out_size, shapes):
+    """sigma=0 disables smoothing (as in scipy), leaving the upsampled sum alone."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(7)
+    per_scale = random_maps(rng, 2, shapes)
+    maps, scores = pp.anomaly_map(per_scale, out_size, sigma=0.0, impl=impl)
+    expected = sum(F.interpolate(torch.from_numpy(m)[:, None], size=out_size, mode="bilinear",
+                                 align_corners=True)[:, 0] for m in per_scale).numpy()
+    np.testing.assert_allclose(maps, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores, expected.max(axis=(1, 2)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 4.0, 6.0, 2.3])
+def test_gaussian_kernel_is_scipys_impulse_response(sigma):
+    kernel = pp.gaussian_kernel1d(sigma)
+    radius = int(4.0 * sigma + 0.5)
+    assert kernel.shape == (2 * radius + 1,)
+    impulse = np.zeros(4 * radius + 1)
+    impulse[2 * radius] = 1.0
+    response = ndimage.gaussian_filter1d(impulse, sigma, mode="constant", truncate=4.0)
+    np.testing.assert_allclose(kernel, response[radius:3 * radius + 1], rtol=0, atol=1e-15)
+
+
+def test_nchw_maps_and_float64_are_accepted():
+    rng = np.random.default_rng(3)
+    per_scale = [rng.random((2, 1, 8, 8)), rng.random((2, 1, 4, 4))]  # float64, N x 1 x h x w
+    maps, _ = pp.anomaly_map(per_scale, 16, sigma=1.0, impl="cpu")
+    ref, _ = scipy_reference([m[:, 0] for m in per_scale], 16, 16, 1.0)
+    np.testing.assert_allclose(maps, ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("impl", HOST_IMPLS)
+def test_bad_inputs_raise_clear_errors(impl):
+    rng = np.random.default_rng(0)
+    good = rng.random((2, 4, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"per_scale\[1\] has batch size 3"):
+        pp.anomaly_map([good, rng.random((3, 2, 2), dtype=np.float32)], 8, impl=impl)
+    with pytest.raises(ValueError, match=r"per_scale\[0\] must be N x h x w.*\(4, 4\)"):
+        pp.anomaly_map([good[0]], 8, impl=impl)
+    with pytest.raises(TypeError, match=r"per_scale\[0\] has dtype int32"):
+        pp.anomaly_map([np.ones((1, 4, 4), dtype=np.int32)], 8, impl=impl)
+    with pytest.raises(ValueError, match="size must be positive"):
+        pp.anomaly_map([good], (0, 8), impl=impl)
+    with pytest.raises(ValueError, match="sigma"):
+        pp.anomaly_map([good], 8, sigma=-1, impl=impl)
+    with pytest.raises(ValueError, match="non-empty list"):
+        pp.anomaly_map([], 8, impl=impl)
+
+
+def test_impl_resolution():
+    impls = pp.available_impls()
+    assert "cpu" in impls, "the C++ extension should be compiled by `pip install -e .`"
+    assert impls[-1] == "numpy"
+    assert pp.resolve_impl("auto", on_device=False) == "cpu"
+    assert pp.resolve_impl("numpy") == "numpy"
+    with pytest.raises(ValueError, match="needs device inputs"):
+        pp.resolve_impl("cuda", on_device=False)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        pp.resolve_impl("fast")
+    if "cuda" not in impls:
+        with pytest.raises(RuntimeError, match="unavailable"):
+            pp.resolve_impl("cuda", on_device=True)
+        assert pp.resolve_impl("auto", on_device=True) == "cpu"
+
+
+def test_runtime_import_and_call_do_not_import_torch():
+    code = ("import sys, numpy as np\n"
+            "import mrkd.runtime.postprocess as pp\n"
+            "pp.anomaly_map([np.ones((1, 4, 4), np.float32)], 8)\n"
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("MRKD_NO_CUDA") == "1",
+                    reason="nvcc not on PATH (or MRKD_NO_CUDA=1): the CUDA extension is not built")
+def test_cuda_extension_compiled_when_nvcc_present():
+    module = importlib.import_module("mrkd.runtime._postprocess_cuda")
+    assert module.device_count() >= 0
+    assert module.workspace_bytes(2, 8, 4) == 2 * 8 * 4 * 4
+    if module.device_count() == 0:  # imports without a GPU; calls fail clearly
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            module.anomaly_map([1], [(2, 2)], 1, 4, 4, np.ones(1), 1, 1)
+
+
+def _gpu_arrays():
+    """(name, to_device, to_host) for the GPU array libraries present, or skip."""
+    libs = []
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            libs.append(("cupy", cupy.asarray, cupy.asnumpy))
+    except Exception:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            libs.append(("torch", lambda a: torch.from_numpy(a).cuda(), lambda t: t.cpu().numpy()))
+    except Exception:
+        pass
+    if not libs:
+        pytest.skip("needs an NVIDIA GPU (cupy or torch.cuda)")
+    return libs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("sigma", [0.5, 4.0, 6.0])
+def test_cuda_matches_cpu(case, sigma):
+    (height, width), shapes = CASES[case]
+    rng = np.random.default_rng(case)
+    per_scale = random_maps(rng, 3, shapes)
+    cpu_maps, cpu_scores = pp.anomaly_map(per_scale, (height, width), sigma=sigma, impl="cpu")
+    for name, to_device, to_host in _gpu_arrays():
+        maps, scores = pp.anomaly_map([to_device(m) for m in per_scale], (height, width), sigma=sigma, impl="auto")
+        assert pp.last_impl() == "cuda", name
+        np.testing.assert_allclose(to_host(maps), cpu_maps, rtol=0, atol=ATOL, err_msg=name)
+        np.testing.assert_allclose(to_host(scores), cpu_scores, rtol=0, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_cuda_large_batch_and_output_match_cpu():
+    rng = np.random.default_rng(11)
+    per_scale = random_maps(rng, 9, [(64, 64), (32, 32), (16, 16)])
+    cpu_maps, cpu_scores = pp.anomaly_map(per_scale, (256, 200), impl="cpu")
+    for name, to_device, to_host in _gpu_arrays():
+        maps, scores = pp.anomaly_map([to_device(m) for m in per_scale], (256, 200), impl="cuda")
+        np.testing.assert_allclose(to_host(maps), cpu_maps, rtol=0, atol=ATOL, err_msg=name)
+        np.testing.assert_allclose(to_host(scores), cpu_scores, rtol=0, atol=ATOL, err_msg=name)
