@@ -130,16 +130,18 @@ def preset_for(category: str, root=None) -> PatchSwapConfig:
 def object_mask(image: np.ndarray, background: Optional[float], threshold: float) -> np.ndarray:
     """uint8 0/1 HxW: pixels whose mean intensity differs from the background by more than threshold,
     median-filtered (7×7) to remove grain. background None: the median of the image's border."""
+    # Work on the channel sum against channels*background: exact in float32 for 8-bit input, so
+    # pixels exactly at the threshold fall on the same side as with a float64 mean.
+    channels = 1 if image.ndim == 2 else image.shape[2]
     if image.ndim == 2:
-        gray = image.astype(np.float32)
-    else:   # channel mean; cv2.transform is ~10x faster than ndarray.mean(axis=2)
-        channels = image.shape[2]
-        gray = cv2.transform(image, np.full((1, channels), 1.0 / channels, np.float32))
+        total = image.astype(np.float32)
+    else:   # cv2.transform is ~20x faster than ndarray.sum(axis=2); on uint8 it would saturate
+        total = cv2.transform(image.astype(np.float32), np.ones((1, channels), np.float32))
     if background is None:
-        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-        background = float(np.median(border))
-    distance = cv2.absdiff(gray, (float(background), 0.0, 0.0, 0.0))
-    mask = cv2.threshold(distance, float(threshold), 1.0, cv2.THRESH_BINARY)[1].astype(np.uint8)
+        border = np.concatenate([total[0], total[-1], total[:, 0], total[:, -1]])
+        background = float(np.median(border)) / channels
+    distance = cv2.absdiff(total, (float(background) * channels, 0.0, 0.0, 0.0))
+    mask = cv2.threshold(distance, float(threshold) * channels, 1.0, cv2.THRESH_BINARY)[1].astype(np.uint8)
     return binary_median7(mask)
 
 

@@ -1,0 +1,86 @@
+"""read_image / read_mask on the awkward files factories produce."""
+
+import cv2
+import numpy as np
+import pytest
+
+from mrkd.runtime.images import IMAGE_EXTENSIONS, ImageReadError, read_image, read_mask
+
+
+def _write(path, array):
+    ok, buf = cv2.imencode(path.suffix, array)
+    assert ok
+    buf.tofile(str(path))
+    return path
+
+
+def test_color_png_round_trip(tmp_path):
+    bgr = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    out = read_image(_write(tmp_path / "c.png", bgr))
+    assert out.dtype == np.uint8 and out.shape == (17, 23, 3)
+    np.testing.assert_array_equal(out, bgr)
+
+
+def test_grayscale_is_replicated(tmp_path):
+    gray = np.arange(30 * 40, dtype=np.uint32).reshape(30, 40).astype(np.uint8)
+    out = read_image(_write(tmp_path / "g.png", gray))
+    assert out.shape == (30, 40, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(out[:, :, channel], gray)
+
+
+def test_bgra_drops_alpha(tmp_path):
+    bgra = np.random.default_rng(1).integers(0, 256, (9, 11, 4), dtype=np.uint8)
+    out = read_image(_write(tmp_path / "a.png", bgra))
+    np.testing.assert_array_equal(out, bgra[:, :, :3])
+
+
+def test_16bit_scaled_over_full_range(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    out = read_image(_write(tmp_path / "d.png", values))
+    np.testing.assert_array_equal(out[0, :, 0], [0, 1, 128, 255])
+
+
+def test_unicode_path(tmp_path):
+    bgr = np.full((5, 6, 3), 77, np.uint8)
+    out = read_image(_write(tmp_path / "prüfteil_日本.png", bgr))
+    np.testing.assert_array_equal(out, bgr)
+
+
+@pytest.mark.parametrize("content,reason", [(None, "not found"), (b"", "empty"),
+                                            (b"\x89PNG\r\n\x1a\nnot really", "decodable")])
+def test_bad_files_name_path_and_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert str(path) in str(info.value) and reason in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_truncated_png_is_an_error(tmp_path):
+    bgr = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", bgr)
+    path = tmp_path / "cut.png"
+    path.write_bytes(buf.tobytes()[: len(buf) // 2])
+    with pytest.raises(ImageReadError):
+        read_image(path)
+
+
+def test_read_mask_variants(tmp_path):
+    mask = np.zeros((8, 10), bool)
+    mask[2:5, 3:7] = True
+    as_u8 = _write(tmp_path / "m8.png", mask.astype(np.uint8) * 255)
+    as_u16 = _write(tmp_path / "m16.png", mask.astype(np.uint16) * 1)   # tiny non-zero values count
+    rgb = np.zeros((8, 10, 3), np.uint8)
+    rgb[..., 2] = mask * 200                                             # red-only annotation
+    as_rgb = _write(tmp_path / "mrgb.png", rgb)
+    for path in (as_u8, as_u16, as_rgb):
+        out = read_mask(path)
+        assert out.dtype == bool
+        np.testing.assert_array_equal(out, mask)
+
+
+def test_extensions_are_lowercase_with_dot():
+    assert {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"} == set(IMAGE_EXTENSIONS)
