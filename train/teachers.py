@@ -58,6 +58,9 @@ class TeacherSpec:
     bottleneck_blocks: int                  # blocks in the one-class bottleneck embedding
     width_per_group: int = 64
     convert_state_dict: Callable[[dict], dict] = field(default=lambda sd: sd)
+    # Input normalisation the weights were trained with (RGB, [0, 1] units); None: ImageNet mean/std.
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
 
 
 class ResNetFeatures(nn.Module):
