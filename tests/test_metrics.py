@@ -64,6 +64,14 @@ def test_pixel_auroc_matches_sklearn_on_raveled_arrays():
     assert metrics.pixel_auroc(masks.astype(np.uint8), maps) == pytest.approx(expected, abs=1e-12)
 
 
+def test_rank_auroc_chunks_positives_without_changing_the_result():
+    rng = np.random.default_rng(9)
+    positive = rng.random(500) < 0.4
+    scores = np.round(rng.random(500) + 0.2 * positive, 2)
+    expected = roc_auc_score(positive, scores)
+    assert metrics._rank_auroc(positive, scores, chunk=7) == pytest.approx(expected, abs=1e-12)
+
+
 def test_auroc_needs_both_classes_and_finite_scores():
     with pytest.raises(ValueError, match="both classes"):
         metrics.image_auroc([1, 1, 1], [0.1, 0.2, 0.3])
@@ -210,7 +218,7 @@ def test_evaluate_arrays_combines_everything():
     scores = maps.max(axis=(1, 2))
     result = metrics.evaluate_arrays(labels, scores, masks, maps, threshold=float(np.median(scores)))
     assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
-    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.astype(np.float32).ravel()))
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
     assert result["aupro"] == pytest.approx(brute_force_aupro(masks, maps), abs=1e-6)
     assert result["aupro_paper"] == pytest.approx(
         np.mean([brute_force_aupro(masks[i:i + 1], maps[i:i + 1]) for i in (1, 2, 3)]), abs=1e-6)
