@@ -1,0 +1,129 @@
+"""scan_category errors and the torch datasets."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from mrkd.train.augment import PRESETS, PatchSwap
+from mrkd.train.data import (DataError, TestDataset, TrainDataset, list_categories, scan_category,
+                             scan_folder)
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(path.suffix, array)
+    buf.tofile(str(path))
+
+
+def _category(root, name="part", n_train=4, size=(20, 30)):
+    rng = np.random.default_rng(0)
+    base = root / name
+    for i in range(n_train):
+        _png(base / "train" / "good" / f"{i:03d}.png", rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    _png(base / "test" / "good" / "000.png", rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    _png(base / "test" / "hole" / "000.png", rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    mask = np.zeros(size, np.uint8)
+    mask[5:10, 10:20] = 255
+    _png(base / "ground_truth" / "hole" / "000_mask.png", mask)
+    (base / "train" / "good" / "notes.txt").write_text("not an image")
+    return base
+
+
+def test_scan_category_layout(tmp_path):
+    _category(tmp_path)
+    data = scan_category(tmp_path, "part")
+    assert len(data.train_paths) == 4 and data.skipped_other == 1
+    assert [(i.label, i.defect_type, i.mask_path is None) for i in data.test_items] == [
+        (0, "good", True), (1, "hole", False)]
+    assert list_categories(tmp_path) == ["part"]
+
+
+def test_missing_folders_name_what_is_missing(tmp_path):
+    with pytest.raises(DataError, match="missing folder .*nothing.*layout"):
+        scan_category(tmp_path, "nothing")
+    (tmp_path / "part" / "test").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train[/\\]good"):
+        scan_category(tmp_path, "part")
+
+
+def test_empty_train_set(tmp_path):
+    (tmp_path / "part" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="no training images"):
+        scan_category(tmp_path, "part")
+
+
+def test_defect_without_mask(tmp_path):
+    base = _category(tmp_path)
+    (base / "ground_truth" / "hole" / "000_mask.png").unlink()
+    with pytest.raises(DataError, match="000.png has no mask"):
+        scan_category(tmp_path, "part")
+
+
+def test_corrupt_file_with_and_without_skip(tmp_path):
+    base = _category(tmp_path)
+    bad = base / "train" / "good" / "002.png"
+    bad.write_bytes(b"garbage")
+    data = scan_category(tmp_path, "part")
+    with pytest.raises(DataError, match="002.png"):
+        TrainDataset(data.train_paths, 16)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        data = scan_category(tmp_path, "part", skip_unreadable=True)
+    assert data.skipped_unreadable == [str(bad)] and len(data.train_paths) == 3
+    assert len(TrainDataset(data.train_paths, 16)) == 3
+
+
+def test_scan_folder_and_glob(tmp_path):
+    base = _category(tmp_path)
+    folder = base / "train" / "good"
+    assert len(scan_folder(folder)) == 4
+    assert len(scan_folder(str(folder / "00[01].png"))) == 2
+    with pytest.raises(DataError, match="no image files"):
+        scan_folder(str(tmp_path / "*.jpg"))
+
+
+def test_train_dataset_shapes_and_masked_difference(tmp_path):
+    _category(tmp_path, n_train=5)
+    data = scan_category(tmp_path, "part")
+    plain = TrainDataset(data.train_paths, 24)
+    clean, student = plain[0]
+    assert clean.shape == (3, 24, 24) and clean.dtype == torch.float32
+    assert torch.equal(clean, student)
+
+    augmented = TrainDataset(data.train_paths, 24, augment=PatchSwap(PRESETS["texture"]), seed=3)
+    for index in range(len(augmented)):
+        clean_u8, student_u8, mask = augmented.augmented_pair(index)
+        assert mask.any()
+        outside = ~mask.astype(bool)
+        np.testing.assert_array_equal(student_u8[outside], clean_u8[outside])
+        assert (student_u8[mask.astype(bool)] != clean_u8[mask.astype(bool)]).any(axis=1).all()
+    clean, student = augmented[1]
+    expected = (torch.from_numpy(augmented.images[1][..., ::-1].copy()).permute(2, 0, 1) / 255.0
+                - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(clean, expected.float(), atol=1e-5, rtol=0)
+    assert not torch.equal(clean, student)
+
+
+def test_workers_get_different_streams(tmp_path):
+    _category(tmp_path, n_train=4)
+    data = scan_category(tmp_path, "part")
+    ds = TrainDataset(data.train_paths * 2, 16, augment=PatchSwap(PRESETS["texture"]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2,
+                                         generator=torch.Generator().manual_seed(0))
+    first, second = [student for _, student in loader]
+    # workers 0 and 1 see the same 4 clean images; independent streams make different patches
+    assert not torch.equal(first, second)
+
+
+def test_test_dataset_items(tmp_path):
+    _category(tmp_path)
+    data = scan_category(tmp_path, "part")
+    ds = TestDataset(data.test_items, 10)
+    image, mask, label, path = ds[1]
+    assert image.shape == (3, 10, 10) and image.dtype == torch.float32
+    assert mask.dtype == torch.bool and mask.shape == (10, 10) and label == 1 and path.endswith("000.png")
+    # mask rows 5:10 of 20 -> 2.5:5 of 10, cols 10:20 of 30 -> 3.3:6.7 of 10 (nearest sampling)
+    assert mask[3:5, 4:6].all() and not mask[:2].any() and not mask[:, 8:].any()
+    _, good_mask, good_label, _ = ds[0]
+    assert good_label == 0 and not good_mask.any()
