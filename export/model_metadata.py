@@ -1,0 +1,76 @@
+"""Fill mrkd.runtime.metadata.ModelMetadata for an export and write it into the ONNX file and sidecar."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Dict, Optional
+
+from mrkd.export.onnx_graph import INPUT_NAME, ExportOptions, output_descriptions, save_onnx, set_metadata_props
+from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _calibration_fields(calibration: Dict) -> tuple:
+    """(threshold, score_norm) from the checkpoint's calibration dict.
+
+    ``score_norm`` is the nested dict if training stored one, else every other numeric entry
+    (e.g. score_mean/score_std/score_min/score_max)."""
+    threshold = calibration.get("threshold")
+    norm = calibration.get("score_norm")
+    if not isinstance(norm, dict):
+        norm = {k: float(v) for k, v in calibration.items()
+                if k != "threshold" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return (None if threshold is None else float(threshold)), {k: float(v) for k, v in norm.items()}
+
+
+def build_metadata(model, options: ExportOptions, *, precision: Optional[str] = None,
+                   checkpoint_sha256: Optional[str] = None, extra: Optional[Dict] = None) -> ModelMetadata:
+    """The metadata of an export of ``model`` (an MRKD) with ``options``; onnx_sha256 is set on save."""
+    config = model.config
+    threshold, score_norm = _calibration_fields(dict(model.calibration or {}))
+    meta = ModelMetadata(
+        backbone=config.backbone,
+        image_size=int(config.image_size),
+        input_format=options.input_format,
+        input_name=INPUT_NAME,
+        mean=tuple(float(v) for v in config.mean),
+        std=tuple(float(v) for v in config.std),
+        resize_mode=config.resize_mode,
+        threshold=threshold,
+        score_norm=score_norm,
+        outputs=output_descriptions(options, int(config.image_size), float(config.sigma)),
+        smoothing_in_graph=bool(options.smooth_in_graph and not options.per_scale_outputs),
+        per_scale_outputs=bool(options.per_scale_outputs),
+        sigma=float(config.sigma),
+        batch_range=tuple(int(v) for v in options.batch_range),
+        precision=precision or options.precision,
+        opset=int(options.opset),
+        checkpoint_sha256=checkpoint_sha256,
+        teacher_weights=config.teacher_weights,
+        extra={"calibration": dict(model.calibration or {}), **(extra or {})},
+    )
+    meta.validate("export")
+    return meta
+
+
+def write_model(proto, path, meta: ModelMetadata) -> ModelMetadata:
+    """Write the ONNX model with ``meta`` in its metadata_props, then the sidecar ``<path>.json``.
+
+    The ONNX file cannot hold its own hash, so its props carry onnx_sha256=None; the sidecar (and
+    the returned metadata) carry the sha256 of the file as written.
+    """
+    meta.onnx_sha256 = None
+    set_metadata_props(proto, meta.to_onnx_props())
+    save_onnx(proto, path)
+    meta.onnx_sha256 = file_sha256(path)
+    meta.save(sidecar_path(path))
+    return meta

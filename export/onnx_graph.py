@@ -1,0 +1,234 @@
+"""One fused ONNX graph: (pre-processing) → teacher → bottleneck → decoder → cosine head.
+
+The graph's outputs are what the runtime needs and nothing more:
+
+* default: ``anomaly_map`` (N×1×H×W float32, Gaussian-smoothed) and ``score`` (N float32, its max);
+* ``smooth_in_graph=False``: ``anomaly_map`` holds the upsampled sum *before* smoothing and there is
+  no ``score`` output (a max of the unsmoothed map is not comparable to the calibrated threshold,
+  so the runtime smooths and takes the max itself);
+* ``per_scale_outputs=True``: ``scale0..scale2`` (N×h×w float32, unsmoothed 1 − cos at strides
+  4, 8, 16) for the runtime's fused CUDA upsample+sum+smooth kernel.
+
+FP16 graphs keep the head in FP32 with an explicit Cast after the student (see export/fp16.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from mrkd.runtime.metadata import INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC
+
+MIN_OPSET = 17          # LayerNormalization-era opset: the oldest TensorRT 10 / ORT parse cleanly
+DEFAULT_OPSET = 17
+INPUT_NAME = "input"
+BATCH_AXIS = "batch"
+# Dynamic batch range: 1..16 by default. A camera box rarely batches more than a few frames, and a
+# TensorRT profile's max sets the activation memory it reserves (WRN50 at 256 px: ~0.2 GB/frame).
+DEFAULT_BATCH_RANGE = (1, 1, 16)
+MAX_BATCH = 256
+
+
+class ExportError(ValueError):
+    """An export setting is invalid or an export step failed; the message says which and why."""
+
+
+@dataclass
+class ExportOptions:
+    """What goes into the graph. Every field ends up in the model's metadata."""
+
+    smooth_in_graph: bool = True
+    per_scale_outputs: bool = False
+    uint8_input: bool = False
+    opset: int = DEFAULT_OPSET
+    batch_range: Tuple[int, int, int] = DEFAULT_BATCH_RANGE
+    precision: str = "fp32"                # fp32 | fp16 (int8 is made from the fp32 graph)
+
+    def validate(self) -> "ExportOptions":
+        if int(self.opset) < MIN_OPSET:
+            raise ExportError(f"opset {self.opset} is not supported: mrkd exports need opset >= {MIN_OPSET} "
+                              f"(TensorRT 10 and ONNX Runtime parse the head's Resize/ReduceMax there)")
+        check_batch_range(self.batch_range)
+        if self.precision not in ("fp32", "fp16"):
+            raise ExportError(f"precision {self.precision!r}: the graph is built as fp32 or fp16 "
+                              f"(int8 is quantised from the fp32 graph)")
+        if self.per_scale_outputs and self.smooth_in_graph:
+            # Per-scale maps are low resolution and unsmoothed by definition.
+            self.smooth_in_graph = False
+        return self
+
+    @property
+    def input_format(self) -> str:
+        return INPUT_UINT8_NHWC if self.uint8_input else INPUT_FLOAT_NCHW
+
+
+def check_batch_range(batch_range) -> Tuple[int, int, int]:
+    """Validate a (min, opt, max) batch range: 1 <= min <= opt <= max <= MAX_BATCH."""
+    try:
+        lo, opt, hi = (int(v) for v in batch_range)
+    except (TypeError, ValueError):
+        raise ExportError(f"batch range {batch_range!r} must be three integers MIN:OPT:MAX") from None
+    if not (1 <= lo <= opt <= hi <= MAX_BATCH):
+        raise ExportError(f"batch range {lo}:{opt}:{hi} must satisfy 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}")
+    return lo, opt, hi
+
+
+def parse_batch_range(text: str) -> Tuple[int, int, int]:
+    """'1:4:8' -> (1, 4, 8); a single 'N' means N:N:N."""
+    parts = str(text).split(":")
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise ExportError(f"--batch {text!r}: expected MIN:OPT:MAX, e.g. 1:1:16")
+    return check_batch_range(parts)
+
+
+def output_names(options: ExportOptions) -> List[str]:
+    if options.per_scale_outputs:
+        return ["scale0", "scale1", "scale2"]
+    return ["anomaly_map", "score"] if options.smooth_in_graph else ["anomaly_map"]
+
+
+def output_descriptions(options: ExportOptions, image_size: int, sigma: float) -> Dict[str, str]:
+    """Output name -> what it holds, for ModelMetadata.outputs (the runtime reads this)."""
+    if options.per_scale_outputs:
+        return {f"scale{i}": f"N×{image_size // s}×{image_size // s} float32: unsmoothed 1 − cos between "
+                             f"teacher and student features at stride {s}; upsample (bilinear, "
+                             f"align_corners=True) to {image_size}, sum, smooth (sigma {sigma}), max = score"
+                for i, s in enumerate((4, 8, 16))}
+    if options.smooth_in_graph:
+        return {"anomaly_map": f"N×1×{image_size}×{image_size} float32: sum over scales of upsampled 1 − cos, "
+                               f"Gaussian-smoothed in the graph (sigma {sigma}, scipy reflect border)",
+                "score": "N float32: max of anomaly_map; compare with threshold"}
+    return {"anomaly_map": f"N×1×{image_size}×{image_size} float32: sum over scales of upsampled 1 − cos, "
+                           f"NOT smoothed: the runtime applies the Gaussian (sigma {sigma}) and takes the max "
+                           f"as the score"}
+
+
+class InGraphPreprocess(nn.Module):
+    """uint8 BGR N×H×W×3 (already at the model size) → float32 N×3×H×W RGB, (x/255 − mean)/std."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean = torch.tensor(mean, dtype=torch.float64)
+        std = torch.tensor(std, dtype=torch.float64)
+        # Same affine as mrkd.runtime.preprocess: one multiply-add per channel.
+        self.register_buffer("scale", (1.0 / (255.0 * std)).float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("offset", (-mean / std).float().view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        rgb = frames.flip(3).permute(0, 3, 1, 2).float()
+        return rgb * self.scale + self.offset
+
+
+class ExportGraph(nn.Module):
+    """The module that is traced to ONNX: the whole detector as one forward."""
+
+    def __init__(self, model, options: ExportOptions):
+        super().__init__()
+        options.validate()
+        config = model.config
+        self.options = options
+        self.preprocess = InGraphPreprocess(config.mean, config.std) if options.uint8_input else None
+        self.teacher, self.bottleneck, self.student = model.teacher, model.bottleneck, model.student
+        self.head = model.head
+        self.feature_dtype = torch.float16 if options.precision == "fp16" else torch.float32
+        if options.precision == "fp16":
+            # Copies, so the caller's FP32 model is untouched; the head (buffers) stays FP32.
+            self.teacher = copy.deepcopy(model.teacher).half()
+            self.bottleneck = copy.deepcopy(model.bottleneck).half()
+            self.student = copy.deepcopy(model.student).half()
+
+    def forward(self, x: torch.Tensor):
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        x = x.to(self.feature_dtype)
+        teacher_feats = self.teacher(x)
+        student_feats = self.student(self.bottleneck(teacher_feats))
+        # Explicit Cast to FP32 before the head: norms over 1024 channels overflow FP16.
+        teacher_feats = [f.float() for f in teacher_feats]
+        student_feats = [f.float() for f in student_feats]
+        per_scale = self.head.per_scale_maps(teacher_feats, student_feats)
+        if self.options.per_scale_outputs:
+            return tuple(per_scale)
+        summed = self.head.upsample_sum(per_scale)
+        if not self.options.smooth_in_graph:
+            return summed
+        smoothed = self.head.blur(summed)
+        return smoothed, self.head.scores(smoothed)
+
+
+def example_input(image_size: int, options: ExportOptions, batch: int = 1) -> torch.Tensor:
+    """A tracing/test input of the graph's input type."""
+    if options.uint8_input:
+        return torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8)
+    return torch.randn(batch, 3, image_size, image_size)
+
+
+def trace_to_onnx(model, options: ExportOptions):
+    """Trace ``model`` (an MRKD in eval mode) with ``options`` into an in-memory onnx.ModelProto."""
+    from mrkd.deps import require
+    onnx = require("onnx")
+    options.validate()
+    model = model.eval()
+    graph = ExportGraph(model, options).eval()
+    names = output_names(options)
+    dynamic_axes = {INPUT_NAME: {0: BATCH_AXIS}, **{name: {0: BATCH_AXIS} for name in names}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter is used on purpose: its dynamic_axes give one clean symbolic batch
+        # axis and it needs no onnxscript. The blur's border indices are static (fixed image size).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(graph, (example_input(model.config.image_size, options),), buffer,
+                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic_axes,
+                          opset_version=int(options.opset), do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # onnx raises several types (ValidationError, InferenceError)
+        raise ExportError(f"the exported graph fails onnx.checker ({type(exc).__name__}: {exc})") from exc
+    return proto
+
+
+def set_metadata_props(proto, props: Dict[str, str]) -> None:
+    """Replace the graph's metadata_props entries named in ``props``."""
+    keep = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def save_onnx(proto, path) -> Path:
+    """Write ``proto`` atomically (single file; mrkd models stay far below protobuf's 2 GB)."""
+    from mrkd.atomic import atomic_write_bytes
+    path = Path(path)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def load_onnx(path):
+    """onnx.load with an error that names the file."""
+    from mrkd.deps import require
+    onnx = require("onnx")
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: ONNX model not found")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise ExportError(f"{path}: not a readable ONNX model ({exc})") from exc
+
+
+def read_onnx_props(path) -> Dict[str, str]:
+    """The ONNX file's metadata_props as a dict."""
+    return {p.key: p.value for p in load_onnx(path).metadata_props}

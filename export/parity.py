@@ -1,0 +1,143 @@
+"""Parity reports: an exported graph's outputs against the PyTorch model (or an FP32 reference).
+
+One comparison serves every report (FP32 parity, FP16 fidelity, INT8 agreement): the map error,
+the score error and how often the decision (score > threshold) agrees. The PyTorch reference comes
+from the MRKD model's own API (``anomaly_map``, ``per_scale_maps``) and the shared numpy
+pre-processing, not from the module that was traced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mrkd.export.onnx_graph import ExportOptions, example_input
+
+FP32_TOLERANCE = 1e-4
+
+
+class ParityError(AssertionError):
+    """An exported graph disagrees with its reference beyond the tolerance."""
+
+
+@dataclass
+class Comparison:
+    """How far ``candidate`` is from ``reference`` on the same inputs."""
+
+    name: str
+    n_images: int
+    max_abs_diff: Dict[str, float]             # per output
+    map_max_abs_diff: float                    # the map the runtime uses (anomaly_map or scales)
+    score_max_abs_diff: float
+    decision_agreement: Optional[float]        # share of images with the same score > threshold decision
+    threshold: Optional[float]
+    tolerance: Optional[float] = None
+    finite: bool = True
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and (self.tolerance is None or self.map_max_abs_diff <= self.tolerance)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def format(self) -> str:
+        agree = "n/a (no threshold)" if self.decision_agreement is None else f"{self.decision_agreement:.1%}"
+        verdict = "" if self.tolerance is None else (" PASS" if self.passed else " FAIL") + f" (tol {self.tolerance:g})"
+        lines = [f"{self.name}: {self.n_images} image(s){verdict}",
+                 f"  map max |diff|   {self.map_max_abs_diff:.3g}",
+                 f"  score max |diff| {self.score_max_abs_diff:.3g}",
+                 f"  decisions agree  {agree}" + ("" if self.threshold is None else f" at threshold {self.threshold:.6g}")]
+        lines += [f"  {name:<16} max |diff| {value:.3g}" for name, value in self.max_abs_diff.items()]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def check(self) -> "Comparison":
+        """Raise ParityError when the comparison failed."""
+        if not self.passed:
+            raise ParityError(self.format())
+        return self
+
+
+def torch_reference(model, batch: np.ndarray, options: ExportOptions) -> Dict[str, np.ndarray]:
+    """What the graph should output, computed with the MRKD model's own API in FP32."""
+    from mrkd.runtime.preprocess import normalize_batch
+    if options.uint8_input:
+        batch = normalize_batch(batch, model.config.mean, model.config.std)
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    with torch.no_grad():
+        if options.per_scale_outputs:
+            return {f"scale{i}": m.numpy() for i, m in enumerate(model.per_scale_maps(x))}
+        if options.smooth_in_graph:
+            maps = model.anomaly_map(x)
+            return {"anomaly_map": maps.numpy(), "score": model.head.scores(maps).numpy()}
+        return {"anomaly_map": model.head(*model(x), smooth=False).numpy()}
+
+
+def scores_from_outputs(outputs: Dict[str, np.ndarray], head) -> np.ndarray:
+    """Image scores from any output layout, finishing the protocol with the model's head."""
+    if "score" in outputs:
+        return np.asarray(outputs["score"], dtype=np.float64)
+    with torch.no_grad():
+        if "anomaly_map" in outputs:
+            summed = torch.from_numpy(outputs["anomaly_map"].astype(np.float32))
+        else:
+            scales = [torch.from_numpy(outputs[f"scale{i}"].astype(np.float32)) for i in range(3)]
+            summed = head.upsample_sum(scales)
+        return head.scores(head.blur(summed)).double().numpy()
+
+
+def compare(name: str, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray], head,
+            threshold: Optional[float], tolerance: Optional[float] = None) -> Comparison:
+    """Compare two output dicts of the same layout."""
+    missing = sorted(set(reference) - set(candidate))
+    if missing:
+        raise ParityError(f"{name}: outputs {missing} missing (got {sorted(candidate)})")
+    diffs, finite = {}, True
+    for key, ref in reference.items():
+        cand = np.asarray(candidate[key], dtype=np.float64)
+        if cand.shape != ref.shape:
+            raise ParityError(f"{name}: output {key!r} has shape {cand.shape}, expected {ref.shape}")
+        finite &= bool(np.isfinite(cand).all())
+        diffs[key] = float(np.max(np.abs(cand - ref))) if np.isfinite(cand).all() else float("inf")
+    map_keys = [k for k in diffs if k != "score"]
+    ref_scores = scores_from_outputs(reference, head)
+    cand_scores = scores_from_outputs(candidate, head)
+    score_diff = float(np.max(np.abs(cand_scores - ref_scores))) if finite else float("inf")
+    agreement = None
+    if threshold is not None:
+        agreement = float(np.mean((ref_scores > threshold) == (cand_scores > threshold)))
+    return Comparison(name=name, n_images=int(len(ref_scores)), max_abs_diff=diffs,
+                      map_max_abs_diff=max(diffs[k] for k in map_keys), score_max_abs_diff=score_diff,
+                      decision_agreement=agreement, threshold=threshold, tolerance=tolerance, finite=finite)
+
+
+def parity_inputs(image_size: int, options: ExportOptions, n: int = 2, seed: int = 0) -> np.ndarray:
+    """A few deterministic inputs of the graph's input type (random normalised images or uint8 frames)."""
+    torch.manual_seed(seed)
+    return example_input(image_size, options, batch=n).numpy()
+
+
+def default_threshold(model) -> Optional[float]:
+    threshold = (model.calibration or {}).get("threshold")
+    return None if threshold is None else float(threshold)
+
+
+def parity_report(model, onnx_path, options: ExportOptions, batch: Optional[np.ndarray] = None,
+                  tolerance: float = FP32_TOLERANCE, threshold: Optional[float] = None) -> Comparison:
+    """ONNX Runtime (CPU EP) on the exported FP32 graph vs the PyTorch model, on ``batch`` (default: 2
+    deterministic random inputs). Call ``.check()`` to raise on failure; ``.format()`` to print."""
+    from mrkd.export import ort
+    if batch is None:
+        batch = parity_inputs(model.config.image_size, options)
+    reference = torch_reference(model, batch, options)
+    candidate = ort.run(ort.cpu_session(onnx_path), batch)
+    threshold = default_threshold(model) if threshold is None else threshold
+    if threshold is None:
+        # No calibration: compare decisions at the reference's median score so the line still says something.
+        threshold = float(np.median(scores_from_outputs(reference, model.head)))
+    return compare("ONNX Runtime CPU vs PyTorch (fp32)", reference, candidate, model.head, threshold, tolerance)
