@@ -1,0 +1,76 @@
+"""Alarm policy: when do anomalous frames become an alarm?
+
+A frame is anomalous when its score reaches the calibrated threshold (score >= threshold, as in
+mrkd.train.calibrate). Debounce: an alarm needs ``k`` anomalous frames among the last ``n`` (one
+noisy frame is not an alarm). Cooldown: after an alarm, no new one for ``cooldown_s`` seconds of
+frame time and ``cooldown_frames`` frames (one defect passing the camera is one alarm, not thirty).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass
+class Alarm:
+    """An alarm raised on frame ``frame_index`` (the k-th anomalous frame of the window)."""
+
+    frame_index: int
+    timestamp: float
+    score: float
+    threshold: float
+    anomalous_in_window: int
+
+
+def parse_debounce(text: str) -> Tuple[int, int]:
+    """"K/N" -> (k, n), e.g. "3/5": three anomalous frames among the last five."""
+    try:
+        k, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"debounce must look like K/N (e.g. 3/5), got {text!r}") from None
+    return k, n
+
+
+class AlarmPolicy:
+    """Threshold + k-of-n debounce + cooldown. Feed it every scored frame with ``update``."""
+
+    def __init__(self, threshold: float, debounce: Tuple[int, int] = (1, 1), cooldown_s: float = 0.0,
+                 cooldown_frames: int = 0):
+        k, n = debounce
+        if threshold is None:
+            raise ValueError("no alarm threshold: the model metadata has none; pass --threshold")
+        if not 1 <= k <= n:
+            raise ValueError(f"debounce K/N needs 1 <= K <= N, got {k}/{n}")
+        if cooldown_s < 0 or cooldown_frames < 0:
+            raise ValueError("cooldown must be >= 0")
+        self.threshold = float(threshold)
+        self.k, self.n = k, n
+        self.cooldown_s = float(cooldown_s)
+        self.cooldown_frames = int(cooldown_frames)
+        self.window: deque = deque(maxlen=n)
+        self._last_alarm: Optional[Tuple[int, float]] = None   # (frame index, timestamp)
+        self.alarms = 0
+        self.suppressed = 0    # frames that met the debounce but fell in a cooldown
+
+    def in_cooldown(self, frame_index: int, timestamp: float) -> bool:
+        """True while the last alarm's cooldown (in seconds and in frames) has not passed."""
+        if self._last_alarm is None:
+            return False
+        last_index, last_time = self._last_alarm
+        return timestamp - last_time < self.cooldown_s or frame_index - last_index < self.cooldown_frames
+
+    def update(self, frame_index: int, timestamp: float, score: float) -> Optional[Alarm]:
+        """Record one frame's score; returns an Alarm when this frame raises one."""
+        anomalous = score >= self.threshold
+        self.window.append(anomalous)
+        count = sum(self.window)
+        if not anomalous or count < self.k:
+            return None
+        if self.in_cooldown(frame_index, timestamp):
+            self.suppressed += 1
+            return None
+        self._last_alarm = (frame_index, timestamp)
+        self.alarms += 1
+        return Alarm(frame_index, timestamp, float(score), self.threshold, count)

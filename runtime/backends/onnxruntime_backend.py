@@ -1,0 +1,84 @@
+"""ONNX Runtime backend: one InferenceSession, providers TensorRT > CUDA > CPU (whichever exist)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from mrkd.deps import require
+from mrkd.runtime.backends import Backend, BackendError
+
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+DEFAULT_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
+
+
+def choose_providers(requested: Optional[Sequence[str]], available: Sequence[str]) -> List[str]:
+    """Full provider names to use, in order. ``requested`` None = the available ones of DEFAULT_ORDER.
+
+    A requested provider that this onnxruntime build lacks is an error naming what exists.
+    """
+    if not requested:
+        return [p for p in DEFAULT_ORDER if p in available] or ["CPUExecutionProvider"]
+    chosen = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise BackendError(f"execution provider {name!r} is not in this onnxruntime build "
+                               f"(available: {', '.join(available)})")
+        chosen.append(full)
+    return chosen
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs an .onnx model with ONNX Runtime; outputs come back as host numpy arrays."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None):
+        ort = require("onnxruntime")
+        self.model_path = Path(model_path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = choose_providers(providers, ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options,
+                                                providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise BackendError(f"{self.model_path}: onnxruntime cannot load the model ({exc})") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise BackendError(f"{self.model_path}: expected one model input, found "
+                               f"{[i.name for i in inputs]}")
+        model_input = inputs[0]
+        self.input_name = model_input.name
+        self.input_shape = tuple(d if isinstance(d, int) else -1 for d in model_input.shape)
+        if model_input.type not in _ORT_TYPES:
+            raise BackendError(f"{self.model_path}: input {self.input_name!r} has unsupported type "
+                               f"{model_input.type}")
+        self.input_dtype = np.dtype(_ORT_TYPES[model_input.type])
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        batch_dim = self.input_shape[0] if self.input_shape else -1
+        # A fixed batch dimension pins both ends; a dynamic one is bounded by the metadata instead.
+        self.batch_range = (batch_dim, batch_dim) if batch_dim > 0 else (1, 1 << 30)
+        self.model_metadata_props = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def infer(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+        outputs = self.session.run(list(self.output_names), {self.input_name: batch})
+        return dict(zip(self.output_names, outputs))
+
+    def describe(self) -> str:
+        return f"onnxruntime {', '.join(self.providers)} ({self.model_path.name})"
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,168 @@
+"""TensorRT engine backend (TensorRT 10 tensor API, pycuda for memory and the stream).
+
+Buffers are allocated once for the engine's largest batch and reused: pinned host buffers so the
+copies run asynchronously, device buffers bound with ``set_tensor_address``. Each call sets the
+input shape, copies in, runs ``execute_async_v3`` and copies out on one pycuda stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+
+from mrkd.deps import require
+from mrkd.runtime.backends import Backend, BackendError
+from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+
+
+def running_gpu(cuda) -> Dict[str, str]:
+    """Name and compute capability of the GPU pycuda sees as device 0."""
+    device = cuda.Device(0)
+    major, minor = device.compute_capability()
+    return {"gpu_name": device.name(), "compute_capability": f"{major}.{minor}"}
+
+
+def check_engine_sidecar(meta: ModelMetadata, engine_path: Path, trt_version: str,
+                         gpu: Dict[str, str]) -> None:
+    """An engine only runs on the TensorRT version and GPU it was built for: compare the sidecar's
+    ``extra`` fields (tensorrt_version, compute_capability, gpu_name) with what is running here.
+    Fields the sidecar lacks are not checked (TensorRT itself then fails on deserialisation)."""
+    built = meta.extra or {}
+    source = sidecar_path(engine_path)
+    want_trt = built.get("tensorrt_version")
+    if want_trt and str(want_trt).split(".")[:2] != trt_version.split(".")[:2]:
+        raise BackendError(f"{source}: field extra.tensorrt_version={want_trt} but this machine runs TensorRT "
+                           f"{trt_version}; rebuild the engine here (mrkd export --fp16 ...)")
+    want_cc = built.get("compute_capability")
+    if want_cc and str(want_cc) != gpu["compute_capability"]:
+        raise BackendError(f"{source}: field extra.compute_capability={want_cc} (GPU "
+                           f"{built.get('gpu_name', '?')}) but this GPU is {gpu['gpu_name']} "
+                           f"(compute capability {gpu['compute_capability']}); rebuild the engine on this device")
+
+
+class TensorRTBackend(Backend):
+    """Runs a serialized TensorRT engine; outputs come back as host numpy arrays."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, metadata: Optional[ModelMetadata] = None):
+        trt = require("tensorrt")
+        cuda = require("pycuda.driver", "the TensorRT backend moves buffers with pycuda")
+        self.model_path = Path(engine_path)
+        cuda.init()
+        self._cuda = cuda
+        # The primary context is the one the CUDA runtime (and so TensorRT) uses.
+        self._context = cuda.Device(0).retain_primary_context()
+        self._context.push()
+        try:
+            if metadata is not None:
+                check_engine_sidecar(metadata, self.model_path, trt.__version__, running_gpu(cuda))
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            runtime = trt.Runtime(self._logger)
+            engine = runtime.deserialize_cuda_engine(self.model_path.read_bytes())
+            if engine is None:
+                raise BackendError(f"{self.model_path}: TensorRT {trt.__version__} cannot deserialize this "
+                                   f"engine (built by another TensorRT version or for another GPU?)")
+            self._runtime, self.engine = runtime, engine
+            self.execution = engine.create_execution_context()
+            self._setup_tensors(trt)
+            self.stream = cuda.Stream()
+        finally:
+            self._context.pop()
+
+    def _setup_tensors(self, trt) -> None:
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise BackendError(f"{self.model_path}: expected one engine input, found {inputs}")
+        self.input_name = inputs[0]
+        self.output_names = tuple(n for n in names if n not in inputs)
+        self.input_shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        if -1 in self.input_shape[1:]:
+            raise BackendError(f"{self.model_path}: only the batch dimension may be dynamic, input shape "
+                               f"is {self.input_shape}")
+        if self.input_shape[0] == -1:
+            profile_min, _, profile_max = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.batch_range = (int(profile_min[0]), int(profile_max[0]))
+        else:
+            self.batch_range = (self.input_shape[0], self.input_shape[0])
+        max_batch = self.batch_range[1]
+        # Output shapes at the largest batch size size the reusable buffers.
+        self.execution.set_input_shape(self.input_name, (max_batch,) + self.input_shape[1:])
+        self._host, self._device = {}, {}
+        for name in (self.input_name,) + self.output_names:
+            shape = tuple(self.execution.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            self._host[name] = self._cuda.pagelocked_empty(shape, dtype)
+            self._device[name] = self._cuda.mem_alloc(self._host[name].nbytes)
+            self.execution.set_tensor_address(name, int(self._device[name]))
+
+    def _enqueue(self, batch: np.ndarray) -> None:
+        """Stage the batch in pinned memory, copy it in and launch the engine (context pushed)."""
+        n = batch.shape[0]
+        if not self.batch_range[0] <= n <= self.batch_range[1]:
+            raise BackendError(f"{self.model_path}: batch of {n} outside the engine's range {self.batch_range}")
+        self.execution.set_input_shape(self.input_name, batch.shape)
+        staged = self._host[self.input_name].reshape(-1)[:batch.size].reshape(batch.shape)
+        np.copyto(staged, batch, casting="same_kind")
+        self._cuda.memcpy_htod_async(self._device[self.input_name], staged, self.stream)
+        if not self.execution.execute_async_v3(self.stream.handle):
+            raise BackendError(f"{self.model_path}: execute_async_v3 failed")
+
+    def infer(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+        cuda = self._cuda
+        self._context.push()
+        try:
+            self._enqueue(batch)
+            results = {}
+            for name in self.output_names:
+                shape = tuple(self.execution.get_tensor_shape(name))
+                host = self._host[name].reshape(-1)[:int(np.prod(shape))].reshape(shape)
+                cuda.memcpy_dtoh_async(host, self._device[name], self.stream)
+                results[name] = host
+            self.stream.synchronize()
+        finally:
+            self._context.pop()
+        # Copies: the pinned buffers are overwritten by the next call.
+        return {name: np.array(array) for name, array in results.items()}
+
+    def describe(self) -> str:
+        return f"tensorrt batch {self.batch_range} ({self.model_path.name})"
+
+    def close(self) -> None:
+        if getattr(self, "_device", None):
+            self._context.push()
+            try:
+                for buffer in self._device.values():
+                    buffer.free()
+                self._device = {}
+            finally:
+                self._context.pop()
+            self._context.detach()
+
+    @contextlib.contextmanager
+    def cuda_context(self) -> Iterator[None]:
+        """Make this backend's CUDA context current (for post-processing its device outputs)."""
+        self._context.push()
+        try:
+            yield
+        finally:
+            self._context.pop()
+
+    def infer_device(self, batch: np.ndarray) -> Dict[str, object]:
+        """Like ``infer`` but outputs stay on the GPU as pycuda GPUArrays (views of the reused device
+        buffers, valid until the next call), so the CUDA post-processing reads them without a copy."""
+        gpuarray = require("pycuda.gpuarray", "device outputs are pycuda GPUArrays")
+        self._context.push()
+        try:
+            self._enqueue(batch)
+            self.stream.synchronize()
+            return {name: gpuarray.GPUArray(tuple(self.execution.get_tensor_shape(name)),
+                                            self._host[name].dtype, gpudata=self._device[name])
+                    for name in self.output_names}
+        finally:
+            self._context.pop()

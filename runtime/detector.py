@@ -1,0 +1,203 @@
+"""Detector: model file + metadata -> pre-processing -> backend -> post-processing, one call per batch.
+
+``Detector("model.onnx")(frames)`` takes uint8 BGR frames of any size and returns scores, anomaly maps
+at model size and decisions against the calibrated threshold. Every setting (input layout, size,
+mean/std, resize mode, threshold, smoothing sigma) comes from the export's metadata; a model whose
+inputs or outputs disagree with its metadata is refused with an error naming the file and field.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from mrkd.runtime import postprocess
+from mrkd.runtime.backends import Backend, open_backend
+from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
+                                   sidecar_path)
+from mrkd.runtime.preprocess import normalize_batch, resize_square
+
+Frames = Union[np.ndarray, Sequence[np.ndarray]]
+STAGES = ("preprocess", "infer", "postprocess")
+
+
+@dataclass
+class DetectionResult:
+    """What one detector call returns; index i describes frame i.
+
+    scores: float32 (N,) image scores; maps: float32 (N, S, S) anomaly maps at model size;
+    decisions: bool (N,) score >= threshold (None without a threshold); frame_sizes: (h, w) of each
+    input frame (to scale map regions back); timings: seconds per stage for this call.
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray
+    decisions: Optional[np.ndarray]
+    threshold: Optional[float]
+    frame_sizes: List[Tuple[int, int]]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def load_metadata(model_path: Union[str, Path], backend: Optional[Backend] = None) -> ModelMetadata:
+    """The model's metadata: its JSON sidecar, or for ONNX files without one the graph's metadata_props."""
+    sidecar = sidecar_path(model_path)
+    if sidecar.exists():
+        return ModelMetadata.load(sidecar)
+    props = getattr(backend, "model_metadata_props", None)
+    if props:
+        return ModelMetadata.from_onnx_props(props, source=str(model_path))
+    raise MetadataError(f"{sidecar}: metadata sidecar not found (the export writes it next to {Path(model_path).name})")
+
+
+def as_frame_list(frames: Frames) -> List[np.ndarray]:
+    """One H×W×3 frame, an N×H×W×3 array or a list of H×W×3 frames -> list of uint8 BGR frames."""
+    if isinstance(frames, np.ndarray):
+        if frames.ndim == 3:
+            frames = [frames]
+        elif frames.ndim == 4:
+            frames = list(frames)
+        else:
+            raise ValueError(f"frames must be H×W×3 or N×H×W×3 uint8 BGR, got shape {frames.shape}")
+    frames = list(frames)
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 \
+                or frame.shape[2] != 3 or frame.size == 0:
+            shape = getattr(frame, "shape", None)
+            dtype = getattr(frame, "dtype", type(frame).__name__)
+            raise ValueError(f"frame {i}: expected a non-empty uint8 H×W×3 BGR image, got {dtype} {shape}")
+    return frames
+
+
+class Detector:
+    """An exported MRKD model ready to score frames.
+
+    model_path: .onnx (with model.onnx.json or embedded metadata) or .engine/.plan (with model.engine.json).
+    backend: "auto" | "onnxruntime" | "tensorrt". postprocess: "auto" | "cuda" | "cpu" | "numpy" (used
+    only when the model outputs per-scale maps). threshold: overrides the calibrated one.
+    providers / threads: ONNX Runtime execution providers and intra-op threads.
+    """
+
+    def __init__(self, model_path: Union[str, Path], backend: str = "auto", postprocess: str = "auto",
+                 threshold: Optional[float] = None, providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None):
+        self.model_path = Path(model_path)
+        sidecar = sidecar_path(self.model_path)
+        metadata = ModelMetadata.load(sidecar) if sidecar.exists() else None
+        self.backend = open_backend(self.model_path, backend, providers=providers, threads=threads,
+                                    metadata=metadata)
+        self.metadata = metadata or load_metadata(self.model_path, self.backend)
+        self.postprocess_impl = postprocess
+        self.threshold = float(threshold) if threshold is not None else self.metadata.threshold
+        self.image_size = self.metadata.image_size
+        self._source = str(sidecar) if metadata is not None else str(self.model_path)
+        self._check_model_against_metadata()
+        self.max_batch = min(self.metadata.batch_range[2], self.backend.batch_range[1])
+        self.min_batch = self.backend.batch_range[0]
+
+    # --- consistency checks -----------------------------------------------------------------
+    def _check_model_against_metadata(self) -> None:
+        meta, model, src = self.metadata, self.backend, self._source
+        if model.input_name != meta.input_name:
+            raise MetadataError(f"{src}: field input_name={meta.input_name!r} but {self.model_path.name} has "
+                                f"input {model.input_name!r}")
+        size = meta.image_size
+        if meta.input_format == INPUT_FLOAT_NCHW:
+            expected, dtypes = (3, size, size), (np.float32, np.float16)
+        else:
+            expected, dtypes = (size, size, 3), (np.uint8,)
+        shape = tuple(model.input_shape[1:])
+        if len(shape) != 3 or any(d not in (-1, e) for d, e in zip(shape, expected)):
+            raise MetadataError(f"{src}: fields input_format={meta.input_format!r}, image_size={size} expect "
+                                f"input shape N×{'×'.join(map(str, expected))} but {self.model_path.name} "
+                                f"has {model.input_shape}")
+        if model.input_dtype not in [np.dtype(d) for d in dtypes]:
+            raise MetadataError(f"{src}: field input_format={meta.input_format!r} expects "
+                                f"{'/'.join(np.dtype(d).name for d in dtypes)} input but {self.model_path.name} "
+                                f"takes {model.input_dtype}")
+        self.scale_outputs = sorted((n for n in meta.outputs if n.startswith("scale")), key=lambda n: int(n[5:]))
+        needed = self.scale_outputs if meta.per_scale_outputs else ["anomaly_map"]
+        if meta.per_scale_outputs and not needed:
+            raise MetadataError(f"{src}: field per_scale_outputs=true but outputs lists no scale0.. maps")
+        missing = [n for n in list(needed) + list(meta.outputs) if n not in model.output_names]
+        if missing:
+            raise MetadataError(f"{src}: field outputs names {sorted(set(missing))} that {self.model_path.name} "
+                                f"does not produce (it has {list(model.output_names)})")
+        if not meta.per_scale_outputs and not meta.smoothing_in_graph:
+            raise MetadataError(f"{src}: fields per_scale_outputs=false and smoothing_in_graph=false: the runtime "
+                                "can only smooth per-scale maps; re-export with one of them true")
+
+    # --- the three stages -------------------------------------------------------------------
+    def preprocess(self, frames: List[np.ndarray]) -> np.ndarray:
+        """Frames -> the model's input batch, exactly as training prepared images."""
+        meta = self.metadata
+        squares = np.stack([resize_square(f, meta.image_size, meta.resize_mode) for f in frames])
+        if meta.input_format == INPUT_UINT8_NHWC:
+            return np.ascontiguousarray(squares)
+        batch = normalize_batch(squares, meta.mean, meta.std)
+        return batch if self.backend.input_dtype == np.float32 else batch.astype(self.backend.input_dtype)
+
+    def _infer_and_postprocess(self, batch: np.ndarray, timings: Dict[str, float]) -> Tuple[np.ndarray, np.ndarray]:
+        meta, size = self.metadata, self.metadata.image_size
+        on_device = (meta.per_scale_outputs and hasattr(self.backend, "infer_device")
+                     and self.postprocess_impl in ("auto", "cuda") and "cuda" in postprocess.available_impls())
+        start = time.perf_counter()
+        if on_device:   # TensorRT outputs stay on the GPU for the CUDA post-processing
+            outputs = self.backend.infer_device(batch)
+        else:
+            outputs = self.backend.infer(batch)
+        timings["infer"] += time.perf_counter() - start
+        start = time.perf_counter()
+        if meta.per_scale_outputs:
+            per_scale = [outputs[name] for name in self.scale_outputs]
+            if on_device:
+                with self.backend.cuda_context():
+                    maps, scores = postprocess.anomaly_map(per_scale, size, meta.sigma, impl="cuda")
+                    maps, scores = maps.get(), scores.get()
+            else:
+                maps, scores = postprocess.anomaly_map([np.ascontiguousarray(m, dtype=np.float32) for m in per_scale],
+                                                       size, meta.sigma, impl=self.postprocess_impl)
+        else:
+            maps = np.asarray(outputs["anomaly_map"], dtype=np.float32).reshape(len(batch), size, size)
+            scores = (np.asarray(outputs["score"], dtype=np.float32).reshape(len(batch)) if "score" in outputs
+                      else maps.reshape(len(batch), -1).max(axis=1))
+        timings["postprocess"] += time.perf_counter() - start
+        return np.asarray(maps, dtype=np.float32), np.asarray(scores, dtype=np.float32)
+
+    def __call__(self, frames: Frames) -> DetectionResult:
+        """Score uint8 BGR frames (H×W×3, N×H×W×3 or a list of any sizes)."""
+        frames = as_frame_list(frames)
+        timings = dict.fromkeys(STAGES, 0.0)
+        all_maps, all_scores = [], []
+        for begin in range(0, len(frames), self.max_batch):   # split batches larger than the model's
+            chunk = frames[begin:begin + self.max_batch]
+            start = time.perf_counter()
+            batch = self.preprocess(chunk)
+            pad = self.min_batch - len(chunk)
+            if pad > 0:   # a fixed-batch model: fill with copies, drop their results
+                batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
+            timings["preprocess"] += time.perf_counter() - start
+            maps, scores = self._infer_and_postprocess(batch, timings)
+            all_maps.append(maps[:len(chunk)])
+            all_scores.append(scores[:len(chunk)])
+        size = self.metadata.image_size
+        maps = np.concatenate(all_maps) if all_maps else np.zeros((0, size, size), np.float32)
+        scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
+        decisions = scores >= self.threshold if self.threshold is not None else None
+        return DetectionResult(scores=scores, maps=maps, decisions=decisions, threshold=self.threshold,
+                               frame_sizes=[f.shape[:2] for f in frames], timings=timings)
+
+    def describe(self) -> str:
+        """One line for logs: model, backend, size, threshold."""
+        return (f"{self.model_path.name}: {self.backend.describe()}, {self.metadata.backbone} "
+                f"{self.image_size}px {self.metadata.precision}, threshold {self.threshold}")
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()

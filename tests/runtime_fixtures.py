@@ -1,0 +1,203 @@
+"""Helpers for the runtime tests: a hand-built ONNX "anomaly detector", generated videos and frames,
+an MJPEG-over-HTTP server that drops its clients, and webhook receivers (refusing, slow, recording).
+
+The tiny model (onnx helper API, no torch) flags bright patches: per pixel, the channel mean of
+the normalised input minus a level, clipped at zero, box-averaged. Normal frames (gray texture below
+the level) score 0; a white patch scores ~(1 - LEVEL). Its metadata sidecar is a real ModelMetadata.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import List
+
+import cv2
+import numpy as np
+
+from mrkd.runtime.metadata import INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, ModelMetadata, sidecar_path
+
+SIZE = 32
+LEVEL = 0.6          # normalised brightness above which a pixel is "anomalous"
+POOL = 5             # box filter of the full-size map
+SCALE_STRIDES = (4, 8, 16)
+THRESHOLD = 0.1
+
+
+def reference_map(frames_bgr_square: np.ndarray) -> np.ndarray:
+    """What the tiny model computes, in plain numpy (N×S×S×3 uint8 -> N×S×S), for checking it."""
+    x = frames_bgr_square.astype(np.float64) / 255.0
+    deviation = np.maximum(x.mean(axis=3) - LEVEL, 0.0)
+    padded = np.pad(deviation, ((0, 0), (POOL // 2, POOL // 2), (POOL // 2, POOL // 2)))
+    out = np.zeros_like(deviation)
+    for dy in range(POOL):   # AveragePool with count_include_pad=1
+        for dx in range(POOL):
+            out += padded[:, dy:dy + deviation.shape[1], dx:dx + deviation.shape[2]]
+    return out / POOL ** 2
+
+
+def build_tiny_model(path: Path, per_scale: bool = False, uint8_input: bool = False, max_batch: int = 4,
+                     threshold: float = THRESHOLD, metadata_overrides: dict | None = None) -> Path:
+    """Write a tiny ONNX anomaly model and its sidecar; returns the model path."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes, inits = [], []
+    if uint8_input:
+        graph_input = helper.make_tensor_value_info("input", TensorProto.UINT8, ["N", SIZE, SIZE, 3])
+        nodes += [helper.make_node("Cast", ["input"], ["as_float"], to=TensorProto.FLOAT),
+                  helper.make_node("Transpose", ["as_float"], ["nchw255"], perm=[0, 3, 1, 2]),
+                  helper.make_node("Div", ["nchw255", "c255"], ["x"])]
+        inits.append(helper.make_tensor("c255", TensorProto.FLOAT, [], [255.0]))
+    else:
+        graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])
+        nodes.append(helper.make_node("Identity", ["input"], ["x"]))
+    inits += [helper.make_tensor("level", TensorProto.FLOAT, [], [LEVEL]),
+              helper.make_tensor("axes1", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("axes123", TensorProto.INT64, [3], [1, 2, 3])]
+    nodes += [helper.make_node("ReduceMean", ["x", "axes1"], ["mean"], keepdims=1),
+              helper.make_node("Sub", ["mean", "level"], ["shifted"]),
+              helper.make_node("Relu", ["shifted"], ["deviation"])]
+    outputs = {}
+    if per_scale:
+        for i, stride in enumerate(SCALE_STRIDES):
+            nodes += [helper.make_node("AveragePool", ["deviation"], [f"pool{i}"], kernel_shape=[stride, stride],
+                                       strides=[stride, stride]),
+                      helper.make_node("Squeeze", [f"pool{i}", "axes1"], [f"scale{i}"])]
+            outputs[f"scale{i}"] = f"per-scale map N×{SIZE // stride}×{SIZE // stride}"
+        graph_outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", SIZE // s, SIZE // s])
+                         for n, s in zip(outputs, SCALE_STRIDES)]
+    else:
+        nodes += [helper.make_node("AveragePool", ["deviation"], ["anomaly_map"], kernel_shape=[POOL, POOL],
+                                   pads=[POOL // 2] * 4, count_include_pad=1),
+                  helper.make_node("ReduceMax", ["anomaly_map", "axes123"], ["score"], keepdims=0)]
+        outputs = {"anomaly_map": "N×1×H×W", "score": "N"}
+        graph_outputs = [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", 1, SIZE, SIZE]),
+                         helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])]
+    graph = helper.make_graph(nodes, "tiny_bright_patch_detector", [graph_input], graph_outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    meta = ModelMetadata(backbone="tiny-test", image_size=SIZE,
+                         input_format=INPUT_UINT8_NHWC if uint8_input else INPUT_FLOAT_NCHW,
+                         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), threshold=threshold, outputs=outputs,
+                         smoothing_in_graph=not per_scale, per_scale_outputs=per_scale, sigma=1.0,
+                         batch_range=(1, 1, max_batch))
+    for key, value in (metadata_overrides or {}).items():
+        setattr(meta, key, value)
+    meta.save(sidecar_path(path))
+    return path
+
+
+def normal_frame(rng: np.random.Generator, h: int = 48, w: int = 64) -> np.ndarray:
+    """Gray textured part: values 90..130, never above the model's level."""
+    return rng.integers(90, 131, size=(h, w, 3), dtype=np.uint8)
+
+
+def defective_frame(rng: np.random.Generator, h: int = 48, w: int = 64) -> np.ndarray:
+    """A normal frame with a white 12×12 patch near the top-left."""
+    frame = normal_frame(rng, h, w)
+    frame[8:20, 10:22] = 255
+    return frame
+
+
+def write_video(path: Path, frames: List[np.ndarray], fps: float = 25.0) -> Path:
+    """MJPG .avi of the frames (OpenCV's own encoder works without FFmpeg codecs)."""
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened(), f"cannot write {path}"
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return Path(path)
+
+
+def normal_then_defective(n_normal: int, n_defective: int, seed: int = 0) -> List[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [normal_frame(rng) for _ in range(n_normal)] + [defective_frame(rng) for _ in range(n_defective)]
+
+
+class _Server:
+    """A ThreadingHTTPServer on 127.0.0.1 in a daemon thread; ``url``; ``close()``."""
+
+    def __init__(self, handler, path: str = "/"):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.server.owner = self
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class MjpegServer(_Server):
+    """Serves multipart/x-mixed-replace JPEG frames; each connection is cut after ``frames_per_connection``
+    frames (a camera that drops its clients); ``connections`` counts the clients served."""
+
+    def __init__(self, frames_per_connection: int = 15, interval: float = 0.01):
+        self.frames_per_connection, self.interval, self.connections = frames_per_connection, interval, 0
+        rng = np.random.default_rng(1)
+        self.jpegs = [cv2.imencode(".jpg", normal_frame(rng))[1].tobytes() for _ in range(5)]
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.connections += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    for i in range(owner.frames_per_connection):
+                        jpeg = owner.jpegs[i % len(owner.jpegs)]
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                         + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
+                        time.sleep(owner.interval)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler, "/stream.mjpg")
+
+
+class WebhookReceiver(_Server):
+    """Records POSTed JSON bodies after sleeping ``delay`` seconds per request."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.received = delay, []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                time.sleep(owner.delay)
+                owner.received.append(body)
+                try:
+                    self.send_response(200)
+                    self.end_headers()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler, "/hook")
+
+
+def refused_url() -> str:
+    """A loopback URL where nothing listens (connection refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}/hook"
