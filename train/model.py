@@ -38,6 +38,12 @@ class MRKDConfig:
     std: Tuple[float, float, float] = IMAGENET_STD
     resize_mode: str = "resize"            # "resize" (whole image) | "center_crop" (official)
 
+    def __post_init__(self):
+        # One canonical type whatever the caller (or a checkpoint's JSON-like lists) passed, so a
+        # reloaded config equals the saved one.
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
@@ -46,11 +52,7 @@ class MRKDConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "MRKDConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        for name in ("mean", "std"):
-            if name in kwargs:
-                kwargs[name] = tuple(float(v) for v in kwargs[name])
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class MRKD(nn.Module):
