@@ -1,0 +1,213 @@
+"""Evaluation on a category's test split: metrics, metrics.json, ROC and histogram PNGs, overlays.
+
+    result = evaluate(model, "data/", "grain", out_dir="runs/grain/eval")
+    print(format_table({"grain": result}))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from mrkd.atomic import atomic_write_bytes, atomic_write_text
+from mrkd.train import metrics
+
+TABLE_COLUMNS = (("image_auroc", "img AUROC"), ("pixel_auroc", "pix AUROC"), ("aupro", "AUPRO"),
+                 ("aupro_paper", "AUPRO(paper)"), ("precision", "P@thr"), ("recall", "R@thr"), ("f1", "F1@thr"))
+CHECKPOINT_NAMES = ("best.ckpt", "last.ckpt")
+
+
+def resolve_device(spec: str = "auto"):
+    """'auto' -> CUDA when available, else CPU; otherwise the torch.device named."""
+    import torch
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for but CUDA is not available")
+    return device
+
+
+def maps_on_test_split(model, items, batch_size: int = 8, device=None, progress: bool = True,
+              num_workers: int = 0) -> dict:
+    """Anomaly maps of test items: ``maps`` N×H×W float32, ``scores`` N, ``masks`` N×H×W bool,
+    ``labels`` N, ``paths``. Pre-processing is the model's own (image size, resize mode, mean/std)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from mrkd.train.data import TestDataset
+
+    config = model.config
+    device = device or next(model.parameters()).device
+    dataset = TestDataset(items, config.image_size, config.resize_mode, config.mean, config.std)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    maps, masks, labels, paths = [], [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for image, mask, label, path in tqdm(loader, desc="evaluating", unit="batch", leave=False,
+                                             disable=not progress):
+            maps.append(model.anomaly_map(image.to(device))[:, 0].float().cpu().numpy())
+            masks.append(mask.numpy())
+            labels.append(np.asarray(label))
+            paths.extend(path)
+    model.train(was_training)
+    maps_array = np.concatenate(maps)
+    return {"maps": maps_array, "scores": maps_array.reshape(len(maps_array), -1).max(1),
+            "masks": np.concatenate(masks), "labels": np.concatenate(labels).astype(int), "paths": paths}
+
+
+def metrics_on_test_split(model, items, threshold: Optional[float] = None, **kwargs) -> dict:
+    """metrics.evaluate_arrays on the test items (keys image_auroc, pixel_auroc, aupro, aupro_paper, ...)."""
+    arrays = maps_on_test_split(model, items, **kwargs)
+    return metrics.evaluate_arrays(arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"],
+                                   threshold=threshold)
+
+
+def _write_plots(arrays: dict, result: dict, threshold: Optional[float], out_dir: Path, config,
+                 n_overlays: int) -> List[str]:
+    import cv2
+
+    from mrkd.runtime.images import read_image
+    from mrkd.runtime.preprocess import resize_square
+    from mrkd.train.plots import heatmap_overlay, plot_roc, plot_score_histogram
+
+    labels, scores, masks, maps = arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"]
+    fpr, tpr, _ = metrics.roc_curve_points(labels, scores)
+    curves = {"image": (fpr, tpr, result["image_auroc"])}
+    defect_pixels = masks.ravel()
+    if defect_pixels.any() and not defect_pixels.all():
+        # Every 8th pixel keeps the pixel ROC plot small; the AUROC in the legend is the exact one.
+        pfpr, ptpr, _ = metrics.roc_curve_points(defect_pixels[::8], maps.ravel()[::8])
+        curves["pixel"] = (pfpr, ptpr, result["pixel_auroc"])
+    written = [out_dir / "roc.png", out_dir / "score_histogram.png"]
+    plot_roc(curves, written[0])
+    plot_score_histogram(scores[labels == 0], scores[labels == 1], threshold, written[1])
+    # Overlays: the highest-scoring defects and good images, on the square the model saw.
+    vmax = threshold if threshold is not None else float(maps.max())
+    order = np.argsort(-scores)
+    chosen = [i for i in order if labels[i] == 1][:n_overlays] + [i for i in order if labels[i] == 0][:n_overlays]
+    for index in chosen:
+        square = resize_square(read_image(arrays["paths"][index]), config.image_size, config.resize_mode)
+        overlay = heatmap_overlay(square, maps[index], vmin=0.0, vmax=vmax)
+        name = f"{'defect' if labels[index] else 'good'}_{index:04d}_{Path(arrays['paths'][index]).stem}.png"
+        target = out_dir / "overlays" / name
+        atomic_write_bytes(target, cv2.imencode(".png", overlay)[1].tobytes())
+        written.append(target)
+    return [str(p) for p in written]
+
+
+def evaluate(model, data_root, category: str, out_dir=None, batch_size: int = 8, device="auto",
+             n_overlays: int = 4, progress: bool = True, skip_unreadable: bool = False) -> dict:
+    """Evaluate ``model`` (an MRKD or a checkpoint path) on ``data_root/category``'s test split.
+
+    Returns metrics.evaluate_arrays' dict (+ ``threshold``, ``n_good``, ``n_defect``, ``category``).
+    With ``out_dir``: writes metrics.json, roc.png, score_histogram.png and overlays/*.png there.
+    """
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.data import DataError, scan_category
+
+    if not hasattr(model, "anomaly_map"):
+        model = load_checkpoint(model)
+    device = resolve_device(device) if isinstance(device, str) or device is None else device
+    model = model.to(device)
+    data = scan_category(data_root, category, skip_unreadable=skip_unreadable)
+    if not any(item.label == 1 for item in data.test_items) or not any(item.label == 0 for item in data.test_items):
+        raise DataError(f"{Path(data_root) / category / 'test'}: evaluation needs good and defective test images")
+    threshold = model.calibration.get("threshold")
+    arrays = maps_on_test_split(model, data.test_items, batch_size, device, progress)
+    result = metrics.evaluate_arrays(arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"],
+                                     threshold=threshold)
+    result.update(category=category, threshold=threshold, n_good=int((arrays["labels"] == 0).sum()),
+                  n_defect=int((arrays["labels"] == 1).sum()), skipped_unreadable=len(data.skipped_unreadable))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        result["files"] = _write_plots(arrays, result, threshold, out_dir, model.config, n_overlays)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(_jsonable(result), indent=2) + "\n")
+    return result
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def find_checkpoints(path, categories: Optional[Sequence[str]] = None) -> Dict[str, Path]:
+    """category -> checkpoint: ``path`` is one checkpoint file (its category is the folder's name unless
+    one category is given) or a run folder holding <category>/best.ckpt (or last.ckpt)."""
+    from mrkd.train.checkpoint import CheckpointError
+
+    path = Path(path)
+    if path.is_file():
+        name = categories[0] if categories else path.parent.name
+        return {name: path}
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint file or run folder")
+    found = {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        if categories and folder.name not in categories:
+            continue
+        for name in CHECKPOINT_NAMES:
+            if (folder / name).is_file():
+                found[folder.name] = folder / name
+                break
+    if categories:
+        missing = [c for c in categories if c not in found]
+        if missing:
+            raise CheckpointError(f"{path}: no {' or '.join(CHECKPOINT_NAMES)} for {missing}")
+    if not found:
+        raise CheckpointError(f"{path}: no <category>/{CHECKPOINT_NAMES[0]} found in this run folder")
+    return found
+
+
+def mean_row(results: Mapping[str, dict]) -> dict:
+    """The mean of every numeric table column over the categories that have it."""
+    row = {}
+    for key, _ in TABLE_COLUMNS:
+        values = [r[key] for r in results.values() if isinstance(r.get(key), (int, float))]
+        if values:
+            row[key] = float(np.mean(values))
+    return row
+
+
+def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = None, out_dir=None,
+                 **kwargs) -> Dict[str, dict]:
+    """Evaluate every category's checkpoint (see find_checkpoints); adds a "mean" row.
+
+    Each category's files go to ``out_dir/<category>/``; the table (with mean) to ``out_dir/metrics.json``.
+    """
+    from mrkd.train.checkpoint import load_checkpoint
+
+    results = {}
+    for category, checkpoint in find_checkpoints(checkpoints, categories).items():
+        target = None if out_dir is None else Path(out_dir) / category
+        results[category] = evaluate(load_checkpoint(checkpoint), data_root, category, target, **kwargs)
+        results[category]["checkpoint"] = str(checkpoint)
+    if len(results) > 1:
+        results["mean"] = mean_row(results)
+    if out_dir is not None:
+        atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(_jsonable(results), indent=2) + "\n")
+    return results
+
+
+def format_table(results: Mapping[str, dict]) -> str:
+    """A plain-text table: one row per category (and the mean), the TABLE_COLUMNS as columns."""
+    width = max([len("category")] + [len(name) for name in results])
+    header = f"{'category':<{width}}  " + "  ".join(f"{title:>12}" for _, title in TABLE_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name, row in results.items():
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            value = row.get(key)
+            cells.append(f"{value:>12.4f}" if isinstance(value, (int, float)) else f"{'-':>12}")
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
