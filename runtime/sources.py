@@ -96,13 +96,14 @@ class Source:
         self._next_index = 0
         self._closed = False
 
-    def _deliverable(self, image, index: int) -> Optional[np.ndarray]:
-        """Validate (and resize) a raw frame; count and log it when it is bad."""
+    def _deliverable(self, image, index: int, reason: Optional[str] = None) -> Optional[np.ndarray]:
+        """Validate (and resize) a raw frame; count and log it when it is bad (``reason``: why, if known)."""
         frame = check_frame(image)
         if frame is None:
             self.stats.bad_frames += 1
             shape = getattr(image, "shape", None)
-            self.stats.last_error = f"frame {index}: unusable image {getattr(image, 'dtype', type(image).__name__)} {shape}"
+            reason = reason or f"unusable image {getattr(image, 'dtype', type(image).__name__)} {shape}"
+            self.stats.last_error = f"frame {index}: {reason}"
             logger.warning("%s: skipped %s", self.uri, self.stats.last_error)
             return None
         if self.size and (frame.shape[1], frame.shape[0]) != self.size:
@@ -163,24 +164,25 @@ class ArraySource(Source):
         self._loop = loop
         self._started = time.monotonic()
 
-    def _raw(self) -> Tuple[bool, object]:
+    def _raw(self) -> Tuple[bool, object, Optional[str]]:
+        """(more frames?, the next raw frame, why it is unreadable or None)."""
         try:
-            return True, next(self._iterator)
+            return True, next(self._iterator), None
         except StopIteration:
             if not self._loop:
-                return False, None
+                return False, None, None
             self._iterator = iter(self._frames)
             return self._raw()
 
     def _next(self, timeout):
         while True:
-            ok, raw = self._raw()
+            ok, raw, reason = self._raw()
             if not ok:
                 self._closed = True
                 return None
             index = self._next_index
             self._next_index += 1
-            image = self._deliverable(raw, index)
+            image = self._deliverable(raw, index, reason)
             if image is None:
                 continue
             self._pace(self._started, index)
@@ -197,15 +199,13 @@ class ImageFilesSource(ArraySource):
         super().__init__(paths, uri=uri, **kwargs)
 
     def _raw(self):
-        ok, path = super()._raw()
+        ok, path, _ = super()._raw()
         if not ok:
-            return ok, path
+            return False, None, None
         try:
-            return True, read_image(path)
+            return True, read_image(path), None
         except ImageReadError as exc:
-            self.stats.last_error = str(exc)
-            logger.warning("%s: %s", self.uri, exc)
-            return True, None   # counted as a bad frame by _deliverable
+            return True, None, str(exc)   # counted as a bad frame by _deliverable
 
 
 # ---------------------------------------------------------------- OpenCV captures
@@ -259,8 +259,8 @@ class CaptureSource(Source):
         total = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         while True:
             index = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES))
-            timestamp = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
             ok, raw = self._cap.read()
+            timestamp = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0   # of the frame just read
             if not ok:
                 if total and index < total - 1:      # a frame that does not decode, not the end
                     self._deliverable(None, index)

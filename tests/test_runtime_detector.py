@@ -1,0 +1,120 @@
+"""Detector: pre-processing, backend and post-processing against independent numpy/scipy references,
+batch splitting, and clear errors for models that disagree with their metadata."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from runtime_fixtures import (SIZE, THRESHOLD, build_tiny_model, defective_frame, normal_frame,
+                              reference_map)
+
+from mrkd.runtime import Detector, MetadataError
+from mrkd.runtime.metadata import sidecar_path
+
+
+def _squares(frames):
+    import cv2
+    # The fixture frames are 48×64, the model 32×32: "resize" mode = squash with INTER_AREA.
+    return np.stack([cv2.resize(f, (SIZE, SIZE), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+@pytest.fixture
+def frames():
+    rng = np.random.default_rng(3)
+    return [normal_frame(rng), defective_frame(rng), normal_frame(rng, 40, 40), defective_frame(rng, 60, 90)]
+
+
+@pytest.mark.parametrize("uint8_input", [False, True])
+def test_scores_and_maps_match_numpy_reference(tmp_path, frames, uint8_input):
+    detector = Detector(build_tiny_model(tmp_path / "m.onnx", uint8_input=uint8_input))
+    result = detector(frames)
+    expected = reference_map(_squares(frames))
+    np.testing.assert_allclose(result.maps, expected, atol=1e-5)
+    np.testing.assert_allclose(result.scores, expected.reshape(len(frames), -1).max(axis=1), atol=1e-5)
+    assert result.decisions.tolist() == [False, True, False, True]
+    assert result.frame_sizes == [(48, 64), (48, 64), (40, 40), (60, 90)]
+    assert set(result.timings) == {"preprocess", "infer", "postprocess"}
+
+
+def test_per_scale_outputs_are_postprocessed_like_scipy(tmp_path, frames):
+    detector = Detector(build_tiny_model(tmp_path / "s.onnx", per_scale=True))
+    result = detector(frames)
+    x = _squares(frames).astype(np.float64) / 255.0
+    deviation = np.maximum(x.mean(axis=3) - 0.6, 0.0)
+    expected = np.zeros_like(deviation)
+    for stride in (4, 8, 16):
+        h = SIZE // stride
+        pooled = deviation.reshape(len(frames), h, stride, h, stride).mean(axis=(2, 4))
+        # scipy zoom with grid_mode=False maps corner to corner: bilinear with align_corners=True.
+        expected += np.stack([ndimage.zoom(p, SIZE / h, order=1, grid_mode=False) for p in pooled])
+    expected = np.stack([ndimage.gaussian_filter(m, sigma=1.0, mode="reflect", truncate=4.0) for m in expected])
+    np.testing.assert_allclose(result.maps, expected, atol=1e-5)
+    np.testing.assert_allclose(result.scores, expected.max(axis=(1, 2)), atol=1e-5)
+
+
+def test_batches_larger_than_the_model_are_split(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = np.stack([defective_frame(rng) if i % 3 == 0 else normal_frame(rng) for i in range(11)])
+    detector = Detector(build_tiny_model(tmp_path / "m.onnx", max_batch=4))
+    assert detector.max_batch == 4
+    batched = detector(frames)
+    one_by_one = np.concatenate([detector(f).scores for f in frames])
+    np.testing.assert_allclose(batched.scores, one_by_one, atol=1e-6)
+    assert batched.maps.shape == (11, SIZE, SIZE)
+    assert batched.decisions.tolist() == [i % 3 == 0 for i in range(11)]
+
+
+def test_threshold_override(tmp_path, frames):
+    detector = Detector(build_tiny_model(tmp_path / "m.onnx"), threshold=0.5)
+    assert detector.threshold == 0.5
+    assert not detector(frames).decisions.any()
+
+
+def test_bad_frames_are_named(tmp_path):
+    detector = Detector(build_tiny_model(tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match="frame 1"):
+        detector([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)])
+
+
+def _rewrite_sidecar(model, **changes):
+    path = sidecar_path(model)
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"image_size": 64}, "image_size"),
+    ({"input_name": "images"}, "input_name"),
+    ({"input_format": "uint8_nhwc_bgr"}, "input_format"),
+    ({"outputs": {"anomaly_map": "", "score": "", "heatmap": ""}}, "outputs"),
+])
+def test_model_metadata_mismatch_is_a_clear_error(tmp_path, changes, field):
+    model = build_tiny_model(tmp_path / "m.onnx")
+    _rewrite_sidecar(model, **changes)
+    with pytest.raises(MetadataError) as info:
+        Detector(model)
+    assert field in str(info.value) and "m.onnx.json" in str(info.value)
+
+
+def test_missing_sidecar_without_embedded_metadata(tmp_path):
+    model = build_tiny_model(tmp_path / "m.onnx")
+    sidecar_path(model).unlink()
+    with pytest.raises(MetadataError, match="m.onnx.json"):
+        Detector(model)
+
+
+def test_engine_sidecar_for_another_tensorrt_or_gpu_is_refused(tmp_path):
+    from mrkd.runtime.backends import BackendError
+    from mrkd.runtime.backends.tensorrt_backend import check_engine_sidecar
+    from mrkd.runtime.metadata import ModelMetadata
+    meta = ModelMetadata(backbone="resnet18", image_size=64,
+                         extra={"tensorrt_version": "10.3.0", "compute_capability": "8.7", "gpu_name": "Orin"})
+    gpu = {"gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
+    with pytest.raises(BackendError, match="tensorrt_version"):
+        check_engine_sidecar(meta, tmp_path / "model.engine", "10.7.0", gpu)
+    with pytest.raises(BackendError, match="compute_capability"):
+        check_engine_sidecar(meta, tmp_path / "model.engine", "10.3.1", gpu)
+    check_engine_sidecar(meta, tmp_path / "model.engine", "10.3.1", {"gpu_name": "Orin", "compute_capability": "8.7"})
