@@ -74,6 +74,24 @@ def fixture_inputs() -> np.ndarray:
 
 
 @contextlib.contextmanager
+def recorded_rand(draws: list):
+    """Record every ``torch.rand`` draw (the official decoder draws its FLM masks with it)."""
+    import torch
+    original = torch.rand
+
+    def rand(*args, **kwargs):
+        out = original(*args, **kwargs)
+        draws.append(out.clone())
+        return out
+
+    torch.rand = rand
+    try:
+        yield
+    finally:
+        torch.rand = original
+
+
+@contextlib.contextmanager
 def cuda_is_identity():
     """The official decoder calls ``.cuda()`` on its masks; on a CPU machine make that a no-op."""
     import torch
@@ -118,7 +136,8 @@ def run_official(repo: Path) -> dict:
         for t, s in zip(teacher, student):
             per_scale.append((1 - torch.nn.functional.cosine_similarity(t, s)).numpy())
     final = np.stack(final).astype(np.float32)
-    return layout, {
+    flm = run_official_masked(encoder, bn, decoder, official_test, x)
+    return layout, {**flm,
         "inputs": x.numpy(),
         "per_scale_0": per_scale[0].astype(np.float32),
         "per_scale_1": per_scale[1].astype(np.float32),
@@ -126,6 +145,31 @@ def run_official(repo: Path) -> dict:
         "final_maps": final,
         "scores": final.reshape(final.shape[0], -1).max(1),
     }
+
+
+def run_official_masked(encoder, bn, decoder, official_test, x, lambda_mgd: float = 0.2) -> dict:
+    """The same with the official test-time FLM on, storing the masks it drew (keep = 1, zeroed = 0)."""
+    import torch
+    from scipy.ndimage import gaussian_filter
+    decoder.lambda_mgd = lambda_mgd
+    draws: list = []
+    torch.manual_seed(INPUT_SEED)
+    with torch.no_grad(), cuda_is_identity(), recorded_rand(draws):
+        teacher = encoder(x)
+        student = decoder(bn(teacher))
+    decoder.lambda_mgd = 0.0
+    final = []
+    for i in range(x.shape[0]):
+        amap, _ = official_test.cal_anomaly_map([t[i:i + 1] for t in teacher], [s[i:i + 1] for s in student],
+                                                IMAGE_SIZE, amap_mode="a")
+        final.append(gaussian_filter(amap, sigma=4))
+    # The official rule: a position is zeroed where rand > 1 − lambda_mgd.
+    masks = {f"flm_mask_{d.shape[-1]}": (d <= 1 - lambda_mgd).float().numpy() for d in draws}
+    assert len(masks) == 3, "expected one mask per decoder scale"
+    final = np.stack(final).astype(np.float32)
+    return {**masks, "flm_ratio": np.float32(lambda_mgd), "flm_final_maps": final,
+            **{f"flm_per_scale_{i}": (1 - torch.nn.functional.cosine_similarity(t, s)).numpy().astype(np.float32)
+               for i, (t, s) in enumerate(zip(teacher, student))}}
 
 
 def main(argv=None) -> None:
