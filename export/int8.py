@@ -1,0 +1,151 @@
+"""INT8 export: explicit quantisation (Q/DQ) of the backbone, calibrated on good images.
+
+``onnxruntime.quantization.quantize_static`` writes a QDQ graph with per-channel weight scales and
+symmetric (zero-point 0) activations — the form TensorRT builds as explicit INT8. Only the
+teacher/bottleneck/student nodes are quantised; pre-processing and the cosine head stay FP32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from mrkd.export.exporter import ExportedModel
+from mrkd.export.model_metadata import write_model
+from mrkd.export.onnx_graph import INPUT_NAME, ExportError, ExportOptions, load_onnx
+from mrkd.export.parity import Comparison, compare
+from mrkd.runtime.metadata import ModelMetadata
+
+# Node-name scopes the TorchScript exporter gives the three networks (ExportGraph's attributes).
+QUANTISED_SCOPES = ("/teacher/", "/bottleneck/", "/student/")
+DEFAULT_CALIBRATION_LIMIT = 64
+
+
+def calibration_paths(calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT) -> List[Path]:
+    """Image files in ``calib_dir`` (sorted, first ``limit``); a clear error when there are none."""
+    from mrkd.runtime.images import is_image_file
+    calib_dir = Path(calib_dir)
+    if not calib_dir.is_dir():
+        raise ExportError(f"{calib_dir}: calibration folder not found (--calib needs a folder of good images)")
+    paths = sorted(p for p in calib_dir.rglob("*") if p.is_file() and is_image_file(p))
+    if not paths:
+        raise ExportError(f"{calib_dir}: no images found for INT8 calibration")
+    return paths[:limit] if limit else paths
+
+
+def load_images(paths: Sequence, meta: ModelMetadata) -> np.ndarray:
+    """Images as the graph's input: uint8 N×H×W×3 BGR frames or float32 N×3×H×W normalised."""
+    from mrkd.runtime.images import read_image
+    from mrkd.runtime.preprocess import normalize, resize_square
+    frames = [resize_square(read_image(p), meta.image_size, meta.resize_mode) for p in paths]
+    if meta.input_format == "uint8_nhwc_bgr":
+        return np.stack(frames)
+    return np.stack([normalize(f, meta.mean, meta.std) for f in frames])
+
+
+def _reader(batch: np.ndarray):
+    from mrkd.deps import require
+    quantization = require("onnxruntime.quantization")
+
+    class ImageReader(quantization.CalibrationDataReader):
+        """Feeds the calibration images one at a time (progress shown by tqdm)."""
+
+        def __init__(self):
+            from tqdm import tqdm
+            self._items = iter(tqdm(batch, desc="INT8 calibration", unit="img", leave=False))
+
+        def get_next(self):
+            item = next(self._items, None)
+            return None if item is None else {INPUT_NAME: item[None]}
+
+    return ImageReader()
+
+
+def backbone_nodes(proto) -> List[str]:
+    """Names of the nodes that belong to teacher, bottleneck or student."""
+    return [n.name for n in proto.graph.node if n.name.startswith(QUANTISED_SCOPES)]
+
+
+def keep_unquantised_inputs_fp32(proto, quantised: set) -> int:
+    """Rewire nodes outside the quantised set (the head) to read the FP32 tensor instead of its
+    Q→DQ copy, then drop Q/DQ pairs nobody reads. The quantiser puts a Q/DQ on a feature map that a
+    quantised node *and* the head both read; the head must see the FP32 features. Returns the
+    number of inputs rewired."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    original = {}   # DQ output -> the FP32 tensor that went into the matching Q
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in producers:
+            q = producers[node.input[0]]
+            if q.op_type == "QuantizeLinear":
+                original[node.output[0]] = q.input[0]
+    rewired = 0
+    for node in proto.graph.node:
+        if node.name in quantised or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in original:
+                node.input[i] = original[name]
+                rewired += 1
+    # Remove Q/DQ nodes whose outputs are now unused (repeat: a Q is unused once its DQ is gone).
+    graph_outputs = {o.name for o in proto.graph.output}
+    while True:
+        used = {name for node in proto.graph.node for name in node.input} | graph_outputs
+        dead = [n for n in proto.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)]
+        if not dead:
+            return rewired
+        for node in dead:
+            proto.graph.node.remove(node)
+
+
+def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT
+                  ) -> ExportedModel:
+    """Write a Q/DQ INT8 copy of the FP32 graph at ``fp32_onnx_path`` (+ sidecar) to ``out_path``."""
+    from mrkd.deps import require
+    quantization = require("onnxruntime.quantization")
+    from mrkd.runtime.metadata import sidecar_path
+    meta = ModelMetadata.load(sidecar_path(fp32_onnx_path))
+    if meta.precision != "fp32":
+        raise ExportError(f"{fp32_onnx_path}: INT8 is quantised from the fp32 graph, this one is {meta.precision}")
+    batch = load_images(calibration_paths(calib_dir, limit), meta)
+    nodes = backbone_nodes(load_onnx(fp32_onnx_path))
+    if not nodes:
+        raise ExportError(f"{fp32_onnx_path}: no teacher/bottleneck/student nodes found to quantise")
+    with tempfile.TemporaryDirectory() as tmp:
+        # Slim first (folds the Identity/Constant chains the tracer leaves in front of weights and
+        # biases), so the quantiser sees every Conv's weight and bias as an initializer.
+        slim_path, tmp_path = Path(tmp) / "fp32_slim.onnx", Path(tmp) / "int8.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):    # onnxslim prints a summary table
+            require("onnxslim").slim(str(fp32_onnx_path), str(slim_path))
+        quantization.quantize_static(
+            str(slim_path), str(tmp_path), _reader(batch), quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True, activation_type=quantization.QuantType.QInt8,
+            weight_type=quantization.QuantType.QInt8, nodes_to_quantize=nodes,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        proto = load_onnx(tmp_path)
+    bypassed = keep_unquantised_inputs_fp32(proto, set(nodes))
+    int8_meta = dataclasses.replace(meta, precision="int8", extra={
+        **meta.extra, "int8": {"calibration_images": int(len(batch)), "calibration_dir": str(calib_dir),
+                               "quantised_nodes": len(nodes),
+                               "head_inputs_kept_fp32": bypassed, "format": "QDQ per-channel symmetric"}})
+    write_model(proto, out_path, int8_meta)
+    return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))
+
+
+def int8_agreement_report(fp32_onnx_path, int8_onnx_path, images: np.ndarray, head,
+                          threshold: Optional[float]) -> Comparison:
+    """INT8 vs FP32 graph on ``images`` (both on ONNX Runtime CPU): map error and decision agreement."""
+    from mrkd.export import ort
+    reference = ort.run(ort.cpu_session(fp32_onnx_path), images)
+    candidate = ort.run(ort.cpu_session(int8_onnx_path), images)
+    reference = {k: v.astype(np.float64) for k, v in reference.items()}
+    if threshold is None:
+        from mrkd.export.parity import scores_from_outputs
+        threshold = float(np.median(scores_from_outputs(reference, head)))
+    return compare("INT8 graph vs FP32 graph (ONNX Runtime CPU)", reference, candidate, head, threshold)
