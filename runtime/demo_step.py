@@ -1,0 +1,85 @@
+"""The demo's streaming step: a video of good-then-defective test images through the exported model.
+
+Register it in mrkd/demo.py with ``DEMO_STEP_MODULES.append("mrkd.runtime.demo_step")`` (after the
+export step's module, whose ONNX files it uses when ``context["onnx"]`` holds them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import click
+
+from mrkd.demo import demo_step
+
+FRAMES_PER_IMAGE = 3   # each test image is held for a few frames, as a part passing a camera
+
+
+def test_split_video(category_root: Path, video_path: Path, fps: float = 10.0) -> Dict[str, List[int]]:
+    """Write test/good images then defective ones as an MJPG video; returns the frame ranges of each."""
+    import cv2
+
+    from mrkd.runtime.images import is_image_file, read_image
+    test = category_root / "test"
+    good = sorted(p for p in (test / "good").iterdir() if is_image_file(p))
+    bad = sorted(p for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good"
+                 for p in d.iterdir() if is_image_file(p))
+    images = [read_image(p) for p in good + bad]
+    h, w = images[0].shape[:2]
+    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for image in images:
+        for _ in range(FRAMES_PER_IMAGE):
+            writer.write(cv2.resize(image, (w, h)))
+    writer.release()
+    n_good = len(good) * FRAMES_PER_IMAGE
+    return {"good": list(range(n_good)), "defective": list(range(n_good, n_good + len(bad) * FRAMES_PER_IMAGE))}
+
+
+def exported_model(context: Dict, category: str) -> Path:
+    """The export step's ONNX model for ``category``, or one exported here from its checkpoint."""
+    existing = (context.get("onnx") or {}).get(category)
+    if existing:
+        return Path(existing)
+    from mrkd.export.exporter import export_onnx, load_model
+    from mrkd.export.onnx_graph import ExportOptions
+    model, sha = load_model(context["checkpoints"][category])
+    path = Path(context["out"]) / "stream" / f"{category}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, path, ExportOptions(), checkpoint_sha256=sha, simplify="never")
+    return path
+
+
+@demo_step("run")
+def stream_step(context: Dict) -> None:
+    from mrkd.runtime.alarms import AlarmPolicy
+    from mrkd.runtime.detector import Detector
+    from mrkd.runtime.events import EventSinks, read_events
+    from mrkd.runtime.sources import open_source
+    from mrkd.runtime.stream import run_stream
+
+    category = context["categories"][0]
+    out = Path(context["out"]) / "stream"
+    out.mkdir(parents=True, exist_ok=True)
+    model = exported_model(context, category)
+    segments = test_split_video(Path(context["data_root"]) / category, out / f"{category}.avi")
+    detector = Detector(model)
+    if detector.threshold is None:
+        click.echo(f"{model}: no calibrated threshold in the metadata; skipping the stream")
+        return
+    events = out / "events.jsonl"
+    if events.exists():
+        events.unlink()
+    # 2 of 3 frames (one held image) raise an alarm; a cooldown of 3 frames: one alarm per part.
+    summary = run_stream(detector, open_source(str(out / f"{category}.avi")),
+                         AlarmPolicy(detector.threshold, (2, 3), cooldown_frames=FRAMES_PER_IMAGE),
+                         EventSinks(events, out / "snapshots"), status=lambda line: None)
+    alarms = read_events(events) if events.exists() else []
+    on_defects = sum(e["frame_index"] in segments["defective"] for e in alarms)
+    click.echo(f"streamed {summary['frames']} frames ({len(segments['good'])} good, {len(segments['defective'])} "
+               f"defective) of {category} through {model.name} at {summary['fps']:.0f} fps: "
+               f"{len(alarms)} alarms, {on_defects} on defective parts, {len(alarms) - on_defects} on good ones")
+    for event in alarms[:10]:
+        click.echo(f"  frame {event['frame_index']:4d} score {event['score']:.4f} boxes {len(event['boxes'])} "
+                   f"-> {event['snapshot']}")
+    context["stream_summary"] = summary
