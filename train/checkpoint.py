@@ -81,6 +81,9 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
         raise CheckpointError(f"{source}: not an mrkd checkpoint{hint}")
     if int(data.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{source}: checkpoint format {data['format_version']} is newer than this mrkd")
+    absent = [k for k in ("config", "teacher", "bottleneck", "student") if not isinstance(data.get(k), dict)]
+    if absent:
+        raise CheckpointError(f"{source}: incomplete mrkd checkpoint (no {', '.join(absent)} entry)")
     config = MRKDConfig.from_dict(data["config"])
     teacher = data["teacher"]
     teacher_sd = teacher.get("state_dict")
@@ -89,7 +92,7 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
         model = build_model(config.backbone, weights if teacher_sd is None else config.teacher_weights,
                             teacher_state_dict=teacher_sd,
                             **{k: v for k, v in config.to_dict().items() if k not in ("backbone", "teacher_weights")})
-    except TeacherWeightsError as exc:
+    except ValueError as exc:   # TeacherWeightsError, or a backbone this mrkd does not know
         raise CheckpointError(f"{source}: {exc}") from exc
     if teacher.get("sha256") and model.teacher_source.sha256 != teacher["sha256"]:
         raise CheckpointError(f"{source}: the teacher weights {weights!r} found here differ from the ones the "
