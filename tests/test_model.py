@@ -299,6 +299,36 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         load_checkpoint(a_list)
 
 
+def test_damaged_mrkd_checkpoints_name_the_file(model, tmp_path):
+    good = tmp_path / "good.pt"
+    model.save(good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt.*not a readable"):
+        load_checkpoint(truncated)
+    raw = torch.load(good, map_location="cpu", weights_only=True)
+    cases = {
+        "no_config.pt": ({k: v for k, v in raw.items() if k != "config"}, "incomplete.*config"),
+        "no_student.pt": ({k: v for k, v in raw.items() if k != "student"}, "incomplete.*student"),
+        "unknown_backbone.pt": ({**raw, "config": {**raw["config"], "backbone": "vgg7"}}, "unknown backbone 'vgg7'"),
+        "other_teacher.pt": ({**raw, "teacher": {**raw["teacher"], "sha256": "0" * 64}}, "teacher weights.*differ"),
+        "wrong_student.pt": ({**raw, "config": {**raw["config"], "backbone": "resnet50"},
+                              "teacher": {k: v for k, v in raw["teacher"].items() if k != "sha256"}},
+                             "do not fit backbone resnet50"),
+    }
+    for name, (data, message) in cases.items():
+        torch.save(data, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{name}.*{message}"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_reloaded_model_saves_and_reloads_again(model, images, tmp_path):
+    load_checkpoint(model.save(tmp_path / "first.pt") or tmp_path / "first.pt").save(tmp_path / "second.pt")
+    again = load_checkpoint(tmp_path / "second.pt")
+    assert again.teacher_source.kind == "random"
+    torch.testing.assert_close(again.anomaly_map(images), model.anomaly_map(images), rtol=0, atol=0)
+
+
 # --- teacher weights from a local file ------------------------------------------------------------
 def test_teacher_weights_from_a_torchvision_file(tmp_path):
     torch.manual_seed(8)
