@@ -1,0 +1,41 @@
+"""mrkd.export: checkpoint → one fused ONNX graph (+ FP16 / INT8 variants) → TensorRT engine / Triton.
+
+Library first (each function one step); `mrkd export` is a thin layer over ``export_checkpoint``::
+
+    from mrkd.export import ExportOptions, export_onnx, parity_report
+    exported = export_onnx(model, "out/model.onnx", ExportOptions(uint8_input=True))
+    print(parity_report(model, exported.path, exported_options).check().format())
+
+Modules are imported on first attribute access, so `import mrkd.export` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_API = {
+    "ExportOptions": "onnx_graph", "ExportError": "onnx_graph", "ExportGraph": "onnx_graph",
+    "trace_to_onnx": "onnx_graph", "parse_batch_range": "onnx_graph", "output_names": "onnx_graph",
+    "read_onnx_props": "onnx_graph", "MIN_OPSET": "onnx_graph",
+    "ExportedModel": "exporter", "export_onnx": "exporter", "load_model": "exporter",
+    "build_metadata": "model_metadata", "file_sha256": "model_metadata",
+    "maybe_simplify": "simplify",
+    "parity_report": "parity", "torch_reference": "parity", "compare": "parity", "Comparison": "parity",
+    "ParityError": "parity", "FP32_TOLERANCE": "parity",
+    "fp16_options": "fp16", "fp16_fidelity_report": "fp16", "run_fp16_on_cpu": "fp16", "TENSORRT_SUPPORT": "fp16",
+    "quantize_int8": "int8", "int8_agreement_report": "int8", "calibration_paths": "int8", "load_images": "int8",
+    "BuildSettings": "tensorrt_build", "build_engine": "tensorrt_build", "TensorRTUnavailableError": "tensorrt_build",
+    "require_tensorrt": "tensorrt_build",
+    "engine_metadata": "engine_meta", "check_engine_compatible": "engine_meta",
+    "EngineIncompatibleError": "engine_meta",
+    "write_triton_repository": "triton", "model_config": "triton",
+    "export_checkpoint": "pipeline", "ExportResult": "pipeline",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(f"module 'mrkd.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mrkd.export.{_API[name]}"), name)

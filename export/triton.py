@@ -1,0 +1,90 @@
+"""A Triton Inference Server model repository for an exported model.
+
+``<repo>/<name>/config.pbtxt`` + ``<repo>/<name>/1/model.onnx`` (platform "onnxruntime_onnx"), and
+``<repo>/<name>_trt/…/1/model.plan`` (platform "tensorrt_plan") when an engine exists. Inputs and
+outputs (names, dtypes, dims without the batch axis) are read from the ONNX graph itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from mrkd.atomic import atomic_open, atomic_write_text
+from mrkd.export.onnx_graph import ExportError, load_onnx
+from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+
+# ONNX TensorProto element type -> Triton data type
+TRITON_DTYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 10: "TYPE_FP16", 3: "TYPE_INT8", 7: "TYPE_INT64"}
+DEFAULT_QUEUE_DELAY_US = 500      # a camera frame waits at most 0.5 ms for batch partners
+
+
+def graph_io(onnx_path) -> Tuple[List[dict], List[dict]]:
+    """([inputs], [outputs]) as {name, data_type, dims (batch axis dropped)} from the ONNX graph."""
+    proto = load_onnx(onnx_path)
+    initializers = {i.name for i in proto.graph.initializer}
+
+    def describe(value) -> dict:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim][1:]
+        if tensor.elem_type not in TRITON_DTYPES:
+            raise ExportError(f"{onnx_path}: tensor {value.name!r} has ONNX type {tensor.elem_type}, unknown to Triton")
+        return {"name": value.name, "data_type": TRITON_DTYPES[tensor.elem_type], "dims": dims}
+
+    inputs = [describe(v) for v in proto.graph.input if v.name not in initializers]
+    return inputs, [describe(v) for v in proto.graph.output]
+
+
+def _tensor_block(kind: str, tensors: Sequence[dict]) -> str:
+    entries = []
+    for t in tensors:
+        # Triton wants non-empty dims: a per-image scalar (score, shape N) is [1] reshaped to [].
+        dims = t["dims"] or [1]
+        reshape = "\n    reshape: { shape: [ ] }" if not t["dims"] else ""
+        entries.append(f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n'
+                       f'    dims: [ {", ".join(str(d) for d in dims)} ]{reshape}\n  }}')
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
+
+
+def model_config(name: str, platform: str, inputs, outputs, max_batch_size: int,
+                 preferred_batch_sizes: Sequence[int], max_queue_delay_us: int) -> str:
+    """config.pbtxt text for one model."""
+    preferred = ", ".join(str(b) for b in preferred_batch_sizes)
+    return (f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {int(max_batch_size)}\n'
+            + _tensor_block("input", inputs) + _tensor_block("output", outputs)
+            + f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+              f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n}}\n")
+
+
+def preferred_sizes(batch_range: Sequence[int]) -> List[int]:
+    """The profile's opt and max batch (Triton forms batches of these sizes when it can)."""
+    _, opt, hi = batch_range
+    return sorted({int(opt), int(hi)})
+
+
+def _copy(src, dst) -> None:
+    with open(src, "rb") as source, atomic_open(dst, "wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+
+
+def write_triton_repository(repo_dir, onnx_path, name: str = "mrkd", engine_path=None,
+                            max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> Dict[str, Path]:
+    """Write the model folder(s) into ``repo_dir``; returns model name -> config.pbtxt path."""
+    repo_dir = Path(repo_dir)
+    meta = ModelMetadata.load(sidecar_path(onnx_path))
+    inputs, outputs = graph_io(onnx_path)
+    written = {}
+    targets = [(name, "onnxruntime_onnx", Path(onnx_path), "model.onnx", meta)]
+    if engine_path is not None and Path(engine_path).is_file():
+        engine_meta = ModelMetadata.load(sidecar_path(engine_path))
+        targets.append((f"{name}_trt", "tensorrt_plan", Path(engine_path), "model.plan", engine_meta))
+    for model_name, platform, source, filename, model_meta in targets:
+        folder = repo_dir / model_name
+        _copy(source, folder / "1" / filename)
+        model_meta.save(folder / "1" / (filename + ".json"))
+        config = model_config(model_name, platform, inputs, outputs, model_meta.batch_range[2],
+                              preferred_sizes(model_meta.batch_range), max_queue_delay_us)
+        atomic_write_text(folder / "config.pbtxt", config)
+        written[model_name] = folder / "config.pbtxt"
+    return written
