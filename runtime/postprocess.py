@@ -280,15 +280,17 @@ def anomaly_map_device(ptrs: Sequence[int], shapes: Sequence[Tuple[int, int]], n
     _record("cuda")
 
 
-def anomaly_map(per_scale: Sequence[Any], size: Size, sigma: float = 4.0, impl: str = "auto",
-                stream: Optional[int] = None) -> Tuple[Any, Any]:
+def anomaly_map(per_scale: Sequence[Any], size: Size, sigma: float = 4.0, impl: str = "auto", *,
+                stream: Optional[int] = None, threads: int = 0) -> Tuple[Any, Any]:
     """Full-size anomaly maps and image scores from per-scale maps (MRKD's official protocol).
 
     per_scale: list of N x h x w float32 maps (N x 1 x h x w accepted), all numpy or all device
     arrays (__cuda_array_interface__). size: H or (H, W). sigma: Gaussian sigma (model metadata).
     impl: "auto", "cuda", "cpu" or "numpy" (see resolve_impl; last_impl() says which ran).
+    stream (cuda): a cudaStream_t as int; default: the inputs' library's current stream.
+    threads (cpu): OpenMP threads, 0 = OMP_NUM_THREADS / all cores.
     Returns (maps N x H x W float32, scores N float32): numpy for cpu/numpy; for cuda, arrays of the
-    inputs' library, enqueued on `stream` (default: that library's current stream), not synchronised.
+    inputs' library, enqueued on the stream and not synchronised.
     """
     if isinstance(per_scale, np.ndarray) or not isinstance(per_scale, (list, tuple)) or len(per_scale) == 0:
         raise ValueError("per_scale must be a non-empty list of N x h x w maps, one per scale")
@@ -311,7 +313,7 @@ def anomaly_map(per_scale: Sequence[Any], size: Size, sigma: float = 4.0, impl: 
 
     maps = _host_maps(per_scale)
     if chosen == "cpu":
-        result = _load("cpu")[0].anomaly_map(maps, height, width, weights)
+        result = _load("cpu")[0].anomaly_map(maps, height, width, weights, int(threads))
     else:
         result = _anomaly_map_numpy(maps, height, width, weights)
     _record(chosen)

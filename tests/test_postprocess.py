@@ -84,6 +84,20 @@ def test_scales_and_batches_official_layout(impl, n_scales, batch):
     assert alone_score[0] == pytest.approx(scores[-1], abs=1e-6)
 
 
+@pytest.mark.parametrize("batch,size,threads", [(1, 720, 3), (2, 512, 4)])
+def test_cpu_threads_and_row_bands(batch, size, threads):
+    """Enough pixels for several threads: images split into row bands whose halos overlap."""
+    rng = np.random.default_rng(size)
+    per_scale = random_maps(rng, batch, [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2])
+    maps, scores = pp.anomaly_map(per_scale, size, impl="cpu", threads=threads)
+    single, single_scores = pp.anomaly_map(per_scale, size, impl="cpu", threads=1)
+    np.testing.assert_array_equal(maps, single)  # same arithmetic per row, whoever computes it
+    np.testing.assert_array_equal(scores, single_scores)
+    ref_maps, ref_scores = scipy_reference(per_scale, size, size, 4.0)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
+
+
 @pytest.mark.parametrize("impl", HOST_IMPLS)
 @pytest.mark.parametrize("out_size,shapes", [((32, 32), [(8, 8), (4, 4)]), ((17, 30), [(5, 7), (1, 1), (2, 9)]),
                                              ((1, 1), [(3, 3)])])

@@ -1,0 +1,147 @@
+"""Post-processing speed: cpp_ext (C++/OpenMP, CUDA) against the scipy pipeline and PyTorch ops.
+
+For output 256 and 512 px and batches 1..32, three scales at 1/4, 1/8, 1/16 (MRKD's layout) and
+sigma 4, all in this process:
+  * scipy   - the official way, per image: ndimage.zoom(order=1) (= align_corners=True) per scale,
+              sum, ndimage.gaussian_filter(sigma=4), max;
+  * torch   - F.interpolate(align_corners=True) + separable Gaussian conv2d over symmetric
+              ('reflect' in scipy's sense) padding, amax;
+  * cpp     - mrkd.runtime.postprocess.anomaly_map(impl="cpu"), all cores and one thread.
+With a GPU also the CUDA kernels against the same torch ops on the GPU, and the bytes the kernels
+move against the bandwidth of a device-to-device copy measured here.
+
+    python -m mrkd.benchmarks.bench_postprocess [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Dict, List
+
+import numpy as np
+
+from mrkd.benchmarks.timing import measure
+from mrkd.runtime import postprocess as pp
+
+SIGMA = 4.0
+SCALE_FACTORS = (4, 8, 16)
+
+
+def per_scale_maps(batch: int, size: int, seed: int = 0) -> List[np.ndarray]:
+    """Random float32 maps in [0, 1) at 1/4, 1/8, 1/16 of `size` (like 1 - cosine similarity)."""
+    rng = np.random.default_rng(seed)
+    return [rng.random((batch, size // f, size // f), dtype=np.float32) for f in SCALE_FACTORS]
+
+
+def scipy_pipeline(per_scale: List[np.ndarray], size: int):
+    """The official evaluation's post-processing, one image at a time."""
+    from scipy import ndimage
+
+    maps, scores = [], []
+    for i in range(per_scale[0].shape[0]):
+        total = sum(ndimage.zoom(m[i], (size / m.shape[1], size / m.shape[2]), order=1) for m in per_scale)
+        smoothed = ndimage.gaussian_filter(total, sigma=SIGMA, mode="reflect", truncate=4.0)
+        maps.append(smoothed)
+        scores.append(smoothed.max())
+    return np.stack(maps), np.array(scores)
+
+
+def torch_pipeline(torch, per_scale, size: int, weights):
+    """Batched PyTorch ops: interpolate + sum, symmetric padding by index tables, separable conv2d."""
+    F = torch.nn.functional
+    total = sum(F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=True)
+                for m in per_scale)
+    radius = weights.numel() // 2
+    index = torch.as_tensor(pp._reflected_indices(size, radius), device=total.device)
+    padded = total.index_select(3, index).index_select(2, index)
+    smoothed = F.conv2d(F.conv2d(padded, weights.view(1, 1, 1, -1)), weights.view(1, 1, -1, 1))[:, 0]
+    return smoothed, smoothed.amax(dim=(1, 2))
+
+
+def _gpu_section(torch, sizes, batches, repeats) -> Dict[str, object]:
+    """CUDA kernels vs torch CUDA ops, and achieved bandwidth vs a measured copy bandwidth."""
+    weights = torch.as_tensor(pp.gaussian_kernel1d(SIGMA), dtype=torch.float32, device="cuda")
+    probe = torch.empty(256 * 2 ** 20 // 4, device="cuda")
+    copy = measure(lambda: (probe.clone(), torch.cuda.synchronize()), repeats=repeats)
+    copy_bw = 2 * probe.numel() * 4 / (copy["median_ms"] / 1e3)  # read + write
+    rows = []
+    for size in sizes:
+        for batch in batches:
+            host = per_scale_maps(batch, size)
+            dev = [torch.from_numpy(m).cuda() for m in host]
+            cuda = measure(lambda: (pp.anomaly_map(dev, size, SIGMA, impl="cuda"), torch.cuda.synchronize()),
+                           repeats=repeats)
+            ops = measure(lambda: (torch_pipeline(torch, dev, size, weights), torch.cuda.synchronize()),
+                          repeats=repeats)
+            maps, scores = pp.anomaly_map(dev, size, SIGMA, impl="cuda")
+            cpu_maps, _ = pp.anomaly_map(host, size, SIGMA, impl="cpu")
+            # inputs once, workspace written and read, maps written, scores negligible
+            moved = sum(m.nbytes for m in host) + 3 * batch * size * size * 4
+            seconds = cuda["median_ms"] / 1e3
+            rows.append({
+                "size": size, "batch": batch, "cuda_ms": cuda["median_ms"], "torch_cuda_ms": ops["median_ms"],
+                "speedup_vs_torch_cuda": ops["median_ms"] / cuda["median_ms"],
+                "bytes_moved": moved, "achieved_GBps": moved / seconds / 1e9,
+                "fraction_of_copy_bandwidth": moved / seconds / copy_bw,
+                "max_abs_diff_vs_cpu": float(np.abs(maps.cpu().numpy() - cpu_maps).max()),
+            })
+    return {"device": torch.cuda.get_device_name(0), "copy_bandwidth_GBps": copy_bw / 1e9, "rows": rows}
+
+
+def run(quick: bool = False) -> dict:
+    """Time cpp (all cores, 1 thread), scipy and torch CPU per batch and size; ratios against scipy
+    and torch; a GPU section when CUDA works. Times are per call (whole batch), in ms."""
+    torch = None
+    try:
+        import torch  # noqa: F811 - optional: the torch rows are skipped without it
+    except ImportError:
+        pass
+    sizes = (256,) if quick else (256, 512)
+    batches = (1, 4) if quick else (1, 2, 4, 8, 16, 32)
+    repeats = 2 if quick else 5
+    cpu_module = pp._load("cpu")[0]
+    if cpu_module is None:
+        return {"error": "the C++ extension is not compiled: " + pp._load("cpu")[1]}
+    weights = torch.as_tensor(pp.gaussian_kernel1d(SIGMA), dtype=torch.float32) if torch else None
+    rows = []
+    for size in sizes:
+        for batch in batches:
+            host = per_scale_maps(batch, size)
+            cpp = measure(lambda: pp.anomaly_map(host, size, SIGMA, impl="cpu"), warmup=1, repeats=repeats)
+            cpp1 = measure(lambda: pp.anomaly_map(host, size, SIGMA, impl="cpu", threads=1), warmup=1,
+                           repeats=repeats)
+            scipy_t = measure(lambda: scipy_pipeline(host, size), warmup=1, repeats=max(2, repeats // 2))
+            maps, scores = pp.anomaly_map(host, size, SIGMA, impl="cpu")
+            ref_maps, ref_scores = scipy_pipeline(host, size)
+            row = {
+                "size": size, "batch": batch,
+                "cpp_ms": cpp["median_ms"], "cpp_1thread_ms": cpp1["median_ms"], "scipy_ms": scipy_t["median_ms"],
+                "speedup_vs_scipy": scipy_t["median_ms"] / cpp["median_ms"],
+                "speedup_1thread_vs_scipy": scipy_t["median_ms"] / cpp1["median_ms"],
+                "max_abs_diff_vs_scipy": float(np.abs(maps - ref_maps).max()),
+            }
+            if torch is not None:
+                dev = [torch.from_numpy(m) for m in host]
+                with torch.inference_mode():
+                    ops = measure(lambda: torch_pipeline(torch, dev, size, weights), warmup=1, repeats=repeats)
+                    torch_maps, _ = torch_pipeline(torch, dev, size, weights)
+                row.update({"torch_ms": ops["median_ms"], "speedup_vs_torch": ops["median_ms"] / cpp["median_ms"],
+                            "torch_max_abs_diff_vs_scipy": float(np.abs(torch_maps.numpy() - ref_maps).max())})
+            rows.append(row)
+    result = {
+        "sigma": SIGMA, "scales": [f"1/{f}" for f in SCALE_FACTORS], "cpp_threads": cpu_module.max_threads(),
+        "torch_threads": torch.get_num_threads() if torch else None, "rows": rows,
+        "min_speedup_vs_scipy": min(r["speedup_vs_scipy"] for r in rows),
+        "median_speedup_vs_scipy": float(np.median([r["speedup_vs_scipy"] for r in rows])),
+        "goal_speedup_vs_scipy": 10.0,
+    }
+    if "cuda" in pp.available_impls() and torch is not None and torch.cuda.is_available():
+        result["gpu"] = _gpu_section(torch, sizes, batches, repeats)
+    else:
+        result["gpu"] = {"skipped": "no usable CUDA device (or no torch.cuda to hold device buffers)"}
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
