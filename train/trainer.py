@@ -81,6 +81,9 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
             raise ValueError(f"epochs and batch_size must be >= 1 and image_size >= 32 "
                              f"(got {self.epochs}, {self.batch_size}, {self.image_size})")
+        if self.image_size % 32:
+            # Strides 4/8/16 plus the bottleneck's stride 2: other sizes give student maps of another size.
+            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
         if self.ilm_preset not in ("auto", "texture", "object"):
             raise ValueError(f"ilm_preset must be 'auto', 'texture' or 'object', got {self.ilm_preset!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:

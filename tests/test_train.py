@@ -1,0 +1,118 @@
+"""Training: it learns, writes loadable checkpoints, and calibrates to the quantile of good scores."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mrkd.runtime.images import read_image
+from mrkd.runtime.preprocess import normalize_batch, resize_square
+from mrkd.train.calibrate import calibrate
+from mrkd.train.checkpoint import CheckpointError, load_checkpoint
+from mrkd.train.data import scan_category
+from mrkd.train.trainer import TrainConfig, split_holdout, train
+from train_fixtures import CATEGORY, IMAGE_SIZE, TINY, tiny_data, trained_run
+
+
+def _images(paths):
+    squares = np.stack([resize_square(read_image(p), IMAGE_SIZE) for p in paths])
+    return torch.from_numpy(normalize_batch(squares))
+
+
+def _scores_by_hand(model, paths):
+    """Image scores computed here: max over the model's smoothed map, one image at a time."""
+    with torch.no_grad():
+        return np.array([float(model.anomaly_map(_images([p])).max()) for p in paths])
+
+
+@pytest.mark.slow
+def test_tiny_training_learns_and_writes_checkpoints():
+    summary = trained_run()
+    out = Path(summary["out_dir"])
+    losses = [row["loss"] for row in summary["history"]]
+    assert len(losses) == TINY["epochs"] and losses[-1] < losses[0]
+
+    # best.ckpt separates defects from good images (computed here, with sklearn) well above chance.
+    model = load_checkpoint(out / "best.ckpt")
+    items = scan_category(tiny_data(), CATEGORY).test_items
+    scores = _scores_by_hand(model, [i.path for i in items])
+    auroc = roc_auc_score([i.label for i in items], scores)
+    assert auroc > 0.7, auroc
+
+    for name in ("best.ckpt", "last.ckpt"):
+        raw = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert raw["format"] == "mrkd-checkpoint" and raw["calibration"]["threshold"] > 0
+    state = torch.load(out / "last.ckpt", weights_only=True)["train_state"]
+    assert state["epoch"] == TINY["epochs"] and len(state["history"]) == TINY["epochs"]
+    assert state["optimizer"]["param_groups"][0]["betas"] == (0.5, 0.999)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2] and "image_auroc" in history[-1]
+    # The best checkpoint is the epoch with the highest evaluated image AUROC.
+    best_epoch = max(history, key=lambda row: row["image_auroc"])["epoch"]
+    assert torch.load(out / "best.ckpt", weights_only=True)["epoch"] == best_epoch
+
+
+def test_holdout_split_is_seeded_and_disjoint():
+    paths = [f"img{i:02d}.png" for i in range(30)]
+    fit, held = split_holdout(paths, TrainConfig(holdout_fraction=0.1, seed=5))
+    assert len(held) == 3 and not set(fit) & set(held) and sorted(fit + held) == paths
+    assert split_holdout(paths, TrainConfig(holdout_fraction=0.1, seed=5)) == (fit, held)
+    assert len(split_holdout(paths[:5], TrainConfig(holdout_fraction=0.1))[1]) == 2   # at least min_holdout
+
+
+@pytest.mark.slow
+def test_calibration_threshold_is_the_quantile_of_good_scores():
+    model = load_checkpoint(Path(trained_run()["out_dir"]) / "best.ckpt")
+    data = scan_category(tiny_data(), CATEGORY)
+    good = data.train_paths[:12]
+    expected = _scores_by_hand(model, good)
+
+    result = calibrate(model, good, quantile=0.9)
+    assert result["threshold_method"] == "quantile"
+    assert result["threshold"] == pytest.approx(np.quantile(expected, 0.9), rel=1e-5)
+    assert result["good_mean"] == pytest.approx(expected.mean(), rel=1e-5)
+    assert model.calibration is result
+
+    # Too few good images for a quantile: max + 10 % of the range.
+    few = calibrate(model, good[:3])
+    assert few["threshold_method"] == "max_margin"
+    assert few["threshold"] == pytest.approx(expected[:3].max() + 0.1 * np.ptp(expected[:3]), rel=1e-5)
+
+    # Labelled images: the F1-optimal threshold, checked by brute force over every candidate.
+    items = data.test_items
+    labels = np.array([i.label for i in items])
+    labelled = calibrate(model, good, labelled=([i.path for i in items], labels))
+    scores = _scores_by_hand(model, [i.path for i in items])
+    f1s = []
+    for t in scores:
+        flagged = scores >= t
+        tp = np.sum(flagged & (labels == 1))
+        f1s.append(2 * tp / (flagged.sum() + labels.sum()))
+    assert labelled["threshold_method"] == "f1"
+    assert labelled["f1_at_threshold"] == pytest.approx(max(f1s), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run()["out_dir"], out)
+    changed = TrainConfig(**{**TINY, "lr": 0.001})
+    with pytest.raises(CheckpointError, match="lr"):
+        train(tiny_data(), CATEGORY, out, changed, backbone="resnet18", teacher_weights="random")
+
+
+@pytest.mark.slow
+def test_plain_folder_training_without_evaluation(tmp_path):
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for path in scan_category(tiny_data(), CATEGORY).train_paths[:6]:
+        shutil.copy(path, folder)
+    config = TrainConfig(epochs=1, batch_size=4, image_size=64, eval_every=5, progress=False)
+    summary = train(folder, None, tmp_path / "run", config, backbone="resnet18", teacher_weights="random")
+    assert "image_auroc" not in summary["history"][0] and summary["metrics"] is None
+    assert len(summary["holdout"]) == 2 and summary["calibration"]["n_good"] == 2
+    assert load_checkpoint(tmp_path / "run" / "best.ckpt").calibration["threshold"] > 0
