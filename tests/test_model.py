@@ -183,24 +183,29 @@ def test_flm_off_and_test_time_mask(model, images):
 
 
 # --- teacher, widths, training step -------------------------------------------------------------
-def test_teacher_is_frozen_through_a_training_step(images):
+def test_resnet18_trains_with_a_frozen_teacher(images):
+    # The official code crashes on resnet18 (its generation blocks hard-code WRN50 widths).
     torch.manual_seed(6)
     model = resnet18(teacher_weights="random", image_size=32)
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    bottleneck_before = {k: v.clone() for k, v in model.bottleneck.state_dict().items()}
     model.train()
     assert not model.teacher.training and not any(m.training for m in model.teacher.modules())
     assert model.student.training and model.bottleneck.training
     assert not any(p.requires_grad for p in model.teacher.parameters())
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)   # all parameters: the teacher must still not move
-    loss = model.loss(images, images.flip(-1))
-    assert loss.requires_grad and torch.isfinite(loss)
-    loss.backward()
-    optimizer.step()
-    assert all(p.grad is None for p in model.teacher.parameters())
+    # All parameters handed to the optimizer: the teacher must still not move.
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = model.loss(images, images.flip(-1))
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+        assert all(p.grad is None for p in model.teacher.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
     for key, value in model.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key]), key          # weights and BN running stats
-    assert any(not torch.equal(v, bottleneck_before[k]) for k, v in model.bottleneck.state_dict().items())
 
 
 @pytest.mark.parametrize("backbone, widths", [("resnet18", (64, 128, 256)), ("wide_resnet50_2", (256, 512, 1024))])
@@ -210,22 +215,6 @@ def test_widths_are_derived_from_the_backbone(backbone, widths):
     assert [t.shape[1] for t in teacher] == list(widths)
     assert [tuple(s.shape) for s in student] == [tuple(t.shape) for t in teacher]
     assert [t.shape[-1] for t in teacher] == [8, 4, 2]
-
-
-def test_resnet18_trains(images):
-    # The official code crashes here (its generation blocks hard-code WRN50 widths).
-    torch.manual_seed(7)
-    model = resnet18(teacher_weights="random", image_size=32).train()
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-3)
-    losses = []
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss = model.loss(images)
-        loss.backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
