@@ -5,7 +5,7 @@ sigma 4, all in this process:
   * scipy   - the official way, per image: ndimage.zoom(order=1) (= align_corners=True) per scale,
               sum, ndimage.gaussian_filter(sigma=4), max;
   * torch   - F.interpolate(align_corners=True) + separable Gaussian conv2d over symmetric
-              ('reflect' in scipy's sense) padding, amax;
+              ('reflect' in scipy's sense) padding, amax; all threads and one thread;
   * cpp     - mrkd.runtime.postprocess.anomaly_map(impl="cpu"), all cores and one thread.
 With a GPU also the CUDA kernels against the same torch ops on the GPU, and the bytes the kernels
 move against the bandwidth of a device-to-device copy measured here.
@@ -16,6 +16,7 @@ move against the bandwidth of a device-to-device copy measured here.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Dict, List
 
@@ -90,8 +91,8 @@ def _gpu_section(torch, sizes, batches, repeats) -> Dict[str, object]:
 
 
 def run(quick: bool = False) -> dict:
-    """Time cpp (all cores, 1 thread), scipy and torch CPU per batch and size; ratios against scipy
-    and torch; a GPU section when CUDA works. Times are per call (whole batch), in ms."""
+    """Time cpp and torch (all cores and 1 thread) and scipy per batch and size; ratios against
+    scipy and torch; a GPU section when CUDA works. Times are medians per call (whole batch), ms."""
     torch = None
     try:
         import torch  # noqa: F811 - optional: the torch rows are skipped without it
@@ -104,6 +105,7 @@ def run(quick: bool = False) -> dict:
     if cpu_module is None:
         return {"error": "the C++ extension is not compiled: " + pp._load("cpu")[1]}
     weights = torch.as_tensor(pp.gaussian_kernel1d(SIGMA), dtype=torch.float32) if torch else None
+    load_before = os.getloadavg()[0]
     rows = []
     for size in sizes:
         for batch in batches:
@@ -123,13 +125,25 @@ def run(quick: bool = False) -> dict:
             }
             if torch is not None:
                 dev = [torch.from_numpy(m) for m in host]
+                all_threads = torch.get_num_threads()
                 with torch.inference_mode():
                     ops = measure(lambda: torch_pipeline(torch, dev, size, weights), warmup=1, repeats=repeats)
+                    torch.set_num_threads(1)
+                    ops1 = measure(lambda: torch_pipeline(torch, dev, size, weights), warmup=1, repeats=repeats)
+                    torch.set_num_threads(all_threads)
                     torch_maps, _ = torch_pipeline(torch, dev, size, weights)
-                row.update({"torch_ms": ops["median_ms"], "speedup_vs_torch": ops["median_ms"] / cpp["median_ms"],
+                row.update({"torch_ms": ops["median_ms"], "torch_1thread_ms": ops1["median_ms"],
+                            "speedup_vs_torch": ops["median_ms"] / cpp["median_ms"],
+                            "speedup_1thread_vs_torch_1thread": ops1["median_ms"] / cpp1["median_ms"],
                             "torch_max_abs_diff_vs_scipy": float(np.abs(torch_maps.numpy() - ref_maps).max())})
             rows.append(row)
+    speedups_1thread = [r["speedup_1thread_vs_scipy"] for r in rows]
     result = {
+        # other work on the machine distorts multi-threaded times most: the load is reported, and
+        # the single-threaded ratios (scipy is single-threaded too) are the robust comparison
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
+        "min_speedup_1thread_vs_scipy": min(speedups_1thread),
+        "median_speedup_1thread_vs_scipy": float(np.median(speedups_1thread)),
         "sigma": SIGMA, "scales": [f"1/{f}" for f in SCALE_FACTORS], "cpp_threads": cpu_module.max_threads(),
         "torch_threads": torch.get_num_threads() if torch else None, "rows": rows,
         "min_speedup_vs_scipy": min(r["speedup_vs_scipy"] for r in rows),

@@ -139,8 +139,16 @@ cudaError_t anomaly_map_cuda(const DeviceScale* scales, int n_scales, int n_imag
 
     float* ws = workspace;
     cudaError_t err = cudaSuccess;
+    bool pooled = false;  // stream-ordered allocation where the device has memory pools
     if (ws == nullptr) {
-        err = cudaMallocAsync(reinterpret_cast<void**>(&ws), workspace_bytes(n_images, height, width), stream);
+        int device = 0, pools = 0;
+        err = cudaGetDevice(&device);
+        if (err == cudaSuccess) err = cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device);
+        if (err != cudaSuccess) return err;
+        pooled = pools != 0;
+        const size_t bytes = workspace_bytes(n_images, height, width);
+        err = pooled ? cudaMallocAsync(reinterpret_cast<void**>(&ws), bytes, stream)
+                     : cudaMalloc(reinterpret_cast<void**>(&ws), bytes);
         if (err != cudaSuccess) return err;
     }
     fill_kernel<<<(n_images + 255) / 256, 256, 0, stream>>>(scores, n_images, -INFINITY);
@@ -153,7 +161,10 @@ cudaError_t anomaly_map_cuda(const DeviceScale* scales, int n_scales, int n_imag
         g, height, width, ws, maps, scores);
     err = cudaGetLastError();
     if (workspace == nullptr) {
-        const cudaError_t free_err = cudaFreeAsync(ws, stream);
+        // without pools, the kernels must finish before the plain cudaFree
+        const cudaError_t free_err = pooled ? cudaFreeAsync(ws, stream)
+                                            : (cudaStreamSynchronize(stream) == cudaSuccess ? cudaFree(ws)
+                                                                                             : cudaGetLastError());
         if (err == cudaSuccess) err = free_err;
     }
     return err;

@@ -76,19 +76,21 @@ void anomaly_map_device(const std::vector<std::uintptr_t>& ptrs, const std::vect
     for (py::ssize_t k = 0; k < weights.size(); ++k) w[k] = static_cast<float>(weights.data()[k]);
     require_device();
     py::gil_scoped_release release;
-    // Work on the device that owns the output buffer, whatever this thread's current device is.
+    // Work on the device that owns the output buffer. Switch only when it differs from the current
+    // one: cudaSetDevice binds the primary context and would unbind a pycuda-made context.
     cudaPointerAttributes attributes{};
     check(cudaPointerGetAttributes(&attributes, reinterpret_cast<void*>(out_map)), "cudaPointerGetAttributes(out_map)");
     if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)
         throw std::invalid_argument("out_map_ptr is not device memory");
     int previous = 0;
     check(cudaGetDevice(&previous), "cudaGetDevice");
-    check(cudaSetDevice(attributes.device), "cudaSetDevice");
+    const bool switch_device = attributes.type == cudaMemoryTypeDevice && attributes.device != previous;
+    if (switch_device) check(cudaSetDevice(attributes.device), "cudaSetDevice");
     const cudaError_t err = mrkd::anomaly_map_cuda(
         scales.data(), static_cast<int>(scales.size()), n_images, height, width, w.data(), static_cast<int>(w.size()),
         reinterpret_cast<float*>(out_map), reinterpret_cast<float*>(out_score), reinterpret_cast<float*>(workspace),
         reinterpret_cast<cudaStream_t>(stream));
-    cudaSetDevice(previous);
+    if (switch_device) cudaSetDevice(previous);
     check(err, "kernel launch");
 }
 
