@@ -1,0 +1,183 @@
+"""FP32 export: parity with PyTorch, graph variants, in-graph smoothing vs scipy, metadata, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy.ndimage import gaussian_filter
+
+from mrkd.export import ExportOptions, export_onnx, parity_report, read_onnx_props
+from mrkd.export.cli import export_command
+from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from export_fixtures import IMAGE_SIZE, run_onnx, small_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("exports")
+
+
+_EXPORTS = {}
+
+
+def _export(model, folder, **options):
+    """Export once per option set for the whole module (tracing dominates these tests' time)."""
+    key = tuple(sorted(options.items()))
+    if key not in _EXPORTS:
+        opts = ExportOptions(**options)
+        path = folder / f"m{len(_EXPORTS)}.onnx"
+        _EXPORTS[key] = export_onnx(model, path, opts, checkpoint_sha256="ab" * 32, simplify="never"), opts
+    return _EXPORTS[key]
+
+
+def test_fp32_parity_small_model_and_dynamic_batch(model, export_dir):
+    exported, opts = _export(model, export_dir)
+    report = parity_report(model, exported.path, opts).check()
+    assert report.map_max_abs_diff < 1e-4 and report.decision_agreement == 1.0
+    # Batch 3 (not the traced batch 1) runs and matches the model's own API.
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    out = run_onnx(exported.path, x.numpy())
+    expected = model.anomaly_map(x)
+    assert out["anomaly_map"].shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_allclose(out["anomaly_map"], expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(out["score"], expected.flatten(1).amax(1).numpy(), atol=1e-4)
+
+
+def test_parity_report_fails_on_a_wrong_graph(model, export_dir):
+    exported, opts = _export(model, export_dir)
+    other = small_model(seed=1)                     # a different model: the graph is not its export
+    report = parity_report(other, exported.path, opts)
+    assert not report.passed
+    with pytest.raises(AssertionError, match="FAIL"):
+        report.check()
+
+
+def test_uint8_input_matches_numpy_preprocessing(model, export_dir):
+    exported, _ = _export(model, export_dir, uint8_input=True)
+    frames = np.random.default_rng(0).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    # Independent pre-processing written here: BGR->RGB, /255, (x-mean)/std, HWC->CHW.
+    rgb = frames[..., ::-1].astype(np.float64) / 255.0
+    x = ((rgb - np.array(model.config.mean)) / np.array(model.config.std)).transpose(0, 3, 1, 2)
+    expected = model.anomaly_map(torch.from_numpy(x.astype(np.float32))).numpy()
+    out = run_onnx(exported.path, frames)
+    assert out["anomaly_map"].shape == expected.shape
+    np.testing.assert_allclose(out["anomaly_map"], expected, atol=1e-4)
+
+
+def test_per_scale_outputs_match_pytorch(model, export_dir):
+    exported, _ = _export(model, export_dir, per_scale_outputs=True)
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    out = run_onnx(exported.path, x.numpy())
+    assert sorted(out) == ["scale0", "scale1", "scale2"]
+    for i, ref in enumerate(model.per_scale_maps(x)):
+        side = IMAGE_SIZE // (4 * 2 ** i)
+        assert out[f"scale{i}"].shape == (2, side, side)
+        np.testing.assert_allclose(out[f"scale{i}"], ref.numpy(), atol=1e-5)
+    assert exported.metadata.per_scale_outputs and not exported.metadata.smoothing_in_graph
+    assert sorted(exported.metadata.outputs) == ["scale0", "scale1", "scale2"]
+
+
+def test_in_graph_smoothing_equals_scipy_gaussian_filter(model, export_dir):
+    smooth, _ = _export(model, export_dir)
+    raw, _ = _export(model, export_dir, smooth_in_graph=False)
+    x = np.random.default_rng(1).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    unsmoothed = run_onnx(raw.path, x)
+    assert list(unsmoothed) == ["anomaly_map"]      # no score from an unsmoothed map
+    smoothed = run_onnx(smooth.path, x)
+    reference = np.stack([gaussian_filter(m[0].astype(np.float64), sigma=model.config.sigma, mode="reflect",
+                                          truncate=4.0) for m in unsmoothed["anomaly_map"]])
+    np.testing.assert_allclose(smoothed["anomaly_map"][:, 0], reference, atol=1e-5)
+    np.testing.assert_allclose(smoothed["score"], reference.reshape(2, -1).max(1), atol=1e-5)
+    assert not raw.metadata.smoothing_in_graph and smooth.metadata.smoothing_in_graph
+
+
+def test_metadata_round_trip_props_and_sidecar(model, export_dir):
+    import hashlib
+    exported, _ = _export(model, export_dir, uint8_input=True, batch_range=(1, 2, 8))
+    from_sidecar = ModelMetadata.load(sidecar_path(exported.path))
+    from_props = ModelMetadata.from_onnx_props(read_onnx_props(exported.path))
+    assert from_sidecar.onnx_sha256 == hashlib.sha256(exported.path.read_bytes()).hexdigest()
+    assert from_props.onnx_sha256 is None           # a file cannot contain its own hash
+    for meta in (from_sidecar, from_props):
+        assert meta.backbone == "resnet18" and meta.image_size == IMAGE_SIZE
+        assert meta.input_format == "uint8_nhwc_bgr" and meta.threshold == 3.0
+        assert meta.score_norm == {"score_mean": 2.9, "score_std": 0.1}
+        assert meta.batch_range == (1, 2, 8) and meta.precision == "fp32" and meta.opset == 17
+        assert meta.checkpoint_sha256 == "ab" * 32 and meta.sigma == model.config.sigma
+        assert set(meta.outputs) == {"anomaly_map", "score"}
+    graph_outputs = {o.name for o in __import__("onnx").load(str(exported.path)).graph.output}
+    assert graph_outputs == set(from_sidecar.outputs)
+
+
+def test_simplify_always_keeps_outputs(model, export_dir):
+    import onnx
+    from mrkd.export import maybe_simplify
+    exported, opts = _export(model, export_dir)
+    proto = onnx.load(str(exported.path))
+    batch = np.random.default_rng(2).standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    slim, record = maybe_simplify(proto, batch, "always", repeats=1)
+    assert record["kept"] and len(slim.graph.node) == record["nodes_after"] < record["nodes_before"]
+    assert record["max_output_change"] <= 1e-5
+    out = run_onnx(exported.path, batch)["anomaly_map"]
+    import onnxruntime as ort
+    session = ort.InferenceSession(slim.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["anomaly_map"], {"input": batch})[0], out, atol=1e-5)
+    unchanged, never = maybe_simplify(proto, batch, "never")
+    assert unchanged is proto and not never["kept"]
+
+
+def test_cli_missing_and_corrupt_checkpoint(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(export_command, [str(tmp_path / "nope.pt"), "-o", str(tmp_path / "out")])
+    assert missing.exit_code != 0 and "nope.pt" in missing.output and "not found" in missing.output
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    result = runner.invoke(export_command, [str(corrupt), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "corrupt.pt" in result.output
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_cli_rejects_low_opset_and_bad_batch(tmp_path):
+    ckpt = tmp_path / "ck.pt"
+    small_model().save(ckpt)
+    runner = CliRunner()
+    result = runner.invoke(export_command, [str(ckpt), "-o", str(tmp_path / "o"), "--opset", "16"])
+    assert result.exit_code != 0 and "opset 16" in result.output and ">= 17" in result.output
+    result = runner.invoke(export_command, [str(ckpt), "-o", str(tmp_path / "o"), "--batch", "4:2:8"])
+    assert result.exit_code != 0 and "4:2:8" in result.output
+
+
+def test_cli_export_writes_model_and_prints_parity(tmp_path):
+    ckpt = tmp_path / "ck.pt"
+    small_model().save(ckpt)
+    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "out"), "--batch", "1:2:4",
+                                                 "--simplify", "never"])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "map max |diff|" in result.output
+    meta = json.loads((tmp_path / "out" / "model.onnx.json").read_text())
+    assert meta["batch_range"] == [1, 2, 4]
+    assert len(meta["checkpoint_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_fp32_parity_wide_resnet50_256(tmp_path):
+    import warnings
+    from mrkd.train.model import build_model
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = build_model("wide_resnet50_2", "random", image_size=256).eval()
+    opts = ExportOptions()
+    exported = export_onnx(big, tmp_path / "wrn.onnx", opts, simplify="never")
+    report = parity_report(big, exported.path, opts)
+    print(report.format())
+    assert report.check().map_max_abs_diff < 1e-4
