@@ -63,7 +63,10 @@ struct Problem {
 typedef float vfloat __attribute__((vector_size(32)));
 constexpr int kLanes = sizeof(vfloat) / sizeof(float);
 
-inline vfloat load(const float* p) {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vfloat never crosses a non-inlined call: no ABI at stake
+#endif
+__attribute__((always_inline)) inline vfloat load(const float* p) {
     vfloat v;
     std::memcpy(&v, p, sizeof v);  // unaligned load
     return v;

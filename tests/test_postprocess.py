@@ -233,3 +233,33 @@ def test_cuda_large_batch_and_output_match_cpu():
         maps, scores = pp.anomaly_map([to_device(m) for m in per_scale], (256, 200), impl="cuda")
         np.testing.assert_allclose(to_host(maps), cpu_maps, rtol=0, atol=ATOL, err_msg=name)
         np.testing.assert_allclose(to_host(scores), cpu_scores, rtol=0, atol=ATOL, err_msg=name)
+
+
+def _build_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "cpp_ext", "build.py")
+    spec = importlib.util.spec_from_file_location("mrkd_cpp_ext_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_without_nvcc_or_with_no_cuda_lists_only_the_cpu_extension(monkeypatch):
+    build = _build_module()
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    assert [e.name for e in build.extensions()] == ["mrkd.runtime._postprocess_cpu"]
+    monkeypatch.setenv("MRKD_NO_CUDA", "1")
+    monkeypatch.setattr(build, "find_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
+    assert [e.name for e in build.extensions()] == ["mrkd.runtime._postprocess_cpu"]
+
+
+def test_build_cuda_architectures(monkeypatch):
+    build = _build_module()
+    monkeypatch.setattr(build, "supported_archs", lambda nvcc: ["75", "80", "86", "87", "90"])
+    monkeypatch.setenv("MRKD_CUDA_ARCHS", "8.7;90;61")
+    assert build.cuda_archs("nvcc") == ["87", "90"]  # 61 is not supported by this nvcc
+    monkeypatch.delenv("MRKD_CUDA_ARCHS")
+    assert "87" in build.cuda_archs("nvcc")  # Jetson Orin by default
+    flags = build.gencode_flags(["75", "87"])
+    assert flags[-1] == "arch=compute_87,code=compute_87"  # PTX of the highest for newer GPUs
+    assert "arch=compute_75,code=sm_75" in flags
