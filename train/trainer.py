@@ -245,7 +245,8 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     ``eval_every`` epochs), or None when ``data_root`` is a plain folder or glob of good images.
     Writes ``last.ckpt`` (with the training state), ``best.ckpt`` (best image AUROC, or lowest loss
     without evaluation; both calibrated on the held-out good images) and ``history.jsonl`` into
-    ``out_dir``. Returns a summary dict (paths, epochs, history, calibration, last metrics).
+    ``out_dir``. Returns a summary dict (paths, epochs, history, calibration, last metrics, and
+    ``model``: the trained model in memory, after the last epoch).
     """
     config = config or TrainConfig()
     out_dir = Path(out_dir)
@@ -374,7 +375,7 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
 
     summary = {"category": category, "out_dir": str(out_dir), "epochs": config.epochs, "history": history,
                "last": str(out_dir / LAST), "best": str(out_dir / BEST), "metrics": last_metrics,
-               "holdout": holdout_paths, "world_size": world}
+               "holdout": holdout_paths, "world_size": world, "model": model}
     if rank == 0:
         summary["calibration"] = _calibrate_checkpoints(out_dir, model, holdout_paths or fit_paths, config,
                                                         device)

@@ -1,0 +1,83 @@
+"""The click commands: help lists every option, torch stays unimported for --help, errors are one line."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from mrkd.cli import main
+
+COMMANDS = ("generate", "train", "eval", "predict", "demo")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_lists_every_option_with_help_text(name):
+    result = CliRunner().invoke(main, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    command = main.get_command(None, name)
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    assert options
+    for option in options:
+        for flag in option.opts + option.secondary_opts:
+            assert flag in result.output, f"{name} --help does not show {flag}"
+        assert option.help, f"{name} {option.opts[0]} has no help text"
+
+
+def test_train_cli_module_does_not_import_torch():
+    code = ("import sys; from click.testing import CliRunner; from mrkd.cli import main; "
+            "r = CliRunner().invoke(main, ['train', '--help']); assert r.exit_code == 0; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_bad_checkpoint_is_a_one_line_error(tmp_path):
+    not_a_checkpoint = tmp_path / "model.ckpt"
+    not_a_checkpoint.write_text("hello")
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(main, ["eval", str(not_a_checkpoint), str(tmp_path / "data")])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and str(not_a_checkpoint) in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_eval_and_predict_commands_write_their_files(tmp_path):
+    from train_fixtures import CATEGORY, tiny_data, trained_run
+    run_root = str(Path(trained_run()["out_dir"]).parent)
+    result = CliRunner().invoke(main, ["eval", run_root, str(tiny_data()), "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "img AUROC" in result.output and CATEGORY in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics[CATEGORY]["image_auroc"] <= 1.0
+    assert (tmp_path / "eval" / CATEGORY / "roc.png").is_file()
+
+    images = str(tiny_data() / CATEGORY / "test" / "good" / "*.png")
+    result = CliRunner().invoke(main, ["predict", str(Path(run_root) / CATEGORY / "best.ckpt"), images,
+                                       "--out", str(tmp_path / "pred")])
+    assert result.exit_code == 0, result.output
+    assert "scored 8 image(s)" in result.output
+    assert len((tmp_path / "pred" / "scores.csv").read_text().splitlines()) == 9
+
+
+@pytest.mark.slow
+def test_train_command_on_a_plain_folder_warns_about_the_random_teacher(tmp_path):
+    from train_fixtures import CATEGORY, tiny_data
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for path in sorted((tiny_data() / CATEGORY / "train" / "good").glob("*.png"))[:5]:
+        shutil.copy(path, folder)
+    result = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "run"), "--backbone", "resnet18",
+                                       "--teacher-weights", "random", "--image-size", "64", "--epochs", "1",
+                                       "--batch-size", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.output
+    assert (tmp_path / "run" / "best.ckpt").is_file() and (tmp_path / "run" / "history.jsonl").is_file()
+
+    bad = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "run"), "--image-size", "50"])
+    assert bad.exit_code == 2 and "multiple of 32" in bad.output

@@ -1,0 +1,90 @@
+"""Evaluation files and numbers; prediction outputs, decisions and skipped unreadable files."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from mrkd.train.checkpoint import load_checkpoint
+from mrkd.train.data import scan_category
+from mrkd.train.evaluate import evaluate, evaluate_all, format_table
+from mrkd.train.predict import predict
+from train_fixtures import CATEGORY, IMAGE_SIZE, tiny_data, trained_run
+
+pytestmark = pytest.mark.slow
+
+
+def _best():
+    return load_checkpoint(Path(trained_run()["out_dir"]) / "best.ckpt")
+
+
+def test_evaluate_writes_metrics_json_and_pngs(tmp_path):
+    result = evaluate(_best(), tiny_data(), CATEGORY, out_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_paper", "precision", "recall", "f1", "threshold"):
+        assert saved[key] == pytest.approx(result[key])
+    assert saved["n_good"] == 8 and saved["n_defect"] == 10
+    for name in ("roc.png", "score_histogram.png"):
+        image = cv2.imread(str(tmp_path / name))
+        assert image is not None and image.shape[0] > 100
+    overlays = sorted((tmp_path / "overlays").glob("*.png"))
+    assert len(overlays) == 8
+    assert cv2.imread(str(overlays[0])).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+    table = format_table({CATEGORY: result})
+    assert CATEGORY in table and f"{result['image_auroc']:.4f}" in table
+
+
+def test_evaluate_all_on_a_run_folder_matches_single_evaluation(tmp_path):
+    run_root = Path(trained_run()["out_dir"]).parent
+    results = evaluate_all(run_root, tiny_data(), out_dir=tmp_path, progress=False)
+    single = evaluate(_best(), tiny_data(), CATEGORY, progress=False)
+    assert list(results) == [CATEGORY]
+    assert results[CATEGORY]["image_auroc"] == pytest.approx(single["image_auroc"])
+    assert (tmp_path / CATEGORY / "metrics.json").is_file() and (tmp_path / "metrics.json").is_file()
+
+
+def test_predict_scores_decisions_maps_and_skips_a_corrupt_file(tmp_path):
+    items = scan_category(tiny_data(), CATEGORY).test_items
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    labels = {}
+    for index, item in enumerate(items):
+        target = inputs / f"{index:02d}_{item.defect_type}.png"
+        shutil.copy(item.path, target)
+        labels[str(target)] = item.label
+    (inputs / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+    model = _best()
+    out = tmp_path / "out"
+    summary = predict(model, inputs, out, batch_size=4, progress=False)
+    assert summary["n_skipped"] == 1 and summary["skipped"][0][0].endswith("zz_corrupt.png")
+    assert summary["n_scored"] == len(items)
+
+    with open(out / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(items)
+    threshold = model.calibration["threshold"]
+    for row in rows:
+        score = float(row["score"])
+        assert row["decision"] == ("anomalous" if score >= threshold else "good")
+        amap = np.load(out / "maps" / f"{Path(row['path']).stem}.npy")
+        assert amap.shape == (IMAGE_SIZE, IMAGE_SIZE) and amap.max() == pytest.approx(score, rel=1e-6)
+        assert (out / "overlays" / f"{Path(row['path']).stem}.png").is_file()
+    # predict reads files itself; evaluate goes through the test DataLoader: same image AUROC.
+    scores = [float(row["score"]) for row in rows]
+    expected = evaluate(model, tiny_data(), CATEGORY, progress=False)["image_auroc"]
+    assert roc_auc_score([labels[row["path"]] for row in rows], scores) == pytest.approx(expected)
+    with open(out / "skipped.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 1
+
+
+def test_predict_a_single_file(tmp_path):
+    item = scan_category(tiny_data(), CATEGORY).test_items[0]
+    summary = predict(_best(), item.path, tmp_path, progress=False, write_overlays=False)
+    assert summary["n_scored"] == 1 and not (tmp_path / "overlays").exists()

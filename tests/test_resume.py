@@ -1,0 +1,81 @@
+"""A training run killed after its first saved epoch resumes there and ends where an uninterrupted run ends."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrkd.train.trainer import TrainConfig, train
+from train_fixtures import CATEGORY, tiny_data
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = dict(epochs=3, batch_size=4, image_size=64, eval_every=0, seed=7, progress=False)
+TRAIN_SCRIPT = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from mrkd.train.trainer import TrainConfig, train
+train(sys.argv[1], sys.argv[2], sys.argv[3], TrainConfig(**{settings!r}), backbone="resnet18",
+      teacher_weights="random")
+"""
+
+
+def _weights(path):
+    data = torch.load(path, weights_only=True)
+    return {f"{part}.{k}": v for part in ("bottleneck", "student") for k, v in data[part].items()}
+
+
+def _train(out):
+    return train(tiny_data(), CATEGORY, out, TrainConfig(**SETTINGS), backbone="resnet18", teacher_weights="random")
+
+
+def test_killed_run_resumes_from_its_last_epoch_and_matches_an_uninterrupted_run(tmp_path):
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT.format(settings=SETTINGS), str(tiny_data()),
+                                CATEGORY, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / "last.ckpt").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    saved = torch.load(killed / "last.ckpt", weights_only=True)["train_state"]
+    saved_epoch = saved["epoch"]
+    assert 1 <= saved_epoch < SETTINGS["epochs"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # as the killed process: the same arithmetic, bit for bit
+    try:
+        resumed = _train(killed)
+        uninterrupted = _train(tmp_path / "straight")
+    finally:
+        torch.set_num_threads(threads)
+
+    epochs = [row["epoch"] for row in resumed["history"]]
+    assert epochs == list(range(1, SETTINGS["epochs"] + 1))
+    assert resumed["history"][:saved_epoch] == saved["history"]     # earlier epochs were not trained again
+    lines = (killed / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == epochs
+
+    assert [r["loss"] for r in resumed["history"]] == pytest.approx([r["loss"] for r in uninterrupted["history"]],
+                                                                     rel=1e-6)
+    ours, reference = _weights(killed / "last.ckpt"), _weights(tmp_path / "straight" / "last.ckpt")
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_finished_run_resumed_trains_no_further(tmp_path):
+    config = TrainConfig(**{**SETTINGS, "epochs": 1, "holdout_fraction": 0.0})
+    first = train(tiny_data(), CATEGORY, tmp_path, config, backbone="resnet18", teacher_weights="random")
+    before = _weights(tmp_path / "last.ckpt")
+    again = train(tiny_data(), CATEGORY, tmp_path, config, backbone="resnet18", teacher_weights="random")
+    assert again["history"] == first["history"]
+    after = _weights(tmp_path / "last.ckpt")
+    assert all(torch.equal(before[k], after[k]) for k in before)
