@@ -1,0 +1,172 @@
+"""Teachers compared: compute (GFLOP per image), CPU latency, training speed and detection.
+
+    python -m mrkd.benchmarks.bench_teachers [--quick]
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matmuls) and
+reported as GFLOP = 2 × multiply-accumulates (one MAC = one multiply + one add). Element-wise work
+(BatchNorm, activations, padding) is not counted, as is usual. "teacher" is the backbone up to its
+stride-16 features; "model" is the whole MRKD forward (teacher, bottleneck, decoder; no Gaussian).
+
+Latency: batch 1, 2 threads, median of repeats, random weights (timing does not depend on values).
+Detection: image AUROC on the embedded synthetic data set after a short training (same images,
+size, epochs and seed for every teacher) — ImageNet weights against a random teacher of the same
+architecture shows what the pretrained features contribute.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+TEACHERS = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+
+
+def teacher_normalisation(backbone: str) -> dict:
+    """mean/std the teacher's weights were trained with (build_model keyword arguments)."""
+    from mrkd.train.teachers import teacher_spec
+    spec = teacher_spec(backbone)
+    return {} if spec.mean is None else {"mean": tuple(spec.mean), "std": tuple(spec.std)}
+
+
+def _random_model(backbone: str, image_size: int):
+    from mrkd.train.model import build_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_model(backbone, "random", image_size=image_size).eval()
+
+
+def gflop_per_image(module, image_size: int) -> float:
+    """GFLOP (2 × MACs) of one forward pass of ``module`` on a 1×3×size×size input."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(torch.randn(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def cpu_latency_ms(module, image_size: int, repeats: int = 20, threads: int = 2) -> float:
+    """Median wall time (ms) of one batch-1 forward pass with ``threads`` CPU threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(1, 3, image_size, image_size)
+        times = []
+        with torch.no_grad():
+            for index in range(repeats + 3):
+                started = time.perf_counter()
+                module(x)
+                if index >= 3:   # warm-up runs excluded
+                    times.append(time.perf_counter() - started)
+        return 1000 * statistics.median(times)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_detector(backbone: str, teacher_weights: str, data_root, category: str, image_size: int,
+                   epochs: int, batch_size: int = 8, lr: float = 0.005, seed: int = 0, progress: bool = False):
+    """Train an MRKD model on ``category``'s good images with the paper's optimiser and image-level
+    masking (patch swap); the teacher's own normalisation is used. Returns (model, seconds/epoch)."""
+    from tqdm import tqdm
+
+    from mrkd.train.augment import PatchSwap, preset_for
+    from mrkd.train.data import TrainDataset, scan_category
+    from mrkd.train.model import build_model
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the random-teacher warning is expected here
+        model = build_model(backbone, teacher_weights, image_size=image_size, **teacher_normalisation(backbone))
+    data = scan_category(data_root, category)
+    dataset = TrainDataset(data.train_paths, image_size, mean=model.config.mean, std=model.config.std,
+                           augment=PatchSwap(preset_for(category, data_root)), seed=seed, progress=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=lr, betas=(0.5, 0.999))
+    model.train()
+    started = time.perf_counter()
+    for _ in tqdm(range(epochs), desc=f"train {backbone}/{teacher_weights}", unit="epoch", disable=not progress):
+        for clean, student_input in loader:
+            loss = model.loss(clean, student_input)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval(), (time.perf_counter() - started) / epochs
+
+
+def image_auroc_on_test(model, data_root, category: str, batch_size: int = 16) -> float:
+    """Image AUROC (max of the anomaly map) of ``model`` on ``category``'s test split."""
+    from mrkd.train.data import TestDataset, scan_category
+    from mrkd.train.metrics import image_auroc
+
+    items = scan_category(data_root, category).test_items
+    dataset = TestDataset(items, model.config.image_size, model.config.resize_mode, model.config.mean,
+                          model.config.std)
+    scores, labels = [], []
+    for image, _, label, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        scores.append(model.scores(image).numpy())
+        labels.append(np.asarray(label))
+    return image_auroc(np.concatenate(labels), np.concatenate(scores))
+
+
+def detection_auroc(backbone: str, teacher_weights: str, data_root, category: str, image_size: int,
+                    epochs: int, seed: int = 0, batch_size: int = 8) -> float:
+    """Train (see train_detector) then return the image AUROC on the test split."""
+    model, _ = train_detector(backbone, teacher_weights, data_root, category, image_size, epochs,
+                              batch_size=batch_size, seed=seed)
+    return image_auroc_on_test(model, data_root, category)
+
+
+def run(quick: bool = False) -> Dict[str, dict]:
+    """GFLOP, CPU latency and (unless quick) detection for each teacher; Lite0 ratios vs WRN50-2."""
+    from mrkd.train.synthetic import generate_dataset
+
+    image_size = 256
+    results: Dict[str, dict] = {}
+    for backbone in TEACHERS:
+        model = _random_model(backbone, image_size)
+        results[backbone] = {
+            "teacher_gflop": round(gflop_per_image(model.teacher, image_size), 3),
+            "model_gflop": round(gflop_per_image(model, image_size), 3),
+            "teacher_latency_ms": round(cpu_latency_ms(model.teacher, image_size, 5 if quick else 20), 2),
+            "model_latency_ms": round(cpu_latency_ms(model, image_size, 5 if quick else 20), 2),
+        }
+    base = results["wide_resnet50_2"]
+    lite = results["efficientnet_lite0"]
+    results["ratios_lite0_vs_wide_resnet50_2"] = {
+        key: round(base[key] / lite[key], 2) for key in ("teacher_gflop", "model_gflop", "teacher_latency_ms",
+                                                         "model_latency_ms")}
+
+    # Detection on the embedded data set (small: 96 px, few epochs) for ImageNet vs random teachers.
+    size, epochs = (96, 3) if quick else (128, 8)
+    with tempfile.TemporaryDirectory() as root:
+        generate_dataset(root, ["grain"], image_size=size, n_train=32, n_test_good=12, n_test_defect=4,
+                         seed=0, progress=False)
+        backbones = ("efficientnet_lite0",) if quick else ("efficientnet_lite0", "resnet18")
+        for backbone in backbones:
+            for weights in ("imagenet", "random"):
+                results[backbone][f"image_auroc_{weights}"] = round(
+                    detection_auroc(backbone, weights, root, "grain", size, epochs), 3)
+
+        # Training speed at 256 px (batch 16): seconds per epoch per 100 images.
+        n_train = 32 if quick else 100
+        generate_dataset(root, ["grain"], image_size=256, n_train=n_train, n_test_good=1, n_test_defect=1,
+                         seed=0, progress=False)
+        _, seconds = train_detector("efficientnet_lite0", "imagenet", root, "grain", 256, epochs=1 if quick else 2,
+                                    batch_size=16)
+        lite["train_s_per_epoch_per_100_images_256px"] = round(seconds * 100 / n_train, 2)
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller detection run")
+    print(json.dumps(run(quick=parser.parse_args().quick), indent=2))
