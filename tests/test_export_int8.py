@@ -1,0 +1,71 @@
+"""INT8 export: Q/DQ on the backbone only, calibrated on images, head inputs FP32, agreement report."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from mrkd.export import ExportError, ExportOptions, export_onnx, int8_agreement_report, quantize_int8
+from mrkd.export.int8 import QUANTISED_SCOPES, calibration_paths, load_images
+from mrkd.export.parity import scores_from_outputs
+from export_fixtures import run_onnx, small_model
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("int8")
+    calib = folder / "good"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):   # smooth "textures" of different sizes (resize_square brings them to 64 px)
+        base = cv2.GaussianBlur(rng.integers(0, 256, (70 + i, 90, 3), dtype=np.uint8), (7, 7), 2)
+        cv2.imwrite(str(calib / f"good_{i}.png"), base)
+    (calib / "notes.txt").write_text("not an image")
+    model = small_model()
+    fp32 = export_onnx(model, folder / "model.onnx", ExportOptions(), simplify="never")
+    int8 = quantize_int8(fp32.path, folder / "model_int8.onnx", calib)
+    return model, fp32, int8, calib
+
+
+def test_qdq_graph_quantises_backbone_only(int8_export):
+    _, _, int8, _ = int8_export
+    proto = onnx.load(str(int8.path))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize, "no Q/DQ nodes"
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    backbone = [n for n in convs if n.name.startswith(QUANTISED_SCOPES)]
+    # Every backbone Conv reads a dequantised activation and a dequantised per-channel weight.
+    for node in backbone:
+        assert producers[node.input[0]].op_type == "DequantizeLinear"
+        assert producers[node.input[1]].op_type == "DequantizeLinear"
+    # The head reads FP32 tensors: no head node consumes a DequantizeLinear output.
+    for node in proto.graph.node:
+        if not node.name.startswith(QUANTISED_SCOPES) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            for name in node.input:
+                assert name not in producers or producers[name].op_type != "DequantizeLinear", node.name
+    assert int8.metadata.precision == "int8" and int8.metadata.extra["int8"]["calibration_images"] == 6
+
+
+def test_int8_agreement_report(int8_export):
+    model, fp32, int8, calib = int8_export
+    images = load_images(calibration_paths(calib), int8.metadata)
+    assert images.shape == (6, 3, 64, 64)
+    report = int8_agreement_report(fp32.path, int8.path, images, model.head, threshold=None)
+    print(report.format())
+    # Brute-force the decision agreement here from both graphs' raw scores.
+    ref = run_onnx(fp32.path, images)["score"]
+    cand = run_onnx(int8.path, images)["score"]
+    assert report.decision_agreement == pytest.approx(np.mean((ref > report.threshold) == (cand > report.threshold)))
+    assert report.finite and 0 < report.map_max_abs_diff < 0.5
+    assert report.score_max_abs_diff == pytest.approx(np.max(np.abs(ref.astype(np.float64) - cand)), abs=1e-6)
+
+
+def test_calibration_folder_errors(tmp_path):
+    with pytest.raises(ExportError, match="not found"):
+        calibration_paths(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no images"):
+        calibration_paths(tmp_path / "empty")
