@@ -1,0 +1,100 @@
+"""Triton model repository: config.pbtxt parsed back with a small parser written here."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from mrkd.export import ExportOptions, engine_metadata, export_onnx, write_triton_repository
+from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from export_fixtures import IMAGE_SIZE, small_model
+
+TOKEN = re.compile(r'\s*(?:(\{|\}|\[|\]|:|,)|"([^"]*)"|([A-Za-z0-9_.\-]+))')
+
+
+def parse_pbtxt(text: str) -> dict:
+    """Protobuf text format subset: fields, nested messages, lists; repeated fields become lists."""
+    tokens = [m.group(1) or (m.group(2) if m.group(2) is not None else m.group(3))
+              for m in TOKEN.finditer(text) if m.group(0).strip()]
+    pos = 0
+
+    def value():
+        nonlocal pos
+        tok = tokens[pos]
+        pos += 1
+        if tok == "{":
+            return message("}")
+        if tok == "[":
+            items = []
+            while tokens[pos] != "]":
+                items.append(value())
+                if tokens[pos] == ",":
+                    pos += 1
+            pos += 1
+            return items
+        try:
+            return int(tok)
+        except ValueError:
+            return tok
+
+    def message(end):
+        nonlocal pos
+        fields = {}
+        while pos < len(tokens) and tokens[pos] != end:
+            key = tokens[pos]
+            pos += 1
+            if tokens[pos] == ":":
+                pos += 1
+            fields.setdefault(key, []).append(value())
+        pos += 1
+        return {k: v[0] if len(v) == 1 else v for k, v in fields.items()}
+
+    return message(None)
+
+
+def test_pbtxt_parser_reads_nested_fields():
+    parsed = parse_pbtxt('name: "a"\nx [ { d: [ 1, 2 ] r: { s: [ ] } } ]\nq { p: [ 4 ] m: 5 }')
+    assert parsed == {"name": "a", "x": [{"d": [1, 2], "r": {"s": []}}], "q": {"p": [4], "m": 5}}
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("triton")
+    exported = export_onnx(small_model(), folder / "model.onnx", ExportOptions(uint8_input=True, batch_range=(1, 4, 8)),
+                           simplify="never")
+    return folder, exported
+
+
+def test_onnxruntime_config(onnx_model, tmp_path):
+    _, exported = onnx_model
+    written = write_triton_repository(tmp_path / "repo", exported.path, name="mrkd_cam")
+    assert list(written) == ["mrkd_cam"]
+    config = parse_pbtxt(written["mrkd_cam"].read_text())
+    assert config["name"] == "mrkd_cam" and config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] == 8
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_UINT8", "dims": [IMAGE_SIZE, IMAGE_SIZE, 3]}]
+    outputs = {o["name"]: o for o in config["output"]}
+    assert outputs["anomaly_map"]["dims"] == [1, IMAGE_SIZE, IMAGE_SIZE]
+    assert outputs["anomaly_map"]["data_type"] == "TYPE_FP32"
+    assert outputs["score"]["dims"] == [1] and outputs["score"]["reshape"] == {"shape": []}
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] > 0
+    model_file = tmp_path / "repo" / "mrkd_cam" / "1" / "model.onnx"
+    assert model_file.read_bytes() == exported.path.read_bytes()
+    assert ModelMetadata.load(sidecar_path(model_file)).input_format == "uint8_nhwc_bgr"
+
+
+def test_tensorrt_plan_config_when_engine_exists(onnx_model, tmp_path):
+    folder, exported = onnx_model
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"serialized engine bytes")   # the config writer only copies the plan
+    meta = engine_metadata(exported.metadata, trt_version="10.3.0", gpu_name="Orin", compute_capability="8.7",
+                           profile=(1, 2, 4), precision="fp16")
+    meta.save(sidecar_path(engine))
+    written = write_triton_repository(tmp_path / "repo", exported.path, engine_path=engine)
+    plan = parse_pbtxt(written["mrkd_trt"].read_text())
+    assert plan["platform"] == "tensorrt_plan" and plan["max_batch_size"] == 4
+    assert plan["dynamic_batching"]["preferred_batch_size"] == [2, 4]
+    assert (tmp_path / "repo" / "mrkd_trt" / "1" / "model.plan").read_bytes() == b"serialized engine bytes"
