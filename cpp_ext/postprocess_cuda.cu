@@ -6,7 +6,12 @@
 // Kernel 2, vblur_max: one block per (32 columns x kColTile rows, image). It stages the column
 //   strip plus reflected halo rows in shared memory, convolves vertically -> maps, and reduces
 //   the block maximum into scores[n] with a float atomic max.
+// cpp_ext/emulation/ compiles this file for the CPU (no GPU needed) to test the kernels' indexing.
+#ifndef MRKD_CUDA_EMULATION
 #include <cuda_runtime.h>
+#define MRKD_DYNAMIC_SHARED(name) extern __shared__ float name[]
+#define MRKD_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
 
 #include <cmath>
 
@@ -59,7 +64,7 @@ __global__ void fill_kernel(float* out, int n, float value) {
 }
 
 __global__ void upsample_sum_hblur(ScaleArgs s, GaussArgs g, int H, int W, float* __restrict workspace) {
-    extern __shared__ float line[];  // kRowTile + 2 * radius
+    MRKD_DYNAMIC_SHARED(line);  // kRowTile + 2 * radius
     const int n = blockIdx.z;
     const int y = blockIdx.y;
     const int x0 = blockIdx.x * kRowTile;
@@ -80,7 +85,7 @@ __global__ void upsample_sum_hblur(ScaleArgs s, GaussArgs g, int H, int W, float
 
 __global__ void vblur_max(GaussArgs g, int H, int W, const float* __restrict workspace, float* __restrict maps,
                           float* __restrict scores) {
-    extern __shared__ float strip[];  // (kColTile + 2 * radius) x kColWidth
+    MRKD_DYNAMIC_SHARED(strip);  // (kColTile + 2 * radius) x kColWidth
     __shared__ float warp_max[kColRows];
     const int n = blockIdx.z;
     const int x = blockIdx.x * kColWidth + threadIdx.x;
@@ -151,13 +156,13 @@ cudaError_t anomaly_map_cuda(const DeviceScale* scales, int n_scales, int n_imag
                      : cudaMalloc(reinterpret_cast<void**>(&ws), bytes);
         if (err != cudaSuccess) return err;
     }
-    fill_kernel<<<(n_images + 255) / 256, 256, 0, stream>>>(scores, n_images, -INFINITY);
+    MRKD_LAUNCH(fill_kernel, (n_images + 255) / 256, 256, 0, stream)(scores, n_images, -INFINITY);
     const dim3 row_grid((width + kRowTile - 1) / kRowTile, height, n_images);
-    upsample_sum_hblur<<<row_grid, kRowTile, (kRowTile + 2 * g.radius) * sizeof(float), stream>>>(s, g, height,
-                                                                                                  width, ws);
+    MRKD_LAUNCH(upsample_sum_hblur, row_grid, kRowTile, (kRowTile + 2 * g.radius) * sizeof(float), stream)(
+        s, g, height, width, ws);
     const dim3 col_grid((width + kColWidth - 1) / kColWidth, (height + kColTile - 1) / kColTile, n_images);
     const dim3 col_block(kColWidth, kColRows);
-    vblur_max<<<col_grid, col_block, (kColTile + 2 * g.radius) * kColWidth * sizeof(float), stream>>>(
+    MRKD_LAUNCH(vblur_max, col_grid, col_block, (kColTile + 2 * g.radius) * kColWidth * sizeof(float), stream)(
         g, height, width, ws, maps, scores);
     err = cudaGetLastError();
     if (workspace == nullptr) {

@@ -1,6 +1,8 @@
 // Host entry of the CUDA post-processing (postprocess_cuda.cu), called by the pybind11 binding.
 #pragma once
+#ifndef MRKD_CUDA_EMULATION  // cpp_ext/emulation/cuda_emulation.h stands in for it
 #include <cuda_runtime.h>
+#endif
 
 #include <cstddef>
 

@@ -263,3 +263,42 @@ def test_build_cuda_architectures(monkeypatch):
     flags = build.gencode_flags(["75", "87"])
     assert flags[-1] == "arch=compute_87,code=compute_87"  # PTX of the highest for newer GPUs
     assert "arch=compute_75,code=sm_75" in flags
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels_on_cpu(tmp_path_factory):
+    """postprocess_cuda.cu compiled for the CPU through cpp_ext/emulation (no GPU needed)."""
+    import sysconfig
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CUDA emulation")
+    out_dir = tmp_path_factory.mktemp("cuda_emulation")
+    source = os.path.join(os.path.dirname(__file__), os.pardir, "cpp_ext", "emulation", "cuda_kernels_on_cpu.cpp")
+    includes = subprocess.run([sys.executable, "-m", "pybind11", "--includes"], capture_output=True, text=True,
+                              check=True).stdout.split()
+    target = out_dir / ("cuda_kernels_on_cpu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", *includes, source, "-o", str(target)],
+                   check=True, capture_output=True, text=True)
+    sys.path.insert(0, str(out_dir))
+    try:
+        return importlib.import_module("cuda_kernels_on_cpu")
+    finally:
+        sys.path.remove(str(out_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_size,shapes,sigma,offset", [
+    ((24, 40), [(6, 10), (3, 5), (1, 1)], 4.0, 0.0),
+    ((7, 5), [(3, 2)], 6.0, 0.0),                    # radius 24 > image: repeated reflection
+    ((70, 150), [(17, 37), (9, 19)], 1.0, 0.0),      # several row tiles and column strips
+    ((9, 33), [(3, 8)], 1.0, -3.0),                  # negative maps: the float atomic max's other branch
+])
+def test_cuda_kernels_emulated_on_cpu_match_scipy(cuda_kernels_on_cpu, out_size, shapes, sigma, offset):
+    rng = np.random.default_rng(5)
+    per_scale = [m + np.float32(offset) for m in random_maps(rng, 2 if out_size[1] < 100 else 1, shapes)]
+    maps, scores = cuda_kernels_on_cpu.anomaly_map(per_scale, *out_size, pp.gaussian_kernel1d(sigma))
+    assert not np.isnan(maps).any()  # every output read only shared memory that was written
+    ref_maps, ref_scores = scipy_reference(per_scale, *out_size, sigma)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
