@@ -19,16 +19,19 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _calibration_fields(calibration: Dict) -> tuple:
-    """(threshold, score_norm) from the checkpoint's calibration dict.
+# Calibration entries that describe the good-score distribution (mrkd.train.calibrate writes good_*):
+# the runtime's normalised score is (score - good_min) / (threshold - good_min).
+SCORE_NORM_PREFIXES = ("good_", "score_")
 
-    ``score_norm`` is the nested dict if training stored one, else every other numeric entry
-    (e.g. score_mean/score_std/score_min/score_max)."""
+
+def _calibration_fields(calibration: Dict) -> tuple:
+    """(threshold, score_norm) from the checkpoint's calibration dict: the nested ``score_norm`` dict if
+    training stored one, else the numeric good-score statistics (good_min, good_max, good_mean, ...)."""
     threshold = calibration.get("threshold")
     norm = calibration.get("score_norm")
     if not isinstance(norm, dict):
-        norm = {k: float(v) for k, v in calibration.items()
-                if k != "threshold" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        norm = {k: v for k, v in calibration.items() if k.startswith(SCORE_NORM_PREFIXES)
+                and isinstance(v, (int, float)) and not isinstance(v, bool)}
     return (None if threshold is None else float(threshold)), {k: float(v) for k, v in norm.items()}
 
 

@@ -17,7 +17,8 @@ def small_model(seed: int = 0, threshold: float = 3.0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model("resnet18", "random", image_size=IMAGE_SIZE).eval()
-    model.calibration = {"threshold": threshold, "score_mean": 2.9, "score_std": 0.1}
+    model.calibration = {"threshold": threshold, "threshold_method": "quantile", "quantile": 0.99,
+                         "good_min": 2.5, "good_mean": 2.9}
     return model
 
 

@@ -57,6 +57,7 @@ def test_check_engine_compatible(tmp_path):
         check_engine_compatible(plain, "10.3.0", "Orin", "8.7")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the no-TensorRT path cannot be shown")
 def test_fp16_without_tensorrt_writes_onnx_and_exits_with_instructions(tmp_path):
     ckpt = tmp_path / "ck.pt"
