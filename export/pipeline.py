@@ -10,9 +10,10 @@ from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
 from mrkd.export.int8 import calibration_paths, int8_agreement_report, load_images, quantize_int8
 from mrkd.export.onnx_graph import ExportError, ExportOptions
-from mrkd.export.parity import Comparison, parity_report
+from mrkd.export.parity import Comparison, ParityError, parity_report
 from mrkd.export.tensorrt_build import BuildSettings, TensorRTUnavailableError, build_engine
 from mrkd.export.triton import write_triton_repository
+from mrkd.runtime.metadata import sidecar_path
 
 FP32_NAME, FP16_NAME, INT8_NAME, ENGINE_NAME = "model.onnx", "model_fp16.onnx", "model_int8.onnx", "model.engine"
 
@@ -46,7 +47,12 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     echo(f"wrote {fp32.path} (onnxslim: {_slim_line(fp32.simplify)})")
     result.reports["parity"] = parity_report(model, fp32.path, options)
     echo(result.reports["parity"].format())
-    result.reports["parity"].check()
+    if not result.reports["parity"].passed:
+        # A graph that disagrees with PyTorch must not be picked up by a runtime watching this folder.
+        fp32.path.unlink()
+        sidecar_path(fp32.path).unlink()
+        raise ParityError(f"{checkpoint}: exported graph removed, FP32 parity failed:\n"
+                          + result.reports["parity"].format())
 
     engine_source = None
     if fp16:

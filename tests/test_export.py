@@ -181,3 +181,17 @@ def test_fp32_parity_wide_resnet50_256(tmp_path):
     report = parity_report(big, exported.path, opts)
     print(report.format())
     assert report.check().map_max_abs_diff < 1e-4
+
+
+def test_cli_fails_and_removes_graph_when_parity_fails(tmp_path, monkeypatch):
+    import mrkd.export.pipeline as pipeline
+    ckpt = tmp_path / "ck.pt"
+    small_model().save(ckpt)
+    other = small_model(seed=1)
+    real_report = pipeline.parity_report
+    # Compare the export against a *different* model, as a broken exporter would look.
+    monkeypatch.setattr(pipeline, "parity_report", lambda model, path, opts: real_report(other, path, opts))
+    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "out"), "--simplify", "never"])
+    assert result.exit_code == 1 and "FP32 parity failed" in result.output and "FAIL" in result.output
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert not (tmp_path / "out" / "model.onnx.json").exists()
