@@ -81,3 +81,41 @@ def test_fp32_head_survives_features_that_overflow_a_naive_fp16_head():
     t64, s64 = teacher.double().numpy(), student.double().numpy()
     reference = 1 - (t64 * s64).sum(1) / (np.linalg.norm(t64, axis=1) * np.linalg.norm(s64, axis=1))
     np.testing.assert_allclose(guarded.numpy(), reference, atol=1e-5)
+
+
+class ScaledTeacher(torch.nn.Module):
+    """The teacher with its features multiplied by ``factor``: large-norm features on purpose."""
+
+    def __init__(self, teacher, factor: float):
+        super().__init__()
+        self.teacher, self.factor = teacher, factor
+
+    def forward(self, x):
+        return [f * self.factor for f in self.teacher(x)]
+
+
+def test_exported_fp16_graph_with_large_features_stays_finite(tmp_path):
+    from mrkd.export import ExportGraph
+    from export_fixtures import run_onnx
+    model = small_model()
+    # resnet18's stride-16 features have RMS ~1.8 over 256 channels: x12 makes their sum of squares
+    # ~1e5, past FP16's 65504, while every single value still fits FP16.
+    model.teacher = ScaledTeacher(model.teacher, 12.0)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        half = ExportGraph(model, fp16_options(ExportOptions())).eval()
+        teacher_feats = half.teacher(x.half())
+        student_feats = half.student(half.bottleneck(teacher_feats))
+        assert all(torch.isfinite(f).all() for f in teacher_feats + student_feats)
+        naive = [_naive_fp16_cosine(t, s) for t, s in zip(teacher_feats, student_feats)]
+        exact = [cosine_distance(t.double(), s.double()) for t, s in zip(teacher_feats, student_feats)]
+    # The construction works: a norm overflows to inf in FP16, so the naive map is inf/nan, or
+    # (finite dot / inf norm = 0) silently wrong — 1 − cos stuck at 1.
+    assert any(not torch.isfinite(t.pow(2).sum(1)).all() for t in teacher_feats)
+    naive_error = max(float((n.double() - e).abs().nan_to_num(float("inf")).max()) for n, e in zip(naive, exact))
+    assert naive_error > 0.1, naive_error
+    exported = export_onnx(model, tmp_path / "big_fp16.onnx", fp16_options(ExportOptions()), simplify="never")
+    out = run_onnx(exported.path, x.numpy())
+    assert np.isfinite(out["anomaly_map"]).all() and np.isfinite(out["score"]).all()
+    reference = model.anomaly_map(x).numpy()
+    np.testing.assert_allclose(out["anomaly_map"], reference, atol=5e-3)
