@@ -69,3 +69,27 @@ def test_calibration_folder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="no images"):
         calibration_paths(tmp_path / "empty")
+
+
+def test_cli_int8_needs_calib(tmp_path):
+    from click.testing import CliRunner
+    from mrkd.export.cli import export_command
+    result = CliRunner().invoke(export_command, [str(tmp_path / "ck.pt"), "--int8"])
+    assert result.exit_code == 2 and "--calib" in result.output
+
+
+@pytest.mark.slow
+def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path):
+    from click.testing import CliRunner
+    from mrkd.deps import available
+    from mrkd.export.cli import EXIT_NO_TENSORRT, export_command
+    model, _, _, calib = int8_export
+    ckpt = tmp_path / "ck.pt"
+    model.save(ckpt)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--int8", "--calib", str(calib),
+                                                 "--simplify", "never"])
+    assert "INT8 graph vs FP32 graph" in result.output and "decisions agree" in result.output
+    assert (out / "model_int8.onnx").is_file() and (out / "model.onnx").is_file()
+    if not available("tensorrt"):
+        assert result.exit_code == EXIT_NO_TENSORRT and not (out / "model.engine").exists()
