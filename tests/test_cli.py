@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mrkd.cli import main
@@ -61,8 +62,8 @@ def test_eval_and_predict_commands_write_their_files(tmp_path):
     result = CliRunner().invoke(main, ["predict", str(Path(run_root) / CATEGORY / "best.ckpt"), images,
                                        "--out", str(tmp_path / "pred")])
     assert result.exit_code == 0, result.output
-    assert "scored 8 image(s)" in result.output
-    assert len((tmp_path / "pred" / "scores.csv").read_text().splitlines()) == 9
+    assert "scored 12 image(s)" in result.output
+    assert len((tmp_path / "pred" / "scores.csv").read_text().splitlines()) == 13
 
 
 @pytest.mark.slow
@@ -77,7 +78,10 @@ def test_train_command_on_a_plain_folder_warns_about_the_random_teacher(tmp_path
                                        "--batch-size", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "RANDOM weights" in result.output
-    assert (tmp_path / "run" / "best.ckpt").is_file() and (tmp_path / "run" / "history.jsonl").is_file()
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and "image_auroc" not in history[0]        # a plain folder: no test split
+    best = torch.load(tmp_path / "run" / "best.ckpt", weights_only=True)
+    assert best["calibration"]["n_good"] == 2 and best["calibration"]["threshold"] > 0   # 2 of 5 held out
 
     bad = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "run"), "--image-size", "50"])
     assert bad.exit_code == 2 and "multiple of 32" in bad.output

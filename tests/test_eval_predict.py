@@ -1,6 +1,7 @@
 """Evaluation files and numbers; prediction outputs, decisions and skipped unreadable files."""
 
 import csv
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from mrkd.train.checkpoint import load_checkpoint
 from mrkd.train.data import scan_category
 from mrkd.train.evaluate import evaluate, evaluate_all, format_table
 from mrkd.train.predict import predict
-from train_fixtures import CATEGORY, IMAGE_SIZE, tiny_data, trained_run
+from train_fixtures import CATEGORY, IMAGE_SIZE, temp_dir, tiny_data, trained_run
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +24,22 @@ def _best():
     return load_checkpoint(Path(trained_run()["out_dir"]) / "best.ckpt")
 
 
-def test_evaluate_writes_metrics_json_and_pngs(tmp_path):
-    result = evaluate(_best(), tiny_data(), CATEGORY, out_dir=tmp_path, progress=False)
+@functools.lru_cache(maxsize=None)
+def _evaluation(out_dir: str) -> dict:
+    """One evaluate() of best.ckpt, shared by the tests below (it is the slow part)."""
+    return evaluate(_best(), tiny_data(), CATEGORY, out_dir=out_dir, progress=False)
+
+
+EVAL_DIR = str(temp_dir("mrkd-eval-"))
+
+
+def test_evaluate_writes_metrics_json_and_pngs():
+    tmp_path = Path(EVAL_DIR)
+    result = _evaluation(EVAL_DIR)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_paper", "precision", "recall", "f1", "threshold"):
         assert saved[key] == pytest.approx(result[key])
-    assert saved["n_good"] == 8 and saved["n_defect"] == 10
+    assert saved["n_good"] == 12 and saved["n_defect"] == 15
     for name in ("roc.png", "score_histogram.png"):
         image = cv2.imread(str(tmp_path / name))
         assert image is not None and image.shape[0] > 100
@@ -43,7 +54,7 @@ def test_evaluate_writes_metrics_json_and_pngs(tmp_path):
 def test_evaluate_all_on_a_run_folder_matches_single_evaluation(tmp_path):
     run_root = Path(trained_run()["out_dir"]).parent
     results = evaluate_all(run_root, tiny_data(), out_dir=tmp_path, progress=False)
-    single = evaluate(_best(), tiny_data(), CATEGORY, progress=False)
+    single = _evaluation(EVAL_DIR)
     assert list(results) == [CATEGORY]
     assert results[CATEGORY]["image_auroc"] == pytest.approx(single["image_auroc"])
     assert (tmp_path / CATEGORY / "metrics.json").is_file() and (tmp_path / "metrics.json").is_file()
@@ -78,7 +89,7 @@ def test_predict_scores_decisions_maps_and_skips_a_corrupt_file(tmp_path):
         assert (out / "overlays" / f"{Path(row['path']).stem}.png").is_file()
     # predict reads files itself; evaluate goes through the test DataLoader: same image AUROC.
     scores = [float(row["score"]) for row in rows]
-    expected = evaluate(model, tiny_data(), CATEGORY, progress=False)["image_auroc"]
+    expected = _evaluation(EVAL_DIR)["image_auroc"]
     assert roc_auc_score([labels[row["path"]] for row in rows], scores) == pytest.approx(expected)
     with open(out / "skipped.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 1

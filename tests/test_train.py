@@ -24,9 +24,9 @@ def _images(paths):
 
 
 def _scores_by_hand(model, paths):
-    """Image scores computed here: max over the model's smoothed map, one image at a time."""
+    """Image scores computed here: the max over each image's smoothed map."""
     with torch.no_grad():
-        return np.array([float(model.anomaly_map(_images([p])).max()) for p in paths])
+        return model.anomaly_map(_images(paths)).flatten(1).max(1).values.numpy().astype(np.float64)
 
 
 @pytest.mark.slow
@@ -103,16 +103,3 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
     changed = TrainConfig(**{**TINY, "lr": 0.001})
     with pytest.raises(CheckpointError, match="lr"):
         train(tiny_data(), CATEGORY, out, changed, backbone="resnet18", teacher_weights="random")
-
-
-@pytest.mark.slow
-def test_plain_folder_training_without_evaluation(tmp_path):
-    folder = tmp_path / "good"
-    folder.mkdir()
-    for path in scan_category(tiny_data(), CATEGORY).train_paths[:6]:
-        shutil.copy(path, folder)
-    config = TrainConfig(epochs=1, batch_size=4, image_size=64, eval_every=5, progress=False)
-    summary = train(folder, None, tmp_path / "run", config, backbone="resnet18", teacher_weights="random")
-    assert "image_auroc" not in summary["history"][0] and summary["metrics"] is None
-    assert len(summary["holdout"]) == 2 and summary["calibration"]["n_good"] == 2
-    assert load_checkpoint(tmp_path / "run" / "best.ckpt").calibration["threshold"] > 0

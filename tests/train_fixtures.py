@@ -14,10 +14,10 @@ from pathlib import Path
 
 IMAGE_SIZE = 64
 CATEGORY = "grain"          # a texture: learnable by a random resnet18 teacher in two epochs
-TINY = dict(epochs=2, batch_size=8, image_size=IMAGE_SIZE, eval_every=1, seed=3, progress=False)
+TINY = dict(epochs=2, batch_size=4, image_size=IMAGE_SIZE, eval_every=1, seed=3, progress=False)
 
 
-def _temp_dir(prefix: str) -> Path:
+def temp_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
@@ -25,10 +25,10 @@ def _temp_dir(prefix: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def tiny_data() -> Path:
-    """grain at 64 px: 16 good train, 8 good test and 2 per defect type (10 defective) test images."""
+    """grain at 64 px: 16 good train, 12 good test and 3 per defect type (15 defective) test images."""
     from mrkd.train.synthetic import generate_dataset
-    root = _temp_dir("mrkd-data-") / "data"
-    generate_dataset(root, [CATEGORY], image_size=IMAGE_SIZE, n_train=16, n_test_good=8, n_test_defect=2,
+    root = temp_dir("mrkd-data-") / "data"
+    generate_dataset(root, [CATEGORY], image_size=IMAGE_SIZE, n_train=16, n_test_good=12, n_test_defect=3,
                      seed=0, progress=False)
     return root
 
@@ -37,7 +37,7 @@ def tiny_data() -> Path:
 def trained_run() -> dict:
     """Two epochs of resnet18 (random teacher) on tiny_data(); the train() summary (+ "data_root")."""
     from mrkd.train.trainer import TrainConfig, train
-    out = _temp_dir("mrkd-run-") / CATEGORY
+    out = temp_dir("mrkd-run-") / CATEGORY
     summary = train(tiny_data(), CATEGORY, out, TrainConfig(**TINY), backbone="resnet18",
                     teacher_weights="random", resume=False)
     summary["data_root"] = tiny_data()
