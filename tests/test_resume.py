@@ -15,7 +15,7 @@ from train_fixtures import CATEGORY, tiny_data
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = dict(epochs=3, batch_size=4, image_size=64, eval_every=0, seed=7, progress=False)
+SETTINGS = dict(epochs=2, batch_size=4, image_size=64, eval_every=0, seed=7, progress=False)
 TRAIN_SCRIPT = """
 import sys, warnings
 warnings.simplefilter("ignore")
