@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from train_fixtures import CATEGORY, tiny_data
+from train_fixtures import tiny_data
 
 pytestmark = pytest.mark.slow
 

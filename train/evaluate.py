@@ -20,6 +20,15 @@ TABLE_COLUMNS = (("image_auroc", "img AUROC"), ("pixel_auroc", "pix AUROC"), ("a
 CHECKPOINT_NAMES = ("best.ckpt", "last.ckpt")
 
 
+def write_png(path, bgr) -> None:
+    """Encode a uint8 BGR image as PNG and write it atomically."""
+    import cv2
+    ok, encoded = cv2.imencode(".png", bgr)
+    if not ok:
+        raise ValueError(f"could not encode {path} as PNG")
+    atomic_write_bytes(path, encoded.tobytes())
+
+
 def resolve_device(spec: str = "auto"):
     """'auto' -> CUDA when available, else CPU; otherwise the torch.device named."""
     import torch
@@ -70,8 +79,6 @@ def metrics_on_test_split(model, items, threshold: Optional[float] = None, **kwa
 
 def _write_plots(arrays: dict, result: dict, threshold: Optional[float], out_dir: Path, config,
                  n_overlays: int) -> List[str]:
-    import cv2
-
     from mrkd.runtime.images import read_image
     from mrkd.runtime.preprocess import resize_square
     from mrkd.train.plots import heatmap_overlay, plot_roc, plot_score_histogram
@@ -96,7 +103,7 @@ def _write_plots(arrays: dict, result: dict, threshold: Optional[float], out_dir
         overlay = heatmap_overlay(square, maps[index], vmin=0.0, vmax=vmax)
         name = f"{'defect' if labels[index] else 'good'}_{index:04d}_{Path(arrays['paths'][index]).stem}.png"
         target = out_dir / "overlays" / name
-        atomic_write_bytes(target, cv2.imencode(".png", overlay)[1].tobytes())
+        write_png(target, overlay)
         written.append(target)
     return [str(p) for p in written]
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from mrkd.atomic import atomic_write_bytes, atomic_write_text
 from mrkd.train.calibrate import normalized_scores
+from mrkd.train.evaluate import write_png
 
 SCORES_FILE = "scores.csv"
 SKIPPED_FILE = "skipped.csv"
@@ -48,7 +49,6 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
     float32 at the model's image size), overlays/<stem>.png and skipped.csv. Returns
     ``{"rows": [...], "n_scored", "n_skipped", "skipped": [(path, reason)], "scores_csv"}``.
     """
-    import cv2
     import torch
     from tqdm import tqdm
 
@@ -92,8 +92,7 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
                 atomic_write_bytes(out_dir / "maps" / f"{names[index]}.npy", buffer.getvalue())
             if write_overlays:
                 overlay = heatmap_overlay(square, amap, vmin=0.0, vmax=threshold)
-                atomic_write_bytes(out_dir / "overlays" / f"{names[index]}.png",
-                                   cv2.imencode(".png", overlay)[1].tobytes())
+                write_png(out_dir / "overlays" / f"{names[index]}.png", overlay)
             rows.append(row)
     bar.close()
 
