@@ -1,7 +1,7 @@
 """The demo's streaming step: a video of good-then-defective test images through the exported model.
 
 Register it in mrkd/demo.py with ``DEMO_STEP_MODULES.append("mrkd.runtime.demo_step")`` (after the
-export step's module, whose ONNX files it uses when ``context["onnx"]`` holds them).
+export step's module, whose ONNX files it uses when ``context["exports"]`` holds them).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_split_video(category_root: Path, video_path: Path, fps: float = 10.0) -
 
 def exported_model(context: Dict, category: str) -> Path:
     """The export step's ONNX model for ``category``, or one exported here from its checkpoint."""
-    existing = (context.get("onnx") or {}).get(category)
+    existing = (context.get("exports") or {}).get(category)
     if existing:
         return Path(existing)
     from mrkd.export.exporter import export_onnx, load_model
