@@ -219,6 +219,11 @@ class TrainDataset(Dataset):
                                      disable=not progress or len(self.paths) < 100)]
         self._random = _WorkerRandom(seed)
 
+    def set_epoch_seed(self, seed: int) -> None:
+        """Restart the augmentation stream from ``seed`` (the trainer seeds each epoch, so a resumed
+        run repeats the epochs it replays exactly)."""
+        self._random = _WorkerRandom(seed)
+
     def __len__(self) -> int:
         return len(self.images)
 

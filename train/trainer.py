@@ -193,10 +193,7 @@ def _augment(config: TrainConfig, data_root, category: Optional[str]):
 
 def _reseed_dataset(dataset: TrainDataset, seed: int) -> None:
     """Give the dataset's augmentation RNG a fresh per-epoch seed (epochs repeat exactly on resume)."""
-    if hasattr(dataset, "set_epoch_seed"):
-        dataset.set_epoch_seed(seed)
-    else:  # TrainDataset has no public re-seed yet: replace its generator holder the same way it builds it
-        dataset._random = type(dataset._random)(seed)
+    dataset.set_epoch_seed(seed)
 
 
 # ----------------------------------------------------------------------------- history and state
