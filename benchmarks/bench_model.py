@@ -14,7 +14,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from mrkd.benchmarks.timing import measure
 
@@ -34,54 +34,93 @@ def count_gflops(model, image_size: int) -> Dict[str, float]:
     return {"teacher_gflop": teacher / 1e9, "model_gflop": total / 1e9}
 
 
-def _ort_rows(model, image_size: int, batches: List[int], threads: int, repeats: int, workdir: Path,
-              int8_images=None) -> List[dict]:
-    """Export once and time ONNX Runtime on every execution provider it offers."""
+def bench_data(image_size: int, workdir: Path, quick: bool) -> Path:
+    """A synthetic category at the model size: train/good calibrates INT8, test/ measures agreement."""
+    from mrkd.train.synthetic import generate_dataset
+    root = workdir / "data"
+    generate_dataset(root, ["grain"], image_size=image_size, n_train=8 if quick else 32,
+                     n_test_good=4 if quick else 12, n_test_defect=1 if quick else 4, seed=0, progress=False)
+    return root / "grain"
+
+
+def test_batch(category_dir: Path, image_size: int, mean, std):
+    import numpy as np
+
+    from mrkd.runtime.images import read_image
+    from mrkd.runtime.preprocess import normalize_batch, resize_square
+    paths = sorted(p for p in (category_dir / "test").rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+    return normalize_batch([resize_square(read_image(p), image_size) for p in paths], mean, std).astype(np.float32)
+
+
+def _ort_rows(model, batches: List[int], threads: int, repeats: int, workdir: Path, quick: bool) -> List[dict]:
+    """Export FP32 and INT8 (static Q/DQ, calibrated on good images) and time ONNX Runtime on every
+    execution provider it offers; INT8 decisions are compared with FP32 on the test images."""
     import numpy as np
     import onnxruntime as ort
 
-    from mrkd.export import export_onnx
+    from mrkd.export.exporter import export_onnx
+    from mrkd.export.int8 import quantize_int8
+    from mrkd.export.onnx_graph import ExportOptions
 
-    rows = []
-    ckpt = workdir / "bench.ckpt"
-    model.save(ckpt)
-    variants = {"fp32": export_onnx(ckpt, workdir / "fp32", batch_range=(1, 1, max(batches)))}
-    if int8_images is not None:
-        try:
-            from mrkd.export import export_int8
-            variants["int8"] = export_int8(ckpt, workdir / "int8", calibration_images=int8_images,
-                                           batch_range=(1, 1, max(batches)))
-        except Exception as exc:  # reported, not hidden
-            rows.append({"backend": "onnxruntime-int8", "error": f"{type(exc).__name__}: {exc}"})
-    for precision, artifact in variants.items():
-        onnx_path = getattr(artifact, "onnx_path", artifact)
+    image_size = model.config.image_size
+    category = bench_data(image_size, workdir, quick)
+    options = ExportOptions(batch_range=(1, 1, max(batches)))
+    paths = {"fp32": export_onnx(model, workdir / "fp32.onnx", options, simplify="auto").path}
+    rows: List[dict] = []
+    try:
+        paths["int8"] = quantize_int8(paths["fp32"], workdir / "int8.onnx", category / "train" / "good").path
+    except Exception as exc:  # reported, not hidden
+        rows.append({"backend": "onnxruntime-int8", "error": f"{type(exc).__name__}: {exc}"})
+    images = test_batch(category, image_size, model.config.mean, model.config.std)
+    scores = {}
+    for precision, onnx_path in paths.items():
         for provider in ort.get_available_providers():
             if provider in ("TensorrtExecutionProvider", "AzureExecutionProvider"):
                 continue
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(onnx_path), options, providers=[provider])
+            options_ort = ort.SessionOptions()
+            options_ort.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(onnx_path), options_ort, providers=[provider])
             name = session.get_inputs()[0].name
+            if provider == "CPUExecutionProvider":
+                scores[precision] = np.concatenate([session.run(["score"], {name: images[i:i + 1]})[0]
+                                                    for i in range(len(images))])
             for batch in batches:
-                x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+                x = np.ascontiguousarray(np.resize(images, (batch,) + images.shape[1:]))
                 stats = measure(lambda: session.run(None, {name: x}), warmup=1, repeats=repeats)
                 rows.append({"backend": f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}-{precision}",
                              "batch": batch, **stats, "images_per_s": 1e3 * batch / stats["median_ms"]})
+    if "int8" in scores:
+        threshold = model.calibration.get("threshold")
+        rule = "calibrated threshold"
+        if threshold is None:  # an uncalibrated model: the median FP32 score, the hardest place to agree
+            threshold, rule = float(np.median(scores["fp32"])), "median FP32 score (no calibration)"
+        agree = float(np.mean((scores["fp32"] >= threshold) == (scores["int8"] >= threshold)))
+        rows.append({"backend": "int8-vs-fp32 decisions", "images": int(len(images)), "threshold_rule": rule,
+                     "decision_agreement": agree,
+                     "max_abs_score_diff": float(np.max(np.abs(scores["fp32"] - scores["int8"])))})
     return rows
 
 
+def load_or_build(checkpoint: Optional[str], backbone: str, image_size: int):
+    from mrkd.train import build_model, load_checkpoint
+    if checkpoint:
+        return load_checkpoint(checkpoint).eval()
+    return build_model(backbone, "random", image_size=image_size).eval()
+
+
 def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int = 256,
-        batch_n: int = 8, threads: int = 2) -> dict:
+        batch_n: int = 8, threads: int = 2, checkpoint: Optional[str] = None) -> dict:
+    """``checkpoint``: time (and check INT8 agreement on) a trained model instead of a random one."""
     import torch
 
     from mrkd.benchmarks.baseline_pipeline import official_style_score
-    from mrkd.train import build_model
 
-    if quick:
+    if quick and not checkpoint:
         backbone, image_size, batch_n = "resnet18", 64, 2
     repeats = 3 if quick else 5
     torch.set_num_threads(threads)
-    model = build_model(backbone, "random", image_size=image_size).eval()
+    model = load_or_build(checkpoint, backbone, image_size)
+    backbone, image_size = model.config.backbone, model.config.image_size
     rows: List[dict] = []
 
     one = torch.randn(1, 3, image_size, image_size)
@@ -96,7 +135,7 @@ def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int 
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            rows += _ort_rows(model, image_size, [1, batch_n], threads, repeats, Path(tmp))
+            rows += _ort_rows(model, [1, batch_n], threads, repeats, Path(tmp), quick)
         except ImportError as exc:
             rows.append({"backend": "onnxruntime", "error": str(exc)})
 
