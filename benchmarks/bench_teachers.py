@@ -27,13 +27,6 @@ import torch
 TEACHERS = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 
 
-def teacher_normalisation(backbone: str) -> dict:
-    """mean/std the teacher's weights were trained with (build_model keyword arguments)."""
-    from mrkd.train.teachers import teacher_spec
-    spec = teacher_spec(backbone)
-    return {} if spec.mean is None else {"mean": tuple(spec.mean), "std": tuple(spec.std)}
-
-
 def _random_model(backbone: str, image_size: int):
     from mrkd.train.model import build_model
     with warnings.catch_warnings():
@@ -70,33 +63,21 @@ def cpu_latency_ms(module, image_size: int, repeats: int = 20, threads: int = 2)
 
 def train_detector(backbone: str, teacher_weights: str, data_root, category: str, image_size: int,
                    epochs: int, batch_size: int = 8, lr: float = 0.005, seed: int = 0, progress: bool = False):
-    """Train an MRKD model on ``category``'s good images with the paper's optimiser and image-level
-    masking (patch swap); the teacher's own normalisation is used. Returns (model, seconds/epoch)."""
-    from tqdm import tqdm
+    """Train an MRKD model on ``category`` with the project's trainer (paper optimiser, image- and
+    feature-level masking, the teacher's own normalisation). Returns (model, seconds/epoch)."""
+    import tempfile
 
-    from mrkd.train.augment import PatchSwap, preset_for
-    from mrkd.train.data import TrainDataset, scan_category
-    from mrkd.train.model import build_model
+    from mrkd.train.trainer import TrainConfig, train
 
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
+                         eval_every=0, save_every=epochs, progress=progress)
+    with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the random-teacher warning is expected here
-        model = build_model(backbone, teacher_weights, image_size=image_size, **teacher_normalisation(backbone))
-    data = scan_category(data_root, category)
-    dataset = TrainDataset(data.train_paths, image_size, mean=model.config.mean, std=model.config.std,
-                           augment=PatchSwap(preset_for(category, data_root)), seed=seed, progress=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=lr, betas=(0.5, 0.999))
-    model.train()
-    started = time.perf_counter()
-    for _ in tqdm(range(epochs), desc=f"train {backbone}/{teacher_weights}", unit="epoch", disable=not progress):
-        for clean, student_input in loader:
-            loss = model.loss(clean, student_input)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return model.eval(), (time.perf_counter() - started) / epochs
+        started = time.perf_counter()
+        result = train(data_root, category, out_dir, config, backbone=backbone,
+                       teacher_weights=teacher_weights, resume=False)
+        seconds = time.perf_counter() - started
+    return result["model"].eval(), seconds / epochs
 
 
 def image_auroc_on_test(model, data_root, category: str, batch_size: int = 16) -> float:

@@ -125,6 +125,10 @@ class MRKD(nn.Module):
 def build_model(backbone: str = "wide_resnet50_2", teacher_weights: str = "imagenet", *,
                 image_size: int = 256, teacher_state_dict: Optional[dict] = None, **config_kwargs) -> MRKD:
     """Build an MRKD detector for ``backbone`` with the teacher weights named by ``teacher_weights``."""
+    spec = teacher_spec(backbone)
+    if spec.mean is not None:   # the teacher's own input normalisation (e.g. EfficientNet-Lite: (x-127)/128)
+        config_kwargs.setdefault("mean", tuple(spec.mean))
+        config_kwargs.setdefault("std", tuple(spec.std))
     config = MRKDConfig(backbone=backbone, image_size=image_size, teacher_weights=str(teacher_weights),
                         **config_kwargs)
     teacher, source = build_teacher(backbone, str(teacher_weights), state_dict=teacher_state_dict)
