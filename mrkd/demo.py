@@ -23,9 +23,10 @@ DemoStep = Callable[[Dict], None]
 DEMO_STEPS: List[Tuple[str, DemoStep]] = []
 DEMO_STEP_MODULES: List[str] = ["mrkd.export.demo_step", "mrkd.runtime.demo_step"]
 
-# Small and fast on two CPU cores; --quick is smaller still.
-FULL = dict(image_size=96, n_train=40, n_test_good=10, n_test_defect=3, epochs=8, batch_size=8)
-QUICK = dict(image_size=64, n_train=16, n_test_good=6, n_test_defect=2, epochs=3, batch_size=8)
+# A few minutes on two CPU cores, every embedded category; --quick: two categories, about a minute.
+FULL = dict(categories=None, image_size=128, n_train=60, n_test_good=12, n_test_defect=4, epochs=15, batch_size=8)
+QUICK = dict(categories="default", image_size=64, n_train=16, n_test_good=6, n_test_defect=2, epochs=3,
+             batch_size=8)
 
 
 def demo_step(name: str):
@@ -52,10 +53,10 @@ def choose_teacher() -> Tuple[str, str]:
 
 @demo_step("generate")
 def generate_step(context: Dict) -> None:
-    from mrkd.train.synthetic import DEFAULT_CATEGORIES, generate_dataset
+    from mrkd.train.synthetic import CATEGORIES, DEFAULT_CATEGORIES, generate_dataset
     sizes = context["sizes"]
     context["data_root"] = Path(context["out"]) / "data"
-    context["categories"] = list(DEFAULT_CATEGORIES)
+    context["categories"] = list(DEFAULT_CATEGORIES if sizes["categories"] == "default" else CATEGORIES)
     generate_dataset(context["data_root"], context["categories"], image_size=sizes["image_size"],
                      n_train=sizes["n_train"], n_test_good=sizes["n_test_good"],
                      n_test_defect=sizes["n_test_defect"], seed=0)

@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -97,12 +97,19 @@ def read_events(path: str | os.PathLike) -> List[dict]:
     return events
 
 
-def write_snapshot(path: str | os.PathLike, frame_bgr: np.ndarray, amap: np.ndarray, threshold: float) -> Path:
-    """The frame with the anomaly heat-map blended over it (blue = 0, red = threshold and above),
-    written atomically as PNG or JPEG (by suffix)."""
+def write_snapshot(path: str | os.PathLike, frame_bgr: np.ndarray, amap: np.ndarray, threshold: float,
+                   boxes: Sequence[Dict[str, int]] = ()) -> Path:
+    """Side by side: the frame as the camera saw it with the alarm's boxes in red, and the frame with
+    the anomaly heat-map blended over it (blue = 0, red = threshold and above); written atomically as
+    PNG or JPEG (by suffix). An operator sees the part itself and where the model looked."""
     path = Path(path)
+    boxed = frame_bgr.copy()
+    thickness = max(1, round(min(frame_bgr.shape[:2]) / 160))
+    for box in boxes:
+        cv2.rectangle(boxed, (box["x"], box["y"]), (box["x"] + box["w"] - 1, box["y"] + box["h"] - 1),
+                      (0, 0, 255), thickness)
     overlay = heatmap_overlay(frame_bgr, amap, vmin=0.0, vmax=max(threshold, 1e-12))
-    ok, encoded = cv2.imencode(path.suffix or ".jpg", overlay)
+    ok, encoded = cv2.imencode(path.suffix or ".jpg", np.hstack([boxed, overlay]))
     if not ok:
         raise ValueError(f"{path}: OpenCV cannot encode a {path.suffix!r} image")
     atomic_write_bytes(path, encoded.tobytes())
@@ -187,7 +194,7 @@ class WebhookSender:
         return {"sent": self.sent, "failed": self.failed, "dropped": self.dropped}
 
 
-def make_event(alarm: Alarm, source: str, amap: np.ndarray, frame_hw, snapshot: Optional[Path]) -> dict:
+def make_event(alarm: Alarm, source: str, boxes: List[Dict[str, int]], snapshot: Optional[Path]) -> dict:
     """The event record of one alarm (the JSON-lines and webhook payload)."""
     return {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -197,7 +204,7 @@ def make_event(alarm: Alarm, source: str, amap: np.ndarray, frame_hw, snapshot: 
         "score": alarm.score,
         "threshold": alarm.threshold,
         "anomalous_in_window": alarm.anomalous_in_window,
-        "boxes": regions_from_map(amap, alarm.threshold, frame_hw),
+        "boxes": boxes,
         "snapshot": str(snapshot) if snapshot else None,
     }
 
@@ -218,10 +225,11 @@ class EventSinks:
     def emit(self, alarm: Alarm, source: str, frame_bgr: np.ndarray, amap: np.ndarray) -> dict:
         """Snapshot, log line and webhook post for one alarm; returns the event."""
         snapshot = None
+        boxes = regions_from_map(amap, alarm.threshold, frame_bgr.shape[:2])
         if self.snapshots_dir:
             name = f"alarm_{self.events:06d}_frame{alarm.frame_index:08d}{self.snapshot_format}"
-            snapshot = write_snapshot(self.snapshots_dir / name, frame_bgr, amap, alarm.threshold)
-        event = make_event(alarm, source, amap, frame_bgr.shape[:2], snapshot)
+            snapshot = write_snapshot(self.snapshots_dir / name, frame_bgr, amap, alarm.threshold, boxes)
+        event = make_event(alarm, source, boxes, snapshot)
         if self.log:
             self.log.write(event)
         if self.webhook:

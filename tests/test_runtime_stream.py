@@ -85,7 +85,9 @@ def test_video_end_to_end_alarms_events_snapshots(tmp_path):
         box = event["boxes"][0]     # the white patch is at x 10..22, y 8..20 of the 64×48 frame
         assert abs(box["x"] - 10) <= 6 and abs(box["y"] - 8) <= 6 and box["x"] + box["w"] >= 20
         snapshot = cv2.imread(event["snapshot"])
-        assert snapshot.shape == (48, 64, 3)
+        assert snapshot.shape == (48, 2 * 64, 3)        # the frame with boxes | the heat-map overlay
+        x0, y0 = box["x"], box["y"]                     # the box's top-left corner is drawn in red
+        assert int(snapshot[y0, x0, 2]) > int(snapshot[y0, x0, 1]) + 40   # red over JPEG noise
         assert time.strptime(event["time"][:19], "%Y-%m-%dT%H:%M:%S")
     assert len(list((tmp_path / "snaps").iterdir())) == 3
     annotated = cv2.VideoCapture(str(tmp_path / "annotated.avi"))
