@@ -67,3 +67,7 @@ export_alias = _alias("export")
 run_alias = _alias("run")
 bench_alias = _alias("bench")
 demo_alias = _alias("demo")
+
+
+if __name__ == "__main__":   # python -m mrkd.cli ..., and torchrun -m mrkd.cli train ... for DDP
+    main()

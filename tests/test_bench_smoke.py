@@ -1,0 +1,27 @@
+"""CI runs every benchmark once in its seconds-long smoke mode: they must run and report, not be fast."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mrkd.benchmarks.cli import BENCHES
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_every_benchmark_and_writes_reports(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mrkd.cli", "bench", "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(BENCHES) <= set(results)
+    for name in BENCHES:
+        assert "error" not in results[name], (name, results[name])
+    assert results["machine"]["cores"] >= 1
+    # Every ratio is measured against a baseline in the same run, so it is a positive finite number.
+    ratios = [row["speedup_vs_baseline"] for name in ("model", "end_to_end") for row in results[name]["rows"]
+              if "speedup_vs_baseline" in row]
+    assert ratios and all(0 < r < 1e4 for r in ratios)
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# mrkd benchmark results")
+    assert (tmp_path / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
