@@ -31,15 +31,17 @@ def markdown(results: Dict[str, dict]) -> str:
         scalars = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
         for key, value in scalars.items():
             lines.append(f"- {key}: {_fmt(value)}")
-        for key, value in result.items():
-            if isinstance(value, list) and value and isinstance(value[0], dict):
-                columns = [c for c in ROW_KEYS if any(c in row for row in value)]
-                columns += sorted({c for row in value for c in row} - set(columns))
-                lines.append("")
-                lines.append("| " + " | ".join(columns) + " |")
-                lines.append("|" + "---|" * len(columns))
-                for row in value:
-                    lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        # Row lists become tables; a dict of dicts (one entry per variant) becomes a table too.
+        named = [dict(name=key, **value) for key, value in result.items() if isinstance(value, dict)]
+        tables = [value for value in result.values() if isinstance(value, list) and value and isinstance(value[0], dict)]
+        for table in tables + ([named] if named else []):
+            columns = (["name"] if table is named else []) + [c for c in ROW_KEYS if any(c in row for row in table)]
+            columns += sorted({c for row in table for c in row} - set(columns))
+            lines.append("")
+            lines.append("| " + " | ".join(columns) + " |")
+            lines.append("|" + "---|" * len(columns))
+            for row in table:
+                lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
         lines.append("")
     return "\n".join(lines)
 
