@@ -1,8 +1,13 @@
 """INT8 export: explicit quantisation (Q/DQ) of the backbone, calibrated on good images.
 
-``onnxruntime.quantization.quantize_static`` writes a QDQ graph with per-channel weight scales and
-symmetric (zero-point 0) activations — the form TensorRT builds as explicit INT8. Only the
-teacher/bottleneck/student nodes are quantised; pre-processing and the cosine head stay FP32.
+``onnxruntime.quantization.quantize_static`` writes the graph in one of two forms (``target``):
+
+* ``"tensorrt"`` (default): QDQ, per-channel symmetric INT8 weights, symmetric INT8 (zero-point 0)
+  activations — the explicit-quantisation form TensorRT builds, which requires zero-point 0.
+* ``"cpu"``: the form ONNX Runtime's x86 CPU EP runs fastest (see INT8_TARGETS; measured in
+  benchmarks/bench_model.py).
+
+Only the teacher/bottleneck/student nodes are quantised; pre-processing and the cosine head stay FP32.
 """
 
 from __future__ import annotations
@@ -25,6 +30,22 @@ from mrkd.runtime.metadata import ModelMetadata
 # Node-name scopes the TorchScript exporter gives the three networks (ExportGraph's attributes).
 QUANTISED_SCOPES = ("/teacher/", "/bottleneck/", "/student/")
 DEFAULT_CALIBRATION_LIMIT = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Target:
+    """quantize_static settings for one consumer of the INT8 graph."""
+
+    quant_format: str          # "QDQ" | "QOperator"
+    activation_type: str       # "QInt8" | "QUInt8"
+    activation_symmetric: bool
+    description: str
+
+
+INT8_TARGETS = {
+    "tensorrt": Int8Target("QDQ", "QInt8", True, "QDQ per-channel symmetric"),
+    "cpu": Int8Target("QDQ", "QUInt8", False, "QDQ per-channel, U8 asymmetric activations (ORT x86 CPU)"),
+}
 
 
 def calibration_paths(calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT) -> List[Path]:
@@ -104,10 +125,16 @@ def keep_unquantised_inputs_fp32(proto, quantised: set) -> int:
             proto.graph.node.remove(node)
 
 
-def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT
-                  ) -> ExportedModel:
-    """Write a Q/DQ INT8 copy of the FP32 graph at ``fp32_onnx_path`` (+ sidecar) to ``out_path``."""
+def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT,
+                  target: str = "tensorrt") -> ExportedModel:
+    """Write an INT8 copy of the FP32 graph at ``fp32_onnx_path`` (+ sidecar) to ``out_path``.
+
+    ``target``: a key of INT8_TARGETS — "tensorrt" (explicit Q/DQ, the export default) or "cpu"
+    (the setting ONNX Runtime's CPU EP runs fastest)."""
     from mrkd.deps import require
+    if target not in INT8_TARGETS:
+        raise ExportError(f"INT8 target {target!r} unknown; choose from {sorted(INT8_TARGETS)}")
+    settings = INT8_TARGETS[target]
     quantization = require("onnxruntime.quantization")
     from mrkd.runtime.metadata import sidecar_path
     meta = ModelMetadata.load(sidecar_path(fp32_onnx_path))
@@ -124,16 +151,17 @@ def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DE
         with contextlib.redirect_stdout(io.StringIO()):    # onnxslim prints a summary table
             require("onnxslim").slim(str(fp32_onnx_path), str(slim_path))
         quantization.quantize_static(
-            str(slim_path), str(tmp_path), _reader(batch), quant_format=quantization.QuantFormat.QDQ,
-            per_channel=True, activation_type=quantization.QuantType.QInt8,
+            str(slim_path), str(tmp_path), _reader(batch),
+            quant_format=getattr(quantization.QuantFormat, settings.quant_format), per_channel=True,
+            activation_type=getattr(quantization.QuantType, settings.activation_type),
             weight_type=quantization.QuantType.QInt8, nodes_to_quantize=nodes,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+            extra_options={"ActivationSymmetric": settings.activation_symmetric, "WeightSymmetric": True})
         proto = load_onnx(tmp_path)
     bypassed = keep_unquantised_inputs_fp32(proto, set(nodes))
     int8_meta = dataclasses.replace(meta, precision="int8", extra={
         **meta.extra, "int8": {"calibration_images": int(len(batch)), "calibration_dir": str(calib_dir),
                                "quantised_nodes": len(nodes),
-                               "head_inputs_kept_fp32": bypassed, "format": "QDQ per-channel symmetric"}})
+                               "head_inputs_kept_fp32": bypassed, "target": target, "format": settings.description}})
     write_model(proto, out_path, int8_meta)
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))
 

@@ -93,3 +93,28 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path):
     assert (out / "model_int8.onnx").is_file() and (out / "model.onnx").is_file()
     if not available("tensorrt"):
         assert result.exit_code == EXIT_NO_TENSORRT and not (out / "model.engine").exists()
+
+
+def test_cpu_target_uses_uint8_activations_and_keeps_head_fp32(int8_export, tmp_path):
+    model, fp32, _, calib = int8_export
+    cpu = quantize_int8(fp32.path, tmp_path / "cpu.onnx", calib, target="cpu")
+    proto = onnx.load(str(cpu.path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    activation_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert activation_q and all(inits[n.input[2]].dtype == np.uint8 for n in activation_q)
+    # Asymmetric: some activation zero-point is not the midpoint (post-ReLU maps are one-sided).
+    assert any(int(inits[n.input[2]]) != 128 for n in activation_q)
+    for node in proto.graph.node:
+        if not node.name.startswith(QUANTISED_SCOPES) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            assert all(name not in producers or producers[name].op_type != "DequantizeLinear" for name in node.input)
+    assert cpu.metadata.extra["int8"]["target"] == "cpu"
+    images = load_images(calibration_paths(calib), cpu.metadata)
+    ref, cand = run_onnx(fp32.path, images)["score"], run_onnx(cpu.path, images)["score"]
+    assert np.all(np.isfinite(cand)) and np.max(np.abs(ref - cand)) < 0.5
+
+
+def test_unknown_int8_target(int8_export, tmp_path):
+    _, fp32, _, calib = int8_export
+    with pytest.raises(ExportError, match="target 'gpu'"):
+        quantize_int8(fp32.path, tmp_path / "x.onnx", calib, target="gpu")

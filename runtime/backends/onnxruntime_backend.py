@@ -37,6 +37,18 @@ def choose_providers(requested: Optional[Sequence[str]], available: Sequence[str
     return chosen
 
 
+def session_options(threads: Optional[int] = None):
+    """The SessionOptions every ONNX Runtime session of the runtime (and the benchmarks) uses:
+    ``threads`` intra-op threads (None/0 = ORT's default, one per core) and ORT_ENABLE_ALL (layout
+    transformations to NCHWc blocked convolutions, QDQ -> integer kernel fusion)."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs an .onnx model with ONNX Runtime; outputs come back as host numpy arrays."""
 
@@ -46,10 +58,7 @@ class OnnxRuntimeBackend(Backend):
                  threads: Optional[int] = None):
         ort = require("onnxruntime")
         self.model_path = Path(model_path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(threads)
         self.providers = choose_providers(providers, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=options,
