@@ -4,7 +4,7 @@ against the official-style pipeline on the same frames, in the same process.
 Baseline per frame: OpenCV decode, the official PIL resize/crop + ToTensor/Normalize, PyTorch eager
 FP32 model, per-scale maps to numpy, scipy Gaussian, max, threshold.
 Ours: ``mrkd.runtime.run_stream`` over ``open_source(video)`` with the exported model on ONNX Runtime
-(FP32, and INT8 when quantisation works), alarms and events on.
+(FP32, and both INT8 targets when quantisation works), alarms and events on.
 
     python -m mrkd.benchmarks.bench_end_to_end [--quick]
 """
@@ -81,7 +81,7 @@ def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int 
 
     from mrkd.benchmarks.bench_model import bench_data, load_or_build, test_batch
     from mrkd.export.exporter import export_onnx
-    from mrkd.export.int8 import quantize_int8
+    from mrkd.export.int8 import INT8_TARGETS, quantize_int8
     from mrkd.export.onnx_graph import ExportOptions
 
     if quick and not checkpoint:
@@ -100,10 +100,13 @@ def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int 
             threshold = float(np.median(model.scores(torch.from_numpy(
                 test_batch(category, model.config.image_size, model.config.mean, model.config.std))).numpy()))
         models = {"fp32": export_onnx(model, workdir / "fp32.onnx", ExportOptions(batch_range=(1, 1, 4))).path}
-        try:
-            models["int8"] = quantize_int8(models["fp32"], workdir / "int8.onnx", category / "train" / "good").path
-        except Exception as exc:
-            rows.append({"backend": "mrkd run, onnxruntime int8", "error": f"{type(exc).__name__}: {exc}"})
+        for target in INT8_TARGETS:   # "tensorrt" (symmetric QDQ) and "cpu" (ORT's fastest x86 form)
+            label = f"int8-{target}"
+            try:
+                models[label] = quantize_int8(models["fp32"], workdir / f"{label}.onnx",
+                                              category / "train" / "good", target=target).path
+            except Exception as exc:
+                rows.append({"backend": f"mrkd run, onnxruntime {label}", "error": f"{type(exc).__name__}: {exc}"})
         rows.insert(0, baseline_fps(model, video, threshold))
         for label, path in models.items():
             rows.append(runtime_fps(path, video, threshold, threads, workdir, label))
