@@ -109,6 +109,11 @@ def test_cpu_target_uses_uint8_activations_and_keeps_head_fp32(int8_export, tmp_
         if not node.name.startswith(QUANTISED_SCOPES) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             assert all(name not in producers or producers[name].op_type != "DequantizeLinear" for name in node.input)
     assert cpu.metadata.extra["int8"]["target"] == "cpu"
+    # Every Relu survives: ORT's default for asymmetric activations deletes them (the U8 Q clips
+    # instead), and the FP32 head, rewired to that Q's input, then read pre-ReLU features.
+    relus = lambda graph: sum(n.op_type == "Relu" for n in graph.node)
+    fp32_relus = relus(onnx.load(str(fp32.path)).graph)
+    assert fp32_relus > 0 and relus(proto.graph) == fp32_relus
     images = load_images(calibration_paths(calib), cpu.metadata)
     ref, cand = run_onnx(fp32.path, images)["score"], run_onnx(cpu.path, images)["score"]
     assert np.all(np.isfinite(cand)) and np.max(np.abs(ref - cand)) < 0.5
