@@ -52,12 +52,16 @@ def run_benches(names, quick: bool, options: dict) -> dict:
               "(default wide_resnet50_2; resnet18 in --quick).")
 @click.option("--image-size", type=int, default=None, help="Input size in pixels (default 256; 64 in --quick).")
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default 2).")
-def bench_command(only, quick, out_dir, backbone, image_size, threads):
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A trained checkpoint for the model and end-to-end benchmarks (INT8 agreement is then "
+                   "measured at its calibrated threshold); default: a random-weight model of --backbone.")
+def bench_command(only, quick, out_dir, backbone, image_size, threads, checkpoint):
     """Measure every stage and backend of mrkd against the official MRKD pipeline."""
     from mrkd.benchmarks.report import markdown, write_all
 
     names = list(only) or list(BENCHES)
-    results = run_benches(names, quick, {"backbone": backbone, "image_size": image_size, "threads": threads})
+    results = run_benches(names, quick, {"backbone": backbone, "image_size": image_size, "threads": threads,
+                                            "checkpoint": checkpoint})
     click.echo(markdown(results))
     paths = write_all(results, out_dir)
     click.echo("Wrote " + ", ".join(str(p) for p in paths.values()))
