@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(config, items):
     skip_trt = pytest.mark.skip(reason="needs TensorRT and an NVIDIA GPU")
     has_gpu, has_trt = gpu_available(), tensorrt_available()
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        # Markers, not keywords: a parameter id such as "tensorrt" is a keyword too.
+        if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(skip_gpu)
-        if "tensorrt" in item.keywords and not has_trt:
+        if item.get_closest_marker("tensorrt") and not has_trt:
             item.add_marker(skip_trt)

@@ -79,7 +79,8 @@ def test_cli_int8_needs_calib(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path):
+@pytest.mark.parametrize("target", ["tensorrt", "cpu"])
+def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target):
     from click.testing import CliRunner
     from mrkd.deps import available
     from mrkd.export.cli import EXIT_NO_TENSORRT, export_command
@@ -88,9 +89,11 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path):
     model.save(ckpt)
     out = tmp_path / "out"
     result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--int8", "--calib", str(calib),
-                                                 "--simplify", "never"])
+                                                 "--int8-target", target, "--simplify", "never"])
     assert "INT8 graph vs FP32 graph" in result.output and "decisions agree" in result.output
     assert (out / "model_int8.onnx").is_file() and (out / "model.onnx").is_file()
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+    assert ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).extra["int8"]["target"] == target
     if not available("tensorrt"):
         assert result.exit_code == EXIT_NO_TENSORRT and not (out / "model.engine").exists()
 
