@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from mrkd.export import ExportError, ExportOptions, export_onnx, int8_agreement_report, quantize_int8
-from mrkd.export.int8 import QUANTISED_SCOPES, calibration_paths, load_images
+from mrkd.export.int8 import QUANTISED_SCOPES, calibration_paths, first_tap_ancestors, load_images
 from mrkd.export.parity import scores_from_outputs
 from export_fixtures import run_onnx, small_model
 
@@ -29,18 +29,34 @@ def int8_export(tmp_path_factory):
     return model, fp32, int8, calib
 
 
+def test_first_tap_ancestors_are_the_stem_and_first_stage(int8_export):
+    _, fp32, _, _ = int8_export
+    kept = first_tap_ancestors(onnx.load(str(fp32.path)))
+    # resnet18: the stem and layer1 feed the first feature tap; nothing deeper is kept.
+    assert any(name.startswith("/teacher/conv1") for name in kept)
+    assert any(name.startswith("/teacher/layer1/") for name in kept)
+    assert not any(name.startswith(("/teacher/layer2/", "/teacher/layer3/", "/bottleneck/", "/student/"))
+                   for name in kept)
+
+
 def test_qdq_graph_quantises_backbone_only(int8_export):
-    _, _, int8, _ = int8_export
+    _, fp32, int8, _ = int8_export
     proto = onnx.load(str(int8.path))
     producers = {o: n for n in proto.graph.node for o in n.output}
     quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert quantize, "no Q/DQ nodes"
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-    backbone = [n for n in convs if n.name.startswith(QUANTISED_SCOPES)]
-    # Every backbone Conv reads a dequantised activation and a dequantised per-channel weight.
+    kept_fp32 = first_tap_ancestors(onnx.load(str(fp32.path)))
+    backbone = [n for n in convs if n.name.startswith(QUANTISED_SCOPES) and n.name not in kept_fp32]
+    stem = [n for n in convs if n.name in kept_fp32]
+    assert backbone and stem
+    # Every quantised backbone Conv reads a dequantised activation and a dequantised per-channel weight.
     for node in backbone:
         assert producers[node.input[0]].op_type == "DequantizeLinear"
         assert producers[node.input[1]].op_type == "DequantizeLinear"
+    # The layers in front of the first feature tap keep FP32 weights (their error reaches every scale).
+    for node in stem:
+        assert node.input[1] not in producers or producers[node.input[1]].op_type != "DequantizeLinear"
     # The head reads FP32 tensors: no head node consumes a DequantizeLinear output.
     for node in proto.graph.node:
         if not node.name.startswith(QUANTISED_SCOPES) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
