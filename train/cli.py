@@ -5,6 +5,8 @@ torch is imported inside the commands only, so ``--help`` is instant on any inst
 
 from __future__ import annotations
 
+import os
+
 import functools
 import json
 from pathlib import Path
@@ -133,6 +135,8 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         summaries = {Path(str(data_root)).name or "images": train(data_root, None, out, config, **options)}
     else:
         summaries = train_all(data_root, categories, out, config, **options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 reports (it alone calibrated and wrote the files)
     for name, summary in summaries.items():
         last = summary["history"][-1] if summary["history"] else {}
         metrics = "  ".join(f"{k} {last[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro") if k in last)
