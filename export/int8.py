@@ -70,11 +70,8 @@ def calibration_paths(calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMI
 def load_images(paths: Sequence, meta: ModelMetadata) -> np.ndarray:
     """Images as the graph's input: uint8 N×H×W×3 BGR frames or float32 N×3×H×W normalised."""
     from mrkd.runtime.images import read_image
-    from mrkd.runtime.preprocess import normalize, resize_square
-    frames = [resize_square(read_image(p), meta.image_size, meta.resize_mode) for p in paths]
-    if meta.input_format == "uint8_nhwc_bgr":
-        return np.stack(frames)
-    return np.stack([normalize(f, meta.mean, meta.std) for f in frames])
+    from mrkd.runtime.preprocess import model_input
+    return model_input([read_image(p) for p in paths], meta)
 
 
 def _reader(batch: np.ndarray):

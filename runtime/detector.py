@@ -19,7 +19,7 @@ from mrkd.runtime import postprocess
 from mrkd.runtime.backends import Backend, open_backend
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
                                    sidecar_path)
-from mrkd.runtime.preprocess import normalize_batch, resize_square
+from mrkd.runtime.preprocess import model_input
 
 Frames = Union[np.ndarray, Sequence[np.ndarray]]
 STAGES = ("preprocess", "infer", "postprocess")
@@ -136,12 +136,10 @@ class Detector:
     # --- the three stages -------------------------------------------------------------------
     def preprocess(self, frames: List[np.ndarray]) -> np.ndarray:
         """Frames -> the model's input batch, exactly as training prepared images."""
-        meta = self.metadata
-        squares = np.stack([resize_square(f, meta.image_size, meta.resize_mode) for f in frames])
-        if meta.input_format == INPUT_UINT8_NHWC:
-            return np.ascontiguousarray(squares)
-        batch = normalize_batch(squares, meta.mean, meta.std)
-        return batch if self.backend.input_dtype == np.float32 else batch.astype(self.backend.input_dtype)
+        batch = model_input(frames, self.metadata)
+        if self.metadata.input_format == INPUT_UINT8_NHWC or self.backend.input_dtype == np.float32:
+            return batch
+        return batch.astype(self.backend.input_dtype)
 
     def _infer_and_postprocess(self, batch: np.ndarray, timings: Dict[str, float]) -> Tuple[np.ndarray, np.ndarray]:
         meta, size = self.metadata, self.metadata.image_size

@@ -125,3 +125,14 @@ def normalize(bgr_square: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
     if bgr_square.ndim != 3 or bgr_square.shape[2] != 3:
         raise ValueError(f"normalize expects an H×W×3 BGR image, got shape {bgr_square.shape}")
     return normalize_batch(bgr_square[None], mean, std)[0]
+
+
+def model_input(frames: Sequence[np.ndarray], metadata) -> np.ndarray:
+    """uint8 BGR frames of any size -> the exported graph's input batch, as its metadata describes:
+    uint8 N×S×S×3 for graphs that normalise inside, else float32 N×3×S×S normalised. The runtime and
+    INT8 calibration both call this, so calibration sees exactly what inference will."""
+    from mrkd.runtime.metadata import INPUT_UINT8_NHWC
+    squares = np.stack([resize_square(f, metadata.image_size, metadata.resize_mode) for f in frames])
+    if metadata.input_format == INPUT_UINT8_NHWC:
+        return np.ascontiguousarray(squares)
+    return normalize_batch(squares, metadata.mean, metadata.std)
