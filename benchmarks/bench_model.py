@@ -16,22 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from mrkd.benchmarks.timing import measure
+from mrkd.benchmarks.timing import gflop_per_image, measure
 
 
 def count_gflops(model, image_size: int) -> Dict[str, float]:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(1, 3, image_size, image_size)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            model.teacher(x)
-        teacher = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
-            model.anomaly_map(x)
-        total = counter.get_total_flops()
-    return {"teacher_gflop": teacher / 1e9, "model_gflop": total / 1e9}
+    return {"teacher_gflop": gflop_per_image(model.teacher, image_size),
+            "model_gflop": gflop_per_image(model.anomaly_map, image_size)}
 
 
 def peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:

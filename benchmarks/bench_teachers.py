@@ -15,7 +15,6 @@ architecture shows what the pretrained features contribute.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 import warnings
@@ -23,6 +22,8 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+
+from mrkd.benchmarks.timing import gflop_per_image, measure
 
 TEACHERS = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 
@@ -34,29 +35,14 @@ def _random_model(backbone: str, image_size: int):
         return build_model(backbone, "random", image_size=image_size).eval()
 
 
-def gflop_per_image(module, image_size: int) -> float:
-    """GFLOP (2 × MACs) of one forward pass of ``module`` on a 1×3×size×size input."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        module(torch.randn(1, 3, image_size, image_size))
-    return counter.get_total_flops() / 1e9
-
-
 def cpu_latency_ms(module, image_size: int, repeats: int = 20, threads: int = 2) -> float:
     """Median wall time (ms) of one batch-1 forward pass with ``threads`` CPU threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x = torch.randn(1, 3, image_size, image_size)
-        times = []
         with torch.no_grad():
-            for index in range(repeats + 3):
-                started = time.perf_counter()
-                module(x)
-                if index >= 3:   # warm-up runs excluded
-                    times.append(time.perf_counter() - started)
-        return 1000 * statistics.median(times)
+            return measure(lambda: module(x), warmup=3, repeats=repeats)["median_ms"]
     finally:
         torch.set_num_threads(previous)
 

@@ -1,4 +1,5 @@
-"""Timing and machine description shared by every benchmark: warm-up, repeats, median and p90."""
+"""Measurement shared by every benchmark: timing (warm-up, repeats, median and p90), FLOP counting
+and the machine description."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, min_se
         "min_ms": samples[0],
         "runs": len(samples),
     }
+
+
+def gflop_per_image(fn: Callable, image_size: int) -> float:
+    """GFLOP (2 × multiply-adds, torch's FlopCounterMode) of ``fn`` on one 1×3×size×size input."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn(torch.randn(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
 
 
 def percentile(values, q: float) -> float:
