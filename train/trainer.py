@@ -37,10 +37,9 @@ from torch import nn  # noqa: E402
 from mrkd.train import calibrate as calibration  # noqa: E402
 from mrkd.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from mrkd.train.data import DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
-from mrkd.train.evaluate import maps_on_test_split, resolve_device  # noqa: E402
+from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
 from mrkd.train.head import distillation_loss  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
-from mrkd.train import metrics  # noqa: E402
 
 HISTORY_FILE = "history.jsonl"
 LAST, BEST = "last.ckpt", "best.ckpt"
@@ -228,9 +227,9 @@ def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
 # ----------------------------------------------------------------------------- training
 
 def _evaluate_now(model, test_items, config: TrainConfig, device) -> dict:
-    arrays = maps_on_test_split(model, test_items, config.eval_batch_size, device, progress=False)
-    return {key: metrics.evaluate_arrays(arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"])[key]
-            for key in ("image_auroc", "pixel_auroc", "aupro")}
+    result = metrics_on_test_split(model, test_items, batch_size=config.eval_batch_size, device=device,
+                                   progress=False)
+    return {key: result[key] for key in ("image_auroc", "pixel_auroc", "aupro")}
 
 
 def train(data_root, category: Optional[str], out_dir, config: Optional[TrainConfig] = None,
