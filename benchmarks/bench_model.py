@@ -88,11 +88,14 @@ def _ort_rows(model, batches: List[int], threads: int, repeats: int, workdir: Pa
     options = ExportOptions(batch_range=(1, 1, max(batches)))
     paths = {"fp32": export_onnx(model, workdir / "fp32.onnx", options, simplify="auto").path}
     rows: List[dict] = []
+    kept_fp32 = {}   # precision -> which teacher layers quantize_int8's "auto" kept FP32
     for target in INT8_TARGETS:
         precision = f"int8-{target}"
         try:
-            paths[precision] = quantize_int8(paths["fp32"], workdir / f"{precision}.onnx",
-                                             category / "train" / "good", target=target).path
+            quantised = quantize_int8(paths["fp32"], workdir / f"{precision}.onnx",
+                                      category / "train" / "good", target=target)
+            paths[precision] = quantised.path
+            kept_fp32[precision] = quantised.metadata.extra["int8"]["keep_fp32_chosen"]
         except Exception as exc:  # reported, not hidden
             rows.append({"backend": f"onnxruntime-{precision}", "error": f"{type(exc).__name__}: {exc}"})
     images = test_batch(category, image_size, model.config.mean, model.config.std)
@@ -121,6 +124,7 @@ def _ort_rows(model, batches: List[int], threads: int, repeats: int, workdir: Pa
         rows.append({"backend": f"{precision}-vs-fp32 decisions", "images": int(len(images)),
                      "threshold_rule": rule, "threshold": float(threshold), "decision_agreement": agree,
                      "fp32_flagged": int(np.sum(scores["fp32"] >= threshold)),
+                     "teacher_front_fp32": kept_fp32.get(precision) == "front",
                      "max_abs_score_diff": float(np.max(np.abs(scores["fp32"] - scores[precision])))})
     return rows
 

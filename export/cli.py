@@ -34,6 +34,11 @@ EXIT_NO_TENSORRT = 3
 @click.option("--int8-target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True,
               help="INT8 graph form: 'tensorrt' (symmetric Q/DQ, what TensorRT needs) or 'cpu' (U8 asymmetric "
                    "activations: about 1.6x faster than 'tensorrt' on ONNX Runtime's x86 CPU kernels).")
+@click.option("--int8-keep-fp32", type=click.Choice(["auto", "front", "none"]), default="auto", show_default=True,
+              help="Which teacher layers stay FP32 in the INT8 graph: 'front' keeps the layers in front of the "
+                   "first feature tap (stem + first stage), 'none' quantises them too, 'auto' tries 'none' and "
+                   "falls back to 'front' when the calibration images' scores move by more than a quarter of "
+                   "their FP32 spread (WRN50 stays all-INT8; EfficientNet-Lite needs 'front').")
 @click.option("--triton", "triton_dir", type=click.Path(file_okay=False),
               help="Also write a Triton model repository into this folder.")
 @click.option("--workspace", type=int, default=2048, show_default=True, help="TensorRT workspace pool limit (MiB).")
@@ -45,7 +50,7 @@ EXIT_NO_TENSORRT = 3
 @click.option("--simplify", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="onnxslim: 'auto' keeps it only when it removes nodes without slowing ONNX Runtime CPU.")
 def export_command(checkpoint, out_dir, smooth_in_graph, per_scale_outputs, uint8_input, opset, batch, fp16,
-                   int8, calib, int8_target, triton_dir, workspace, opt_level, timing_cache, dla_core, simplify):
+                   int8, calib, int8_target, int8_keep_fp32, triton_dir, workspace, opt_level, timing_cache, dla_core, simplify):
     """Export CHECKPOINT to one fused ONNX graph (teacher, bottleneck, decoder, cosine anomaly map) with a
     metadata sidecar; print its parity report against PyTorch; optionally FP16/INT8, TensorRT, Triton."""
     from mrkd.export.onnx_graph import ExportError, ExportOptions, parse_batch_range
@@ -64,7 +69,7 @@ def export_command(checkpoint, out_dir, smooth_in_graph, per_scale_outputs, uint
         settings = BuildSettings(workspace_mib=workspace, opt_level=opt_level, timing_cache=timing_cache,
                                  dla_core=dla_core)
         export_checkpoint(checkpoint, out_dir, options, fp16=fp16, int8_calib=calib if int8 else None,
-                          int8_target=int8_target,
+                          int8_target=int8_target, int8_keep_fp32=int8_keep_fp32,
                           triton_dir=triton_dir, build=settings, simplify=simplify, echo=click.echo)
     except TensorRTUnavailableError as exc:
         click.echo(f"Error: {exc}", err=True)

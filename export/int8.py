@@ -7,7 +7,9 @@
 * ``"cpu"``: QDQ with U8 asymmetric activations, the form ONNX Runtime's x86 CPU EP runs fastest
   (about 1.9x FP32 on WRN50; see INT8_TARGETS; measured in benchmarks/bench_model.py).
 
-Both keep every Relu explicit (see quantize_int8) so the FP32 head reads post-activation features.
+Both keep every Relu explicit (see _quantize) so the FP32 head reads post-activation features, and both
+rewrite the decoder's ConvTransposes as 1×1 Conv + DepthToSpace first (export/rewrite.py) so that
+they get INT8 kernels too. Which teacher layers stay FP32 is chosen by measurement (KEEP_FP32_MODES).
 
 Only the teacher/bottleneck/student nodes are quantised; pre-processing and the cosine head stay FP32.
 """
@@ -27,6 +29,7 @@ from mrkd.export.exporter import ExportedModel
 from mrkd.export.model_metadata import write_model
 from mrkd.export.onnx_graph import INPUT_NAME, ExportError, ExportOptions, load_onnx
 from mrkd.export.parity import Comparison, compare
+from mrkd.export.rewrite import convtranspose_as_conv_depth_to_space
 from mrkd.runtime.metadata import ModelMetadata
 
 # Node-name scopes the TorchScript exporter gives the three networks (ExportGraph's attributes).
@@ -48,7 +51,7 @@ class Int8Target:
 # at its calibrated threshold: "tensorrt" (symmetric S8) runs only 58 of 100 Convs as QLinearConv,
 # ~175-199 ms/image, 100% decision agreement (max score diff 0.014); "cpu" (U8 asymmetric) runs 95
 # QLinearConv + 26 QLinearAdd, ~107-115 ms/image (FP32: ~212 ms), 100% agreement (max diff 0.010).
-# ConvTranspose stays FP32 in both. QOperator S8S8 is flagged slow on x86 by ORT's docs, so QDQ is kept.
+# (Before the ConvTranspose rewrite and with the front layers kept FP32.) QOperator S8S8 is flagged slow on x86 by ORT's docs, so QDQ is kept.
 INT8_TARGETS = {
     "tensorrt": Int8Target("QDQ", "QInt8", True, "QDQ per-channel symmetric"),
     "cpu": Int8Target("QDQ", "QUInt8", False, "QDQ per-channel, U8 asymmetric activations (ORT x86 CPU)"),
@@ -101,8 +104,8 @@ def first_tap_ancestors(proto) -> Set[str]:
     """Teacher nodes up to and including the shallowest teacher feature tap (the teacher node
     whose output the bottleneck or head reads and that has the fewest teacher nodes upstream).
 
-    Why these stay FP32: on EfficientNet-Lite0 (trained, 44 test images at the calibrated
-    threshold) quantising only the stem and blocks 0-2 — the layers in front of the first tap —
+    Why these may need to stay FP32 (keep_fp32 "front", or "auto" when measured): on
+    EfficientNet-Lite0 (trained, 44 test images at the calibrated threshold) quantising only the stem and blocks 0-2 — the layers in front of the first tap —
     costs 5-9% decision agreement each, while every later teacher block alone keeps 100%; their
     error reaches all three feature scales. Excluding depthwise Convs instead made it worse
     (70%), so it is depth, not the op type. Derived from the graph, so it holds for every backbone."""
@@ -158,50 +161,119 @@ def keep_unquantised_inputs_fp32(proto, quantised: set) -> int:
             proto.graph.node.remove(node)
 
 
+# keep_fp32 modes: which teacher layers stay FP32. "front" keeps the layers in front of the first
+# feature tap (first_tap_ancestors), "none" quantises them too, "auto" tries "none" first and falls back
+# to "front" when the all-INT8 graph's scores on the calibration images move by more than
+# AUTO_MAX_ERROR_VS_SPREAD × the spread (std) of the FP32 graph's scores there. The spread is the unit
+# because the calibrated threshold sits in the tail of those same good-image scores.
+# Measured (trained checkpoints, 256 px, 2 threads, "cpu" target, 44 test images at the calibrated
+# threshold): WRN50 all-INT8 moves scores by 0.10× the spread (100% decisions, 89 ms vs 99 ms with
+# "front"); EfficientNet-Lite0 all-INT8 by 1.5× (86% decisions) and with "front" by 0.13× (100%).
+KEEP_FP32_MODES = ("auto", "front", "none")
+AUTO_MAX_ERROR_VS_SPREAD = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreError:
+    """How far an INT8 graph's scores move from the FP32 graph's on the calibration images."""
+
+    mean_abs: float
+    max_abs: float
+    fp32_spread: float      # std of the FP32 scores; the unit of ``relative``
+
+    @property
+    def relative(self) -> float:
+        return self.mean_abs / self.fp32_spread if self.fp32_spread > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {"mean_abs": self.mean_abs, "max_abs": self.max_abs, "fp32_spread": self.fp32_spread,
+                "relative": self.relative}
+
+
+def calibration_score_error(fp32_model, int8_model, batch: np.ndarray, meta: ModelMetadata) -> ScoreError:
+    """Score error of ``int8_model`` against ``fp32_model`` (paths or serialised bytes) on ``batch``."""
+    from mrkd.export import ort
+    from mrkd.runtime.postprocess import maps_and_scores
+    reference = maps_and_scores(ort.run(ort.cpu_session(fp32_model), batch), meta)[1].astype(np.float64)
+    candidate = maps_and_scores(ort.run(ort.cpu_session(int8_model), batch), meta)[1].astype(np.float64)
+    error = np.abs(candidate - reference)
+    spread = float(np.std(reference)) if len(reference) > 1 else 0.0
+    return ScoreError(float(error.mean()), float(error.max()), spread)
+
+
+def _quantize(source: Path, destination: Path, batch: np.ndarray, settings: Int8Target, nodes: List[str]):
+    """quantize_static on ``source`` with our settings; returns the Q/DQ proto, head inputs rewired to FP32."""
+    from mrkd.deps import require
+    quantization = require("onnxruntime.quantization")
+    quantization.quantize_static(
+        str(source), str(destination), _reader(batch),
+        quant_format=getattr(quantization.QuantFormat, settings.quant_format), per_channel=True,
+        activation_type=getattr(quantization.QuantType, settings.activation_type),
+        weight_type=quantization.QuantType.QInt8, nodes_to_quantize=nodes,
+        extra_options={"ActivationSymmetric": settings.activation_symmetric, "WeightSymmetric": True,
+                       # With asymmetric activations ORT otherwise deletes each Relu and lets the
+                       # U8 Q (zero-point 0) do the clipping; keep_unquantised_inputs_fp32 then
+                       # rewires the head to that Q's input, i.e. the *pre-ReLU* features, and
+                       # decisions collapse (13.6% agreement on trained WRN50). Keeping the Relu
+                       # costs nothing: ORT's optimiser still fuses it into QLinearConv.
+                       "QDQKeepRemovableActivations": True})
+    proto = load_onnx(destination)
+    bypassed = keep_unquantised_inputs_fp32(proto, set(nodes))
+    return proto, bypassed
+
+
 def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT,
-                  target: str = "tensorrt") -> ExportedModel:
+                  target: str = "tensorrt", keep_fp32: str = "auto", echo=None) -> ExportedModel:
     """Write an INT8 copy of the FP32 graph at ``fp32_onnx_path`` (+ sidecar) to ``out_path``.
 
     ``target``: a key of INT8_TARGETS — "tensorrt" (explicit Q/DQ, the export default) or "cpu"
-    (the setting ONNX Runtime's CPU EP runs fastest)."""
+    (the setting ONNX Runtime's CPU EP runs fastest). ``keep_fp32``: one of KEEP_FP32_MODES.
+    ``echo`` (optional) receives one line saying which layers stayed FP32 and why."""
     from mrkd.deps import require
     if target not in INT8_TARGETS:
         raise ExportError(f"INT8 target {target!r} unknown; choose from {sorted(INT8_TARGETS)}")
+    if keep_fp32 not in KEEP_FP32_MODES:
+        raise ExportError(f"keep_fp32 {keep_fp32!r} unknown; choose from {list(KEEP_FP32_MODES)}")
     settings = INT8_TARGETS[target]
-    quantization = require("onnxruntime.quantization")
+    require("onnxruntime.quantization")
     from mrkd.runtime.metadata import sidecar_path
     meta = ModelMetadata.load(sidecar_path(fp32_onnx_path))
     if meta.precision != "fp32":
         raise ExportError(f"{fp32_onnx_path}: INT8 is quantised from the fp32 graph, this one is {meta.precision}")
     batch = load_images(calibration_paths(calib_dir, limit), meta)
-    fp32_proto = load_onnx(fp32_onnx_path)
-    if not backbone_nodes(fp32_proto):
+    if not backbone_nodes(load_onnx(fp32_onnx_path)):
         raise ExportError(f"{fp32_onnx_path}: no teacher/bottleneck/student nodes found to quantise")
-    kept_fp32 = first_tap_ancestors(fp32_proto)
-    nodes = [n for n in backbone_nodes(fp32_proto) if n not in kept_fp32]
+    tried = {}
     with tempfile.TemporaryDirectory() as tmp:
         # Slim first (folds the Identity/Constant chains the tracer leaves in front of weights and
         # biases), so the quantiser sees every Conv's weight and bias as an initializer.
-        slim_path, tmp_path = Path(tmp) / "fp32_slim.onnx", Path(tmp) / "int8.onnx"
+        slim_path, prepared_path = Path(tmp) / "fp32_slim.onnx", Path(tmp) / "fp32_prepared.onnx"
         with contextlib.redirect_stdout(io.StringIO()):    # onnxslim prints a summary table
             require("onnxslim").slim(str(fp32_onnx_path), str(slim_path))
-        quantization.quantize_static(
-            str(slim_path), str(tmp_path), _reader(batch),
-            quant_format=getattr(quantization.QuantFormat, settings.quant_format), per_channel=True,
-            activation_type=getattr(quantization.QuantType, settings.activation_type),
-            weight_type=quantization.QuantType.QInt8, nodes_to_quantize=nodes,
-            extra_options={"ActivationSymmetric": settings.activation_symmetric, "WeightSymmetric": True,
-                           # With asymmetric activations ORT otherwise deletes each Relu and lets the
-                           # U8 Q (zero-point 0) do the clipping; keep_unquantised_inputs_fp32 then
-                           # rewires the head to that Q's input, i.e. the *pre-ReLU* features, and
-                           # decisions collapse (13.6% agreement on trained WRN50). Keeping the Relu
-                           # costs nothing: ORT's optimiser still fuses it into QLinearConv.
-                           "QDQKeepRemovableActivations": True})
-        proto = load_onnx(tmp_path)
-    bypassed = keep_unquantised_inputs_fp32(proto, set(nodes))
+        prepared = load_onnx(slim_path)
+        rewritten = convtranspose_as_conv_depth_to_space(prepared)
+        import onnx
+        onnx.save(prepared, str(prepared_path))
+        front = first_tap_ancestors(prepared)
+        for mode in (("none", "front") if keep_fp32 == "auto" else (keep_fp32,)):
+            kept = front if mode == "front" else set()
+            nodes = [n for n in backbone_nodes(prepared) if n not in kept]
+            proto, bypassed = _quantize(prepared_path, Path(tmp) / f"int8_{mode}.onnx", batch, settings, nodes)
+            error = calibration_score_error(str(prepared_path), proto.SerializeToString(), batch, meta)
+            tried[mode] = error.as_dict()
+            if keep_fp32 != "auto" or error.relative <= AUTO_MAX_ERROR_VS_SPREAD:
+                break
+    if echo is not None:
+        echo(f"INT8 ({keep_fp32}): {len(kept)} teacher nodes in front of the first feature tap kept FP32; "
+             f"calibration-image score error {error.mean_abs:.4g} mean = {error.relative:.2f}x the FP32 score "
+             f"spread" + (f" (all-INT8 was {tried['none']['relative']:.2f}x, above {AUTO_MAX_ERROR_VS_SPREAD})"
+                          if mode == "front" and "none" in tried else ""))
     int8_meta = dataclasses.replace(meta, precision="int8", extra={
         **meta.extra, "int8": {"calibration_images": int(len(batch)), "calibration_dir": str(calib_dir),
-                               "quantised_nodes": len(nodes), "teacher_nodes_kept_fp32": len(kept_fp32),
+                               "quantised_nodes": len(nodes), "teacher_nodes_kept_fp32": len(kept),
+                               "keep_fp32": keep_fp32, "keep_fp32_chosen": mode,
+                               "calibration_score_error": tried,
+                               "convtranspose_rewritten": rewritten,
                                "head_inputs_kept_fp32": bypassed, "target": target, "format": settings.description}})
     write_model(proto, out_path, int8_meta)
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))

@@ -28,7 +28,8 @@ class ExportResult:
 
 
 def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = None, *, fp16: bool = False,
-                      int8_calib=None, int8_target: str = "tensorrt", triton_dir=None,
+                      int8_calib=None, int8_target: str = "tensorrt", int8_keep_fp32: str = "auto",
+                      triton_dir=None,
                       build: Optional[BuildSettings] = None,
                       simplify: str = "auto", echo: Callable[[str], None] = print) -> ExportResult:
     """Export ``checkpoint`` into ``out_dir``: model.onnx (FP32, parity-checked against PyTorch),
@@ -64,7 +65,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         result.reports["fp16"] = fp16_fidelity_report(model, half.path, options)
         echo(result.reports["fp16"].format())
     if int8_calib:
-        quant = quantize_int8(fp32.path, out_dir / INT8_NAME, int8_calib, target=int8_target)
+        quant = quantize_int8(fp32.path, out_dir / INT8_NAME, int8_calib, target=int8_target,
+                              keep_fp32=int8_keep_fp32, echo=echo)
         result.files["onnx_int8"] = engine_source = quant.path
         echo(f"wrote {quant.path}")
         images = load_images(calibration_paths(int8_calib), quant.metadata)

@@ -129,9 +129,6 @@ class Detector:
         if missing:
             raise MetadataError(f"{src}: field outputs names {sorted(set(missing))} that {self.model_path.name} "
                                 f"does not produce (it has {list(model.output_names)})")
-        if not meta.per_scale_outputs and not meta.smoothing_in_graph:
-            raise MetadataError(f"{src}: fields per_scale_outputs=false and smoothing_in_graph=false: the runtime "
-                                "can only smooth per-scale maps; re-export with one of them true")
 
     # --- the three stages -------------------------------------------------------------------
     def preprocess(self, frames: List[np.ndarray]) -> np.ndarray:
@@ -152,19 +149,13 @@ class Detector:
             outputs = self.backend.infer(batch)
         timings["infer"] += time.perf_counter() - start
         start = time.perf_counter()
-        if meta.per_scale_outputs:
+        if on_device:
             per_scale = [outputs[name] for name in self.scale_outputs]
-            if on_device:
-                with self.backend.cuda_context():
-                    maps, scores = postprocess.anomaly_map(per_scale, size, meta.sigma, impl="cuda")
-                    maps, scores = maps.get(), scores.get()
-            else:
-                maps, scores = postprocess.anomaly_map([np.ascontiguousarray(m, dtype=np.float32) for m in per_scale],
-                                                       size, meta.sigma, impl=self.postprocess_impl)
+            with self.backend.cuda_context():
+                maps, scores = postprocess.anomaly_map(per_scale, size, meta.sigma, impl="cuda")
+                maps, scores = maps.get(), scores.get()
         else:
-            maps = np.asarray(outputs["anomaly_map"], dtype=np.float32).reshape(len(batch), size, size)
-            scores = (np.asarray(outputs["score"], dtype=np.float32).reshape(len(batch)) if "score" in outputs
-                      else maps.reshape(len(batch), -1).max(axis=1))
+            maps, scores = postprocess.maps_and_scores(outputs, meta, impl=self.postprocess_impl)
         timings["postprocess"] += time.perf_counter() - start
         return np.asarray(maps, dtype=np.float32), np.asarray(scores, dtype=np.float32)
 

@@ -19,7 +19,7 @@ import importlib
 import logging
 import math
 import sys
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -319,3 +319,22 @@ def anomaly_map(per_scale: Sequence[Any], size: Size, sigma: float = 4.0, impl: 
     _record(chosen)
     return result
 
+
+
+def maps_and_scores(outputs: Dict[str, np.ndarray], metadata, impl: str = "auto") -> Tuple[np.ndarray, np.ndarray]:
+    """Anomaly maps (N x S x S) and scores (N) from a graph's host outputs, in any export layout the
+    metadata describes: the graph's own ``score``, or per-scale maps finished here with ``impl``."""
+    size = metadata.image_size
+    if metadata.per_scale_outputs:
+        names = sorted((k for k in outputs if k.startswith("scale")), key=lambda k: int(k[5:]))
+        maps, scores = anomaly_map([np.ascontiguousarray(outputs[k], dtype=np.float32) for k in names],
+                                   size, metadata.sigma, impl=impl)
+        return np.asarray(maps, np.float32), np.asarray(scores, np.float32)
+    n = len(outputs["anomaly_map"])
+    maps = np.asarray(outputs["anomaly_map"], dtype=np.float32).reshape(n, size, size)
+    if not metadata.smoothing_in_graph:   # the graph's map is the unsmoothed sum: one full-size "scale"
+        maps, scores = anomaly_map([maps], size, metadata.sigma, impl=impl)
+        return np.asarray(maps, np.float32), np.asarray(scores, np.float32)
+    scores = (np.asarray(outputs["score"], dtype=np.float32).reshape(n) if "score" in outputs
+              else maps.reshape(n, -1).max(axis=1))
+    return maps, scores

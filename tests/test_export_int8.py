@@ -25,7 +25,7 @@ def int8_export(tmp_path_factory):
     (calib / "notes.txt").write_text("not an image")
     model = small_model()
     fp32 = export_onnx(model, folder / "model.onnx", ExportOptions(), simplify="never")
-    int8 = quantize_int8(fp32.path, folder / "model_int8.onnx", calib)
+    int8 = quantize_int8(fp32.path, folder / "model_int8.onnx", calib, keep_fp32="front")
     return model, fp32, int8, calib
 
 
@@ -95,8 +95,8 @@ def test_cli_int8_needs_calib(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["tensorrt", "cpu"])
-def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target):
+@pytest.mark.parametrize("target, keep", [("tensorrt", "front"), ("cpu", "none")])
+def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, keep):
     from click.testing import CliRunner
     from mrkd.deps import available
     from mrkd.export.cli import EXIT_NO_TENSORRT, export_command
@@ -105,11 +105,14 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target):
     model.save(ckpt)
     out = tmp_path / "out"
     result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--int8", "--calib", str(calib),
-                                                 "--int8-target", target, "--simplify", "never"])
+                                                 "--int8-target", target, "--int8-keep-fp32", keep,
+                                                 "--simplify", "never"])
     assert "INT8 graph vs FP32 graph" in result.output and "decisions agree" in result.output
+    assert f"INT8 ({keep}):" in result.output and "teacher nodes in front of the first feature tap" in result.output
     assert (out / "model_int8.onnx").is_file() and (out / "model.onnx").is_file()
     from mrkd.runtime.metadata import ModelMetadata, sidecar_path
-    assert ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).extra["int8"]["target"] == target
+    info = ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).extra["int8"]
+    assert info["target"] == target and info["keep_fp32_chosen"] == keep
     if not available("tensorrt"):
         assert result.exit_code == EXIT_NO_TENSORRT and not (out / "model.engine").exists()
 
@@ -142,3 +145,67 @@ def test_unknown_int8_target(int8_export, tmp_path):
     _, fp32, _, calib = int8_export
     with pytest.raises(ExportError, match="target 'gpu'"):
         quantize_int8(fp32.path, tmp_path / "x.onnx", calib, target="gpu")
+
+
+def _teacher_convs_with_int8_weights(proto):
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name.startswith("/teacher/")]
+    return convs, [n for n in convs if n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"]
+
+
+def test_keep_fp32_none_quantises_every_teacher_conv(int8_export, tmp_path):
+    _, fp32, _, calib = int8_export
+    none = quantize_int8(fp32.path, tmp_path / "none.onnx", calib, keep_fp32="none")
+    convs, quantised = _teacher_convs_with_int8_weights(onnx.load(str(none.path)))
+    assert convs and len(quantised) == len(convs)
+    info = none.metadata.extra["int8"]
+    assert info["keep_fp32_chosen"] == "none" and info["teacher_nodes_kept_fp32"] == 0
+    assert list(info["calibration_score_error"]) == ["none"]
+
+
+@pytest.mark.parametrize("tolerance, chosen", [(float("inf"), "none"), (-1.0, "front")])
+def test_keep_fp32_auto_falls_back_on_measured_error(int8_export, tmp_path, monkeypatch, tolerance, chosen):
+    import mrkd.export.int8 as int8_module
+    _, fp32, _, calib = int8_export
+    monkeypatch.setattr(int8_module, "AUTO_MAX_ERROR_VS_SPREAD", tolerance)
+    lines = []
+    auto = quantize_int8(fp32.path, tmp_path / "auto.onnx", calib, keep_fp32="auto", echo=lines.append)
+    info = auto.metadata.extra["int8"]
+    assert info["keep_fp32"] == "auto" and info["keep_fp32_chosen"] == chosen
+    # "auto" always measures all-INT8 first; it only quantises again when that was too far off.
+    assert list(info["calibration_score_error"]) == (["none"] if chosen == "none" else ["none", "front"])
+    convs, quantised = _teacher_convs_with_int8_weights(onnx.load(str(auto.path)))
+    assert (len(quantised) == len(convs)) == (chosen == "none")
+    assert len(lines) == 1 and ("above" in lines[0]) == (chosen == "front")
+
+
+def test_calibration_score_error_against_brute_force(int8_export):
+    from mrkd.export.int8 import calibration_score_error
+    model, fp32, int8, calib = int8_export
+    images = load_images(calibration_paths(calib), int8.metadata)
+    error = calibration_score_error(fp32.path, int8.path, images, int8.metadata)
+    ref = run_onnx(fp32.path, images)["score"].astype(np.float64)
+    cand = run_onnx(int8.path, images)["score"].astype(np.float64)
+    assert error.mean_abs == pytest.approx(np.mean(np.abs(ref - cand)), rel=1e-6, abs=1e-9)
+    assert error.max_abs == pytest.approx(np.max(np.abs(ref - cand)), rel=1e-6, abs=1e-9)
+    assert error.fp32_spread == pytest.approx(np.std(ref), rel=1e-6)
+    assert error.relative == pytest.approx(np.mean(np.abs(ref - cand)) / np.std(ref), rel=1e-6)
+
+
+def test_decoder_convtransposes_become_int8_convs(int8_export):
+    """ORT has no INT8 ConvTranspose: the INT8 graph carries none, and the 1×1 Convs that replace
+    them read INT8 weights."""
+    _, fp32, int8, _ = int8_export
+    assert any(n.op_type == "ConvTranspose" for n in onnx.load(str(fp32.path)).graph.node)
+    proto = onnx.load(str(int8.path))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    assert not any(n.op_type == "ConvTranspose" for n in proto.graph.node)
+    replaced = [n for n in proto.graph.node if n.op_type == "Conv" and n.name.endswith("_as_conv")]
+    assert replaced and len(replaced) == int8.metadata.extra["int8"]["convtranspose_rewritten"]
+    assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in replaced)
+
+
+def test_unknown_keep_fp32_mode(int8_export, tmp_path):
+    _, fp32, _, calib = int8_export
+    with pytest.raises(ExportError, match="keep_fp32 'stem'"):
+        quantize_int8(fp32.path, tmp_path / "x.onnx", calib, keep_fp32="stem")

@@ -5,8 +5,10 @@ import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("per_scale", [False, True])
-def test_exported_model_scores_match_torch(tmp_path, per_scale):
+@pytest.mark.parametrize("per_scale, smooth_in_graph", [(False, True), (True, False), (False, False)])
+def test_exported_model_scores_match_torch(tmp_path, per_scale, smooth_in_graph):
+    """Every output layout: smoothed in the graph, per-scale maps, and the unsmoothed full-size map
+    that the runtime smooths itself."""
     torch = pytest.importorskip("torch")
     from mrkd.export.exporter import export_onnx
     from mrkd.export.onnx_graph import ExportOptions
@@ -15,7 +17,7 @@ def test_exported_model_scores_match_torch(tmp_path, per_scale):
 
     model = resnet18(teacher_weights="random", image_size=64).eval()
     path = tmp_path / "model.onnx"
-    export_onnx(model, path, ExportOptions(per_scale_outputs=per_scale), simplify="never")
+    export_onnx(model, path, ExportOptions(per_scale_outputs=per_scale, smooth_in_graph=smooth_in_graph), simplify="never")
     detector = Detector(path, threshold=1.0)
     frames = np.random.default_rng(0).integers(0, 256, (3, 48, 80, 3), dtype=np.uint8)
     result = detector(frames)
