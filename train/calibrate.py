@@ -3,8 +3,9 @@
 After training, the held-out good images are scored and ``model.calibration`` records::
 
     threshold         the alarm threshold (a score >= threshold is anomalous, as in mrkd.train.metrics)
-    threshold_method  "quantile" | "max_margin" (too few good images for a quantile) | "f1"
-    quantile          the quantile asked for
+    threshold_method  "tolerance" (default) | "quantile" | "max_margin" (too few good images) | "f1"
+    quantile          the share of good parts the threshold should pass (the coverage)
+    confidence, tolerance_k   for "tolerance": see threshold_from_good_scores
     good_mean, good_std, good_min, good_max, good_q99, n_good   statistics of the good scores
 
 The export writes these into the model metadata, so the edge runtime never re-types a threshold.
@@ -12,7 +13,8 @@ The export writes these into the model metadata, so the edge runtime never re-ty
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -20,8 +22,12 @@ from mrkd.train import metrics
 
 # Below this many good scores a high quantile is only the maximum with noise; use max + margin.
 MIN_SCORES_FOR_QUANTILE = 10
+# Below this many a standard deviation means little; "tolerance" falls back to max + margin too.
+MIN_SCORES_FOR_TOLERANCE = 3
 # Margin above the largest good score, as a share of the good scores' range (max - min).
 MAX_MARGIN = 0.1
+THRESHOLD_METHODS = ("tolerance", "quantile")
+TOLERANCE_CONFIDENCE = 0.95
 
 
 def good_score_stats(good_scores) -> dict:
@@ -34,29 +40,61 @@ def good_score_stats(good_scores) -> dict:
             "good_q99": float(np.quantile(scores, 0.99)), "n_good": int(scores.size)}
 
 
-def threshold_from_good_scores(good_scores, quantile: float = 0.99,
-                               min_scores: int = MIN_SCORES_FOR_QUANTILE,
-                               margin: float = MAX_MARGIN) -> Tuple[float, str]:
-    """(threshold, method): the ``quantile`` of good scores, or max + margin·(max − min) when there
-    are fewer than ``min_scores`` of them."""
-    scores = np.asarray(good_scores, dtype=np.float64).ravel()
-    if scores.size >= min_scores:
-        return metrics.threshold_at_quantile(scores, quantile), "quantile"
+def tolerance_factor(n: int, coverage: float, confidence: float = TOLERANCE_CONFIDENCE) -> float:
+    """One-sided normal tolerance factor k: with ``confidence``, mean + k·s of ``n`` normal samples
+    (s with ddof=1) lies above the ``coverage`` quantile of their distribution. Exact, from the
+    noncentral t distribution: k = t'_{confidence}(n−1, z_coverage·√n) / √n."""
+    from scipy import stats
+    if n < 2:
+        raise ValueError(f"a tolerance bound needs at least 2 scores, got {n}")
+    if not (0 < coverage < 1 and 0 < confidence < 1):
+        raise ValueError(f"coverage and confidence must lie in (0, 1), got {coverage}, {confidence}")
+    root_n = np.sqrt(n)
+    return float(stats.nct.ppf(confidence, df=n - 1, nc=stats.norm.ppf(coverage) * root_n) / root_n)
+
+
+def _max_margin(scores: np.ndarray, margin: float) -> float:
     spread = float(scores.max() - scores.min())
     # A single score has no spread: fall back to a share of its magnitude.
     spread = spread if spread > 0 else abs(float(scores.max()))
-    return float(scores.max() + margin * spread), "max_margin"
+    return float(scores.max() + margin * spread)
 
 
-def calibration_from_scores(good_scores, quantile: float = 0.99, labels=None, labelled_scores=None) -> dict:
+def threshold_from_good_scores(good_scores, quantile: float = 0.99, method: str = "tolerance",
+                               min_scores: int = MIN_SCORES_FOR_QUANTILE, margin: float = MAX_MARGIN,
+                               confidence: float = TOLERANCE_CONFIDENCE) -> Tuple[float, str]:
+    """(threshold, method used) from held-out good scores.
+
+    "tolerance": mean + k·s with k = tolerance_factor(n, quantile, confidence), and never below the
+    largest good score. A factory holds out a handful of good parts; their maximum (or a 99% quantile
+    of 6-20 scores, which is the same thing) is itself the tail of a small sample and lands below
+    most of the unseen good parts' tail — the demo's stream raised 5 of 25 alarms on good parts with
+    max + 10% from 6 images. The bound widens with fewer images, as it should.
+    "quantile": the ``quantile`` of the scores (max + margin·(max − min) below ``min_scores``)."""
+    scores = np.asarray(good_scores, dtype=np.float64).ravel()
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"threshold method {method!r} unknown; choose from {list(THRESHOLD_METHODS)}")
+    if method == "tolerance" and scores.size >= MIN_SCORES_FOR_TOLERANCE:
+        bound = scores.mean() + tolerance_factor(scores.size, quantile, confidence) * scores.std(ddof=1)
+        return float(max(bound, scores.max())), "tolerance"
+    if method == "quantile" and scores.size >= min_scores:
+        return metrics.threshold_at_quantile(scores, quantile), "quantile"
+    return _max_margin(scores, margin), "max_margin"
+
+
+def calibration_from_scores(good_scores, quantile: float = 0.99, labels=None, labelled_scores=None,
+                            method: str = "tolerance") -> dict:
     """The calibration dict for given good scores (and, optionally, labelled scores for an F1 threshold)."""
     result = good_score_stats(good_scores)
-    threshold, method = threshold_from_good_scores(good_scores, quantile)
+    threshold, used = threshold_from_good_scores(good_scores, quantile, method)
+    if used == "tolerance":
+        result.update(confidence=TOLERANCE_CONFIDENCE,
+                      tolerance_k=tolerance_factor(result["n_good"], quantile, TOLERANCE_CONFIDENCE))
     if labels is not None:
         threshold, best_f1 = metrics.f1_optimal_threshold(labels, labelled_scores)
-        method = "f1"
+        used = "f1"
         result["f1_at_threshold"] = float(best_f1)
-    result.update(threshold=float(threshold), threshold_method=method, quantile=float(quantile))
+    result.update(threshold=float(threshold), threshold_method=used, quantile=float(quantile))
     return result
 
 
@@ -98,16 +136,58 @@ def score_images(model, images, batch_size: int = 8, device=None) -> np.ndarray:
 
 def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa: F821
               labelled: Optional[Tuple[object, Sequence[int]]] = None, quantile: float = 0.99,
-              batch_size: int = 8, device=None) -> dict:
+              batch_size: int = 8, device=None, method: str = "tolerance") -> dict:
     """Score ``good_images`` (paths or a normalised tensor) and store the calibration in the model.
 
     ``labelled``: optional ``(images, labels)`` with defective examples; the threshold is then the
-    F1-optimal one on them instead of the good-score quantile. Returns ``model.calibration``.
+    F1-optimal one on them instead of the good-score rule ``method`` (see threshold_from_good_scores).
+    Returns ``model.calibration``.
     """
     good = score_images(model, good_images, batch_size, device)
     labels = labelled_scores = None
     if labelled is not None:
         labelled_images, labels = labelled
         labelled_scores = score_images(model, labelled_images, batch_size, device)
-    model.calibration = calibration_from_scores(good, quantile, labels, labelled_scores)
+    model.calibration = calibration_from_scores(good, quantile, labels, labelled_scores, method)
+    return model.calibration
+
+
+def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
+    """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other
+    sub-folder (a defect type) label 1. Errors name the folder when a side is missing."""
+    from mrkd.train.data import DataError, scan_folder
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder} (labelled images: good/ and one sub-folder per defect type)")
+    paths, labels = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = scan_folder(sub)
+        paths += images
+        labels += [0 if sub.name == "good" else 1] * len(images)
+    labels = np.asarray(labels, dtype=np.int64)
+    if not (labels == 0).any() or not (labels == 1).any():
+        raise DataError(f"{folder}: labelled calibration needs a good/ sub-folder and at least one defect "
+                        f"sub-folder with images (found {int((labels == 0).sum())} good, {int(labels.sum())} defective)")
+    return paths, labels
+
+
+def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, quantile: float = 0.99,
+                           method: str = "tolerance", batch_size: int = 8, device=None) -> dict:
+    """Calibrate the model in ``checkpoint`` again and write it (atomically) to ``out`` or in place.
+
+    ``good_images``: a folder or glob of good images; ``labelled``: optional MVTec-style test folder
+    (see labelled_folder) for an F1-optimal threshold. Everything else in the file (training state,
+    epoch) is kept. Returns the new calibration."""
+    from mrkd.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from mrkd.train.data import scan_folder
+    good = scan_folder(good_images)
+    data = read_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint)
+    if device is not None:
+        model = model.to(device)
+    calibrate(model, good, labelled=labelled_folder(labelled) if labelled else None, quantile=quantile,
+              batch_size=batch_size, device=device, method=method)
+    kept = {k: v for k, v in data.items() if k not in ("format", "format_version", "config", "bottleneck",
+                                                        "student", "teacher", "calibration")}
+    save_checkpoint(model.cpu(), out or checkpoint, extra=kept)
     return model.calibration

@@ -97,7 +97,13 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--holdout", default=0.1, show_default=True,
               help="Share of good training images held out for threshold calibration.")
 @click.option("--threshold-quantile", default=0.99, show_default=True,
-              help="Threshold = this quantile of the held-out good scores.")
+              help="Share of good parts the alarm threshold should pass (the coverage).")
+@click.option("--threshold-method", type=click.Choice(["tolerance", "quantile"]), default="tolerance",
+              show_default=True,
+              help="'tolerance': mean + k·std of the held-out good scores, with k chosen so that the "
+                   "threshold passes that share of good parts with 95% confidence (k grows as the hold-out "
+                   "shrinks); 'quantile': the plain quantile of the held-out scores (max + 10% of their "
+                   "range below 10 images). `mrkd calibrate` re-does this later, also from labelled images.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from <out>/<category>/last.ckpt when present (same settings required).")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
@@ -107,7 +113,8 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--skip-unreadable", is_flag=True, help="Skip unreadable images (with a count) instead of failing.")
 @friendly_errors
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
-                  device, ilm, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile, resume,
+                  device, ilm, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile, threshold_method,
+                  resume,
                   workers, amp, resize_mode, skip_unreadable):
     """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images)."""
     import warnings
@@ -121,7 +128,8 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
                              device=device, amp=amp, num_workers=workers, ilm=ilm, ilm_preset=ilm_preset,
                              mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
-                             threshold_quantile=threshold_quantile, resize_mode=resize_mode)
+                             threshold_quantile=threshold_quantile, threshold_method=threshold_method,
+                             resize_mode=resize_mode)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     options = dict(backbone=backbone, teacher_weights=teacher_weights, resume=resume,
@@ -143,6 +151,39 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         threshold = (summary.get("calibration") or {}).get("threshold")
         click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  {metrics}  threshold {threshold}  "
                    f"-> {summary['best']}")
+
+
+# ----------------------------------------------------------------------------- calibrate
+
+@click.command("calibrate")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("good")
+@click.option("--labelled", type=click.Path(file_okay=False),
+              help="A folder with good/ and one sub-folder per defect type (MVTec test layout): the threshold "
+                   "becomes the F1-optimal one on these images instead of the good-score rule.")
+@click.option("--method", type=click.Choice(["tolerance", "quantile"]), default="tolerance", show_default=True,
+              help="Good-score rule (see `mrkd train --help`, --threshold-method).")
+@click.option("--quantile", default=0.99, show_default=True,
+              help="Share of good parts the threshold should pass (the coverage).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="Write the recalibrated checkpoint here instead of replacing CHECKPOINT (atomically).")
+@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@friendly_errors
+def calibrate_command(checkpoint, good, labelled, method, quantile, out, batch_size, device):
+    """Set CHECKPOINT's alarm threshold from GOOD (a folder or glob of good images, e.g. new parts from
+    the line), optionally F1-optimal on --labelled images. Export again afterwards: the threshold
+    travels in the model's metadata."""
+    from mrkd.train.calibrate import recalibrate_checkpoint
+    from mrkd.train.evaluate import resolve_device
+
+    result = recalibrate_checkpoint(checkpoint, good, out=out, labelled=labelled, quantile=quantile, method=method,
+                                    batch_size=batch_size, device=resolve_device(device))
+    extra = (f", F1 {result['f1_at_threshold']:.3f} on the labelled images" if "f1_at_threshold" in result
+             else f", k {result['tolerance_k']:.2f}" if "tolerance_k" in result else "")
+    click.echo(f"threshold {result['threshold']:.6g} ({result['threshold_method']}{extra}) from {result['n_good']} "
+               f"good image(s): mean {result['good_mean']:.4g}, std {result['good_std']:.4g}, "
+               f"max {result['good_max']:.4g} -> {out or checkpoint}")
 
 
 # ----------------------------------------------------------------------------- eval

@@ -66,14 +66,15 @@ class TrainConfig:
     save_every: int = 1                  # epochs between last.ckpt writes (the final epoch always)
     holdout_fraction: float = 0.1        # good train images kept out for calibration
     min_holdout: int = 2
-    threshold_quantile: float = 0.99
+    threshold_quantile: float = 0.99     # share of good parts the threshold should pass
+    threshold_method: str = "tolerance"  # "tolerance" | "quantile" (mrkd.train.calibrate)
     resize_mode: str = "resize"          # "resize" | "center_crop" (official)
     eval_batch_size: int = 8
     progress: bool = True
 
     # Settings that may change between a run and its resumption (they do not change the result).
     RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "eval_every", "save_every", "progress",
-                         "eval_batch_size")
+                         "eval_batch_size", "threshold_quantile", "threshold_method")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -85,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
         if self.ilm_preset not in ("auto", "texture", "object"):
             raise ValueError(f"ilm_preset must be 'auto', 'texture' or 'object', got {self.ilm_preset!r}")
+        if self.threshold_method not in calibration.THRESHOLD_METHODS:
+            raise ValueError(f"threshold_method must be one of {calibration.THRESHOLD_METHODS}, "
+                             f"got {self.threshold_method!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
@@ -383,13 +387,13 @@ def _calibrate_checkpoints(out_dir: Path, model, good_paths: Sequence[str], conf
     """Calibrate last.ckpt (the model in memory) and best.ckpt on the good images; rewrite both."""
     model.eval()
     calibration.calibrate(model, good_paths, quantile=config.threshold_quantile,
-                          batch_size=config.eval_batch_size, device=device)
+                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method)
     last = read_checkpoint(out_dir / LAST)
     save_checkpoint(model, out_dir / LAST, extra={"train_state": last["train_state"]})
     best_data = read_checkpoint(out_dir / BEST)
     best = load_checkpoint(out_dir / BEST).to(device)
     calibration.calibrate(best, good_paths, quantile=config.threshold_quantile,
-                          batch_size=config.eval_batch_size, device=device)
+                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method)
     save_checkpoint(best, out_dir / BEST, extra={k: best_data[k] for k in ("epoch", "history_row") if k in best_data})
     return best.calibration
 

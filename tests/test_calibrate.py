@@ -1,0 +1,100 @@
+"""Threshold rules: the tolerance factor against simulation, and `mrkd calibrate` on a trained checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mrkd.train.calibrate import (labelled_folder, threshold_from_good_scores, tolerance_factor)
+
+
+@pytest.mark.parametrize("n, coverage", [(6, 0.99), (12, 0.95), (40, 0.99)])
+def test_tolerance_factor_covers_as_promised(n, coverage):
+    """Brute force: draw many samples of n normal scores; mean + k·s must lie above the true
+    ``coverage`` quantile in 95% of them."""
+    k = tolerance_factor(n, coverage, confidence=0.95)
+    rng = np.random.default_rng(n)
+    samples = rng.standard_normal((40_000, n))
+    bounds = samples.mean(axis=1) + k * samples.std(axis=1, ddof=1)
+    hit_rate = np.mean(bounds >= stats.norm.ppf(coverage))
+    assert hit_rate == pytest.approx(0.95, abs=0.006)
+
+
+def test_tolerance_factor_shrinks_to_the_normal_quantile():
+    ks = [tolerance_factor(n, 0.99) for n in (3, 6, 20, 100, 100_000)]
+    assert all(a > b for a, b in zip(ks, ks[1:]))
+    assert ks[-1] == pytest.approx(stats.norm.ppf(0.99), abs=0.02)
+    with pytest.raises(ValueError):
+        tolerance_factor(1, 0.99)
+
+
+def test_tolerance_threshold_never_below_a_good_score():
+    scores = np.r_[np.zeros(99), 100.0]      # one far outlier among 100 good scores
+    threshold, method = threshold_from_good_scores(scores, 0.99)
+    assert method == "tolerance" and threshold == 100.0
+    few = np.array([1.0, 1.2])               # too few for a standard deviation: max + 10% of the range
+    assert threshold_from_good_scores(few) == (pytest.approx(1.22), "max_margin")
+    with pytest.raises(ValueError, match="threshold method 'median'"):
+        threshold_from_good_scores(scores, method="median")
+
+
+def test_labelled_folder_reads_mvtec_test_layout(tmp_path):
+    import cv2
+    for sub, count in (("good", 2), ("scratch", 1), ("hole", 2)):
+        (tmp_path / sub).mkdir()
+        for i in range(count):
+            cv2.imwrite(str(tmp_path / sub / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
+    paths, labels = labelled_folder(tmp_path)
+    assert len(paths) == 5 and sorted(labels.tolist()) == [0, 0, 1, 1, 1]
+    assert all((Path(p).parent.name == "good") == (label == 0) for p, label in zip(paths, labels))
+    shutil.rmtree(tmp_path / "scratch")
+    shutil.rmtree(tmp_path / "hole")
+    from mrkd.train.data import DataError
+    with pytest.raises(DataError, match=f"{tmp_path}: labelled calibration needs"):
+        labelled_folder(tmp_path)
+
+
+@pytest.mark.slow
+def test_calibrate_cli_rewrites_the_threshold_and_keeps_the_rest(tmp_path):
+    import torch
+    from click.testing import CliRunner
+    from sklearn.metrics import f1_score
+
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.cli import calibrate_command
+    from train_fixtures import CATEGORY, tiny_data, trained_run
+
+    source = Path(trained_run()["out_dir"]) / "last.ckpt"
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copy(source, checkpoint)
+    category = Path(tiny_data()) / CATEGORY
+    good, test = category / "train" / "good", category / "test"
+
+    result = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "(tolerance, k " in result.output
+    raw = torch.load(checkpoint, weights_only=True)
+    assert raw["calibration"]["threshold_method"] == "tolerance"
+    assert raw["calibration"]["n_good"] == len(list(good.iterdir()))
+    assert raw["train_state"]["epoch"] == torch.load(source, weights_only=True)["train_state"]["epoch"]
+
+    out = tmp_path / "f1.ckpt"
+    result = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "--labelled", str(test),
+                                                    "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    model = load_checkpoint(out)
+    assert model.calibration["threshold_method"] == "f1"
+    # The F1 the file reports is the F1 sklearn measures at that threshold on the labelled images.
+    paths, labels = labelled_folder(test)
+    from mrkd.train.calibrate import score_images
+    scores = score_images(model, paths)
+    measured = f1_score(labels, scores >= model.calibration["threshold"])
+    assert model.calibration["f1_at_threshold"] == pytest.approx(measured, abs=1e-6)
+    assert torch.load(checkpoint, weights_only=True)["calibration"]["threshold_method"] == "tolerance"  # untouched
+
+    missing = CliRunner().invoke(calibrate_command, [str(checkpoint), str(tmp_path / "nope"), "--device", "cpu"])
+    assert missing.exit_code != 0 and "nope" in missing.output
