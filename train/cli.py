@@ -101,9 +101,12 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--threshold-method", type=click.Choice(["tolerance", "quantile"]), default="tolerance",
               show_default=True,
               help="'tolerance': mean + k·std of the held-out good scores, with k chosen so that the "
-                   "threshold passes that share of good parts with 95% confidence (k grows as the hold-out "
+                   "threshold passes that share of good parts with --threshold-confidence (k grows as the hold-out "
                    "shrinks); 'quantile': the plain quantile of the held-out scores (max + 10% of their "
                    "range below 10 images). `mrkd calibrate` re-does this later, also from labelled images.")
+@click.option("--threshold-confidence", default=0.75, show_default=True,
+              help="For 'tolerance': how sure the threshold should be to pass that share of good parts "
+                   "(higher: fewer false alarms, more missed defects; see mrkd.train.calibrate).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from <out>/<category>/last.ckpt when present (same settings required).")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
@@ -114,7 +117,7 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @friendly_errors
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
                   device, ilm, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile, threshold_method,
-                  resume,
+                  threshold_confidence, resume,
                   workers, amp, resize_mode, skip_unreadable):
     """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images)."""
     import warnings
@@ -129,6 +132,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
                              device=device, amp=amp, num_workers=workers, ilm=ilm, ilm_preset=ilm_preset,
                              mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
                              threshold_quantile=threshold_quantile, threshold_method=threshold_method,
+                             threshold_confidence=threshold_confidence,
                              resize_mode=resize_mode)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
@@ -165,12 +169,15 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
               help="Good-score rule (see `mrkd train --help`, --threshold-method).")
 @click.option("--quantile", default=0.99, show_default=True,
               help="Share of good parts the threshold should pass (the coverage).")
+@click.option("--confidence", default=0.75, show_default=True,
+              help="For 'tolerance': how sure the threshold should be to pass that share of good parts "
+                   "(higher: fewer false alarms, more missed defects; see mrkd.train.calibrate).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Write the recalibrated checkpoint here instead of replacing CHECKPOINT (atomically).")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @friendly_errors
-def calibrate_command(checkpoint, good, labelled, method, quantile, out, batch_size, device):
+def calibrate_command(checkpoint, good, labelled, method, quantile, confidence, out, batch_size, device):
     """Set CHECKPOINT's alarm threshold from GOOD (a folder or glob of good images, e.g. new parts from
     the line), optionally F1-optimal on --labelled images. Export again afterwards: the threshold
     travels in the model's metadata."""
@@ -178,6 +185,7 @@ def calibrate_command(checkpoint, good, labelled, method, quantile, out, batch_s
     from mrkd.train.evaluate import resolve_device
 
     result = recalibrate_checkpoint(checkpoint, good, out=out, labelled=labelled, quantile=quantile, method=method,
+                                    confidence=confidence,
                                     batch_size=batch_size, device=resolve_device(device))
     extra = (f", F1 {result['f1_at_threshold']:.3f} on the labelled images" if "f1_at_threshold" in result
              else f", k {result['tolerance_k']:.2f}" if "tolerance_k" in result else "")

@@ -68,13 +68,15 @@ class TrainConfig:
     min_holdout: int = 2
     threshold_quantile: float = 0.99     # share of good parts the threshold should pass
     threshold_method: str = "tolerance"  # "tolerance" | "quantile" (mrkd.train.calibrate)
+    threshold_confidence: float = 0.75   # for "tolerance": calibrate.TOLERANCE_CONFIDENCE
     resize_mode: str = "resize"          # "resize" | "center_crop" (official)
     eval_batch_size: int = 8
     progress: bool = True
 
     # Settings that may change between a run and its resumption (they do not change the result).
     RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "eval_every", "save_every", "progress",
-                         "eval_batch_size", "threshold_quantile", "threshold_method")
+                         "eval_batch_size", "threshold_quantile", "threshold_method",
+                         "threshold_confidence")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -387,13 +389,15 @@ def _calibrate_checkpoints(out_dir: Path, model, good_paths: Sequence[str], conf
     """Calibrate last.ckpt (the model in memory) and best.ckpt on the good images; rewrite both."""
     model.eval()
     calibration.calibrate(model, good_paths, quantile=config.threshold_quantile,
-                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method)
+                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method,
+                          confidence=config.threshold_confidence)
     last = read_checkpoint(out_dir / LAST)
     save_checkpoint(model, out_dir / LAST, extra={"train_state": last["train_state"]})
     best_data = read_checkpoint(out_dir / BEST)
     best = load_checkpoint(out_dir / BEST).to(device)
     calibration.calibrate(best, good_paths, quantile=config.threshold_quantile,
-                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method)
+                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method,
+                          confidence=config.threshold_confidence)
     save_checkpoint(best, out_dir / BEST, extra={k: best_data[k] for k in ("epoch", "history_row") if k in best_data})
     return best.calibration
 
