@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from mrkd.export.onnx_graph import INPUT_NAME, ExportOptions, output_descriptions, save_onnx, set_metadata_props
-from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from mrkd.runtime.metadata import ModelMetadata, calibration_fields, sidecar_path
 
 
 def file_sha256(path) -> str:
@@ -19,27 +19,11 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-# Calibration entries that describe the good-score distribution (mrkd.train.calibrate writes good_*):
-# the runtime's normalised score is (score - good_min) / (threshold - good_min).
-SCORE_NORM_PREFIXES = ("good_", "score_")
-
-
-def _calibration_fields(calibration: Dict) -> tuple:
-    """(threshold, score_norm) from the checkpoint's calibration dict: the nested ``score_norm`` dict if
-    training stored one, else the numeric good-score statistics (good_min, good_max, good_mean, ...)."""
-    threshold = calibration.get("threshold")
-    norm = calibration.get("score_norm")
-    if not isinstance(norm, dict):
-        norm = {k: v for k, v in calibration.items() if k.startswith(SCORE_NORM_PREFIXES)
-                and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return (None if threshold is None else float(threshold)), {k: float(v) for k, v in norm.items()}
-
-
 def build_metadata(model, options: ExportOptions, *, precision: Optional[str] = None,
                    checkpoint_sha256: Optional[str] = None, extra: Optional[Dict] = None) -> ModelMetadata:
     """The metadata of an export of ``model`` (an MRKD) with ``options``; onnx_sha256 is set on save."""
     config = model.config
-    threshold, score_norm = _calibration_fields(dict(model.calibration or {}))
+    threshold, score_norm = calibration_fields(dict(model.calibration or {}))
     meta = ModelMetadata(
         backbone=config.backbone,
         image_size=int(config.image_size),

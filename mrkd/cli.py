@@ -16,7 +16,7 @@ COMMANDS = {
                  "Write the embedded synthetic MVTec-layout data set (procedural surfaces and defects)."),
     "train": ("mrkd.train.cli:train_command", "Train an MRKD model on good images (one or all categories)."),
     "calibrate": ("mrkd.train.cli:calibrate_command",
-                  "Set a checkpoint's alarm threshold again from good (and optionally labelled) images."),
+                  "Set the alarm threshold of a checkpoint or exported model from good (or labelled) images."),
     "eval": ("mrkd.train.cli:eval_command", "Image/pixel AUROC, AUPRO, F1 at the threshold, ROC plots."),
     "predict": ("mrkd.train.cli:predict_command", "Score images: scores.csv, maps (.npy) and heatmap overlays."),
     "export": ("mrkd.export.cli:export_command", "Export a checkpoint to ONNX (and TensorRT with --fp16/--int8)."),

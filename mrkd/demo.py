@@ -2,7 +2,7 @@
 
 The demo is a list of steps, ``DEMO_STEPS``; each is a callable taking one context dict (the
 options plus what earlier steps put there: ``data_root``, ``run_dir``, ``checkpoints``, ``metrics``)
-and printing what it did. Later stages (export, run) append their own step::
+and printing what it did. The export and runtime packages add their own steps::
 
     from mrkd.demo import DEMO_STEPS, demo_step
     @demo_step("export")
@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Tuple
 import click
 
 DemoStep = Callable[[Dict], None]
-# (name, step) in execution order. Export/run engineers: append with demo_step(...) in your module
-# and add that module to DEMO_STEP_MODULES so it is imported before the demo runs.
+# (name, step) in execution order. A package registers its steps with demo_step(...) in a module
+# listed in DEMO_STEP_MODULES, which the demo imports before it runs.
 DEMO_STEPS: List[Tuple[str, DemoStep]] = []
 DEMO_STEP_MODULES: List[str] = ["mrkd.export.demo_step", "mrkd.runtime.demo_step"]
 
@@ -80,6 +80,7 @@ def train_step(context: Dict) -> None:
     summaries = train_all(context["data_root"], context["categories"], context["run_dir"], config,
                           backbone=backbone, teacher_weights=weights, resume=False)
     context["checkpoints"] = {name: Path(s["best"]) for name, s in summaries.items()}
+    context["holdout"] = {name: list(s.get("holdout") or []) for name, s in summaries.items()}
     click.echo(f"checkpoints: {context['run_dir']}/<category>/best.ckpt")
 
 
@@ -114,9 +115,11 @@ def run_demo(out, quick: bool = False) -> Dict:
 
 @click.command("demo")
 @click.option("--out", "-o", default="mrkd-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the data, checkpoints, metrics and plots.")
+              help="Folder for the data, checkpoints, metrics, plots, exported models and the event log.")
 @click.option("--quick", is_flag=True, help="Smaller images and fewer epochs (about a minute).")
 def demo_command(out, quick):
-    """Generate the embedded data set, train a small model on CPU, evaluate it; later steps follow."""
+    """The whole path on the embedded data set, on the CPU: generate it, train EfficientNet-Lite0 models
+    (ImageNet teacher) on its good images, evaluate them, export ONNX (TensorRT too when present), and
+    stream a video of good-then-defective parts through the exported model, printing the alarms."""
     from mrkd.train.cli import friendly_errors
     friendly_errors(run_demo)(out, quick)

@@ -16,22 +16,28 @@ from mrkd.demo import demo_step
 FRAMES_PER_IMAGE = 3   # each test image is held for a few frames, as a part passing a camera
 
 
-def test_split_video(category_root: Path, video_path: Path, fps: float = 10.0) -> Dict[str, List[int]]:
-    """Write test/good images then defective ones as an MJPG video; returns the frame ranges of each."""
+def write_clip(paths: List[Path], video_path: Path, fps: float = 10.0) -> None:
+    """Images as an MJPG video, each held for FRAMES_PER_IMAGE frames: parts passing a camera."""
     import cv2
 
-    from mrkd.runtime.images import is_image_file, read_image
-    test = category_root / "test"
-    good = sorted(p for p in (test / "good").iterdir() if is_image_file(p))
-    bad = sorted(p for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good"
-                 for p in d.iterdir() if is_image_file(p))
-    images = [read_image(p) for p in good + bad]
+    from mrkd.runtime.images import read_image
+    images = [read_image(p) for p in paths]
     h, w = images[0].shape[:2]
     writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
     for image in images:
         for _ in range(FRAMES_PER_IMAGE):
             writer.write(cv2.resize(image, (w, h)))
     writer.release()
+
+
+def test_split_video(category_root: Path, video_path: Path, fps: float = 10.0) -> Dict[str, List[int]]:
+    """Write test/good images then defective ones as an MJPG video; returns the frame ranges of each."""
+    from mrkd.runtime.images import is_image_file
+    test = category_root / "test"
+    good = sorted(p for p in (test / "good").iterdir() if is_image_file(p))
+    bad = sorted(p for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good"
+                 for p in d.iterdir() if is_image_file(p))
+    write_clip(good + bad, video_path, fps)
     n_good = len(good) * FRAMES_PER_IMAGE
     return {"good": list(range(n_good)), "defective": list(range(n_good, n_good + len(bad) * FRAMES_PER_IMAGE))}
 
@@ -63,6 +69,17 @@ def stream_step(context: Dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = exported_model(context, category)
     segments = test_split_video(Path(context["data_root"]) / category, out / f"{category}.avi")
+    holdout = (context.get("holdout") or {}).get(category)
+    if holdout:
+        # Calibrate on the line: the held-out good parts (never trained on) through the same MJPG codec
+        # as the stream, because the codec shifts scores (runtime/calibrate.py says by how much).
+        from mrkd.runtime.calibrate import calibrate_exported
+        clip = out / f"{category}_good_parts.avi"
+        write_clip([Path(p) for p in holdout], clip)
+        calibration = calibrate_exported(model, str(clip), progress=False)
+        click.echo(f"calibrated {model.name} on {calibration['n_good']} frames of {len(holdout)} held-out good "
+                   f"parts through the stream's codec: threshold {calibration['previous_threshold']:.4f} -> "
+                   f"{calibration['threshold']:.4f}")
     detector = Detector(model)
     if detector.threshold is None:
         click.echo(f"{model}: no calibrated threshold in the metadata; skipping the stream")

@@ -127,3 +127,19 @@ def sidecar_path(model_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``: the sidecar sits beside the model it describes."""
     model_path = Path(model_path)
     return model_path.with_name(model_path.name + ".json")
+
+
+# Calibration entries that describe the good-score distribution (mrkd.train.calibrate writes good_*):
+# the runtime's normalised score is (score - good_min) / (threshold - good_min).
+SCORE_NORM_PREFIXES = ("good_", "score_")
+
+
+def calibration_fields(calibration: Dict[str, Any]) -> Tuple[Optional[float], Dict[str, float]]:
+    """(threshold, score_norm) from a calibration dict: the nested ``score_norm`` dict if there is one,
+    else the numeric good-score statistics (good_min, good_max, good_mean, ...)."""
+    threshold = calibration.get("threshold")
+    norm = calibration.get("score_norm")
+    if not isinstance(norm, dict):
+        norm = {k: v for k, v in calibration.items() if k.startswith(SCORE_NORM_PREFIXES)
+                and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return (None if threshold is None else float(threshold)), {k: float(v) for k, v in norm.items()}

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mrkd.train.calibrate import (labelled_folder, threshold_from_good_scores, tolerance_factor)
+from mrkd.runtime.calibrate import CalibrationError, labelled_folder
+from mrkd.train.calibrate import threshold_from_good_scores, tolerance_factor
 
 
 @pytest.mark.parametrize("n, coverage, confidence", [(6, 0.99, 0.95), (12, 0.95, 0.95), (40, 0.99, 0.95),
@@ -35,10 +36,10 @@ def test_tolerance_factor_shrinks_to_the_normal_quantile():
 
 def test_tolerance_threshold_never_below_a_good_score():
     scores = np.r_[np.zeros(99), 100.0]      # one far outlier among 100 good scores
-    threshold, method = threshold_from_good_scores(scores, 0.99)
+    threshold, method = threshold_from_good_scores(scores, 0.99, method="tolerance")
     assert method == "tolerance" and threshold == 100.0
     few = np.array([1.0, 1.2])               # too few for a standard deviation: max + 10% of the range
-    assert threshold_from_good_scores(few) == (pytest.approx(1.22), "max_margin")
+    assert threshold_from_good_scores(few, method="tolerance") == (pytest.approx(1.22), "max_margin")
     with pytest.raises(ValueError, match="threshold method 'median'"):
         threshold_from_good_scores(scores, method="median")
 
@@ -54,8 +55,7 @@ def test_labelled_folder_reads_mvtec_test_layout(tmp_path):
     assert all((Path(p).parent.name == "good") == (label == 0) for p, label in zip(paths, labels))
     shutil.rmtree(tmp_path / "scratch")
     shutil.rmtree(tmp_path / "hole")
-    from mrkd.train.data import DataError
-    with pytest.raises(DataError, match=f"{tmp_path}: labelled calibration needs"):
+    with pytest.raises(CalibrationError, match=f"{tmp_path}: labelled calibration needs"):
         labelled_folder(tmp_path)
 
 
@@ -75,7 +75,8 @@ def test_calibrate_cli_rewrites_the_threshold_and_keeps_the_rest(tmp_path):
     category = Path(tiny_data()) / CATEGORY
     good, test = category / "train" / "good", category / "test"
 
-    result = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "--device", "cpu"])
+    result = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "--method", "tolerance",
+                                                    "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "(tolerance, k " in result.output
     raw = torch.load(checkpoint, weights_only=True)

@@ -183,12 +183,12 @@ def test_long_run_memory_is_flat(tmp_path):
     assert growth < 512 * 1024, f"memory grew by {growth} bytes over 3000 frames"
 
 
-def test_runtime_and_mrkd_run_never_import_torch(tmp_path):
+def test_runtime_mrkd_run_and_calibrate_never_import_torch(tmp_path):
     video = write_video(tmp_path / "v.avi", normal_then_defective(3, 2))
     model = build_tiny_model(tmp_path / "m.onnx")
     modules = ["detector", "sources", "alarms", "events", "stats", "stream", "cli", "video_output", "overlay",
                "backends", "backends.onnxruntime_backend", "backends.tensorrt_backend", "postprocess",
-               "preprocess", "images", "metadata"]
+               "preprocess", "images", "metadata", "calibrate"]
     if (Path(__file__).parents[1] / "runtime" / "demo_step.py").exists():
         modules.append("demo_step")
     code = (
@@ -199,6 +199,8 @@ def test_runtime_and_mrkd_run_never_import_torch(tmp_path):
         f"r = CliRunner().invoke(main, ['run', {str(model)!r}, '--source', {str(video)!r}, '--status-every', '0'])\n"
         "assert r.exit_code == 0, r.output\n"
         "import json; print(json.loads(r.output[r.output.index('{'):])['alarms'])\n"
+        f"c = CliRunner().invoke(main, ['calibrate', {str(model)!r}, {str(video)!r}])\n"
+        "assert c.exit_code == 0 and 'sidecar; was' in c.output, c.output\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
         "assert not bad, bad\n"
     )

@@ -98,12 +98,13 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help="Share of good training images held out for threshold calibration.")
 @click.option("--threshold-quantile", default=0.99, show_default=True,
               help="Share of good parts the alarm threshold should pass (the coverage).")
-@click.option("--threshold-method", type=click.Choice(["tolerance", "quantile"]), default="tolerance",
+@click.option("--threshold-method", type=click.Choice(["quantile", "tolerance"]), default="quantile",
               show_default=True,
-              help="'tolerance': mean + k·std of the held-out good scores, with k chosen so that the "
-                   "threshold passes that share of good parts with --threshold-confidence (k grows as the hold-out "
-                   "shrinks); 'quantile': the plain quantile of the held-out scores (max + 10% of their "
-                   "range below 10 images). `mrkd calibrate` re-does this later, also from labelled images.")
+              help="'quantile': the quantile of the held-out good scores (max + 10% of their range below 10 "
+                   "images); 'tolerance': mean + k·std, with k chosen so that the threshold passes that share "
+                   "of good parts with --threshold-confidence (k grows as the hold-out shrinks: fewer false "
+                   "alarms, but with few, widely spread scores it misses defects). `mrkd calibrate` re-does "
+                   "this later, also F1-optimal from labelled images.")
 @click.option("--threshold-confidence", default=0.75, show_default=True,
               help="For 'tolerance': how sure the threshold should be to pass that share of good parts "
                    "(higher: fewer false alarms, more missed defects; see mrkd.train.calibrate).")
@@ -160,12 +161,12 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
 # ----------------------------------------------------------------------------- calibrate
 
 @click.command("calibrate")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("good")
 @click.option("--labelled", type=click.Path(file_okay=False),
               help="A folder with good/ and one sub-folder per defect type (MVTec test layout): the threshold "
                    "becomes the F1-optimal one on these images instead of the good-score rule.")
-@click.option("--method", type=click.Choice(["tolerance", "quantile"]), default="tolerance", show_default=True,
+@click.option("--method", type=click.Choice(["quantile", "tolerance"]), default="quantile", show_default=True,
               help="Good-score rule (see `mrkd train --help`, --threshold-method).")
 @click.option("--quantile", default=0.99, show_default=True,
               help="Share of good parts the threshold should pass (the coverage).")
@@ -173,25 +174,57 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
               help="For 'tolerance': how sure the threshold should be to pass that share of good parts "
                    "(higher: fewer false alarms, more missed defects; see mrkd.train.calibrate).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
-              help="Write the recalibrated checkpoint here instead of replacing CHECKPOINT (atomically).")
-@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@friendly_errors
-def calibrate_command(checkpoint, good, labelled, method, quantile, confidence, out, batch_size, device):
-    """Set CHECKPOINT's alarm threshold from GOOD (a folder or glob of good images, e.g. new parts from
-    the line), optionally F1-optimal on --labelled images. Export again afterwards: the threshold
-    travels in the model's metadata."""
-    from mrkd.train.calibrate import recalibrate_checkpoint
-    from mrkd.train.evaluate import resolve_device
+              help="Checkpoints only: write the recalibrated checkpoint here instead of replacing MODEL.")
+@click.option("--max-frames", type=int, default=None,
+              help="Exported models: score at most this many frames of GOOD (needed for cameras and streams).")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto",
+              show_default=True, help="Exported models: the inference backend that scores GOOD.")
+@click.option("--batch-size", default=8, show_default=True, help="Checkpoints: images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
+def calibrate_command(model, good, labelled, method, quantile, confidence, out, max_frames, backend, batch_size,
+                      device):
+    """Set MODEL's alarm threshold from GOOD, optionally F1-optimal on --labelled images.
 
-    result = recalibrate_checkpoint(checkpoint, good, out=out, labelled=labelled, quantile=quantile, method=method,
-                                    confidence=confidence,
-                                    batch_size=batch_size, device=resolve_device(device))
+    MODEL is a checkpoint (.ckpt: GOOD is a folder or glob of good images, e.g. new parts from the line;
+    export again afterwards, the threshold travels in the metadata) or an exported model (.onnx or
+    .engine: GOOD is any `mrkd run` source — folder, glob, video file, camera, stream — so the threshold
+    is set on frames that came through the camera and codec the line uses; only the sidecar is
+    rewritten, and no PyTorch is needed)."""
+    if Path(model).suffix.lower() in (".onnx", ".engine", ".plan"):
+        if out:
+            raise click.UsageError("--out is for checkpoints; an exported model's sidecar is updated in place")
+        # The runtime path: no PyTorch imported (friendly_errors would import the training modules).
+        from mrkd.runtime.backends import BackendError
+        from mrkd.runtime.calibrate import CalibrationError, calibrate_exported
+        from mrkd.runtime.images import ImageReadError
+        from mrkd.runtime.metadata import MetadataError
+        from mrkd.runtime.sources import SourceError
+        try:
+            result = calibrate_exported(model, good, labelled=labelled, quantile=quantile, method=method,
+                                        confidence=confidence, max_frames=max_frames, backend=backend)
+        except (BackendError, CalibrationError, ImageReadError, MetadataError, SourceError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        target = f"{model} (sidecar; was {result['previous_threshold']})"
+    else:
+        result = friendly_errors(_recalibrate_checkpoint)(model, good, out, labelled, quantile, method, confidence,
+                                                          batch_size, device)
+        target = out or model
     extra = (f", F1 {result['f1_at_threshold']:.3f} on the labelled images" if "f1_at_threshold" in result
              else f", k {result['tolerance_k']:.2f}" if "tolerance_k" in result else "")
     click.echo(f"threshold {result['threshold']:.6g} ({result['threshold_method']}{extra}) from {result['n_good']} "
                f"good image(s): mean {result['good_mean']:.4g}, std {result['good_std']:.4g}, "
-               f"max {result['good_max']:.4g} -> {out or checkpoint}")
+               f"max {result['good_max']:.4g} -> {target}")
+
+
+def _recalibrate_checkpoint(model, good, out, labelled, quantile, method, confidence, batch_size, device):
+    from mrkd.runtime.calibrate import CalibrationError
+    from mrkd.train.calibrate import recalibrate_checkpoint
+    from mrkd.train.evaluate import resolve_device
+    try:
+        return recalibrate_checkpoint(model, good, out=out, labelled=labelled, quantile=quantile, method=method,
+                                      confidence=confidence, batch_size=batch_size, device=resolve_device(device))
+    except CalibrationError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------- eval

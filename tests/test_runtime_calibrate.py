@@ -1,0 +1,122 @@
+"""Calibrating an exported model on frames from a source: thresholds checked against scores computed
+here with PyTorch, the sidecar rewritten and the model file untouched."""
+
+from __future__ import annotations
+
+import hashlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mrkd.export import ExportOptions, export_onnx
+from mrkd.runtime import Detector
+from mrkd.runtime.calibrate import CalibrationError, calibrate_exported
+from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from mrkd.runtime.preprocess import model_input
+from export_fixtures import small_model
+from runtime_fixtures import write_video
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _textures(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return [cv2.GaussianBlur(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), (5, 5), 1.5) for _ in range(n)]
+
+
+def _torch_scores(model, frames, metadata) -> np.ndarray:
+    with torch.no_grad():
+        return model.scores(torch.from_numpy(model_input(frames, metadata))).double().numpy()
+
+
+@pytest.fixture()
+def exported(tmp_path):
+    model = small_model()
+    path = export_onnx(model, tmp_path / "model.onnx", ExportOptions(batch_range=(1, 1, 4)), simplify="never").path
+    return model, path
+
+
+def test_calibrate_on_a_video_sets_the_quantile_of_its_frames(exported, tmp_path):
+    model, path = exported
+    frames = _textures(14, seed=1)
+    video = write_video(tmp_path / "good.avi", frames, fps=10)
+    model_bytes = _sha(path)
+    before = ModelMetadata.load(sidecar_path(path)).threshold
+
+    result = calibrate_exported(path, str(video), progress=False)
+    # Reference: decode the same video here and score its frames with the PyTorch model.
+    capture, decoded = cv2.VideoCapture(str(video)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        decoded.append(frame)
+    reference = _torch_scores(model, decoded, ModelMetadata.load(sidecar_path(path)))
+    assert result["n_good"] == len(decoded) == 14 and result["threshold_method"] == "quantile"
+    assert result["threshold"] == pytest.approx(np.quantile(reference, 0.99), rel=1e-4)
+    assert result["good_mean"] == pytest.approx(reference.mean(), rel=1e-4)
+
+    meta = ModelMetadata.load(sidecar_path(path))
+    assert meta.threshold == pytest.approx(result["threshold"])
+    assert meta.extra["calibration"]["previous_threshold"] == before == 3.0
+    assert meta.score_norm["good_min"] == pytest.approx(reference.min(), rel=1e-4)
+    assert _sha(path) == model_bytes                       # only the sidecar changed
+    assert Detector(path).threshold == pytest.approx(result["threshold"])
+
+
+def test_calibrate_skips_bad_files_and_scores_labelled_images(exported, tmp_path):
+    from sklearn.metrics import f1_score
+    model, path = exported
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, image in enumerate(_textures(5, seed=2)):
+        cv2.imwrite(str(good / f"{i}.png"), image)
+    (good / "broken.png").write_bytes(b"not a png")
+    test = tmp_path / "test"
+    for name, images in (("good", _textures(3, seed=3)), ("spot", _textures(3, seed=4))):
+        (test / name).mkdir(parents=True)
+        for i, image in enumerate(images):
+            if name == "spot":
+                image = image.copy()
+                image[10:30, 20:40] = 255
+            cv2.imwrite(str(test / name / f"{i}.png"), image)
+
+    result = calibrate_exported(path, str(good), labelled=str(test), progress=False)
+    assert result["n_good"] == 5 and result["bad_frames"] == 1      # the broken file: skipped, counted
+    assert result["threshold_method"] == "f1"
+    labelled = sorted((test / "good").glob("*.png")) + sorted((test / "spot").glob("*.png"))
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = _torch_scores(model, [cv2.imread(str(p)) for p in labelled], ModelMetadata.load(sidecar_path(path)))
+    assert result["f1_at_threshold"] == pytest.approx(f1_score(labels, scores >= result["threshold"]), abs=1e-6)
+
+
+def test_calibrate_errors_name_the_source(exported, tmp_path):
+    _, path = exported
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(CalibrationError, match=r"empty: no usable frames .*1 bad frame.*broken\.jpg"):
+        calibrate_exported(path, str(empty), progress=False)
+    assert ModelMetadata.load(sidecar_path(path)).threshold == 3.0     # nothing written on failure
+
+
+def test_calibrate_cli_on_an_exported_model(exported, tmp_path):
+    from mrkd.train.cli import calibrate_command
+    _, path = exported
+    folder = tmp_path / "line"
+    folder.mkdir()
+    for i, image in enumerate(_textures(6, seed=5)):
+        cv2.imwrite(str(folder / f"{i}.jpg"), image)
+    result = CliRunner().invoke(calibrate_command, [str(path), str(folder), "--method", "tolerance"])
+    assert result.exit_code == 0, result.output
+    assert "(tolerance, k " in result.output and "sidecar; was 3.0" in result.output
+    assert ModelMetadata.load(sidecar_path(path)).extra["calibration"]["threshold_method"] == "tolerance"
+    refused = CliRunner().invoke(calibrate_command, [str(path), str(folder), "-o", str(tmp_path / "x.onnx")])
+    assert refused.exit_code != 0 and "--out is for checkpoints" in refused.output
+    missing = CliRunner().invoke(calibrate_command, [str(path), str(tmp_path / "nowhere")])
+    assert missing.exit_code != 0 and "nowhere" in missing.output
