@@ -67,7 +67,7 @@ class TrainConfig:
     holdout_fraction: float = 0.1        # good train images kept out for calibration
     min_holdout: int = 2
     threshold_quantile: float = 0.99     # share of good parts the threshold should pass
-    threshold_method: str = "tolerance"  # "tolerance" | "quantile" (mrkd.train.calibrate)
+    threshold_method: str = "quantile"   # "quantile" | "tolerance" (mrkd.train.calibrate)
     threshold_confidence: float = 0.75   # for "tolerance": calibrate.TOLERANCE_CONFIDENCE
     resize_mode: str = "resize"          # "resize" | "center_crop" (official)
     eval_batch_size: int = 8
