@@ -209,3 +209,21 @@ def test_unknown_keep_fp32_mode(int8_export, tmp_path):
     _, fp32, _, calib = int8_export
     with pytest.raises(ExportError, match="keep_fp32 'stem'"):
         quantize_int8(fp32.path, tmp_path / "x.onnx", calib, keep_fp32="stem")
+
+
+def test_head_only_convs_stay_fp32_for_the_cpu_target_only(int8_export, tmp_path):
+    """The student's last generation Convs feed only the head: the cpu form keeps them FP32 (ORT would
+    dequantise their weights on every call), the tensorrt form quantises their inputs."""
+    from mrkd.export.int8 import head_only_convs
+    _, fp32, tensorrt_form, calib = int8_export
+    names = head_only_convs(onnx.load(str(fp32.path)))
+    assert sorted(names) == [f"/student/generation{i}/generation{i}.2/Conv" for i in (1, 2, 3)]
+    cpu = quantize_int8(fp32.path, tmp_path / "cpu.onnx", calib, target="cpu", keep_fp32="front")
+    for model, quantised in ((cpu, False), (tensorrt_form, True)):
+        proto = onnx.load(str(model.path))
+        producers = {o: n for n in proto.graph.node for o in n.output}
+        convs = [n for n in proto.graph.node if n.name in names]
+        assert len(convs) == 3
+        assert all((n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear") == quantised
+                   for n in convs), model.path.name
+        assert model.metadata.extra["int8"]["head_only_convs_fp32"] == (0 if quantised else 3)
