@@ -29,6 +29,13 @@ def _textures(n: int, seed: int):
     return [cv2.GaussianBlur(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), (5, 5), 1.5) for _ in range(n)]
 
 
+def _texture_folder(folder, n: int, seed: int, suffix: str = ".png"):
+    folder.mkdir(parents=True)
+    for i, image in enumerate(_textures(n, seed)):
+        cv2.imwrite(str(folder / f"{i}{suffix}"), image)
+    return folder
+
+
 def _torch_scores(model, frames, metadata) -> np.ndarray:
     with torch.no_grad():
         return model.scores(torch.from_numpy(model_input(frames, metadata))).double().numpy()
@@ -72,10 +79,7 @@ def test_calibrate_on_a_video_sets_the_quantile_of_its_frames(exported, tmp_path
 def test_calibrate_skips_bad_files_and_scores_labelled_images(exported, tmp_path):
     from sklearn.metrics import f1_score
     model, path = exported
-    good = tmp_path / "good"
-    good.mkdir()
-    for i, image in enumerate(_textures(5, seed=2)):
-        cv2.imwrite(str(good / f"{i}.png"), image)
+    good = _texture_folder(tmp_path / "good", 5, seed=2)
     (good / "broken.png").write_bytes(b"not a png")
     test = tmp_path / "test"
     for name, images in (("good", _textures(3, seed=3)), ("spot", _textures(3, seed=4))):
@@ -108,10 +112,7 @@ def test_calibrate_errors_name_the_source(exported, tmp_path):
 def test_calibrate_cli_on_an_exported_model(exported, tmp_path):
     from mrkd.train.cli import calibrate_command
     _, path = exported
-    folder = tmp_path / "line"
-    folder.mkdir()
-    for i, image in enumerate(_textures(6, seed=5)):
-        cv2.imwrite(str(folder / f"{i}.jpg"), image)
+    folder = _texture_folder(tmp_path / "line", 6, seed=5, suffix=".jpg")
     result = CliRunner().invoke(calibrate_command, [str(path), str(folder), "--method", "tolerance"])
     assert result.exit_code == 0, result.output
     assert "(tolerance, k " in result.output and "sidecar; was 3.0" in result.output
