@@ -5,7 +5,7 @@
 * ``"tensorrt"`` (default): QDQ, per-channel symmetric INT8 weights, symmetric INT8 (zero-point 0)
   activations — the explicit-quantisation form TensorRT builds, which requires zero-point 0.
 * ``"cpu"``: QDQ with U8 asymmetric activations, the form ONNX Runtime's x86 CPU EP runs fastest
-  (about 1.9x FP32 on WRN50; see INT8_TARGETS; measured in benchmarks/bench_model.py).
+  (about 2.1x FP32 on WRN50 at 256 px, measured by benchmarks/bench_model.py; see benchmarks/RESULTS.md).
 
 Both keep every Relu explicit (see _quantize) so the FP32 head reads post-activation features, and both
 rewrite the decoder's ConvTransposes as 1×1 Conv + DepthToSpace first (export/rewrite.py) so that
