@@ -55,16 +55,17 @@ def score_source(detector, uri, max_frames: Optional[int] = None, batch_size: in
     if source.live and not max_frames:
         source.close()
         raise CalibrationError(f"{uri}: a live source never ends; give a frame limit (--max-frames)")
-    scores, pending = [], []
+    scores, pending, seen = [], [], 0
     try:
         with tqdm(total=max_frames, desc="calibration frames", unit="frame", disable=not progress) as bar:
             for frame in source:
                 pending.append(frame.image)
+                seen += 1          # counted here: a disabled tqdm does not count
                 bar.update()
                 if len(pending) == batch_size:
                     scores.append(detector(pending).scores)
                     pending = []
-                if max_frames and bar.n >= max_frames:
+                if max_frames and seen >= max_frames:
                     break
             if pending:
                 scores.append(detector(pending).scores)

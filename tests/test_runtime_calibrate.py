@@ -17,7 +17,7 @@ from mrkd.runtime.calibrate import CalibrationError, calibrate_exported
 from mrkd.runtime.metadata import ModelMetadata, sidecar_path
 from mrkd.runtime.preprocess import model_input
 from export_fixtures import small_model
-from runtime_fixtures import write_video
+from runtime_fixtures import MjpegServer, write_video
 
 
 def _sha(path) -> str:
@@ -121,3 +121,18 @@ def test_calibrate_cli_on_an_exported_model(exported, tmp_path):
     assert refused.exit_code != 0 and "--out is for checkpoints" in refused.output
     missing = CliRunner().invoke(calibrate_command, [str(path), str(tmp_path / "nowhere")])
     assert missing.exit_code != 0 and "nowhere" in missing.output
+
+
+def test_calibrate_on_a_live_stream_needs_a_frame_limit(exported):
+    """A camera or network stream never ends: calibration asks for a frame limit, then scores that
+    many frames (the MJPEG server on loopback stands in for an IP camera)."""
+    _, path = exported
+    server = MjpegServer(frames_per_connection=400, interval=0.005)
+    try:
+        with pytest.raises(CalibrationError, match="live source never ends"):
+            calibrate_exported(path, server.url, progress=False)
+        result = calibrate_exported(path, server.url, max_frames=12, progress=False)
+    finally:
+        server.close()
+    assert result["n_good"] == 12 and result["source"] == server.url
+    assert ModelMetadata.load(sidecar_path(path)).threshold == pytest.approx(result["threshold"])
