@@ -121,8 +121,7 @@ class Detector:
             raise MetadataError(f"{src}: field input_format={meta.input_format!r} expects "
                                 f"{'/'.join(np.dtype(d).name for d in dtypes)} input but {self.model_path.name} "
                                 f"takes {model.input_dtype}")
-        self.scale_outputs = sorted((n for n in meta.outputs if n.startswith("scale")), key=lambda n: int(n[5:]))
-        needed = self.scale_outputs if meta.per_scale_outputs else ["anomaly_map"]
+        needed = meta.scale_outputs if meta.per_scale_outputs else ["anomaly_map"]
         if meta.per_scale_outputs and not needed:
             raise MetadataError(f"{src}: field per_scale_outputs=true but outputs lists no scale0.. maps")
         missing = [n for n in list(needed) + list(meta.outputs) if n not in model.output_names]
@@ -150,7 +149,7 @@ class Detector:
         timings["infer"] += time.perf_counter() - start
         start = time.perf_counter()
         if on_device:
-            per_scale = [outputs[name] for name in self.scale_outputs]
+            per_scale = [outputs[name] for name in meta.scale_outputs]
             with self.backend.cuda_context():
                 maps, scores = postprocess.anomaly_map(per_scale, size, meta.sigma, impl="cuda")
                 maps, scores = maps.get(), scores.get()

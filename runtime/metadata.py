@@ -54,6 +54,11 @@ class ModelMetadata:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
+    @property
+    def scale_outputs(self) -> List[str]:
+        """The per-scale output names (scale0, scale1, ...) in scale order."""
+        return sorted((n for n in self.outputs if n.startswith("scale")), key=lambda n: int(n[5:]))
+
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -326,15 +326,14 @@ def maps_and_scores(outputs: Dict[str, np.ndarray], metadata, impl: str = "auto"
     metadata describes: the graph's own ``score``, or per-scale maps finished here with ``impl``."""
     size = metadata.image_size
     if metadata.per_scale_outputs:
-        names = sorted((k for k in outputs if k.startswith("scale")), key=lambda k: int(k[5:]))
-        maps, scores = anomaly_map([np.ascontiguousarray(outputs[k], dtype=np.float32) for k in names],
-                                   size, metadata.sigma, impl=impl)
-        return np.asarray(maps, np.float32), np.asarray(scores, np.float32)
-    n = len(outputs["anomaly_map"])
-    maps = np.asarray(outputs["anomaly_map"], dtype=np.float32).reshape(n, size, size)
-    if not metadata.smoothing_in_graph:   # the graph's map is the unsmoothed sum: one full-size "scale"
-        maps, scores = anomaly_map([maps], size, metadata.sigma, impl=impl)
-        return np.asarray(maps, np.float32), np.asarray(scores, np.float32)
-    scores = (np.asarray(outputs["score"], dtype=np.float32).reshape(n) if "score" in outputs
-              else maps.reshape(n, -1).max(axis=1))
-    return maps, scores
+        per_scale = [np.ascontiguousarray(outputs[name], dtype=np.float32) for name in metadata.scale_outputs]
+    else:
+        n = len(outputs["anomaly_map"])
+        maps = np.asarray(outputs["anomaly_map"], dtype=np.float32).reshape(n, size, size)
+        if metadata.smoothing_in_graph:
+            scores = (np.asarray(outputs["score"], dtype=np.float32).reshape(n) if "score" in outputs
+                      else maps.reshape(n, -1).max(axis=1))
+            return maps, scores
+        per_scale = [maps]   # the unsmoothed full-size sum: one "scale" that needs no upsampling
+    maps, scores = anomaly_map(per_scale, size, metadata.sigma, impl=impl)
+    return np.asarray(maps, np.float32), np.asarray(scores, np.float32)
