@@ -27,7 +27,7 @@ import numpy as np
 
 from mrkd.export.exporter import ExportedModel
 from mrkd.export.model_metadata import write_model
-from mrkd.export.onnx_graph import INPUT_NAME, ExportError, ExportOptions, load_onnx
+from mrkd.export.onnx_graph import INPUT_NAME, ExportError, load_onnx, save_onnx
 from mrkd.export.parity import Comparison, compare
 from mrkd.export.rewrite import convtranspose_as_conv_depth_to_space
 from mrkd.runtime.metadata import ModelMetadata
@@ -210,15 +210,23 @@ class ScoreError:
                 "relative": self.relative}
 
 
-def calibration_score_error(fp32_model, int8_model, batch: np.ndarray, meta: ModelMetadata) -> ScoreError:
-    """Score error of ``int8_model`` against ``fp32_model`` (paths or serialised bytes) on ``batch``."""
+def graph_scores(model, batch: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """Image scores of a graph (path or serialised bytes) on ``batch``, on ONNX Runtime CPU."""
     from mrkd.export import ort
     from mrkd.runtime.postprocess import maps_and_scores
-    reference = maps_and_scores(ort.run(ort.cpu_session(fp32_model), batch), meta)[1].astype(np.float64)
-    candidate = maps_and_scores(ort.run(ort.cpu_session(int8_model), batch), meta)[1].astype(np.float64)
+    return maps_and_scores(ort.run(ort.cpu_session(model), batch), meta)[1].astype(np.float64)
+
+
+def score_error(reference: np.ndarray, candidate: np.ndarray) -> ScoreError:
+    """How far ``candidate`` scores lie from the ``reference`` (FP32) scores of the same images."""
     error = np.abs(candidate - reference)
     spread = float(np.std(reference)) if len(reference) > 1 else 0.0
     return ScoreError(float(error.mean()), float(error.max()), spread)
+
+
+def calibration_score_error(fp32_model, int8_model, batch: np.ndarray, meta: ModelMetadata) -> ScoreError:
+    """Score error of ``int8_model`` against ``fp32_model`` (paths or serialised bytes) on ``batch``."""
+    return score_error(graph_scores(fp32_model, batch, meta), graph_scores(int8_model, batch, meta))
 
 
 def _quantize(source: Path, destination: Path, batch: np.ndarray, settings: Int8Target, nodes: List[str]):
@@ -272,15 +280,15 @@ def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DE
             require("onnxslim").slim(str(fp32_onnx_path), str(slim_path))
         prepared = load_onnx(slim_path)
         rewritten = convtranspose_as_conv_depth_to_space(prepared)
-        import onnx
-        onnx.save(prepared, str(prepared_path))
+        save_onnx(prepared, prepared_path)
+        reference = graph_scores(str(prepared_path), batch, meta)   # FP32, once for every mode tried
         front = first_tap_ancestors(prepared)
         head_only = set() if settings.quantise_head_only_convs else head_only_convs(prepared)
         for mode in (("none", "front") if keep_fp32 == "auto" else (keep_fp32,)):
             kept = front if mode == "front" else set()
             nodes = [n for n in backbone_nodes(prepared) if n not in kept and n not in head_only]
             proto, bypassed = _quantize(prepared_path, Path(tmp) / f"int8_{mode}.onnx", batch, settings, nodes)
-            error = calibration_score_error(str(prepared_path), proto.SerializeToString(), batch, meta)
+            error = score_error(reference, graph_scores(proto.SerializeToString(), batch, meta))
             tried[mode] = error.as_dict()
             if keep_fp32 != "auto" or error.relative <= AUTO_MAX_ERROR_VS_SPREAD:
                 break
