@@ -164,20 +164,19 @@ def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, qua
                            batch_size: int = 8, device=None) -> dict:
     """Calibrate the model in ``checkpoint`` again and write it (atomically) to ``out`` or in place.
 
-    ``good_images``: a folder or glob of good images; ``labelled``: optional MVTec-style test folder
-    (see labelled_folder) for an F1-optimal threshold. Everything else in the file (training state,
-    epoch) is kept. Returns the new calibration."""
+    ``good_images``: a folder or glob of good images, or a list of image paths; ``labelled``: optional
+    MVTec-style test folder (see mrkd.runtime.calibrate.labelled_folder) for an F1-optimal threshold.
+    Everything else in the file (training state, epoch) is kept. Returns the new calibration."""
     from mrkd.runtime.calibrate import labelled_folder
-    from mrkd.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
     from mrkd.train.data import scan_folder
-    good = scan_folder(good_images)
+    good = list(good_images) if isinstance(good_images, (list, tuple)) else scan_folder(good_images)
     data = read_checkpoint(checkpoint)
-    model = load_checkpoint(checkpoint)
+    model = model_from_dict(data, source=str(checkpoint))
+    kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model)}   # not the model's own entries
     if device is not None:
         model = model.to(device)
     calibrate(model, good, labelled=labelled_folder(labelled) if labelled else None, quantile=quantile,
               batch_size=batch_size, device=device, method=method, confidence=confidence)
-    kept = {k: v for k, v in data.items() if k not in ("format", "format_version", "config", "bottleneck",
-                                                        "student", "teacher", "calibration")}
     save_checkpoint(model.cpu(), out or checkpoint, extra=kept)
     return model.calibration

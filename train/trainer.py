@@ -35,7 +35,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mrkd.train import calibrate as calibration  # noqa: E402
-from mrkd.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
+from mrkd.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
 from mrkd.train.data import DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
 from mrkd.train.head import distillation_loss  # noqa: E402
@@ -393,13 +393,9 @@ def _calibrate_checkpoints(out_dir: Path, model, good_paths: Sequence[str], conf
                           confidence=config.threshold_confidence)
     last = read_checkpoint(out_dir / LAST)
     save_checkpoint(model, out_dir / LAST, extra={"train_state": last["train_state"]})
-    best_data = read_checkpoint(out_dir / BEST)
-    best = load_checkpoint(out_dir / BEST).to(device)
-    calibration.calibrate(best, good_paths, quantile=config.threshold_quantile,
-                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method,
-                          confidence=config.threshold_confidence)
-    save_checkpoint(best, out_dir / BEST, extra={k: best_data[k] for k in ("epoch", "history_row") if k in best_data})
-    return best.calibration
+    return calibration.recalibrate_checkpoint(out_dir / BEST, list(good_paths), quantile=config.threshold_quantile,
+                                              method=config.threshold_method, confidence=config.threshold_confidence,
+                                              batch_size=config.eval_batch_size, device=device)
 
 
 def train_all(data_root, categories: Optional[Sequence[str]], out_dir, config: Optional[TrainConfig] = None,
