@@ -1,0 +1,87 @@
+"""Real peers for integration tests: find a Debian program, install it when we can, skip loudly when not.
+
+CI runs as root with apt: the first test that needs a missing program runs ``apt-get update`` once
+and installs the package. Elsewhere (no root, no apt, no network) the test is skipped with a reason
+that says exactly what to install.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import pytest
+
+_LOCK = Path("/tmp/mrkd-tests-apt.lock")
+_UPDATED = Path("/tmp/mrkd-tests-apt.updated")
+
+
+def _can_apt() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def apt_install(packages: Sequence[str]) -> Optional[str]:
+    """Install Debian packages (``apt-get update`` once per machine boot); returns an error text or None."""
+    if not _can_apt():
+        return "not root with apt-get"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    with open(_LOCK, "w") as lock:           # pytest-xdist or two sessions: one apt at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _UPDATED.exists():
+            update = subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=600)
+            if update.returncode != 0:
+                return f"apt-get update failed: {update.stderr.strip()[-300:]}"
+            _UPDATED.touch()
+        done = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages], env=env,
+                              capture_output=True, text=True, timeout=1200)
+        if done.returncode != 0:
+            return f"apt-get install {' '.join(packages)} failed: {done.stderr.strip()[-300:]}"
+    return None
+
+
+def require(check: Callable[[], bool], packages: Sequence[str], what: str) -> None:
+    """Skip the calling test, loudly, unless ``check()`` holds (after installing ``packages`` if needed)."""
+    if check():
+        return
+    error = apt_install(packages)
+    if check():
+        return
+    message = (f"SKIPPED, NOT TESTED: {what} is missing and could not be installed ({error or 'still missing'}); "
+               f"install Debian's {' '.join(packages)} to run this test")
+    print(message, file=sys.stderr)
+    pytest.skip(message)
+
+
+def require_program(program: str, packages: Sequence[str]) -> str:
+    """Path of ``program`` (e.g. mosquitto), installing ``packages`` when it is missing."""
+    require(lambda: shutil.which(program) is not None or Path(program).exists(), packages, program)
+    return shutil.which(program) or program
+
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+def debian_python_has(module_check: str) -> bool:
+    """Does Debian's own Python run ``module_check`` (code) without error? (python3-gi lives there,
+    not in the project's venv.)"""
+    if not Path(DEBIAN_PYTHON).exists():
+        return False
+    return subprocess.run([DEBIAN_PYTHON, "-c", module_check], capture_output=True, timeout=60).returncode == 0
+
+
+RTSP_CHECK = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
+              "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+              "assert Gst.ElementFactory.find('jpegenc') and Gst.ElementFactory.find('rtpjpegpay')")
+RTSP_PACKAGES = ("python3-gi", "gir1.2-gst-rtsp-server-1.0", "gstreamer1.0-plugins-base",
+                 "gstreamer1.0-plugins-good", "gstreamer1.0-tools")
+
+
+def require_rtsp_server() -> str:
+    """Debian's Python with GStreamer's RTSP server bindings; returns that interpreter's path."""
+    require(lambda: debian_python_has(RTSP_CHECK), RTSP_PACKAGES, "GStreamer's RTSP server (python3-gi)")
+    return DEBIAN_PYTHON
