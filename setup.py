@@ -67,8 +67,10 @@ setup(
         "lite": LITE,
         "gpu": ["onnxruntime-gpu>=1.16"],
         "tensorrt": ["tensorrt>=10.3", "pycuda>=2022.1"],
+        # mrkd bench quality: real solar-cell images (mrkd.train.elpv lays them out).
+        "bench": ["elpv-dataset>=1.0"],
         # The tests check every Lite variant against the independent efficientnet-lite-pytorch.
-        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1"] + LITE + TRAIN,
+        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0"] + LITE + TRAIN,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]
