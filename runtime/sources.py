@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob as globlib
 import logging
+import math
 import os
 import re
 import threading
@@ -83,10 +84,82 @@ def check_frame(image) -> Optional[np.ndarray]:
     return image if image.shape[2] == 3 else None
 
 
+class WarningLimiter:
+    """Logs a warning at most once per ``every_s`` seconds per kind; the next one says how many of that
+    kind were held back. A file with thousands of bad frames gives a few lines, not thousands."""
+
+    def __init__(self, log: logging.Logger, every_s: float = 5.0):
+        self.log, self.every_s = log, every_s
+        self._last: dict = {}
+        self._held: dict = {}
+
+    def warn(self, kind: str, message: str, *args) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every_s:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        held = self._held.pop(kind, 0)
+        self._last[kind] = now
+        if held:
+            message += f" ({held} more like this in the last {self.every_s:g} s)"
+        self.log.warning(message, *args)
+
+
+@dataclass
+class SourceOptions:
+    """How a source is opened, the same for every kind and for `mrkd run` and `mrkd calibrate`.
+
+    size: (width, height) every frame is resized to (cameras are also asked for it). fps: camera rate
+    to request, or the rate at which files/folders are replayed (None: as fast as they are read).
+    loop: restart files and folders at their end. timeout: seconds a network stream may take to open
+    or to deliver a frame before it counts as dropped. reconnect/backoff: reopen dropped live sources,
+    waiting backoff[0] seconds, doubling up to backoff[1].
+    """
+
+    size: Optional[Tuple[int, int]] = None
+    fps: Optional[float] = None
+    loop: bool = False
+    timeout: float = 5.0
+    reconnect: bool = True
+    backoff: Tuple[float, float] = (0.1, 5.0)
+
+    MAX_SIDE = 16384
+    MAX_FPS = 1000.0
+
+    def validate(self) -> "SourceOptions":
+        """Raise SourceError naming the option that is out of range; returns self."""
+        if self.size is not None:
+            if (len(self.size) != 2 or not all(isinstance(v, int) and 1 <= v <= self.MAX_SIDE for v in self.size)):
+                raise SourceError(f"size {self.size!r}: width and height must be whole numbers 1..{self.MAX_SIDE}")
+            self.size = (int(self.size[0]), int(self.size[1]))
+        if self.fps is not None and not (math.isfinite(self.fps) and 0 < self.fps <= self.MAX_FPS):
+            raise SourceError(f"fps {self.fps!r}: must be a number in (0, {self.MAX_FPS:g}]")
+        if not (math.isfinite(self.timeout) and 0 < self.timeout <= 3600):
+            raise SourceError(f"timeout {self.timeout!r}: must be seconds in (0, 3600]")
+        low, high = self.backoff
+        if not (0 < low <= high <= 3600):
+            raise SourceError(f"backoff {self.backoff!r}: must be 0 < first <= longest <= 3600 seconds")
+        return self
+
+    @staticmethod
+    def parse_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
+        """"WIDTHxHEIGHT" -> (width, height); None stays None; SourceError naming the text otherwise."""
+        if text is None:
+            return None
+        match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", str(text))
+        if not match:
+            raise SourceError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 640x480")
+        return int(match.group(1)), int(match.group(2))
+
+
 class Source:
-    """Base of every source: subclasses implement ``_next()`` (a Frame, None at the end) and ``close()``."""
+    """Base of every source: subclasses implement ``_next(timeout)`` (a Frame; None at the end or when
+    ``timeout`` passed without one) and ``close()``. Kinds: ArraySource / ImageFilesSource (memory,
+    image files), VideoFileSource (a video file), LiveSource (cameras and network streams)."""
 
     live = False
+    paced = True      # replayed at options.fps; live sources run at the camera's rate
 
     def __init__(self, uri: str, size: Optional[Tuple[int, int]] = None, fps: Optional[float] = None):
         self.uri = uri
@@ -95,6 +168,10 @@ class Source:
         self.stats = SourceStats()
         self._next_index = 0
         self._closed = False
+        self._held: Optional[Frame] = None            # a frame waiting for its replay time
+        self._paced_count = 0
+        self._started = time.monotonic()
+        self._warnings = WarningLimiter(logger)
 
     def _deliverable(self, image, index: int, reason: Optional[str] = None) -> Optional[np.ndarray]:
         """Validate (and resize) a raw frame; count and log it when it is bad (``reason``: why, if known)."""
@@ -104,7 +181,8 @@ class Source:
             shape = getattr(image, "shape", None)
             reason = reason or f"unusable image {getattr(image, 'dtype', type(image).__name__)} {shape}"
             self.stats.last_error = f"frame {index}: {reason}"
-            logger.warning("%s: skipped %s", self.uri, self.stats.last_error)
+            self._warnings.warn("bad_frame", "%s: skipped %s (%d bad so far)", self.uri, self.stats.last_error,
+                                self.stats.bad_frames)
             return None
         if self.size and (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
@@ -114,19 +192,30 @@ class Source:
         raise NotImplementedError
 
     def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
-        """The next frame, or None when the source has ended (or, for live sources, ``timeout``
-        seconds passed without a new frame)."""
-        if self._closed:
+        """The next frame, or None when the source has ended or ``timeout`` seconds passed without a
+        frame (a file being replayed at ``fps`` also waits at most ``timeout`` for its next frame)."""
+        if self._closed and self._held is None:
             return None
-        frame = self._next(timeout)
-        if frame is not None:
-            self.stats.frames_read += 1
+        frame = self._held or self._next(timeout)
+        if frame is None:
+            return None
+        if self.fps and self.paced:
+            wait = self._started + self._paced_count / self.fps - time.monotonic()
+            if wait > 0:
+                if timeout is not None and wait > timeout:   # keep it; the caller can check for a stop
+                    time.sleep(timeout)
+                    self._held = frame
+                    return None
+                time.sleep(wait)
+            self._paced_count += 1
+        self._held = None
+        self.stats.frames_read += 1
         return frame
 
     @property
     def ended(self) -> bool:
         """True once the source can deliver no more frames."""
-        return self._closed
+        return self._closed and self._held is None
 
     def __iter__(self) -> Iterator[Frame]:
         while not self.ended:
@@ -137,6 +226,7 @@ class Source:
     def close(self) -> None:
         """Release the device/stream/file. Safe to call twice."""
         self._closed = True
+        self._held = None
 
     def __enter__(self):
         return self
@@ -144,25 +234,23 @@ class Source:
     def __exit__(self, *exc):
         self.close()
 
-    def _pace(self, started: float, count: int) -> None:
-        """Deliver recorded frames at ``fps`` when one was asked for (a replayed file as a live camera)."""
-        if self.fps:
-            delay = started + count / self.fps - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+
+def _past(deadline: Optional[float]) -> bool:
+    return deadline is not None and time.monotonic() > deadline
 
 
 # ---------------------------------------------------------------- in-memory and image files
 
 class ArraySource(Source):
-    """Frames from an iterable of arrays (tests, or frames grabbed by other code)."""
+    """Frames from an iterable of arrays (tests, or frames grabbed by other code). With ``loop`` the
+    frames repeat while frame numbers keep counting up; a pass without one usable frame ends it."""
 
     def __init__(self, frames: Iterable[np.ndarray], uri: str = "memory", loop: bool = False, **kwargs):
         super().__init__(uri, **kwargs)
         self._frames = frames
         self._iterator = iter(frames)
         self._loop = loop
-        self._started = time.monotonic()
+        self._good_in_pass = 0
 
     def _raw(self) -> Tuple[bool, object, Optional[str]]:
         """(more frames?, the next raw frame, why it is unreadable or None)."""
@@ -171,10 +259,14 @@ class ArraySource(Source):
         except StopIteration:
             if not self._loop:
                 return False, None, None
-            self._iterator = iter(self._frames)
+            if not self._good_in_pass:
+                logger.warning("%s: a whole pass gave no usable frame; not looping", self.uri)
+                return False, None, None
+            self._iterator, self._good_in_pass = iter(self._frames), 0
             return self._raw()
 
     def _next(self, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             ok, raw, reason = self._raw()
             if not ok:
@@ -183,11 +275,12 @@ class ArraySource(Source):
             index = self._next_index
             self._next_index += 1
             image = self._deliverable(raw, index, reason)
-            if image is None:
-                continue
-            self._pace(self._started, index)
-            timestamp = index / self.fps if self.fps else time.time()
-            return Frame(index, image, timestamp, self.uri)
+            if image is not None:
+                self._good_in_pass += 1
+                timestamp = index / self.fps if self.fps else time.time()
+                return Frame(index, image, timestamp, self.uri)
+            if _past(deadline):    # many bad files in a row: let the caller check for a stop
+                return None
 
 
 class ImageFilesSource(ArraySource):
@@ -224,61 +317,116 @@ def csi_pipeline(sensor_id: int, width: int = 1280, height: int = 720, fps: floa
             f"appsink drop=true max-buffers=1 sync=false")
 
 
-class CaptureSource(Source):
-    """A cv2.VideoCapture source. Files are read in the caller's thread and deliver every frame;
-    live sources (cameras, streams) are read by a thread that keeps only the newest frame and, for
-    ``reconnect=True``, reopens a dropped stream with exponential backoff."""
+def _open_capture(uri: str, opener: Callable[[], "cv2.VideoCapture"]):
+    cap = opener()
+    if cap is None or not cap.isOpened():
+        raise SourceError(f"{uri}: cannot open (device missing, stream unreachable, or a codec/"
+                          f"backend this OpenCV build lacks)")
+    return cap
 
-    def __init__(self, uri: str, opener: Callable[[], "cv2.VideoCapture"], live: bool, loop: bool = False,
-                 reconnect: bool = True, backoff: Tuple[float, float] = (0.1, 5.0), **kwargs):
+
+class VideoFileSource(Source):
+    """A video file read in the caller's thread: every decodable frame, in order, with media time.
+
+    A frame that does not decode is skipped and counted; where the file is cut short (the seek past
+    the bad frame does not advance) the source ends at the last decodable frame and counts the frames
+    the header promised but the file lacks. With ``loop``, frame numbers and times keep increasing
+    across passes (alarm cooldowns and debouncing see one long recording)."""
+
+    def __init__(self, uri: str, path: str, loop: bool = False, **kwargs):
         super().__init__(uri, **kwargs)
-        self.live = live
-        self._opener = opener
+        self._path = path
         self._loop = loop
-        self._reconnect = reconnect and live
-        self._backoff = backoff
-        self._cap = self._open_or_raise()
-        self._started = time.monotonic()
-        if live:
-            self._latest: Optional[Frame] = None
-            self._ended = False
-            self._cond = threading.Condition()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._reader, name=f"source:{uri}", daemon=True)
-            self._thread.start()
+        self._cap = _open_capture(uri, lambda: cv2.VideoCapture(path))
+        self._total = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self._frame_s = 1.0 / (self._cap.get(cv2.CAP_PROP_FPS) or 25.0)
+        self._pass_index, self._pass_time = 0, 0.0      # where the current pass starts
+        self._pass_frames, self._pass_last_time, self._good_in_pass = 0, 0.0, 0
 
-    def _open_or_raise(self):
-        cap = self._opener()
-        if cap is None or not cap.isOpened():
-            raise SourceError(f"{self.uri}: cannot open (device missing, stream unreachable, or a codec/"
-                              f"backend this OpenCV build lacks)")
-        return cap
+    def _skip_bad(self, position: int) -> bool:
+        """Count the frame at ``position`` as unreadable and seek past it; False when the seek does not
+        advance (the file is cut short here: the rest of the promised frames count as unreadable)."""
+        index = self._pass_index + position
+        self._deliverable(None, index, "does not decode")
+        self._cap.set(cv2.CAP_PROP_POS_FRAMES, position + 1)
+        if int(self._cap.get(cv2.CAP_PROP_POS_FRAMES)) == position + 1:
+            return True
+        missing = self._total - position - 1
+        self.stats.bad_frames += missing
+        self.stats.last_error = (f"file ends at frame {position} of the {self._total} its header promises "
+                                 f"({missing + 1} unreadable)")
+        self._warnings.warn("truncated", "%s: %s", self.uri, self.stats.last_error)
+        return False
 
-    # --- files: caller's thread, every frame ---------------------------------------------------
-    def _next_file_frame(self) -> Optional[Frame]:
-        total = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        while True:
-            index = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES))
+    def _end_of_pass(self) -> bool:
+        """Start the next pass (True) or end the source (False)."""
+        if not (self._loop and self._good_in_pass):
+            if self._loop:
+                logger.warning("%s: a whole pass gave no decodable frame; not looping", self.uri)
+            self._closed = True
+            return False
+        self._pass_index += max(self._pass_frames, self._total)
+        self._pass_time += self._pass_last_time + self._frame_s
+        self._pass_frames, self._pass_last_time, self._good_in_pass = 0, 0.0, 0
+        self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        if int(self._cap.get(cv2.CAP_PROP_POS_FRAMES)) != 0:     # cannot seek back: reopen
+            self._cap.release()
+            self._cap = _open_capture(self.uri, lambda: cv2.VideoCapture(self._path))
+        return True
+
+    def _next(self, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed:
+            position = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES))
             ok, raw = self._cap.read()
-            timestamp = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0   # of the frame just read
             if not ok:
-                if total and index < total - 1:      # a frame that does not decode, not the end
-                    self._deliverable(None, index)
-                    self._cap.set(cv2.CAP_PROP_POS_FRAMES, index + 1)
-                    continue
-                if self._loop and index > 0:
-                    self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                    continue
-                self._closed = True
+                if not (self._total and position < self._total and self._skip_bad(position)):
+                    if not self._end_of_pass():
+                        return None
+            else:
+                media_time = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0   # of the frame just read
+                self._pass_frames = max(self._pass_frames, position + 1)
+                self._pass_last_time = max(self._pass_last_time, media_time)
+                index = self._pass_index + position
+                image = self._deliverable(raw, index)
+                if image is not None:
+                    self._good_in_pass += 1
+                    self._next_index = index + 1
+                    return Frame(index, image, self._pass_time + media_time, self.uri)
+            if _past(deadline):    # a run of bad frames: let the caller check for a stop
                 return None
-            self._next_index = index + 1
-            image = self._deliverable(raw, index)
-            if image is None:
-                continue
-            self._pace(self._started, self.stats.frames_read)
-            return Frame(index, image, timestamp, self.uri)
+        return None
 
-    # --- live: reader thread, newest frame only ------------------------------------------------
+    def close(self) -> None:
+        super().close()
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class LiveSource(Source):
+    """A camera or network stream: a reader thread keeps only the newest frame (the detector never
+    works on a stale one) and, with ``reconnect``, reopens a dropped stream with exponential backoff.
+    Stopping never waits for a blocked read for more than ``STOP_WAIT_S``."""
+
+    live = True
+    paced = False
+    STOP_WAIT_S = 0.5
+
+    def __init__(self, uri: str, opener: Callable[[], "cv2.VideoCapture"], reconnect: bool = True,
+                 backoff: Tuple[float, float] = (0.1, 5.0), **kwargs):
+        super().__init__(uri, **kwargs)
+        self._opener = opener
+        self._reconnect = reconnect
+        self._backoff = backoff
+        self._cap = _open_capture(uri, opener)
+        self._latest: Optional[Frame] = None
+        self._ended = False
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._reader, name=f"source:{uri}", daemon=True)
+        self._thread.start()
+
     def _reader(self) -> None:
         delay = self._backoff[0]
         while not self._stop.is_set():
@@ -287,7 +435,8 @@ class CaptureSource(Source):
                 if cap is not None and cap.isOpened():
                     self._cap, delay = cap, self._backoff[0]
                     self.stats.reconnects += 1
-                    logger.warning("%s: reconnected (%d reconnects)", self.uri, self.stats.reconnects)
+                    self._warnings.warn("reconnect", "%s: reconnected (%d reconnects)", self.uri,
+                                        self.stats.reconnects)
                 else:
                     if cap is not None:
                         cap.release()
@@ -301,7 +450,7 @@ class CaptureSource(Source):
                 self.stats.last_error = "stream dropped"
                 if not self._reconnect:
                     break
-                logger.warning("%s: stream dropped; reopening with backoff", self.uri)
+                self._warnings.warn("dropped", "%s: stream dropped; reopening with backoff", self.uri)
                 continue
             index = self._next_index
             self._next_index += 1
@@ -317,27 +466,23 @@ class CaptureSource(Source):
             self._ended = True
             self._cond.notify_all()
 
-    def _next_live_frame(self, timeout: Optional[float]) -> Optional[Frame]:
+    def _next(self, timeout):
         with self._cond:
             self._cond.wait_for(lambda: self._latest is not None or self._ended, timeout)
             frame, self._latest = self._latest, None
         return frame
 
-    def _next(self, timeout):
-        return self._next_live_frame(timeout) if self.live else self._next_file_frame()
-
     @property
     def ended(self) -> bool:
-        if self.live:
-            return self._closed or (self._ended and self._latest is None)
-        return self._closed
+        return self._closed or (self._ended and self._latest is None)
 
     def close(self) -> None:
-        if self.live and not self._stop.is_set():
+        if not self._stop.is_set():
             self._stop.set()
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=self.STOP_WAIT_S)
         self._closed = True
-        if self._cap is not None and (not self.live or not self._thread.is_alive()):
+        # A reader blocked in read() still owns the capture; it is a daemon and ends with the process.
+        if self._cap is not None and not self._thread.is_alive():
             self._cap.release()
             self._cap = None
 
@@ -376,35 +521,35 @@ def _image_paths(uri: str) -> Optional[List[Path]]:
 
 
 def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float] = None, loop: bool = False,
-                timeout: float = 5.0, reconnect: bool = True,
-                backoff: Tuple[float, float] = (0.1, 5.0)) -> Source:
+                timeout: float = 5.0, reconnect: bool = True, backoff: Tuple[float, float] = (0.1, 5.0),
+                options: Optional[SourceOptions] = None) -> Source:
     """Open any frame source by URI (see the module docstring); a list/array of images is read from memory.
 
-    size: (width, height) every frame is resized to (cameras are also asked for it). fps: camera rate
-    to request, or the rate at which files/folders are replayed (default: as fast as they are read).
-    loop: restart files and folders at the end. timeout: seconds a network stream may take to open or
-    to deliver a frame before it counts as dropped. reconnect/backoff: reopen dropped live sources,
-    waiting backoff[0] seconds, doubling up to backoff[1].
+    ``options`` (a SourceOptions, what the CLIs build) replaces the keyword settings, which are
+    described there. Settings out of range raise SourceError naming them.
     """
+    options = (options or SourceOptions(size=tuple(size) if size else None, fps=fps, loop=loop, timeout=timeout,
+                                        reconnect=reconnect, backoff=tuple(backoff))).validate()
+    size, fps, loop = options.size, options.fps, options.loop
     common = dict(size=size, fps=fps)
     if not isinstance(uri, (str, os.PathLike)):
         return ArraySource(uri, loop=loop, **common)
     uri = os.fspath(uri)
-    live = dict(live=True, reconnect=reconnect, backoff=backoff, **common)
+    live = dict(reconnect=options.reconnect, backoff=options.backoff, **common)
     if uri.isdigit():
-        return CaptureSource(uri, _camera_opener(int(uri), cv2.CAP_ANY, size, fps), **live)
+        return LiveSource(uri, _camera_opener(int(uri), cv2.CAP_ANY, size, fps), **live)
     if uri.startswith("v4l2://"):
         device = uri[len("v4l2://"):]
-        return CaptureSource(uri, _camera_opener(device, cv2.CAP_V4L2, size, fps), **live)
+        return LiveSource(uri, _camera_opener(device, cv2.CAP_V4L2, size, fps), **live)
     if uri.startswith("csi://"):
         if not gstreamer_available():
             raise SourceError(f"{uri}: CSI cameras need OpenCV with GStreamer (JetPack's python3-opencv has it; "
                               "PyPI's opencv-python does not: uninstall it and use the system OpenCV)")
         width, height = size or (1280, 720)
         pipeline = csi_pipeline(int(uri[len("csi://"):] or 0), width, height, fps or 30)
-        return CaptureSource(uri, lambda: cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER), **live)
+        return LiveSource(uri, lambda: cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER), **live)
     if uri.lower().startswith(NETWORK_SCHEMES):
-        return CaptureSource(uri, _ffmpeg_opener(uri, timeout), **live)
+        return LiveSource(uri, _ffmpeg_opener(uri, options.timeout), **live)
     local = uri[len("file://"):] if uri.startswith("file://") else uri
     paths = _image_paths(local)
     if paths is not None:
@@ -412,6 +557,6 @@ def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float
             raise SourceError(f"{uri}: no image files found")
         return ImageFilesSource(paths, uri=uri, loop=loop, **common)
     if Path(local).is_file():
-        return CaptureSource(uri, lambda: cv2.VideoCapture(local), live=False, loop=loop, **common)
+        return VideoFileSource(uri, local, loop=loop, **common)
     raise SourceError(f"{uri}: not a camera index, v4l2:// or csi:// camera, network URL, video file, "
                       f"image folder or glob (file not found?)")

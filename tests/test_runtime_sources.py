@@ -23,11 +23,22 @@ def test_video_file_delivers_every_frame_in_order(tmp_path):
     assert got[5].timestamp == pytest.approx(0.5, abs=1e-3)   # media time at 10 fps
 
 
-def test_video_file_loops(tmp_path):
-    video = write_video(tmp_path / "v.avi", normal_then_defective(3, 0))
+def test_video_file_loops_with_frame_numbers_and_times_increasing(tmp_path):
+    frames = normal_then_defective(3, 0)
+    video = write_video(tmp_path / "v.avi", frames, fps=10)
     with open_source(f"file://{video}", loop=True) as source:
-        indices = [source.read().index for _ in range(7)]
-    assert indices == [0, 1, 2, 0, 1, 2, 0]
+        got = [source.read() for _ in range(7)]
+    # A cooldown counted in frames or seconds must see one long recording, not time going back.
+    assert [f.index for f in got] == list(range(7))
+    assert [f.timestamp for f in got] == pytest.approx([i / 10 for i in range(7)], abs=1e-3)
+    assert np.abs(got[3].image.astype(int) - got[0].image.astype(int)).max() == 0   # pass 2 = pass 1
+
+
+def test_memory_frames_loop_with_increasing_numbers_and_a_pass_of_bad_frames_ends():
+    source = open_source([np.zeros((4, 4, 3), np.uint8)] * 2, loop=True)
+    assert [source.read().index for _ in range(5)] == [0, 1, 2, 3, 4]
+    bad = open_source([None, None], loop=True)
+    assert list(bad) == [] and bad.ended and bad.stats.bad_frames == 2
 
 
 def test_folder_with_a_corrupt_image_skips_and_counts_it(tmp_path):
