@@ -3,7 +3,7 @@
 Library first (each function one step); `mrkd export` is a thin layer over ``export_checkpoint``::
 
     from mrkd.export import ExportOptions, export_onnx, load_model, parity_report
-    model, checkpoint_sha = load_model("best.ckpt")
+    model, checkpoint_sha = load_model("runs/grain/last.ckpt")
     options = ExportOptions(uint8_input=True, batch_range=(1, 2, 8))
     exported = export_onnx(model, "out/model.onnx", options, checkpoint_sha256=checkpoint_sha)
     print(parity_report(model, exported.path, options).check().format())

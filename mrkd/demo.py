@@ -81,9 +81,10 @@ def train_step(context: Dict) -> None:
     context["run_dir"] = Path(context["out"]) / "run"
     summaries = train_all(context["data_root"], context["categories"], context["run_dir"], config,
                           backbone=backbone, teacher_weights=weights, resume=False)
-    context["checkpoints"] = {name: Path(s["best"]) for name, s in summaries.items()}
+    # The final epoch's weights, as in the official protocol (nothing is chosen on test labels).
+    context["checkpoints"] = {name: Path(s["checkpoint"]) for name, s in summaries.items()}
     context["holdout"] = {name: list(s.get("holdout") or []) for name, s in summaries.items()}
-    click.echo(f"checkpoints: {context['run_dir']}/<category>/best.ckpt")
+    click.echo(f"checkpoints: {context['run_dir']}/<category>/last.ckpt (the final epoch)")
 
 
 @demo_step("eval")

@@ -59,7 +59,7 @@ def test_eval_and_predict_commands_write_their_files(tmp_path):
     assert (tmp_path / "eval" / CATEGORY / "roc.png").is_file()
 
     images = str(tiny_data() / CATEGORY / "test" / "good" / "*.png")
-    result = CliRunner().invoke(main, ["predict", str(Path(run_root) / CATEGORY / "best.ckpt"), images,
+    result = CliRunner().invoke(main, ["predict", str(Path(run_root) / CATEGORY / "last.ckpt"), images,
                                        "--out", str(tmp_path / "pred")])
     assert result.exit_code == 0, result.output
     assert "scored 12 image(s)" in result.output
@@ -80,8 +80,9 @@ def test_train_command_on_a_plain_folder_warns_about_the_random_teacher(tmp_path
     assert "RANDOM weights" in result.output
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert len(history) == 1 and "image_auroc" not in history[0]        # a plain folder: no test split
-    best = torch.load(tmp_path / "run" / "best.ckpt", weights_only=True)
-    assert best["calibration"]["n_good"] == 2 and best["calibration"]["threshold"] > 0   # 2 of 5 held out
+    final = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert final["calibration"]["n_good"] == 2 and final["calibration"]["threshold"] > 0   # 2 of 5 held out
+    assert not (tmp_path / "run" / "best.ckpt").exists()
 
     bad = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "run"), "--image-size", "50"])
     assert bad.exit_code == 2 and "multiple of 32" in bad.output

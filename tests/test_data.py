@@ -58,7 +58,24 @@ def test_defect_without_mask(tmp_path):
     base = _category(tmp_path)
     (base / "ground_truth" / "hole" / "000_mask.png").unlink()
     with pytest.raises(DataError, match="000.png has no mask"):
-        scan_category(tmp_path, "part")
+        scan_category(tmp_path, "part", require_masks=True)
+    # Without --require-masks: labelled per image, warned about once with the file named.
+    with pytest.warns(UserWarning, match=r"1 defect image\(s\) have no mask.*hole.000\.png"):
+        data = scan_category(tmp_path, "part")
+    defect = [i for i in data.test_items if i.label == 1]
+    assert len(defect) == 1 and defect[0].mask_path is None and not defect[0].pixel_labelled
+    assert data.unmasked == [defect[0].path]
+
+
+def test_defect_type_without_ground_truth_folder_loads_silently(tmp_path, recwarn):
+    base = _category(tmp_path)
+    _png(base / "test" / "crack" / "000.png", np.zeros((20, 30, 3), np.uint8))
+    data = scan_category(tmp_path, "part")
+    assert not [w for w in recwarn if "no mask" in str(w.message)]
+    assert [(i.defect_type, i.pixel_labelled) for i in data.test_items] == [
+        ("crack", False), ("good", True), ("hole", True)]
+    with pytest.raises(DataError, match=r"crack.000\.png has no mask"):
+        scan_category(tmp_path, "part", require_masks=True)
 
 
 def test_corrupt_file_with_and_without_skip(tmp_path):

@@ -20,14 +20,14 @@ from train_fixtures import CATEGORY, IMAGE_SIZE, temp_dir, tiny_data, trained_ru
 pytestmark = pytest.mark.slow
 
 
-def _best():
-    return load_checkpoint(Path(trained_run()["out_dir"]) / "best.ckpt")
+def _final():
+    return load_checkpoint(Path(trained_run()["out_dir"]) / "last.ckpt")
 
 
 @functools.lru_cache(maxsize=None)
 def _evaluation(out_dir: str) -> dict:
-    """One evaluate() of best.ckpt, shared by the tests below (it is the slow part)."""
-    return evaluate(_best(), tiny_data(), CATEGORY, out_dir=out_dir, progress=False)
+    """One evaluate() of the run's final checkpoint, shared by the tests below (it is the slow part)."""
+    return evaluate(_final(), tiny_data(), CATEGORY, out_dir=out_dir, progress=False)
 
 
 EVAL_DIR = str(temp_dir("mrkd-eval-"))
@@ -71,7 +71,7 @@ def test_predict_scores_decisions_maps_and_skips_a_corrupt_file(tmp_path):
         labels[str(target)] = item.label
     (inputs / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
 
-    model = _best()
+    model = _final()
     out = tmp_path / "out"
     summary = predict(model, inputs, out, batch_size=4, progress=False)
     assert summary["n_skipped"] == 1 and summary["skipped"][0][0].endswith("zz_corrupt.png")
@@ -97,5 +97,5 @@ def test_predict_scores_decisions_maps_and_skips_a_corrupt_file(tmp_path):
 
 def test_predict_a_single_file(tmp_path):
     item = scan_category(tiny_data(), CATEGORY).test_items[0]
-    summary = predict(_best(), item.path, tmp_path, progress=False, write_overlays=False)
+    summary = predict(_final(), item.path, tmp_path, progress=False, write_overlays=False)
     assert summary["n_scored"] == 1 and not (tmp_path / "overlays").exists()

@@ -5,7 +5,8 @@ Our checkpoint is a plain dict of tensors and primitives::
     {"format": "mrkd-checkpoint", "format_version": 1, "config": {...},
      "bottleneck": state_dict, "student": state_dict,
      "teacher": {"kind", "name", "sha256", "state_dict" (absent for named ImageNet weights)},
-     "calibration": {...}}
+     "calibration": {...},
+     "trained_on": {"category", "data_root"}}     # what the model was trained on (absent in old files)
 
 The teacher's weights travel with the checkpoint unless they are a named ImageNet release, which
 is fetched again by name and checked against the stored hash — so a random-teacher model reloads
@@ -26,6 +27,8 @@ from mrkd.train.teachers import TeacherWeightsError, teacher_spec
 
 FORMAT = "mrkd-checkpoint"
 FORMAT_VERSION = 1
+
+TRAINED_ON = "trained_on"
 
 # Layers the official code defines but never calls in forward(); their weights are dropped on import.
 OFFICIAL_UNUSED = {"bn": ("conv4.", "bn4."), "decoder": ("conv1.",)}
@@ -112,6 +115,30 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
 def load_checkpoint(path, map_location: str = "cpu") -> MRKD:
     """Load one of our checkpoints; returns the model in eval mode."""
     return model_from_dict(read_checkpoint(path), source=str(path)).to(map_location)
+
+
+def trained_on(data_root, category: Optional[str]) -> dict:
+    """The checkpoint's record of its training data: the category, or the plain folder's name."""
+    return {"category": category or Path(str(data_root)).name, "data_root": str(data_root),
+            "layout": "mvtec" if category else "folder"}
+
+
+def trained_category(data: dict) -> Optional[str]:
+    """The category (or folder name) a checkpoint dict was trained on; None for files that do not say."""
+    record = data.get(TRAINED_ON)
+    if isinstance(record, dict) and record.get("category"):
+        return str(record["category"])
+    identity = (data.get("train_state") or {}).get("identity") or {}
+    return identity.get("category") or None
+
+
+def category_mismatch(path, category: str) -> Optional[str]:
+    """A one-line warning when the checkpoint at ``path`` was trained on another category, else None."""
+    trained = trained_category(read_checkpoint(path))
+    if trained is None or trained == category:
+        return None
+    return (f"{path} was trained on {trained!r} but is used for {category!r}; "
+            f"pass the checkpoint trained on {category!r} if this is not intended")
 
 
 def _strip_module_prefix(state_dict: dict) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 import click
 
 DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
+REQUIRE_MASKS_HELP = ("Fail on a defect image without a pixel mask. Default: such images (e.g. a data set labelled "
+                      "per image) count in the image metrics; pixel AUROC and AUPRO use the images with masks.")
 
 
 def friendly_errors(command):
@@ -76,7 +78,8 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help="Category sub-folder of DATA_ROOT (repeat for several); default: all. "
                    "DATA_ROOT may instead be a plain folder or glob of good images (then no evaluation).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="Output folder: <out>/<category>/{best,last}.ckpt and history.jsonl.")
+              help="Output folder: <out>/<category>/last.ckpt (the final epoch's weights, calibrated; what "
+                   "`mrkd eval` and `mrkd export` take from a run folder) and history.jsonl.")
 @click.option("--backbone", default="wide_resnet50_2", show_default=True,
               help="Teacher backbone: wide_resnet50_2, resnet18, resnet50, wide_resnet101_2, efficientnet_lite0.")
 @click.option("--teacher-weights", default="imagenet", show_default=True,
@@ -88,14 +91,20 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--seed", default=111, show_default=True, help="Random seed (torch, numpy, random, workers).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--ilm/--no-ilm", default=True, show_default=True, help="Image-level masking (patch swap).")
+@click.option("--ilm-source", type=click.Choice(["same", "other"]), default="same", show_default=True,
+              help="Where image-level masking takes its patches from: 'same' image (the official code) or "
+                   "'other': another training image.")
 @click.option("--ilm-preset", type=click.Choice(["auto", "texture", "object"]), default="auto", show_default=True,
               help="Patch-swap settings: per category (mrkd_category.json / MVTec), or a fixed preset.")
 @click.option("--mask-ratio", default=0.2, show_default=True, help="Feature-level masking ratio.")
 @click.option("--flm/--no-flm", default=True, show_default=True, help="Feature-level masking.")
 @click.option("--eval-every", default=10, show_default=True,
-              help="Evaluate on the test split every N epochs (0: never); best.ckpt follows image AUROC.")
+              help="Evaluate on the test split every N epochs (0: never), for monitoring only: the numbers go "
+                   "to history.jsonl and never choose the weights (the run hands on its final epoch).")
 @click.option("--holdout", default=0.1, show_default=True,
-              help="Share of good training images held out for threshold calibration.")
+              help="Share of good training images held out for threshold calibration. 0: the official recipe "
+                   "(train on every good image); the threshold then comes from training images and is biased "
+                   "low (more false alarms).")
 @click.option("--threshold-quantile", default=0.99, show_default=True,
               help="Share of good parts the alarm threshold should pass (the coverage).")
 @click.option("--threshold-method", type=click.Choice(["quantile", "tolerance"]), default="quantile",
@@ -115,12 +124,19 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--resize-mode", type=click.Choice(["resize", "center_crop"]), default="resize", show_default=True,
               help="'resize': whole image to a square; 'center_crop': the official protocol.")
 @click.option("--skip-unreadable", is_flag=True, help="Skip unreadable images (with a count) instead of failing.")
+@click.option("--require-masks", is_flag=True,
+              help=REQUIRE_MASKS_HELP)
 @friendly_errors
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
-                  device, ilm, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile, threshold_method,
-                  threshold_confidence, resume,
-                  workers, amp, resize_mode, skip_unreadable):
-    """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images)."""
+                  device, ilm, ilm_source, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile,
+                  threshold_method, threshold_confidence, resume,
+                  workers, amp, resize_mode, skip_unreadable, require_masks):
+    """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images).
+
+    The run hands on its final epoch's weights (<out>/<category>/last.ckpt), as the official protocol
+    does; no checkpoint is chosen on test labels. Test-split metrics every --eval-every epochs are
+    monitoring only. An evaluation or calibration error is reported in one line and the run still
+    ends with its final checkpoint."""
     import warnings
 
     from mrkd.train.data import DataError, list_categories
@@ -130,15 +146,20 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
     warnings.filterwarnings("ignore", message="teacher_weights='random'")  # printed above already
     try:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
-                             device=device, amp=amp, num_workers=workers, ilm=ilm, ilm_preset=ilm_preset,
+                             device=device, amp=amp, num_workers=workers, ilm=ilm, ilm_source=ilm_source,
+                             ilm_preset=ilm_preset,
                              mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
                              threshold_quantile=threshold_quantile, threshold_method=threshold_method,
                              threshold_confidence=threshold_confidence,
                              resize_mode=resize_mode)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    if holdout == 0:
+        click.secho("--holdout 0: training on every good image (the official recipe); the alarm threshold then "
+                    "comes from training images and is biased low (expect more false alarms than it promises)",
+                    fg="yellow", err=True)
     options = dict(backbone=backbone, teacher_weights=teacher_weights, resume=resume,
-                   skip_unreadable=skip_unreadable)
+                   skip_unreadable=skip_unreadable, require_masks=require_masks)
     if not categories:
         try:
             categories = list_categories(data_root)
@@ -154,8 +175,11 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         last = summary["history"][-1] if summary["history"] else {}
         metrics = "  ".join(f"{k} {last[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro") if k in last)
         threshold = (summary.get("calibration") or {}).get("threshold")
-        click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  {metrics}  threshold {threshold}  "
-                   f"-> {summary['best']}")
+        monitoring = f"  (test split, monitoring only: {metrics})" if metrics else ""
+        click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  threshold {threshold}{monitoring}  "
+                   f"-> {summary['checkpoint']} (final epoch)")
+        for error in summary.get("errors") or []:
+            click.echo(f"{name}: {error}", err=True)
 
 
 # ----------------------------------------------------------------------------- calibrate

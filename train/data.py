@@ -5,7 +5,11 @@ Layout of one category (MVTec AD; the embedded synthetic set writes the same):
     <root>/<category>/train/good/*.png            good images for training
     <root>/<category>/test/good/*                 good test images (label 0)
     <root>/<category>/test/<defect>/*             defective test images (label 1)
-    <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+    <root>/<category>/ground_truth/<defect>/<stem>_mask.png   (optional: see below)
+
+Image-level labels are enough: a defect type without ground_truth/<defect>/ (or a defect image
+without its mask) loads; it counts in the image metrics, and pixel metrics use the images that have
+masks. ``require_masks=True`` makes a missing mask an error again.
 
 A plain folder (or glob) of good images also works for training: scan_folder().
 Images are decoded and pre-processed by mrkd.runtime (the same code the edge runtime runs).
@@ -23,7 +27,7 @@ import numpy as np
 
 from mrkd.deps import require
 from mrkd.runtime.images import ImageReadError, is_image_file, read_image, read_mask
-from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_mask, resize_square
+from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry, normalize, resize_square
 
 torch = require("torch")
 from torch.utils.data import Dataset, get_worker_info  # noqa: E402
@@ -31,6 +35,11 @@ from torch.utils.data import Dataset, get_worker_info  # noqa: E402
 LAYOUT_HELP = ("expected MVTec AD layout: <root>/<category>/train/good/<images>, "
                "<root>/<category>/test/<good|defect>/<images>, "
                "<root>/<category>/ground_truth/<defect>/<stem>_mask.png")
+
+
+# Where image-level masking takes its patches from: the image itself (the official main.py passes
+# same=True to its patch swap) or another random training image.
+ILM_SOURCES = ("same", "other")
 
 
 class DataError(ValueError):
@@ -43,7 +52,12 @@ class TestItem:
     path: str
     label: int                    # 0 good, 1 defective
     defect_type: str              # "good" or the test/ sub-folder name
-    mask_path: Optional[str]      # None for good images
+    mask_path: Optional[str]      # None for good images and for defect images labelled per image only
+
+    @property
+    def pixel_labelled(self) -> bool:
+        """Whether every pixel's label is known: good images (all defect-free) and masked defects."""
+        return self.label == 0 or self.mask_path is not None
 
 
 @dataclass
@@ -56,6 +70,7 @@ class CategoryData:
     test_items: List[TestItem]
     skipped_unreadable: List[str] = field(default_factory=list)
     skipped_other: int = 0        # files without an image extension (notes, thumbnails, ...)
+    unmasked: List[str] = field(default_factory=list)   # defect images without a mask (image label only)
 
     @property
     def defect_types(self) -> List[str]:
@@ -101,12 +116,15 @@ def _readable(path: Path, reader) -> bool:
         return False
 
 
-def scan_category(root, category: str, skip_unreadable: bool = False, require_test: bool = True) -> CategoryData:
+def scan_category(root, category: str, skip_unreadable: bool = False, require_test: bool = True,
+                  require_masks: bool = False) -> CategoryData:
     """List the train and test files of one MVTec-layout category.
 
-    Raises DataError (naming the path) for a missing folder, an empty train set or a defect image
-    without its mask. skip_unreadable=True decodes every file now, and skips (with a warning) the ones
-    that cannot be read instead of failing later when they are loaded.
+    Raises DataError (naming the path) for a missing folder or an empty train set, and with
+    ``require_masks`` for a defect image without its mask. Without it such an image is labelled per
+    image only (``mask_path`` None, listed in ``unmasked``); a defect type whose ground_truth/ folder
+    exists but lacks some masks is warned about once, naming the files. skip_unreadable=True decodes
+    every file now, and skips (with a warning) the ones that cannot be read instead of failing later.
     """
     base = Path(root) / category
     _require_dir(base, f"category {category!r}")
@@ -117,6 +135,7 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
         raise DataError(f"no training images in {train_dir} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)")
 
     test_items: List[TestItem] = []
+    partly_masked: List[str] = []
     test_dir = base / "test"
     if test_dir.is_dir():
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
@@ -128,12 +147,19 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
                 if not good:
                     gt_dir = base / "ground_truth" / type_dir.name
                     mask_path = _find_mask(gt_dir, path.stem)
-                    if mask_path is None:
-                        raise DataError(f"defect image {path} has no mask: expected {gt_dir / (path.stem + '_mask.png')}")
+                    if mask_path is None and (require_masks or gt_dir.is_dir()):
+                        expected = gt_dir / (path.stem + '_mask.png')
+                        if require_masks:
+                            raise DataError(f"defect image {path} has no mask: expected {expected} "
+                                            f"(without --require-masks it counts in the image metrics only)")
+                        partly_masked.append(str(path))
                 test_items.append(TestItem(str(path), 0 if good else 1, type_dir.name,
                                            None if mask_path is None else str(mask_path)))
     elif require_test:
         _require_dir(test_dir, "test images")
+    if partly_masked:
+        warnings.warn(f"{category}: {len(partly_masked)} defect image(s) have no mask in ground_truth/ and count in "
+                      f"the image metrics only: {_some(partly_masked)}")
 
     skipped: List[str] = []
     if skip_unreadable:
@@ -150,7 +176,15 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
             warnings.warn(f"{category}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
         if not train_paths:
             raise DataError(f"no readable training images in {train_dir}")
-    return CategoryData(str(root), category, [str(p) for p in train_paths], test_items, skipped, skipped_other)
+    unmasked = [item.path for item in test_items if not item.pixel_labelled]
+    return CategoryData(str(root), category, [str(p) for p in train_paths], test_items, skipped, skipped_other,
+                        unmasked)
+
+
+def _some(paths: Sequence[str], count: int = 3) -> str:
+    """The first few paths of a list, for one-line messages."""
+    shown = ", ".join(str(p) for p in paths[:count])
+    return shown + (f" and {len(paths) - count} more" if len(paths) > count else "")
 
 
 def scan_folder(folder) -> List[str]:
@@ -168,6 +202,42 @@ def scan_folder(folder) -> List[str]:
     if not paths:
         raise DataError(f"no image files in {folder} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)")
     return [str(p) for p in paths]
+
+
+def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
+    """A bool H×W defect mask on the model's square (the geometry of resize_square); never loses a defect.
+
+    A pixel is defect when defect pixels cover at least half of it (area resize, close to the official
+    bilinear resize + 0.5 threshold). A defect too small for that (a region of the touched pixels with
+    none at half cover) keeps every pixel it touches, so a one-pixel defect of a large image stays
+    one pixel at any size. In "center_crop" mode a defect outside the crop is outside the view.
+    """
+    import cv2
+    from scipy import ndimage
+    if mask.ndim != 2:
+        raise ValueError(f"resize_mask expects an HxW mask, got shape {mask.shape}")
+    height, width = mask.shape
+    if mode == "resize":
+        resized, (top, left) = (size, size), (0, 0)
+    else:
+        resized, (top, left) = center_crop_geometry(height, width, size)
+    # One axis at a time, so a shrinking axis is always an exact area filter (covered share of each
+    # output pixel) and an enlarging one copies the nearest value (which skips no source pixel).
+    cover = mask.astype(np.float32)
+    if resized[0] != height:
+        cover = cv2.resize(cover, (width, resized[0]),
+                           interpolation=cv2.INTER_AREA if resized[0] < height else cv2.INTER_NEAREST)
+    if resized[1] != width:
+        cover = cv2.resize(cover, (resized[1], resized[0]),
+                           interpolation=cv2.INTER_AREA if resized[1] < width else cv2.INTER_NEAREST)
+    cover = cover[top:top + size, left:left + size]
+    half, touched = cover >= 0.5, cover > 0
+    regions, count = ndimage.label(touched, structure=np.ones((3, 3), bool))
+    if count:
+        has_half = np.zeros(count + 1, bool)
+        has_half[regions[half]] = True
+        half |= touched & ~has_half[regions]
+    return np.ascontiguousarray(half)
 
 
 def load_square(path, image_size: int, resize_mode: str) -> np.ndarray:
@@ -200,15 +270,19 @@ class TrainDataset(Dataset):
     """Good training images -> (clean, student_input) float32 3×H×W tensors.
 
     All images are decoded once and kept as uint8 squares in memory. With ``augment`` (a PatchSwap),
-    student_input is the clean image with patches from another random training image swapped in (MRKD's
-    image-level masking); without it, student_input is the clean image.
+    student_input is the clean image with patches swapped in (MRKD's image-level masking), taken from
+    the image itself (``ilm_source="same"``, the official choice) or from another random training image
+    (``"other"``); without it, student_input is the clean image.
     """
 
     def __init__(self, paths: Sequence[str], image_size: int, resize_mode: str = "resize",
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment=None, seed: int = 0, progress: bool = True):
+                 augment=None, seed: int = 0, progress: bool = True, ilm_source: str = "same"):
         if len(paths) == 0:
             raise DataError("TrainDataset needs at least one image")
+        if ilm_source not in ILM_SOURCES:
+            raise ValueError(f"ilm_source must be one of {ILM_SOURCES}, got {ilm_source!r}")
+        self.ilm_source = ilm_source
         from tqdm import tqdm
         self.paths = [str(p) for p in paths]
         self.image_size, self.resize_mode = image_size, resize_mode
@@ -234,7 +308,7 @@ class TrainDataset(Dataset):
             return clean, clean, np.zeros(clean.shape[:2], np.uint8)
         rng = self._random.get()
         other = index
-        if len(self.images) > 1:   # another image: draw from the others
+        if self.ilm_source == "other" and len(self.images) > 1:   # another image: draw from the others
             other = int(rng.integers(len(self.images) - 1))
             other += other >= index
         student, mask = self.augment(clean, self.images[other], rng)

@@ -17,7 +17,8 @@ from mrkd.train import metrics
 
 TABLE_COLUMNS = (("image_auroc", "img AUROC"), ("pixel_auroc", "pix AUROC"), ("aupro", "AUPRO"),
                  ("aupro_paper", "AUPRO(paper)"), ("precision", "P@thr"), ("recall", "R@thr"), ("f1", "F1@thr"))
-CHECKPOINT_NAMES = ("best.ckpt", "last.ckpt")
+# What a run folder hands on: the final epoch's weights (never a checkpoint chosen on test labels).
+CHECKPOINT_NAMES = ("last.ckpt",)
 
 
 def write_png(path, bgr) -> None:
@@ -150,7 +151,7 @@ def _jsonable(value):
 
 def find_checkpoints(path, categories: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     """category -> checkpoint: ``path`` is one checkpoint file (its category is the folder's name unless
-    one category is given) or a run folder holding <category>/best.ckpt (or last.ckpt)."""
+    one category is given) or a run folder holding <category>/last.ckpt (the final epoch's weights)."""
     from mrkd.train.checkpoint import CheckpointError
 
     path = Path(path)

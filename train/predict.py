@@ -1,6 +1,6 @@
 """Score new images with a trained model: scores.csv, one anomaly map (.npy) and one overlay PNG per image.
 
-    summary = predict(load_checkpoint("runs/grain/best.ckpt"), "incoming/*.png", "out/")
+    summary = predict(load_checkpoint("runs/grain/last.ckpt"), "incoming/*.png", "out/")
 
 Unreadable files are reported (skipped.csv and the summary) and skipped; they never stop the run.
 """

@@ -1,6 +1,12 @@
-"""MRKD training: one category (or a plain folder of good images) -> best.ckpt, last.ckpt, history.jsonl.
+"""MRKD training: one category (or a plain folder of good images) -> last.ckpt, history.jsonl.
 
 Paper/official defaults: Adam(lr 0.005, betas (0.5, 0.999)), batch 16, 256 px, 200 epochs.
+
+Model selection: none on test labels. The model a run hands on (``mrkd eval RUN_DIR``, ``mrkd export
+RUN_DIR``, the demo) is the final epoch's, as in the official protocol; the periodic test-split
+evaluation is written to history.jsonl for monitoring only. The steps of one run (load data, build,
+restore, per-epoch loader, ``_train_step``, save, monitor, calibrate) are small functions sharing a
+``TrainRun`` state.
 
     summary = train("data/", "grain", "runs/grain", TrainConfig(epochs=50))
 
@@ -20,6 +26,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +42,16 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mrkd.train import calibrate as calibration  # noqa: E402
-from mrkd.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
-from mrkd.train.data import DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
+from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
+                                   trained_on)
+from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
 from mrkd.train.head import distillation_loss  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
 
 HISTORY_FILE = "history.jsonl"
-LAST, BEST = "last.ckpt", "best.ckpt"
+LAST = "last.ckpt"         # the final epoch's weights: what training hands on
+MONITORED = ("image_auroc", "pixel_auroc", "aupro")
 
 
 @dataclass
@@ -60,6 +69,7 @@ class TrainConfig:
     num_workers: int = 0
     ilm: bool = True                     # image-level masking (patch swap into the student's input)
     ilm_preset: str = "auto"             # "auto" (per category) | "texture" | "object"
+    ilm_source: str = "same"             # patches from the "same" image (official) | an "other" training image
     mask_ratio: float = 0.2              # feature-level masking ratio
     flm: bool = True                     # feature-level masking
     eval_every: int = 10                 # epochs between test-split evaluations; 0 = never
@@ -86,6 +96,8 @@ class TrainConfig:
         if self.image_size % 32:
             # Strides 4/8/16 plus the bottleneck's stride 2: other sizes give student maps of another size.
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.ilm_source not in ILM_SOURCES:
+            raise ValueError(f"ilm_source must be one of {ILM_SOURCES}, got {self.ilm_source!r}")
         if self.ilm_preset not in ("auto", "texture", "object"):
             raise ValueError(f"ilm_preset must be 'auto', 'texture' or 'object', got {self.ilm_preset!r}")
         if self.threshold_method not in calibration.THRESHOLD_METHODS:
@@ -213,6 +225,10 @@ def _run_identity(config: TrainConfig, backbone: str, teacher_weights: str, data
     return identity
 
 
+# What runs saved before a setting existed did: patches always came from another image.
+IDENTITY_BEFORE_FIELD = {"ilm_source": "other"}
+
+
 def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
     path = out_dir / LAST
     if not path.is_file():
@@ -221,7 +237,8 @@ def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
     state = data.get("train_state")
     if state is None:
         raise CheckpointError(f"{path}: holds no training state; cannot resume (use --no-resume to start over)")
-    differences = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
+    saved = {**IDENTITY_BEFORE_FIELD, **state["identity"]}
+    differences = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
     if differences:
         lines = ", ".join(f"{k}: saved {old!r} != now {new!r}" for k, (old, new) in differences.items())
         raise CheckpointError(f"{path}: was trained with other settings ({lines}); use the same settings, "
@@ -232,170 +249,300 @@ def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------- training
 
-def _evaluate_now(model, test_items, config: TrainConfig, device) -> dict:
-    result = metrics_on_test_split(model, test_items, batch_size=config.eval_batch_size, device=device,
-                                   progress=False)
-    return {key: result[key] for key in ("image_auroc", "pixel_auroc", "aupro")}
+MONITORING_NOTE = "test split, monitoring only: never used to choose, calibrate or export weights"
 
 
-def train(data_root, category: Optional[str], out_dir, config: Optional[TrainConfig] = None,
-          backbone: str = "wide_resnet50_2", teacher_weights: str = "imagenet", resume: bool = True,
-          skip_unreadable: bool = False) -> dict:
-    """Train one MRKD model.
+def _report(message: str) -> None:
+    """One line on stderr for a problem that does not stop the run (the run ends with its checkpoint)."""
+    print(f"mrkd train: {message}", file=sys.stderr, flush=True)
 
-    ``category``: a sub-folder of ``data_root`` in MVTec layout (evaluated on its test split every
-    ``eval_every`` epochs), or None when ``data_root`` is a plain folder or glob of good images.
-    Writes ``last.ckpt`` (with the training state), ``best.ckpt`` (best image AUROC, or lowest loss
-    without evaluation; both calibrated on the held-out good images) and ``history.jsonl`` into
-    ``out_dir``. Returns a summary dict (paths, epochs, history, calibration, last metrics, and
-    ``model``: the trained model in memory, after the last epoch).
-    """
-    config = config or TrainConfig()
-    out_dir = Path(out_dir)
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+@dataclass
+class TrainData:
+    """What one run trains on, is calibrated on and is monitored with."""
+
+    fit_paths: List[str]
+    holdout_paths: List[str]
+    test_items: list
+
+    @property
+    def can_monitor(self) -> bool:
+        return any(i.label == 1 for i in self.test_items) and any(i.label == 0 for i in self.test_items)
+
+
+@dataclass
+class TrainRun:
+    """The state one training run carries from step to step (rank 0 alone writes files)."""
+
+    config: TrainConfig
+    out_dir: Path
+    category: Optional[str]
+    data_root: str
+    identity: dict
+    data: TrainData
+    rank: int
+    world: int
+    device: "torch.device"
+    use_amp: bool
+    model: nn.Module = None
+    trainable: nn.Module = None          # bottleneck + student, DDP-wrapped under torchrun
+    optimizer: "torch.optim.Optimizer" = None
+    scaler: "torch.amp.GradScaler" = None
+    epochs_done: int = 0
+    history: List[dict] = dataclasses.field(default_factory=list)
+    last_metrics: Optional[dict] = None
+    errors: List[str] = dataclasses.field(default_factory=list)
+    started: float = 0.0                 # time.perf_counter() when the epochs began
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+
+def _start_process(config: TrainConfig) -> Tuple[int, int, "torch.device", bool]:
+    """(rank, world size, device, use AMP) for this process."""
     rank, world, local_rank = _distributed()
     device = resolve_device(config.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    use_amp = config.amp and device.type == "cuda"
+    return rank, world, device, config.amp and device.type == "cuda"
 
+
+def _load_data(data_root, category: Optional[str], config: TrainConfig, skip_unreadable: bool,
+               require_masks: bool) -> TrainData:
     if category:
-        data = scan_category(data_root, category, skip_unreadable=skip_unreadable, require_test=False)
+        data = scan_category(data_root, category, skip_unreadable=skip_unreadable, require_test=False,
+                             require_masks=require_masks)
         train_paths, test_items = data.train_paths, data.test_items
     else:
         train_paths, test_items = scan_folder(data_root), []
-    has_test = any(i.label == 1 for i in test_items) and any(i.label == 0 for i in test_items)
-    evaluating = has_test and config.eval_every > 0
     fit_paths, holdout_paths = split_holdout(train_paths, config)
+    return TrainData(fit_paths, holdout_paths, test_items)
 
-    identity = _run_identity(config, backbone, teacher_weights, data_root, category)
-    state = _resume_state(out_dir, identity) if resume else None
 
+def _build(run: TrainRun, backbone: str, teacher_weights: str) -> None:
+    config = run.config
     seed_everything(config.seed)  # the same on every rank: a random teacher and the initial student agree
-    model = build_model(backbone, teacher_weights, image_size=config.image_size, mask_ratio=config.mask_ratio,
-                        flm=config.flm, resize_mode=config.resize_mode).to(device)
-    seed_everything(config.seed + rank)  # feature-level masks differ between ranks
-    trainable = StudentPath(model)
+    run.model = build_model(backbone, teacher_weights, image_size=config.image_size, mask_ratio=config.mask_ratio,
+                            flm=config.flm, resize_mode=config.resize_mode).to(run.device)
+    seed_everything(config.seed + run.rank)  # feature-level masks differ between ranks
+    run.trainable = StudentPath(run.model)
+    if run.world > 1:
+        run.trainable = nn.parallel.DistributedDataParallel(
+            run.trainable, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    run.optimizer = torch.optim.Adam(run.model.trainable_parameters(), lr=config.lr, betas=config.betas)
+    run.scaler = torch.amp.GradScaler("cuda", enabled=run.use_amp)
+
+
+def _restore(run: TrainRun, state: dict) -> None:
+    """Continue from last.ckpt's training state: weights, optimizer, epochs done, history, RNG."""
+    checkpoint = state["checkpoint"]
+    if checkpoint["teacher"].get("state_dict") is not None:  # a random or file teacher travels along
+        run.model.teacher.load_state_dict(checkpoint["teacher"]["state_dict"])
+    run.model.bottleneck.load_state_dict(checkpoint["bottleneck"])
+    run.model.student.load_state_dict(checkpoint["student"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.epochs_done, run.history = int(state["epoch"]), list(state["history"])
+    rng = state["rng"][run.rank] if run.rank < len(state["rng"]) else None
+    if rng is not None:
+        set_rng_state(rng)
+
+
+def _epoch_loader(run: TrainRun, dataset: TrainDataset, sampler, epoch: int):
+    """This epoch's DataLoader; its shuffle and augmentation are seeded from (seed, epoch, rank)."""
+    config = run.config
+    _reseed_dataset(dataset, _epoch_seed(config.seed, epoch, run.rank))
+    generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0))
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=config.num_workers, worker_init_fn=_seed_worker, generator=generator,
+        pin_memory=run.device.type == "cuda")
+
+
+def _train_step(run: TrainRun, clean: "torch.Tensor", student_input: "torch.Tensor") -> "torch.Tensor":
+    """One optimizer step on one batch; returns the batch's (detached) distillation loss."""
+    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
+        target = run.model.teacher_features(clean)
+        source = run.model.teacher_features(student_input) if run.config.ilm else target
+        loss = distillation_loss(target, run.trainable(source))
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss.detach()
+
+
+def _train_epoch(run: TrainRun, loader) -> float:
+    """Every batch of one epoch; returns the mean loss over all images (all ranks)."""
+    run.model.train()
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    count = torch.zeros((), device=run.device)
+    for clean, student_input in loader:
+        clean = clean.to(run.device, non_blocking=True)
+        student_input = student_input.to(run.device, non_blocking=True)
+        loss = _train_step(run, clean, student_input)
+        total += loss.double() * clean.shape[0]
+        count += clean.shape[0]
+    if run.world > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+        _share_batchnorm_statistics(run.model)
+    return float(total / count.double())
+
+
+def _share_batchnorm_statistics(model) -> None:
+    # BatchNorm running statistics are per process; keep rank 0's so every rank holds one model.
+    for buffer in list(model.bottleneck.buffers()) + list(model.student.buffers()):
+        dist.broadcast(buffer, 0)
+
+
+def _gather_rng(world: int) -> List[dict]:
+    states = [rng_state()]
     if world > 1:
-        trainable = nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr, betas=config.betas)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, states[0])
+        states = gathered
+    return states
 
-    start_epoch, history, best_value = 0, [], None
+
+def _train_state(run: TrainRun, all_rng: List[dict]) -> dict:
+    return {"identity": run.identity, "epoch": run.epochs_done, "optimizer": run.optimizer.state_dict(),
+            "rng": all_rng, "history": run.history, "holdout": run.data.holdout_paths}
+
+
+def _save_last(run: TrainRun, all_rng: List[dict]) -> None:
+    """last.ckpt (weights + everything needed to resume) and history.jsonl."""
+    save_checkpoint(run.model, run.out_dir / LAST,
+                    extra={"train_state": _train_state(run, all_rng), TRAINED_ON: run_trained_on(run)})
+    _write_history(run.out_dir, run.history)
+
+
+def run_trained_on(run: TrainRun) -> dict:
+    return trained_on(run.data_root, run.category)
+
+
+def _monitor(run: TrainRun, row: dict) -> None:
+    """Test-split metrics into this epoch's history row, for watching the run only (see MONITORING_NOTE).
+
+    Runs after last.ckpt is written; an error here is reported in one line and the run goes on."""
+    config = run.config
+    try:
+        result = metrics_on_test_split(run.model, run.data.test_items, batch_size=config.eval_batch_size,
+                                       device=run.device, progress=False)
+    except Exception as exc:  # noqa: BLE001 - any failure of monitoring must not cost the run
+        message = f"epoch {row['epoch']}: test-split evaluation failed ({_one_line(exc)}); training goes on"
+        _report(message)
+        run.errors.append(message)
+        row["monitoring_error"] = _one_line(exc)
+        return
+    run.last_metrics = {key: result.get(key) for key in MONITORED}
+    row.update(run.last_metrics, monitoring=MONITORING_NOTE)
+
+
+def _run_epoch(run: TrainRun, dataset: TrainDataset, sampler, epoch: int) -> dict:
+    """Train one epoch, write last.ckpt when due, then (rank 0) monitor on the test split."""
+    config = run.config
+    loss = _train_epoch(run, _epoch_loader(run, dataset, sampler, epoch))
+    run.epochs_done = epoch + 1
+    row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.perf_counter() - run.started, 3)}
+    run.history.append(row)
+    final = epoch + 1 == config.epochs
+    all_rng = _gather_rng(run.world)   # every rank takes part in the gather
+    if run.writer:
+        if (epoch + 1) % config.save_every == 0 or final:
+            _save_last(run, all_rng)
+        if run.data.can_monitor and config.eval_every > 0 and ((epoch + 1) % config.eval_every == 0 or final):
+            _monitor(run, row)
+            _write_history(run.out_dir, run.history)
+    _barrier(run.world)
+    return row
+
+
+def train(data_root, category: Optional[str], out_dir, config: Optional[TrainConfig] = None,
+          backbone: str = "wide_resnet50_2", teacher_weights: str = "imagenet", resume: bool = True,
+          skip_unreadable: bool = False, require_masks: bool = False) -> dict:
+    """Train one MRKD model; what it hands on is the final epoch's weights, in ``last.ckpt``.
+
+    ``category``: a sub-folder of ``data_root`` in MVTec layout, or None when ``data_root`` is a plain
+    folder or glob of good images. Writes ``last.ckpt`` (written before any evaluation of its epoch;
+    with the training state; after the last epoch calibrated on the held-out good images) and
+    ``history.jsonl`` into ``out_dir``. Every ``eval_every`` epochs the test split is evaluated for
+    monitoring only: the numbers go to history.jsonl and never choose weights (as in the official
+    protocol, the model is the last epoch's). A failed evaluation or calibration is reported in one
+    line and the run still ends with its final checkpoint. ``require_masks``: a defect image without
+    a mask is an error (default: it counts in the image-level metrics only). Returns a summary dict
+    (paths, epochs, history, calibration, last monitoring metrics, errors, and ``model``: the trained
+    model in memory, after the last epoch).
+    """
+    config = config or TrainConfig()
+    rank, world, device, use_amp = _start_process(config)
+    data = _load_data(data_root, category, config, skip_unreadable, require_masks)
+    identity = _run_identity(config, backbone, teacher_weights, data_root, category)
+    run = TrainRun(config, Path(out_dir), category, str(data_root), identity, data, rank, world, device, use_amp)
+    state = _resume_state(run.out_dir, identity) if resume else None
+    _build(run, backbone, teacher_weights)
     if state is not None:
-        checkpoint = state["checkpoint"]
-        if checkpoint["teacher"].get("state_dict") is not None:  # a random or file teacher travels along
-            model.teacher.load_state_dict(checkpoint["teacher"]["state_dict"])
-        model.bottleneck.load_state_dict(checkpoint["bottleneck"])
-        model.student.load_state_dict(checkpoint["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        best_value = state.get("best_value")
-        rng = state["rng"][rank] if rank < len(state["rng"]) else None
-        if rng is not None:
-            set_rng_state(rng)
+        _restore(run, state)
 
-    dataset = TrainDataset(fit_paths, config.image_size, config.resize_mode, model.config.mean, model.config.std,
-                           augment=_augment(config, data_root, category), seed=config.seed,
-                           progress=config.progress and rank == 0)
+    dataset = TrainDataset(data.fit_paths, config.image_size, config.resize_mode, run.model.config.mean,
+                           run.model.config.std, augment=_augment(config, data_root, category),
+                           seed=config.seed, progress=config.progress and run.writer,
+                           ilm_source=config.ilm_source)
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=config.seed) \
         if world > 1 else None
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if run.writer:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm
-    epochs_bar = tqdm(range(start_epoch, config.epochs), desc=f"train {category or Path(str(data_root)).name}",
-                      unit="epoch", initial=start_epoch, total=config.epochs,
-                      disable=not config.progress or rank != 0)
-    started = time.perf_counter()
-    last_metrics = None
+    epochs_bar = tqdm(range(run.epochs_done, config.epochs), desc=f"train {category or Path(str(data_root)).name}",
+                      unit="epoch", initial=run.epochs_done, total=config.epochs,
+                      disable=not config.progress or not run.writer)
+    run.started = time.perf_counter()
     for epoch in epochs_bar:
-        epoch_seed = _epoch_seed(config.seed, epoch, rank)
-        _reseed_dataset(dataset, epoch_seed)
-        generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0))
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-            num_workers=config.num_workers, worker_init_fn=_seed_worker, generator=generator,
-            pin_memory=device.type == "cuda")
-        model.train()
-        total, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), device=device)
-        for clean, student_input in loader:
-            clean = clean.to(device, non_blocking=True)
-            student_input = student_input.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                target = model.teacher_features(clean)
-                source = model.teacher_features(student_input) if config.ilm else target
-                loss = distillation_loss(target, trainable(source))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.detach().double() * clean.shape[0]
-            count += clean.shape[0]
-        if world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(count)
-            # BatchNorm running statistics are per process; keep rank 0's so every rank holds one model.
-            for buffer in model.bottleneck.buffers():
-                dist.broadcast(buffer, 0)
-            for buffer in model.student.buffers():
-                dist.broadcast(buffer, 0)
-        row = {"epoch": epoch + 1, "loss": float(total / count.double()),
-               "seconds": round(time.perf_counter() - started, 3)}
-        final = epoch + 1 == config.epochs
-        if rank == 0 and evaluating and ((epoch + 1) % config.eval_every == 0 or final):
-            last_metrics = _evaluate_now(model, test_items, config, device)
-            row.update(last_metrics)
-        history.append(row)
+        row = _run_epoch(run, dataset, sampler, epoch)
         epochs_bar.set_postfix(loss=f"{row['loss']:.4f}",
                                **({"img_auroc": f"{row['image_auroc']:.3f}"} if "image_auroc" in row else {}))
-
-        # Best: highest image AUROC when evaluating (epochs without an evaluation never win), else lowest loss.
-        value = row.get("image_auroc") if evaluating else -row["loss"]
-        improved = value is not None and (best_value is None or value > best_value)
-        if improved:
-            best_value = value
-        all_rng = [rng_state()]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, all_rng[0])
-            all_rng = gathered
-        if rank == 0:
-            if improved:
-                save_checkpoint(model, out_dir / BEST, extra={"epoch": epoch + 1, "history_row": row})
-            if (epoch + 1) % config.save_every == 0 or final:
-                train_state = {"identity": identity, "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                               "rng": all_rng, "history": history, "best_value": best_value,
-                               "holdout": holdout_paths}
-                save_checkpoint(model, out_dir / LAST, extra={"train_state": train_state})
-            _write_history(out_dir, history)
-        _barrier(world)
     epochs_bar.close()
 
-    summary = {"category": category, "out_dir": str(out_dir), "epochs": config.epochs, "history": history,
-               "last": str(out_dir / LAST), "best": str(out_dir / BEST), "metrics": last_metrics,
-               "holdout": holdout_paths, "world_size": world, "model": model}
-    if rank == 0:
-        summary["calibration"] = _calibrate_checkpoints(out_dir, model, holdout_paths or fit_paths, config,
-                                                        device)
+    summary = {"category": category, "out_dir": str(run.out_dir), "epochs": config.epochs, "history": run.history,
+               "last": str(run.out_dir / LAST), "checkpoint": str(run.out_dir / LAST),
+               "metrics": run.last_metrics, "holdout": data.holdout_paths, "world_size": world,
+               "model": run.model, "errors": run.errors}
+    if run.writer:
+        summary["calibration"] = _finish(run)
     _barrier(world)
     return summary
 
 
-def _calibrate_checkpoints(out_dir: Path, model, good_paths: Sequence[str], config: TrainConfig, device) -> dict:
-    """Calibrate last.ckpt (the model in memory) and best.ckpt on the good images; rewrite both."""
-    model.eval()
-    calibration.calibrate(model, good_paths, quantile=config.threshold_quantile,
-                          batch_size=config.eval_batch_size, device=device, method=config.threshold_method,
-                          confidence=config.threshold_confidence)
-    last = read_checkpoint(out_dir / LAST)
-    save_checkpoint(model, out_dir / LAST, extra={"train_state": last["train_state"]})
-    return calibration.recalibrate_checkpoint(out_dir / BEST, list(good_paths), quantile=config.threshold_quantile,
-                                              method=config.threshold_method, confidence=config.threshold_confidence,
-                                              batch_size=config.eval_batch_size, device=device)
+def _finish(run: TrainRun) -> Optional[dict]:
+    """Calibrate the final model on the held-out good images (the training images with --holdout 0)
+    and rewrite last.ckpt with the full history. A calibration error is reported in one line; the
+    uncalibrated final checkpoint stays."""
+    config = run.config
+    good_paths = run.data.holdout_paths or run.data.fit_paths
+    calibration_result = None
+    try:
+        run.model.eval()
+        calibration_result = calibration.calibrate(
+            run.model, good_paths, quantile=config.threshold_quantile, batch_size=config.eval_batch_size,
+            device=run.device, method=config.threshold_method, confidence=config.threshold_confidence)
+    except Exception as exc:  # noqa: BLE001 - the trained weights are saved either way
+        message = f"calibration on {len(good_paths)} good image(s) failed ({_one_line(exc)}); " \
+                  f"{run.out_dir / LAST} is uncalibrated (run `mrkd calibrate` on it)"
+        _report(message)
+        run.errors.append(message)
+    last = read_checkpoint(run.out_dir / LAST)
+    train_state = dict(last["train_state"], history=run.history)
+    save_checkpoint(run.model, run.out_dir / LAST, extra={"train_state": train_state, TRAINED_ON: run_trained_on(run)})
+    _write_history(run.out_dir, run.history)
+    return calibration_result
 
 
 def train_all(data_root, categories: Optional[Sequence[str]], out_dir, config: Optional[TrainConfig] = None,
