@@ -89,7 +89,9 @@ def test_video_end_to_end_alarms_events_snapshots(tmp_path):
         x0, y0 = box["x"], box["y"]                     # the box's top-left corner is drawn in red
         assert int(snapshot[y0, x0, 2]) > int(snapshot[y0, x0, 1]) + 40   # red over JPEG noise
         assert time.strptime(event["time"][:19], "%Y-%m-%dT%H:%M:%S")
-    assert len(list((tmp_path / "snaps").iterdir())) == 3
+        assert event["camera"] == "cam0"
+    # Snapshots go into the camera's own folder (one camera is named cam0).
+    assert len(list((tmp_path / "snaps" / "cam0").iterdir())) == 3
     annotated = cv2.VideoCapture(str(tmp_path / "annotated.avi"))
     assert int(annotated.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
 

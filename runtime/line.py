@@ -1,0 +1,478 @@
+"""Many cameras in one process: a ``Line`` of cameras and the one frame loop, ``run_line``.
+
+Each camera is read on its own thread (``_Feed``): live sources keep only their newest frame (the
+source layer already does, and reconnects dropped streams), files and folders deliver every frame
+through a short queue. The loop thread gathers one round of frames, at most ``batch`` per camera,
+waiting for the cameras that are delivering until about one frame period after the oldest frame in
+hand (DeepStream's nvstreammux does the same): a slow or dead camera never holds the others back,
+because a camera that has sent nothing for ``stale_after_s`` is not waited for. Cameras whose model
+file is the same share one loaded Detector and their frames are scored in one batch. Per camera:
+alarm policy, events tagged with its name, snapshots in its own folder, status fields.
+
+``run_stream`` (stream.py) is the one-camera case of this loop; runtime calibration reads frames
+with ``iter_frames`` below.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import (Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union)
+
+import numpy as np
+
+from mrkd.runtime.alarms import AlarmPolicy
+from mrkd.runtime.detector import STAGES, Detector
+from mrkd.runtime.events import EventSinks
+from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.sources import Frame, Source, open_source
+from mrkd.runtime.stats import LatencyWindow, RunStats
+from mrkd.runtime.video_output import annotate
+
+logger = logging.getLogger(__name__)
+
+LINE_SCHEMA_VERSION = 1
+CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # also a folder name and a metrics label
+DEFAULT_CAMERA = "cam0"
+
+
+class LineError(ValueError):
+    """A line description that cannot run (bad camera name, duplicate names, bad settings)."""
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One camera of a line: where its frames come from, the model that scores them, its alarm policy.
+
+    source: any URI ``open_source`` takes (or an iterable of frames, for tests and embedding).
+    threshold: overrides the model's calibrated one for this camera. debounce: (k, n). cooldown:
+    seconds of frame time; cooldown_frames: frames. size: (width, height) frames are resized to.
+    fps: camera rate to request, or the rate files/folders are replayed at.
+    """
+
+    name: str
+    source: object
+    model: str
+    threshold: Optional[float] = None
+    debounce: Tuple[int, int] = (1, 1)
+    cooldown: float = 5.0
+    cooldown_frames: int = 0
+    size: Optional[Tuple[int, int]] = None
+    fps: Optional[float] = None
+    loop: bool = False
+
+
+@dataclass(frozen=True)
+class Line:
+    """The cameras one process watches, with the settings of the models they load."""
+
+    cameras: Tuple[Camera, ...]
+    backend: str = "auto"
+    postprocess: str = "auto"
+    providers: Optional[Tuple[str, ...]] = None
+    threads: Optional[int] = None
+    schema_version: int = LINE_SCHEMA_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "cameras", tuple(self.cameras))
+        check_cameras(self.cameras)
+
+
+def check_cameras(cameras: Sequence[Camera]) -> None:
+    """Raise LineError naming the camera when a name is unusable or repeated or a setting is out of range."""
+    if not cameras:
+        raise LineError("a line needs at least one camera")
+    seen = set()
+    for camera in cameras:
+        if not isinstance(camera.name, str) or not CAMERA_NAME.match(camera.name):
+            raise LineError(f"camera name {camera.name!r}: use 1-64 letters, digits, '_', '-', '.' "
+                            f"(it names the snapshot folder and the metrics label)")
+        if camera.name in seen:
+            raise LineError(f"camera name {camera.name!r} is used twice")
+        seen.add(camera.name)
+        if camera.fps is not None and not camera.fps > 0:
+            raise LineError(f"camera {camera.name!r}: fps must be > 0, got {camera.fps}")
+        if camera.size is not None and (len(camera.size) != 2 or min(camera.size) < 1):
+            raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 of a file (cached while its size and modification time stay the same)."""
+    stat = Path(path).stat()
+    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- reading: one thread per camera
+
+@dataclass
+class _Arrived:
+    frame: Frame
+    arrival: float            # time.monotonic() when the frame reached this process
+
+
+class _Feed:
+    """Reads one camera's source on its own thread into a short buffer the loop takes frames from.
+
+    Live sources: only the newest frame is kept (an older one still waiting is dropped and counted).
+    Files/folders: every frame, the reader waits while ``capacity`` frames are waiting.
+    """
+
+    def __init__(self, name: str, source: Source, cond: threading.Condition, capacity: int,
+                 max_frames: Optional[int]):
+        self.name, self.source, self._cond = name, source, cond
+        self.capacity = max(1, capacity)
+        self.max_frames = max_frames
+        self.buffer: Deque[_Arrived] = deque()
+        self.read_count = 0
+        self.dropped = 0          # frames replaced by a newer one before the loop took them
+        self.last_arrival: Optional[float] = None
+        self.intervals: Deque[float] = deque(maxlen=32)
+        self.finished = False     # the reader will add no more frames
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name=f"camera:{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            while not self._stop.is_set() and not self.source.ended:
+                if self.max_frames is not None and self.read_count >= self.max_frames:
+                    break
+                frame = self.source.read(timeout=0.25)   # short: a stop request is seen quickly
+                if frame is None:
+                    continue
+                with self._cond:
+                    if not self.source.live:
+                        self._cond.wait_for(lambda: len(self.buffer) < self.capacity or self._stop.is_set())
+                        if self._stop.is_set():
+                            break
+                    elif len(self.buffer) >= self.capacity:
+                        self.buffer.popleft()
+                        self.dropped += 1
+                    now = time.monotonic()
+                    if self.source.live:   # the source's reader stamped it with the wall clock on arrival
+                        now -= max(0.0, time.time() - frame.timestamp)
+                    if self.last_arrival is not None:
+                        self.intervals.append(now - self.last_arrival)
+                    self.last_arrival = now
+                    self.buffer.append(_Arrived(frame, now))
+                    self.read_count += 1
+                    self._cond.notify_all()
+        except Exception:   # a source bug must end this camera, not the line
+            logger.exception("camera %s: reader failed", self.name)
+        finally:
+            with self._cond:
+                self.finished = True
+                self._cond.notify_all()
+
+    @property
+    def done(self) -> bool:
+        """No frame waiting and none to come."""
+        return self.finished and not self.buffer
+
+    def period(self) -> Optional[float]:
+        """The camera's frame period: the median of its recent inter-arrival times."""
+        if len(self.intervals) < 2:
+            return None
+        return float(np.median(self.intervals))
+
+    def take(self, limit: int) -> List[_Arrived]:
+        out = []
+        while self.buffer and len(out) < limit:
+            out.append(self.buffer.popleft())
+        if out:
+            self._cond.notify_all()   # a file reader waiting for room
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.source.close()
+
+
+def gather_round(feeds: Sequence[_Feed], cond: threading.Condition, stop: threading.Event, per_camera: int,
+                 deadline_s: Optional[float], stale_after_s: float, wait_s: float = 0.25) -> Dict[str, List[_Arrived]]:
+    """One round of frames: wait (at most ``wait_s``) for any frame, then until every camera that
+    delivered within ``stale_after_s`` has one or the deadline (the oldest frame in hand plus one
+    frame period, ``deadline_s`` or the fastest camera's measured period) passes; take up to
+    ``per_camera`` frames from each. Empty when nothing came (or everything ended)."""
+    with cond:
+        cond.wait_for(lambda: stop.is_set() or any(f.buffer for f in feeds) or all(f.done for f in feeds), wait_s)
+        if stop.is_set() or not any(f.buffer for f in feeds):
+            return {}
+        now = time.monotonic()
+        expected = [f for f in feeds if not f.done and f.last_arrival is not None
+                    and now - f.last_arrival <= stale_after_s]
+        periods = [p for p in (f.period() for f in expected) if p is not None]
+        period = deadline_s if deadline_s is not None else min(min(periods, default=0.0), 0.2)
+        oldest = min(f.buffer[0].arrival for f in feeds if f.buffer)
+        remaining = oldest + period - now
+        if remaining > 0:
+            cond.wait_for(lambda: stop.is_set() or all(f.buffer or f.finished for f in expected), remaining)
+        return {f.name: f.take(per_camera) for f in feeds if f.buffer}
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class _CameraState:
+    camera: Camera
+    detector: Detector
+    policy: AlarmPolicy
+    feed: _Feed
+    info: CameraInfo
+    outputs: Sequence = ()
+    frames: int = 0
+    alarms: int = 0
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    up: bool = False
+    fps_mark: Tuple[float, int] = (0.0, 0)
+
+
+def _notify(observers: Sequence[LineObserver], hook: str, *args) -> None:
+    for observer in observers:
+        try:
+            getattr(observer, hook)(*args)
+        except Exception:   # one broken output must not stop scoring
+            logger.exception("observer %s.%s failed", type(observer).__name__, hook)
+
+
+def _threshold_source(camera: Camera, detector: Detector) -> str:
+    if camera.threshold is not None:
+        return "camera setting (line file or --threshold)"
+    described = getattr(detector, "threshold_source", None)
+    return str(described) if described else f"model metadata {detector._source}"
+
+
+def open_detectors(line: Line) -> Dict[str, Detector]:
+    """One Detector per distinct model file (resolved path) of the line."""
+    detectors: Dict[str, Detector] = {}
+    for camera in line.cameras:
+        key = str(Path(camera.model).resolve())
+        if key not in detectors:
+            detectors[key] = Detector(camera.model, backend=line.backend, postprocess=line.postprocess,
+                                      providers=list(line.providers) if line.providers else None,
+                                      threads=line.threads)
+    return detectors
+
+
+def open_sources(line: Line, timeout: float = 5.0) -> Dict[str, Source]:
+    """Open every camera's source; a failure names the camera (sources opened so far are closed)."""
+    from mrkd.runtime.sources import SourceError
+    sources: Dict[str, Source] = {}
+    try:
+        for camera in line.cameras:
+            try:
+                sources[camera.name] = open_source(camera.source, size=camera.size, fps=camera.fps,
+                                                   loop=camera.loop, timeout=timeout)
+            except SourceError as exc:
+                raise SourceError(f"camera {camera.name!r}: {exc}") from exc
+    except BaseException:
+        for source in sources.values():
+            source.close()
+        raise
+    return sources
+
+
+def _status_of(state: _CameraState, now: float, stale_after_s: float) -> CameraStatus:
+    feed, stats = state.feed, state.feed.source.stats
+    then, frames_then = state.fps_mark
+    fps = (state.frames - frames_then) / (now - then) if now > then else 0.0
+    state.fps_mark = (now, state.frames)
+    p = state.latency.percentiles_ms()
+    return CameraStatus(camera=state.camera.name, up=state.up, frames=state.frames,
+                        dropped=stats.dropped + feed.dropped, bad_frames=stats.bad_frames,
+                        reconnects=stats.reconnects, fps=fps,
+                        extra={"latency_p50_ms": p["p50"], "latency_p99_ms": p["p99"], "alarms": state.alarms})
+
+
+def _status_line(statuses: Sequence[CameraStatus], stats: RunStats) -> str:
+    stages = " ".join(f"{stage} {p['p50']:.1f}/{p['p99']:.1f}"
+                      for stage, p in ((s, w.percentiles_ms()) for s, w in stats.latency.items()))
+    cameras = " | ".join(
+        f"{s.camera}: {'up' if s.up else 'DOWN'} {s.frames} frames {s.fps:.1f} fps "
+        f"p50/p99 {s.extra['latency_p50_ms']:.1f}/{s.extra['latency_p99_ms']:.1f} ms alarms {int(s.extra['alarms'])} "
+        f"dropped {s.dropped} bad {s.bad_frames} reconnects {s.reconnects}" for s in statuses)
+    return f"{stats.frames} frames, ms p50/p99 per frame: {stages} || {cameras}"
+
+
+def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence[LineObserver] = (),
+             outputs: Optional[Mapping[str, Sequence]] = None, max_frames: Optional[int] = None,
+             status_every: float = 0.0, batch: int = 1, stop: Optional[threading.Event] = None,
+             status: Callable[[str], None] = print, webhook_deadline_s: float = 5.0,
+             batch_timeout: Optional[float] = None, stale_after_s: float = 2.0,
+             detectors: Optional[Mapping[str, Detector]] = None,
+             sources: Optional[Mapping[str, Source]] = None, policies: Optional[Mapping[str, AlarmPolicy]] = None,
+             cross_camera_batching: bool = True) -> dict:
+    """Score every camera of ``line`` until all sources end, each reached ``max_frames`` (per camera)
+    or ``stop`` is set; returns the run summary (totals, per-camera figures under "cameras").
+
+    observers: LineObserver hooks, called on this thread. outputs: camera name -> frame sinks
+    (VideoFileSink, WindowSink) receiving annotated frames. batch: frames per camera per round (files
+    gain throughput; live cameras only ever have their newest). batch_timeout: seconds to wait for
+    the other cameras after the oldest frame in hand (default: the fastest camera's frame period,
+    at most 0.2 s). stale_after_s: a camera silent this long is not waited for and shows as down.
+    detectors / sources: already opened ones (keyed by resolved model path / camera name); the
+    sources are closed at the end, the detectors are the caller's. policies: camera name -> an
+    AlarmPolicy to use instead of one built from the camera's settings. cross_camera_batching=False
+    scores each camera's frames in a separate call (the benchmark's baseline).
+    """
+    stop = stop or threading.Event()
+    sinks = sinks or EventSinks()
+    outputs = outputs or {}
+    own_detectors = detectors is None
+    cond = threading.Condition()
+    states: List[_CameraState] = []
+    sources = dict(sources) if sources is not None else None
+    try:
+        detectors = dict(detectors) if detectors is not None else open_detectors(line)
+        if sources is None:
+            sources = open_sources(line)
+        for camera in line.cameras:
+            detector = detectors[str(Path(camera.model).resolve())]
+            threshold = camera.threshold if camera.threshold is not None else detector.threshold
+            policy = (policies or {}).get(camera.name) or AlarmPolicy(threshold, camera.debounce, camera.cooldown,
+                                                                      camera.cooldown_frames)
+            threshold = policy.threshold
+            source = sources[camera.name]
+            feed = _Feed(camera.name, source, cond, capacity=max(2, 2 * batch) if not source.live else 1,
+                         max_frames=max_frames)
+            info = CameraInfo(name=camera.name, source=str(getattr(source, "uri", camera.source)),
+                              model=str(camera.model), model_sha256=file_sha256(camera.model),
+                              backend=detector.backend.name, precision=detector.metadata.precision,
+                              threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
+            states.append(_CameraState(camera, detector, policy, feed, info, outputs.get(camera.name, ())))
+    except BaseException:
+        for source in (sources or {}).values():
+            source.close()
+        if own_detectors:
+            for detector in (detectors or {}).values():
+                detector.close()
+        raise
+    by_name = {s.camera.name: s for s in states}
+    feeds = [s.feed for s in states]
+    stats = RunStats(STAGES)
+    rounds = scored_calls = 0
+    _notify(observers, "on_start", [s.info for s in states])
+    last_status = time.monotonic()
+    for state in states:
+        state.fps_mark = (last_status, 0)
+        state.feed.start()
+    try:
+        while not stop.is_set() and not all(f.done for f in feeds):
+            taken = gather_round(feeds, cond, stop, batch, batch_timeout, stale_after_s)
+            now = time.monotonic()
+            for state in states:    # a camera goes down when silent, up again with its next frame
+                up = state.camera.name in taken or (not state.feed.done and state.feed.last_arrival is not None
+                                                    and now - state.feed.last_arrival <= stale_after_s)
+                if up != state.up:
+                    state.up = up
+                    _notify(observers, "on_status", _status_of(state, now, stale_after_s))
+            if taken:
+                rounds += 1
+                scored_calls += _score_round(taken, by_name, stats, sinks, observers, cross_camera_batching, stop)
+            if status_every and time.monotonic() - last_status >= status_every:
+                last_status = time.monotonic()
+                statuses = [_status_of(s, last_status, stale_after_s) for s in states]
+                for camera_status in statuses:
+                    _notify(observers, "on_status", camera_status)
+                status(_status_line(statuses, stats))
+    finally:
+        for feed in feeds:
+            feed.close()
+        webhook = sinks.close(webhook_deadline_s)
+        for state in states:
+            for output in state.outputs:
+                output.close()
+        _notify(observers, "on_stop")
+        if own_detectors:
+            for detector in detectors.values():
+                detector.close()
+    cameras = {}
+    for state in states:
+        cameras[state.camera.name] = {
+            "source": state.feed.source.stats.as_dict() | {"dropped": state.feed.source.stats.dropped
+                                                           + state.feed.dropped},
+            "frames": state.frames, "alarms": state.alarms, "up": state.up,
+            "alarms_suppressed_by_cooldown": state.policy.suppressed,
+            "latency_ms": state.latency.percentiles_ms(), "threshold": state.info.threshold,
+            "model": state.info.model}
+    return stats.summary({"cameras": cameras, "webhook": webhook, "events": sinks.events,
+                          "detector_calls": scored_calls, "rounds": rounds,
+                          "frames_per_call": stats.frames / scored_calls if scored_calls else 0.0,
+                          "stopped_early": stop.is_set()})
+
+
+def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraState], stats: RunStats,
+                 sinks: EventSinks, observers: Sequence[LineObserver], batched: bool, stop: threading.Event) -> int:
+    """Score one round (one detector call per model, or per camera when not ``batched``); then alarms,
+    events, observers and outputs per frame in camera order. Returns the number of detector calls."""
+    groups: Dict[object, List[Tuple[_CameraState, _Arrived]]] = {}
+    for name, arrived in taken.items():
+        state = by_name[name]
+        key = id(state.detector) if batched else name
+        groups.setdefault(key, []).extend((state, a) for a in arrived)
+    for members in groups.values():
+        detector = members[0][0].detector
+        result = detector([a.frame.image for _, a in members])
+        stats.add_frames(len(members), result.timings)
+        done = time.monotonic()
+        infer_share = result.timings.get("infer", 0.0) / len(members)
+        for i, (state, arrived) in enumerate(members):
+            frame, score, amap = arrived.frame, float(result.scores[i]), result.maps[i]
+            latency = done - arrived.arrival
+            state.frames += 1
+            state.latency.add(latency)
+            alarm = state.policy.update(frame.index, frame.timestamp, score)
+            event = None
+            if alarm is not None:
+                state.alarms += 1
+                stats.alarms += 1
+                event = sinks.emit(alarm, frame.source, frame.image, amap, camera=state.camera.name)
+                _notify(observers, "on_event", state.camera.name, event)
+            threshold = state.policy.threshold
+            _notify(observers, "on_frame", FrameResult(
+                camera=state.camera.name, frame_index=frame.index, frame_time=frame.timestamp, image=frame.image,
+                amap=amap, score=score, threshold=threshold, anomalous=score >= threshold, event=event,
+                infer_s=infer_share, latency_s=latency))
+            for output in state.outputs:
+                output.write(annotate(frame.image, amap, score, threshold, alarm is not None))
+                if getattr(output, "wants_stop", False):
+                    stop.set()
+    return len(groups)
+
+
+def iter_frames(source: Source, max_frames: Optional[int] = None, batch: int = 1) -> Iterator[List[Frame]]:
+    """Frames of one source in lists of up to ``batch``, read on its own thread like a line camera
+    (runtime calibration scores them); closes the source at the end."""
+    cond, stop = threading.Condition(), threading.Event()
+    feed = _Feed(DEFAULT_CAMERA, source, cond, capacity=max(2, 2 * batch) if not source.live else 1,
+                 max_frames=max_frames)
+    feed.start()
+    try:
+        while not feed.done:
+            taken = gather_round([feed], cond, stop, batch, 0.0, float("inf"))
+            if taken:
+                yield [a.frame for a in taken[feed.name]]
+    finally:
+        feed.close()
