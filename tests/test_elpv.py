@@ -77,5 +77,7 @@ def test_subset_is_fixed_and_reusable(tmp_path):
     (tmp_path / "c" / "x.txt").write_text("x")
     with pytest.raises(ElpvError, match="not empty"):
         layout_elpv(tmp_path / "c")
+    capped = layout_elpv(tmp_path / "e", max_train=7)
+    assert capped.counts["elpv_poly"]["train_good"] == 7 and capped.counts["elpv_poly"]["test_defect"] > 300
     with pytest.raises(ElpvError, match="split"):
         layout_elpv(tmp_path / "d", split="train")

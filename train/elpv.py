@@ -23,7 +23,8 @@ settings are chosen on validation numbers, and the test split's labels are never
 final numbers are reported.
 
 ``max_per_class`` (CI quick mode) keeps, in each folder, the N cells with the smallest
-``(h, file name)`` — a fixed subset, the same everywhere.
+``(h, file name)`` — a fixed subset, the same everywhere. ``max_train`` applies the same rule to
+``train/good`` alone (a smaller, faster training set with the full test split).
 
     layout = layout_elpv("data/elpv")                 # data/elpv/elpv_mono/train/good/...
     print(layout.counts["elpv_mono"])                 # {"train_good": ..., "test_good": ..., ...}
@@ -78,6 +79,7 @@ class ElpvLayout:
     uncertain: Dict[str, int]                    # category → cells with probability 1/3 or 2/3 left out
     max_per_class: Optional[int] = None
     link: str = "symlink"
+    max_train: Optional[int] = None
     schema_version: int = SCHEMA_VERSION
     rule: str = field(default=(
         "h = int(sha1(name).hexdigest()[:8], 16) % 100; good: h<20 test, 20<=h<30 validation share "
@@ -158,7 +160,7 @@ def _place(source: str, target: Path, link: str) -> None:
 
 
 def layout_elpv(root, split: str = "test", max_per_class: Optional[int] = None, link: str = "symlink",
-                labels_file=None) -> ElpvLayout:
+                labels_file=None, max_train: Optional[int] = None) -> ElpvLayout:
     """Write ``<root>/elpv_mono`` and ``<root>/elpv_poly`` in MVTec layout (image labels only).
 
     ``root`` must be empty or a folder an earlier call wrote with the same arguments (then it is reused
@@ -168,8 +170,9 @@ def layout_elpv(root, split: str = "test", max_per_class: Optional[int] = None, 
         raise ElpvError(f"split {split!r}: expected one of {SPLITS}")
     if link not in ("symlink", "copy"):
         raise ElpvError(f"link {link!r}: expected 'symlink' or 'copy'")
-    if max_per_class is not None and max_per_class < 1:
-        raise ElpvError(f"max_per_class {max_per_class}: must be at least 1")
+    for name, value in (("max_per_class", max_per_class), ("max_train", max_train)):
+        if value is not None and value < 1:
+            raise ElpvError(f"{name} {value}: must be at least 1")
     root = Path(root)
     cells = read_labels(labels_file)
 
@@ -188,8 +191,11 @@ def layout_elpv(root, split: str = "test", max_per_class: Optional[int] = None, 
         members.sort(key=lambda c: (c.hash_bucket, c.name))
         if max_per_class is not None:
             del members[max_per_class:]
+        if max_train is not None and folder == "train/good":
+            del members[max_train:]
         counts[category][folder.replace("/", "_")] = len(members)
-    layout = ElpvLayout(str(root), split, sorted(CATEGORIES.values()), counts, uncertain, max_per_class, link)
+    layout = ElpvLayout(str(root), split, sorted(CATEGORIES.values()), counts, uncertain, max_per_class, link,
+                        max_train)
 
     manifest = root / MANIFEST
     if manifest.is_file():

@@ -1,0 +1,48 @@
+"""mrkd bench quality: the kNN baseline's distances against scipy, and the quick run on real ELPV cells."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("elpv_dataset")
+
+from mrkd.benchmarks.bench_quality import PatchKNN, image_scores, quick_settings, run_quality  # noqa: E402
+
+
+class _NoTeacher(torch.nn.Module):
+    def forward(self, x):
+        return [x]
+
+
+def test_knn_nearest_distance_matches_scipy_in_any_chunking():
+    from scipy.spatial.distance import cdist
+    rng = np.random.default_rng(0)
+    bank, queries = rng.normal(size=(1000, 7)), rng.normal(size=(50, 7))
+    expected = cdist(queries, bank).min(1)
+    for chunk in (1, 64, 999, 5000):
+        knn = PatchKNN(_NoTeacher(), None, chunk=chunk)
+        knn.bank = torch.tensor(bank, dtype=torch.float32)
+        got = knn.nearest_distance(torch.tensor(queries, dtype=torch.float32)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_image_score_rules():
+    maps = torch.tensor(np.random.default_rng(1).random((3, 1, 20, 10)), dtype=torch.float32)
+    flat = maps.numpy().reshape(3, -1)
+    np.testing.assert_allclose(image_scores(maps, "max").numpy(), flat.max(1))
+    np.testing.assert_allclose(image_scores(maps, "topk").numpy(), np.sort(flat, 1)[:, -2:].mean(1), rtol=1e-6)
+    with pytest.raises(ValueError, match="image score rule"):
+        image_scores(maps, "median")
+
+
+@pytest.mark.slow
+def test_quick_quality_imagenet_teacher_beats_random_on_real_images(tmp_path):
+    results = run_quality(quick_settings(), data_root=tmp_path, log=lambda _: None)
+    assert results["layout"]["uncertain_left_out"]["elpv_mono"] > 0
+    summary = results["summary"]
+    for category in ("elpv_mono", "elpv_poly"):
+        imagenet = summary[f"{category}/mrkd_imagenet"]["image_auroc"]["mean"]
+        random = summary[f"{category}/mrkd_random"]["image_auroc"]["mean"]
+        knn = summary[f"{category}/knn"]["image_auroc"]["mean"]
+        assert imagenet > random, (category, imagenet, random)
+        assert knn > 0.6, (category, knn)       # the baseline sees the defects at all
