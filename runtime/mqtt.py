@@ -1,0 +1,337 @@
+"""MQTT output of a line (paho-mqtt, the ``line`` extra): status, alarm events, rate-limited results.
+
+Topics, per camera (``PREFIX`` from ``mqtt://HOST:PORT/PREFIX``):
+
+* ``PREFIX/<camera>/status``: retained, QoS 1. ``{"state": "online", ...}`` (model hash, backend,
+  threshold and where it came from, whether the source is up) on every connect and when the source
+  goes up or down; the same topic is the connection's last will, ``{"state": "offline"}``, so a
+  runtime that dies (SIGKILL, power, network) shows as offline; a clean stop publishes it itself.
+* ``PREFIX/<camera>/event``: QoS 1, one message per alarm: the event record (event id, time,
+  score, threshold, boxes, snapshot path) plus the camera and the model hash.
+* ``PREFIX/<camera>/result``: QoS 0, one scored frame at most ``results_rate`` times a second (off
+  by default); dropped, not queued, while the broker is away.
+
+The stream never waits for the broker: the hooks put messages on a bounded drop-oldest queue per
+camera; a sender thread hands them to paho only while connected and while fewer than
+``max_inflight`` are unacknowledged. paho keeps those few and resends them after a reconnect; the
+rest wait in the queue. So events raised while the broker is away are delivered when it is back,
+the oldest dropped (and counted) only when more than ``queue_size`` pile up. One MQTT connection
+per camera, because each camera needs its own last will.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+from urllib.parse import unquote, urlsplit
+
+from mrkd.deps import require
+from mrkd.runtime.events import DropOldestQueue
+from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
+
+logger = logging.getLogger(__name__)
+
+MQTT_SCHEMA_VERSION = 1
+_STOP = object()
+
+
+class MqttSettingsError(ValueError):
+    """An --mqtt URL or option that cannot work; the message names it."""
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where and how to publish. ``password`` is the value itself (the CLI reads it from an env var)."""
+
+    host: str
+    port: int = 1883
+    prefix: str = "mrkd"
+    tls: bool = False
+    ca_certs: Optional[str] = None
+    username: Optional[str] = None
+    password: Optional[str] = None
+    results_rate: float = 0.0          # result messages per second per camera; 0 = none
+    queue_size: int = 1000             # events/status waiting per camera while the broker is away
+    max_inflight: int = 20             # handed to paho, not yet acknowledged
+    keepalive: int = 15
+    schema_version: int = MQTT_SCHEMA_VERSION
+
+    def __post_init__(self):
+        if not self.host:
+            raise MqttSettingsError("MQTT: no broker host")
+        if not 0 < self.port < 65536:
+            raise MqttSettingsError(f"MQTT: port must be 1..65535, got {self.port}")
+        if not self.prefix or any(c in self.prefix for c in "+#\0") or self.prefix.startswith("/"):
+            raise MqttSettingsError(f"MQTT: topic prefix {self.prefix!r} must be non-empty, without + # or a "
+                                    "leading /")
+        if not self.results_rate >= 0:
+            raise MqttSettingsError(f"MQTT: results rate must be >= 0, got {self.results_rate}")
+        if self.queue_size < 1 or self.max_inflight < 1:
+            raise MqttSettingsError("MQTT: queue size and in-flight limit must be >= 1")
+        if self.ca_certs is not None and not os.path.isfile(self.ca_certs):
+            raise MqttSettingsError(f"MQTT: CA file {self.ca_certs} does not exist")
+
+    @classmethod
+    def from_url(cls, url: str, **options) -> "MqttSettings":
+        """``mqtt://HOST[:PORT]/PREFIX`` (``mqtts://`` = TLS, port 8883 by default); user:password@ in
+        the URL is accepted too, but options override it."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise MqttSettingsError(f"MQTT URL must look like mqtt://HOST:PORT/PREFIX, got {url!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise MqttSettingsError(f"MQTT URL {url!r}: the port is not a number 1..65535") from None
+        tls = parts.scheme == "mqtts" or bool(options.pop("tls", False))
+        prefix = unquote(parts.path.strip("/")) or "mrkd"
+        values = dict(host=parts.hostname, port=port or (8883 if tls else 1883), prefix=prefix, tls=tls,
+                      username=unquote(parts.username) if parts.username else None,
+                      password=unquote(parts.password) if parts.password else None)
+        values.update({k: v for k, v in options.items() if v is not None})
+        return cls(**values)
+
+
+def topic(settings: MqttSettings, camera: str, kind: str) -> str:
+    return f"{settings.prefix}/{camera}/{kind}"
+
+
+def _now_iso() -> str:
+    import datetime as dt
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class _Message:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class _CameraLink:
+    """One camera's MQTT connection, its queue and its sender thread."""
+
+    def __init__(self, settings: MqttSettings, info: CameraInfo):
+        mqtt = require("paho.mqtt.client", "MQTT output needs paho-mqtt (pip install 'mrkd[line]')")
+        self.settings, self.info = settings, info
+        self.status_topic = topic(settings, info.name, "status")
+        self.event_topic = topic(settings, info.name, "event")
+        self.result_topic = topic(settings, info.name, "result")
+        self.queue = DropOldestQueue(settings.queue_size)
+        self.connected = threading.Event()
+        self.closing = threading.Event()
+        self.source_up: Optional[bool] = None
+        self.published = self.errors = self.results_dropped = 0
+        self._inflight: List = []
+        self._result: Optional[_Message] = None
+        self._result_lock = threading.Lock()
+        self._last_result = float("-inf")
+        self._wake = threading.Event()
+        client_id = f"mrkd-{socket.gethostname()}-{info.name}-{uuid.uuid4().hex[:6]}"[:64]
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        if settings.username is not None:
+            self.client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            self.client.tls_set(ca_certs=settings.ca_certs)
+        self.client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=2.0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.connect_async(settings.host, settings.port, keepalive=settings.keepalive)
+        self.client.loop_start()          # paho's network thread: connects and reconnects
+        self._thread = threading.Thread(target=self._send_loop, name=f"mqtt:{info.name}", daemon=True)
+        self._thread.start()
+
+    # -- payloads
+    def _status_payload(self, state: str, stamped: bool = True) -> bytes:
+        """stamped=False for the last will: the broker sends it later, so a time of now would be wrong."""
+        info = self.info
+        body = {"schema_version": MQTT_SCHEMA_VERSION, "state": state, "camera": info.name}
+        if stamped:
+            body["time"] = _now_iso()
+        if state == "online":
+            body.update(source=info.source, model=info.model, model_sha256=info.model_sha256,
+                        backend=info.backend, precision=info.precision, threshold=info.threshold,
+                        threshold_source=info.threshold_source, source_up=self.source_up)
+        return json.dumps(body).encode("utf-8")
+
+    # -- paho callbacks (its network thread)
+    def _on_connect(self, client, _userdata, _flags, reason_code, _properties=None):
+        if getattr(reason_code, "is_failure", False):
+            logger.warning("MQTT %s:%d refused camera %s: %s", self.settings.host, self.settings.port,
+                           self.info.name, reason_code)
+            self.errors += 1
+            return
+        # Online on every connect: a broker that restarted without persistence has lost the retained one.
+        client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties=None):
+        if self.connected.is_set() and not self.closing.is_set():
+            logger.warning("MQTT broker %s:%d went away (%s); queueing until it is back", self.settings.host,
+                           self.settings.port, reason_code)
+        self.connected.clear()
+
+    # -- the loop thread's side: never blocks
+    def enqueue(self, message: _Message) -> None:
+        self.queue.put(message)
+        self._wake.set()
+
+    def offer_result(self, message: _Message, now: float) -> None:
+        rate = self.settings.results_rate
+        if rate <= 0 or now - self._last_result < 1.0 / rate:
+            return
+        self._last_result = now
+        with self._result_lock:
+            if self._result is not None:
+                self.results_dropped += 1
+            self._result = message
+        self._wake.set()
+
+    def set_source_up(self, up: bool) -> None:
+        if up != self.source_up:
+            self.source_up = up
+            self.enqueue(_Message(self.status_topic, self._status_payload("online"), 1, True))
+
+    # -- sender thread
+    def _settle_inflight(self) -> None:
+        still = []
+        for info in self._inflight:
+            if info.is_published():
+                self.published += 1
+            else:
+                still.append(info)
+        self._inflight = still
+
+    def _hand_over(self, message: _Message) -> bool:
+        info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+        if info.rc not in (0, 4):       # 0 success; 4 NO_CONN: paho keeps a QoS 1 message and resends it
+            self.errors += 1
+            logger.debug("MQTT publish to %s failed: rc %s", message.topic, info.rc)
+            return False
+        if message.qos:
+            self._inflight.append(info)
+        return True
+
+    def _send_loop(self) -> None:
+        pending = None
+        while True:
+            self._settle_inflight()
+            with self._result_lock:
+                result, self._result = self._result, None
+            if result is not None:
+                if self.connected.is_set():
+                    self._hand_over(result)
+                else:
+                    self.results_dropped += 1
+            if pending is None:
+                try:
+                    pending = self.queue.get(timeout=0)
+                except queue.Empty:
+                    if self._wake.wait(0.05):
+                        self._wake.clear()
+                    continue
+            if pending is _STOP:
+                self.queue.done()
+                return
+            if not self.connected.is_set() or len(self._inflight) >= self.settings.max_inflight:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            if self._hand_over(pending) or pending.qos == 0:
+                self.queue.done()
+                pending = None
+            else:
+                time.sleep(0.05)
+
+    def pending(self) -> int:
+        self._settle_inflight()
+        return len(self.queue) + len(self._inflight)
+
+    def close(self, deadline: float) -> None:
+        """Deliver what is queued until ``deadline`` (monotonic), publish offline, disconnect."""
+        self.closing.set()
+        self.queue.wait_empty(deadline)
+        while self._inflight and time.monotonic() < deadline:
+            self._settle_inflight()
+            time.sleep(0.01)
+        self.queue.drain()
+        self.queue.put(_STOP)
+        self._wake.set()
+        self._thread.join(timeout=1.0)
+        if self.connected.is_set():
+            info = self.client.publish(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=max(0.2, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
+        self._settle_inflight()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def stats(self) -> dict:
+        return {"published": self.published, "dropped": self.queue.dropped, "errors": self.errors,
+                "results_dropped": self.results_dropped, "unacknowledged": len(self._inflight) + len(self.queue),
+                "connected": self.connected.is_set()}
+
+
+class MqttObserver(LineObserver):
+    """Publishes a line's status, events and (optionally) results to an MQTT broker; see the module text."""
+
+    def __init__(self, settings: MqttSettings, close_deadline_s: float = 3.0):
+        require("paho.mqtt.client", "MQTT output needs paho-mqtt (pip install 'mrkd[line]')")
+        self.settings = settings
+        self.close_deadline_s = close_deadline_s
+        self.links: Dict[str, _CameraLink] = {}
+
+    def on_start(self, cameras: Sequence[CameraInfo]) -> None:
+        for info in cameras:
+            self.links[info.name] = _CameraLink(self.settings, info)
+
+    def on_event(self, camera: str, event: dict) -> None:
+        link = self.links.get(camera)
+        if link is None:
+            return
+        body = {"schema_version": MQTT_SCHEMA_VERSION, **event, "camera": camera,
+                "model_sha256": link.info.model_sha256}
+        link.enqueue(_Message(link.event_topic, json.dumps(body).encode("utf-8"), 1, False))
+
+    def on_frame(self, result: FrameResult) -> None:
+        link = self.links.get(result.camera)
+        if link is None or self.settings.results_rate <= 0:
+            return
+        now = time.monotonic()
+        if now - link._last_result < 1.0 / self.settings.results_rate:
+            return          # the cheap check first: most frames stop here
+        body = {"schema_version": MQTT_SCHEMA_VERSION, "camera": result.camera, "frame_index": result.frame_index,
+                "frame_time": result.frame_time, "score": result.score, "threshold": result.threshold,
+                "anomalous": result.anomalous, "latency_ms": result.latency_s * 1000.0,
+                "event_id": result.event.get("event_id") if result.event else None}
+        link.offer_result(_Message(link.result_topic, json.dumps(body).encode("utf-8"), 0, False), now)
+
+    def on_status(self, status: CameraStatus) -> None:
+        link = self.links.get(status.camera)
+        if link is not None:
+            link.set_source_up(status.up)
+
+    def on_stop(self) -> None:
+        deadline = time.monotonic() + self.close_deadline_s
+        for link in self.links.values():
+            link.close(deadline)
+
+    def failures(self) -> Dict[str, int]:
+        """Per camera: events/status messages dropped (queue full) plus publish and connect errors
+        (results skipped while the broker is away are counted in ``stats`` only: they are optional)."""
+        return {name: link.queue.dropped + link.errors for name, link in self.links.items()}
+
+    def stats(self) -> Dict[str, dict]:
+        return {name: link.stats() for name, link in self.links.items()}

@@ -1,0 +1,120 @@
+"""Helpers for the line-output tests (MQTT, metrics, operator page): a frame source the test drives,
+a line run on a background thread, and an MQTT subscriber that records what arrives."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from runtime_fixtures import defective_frame, normal_frame
+
+from mrkd.runtime.line import Camera, Line, run_line
+
+
+class DrivenFrames:
+    """An endless iterable of normal frames at ``fps``; ``defects(n)`` makes the next n frames defective
+    (one alarm each with cooldown 0); ``end()`` stops it. ``yielded_defects`` counts those delivered."""
+
+    def __init__(self, fps: float = 40.0, seed: int = 0):
+        self.fps, self.rng = fps, np.random.default_rng(seed)
+        self._defects = 0
+        self._lock = threading.Lock()
+        self._end = threading.Event()
+        self.yielded = self.yielded_defects = 0
+
+    def defects(self, count: int) -> None:
+        with self._lock:
+            self._defects += count
+
+    def end(self) -> None:
+        self._end.set()
+
+    def __iter__(self):
+        while not self._end.is_set():
+            time.sleep(1.0 / self.fps)
+            with self._lock:
+                defect = self._defects > 0
+                self._defects -= defect
+            self.yielded += 1
+            self.yielded_defects += defect
+            yield defective_frame(self.rng) if defect else normal_frame(self.rng)
+
+
+class LineRun:
+    """``run_line`` on a background thread; ``stop()`` ends the sources and returns the summary."""
+
+    def __init__(self, model, sources: dict, observers: Sequence = (), sinks=None, **kwargs):
+        self.sources = sources
+        cameras = tuple(Camera(name, source, str(model), cooldown=0.0) for name, source in sources.items())
+        self.line = Line(cameras)
+        self.summary: Optional[dict] = None
+        self.error: Optional[BaseException] = None
+        self.stop_event = threading.Event()
+
+        def target():
+            try:
+                self.summary = run_line(self.line, sinks, observers, stop=self.stop_event, status=lambda s: None,
+                                        **kwargs)
+            except BaseException as exc:   # surfaced by stop()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> dict:
+        for source in self.sources.values():
+            if hasattr(source, "end"):
+                source.end()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "run_line did not end"
+        if self.error:
+            raise self.error
+        return self.summary
+
+
+def wait_for(condition, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+class MqttRecorder:
+    """A paho subscriber on ``topic_filter`` (QoS 1) that records (topic, JSON body, retain flag).
+    ``client_id`` + ``persistent``: a session the broker keeps while this subscriber is away."""
+
+    def __init__(self, port: int, topic_filter: str, client_id: Optional[str] = None, persistent: bool = False):
+        import paho.mqtt.client as mqtt
+
+        self.messages: List[tuple] = []
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "",
+                                  clean_session=not persistent)
+        self.client.reconnect_delay_set(0.1, 1.0)
+
+        def on_connect(client, _userdata, _flags, _reason, _props=None):
+            client.subscribe(topic_filter, qos=1)
+
+        def on_subscribe(*_args):
+            self.subscribed.set()
+
+        def on_message(_client, _userdata, message):
+            self.messages.append((message.topic, json.loads(message.payload), bool(message.retain)))
+
+        self.client.on_connect, self.client.on_subscribe, self.client.on_message = on_connect, on_subscribe, on_message
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "subscriber never subscribed"
+
+    def bodies(self, suffix: str) -> List[dict]:
+        return [body for topic, body, _ in list(self.messages) if topic.endswith(suffix)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,152 @@
+"""MQTT output against a real Mosquitto on loopback: events arrive with their ids and the model hash,
+the retained status greets a late subscriber, a SIGKILLed runtime's last will says offline, and no
+event is lost while the broker restarts. The broker is started by each test on a free port."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from line_fixtures import DrivenFrames, LineRun, MqttRecorder, wait_for
+from peers import require_program
+from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
+
+from mrkd.benchmarks.mosquitto import Mosquitto, free_port
+from mrkd.runtime import EventSinks, read_events
+from mrkd.runtime.mqtt import MqttObserver, MqttSettings, MqttSettingsError
+
+TESTS = Path(__file__).parent
+MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]
+
+
+@pytest.fixture
+def broker(tmp_path):
+    require_program("mosquitto", ["mosquitto"])
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    server = Mosquitto(folder=folder).start()
+    yield server
+    server.kill()
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://host/x", "mqtt://HOST:PORT/PREFIX"), ("mqtt:///prefix", "mqtt://HOST:PORT/PREFIX"),
+    ("mqtt://host:99999/p", "port"), ("mqtt://host:1883/a/+/b", "prefix"), ("mqtt://host:abc/p", "port")])
+def test_bad_urls_are_refused_naming_the_problem(url, message):
+    with pytest.raises(MqttSettingsError, match=message.replace("+", r"\+")):
+        MqttSettings.from_url(url)
+
+
+def test_url_parts():
+    s = MqttSettings.from_url("mqtts://u%40x:pw@broker.local/plant/line1", results_rate=2.0)
+    assert (s.host, s.port, s.prefix, s.tls, s.username, s.password, s.results_rate) == \
+        ("broker.local", 8883, "plant/line1", True, "u@x", "pw", 2.0)
+    assert MqttSettings.from_url("mqtt://h").port == 1883 and MqttSettings.from_url("mqtt://h").prefix == "mrkd"
+
+
+def test_events_and_a_retained_status_for_late_subscribers(tmp_path, broker):
+    model = build_tiny_model(tmp_path / "m.onnx")
+    early = MqttRecorder(broker.port, "plant/#")
+    frames = DrivenFrames()
+    observer = MqttObserver(MqttSettings.from_url(broker.url("plant"), results_rate=5.0))
+    run = LineRun(model, {"left": frames}, [observer], EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps"))
+    assert wait_for(lambda: early.bodies("/left/status"), 10), "no online status"
+    frames.defects(3)
+    assert wait_for(lambda: len(early.bodies("/left/event")) == 3, 10), early.messages
+    late = MqttRecorder(broker.port, "plant/+/status")
+    assert wait_for(lambda: late.messages, 5)
+    started = time.monotonic()
+    time.sleep(1.0)
+    summary = run.stop()
+    seconds = time.monotonic() - started
+    # The late subscriber got the retained online status, with where the threshold came from.
+    topic, status, retained = late.messages[0]
+    assert topic == "plant/left/status" and retained and status["state"] == "online"
+    assert status["model_sha256"] == _sha256(model) and status["threshold"] == pytest.approx(0.1)
+    assert status["threshold_source"] and status["backend"] == "onnxruntime"
+    logged = read_events(tmp_path / "events.jsonl")
+    events = early.bodies("/left/event")
+    assert [e["event_id"] for e in events] == [e["event_id"] for e in logged]
+    for sent, written in zip(events, logged):
+        assert sent["model_sha256"] == _sha256(model) and sent["camera"] == "left"
+        assert {k: sent[k] for k in ("score", "threshold", "boxes", "snapshot", "time")} == \
+               {k: written[k] for k in ("score", "threshold", "boxes", "snapshot", "time")}
+        assert sent["score"] >= sent["threshold"] and sent["boxes"] and Path(sent["snapshot"]).exists()
+    # Results: at most 5 a second, not one per frame.
+    results = early.bodies("/left/result")
+    assert 1 <= len(results) <= 5 * (seconds + 4) < summary["frames"]
+    # A clean stop publishes offline itself, retained for the next subscriber.
+    after = MqttRecorder(broker.port, "plant/left/status")
+    assert wait_for(lambda: after.messages, 5)
+    assert after.messages[0][1]["state"] == "offline" and after.messages[0][2]
+    assert observer.failures() == {"left": 0}
+    for recorder in (early, late, after):
+        recorder.close()
+
+
+def test_no_event_is_lost_while_the_broker_restarts(tmp_path, broker):
+    model = build_tiny_model(tmp_path / "m.onnx")
+    # A persistent session: the broker keeps the subscription, and the messages for it, across its restart.
+    subscriber = MqttRecorder(broker.port, "line/+/event", client_id="test-subscriber", persistent=True)
+    frames = DrivenFrames()
+    observer = MqttObserver(MqttSettings.from_url(broker.url("line")))
+    run = LineRun(model, {"cam0": frames}, [observer], EventSinks(tmp_path / "events.jsonl"))
+    frames.defects(3)
+    assert wait_for(lambda: len(subscriber.bodies("/event")) == 3, 10)
+    broker.stop()
+    frames.defects(4)                               # raised while the broker is away
+    assert wait_for(lambda: frames.yielded_defects == 7, 10)
+    time.sleep(0.5)
+    assert len(read_events(tmp_path / "events.jsonl")) == 7
+    assert not observer.links["cam0"].connected.is_set()
+    broker.start()
+    frames.defects(2)
+    assert wait_for(lambda: len({e["event_id"] for e in subscriber.bodies("/event")}) == 9, 20), \
+        (len(subscriber.bodies("/event")), observer.stats())
+    run.stop()
+    logged = read_events(tmp_path / "events.jsonl")
+    assert {e["event_id"] for e in subscriber.bodies("/event")} == {e["event_id"] for e in logged}
+    assert len(logged) == 9 and observer.failures() == {"cam0": 0}
+    subscriber.close()
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_sigkill_of_the_runtime_publishes_its_last_will(tmp_path, broker):
+    frames = [f for seed in range(100) for f in normal_then_defective(9, 1, seed=seed)]   # 1000 frames
+    video = write_video(tmp_path / "long.avi", frames)
+    model = build_tiny_model(tmp_path / "m.onnx")
+    watcher = MqttRecorder(broker.port, "plant/#")
+    proc = subprocess.Popen(MRKD + ["run", str(model), "--source", f"press={video}", "--fps", "25",
+                                    "--cooldown", "0", "--status-every", "0", "--mqtt", broker.url("plant")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    try:
+        assert wait_for(lambda: watcher.bodies("/press/event") or proc.poll() is not None, 30)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert watcher.bodies("/press/status")[0]["state"] == "online"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_for(lambda: watcher.bodies("/press/status")[-1]["state"] == "offline", 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Retained: a subscriber that comes later also sees the camera as offline.
+    late = MqttRecorder(broker.port, "plant/press/status")
+    assert wait_for(lambda: late.messages, 5)
+    assert late.messages[0][1] == {"schema_version": 1, "state": "offline", "camera": "press"}
+    watcher.close()
+    late.close()
