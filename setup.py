@@ -64,6 +64,7 @@ setup(
         "click>=8.0",
         "tqdm>=4.60",
         "onnxruntime>=1.16",
+        "tomli>=1.1; python_version < '3.11'",   # line files (mrkd run --line); tomllib from 3.11
     ],
     extras_require={
         "train": TRAIN,

@@ -1,19 +1,26 @@
-"""``mrkd run``: parse options, build the detector, source, alarm policy and sinks, call run_stream."""
+"""``mrkd run``: parse options, build the line of cameras (one ``--source``, several ``NAME=URI``, or a
+``--line`` file), the event sinks and outputs, and call run_line."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+from pathlib import Path
 
 import click
 
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--source", "-s", required=True,
+@click.argument("model", type=click.Path(exists=True, dir_okay=False), required=False)
+@click.option("--source", "-s", "sources", multiple=True,
               help="Frames to score: camera index (0), v4l2:///dev/video0, csi://0, rtsp://.., http://.., "
-                   "a video file, an image folder or a glob.")
+                   "a video file, an image folder or a glob. Repeat as NAME=URI for several cameras sharing "
+                   "MODEL (a plain URI is named cam0, cam1, ...).")
+@click.option("--line", "line_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TOML line file: [[camera]] tables with name, source, model and optional threshold, debounce, "
+                   "cooldown, cooldown_frames, size, fps, loop (the options below are their defaults; MODEL "
+                   "is the default model).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="Inference backend; auto = TensorRT for .engine/.plan, ONNX Runtime for .onnx.")
 @click.option("--providers", default=None,
@@ -42,49 +49,98 @@ import click
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
               help="Write annotated frames (heat-map, score, threshold) to this video file (.avi: MJPG).")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
-@click.option("--max-frames", type=int, default=None, help="Stop after this many frames.")
+@click.option("--max-frames", type=int, default=None, help="Stop each camera after this many frames.")
 @click.option("--status-every", type=float, default=5.0, show_default=True,
               help="Seconds between status lines (fps, latency p50/p99, dropped frames); 0 = none.")
 @click.option("--batch", type=int, default=1, show_default=True,
-              help="Frames per inference call (files and folders gain throughput; cameras lose latency).")
+              help="Frames per camera per inference call (files and folders gain throughput; cameras lose "
+                   "latency). Cameras sharing a model are always scored together.")
+@click.option("--batch-timeout", type=float, default=None,
+              help="Seconds to wait for the other cameras' frames after the oldest one in hand (default: the "
+                   "fastest camera's frame period, at most 0.2 s).")
 @click.option("--size", default=None, help="WIDTHxHEIGHT to resize source frames to (cameras are asked for it).")
 @click.option("--fps", type=float, default=None,
               help="Camera rate to request, or the rate to replay files/folders at (default: as fast as read).")
 @click.option("--loop", is_flag=True, help="Restart video files and folders at their end.")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the end-of-run summary as JSON to this file.")
-def run_command(model, source, backend, providers, threads, postprocess, threshold, debounce, cooldown,
+def run_command(model, sources, line_file, backend, providers, threads, postprocess, threshold, debounce, cooldown,
                 cooldown_frames, events, snapshots, snapshot_format, webhook, webhook_timeout, save_video, show,
-                max_frames, status_every, batch, size, fps, loop, summary_path):
-    """Stream frames from SOURCE through MODEL (an .engine or an .onnx file with its .json sidecar) and
-    raise alarms. Ctrl-C / SIGTERM stop cleanly: every event is written before exit."""
+                max_frames, status_every, batch, batch_timeout, size, fps, loop, summary_path):
+    """Stream frames from one or more cameras through MODEL (an .engine or an .onnx file with its .json
+    sidecar) and raise alarms: `mrkd run MODEL --source URI`, `mrkd run MODEL --source left=URI
+    --source right=URI`, or `mrkd run --line line.toml`. Ctrl-C / SIGTERM stop cleanly: every event
+    is written before exit."""
     from mrkd.atomic import atomic_write_text
-    from mrkd.runtime.alarms import AlarmPolicy, parse_debounce
-    from mrkd.runtime.detector import Detector
+    from mrkd.runtime.alarms import parse_debounce
     from mrkd.runtime.events import EventSinks
-    from mrkd.runtime.sources import open_source
-    from mrkd.runtime.stream import run_stream, stop_on_signals
+    from mrkd.runtime.line import open_detectors, open_sources, run_line
+    from mrkd.runtime.stream import stop_on_signals
     from mrkd.runtime.video_output import VideoFileSink, WindowSink
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    detectors = {}
     try:
-        frame_size = tuple(int(v) for v in size.lower().split("x")) if size else None
-        detector = Detector(model, backend=backend, postprocess=postprocess, threshold=threshold,
-                            providers=providers.split(",") if providers else None, threads=threads)
-        policy = AlarmPolicy(detector.threshold, parse_debounce(debounce), cooldown, cooldown_frames)
-        frames = open_source(source, size=frame_size, fps=fps, loop=loop)
+        line = build_line(model, sources, line_file, dict(threshold=threshold, debounce=parse_debounce(debounce),
+                                                          cooldown=cooldown, cooldown_frames=cooldown_frames,
+                                                          size=size, fps=fps, loop=loop),
+                          backend=backend, postprocess=postprocess, threads=threads,
+                          providers=tuple(providers.split(",")) if providers else None)
+        if (save_video or show) and len(line.cameras) > 1:
+            raise ValueError("--save-video and --show take one camera; this line has "
+                             f"{len(line.cameras)}")
+        detectors = open_detectors(line)
+        frames = open_sources(line)
     except (ValueError, RuntimeError, OSError) as exc:
+        for detector in detectors.values():
+            detector.close()
         raise click.ClickException(str(exc)) from exc
-    click.echo(detector.describe(), err=True)
+    for detector in detectors.values():
+        click.echo(detector.describe(), err=True)
     outputs = [VideoFileSink(save_video, fps=fps or 15.0)] if save_video else []
     if show:
         outputs.append(WindowSink())
     sinks = EventSinks(events, snapshots, webhook, snapshot_format, webhook_timeout)
     stop = threading.Event()
-    with stop_on_signals(stop):
-        summary = run_stream(detector, frames, policy, sinks, outputs, max_frames=max_frames,
-                             status_every=status_every, batch=batch, stop=stop,
-                             status=lambda line: click.echo(line, err=True))
+    try:
+        with stop_on_signals(stop):
+            summary = run_line(line, sinks, outputs={line.cameras[0].name: outputs}, max_frames=max_frames,
+                               status_every=status_every, batch=batch, stop=stop,
+                               status=lambda text: click.echo(text, err=True), batch_timeout=batch_timeout,
+                               detectors=detectors, sources=frames)
+    finally:
+        for detector in detectors.values():
+            detector.close()
     click.echo(json.dumps(summary, indent=2))
     if summary_path:
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+
+
+def parse_named_source(text: str, index: int):
+    """"NAME=URI" -> (NAME, URI); a plain URI (or one whose text before '=' is no camera name, as in
+    rtsp://host/s?user=x) -> ("cam<index>", URI)."""
+    from mrkd.runtime.line import CAMERA_NAME
+    name, sep, uri = text.partition("=")
+    if sep and CAMERA_NAME.match(name) and uri and not Path(text).exists():
+        return name, uri
+    return f"cam{index}", text
+
+
+def build_line(model, sources, line_file, camera_defaults: dict, **line_options):
+    """The Line that `mrkd run`'s options describe (ValueError with a one-line message otherwise)."""
+    from mrkd.runtime.line import Camera, Line
+    from mrkd.runtime.linefile import load_line
+    from mrkd.runtime.sources import SourceOptions
+
+    defaults = dict(camera_defaults, size=SourceOptions.parse_size(camera_defaults.get("size")))
+    if line_file:
+        if sources:
+            raise ValueError("give cameras either with --source or in --line, not both")
+        if model:
+            defaults["model"] = model
+        return load_line(line_file, defaults, **line_options)
+    if not model or not sources:
+        raise ValueError("give MODEL and at least one --source, or a --line file")
+    cameras = [Camera(name, uri, model, **defaults)
+               for name, uri in (parse_named_source(text, i) for i, text in enumerate(sources))]
+    return Line(tuple(cameras), **line_options)

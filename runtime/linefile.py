@@ -1,0 +1,179 @@
+"""The line file (``mrkd run --line line.toml``): the cameras of one process, each with its own model
+and alarm settings. Every error is one line naming the file, the camera and the field.
+
+    schema_version = 1                 # optional
+    [defaults]                         # optional: any camera field but name and source
+    model = "models/grain.onnx"
+    debounce = "2/3"
+
+    [[camera]]
+    name = "left"                      # letters, digits, _ - . (snapshot folder, metrics label)
+    source = "rtsp://10.0.0.5/stream"  # any mrkd run source
+    model = "models/weave.onnx"        # relative paths are read from the line file's folder
+    threshold = 0.42                   # default: the model's calibrated threshold
+    debounce = "3/5"                   # or [3, 5]
+    cooldown = 2.0                     # seconds of frame time
+    cooldown_frames = 0
+    size = "640x480"                   # or [640, 480]
+    fps = 10
+    loop = false                       # restart files and folders at their end
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from mrkd.runtime.alarms import parse_debounce
+from mrkd.runtime.line import LINE_SCHEMA_VERSION, Camera, Line, LineError, check_cameras
+from mrkd.runtime.sources import NETWORK_SCHEMES, SourceError, SourceOptions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:   # setup.py installs tomli there
+    import tomli as tomllib
+
+CAMERA_FIELDS = ("name", "source", "model", "threshold", "debounce", "cooldown", "cooldown_frames", "size", "fps",
+                 "loop")
+TOP_LEVEL = ("schema_version", "defaults", "camera")
+
+
+class LineFileError(LineError):
+    """A line file that cannot be read; the message names the file and the field."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field(where: str, name: str, value: Any, folder: Path) -> Any:
+    """One camera field, checked and converted (raises LineFileError naming ``where.name``)."""
+    def bad(expected: str) -> LineFileError:
+        return LineFileError(f"{where}.{name}: expected {expected}, got {value!r}")
+
+    if name in ("name", "source", "model"):
+        if name == "source" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)       # a camera index
+        if not isinstance(value, str) or not value.strip():
+            raise bad("a non-empty string")
+        if name == "name":
+            return value
+        return _resolve(value, folder)
+    if name == "threshold":
+        if not _number(value):
+            raise bad("a number")
+        return float(value)
+    if name == "debounce":
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in value):
+            k, n = value
+        elif isinstance(value, str):
+            try:
+                k, n = parse_debounce(value)
+            except ValueError:
+                raise bad('"K/N" (e.g. "3/5") or [K, N]') from None
+        else:
+            raise bad('"K/N" (e.g. "3/5") or [K, N]')
+        if not 1 <= k <= n:
+            raise LineFileError(f"{where}.{name}: needs 1 <= K <= N, got {k}/{n}")
+        return (k, n)
+    if name == "cooldown":
+        if not _number(value) or value < 0:
+            raise bad("seconds >= 0")
+        return float(value)
+    if name == "cooldown_frames":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad("a whole number >= 0")
+        return value
+    if name == "size":
+        try:
+            if isinstance(value, list) and len(value) == 2:
+                size = tuple(value)
+            elif isinstance(value, str):
+                size = SourceOptions.parse_size(value)
+            else:
+                raise bad('"WIDTHxHEIGHT" or [WIDTH, HEIGHT]')
+            return SourceOptions(size=size).validate().size
+        except SourceError as exc:
+            raise LineFileError(f"{where}.{name}: {exc}") from None
+    if name == "fps":
+        if not _number(value) or not 0 < value <= SourceOptions.MAX_FPS:
+            raise bad(f"frames per second in (0, {SourceOptions.MAX_FPS:g}]")
+        return float(value)
+    if name == "loop":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    raise LineFileError(f"{where}.{name}: unknown field (known: {', '.join(CAMERA_FIELDS)})")
+
+
+def _resolve(text: str, folder: Path) -> str:
+    """A relative path is read from the line file's folder; URIs and camera indices stay as they are."""
+    if text.isdigit() or "://" in text or text.lower().startswith(NETWORK_SCHEMES):
+        return text
+    path = Path(text).expanduser()
+    return str(path if path.is_absolute() else folder / path)
+
+
+def _camera_settings(where: str, table: Any, folder: Path, allowed) -> Dict[str, Any]:
+    if not isinstance(table, dict):
+        raise LineFileError(f"{where}: expected a table of camera fields, got {table!r}")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise LineFileError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(allowed)})")
+    return {name: _field(where, name, value, folder) for name, value in table.items()}
+
+
+def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None,
+               defaults: Optional[Dict[str, Any]] = None, **line_options) -> Line:
+    """A Line from line-file text. ``defaults``: camera fields used where neither the camera nor the
+    file's [defaults] set them (the command line's options). ``line_options``: Line fields
+    (backend, postprocess, providers, threads)."""
+    folder = Path(folder) if folder is not None else Path(path).resolve().parent
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LineFileError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - set(TOP_LEVEL))
+    if unknown:
+        raise LineFileError(f"{path}: unknown top-level key {unknown[0]!r} (known: {', '.join(TOP_LEVEL)}; "
+                            f"cameras are [[camera]] tables)")
+    version = data.get("schema_version", LINE_SCHEMA_VERSION)
+    if version != LINE_SCHEMA_VERSION:
+        raise LineFileError(f"{path}: schema_version {version!r} is not supported (this mrkd reads "
+                            f"{LINE_SCHEMA_VERSION})")
+    file_defaults = _camera_settings(f"{path}: defaults", data.get("defaults", {}), folder,
+                                     [f for f in CAMERA_FIELDS if f not in ("name", "source")])
+    tables = data.get("camera")
+    if not isinstance(tables, list) or not tables:
+        raise LineFileError(f"{path}: no cameras (add [[camera]] tables with name and source)")
+    cameras = []
+    for index, table in enumerate(tables):
+        label = table.get("name") if isinstance(table, dict) and isinstance(table.get("name"), str) else None
+        where = f"{path}: camera[{index}]" + (f" ({label!r})" if label else "")
+        settings = {**(defaults or {}), **file_defaults, **_camera_settings(where, table, folder, CAMERA_FIELDS)}
+        for required in ("name", "source", "model"):
+            if required not in settings or settings[required] is None:
+                hint = " (or give MODEL on the command line, or model in [defaults])" if required == "model" else ""
+                raise LineFileError(f"{where}.{required}: missing{hint}")
+        if not Path(settings["model"]).is_file():
+            raise LineFileError(f"{where}.model: file not found: {settings['model']}")
+        cameras.append(Camera(**settings))
+    try:
+        check_cameras(cameras)
+    except LineError as exc:
+        raise LineFileError(f"{path}: {exc}") from None
+    return Line(tuple(cameras), **line_options)
+
+
+def load_line(path, defaults: Optional[Dict[str, Any]] = None, **line_options) -> Line:
+    """Read a line file (see the module docstring); LineFileError names the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LineFileError(f"{path}: cannot read the line file ({exc})") from None
+    return parse_line(text, str(path), path.resolve().parent, defaults, **line_options)
+

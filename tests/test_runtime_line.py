@@ -1,0 +1,302 @@
+"""Many cameras in one process: run_line against a numpy reference per camera, cross-camera batching,
+a stalled camera that must not hold the others back, observers, the CLI and the line file."""
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from runtime_fixtures import SIZE, build_tiny_model, defective_frame, normal_frame, reference_map
+
+from mrkd.runtime import EventSinks, read_events
+from mrkd.runtime.line import Camera, Line, LineError, run_line
+from mrkd.runtime.linefile import LineFileError, parse_line
+from mrkd.runtime.observers import LineObserver
+
+
+def reference_scores(frames):
+    """The tiny model's image scores computed in numpy (resize mode squashes with INTER_AREA)."""
+    squares = np.stack([cv2.resize(f, (SIZE, SIZE), interpolation=cv2.INTER_AREA) for f in frames])
+    return reference_map(squares).reshape(len(frames), -1).max(axis=1)
+
+
+def reference_alarms(scores, threshold, k, n):
+    """Indices where a k-of-n alarm fires (no cooldown), a second implementation of the policy."""
+    return [i for i, s in enumerate(scores)
+            if s >= threshold and sum(v >= threshold for v in scores[max(0, i - n + 1):i + 1]) >= k]
+
+
+def pattern_frames(seed, count, defective_every):
+    rng = np.random.default_rng(seed)
+    return [defective_frame(rng) if i % defective_every == defective_every - 1 else normal_frame(rng)
+            for i in range(count)]
+
+
+def write_folder(folder: Path, frames) -> Path:
+    folder.mkdir(parents=True)
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:04d}.png"), frame)      # lossless: the reference sees the same pixels
+    return folder
+
+
+class Recorder(LineObserver):
+    def __init__(self):
+        self.cameras, self.frames, self.events, self.statuses, self.stopped = None, [], [], [], 0
+
+    def on_start(self, cameras):
+        self.cameras = list(cameras)
+
+    def on_frame(self, result):
+        self.frames.append((result.camera, result.frame_index, result.score, result.anomalous, time.monotonic(),
+                            result.latency_s))
+
+    def on_event(self, camera, event):
+        self.events.append((camera, event))
+
+    def on_status(self, status):
+        self.statuses.append(status)
+
+    def on_stop(self):
+        self.stopped += 1
+
+
+class Broken(LineObserver):
+    def on_frame(self, result):
+        raise RuntimeError("an output that fails")
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    return (build_tiny_model(tmp_path / "a.onnx", threshold=0.1),
+            build_tiny_model(tmp_path / "b.onnx", uint8_input=True, threshold=0.05))
+
+
+def test_three_cameras_two_models_match_the_reference_per_camera(tmp_path, two_models):
+    model_a, model_b = two_models
+    frames = {"left": pattern_frames(1, 24, 4), "right": pattern_frames(2, 24, 6), "top": pattern_frames(3, 24, 5)}
+    write_folder(tmp_path / "left", frames["left"])
+    write_folder(tmp_path / "right", frames["right"])
+    paced = dict(cooldown=0, fps=100.0)     # replayed like cameras, so that rounds hold every camera
+    line = Line((Camera("left", str(tmp_path / "left"), str(model_a), debounce=(1, 1), **paced),
+                 Camera("right", str(tmp_path / "right"), str(model_a), debounce=(1, 2), **paced),
+                 Camera("top", frames["top"], str(model_b), threshold=0.2, debounce=(1, 1), **paced)))
+    recorder = Recorder()
+    sinks = EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps")
+    summary = run_line(line, sinks, observers=[recorder, Broken()], status=lambda text: None)
+
+    events = read_events(tmp_path / "events.jsonl")
+    thresholds = {"left": 0.1, "right": 0.1, "top": 0.2}
+    for name, camera_frames in frames.items():
+        expected = reference_scores(camera_frames)
+        scored = [(index, score) for cam, index, score, *_ in recorder.frames if cam == name]
+        assert [index for index, _ in scored] == list(range(24))            # every frame, in order
+        np.testing.assert_allclose([score for _, score in scored], expected, atol=1e-5)
+        camera = next(c for c in line.cameras if c.name == name)
+        fired = reference_alarms(list(expected), thresholds[name], *camera.debounce)
+        assert fired, name
+        assert [e["frame_index"] for e in events if e["camera"] == name] == fired
+        snaps = sorted(p.name for p in (tmp_path / "snaps" / name).iterdir())
+        assert len(snaps) == len(fired)
+        assert summary["cameras"][name]["frames"] == 24 and summary["cameras"][name]["alarms"] == len(fired)
+    assert [c for c, _ in recorder.events] == [e["camera"] for e in events]
+    assert summary["frames"] == 72 and summary["alarms"] == len(events) == summary["events"]
+    # left and right share model a: one call scores both cameras' frames (at most 3 frames in 2 calls a round).
+    assert summary["frames_per_call"] > 1.3
+    info = {c.name: c for c in recorder.cameras}
+    assert info["left"].model_sha256 == hashlib.sha256(model_a.read_bytes()).hexdigest()
+    assert info["top"].threshold == 0.2 and info["left"].threshold == 0.1
+    assert info["top"].backend == "onnxruntime" and info["left"].precision == "fp32"
+    assert recorder.stopped == 1
+    assert {s.camera for s in recorder.statuses if s.up} == {"left", "right", "top"}
+
+
+def test_without_batching_each_camera_gets_its_own_call(tmp_path, two_models):
+    model_a, _ = two_models
+    line = Line(tuple(Camera(f"c{i}", pattern_frames(i, 10, 3), str(model_a), fps=50.0) for i in range(3)))
+    batched = run_line(line, status=lambda text: None)
+    separate = run_line(line, status=lambda text: None, cross_camera_batching=False)
+    assert batched["frames"] == separate["frames"] == 30
+    assert separate["frames_per_call"] == 1.0 and batched["frames_per_call"] >= 2.0
+
+
+def _stalling_frames(count_before, stall_s, release: threading.Event):
+    """A camera that delivers a few frames and then hangs inside its read (a frozen driver)."""
+    rng = np.random.default_rng(9)
+    for _ in range(count_before):
+        yield normal_frame(rng)
+    release.wait(stall_s)
+
+
+def test_a_stalled_camera_never_holds_the_others_back(tmp_path, two_models):
+    model_a, _ = two_models
+    release = threading.Event()
+    good = pattern_frames(4, 40, 8)
+    line = Line((Camera("good", good, str(model_a), fps=20.0, cooldown=0),
+                 Camera("frozen", _stalling_frames(3, 30.0, release), str(model_a), fps=20.0)))
+    recorder = Recorder()
+
+    class ReleaseWhenGoodIsDone(LineObserver):
+        def on_frame(self, result):
+            if result.camera == "good" and result.frame_index == len(good) - 1:
+                release.set()
+
+    started = time.monotonic()
+    summary = run_line(line, observers=[recorder, ReleaseWhenGoodIsDone()], status=lambda text: None,
+                       stale_after_s=0.3)
+    elapsed = time.monotonic() - started
+    good_frames = [f for f in recorder.frames if f[0] == "good"]
+    assert len(good_frames) == 40 and summary["cameras"]["frozen"]["frames"] == 3
+    # 40 frames at 20 fps take 2 s; the frozen camera would have held them for 30 s.
+    assert elapsed < 8.0
+    latencies = sorted(f[5] for f in good_frames)
+    assert latencies[-3] < 0.3, latencies[-5:]       # waits are bounded by one frame period (50 ms)
+    downs = [s for s in recorder.statuses if s.camera == "frozen" and not s.up]
+    assert downs, "the frozen camera was never reported down"
+
+
+def test_stop_event_ends_every_camera(tmp_path, two_models):
+    model_a, _ = two_models
+    rng = np.random.default_rng(0)
+    pool = [normal_frame(rng) for _ in range(5)]
+    line = Line(tuple(Camera(f"c{i}", pool, str(model_a), loop=True, fps=50.0) for i in range(2)))
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    started = time.monotonic()
+    summary = run_line(line, stop=stop, status=lambda text: None)
+    assert summary["stopped_early"] and time.monotonic() - started < 5.0
+    assert summary["cameras"]["c0"]["frames"] > 10 and summary["cameras"]["c1"]["frames"] > 10
+
+
+def test_max_frames_is_per_camera(two_models):
+    model_a, _ = two_models
+    line = Line(tuple(Camera(f"c{i}", pattern_frames(i, 30, 3), str(model_a)) for i in range(2)))
+    summary = run_line(line, max_frames=7, status=lambda text: None)
+    assert [summary["cameras"][n]["frames"] for n in ("c0", "c1")] == [7, 7]
+
+
+@pytest.mark.parametrize("cameras, message", [
+    ((), "at least one camera"),
+    (("a", "a"), "used twice"),
+    (("bad name",), "camera name 'bad name'"),
+    (("../up",), "camera name '../up'"),
+])
+def test_bad_camera_names_are_refused(two_models, cameras, message):
+    with pytest.raises(LineError, match=message):
+        Line(tuple(Camera(name, [], str(two_models[0])) for name in cameras))
+
+
+# ---------------------------------------------------------------- line file
+
+def _line_text(model, body):
+    return body + f'[defaults]\nmodel = "{model}"\n'     # last: top-level keys in body stay top-level
+
+
+@pytest.mark.parametrize("body, field", [
+    ('[[camera]]\nname = "a"\nsource = "x"\nthreshold = "high"\n', "camera[0] ('a').threshold"),
+    ('[[camera]]\nname = "a"\nsource = "x"\ndebounce = "3/2"\n', "camera[0] ('a').debounce"),
+    ('[[camera]]\nname = "a"\nsource = "x"\ndebounce = "three"\n', "camera[0] ('a').debounce"),
+    ('[[camera]]\nname = "a"\nsource = "x"\ncooldown = -1\n', "camera[0] ('a').cooldown"),
+    ('[[camera]]\nname = "a"\nsource = "x"\ncooldown_frames = 1.5\n', "camera[0] ('a').cooldown_frames"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nsize = "640by480"\n', "camera[0] ('a').size"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nsize = [0, 480]\n', "camera[0] ('a').size"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nfps = 0\n', "camera[0] ('a').fps"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nfps = nan\n', "camera[0] ('a').fps"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nloop = "yes"\n', "camera[0] ('a').loop"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nthreshhold = 0.3\n', "camera[0] ('a').threshhold"),
+    ('[[camera]]\nname = "a"\n', "camera[0] ('a').source"),
+    ('[[camera]]\nsource = "x"\n', "camera[0].name"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nmodel = "missing.onnx"\n', "camera[0] ('a').model"),
+    ('[[camera]]\nname = "a"\nsource = "x"\n[[camera]]\nname = "a"\nsource = "y"\n', "used twice"),
+    ('[[camera]]\nname = "a b"\nsource = "x"\n', "camera name 'a b'"),
+    ('[[cameras]]\nname = "a"\nsource = "x"\n', "unknown top-level key 'cameras'"),
+    ('name = "a"\n', "unknown top-level key 'name'"),
+    ('', "no cameras"),
+    ('[[camera]]\nname = "a"\nsource = "x"\nfps = 10\nfps = 11\n', "not valid TOML"),
+    ('schema_version = 7\n[[camera]]\nname = "a"\nsource = "x"\n', "schema_version 7"),
+])
+def test_bad_line_file_fields_are_named(tmp_path, two_models, body, field):
+    text = _line_text(two_models[0], body)
+    with pytest.raises(LineFileError) as caught:
+        parse_line(text, "line.toml", tmp_path)
+    message = str(caught.value)
+    assert message.startswith("line.toml") and field in message and "\n" not in message, message
+
+
+def test_line_file_fields_and_relative_paths(tmp_path, two_models):
+    (tmp_path / "parts").mkdir()
+    text = ('[defaults]\nmodel = "a.onnx"\ndebounce = "2/3"\n'
+            '[[camera]]\nname = "left"\nsource = "parts"\n'
+            '[[camera]]\nname = "right"\nsource = "rtsp://10.0.0.5/s?user=x"\nmodel = "b.onnx"\n'
+            'threshold = 0.4\ndebounce = [1, 2]\ncooldown = 0.5\ncooldown_frames = 3\nsize = "320x240"\nfps = 12\n'
+            '[[camera]]\nname = "usb"\nsource = 0\nsize = [640, 480]\nloop = true\n')
+    line = parse_line(text, "line.toml", tmp_path, defaults={"cooldown": 9.0})
+    left, right, usb = line.cameras
+    assert (left.source, left.model, left.debounce, left.cooldown) == (str(tmp_path / "parts"),
+                                                                       str(tmp_path / "a.onnx"), (2, 3), 9.0)
+    assert (right.source, right.model, right.threshold, right.debounce, right.cooldown, right.cooldown_frames,
+            right.size, right.fps) == ("rtsp://10.0.0.5/s?user=x", str(tmp_path / "b.onnx"), 0.4, (1, 2), 0.5, 3,
+                                       (320, 240), 12.0)
+    assert (usb.source, usb.size, usb.loop) == ("0", (640, 480), True)
+
+
+# ---------------------------------------------------------------- mrkd run
+
+def _run(args):
+    from mrkd.runtime.cli import run_command
+    return CliRunner().invoke(run_command, args, catch_exceptions=False)
+
+
+def test_cli_named_sources_share_one_model(tmp_path, two_models):
+    model_a, _ = two_models
+    write_folder(tmp_path / "l", pattern_frames(5, 12, 4))
+    write_folder(tmp_path / "r", pattern_frames(6, 12, 3))
+    result = _run([str(model_a), "--source", f"left={tmp_path / 'l'}", "--source", f"right={tmp_path / 'r'}",
+                   "--events", str(tmp_path / "e.jsonl"), "--snapshots", str(tmp_path / "s"), "--cooldown", "0",
+                   "--status-every", "0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["cameras"]["left"]["alarms"] == 3 and summary["cameras"]["right"]["alarms"] == 4
+    events = read_events(tmp_path / "e.jsonl")
+    assert sorted({e["camera"] for e in events}) == ["left", "right"]
+    assert len(list((tmp_path / "s" / "right").iterdir())) == 4
+
+
+def test_cli_line_file_with_two_models(tmp_path, two_models):
+    write_folder(tmp_path / "l", pattern_frames(7, 10, 5))
+    write_folder(tmp_path / "r", pattern_frames(8, 10, 2))
+    (tmp_path / "line.toml").write_text(
+        '[defaults]\ncooldown = 0\n'
+        '[[camera]]\nname = "left"\nsource = "l"\nmodel = "a.onnx"\n'
+        '[[camera]]\nname = "right"\nsource = "r"\nmodel = "b.onnx"\nthreshold = 0.3\n')
+    result = _run(["--line", str(tmp_path / "line.toml"), "--events", str(tmp_path / "e.jsonl"),
+                   "--status-every", "0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["cameras"]["left"]["alarms"] == 2 and summary["cameras"]["right"]["alarms"] == 5
+    assert summary["cameras"]["right"]["threshold"] == 0.3
+    assert summary["cameras"]["right"]["model"].endswith("b.onnx")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--line", "{line}", "--source", "x"], "not both"),
+    (["{model}"], "at least one --source"),
+    (["{model}", "--source", "a=x", "--source", "a=y"], "used twice"),
+    (["{model}", "--source", "a={folder}", "--source", "b={folder}", "--show"], "take one camera"),
+    (["--line", "{line}"], "camera[0] ('a').fps"),
+    (["{model}", "--source", "left=/no/such/folder"], "camera 'left'"),
+])
+def test_cli_mistakes_are_one_line_errors(tmp_path, two_models, args, message):
+    write_folder(tmp_path / "f", pattern_frames(0, 2, 2))
+    (tmp_path / "line.toml").write_text(f'[[camera]]\nname = "a"\nsource = "f"\nmodel = "a.onnx"\nfps = -3\n')
+    args = [a.format(line=tmp_path / "line.toml", model=two_models[0], folder=tmp_path / "f") for a in args]
+    result = _run(args)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
