@@ -13,18 +13,28 @@ import numpy as np
 from runtime_fixtures import defective_frame, normal_frame
 
 from mrkd.runtime.line import Camera, Line, run_line
+from mrkd.runtime.observers import LineObserver
 
 
 class DrivenFrames:
-    """An endless iterable of normal frames at ``fps``; ``defects(n)`` makes the next n frames defective
-    (one alarm each with cooldown 0); ``end()`` stops it. ``yielded_defects`` counts those delivered."""
+    """An endless iterable of normal frames (h×w) at ``fps``; ``defects(n)`` makes the next n frames
+    defective (one alarm each with cooldown 0); ``pause()``/``resume()`` make the camera go silent and
+    come back; ``end()`` stops it. ``yielded``/``yielded_defects`` count frames delivered."""
 
-    def __init__(self, fps: float = 40.0, seed: int = 0):
-        self.fps, self.rng = fps, np.random.default_rng(seed)
+    def __init__(self, fps: float = 40.0, seed: int = 0, size: tuple = (48, 64)):
+        self.fps, self.rng, self.size = fps, np.random.default_rng(seed), size
         self._defects = 0
         self._lock = threading.Lock()
         self._end = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
         self.yielded = self.yielded_defects = 0
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
 
     def defects(self, count: int) -> None:
         with self._lock:
@@ -32,16 +42,41 @@ class DrivenFrames:
 
     def end(self) -> None:
         self._end.set()
+        self._running.set()
 
     def __iter__(self):
         while not self._end.is_set():
             time.sleep(1.0 / self.fps)
+            if not self._running.is_set():
+                continue
             with self._lock:
                 defect = self._defects > 0
                 self._defects -= defect
             self.yielded += 1
             self.yielded_defects += defect
-            yield defective_frame(self.rng) if defect else normal_frame(self.rng)
+            yield defective_frame(self.rng, *self.size) if defect else normal_frame(self.rng, *self.size)
+
+
+class Recorder(LineObserver):
+    """Keeps what the loop told the observers (and when), for checking the outputs against it."""
+
+    def __init__(self):
+        self.frames: List = []
+        self.events: List[tuple] = []      # (time.monotonic(), camera, event)
+        self.statuses: List = []
+        self.cameras: dict = {}
+
+    def on_start(self, cameras):
+        self.cameras = {info.name: info for info in cameras}
+
+    def on_frame(self, result):
+        self.frames.append(result)
+
+    def on_event(self, camera, event):
+        self.events.append((time.monotonic(), camera, event))
+
+    def on_status(self, status):
+        self.statuses.append(status)
 
 
 class LineRun:

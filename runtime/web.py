@@ -1,0 +1,464 @@
+"""The ``--http HOST:PORT`` server of a line: ``/metrics`` and ``/healthz`` (runtime/metrics.py) and a
+read-only operator page.
+
+* ``/``: one card per camera with its annotated live view, its status (up/down, fps, latency,
+  threshold and where it came from) and the latest alarms with their snapshots, updated live.
+* ``/stream/<camera>.mjpg``: the annotated live view as MJPEG (multipart/x-mixed-replace).
+* ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms), ``alarm`` as each happens,
+  ``status`` once a second.
+* ``/alarm/<event_id>.jpg``: an alarm's snapshot (the file written with the event; without
+  ``--snapshots``, the annotated frame of the alarm, encoded on request).
+
+Off the hot path by construction: the loop-thread hooks only store a reference to the newest result
+and put small records on bounded queues. JPEG encoding for the browser happens on one thread per
+camera, only while a client watches that camera, at most ``stream_fps`` times a second; every
+watcher of a camera shares its one encoded frame. Nothing here can change the line (GET only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+
+from mrkd.runtime.events import DropOldestQueue
+from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.video_output import annotate
+
+logger = logging.getLogger(__name__)
+
+PAGE_SCHEMA_VERSION = 1
+_STREAM_PATH = re.compile(r"^/stream/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.mjpg$")
+_ALARM_PATH = re.compile(r"^/alarm/([A-Za-z0-9_.:-]{1,80})\.jpg$")
+
+
+def parse_address(text: str) -> Tuple[str, int]:
+    """'HOST:PORT' (or ':PORT' = all interfaces) -> (host, port); ValueError naming the text."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080), got {text!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+class _CameraView:
+    """What the page knows of one camera. The loop thread writes ``latest`` and appends to the windows;
+    the encoder and ticker threads read them."""
+
+    def __init__(self, info: CameraInfo):
+        self.info = info
+        self.latest: Optional[FrameResult] = None
+        self.frames = 0
+        self.alarms = 0
+        self.up: Optional[bool] = None
+        self.latencies: Deque[float] = deque(maxlen=200)
+        self.arrivals: Deque[float] = deque(maxlen=200)       # monotonic time of each result, for fps
+        self.fresh = threading.Event()                          # a new result since the last encode
+        self.cond = threading.Condition()
+        self.jpeg: Optional[bytes] = None
+        self.jpeg_seq = 0
+        self.watchers = 0
+        self.encoder: Optional[threading.Thread] = None
+        self.encoded = 0
+
+    def status(self, now: float) -> dict:
+        recent = [t for t in list(self.arrivals) if now - t <= 2.0]
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        latencies = sorted(self.latencies)
+        latest = self.latest
+        return {"camera": self.info.name, "up": bool(self.up), "frames": self.frames, "alarms": self.alarms,
+                "fps": round(fps, 2),
+                "latency_ms_p50": round(1000 * latencies[len(latencies) // 2], 2) if latencies else None,
+                "latency_ms_p99": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2)
+                if latencies else None,
+                "score": None if latest is None else round(latest.score, 6),
+                "threshold": self.info.threshold, "threshold_source": self.info.threshold_source}
+
+
+class OperatorServer(LineObserver):
+    """The HTTP server (started at construction, so a busy port fails before the run starts).
+
+    metrics: a MetricsObserver for /metrics and /healthz (optional). stream_fps: the most live-view
+    frames a second per camera; max_alarms: alarms kept for the page (with their frames, for snapshots).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
+                 max_alarms: int = 20, jpeg_quality: int = 80):
+        self.metrics = metrics
+        self.stream_fps, self.jpeg_quality = stream_fps, jpeg_quality
+        self.views: Dict[str, _CameraView] = {}
+        self.cameras: List[CameraInfo] = []
+        self.alarms: Deque[dict] = deque(maxlen=max_alarms)     # newest first: {"event", "result"}
+        self._alarm_lock = threading.Lock()
+        self._clients: List[DropOldestQueue] = []
+        self._clients_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
+        self.httpd.daemon_threads = True
+        self._serve = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                       name="http", daemon=True)
+        self._serve.start()
+        self._ticker = threading.Thread(target=self._tick, name="http-status", daemon=True)
+        self._ticker.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+    # -- hooks (loop thread): store references, queue small records, return
+    def on_start(self, cameras: Sequence[CameraInfo]) -> None:
+        self.cameras = list(cameras)
+        self.views = {info.name: _CameraView(info) for info in cameras}
+        self._broadcast("hello", self._hello())
+
+    def on_frame(self, result: FrameResult) -> None:
+        view = self.views.get(result.camera)
+        if view is None:
+            return
+        view.latest = result
+        view.frames += 1
+        view.latencies.append(result.latency_s)
+        view.arrivals.append(time.monotonic())
+        if view.watchers:
+            view.fresh.set()
+        if result.event is not None:
+            with self._alarm_lock:
+                for alarm in self.alarms:
+                    if alarm["event"] is result.event:
+                        alarm["result"] = result      # its frame, for a snapshot without --snapshots
+                        break
+
+    def on_event(self, camera: str, event: dict) -> None:
+        view = self.views.get(camera)
+        if view is not None:
+            view.alarms += 1
+        with self._alarm_lock:
+            self.alarms.appendleft({"event": event, "camera": camera, "result": None})
+        self._broadcast("alarm", _alarm_record(camera, event))
+
+    def on_status(self, status: CameraStatus) -> None:
+        view = self.views.get(status.camera)
+        if view is not None and view.up != status.up:
+            view.up = status.up
+            self._broadcast("status", self._statuses())
+
+    def on_stop(self) -> None:
+        self.close()
+
+    # -- server side
+    def _hello(self) -> dict:
+        with self._alarm_lock:
+            alarms = [_alarm_record(a["camera"], a["event"]) for a in self.alarms]
+        return {"schema_version": PAGE_SCHEMA_VERSION,
+                "cameras": [{**asdict(info), "model_sha256": info.model_sha256} for info in self.cameras],
+                "alarms": alarms, "status": self._statuses()}
+
+    def _statuses(self) -> List[dict]:
+        now = time.monotonic()
+        return [view.status(now) for view in list(self.views.values())]
+
+    def _broadcast(self, kind: str, body) -> None:
+        with self._clients_lock:
+            for client in self._clients:
+                client.put((kind, body))
+
+    def _tick(self) -> None:
+        while not self.closed.wait(1.0):
+            if self._clients:
+                self._broadcast("status", self._statuses())
+
+    def _encode_loop(self, view: _CameraView) -> None:
+        """One camera's live-view encoder; runs while someone watches it."""
+        interval = 1.0 / self.stream_fps if self.stream_fps > 0 else 0.0
+        last = 0.0
+        while view.watchers > 0 and not self.closed.is_set():
+            if not view.fresh.wait(0.5):
+                continue
+            wait = last + interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            view.fresh.clear()
+            result = view.latest
+            if result is None:
+                continue
+            last = time.monotonic()
+            image = annotate(result.image, result.amap, result.score, result.threshold, result.event is not None)
+            ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            if not ok:
+                continue
+            with view.cond:
+                view.jpeg, view.jpeg_seq = encoded.tobytes(), view.jpeg_seq + 1
+                view.encoded += 1
+                view.cond.notify_all()
+        with view.cond:
+            view.encoder = None
+
+    def watch(self, view: _CameraView) -> None:
+        with view.cond:
+            view.watchers += 1
+            if view.latest is not None:
+                view.fresh.set()
+            if view.encoder is None:
+                view.encoder = threading.Thread(target=self._encode_loop, args=(view,),
+                                                name=f"mjpeg:{view.info.name}", daemon=True)
+                view.encoder.start()
+
+    def unwatch(self, view: _CameraView) -> None:
+        with view.cond:
+            view.watchers -= 1
+
+    def alarm_image(self, event_id: str) -> Optional[Tuple[bytes, str]]:
+        with self._alarm_lock:
+            found = next((a for a in self.alarms if a["event"].get("event_id") == event_id), None)
+        if found is None:
+            return None
+        snapshot = found["event"].get("snapshot")
+        if snapshot and Path(snapshot).is_file():
+            suffix = Path(snapshot).suffix.lower()
+            return Path(snapshot).read_bytes(), "image/png" if suffix == ".png" else "image/jpeg"
+        result = found["result"]
+        if result is None:
+            return None
+        image = annotate(result.image, result.amap, result.score, result.threshold, True)
+        ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+        return (encoded.tobytes(), "image/jpeg") if ok else None
+
+    def add_client(self) -> DropOldestQueue:
+        client = DropOldestQueue(200)
+        with self._clients_lock:
+            self._clients.append(client)
+        return client
+
+    def remove_client(self, client: DropOldestQueue) -> None:
+        with self._clients_lock:
+            if client in self._clients:
+                self._clients.remove(client)
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        self._broadcast("stopped", {})
+        for view in self.views.values():
+            view.fresh.set()
+            with view.cond:
+                view.cond.notify_all()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _alarm_record(camera: str, event: dict) -> dict:
+    keys = ("event_id", "time", "score", "threshold", "frame_index", "boxes")
+    return {"camera": camera, **{k: event.get(k) for k in keys},
+            "image": f"/alarm/{event.get('event_id')}.jpg" if event.get("event_id") else None}
+
+
+def _handler_for(server: OperatorServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "mrkd"
+
+        def log_message(self, *args):      # the line's log is for the line, not for page views
+            pass
+
+        def _send(self, code: int, body: bytes, content_type: str, extra: Optional[dict] = None):
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for key, value in (extra or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            try:
+                if path in ("/", "/index.html"):
+                    self._send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8")
+                elif path == "/metrics" and server.metrics is not None:
+                    body, content_type = server.metrics.exposition()
+                    self._send(200, body, content_type)
+                elif path == "/healthz" and server.metrics is not None:
+                    healthy, details = server.metrics.health()
+                    self._send(200 if healthy else 503, json.dumps(details).encode(), "application/json")
+                elif path == "/events":
+                    self._events()
+                elif _STREAM_PATH.match(path):
+                    self._mjpeg(_STREAM_PATH.match(path).group(1))
+                elif _ALARM_PATH.match(path):
+                    found = server.alarm_image(_ALARM_PATH.match(path).group(1))
+                    if found is None:
+                        self._send(404, b"no such alarm (only the latest are kept)\n", "text/plain")
+                    else:
+                        self._send(200, found[0], found[1])
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass
+
+        def _refuse(self):
+            self._send(405, b"read-only: GET only\n", "text/plain", {"Allow": "GET"})
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+
+        def _events(self):
+            client = server.add_client()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                self._sse("hello", server._hello())
+                while not server.closed.is_set():
+                    try:
+                        kind, body = client.get(timeout=1.0)
+                    except queue.Empty:
+                        self.wfile.write(b": keep-alive\n\n")
+                        self.wfile.flush()
+                        continue
+                    client.done()
+                    self._sse(kind, body)
+                    if kind == "stopped":
+                        break
+            finally:
+                server.remove_client(client)
+
+        def _sse(self, kind: str, body) -> None:
+            self.wfile.write(f"event: {kind}\ndata: {json.dumps(body)}\n\n".encode("utf-8"))
+            self.wfile.flush()
+
+        def _mjpeg(self, camera: str):
+            view = server.views.get(camera)
+            if view is None:
+                self._send(404, b"no such camera\n", "text/plain")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            server.watch(view)
+            seen = 0
+            try:
+                while not server.closed.is_set():
+                    with view.cond:
+                        view.cond.wait_for(lambda: view.jpeg_seq != seen or server.closed.is_set(), timeout=1.0)
+                        jpeg, seq = view.jpeg, view.jpeg_seq
+                    if jpeg is None or seq == seen:
+                        continue
+                    seen = seq
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                     + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
+                    self.wfile.flush()
+            finally:
+                server.unwatch(view)
+
+    return Handler
+
+
+PAGE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>mrkd line</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #111; color: #eee; }
+  header { padding: 8px 16px; background: #222; display: flex; gap: 16px; align-items: baseline; }
+  header h1 { font-size: 18px; margin: 0; }
+  #conn { color: #aaa; }
+  main { display: flex; flex-wrap: wrap; gap: 16px; padding: 16px; }
+  .camera { background: #1c1c1c; border: 2px solid #333; border-radius: 6px; padding: 8px; width: 460px; }
+  .camera.down { border-color: #a33; }
+  .camera.alarmed { border-color: #e33; }
+  .camera h2 { font-size: 16px; margin: 0 0 6px; display: flex; justify-content: space-between; }
+  .state.up { color: #4c4; } .state.down { color: #e44; }
+  .live { width: 100%; image-rendering: pixelated; background: #000; min-height: 120px; }
+  dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 10px; margin: 6px 0; }
+  dt { color: #999; } dd { margin: 0; }
+  #alarms-panel { padding: 0 16px 16px; }
+  #alarms { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 10px; }
+  .alarm { background: #2a1515; border: 1px solid #733; border-radius: 4px; padding: 6px; width: 300px; }
+  .alarm img { width: 100%; background: #000; }
+  .muted { color: #999; }
+</style>
+</head>
+<body>
+<header><h1>mrkd line</h1><span id="conn">connecting…</span><span class="muted">read-only</span></header>
+<main id="cameras"></main>
+<section id="alarms-panel"><h2>Latest alarms</h2><ol id="alarms"></ol></section>
+<script>
+"use strict";
+const cards = {};
+function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text; return e; }
+function field(dl, label, key) { dl.append(el("dt", "", label)); const dd = el("dd"); dd.dataset.key = key;
+  dl.append(dd); return dd; }
+function addCamera(info) {
+  if (cards[info.name]) return;
+  const card = el("section", "camera"); card.id = "cam-" + info.name; card.dataset.camera = info.name;
+  const h = el("h2"); h.append(el("span", "", info.name)); const st = el("span", "state", "…"); h.append(st);
+  const img = el("img", "live"); img.alt = "live view of " + info.name;
+  img.src = "/stream/" + encodeURIComponent(info.name) + ".mjpg";
+  const dl = el("dl");
+  const f = { state: st, fps: field(dl, "fps", "fps"), latency: field(dl, "latency p50/p99", "latency"),
+    frames: field(dl, "frames", "frames"), alarms: field(dl, "alarms", "alarms"),
+    score: field(dl, "last score", "score"), threshold: field(dl, "threshold", "threshold"),
+    model: field(dl, "model", "model") };
+  f.threshold.textContent = info.threshold.toPrecision(5) + " (" + info.threshold_source + ")";
+  f.model.textContent = info.model.split("/").pop() + " · " + info.backend + " " + info.precision +
+    " · " + info.model_sha256.slice(0, 12);
+  card.append(h, img, dl); document.getElementById("cameras").append(card);
+  cards[info.name] = { card, f };
+}
+function showStatus(list) {
+  for (const s of list) {
+    const c = cards[s.camera]; if (!c) continue;
+    c.f.state.textContent = s.up ? "up" : "down"; c.f.state.className = "state " + (s.up ? "up" : "down");
+    c.card.classList.toggle("down", !s.up);
+    c.f.fps.textContent = s.fps.toFixed(1);
+    c.f.latency.textContent = s.latency_ms_p50 === null ? "–" : s.latency_ms_p50 + " / " + s.latency_ms_p99 + " ms";
+    c.f.frames.textContent = s.frames; c.f.alarms.textContent = s.alarms;
+    c.f.score.textContent = s.score === null ? "–" : s.score.toPrecision(4);
+  }
+}
+function addAlarm(a, fresh) {
+  if (document.querySelector('.alarm[data-event-id="' + CSS.escape(a.event_id) + '"]')) return;
+  const li = el("li", "alarm"); li.dataset.eventId = a.event_id; li.dataset.camera = a.camera;
+  li.append(el("div", "", a.camera + " · " + a.time.replace("T", " ").slice(0, 23)));
+  li.append(el("div", "muted", "score " + a.score.toPrecision(4) + " / threshold " + a.threshold.toPrecision(4) +
+    " · frame " + a.frame_index));
+  if (a.image) { const img = el("img"); img.alt = "snapshot " + a.event_id; img.src = a.image; li.append(img); }
+  const list = document.getElementById("alarms");
+  if (fresh) list.prepend(li); else list.append(li);
+  while (list.children.length > 20) list.lastChild.remove();
+  const c = cards[a.camera];
+  if (fresh && c) { c.card.classList.add("alarmed"); setTimeout(() => c.card.classList.remove("alarmed"), 2000); }
+}
+const source = new EventSource("/events");
+source.addEventListener("hello", e => { const d = JSON.parse(e.data);
+  d.cameras.forEach(addCamera); d.alarms.forEach(a => addAlarm(a, false)); showStatus(d.status);
+  document.getElementById("conn").textContent = "live"; });
+source.addEventListener("status", e => showStatus(JSON.parse(e.data)));
+source.addEventListener("alarm", e => addAlarm(JSON.parse(e.data), true));
+source.addEventListener("stopped", () => { document.getElementById("conn").textContent = "line stopped";
+  source.close(); });
+source.onerror = () => { document.getElementById("conn").textContent = "reconnecting…"; };
+</script>
+</body>
+</html>
+"""

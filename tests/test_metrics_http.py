@@ -1,0 +1,131 @@
+"""Prometheus /metrics and /healthz: the hooks' counters checked against numbers counted by the test,
+the histogram buckets against a brute-force count of the same scores, and the text scraped during
+a live run checked by Prometheus' own ``promtool check metrics``."""
+
+import hashlib
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from line_fixtures import DrivenFrames, LineRun, Recorder, wait_for
+from peers import require_program
+from runtime_fixtures import build_tiny_model
+
+from mrkd.runtime import EventSinks
+from mrkd.runtime.metrics import SCORE_RATIO_BUCKETS, MetricsObserver
+from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult
+from mrkd.runtime.web import OperatorServer
+
+
+def samples(text: str) -> dict:
+    """{(sample name, sorted labels): value} parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _info(name="a", threshold=0.5):
+    return CameraInfo(name=name, source="memory", model="m.onnx", model_sha256="ab" * 32, backend="onnxruntime",
+                      precision="int8", threshold=threshold, threshold_source="sidecar m.json")
+
+
+def _frame(camera, i, score, threshold=0.5, latency=0.01):
+    image = np.zeros((4, 4, 3), np.uint8)
+    return FrameResult(camera, i, i / 10, image, np.zeros((4, 4), np.float32), score, threshold, score >= threshold,
+                       infer_s=latency / 2, latency_s=latency)
+
+
+def test_hook_counts_and_score_histogram_match_a_brute_force_count():
+    metrics = MetricsObserver(mqtt_failures=lambda: {"a": 2, "b": 0}, webhook_stats=lambda: {"failed": 1, "dropped": 3})
+    metrics.on_start([_info("a", 0.5), _info("b", 2.0)])
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.uniform(0, 1.2, 300), "b": rng.uniform(0, 5, 120)}
+    for camera, values in scores.items():
+        for i, score in enumerate(values):
+            metrics.on_frame(_frame(camera, i, float(score), 0.5 if camera == "a" else 2.0, latency=0.004))
+    for _ in range(4):
+        metrics.on_event("a", {"event_id": "x"})
+    for dropped, bad, reconnects in ((0, 0, 0), (5, 1, 0), (5, 1, 0), (9, 1, 2)):   # running totals
+        metrics.on_status(CameraStatus("a", up=True, dropped=dropped, bad_frames=bad, reconnects=reconnects))
+    metrics.on_status(CameraStatus("b", up=False))
+    got = samples(metrics.exposition()[0].decode())
+    a, b = (("camera", "a"),), (("camera", "b"),)
+    assert got[("mrkd_frames_total", a)] == 300 and got[("mrkd_frames_total", b)] == 120
+    assert got[("mrkd_alarms_total", a)] == 4 and got[("mrkd_alarms_total", b)] == 0
+    assert (got[("mrkd_frames_dropped_total", a)], got[("mrkd_bad_frames_total", a)],
+            got[("mrkd_source_reconnects_total", a)]) == (9, 1, 2)
+    assert got[("mrkd_source_up", a)] == 1 and got[("mrkd_source_up", b)] == 0
+    assert got[("mrkd_threshold", b)] == 2.0
+    for camera, threshold in (("a", 0.5), ("b", 2.0)):
+        ratios = scores[camera] / threshold
+        for le in SCORE_RATIO_BUCKETS:
+            key = ("mrkd_image_score_ratio_bucket", (("camera", camera), ("le", repr(float(le)))))
+            assert got[key] == int(np.sum(ratios <= le)), (camera, le)
+        assert got[("mrkd_image_score_ratio_sum", (("camera", camera),))] == pytest.approx(ratios.sum())
+    assert got[("mrkd_end_to_end_latency_seconds_bucket", (("camera", "a"), ("le", "0.0025")))] == 0
+    assert got[("mrkd_end_to_end_latency_seconds_bucket", (("camera", "a"), ("le", "0.005")))] == 300
+    build = [k for k in got if k[0] == "mrkd_build_info" and ("camera", "a") in k[1]]
+    assert len(build) == 1 and ("precision", "int8") in build[0][1] and ("model_sha256", "ab" * 32) in build[0][1]
+    assert got[("mrkd_mqtt_failures_total", a)] == 2 and got[("mrkd_webhook_failures_total", ())] == 4
+    healthy, details = metrics.health()
+    assert not healthy and details["cameras"]["b"]["ok"] is False and details["cameras"]["a"]["ok"] is True
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera(tmp_path):
+    promtool = require_program("promtool", ["prometheus"])
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames, recorder = DrivenFrames(fps=50), Recorder()
+    sinks = EventSinks(tmp_path / "events.jsonl")
+    metrics = MetricsObserver(webhook_stats=lambda: {"failed": 0, "dropped": 0}, stale_s=5.0)
+    server = OperatorServer("127.0.0.1", 0, metrics=metrics)
+    run = LineRun(model, {"press": frames}, [recorder, metrics, server], sinks, stale_after_s=0.5)
+    assert wait_for(lambda: len(recorder.frames) >= 20, 10)
+    frames.defects(3)
+    assert wait_for(lambda: len(recorder.events) == 3, 10)
+    code, first = _get(server.url + "/metrics")
+    assert code == 200
+    time.sleep(0.3)
+    second = _get(server.url + "/metrics")[1]
+    key = ("mrkd_frames_total", (("camera", "press"),))
+    assert samples(second.decode())[key] > samples(first.decode())[key] > 0      # live, not a snapshot at start
+    check = subprocess.run([promtool, "check", "metrics"], input=second, capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    code, body = _get(server.url + "/healthz")
+    assert code == 200 and json.loads(body)["cameras"]["press"]["source_up"] is True
+    # The camera goes silent: down in the metrics and a failing health check, then back.
+    frames.pause()
+    assert wait_for(lambda: _get(server.url + "/healthz")[0] == 503, 5)
+    text = _get(server.url + "/metrics")[1].decode()
+    got = samples(text)
+    assert got[("mrkd_source_up", (("camera", "press"),))] == 0
+    # Everything scored so far is counted, and the score histogram holds exactly those scores.
+    scores = np.array([r.score / r.threshold for r in recorder.frames])
+    assert got[key] == len(scores) == got[("mrkd_image_score_ratio_count", (("camera", "press"),))]
+    for le in SCORE_RATIO_BUCKETS:
+        assert got[("mrkd_image_score_ratio_bucket", (("camera", "press"), ("le", repr(float(le)))))] == \
+            int(np.sum(scores <= le))
+    assert got[("mrkd_alarms_total", (("camera", "press"),))] == 3
+    sha = hashlib.sha256(Path(model).read_bytes()).hexdigest()
+    assert any(k[0] == "mrkd_build_info" and ("model_sha256", sha) in k[1] and ("backend", "onnxruntime") in k[1]
+               for k in got)
+    frames.resume()
+    assert wait_for(lambda: _get(server.url + "/healthz")[0] == 200, 5)
+    summary = run.stop()
+    assert summary["cameras"]["press"]["alarms"] == 3

@@ -1,0 +1,98 @@
+"""The operator page in a real headless Chromium (Debian's, driven by Playwright): it loads, the live
+view changes, an alarm raised by the stream shows up (with its snapshot) within 2 seconds; read-only.
+Set MRKD_OPERATOR_SCREENSHOT=path to also save the screenshot there (docs/operator_page.png)."""
+
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from line_fixtures import DrivenFrames, LineRun, Recorder, wait_for
+from peers import require_program
+from runtime_fixtures import build_tiny_model
+
+from mrkd.runtime import EventSinks, read_events
+from mrkd.runtime.metrics import MetricsObserver
+from mrkd.runtime.observers import CameraInfo, FrameResult
+from mrkd.runtime.web import OperatorServer
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def test_nothing_is_encoded_for_the_browser_until_someone_watches(tmp_path):
+    import numpy as np
+    server = OperatorServer("127.0.0.1", 0)
+    info = CameraInfo("a", "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.5, "test")
+    server.on_start([info])
+    image = np.zeros((16, 16, 3), np.uint8)
+    for i in range(50):
+        server.on_frame(FrameResult("a", i, float(i), image, np.zeros((8, 8), np.float32), 0.1, 0.5, False))
+    time.sleep(0.3)
+    assert server.views["a"].encoded == 0 and server.views["a"].encoder is None
+    with urllib.request.urlopen(server.url + "/stream/a.mjpg", timeout=5) as stream:
+        for i in range(50, 60):
+            server.on_frame(FrameResult("a", i, float(i), image, np.zeros((8, 8), np.float32), 0.1, 0.5, False))
+            time.sleep(0.02)
+        assert stream.read(9) == b"--frame\r\n"
+    assert server.views["a"].encoded >= 1
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(server.url + "/", data=b"x", method="POST"), timeout=5)
+    assert refused.value.code == 405
+    server.close()
+
+
+@pytest.mark.slow
+def test_page_loads_live_view_changes_and_an_alarm_appears_within_two_seconds(tmp_path):
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+
+    model = build_tiny_model(tmp_path / "m.onnx")
+    cameras = {"left": DrivenFrames(fps=25, seed=1, size=(96, 128)), "right": DrivenFrames(fps=25, seed=2, size=(96, 128))}
+    recorder, metrics = Recorder(), MetricsObserver()
+    server = OperatorServer("127.0.0.1", 0, metrics=metrics)
+    run = LineRun(model, cameras, [recorder, metrics, server],
+                  EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps"))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1040, "height": 820})
+            page.goto(server.url + "/")
+            page.wait_for_selector("#cam-left .state.up", timeout=10000)
+            page.wait_for_selector("#cam-right .state.up", timeout=10000)
+            live = page.locator("#cam-left img.live")
+            page.wait_for_function("document.querySelector('#cam-left img.live').naturalWidth > 0", timeout=10000)
+            before = live.screenshot()
+            time.sleep(0.6)
+            after = live.screenshot()
+            assert before != after, "the live view did not change"
+            # fps and the threshold with where it came from are on the card.
+            assert float(page.locator("#cam-left dd[data-key=fps]").inner_text()) > 5
+            threshold_text = page.locator("#cam-left dd[data-key=threshold]").inner_text()
+            info = recorder.cameras["left"]
+            shown, _, where = threshold_text.partition(" (")
+            assert float(shown) == pytest.approx(info.threshold, rel=1e-4) and where == info.threshold_source + ")"
+            cameras["right"].defects(1)
+            assert wait_for(lambda: recorder.events, 5), "the stream raised no alarm"
+            raised_at, camera, event = recorder.events[0]
+            item = page.locator(f'.alarm[data-event-id="{event["event_id"]}"]')
+            item.wait_for(timeout=2000)
+            shown_after = time.monotonic() - raised_at
+            assert camera == "right" and shown_after < 2.0, shown_after
+            assert item.get_attribute("data-camera") == "right"
+            page.wait_for_function(
+                f"document.querySelector('.alarm[data-event-id=\"{event['event_id']}\"] img').naturalWidth > 0",
+                timeout=5000)
+            assert read_events(tmp_path / "events.jsonl")[0]["event_id"] == event["event_id"]
+            time.sleep(0.3)
+            shot = tmp_path / "operator_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10000
+            if os.environ.get("MRKD_OPERATOR_SCREENSHOT"):
+                page.screenshot(path=os.environ["MRKD_OPERATOR_SCREENSHOT"], full_page=True)
+            browser.close()
+    finally:
+        run.stop()
