@@ -57,6 +57,7 @@ class QualitySettings:
     ilm_preset: str = "auto"
     ilm_source: str = "same"
     methods: Tuple[str, ...] = METHODS
+    combine: bool = False                     # also score mrkd_imagenet + knn (z-scores on training images)
     categories: Tuple[str, ...] = ("elpv_mono", "elpv_poly")
     # One thread: on a shared 2-core machine two OpenMP threads per process spin against the other
     # processes' threads (measured: a training step 13 s with 2 threads, 1.4 s with 1 under load 6).
@@ -214,6 +215,7 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
     paths = [item.path for item in data.test_items]
     labels = [item.label for item in data.test_items]
     out: Dict[str, dict] = {}
+    combined: Dict[str, tuple] = {}        # name → (test scores, training-image scores), for --combine
     for method in settings.methods:
         started = time.perf_counter()
         if method == "knn":
@@ -222,6 +224,9 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
             knn = PatchKNN(model.teacher, model.config, settings.memory_fraction, seed).fit(data.train_paths)
             fit_s = time.perf_counter() - started
             maps = torch.cat([knn.anomaly_maps(x) for x in _batches(paths, model.config)])
+            if settings.combine:
+                train_maps = torch.cat([knn.anomaly_maps(x) for x in _batches(data.train_paths, model.config)])
+                combined["knn"] = (image_scores(maps, "max").numpy(), image_scores(train_maps, "max").numpy())
             row = {"image_auroc": _auroc(labels, image_scores(maps, "max")),
                    "topk": _auroc(labels, image_scores(maps, "topk")),
                    "fit_s": round(fit_s, 1), "memory_mb": round(knn.memory_bytes / 2 ** 20, 1),
@@ -234,10 +239,27 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
             row = {"fit_s": round(fit_s, 1)}
             for name, (stage_weights, rule) in MRKD_VARIANTS.items():
                 row[name] = _auroc(labels, image_scores(mrkd_maps(model, per_scale, stage_weights), rule))
+            if settings.combine and method == "mrkd_imagenet":
+                train_scale = mrkd_per_scale(model, data.train_paths)
+                for name in ("all_max", "s8s16_max"):
+                    stage_weights, rule = MRKD_VARIANTS[name]
+                    combined[name] = (image_scores(mrkd_maps(model, per_scale, stage_weights), rule).numpy(),
+                                      image_scores(mrkd_maps(model, train_scale, stage_weights), rule).numpy())
             row["image_auroc"] = row["all_max"]      # the shipped head: all stages, max
         row["wall_s"] = round(time.perf_counter() - started, 1)
         out[method] = row
+    if "knn" in combined and len(combined) > 1:
+        out["mrkd+knn"] = {name: _auroc(labels, combine_scores(combined[name], combined["knn"]))
+                           for name in combined if name != "knn"}
+        out["mrkd+knn"]["image_auroc"] = out["mrkd+knn"]["all_max"]
     return out
+
+
+def combine_scores(first, second):
+    """Sum of two detectors' test scores, each as a z-score against its own training-image scores."""
+    (test_a, train_a), (test_b, train_b) = first, second
+    return ((test_a - train_a.mean()) / max(train_a.std(), 1e-12)
+            + (test_b - train_b.mean()) / max(train_b.std(), 1e-12))
 
 
 def summarise(values: Sequence[float]) -> dict:
@@ -267,14 +289,14 @@ def run_quality(settings: QualitySettings, data_root=None, log=print) -> dict:
                 for method, row in rows.items():
                     runs.append(dict(category=category, seed=seed, method=method, **row))
                     log(f"[quality] {category} seed {seed} {method}: image AUROC {row['image_auroc']:.4f} "
-                        f"({row['wall_s']} s)")
+                        f"({row.get('wall_s', 0)} s)")
     finally:
         torch.set_num_threads(previous_threads)
         if temporary:
             temporary.cleanup()
     summary: Dict[str, dict] = {}
     for category in settings.categories:
-        for method in settings.methods:
+        for method in dict.fromkeys(r["method"] for r in runs):
             mine = [r for r in runs if r["category"] == category and r["method"] == method]
             keys = [k for k in mine[0] if k not in ("category", "seed", "method", "fit_s", "wall_s", "memory_mb",
                                                     "bank_patches")]
@@ -341,6 +363,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-train", type=int, default=None, help="fixed subset size of train/good")
     parser.add_argument("--memory-fraction", type=float, default=None, help="kNN bank share (default 0.1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    parser.add_argument("--combine", action="store_true",
+                        help="also score MRKD + kNN (sum of z-scores against each one's training-image scores)")
     parser.add_argument("--json", type=Path, default=None, help="write the full results here")
     args = parser.parse_args(argv)
     settings = quick_settings() if args.quick else QualitySettings()
@@ -349,6 +373,7 @@ def main(argv=None) -> None:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    settings.combine = args.combine
     settings.__post_init__()
     results = run_quality(settings)
     for row in summary_table(results):
