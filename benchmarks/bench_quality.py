@@ -182,10 +182,13 @@ def mrkd_per_scale(model, paths: Sequence[str]) -> List["torch.Tensor"]:
     return [torch.cat(list(stage)) for stage in per_scale]
 
 
-def mrkd_maps(model, per_scale, stage_weights: Sequence[float] = (1.0, 1.0, 1.0)):
-    """Per-scale maps → the head's smoothed N×1×H×W map with the stages weighted (all 1 = the head)."""
+def mrkd_maps(model, per_scale, stage_weights: Sequence[float] = (1.0, 1.0, 1.0), sigma: Optional[float] = None):
+    """Per-scale maps → the head's smoothed N×1×H×W map with the stages weighted (all 1 and sigma None =
+    the head itself)."""
+    from mrkd.train.head import GaussianBlur
     weighted = [w * m for w, m in zip(stage_weights, per_scale) if w]
-    return model.head.blur(model.head.upsample_sum(weighted))
+    blur = model.head.blur if sigma is None else GaussianBlur(sigma)
+    return blur(model.head.upsample_sum(weighted))
 
 
 # ----------------------------------------------------------------------------- one category
@@ -203,6 +206,12 @@ MRKD_VARIANTS = {
     "s8s16_topk": ((0, 1, 1), "topk"),
     "s16_max": ((0, 0, 1), "max"),
     "s4s8_max": ((1, 1, 0), "max"),
+    "w0.5_1_1_max": ((0.5, 1, 1), "max"),
+    "w0_1_2_max": ((0, 1, 2), "max"),
+    "w0_2_1_max": ((0, 2, 1), "max"),
+    "all_max_sigma2": ((1, 1, 1), "max", 2.0),
+    "s8s16_max_sigma2": ((0, 1, 1), "max", 2.0),
+    "s8s16_max_sigma8": ((0, 1, 1), "max", 8.0),
 }
 
 
@@ -237,8 +246,9 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
             fit_s = time.perf_counter() - started
             per_scale = mrkd_per_scale(model, paths)
             row = {"fit_s": round(fit_s, 1)}
-            for name, (stage_weights, rule) in MRKD_VARIANTS.items():
-                row[name] = _auroc(labels, image_scores(mrkd_maps(model, per_scale, stage_weights), rule))
+            for name, (stage_weights, rule, *sigma) in MRKD_VARIANTS.items():
+                maps = mrkd_maps(model, per_scale, stage_weights, *sigma)
+                row[name] = _auroc(labels, image_scores(maps, rule))
             if settings.combine and method == "mrkd_imagenet":
                 train_scale = mrkd_per_scale(model, data.train_paths)
                 for name in ("all_max", "s8s16_max"):
