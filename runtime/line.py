@@ -139,7 +139,8 @@ class _Feed:
         self.capacity = max(1, capacity)
         self.max_frames = max_frames
         self.buffer: Deque[_Arrived] = deque()
-        self.read_count = 0
+        self.read_count = 0       # frames put into the buffer
+        self.taken = 0            # frames the loop took (live sources drop the others)
         self.dropped = 0          # frames replaced by a newer one before the loop took them
         self.last_arrival: Optional[float] = None
         self.intervals: Deque[float] = deque(maxlen=32)
@@ -153,7 +154,7 @@ class _Feed:
     def _read(self) -> None:
         try:
             while not self._stop.is_set() and not self.source.ended:
-                if self.max_frames is not None and self.read_count >= self.max_frames:
+                if self._limit_reached():
                     break
                 frame = self.source.read(timeout=0.25)   # short: a stop request is seen quickly
                 if frame is None:
@@ -182,10 +183,17 @@ class _Feed:
                 self.finished = True
                 self._cond.notify_all()
 
+    def _limit_reached(self) -> bool:
+        if self.max_frames is None:
+            return False
+        # Files deliver every frame, so reading stops at the limit; a live camera's frames may be
+        # replaced by newer ones, so only the frames the loop took count.
+        return (self.taken if self.source.live else self.read_count) >= self.max_frames
+
     @property
     def done(self) -> bool:
         """No frame waiting and none to come."""
-        return self.finished and not self.buffer
+        return (self.finished and not self.buffer) or (self.max_frames is not None and self.taken >= self.max_frames)
 
     def period(self) -> Optional[float]:
         """The camera's frame period: the median of its recent inter-arrival times."""
@@ -193,10 +201,18 @@ class _Feed:
             return None
         return float(np.median(self.intervals))
 
+    @property
+    def ready(self) -> bool:
+        """A frame is waiting for the loop."""
+        return bool(self.buffer) and not self.done
+
     def take(self, limit: int) -> List[_Arrived]:
+        if self.max_frames is not None:
+            limit = min(limit, self.max_frames - self.taken)
         out = []
         while self.buffer and len(out) < limit:
             out.append(self.buffer.popleft())
+        self.taken += len(out)
         if out:
             self._cond.notify_all()   # a file reader waiting for room
         return out
@@ -217,19 +233,19 @@ def gather_round(feeds: Sequence[_Feed], cond: threading.Condition, stop: thread
     frame period, ``deadline_s`` or the fastest camera's measured period) passes; take up to
     ``per_camera`` frames from each. Empty when nothing came (or everything ended)."""
     with cond:
-        cond.wait_for(lambda: stop.is_set() or any(f.buffer for f in feeds) or all(f.done for f in feeds), wait_s)
-        if stop.is_set() or not any(f.buffer for f in feeds):
+        cond.wait_for(lambda: stop.is_set() or any(f.ready for f in feeds) or all(f.done for f in feeds), wait_s)
+        if stop.is_set() or not any(f.ready for f in feeds):
             return {}
         now = time.monotonic()
         expected = [f for f in feeds if not f.done and f.last_arrival is not None
                     and now - f.last_arrival <= stale_after_s]
         periods = [p for p in (f.period() for f in expected) if p is not None]
         period = deadline_s if deadline_s is not None else min(min(periods, default=0.0), 0.2)
-        oldest = min(f.buffer[0].arrival for f in feeds if f.buffer)
+        oldest = min(f.buffer[0].arrival for f in feeds if f.ready)
         remaining = oldest + period - now
         if remaining > 0:
-            cond.wait_for(lambda: stop.is_set() or all(f.buffer or f.finished for f in expected), remaining)
-        return {f.name: f.take(per_camera) for f in feeds if f.buffer}
+            cond.wait_for(lambda: stop.is_set() or all(f.ready or f.finished for f in expected), remaining)
+        return {f.name: f.take(per_camera) for f in feeds if f.ready}
 
 
 # ---------------------------------------------------------------- the loop
