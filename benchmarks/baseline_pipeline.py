@@ -15,18 +15,25 @@ def official_style_score(model, image):
     """Score one 1×3×H×W image with the official evaluation's steps; returns (map H×W, score)."""
     import torch
     import torch.nn.functional as F
-    from scipy.ndimage import gaussian_filter
 
     with torch.no_grad():
         teacher_feats = model.teacher(image)
         student_feats = model.student(model.bottleneck(teacher_feats))
-        size = image.shape[-1]
-        total = np.zeros((size, size))
-        for t, s in zip(teacher_feats, student_feats):
-            amap = 1 - F.cosine_similarity(t, s).unsqueeze(1)
-            amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=True)
-            total += amap[0, 0].cpu().numpy()
-    smoothed = gaussian_filter(total, sigma=model.config.sigma)
+        per_scale = [1 - F.cosine_similarity(t, s).unsqueeze(1) for t, s in zip(teacher_feats, student_feats)]
+        return official_style_postprocess(per_scale, image.shape[-1], model.config.sigma)
+
+
+def official_style_postprocess(per_scale, size: int, sigma: float):
+    """The official evaluation's post-processing of one image: each 1×1×h×w torch map upsampled with
+    ``F.interpolate(bilinear, align_corners=True)``, moved to numpy and summed (float64), smoothed
+    with ``gaussian_filter(sigma)``; returns (map size×size, score = max)."""
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    total = np.zeros((size, size))
+    for amap in per_scale:
+        total += F.interpolate(amap, size=size, mode="bilinear", align_corners=True)[0, 0].cpu().numpy()
+    smoothed = gaussian_filter(total, sigma=sigma)
     return smoothed, float(smoothed.max())
 
 

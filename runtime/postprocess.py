@@ -15,6 +15,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -49,15 +50,25 @@ def gaussian_kernel1d(sigma: float, truncate: float = TRUNCATE) -> np.ndarray:
 
     A sigma of (almost) zero gives the identity kernel [1.0], as scipy skips such axes.
     """
-    sigma = float(sigma)
+    return _cached_kernel1d(float(sigma), float(truncate)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_kernel1d(sigma: float, truncate: float) -> np.ndarray:
+    """gaussian_kernel1d, computed once per (sigma, truncate) and read-only: every frame's
+    anomaly_map call asks for the same taps (a few microseconds each time otherwise)."""
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     if sigma <= 1e-15:
-        return np.ones(1)
+        identity = np.ones(1)
+        identity.flags.writeable = False
+        return identity
     radius = gaussian_radius(sigma, truncate)
     offsets = np.arange(-radius, radius + 1, dtype=np.float64)
     taps = np.exp(-0.5 * (offsets / sigma) ** 2)
-    return taps / taps.sum()
+    taps /= taps.sum()
+    taps.flags.writeable = False
+    return taps
 
 
 # ---------------------------------------------------------------- numpy reference
@@ -209,6 +220,10 @@ def _host_maps(per_scale: Sequence[Any]) -> List[np.ndarray]:
     """Contiguous float32 N x h x w numpy arrays; device arrays are copied to the host."""
     maps = []
     for i, m in enumerate(per_scale):
+        if type(m) is np.ndarray and m.dtype == np.float32 and m.ndim == 3 and m.flags.c_contiguous \
+                and m.shape[1] > 0 and m.shape[2] > 0:
+            maps.append(m)  # the runtime's usual input: taken as it is (a per-frame fast path)
+            continue
         if hasattr(m, "__cuda_array_interface__"):
             m = m.get() if hasattr(m, "get") else m.detach().cpu().numpy()  # CuPy/pycuda, torch
         m = np.asarray(m)
@@ -275,7 +290,7 @@ def anomaly_map_device(ptrs: Sequence[int], shapes: Sequence[Tuple[int, int]], n
     if module is None:
         raise RuntimeError(f"CUDA post-processing is unavailable: {reason}")
     module.anomaly_map([int(p) for p in ptrs], [(int(h), int(w)) for h, w in shapes], int(n), int(height),
-                       int(width), gaussian_kernel1d(sigma), int(out_map_ptr), int(out_score_ptr), int(stream),
+                       int(width), _cached_kernel1d(float(sigma), TRUNCATE), int(out_map_ptr), int(out_score_ptr), int(stream),
                        int(workspace_ptr))
     _record("cuda")
 
@@ -295,7 +310,7 @@ def anomaly_map(per_scale: Sequence[Any], size: Size, sigma: float = 4.0, impl: 
     if isinstance(per_scale, np.ndarray) or not isinstance(per_scale, (list, tuple)) or len(per_scale) == 0:
         raise ValueError("per_scale must be a non-empty list of N x h x w maps, one per scale")
     height, width = _output_size(size)
-    weights = gaussian_kernel1d(sigma)
+    weights = _cached_kernel1d(float(sigma), TRUNCATE)
     on_device = [hasattr(m, "__cuda_array_interface__") for m in per_scale]
     if any(on_device) and not all(on_device):
         raise ValueError(f"per_scale mixes host and device arrays (on device: {on_device}); pass all on one side")

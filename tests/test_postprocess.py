@@ -98,6 +98,44 @@ def test_cpu_threads_and_row_bands(batch, size, threads):
     np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("out_size,threads", [((512, 512), 2), ((531, 777), 3), ((777, 531), 2)])
+def test_cpu_batch1_row_bands_match_scipy(out_size, threads):
+    """One image split into row bands on several threads (the batch-1 threaded path), odd sizes
+    included: every band's output rows and the image maximum as scipy computes them."""
+    module = pp._load("cpu")[0]
+    height, width = out_size
+    assert module.work_split(1, height, width, threads) == (threads, threads)  # really several bands
+    rng = np.random.default_rng(height + width)
+    shapes = [(-(-height // f), -(-width // f)) for f in (4, 8, 16)]
+    per_scale = random_maps(rng, 1, shapes)
+    maps, scores = pp.anomaly_map(per_scale, out_size, impl="cpu", threads=threads)
+    single, _ = pp.anomaly_map(per_scale, out_size, impl="cpu", threads=1)
+    np.testing.assert_array_equal(maps, single)
+    ref_maps, ref_scores = scipy_reference(per_scale, height, width, 4.0)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("sigma", [4.0, 2.0])
+def test_cpu_batch1_at_256_matches_scipy_in_repeated_calls(sigma):
+    """The runtime's hot call (one 256 px frame, MRKD's three scales) repeated, also with the
+    per-shape operators and kernel taps cached from earlier calls and another sigma in between."""
+    rng = np.random.default_rng(int(sigma))
+    for _ in range(3):
+        per_scale = random_maps(rng, 1, [(64, 64), (32, 32), (16, 16)])
+        maps, scores = pp.anomaly_map(per_scale, 256, sigma=sigma, impl="cpu")
+        pp.anomaly_map(per_scale, 256, sigma=sigma + 1.0, impl="cpu")
+        ref_maps, ref_scores = scipy_reference(per_scale, 256, 256, sigma)
+        np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
+
+
+def test_gaussian_kernel1d_returns_a_fresh_array():
+    kernel = pp.gaussian_kernel1d(4.0)
+    kernel[:] = 0.0  # a caller's array: changing it must not change later calls
+    assert pp.gaussian_kernel1d(4.0).sum() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("impl", HOST_IMPLS)
 @pytest.mark.parametrize("out_size,shapes", [((32, 32), [(8, 8), (4, 4)]), ((17, 30), [(5, 7), (1, 1), (2, 9)]),
                                              ((1, 1), [(3, 3)])])
