@@ -11,6 +11,93 @@ from pathlib import Path
 import click
 
 
+def line_output_options(command):
+    """The options of the line's outputs beside the event log: signed webhooks, MQTT, --http."""
+    options = [
+        click.option("--webhook-header", "webhook_headers", multiple=True, metavar="'NAME: VALUE'",
+                     help="Extra HTTP header on every webhook POST, e.g. 'Authorization: Bearer ...' (repeatable)."),
+        click.option("--webhook-secret-env", metavar="VAR", default=None,
+                     help="Sign each webhook body with HMAC-SHA256 using the secret in this environment variable "
+                          "(header X-Mrkd-Signature: sha256=HEX; X-Mrkd-Event-Id names the event for dedup)."),
+        click.option("--mqtt", "mqtt_url", metavar="mqtt://HOST:PORT/PREFIX", default=None,
+                     help="Publish to an MQTT broker: PREFIX/<camera>/status (retained, offline as last will), "
+                          "PREFIX/<camera>/event (QoS 1 per alarm); mqtts:// for TLS. Needs the line extra."),
+        click.option("--mqtt-username", default=None, help="MQTT user name."),
+        click.option("--mqtt-password-env", metavar="VAR", default=None,
+                     help="Environment variable holding the MQTT password (never on the command line)."),
+        click.option("--mqtt-tls", is_flag=True, help="Connect to the broker with TLS (as mqtts:// does)."),
+        click.option("--mqtt-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="CA certificate file for the broker's TLS certificate (default: the system's)."),
+        click.option("--mqtt-results-rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Also publish scored frames to PREFIX/<camera>/result, at most this many a second per "
+                          "camera (0 = off)."),
+        click.option("--http", "http_address", metavar="HOST:PORT", default=None,
+                     help="Serve /metrics (Prometheus), /healthz and a read-only live operator page at / "
+                          "(e.g. 127.0.0.1:8080; 0.0.0.0:8080 for the whole network). Needs the line extra."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def webhook_auth(webhook, headers, secret_env):
+    """(headers dict, secret bytes or None) from --webhook-header / --webhook-secret-env (ValueError)."""
+    import os
+    from mrkd.runtime.events import parse_header
+
+    if (headers or secret_env) and not webhook:
+        raise ValueError("--webhook-header and --webhook-secret-env need --webhook URL")
+    parsed = dict(parse_header(text) for text in headers)
+    secret = None
+    if secret_env:
+        value = os.environ.get(secret_env)
+        if not value:
+            raise ValueError(f"--webhook-secret-env {secret_env}: that environment variable is not set or empty")
+        secret = value.encode("utf-8")
+    return parsed, secret
+
+
+def build_line_outputs(options: dict, sinks) -> list:
+    """The LineObservers that the --mqtt* and --http options ask for (ValueError / OSError otherwise)."""
+    import os
+    from mrkd.deps import MissingDependencyError
+
+    observers = []
+    try:
+        mqtt = None
+        if options["mqtt_url"]:
+            from mrkd.runtime.mqtt import MqttObserver, MqttSettings
+            password = None
+            if options["mqtt_password_env"]:
+                password = os.environ.get(options["mqtt_password_env"])
+                if password is None:
+                    raise ValueError(f"--mqtt-password-env {options['mqtt_password_env']}: that environment "
+                                     "variable is not set")
+            settings = MqttSettings.from_url(options["mqtt_url"], tls=options["mqtt_tls"],
+                                             ca_certs=options["mqtt_ca"], username=options["mqtt_username"],
+                                             password=password, results_rate=options["mqtt_results_rate"])
+            mqtt = MqttObserver(settings)
+            observers.append(mqtt)
+        elif any(options[k] for k in ("mqtt_username", "mqtt_password_env", "mqtt_tls", "mqtt_ca",
+                                      "mqtt_results_rate")):
+            raise ValueError("the --mqtt-* options need --mqtt mqtt://HOST:PORT/PREFIX")
+        if options["http_address"]:
+            from mrkd.runtime.metrics import MetricsObserver
+            from mrkd.runtime.web import OperatorServer, parse_address
+            host, port = parse_address(options["http_address"])
+            metrics = MetricsObserver(mqtt_failures=mqtt.failures if mqtt else None,
+                                      webhook_stats=sinks.webhook.stats if sinks.webhook else None)
+            try:
+                server = OperatorServer(host, port, metrics=metrics)
+            except OSError as exc:
+                raise OSError(f"--http {options['http_address']}: cannot listen there ({exc.strerror or exc})") from exc
+            observers += [metrics, server]
+            click.echo(f"operator page {server.url}/  metrics {server.url}/metrics", err=True)
+    except MissingDependencyError as exc:
+        raise ValueError(str(exc)) from exc
+    return observers
+
+
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(exists=True, dir_okay=False), required=False)
 @click.option("--source", "-s", "sources", multiple=True,
@@ -46,6 +133,7 @@ import click
 @click.option("--webhook", default=None, help="URL to POST each alarm event (JSON) to, in the background.")
 @click.option("--webhook-timeout", type=float, default=2.0, show_default=True,
               help="Seconds per webhook POST before it counts as failed (it is retried).")
+@line_output_options
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
               help="Write annotated frames (heat-map, score, threshold) to this video file (.avi: MJPG).")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
@@ -66,7 +154,7 @@ import click
               help="Also write the end-of-run summary as JSON to this file.")
 def run_command(model, sources, line_file, backend, providers, threads, postprocess, threshold, debounce, cooldown,
                 cooldown_frames, events, snapshots, snapshot_format, webhook, webhook_timeout, save_video, show,
-                max_frames, status_every, batch, batch_timeout, size, fps, loop, summary_path):
+                max_frames, status_every, batch, batch_timeout, size, fps, loop, summary_path, **line_outputs):
     """Stream frames from one or more cameras through MODEL (an .engine or an .onnx file with its .json
     sidecar) and raise alarms: `mrkd run MODEL --source URI`, `mrkd run MODEL --source left=URI
     --source right=URI`, or `mrkd run --line line.toml`. Ctrl-C / SIGTERM stop cleanly: every event
@@ -89,6 +177,8 @@ def run_command(model, sources, line_file, backend, providers, threads, postproc
         if (save_video or show) and len(line.cameras) > 1:
             raise ValueError("--save-video and --show take one camera; this line has "
                              f"{len(line.cameras)}")
+        webhook_headers, webhook_secret = webhook_auth(webhook, line_outputs.pop("webhook_headers"),
+                                                       line_outputs.pop("webhook_secret_env"))
         detectors = open_detectors(line)
         frames = open_sources(line)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -100,14 +190,23 @@ def run_command(model, sources, line_file, backend, providers, threads, postproc
     outputs = [VideoFileSink(save_video, fps=fps or 15.0)] if save_video else []
     if show:
         outputs.append(WindowSink())
-    sinks = EventSinks(events, snapshots, webhook, snapshot_format, webhook_timeout)
+    sinks = EventSinks(events, snapshots, webhook, snapshot_format, webhook_timeout, webhook_headers, webhook_secret)
+    try:
+        observers = build_line_outputs(line_outputs, sinks)
+    except (ValueError, OSError) as exc:
+        sinks.close(0)
+        for source in frames.values():
+            source.close()
+        for detector in detectors.values():
+            detector.close()
+        raise click.ClickException(str(exc)) from exc
     stop = threading.Event()
     try:
         with stop_on_signals(stop):
             summary = run_line(line, sinks, outputs={line.cameras[0].name: outputs}, max_frames=max_frames,
                                status_every=status_every, batch=batch, stop=stop,
                                status=lambda text: click.echo(text, err=True), batch_timeout=batch_timeout,
-                               detectors=detectors, sources=frames)
+                               detectors=detectors, sources=frames, observers=observers)
     finally:
         for detector in detectors.values():
             detector.close()

@@ -129,3 +129,35 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     assert wait_for(lambda: _get(server.url + "/healthz")[0] == 200, 5)
     summary = run.stop()
     assert summary["cameras"]["press"]["alarms"] == 3
+
+
+def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
+    import os
+    import signal
+    import sys
+    from runtime_fixtures import normal_then_defective, write_video
+    from mrkd.benchmarks.mosquitto import free_port
+
+    video = write_video(tmp_path / "v.avi", [f for s in range(30) for f in normal_then_defective(9, 1, seed=s)])
+    model = build_tiny_model(tmp_path / "m.onnx")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", "from mrkd.cli import main; main()", "run", str(model),
+                             "--source", f"belt={video}", "--fps", "25", "--cooldown", "0", "--status-every", "0",
+                             "--http", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def scraped():
+            try:
+                return samples(_get(url + "/metrics")[1].decode()).get(("mrkd_alarms_total", (("camera", "belt"),)), 0) >= 1
+            except OSError:
+                return False
+        assert wait_for(scraped, 30, 0.1), proc.stderr.read1().decode() if proc.poll() is not None else ""
+        assert _get(url + "/healthz")[0] == 200
+        code, page = _get(url + "/")
+        assert code == 200 and b"EventSource" in page
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"operator page http://127.0.0.1" in err
