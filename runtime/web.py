@@ -102,6 +102,7 @@ class OperatorServer(LineObserver):
         self._clients: List[DropOldestQueue] = []
         self._clients_lock = threading.Lock()
         self.closed = threading.Event()
+        self.started = threading.Event()      # on_start has run: the cameras are known
         self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self.httpd.daemon_threads = True
         self._serve = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
@@ -119,6 +120,7 @@ class OperatorServer(LineObserver):
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         self.cameras = list(cameras)
         self.views = {info.name: _CameraView(info) for info in cameras}
+        self.started.set()
         self._broadcast("hello", self._hello())
 
     def on_frame(self, result: FrameResult) -> None:
@@ -341,6 +343,7 @@ def _handler_for(server: OperatorServer):
             self.wfile.flush()
 
         def _mjpeg(self, camera: str):
+            server.started.wait(10.0)      # a page opened while the line is still loading its models
             view = server.views.get(camera)
             if view is None:
                 self._send(404, b"no such camera\n", "text/plain")

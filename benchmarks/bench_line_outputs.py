@@ -1,0 +1,171 @@
+"""Line outputs off the hot path: frames/s of one camera with the outputs off, and with MQTT, metrics
+and the operator page on and the page open, alternated in the same process on the same frames.
+
+"On": MqttObserver to a real Mosquitto on loopback (events, and results at 10/s), MetricsObserver,
+the OperatorServer, and a watcher in a separate process that reads the camera's MJPEG live view and
+the SSE stream as a browser would (without a browser's rendering, which runs on the viewer's own
+machine). "Off": the same loop with only the JSON-lines event log. Both score VGA frames as fast as
+the model allows, with alarms (threshold at the median score, cooldown 0.2 s) so events flow too.
+Mosquitto missing: the MQTT part is left out and the result says so.
+
+    python -m mrkd.benchmarks.bench_line_outputs [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from mrkd.runtime.observers import LineObserver
+
+FRAME_SIZE = (640, 480)
+STEADY_FROM = 0.2     # fps is measured from this fraction of a run's frames on (page open, models warm)
+
+# Runs in its own process: reads the live view and the event stream until killed, counts what came.
+WATCHER = r"""
+import sys, threading, urllib.request
+base = sys.argv[1]
+def read(path, size):
+    with urllib.request.urlopen(base + path) as stream:
+        while stream.read(size):
+            pass
+threading.Thread(target=read, args=("/events", 256), daemon=True).start()
+read("/stream/cam0.mjpg", 65536)
+"""
+
+
+def _frames(category_dir: Path, count: int):
+    import cv2
+
+    from mrkd.runtime.images import read_image
+    paths = sorted((category_dir / "test").rglob("*.png"))
+    return [cv2.resize(read_image(p), FRAME_SIZE) for p in (paths * (count // max(len(paths), 1) + 1))[:count]]
+
+
+class _FrameClock(LineObserver):
+    """Times each scored frame (both conditions carry it, so its own cost cancels out); ``probe`` says
+    whether the page is being watched at that frame."""
+
+    def __init__(self):
+        self.times: List[float] = []
+        self.watched: List[bool] = []
+        self.probe = None
+
+    def on_frame(self, result):
+        self.times.append(time.perf_counter())
+        if self.probe is not None:
+            self.watched.append(self.probe())
+
+    def steady_fps(self) -> float:
+        first = int(len(self.times) * STEADY_FROM)
+        span = self.times[-1] - self.times[first]
+        return (len(self.times) - 1 - first) / span if span > 0 else float("nan")
+
+
+def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: float, threads: int, workdir: Path,
+             label: str, outputs_on: bool, broker) -> dict:
+    from mrkd.runtime.alarms import AlarmPolicy
+    from mrkd.runtime.detector import Detector
+    from mrkd.runtime.events import EventSinks
+    from mrkd.runtime.line import Camera, Line, run_line
+    from mrkd.runtime.sources import open_source
+
+    clock = _FrameClock()
+    observers, watcher, server, mqtt = [clock], None, None, None
+    if outputs_on:
+        from mrkd.runtime.metrics import MetricsObserver
+        from mrkd.runtime.web import OperatorServer
+        if broker is not None:
+            from mrkd.runtime.mqtt import MqttObserver, MqttSettings
+            mqtt = MqttObserver(MqttSettings.from_url(broker.url("bench"), results_rate=10.0))
+            observers.append(mqtt)
+        metrics = MetricsObserver(mqtt_failures=mqtt.failures if mqtt else None)
+        server = OperatorServer("127.0.0.1", 0, metrics=metrics)
+        observers += [metrics, server]
+        clock.probe = lambda: server.views["cam0"].watchers > 0 if server.started.is_set() else False
+        watcher = subprocess.Popen([sys.executable, "-c", WATCHER, server.url],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    detector = Detector(onnx_path, backend="onnxruntime", threads=threads, threshold=threshold)
+    line = Line((Camera("cam0", frames, str(onnx_path), threshold=threshold, cooldown=0.2),))
+    source = open_source(frames, loop=True)
+    if watcher is not None:       # the page is open (its event stream connected) before the first frame
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not server._clients:
+            time.sleep(0.05)
+    started = time.perf_counter()
+    summary = run_line(line, EventSinks(workdir / f"events_{label}.jsonl"), observers, max_frames=frames_per_run,
+                       status=lambda text: None, detectors={str(Path(onnx_path).resolve()): detector},
+                       sources={"cam0": source},
+                       policies={"cam0": AlarmPolicy(threshold, (1, 1), cooldown_s=0.2)})
+    seconds = time.perf_counter() - started
+    detector.close()
+    row = {"outputs": "on, page open" if outputs_on else "off", "frames": summary["frames"],
+           "alarms": summary["alarms"], "seconds": seconds, "fps": clock.steady_fps()}
+    if server is not None:
+        row["live_view_jpegs"] = server.views["cam0"].encoded
+        steady = clock.watched[int(len(clock.watched) * STEADY_FROM):]
+        row["share_of_frames_watched"] = sum(steady) / max(len(steady), 1)
+    if mqtt is not None:
+        stats = mqtt.stats()["cam0"]
+        row.update(mqtt_published=stats["published"], mqtt_dropped=stats["dropped"], mqtt_errors=stats["errors"])
+    if watcher is not None:
+        watcher.kill()
+        watcher.wait()
+    return row
+
+
+def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int = 256, threads: int = 2,
+        checkpoint: Optional[str] = None) -> dict:
+    import numpy as np
+    import torch
+
+    from mrkd.benchmarks.bench_model import bench_data, load_or_build, test_batch
+    from mrkd.benchmarks.mosquitto import Mosquitto
+    from mrkd.export.exporter import export_onnx
+    from mrkd.export.onnx_graph import ExportOptions
+
+    if quick and not checkpoint:
+        backbone, image_size = "resnet18", 64
+    frames_per_run, repeats = (30, 1) if quick else (300, 3)
+    torch.set_num_threads(threads)
+    model = load_or_build(checkpoint, backbone, image_size)
+    rows: List[dict] = []
+    broker = None
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        category = bench_data(model.config.image_size, workdir, quick)
+        frames = _frames(category, 16)
+        threshold = float(np.median(model.scores(torch.from_numpy(
+            test_batch(category, model.config.image_size, model.config.mean, model.config.std))).numpy()))
+        onnx_path = export_onnx(model, workdir / "fp32.onnx", ExportOptions(batch_range=(1, 1, 4))).path
+        mqtt_note = "Mosquitto on loopback"
+        if shutil.which("mosquitto"):
+            (workdir / "broker").mkdir()
+            broker = Mosquitto(folder=workdir / "broker").start()
+        else:
+            mqtt_note = "mosquitto not installed: MQTT left out (apt install mosquitto)"
+        try:
+            _one_run(onnx_path, frames, 10, threshold, threads, workdir, "warmup", False, None)
+            for repeat in range(repeats):      # alternate, so drift in machine load hits both alike
+                for on in (False, True):
+                    rows.append(_one_run(onnx_path, frames, frames_per_run, threshold, threads, workdir,
+                                         f"{repeat}_{on}", on, broker) | {"repeat": repeat})
+        finally:
+            if broker is not None:
+                broker.kill()
+    off = [r["fps"] for r in rows if r["outputs"] == "off"]
+    on = [r["fps"] for r in rows if r["outputs"] != "off"]
+    return {"bench": "line_outputs", "backbone": model.config.backbone, "image_size": model.config.image_size,
+            "frame_size": list(FRAME_SIZE), "frames_per_run": frames_per_run, "threads": threads, "mqtt": mqtt_note,
+            "rows": rows, "fps_off_median": float(np.median(off)), "fps_on_median": float(np.median(on)),
+            "on_over_off": float(np.median(on) / np.median(off))}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
