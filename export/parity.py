@@ -1,9 +1,9 @@
 """Parity reports: an exported graph's outputs against the PyTorch model (or an FP32 reference).
 
 One comparison serves every report (FP32 parity, FP16 fidelity, INT8 agreement): the map error,
-the score error and how often the decision (score > threshold) agrees. The PyTorch reference comes
-from the MRKD model's own API (``anomaly_map``, ``per_scale_maps``) and the shared numpy
-pre-processing, not from the module that was traced.
+the score error and how often the decision (score >= threshold: runtime.alarms.is_anomalous, the
+runtime's rule) agrees. The PyTorch reference comes from the MRKD model's own API (``anomaly_map``,
+``per_scale_maps``) and the shared numpy pre-processing, not from the module that was traced.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from mrkd.export.onnx_graph import ExportOptions, example_input
 
+from mrkd.runtime.alarms import is_anomalous
 FP32_TOLERANCE = 1e-4
 
 
@@ -32,7 +33,7 @@ class Comparison:
     max_abs_diff: Dict[str, float]             # per output
     map_max_abs_diff: float                    # the map the runtime uses (anomaly_map or scales)
     score_max_abs_diff: float
-    decision_agreement: Optional[float]        # share of images with the same score > threshold decision
+    decision_agreement: Optional[float]        # share of images with the same score >= threshold decision
     threshold: Optional[float]
     tolerance: Optional[float] = None
     finite: bool = True
@@ -110,7 +111,7 @@ def compare(name: str, reference: Dict[str, np.ndarray], candidate: Dict[str, np
     score_diff = float(np.max(np.abs(cand_scores - ref_scores))) if finite else float("inf")
     agreement = None
     if threshold is not None:
-        agreement = float(np.mean((ref_scores > threshold) == (cand_scores > threshold)))
+        agreement = float(np.mean(is_anomalous(ref_scores, threshold) == is_anomalous(cand_scores, threshold)))
     return Comparison(name=name, n_images=int(len(ref_scores)), max_abs_diff=diffs,
                       map_max_abs_diff=max(diffs[k] for k in map_keys), score_max_abs_diff=score_diff,
                       decision_agreement=agreement, threshold=threshold, tolerance=tolerance, finite=finite)

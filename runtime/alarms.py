@@ -12,6 +12,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
+
+
+def is_anomalous(score, threshold: float):
+    """The one decision rule (runtime, evaluation, export reports): a score that reaches the threshold
+    is anomalous, ``score >= threshold``. A bool for a number, a bool array for an array."""
+    if isinstance(score, (int, float, np.floating, np.integer)):
+        return bool(score >= threshold)
+    return np.asarray(score) >= threshold
+
 
 @dataclass
 class Alarm:
@@ -63,7 +73,7 @@ class AlarmPolicy:
 
     def update(self, frame_index: int, timestamp: float, score: float) -> Optional[Alarm]:
         """Record one frame's score; returns an Alarm when this frame raises one."""
-        anomalous = score >= self.threshold
+        anomalous = is_anomalous(score, self.threshold)
         self.window.append(anomalous)
         count = sum(self.window)
         if not anomalous or count < self.k:

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from mrkd.runtime import postprocess
-from mrkd.runtime.backends import Backend, open_backend
+from mrkd.runtime.alarms import is_anomalous
+from mrkd.runtime.backends import Backend, BackendError, open_backend
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
                                    sidecar_path)
 from mrkd.runtime.preprocess import model_input
@@ -177,7 +178,7 @@ class Detector:
         size = self.metadata.image_size
         maps = np.concatenate(all_maps) if all_maps else np.zeros((0, size, size), np.float32)
         scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
-        decisions = scores >= self.threshold if self.threshold is not None else None
+        decisions = is_anomalous(scores, self.threshold) if self.threshold is not None else None
         return DetectionResult(scores=scores, maps=maps, decisions=decisions, threshold=self.threshold,
                                frame_sizes=[f.shape[:2] for f in frames], timings=timings)
 

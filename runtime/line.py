@@ -28,7 +28,7 @@ from typing import (Callable, Deque, Dict, Iterator, List, Mapping, Optional, Se
 
 import numpy as np
 
-from mrkd.runtime.alarms import AlarmPolicy
+from mrkd.runtime.alarms import AlarmPolicy, is_anomalous
 from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.events import EventSinks
 from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
@@ -469,7 +469,7 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
             threshold = state.policy.threshold
             _notify(observers, "on_frame", FrameResult(
                 camera=state.camera.name, frame_index=frame.index, frame_time=frame.timestamp, image=frame.image,
-                amap=amap, score=score, threshold=threshold, anomalous=score >= threshold, event=event,
+                amap=amap, score=score, threshold=threshold, anomalous=is_anomalous(score, threshold), event=event,
                 infer_s=infer_share, latency_s=latency))
             for output in state.outputs:
                 output.write(annotate(frame.image, amap, score, threshold, alarm is not None))

@@ -25,6 +25,7 @@ import numpy as np
 
 from mrkd.deps import require
 
+from mrkd.runtime.alarms import is_anomalous
 # 8-connectivity inside each image, no connection between images of a stack: one label call
 # numbers the regions of a whole N×H×W set.
 _STACK_8_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
@@ -314,7 +315,7 @@ def precision_recall_f1(labels, scores, threshold: float) -> dict:
     scores = _finite_scores(scores).ravel()
     if scores.size != labels.size:
         raise ValueError(f"labels has {labels.size} entries but scores has {scores.size}")
-    predicted = scores >= threshold
+    predicted = is_anomalous(scores, threshold)
     tp = int(np.sum(predicted & labels))
     fp = int(np.sum(predicted & ~labels))
     fn = int(np.sum(~predicted & labels))

@@ -15,6 +15,7 @@ from typing import List
 import numpy as np
 
 from mrkd.atomic import atomic_write_bytes, atomic_write_text
+from mrkd.runtime.alarms import is_anomalous
 from mrkd.train.calibrate import normalized_scores
 from mrkd.train.evaluate import write_png
 
@@ -85,7 +86,7 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
         for square, amap, score, index in zip(squares, maps, scores, kept):
             row = {"path": paths[index], "score": float(score),
                    "normalized_score": float(normalized_scores(score, calibration)) if threshold is not None else "",
-                   "decision": ("anomalous" if score >= threshold else "good") if threshold is not None else ""}
+                   "decision": ("anomalous" if is_anomalous(score, threshold) else "good") if threshold is not None else ""}
             if write_maps:
                 buffer = io.BytesIO()
                 np.save(buffer, amap.astype(np.float32))
