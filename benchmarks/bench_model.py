@@ -64,9 +64,9 @@ def bench_data(image_size: int, workdir: Path, quick: bool) -> Path:
 def test_batch(category_dir: Path, image_size: int, mean, std):
     import numpy as np
 
-    from mrkd.runtime.images import read_image
+    from mrkd.runtime.images import list_images, read_image
     from mrkd.runtime.preprocess import normalize_batch, resize_square
-    paths = sorted(p for p in (category_dir / "test").rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+    paths = list_images(category_dir / "test", recursive=True)
     return normalize_batch([resize_square(read_image(p), image_size) for p in paths], mean, std).astype(np.float32)
 
 
@@ -95,7 +95,7 @@ def _ort_rows(model, batches: List[int], threads: int, repeats: int, workdir: Pa
             quantised = quantize_int8(paths["fp32"], workdir / f"{precision}.onnx",
                                       category / "train" / "good", target=target)
             paths[precision] = quantised.path
-            kept_fp32[precision] = quantised.metadata.extra["int8"]["keep_fp32_chosen"]
+            kept_fp32[precision] = quantised.metadata.int8.keep_fp32_chosen
         except Exception as exc:  # reported, not hidden
             rows.append({"backend": f"onnxruntime-{precision}", "error": f"{type(exc).__name__}: {exc}"})
     images = test_batch(category, image_size, model.config.mean, model.config.std)

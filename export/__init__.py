@@ -25,7 +25,7 @@ _API = {
     "parity_report": "parity", "torch_reference": "parity", "compare": "parity", "Comparison": "parity",
     "ParityError": "parity", "FP32_TOLERANCE": "parity",
     "fp16_options": "fp16", "fp16_fidelity_report": "fp16", "run_fp16_on_cpu": "fp16", "TENSORRT_SUPPORT": "fp16",
-    "quantize_int8": "int8", "int8_agreement_report": "int8", "calibration_paths": "int8", "load_images": "int8",
+    "quantize_int8": "int8", "int8_agreement_report": "int8", "int8_image_paths": "int8", "load_images": "int8",
     "BuildSettings": "tensorrt_build", "build_engine": "tensorrt_build", "TensorRTUnavailableError": "tensorrt_build",
     "require_tensorrt": "tensorrt_build",
     "engine_metadata": "engine_meta", "check_engine_compatible": "engine_meta",

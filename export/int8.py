@@ -1,4 +1,5 @@
-"""INT8 export: explicit quantisation (Q/DQ) of the backbone, calibrated on good images.
+"""INT8 export: explicit quantisation (Q/DQ) of the backbone, its activation ranges measured on good
+images ("INT8 images": --int8-images; not the threshold calibration of mrkd calibrate).
 
 ``onnxruntime.quantization.quantize_static`` writes the graph in one of two forms (``target``):
 
@@ -30,11 +31,11 @@ from mrkd.export.model_metadata import write_model
 from mrkd.export.onnx_graph import INPUT_NAME, ExportError, load_onnx, save_onnx
 from mrkd.export.parity import Comparison, compare
 from mrkd.export.rewrite import convtranspose_as_conv_depth_to_space
-from mrkd.runtime.metadata import ModelMetadata
+from mrkd.runtime.metadata import Int8Info, ModelMetadata
 
 # Node-name scopes the TorchScript exporter gives the three networks (ExportGraph's attributes).
 QUANTISED_SCOPES = ("/teacher/", "/bottleneck/", "/student/")
-DEFAULT_CALIBRATION_LIMIT = 64
+DEFAULT_INT8_IMAGE_LIMIT = 64  # images INT8 quantisation measures activation ranges on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +66,18 @@ INT8_TARGETS = {
 }
 
 
-def calibration_paths(calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT) -> List[Path]:
-    """Image files in ``calib_dir`` (sorted, first ``limit``); a clear error when there are none."""
-    from mrkd.runtime.images import is_image_file
-    calib_dir = Path(calib_dir)
-    if not calib_dir.is_dir():
-        raise ExportError(f"{calib_dir}: calibration folder not found (--calib needs a folder of good images)")
-    paths = sorted(p for p in calib_dir.rglob("*") if p.is_file() and is_image_file(p))
+def int8_image_paths(images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT) -> List[Path]:
+    """The good images INT8 quantisation measures activation ranges on: the image files in
+    ``images_dir`` and its sub-folders (runtime.images.list_images, recursive: a category's
+    train/ with good/ inside works), sorted, the first ``limit``; a clear error when there are none."""
+    from mrkd.runtime.images import list_images
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise ExportError(f"{images_dir}: folder not found (--int8-images needs a folder of good images for "
+                          "INT8 quantisation)")
+    paths = list_images(images_dir, recursive=True)
     if not paths:
-        raise ExportError(f"{calib_dir}: no images found for INT8 calibration")
+        raise ExportError(f"{images_dir}: no images found for INT8 quantisation")
     return paths[:limit] if limit else paths
 
 
@@ -89,11 +93,11 @@ def _reader(batch: np.ndarray):
     quantization = require("onnxruntime.quantization")
 
     class ImageReader(quantization.CalibrationDataReader):
-        """Feeds the calibration images one at a time (progress shown by tqdm)."""
+        """Feeds the INT8 images one at a time (progress shown by tqdm)."""
 
         def __init__(self):
             from tqdm import tqdm
-            self._items = iter(tqdm(batch, desc="INT8 calibration", unit="img", leave=False))
+            self._items = iter(tqdm(batch, desc="INT8 quantisation images", unit="img", leave=False))
 
         def get_next(self):
             item = next(self._items, None)
@@ -183,7 +187,7 @@ def keep_unquantised_inputs_fp32(proto, quantised: set) -> int:
 
 # keep_fp32 modes: which teacher layers stay FP32. "front" keeps the layers in front of the first
 # feature tap (first_tap_ancestors), "none" quantises them too, "auto" tries "none" first and falls back
-# to "front" when the all-INT8 graph's scores on the calibration images move by more than
+# to "front" when the all-INT8 graph's scores on the INT8 images move by more than
 # AUTO_MAX_ERROR_VS_SPREAD × the spread (std) of the FP32 graph's scores there. The spread is the unit
 # because the calibrated threshold sits in the tail of those same good-image scores.
 # Measured (trained checkpoints, 256 px, 2 threads, "cpu" target, 44 test images at the calibrated
@@ -195,7 +199,7 @@ AUTO_MAX_ERROR_VS_SPREAD = 0.25
 
 @dataclasses.dataclass(frozen=True)
 class ScoreError:
-    """How far an INT8 graph's scores move from the FP32 graph's on the calibration images."""
+    """How far an INT8 graph's scores move from the FP32 graph's on the INT8 images."""
 
     mean_abs: float
     max_abs: float
@@ -224,7 +228,7 @@ def score_error(reference: np.ndarray, candidate: np.ndarray) -> ScoreError:
     return ScoreError(float(error.mean()), float(error.max()), spread)
 
 
-def calibration_score_error(fp32_model, int8_model, batch: np.ndarray, meta: ModelMetadata) -> ScoreError:
+def int8_image_score_error(fp32_model, int8_model, batch: np.ndarray, meta: ModelMetadata) -> ScoreError:
     """Score error of ``int8_model`` against ``fp32_model`` (paths or serialised bytes) on ``batch``."""
     return score_error(graph_scores(fp32_model, batch, meta), graph_scores(int8_model, batch, meta))
 
@@ -250,7 +254,7 @@ def _quantize(source: Path, destination: Path, batch: np.ndarray, settings: Int8
     return proto, bypassed
 
 
-def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DEFAULT_CALIBRATION_LIMIT,
+def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT,
                   target: str = "tensorrt", keep_fp32: str = "auto", echo=None) -> ExportedModel:
     """Write an INT8 copy of the FP32 graph at ``fp32_onnx_path`` (+ sidecar) to ``out_path``.
 
@@ -268,7 +272,7 @@ def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DE
     meta = ModelMetadata.load(sidecar_path(fp32_onnx_path))
     if meta.precision != "fp32":
         raise ExportError(f"{fp32_onnx_path}: INT8 is quantised from the fp32 graph, this one is {meta.precision}")
-    batch = load_images(calibration_paths(calib_dir, limit), meta)
+    batch = load_images(int8_image_paths(images_dir, limit), meta)
     if not backbone_nodes(load_onnx(fp32_onnx_path)):
         raise ExportError(f"{fp32_onnx_path}: no teacher/bottleneck/student nodes found to quantise")
     tried = {}
@@ -294,16 +298,14 @@ def quantize_int8(fp32_onnx_path, out_path, calib_dir, limit: Optional[int] = DE
                 break
     if echo is not None:
         echo(f"INT8 ({keep_fp32}): {len(kept)} teacher nodes in front of the first feature tap kept FP32; "
-             f"calibration-image score error {error.mean_abs:.4g} mean = {error.relative:.2f}x the FP32 score "
+             f"INT8-image score error {error.mean_abs:.4g} mean = {error.relative:.2f}x the FP32 score "
              f"spread" + (f" (all-INT8 was {tried['none']['relative']:.2f}x, above {AUTO_MAX_ERROR_VS_SPREAD})"
                           if mode == "front" and "none" in tried else ""))
-    int8_meta = dataclasses.replace(meta, precision="int8", extra={
-        **meta.extra, "int8": {"calibration_images": int(len(batch)), "calibration_dir": str(calib_dir),
-                               "quantised_nodes": len(nodes), "teacher_nodes_kept_fp32": len(kept),
-                               "keep_fp32": keep_fp32, "keep_fp32_chosen": mode,
-                               "calibration_score_error": tried,
-                               "convtranspose_rewritten": rewritten, "head_only_convs_fp32": len(head_only),
-                               "head_inputs_kept_fp32": bypassed, "target": target, "format": settings.description}})
+    int8_meta = dataclasses.replace(meta, precision="int8", int8=Int8Info(
+        calibration_images=int(len(batch)), calibration_dir=str(images_dir), quantised_nodes=len(nodes),
+        teacher_nodes_kept_fp32=len(kept), keep_fp32=keep_fp32, keep_fp32_chosen=mode,
+        calibration_score_error=tried, convtranspose_rewritten=rewritten, head_only_convs_fp32=len(head_only),
+        head_inputs_kept_fp32=bypassed, target=target, format=settings.description))
     write_model(proto, out_path, int8_meta)
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))
 

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Dict, Optional
 
 from mrkd.export.onnx_graph import INPUT_NAME, ExportOptions, output_descriptions, save_onnx, set_metadata_props
-from mrkd.runtime.metadata import ModelMetadata, calibration_fields, sidecar_path
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from mrkd.runtime.calibration import Calibration
+from mrkd.runtime.metadata import ModelMetadata, file_sha256, sidecar_path  # noqa: F401 (file_sha256 re-exported)
 
 
 def build_metadata(model, options: ExportOptions, *, precision: Optional[str] = None,
                    checkpoint_sha256: Optional[str] = None, extra: Optional[Dict] = None) -> ModelMetadata:
     """The metadata of an export of ``model`` (an MRKD) with ``options``; onnx_sha256 is set on save."""
     config = model.config
-    threshold, score_norm = calibration_fields(dict(model.calibration or {}))
+    calibration = Calibration.from_dict(model.calibration, "checkpoint calibration") if model.calibration else None
     meta = ModelMetadata(
         backbone=config.backbone,
         image_size=int(config.image_size),
@@ -32,8 +23,7 @@ def build_metadata(model, options: ExportOptions, *, precision: Optional[str] = 
         mean=tuple(float(v) for v in config.mean),
         std=tuple(float(v) for v in config.std),
         resize_mode=config.resize_mode,
-        threshold=threshold,
-        score_norm=score_norm,
+        calibration=calibration,
         outputs=output_descriptions(options, int(config.image_size), float(config.sigma)),
         smoothing_in_graph=bool(options.smooth_in_graph and not options.per_scale_outputs),
         per_scale_outputs=bool(options.per_scale_outputs),
@@ -43,7 +33,7 @@ def build_metadata(model, options: ExportOptions, *, precision: Optional[str] = 
         opset=int(options.opset),
         checkpoint_sha256=checkpoint_sha256,
         teacher_weights=config.teacher_weights,
-        extra={"calibration": dict(model.calibration or {}), **(extra or {})},
+        extra=dict(extra or {}),
     )
     meta.validate("export")
     return meta

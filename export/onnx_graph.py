@@ -24,6 +24,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from mrkd.errors import MrkdError
 from mrkd.runtime.metadata import INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC
 
 MIN_OPSET = 17          # LayerNormalization-era opset: the oldest TensorRT 10 / ORT parse cleanly
@@ -36,7 +37,7 @@ DEFAULT_BATCH_RANGE = (1, 1, 16)
 MAX_BATCH = 256
 
 
-class ExportError(ValueError):
+class ExportError(MrkdError, ValueError):
     """An export setting is invalid or an export step failed; the message says which and why."""
 
 

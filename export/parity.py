@@ -14,13 +14,14 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from mrkd.errors import MrkdError
 from mrkd.export.onnx_graph import ExportOptions, example_input
-
 from mrkd.runtime.alarms import is_anomalous
+
 FP32_TOLERANCE = 1e-4
 
 
-class ParityError(AssertionError):
+class ParityError(MrkdError, AssertionError):
     """An exported graph disagrees with its reference beyond the tolerance."""
 
 

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
-from mrkd.export.int8 import calibration_paths, int8_agreement_report, load_images, quantize_int8
+from mrkd.export.int8 import int8_agreement_report, int8_image_paths, load_images, quantize_int8
 from mrkd.export.onnx_graph import ExportError, ExportOptions
 from mrkd.export.parity import Comparison, ParityError, parity_report
 from mrkd.export.tensorrt_build import BuildSettings, TensorRTUnavailableError, build_engine
@@ -28,17 +28,19 @@ class ExportResult:
 
 
 def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = None, *, fp16: bool = False,
-                      int8_calib=None, int8_target: str = "tensorrt", int8_keep_fp32: str = "auto",
+                      int8_images=None, int8_target: str = "tensorrt", int8_keep_fp32: str = "auto",
                       triton_dir=None,
                       build: Optional[BuildSettings] = None,
                       simplify: str = "auto", echo: Callable[[str], None] = print) -> ExportResult:
     """Export ``checkpoint`` into ``out_dir``: model.onnx (FP32, parity-checked against PyTorch),
     model_fp16.onnx / model_int8.onnx and model.engine on request, a Triton repository on request.
+    ``int8_images``: a folder of good images INT8 quantisation measures activation ranges on
+    (asks for model_int8.onnx).
 
     Raises ParityError when FP32 parity is worse than 1e-4. Without TensorRT, every other file is
     still written and TensorRTUnavailableError is raised last."""
     options = (options or ExportOptions()).validate()
-    if fp16 and int8_calib:
+    if fp16 and int8_images:
         raise ExportError("--fp16 and --int8 build different engines: choose one")
     out_dir = Path(out_dir)
     result = ExportResult()
@@ -64,12 +66,12 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         echo(f"wrote {half.path}")
         result.reports["fp16"] = fp16_fidelity_report(model, half.path, options)
         echo(result.reports["fp16"].format())
-    if int8_calib:
-        quant = quantize_int8(fp32.path, out_dir / INT8_NAME, int8_calib, target=int8_target,
+    if int8_images:
+        quant = quantize_int8(fp32.path, out_dir / INT8_NAME, int8_images, target=int8_target,
                               keep_fp32=int8_keep_fp32, echo=echo)
         result.files["onnx_int8"] = engine_source = quant.path
         echo(f"wrote {quant.path}")
-        images = load_images(calibration_paths(int8_calib), quant.metadata)
+        images = load_images(int8_image_paths(int8_images), quant.metadata)
         result.reports["int8"] = int8_agreement_report(fp32.path, quant.path, images, model.head,
                                                        fp32.metadata.threshold)
         echo(result.reports["int8"].format())

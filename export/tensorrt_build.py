@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from mrkd.atomic import atomic_write_bytes
-from mrkd.export.engine_meta import engine_metadata
+from mrkd.export.engine_meta import check_engine_compatible, engine_metadata
 from mrkd.export.onnx_graph import ExportError, check_batch_range
-from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from mrkd.runtime.metadata import ModelMetadata, file_sha256, sidecar_path
 
 MIN_TENSORRT = (10, 3)
 NO_TENSORRT_HINT = ("TensorRT is not available here, so no engine was built (the ONNX model is written). "
@@ -136,6 +136,9 @@ def build_engine(onnx_path, engine_path, settings: Optional[BuildSettings] = Non
     meta = engine_metadata(onnx_meta, trt_version=trt.__version__, gpu_name=gpu_name,
                            compute_capability=capability, profile=batch_range, precision=onnx_meta.precision,
                            builder={"strongly_typed": True, "workspace_mib": settings.workspace_mib,
-                                    "opt_level": settings.opt_level, "dla_core": settings.dla_core})
+                                    "opt_level": settings.opt_level, "dla_core": settings.dla_core},
+                           engine_sha256=file_sha256(engine_path))
     meta.save(sidecar_path(engine_path))
+    # The sidecar is read back through the runtime's own loader and check: what the runtime will see.
+    check_engine_compatible(sidecar_path(engine_path), trt.__version__, gpu_name, capability)
     return meta

@@ -10,12 +10,14 @@ import importlib
 
 import click
 
+from mrkd.errors import error_boundary
+
 # name -> ("module:attribute", one-line help shown by `mrkd --help` without importing the module)
 COMMANDS = {
     "generate": ("mrkd.train.cli:generate_command",
                  "Write the embedded synthetic MVTec-layout data set (procedural surfaces and defects)."),
     "train": ("mrkd.train.cli:train_command", "Train an MRKD model on good images (one or all categories)."),
-    "calibrate": ("mrkd.train.cli:calibrate_command",
+    "calibrate": ("mrkd.calibrate_cli:calibrate_command",
                   "Set the alarm threshold of a checkpoint or exported model from good (or labelled) images."),
     "eval": ("mrkd.train.cli:eval_command", "Image/pixel AUROC, AUPRO, F1 at the threshold, ROC plots."),
     "predict": ("mrkd.train.cli:predict_command", "Score images: scores.csv, maps (.npy) and heatmap overlays."),
@@ -27,9 +29,14 @@ COMMANDS = {
 
 
 def load_command(name: str) -> click.Command:
+    """The subcommand, with the one error boundary (mrkd.errors) around it: mrkd's errors and the
+    system's refusals print as one line, exit 1."""
     target, _ = COMMANDS[name]
     module_name, attribute = target.split(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    command = getattr(importlib.import_module(module_name), attribute)
+    if command.callback is not None:
+        command.callback = error_boundary(command.callback)
+    return command
 
 
 class LazyGroup(click.Group):

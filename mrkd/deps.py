@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from mrkd.errors import MrkdError
+
 # module name -> (pip extra or package, why it is needed)
 _INSTALL_HINTS = {
     "torch": ("pip install 'mrkd[train]'", "training, evaluation and export need PyTorch"),
@@ -28,7 +30,7 @@ _INSTALL_HINTS = {
 }
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(MrkdError, ImportError):
     """An optional layer is not installed; the message says what to install."""
 
 

@@ -16,26 +16,28 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from mrkd.runtime.metadata import calibration_fields, sidecar_path
-from mrkd.runtime.sources import SourceStats, open_source
+from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
+                                     CalibrationError, calibration_from_scores)
+from mrkd.runtime.metadata import file_sha256, sidecar_path
+from mrkd.runtime.line import iter_frames
+from mrkd.runtime.sources import SourceOptions, SourceStats, open_source
 
 logger = logging.getLogger(__name__)
 
 
-class CalibrationError(ValueError):
-    """The source gave nothing to calibrate on, or a live source has no frame limit."""
+__all__ = ["CalibrationError", "calibrate_exported", "labelled_folder", "score_source"]
 
 
 def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
     """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other
     sub-folder (a defect type) label 1. Errors name the folder when a side is missing."""
-    from mrkd.runtime.images import is_image_file
+    from mrkd.runtime.images import list_images
     folder = Path(folder)
     if not folder.is_dir():
         raise CalibrationError(f"missing folder {folder} (labelled images: good/ and one sub-folder per defect type)")
     paths, labels = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        images = sorted(str(p) for p in sub.iterdir() if p.is_file() and is_image_file(p))
+        images = [str(p) for p in list_images(sub)]
         paths += images
         labels += [0 if sub.name == "good" else 1] * len(images)
     labels = np.asarray(labels, dtype=np.int64)
@@ -47,26 +49,24 @@ def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
 
 
 def score_source(detector, uri, max_frames: Optional[int] = None, batch_size: int = 8,
-                 progress: bool = True) -> Tuple[np.ndarray, SourceStats]:
+                 progress: bool = True, options: Optional[SourceOptions] = None) -> Tuple[np.ndarray, SourceStats]:
     """Scores of the frames of ``uri`` (any source open_source takes), in batches; bad frames are
     skipped and counted by the source. A live source (camera, stream) needs ``max_frames``."""
     from tqdm import tqdm
-    source = open_source(uri, reconnect=False)
+    source = open_source(uri, options=options or SourceOptions(reconnect=False))
     if source.live and not max_frames:
         source.close()
         raise CalibrationError(f"{uri}: a live source never ends; give a frame limit (--max-frames)")
-    scores, pending, seen = [], [], 0
+    scores, pending = [], []
     try:
         with tqdm(total=max_frames, desc="calibration frames", unit="frame", disable=not progress) as bar:
-            for frame in source:
-                pending.append(frame.image)
-                seen += 1          # counted here: a disabled tqdm does not count
-                bar.update()
-                if len(pending) == batch_size:
+            # Read like a camera of mrkd run (its own reader thread, newest frame of a live source).
+            for frames in iter_frames(source, max_frames=max_frames or None, batch=batch_size):
+                pending += [frame.image for frame in frames]
+                bar.update(len(frames))
+                if len(pending) >= batch_size:
                     scores.append(detector(pending).scores)
                     pending = []
-                if max_frames and seen >= max_frames:
-                    break
             if pending:
                 scores.append(detector(pending).scores)
     finally:
@@ -77,35 +77,35 @@ def score_source(detector, uri, max_frames: Optional[int] = None, batch_size: in
     return np.concatenate(scores).astype(np.float64), source.stats
 
 
-def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quantile: float = 0.99,
-                       method: str = "quantile", confidence: Optional[float] = None,
-                       max_frames: Optional[int] = None, backend: str = "auto", progress: bool = True) -> dict:
+def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quantile: float = DEFAULT_QUANTILE,
+                       method: str = DEFAULT_METHOD, confidence: Optional[float] = None,
+                       max_frames: Optional[int] = None, backend: str = "auto", progress: bool = True,
+                       source_options: Optional[SourceOptions] = None) -> Calibration:
     """Score ``good`` (folder, glob, video, camera or stream URI) with the exported model, set its
-    threshold by the same rules training uses (mrkd.train.calibrate; F1-optimal when ``labelled``, an
-    MVTec-style test folder, is given) and rewrite the model's sidecar atomically. The model file is
-    not touched; the old threshold is kept in the sidecar's ``extra["calibration"]``. Returns the
-    calibration dict."""
+    threshold by the same rules training uses (mrkd.runtime.calibration; F1-optimal when ``labelled``,
+    an MVTec-style test folder, is given) and rewrite the model's sidecar atomically. The model file is
+    not touched (its embedded metadata keeps the export's threshold; the runtime announces when it
+    falls back to that); the old threshold is kept as ``previous_threshold``. Returns the Calibration."""
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.images import read_image
-    # The threshold rules are numpy (scipy for "tolerance") and shared with training; no PyTorch.
-    from mrkd.train.calibrate import TOLERANCE_CONFIDENCE, calibration_from_scores
 
     detector = Detector(model_path, backend=backend)
     try:
-        good_scores, stats = score_source(detector, good, max_frames=max_frames, progress=progress)
+        good_scores, stats = score_source(detector, good, max_frames=max_frames, progress=progress,
+                                          options=source_options)
         labels = labelled_scores = None
         if labelled:
             paths, labels = labelled_folder(labelled)
             labelled_scores = detector([read_image(p) for p in paths]).scores.astype(np.float64)
-        calibration = calibration_from_scores(good_scores, quantile, labels, labelled_scores, method,
-                                              TOLERANCE_CONFIDENCE if confidence is None else confidence)
-        calibration.update(source=str(good), bad_frames=int(stats.bad_frames),
-                           previous_threshold=detector.metadata.threshold)
-        threshold, score_norm = calibration_fields(calibration)
-        metadata = dataclasses.replace(detector.metadata, threshold=threshold, score_norm=score_norm,
-                                       extra={**detector.metadata.extra, "calibration": calibration})
+        calibration = calibration_from_scores(
+            good_scores, quantile, labels, labelled_scores, method,
+            DEFAULT_CONFIDENCE if confidence is None else confidence, source=str(good),
+            bad_frames=int(stats.bad_frames), previous_threshold=detector.metadata.threshold)
+        metadata = dataclasses.replace(detector.metadata, calibration=calibration)
+        if metadata.model_sha256 is None and metadata.engine is None:   # from embedded props: hash it now
+            metadata.onnx_sha256 = file_sha256(model_path)
     finally:
         detector.close()
     metadata.save(sidecar_path(model_path))
-    logger.info("%s: threshold %s -> %s", model_path, calibration["previous_threshold"], threshold)
+    logger.info("%s: threshold %s -> %s", model_path, calibration.previous_threshold, calibration.threshold)
     return calibration

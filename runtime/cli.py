@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+from mrkd.errors import error_boundary
+from mrkd.options import FINITE, FiniteFloatRange, seconds
+
 
 def line_output_options(command):
     """The options of the line's outputs beside the event log: signed webhooks, MQTT, --http."""
@@ -113,16 +116,16 @@ def build_line_outputs(options: dict, sinks) -> list:
 @click.option("--providers", default=None,
               help="ONNX Runtime execution providers in order, comma-separated (tensorrt,cuda,cpu); "
                    "default: every available one.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own).")
+@click.option("--threads", type=click.IntRange(0, 1024), default=None, help="ONNX Runtime intra-op threads (default: its own).")
 @click.option("--postprocess", type=click.Choice(["auto", "cuda", "cpu", "numpy"]), default="auto",
               show_default=True, help="Post-processing implementation for models with per-scale outputs.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=FINITE, default=None,
               help="Alarm threshold on the image score (default: the calibrated one in the model metadata).")
 @click.option("--debounce", default="1/1", show_default=True,
               help="K/N: alarm when K of the last N frames are anomalous.")
-@click.option("--cooldown", type=float, default=5.0, show_default=True,
+@click.option("--cooldown", type=seconds(0), default=5.0, show_default=True,
               help="Seconds (of frame time) after an alarm during which no new alarm is raised.")
-@click.option("--cooldown-frames", type=int, default=0, show_default=True,
+@click.option("--cooldown-frames", type=click.IntRange(min=0), default=0, show_default=True,
               help="Frames after an alarm during which no new alarm is raised (with --cooldown, both must pass).")
 @click.option("--events", type=click.Path(dir_okay=False), default=None,
               help="JSON-lines event log to append alarms to.")
@@ -131,27 +134,28 @@ def build_line_outputs(options: dict, sinks) -> list:
 @click.option("--snapshot-format", type=click.Choice([".jpg", ".png"]), default=".jpg", show_default=True,
               help="Snapshot image format.")
 @click.option("--webhook", default=None, help="URL to POST each alarm event (JSON) to, in the background.")
-@click.option("--webhook-timeout", type=float, default=2.0, show_default=True,
+@click.option("--webhook-timeout", type=seconds(0, open_min=True, maximum=3600), default=2.0, show_default=True,
               help="Seconds per webhook POST before it counts as failed (it is retried).")
 @line_output_options
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
               help="Write annotated frames (heat-map, score, threshold) to this video file (.avi: MJPG).")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
-@click.option("--max-frames", type=int, default=None, help="Stop each camera after this many frames.")
-@click.option("--status-every", type=float, default=5.0, show_default=True,
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop each camera after this many frames.")
+@click.option("--status-every", type=seconds(0), default=5.0, show_default=True,
               help="Seconds between status lines (fps, latency p50/p99, dropped frames); 0 = none.")
-@click.option("--batch", type=int, default=1, show_default=True,
+@click.option("--batch", type=click.IntRange(1, 4096), default=1, show_default=True,
               help="Frames per camera per inference call (files and folders gain throughput; cameras lose "
                    "latency). Cameras sharing a model are always scored together.")
-@click.option("--batch-timeout", type=float, default=None,
+@click.option("--batch-timeout", type=seconds(0, maximum=60), default=None,
               help="Seconds to wait for the other cameras' frames after the oldest one in hand (default: the "
                    "fastest camera's frame period, at most 0.2 s).")
 @click.option("--size", default=None, help="WIDTHxHEIGHT to resize source frames to (cameras are asked for it).")
-@click.option("--fps", type=float, default=None,
+@click.option("--fps", type=FiniteFloatRange(0, 1000, min_open=True), default=None,
               help="Camera rate to request, or the rate to replay files/folders at (default: as fast as read).")
 @click.option("--loop", is_flag=True, help="Restart video files and folders at their end.")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the end-of-run summary as JSON to this file.")
+@error_boundary
 def run_command(model, sources, line_file, backend, providers, threads, postprocess, threshold, debounce, cooldown,
                 cooldown_frames, events, snapshots, snapshot_format, webhook, webhook_timeout, save_video, show,
                 max_frames, status_every, batch, batch_timeout, size, fps, loop, summary_path, **line_outputs):

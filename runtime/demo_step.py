@@ -32,11 +32,10 @@ def write_clip(paths: List[Path], video_path: Path, fps: float = 10.0) -> None:
 
 def test_split_video(category_root: Path, video_path: Path, fps: float = 10.0) -> Dict[str, List[int]]:
     """Write test/good images then defective ones as an MJPG video; returns the frame ranges of each."""
-    from mrkd.runtime.images import is_image_file
+    from mrkd.runtime.images import list_images
     test = category_root / "test"
-    good = sorted(p for p in (test / "good").iterdir() if is_image_file(p))
-    bad = sorted(p for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good"
-                 for p in d.iterdir() if is_image_file(p))
+    good = list_images(test / "good")
+    bad = sorted(p for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good" for p in list_images(d))
     write_clip(good + bad, video_path, fps)
     n_good = len(good) * FRAMES_PER_IMAGE
     return {"good": list(range(n_good)), "defective": list(range(n_good, n_good + len(bad) * FRAMES_PER_IMAGE))}
@@ -77,9 +76,9 @@ def stream_step(context: Dict) -> None:
         clip = out / f"{category}_good_parts.avi"
         write_clip([Path(p) for p in holdout], clip)
         calibration = calibrate_exported(model, str(clip), progress=False)
-        click.echo(f"calibrated {model.name} on {calibration['n_good']} frames of {len(holdout)} held-out good "
-                   f"parts through the stream's codec: threshold {calibration['previous_threshold']:.4f} -> "
-                   f"{calibration['threshold']:.4f}")
+        click.echo(f"calibrated {model.name} on {calibration.n_good} frames of {len(holdout)} held-out good "
+                   f"parts through the stream's codec: threshold {calibration.previous_threshold:.4f} -> "
+                   f"{calibration.threshold:.4f}")
     detector = Detector(model)
     if detector.threshold is None:
         click.echo(f"{model}: no calibrated threshold in the metadata; skipping the stream")

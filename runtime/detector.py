@@ -8,6 +8,8 @@ inputs or outputs disagree with its metadata is refused with an error naming the
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,10 @@ from mrkd.runtime import postprocess
 from mrkd.runtime.alarms import is_anomalous
 from mrkd.runtime.backends import Backend, BackendError, open_backend
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
-                                   sidecar_path)
+                                   file_sha256, sidecar_path)
 from mrkd.runtime.preprocess import model_input
 
+logger = logging.getLogger(__name__)
 Frames = Union[np.ndarray, Sequence[np.ndarray]]
 STAGES = ("preprocess", "infer", "postprocess")
 
@@ -46,15 +49,54 @@ class DetectionResult:
         return len(self.scores)
 
 
+def check_sidecar_belongs_to(meta: ModelMetadata, model_path: Path, sidecar: Path) -> bool:
+    """Refuse a sidecar that describes another model file: the sha256 it records (onnx_sha256, or the
+    engine's engine_sha256) must be the model file's. Returns False when it records none (older
+    exports), after a warning; the caller then cannot vouch for the pairing."""
+    expected = meta.model_sha256
+    if expected is None:
+        logger.warning("%s records no model hash: cannot check that it belongs to %s", sidecar, model_path.name)
+        return False
+    actual = file_sha256(model_path)
+    if actual != expected:
+        raise MetadataError(f"{sidecar}: this sidecar describes another model (sha256 {expected[:16]}...) than "
+                            f"{model_path} (sha256 {actual[:16]}...); use the .json written with this model "
+                            f"or export it again")
+    return True
+
+
 def load_metadata(model_path: Union[str, Path], backend: Optional[Backend] = None) -> ModelMetadata:
-    """The model's metadata: its JSON sidecar, or for ONNX files without one the graph's metadata_props."""
+    """The model's metadata: its JSON sidecar (checked against the model file's hash), or for ONNX files
+    without one the graph's metadata_props (announced with a warning: a calibration done on the line
+    by `mrkd calibrate` lives only in the sidecar)."""
+    model_path = Path(model_path)
     sidecar = sidecar_path(model_path)
     if sidecar.exists():
-        return ModelMetadata.load(sidecar)
+        meta = ModelMetadata.load(sidecar)
+        check_sidecar_belongs_to(meta, model_path, sidecar)
+        return meta
     props = getattr(backend, "model_metadata_props", None)
-    if props:
+    if props and ModelMetadata.ONNX_KEY in props:
+        logger.warning("%s: no sidecar %s; using the metadata embedded in the model at export (a threshold set "
+                       "later by `mrkd calibrate` is in the missing sidecar, not here)", model_path, sidecar.name)
         return ModelMetadata.from_onnx_props(props, source=str(model_path))
-    raise MetadataError(f"{sidecar}: metadata sidecar not found (the export writes it next to {Path(model_path).name})")
+    raise MetadataError(f"{sidecar}: metadata sidecar not found (the export writes it next to {model_path.name})")
+
+
+def threshold_and_source(meta: ModelMetadata, metadata_from: str, override: Optional[float]) -> Tuple[Optional[float], str]:
+    """(threshold, where it comes from, in words) for the run's first status line."""
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, (int, float, np.floating)) \
+                or not math.isfinite(override):
+            raise MetadataError(f"threshold {override!r}: must be a finite number")
+        return float(override), "given by the caller (--threshold)"
+    calibration = meta.calibration
+    if calibration is None:
+        return None, f"none: {metadata_from} has no calibration (scores only, no alarms)"
+    how = calibration.method + (f" on {calibration.n_good} good parts" if calibration.n_good else "")
+    if calibration.source:
+        how += f" of {calibration.source}"
+    return calibration.threshold, f"{metadata_from} ({how})"
 
 
 def as_frame_list(frames: Frames) -> List[np.ndarray]:
@@ -89,16 +131,25 @@ class Detector:
                  threshold: Optional[float] = None, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None):
         self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise BackendError(f"{self.model_path}: model file not found")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise BackendError(f"threads {threads!r}: must be a whole number >= 0 (0: ONNX Runtime's default)")
         sidecar = sidecar_path(self.model_path)
-        metadata = ModelMetadata.load(sidecar) if sidecar.exists() else None
+        # The sidecar is read and checked against the model file before any backend touches the file.
+        metadata = load_metadata(self.model_path) if sidecar.exists() else None
         self.backend = open_backend(self.model_path, backend, providers=providers, threads=threads,
                                     metadata=metadata)
-        self.metadata = metadata or load_metadata(self.model_path, self.backend)
-        self.postprocess_impl = postprocess
-        self.threshold = float(threshold) if threshold is not None else self.metadata.threshold
-        self.image_size = self.metadata.image_size
-        self._source = str(sidecar) if metadata is not None else str(self.model_path)
-        self._check_model_against_metadata()
+        try:
+            self.metadata = metadata or load_metadata(self.model_path, self.backend)
+            self.postprocess_impl = postprocess
+            self._source = str(sidecar) if metadata is not None else f"{self.model_path} (embedded metadata, no sidecar)"
+            self.threshold, self.threshold_source = threshold_and_source(self.metadata, self._source, threshold)
+            self.image_size = self.metadata.image_size
+            self._check_model_against_metadata()
+        except Exception:
+            self.backend.close()
+            raise
         self.max_batch = min(self.metadata.batch_range[2], self.backend.batch_range[1])
         self.min_batch = self.backend.batch_range[0]
 
@@ -185,7 +236,8 @@ class Detector:
     def describe(self) -> str:
         """One line for logs: model, backend, size, threshold."""
         return (f"{self.model_path.name}: {self.backend.describe()}, {self.metadata.backbone} "
-                f"{self.image_size}px {self.metadata.precision}, threshold {self.threshold}")
+                f"{self.image_size}px {self.metadata.precision}, threshold {self.threshold} from "
+                f"{self.threshold_source}")
 
     def close(self) -> None:
         """Release the backend."""

@@ -7,19 +7,22 @@ numpy + OpenCV only (the runtime never imports torch).
 
 from __future__ import annotations
 
+import glob as globlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import List, Optional, Union
 
 import cv2
 import numpy as np
+
+from mrkd.errors import MrkdError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 PathLike = Union[str, os.PathLike]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(MrkdError, ValueError):
     """An image or mask file cannot be read; the message names the path and the reason."""
 
     def __init__(self, path: PathLike, reason: str):
@@ -28,9 +31,51 @@ class ImageReadError(ValueError):
         super().__init__(f"cannot read image {self.path!r}: {reason}")
 
 
+class ImageListError(MrkdError, ValueError):
+    """A folder-or-glob argument names no folder, glob pattern or image file."""
+
+
 def is_image_file(path: PathLike) -> bool:
     """True when ``path``'s extension is one of IMAGE_EXTENSIONS (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_glob_pattern(text: PathLike) -> bool:
+    """True when ``text`` holds a glob wildcard (``*``, ``?``, ``[``)."""
+    return any(char in os.fspath(text) for char in "*?[")
+
+
+def _hidden(path: Path, below: Optional[Path] = None) -> bool:
+    """A dot-file, or (below ``below``) a file inside a dot-folder: editor, OS and VCS litter."""
+    parts = path.relative_to(below).parts if below is not None else (path.name,)
+    return any(part.startswith(".") for part in parts)
+
+
+def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]:
+    """The image files a folder, a glob or one image file names: the one rule every command uses.
+
+    * a folder: the image files directly in it (in its sub-folders too when ``recursive``);
+    * a glob such as ``'cam1/*.png'`` (``**`` spans folders when ``recursive``): the matching
+      image files;
+    * an image file: that file alone.
+    Image files are regular files with one of IMAGE_EXTENSIONS (any case); hidden files (and, when
+    recursive, anything in a hidden folder) are skipped; the list is sorted by path. An empty list
+    means the folder or glob holds no images. ImageListError when the argument is none of the three
+    (a missing path, a file that is not an image).
+    """
+    text = os.fspath(folder_or_glob)
+    path = Path(text)
+    if path.is_dir():
+        candidates = path.rglob("*") if recursive else path.iterdir()
+        return sorted(p for p in candidates if p.is_file() and is_image_file(p) and not _hidden(p, path))
+    if path.is_file() and is_image_file(path):
+        return [path]
+    if is_glob_pattern(text):
+        return sorted(Path(p) for p in globlib.glob(text, recursive=recursive)
+                      if os.path.isfile(p) and is_image_file(p) and not _hidden(Path(p)))
+    what = "a file that is not an image" if path.is_file() else "not found"
+    raise ImageListError(f"{text}: {what} (expected a folder of images, a glob like 'dir/*.png' or an image "
+                         f"file; extensions: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
 
 
 def _decode(path: PathLike) -> np.ndarray:

@@ -8,23 +8,217 @@ Pure Python: no torch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mrkd.atomic import atomic_write_text
+from mrkd.errors import MrkdError
+from mrkd.runtime.calibration import Calibration, CalibrationError
 
 FORMAT = "mrkd-model"
-FORMAT_VERSION = 1
+# 2: calibration, engine build and INT8 details are typed records (were loose dicts in ``extra``);
+# version 1 files are migrated on load by ``migrate``.
+FORMAT_VERSION = 2
 
 # input_format values
 INPUT_FLOAT_NCHW = "float32_nchw_rgb_normalized"   # runtime resizes, normalises and transposes
 INPUT_UINT8_NHWC = "uint8_nhwc_bgr"               # runtime resizes only; the graph does the rest
+PRECISIONS = ("fp32", "fp16", "int8")
+MAX_IMAGE_SIZE = 8192
+MAX_BATCH = 4096
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class MetadataError(ValueError):
+class MetadataError(MrkdError, ValueError):
     """Metadata missing, malformed, or inconsistent with the model or the runtime settings."""
+
+
+class EngineIncompatibleError(MetadataError):
+    """The engine was built for another TensorRT version or GPU; rebuild it on this device."""
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- field checks (errors name the field)
+
+def _fail(source: str, name: str, value: Any, want: str):
+    raise MetadataError(f"{source}: field {name}={value!r} {want}")
+
+
+def _int(source, name, value, low=None, high=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(source, name, value, "must be a whole number")
+    if (low is not None and value < low) or (high is not None and value > high):
+        _fail(source, name, value, f"must lie in [{low}, {high}]")
+    return value
+
+
+def _number(source, name, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(source, name, value, "must be a number")
+    if not math.isfinite(value) or (positive and value <= 0):
+        _fail(source, name, value, "must be finite" + (" and > 0" if positive else ""))
+    return float(value)
+
+
+def _text(source, name, value, choices=None, optional: bool = False) -> Optional[str]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        _fail(source, name, value, "must be a non-empty string")
+    if choices is not None and value not in choices:
+        _fail(source, name, value, f"is not one of {', '.join(choices)}")
+    return value
+
+
+def _flag(source, name, value) -> bool:
+    if not isinstance(value, bool):
+        _fail(source, name, value, "must be true or false")
+    return value
+
+
+def _sha(source, name, value) -> Optional[str]:
+    if value is not None and not (isinstance(value, str) and _SHA256.fullmatch(value)):
+        _fail(source, name, value, "must be a sha256 hex digest (64 lowercase hex digits) or null")
+    return value
+
+
+def _numbers(source, name, value, count: int, positive: bool = False) -> Tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        _fail(source, name, value, f"must be a list of {count} numbers")
+    return tuple(_number(source, f"{name}[{i}]", v, positive) for i, v in enumerate(value))
+
+
+def _ints(source, name, value, count: int) -> Tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        _fail(source, name, value, f"must be a list of {count} whole numbers")
+    return tuple(_int(source, f"{name}[{i}]", v, 1, MAX_BATCH) for i, v in enumerate(value))
+
+
+# ---------------------------------------------------------------- the typed records
+
+@dataclass
+class EngineBuild:
+    """Where and how a TensorRT engine was built: it runs only on this TensorRT version and GPU."""
+
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+    profile: Tuple[int, int, int]
+    precision: str
+    onnx_sha256: Optional[str] = None          # the graph it was built from
+    engine_sha256: Optional[str] = None        # the engine file itself
+    strongly_typed: bool = True
+    workspace_mib: Optional[int] = None
+    opt_level: Optional[int] = None
+    dla_core: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["profile"] = list(self.profile)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "EngineBuild":
+        where = "engine"
+        if not isinstance(data, dict):
+            _fail(source, where, data, "must be an object")
+        for key in ("trt_version", "gpu_name", "compute_capability", "profile", "precision"):
+            if key not in data:
+                raise MetadataError(f"{source}: field {where}.{key} is missing")
+        profile = _ints(source, f"{where}.profile", data["profile"], 3)
+        if not profile[0] <= profile[1] <= profile[2]:
+            _fail(source, f"{where}.profile", list(profile), "must be min <= opt <= max")
+        optional_int = {k: (None if data.get(k) is None else _int(source, f"{where}.{k}", data[k], 0, 1 << 20))
+                        for k in ("workspace_mib", "opt_level", "dla_core")}
+        return cls(trt_version=_text(source, f"{where}.trt_version", data["trt_version"]),
+                   gpu_name=_text(source, f"{where}.gpu_name", data["gpu_name"]),
+                   compute_capability=_text(source, f"{where}.compute_capability", data["compute_capability"]),
+                   profile=profile, precision=_text(source, f"{where}.precision", data["precision"], PRECISIONS),
+                   onnx_sha256=_sha(source, f"{where}.onnx_sha256", data.get("onnx_sha256")),
+                   engine_sha256=_sha(source, f"{where}.engine_sha256", data.get("engine_sha256")),
+                   strongly_typed=_flag(source, f"{where}.strongly_typed", data.get("strongly_typed", True)),
+                   **optional_int)
+
+
+@dataclass
+class Int8Info:
+    """How an INT8 graph was quantised: the images it was calibrated on and what stayed FP32."""
+
+    calibration_images: int
+    target: str = "tensorrt"                   # tensorrt | cpu
+    calibration_dir: Optional[str] = None
+    keep_fp32: Optional[str] = None            # asked for: auto | front | none
+    keep_fp32_chosen: Optional[str] = None     # what auto chose
+    quantised_nodes: Optional[int] = None
+    teacher_nodes_kept_fp32: Optional[int] = None
+    head_only_convs_fp32: Optional[int] = None
+    convtranspose_rewritten: Optional[int] = None
+    head_inputs_kept_fp32: Any = None
+    calibration_score_error: Dict[str, Any] = field(default_factory=dict)
+    format: Optional[str] = None
+
+    _COUNTS = ("quantised_nodes", "teacher_nodes_kept_fp32", "head_only_convs_fp32", "convtranspose_rewritten")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "Int8Info":
+        where = "int8"
+        if not isinstance(data, dict):
+            _fail(source, where, data, "must be an object")
+        if "calibration_images" not in data:
+            raise MetadataError(f"{source}: field {where}.calibration_images is missing")
+        counts = {k: (None if data.get(k) is None else _int(source, f"{where}.{k}", data[k], 0))
+                  for k in cls._COUNTS}
+        texts = {k: _text(source, f"{where}.{k}", data.get(k), optional=True)
+                 for k in ("calibration_dir", "keep_fp32", "keep_fp32_chosen", "format")}
+        errors = data.get("calibration_score_error") or {}
+        if not isinstance(errors, dict):
+            _fail(source, f"{where}.calibration_score_error", errors, "must be an object")
+        return cls(calibration_images=_int(source, f"{where}.calibration_images", data["calibration_images"], 1),
+                   target=_text(source, f"{where}.target", data.get("target", "tensorrt"), ("tensorrt", "cpu")),
+                   head_inputs_kept_fp32=data.get("head_inputs_kept_fp32"), calibration_score_error=errors,
+                   **counts, **texts)
+
+
+def migrate(data: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """A version-1 sidecar as version 2: ``extra["calibration"]`` (with the top-level threshold, which
+    the version-1 runtime used) becomes ``calibration``, ``extra["tensorrt"]`` becomes ``engine``,
+    ``extra["int8"]`` becomes ``int8``; ``score_norm`` is dropped (it is derived from calibration)."""
+    data = dict(data)
+    extra = dict(data.get("extra") or {}) if isinstance(data.get("extra"), dict) else data.get("extra")
+    if isinstance(extra, dict):
+        calibration = extra.pop("calibration", None)
+        threshold = data.pop("threshold", None)
+        if threshold is not None:
+            calibration = {**(calibration if isinstance(calibration, dict) else {}), "threshold": threshold}
+        if calibration:
+            data["calibration"] = calibration
+        built = extra.pop("tensorrt", None)
+        if isinstance(built, dict):
+            built = dict(built)
+            built["trt_version"] = built.pop("version", None)
+            data["engine"] = built
+        if "int8" in extra:
+            data["int8"] = extra.pop("int8")
+        data["extra"] = extra
+    data.pop("score_norm", None)
+    data["format_version"] = FORMAT_VERSION
+    return data
 
 
 @dataclass
@@ -36,9 +230,8 @@ class ModelMetadata:
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     resize_mode: str = "resize"
-    # Calibration: image score threshold and good-score statistics for a 0..1-ish normalised score.
-    threshold: Optional[float] = None
-    score_norm: Dict[str, float] = field(default_factory=dict)   # e.g. {"min":..,"max":..} or {"mean":..,"std":..}
+    # The alarm threshold and how it was set (None: an uncalibrated model, scores only).
+    calibration: Optional[Calibration] = None
     # Outputs: name -> what it holds. "anomaly_map" (N×1×H×W), "score" (N), or "scale{i}" maps.
     outputs: Dict[str, str] = field(default_factory=dict)
     smoothing_in_graph: bool = True
@@ -50,44 +243,106 @@ class ModelMetadata:
     checkpoint_sha256: Optional[str] = None
     onnx_sha256: Optional[str] = None
     teacher_weights: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    engine: Optional[EngineBuild] = None               # TensorRT engines only
+    int8: Optional[Int8Info] = None                    # INT8 graphs (and engines built from them)
+    extra: Dict[str, Any] = field(default_factory=dict)   # free-form notes (e.g. onnxslim's measurement)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    @property
+    def threshold(self) -> Optional[float]:
+        """The calibrated alarm threshold (score >= threshold is anomalous), or None."""
+        return None if self.calibration is None else self.calibration.threshold
+
+    @property
+    def score_norm(self) -> Dict[str, float]:
+        """Good-score statistics of the calibration (good_min, good_mean, ...)."""
+        return {} if self.calibration is None else self.calibration.score_norm
 
     @property
     def scale_outputs(self) -> List[str]:
         """The per-scale output names (scale0, scale1, ...) in scale order."""
         return sorted((n for n in self.outputs if n.startswith("scale")), key=lambda n: int(n[5:]))
 
+    @property
+    def model_sha256(self) -> Optional[str]:
+        """The sha256 of the model file this metadata describes (the engine's for an engine sidecar)."""
+        return self.engine.engine_sha256 if self.engine is not None else self.onnx_sha256
+
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("calibration", "engine", "int8"):
+            data[name] = None if data[name] is None else data[name].to_dict()
+        for name in ("mean", "std", "batch_range"):
+            data[name] = list(data[name])
+        return data
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "metadata") -> "ModelMetadata":
+        """Validated metadata from its dict form (older versions migrated); errors name ``source`` and
+        the field: types, finiteness and ranges of every field are checked."""
+        if not isinstance(data, dict):
+            raise MetadataError(f"{source}: metadata must be a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise MetadataError(f"{source}: not mrkd model metadata (format={data.get('format')!r})")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise MetadataError(f"{source}: field format_version={version!r} must be a whole number >= 1")
+        if version > FORMAT_VERSION:
             raise MetadataError(f"{source}: metadata format_version {version!r} is newer than this runtime "
                                 f"understands ({FORMAT_VERSION}); upgrade mrkd")
-        known = {f.name for f in dataclasses.fields(cls)}
+        if version < FORMAT_VERSION:
+            data = migrate(data, source)
         missing = [name for name in ("backbone", "image_size") if name not in data]
         if missing:
             raise MetadataError(f"{source}: missing field(s) {', '.join(missing)}")
-        kwargs = {k: v for k, v in data.items() if k in known}
-        for name in ("mean", "std", "batch_range"):
-            if name in kwargs and kwargs[name] is not None:
-                kwargs[name] = tuple(kwargs[name])
-        meta = cls(**kwargs)
+        defaults = cls(backbone="-", image_size=1)
+        get = lambda name: data.get(name, getattr(defaults, name))  # noqa: E731
+        calibration = get("calibration")
+        if calibration is not None:
+            try:
+                calibration = Calibration.from_dict(calibration, source=f"{source}: calibration")
+            except CalibrationError as exc:
+                raise MetadataError(str(exc)) from exc
+        outputs = get("outputs")
+        if not isinstance(outputs, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                    for k, v in outputs.items()):
+            _fail(source, "outputs", outputs, "must map output names to descriptions (strings)")
+        extra = get("extra")
+        if not isinstance(extra, dict):
+            _fail(source, "extra", extra, "must be an object")
+        opset = get("opset")
+        meta = cls(
+            backbone=_text(source, "backbone", data["backbone"]),
+            image_size=_int(source, "image_size", data["image_size"], 8, MAX_IMAGE_SIZE),
+            input_format=_text(source, "input_format", get("input_format"), (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC)),
+            input_name=_text(source, "input_name", get("input_name")),
+            mean=_numbers(source, "mean", get("mean"), 3),
+            std=_numbers(source, "std", get("std"), 3, positive=True),
+            resize_mode=_text(source, "resize_mode", get("resize_mode"), ("resize", "center_crop")),
+            calibration=calibration, outputs=dict(outputs),
+            smoothing_in_graph=_flag(source, "smoothing_in_graph", get("smoothing_in_graph")),
+            per_scale_outputs=_flag(source, "per_scale_outputs", get("per_scale_outputs")),
+            sigma=_number(source, "sigma", get("sigma"), positive=True),
+            batch_range=_ints(source, "batch_range", get("batch_range"), 3),
+            precision=_text(source, "precision", get("precision"), PRECISIONS),
+            opset=None if opset is None else _int(source, "opset", opset, 1, 1000),
+            checkpoint_sha256=_sha(source, "checkpoint_sha256", get("checkpoint_sha256")),
+            onnx_sha256=_sha(source, "onnx_sha256", get("onnx_sha256")),
+            teacher_weights=_text(source, "teacher_weights", get("teacher_weights"), optional=True),
+            engine=None if get("engine") is None else EngineBuild.from_dict(data["engine"], source),
+            int8=None if get("int8") is None else Int8Info.from_dict(data["int8"], source),
+            extra=dict(extra))
         meta.validate(source)
         return meta
 
     def validate(self, source: str = "metadata") -> None:
+        """Consistency checks across fields (from_dict has checked each field's type and range)."""
         if self.input_format not in (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC):
             raise MetadataError(f"{source}: field input_format={self.input_format!r} is not one of "
                                 f"{INPUT_FLOAT_NCHW!r}, {INPUT_UINT8_NHWC!r}")
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
             raise MetadataError(f"{source}: field image_size={self.image_size!r} must be a positive int")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise MetadataError(f"{source}: fields mean/std must have 3 values")
@@ -96,9 +351,14 @@ class ModelMetadata:
         lo, opt, hi = self.batch_range
         if not (1 <= lo <= opt <= hi):
             raise MetadataError(f"{source}: field batch_range={self.batch_range!r} must be 1 <= min <= opt <= max")
+        if self.per_scale_outputs and not self.scale_outputs:
+            raise MetadataError(f"{source}: field per_scale_outputs=true but outputs lists no scale0.. maps")
+        for name in self.scale_outputs:
+            if not name[5:].isdigit():
+                raise MetadataError(f"{source}: field outputs has {name!r}; per-scale maps are named scale0, scale1..")
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json() + "\n")
@@ -107,25 +367,36 @@ class ModelMetadata:
     def load(cls, path: str | Path) -> "ModelMetadata":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            # NaN/Infinity are not JSON; Python's reader would accept them silently.
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
         except FileNotFoundError:
             raise MetadataError(f"{path}: metadata sidecar not found (export writes it next to the model)")
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise MetadataError(f"{path}: metadata is not valid JSON ({exc})")
+        except (IsADirectoryError, PermissionError) as exc:
+            raise MetadataError(f"{path}: metadata cannot be read ({exc.strerror})")
         return cls.from_dict(data, source=str(path))
 
     # ONNX metadata_props are string->string; one key holds the whole JSON so nothing is lost.
     ONNX_KEY = "mrkd.metadata"
 
     def to_onnx_props(self) -> Dict[str, str]:
-        return {self.ONNX_KEY: json.dumps(self.to_dict(), sort_keys=True),
+        return {self.ONNX_KEY: json.dumps(self.to_dict(), sort_keys=True, allow_nan=False),
                 "mrkd.format_version": str(self.format_version)}
 
     @classmethod
     def from_onnx_props(cls, props: Dict[str, str], source: str = "onnx") -> "ModelMetadata":
         if cls.ONNX_KEY not in props:
             raise MetadataError(f"{source}: ONNX metadata_props has no {cls.ONNX_KEY!r} (not exported by mrkd?)")
-        return cls.from_dict(json.loads(props[cls.ONNX_KEY]), source=source)
+        try:
+            data = json.loads(props[cls.ONNX_KEY], parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MetadataError(f"{source}: embedded metadata {cls.ONNX_KEY!r} is not valid JSON ({exc})")
+        return cls.from_dict(data, source=f"{source} (embedded metadata)")
+
+
+def _refuse_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -134,17 +405,24 @@ def sidecar_path(model_path: str | Path) -> Path:
     return model_path.with_name(model_path.name + ".json")
 
 
-# Calibration entries that describe the good-score distribution (mrkd.train.calibrate writes good_*):
-# the runtime's normalised score is (score - good_min) / (threshold - good_min).
-SCORE_NORM_PREFIXES = ("good_", "score_")
-
-
-def calibration_fields(calibration: Dict[str, Any]) -> Tuple[Optional[float], Dict[str, float]]:
-    """(threshold, score_norm) from a calibration dict: the nested ``score_norm`` dict if there is one,
-    else the numeric good-score statistics (good_min, good_max, good_mean, ...)."""
-    threshold = calibration.get("threshold")
-    norm = calibration.get("score_norm")
-    if not isinstance(norm, dict):
-        norm = {k: v for k, v in calibration.items() if k.startswith(SCORE_NORM_PREFIXES)
-                and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return (None if threshold is None else float(threshold)), {k: float(v) for k, v in norm.items()}
+def check_engine_compatible(meta: ModelMetadata, trt_version: str, gpu_name: str, compute_capability: str,
+                            source: str = "engine metadata") -> ModelMetadata:
+    """The one engine compatibility check (export after a build, the runtime before deserialising):
+    raise EngineIncompatibleError unless ``meta`` describes an engine built with this TensorRT version
+    on a GPU of this name and compute capability."""
+    built = meta.engine
+    if built is None:
+        raise EngineIncompatibleError(f"{source}: no 'engine' entry: not an engine sidecar written by mrkd export")
+    mismatches = []
+    if str(built.trt_version) != str(trt_version):
+        mismatches.append(f"TensorRT {built.trt_version} (here {trt_version})")
+    if str(built.compute_capability) != str(compute_capability):
+        mismatches.append(f"compute capability {built.compute_capability} (here {compute_capability})")
+    if str(built.gpu_name) != str(gpu_name):
+        mismatches.append(f"GPU {built.gpu_name!r} (here {gpu_name!r})")
+    if mismatches:
+        raise EngineIncompatibleError(
+            f"{source}: the engine was built for {'; '.join(mismatches)}. TensorRT engines are tied to the "
+            f"TensorRT version and GPU: rebuild on this device with `mrkd export CHECKPOINT --fp16` "
+            f"(or --int8 --calib DIR), or build from the ONNX model with mrkd.export.build_engine.")
+    return meta

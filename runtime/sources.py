@@ -15,7 +15,6 @@ cannot be decoded or has the wrong shape is skipped and counted; it never ends t
 
 from __future__ import annotations
 
-import glob as globlib
 import logging
 import math
 import os
@@ -29,7 +28,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 import cv2
 import numpy as np
 
-from mrkd.runtime.images import ImageReadError, is_image_file, read_image
+from mrkd.errors import MrkdError
+from mrkd.runtime.images import ImageListError, ImageReadError, list_images, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".m
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 
 
-class SourceError(RuntimeError):
+class SourceError(MrkdError, RuntimeError):
     """A source cannot be opened; the message names the URI and what to do."""
 
 
@@ -510,14 +510,10 @@ def _camera_opener(target: Union[int, str], api: int, size, fps) -> Callable[[],
 
 def _image_paths(uri: str) -> Optional[List[Path]]:
     """The image files a folder, glob or image-file URI names (None when it names none of these)."""
-    path = Path(uri)
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
-    if any(ch in uri for ch in "*?["):
-        return sorted(Path(p) for p in globlib.glob(uri) if Path(p).is_file())
-    if path.is_file() and is_image_file(path):
-        return [path]
-    return None
+    try:
+        return list_images(uri)
+    except ImageListError:
+        return None
 
 
 def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float] = None, loop: bool = False,

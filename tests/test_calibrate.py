@@ -66,7 +66,7 @@ def test_calibrate_cli_rewrites_the_threshold_and_keeps_the_rest(tmp_path):
     from sklearn.metrics import f1_score
 
     from mrkd.train.checkpoint import load_checkpoint
-    from mrkd.train.cli import calibrate_command
+    from mrkd.calibrate_cli import calibrate_command
     from train_fixtures import CATEGORY, tiny_data, trained_run
 
     source = Path(trained_run()["out_dir"]) / "last.ckpt"

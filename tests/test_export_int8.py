@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from mrkd.export import ExportError, ExportOptions, export_onnx, int8_agreement_report, quantize_int8
-from mrkd.export.int8 import QUANTISED_SCOPES, calibration_paths, first_tap_ancestors, load_images
+from mrkd.export.int8 import QUANTISED_SCOPES, int8_image_paths, first_tap_ancestors, load_images
 from mrkd.export.parity import scores_from_outputs
 from export_fixtures import run_onnx, small_model
 
@@ -62,12 +62,12 @@ def test_qdq_graph_quantises_backbone_only(int8_export):
         if not node.name.startswith(QUANTISED_SCOPES) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             for name in node.input:
                 assert name not in producers or producers[name].op_type != "DequantizeLinear", node.name
-    assert int8.metadata.precision == "int8" and int8.metadata.extra["int8"]["calibration_images"] == 6
+    assert int8.metadata.precision == "int8" and int8.metadata.int8.calibration_images == 6
 
 
 def test_int8_agreement_report(int8_export):
     model, fp32, int8, calib = int8_export
-    images = load_images(calibration_paths(calib), int8.metadata)
+    images = load_images(int8_image_paths(calib), int8.metadata)
     assert images.shape == (6, 3, 64, 64)
     report = int8_agreement_report(fp32.path, int8.path, images, model.head, threshold=None)
     print(report.format())
@@ -81,10 +81,10 @@ def test_int8_agreement_report(int8_export):
 
 def test_calibration_folder_errors(tmp_path):
     with pytest.raises(ExportError, match="not found"):
-        calibration_paths(tmp_path / "missing")
+        int8_image_paths(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="no images"):
-        calibration_paths(tmp_path / "empty")
+        int8_image_paths(tmp_path / "empty")
 
 
 def test_cli_int8_needs_calib(tmp_path):
@@ -92,6 +92,28 @@ def test_cli_int8_needs_calib(tmp_path):
     from mrkd.export.cli import export_command
     result = CliRunner().invoke(export_command, [str(tmp_path / "ck.pt"), "--int8"])
     assert result.exit_code == 2 and "--calib" in result.output
+
+
+def test_cli_int8_images_option_and_its_hidden_old_name(tmp_path):
+    from click.testing import CliRunner
+    from mrkd.export.cli import export_command
+    help_text = CliRunner().invoke(export_command, ["--help"]).output
+    assert "--int8-images" in help_text and "--calib" not in help_text
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "ck.pt").write_bytes(b"")  # the option check comes before the checkpoint is read
+    result = CliRunner().invoke(export_command, [str(tmp_path / "ck.pt"), "--int8", "--int8-images", str(tmp_path / "a"),
+                                                 "--calib", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "different folders" in result.output
+
+
+def test_int8_images_are_listed_by_the_one_image_rule(tmp_path):
+    """Sub-folders included (a category's train/ holds good/), hidden files and non-images left out."""
+    for name in ("good/b.png", "good/a.JPG", "good/.c.png", "good/notes.txt", "extra/d.bmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert int8_image_paths(tmp_path) == [tmp_path / "extra/d.bmp", tmp_path / "good/a.JPG", tmp_path / "good/b.png"]
+    assert int8_image_paths(tmp_path, limit=1) == [tmp_path / "extra/d.bmp"]
 
 
 @pytest.mark.slow
@@ -111,8 +133,8 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, kee
     assert f"INT8 ({keep}):" in result.output and "teacher nodes in front of the first feature tap" in result.output
     assert (out / "model_int8.onnx").is_file() and (out / "model.onnx").is_file()
     from mrkd.runtime.metadata import ModelMetadata, sidecar_path
-    info = ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).extra["int8"]
-    assert info["target"] == target and info["keep_fp32_chosen"] == keep
+    info = ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).int8
+    assert info.target == target and info.keep_fp32_chosen == keep
     if not available("tensorrt"):
         assert result.exit_code == EXIT_NO_TENSORRT and not (out / "model.engine").exists()
 
@@ -130,13 +152,13 @@ def test_cpu_target_uses_uint8_activations_and_keeps_head_fp32(int8_export, tmp_
     for node in proto.graph.node:
         if not node.name.startswith(QUANTISED_SCOPES) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             assert all(name not in producers or producers[name].op_type != "DequantizeLinear" for name in node.input)
-    assert cpu.metadata.extra["int8"]["target"] == "cpu"
+    assert cpu.metadata.int8.target == "cpu"
     # Every Relu survives: ORT's default for asymmetric activations deletes them (the U8 Q clips
     # instead), and the FP32 head, rewired to that Q's input, then read pre-ReLU features.
     relus = lambda graph: sum(n.op_type == "Relu" for n in graph.node)
     fp32_relus = relus(onnx.load(str(fp32.path)).graph)
     assert fp32_relus > 0 and relus(proto.graph) == fp32_relus
-    images = load_images(calibration_paths(calib), cpu.metadata)
+    images = load_images(int8_image_paths(calib), cpu.metadata)
     ref, cand = run_onnx(fp32.path, images)["score"], run_onnx(cpu.path, images)["score"]
     assert np.all(np.isfinite(cand)) and np.max(np.abs(ref - cand)) < 0.5
 
@@ -158,9 +180,9 @@ def test_keep_fp32_none_quantises_every_teacher_conv(int8_export, tmp_path):
     none = quantize_int8(fp32.path, tmp_path / "none.onnx", calib, keep_fp32="none")
     convs, quantised = _teacher_convs_with_int8_weights(onnx.load(str(none.path)))
     assert convs and len(quantised) == len(convs)
-    info = none.metadata.extra["int8"]
-    assert info["keep_fp32_chosen"] == "none" and info["teacher_nodes_kept_fp32"] == 0
-    assert list(info["calibration_score_error"]) == ["none"]
+    info = none.metadata.int8
+    assert info.keep_fp32_chosen == "none" and info.teacher_nodes_kept_fp32 == 0
+    assert list(info.calibration_score_error) == ["none"]
 
 
 @pytest.mark.parametrize("tolerance, chosen", [(float("inf"), "none"), (-1.0, "front")])
@@ -170,20 +192,20 @@ def test_keep_fp32_auto_falls_back_on_measured_error(int8_export, tmp_path, monk
     monkeypatch.setattr(int8_module, "AUTO_MAX_ERROR_VS_SPREAD", tolerance)
     lines = []
     auto = quantize_int8(fp32.path, tmp_path / "auto.onnx", calib, keep_fp32="auto", echo=lines.append)
-    info = auto.metadata.extra["int8"]
-    assert info["keep_fp32"] == "auto" and info["keep_fp32_chosen"] == chosen
+    info = auto.metadata.int8
+    assert info.keep_fp32 == "auto" and info.keep_fp32_chosen == chosen
     # "auto" always measures all-INT8 first; it only quantises again when that was too far off.
-    assert list(info["calibration_score_error"]) == (["none"] if chosen == "none" else ["none", "front"])
+    assert list(info.calibration_score_error) == (["none"] if chosen == "none" else ["none", "front"])
     convs, quantised = _teacher_convs_with_int8_weights(onnx.load(str(auto.path)))
     assert (len(quantised) == len(convs)) == (chosen == "none")
     assert len(lines) == 1 and ("above" in lines[0]) == (chosen == "front")
 
 
 def test_calibration_score_error_against_brute_force(int8_export):
-    from mrkd.export.int8 import calibration_score_error
+    from mrkd.export.int8 import int8_image_score_error
     model, fp32, int8, calib = int8_export
-    images = load_images(calibration_paths(calib), int8.metadata)
-    error = calibration_score_error(fp32.path, int8.path, images, int8.metadata)
+    images = load_images(int8_image_paths(calib), int8.metadata)
+    error = int8_image_score_error(fp32.path, int8.path, images, int8.metadata)
     ref = run_onnx(fp32.path, images)["score"].astype(np.float64)
     cand = run_onnx(int8.path, images)["score"].astype(np.float64)
     assert error.mean_abs == pytest.approx(np.mean(np.abs(ref - cand)), rel=1e-6, abs=1e-9)
@@ -201,7 +223,7 @@ def test_decoder_convtransposes_become_int8_convs(int8_export):
     producers = {o: n for n in proto.graph.node for o in n.output}
     assert not any(n.op_type == "ConvTranspose" for n in proto.graph.node)
     replaced = [n for n in proto.graph.node if n.op_type == "Conv" and n.name.endswith("_as_conv")]
-    assert replaced and len(replaced) == int8.metadata.extra["int8"]["convtranspose_rewritten"]
+    assert replaced and len(replaced) == int8.metadata.int8.convtranspose_rewritten
     assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in replaced)
 
 
@@ -226,4 +248,4 @@ def test_head_only_convs_stay_fp32_for_the_cpu_target_only(int8_export, tmp_path
         assert len(convs) == 3
         assert all((n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear") == quantised
                    for n in convs), model.path.name
-        assert model.metadata.extra["int8"]["head_only_convs_fp32"] == (0 if quantised else 3)
+        assert model.metadata.int8.head_only_convs_fp32 == (0 if quantised else 3)

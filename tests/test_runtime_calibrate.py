@@ -64,16 +64,16 @@ def test_calibrate_on_a_video_sets_the_quantile_of_its_frames(exported, tmp_path
             break
         decoded.append(frame)
     reference = _torch_scores(model, decoded, ModelMetadata.load(sidecar_path(path)))
-    assert result["n_good"] == len(decoded) == 14 and result["threshold_method"] == "quantile"
-    assert result["threshold"] == pytest.approx(np.quantile(reference, 0.99), rel=1e-4)
-    assert result["good_mean"] == pytest.approx(reference.mean(), rel=1e-4)
+    assert result.n_good == len(decoded) == 14 and result.method == "quantile"
+    assert result.threshold == pytest.approx(np.quantile(reference, 0.99), rel=1e-4)
+    assert result.good_mean == pytest.approx(reference.mean(), rel=1e-4)
 
     meta = ModelMetadata.load(sidecar_path(path))
-    assert meta.threshold == pytest.approx(result["threshold"])
-    assert meta.extra["calibration"]["previous_threshold"] == before == 3.0
+    assert meta.threshold == pytest.approx(result.threshold)
+    assert meta.calibration.previous_threshold == before == 3.0
     assert meta.score_norm["good_min"] == pytest.approx(reference.min(), rel=1e-4)
     assert _sha(path) == model_bytes                       # only the sidecar changed
-    assert Detector(path).threshold == pytest.approx(result["threshold"])
+    assert Detector(path).threshold == pytest.approx(result.threshold)
 
 
 def test_calibrate_skips_bad_files_and_scores_labelled_images(exported, tmp_path):
@@ -91,12 +91,12 @@ def test_calibrate_skips_bad_files_and_scores_labelled_images(exported, tmp_path
             cv2.imwrite(str(test / name / f"{i}.png"), image)
 
     result = calibrate_exported(path, str(good), labelled=str(test), progress=False)
-    assert result["n_good"] == 5 and result["bad_frames"] == 1      # the broken file: skipped, counted
-    assert result["threshold_method"] == "f1"
+    assert result.n_good == 5 and result.bad_frames == 1      # the broken file: skipped, counted
+    assert result.method == "f1"
     labelled = sorted((test / "good").glob("*.png")) + sorted((test / "spot").glob("*.png"))
     labels = np.array([0, 0, 0, 1, 1, 1])
     scores = _torch_scores(model, [cv2.imread(str(p)) for p in labelled], ModelMetadata.load(sidecar_path(path)))
-    assert result["f1_at_threshold"] == pytest.approx(f1_score(labels, scores >= result["threshold"]), abs=1e-6)
+    assert result.f1_at_threshold == pytest.approx(f1_score(labels, scores >= result.threshold), abs=1e-6)
 
 
 def test_calibrate_errors_name_the_source(exported, tmp_path):
@@ -110,13 +110,13 @@ def test_calibrate_errors_name_the_source(exported, tmp_path):
 
 
 def test_calibrate_cli_on_an_exported_model(exported, tmp_path):
-    from mrkd.train.cli import calibrate_command
+    from mrkd.calibrate_cli import calibrate_command
     _, path = exported
     folder = _texture_folder(tmp_path / "line", 6, seed=5, suffix=".jpg")
     result = CliRunner().invoke(calibrate_command, [str(path), str(folder), "--method", "tolerance"])
     assert result.exit_code == 0, result.output
     assert "(tolerance, k " in result.output and "sidecar; was 3.0" in result.output
-    assert ModelMetadata.load(sidecar_path(path)).extra["calibration"]["threshold_method"] == "tolerance"
+    assert ModelMetadata.load(sidecar_path(path)).calibration.method == "tolerance"
     refused = CliRunner().invoke(calibrate_command, [str(path), str(folder), "-o", str(tmp_path / "x.onnx")])
     assert refused.exit_code != 0 and "--out is for checkpoints" in refused.output
     missing = CliRunner().invoke(calibrate_command, [str(path), str(tmp_path / "nowhere")])
@@ -134,5 +134,5 @@ def test_calibrate_on_a_live_stream_needs_a_frame_limit(exported):
         result = calibrate_exported(path, server.url, max_frames=12, progress=False)
     finally:
         server.close()
-    assert result["n_good"] == 12 and result["source"] == server.url
-    assert ModelMetadata.load(sidecar_path(path)).threshold == pytest.approx(result["threshold"])
+    assert result.n_good == 12 and result.source == server.url
+    assert ModelMetadata.load(sidecar_path(path)).threshold == pytest.approx(result.threshold)

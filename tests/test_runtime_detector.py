@@ -107,14 +107,29 @@ def test_missing_sidecar_without_embedded_metadata(tmp_path):
 
 
 def test_engine_sidecar_for_another_tensorrt_or_gpu_is_refused(tmp_path):
-    from mrkd.runtime.backends import BackendError
-    from mrkd.runtime.backends.tensorrt_backend import check_engine_sidecar
-    from mrkd.runtime.metadata import ModelMetadata
-    meta = ModelMetadata(backbone="resnet18", image_size=64,
-                         extra={"tensorrt_version": "10.3.0", "compute_capability": "8.7", "gpu_name": "Orin"})
-    gpu = {"gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
-    with pytest.raises(BackendError, match="tensorrt_version"):
-        check_engine_sidecar(meta, tmp_path / "model.engine", "10.7.0", gpu)
-    with pytest.raises(BackendError, match="compute_capability"):
-        check_engine_sidecar(meta, tmp_path / "model.engine", "10.3.1", gpu)
-    check_engine_sidecar(meta, tmp_path / "model.engine", "10.3.1", {"gpu_name": "Orin", "compute_capability": "8.7"})
+    """The exporter's engine_metadata writes, the runtime's loader and check read (the one check
+    the TensorRT backend calls before deserialising); a version-1 sidecar as the old export wrote it
+    (build details nested under extra.tensorrt) is migrated and checked the same way."""
+    import json
+    from mrkd.export.engine_meta import engine_metadata
+    from mrkd.runtime.metadata import EngineIncompatibleError, ModelMetadata, check_engine_compatible
+    onnx_meta = ModelMetadata.load(sidecar_path(build_tiny_model(tmp_path / "m.onnx")))
+    written = engine_metadata(onnx_meta, trt_version="10.3.0", gpu_name="Orin", compute_capability="8.7",
+                              profile=(1, 2, 4), precision="fp16", engine_sha256="ab" * 32)
+    written.save(tmp_path / "m.engine.json")
+    loaded = ModelMetadata.load(tmp_path / "m.engine.json")
+    assert loaded.engine == written.engine and loaded.model_sha256 == "ab" * 32
+    check_engine_compatible(loaded, "10.3.0", "Orin", "8.7")
+    with pytest.raises(EngineIncompatibleError, match=r"TensorRT 10\.3\.0 \(here 10\.7\.0\)"):
+        check_engine_compatible(loaded, "10.7.0", "Orin", "8.7")
+    with pytest.raises(EngineIncompatibleError, match=r"compute capability 8\.7 \(here 9\.0\)"):
+        check_engine_compatible(loaded, "10.3.0", "Orin", "9.0")
+    old = {**json.loads((tmp_path / "m.engine.json").read_text()), "format_version": 1, "engine": None,
+           "threshold": 0.1, "extra": {"tensorrt": {"version": "10.3.0", "gpu_name": "Orin",
+                                                    "compute_capability": "8.7", "profile": [1, 2, 4],
+                                                    "precision": "fp16", "onnx_sha256": None}}}
+    (tmp_path / "v1.engine.json").write_text(json.dumps(old))
+    migrated = ModelMetadata.load(tmp_path / "v1.engine.json")
+    assert migrated.engine.trt_version == "10.3.0" and migrated.threshold == 0.1
+    with pytest.raises(EngineIncompatibleError, match="GPU 'Orin'"):
+        check_engine_compatible(migrated, "10.3.0", "NVIDIA H100", "8.7", source="v1.engine.json")

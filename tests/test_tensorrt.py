@@ -38,8 +38,9 @@ def _engine_sidecar(tmp_path):
 def test_engine_sidecar_records_build(tmp_path):
     loaded = ModelMetadata.load(_engine_sidecar(tmp_path))
     assert loaded.precision == "fp16" and loaded.batch_range == (1, 2, 4)
-    assert loaded.extra["tensorrt"] == {"version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7",
-                                        "profile": [1, 2, 4], "precision": "fp16", "onnx_sha256": "cd" * 32}
+    assert (loaded.engine.trt_version, loaded.engine.gpu_name, loaded.engine.compute_capability) == ("10.3.0", "Orin", "8.7")
+    assert loaded.engine.profile == (1, 2, 4) and loaded.engine.precision == "fp16"
+    assert loaded.engine.onnx_sha256 == "cd" * 32
 
 
 def test_check_engine_compatible(tmp_path):

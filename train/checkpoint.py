@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from mrkd.errors import MrkdError
 from mrkd.atomic import atomic_write_bytes
 from mrkd.train.model import MRKD, MRKDConfig, build_model
 from mrkd.train.teachers import TeacherWeightsError, teacher_spec
@@ -34,7 +35,7 @@ TRAINED_ON = "trained_on"
 OFFICIAL_UNUSED = {"bn": ("conv4.", "bn4."), "decoder": ("conv1.",)}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MrkdError, ValueError):
     """A checkpoint is missing, unreadable or not of the expected format; the message names the file."""
 
 
@@ -109,6 +110,7 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{source}: student weights do not fit backbone {config.backbone} ({exc})") from exc
     model.calibration = dict(data.get("calibration") or {})
+    model.trained_category = trained_category(data)
     return model.eval()
 
 
@@ -132,13 +134,14 @@ def trained_category(data: dict) -> Optional[str]:
     return identity.get("category") or None
 
 
-def category_mismatch(path, category: str) -> Optional[str]:
-    """A one-line warning when the checkpoint at ``path`` was trained on another category, else None."""
-    trained = trained_category(read_checkpoint(path))
-    if trained is None or trained == category:
+def category_mismatch(model: MRKD, category: Optional[str], source) -> Optional[str]:
+    """A one-line warning when ``model`` (from load_checkpoint) was trained on another category than
+    ``category``, else None (also when either is unknown)."""
+    trained = getattr(model, "trained_category", None)
+    if not trained or not category or trained == category:
         return None
-    return (f"{path} was trained on {trained!r} but is used for {category!r}; "
-            f"pass the checkpoint trained on {category!r} if this is not intended")
+    return (f"warning: {source} was trained on {trained!r} but is used for {category!r} "
+            f"(pass the checkpoint trained on {category!r} if this is not intended)")
 
 
 def _strip_module_prefix(state_dict: dict) -> dict:

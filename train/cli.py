@@ -13,30 +13,36 @@ from pathlib import Path
 
 import click
 
+from mrkd.options import FRACTION
+from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
+                                     METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
+
 DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 REQUIRE_MASKS_HELP = ("Fail on a defect image without a pixel mask. Default: such images (e.g. a data set labelled "
                       "per image) count in the image metrics; pixel AUROC and AUPRO use the images with masks.")
 
 
 def friendly_errors(command):
-    """Turn mrkd's expected errors into a one-line click error (no traceback)."""
+    """mrkd's one error boundary (mrkd.errors.error_boundary: its errors as a one-line click error, no
+    traceback), with warnings printed as one line each."""
+    from mrkd.errors import error_boundary
+    bounded = error_boundary(command)
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from mrkd.deps import MissingDependencyError
-        from mrkd.runtime.images import ImageReadError
-        expected = [MissingDependencyError, ImageReadError, FileExistsError]
+        import warnings
+        shown = warnings.formatwarning
+        warnings.formatwarning = _one_line_warning   # data warnings name files; no source lines
         try:
-            from mrkd.train.checkpoint import CheckpointError
-            from mrkd.train.data import DataError
-            from mrkd.train.teachers import TeacherWeightsError
-            expected += [CheckpointError, DataError, TeacherWeightsError]
-        except MissingDependencyError as exc:
-            raise click.ClickException(str(exc)) from exc
-        try:
-            return command(*args, **kwargs)
-        except tuple(expected) as exc:
-            raise click.ClickException(str(exc)) from exc
+            return bounded(*args, **kwargs)
+        finally:
+            warnings.formatwarning = shown
+    wrapper._mrkd_error_boundary = True
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def warn_random_teacher(teacher_weights: str) -> None:
@@ -105,18 +111,14 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help="Share of good training images held out for threshold calibration. 0: the official recipe "
                    "(train on every good image); the threshold then comes from training images and is biased "
                    "low (more false alarms).")
-@click.option("--threshold-quantile", default=0.99, show_default=True,
-              help="Share of good parts the alarm threshold should pass (the coverage).")
-@click.option("--threshold-method", type=click.Choice(["quantile", "tolerance"]), default="quantile",
+@click.option("--threshold-quantile", type=FRACTION, default=DEFAULT_QUANTILE, show_default=True,
+              help=QUANTILE_HELP)
+@click.option("--threshold-method", type=click.Choice(list(THRESHOLD_METHODS)), default=DEFAULT_METHOD,
               show_default=True,
-              help="'quantile': the quantile of the held-out good scores (max + 10% of their range below 10 "
-                   "images); 'tolerance': mean + k·std, with k chosen so that the threshold passes that share "
-                   "of good parts with --threshold-confidence (k grows as the hold-out shrinks: fewer false "
-                   "alarms, but with few, widely spread scores it misses defects). `mrkd calibrate` re-does "
-                   "this later, also F1-optimal from labelled images.")
-@click.option("--threshold-confidence", default=0.75, show_default=True,
-              help="For 'tolerance': how sure the threshold should be to pass that share of good parts "
-                   "(higher: fewer false alarms, more missed defects; see mrkd.train.calibrate).")
+              help=METHOD_HELP + " Computed on the held-out good images, with --threshold-confidence. "
+                   "`mrkd calibrate` re-does this later, also F1-optimal from labelled images.")
+@click.option("--threshold-confidence", type=FRACTION, default=DEFAULT_CONFIDENCE, show_default=True,
+              help=CONFIDENCE_HELP)
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from <out>/<category>/last.ckpt when present (same settings required).")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
@@ -173,82 +175,14 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         return  # under torchrun only rank 0 reports (it alone calibrated and wrote the files)
     for name, summary in summaries.items():
         last = summary["history"][-1] if summary["history"] else {}
-        metrics = "  ".join(f"{k} {last[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro") if k in last)
+        metrics = "  ".join(f"{k} {last[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro")
+                            if isinstance(last.get(k), float))
         threshold = (summary.get("calibration") or {}).get("threshold")
         monitoring = f"  (test split, monitoring only: {metrics})" if metrics else ""
         click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  threshold {threshold}{monitoring}  "
                    f"-> {summary['checkpoint']} (final epoch)")
         for error in summary.get("errors") or []:
             click.echo(f"{name}: {error}", err=True)
-
-
-# ----------------------------------------------------------------------------- calibrate
-
-@click.command("calibrate")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("good")
-@click.option("--labelled", type=click.Path(file_okay=False),
-              help="A folder with good/ and one sub-folder per defect type (MVTec test layout): the threshold "
-                   "becomes the F1-optimal one on these images instead of the good-score rule.")
-@click.option("--method", type=click.Choice(["quantile", "tolerance"]), default="quantile", show_default=True,
-              help="Good-score rule (see `mrkd train --help`, --threshold-method).")
-@click.option("--quantile", default=0.99, show_default=True,
-              help="Share of good parts the threshold should pass (the coverage).")
-@click.option("--confidence", default=0.75, show_default=True,
-              help="For 'tolerance': how sure the threshold should be to pass that share of good parts "
-                   "(higher: fewer false alarms, more missed defects; see mrkd.train.calibrate).")
-@click.option("--out", "-o", type=click.Path(dir_okay=False),
-              help="Checkpoints only: write the recalibrated checkpoint here instead of replacing MODEL.")
-@click.option("--max-frames", type=int, default=None,
-              help="Exported models: score at most this many frames of GOOD (needed for cameras and streams).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto",
-              show_default=True, help="Exported models: the inference backend that scores GOOD.")
-@click.option("--batch-size", default=8, show_default=True, help="Checkpoints: images per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
-def calibrate_command(model, good, labelled, method, quantile, confidence, out, max_frames, backend, batch_size,
-                      device):
-    """Set MODEL's alarm threshold from GOOD, optionally F1-optimal on --labelled images.
-
-    MODEL is a checkpoint (.ckpt: GOOD is a folder or glob of good images, e.g. new parts from the line;
-    export again afterwards, the threshold travels in the metadata) or an exported model (.onnx or
-    .engine: GOOD is any `mrkd run` source — folder, glob, video file, camera, stream — so the threshold
-    is set on frames that came through the camera and codec the line uses; only the sidecar is
-    rewritten, and no PyTorch is needed)."""
-    if Path(model).suffix.lower() in (".onnx", ".engine", ".plan"):
-        if out:
-            raise click.UsageError("--out is for checkpoints; an exported model's sidecar is updated in place")
-        # The runtime path: no PyTorch imported (friendly_errors would import the training modules).
-        from mrkd.runtime.backends import BackendError
-        from mrkd.runtime.calibrate import CalibrationError, calibrate_exported
-        from mrkd.runtime.images import ImageReadError
-        from mrkd.runtime.metadata import MetadataError
-        from mrkd.runtime.sources import SourceError
-        try:
-            result = calibrate_exported(model, good, labelled=labelled, quantile=quantile, method=method,
-                                        confidence=confidence, max_frames=max_frames, backend=backend)
-        except (BackendError, CalibrationError, ImageReadError, MetadataError, SourceError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        target = f"{model} (sidecar; was {result['previous_threshold']})"
-    else:
-        result = friendly_errors(_recalibrate_checkpoint)(model, good, out, labelled, quantile, method, confidence,
-                                                          batch_size, device)
-        target = out or model
-    extra = (f", F1 {result['f1_at_threshold']:.3f} on the labelled images" if "f1_at_threshold" in result
-             else f", k {result['tolerance_k']:.2f}" if "tolerance_k" in result else "")
-    click.echo(f"threshold {result['threshold']:.6g} ({result['threshold_method']}{extra}) from {result['n_good']} "
-               f"good image(s): mean {result['good_mean']:.4g}, std {result['good_std']:.4g}, "
-               f"max {result['good_max']:.4g} -> {target}")
-
-
-def _recalibrate_checkpoint(model, good, out, labelled, quantile, method, confidence, batch_size, device):
-    from mrkd.runtime.calibrate import CalibrationError
-    from mrkd.train.calibrate import recalibrate_checkpoint
-    from mrkd.train.evaluate import resolve_device
-    try:
-        return recalibrate_checkpoint(model, good, out=out, labelled=labelled, quantile=quantile, method=method,
-                                      confidence=confidence, batch_size=batch_size, device=resolve_device(device))
-    except CalibrationError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------- eval
@@ -258,26 +192,36 @@ def _recalibrate_checkpoint(model, good, out, labelled, quantile, method, confid
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False))
 @click.option("--category", "-c", "categories", multiple=True,
               help="Category to evaluate (repeat for several). CHECKPOINT may be a run folder with "
-                   "<category>/best.ckpt; default: every category found there.")
+                   "<category>/last.ckpt (the final epoch of training); default: every category found there.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Write metrics.json, roc.png, score_histogram.png and overlays here (per category).")
 @click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--test-time-mask/--no-test-time-mask", default=None,
               help="Override the model's feature masking at test time (the official code masks).")
+@click.option("--require-masks", is_flag=True, help=REQUIRE_MASKS_HELP)
 @friendly_errors
-def eval_command(checkpoint, data_root, categories, out, batch_size, device, test_time_mask):
-    """Evaluate CHECKPOINT (file or run folder) on DATA_ROOT's test split; print the metrics table."""
-    from mrkd.train.checkpoint import load_checkpoint
+def eval_command(checkpoint, data_root, categories, out, batch_size, device, test_time_mask, require_masks):
+    """Evaluate CHECKPOINT (file or run folder) on DATA_ROOT's test split; print the metrics table.
+
+    Image metrics cover every test image; pixel AUROC and AUPRO the images with usable masks (the
+    "masks" column and the notes under the table say how many). A run folder gives each category's
+    last.ckpt: the final epoch of training, never a checkpoint chosen on test labels."""
+    from mrkd.train.checkpoint import category_mismatch, load_checkpoint
     from mrkd.train.evaluate import evaluate, find_checkpoints, format_table, mean_row
 
     results = {}
     for category, path in find_checkpoints(checkpoint, list(categories) or None).items():
         model = load_checkpoint(path)
+        mismatch = category_mismatch(model, category, path)
+        if mismatch:
+            click.secho(mismatch, fg="yellow", err=True)
         if test_time_mask is not None:
             model.student.test_time_mask = test_time_mask
         target = None if out is None else Path(out) / category
-        results[category] = evaluate(model, data_root, category, target, batch_size=batch_size, device=device)
+        results[category] = evaluate(model, data_root, category, target, batch_size=batch_size, device=device,
+                                     require_masks=require_masks)
+        results[category]["checkpoint"] = str(path)
     if len(results) > 1:
         results["mean"] = mean_row(results)
     if out is not None:

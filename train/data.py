@@ -17,7 +17,6 @@ Images are decoded and pre-processed by mrkd.runtime (the same code the edge run
 
 from __future__ import annotations
 
-import glob
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mrkd.errors import MrkdError
 from mrkd.deps import require
-from mrkd.runtime.images import ImageReadError, is_image_file, read_image, read_mask
+from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_images, read_image, read_mask
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry, normalize, resize_square
 
 torch = require("torch")
@@ -42,7 +42,7 @@ LAYOUT_HELP = ("expected MVTec AD layout: <root>/<category>/train/good/<images>,
 ILM_SOURCES = ("same", "other")
 
 
-class DataError(ValueError):
+class DataError(MrkdError, ValueError):
     """The data on disk does not match what mrkd needs; the message names the path."""
 
 
@@ -78,10 +78,10 @@ class CategoryData:
 
 
 def _image_files(folder: Path) -> Tuple[List[Path], int]:
-    """Image files directly in folder (sorted) and the number of other files ignored."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if is_image_file(p)]
-    return images, len(files) - len(images)
+    """Image files directly in folder (list_images' rule) and the number of other files ignored."""
+    images = list_images(folder)
+    others = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) - len(images)
+    return images, others
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -190,8 +190,8 @@ def _some(paths: Sequence[str], count: int = 3) -> str:
 def scan_folder(folder) -> List[str]:
     """Good images directly inside ``folder`` (not recursive), or matching a glob such as 'cam1/*.jpg'."""
     text = str(folder)
-    if any(char in text for char in "*?["):
-        paths = sorted(p for p in glob.glob(text) if Path(p).is_file() and is_image_file(p))
+    if is_glob_pattern(text) and not Path(text).exists():
+        paths = [str(p) for p in list_images(text)]
         if not paths:
             raise DataError(f"no image files match {text!r}")
         return paths

@@ -17,6 +17,7 @@ from mrkd.train import metrics
 
 TABLE_COLUMNS = (("image_auroc", "img AUROC"), ("pixel_auroc", "pix AUROC"), ("aupro", "AUPRO"),
                  ("aupro_paper", "AUPRO(paper)"), ("precision", "P@thr"), ("recall", "R@thr"), ("f1", "F1@thr"))
+MASKS_COLUMN = "masks"    # defect images with a usable mask / defect images
 # What a run folder hands on: the final epoch's weights (never a checkpoint chosen on test labels).
 CHECKPOINT_NAMES = ("last.ckpt",)
 
@@ -35,16 +36,23 @@ def resolve_device(spec: str = "auto"):
     import torch
     if spec in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    from mrkd.errors import DeviceError
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise DeviceError(f"device {spec!r} is not a device name ('auto', 'cpu', 'cuda' or 'cuda:N')") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} asked for but CUDA is not available")
+        raise DeviceError(f"device {spec!r} asked for but CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {spec!r} asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def maps_on_test_split(model, items, batch_size: int = 8, device=None, progress: bool = True,
               num_workers: int = 0) -> dict:
     """Anomaly maps of test items: ``maps`` N×H×W float32, ``scores`` N, ``masks`` N×H×W bool,
-    ``labels`` N, ``paths``. Pre-processing is the model's own (image size, resize mode, mean/std)."""
+    ``has_mask`` N bool (False for defect images labelled per image only), ``labels`` N, ``paths``.
+    Pre-processing is the model's own (image size, resize mode, mean/std)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -68,14 +76,32 @@ def maps_on_test_split(model, items, batch_size: int = 8, device=None, progress:
     model.train(was_training)
     maps_array = np.concatenate(maps)
     return {"maps": maps_array, "scores": maps_array.reshape(len(maps_array), -1).max(1),
-            "masks": np.concatenate(masks), "labels": np.concatenate(labels).astype(int), "paths": paths}
+            "masks": np.concatenate(masks), "labels": np.concatenate(labels).astype(int), "paths": paths,
+            "has_mask": np.array([item.mask_path is not None for item in items], bool)}
+
+
+def metrics_of_arrays(arrays: dict, threshold: Optional[float] = None) -> dict:
+    """metrics.evaluate_arrays on maps_on_test_split's arrays; warns (once per set of files) about
+    defect masks that are empty or cover the whole image, naming them; their paths are in the result."""
+    import warnings
+
+    from mrkd.train.data import _some
+    status = metrics.mask_status(arrays["labels"], arrays["masks"], arrays["has_mask"])
+    result = metrics.evaluate_arrays(arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"],
+                                     threshold=threshold, has_mask=arrays["has_mask"])
+    for key, index, what in (("empty_masks", status.empty, "an empty mask (left out of the pixel metrics)"),
+                             ("full_masks", status.full, "a mask covering the whole image (left out of AUPRO)")):
+        paths = [arrays["paths"][i] for i in index]
+        result[key] = paths
+        if paths:
+            warnings.warn(f"{len(paths)} defect image(s) have {what}, at the model's size: {_some(paths)}")
+    return result
 
 
 def metrics_on_test_split(model, items, threshold: Optional[float] = None, **kwargs) -> dict:
-    """metrics.evaluate_arrays on the test items (keys image_auroc, pixel_auroc, aupro, aupro_paper, ...)."""
-    arrays = maps_on_test_split(model, items, **kwargs)
-    return metrics.evaluate_arrays(arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"],
-                                   threshold=threshold)
+    """Metrics of ``model`` on the test items (see metrics_of_arrays; keys image_auroc, pixel_auroc,
+    aupro, aupro_paper, the mask counts, ...)."""
+    return metrics_of_arrays(maps_on_test_split(model, items, **kwargs), threshold)
 
 
 def _write_plots(arrays: dict, result: dict, threshold: Optional[float], out_dir: Path, config,
@@ -87,10 +113,10 @@ def _write_plots(arrays: dict, result: dict, threshold: Optional[float], out_dir
     labels, scores, masks, maps = arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"]
     fpr, tpr, _ = metrics.roc_curve_points(labels, scores)
     curves = {"image": (fpr, tpr, result["image_auroc"])}
-    defect_pixels = masks.ravel()
-    if defect_pixels.any() and not defect_pixels.all():
+    if result.get("pixel_auroc") is not None:
+        pixel = metrics.mask_status(labels, masks, arrays["has_mask"]).pixel_images
         # Every 8th pixel keeps the pixel ROC plot small; the AUROC in the legend is the exact one.
-        pfpr, ptpr, _ = metrics.roc_curve_points(defect_pixels[::8], maps.ravel()[::8])
+        pfpr, ptpr, _ = metrics.roc_curve_points(masks[pixel].ravel()[::8], maps[pixel].ravel()[::8])
         curves["pixel"] = (pfpr, ptpr, result["pixel_auroc"])
     written = [out_dir / "roc.png", out_dir / "score_histogram.png"]
     plot_roc(curves, written[0])
@@ -110,10 +136,13 @@ def _write_plots(arrays: dict, result: dict, threshold: Optional[float], out_dir
 
 
 def evaluate(model, data_root, category: str, out_dir=None, batch_size: int = 8, device="auto",
-             n_overlays: int = 4, progress: bool = True, skip_unreadable: bool = False) -> dict:
+             n_overlays: int = 4, progress: bool = True, skip_unreadable: bool = False,
+             require_masks: bool = False) -> dict:
     """Evaluate ``model`` (an MRKD or a checkpoint path) on ``data_root/category``'s test split.
 
-    Returns metrics.evaluate_arrays' dict (+ ``threshold``, ``n_good``, ``n_defect``, ``category``).
+    Returns metrics_of_arrays' dict (+ ``threshold``, ``n_good``, ``n_defect``, ``category``). Image
+    metrics cover every test image; pixel metrics the images with usable masks (the counts and
+    ``pixel_metrics`` say which; ``require_masks``: a defect image without a mask is an error).
     With ``out_dir``: writes metrics.json, roc.png, score_histogram.png and overlays/*.png there.
     """
     from mrkd.train.checkpoint import load_checkpoint
@@ -123,13 +152,12 @@ def evaluate(model, data_root, category: str, out_dir=None, batch_size: int = 8,
         model = load_checkpoint(model)
     device = resolve_device(device) if isinstance(device, str) or device is None else device
     model = model.to(device)
-    data = scan_category(data_root, category, skip_unreadable=skip_unreadable)
+    data = scan_category(data_root, category, skip_unreadable=skip_unreadable, require_masks=require_masks)
     if not any(item.label == 1 for item in data.test_items) or not any(item.label == 0 for item in data.test_items):
         raise DataError(f"{Path(data_root) / category / 'test'}: evaluation needs good and defective test images")
     threshold = model.calibration.get("threshold")
     arrays = maps_on_test_split(model, data.test_items, batch_size, device, progress)
-    result = metrics.evaluate_arrays(arrays["labels"], arrays["scores"], arrays["masks"], arrays["maps"],
-                                     threshold=threshold)
+    result = metrics_of_arrays(arrays, threshold)
     result.update(category=category, threshold=threshold, n_good=int((arrays["labels"] == 0).sum()),
                   n_defect=int((arrays["labels"] == 1).sum()), skipped_unreadable=len(data.skipped_unreadable))
     if out_dir is not None:
@@ -177,6 +205,27 @@ def find_checkpoints(path, categories: Optional[Sequence[str]] = None) -> Dict[s
     return found
 
 
+def run_checkpoint(path, category: Optional[str] = None):
+    """(checkpoint file, category it is used for) from a checkpoint file or a run folder.
+
+    A run folder is a category's folder (holding last.ckpt, the final epoch: what training hands on)
+    or a run root with one <category>/last.ckpt (pick one with ``category`` when there are several).
+    The category is the one given, else the category folder's name (None for a bare file)."""
+    from mrkd.train.checkpoint import CheckpointError
+
+    path = Path(path)
+    if path.is_file():
+        return path, category
+    if (path / CHECKPOINT_NAMES[0]).is_file():
+        return path / CHECKPOINT_NAMES[0], category or path.name
+    found = find_checkpoints(path, [category] if category else None)
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: holds checkpoints of several categories ({', '.join(found)}); "
+                              f"choose one with --category")
+    (name, checkpoint), = found.items()
+    return checkpoint, name
+
+
 def mean_row(results: Mapping[str, dict]) -> dict:
     """The mean of every numeric table column over the categories that have it."""
     row = {}
@@ -208,14 +257,24 @@ def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = N
 
 
 def format_table(results: Mapping[str, dict]) -> str:
-    """A plain-text table: one row per category (and the mean), the TABLE_COLUMNS as columns."""
+    """A plain-text table: one row per category (and the mean), the TABLE_COLUMNS as columns, then how
+    many defect images had masks ("masks": with usable mask / all defect images) and, per category
+    whose pixel metrics did not cover every defect image, over what they ran (or that they are n/a)."""
     width = max([len("category")] + [len(name) for name in results])
-    header = f"{'category':<{width}}  " + "  ".join(f"{title:>12}" for _, title in TABLE_COLUMNS)
+    header = (f"{'category':<{width}}  " + "  ".join(f"{title:>12}" for _, title in TABLE_COLUMNS)
+              + f"  {MASKS_COLUMN:>9}")
     lines = [header, "-" * len(header)]
+    notes = []
     for name, row in results.items():
         cells = []
         for key, _ in TABLE_COLUMNS:
             value = row.get(key)
             cells.append(f"{value:>12.4f}" if isinstance(value, (int, float)) else f"{'-':>12}")
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
-    return "\n".join(lines)
+        masked = row.get("n_defect_with_regions")
+        masks = f"{masked}/{row['n_defect']}" if masked is not None and "n_defect" in row else "-"
+        lines.append(f"{name:<{width}}  " + "  ".join(cells) + f"  {masks:>9}")
+        if masked is not None and row.get("n_defect") is not None and masked < row["n_defect"]:
+            notes.append(f"{name}: pixel metrics {row.get('pixel_metrics')}")
+    if "mean" in results and notes:
+        notes.append("mean: each column over the categories that have it")
+    return "\n".join(lines + notes)

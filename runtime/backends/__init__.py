@@ -12,11 +12,13 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mrkd.errors import MrkdError
+
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-class BackendError(RuntimeError):
+class BackendError(MrkdError, RuntimeError):
     """A model file cannot be loaded or run by the chosen backend; the message names the file."""
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from mrkd.deps import require
 from mrkd.runtime.backends import Backend, BackendError
-from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from mrkd.runtime.metadata import MetadataError, ModelMetadata, check_engine_compatible, sidecar_path
 
 
 def running_gpu(cuda) -> Dict[str, str]:
@@ -23,24 +23,6 @@ def running_gpu(cuda) -> Dict[str, str]:
     device = cuda.Device(0)
     major, minor = device.compute_capability()
     return {"gpu_name": device.name(), "compute_capability": f"{major}.{minor}"}
-
-
-def check_engine_sidecar(meta: ModelMetadata, engine_path: Path, trt_version: str,
-                         gpu: Dict[str, str]) -> None:
-    """An engine only runs on the TensorRT version and GPU it was built for: compare the sidecar's
-    ``extra`` fields (tensorrt_version, compute_capability, gpu_name) with what is running here.
-    Fields the sidecar lacks are not checked (TensorRT itself then fails on deserialisation)."""
-    built = meta.extra or {}
-    source = sidecar_path(engine_path)
-    want_trt = built.get("tensorrt_version")
-    if want_trt and str(want_trt).split(".")[:2] != trt_version.split(".")[:2]:
-        raise BackendError(f"{source}: field extra.tensorrt_version={want_trt} but this machine runs TensorRT "
-                           f"{trt_version}; rebuild the engine here (mrkd export --fp16 ...)")
-    want_cc = built.get("compute_capability")
-    if want_cc and str(want_cc) != gpu["compute_capability"]:
-        raise BackendError(f"{source}: field extra.compute_capability={want_cc} (GPU "
-                           f"{built.get('gpu_name', '?')}) but this GPU is {gpu['gpu_name']} "
-                           f"(compute capability {gpu['compute_capability']}); rebuild the engine on this device")
 
 
 class TensorRTBackend(Backend):
@@ -58,8 +40,12 @@ class TensorRTBackend(Backend):
         self._context = cuda.Device(0).retain_primary_context()
         self._context.push()
         try:
-            if metadata is not None:
-                check_engine_sidecar(metadata, self.model_path, trt.__version__, running_gpu(cuda))
+            if metadata is None:
+                raise MetadataError(f"{sidecar_path(self.model_path)}: an engine needs its sidecar (written by "
+                                    f"mrkd export next to {self.model_path.name}) to check where it was built")
+            gpu = running_gpu(cuda)
+            check_engine_compatible(metadata, trt.__version__, gpu["gpu_name"], gpu["compute_capability"],
+                                    source=str(sidecar_path(self.model_path)))
             self._logger = trt.Logger(trt.Logger.WARNING)
             runtime = trt.Runtime(self._logger)
             engine = runtime.deserialize_cuda_engine(self.model_path.read_bytes())

@@ -1,0 +1,75 @@
+"""``mrkd calibrate``: set the alarm threshold of a checkpoint (PyTorch) or of an exported model (the
+runtime: no PyTorch, no SciPy). Parses options and calls mrkd.train.calibrate.recalibrate_checkpoint
+or mrkd.runtime.calibrate.calibrate_exported; the threshold rules of both are
+mrkd.runtime.calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mrkd.errors import error_boundary
+from mrkd.options import FRACTION
+from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
+                                     METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS, Calibration)
+
+EXPORTED_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
+DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
+
+
+@click.command("calibrate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("good")
+@click.option("--labelled", type=click.Path(file_okay=False),
+              help="A folder with good/ and one sub-folder per defect type (MVTec test layout): the threshold "
+                   "becomes the F1-optimal one on these images instead of the good-score rule.")
+@click.option("--method", type=click.Choice(list(THRESHOLD_METHODS)), default=DEFAULT_METHOD, show_default=True,
+              help=METHOD_HELP)
+@click.option("--quantile", type=FRACTION, default=DEFAULT_QUANTILE, show_default=True, help=QUANTILE_HELP)
+@click.option("--confidence", type=FRACTION, default=DEFAULT_CONFIDENCE, show_default=True, help=CONFIDENCE_HELP)
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="Checkpoints only: write the recalibrated checkpoint here instead of replacing MODEL.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+              help="Exported models: score at most this many frames of GOOD (needed for cameras and streams).")
+@click.option("--size", default=None,
+              help="Exported models: WIDTHxHEIGHT to resize GOOD's frames to, as `mrkd run --size` does.")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto",
+              show_default=True, help="Exported models: the inference backend that scores GOOD.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Checkpoints: images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
+@error_boundary
+def calibrate_command(model, good, labelled, method, quantile, confidence, out, max_frames, size, backend,
+                      batch_size, device):
+    """Set MODEL's alarm threshold from GOOD, optionally F1-optimal on --labelled images.
+
+    MODEL is a checkpoint (.ckpt: GOOD is a folder or glob of good images, e.g. new parts from the line;
+    export again afterwards, the threshold travels in the metadata) or an exported model (.onnx or
+    .engine: GOOD is any `mrkd run` source — folder, glob, video file, camera, stream — so the threshold
+    is set on frames that came through the camera and codec the line uses; only the sidecar is
+    rewritten, and no PyTorch is needed)."""
+    if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
+        if out:
+            raise click.UsageError("--out is for checkpoints; an exported model's sidecar is updated in place")
+        from mrkd.runtime.calibrate import calibrate_exported
+        from mrkd.runtime.sources import SourceOptions
+        options = SourceOptions(size=SourceOptions.parse_size(size), reconnect=False).validate()
+        result = calibrate_exported(model, good, labelled=labelled, quantile=quantile, method=method,
+                                    confidence=confidence, max_frames=max_frames, backend=backend,
+                                    source_options=options)
+        target = f"{model} (sidecar; was {result.previous_threshold})"
+    else:
+        if size:
+            raise click.UsageError("--size is for exported models (checkpoints resize to their own image size)")
+        from mrkd.train.calibrate import recalibrate_checkpoint
+        from mrkd.train.evaluate import resolve_device
+        result = Calibration.from_dict(recalibrate_checkpoint(
+            model, good, out=out, labelled=labelled, quantile=quantile, method=method, confidence=confidence,
+            batch_size=batch_size, device=resolve_device(device)), str(out or model))
+        target = out or model
+    extra = (f", F1 {result.f1_at_threshold:.3f} on the labelled images" if result.f1_at_threshold is not None
+             else f", k {result.tolerance_k:.2f}" if result.tolerance_k is not None else "")
+    click.echo(f"threshold {result.threshold:.6g} ({result.method}{extra}) from {result.n_good} "
+               f"good image(s): mean {result.good_mean:.4g}, std {result.good_std:.4g}, "
+               f"max {result.good_max:.4g} -> {target}")

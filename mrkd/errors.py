@@ -1,0 +1,42 @@
+"""The one error base class (``MrkdError``) and the one CLI error boundary every ``mrkd`` command uses.
+
+Every error mrkd raises for a user's mistake or a bad input (a missing file, a malformed sidecar,
+an option out of range, a missing optional package) derives from MrkdError and carries a message that
+names the file or field. ``error_boundary`` turns those, and the operating system's refusals
+(permission denied, a folder where a file should be), into one line on stderr and exit status 1;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+class MrkdError(Exception):
+    """Base of mrkd's expected errors; the CLIs print the message as one line."""
+
+
+class DeviceError(MrkdError, ValueError):
+    """A compute device was asked for that this machine does not have."""
+
+
+def one_line(message: object) -> str:
+    """The message on one line (continuation lines joined with ' | ')."""
+    return " | ".join(part.strip() for part in str(message).splitlines() if part.strip()) or repr(message)
+
+
+def error_boundary(command):
+    """Decorate a click command callback: MrkdError and OSError become ``Error: <one line>``, exit 1."""
+    if getattr(command, "_mrkd_error_boundary", False):
+        return command
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import click
+        try:
+            return command(*args, **kwargs)
+        except (MrkdError, OSError) as exc:
+            raise click.ClickException(one_line(exc)) from exc
+
+    wrapper._mrkd_error_boundary = True
+    return wrapper

@@ -1,0 +1,30 @@
+"""Click option types the commands share: number ranges that also refuse NaN and infinity (click's
+FloatRange lets ``nan`` through, since every comparison with it is false)."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A click.FloatRange whose values must also be finite."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def seconds(minimum: float = 0.0, open_min: bool = False, maximum: float | None = None) -> FiniteFloatRange:
+    """A finite number of seconds >= ``minimum`` (> with ``open_min``)."""
+    return FiniteFloatRange(min=minimum, max=maximum, min_open=open_min)
+
+
+FINITE = FiniteFloatRange()
+POSITIVE = FiniteFloatRange(min=0.0, min_open=True)
+FRACTION = FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True)
