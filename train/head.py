@@ -3,7 +3,8 @@
 Training (loss), evaluation, prediction, ONNX export and the reference tests all use it, so the
 protocol lives in one place:
 
-* per scale: 1 − cosine similarity over channels, at feature resolution;
+* per scale: 1 − cosine similarity over channels, at feature resolution, times that scale's weight
+  (``scale_weights``; all 1 is the official protocol, 0 leaves a scale out of the map and score);
 * bilinear upsampling with ``align_corners=True`` to the input size, summed over scales;
 * Gaussian smoothing with ``scipy.ndimage.gaussian_filter`` semantics — sigma 4, truncate 4.0,
   radius ``int(4·sigma + 0.5)``, and scipy's ``reflect`` border (d c b a | a b c d, the edge pixel
@@ -87,10 +88,12 @@ class GaussianBlur(nn.Module):
 class AnomalyMapHead(nn.Module):
     """Teacher/student features → per-scale maps → full-resolution smoothed map and image score."""
 
-    def __init__(self, image_size: int | Tuple[int, int], sigma: float = 4.0):
+    def __init__(self, image_size: int | Tuple[int, int], sigma: float = 4.0,
+                 scale_weights: Sequence[float] = (1.0, 1.0, 1.0)):
         super().__init__()
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.blur = GaussianBlur(sigma)
+        self.scale_weights = tuple(float(w) for w in scale_weights)
 
     @property
     def sigma(self) -> float:
@@ -98,8 +101,10 @@ class AnomalyMapHead(nn.Module):
 
     def per_scale_maps(self, teacher_feats: Sequence[torch.Tensor],
                        student_feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The unsmoothed 1 − cos maps at each feature resolution, N×h×w each."""
-        return [cosine_distance(t, s) for t, s in zip(teacher_feats, student_feats)]
+        """The unsmoothed 1 − cos maps at each feature resolution, N×h×w each, each times its scale weight
+        (applied here, so the exported per-scale outputs and every consumer of them carry it)."""
+        maps = [cosine_distance(t, s) for t, s in zip(teacher_feats, student_feats)]
+        return [m if w == 1.0 else m * w for m, w in zip(maps, self.scale_weights)]
 
     def upsample_sum(self, per_scale: Sequence[torch.Tensor]) -> torch.Tensor:
         """Upsample every scale to the image size (bilinear, align_corners=True) and sum: N×1×H×W."""

@@ -15,12 +15,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from mrkd.train.head import AnomalyMapHead, distillation_loss
 from mrkd.train.student import Decoder, OneClassBottleneck
 from mrkd.train.teachers import TeacherSource, build_teacher, teacher_spec
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -37,22 +35,34 @@ class MRKDConfig:
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     resize_mode: str = "resize"            # "resize" (whole image) | "center_crop" (official)
+    # Weight of each scale's 1 − cos map (strides 4, 8, 16) in the anomaly map; (1, 1, 1) is the
+    # official protocol. A pure inference setting: training's loss does not use it.
+    scale_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self):
         # One canonical type whatever the caller (or a checkpoint's JSON-like lists) passed, so a
         # reloaded config equals the saved one.
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        self.scale_weights = tuple(float(v) for v in self.scale_weights)
+        if len(self.scale_weights) != 3 or min(self.scale_weights) < 0 or not any(self.scale_weights):
+            raise ValueError(f"scale_weights must be 3 non-negative numbers, not all 0; got {self.scale_weights}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
+        data["scale_weights"] = list(self.scale_weights)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "MRKDConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        # Checkpoints written before a field existed did what its value here says.
+        data = {**BEFORE_FIELD, **data}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+BEFORE_FIELD = {"scale_weights": (1.0, 1.0, 1.0)}
 
 
 class MRKD(nn.Module):
@@ -75,7 +85,7 @@ class MRKD(nn.Module):
         self.student = Decoder(spec.channels, spec.student_block, spec.student_layers, spec.width_per_group,
                                mask_ratio=config.mask_ratio, flm=config.flm,
                                test_time_mask=config.test_time_mask)
-        self.head = AnomalyMapHead(config.image_size, config.sigma)
+        self.head = AnomalyMapHead(config.image_size, config.sigma, config.scale_weights)
         self.calibration: Dict[str, float] = {}
 
     # The teacher stays frozen in eval mode (its BatchNorm statistics are ImageNet's).
