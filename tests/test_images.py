@@ -84,3 +84,31 @@ def test_read_mask_variants(tmp_path):
 
 def test_extensions_are_lowercase_with_dot():
     assert {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"} == set(IMAGE_EXTENSIONS)
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")  # list_images looks at names only, never decodes
+    return path
+
+
+def test_list_images_one_rule_for_folders_globs_and_files(tmp_path):
+    from mrkd.runtime.images import ImageListError, list_images
+
+    for name in ("b.PNG", "a.jpg", "c.tiff", ".hidden.png", "notes.txt", "sub/d.png", ".git/e.png", "sub/.f.png"):
+        _touch(tmp_path / name)
+    (tmp_path / "dir.png").mkdir()  # a folder with an image's name is not an image
+    folder = [tmp_path / "a.jpg", tmp_path / "b.PNG", tmp_path / "c.tiff"]
+    assert list_images(tmp_path) == folder                      # sorted, extensions any case, no hidden, flat
+    assert list_images(str(tmp_path)) == folder                 # str or Path alike
+    assert list_images(tmp_path, recursive=True) == folder + [tmp_path / "sub" / "d.png"]  # not in .git/, no .f
+    assert list_images(str(tmp_path / "*")) == folder           # a glob is filtered the same way
+    assert list_images(str(tmp_path / "[ab].*")) == folder[:2]
+    # the pattern itself is matched as glob does (case-sensitive here): *.png leaves b.PNG out
+    assert list_images(str(tmp_path / "**" / "*.png"), recursive=True) == [tmp_path / "sub" / "d.png"]
+    assert list_images(tmp_path / "b.PNG") == [tmp_path / "b.PNG"]   # one image file
+    assert list_images(str(tmp_path / "*.bmp")) == []          # a glob matching nothing: an empty list
+    with pytest.raises(ImageListError, match="notes.txt: a file that is not an image"):
+        list_images(tmp_path / "notes.txt")
+    with pytest.raises(ImageListError, match="missing: not found"):
+        list_images(tmp_path / "missing")

@@ -28,7 +28,7 @@ def trained_lite0(tmp_path_factory):
 def test_lite0_exports_fp32_fp16_int8_and_runs_in_the_runtime(trained_lite0, tmp_path):
     from mrkd.export import (ExportOptions, export_onnx, fp16_fidelity_report, fp16_options,
                              int8_agreement_report, load_model, parity_report, quantize_int8)
-    from mrkd.export.int8 import calibration_paths, load_images
+    from mrkd.export.int8 import int8_image_paths, load_images
     from mrkd.runtime import Detector
     from mrkd.runtime.images import read_image
     from mrkd.train.teachers_lite import LITE_MEAN, LITE_STD
@@ -50,7 +50,7 @@ def test_lite0_exports_fp32_fp16_int8_and_runs_in_the_runtime(trained_lite0, tmp
 
     good = root / "washer" / "train" / "good"
     int8 = quantize_int8(fp32.path, tmp_path / "model_int8.onnx", good)
-    agreement = int8_agreement_report(fp32.path, int8.path, load_images(calibration_paths(good), int8.metadata),
+    agreement = int8_agreement_report(fp32.path, int8.path, load_images(int8_image_paths(good), int8.metadata),
                                       model.head, threshold)
     assert agreement.finite and agreement.score_max_abs_diff < 0.25 * threshold
 
