@@ -7,10 +7,11 @@ Subcommands are imported only when invoked, so ``mrkd run`` on a Jetson never im
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
-from mrkd.errors import error_boundary
+from mrkd.errors import error_boundary, one_line
 
 # name -> ("module:attribute", one-line help shown by `mrkd --help` without importing the module)
 COMMANDS = {
@@ -39,7 +40,28 @@ def load_command(name: str) -> click.Command:
     return command
 
 
+def main_one_line(click_main, *args, **kwargs):
+    """Run a click entry point so that every error, usage mistakes included, is one ``Error:`` line on
+    stderr with click's exit status (2 for usage, 1 otherwise)."""
+    try:
+        result = click_main(*args, standalone_mode=False, **kwargs)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"Error: {one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
 class LazyGroup(click.Group):
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        return main_one_line(super().main, *args, **kwargs)
+
     def list_commands(self, ctx):
         return list(COMMANDS)
 
@@ -63,7 +85,7 @@ def main():
 
 def _alias(name: str):
     def run_alias():
-        load_command(name).main(prog_name=f"mrkd-{name}")
+        main_one_line(load_command(name).main, prog_name=f"mrkd-{name}")
     return run_alias
 
 

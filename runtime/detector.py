@@ -59,10 +59,32 @@ def check_sidecar_belongs_to(meta: ModelMetadata, model_path: Path, sidecar: Pat
         return False
     actual = file_sha256(model_path)
     if actual != expected:
-        raise MetadataError(f"{sidecar}: this sidecar describes another model (sha256 {expected[:16]}...) than "
-                            f"{model_path} (sha256 {actual[:16]}...); use the .json written with this model "
-                            f"or export it again")
+        field_name = "engine.engine_sha256" if meta.engine is not None else "onnx_sha256"
+        raise MetadataError(f"{sidecar}: field {field_name}: this sidecar describes another model (sha256 "
+                            f"{expected[:16]}...) than {model_path} (sha256 {actual[:16]}...); use the .json "
+                            f"written with this model or export it again")
     return True
+
+
+# What the graph itself was built for: a sidecar may change the calibration (mrkd calibrate does),
+# never these.
+GRAPH_FIELDS = ("backbone", "image_size", "input_format", "input_name", "mean", "std", "resize_mode", "outputs",
+                "smoothing_in_graph", "per_scale_outputs", "sigma", "batch_range", "precision", "opset",
+                "checkpoint_sha256", "teacher_weights", "int8")
+
+
+def check_sidecar_against_embedded(meta: ModelMetadata, embedded: ModelMetadata, sidecar: Path) -> None:
+    """The sidecar must describe the graph as the metadata the export embedded in it does."""
+    for name in GRAPH_FIELDS:
+        ours, theirs = getattr(meta, name), getattr(embedded, name)
+        if ours != theirs:
+            raise MetadataError(f"{sidecar}: field {name}={_short(ours)} but the model's embedded metadata says "
+                                f"{_short(theirs)}; the sidecar was edited or belongs to another export")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_metadata(model_path: Union[str, Path], backend: Optional[Backend] = None) -> ModelMetadata:
@@ -141,6 +163,10 @@ class Detector:
         self.backend = open_backend(self.model_path, backend, providers=providers, threads=threads,
                                     metadata=metadata)
         try:
+            props = getattr(self.backend, "model_metadata_props", None)
+            if metadata is not None and props and ModelMetadata.ONNX_KEY in props:
+                check_sidecar_against_embedded(metadata, ModelMetadata.from_onnx_props(props, str(self.model_path)),
+                                               sidecar)
             self.metadata = metadata or load_metadata(self.model_path, self.backend)
             self.postprocess_impl = postprocess
             self._source = str(sidecar) if metadata is not None else f"{self.model_path} (embedded metadata, no sidecar)"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mrkd.atomic import atomic_write_text
+from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from mrkd.errors import MrkdError
 from mrkd.runtime.calibration import Calibration, CalibrationError
 
@@ -107,6 +108,14 @@ def _ints(source, name, value, count: int) -> Tuple[int, ...]:
     return tuple(_int(source, f"{name}[{i}]", v, 1, MAX_BATCH) for i, v in enumerate(value))
 
 
+def _plain_json(source, name, value) -> None:
+    """Free-form values must be strict JSON (no NaN/Infinity), so the file can be written again."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        _fail(source, name, value if len(repr(value)) < 60 else "...", f"must be plain JSON ({exc})")
+
+
 # ---------------------------------------------------------------- the typed records
 
 @dataclass
@@ -189,6 +198,8 @@ class Int8Info:
         errors = data.get("calibration_score_error") or {}
         if not isinstance(errors, dict):
             _fail(source, f"{where}.calibration_score_error", errors, "must be an object")
+        _plain_json(source, f"{where}.calibration_score_error", errors)
+        _plain_json(source, f"{where}.head_inputs_kept_fp32", data.get("head_inputs_kept_fp32"))
         return cls(calibration_images=_int(source, f"{where}.calibration_images", data["calibration_images"], 1),
                    target=_text(source, f"{where}.target", data.get("target", "tensorrt"), ("tensorrt", "cpu")),
                    head_inputs_kept_fp32=data.get("head_inputs_kept_fp32"), calibration_score_error=errors,
@@ -227,8 +238,8 @@ class ModelMetadata:
     image_size: int
     input_format: str = INPUT_FLOAT_NCHW
     input_name: str = "input"
-    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
     resize_mode: str = "resize"
     # The alarm threshold and how it was set (None: an uncalibrated model, scores only).
     calibration: Optional[Calibration] = None
@@ -312,6 +323,7 @@ class ModelMetadata:
         extra = get("extra")
         if not isinstance(extra, dict):
             _fail(source, "extra", extra, "must be an object")
+        _plain_json(source, "extra", extra)
         opset = get("opset")
         meta = cls(
             backbone=_text(source, "backbone", data["backbone"]),
@@ -367,8 +379,9 @@ class ModelMetadata:
     def load(cls, path: str | Path) -> "ModelMetadata":
         path = Path(path)
         try:
-            # NaN/Infinity are not JSON; Python's reader would accept them silently.
-            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+            # NaN/Infinity (not JSON, but Python writes them) are read as floats; the field checks then
+            # refuse them by name.
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise MetadataError(f"{path}: metadata sidecar not found (export writes it next to the model)")
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -389,14 +402,10 @@ class ModelMetadata:
         if cls.ONNX_KEY not in props:
             raise MetadataError(f"{source}: ONNX metadata_props has no {cls.ONNX_KEY!r} (not exported by mrkd?)")
         try:
-            data = json.loads(props[cls.ONNX_KEY], parse_constant=_refuse_constant)
+            data = json.loads(props[cls.ONNX_KEY])
         except (json.JSONDecodeError, RecursionError) as exc:
             raise MetadataError(f"{source}: embedded metadata {cls.ONNX_KEY!r} is not valid JSON ({exc})")
         return cls.from_dict(data, source=f"{source} (embedded metadata)")
-
-
-def _refuse_constant(name: str):
-    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
 
 
 def sidecar_path(model_path: str | Path) -> Path:
