@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 
 def free_port() -> int:
@@ -23,23 +23,38 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    """``start()``, ``stop()`` (SIGTERM: it saves its state), ``kill()``; ``url(prefix)``."""
+    """``start()``, ``stop()`` (SIGTERM: it saves its state), ``kill()``; ``url(prefix)``.
 
-    def __init__(self, program: str = "mosquitto", folder: Optional[Path] = None, port: Optional[int] = None):
+    passwords: {user: password} (anonymous clients are then refused); tls: (ca, cert, key) files
+    for a TLS-only listener."""
+
+    def __init__(self, program: str = "mosquitto", folder: Optional[Path] = None, port: Optional[int] = None,
+                 passwords: Optional[Dict[str, str]] = None, tls: Optional[Tuple[str, str, str]] = None):
         self.program = shutil.which(program) or program
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="mrkd-mosquitto-"))
         self.port = port or free_port()
         self.proc: Optional[subprocess.Popen] = None
         self.log = self.folder / "mosquitto.log"
         conf = self.folder / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        access = "allow_anonymous true\n"
+        if passwords:
+            password_file = self.folder / "passwords"
+            password_file.write_text("")
+            tool = shutil.which("mosquitto_passwd") or "mosquitto_passwd"
+            for user, password in passwords.items():
+                subprocess.run([tool, "-b", str(password_file), user, password], check=True, capture_output=True)
+            access = f"allow_anonymous false\npassword_file {password_file}\n"
+        if tls:
+            access += f"cafile {tls[0]}\ncertfile {tls[1]}\nkeyfile {tls[2]}\n"
+        conf.write_text(f"listener {self.port} 127.0.0.1\n{access}persistence true\n"
                         f"persistence_location {self.folder}/\n"
                         "user root\n"    # only read when started as root: keep our folder's owner
                         "log_type error\nlog_type warning\nlog_type notice\n")
+        self.tls = bool(tls)
         self.conf = conf
 
     def url(self, prefix: str = "mrkd") -> str:
-        return f"mqtt://127.0.0.1:{self.port}/{prefix}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}/{prefix}"
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         with open(self.log, "ab") as log:

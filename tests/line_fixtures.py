@@ -124,13 +124,18 @@ class MqttRecorder:
     """A paho subscriber on ``topic_filter`` (QoS 1) that records (topic, JSON body, retain flag).
     ``client_id`` + ``persistent``: a session the broker keeps while this subscriber is away."""
 
-    def __init__(self, port: int, topic_filter: str, client_id: Optional[str] = None, persistent: bool = False):
+    def __init__(self, port: int, topic_filter: str, client_id: Optional[str] = None, persistent: bool = False,
+                 username: Optional[str] = None, password: Optional[str] = None, ca: Optional[str] = None):
         import paho.mqtt.client as mqtt
 
         self.messages: List[tuple] = []
         self.subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "",
                                   clean_session=not persistent)
+        if username:
+            self.client.username_pw_set(username, password)
+        if ca:
+            self.client.tls_set(ca_certs=ca)
         self.client.reconnect_delay_set(0.1, 1.0)
 
         def on_connect(client, _userdata, _flags, _reason, _props=None):

@@ -150,3 +150,44 @@ def test_sigkill_of_the_runtime_publishes_its_last_will(tmp_path, broker):
     assert late.messages[0][1] == {"schema_version": 1, "state": "offline", "camera": "press"}
     watcher.close()
     late.close()
+
+
+def _certificates(folder: Path):
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    openssl = require_program("openssl", ["openssl"])
+    run = lambda *args: subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=mrkd test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return tuple(str(folder / name) for name in ("ca.crt", "server.crt", "server.key"))
+
+
+@pytest.mark.slow
+def test_password_and_tls_a_wrong_password_is_counted_not_fatal(tmp_path):
+    require_program("mosquitto", ["mosquitto"])
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    ca, cert, key = _certificates(folder)
+    broker = Mosquitto(folder=folder, passwords={"line7": "s3cret"}, tls=(ca, cert, key)).start()
+    try:
+        model = build_tiny_model(tmp_path / "m.onnx")
+        subscriber = MqttRecorder(broker.port, "#", username="line7", password="s3cret", ca=ca)
+        assert broker.url("p").startswith("mqtts://")
+        good = MqttObserver(MqttSettings.from_url(broker.url("good"), username="line7", password="s3cret",
+                                                  ca_certs=ca))
+        wrong = MqttObserver(MqttSettings.from_url(broker.url("wrong"), username="line7", password="guess",
+                                                   ca_certs=ca), close_deadline_s=0.5)
+        frames = DrivenFrames()
+        run = LineRun(model, {"cam0": frames}, [good, wrong], EventSinks(tmp_path / "events.jsonl"))
+        frames.defects(2)
+        assert wait_for(lambda: len(subscriber.bodies("good/cam0/event")) == 2, 10), subscriber.messages
+        assert wait_for(lambda: wrong.failures()["cam0"] >= 1, 10)
+        run.stop()
+        assert not [t for t, _, _ in subscriber.messages if t.startswith("wrong/")]
+        assert good.failures() == {"cam0": 0} and not wrong.links["cam0"].connected.is_set()
+        subscriber.close()
+    finally:
+        broker.kill()
