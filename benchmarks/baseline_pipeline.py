@@ -42,7 +42,9 @@ def official_style_preprocess(bgr, size: int):
     from PIL import Image
     from torchvision import transforms as T
 
+    from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
     rgb = Image.fromarray(bgr[..., ::-1].copy())
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                           T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return transform(rgb).unsqueeze(0)

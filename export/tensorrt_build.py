@@ -91,25 +91,14 @@ def _attach_timing_cache(config, path: Optional[str]):
 
 
 def gpu_identity() -> Tuple[str, str]:
-    """(GPU name, compute capability "major.minor") of device 0, via the CUDA driver API (ctypes)."""
-    import ctypes
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            cuda = ctypes.CDLL(name)
-            break
-        except OSError:
-            cuda = None
-    if cuda is None or cuda.cuInit(0) != 0:
-        raise TensorRTUnavailableError("no NVIDIA GPU / CUDA driver found: TensorRT engines must be built on the "
-                                       "device that will run them")
-    device = ctypes.c_int()
-    cuda.cuDeviceGet(ctypes.byref(device), 0)
-    buffer = ctypes.create_string_buffer(256)
-    cuda.cuDeviceGetName(buffer, 256, device)
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)   # COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)   # COMPUTE_CAPABILITY_MINOR
-    return buffer.value.decode(), f"{major.value}.{minor.value}"
+    """(GPU name, compute capability "major.minor") of device 0 (runtime.gpu, what the runtime checks)."""
+    from mrkd.runtime.gpu import NoGpuError
+    from mrkd.runtime.gpu import gpu_identity as device_identity
+    try:
+        return device_identity(0)
+    except NoGpuError as exc:
+        raise TensorRTUnavailableError(f"{exc}: TensorRT engines must be built on the device that will run "
+                                       "them") from None
 
 
 def build_engine(onnx_path, engine_path, settings: Optional[BuildSettings] = None,

@@ -24,7 +24,7 @@ import torch
 from mrkd.errors import MrkdError
 from mrkd.atomic import atomic_write_bytes
 from mrkd.train.model import MRKD, MRKDConfig, build_model
-from mrkd.train.teachers import TeacherWeightsError, teacher_spec
+from mrkd.train.teachers import TeacherWeightsError, strip_module_prefix, teacher_spec
 
 FORMAT = "mrkd-checkpoint"
 FORMAT_VERSION = 1
@@ -144,10 +144,6 @@ def category_mismatch(model: MRKD, category: Optional[str], source) -> Optional[
             f"(pass the checkpoint trained on {category!r} if this is not intended)")
 
 
-def _strip_module_prefix(state_dict: dict) -> dict:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-
-
 def from_official(ckpt_path, teacher_weights: str = "imagenet", backbone: str = "wide_resnet50_2",
                   image_size: int = 256, **config_kwargs) -> MRKD:
     """Import a checkpoint of the official RD4AD/MRKD code (a dict with ``bn`` and ``decoder``).
@@ -162,7 +158,7 @@ def from_official(ckpt_path, teacher_weights: str = "imagenet", backbone: str = 
     teacher_spec(backbone)  # unknown backbone -> clear error before any download
     model = build_model(backbone, teacher_weights, image_size=image_size, **config_kwargs)
     for part, module in (("bn", model.bottleneck), ("decoder", model.student)):
-        state = {k: v for k, v in _strip_module_prefix(data[part]).items()
+        state = {k: v for k, v in strip_module_prefix(data[part]).items()
                  if not k.startswith(OFFICIAL_UNUSED[part])}
         try:
             module.load_state_dict(state)

@@ -166,7 +166,12 @@ def _load_state_dict_file(path: str) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise TeacherWeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return strip_module_prefix(obj)
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Keys without the ``module.`` prefix DataParallel / DistributedDataParallel put in front."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
 def freeze(module: nn.Module) -> nn.Module:

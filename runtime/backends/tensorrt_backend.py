@@ -15,14 +15,14 @@ import numpy as np
 
 from mrkd.deps import require
 from mrkd.runtime.backends import Backend, BackendError
+from mrkd.runtime.gpu import gpu_identity
 from mrkd.runtime.metadata import MetadataError, ModelMetadata, check_engine_compatible, sidecar_path
 
 
-def running_gpu(cuda) -> Dict[str, str]:
-    """Name and compute capability of the GPU pycuda sees as device 0."""
-    device = cuda.Device(0)
-    major, minor = device.compute_capability()
-    return {"gpu_name": device.name(), "compute_capability": f"{major}.{minor}"}
+def running_gpu() -> Dict[str, str]:
+    """Name and compute capability of CUDA device 0 (runtime.gpu: what the engine build recorded)."""
+    name, capability = gpu_identity(0)
+    return {"gpu_name": name, "compute_capability": capability}
 
 
 class TensorRTBackend(Backend):
@@ -43,7 +43,7 @@ class TensorRTBackend(Backend):
             if metadata is None:
                 raise MetadataError(f"{sidecar_path(self.model_path)}: an engine needs its sidecar (written by "
                                     f"mrkd export next to {self.model_path.name}) to check where it was built")
-            gpu = running_gpu(cuda)
+            gpu = running_gpu()
             check_engine_compatible(metadata, trt.__version__, gpu["gpu_name"], gpu["compute_capability"],
                                     source=str(sidecar_path(self.model_path)))
             self._logger = trt.Logger(trt.Logger.WARNING)
