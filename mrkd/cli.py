@@ -11,22 +11,8 @@ import sys
 
 import click
 
+from mrkd.commands import COMMANDS
 from mrkd.errors import error_boundary, one_line
-
-# name -> ("module:attribute", one-line help shown by `mrkd --help` without importing the module)
-COMMANDS = {
-    "generate": ("mrkd.train.cli:generate_command",
-                 "Write the embedded synthetic MVTec-layout data set (procedural surfaces and defects)."),
-    "train": ("mrkd.train.cli:train_command", "Train an MRKD model on good images (one or all categories)."),
-    "calibrate": ("mrkd.calibrate_cli:calibrate_command",
-                  "Set the alarm threshold of a checkpoint or exported model from good (or labelled) images."),
-    "eval": ("mrkd.train.cli:eval_command", "Image/pixel AUROC, AUPRO, F1 at the threshold, ROC plots."),
-    "predict": ("mrkd.train.cli:predict_command", "Score images: scores.csv, maps (.npy) and heatmap overlays."),
-    "export": ("mrkd.export.cli:export_command", "Export a checkpoint to ONNX (and TensorRT with --fp16/--int8)."),
-    "run": ("mrkd.runtime.cli:run_command", "Stream camera/video frames through an exported model; raise alarms."),
-    "bench": ("mrkd.benchmarks.cli:bench_command", "Measure every stage and backend against the official pipeline."),
-    "demo": ("mrkd.demo:demo_command", "The whole path on the embedded data: generate, train, eval, export, run."),
-}
 
 
 def load_command(name: str) -> click.Command:
@@ -89,16 +75,9 @@ def _alias(name: str):
     return run_alias
 
 
-# console_scripts entry points: mrkd-train, mrkd-eval, ...
-generate_alias = _alias("generate")
-train_alias = _alias("train")
-calibrate_alias = _alias("calibrate")
-eval_alias = _alias("eval")
-predict_alias = _alias("predict")
-export_alias = _alias("export")
-run_alias = _alias("run")
-bench_alias = _alias("bench")
-demo_alias = _alias("demo")
+# console_scripts entry points mrkd-<name> = mrkd.cli:<name>_alias (setup.py), one per COMMANDS entry
+for _name in COMMANDS:
+    globals()[f"{_name}_alias"] = _alias(_name)
 
 
 if __name__ == "__main__":   # python -m mrkd.cli ..., and torchrun -m mrkd.cli train ... for DDP

@@ -86,3 +86,17 @@ def test_train_command_on_a_plain_folder_warns_about_the_random_teacher(tmp_path
 
     bad = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "run"), "--image-size", "50"])
     assert bad.exit_code == 2 and "multiple of 32" in bad.output
+
+
+def test_every_command_is_installed_as_a_script_and_listed_once():
+    """mrkd/commands.py is the one list: `mrkd --help`, the mrkd-<name> aliases and setup.py's scripts."""
+    from importlib.metadata import entry_points
+
+    import mrkd.cli
+    from mrkd.commands import COMMANDS as ALL
+    assert list(main.list_commands(None)) == list(ALL)
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.value.startswith("mrkd.cli:")}
+    for name in ALL:
+        assert scripts[f"mrkd-{name}"] == f"mrkd.cli:{name}_alias"
+        assert callable(getattr(mrkd.cli, f"{name}_alias"))
+    assert set(scripts) == {"mrkd"} | {f"mrkd-{name}" for name in ALL}
