@@ -68,6 +68,34 @@ class _FrameClock(LineObserver):
         return (len(self.times) - 1 - first) / span if span > 0 else float("nan")
 
 
+class _Timed(LineObserver):
+    """Wraps an observer and adds up the loop-thread time its hooks take (what the outputs cost scoring)."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
+
+    def _timed(self, hook, *args):
+        started = time.perf_counter()
+        getattr(self.inner, hook)(*args)
+        self.seconds += time.perf_counter() - started
+        self.calls += hook == "on_frame"
+
+    def on_start(self, cameras):
+        self.inner.on_start(cameras)
+
+    def on_frame(self, result):
+        self._timed("on_frame", result)
+
+    def on_event(self, camera, event):
+        self._timed("on_event", camera, event)
+
+    def on_status(self, status):
+        self._timed("on_status", status)
+
+    def on_stop(self):
+        self.inner.on_stop()
+
+
 def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: float, threads: int, workdir: Path,
              label: str, outputs_on: bool, broker) -> dict:
     from mrkd.runtime.alarms import AlarmPolicy
@@ -89,6 +117,7 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
         server = OperatorServer("127.0.0.1", 0, metrics=metrics)
         observers += [metrics, server]
         clock.probe = lambda: server.views["cam0"].watchers > 0 if server.started.is_set() else False
+        observers = [clock] + [_Timed(o) for o in observers[1:]]
         watcher = subprocess.Popen([sys.executable, "-c", WATCHER, server.url],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     detector = Detector(onnx_path, backend="onnxruntime", threads=threads, threshold=threshold)
@@ -107,6 +136,8 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
     detector.close()
     row = {"outputs": "on, page open" if outputs_on else "off", "frames": summary["frames"],
            "alarms": summary["alarms"], "seconds": seconds, "fps": clock.steady_fps()}
+    for timed in observers[1:]:
+        row[f"hooks_us_per_frame_{type(timed.inner).__name__}"] = 1e6 * timed.seconds / max(timed.calls, 1)
     if server is not None:
         row["live_view_jpegs"] = server.views["cam0"].encoded
         steady = clock.watched[int(len(clock.watched) * STEADY_FROM):]
