@@ -226,6 +226,45 @@ def test_evaluate_arrays_combines_everything():
     assert "f1" not in metrics.evaluate_arrays(labels, scores, masks, maps)
 
 
+def test_evaluate_arrays_with_unmasked_empty_and_full_masks_uses_the_right_images():
+    # Images: 0-1 good, 2-3 defects with regions, 4 defect without a mask, 5 empty mask, 6 full mask.
+    masks, maps = random_masks_and_maps(7, n=7)
+    masks[[0, 1]] = False
+    masks[[4, 5]] = False
+    masks[6] = True
+    labels = np.array([0, 0, 1, 1, 1, 1, 1])
+    has_mask = np.array([False, False, True, True, False, True, True])   # good images need no mask file
+    scores = maps.max(axis=(1, 2))
+    result = metrics.evaluate_arrays(labels, scores, masks, maps, has_mask=has_mask)
+
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))        # every image
+    pixel = [0, 1, 2, 3, 6]
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks[pixel].ravel(), maps[pixel].ravel()))
+    region = [0, 1, 2, 3]
+    assert result["aupro"] == pytest.approx(brute_force_aupro(masks[region], maps[region]), abs=1e-6)
+    assert result["aupro_paper"] == pytest.approx(
+        np.mean([brute_force_aupro(masks[i:i + 1], maps[i:i + 1]) for i in (2, 3)]), abs=1e-6)
+    assert (result["n_images"], result["n_good_images"], result["n_defect_with_regions"],
+            result["n_defect_without_mask"], result["n_defect_empty_mask"], result["n_defect_full_mask"],
+            result["n_defect_with_mask"], result["n_pixel_images"]) == (7, 2, 2, 1, 1, 1, 4, 5)
+    assert "over 3 of 5 defect image(s)" in result["pixel_metrics"]
+    assert "1 without mask" in result["pixel_metrics"] and "1 with an empty mask" in result["pixel_metrics"]
+
+
+def test_evaluate_arrays_without_any_mask_reports_pixel_metrics_not_available():
+    rng = np.random.default_rng(8)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    maps = rng.random((6, 8, 8)) + labels[:, None, None]
+    scores = maps.max(axis=(1, 2))
+    masks = np.zeros((6, 8, 8), bool)
+    for has_mask in (np.zeros(6, bool), None):   # no mask files, or all-empty masks: the same answer
+        result = metrics.evaluate_arrays(labels, scores, masks, maps, has_mask=has_mask, threshold=1.0)
+        assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+        assert result["pixel_auroc"] is None and result["aupro"] is None and result["aupro_paper"] is None
+        assert result["pixel_metrics"].startswith("n/a") and result["f1"] == pytest.approx(
+            2 * 3 / (2 * 3 + int(np.sum(scores[:3] >= 1.0))))
+
+
 def test_metrics_module_does_not_import_torch():
     import subprocess
     import sys

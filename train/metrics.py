@@ -19,13 +19,14 @@ every region come from one bincount and a cumulative sum.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from mrkd.deps import require
-
 from mrkd.runtime.alarms import is_anomalous
+
 # 8-connectivity inside each image, no connection between images of a stack: one label call
 # numbers the regions of a whole N×H×W set.
 _STACK_8_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
@@ -329,24 +330,106 @@ def precision_recall_f1(labels, scores, threshold: float) -> dict:
 
 # ----------------------------------------------------------------------------- everything at once
 
+@dataclass(frozen=True)
+class MaskStatus:
+    """Which test images can take part in which metric (index arrays into the test set).
+
+    Image metrics use every image. Pixel AUROC uses the good images and the defect images whose mask
+    marks some pixels (``regions`` and ``full``). Per-region metrics (AUPRO, both protocols) use the
+    good images and ``regions`` only: a mask covering the whole image has no defect-free pixel for
+    the FPR, and an ``empty`` mask of a defect image has no region (and its pixels are not known to be
+    good). ``unannotated`` defect images have no mask at all (labelled per image).
+    """
+
+    good: np.ndarray
+    regions: np.ndarray
+    full: np.ndarray
+    empty: np.ndarray
+    unannotated: np.ndarray
+
+    @property
+    def pixel_images(self) -> np.ndarray:
+        return np.sort(np.concatenate([self.good, self.regions, self.full]))
+
+    @property
+    def region_images(self) -> np.ndarray:
+        return np.sort(np.concatenate([self.good, self.regions]))
+
+    def counts(self) -> dict:
+        n_defect = self.regions.size + self.full.size + self.empty.size + self.unannotated.size
+        return {"n_defect_with_regions": int(self.regions.size), "n_defect_full_mask": int(self.full.size),
+                "n_defect_empty_mask": int(self.empty.size), "n_defect_without_mask": int(self.unannotated.size),
+                "n_defect_with_mask": int(n_defect - self.unannotated.size),
+                "n_pixel_images": int(self.pixel_images.size)}
+
+
+def mask_status(labels, masks, has_mask=None) -> MaskStatus:
+    """Sort the images of a test set by what their masks allow (see MaskStatus).
+
+    ``has_mask`` (N bool, default all True) says which images come with pixel labels; good images
+    are defect-free everywhere whether or not they have a mask file.
+    """
+    labels = _binary_labels(labels)
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.shape[0] != labels.size:
+        raise ValueError(f"masks must be N×H×W with N = {labels.size} labels, got shape {masks.shape}")
+    has_mask = np.ones(labels.size, bool) if has_mask is None else np.asarray(has_mask, bool).ravel()
+    if has_mask.size != labels.size:
+        raise ValueError(f"has_mask has {has_mask.size} entries but there are {labels.size} labels")
+    flat = masks.reshape(labels.size, -1).astype(bool)
+    any_defect, all_defect = flat.any(axis=1), flat.all(axis=1)
+    defect_with_mask = labels & has_mask
+    return MaskStatus(good=np.flatnonzero(~labels),
+                      regions=np.flatnonzero(defect_with_mask & any_defect & ~all_defect),
+                      full=np.flatnonzero(defect_with_mask & all_defect),
+                      empty=np.flatnonzero(defect_with_mask & ~any_defect),
+                      unannotated=np.flatnonzero(labels & ~has_mask))
+
+
+def _subset(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return array if index.size == array.shape[0] else array[index]
+
+
 def evaluate_arrays(labels, scores, masks, maps, threshold: Optional[float] = None,
-                    max_fpr: float = 0.3, num_thresholds: int = 200) -> dict:
+                    max_fpr: float = 0.3, num_thresholds: int = 200, has_mask=None) -> dict:
     """All metrics for one test set.
 
-    Returns ``image_auroc``, ``pixel_auroc``, ``aupro`` (set level, thresholds over all maps),
-    ``aupro_paper`` (per defective image, averaged: the number MRKD's paper reports) and, when
-    ``threshold`` is given, ``precision``/``recall``/``f1``/``tp``/``fp``/``fn``/``tn`` at it.
+    Returns ``image_auroc`` (every image), ``pixel_auroc``, ``aupro`` (set level, thresholds over the
+    maps used) and ``aupro_paper`` (per defective image, averaged: the number MRKD's paper reports),
+    each over the images mask_status allows (None when no image allows it), the counts of
+    MaskStatus.counts(), ``pixel_metrics`` (a sentence saying over what the pixel metrics ran, or
+    why they are not available) and, when ``threshold`` is given, ``precision``/``recall``/``f1``/
+    ``tp``/``fp``/``fn``/``tn`` at it. ``has_mask``: see mask_status (default: every image).
     """
     labels = _binary_labels(labels)
     masks, maps = _masks_and_maps(masks, maps)
     if masks.shape[0] != labels.size:
         raise ValueError(f"labels has {labels.size} entries but there are {masks.shape[0]} masks")
-    result = {
-        "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps, max_fpr, num_thresholds),
-        "aupro_paper": aupro_per_image_mean(masks, maps, labels, max_fpr, num_thresholds),
-    }
+    status = mask_status(labels, masks, has_mask)
+    result = {"image_auroc": image_auroc(labels, scores), "pixel_auroc": None, "aupro": None, "aupro_paper": None,
+              "n_images": int(labels.size), "n_good_images": int(status.good.size), **status.counts()}
+    pixel = status.pixel_images
+    pixel_masks = _subset(masks, pixel)
+    if pixel_masks.any() and not pixel_masks.all():
+        result["pixel_auroc"] = pixel_auroc(pixel_masks, _subset(maps, pixel))
+    if status.regions.size:
+        region = status.region_images
+        result["aupro"] = aupro(_subset(masks, region), _subset(maps, region), max_fpr, num_thresholds)
+        result["aupro_paper"] = aupro_per_image_mean(masks[status.regions], maps[status.regions], None, max_fpr,
+                                                     num_thresholds)
+    result["pixel_metrics"] = _pixel_metrics_note(status, result)
     if threshold is not None:
         result.update(precision_recall_f1(labels, scores, threshold))
     return result
+
+
+def _pixel_metrics_note(status: MaskStatus, result: dict) -> str:
+    n_defect = sum(result[k] for k in ("n_defect_with_mask", "n_defect_without_mask"))
+    if result["pixel_auroc"] is None and result["aupro"] is None:
+        return f"n/a: none of the {n_defect} defect image(s) has a usable mask"
+    left_out = [f"{count} {what}" for count, what in ((status.unannotated.size, "without mask"),
+                                                      (status.empty.size, "with an empty mask"),
+                                                      (status.full.size, "with a full mask (pixel AUROC only)"))
+                if count]
+    return (f"over {status.regions.size + status.full.size} of {n_defect} defect image(s) and "
+            f"{status.good.size} good" + (f"; left out: {', '.join(left_out)}" if left_out else ""))

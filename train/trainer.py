@@ -437,6 +437,7 @@ def _monitor(run: TrainRun, row: dict) -> None:
 
     Runs after last.ckpt is written; an error here is reported in one line and the run goes on."""
     config = run.config
+    saved_rng = rng_state()   # test-time feature masking draws random numbers; training must not see them
     try:
         result = metrics_on_test_split(run.model, run.data.test_items, batch_size=config.eval_batch_size,
                                        device=run.device, progress=False)
@@ -446,6 +447,8 @@ def _monitor(run: TrainRun, row: dict) -> None:
         run.errors.append(message)
         row["monitoring_error"] = _one_line(exc)
         return
+    finally:
+        set_rng_state(saved_rng)
     run.last_metrics = {key: result.get(key) for key in MONITORED}
     row.update(run.last_metrics, monitoring=MONITORING_NOTE)
 
