@@ -131,6 +131,7 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     assert summary["cameras"]["press"]["alarms"] == 3
 
 
+@pytest.mark.slow
 def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
     import os
     import signal

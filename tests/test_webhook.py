@@ -118,6 +118,7 @@ def test_a_receiver_with_another_secret_rejects_every_post(tmp_path):
     assert len(receiver.rejected) == 2 and not receiver.accepted
 
 
+@pytest.mark.slow
 def test_mrkd_run_signs_with_the_secret_from_the_environment(tmp_path):
     receiver = VerifyingReceiver(SECRET)
     video = write_video(tmp_path / "v.avi", normal_then_defective(3, 2))
