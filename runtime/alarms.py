@@ -14,6 +14,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from mrkd.errors import MrkdError
+
+
+class AlarmSettingsError(MrkdError, ValueError):
+    """An alarm setting (threshold, debounce, cooldown) is missing or out of range."""
+
 
 def is_anomalous(score, threshold: float):
     """The one decision rule (runtime, evaluation, export reports): a score that reaches the threshold
@@ -39,7 +45,7 @@ def parse_debounce(text: str) -> Tuple[int, int]:
     try:
         k, n = (int(part) for part in str(text).split("/"))
     except ValueError:
-        raise ValueError(f"debounce must look like K/N (e.g. 3/5), got {text!r}") from None
+        raise AlarmSettingsError(f"debounce must look like K/N (e.g. 3/5), got {text!r}") from None
     return k, n
 
 
@@ -50,11 +56,11 @@ class AlarmPolicy:
                  cooldown_frames: int = 0):
         k, n = debounce
         if threshold is None:
-            raise ValueError("no alarm threshold: the model metadata has none; pass --threshold")
+            raise AlarmSettingsError("no alarm threshold: the model metadata has none; pass --threshold")
         if not 1 <= k <= n:
-            raise ValueError(f"debounce K/N needs 1 <= K <= N, got {k}/{n}")
+            raise AlarmSettingsError(f"debounce K/N needs 1 <= K <= N, got {k}/{n}")
         if cooldown_s < 0 or cooldown_frames < 0:
-            raise ValueError("cooldown must be >= 0")
+            raise AlarmSettingsError("cooldown must be >= 0")
         self.threshold = float(threshold)
         self.k, self.n = k, n
         self.cooldown_s = float(cooldown_s)

@@ -97,6 +97,20 @@ def build_tiny_model(path: Path, per_scale: bool = False, uint8_input: bool = Fa
     return path
 
 
+def export_tiny_model(path: Path, threshold: float = THRESHOLD) -> Path:
+    """The tiny graph written by the exporter's own writer (mrkd.export.model_metadata.write_model:
+    metadata in the graph's props, the sidecar with the file's sha256 beside it), with a calibration
+    as training records it."""
+    import onnx
+    from mrkd.export.model_metadata import write_model
+    build_tiny_model(path)
+    meta = ModelMetadata.load(sidecar_path(path))
+    meta.calibration = Calibration(threshold=threshold, method="quantile", quantile=0.99, n_good=12, good_mean=0.01,
+                                   good_std=0.005, good_min=0.0, good_max=0.05, good_q99=0.049)
+    write_model(onnx.load(str(path)), path, meta)
+    return Path(path)
+
+
 def normal_frame(rng: np.random.Generator, h: int = 48, w: int = 64) -> np.ndarray:
     """Gray textured part: values 90..130, never above the model's level."""
     return rng.integers(90, 131, size=(h, w, 3), dtype=np.uint8)

@@ -17,10 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from runtime_fixtures import build_tiny_model, defective_frame, normal_frame
+from runtime_fixtures import build_tiny_model, defective_frame, export_tiny_model, normal_frame
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.calibration import Calibration
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.metadata import ModelMetadata, sidecar_path
 
@@ -39,23 +38,10 @@ def _frames():
     return [normal_frame(rng), defective_frame(rng), normal_frame(rng, 30, 90)]
 
 
-def _written_by_the_exporter(path):
-    """The tiny ONNX graph written with the exporter's write_model (metadata in the graph's props, the
-    sidecar beside it, the file's sha256 in the sidecar), calibrated like training does."""
-    import onnx
-    from mrkd.export.model_metadata import write_model
-    build_tiny_model(path)
-    meta = ModelMetadata.load(sidecar_path(path))
-    meta.calibration = Calibration(threshold=0.1, method="quantile", quantile=0.99, n_good=12, good_mean=0.01,
-                                   good_std=0.005, good_min=0.0, good_max=0.05, good_q99=0.049)
-    write_model(onnx.load(str(path)), path, meta)
-    return path
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("exported")
-    model = _written_by_the_exporter(folder / "model.onnx")
+    model = export_tiny_model(folder / "model.onnx")
     detector = Detector(model)
     baseline = detector(_frames()).scores
     detector.close()

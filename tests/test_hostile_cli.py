@@ -1,0 +1,223 @@
+"""Hostile command lines: every `mrkd run` / `mrkd calibrate` / `mrkd export` option at and past its
+limits, each run as a subprocess with a timeout (a hang fails the test). Past a limit: exit status
+!= 0, exactly one ``Error:`` line naming the option or file, no traceback. At a limit: a normal run.
+Also: a stop request (SIGTERM) mid-run, a truncated video, --loop across passes, calibration without
+SciPy, and the tracebacks reported in the runtime-contract issue.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime_fixtures import export_tiny_model, normal_then_defective, write_video
+
+TIMEOUT_S = 60
+
+
+def mrkd(*args, timeout=TIMEOUT_S, prelude: str = "") -> subprocess.CompletedProcess:
+    """``python -m mrkd.cli ARGS`` (``prelude``: Python run before it, e.g. to hide a package)."""
+    code = f"{prelude}\nimport sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *names: str) -> str:
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+def summary_of(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("line")
+    model = export_tiny_model(folder / "model.onnx")
+    video = write_video(folder / "clip.avi", normal_then_defective(20, 5), fps=25)
+    data = video.read_bytes()
+    cut = folder / "cut.avi"
+    cut.write_bytes(data[:int(len(data) * 0.6)])
+    good = folder / "good"
+    good.mkdir()
+    import cv2
+    for i, frame in enumerate(normal_then_defective(12, 0, seed=3)):
+        cv2.imwrite(str(good / f"{i:02d}.png"), frame)
+    return {"model": model, "video": video, "cut": cut, "good": good, "dir": folder}
+
+
+RUN_PAST_LIMITS = [
+    (["--batch", "0"], "--batch"), (["--batch", "-1"], "--batch"), (["--batch", "100000"], "--batch"),
+    (["--batch", "abc"], "--batch"), (["--threads", "-1"], "--threads"), (["--threshold", "nan"], "--threshold"),
+    (["--threshold", "inf"], "--threshold"), (["--threshold", "abc"], "--threshold"),
+    (["--cooldown", "-1"], "--cooldown"), (["--cooldown", "nan"], "--cooldown"),
+    (["--cooldown-frames", "-1"], "--cooldown-frames"), (["--webhook-timeout", "0"], "--webhook-timeout"),
+    (["--max-frames", "0"], "--max-frames"), (["--max-frames", "-5"], "--max-frames"),
+    (["--status-every", "-1"], "--status-every"), (["--status-every", "nan"], "--status-every"),
+    (["--batch-timeout", "-1"], "--batch-timeout"), (["--fps", "0"], "--fps"), (["--fps", "-1"], "--fps"),
+    (["--fps", "nan"], "--fps"), (["--fps", "5000"], "--fps"), (["--size", "0x10"], "size"),
+    (["--size", "abc"], "size"), (["--size", "100000x10"], "size"), (["--debounce", "0/0"], "debounce"),
+    (["--debounce", "3/2"], "debounce"), (["--debounce", "abc"], "debounce"), (["--backend", "foo"], "--backend"),
+    (["--providers", "bogus"], "bogus"), (["--snapshot-format", ".gif"], "--snapshot-format"),
+    (["--postprocess", "gpu"], "--postprocess"),
+]
+
+
+@pytest.mark.parametrize("options, name", RUN_PAST_LIMITS, ids=[" ".join(o) for o, _ in RUN_PAST_LIMITS])
+def test_run_option_past_its_limit_is_one_line_error(line, options, name):
+    done = mrkd("run", line["model"], "--source", line["video"], "--status-every", "0", *options)
+    assert_one_line_error(done, name)
+
+
+RUN_AT_LIMITS = [["--batch", "1"], ["--batch", "4096"], ["--max-frames", "1"], ["--cooldown", "0"],
+                 ["--status-every", "0"], ["--fps", "1000"], ["--threads", "0"], ["--cooldown-frames", "0"],
+                 ["--batch-timeout", "0"], ["--threshold", "-1e30"], ["--size", "1x1"]]
+
+
+@pytest.mark.parametrize("options", RUN_AT_LIMITS, ids=[" ".join(o) for o in RUN_AT_LIMITS])
+def test_run_option_at_its_limit_runs(line, options):
+    options = list(options) + ([] if "--status-every" in options else ["--status-every", "0"])
+    summary = summary_of(mrkd("run", line["model"], "--source", line["video"], *options))
+    expected = 1 if options[:2] == ["--max-frames", "1"] else 25
+    assert summary["frames"] == expected
+
+
+def test_run_on_missing_or_broken_inputs_is_one_line_error(line, tmp_path):
+    assert_one_line_error(mrkd("run", tmp_path / "none.onnx", "--source", line["video"]), "none.onnx")
+    assert_one_line_error(mrkd("run", line["model"], "--source", tmp_path / "none.avi"), "none.avi")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    assert_one_line_error(mrkd("run", broken, "--source", line["video"]), "broken.onnx")
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "is_dir", "read_only"])
+def test_run_with_an_unwritable_events_path_is_one_line_error(line, tmp_path, where):
+    target = {"missing_dir": tmp_path / "no" / "such" / "dir" / "events.jsonl", "is_dir": tmp_path,
+              "read_only": Path("/proc/mrkd_events.jsonl")}[where]
+    done = mrkd("run", line["model"], "--source", line["video"], "--status-every", "0", "--events", target)
+    if where == "missing_dir" and done.returncode == 0:      # creating the folders is right too
+        assert target.exists()
+        return
+    assert_one_line_error(done, str(target.name))
+
+
+def test_an_engine_without_tensorrt_is_one_line_error(line, tmp_path):
+    pytest.importorskip("onnxruntime")
+    if __import__("mrkd.deps").deps.available("tensorrt"):
+        pytest.skip("TensorRT is installed here")
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(line["model"].read_bytes())
+    (tmp_path / "model.engine.json").write_text((line["dir"] / "model.onnx.json").read_text())
+    assert_one_line_error(mrkd("run", engine, "--source", line["video"]), "TensorRT")
+
+
+def test_truncated_video_ends_with_the_unreadable_frames_counted(line):
+    start = time.monotonic()
+    summary = summary_of(mrkd("run", line["model"], "--source", line["cut"], "--status-every", "0"))
+    assert time.monotonic() - start < TIMEOUT_S
+    camera = summary["cameras"]["cam0"]
+    assert summary["frames"] > 0 and summary["frames"] + camera["source"]["bad_frames"] == 25
+
+
+def test_loop_keeps_raising_alarms_on_every_pass(line):
+    # 25 frames at 25 fps, the last 5 defective; a 0.5 s cooldown: one alarm per pass when frame
+    # times keep increasing (times that restart would hold the cooldown forever: one alarm in all).
+    summary = summary_of(mrkd("run", line["model"], "--source", line["video"], "--loop", "--max-frames", "75",
+                              "--cooldown", "0.5", "--status-every", "0"))
+    assert summary["frames"] == 75 and summary["alarms"] == 3
+
+
+def test_sigterm_stops_a_looping_run_within_a_second(line):
+    code = ("import sys\nfrom mrkd.cli import main\n"
+            f"main(['run', {str(line['model'])!r}, '--source', {str(line['video'])!r}, '--loop', '--fps', '50', "
+            "'--status-every', '0'])")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 30
+        first = process.stderr.readline()            # the detector's line: the run has started
+        assert "threshold" in first and time.monotonic() < deadline
+        time.sleep(1.0)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert stopped_after < 1.5, stopped_after
+    summary = json.loads(out[out.index("{"):])
+    assert summary["stopped_early"] and summary["frames"] > 0
+
+
+def test_first_status_line_names_the_threshold_and_where_it_comes_from(line):
+    done = mrkd("run", line["model"], "--source", line["video"], "--status-every", "0")
+    first = done.stderr.splitlines()[0]
+    assert "threshold 0.1 from" in first and "model.onnx.json" in first and "quantile" in first
+
+
+CALIBRATE_PAST_LIMITS = [
+    (["--quantile", "0"], "--quantile"), (["--quantile", "1"], "--quantile"), (["--quantile", "1.5"], "--quantile"),
+    (["--quantile", "nan"], "--quantile"), (["--confidence", "0"], "--confidence"),
+    (["--confidence", "1"], "--confidence"), (["--max-frames", "0"], "--max-frames"),
+    (["--batch-size", "0"], "--batch-size"), (["--size", "0x5"], "size"), (["--method", "median"], "--method"),
+    (["--out", "x.onnx"], "--out"), (["--labelled", "/nonexistent/labelled"], "labelled"),
+]
+
+
+@pytest.mark.parametrize("options, name", CALIBRATE_PAST_LIMITS, ids=[" ".join(o) for o, _ in CALIBRATE_PAST_LIMITS])
+def test_calibrate_option_past_its_limit_is_one_line_error(line, tmp_path, options, name):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(line["model"].read_bytes())
+    (tmp_path / "model.onnx.json").write_text((line["dir"] / "model.onnx.json").read_text())
+    assert_one_line_error(mrkd("calibrate", model, line["good"], *options), name)
+    assert (tmp_path / "model.onnx.json").read_text() == (line["dir"] / "model.onnx.json").read_text()
+
+
+def test_calibrate_with_tolerance_runs_without_scipy(line, tmp_path):
+    """The runtime's calibration never needs SciPy (a Jetson has none): hide it and calibrate."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(line["model"].read_bytes())
+    (tmp_path / "model.onnx.json").write_text((line["dir"] / "model.onnx.json").read_text())
+    hide = "import sys\nsys.modules['scipy'] = None\nsys.modules['torch'] = None"
+    done = mrkd("calibrate", model, line["video"], "--method", "tolerance", prelude=hide)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "tolerance" in done.stdout or "max_margin" in done.stdout
+    assert_one_line_error(mrkd("calibrate", model, line["cut"], "--max-frames", "0", prelude=hide), "--max-frames")
+
+
+@pytest.mark.slow
+def test_checkpoint_commands_with_a_missing_gpu_or_a_corrupt_checkpoint_are_one_line_errors(tmp_path):
+    import torch
+    from export_fixtures import small_model
+    checkpoint = tmp_path / "model.ckpt"
+    small_model().save(checkpoint)
+    good = tmp_path / "good"
+    good.mkdir()
+    import cv2
+    for i, frame in enumerate(normal_then_defective(3, 0)):
+        cv2.imwrite(str(good / f"{i}.png"), frame)
+    if not torch.cuda.is_available():
+        assert_one_line_error(mrkd("calibrate", checkpoint, good, "--device", "cuda"), "cuda")
+        assert_one_line_error(mrkd("predict", checkpoint, good, "-o", tmp_path / "p", "--device", "cuda"), "cuda")
+    assert_one_line_error(mrkd("calibrate", checkpoint, good, "--device", "tpu:9"), "tpu:9")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:1000])
+    assert_one_line_error(mrkd("export", corrupt, "-o", tmp_path / "out"), "corrupt.ckpt")
+    for options, name in ((["--workspace", "0"], "--workspace"), (["--dla-core", "-1"], "--dla-core"),
+                          (["--opt-level", "6"], "--opt-level"), (["--batch", "0:1:1"], "batch")):
+        assert_one_line_error(mrkd("export", checkpoint, "-o", tmp_path / "out", *options), name)
