@@ -136,6 +136,9 @@ class ExportGraph(nn.Module):
         super().__init__()
         options.validate()
         config = model.config
+        if options.per_scale_outputs and getattr(model.head, "memory_bank", None) is not None:
+            raise ExportError(f"score={config.score!r}: the kNN distance map is summed in the graph; export "
+                              f"without per-scale outputs")
         self.options = options
         self.preprocess = InGraphPreprocess(config.mean, config.std) if options.uint8_input else None
         self.teacher, self.bottleneck, self.student = model.teacher, model.bottleneck, model.student

@@ -26,6 +26,38 @@ def test_tolerance_factor_covers_as_promised(n, coverage, confidence):
     assert hit_rate == pytest.approx(confidence, abs=0.008)
 
 
+@pytest.mark.parametrize("n", [2, 3, 6, 20, 200, 5000])
+def test_tolerance_factor_matches_scipys_noncentral_t(n):
+    """The runtime computes the noncentral t quantile itself (no SciPy on a Jetson); SciPy is the
+    reference here, over coverages and confidences from the bulk to the far tail."""
+    for coverage in (0.5, 0.9, 0.99, 0.999):
+        for confidence in (0.05, 0.5, 0.75, 0.95, 0.999):
+            reference = stats.nct.ppf(confidence, df=n - 1, nc=stats.norm.ppf(coverage) * np.sqrt(n)) / np.sqrt(n)
+            assert tolerance_factor(n, coverage, confidence) == pytest.approx(reference, rel=1e-6, abs=1e-9)
+
+
+def test_good_score_rules_refuse_non_finite_scores_and_bad_fractions():
+    from mrkd.runtime.calibration import CalibrationError as RuleError
+    with pytest.raises(RuleError, match="not finite"):
+        threshold_from_good_scores([1.0, float("nan"), 2.0] * 5)
+    with pytest.raises(RuleError, match="quantile"):
+        threshold_from_good_scores(np.arange(20.0), quantile=1.5)
+    with pytest.raises(RuleError, match="confidence"):
+        threshold_from_good_scores(np.arange(20.0), method="tolerance", confidence=0.0)
+
+
+def test_f1_rule_matches_brute_force():
+    from mrkd.runtime.calibration import f1_optimal_threshold
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 60)
+    scores = np.round(rng.normal(labels, 0.8), 1)          # ties on purpose
+    threshold, f1 = f1_optimal_threshold(labels, scores)
+    best = max(((2 * np.sum((scores >= t) & (labels == 1)) /
+                 (np.sum(scores >= t) + np.sum(labels == 1)), t) for t in np.unique(scores)),
+               key=lambda pair: (pair[0], pair[1]))
+    assert f1 == pytest.approx(best[0]) and threshold == best[1]
+
+
 def test_tolerance_factor_shrinks_to_the_normal_quantile():
     ks = [tolerance_factor(n, 0.99) for n in (3, 6, 20, 100, 100_000)]
     assert all(a > b for a, b in zip(ks, ks[1:]))

@@ -136,3 +136,20 @@ def test_calibrate_on_a_live_stream_needs_a_frame_limit(exported):
         server.close()
     assert result.n_good == 12 and result.source == server.url
     assert ModelMetadata.load(sidecar_path(path)).threshold == pytest.approx(result.threshold)
+
+
+def test_calibrating_an_exported_model_imports_neither_mrkd_train_nor_scipy(tmp_path):
+    """The runtime never imports mrkd.train; the tolerance rule needs no SciPy (mrkd.runtime.calibration)."""
+    import subprocess
+    import sys
+    from runtime_fixtures import export_tiny_model, normal_then_defective
+    model = export_tiny_model(tmp_path / "m.onnx")
+    video = write_video(tmp_path / "good.avi", normal_then_defective(12, 0), fps=10)
+    code = ("import sys\nfrom mrkd.cli import main\n"
+            f"try:\n    main(['calibrate', {str(model)!r}, {str(video)!r}, '--method', 'tolerance'])\n"
+            "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('mrkd.train', 'scipy', 'torch')))\n"
+            "assert not bad, bad\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ModelMetadata.load(sidecar_path(model)).calibration.method == "tolerance"

@@ -56,6 +56,7 @@ def test_checkpoint_keeps_weights_and_old_checkpoints_keep_the_official_sum(tmp_
     assert MRKDConfig.from_dict(old).scale_weights == (1.0, 1.0, 1.0)
 
 
+@pytest.mark.slow   # two ONNX exports
 def test_exported_graph_carries_the_weights(tmp_path):
     from mrkd.export import ExportOptions, export_onnx, parity_report
     from export_fixtures import run_onnx

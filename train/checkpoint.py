@@ -52,6 +52,8 @@ def checkpoint_dict(model: MRKD) -> dict:
         "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
         "teacher": teacher,
         "calibration": dict(model.calibration),
+        **({"memory_bank": model.head.memory_bank.bank.detach().cpu()}
+           if getattr(model.head, "memory_bank", None) is not None else {}),
     }
 
 
@@ -109,6 +111,12 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
         model.student.load_state_dict(data["student"])
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{source}: student weights do not fit backbone {config.backbone} ({exc})") from exc
+    if config.score != "mrkd":       # --score knn|both: the memory bank travels with the checkpoint
+        from mrkd.train.memory_bank import MemoryBank
+        bank = data.get("memory_bank")
+        if not isinstance(bank, torch.Tensor) or bank.dim() != 2:
+            raise CheckpointError(f"{source}: config score={config.score!r} but the checkpoint has no memory_bank")
+        model.head.set_memory_bank(MemoryBank(bank), config.knn_weight)
     model.calibration = dict(data.get("calibration") or {})
     model.trained_category = trained_category(data)
     return model.eval()

@@ -128,11 +128,17 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--skip-unreadable", is_flag=True, help="Skip unreadable images (with a count) instead of failing.")
 @click.option("--require-masks", is_flag=True,
               help=REQUIRE_MASKS_HELP)
+@click.option("--score", type=click.Choice(["mrkd", "knn", "both"]), default="mrkd", show_default=True,
+              help="Anomaly map: 'mrkd' (distillation), 'knn' (distance to a memory bank of training patches "
+                   "on the teacher's features) or 'both' (their sum, each over its training-score spread). "
+                   "knn/both put the bank into the checkpoint and the exported graph (see benchmarks/RESULTS.md).")
+@click.option("--knn-memory", type=FRACTION, default=0.1, show_default=True,
+              help="With --score knn|both: share of the training patches kept in the memory bank.")
 @friendly_errors
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
                   device, ilm, ilm_source, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile,
                   threshold_method, threshold_confidence, resume,
-                  workers, amp, resize_mode, skip_unreadable, require_masks):
+                  workers, amp, resize_mode, skip_unreadable, require_masks, score, knn_memory):
     """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images).
 
     The run hands on its final epoch's weights (<out>/<category>/last.ckpt), as the official protocol
@@ -153,7 +159,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
                              mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
                              threshold_quantile=threshold_quantile, threshold_method=threshold_method,
                              threshold_confidence=threshold_confidence,
-                             resize_mode=resize_mode)
+                             resize_mode=resize_mode, score=score, knn_memory_fraction=knn_memory)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     if holdout == 0:

@@ -94,6 +94,13 @@ class AnomalyMapHead(nn.Module):
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.blur = GaussianBlur(sigma)
         self.scale_weights = tuple(float(w) for w in scale_weights)
+        self.memory_bank = None          # mrkd.train.memory_bank.MemoryBank for --score knn|both
+        self.knn_weight = 0.0
+
+    def set_memory_bank(self, bank, weight: float) -> None:
+        """Add (or with None remove) the kNN distance map, times ``weight``, as one more scale."""
+        self.memory_bank = bank
+        self.knn_weight = float(weight) if bank is not None else 0.0
 
     @property
     def sigma(self) -> float:
@@ -104,7 +111,10 @@ class AnomalyMapHead(nn.Module):
         """The unsmoothed 1 − cos maps at each feature resolution, N×h×w each, each times its scale weight
         (applied here, so the exported per-scale outputs and every consumer of them carry it)."""
         maps = [cosine_distance(t, s) for t, s in zip(teacher_feats, student_feats)]
-        return [m if w == 1.0 else m * w for m, w in zip(maps, self.scale_weights)]
+        maps = [m if w == 1.0 else m * w for m, w in zip(maps, self.scale_weights)]
+        if self.memory_bank is not None:
+            maps.append(self.memory_bank(teacher_feats) * self.knn_weight)
+        return maps
 
     def upsample_sum(self, per_scale: Sequence[torch.Tensor]) -> torch.Tensor:
         """Upsample every scale to the image size (bilinear, align_corners=True) and sum: N×1×H×W."""

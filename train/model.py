@@ -38,6 +38,11 @@ class MRKDConfig:
     # Weight of each scale's 1 − cos map (strides 4, 8, 16) in the anomaly map; (1, 1, 1) is the
     # official protocol. A pure inference setting: training's loss does not use it.
     scale_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # "mrkd" (the distillation map) | "knn" (distance to a memory bank of training patches) | "both"
+    # (their sum, each over its training-score spread); see mrkd.train.memory_bank.
+    score: str = "mrkd"
+    knn_weight: float = 0.0
+    knn_memory_fraction: float = 0.1
 
     def __post_init__(self):
         # One canonical type whatever the caller (or a checkpoint's JSON-like lists) passed, so a
@@ -45,8 +50,12 @@ class MRKDConfig:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         self.scale_weights = tuple(float(v) for v in self.scale_weights)
-        if len(self.scale_weights) != 3 or min(self.scale_weights) < 0 or not any(self.scale_weights):
+        if len(self.scale_weights) != 3 or min(self.scale_weights) < 0 or (
+                self.score == "mrkd" and not any(self.scale_weights)):
             raise ValueError(f"scale_weights must be 3 non-negative numbers, not all 0; got {self.scale_weights}")
+        if self.score not in ("mrkd", "knn", "both"):
+            raise ValueError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
+        self.knn_weight, self.knn_memory_fraction = float(self.knn_weight), float(self.knn_memory_fraction)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

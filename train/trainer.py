@@ -80,6 +80,8 @@ class TrainConfig:
     threshold_method: str = "quantile"   # "quantile" | "tolerance" (mrkd.train.calibrate)
     threshold_confidence: float = 0.75   # for "tolerance": calibrate.TOLERANCE_CONFIDENCE
     resize_mode: str = "resize"          # "resize" | "center_crop" (official)
+    score: str = "mrkd"                  # "mrkd" | "knn" | "both": see mrkd.train.memory_bank
+    knn_memory_fraction: float = 0.1     # share of training patches in the memory bank (knn/both)
     eval_batch_size: int = 8
     progress: bool = True
 
@@ -90,6 +92,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
+        if self.score not in ("mrkd", "knn", "both"):
+            raise ValueError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
+        if not 0.0 < self.knn_memory_fraction <= 1.0:
+            raise ValueError(f"knn_memory_fraction must be in (0, 1], got {self.knn_memory_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
             raise ValueError(f"epochs and batch_size must be >= 1 and image_size >= 32 "
                              f"(got {self.epochs}, {self.batch_size}, {self.image_size})")
@@ -535,6 +541,10 @@ def _finish(run: TrainRun) -> Optional[dict]:
     config = run.config
     good_paths = run.data.holdout_paths or run.data.fit_paths
     calibration_result = None
+    if config.score != "mrkd":   # the memory bank comes from the fitted images, before calibration
+        from mrkd.train.memory_bank import fit_memory_bank
+        fit_memory_bank(run.model, run.data.fit_paths, config.score, config.knn_memory_fraction, config.seed,
+                        batch_size=config.eval_batch_size)
     try:
         run.model.eval()
         calibration_result = calibration.calibrate(

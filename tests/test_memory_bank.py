@@ -1,0 +1,110 @@
+"""--score knn|both: the memory-bank distance map against scipy, checkpoints, ONNX parity, the trainer."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mrkd.train.memory_bank import MemoryBank, fit_memory_bank, patch_features  # noqa: E402
+from mrkd.train.model import build_model  # noqa: E402
+
+
+def _model():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_model("resnet18", "random", image_size=64).eval()
+
+
+def test_distance_map_matches_scipy_cdist_with_any_chunking():
+    from scipy.spatial.distance import cdist
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 6, 8, 8, generator=g),
+             torch.randn(2, 5, 4, 4, generator=g)]
+    bank = torch.randn(300, 11, generator=g)
+    f = patch_features(feats).permute(0, 2, 3, 1).reshape(-1, 11).double().numpy()
+    # Independent upsampling reference for the deep features is not needed: compare on the same patches.
+    expected = cdist(f, bank.double().numpy()).min(1).reshape(2, 8, 8)
+    for chunk in (7, 128, 4096):
+        got = MemoryBank(bank, chunk=chunk)(feats).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # A patch that is in the bank is at distance 0.
+    bank_with = torch.cat([bank, torch.tensor(f[:1], dtype=torch.float32)])
+    assert MemoryBank(bank_with)(feats)[0, 0, 0] < 1e-2
+
+
+def _images(tmp_path, n=6):
+    import cv2
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"good{i}.png"
+        cv2.imwrite(str(path), (rng.random((64, 64, 3)) * 255).astype(np.uint8))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.slow   # two ONNX exports
+@pytest.mark.parametrize("score", ["knn", "both"])
+def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score):
+    from mrkd.export import ExportOptions, ExportError, export_onnx, parity_report
+    from mrkd.train import load_checkpoint
+    from export_fixtures import run_onnx
+    model = _model()
+    x = torch.randn(2, 3, 64, 64)
+    plain = model.anomaly_map(x)
+    info = fit_memory_bank(model, _images(tmp_path), score, fraction=0.5, seed=0, batch_size=4)
+    assert info["bank_patches"] == 6 * 8 * 8 // 2
+    maps = model.anomaly_map(x)
+    assert not torch.allclose(maps, plain)
+    if score == "both":   # the sum of the two maps, each scaled as documented
+        knn_only = model.head.blur(model.head.upsample_sum([model.head.memory_bank(model.teacher(x))]))
+        expected = plain / info["mrkd_train_score_std"] + knn_only / info["knn_train_score_std"]
+        torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4)
+    model.calibration = {"threshold": float(model.scores(x).max()), "threshold_method": "quantile",
+                         "quantile": 0.99, "good_min": 0.0, "good_mean": 0.0}
+    model.save(tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.config.score == score
+    torch.testing.assert_close(loaded.anomaly_map(x), maps, rtol=0, atol=0)
+    options = ExportOptions()
+    exported = export_onnx(loaded, tmp_path / "m.onnx", options, checkpoint_sha256="ab" * 32, simplify="never")
+    assert parity_report(loaded, exported.path, options).check().passed
+    out = run_onnx(exported.path, x.numpy())
+    np.testing.assert_allclose(out["anomaly_map"], maps.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ExportError, match="per-scale"):
+        export_onnx(loaded, tmp_path / "p.onnx", ExportOptions(per_scale_outputs=True),
+                    checkpoint_sha256="ab" * 32, simplify="never")
+
+
+def test_checkpoint_without_its_bank_is_refused(tmp_path):
+    from mrkd.train import CheckpointError, load_checkpoint
+    model = _model()
+    fit_memory_bank(model, _images(tmp_path, 2), "knn", fraction=0.5)
+    model.save(tmp_path / "m.pt")
+    data = torch.load(tmp_path / "m.pt", weights_only=True)
+    del data["memory_bank"]
+    torch.save(data, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="broken.pt.*memory_bank"):
+        load_checkpoint(tmp_path / "broken.pt")
+
+
+@pytest.mark.slow
+def test_trainer_score_both_ships_bank_and_calibrates_on_the_summed_map(tmp_path):
+    from mrkd.train import load_checkpoint
+    from mrkd.train.trainer import TrainConfig, train
+    from train_fixtures import CATEGORY, TINY, tiny_data
+    config = TrainConfig(**{**TINY, "epochs": 1, "eval_every": 0}, score="both", knn_memory_fraction=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = train(tiny_data(), CATEGORY, tmp_path, config, backbone="resnet18", teacher_weights="random",
+                        resume=False)
+    model = load_checkpoint(tmp_path / "last.ckpt")
+    assert model.config.score == "both" and model.head.memory_bank is not None
+    assert model.config.knn_weight > 0 and model.calibration["threshold"] > 0
+    held_out = summary["model"].head.memory_bank.bank
+    torch.testing.assert_close(model.head.memory_bank.bank, held_out.cpu(), rtol=0, atol=0)
