@@ -81,6 +81,7 @@ def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int 
 
     from mrkd.benchmarks.bench_model import bench_data, load_or_build, test_batch
     from mrkd.export.exporter import export_onnx
+    from mrkd.runtime.calibration import Calibration
     from mrkd.export.int8 import INT8_TARGETS, quantize_int8
     from mrkd.export.onnx_graph import ExportOptions
 
@@ -95,7 +96,7 @@ def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int 
         category = bench_data(model.config.image_size, workdir, quick)
         video = workdir / "frames.avi"
         write_video(category, video, frames)
-        threshold = model.calibration.get("threshold")
+        threshold = Calibration.threshold_of(model.calibration, "model calibration")
         if threshold is None:   # uncalibrated: the median score of the test images
             threshold = float(np.median(model.scores(torch.from_numpy(
                 test_batch(category, model.config.image_size, model.config.mean, model.config.std))).numpy()))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from mrkd.benchmarks.timing import gflop_per_image, measure
+from mrkd.runtime.calibration import Calibration
 
 
 def count_gflops(model, image_size: int) -> Dict[str, float]:
@@ -115,7 +116,7 @@ def _ort_rows(model, batches: List[int], threads: int, repeats: int, workdir: Pa
                 stats = measure(lambda: session.run(None, {name: x}), warmup=1, repeats=repeats)
                 rows.append({"backend": f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}-{precision}",
                              "batch": batch, **stats, "images_per_s": 1e3 * batch / stats["median_ms"]})
-    threshold = model.calibration.get("threshold")
+    threshold = Calibration.threshold_of(model.calibration, "model calibration")
     rule = "calibrated threshold"
     if threshold is None:  # an uncalibrated model: the median FP32 score, the hardest place to agree
         threshold, rule = float(np.median(scores["fp32"])), "median FP32 score (no calibration)"

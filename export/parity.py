@@ -17,6 +17,7 @@ import torch
 from mrkd.errors import MrkdError
 from mrkd.export.onnx_graph import ExportOptions, example_input
 from mrkd.runtime.alarms import is_anomalous
+from mrkd.runtime.calibration import Calibration
 
 FP32_TOLERANCE = 1e-4
 
@@ -125,7 +126,7 @@ def parity_inputs(image_size: int, options: ExportOptions, n: int = 2, seed: int
 
 
 def default_threshold(model) -> Optional[float]:
-    threshold = (model.calibration or {}).get("threshold")
+    threshold = Calibration.threshold_of(model.calibration, "model calibration")
     return None if threshold is None else float(threshold)
 
 

@@ -125,6 +125,20 @@ class Calibration:
             raise CalibrationError(f"{source}: fields good_min={low} > good_max={high}")
         return cls(**values)
 
+    @classmethod
+    def of(cls, data: Any, source: str = "calibration") -> Optional["Calibration"]:
+        """A model's calibration (its ``model.calibration`` dict, a Calibration, or nothing) as a
+        validated Calibration, None when the model is uncalibrated."""
+        if isinstance(data, Calibration):
+            return data
+        return cls.from_dict(data, source) if data else None
+
+    @classmethod
+    def threshold_of(cls, data: Any, source: str = "calibration") -> Optional[float]:
+        """The threshold of ``Calibration.of(data)``, None when uncalibrated."""
+        calibration = cls.of(data, source)
+        return None if calibration is None else calibration.threshold
+
     @property
     def score_norm(self) -> Dict[str, float]:
         """The good-score statistics that are set (good_min, good_mean, ...), for score normalisation."""

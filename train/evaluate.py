@@ -14,6 +14,7 @@ import numpy as np
 
 from mrkd.atomic import atomic_write_bytes, atomic_write_text
 from mrkd.train import metrics
+from mrkd.runtime.calibration import Calibration
 
 TABLE_COLUMNS = (("image_auroc", "img AUROC"), ("pixel_auroc", "pix AUROC"), ("aupro", "AUPRO"),
                  ("aupro_paper", "AUPRO(paper)"), ("precision", "P@thr"), ("recall", "R@thr"), ("f1", "F1@thr"))
@@ -155,7 +156,7 @@ def evaluate(model, data_root, category: str, out_dir=None, batch_size: int = 8,
     data = scan_category(data_root, category, skip_unreadable=skip_unreadable, require_masks=require_masks)
     if not any(item.label == 1 for item in data.test_items) or not any(item.label == 0 for item in data.test_items):
         raise DataError(f"{Path(data_root) / category / 'test'}: evaluation needs good and defective test images")
-    threshold = model.calibration.get("threshold")
+    threshold = Calibration.threshold_of(model.calibration, "model calibration")
     arrays = maps_on_test_split(model, data.test_items, batch_size, device, progress)
     result = metrics_of_arrays(arrays, threshold)
     result.update(category=category, threshold=threshold, n_good=int((arrays["labels"] == 0).sum()),

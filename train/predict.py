@@ -18,6 +18,7 @@ from mrkd.atomic import atomic_write_bytes, atomic_write_text
 from mrkd.runtime.alarms import is_anomalous
 from mrkd.train.calibrate import normalized_scores
 from mrkd.train.evaluate import write_png
+from mrkd.runtime.calibration import Calibration
 
 SCORES_FILE = "scores.csv"
 SKIPPED_FILE = "skipped.csv"
@@ -61,7 +62,7 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
     paths = list_inputs(inputs)
     names = _unique_stems(paths)
     config, calibration = model.config, dict(model.calibration)
-    threshold = calibration.get("threshold")
+    threshold = Calibration.threshold_of(calibration, "model calibration")
     device = device or next(model.parameters()).device
     model.eval()
 
