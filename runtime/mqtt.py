@@ -186,7 +186,9 @@ class _CameraLink:
         self.queue.put(message)
         self._wake.set()
 
-    def offer_result(self, message: _Message, now: float) -> None:
+    def offer_result(self, body: dict, now: float) -> None:
+        """Keep the newest result for the sender, which polls for it (no wake-up per frame: waking a
+        thread on every frame costs the loop thread a GIL hand-over each time)."""
         rate = self.settings.results_rate
         if rate <= 0 or now - self._last_result < 1.0 / rate:
             return
@@ -194,8 +196,7 @@ class _CameraLink:
         with self._result_lock:
             if self._result is not None:
                 self.results_dropped += 1
-            self._result = message
-        self._wake.set()
+            self._result = body
 
     def set_source_up(self, up: bool) -> None:
         if up != self.source_up:
@@ -230,7 +231,7 @@ class _CameraLink:
                 result, self._result = self._result, None
             if result is not None:
                 if self.connected.is_set():
-                    self._hand_over(result)
+                    self._hand_over(_Message(self.result_topic, json.dumps(result).encode("utf-8"), 0, False))
                 else:
                     self.results_dropped += 1
             if pending is None:
@@ -316,7 +317,7 @@ class MqttObserver(LineObserver):
                 "frame_time": result.frame_time, "score": result.score, "threshold": result.threshold,
                 "anomalous": result.anomalous, "latency_ms": result.latency_s * 1000.0,
                 "event_id": result.event.get("event_id") if result.event else None}
-        link.offer_result(_Message(link.result_topic, json.dumps(body).encode("utf-8"), 0, False), now)
+        link.offer_result(body, now)     # serialised on the sender thread
 
     def on_status(self, status: CameraStatus) -> None:
         link = self.links.get(status.camera)

@@ -62,7 +62,6 @@ class _CameraView:
         self.up: Optional[bool] = None
         self.latencies: Deque[float] = deque(maxlen=200)
         self.arrivals: Deque[float] = deque(maxlen=200)       # monotonic time of each result, for fps
-        self.fresh = threading.Event()                          # a new result since the last encode
         self.cond = threading.Condition()
         self.jpeg: Optional[bytes] = None
         self.jpeg_seq = 0
@@ -131,8 +130,6 @@ class OperatorServer(LineObserver):
         view.frames += 1
         view.latencies.append(result.latency_s)
         view.arrivals.append(time.monotonic())
-        if view.watchers:
-            view.fresh.set()
         if result.event is not None:
             with self._alarm_lock:
                 for alarm in self.alarms:
@@ -180,20 +177,20 @@ class OperatorServer(LineObserver):
                 self._broadcast("status", self._statuses())
 
     def _encode_loop(self, view: _CameraView) -> None:
-        """One camera's live-view encoder; runs while someone watches it."""
-        interval = 1.0 / self.stream_fps if self.stream_fps > 0 else 0.0
-        last = 0.0
+        """One camera's live-view encoder; runs while someone watches it. It polls for the newest result
+        at the stream rate rather than being woken per frame, so the loop thread never hands it the GIL."""
+        interval = 1.0 / self.stream_fps if self.stream_fps > 0 else 0.02
+        encoded_result = None
+        next_at = time.monotonic()
         while view.watchers > 0 and not self.closed.is_set():
-            if not view.fresh.wait(0.5):
-                continue
-            wait = last + interval - time.monotonic()
+            wait = next_at - time.monotonic()
             if wait > 0:
-                time.sleep(wait)
-            view.fresh.clear()
+                self.closed.wait(wait)
+            next_at = max(next_at + interval, time.monotonic())
             result = view.latest
-            if result is None:
+            if result is None or result is encoded_result:
                 continue
-            last = time.monotonic()
+            encoded_result = result
             image = annotate(result.image, result.amap, result.score, result.threshold, result.event is not None)
             ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
             if not ok:
@@ -208,8 +205,6 @@ class OperatorServer(LineObserver):
     def watch(self, view: _CameraView) -> None:
         with view.cond:
             view.watchers += 1
-            if view.latest is not None:
-                view.fresh.set()
             if view.encoder is None:
                 view.encoder = threading.Thread(target=self._encode_loop, args=(view,),
                                                 name=f"mjpeg:{view.info.name}", daemon=True)
@@ -252,7 +247,6 @@ class OperatorServer(LineObserver):
         self.closed.set()
         self._broadcast("stopped", {})
         for view in self.views.values():
-            view.fresh.set()
             with view.cond:
                 view.cond.notify_all()
         self.httpd.shutdown()
