@@ -29,15 +29,13 @@ def peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
     """The CPU's attainable FP32 GFLOP/s: a large square matmul on ONNX Runtime's MLAS GEMM (the
     kernels the model runs on; faster here than torch.mm) with ``threads`` intra-op threads."""
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
     tensors = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
     graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "peak", tensors[:2], tensors[2:])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                          ["cpu"], threads)
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     stats = measure(lambda: session.run(None, {"A": a, "B": a}), warmup=1, repeats=repeats)
     return 2 * n ** 3 / (stats["min_ms"] * 1e-3) / 1e9
@@ -82,7 +80,10 @@ def _ort_rows(model, batches: List[int], threads: int, repeats: int, workdir: Pa
     from mrkd.export.exporter import export_onnx
     from mrkd.export.int8 import INT8_TARGETS, quantize_int8
     from mrkd.export.onnx_graph import ExportOptions
-    from mrkd.runtime.backends.onnxruntime_backend import session_options
+    from mrkd.export.ort import run as run_graph
+    from mrkd.export.parity import scores_from_outputs
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
 
     image_size = model.config.image_size
     category = bench_data(image_size, workdir, quick)
@@ -105,11 +106,12 @@ def _ort_rows(model, batches: List[int], threads: int, repeats: int, workdir: Pa
         for provider in ort.get_available_providers():
             if provider in ("TensorrtExecutionProvider", "AzureExecutionProvider"):
                 continue
-            options_ort = session_options(threads)
-            session = ort.InferenceSession(str(onnx_path), options_ort, providers=[provider])
+            session = ort_session(onnx_path, [provider], threads)
             name = session.get_inputs()[0].name
             if provider == "CPUExecutionProvider":
-                scores[precision] = np.concatenate([session.run(["score"], {name: images[i:i + 1]})[0]
+                # finished as the runtime finishes them, whatever the graph's output layout
+                metadata = ModelMetadata.load(sidecar_path(onnx_path))
+                scores[precision] = np.concatenate([scores_from_outputs(run_graph(session, images[i:i + 1]), metadata)
                                                     for i in range(len(images))])
             for batch in batches:
                 x = np.ascontiguousarray(np.resize(images, (batch,) + images.shape[1:]))

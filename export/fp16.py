@@ -48,7 +48,7 @@ def run_fp16_on_cpu(onnx_path, batch: np.ndarray, model=None,
     PyTorch half on CPU with the traced module itself."""
     from mrkd.export import ort
     try:
-        return ort.run(ort.cpu_session(onnx_path), batch), CPU_FP16_BACKENDS[0]
+        return ort.runtime_outputs(onnx_path, batch), CPU_FP16_BACKENDS[0]
     except Exception as exc:  # onnxruntime raises its own exception classes (NOT_IMPLEMENTED, ...)
         if model is None or options is None:
             raise
@@ -69,14 +69,16 @@ def fp16_fidelity_report(model, fp16_onnx_path, options: ExportOptions, batch: O
     error, decision agreement. Not a pass/fail gate (FP16 differs by design); ``finite`` must hold."""
     if batch is None:
         batch = parity_inputs(model.config.image_size, options, n=4, seed=1)
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+    metadata = ModelMetadata.load(sidecar_path(fp16_onnx_path))
     reference = torch_reference(model, batch, options)
     candidate, backend = run_fp16_on_cpu(fp16_onnx_path, batch, model, options)
     threshold = default_threshold(model) if threshold is None else threshold
     if threshold is None:
-        threshold = float(np.median(scores_from_outputs(reference, model.head)))
+        threshold = float(np.median(scores_from_outputs(reference, metadata)))
     report = compare(f"FP16 graph on {backend.split(' ')[0]} vs FP32 PyTorch", reference, candidate,
-                     model.head, threshold)
+                     metadata, threshold)
     report.notes.append(f"backend: {backend}")
-    scale = float(np.max(np.abs(scores_from_outputs(reference, model.head))))
+    scale = float(np.max(np.abs(scores_from_outputs(reference, metadata))))
     report.notes.append(f"relative score error {report.score_max_abs_diff / max(scale, 1e-12):.3g}")
     return report

@@ -217,8 +217,8 @@ class ScoreError:
 def graph_scores(model, batch: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     """Image scores of a graph (path or serialised bytes) on ``batch``, on ONNX Runtime CPU."""
     from mrkd.export import ort
-    from mrkd.runtime.postprocess import maps_and_scores
-    return maps_and_scores(ort.run(ort.cpu_session(model), batch), meta)[1].astype(np.float64)
+    from mrkd.export.parity import scores_from_outputs
+    return scores_from_outputs(ort.run(ort.cpu_session(model), batch), meta)
 
 
 def score_error(reference: np.ndarray, candidate: np.ndarray) -> ScoreError:
@@ -310,14 +310,17 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))
 
 
-def int8_agreement_report(fp32_onnx_path, int8_onnx_path, images: np.ndarray, head,
-                          threshold: Optional[float]) -> Comparison:
-    """INT8 vs FP32 graph on ``images`` (both on ONNX Runtime CPU): map error and decision agreement."""
+def int8_agreement_report(fp32_onnx_path, int8_onnx_path, images: np.ndarray,
+                          threshold: Optional[float] = None) -> Comparison:
+    """INT8 vs FP32 graph on ``images``, both through the runtime's ONNX Runtime backend (CPU EP)
+    and post-processing: map error and decision agreement (at the median FP32 score without a threshold)."""
     from mrkd.export import ort
-    reference = ort.run(ort.cpu_session(fp32_onnx_path), images)
-    candidate = ort.run(ort.cpu_session(int8_onnx_path), images)
+    from mrkd.export.parity import scores_from_outputs
+    from mrkd.runtime.metadata import sidecar_path
+    metadata = ModelMetadata.load(sidecar_path(int8_onnx_path))
+    reference = ort.runtime_outputs(fp32_onnx_path, images)
+    candidate = ort.runtime_outputs(int8_onnx_path, images)
     reference = {k: v.astype(np.float64) for k, v in reference.items()}
     if threshold is None:
-        from mrkd.export.parity import scores_from_outputs
-        threshold = float(np.median(scores_from_outputs(reference, head)))
-    return compare("INT8 graph vs FP32 graph (ONNX Runtime CPU)", reference, candidate, head, threshold)
+        threshold = float(np.median(scores_from_outputs(reference, metadata)))
+    return compare("INT8 graph vs FP32 graph (ONNX Runtime CPU)", reference, candidate, metadata, threshold)

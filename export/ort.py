@@ -12,15 +12,21 @@ ModelSource = Union[str, Path, bytes]
 
 
 def cpu_session(model: ModelSource, threads: int = 0):
-    """An onnxruntime InferenceSession on the CPU EP for a path or serialised model bytes."""
-    from mrkd.deps import require
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    """An onnxruntime InferenceSession on the CPU EP for a path or serialised model bytes: the
+    runtime's own factory (runtime.backends.onnxruntime_backend.ort_session), errors logged only."""
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
+    return ort_session(model, ["cpu"], threads, quiet=True)
+
+
+def runtime_outputs(model_path, batch: np.ndarray) -> Dict[str, np.ndarray]:
+    """The graph's outputs on ``batch`` through the runtime's own ONNX Runtime backend on the CPU
+    EP: what `mrkd run` computes, so the export reports check what users run."""
+    from mrkd.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    backend = OnnxRuntimeBackend(model_path, providers=["cpu"], quiet=True)
+    try:
+        return backend.infer(np.ascontiguousarray(batch))
+    finally:
+        backend.close()
 
 
 def run(session, batch: np.ndarray) -> Dict[str, np.ndarray]:

@@ -81,22 +81,16 @@ def torch_reference(model, batch: np.ndarray, options: ExportOptions) -> Dict[st
         return {"anomaly_map": model.head(*model(x), smooth=False).numpy()}
 
 
-def scores_from_outputs(outputs: Dict[str, np.ndarray], head) -> np.ndarray:
-    """Image scores from any output layout, finishing the protocol with the model's head."""
-    if "score" in outputs:
-        return np.asarray(outputs["score"], dtype=np.float64)
-    with torch.no_grad():
-        if "anomaly_map" in outputs:
-            summed = torch.from_numpy(outputs["anomaly_map"].astype(np.float32))
-        else:
-            scales = [torch.from_numpy(outputs[f"scale{i}"].astype(np.float32)) for i in range(3)]
-            summed = head.upsample_sum(scales)
-        return head.scores(head.blur(summed)).double().numpy()
+def scores_from_outputs(outputs: Dict[str, np.ndarray], metadata) -> np.ndarray:
+    """Image scores (float64) from graph outputs in the layout ``metadata`` describes, finished the
+    way the runtime finishes them (runtime.postprocess.maps_and_scores: output names from the metadata)."""
+    from mrkd.runtime.postprocess import maps_and_scores
+    return maps_and_scores(outputs, metadata)[1].astype(np.float64)
 
 
-def compare(name: str, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray], head,
+def compare(name: str, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray], metadata,
             threshold: Optional[float], tolerance: Optional[float] = None) -> Comparison:
-    """Compare two output dicts of the same layout."""
+    """Compare two output dicts of the layout ``metadata`` (a ModelMetadata) describes."""
     missing = sorted(set(reference) - set(candidate))
     if missing:
         raise ParityError(f"{name}: outputs {missing} missing (got {sorted(candidate)})")
@@ -108,8 +102,8 @@ def compare(name: str, reference: Dict[str, np.ndarray], candidate: Dict[str, np
         finite &= bool(np.isfinite(cand).all())
         diffs[key] = float(np.max(np.abs(cand - ref))) if np.isfinite(cand).all() else float("inf")
     map_keys = [k for k in diffs if k != "score"]
-    ref_scores = scores_from_outputs(reference, head)
-    cand_scores = scores_from_outputs(candidate, head)
+    ref_scores = scores_from_outputs(reference, metadata)
+    cand_scores = scores_from_outputs(candidate, metadata)
     score_diff = float(np.max(np.abs(cand_scores - ref_scores))) if finite else float("inf")
     agreement = None
     if threshold is not None:
@@ -132,15 +126,18 @@ def default_threshold(model) -> Optional[float]:
 
 def parity_report(model, onnx_path, options: ExportOptions, batch: Optional[np.ndarray] = None,
                   tolerance: float = FP32_TOLERANCE, threshold: Optional[float] = None) -> Comparison:
-    """ONNX Runtime (CPU EP) on the exported FP32 graph vs the PyTorch model, on ``batch`` (default: 2
-    deterministic random inputs). Call ``.check()`` to raise on failure; ``.format()`` to print."""
+    """The exported FP32 graph through the runtime's ONNX Runtime backend (CPU EP) and
+    post-processing vs the PyTorch model, on ``batch`` (default: 2 deterministic random inputs).
+    Call ``.check()`` to raise on failure; ``.format()`` to print."""
     from mrkd.export import ort
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
     if batch is None:
         batch = parity_inputs(model.config.image_size, options)
+    metadata = ModelMetadata.load(sidecar_path(onnx_path))
     reference = torch_reference(model, batch, options)
-    candidate = ort.run(ort.cpu_session(onnx_path), batch)
+    candidate = ort.runtime_outputs(onnx_path, batch)
     threshold = default_threshold(model) if threshold is None else threshold
     if threshold is None:
         # No calibration: compare decisions at the reference's median score so the line still says something.
-        threshold = float(np.median(scores_from_outputs(reference, model.head)))
-    return compare("ONNX Runtime CPU vs PyTorch (fp32)", reference, candidate, model.head, threshold, tolerance)
+        threshold = float(np.median(scores_from_outputs(reference, metadata)))
+    return compare("ONNX Runtime CPU vs PyTorch (fp32)", reference, candidate, metadata, threshold, tolerance)

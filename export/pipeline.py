@@ -72,7 +72,7 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         result.files["onnx_int8"] = engine_source = quant.path
         echo(f"wrote {quant.path}")
         images = load_images(int8_image_paths(int8_images), quant.metadata)
-        result.reports["int8"] = int8_agreement_report(fp32.path, quant.path, images, model.head,
+        result.reports["int8"] = int8_agreement_report(fp32.path, quant.path, images,
                                                        fp32.metadata.threshold)
         echo(result.reports["int8"].format())
 

@@ -23,7 +23,7 @@ def small_model(seed: int = 0, threshold: float = 3.0):
 
 
 def run_onnx(path, batch: np.ndarray) -> dict:
-    import onnxruntime as ort
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
+    session = ort_session(path, ["cpu"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {session.get_inputs()[0].name: batch})))

@@ -19,12 +19,15 @@ def test_alarm_policy_counts_a_score_at_the_threshold():
 
 def test_export_reports_use_the_runtimes_rule():
     torch = pytest.importorskip("torch")  # noqa: F841 - export.parity needs torch
+    from types import SimpleNamespace
+
     from mrkd.export.parity import compare
+    layout = SimpleNamespace(image_size=4, per_scale_outputs=False, smoothing_in_graph=True)  # graph gives score
     maps = np.zeros((2, 1, 4, 4), np.float32)
     reference = {"anomaly_map": maps, "score": np.array([0.5, 0.7])}
     candidate = {"anomaly_map": maps, "score": np.array([0.4999, 0.7])}
     # at 0.5: the reference's first image is anomalous (>=), the candidate's is not
-    assert compare("rule", reference, candidate, None, threshold=0.5).decision_agreement == 0.5
+    assert compare("rule", reference, candidate, layout, threshold=0.5).decision_agreement == 0.5
 
 
 def test_evaluation_counts_use_the_same_rule():

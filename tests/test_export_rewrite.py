@@ -89,8 +89,7 @@ def test_rewrite_keeps_a_batchnorm_that_others_read():
     proto = _to_onnx(module, x)
     assert convtranspose_as_conv_depth_to_space(proto) == 1
     assert "BatchNormalization" in [n.op_type for n in proto.graph.node]
-    import onnxruntime as ort
-    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x.numpy()})[0]
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
+    got = ort_session(proto.SerializeToString(), ["cpu"]).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, module(x).numpy(), atol=1e-5, rtol=1e-5)

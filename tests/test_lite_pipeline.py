@@ -51,7 +51,7 @@ def test_lite0_exports_fp32_fp16_int8_and_runs_in_the_runtime(trained_lite0, tmp
     good = root / "washer" / "train" / "good"
     int8 = quantize_int8(fp32.path, tmp_path / "model_int8.onnx", good)
     agreement = int8_agreement_report(fp32.path, int8.path, load_images(int8_image_paths(good), int8.metadata),
-                                      model.head, threshold)
+                                      threshold)
     assert agreement.finite and agreement.score_max_abs_diff < 0.25 * threshold
 
     # The runtime reads the same pre-processing from the metadata: its scores equal PyTorch's.

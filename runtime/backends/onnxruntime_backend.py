@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -37,16 +37,34 @@ def choose_providers(requested: Optional[Sequence[str]], available: Sequence[str
     return chosen
 
 
-def session_options(threads: Optional[int] = None):
-    """The SessionOptions every ONNX Runtime session of the runtime (and the benchmarks) uses:
-    ``threads`` intra-op threads (None/0 = ORT's default, one per core) and ORT_ENABLE_ALL (layout
-    transformations to NCHWc blocked convolutions, QDQ -> integer kernel fusion)."""
+def session_options(threads: Optional[int] = None, quiet: bool = False):
+    """The SessionOptions every ONNX Runtime session of mrkd uses: ``threads`` intra-op threads
+    (None/0 = ORT's default, one per core), ORT_ENABLE_ALL (layout transformations to NCHWc blocked
+    convolutions, QDQ -> integer kernel fusion); ``quiet`` logs errors only (export reports)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
+    if quiet:
+        options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
+
+
+def ort_session(model: Union[str, Path, bytes], providers: Optional[Sequence[str]] = None,
+                threads: Optional[int] = None, quiet: bool = False):
+    """The one way mrkd opens an ONNX Runtime InferenceSession (the runtime backend, the export
+    reports, the benchmarks, the tests): a model path or serialised bytes, ``providers`` as in
+    choose_providers (None = TensorRT > CUDA > CPU, whichever this build has; aliases "cpu", "cuda",
+    "tensorrt"), session_options(threads, quiet). BackendError naming the model when ORT refuses it."""
+    ort = require("onnxruntime")
+    chosen = choose_providers(providers, ort.get_available_providers())
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=session_options(threads, quiet), providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        what = "the serialised model" if isinstance(model, bytes) else str(model)
+        raise BackendError(f"{what}: onnxruntime cannot load the model ({exc})") from exc
 
 
 class OnnxRuntimeBackend(Backend):
@@ -55,16 +73,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, model_path: str | Path, providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, quiet: bool = False):
         ort = require("onnxruntime")
         self.model_path = Path(model_path)
-        options = session_options(threads)
         self.providers = choose_providers(providers, ort.get_available_providers())
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=options,
-                                                providers=self.providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise BackendError(f"{self.model_path}: onnxruntime cannot load the model ({exc})") from exc
+        self.session = ort_session(self.model_path, self.providers, threads, quiet)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise BackendError(f"{self.model_path}: expected one model input, found "
