@@ -21,7 +21,7 @@ from runtime_fixtures import build_tiny_model, defective_frame, export_tiny_mode
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.detector import Detector
-from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from mrkd.runtime.metadata import sidecar_path
 
 HOSTILE_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-10 ** 12, 10 ** 12),

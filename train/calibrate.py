@@ -14,8 +14,7 @@ The export writes the Calibration into the model metadata, so the edge runtime n
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
