@@ -46,3 +46,4 @@ def test_quick_quality_imagenet_teacher_beats_random_on_real_images(tmp_path):
         knn = summary[f"{category}/knn"]["image_auroc"]["mean"]
         assert imagenet > random, (category, imagenet, random)
         assert knn > 0.6, (category, knn)       # the baseline sees the defects at all
+        assert 0.5 < summary[f"{category}/mrkd+knn"]["image_auroc"]["mean"] <= 1.0
