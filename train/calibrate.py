@@ -19,16 +19,17 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 # The rules and the record are torch-free (the runtime calibrates exported models with them too).
-from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, MAX_MARGIN, MIN_SCORES_FOR_QUANTILE,  # noqa: F401
-                                     MIN_SCORES_FOR_TOLERANCE, THRESHOLD_METHODS, Calibration, good_score_stats,
+from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,  # noqa: F401
+                                     MAX_MARGIN, MIN_SCORES_FOR_QUANTILE, MIN_SCORES_FOR_TOLERANCE,
+                                     THRESHOLD_METHODS, Calibration, good_score_stats,
                                      threshold_from_good_scores, tolerance_factor)
 from mrkd.runtime.calibration import calibration_from_scores as _calibration_from_scores
 
 TOLERANCE_CONFIDENCE = DEFAULT_CONFIDENCE    # the name training has used
 
 
-def calibration_from_scores(good_scores, quantile: float = 0.99, labels=None, labelled_scores=None,
-                            method: str = "quantile", confidence: float = TOLERANCE_CONFIDENCE) -> dict:
+def calibration_from_scores(good_scores, quantile: float = DEFAULT_QUANTILE, labels=None, labelled_scores=None,
+                            method: str = DEFAULT_METHOD, confidence: float = DEFAULT_CONFIDENCE) -> dict:
     """The calibration dict (the checkpoint's form of a Calibration) for given good scores and,
     optionally, labelled scores for an F1 threshold."""
     return _calibration_from_scores(good_scores, quantile, labels, labelled_scores, method, confidence).to_dict()
@@ -68,9 +69,9 @@ def score_images(model, images, batch_size: int = 8, device=None) -> np.ndarray:
 
 
 def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa: F821
-              labelled: Optional[Tuple[object, Sequence[int]]] = None, quantile: float = 0.99,
-              batch_size: int = 8, device=None, method: str = "quantile",
-              confidence: float = TOLERANCE_CONFIDENCE) -> dict:
+              labelled: Optional[Tuple[object, Sequence[int]]] = None, quantile: float = DEFAULT_QUANTILE,
+              batch_size: int = 8, device=None, method: str = DEFAULT_METHOD,
+              confidence: float = DEFAULT_CONFIDENCE) -> dict:
     """Score ``good_images`` (paths or a normalised tensor) and store the calibration in the model.
 
     ``labelled``: optional ``(images, labels)`` with defective examples; the threshold is then the
@@ -86,8 +87,8 @@ def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa:
     return model.calibration
 
 
-def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, quantile: float = 0.99,
-                           method: str = "quantile", confidence: float = TOLERANCE_CONFIDENCE,
+def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, quantile: float = DEFAULT_QUANTILE,
+                           method: str = DEFAULT_METHOD, confidence: float = DEFAULT_CONFIDENCE,
                            batch_size: int = 8, device=None) -> dict:
     """Calibrate the model in ``checkpoint`` again and write it (atomically) to ``out`` or in place.
 

@@ -76,9 +76,9 @@ class TrainConfig:
     save_every: int = 1                  # epochs between last.ckpt writes (the final epoch always)
     holdout_fraction: float = 0.1        # good train images kept out for calibration
     min_holdout: int = 2
-    threshold_quantile: float = 0.99     # share of good parts the threshold should pass
-    threshold_method: str = "quantile"   # "quantile" | "tolerance" (mrkd.train.calibrate)
-    threshold_confidence: float = 0.75   # for "tolerance": calibrate.TOLERANCE_CONFIDENCE
+    threshold_quantile: float = calibration.DEFAULT_QUANTILE     # share of good parts the threshold passes
+    threshold_method: str = calibration.DEFAULT_METHOD           # "quantile" | "tolerance"
+    threshold_confidence: float = calibration.DEFAULT_CONFIDENCE # for "tolerance" (mrkd.runtime.calibration)
     resize_mode: str = "resize"          # "resize" | "center_crop" (official)
     score: str = "mrkd"                  # "mrkd" | "knn" | "both": see mrkd.train.memory_bank
     knn_memory_fraction: float = 0.1     # share of training patches in the memory bank (knn/both)
