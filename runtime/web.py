@@ -386,7 +386,7 @@ PAGE_HTML = """<!doctype html>
   .state.up { color: #4c4; } .state.down { color: #e44; }
   .live { width: 100%; image-rendering: pixelated; background: #000; min-height: 120px; }
   dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 10px; margin: 6px 0; }
-  dt { color: #999; } dd { margin: 0; }
+  dt { color: #999; } dd { margin: 0; overflow-wrap: anywhere; }
   #alarms-panel { padding: 0 16px 16px; }
   #alarms { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 10px; }
   .alarm { background: #2a1515; border: 1px solid #733; border-radius: 4px; padding: 6px; width: 300px; }

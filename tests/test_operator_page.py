@@ -59,7 +59,7 @@ def test_page_loads_live_view_changes_and_an_alarm_appears_within_two_seconds(tm
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1040, "height": 820})
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
             page.goto(server.url + "/")
             page.wait_for_selector("#cam-left .state.up", timeout=10000)
             page.wait_for_selector("#cam-right .state.up", timeout=10000)
