@@ -162,3 +162,11 @@ def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert b"operator page http://127.0.0.1" in err
+
+
+def test_line_outputs_never_import_torch():
+    import sys
+    code = ("import sys\nimport mrkd.runtime.mqtt, mrkd.runtime.metrics, mrkd.runtime.web, mrkd.runtime.cli\n"
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\nassert not bad, bad\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
