@@ -46,6 +46,7 @@ from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint,
                                    trained_on)
 from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
+from mrkd.train.feature_cache import CACHE_MODES, TeacherFeatures  # noqa: E402
 from mrkd.train.head import distillation_loss  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
 
@@ -84,11 +85,15 @@ class TrainConfig:
     knn_memory_fraction: float = 0.1     # share of training patches in the memory bank (knn/both)
     eval_batch_size: int = 8
     progress: bool = True
+    # Speed only (mrkd.train.feature_cache): the same result to float rounding.
+    feature_cache: str = "auto"          # clean images' teacher features computed once: auto|fp32|fp16|off
+    feature_cache_mb: float = 2048       # memory budget of that cache
+    fast_teacher: bool = True            # teacher copy with BatchNorm folded, channels-last
 
     # Settings that may change between a run and its resumption (they do not change the result).
     RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "eval_every", "save_every", "progress",
                          "eval_batch_size", "threshold_quantile", "threshold_method",
-                         "threshold_confidence")
+                         "threshold_confidence", "feature_cache", "feature_cache_mb", "fast_teacher")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -102,6 +107,8 @@ class TrainConfig:
         if self.image_size % 32:
             # Strides 4/8/16 plus the bottleneck's stride 2: other sizes give student maps of another size.
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.feature_cache not in CACHE_MODES:
+            raise ValueError(f"feature_cache must be one of {CACHE_MODES}, got {self.feature_cache!r}")
         if self.ilm_source not in ILM_SOURCES:
             raise ValueError(f"ilm_source must be one of {ILM_SOURCES}, got {self.ilm_source!r}")
         if self.ilm_preset not in ("auto", "texture", "object"):
@@ -303,6 +310,7 @@ class TrainRun:
     last_metrics: Optional[dict] = None
     errors: List[str] = dataclasses.field(default_factory=list)
     started: float = 0.0                 # time.perf_counter() when the epochs began
+    features: Optional[TeacherFeatures] = None   # the teacher features of each batch (cache, fast copy)
 
     @property
     def writer(self) -> bool:
@@ -366,21 +374,21 @@ def _epoch_loader(run: TrainRun, dataset: TrainDataset, sampler, epoch: int):
     generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0))
     if sampler is not None:
         sampler.set_epoch(epoch)
-    count = len(sampler) if sampler is not None else len(dataset)
+    images = run.features.dataset()
+    count = len(sampler) if sampler is not None else len(images)
     # A last batch of one image cannot train BatchNorm where the bottleneck is 1×1 (image size 32):
     # drop it (the shuffle puts another image last next epoch).
     drop_last = count > 1 and count % config.batch_size == 1
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+        images, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
         num_workers=config.num_workers, worker_init_fn=_seed_worker, generator=generator,
         pin_memory=run.device.type == "cuda", drop_last=drop_last)
 
 
-def _train_step(run: TrainRun, clean: "torch.Tensor", student_input: "torch.Tensor") -> "torch.Tensor":
+def _train_step(run: TrainRun, batch) -> "torch.Tensor":
     """One optimizer step on one batch; returns the batch's (detached) distillation loss."""
     with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
-        target = run.model.teacher_features(clean)
-        source = run.model.teacher_features(student_input) if run.config.ilm else target
+        target, source = run.features(batch)
         loss = distillation_loss(target, run.trainable(source))
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -394,12 +402,10 @@ def _train_epoch(run: TrainRun, loader) -> float:
     run.model.train()
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     count = torch.zeros((), device=run.device)
-    for clean, student_input in loader:
-        clean = clean.to(run.device, non_blocking=True)
-        student_input = student_input.to(run.device, non_blocking=True)
-        loss = _train_step(run, clean, student_input)
-        total += loss.double() * clean.shape[0]
-        count += clean.shape[0]
+    for batch in loader:   # (clean, student input), or (indices, student input) with the feature cache
+        loss = _train_step(run, batch)
+        total += loss.double() * batch[1].shape[0]
+        count += batch[1].shape[0]
     if run.world > 1:
         dist.all_reduce(total)
         dist.all_reduce(count)
@@ -462,9 +468,11 @@ def _monitor(run: TrainRun, row: dict) -> None:
 def _run_epoch(run: TrainRun, dataset: TrainDataset, sampler, epoch: int) -> dict:
     """Train one epoch, write last.ckpt when due, then (rank 0) monitor on the test split."""
     config = run.config
+    epoch_started = time.perf_counter()
     loss = _train_epoch(run, _epoch_loader(run, dataset, sampler, epoch))
     run.epochs_done = epoch + 1
-    row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.perf_counter() - run.started, 3)}
+    row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.perf_counter() - run.started, 3),
+           "images_per_second": round(len(dataset) / (time.perf_counter() - epoch_started), 2)}
     run.history.append(row)
     final = epoch + 1 == config.epochs
     all_rng = _gather_rng(run.world)   # every rank takes part in the gather
@@ -517,21 +525,32 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     epochs_bar = tqdm(range(run.epochs_done, config.epochs), desc=f"train {category or Path(str(data_root)).name}",
                       unit="epoch", initial=run.epochs_done, total=config.epochs,
                       disable=not config.progress or not run.writer)
+    first_epoch = run.epochs_done
     run.started = time.perf_counter()
+    run.features = TeacherFeatures(run.model, dataset, ilm=config.ilm, cache=config.feature_cache,
+                                   cache_mb=config.feature_cache_mb, fast_teacher=config.fast_teacher,
+                                   batch_size=config.batch_size, device=device, autocast=use_amp)
     for epoch in epochs_bar:
         row = _run_epoch(run, dataset, sampler, epoch)
-        epochs_bar.set_postfix(loss=f"{row['loss']:.4f}",
+        epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.1f}",
                                **({"img_auroc": f"{row['image_auroc']:.3f}"} if "image_auroc" in row else {}))
     epochs_bar.close()
 
     summary = {"category": category, "out_dir": str(run.out_dir), "epochs": config.epochs, "history": run.history,
                "last": str(run.out_dir / LAST), "checkpoint": str(run.out_dir / LAST),
                "metrics": run.last_metrics, "holdout": data.holdout_paths, "world_size": world,
-               "model": run.model, "errors": run.errors}
+               "model": run.model, "errors": run.errors, "teacher_features": run.features.describe(),
+               "images_per_second": _images_per_second(run, len(dataset) * (config.epochs - first_epoch))}
     if run.writer:
         summary["calibration"] = _finish(run)
     _barrier(world)
     return summary
+
+
+def _images_per_second(run: TrainRun, images: int) -> Optional[float]:
+    """Training throughput of this call: ``images`` over the time from the feature cache's build to
+    the last epoch's end (checkpoint writes and monitoring between epochs included)."""
+    return round(images / run.history[-1]["seconds"], 2) if images and run.history else None
 
 
 def _finish(run: TrainRun) -> Optional[dict]:
