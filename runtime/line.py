@@ -16,7 +16,6 @@ with ``iter_frames`` below.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 from mrkd.runtime.alarms import AlarmPolicy, is_anomalous
 from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.events import EventSinks
+from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
 from mrkd.runtime.sources import Frame, Source, open_source
 from mrkd.runtime.stats import LatencyWindow, RunStats
@@ -103,19 +103,16 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
             raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
 
 
-def file_sha256(path: Union[str, Path]) -> str:
-    """SHA-256 of a file (cached while its size and modification time stay the same)."""
+def model_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 of a model file, cached while its size and modification time stay the same (run_stream
+    is called again and again on the same model)."""
     stat = Path(path).stat()
     return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
 def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 # ---------------------------------------------------------------- reading: one thread per camera
@@ -374,7 +371,7 @@ def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence
             feed = _Feed(camera.name, source, cond, capacity=max(2, 2 * batch) if not source.live else 1,
                          max_frames=max_frames)
             info = CameraInfo(name=camera.name, source=str(getattr(source, "uri", camera.source)),
-                              model=str(camera.model), model_sha256=file_sha256(camera.model),
+                              model=str(camera.model), model_sha256=model_sha256(camera.model),
                               backend=detector.backend.name, precision=detector.metadata.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
             states.append(_CameraState(camera, detector, policy, feed, info, outputs.get(camera.name, ())))

@@ -268,8 +268,9 @@ def test_soak_two_rtsp_cameras_with_a_server_restart_every_minute(tmp_path, came
         thread.join(timeout=30)
     summary = out["summary"]
     events = read_events(tmp_path / "events.jsonl")
-    report = {"minutes": (time.monotonic() - started) / 60, "frames": {n: c["frames"] for n, c in summary["cameras"].items()},
-              "reconnects": {n: c["source"]["reconnects"] for n, c in summary["cameras"].items()},
+    per_camera = summary["cameras"]
+    report = {"minutes": (time.monotonic() - started) / 60, "frames": {n: c["frames"] for n, c in per_camera.items()},
+              "reconnects": {n: c["source"]["reconnects"] for n, c in per_camera.items()},
               "rss_mb": [round(v, 1) for v in rss], "worst_frame_age_s": round(ages.worst, 3),
               "events": len(events), "alarms": summary["alarms"]}
     print("SOAK", report, file=sys.stderr)

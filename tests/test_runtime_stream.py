@@ -188,14 +188,14 @@ def test_long_run_memory_is_flat(tmp_path):
 def test_runtime_mrkd_run_and_calibrate_never_import_torch(tmp_path):
     video = write_video(tmp_path / "v.avi", normal_then_defective(3, 2))
     model = build_tiny_model(tmp_path / "m.onnx")
-    modules = ["detector", "sources", "alarms", "events", "stats", "stream", "line", "linefile", "cli", "video_output", "overlay",
+    modules = ["detector", "sources", "alarms", "events", "stats", "stream", "line", "linefile", "cli", "video_output",
+               "overlay",
                "backends", "backends.onnxruntime_backend", "backends.tensorrt_backend", "postprocess",
                "preprocess", "images", "metadata", "calibrate"]
-    if (Path(__file__).parents[1] / "runtime" / "demo_step.py").exists():
-        modules.append("demo_step")
     code = (
         "import sys, importlib\n"
         f"for m in {modules!r}: importlib.import_module('mrkd.runtime.' + m)\n"
+        "importlib.import_module('mrkd.demo_steps.stream')\n"
         "from click.testing import CliRunner\n"
         "from mrkd.cli import main\n"
         f"r = CliRunner().invoke(main, ['run', {str(model)!r}, '--source', {str(video)!r}, '--status-every', '0'])\n"
