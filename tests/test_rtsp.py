@@ -175,10 +175,11 @@ def test_killed_server_reconnects_and_the_other_camera_never_stalls(tmp_path, ca
     assert summary["cameras"]["rtsp"]["source"]["reconnects"] >= 1
     downs = [t for t, name, up, _ in timeline.status if name == "rtsp" and not up]
     assert downs and killed <= downs[0] <= back
-    # The file camera at 20 fps went on all along: no gap between its results over half a second.
+    # The file camera at 20 fps went on all along: no gap between its results near the RTSP camera's
+    # read timeout (2 s) or reconnect time, which a stalled loop would show; 1 s leaves room for a loaded CI box.
     times = [t for t, _, _ in timeline.frames["file"]]
     gaps = np.diff(times)
-    assert len(times) > 20 * (back - killed) * 0.7 and gaps.max() < 0.5, gaps.max()
+    assert len(times) > 20 * (back - killed) * 0.5 and gaps.max() < 1.0, gaps.max()
 
 
 def test_server_that_accepts_and_sends_nothing_times_out(tmp_path):
@@ -218,7 +219,7 @@ def test_frozen_server_is_detected_by_the_read_timeout_and_recovers(tmp_path, ca
         thread.join(timeout=15)
     assert detected < TIMEOUT_S + 3
     times = np.array([t for t, _, _ in timeline.frames["file"]])
-    assert np.diff(times).max() < 0.5          # the other camera went on meanwhile
+    assert np.diff(times).max() < 1.0          # the other camera went on meanwhile (stalled: >= 2 s)
     downs = [t for t, name, up, _ in timeline.status if name == "rtsp" and not up]
     assert downs and frozen <= downs[0] <= frozen + TIMEOUT_S + 2
 
