@@ -2,7 +2,8 @@
 
 A frame's way: ``open_source`` (sources.py) -> ``Detector`` (detector.py: preprocess.py ->
 backends/ -> postprocess.py) -> ``AlarmPolicy`` (alarms.py) -> ``EventSinks`` (events.py);
-``run_stream`` (stream.py) is the loop, ``mrkd run`` (cli.py) its command line.
+``run_line`` (line.py) is the frame loop for a ``Line`` of cameras, ``run_stream`` (stream.py) its
+one-camera case, ``mrkd run`` (cli.py) its command line.
 Submodules load on first use, so ``import mrkd.runtime`` stays cheap and never imports torch.
 """
 
@@ -14,6 +15,7 @@ _EXPORTS = {
     "AlarmPolicy": "alarms", "Alarm": "alarms",
     "EventSinks": "events", "EventLog": "events", "WebhookSender": "events", "read_events": "events",
     "run_stream": "stream",
+    "run_line": "line", "Line": "line", "Camera": "line",
     "VideoFileSink": "video_output", "WindowSink": "video_output",
     "ModelMetadata": "metadata", "MetadataError": "metadata",
 }
