@@ -2,11 +2,8 @@
 
 The demo is a list of steps, ``DEMO_STEPS``; each is a callable taking one context dict (the
 options plus what earlier steps put there: ``data_root``, ``run_dir``, ``checkpoints``, ``metrics``)
-and printing what it did. The export and runtime packages add their own steps::
-
-    from mrkd.demo import DEMO_STEPS, demo_step
-    @demo_step("export")
-    def export_step(context): ...
+and printing what it did. The steps that drive the export and runtime layers live in
+mrkd/demo_steps/ and are listed by name in DEMO_LAYER_STEPS (imported when the demo runs).
 """
 
 from __future__ import annotations
@@ -18,10 +15,11 @@ from typing import Callable, Dict, List, Tuple
 import click
 
 DemoStep = Callable[[Dict], None]
-# (name, step) in execution order. A package registers its steps with demo_step(...) in a module
-# listed in DEMO_STEP_MODULES, which the demo imports before it runs.
+# (name, step) in execution order: this module's steps (demo_step below), then DEMO_LAYER_STEPS.
 DEMO_STEPS: List[Tuple[str, DemoStep]] = []
-DEMO_STEP_MODULES: List[str] = ["mrkd.export.demo_step", "mrkd.runtime.demo_step"]
+# (name, "module:function") of the steps that need the export / runtime layers, after DEMO_STEPS.
+DEMO_LAYER_STEPS: List[Tuple[str, str]] = [("export", "mrkd.demo_steps.export:export_step"),
+                                           ("run", "mrkd.demo_steps.stream:stream_step")]
 
 # A few minutes on two CPU cores, every embedded category; --quick: two categories, about a minute.
 FULL = dict(categories=None, image_size=128, n_train=60, n_test_good=12, n_test_defect=4, epochs=15, batch_size=8)
@@ -30,7 +28,7 @@ QUICK = dict(categories="default", image_size=64, n_train=16, n_test_good=6, n_t
 
 
 def demo_step(name: str):
-    """Register a demo step (a callable taking the context dict) at the end of DEMO_STEPS."""
+    """Add one of this module's steps (a callable taking the context dict) to the end of DEMO_STEPS."""
     def register(step: DemoStep) -> DemoStep:
         DEMO_STEPS.append((name, step))
         return step
@@ -98,17 +96,19 @@ def eval_step(context: Dict) -> None:
 
 
 def run_demo(out, quick: bool = False) -> Dict:
-    """Run every step of DEMO_STEPS in order; returns the context dict."""
+    """Run every step of DEMO_STEPS, then DEMO_LAYER_STEPS, in order; returns the context dict."""
     import importlib
 
     from mrkd.deps import MissingDependencyError
-    for module in DEMO_STEP_MODULES:
+    steps = list(DEMO_STEPS)
+    for name, target in DEMO_LAYER_STEPS:
+        module, function = target.split(":")
         try:
-            importlib.import_module(module)
+            steps.append((name, getattr(importlib.import_module(module), function)))
         except MissingDependencyError as exc:  # a layer not installed here: its step is left out
-            click.secho(f"skipping the steps of {module}: {exc}", fg="yellow", err=True)
+            click.secho(f"skipping the {name} step: {exc}", fg="yellow", err=True)
     context: Dict = {"out": Path(out), "quick": quick, "sizes": QUICK if quick else FULL}
-    for name, step in DEMO_STEPS:
+    for name, step in steps:
         started = time.perf_counter()
         click.secho(f"== {name}", bold=True)
         step(context)

@@ -1,5 +1,5 @@
 """The demo's export step: every trained category to ONNX (parity-checked), plus one FP16 fidelity
-report and a Triton repository. Registered by adding "mrkd.export.demo_step" to DEMO_STEP_MODULES."""
+report and a Triton repository (listed in mrkd/demo.py's DEMO_LAYER_STEPS)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ from typing import Dict
 
 import click
 
-from mrkd.demo import demo_step
 
-
-@demo_step("export")
 def export_step(context: Dict) -> None:
     from mrkd.export.exporter import export_onnx, load_model
     from mrkd.export.fp16 import fp16_fidelity_report, fp16_options

@@ -1,7 +1,7 @@
 """The demo's streaming step: a video of good-then-defective test images through the exported model.
 
-Register it in mrkd/demo.py with ``DEMO_STEP_MODULES.append("mrkd.runtime.demo_step")`` (after the
-export step's module, whose ONNX files it uses when ``context["exports"]`` holds them).
+Listed in mrkd/demo.py's DEMO_LAYER_STEPS after the export step, whose ONNX files it uses when
+``context["exports"]`` holds them. Imports no PyTorch unless it has to export a model itself.
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import click
-
-from mrkd.demo import demo_step
-
 FRAMES_PER_IMAGE = 3   # each test image is held for a few frames, as a part passing a camera
 
 
@@ -55,7 +52,6 @@ def exported_model(context: Dict, category: str) -> Path:
     return path
 
 
-@demo_step("run")
 def stream_step(context: Dict) -> None:
     from mrkd.runtime.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
