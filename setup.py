@@ -76,8 +76,9 @@ setup(
         # The tests check every Lite variant against the independent efficientnet-lite-pytorch.
         "line": LINE,
         # playwright drives Debian's chromium in the operator-page test (no browser download).
+        # hypothesis: the hostile-input tests mutate exported sidecars field by field.
         "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
-                "playwright>=1.40"] + LITE + TRAIN + LINE,
+                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]
