@@ -260,3 +260,15 @@ def test_fast_training_stays_within_rounding_divergence_of_the_plain_loop(tmp_pa
     got, expected = _trainable_state(summary["model"]), _trainable_state(reference)
     assert got.keys() == expected.keys()
     assert _weights_distance(got, expected) < 0.10
+
+
+def test_mrkd_train_prints_throughput_and_a_too_small_cache_budget_falls_back(tmp_path):
+    from click.testing import CliRunner
+
+    from mrkd.cli import main
+    result = CliRunner().invoke(main, ["train", str(tiny_data()), "-c", CATEGORY, "--out", str(tmp_path / "runs"),
+                                       "--backbone", "resnet18", "--teacher-weights", "random", "--epochs", "1",
+                                       "--batch-size", "8", "--image-size", str(IMAGE_SIZE), "--eval-every", "0",
+                                       "--feature-cache-mb", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert "images/s (feature cache off)" in result.output

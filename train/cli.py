@@ -123,6 +123,17 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help="Continue from <out>/<category>/last.ckpt when present (same settings required).")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision (CUDA only).")
+@click.option("--feature-cache", type=click.Choice(["auto", "fp32", "fp16", "off"]), default="auto",
+              show_default=True,
+              help="Compute the frozen teacher's features of the clean training images once and reuse them "
+                   "every epoch (speed only). 'auto': FP32 if the whole set fits --feature-cache-mb, else FP16 "
+                   "(~5e-4 relative rounding of the target), else off.")
+@click.option("--feature-cache-mb", type=click.FloatRange(min=0), default=2048, show_default=True,
+              help="Memory budget of the feature cache in MiB (Lite0 at 256 px: 0.64 MiB per image in FP32; "
+                   "WideResNet50-2: 7 MiB).")
+@click.option("--fast-teacher/--no-fast-teacher", default=True, show_default=True,
+              help="Run the teacher through a copy with BatchNorm folded into the convolutions and channels-last "
+                   "weights (same features to float rounding; ~3x faster for Lite0 on CPU).")
 @click.option("--resize-mode", type=click.Choice(["resize", "center_crop"]), default="resize", show_default=True,
               help="'resize': whole image to a square; 'center_crop': the official protocol.")
 @click.option("--skip-unreadable", is_flag=True, help="Skip unreadable images (with a count) instead of failing.")
@@ -138,7 +149,8 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
                   device, ilm, ilm_source, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile,
                   threshold_method, threshold_confidence, resume,
-                  workers, amp, resize_mode, skip_unreadable, require_masks, score, knn_memory):
+                  workers, amp, feature_cache, feature_cache_mb, fast_teacher, resize_mode, skip_unreadable,
+                  require_masks, score, knn_memory):
     """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images).
 
     The run hands on its final epoch's weights (<out>/<category>/last.ckpt), as the official protocol
@@ -155,6 +167,8 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
     try:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
                              device=device, amp=amp, num_workers=workers, ilm=ilm, ilm_source=ilm_source,
+                             feature_cache=feature_cache, feature_cache_mb=feature_cache_mb,
+                             fast_teacher=fast_teacher,
                              ilm_preset=ilm_preset,
                              mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
                              threshold_quantile=threshold_quantile, threshold_method=threshold_method,
@@ -185,7 +199,10 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
                             if isinstance(last.get(k), float))
         threshold = (summary.get("calibration") or {}).get("threshold")
         monitoring = f"  (test split, monitoring only: {metrics})" if metrics else ""
-        click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  threshold {threshold}{monitoring}  "
+        speed = summary.get("images_per_second")
+        cache = (summary.get("teacher_features") or {}).get("feature_cache")
+        speed = f"  {speed:.1f} images/s (feature cache {cache})" if speed else ""
+        click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  threshold {threshold}{monitoring}{speed}  "
                    f"-> {summary['checkpoint']} (final epoch)")
         for error in summary.get("errors") or []:
             click.echo(f"{name}: {error}", err=True)

@@ -21,6 +21,7 @@ WideResNet50-2: 7 MiB). :func:`plan_cache` keeps FP32 when the whole set fits th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -156,6 +157,8 @@ class TeacherFeatures:
         self.fast_teacher = fast_teacher
         self.plan = plan_cache(cache, features_bytes_per_image(self.teacher, dataset.image_size, self.device)
                                if cache != "off" else 0, len(dataset), cache_mb)
+        if cache != "off" and self.plan.mode == "off":
+            warnings.warn(f"feature cache off: {self.plan.reason}; every step runs the teacher twice")
         self.cache = None if self.plan.mode == "off" else CleanFeatureCache.build(
             self.teacher, dataset, self.plan.mode, batch_size, self.device, autocast)
         self._dataset = IndexedStudentInputs(dataset) if self.cache is not None else dataset
