@@ -40,7 +40,6 @@ from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineOb
 logger = logging.getLogger(__name__)
 
 MQTT_SCHEMA_VERSION = 1
-_STOP = object()
 
 
 class MqttSettingsError(ValueError):
@@ -135,6 +134,7 @@ class _CameraLink:
         self._result_lock = threading.Lock()
         self._last_result = float("-inf")
         self._wake = threading.Event()
+        self._abandon = threading.Event()     # close: the sender stops, even holding an undelivered message
         client_id = f"mrkd-{socket.gethostname()}-{info.name}-{uuid.uuid4().hex[:6]}"[:64]
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if settings.username is not None:
@@ -225,7 +225,7 @@ class _CameraLink:
 
     def _send_loop(self) -> None:
         pending = None
-        while True:
+        while not self._abandon.is_set():
             self._settle_inflight()
             with self._result_lock:
                 result, self._result = self._result, None
@@ -241,9 +241,6 @@ class _CameraLink:
                     if self._wake.wait(0.05):
                         self._wake.clear()
                     continue
-            if pending is _STOP:
-                self.queue.done()
-                return
             if not self.connected.is_set() or len(self._inflight) >= self.settings.max_inflight:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -253,6 +250,9 @@ class _CameraLink:
                 pending = None
             else:
                 time.sleep(0.05)
+        if pending is not None:        # closing past the deadline with the broker still away
+            self.queue.dropped += 1
+            self.queue.done()
 
     def pending(self) -> int:
         self._settle_inflight()
@@ -265,10 +265,10 @@ class _CameraLink:
         while self._inflight and time.monotonic() < deadline:
             self._settle_inflight()
             time.sleep(0.01)
-        self.queue.drain()
-        self.queue.put(_STOP)
+        self._abandon.set()
         self._wake.set()
         self._thread.join(timeout=1.0)
+        self.queue.drain()                 # what is left counts as dropped
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
             try:

@@ -23,6 +23,8 @@ class DrivenFrames:
 
     def __init__(self, fps: float = 40.0, seed: int = 0, size: tuple = (48, 64)):
         self.fps, self.rng, self.size = fps, np.random.default_rng(seed), size
+        # The fixtures' 12×12 white patch; on large frames a white third, so the 32 px model still sees it.
+        self.big_defect = min(size) > 200
         self._defects = 0
         self._lock = threading.Lock()
         self._end = threading.Event()
@@ -54,7 +56,12 @@ class DrivenFrames:
                 self._defects -= defect
             self.yielded += 1
             self.yielded_defects += defect
-            yield defective_frame(self.rng, *self.size) if defect else normal_frame(self.rng, *self.size)
+            if defect and self.big_defect:
+                frame = normal_frame(self.rng, *self.size)
+                frame[: self.size[0] // 3, : self.size[1] // 3] = 255
+                yield frame
+            else:
+                yield defective_frame(self.rng, *self.size) if defect else normal_frame(self.rng, *self.size)
 
 
 class Recorder(LineObserver):

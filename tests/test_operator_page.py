@@ -96,3 +96,42 @@ def test_page_loads_live_view_changes_and_an_alarm_appears_within_two_seconds(tm
             browser.close()
     finally:
         run.stop()
+
+
+def test_viewers_and_a_broker_that_never_read_do_not_stall_the_line(tmp_path):
+    """Two page clients that connect and then never read (their socket buffers fill, so the server's
+    writes block) and a 'broker' that accepts TCP and never answers: the line scores every frame."""
+    import socket
+    from mrkd.runtime.mqtt import MqttObserver, MqttSettings
+
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(8)
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames, recorder = DrivenFrames(fps=40, size=(480, 640)), Recorder()
+    server = OperatorServer("127.0.0.1", 0, stream_fps=30)
+    mqtt = MqttObserver(MqttSettings.from_url(f"mqtt://127.0.0.1:{black_hole.getsockname()[1]}/x"),
+                        close_deadline_s=0.5)
+    run = LineRun(model, {"cam0": frames}, [recorder, server, mqtt], EventSinks(tmp_path / "events.jsonl"))
+    stalled = []
+    for path in ("/stream/cam0.mjpg", "/events"):
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(server.httpd.server_address[:2])
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        stalled.append(client)
+    # 20 noisy VGA JPEGs (~100 kB each) are more than a 4 kB receive buffer and the send buffer hold.
+    assert wait_for(lambda: server.views and server.views["cam0"].encoded >= 20, 20)
+    frames.defects(3)
+    assert wait_for(lambda: len(recorder.events) == 3, 10)
+    before = len(recorder.frames)
+    time.sleep(1.0)
+    assert len(recorder.frames) - before >= 10        # still scoring at the source's pace (40/s, loaded VM)
+    summary = run.stop()
+    for client in stalled:
+        client.close()
+    black_hole.close()
+    assert summary["frames"] == frames.yielded and summary["events"] == 3
+    link = mqtt.links["cam0"]
+    # The events the broker never took are counted as MQTT failures, and the sender has ended.
+    assert not link.connected.is_set() and not link._thread.is_alive() and mqtt.failures()["cam0"] >= 3
