@@ -308,15 +308,19 @@ def _handler_for(server: OperatorServer):
 
         do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
 
+        def _start_stream(self, content_type: str) -> None:
+            """Headers of an endless response (SSE, MJPEG): no length, closed when either side stops."""
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+
         def _events(self):
             client = server.add_client()
             try:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
+                self._start_stream("text/event-stream")
                 self._sse("hello", server._hello())
                 while not server.closed.is_set():
                     try:
@@ -342,12 +346,7 @@ def _handler_for(server: OperatorServer):
             if view is None:
                 self._send(404, b"no such camera\n", "text/plain")
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
+            self._start_stream("multipart/x-mixed-replace; boundary=frame")
             server.watch(view)
             seen = 0
             try:
