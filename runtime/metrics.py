@@ -14,7 +14,6 @@ The hooks run on the loop thread and only bump counters (a few microseconds per 
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -69,14 +68,13 @@ class MetricsObserver(LineObserver):
                                      ["camera", "model_sha256", "backend", "precision", "version"], registry=r)
         self.last_frame = prom.Gauge("mrkd_last_frame_timestamp_seconds", "Unix time of the last scored frame",
                                      cam, registry=r)
-        self._failures = _FailureCollector(prom, mqtt_failures, webhook_stats)
+        self._failures = _FailureCollector(mqtt_failures, webhook_stats)
         r.register(self._failures)
         self._children: Dict[str, tuple] = {}
         self._status: Dict[str, Tuple[int, int, int]] = {}     # camera -> (dropped, bad, reconnects) seen
         self._up: Dict[str, bool] = {}
         self._last_frame_at: Dict[str, float] = {}
         self._state = "starting"
-        self._lock = threading.Lock()
 
     # -- hooks
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
@@ -149,7 +147,7 @@ class MetricsObserver(LineObserver):
 class _FailureCollector:
     """Reads the MQTT and webhook senders' own failure counts at scrape time (no copy to keep in sync)."""
 
-    def __init__(self, prom, mqtt_failures, webhook_stats):
+    def __init__(self, mqtt_failures, webhook_stats):
         self._core = require("prometheus_client.core")
         self.mqtt_failures, self.webhook_stats = mqtt_failures, webhook_stats
 

@@ -17,7 +17,7 @@ from line_fixtures import DrivenFrames, LineRun, MqttRecorder, wait_for
 from peers import require_program
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
-from mrkd.benchmarks.mosquitto import Mosquitto, free_port
+from mrkd.benchmarks.mosquitto import Mosquitto
 from mrkd.runtime import EventSinks, read_events
 from mrkd.runtime.mqtt import MqttObserver, MqttSettings, MqttSettingsError
 

@@ -27,7 +27,7 @@ class VerifyingReceiver:
     """Accepts POSTs whose X-Mrkd-Signature is the HMAC-SHA256 of the body under ``secret``; answers
     500 (without keeping the event) to the first ``fail_first`` requests, so the sender retries."""
 
-    def __init__(self, secret: bytes, fail_first: int = 0, respond_then_fail: bool = False):
+    def __init__(self, secret: bytes, fail_first: int = 0):
         self.secret, self.fail_first = secret, fail_first
         self.accepted, self.rejected, self.headers = [], [], []
         self.seen_ids = set()
