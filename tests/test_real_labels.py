@@ -134,6 +134,13 @@ def test_real_elpv_cells_train_and_evaluate(tmp_path):
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["pixel_auroc"] is None and metrics["aupro"] is None
     assert metrics["n_defect_without_mask"] == metrics["n_defect"]
     assert "pixel metrics n/a" in result.output and f"0/{metrics['n_defect']}" in result.output
+    # calibrate --labelled takes image labels only too (good/ and defect/ folders)
+    calibrated = tmp_path / "f1.ckpt"
+    result = CliRunner().invoke(main, ["calibrate", str(tmp_path / "run" / category / "last.ckpt"),
+                                       str(root / category / "train" / "good"), "--labelled",
+                                       str(root / category / "test"), "-o", str(calibrated), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert torch.load(calibrated, weights_only=True)["calibration"]["threshold_method"] == "f1"
 
 
 def test_a_failing_evaluation_and_calibration_still_leave_the_final_checkpoint(tmp_path):
@@ -182,6 +189,11 @@ def test_what_a_run_hands_on_is_the_final_epoch_whatever_the_test_metrics(tmp_pa
     assert result.exit_code == 0, result.output
     sidecar = json.loads((exported / "model.onnx.json").read_text())
     assert hashlib.sha256(monitored.read_bytes()).hexdigest() in json.dumps(sidecar)
+    from mrkd.train.checkpoint import category_mismatch, load_checkpoint
+    model = load_checkpoint(monitored)
+    assert "trained on 'grain'" in category_mismatch(model, "washer", monitored)
+    assert category_mismatch(model, CATEGORY, monitored) is None
+
     from mrkd.export.cli import _checkpoint_of_run
     capsys.readouterr()
     assert _checkpoint_of_run(monitored, "washer") == str(monitored)
