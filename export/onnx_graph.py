@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.metadata import INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC
+from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MAP_OUTPUT, SCALE_OUTPUT_PREFIX,
+                                   SCORE_OUTPUT)
 
 MIN_OPSET = 17          # LayerNormalization-era opset: the oldest TensorRT 10 / ORT parse cleanly
 DEFAULT_OPSET = 17
@@ -91,24 +92,28 @@ def parse_batch_range(text: str) -> Tuple[int, int, int]:
     return check_batch_range(parts)
 
 
+SCALE_STRIDES = (4, 8, 16)   # the teacher's feature taps, one per-scale output each
+
+
 def output_names(options: ExportOptions) -> List[str]:
+    """The graph's output names (runtime.metadata's constants), in output order."""
     if options.per_scale_outputs:
-        return ["scale0", "scale1", "scale2"]
-    return ["anomaly_map", "score"] if options.smooth_in_graph else ["anomaly_map"]
+        return [f"{SCALE_OUTPUT_PREFIX}{i}" for i in range(len(SCALE_STRIDES))]
+    return [MAP_OUTPUT, SCORE_OUTPUT] if options.smooth_in_graph else [MAP_OUTPUT]
 
 
 def output_descriptions(options: ExportOptions, image_size: int, sigma: float) -> Dict[str, str]:
     """Output name -> what it holds, for ModelMetadata.outputs (the runtime reads this)."""
     if options.per_scale_outputs:
-        return {f"scale{i}": f"N×{image_size // s}×{image_size // s} float32: unsmoothed 1 − cos between "
-                             f"teacher and student features at stride {s}; upsample (bilinear, "
-                             f"align_corners=True) to {image_size}, sum, smooth (sigma {sigma}), max = score"
-                for i, s in enumerate((4, 8, 16))}
+        return {name: f"N×{image_size // s}×{image_size // s} float32: unsmoothed 1 − cos between "
+                      f"teacher and student features at stride {s}; upsample (bilinear, "
+                      f"align_corners=True) to {image_size}, sum, smooth (sigma {sigma}), max = score"
+                for name, s in zip(output_names(options), SCALE_STRIDES)}
     if options.smooth_in_graph:
-        return {"anomaly_map": f"N×1×{image_size}×{image_size} float32: sum over scales of upsampled 1 − cos, "
-                               f"Gaussian-smoothed in the graph (sigma {sigma}, scipy reflect border)",
-                "score": "N float32: max of anomaly_map; compare with threshold"}
-    return {"anomaly_map": f"N×1×{image_size}×{image_size} float32: sum over scales of upsampled 1 − cos, "
+        return {MAP_OUTPUT: f"N×1×{image_size}×{image_size} float32: sum over scales of upsampled 1 − cos, "
+                            f"Gaussian-smoothed in the graph (sigma {sigma}, scipy reflect border)",
+                SCORE_OUTPUT: "N float32: max of anomaly_map; compare with threshold"}
+    return {MAP_OUTPUT: f"N×1×{image_size}×{image_size} float32: sum over scales of upsampled 1 − cos, "
                            f"NOT smoothed: the runtime applies the Gaussian (sigma {sigma}) and takes the max "
                            f"as the score"}
 

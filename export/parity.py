@@ -17,6 +17,7 @@ import torch
 from mrkd.errors import MrkdError
 from mrkd.export.onnx_graph import ExportOptions, example_input
 from mrkd.runtime.alarms import is_anomalous
+from mrkd.runtime.metadata import MAP_OUTPUT, SCALE_OUTPUT_PREFIX, SCORE_OUTPUT
 from mrkd.runtime.calibration import Calibration
 
 FP32_TOLERANCE = 1e-4
@@ -74,11 +75,11 @@ def torch_reference(model, batch: np.ndarray, options: ExportOptions) -> Dict[st
     x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     with torch.no_grad():
         if options.per_scale_outputs:
-            return {f"scale{i}": m.numpy() for i, m in enumerate(model.per_scale_maps(x))}
+            return {f"{SCALE_OUTPUT_PREFIX}{i}": m.numpy() for i, m in enumerate(model.per_scale_maps(x))}
         if options.smooth_in_graph:
             maps = model.anomaly_map(x)
-            return {"anomaly_map": maps.numpy(), "score": model.head.scores(maps).numpy()}
-        return {"anomaly_map": model.head(*model(x), smooth=False).numpy()}
+            return {MAP_OUTPUT: maps.numpy(), SCORE_OUTPUT: model.head.scores(maps).numpy()}
+        return {MAP_OUTPUT: model.head(*model(x), smooth=False).numpy()}
 
 
 def scores_from_outputs(outputs: Dict[str, np.ndarray], metadata) -> np.ndarray:
@@ -101,7 +102,7 @@ def compare(name: str, reference: Dict[str, np.ndarray], candidate: Dict[str, np
             raise ParityError(f"{name}: output {key!r} has shape {cand.shape}, expected {ref.shape}")
         finite &= bool(np.isfinite(cand).all())
         diffs[key] = float(np.max(np.abs(cand - ref))) if np.isfinite(cand).all() else float("inf")
-    map_keys = [k for k in diffs if k != "score"]
+    map_keys = [k for k in diffs if k != SCORE_OUTPUT]
     ref_scores = scores_from_outputs(reference, metadata)
     cand_scores = scores_from_outputs(candidate, metadata)
     score_diff = float(np.max(np.abs(cand_scores - ref_scores))) if finite else float("inf")

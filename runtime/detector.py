@@ -20,7 +20,7 @@ import numpy as np
 from mrkd.runtime import postprocess
 from mrkd.runtime.alarms import is_anomalous
 from mrkd.runtime.backends import Backend, BackendError, open_backend
-from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
+from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MAP_OUTPUT, MetadataError, ModelMetadata,
                                    file_sha256, sidecar_path)
 from mrkd.runtime.preprocess import model_input
 
@@ -199,7 +199,7 @@ class Detector:
             raise MetadataError(f"{src}: field input_format={meta.input_format!r} expects "
                                 f"{'/'.join(np.dtype(d).name for d in dtypes)} input but {self.model_path.name} "
                                 f"takes {model.input_dtype}")
-        needed = meta.scale_outputs if meta.per_scale_outputs else ["anomaly_map"]
+        needed = meta.scale_outputs if meta.per_scale_outputs else [MAP_OUTPUT]
         if meta.per_scale_outputs and not needed:
             raise MetadataError(f"{src}: field per_scale_outputs=true but outputs lists no scale0.. maps")
         missing = [n for n in list(needed) + list(meta.outputs) if n not in model.output_names]

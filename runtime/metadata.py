@@ -30,6 +30,10 @@ FORMAT_VERSION = 2
 INPUT_FLOAT_NCHW = "float32_nchw_rgb_normalized"   # runtime resizes, normalises and transposes
 INPUT_UINT8_NHWC = "uint8_nhwc_bgr"               # runtime resizes only; the graph does the rest
 PRECISIONS = ("fp32", "fp16", "int8")
+# The exported graph's output names: written by the export (export/onnx_graph.py), read by the runtime.
+MAP_OUTPUT = "anomaly_map"      # N×1×S×S summed map, Gaussian-smoothed when smoothing_in_graph
+SCORE_OUTPUT = "score"          # N: max of the smoothed map (graphs that smooth)
+SCALE_OUTPUT_PREFIX = "scale"   # scale0, scale1, ...: per-scale maps at feature resolution (per_scale_outputs)
 MAX_IMAGE_SIZE = 8192
 MAX_BATCH = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -273,7 +277,8 @@ class ModelMetadata:
     @property
     def scale_outputs(self) -> List[str]:
         """The per-scale output names (scale0, scale1, ...) in scale order."""
-        return sorted((n for n in self.outputs if n.startswith("scale")), key=lambda n: int(n[5:]))
+        prefix = SCALE_OUTPUT_PREFIX
+        return sorted((n for n in self.outputs if n.startswith(prefix)), key=lambda n: int(n[len(prefix):]))
 
     @property
     def model_sha256(self) -> Optional[str]:
