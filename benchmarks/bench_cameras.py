@@ -9,7 +9,9 @@
 Each is measured with the files played as fast as they are read (throughput) and replayed at a fixed
 rate per camera (a live line; the rate is half what the slowest configuration sustained, so all keep
 up and the latency is what differs; at most 30 s each). Reported: total frames/s over the 4 cameras, p50/p99 latency
-from a frame's arrival to its result, and ratios against the batched process. Every process gets
+from a frame's arrival to its result, CPU time per frame (all threads of all processes: what a
+shared, loaded machine cannot skew by giving four processes four shares of the CPU), and ratios
+against the batched process. Every process gets
 ``threads`` ONNX Runtime threads (the setting a user would pass to each).
 
     python -m mrkd.benchmarks.bench_cameras [--quick]
@@ -90,12 +92,12 @@ def score_cameras(model: Path, videos, threads: int, fps: Optional[float], batch
     line = Line(tuple(Camera(Path(v).stem, str(v), str(model), threshold=NO_ALARM, cooldown=0, fps=fps)
                       for v in videos))
     latencies = _Latencies()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     summary = run_line(line, observers=[latencies], detectors={str(Path(model).resolve()): detector},
                        cross_camera_batching=batched, status=lambda text: None, max_frames=max_frames)
-    seconds = time.perf_counter() - started
+    seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     detector.close()
-    return {"frames": summary["frames"], "seconds": seconds, "latencies": latencies.values,
+    return {"frames": summary["frames"], "seconds": seconds, "cpu_s": cpu_s, "latencies": latencies.values,
             "frames_per_call": summary["frames_per_call"]}
 
 
@@ -109,11 +111,11 @@ def _worker(args: dict) -> None:
     latencies = _Latencies()
     print("READY", flush=True)
     sys.stdin.readline()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     summary = run_line(line, observers=[latencies], detectors={str(Path(args["model"]).resolve()): detector},
                        status=lambda text: None, max_frames=args["max_frames"])
     print(json.dumps({"frames": summary["frames"], "started": started, "ended": time.perf_counter(),
-                      "latencies": latencies.values}), flush=True)
+                      "cpu_s": time.process_time() - cpu_started, "latencies": latencies.values}), flush=True)
 
 
 def score_processes(model: Path, videos, threads: int, fps: Optional[float], max_frames: Optional[int] = None) -> dict:
@@ -135,7 +137,7 @@ def score_processes(model: Path, videos, threads: int, fps: Optional[float], max
             proc.wait(timeout=600)
     # perf_counter is CLOCK_MONOTONIC on Linux: comparable across processes.
     seconds = max(r["ended"] for r in results) - min(r["started"] for r in results)
-    return {"frames": sum(r["frames"] for r in results), "seconds": seconds,
+    return {"frames": sum(r["frames"] for r in results), "seconds": seconds, "cpu_s": sum(r["cpu_s"] for r in results),
             "latencies": [v for r in results for v in r["latencies"]], "frames_per_call": 1.0}
 
 
@@ -143,6 +145,7 @@ def _row(name: str, mode: str, measured: dict) -> dict:
     latencies = np.asarray(measured["latencies"]) * 1e3
     return {"config": name, "replay": mode, "frames": measured["frames"],
             "total_fps": measured["frames"] / measured["seconds"],
+            "cpu_ms_per_frame": 1e3 * measured["cpu_s"] / measured["frames"],
             "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
             "frames_per_call": round(measured["frames_per_call"], 2)}
 
@@ -169,6 +172,7 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2,
         base = next(r for r in rows if r["replay"] == row["replay"] and r["config"] == "one process, batched")
         row["fps_vs_batched"] = row["total_fps"] / base["total_fps"]
         row["p99_vs_batched"] = row["p99_ms"] / base["p99_ms"]
+        row["cpu_per_frame_vs_batched"] = row["cpu_ms_per_frame"] / base["cpu_ms_per_frame"]
     return {"bench": "cameras", "backbone": "efficientnet_lite0", "image_size": image_size, "cameras": CAMERAS,
             "frames_per_camera": frames, "frame_size": list(FRAME_SIZE), "threads": threads,
             "fixed_rate_fps_per_camera": rate, "rows": rows}
