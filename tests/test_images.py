@@ -112,3 +112,20 @@ def test_list_images_one_rule_for_folders_globs_and_files(tmp_path):
         list_images(tmp_path / "notes.txt")
     with pytest.raises(ImageListError, match="missing: not found"):
         list_images(tmp_path / "missing")
+
+
+def test_training_and_runtime_list_a_folder_or_glob_alike(tmp_path):
+    """`mrkd calibrate ckpt GOOD` (train.data.scan_folder) and `mrkd calibrate model.onnx GOOD`
+    (runtime.sources.open_source) read the same images from the same argument."""
+    pytest.importorskip("torch")
+    from mrkd.runtime.sources import open_source
+    from mrkd.train.data import scan_folder
+
+    for name in ("b.png", "a.JPG", ".c.png", "notes.txt", "sub/d.png", "e.bmp"):
+        _touch(tmp_path / name)
+    for argument in (str(tmp_path), str(tmp_path / "*"), str(tmp_path / "[ab].*")):
+        source = open_source(argument)
+        try:
+            assert [str(p) for p in source.paths] == scan_folder(argument), argument
+        finally:
+            source.close()
