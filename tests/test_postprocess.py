@@ -130,6 +130,23 @@ def test_cpu_batch1_at_256_matches_scipy_in_repeated_calls(sigma):
         np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
 
 
+def test_float32_views_that_are_not_contiguous_give_the_same_maps():
+    """The per-frame fast path takes contiguous float32 arrays as they are; strided views (a model
+    output sliced or transposed) must still be read in their logical order."""
+    rng = np.random.default_rng(21)
+    base = random_maps(rng, 2, [(16, 12), (8, 6)])
+    views = [np.swapaxes(np.swapaxes(m, 1, 2).copy(), 1, 2) for m in base]   # same values, F-order planes
+    views.append(rng.random((2, 8, 12), dtype=np.float32)[:, :, ::2])        # a strided slice
+    copies = [np.ascontiguousarray(v) for v in views]
+    assert not any(v.flags.c_contiguous for v in views)
+    maps, scores = pp.anomaly_map(views, (40, 36), sigma=2.0, impl="cpu")
+    ref_maps, ref_scores = pp.anomaly_map(copies, (40, 36), sigma=2.0, impl="cpu")
+    np.testing.assert_array_equal(maps, ref_maps)
+    np.testing.assert_array_equal(scores, ref_scores)
+    scipy_maps, _ = scipy_reference(copies, 40, 36, 2.0)
+    np.testing.assert_allclose(maps, scipy_maps, rtol=0, atol=ATOL)
+
+
 def test_gaussian_kernel1d_returns_a_fresh_array():
     kernel = pp.gaussian_kernel1d(4.0)
     kernel[:] = 0.0  # a caller's array: changing it must not change later calls
