@@ -302,9 +302,9 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
              f"spread" + (f" (all-INT8 was {tried['none']['relative']:.2f}x, above {AUTO_MAX_ERROR_VS_SPREAD})"
                           if mode == "front" and "none" in tried else ""))
     int8_meta = dataclasses.replace(meta, precision="int8", int8=Int8Info(
-        calibration_images=int(len(batch)), calibration_dir=str(images_dir), quantised_nodes=len(nodes),
+        images=int(len(batch)), images_dir=str(images_dir), quantised_nodes=len(nodes),
         teacher_nodes_kept_fp32=len(kept), keep_fp32=keep_fp32, keep_fp32_chosen=mode,
-        calibration_score_error=tried, convtranspose_rewritten=rewritten, head_only_convs_fp32=len(head_only),
+        score_error=tried, convtranspose_rewritten=rewritten, head_only_convs_fp32=len(head_only),
         head_inputs_kept_fp32=bypassed, target=target, format=settings.description))
     write_model(proto, out_path, int8_meta)
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))

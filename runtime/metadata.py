@@ -168,11 +168,12 @@ class EngineBuild:
 
 @dataclass
 class Int8Info:
-    """How an INT8 graph was quantised: the images it was calibrated on and what stayed FP32."""
+    """How an INT8 graph was quantised: the images its activation ranges were measured on (the INT8
+    images; not the threshold's calibration) and what stayed FP32."""
 
-    calibration_images: int
+    images: int                                # how many INT8 images
     target: str = "tensorrt"                   # tensorrt | cpu
-    calibration_dir: Optional[str] = None
+    images_dir: Optional[str] = None           # the --int8-images folder
     keep_fp32: Optional[str] = None            # asked for: auto | front | none
     keep_fp32_chosen: Optional[str] = None     # what auto chose
     quantised_nodes: Optional[int] = None
@@ -180,10 +181,13 @@ class Int8Info:
     head_only_convs_fp32: Optional[int] = None
     convtranspose_rewritten: Optional[int] = None
     head_inputs_kept_fp32: Any = None
-    calibration_score_error: Dict[str, Any] = field(default_factory=dict)
+    score_error: Dict[str, Any] = field(default_factory=dict)   # per keep_fp32 mode tried, on the INT8 images
     format: Optional[str] = None
 
     _COUNTS = ("quantised_nodes", "teacher_nodes_kept_fp32", "head_only_convs_fp32", "convtranspose_rewritten")
+    # names written before the INT8 images were called what they are, still read
+    _OLD_NAMES = {"calibration_images": "images", "calibration_dir": "images_dir",
+                  "calibration_score_error": "score_error"}
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,20 +197,22 @@ class Int8Info:
         where = "int8"
         if not isinstance(data, dict):
             _fail(source, where, data, "must be an object")
-        if "calibration_images" not in data:
-            raise MetadataError(f"{source}: field {where}.calibration_images is missing")
+        data = {**{cls._OLD_NAMES[k]: v for k, v in data.items() if k in cls._OLD_NAMES},
+                **{k: v for k, v in data.items() if k not in cls._OLD_NAMES}}
+        if "images" not in data:
+            raise MetadataError(f"{source}: field {where}.images is missing")
         counts = {k: (None if data.get(k) is None else _int(source, f"{where}.{k}", data[k], 0))
                   for k in cls._COUNTS}
         texts = {k: _text(source, f"{where}.{k}", data.get(k), optional=True)
-                 for k in ("calibration_dir", "keep_fp32", "keep_fp32_chosen", "format")}
-        errors = data.get("calibration_score_error") or {}
+                 for k in ("images_dir", "keep_fp32", "keep_fp32_chosen", "format")}
+        errors = data.get("score_error") or {}
         if not isinstance(errors, dict):
-            _fail(source, f"{where}.calibration_score_error", errors, "must be an object")
-        _plain_json(source, f"{where}.calibration_score_error", errors)
+            _fail(source, f"{where}.score_error", errors, "must be an object")
+        _plain_json(source, f"{where}.score_error", errors)
         _plain_json(source, f"{where}.head_inputs_kept_fp32", data.get("head_inputs_kept_fp32"))
-        return cls(calibration_images=_int(source, f"{where}.calibration_images", data["calibration_images"], 1),
+        return cls(images=_int(source, f"{where}.images", data["images"], 1),
                    target=_text(source, f"{where}.target", data.get("target", "tensorrt"), ("tensorrt", "cpu")),
-                   head_inputs_kept_fp32=data.get("head_inputs_kept_fp32"), calibration_score_error=errors,
+                   head_inputs_kept_fp32=data.get("head_inputs_kept_fp32"), score_error=errors,
                    **counts, **texts)
 
 

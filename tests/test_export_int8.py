@@ -61,7 +61,7 @@ def test_qdq_graph_quantises_backbone_only(int8_export):
         if not node.name.startswith(QUANTISED_SCOPES) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             for name in node.input:
                 assert name not in producers or producers[name].op_type != "DequantizeLinear", node.name
-    assert int8.metadata.precision == "int8" and int8.metadata.int8.calibration_images == 6
+    assert int8.metadata.precision == "int8" and int8.metadata.int8.images == 6
 
 
 def test_int8_agreement_report(int8_export):
@@ -181,7 +181,7 @@ def test_keep_fp32_none_quantises_every_teacher_conv(int8_export, tmp_path):
     assert convs and len(quantised) == len(convs)
     info = none.metadata.int8
     assert info.keep_fp32_chosen == "none" and info.teacher_nodes_kept_fp32 == 0
-    assert list(info.calibration_score_error) == ["none"]
+    assert list(info.score_error) == ["none"]
 
 
 @pytest.mark.parametrize("tolerance, chosen", [(float("inf"), "none"), (-1.0, "front")])
@@ -194,13 +194,13 @@ def test_keep_fp32_auto_falls_back_on_measured_error(int8_export, tmp_path, monk
     info = auto.metadata.int8
     assert info.keep_fp32 == "auto" and info.keep_fp32_chosen == chosen
     # "auto" always measures all-INT8 first; it only quantises again when that was too far off.
-    assert list(info.calibration_score_error) == (["none"] if chosen == "none" else ["none", "front"])
+    assert list(info.score_error) == (["none"] if chosen == "none" else ["none", "front"])
     convs, quantised = _teacher_convs_with_int8_weights(onnx.load(str(auto.path)))
     assert (len(quantised) == len(convs)) == (chosen == "none")
     assert len(lines) == 1 and ("above" in lines[0]) == (chosen == "front")
 
 
-def test_calibration_score_error_against_brute_force(int8_export):
+def test_int8_image_score_error_against_brute_force(int8_export):
     from mrkd.export.int8 import int8_image_score_error
     model, fp32, int8, calib = int8_export
     images = load_images(int8_image_paths(calib), int8.metadata)
