@@ -89,7 +89,9 @@ def test_calibration_folder_errors(tmp_path):
 def test_cli_int8_needs_calib(tmp_path):
     from click.testing import CliRunner
     from mrkd.export.cli import export_command
-    result = CliRunner().invoke(export_command, [str(tmp_path / "ck.pt"), "--int8"])
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(b"")        # CHECKPOINT must exist (click checks it first); never read here
+    result = CliRunner().invoke(export_command, [str(checkpoint), "--int8"])
     assert result.exit_code == 2 and "--calib" in result.output
 
 
