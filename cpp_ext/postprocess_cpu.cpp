@@ -45,7 +45,9 @@ using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecas
 namespace mrkd {
 namespace {
 
-// Below this many output pixels per thread, waking another thread costs more than it saves.
+// Below this many output pixels per thread, waking another thread costs more than it saves. One
+// 256 px map takes ~0.05 ms on one core; a second thread for it (two row bands) made the call 4-10x
+// slower on the shared 2-core VM under load, so batch 1 goes to several threads from 512 px on.
 constexpr long kMinPixelsPerThread = 128 * 1024;
 
 // 8 floats in GCC/Clang vector extensions: AVX in the x86-64-v3 clone, SSE or NEON pairs elsewhere.
