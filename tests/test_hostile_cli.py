@@ -221,3 +221,30 @@ def test_checkpoint_commands_with_a_missing_gpu_or_a_corrupt_checkpoint_are_one_
     for options, name in ((["--workspace", "0"], "--workspace"), (["--dla-core", "-1"], "--dla-core"),
                           (["--opt-level", "6"], "--opt-level"), (["--batch", "0:1:1"], "batch")):
         assert_one_line_error(mrkd("export", checkpoint, "-o", tmp_path / "out", *options), name)
+
+
+def test_sigterm_stops_a_run_whose_stream_keeps_failing_within_a_second(line):
+    from runtime_fixtures import MjpegServer
+    server = MjpegServer(frames_per_connection=5, interval=0.01)
+    code = ("import sys\nfrom mrkd.cli import main\n"
+            f"main(['run', {str(line['model'])!r}, '--source', {server.url!r}, '--status-every', '0'])")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        first = process.stderr.readline()            # the detector's line: the run has started
+        assert "threshold" in first
+        time.sleep(0.5)
+        server.close()                                # from now on every reconnect fails
+        time.sleep(2.0)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert stopped_after < 1.5, stopped_after
+    assert json.loads(out[out.index("{"):])["stopped_early"]
+    ours = [line for line in err.splitlines() if line.startswith("WARNING mrkd")]
+    assert len(ours) < 8, err                        # our reconnect warnings are rate-limited
