@@ -32,7 +32,7 @@ from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.events import EventSinks
 from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
-from mrkd.runtime.sources import Frame, Source, open_source
+from mrkd.runtime.sources import NETWORK_SCHEMES, Frame, Source, SourceError, SourceStats, open_source
 from mrkd.runtime.stats import LatencyWindow, RunStats
 from mrkd.runtime.video_output import annotate
 
@@ -289,17 +289,75 @@ def open_detectors(line: Line) -> Dict[str, Detector]:
     return detectors
 
 
+class LateSource(Source):
+    """A network camera that did not answer when the line started (a camera still booting): opened
+    again with backoff on its camera's reader thread until it answers, then read like any live source."""
+
+    live = True
+    paced = False
+
+    def __init__(self, uri: str, opener: Callable[[], Source], first_error: str,
+                 backoff: Tuple[float, float] = (0.5, 5.0)):
+        self._inner: Optional[Source] = None
+        super().__init__(uri)
+        self._own_stats.last_error = first_error
+        self._opener, self._backoff, self._delay = opener, backoff, backoff[0]
+        self._next_try = time.monotonic() + self._delay
+
+    @property
+    def stats(self) -> SourceStats:
+        return self._inner.stats if self._inner is not None else self._own_stats
+
+    @stats.setter
+    def stats(self, value: SourceStats) -> None:   # Source.__init__ assigns one
+        self._own_stats = value
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        if self._closed:
+            return None
+        if self._inner is None:
+            wait = self._next_try - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, 0.25 if timeout is None else timeout))
+                return None
+            try:
+                self._inner = self._opener()
+                logger.warning("%s: answered; reading it", self.uri)
+            except SourceError as exc:
+                self._own_stats.last_error = str(exc)
+                self._delay = min(self._delay * 2, self._backoff[1])
+                self._next_try = time.monotonic() + self._delay
+                return None
+        return self._inner.read(timeout)
+
+    @property
+    def ended(self) -> bool:
+        return self._closed or (self._inner is not None and self._inner.ended)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._inner is not None:
+            self._inner.close()
+
+
 def open_sources(line: Line, timeout: float = 5.0) -> Dict[str, Source]:
-    """Open every camera's source; a failure names the camera (sources opened so far are closed)."""
-    from mrkd.runtime.sources import SourceError
+    """Open every camera's source; a failure names the camera (sources opened so far are closed).
+    A network camera that does not answer yet is not a failure: it is opened again in the background
+    (LateSource) and shows as down until it answers."""
     sources: Dict[str, Source] = {}
     try:
         for camera in line.cameras:
+            def opener(camera=camera):
+                return open_source(camera.source, size=camera.size, fps=camera.fps, loop=camera.loop,
+                                   timeout=timeout)
             try:
-                sources[camera.name] = open_source(camera.source, size=camera.size, fps=camera.fps,
-                                                   loop=camera.loop, timeout=timeout)
+                sources[camera.name] = opener()
             except SourceError as exc:
-                raise SourceError(f"camera {camera.name!r}: {exc}") from exc
+                network = isinstance(camera.source, str) and camera.source.lower().startswith(NETWORK_SCHEMES)
+                if not network or "cannot open" not in str(exc):
+                    raise SourceError(f"camera {camera.name!r}: {exc}") from exc
+                logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
+                sources[camera.name] = LateSource(camera.source, opener, str(exc))
     except BaseException:
         for source in sources.values():
             source.close()

@@ -182,6 +182,32 @@ def test_killed_server_reconnects_and_the_other_camera_never_stalls(tmp_path, ca
     assert len(times) > 20 * (back - killed) * 0.5 and gaps.max() < 1.0, gaps.max()
 
 
+@pytest.mark.slow
+def test_camera_still_off_when_the_line_starts_comes_up_later(tmp_path, rtsp_python):
+    server = RtspCamera(rtsp_python)           # not started yet: connection refused
+    model = build_tiny_model(tmp_path / "m.onnx")
+    line = Line((Camera("rtsp", server.url, str(model)), file_camera(model)))
+    stop, timeline, out = threading.Event(), Timeline(), {}
+    thread = threading.Thread(target=lambda: out.update(summary=run_line(
+        line, observers=[timeline], stop=stop, status=lambda text: None, stale_after_s=1.0)), daemon=True)
+    thread.start()                             # run_line opens the sources itself
+    try:
+        assert wait_until(lambda: timeline.count("file") >= 20, 15), "the file camera did not run"
+        assert timeline.count("rtsp") == 0
+        server.start()
+        started = time.monotonic()
+        assert wait_until(lambda: timeline.count("rtsp") >= 5, 20), "the camera never came up"
+        came_up = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        server.kill()
+    assert came_up < 12.0
+    assert out["summary"]["cameras"]["rtsp"]["frames"] >= 5
+    ups = [t for t, name, up, _ in timeline.status if name == "rtsp" and up]
+    assert ups and ups[0] >= started
+
+
 def test_server_that_accepts_and_sends_nothing_times_out(tmp_path):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
