@@ -162,6 +162,22 @@ def test_a_stalled_camera_never_holds_the_others_back(tmp_path, two_models):
     assert downs, "the frozen camera was never reported down"
 
 
+def test_a_slow_camera_is_waited_for_one_frame_period_at_most(two_models):
+    model_a, _ = two_models
+    line = Line((Camera("fast", pattern_frames(1, 40, 8), str(model_a), fps=20.0),
+                 Camera("slow", pattern_frames(2, 5, 8), str(model_a), fps=2.0)))
+    recorder = Recorder()
+    started = time.monotonic()
+    summary = run_line(line, observers=[recorder], status=lambda text: None)
+    fast_done = max(t for camera, _, _, _, t, _ in recorder.frames if camera == "fast") - started
+    assert summary["cameras"]["fast"]["frames"] == 40 and summary["cameras"]["slow"]["frames"] == 5
+    # 40 frames at 20 fps: 2 s. A round that waited for the 2 fps camera would score one fast frame
+    # per 0.5 s (20 s); the deadline is the fast camera's period, so it keeps its own rate.
+    assert fast_done < 5.0, fast_done
+    # ... and the slow camera's frames still share a call with a fast one when they come together.
+    assert summary["detector_calls"] < 45
+
+
 def test_stop_event_ends_every_camera(tmp_path, two_models):
     model_a, _ = two_models
     rng = np.random.default_rng(0)
