@@ -16,8 +16,9 @@ Methods, each trained on the same ``train/good`` images and scored on the same t
   stride-16 features (16 upsampled bilinearly to 8, concatenated), a memory bank of a seeded random
   ``memory_fraction`` of all training patches, per-patch minimum L2 distance to the bank, upsampled to
   the image size, Gaussian-smoothed (sigma 4, the head's blur) and the maximum as the image score;
-* ``mrkd+knn`` (``combine``): the MRKD ImageNet map and the kNN map of the same seed, each divided by
-  the std of its detector's image scores on the training images, summed; the maximum is the score.
+* ``mrkd+knn`` (``combine``): the MRKD ImageNet map (strides 8 and 16) and the kNN map of the same
+  seed, each divided by the std of its detector's image scores on the training images, summed; the
+  maximum is the score.
   This is what ``mrkd train --score both`` ships (mrkd.train.memory_bank, the same computation).
 
 Training uses ``max_train`` (default 160) cells of ``train/good`` chosen by the layout's fixed hash
@@ -280,7 +281,7 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
             mrkd_std = max(float(combined[name][1].std()), 1e-12)
             maps = combined_maps[name] / mrkd_std + combined_maps["knn"] / knn_std
             out["mrkd+knn"][f"map_{name}"] = _auroc(labels, image_scores(maps, "max"))
-        out["mrkd+knn"]["image_auroc"] = out["mrkd+knn"]["map_all_max"]   # what --score both ships
+        out["mrkd+knn"]["image_auroc"] = out["mrkd+knn"]["map_s8s16_max"]   # what --score both ships
     return out
 
 

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mrkd.train.memory_bank import MemoryBank, fit_memory_bank, patch_features  # noqa: E402
+from mrkd.train.memory_bank import BOTH_SCALE_WEIGHTS, MemoryBank, fit_memory_bank, patch_features  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
 
 
@@ -57,13 +57,16 @@ def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score):
     model = _model()
     x = torch.randn(2, 3, 64, 64)
     plain = model.anomaly_map(x)
+    model.head.scale_weights = BOTH_SCALE_WEIGHTS
+    plain_both = model.anomaly_map(x)             # the MRKD part of "both"
+    model.head.scale_weights = (1.0, 1.0, 1.0)
     info = fit_memory_bank(model, _images(tmp_path), score, fraction=0.5, seed=0, batch_size=4)
     assert info["bank_patches"] == 6 * 8 * 8 // 2
     maps = model.anomaly_map(x)
     assert not torch.allclose(maps, plain)
     if score == "both":   # the sum of the two maps, each scaled as documented
         knn_only = model.head.blur(model.head.upsample_sum([model.head.memory_bank(model.teacher(x))]))
-        expected = plain / info["mrkd_train_score_std"] + knn_only / info["knn_train_score_std"]
+        expected = plain_both / info["mrkd_train_score_std"] + knn_only / info["knn_train_score_std"]
         torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4)
     model.calibration = {"threshold": float(model.scores(x).max()), "threshold_method": "quantile",
                          "quantile": 0.99, "good_min": 0.0, "good_mean": 0.0}
