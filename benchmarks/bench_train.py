@@ -13,6 +13,9 @@ wall time, the feature cache's one pass over the clean images included):
 * ``feature_cache``: the clean images' features computed once;
 * ``both``: the default.
 
+Before the runs, ``step_*``: today's training step against the fast one on one batch, alternated
+step by step — the ratio least disturbed by other work on a shared machine.
+
 The variants run in interleaved rounds (baseline, ..., both, baseline, ...) so that a change in the
 machine's load hits all of them alike; each variant's number is its median over the rounds, and the
 paired ratios (same round) are reported too. The result check: the final epoch loss and weights of
@@ -69,6 +72,53 @@ def _teacher_forward_ms(backbone: str, image_size: int, batch_size: int, repeats
             "fast_teacher_speedup": round(plain / folded, 2)}
 
 
+def _step_images_per_s(backbone: str, weights: str, image_size: int, batch_size: int, repeats: int) -> dict:
+    """Steady-state training steps, today's against the fast one, alternated step by step (A B A B ...)
+    so that load changes on a shared machine hit both alike; images/s from each one's median step.
+
+    Today's step: the model's teacher on the clean and on the student's input, then the student's
+    forward, backward and Adam step. Fast step: the clean features looked up from a cache (index_select
+    of FP32 tensors, as CleanFeatureCache does), the FastTeacher on the student's input, the same rest."""
+    from mrkd.train.head import distillation_loss
+    from mrkd.train.model import build_model
+    from mrkd.train.teachers import FastTeacher
+    from mrkd.train.trainer import StudentPath
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(backbone, weights, image_size=image_size)
+    model.train()
+    trainable = StudentPath(model)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    student_input = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    fast = FastTeacher(model.teacher)
+    cached = fast(clean)
+    indices = torch.arange(batch_size)
+
+    def step(target, source):
+        loss = distillation_loss(target, trainable(source))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    steps = {"today": lambda: step(model.teacher_features(clean), model.teacher_features(student_input)),
+             "fast": lambda: step([c.index_select(0, indices) for c in cached], fast(student_input))}
+    samples = {name: [] for name in steps}
+    for index in range(repeats + 1):
+        for name, fn in steps.items():
+            started = time.perf_counter()
+            fn()
+            if index:   # the first of each is a warm-up
+                samples[name].append(time.perf_counter() - started)
+    today, quick_step = (statistics.median(samples[n]) for n in ("today", "fast"))
+    paired = sorted(a / b for a, b in zip(samples["today"], samples["fast"]))
+    return {"step_today_images_per_s": round(batch_size / today, 2),
+            "step_fast_images_per_s": round(batch_size / quick_step, 2),
+            "step_speedup": round(today / quick_step, 2),
+            "step_speedup_paired_median": round(paired[len(paired) // 2], 2), "step_repeats": repeats}
+
+
 def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optional[int] = None,
         threads: Optional[int] = None, images: Optional[int] = None, epochs: Optional[int] = None,
         rounds: Optional[int] = None) -> dict:
@@ -90,6 +140,7 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
                      "threads": torch.get_num_threads()}
     try:
         results.update(_teacher_forward_ms(backbone, image_size, batch_size, repeats=2 if quick else 5))
+        results.update(_step_images_per_s(backbone, weights, image_size, batch_size, repeats=2 if quick else 8))
         # --quick (CI's smoke run) skips fast_teacher alone; feature_cache stays for the bit-identity check.
         variants = {k: v for k, v in VARIANTS.items() if not quick or k in ("baseline", "feature_cache", "both")}
         per_variant: Dict[str, List[float]] = {name: [] for name in variants}
