@@ -99,3 +99,23 @@ def test_predict_a_single_file(tmp_path):
     item = scan_category(tiny_data(), CATEGORY).test_items[0]
     summary = predict(_final(), item.path, tmp_path, progress=False, write_overlays=False)
     assert summary["n_scored"] == 1 and not (tmp_path / "overlays").exists()
+
+
+def test_eval_command_warns_on_a_foreign_category_and_applies_test_time_masking(tmp_path):
+    """`mrkd eval` is evaluate_all: a checkpoint trained on another category is named in a warning,
+    and --test-time-mask changes the scores (so the override reached the model)."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    checkpoint = Path(trained_run()["out_dir"]) / "last.ckpt"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "washer").symlink_to(Path(tiny_data()) / CATEGORY, target_is_directory=True)
+    warnings = []
+    plain = evaluate_all(checkpoint, data, ["washer"], progress=False, warn=warnings.append)
+    assert len(warnings) == 1 and f"trained on '{CATEGORY}'" in warnings[0] and "washer" in warnings[0]
+    masked = evaluate_all(checkpoint, data, ["washer"], progress=False, test_time_mask=True)
+    assert masked["washer"]["image_auroc"] != pytest.approx(plain["washer"]["image_auroc"], abs=1e-9) or \
+        masked["washer"]["pixel_auroc"] != pytest.approx(plain["washer"]["pixel_auroc"], abs=1e-9)
+    result = CliRunner().invoke(main, ["eval", str(checkpoint), str(data), "-c", "washer"])
+    assert result.exit_code == 0, result.output
+    assert f"trained on '{CATEGORY}'" in result.output and "washer" in result.output

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 import functools
-import json
 from pathlib import Path
 
 import click
@@ -230,27 +229,11 @@ def eval_command(checkpoint, data_root, categories, out, batch_size, device, tes
     Image metrics cover every test image; pixel AUROC and AUPRO the images with usable masks (the
     "masks" column and the notes under the table say how many). A run folder gives each category's
     last.ckpt: the final epoch of training, never a checkpoint chosen on test labels."""
-    from mrkd.train.checkpoint import category_mismatch, load_checkpoint
-    from mrkd.train.evaluate import evaluate, find_checkpoints, format_table, mean_row
+    from mrkd.train.evaluate import evaluate_all, format_table
 
-    results = {}
-    for category, path in find_checkpoints(checkpoint, list(categories) or None).items():
-        model = load_checkpoint(path)
-        mismatch = category_mismatch(model, category, path)
-        if mismatch:
-            click.secho(mismatch, fg="yellow", err=True)
-        if test_time_mask is not None:
-            model.student.test_time_mask = test_time_mask
-        target = None if out is None else Path(out) / category
-        results[category] = evaluate(model, data_root, category, target, batch_size=batch_size, device=device,
-                                     require_masks=require_masks)
-        results[category]["checkpoint"] = str(path)
-    if len(results) > 1:
-        results["mean"] = mean_row(results)
-    if out is not None:
-        from mrkd.atomic import atomic_write_text
-        from mrkd.train.evaluate import _jsonable
-        atomic_write_text(Path(out) / "metrics.json", json.dumps(_jsonable(results), indent=2) + "\n")
+    results = evaluate_all(checkpoint, data_root, list(categories) or None, out_dir=out,
+                           test_time_mask=test_time_mask, warn=lambda line: click.secho(line, fg="yellow", err=True),
+                           batch_size=batch_size, device=device, require_masks=require_masks)
     click.echo(format_table(results))
     if out is not None:
         click.echo(f"metrics.json, roc.png, score_histogram.png and overlays/ in {out}")

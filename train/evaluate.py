@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -238,17 +238,26 @@ def mean_row(results: Mapping[str, dict]) -> dict:
 
 
 def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = None, out_dir=None,
+                 test_time_mask: Optional[bool] = None, warn: Optional[Callable[[str], None]] = None,
                  **kwargs) -> Dict[str, dict]:
     """Evaluate every category's checkpoint (see find_checkpoints); adds a "mean" row.
 
     Each category's files go to ``out_dir/<category>/``; the table (with mean) to ``out_dir/metrics.json``.
+    ``test_time_mask`` overrides the student's test-time masking (None: as trained); ``warn`` receives
+    a line when a checkpoint was trained on another category than the one it is evaluated on.
     """
-    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.checkpoint import category_mismatch, load_checkpoint
 
     results = {}
     for category, checkpoint in find_checkpoints(checkpoints, categories).items():
+        model = load_checkpoint(checkpoint)
+        mismatch = category_mismatch(model, category, checkpoint)
+        if mismatch and warn is not None:
+            warn(mismatch)
+        if test_time_mask is not None:
+            model.student.test_time_mask = test_time_mask
         target = None if out_dir is None else Path(out_dir) / category
-        results[category] = evaluate(load_checkpoint(checkpoint), data_root, category, target, **kwargs)
+        results[category] = evaluate(model, data_root, category, target, **kwargs)
         results[category]["checkpoint"] = str(checkpoint)
     if len(results) > 1:
         results["mean"] = mean_row(results)
