@@ -26,7 +26,7 @@ from torch import nn
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MAP_OUTPUT, SCALE_OUTPUT_PREFIX,
-                                   SCORE_OUTPUT)
+                                   SCORE_OUTPUT, GraphOutputs)
 
 MIN_OPSET = 17          # LayerNormalization-era opset: the oldest TensorRT 10 / ORT parse cleanly
 DEFAULT_OPSET = 17
@@ -102,8 +102,18 @@ def output_names(options: ExportOptions) -> List[str]:
     return [MAP_OUTPUT, SCORE_OUTPUT] if options.smooth_in_graph else [MAP_OUTPUT]
 
 
+def graph_outputs(options: ExportOptions, image_size: int, sigma: float) -> GraphOutputs:
+    """ModelMetadata.outputs of an export with ``options``: the names by role (the runtime reads them)."""
+    names = output_names(options)
+    descriptions = output_descriptions(options, image_size, sigma)
+    if options.per_scale_outputs:
+        return GraphOutputs(scales=tuple(names), descriptions=descriptions)
+    return GraphOutputs(anomaly_map=MAP_OUTPUT, score=SCORE_OUTPUT if SCORE_OUTPUT in names else None,
+                        descriptions=descriptions)
+
+
 def output_descriptions(options: ExportOptions, image_size: int, sigma: float) -> Dict[str, str]:
-    """Output name -> what it holds, for ModelMetadata.outputs (the runtime reads this)."""
+    """Output name -> what it holds (GraphOutputs.descriptions, kept in the sidecar for people)."""
     if options.per_scale_outputs:
         return {name: f"N×{image_size // s}×{image_size // s} float32: unsmoothed 1 − cos between "
                       f"teacher and student features at stride {s}; upsample (bilinear, "

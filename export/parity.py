@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from mrkd.errors import MrkdError
-from mrkd.export.onnx_graph import ExportOptions, example_input
+from mrkd.export.onnx_graph import ExportOptions, example_input, output_names
 from mrkd.runtime.alarms import is_anomalous
-from mrkd.runtime.metadata import MAP_OUTPUT, SCALE_OUTPUT_PREFIX, SCORE_OUTPUT
 from mrkd.runtime.calibration import Calibration
 
 FP32_TOLERANCE = 1e-4
@@ -74,12 +73,13 @@ def torch_reference(model, batch: np.ndarray, options: ExportOptions) -> Dict[st
         batch = normalize_batch(batch, model.config.mean, model.config.std)
     x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     with torch.no_grad():
+        names = output_names(options)   # the exporter's names, in graph output order
         if options.per_scale_outputs:
-            return {f"{SCALE_OUTPUT_PREFIX}{i}": m.numpy() for i, m in enumerate(model.per_scale_maps(x))}
+            return {name: m.numpy() for name, m in zip(names, model.per_scale_maps(x))}
         if options.smooth_in_graph:
             maps = model.anomaly_map(x)
-            return {MAP_OUTPUT: maps.numpy(), SCORE_OUTPUT: model.head.scores(maps).numpy()}
-        return {MAP_OUTPUT: model.head(*model(x), smooth=False).numpy()}
+            return dict(zip(names, (maps.numpy(), model.head.scores(maps).numpy())))
+        return dict(zip(names, (model.head(*model(x), smooth=False).numpy(),)))
 
 
 def scores_from_outputs(outputs: Dict[str, np.ndarray], metadata) -> np.ndarray:
@@ -102,7 +102,7 @@ def compare(name: str, reference: Dict[str, np.ndarray], candidate: Dict[str, np
             raise ParityError(f"{name}: output {key!r} has shape {cand.shape}, expected {ref.shape}")
         finite &= bool(np.isfinite(cand).all())
         diffs[key] = float(np.max(np.abs(cand - ref))) if np.isfinite(cand).all() else float("inf")
-    map_keys = [k for k in diffs if k != SCORE_OUTPUT]
+    map_keys = [k for k in diffs if k != metadata.outputs.score]
     ref_scores = scores_from_outputs(reference, metadata)
     cand_scores = scores_from_outputs(candidate, metadata)
     score_diff = float(np.max(np.abs(cand_scores - ref_scores))) if finite else float("inf")

@@ -20,7 +20,7 @@ import numpy as np
 from mrkd.runtime import postprocess
 from mrkd.runtime.alarms import is_anomalous
 from mrkd.runtime.backends import Backend, BackendError, open_backend
-from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MAP_OUTPUT, MetadataError, ModelMetadata,
+from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
                                    file_sha256, sidecar_path)
 from mrkd.runtime.preprocess import model_input
 
@@ -199,10 +199,8 @@ class Detector:
             raise MetadataError(f"{src}: field input_format={meta.input_format!r} expects "
                                 f"{'/'.join(np.dtype(d).name for d in dtypes)} input but {self.model_path.name} "
                                 f"takes {model.input_dtype}")
-        needed = meta.scale_outputs if meta.per_scale_outputs else [MAP_OUTPUT]
-        if meta.per_scale_outputs and not needed:
-            raise MetadataError(f"{src}: field per_scale_outputs=true but outputs lists no scale0.. maps")
-        missing = [n for n in list(needed) + list(meta.outputs) if n not in model.output_names]
+        meta.outputs.validate(src, meta.per_scale_outputs)   # the outputs this layout needs are named
+        missing = [n for n in meta.outputs.names if n not in model.output_names]
         if missing:
             raise MetadataError(f"{src}: field outputs names {sorted(set(missing))} that {self.model_path.name} "
                                 f"does not produce (it has {list(model.output_names)})")
@@ -227,7 +225,7 @@ class Detector:
         timings["infer"] += time.perf_counter() - start
         start = time.perf_counter()
         if on_device:
-            per_scale = [outputs[name] for name in meta.scale_outputs]
+            per_scale = [outputs[name] for name in meta.outputs.scales]
             with self.backend.cuda_context():
                 maps, scores = postprocess.anomaly_map(per_scale, size, meta.sigma, impl="cuda")
                 maps, scores = maps.get(), scores.get()

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from mrkd.atomic import atomic_write_text
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -122,6 +122,73 @@ def _plain_json(source, name, value) -> None:
 
 # ---------------------------------------------------------------- the typed records
 
+_SCALE_NAME = re.compile(SCALE_OUTPUT_PREFIX + r"(0|[1-9][0-9]{0,3})")
+
+
+@dataclass(frozen=True)
+class GraphOutputs:
+    """The exported graph's output names by role, and what each holds.
+
+    On disk (every format version) this is the ``outputs`` object, output name -> description: the
+    names are the fixed ones above, so the name gives the role and the layout needs no version bump.
+    Exactly one layout per export: ``scales`` (per_scale_outputs), ``anomaly_map`` + ``score``
+    (smoothed in the graph) or ``anomaly_map`` alone (the runtime smooths)."""
+
+    anomaly_map: Optional[str] = None         # MAP_OUTPUT when the graph gives the summed map
+    score: Optional[str] = None               # SCORE_OUTPUT when the graph gives the score
+    scales: Tuple[str, ...] = ()              # scale0, scale1, ... in scale order (stride 4, 8, 16)
+    descriptions: Dict[str, str] = field(default_factory=dict, hash=False)   # name -> what it holds
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """Every output the metadata names, in graph output order."""
+        return tuple(self.scales) + tuple(n for n in (self.anomaly_map, self.score) if n is not None)
+
+    def to_dict(self) -> Dict[str, str]:
+        return {name: self.descriptions.get(name, "") for name in self.names}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "GraphOutputs":
+        if not isinstance(data, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                 for k, v in data.items()):
+            _fail(source, "outputs", data, "must map output names to descriptions (strings)")
+        roles: Dict[str, Any] = {"anomaly_map": None, "score": None}
+        scales: Dict[int, str] = {}
+        for name in data:
+            match = _SCALE_NAME.fullmatch(name)
+            if name == MAP_OUTPUT:
+                roles["anomaly_map"] = name
+            elif name == SCORE_OUTPUT:
+                roles["score"] = name
+            elif match:
+                scales[int(match.group(1))] = name
+            else:
+                _fail(source, "outputs", name, f"is not an output mrkd exports ({MAP_OUTPUT}, {SCORE_OUTPUT}, "
+                                               f"{SCALE_OUTPUT_PREFIX}0, {SCALE_OUTPUT_PREFIX}1, ...)")
+        if sorted(scales) != list(range(len(scales))):
+            _fail(source, "outputs.scales", sorted(scales.values()),
+                  f"must be {SCALE_OUTPUT_PREFIX}0, {SCALE_OUTPUT_PREFIX}1, ... without gaps")
+        return cls(scales=tuple(scales[i] for i in range(len(scales))), descriptions=dict(data), **roles)
+
+    def validate(self, source: str, per_scale: bool) -> None:
+        """The names are mrkd's and the layout is the one ``per_scale_outputs`` says."""
+        if self.anomaly_map not in (None, MAP_OUTPUT):
+            _fail(source, "outputs.anomaly_map", self.anomaly_map, f"must be {MAP_OUTPUT!r} or absent")
+        if self.score not in (None, SCORE_OUTPUT):
+            _fail(source, "outputs.score", self.score, f"must be {SCORE_OUTPUT!r} or absent")
+        if tuple(self.scales) != tuple(f"{SCALE_OUTPUT_PREFIX}{i}" for i in range(len(self.scales))):
+            _fail(source, "outputs.scales", list(self.scales), f"must be {SCALE_OUTPUT_PREFIX}0, "
+                                                               f"{SCALE_OUTPUT_PREFIX}1, ... without gaps")
+        if per_scale and not self.scales:
+            raise MetadataError(f"{source}: field per_scale_outputs=true but outputs.scales is empty "
+                                f"(outputs lists no {SCALE_OUTPUT_PREFIX}0.. maps)")
+        if not per_scale and self.anomaly_map is None:
+            raise MetadataError(f"{source}: field outputs.anomaly_map is missing (per_scale_outputs=false: "
+                                f"the graph gives the summed map {MAP_OUTPUT!r})")
+        unknown = sorted(set(self.descriptions) - set(self.names))
+        if unknown:
+            _fail(source, "outputs.descriptions", unknown, "describe outputs the metadata does not name")
+
 @dataclass
 class EngineBuild:
     """Where and how a TensorRT engine was built: it runs only on this TensorRT version and GPU."""
@@ -219,7 +286,9 @@ class Int8Info:
 def migrate(data: Dict[str, Any], source: str) -> Dict[str, Any]:
     """A version-1 sidecar as version 2: ``extra["calibration"]`` (with the top-level threshold, which
     the version-1 runtime used) becomes ``calibration``, ``extra["tensorrt"]`` becomes ``engine``,
-    ``extra["int8"]`` becomes ``int8``; ``score_norm`` is dropped (it is derived from calibration)."""
+    ``extra["int8"]`` becomes ``int8``; ``score_norm`` is dropped (it is derived from calibration).
+    ``outputs`` (name -> description) has the same layout in every version; the loader types it
+    (GraphOutputs)."""
     data = dict(data)
     extra = dict(data.get("extra") or {}) if isinstance(data.get("extra"), dict) else data.get("extra")
     if isinstance(extra, dict):
@@ -253,8 +322,8 @@ class ModelMetadata:
     resize_mode: str = "resize"
     # The alarm threshold and how it was set (None: an uncalibrated model, scores only).
     calibration: Optional[Calibration] = None
-    # Outputs: name -> what it holds. "anomaly_map" (N×1×H×W), "score" (N), or "scale{i}" maps.
-    outputs: Dict[str, str] = field(default_factory=dict)
+    # The graph's output names by role: "anomaly_map" (N×1×H×W), "score" (N), or "scale{i}" maps.
+    outputs: GraphOutputs = field(default_factory=lambda: GraphOutputs(anomaly_map=MAP_OUTPUT, score=SCORE_OUTPUT))
     smoothing_in_graph: bool = True
     per_scale_outputs: bool = False
     sigma: float = 4.0
@@ -281,12 +350,6 @@ class ModelMetadata:
         return {} if self.calibration is None else self.calibration.score_norm
 
     @property
-    def scale_outputs(self) -> List[str]:
-        """The per-scale output names (scale0, scale1, ...) in scale order."""
-        prefix = SCALE_OUTPUT_PREFIX
-        return sorted((n for n in self.outputs if n.startswith(prefix)), key=lambda n: int(n[len(prefix):]))
-
-    @property
     def model_sha256(self) -> Optional[str]:
         """The sha256 of the model file this metadata describes (the engine's for an engine sidecar)."""
         return self.engine.engine_sha256 if self.engine is not None else self.onnx_sha256
@@ -294,7 +357,7 @@ class ModelMetadata:
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("calibration", "engine", "int8"):
+        for name in ("calibration", "engine", "int8", "outputs"):
             data[name] = None if data[name] is None else data[name].to_dict()
         for name in ("mean", "std", "batch_range"):
             data[name] = list(data[name])
@@ -327,10 +390,9 @@ class ModelMetadata:
                 calibration = Calibration.from_dict(calibration, source=f"{source}: calibration")
             except CalibrationError as exc:
                 raise MetadataError(str(exc)) from exc
-        outputs = get("outputs")
-        if not isinstance(outputs, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
-                                                    for k, v in outputs.items()):
-            _fail(source, "outputs", outputs, "must map output names to descriptions (strings)")
+        outputs = get("outputs")    # absent: the default layout, as for every other field
+        if not isinstance(outputs, GraphOutputs):
+            outputs = GraphOutputs.from_dict(outputs, source)
         extra = get("extra")
         if not isinstance(extra, dict):
             _fail(source, "extra", extra, "must be an object")
@@ -344,7 +406,7 @@ class ModelMetadata:
             mean=_numbers(source, "mean", get("mean"), 3),
             std=_numbers(source, "std", get("std"), 3, positive=True),
             resize_mode=_text(source, "resize_mode", get("resize_mode"), ("resize", "center_crop")),
-            calibration=calibration, outputs=dict(outputs),
+            calibration=calibration, outputs=outputs,
             smoothing_in_graph=_flag(source, "smoothing_in_graph", get("smoothing_in_graph")),
             per_scale_outputs=_flag(source, "per_scale_outputs", get("per_scale_outputs")),
             sigma=_number(source, "sigma", get("sigma"), positive=True),
@@ -374,11 +436,9 @@ class ModelMetadata:
         lo, opt, hi = self.batch_range
         if not (1 <= lo <= opt <= hi):
             raise MetadataError(f"{source}: field batch_range={self.batch_range!r} must be 1 <= min <= opt <= max")
-        if self.per_scale_outputs and not self.scale_outputs:
-            raise MetadataError(f"{source}: field per_scale_outputs=true but outputs lists no scale0.. maps")
-        for name in self.scale_outputs:
-            if not name[5:].isdigit():
-                raise MetadataError(f"{source}: field outputs has {name!r}; per-scale maps are named scale0, scale1..")
+        if not isinstance(self.outputs, GraphOutputs):
+            _fail(source, "outputs", self.outputs, "must be a GraphOutputs")
+        self.outputs.validate(source, self.per_scale_outputs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)

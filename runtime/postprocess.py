@@ -339,15 +339,14 @@ def anomaly_map(per_scale: Sequence[Any], size: Size, sigma: float = 4.0, impl: 
 def maps_and_scores(outputs: Dict[str, np.ndarray], metadata, impl: str = "auto") -> Tuple[np.ndarray, np.ndarray]:
     """Anomaly maps (N x S x S) and scores (N) from a graph's host outputs, in any export layout the
     metadata describes: the graph's own ``score``, or per-scale maps finished here with ``impl``."""
-    from mrkd.runtime.metadata import MAP_OUTPUT, SCORE_OUTPUT
-    size = metadata.image_size
+    size, names = metadata.image_size, metadata.outputs   # names: a metadata.GraphOutputs
     if metadata.per_scale_outputs:
-        per_scale = [np.ascontiguousarray(outputs[name], dtype=np.float32) for name in metadata.scale_outputs]
+        per_scale = [np.ascontiguousarray(outputs[name], dtype=np.float32) for name in names.scales]
     else:
-        n = len(outputs[MAP_OUTPUT])
-        maps = np.asarray(outputs[MAP_OUTPUT], dtype=np.float32).reshape(n, size, size)
+        n = len(outputs[names.anomaly_map])
+        maps = np.asarray(outputs[names.anomaly_map], dtype=np.float32).reshape(n, size, size)
         if metadata.smoothing_in_graph:
-            scores = (np.asarray(outputs[SCORE_OUTPUT], dtype=np.float32).reshape(n) if SCORE_OUTPUT in outputs
+            scores = (np.asarray(outputs[names.score], dtype=np.float32).reshape(n) if names.score is not None
                       else maps.reshape(n, -1).max(axis=1))
             return maps, scores
         per_scale = [maps]   # the unsmoothed full-size sum: one "scale" that needs no upsampling

@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 
 from mrkd.runtime.calibration import Calibration
-from mrkd.runtime.metadata import INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, ModelMetadata, file_sha256, sidecar_path
+from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, GraphOutputs, ModelMetadata, file_sha256,
+                                   sidecar_path)
 
 SIZE = 32
 LEVEL = 0.6          # normalised brightness above which a pixel is "anomalous"
@@ -86,7 +87,7 @@ def build_tiny_model(path: Path, per_scale: bool = False, uint8_input: bool = Fa
     onnx.save(model, str(path))
     meta = ModelMetadata(backbone="tiny-test", image_size=SIZE,
                          input_format=INPUT_UINT8_NHWC if uint8_input else INPUT_FLOAT_NCHW,
-                         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), outputs=outputs,
+                         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), outputs=GraphOutputs.from_dict(outputs, "fixture"),
                          calibration=None if threshold is None else Calibration(threshold=threshold),
                          onnx_sha256=file_sha256(path),
                          smoothing_in_graph=not per_scale, per_scale_outputs=per_scale, sigma=1.0,

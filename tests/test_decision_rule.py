@@ -22,7 +22,9 @@ def test_export_reports_use_the_runtimes_rule():
     from types import SimpleNamespace
 
     from mrkd.export.parity import compare
-    layout = SimpleNamespace(image_size=4, per_scale_outputs=False, smoothing_in_graph=True)  # graph gives score
+    from mrkd.runtime.metadata import GraphOutputs
+    layout = SimpleNamespace(image_size=4, per_scale_outputs=False, smoothing_in_graph=True,   # graph gives score
+                             outputs=GraphOutputs(anomaly_map="anomaly_map", score="score"))
     maps = np.zeros((2, 1, 4, 4), np.float32)
     reference = {"anomaly_map": maps, "score": np.array([0.5, 0.7])}
     candidate = {"anomaly_map": maps, "score": np.array([0.4999, 0.7])}

@@ -83,7 +83,7 @@ def test_per_scale_outputs_match_pytorch(model, export_dir):
         assert out[f"scale{i}"].shape == (2, side, side)
         np.testing.assert_allclose(out[f"scale{i}"], ref.numpy(), atol=1e-5)
     assert exported.metadata.per_scale_outputs and not exported.metadata.smoothing_in_graph
-    assert sorted(exported.metadata.outputs) == ["scale0", "scale1", "scale2"]
+    assert exported.metadata.outputs.scales == ("scale0", "scale1", "scale2")
 
 
 def test_in_graph_smoothing_equals_scipy_gaussian_filter(model, export_dir):
@@ -113,9 +113,30 @@ def test_metadata_round_trip_props_and_sidecar(model, export_dir):
         assert meta.score_norm == {"good_min": 2.5, "good_mean": 2.9}   # quantile is not a score statistic
         assert meta.batch_range == (1, 2, 8) and meta.precision == "fp32" and meta.opset == 17
         assert meta.checkpoint_sha256 == "ab" * 32 and meta.sigma == model.config.sigma
-        assert set(meta.outputs) == {"anomaly_map", "score"}
+        assert set(meta.outputs.names) == {"anomaly_map", "score"}
     graph_outputs = {o.name for o in __import__("onnx").load(str(exported.path)).graph.output}
-    assert graph_outputs == set(from_sidecar.outputs)
+    assert graph_outputs == set(from_sidecar.outputs.names)
+
+
+def test_per_scale_export_is_read_by_the_runtime_as_typed_outputs(model, export_dir):
+    """The exporter writes the per-scale layout; the runtime's loader gives the names by role, in the
+    graph's output order, and the Detector finishes exactly those maps (scores as PyTorch's)."""
+    import onnx
+    from mrkd.runtime import Detector
+    exported, _ = _export(model, export_dir, per_scale_outputs=True)
+    on_disk = json.loads(sidecar_path(exported.path).read_text())["outputs"]
+    assert sorted(on_disk) == ["scale0", "scale1", "scale2"] and all(on_disk.values())   # described for people
+    graph_order = tuple(o.name for o in onnx.load(str(exported.path)).graph.output)
+    detector = Detector(exported.path, threshold=1.0)
+    outputs = detector.metadata.outputs
+    assert outputs.scales == graph_order and outputs.anomaly_map is None and outputs.score is None
+    assert outputs == ModelMetadata.from_onnx_props(read_onnx_props(exported.path)).outputs
+    frames = np.random.default_rng(3).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    result = detector(frames)
+    detector.close()
+    with torch.no_grad():
+        expected = model.anomaly_map(torch.from_numpy(detector.preprocess(list(frames)))).numpy()
+    np.testing.assert_allclose(result.scores, expected.reshape(2, -1).max(1), rtol=1e-3, atol=1e-3)
 
 
 def test_simplify_always_keeps_outputs(model, export_dir):

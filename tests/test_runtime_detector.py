@@ -90,6 +90,8 @@ def _rewrite_sidecar(model, **changes):
     ({"input_name": "images"}, "input_name"),
     ({"input_format": "uint8_nhwc_bgr"}, "input_format"),
     ({"outputs": {"anomaly_map": "", "score": "", "heatmap": ""}}, "outputs"),
+    ({"outputs": {"anomaly_map": "", "score": "", "scale1": ""}}, "outputs.scales"),   # scale0 missing
+    ({"outputs": {"score": ""}}, "outputs.anomaly_map"),
 ])
 def test_model_metadata_mismatch_is_a_clear_error(tmp_path, changes, field):
     model = build_tiny_model(tmp_path / "m.onnx")
@@ -97,6 +99,39 @@ def test_model_metadata_mismatch_is_a_clear_error(tmp_path, changes, field):
     with pytest.raises(MetadataError) as info:
         Detector(model)
     assert field in str(info.value) and "m.onnx.json" in str(info.value)
+
+
+def test_a_version_1_sidecar_with_per_scale_outputs_migrates_to_typed_outputs(tmp_path, frames):
+    """A sidecar in the layout version-1 exporters wrote (threshold and score_norm at the top level,
+    calibration under extra, outputs as name -> description) loads with its outputs by role and runs
+    like today's sidecar of the same graph."""
+    from mrkd.runtime.metadata import ModelMetadata
+    model = build_tiny_model(tmp_path / "m.onnx", per_scale=True)
+    today = Detector(model)
+    expected = today(frames)
+    today.close()
+    now = json.loads(sidecar_path(model).read_text())
+    v1_fields = ("backbone", "image_size", "input_format", "input_name", "mean", "std", "resize_mode",
+                 "smoothing_in_graph", "per_scale_outputs", "sigma", "batch_range", "precision", "opset",
+                 "checkpoint_sha256", "onnx_sha256", "teacher_weights", "format")
+    old = {**{k: now[k] for k in v1_fields}, "format_version": 1, "threshold": THRESHOLD,
+           "score_norm": {"good_mean": 0.01},
+           "extra": {"calibration": {"threshold_method": "quantile", "quantile": 0.99}},
+           "outputs": {"scale2": "stride 16", "scale0": "stride 4", "scale1": "stride 8"}}   # any key order
+    sidecar_path(model).write_text(json.dumps(old))
+    meta = ModelMetadata.load(sidecar_path(model))
+    assert meta.format_version == 2 and meta.per_scale_outputs and meta.threshold == THRESHOLD
+    assert meta.calibration.method == "quantile" and meta.calibration.quantile == 0.99
+    assert meta.outputs.scales == ("scale0", "scale1", "scale2")
+    assert meta.outputs.anomaly_map is None and meta.outputs.score is None
+    assert meta.outputs.descriptions["scale1"] == "stride 8"
+    detector = Detector(model)
+    result = detector(frames)
+    detector.close()
+    np.testing.assert_array_equal(result.scores, expected.scores)
+    assert result.decisions.tolist() == expected.decisions.tolist()
+    meta.save(tmp_path / "again.json")          # written back in today's layout, read back the same
+    assert ModelMetadata.load(tmp_path / "again.json").outputs == meta.outputs
 
 
 def test_missing_sidecar_without_embedded_metadata(tmp_path):
