@@ -21,7 +21,7 @@ from mrkd.runtime import postprocess
 from mrkd.runtime.alarms import is_anomalous
 from mrkd.runtime.backends import Backend, BackendError, open_backend
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
-                                   file_sha256, sidecar_path)
+                                   model_file_sha256, sidecar_path)
 from mrkd.runtime.preprocess import model_input
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def check_sidecar_belongs_to(meta: ModelMetadata, model_path: Path, sidecar: Pat
     if expected is None:
         logger.warning("%s records no model hash: cannot check that it belongs to %s", sidecar, model_path.name)
         return False
-    actual = file_sha256(model_path)
+    actual = model_file_sha256(model_path)
     if actual != expected:
         field_name = "engine.engine_sha256" if meta.engine is not None else "onnx_sha256"
         raise MetadataError(f"{sidecar}: field {field_name}: this sidecar describes another model (sha256 "

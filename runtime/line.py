@@ -15,7 +15,6 @@ with ``iter_frames`` below.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import threading
@@ -23,14 +22,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union)
+from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from mrkd.runtime.alarms import AlarmPolicy, is_anomalous
 from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.events import EventSinks
-from mrkd.runtime.metadata import file_sha256
+from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
 from mrkd.runtime.sources import NETWORK_SCHEMES, Frame, Source, SourceError, SourceStats, open_source
 from mrkd.runtime.stats import LatencyWindow, RunStats
@@ -101,18 +100,6 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
             raise LineError(f"camera {camera.name!r}: fps must be > 0, got {camera.fps}")
         if camera.size is not None and (len(camera.size) != 2 or min(camera.size) < 1):
             raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
-
-
-def model_sha256(path: Union[str, Path]) -> str:
-    """SHA-256 of a model file, cached while its size and modification time stay the same (run_stream
-    is called again and again on the same model)."""
-    stat = Path(path).stat()
-    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:
-    return file_sha256(path)
 
 
 # ---------------------------------------------------------------- reading: one thread per camera
@@ -273,8 +260,7 @@ def _notify(observers: Sequence[LineObserver], hook: str, *args) -> None:
 def _threshold_source(camera: Camera, detector: Detector) -> str:
     if camera.threshold is not None:
         return "camera setting (line file or --threshold)"
-    described = getattr(detector, "threshold_source", None)
-    return str(described) if described else f"model metadata {detector._source}"
+    return detector.threshold_source
 
 
 def open_detectors(line: Line) -> Dict[str, Detector]:
@@ -429,7 +415,7 @@ def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence
             feed = _Feed(camera.name, source, cond, capacity=max(2, 2 * batch) if not source.live else 1,
                          max_frames=max_frames)
             info = CameraInfo(name=camera.name, source=str(getattr(source, "uri", camera.source)),
-                              model=str(camera.model), model_sha256=model_sha256(camera.model),
+                              model=str(camera.model), model_sha256=model_file_sha256(camera.model),
                               backend=detector.backend.name, precision=detector.metadata.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
             states.append(_CameraState(camera, detector, policy, feed, info, outputs.get(camera.name, ())))

@@ -8,6 +8,7 @@ Pure Python: no torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -54,6 +55,20 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_file_sha256(path) -> str:
+    """file_sha256 of a model file, cached while its size and modification time stay the same: the
+    Detector checks its sidecar with it and the line reports it, and run_stream may be called again
+    and again on the same model."""
+    path = Path(path)
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 # ---------------------------------------------------------------- field checks (errors name the field)
