@@ -159,7 +159,7 @@ class OperatorServer(LineObserver):
         with self._alarm_lock:
             alarms = [_alarm_record(a["camera"], a["event"]) for a in self.alarms]
         return {"schema_version": PAGE_SCHEMA_VERSION,
-                "cameras": [{**asdict(info), "model_sha256": info.model_sha256} for info in self.cameras],
+                "cameras": [asdict(info) for info in self.cameras],
                 "alarms": alarms, "status": self._statuses()}
 
     def _statuses(self) -> List[dict]:
