@@ -1,5 +1,5 @@
-"""Training throughput (images/s) with the speed-ups of mrkd.train.feature_cache, against today's
-trainer (both off) in the same process, on the same images and seed.
+"""Training throughput (images/s) with the speed-ups of mrkd.train (feature cache, fast teacher,
+allocator), against today's trainer (all off) on the same images and seed, in the same run.
 
     mrkd bench --only train                      # Lite0, 256 px, batch 16, 2 threads
     python -m mrkd.benchmarks.bench_train [--quick]
@@ -7,20 +7,27 @@ trainer (both off) in the same process, on the same images and seed.
 Variants (each a full ``train()`` call; throughput is the summary's ``images_per_second``: epochs'
 wall time, the feature cache's one pass over the clean images included):
 
-* ``baseline``: ``feature_cache="off", fast_teacher=False`` — the model's teacher on the clean and
-  on the patch-swapped image in every step (the trainer before the speed-ups);
+* ``baseline``: ``feature_cache="off", fast_teacher=False, allocator="system"`` — the model's teacher
+  on the clean and on the patch-swapped image in every step, glibc's default malloc (the trainer
+  before the speed-ups);
 * ``fast_teacher``: the teacher copy with BatchNorm folded and channels-last weights;
 * ``feature_cache``: the clean images' features computed once;
-* ``both``: the default.
+* ``keep_memory``: glibc keeps freed memory (mrkd.train.allocator);
+* ``all``: the three together, the trainer's default.
+
+The allocator setting is process-wide and cannot be undone, so every train() call runs in a fresh
+process of its own (spawned; its start-up is not timed) and the variants alternate in rounds
+(baseline, ..., all, baseline, ...) so that a change in the machine's load hits all of them alike;
+each variant's number is its median over the rounds, and the paired ratios (same round) are
+reported too.
 
 Before the runs, ``step_*``: today's training step against the fast one on one batch, alternated
-step by step — the ratio least disturbed by other work on a shared machine.
+step by step inside one process, once with the system allocator and once with ``keep`` — the ratio
+least disturbed by other work on a shared machine.
 
-The variants run in interleaved rounds (baseline, ..., both, baseline, ...) so that a change in the
-machine's load hits all of them alike; each variant's number is its median over the rounds, and the
-paired ratios (same round) are reported too. The result check: the final epoch loss and weights of
-``both`` against ``baseline`` (rounding-level divergence, see tests/test_train_speed.py), and
-``feature_cache`` against ``baseline`` bit for bit.
+The result check: the final epoch loss and weights of ``all`` against ``baseline`` (rounding-level
+divergence, see tests/test_train_speed.py), and ``feature_cache`` and ``keep_memory`` against
+``baseline`` bit for bit.
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ from typing import Dict, List, Optional
 import torch
 
 VARIANTS = {
-    "baseline": dict(feature_cache="off", fast_teacher=False),
-    "fast_teacher": dict(feature_cache="off", fast_teacher=True),
-    "feature_cache": dict(feature_cache="auto", fast_teacher=False),
-    "both": dict(feature_cache="auto", fast_teacher=True),
+    "baseline": dict(feature_cache="off", fast_teacher=False, allocator="system"),
+    "fast_teacher": dict(feature_cache="off", fast_teacher=True, allocator="system"),
+    "feature_cache": dict(feature_cache="auto", fast_teacher=False, allocator="system"),
+    "keep_memory": dict(feature_cache="off", fast_teacher=False, allocator="keep"),
+    "all": dict(feature_cache="auto", fast_teacher=True, allocator="keep"),
 }
+BIT_IDENTICAL = ("feature_cache", "keep_memory")   # speed-ups that must not change a single bit
 TARGET_IMAGES_PER_S = 30.0      # issue 11: 10 epochs of 700 images in <= 4 minutes on 2 cores
 TARGET_RUN = (10, 700)          # epochs, images
 
@@ -119,30 +128,67 @@ def _step_images_per_s(backbone: str, weights: str, image_size: int, batch_size:
             "step_speedup_paired_median": round(paired[len(paired) // 2], 2), "step_repeats": repeats}
 
 
+def _in_fresh_process(fn, *args):
+    """``fn(*args)`` in a spawned process of its own (the allocator setting is per process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _step_child(backbone: str, weights: str, image_size: int, batch_size: int, repeats: int, threads: int,
+                allocator: str) -> dict:
+    from mrkd.train.allocator import apply_allocator
+    torch.set_num_threads(threads)
+    apply_allocator(allocator)
+    return _step_images_per_s(backbone, weights, image_size, batch_size, repeats)
+
+
+def _train_child(root: str, name: str, config_kwargs: dict, backbone: str, weights: str, threads: int) -> dict:
+    """One train() call; what the parent needs back (throughput, loss, the trainable weights)."""
+    from mrkd.train.trainer import TrainConfig, train
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        started = time.perf_counter()
+        summary = train(root, "grain", Path(root) / "runs" / name, TrainConfig(**config_kwargs),
+                        backbone=backbone, teacher_weights=weights, resume=False)
+    return {"images_per_second": summary["images_per_second"], "loss": summary["history"][-1]["loss"],
+            "state": _trainable_state(summary["model"]), "described": summary["teacher_features"],
+            "allocator": summary["allocator"], "wall_s": round(time.perf_counter() - started, 1)}
+
+
 def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optional[int] = None,
         threads: Optional[int] = None, images: Optional[int] = None, epochs: Optional[int] = None,
         rounds: Optional[int] = None) -> dict:
     """Train each variant on the same synthetic images; images/s, ratios and the result check."""
     from mrkd.train.synthetic import generate_dataset
-    from mrkd.train.trainer import TrainConfig, train
 
     backbone = backbone or "efficientnet_lite0"
     image_size = image_size or (64 if quick else 256)
     images = images or (8 if quick else 64)
     epochs = epochs or (1 if quick else 3)
     rounds = rounds or (1 if quick else 2)
+    threads = threads or 2
     batch_size = 4 if quick else 16
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or 2)
+    torch.set_num_threads(threads)
     weights = "imagenet" if backbone.startswith("efficientnet_lite") else "random"  # ResNets would download
-    results: dict = {"load_average_at_start": round(os.getloadavg()[0], 2), "backbone": backbone, "teacher_weights": weights, "image_size": image_size,
-                     "batch_size": batch_size, "images": images, "epochs": epochs, "rounds": rounds,
-                     "threads": torch.get_num_threads()}
+    results: dict = {"load_average_at_start": round(os.getloadavg()[0], 2), "backbone": backbone,
+                     "teacher_weights": weights, "image_size": image_size, "batch_size": batch_size,
+                     "images": images, "epochs": epochs, "rounds": rounds, "threads": threads}
     try:
         results.update(_teacher_forward_ms(backbone, image_size, batch_size, repeats=2 if quick else 5))
-        results.update(_step_images_per_s(backbone, weights, image_size, batch_size, repeats=2 if quick else 8))
-        # --quick (CI's smoke run) skips fast_teacher alone; feature_cache stays for the bit-identity check.
-        variants = {k: v for k, v in VARIANTS.items() if not quick or k in ("baseline", "feature_cache", "both")}
+        step_repeats = 2 if quick else 8
+        for allocator in ("system", "keep"):
+            step = _in_fresh_process(_step_child, backbone, weights, image_size, batch_size, step_repeats,
+                                     threads, allocator)
+            results.update({(k if allocator == "system" else f"{k}_keep_memory"): v for k, v in step.items()
+                            if allocator == "system" or k.startswith("step_fast")})
+        results["step_fast_keep_memory_vs_today"] = round(
+            results["step_fast_images_per_s_keep_memory"] / results["step_today_images_per_s"], 2)
+        # --quick (CI's smoke run) keeps the variants of the bit-identity check and the default.
+        variants = {k: v for k, v in VARIANTS.items() if not quick or k in ("baseline", *BIT_IDENTICAL, "all")}
         per_variant: Dict[str, List[float]] = {name: [] for name in variants}
         outcome: Dict[str, dict] = {}
         with tempfile.TemporaryDirectory() as root:
@@ -150,20 +196,13 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
                              n_test_defect=1, seed=0, progress=False)
             for round_index in range(rounds):
                 for name, speedups in variants.items():
-                    config = TrainConfig(epochs=epochs, batch_size=batch_size, image_size=image_size, seed=0,
-                                         eval_every=0, save_every=epochs, holdout_fraction=0.0, progress=False,
-                                         **speedups)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        started = time.perf_counter()
-                        summary = train(root, "grain", Path(root) / "runs" / name, config, backbone=backbone,
-                                        teacher_weights=weights, resume=False)
-                    per_variant[name].append(summary["images_per_second"])
+                    config = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, seed=0,
+                                  eval_every=0, save_every=epochs, holdout_fraction=0.0, progress=False,
+                                  **speedups)
+                    child = _in_fresh_process(_train_child, root, name, config, backbone, weights, threads)
+                    per_variant[name].append(child["images_per_second"])
                     if round_index == 0:
-                        outcome[name] = {"loss": summary["history"][-1]["loss"],
-                                         "state": _trainable_state(summary["model"]),
-                                         "described": summary["teacher_features"],
-                                         "wall_s": round(time.perf_counter() - started, 1)}
+                        outcome[name] = child
         baseline = statistics.median(per_variant["baseline"])
         rows = []
         for name in variants:
@@ -174,18 +213,21 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
                          "paired_ratios": " ".join(f"{r:.2f}" for r in paired),
                          "final_loss": round(outcome[name]["loss"], 6),
                          "feature_cache": outcome[name]["described"]["feature_cache"],
+                         "allocator": outcome[name]["allocator"]["requested"]
+                         + ("" if outcome[name]["allocator"]["applied"] else " (not applied)"),
                          "weights_rel_distance_vs_baseline": round(_relative_distance(
                              outcome[name]["state"], outcome["baseline"]["state"]), 5)})
         results["rows"] = rows
-        best = statistics.median(per_variant["both"])
-        results["speedup_both_vs_baseline"] = round(best / baseline, 2)
-        results["feature_cache_bit_identical"] = all(
-            torch.equal(outcome["feature_cache"]["state"][k], outcome["baseline"]["state"][k])
-            for k in outcome["baseline"]["state"])
-        results["final_loss_relative_difference_both"] = round(
-            abs(outcome["both"]["loss"] - outcome["baseline"]["loss"]) / abs(outcome["baseline"]["loss"]), 6)
+        best = statistics.median(per_variant["all"])
+        results["speedup_all_vs_baseline"] = round(best / baseline, 2)
+        for name in BIT_IDENTICAL:
+            results[f"{name}_bit_identical"] = all(
+                torch.equal(outcome[name]["state"][k], outcome["baseline"]["state"][k])
+                for k in outcome["baseline"]["state"])
+        results["final_loss_relative_difference_all"] = round(
+            abs(outcome["all"]["loss"] - outcome["baseline"]["loss"]) / abs(outcome["baseline"]["loss"]), 6)
         epochs_target, images_target = TARGET_RUN
-        results["projected_minutes_10_epochs_700_images_both"] = round(epochs_target * images_target / best / 60, 2)
+        results["projected_minutes_10_epochs_700_images_all"] = round(epochs_target * images_target / best / 60, 2)
         results["projected_minutes_10_epochs_700_images_baseline"] = round(
             epochs_target * images_target / baseline / 60, 2)
         results["load_average_at_end"] = round(os.getloadavg()[0], 2)

@@ -46,6 +46,7 @@ from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint,
                                    trained_on)
 from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
+from mrkd.train.allocator import ALLOCATORS, apply_allocator  # noqa: E402
 from mrkd.train.feature_cache import CACHE_MODES, TeacherFeatures  # noqa: E402
 from mrkd.train.head import distillation_loss  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
@@ -89,11 +90,13 @@ class TrainConfig:
     feature_cache: str = "auto"          # clean images' teacher features computed once: auto|fp32|fp16|off
     feature_cache_mb: float = 2048       # memory budget of that cache
     fast_teacher: bool = True            # teacher copy with BatchNorm folded, channels-last
+    allocator: str = "keep"              # "keep": glibc keeps freed memory (mrkd.train.allocator) | "system"
 
     # Settings that may change between a run and its resumption (they do not change the result).
     RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "eval_every", "save_every", "progress",
                          "eval_batch_size", "threshold_quantile", "threshold_method",
-                         "threshold_confidence", "feature_cache", "feature_cache_mb", "fast_teacher")
+                         "threshold_confidence", "feature_cache", "feature_cache_mb", "fast_teacher",
+                         "allocator")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -107,6 +110,8 @@ class TrainConfig:
         if self.image_size % 32:
             # Strides 4/8/16 plus the bottleneck's stride 2: other sizes give student maps of another size.
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
         if self.feature_cache not in CACHE_MODES:
             raise ValueError(f"feature_cache must be one of {CACHE_MODES}, got {self.feature_cache!r}")
         if self.ilm_source not in ILM_SOURCES:
@@ -503,6 +508,7 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     model in memory, after the last epoch).
     """
     config = config or TrainConfig()
+    allocator = apply_allocator(config.allocator)   # process-wide; before the first large tensor
     rank, world, device, use_amp = _start_process(config)
     data = _load_data(data_root, category, config, skip_unreadable, require_masks)
     identity = _run_identity(config, backbone, teacher_weights, data_root, category)
@@ -540,6 +546,7 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
                "last": str(run.out_dir / LAST), "checkpoint": str(run.out_dir / LAST),
                "metrics": run.last_metrics, "holdout": data.holdout_paths, "world_size": world,
                "model": run.model, "errors": run.errors, "teacher_features": run.features.describe(),
+               "allocator": dataclasses.asdict(allocator),
                "images_per_second": _images_per_second(run, len(dataset) * (config.epochs - first_epoch))}
     if run.writer:
         summary["calibration"] = _finish(run)
