@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 SCHEMA_VERSION = 1
-METHODS = ("mrkd_imagenet", "mrkd_random", "knn")
+METHODS = ("mrkd_imagenet", "mrkd_random", "knn", "knn_coreset")
 TOPK_SHARE = 0.01       # "topk" image score: the mean of the highest 1 % of map pixels
 
 
@@ -62,7 +62,8 @@ class QualitySettings:
     # Fixed subset of train/good only, see layout_elpv: 160 cells keep 10 epochs of 3 seeds × 2 categories
     # × 2 teachers within about an hour on 2 shared cores. None: every training cell.
     max_train: Optional[int] = 160
-    memory_fraction: float = 0.1              # kNN memory bank: share of all training patches
+    memory_fraction: float = 0.1              # kNN baseline's memory bank: share of all training patches
+    coreset_fraction: float = 0.05            # knn_coreset and the shipped --score both (the trainer's default)
     split: str = "test"                       # "test" (final numbers) | "validation" (tuning)
     ilm_preset: str = "auto"
     ilm_source: str = "same"
@@ -126,10 +127,10 @@ class PatchKNN:
     """Nearest-neighbour patch distance to a memory bank of training patches (PatchCore without coreset)."""
 
     def __init__(self, teacher, config, memory_fraction: float = 0.1, seed: int = 0, sigma: float = 4.0,
-                 chunk: int = 4096):
+                 chunk: int = 4096, sampler: str = "random"):
         from mrkd.train.head import GaussianBlur
         self.teacher, self.config = teacher.eval(), config
-        self.memory_fraction, self.seed, self.chunk = memory_fraction, seed, chunk
+        self.memory_fraction, self.seed, self.chunk, self.sampler = memory_fraction, seed, chunk, sampler
         self.blur = GaussianBlur(sigma)
         self.bank = None
 
@@ -140,6 +141,10 @@ class PatchKNN:
             f = patch_features(self.teacher, x)
             patches.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
         patches = torch.cat(patches)
+        if self.sampler == "coreset":   # the shipped selection (PatchCore's greedy k-center), no cap
+            from mrkd.train.memory_bank import subsample_patches
+            self.bank = subsample_patches(patches, self.memory_fraction, self.seed, "coreset")
+            return self
         keep = max(1, int(round(self.memory_fraction * len(patches))))
         order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(self.seed))
         self.bank = patches[order[:keep]].contiguous()
@@ -177,7 +182,7 @@ def train_mrkd(data_root, category: str, settings: QualitySettings, teacher_weig
     config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                          image_size=settings.image_size, seed=seed, eval_every=0, save_every=settings.epochs,
                          holdout_fraction=0.0, ilm_preset=settings.ilm_preset, ilm_source=settings.ilm_source,
-                         progress=False)
+                         progress=False, score="mrkd")   # the bank, where wanted, comes after (shipped_both)
     with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the random-teacher warning is expected here
         result = train(data_root, category, out_dir, config, backbone=settings.backbone,
@@ -238,13 +243,15 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
     combined_maps: Dict[str, "torch.Tensor"] = {}   # name → test maps, for --combine
     for method in settings.methods:
         started = time.perf_counter()
-        if method == "knn":
+        if method in ("knn", "knn_coreset"):
             from mrkd.train.model import build_model
             model = build_model(settings.backbone, "imagenet", image_size=settings.image_size)
-            knn = PatchKNN(model.teacher, model.config, settings.memory_fraction, seed).fit(data.train_paths)
+            knn = PatchKNN(model.teacher, model.config, settings.memory_fraction, seed).fit(data.train_paths) \
+                if method == "knn" else PatchKNN(model.teacher, model.config, settings.coreset_fraction, seed,
+                                                 sampler="coreset").fit(data.train_paths)
             fit_s = time.perf_counter() - started
             maps = torch.cat([knn.anomaly_maps(x) for x in _batches(paths, model.config)])
-            if settings.combine:
+            if settings.combine and method == "knn":
                 train_maps = torch.cat([knn.anomaly_maps(x) for x in _batches(data.train_paths, model.config)])
                 combined["knn"] = (image_scores(maps, "max").numpy(), image_scores(train_maps, "max").numpy())
                 combined_maps["knn"] = maps
@@ -269,6 +276,8 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
                     combined[name] = (image_scores(combined_maps[name], rule).numpy(),
                                       image_scores(mrkd_maps(model, train_scale, stage_weights), rule).numpy())
             row["image_auroc"] = row["all_max"]      # the shipped head: all stages, max
+            if settings.combine and method == "mrkd_imagenet":
+                out["score_both"] = shipped_both(model, data.train_paths, paths, labels, settings, seed)
         row["wall_s"] = round(time.perf_counter() - started, 1)
         out[method] = row
     if "knn" in combined and len(combined) > 1:
@@ -283,6 +292,21 @@ def run_category(data_root, category: str, settings: QualitySettings, seed: int)
             out["mrkd+knn"][f"map_{name}"] = _auroc(labels, image_scores(maps, "max"))
         out["mrkd+knn"]["image_auroc"] = out["mrkd+knn"]["map_s8s16_max"]   # what --score both ships
     return out
+
+
+def shipped_both(model, train_paths, paths, labels, settings: QualitySettings, seed: int) -> dict:
+    """``--score both`` as the trainer ships it: mrkd.train.memory_bank.fit_memory_bank on the trained
+    model (coreset bank, the trainer's default cap), then the model's own image scores."""
+    import torch
+
+    from mrkd.train.memory_bank import DEFAULT_MAX_PATCHES, fit_memory_bank
+    started = time.perf_counter()
+    report = fit_memory_bank(model, train_paths, "both", settings.coreset_fraction, seed,
+                             sampler="coreset", max_patches=DEFAULT_MAX_PATCHES)
+    with torch.no_grad():
+        scores = torch.cat([model.scores(x) for x in _batches(paths, model.config)])
+    return {"image_auroc": _auroc(labels, scores), "bank_patches": report["bank_patches"],
+            "memory_mb": report["bank_mb"], "fit_s": round(time.perf_counter() - started, 1)}
 
 
 def combine_scores(first, second):
@@ -392,14 +416,17 @@ def main(argv=None) -> None:
     parser.add_argument("--max-per-class", type=int, default=None, help="fixed subset size per folder")
     parser.add_argument("--max-train", type=int, default=None, help="fixed subset size of train/good")
     parser.add_argument("--memory-fraction", type=float, default=None, help="kNN bank share (default 0.1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    parser.add_argument("--coreset-fraction", type=float, default=None,
+                        help="bank share of knn_coreset and the shipped --score both (default 0.05)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     parser.add_argument("--combine", action=argparse.BooleanOptionalAction, default=True,
                         help="also score MRKD + kNN, as --score both does (default on)")
     parser.add_argument("--json", type=Path, default=None, help="write the full results here")
     args = parser.parse_args(argv)
     settings = quick_settings() if args.quick else QualitySettings()
     for name in ("split", "seeds", "image_size", "epochs", "lr", "backbone", "ilm_preset", "ilm_source",
-                 "methods", "categories", "max_per_class", "max_train", "memory_fraction", "threads"):
+                 "methods", "categories", "max_per_class", "max_train", "memory_fraction", "coreset_fraction",
+                 "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)

@@ -46,7 +46,8 @@ def test_lite0_exports_fp32_fp16_int8_and_runs_in_the_runtime(trained_lite0, tmp
 
     half = export_onnx(model, tmp_path / "model_fp16.onnx", fp16_options(options), checkpoint_sha256=sha)
     fidelity = fp16_fidelity_report(model, half.path, options)
-    assert fidelity.finite and fidelity.map_max_abs_diff < 5e-2
+    # Relative to the threshold: the default --score both map is on its training-score spread's scale (~100).
+    assert fidelity.finite and fidelity.map_max_abs_diff < 1e-2 * threshold
 
     good = root / "washer" / "train" / "good"
     int8 = quantize_int8(fp32.path, tmp_path / "model_int8.onnx", good)

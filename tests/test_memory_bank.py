@@ -111,3 +111,57 @@ def test_trainer_score_both_ships_bank_and_calibrates_on_the_summed_map(tmp_path
     assert model.config.knn_weight > 0 and model.calibration["threshold"] > 0
     held_out = summary["model"].head.memory_bank.bank
     torch.testing.assert_close(model.head.memory_bank.bank, held_out.cpu(), rtol=0, atol=0)
+
+
+def _brute_force_k_center(points: np.ndarray, keep: int, first: int) -> list:
+    """Greedy k-center written out plainly: every step, the point whose nearest chosen point is farthest."""
+    chosen = [first]
+    for _ in range(keep - 1):
+        nearest = np.min([[np.linalg.norm(p - points[c]) for c in chosen] for p in points], axis=1)
+        chosen.append(int(np.argmax(nearest)))
+    return chosen
+
+
+def test_greedy_coreset_is_k_center_selection():
+    from mrkd.train.memory_bank import greedy_coreset
+    g = torch.Generator().manual_seed(3)
+    points = torch.randn(120, 6, generator=g)     # narrower than the projection: distances are exact
+    chosen = greedy_coreset(points, 9, seed=4).tolist()
+    assert chosen == _brute_force_k_center(points.double().numpy(), 9, chosen[0])
+    assert len(set(chosen)) == 9
+
+
+def test_coreset_covers_rare_patches_that_random_sampling_misses():
+    """A bank of 12 from 1,000 normal patches plus 5 of a rare, distant kind: k-center always keeps
+    one of the rare kind (their covering radius is what it minimises); a random 1.2 % keeps one in
+    about 6 % of draws (1 - C(1000, 12) / C(1005, 12))."""
+    from scipy.spatial.distance import cdist
+
+    from mrkd.train.memory_bank import subsample_patches
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(1000, 16, generator=g)
+    rare = torch.randn(5, 16, generator=g) * 0.1 + 12.0     # ~48 away from the common ones
+    patches = torch.cat([common, rare])
+    fraction = 12 / len(patches)
+
+    def rare_is_covered(bank):
+        return cdist(rare.numpy(), bank.numpy()).min(1).max() < 1.0
+
+    seeds = range(30)
+    coreset = [subsample_patches(patches, fraction, seed=s, sampler="coreset") for s in seeds]
+    assert all(len(bank) == 12 for bank in coreset)
+    assert all(rare_is_covered(bank) for bank in coreset)
+    random_hits = sum(rare_is_covered(subsample_patches(patches, fraction, seed=s, sampler="random")) for s in seeds)
+    assert random_hits <= 8
+
+
+def test_bank_size_rules_and_refusals():
+    from mrkd.train.memory_bank import bank_size, subsample_patches
+    assert bank_size(1000, 0.05) == 50 and bank_size(1000, 0.05, max_patches=20) == 20
+    assert bank_size(3, 0.01) == 1                      # never empty
+    patches = torch.randn(200, 4)
+    assert len(subsample_patches(patches, 0.5, max_patches=30)) == 30
+    for bad in (dict(fraction=0.0), dict(fraction=1.5), dict(fraction=0.1, sampler="kmeans"),
+                dict(fraction=0.1, max_patches=-1)):
+        with pytest.raises(ValueError):
+            subsample_patches(patches, **bad)

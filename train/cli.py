@@ -142,18 +142,25 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--skip-unreadable", is_flag=True, help="Skip unreadable images (with a count) instead of failing.")
 @click.option("--require-masks", is_flag=True,
               help=REQUIRE_MASKS_HELP)
-@click.option("--score", type=click.Choice(["mrkd", "knn", "both"]), default="mrkd", show_default=True,
-              help="Anomaly map: 'mrkd' (distillation), 'knn' (distance to a memory bank of training patches "
-                   "on the teacher's features) or 'both' (their sum, each over its training-score spread). "
-                   "knn/both put the bank into the checkpoint and the exported graph (see benchmarks/RESULTS.md).")
-@click.option("--knn-memory", type=FRACTION, default=0.1, show_default=True,
+@click.option("--score", type=click.Choice(["both", "mrkd", "knn"]), default="both", show_default=True,
+              help="Anomaly map: 'both' (MRKD's stride-8/16 map plus the kNN map, each over its training-score "
+                   "spread: the best on real images), 'mrkd' (the distillation map alone, all three scales) or "
+                   "'knn' (distance to a memory bank of training patches on the teacher's features). knn/both "
+                   "put the bank into the checkpoint and the exported graph (benchmarks/RESULTS.md).")
+@click.option("--knn-memory", type=FRACTION, default=0.05, show_default=True,
               help="With --score knn|both: share of the training patches kept in the memory bank.")
+@click.option("--knn-sampler", type=click.Choice(["coreset", "random"]), default="coreset", show_default=True,
+              help="With --score knn|both: how the bank's patches are chosen: 'coreset' (greedy k-center, as "
+                   "PatchCore) or 'random'.")
+@click.option("--knn-max-patches", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="With --score knn|both: at most this many patches in the bank (0: no cap). Bounds the "
+                   "exported graph's distance MatMul and the coreset's time on large training sets.")
 @friendly_errors
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
                   device, ilm, ilm_source, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile,
                   threshold_method, threshold_confidence, resume,
                   workers, amp, feature_cache, feature_cache_mb, fast_teacher, allocator, resize_mode, skip_unreadable,
-                  require_masks, score, knn_memory):
+                  require_masks, score, knn_memory, knn_sampler, knn_max_patches):
     """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images).
 
     The run hands on its final epoch's weights (<out>/<category>/last.ckpt), as the official protocol
@@ -176,7 +183,8 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
                              mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
                              threshold_quantile=threshold_quantile, threshold_method=threshold_method,
                              threshold_confidence=threshold_confidence,
-                             resize_mode=resize_mode, score=score, knn_memory_fraction=knn_memory)
+                             resize_mode=resize_mode, score=score, knn_memory_fraction=knn_memory,
+                             knn_sampler=knn_sampler, knn_max_patches=knn_max_patches)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     if holdout == 0:

@@ -7,9 +7,12 @@ the anomaly-map head, the distance map is one more "scale" the head sums, and th
 carries the bank as a constant — the runtime and TensorRT path stay one.
 
 * Features: the teacher's stride-8 and stride-16 maps, 16 upsampled bilinearly to 8, concatenated.
-* Bank: a seeded random ``fraction`` of all training patches (no coreset), FP32. Memory: patches ×
-  channels × 4 bytes (Lite0, 256 px, 700 images, 10 %: 72k × 152 × 4 B ≈ 42 MB, in the checkpoint and
-  the graph).
+* Bank: ``fraction`` of all training patches, FP32, chosen by ``sampler``: "coreset" (greedy k-center
+  selection, as PatchCore: each new patch is the one farthest from those kept, distances taken in a
+  seeded random projection to at most 128 dimensions; from at most CORESET_CANDIDATES patches, a seeded
+  random subset when there are more) or "random" (a seeded random subset). Memory: patches × channels
+  × 4 bytes (Lite0, 700 images at 256 px, 1 %: 7k × 152 × 4 B ≈ 4.4 MB, in the checkpoint and the
+  graph).
 * Distance: per patch the minimum L2 distance to the bank, written as ``|q|² − 2 q·b + |b|²`` over bank
   chunks (MatMul + ReduceMin in the graph; no cdist operator needed), clamped at 0, square root.
 * ``both``: each detector's map is divided by the spread (std) of its image scores on the training
@@ -27,6 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 SCORES = ("mrkd", "knn", "both")
+SAMPLERS = ("coreset", "random")
+CORESET_CANDIDATES = 200_000    # greedy selection is O(candidates × kept): bounded on big training sets
+CORESET_PROJECTION = 128
+DEFAULT_FRACTION = 0.05         # ELPV validation: coreset 5 % = 10 % > random 10 % (benchmarks/RESULTS.md)
+DEFAULT_MAX_PATCHES = 8192      # bounds the graph's MatMul and the coreset's time on large training sets
 BOTH_SCALE_WEIGHTS = (0.0, 1.0, 1.0)    # MRKD scales (strides 4, 8, 16) in the "both" map
 BANK_CHUNK = 4096
 
@@ -67,20 +75,75 @@ class MemoryBank(nn.Module):
         return best.clamp_min(0.0).sqrt().reshape(-1, h, w)
 
 
-def build_bank(model, batches, fraction: float = 0.1, seed: int = 0) -> torch.Tensor:
-    """A seeded random ``fraction`` of the patches of the (pre-processed) training batches."""
+def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
+                   projection_dim: int = CORESET_PROJECTION) -> torch.Tensor:
+    """Indices of ``keep`` rows of ``patches`` chosen by greedy k-center selection: start from a seeded
+    random row, then repeatedly add the row farthest (L2) from every row chosen so far. Distances are
+    taken in a seeded Gaussian random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss;
+    none when the rows are that narrow already)."""
+    n, channels = patches.shape
+    keep = int(min(max(keep, 1), n))
+    generator = torch.Generator().manual_seed(int(seed))
+    points = patches.float()
+    if channels > projection_dim:
+        projection = torch.randn(channels, projection_dim, generator=generator) / projection_dim ** 0.5
+        points = points @ projection
+    points = points.contiguous()
+    squared = points.pow(2).sum(1)
+    chosen = torch.empty(keep, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=generator))
+    nearest = torch.full((n,), float("inf"))
+    for index in range(1, keep + 1):
+        centre = points[chosen[index - 1]]
+        # |p - c|² = |p|² - 2 p·c + |c|²: one matrix-vector product per chosen row
+        distance = squared - 2.0 * (points @ centre) + squared[chosen[index - 1]]
+        torch.minimum(nearest, distance, out=nearest)
+        if index == keep:
+            break
+        chosen[index] = int(torch.argmax(nearest))
+    return chosen
+
+
+def bank_size(patches: int, fraction: float, max_patches: int = 0) -> int:
+    """How many of ``patches`` the bank keeps: ``fraction`` of them, at least one, at most
+    ``max_patches`` (0: no cap)."""
+    keep = max(1, int(round(fraction * patches)))
+    return min(keep, max_patches) if max_patches > 0 else keep
+
+
+def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sampler: str = "coreset",
+                      max_patches: int = 0) -> torch.Tensor:
+    """``fraction`` of the rows of ``patches`` (at least one, at most ``max_patches`` when that is > 0),
+    by ``sampler`` (see the module's notes)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"memory bank fraction must be in (0, 1], got {fraction}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"memory bank sampler {sampler!r}: expected one of {SAMPLERS}")
+    if max_patches < 0:
+        raise ValueError(f"memory bank max_patches must be >= 0 (0: no cap), got {max_patches}")
+    keep = bank_size(len(patches), fraction, max_patches)
+    order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(int(seed)))
+    if sampler == "random" or keep >= len(patches):
+        return patches[order[:keep]].contiguous()
+    candidates = patches[order[:CORESET_CANDIDATES]]
+    return candidates[greedy_coreset(candidates, keep, seed)].contiguous()
+
+
+def training_patches(model, batches) -> torch.Tensor:
+    """Every stride-8 patch feature of the (pre-processed) training batches: patches × channels."""
     patches: List[torch.Tensor] = []
     device = next(model.parameters()).device
     with torch.no_grad():
         for x in batches:
             f = patch_features(model.teacher(x.to(device)))
             patches.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
-    patches = torch.cat(patches)
-    keep = max(1, int(round(fraction * len(patches))))
-    order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(int(seed)))
-    return patches[order[:keep]].contiguous()
+    return torch.cat(patches)
+
+
+def build_bank(model, batches, fraction: float = DEFAULT_FRACTION, seed: int = 0, sampler: str = "coreset",
+               max_patches: int = DEFAULT_MAX_PATCHES) -> torch.Tensor:
+    """The memory bank: ``fraction`` of the training patches (at most ``max_patches``), by ``sampler``."""
+    return subsample_patches(training_patches(model, batches), fraction, seed, sampler, max_patches)
 
 
 def _image_scores(model, batches) -> torch.Tensor:
@@ -88,8 +151,8 @@ def _image_scores(model, batches) -> torch.Tensor:
     return torch.cat([model.scores(x.to(device)).cpu() for x in batches])
 
 
-def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = 0.1, seed: int = 0,
-                    batch_size: int = 16) -> dict:
+def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = DEFAULT_FRACTION, seed: int = 0,
+                    batch_size: int = 16, sampler: str = "coreset", max_patches: int = DEFAULT_MAX_PATCHES) -> dict:
     """Give ``model`` its memory bank from the training images ``paths`` and set the head for ``score``.
 
     "knn": the map is the distance map alone. "both": MRKD's map over the std of its training-image
@@ -115,7 +178,8 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = 0
         base_weights = BOTH_SCALE_WEIGHTS
     head.scale_weights = base_weights
     mrkd_std = float(_image_scores(model, batches()).std()) if score == "both" else 1.0
-    bank = MemoryBank(build_bank(model, batches(), fraction, seed)).to(next(model.parameters()).device)
+    bank = MemoryBank(build_bank(model, batches(), fraction, seed, sampler, max_patches)).to(
+        next(model.parameters()).device)
     head.set_memory_bank(bank, 1.0)
     head.scale_weights = (0.0, 0.0, 0.0)
     knn_std = float(_image_scores(model, batches()).std()) if score == "both" else 1.0
@@ -130,7 +194,7 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = 0
         knn_weight = 1.0 / max(knn_std, 1e-12)
         head.set_memory_bank(bank, knn_weight)
     config.score, config.scale_weights, config.knn_weight = score, head.scale_weights, knn_weight
-    config.knn_memory_fraction = float(fraction)
+    config.knn_memory_fraction, config.knn_sampler = float(fraction), sampler
     model.train(was_training)
-    return {"score": score, "bank_patches": int(len(bank.bank)), "bank_mb": round(bank.memory_bytes / 2 ** 20, 2),
+    return {"score": score, "sampler": sampler, "bank_patches": int(len(bank.bank)), "bank_mb": round(bank.memory_bytes / 2 ** 20, 2),
             "mrkd_train_score_std": mrkd_std, "knn_train_score_std": knn_std}

@@ -42,7 +42,8 @@ class MRKDConfig:
     # (their sum, each over its training-score spread); see mrkd.train.memory_bank.
     score: str = "mrkd"
     knn_weight: float = 0.0
-    knn_memory_fraction: float = 0.1
+    knn_memory_fraction: float = 0.05
+    knn_sampler: str = "coreset"     # how the bank was chosen: "coreset" | "random" (for the record)
 
     def __post_init__(self):
         # One canonical type whatever the caller (or a checkpoint's JSON-like lists) passed, so a
@@ -56,6 +57,8 @@ class MRKDConfig:
         if self.score not in ("mrkd", "knn", "both"):
             raise ValueError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
         self.knn_weight, self.knn_memory_fraction = float(self.knn_weight), float(self.knn_memory_fraction)
+        if self.knn_sampler not in ("coreset", "random"):
+            raise ValueError(f"knn_sampler must be 'coreset' or 'random', got {self.knn_sampler!r}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -71,7 +74,7 @@ class MRKDConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-BEFORE_FIELD = {"scale_weights": (1.0, 1.0, 1.0)}
+BEFORE_FIELD = {"scale_weights": (1.0, 1.0, 1.0), "knn_sampler": "random", "knn_memory_fraction": 0.1}
 
 
 class MRKD(nn.Module):

@@ -82,8 +82,11 @@ class TrainConfig:
     threshold_method: str = calibration.DEFAULT_METHOD           # "quantile" | "tolerance"
     threshold_confidence: float = calibration.DEFAULT_CONFIDENCE # for "tolerance" (mrkd.runtime.calibration)
     resize_mode: str = "resize"          # "resize" | "center_crop" (official)
-    score: str = "mrkd"                  # "mrkd" | "knn" | "both": see mrkd.train.memory_bank
-    knn_memory_fraction: float = 0.1     # share of training patches in the memory bank (knn/both)
+    # "both" (default: best on real images, benchmarks/RESULTS.md) | "mrkd" | "knn": mrkd.train.memory_bank
+    score: str = "both"
+    knn_memory_fraction: float = 0.05    # share of training patches in the memory bank (knn/both)
+    knn_sampler: str = "coreset"         # how the bank's patches are chosen: "coreset" | "random"
+    knn_max_patches: int = 8192          # cap on the bank's size (0: none); see mrkd.train.memory_bank
     eval_batch_size: int = 8
     progress: bool = True
     # Speed only (mrkd.train.feature_cache): the same result to float rounding.
@@ -104,6 +107,11 @@ class TrainConfig:
             raise ValueError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
         if not 0.0 < self.knn_memory_fraction <= 1.0:
             raise ValueError(f"knn_memory_fraction must be in (0, 1], got {self.knn_memory_fraction}")
+        if self.knn_sampler not in ("coreset", "random"):
+            raise ValueError(f"knn_sampler must be 'coreset' or 'random', got {self.knn_sampler!r}")
+        if isinstance(self.knn_max_patches, bool) or not isinstance(self.knn_max_patches, int) \
+                or self.knn_max_patches < 0:
+            raise ValueError(f"knn_max_patches must be an integer >= 0 (0: no cap), got {self.knn_max_patches!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
             raise ValueError(f"epochs and batch_size must be >= 1 and image_size >= 32 "
                              f"(got {self.epochs}, {self.batch_size}, {self.image_size})")
@@ -570,7 +578,8 @@ def _finish(run: TrainRun) -> Optional[dict]:
     if config.score != "mrkd":   # the memory bank comes from the fitted images, before calibration
         from mrkd.train.memory_bank import fit_memory_bank
         fit_memory_bank(run.model, run.data.fit_paths, config.score, config.knn_memory_fraction, config.seed,
-                        batch_size=config.eval_batch_size)
+                        batch_size=config.eval_batch_size, sampler=config.knn_sampler,
+                        max_patches=config.knn_max_patches)
     try:
         run.model.eval()
         calibration_result = calibration.calibrate(
