@@ -20,9 +20,10 @@ BENCHES = {
     "aupro": "metrics.aupro vs the official pandas loop",
     "augment": "ILM patch-swap images/s per core at 256 px",
     "teachers": "GFLOP and CPU latency per teacher (efficientnet_lite0, resnet18, wide_resnet50_2)",
-    "train": "training images/s with the feature cache and fast teacher vs today's trainer (Lite0, 256 px)",
+    "train": "training images/s with the feature cache, fast teacher and allocator vs today's trainer (Lite0, 256 px)",
     "cameras": "4 cameras on one Lite0 model: one process with cross-camera batching vs unbatched vs 4 processes",
     "line_outputs": "frames/s of mrkd run with MQTT, metrics and the operator page on (page open) vs off",
+    "score_cost": "ONNX Runtime latency and graph size of --score both (bank at the trainer's cap) vs --score mrkd",
     "quality": "image AUROC on real ELPV solar cells: MRKD (ImageNet / random Lite0 teacher) vs a kNN "
                "patch-distance baseline, 3 seeds (minutes; --quick: a subset)",
 }

@@ -21,8 +21,9 @@ EXIT_NO_TENSORRT = 3
               help="Gaussian smoothing inside the graph (a runtime without the CUDA extension still gets the "
                    "full map), or left to the runtime.")
 @click.option("--per-scale-outputs", is_flag=True,
-              help="Output the three low-resolution 1 − cos maps (scale0..2) instead of the full map, for the "
-                   "runtime's fused upsample+smooth kernel.")
+              help="Output the three low-resolution 1 − cos maps (scale0..2; --score knn|both models add the "
+                   "kNN distance map as scale3) instead of the full map, for the runtime's fused "
+                   "upsample+smooth kernel.")
 @click.option("--uint8-input", is_flag=True,
               help="Graph input is uint8 BGR N×H×W×3 at the model size; BGR->RGB, /255, mean/std and HWC->CHW "
                    "happen in the graph (the resize stays outside).")

@@ -54,12 +54,12 @@ def run_fp16_on_cpu(onnx_path, batch: np.ndarray, model=None,
             raise
         fallback_reason = f"{type(exc).__name__}: {exc}"
     import torch
-    from mrkd.export.onnx_graph import ExportGraph, output_names
+    from mrkd.export.onnx_graph import ExportGraph, has_knn_map, output_names
     graph = ExportGraph(model, fp16_options(options)).eval()
     with torch.no_grad():
         result = graph(torch.from_numpy(batch))
     result = result if isinstance(result, tuple) else (result,)
-    outputs = {name: t.float().numpy() for name, t in zip(output_names(options), result)}
+    outputs = {name: t.float().numpy() for name, t in zip(output_names(options, has_knn_map(model)), result)}
     return outputs, f"{CPU_FP16_BACKENDS[1]} (onnxruntime failed: {fallback_reason[:200]})"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from mrkd.export.onnx_graph import INPUT_NAME, ExportOptions, graph_outputs, save_onnx, set_metadata_props
+from mrkd.export.onnx_graph import INPUT_NAME, ExportOptions, graph_outputs, has_knn_map, save_onnx, set_metadata_props
 from mrkd.runtime.calibration import Calibration
 from mrkd.runtime.metadata import ModelMetadata, file_sha256, sidecar_path  # noqa: F401 (file_sha256 re-exported)
 
@@ -24,7 +24,7 @@ def build_metadata(model, options: ExportOptions, *, precision: Optional[str] = 
         std=tuple(float(v) for v in config.std),
         resize_mode=config.resize_mode,
         calibration=calibration,
-        outputs=graph_outputs(options, int(config.image_size), float(config.sigma)),
+        outputs=graph_outputs(options, int(config.image_size), float(config.sigma), has_knn_map(model)),
         smoothing_in_graph=bool(options.smooth_in_graph and not options.per_scale_outputs),
         per_scale_outputs=bool(options.per_scale_outputs),
         sigma=float(config.sigma),

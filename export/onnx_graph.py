@@ -7,7 +7,8 @@ The graph's outputs are what the runtime needs and nothing more:
   no ``score`` output (a max of the unsmoothed map is not comparable to the calibrated threshold,
   so the runtime smooths and takes the max itself);
 * ``per_scale_outputs=True``: ``scale0..scale2`` (N×h×w float32, unsmoothed 1 − cos at strides
-  4, 8, 16) for the runtime's fused CUDA upsample+sum+smooth kernel.
+  4, 8, 16, each times its scale weight) for the runtime's fused CUDA upsample+sum+smooth kernel,
+  and ``scale3`` (the weighted memory-bank distance map at stride 8) for --score knn|both models.
 
 FP16 graphs keep the head in FP32 with an explicit Cast after the student (see export/fp16.py).
 """
@@ -95,30 +96,43 @@ def parse_batch_range(text: str) -> Tuple[int, int, int]:
 SCALE_STRIDES = (4, 8, 16)   # the teacher's feature taps, one per-scale output each
 
 
-def output_names(options: ExportOptions) -> List[str]:
-    """The graph's output names (runtime.metadata's constants), in output order."""
+def has_knn_map(model) -> bool:
+    """The model's head sums a memory-bank distance map (--score knn|both): one more per-scale output."""
+    return getattr(model.head, "memory_bank", None) is not None
+
+
+def output_names(options: ExportOptions, knn_map: bool = False) -> List[str]:
+    """The graph's output names (runtime.metadata's constants), in output order. Per-scale exports of a
+    model with a memory bank have the kNN distance map as the last "scale" (stride 8, weighted)."""
     if options.per_scale_outputs:
-        return [f"{SCALE_OUTPUT_PREFIX}{i}" for i in range(len(SCALE_STRIDES))]
+        return [f"{SCALE_OUTPUT_PREFIX}{i}" for i in range(len(SCALE_STRIDES) + int(knn_map))]
     return [MAP_OUTPUT, SCORE_OUTPUT] if options.smooth_in_graph else [MAP_OUTPUT]
 
 
-def graph_outputs(options: ExportOptions, image_size: int, sigma: float) -> GraphOutputs:
+def graph_outputs(options: ExportOptions, image_size: int, sigma: float, knn_map: bool = False) -> GraphOutputs:
     """ModelMetadata.outputs of an export with ``options``: the names by role (the runtime reads them)."""
-    names = output_names(options)
-    descriptions = output_descriptions(options, image_size, sigma)
+    names = output_names(options, knn_map)
+    descriptions = output_descriptions(options, image_size, sigma, knn_map)
     if options.per_scale_outputs:
         return GraphOutputs(scales=tuple(names), descriptions=descriptions)
     return GraphOutputs(anomaly_map=MAP_OUTPUT, score=SCORE_OUTPUT if SCORE_OUTPUT in names else None,
                         descriptions=descriptions)
 
 
-def output_descriptions(options: ExportOptions, image_size: int, sigma: float) -> Dict[str, str]:
+def output_descriptions(options: ExportOptions, image_size: int, sigma: float,
+                        knn_map: bool = False) -> Dict[str, str]:
     """Output name -> what it holds (GraphOutputs.descriptions, kept in the sidecar for people)."""
     if options.per_scale_outputs:
-        return {name: f"N×{image_size // s}×{image_size // s} float32: unsmoothed 1 − cos between "
-                      f"teacher and student features at stride {s}; upsample (bilinear, "
-                      f"align_corners=True) to {image_size}, sum, smooth (sigma {sigma}), max = score"
-                for name, s in zip(output_names(options), SCALE_STRIDES)}
+        finish = (f"upsample (bilinear, align_corners=True) to {image_size}, sum, smooth (sigma {sigma}), "
+                  f"max = score")
+        names = output_names(options, knn_map)
+        described = {name: f"N×{image_size // s}×{image_size // s} float32: unsmoothed 1 − cos between "
+                           f"teacher and student features at stride {s}, times its scale weight; {finish}"
+                     for name, s in zip(names, SCALE_STRIDES)}
+        if knn_map:
+            described[names[-1]] = (f"N×{image_size // 8}×{image_size // 8} float32: distance to the memory "
+                                    f"bank of training patches at stride 8, times its weight; {finish}")
+        return described
     if options.smooth_in_graph:
         return {MAP_OUTPUT: f"N×1×{image_size}×{image_size} float32: sum over scales of upsampled 1 − cos, "
                             f"Gaussian-smoothed in the graph (sigma {sigma}, scipy reflect border)",
@@ -151,9 +165,6 @@ class ExportGraph(nn.Module):
         super().__init__()
         options.validate()
         config = model.config
-        if options.per_scale_outputs and getattr(model.head, "memory_bank", None) is not None:
-            raise ExportError(f"score={config.score!r}: the kNN distance map is summed in the graph; export "
-                              f"without per-scale outputs")
         self.options = options
         self.preprocess = InGraphPreprocess(config.mean, config.std) if options.uint8_input else None
         self.teacher, self.bottleneck, self.student = model.teacher, model.bottleneck, model.student
@@ -198,7 +209,7 @@ def trace_to_onnx(model, options: ExportOptions):
     options.validate()
     model = model.eval()
     graph = ExportGraph(model, options).eval()
-    names = output_names(options)
+    names = output_names(options, has_knn_map(model))
     dynamic_axes = {INPUT_NAME: {0: BATCH_AXIS}, **{name: {0: BATCH_AXIS} for name in names}}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

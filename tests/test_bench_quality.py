@@ -47,3 +47,5 @@ def test_quick_quality_imagenet_teacher_beats_random_on_real_images(tmp_path):
         assert imagenet > random, (category, imagenet, random)
         assert knn > 0.6, (category, knn)       # the baseline sees the defects at all
         assert 0.5 < summary[f"{category}/mrkd+knn"]["image_auroc"]["mean"] <= 1.0
+        assert summary[f"{category}/knn_coreset"]["image_auroc"]["mean"] > 0.6, category
+        assert 0.5 < summary[f"{category}/score_both"]["image_auroc"]["mean"] <= 1.0   # the shipped default

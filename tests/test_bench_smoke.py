@@ -23,5 +23,8 @@ def test_bench_quick_runs_every_benchmark_and_writes_reports(tmp_path):
     ratios = [row["speedup_vs_baseline"] for name in ("model", "end_to_end") for row in results[name]["rows"]
               if "speedup_vs_baseline" in row]
     assert ratios and all(0 < r < 1e4 for r in ratios)
+    # Speed-ups that must not change a bit of the trained weights (each variant trains in its own process).
+    assert results["train"]["feature_cache_bit_identical"] and results["train"]["keep_memory_bit_identical"]
+    assert results["score_cost"]["both_ms"] > 0 and results["score_cost"]["graph_mb_both"] > results["score_cost"]["graph_mb_mrkd"]
     assert (tmp_path / "RESULTS.md").read_text().startswith("# mrkd benchmark results")
     assert (tmp_path / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

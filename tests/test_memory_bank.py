@@ -51,7 +51,7 @@ def _images(tmp_path, n=6):
 @pytest.mark.slow   # two ONNX exports
 @pytest.mark.parametrize("score", ["knn", "both"])
 def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score):
-    from mrkd.export import ExportOptions, ExportError, export_onnx, parity_report
+    from mrkd.export import ExportOptions, export_onnx, parity_report
     from mrkd.train import load_checkpoint
     from export_fixtures import run_onnx
     model = _model()
@@ -79,9 +79,21 @@ def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score):
     assert parity_report(loaded, exported.path, options).check().passed
     out = run_onnx(exported.path, x.numpy())
     np.testing.assert_allclose(out["anomaly_map"], maps.numpy(), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ExportError, match="per-scale"):
-        export_onnx(loaded, tmp_path / "p.onnx", ExportOptions(per_scale_outputs=True),
-                    checkpoint_sha256="ab" * 32, simplify="never")
+    # Per-scale outputs: the kNN map is one more "scale"; the runtime's post-processing (C++) sums,
+    # smooths and scores them into the same map as the in-graph head.
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+    from mrkd.runtime.postprocess import anomaly_map
+    per_scale = ExportOptions(per_scale_outputs=True)
+    exported = export_onnx(loaded, tmp_path / "p.onnx", per_scale, checkpoint_sha256="ab" * 32, simplify="never")
+    assert parity_report(loaded, exported.path, per_scale).check().passed
+    meta = ModelMetadata.load(sidecar_path(exported.path))
+    assert meta.outputs.scales == ("scale0", "scale1", "scale2", "scale3")
+    assert "memory bank" in meta.outputs.descriptions["scale3"]
+    out = run_onnx(exported.path, x.numpy())
+    runtime_maps, runtime_scores = anomaly_map([out[name] for name in meta.outputs.scales], 64, meta.sigma,
+                                               impl="cpu")
+    np.testing.assert_allclose(runtime_maps, maps.numpy()[:, 0], rtol=1e-4, atol=1e-4 * float(maps.max()))
+    np.testing.assert_allclose(runtime_scores, loaded.scores(x).numpy(), rtol=1e-4)
 
 
 def test_checkpoint_without_its_bank_is_refused(tmp_path):
@@ -165,3 +177,21 @@ def test_bank_size_rules_and_refusals():
                 dict(fraction=0.1, max_patches=-1)):
         with pytest.raises(ValueError):
             subsample_patches(patches, **bad)
+
+
+def test_score_spread_is_the_population_std_and_never_zero_or_nan():
+    from mrkd.train.memory_bank import score_spread
+    values = torch.tensor([1.0, 2.0, 4.0, 7.0])
+    assert score_spread(values) == pytest.approx(float(np.std(values.numpy())))
+    assert score_spread(torch.tensor([0.3])) == pytest.approx(0.3)          # one image: its score
+    assert score_spread(torch.tensor([0.5, 0.5, 0.5])) == pytest.approx(0.5)  # identical images
+    for hopeless in (torch.zeros(3), torch.tensor([float("nan")] * 2), torch.tensor([])):
+        assert score_spread(hopeless) == 1.0
+
+
+def test_score_both_on_one_training_image_gives_finite_weights(tmp_path):
+    model = _model()
+    report = fit_memory_bank(model, _images(tmp_path, n=1), "both")
+    weights = list(model.config.scale_weights) + [model.config.knn_weight]
+    assert all(np.isfinite(w) and 0 <= w < 1e6 for w in weights), (weights, report)
+    assert torch.isfinite(model.anomaly_map(torch.randn(1, 3, 64, 64))).all()

@@ -23,6 +23,7 @@ carries the bank as a constant — the runtime and TensorRT path stay one.
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
@@ -146,6 +147,20 @@ def build_bank(model, batches, fraction: float = DEFAULT_FRACTION, seed: int = 0
     return subsample_patches(training_patches(model, batches), fraction, seed, sampler, max_patches)
 
 
+def score_spread(scores: torch.Tensor) -> float:
+    """The scale one detector's map is divided by in "both": the spread (population std) of its image
+    scores on the training images. Where that is 0 or undefined (one image, identical images) the mean
+    score stands in, and 1 where that is no positive number either — never 0, NaN or inf."""
+    scores = scores.double()
+    spread = float(scores.std(unbiased=False)) if len(scores) else float("nan")
+    mean = float(scores.mean()) if len(scores) else float("nan")
+    if math.isfinite(spread) and spread > 1e-6 * max(abs(mean), 1e-12):
+        return spread
+    if math.isfinite(mean) and mean > 0:
+        return mean
+    return 1.0
+
+
 def _image_scores(model, batches) -> torch.Tensor:
     device = next(model.parameters()).device
     return torch.cat([model.scores(x.to(device)).cpu() for x in batches])
@@ -177,12 +192,12 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     if score == "both":
         base_weights = BOTH_SCALE_WEIGHTS
     head.scale_weights = base_weights
-    mrkd_std = float(_image_scores(model, batches()).std()) if score == "both" else 1.0
+    mrkd_std = score_spread(_image_scores(model, batches())) if score == "both" else 1.0
     bank = MemoryBank(build_bank(model, batches(), fraction, seed, sampler, max_patches)).to(
         next(model.parameters()).device)
     head.set_memory_bank(bank, 1.0)
     head.scale_weights = (0.0, 0.0, 0.0)
-    knn_std = float(_image_scores(model, batches()).std()) if score == "both" else 1.0
+    knn_std = score_spread(_image_scores(model, batches())) if score == "both" else 1.0
     if score == "mrkd":
         head.set_memory_bank(None, 0.0)
         head.scale_weights = base_weights
@@ -190,8 +205,8 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     elif score == "knn":
         knn_weight = 1.0
     else:
-        head.scale_weights = tuple(w / max(mrkd_std, 1e-12) for w in base_weights)
-        knn_weight = 1.0 / max(knn_std, 1e-12)
+        head.scale_weights = tuple(w / mrkd_std for w in base_weights)
+        knn_weight = 1.0 / knn_std
         head.set_memory_bank(bank, knn_weight)
     config.score, config.scale_weights, config.knn_weight = score, head.scale_weights, knn_weight
     config.knn_memory_fraction, config.knn_sampler = float(fraction), sampler
