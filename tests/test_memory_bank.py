@@ -125,6 +125,27 @@ def test_trainer_score_both_ships_bank_and_calibrates_on_the_summed_map(tmp_path
     torch.testing.assert_close(model.head.memory_bank.bank, held_out.cpu(), rtol=0, atol=0)
 
 
+def test_a_finished_run_resumes_with_another_score_and_keeps_its_weights(tmp_path):
+    """--score and the bank's settings do not change the epochs, so a run resumes across them: a
+    finished run started again with --score mrkd gets no bank and the same student weights."""
+    from mrkd.train import load_checkpoint
+    from mrkd.train.trainer import TrainConfig, train
+    from train_fixtures import CATEGORY, TINY, tiny_data
+    settings = {**TINY, "epochs": 1, "eval_every": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(tiny_data(), CATEGORY, tmp_path, TrainConfig(**settings, score="both"), backbone="resnet18",
+              teacher_weights="random")
+        first = load_checkpoint(tmp_path / "last.ckpt")
+        train(tiny_data(), CATEGORY, tmp_path, TrainConfig(**settings, score="mrkd", knn_sampler="random"),
+              backbone="resnet18", teacher_weights="random")
+    second = load_checkpoint(tmp_path / "last.ckpt")
+    assert first.head.memory_bank is not None and second.head.memory_bank is None
+    assert second.config.score == "mrkd" and second.config.scale_weights == (1.0, 1.0, 1.0)
+    for a, b in zip(first.student.parameters(), second.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _brute_force_k_center(points: np.ndarray, keep: int, first: int) -> list:
     """Greedy k-center written out plainly: every step, the point whose nearest chosen point is farthest."""
     chosen = [first]

@@ -99,7 +99,9 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "eval_every", "save_every", "progress",
                          "eval_batch_size", "threshold_quantile", "threshold_method",
                          "threshold_confidence", "feature_cache", "feature_cache_mb", "fast_teacher",
-                         "allocator")
+                         "allocator",
+                         # the memory bank is fitted after the last epoch: the epochs do not depend on it
+                         "score", "knn_memory_fraction", "knn_sampler", "knn_max_patches")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
