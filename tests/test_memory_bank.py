@@ -216,3 +216,27 @@ def test_score_both_on_one_training_image_gives_finite_weights(tmp_path):
     weights = list(model.config.scale_weights) + [model.config.knn_weight]
     assert all(np.isfinite(w) and 0 <= w < 1e6 for w in weights), (weights, report)
     assert torch.isfinite(model.anomaly_map(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_training_patches_past_the_limit_are_a_bounded_uniform_sample(tmp_path):
+    from mrkd.train.data import TestDataset, TestItem
+    from mrkd.train.memory_bank import training_patches
+    model = _model()
+    items = [TestItem(p, 0, "good", None) for p in _images(tmp_path, n=6)]
+    dataset = TestDataset(items, 64, "resize", model.config.mean, model.config.std)
+
+    def batches():   # two images a batch, so the sample is merged across batches
+        for image, _, _, _ in torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=False):
+            yield image
+
+    everything = training_patches(model, batches())
+    assert everything.total == len(everything.rows) == 6 * 8 * 8     # stride 8 at 64 px
+    sample = training_patches(model, batches(), limit=100, seed=1)
+    assert sample.total == 384 and sample.rows.shape == (100, everything.rows.shape[1])
+    # Every sampled row is one of the real rows, none twice, and the later images are drawn from too.
+    match = (sample.rows[:, None, :] == everything.rows[None, :, :]).all(-1).nonzero()[:, 1]
+    assert len(match) == 100 and len(set(match.tolist())) == 100
+    assert (match >= 4 * 64).any() and (match < 2 * 64).any()
+    again = training_patches(model, batches(), limit=100, seed=1)
+    torch.testing.assert_close(again.rows, sample.rows, rtol=0, atol=0)
+    assert not torch.equal(training_patches(model, batches(), limit=100, seed=2).rows, sample.rows)

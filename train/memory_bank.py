@@ -10,9 +10,11 @@ carries the bank as a constant — the runtime and TensorRT path stay one.
 * Bank: ``fraction`` of all training patches, FP32, chosen by ``sampler``: "coreset" (greedy k-center
   selection, as PatchCore: each new patch is the one farthest from those kept, distances taken in a
   seeded random projection to at most 128 dimensions; from at most CORESET_CANDIDATES patches, a seeded
-  random subset when there are more) or "random" (a seeded random subset). Memory: patches × channels
-  × 4 bytes (Lite0, 700 images at 256 px, 1 %: 7k × 152 × 4 B ≈ 4.4 MB, in the checkpoint and the
-  graph).
+  random subset when there are more) or "random" (a seeded random subset). The training patches are
+  streamed: past what the sampler can use (CORESET_CANDIDATES, or the cap) a uniform random sample
+  is kept, so building the bank holds at most ~120 MB of patches whatever the training set's size.
+  The bank's memory: patches × channels × 4 bytes (Lite0 at the default cap of 8192 patches:
+  8192 × 152 × 4 B ≈ 4.75 MB, in the checkpoint and the graph).
 * Distance: per patch the minimum L2 distance to the bank, written as ``|q|² − 2 q·b + |b|²`` over bank
   chunks (MatMul + ReduceMin in the graph; no cdist operator needed), clamped at 0, square root.
 * ``both``: each detector's map is divided by the spread (std) of its image scores on the training
@@ -24,7 +26,8 @@ carries the bank as a constant — the runtime and TensorRT path stay one.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,16 +116,17 @@ def bank_size(patches: int, fraction: float, max_patches: int = 0) -> int:
 
 
 def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sampler: str = "coreset",
-                      max_patches: int = 0) -> torch.Tensor:
+                      max_patches: int = 0, total: int = 0) -> torch.Tensor:
     """``fraction`` of the rows of ``patches`` (at least one, at most ``max_patches`` when that is > 0),
-    by ``sampler`` (see the module's notes)."""
+    by ``sampler`` (see the module's notes). ``total``: how many patches ``patches`` was sampled from
+    (TrainingPatches.total), when that is more than its rows; the bank's size counts those."""
     if not 0 < fraction <= 1:
         raise ValueError(f"memory bank fraction must be in (0, 1], got {fraction}")
     if sampler not in SAMPLERS:
         raise ValueError(f"memory bank sampler {sampler!r}: expected one of {SAMPLERS}")
     if max_patches < 0:
         raise ValueError(f"memory bank max_patches must be >= 0 (0: no cap), got {max_patches}")
-    keep = bank_size(len(patches), fraction, max_patches)
+    keep = min(bank_size(max(total, len(patches)), fraction, max_patches), len(patches))
     order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(int(seed)))
     if sampler == "random" or keep >= len(patches):
         return patches[order[:keep]].contiguous()
@@ -130,21 +134,60 @@ def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sam
     return candidates[greedy_coreset(candidates, keep, seed)].contiguous()
 
 
-def training_patches(model, batches) -> torch.Tensor:
-    """Every stride-8 patch feature of the (pre-processed) training batches: patches × channels."""
-    patches: List[torch.Tensor] = []
+@dataclass
+class TrainingPatches:
+    """The training patches a bank is chosen from: all of them, or a uniform random sample of ``limit``
+    rows when there are more (``total`` says how many there were)."""
+
+    rows: torch.Tensor      # patches × channels
+    total: int
+
+
+def sample_limit(sampler: str, max_patches: int) -> Optional[int]:
+    """How many training patches need holding in memory to choose a bank: the coreset never looks
+    past CORESET_CANDIDATES; a random bank needs its own size (unknown up front without a cap)."""
+    if sampler == "coreset":
+        return max(CORESET_CANDIDATES, max_patches)
+    return max_patches if max_patches > 0 else None
+
+
+def training_patches(model, batches, limit: Optional[int] = None, seed: int = 0) -> TrainingPatches:
+    """Every stride-8 patch feature of the (pre-processed) training batches, or — past ``limit`` rows —
+    a uniform random sample of ``limit`` of them, kept while streaming (each row gets a seeded random
+    key and the ``limit`` smallest keys stay), so memory stays bounded on large training sets. Below
+    the limit the rows are all there, in order."""
+    kept: List[torch.Tensor] = []
+    keys = torch.empty(0)
+    held, total = None, 0
+    generator = torch.Generator().manual_seed(int(seed) + 7919)
     device = next(model.parameters()).device
     with torch.no_grad():
         for x in batches:
             f = patch_features(model.teacher(x.to(device)))
-            patches.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
-    return torch.cat(patches)
+            rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()
+            total += len(rows)
+            batch_keys = torch.rand(len(rows), generator=generator)
+            if limit is None or held is None and total <= limit:
+                kept.append(rows)
+                keys = torch.cat([keys, batch_keys])
+                continue
+            if held is None:     # first time past the limit: from here on a sample of ``limit`` rows
+                held = torch.cat(kept) if kept else rows[:0]
+                kept = []
+            held, keys = torch.cat([held, rows]), torch.cat([keys, batch_keys])
+            if len(held) > limit:
+                smallest = torch.topk(keys, limit, largest=False).indices.sort().values
+                held, keys = held[smallest], keys[smallest]
+    if held is None:
+        held = torch.cat(kept) if kept else torch.empty(0, 0)
+    return TrainingPatches(held.contiguous(), total)
 
 
 def build_bank(model, batches, fraction: float = DEFAULT_FRACTION, seed: int = 0, sampler: str = "coreset",
                max_patches: int = DEFAULT_MAX_PATCHES) -> torch.Tensor:
     """The memory bank: ``fraction`` of the training patches (at most ``max_patches``), by ``sampler``."""
-    return subsample_patches(training_patches(model, batches), fraction, seed, sampler, max_patches)
+    sample = training_patches(model, batches, sample_limit(sampler, max_patches), seed)
+    return subsample_patches(sample.rows, fraction, seed, sampler, max_patches, total=sample.total)
 
 
 def score_spread(scores: torch.Tensor) -> float:
