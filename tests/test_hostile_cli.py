@@ -140,6 +140,14 @@ def test_loop_keeps_raising_alarms_on_every_pass(line):
     assert summary["frames"] == 75 and summary["alarms"] == 3
 
 
+def _sigterm_and_wait(process, timeout: float = 10.0):
+    """SIGTERM ``process`` and wait for it: (stdout, stderr, seconds from the signal to its exit)."""
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=timeout)
+    return out, err, time.monotonic() - sent
+
+
 def test_sigterm_stops_a_looping_run_within_a_second(line):
     code = ("import sys\nfrom mrkd.cli import main\n"
             f"main(['run', {str(line['model'])!r}, '--source', {str(line['video'])!r}, '--loop', '--fps', '50', "
@@ -151,10 +159,7 @@ def test_sigterm_stops_a_looping_run_within_a_second(line):
         first = process.stderr.readline()            # the detector's line: the run has started
         assert "threshold" in first and time.monotonic() < deadline
         time.sleep(1.0)
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=10)
-        stopped_after = time.monotonic() - sent
+        out, err, stopped_after = _sigterm_and_wait(process)
     finally:
         if process.poll() is None:
             process.kill()
@@ -236,10 +241,7 @@ def test_sigterm_stops_a_run_whose_stream_keeps_failing_within_a_second(line):
         time.sleep(0.5)
         server.close()                                # from now on every reconnect fails
         time.sleep(2.0)
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=10)
-        stopped_after = time.monotonic() - sent
+        out, err, stopped_after = _sigterm_and_wait(process)
     finally:
         if process.poll() is None:
             process.kill()

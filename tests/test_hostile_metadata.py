@@ -80,10 +80,9 @@ def check_mutation(model, mutated: dict, path: tuple, baseline) -> str:
     return "ran"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_every_mutated_sidecar_field_is_refused_by_name_or_runs_correctly(exported, data):
-    model, original, baseline = exported
+def _mutate_one_field_and_check(data, model, original, baseline) -> None:
+    """Delete one sidecar field or give it a hostile value (drawn by hypothesis), run check_mutation,
+    and put the original sidecar back."""
     path = data.draw(st.sampled_from(_field_paths(original)), label="field")
     mutated = copy.deepcopy(original)
     holder = mutated if len(path) == 1 else mutated[path[0]]
@@ -95,6 +94,12 @@ def test_every_mutated_sidecar_field_is_refused_by_name_or_runs_correctly(export
         event(check_mutation(model, mutated, path, baseline))   # refused / ran: --hypothesis-show-statistics
     finally:
         sidecar_path(model).write_text(json.dumps(original))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_mutated_sidecar_field_is_refused_by_name_or_runs_correctly(exported, data):
+    _mutate_one_field_and_check(data, *exported)
 
 
 @pytest.mark.parametrize("text, field", [
@@ -172,19 +177,7 @@ def test_first_status_line_names_threshold_and_its_origin(exported):
 @given(data=st.data())
 def test_mutated_sidecars_of_a_real_export(real_export, data):
     """The same property on a sidecar written by the whole export (export_onnx of a resnet18 MRKD)."""
-    model, original, baseline = real_export
-    paths = [p for p in _field_paths(original)]
-    path = data.draw(st.sampled_from(paths), label="field")
-    mutated = copy.deepcopy(original)
-    holder = mutated if len(path) == 1 else mutated[path[0]]
-    if data.draw(st.booleans(), label="delete"):
-        del holder[path[-1]]
-    else:
-        holder[path[-1]] = data.draw(HOSTILE_VALUES, label="value")
-    try:
-        event(check_mutation(model, mutated, path, baseline))   # refused / ran: --hypothesis-show-statistics
-    finally:
-        sidecar_path(model).write_text(json.dumps(original))
+    _mutate_one_field_and_check(data, *real_export)
 
 
 @pytest.fixture(scope="module")

@@ -166,8 +166,11 @@ def training_patches(model, batches, limit: Optional[int] = None, seed: int = 0)
             f = patch_features(model.teacher(x.to(device)))
             rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()
             total += len(rows)
+            if limit is None:
+                kept.append(rows)
+                continue
             batch_keys = torch.rand(len(rows), generator=generator)
-            if limit is None or held is None and total <= limit:
+            if held is None and total <= limit:
                 kept.append(rows)
                 keys = torch.cat([keys, batch_keys])
                 continue
