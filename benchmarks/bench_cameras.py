@@ -29,7 +29,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from mrkd.runtime.observers import LineObserver
+from mrkd.runtime.outputs.base import LineObserver
 
 CAMERAS = 4
 FRAME_SIZE = (640, 480)      # VGA camera frames; the model resizes them
@@ -86,7 +86,7 @@ def score_cameras(model: Path, videos, threads: int, fps: Optional[float], batch
                   max_frames: Optional[int] = None) -> dict:
     """One process running ``videos`` as cameras; frames, seconds, every latency, detector calls."""
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.line import Camera, Line, run_line
+    from mrkd.runtime.line.loop import Camera, Line, run_line
     detector = Detector(model, backend="onnxruntime", threads=threads)
     _warm(detector)
     line = Line(tuple(Camera(Path(v).stem, str(v), str(model), threshold=NO_ALARM, cooldown=0, fps=fps)
@@ -104,7 +104,7 @@ def score_cameras(model: Path, videos, threads: int, fps: Optional[float], batch
 def _worker(args: dict) -> None:
     """A single-camera process: load, warm up, say READY, wait for GO, score, print the result."""
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.line import Camera, Line, run_line
+    from mrkd.runtime.line.loop import Camera, Line, run_line
     detector = Detector(args["model"], backend="onnxruntime", threads=args["threads"])
     _warm(detector)
     line = Line((Camera("cam", args["video"], args["model"], threshold=NO_ALARM, cooldown=0, fps=args["fps"]),))

@@ -53,11 +53,11 @@ def baseline_fps(model, video: Path, threshold: float) -> dict:
 
 
 def runtime_fps(onnx_path: Path, video: Path, threshold: float, threads: int, workdir: Path, label: str) -> dict:
-    from mrkd.runtime.alarms import AlarmPolicy
+    from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.events import EventSinks
+    from mrkd.runtime.outputs.events import EventSinks
     from mrkd.runtime.sources import open_source
-    from mrkd.runtime.stream import run_stream
+    from mrkd.runtime.line.stream import run_stream
 
     detector = Detector(onnx_path, backend="onnxruntime", threads=threads, threshold=threshold)
     started = time.perf_counter()

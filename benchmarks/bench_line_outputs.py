@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from mrkd.runtime.observers import LineObserver
+from mrkd.runtime.outputs.base import LineObserver
 
 FRAME_SIZE = (640, 480)
 STEADY_FROM = 0.2     # fps is measured from this fraction of a run's frames on (page open, models warm)
@@ -98,19 +98,19 @@ class _Timed(LineObserver):
 
 def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: float, threads: int, workdir: Path,
              label: str, outputs_on: bool, broker) -> dict:
-    from mrkd.runtime.alarms import AlarmPolicy
+    from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.events import EventSinks
-    from mrkd.runtime.line import Camera, Line, run_line
+    from mrkd.runtime.outputs.events import EventSinks
+    from mrkd.runtime.line.loop import Camera, Line, run_line
     from mrkd.runtime.sources import open_source
 
     clock = _FrameClock()
     observers, watcher, server, mqtt = [clock], None, None, None
     if outputs_on:
-        from mrkd.runtime.metrics import MetricsObserver
-        from mrkd.runtime.web import OperatorServer
+        from mrkd.runtime.outputs.metrics import MetricsObserver
+        from mrkd.runtime.outputs.web import OperatorServer
         if broker is not None:
-            from mrkd.runtime.mqtt import MqttObserver, MqttSettings
+            from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings
             mqtt = MqttObserver(MqttSettings.from_url(broker.url("bench"), results_rate=10.0))
             observers.append(mqtt)
         metrics = MetricsObserver(mqtt_failures=mqtt.failures if mqtt else None)

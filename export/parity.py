@@ -16,7 +16,7 @@ import torch
 
 from mrkd.errors import MrkdError
 from mrkd.export.onnx_graph import ExportOptions, example_input, has_knn_map, output_names
-from mrkd.runtime.alarms import is_anomalous
+from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.calibration import Calibration
 
 FP32_TOLERANCE = 1e-4    # relative to the map's magnitude (at least 1): --score both maps run to ~100

@@ -1,9 +1,9 @@
 """mrkd.runtime: the torch-free edge runtime (numpy, OpenCV, ONNX Runtime or TensorRT).
 
-A frame's way: ``open_source`` (sources.py) -> ``Detector`` (detector.py: preprocess.py ->
-backends/ -> postprocess.py) -> ``AlarmPolicy`` (alarms.py) -> ``EventSinks`` (events.py);
-``run_line`` (line.py) is the frame loop for a ``Line`` of cameras, ``run_stream`` (stream.py) its
-one-camera case, ``mrkd run`` (cli.py) its command line.
+A frame's way: ``open_source`` (sources/) -> ``Detector`` (detector.py: preprocess.py ->
+backends/ -> postprocess.py) -> ``AlarmPolicy`` (line/alarms.py) -> the line's outputs (outputs/);
+``run_line`` (line/loop.py) is the frame loop for a ``Line`` of cameras, ``run_stream``
+(line/stream.py) its one-camera case, ``mrkd run`` (cli.py) its command line.
 Submodules load on first use, so ``import mrkd.runtime`` stays cheap and never imports torch.
 """
 
@@ -12,11 +12,12 @@ import importlib
 _EXPORTS = {
     "Detector": "detector", "DetectionResult": "detector",
     "open_source": "sources", "Frame": "sources", "Source": "sources", "SourceError": "sources",
-    "AlarmPolicy": "alarms", "Alarm": "alarms",
-    "EventSinks": "events", "EventLog": "events", "WebhookSender": "events", "read_events": "events",
-    "run_stream": "stream",
-    "run_line": "line", "Line": "line", "Camera": "line",
-    "VideoFileSink": "video_output", "WindowSink": "video_output",
+    "AlarmPolicy": "line.alarms", "Alarm": "line.alarms",
+    "EventSinks": "outputs.events", "EventLog": "outputs.events", "WebhookSender": "outputs.events",
+    "read_events": "outputs.events",
+    "run_stream": "line.stream",
+    "run_line": "line.loop", "Line": "line.loop", "Camera": "line.loop",
+    "VideoFileSink": "outputs.video", "WindowSink": "outputs.video",
     "ModelMetadata": "metadata", "MetadataError": "metadata",
 }
 

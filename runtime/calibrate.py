@@ -19,7 +19,7 @@ import numpy as np
 from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
                                      CalibrationError, calibration_from_scores)
 from mrkd.runtime.metadata import file_sha256, sidecar_path
-from mrkd.runtime.line import iter_frames
+from mrkd.runtime.line.loop import iter_frames
 from mrkd.runtime.sources import SourceOptions, SourceStats, open_source
 
 logger = logging.getLogger(__name__)

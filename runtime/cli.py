@@ -46,7 +46,7 @@ def line_output_options(command):
 def webhook_auth(webhook, headers, secret_env):
     """(headers dict, secret bytes or None) from --webhook-header / --webhook-secret-env (ValueError)."""
     import os
-    from mrkd.runtime.events import parse_header
+    from mrkd.runtime.outputs.events import parse_header
 
     if (headers or secret_env) and not webhook:
         raise ValueError("--webhook-header and --webhook-secret-env need --webhook URL")
@@ -69,7 +69,7 @@ def build_line_outputs(options: dict, sinks) -> list:
     try:
         mqtt = None
         if options["mqtt_url"]:
-            from mrkd.runtime.mqtt import MqttObserver, MqttSettings
+            from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings
             password = None
             if options["mqtt_password_env"]:
                 password = os.environ.get(options["mqtt_password_env"])
@@ -85,8 +85,8 @@ def build_line_outputs(options: dict, sinks) -> list:
                                       "mqtt_results_rate")):
             raise ValueError("the --mqtt-* options need --mqtt mqtt://HOST:PORT/PREFIX")
         if options["http_address"]:
-            from mrkd.runtime.metrics import MetricsObserver
-            from mrkd.runtime.web import OperatorServer, parse_address
+            from mrkd.runtime.outputs.metrics import MetricsObserver
+            from mrkd.runtime.outputs.web import OperatorServer, parse_address
             host, port = parse_address(options["http_address"])
             metrics = MetricsObserver(mqtt_failures=mqtt.failures if mqtt else None,
                                       webhook_stats=sinks.webhook.stats if sinks.webhook else None)
@@ -164,11 +164,11 @@ def run_command(model, sources, line_file, backend, providers, threads, postproc
     --source right=URI`, or `mrkd run --line line.toml`. Ctrl-C / SIGTERM stop cleanly: every event
     is written before exit."""
     from mrkd.atomic import atomic_write_text
-    from mrkd.runtime.alarms import parse_debounce
-    from mrkd.runtime.events import EventSinks
-    from mrkd.runtime.line import open_detectors, open_sources, run_line
-    from mrkd.runtime.stream import stop_on_signals
-    from mrkd.runtime.video_output import VideoFileSink, WindowSink
+    from mrkd.runtime.line.alarms import parse_debounce
+    from mrkd.runtime.outputs.events import EventSinks
+    from mrkd.runtime.line.loop import open_detectors, open_sources, run_line
+    from mrkd.runtime.line.stream import stop_on_signals
+    from mrkd.runtime.outputs.video import VideoFileSink, WindowSink
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     detectors = {}
@@ -222,7 +222,7 @@ def run_command(model, sources, line_file, backend, providers, threads, postproc
 def parse_named_source(text: str, index: int):
     """"NAME=URI" -> (NAME, URI); a plain URI (or one whose text before '=' is no camera name, as in
     rtsp://host/s?user=x) -> ("cam<index>", URI)."""
-    from mrkd.runtime.line import CAMERA_NAME
+    from mrkd.runtime.line.loop import CAMERA_NAME
     name, sep, uri = text.partition("=")
     if sep and CAMERA_NAME.match(name) and uri and not Path(text).exists():
         return name, uri
@@ -231,8 +231,8 @@ def parse_named_source(text: str, index: int):
 
 def build_line(model, sources, line_file, camera_defaults: dict, **line_options):
     """The Line that `mrkd run`'s options describe (ValueError with a one-line message otherwise)."""
-    from mrkd.runtime.line import Camera, Line
-    from mrkd.runtime.linefile import load_line
+    from mrkd.runtime.line.loop import Camera, Line
+    from mrkd.runtime.line.linefile import load_line
     from mrkd.runtime.sources import SourceOptions
 
     defaults = dict(camera_defaults, size=SourceOptions.parse_size(camera_defaults.get("size")))

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from mrkd.runtime import postprocess
-from mrkd.runtime.alarms import is_anomalous
+from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.backends import Backend, BackendError, open_backend
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
                                    model_file_sha256, sidecar_path)

@@ -12,8 +12,8 @@ import numpy as np
 
 from runtime_fixtures import defective_frame, normal_frame
 
-from mrkd.runtime.line import Camera, Line, run_line
-from mrkd.runtime.observers import LineObserver
+from mrkd.runtime.line.loop import Camera, Line, run_line
+from mrkd.runtime.outputs.base import LineObserver
 
 
 class DrivenFrames:

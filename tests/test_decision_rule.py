@@ -4,7 +4,7 @@ Scores exactly at the threshold are the case a merge of two rules would change s
 import numpy as np
 import pytest
 
-from mrkd.runtime.alarms import AlarmPolicy, is_anomalous
+from mrkd.runtime.line.alarms import AlarmPolicy, is_anomalous
 
 
 def test_rule_at_the_threshold():

@@ -116,9 +116,9 @@ def test_replay_at_low_fps_still_returns_within_the_read_timeout(clip):
 
 
 def test_run_stream_on_a_stream_that_keeps_failing_stops_within_a_second(tmp_path):
-    from mrkd.runtime.alarms import AlarmPolicy
+    from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.stream import run_stream
+    from mrkd.runtime.line.stream import run_stream
     server = MjpegServer(frames_per_connection=3, interval=0.01)
     source = open_source(server.url, timeout=1.0, backoff=(0.05, 0.2))
     server.close()                                       # from now on every reconnect fails

@@ -18,9 +18,9 @@ from peers import require_program
 from runtime_fixtures import build_tiny_model
 
 from mrkd.runtime import EventSinks
-from mrkd.runtime.metrics import SCORE_RATIO_BUCKETS, MetricsObserver
-from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult
-from mrkd.runtime.web import OperatorServer
+from mrkd.runtime.outputs.metrics import SCORE_RATIO_BUCKETS, MetricsObserver
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult
+from mrkd.runtime.outputs.web import OperatorServer
 
 
 def samples(text: str) -> dict:
@@ -166,7 +166,7 @@ def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
 
 def test_line_outputs_never_import_torch():
     import sys
-    code = ("import sys\nimport mrkd.runtime.mqtt, mrkd.runtime.metrics, mrkd.runtime.web, mrkd.runtime.cli\n"
+    code = ("import sys\nimport mrkd.runtime.outputs.mqtt, mrkd.runtime.outputs.metrics, mrkd.runtime.outputs.web, mrkd.runtime.cli\n"
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\nassert not bad, bad\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

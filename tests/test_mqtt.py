@@ -19,7 +19,7 @@ from runtime_fixtures import build_tiny_model, normal_then_defective, write_vide
 
 from mrkd.benchmarks.mosquitto import Mosquitto
 from mrkd.runtime import EventSinks, read_events
-from mrkd.runtime.mqtt import MqttObserver, MqttSettings, MqttSettingsError
+from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings, MqttSettingsError
 
 TESTS = Path(__file__).parent
 MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]

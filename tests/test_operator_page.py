@@ -14,9 +14,9 @@ from peers import require_program
 from runtime_fixtures import build_tiny_model
 
 from mrkd.runtime import EventSinks, read_events
-from mrkd.runtime.metrics import MetricsObserver
-from mrkd.runtime.observers import CameraInfo, FrameResult
-from mrkd.runtime.web import OperatorServer
+from mrkd.runtime.outputs.metrics import MetricsObserver
+from mrkd.runtime.outputs.base import CameraInfo, FrameResult
+from mrkd.runtime.outputs.web import OperatorServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -102,7 +102,7 @@ def test_viewers_and_a_broker_that_never_read_do_not_stall_the_line(tmp_path):
     """Two page clients that connect and then never read (their socket buffers fill, so the server's
     writes block) and a 'broker' that accepts TCP and never answers: the line scores every frame."""
     import socket
-    from mrkd.runtime.mqtt import MqttObserver, MqttSettings
+    from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings
 
     black_hole = socket.socket()
     black_hole.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mrkd.runtime.overlay import heatmap_overlay
+from mrkd.runtime.outputs.overlay import heatmap_overlay
 from mrkd.train import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

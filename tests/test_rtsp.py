@@ -24,8 +24,8 @@ from peers import require_rtsp_server
 from runtime_fixtures import build_tiny_model, normal_frame
 
 from mrkd.runtime import EventSinks, open_source, read_events
-from mrkd.runtime.line import Camera, Line, run_line
-from mrkd.runtime.observers import LineObserver
+from mrkd.runtime.line.loop import Camera, Line, run_line
+from mrkd.runtime.outputs.base import LineObserver
 from mrkd.runtime.sources import SourceError
 
 SERVER = Path(__file__).with_name("rtsp_server.py")

@@ -16,8 +16,8 @@ import pytest
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
 from mrkd.runtime import AlarmPolicy, Detector, EventSinks, open_source, read_events, run_stream
-from mrkd.runtime.alarms import Alarm
-from mrkd.runtime.events import DropOldestQueue, new_event_id, write_new_file
+from mrkd.runtime.line.alarms import Alarm
+from mrkd.runtime.outputs.events import DropOldestQueue, new_event_id, write_new_file
 
 TESTS = Path(__file__).parent
 MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from runtime_fixtures import SIZE, build_tiny_model, defective_frame, normal_frame, reference_map
 
 from mrkd.runtime import EventSinks, read_events
-from mrkd.runtime.line import Camera, Line, LineError, run_line
-from mrkd.runtime.linefile import LineFileError, parse_line
-from mrkd.runtime.observers import LineObserver
+from mrkd.runtime.line.loop import Camera, Line, LineError, run_line
+from mrkd.runtime.line.linefile import LineFileError, parse_line
+from mrkd.runtime.outputs.base import LineObserver
 
 
 def reference_scores(frames):

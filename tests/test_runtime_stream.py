@@ -19,9 +19,9 @@ from runtime_fixtures import (THRESHOLD, WebhookReceiver, build_tiny_model, norm
                               write_video)
 
 from mrkd.runtime import AlarmPolicy, Detector, EventSinks, open_source, read_events, run_stream
-from mrkd.runtime.alarms import parse_debounce
-from mrkd.runtime.events import EventLog, regions_from_map
-from mrkd.runtime.video_output import VideoFileSink
+from mrkd.runtime.line.alarms import parse_debounce
+from mrkd.runtime.outputs.events import EventLog, regions_from_map
+from mrkd.runtime.outputs.video import VideoFileSink
 
 TESTS = Path(__file__).parent
 MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
 from mrkd.runtime import AlarmPolicy, Detector, EventSinks, open_source, read_events, run_stream
-from mrkd.runtime.events import parse_header, sign_body, verify_signature
+from mrkd.runtime.outputs.events import parse_header, sign_body, verify_signature
 
 TESTS = Path(__file__).parent
 SECRET = b"line-7-shared-secret"

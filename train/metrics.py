@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from mrkd.deps import require
-from mrkd.runtime.alarms import is_anomalous
+from mrkd.runtime.line.alarms import is_anomalous
 
 # 8-connectivity inside each image, no connection between images of a stack: one label call
 # numbers the regions of a whole N×H×W set.

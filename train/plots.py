@@ -15,7 +15,7 @@ import numpy as np
 
 from mrkd.atomic import atomic_write_bytes
 from mrkd.deps import require
-from mrkd.runtime.overlay import heatmap_overlay  # noqa: F401  (re-exported: one implementation)
+from mrkd.runtime.outputs.overlay import heatmap_overlay  # noqa: F401  (re-exported: one implementation)
 
 
 def _new_figure(figsize: Sequence[float], dpi: int):

@@ -15,7 +15,7 @@ from typing import List
 import numpy as np
 
 from mrkd.atomic import atomic_write_bytes, atomic_write_text
-from mrkd.runtime.alarms import is_anomalous
+from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.train.calibrate import normalized_scores
 from mrkd.train.evaluate import write_png
 from mrkd.runtime.calibration import Calibration
@@ -55,7 +55,7 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
     from tqdm import tqdm
 
     from mrkd.runtime.images import ImageReadError, read_image
-    from mrkd.runtime.overlay import heatmap_overlay
+    from mrkd.runtime.outputs.overlay import heatmap_overlay
     from mrkd.runtime.preprocess import normalize_batch, resize_square
 
     out_dir = Path(out_dir)

@@ -53,11 +53,11 @@ def exported_model(context: Dict, category: str) -> Path:
 
 
 def stream_step(context: Dict) -> None:
-    from mrkd.runtime.alarms import AlarmPolicy
+    from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.events import EventSinks, read_events
+    from mrkd.runtime.outputs.events import EventSinks, read_events
     from mrkd.runtime.sources import open_source
-    from mrkd.runtime.stream import run_stream
+    from mrkd.runtime.line.stream import run_stream
 
     category = context["categories"][0]
     out = Path(context["out"]) / "stream"

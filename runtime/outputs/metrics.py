@@ -1,5 +1,5 @@
 """Prometheus metrics of a line (prometheus-client, the ``line`` extra), served at ``/metrics`` by the
-``--http`` server (runtime/web.py), and the ``/healthz`` verdict.
+``--http`` server (runtime/outputs/web.py), and the ``/healthz`` verdict.
 
 Per camera (label ``camera``): ``mrkd_frames_total``, ``mrkd_frames_dropped_total``,
 ``mrkd_bad_frames_total``, ``mrkd_alarms_total``, ``mrkd_source_up``, ``mrkd_source_reconnects_total``;
@@ -18,7 +18,7 @@ import time
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from mrkd.deps import require
-from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 SCORE_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)

@@ -1,6 +1,6 @@
 """One camera: source -> detector -> alarm policy -> event sinks (+ annotated outputs).
 
-``run_stream`` is the one-camera case of ``mrkd.runtime.line.run_line`` (the one frame loop); it
+``run_stream`` is the one-camera case of ``mrkd.runtime.line.loop.run_line`` (the one frame loop); it
 returns a summary dict. It stops at
 the end of the source, after ``max_frames``, or when ``stop`` is set (the CLI's SIGINT/SIGTERM
 handler sets it): the frames in hand are finished, every event is written and the webhook queue is
@@ -15,11 +15,11 @@ import signal
 import threading
 from typing import Callable, Optional, Sequence
 
-from mrkd.runtime.alarms import AlarmPolicy
+from mrkd.runtime.line.alarms import AlarmPolicy
 from mrkd.runtime.detector import Detector
-from mrkd.runtime.events import EventSinks
-from mrkd.runtime.line import DEFAULT_CAMERA, Camera, Line, run_line
-from mrkd.runtime.observers import LineObserver
+from mrkd.runtime.outputs.events import EventSinks
+from mrkd.runtime.line.loop import DEFAULT_CAMERA, Camera, Line, run_line
+from mrkd.runtime.outputs.base import LineObserver
 from mrkd.runtime.sources import Source
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def run_stream(detector: Detector, source: Source, alarm_policy: AlarmPolicy, si
                observers: Sequence[LineObserver] = (), camera: str = DEFAULT_CAMERA) -> dict:
     """Score every frame of ``source``, raise alarms, write events; returns the run summary.
 
-    The one-camera case of ``mrkd.runtime.line.run_line`` (same loop, camera named ``camera``).
+    The one-camera case of ``mrkd.runtime.line.loop.run_line`` (same loop, camera named ``camera``).
     outputs: frame sinks (VideoFileSink, WindowSink) receiving annotated frames. status_every:
     seconds between status lines passed to ``status`` (0 = none). batch: frames per detector call.
     """

@@ -1,6 +1,6 @@
 """What the frame loop tells the outside world: one small interface for every line output.
 
-The loop (``mrkd.runtime.line.run_line``; ``run_stream`` is its one-camera case) calls a
+The loop (``mrkd.runtime.line.loop.run_line``; ``run_stream`` is its one-camera case) calls a
 ``LineObserver`` on the loop thread for every scored frame, every alarm event and every change in a
 camera's state. Observers (MQTT, Prometheus metrics, the operator page, ...) must return at once:
 anything slow (network, encoding for a browser) goes onto a bounded queue of their own, so a slow

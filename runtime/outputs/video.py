@@ -8,7 +8,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from mrkd.runtime.overlay import heatmap_overlay
+from mrkd.runtime.outputs.overlay import heatmap_overlay
 
 FOURCC_BY_SUFFIX = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "XVID"}
 

@@ -26,14 +26,14 @@ from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Seq
 
 import numpy as np
 
-from mrkd.runtime.alarms import AlarmPolicy, is_anomalous
+from mrkd.runtime.line.alarms import AlarmPolicy, is_anomalous
 from mrkd.runtime.detector import STAGES, Detector
-from mrkd.runtime.events import EventSinks
+from mrkd.runtime.outputs.events import EventSinks
 from mrkd.runtime.metadata import model_file_sha256
-from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
 from mrkd.runtime.sources import NETWORK_SCHEMES, Frame, Source, SourceError, SourceStats, open_source
-from mrkd.runtime.stats import LatencyWindow, RunStats
-from mrkd.runtime.video_output import annotate
+from mrkd.runtime.line.stats import LatencyWindow, RunStats
+from mrkd.runtime.outputs.video import annotate
 
 logger = logging.getLogger(__name__)
 

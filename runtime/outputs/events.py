@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import cv2
 import numpy as np
 
-from mrkd.runtime.alarms import Alarm
-from mrkd.runtime.overlay import heatmap_overlay
+from mrkd.runtime.line.alarms import Alarm
+from mrkd.runtime.outputs.overlay import heatmap_overlay
 
 logger = logging.getLogger(__name__)
 

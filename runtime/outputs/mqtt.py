@@ -34,8 +34,8 @@ from typing import Dict, List, Optional, Sequence
 from urllib.parse import unquote, urlsplit
 
 from mrkd.deps import require
-from mrkd.runtime.events import DropOldestQueue
-from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.outputs.events import DropOldestQueue
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
 
 logger = logging.getLogger(__name__)
 

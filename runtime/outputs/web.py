@@ -1,4 +1,4 @@
-"""The ``--http HOST:PORT`` server of a line: ``/metrics`` and ``/healthz`` (runtime/metrics.py) and a
+"""The ``--http HOST:PORT`` server of a line: ``/metrics`` and ``/healthz`` (runtime/outputs/metrics.py) and a
 read-only operator page.
 
 * ``/``: one card per camera with its annotated live view, its status (up/down, fps, latency,
@@ -31,9 +31,9 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 
-from mrkd.runtime.events import DropOldestQueue
-from mrkd.runtime.observers import CameraInfo, CameraStatus, FrameResult, LineObserver
-from mrkd.runtime.video_output import annotate
+from mrkd.runtime.outputs.events import DropOldestQueue
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.outputs.video import annotate
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from mrkd.runtime.alarms import parse_debounce
-from mrkd.runtime.line import LINE_SCHEMA_VERSION, Camera, Line, LineError, check_cameras
+from mrkd.runtime.line.alarms import parse_debounce
+from mrkd.runtime.line.loop import LINE_SCHEMA_VERSION, Camera, Line, LineError, check_cameras
 from mrkd.runtime.sources import NETWORK_SCHEMES, SourceError, SourceOptions
 
 if sys.version_info >= (3, 11):
