@@ -10,7 +10,7 @@ broker or browser never slows scoring.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,5 +76,98 @@ class LineObserver:
     def on_status(self, status: CameraStatus) -> None:
         pass
 
+    def on_trigger(self, receipt: TriggerReceipt) -> None:
+        """A part trigger arrived (accepted or refused) in triggered mode."""
+
+    def on_part(self, result: PartResult) -> None:
+        """A part was judged (OK, NG or ERROR) in triggered mode."""
+
+    def health(self) -> Optional[OutputHealth]:
+        """This output's delivery state, or None for outputs that deliver nothing (a window)."""
+        return None
+
     def on_stop(self) -> None:
         """The loop has ended (every event is written); flush within a short deadline and release."""
+
+
+# ---------------------------------------------------------------- parts and output health
+# The records below are the contract between the part runner (runtime/line/parts.py), every output
+# (outputs/) and the PLC adapters (runtime/plc/): each reads them, none re-derives them.
+
+PART_SCHEMA_VERSION = 1
+
+
+class Verdict:
+    """A part's verdict: OK, NG, or ERROR (no image, a timeout, a lost-packet frame: never OK)."""
+
+    OK = "OK"
+    NG = "NG"
+    ERROR = "ERROR"
+    ALL = (OK, NG, ERROR)
+
+
+@dataclass(frozen=True)
+class CameraJudgement:
+    """One camera's share of a part: its image(s) scored, or the reason there is none."""
+
+    camera: str
+    score: float                 # the highest of this camera's images; NaN when it has none
+    threshold: float
+    anomalous: bool              # score >= threshold (the one rule, runtime/line/alarms.py)
+    images: int = 0              # images scored for this part
+    error: Optional[str] = None  # why this camera has no verdict ("timeout", "incomplete buffer", ...)
+    snapshot: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """One part: one trigger -> one image (or N) from each camera of the part -> one verdict.
+
+    inspection_id counts judged parts from 1 over the run (the PLC matches it); part_id is the id
+    given with the trigger, or the trigger's sequence number as text. score/threshold are those of
+    the camera whose score/threshold ratio is highest (the one that decided an NG).
+    """
+
+    inspection_id: int
+    part_id: str
+    verdict: str                 # Verdict.OK / NG / ERROR
+    score: float
+    threshold: float
+    cameras: Tuple[CameraJudgement, ...]
+    model_sha256: str
+    recipe: int = 0
+    trigger_time: float = 0.0    # wall clock (time.time()) when the trigger arrived
+    acquired_s: float = 0.0      # trigger -> every image in hand
+    verdict_s: float = 0.0       # trigger -> verdict
+    error_code: int = 0          # 0 none; see runtime/line/parts.py ERROR_CODES
+    error: Optional[str] = None
+    event_id: Optional[str] = None   # the NG/error event written for this part, if any
+    schema_version: int = PART_SCHEMA_VERSION
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == Verdict.OK
+
+
+@dataclass(frozen=True)
+class TriggerReceipt:
+    """The answer to one trigger: accepted (queued with ``sequence``) or refused with a reason.
+    A refused trigger is a missed trigger: counted, reported to every observer, never silent."""
+
+    accepted: bool
+    sequence: int                # triggers received over the run, accepted or not, from 1
+    part_id: str
+    reason: Optional[str] = None  # why refused: "queue full", "offline", ...
+    time: float = 0.0            # wall clock of the trigger
+
+
+@dataclass(frozen=True)
+class OutputHealth:
+    """An output's state as every health signal shows it (summary, /metrics, /healthz, the page)."""
+
+    name: str                    # "mqtt", "webhook", "events", "snapshots", "modbus", ...
+    ok: bool                     # delivering now
+    state: str                   # "connected", "failing", "disconnected", "listening", ...
+    sent: int = 0
+    failed: int = 0
+    detail: str = ""             # the last error, naming the target (never a credential)
