@@ -43,6 +43,76 @@ def line_output_options(command):
     return command
 
 
+def part_options(command):
+    """The triggered-inspection options (runtime/line/parts.py): trigger mode, camera features, the
+    part's queue/images/timeout and the test trigger drivers."""
+    options = [
+        click.option("--trigger", "trigger_mode", type=click.Choice(["free", "software", "hardware"]), default=None,
+                     help="free: score frames as they come (default). software: mrkd triggers each camera once per "
+                          "part trigger; hardware: the line's I/O triggers the camera and mrkd waits for its image. "
+                          "Both judge parts (OK/NG/ERROR) and need a trigger source."),
+        click.option("--feature", "features", multiple=True, metavar="NAME=VALUE",
+                     help="GenICam feature of gige:// cameras, e.g. ExposureTime=5000 (repeatable; applied in order, "
+                          "re-applied after a reconnect)."),
+        click.option("--trigger-stdin", is_flag=True,
+                     help="Trigger one part per line read from standard input (the line is the part id, empty: "
+                          "counted; 'ID@N' judges it with recipe N). The run ends at the end of input."),
+        click.option("--trigger-every", type=seconds(0, open_min=True, maximum=3600), default=None, metavar="SECONDS",
+                     help="Trigger a part every SECONDS (a test driver; with --max-parts it ends after that many)."),
+        click.option("--max-parts", type=click.IntRange(min=1), default=None, help="Stop after this many parts."),
+        click.option("--part-queue", type=click.IntRange(0, 1000), default=None,
+                     help="Triggers that may wait while a part is judged (default 4); one more is refused and "
+                          "counted as a missed trigger."),
+        click.option("--part-images", type=click.IntRange(1, 64), default=None,
+                     help="Images per camera per part (default 1)."),
+        click.option("--part-timeout", type=seconds(0, open_min=True, maximum=600), default=None,
+                     help="Seconds a camera may take to deliver a part's image before the part is ERROR (default 2)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def pop_part_options(options: dict) -> dict:
+    """Take the part options out of run_command's keyword options."""
+    return {name: options.pop(name) for name in ("trigger_mode", "features", "trigger_stdin", "trigger_every",
+                                                 "max_parts", "part_queue", "part_images", "part_timeout")}
+
+
+def part_settings(line, part: dict):
+    """The line's PartSettings with the command line's --part-* over them."""
+    import dataclasses
+    from mrkd.runtime.line.trigger import PartSettings
+    settings = line.part or PartSettings()
+    changes = {name: part[f"part_{name}"] for name in ("queue", "images", "timeout") if part[f"part_{name}"] is not None}
+    return dataclasses.replace(settings, **changes).check([c.name for c in line.cameras])
+
+
+def run_parts(line, part: dict, detectors, sinks, observers, status_every) -> dict:
+    """Judge parts on trigger until the trigger source ends (stdin), --max-parts, or a signal."""
+    import sys
+    from mrkd.runtime.line.parts import PartRunner, open_part_sources
+    from mrkd.runtime.line.stream import stop_on_signals
+    from mrkd.runtime.line.trigger import trigger_every, trigger_lines
+
+    settings = part_settings(line, part)
+    sources = open_part_sources(line, settings)
+    try:
+        runner = PartRunner(line, sources, settings, detectors=detectors, sinks=sinks, observers=observers,
+                            status_every=status_every, status=lambda text: click.echo(text, err=True))
+    except BaseException:
+        for source in sources.values():
+            source.close()
+        raise
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        if part["trigger_stdin"]:
+            trigger_lines(runner, sys.stdin, stop)
+        if part["trigger_every"]:
+            trigger_every(runner, part["trigger_every"], stop, part["max_parts"])
+        return runner.run(stop, part["max_parts"])
+
+
 def webhook_auth(webhook, headers, secret_env):
     """(headers dict, secret bytes or None) from --webhook-header / --webhook-secret-env (ValueError)."""
     import os
@@ -137,6 +207,7 @@ def build_line_outputs(options: dict, sinks) -> list:
 @click.option("--webhook-timeout", type=seconds(0, open_min=True, maximum=3600), default=2.0, show_default=True,
               help="Seconds per webhook POST before it counts as failed (it is retried).")
 @line_output_options
+@part_options
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
               help="Write annotated frames (heat-map, score, threshold) to this video file (.avi: MJPG).")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
@@ -172,10 +243,16 @@ def run_command(model, sources, line_file, backend, providers, threads, postproc
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     detectors = {}
+    part = pop_part_options(line_outputs)
     try:
-        line = build_line(model, sources, line_file, dict(threshold=threshold, debounce=parse_debounce(debounce),
-                                                          cooldown=cooldown, cooldown_frames=cooldown_frames,
-                                                          size=size, fps=fps, loop=loop),
+        camera_defaults = dict(threshold=threshold, debounce=parse_debounce(debounce), cooldown=cooldown,
+                               cooldown_frames=cooldown_frames, size=size, fps=fps, loop=loop)
+        if part["trigger_mode"]:
+            camera_defaults["trigger"] = part["trigger_mode"]
+        if part["features"]:
+            from mrkd.runtime.sources.gige import parse_feature
+            camera_defaults["features"] = tuple(parse_feature(text) for text in part["features"])
+        line = build_line(model, sources, line_file, camera_defaults,
                           backend=backend, postprocess=postprocess, threads=threads,
                           providers=tuple(providers.split(",")) if providers else None)
         if (save_video or show) and len(line.cameras) > 1:
@@ -183,8 +260,15 @@ def run_command(model, sources, line_file, backend, providers, threads, postproc
                              f"{len(line.cameras)}")
         webhook_headers, webhook_secret = webhook_auth(webhook, line_outputs.pop("webhook_headers"),
                                                        line_outputs.pop("webhook_secret_env"))
+        triggered = any(c.trigger != "free" for c in line.cameras)
+        if triggered and not (part["trigger_stdin"] or part["trigger_every"]):
+            raise ValueError("--trigger software/hardware judges parts on trigger: give a trigger source "
+                             "(--trigger-stdin or --trigger-every SECONDS)")
+        if not triggered and (part["trigger_stdin"] or part["trigger_every"] or part["max_parts"]):
+            raise ValueError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "
+                             "(or trigger = ... in the line file)")
         detectors = open_detectors(line)
-        frames = open_sources(line)
+        frames = {} if triggered else open_sources(line)
     except (ValueError, RuntimeError, OSError) as exc:
         for detector in detectors.values():
             detector.close()
@@ -206,11 +290,20 @@ def run_command(model, sources, line_file, backend, providers, threads, postproc
         raise click.ClickException(str(exc)) from exc
     stop = threading.Event()
     try:
-        with stop_on_signals(stop):
-            summary = run_line(line, sinks, outputs={line.cameras[0].name: outputs}, max_frames=max_frames,
-                               status_every=status_every, batch=batch, stop=stop,
-                               status=lambda text: click.echo(text, err=True), batch_timeout=batch_timeout,
-                               detectors=detectors, sources=frames, observers=observers)
+        if triggered:
+            try:
+                summary = run_parts(line, part, detectors, sinks, observers, status_every)
+            except (ValueError, RuntimeError, OSError) as exc:
+                sinks.close(0)
+                for observer in observers:
+                    observer.on_stop()
+                raise click.ClickException(str(exc)) from exc
+        else:
+            with stop_on_signals(stop):
+                summary = run_line(line, sinks, outputs={line.cameras[0].name: outputs}, max_frames=max_frames,
+                                   status_every=status_every, batch=batch, stop=stop,
+                                   status=lambda text: click.echo(text, err=True), batch_timeout=batch_timeout,
+                                   detectors=detectors, sources=frames, observers=observers)
     finally:
         for detector in detectors.values():
             detector.close()

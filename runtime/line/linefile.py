@@ -17,10 +17,22 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     size = "640x480"                   # or [640, 480]
     fps = 10
     loop = false                       # restart files and folders at their end
+    trigger = "software"               # free (default) / software / hardware: judge parts on trigger
+    features = {ExposureTime = 5000, PixelFormat = "Mono8"}   # gige:// cameras: GenICam settings
+
+    [part]                             # optional, triggered lines: which cameras make a part
+    cameras = ["left", "right"]        # default: every camera
+    images = 1                         # images per camera per part
+    queue = 4                          # triggers that may wait; past it a trigger is refused (missed)
+    timeout = 2.0                      # seconds a camera may take per image
+
+    [recipes]                          # optional: recipe number -> model (0 is each camera's model)
+    1 = "models/variant_b.onnx"
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -28,6 +40,7 @@ from typing import Any, Dict, Optional
 
 from mrkd.runtime.line.alarms import parse_debounce
 from mrkd.runtime.line.loop import LINE_SCHEMA_VERSION, Camera, Line, LineError, check_cameras
+from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.sources import NETWORK_SCHEMES, SourceError, SourceOptions
 
 if sys.version_info >= (3, 11):
@@ -36,8 +49,9 @@ else:   # setup.py installs tomli there
     import tomli as tomllib
 
 CAMERA_FIELDS = ("name", "source", "model", "threshold", "debounce", "cooldown", "cooldown_frames", "size", "fps",
-                 "loop")
-TOP_LEVEL = ("schema_version", "defaults", "camera")
+                 "loop", "trigger", "features")
+TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes")
+PART_FIELDS = ("cameras", "images", "queue", "timeout")
 
 
 class LineFileError(LineError):
@@ -106,6 +120,19 @@ def _field(where: str, name: str, value: Any, folder: Path) -> Any:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
+    if name == "trigger":
+        if value not in ("free", "software", "hardware"):
+            raise bad('"free", "software" or "hardware"')
+        return value
+    if name == "features":
+        if not isinstance(value, dict):
+            raise bad("a table of GenICam features, e.g. {ExposureTime = 5000}")
+        for feature, setting in value.items():
+            if isinstance(setting, bool):
+                setting = str(setting).lower()
+            if not isinstance(setting, (str, int, float)) or (isinstance(setting, float) and not math.isfinite(setting)):
+                raise LineFileError(f"{where}.features.{feature}: expected a number, text or true/false, got {setting!r}")
+        return tuple((str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in value.items())
     raise LineFileError(f"{where}.{name}: unknown field (known: {', '.join(CAMERA_FIELDS)})")
 
 
@@ -165,7 +192,44 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
         check_cameras(cameras)
     except LineError as exc:
         raise LineFileError(f"{path}: {exc}") from None
+    if "part" in data or "recipes" in data:
+        line_options = dict(line_options, part=_part_settings(path, data, folder, [c.name for c in cameras],
+                                                              line_options.get("part")))
     return Line(tuple(cameras), **line_options)
+
+
+def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[PartSettings]) -> PartSettings:
+    """[part] and [recipes] as PartSettings (over ``base``, the command line's); errors name the field."""
+    table, recipes = data.get("part", {}), data.get("recipes", {})
+    if not isinstance(table, dict):
+        raise LineFileError(f"{path}: part: expected a table ([part])")
+    unknown = sorted(set(table) - set(PART_FIELDS))
+    if unknown:
+        raise LineFileError(f"{path}: part.{unknown[0]}: unknown field (known: {', '.join(PART_FIELDS)})")
+    if not isinstance(recipes, dict):
+        raise LineFileError(f"{path}: recipes: expected a table of NUMBER = \"model file\"")
+    parsed = []
+    for key, model in recipes.items():
+        if not str(key).isdigit() or not isinstance(model, str) or not model.strip():
+            raise LineFileError(f"{path}: recipes.{key}: expected a recipe number = \"model file\", got {model!r}")
+        model = _resolve(model, folder)
+        if not Path(model).is_file():
+            raise LineFileError(f"{path}: recipes.{key}: model file not found: {model}")
+        parsed.append((int(key), model))
+    settings = dict(dataclasses.asdict(base or PartSettings()), recipes=tuple(sorted(parsed)))
+    for name, value in table.items():
+        if name == "cameras" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise LineFileError(f"{path}: part.cameras: expected a list of camera names, got {value!r}")
+        if name in ("images", "queue") and (not isinstance(value, int) or isinstance(value, bool)):
+            raise LineFileError(f"{path}: part.{name}: expected a whole number, got {value!r}")
+        if name == "timeout" and not _number(value):
+            raise LineFileError(f"{path}: part.timeout: expected seconds, got {value!r}")
+        settings[name] = tuple(value) if name == "cameras" else value
+    settings["cameras"] = tuple(settings["cameras"])
+    try:
+        return PartSettings(**settings).check(names)
+    except ValueError as exc:
+        raise LineFileError(f"{path}: {exc}") from None
 
 
 def load_line(path, defaults: Optional[Dict[str, Any]] = None, **line_options) -> Line:

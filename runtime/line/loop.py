@@ -33,6 +33,7 @@ from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
 from mrkd.runtime.sources import NETWORK_SCHEMES, Frame, Source, SourceError, SourceStats, open_source
 from mrkd.runtime.line.stats import LatencyWindow, RunStats
+from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.video import annotate
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class Camera:
     source: any URI ``open_source`` takes (or an iterable of frames, for tests and embedding).
     threshold: overrides the model's calibrated one for this camera. debounce: (k, n). cooldown:
     seconds of frame time; cooldown_frames: frames. size: (width, height) frames are resized to.
-    fps: camera rate to request, or the rate files/folders are replayed at.
+    fps: camera rate to request, or the rate files/folders are replayed at. features: GenICam
+    (NAME, VALUE) settings of a gige:// camera. trigger: free (frames as they come) / software /
+    hardware (one image per part trigger, runtime/line/parts.py).
     """
 
     name: str
@@ -66,6 +69,8 @@ class Camera:
     size: Optional[Tuple[int, int]] = None
     fps: Optional[float] = None
     loop: bool = False
+    features: Tuple[Tuple[str, str], ...] = ()
+    trigger: str = "free"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Line:
     postprocess: str = "auto"
     providers: Optional[Tuple[str, ...]] = None
     threads: Optional[int] = None
+    part: Optional[PartSettings] = None      # how a triggered line makes parts (None: the defaults)
     schema_version: int = LINE_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -98,6 +104,8 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
         seen.add(camera.name)
         if camera.fps is not None and not camera.fps > 0:
             raise LineError(f"camera {camera.name!r}: fps must be > 0, got {camera.fps}")
+        if camera.trigger not in ("free", "software", "hardware"):
+            raise LineError(f"camera {camera.name!r}: trigger must be free, software or hardware, got {camera.trigger!r}")
         if camera.size is not None and (len(camera.size) != 2 or min(camera.size) < 1):
             raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
 
@@ -335,7 +343,7 @@ def open_sources(line: Line, timeout: float = 5.0) -> Dict[str, Source]:
         for camera in line.cameras:
             def opener(camera=camera):
                 return open_source(camera.source, size=camera.size, fps=camera.fps, loop=camera.loop,
-                                   timeout=timeout)
+                                   timeout=timeout, features=camera.features, name=camera.name)
             try:
                 sources[camera.name] = opener()
             except SourceError as exc:

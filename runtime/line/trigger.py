@@ -9,7 +9,11 @@ part id given here.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional, Protocol, Sequence, Tuple
 
 from mrkd.runtime.outputs.base import TriggerReceipt
 
@@ -48,3 +52,92 @@ class TriggerTarget(Protocol):
     @property
     def active_recipe(self) -> int:
         ...
+
+
+# ---------------------------------------------------------------- how a line makes parts
+
+PART_DEFAULTS = dict(images=1, queue=4, timeout=2.0)
+
+
+@dataclass(frozen=True)
+class PartSettings:
+    """How a triggered line makes a part (line file ``[part]`` and ``[recipes]``, or the CLI).
+
+    cameras: the cameras whose images make a part (empty: every camera of the line). images: images
+    per camera per part. queue: triggers that may wait while a part is judged; one more is refused
+    and counted as missed. timeout: seconds a camera may take to deliver each image. recipes:
+    recipe number -> model file (0 is each camera's own model and is always there).
+    """
+
+    cameras: Tuple[str, ...] = ()
+    images: int = PART_DEFAULTS["images"]
+    queue: int = PART_DEFAULTS["queue"]
+    timeout: float = PART_DEFAULTS["timeout"]
+    recipes: Tuple[Tuple[int, str], ...] = ()
+
+    def check(self, camera_names: Sequence[str]) -> "PartSettings":
+        """Raise ValueError naming the setting that is out of range; returns self."""
+        unknown = [c for c in self.cameras if c not in camera_names]
+        if unknown:
+            raise ValueError(f"part.cameras: {unknown[0]!r} is not a camera of this line "
+                             f"(cameras: {', '.join(camera_names)})")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ValueError("part.cameras: a camera is listed twice")
+        if not (isinstance(self.images, int) and 1 <= self.images <= 64):
+            raise ValueError(f"part.images: expected 1..64 images per camera, got {self.images!r}")
+        if not (isinstance(self.queue, int) and 0 <= self.queue <= 1000):
+            raise ValueError(f"part.queue: expected 0..1000 waiting triggers, got {self.queue!r}")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and 0 < self.timeout <= 600):
+            raise ValueError(f"part.timeout: expected seconds in (0, 600], got {self.timeout!r}")
+        for number, model in self.recipes:
+            if not isinstance(number, int) or number < 1 or number > 65535:
+                raise ValueError(f"recipes: recipe numbers are 1..65535 (0 is the line's own model), got {number!r}")
+        return self
+
+
+# ---------------------------------------------------------------- test drivers (a shell, a timer)
+
+def trigger_every(target: TriggerTarget, seconds: float, stop: threading.Event,
+                  count: Optional[int] = None) -> threading.Thread:
+    """Trigger ``target`` every ``seconds`` (part ids counted by the line) until ``stop`` or ``count``
+    triggers; then sets ``stop`` once the line is idle (count given). Runs on its own thread."""
+    def drive():
+        sent, next_at = 0, time.monotonic()
+        while not stop.is_set() and (count is None or sent < count):
+            target.trigger()
+            sent += 1
+            next_at += seconds
+            stop.wait(max(0.0, next_at - time.monotonic()))
+        if count is not None:
+            _stop_when_idle(target, stop)
+
+    thread = threading.Thread(target=drive, name="trigger-every", daemon=True)
+    thread.start()
+    return thread
+
+
+def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.Event) -> threading.Thread:
+    """One trigger per line of ``lines`` (stdin): the line is the part id (empty: counted), an
+    optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, sets ``stop`` once idle."""
+    def drive():
+        for line in lines:
+            if stop.is_set():
+                return
+            text = line.strip()
+            part_id, _, recipe = text.partition("@")
+            try:
+                number = int(recipe) if recipe else None
+            except ValueError:
+                number = None
+            target.trigger(part_id.strip() or None, number)
+        _stop_when_idle(target, stop)
+
+    thread = threading.Thread(target=drive, name="trigger-lines", daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop_when_idle(target: TriggerTarget, stop: threading.Event) -> None:
+    while not stop.is_set() and target.busy:
+        stop.wait(0.02)
+    stop.set()

@@ -370,6 +370,39 @@ class EventSinks:
         self.events += 1
         return event
 
+    def emit_part(self, part, views: Mapping[str, tuple]) -> tuple:
+        """One event for an NG or ERROR part (``part``: its PartResult as judged, event_id not yet
+        set): a snapshot per camera that has an image (``views``: camera -> (image, anomaly map,
+        threshold)) in that camera's folder, the log line and the webhook post. Returns (event_id,
+        {camera: snapshot path})."""
+        from dataclasses import asdict
+        now = dt.datetime.now(dt.timezone.utc)
+        event_id = new_event_id(now)
+        snapshots: Dict[str, str] = {}
+        boxes: Dict[str, list] = {}
+        for camera, (image, amap, threshold) in views.items():
+            boxes[camera] = regions_from_map(amap, threshold, image.shape[:2])
+            if self.snapshots_dir:
+                folder = self.snapshots_dir / camera
+                folder.mkdir(parents=True, exist_ok=True)
+                name = f"part_{event_id}_{part.inspection_id:08d}{self.snapshot_format}"
+                snapshots[camera] = str(write_snapshot(folder / name, image, amap, threshold, boxes[camera]))
+        record = asdict(part)
+        finite = lambda value: value if isinstance(value, float) and np.isfinite(value) else None  # noqa: E731
+        record["score"], record["threshold"] = finite(record["score"]), finite(record["threshold"])
+        for judgement in record["cameras"]:   # a camera without an image has no score: null, not NaN
+            judgement["score"], judgement["threshold"] = finite(judgement["score"]), finite(judgement["threshold"])
+            judgement["snapshot"] = snapshots.get(judgement["camera"])
+            judgement["boxes"] = boxes.get(judgement["camera"], [])
+        event = {"event_id": event_id, "time": now.isoformat(timespec="milliseconds"), "kind": "part",
+                 **{k: v for k, v in record.items() if k != "event_id"}}
+        if self.log:
+            self.log.write(event)
+        if self.webhook:
+            self.webhook.post(event)
+        self.events += 1
+        return event_id, snapshots
+
     def close(self, webhook_deadline_s: float = 5.0) -> dict:
         """Flush the webhook queue (within the deadline), close the log; returns webhook stats."""
         stats = {}

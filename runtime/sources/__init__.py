@@ -6,6 +6,7 @@ counts frames read, bad frames skipped, frames dropped and reconnects.
 
 URIs: "0" / "v4l2:///dev/video0" (USB/V4L2 camera), "csi://0" (Jetson CSI camera through a GStreamer
 pipeline: needs an OpenCV built with GStreamer - JetPack's has it, PyPI's opencv-python does not),
+"gige://ADDRESS-or-SERIAL" (GigE Vision camera through Aravis, sources/gige.py),
 "rtsp://..", "http(s)://.." (network streams), "file://x.mp4" or a path to a video file, a folder of
 images, a glob ("parts/*.png") or a single image. Live sources (cameras, streams) are read by a
 thread that keeps only the newest frame, so the detector never works on a stale frame; network
@@ -15,6 +16,7 @@ cannot be decoded or has the wrong shape is skipped and counted; it never ends t
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -23,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".mjpg", ".mjpeg")
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+TRIGGER_MODES = ("free", "software", "hardware")
 
 
 class SourceError(MrkdError, RuntimeError):
@@ -114,7 +117,9 @@ class SourceOptions:
     to request, or the rate at which files/folders are replayed (None: as fast as they are read).
     loop: restart files and folders at their end. timeout: seconds a network stream may take to open
     or to deliver a frame before it counts as dropped. reconnect/backoff: reopen dropped live sources,
-    waiting backoff[0] seconds, doubling up to backoff[1].
+    waiting backoff[0] seconds, doubling up to backoff[1]. features / trigger: GenICam settings and
+    the trigger mode of cameras that have them (other sources refuse features; in triggered mode a
+    file or folder gives its next frame per trigger).
     """
 
     size: Optional[Tuple[int, int]] = None
@@ -123,6 +128,9 @@ class SourceOptions:
     timeout: float = 5.0
     reconnect: bool = True
     backoff: Tuple[float, float] = (0.1, 5.0)
+    features: Tuple[Tuple[str, str], ...] = ()   # GenICam NAME=VALUE settings (gige:// cameras)
+    trigger: str = "free"                        # free / software / hardware (cameras that take triggers)
+    name: Optional[str] = None                   # the camera's name on the line, for messages
 
     MAX_SIDE = 16384
     MAX_FPS = 1000.0
@@ -140,6 +148,9 @@ class SourceOptions:
         low, high = self.backoff
         if not (0 < low <= high <= 3600):
             raise SourceError(f"backoff {self.backoff!r}: must be 0 < first <= longest <= 3600 seconds")
+        if self.trigger not in TRIGGER_MODES:
+            raise SourceError(f"trigger {self.trigger!r}: use one of {', '.join(TRIGGER_MODES)}")
+        self.features = tuple((str(k), str(v)) for k, v in self.features)
         return self
 
     @staticmethod
@@ -516,34 +527,62 @@ def _image_paths(uri: str) -> Optional[List[Path]]:
         return None
 
 
+def _open_v4l2(uri: str, options: SourceOptions) -> Source:
+    return LiveSource(uri, _camera_opener(uri[len("v4l2://"):], cv2.CAP_V4L2, options.size, options.fps),
+                      reconnect=options.reconnect, backoff=options.backoff, size=options.size, fps=options.fps)
+
+
+def _open_csi(uri: str, options: SourceOptions) -> Source:
+    if not gstreamer_available():
+        raise SourceError(f"{uri}: CSI cameras need OpenCV with GStreamer (JetPack's python3-opencv has it; "
+                          "PyPI's opencv-python does not: uninstall it and use the system OpenCV)")
+    width, height = options.size or (1280, 720)
+    pipeline = csi_pipeline(int(uri[len("csi://"):] or 0), width, height, options.fps or 30)
+    return LiveSource(uri, lambda: cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER), reconnect=options.reconnect,
+                      backoff=options.backoff, size=options.size, fps=options.fps)
+
+
+# Camera kinds by URI scheme -> opener(uri, SourceOptions); a "module:function" text is imported when
+# that scheme is used, so an optional binding (Aravis) is needed only by its cameras. A new kind of
+# camera is one module plus one line here.
+CAMERA_SCHEMES = {
+    "v4l2://": _open_v4l2,
+    "csi://": _open_csi,
+    "gige://": "mrkd.runtime.sources.gige:open_gige",
+}
+FEATURE_SCHEMES = ("gige://",)     # the kinds that take GenICam features
+
+
 def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float] = None, loop: bool = False,
                 timeout: float = 5.0, reconnect: bool = True, backoff: Tuple[float, float] = (0.1, 5.0),
-                options: Optional[SourceOptions] = None) -> Source:
+                options: Optional[SourceOptions] = None, features: Sequence[Tuple[str, str]] = (),
+                trigger: str = "free", name: Optional[str] = None) -> Source:
     """Open any frame source by URI (see the module docstring); a list/array of images is read from memory.
 
     ``options`` (a SourceOptions, what the CLIs build) replaces the keyword settings, which are
     described there. Settings out of range raise SourceError naming them.
     """
     options = (options or SourceOptions(size=tuple(size) if size else None, fps=fps, loop=loop, timeout=timeout,
-                                        reconnect=reconnect, backoff=tuple(backoff))).validate()
+                                        reconnect=reconnect, backoff=tuple(backoff), features=tuple(features),
+                                        trigger=trigger, name=name)).validate()
     size, fps, loop = options.size, options.fps, options.loop
     common = dict(size=size, fps=fps)
     if not isinstance(uri, (str, os.PathLike)):
         return ArraySource(uri, loop=loop, **common)
     uri = os.fspath(uri)
+    scheme = next((s for s in CAMERA_SCHEMES if uri.lower().startswith(s)), None)
+    if options.features and scheme not in FEATURE_SCHEMES:
+        raise SourceError(f"{uri}: camera features ({options.features[0][0]}=...) apply to "
+                          f"{', '.join(FEATURE_SCHEMES)} cameras only")
+    if scheme is not None:
+        opener = CAMERA_SCHEMES[scheme]
+        if isinstance(opener, str):     # "module:function", imported when used (optional bindings)
+            module, _, function = opener.partition(":")
+            opener = getattr(importlib.import_module(module), function)
+        return opener(uri, options)
     live = dict(reconnect=options.reconnect, backoff=options.backoff, **common)
     if uri.isdigit():
         return LiveSource(uri, _camera_opener(int(uri), cv2.CAP_ANY, size, fps), **live)
-    if uri.startswith("v4l2://"):
-        device = uri[len("v4l2://"):]
-        return LiveSource(uri, _camera_opener(device, cv2.CAP_V4L2, size, fps), **live)
-    if uri.startswith("csi://"):
-        if not gstreamer_available():
-            raise SourceError(f"{uri}: CSI cameras need OpenCV with GStreamer (JetPack's python3-opencv has it; "
-                              "PyPI's opencv-python does not: uninstall it and use the system OpenCV)")
-        width, height = size or (1280, 720)
-        pipeline = csi_pipeline(int(uri[len("csi://"):] or 0), width, height, fps or 30)
-        return LiveSource(uri, lambda: cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER), **live)
     if uri.lower().startswith(NETWORK_SCHEMES):
         return LiveSource(uri, _ffmpeg_opener(uri, options.timeout), **live)
     local = uri[len("file://"):] if uri.startswith("file://") else uri
@@ -554,5 +593,5 @@ def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float
         return ImageFilesSource(paths, uri=uri, loop=loop, **common)
     if Path(local).is_file():
         return VideoFileSource(uri, local, loop=loop, **common)
-    raise SourceError(f"{uri}: not a camera index, v4l2:// or csi:// camera, network URL, video file, "
+    raise SourceError(f"{uri}: not a camera index, v4l2://, csi:// or gige:// camera, network URL, video file, "
                       f"image folder or glob (file not found?)")

@@ -1,0 +1,487 @@
+"""The part runner: a line judged per part on trigger (``mrkd run ... --trigger software|hardware``).
+
+One trigger -> the image(s) of each camera of the part (a GigE camera triggered by mrkd or by the
+line's I/O; a folder or video gives its next frame, so a cell can be commissioned without a camera)
+-> scored by the Detector of the part's recipe -> one ``PartResult`` -> every observer's ``on_part``,
+in trigger order. ``PartRunner`` is the ``TriggerTarget`` every trigger source calls.
+
+Triggers wait in a bounded queue while a part is judged; past the bound a trigger is refused and
+counted as missed (``on_trigger`` says so). A part is never answered with another part's images:
+a software-triggered camera's images from before the trigger are discarded (counted), and a part
+whose camera gives no image in time, an incomplete buffer (lost packets) or is down is ERROR, never
+OK. Observer hooks are called one at a time (a lock), from the trigger caller's thread for
+``on_trigger`` and from the runner's thread otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mrkd.errors import MrkdError
+from mrkd.runtime.detector import Detector
+from mrkd.runtime.line.alarms import is_anomalous
+from mrkd.runtime.line.loop import Line, _notify, open_detectors
+from mrkd.runtime.line.stats import LatencyWindow
+from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.metadata import model_file_sha256
+from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
+                                       TriggerReceipt, Verdict)
+from mrkd.runtime.outputs.events import EventSinks
+from mrkd.runtime.sources import Source
+from mrkd.runtime.sources.gige import Grab
+
+logger = logging.getLogger(__name__)
+
+# PartResult.error_code: what a PLC reads when the verdict is ERROR (the first camera's reason).
+ERROR_CODES = {"timeout": 1, "incomplete buffer": 2, "camera down": 3, "source ended": 4, "line stopped": 5,
+               "inference failed": 6, "unusable image": 7}
+
+
+class PartError(MrkdError, ValueError):
+    """A triggered line that cannot run (no threshold, unknown recipe model, ...); names what."""
+
+
+def error_code(reason: str) -> int:
+    return next((code for prefix, code in ERROR_CODES.items() if reason.startswith(prefix)),
+                ERROR_CODES["unusable image"])
+
+
+class FrameGrabber:
+    """A source without a trigger input (folder, video file, stream, ``ArraySource``): each grab
+    takes its next frame(s). A folder in triggered mode is a camera that photographs the next part."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.images = 0
+
+    @property
+    def up(self) -> bool:
+        return not self.source.ended
+
+    def grab(self, trigger_time: float, timeout: float, count: int = 1) -> Grab:
+        images: List[np.ndarray] = []
+        deadline = time.monotonic() + timeout
+        while len(images) < count:
+            frame = self.source.read(timeout=max(0.0, deadline - time.monotonic()))
+            if frame is None:
+                if self.source.ended:
+                    return Grab(images, "source ended")
+                if time.monotonic() >= deadline:
+                    return Grab(images, f"timeout: no image within {timeout:g} s")
+                continue
+            if self.source.live and frame.timestamp < trigger_time:   # taken before the trigger: not this part's
+                continue
+            images.append(frame.image)
+            self.images += 1
+        return Grab(images, None, time.monotonic())
+
+
+def grabber_for(source: Source):
+    """A GigE source in triggered mode grabs itself; any other source takes its next frames."""
+    return source if callable(getattr(source, "grab", None)) and getattr(source, "trigger_mode", "free") != "free" \
+        else FrameGrabber(source)
+
+
+@dataclass
+class _Pending:
+    sequence: int
+    part_id: str
+    recipe: int
+    wall: float
+    mono: float
+
+
+@dataclass
+class _Camera:
+    name: str
+    grabber: object
+    threshold_override: Optional[float]
+    model: str
+    up: bool = False
+    images: int = 0
+    errors: Dict[str, int] = field(default_factory=dict)
+
+
+class PartRunner:
+    """Judges parts on trigger (module docstring); implements ``TriggerTarget``.
+
+    ``start()`` begins (the runner's thread), ``trigger()`` from any thread, ``stop()`` finishes the
+    part in hand and the queued ones (within ``drain_s``; any left are reported as ERROR "line
+    stopped", never dropped) and returns the run summary.
+    """
+
+    def __init__(self, line: Line, sources: Mapping[str, Source], settings: Optional[PartSettings] = None,
+                 detectors: Optional[Mapping[str, Detector]] = None, sinks: Optional[EventSinks] = None,
+                 observers: Sequence[LineObserver] = (), status_every: float = 0.0,
+                 status: Callable[[str], None] = print):
+        self.line = line
+        self.settings = (settings or line_part_settings(line)).check([c.name for c in line.cameras])
+        names = self.settings.cameras or tuple(c.name for c in line.cameras)
+        by_name = {c.name: c for c in line.cameras}
+        self._own_detectors = detectors is None
+        self.detectors: Dict[str, Detector] = dict(detectors) if detectors is not None else open_detectors(line)
+        self._recipe_models: Dict[int, str] = {}
+        for number, model in self.settings.recipes:
+            key = str(Path(model).resolve())
+            if not Path(model).is_file():
+                raise PartError(f"recipe {number}: model file not found: {model}")
+            if key not in self.detectors:
+                self.detectors[key] = Detector(model, backend=line.backend, postprocess=line.postprocess,
+                                               providers=list(line.providers) if line.providers else None,
+                                               threads=line.threads)
+            self._recipe_models[number] = model
+        for key, detector in self.detectors.items():
+            if detector.threshold is None:
+                raise PartError(f"{key}: the model has no calibrated threshold; a part needs one to be OK or NG "
+                                f"(mrkd calibrate, or --threshold)")
+        self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model))
+                        for n in names]
+        self._sources = dict(sources)
+        self.sinks = sinks or EventSinks()
+        self.observers = list(observers)
+        self.status_every, self._status = status_every, status
+        self._lock = threading.Condition()
+        self._notify_lock = threading.Lock()
+        self._queue: Deque[_Pending] = deque()
+        self._in_hand: Optional[_Pending] = None
+        self._online = True
+        self._active_recipe = 0
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.cameras)), thread_name_prefix="grab")
+        self.triggers = self.missed = self.inspections = 0
+        self.missed_by_reason: Dict[str, int] = {}
+        self.verdicts = dict.fromkeys(Verdict.ALL, 0)
+        self.latency = {"trigger_to_verdict": LatencyWindow(4096), "trigger_to_images": LatencyWindow(4096),
+                        "model": LatencyWindow(4096)}
+        self._started_at = 0.0
+
+    # ------------------------------------------------------------ TriggerTarget
+    def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
+        wall, mono = time.time(), time.monotonic()
+        with self._lock:
+            self.triggers += 1
+            sequence = self.triggers
+            part_id = str(part_id) if part_id not in (None, "") else str(sequence)
+            number = self._active_recipe if recipe is None else recipe
+            reason = None
+            if not self._online or self._stopping.is_set():
+                reason = "offline"
+            elif number not in self.recipes:
+                reason = f"unknown recipe {number}"
+            elif not self._has_room():
+                reason = "queue full"
+            if reason is None:
+                self._queue.append(_Pending(sequence, part_id, number, wall, mono))
+                self._lock.notify_all()
+            else:
+                self.missed += 1
+                self.missed_by_reason[reason] = self.missed_by_reason.get(reason, 0) + 1
+        receipt = TriggerReceipt(accepted=reason is None, sequence=sequence, part_id=part_id, reason=reason, time=wall)
+        if reason is not None:
+            logger.warning("trigger %d (part %s) refused: %s (%d missed)", sequence, part_id, reason, self.missed)
+        self._emit("on_trigger", receipt)
+        return receipt
+
+    def _has_room(self) -> bool:
+        """One more trigger fits: the part in hand (or the first accepted while the runner is idle)
+        does not count against the queue bound, the ones waiting behind it do."""
+        waiting = len(self._queue) - (0 if self._in_hand is not None else 1)
+        return waiting + 1 <= self.settings.queue
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return self._online and not self._stopping.is_set() and self._has_room()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._in_hand is not None or bool(self._queue)
+
+    @property
+    def online(self) -> bool:
+        return self._online
+
+    def set_online(self, online: bool) -> None:
+        with self._lock:
+            self._online = bool(online)
+
+    @property
+    def recipes(self) -> Sequence[int]:
+        return (0, *sorted(self._recipe_models))
+
+    @property
+    def active_recipe(self) -> int:
+        return self._active_recipe
+
+    def select_recipe(self, recipe: int) -> None:
+        """The recipe parts are judged with when their trigger names none (ValueError if unknown)."""
+        if recipe not in self.recipes:
+            raise ValueError(f"recipe {recipe}: not in the line file's recipes {list(self.recipes)}")
+        self._active_recipe = recipe
+
+    # ------------------------------------------------------------ running
+    def start(self) -> "PartRunner":
+        infos = []
+        for camera in self.cameras:
+            detector = self._detector(camera, 0)
+            infos.append(CameraInfo(name=camera.name, source=str(getattr(self._sources[camera.name], "uri", "")),
+                                    model=camera.model, model_sha256=model_file_sha256(camera.model),
+                                    backend=detector.backend.name, precision=detector.metadata.precision,
+                                    threshold=float(self._threshold(camera, 0, detector)),
+                                    threshold_source=("camera setting (line file or --threshold)"
+                                                      if camera.threshold_override is not None
+                                                      else detector.threshold_source)))
+        self._emit("on_start", infos)
+        self._started_at = time.monotonic()
+        self._check_status(force=True)
+        self._thread = threading.Thread(target=self._run, name="parts", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain_s: float = 10.0) -> dict:
+        """Refuse new triggers, judge what was accepted (within ``drain_s``), release; the summary."""
+        self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=drain_s)
+        with self._lock:
+            left = list(self._queue)
+            self._queue.clear()
+        for pending in left:     # never silent: each is reported
+            self._report(pending, {c.name: Grab([], "line stopped") for c in self.cameras}, {}, 0.0)
+        self._pool.shutdown(wait=False)
+        webhook = self.sinks.close(5.0)
+        self._emit("on_stop")
+        for source in self._sources.values():
+            source.close()
+        if self._own_detectors:
+            for detector in self.detectors.values():
+                detector.close()
+        return self.summary(webhook)
+
+    def run(self, stop: threading.Event, max_parts: Optional[int] = None) -> dict:
+        """Start, wait for ``stop`` (or ``max_parts`` judged parts), stop; the summary."""
+        self.start()
+        try:
+            while not stop.wait(0.05):
+                if max_parts is not None and self.inspections >= max_parts:
+                    break
+        finally:
+            summary = self.stop()
+        return summary
+
+    def _run(self) -> None:
+        last_status = time.monotonic()
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._queue or self._stopping.is_set(), 0.25)
+                if not self._queue:
+                    if self._stopping.is_set():
+                        return
+                    pending = None
+                else:
+                    pending = self._in_hand = self._queue.popleft()
+            if pending is not None:
+                try:
+                    self._judge(pending)
+                except Exception as exc:     # a bug must cost one part (reported), not the line
+                    logger.exception("part %s: judging failed", pending.part_id)
+                    self._report(pending, {c.name: Grab([], f"inference failed: {exc}") for c in self.cameras},
+                                 {}, 0.0)
+                finally:
+                    with self._lock:
+                        self._in_hand = None
+            self._check_status()
+            if self.status_every and time.monotonic() - last_status >= self.status_every:
+                last_status = time.monotonic()
+                self._check_status(force=True)
+                self._status(self.status_line())
+
+    # ------------------------------------------------------------ one part
+    def _detector(self, camera: _Camera, recipe: int) -> Detector:
+        model = camera.model if recipe == 0 else self._recipe_models[recipe]
+        return self.detectors[str(Path(model).resolve())]
+
+    @staticmethod
+    def _threshold(camera: _Camera, recipe: int, detector: Detector) -> float:
+        if recipe == 0 and camera.threshold_override is not None:
+            return camera.threshold_override
+        return float(detector.threshold)
+
+    def _judge(self, pending: _Pending) -> None:
+        futures = {c.name: self._pool.submit(c.grabber.grab, pending.wall, self.settings.timeout,
+                                             self.settings.images) for c in self.cameras}
+        grabs = {name: future.result() for name, future in futures.items()}
+        acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
+        groups: Dict[int, List[Tuple[_Camera, np.ndarray]]] = {}
+        detectors: Dict[int, Detector] = {}
+        for camera in self.cameras:
+            grab = grabs[camera.name]
+            if grab.error is None:
+                camera.images += len(grab.images)
+                detector = self._detector(camera, pending.recipe)
+                detectors[id(detector)] = detector
+                groups.setdefault(id(detector), []).extend((camera, image) for image in grab.images)
+            else:
+                kind = next((k for k in ERROR_CODES if grab.error.startswith(k)), "other")
+                camera.errors[kind] = camera.errors.get(kind, 0) + 1
+        scored: Dict[str, List[Tuple[float, np.ndarray, np.ndarray]]] = {}
+        model_s = 0.0
+        for key, members in groups.items():
+            result = detectors[key]([image for _, image in members])
+            model_s += sum(result.timings.values())
+            for i, (camera, image) in enumerate(members):
+                scored.setdefault(camera.name, []).append((float(result.scores[i]), image, result.maps[i]))
+        self._report(pending, grabs, scored, model_s, acquired)
+
+    def _report(self, pending: _Pending, grabs: Mapping[str, Grab],
+                scored: Mapping[str, List[Tuple[float, np.ndarray, np.ndarray]]], model_s: float,
+                acquired: Optional[float] = None) -> None:
+        """Build the part's record (verdict, deciding camera, event for NG/ERROR) and tell every observer."""
+        judgements, views, errors = [], {}, []
+        for camera in self.cameras:
+            detector = self._detector(camera, pending.recipe)
+            threshold = self._threshold(camera, pending.recipe, detector)
+            grab = grabs[camera.name]
+            images = scored.get(camera.name, [])
+            if grab.error is not None or not images:
+                reason = grab.error or "unusable image"
+                errors.append(f"{camera.name}: {reason}")
+                judgements.append(CameraJudgement(camera.name, math.nan, threshold, False, 0, reason))
+                continue
+            score, image, amap = max(images, key=lambda item: item[0])
+            views[camera.name] = (image, amap, threshold)
+            judgements.append(CameraJudgement(camera.name, score, threshold, bool(is_anomalous(score, threshold)),
+                                              len(images)))
+        if errors:
+            verdict = Verdict.ERROR
+        else:
+            verdict = Verdict.NG if any(j.anomalous for j in judgements) else Verdict.OK
+        deciding = max((j for j in judgements if not math.isnan(j.score)), key=_severity, default=judgements[0])
+        done = time.monotonic()
+        deciding_camera = next(c for c in self.cameras if c.name == deciding.camera)
+        first_error = next((j.error for j in judgements if j.error), None)
+        with self._lock:
+            self.inspections += 1
+            inspection_id = self.inspections
+        part = PartResult(inspection_id=inspection_id, part_id=pending.part_id, verdict=verdict,
+                          score=deciding.score, threshold=deciding.threshold, cameras=tuple(judgements),
+                          model_sha256=model_file_sha256(self._detector(deciding_camera, pending.recipe).model_path),
+                          recipe=pending.recipe, trigger_time=pending.wall,
+                          acquired_s=max(0.0, (acquired or done) - pending.mono), verdict_s=done - pending.mono,
+                          error_code=error_code(first_error) if first_error else 0,
+                          error="; ".join(errors) or None)
+        if verdict != Verdict.OK and (self.sinks.log or self.sinks.snapshots_dir or self.sinks.webhook):
+            try:
+                event_id, snapshots = self.sinks.emit_part(part, views)
+                part = replace(part, event_id=event_id, cameras=tuple(
+                    replace(j, snapshot=snapshots.get(j.camera)) for j in part.cameras))
+            except Exception:   # a full disk must not stop judging; the part still goes to every observer
+                logger.exception("part %s: event not written", part.part_id)
+        self.verdicts[verdict] += 1
+        self.latency["trigger_to_verdict"].add(part.verdict_s)
+        if not errors:
+            self.latency["trigger_to_images"].add(part.acquired_s)
+            self.latency["model"].add(model_s)
+        self._emit("on_part", part)
+
+    # ------------------------------------------------------------ status and summary
+    def _emit(self, hook: str, *args) -> None:
+        with self._notify_lock:
+            _notify(self.observers, hook, *args)
+
+    def _camera_status(self, camera: _Camera) -> CameraStatus:
+        source = self._sources[camera.name]
+        stats = source.stats
+        extra = {"images": float(camera.images), "incomplete_buffers": float(getattr(stats, "incomplete", 0)),
+                 "trigger_timeouts": float(getattr(stats, "timeouts", 0)),
+                 "unclaimed_images": float(getattr(stats, "unclaimed", 0))}
+        extra.update({f"feature.{k}": float(v) for k, v in getattr(source, "features_applied", {}).items()
+                      if _is_number(v)})
+        return CameraStatus(camera=camera.name, up=camera.up, frames=camera.images, dropped=stats.dropped,
+                            bad_frames=stats.bad_frames, reconnects=stats.reconnects, extra=extra)
+
+    def _check_status(self, force: bool = False) -> None:
+        for camera in self.cameras:
+            up = bool(camera.grabber.up)
+            if force or up != camera.up:
+                changed = up != camera.up
+                camera.up = up
+                if changed and not force:
+                    logger.warning("camera %s: %s", camera.name, "up" if up else "DOWN")
+                self._emit("on_status", self._camera_status(camera))
+
+    def status_line(self) -> str:
+        p = self.latency["trigger_to_verdict"].percentiles_ms()
+        cameras = " | ".join(f"{c.name}: {'up' if c.up else 'DOWN'} {c.images} images" for c in self.cameras)
+        return (f"{self.inspections} parts (OK {self.verdicts['OK']} NG {self.verdicts['NG']} ERROR "
+                f"{self.verdicts['ERROR']}), {self.missed} missed triggers, trigger->verdict p50/p99 "
+                f"{p['p50']:.1f}/{p['p99']:.1f} ms || {cameras}")
+
+    def summary(self, webhook: Optional[dict] = None) -> dict:
+        cameras = {}
+        for camera in self.cameras:
+            source = self._sources[camera.name]
+            cameras[camera.name] = {"source": source.stats.as_dict(), "images": camera.images, "up": camera.up,
+                                    "errors": dict(camera.errors), "model": camera.model,
+                                    "features": dict(getattr(source, "features_applied", {}))}
+        elapsed = time.monotonic() - self._started_at if self._started_at else 0.0
+        return {"mode": "parts", "parts": self.inspections, "verdicts": dict(self.verdicts),
+                "triggers": self.triggers, "missed_triggers": self.missed,
+                "missed_by_reason": dict(self.missed_by_reason),
+                "latency_ms": {k: w.percentiles_ms() for k, w in self.latency.items()},
+                "parts_per_s": self.inspections / elapsed if elapsed > 0 else 0.0,
+                "cameras": cameras, "events": self.sinks.events, "webhook": webhook or {}}
+
+
+def _severity(judgement: CameraJudgement) -> float:
+    """How close a camera came to NG: score/threshold (the one that decides an NG is the highest)."""
+    if judgement.threshold > 0:
+        return judgement.score / judgement.threshold
+    return judgement.score - judgement.threshold
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def line_part_settings(line: Line) -> PartSettings:
+    return getattr(line, "part", None) or PartSettings()
+
+
+def open_part_sources(line: Line, settings: PartSettings, timeout: float = 5.0) -> Dict[str, Source]:
+    """Open the sources of the part's cameras in their trigger mode (a failure names the camera)."""
+    from mrkd.runtime.sources import SourceError, open_source
+    names = settings.cameras or tuple(c.name for c in line.cameras)
+    sources: Dict[str, Source] = {}
+    try:
+        for camera in line.cameras:
+            if camera.name not in names:
+                continue
+            try:
+                sources[camera.name] = open_source(camera.source, size=camera.size, loop=camera.loop, timeout=timeout,
+                                                   features=getattr(camera, "features", ()),
+                                                   trigger=getattr(camera, "trigger", "software"), name=camera.name)
+            except SourceError as exc:
+                raise SourceError(f"camera {camera.name!r}: {exc}") from exc
+    except BaseException:
+        for source in sources.values():
+            source.close()
+        raise
+    return sources
