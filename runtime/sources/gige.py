@@ -282,6 +282,7 @@ class GigeSource(Source):
         self.features_applied: Dict[str, str] = {}
         self._camera = self._stream = None
         self._lost = threading.Event()            # control lost: reconnect
+        self._generation = 0                      # counts connections
         self._cond = threading.Condition()
         self._arrivals: Deque[_Arrival] = deque(maxlen=self.BUFFERS)
         self._latest: Optional[Frame] = None
@@ -326,7 +327,9 @@ class GigeSource(Source):
         self.features_applied = apply_features(camera, self.name, self.features)
         try:
             device = camera.get_device()
-            device.connect("control-lost", lambda *_: self._lost.set())
+            self._generation += 1
+            generation = self._generation    # a dropped connection's late signal must not touch this one
+            device.connect("control-lost", lambda *_: generation == self._generation and self._lost.set())
             stream = camera.create_stream(None, None)
             if stream is None:
                 raise GigeError(f"{where}: cannot create a stream")
@@ -339,15 +342,18 @@ class GigeSource(Source):
         self._stream = stream
         self.pixel_format = camera.get_pixel_format_as_string()
 
-    def _release(self, camera=None) -> None:
-        camera = camera or self._camera
-        if camera is not None:
-            try:
-                camera.stop_acquisition()
-            except Exception:   # a camera that is gone cannot stop; releasing it is all that is left
-                pass
-        if camera is self._camera:
+    def _release(self, camera=None, wait: bool = True) -> None:
+        """Stop and drop a camera. A lost one is dropped on a thread of its own: finalising an Aravis
+        device asks the camera to give up control and waits seconds for a camera that is gone."""
+        owned = camera is None or camera is self._camera
+        doomed = [camera or self._camera, self._stream if owned else None]
+        if owned:
             self._camera = self._stream = None
+        camera = None
+        if wait:
+            _drop(doomed)
+        else:
+            threading.Thread(target=_drop, args=(doomed,), name="gige-release", daemon=True).start()
 
     @property
     def up(self) -> bool:
@@ -361,7 +367,7 @@ class GigeSource(Source):
                 if self._camera is not None:
                     self.stats.last_error = "camera lost (control lost)"
                     logger.warning("camera %s (%s): lost; reconnecting with backoff", self.name, self.uri)
-                    self._release()
+                    self._release(wait=False)
                     with self._cond:
                         self._cond.notify_all()
                 if not self._reconnect:
@@ -381,12 +387,12 @@ class GigeSource(Source):
                 continue
             stream = self._stream
             buffer = stream.timeout_pop_buffer(self.POP_US)
-            if buffer is None:
-                continue
-            try:
-                self._take(buffer)
-            finally:
-                stream.push_buffer(buffer)
+            if buffer is not None:
+                try:
+                    self._take(buffer)
+                finally:
+                    stream.push_buffer(buffer)
+            del stream, buffer     # the reader must not keep a lost camera's stream alive
         self._release()
         with self._cond:
             self._ended = True
@@ -486,6 +492,18 @@ class GigeSource(Source):
         self._closed = True
         with self._cond:
             self._cond.notify_all()
+
+
+def _drop(doomed: list) -> None:
+    """Stop acquisition and let go of [camera, stream] (the last references: they finalise here)."""
+    camera = doomed[0]
+    if camera is not None:
+        try:
+            camera.stop_acquisition()
+        except Exception:   # a camera that is gone cannot stop; letting go is all that is left
+            pass
+    camera = None
+    doomed.clear()
 
 
 def open_gige(uri: str, options) -> GigeSource:

@@ -1,0 +1,82 @@
+"""Aravis' GigE Vision camera simulator (``arv-fake-gv-camera-0.8``, Debian ``aravis-tools``) on a
+loopback address, started and stopped by the caller (the GigE tests and the parts benchmark talk to
+it over the real GVCP/GVSP protocol on UDP; nothing is mocked).
+
+GVCP's port is fixed (3956), so two simulators need two addresses: each gets its own 127.x.y.z
+added to ``lo`` (``ip addr add``, root). The simulator serves 512×512 Mono8 by default and, in
+trigger mode, looks for a software trigger 25 times a second (Aravis' fixed trigger_frequency):
+an image comes 0-40 ms after its trigger.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from typing import List, Optional
+
+PROGRAM = "arv-fake-gv-camera-0.8"
+
+
+def loopback_addresses() -> List[str]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    return [part.split("/")[0] for line in out.splitlines() for part in line.split() if part[:1].isdigit()
+            and "/" in part]
+
+
+def add_loopback_address(address: str) -> Optional[str]:
+    """Give ``lo`` the address (idempotent); returns an error text or None."""
+    if address == "127.0.0.1" or address in loopback_addresses():
+        return None
+    done = subprocess.run(["ip", "addr", "add", f"{address}/8", "dev", "lo"], capture_output=True, text=True)
+    if done.returncode != 0 and address not in loopback_addresses():
+        return f"ip addr add {address}/8 dev lo failed: {done.stderr.strip()} (needs root)"
+    return None
+
+
+class FakeGigeCamera:
+    """``start()``, ``kill()`` (a camera unplugged), ``start()`` again (powered back on)."""
+
+    def __init__(self, address: str, serial: str, lost_per_thousand: int = 0, program: str = PROGRAM):
+        self.address, self.serial, self.lost = address, serial, lost_per_thousand
+        self.program = shutil.which(program) or program
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def uri(self) -> str:
+        return f"gige://{self.address}"
+
+    def start(self, timeout: float = 10.0) -> "FakeGigeCamera":
+        error = add_loopback_address(self.address)
+        if error:
+            raise RuntimeError(error)
+        command = [self.program, "-i", self.address, "-s", self.serial]
+        if self.lost:
+            command += ["-r", str(self.lost)]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{PROGRAM} on {self.address} exited with {self.proc.returncode}: "
+                                   f"{self.proc.stderr.read().decode(errors='replace')[-300:]}")
+            if self._bound():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"{PROGRAM} did not listen on {self.address}:3956 within {timeout} s")
+
+    def _bound(self) -> bool:
+        out = subprocess.run(["ss", "-uanp"], capture_output=True, text=True).stdout
+        return any(f"{self.address}:3956" in line and f"pid={self.proc.pid}," in line for line in out.splitlines())
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()

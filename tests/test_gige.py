@@ -1,0 +1,348 @@
+"""GigE Vision cameras through Aravis: pixel formats against references written here, and the part
+runner against Aravis' real GigE Vision simulator (arv-fake-gv-camera-0.8 over UDP on loopback):
+software-triggered parts, two cameras making one part, lost packets, a camera killed and restarted,
+refused features, triggers faster than the line, hardware trigger without an image, free run."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from peers import require, require_program
+from runtime_fixtures import build_tiny_model
+
+from mrkd.benchmarks.fake_gige import FakeGigeCamera
+from mrkd.runtime.line.loop import Camera, Line, run_line
+from mrkd.runtime.line.parts import ERROR_CODES, PartRunner, open_part_sources
+from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.outputs.base import LineObserver, Verdict
+from mrkd.runtime.sources import SourceError, open_source
+from mrkd.runtime.sources.gige import PIXEL_FORMATS, to_bgr
+
+ARAVIS_PACKAGES = ("gir1.2-aravis-0.8",)
+
+
+def aravis_importable() -> bool:
+    try:
+        import gi
+        gi.require_version("Aravis", "0.8")
+        from gi.repository import Aravis  # noqa: F401
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def require_aravis():
+    """Aravis' GObject data (apt) and PyGObject (setup.py's dev extra) in this Python."""
+    require(aravis_importable, ARAVIS_PACKAGES, "Aravis 0.8 through PyGObject (gi.repository.Aravis)")
+    from gi.repository import Aravis
+    return Aravis
+
+
+@pytest.fixture
+def simulator():
+    """Start simulators on their own loopback addresses: simulator(address, serial, lost=0)."""
+    require_aravis()
+    require_program("arv-fake-gv-camera-0.8", ["aravis-tools"])
+    require_program("ip", ["iproute2"])
+    require_program("ss", ["iproute2"])
+    started = []
+
+    def start(address, serial, lost=0):
+        try:
+            camera = FakeGigeCamera(address, serial, lost).start()
+        except RuntimeError as exc:
+            pytest.skip(f"SKIPPED, NOT TESTED: cannot start the GigE simulator: {exc}")
+        started.append(camera)
+        return camera
+
+    yield start
+    for camera in started:
+        camera.kill()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("gige") / "tiny.onnx"))
+
+
+class Recorder(LineObserver):
+    def __init__(self):
+        self.parts, self.receipts, self.statuses, self.started = [], [], [], []
+        self.lock = threading.Lock()
+
+    def on_start(self, cameras):
+        self.started = list(cameras)
+
+    def on_part(self, result):
+        with self.lock:
+            self.parts.append((time.monotonic(), result))
+
+    def on_trigger(self, receipt):
+        self.receipts.append(receipt)
+
+    def on_status(self, status):
+        self.statuses.append((time.monotonic(), status))
+
+
+def runner_for(cameras, model, settings, recorder, features=()):
+    line = Line(tuple(Camera(name, uri, model, trigger=trigger, features=tuple(features))
+                      for name, uri, trigger in cameras))
+    sources = open_part_sources(line, settings)
+    return PartRunner(line, sources, settings, observers=[recorder]).start()
+
+
+def wait_idle(runner, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while runner.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not runner.busy, "the line did not finish its parts"
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- pixel formats (no camera)
+
+def test_pixel_format_codes_are_aravis_own():
+    Aravis = require_aravis()
+    names = {"Mono8": "MONO_8", "Mono10": "MONO_10", "Mono12": "MONO_12", "Mono16": "MONO_16",
+             "BayerGR8": "BAYER_GR_8", "BayerRG8": "BAYER_RG_8", "BayerGB8": "BAYER_GB_8", "BayerBG8": "BAYER_BG_8",
+             "RGB8": "RGB_8_PACKED", "BGR8": "BGR_8_PACKED"}
+    assert {code: name for code, name in PIXEL_FORMATS.items()} == \
+        {getattr(Aravis, f"PIXEL_FORMAT_{names[name]}"): name for name in names}
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 16])
+def test_mono_is_the_top_eight_bits(bits):
+    rng = np.random.default_rng(bits)
+    values = rng.integers(0, 2 ** bits, size=(5, 7), dtype=np.uint16)
+    values[0, :3] = [0, 2 ** bits - 1, 2 ** (bits - 1)]
+    data = values.astype(np.uint8).tobytes() if bits == 8 else values.astype("<u2").tobytes()
+    bgr = to_bgr(data, 7, 5, f"Mono{bits}", "cam")
+    expected = (values // 2 ** (bits - 8)).astype(np.uint8)          # integer division, no rounding
+    assert bgr.dtype == np.uint8 and bgr.shape == (5, 7, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(bgr[:, :, channel], expected)
+    assert bgr[0, 1, 0] == 255 and bgr[0, 0, 0] == 0
+
+
+def mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
+    """The raw Bayer image a sensor with the GenICam pattern (e.g. "RG": row 0 = R G, row 1 = G B)
+    records of an RGB image: written from the pattern's definition, not from OpenCV's names."""
+    first, second = pattern[0], pattern[1]
+    other = {"R": "B", "B": "R"}
+    layout = {"RG": ["RG", "GB"], "BG": ["BG", "GR"], "GR": ["GR", "BG"], "GB": ["GB", "RG"]}[first + second]
+    channel = {"R": 0, "G": 1, "B": 2}
+    raw = np.zeros(rgb.shape[:2], np.uint8)
+    for dy in range(2):
+        for dx in range(2):
+            raw[dy::2, dx::2] = rgb[dy::2, dx::2, channel[layout[dy][dx]]]
+    assert other  # the layouts above are the four GenICam patterns
+    return raw
+
+
+@pytest.mark.parametrize("pattern", ["RG", "GR", "GB", "BG"])
+def test_bayer_patterns_recover_the_colours(pattern):
+    colours = [(200, 30, 10), (20, 180, 40), (15, 25, 220), (120, 120, 120)]   # RGB
+    rgb = np.zeros((32, 64, 3), np.uint8)
+    for i, colour in enumerate(colours):
+        rgb[:, i * 16:(i + 1) * 16] = colour
+    bgr = to_bgr(mosaic(rgb, pattern).tobytes(), 64, 32, f"Bayer{pattern}8", "cam")
+    for i, (r, g, b) in enumerate(colours):      # inside each flat patch, away from its edges
+        patch = bgr[4:28, i * 16 + 4:i * 16 + 12].reshape(-1, 3).astype(int)
+        assert np.abs(patch - [b, g, r]).max() <= 1, (pattern, i, patch[0])
+
+
+def test_rgb_and_bgr_and_refused_formats():
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(to_bgr(rgb.tobytes(), 6, 4, "RGB8"), rgb[:, :, ::-1])
+    np.testing.assert_array_equal(to_bgr(rgb.tobytes(), 6, 4, "BGR8"), rgb)
+    with pytest.raises(SourceError, match=r"camera left: pixel format YUV422_8 is not supported"):
+        to_bgr(b"\0" * 48, 6, 4, "YUV422_8", "camera left")
+    with pytest.raises(SourceError, match="too small"):
+        to_bgr(b"\0" * 10, 6, 4, "Mono16", "camera left")
+
+
+# ---------------------------------------------------------------- against the simulator
+
+@pytest.mark.slow
+def test_hundred_software_triggers_make_hundred_parts_in_order(simulator, model):
+    camera = simulator("127.0.86.11", "PARTS100")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "software")], model, PartSettings(queue=100, timeout=2.0), recorder)
+    try:
+        receipts = [runner.trigger(f"P{i:03d}") for i in range(100)]
+        wait_idle(runner, 60)
+    finally:
+        summary = runner.stop()
+    assert all(r.accepted for r in receipts) and [r.sequence for r in receipts] == list(range(1, 101))
+    parts = [p for _, p in recorder.parts]
+    assert [p.part_id for p in parts] == [f"P{i:03d}" for i in range(100)]
+    assert [p.inspection_id for p in parts] == list(range(1, 101))
+    assert all(p.verdict in (Verdict.OK, Verdict.NG) and p.cameras[0].images == 1 for p in parts)
+    # No late result: every part's image came after its own trigger, none was left over or missing.
+    assert all(0 < p.acquired_s <= p.verdict_s for p in parts)
+    assert all(later.trigger_time >= earlier.trigger_time for earlier, later in zip(parts, parts[1:]))
+    stats = summary["cameras"]["cam"]["source"]
+    assert stats["unclaimed_images"] == 0 and stats["trigger_timeouts"] == 0 and stats["incomplete_buffers"] == 0
+    assert stats["frames_read"] == 100 and summary["parts"] == 100 and summary["missed_triggers"] == 0
+
+
+def test_two_cameras_make_one_part(simulator, model):
+    left, right = simulator("127.0.86.12", "LEFT"), simulator("127.0.86.13", "RIGHT")
+    recorder = Recorder()
+    runner = runner_for([("left", left.uri, "software"), ("right", right.uri, "software")], model,
+                        PartSettings(queue=8, images=2), recorder)
+    try:
+        for i in range(5):
+            runner.trigger(f"A{i}")
+        wait_idle(runner)
+    finally:
+        summary = runner.stop()
+    parts = [p for _, p in recorder.parts]
+    assert [p.part_id for p in parts] == [f"A{i}" for i in range(5)]
+    for part in parts:
+        assert [j.camera for j in part.cameras] == ["left", "right"]
+        assert all(j.images == 2 and j.error is None for j in part.cameras)
+        deciding = max(part.cameras, key=lambda j: j.score / j.threshold)
+        assert (part.score, part.threshold) == (deciding.score, deciding.threshold)
+    assert summary["cameras"]["left"]["images"] == summary["cameras"]["right"]["images"] == 10
+    assert {info.source for info in recorder.started} == {left.uri, right.uri}
+
+
+def test_lost_packets_are_counted_and_never_scored(simulator, model, tmp_path):
+    # 5 of 1000 GVSP packets lost, no resend (the simulator has none): about half of the 512x512
+    # frames (~180 packets) are incomplete.
+    camera = simulator("127.0.86.14", "LOSSY", lost=5)
+    result = CliRunner().invoke(
+        __import__("mrkd.runtime.cli", fromlist=["run_command"]).run_command,
+        [model, "--source", f"cam={camera.uri}", "--trigger", "software", "--trigger-every", "0.01",
+         "--max-parts", "24", "--part-queue", "30", "--status-every", "0", "--events", str(tmp_path / "ev.jsonl")],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    stats = summary["cameras"]["cam"]["source"]
+    errors = summary["verdicts"]["ERROR"]
+    assert stats["incomplete_buffers"] >= 1 and errors >= 1, summary
+    assert errors == stats["incomplete_buffers"] == summary["cameras"]["cam"]["errors"]["incomplete buffer"]
+    assert summary["verdicts"]["OK"] + summary["verdicts"]["NG"] == stats["frames_read"] == 24 - errors
+    events = [json.loads(line) for line in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    incomplete = [e for e in events if e["verdict"] == "ERROR"]
+    assert len(incomplete) == errors
+    assert all(e["error_code"] == ERROR_CODES["incomplete buffer"] and e["cameras"][0]["score"] is None
+               and e["cameras"][0]["images"] == 0 for e in incomplete)
+
+
+@pytest.mark.slow
+def test_camera_killed_and_restarted_comes_back_with_its_features(simulator, model):
+    camera = simulator("127.0.86.15", "POWER")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "software")], model, PartSettings(queue=4, timeout=1.0), recorder,
+                        features=[("Width", "256"), ("ExposureTimeAbs", "2000")])
+    source = runner._sources["cam"]
+    try:
+        assert runner.trigger("before").accepted
+        wait_idle(runner)
+        camera.kill()                                    # unplugged
+        wait_for(lambda: any(not s.up for _, s in recorder.statuses), 15, "the camera to show as down")
+        runner.trigger("while-down")
+        wait_idle(runner)
+        camera.start()                                   # powered back on: a camera with its defaults
+        wait_for(lambda: recorder.statuses[-1][1].up, 20, "the camera to come back")
+        runner.trigger("after")
+        wait_idle(runner)
+    finally:
+        summary = runner.stop()
+    parts = {p.part_id: p for _, p in recorder.parts}
+    assert parts["before"].verdict != Verdict.ERROR
+    assert parts["while-down"].verdict == Verdict.ERROR and parts["while-down"].error_code in (
+        ERROR_CODES["camera down"], ERROR_CODES["timeout"])
+    assert parts["after"].verdict != Verdict.ERROR
+    assert summary["cameras"]["cam"]["source"]["reconnects"] >= 1
+    assert source.features_applied == {"Width": "256", "ExposureTimeAbs": "2000.0"}
+    assert recorder.statuses[-1][1].extra["feature.Width"] == 256.0
+    # An independent client reads the restarted simulator's registers: mrkd set them again.
+    from gi.repository import Aravis
+    check = Aravis.Camera.new(camera.address)
+    assert check.get_device().get_integer_feature_value("Width") == 256
+    assert check.get_device().get_float_feature_value("ExposureTimeAbs") == 2000.0
+    del check
+
+
+def test_refused_and_unknown_features_name_camera_feature_value(simulator, model):
+    camera = simulator("127.0.86.16", "REFUSE")
+    for features, pattern in (([("GainRaw", "99")], r"camera top: feature GainRaw = 99: refused, the camera takes 0\.\.10"),
+                              ([("Bogus", "1")], r"camera top: unknown feature Bogus \(value 1\)"),
+                              ([("PixelFormat", "Mono99")], r"camera top: feature PixelFormat = Mono99: refused"),
+                              ([("Width", "wide")], r"camera top: feature Width = wide: expected a whole number")):
+        with pytest.raises(SourceError, match=pattern):
+            open_source(camera.uri, features=features, name="top")
+    result = CliRunner().invoke(__import__("mrkd.runtime.cli", fromlist=["run_command"]).run_command,
+                                [model, "--source", f"top={camera.uri}", "--feature", "GainRaw=99", "--max-frames", "1"])
+    assert result.exit_code != 0
+    assert "feature GainRaw = 99: refused" in result.output and "Traceback" not in result.output
+
+
+def test_triggers_faster_than_the_line_are_queued_then_refused(simulator, model):
+    camera = simulator("127.0.86.17", "BURST")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "software")], model, PartSettings(queue=2), recorder)
+    try:
+        receipts = [runner.trigger(f"B{i}") for i in range(10)]   # a burst: each part takes >= 1 ms
+        wait_idle(runner)
+    finally:
+        summary = runner.stop()
+    assert [r.accepted for r in receipts] == [True] * 3 + [False] * 7
+    assert all(r.reason == "queue full" for r in receipts[3:])
+    assert [r.part_id for r in recorder.receipts] == [f"B{i}" for i in range(10)]     # every trigger reported
+    assert [p.part_id for _, p in recorder.parts] == ["B0", "B1", "B2"]
+    assert summary["missed_triggers"] == 7 and summary["missed_by_reason"] == {"queue full": 7}
+
+
+def test_hardware_trigger_without_image_is_an_error_part(simulator, model):
+    camera = simulator("127.0.86.18", "HWTRIG")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "hardware")], model, PartSettings(timeout=0.3), recorder)
+    try:
+        runner.trigger("H1")
+        wait_idle(runner)
+    finally:
+        summary = runner.stop()
+    (_, part), = recorder.parts
+    assert part.verdict == Verdict.ERROR and part.error_code == ERROR_CODES["timeout"]
+    assert math.isnan(part.score) and part.cameras[0].error.startswith("timeout")
+    assert 0.3 <= part.verdict_s < 2.0
+    assert summary["cameras"]["cam"]["source"]["trigger_timeouts"] == 1
+
+
+def test_free_run_feeds_the_frame_loop(simulator, model):
+    camera = simulator("127.0.86.19", "FREE")
+    line = Line((Camera("cam", camera.uri, model, features=(("Width", "320"), ("Height", "200"))),))
+    shapes = []
+
+    class Shapes(LineObserver):
+        def on_frame(self, result):
+            shapes.append(result.image.shape)
+
+    summary = run_line(line, max_frames=3, observers=[Shapes()])
+    assert summary["cameras"]["cam"]["frames"] == 3 and set(shapes) == {(200, 320, 3)}
+    assert "incomplete_buffers" in summary["cameras"]["cam"]["source"]
+
+
+def test_unknown_camera_is_one_line_error():
+    require_aravis()
+    with pytest.raises(SourceError, match=r"gige://NO-SUCH-SERIAL-42: no GigE Vision camera answers"):
+        open_source("gige://NO-SUCH-SERIAL-42")
