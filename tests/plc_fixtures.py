@@ -1,0 +1,103 @@
+"""Helpers for the PLC tests: a small TriggerTarget written here (for the state machine's own tests),
+part records, and an image folder of good and defective parts for the tiny model."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import cv2
+import numpy as np
+
+from runtime_fixtures import defective_frame, normal_frame
+
+from mrkd.runtime.outputs.base import CameraJudgement, PartResult, TriggerReceipt, Verdict
+
+
+class QueueTarget:
+    """A TriggerTarget by hand: accepts up to ``queue`` waiting triggers; ``judge(verdict)`` finishes
+    the oldest and tells the observers, as the part runner does."""
+
+    def __init__(self, queue: int = 1, recipes=(0, 2)):
+        self.queue, self._recipes = queue, tuple(recipes)
+        self.pending: List[tuple] = []
+        self.calls: List[tuple] = []
+        self.observers: list = []
+        self._online, self.sequence, self.inspections = True, 0, 0
+        self.lock = threading.Lock()
+
+    def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
+        with self.lock:
+            self.sequence += 1
+            self.calls.append((part_id, recipe))
+            reason = "offline" if not self._online else ("queue full" if len(self.pending) >= self.queue else None)
+            if reason is None:
+                self.pending.append((self.sequence, part_id, recipe))
+        receipt = TriggerReceipt(reason is None, self.sequence, str(part_id), reason, time.time())
+        for observer in self.observers:
+            observer.on_trigger(receipt)
+        return receipt
+
+    @property
+    def ready(self) -> bool:
+        return self._online and len(self.pending) < self.queue
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    @property
+    def online(self) -> bool:
+        return self._online
+
+    def set_online(self, online: bool) -> None:
+        self._online = bool(online)
+
+    @property
+    def recipes(self):
+        return self._recipes
+
+    @property
+    def active_recipe(self) -> int:
+        return 0
+
+    def judge(self, verdict: str = Verdict.OK, score: float = 0.05, error_code: int = 0) -> PartResult:
+        with self.lock:
+            _, part_id, recipe = self.pending.pop(0)
+            self.inspections += 1
+            number = self.inspections
+        part = make_part(number, part_id, verdict, score, recipe=recipe or 0, error_code=error_code)
+        for observer in self.observers:
+            observer.on_part(part)
+        return part
+
+
+def make_part(inspection_id: int, part_id: str, verdict: str = Verdict.OK, score: float = 0.05,
+              threshold: float = 0.1, recipe: int = 0, error_code: int = 0, verdict_s: float = 0.0123) -> PartResult:
+    if verdict == Verdict.ERROR:
+        score = math.nan
+    camera = CameraJudgement("cam", score, threshold, verdict == Verdict.NG, 0 if verdict == Verdict.ERROR else 1,
+                             "timeout" if verdict == Verdict.ERROR else None)
+    return PartResult(inspection_id=inspection_id, part_id=str(part_id), verdict=verdict, score=score,
+                      threshold=threshold, cameras=(camera,), model_sha256="0" * 64, recipe=recipe,
+                      trigger_time=time.time(), acquired_s=0.001, verdict_s=verdict_s, error_code=error_code,
+                      error="cam: timeout" if verdict == Verdict.ERROR else None)
+
+
+def part_images(folder: Path, pattern: str, seed: int = 0) -> List[bool]:
+    """Write one image per letter of ``pattern`` ('g' good, 'd' defective), named so they sort in
+    order; returns the expected NG flags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index, kind in enumerate(pattern):
+        frame = defective_frame(rng) if kind == "d" else normal_frame(rng)
+        cv2.imwrite(str(folder / f"part{index:05d}.png"), frame)
+    return [kind == "d" for kind in pattern]
+
+
+def defect_pattern(count: int, seed: int = 1) -> str:
+    rng = np.random.default_rng(seed)
+    return "".join("d" if x < 0.3 else "g" for x in rng.random(count))
