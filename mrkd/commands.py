@@ -13,6 +13,7 @@ COMMANDS = {
     "predict": ("mrkd.train.cli:predict_command", "Score images: scores.csv, maps (.npy) and heatmap overlays."),
     "export": ("mrkd.export.cli:export_command", "Export a checkpoint to ONNX (and TensorRT with --fp16/--int8)."),
     "run": ("mrkd.runtime.cli:run_command", "Stream camera/video frames through an exported model; raise alarms."),
+    "cameras": ("mrkd.cameras_cli:cameras_command", "List the GigE Vision (GenICam) cameras Aravis finds."),
     "bench": ("mrkd.benchmarks.cli:bench_command", "Measure every stage and backend against the official pipeline."),
     "demo": ("mrkd.demo:demo_command", "The whole path on the embedded data: generate, train, eval, export, run."),
 }

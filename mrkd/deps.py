@@ -27,6 +27,9 @@ _INSTALL_HINTS = {
     "prometheus_client": ("pip install 'mrkd[line]'  (prometheus-client)",
                           "metrics and the operator page (--http) need prometheus-client"),
     "cv2": ("pip install opencv-python-headless", "image and video I/O uses OpenCV"),
+    "gi": ("apt install gir1.2-aravis-0.8 python3-gi; in a virtual environment also pip install 'mrkd[gige]' "
+           "(PyGObject; building it needs libgirepository1.0-dev libcairo2-dev pkg-config)",
+           "gige:// cameras need Aravis through PyGObject"),
 }
 
 

@@ -30,13 +30,13 @@ import numpy as np
 from mrkd.errors import MrkdError
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
-from mrkd.runtime.line.loop import Line, _notify, open_detectors
+from mrkd.runtime.line.loop import Line, open_detectors
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
                                        TriggerReceipt, Verdict)
-from mrkd.runtime.outputs.events import EventSinks
+from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.sources import Source
 from mrkd.runtime.sources.gige import Grab
 
@@ -81,6 +81,8 @@ class FrameGrabber:
                 continue
             if self.source.live and frame.timestamp < trigger_time:   # taken before the trigger: not this part's
                 continue
+            if time.monotonic() > deadline:     # a source that blocks (a slow share, a generator): too late
+                return Grab(images, f"timeout: no image within {timeout:g} s")
             images.append(frame.image)
             self.images += 1
         return Grab(images, None, time.monotonic())
@@ -121,7 +123,7 @@ class PartRunner:
     """
 
     def __init__(self, line: Line, sources: Mapping[str, Source], settings: Optional[PartSettings] = None,
-                 detectors: Optional[Mapping[str, Detector]] = None, sinks: Optional[EventSinks] = None,
+                 detectors: Optional[Mapping[str, Detector]] = None,
                  observers: Sequence[LineObserver] = (), status_every: float = 0.0,
                  status: Callable[[str], None] = print):
         self.line = line
@@ -140,14 +142,15 @@ class PartRunner:
                                                providers=list(line.providers) if line.providers else None,
                                                threads=line.threads)
             self._recipe_models[number] = model
-        for key, detector in self.detectors.items():
-            if detector.threshold is None:
-                raise PartError(f"{key}: the model has no calibrated threshold; a part needs one to be OK or NG "
-                                f"(mrkd calibrate, or --threshold)")
         self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model))
                         for n in names]
+        for camera in self.cameras:      # a part is OK or NG against a threshold: every model needs one
+            needed = [] if camera.threshold_override is not None else [camera.model]
+            for model in [*needed, *self._recipe_models.values()]:
+                if self.detectors[str(Path(model).resolve())].threshold is None:
+                    raise PartError(f"camera {camera.name}: {model} has no calibrated threshold; a part needs one "
+                                    f"to be OK or NG (mrkd calibrate, or --threshold)")
         self._sources = dict(sources)
-        self.sinks = sinks or EventSinks()
         self.observers = list(observers)
         self.status_every, self._status = status_every, status
         self._lock = threading.Condition()
@@ -228,7 +231,7 @@ class PartRunner:
     def select_recipe(self, recipe: int) -> None:
         """The recipe parts are judged with when their trigger names none (ValueError if unknown)."""
         if recipe not in self.recipes:
-            raise ValueError(f"recipe {recipe}: not in the line file's recipes {list(self.recipes)}")
+            raise PartError(f"recipe {recipe}: not in the line file's recipes {list(self.recipes)}")
         self._active_recipe = recipe
 
     # ------------------------------------------------------------ running
@@ -260,17 +263,19 @@ class PartRunner:
         with self._lock:
             left = list(self._queue)
             self._queue.clear()
+        if self._thread is not None and self._thread.is_alive():
+            # The part in hand ends within its grab timeouts: report it first, trigger order holds.
+            self._thread.join(timeout=self.settings.timeout * self.settings.images + 5.0)
         for pending in left:     # never silent: each is reported
             self._report(pending, {c.name: Grab([], "line stopped") for c in self.cameras}, {}, 0.0)
         self._pool.shutdown(wait=False)
-        webhook = self.sinks.close(5.0)
         self._emit("on_stop")
         for source in self._sources.values():
             source.close()
         if self._own_detectors:
             for detector in self.detectors.values():
                 detector.close()
-        return self.summary(webhook)
+        return self.summary()
 
     def run(self, stop: threading.Event, max_parts: Optional[int] = None) -> dict:
         """Start, wait for ``stop`` (or ``max_parts`` judged parts), stop; the summary."""
@@ -384,13 +389,8 @@ class PartRunner:
                           acquired_s=max(0.0, (acquired or done) - pending.mono), verdict_s=done - pending.mono,
                           error_code=error_code(first_error) if first_error else 0,
                           error="; ".join(errors) or None)
-        if verdict != Verdict.OK and (self.sinks.log or self.sinks.snapshots_dir or self.sinks.webhook):
-            try:
-                event_id, snapshots = self.sinks.emit_part(part, views)
-                part = replace(part, event_id=event_id, cameras=tuple(
-                    replace(j, snapshot=snapshots.get(j.camera)) for j in part.cameras))
-            except Exception:   # a full disk must not stop judging; the part still goes to every observer
-                logger.exception("part %s: event not written", part.part_id)
+        if verdict != Verdict.OK:
+            part = self._part_event(part, views)
         self.verdicts[verdict] += 1
         self.latency["trigger_to_verdict"].add(part.verdict_s)
         if not errors:
@@ -398,10 +398,32 @@ class PartRunner:
             self.latency["model"].add(model_s)
         self._emit("on_part", part)
 
+    def _part_event(self, part: PartResult, views: Mapping[str, tuple]) -> PartResult:
+        """An NG/ERROR part gets an event id, and the outputs that write snapshots (``part_snapshots``;
+        ``views``: camera -> (image, anomaly map, threshold)) write theirs before any output sends the
+        record; it carries each camera's snapshot path."""
+        part = replace(part, event_id=new_event_id())
+        snapshots: Dict[str, str] = {}
+        self._emit("part_snapshots", part, views, into=snapshots)
+        if snapshots:
+            part = replace(part, cameras=tuple(replace(j, snapshot=snapshots.get(j.camera)) for j in part.cameras))
+        return part
+
     # ------------------------------------------------------------ status and summary
-    def _emit(self, hook: str, *args) -> None:
+    def _emit(self, hook: str, *args, into: Optional[dict] = None) -> None:
+        """Call ``hook`` on every observer, one hook at a time; ``into`` collects mappings they return.
+        One broken output is logged and must not stop judging."""
         with self._notify_lock:
-            _notify(self.observers, hook, *args)
+            for observer in self.observers:
+                method = getattr(observer, hook, None)
+                if method is None:
+                    continue
+                try:
+                    returned = method(*args)
+                    if into is not None and returned:
+                        into.update(returned)
+                except Exception:
+                    logger.exception("output %s.%s failed", type(observer).__name__, hook)
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
         source = self._sources[camera.name]
@@ -431,7 +453,7 @@ class PartRunner:
                 f"{self.verdicts['ERROR']}), {self.missed} missed triggers, trigger->verdict p50/p99 "
                 f"{p['p50']:.1f}/{p['p99']:.1f} ms || {cameras}")
 
-    def summary(self, webhook: Optional[dict] = None) -> dict:
+    def summary(self) -> dict:
         cameras = {}
         for camera in self.cameras:
             source = self._sources[camera.name]
@@ -444,7 +466,7 @@ class PartRunner:
                 "missed_by_reason": dict(self.missed_by_reason),
                 "latency_ms": {k: w.percentiles_ms() for k, w in self.latency.items()},
                 "parts_per_s": self.inspections / elapsed if elapsed > 0 else 0.0,
-                "cameras": cameras, "events": self.sinks.events, "webhook": webhook or {}}
+                "events": self.verdicts[Verdict.NG] + self.verdicts[Verdict.ERROR], "cameras": cameras}
 
 
 def _severity(judgement: CameraJudgement) -> float:
