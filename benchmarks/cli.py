@@ -23,6 +23,8 @@ BENCHES = {
     "train": "training images/s with the feature cache, fast teacher and allocator vs today's trainer (Lite0, 256 px)",
     "cameras": "4 cameras on one Lite0 model: one process with cross-camera batching vs unbatched vs 4 processes",
     "line_outputs": "frames/s of mrkd run with MQTT, metrics and the operator page on (page open) vs off",
+    "parts": "trigger-to-verdict p50/p99 of 200 software-triggered parts from the simulated GigE camera "
+             "(Lite0, 256 px, CPU) vs the model's own latency; parts/s",
     "score_cost": "ONNX Runtime latency and graph size of --score both (bank at the trainer's cap) vs --score mrkd",
     "quality": "image AUROC on real ELPV solar cells: MRKD (ImageNet / random Lite0 teacher) vs a kNN "
                "patch-distance baseline, 3 seeds (minutes; --quick: a subset)",
