@@ -1,0 +1,46 @@
+"""``mrkd refit MODEL --reviewed LABELS --good DIR``: a new model version from reviewed false alarms.
+Parses options and calls mrkd.train.refit.refit_checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from mrkd.errors import error_boundary
+from mrkd.options import FRACTION
+from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
+
+
+@click.command("refit", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--reviewed", "labels", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Label file written by `mrkd review` (or the operator page): images marked good go into the "
+                   "memory bank, images marked defect are the check.")
+@click.option("--good", required=True,
+              help="Folder or glob of held-out good images the threshold is set on again (not put into the bank; "
+                   "e.g. the training hold-out or OK samples of the line).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="New folder for the new version (default: MODEL's folder/<name>.v<N>); must not exist.")
+@click.option("--events", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The events log the labels refer to: labels naming other event ids are skipped with a warning.")
+@click.option("--force", is_flag=True,
+              help="Write the new model even when it no longer flags an image marked 'defect confirmed' "
+                   "(default: refuse, exit 1, nothing written; with --force: a loud warning).")
+@click.option("--no-export", is_flag=True, help="Write only the checkpoint (default: also model.onnx + sidecar).")
+@click.option("--method", type=click.Choice(list(THRESHOLD_METHODS)), default=None,
+              help="Threshold rule (default: the parent's). " + METHOD_HELP)
+@click.option("--quantile", type=FRACTION, default=None, help="Default: the parent's. " + QUANTILE_HELP)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Images per forward pass.")
+@error_boundary
+def refit_command(model, labels, good, out, events, force, no_export, method, quantile, batch_size):
+    """Add the teacher patches of images an operator marked good to MODEL's memory bank (a checkpoint
+    of a --score both/knn model; MRKD's weights are not touched), set the threshold again on --good,
+    check the images marked defect, and write a new version (checkpoint, ONNX export; version,
+    parent sha256 and label file sha256 in the metadata) into a new folder. The parent is never
+    changed."""
+    from mrkd.train.refit import refit_checkpoint
+    result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
+                              quantile=quantile, method=method, batch_size=batch_size, echo=click.echo)
+    click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
+               f"{result.lineage['labels_sha256'][:12]}) in {result.seconds:.1f} s: "
+               + ", ".join(result.files.values()))

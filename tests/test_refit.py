@@ -1,0 +1,235 @@
+"""`mrkd refit`: reviewed good parts into the memory bank, threshold set again, MRKD weights untouched.
+
+Real images: ELPV solar cells (elpv-dataset, a dev dependency) through a small model (ResNet-18
+random teacher, 64 px, bank fitted by the trainer's own fit_memory_bank). The selection rule and the
+distances are checked against brute force / scipy written here; the threshold against the
+calibration rule recomputed from the model's own scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mrkd.runtime.metadata import file_sha256  # noqa: E402
+from mrkd.runtime.review import LabelFile, make_label  # noqa: E402
+from mrkd.train.refit import RefitError, farthest_first, nearest_distance, refit_checkpoint  # noqa: E402
+
+
+def elpv_cells(kind: str, probability: float, count: int, skip: int = 0):
+    from mrkd.train.elpv import read_labels
+    cells = sorted((c for c in read_labels() if c.module_type == kind and c.probability == probability),
+                   key=lambda c: c.name)
+    return [c.path for c in cells[skip:skip + count]]
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    """A --score both checkpoint fitted on 10 mono good cells, calibrated on 6 others."""
+    from mrkd.train.calibrate import calibrate
+    from mrkd.train.memory_bank import fit_memory_bank
+    from mrkd.train.model import build_model
+    root = tmp_path_factory.mktemp("refit")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model("resnet18", "random", image_size=64).eval()
+    fit_memory_bank(model, elpv_cells("mono", 0.0, 10), "both", fraction=0.1, seed=0, batch_size=8)
+    held_out = root / "good"
+    held_out.mkdir()
+    for path in elpv_cells("mono", 0.0, 6, skip=10):
+        shutil.copy(path, held_out / Path(path).name)
+    calibrate(model, sorted(str(p) for p in held_out.iterdir()))
+    model.save(root / "parent.ckpt")
+    reviewed = root / "evidence"
+    reviewed.mkdir()
+    for path in elpv_cells("mono", 0.0, 4, skip=16) + elpv_cells("mono", 1.0, 2):
+        shutil.copy(path, reviewed / Path(path).name)
+    return root
+
+
+def write_labels(path, marks):
+    with LabelFile(path) as log:
+        for event_id, image, label in marks:
+            log.append(make_label(event_id, image, label, who="tester"))
+    return path
+
+
+def good_marks(root, n=3):
+    images = sorted(p for p in (root / "evidence").iterdir() if p.name in
+                    {Path(c).name for c in elpv_cells("mono", 0.0, 4, skip=16)})
+    return [(f"ev{i}", image, "good") for i, image in enumerate(images[:n])]
+
+
+def test_nearest_distance_and_farthest_first_match_brute_force():
+    from scipy.spatial.distance import cdist
+    g = torch.Generator().manual_seed(3)
+    bank, candidates = torch.randn(40, 5, generator=g), torch.randn(30, 5, generator=g) * 1.5
+    expected = cdist(candidates.double().numpy(), bank.double().numpy()).min(1)
+    np.testing.assert_allclose(nearest_distance(candidates, bank, chunk=7).numpy(), expected, rtol=1e-5, atol=1e-5)
+    radius = float(np.median(expected))
+    # brute force: recompute every distance to bank + chosen at each step
+    chosen, pool = [], candidates.double().numpy()
+    while True:
+        kept = np.vstack([bank.double().numpy()] + [pool[chosen]] if chosen else [bank.double().numpy()])
+        distance = cdist(pool, kept).min(1)
+        best = int(np.argmax(distance))
+        if distance[best] <= radius:
+            break
+        chosen.append(best)
+    assert farthest_first(candidates, bank, radius).tolist() == chosen
+    assert 0 < len(chosen) < len(candidates)
+
+
+def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_by_the_rule(parent, tmp_path):
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent))
+    parent_sha = file_sha256(parent / "parent.ckpt")
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                              echo=lambda line: None)
+    assert file_sha256(parent / "parent.ckpt") == parent_sha          # the parent is never written
+    old, new = read_checkpoint(parent / "parent.ckpt"), read_checkpoint(tmp_path / "v2" / "model.ckpt")
+    for part in ("bottleneck", "student"):                              # bit-identical MRKD weights
+        assert old[part].keys() == new[part].keys()
+        for key in old[part]:
+            assert torch.equal(old[part][key], new[part][key]), (part, key)
+    assert old["config"] == new["config"]
+    assert {k: v for k, v in old["teacher"].items() if k != "state_dict"} == \
+        {k: v for k, v in new["teacher"].items() if k != "state_dict"}
+    for key, value in old["teacher"].get("state_dict", {}).items():
+        assert torch.equal(value, new["teacher"]["state_dict"][key]), key
+    # the old bank is kept whole, in order; the rows added are patches of the reviewed images
+    before, after = old["memory_bank"], new["memory_bank"]
+    assert torch.equal(after[:len(before)], before) and len(after) == result.bank_after > len(before)
+    refit = load_checkpoint(tmp_path / "v2" / "model.ckpt")
+    from mrkd.train.refit import image_patches
+    reviewed_rows = image_patches(refit, [str(m[1]) for m in good_marks(parent)])
+    added = after[len(before):]
+    exact = torch.cdist(added.double(), reviewed_rows.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    assert exact.min(1).values.max() < 1e-4
+    # the threshold: the calibration rule on the held-out good images' new scores (6 < 10: max + 10 % range)
+    held = sorted(str(p) for p in (parent / "good").iterdir())
+    scores = score_images(refit, held).astype(np.float64)
+    assert new["calibration"]["threshold"] == pytest.approx(scores.max() + 0.1 * (scores.max() - scores.min()),
+                                                            rel=1e-5)
+    assert new["calibration"]["previous_threshold"] == old["calibration"]["threshold"]
+    # the reviewed false alarms now score lower, none higher
+    assert all(a <= b + 1e-5 for a, b in zip(result.good_scores_after, result.good_scores_before))
+    assert sum(result.good_scores_after) < sum(result.good_scores_before)
+    lineage = new["lineage"]
+    assert lineage["version"] == 2 and lineage["parent_sha256"] == parent_sha
+    assert lineage["labels_sha256"] == file_sha256(labels)
+    # a second refit from the refit model: version 3, parent = v2
+    result3 = refit_checkpoint(tmp_path / "v2" / "model.ckpt", labels, str(parent / "good"), export=False,
+                               echo=lambda line: None)
+    assert result3.lineage["version"] == 3 and Path(result3.files["model.ckpt"]).parent.name == "model.v3"
+
+
+def test_confirmed_defect_no_longer_flagged_refuses_unless_force(parent, tmp_path):
+    # a held-out good cell labelled "defect": it lies below any threshold set on the held-out cells
+    sneaky = tmp_path / "sneaky.png"
+    shutil.copy(sorted((parent / "good").iterdir())[0], sneaky)
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2) + [("evD", sneaky, "defect")])
+    with pytest.raises(RefitError, match="confirmed defect.*no longer flagged.*--force"):
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
+                         echo=lambda line: None)
+    assert not (tmp_path / "out").exists()
+    lines = []
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
+                              force=True, echo=lines.append)
+    assert result.defects_missed == [str(sneaky)]
+    assert any(line.startswith("WARNING") and "--force" in line for line in lines)
+    with pytest.raises(RefitError, match="exists"):      # never over an earlier version
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
+                         force=True, echo=lambda line: None)
+
+
+def test_reviewed_images_missing_changed_or_of_unknown_events_are_skipped_with_a_warning(parent, tmp_path):
+    marks = good_marks(parent, 3)
+    copies = []
+    for i, (_, image, _) in enumerate(marks):
+        copies.append(tmp_path / f"c{i}.png")
+        shutil.copy(image, copies[-1])
+    labels = write_labels(tmp_path / "labels.jsonl", [("e0", copies[0], "good"), ("e1", copies[1], "good"),
+                                                      ("e2", copies[2], "good")])
+    copies[1].unlink()                                             # missing
+    copies[2].write_bytes(copies[2].read_bytes() + b"\0")          # changed since review
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps({"event_id": e}) + "\n" for e in ("e0", "e1")))   # e2 unknown
+    lines = []
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
+                              events=events, echo=lines.append)
+    assert result.lineage["good_images"] == [str(copies[0])]
+    assert any("e1" in l and "no longer exists" in l for l in lines)
+    assert any("e2" in l and "not in the events log" in l for l in lines)
+    copies[0].unlink()
+    with pytest.raises(RefitError, match="no usable image marked good"):
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out2", export=False,
+                         echo=lambda line: None)
+
+
+def test_bank_over_its_cap_is_reselected_within_it(parent, tmp_path):
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.refit import refit_model
+    model = load_checkpoint(parent / "parent.ckpt")
+    cap = len(model.head.memory_bank.bank) + 5
+    model.config.knn_max_patches = cap
+    held = sorted(str(p) for p in (parent / "good").iterdir())
+    result = refit_model(model, [str(m[1]) for m in good_marks(parent, 3)], held, radius=0.0)
+    assert result.reselected and result.bank_after == cap == len(model.head.memory_bank.bank)
+
+
+def mrkd(*args, timeout=300):
+    code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_cli_errors_are_one_line(parent, tmp_path):
+    help_text = mrkd("refit", "--help").stdout
+    assert "--force" in help_text and "refuse" in help_text
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text('{"event_id": "x"}\n{"event_id": \n')
+    for args, needle in ((("refit", parent / "parent.ckpt", "--reviewed", bad, "--good", parent / "good"),
+                          "labels.jsonl:1: field image_sha256 is missing"),
+                         (("refit", parent / "good" / "nope.onnx", "--reviewed", bad, "--good", parent / "good"),
+                          "nope.onnx")):
+        done = mrkd(*args)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr, done.stderr
+        errors = [l for l in done.stderr.splitlines() if l.startswith("Error:")]
+        assert len(errors) == 1 and needle in errors[0], done.stderr
+
+
+@pytest.mark.slow   # ONNX export + parity check
+def test_cli_writes_checkpoint_and_export_with_lineage_the_runtime_loads(parent, tmp_path):
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2))
+    done = mrkd("refit", parent / "parent.ckpt", "--reviewed", labels, "--good", parent / "good",
+                "--out", tmp_path / "v2")
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "v2" / "model.onnx.json").read_text())
+    assert meta["extra"]["model_version"] == 2
+    assert meta["extra"]["parent_sha256"] == file_sha256(parent / "parent.ckpt")
+    assert meta["extra"]["labels_sha256"] == file_sha256(labels)
+    from mrkd.runtime.detector import Detector
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.calibrate import score_images
+    detector = Detector(tmp_path / "v2" / "model.onnx")
+    image = str(good_marks(parent, 1)[0][1])
+    import cv2
+    got = detector(cv2.imread(image)).scores[0]
+    expected = score_images(load_checkpoint(tmp_path / "v2" / "model.ckpt"), [image])[0]
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert detector.threshold == pytest.approx(meta["calibration"]["threshold"])
+    detector.close()
