@@ -273,7 +273,7 @@ def test_camera_killed_and_restarted_comes_back_with_its_features(simulator, mod
     assert parts["after"].verdict != Verdict.ERROR
     assert summary["cameras"]["cam"]["source"]["reconnects"] >= 1
     assert source.features_applied == {"Width": "256", "ExposureTimeAbs": "2000.0"}
-    assert recorder.statuses[-1][1].extra["feature.Width"] == 256.0
+    assert recorder.statuses[-1][1].features == {"Width": "256", "ExposureTimeAbs": "2000.0"}
     # An independent client reads the restarted simulator's registers: mrkd set them again.
     from gi.repository import Aravis
     check = Aravis.Camera.new(camera.address)
@@ -332,13 +332,17 @@ def test_free_run_feeds_the_frame_loop(simulator, model):
     camera = simulator("127.0.86.19", "FREE")
     line = Line((Camera("cam", camera.uri, model, features=(("Width", "320"), ("Height", "200"))),))
     shapes = []
-
     class Shapes(LineObserver):
         def on_frame(self, result):
             shapes.append(result.image.shape)
 
+        def on_status(self, status):
+            statuses.append(status)
+
+    statuses = []
     summary = run_line(line, max_frames=3, observers=[Shapes()])
     assert summary["cameras"]["cam"]["frames"] == 3 and set(shapes) == {(200, 320, 3)}
+    assert statuses and statuses[-1].features == {"Width": "320", "Height": "200"}
     assert "incomplete_buffers" in summary["cameras"]["cam"]["source"]
 
 
@@ -346,3 +350,19 @@ def test_unknown_camera_is_one_line_error():
     require_aravis()
     with pytest.raises(SourceError, match=r"gige://NO-SUCH-SERIAL-42: no GigE Vision camera answers"):
         open_source("gige://NO-SUCH-SERIAL-42")
+
+
+def test_cameras_command_lists_the_simulator_and_its_serial_opens_it(simulator):
+    from mrkd.cameras_cli import cameras_command
+    camera = simulator("127.0.86.20", "LISTED")
+    result = CliRunner().invoke(cameras_command, ["--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    listed = [c for c in json.loads(result.stdout) if c["serial"] == "LISTED"]
+    assert listed and listed[0]["uri"] == camera.uri and listed[0]["protocol"] == "GigEVision"
+    for name in ("LISTED", listed[0]["device_id"]):       # by serial (through discovery) and by device id
+        source = open_source(f"gige://{name}", trigger="software")
+        try:
+            grab = source.grab(time.time(), 2.0)
+            assert grab.error is None and grab.images[0].shape == (512, 512, 3)
+        finally:
+            source.close()

@@ -368,7 +368,8 @@ def _status_of(state: _CameraState, now: float, stale_after_s: float) -> CameraS
     return CameraStatus(camera=state.camera.name, up=state.up, frames=state.frames,
                         dropped=stats.dropped + feed.dropped, bad_frames=stats.bad_frames,
                         reconnects=stats.reconnects, fps=fps,
-                        extra={"latency_p50_ms": p["p50"], "latency_p99_ms": p["p99"], "alarms": state.alarms})
+                        extra={"latency_p50_ms": p["p50"], "latency_p99_ms": p["p99"], "alarms": state.alarms},
+                        features=dict(getattr(feed.source, "features_applied", {})))
 
 
 def _status_line(statuses: Sequence[CameraStatus], stats: RunStats) -> str:

@@ -241,7 +241,7 @@ class PartRunner:
             detector = self._detector(camera, 0)
             infos.append(CameraInfo(name=camera.name, source=str(getattr(self._sources[camera.name], "uri", "")),
                                     model=camera.model, model_sha256=model_file_sha256(camera.model),
-                                    backend=detector.backend.name, precision=detector.metadata.precision,
+                                    backend=detector.backend.name, precision=detector.precision,
                                     threshold=float(self._threshold(camera, 0, detector)),
                                     threshold_source=("camera setting (line file or --threshold)"
                                                       if camera.threshold_override is not None
@@ -431,10 +431,9 @@ class PartRunner:
         extra = {"images": float(camera.images), "incomplete_buffers": float(getattr(stats, "incomplete", 0)),
                  "trigger_timeouts": float(getattr(stats, "timeouts", 0)),
                  "unclaimed_images": float(getattr(stats, "unclaimed", 0))}
-        extra.update({f"feature.{k}": float(v) for k, v in getattr(source, "features_applied", {}).items()
-                      if _is_number(v)})
         return CameraStatus(camera=camera.name, up=camera.up, frames=camera.images, dropped=stats.dropped,
-                            bad_frames=stats.bad_frames, reconnects=stats.reconnects, extra=extra)
+                            bad_frames=stats.bad_frames, reconnects=stats.reconnects, extra=extra,
+                            features=dict(getattr(source, "features_applied", {})))
 
     def _check_status(self, force: bool = False) -> None:
         for camera in self.cameras:
@@ -474,13 +473,6 @@ def _severity(judgement: CameraJudgement) -> float:
     if judgement.threshold > 0:
         return judgement.score / judgement.threshold
     return judgement.score - judgement.threshold
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except (TypeError, ValueError):
-        return False
 
 
 def line_part_settings(line: Line) -> PartSettings:

@@ -58,6 +58,7 @@ class CameraStatus:
     reconnects: int = 0
     fps: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)
+    features: Dict[str, str] = field(default_factory=dict)   # GenICam settings as the camera reads them back
 
 
 class LineObserver:
