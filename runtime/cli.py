@@ -98,7 +98,7 @@ def run_parts(line, part: dict, detectors, sinks, observers, status_every) -> di
     settings = part_settings(line, part)
     sources = open_part_sources(line, settings)
     try:
-        runner = PartRunner(line, sources, settings, detectors=detectors, sinks=sinks, observers=observers,
+        runner = PartRunner(line, sources, settings, detectors=detectors, observers=observers,
                             status_every=status_every, status=lambda text: click.echo(text, err=True))
     except BaseException:
         for source in sources.values():
