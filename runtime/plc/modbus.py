@@ -1,0 +1,264 @@
+"""Modbus TCP adapter of the PLC handshake: the fixed map of docs/PLC.md over pymodbus' server.
+
+pymodbus 3.16 (setup.py pins >=3.16.1,<3.17: its server API changed in 3.10, 3.13 and 3.16) keeps a
+server's registers in a ``SimDevice`` and calls its ``action`` coroutine on every access, before a
+write lands and before a read is answered. That hook is the whole adapter: a write of a coil or
+holding register goes to ``Handshake`` (edges are seen there, in address order), and every read
+copies one ``PlcImage`` snapshot into the block being read, so one read never mixes two results.
+The action runs on the server's event loop thread; pymodbus slices the answer right after it
+returns, with no await in between.
+
+Any unit id is answered (``SimDevice`` id 0 serves every id). Coils and discrete inputs are stored
+in one 16-bit word each: reads of the reserved bits after the map answer 0, a read that starts past
+the map or a write of a reserved coil answers exception 02 (illegal data address); unknown function
+codes answer exception 01; a recipe the line does not list answers exception 03.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import struct
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+from mrkd.errors import MrkdError
+from mrkd.runtime.line.trigger import TriggerTarget
+from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt
+from mrkd.runtime.plc.handshake import RESULTS_BUFFER, Handshake, HandshakeError, PlcImage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 502
+
+# The map (0-based protocol addresses). docs/PLC.md prints it; tests/test_plc_docs.py keeps them in step.
+COILS = ("Trigger Enable", "Trigger", "Results Ack", "Clear Error", "Set Offline")
+DISCRETE_INPUTS = ("Online", "Trigger Ready", "Trigger Ack", "Busy", "Results Valid", "Part OK", "Part NG",
+                   "Results Buffer Overrun", "Missed Trigger", "Error")
+HOLDING_REGISTERS = ("Recipe", "Part Id")
+INPUT_REGISTERS = ("Result Code", "Inspection Id", "Part Id", "Score per mille of threshold", "Score (high word)",
+                   "Score (low word)", "Processing Time", "Error Code", "Parts Judged (high word)",
+                   "Parts Judged (low word)", "Parts NG (high word)", "Parts NG (low word)",
+                   "Missed Triggers (high word)", "Missed Triggers (low word)", "Active Recipe",
+                   "Results Dropped (high word)", "Results Dropped (low word)", "Results Waiting", "Result Recipe")
+BIT_WORD = 16
+# Coils written together (function 15) take effect in this order: levels first, the trigger last.
+COIL_ORDER = (0, 4, 3, 2, 1)
+
+FUNCTION_TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 22: "h", 23: "h", 4: "i"}
+
+
+class PlcError(MrkdError):
+    """A PLC server that cannot run (address in use, bad address); the message names it."""
+
+
+def parse_modbus_address(text: str) -> Tuple[str, int]:
+    """'HOST:PORT', ':PORT' or 'HOST' (port 502) -> (host, port); PlcError naming the text."""
+    text = str(text).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    if not port.isdigit() or not 0 <= int(port) < 65536 or not host.strip("[]") and sep and not host == "":
+        raise PlcError(f"--modbus must look like HOST:PORT (e.g. 127.0.0.1:5020), got {text!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def words32(value: int) -> List[int]:
+    value %= 1 << 32
+    return [value >> 16, value & 0xFFFF]
+
+
+def float_words(value: float) -> List[int]:
+    """float32, high word first (NaN stays NaN: 0x7FC0 0x0000)."""
+    high, low = struct.unpack(">HH", struct.pack(">f", value if math.isfinite(value) or math.isnan(value)
+                                                 else math.copysign(3.4028234663852886e38, value)))
+    return [high, low]
+
+
+def discrete_inputs(image: PlcImage) -> List[bool]:
+    return [image.online, image.trigger_ready, image.trigger_ack, image.busy, image.results_valid, image.part_ok,
+            image.part_ng, image.overrun, image.missed_trigger, image.error]
+
+
+def input_registers(image: PlcImage) -> List[int]:
+    r = image.result
+    result = ([r.result_code, r.inspection_id, r.part_id, r.per_mille, *float_words(r.score), r.processing_ms]
+              if r is not None else [0] * 7)
+    return (result + [image.error_code] + words32(image.parts_judged) + words32(image.parts_ng)
+            + words32(image.missed_triggers) + [image.active_recipe] + words32(image.results_dropped)
+            + [image.results_waiting, r.recipe if r is not None else 0])
+
+
+class ModbusPlc(LineObserver):
+    """A Modbus TCP server carrying the handshake of one ``TriggerTarget``; also the line observer
+    that feeds the handshake its parts. ``start()`` listens (PlcError when it cannot), ``close()``
+    stops; ``address`` is the (host, port) listened on (port 0 asks for a free one)."""
+
+    def __init__(self, target: TriggerTarget, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 capacity: int = RESULTS_BUFFER):
+        self.handshake = Handshake(target, capacity, name="modbus")
+        self.host, self.port = host, port
+        self.address: Optional[Tuple[str, int]] = None
+        self.clients = self.connections = self.requests = self.refused = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._server = None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._last_function: Optional[int] = None
+
+    # ------------------------------------------------------------ server
+    def start(self) -> "ModbusPlc":
+        from mrkd.deps import require
+        require("pymodbus", "the Modbus TCP server (--modbus) needs pymodbus")
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(started,), name="modbus", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if self._error is not None or self.address is None:
+            raise PlcError(f"--modbus {self.host}:{self.port}: cannot listen there ({self._error or 'no answer'})")
+        logger.info("Modbus TCP server on %s:%d", *self.address)
+        return self
+
+    def _serve(self, started: threading.Event) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._listen())
+        except BaseException as exc:   # reported by start()
+            self._error = exc
+            started.set()
+            loop.close()
+            return
+        started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _listen(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+        bits = lambda: [SimData(0, count=BIT_WORD, values=False, datatype=DataType.BITS)]   # noqa: E731
+        registers = lambda n: [SimData(0, count=n, values=0, datatype=DataType.REGISTERS)]  # noqa: E731
+        device = SimDevice(0, simdata=(bits(), bits(), registers(len(HOLDING_REGISTERS)),
+                                       registers(len(INPUT_REGISTERS))), action=self._action)
+        self._server = ModbusTcpServer(device, address=(self.host, self.port), trace_connect=self._connected,
+                                       trace_packet=self._packet)
+        await self._server.serve_forever(background=True)
+        sockets = getattr(self._server.transport, "sockets", None) or []
+        if not sockets:
+            raise OSError("the server did not listen (address in use or not local?)")
+        self.address = sockets[0].getsockname()[:2]
+
+    def _packet(self, sending: bool, data: bytes) -> bytes:
+        """pymodbus answers a function code it cannot decode with function byte 0x80; Modbus wants the
+        request's code + 0x80. Both calls run in one callback on the loop thread, so the code of the
+        frame just received is the one answered."""
+        if not sending:
+            self._last_function = data[7] if len(data) >= 8 else None
+        elif len(data) == 9 and data[7] == 0x80 and self._last_function:
+            data = data[:7] + bytes([(self._last_function | 0x80) & 0xFF]) + data[8:]
+        return data
+
+    def _connected(self, connect: bool) -> None:
+        self.clients += 1 if connect else -1
+        self.connections += bool(connect)
+
+    def close(self) -> None:
+        if self._closed or self._loop is None:
+            return
+        self._closed = True
+        loop, server = self._loop, self._server
+        if server is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(5)
+            except Exception:   # closing must not raise at the end of a run
+                logger.exception("modbus: shutdown")
+        if loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # ------------------------------------------------------------ the map
+    async def _action(self, function_code: int, start_address: int, address: int, count: int,
+                      registers: list, set_values: Optional[Sequence]) -> Optional[int]:
+        from pymodbus.constants import ExcCodes
+        from pymodbus.simulator.simutils import SimUtils
+        self.requests += 1
+        table = FUNCTION_TABLE.get(function_code)
+        if table is None:
+            return ExcCodes.ILLEGAL_FUNCTION
+        try:
+            if set_values is not None:
+                return self._write(table, address, list(set_values), ExcCodes)
+            if table == "c":
+                if address >= len(COILS):
+                    return ExcCodes.ILLEGAL_ADDRESS
+                levels = self.handshake.levels
+                registers[0] = SimUtils.bitsToRegisters(_word([levels[k] for k in (
+                    "trigger_enable", "trigger", "results_ack", "clear_error", "set_offline")]))[0]
+            elif table == "d":
+                if address >= len(DISCRETE_INPUTS):
+                    return ExcCodes.ILLEGAL_ADDRESS
+                registers[0] = SimUtils.bitsToRegisters(_word(discrete_inputs(self.handshake.image())))[0]
+            elif table == "h":
+                levels = self.handshake.levels
+                registers[0:2] = [levels["recipe"], levels["part_id"]]
+            else:
+                values = input_registers(self.handshake.image())
+                registers[0:len(values)] = values
+        except Exception:   # a bug answers one request with exception 04, never stops the server
+            logger.exception("modbus: function %d at %d failed", function_code, address)
+            return ExcCodes.DEVICE_FAILURE
+        return None
+
+    def _write(self, table: str, address: int, values: list, exc) -> Optional[int]:
+        if table == "c":
+            if address + len(values) > len(COILS):
+                self.refused += 1
+                return exc.ILLEGAL_ADDRESS
+            written = {address + i: bool(v) for i, v in enumerate(values)}
+            setters = (self.handshake.set_trigger_enable, self.handshake.set_trigger, self.handshake.set_results_ack,
+                       self.handshake.set_clear_error, self.handshake.set_offline)
+            for coil in COIL_ORDER:
+                if coil in written:
+                    setters[coil](written[coil])
+            return None
+        if table == "h":
+            written = {address + i: int(v) for i, v in enumerate(values)}
+            try:
+                if 0 in written:
+                    self.handshake.set_recipe(written[0])
+                if 1 in written:
+                    self.handshake.set_part_id(written[1])
+            except HandshakeError as error:
+                logger.warning("modbus: write refused: %s", error)
+                self.refused += 1
+                return exc.ILLEGAL_VALUE
+            return None
+        return exc.ILLEGAL_FUNCTION     # discrete inputs and input registers are read-only
+
+    # ------------------------------------------------------------ LineObserver
+    def on_part(self, result: PartResult) -> None:
+        self.handshake.on_part(result)
+
+    def on_trigger(self, receipt: TriggerReceipt) -> None:
+        self.handshake.on_trigger(receipt)
+
+    def on_stop(self) -> None:
+        self.handshake.on_stop()
+        self.close()
+
+    def health(self) -> Optional[OutputHealth]:
+        image = self.handshake.image()
+        where = f"{self.address[0]}:{self.address[1]}" if self.address else f"{self.host}:{self.port}"
+        state = "stopped" if self._closed else ("connected" if self.clients > 0 else "listening")
+        return OutputHealth(name="modbus", ok=not self._closed and not image.overrun, state=state,
+                            sent=image.parts_judged - image.results_dropped, failed=image.results_dropped,
+                            detail=f"{where}, {max(self.clients, 0)} PLC connection(s)"
+                                   + (", results buffer overrun" if image.overrun else ""))
+
+
+def _word(bits: List[bool]) -> List[bool]:
+    return list(bits) + [False] * (BIT_WORD - len(bits))
