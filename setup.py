@@ -46,6 +46,10 @@ LINE = ["paho-mqtt>=2.0", "prometheus-client>=0.16"]
 # PyGObject 3.50+ needs girepository-2.0 (GLib 2.80), which Debian 12 / JetPack 6 (Ubuntu 22.04) lack.
 GIGE = ["PyGObject>=3.42,<3.50"]
 
+# PLC servers of a triggered line (--modbus): pymodbus' server API changed in 3.10, 3.13 and 3.16;
+# runtime/plc/modbus.py is written against 3.16's SimDevice action hook.
+PLC = ["pymodbus>=3.16.1,<3.17"]
+
 TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
          "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30"]
 
@@ -81,10 +85,11 @@ setup(
         # The tests check every Lite variant against the independent efficientnet-lite-pytorch.
         "line": LINE,
         "gige": GIGE,
+        "plc": PLC,
         # playwright drives Debian's chromium in the operator-page test (no browser download).
         # hypothesis: the hostile-input tests mutate exported sidecars field by field.
         "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
-                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE + GIGE,
+                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE + GIGE + PLC,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]
