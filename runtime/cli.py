@@ -12,6 +12,8 @@ import click
 
 from mrkd.errors import error_boundary
 from mrkd.options import FINITE, FiniteFloatRange, seconds
+from mrkd.runtime.backends import backend_choices
+from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
 
 
 def line_output_options(command):
@@ -181,13 +183,16 @@ def build_line_outputs(options: dict, sinks) -> list:
               help="TOML line file: [[camera]] tables with name, source, model and optional threshold, debounce, "
                    "cooldown, cooldown_frames, size, fps, loop (the options below are their defaults; MODEL "
                    "is the default model).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
-              help="Inference backend; auto = TensorRT for .engine/.plan, ONNX Runtime for .onnx.")
+@click.option("--backend", type=click.Choice(backend_choices()), default="auto", show_default=True,
+              help="Inference backend (NAME:PRECISION sets OpenVINO's f32/bf16); auto = TensorRT for "
+                   ".engine/.plan; for .onnx ONNX Runtime's TensorRT/CUDA on NVIDIA GPUs, OpenVINO on Intel "
+                   "CPUs where installed, else ONNX Runtime.")
 @click.option("--providers", default=None,
               help="ONNX Runtime execution providers in order, comma-separated (tensorrt,cuda,cpu); "
                    "default: every available one.")
-@click.option("--threads", type=click.IntRange(0, 1024), default=None, help="ONNX Runtime intra-op threads (default: its own).")
-@click.option("--postprocess", type=click.Choice(["auto", "cuda", "cpu", "numpy"]), default="auto",
+@click.option("--threads", type=click.IntRange(0, 1024), default=None,
+              help="CPU inference threads of ONNX Runtime / OpenVINO (default: their own).")
+@click.option("--postprocess", type=click.Choice(("auto",) + POSTPROCESS_IMPLS), default="auto",
               show_default=True, help="Post-processing implementation for models with per-scale outputs.")
 @click.option("--threshold", type=FINITE, default=None,
               help="Alarm threshold on the image score (default: the calibrated one in the model metadata).")

@@ -19,7 +19,7 @@ import numpy as np
 
 from mrkd.runtime import postprocess
 from mrkd.runtime.line.alarms import is_anomalous
-from mrkd.runtime.backends import Backend, BackendError, open_backend
+from mrkd.runtime.backends import Backend, BackendError, open_backend, run_precision
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
                                    model_file_sha256, sidecar_path)
 from mrkd.runtime.preprocess import model_input
@@ -97,7 +97,7 @@ def load_metadata(model_path: Union[str, Path], backend: Optional[Backend] = Non
         meta = ModelMetadata.load(sidecar)
         check_sidecar_belongs_to(meta, model_path, sidecar)
         return meta
-    props = getattr(backend, "model_metadata_props", None)
+    props = backend.model_metadata_props if backend is not None else None
     if props and ModelMetadata.ONNX_KEY in props:
         logger.warning("%s: no sidecar %s; using the metadata embedded in the model at export (a threshold set "
                        "later by `mrkd calibrate` is in the missing sidecar, not here)", model_path, sidecar.name)
@@ -144,9 +144,11 @@ class Detector:
     """An exported MRKD model ready to score frames.
 
     model_path: .onnx (with model.onnx.json or embedded metadata) or .engine/.plan (with model.engine.json).
-    backend: "auto" | "onnxruntime" | "tensorrt". postprocess: "auto" | "cuda" | "cpu" | "numpy" (used
+    backend: a spec of runtime.backends.backend_choices() ("auto", "onnxruntime", "tensorrt",
+    "openvino", "openvino:bf16", ...; "auto": see choose_auto_backend). postprocess: "auto" | "cuda" | "cpu" | "numpy" (used
     only when the model outputs per-scale maps). threshold: overrides the calibrated one.
-    providers / threads: ONNX Runtime execution providers and intra-op threads.
+    providers / threads: ONNX Runtime execution providers; CPU inference threads (ONNX Runtime,
+    OpenVINO). precision: what the model runs at (run_precision: graph and backend together).
     """
 
     def __init__(self, model_path: Union[str, Path], backend: str = "auto", postprocess: str = "auto",
@@ -163,7 +165,7 @@ class Detector:
         self.backend = open_backend(self.model_path, backend, providers=providers, threads=threads,
                                     metadata=metadata)
         try:
-            props = getattr(self.backend, "model_metadata_props", None)
+            props = self.backend.model_metadata_props
             if metadata is not None and props and ModelMetadata.ONNX_KEY in props:
                 check_sidecar_against_embedded(metadata, ModelMetadata.from_onnx_props(props, str(self.model_path)),
                                                sidecar)
@@ -172,6 +174,7 @@ class Detector:
             self._source = str(sidecar) if metadata is not None else f"{self.model_path} (embedded metadata, no sidecar)"
             self.threshold, self.threshold_source = threshold_and_source(self.metadata, self._source, threshold)
             self.image_size = self.metadata.image_size
+            self.precision = run_precision(self.metadata.precision, self.backend.precision)
             self._check_model_against_metadata()
         except Exception:
             self.backend.close()
@@ -215,13 +218,11 @@ class Detector:
 
     def _infer_and_postprocess(self, batch: np.ndarray, timings: Dict[str, float]) -> Tuple[np.ndarray, np.ndarray]:
         meta, size = self.metadata, self.metadata.image_size
-        on_device = (meta.per_scale_outputs and hasattr(self.backend, "infer_device")
+        # Outputs stay on the GPU for the CUDA post-processing where the backend can keep them there.
+        on_device = (meta.per_scale_outputs and self.backend.has_device_outputs
                      and self.postprocess_impl in ("auto", "cuda") and "cuda" in postprocess.available_impls())
         start = time.perf_counter()
-        if on_device:   # TensorRT outputs stay on the GPU for the CUDA post-processing
-            outputs = self.backend.infer_device(batch)
-        else:
-            outputs = self.backend.infer(batch)
+        outputs = self.backend.infer(batch, device_outputs=on_device)
         timings["infer"] += time.perf_counter() - start
         start = time.perf_counter()
         if on_device:
@@ -260,7 +261,7 @@ class Detector:
     def describe(self) -> str:
         """One line for logs: model, backend, size, threshold."""
         return (f"{self.model_path.name}: {self.backend.describe()}, {self.metadata.backbone} "
-                f"{self.image_size}px {self.metadata.precision}, threshold {self.threshold} from "
+                f"{self.image_size}px {self.precision}, threshold {self.threshold} from "
                 f"{self.threshold_source}")
 
     def close(self) -> None:

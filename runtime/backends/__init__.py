@@ -1,21 +1,32 @@
-"""Inference backends behind one small interface: ``infer(batch) -> {output name: numpy array}``.
+"""Inference backends behind one interface (``Backend``) and one list of them (``REGISTRY``).
 
-ONNX Runtime runs ``.onnx`` files (TensorRT, CUDA or CPU execution providers); the TensorRT backend
-runs serialized engines (``.engine``/``.plan``). Each backend imports its library lazily, so a Jetson
-with only TensorRT never needs onnxruntime and a laptop never needs TensorRT.
+Every backend runs one model file: ``infer(batch, device_outputs=False) -> {output name: array}``.
+ONNX Runtime runs ``.onnx`` files (TensorRT, CUDA or CPU execution providers); OpenVINO runs the same
+``.onnx`` files on Intel CPUs; the TensorRT backend runs serialized engines (``.engine``/``.plan``).
+Each backend imports its library lazily inside its own module, so a Jetson with only TensorRT never
+needs onnxruntime and a laptop never needs TensorRT. A new backend is one new module here plus one
+``BackendEntry`` line in ``REGISTRY``; `mrkd run --backend` and ``open_backend`` read that list.
+
+A backend spec is ``name`` or ``name:precision`` (``openvino:bf16``): the precision the backend
+computes the graph's float layers at, for backends that choose one (``BackendEntry.precisions``).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, FrozenSet, Optional, Sequence, Tuple
 
 import numpy as np
 
 from mrkd.errors import MrkdError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+AUTO = "auto"
+# Backend.precision of a backend that runs every tensor at the type the graph gives it.
+GRAPH_PRECISION = "graph"
 
 
 class BackendError(MrkdError, RuntimeError):
@@ -23,62 +34,250 @@ class BackendError(MrkdError, RuntimeError):
 
 
 class Backend:
-    """What every backend provides. Subclasses fill the attributes in ``__init__``.
+    """What every backend provides (Polygraphy's runners are the model). Subclasses fill the
+    attributes in ``__init__``.
 
     input_name / input_shape (dims, -1 where dynamic) / input_dtype (numpy dtype) describe the one
     model input; output_names lists the outputs; batch_range is (min, max) of the batch dimension.
+    precision: what the backend computes at — GRAPH_PRECISION ("graph": the graph's own tensor types
+    decide, FP32/FP16/Q-DQ INT8) or the inference precision it imposes on float layers ("f32", "bf16").
+    model_metadata_props: the metadata the export embedded in the model file, where the backend can
+    read it (ONNX metadata_props), else empty.
     """
 
     name = "backend"
+    precision = GRAPH_PRECISION
     model_path: Path
     input_name: str
     input_shape: Tuple[int, ...]
     input_dtype: np.dtype
     output_names: Tuple[str, ...]
     batch_range: Tuple[int, int]
+    model_metadata_props: Dict[str, str] = {}
 
-    def infer(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
-        """Run one batch (already pre-processed, contiguous, of ``input_dtype``); returns host arrays."""
+    @property
+    def has_device_outputs(self) -> bool:
+        """True when ``infer(..., device_outputs=True)`` can leave outputs on the GPU."""
+        return False
+
+    def infer(self, batch: np.ndarray, device_outputs: bool = False) -> Dict[str, Any]:
+        """Run one batch (already pre-processed, contiguous, of ``input_dtype``). Outputs are host
+        numpy arrays; with ``device_outputs`` (only where ``has_device_outputs``) GPU arrays valid
+        until the next call, to be read inside ``cuda_context()``."""
         raise NotImplementedError
 
+    def cuda_context(self) -> Optional[ContextManager[None]]:
+        """A context manager making this backend's CUDA context current (for post-processing its
+        device outputs), or None on backends without one (every CPU backend)."""
+        return None
+
     def describe(self) -> str:
-        """One line for logs: backend, device/providers, model file."""
+        """One line for logs: backend, device/providers, precision, model file."""
         return f"{self.name} ({self.model_path})"
 
     def close(self) -> None:
         """Free sessions/buffers. Safe to call twice."""
 
+    def _no_device_outputs(self) -> None:
+        raise BackendError(f"{self.model_path}: the {self.name} backend keeps no outputs on a GPU "
+                           f"(device_outputs=True needs the TensorRT backend)")
 
-def resolve_backend_name(model_path: str | Path, backend: str = "auto") -> str:
-    """"auto" -> "tensorrt" for .engine/.plan/.trt files, "onnxruntime" for .onnx; others unchanged."""
-    if backend not in BACKENDS:
-        raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
+
+def run_precision(graph_precision: str, backend_precision: str) -> str:
+    """The precision a model runs at, for logs and CameraInfo: the graph's ("fp32", "fp16", "int8")
+    when the backend runs it as typed or at f32; "bf16" for a float graph at bf16; "int8+bf16" for
+    the Q/DQ graph whose float layers run at bf16."""
+    if backend_precision in (GRAPH_PRECISION, "f32"):
+        return graph_precision
+    short = {"bf16": "bf16", "f16": "fp16"}.get(backend_precision, backend_precision)
+    return f"int8+{short}" if graph_precision == "int8" else short
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Settings a backend may use; each reads the ones that apply to it.
+
+    providers: ONNX Runtime execution providers in order ("tensorrt", "cuda", "cpu" or full names).
+    threads: CPU threads for inference (ONNX Runtime intra-op, OpenVINO INFERENCE_NUM_THREADS; None/0:
+    the library's default). precision: the spec's ``:precision`` part (None: the backend's default).
+    metadata: the model's ModelMetadata (the TensorRT backend checks where an engine was built).
+    """
+
+    providers: Optional[Tuple[str, ...]] = None
+    threads: Optional[int] = None
+    precision: Optional[str] = None
+    metadata: Any = None
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One backend in the registry: its name, where its class lives, which model files it runs, the
+    module whose presence makes it available, and the precisions a spec may ask for (first: default)."""
+
+    name: str
+    module: str                        # module under mrkd.runtime.backends
+    class_name: str
+    suffixes: Tuple[str, ...]
+    requires: str                      # importable module that makes this backend available
+    precisions: Tuple[str, ...] = ()   # () = runs the graph as typed; no ":precision" accepted
+    summary: str = ""
+
+    def available(self) -> bool:
+        """Its library is installed (found without importing it; a GPU may still be missing)."""
+        try:
+            return importlib.util.find_spec(self.requires) is not None
+        except (ImportError, ValueError):
+            return False
+
+    def backend_class(self):
+        return getattr(importlib.import_module(f"mrkd.runtime.backends.{self.module}"), self.class_name)
+
+
+REGISTRY: Tuple[BackendEntry, ...] = (
+    BackendEntry("onnxruntime", "onnxruntime_backend", "OnnxRuntimeBackend", (".onnx",), "onnxruntime",
+                 summary="ONNX Runtime: TensorRT > CUDA > CPU execution providers"),
+    BackendEntry("tensorrt", "tensorrt_backend", "TensorRTBackend", ENGINE_SUFFIXES, "tensorrt",
+                 summary="TensorRT engines built by mrkd export on this GPU"),
+    BackendEntry("openvino", "openvino_backend", "OpenVinoBackend", (".onnx",), "openvino",
+                 ("f32", "bf16", "auto"), summary="OpenVINO on the CPU: f32 (default), bf16, auto"),
+)
+
+
+def backend_entry(name: str) -> BackendEntry:
+    for entry in REGISTRY:
+        if entry.name == name:
+            return entry
+    raise BackendError(f"backend {name!r} unknown; choose from {', '.join(backend_choices())}")
+
+
+def backend_choices() -> Tuple[str, ...]:
+    """Every spec `--backend` accepts: auto, each backend, and name:precision where it has them."""
+    return (AUTO,) + tuple(spec for entry in REGISTRY
+                           for spec in (entry.name,) + tuple(f"{entry.name}:{p}" for p in entry.precisions))
+
+
+def parse_backend_spec(spec: str) -> Tuple[str, Optional[str]]:
+    """"openvino:bf16" -> ("openvino", "bf16"); "auto"/"onnxruntime" -> (name, None). Checked
+    against the registry: an unknown name or precision is a BackendError listing the choices."""
+    if not isinstance(spec, str) or spec not in backend_choices():
+        raise BackendError(f"backend {spec!r} unknown; choose from {', '.join(backend_choices())}")
+    name, _, precision = spec.partition(":")
+    return name, precision or None
+
+
+# --- --backend auto -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """What the auto choice depends on, gathered by ``machine_facts()`` (tests pass their own)."""
+
+    nvidia_gpu: bool                       # a CUDA device answers (runtime.gpu)
+    cpu_vendor: str                        # /proc/cpuinfo vendor_id: "GenuineIntel", "AuthenticAMD", ...
+    installed: FrozenSet[str]              # registry names whose library is installed
+    ort_gpu_providers: bool = False        # onnxruntime has the TensorRT or CUDA execution provider
+
+
+def machine_facts() -> MachineFacts:
+    """The facts of this machine (reads /proc/cpuinfo and the CUDA driver; imports onnxruntime only
+    when a GPU answers, to ask for its providers)."""
+    from mrkd.runtime.gpu import NoGpuError, gpu_identity
+    try:
+        gpu_identity(0)
+        gpu = True
+    except NoGpuError:
+        gpu = False
+    installed = frozenset(entry.name for entry in REGISTRY if entry.available())
+    ort_gpu = False
+    if gpu and "onnxruntime" in installed:
+        try:
+            from mrkd.deps import require
+            providers = require("onnxruntime").get_available_providers()
+            ort_gpu = bool({"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(providers))
+        except MrkdError:
+            pass
+    return MachineFacts(nvidia_gpu=gpu, cpu_vendor=cpu_vendor(), installed=installed, ort_gpu_providers=ort_gpu)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (x86 Linux: /proc/cpuinfo), "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def choose_auto_backend(model_path: str | Path, facts: MachineFacts) -> str:
+    """The backend `--backend auto` runs ``model_path`` with, from the machine's facts:
+
+    * ``.engine``/``.plan``/``.trt`` -> tensorrt (nothing else runs an engine);
+    * ``.onnx`` on a machine with an NVIDIA GPU and ONNX Runtime's TensorRT/CUDA provider -> onnxruntime
+      (its providers then run TensorRT > CUDA);
+    * ``.onnx`` on an Intel CPU with OpenVINO installed -> openvino (its own CPU kernels);
+    * else onnxruntime when installed, else any installed backend that runs ``.onnx``.
+    """
     suffix = Path(model_path).suffix.lower()
     if suffix in ENGINE_SUFFIXES:
         return "tensorrt"
-    if suffix == ".onnx":
+    if suffix in CHECKPOINT_SUFFIXES:
+        raise BackendError(export_first(model_path))
+    if suffix != ".onnx":
+        raise BackendError(f"{model_path}: cannot tell the backend from the suffix {suffix!r} "
+                           f"(expected .onnx or one of {ENGINE_SUFFIXES}); pass backend= explicitly")
+    if facts.nvidia_gpu and facts.ort_gpu_providers and "onnxruntime" in facts.installed:
         return "onnxruntime"
-    raise BackendError(f"{model_path}: cannot tell the backend from the suffix {suffix!r} "
-                       f"(expected .onnx or one of {ENGINE_SUFFIXES}); pass backend= explicitly")
+    if facts.cpu_vendor == "GenuineIntel" and "openvino" in facts.installed:
+        return "openvino"
+    runs_onnx = [e.name for e in REGISTRY if ".onnx" in e.suffixes and e.name in facts.installed]
+    if "onnxruntime" in runs_onnx or not runs_onnx:
+        return "onnxruntime"     # missing onnxruntime then fails with the install hint (mrkd.deps)
+    return runs_onnx[0]
 
 
-def open_backend(model_path: str | Path, backend: str = "auto", providers: Optional[Sequence[str]] = None,
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")     # what training writes; no backend runs them
+
+
+def export_first(model_path) -> str:
+    """The hint for a training checkpoint given where an exported model belongs."""
+    return (f"{model_path} is a training checkpoint, not an exported model: export it first "
+            f"(mrkd export {model_path} -o exported/), then run the .onnx (or .engine) it writes")
+
+
+def resolve_backend_name(model_path: str | Path, backend: str = AUTO,
+                         facts: Optional[MachineFacts] = None) -> str:
+    """The registry name a spec runs ``model_path`` with ("auto" decided by choose_auto_backend on
+    ``facts``, default this machine's); a backend that cannot run the file's suffix is refused."""
+    name, _ = parse_backend_spec(backend)
+    if name == AUTO:
+        return choose_auto_backend(model_path, facts or machine_facts())
+    entry = backend_entry(name)
+    suffix = Path(model_path).suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES:
+        raise BackendError(export_first(model_path))
+    if suffix not in entry.suffixes:
+        raise BackendError(f"{model_path}: the {name} backend runs {'/'.join(entry.suffixes)} files, not "
+                           f"{suffix or 'files without a suffix'}")
+    return name
+
+
+def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, metadata=None) -> Backend:
-    """Load ``model_path`` with the named backend ("auto" picks by suffix).
+    """Load ``model_path`` with the backend ``backend`` names (a spec of backend_choices(); "auto"
+    decides by the file and the machine, see choose_auto_backend).
 
     providers: ONNX Runtime execution providers in order of preference (short names "tensorrt",
     "cuda", "cpu" or full names); None = every available one of TensorRT, CUDA, CPU.
-    threads: ONNX Runtime intra-op threads (None = its default).
+    threads: CPU inference threads (None = the library's default).
     metadata: the ModelMetadata of an engine, checked against the running TensorRT and GPU.
     """
     path = Path(model_path)
     if not path.is_file():
         raise BackendError(f"{path}: model file not found")
     name = resolve_backend_name(path, backend)
-    if name == "tensorrt":
-        from mrkd.runtime.backends.tensorrt_backend import TensorRTBackend
-        return TensorRTBackend(path, metadata=metadata)
-    from mrkd.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    return OnnxRuntimeBackend(path, providers=providers, threads=threads)
+    _, precision = parse_backend_spec(backend)
+    options = BackendOptions(providers=tuple(providers) if providers else None, threads=threads,
+                             precision=precision, metadata=metadata)
+    return backend_entry(name).backend_class()(path, options)

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from mrkd.deps import require
-from mrkd.runtime.backends import Backend, BackendError
+from mrkd.runtime.backends import Backend, BackendError, BackendOptions
 
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -72,9 +72,14 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, quiet: bool = False):
+    def __init__(self, model_path: str | Path, options: Optional[BackendOptions] = None, *,
+                 providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, quiet: bool = False):
+        """``options`` as open_backend passes them (providers, threads); the keywords, for direct
+        library use, take precedence."""
         ort = require("onnxruntime")
+        options = options or BackendOptions()
+        providers = providers if providers is not None else options.providers
+        threads = threads if threads is not None else options.threads
         self.model_path = Path(model_path)
         self.providers = choose_providers(providers, ort.get_available_providers())
         self.session = ort_session(self.model_path, self.providers, threads, quiet)
@@ -95,7 +100,9 @@ class OnnxRuntimeBackend(Backend):
         self.batch_range = (batch_dim, batch_dim) if batch_dim > 0 else (1, 1 << 30)
         self.model_metadata_props = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def infer(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+    def infer(self, batch: np.ndarray, device_outputs: bool = False) -> Dict[str, np.ndarray]:
+        if device_outputs:
+            self._no_device_outputs()
         outputs = self.session.run(list(self.output_names), {self.input_name: batch})
         return dict(zip(self.output_names, outputs))
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import ContextManager, Dict, Iterator, Optional
 
 import numpy as np
 
 from mrkd.deps import require
-from mrkd.runtime.backends import Backend, BackendError
+from mrkd.runtime.backends import Backend, BackendError, BackendOptions
 from mrkd.runtime.gpu import gpu_identity
 from mrkd.runtime.metadata import MetadataError, ModelMetadata, check_engine_compatible, sidecar_path
 
@@ -30,7 +30,10 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: str | Path, metadata: Optional[ModelMetadata] = None):
+    def __init__(self, engine_path: str | Path, options: Optional[BackendOptions] = None, *,
+                 metadata: Optional[ModelMetadata] = None):
+        """``options.metadata`` (or ``metadata``): the engine's sidecar, checked against this GPU."""
+        metadata = metadata if metadata is not None else (options.metadata if options else None)
         trt = require("tensorrt")
         cuda = require("pycuda.driver", "the TensorRT backend moves buffers with pycuda")
         self.model_path = Path(engine_path)
@@ -99,7 +102,15 @@ class TensorRTBackend(Backend):
         if not self.execution.execute_async_v3(self.stream.handle):
             raise BackendError(f"{self.model_path}: execute_async_v3 failed")
 
-    def infer(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+    @property
+    def has_device_outputs(self) -> bool:
+        return True
+
+    def infer(self, batch: np.ndarray, device_outputs: bool = False) -> Dict[str, object]:
+        """Host numpy copies; with ``device_outputs`` pycuda GPUArrays over the reused device buffers
+        (valid until the next call), so the CUDA post-processing reads them without a copy."""
+        if device_outputs:
+            return self._infer_device(batch)
         cuda = self._cuda
         self._context.push()
         try:
@@ -117,7 +128,7 @@ class TensorRTBackend(Backend):
         return {name: np.array(array) for name, array in results.items()}
 
     def describe(self) -> str:
-        return f"tensorrt batch {self.batch_range} ({self.model_path.name})"
+        return f"tensorrt batch {self.batch_range}, precision as built ({self.model_path.name})"
 
     def close(self) -> None:
         if getattr(self, "_device", None):
@@ -130,18 +141,19 @@ class TensorRTBackend(Backend):
                 self._context.pop()
             self._context.detach()
 
+    def cuda_context(self) -> Optional[ContextManager[None]]:
+        """Makes this backend's CUDA context current (for post-processing its device outputs)."""
+        return self._pushed_context()
+
     @contextlib.contextmanager
-    def cuda_context(self) -> Iterator[None]:
-        """Make this backend's CUDA context current (for post-processing its device outputs)."""
+    def _pushed_context(self) -> Iterator[None]:
         self._context.push()
         try:
             yield
         finally:
             self._context.pop()
 
-    def infer_device(self, batch: np.ndarray) -> Dict[str, object]:
-        """Like ``infer`` but outputs stay on the GPU as pycuda GPUArrays (views of the reused device
-        buffers, valid until the next call), so the CUDA post-processing reads them without a copy."""
+    def _infer_device(self, batch: np.ndarray) -> Dict[str, object]:
         gpuarray = require("pycuda.gpuarray", "device outputs are pycuda GPUArrays")
         self._context.push()
         try:

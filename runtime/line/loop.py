@@ -425,7 +425,7 @@ def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence
                          max_frames=max_frames)
             info = CameraInfo(name=camera.name, source=str(getattr(source, "uri", camera.source)),
                               model=str(camera.model), model_sha256=model_file_sha256(camera.model),
-                              backend=detector.backend.name, precision=detector.metadata.precision,
+                              backend=detector.backend.name, precision=detector.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
             states.append(_CameraState(camera, detector, policy, feed, info, outputs.get(camera.name, ())))
     except BaseException:

@@ -23,8 +23,8 @@ class CameraInfo:
     source: str                  # the URI as given
     model: str                   # model file path
     model_sha256: str            # hash of the model file, as checked against its metadata
-    backend: str                 # "onnxruntime" / "tensorrt"
-    precision: str               # "fp32" / "fp16" / "int8"
+    backend: str                 # "onnxruntime" / "tensorrt" / "openvino" (runtime.backends.REGISTRY)
+    precision: str               # "fp32" / "fp16" / "int8", or "bf16" / "int8+bf16" (Detector.precision)
     threshold: float
     threshold_source: str        # where the threshold came from, e.g. "sidecar model.json (calibrated on line)"
 

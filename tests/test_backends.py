@@ -1,0 +1,169 @@
+"""The backend interface and registry: one list the CLI and open_backend read, `--backend auto` choosing as
+documented (each branch from given facts, and on this machine's own facts), specs and their errors, the
+lazy TensorRT boundary, and the interface's device-output contract on CPU backends."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mrkd.runtime.backends import (ENGINE_SUFFIXES, REGISTRY, Backend, BackendError, MachineFacts, backend_choices,
+                                   backend_entry, choose_auto_backend, machine_facts, open_backend,
+                                   parse_backend_spec, resolve_backend_name, run_precision)
+from runtime_fixtures import build_tiny_model, normal_frame
+
+BOTH = frozenset({"onnxruntime", "openvino"})
+
+
+@pytest.mark.parametrize("path, facts, expected", [
+    # An engine runs on TensorRT whatever else is here.
+    ("m.engine", MachineFacts(False, "GenuineIntel", BOTH), "tensorrt"),
+    ("m.PLAN", MachineFacts(True, "AuthenticAMD", frozenset()), "tensorrt"),
+    # .onnx on NVIDIA with ONNX Runtime's TensorRT/CUDA provider: ONNX Runtime (its providers pick the GPU).
+    ("m.onnx", MachineFacts(True, "GenuineIntel", BOTH, ort_gpu_providers=True), "onnxruntime"),
+    # A GPU whose onnxruntime build has no GPU provider: the CPU rule decides.
+    ("m.onnx", MachineFacts(True, "GenuineIntel", BOTH, ort_gpu_providers=False), "openvino"),
+    # Intel CPU with OpenVINO installed: OpenVINO.
+    ("m.onnx", MachineFacts(False, "GenuineIntel", BOTH), "openvino"),
+    ("m.onnx", MachineFacts(False, "GenuineIntel", frozenset({"openvino"})), "openvino"),
+    # Intel without OpenVINO, or another vendor: ONNX Runtime.
+    ("m.onnx", MachineFacts(False, "GenuineIntel", frozenset({"onnxruntime"})), "onnxruntime"),
+    ("m.onnx", MachineFacts(False, "AuthenticAMD", BOTH), "onnxruntime"),
+    ("m.onnx", MachineFacts(False, "", BOTH), "onnxruntime"),
+    # Only OpenVINO installed on an AMD CPU: the one backend here that runs .onnx.
+    ("m.onnx", MachineFacts(False, "AuthenticAMD", frozenset({"openvino"})), "openvino"),
+    # Nothing installed: ONNX Runtime, whose missing package then fails with the install hint.
+    ("m.onnx", MachineFacts(False, "GenuineIntel", frozenset()), "onnxruntime"),
+])
+def test_auto_chooses_as_documented(path, facts, expected):
+    assert choose_auto_backend(path, facts) == expected
+    assert resolve_backend_name(path, "auto", facts) == expected
+
+
+def test_auto_refuses_an_unknown_suffix():
+    with pytest.raises(BackendError, match=r"m\.bin: cannot tell the backend from the suffix '\.bin'"):
+        choose_auto_backend("m.bin", MachineFacts(False, "GenuineIntel", BOTH))
+
+
+def _independent_facts():
+    """This machine's facts gathered here without the code under test: vendor from lscpu's source file,
+    packages from importlib, the GPU from the driver library nvidia-smi would use."""
+    vendor = ""
+    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+        if line.startswith("vendor_id"):
+            vendor = line.split(":", 1)[1].strip()
+            break
+    installed = {name for name in ("onnxruntime", "openvino", "tensorrt") if importlib.util.find_spec(name)}
+    gpu = subprocess.run(["sh", "-c", "ldconfig -p | grep -q 'libcuda.so' && nvidia-smi -L"],
+                         capture_output=True).returncode == 0
+    return vendor, installed, gpu
+
+
+def test_auto_on_this_machines_real_facts(tmp_path):
+    vendor, installed, gpu = _independent_facts()
+    facts = machine_facts()
+    assert facts.cpu_vendor == vendor and set(facts.installed) == installed and facts.nvidia_gpu == gpu
+    if gpu and facts.ort_gpu_providers:
+        expected = "onnxruntime"
+    elif vendor == "GenuineIntel" and "openvino" in installed:
+        expected = "openvino"
+    else:
+        expected = "onnxruntime"
+    model = build_tiny_model(tmp_path / "m.onnx")
+    assert resolve_backend_name(model) == expected
+    from mrkd.runtime.detector import Detector
+    detector = Detector(model, backend="auto")
+    try:
+        assert detector.backend.name == expected
+    finally:
+        detector.close()
+
+
+def test_registry_is_the_one_list_of_choices():
+    names = [entry.name for entry in REGISTRY]
+    assert names == ["onnxruntime", "tensorrt", "openvino"] and len(set(names)) == len(names)
+    assert backend_choices() == ("auto", "onnxruntime", "tensorrt", "openvino", "openvino:f32", "openvino:bf16",
+                                 "openvino:auto")
+    # `mrkd run --backend` offers exactly the registry's specs, and --postprocess the post-processing's list.
+    from mrkd.runtime import postprocess
+    from mrkd.runtime.cli import run_command
+    params = {p.name: p for p in run_command.params}
+    assert tuple(params["backend"].type.choices) == backend_choices()
+    assert tuple(params["postprocess"].type.choices) == ("auto",) + postprocess.IMPLS
+    assert backend_entry("tensorrt").suffixes == ENGINE_SUFFIXES
+
+
+def test_every_backend_class_implements_the_interface_and_tensorrt_stays_lazy():
+    # Importing every backend module (TensorRT's too) must not import tensorrt or pycuda: a laptop has neither.
+    code = ("import sys\nfrom mrkd.runtime.backends import REGISTRY, Backend\n"
+            "for e in REGISTRY:\n    cls = e.backend_class()\n    assert issubclass(cls, Backend), e\n"
+            "    assert 'infer' in vars(cls) and 'describe' in vars(cls), e\n"
+            "print(sorted(m for m in ('tensorrt', 'pycuda', 'openvino', 'onnxruntime', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("openvino:fp64", "backend 'openvino:fp64' unknown; choose from auto, onnxruntime"),
+    ("onnxruntime:bf16", "backend 'onnxruntime:bf16' unknown"),
+    ("tensorflow", "backend 'tensorflow' unknown"),
+    ("", "backend '' unknown"),
+])
+def test_unknown_specs_are_refused_with_the_choices(spec, message):
+    with pytest.raises(BackendError, match=message):
+        parse_backend_spec(spec)
+
+
+def test_specs_and_suffixes(tmp_path):
+    assert parse_backend_spec("openvino:bf16") == ("openvino", "bf16")
+    assert parse_backend_spec("onnxruntime") == ("onnxruntime", None)
+    model = build_tiny_model(tmp_path / "m.onnx")
+    with pytest.raises(BackendError, match=r"m\.onnx: the tensorrt backend runs \.engine/\.plan/\.trt files, not \.onnx"):
+        open_backend(model, "tensorrt")
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(BackendError, match=r"m\.engine: the onnxruntime backend runs \.onnx files, not \.engine"):
+        open_backend(engine, "onnxruntime")
+    with pytest.raises(BackendError, match="model file not found"):
+        open_backend(tmp_path / "missing.onnx", "onnxruntime")
+
+
+@pytest.mark.parametrize("graph, backend, expected", [
+    ("fp32", "graph", "fp32"), ("int8", "graph", "int8"), ("fp16", "graph", "fp16"),
+    ("fp32", "f32", "fp32"), ("int8", "f32", "int8"),
+    ("fp32", "bf16", "bf16"), ("fp16", "bf16", "bf16"), ("int8", "bf16", "int8+bf16"), ("fp32", "f16", "fp16"),
+])
+def test_run_precision(graph, backend, expected):
+    assert run_precision(graph, backend) == expected
+
+
+def test_cpu_backend_keeps_no_device_outputs(tmp_path):
+    model = build_tiny_model(tmp_path / "m.onnx", per_scale=True)
+    backend = open_backend(model, "onnxruntime", providers=["cpu"])
+    try:
+        assert isinstance(backend, Backend) and backend.cuda_context() is None and not backend.has_device_outputs
+        assert backend.precision == "graph"
+        batch = np.zeros((1, 3, 32, 32), np.float32)
+        assert set(backend.infer(batch)) == {"scale0", "scale1", "scale2"}
+        with pytest.raises(BackendError, match="keeps no outputs on a GPU"):
+            backend.infer(batch, device_outputs=True)
+    finally:
+        backend.close()
+
+
+def test_run_refuses_an_unknown_backend_in_one_line(tmp_path):
+    from mrkd.cli import main
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    import cv2
+    cv2.imwrite(str(frames / "a.png"), normal_frame(np.random.default_rng(0)))
+    result = CliRunner().invoke(main, ["run", str(model), "--source", str(frames), "--backend", "openvino:fp64"])
+    assert result.exit_code == 2 and "openvino:bf16" in result.output and "Traceback" not in result.output
