@@ -1,2 +1,9 @@
 """PLC adapters of a triggered line: the handshake state machine (handshake.py, written once) and the
 protocols that carry it (modbus.py: Modbus TCP with a fixed map; opcua.py: OPC UA Machine Vision)."""
+
+from mrkd.errors import MrkdError
+
+
+class PlcError(MrkdError, ValueError):
+    """A PLC server that cannot run or a PLC setting out of range; the message names the option or
+    field and the address."""

@@ -23,9 +23,9 @@ import struct
 import threading
 from typing import List, Optional, Sequence, Tuple
 
-from mrkd.errors import MrkdError
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt
+from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER, Handshake, HandshakeError, PlcImage
 
 logger = logging.getLogger(__name__)
@@ -49,17 +49,13 @@ COIL_ORDER = (0, 4, 3, 2, 1)
 FUNCTION_TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 22: "h", 23: "h", 4: "i"}
 
 
-class PlcError(MrkdError):
-    """A PLC server that cannot run (address in use, bad address); the message names it."""
-
-
 def parse_modbus_address(text: str) -> Tuple[str, int]:
     """'HOST:PORT', ':PORT' or 'HOST' (port 502) -> (host, port); PlcError naming the text."""
     text = str(text).strip()
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(DEFAULT_PORT)
-    if not port.isdigit() or not 0 <= int(port) < 65536 or not host.strip("[]") and sep and not host == "":
+    if not port.isdigit() or not 0 <= int(port) < 65536:
         raise PlcError(f"--modbus must look like HOST:PORT (e.g. 127.0.0.1:5020), got {text!r}")
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
