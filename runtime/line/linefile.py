@@ -28,6 +28,10 @@ and alarm settings. Every error is one line naming the file, the camera and the 
 
     [recipes]                          # optional: recipe number -> model (0 is each camera's model)
     1 = "models/variant_b.onnx"
+
+    [plc]                              # optional, triggered lines: PLC servers (runtime/plc, docs/PLC.md)
+    modbus = "127.0.0.1:5020"          # Modbus TCP handshake (mrkd run --modbus)
+    results_buffer = 8                 # results held until the PLC acknowledges them
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ else:   # setup.py installs tomli there
 
 CAMERA_FIELDS = ("name", "source", "model", "threshold", "debounce", "cooldown", "cooldown_frames", "size", "fps",
                  "loop", "trigger", "features")
-TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes")
+TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "plc")
 PART_FIELDS = ("cameras", "images", "queue", "timeout")
 
 
@@ -192,6 +196,8 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
         check_cameras(cameras)
     except LineError as exc:
         raise LineFileError(f"{path}: {exc}") from None
+    if "plc" in data:        # checked here, read by the CLI with load_plc_settings
+        _plc_settings(path, data)
     if "part" in data or "recipes" in data:
         line_options = dict(line_options, part=_part_settings(path, data, folder, [c.name for c in cameras],
                                                               line_options.get("part")))
@@ -230,6 +236,25 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
         return PartSettings(**settings).check(names)
     except ValueError as exc:
         raise LineFileError(f"{path}: {exc}") from None
+
+
+def _plc_settings(path: str, data: dict):
+    from mrkd.runtime.plc import PlcError
+    from mrkd.runtime.plc.servers import PlcSettings
+    try:
+        return PlcSettings.from_table(data["plc"], f"{path}: plc.")
+    except PlcError as exc:
+        raise LineFileError(str(exc)) from None
+
+
+def load_plc_settings(path):
+    """The line file's ``[plc]`` table as PlcSettings (None when it has none); errors as load_line's."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise LineFileError(f"{path}: cannot read the line file ({exc})") from None
+    return _plc_settings(str(path), data) if "plc" in data else None
 
 
 def load_line(path, defaults: Optional[Dict[str, Any]] = None, **line_options) -> Line:
