@@ -1,30 +1,72 @@
-"""Atomic file writes: a reader (or a crash) never sees half a checkpoint, engine or event log."""
+"""Atomic file writes: a reader (or a crash) never sees half a checkpoint, engine or event log.
+
+The file written has the mode any new file would get (0666 minus the umask: 0644 under umask 022),
+not the temporary file's private 0600, so another account on the line PC can read the model it runs.
+An error (a full disk) names the file being written.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Iterator
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status), else
+    set and restored at once under a lock."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits a file created now with open() would get: 0o666 & ~umask."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+    OSError from the file system (ENOSPC, EACCES...) is raised again naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as handle:
+            os.fchmod(handle.fileno(), new_file_mode())
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        if str(path) in str(exc):
+            raise
+        raise OSError(exc.errno, f"{path}: {exc.strerror or exc}") from exc
     except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp) -> None:
+    if tmp is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

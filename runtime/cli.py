@@ -1,5 +1,6 @@
-"""``mrkd run``: parse options, build the line of cameras (one ``--source``, several ``NAME=URI``, or a
-``--line`` file), the event sinks and outputs, and call run_line."""
+"""``mrkd run``: parse options into settings records (the Line of cameras from one ``--source``, several
+``NAME=URI`` or a ``--line`` file; OutputSettings; RunSettings), build the outputs with
+``mrkd.runtime.outputs.build_outputs`` (as the Python API does) and call run_line."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from mrkd.errors import error_boundary
+from mrkd.errors import SettingError, error_boundary
 from mrkd.options import FINITE, FiniteFloatRange, seconds
 from mrkd.runtime.backends import backend_choices
 from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
@@ -90,7 +91,7 @@ def part_settings(line, part: dict):
     return dataclasses.replace(settings, **changes).check([c.name for c in line.cameras])
 
 
-def run_parts(line, part: dict, detectors, sinks, observers, status_every) -> dict:
+def run_parts(line, part: dict, detectors, observers, status_every) -> dict:
     """Judge parts on trigger until the trigger source ends (stdin), --max-parts, or a signal."""
     import sys
     from mrkd.runtime.line.parts import PartRunner, open_part_sources
@@ -115,62 +116,70 @@ def run_parts(line, part: dict, detectors, sinks, observers, status_every) -> di
         return runner.run(stop, part["max_parts"])
 
 
-def webhook_auth(webhook, headers, secret_env):
-    """(headers dict, secret bytes or None) from --webhook-header / --webhook-secret-env (ValueError)."""
+def pop_output_settings(options: dict):
+    """OutputSettings from (and taken out of) run_command's keyword options: --events, --snapshots,
+    --webhook*, --mqtt*, --http, --save-video, --show (SettingError / MrkdError naming the option)."""
     import os
-    from mrkd.runtime.outputs.events import parse_header
+    from mrkd.runtime.outputs import OutputSettings
+    from mrkd.runtime.outputs.webhook import WebhookSettings, parse_header
 
+    webhook, headers, secret_env = (options.pop(k) for k in ("webhook", "webhook_headers", "webhook_secret_env"))
+    webhook_timeout = options.pop("webhook_timeout")
     if (headers or secret_env) and not webhook:
-        raise ValueError("--webhook-header and --webhook-secret-env need --webhook URL")
-    parsed = dict(parse_header(text) for text in headers)
-    secret = None
-    if secret_env:
-        value = os.environ.get(secret_env)
-        if not value:
-            raise ValueError(f"--webhook-secret-env {secret_env}: that environment variable is not set or empty")
-        secret = value.encode("utf-8")
-    return parsed, secret
+        raise SettingError("--webhook-header and --webhook-secret-env need --webhook URL")
+    webhook_settings = None
+    if webhook:
+        secret = None
+        if secret_env:
+            value = os.environ.get(secret_env)
+            if not value:
+                raise SettingError(f"--webhook-secret-env {secret_env}: that environment variable is not set or empty")
+            secret = value.encode("utf-8")
+        webhook_settings = WebhookSettings(webhook, timeout=webhook_timeout, secret=secret,
+                                           headers=tuple(parse_header(text) for text in headers))
+    mqtt_url, username, password_env, tls, ca, results_rate = (options.pop(k) for k in (
+        "mqtt_url", "mqtt_username", "mqtt_password_env", "mqtt_tls", "mqtt_ca", "mqtt_results_rate"))
+    mqtt_settings = None
+    if mqtt_url:
+        from mrkd.runtime.outputs.mqtt import MqttSettings
+        password = None
+        if password_env:
+            password = os.environ.get(password_env)
+            if password is None:
+                raise SettingError(f"--mqtt-password-env {password_env}: that environment variable is not set")
+        mqtt_settings = MqttSettings.from_url(mqtt_url, tls=tls, ca_certs=ca, username=username, password=password,
+                                              results_rate=results_rate)
+    elif username or password_env or tls or ca or results_rate:
+        raise SettingError("the --mqtt-* options need --mqtt mqtt://HOST:PORT/PREFIX")
+    http = options.pop("http_address")
+    if http:
+        from mrkd.runtime.outputs.web import parse_address
+        parse_address(http)
+    return OutputSettings(events=options.pop("events"), snapshots=options.pop("snapshots"),
+                          snapshot_format=options.pop("snapshot_format"), webhook=webhook_settings, mqtt=mqtt_settings,
+                          http=http, save_video=options.pop("save_video"), video_fps=options["fps"] or 15.0,
+                          show=options.pop("show"))
 
 
-def build_line_outputs(options: dict, sinks) -> list:
-    """The LineObservers that the --mqtt* and --http options ask for (ValueError / OSError otherwise)."""
-    import os
-    from mrkd.deps import MissingDependencyError
+def pop_run_settings(options: dict):
+    """RunSettings from (and taken out of) run_command's keyword options."""
+    from mrkd.runtime.line.loop import RunSettings
+    return RunSettings(**{name: options.pop(name) for name in ("max_frames", "status_every", "batch",
+                                                               "batch_timeout")})
 
-    observers = []
-    try:
-        mqtt = None
-        if options["mqtt_url"]:
-            from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings
-            password = None
-            if options["mqtt_password_env"]:
-                password = os.environ.get(options["mqtt_password_env"])
-                if password is None:
-                    raise ValueError(f"--mqtt-password-env {options['mqtt_password_env']}: that environment "
-                                     "variable is not set")
-            settings = MqttSettings.from_url(options["mqtt_url"], tls=options["mqtt_tls"],
-                                             ca_certs=options["mqtt_ca"], username=options["mqtt_username"],
-                                             password=password, results_rate=options["mqtt_results_rate"])
-            mqtt = MqttObserver(settings)
-            observers.append(mqtt)
-        elif any(options[k] for k in ("mqtt_username", "mqtt_password_env", "mqtt_tls", "mqtt_ca",
-                                      "mqtt_results_rate")):
-            raise ValueError("the --mqtt-* options need --mqtt mqtt://HOST:PORT/PREFIX")
-        if options["http_address"]:
-            from mrkd.runtime.outputs.metrics import MetricsObserver
-            from mrkd.runtime.outputs.web import OperatorServer, parse_address
-            host, port = parse_address(options["http_address"])
-            metrics = MetricsObserver(mqtt_failures=mqtt.failures if mqtt else None,
-                                      webhook_stats=sinks.webhook.stats if sinks.webhook else None)
-            try:
-                server = OperatorServer(host, port, metrics=metrics)
-            except OSError as exc:
-                raise OSError(f"--http {options['http_address']}: cannot listen there ({exc.strerror or exc})") from exc
-            observers += [metrics, server]
-            click.echo(f"operator page {server.url}/  metrics {server.url}/metrics", err=True)
-    except MissingDependencyError as exc:
-        raise ValueError(str(exc)) from exc
-    return observers
+
+def pop_camera_defaults(options: dict, part: dict) -> dict:
+    """The camera fields the command line gives every camera (the line file may override them)."""
+    from mrkd.runtime.line.alarms import parse_debounce
+    defaults = dict(threshold=options.pop("threshold"), debounce=parse_debounce(options.pop("debounce")),
+                    cooldown=options.pop("cooldown"), cooldown_frames=options.pop("cooldown_frames"),
+                    size=options.pop("size"), fps=options.pop("fps"), loop=options.pop("loop"))
+    if part["trigger_mode"]:
+        defaults["trigger"] = part["trigger_mode"]
+    if part["features"]:
+        from mrkd.runtime.sources.gige import parse_feature
+        defaults["features"] = tuple(parse_feature(text) for text in part["features"])
+    return defaults
 
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -232,99 +241,109 @@ def build_line_outputs(options: dict, sinks) -> list:
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the end-of-run summary as JSON to this file.")
 @error_boundary
-def run_command(model, sources, line_file, backend, providers, threads, postprocess, threshold, debounce, cooldown,
-                cooldown_frames, events, snapshots, snapshot_format, webhook, webhook_timeout, save_video, show,
-                max_frames, status_every, batch, batch_timeout, size, fps, loop, summary_path, **line_outputs):
+def run_command(model, sources, line_file, **options):
     """Stream frames from one or more cameras through MODEL (an .engine or an .onnx file with its .json
     sidecar) and raise alarms: `mrkd run MODEL --source URI`, `mrkd run MODEL --source left=URI
     --source right=URI`, or `mrkd run --line line.toml`. Ctrl-C / SIGTERM stop cleanly: every event
     is written before exit."""
     from mrkd.atomic import atomic_write_text
-    from mrkd.runtime.line.alarms import parse_debounce
-    from mrkd.runtime.outputs.events import EventSinks
-    from mrkd.runtime.line.loop import open_detectors, open_sources, run_line
+    from mrkd.runtime.line.loop import open_detectors, open_sources, outputs_summary, run_line
     from mrkd.runtime.line.stream import stop_on_signals
-    from mrkd.runtime.outputs.video import VideoFileSink, WindowSink
+    from mrkd.runtime.outputs import build_outputs
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    detectors = {}
-    part = pop_part_options(line_outputs)
-    try:
-        camera_defaults = dict(threshold=threshold, debounce=parse_debounce(debounce), cooldown=cooldown,
-                               cooldown_frames=cooldown_frames, size=size, fps=fps, loop=loop)
-        if part["trigger_mode"]:
-            camera_defaults["trigger"] = part["trigger_mode"]
-        if part["features"]:
-            from mrkd.runtime.sources.gige import parse_feature
-            camera_defaults["features"] = tuple(parse_feature(text) for text in part["features"])
-        line = build_line(model, sources, line_file, camera_defaults,
-                          backend=backend, postprocess=postprocess, threads=threads,
-                          providers=tuple(providers.split(",")) if providers else None)
-        if (save_video or show) and len(line.cameras) > 1:
-            raise ValueError("--save-video and --show take one camera; this line has "
-                             f"{len(line.cameras)}")
-        webhook_headers, webhook_secret = webhook_auth(webhook, line_outputs.pop("webhook_headers"),
-                                                       line_outputs.pop("webhook_secret_env"))
-        triggered = any(c.trigger != "free" for c in line.cameras)
-        if triggered and not (part["trigger_stdin"] or part["trigger_every"]):
-            raise ValueError("--trigger software/hardware judges parts on trigger: give a trigger source "
-                             "(--trigger-stdin or --trigger-every SECONDS)")
-        if not triggered and (part["trigger_stdin"] or part["trigger_every"] or part["max_parts"]):
-            raise ValueError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "
-                             "(or trigger = ... in the line file)")
+    summary_path = options.pop("summary_path")
+    part = pop_part_options(options)
+    output_settings = pop_output_settings(options)
+    run_settings = pop_run_settings(options)
+    camera_defaults = pop_camera_defaults(options, part)
+    providers = options.pop("providers")
+    line = build_line(model, sources, line_file, camera_defaults, backend=options.pop("backend"),
+                      postprocess=options.pop("postprocess"), threads=options.pop("threads"),
+                      providers=tuple(providers.split(",")) if providers else None)
+    if (output_settings.save_video or output_settings.show) and len(line.cameras) > 1:
+        raise SettingError("--save-video and --show take one camera; this line has "
+                           f"{len(line.cameras)}")
+    triggered = any(c.trigger != "free" for c in line.cameras)
+    if triggered and not (part["trigger_stdin"] or part["trigger_every"]):
+        raise SettingError("--trigger software/hardware judges parts on trigger: give a trigger source "
+                           "(--trigger-stdin or --trigger-every SECONDS)")
+    if not triggered and (part["trigger_stdin"] or part["trigger_every"] or part["max_parts"]):
+        raise SettingError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "
+                           "(or trigger = ... in the line file)")
+    detectors, frames, outputs, running = {}, {}, [], False
+    try:       # the error itself goes to mrkd.errors.error_boundary
         detectors = open_detectors(line)
         frames = {} if triggered else open_sources(line)
-    except (ValueError, RuntimeError, OSError) as exc:
         for detector in detectors.values():
-            detector.close()
-        raise click.ClickException(str(exc)) from exc
-    for detector in detectors.values():
-        click.echo(detector.describe(), err=True)
-    outputs = [VideoFileSink(save_video, fps=fps or 15.0)] if save_video else []
-    if show:
-        outputs.append(WindowSink())
-    sinks = EventSinks(events, snapshots, webhook, snapshot_format, webhook_timeout, webhook_headers, webhook_secret)
-    try:
-        observers = build_line_outputs(line_outputs, sinks)
-    except (ValueError, OSError) as exc:
-        sinks.close(0)
+            click.echo(detector.describe(), err=True)
+        outputs = build_outputs(output_settings)
+        page = outputs_summary(outputs).get("page")
+        if page:
+            click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
+        running = True       # from here the runner tells every output on_stop itself
+        if triggered:
+            summary = run_parts(line, part, detectors, outputs, run_settings.status_every)
+            summary.setdefault("outputs", outputs_summary(outputs))
+        else:
+            stop = threading.Event()
+            from mrkd.runtime.line.swap import line_slots, reload_on_sighup    # hot swap (SIGHUP)
+            slots = line_slots(line, detectors, status=lambda text: click.echo(text, err=True))
+            with stop_on_signals(stop), reload_on_sighup(slots):
+                summary = run_line(line, list(outputs) + [slots], run_settings, stop=stop, detectors=detectors,
+                                   sources=frames, slots=slots, status=lambda text: click.echo(text, err=True))
+            summary["model_swaps"] = slots.report()
+            frames = {}       # run_line closed them
+    except BaseException:
         for source in frames.values():
             source.close()
-        for detector in detectors.values():
-            detector.close()
-        raise click.ClickException(str(exc)) from exc
-    stop = threading.Event()
-    try:
-        if triggered:
-            try:
-                summary = run_parts(line, part, detectors, sinks, observers, status_every)
-            except (ValueError, RuntimeError, OSError) as exc:
-                sinks.close(0)
-                for observer in observers:
-                    observer.on_stop()
-                raise click.ClickException(str(exc)) from exc
-        else:
-            with stop_on_signals(stop):
-                summary = run_line(line, sinks, outputs={line.cameras[0].name: outputs}, max_frames=max_frames,
-                                   status_every=status_every, batch=batch, stop=stop,
-                                   status=lambda text: click.echo(text, err=True), batch_timeout=batch_timeout,
-                                   detectors=detectors, sources=frames, observers=observers)
+        if not running:
+            for output in outputs:     # a failed start: stop what started
+                output.on_stop()
+        raise
     finally:
         for detector in detectors.values():
             detector.close()
     click.echo(json.dumps(summary, indent=2))
+    failing = [f"{name} ({health['failed']} failed: {health['detail']})"
+               for name, health in summary.get("outputs", {}).items() if not health["ok"] or health["failed"]]
+    if failing:
+        click.echo("WARNING: outputs that did not deliver everything: " + "; ".join(failing), err=True)
     if summary_path:
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    failed = summary.get("failed_cameras") or []
+    if failed:      # never exit 0 after a camera's source died: the run did not do what was asked
+        from mrkd.runtime.sources import SourceError
+        raise SourceError("; ".join(f"camera {name!r}: its source failed and stopped "
+                                    f"({summary['cameras'][name]['source_failed']})" for name in failed)
+                          + " (the summary above counts what was read before)")
 
 
 def parse_named_source(text: str, index: int):
     """"NAME=URI" -> (NAME, URI); a plain URI (or one whose text before '=' is no camera name, as in
-    rtsp://host/s?user=x) -> ("cam<index>", URI)."""
+    rtsp://host/s?user=x) -> (None, URI): named by named_sources."""
     from mrkd.runtime.line.loop import CAMERA_NAME
     name, sep, uri = text.partition("=")
     if sep and CAMERA_NAME.match(name) and uri and not Path(text).exists():
         return name, uri
-    return f"cam{index}", text
+    return None, text
+
+
+def named_sources(texts):
+    """[(name, URI)] for --source texts: an unnamed source is "cam<its position>", or the next free
+    cam<N> when another source already took that name (``--source cam1=A --source B``: B is cam2)."""
+    parsed = [parse_named_source(text, i) for i, text in enumerate(texts)]
+    taken = {name for name, _ in parsed if name is not None}
+    named = []
+    for index, (name, uri) in enumerate(parsed):
+        if name is None:
+            number = index
+            while f"cam{number}" in taken:
+                number += 1
+            name = f"cam{number}"
+            taken.add(name)
+        named.append((name, uri))
+    return named
 
 
 def build_line(model, sources, line_file, camera_defaults: dict, **line_options):
@@ -336,12 +355,12 @@ def build_line(model, sources, line_file, camera_defaults: dict, **line_options)
     defaults = dict(camera_defaults, size=SourceOptions.parse_size(camera_defaults.get("size")))
     if line_file:
         if sources:
-            raise ValueError("give cameras either with --source or in --line, not both")
+            raise SettingError("give cameras either with --source or in --line, not both")
         if model:
             defaults["model"] = model
         return load_line(line_file, defaults, **line_options)
     if not model or not sources:
-        raise ValueError("give MODEL and at least one --source, or a --line file")
+        raise SettingError("give MODEL and at least one --source, or a --line file")
     cameras = [Camera(name, uri, model, **defaults)
-               for name, uri in (parse_named_source(text, i) for i, text in enumerate(sources))]
+               for name, uri in named_sources(sources)]
     return Line(tuple(cameras), **line_options)

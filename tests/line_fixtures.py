@@ -89,7 +89,7 @@ class Recorder(LineObserver):
 class LineRun:
     """``run_line`` on a background thread; ``stop()`` ends the sources and returns the summary."""
 
-    def __init__(self, model, sources: dict, observers: Sequence = (), sinks=None, **kwargs):
+    def __init__(self, model, sources: dict, observers: Sequence = (), outputs: Sequence = (), **kwargs):
         self.sources = sources
         cameras = tuple(Camera(name, source, str(model), cooldown=0.0) for name, source in sources.items())
         self.line = Line(cameras)
@@ -99,7 +99,7 @@ class LineRun:
 
         def target():
             try:
-                self.summary = run_line(self.line, sinks, observers, stop=self.stop_event, status=lambda s: None,
+                self.summary = run_line(self.line, [*outputs, *observers], stop=self.stop_event, status=lambda s: None,
                                         **kwargs)
             except BaseException as exc:   # surfaced by stop()
                 self.error = exc

@@ -17,9 +17,9 @@ from line_fixtures import DrivenFrames, LineRun, Recorder, wait_for
 from peers import require_program
 from runtime_fixtures import build_tiny_model
 
-from mrkd.runtime import EventSinks
+from mrkd.runtime import OutputSettings, build_outputs
 from mrkd.runtime.outputs.metrics import SCORE_RATIO_BUCKETS, MetricsObserver
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth
 from mrkd.runtime.outputs.web import OperatorServer
 
 
@@ -44,8 +44,21 @@ def _frame(camera, i, score, threshold=0.5, latency=0.01):
                        infer_s=latency / 2, latency_s=latency)
 
 
+class FixedHealth(LineObserver):
+    """An output whose health() is the given record (the contract metrics reads at scrape time)."""
+
+    def __init__(self, health):
+        self._health = health
+
+    def health(self):
+        return self._health
+
+
 def test_hook_counts_and_score_histogram_match_a_brute_force_count():
-    metrics = MetricsObserver(mqtt_failures=lambda: {"a": 2, "b": 0}, webhook_stats=lambda: {"failed": 1, "dropped": 3})
+    metrics = MetricsObserver()
+    metrics.see_outputs([metrics, FixedHealth(OutputHealth("mqtt", False, "unreachable", sent=5, failed=2)),
+                         FixedHealth(OutputHealth("webhook", True, "delivering", sent=7, failed=1, dropped=3)),
+                         FixedHealth(None)])
     metrics.on_start([_info("a", 0.5), _info("b", 2.0)])
     rng = np.random.default_rng(0)
     scores = {"a": rng.uniform(0, 1.2, 300), "b": rng.uniform(0, 5, 120)}
@@ -75,8 +88,12 @@ def test_hook_counts_and_score_histogram_match_a_brute_force_count():
     assert got[("mrkd_end_to_end_latency_seconds_bucket", (("camera", "a"), ("le", "0.005")))] == 300
     build = [k for k in got if k[0] == "mrkd_build_info" and ("camera", "a") in k[1]]
     assert len(build) == 1 and ("precision", "int8") in build[0][1] and ("model_sha256", "ab" * 32) in build[0][1]
-    assert got[("mrkd_mqtt_failures_total", a)] == 2 and got[("mrkd_webhook_failures_total", ())] == 4
-    healthy, details = metrics.health()
+    mqtt, webhook = (("output", "mqtt"),), (("output", "webhook"),)
+    assert got[("mrkd_output_failures_total", mqtt)] == 2 and got[("mrkd_output_up", mqtt)] == 0
+    assert got[("mrkd_output_failures_total", webhook)] + got[("mrkd_output_dropped_total", webhook)] == 4
+    assert got[("mrkd_output_sent_total", webhook)] == 7 and got[("mrkd_output_up", webhook)] == 1
+    healthy, details = metrics.line_health()
+    assert details["outputs"]["mqtt"]["ok"] is False and details["outputs"]["webhook"]["failed"] == 1
     assert not healthy and details["cameras"]["b"]["ok"] is False and details["cameras"]["a"]["ok"] is True
 
 
@@ -92,9 +109,10 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     promtool = require_program("promtool", ["prometheus"])
     model = build_tiny_model(tmp_path / "m.onnx")
     frames, recorder = DrivenFrames(fps=50), Recorder()
-    sinks = EventSinks(tmp_path / "events.jsonl")
-    metrics = MetricsObserver(webhook_stats=lambda: {"failed": 0, "dropped": 0}, stale_s=5.0)
+    sinks = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl")))
+    metrics = MetricsObserver(stale_s=5.0)
     server = OperatorServer("127.0.0.1", 0, metrics=metrics)
+    metrics.see_outputs([*sinks, metrics, server])
     run = LineRun(model, {"press": frames}, [recorder, metrics, server], sinks, stale_after_s=0.5)
     assert wait_for(lambda: len(recorder.frames) >= 20, 10)
     frames.defects(3)

@@ -18,7 +18,7 @@ from peers import require_program
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
 from mrkd.benchmarks.mosquitto import Mosquitto
-from mrkd.runtime import EventSinks, read_events
+from mrkd.runtime import OutputSettings, build_outputs, read_events
 from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings, MqttSettingsError
 
 TESTS = Path(__file__).parent
@@ -59,7 +59,8 @@ def test_events_and_a_retained_status_for_late_subscribers(tmp_path, broker):
     early = MqttRecorder(broker.port, "plant/#")
     frames = DrivenFrames()
     observer = MqttObserver(MqttSettings.from_url(broker.url("plant"), results_rate=5.0))
-    run = LineRun(model, {"left": frames}, [observer], EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps"))
+    run = LineRun(model, {"left": frames}, [observer], build_outputs(OutputSettings(
+        events=str(tmp_path / "events.jsonl"), snapshots=str(tmp_path / "snaps"))))
     assert wait_for(lambda: early.bodies("/left/status"), 10), "no online status"
     frames.defects(3)
     assert wait_for(lambda: len(early.bodies("/left/event")) == 3, 10), early.messages
@@ -100,7 +101,7 @@ def test_no_event_is_lost_while_the_broker_restarts(tmp_path, broker):
     subscriber = MqttRecorder(broker.port, "line/+/event", client_id="test-subscriber", persistent=True)
     frames = DrivenFrames()
     observer = MqttObserver(MqttSettings.from_url(broker.url("line")))
-    run = LineRun(model, {"cam0": frames}, [observer], EventSinks(tmp_path / "events.jsonl"))
+    run = LineRun(model, {"cam0": frames}, [observer], build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"))))
     frames.defects(3)
     assert wait_for(lambda: len(subscriber.bodies("/event")) == 3, 10)
     broker.stop()
@@ -181,7 +182,8 @@ def test_password_and_tls_a_wrong_password_is_counted_not_fatal(tmp_path):
         wrong = MqttObserver(MqttSettings.from_url(broker.url("wrong"), username="line7", password="guess",
                                                    ca_certs=ca), close_deadline_s=0.5)
         frames = DrivenFrames()
-        run = LineRun(model, {"cam0": frames}, [good, wrong], EventSinks(tmp_path / "events.jsonl"))
+        run = LineRun(model, {"cam0": frames}, [good, wrong],
+                      build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"))))
         frames.defects(2)
         assert wait_for(lambda: len(subscriber.bodies("good/cam0/event")) == 2, 10), subscriber.messages
         assert wait_for(lambda: wrong.failures()["cam0"] >= 1, 10)

@@ -13,7 +13,7 @@ from line_fixtures import DrivenFrames, LineRun, Recorder, wait_for
 from peers import require_program
 from runtime_fixtures import build_tiny_model
 
-from mrkd.runtime import EventSinks, read_events
+from mrkd.runtime import OutputSettings, build_outputs, read_events
 from mrkd.runtime.outputs.metrics import MetricsObserver
 from mrkd.runtime.outputs.base import CameraInfo, FrameResult
 from mrkd.runtime.outputs.web import OperatorServer
@@ -55,7 +55,7 @@ def test_page_loads_live_view_changes_and_an_alarm_appears_within_two_seconds(tm
     recorder, metrics = Recorder(), MetricsObserver()
     server = OperatorServer("127.0.0.1", 0, metrics=metrics)
     run = LineRun(model, cameras, [recorder, metrics, server],
-                  EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps"))
+                  build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), snapshots=str(tmp_path / "snaps"))))
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -112,7 +112,8 @@ def test_viewers_and_a_broker_that_never_read_do_not_stall_the_line(tmp_path):
     server = OperatorServer("127.0.0.1", 0, stream_fps=30)
     mqtt = MqttObserver(MqttSettings.from_url(f"mqtt://127.0.0.1:{black_hole.getsockname()[1]}/x"),
                         close_deadline_s=0.5)
-    run = LineRun(model, {"cam0": frames}, [recorder, server, mqtt], EventSinks(tmp_path / "events.jsonl"))
+    run = LineRun(model, {"cam0": frames}, [recorder, server, mqtt],
+                  build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"))))
     stalled = []
     for path in ("/stream/cam0.mjpg", "/events"):
         client = socket.socket()

@@ -23,7 +23,7 @@ import pytest
 from peers import require_rtsp_server
 from runtime_fixtures import build_tiny_model, normal_frame
 
-from mrkd.runtime import EventSinks, open_source, read_events
+from mrkd.runtime import OutputSettings, build_outputs, open_source, read_events
 from mrkd.runtime.line.loop import Camera, Line, run_line
 from mrkd.runtime.outputs.base import LineObserver
 from mrkd.runtime.sources import SourceError
@@ -66,17 +66,14 @@ class RtspCamera:
         self.proc.send_signal(signum)
 
 
-@pytest.fixture(scope="module")
-def rtsp_python():
-    return require_rtsp_server()
-
-
 @pytest.fixture
-def cameras(rtsp_python):
+def cameras():
+    """Start RTSP servers; each codec's GStreamer elements are checked (and installed) before its first server."""
     started = []
 
     def make(**kwargs):
-        camera = RtspCamera(rtsp_python, **kwargs).start()
+        python = require_rtsp_server(kwargs.get("codec", "mjpeg"))
+        camera = RtspCamera(python, **kwargs).start()
         started.append(camera)
         return camera
     yield make
@@ -140,7 +137,7 @@ def test_reads_a_real_rtsp_stream_and_alarms_on_it(tmp_path, cameras, codec):
     model = build_tiny_model(tmp_path / "m.onnx")
     source = open_source(server.url, timeout=TIMEOUT_S)
     line = Line((Camera("rtsp", server.url, str(model), cooldown=0.5),))
-    sinks = EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps")
+    sinks = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), snapshots=str(tmp_path / "snaps")))
     summary = run_line(line, sinks, sources={"rtsp": source}, max_frames=15, status=lambda text: None)
     assert summary["cameras"]["rtsp"]["frames"] == 15
     events = read_events(tmp_path / "events.jsonl")
@@ -183,8 +180,8 @@ def test_killed_server_reconnects_and_the_other_camera_never_stalls(tmp_path, ca
 
 
 @pytest.mark.slow
-def test_camera_still_off_when_the_line_starts_comes_up_later(tmp_path, rtsp_python):
-    server = RtspCamera(rtsp_python)           # not started yet: connection refused
+def test_camera_still_off_when_the_line_starts_comes_up_later(tmp_path):
+    server = RtspCamera(require_rtsp_server("mjpeg"))           # not started yet: connection refused
     model = build_tiny_model(tmp_path / "m.onnx")
     line = Line((Camera("rtsp", server.url, str(model)), file_camera(model)))
     stop, timeline, out = threading.Event(), Timeline(), {}
@@ -263,7 +260,7 @@ def test_soak_two_rtsp_cameras_with_a_server_restart_every_minute(tmp_path, came
     model = build_tiny_model(tmp_path / "m.onnx")
     line = Line(tuple(Camera(f"cam{i}", s.url, str(model), cooldown=1.0) for i, s in enumerate(servers)))
     sources = {f"cam{i}": open_source(s.url, timeout=TIMEOUT_S, backoff=(0.1, 1.0)) for i, s in enumerate(servers)}
-    sinks = EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps")
+    sinks = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), snapshots=str(tmp_path / "snaps")))
 
     class Ages(LineObserver):
         def __init__(self):
@@ -277,7 +274,7 @@ def test_soak_two_rtsp_cameras_with_a_server_restart_every_minute(tmp_path, came
 
     ages, stop, out = Ages(), threading.Event(), {}
     thread = threading.Thread(target=lambda: out.update(summary=run_line(
-        line, sinks, observers=[ages], stop=stop, status=lambda text: None, stale_after_s=1.0, sources=sources)),
+        line, [*sinks, ages], stop=stop, status=lambda text: None, stale_after_s=1.0, sources=sources)),
         daemon=True)
     thread.start()
     rss, started = [], time.monotonic()

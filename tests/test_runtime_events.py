@@ -15,9 +15,9 @@ import pytest
 
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
-from mrkd.runtime import AlarmPolicy, Detector, EventSinks, open_source, read_events, run_stream
-from mrkd.runtime.line.alarms import Alarm
-from mrkd.runtime.outputs.events import DropOldestQueue, new_event_id, write_new_file
+from mrkd.runtime import AlarmPolicy, Detector, OutputSettings, build_outputs, open_source, read_events, run_stream
+from mrkd.runtime.outputs.events import DropOldestQueue, new_event_id
+from mrkd.runtime.outputs.snapshots import write_new_file
 
 TESTS = Path(__file__).parent
 MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]
@@ -55,7 +55,7 @@ def test_a_second_run_keeps_the_first_runs_snapshots(tmp_path):
     frames = normal_then_defective(2, 3)
     digests = {}
     for run in range(2):
-        sinks = EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps")
+        sinks = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), snapshots=str(tmp_path / "snaps")))
         run_stream(Detector(model), open_source(frames), AlarmPolicy(0.1), sinks, status=lambda line: None)
         for event in read_events(tmp_path / "events.jsonl"):
             digests.setdefault(event["snapshot"], Path(event["snapshot"]).read_bytes())
@@ -68,12 +68,23 @@ def test_a_second_run_keeps_the_first_runs_snapshots(tmp_path):
         assert Path(event["snapshot"]).read_bytes() == digests[event["snapshot"]]
 
 
-def test_emit_tags_the_event_with_its_id_camera_and_time(tmp_path):
-    sinks = EventSinks(tmp_path / "e.jsonl", tmp_path / "s")
-    amap = np.zeros((8, 8), np.float32)
-    amap[2:4, 2:4] = 1.0
-    event = sinks.emit(Alarm(7, 0.7, 0.9, 0.5, 1), "src", np.zeros((16, 16, 3), np.uint8), amap, camera="cam1")
-    sinks.close()
+def test_an_alarm_event_carries_its_id_camera_and_time(tmp_path):
+    from mrkd.runtime import Camera, Line, run_line
+    from mrkd.runtime.outputs.base import LineObserver
+
+    class Events(LineObserver):
+        def __init__(self):
+            self.seen = []
+
+        def on_event(self, camera, event):
+            self.seen.append(event)
+
+    recorder = Events()
+    outputs = build_outputs(OutputSettings(events=str(tmp_path / "e.jsonl"), snapshots=str(tmp_path / "s")))
+    line = Line((Camera("cam1", normal_then_defective(0, 1), str(build_tiny_model(tmp_path / "m.onnx")),
+                        threshold=0.1),))
+    run_line(line, [*outputs, recorder], status=lambda text: None)
+    [event] = recorder.seen
     assert read_events(tmp_path / "e.jsonl") == [event]
     assert event["camera"] == "cam1" and Path(event["snapshot"]).parent == tmp_path / "s" / "cam1"
     stamp = dt.datetime.strptime(event["event_id"][:19], "%Y%m%dT%H%M%S.%f")

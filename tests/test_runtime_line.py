@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from runtime_fixtures import SIZE, build_tiny_model, defective_frame, normal_frame, reference_map
 
-from mrkd.runtime import EventSinks, read_events
+from mrkd.runtime import OutputSettings, build_outputs, read_events
 from mrkd.runtime.line.loop import Camera, Line, LineError, run_line
 from mrkd.runtime.line.linefile import LineFileError, parse_line
 from mrkd.runtime.outputs.base import LineObserver
@@ -87,8 +87,8 @@ def test_three_cameras_two_models_match_the_reference_per_camera(tmp_path, two_m
                  Camera("right", str(tmp_path / "right"), str(model_a), debounce=(1, 2), **paced),
                  Camera("top", frames["top"], str(model_b), threshold=0.2, debounce=(1, 1), **paced)))
     recorder = Recorder()
-    sinks = EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps")
-    summary = run_line(line, sinks, observers=[recorder, Broken()], status=lambda text: None)
+    outputs = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), snapshots=str(tmp_path / "snaps")))
+    summary = run_line(line, [*outputs, recorder, Broken()], status=lambda text: None)
 
     events = read_events(tmp_path / "events.jsonl")
     thresholds = {"left": 0.1, "right": 0.1, "top": 0.2}

@@ -18,9 +18,10 @@ import pytest
 from runtime_fixtures import (THRESHOLD, WebhookReceiver, build_tiny_model, normal_then_defective, refused_url,
                               write_video)
 
-from mrkd.runtime import AlarmPolicy, Detector, EventSinks, open_source, read_events, run_stream
+from mrkd.runtime import AlarmPolicy, Detector, OutputSettings, WebhookSettings, build_outputs, open_source, read_events, run_stream
 from mrkd.runtime.line.alarms import parse_debounce
-from mrkd.runtime.outputs.events import EventLog, regions_from_map
+from mrkd.runtime.outputs.events import EventLog
+from mrkd.runtime.outputs.snapshots import regions_from_map
 from mrkd.runtime.outputs.video import VideoFileSink
 
 TESTS = Path(__file__).parent
@@ -72,10 +73,10 @@ def test_regions_are_connected_components_scaled_to_the_frame():
 def test_video_end_to_end_alarms_events_snapshots(tmp_path):
     video = write_video(tmp_path / "parts.avi", normal_then_defective(20, 10), fps=10)
     detector = Detector(build_tiny_model(tmp_path / "m.onnx"))
-    sinks = EventSinks(tmp_path / "events.jsonl", tmp_path / "snaps")
+    sinks = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), snapshots=str(tmp_path / "snaps")))
     saved = VideoFileSink(tmp_path / "annotated.avi", fps=10)
     summary = run_stream(detector, open_source(str(video)), AlarmPolicy(detector.threshold, (2, 3), cooldown_s=0.35),
-                         sinks, outputs=[saved], batch=4, status=lambda line: None)
+                         [*sinks, saved], batch=4, status=lambda line: None)
     events = read_events(tmp_path / "events.jsonl")
     # Defects start at frame 20; 2-of-3 fires on 21, then every 0.35 s of media time (4 frames).
     assert [e["frame_index"] for e in events] == [21, 25, 29]
@@ -98,11 +99,12 @@ def test_video_end_to_end_alarms_events_snapshots(tmp_path):
 
 def test_event_log_appends_and_cuts_a_torn_line(tmp_path):
     path = tmp_path / "events.jsonl"
-    path.write_text('{"a": 1}\n{"half": ')
+    first = {"event_id": "a", "time": "t1"}
+    path.write_text(json.dumps(first) + '\n{"half": ')
     log = EventLog(path)
-    log.write({"b": 2})
+    log.write({"event_id": "b", "time": "t2"})
     log.close()
-    assert read_events(path) == [{"a": 1}, {"b": 2}]
+    assert read_events(path) == [first, {"event_id": "b", "time": "t2"}]
 
 
 @pytest.mark.parametrize("receiver", ["refused", "slow"])
@@ -111,28 +113,28 @@ def test_dead_or_slow_webhook_never_stalls_the_stream(tmp_path, receiver):
     url = server.url if server else refused_url()
     frames = normal_then_defective(0, 40)
     detector = Detector(build_tiny_model(tmp_path / "m.onnx"))
-    sinks = EventSinks(tmp_path / "events.jsonl", webhook_url=url, webhook_timeout=0.3)
+    sinks = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), close_deadline_s=0.5,
+                                         webhook=WebhookSettings(url, timeout=0.3)))
     start = time.monotonic()
-    summary = run_stream(detector, open_source(frames), AlarmPolicy(THRESHOLD), sinks, status=lambda line: None,
-                         webhook_deadline_s=0.5)
+    summary = run_stream(detector, open_source(frames), AlarmPolicy(THRESHOLD), sinks, status=lambda line: None)
     elapsed = time.monotonic() - start
     if server:
         server.close()
     # 40 alarms; a blocking webhook would take >= 40 × 0.3 s.
     assert summary["alarms"] == 40 and len(read_events(tmp_path / "events.jsonl")) == 40
     assert elapsed < 4.0
-    webhook = summary["webhook"]
+    webhook = summary["outputs"]["webhook"]
     assert webhook["sent"] == 0 and webhook["failed"] + webhook["dropped"] == 40
 
 
 def test_webhook_delivers_events(tmp_path):
     server = WebhookReceiver()
     detector = Detector(build_tiny_model(tmp_path / "m.onnx"))
-    sinks = EventSinks(webhook_url=server.url)
+    sinks = build_outputs(OutputSettings(webhook=WebhookSettings(server.url)))
     summary = run_stream(detector, open_source(normal_then_defective(3, 2)), AlarmPolicy(THRESHOLD), sinks,
                          status=lambda line: None)
     server.close()
-    assert summary["webhook"]["sent"] == 2
+    assert summary["outputs"]["webhook"]["sent"] == 2
     assert [json.loads(b)["frame_index"] for b in server.received] == [3, 4]
 
 
@@ -188,8 +190,9 @@ def test_long_run_memory_is_flat(tmp_path):
 def test_runtime_mrkd_run_and_calibrate_never_import_torch(tmp_path):
     video = write_video(tmp_path / "v.avi", normal_then_defective(3, 2))
     model = build_tiny_model(tmp_path / "m.onnx")
-    modules = ["detector", "sources", "alarms", "events", "stats", "stream", "line", "linefile", "cli", "video_output",
-               "overlay",
+    modules = ["detector", "sources", "line.alarms", "line.stats", "line.stream", "line.loop", "line.linefile", "cli",
+               "redact", "outputs", "outputs.events", "outputs.snapshots", "outputs.webhook", "outputs.video",
+               "outputs.overlay", "outputs.delivery",
                "backends", "backends.onnxruntime_backend", "backends.tensorrt_backend", "postprocess",
                "preprocess", "images", "metadata", "calibrate"]
     code = (

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
-from mrkd.runtime import AlarmPolicy, Detector, EventSinks, open_source, read_events, run_stream
-from mrkd.runtime.outputs.events import parse_header, sign_body, verify_signature
+from mrkd.runtime import (AlarmPolicy, Detector, OutputSettings, WebhookSettings, build_outputs, open_source,
+                          read_events, run_stream)
+from mrkd.runtime.outputs.webhook import parse_header, sign_body, verify_signature
 
 TESTS = Path(__file__).parent
 SECRET = b"line-7-shared-secret"
@@ -88,15 +89,15 @@ def test_bad_headers_are_refused(text):
 
 def test_signed_events_with_headers_and_a_retry_the_receiver_deduplicates(tmp_path):
     receiver = VerifyingReceiver(SECRET, fail_first=1)
-    sinks = EventSinks(tmp_path / "events.jsonl", webhook_url=receiver.url, webhook_secret=SECRET,
-                       webhook_headers={"Authorization": "Bearer abc123", "X-Line": "7"})
-    sinks.webhook.backoff = 0.05
+    sinks = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), webhook=WebhookSettings(
+        receiver.url, secret=SECRET, headers=(("Authorization", "Bearer abc123"), ("X-Line", "7")), backoff=0.05)))
     detector = Detector(build_tiny_model(tmp_path / "m.onnx"))
     summary = run_stream(detector, open_source(normal_then_defective(2, 3)), AlarmPolicy(0.1), sinks,
                          status=lambda line: None)
     receiver.close()
     logged = read_events(tmp_path / "events.jsonl")
-    assert summary["webhook"] == {"sent": 3, "failed": 0, "dropped": 0}
+    webhook = summary["outputs"]["webhook"]
+    assert {k: webhook[k] for k in ("sent", "failed", "dropped")} == {"sent": 3, "failed": 0, "dropped": 0}
     assert [e["event_id"] for e in receiver.accepted] == [e["event_id"] for e in logged]
     assert receiver.accepted == logged and not receiver.rejected
     assert len(receiver.headers) == 4          # the first event twice: refused with 500, then retried
@@ -108,13 +109,13 @@ def test_signed_events_with_headers_and_a_retry_the_receiver_deduplicates(tmp_pa
 
 def test_a_receiver_with_another_secret_rejects_every_post(tmp_path):
     receiver = VerifyingReceiver(b"not the line's secret")
-    sinks = EventSinks(webhook_url=receiver.url, webhook_secret=SECRET)
-    sinks.webhook.retries = 0
+    sinks = build_outputs(OutputSettings(webhook=WebhookSettings(receiver.url, secret=SECRET, retries=0)))
     detector = Detector(build_tiny_model(tmp_path / "m.onnx"))
     summary = run_stream(detector, open_source(normal_then_defective(1, 2)), AlarmPolicy(0.1), sinks,
                          status=lambda line: None)
     receiver.close()
-    assert summary["webhook"]["sent"] == 0 and summary["webhook"]["failed"] == 2
+    webhook = summary["outputs"]["webhook"]
+    assert webhook["sent"] == 0 and webhook["failed"] == 2
     assert len(receiver.rejected) == 2 and not receiver.accepted
 
 

@@ -29,6 +29,14 @@ def is_anomalous(score, threshold: float):
     return np.asarray(score) >= threshold
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One frame's verdict under the policy: anomalous (the one rule) and the alarm it raised, if any."""
+
+    anomalous: bool
+    alarm: Optional["Alarm"] = None
+
+
 @dataclass
 class Alarm:
     """An alarm raised on frame ``frame_index`` (the k-th anomalous frame of the window)."""
@@ -77,16 +85,21 @@ class AlarmPolicy:
         last_index, last_time = self._last_alarm
         return timestamp - last_time < self.cooldown_s or frame_index - last_index < self.cooldown_frames
 
-    def update(self, frame_index: int, timestamp: float, score: float) -> Optional[Alarm]:
-        """Record one frame's score; returns an Alarm when this frame raises one."""
+    def decide(self, frame_index: int, timestamp: float, score: float) -> Decision:
+        """Record one frame's score; the frame's decision (anomalous, and the Alarm it raises if any):
+        the loop and every output read it from here, nobody applies the rule a second time."""
         anomalous = is_anomalous(score, self.threshold)
         self.window.append(anomalous)
         count = sum(self.window)
         if not anomalous or count < self.k:
-            return None
+            return Decision(anomalous)
         if self.in_cooldown(frame_index, timestamp):
             self.suppressed += 1
-            return None
+            return Decision(anomalous)
         self._last_alarm = (frame_index, timestamp)
         self.alarms += 1
-        return Alarm(frame_index, timestamp, float(score), self.threshold, count)
+        return Decision(anomalous, Alarm(frame_index, timestamp, float(score), self.threshold, count))
+
+    def update(self, frame_index: int, timestamp: float, score: float) -> Optional[Alarm]:
+        """``decide`` for callers that only need the alarm."""
+        return self.decide(frame_index, timestamp, score).alarm

@@ -15,6 +15,7 @@ with ``iter_frames`` below.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -26,15 +27,19 @@ from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Seq
 
 import numpy as np
 
-from mrkd.runtime.line.alarms import AlarmPolicy, is_anomalous
+from mrkd.errors import MrkdError
+from mrkd.runtime.calibration import frame_size_mismatch
+from mrkd.runtime.line.alarms import AlarmPolicy
 from mrkd.runtime.detector import STAGES, Detector
-from mrkd.runtime.outputs.events import EventSinks
 from mrkd.runtime.metadata import model_file_sha256
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
-from mrkd.runtime.sources import NETWORK_SCHEMES, Frame, Source, SourceError, SourceStats, open_source
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each
+from mrkd.runtime.outputs.events import make_event, new_event_id
+from mrkd.runtime.outputs.snapshots import regions_from_map
+from mrkd.runtime.redact import redact_uri
+from mrkd.runtime.sources import Frame, Source, SourceError, SourceUnreachable, open_source
+from mrkd.runtime.sources.late import LateSource
 from mrkd.runtime.line.stats import LatencyWindow, RunStats
 from mrkd.runtime.line.trigger import PartSettings
-from mrkd.runtime.outputs.video import annotate
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # also a folder
 DEFAULT_CAMERA = "cam0"
 
 
-class LineError(ValueError):
+class LineError(MrkdError, ValueError):
     """A line description that cannot run (bad camera name, duplicate names, bad settings)."""
 
 
@@ -137,6 +142,7 @@ class _Feed:
         self.last_arrival: Optional[float] = None
         self.intervals: Deque[float] = deque(maxlen=32)
         self.finished = False     # the reader will add no more frames
+        self.failure: Optional[str] = None   # why the reader died (a source that raised), None if it did not
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name=f"camera:{name}", daemon=True)
 
@@ -168,8 +174,10 @@ class _Feed:
                     self.buffer.append(_Arrived(frame, now))
                     self.read_count += 1
                     self._cond.notify_all()
-        except Exception:   # a source bug must end this camera, not the line
-            logger.exception("camera %s: reader failed", self.name)
+        except Exception as exc:   # a source bug must end this camera, not the line; the run reports it
+            self.failure = f"{type(exc).__name__}: {exc}"
+            logger.error("camera %s: its source failed and stopped (%s)", self.name, self.failure)
+            logger.debug("camera %s: reader traceback", self.name, exc_info=True)
         finally:
             with self._cond:
                 self.finished = True
@@ -249,20 +257,11 @@ class _CameraState:
     policy: AlarmPolicy
     feed: _Feed
     info: CameraInfo
-    outputs: Sequence = ()
     frames: int = 0
     alarms: int = 0
     latency: LatencyWindow = field(default_factory=LatencyWindow)
     up: bool = False
     fps_mark: Tuple[float, int] = (0.0, 0)
-
-
-def _notify(observers: Sequence[LineObserver], hook: str, *args) -> None:
-    for observer in observers:
-        try:
-            getattr(observer, hook)(*args)
-        except Exception:   # one broken output must not stop scoring
-            logger.exception("observer %s.%s failed", type(observer).__name__, hook)
 
 
 def _threshold_source(camera: Camera, detector: Detector) -> str:
@@ -283,57 +282,6 @@ def open_detectors(line: Line) -> Dict[str, Detector]:
     return detectors
 
 
-class LateSource(Source):
-    """A network camera that did not answer when the line started (a camera still booting): opened
-    again with backoff on its camera's reader thread until it answers, then read like any live source."""
-
-    live = True
-    paced = False
-
-    def __init__(self, uri: str, opener: Callable[[], Source], first_error: str,
-                 backoff: Tuple[float, float] = (0.5, 5.0)):
-        self._inner: Optional[Source] = None
-        super().__init__(uri)
-        self._own_stats.last_error = first_error
-        self._opener, self._backoff, self._delay = opener, backoff, backoff[0]
-        self._next_try = time.monotonic() + self._delay
-
-    @property
-    def stats(self) -> SourceStats:
-        return self._inner.stats if self._inner is not None else self._own_stats
-
-    @stats.setter
-    def stats(self, value: SourceStats) -> None:   # Source.__init__ assigns one
-        self._own_stats = value
-
-    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
-        if self._closed:
-            return None
-        if self._inner is None:
-            wait = self._next_try - time.monotonic()
-            if wait > 0:
-                time.sleep(min(wait, 0.25 if timeout is None else timeout))
-                return None
-            try:
-                self._inner = self._opener()
-                logger.warning("%s: answered; reading it", self.uri)
-            except SourceError as exc:
-                self._own_stats.last_error = str(exc)
-                self._delay = min(self._delay * 2, self._backoff[1])
-                self._next_try = time.monotonic() + self._delay
-                return None
-        return self._inner.read(timeout)
-
-    @property
-    def ended(self) -> bool:
-        return self._closed or (self._inner is not None and self._inner.ended)
-
-    def close(self) -> None:
-        self._closed = True
-        if self._inner is not None:
-            self._inner.close()
-
-
 def open_sources(line: Line, timeout: float = 5.0) -> Dict[str, Source]:
     """Open every camera's source; a failure names the camera (sources opened so far are closed).
     A network camera that does not answer yet is not a failure: it is opened again in the background
@@ -346,12 +294,11 @@ def open_sources(line: Line, timeout: float = 5.0) -> Dict[str, Source]:
                                    timeout=timeout, features=camera.features, name=camera.name)
             try:
                 sources[camera.name] = opener()
-            except SourceError as exc:
-                network = isinstance(camera.source, str) and camera.source.lower().startswith(NETWORK_SCHEMES)
-                if not network or "cannot open" not in str(exc):
-                    raise SourceError(f"camera {camera.name!r}: {exc}") from exc
+            except SourceUnreachable as exc:     # a network camera still booting: not a failure
                 logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
                 sources[camera.name] = LateSource(camera.source, opener, str(exc))
+            except SourceError as exc:
+                raise SourceError(f"camera {camera.name!r}: {exc}") from exc
     except BaseException:
         for source in sources.values():
             source.close()
@@ -372,40 +319,63 @@ def _status_of(state: _CameraState, now: float, stale_after_s: float) -> CameraS
                         features=dict(getattr(feed.source, "features_applied", {})))
 
 
-def _status_line(statuses: Sequence[CameraStatus], stats: RunStats) -> str:
+def _status_line(statuses: Sequence[CameraStatus], stats: RunStats, observers: Sequence[LineObserver] = ()) -> str:
     stages = " ".join(f"{stage} {p['p50']:.1f}/{p['p99']:.1f}"
                       for stage, p in ((s, w.percentiles_ms()) for s, w in stats.latency.items()))
     cameras = " | ".join(
         f"{s.camera}: {'up' if s.up else 'DOWN'} {s.frames} frames {s.fps:.1f} fps "
         f"p50/p99 {s.extra['latency_p50_ms']:.1f}/{s.extra['latency_p99_ms']:.1f} ms alarms {int(s.extra['alarms'])} "
         f"dropped {s.dropped} bad {s.bad_frames} reconnects {s.reconnects}" for s in statuses)
-    return f"{stats.frames} frames, ms p50/p99 per frame: {stages} || {cameras}"
+    failing = [f"{name} {h['state']} ({h['failed']} failed)" for name, h in outputs_summary(observers).items()
+               if not h["ok"]]
+    outputs = f" || outputs FAILING: {', '.join(failing)}" if failing else ""
+    return f"{stats.frames} frames, ms p50/p99 per frame: {stages} || {cameras}{outputs}"
 
 
-def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence[LineObserver] = (),
-             outputs: Optional[Mapping[str, Sequence]] = None, max_frames: Optional[int] = None,
-             status_every: float = 0.0, batch: int = 1, stop: Optional[threading.Event] = None,
-             status: Callable[[str], None] = print, webhook_deadline_s: float = 5.0,
-             batch_timeout: Optional[float] = None, stale_after_s: float = 2.0,
-             detectors: Optional[Mapping[str, Detector]] = None,
-             sources: Optional[Mapping[str, Source]] = None, policies: Optional[Mapping[str, AlarmPolicy]] = None,
-             cross_camera_batching: bool = True) -> dict:
-    """Score every camera of ``line`` until all sources end, each reached ``max_frames`` (per camera)
-    or ``stop`` is set; returns the run summary (totals, per-camera figures under "cameras").
+@dataclass(frozen=True)
+class RunSettings:
+    """How the loop runs (not what it watches, the Line, nor where results go, the outputs).
 
-    observers: LineObserver hooks, called on this thread. outputs: camera name -> frame sinks
-    (VideoFileSink, WindowSink) receiving annotated frames. batch: frames per camera per round (files
-    gain throughput; live cameras only ever have their newest). batch_timeout: seconds to wait for
-    the other cameras after the oldest frame in hand (default: the fastest camera's frame period,
-    at most 0.2 s). stale_after_s: a camera silent this long is not waited for and shows as down.
-    detectors / sources: already opened ones (keyed by resolved model path / camera name); the
-    sources are closed at the end, the detectors are the caller's. policies: camera name -> an
-    AlarmPolicy to use instead of one built from the camera's settings. cross_camera_batching=False
-    scores each camera's frames in a separate call (the benchmark's baseline).
+    max_frames: per camera. status_every: seconds between status lines (0 = none). batch: frames per
+    camera per round (files gain throughput; live cameras only ever have their newest).
+    batch_timeout: seconds to wait for the other cameras after the oldest frame in hand (default: the
+    fastest camera's frame period, at most 0.2 s). stale_after_s: a camera silent this long is not
+    waited for and shows as down. cross_camera_batching=False scores each camera's frames in a
+    separate call (the benchmark's baseline).
     """
+
+    max_frames: Optional[int] = None
+    status_every: float = 0.0
+    batch: int = 1
+    batch_timeout: Optional[float] = None
+    stale_after_s: float = 2.0
+    cross_camera_batching: bool = True
+
+    def __post_init__(self):
+        if self.batch < 1 or (self.max_frames is not None and self.max_frames < 1):
+            raise LineError(f"batch and max_frames must be >= 1, got {self.batch} and {self.max_frames}")
+
+
+def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optional[RunSettings] = None, *,
+             stop: Optional[threading.Event] = None, status: Callable[[str], None] = print,
+             detectors: Optional[Mapping[str, Detector]] = None, sources: Optional[Mapping[str, Source]] = None,
+             policies: Optional[Mapping[str, AlarmPolicy]] = None, slots=None, **run_settings) -> dict:
+    """Score every camera of ``line`` until all sources end, each reached ``settings.max_frames`` (per
+    camera) or ``stop`` is set; returns the run summary (totals, per-camera figures under "cameras",
+    every output's health under "outputs").
+
+    observers: the line's outputs (``mrkd.runtime.outputs.build_outputs``) and any other LineObserver,
+    called on this thread in this order; each is told ``on_stop`` at the end (they flush there).
+    settings: RunSettings, or its fields as keywords (``max_frames=10``). detectors / sources: already
+    opened ones (keyed by resolved model path / camera name); the sources are closed at the end, the
+    detectors are the caller's. policies: camera name -> an AlarmPolicy to use instead of one built
+    from the camera's settings. slots: a runtime/line/swap.py ModelSlots over ``detectors`` (hot swap;
+    also pass it among the observers, it keeps the frames a new model is checked on).
+    """
+    settings = dataclasses.replace(settings or RunSettings(), **run_settings)
+    observers = list(observers)
     stop = stop or threading.Event()
-    sinks = sinks or EventSinks()
-    outputs = outputs or {}
+    max_frames, batch, stale_after_s = settings.max_frames, settings.batch, settings.stale_after_s
     own_detectors = detectors is None
     cond = threading.Condition()
     states: List[_CameraState] = []
@@ -417,17 +387,21 @@ def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence
         for camera in line.cameras:
             detector = detectors[str(Path(camera.model).resolve())]
             threshold = camera.threshold if camera.threshold is not None else detector.threshold
+            size_problem = None if camera.threshold is not None else frame_size_mismatch(
+                detector.metadata.calibration, camera.size)
+            if size_problem:    # scores depend on the frame size: say so before the first decision
+                logger.warning("camera %r: %s", camera.name, size_problem)
             policy = (policies or {}).get(camera.name) or AlarmPolicy(threshold, camera.debounce, camera.cooldown,
                                                                       camera.cooldown_frames)
             threshold = policy.threshold
             source = sources[camera.name]
             feed = _Feed(camera.name, source, cond, capacity=max(2, 2 * batch) if not source.live else 1,
                          max_frames=max_frames)
-            info = CameraInfo(name=camera.name, source=str(getattr(source, "uri", camera.source)),
+            info = CameraInfo(name=camera.name, source=redact_uri(getattr(source, "uri", camera.source)),
                               model=str(camera.model), model_sha256=model_file_sha256(camera.model),
                               backend=detector.backend.name, precision=detector.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
-            states.append(_CameraState(camera, detector, policy, feed, info, outputs.get(camera.name, ())))
+            states.append(_CameraState(camera, detector, policy, feed, info))
     except BaseException:
         for source in (sources or {}).values():
             source.close()
@@ -439,38 +413,40 @@ def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence
     feeds = [s.feed for s in states]
     stats = RunStats(STAGES)
     rounds = scored_calls = 0
-    _notify(observers, "on_start", [s.info for s in states])
+    infos = [s.info for s in states]
+    call_each(observers, lambda o: o.on_start(infos))
     last_status = time.monotonic()
     for state in states:
         state.fps_mark = (last_status, 0)
         state.feed.start()
     try:
         while not stop.is_set() and not all(f.done for f in feeds):
-            taken = gather_round(feeds, cond, stop, batch, batch_timeout, stale_after_s)
+            taken = gather_round(feeds, cond, stop, batch, settings.batch_timeout, stale_after_s)
             now = time.monotonic()
             for state in states:    # a camera goes down when silent, up again with its next frame
                 up = state.camera.name in taken or (not state.feed.done and state.feed.last_arrival is not None
                                                     and now - state.feed.last_arrival <= stale_after_s)
                 if up != state.up:
                     state.up = up
-                    _notify(observers, "on_status", _status_of(state, now, stale_after_s))
+                    camera_status = _status_of(state, now, stale_after_s)
+                    call_each(observers, lambda o: o.on_status(camera_status))
+            if slots is not None:     # runtime/line/swap.py: a reloaded model takes over between rounds
+                slots.apply(states)
             if taken:
                 rounds += 1
-                scored_calls += _score_round(taken, by_name, stats, sinks, observers, cross_camera_batching, stop)
-            if status_every and time.monotonic() - last_status >= status_every:
+                scored_calls += _score_round(taken, by_name, stats, observers, settings.cross_camera_batching)
+                if any(_asks_to_stop(o) for o in observers):
+                    stop.set()
+            if settings.status_every and time.monotonic() - last_status >= settings.status_every:
                 last_status = time.monotonic()
                 statuses = [_status_of(s, last_status, stale_after_s) for s in states]
                 for camera_status in statuses:
-                    _notify(observers, "on_status", camera_status)
-                status(_status_line(statuses, stats))
+                    call_each(observers, lambda o: o.on_status(camera_status))
+                status(_status_line(statuses, stats, observers))
     finally:
         for feed in feeds:
             feed.close()
-        webhook = sinks.close(webhook_deadline_s)
-        for state in states:
-            for output in state.outputs:
-                output.close()
-        _notify(observers, "on_stop")
+        call_each(observers, lambda o: o.on_stop())     # every event is out of the loop: flush and release
         if own_detectors:
             for detector in detectors.values():
                 detector.close()
@@ -482,17 +458,33 @@ def run_line(line: Line, sinks: Optional[EventSinks] = None, observers: Sequence
             "frames": state.frames, "alarms": state.alarms, "up": state.up,
             "alarms_suppressed_by_cooldown": state.policy.suppressed,
             "latency_ms": state.latency.percentiles_ms(), "threshold": state.info.threshold,
-            "model": state.info.model}
-    return stats.summary({"cameras": cameras, "webhook": webhook, "events": sinks.events,
+            "model": state.info.model, "source_failed": state.feed.failure}
+    return stats.summary({"cameras": cameras, "events": stats.alarms, "outputs": outputs_summary(observers),
+                          "failed_cameras": [s.camera.name for s in states if s.feed.failure],
                           "detector_calls": scored_calls, "rounds": rounds,
                           "frames_per_call": stats.frames / scored_calls if scored_calls else 0.0,
                           "stopped_early": stop.is_set()})
 
 
+def outputs_summary(observers: Sequence[LineObserver]) -> Dict[str, dict]:
+    """Every output's health by name (the summary's "outputs"): state, sent, failed, dropped, last error."""
+    found: list = []
+    call_each(observers, lambda o: found.append(o.health()))
+    return {h.name: dataclasses.asdict(h) for h in found if h is not None}
+
+
+def _asks_to_stop(observer: LineObserver) -> bool:
+    try:
+        return bool(observer.stop_requested())
+    except Exception:
+        return False
+
+
 def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraState], stats: RunStats,
-                 sinks: EventSinks, observers: Sequence[LineObserver], batched: bool, stop: threading.Event) -> int:
-    """Score one round (one detector call per model, or per camera when not ``batched``); then alarms,
-    events, observers and outputs per frame in camera order. Returns the number of detector calls."""
+                 observers: Sequence[LineObserver], batched: bool) -> int:
+    """Score one round (one detector call per model, or per camera when not ``batched``); then per
+    frame in camera order: the policy's decision, and for an alarm the event record (every output may
+    add to it first: the snapshot path), then every output. Returns the number of detector calls."""
     groups: Dict[object, List[Tuple[_CameraState, _Arrived]]] = {}
     for name, arrived in taken.items():
         state = by_name[name]
@@ -509,22 +501,22 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
             latency = done - arrived.arrival
             state.frames += 1
             state.latency.add(latency)
-            alarm = state.policy.update(frame.index, frame.timestamp, score)
-            event = None
-            if alarm is not None:
+            decision = state.policy.decide(frame.index, frame.timestamp, score)
+            scored = FrameResult(
+                camera=state.camera.name, frame_index=frame.index, frame_time=frame.timestamp, image=frame.image,
+                amap=amap, score=score, threshold=state.policy.threshold, anomalous=decision.anomalous,
+                infer_s=infer_share, latency_s=latency)
+            if decision.alarm is not None:
                 state.alarms += 1
                 stats.alarms += 1
-                event = sinks.emit(alarm, frame.source, frame.image, amap, camera=state.camera.name)
-                _notify(observers, "on_event", state.camera.name, event)
-            threshold = state.policy.threshold
-            _notify(observers, "on_frame", FrameResult(
-                camera=state.camera.name, frame_index=frame.index, frame_time=frame.timestamp, image=frame.image,
-                amap=amap, score=score, threshold=threshold, anomalous=is_anomalous(score, threshold), event=event,
-                infer_s=infer_share, latency_s=latency))
-            for output in state.outputs:
-                output.write(annotate(frame.image, amap, score, threshold, alarm is not None))
-                if getattr(output, "wants_stop", False):
-                    stop.set()
+                alarm = decision.alarm
+                event = make_event(alarm, state.info.source, regions_from_map(amap, alarm.threshold, frame.image.shape[:2]),
+                                   None, state.camera.name, new_event_id())
+                event["model_sha256"] = state.info.model_sha256     # the model that judged it (hot swap)
+                scored = dataclasses.replace(scored, event=event)
+                call_each(observers, lambda o: event.update(o.event_fields(scored)))
+                call_each(observers, lambda o: o.on_event(state.camera.name, event))
+            call_each(observers, lambda o: o.on_frame(scored))
     return len(groups)
 
 

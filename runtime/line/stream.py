@@ -1,4 +1,4 @@
-"""One camera: source -> detector -> alarm policy -> event sinks (+ annotated outputs).
+"""One camera: source -> detector -> alarm policy -> the line's outputs.
 
 ``run_stream`` is the one-camera case of ``mrkd.runtime.line.loop.run_line`` (the one frame loop); it
 returns a summary dict. It stops at
@@ -17,8 +17,7 @@ from typing import Callable, Optional, Sequence
 
 from mrkd.runtime.line.alarms import AlarmPolicy
 from mrkd.runtime.detector import Detector
-from mrkd.runtime.outputs.events import EventSinks
-from mrkd.runtime.line.loop import DEFAULT_CAMERA, Camera, Line, run_line
+from mrkd.runtime.line.loop import DEFAULT_CAMERA, Camera, Line, RunSettings, run_line
 from mrkd.runtime.outputs.base import LineObserver
 from mrkd.runtime.sources import Source
 
@@ -47,23 +46,21 @@ def stop_on_signals(stop: threading.Event, signals=(signal.SIGINT, signal.SIGTER
             signal.signal(sig, old)
 
 
-def run_stream(detector: Detector, source: Source, alarm_policy: AlarmPolicy, sinks: Optional[EventSinks] = None,
-               outputs: Sequence = (), max_frames: Optional[int] = None, status_every: float = 0.0,
-               batch: int = 1, stop: Optional[threading.Event] = None,
-               status: Callable[[str], None] = print, webhook_deadline_s: float = 5.0,
-               observers: Sequence[LineObserver] = (), camera: str = DEFAULT_CAMERA) -> dict:
-    """Score every frame of ``source``, raise alarms, write events; returns the run summary.
+def run_stream(detector: Detector, source: Source, alarm_policy: AlarmPolicy,
+               outputs: Sequence[LineObserver] = (), settings: Optional[RunSettings] = None, *,
+               stop: Optional[threading.Event] = None, status: Callable[[str], None] = print,
+               camera: str = DEFAULT_CAMERA, **run_settings) -> dict:
+    """Score every frame of ``source``, raise alarms, tell ``outputs``; returns the run summary.
 
     The one-camera case of ``mrkd.runtime.line.loop.run_line`` (same loop, camera named ``camera``).
-    outputs: frame sinks (VideoFileSink, WindowSink) receiving annotated frames. status_every:
-    seconds between status lines passed to ``status`` (0 = none). batch: frames per detector call.
+    outputs: LineObservers, e.g. ``build_outputs(OutputSettings(events=..., snapshots=...))``.
+    settings: RunSettings, or its fields as keywords (``batch=4``, ``status_every=5``).
     """
     threshold = None if alarm_policy.threshold == detector.threshold else alarm_policy.threshold
     line = Line((Camera(camera, getattr(source, "uri", "memory"), str(detector.model_path), threshold=threshold),))
-    summary = run_line(line, sinks, observers, {camera: outputs}, max_frames=max_frames, status_every=status_every,
-                       batch=batch, stop=stop, status=status, webhook_deadline_s=webhook_deadline_s,
+    summary = run_line(line, outputs, settings, stop=stop, status=status,
                        detectors={str(detector.model_path.resolve()): detector}, sources={camera: source},
-                       policies={camera: alarm_policy})
+                       policies={camera: alarm_policy}, **run_settings)
     one = summary["cameras"][camera]
     summary.update(source=one["source"], alarms_suppressed_by_cooldown=one["alarms_suppressed_by_cooldown"])
     return summary

@@ -1,5 +1,73 @@
-"""What the line tells the outside world: every output is a ``LineObserver`` (base.py).
+"""What the line tells the outside world: every output is a ``LineObserver`` (base.py), built from
+the line's ``OutputSettings`` by ``build_outputs`` (the CLI and the Python API both call it).
 
-events.py (JSON-lines log, snapshots, webhook), mqtt.py, metrics.py (Prometheus), web.py (the
-operator page), video.py (annotated video file, window), overlay.py (heat-map drawing).
+A new output is one new module with ``outputs_from(settings) -> list of LineObserver`` and one line
+in ``SINKS``. Today: snapshots.py (one image per alarm), events.py (JSON-lines log), webhook.py,
+video.py (annotated video file, window), mqtt.py, metrics.py (Prometheus), web.py (the operator
+page, /metrics, /healthz). overlay.py draws heat-maps; delivery.py counts and warns for them all.
 """
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional
+
+from mrkd.errors import SettingError
+
+if TYPE_CHECKING:      # the modules load only when their output is asked for
+    from mrkd.runtime.outputs.base import LineObserver
+    from mrkd.runtime.outputs.mqtt import MqttSettings
+    from mrkd.runtime.outputs.webhook import WebhookSettings
+
+OUTPUT_SCHEMA_VERSION = 1
+
+# The outputs, in the order their hooks are called (modules of this package).
+SINKS = ("snapshots", "events", "webhook", "video", "mqtt", "metrics", "web")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where a line's results go; every field off by default.
+
+    events: JSON-lines log file. snapshots: folder of alarm images (snapshot_format .jpg/.png).
+    webhook: WebhookSettings. mqtt: MqttSettings. http: "HOST:PORT" of /metrics, /healthz and the
+    operator page. save_video / show: annotated frames of ``video_camera`` (default: the first camera)
+    to a file (at video_fps) / a window. close_deadline_s: how long network outputs may take to flush
+    at the stop.
+    """
+
+    events: Optional[str] = None
+    snapshots: Optional[str] = None
+    snapshot_format: str = ".jpg"
+    webhook: Optional["WebhookSettings"] = None
+    mqtt: Optional["MqttSettings"] = None
+    http: Optional[str] = None
+    save_video: Optional[str] = None
+    video_fps: float = 15.0
+    show: bool = False
+    video_camera: Optional[str] = None
+    close_deadline_s: float = 5.0
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.snapshot_format not in (".jpg", ".png"):
+            raise SettingError(f"snapshot format must be .jpg or .png, got {self.snapshot_format!r}")
+        if not self.video_fps > 0 or not self.close_deadline_s >= 0:
+            raise SettingError("video fps must be > 0 and the close deadline >= 0")
+
+
+def build_outputs(settings: OutputSettings) -> List["LineObserver"]:
+    """Every output ``settings`` asks for, in ``SINKS`` order; each has seen the whole list
+    (``see_outputs``). Raises MrkdError/OSError naming the output that cannot start (a busy port,
+    a file that is not an events log); the outputs already started are stopped again."""
+    from mrkd.runtime.outputs.base import call_each
+    outputs: List["LineObserver"] = []
+    try:
+        for name in SINKS:
+            outputs += importlib.import_module(f"mrkd.runtime.outputs.{name}").outputs_from(settings)
+    except BaseException:
+        call_each(outputs, lambda output: output.on_stop())
+        raise
+    call_each(outputs, lambda output: output.see_outputs(outputs))
+    return outputs

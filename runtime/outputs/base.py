@@ -9,10 +9,14 @@ broker or browser never slows scoring.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class CameraInfo:
     """A camera as the loop runs it (what a status topic, a metrics label or a page shows)."""
 
     name: str
-    source: str                  # the URI as given
+    source: str                  # the URI, credentials redacted (mrkd.runtime.redact.redact_uri)
     model: str                   # model file path
     model_sha256: str            # hash of the model file, as checked against its metadata
     backend: str                 # "onnxruntime" / "tensorrt" / "openvino" (runtime.backends.REGISTRY)
@@ -62,11 +66,23 @@ class CameraStatus:
 
 
 class LineObserver:
-    """Base class with no-op hooks; subclasses override what they need. Hooks run on the loop thread
-    and must not block."""
+    """Base class with no-op hooks; every output of a line (events log, snapshots, webhook, video file,
+    window, MQTT, metrics, page, PLC servers) is one, built by ``mrkd.runtime.outputs.build_outputs``.
+    Hooks run on the loop thread (the part runner's for parts) and must not block. Order per alarm
+    frame: ``event_fields`` of every output (what they add to the record, e.g. the snapshot's path),
+    then ``on_event`` and ``on_frame``; per NG/ERROR part: ``part_snapshots``, then ``on_part``."""
 
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         pass
+
+    def see_outputs(self, outputs: Sequence["LineObserver"]) -> None:
+        """Every output of the line (self included), once, before ``on_start``: outputs that report on
+        the others (metrics, the page) keep the list and read each one's ``health()``."""
+
+    def event_fields(self, result: FrameResult) -> Mapping[str, object]:
+        """Fields this output adds to an alarm's event record before any output sends it (the
+        snapshot writer adds ``snapshot``); ``result.event`` is the record so far."""
+        return {}
 
     def on_frame(self, result: FrameResult) -> None:
         pass
@@ -80,8 +96,18 @@ class LineObserver:
     def on_trigger(self, receipt: TriggerReceipt) -> None:
         """A part trigger arrived (accepted or refused) in triggered mode."""
 
+    def part_snapshots(self, part: PartResult, views: Mapping[str, Tuple[np.ndarray, np.ndarray, float]]
+                       ) -> Mapping[str, str]:
+        """For an NG/ERROR part (``part.event_id`` set): camera -> snapshot path this output wrote;
+        ``views``: camera -> (image, anomaly map, threshold) of the cameras that have an image."""
+        return {}
+
     def on_part(self, result: PartResult) -> None:
         """A part was judged (OK, NG or ERROR) in triggered mode."""
+
+    def stop_requested(self) -> bool:
+        """True when this output asks the run to end (a window closed by the operator)."""
+        return False
 
     def health(self) -> Optional[OutputHealth]:
         """This output's delivery state, or None for outputs that deliver nothing (a window)."""
@@ -89,6 +115,28 @@ class LineObserver:
 
     def on_stop(self) -> None:
         """The loop has ended (every event is written); flush within a short deadline and release."""
+
+
+def call_each(observers: Sequence[LineObserver], call: Callable[[LineObserver], object]) -> None:
+    """``call(observer)`` for every observer; one that raises is logged (once per output and hook kind
+    a minute) and the others still run: one broken output must not stop scoring."""
+    for observer in observers:
+        try:
+            call(observer)
+        except Exception:
+            _log_broken(observer)
+
+
+_broken_logged: Dict[Tuple[str, int], float] = {}
+
+
+def _log_broken(observer: LineObserver) -> None:
+    key = (type(observer).__name__, id(observer))
+    now = time.monotonic()
+    if now - _broken_logged.get(key, -1e9) >= 60.0:
+        _broken_logged[key] = now
+        logger.exception("output %s failed (further failures of it are logged once a minute)",
+                         type(observer).__name__)
 
 
 # ---------------------------------------------------------------- parts and output health
@@ -172,3 +220,5 @@ class OutputHealth:
     sent: int = 0
     failed: int = 0
     detail: str = ""             # the last error, naming the target (never a credential)
+    dropped: int = 0             # given up unsent (queue full while failing, or still queued at the stop)
+    target: str = ""             # where it delivers: a path, a URL or host:port (credentials redacted)

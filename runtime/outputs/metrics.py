@@ -6,8 +6,10 @@ Per camera (label ``camera``): ``mrkd_frames_total``, ``mrkd_frames_dropped_tota
 histograms ``mrkd_inference_seconds`` (each frame's share of its batch), ``mrkd_end_to_end_latency_seconds``
 (frame arrival to result) and ``mrkd_image_score_ratio`` (score / the camera's threshold, so 1.0 is
 the alarm level for every camera: good parts drifting towards it show here long before alarms do);
-``mrkd_threshold``; ``mrkd_build_info`` (1, labelled with model hash, backend, precision, version);
-``mrkd_mqtt_failures_total`` and ``mrkd_webhook_failures_total`` read from those senders at scrape time.
+``mrkd_threshold``; ``mrkd_build_info`` (1, labelled with model hash, backend, precision, version).
+Per output of the line (label ``output``: events, snapshots, webhook, mqtt, video, page, PLC servers...),
+read from each one's ``LineObserver.health()`` at scrape time: ``mrkd_output_up`` (1 while it
+delivers), ``mrkd_output_sent_total``, ``mrkd_output_failures_total``, ``mrkd_output_dropped_total``.
 
 The hooks run on the loop thread and only bump counters (a few microseconds per frame).
 """
@@ -15,10 +17,12 @@ The hooks run on the loop thread and only bump counters (a few microseconds per 
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from dataclasses import asdict
+from typing import Dict, List, Sequence, Tuple
 
 from mrkd.deps import require
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, PartResult,
+                                       TriggerReceipt, Verdict, call_each)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 SCORE_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
@@ -35,13 +39,11 @@ def _version() -> str:
 class MetricsObserver(LineObserver):
     """Keeps a line's Prometheus metrics in its own registry; ``exposition()`` is the /metrics body.
 
-    mqtt_failures: returns {camera: failures} (MqttObserver.failures); webhook_stats: returns the
-    webhook sender's {"failed", "dropped", ...} (EventSinks.webhook.stats). stale_s: /healthz
-    reports a camera as failing when it has scored no frame for this long.
+    The line's other outputs come through ``see_outputs``; their ``health()`` is read at scrape time.
+    stale_s: /healthz reports a camera as failing when it has scored no frame for this long.
     """
 
-    def __init__(self, mqtt_failures: Optional[Callable[[], Mapping[str, int]]] = None,
-                 webhook_stats: Optional[Callable[[], Mapping[str, int]]] = None, stale_s: float = 10.0):
+    def __init__(self, stale_s: float = 10.0):
         prom = require("prometheus_client")
         self._prom = prom
         self.registry = prom.CollectorRegistry()
@@ -68,8 +70,17 @@ class MetricsObserver(LineObserver):
                                      ["camera", "model_sha256", "backend", "precision", "version"], registry=r)
         self.last_frame = prom.Gauge("mrkd_last_frame_timestamp_seconds", "Unix time of the last scored frame",
                                      cam, registry=r)
-        self._failures = _FailureCollector(mqtt_failures, webhook_stats)
-        r.register(self._failures)
+        # Triggered lines (runtime/line/parts.py): one count per judged part and per refused trigger.
+        self.parts = prom.Counter("mrkd_parts", "Parts judged, by verdict (OK, NG, ERROR)", ["result"], registry=r)
+        for verdict in Verdict.ALL:
+            self.parts.labels(verdict)
+        self.trigger_to_verdict = prom.Histogram("mrkd_trigger_to_verdict_seconds",
+                                                 "From a part's trigger to its verdict (queue wait included)",
+                                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.missed_triggers = prom.Counter("mrkd_missed_triggers", "Part triggers refused (queue full, offline, "
+                                            "unknown recipe): parts not judged", registry=r)
+        self.outputs: List[LineObserver] = []
+        r.register(_OutputCollector(self))
         self._children: Dict[str, tuple] = {}
         self._status: Dict[str, Tuple[int, int, int]] = {}     # camera -> (dropped, bad, reconnects) seen
         self._up: Dict[str, bool] = {}
@@ -77,6 +88,15 @@ class MetricsObserver(LineObserver):
         self._state = "starting"
 
     # -- hooks
+    def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
+        self.outputs = [o for o in outputs if o is not self]
+
+    def output_health(self) -> List[OutputHealth]:
+        """Every output's health now (outputs that deliver nothing report None and are left out)."""
+        found: List[OutputHealth] = []
+        call_each(self.outputs, lambda output: found.append(output.health()))
+        return [h for h in found if h is not None]
+
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         version = _version()
         for info in cameras:
@@ -106,6 +126,14 @@ class MetricsObserver(LineObserver):
     def on_event(self, camera: str, event: dict) -> None:
         self.alarms.labels(camera).inc()
 
+    def on_trigger(self, receipt: TriggerReceipt) -> None:
+        if not receipt.accepted:
+            self.missed_triggers.inc()
+
+    def on_part(self, result: PartResult) -> None:
+        self.parts.labels(result.verdict).inc()
+        self.trigger_to_verdict.observe(result.verdict_s)
+
     def on_status(self, status: CameraStatus) -> None:
         name = status.camera
         dropped, bad, reconnects = self._status.get(name, (0, 0, 0))
@@ -130,8 +158,9 @@ class MetricsObserver(LineObserver):
         """(body, content type) of /metrics."""
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST
 
-    def health(self) -> Tuple[bool, dict]:
-        """(healthy, details): healthy while running and every camera is up and scored a frame within stale_s."""
+    def line_health(self) -> Tuple[bool, dict]:
+        """(healthy, details): healthy while running, every camera is up and scored a frame within
+        stale_s, and every output delivers (an output that cannot is a failing line: alarms go nowhere)."""
         now = time.time()
         cameras = {}
         for name, up in self._up.items():
@@ -139,32 +168,39 @@ class MetricsObserver(LineObserver):
             age = None if last is None else round(now - last, 3)
             cameras[name] = {"source_up": up, "last_frame_age_s": age,
                              "ok": bool(up and age is not None and age <= self.stale_s)}
-        healthy = self._state == "running" and bool(cameras) and all(c["ok"] for c in cameras.values())
+        outputs = {h.name: asdict(h) for h in self.output_health()}
+        healthy = (self._state == "running" and bool(cameras) and all(c["ok"] for c in cameras.values())
+                   and all(o["ok"] for o in outputs.values()))
         return healthy, {"status": "ok" if healthy else ("failing" if self._state == "running" else self._state),
-                         "cameras": cameras}
+                         "cameras": cameras, "outputs": outputs}
 
 
-class _FailureCollector:
-    """Reads the MQTT and webhook senders' own failure counts at scrape time (no copy to keep in sync)."""
+class _OutputCollector:
+    """Reads every output's own health at scrape time (no copy of its counts to keep in sync)."""
 
-    def __init__(self, mqtt_failures, webhook_stats):
+    def __init__(self, metrics: MetricsObserver):
         self._core = require("prometheus_client.core")
-        self.mqtt_failures, self.webhook_stats = mqtt_failures, webhook_stats
+        self.metrics = metrics
 
     def describe(self):
         return []          # unknown label sets until the first scrape; registering must not call collect
 
     def collect(self):
-        core = self._core
-        if self.mqtt_failures is not None:
-            family = core.CounterMetricFamily("mrkd_mqtt_failures", "MQTT messages dropped or failed to publish",
-                                              labels=["camera"])
-            for camera, count in sorted(self.mqtt_failures().items()):
-                family.add_metric([camera], float(count))
-            yield family
-        if self.webhook_stats is not None:
-            stats = self.webhook_stats() or {}
-            family = core.CounterMetricFamily("mrkd_webhook_failures",
-                                              "Webhook events that failed after their retries or were dropped")
-            family.add_metric([], float(stats.get("failed", 0) + stats.get("dropped", 0)))
-            yield family
+        core, label = self._core, ["output"]
+        up = core.GaugeMetricFamily("mrkd_output_up", "1 while the output delivers (0: failing, unreachable)",
+                                    labels=label)
+        sent = core.CounterMetricFamily("mrkd_output_sent", "Items the output delivered", labels=label)
+        failed = core.CounterMetricFamily("mrkd_output_failures",
+                                          "Items (or connection attempts) the output failed to deliver", labels=label)
+        dropped = core.CounterMetricFamily("mrkd_output_dropped", "Items the output gave up unsent", labels=label)
+        for health in sorted(self.metrics.output_health(), key=lambda h: h.name):
+            up.add_metric([health.name], 1.0 if health.ok else 0.0)
+            sent.add_metric([health.name], float(health.sent))
+            failed.add_metric([health.name], float(health.failed))
+            dropped.add_metric([health.name], float(health.dropped))
+        yield from (up, sent, failed, dropped)
+
+
+def outputs_from(settings) -> list:
+    """``--http HOST:PORT`` (OutputSettings.http): the metrics the server's /metrics and /healthz show."""
+    return [MetricsObserver()] if settings.http else []

@@ -34,15 +34,18 @@ from typing import Dict, List, Optional, Sequence
 from urllib.parse import unquote, urlsplit
 
 from mrkd.deps import require
-from mrkd.runtime.outputs.events import DropOldestQueue
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.errors import MrkdError
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, PartResult
+from mrkd.runtime.outputs.delivery import Delivery
+from mrkd.runtime.outputs.events import DropOldestQueue, part_event
+from mrkd.runtime.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
 MQTT_SCHEMA_VERSION = 1
 
 
-class MqttSettingsError(ValueError):
+class MqttSettingsError(MrkdError, ValueError):
     """An --mqtt URL or option that cannot work; the message names it."""
 
 
@@ -61,6 +64,7 @@ class MqttSettings:
     queue_size: int = 1000             # events/status waiting per camera while the broker is away
     max_inflight: int = 20             # handed to paho, not yet acknowledged
     keepalive: int = 15
+    connect_timeout: float = 3.0       # a broker that has not answered by then is reported as failing
     schema_version: int = MQTT_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -118,9 +122,12 @@ class _Message:
 class _CameraLink:
     """One camera's MQTT connection, its queue and its sender thread."""
 
-    def __init__(self, settings: MqttSettings, info: CameraInfo):
+    def __init__(self, settings: MqttSettings, info: CameraInfo, delivery: Delivery):
         mqtt = require("paho.mqtt.client", "MQTT output needs paho-mqtt (pip install 'mrkd[line]')")
-        self.settings, self.info = settings, info
+        self.settings, self.info, self.delivery = settings, info, delivery
+        self.broker = f"{settings.host}:{settings.port}"
+        self.started = time.monotonic()
+        self.ever_connected = False
         self.status_topic = topic(settings, info.name, "status")
         self.event_topic = topic(settings, info.name, "event")
         self.result_topic = topic(settings, info.name, "result")
@@ -128,7 +135,7 @@ class _CameraLink:
         self.connected = threading.Event()
         self.closing = threading.Event()
         self.source_up: Optional[bool] = None
-        self.published = self.errors = self.results_dropped = 0
+        self.published = self.errors = self.results_dropped = self.connect_failures = 0
         self._inflight: List = []
         self._result: Optional[_Message] = None
         self._result_lock = threading.Lock()
@@ -143,7 +150,9 @@ class _CameraLink:
             self.client.tls_set(ca_certs=settings.ca_certs)
         self.client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=2.0)
+        self.client.connect_timeout = settings.connect_timeout
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.connect_async(settings.host, settings.port, keepalive=settings.keepalive)
         self.client.loop_start()          # paho's network thread: connects and reconnects
@@ -158,7 +167,7 @@ class _CameraLink:
         if stamped:
             body["time"] = _now_iso()
         if state == "online":
-            body.update(source=info.source, model=info.model, model_sha256=info.model_sha256,
+            body.update(source=redact_uri(info.source), model=info.model, model_sha256=info.model_sha256,
                         backend=info.backend, precision=info.precision, threshold=info.threshold,
                         threshold_source=info.threshold_source, source_up=self.source_up)
         return json.dumps(body).encode("utf-8")
@@ -166,19 +175,33 @@ class _CameraLink:
     # -- paho callbacks (its network thread)
     def _on_connect(self, client, _userdata, _flags, reason_code, _properties=None):
         if getattr(reason_code, "is_failure", False):
-            logger.warning("MQTT %s:%d refused camera %s: %s", self.settings.host, self.settings.port,
-                           self.info.name, reason_code)
             self.errors += 1
+            self.delivery.failed_one(f"broker {self.broker} refused camera {self.info.name}: {reason_code}",
+                                     state="refused")
             return
         # Online on every connect: a broker that restarted without persistence has lost the retained one.
         client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+        self.ever_connected = True
         self.connected.set()
+        self.delivery.set_ok("connected")
         self._wake.set()
+
+    def _on_connect_fail(self, _client, _userdata):
+        """paho could not reach the broker (refused, unknown host, no answer); it keeps retrying. Counted
+        as a failed attempt in the output's health, not as a lost message (the queue keeps them)."""
+        self.connect_failures += 1
+        try:
+            socket.getaddrinfo(self.settings.host, self.settings.port)
+            why = f"no MQTT broker reachable at {self.broker} (connection refused or no answer within " \
+                  f"{self.settings.connect_timeout:g} s)"
+        except OSError:
+            why = f"unknown broker host {self.settings.host!r}"
+        self.delivery.failed_one(f"{why}; retrying", state="unreachable")
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties=None):
         if self.connected.is_set() and not self.closing.is_set():
-            logger.warning("MQTT broker %s:%d went away (%s); queueing until it is back", self.settings.host,
-                           self.settings.port, reason_code)
+            self.delivery.set_failing(f"broker {self.broker} went away ({reason_code}); queueing until it is back",
+                                      state="disconnected")
         self.connected.clear()
 
     # -- the loop thread's side: never blocks
@@ -209,6 +232,7 @@ class _CameraLink:
         for info in self._inflight:
             if info.is_published():
                 self.published += 1
+                self.delivery.delivered()
             else:
                 still.append(info)
         self._inflight = still
@@ -217,7 +241,7 @@ class _CameraLink:
         info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
         if info.rc not in (0, 4):       # 0 success; 4 NO_CONN: paho keeps a QoS 1 message and resends it
             self.errors += 1
-            logger.debug("MQTT publish to %s failed: rc %s", message.topic, info.rc)
+            self.delivery.failed_one(f"publish to {message.topic} on {self.broker} failed: rc {info.rc}")
             return False
         if message.qos:
             self._inflight.append(info)
@@ -227,6 +251,10 @@ class _CameraLink:
         pending = None
         while not self._abandon.is_set():
             self._settle_inflight()
+            if (not self.ever_connected and self.delivery.ok
+                    and time.monotonic() - self.started > self.settings.connect_timeout + 0.5):
+                self.delivery.set_failing(f"no MQTT connection to {self.broker} after "
+                                          f"{self.settings.connect_timeout:g} s", state="unreachable")
             with self._result_lock:
                 result, self._result = self._result, None
             if result is not None:
@@ -253,6 +281,9 @@ class _CameraLink:
         if pending is not None:        # closing past the deadline with the broker still away
             self.queue.dropped += 1
             self.queue.done()
+        if self.queue.dropped and not self.connected.is_set():
+            self.delivery.set_failing(f"{self.queue.dropped} messages of camera {self.info.name} never reached "
+                                      f"{self.broker}", state=self.delivery.state)
 
     def pending(self) -> int:
         self._settle_inflight()
@@ -281,6 +312,7 @@ class _CameraLink:
 
     def stats(self) -> dict:
         return {"published": self.published, "dropped": self.queue.dropped, "errors": self.errors,
+                "connect_failures": self.connect_failures,
                 "results_dropped": self.results_dropped, "unacknowledged": len(self._inflight) + len(self.queue),
                 "connected": self.connected.is_set()}
 
@@ -293,10 +325,35 @@ class MqttObserver(LineObserver):
         self.settings = settings
         self.close_deadline_s = close_deadline_s
         self.links: Dict[str, _CameraLink] = {}
+        self.delivery = Delivery("mqtt", f"{settings.host}:{settings.port}/{settings.prefix}", state="connecting")
+        self._part_link: Optional[_CameraLink] = None
 
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         for info in cameras:
-            self.links[info.name] = _CameraLink(self.settings, info)
+            self.links[info.name] = _CameraLink(self.settings, info, self.delivery)
+        self._part_link = next(iter(self.links.values()), None)
+
+    def on_part(self, result: PartResult) -> None:
+        """PREFIX/part, QoS 1: every judged part (OK too: a PLC-less cell reads verdicts here)."""
+        link = self._part_link
+        if link is None:
+            return
+        body = {"schema_version": MQTT_SCHEMA_VERSION, **part_event(result)}
+        link.enqueue(_Message(f"{self.settings.prefix}/part", json.dumps(body).encode("utf-8"), 1, False))
+
+    def health(self) -> OutputHealth:
+        links = list(self.links.values())
+        dropped = sum(link.queue.dropped for link in links)
+        connected = bool(links) and all(link.connected.is_set() for link in links)
+        health = self.delivery.health(dropped=dropped)
+        waiting = sum(len(link.queue) for link in links)
+        if waiting and not connected:
+            health = OutputHealth(**{**health.__dict__, "detail": f"{health.detail} ({waiting} messages waiting)"})
+        if links and not connected and health.ok:     # e.g. still connecting at start: not delivering yet
+            return OutputHealth(**{**health.__dict__, "ok": False,
+                                   "state": "connecting" if not any(l.ever_connected for l in links)
+                                   else "disconnected"})
+        return health
 
     def on_event(self, camera: str, event: dict) -> None:
         link = self.links.get(camera)
@@ -330,9 +387,15 @@ class MqttObserver(LineObserver):
             link.close(deadline)
 
     def failures(self) -> Dict[str, int]:
-        """Per camera: events/status messages dropped (queue full) plus publish and connect errors
-        (results skipped while the broker is away are counted in ``stats`` only: they are optional)."""
+        """Per camera: messages lost: events/status dropped (queue full, or still queued at the stop) plus
+        publish errors and refused connects (results skipped while the broker is away are counted in
+        ``stats`` only: they are optional). Failed connection attempts are in ``health()``."""
         return {name: link.queue.dropped + link.errors for name, link in self.links.items()}
 
     def stats(self) -> Dict[str, dict]:
         return {name: link.stats() for name, link in self.links.items()}
+
+
+def outputs_from(settings) -> list:
+    """``--mqtt URL`` (OutputSettings.mqtt)."""
+    return [MqttObserver(settings.mqtt, min(3.0, settings.close_deadline_s))] if settings.mqtt else []

@@ -1,14 +1,19 @@
-"""Output sinks for annotated frames: a video file (cv2.VideoWriter) and a window (--show)."""
+"""Outputs of annotated frames: a video file (cv2.VideoWriter) and a window (--show)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
 import cv2
 import numpy as np
 
+from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
+from mrkd.runtime.outputs.delivery import Delivery
 from mrkd.runtime.outputs.overlay import heatmap_overlay
+
+logger = logging.getLogger(__name__)
 
 FOURCC_BY_SUFFIX = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "XVID"}
 
@@ -26,14 +31,29 @@ def annotate(frame_bgr: np.ndarray, amap: np.ndarray, score: float, threshold: O
     return image
 
 
-class VideoFileSink:
-    """Writes annotated frames to a video file; opened on the first frame (its size fixes the file's)."""
+class VideoFileSink(LineObserver):
+    """``--save-video FILE``: one camera's annotated frames in a video file; opened on the first frame
+    (its size fixes the file's). A frame that cannot be written is counted and warned about."""
 
-    def __init__(self, path, fps: float = 15.0):
+    def __init__(self, path, fps: float = 15.0, camera: Optional[str] = None):
         self.path = Path(path)
         self.fps = fps
+        self.camera = camera          # None: the first camera that sends a frame
         self.writer = None
         self.frames = 0
+        self.delivery = Delivery("video", str(self.path))
+
+    def on_frame(self, result: FrameResult) -> None:
+        if self.camera is None:
+            self.camera = result.camera
+        if result.camera != self.camera:
+            return
+        try:
+            self.write(annotate(result.image, result.amap, result.score, result.threshold, result.event is not None))
+        except OSError as exc:
+            self.delivery.failed_one(str(exc))
+        else:
+            self.delivery.delivered()
 
     def write(self, image: np.ndarray) -> None:
         if self.writer is None:
@@ -42,11 +62,18 @@ class VideoFileSink:
             self.size = (image.shape[1], image.shape[0])
             self.writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, self.size)
             if not self.writer.isOpened():
+                self.writer = None
                 raise OSError(f"{self.path}: OpenCV cannot write this video format (try .avi)")
         if (image.shape[1], image.shape[0]) != self.size:
             image = cv2.resize(image, self.size)
         self.writer.write(image)
         self.frames += 1
+
+    def health(self) -> OutputHealth:
+        return self.delivery.health()
+
+    def on_stop(self) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -54,12 +81,24 @@ class VideoFileSink:
             self.writer = None
 
 
-class WindowSink:
-    """Shows annotated frames in a window; closing it (or pressing q/Esc) asks the run to stop."""
+class WindowSink(LineObserver):
+    """``--show``: one camera's annotated frames in a window; closing it (q/Esc) asks the run to stop."""
 
-    def __init__(self, title: str = "mrkd"):
+    def __init__(self, title: str = "mrkd", camera: Optional[str] = None):
         self.title = title
+        self.camera = camera
         self.wants_stop = False
+
+    def on_frame(self, result: FrameResult) -> None:
+        if self.camera is None:
+            self.camera = result.camera
+        if result.camera != self.camera or self.wants_stop:
+            return
+        try:
+            self.write(annotate(result.image, result.amap, result.score, result.threshold, result.event is not None))
+        except RuntimeError as exc:     # no GUI: say so once and end the run (the operator asked to watch)
+            logger.error("%s", exc)
+            self.wants_stop = True
 
     def write(self, image: np.ndarray) -> None:
         try:
@@ -71,8 +110,24 @@ class WindowSink:
         if key in (ord("q"), 27):
             self.wants_stop = True
 
+    def stop_requested(self) -> bool:
+        return self.wants_stop
+
+    def on_stop(self) -> None:
+        self.close()
+
     def close(self) -> None:
         try:
             cv2.destroyWindow(self.title)
         except cv2.error:
             pass
+
+
+def outputs_from(settings) -> list:
+    """``--save-video FILE`` and ``--show`` (OutputSettings.save_video, .show)."""
+    outputs: list = []
+    if settings.save_video:
+        outputs.append(VideoFileSink(settings.save_video, settings.video_fps, settings.video_camera))
+    if settings.show:
+        outputs.append(WindowSink(camera=settings.video_camera))
+    return outputs

@@ -4,8 +4,9 @@ read-only operator page.
 * ``/``: one card per camera with its annotated live view, its status (up/down, fps, latency,
   threshold and where it came from) and the latest alarms with their snapshots, updated live.
 * ``/stream/<camera>.mjpg``: the annotated live view as MJPEG (multipart/x-mixed-replace).
-* ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms), ``alarm`` as each happens,
-  ``status`` once a second.
+* ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms, outputs), ``alarm`` as each
+  happens, ``status`` and ``outputs`` (every output's health: sent/failed, failing or not) once a second.
+  Camera URIs are shown with their credentials redacted (CameraInfo.source).
 * ``/alarm/<event_id>.jpg``: an alarm's snapshot (the file written with the event; without
   ``--snapshots``, the annotated frame of the alarm, encoded on request).
 
@@ -31,8 +32,9 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 
+from mrkd.errors import SettingError
 from mrkd.runtime.outputs.events import DropOldestQueue
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, call_each
 from mrkd.runtime.outputs.video import annotate
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def parse_address(text: str) -> Tuple[str, int]:
     """'HOST:PORT' (or ':PORT' = all interfaces) -> (host, port); ValueError naming the text."""
     host, sep, port = str(text).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080), got {text!r}")
+        raise SettingError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080), got {text!r}")
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
@@ -86,13 +88,16 @@ class _CameraView:
 class OperatorServer(LineObserver):
     """The HTTP server (started at construction, so a busy port fails before the run starts).
 
-    metrics: a MetricsObserver for /metrics and /healthz (optional). stream_fps: the most live-view
+    metrics: a MetricsObserver for /metrics and /healthz (default: the one among the line's outputs,
+    seen through ``see_outputs``). stream_fps: the most live-view
     frames a second per camera; max_alarms: alarms kept for the page (with their frames, for snapshots).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
                  max_alarms: int = 20, jpeg_quality: int = 80):
         self.metrics = metrics
+        self.page = PAGE_HTML_FILE.read_bytes()
+        self.outputs: List[LineObserver] = []
         self.stream_fps, self.jpeg_quality = stream_fps, jpeg_quality
         self.views: Dict[str, _CameraView] = {}
         self.cameras: List[CameraInfo] = []
@@ -116,6 +121,22 @@ class OperatorServer(LineObserver):
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
     # -- hooks (loop thread): store references, queue small records, return
+    def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
+        from mrkd.runtime.outputs.metrics import MetricsObserver
+        self.outputs = [o for o in outputs if o is not self]
+        if self.metrics is None:
+            self.metrics = next((o for o in outputs if isinstance(o, MetricsObserver)), None)
+
+    def health(self) -> OutputHealth:
+        closed = self.closed.is_set()
+        return OutputHealth(name="page", ok=not closed, state="stopped" if closed else "listening",
+                            target=self.url)
+
+    def _output_health(self) -> List[dict]:
+        found: List[OutputHealth] = []
+        call_each(self.outputs, lambda output: found.append(output.health()))
+        return [asdict(h) for h in found if h is not None]
+
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         self.cameras = list(cameras)
         self.views = {info.name: _CameraView(info) for info in cameras}
@@ -160,7 +181,7 @@ class OperatorServer(LineObserver):
             alarms = [_alarm_record(a["camera"], a["event"]) for a in self.alarms]
         return {"schema_version": PAGE_SCHEMA_VERSION,
                 "cameras": [asdict(info) for info in self.cameras],
-                "alarms": alarms, "status": self._statuses()}
+                "alarms": alarms, "status": self._statuses(), "outputs": self._output_health()}
 
     def _statuses(self) -> List[dict]:
         now = time.monotonic()
@@ -175,6 +196,7 @@ class OperatorServer(LineObserver):
         while not self.closed.wait(1.0):
             if self._clients:
                 self._broadcast("status", self._statuses())
+                self._broadcast("outputs", self._output_health())
 
     def _encode_loop(self, view: _CameraView) -> None:
         """One camera's live-view encoder; runs while someone watches it. It polls for the newest result
@@ -281,12 +303,12 @@ def _handler_for(server: OperatorServer):
             path = self.path.split("?", 1)[0]
             try:
                 if path in ("/", "/index.html"):
-                    self._send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8")
+                    self._send(200, server.page, "text/html; charset=utf-8")
                 elif path == "/metrics" and server.metrics is not None:
                     body, content_type = server.metrics.exposition()
                     self._send(200, body, content_type)
                 elif path == "/healthz" and server.metrics is not None:
-                    healthy, details = server.metrics.health()
+                    healthy, details = server.metrics.line_health()
                     self._send(200 if healthy else 503, json.dumps(details).encode(), "application/json")
                 elif path == "/events":
                     self._events()
@@ -366,95 +388,15 @@ def _handler_for(server: OperatorServer):
     return Handler
 
 
-PAGE_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>mrkd line</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #111; color: #eee; }
-  header { padding: 8px 16px; background: #222; display: flex; gap: 16px; align-items: baseline; }
-  header h1 { font-size: 18px; margin: 0; }
-  #conn { color: #aaa; }
-  main { display: flex; flex-wrap: wrap; gap: 16px; padding: 16px; }
-  .camera { background: #1c1c1c; border: 2px solid #333; border-radius: 6px; padding: 8px; width: 460px; }
-  .camera.down { border-color: #a33; }
-  .camera.alarmed { border-color: #e33; }
-  .camera h2 { font-size: 16px; margin: 0 0 6px; display: flex; justify-content: space-between; }
-  .state.up { color: #4c4; } .state.down { color: #e44; }
-  .live { width: 100%; image-rendering: pixelated; background: #000; min-height: 120px; }
-  dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 10px; margin: 6px 0; }
-  dt { color: #999; } dd { margin: 0; overflow-wrap: anywhere; }
-  #alarms-panel { padding: 0 16px 16px; }
-  #alarms { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 10px; }
-  .alarm { background: #2a1515; border: 1px solid #733; border-radius: 4px; padding: 6px; width: 300px; }
-  .alarm img { width: 100%; background: #000; }
-  .muted { color: #999; }
-</style>
-</head>
-<body>
-<header><h1>mrkd line</h1><span id="conn">connecting…</span><span class="muted">read-only</span></header>
-<main id="cameras"></main>
-<section id="alarms-panel"><h2>Latest alarms</h2><ol id="alarms"></ol></section>
-<script>
-"use strict";
-const cards = {};
-function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text; return e; }
-function field(dl, label, key) { dl.append(el("dt", "", label)); const dd = el("dd"); dd.dataset.key = key;
-  dl.append(dd); return dd; }
-function addCamera(info) {
-  if (cards[info.name]) return;
-  const card = el("section", "camera"); card.id = "cam-" + info.name; card.dataset.camera = info.name;
-  const h = el("h2"); h.append(el("span", "", info.name)); const st = el("span", "state", "…"); h.append(st);
-  const img = el("img", "live"); img.alt = "live view of " + info.name;
-  img.src = "/stream/" + encodeURIComponent(info.name) + ".mjpg";
-  const dl = el("dl");
-  const f = { state: st, fps: field(dl, "fps", "fps"), latency: field(dl, "latency p50/p99", "latency"),
-    frames: field(dl, "frames", "frames"), alarms: field(dl, "alarms", "alarms"),
-    score: field(dl, "last score", "score"), threshold: field(dl, "threshold", "threshold"),
-    model: field(dl, "model", "model") };
-  f.threshold.textContent = info.threshold.toPrecision(5) + " (" + info.threshold_source + ")";
-  f.model.textContent = info.model.split("/").pop() + " · " + info.backend + " " + info.precision +
-    " · " + info.model_sha256.slice(0, 12);
-  card.append(h, img, dl); document.getElementById("cameras").append(card);
-  cards[info.name] = { card, f };
-}
-function showStatus(list) {
-  for (const s of list) {
-    const c = cards[s.camera]; if (!c) continue;
-    c.f.state.textContent = s.up ? "up" : "down"; c.f.state.className = "state " + (s.up ? "up" : "down");
-    c.card.classList.toggle("down", !s.up);
-    c.f.fps.textContent = s.fps.toFixed(1);
-    c.f.latency.textContent = s.latency_ms_p50 === null ? "–" : s.latency_ms_p50 + " / " + s.latency_ms_p99 + " ms";
-    c.f.frames.textContent = s.frames; c.f.alarms.textContent = s.alarms;
-    c.f.score.textContent = s.score === null ? "–" : s.score.toPrecision(4);
-  }
-}
-function addAlarm(a, fresh) {
-  if (document.querySelector('.alarm[data-event-id="' + CSS.escape(a.event_id) + '"]')) return;
-  const li = el("li", "alarm"); li.dataset.eventId = a.event_id; li.dataset.camera = a.camera;
-  li.append(el("div", "", a.camera + " · " + a.time.replace("T", " ").slice(0, 23)));
-  li.append(el("div", "muted", "score " + a.score.toPrecision(4) + " / threshold " + a.threshold.toPrecision(4) +
-    " · frame " + a.frame_index));
-  if (a.image) { const img = el("img"); img.alt = "snapshot " + a.event_id; img.src = a.image; li.append(img); }
-  const list = document.getElementById("alarms");
-  if (fresh) list.prepend(li); else list.append(li);
-  while (list.children.length > 20) list.lastChild.remove();
-  const c = cards[a.camera];
-  if (fresh && c) { c.card.classList.add("alarmed"); setTimeout(() => c.card.classList.remove("alarmed"), 2000); }
-}
-const source = new EventSource("/events");
-source.addEventListener("hello", e => { const d = JSON.parse(e.data);
-  d.cameras.forEach(addCamera); d.alarms.forEach(a => addAlarm(a, false)); showStatus(d.status);
-  document.getElementById("conn").textContent = "live"; });
-source.addEventListener("status", e => showStatus(JSON.parse(e.data)));
-source.addEventListener("alarm", e => addAlarm(JSON.parse(e.data), true));
-source.addEventListener("stopped", () => { document.getElementById("conn").textContent = "line stopped";
-  source.close(); });
-source.onerror = () => { document.getElementById("conn").textContent = "reconnecting…"; };
-</script>
-</body>
-</html>
-"""
+PAGE_HTML_FILE = Path(__file__).with_name("page.html")   # package data (setup.py)
+
+
+def outputs_from(settings) -> list:
+    """``--http HOST:PORT`` (OutputSettings.http): the server (it serves the MetricsObserver built beside it)."""
+    if not settings.http:
+        return []
+    host, port = parse_address(settings.http)
+    try:
+        return [OperatorServer(host, port)]
+    except OSError as exc:
+        raise OSError(exc.errno, f"--http {settings.http}: cannot listen there ({exc.strerror or exc})") from None

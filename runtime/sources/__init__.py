@@ -32,6 +32,7 @@ import numpy as np
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.images import ImageListError, ImageReadError, list_images, read_image
+from mrkd.runtime.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ TRIGGER_MODES = ("free", "software", "hardware")
 
 class SourceError(MrkdError, RuntimeError):
     """A source cannot be opened; the message names the URI and what to do."""
+
+
+class SourceUnreachable(SourceError):
+    """A network camera or stream did not answer (yet): it may still be booting, so a line opens it
+    again in the background (sources/late.py LateSource) instead of refusing to start."""
 
 
 @dataclass
@@ -173,7 +179,7 @@ class Source:
     paced = True      # replayed at options.fps; live sources run at the camera's rate
 
     def __init__(self, uri: str, size: Optional[Tuple[int, int]] = None, fps: Optional[float] = None):
-        self.uri = uri
+        self.uri = redact_uri(uri)     # what is shown and logged; only the opener keeps the URI as given
         self.size = tuple(size) if size else None     # (width, height) delivered frames are resized to
         self.fps = fps
         self.stats = SourceStats()
@@ -274,7 +280,11 @@ class ArraySource(Source):
                 logger.warning("%s: a whole pass gave no usable frame; not looping", self.uri)
                 return False, None, None
             self._iterator, self._good_in_pass = iter(self._frames), 0
-            return self._raw()
+            # Not self._raw() again: a subclass's _raw (image files) would get its own result back.
+            try:
+                return True, next(self._iterator), None
+            except StopIteration:
+                return False, None, None
 
     def _next(self, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -331,7 +341,8 @@ def csi_pipeline(sensor_id: int, width: int = 1280, height: int = 720, fps: floa
 def _open_capture(uri: str, opener: Callable[[], "cv2.VideoCapture"]):
     cap = opener()
     if cap is None or not cap.isOpened():
-        raise SourceError(f"{uri}: cannot open (device missing, stream unreachable, or a codec/"
+        network = uri.lower().startswith(NETWORK_SCHEMES)    # may answer later; a file or device will not
+        raise (SourceUnreachable if network else SourceError)(f"{redact_uri(uri)}: cannot open (device missing, stream unreachable, or a codec/"
                           f"backend this OpenCV build lacks)")
     return cap
 
@@ -435,7 +446,7 @@ class LiveSource(Source):
         self._ended = False
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._reader, name=f"source:{uri}", daemon=True)
+        self._thread = threading.Thread(target=self._reader, name=f"source:{self.uri}", daemon=True)
         self._thread.start()
 
     def _reader(self) -> None:
@@ -570,9 +581,10 @@ def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float
     if not isinstance(uri, (str, os.PathLike)):
         return ArraySource(uri, loop=loop, **common)
     uri = os.fspath(uri)
+    shown = redact_uri(uri)    # in messages; the URI itself goes only to the opener
     scheme = next((s for s in CAMERA_SCHEMES if uri.lower().startswith(s)), None)
     if options.features and scheme not in FEATURE_SCHEMES:
-        raise SourceError(f"{uri}: camera features ({options.features[0][0]}=...) apply to "
+        raise SourceError(f"{shown}: camera features ({options.features[0][0]}=...) apply to "
                           f"{', '.join(FEATURE_SCHEMES)} cameras only")
     if scheme is not None:
         opener = CAMERA_SCHEMES[scheme]
@@ -589,9 +601,9 @@ def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float
     paths = _image_paths(local)
     if paths is not None:
         if not paths:
-            raise SourceError(f"{uri}: no image files found")
+            raise SourceError(f"{shown}: no image files found")
         return ImageFilesSource(paths, uri=uri, loop=loop, **common)
     if Path(local).is_file():
         return VideoFileSource(uri, local, loop=loop, **common)
-    raise SourceError(f"{uri}: not a camera index, v4l2://, csi:// or gige:// camera, network URL, video file, "
+    raise SourceError(f"{shown}: not a camera index, v4l2://, csi:// or gige:// camera, network URL, video file, "
                       f"image folder or glob (file not found?)")

@@ -1,0 +1,72 @@
+"""``Delivery``: one output's sent/failed counts, state and last error, and its warnings.
+
+Every output that delivers something (events log, snapshots, webhook, MQTT, ...) keeps one; its
+``health()`` is what the summary, ``/metrics``, ``/healthz`` and the page show. The first failure
+after a success is warned about at once, naming the output and its target; while it keeps failing,
+one warning every ``warn_every_s`` says how many more failed; the first success after failures says
+it delivers again. So a line never fails silently and never floods its log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+from mrkd.runtime.outputs.base import OutputHealth
+
+logger = logging.getLogger("mrkd.runtime.outputs")
+
+
+class Delivery:
+    def __init__(self, name: str, target: str, warn_every_s: float = 30.0, state: str = "ready"):
+        self.name, self.target, self.warn_every_s = name, target, warn_every_s
+        self.sent = self.failed = 0
+        self.state, self.ok, self.detail = state, True, ""
+        self._lock = threading.Lock()
+        self._failing_since_warning = 0
+        self._last_warning = float("-inf")
+
+    def delivered(self, count: int = 1) -> None:
+        with self._lock:
+            self.sent += count
+            recovered = not self.ok
+            self.ok, self.state = True, "delivering"
+        if recovered:
+            logger.warning("output %s (%s): delivering again", self.name, self.target)
+
+    def failed_one(self, detail: str, count: int = 1, state: str = "failing") -> None:
+        """``count`` items could not be delivered; ``detail`` names why (never a credential)."""
+        with self._lock:
+            self.failed += count
+            self.set_failing(detail, state, locked=True)
+            self._failing_since_warning += count
+
+    def set_failing(self, detail: str, state: str = "failing", locked: bool = False) -> None:
+        """Not delivering (nothing lost yet, e.g. a broker unreachable with messages still queued)."""
+        if not locked:
+            with self._lock:
+                return self.set_failing(detail, state, locked=True)
+        first = self.ok
+        self.ok, self.state, self.detail = False, state, detail
+        now = time.monotonic()
+        if first or now - self._last_warning >= self.warn_every_s:
+            self._last_warning = now
+            lost = self._failing_since_warning
+            self._failing_since_warning = 0
+            more = f" ({lost} more failed since the last warning)" if lost and not first else ""
+            logger.warning("output %s (%s): %s: %s%s; %d failed so far", self.name, self.target, state, detail,
+                           more, self.failed)
+
+    def set_ok(self, state: str) -> None:
+        with self._lock:
+            recovered = not self.ok
+            self.ok, self.state = True, state
+        if recovered:
+            logger.warning("output %s (%s): %s again", self.name, self.target, state)
+
+    def health(self, dropped: int = 0, state: Optional[str] = None) -> OutputHealth:
+        with self._lock:
+            return OutputHealth(name=self.name, ok=self.ok, state=state or self.state, sent=self.sent,
+                                failed=self.failed, detail=self.detail, dropped=dropped, target=self.target)
