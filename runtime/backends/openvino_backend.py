@@ -1,0 +1,116 @@
+"""OpenVINO backend: the exported ``.onnx`` file (FP32, FP16 or the Q/DQ INT8 graph) compiled for the CPU.
+
+OpenVINO reads the ONNX file itself (no conversion step, no second file), so the sidecar and the
+sha256 check are the same as for ONNX Runtime. The precision of the float layers is always set
+explicitly (``INFERENCE_PRECISION_HINT``): OpenVINO's own default is bf16 on CPUs with native bf16
+(AVX512-BF16, AMX), which moves scores against a threshold calibrated in FP32. Q/DQ INT8 graphs run
+INT8 kernels (OpenVINO folds the Q/DQ pairs into its low-precision convolutions) with the rest at
+that precision. The precision the compiled model reports is what ``precision`` records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from mrkd.deps import require
+from mrkd.runtime.backends import Backend, BackendError, BackendOptions
+
+DEVICE = "CPU"
+DEFAULT_PRECISION = "f32"     # bit-comparable to ONNX Runtime FP32; bf16 is asked for by name
+# OpenVINO element type names -> numpy input dtypes the Detector feeds.
+_INPUT_TYPES = {"f32": np.float32, "f16": np.float16, "u8": np.uint8}
+
+
+def cpu_capabilities(core) -> Tuple[str, ...]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU, e.g. ("FP32", "INT8", "BF16")."""
+    return tuple(str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+
+
+def inference_precision(requested: Optional[str], capabilities: Tuple[str, ...], where: str) -> str:
+    """The INFERENCE_PRECISION_HINT to compile with: "f32" (default), "bf16" (refused on a CPU
+    without native bf16, where OpenVINO would silently fall back to f32), or "auto" = bf16 where the
+    CPU has it natively, else f32."""
+    requested = requested or DEFAULT_PRECISION
+    has_bf16 = "BF16" in capabilities
+    if requested == "auto":
+        return "bf16" if has_bf16 else "f32"
+    if requested == "bf16" and not has_bf16:
+        raise BackendError(f"{where}: openvino:bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this "
+                           f"one offers {', '.join(capabilities)}: use openvino (f32) or openvino:auto")
+    if requested not in ("f32", "bf16"):
+        raise BackendError(f"{where}: OpenVINO precision {requested!r} unknown; choose f32, bf16 or auto")
+    return requested
+
+
+class OpenVinoBackend(Backend):
+    """Runs an .onnx model with OpenVINO on the CPU; outputs come back as host numpy arrays."""
+
+    name = "openvino"
+
+    def __init__(self, model_path: str | Path, options: Optional[BackendOptions] = None):
+        ov = require("openvino")
+        options = options or BackendOptions()
+        self.model_path = Path(model_path)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.model_path))
+        except Exception as exc:  # OpenVINO raises its own exception types for unreadable files
+            raise BackendError(f"{self.model_path}: OpenVINO cannot read the model ({exc})") from exc
+        if len(model.inputs) != 1:
+            raise BackendError(f"{self.model_path}: expected one model input, found "
+                               f"{[i.get_any_name() for i in model.inputs]}")
+        model_input = model.inputs[0]
+        self.input_name = model_input.get_any_name()
+        self.input_shape = tuple(-1 if d.is_dynamic else d.get_length() for d in model_input.get_partial_shape())
+        type_name = model_input.get_element_type().get_type_name()
+        if type_name not in _INPUT_TYPES:
+            raise BackendError(f"{self.model_path}: input {self.input_name!r} has unsupported type {type_name}")
+        self.input_dtype = np.dtype(_INPUT_TYPES[type_name])
+        self.output_names = tuple(o.get_any_name() for o in model.outputs)
+        batch_dim = self.input_shape[0] if self.input_shape else -1
+        self.batch_range = (batch_dim, batch_dim) if batch_dim > 0 else (1, 1 << 30)
+        # The ONNX frontend keeps the file's metadata_props (the export's embedded metadata) here.
+        rt_info = model.get_rt_info()
+        framework = rt_info["framework"] if "framework" in rt_info.keys() else {}
+        self.model_metadata_props = {key: value.astype(str) for key, value in dict(framework).items()}
+        self.capabilities = cpu_capabilities(core)
+        self.requested_precision = options.precision or DEFAULT_PRECISION
+        hint = inference_precision(options.precision, self.capabilities, str(self.model_path))
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if options.threads:
+            config["INFERENCE_NUM_THREADS"] = int(options.threads)
+        try:
+            self.compiled = core.compile_model(model, DEVICE, config)
+        except Exception as exc:
+            raise BackendError(f"{self.model_path}: OpenVINO cannot compile the model for the CPU ({exc})") from exc
+        # What the compiled model runs at, not what was asked for (the two differ where OpenVINO falls back).
+        self.precision = _short_type(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        self._request = self.compiled.create_infer_request()
+        self._outputs = list(self.compiled.outputs)
+
+    def infer(self, batch: np.ndarray, device_outputs: bool = False) -> Dict[str, np.ndarray]:
+        if device_outputs:
+            self._no_device_outputs()
+        if self._request is None:
+            raise BackendError(f"{self.model_path}: the OpenVINO backend is closed")
+        results = self._request.infer({0: batch})
+        # Copies: the request's output tensors are overwritten by the next call.
+        return {name: np.array(results[port]) for name, port in zip(self.output_names, self._outputs)}
+
+    def describe(self) -> str:
+        return (f"openvino {DEVICE} precision {self.precision} (asked {self.requested_precision}), "
+                f"{self.threads} threads ({self.model_path.name})")
+
+    def close(self) -> None:
+        self._request = None
+        self.compiled = None
+
+
+def _short_type(element_type) -> str:
+    """OpenVINO's Type (or its text) -> "f32" / "bf16" / "f16"."""
+    name = getattr(element_type, "get_type_name", None)
+    return name() if callable(name) else str(element_type)

@@ -1,0 +1,206 @@
+"""The OpenVINO backend against ONNX Runtime on the same exported graphs (FP32, FP16, our INT8 Q/DQ), through
+the Detector and the whole `mrkd run` loop; its precision explicit and recorded; its errors one line.
+
+Tolerances (stated here, measured on a random-weight resnet18 MRKD at 64 px): OpenVINO f32 vs ONNX Runtime
+FP32 on the same graph differ by ~1e-6 in maps and ~2e-7 in scores; the test allows 1e-4 times the map's
+magnitude (at least 1), the FP32 parity tolerance of the export (export.parity.FP32_TOLERANCE). The INT8
+graph runs different integer kernels in each runtime (~1e-2 apart on the map), so for it the test checks the
+decision agreement against the FP32 graph as the export reports it, brute-forced here from raw scores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino: pip install 'mrkd[openvino]' "
+                                            "(it is in the dev extra)")
+
+from mrkd.export.parity import FP32_TOLERANCE  # noqa: E402
+from mrkd.runtime.backends import BackendError, open_backend  # noqa: E402
+from mrkd.runtime.backends.openvino_backend import cpu_capabilities, inference_precision  # noqa: E402
+from mrkd.runtime.detector import Detector  # noqa: E402
+from runtime_fixtures import (THRESHOLD, build_tiny_model, defective_frame, export_tiny_model,  # noqa: E402
+                              normal_frame, reference_map)
+
+HAS_BF16 = "BF16" in cpu_capabilities(ov.Core())
+
+
+def _frames(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [defective_frame(rng) if i % 2 else normal_frame(rng) for i in range(n)]
+
+
+def _assert_same(a, b, what):
+    tolerance = FP32_TOLERANCE * max(1.0, float(np.abs(a.maps).max()))
+    assert np.abs(a.maps - b.maps).max() <= tolerance, what
+    assert np.abs(a.scores - b.scores).max() <= tolerance, what
+    assert (a.decisions == b.decisions).all(), what
+
+
+@pytest.mark.parametrize("layout", [{}, {"per_scale": True}, {"uint8_input": True}])
+def test_tiny_model_openvino_f32_equals_onnxruntime_and_the_numpy_reference(tmp_path, layout):
+    model = build_tiny_model(tmp_path / "m.onnx", **layout)
+    frames = _frames()
+    ort_det, ov_det = Detector(model, backend="onnxruntime"), Detector(model, backend="openvino", threads=2)
+    try:
+        a, b = ort_det(frames), ov_det(frames)
+        _assert_same(a, b, layout)
+        assert list(b.decisions) == [bool(i % 2) for i in range(6)]     # the defective frames, no others
+        if not layout:   # the full-map layout: the graph's map is the reference map of the resized frames
+            squares = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in frames])
+            assert np.abs(b.maps - reference_map(squares)).max() < 0.02
+        assert ov_det.backend.name == "openvino" and ov_det.backend.precision == "f32"
+        assert ov_det.precision == "fp32" and "openvino CPU precision f32" in ov_det.describe()
+        assert ov_det.backend.threads == 2 and ov_det.backend.cuda_context() is None
+    finally:
+        ort_det.close()
+        ov_det.close()
+
+
+def test_openvino_reads_the_embedded_metadata_and_checks_the_sidecar_against_it(tmp_path):
+    model = export_tiny_model(tmp_path / "m.onnx")
+    backend = open_backend(model, "openvino")
+    try:
+        assert "mrkd.metadata" in backend.model_metadata_props
+    finally:
+        backend.close()
+    # Without the sidecar the Detector reads the graph's own metadata through OpenVINO, as through ONNX Runtime.
+    (tmp_path / "m.onnx.json").unlink()
+    detector = Detector(model, backend="openvino")
+    try:
+        assert detector.threshold == pytest.approx(THRESHOLD) and "embedded metadata" in detector.threshold_source
+    finally:
+        detector.close()
+
+
+def test_precision_is_explicit_and_refused_where_the_cpu_lacks_it(tmp_path):
+    model = build_tiny_model(tmp_path / "m.onnx")
+    caps = ("FP32", "INT8")
+    assert inference_precision(None, caps, "m") == "f32" and inference_precision("auto", caps, "m") == "f32"
+    assert inference_precision("auto", caps + ("BF16",), "m") == "bf16"
+    with pytest.raises(BackendError, match="openvino:bf16 needs a CPU with native bf16"):
+        inference_precision("bf16", caps, "m.onnx")
+    auto = Detector(model, backend="openvino:auto")
+    try:
+        assert auto.backend.precision == ("bf16" if HAS_BF16 else "f32")
+        assert auto.precision == ("bf16" if HAS_BF16 else "fp32")
+    finally:
+        auto.close()
+    if HAS_BF16:
+        bf16 = Detector(model, backend="openvino:bf16")
+        try:
+            assert bf16.backend.precision == "bf16" and "precision bf16" in bf16.describe()
+            assert (bf16(_frames()).decisions == [bool(i % 2) for i in range(6)]).all()
+        finally:
+            bf16.close()
+    else:
+        with pytest.raises(BackendError, match=r"m\.onnx: openvino:bf16 needs a CPU with native bf16"):
+            Detector(model, backend="openvino:bf16")
+
+
+def test_openvino_errors_are_one_line(tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07garbage that is not a protobuf")
+    with pytest.raises(BackendError, match=r"broken\.onnx: OpenVINO cannot read the model"):
+        open_backend(broken, "openvino")
+    backend = open_backend(build_tiny_model(tmp_path / "m.onnx"), "openvino")
+    with pytest.raises(BackendError, match="keeps no outputs on a GPU"):
+        backend.infer(np.zeros((1, 3, 32, 32), np.float32), device_outputs=True)
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.infer(np.zeros((1, 3, 32, 32), np.float32))
+
+
+# --- the real graphs: a random-weight resnet18 MRKD at 64 px, exported FP32, FP16 and INT8 -----------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from export_fixtures import small_model
+    from mrkd.export import ExportOptions, export_onnx, fp16_options, quantize_int8
+    folder = tmp_path_factory.mktemp("ov")
+    good = folder / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        cv2.imwrite(str(good / f"g{i}.png"), cv2.GaussianBlur(rng.integers(0, 256, (70 + i, 90, 3), np.uint8), (7, 7), 2))
+    model = small_model()
+    fp32 = export_onnx(model, folder / "model.onnx", ExportOptions(), simplify="never")
+    fp16 = export_onnx(model, folder / "model_fp16.onnx", fp16_options(ExportOptions()), simplify="never")
+    int8 = quantize_int8(fp32.path, folder / "model_int8.onnx", good, target="cpu", keep_fp32="none")
+    frames = [cv2.GaussianBlur(rng.integers(0, 256, (60, 80, 3), np.uint8), (5, 5), 2) for _ in range(8)]
+    return {"fp32": fp32.path, "fp16": fp16.path, "int8": int8.path, "good": good, "frames": frames}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph", ["fp32", "fp16"])
+def test_mrkd_graphs_on_openvino_f32_equal_onnxruntime(exported, graph):
+    ort_det = Detector(exported[graph], backend="onnxruntime")
+    ov_det = Detector(exported[graph], backend="openvino")
+    try:
+        a, b = ort_det(exported["frames"]), ov_det(exported["frames"])
+        _assert_same(a, b, graph)
+        assert ov_det.precision == graph and ov_det.backend.precision == "f32"
+    finally:
+        ort_det.close()
+        ov_det.close()
+
+
+@pytest.mark.slow
+def test_int8_graph_on_openvino_agreement_against_fp32(exported):
+    from mrkd.export.int8 import int8_agreement_report, int8_image_paths, load_images
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+    meta = ModelMetadata.load(sidecar_path(exported["int8"]))
+    images = load_images(int8_image_paths(exported["good"]), meta)
+    report = int8_agreement_report(exported["fp32"], exported["int8"], images, threshold=None, backend="openvino")
+    assert report.name == "INT8 graph on openvino f32 vs FP32 graph (ONNX Runtime CPU)"
+    # Brute force from raw outputs: the FP32 graph on ONNX Runtime, the INT8 graph on OpenVINO.
+    fp32 = open_backend(exported["fp32"], "onnxruntime", providers=["cpu"])
+    int8 = open_backend(exported["int8"], "openvino")
+    ref, cand = fp32.infer(images)["score"].astype(np.float64), int8.infer(images)["score"].astype(np.float64)
+    fp32.close()
+    int8.close()
+    assert report.threshold == pytest.approx(np.median(ref))
+    assert report.decision_agreement == pytest.approx(np.mean((ref >= report.threshold) == (cand >= report.threshold)))
+    assert report.score_max_abs_diff == pytest.approx(np.max(np.abs(ref - cand)), abs=1e-6)
+    assert report.finite and 0 < report.score_max_abs_diff < 0.1
+    detector = Detector(exported["int8"], backend="openvino")
+    try:
+        assert detector.precision == "int8" and detector.backend.precision == "f32"
+    finally:
+        detector.close()
+
+
+@pytest.mark.slow
+def test_mrkd_run_with_openvino_scores_as_onnxruntime(exported, tmp_path):
+    from mrkd.cli import main
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(exported["frames"]):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    reference = Detector(exported["fp32"], backend="onnxruntime")
+    ref = reference([cv2.imread(str(p)) for p in sorted(folder.iterdir())])
+    reference.close()
+    threshold = float(np.median(ref.scores))        # half the frames alarm
+    runs = {}
+    for backend in ("onnxruntime", "openvino"):
+        events = tmp_path / f"{backend}.jsonl"
+        result = CliRunner().invoke(main, ["run", str(exported["fp32"]), "--source", str(folder), "--backend", backend,
+                                           "--threads", "2", "--threshold", repr(threshold), "--cooldown", "0",
+                                           "--events", str(events), "--status-every", "0",
+                                           "--summary", str(tmp_path / f"{backend}.json")])
+        assert result.exit_code == 0, result.output
+        runs[backend] = [json.loads(line) for line in events.read_text().splitlines()]
+        summary = json.loads((tmp_path / f"{backend}.json").read_text())
+        assert summary["frames"] == len(exported["frames"])
+    assert "openvino CPU precision f32" in result.output
+    expected = [i for i, s in enumerate(ref.scores) if s >= threshold]
+    for backend, events in runs.items():
+        assert [e["frame_index"] for e in events] == expected, backend
+    tolerance = FP32_TOLERANCE * max(1.0, float(ref.maps.max()))
+    assert np.abs(np.array([e["score"] for e in runs["openvino"]]) - [e["score"] for e in runs["onnxruntime"]]).max() \
+        <= tolerance
