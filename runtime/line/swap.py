@@ -1,0 +1,292 @@
+"""Hot swap: a running line takes a new model without stopping.
+
+``ModelSlots`` holds the Detector each model path of the line serves. A reload request (SIGHUP, an
+authenticated HTTP request, a recipe change) starts a loader thread that, beside the running model:
+
+1. opens the model file at the SAME path again (a new version is moved there atomically, sidecar
+   first or together): the Detector's own checks run (sidecar against the file's sha256, inputs and
+   outputs against the metadata), so a half-written or foreign file is refused;
+2. refuses a model the line cannot take in place: another image size, backbone or input format;
+   a file that changed while it was read (its sha256 before and after differ);
+3. scores the last few frames the running model judged (kept by ``on_frame``): scores must be
+   finite and maps of the model's size; the score correlation with the running model's scores is
+   reported.
+
+Only then is the new Detector staged. The frame loop calls ``apply(states)`` between rounds: every
+camera of that path gets the new Detector, its model hash (events name ``model_sha256``) and, when
+the camera's threshold is the model's, the new calibrated threshold; the old Detector is closed after
+the swap. So no frame is judged by a half-loaded model and no frame is skipped: frames that arrive
+while the new model loads are scored by the old one. A refused model leaves the old one running and
+says why in one line (``status``) and in ``report()``.
+
+Torch-free, like the rest of the runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Deque, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mrkd.errors import MrkdError
+from mrkd.runtime.metadata import model_file_sha256
+from mrkd.runtime.outputs.base import FrameResult, LineObserver
+
+logger = logging.getLogger(__name__)
+
+CHECK_FRAMES = 3              # frames of each model path the candidate must score before the swap
+COMPATIBLE_FIELDS = ("image_size", "backbone", "input_format")
+
+
+class SwapRefused(MrkdError, ValueError):
+    """A new model that cannot replace the running one; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class SwapRecord:
+    """One reload request's outcome for one model path."""
+
+    model: str
+    reason: str                      # what asked: "SIGHUP", "http", ...
+    outcome: str                     # "swapped" | "refused" | "unchanged"
+    old_sha256: str
+    new_sha256: Optional[str]
+    detail: str = ""
+    load_s: float = 0.0
+    at: float = 0.0                  # wall clock of the outcome (the swap itself for "swapped")
+    frames_before: int = 0           # frames this path's old model had judged when it was replaced
+
+
+@dataclass
+class _Slot:
+    path: str                        # the model path as the line gives it
+    detector: object
+    sha256: str
+    recent: Deque[Tuple[np.ndarray, float]]   # (frame, running model's score)
+    frames: int = 0
+    pending: Optional[tuple] = None   # (detector, sha, load seconds, detail, reason)
+
+
+class ModelSlots(LineObserver):
+    """The line's detectors by resolved model path, replaceable between rounds of the frame loop.
+
+    detectors: the dict the caller opened (resolved path -> Detector); it is updated in place on a
+    swap, so whoever closes those detectors at the end closes the current ones. opener(path):
+    opens a Detector with the line's backend settings.
+    """
+
+    def __init__(self, detectors: MutableMapping[str, object], opener: Callable[[str], object],
+                 status: Callable[[str], None] = logger.warning, check_frames: int = CHECK_FRAMES):
+        self.detectors = detectors
+        self._opener, self._status = opener, status
+        self._lock = threading.Lock()
+        self._slots: Dict[str, _Slot] = {}
+        for key, detector in detectors.items():
+            self._slots[key] = _Slot(str(detector.model_path), detector, model_file_sha256(detector.model_path),
+                                     deque(maxlen=max(1, check_frames)))
+        self._camera_key: Dict[str, str] = {}
+        self._loader: Optional[threading.Thread] = None
+        self._again: Optional[str] = None
+        self.records: List[SwapRecord] = []
+        self._waiters = threading.Condition(self._lock)
+
+    # ------------------------------------------------------------ requests (any thread)
+    def request_reload(self, reason: str = "request") -> bool:
+        """Load every model path again in the background; True when a load starts now (False: one is
+        running, this request follows it). Safe from a signal handler (no I/O here)."""
+        with self._lock:
+            if self._loader is not None and self._loader.is_alive():
+                self._again = reason
+                return False
+            self._loader = threading.Thread(target=self._load_all, args=(reason,), name="model-reload", daemon=True)
+            self._loader.start()
+            return True
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no load runs (tests, the HTTP endpoint's reply)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                loader = self._loader
+            if loader is None or not loader.is_alive():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            loader.join(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _load_all(self, reason: str) -> None:
+        while True:
+            for key in list(self._slots):
+                self._load_one(key, reason)
+            with self._lock:
+                reason, self._again = self._again, None
+                if reason is None:
+                    return
+
+    def _load_one(self, key: str, reason: str) -> None:
+        slot = self._slots[key]
+        started = time.perf_counter()
+        path = Path(slot.path)
+        new_detector, new_sha = None, None
+        try:
+            try:
+                before = model_file_sha256(path)
+                new_detector = self._opener(slot.path)
+                after = model_file_sha256(path)
+            except (OSError, ValueError, MrkdError, RuntimeError) as exc:   # half-written, foreign, missing
+                raise SwapRefused(f"{path}: cannot be loaded ({_one_line(exc)})") from exc
+            if before != after:
+                raise SwapRefused(f"{path}: changed while it was loaded; move the new version there in one "
+                                  f"rename and ask again")
+            new_sha = after
+            if new_sha == slot.sha256:
+                new_detector.close()
+                self._record(SwapRecord(slot.path, reason, "unchanged", slot.sha256, new_sha,
+                                        "the file is the running model", time.perf_counter() - started, time.time()))
+                return
+            old_meta, new_meta = slot.detector.metadata, new_detector.metadata
+            for name in COMPATIBLE_FIELDS:
+                if getattr(old_meta, name) != getattr(new_meta, name):
+                    raise SwapRefused(f"{path}: {name} {getattr(new_meta, name)!r} differs from the running model's "
+                                      f"{getattr(old_meta, name)!r}; restart the line for such a model")
+            if new_detector.threshold is None:
+                raise SwapRefused(f"{path}: has no calibrated threshold; the running model's alarms need one")
+            detail = self._check_frames(slot, new_detector)
+        except SwapRefused as exc:
+            if new_detector is not None:
+                new_detector.close()
+            self._record(SwapRecord(slot.path, reason, "refused", slot.sha256, new_sha, str(exc),
+                                    time.perf_counter() - started, time.time()))
+            return
+        with self._lock:
+            if slot.pending is not None:          # a newer load replaces one not applied yet
+                slot.pending[0].close()
+            slot.pending = (new_detector, new_sha, time.perf_counter() - started, detail, reason)
+
+    def _check_frames(self, slot: _Slot, detector) -> str:
+        with self._lock:
+            recent = list(slot.recent)
+        if not recent:
+            return "no frame seen yet to check it on"
+        frames = [frame for frame, _ in recent]
+        try:
+            result = detector(frames)
+        except Exception as exc:   # noqa: BLE001 - any failure to score is a refusal
+            raise SwapRefused(f"{slot.path}: the new model failed on {len(frames)} recent frame(s) "
+                              f"({_one_line(exc)})") from exc
+        size = detector.metadata.image_size
+        if len(result.scores) != len(frames) or not np.isfinite(result.scores).all() \
+                or tuple(result.maps.shape[1:]) != (size, size) or not np.isfinite(result.maps).all():
+            raise SwapRefused(f"{slot.path}: the new model's scores or maps on {len(frames)} recent frame(s) are "
+                              f"not finite or not {size}x{size}")
+        old = np.array([score for _, score in recent], dtype=np.float64)
+        new = result.scores.astype(np.float64)
+        corr = float(np.corrcoef(old, new)[0, 1]) if len(old) > 1 and old.std() > 0 and new.std() > 0 else math.nan
+        return (f"checked on {len(frames)} recent frame(s): scores old {_fmt(old)} new {_fmt(new)}"
+                + ("" if math.isnan(corr) else f", correlation {corr:.3f}"))
+
+    def _record(self, record: SwapRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+        if record.outcome == "refused":
+            self._status(f"model reload ({record.reason}) REFUSED, the running model {record.old_sha256[:12]} "
+                         f"goes on: {record.detail}")
+        else:
+            self._status(f"model reload ({record.reason}) of {record.model}: {record.outcome} "
+                         f"({record.new_sha256[:12] if record.new_sha256 else '?'}; {record.detail})")
+
+    # ------------------------------------------------------------ the loop thread
+    def sha256_of(self, key: str) -> str:
+        return self._slots[key].sha256
+
+    def on_frame(self, result: FrameResult) -> None:
+        key = self._camera_key.get(result.camera)
+        if key is None:
+            return
+        slot = self._slots[key]
+        slot.frames += 1
+        with self._lock:
+            slot.recent.append((result.image, float(result.score)))
+
+    def apply(self, states: Sequence) -> List[SwapRecord]:
+        """Between rounds (loop thread): put staged detectors in place for every camera state of their
+        path (``state.detector``, ``state.info``, and ``state.policy.threshold`` when the camera uses
+        the model's threshold). Returns the swaps done."""
+        if not self._camera_key:
+            for state in states:
+                self._camera_key[state.camera.name] = str(Path(state.camera.model).resolve())
+        with self._lock:
+            ready = [(key, slot, slot.pending) for key, slot in self._slots.items() if slot.pending is not None]
+            for _, slot, _ in ready:
+                slot.pending = None
+        done = []
+        for key, slot, (detector, sha, load_s, detail, reason) in ready:
+            old, old_sha = slot.detector, slot.sha256
+            for state in states:
+                if self._camera_key.get(state.camera.name) != key:
+                    continue
+                state.detector = detector
+                own = state.camera.threshold is None
+                if own:
+                    state.policy.threshold = float(detector.threshold)
+                state.info = dataclasses.replace(
+                    state.info, model_sha256=sha, backend=detector.backend.name,
+                    precision=getattr(detector, "precision", state.info.precision),
+                    threshold=float(state.policy.threshold),
+                    threshold_source=detector.threshold_source if own else state.info.threshold_source)
+            slot.detector, slot.sha256 = detector, sha
+            self.detectors[key] = detector
+            with self._lock:
+                slot.recent.clear()
+            record = SwapRecord(slot.path, reason, "swapped", old_sha, sha, detail, load_s, time.time(), slot.frames)
+            self._record(record)
+            done.append(record)
+            old.close()
+        return done
+
+    def report(self) -> List[dict]:
+        with self._lock:
+            return [dataclasses.asdict(r) for r in self.records]
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " | ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+
+
+def line_slots(line, detectors: MutableMapping[str, object],
+               status: Callable[[str], None] = logger.warning) -> ModelSlots:
+    """ModelSlots over the line's opened detectors, reopening a path with the line's backend settings."""
+    from mrkd.runtime.detector import Detector
+
+    def opener(path: str):
+        return Detector(path, backend=line.backend, postprocess=line.postprocess,
+                        providers=list(line.providers) if line.providers else None, threads=line.threads)
+    return ModelSlots(detectors, opener, status)
+
+
+@contextlib.contextmanager
+def reload_on_sighup(slots: ModelSlots):
+    """While inside (main thread only), SIGHUP asks ``slots`` to load every model path again."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        yield slots
+        return
+    previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: slots.request_reload("SIGHUP"))
+    try:
+        yield slots
+    finally:
+        signal.signal(signal.SIGHUP, previous)

@@ -1,0 +1,218 @@
+"""Hot swap: a running line takes a new model between frames (runtime/line/swap.py).
+
+The models are real ONNX graphs written by the exporter's own writer (runtime_fixtures), scored by
+the runtime's Detector (ONNX Runtime). The live test runs `mrkd run` as a subprocess over a folder
+with --loop, swaps the model file under it and sends SIGHUP: events before and after name the right
+model hash (split exactly at the frame the swap happened before), no frame is missing from the
+count, and a half-written model is refused while the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+import runtime_fixtures
+from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
+from mrkd.runtime.detector import Detector
+from mrkd.runtime.line.alarms import AlarmPolicy
+from mrkd.runtime.line.loop import Camera
+from mrkd.runtime.line.swap import ModelSlots
+from mrkd.runtime.metadata import file_sha256, sidecar_path
+from mrkd.runtime.outputs.base import CameraInfo, FrameResult
+
+
+def install(src: Path, dst: Path) -> None:
+    """Move a model version into place as a deployment does: sidecar, then model, each one rename."""
+    tmp_side, tmp_model = dst.parent / ".side.tmp", dst.parent / ".model.tmp"
+    tmp_side.write_bytes(sidecar_path(src).read_bytes())
+    tmp_model.write_bytes(src.read_bytes())
+    os.replace(tmp_side, sidecar_path(dst))
+    os.replace(tmp_model, dst)
+
+
+def frames(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [defective_frame(rng) if i % 2 else normal_frame(rng) for i in range(n)]
+
+
+def state_for(path: Path, detector) -> SimpleNamespace:
+    camera = Camera(name="cam0", source=[], model=str(path))
+    return SimpleNamespace(camera=camera, detector=detector, policy=AlarmPolicy(detector.threshold),
+                           info=CameraInfo("cam0", "test", str(path), file_sha256(path), "onnxruntime", "fp32",
+                                           detector.threshold, "sidecar"))
+
+
+@pytest.fixture
+def running(tmp_path):
+    live = tmp_path / "live" / "model.onnx"
+    live.parent.mkdir()
+    export_tiny_model(live, threshold=0.1)
+    key = str(live.resolve())
+    detectors = {key: Detector(live)}
+    messages = []
+    slots = ModelSlots(detectors, Detector, status=messages.append)
+    state = state_for(live, detectors[key])
+    slots.apply([state])
+    for i, frame in enumerate(frames()):     # the running model judges a few frames
+        result = detectors[key](frame)
+        slots.on_frame(FrameResult("cam0", i, float(i), frame, result.maps[0], float(result.scores[0]), 0.1,
+                                   bool(result.scores[0] >= 0.1)))
+    yield SimpleNamespace(live=live, key=key, detectors=detectors, slots=slots, state=state, messages=messages,
+                          tmp=tmp_path)
+    for detector in detectors.values():
+        detector.close()
+
+
+def test_new_model_is_staged_beside_the_old_and_swapped_only_between_rounds(running):
+    old = running.state.detector
+    old_sha = file_sha256(running.live)
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    assert running.slots.request_reload("test")
+    assert running.slots.wait_idle(30)
+    assert running.state.detector is old                 # staged, not in use until the loop says so
+    done = running.slots.apply([running.state])
+    assert [r.outcome for r in done] == ["swapped"]
+    new_sha = file_sha256(running.live)
+    assert new_sha != old_sha
+    assert running.state.detector is not old and running.detectors[running.key] is running.state.detector
+    assert running.state.info.model_sha256 == new_sha and running.slots.sha256_of(running.key) == new_sha
+    assert running.state.policy.threshold == pytest.approx(0.25) == running.state.info.threshold
+    assert "checked on 3 recent frame(s)" in done[0].detail and done[0].frames_before == 4
+    # the new model scores like the graph it is (the tiny model's numpy reference)
+    frame = frames(2)[1]
+    square = cv2.resize(frame, (runtime_fixtures.SIZE, runtime_fixtures.SIZE), interpolation=cv2.INTER_AREA)
+    expected = runtime_fixtures.reference_map(square[None])[0].max()
+    assert running.state.detector(frame).scores[0] == pytest.approx(expected, rel=1e-3, abs=1e-5)
+    # the same file again: nothing to do
+    running.slots.request_reload("again")
+    running.slots.wait_idle(30)
+    assert running.slots.apply([running.state]) == [] and running.slots.records[-1].outcome == "unchanged"
+
+
+def _refused(running, reason_pattern):
+    before = (running.state.detector, running.state.info, running.state.policy.threshold)
+    running.slots.request_reload("test")
+    assert running.slots.wait_idle(30)
+    assert running.slots.apply([running.state]) == []
+    assert (running.state.detector, running.state.info, running.state.policy.threshold) == before
+    record = running.slots.records[-1]
+    assert record.outcome == "refused", record
+    assert reason_pattern in record.detail, record.detail
+    assert any(m.startswith("model reload (test) REFUSED") for m in running.messages)
+    # the old model still scores
+    assert np.isfinite(running.state.detector(frames(1)[0]).scores).all()
+
+
+def test_half_written_model_is_refused_and_the_old_one_keeps_running(running):
+    data = running.live.read_bytes()
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    whole = running.live.read_bytes()
+    running.live.write_bytes(whole[:len(whole) // 2])          # a copy cut short
+    _refused(running, "cannot be loaded")
+    assert data != whole
+
+
+def test_model_of_another_backbone_or_image_size_is_refused(running, monkeypatch):
+    runtime_fixtures.build_tiny_model(running.tmp / "other.onnx", metadata_overrides={"backbone": "resnet18"})
+    install(running.tmp / "other.onnx", running.live)
+    _refused(running, "backbone 'resnet18' differs")
+    monkeypatch.setattr(runtime_fixtures, "SIZE", 64)
+    runtime_fixtures.build_tiny_model(running.tmp / "big.onnx")
+    install(running.tmp / "big.onnx", running.live)
+    _refused(running, "image_size 64 differs")
+
+
+def test_model_without_threshold_is_refused(running):
+    runtime_fixtures.build_tiny_model(running.tmp / "raw.onnx", threshold=None)
+    install(running.tmp / "raw.onnx", running.live)
+    _refused(running, "no calibrated threshold")
+
+
+# ---------------------------------------------------------------- the live run
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _events(path: Path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.mark.slow
+def test_live_run_is_hot_swapped_by_sighup_and_refuses_a_half_written_model(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(6, seed=1)):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    live = tmp_path / "deploy" / "model.onnx"
+    live.parent.mkdir()
+    export_tiny_model(live, threshold=0.1)
+    sha_a = file_sha256(live)
+    export_tiny_model(tmp_path / "v2.onnx", threshold=0.2)
+    sha_b = file_sha256(tmp_path / "v2.onnx")
+    events = tmp_path / "events.jsonl"
+    stderr_path = tmp_path / "stderr.txt"
+    code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, "run", str(live), "--source", str(folder), "--loop",
+                                 "--fps", "40", "--cooldown", "0", "--events", str(events)],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        _wait_for(lambda: len(_events(events)) >= 4, 60, "alarms from the first model")
+        install(tmp_path / "v2.onnx", live)
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "swapped" in stderr_path.read_text(), 60, "the swap")
+        _wait_for(lambda: any(e["model_sha256"] == sha_b for e in _events(events)), 60, "alarms of the new model")
+        whole = (tmp_path / "v2.onnx").read_bytes()
+        (live.parent / ".cut.tmp").write_bytes(whole[: len(whole) // 3])
+        os.replace(live.parent / ".cut.tmp", live)                     # a half-written file in place
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "REFUSED" in stderr_path.read_text(), 60, "the refusal")
+        after_refusal = len(_events(events))
+        _wait_for(lambda: len(_events(events)) >= after_refusal + 3, 60, "alarms after the refusal")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr_path.read_text()
+    summary = json.loads(out[out.index("{"):])
+    swaps = summary["model_swaps"]
+    assert [s["outcome"] for s in swaps] == ["swapped", "refused"], swaps
+    assert swaps[0]["old_sha256"] == sha_a and swaps[0]["new_sha256"] == sha_b
+    assert "cannot be loaded" in swaps[1]["detail"]
+    boundary = swaps[0]["frames_before"]
+    logged = _events(events)
+    assert len(logged) == summary["events"] >= after_refusal + 3
+    for event in logged:        # each event names the model that judged its frame
+        assert event["model_sha256"] == (sha_a if event["frame_index"] < boundary else sha_b), (event, boundary)
+    assert {e["model_sha256"] for e in logged} == {sha_a, sha_b}
+    # no frame lost: every frame read was judged, frame indices run without a gap
+    camera = summary["cameras"]["cam0"]
+    assert camera["frames"] == summary["frames"]
+    assert camera["source"]["dropped"] == 0
+    indices = sorted(e["frame_index"] for e in logged)
+    assert indices[-1] < camera["frames"]
+    # defective frames are the odd ones of each 6-frame pass: every one raised an alarm (cooldown 0)
+    assert len(logged) == sum(1 for i in range(camera["frames"]) if (i % 6) % 2 == 1)
