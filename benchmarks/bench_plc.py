@@ -1,0 +1,171 @@
+"""The PLC handshake's cost: trigger -> Results Valid as a PLC sees it over Modbus TCP, next to each
+part's own trigger -> verdict time in the same run.
+
+A PLC simulated with pymodbus' client (benchmarks/plc_peer.py addresses) scans every 10 ms, as PLC
+cycles do: each scan reads the status bits; it raises Trigger, drops it once Trigger Ack is seen,
+and reads the result registers and acknowledges in the scan that sees Results Valid. The line is
+the part runner over a folder of good and defective parts (a triggered folder takes its next image
+per trigger) judged by a random-weight EfficientNet-Lite0 (speed only) on the CPU.
+
+Per part (wall clock, one machine):
+* ``plc_latency``: the PLC's Trigger write sent -> the response of the first read showing Results
+  Valid. It includes waiting for the next scan (0..10 ms), which is the PLC's, not mrkd's.
+* ``verdict``: the part runner's own trigger -> verdict (``PartResult.verdict_s``).
+* ``handshake``: what the handshake adds beyond the verdict and the PLC's polling: the Trigger
+  write reaching the line (write sent -> ``PartResult.trigger_time``) + the verdict reaching the
+  presented registers (verdict -> the handshake's ``on_part`` done) + the one read that showed it
+  (request sent -> answer). Goal: p99 < 5 ms.
+
+    python -m mrkd.benchmarks.bench_plc [--quick]      (mrkd bench --only plc)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from mrkd.runtime.outputs.base import LineObserver
+
+POLL_S = 0.010
+GOAL_MS = 5.0
+
+
+def _percentiles(values_s: List[float]) -> dict:
+    ms = np.asarray(values_s, dtype=np.float64) * 1000.0
+    return {"p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
+            "max": round(float(ms.max()), 2)}
+
+
+class _Presented(LineObserver):
+    """After the PLC server among the observers: each part, and when its result was in the registers."""
+
+    def __init__(self):
+        self.at, self.parts = {}, {}
+
+    def on_part(self, result):
+        self.at[result.inspection_id] = time.time()
+        self.parts[result.inspection_id] = result
+
+
+def part_folder(folder: Path, count: int, seed: int = 0) -> List[bool]:
+    """Gray textured parts, about a third with a bright scratch; returns which are defective."""
+    import cv2
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    defective = list(rng.random(count) < 0.3)
+    for i, bad in enumerate(defective):
+        image = rng.integers(90, 131, size=(96, 128, 3), dtype=np.uint8)
+        if bad:
+            image[20:30, 10:90] = 255
+        cv2.imwrite(str(folder / f"part{i:05d}.png"), image)
+    return defective
+
+
+def plc_scans(port: int, parts: int, pipe) -> None:
+    """The PLC, in its own process (a PLC is another machine: no shared interpreter lock with the
+    server): ``parts`` handshakes scanning every POLL_S; sends back one timing row per part."""
+    from mrkd.benchmarks.plc_peer import DI, PART_ID, RESULTS_ACK, TRIGGER, TRIGGER_ENABLE, SimulatedPlc
+    plc = SimulatedPlc(port)
+    rows = []
+    try:
+        plc.coil(TRIGGER_ENABLE, True)
+        for i in range(parts):
+            plc.wait(lambda b: b["trigger_ready"], 10, "Trigger Ready")
+            plc.register(PART_ID, i % 65536)
+            next_scan = time.perf_counter()
+            sent = time.time()
+            plc.coil(TRIGGER, True)
+            trigger_high = True
+            while True:
+                next_scan += POLL_S
+                time.sleep(max(0.0, next_scan - time.perf_counter()))
+                asked = time.time()
+                bits = plc.client.read_discrete_inputs(0, count=len(DI)).bits
+                answered = time.time()
+                if trigger_high and bits[DI["trigger_ack"]]:
+                    plc.coil(TRIGGER, False)
+                    trigger_high = False
+                if bits[DI["results_valid"]]:
+                    break
+                if answered - sent > 10:
+                    raise RuntimeError(f"part {i}: no Results Valid within 10 s")
+            reading = plc.registers()
+            if trigger_high:
+                plc.coil(TRIGGER, False)
+            plc.coil(RESULTS_ACK, True)
+            plc.coil(RESULTS_ACK, False)
+            rows.append((i, sent, asked, answered, reading.inspection_id, reading.part_id))
+        pipe.send(rows)
+    except Exception as exc:   # reported by the parent
+        pipe.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        plc.close()
+
+
+def modbus_run(port: int, parts: int, judged: dict, presented: dict) -> dict:
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    plc = context.Process(target=plc_scans, args=(port, parts, sender), daemon=True)
+    plc.start()
+    rows = receiver.recv() if receiver.poll(parts * 2.0 + 60) else "the PLC process gave no answer"
+    plc.join(10)
+    if isinstance(rows, str):
+        raise RuntimeError(f"simulated PLC: {rows}")
+    latencies, verdicts, handshake, write_path, into_registers, read_trip, mismatched = [], [], [], [], [], [], 0
+    for i, sent, asked, answered, inspection_id, part_id in rows:
+        part = judged[inspection_id]
+        mismatched += part_id != i % 65536 or part.part_id != str(i % 65536)
+        verdict_at = part.trigger_time + part.verdict_s
+        latencies.append(answered - sent)
+        verdicts.append(part.verdict_s)
+        write_path.append(part.trigger_time - sent)
+        into_registers.append(presented[inspection_id] - verdict_at)
+        read_trip.append(answered - max(asked, presented[inspection_id]))
+        handshake.append(write_path[-1] + into_registers[-1] + read_trip[-1])
+    return {"plc_latency_ms": _percentiles(latencies), "verdict_ms": _percentiles(verdicts),
+            "excess_over_verdict_ms": _percentiles([a - b for a, b in zip(latencies, verdicts)]),
+            "handshake_ms": _percentiles(handshake), "trigger_write_to_line_ms": _percentiles(write_path),
+            "verdict_to_registers_ms": _percentiles(into_registers), "showing_read_ms": _percentiles(read_trip),
+            "mismatched_results": mismatched, "goal_handshake_p99_ms": GOAL_MS,
+            "goal_met": _percentiles(handshake)["p99"] < GOAL_MS}
+
+
+def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2) -> dict:
+    from mrkd.benchmarks.bench_parts import export_lite0
+    from mrkd.runtime.line.loop import Camera, Line
+    from mrkd.runtime.line.parts import PartRunner, open_part_sources
+    from mrkd.runtime.line.trigger import PartSettings
+    from mrkd.runtime.plc.modbus import ModbusPlc
+
+    image_size = image_size or (64 if quick else 128)
+    parts = 30 if quick else 500
+    with tempfile.TemporaryDirectory() as tmp:
+        model = export_lite0(Path(tmp), image_size)
+        defective = part_folder(Path(tmp) / "parts", parts)
+        line = Line((Camera("cam", str(Path(tmp) / "parts"), str(model), threshold=1e9, trigger="software"),),
+                    threads=threads)
+        settings = PartSettings(queue=1, timeout=5.0)
+        runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
+        server = ModbusPlc(runner, port=0).start()
+        presented = _Presented()
+        runner.observers += [server, presented]      # presented after the server: registers already set
+        runner.start()
+        try:
+            modbus = modbus_run(server.address[1], parts, presented.parts, presented.at)
+        finally:
+            summary = runner.stop()
+    return {"bench": "plc", "backbone": "efficientnet_lite0 (random weights)", "image_size": image_size,
+            "threads": threads, "parts": parts, "defective_images": int(sum(defective)),
+            "plc_scan_ms": POLL_S * 1000, "modbus": modbus, "missed_triggers": summary["missed_triggers"],
+            "errors": summary["verdicts"]["ERROR"]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
