@@ -15,5 +15,9 @@ COMMANDS = {
     "run": ("mrkd.runtime.cli:run_command", "Stream camera/video frames through an exported model; raise alarms."),
     "cameras": ("mrkd.cameras_cli:cameras_command", "List the GigE Vision (GenICam) cameras Aravis finds."),
     "bench": ("mrkd.benchmarks.cli:bench_command", "Measure every stage and backend against the official pipeline."),
+    "review": ("mrkd.review_cli:review_command",
+               "List alarms of an events log; mark one a good part (false alarm) or a confirmed defect."),
+    "refit": ("mrkd.refit_cli:refit_command",
+              "A new model version: reviewed good parts into the memory bank, threshold set again."),
     "demo": ("mrkd.demo:demo_command", "The whole path on the embedded data: generate, train, eval, export, run."),
 }
