@@ -14,6 +14,7 @@ import click
 from mrkd.errors import SettingError, error_boundary
 from mrkd.options import FINITE, FiniteFloatRange, seconds
 from mrkd.runtime.backends import backend_choices
+from mrkd.runtime.plc.servers import plc_options
 from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
 
 
@@ -91,8 +92,9 @@ def part_settings(line, part: dict):
     return dataclasses.replace(settings, **changes).check([c.name for c in line.cameras])
 
 
-def run_parts(line, part: dict, detectors, observers, status_every) -> dict:
-    """Judge parts on trigger until the trigger source ends (stdin), --max-parts, or a signal."""
+def run_parts(line, part: dict, detectors, observers, status_every, plc=None) -> dict:
+    """Judge parts on trigger until the trigger source ends (stdin), --max-parts, or a signal; ``plc``
+    (PlcSettings): the PLC servers that trigger it too."""
     import sys
     from mrkd.runtime.line.parts import PartRunner, open_part_sources
     from mrkd.runtime.line.stream import stop_on_signals
@@ -103,6 +105,11 @@ def run_parts(line, part: dict, detectors, observers, status_every) -> dict:
     try:
         runner = PartRunner(line, sources, settings, detectors=detectors, observers=observers,
                             status_every=status_every, status=lambda text: click.echo(text, err=True))
+        if plc is not None and plc.wanted:
+            from mrkd.runtime.plc.servers import start_plc_servers
+            servers = start_plc_servers(runner, plc, echo=lambda text: click.echo(text, err=True))
+            runner.observers.extend(servers)
+            observers.extend(servers)        # their health in the run's summary
     except BaseException:
         for source in sources.values():
             source.close()
@@ -222,6 +229,7 @@ def pop_camera_defaults(options: dict, part: dict) -> dict:
               help="Seconds per webhook POST before it counts as failed (it is retried).")
 @line_output_options
 @part_options
+@plc_options
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
               help="Write annotated frames (heat-map, score, threshold) to this video file (.avi: MJPG).")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
@@ -248,12 +256,15 @@ def run_command(model, sources, line_file, **options):
     is written before exit."""
     from mrkd.atomic import atomic_write_text
     from mrkd.runtime.line.loop import open_detectors, open_sources, outputs_summary, run_line
+    from mrkd.runtime.line.linefile import load_plc_settings
+    from mrkd.runtime.plc.servers import pop_plc_settings
     from mrkd.runtime.line.stream import stop_on_signals
     from mrkd.runtime.outputs import build_outputs
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     summary_path = options.pop("summary_path")
     part = pop_part_options(options)
+    plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
     output_settings = pop_output_settings(options)
     run_settings = pop_run_settings(options)
     camera_defaults = pop_camera_defaults(options, part)
@@ -265,9 +276,12 @@ def run_command(model, sources, line_file, **options):
         raise SettingError("--save-video and --show take one camera; this line has "
                            f"{len(line.cameras)}")
     triggered = any(c.trigger != "free" for c in line.cameras)
-    if triggered and not (part["trigger_stdin"] or part["trigger_every"]):
+    if triggered and not (part["trigger_stdin"] or part["trigger_every"] or plc.wanted):
         raise SettingError("--trigger software/hardware judges parts on trigger: give a trigger source "
-                           "(--trigger-stdin or --trigger-every SECONDS)")
+                           "(--trigger-stdin, --trigger-every SECONDS or --modbus HOST:PORT)")
+    if not triggered and plc.wanted:
+        raise SettingError("--modbus (or [plc] in the line file) triggers parts: it needs --trigger software or "
+                           "hardware (or trigger = ... in the line file)")
     if not triggered and (part["trigger_stdin"] or part["trigger_every"] or part["max_parts"]):
         raise SettingError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "
                            "(or trigger = ... in the line file)")
@@ -283,7 +297,7 @@ def run_command(model, sources, line_file, **options):
             click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
         running = True       # from here the runner tells every output on_stop itself
         if triggered:
-            summary = run_parts(line, part, detectors, outputs, run_settings.status_every)
+            summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc)
             summary.setdefault("outputs", outputs_summary(outputs))
         else:
             stop = threading.Event()
