@@ -31,6 +31,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from mrkd.errors import MrkdError
 from mrkd.runtime.sources import Frame, Source, SourceError, SourceStats
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ SUPPORTED_FORMATS = tuple(PIXEL_FORMATS.values())
 
 class GigeError(SourceError):
     """A GigE camera cannot be opened or set up; the message names the camera (and feature, value)."""
+
+
+class FeatureSyntaxError(MrkdError, ValueError):
+    """A --feature that is not NAME=VALUE."""
 
 
 def aravis():
@@ -151,10 +156,10 @@ def open_camera(device: str):
 
 
 def parse_feature(text: str) -> Tuple[str, str]:
-    """"NAME=VALUE" -> (NAME, VALUE) (--feature); ValueError naming the text otherwise."""
+    """"NAME=VALUE" -> (NAME, VALUE) (--feature); FeatureSyntaxError naming the text otherwise."""
     name, sep, value = str(text).partition("=")
     if not sep or not name.strip() or not value.strip():
-        raise ValueError(f"--feature {text!r}: expected NAME=VALUE, e.g. ExposureTime=5000")
+        raise FeatureSyntaxError(f"--feature {text!r}: expected NAME=VALUE, e.g. ExposureTime=5000")
     return name.strip(), value.strip()
 
 
