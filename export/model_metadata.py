@@ -14,7 +14,7 @@ def build_metadata(model, options: ExportOptions, *, precision: Optional[str] = 
                    checkpoint_sha256: Optional[str] = None, extra: Optional[Dict] = None) -> ModelMetadata:
     """The metadata of an export of ``model`` (an MRKD) with ``options``; onnx_sha256 is set on save."""
     config = model.config
-    calibration = Calibration.from_dict(model.calibration, "checkpoint calibration") if model.calibration else None
+    calibration = Calibration.of(model.calibration, "checkpoint calibration")
     meta = ModelMetadata(
         backbone=config.backbone,
         image_size=int(config.image_size),

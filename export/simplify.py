@@ -12,6 +12,7 @@ from typing import Dict
 
 import numpy as np
 
+from mrkd.errors import SettingError
 from mrkd.export import ort
 
 LATENCY_TOLERANCE = 1.05     # timing noise on a busy 2-core box is a few per cent
@@ -33,7 +34,7 @@ def _interleaved_latency(sessions, batch: np.ndarray, repeats: int):
 def maybe_simplify(proto, batch: np.ndarray, mode: str = "auto", repeats: int = 7):
     """Return (model to keep, record). mode: "auto" (measure and decide), "always", "never"."""
     if mode not in ("auto", "always", "never"):
-        raise ValueError(f"simplify mode must be auto|always|never, got {mode!r}")
+        raise SettingError(f"simplify mode must be auto|always|never, got {mode!r}")
     record: Dict[str, object] = {"mode": mode, "kept": False}
     if mode == "never":
         record["nodes_before"] = len(proto.graph.node)

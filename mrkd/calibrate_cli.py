@@ -12,7 +12,7 @@ import click
 from mrkd.errors import error_boundary
 from mrkd.options import FRACTION
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
-                                     METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS, Calibration)
+                                     ACCEPT_SHIFT_HELP, METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
 
 EXPORTED_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
 DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
@@ -33,22 +33,29 @@ DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 @click.option("--max-frames", type=click.IntRange(min=1), default=None,
               help="Exported models: score at most this many frames of GOOD (needed for cameras and streams).")
 @click.option("--size", default=None,
-              help="Exported models: WIDTHxHEIGHT to resize GOOD's frames to, as `mrkd run --size` does.")
+              help="Exported models: WIDTHxHEIGHT to resize GOOD's frames to, as `mrkd run --size` does; recorded with "
+                   "the threshold, and `mrkd run` warns when it reads frames at another size.")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto",
               show_default=True, help="Exported models: the inference backend that scores GOOD.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Checkpoints: images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
+@click.option("--accept-shift", is_flag=True, help=ACCEPT_SHIFT_HELP)
 @error_boundary
 def calibrate_command(model, good, labelled, method, quantile, confidence, out, max_frames, size, backend,
-                      batch_size, device):
+                      batch_size, device, accept_shift):
     """Set MODEL's alarm threshold from GOOD, optionally F1-optimal on --labelled images.
 
     MODEL is a checkpoint (.ckpt: GOOD is a folder or glob of good images, e.g. new parts from the line;
     export again afterwards, the threshold travels in the metadata) or an exported model (.onnx or
     .engine: GOOD is any `mrkd run` source — folder, glob, video file, camera, stream — so the threshold
     is set on frames that came through the camera and codec the line uses; only the sidecar is
-    rewritten, and no PyTorch is needed)."""
+    rewritten, and no PyTorch is needed).
+
+    A calibration whose good scores lie far from the good scores the model recorded (a folder of
+    defective parts given as good) is refused unless --accept-shift."""
+    def warn(text):
+        click.secho(text, err=True, fg="yellow", bold=True)
     if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
         if out:
             raise click.UsageError("--out is for checkpoints; an exported model's sidecar is updated in place")
@@ -57,16 +64,16 @@ def calibrate_command(model, good, labelled, method, quantile, confidence, out, 
         options = SourceOptions(size=SourceOptions.parse_size(size), reconnect=False).validate()
         result = calibrate_exported(model, good, labelled=labelled, quantile=quantile, method=method,
                                     confidence=confidence, max_frames=max_frames, backend=backend,
-                                    source_options=options)
+                                    source_options=options, accept_shift=accept_shift, warn=warn)
         target = f"{model} (sidecar; was {result.previous_threshold})"
     else:
         if size:
             raise click.UsageError("--size is for exported models (checkpoints resize to their own image size)")
         from mrkd.train.calibrate import recalibrate_checkpoint
         from mrkd.train.evaluate import resolve_device
-        result = Calibration.from_dict(recalibrate_checkpoint(
+        result = recalibrate_checkpoint(
             model, good, out=out, labelled=labelled, quantile=quantile, method=method, confidence=confidence,
-            batch_size=batch_size, device=resolve_device(device)), str(out or model))
+            batch_size=batch_size, device=resolve_device(device), accept_shift=accept_shift, warn=warn)
         target = out or model
     extra = (f", F1 {result.f1_at_threshold:.3f} on the labelled images" if result.f1_at_threshold is not None
              else f", k {result.tolerance_k:.2f}" if result.tolerance_k is not None else "")

@@ -2,9 +2,11 @@
 
 Every error mrkd raises for a user's mistake or a bad input (a missing file, a malformed sidecar,
 an option out of range, a missing optional package) derives from MrkdError and carries a message that
-names the file or field. ``error_boundary`` turns those, and the operating system's refusals
-(permission denied, a folder where a file should be), into one line on stderr and exit status 1;
-anything else is a bug and keeps its traceback.
+names the file or field; each module adds its own subclass (SourceError, MetadataError, LineError, ...),
+and SettingError is the one for a bad option or config field. ``error_boundary`` turns those, and the
+operating system's refusals (permission denied, a folder where a file should be), into one line on
+stderr and exit status 1; it is the only place that does: commands do not convert errors themselves.
+Anything else (a ValueError from a shape check deep in the library) is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ import functools
 
 class MrkdError(Exception):
     """Base of mrkd's expected errors; the CLIs print the message as one line."""
+
+
+class SettingError(MrkdError, ValueError):
+    """A setting the user gave (a command option, a config field, an entry of a settings file) is unknown,
+    out of range or contradicts another; the message names the setting. A ValueError too, so code that
+    checks settings with ``except ValueError`` keeps working."""
 
 
 class DeviceError(MrkdError, ValueError):

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
-                                     CalibrationError, calibration_from_scores)
+                                     CalibrationError, calibration_from_scores, check_calibration_shift,
+                                     frame_size_label)
 from mrkd.runtime.metadata import file_sha256, sidecar_path
 from mrkd.runtime.line.loop import iter_frames
 from mrkd.runtime.sources import SourceOptions, SourceStats, open_source
@@ -80,12 +82,16 @@ def score_source(detector, uri, max_frames: Optional[int] = None, batch_size: in
 def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quantile: float = DEFAULT_QUANTILE,
                        method: str = DEFAULT_METHOD, confidence: Optional[float] = None,
                        max_frames: Optional[int] = None, backend: str = "auto", progress: bool = True,
-                       source_options: Optional[SourceOptions] = None) -> Calibration:
+                       source_options: Optional[SourceOptions] = None, accept_shift: bool = False,
+                       warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> Calibration:
     """Score ``good`` (folder, glob, video, camera or stream URI) with the exported model, set its
     threshold by the same rules training uses (mrkd.runtime.calibration; F1-optimal when ``labelled``,
     an MVTec-style test folder, is given) and rewrite the model's sidecar atomically. The model file is
     not touched (its embedded metadata keeps the export's threshold; the runtime announces when it
-    falls back to that); the old threshold is kept as ``previous_threshold``. Returns the Calibration."""
+    falls back to that); the old threshold is kept as ``previous_threshold``, the frame size the scores
+    were taken at as ``frame_size`` (the runtime warns when a run reads frames at another size). Good
+    scores far from the ones the model recorded are refused unless ``accept_shift`` (then ``warn``ed):
+    mrkd.runtime.calibration.calibration_shift. Returns the Calibration."""
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.images import read_image
 
@@ -100,7 +106,10 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
         calibration = calibration_from_scores(
             good_scores, quantile, labels, labelled_scores, method,
             DEFAULT_CONFIDENCE if confidence is None else confidence, source=str(good),
-            bad_frames=int(stats.bad_frames), previous_threshold=detector.metadata.threshold)
+            bad_frames=int(stats.bad_frames), previous_threshold=detector.metadata.threshold,
+            frame_size=frame_size_label(source_options.size if source_options else None))
+        check_calibration_shift(detector.metadata.calibration, good_scores, calibration.threshold, accept_shift,
+                                str(model_path), warn)
         metadata = dataclasses.replace(detector.metadata, calibration=calibration)
         if metadata.model_sha256 is None and metadata.engine is None:   # from embedded props: hash it now
             metadata.onnx_sha256 = file_sha256(model_path)

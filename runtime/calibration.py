@@ -17,7 +17,7 @@ import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -77,6 +77,9 @@ class Calibration:
     source: Optional[str] = None               # where the good scores came from (a clip, a camera)
     bad_frames: Optional[int] = None           # frames of that source that could not be scored
     previous_threshold: Optional[float] = None
+    # The frame size the good scores were taken at: "WIDTHxHEIGHT" (mrkd calibrate --size) or "native"
+    # (frames as the source gave them); None where it was not recorded (training's held-out images).
+    frame_size: Optional[str] = None
 
     _KEY_NAMES = {"method": "threshold_method"}
     _FRACTIONS = ("quantile", "confidence")
@@ -103,6 +106,9 @@ class Calibration:
             if f.name in ("method", "source"):
                 if not isinstance(value, str):
                     raise CalibrationError(f"{where}={value!r} must be a string")
+            elif f.name == "frame_size":
+                if frame_size_label(value) is None:
+                    raise CalibrationError(f"{where}={value!r} must be 'native' or WIDTHxHEIGHT")
             elif f.name in cls._COUNTS:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise CalibrationError(f"{where}={value!r} must be a whole number >= 0")
@@ -153,6 +159,39 @@ class Calibration:
         return (scores - self.good_min) / span if span > 0 else scores - self.good_min
 
 
+NATIVE_SIZE = "native"
+
+
+def frame_size_label(size: Any) -> Optional[str]:
+    """"native" for None, "WIDTHxHEIGHT" for a (width, height) pair or such a string; None when malformed."""
+    if size is None or size == NATIVE_SIZE:
+        return NATIVE_SIZE
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+            return f"{int(parts[0])}x{int(parts[1])}"
+        return None
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return f"{size[0]}x{size[1]}"
+    return None
+
+
+def frame_size_mismatch(calibration: Optional["Calibration"], run_size: Any) -> Optional[str]:
+    """Why the threshold may not fit frames of ``run_size`` (None: the source's own size), or None.
+    Scores change with the frame size (a resized frame is another picture to the model), so a threshold
+    set on frames of one size decides differently on frames of another."""
+    if calibration is None or calibration.frame_size is None:
+        return None
+    used = frame_size_label(run_size)
+    if used == calibration.frame_size:
+        return None
+    how = lambda label: "the source's own size" if label == NATIVE_SIZE else label  # noqa: E731
+    return (f"the threshold {calibration.threshold:.6g} was calibrated on frames at {how(calibration.frame_size)} "
+            f"but this run reads them at {how(used)}: decisions will differ; run with "
+            f"{'no --size' if calibration.frame_size == NATIVE_SIZE else '--size ' + calibration.frame_size} "
+            f"or calibrate again at this size")
+
+
 def finite_number(value: Any, where: str) -> float:
     """``value`` as a float when it is a real, finite number (int or float, not bool or str)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -194,12 +233,24 @@ def threshold_at_quantile(good_scores, q: float = DEFAULT_QUANTILE) -> float:
     return float(np.quantile(_finite_scores(good_scores, "good image score"), q))
 
 
+def counts_at_each_threshold(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every distinct score t (descending): (t, TP, FP) of the rule ``score >= t``. ``labels`` bool and
+    ``scores`` finite, of one size (validated by the caller); the ROC curve and the F1 threshold share it."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    # The last index of each run of equal scores closes that threshold's counts.
+    last_of_run = np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1]
+    tp = np.cumsum(sorted_labels)[last_of_run]
+    fp = (last_of_run + 1) - tp
+    return sorted_scores[last_of_run], tp, fp
+
+
 def f1_optimal_threshold(labels, scores) -> Tuple[float, float]:
     """The score threshold (rule ``score >= threshold``) with the highest F1, and that F1.
     Candidates are the distinct scores; on a tie the higher threshold (fewer alarms) wins."""
     labels = np.asarray(labels).ravel()
-    if not np.isin(labels, (0, 1)).all():
-        raise CalibrationError("labels must be 0 (good) or 1 (defect)")
+    if labels.size == 0 or not np.isin(labels, (0, 1)).all():
+        raise CalibrationError("labels must be 0 (good) or 1 (defect), and at least one")
     labels = labels.astype(bool)
     scores = _finite_scores(scores, "labelled image score")
     if scores.size != labels.size:
@@ -207,14 +258,10 @@ def f1_optimal_threshold(labels, scores) -> Tuple[float, float]:
     n_pos = int(labels.sum())
     if n_pos == 0:
         raise CalibrationError("F1 needs at least one defective sample")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    last_of_run = np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1]
-    tp = np.cumsum(sorted_labels)[last_of_run]
-    fp = (last_of_run + 1) - tp
+    thresholds, tp, fp = counts_at_each_threshold(labels, scores)
     f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
     best = int(np.argmax(f1))   # first maximum = highest threshold (thresholds descend)
-    return float(sorted_scores[last_of_run][best]), float(f1[best])
+    return float(thresholds[best]), float(f1[best])
 
 
 def _noncentral_t_cdf(t: float, df: int, nc: float) -> float:
@@ -313,3 +360,63 @@ def calibration_from_scores(good_scores, quantile: float = DEFAULT_QUANTILE, lab
         extra["f1_at_threshold"] = float(best_f1)
     return Calibration(threshold=float(threshold), method=used, quantile=float(quantile), **stats, **extra,
                        **provenance)
+
+
+# ---------------------------------------------------------------- a recalibration that looks wrong
+
+# A new calibration is suspicious when the median of the new good scores lies more than SHIFT_STDS
+# standard deviations of the recorded good scores away from their recorded mean (std floored at
+# SHIFT_STD_FLOOR of the mean's magnitude, so one image or identical scores do not make every change
+# suspicious), or when the threshold moves by more than a factor SHIFT_FACTOR either way. The typical
+# mistake, a folder of defective parts given as "good", moves both: the reported case raised the
+# threshold from 49.7 to 103.3 while the recorded good mean was 49.6. A camera's codec shifts good
+# scores by far less (the demo's MJPG clip: +8 % of the mean).
+SHIFT_STDS = 4.0
+SHIFT_STD_FLOOR = 0.02
+SHIFT_FACTOR = 2.0
+ACCEPT_SHIFT_HELP = ("Write the new threshold even when the new good scores lie far outside the good scores the "
+                     f"model recorded (median beyond mean ± {SHIFT_STDS:g} std) or the threshold moves by more "
+                     f"than a factor {SHIFT_FACTOR:g}; without it such a calibration is refused (were the images "
+                     "really good parts?).")
+
+
+class CalibrationShiftError(CalibrationError):
+    """A recalibration whose good scores do not look like the recorded good scores; not written."""
+
+
+def calibration_shift(previous: Optional[Calibration], good_scores, new_threshold: float) -> Optional[str]:
+    """What looks wrong about replacing ``previous`` by a threshold of ``new_threshold`` set on
+    ``good_scores`` (see SHIFT_STDS, SHIFT_FACTOR), or None when nothing does or nothing was recorded."""
+    if previous is None:
+        return None
+    scores = _finite_scores(good_scores, "good image score")
+    median = float(np.median(scores))
+    reasons = []
+    if previous.good_mean is not None and previous.good_std is not None:
+        spread = max(previous.good_std, SHIFT_STD_FLOOR * abs(previous.good_mean))
+        if spread > 0 and abs(median - previous.good_mean) > SHIFT_STDS * spread:
+            reasons.append(f"the new good scores' median {median:.4g} lies {abs(median - previous.good_mean):.4g} from "
+                           f"the recorded good mean {previous.good_mean:.4g} (more than {SHIFT_STDS:g} x {spread:.3g}, "
+                           f"the recorded std{f' of {previous.n_good} images' if previous.n_good else ''} or "
+                           f"{SHIFT_STD_FLOOR:.0%} of the mean)")
+    old = previous.threshold
+    # A ratio means something only between positive thresholds (scores are distances: >= 0).
+    if old > 0 and new_threshold > 0 and max(new_threshold / old, old / new_threshold) > SHIFT_FACTOR:
+        reasons.append(f"the threshold would move by a factor {max(new_threshold / old, old / new_threshold):.2f}")
+    if not reasons:
+        return None
+    return (f"threshold {old:.6g} -> {new_threshold:.6g} from {scores.size} image(s) looks wrong: "
+            + "; ".join(reasons) + ". Were these good parts? Pass --accept-shift to write it anyway")
+
+
+def check_calibration_shift(previous: Optional[Calibration], good_scores, new_threshold: float,
+                            accept_shift: bool, where: str, warn: Callable[[str], None]) -> None:
+    """Refuse (CalibrationShiftError naming ``where``) a suspicious recalibration unless ``accept_shift``;
+    with it, ``warn`` the same text and go on."""
+    problem = calibration_shift(previous, good_scores, new_threshold)
+    if problem is None:
+        return
+    if not accept_shift:
+        raise CalibrationShiftError(f"{where}: {problem} (nothing was written)")
+    warn(f"WARNING: {where}: {problem.replace('. Pass --accept-shift to write it anyway', '')}; "
+         "written because of --accept-shift")

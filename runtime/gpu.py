@@ -7,11 +7,13 @@ from __future__ import annotations
 import ctypes
 from typing import Tuple
 
+from mrkd.errors import MrkdError
+
 # CUdevice_attribute values of the driver API
 _COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR = 75, 76
 
 
-class NoGpuError(RuntimeError):
+class NoGpuError(MrkdError, RuntimeError):
     """No NVIDIA driver or no such CUDA device on this machine."""
 
 

@@ -6,6 +6,8 @@ numpy + OpenCV only (no torch).
 
 from __future__ import annotations
 
+from mrkd.errors import SettingError
+
 from typing import Sequence, Tuple, Union
 
 import cv2
@@ -19,12 +21,12 @@ RESIZE_MODES = ("resize", "center_crop")
 
 def _check_mode(mode: str) -> None:
     if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+        raise SettingError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
 
 
 def _check_size(size: int) -> int:
     if int(size) != size or size < 1:
-        raise ValueError(f"image size must be a positive integer, got {size!r}")
+        raise SettingError(f"image size must be a positive integer, got {size!r}")
     return int(size)
 
 

@@ -74,14 +74,23 @@ def debian_python_has(module_check: str) -> bool:
     return subprocess.run([DEBIAN_PYTHON, "-c", module_check], capture_output=True, timeout=60).returncode == 0
 
 
-RTSP_CHECK = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
-              "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
-              "assert Gst.ElementFactory.find('jpegenc') and Gst.ElementFactory.find('rtpjpegpay')")
-RTSP_PACKAGES = ("python3-gi", "gir1.2-gst-rtsp-server-1.0", "gstreamer1.0-plugins-base",
-                 "gstreamer1.0-plugins-good", "gstreamer1.0-tools")
+def rtsp_check(gst_elements: Sequence[str]) -> str:
+    """Code for Debian's Python: the RTSP server bindings import and every element in ``gst_elements`` exists."""
+    return ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
+            "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+            f"missing = [n for n in {tuple(gst_elements)!r} if not Gst.ElementFactory.find(n)]; "
+            "assert not missing, missing")
 
 
-def require_rtsp_server() -> str:
-    """Debian's Python with GStreamer's RTSP server bindings; returns that interpreter's path."""
-    require(lambda: debian_python_has(RTSP_CHECK), RTSP_PACKAGES, "GStreamer's RTSP server (python3-gi)")
+RTSP_PACKAGES = ("python3-gi", "gir1.2-gst-rtsp-server-1.0")
+
+
+def require_rtsp_server(codec: str = "mjpeg") -> str:
+    """Debian's Python with GStreamer's RTSP server bindings and exactly the elements that tests/rtsp_server.py
+    builds for ``codec`` (tests/rtsp_pipelines.py; h264 needs x264enc from gstreamer1.0-plugins-ugly);
+    returns that interpreter's path."""
+    from rtsp_pipelines import elements, packages
+    needed = elements(codec)
+    require(lambda: debian_python_has(rtsp_check(needed)), RTSP_PACKAGES + packages(codec),
+            f"GStreamer's RTSP server (python3-gi) with {', '.join(needed)}")
     return DEBIAN_PYTHON

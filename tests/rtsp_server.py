@@ -18,17 +18,7 @@ gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
-ENCODERS = {
-    "mjpeg": "jpegenc quality=90 ! rtpjpegpay name=pay0 pt=26",
-    "h264": "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 ! rtph264pay name=pay0 pt=96 "
-            "config-interval=1",
-}
-
-
-def launch_line(codec: str, fps: int, width: int, height: int) -> str:
-    # videotestsrc's "ball": a white ball moving on black, which the tests' bright-patch model flags.
-    return (f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={width},height={height},"
-            f"framerate={fps}/1 ! videoconvert ! video/x-raw,format=I420 ! {ENCODERS[codec]} )")
+from rtsp_pipelines import ENCODERS, launch_line  # noqa: E402  (this folder: the script's own)
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from mrkd.runtime.calibrate import CalibrationError, labelled_folder
-from mrkd.train.calibrate import threshold_from_good_scores, tolerance_factor
+from mrkd.runtime.calibration import threshold_from_good_scores, tolerance_factor
 
 
 @pytest.mark.parametrize("n, coverage, confidence", [(6, 0.99, 0.95), (12, 0.95, 0.95), (40, 0.99, 0.95),
@@ -121,13 +121,13 @@ def test_calibrate_cli_rewrites_the_threshold_and_keeps_the_rest(tmp_path):
                                                     "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     model = load_checkpoint(out)
-    assert model.calibration["threshold_method"] == "f1"
+    assert model.calibration.method == "f1"
     # The F1 the file reports is the F1 sklearn measures at that threshold on the labelled images.
     paths, labels = labelled_folder(test)
     from mrkd.train.calibrate import score_images
     scores = score_images(model, paths)
-    measured = f1_score(labels, scores >= model.calibration["threshold"])
-    assert model.calibration["f1_at_threshold"] == pytest.approx(measured, abs=1e-6)
+    measured = f1_score(labels, scores >= model.calibration.threshold)
+    assert model.calibration.f1_at_threshold == pytest.approx(measured, abs=1e-6)
     assert torch.load(checkpoint, weights_only=True)["calibration"]["threshold_method"] == "tolerance"  # untouched
 
     missing = CliRunner().invoke(calibrate_command, [str(checkpoint), str(tmp_path / "nope"), "--device", "cpu"])

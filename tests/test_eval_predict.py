@@ -80,7 +80,7 @@ def test_predict_scores_decisions_maps_and_skips_a_corrupt_file(tmp_path):
     with open(out / "scores.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(items)
-    threshold = model.calibration["threshold"]
+    threshold = model.calibration.threshold
     for row in rows:
         score = float(row["score"])
         assert row["decision"] == ("anomalous" if score >= threshold else "good")

@@ -37,7 +37,7 @@ def test_lite0_exports_fp32_fp16_int8_and_runs_in_the_runtime(trained_lite0, tmp
     model, sha = load_model(checkpoint)
     # The Lite weights' own normalisation travels from the teacher to the config and the metadata.
     assert model.config.mean == pytest.approx(LITE_MEAN) and model.config.std == pytest.approx(LITE_STD)
-    threshold = model.calibration["threshold"]
+    threshold = model.calibration.threshold
 
     options = ExportOptions(batch_range=(1, 1, 4))
     fp32 = export_onnx(model, tmp_path / "model.onnx", options, checkpoint_sha256=sha)

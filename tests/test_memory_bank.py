@@ -120,7 +120,7 @@ def test_trainer_score_both_ships_bank_and_calibrates_on_the_summed_map(tmp_path
                         resume=False)
     model = load_checkpoint(tmp_path / "last.ckpt")
     assert model.config.score == "both" and model.head.memory_bank is not None
-    assert model.config.knn_weight > 0 and model.calibration["threshold"] > 0
+    assert model.config.knn_weight > 0 and model.calibration.threshold > 0
     held_out = summary["model"].head.memory_bank.bank
     torch.testing.assert_close(model.head.memory_bank.bank, held_out.cpu(), rtol=0, atol=0)
 

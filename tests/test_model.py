@@ -226,7 +226,7 @@ def test_checkpoint_round_trip(model, images, tmp_path):
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["format"] == "mrkd-checkpoint" and "state_dict" in raw["teacher"]
     loaded = load_checkpoint(path)
-    assert not loaded.training and loaded.calibration == {"threshold": 0.5}
+    assert not loaded.training and loaded.calibration.threshold == 0.5 and loaded.calibration.method == "manual"
     assert loaded.config == model.config
     torch.testing.assert_close(loaded.anomaly_map(images), model.anomaly_map(images), rtol=0, atol=0)
 

@@ -73,15 +73,15 @@ def test_calibration_threshold_is_the_quantile_of_good_scores():
     expected = _scores_by_hand(model, good)
 
     result = calibrate(model, good, quantile=0.9)      # the default rule
-    assert result["threshold_method"] == "quantile"
-    assert result["threshold"] == pytest.approx(np.quantile(expected, 0.9), rel=1e-5)
-    assert result["good_mean"] == pytest.approx(expected.mean(), rel=1e-5)
+    assert result.method == "quantile"
+    assert result.threshold == pytest.approx(np.quantile(expected, 0.9), rel=1e-5)
+    assert result.good_mean == pytest.approx(expected.mean(), rel=1e-5)
     assert model.calibration is result
 
     # Too few good images for a quantile: max + 10 % of the range.
     few = calibrate(model, good[:3])
-    assert few["threshold_method"] == "max_margin"
-    assert few["threshold"] == pytest.approx(expected[:3].max() + 0.1 * np.ptp(expected[:3]), rel=1e-5)
+    assert few.method == "max_margin"
+    assert few.threshold == pytest.approx(expected[:3].max() + 0.1 * np.ptp(expected[:3]), rel=1e-5)
 
     # A normal tolerance bound on the same scores (k is checked by simulation in test_calibrate).
     bound = calibrate(model, good, quantile=0.99, method="tolerance")

@@ -16,6 +16,8 @@ returns why.
 
 from __future__ import annotations
 
+from mrkd.errors import SettingError
+
 import ctypes
 import ctypes.util
 import sys
@@ -71,7 +73,7 @@ def keep_freed_memory() -> AllocatorSetting:
 def apply_allocator(name: str) -> AllocatorSetting:
     """``"keep"``: :func:`keep_freed_memory`; ``"system"``: change nothing."""
     if name not in ALLOCATORS:
-        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {name!r}")
+        raise SettingError(f"allocator must be one of {ALLOCATORS}, got {name!r}")
     if name == "system":
         return AllocatorSetting("system", not _APPLIED,
                                 "the C library's default" if not _APPLIED

@@ -13,6 +13,8 @@ numpy + OpenCV only (no torch), so it also runs inside DataLoader workers cheapl
 
 from __future__ import annotations
 
+from mrkd.errors import SettingError
+
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,12 +46,12 @@ class PatchSwapConfig:
     def __post_init__(self):
         for axis, (low, high) in enumerate(self.width_bounds_pct):
             if not 0 <= low <= high <= 0.5:
-                raise ValueError(f"width_bounds_pct[{axis}] must satisfy 0 <= low <= high <= 0.5, "
+                raise SettingError(f"width_bounds_pct[{axis}] must satisfy 0 <= low <= high <= 0.5, "
                                  f"got {(low, high)}")
         if self.num_patches < 1:
-            raise ValueError(f"num_patches must be >= 1, got {self.num_patches}")
+            raise SettingError(f"num_patches must be >= 1, got {self.num_patches}")
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+            raise SettingError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
 
 PRESETS: Dict[str, PatchSwapConfig] = {
@@ -113,9 +115,9 @@ def preset_for(category: str, root=None) -> PatchSwapConfig:
                 info = json.loads(path.read_text(encoding="utf-8"))
                 kind = info["kind"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}: expected JSON like {{\"kind\": \"object\"}} ({exc})") from exc
+                raise SettingError(f"{path}: expected JSON like {{\"kind\": \"object\"}} ({exc})") from exc
             if kind not in PRESETS:
-                raise ValueError(f"{path}: kind must be one of {sorted(PRESETS)}, got {kind!r}")
+                raise SettingError(f"{path}: kind must be one of {sorted(PRESETS)}, got {kind!r}")
             config = PRESETS[kind]
             if "background" in info:
                 value, threshold = info["background"]

@@ -1,43 +1,19 @@
-"""Calibration: turn a trained model's raw scores into an alarm threshold and normalisation stats.
-
-After training, the held-out good images are scored and ``model.calibration`` records::
-
-    threshold         the alarm threshold (a score >= threshold is anomalous, as in mrkd.train.metrics)
-    threshold_method  "quantile" (default) | "max_margin" (too few images for it) | "tolerance" | "f1"
-    quantile          the share of good parts the threshold should pass (the coverage)
-    confidence, tolerance_k   for "tolerance": see threshold_from_good_scores
-    good_mean, good_std, good_min, good_max, good_q99, n_good   statistics of the good scores
-
-That dict is ``mrkd.runtime.calibration.Calibration.to_dict()``; the rules live there (numpy only).
-The export writes the Calibration into the model metadata, so the edge runtime never re-types a threshold.
+"""Calibration of a trained model (PyTorch): score held-out good images and set ``model.calibration``,
+a ``mrkd.runtime.calibration.Calibration`` (threshold, the rule that set it, statistics of the good
+scores). The record and its rules live in mrkd.runtime.calibration (numpy only, shared with the
+runtime); the checkpoint stores ``Calibration.to_dict()`` and the export writes the same record into
+the model metadata, so the edge runtime never re-types a threshold.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import sys
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-# The rules and the record are torch-free (the runtime calibrates exported models with them too).
-from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,  # noqa: F401
-                                     MAX_MARGIN, MIN_SCORES_FOR_QUANTILE, MIN_SCORES_FOR_TOLERANCE,
-                                     THRESHOLD_METHODS, Calibration, good_score_stats,
-                                     threshold_from_good_scores, tolerance_factor)
-from mrkd.runtime.calibration import calibration_from_scores as _calibration_from_scores
-
-TOLERANCE_CONFIDENCE = DEFAULT_CONFIDENCE    # the name training has used
-
-
-def calibration_from_scores(good_scores, quantile: float = DEFAULT_QUANTILE, labels=None, labelled_scores=None,
-                            method: str = DEFAULT_METHOD, confidence: float = DEFAULT_CONFIDENCE) -> dict:
-    """The calibration dict (the checkpoint's form of a Calibration) for given good scores and,
-    optionally, labelled scores for an F1 threshold."""
-    return _calibration_from_scores(good_scores, quantile, labels, labelled_scores, method, confidence).to_dict()
-
-
-def normalized_scores(scores, calibration: dict) -> np.ndarray:
-    """Scores rescaled so that the lowest good calibration score is 0 and the threshold is 1."""
-    return Calibration.from_dict(calibration, "model calibration").normalized(scores)
+from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
+                                     calibration_from_scores, check_calibration_shift)
 
 
 def _as_batches(images, model, batch_size: int):
@@ -71,11 +47,13 @@ def score_images(model, images, batch_size: int = 8, device=None) -> np.ndarray:
 def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa: F821
               labelled: Optional[Tuple[object, Sequence[int]]] = None, quantile: float = DEFAULT_QUANTILE,
               batch_size: int = 8, device=None, method: str = DEFAULT_METHOD,
-              confidence: float = DEFAULT_CONFIDENCE) -> dict:
+              confidence: float = DEFAULT_CONFIDENCE,
+              check: Optional[Callable[[np.ndarray, Calibration], None]] = None) -> Calibration:
     """Score ``good_images`` (paths or a normalised tensor) and store the calibration in the model.
 
     ``labelled``: optional ``(images, labels)`` with defective examples; the threshold is then the
     F1-optimal one on them instead of the good-score rule ``method`` (see threshold_from_good_scores).
+    ``check(good_scores, calibration)`` may refuse the result (raise) before it is stored.
     Returns ``model.calibration``.
     """
     good = score_images(model, good_images, batch_size, device)
@@ -83,18 +61,24 @@ def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa:
     if labelled is not None:
         labelled_images, labels = labelled
         labelled_scores = score_images(model, labelled_images, batch_size, device)
-    model.calibration = calibration_from_scores(good, quantile, labels, labelled_scores, method, confidence)
+    result = calibration_from_scores(good, quantile, labels, labelled_scores, method, confidence)
+    if check is not None:
+        check(good, result)
+    model.calibration = result
     return model.calibration
 
 
 def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, quantile: float = DEFAULT_QUANTILE,
                            method: str = DEFAULT_METHOD, confidence: float = DEFAULT_CONFIDENCE,
-                           batch_size: int = 8, device=None) -> dict:
+                           batch_size: int = 8, device=None, accept_shift: bool = False,
+                           warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> Calibration:
     """Calibrate the model in ``checkpoint`` again and write it (atomically) to ``out`` or in place.
 
     ``good_images``: a folder or glob of good images, or a list of image paths; ``labelled``: optional
     MVTec-style test folder (see mrkd.runtime.calibrate.labelled_folder) for an F1-optimal threshold.
-    Everything else in the file (training state, epoch) is kept. Returns the new calibration."""
+    Good scores far from the ones the checkpoint recorded are refused unless ``accept_shift``
+    (mrkd.runtime.calibration.calibration_shift). Everything else in the file (training state, epoch)
+    is kept. Returns the new calibration."""
     from mrkd.runtime.calibrate import labelled_folder
     from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
     from mrkd.train.data import scan_folder
@@ -104,7 +88,13 @@ def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, qua
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model)}   # not the model's own entries
     if device is not None:
         model = model.to(device)
+    previous = model.calibration
+
+    def check(good_scores, result):
+        check_calibration_shift(previous, good_scores, result.threshold, accept_shift, str(checkpoint), warn)
+        result.previous_threshold = None if previous is None else previous.threshold
+
     calibrate(model, good, labelled=labelled_folder(labelled) if labelled else None, quantile=quantile,
-              batch_size=batch_size, device=device, method=method, confidence=confidence)
+              batch_size=batch_size, device=device, method=method, confidence=confidence, check=check)
     save_checkpoint(model.cpu(), out or checkpoint, extra=kept)
     return model.calibration

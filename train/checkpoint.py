@@ -5,7 +5,7 @@ Our checkpoint is a plain dict of tensors and primitives::
     {"format": "mrkd-checkpoint", "format_version": 1, "config": {...},
      "bottleneck": state_dict, "student": state_dict,
      "teacher": {"kind", "name", "sha256", "state_dict" (absent for named ImageNet weights)},
-     "calibration": {...},
+     "calibration": {...},                          # Calibration.to_dict() ({} uncalibrated)
      "trained_on": {"category", "data_root"}}     # what the model was trained on (absent in old files)
 
 The teacher's weights travel with the checkpoint unless they are a named ImageNet release, which
@@ -23,6 +23,7 @@ import torch
 
 from mrkd.errors import MrkdError
 from mrkd.atomic import atomic_write_bytes
+from mrkd.runtime.calibration import Calibration
 from mrkd.train.model import MRKD, MRKDConfig, build_model
 from mrkd.train.teachers import TeacherWeightsError, strip_module_prefix, teacher_spec
 
@@ -51,7 +52,7 @@ def checkpoint_dict(model: MRKD) -> dict:
         "bottleneck": {k: v.detach().cpu() for k, v in model.bottleneck.state_dict().items()},
         "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
         "teacher": teacher,
-        "calibration": dict(model.calibration),
+        "calibration": model.calibration.to_dict() if model.calibration is not None else {},
         **({"memory_bank": model.head.memory_bank.bank.detach().cpu()}
            if getattr(model.head, "memory_bank", None) is not None else {}),
     }
@@ -117,7 +118,7 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
         if not isinstance(bank, torch.Tensor) or bank.dim() != 2:
             raise CheckpointError(f"{source}: config score={config.score!r} but the checkpoint has no memory_bank")
         model.head.set_memory_bank(MemoryBank(bank), config.knn_weight)
-    model.calibration = dict(data.get("calibration") or {})
+    model.calibration = Calibration.of(data.get("calibration") or None, f"{source}: calibration")
     model.trained_category = trained_category(data)
     return model.eval()
 

@@ -67,11 +67,8 @@ def warn_random_teacher(teacher_weights: str) -> None:
 def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_test_defect):
     """Write the embedded synthetic data set (MVTec AD layout) to OUT."""
     from mrkd.train.synthetic import generate_dataset
-    try:
-        summary = generate_dataset(out, list(categories) or None, image_size=image_size, n_train=n_train,
-                                   n_test_good=n_test_good, n_test_defect=n_test_defect, seed=seed)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    summary = generate_dataset(out, list(categories) or None, image_size=image_size, n_train=n_train,
+                               n_test_good=n_test_good, n_test_defect=n_test_defect, seed=seed)
     click.echo(f"wrote {', '.join(summary['categories'])} to {out} in {summary['seconds']} s")
 
 
@@ -174,19 +171,16 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
 
     warn_random_teacher(teacher_weights)
     warnings.filterwarnings("ignore", message="teacher_weights='random'")  # printed above already
-    try:
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
-                             device=device, amp=amp, num_workers=workers, ilm=ilm, ilm_source=ilm_source,
-                             feature_cache=feature_cache, feature_cache_mb=feature_cache_mb,
-                             fast_teacher=fast_teacher, allocator=allocator,
-                             ilm_preset=ilm_preset,
-                             mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
-                             threshold_quantile=threshold_quantile, threshold_method=threshold_method,
-                             threshold_confidence=threshold_confidence,
-                             resize_mode=resize_mode, score=score, knn_memory_fraction=knn_memory,
-                             knn_sampler=knn_sampler, knn_max_patches=knn_max_patches)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
+                         device=device, amp=amp, num_workers=workers, ilm=ilm, ilm_source=ilm_source,
+                         feature_cache=feature_cache, feature_cache_mb=feature_cache_mb,
+                         fast_teacher=fast_teacher, allocator=allocator,
+                         ilm_preset=ilm_preset,
+                         mask_ratio=mask_ratio, flm=flm, eval_every=eval_every, holdout_fraction=holdout,
+                         threshold_quantile=threshold_quantile, threshold_method=threshold_method,
+                         threshold_confidence=threshold_confidence,
+                         resize_mode=resize_mode, score=score, knn_memory_fraction=knn_memory,
+                         knn_sampler=knn_sampler, knn_max_patches=knn_max_patches)
     if holdout == 0:
         click.secho("--holdout 0: training on every good image (the official recipe); the alarm threshold then "
                     "comes from training images and is biased low (expect more false alarms than it promises)",
@@ -208,7 +202,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         last = summary["history"][-1] if summary["history"] else {}
         metrics = "  ".join(f"{k} {last[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro")
                             if isinstance(last.get(k), float))
-        threshold = (summary.get("calibration") or {}).get("threshold")
+        threshold = summary["calibration"].threshold if summary.get("calibration") is not None else None
         monitoring = f"  (test split, monitoring only: {metrics})" if metrics else ""
         speed = summary.get("images_per_second")
         cache = (summary.get("teacher_features") or {}).get("feature_cache")

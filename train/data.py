@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mrkd.errors import MrkdError
+from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
 from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_images, read_image, read_mask
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry, normalize, resize_square
@@ -40,6 +40,10 @@ LAYOUT_HELP = ("expected MVTec AD layout: <root>/<category>/train/good/<images>,
 # Where image-level masking takes its patches from: the image itself (the official main.py passes
 # same=True to its patch swap) or another random training image.
 ILM_SOURCES = ("same", "other")
+
+
+# Where a reader meets an unreadable image: the option that skips such files, for the CLI and for Python.
+SKIP_UNREADABLE_HINT = "mrkd train --skip-unreadable skips such files (Python: skip_unreadable=True)"
 
 
 class DataError(MrkdError, ValueError):
@@ -245,7 +249,7 @@ def load_square(path, image_size: int, resize_mode: str) -> np.ndarray:
     try:
         return resize_square(read_image(path), image_size, resize_mode)
     except ImageReadError as exc:
-        raise DataError(f"{exc} (pass skip_unreadable=True to scan_category to skip such files)") from exc
+        raise DataError(f"{exc} ({SKIP_UNREADABLE_HINT})") from exc
 
 
 class _WorkerRandom:
@@ -281,7 +285,7 @@ class TrainDataset(Dataset):
         if len(paths) == 0:
             raise DataError("TrainDataset needs at least one image")
         if ilm_source not in ILM_SOURCES:
-            raise ValueError(f"ilm_source must be one of {ILM_SOURCES}, got {ilm_source!r}")
+            raise SettingError(f"ilm_source must be one of {ILM_SOURCES}, got {ilm_source!r}")
         self.ilm_source = ilm_source
         from tqdm import tqdm
         self.paths = [str(p) for p in paths]
@@ -342,7 +346,7 @@ class TestDataset(Dataset):
             image = read_image(item.path)
             mask = np.zeros(image.shape[:2], bool) if item.mask_path is None else read_mask(item.mask_path)
         except ImageReadError as exc:
-            raise DataError(f"{exc} (pass skip_unreadable=True to scan_category to skip such files)") from exc
+            raise DataError(f"{exc} ({SKIP_UNREADABLE_HINT})") from exc
         if mask.shape != image.shape[:2]:
             raise DataError(f"mask {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {item.path} "
                             f"is {image.shape[1]}x{image.shape[0]}")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from mrkd.atomic import atomic_write_text
+from mrkd.errors import MrkdError
 
 SCHEMA_VERSION = 1
 CATEGORIES = {"mono": "elpv_mono", "poly": "elpv_poly"}
@@ -52,7 +53,7 @@ SPLITS = ("test", "validation")
 MANIFEST = "elpv_layout.json"
 
 
-class ElpvError(ValueError):
+class ElpvError(MrkdError, ValueError):
     """The ELPV package or its labels file is missing or malformed; the message names the file."""
 
 

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
+from mrkd.errors import SettingError
 from mrkd.runtime.preprocess import normalize
 from mrkd.train.teachers import FastTeacher
 
@@ -56,7 +57,7 @@ def plan_cache(requested: str, bytes_per_image_fp32: int, images: int, budget_mb
     """Choose the cache's precision: ``requested`` "fp32"/"fp16" if it fits ``budget_mb``, "auto" the
     most precise that fits; "off" (or nothing fits) means every step runs the teacher on the clean image."""
     if requested not in CACHE_MODES:
-        raise ValueError(f"feature cache must be one of {CACHE_MODES}, got {requested!r}")
+        raise SettingError(f"feature cache must be one of {CACHE_MODES}, got {requested!r}")
     budget = int(budget_mb * 2 ** 20)
     need = {"fp32": bytes_per_image_fp32 * images, "fp16": bytes_per_image_fp32 // 2 * images}
 

@@ -25,6 +25,8 @@ carries the bank as a constant — the runtime and TensorRT path stay one.
 
 from __future__ import annotations
 
+from mrkd.errors import SettingError
+
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -121,11 +123,11 @@ def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sam
     by ``sampler`` (see the module's notes). ``total``: how many patches ``patches`` was sampled from
     (TrainingPatches.total), when that is more than its rows; the bank's size counts those."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"memory bank fraction must be in (0, 1], got {fraction}")
+        raise SettingError(f"memory bank fraction must be in (0, 1], got {fraction}")
     if sampler not in SAMPLERS:
-        raise ValueError(f"memory bank sampler {sampler!r}: expected one of {SAMPLERS}")
+        raise SettingError(f"memory bank sampler {sampler!r}: expected one of {SAMPLERS}")
     if max_patches < 0:
-        raise ValueError(f"memory bank max_patches must be >= 0 (0: no cap), got {max_patches}")
+        raise SettingError(f"memory bank max_patches must be >= 0 (0: no cap), got {max_patches}")
     keep = min(bank_size(max(total, len(patches)), fraction, max_patches), len(patches))
     order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(int(seed)))
     if sampler == "random" or keep >= len(patches):
@@ -221,7 +223,7 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     """
     from mrkd.train.data import TestDataset, TestItem
     if score not in SCORES:
-        raise ValueError(f"score {score!r}: expected one of {SCORES}")
+        raise SettingError(f"score {score!r}: expected one of {SCORES}")
     config = model.config
     items = [TestItem(str(p), 0, "good", None) for p in paths]
     dataset = TestDataset(items, config.image_size, config.resize_mode, config.mean, config.std)

@@ -26,6 +26,9 @@ import numpy as np
 
 from mrkd.deps import require
 from mrkd.runtime.line.alarms import is_anomalous
+# The threshold rules live with the Calibration record (numpy only, shared with the runtime).
+from mrkd.runtime.calibration import (counts_at_each_threshold, f1_optimal_threshold,  # noqa: F401
+                                     threshold_at_quantile)
 
 # 8-connectivity inside each image, no connection between images of a stack: one label call
 # numbers the regions of a whole N×H×W set.
@@ -253,30 +256,16 @@ def aupro_per_image_mean(masks, maps, labels=None, max_fpr: float = 0.3,
 
 # ----------------------------------------------------------------------------- thresholds
 
-def threshold_at_quantile(good_scores, q: float = 0.99) -> float:
-    """Threshold at quantile ``q`` of defect-free scores (``np.quantile``, linear interpolation)."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    good_scores = _finite_scores(good_scores, "good_scores").ravel()
-    if good_scores.size == 0:
-        raise ValueError("good_scores is empty")
-    return float(np.quantile(good_scores, q))
-
-
 def _counts_at_each_threshold(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """For every distinct score t (descending): TP and FP of the rule ``score >= t``."""
+    """For every distinct score t (descending): TP and FP of the rule ``score >= t`` (the counting is
+    mrkd.runtime.calibration's, which the F1 threshold uses too)."""
     labels = _binary_labels(labels)
     scores = _finite_scores(scores).ravel()
     if scores.size != labels.size:
         raise ValueError(f"labels has {labels.size} entries but scores has {scores.size}")
-    order = np.argsort(-scores.astype(np.float64), kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    # The last index of each run of equal scores closes that threshold's counts.
-    last_of_run = np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1]
-    tp = np.cumsum(sorted_labels)[last_of_run]
-    fp = (last_of_run + 1) - tp
+    thresholds, tp, fp = counts_at_each_threshold(labels, scores)
     n_pos = int(labels.sum())
-    return sorted_scores[last_of_run], tp, fp, n_pos, labels.size - n_pos
+    return thresholds, tp, fp, n_pos, labels.size - n_pos
 
 
 def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -291,19 +280,6 @@ def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray
     tpr = np.r_[0.0, tp / n_pos]
     fpr = np.r_[0.0, fp / n_neg]
     return fpr, tpr, np.r_[np.inf, thresholds]
-
-
-def f1_optimal_threshold(labels, scores) -> tuple[float, float]:
-    """The score threshold (rule ``score >= threshold``) with the highest F1, and that F1.
-
-    Candidates are the distinct scores; on a tie the higher threshold (fewer alarms) wins.
-    """
-    thresholds, tp, fp, n_pos, _ = _counts_at_each_threshold(labels, scores)
-    if n_pos == 0:
-        raise ValueError("F1 needs at least one defective sample")
-    f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
-    best = int(np.argmax(f1))  # first maximum = highest threshold (thresholds descend)
-    return float(thresholds[best]), float(f1[best])
 
 
 def precision_recall_f1(labels, scores, threshold: float) -> dict:

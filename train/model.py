@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from mrkd.errors import SettingError
+from mrkd.runtime.calibration import Calibration
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from mrkd.train.head import AnomalyMapHead, distillation_loss
 from mrkd.train.student import Decoder, OneClassBottleneck
@@ -53,12 +55,12 @@ class MRKDConfig:
         self.scale_weights = tuple(float(v) for v in self.scale_weights)
         if len(self.scale_weights) != 3 or min(self.scale_weights) < 0 or (
                 self.score == "mrkd" and not any(self.scale_weights)):
-            raise ValueError(f"scale_weights must be 3 non-negative numbers, not all 0; got {self.scale_weights}")
+            raise SettingError(f"scale_weights must be 3 non-negative numbers, not all 0; got {self.scale_weights}")
         if self.score not in ("mrkd", "knn", "both"):
-            raise ValueError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
+            raise SettingError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
         self.knn_weight, self.knn_memory_fraction = float(self.knn_weight), float(self.knn_memory_fraction)
         if self.knn_sampler not in ("coreset", "random"):
-            raise ValueError(f"knn_sampler must be 'coreset' or 'random', got {self.knn_sampler!r}")
+            raise SettingError(f"knn_sampler must be 'coreset' or 'random', got {self.knn_sampler!r}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -98,7 +100,17 @@ class MRKD(nn.Module):
                                mask_ratio=config.mask_ratio, flm=config.flm,
                                test_time_mask=config.test_time_mask)
         self.head = AnomalyMapHead(config.image_size, config.sigma, config.scale_weights)
-        self.calibration: Dict[str, float] = {}
+        self._calibration: Optional[Calibration] = None
+
+    @property
+    def calibration(self) -> Optional[Calibration]:
+        """How the alarm threshold was set (mrkd.runtime.calibration.Calibration), None when uncalibrated."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, value) -> None:
+        # A Calibration, None, or an older checkpoint's dict (migrated and validated here).
+        self._calibration = Calibration.of(value, "model calibration")
 
     # The teacher stays frozen in eval mode (its BatchNorm statistics are ImageNet's).
     def train(self, mode: bool = True) -> "MRKD":

@@ -16,7 +16,6 @@ import numpy as np
 
 from mrkd.atomic import atomic_write_bytes, atomic_write_text
 from mrkd.runtime.line.alarms import is_anomalous
-from mrkd.train.calibrate import normalized_scores
 from mrkd.train.evaluate import write_png
 from mrkd.runtime.calibration import Calibration
 
@@ -46,7 +45,7 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
             write_maps: bool = True, write_overlays: bool = True) -> dict:
     """Score every image of ``inputs`` (file, folder or glob) with ``model`` (an MRKD).
 
-    Decision: ``score >= threshold`` (model.calibration["threshold"]; no decision when uncalibrated).
+    Decision: ``score >= threshold`` (model.calibration.threshold; no decision when uncalibrated).
     Writes ``out_dir``/scores.csv (path, score, normalized_score, decision), maps/<stem>.npy (H×W
     float32 at the model's image size), overlays/<stem>.png and skipped.csv. Returns
     ``{"rows": [...], "n_scored", "n_skipped", "skipped": [(path, reason)], "scores_csv"}``.
@@ -61,8 +60,8 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
     out_dir = Path(out_dir)
     paths = list_inputs(inputs)
     names = _unique_stems(paths)
-    config, calibration = model.config, dict(model.calibration)
-    threshold = Calibration.threshold_of(calibration, "model calibration")
+    config, calibration = model.config, Calibration.of(model.calibration, "model calibration")
+    threshold = None if calibration is None else calibration.threshold
     device = device or next(model.parameters()).device
     model.eval()
 
@@ -86,7 +85,7 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
         scores = maps.reshape(len(maps), -1).max(1)
         for square, amap, score, index in zip(squares, maps, scores, kept):
             row = {"path": paths[index], "score": float(score),
-                   "normalized_score": float(normalized_scores(score, calibration)) if threshold is not None else "",
+                   "normalized_score": float(calibration.normalized(score)) if threshold is not None else "",
                    "decision": ("anomalous" if is_anomalous(score, threshold) else "good") if threshold is not None else ""}
             if write_maps:
                 buffer = io.BytesIO()

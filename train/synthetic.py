@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from mrkd.errors import SettingError
 from mrkd.atomic import atomic_write_text
 
 CATEGORIES = ("grain", "weave", "brushed", "wood", "washer", "gray_tiles")
@@ -261,7 +262,7 @@ def _draw_defect(kind: str, image: np.ndarray, rng: np.random.Generator, allowed
         fibres = fractal_noise(rng, height, width, octaves=2, base_cells=16)[region][:, None]
         out[region] = hue + 25 * fibres
     else:
-        raise ValueError(f"unknown defect type {kind!r}; expected one of {DEFECT_TYPES}")
+        raise SettingError(f"unknown defect type {kind!r}; expected one of {DEFECT_TYPES}")
     return out, region
 
 
@@ -342,11 +343,11 @@ def generate_dataset(root, categories: Optional[Sequence[str]] = None, image_siz
     categories = list(CATEGORIES if categories is None else categories)
     unknown = [name for name in categories if name not in _SPECS]
     if unknown:
-        raise ValueError(f"unknown synthetic categories {unknown}; choose from {list(CATEGORIES)}")
+        raise SettingError(f"unknown synthetic categories {unknown}; choose from {list(CATEGORIES)}")
     if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
+        raise SettingError(f"image_size must be at least 32, got {image_size}")
     if n_train < 1:
-        raise ValueError(f"n_train must be at least 1, got {n_train}")
+        raise SettingError(f"n_train must be at least 1, got {n_train}")
     root = Path(root)
     started = time.perf_counter()
     _prepare_root(root, categories)

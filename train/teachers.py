@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from mrkd.errors import MrkdError
+from mrkd.errors import MrkdError, SettingError
 
 RANDOM_TEACHER_WARNING = (
     "teacher_weights='random': the teacher network has RANDOM weights. This is for plumbing tests and "
@@ -103,9 +103,21 @@ def _torchvision_resnet(arch: str) -> Tuple[Callable[[], nn.Module], Callable[[s
         except KeyError:
             raise TeacherWeightsError(f"{arch}: unknown ImageNet weights {variant!r}; "
                                       f"choose one of {[w.name for w in enum]}") from None
-        return weights.get_state_dict(progress=True), name
+        try:
+            return weights.get_state_dict(progress=True), name
+        except (OSError, ValueError) as exc:    # URLError (offline, proxy, DNS) is an OSError
+            raise TeacherWeightsError(
+                f"{arch}: could not download torchvision's ImageNet weights {name} from {weights.url} ({exc}). "
+                f"Choices: put that file in the torch hub cache ({_hub_checkpoints()}) or pass it as a local "
+                f"weights file (--teacher-weights PATH.pth), or use the teacher that needs no download "
+                f"(--backbone efficientnet_lite0, weights from its pip package)") from exc
 
     return build, load_imagenet
+
+
+def _hub_checkpoints() -> str:
+    import torch
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
 TEACHERS: Dict[str, TeacherSpec] = {}
@@ -137,7 +149,7 @@ def teacher_spec(backbone: str) -> TeacherSpec:
     try:
         return TEACHERS[backbone]
     except KeyError:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(TEACHERS)}") from None
+        raise SettingError(f"unknown backbone {backbone!r}; choose one of {sorted(TEACHERS)}") from None
 
 
 def state_dict_sha256(state_dict: dict) -> str:

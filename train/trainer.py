@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mrkd.errors import SettingError
 from mrkd.atomic import atomic_write_text
 from mrkd.deps import require
 
@@ -41,6 +42,7 @@ torch = require("torch")
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mrkd.runtime import calibration as calibration_rules  # noqa: E402
 from mrkd.train import calibrate as calibration  # noqa: E402
 from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
                                    trained_on)
@@ -78,9 +80,9 @@ class TrainConfig:
     save_every: int = 1                  # epochs between last.ckpt writes (the final epoch always)
     holdout_fraction: float = 0.1        # good train images kept out for calibration
     min_holdout: int = 2
-    threshold_quantile: float = calibration.DEFAULT_QUANTILE     # share of good parts the threshold passes
-    threshold_method: str = calibration.DEFAULT_METHOD           # "quantile" | "tolerance"
-    threshold_confidence: float = calibration.DEFAULT_CONFIDENCE # for "tolerance" (mrkd.runtime.calibration)
+    threshold_quantile: float = calibration_rules.DEFAULT_QUANTILE     # share of good parts the threshold passes
+    threshold_method: str = calibration_rules.DEFAULT_METHOD           # "quantile" | "tolerance"
+    threshold_confidence: float = calibration_rules.DEFAULT_CONFIDENCE # for "tolerance" (mrkd.runtime.calibration)
     resize_mode: str = "resize"          # "resize" | "center_crop" (official)
     # "both" (default: best on real images, benchmarks/RESULTS.md) | "mrkd" | "knn": mrkd.train.memory_bank
     score: str = "both"
@@ -106,33 +108,33 @@ class TrainConfig:
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         if self.score not in ("mrkd", "knn", "both"):
-            raise ValueError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
+            raise SettingError(f"score must be 'mrkd', 'knn' or 'both', got {self.score!r}")
         if not 0.0 < self.knn_memory_fraction <= 1.0:
-            raise ValueError(f"knn_memory_fraction must be in (0, 1], got {self.knn_memory_fraction}")
+            raise SettingError(f"knn_memory_fraction must be in (0, 1], got {self.knn_memory_fraction}")
         if self.knn_sampler not in ("coreset", "random"):
-            raise ValueError(f"knn_sampler must be 'coreset' or 'random', got {self.knn_sampler!r}")
+            raise SettingError(f"knn_sampler must be 'coreset' or 'random', got {self.knn_sampler!r}")
         if isinstance(self.knn_max_patches, bool) or not isinstance(self.knn_max_patches, int) \
                 or self.knn_max_patches < 0:
-            raise ValueError(f"knn_max_patches must be an integer >= 0 (0: no cap), got {self.knn_max_patches!r}")
+            raise SettingError(f"knn_max_patches must be an integer >= 0 (0: no cap), got {self.knn_max_patches!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
-            raise ValueError(f"epochs and batch_size must be >= 1 and image_size >= 32 "
+            raise SettingError(f"epochs and batch_size must be >= 1 and image_size >= 32 "
                              f"(got {self.epochs}, {self.batch_size}, {self.image_size})")
         if self.image_size % 32:
             # Strides 4/8/16 plus the bottleneck's stride 2: other sizes give student maps of another size.
-            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+            raise SettingError(f"image_size must be a multiple of 32, got {self.image_size}")
         if self.allocator not in ALLOCATORS:
-            raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
+            raise SettingError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
         if self.feature_cache not in CACHE_MODES:
-            raise ValueError(f"feature_cache must be one of {CACHE_MODES}, got {self.feature_cache!r}")
+            raise SettingError(f"feature_cache must be one of {CACHE_MODES}, got {self.feature_cache!r}")
         if self.ilm_source not in ILM_SOURCES:
-            raise ValueError(f"ilm_source must be one of {ILM_SOURCES}, got {self.ilm_source!r}")
+            raise SettingError(f"ilm_source must be one of {ILM_SOURCES}, got {self.ilm_source!r}")
         if self.ilm_preset not in ("auto", "texture", "object"):
-            raise ValueError(f"ilm_preset must be 'auto', 'texture' or 'object', got {self.ilm_preset!r}")
-        if self.threshold_method not in calibration.THRESHOLD_METHODS:
-            raise ValueError(f"threshold_method must be one of {calibration.THRESHOLD_METHODS}, "
+            raise SettingError(f"ilm_preset must be 'auto', 'texture' or 'object', got {self.ilm_preset!r}")
+        if self.threshold_method not in calibration_rules.THRESHOLD_METHODS:
+            raise SettingError(f"threshold_method must be one of {calibration_rules.THRESHOLD_METHODS}, "
                              f"got {self.threshold_method!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+            raise SettingError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

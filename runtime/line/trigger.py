@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol, Sequence, Tuple
 
+from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import TriggerReceipt
 
 
@@ -76,22 +77,22 @@ class PartSettings:
     recipes: Tuple[Tuple[int, str], ...] = ()
 
     def check(self, camera_names: Sequence[str]) -> "PartSettings":
-        """Raise ValueError naming the setting that is out of range; returns self."""
+        """Raise SettingError naming the setting that is out of range; returns self."""
         unknown = [c for c in self.cameras if c not in camera_names]
         if unknown:
-            raise ValueError(f"part.cameras: {unknown[0]!r} is not a camera of this line "
-                             f"(cameras: {', '.join(camera_names)})")
+            raise SettingError(f"part.cameras: {unknown[0]!r} is not a camera of this line "
+                               f"(cameras: {', '.join(camera_names)})")
         if len(set(self.cameras)) != len(self.cameras):
-            raise ValueError("part.cameras: a camera is listed twice")
+            raise SettingError("part.cameras: a camera is listed twice")
         if not (isinstance(self.images, int) and 1 <= self.images <= 64):
-            raise ValueError(f"part.images: expected 1..64 images per camera, got {self.images!r}")
+            raise SettingError(f"part.images: expected 1..64 images per camera, got {self.images!r}")
         if not (isinstance(self.queue, int) and 0 <= self.queue <= 1000):
-            raise ValueError(f"part.queue: expected 0..1000 waiting triggers, got {self.queue!r}")
+            raise SettingError(f"part.queue: expected 0..1000 waiting triggers, got {self.queue!r}")
         if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and 0 < self.timeout <= 600):
-            raise ValueError(f"part.timeout: expected seconds in (0, 600], got {self.timeout!r}")
+            raise SettingError(f"part.timeout: expected seconds in (0, 600], got {self.timeout!r}")
         for number, model in self.recipes:
             if not isinstance(number, int) or number < 1 or number > 65535:
-                raise ValueError(f"recipes: recipe numbers are 1..65535 (0 is the line's own model), got {number!r}")
+                raise SettingError(f"recipes: recipe numbers are 1..65535 (0 is the line's own model), got {number!r}")
         return self
 
 

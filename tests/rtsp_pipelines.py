@@ -1,0 +1,43 @@
+"""What tests/rtsp_server.py serves per codec, and exactly which GStreamer elements and Debian packages that takes.
+
+Imports nothing, so both the server (Debian's Python, python3-gi) and tests/peers.py (the venv, pytest) read the
+same pipelines: the check before a test looks for the elements the test's server will really build.
+"""
+
+ENCODERS = {
+    "mjpeg": "jpegenc quality=90 ! rtpjpegpay name=pay0 pt=26",
+    "h264": "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 ! rtph264pay name=pay0 pt=96 "
+            "config-interval=1",
+}
+
+# The Debian package of every element the launch lines below use (videotestsrc/videoconvert: base;
+# jpegenc/rtpjpegpay/rtph264pay: good; x264enc: ugly).
+ELEMENT_PACKAGES = {
+    "videotestsrc": "gstreamer1.0-plugins-base",
+    "videoconvert": "gstreamer1.0-plugins-base",
+    "jpegenc": "gstreamer1.0-plugins-good",
+    "rtpjpegpay": "gstreamer1.0-plugins-good",
+    "rtph264pay": "gstreamer1.0-plugins-good",
+    "x264enc": "gstreamer1.0-plugins-ugly",
+}
+
+
+def launch_line(codec: str, fps: int = 10, width: int = 160, height: int = 120) -> str:
+    # videotestsrc's "ball": a white ball moving on black, which the tests' bright-patch model flags.
+    return (f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={width},height={height},"
+            f"framerate={fps}/1 ! videoconvert ! video/x-raw,format=I420 ! {ENCODERS[codec]} )")
+
+
+def elements(codec: str) -> tuple:
+    """The element factory names the launch line of ``codec`` builds (caps filters are not elements)."""
+    names = []
+    for stage in launch_line(codec).strip("() ").split("!"):
+        name = stage.split()[0]
+        if "/" not in name:
+            names.append(name)
+    return tuple(names)
+
+
+def packages(codec: str) -> tuple:
+    """The Debian packages that provide ``elements(codec)``, in a stable order."""
+    return tuple(sorted({ELEMENT_PACKAGES[name] for name in elements(codec)}))

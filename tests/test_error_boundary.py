@@ -1,0 +1,171 @@
+"""One error hierarchy, one boundary (issue 19.3) and hints that lead somewhere (issue 20.9).
+
+Every command of mrkd/commands.py is run as a subprocess with a classic user mistake: exactly one
+``Error:`` line naming what was wrong, a non-zero exit, no traceback. Then: the expected errors of
+the library are MrkdError subclasses; a training checkpoint given to `mrkd run` says "export it
+first"; the ImageNet download that cannot happen names the choices; an unnamed --source never takes
+a name another --source has; a folder with --loop runs past its first pass; a source that dies ends
+the run with a non-zero exit and one line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime_fixtures import export_tiny_model, normal_then_defective
+
+from mrkd.commands import COMMANDS
+
+TIMEOUT_S = 120
+
+
+def mrkd(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+def one_error_line(done: subprocess.CompletedProcess, *names: str) -> str:
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mistakes")
+    images = folder / "images"
+    images.mkdir()
+    for i, frame in enumerate(normal_then_defective(12, 0, seed=3)):
+        cv2.imwrite(str(images / f"{i:02d}.png"), frame)
+    not_a_checkpoint = folder / "last.ckpt"
+    not_a_checkpoint.write_text("this is no checkpoint\n")
+    events = folder / "events.jsonl"
+    events.write_text("{not json\n")
+    model = export_tiny_model(folder / "model.onnx")
+    return {"dir": folder, "images": images, "ckpt": not_a_checkpoint, "events": events, "model": model}
+
+
+# One classic mistake per command, and the words its one Error: line must contain.
+MISTAKES = {
+    "generate": (lambda f: ["generate", f["dir"] / "data", "--categories", "nope"], ["nope"]),
+    "train": (lambda f: ["train", f["images"], "--backbone", "resnet9000", "--epochs", "1", "-o", f["dir"] / "runs"],
+              ["resnet9000"]),
+    "calibrate": (lambda f: ["calibrate", f["model"], f["dir"] / "missing-folder"], ["missing-folder"]),
+    "eval": (lambda f: ["eval", f["ckpt"], f["images"]], ["last.ckpt"]),
+    "predict": (lambda f: ["predict", f["ckpt"], f["images"], "-o", f["dir"] / "pred"], ["last.ckpt"]),
+    "export": (lambda f: ["export", f["ckpt"], "-o", f["dir"] / "exported"], ["last.ckpt"]),
+    "run": (lambda f: ["run", f["model"]], ["--source"]),
+    "cameras": (lambda f: ["cameras", "--all-of-them"], ["--all-of-them"]),
+    "bench": (lambda f: ["bench", "--only", "nothing"], ["nothing"]),
+    "review": (lambda f: ["review", f["events"], "--labels", f["dir"] / "labels.jsonl"], ["events.jsonl"]),
+    "refit": (lambda f: ["refit", f["ckpt"], "--reviewed", f["events"], "--good", f["images"]], ["last.ckpt"]),
+    "demo": (lambda f: ["demo", "--out", f["ckpt"]], ["last.ckpt"]),
+}
+
+
+def test_every_command_has_a_mistake_here():
+    assert sorted(MISTAKES) == sorted(COMMANDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(MISTAKES))
+def test_a_classic_mistake_is_one_error_line(files, command):
+    args, names = MISTAKES[command]
+    one_error_line(mrkd(*args(files), cwd=files["dir"]), *names)
+
+
+def test_library_errors_for_user_mistakes_are_mrkd_errors():
+    from mrkd.errors import MrkdError, SettingError
+    from mrkd.runtime.gpu import NoGpuError
+    from mrkd.runtime.line.linefile import LineFileError
+    from mrkd.runtime.line.loop import LineError
+    from mrkd.runtime.outputs.mqtt import MqttSettingsError
+    from mrkd.runtime.sources import SourceUnreachable
+    from mrkd.train.elpv import ElpvError
+    for error in (LineError, LineFileError, MqttSettingsError, NoGpuError, ElpvError, SettingError,
+                  SourceUnreachable):
+        assert issubclass(error, MrkdError), error
+    from mrkd.train.teachers import teacher_spec
+    from mrkd.train.trainer import TrainConfig
+    with pytest.raises(SettingError, match="resnet9000"):
+        teacher_spec("resnet9000")
+    with pytest.raises(SettingError, match="holdout_fraction"):
+        TrainConfig(holdout_fraction=1.5)
+    with pytest.raises(ValueError):     # still a ValueError for callers that catch that
+        TrainConfig(image_size=33)
+
+
+def test_a_training_checkpoint_given_to_run_says_export_it_first(files):
+    line = one_error_line(mrkd("run", files["ckpt"], "--source", files["images"]), "export it first", "mrkd export")
+    assert "last.ckpt" in line
+    line = one_error_line(mrkd("run", files["ckpt"], "--backend", "onnxruntime", "--source", files["images"]),
+                          "export it first")
+
+
+@pytest.mark.slow
+def test_imagenet_weights_that_cannot_be_downloaded_name_the_choices(tmp_path, files):
+    # Offline, reproducibly: an empty torch hub cache and a proxy on a closed port.
+    env = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    done = mrkd("train", files["images"], "--backbone", "resnet18", "--epochs", "1", "-o", tmp_path / "runs", env=env)
+    line = one_error_line(done, "could not download", "--teacher-weights", "--backbone efficientnet_lite0")
+    assert "urlopen error" in line      # the cause is kept, after what to do about it
+
+
+def test_unreadable_image_hint_names_the_cli_option(tmp_path):
+    from mrkd.train.data import DataError, load_square
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="--skip-unreadable") as caught:
+        load_square(bad, 64, "resize")
+    assert "broken.png" in str(caught.value)
+
+
+def test_an_unnamed_source_takes_a_free_name(files, tmp_path):
+    summary_path = tmp_path / "summary.json"
+    done = mrkd("run", files["model"], "--source", f"cam1={files['images']}", "--source", files["images"],
+                "--max-frames", "3", "--status-every", "0", "--summary", summary_path)
+    assert done.returncode == 0, done.stderr
+    cameras = json.loads(summary_path.read_text())["cameras"]
+    assert sorted(cameras) == ["cam1", "cam2"]
+    assert cameras["cam1"]["frames"] == cameras["cam2"]["frames"] == 3
+
+
+def test_a_folder_with_loop_runs_past_its_first_pass(files, tmp_path):
+    summary_path = tmp_path / "summary.json"
+    done = mrkd("run", files["model"], "--source", files["images"], "--loop", "--max-frames", "30",
+                "--status-every", "0", "--summary", summary_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    camera = json.loads(summary_path.read_text())["cameras"]["cam0"]
+    assert camera["frames"] == 30 and camera["source_failed"] is None      # 12 images: two passes and a half
+
+
+def test_a_source_that_dies_is_reported_never_a_success(files):
+    from mrkd.runtime.line.loop import Camera, Line, run_line
+    from mrkd.runtime.sources import ImageFilesSource
+    from mrkd.runtime.images import list_images
+
+    class DiesAfterFour(ImageFilesSource):     # a source with a bug: its fifth read raises
+        def _raw(self):
+            if self._next_index >= 4:
+                raise RuntimeError("decoder state lost")
+            return super()._raw()
+
+    paths = list_images(files["images"])
+    line = Line((Camera("belt", str(files["images"]), str(files["model"])),))
+    summary = run_line(line, sources={"belt": DiesAfterFour(paths, uri=str(files["images"]))},
+                       status=lambda text: None)
+    assert summary["failed_cameras"] == ["belt"]
+    assert summary["cameras"]["belt"]["frames"] == 4
+    assert "decoder state lost" in summary["cameras"]["belt"]["source_failed"]
