@@ -254,6 +254,11 @@ class ModelSlots(LineObserver):
             old.close()
         return done
 
+    def staged(self) -> List[str]:
+        """Model paths whose new version waits for the loop's next round."""
+        with self._lock:
+            return [slot.path for slot in self._slots.values() if slot.pending is not None]
+
     def report(self) -> List[dict]:
         with self._lock:
             return [dataclasses.asdict(r) for r in self.records]

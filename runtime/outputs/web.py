@@ -106,6 +106,7 @@ class OperatorServer(LineObserver):
         self._clients: List[DropOldestQueue] = []
         self._clients_lock = threading.Lock()
         self.closed = threading.Event()
+        self.control = None                   # runtime/control.py LineControl: POST commands with a token
         self.started = threading.Event()      # on_start has run: the cameras are known
         self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self.httpd.daemon_threads = True
@@ -328,7 +329,17 @@ def _handler_for(server: OperatorServer):
         def _refuse(self):
             self._send(405, b"read-only: GET only\n", "text/plain", {"Allow": "GET"})
 
-        do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+        def do_POST(self):     # commands with a token (runtime/control.py); read-only without one
+            if server.control is None:
+                return self._refuse()
+            length = self.headers.get("Content-Length") or "0"
+            length = int(length) if length.isdigit() else -1
+            if not 0 <= length <= 16384:
+                return self._send(413, b'{"error": "body too large"}', "application/json")
+            code, answer = server.control.handle_post(self.path, self.headers, self.rfile.read(length))
+            self._send(code, json.dumps(answer).encode("utf-8"), "application/json")
+
+        do_PUT = do_DELETE = do_PATCH = _refuse
 
         def _start_stream(self, content_type: str) -> None:
             """Headers of an endless response (SSE, MJPEG): no length, closed when either side stops."""

@@ -1,0 +1,122 @@
+"""Authenticated commands to a running line over the operator page's HTTP server.
+
+The page stays read-only for everyone; the two commands below change something and need
+``Authorization: Bearer TOKEN``, TOKEN read from an environment variable when the line starts and
+compared in constant time (``hmac.compare_digest``). Without a configured token they are refused
+(403), with a wrong or missing one: 401.
+
+* ``POST /review`` with JSON ``{"event_id", "label": "good"|"defect", "note"?, "who"?}``: one label
+  appended to the label file (runtime/review.py), the image being the event's lossless evidence.
+* ``POST /reload``: the model slots load the model files again (runtime/line/swap.py); the answer
+  is the outcome of that load (swapped/refused/unchanged; a swap happens between the next frames).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Mapping, Optional, Tuple
+
+from mrkd.errors import MrkdError
+from mrkd.runtime.review import LABEL_WORDS, LABELS, LabelFile, ReviewError, make_label
+
+MAX_BODY = 16 * 1024
+
+
+class ControlError(MrkdError, ValueError):
+    """The control settings cannot be used (a token variable that is not set)."""
+
+
+def token_from_env(variable: str) -> str:
+    value = os.environ.get(variable, "")
+    if len(value) < 16:
+        raise ControlError(f"environment variable {variable}: the control token must be set and at least 16 "
+                           f"characters long")
+    return value
+
+
+class LineControl:
+    """What ``POST`` on the operator page may do; ``handle_post`` answers (status, JSON body)."""
+
+    def __init__(self, token: Optional[str], labels_path=None, events_path=None, evidence_dir=None, slots=None):
+        self._token = token.encode("utf-8") if token else None
+        self.labels_path = Path(labels_path) if labels_path else None
+        self.events_path = Path(events_path) if events_path else None
+        self.evidence_dir = Path(evidence_dir) if evidence_dir else None
+        self.slots = slots
+
+    def authorized(self, headers: Mapping[str, str]) -> Tuple[bool, int, str]:
+        if self._token is None:
+            return False, 403, "commands are off: start the line with a control token"
+        given = headers.get("Authorization") or ""
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("utf-8"), self._token):
+            return False, 401, "Authorization: Bearer TOKEN required"
+        return True, 200, ""
+
+    def handle_post(self, path: str, headers: Mapping[str, str], body: bytes) -> Tuple[int, dict]:
+        ok, code, why = self.authorized(headers)
+        if not ok:
+            return code, {"error": why}
+        path = path.split("?", 1)[0]
+        try:
+            if path == "/review":
+                return self._review(body)
+            if path == "/reload":
+                return self._reload()
+        except (MrkdError, OSError) as exc:
+            return 400, {"error": str(exc)}
+        return 404, {"error": f"no command {path}"}
+
+    def _find_event(self, event_id: str) -> Optional[dict]:
+        if self.events_path is None or not self.events_path.is_file():
+            return None
+        with open(self.events_path, "rb") as handle:
+            for line in handle:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event_id") == event_id:
+                    return event
+        return None
+
+    def _review(self, body: bytes) -> Tuple[int, dict]:
+        if self.labels_path is None:
+            return 403, {"error": "review is off: start the line with a label file"}
+        try:
+            request = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return 400, {"error": "body must be JSON: {\"event_id\": ..., \"label\": \"good\"|\"defect\"}"}
+        if not isinstance(request, dict) or not isinstance(request.get("event_id"), str) \
+                or request.get("label") not in LABELS:
+            return 400, {"error": f"give event_id and label ({' or '.join(LABELS)})"}
+        event = self._find_event(request["event_id"])
+        if event is None:
+            return 404, {"error": f"no event {request['event_id']!r} in {self.events_path}"}
+        from mrkd.review_cli import find_evidence
+        image = find_evidence(event, self.evidence_dir)
+        if image is None:
+            return 409, {"error": f"event {request['event_id']} has no evidence image"}
+        note, who = request.get("note") or "", request.get("who") or "operator (page)"
+        if not isinstance(note, str) or not isinstance(who, str):
+            return 400, {"error": "note and who must be text"}
+        label = make_label(request["event_id"], image, request["label"], who=who, note=note,
+                           camera=str(event.get("camera") or ""))
+        with LabelFile(self.labels_path) as log:
+            log.append(label)
+        return 200, {"saved": asdict(label), "meaning": LABEL_WORDS[label.label]}
+
+    def _reload(self) -> Tuple[int, dict]:
+        if self.slots is None:
+            return 403, {"error": "model reload is not available on this line"}
+        count = len(self.slots.records)
+        self.slots.request_reload("http")
+        self.slots.wait_idle(60)
+        return 200, {"outcomes": self.slots.report()[count:], "staged": self.slots.staged()}
+
+
+__all__ = ["LineControl", "ControlError", "ReviewError", "MAX_BODY", "token_from_env"]

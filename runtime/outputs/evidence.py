@@ -1,0 +1,176 @@
+"""``--evidence DIR``: the image exactly as the camera delivered it, lossless, for every alarm and NG
+part, plus a sample of OK frames: what an operator reviews (``mrkd review``) and what ``mrkd refit``
+learns from. The annotated snapshot (snapshots.py) is for looking; this is the record.
+
+Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (the event carries
+``evidence`` and ``evidence_sha256``), ``DIR/<camera>/ok/<frame index>.png`` for the OK samples
+(one of every ``ok_every`` OK frames per camera; 0: none). Files are PNG (lossless), written to a
+temporary file, fsync'd and linked into place, never over an existing file.
+
+Retention (``max_bytes`` for the whole folder, counted from what is there at the start):
+1. OK samples go first, oldest first, until the folder fits again;
+2. alarm/NG evidence is NEVER deleted: when only evidence is left and the folder is over its budget,
+   new OK samples are skipped (counted as dropped), evidence is still written, and the output's
+   health says "over budget" with a warning (rate-limited) naming the folder;
+3. a write that fails (a full disk) is counted and warned about naming the file; the line goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Deque, Dict, Mapping, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from mrkd.errors import SettingError
+from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
+from mrkd.runtime.outputs.delivery import Delivery
+from mrkd.runtime.outputs.snapshots import write_new_file
+
+EVIDENCE_SCHEMA_VERSION = 1
+DEFAULT_MAX_BYTES = 2 << 30       # 2 GiB
+OK_FOLDER = "ok"
+
+
+@dataclass(frozen=True)
+class EvidenceSettings:
+    folder: str
+    ok_every: int = 0                  # keep one OK frame of every N per camera (0: none)
+    max_bytes: int = DEFAULT_MAX_BYTES
+    schema_version: int = EVIDENCE_SCHEMA_VERSION
+
+    def __post_init__(self):
+        if isinstance(self.ok_every, bool) or not isinstance(self.ok_every, int) or self.ok_every < 0:
+            raise SettingError(f"evidence ok_every must be a whole number >= 0, got {self.ok_every!r}")
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
+            raise SettingError(f"evidence max_bytes must be a whole number >= 1, got {self.max_bytes!r}")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"OpenCV cannot encode a {image.shape} {image.dtype} image as PNG")
+    return encoded.tobytes()
+
+
+class EvidenceWriter(LineObserver):
+    """Writes the lossless evidence (see the module's notes) and adds its path and sha256 to events."""
+
+    def __init__(self, settings: EvidenceSettings):
+        self.settings = settings
+        self.folder = Path(settings.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.delivery = Delivery("evidence", str(self.folder))
+        self._ok_files: Deque[Tuple[Path, int]] = deque()
+        self._evidence_bytes = 0
+        self._ok_seen: Dict[str, int] = {}
+        self.ok_written = self.ok_deleted = self.ok_skipped = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        """What an earlier run left counts against the budget (OK samples, oldest first)."""
+        found = []
+        for path in self.folder.rglob("*.png"):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if path.parent.name == OK_FOLDER:
+                found.append((stat.st_mtime_ns, path, stat.st_size))
+            else:
+                self._evidence_bytes += stat.st_size
+        for _, path, size in sorted(found):
+            self._ok_files.append((path, size))
+
+    @property
+    def used_bytes(self) -> int:
+        return self._evidence_bytes + sum(size for _, size in self._ok_files)
+
+    def _write(self, path: Path, image: np.ndarray) -> Optional[str]:
+        """The PNG's sha256, or None when it could not be written (counted, warned)."""
+        try:
+            data = encode_png(image)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_new_file(path, data)
+        except FileExistsError:
+            self.delivery.failed_one(f"{path}: exists; evidence is never overwritten")
+            return None
+        except OSError as exc:
+            self.delivery.failed_one(str(exc))
+            return None
+        self.delivery.delivered()
+        return hashlib.sha256(data).hexdigest()
+
+    def _evidence(self, camera: str, event_id: str, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
+        path = self.folder / camera / f"{event_id}.png"
+        sha = self._write(path, image)
+        if sha is None:
+            return None, None
+        self._evidence_bytes += path.stat().st_size
+        self._keep_budget()
+        return str(path), sha
+
+    def _keep_budget(self) -> bool:
+        """Delete the oldest OK samples until the folder fits; False when only evidence is left and it
+        is still over budget (never deleted: said in the health and a warning)."""
+        budget = self.settings.max_bytes
+        while self.used_bytes > budget and self._ok_files:
+            path, _ = self._ok_files.popleft()
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.delivery.set_failing(f"{path}: cannot delete an old OK sample ({exc.strerror or exc})")
+            self.ok_deleted += 1
+        if self.used_bytes > budget:
+            self.delivery.set_failing(f"{self.folder}: over its budget of {budget} bytes with alarm/NG evidence only "
+                                      f"({self.used_bytes} bytes); evidence is never deleted: free space or raise "
+                                      f"the budget; OK samples are skipped", state="over budget")
+            return False
+        return True
+
+    # ------------------------------------------------------------ hooks
+    def event_fields(self, result: FrameResult) -> Mapping[str, object]:
+        path, sha = self._evidence(result.camera, str(result.event["event_id"]), result.image)
+        return {"evidence": path, "evidence_sha256": sha}
+
+    def part_snapshots(self, part: PartResult, views) -> Mapping[str, str]:
+        for camera, (image, _amap, _threshold) in views.items():
+            self._evidence(camera, str(part.event_id), image)
+        return {}      # the part's snapshot paths are the snapshot writer's
+
+    def on_frame(self, result: FrameResult) -> None:
+        every = self.settings.ok_every
+        if not every or result.event is not None or result.anomalous:
+            return
+        seen = self._ok_seen.get(result.camera, 0)
+        self._ok_seen[result.camera] = seen + 1
+        if seen % every:
+            return
+        if self.used_bytes > self.settings.max_bytes and not self._keep_budget():
+            self.ok_skipped += 1
+            return
+        path = self.folder / result.camera / OK_FOLDER / f"{result.frame_index:010d}.png"
+        if path.exists():          # an earlier run's sample of the same index: keep both
+            path = path.with_name(f"{result.frame_index:010d}_{os.getpid()}_{seen}.png")
+        if self._write(path, result.image) is not None:
+            self.ok_written += 1
+            self._ok_files.append((path, path.stat().st_size))
+            self._keep_budget()
+
+    def health(self) -> OutputHealth:
+        return self.delivery.health(dropped=self.ok_skipped)
+
+
+def outputs_from(settings) -> list:
+    """``--evidence DIR`` (OutputSettings.evidence: an EvidenceSettings or a folder)."""
+    evidence = getattr(settings, "evidence", None)
+    if not evidence:
+        return []
+    return [EvidenceWriter(evidence if isinstance(evidence, EvidenceSettings) else EvidenceSettings(str(evidence)))]

@@ -1,0 +1,182 @@
+"""Evidence, review labels and `mrkd review`.
+
+A real line (run_line over a folder of PNG frames, the tiny exported ONNX model, the real events-log
+output) writes the evidence; the images are compared pixel for pixel with what the source delivered
+(cv2.imread of the frame files, an independent read), hashes with hashlib. The label file's rules
+(append-only, torn last line, last label wins, contradictions refused) and `mrkd review` as a
+subprocess (one-line errors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
+from mrkd.runtime.review import (DEFECT, GOOD, LabelFile, ReviewError, ReviewLabel, latest_labels, make_label,
+                                 read_labels)
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def line_run(tmp_path_factory):
+    """10 frames (every third defective) through a real line with the evidence writer (OK sample 1 of 2)."""
+    from mrkd.runtime.line.loop import Camera, Line, run_line
+    from mrkd.runtime.outputs import OutputSettings, build_outputs
+    from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+    root = tmp_path_factory.mktemp("line")
+    model = export_tiny_model(root / "model.onnx")
+    frames = root / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        cv2.imwrite(str(frames / f"f{i:02d}.png"), defective_frame(rng) if i % 3 == 2 else normal_frame(rng))
+    outputs = build_outputs(OutputSettings(events=str(root / "events.jsonl")))
+    evidence = EvidenceWriter(EvidenceSettings(str(root / "evidence"), ok_every=2))
+    line = Line((Camera("cam0", str(frames), str(model), cooldown=0.0),))
+    summary = run_line(line, [evidence] + outputs, status=lambda text: None)
+    events = [json.loads(l) for l in (root / "events.jsonl").read_text().splitlines()]
+    return root, summary, events, evidence
+
+
+def test_every_alarm_has_its_lossless_image_and_hash_and_ok_frames_are_sampled(line_run):
+    root, summary, events, evidence = line_run
+    assert summary["frames"] == 10 and len(events) == 3
+    sources = sorted((root / "frames").iterdir())
+    for event in events:
+        path = Path(event["evidence"])
+        assert path == root / "evidence" / "cam0" / f"{event['event_id']}.png"
+        assert event["evidence_sha256"] == sha(path)
+        delivered = cv2.imread(str(sources[event["frame_index"]]), cv2.IMREAD_COLOR)
+        assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), delivered)   # lossless, unannotated
+    ok_files = sorted((root / "evidence" / "cam0" / "ok").iterdir())
+    ok_frames = [i for i in range(10) if i % 3 != 2]
+    assert [int(p.stem) for p in ok_files] == ok_frames[::2]
+    assert evidence.health().sent == 3 + len(ok_files) and evidence.health().failed == 0
+
+
+def test_retention_deletes_ok_samples_first_and_never_evidence(tmp_path):
+    from mrkd.runtime.outputs.base import FrameResult
+    from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)     # noise: PNG ~4.8 kB each
+    size = len(cv2.imencode(".png", image)[1])
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(size * 3.5)))
+
+    def frame(i, event=None):
+        return FrameResult("cam0", i, float(i), image, np.zeros((8, 8), np.float32), 0.0, 1.0, event is not None,
+                           event=event)
+    for i in range(3):
+        writer.on_frame(frame(i))
+    assert len(list((tmp_path / "cam0" / "ok").iterdir())) == 3
+    writer.event_fields(frame(3, {"event_id": "e1"}))             # over budget: the oldest OK sample goes
+    assert sorted(p.stem for p in (tmp_path / "cam0" / "ok").iterdir()) == ["0000000001", "0000000002"]
+    for k in range(2, 6):                                         # evidence only, past the budget
+        writer.event_fields(frame(3 + k, {"event_id": f"e{k}"}))
+    assert sorted(p.stem for p in (tmp_path / "cam0").glob("*.png")) == ["e1", "e2", "e3", "e4", "e5"]
+    assert not list((tmp_path / "cam0" / "ok").iterdir())
+    writer.on_frame(frame(20))                                    # no room: the OK sample is skipped, counted
+    health = writer.health()
+    assert health.state == "over budget" and not health.ok and health.dropped == 1
+    assert "never deleted" in health.detail
+    # a restarted writer counts what is there
+    again = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(size * 3.5)))
+    assert again.used_bytes == sum(p.stat().st_size for p in tmp_path.rglob("*.png"))
+
+
+def test_label_file_is_append_only_and_read_back_validated(tmp_path):
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((4, 4, 3), np.uint8))
+    path = tmp_path / "labels.jsonl"
+    with LabelFile(path) as log:
+        log.append(make_label("e1", image, GOOD, who="ann", note="scratch is dust"))
+        log.append(make_label("e2", image, GOOD, who="ann"))
+        log.append(make_label("e1", image, GOOD, who="bob", note="second look"))
+    labels = read_labels(path)
+    assert [(l.event_id, l.who) for l in labels] == [("e1", "ann"), ("e2", "ann"), ("e1", "bob")]
+    assert labels[0].image_sha256 == sha(image) and labels[0].schema_version == 1
+    latest = latest_labels(labels)
+    assert list(latest) == ["e2", "e1"] and latest["e1"].note == "second look"     # last one wins
+    # a crash mid-write leaves a torn last line: skipped on read, cut when the file is opened again
+    size = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(b'{"event_id": "e3", "ima')
+    assert len(read_labels(path)) == 3
+    with LabelFile(path) as log:
+        assert path.stat().st_size == size
+        log.append(make_label("e3", image, DEFECT, who="ann"))
+    assert path.read_bytes().count(b"\n") == 4
+    # a malformed line in the middle is an error naming the line
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n{oops\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(ReviewError, match=r"labels.jsonl:2: not a JSON line"):
+        read_labels(path)
+
+
+def test_contradicting_and_malformed_labels_are_refused(tmp_path):
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((4, 4, 3), np.uint8))
+    good, bad = make_label("e1", image, GOOD, who="ann"), make_label("e2", image, DEFECT, who="bob")
+    with pytest.raises(ReviewError, match="labelled 'good' .*e1.* and 'defect' .*e2"):
+        latest_labels([good, bad])
+    base = json.loads(json.dumps(good.__dict__))
+    for change, field in (({"label": "maybe"}, "label"), ({"image_sha256": "xyz"}, "image_sha256"),
+                          ({"when": "yesterday"}, "when"), ({"who": ""}, "who"), ({"schema_version": 9}, "schema_version"),
+                          ({"extra": 1}, "extra"), ({"note": "x" * 2000}, "note")):
+        with pytest.raises(ReviewError, match=field):
+            ReviewLabel.from_dict({**base, **change}, "labels.jsonl:1")
+    missing = dict(base)
+    del missing["event_id"]
+    with pytest.raises(ReviewError, match="field event_id is missing"):
+        ReviewLabel.from_dict(missing, "labels.jsonl:1")
+
+
+def mrkd(*args, timeout=120):
+    code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def one_error(done, *needles):
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    errors = [l for l in done.stderr.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1, done.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_review_cli_lists_marks_and_refuses_one_line(line_run, tmp_path):
+    root, _, events, _ = line_run
+    labels = tmp_path / "labels.jsonl"
+    log = root / "events.jsonl"
+    listed = mrkd("review", log, "--labels", labels)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("[unlabelled]") == 3 and "3 of 3 event(s)" in listed.stdout
+    first = events[0]["event_id"]
+    done = mrkd("review", log, "--labels", labels, "--mark", first, "--as", "good", "--note", "dust", "--who", "ann")
+    assert done.returncode == 0, done.stderr
+    label = read_labels(labels)[0]
+    assert (label.event_id, label.label, label.who, label.note) == (first, GOOD, "ann", "dust")
+    assert label.image_sha256 == events[0]["evidence_sha256"] == sha(events[0]["evidence"])
+    listed = mrkd("review", log, "--labels", labels, "--unlabelled")
+    assert first not in listed.stdout and "2 of 3" in listed.stdout
+    one_error(mrkd("review", log, "--labels", labels, "--mark", "nope", "--as", "good"), "no event 'nope'")
+    one_error(mrkd("review", log, "--labels", labels, "--mark", first), "--as")
+    bare = tmp_path / "bare.jsonl"        # events of a run without --evidence
+    bare.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "evidence"}) + "\n" for e in events))
+    one_error(mrkd("review", bare, "--labels", labels, "--mark", first, "--as", "good", "--evidence", tmp_path),
+              "no evidence image")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"event_id": 1}\nnot json\n')
+    one_error(mrkd("review", log, "--labels", broken), "broken.jsonl:1")
