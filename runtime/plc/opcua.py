@@ -1,0 +1,432 @@
+"""OPC UA adapter: a ``VisionSystem`` object after OPC 40100-1 (OPC UA for Machine Vision) over asyncua.
+
+What it serves (a subset built by hand, in namespace ``urn:mrkd:machinevision``, with the spec's
+browse names; docs/PLC.md lists it):
+
+* ``VisionSystem/VisionStateMachine``: ``CurrentState`` (Preoperational, Halted, Error,
+  Operational) and ``AutomaticModeState`` (Initialized, Ready, SingleExecution,
+  ContinuousExecution); methods ``SelectModeAutomatic``, ``Halt``, ``Reset``, ``StartSingleJob``,
+  ``StartContinuous``, ``Stop``, ``Abort``. The system starts Operational / Ready with recipe 0.
+* ``VisionSystem/RecipeManagement``: ``PrepareRecipe(ExternalId)`` selects a recipe of the line file
+  for the next jobs, ``UnprepareRecipe`` goes back to recipe 0 (the spec's Ready -> Initialized is not
+  modelled: recipe 0 is always there); recipes are the line file's, there is no ``AddRecipe`` at run
+  time (BadNotSupported).
+* ``VisionSystem/ResultManagement/LastResult``: the last judged part as variables (for clients that
+  poll), and a ``ResultReadyEventType`` event per judged part emitted by ``VisionSystem`` with
+  ResultId (the inspection id), JobId, IsPartial, ResultState (processing state: 1 completed, 4 failed
+  for an ERROR part: OK/NG is not a processing state), PartId, MeasId, RecipeId and ResultContent
+  (one JSON text: verdict OK/NG/ERROR, score, threshold, per-camera scores, error).
+
+The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain Strings here.
+
+Security: bind 127.0.0.1 by default; ``NoSecurity`` endpoint only (Basic256Sha256 with certificates is
+not implemented). A user name and a password taken from an environment variable (compared in
+constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
+only when ``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with
+BadTypeMismatch per argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import threading
+from collections import deque
+from typing import Deque, Dict, Optional
+from urllib.parse import urlparse
+
+from mrkd.runtime.line.trigger import TriggerTarget
+from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
+from mrkd.runtime.plc import PlcError
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "urn:mrkd:machinevision"
+DEFAULT_PORT = 4840
+RESULT_COMPLETED, RESULT_FAILED = 1, 4          # OPC 40100-1 ResultStateDataType (processing state)
+JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
+
+
+def parse_opcua_url(text: str):
+    """'opc.tcp://HOST:PORT' -> (host, port); PlcError naming the text."""
+    url = urlparse(str(text))
+    try:
+        port = url.port if url.port is not None else DEFAULT_PORT
+    except ValueError:
+        port = -1
+    if url.scheme != "opc.tcp" or not url.hostname or not 0 <= port < 65536:
+        raise PlcError(f"--opcua must look like opc.tcp://HOST:PORT (e.g. opc.tcp://127.0.0.1:4840), got {text!r}")
+    return url.hostname, port
+
+
+class OpcUaPlc(LineObserver):
+    """The VisionSystem server of one ``TriggerTarget`` (module docstring); a line observer too.
+    ``start()`` listens (PlcError when it cannot), ``close()`` stops; ``url`` is where it listens
+    (port 0 asks for a free one)."""
+
+    def __init__(self, target: TriggerTarget, url: str = f"opc.tcp://127.0.0.1:{DEFAULT_PORT}",
+                 user: Optional[str] = None, password: Optional[str] = None, anonymous_calls: bool = False):
+        self.target = target
+        self.host, self.port = parse_opcua_url(url)
+        if (user is None) != (password is None):
+            raise PlcError("OPC UA: a user needs a password (from an environment variable) and a password a user")
+        self.user, self._password, self.anonymous_calls = user, password, anonymous_calls
+        self.url: Optional[str] = None
+        self.state, self.mode = "Operational", "Ready"
+        self.recipe = int(target.active_recipe)
+        self.results = self.jobs = 0
+        self._jobs: Dict[str, Deque[str]] = {}     # part id -> job ids waiting for their result
+        self._continuous: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._server = None
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._nodes: dict = {}
+
+    # ------------------------------------------------------------ server
+    def start(self) -> "OpcUaPlc":
+        from mrkd.deps import require
+        require("asyncua", "the OPC UA server (--opcua) needs asyncua")
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(started,), name="opcua", daemon=True)
+        self._thread.start()
+        started.wait(60)
+        if self._error is not None or self.url is None:
+            raise PlcError(f"--opcua opc.tcp://{self.host}:{self.port}: cannot listen there "
+                           f"({self._error or 'no answer'})")
+        return self
+
+    def _serve(self, started: threading.Event) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._listen())
+        except BaseException as exc:   # reported by start()
+            self._error = exc
+            started.set()
+            loop.close()
+            return
+        started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _listen(self) -> None:
+        from asyncua import Server, ua
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        plc = self
+
+        class Users:
+            def get_user(self, iserver, username=None, password=None, certificate=None):
+                if username is None:
+                    return User(role=UserRole.Anonymous)
+                if plc.user is not None and hmac.compare_digest(str(username).encode(), plc.user.encode()) \
+                        and hmac.compare_digest(str(password or "").encode(), plc._password.encode()):
+                    return User(role=UserRole.User, name=username)
+                return None
+
+        server = self._server = Server(user_manager=Users())
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/mrkd/")
+        server.set_server_name("mrkd VisionSystem")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=_Rules(self.anonymous_calls))
+        server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken] if self.user
+                                   else [ua.AnonymousIdentityToken])
+        idx = await server.register_namespace(NAMESPACE)
+        await self._build(server, idx)
+        await server.start()
+        sockets = getattr(getattr(server.bserver, "_server", None), "sockets", None) or []
+        port = sockets[0].getsockname()[1] if sockets else self.port
+        self.url = f"opc.tcp://{self.host}:{port}/mrkd/"
+
+    async def _build(self, server, idx: int) -> None:
+        from asyncua import ua
+        string = ua.NodeId(ua.ObjectIds.String)
+
+        def arg(name, description, data_type=string):
+            return ua.Argument(Name=name, DataType=data_type, ValueRank=-1, ArrayDimensions=[],
+                               Description=ua.LocalizedText(description))
+
+        vs = await server.nodes.objects.add_object(idx, "VisionSystem")
+        machine = await vs.add_object(idx, "VisionStateMachine")
+        self._nodes["state"] = await machine.add_variable(idx, "CurrentState", ua.LocalizedText(self.state))
+        self._nodes["mode"] = await machine.add_variable(idx, "AutomaticModeState", ua.LocalizedText(self.mode))
+        job_args = [arg(n, f"{n} (String; the spec's {n}DataType)") for n in JOB_INPUTS]
+        job_out = [arg("JobId", "the id the ResultReady event of this job carries")]
+        for name, call, inputs, outputs in [
+                ("SelectModeAutomatic", self._select_automatic, [], []), ("Halt", self._halt, [], []),
+                ("Reset", self._reset, [], []), ("StartSingleJob", self._start_single, job_args, job_out),
+                ("StartContinuous", self._start_continuous, job_args, job_out), ("Stop", self._stop, [], []),
+                ("Abort", self._abort, [], [])]:
+            await machine.add_method(idx, name, call, inputs, outputs)
+        recipes = await vs.add_object(idx, "RecipeManagement")
+        self._nodes["recipes"] = await recipes.add_variable(
+            idx, "Recipes", ua.Variant([str(r) for r in self.target.recipes], ua.VariantType.String))
+        self._nodes["prepared"] = await recipes.add_variable(idx, "PreparedRecipe", str(self.recipe))
+        await recipes.add_method(idx, "PrepareRecipe", self._prepare_recipe, [arg("ExternalId", "recipe number")],
+                                 [arg("IsCompleted", "true", ua.NodeId(ua.ObjectIds.Boolean))])
+        await recipes.add_method(idx, "UnprepareRecipe", self._unprepare_recipe, [arg("ExternalId", "recipe number")],
+                                 [])
+        await recipes.add_method(idx, "AddRecipe", self._add_recipe, [arg("ExternalId", "recipe number")], [])
+        results = await vs.add_object(idx, "ResultManagement")
+        last = await results.add_object(idx, "LastResult")
+        for name, value in [("ResultId", ""), ("JobId", ""), ("PartId", ""), ("ResultState", ua.Variant(0, ua.VariantType.Int32)),
+                            ("Verdict", ""), ("Score", math.nan), ("Threshold", math.nan),
+                            ("CameraNames", ua.Variant([], ua.VariantType.String)),
+                            ("CameraScores", ua.Variant([], ua.VariantType.Double)),
+                            ("ProcessingTimeMs", 0.0), ("ResultContent", ""),
+                            ("PartsJudged", ua.Variant(0, ua.VariantType.UInt32)),
+                            ("PartsNG", ua.Variant(0, ua.VariantType.UInt32))]:
+            self._nodes[name] = await last.add_variable(idx, name, value)
+        event_type = await server.create_custom_event_type(idx, "ResultReadyEventType", ua.ObjectIds.BaseEventType, [
+            ("ResultId", ua.VariantType.String), ("JobId", ua.VariantType.String),
+            ("IsPartial", ua.VariantType.Boolean), ("ResultState", ua.VariantType.Int32),
+            ("PartId", ua.VariantType.String), ("MeasId", ua.VariantType.String),
+            ("RecipeId", ua.VariantType.String), ("ResultContent", ua.VariantType.String)])
+        self._events = await server.get_event_generator(event_type, vs)
+        self._ng = 0
+
+    def close(self) -> None:
+        if self._closed or self._loop is None:
+            return
+        self._closed = True
+        loop = self._loop
+        if self._server is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._server.stop(), loop).result(10)
+            except Exception:   # closing must not raise at the end of a run
+                logger.exception("opcua: stop")
+        if loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # ------------------------------------------------------------ the state machine
+    async def _set_state(self, state: Optional[str] = None, mode: Optional[str] = None) -> None:
+        from asyncua import ua
+        if state is not None:
+            self.state = state
+            await self._nodes["state"].write_value(ua.LocalizedText(state))
+        if mode is not None:
+            self.mode = mode
+            await self._nodes["mode"].write_value(ua.LocalizedText(mode))
+
+    @staticmethod
+    def _status(code):
+        from asyncua import ua
+        return ua.StatusCode(getattr(ua.StatusCodes, code))
+
+    async def _select_automatic(self, parent):
+        if self.state not in ("Preoperational", "Operational"):
+            return self._status("BadInvalidState")
+        self.target.set_online(True)
+        await self._set_state("Operational", "Ready")
+        return []
+
+    async def _halt(self, parent):
+        await self._end_continuous()
+        self.target.set_online(False)
+        await self._set_state("Halted", "")
+        return []
+
+    async def _reset(self, parent):
+        if self.state not in ("Halted", "Error"):
+            return self._status("BadInvalidState")
+        await self._set_state("Preoperational", "")
+        return []
+
+    async def _start_single(self, parent, *args):
+        checked = self._job_arguments(args)
+        if not isinstance(checked, dict):
+            return checked
+        if (self.state, self.mode) != ("Operational", "Ready"):
+            return self._status("BadInvalidState")
+        job = self._trigger(checked)
+        if job is None:
+            return self._status("BadInvalidState")      # the line refused (counted as a missed trigger)
+        await self._set_state(mode="SingleExecution")
+        return [_string(job)]
+
+    async def _start_continuous(self, parent, *args):
+        checked = self._job_arguments(args)
+        if not isinstance(checked, dict):
+            return checked
+        if (self.state, self.mode) != ("Operational", "Ready"):
+            return self._status("BadInvalidState")
+        self.jobs += 1
+        job = f"continuous-{self.jobs}"
+        await self._set_state(mode="ContinuousExecution")
+        self._continuous = asyncio.ensure_future(self._run_continuous(job, checked))
+        return [_string(job)]
+
+    async def _run_continuous(self, job: str, checked: dict) -> None:
+        count = 0
+        while self.mode == "ContinuousExecution":
+            if self.target.ready:
+                count += 1
+                self._trigger(dict(checked, PartId=f"{checked['PartId'] or job}-{count}"), job=job)
+            await asyncio.sleep(0.002)
+
+    async def _end_continuous(self) -> None:
+        task, self._continuous = self._continuous, None
+        if task is not None:
+            task.cancel()
+
+    async def _stop(self, parent):
+        if self.mode != "ContinuousExecution":
+            return self._status("BadInvalidState")
+        await self._set_state(mode="Ready")
+        await self._end_continuous()
+        return []
+
+    async def _abort(self, parent):
+        if self.mode not in ("SingleExecution", "ContinuousExecution"):
+            return self._status("BadInvalidState")
+        await self._end_continuous()
+        await self._set_state(mode="Ready")        # results of parts already triggered still arrive
+        return []
+
+    async def _prepare_recipe(self, parent, *args):
+        checked = self._strings(args, 1)
+        if not isinstance(checked, list):
+            return checked
+        text = checked[0].strip()
+        if not text.isdigit() or int(text) not in self.target.recipes:
+            return self._status("BadInvalidArgument")
+        if self.mode not in ("Ready", "Initialized"):
+            return self._status("BadInvalidState")
+        self.recipe = int(text)
+        await self._nodes["prepared"].write_value(str(self.recipe))
+        from asyncua import ua
+        return [ua.Variant(True, ua.VariantType.Boolean)]
+
+    async def _unprepare_recipe(self, parent, *args):
+        checked = self._strings(args, 1)
+        if not isinstance(checked, list):
+            return checked
+        self.recipe = 0
+        await self._nodes["prepared"].write_value("0")
+        return []
+
+    async def _add_recipe(self, parent, *args):
+        return self._status("BadNotSupported")       # recipes come from the line file
+
+    def _strings(self, args, count: int):
+        """The method's String arguments, or a CallMethodResult saying which are not Strings."""
+        from asyncua import ua
+        if len(args) != count:
+            return self._status("BadArgumentsMissing" if len(args) < count else "BadTooManyArguments")
+        results = [ua.StatusCode(ua.StatusCodes.Good if v.VariantType == ua.VariantType.String and v.Value is not None
+                                 else ua.StatusCodes.BadTypeMismatch) for v in args]
+        if any(not r.is_good() for r in results):
+            return ua.CallMethodResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadInvalidArgument),
+                                       InputArgumentResults=results)
+        return [v.Value for v in args]
+
+    def _job_arguments(self, args):
+        values = self._strings(args, len(JOB_INPUTS))
+        if not isinstance(values, list):
+            return values
+        checked = dict(zip(JOB_INPUTS, values))
+        if checked["RecipeId"].strip():
+            if not checked["RecipeId"].strip().isdigit() or int(checked["RecipeId"]) not in self.target.recipes:
+                return self._status("BadInvalidArgument")
+        return checked
+
+    def _trigger(self, checked: dict, job: Optional[str] = None) -> Optional[str]:
+        """Trigger one part; records its job before returning to the event loop, so the result
+        (published on this loop) always finds it."""
+        if job is None:
+            self.jobs += 1
+            job = str(self.jobs)
+        recipe = int(checked["RecipeId"]) if checked["RecipeId"].strip() else self.recipe
+        part_id = checked["PartId"] or f"job-{job}"
+        receipt = self.target.trigger(part_id, recipe)
+        if not receipt.accepted:
+            return None
+        self._jobs.setdefault(receipt.part_id, deque()).append((job, checked["MeasId"]))
+        return job
+
+    # ------------------------------------------------------------ results
+    def on_part(self, result: PartResult) -> None:
+        if self._loop is not None and not self._closed:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish(result)))
+
+    def on_trigger(self, receipt: TriggerReceipt) -> None:
+        pass
+
+    async def _publish(self, part: PartResult) -> None:
+        from asyncua import ua
+        waiting = self._jobs.get(part.part_id)
+        job, meas = waiting.popleft() if waiting else ("", "")
+        if waiting is not None and not waiting:
+            del self._jobs[part.part_id]
+        self.results += 1
+        self._ng += part.verdict == Verdict.NG
+        state = RESULT_FAILED if part.verdict == Verdict.ERROR else RESULT_COMPLETED
+        content = json.dumps(result_content(part))
+        values = {"ResultId": str(part.inspection_id), "JobId": job, "PartId": part.part_id,
+                  "ResultState": ua.Variant(state, ua.VariantType.Int32), "Verdict": part.verdict,
+                  "Score": float(part.score), "Threshold": float(part.threshold),
+                  "CameraNames": ua.Variant([c.camera for c in part.cameras], ua.VariantType.String),
+                  "CameraScores": ua.Variant([float(c.score) for c in part.cameras], ua.VariantType.Double),
+                  "ProcessingTimeMs": part.verdict_s * 1000.0, "ResultContent": content,
+                  "PartsJudged": ua.Variant(self.results, ua.VariantType.UInt32),
+                  "PartsNG": ua.Variant(self._ng, ua.VariantType.UInt32)}
+        for name, value in values.items():
+            await self._nodes[name].write_value(value)
+        event = self._events.event
+        event.ResultId, event.JobId, event.IsPartial, event.ResultState = str(part.inspection_id), job, False, state
+        event.PartId, event.MeasId, event.RecipeId, event.ResultContent = part.part_id, meas, str(part.recipe), content
+        event.Severity = 100 if part.verdict == Verdict.OK else 500
+        await self._events.trigger(message=f"part {part.part_id}: {part.verdict}")
+        if self.mode == "SingleExecution" and job and not job.startswith("continuous-"):
+            await self._set_state(mode="Ready")
+
+    def on_stop(self) -> None:
+        self.close()
+
+    def health(self) -> Optional[OutputHealth]:
+        return OutputHealth(name="opcua", ok=not self._closed, state="stopped" if self._closed else "listening",
+                            sent=self.results, detail=self.url or f"opc.tcp://{self.host}:{self.port}")
+
+
+def result_content(part: PartResult) -> dict:
+    """What ResultContent carries (JSON): the verdict and the numbers behind it."""
+    def number(x):
+        return None if not math.isfinite(x) else float(x)
+    return {"verdict": part.verdict, "ok": part.verdict == Verdict.OK, "score": number(part.score),
+            "threshold": number(part.threshold), "inspection_id": part.inspection_id, "part_id": part.part_id,
+            "recipe": part.recipe, "processing_ms": round(part.verdict_s * 1000.0, 3),
+            "cameras": [{"camera": c.camera, "score": number(c.score), "threshold": number(c.threshold),
+                         "ng": c.anomalous, "error": c.error} for c in part.cameras],
+            "error_code": part.error_code, "error": part.error, "model_sha256": part.model_sha256}
+
+
+def _string(text: str):
+    from asyncua import ua
+    return ua.Variant(text, ua.VariantType.String)
+
+
+class _Rules:
+    """Anonymous sessions browse, read and subscribe; method calls (and writes) need the user unless
+    anonymous calls are allowed. Built on asyncua's own request lists."""
+
+    def __init__(self, anonymous_calls: bool):
+        from asyncua import ua
+        from asyncua.crypto.permission_rules import USER_TYPES, UserRole
+        user = {ua.NodeId(t) for t in USER_TYPES} - {ua.NodeId(ua.ObjectIds.WriteRequest_Encoding_DefaultBinary)}
+        anonymous = set(user)
+        if not anonymous_calls:
+            anonymous.discard(ua.NodeId(ua.ObjectIds.CallRequest_Encoding_DefaultBinary))
+        self._allowed = {UserRole.User: user, UserRole.Anonymous: anonymous, UserRole.Admin: user}
+
+    def check_validity(self, user, action_type, body) -> bool:
+        from asyncua.crypto.permission_rules import UserRole
+        role = user.role if user is not None else UserRole.Anonymous
+        return action_type in self._allowed.get(role, set())
