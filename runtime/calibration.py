@@ -107,8 +107,9 @@ class Calibration:
                 if not isinstance(value, str):
                     raise CalibrationError(f"{where}={value!r} must be a string")
             elif f.name == "frame_size":
-                if frame_size_label(value) is None:
+                if not isinstance(value, str) or frame_size_label(value) is None:
                     raise CalibrationError(f"{where}={value!r} must be 'native' or WIDTHxHEIGHT")
+                value = frame_size_label(value)
             elif f.name in cls._COUNTS:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise CalibrationError(f"{where}={value!r} must be a whole number >= 0")
