@@ -216,3 +216,26 @@ def test_live_run_is_hot_swapped_by_sighup_and_refuses_a_half_written_model(tmp_
     assert indices[-1] < camera["frames"]
     # defective frames are the odd ones of each 6-frame pass: every one raised an alarm (cooldown 0)
     assert len(logged) == sum(1 for i in range(camera["frames"]) if (i % 6) % 2 == 1)
+
+
+def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    from test_review import _post
+    token = "another-long-control-token"
+    server = OperatorServer("127.0.0.1", 0)
+    server.control = LineControl(token, slots=running.slots)
+    try:
+        export_tiny_model(running.tmp / "v2.onnx", threshold=0.3)
+        install(running.tmp / "v2.onnx", running.live)
+        assert _post(server.url, "/reload", b"", "not-the-token")[0] == 401
+        assert running.slots.staged() == []
+        code, answer = _post(server.url, "/reload", b"", token)
+        assert code == 200 and answer["staged"] == [str(running.live)], answer
+        assert [r.outcome for r in running.slots.apply([running.state])] == ["swapped"]
+        assert running.state.policy.threshold == pytest.approx(0.3)
+        running.live.write_bytes(b"not an onnx file")
+        code, answer = _post(server.url, "/reload", b"", token)
+        assert code == 200 and answer["outcomes"][0]["outcome"] == "refused" and answer["staged"] == []
+    finally:
+        server.close()

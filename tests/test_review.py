@@ -180,3 +180,54 @@ def test_review_cli_lists_marks_and_refuses_one_line(line_run, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"event_id": 1}\nnot json\n')
     one_error(mrkd("review", log, "--labels", broken), "broken.jsonl:1")
+
+
+def _post(url, path, body=b"", token=None):
+    import urllib.error
+    import urllib.request
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url + path, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        try:
+            return exc.code, json.loads(payload)
+        except ValueError:
+            return exc.code, {"text": payload.decode()}
+
+
+def test_page_review_needs_the_token_and_appends_a_label(line_run, tmp_path):
+    import urllib.request
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    root, _, events, _ = line_run
+    token = "s3cret-token-for-the-line"
+    server = OperatorServer("127.0.0.1", 0)
+    try:
+        body = json.dumps({"event_id": events[1]["event_id"], "label": "defect", "note": "crack"}).encode()
+        assert _post(server.url, "/review", body, token)[0] == 405          # no control: read-only
+        labels = tmp_path / "labels.jsonl"
+        server.control = LineControl(token, labels, root / "events.jsonl", root / "evidence")
+        for given in (None, "wrong", token[:-1], token + "x", ""):
+            code, answer = _post(server.url, "/review", body, given)
+            assert code == 401 and "Bearer" in answer["error"], (given, code, answer)
+        assert not labels.exists()
+        code, answer = _post(server.url, "/review", body, token)
+        assert code == 200, answer
+        saved = read_labels(labels)
+        assert [(l.event_id, l.label, l.note) for l in saved] == [(events[1]["event_id"], DEFECT, "crack")]
+        assert saved[0].image_sha256 == events[1]["evidence_sha256"]
+        assert _post(server.url, "/review", b"{nope", token)[0] == 400
+        assert _post(server.url, "/review", json.dumps({"event_id": "x", "label": "good"}).encode(), token)[0] == 404
+        assert _post(server.url, "/review", json.dumps({"event_id": "x", "label": "meh"}).encode(), token)[0] == 400
+        assert _post(server.url, "/reload", b"", token)[0] == 403            # no model slots given
+        with urllib.request.urlopen(server.url + "/", timeout=10) as response:   # the page itself stays open
+            assert response.status == 200
+        server.control = LineControl(None, labels, root / "events.jsonl", root / "evidence")
+        assert _post(server.url, "/review", body, token)[0] == 403          # no token configured: off
+    finally:
+        server.close()
