@@ -46,9 +46,9 @@ LINE = ["paho-mqtt>=2.0", "prometheus-client>=0.16"]
 # PyGObject 3.50+ needs girepository-2.0 (GLib 2.80), which Debian 12 / JetPack 6 (Ubuntu 22.04) lack.
 GIGE = ["PyGObject>=3.42,<3.50"]
 
-# PLC servers of a triggered line (--modbus): pymodbus' server API changed in 3.10, 3.13 and 3.16;
-# runtime/plc/modbus.py is written against 3.16's SimDevice action hook.
-PLC = ["pymodbus>=3.16.1,<3.17"]
+# PLC servers of a triggered line (--modbus, --opcua): pymodbus' server API changed in 3.10, 3.13 and
+# 3.16; runtime/plc/modbus.py is written against 3.16's SimDevice action hook. asyncua: the OPC UA server.
+PLC = ["pymodbus>=3.16.1,<3.17", "asyncua>=2.0,<3"]
 
 OPENVINO = ["openvino>=2024.0"]
 
