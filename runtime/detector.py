@@ -66,25 +66,10 @@ def check_sidecar_belongs_to(meta: ModelMetadata, model_path: Path, sidecar: Pat
     return True
 
 
-# What the graph itself was built for: a sidecar may change the calibration (mrkd calibrate does),
-# never these.
-GRAPH_FIELDS = ("backbone", "image_size", "input_format", "input_name", "mean", "std", "resize_mode", "outputs",
-                "smoothing_in_graph", "per_scale_outputs", "sigma", "batch_range", "precision", "opset",
-                "checkpoint_sha256", "teacher_weights", "int8")
-
-
 def check_sidecar_against_embedded(meta: ModelMetadata, embedded: ModelMetadata, sidecar: Path) -> None:
-    """The sidecar must describe the graph as the metadata the export embedded in it does."""
-    for name in GRAPH_FIELDS:
-        ours, theirs = getattr(meta, name), getattr(embedded, name)
-        if ours != theirs:
-            raise MetadataError(f"{sidecar}: field {name}={_short(ours)} but the model's embedded metadata says "
-                                f"{_short(theirs)}; the sidecar was edited or belongs to another export")
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """The sidecar must describe the graph as the metadata the export embedded in it does
+    (ModelMetadata.GRAPH_FIELDS)."""
+    meta.check_same_graph(embedded, str(sidecar))
 
 
 def load_metadata(model_path: Union[str, Path], backend: Optional[Backend] = None) -> ModelMetadata:

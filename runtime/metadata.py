@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from mrkd.atomic import atomic_write_text
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -354,6 +354,22 @@ class ModelMetadata:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
+    # What the graph itself was built for, as the export embedded it in the model file: a sidecar may
+    # change the calibration (mrkd calibrate does), the hashes and the notes, never these.
+    GRAPH_FIELDS: ClassVar[Tuple[str, ...]] = (
+        "backbone", "image_size", "input_format", "input_name", "mean", "std", "resize_mode", "outputs",
+        "smoothing_in_graph", "per_scale_outputs", "sigma", "batch_range", "precision", "opset",
+        "checkpoint_sha256", "teacher_weights", "int8")
+
+    def check_same_graph(self, embedded: "ModelMetadata", source: str) -> None:
+        """MetadataError naming ``source`` and the field where this metadata (a sidecar) describes the
+        graph differently from ``embedded`` (the metadata the export wrote into the model file)."""
+        for name in self.GRAPH_FIELDS:
+            ours, theirs = getattr(self, name), getattr(embedded, name)
+            if ours != theirs:
+                raise MetadataError(f"{source}: field {name}={_short(ours)} but the model's embedded metadata "
+                                    f"says {_short(theirs)}; the sidecar was edited or belongs to another export")
+
     @property
     def threshold(self) -> Optional[float]:
         """The calibrated alarm threshold (score >= threshold is anomalous), or None."""
@@ -521,3 +537,8 @@ def check_engine_compatible(meta: ModelMetadata, trt_version: str, gpu_name: str
             f"TensorRT version and GPU: rebuild on this device with `mrkd export CHECKPOINT --fp16` "
             f"(or --int8 --calib DIR), or build from the ONNX model with mrkd.export.build_engine.")
     return meta
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

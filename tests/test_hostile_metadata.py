@@ -191,3 +191,22 @@ def real_export(tmp_path_factory):
     baseline = detector(_frames()).scores
     detector.close()
     return model, json.loads(sidecar_path(model).read_text()), baseline
+
+
+def test_the_graph_fields_a_sidecar_may_not_change_are_the_metadata_s_own(exported):
+    """ModelMetadata.GRAPH_FIELDS: every one is compared with the embedded metadata; the calibration,
+    hashes and notes may differ (mrkd calibrate rewrites them)."""
+    import dataclasses
+    from mrkd.runtime.metadata import MetadataError, ModelMetadata
+    model, _, _ = exported
+    embedded = ModelMetadata.load(sidecar_path(model))
+    fields = {f.name for f in dataclasses.fields(ModelMetadata)}
+    assert set(ModelMetadata.GRAPH_FIELDS) <= fields
+    assert fields - set(ModelMetadata.GRAPH_FIELDS) == {"calibration", "engine", "extra", "format", "format_version",
+                                                        "onnx_sha256"}
+    for name in ModelMetadata.GRAPH_FIELDS:
+        edited = dataclasses.replace(embedded, **{name: ("edited", name)})
+        with pytest.raises(MetadataError, match=f"m.json: field {name}="):
+            edited.check_same_graph(embedded, "m.json")
+    dataclasses.replace(embedded, calibration=None, extra={"note": 1}, onnx_sha256="0" * 64).check_same_graph(
+        embedded, "m.json")
