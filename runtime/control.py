@@ -120,3 +120,30 @@ class LineControl:
 
 
 __all__ = ["LineControl", "ControlError", "ReviewError", "MAX_BODY", "token_from_env"]
+
+
+def pop_control_options(options: dict, http: Optional[str] = None) -> dict:
+    """``--control-token-env`` / ``--review-labels`` of `mrkd run`, taken out of its options and checked
+    (the token is read from its variable now, so a missing one fails before the line starts)."""
+    variable, labels = options.pop("control_token_env", None), options.pop("review_labels", None)
+    if labels and not variable:
+        raise ControlError("--review-labels needs --control-token-env VAR: reviews over HTTP need a token")
+    if variable and not http:
+        raise ControlError("--control-token-env: the commands are served by the operator page; add --http HOST:PORT")
+    return {"token": token_from_env(variable) if variable else None, "labels": labels}
+
+
+def attach_control(outputs, control: dict, output_settings, slots=None) -> Optional[LineControl]:
+    """Give the operator page (among ``outputs``) its POST commands; None when no token was asked for."""
+    if not control.get("token"):
+        return None
+    from mrkd.runtime.outputs.web import OperatorServer
+    server = next((o for o in outputs if isinstance(o, OperatorServer)), None)
+    if server is None:
+        raise ControlError("--control-token-env: the commands are served by the operator page; add --http HOST:PORT")
+    evidence = getattr(output_settings, "evidence", None)
+    evidence = getattr(evidence, "folder", evidence)
+    events = getattr(output_settings, "events", None)
+    server.control = LineControl(control["token"], control.get("labels"), events,
+                                 evidence or (Path(events).parent / "evidence" if events else None), slots)
+    return server.control

@@ -239,3 +239,50 @@ def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
         assert code == 200 and answer["outcomes"][0]["outcome"] == "refused" and answer["staged"] == []
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
+    import socket
+    from test_review import _post
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(6, seed=2)):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    live = tmp_path / "deploy" / "model.onnx"
+    live.parent.mkdir()
+    export_tiny_model(live, threshold=0.1)
+    export_tiny_model(tmp_path / "v2.onnx", threshold=0.15)
+    sha_a, sha_b = file_sha256(live), file_sha256(tmp_path / "v2.onnx")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url, token, events = f"http://127.0.0.1:{port}", "live-line-control-token", tmp_path / "events.jsonl"
+    code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, "run", str(live), "--source", str(folder), "--loop",
+                                 "--fps", "40", "--cooldown", "0", "--events", str(events), "--http",
+                                 f"127.0.0.1:{port}", "--control-token-env", "MRKD_TEST_TOKEN"],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env={**os.environ, "MRKD_TEST_TOKEN": token})
+    try:
+        _wait_for(lambda: len(_events(events)) >= 2, 60, "alarms from the first model")
+        install(tmp_path / "v2.onnx", live)
+        assert _post(url, "/reload", b"", "wrong-token-wrong-token")[0] == 401
+        assert _post(url, "/reload", b"")[0] == 401
+        code_, answer = _post(url, "/reload", b"", token)
+        assert code_ == 200 and answer["staged"] == [str(live)], answer
+        _wait_for(lambda: any(e["model_sha256"] == sha_b for e in _events(events)), 60, "alarms of the new model")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr_path.read_text()
+    swaps = json.loads(out[out.index("{"):])["model_swaps"]
+    assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in swaps] == [("http", "swapped", sha_b)]
+    boundary = swaps[0]["frames_before"]
+    for event in _events(events):
+        assert event["model_sha256"] == (sha_a if event["frame_index"] < boundary else sha_b)
