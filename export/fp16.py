@@ -64,13 +64,13 @@ def run_fp16_on_cpu(onnx_path, batch: np.ndarray, model=None,
 
 
 def fp16_fidelity_report(model, fp16_onnx_path, options: ExportOptions, batch: Optional[np.ndarray] = None,
-                         threshold: Optional[float] = None) -> Comparison:
+                         threshold: Optional[float] = None, metadata=None) -> Comparison:
     """FP16 graph (run on a CPU half-precision backend) vs the FP32 PyTorch model: map error, score
     error, decision agreement. Not a pass/fail gate (FP16 differs by design); ``finite`` must hold."""
     if batch is None:
         batch = parity_inputs(model.config.image_size, options, n=4, seed=1)
     from mrkd.runtime.metadata import ModelMetadata, sidecar_path
-    metadata = ModelMetadata.load(sidecar_path(fp16_onnx_path))
+    metadata = metadata or ModelMetadata.load(sidecar_path(fp16_onnx_path))   # the export passes its own
     reference = torch_reference(model, batch, options)
     candidate, backend = run_fp16_on_cpu(fp16_onnx_path, batch, model, options)
     threshold = default_threshold(model) if threshold is None else threshold

@@ -255,7 +255,8 @@ def _quantize(source: Path, destination: Path, batch: np.ndarray, settings: Int8
 
 
 def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT,
-                  target: str = "tensorrt", keep_fp32: str = "auto", echo=None) -> ExportedModel:
+                  target: str = "tensorrt", keep_fp32: str = "auto", echo=None,
+                  fp32_metadata: Optional[ModelMetadata] = None) -> ExportedModel:
     """Write an INT8 copy of the FP32 graph at ``fp32_onnx_path`` (+ sidecar) to ``out_path``.
 
     ``target``: a key of INT8_TARGETS — "tensorrt" (explicit Q/DQ, the export default) or "cpu"
@@ -269,7 +270,7 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
     settings = INT8_TARGETS[target]
     require("onnxruntime.quantization")
     from mrkd.runtime.metadata import sidecar_path
-    meta = ModelMetadata.load(sidecar_path(fp32_onnx_path))
+    meta = fp32_metadata or ModelMetadata.load(sidecar_path(fp32_onnx_path))   # the export passes its own
     if meta.precision != "fp32":
         raise ExportError(f"{fp32_onnx_path}: INT8 is quantised from the fp32 graph, this one is {meta.precision}")
     batch = load_images(int8_image_paths(images_dir, limit), meta)

@@ -126,15 +126,17 @@ def default_threshold(model) -> Optional[float]:
 
 
 def parity_report(model, onnx_path, options: ExportOptions, batch: Optional[np.ndarray] = None,
-                  tolerance: float = FP32_TOLERANCE, threshold: Optional[float] = None) -> Comparison:
+                  tolerance: float = FP32_TOLERANCE, threshold: Optional[float] = None,
+                  metadata=None) -> Comparison:
     """The exported FP32 graph through the runtime's ONNX Runtime backend (CPU EP) and
     post-processing vs the PyTorch model, on ``batch`` (default: 2 deterministic random inputs).
-    Call ``.check()`` to raise on failure; ``.format()`` to print."""
+    Call ``.check()`` to raise on failure; ``.format()`` to print. ``metadata``: the graph's ModelMetadata
+    when the caller has it (the export does), else read from its sidecar."""
     from mrkd.export import ort
     from mrkd.runtime.metadata import ModelMetadata, sidecar_path
     if batch is None:
         batch = parity_inputs(model.config.image_size, options)
-    metadata = ModelMetadata.load(sidecar_path(onnx_path))
+    metadata = metadata or ModelMetadata.load(sidecar_path(onnx_path))
     reference = torch_reference(model, batch, options)
     candidate = ort.runtime_outputs(onnx_path, batch)
     threshold = default_threshold(model) if threshold is None else threshold

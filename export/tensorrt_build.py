@@ -102,13 +102,14 @@ def gpu_identity() -> Tuple[str, str]:
 
 
 def build_engine(onnx_path, engine_path, settings: Optional[BuildSettings] = None,
-                 batch_range: Optional[Sequence[int]] = None) -> ModelMetadata:
+                 batch_range: Optional[Sequence[int]] = None,
+                 onnx_metadata: Optional[ModelMetadata] = None) -> ModelMetadata:
     """Build a TensorRT engine from an mrkd ONNX model; writes ``engine_path`` and its ``.json`` sidecar.
 
     Precision comes from the graph (fp32, fp16 with FP32 head, or Q/DQ int8), read from its sidecar."""
     trt = require_tensorrt()
     settings = settings or BuildSettings()
-    onnx_meta = ModelMetadata.load(sidecar_path(onnx_path))
+    onnx_meta = onnx_metadata or ModelMetadata.load(sidecar_path(onnx_path))   # the export passes its own
     batch_range = tuple(batch_range or onnx_meta.batch_range)
     gpu_name, capability = gpu_identity()
     logger = trt.Logger(trt.Logger.WARNING)

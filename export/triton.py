@@ -69,15 +69,17 @@ def _copy(src, dst) -> None:
 
 
 def write_triton_repository(repo_dir, onnx_path, name: str = "mrkd", engine_path=None,
-                            max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> Dict[str, Path]:
-    """Write the model folder(s) into ``repo_dir``; returns model name -> config.pbtxt path."""
+                            max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, metadata: Optional[ModelMetadata] = None,
+                            engine_metadata: Optional[ModelMetadata] = None) -> Dict[str, Path]:
+    """Write the model folder(s) into ``repo_dir``; returns model name -> config.pbtxt path.
+    ``metadata`` / ``engine_metadata``: the models' metadata when the caller has it (else read from the sidecars)."""
     repo_dir = Path(repo_dir)
-    meta = ModelMetadata.load(sidecar_path(onnx_path))
+    meta = metadata or ModelMetadata.load(sidecar_path(onnx_path))
     inputs, outputs = graph_io(onnx_path)
     written = {}
     targets = [(name, "onnxruntime_onnx", Path(onnx_path), "model.onnx", meta)]
     if engine_path is not None and Path(engine_path).is_file():
-        engine_meta = ModelMetadata.load(sidecar_path(engine_path))
+        engine_meta = engine_metadata or ModelMetadata.load(sidecar_path(engine_path))
         targets.append((f"{name}_trt", "tensorrt_plan", Path(engine_path), "model.plan", engine_meta))
     for model_name, platform, source, filename, model_meta in targets:
         folder = repo_dir / model_name
