@@ -278,9 +278,9 @@ def run_command(model, sources, line_file, **options):
     triggered = any(c.trigger != "free" for c in line.cameras)
     if triggered and not (part["trigger_stdin"] or part["trigger_every"] or plc.wanted):
         raise SettingError("--trigger software/hardware judges parts on trigger: give a trigger source "
-                           "(--trigger-stdin, --trigger-every SECONDS or --modbus HOST:PORT)")
+                           "(--trigger-stdin, --trigger-every SECONDS, --modbus or --opcua)")
     if not triggered and plc.wanted:
-        raise SettingError("--modbus (or [plc] in the line file) triggers parts: it needs --trigger software or "
+        raise SettingError("--modbus/--opcua (or [plc] in the line file) trigger parts: they need --trigger software or "
                            "hardware (or trigger = ... in the line file)")
     if not triggered and (part["trigger_stdin"] or part["trigger_every"] or part["max_parts"]):
         raise SettingError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "

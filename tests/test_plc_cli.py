@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,21 +39,21 @@ def connect(port, process, timeout=30.0):
             time.sleep(0.2)
 
 
-def test_mrkd_run_serves_a_plc_until_max_parts(tmp_path):
+def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
     model = build_tiny_model(tmp_path / "tiny.onnx")
     part_images(tmp_path / "parts", "gdg")
     port = free_port()
     line = tmp_path / "line.toml"
     line.write_text(f'[[camera]]\nname = "cam"\nsource = "{tmp_path / "parts"}"\nmodel = "{model}"\n'
                     f'trigger = "software"\n[plc]\nmodbus = "127.0.0.1:{port}"\nresults_buffer = 2\n', encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", "--line", str(line), "--max-parts", "3",
-                                "--status-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", "--line", str(line), "--status-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         plc = connect(port, process)
         plc.coil(TRIGGER_ENABLE, True)
         codes = [plc.inspect(40 + i).reading for i in range(3)]
         plc.close()
+        process.send_signal(signal.SIGTERM)       # a clean stop: the summary is printed
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
@@ -66,7 +67,12 @@ def test_mrkd_run_serves_a_plc_until_max_parts(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--modbus", "127.0.0.1:5020"], "--modbus (or [plc] in the line file) triggers parts: it needs --trigger"),
+    (["--modbus", "127.0.0.1:5020"], "--modbus/--opcua (or [plc] in the line file) trigger parts: they need --trigger"),
+    (["--trigger", "software", "--opcua", "http://127.0.0.1:4840"], "--opcua must look like opc.tcp://HOST:PORT"),
+    (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:4840", "--opcua-user", "op"],
+     "--opcua-user and --opcua-password-env go together"),
+    (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:0", "--opcua-user", "op", "--opcua-password-env",
+      "MRKD_TEST_UNSET_PASSWORD"], "the environment variable MRKD_TEST_UNSET_PASSWORD is not set"),
     (["--trigger", "software", "--modbus", "localhost:port"], "--modbus must look like HOST:PORT"),
 ])
 def test_cli_plc_option_errors_are_one_line(tmp_path, extra, message):
@@ -89,3 +95,53 @@ def test_cli_port_in_use_is_one_line(tmp_path):
                                            "software", "--modbus", f"127.0.0.1:{port}"])
     assert result.exit_code != 0 and f"127.0.0.1:{port}: cannot listen there" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_mrkd_run_with_opcua_and_modbus_on_one_line(tmp_path):
+    """An OPC UA client starts a job; the Modbus PLC is presented the same part (every part of the line)."""
+    import asyncio
+    pytest.importorskip("asyncua")
+    from asyncua import Client
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", "d")
+    modbus_port, opcua_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"), "--trigger",
+         "software", "--modbus", f"127.0.0.1:{modbus_port}", "--opcua", f"opc.tcp://127.0.0.1:{opcua_port}",
+         "--opcua-user", "op", "--opcua-password-env", "MRKD_TEST_PW", "--status-every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", MRKD_TEST_PW="pw"))
+    try:
+        plc = connect(modbus_port, process)
+
+        async def start_job():
+            client = Client(f"opc.tcp://127.0.0.1:{opcua_port}/mrkd/")
+            client.set_user("op")
+            client.set_password("pw")
+            for _ in range(100):            # the OPC UA server starts after the Modbus one
+                try:
+                    await client.connect()
+                    break
+                except (OSError, asyncio.TimeoutError):
+                    await asyncio.sleep(0.3)
+            try:
+                ns = await client.get_namespace_index("urn:mrkd:machinevision")
+                machine = await client.nodes.objects.get_child([f"{ns}:VisionSystem", f"{ns}:VisionStateMachine"])
+                return await machine.call_method(f"{ns}:StartSingleJob", "m", "77", "", "")
+            finally:
+                await client.disconnect()
+
+        job = asyncio.run(start_job())
+        plc.wait(lambda b: b["results_valid"], 10, "Results Valid")
+        reading = plc.registers()
+        plc.close()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert job == "1" and (reading.inspection_id, reading.part_id, reading.result_code) == (1, 77, 2)
+    summary = json.loads(out[out.index("{"):])
+    assert summary["parts"] == 1 and {"modbus", "opcua"} <= set(summary["outputs"])

@@ -27,7 +27,7 @@ def test_line_file_plc_table(tmp_path):
 
 
 @pytest.mark.parametrize("table, message", [
-    ('modbus = 5020', r"plc\.modbus: expected \"HOST:PORT\""),
+    ('modbus = 5020', r"plc\.modbus: expected text"),
     ('modbus = "127.0.0.1:99999"', r"plc\.modbus: .*HOST:PORT"),
     ('results_buffer = 0', r"plc\.results_buffer: expected 1\.\.64"),
     ('results_buffer = true', r"plc\.results_buffer"),
@@ -39,9 +39,28 @@ def test_line_file_plc_errors_name_the_field(tmp_path, table, message):
         load_line(path)
 
 
+def options(**given):
+    keys = ("modbus", "plc_results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls")
+    return {k: given.get(k) for k in keys}
+
+
 def test_command_line_over_line_file():
-    base = PlcSettings(modbus="127.0.0.1:5020", results_buffer=4)
-    assert pop_plc_settings({"modbus": None, "plc_results_buffer": None}, base) == base
-    assert pop_plc_settings({"modbus": ":6000", "plc_results_buffer": 2}, base) == PlcSettings(":6000", 2)
+    base = PlcSettings(modbus="127.0.0.1:5020", results_buffer=4, opcua="opc.tcp://127.0.0.1:4840")
+    assert pop_plc_settings(options(), base) == base
+    assert pop_plc_settings(options(modbus=":6000", plc_results_buffer=2), base) == \
+        PlcSettings(":6000", 2, opcua="opc.tcp://127.0.0.1:4840")
     with pytest.raises(PlcError, match="--modbus"):
-        pop_plc_settings({"modbus": "host:port", "plc_results_buffer": None})
+        pop_plc_settings(options(modbus="host:port"))
+    assert pop_plc_settings(options(opcua="opc.tcp://h:1", opcua_user="u", opcua_password_env="V",
+                                    opcua_anonymous_calls=True)).opcua_anonymous_calls
+
+
+def test_line_file_opcua_fields(tmp_path, monkeypatch):
+    path = line_file(tmp_path, '[plc]\nopcua = "opc.tcp://127.0.0.1:4841"\nopcua_user = "op"\n'
+                               'opcua_password_env = "MRKD_TEST_OPCUA_PW"')
+    settings = load_plc_settings(path)
+    assert settings.wanted and settings.opcua_user == "op"
+    monkeypatch.setenv("MRKD_TEST_OPCUA_PW", "pw")
+    assert settings.opcua_password() == "pw"
+    with pytest.raises(LineFileError, match="plc.opcua: .*opc.tcp://HOST:PORT"):
+        load_line(line_file(tmp_path, '[plc]\nopcua = "tcp://x"'))

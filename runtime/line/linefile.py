@@ -32,6 +32,9 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     [plc]                              # optional, triggered lines: PLC servers (runtime/plc, docs/PLC.md)
     modbus = "127.0.0.1:5020"          # Modbus TCP handshake (mrkd run --modbus)
     results_buffer = 8                 # results held until the PLC acknowledges them
+    opcua = "opc.tcp://127.0.0.1:4840" # OPC UA VisionSystem (mrkd run --opcua)
+    opcua_user = "operator"            # may call its methods, with the password in
+    opcua_password_env = "MRKD_OPCUA_PASSWORD"   # this environment variable
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Which PLC servers a triggered line runs (``mrkd run --modbus HOST:PORT``, or ``[plc]`` in the line
-file) and starting them on the line's one trigger API. The CLI only parses options and calls these."""
+"""Which PLC servers a triggered line runs (``mrkd run --modbus HOST:PORT --opcua opc.tcp://HOST:PORT``,
+or ``[plc]`` in the line file) and starting them on the line's one trigger API. The CLI only parses
+options and calls these."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
@@ -12,16 +14,22 @@ from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER
 
 PLC_SETTINGS_VERSION = 1
-PLC_FIELDS = ("modbus", "results_buffer")
+PLC_FIELDS = ("modbus", "results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls")
 
 
 @dataclass(frozen=True)
 class PlcSettings:
     """modbus: "HOST:PORT" of the Modbus TCP server (None: off). results_buffer: results held for
-    the PLC, the presented one included (1..64)."""
+    the PLC, the presented one included (1..64). opcua: "opc.tcp://HOST:PORT" of the OPC UA
+    VisionSystem (None: off); opcua_user + opcua_password_env (the environment variable holding the
+    password): who may call its methods; opcua_anonymous_calls: anonymous clients may call them too."""
 
     modbus: Optional[str] = None
     results_buffer: int = RESULTS_BUFFER
+    opcua: Optional[str] = None
+    opcua_user: Optional[str] = None
+    opcua_password_env: Optional[str] = None
+    opcua_anonymous_calls: bool = False
     schema_version: int = PLC_SETTINGS_VERSION
 
     def check(self, where: str = "") -> "PlcSettings":
@@ -35,11 +43,31 @@ class PlcSettings:
         if not isinstance(self.results_buffer, int) or isinstance(self.results_buffer, bool) \
                 or not 1 <= self.results_buffer <= 64:
             raise PlcError(f"{where}results_buffer: expected 1..64 results, got {self.results_buffer!r}")
+        if self.opcua is not None:
+            from mrkd.runtime.plc.opcua import parse_opcua_url
+            try:
+                parse_opcua_url(self.opcua)
+            except PlcError as exc:
+                raise PlcError(f"{where}opcua: {exc}") from None
+        if (self.opcua_user is None) != (self.opcua_password_env is None):
+            raise PlcError(f"{where}opcua-user and {where}opcua-password-env go together")
+        if not isinstance(self.opcua_anonymous_calls, bool):
+            raise PlcError(f"{where}opcua_anonymous_calls: expected true or false")
         return self
+
+    def opcua_password(self) -> Optional[str]:
+        """The OPC UA password from its environment variable (PlcError naming the variable)."""
+        import os
+        if self.opcua_password_env is None:
+            return None
+        value = os.environ.get(self.opcua_password_env)
+        if not value:
+            raise PlcError(f"opcua password: the environment variable {self.opcua_password_env} is not set or empty")
+        return value
 
     @property
     def wanted(self) -> bool:
-        return self.modbus is not None
+        return self.modbus is not None or self.opcua is not None
 
     @classmethod
     def from_table(cls, table: Any, where: str) -> "PlcSettings":
@@ -49,10 +77,10 @@ class PlcSettings:
         unknown = sorted(set(table) - set(PLC_FIELDS))
         if unknown:
             raise PlcError(f"{where}{unknown[0]}: unknown field (known: {', '.join(PLC_FIELDS)})")
-        modbus = table.get("modbus")
-        if modbus is not None and not isinstance(modbus, str):
-            raise PlcError(f"{where}modbus: expected \"HOST:PORT\", got {modbus!r}")
-        return cls(modbus=modbus, results_buffer=table.get("results_buffer", RESULTS_BUFFER)).check(where)
+        for name in ("modbus", "opcua", "opcua_user", "opcua_password_env"):
+            if table.get(name) is not None and not isinstance(table[name], str):
+                raise PlcError(f"{where}{name}: expected text, got {table[name]!r}")
+        return cls(**{name: table[name] for name in PLC_FIELDS if name in table}).check(where)
 
 
 def plc_options(command):
@@ -65,6 +93,17 @@ def plc_options(command):
         click.option("--plc-results-buffer", "plc_results_buffer", type=click.IntRange(1, 64), default=None,
                      help=f"Results held for the PLC until acknowledged, the presented one included (default "
                           f"{RESULTS_BUFFER}); newer ones are dropped and flagged as overrun."),
+        click.option("--opcua", "opcua", metavar="opc.tcp://HOST:PORT", default=None,
+                     help="Serve an OPC UA VisionSystem after OPC 40100-1 (Machine Vision): StartSingleJob and "
+                          "friends, ResultReady events (docs/PLC.md). A trigger source for --trigger software/hardware. "
+                          "Default bind 127.0.0.1. Line file: [plc] opcua = ... Needs the plc extra."),
+        click.option("--opcua-user", default=None, help="OPC UA user name allowed to call methods (with "
+                                                         "--opcua-password-env)."),
+        click.option("--opcua-password-env", metavar="VAR", default=None,
+                     help="Environment variable holding the OPC UA user's password (never on the command line)."),
+        click.option("--opcua-anonymous-calls", is_flag=True, default=None,
+                     help="Let anonymous OPC UA clients call methods too (default: they may only browse, read and "
+                          "subscribe)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -74,9 +113,11 @@ def plc_options(command):
 def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = None) -> PlcSettings:
     """PlcSettings from (and taken out of) run_command's options, over the line file's ``[plc]``."""
     base = line_file_settings or PlcSettings()
-    modbus, buffer = options.pop("modbus"), options.pop("plc_results_buffer")
-    return PlcSettings(modbus=modbus if modbus is not None else base.modbus,
-                       results_buffer=buffer if buffer is not None else base.results_buffer).check("--")
+    given = {"modbus": options.pop("modbus"), "results_buffer": options.pop("plc_results_buffer"),
+             "opcua": options.pop("opcua"), "opcua_user": options.pop("opcua_user"),
+             "opcua_password_env": options.pop("opcua_password_env"),
+             "opcua_anonymous_calls": options.pop("opcua_anonymous_calls")}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}).check("--")
 
 
 def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
@@ -92,6 +133,15 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
             servers.append(server)
             if echo:
                 echo(f"Modbus TCP PLC server on {server.address[0]}:{server.address[1]} (map: docs/PLC.md)")
+        if settings.opcua is not None:
+            from mrkd.runtime.plc.opcua import OpcUaPlc
+            server = OpcUaPlc(target, settings.opcua, user=settings.opcua_user, password=settings.opcua_password(),
+                              anonymous_calls=settings.opcua_anonymous_calls).start()
+            servers.append(server)
+            if echo:
+                calls = ("user " + settings.opcua_user if settings.opcua_user else "nobody") + \
+                    (" and anonymous clients" if settings.opcua_anonymous_calls else "")
+                echo(f"OPC UA VisionSystem on {server.url} (methods: {calls})")
     except BaseException:
         for server in servers:
             server.close()
