@@ -55,14 +55,15 @@ def baseline_fps(model, video: Path, threshold: float) -> dict:
 def runtime_fps(onnx_path: Path, video: Path, threshold: float, threads: int, workdir: Path, label: str) -> dict:
     from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.outputs.events import EventSinks
+    from mrkd.runtime.outputs import OutputSettings, build_outputs
     from mrkd.runtime.sources import open_source
     from mrkd.runtime.line.stream import run_stream
 
     detector = Detector(onnx_path, backend="onnxruntime", threads=threads, threshold=threshold)
     started = time.perf_counter()
     summary = run_stream(detector, open_source(str(video)), AlarmPolicy(threshold, (1, 1)),
-                         EventSinks(workdir / f"events_{label}.jsonl", workdir / f"snapshots_{label}"),
+                         build_outputs(OutputSettings(events=str(workdir / f"events_{label}.jsonl"),
+                                                      snapshots=str(workdir / f"snapshots_{label}"))),
                          status=lambda line: None)
     seconds = time.perf_counter() - started
     latency = summary["latency_ms"]

@@ -100,7 +100,7 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
              label: str, outputs_on: bool, broker) -> dict:
     from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.outputs.events import EventSinks
+    from mrkd.runtime.outputs import OutputSettings, build_outputs
     from mrkd.runtime.line.loop import Camera, Line, run_line
     from mrkd.runtime.sources import open_source
 
@@ -113,9 +113,10 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
             from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings
             mqtt = MqttObserver(MqttSettings.from_url(broker.url("bench"), results_rate=10.0))
             observers.append(mqtt)
-        metrics = MetricsObserver(mqtt_failures=mqtt.failures if mqtt else None)
+        metrics = MetricsObserver()
         server = OperatorServer("127.0.0.1", 0, metrics=metrics)
         observers += [metrics, server]
+        metrics.see_outputs(observers)
         clock.probe = lambda: server.views["cam0"].watchers > 0 if server.started.is_set() else False
         observers = [clock] + [_Timed(o) for o in observers[1:]]
         watcher = subprocess.Popen([sys.executable, "-c", WATCHER, server.url],
@@ -128,7 +129,8 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
         while time.monotonic() < deadline and not server._clients:
             time.sleep(0.05)
     started = time.perf_counter()
-    summary = run_line(line, EventSinks(workdir / f"events_{label}.jsonl"), observers, max_frames=frames_per_run,
+    events = build_outputs(OutputSettings(events=str(workdir / f"events_{label}.jsonl")))
+    summary = run_line(line, [*events, *observers], max_frames=frames_per_run,
                        status=lambda text: None, detectors={str(Path(onnx_path).resolve()): detector},
                        sources={"cam0": source},
                        policies={"cam0": AlarmPolicy(threshold, (1, 1), cooldown_s=0.2)})

@@ -55,7 +55,8 @@ def exported_model(context: Dict, category: str) -> Path:
 def stream_step(context: Dict) -> None:
     from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
-    from mrkd.runtime.outputs.events import EventSinks, read_events
+    from mrkd.runtime.outputs import OutputSettings, build_outputs
+    from mrkd.runtime.outputs.events import read_events
     from mrkd.runtime.sources import open_source
     from mrkd.runtime.line.stream import run_stream
 
@@ -85,7 +86,8 @@ def stream_step(context: Dict) -> None:
     # 2 of 3 frames (one held image) raise an alarm; a cooldown of 3 frames: one alarm per part.
     summary = run_stream(detector, open_source(str(out / f"{category}.avi")),
                          AlarmPolicy(detector.threshold, (2, 3), cooldown_frames=FRAMES_PER_IMAGE),
-                         EventSinks(events, out / "snapshots"), status=lambda line: None)
+                         build_outputs(OutputSettings(events=str(events), snapshots=str(out / "snapshots"))),
+                         status=lambda line: None)
     alarms = read_events(events) if events.exists() else []
     on_defects = sum(e["frame_index"] in segments["defective"] for e in alarms)
     click.echo(f"streamed {summary['frames']} frames ({len(segments['good'])} good, {len(segments['defective'])} "

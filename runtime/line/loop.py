@@ -408,6 +408,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
         if own_detectors:
             for detector in (detectors or {}).values():
                 detector.close()
+        call_each(observers, lambda o: o.on_stop())     # the outputs were the caller's to start, ours to stop
         raise
     by_name = {s.camera.name: s for s in states}
     feeds = [s.feed for s in states]

@@ -9,6 +9,7 @@ it delivers again. So a line never fails silently and never floods its log.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -17,6 +18,8 @@ from typing import Optional
 from mrkd.runtime.outputs.base import OutputHealth
 
 logger = logging.getLogger("mrkd.runtime.outputs")
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)   # a write that may succeed later: counted, the line goes on
 
 
 class Delivery:

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from mrkd.errors import MrkdError
 from mrkd.runtime.line.alarms import Alarm
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, Verdict
-from mrkd.runtime.outputs.delivery import Delivery
+from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ class EventLog:
                 raise EventLogError(f"--events {self.path}: line {number} is not an mrkd event, so this is not an "
                                     "mrkd events log; it is left unchanged (give a new or an mrkd events file)")
         tail = data[len(complete):]
-        if tail and (not tail.startswith(b'{"') or _parses(tail)):   # a whole record is no torn line
+        # A torn line is cut only after at least one whole event (the file is then surely an events log),
+        # and only if it is the start of a record, not a whole one.
+        if tail and (not complete or not tail.startswith(b'{"') or _parses(tail)):
             raise EventLogError(f"--events {self.path}: does not end in a newline and its last line is not a "
                                 "torn mrkd event, so this is not an mrkd events log; it is left unchanged")
 
@@ -188,10 +190,27 @@ class EventLogOutput(LineObserver):
     """``--events FILE``: one line per alarm and per NG/ERROR part."""
 
     def __init__(self, path: str | os.PathLike):
-        self.log = EventLog(path)
-        self.delivery = Delivery("events", str(self.log.path))
+        self.path = Path(path)
+        self.delivery = Delivery("events", str(self.path))
+        self.log: Optional[EventLog] = None
+        self._open(at_start=True)
+
+    def _open(self, at_start: bool = False) -> bool:
+        """Open the log. At the start, EventLogError (not an events log) and a wrong path or permission
+        are errors; a full disk is not (the line runs, each event is counted as failed until it fits)."""
+        try:
+            self.log = EventLog(self.path)
+        except OSError as exc:
+            if at_start and exc.errno not in DISK_FULL:
+                raise
+            self.delivery.set_failing(f"{self.path}: cannot open ({exc.strerror or exc})")
+            return False
+        return True
 
     def _write(self, event: dict) -> None:
+        if self.log is None and not self._open():
+            self.delivery.failed_one(f"{self.path}: cannot open the log")
+            return
         try:
             self.log.write(event)
         except OSError as exc:
@@ -210,7 +229,8 @@ class EventLogOutput(LineObserver):
         return self.delivery.health()
 
     def on_stop(self) -> None:
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
 
 class DropOldestQueue:

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import unquote, urlsplit
 
@@ -59,7 +59,7 @@ class MqttSettings:
     tls: bool = False
     ca_certs: Optional[str] = None
     username: Optional[str] = None
-    password: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)     # never in a log line or a traceback
     results_rate: float = 0.0          # result messages per second per camera; 0 = none
     queue_size: int = 1000             # events/status waiting per camera while the broker is away
     max_inflight: int = 20             # handed to paho, not yet acknowledged
@@ -281,9 +281,7 @@ class _CameraLink:
         if pending is not None:        # closing past the deadline with the broker still away
             self.queue.dropped += 1
             self.queue.done()
-        if self.queue.dropped and not self.connected.is_set():
-            self.delivery.set_failing(f"{self.queue.dropped} messages of camera {self.info.name} never reached "
-                                      f"{self.broker}", state=self.delivery.state)
+
 
     def pending(self) -> int:
         self._settle_inflight()
@@ -300,6 +298,9 @@ class _CameraLink:
         self._wake.set()
         self._thread.join(timeout=1.0)
         self.queue.drain()                 # what is left counts as dropped
+        if self.queue.dropped:
+            self.delivery.set_failing(f"{self.queue.dropped} messages of camera {self.info.name} never reached "
+                                      f"{self.broker}", state=self.delivery.state if not self.delivery.ok else "failing")
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
             try:
@@ -327,6 +328,7 @@ class MqttObserver(LineObserver):
         self.links: Dict[str, _CameraLink] = {}
         self.delivery = Delivery("mqtt", f"{settings.host}:{settings.port}/{settings.prefix}", state="connecting")
         self._part_link: Optional[_CameraLink] = None
+        self._stopped = False
 
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         for info in cameras:
@@ -344,8 +346,8 @@ class MqttObserver(LineObserver):
     def health(self) -> OutputHealth:
         links = list(self.links.values())
         dropped = sum(link.queue.dropped for link in links)
-        connected = bool(links) and all(link.connected.is_set() for link in links)
-        health = self.delivery.health(dropped=dropped)
+        connected = self._stopped or (bool(links) and all(link.connected.is_set() for link in links))
+        health = self.delivery.health(dropped=dropped, state="stopped" if self._stopped and self.delivery.ok else None)
         waiting = sum(len(link.queue) for link in links)
         if waiting and not connected:
             health = OutputHealth(**{**health.__dict__, "detail": f"{health.detail} ({waiting} messages waiting)"})
@@ -385,6 +387,7 @@ class MqttObserver(LineObserver):
         deadline = time.monotonic() + self.close_deadline_s
         for link in self.links.values():
             link.close(deadline)
+        self._stopped = True
 
     def failures(self) -> Dict[str, int]:
         """Per camera: messages lost: events/status dropped (queue full, or still queued at the stop) plus

@@ -17,7 +17,7 @@ import numpy as np
 from mrkd.errors import SettingError
 from mrkd.atomic import new_file_mode
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
-from mrkd.runtime.outputs.delivery import Delivery
+from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.outputs.overlay import heatmap_overlay
 
@@ -97,9 +97,16 @@ class SnapshotWriter(LineObserver):
 
     def __init__(self, folder: str | os.PathLike, image_format: str = ".jpg"):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.image_format = image_format
         self.delivery = Delivery("snapshots", str(self.folder))
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(20, f"--snapshots {self.folder}: not a folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:          # a full disk: each snapshot tries again (and is counted)
+            if exc.errno not in DISK_FULL:
+                raise
+            self.delivery.set_failing(f"{self.folder}: cannot create the folder ({exc.strerror or exc})")
 
     def _write(self, camera: str, stem: str, image: np.ndarray, amap: np.ndarray, threshold: float,
                boxes) -> Tuple[bool, str]:

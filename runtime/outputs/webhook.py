@@ -70,7 +70,8 @@ def check_url(url: str) -> str:
         port_ok = parts.port is None or 0 < parts.port < 65536
     except ValueError:
         parts, port_ok = None, False
-    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok:
+    if (parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok
+            or any(c.isspace() for c in str(url))):
         raise WebhookError(f"--webhook {redact_uri(url)}: not an http:// or https:// URL with a host "
                            "(e.g. http://plc-gateway:8080/alarm)")
     return str(url)
@@ -83,7 +84,7 @@ class WebhookSettings:
     retries: int = 2
     backoff: float = 0.5
     queue_size: int = 100
-    headers: Tuple[Tuple[str, str], ...] = ()
+    headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)     # may hold a token
     secret: Optional[bytes] = field(default=None, repr=False)
 
     def __post_init__(self):
