@@ -286,3 +286,53 @@ def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
     boundary = swaps[0]["frames_before"]
     for event in _events(events):
         assert event["model_sha256"] == (sha_a if event["frame_index"] < boundary else sha_b)
+
+
+def test_shadow_candidate_scores_the_same_frames_without_alarms(tmp_path):
+    from mrkd.runtime.line.loop import Line, run_line
+    from mrkd.runtime.line.shadow import ShadowScorer
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(8, seed=3)):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    live = export_tiny_model(tmp_path / "live.onnx", threshold=0.1)
+    candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)   # same graph, a higher threshold
+    seen = []
+
+    class Record(ShadowScorer.__mro__[1]):        # a LineObserver that keeps the live results
+        def on_frame(self, result):
+            seen.append((result.score, result.anomalous, result.image))
+    shadow = ShadowScorer(Detector(candidate))
+    summary = run_line(Line((Camera("cam0", str(folder), str(live), cooldown=0.0),)), [Record(), shadow],
+                       status=lambda text: None)
+    shadow.drain()
+    comparison = shadow.comparison()
+    assert summary["events"] == sum(1 for _, anomalous, _ in seen if anomalous) > 0   # the live model's alarms only
+    reference = Detector(candidate)
+    candidate_scores = np.array([reference(image).scores[0] for _, _, image in seen], dtype=np.float64)
+    reference.close()
+    live_scores = np.array([score for score, _, _ in seen])
+    expected_disagree = int(((candidate_scores >= 0.5) != np.array([a for _, a, _ in seen])).sum())
+    assert comparison.frames == len(seen) == 8 and comparison.dropped == 0
+    assert comparison.disagreements == comparison.live_only == expected_disagree > 0
+    assert comparison.score_correlation == pytest.approx(np.corrcoef(live_scores, candidate_scores)[0, 1], abs=1e-6)
+    assert "decisions differ on" in shadow.health().detail
+
+
+
+def test_cli_shadow_reports_the_comparison(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(6, seed=4)):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    live = export_tiny_model(tmp_path / "live.onnx", threshold=0.1)
+    candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)
+    code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, "run", str(live), "--source", str(folder), "--shadow",
+                           str(candidate), "--cooldown", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    shadow = summary["shadow"]
+    assert shadow["frames"] == 6 and shadow["candidate_sha256"] == file_sha256(candidate)
+    assert shadow["live_only"] == shadow["disagreements"] == summary["events"] == 3    # odd frames are defective
+    assert shadow["candidate_only"] == 0 and shadow["score_correlation"] == pytest.approx(1.0)

@@ -254,6 +254,10 @@ class ModelSlots(LineObserver):
             old.close()
         return done
 
+    def open(self, path: str):
+        """A Detector for ``path`` opened with the line's settings (a shadow candidate)."""
+        return self._opener(path)
+
     def staged(self) -> List[str]:
         """Model paths whose new version waits for the loop's next round."""
         with self._lock:

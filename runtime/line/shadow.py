@@ -1,0 +1,147 @@
+"""Shadow runs: a candidate model scores the frames the live model judged, raising no alarm.
+
+``ShadowScorer`` is a LineObserver: ``on_frame`` hands each judged frame (with the live model's score
+and decision) to a bounded queue; a thread of its own scores the frame with the candidate and keeps
+the comparison: frames compared, how often the two decisions differ (candidate alarms the live
+model did not raise, and the reverse), and the Pearson correlation of the scores (running sums).
+When the candidate cannot keep up, the oldest waiting frames are dropped and counted — the live
+line never waits for the shadow. ``comparison()`` is what the summary and the health line show;
+promote the candidate with the hot swap (move it to the live model's path, SIGHUP or POST /reload).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from mrkd.runtime.line.alarms import is_anomalous
+from mrkd.runtime.metadata import model_file_sha256
+from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
+
+SHADOW_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShadowComparison:
+    candidate: str
+    candidate_sha256: str
+    threshold: float
+    frames: int                      # frames both models scored
+    disagreements: int               # decisions that differ
+    candidate_only: int              # the candidate would alarm, the live model did not
+    live_only: int                   # the live model flagged it, the candidate would not
+    score_correlation: Optional[float]
+    dropped: int                     # frames the candidate had no time for
+    errors: int
+    schema_version: int = SHADOW_SCHEMA_VERSION
+
+    @property
+    def disagreement_rate(self) -> float:
+        return self.disagreements / self.frames if self.frames else 0.0
+
+
+class ShadowScorer(LineObserver):
+    """Scores every judged frame (of ``cameras``, default all) with ``detector`` on its own thread."""
+
+    def __init__(self, detector, cameras=None, queue_size: int = 8):
+        if detector.threshold is None:
+            from mrkd.errors import SettingError
+            raise SettingError(f"--shadow {detector.model_path}: the candidate has no calibrated threshold")
+        self.detector = detector
+        self.cameras = set(cameras) if cameras else None
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, queue_size))
+        self._lock = threading.Lock()
+        self.frames = self.disagreements = self.candidate_only = self.live_only = self.dropped = self.errors = 0
+        self._sums = [0.0] * 5       # x, y, xx, yy, xy (x live, y candidate)
+        self._sha = model_file_sha256(detector.model_path)
+        self._thread = threading.Thread(target=self._work, name="shadow", daemon=True)
+        self._thread.start()
+
+    def on_frame(self, result: FrameResult) -> None:
+        if self.cameras is not None and result.camera not in self.cameras:
+            return
+        item = (result.image, float(result.score), bool(result.anomalous))
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                    self._queue.task_done()
+                    with self._lock:
+                        self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            try:
+                self._compare(*item)
+            finally:
+                self._queue.task_done()
+
+    def _compare(self, image, live_score: float, live_decision: bool) -> None:
+        try:
+            score = float(self.detector(image).scores[0])
+        except Exception:   # noqa: BLE001 - a failing candidate must not touch the line
+            with self._lock:
+                self.errors += 1
+            return
+        mine = bool(is_anomalous(score, self.detector.threshold))
+        with self._lock:
+            self.frames += 1
+            if mine != live_decision:
+                self.disagreements += 1
+                if mine:
+                    self.candidate_only += 1
+                else:
+                    self.live_only += 1
+            for i, value in enumerate((live_score, score, live_score ** 2, score ** 2, live_score * score)):
+                self._sums[i] += value
+
+    def comparison(self) -> ShadowComparison:
+        with self._lock:
+            n, (sx, sy, sxx, syy, sxy) = self.frames, self._sums
+            correlation = None
+            if n > 1:
+                vx, vy = n * sxx - sx * sx, n * syy - sy * sy
+                if vx > 0 and vy > 0:
+                    correlation = (n * sxy - sx * sy) / math.sqrt(vx * vy)
+            return ShadowComparison(str(self.detector.model_path), self._sha, float(self.detector.threshold), n,
+                                    self.disagreements, self.candidate_only, self.live_only, correlation,
+                                    self.dropped, self.errors)
+
+    def health(self) -> OutputHealth:
+        c = self.comparison()
+        corr = "n/a" if c.score_correlation is None else f"{c.score_correlation:.3f}"
+        return OutputHealth(name="shadow", ok=c.errors == 0, state="comparing", sent=c.frames, failed=c.errors,
+                            dropped=c.dropped, target=c.candidate,
+                            detail=f"decisions differ on {c.disagreements} of {c.frames} frames "
+                                   f"({c.candidate_only} candidate-only alarms, {c.live_only} live-only); "
+                                   f"score correlation {corr}")
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout``) until every queued frame is scored (tests, the end of a run)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def on_stop(self) -> None:
+        self.drain(5.0)
+        self._queue.put(None)
+        self._thread.join(timeout=5.0)
+        self.detector.close()
+
+    def summary(self) -> dict:
+        data = asdict(self.comparison())
+        data["disagreement_rate"] = self.comparison().disagreement_rate
+        return data
