@@ -85,9 +85,9 @@ def test_calibration_threshold_is_the_quantile_of_good_scores():
 
     # A normal tolerance bound on the same scores (k is checked by simulation in test_calibrate).
     bound = calibrate(model, good, quantile=0.99, method="tolerance")
-    assert bound["threshold_method"] == "tolerance" and bound["tolerance_k"] > 2.33
-    assert bound["threshold"] == pytest.approx(expected.mean() + bound["tolerance_k"] * expected.std(ddof=1),
-                                               rel=1e-5)
+    assert bound.method == "tolerance" and bound.tolerance_k > 2.33
+    assert bound.threshold == pytest.approx(expected.mean() + bound.tolerance_k * expected.std(ddof=1),
+                                           rel=1e-5)
 
     # Labelled images: the F1-optimal threshold, checked by brute force over every candidate.
     items = data.test_items
@@ -99,8 +99,8 @@ def test_calibration_threshold_is_the_quantile_of_good_scores():
         flagged = scores >= t
         tp = np.sum(flagged & (labels == 1))
         f1s.append(2 * tp / (flagged.sum() + labels.sum()))
-    assert labelled["threshold_method"] == "f1"
-    assert labelled["f1_at_threshold"] == pytest.approx(max(f1s), rel=1e-6)
+    assert labelled.method == "f1"
+    assert labelled.f1_at_threshold == pytest.approx(max(f1s), rel=1e-6)
 
 
 @pytest.mark.slow
