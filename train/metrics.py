@@ -25,10 +25,17 @@ from typing import Optional
 import numpy as np
 
 from mrkd.deps import require
+from mrkd.errors import MrkdError
 from mrkd.runtime.line.alarms import is_anomalous
 # The threshold rules live with the Calibration record (numpy only, shared with the runtime).
 from mrkd.runtime.calibration import (counts_at_each_threshold, f1_optimal_threshold,  # noqa: F401
                                      threshold_at_quantile)
+
+class MetricInputError(MrkdError, ValueError):
+    """The test data cannot give this metric (one class only, a defect image with an empty mask, mask
+    values other than 0/1): a property of the user's data set, reported in one line. Shape mismatches
+    between arguments stay plain ValueErrors (a caller's bug)."""
+
 
 # 8-connectivity inside each image, no connection between images of a stack: one label call
 # numbers the regions of a whole N×H×W set.
@@ -71,8 +78,8 @@ def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         bad = (masks != 0) & (masks != 1)
         if bad.any():
             n, y, x = np.argwhere(bad)[0]
-            raise ValueError(f"masks must be 0/1 (or bool); image {n} has {masks[n, y, x]!r} at "
-                             f"(y={y}, x={x}) — threshold soft masks first (official: > 0.5)")
+            raise MetricInputError(f"masks must be 0/1 (or bool); image {n} has {masks[n, y, x]!r} at "
+                                   f"(y={y}, x={x}) — threshold soft masks first (official: > 0.5)")
         masks = masks.astype(bool)
     return masks, maps
 
@@ -80,7 +87,7 @@ def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
 def _require_both_classes(labels: np.ndarray, name: str) -> None:
     n_pos = int(labels.sum())
     if n_pos == 0 or n_pos == labels.size:
-        raise ValueError(f"AUROC needs both classes in {name}: got {n_pos} positive of {labels.size}")
+        raise MetricInputError(f"AUROC needs both classes in {name}: got {n_pos} positive of {labels.size}")
 
 
 # ----------------------------------------------------------------------------- AUROC
@@ -176,12 +183,12 @@ def pro_curve(masks, maps, num_thresholds: int = 200) -> dict:
     ndimage = require("scipy.ndimage", "connected defect regions need SciPy")
     regions, num_regions = ndimage.label(masks, structure=_STACK_8_CONNECTIVITY)
     if num_regions == 0:
-        raise ValueError("AUPRO needs at least one defect region, but every mask is empty "
-                         "(pass only defective images, or use image-level metrics)")
+        raise MetricInputError("AUPRO needs at least one defect region, but every mask is empty "
+                               "(pass only defective images, or use image-level metrics)")
     regions = regions.ravel()  # 0 = defect-free, i = region i
     pixels_per_group = np.bincount(regions, minlength=num_regions + 1)
     if pixels_per_group[0] == 0:
-        raise ValueError("AUPRO needs defect-free pixels for the FPR, but every mask pixel is a defect")
+        raise MetricInputError("AUPRO needs defect-free pixels for the FPR, but every mask pixel is a defect")
     thresholds = pro_thresholds(maps, num_thresholds)
 
     # A pixel is flagged at threshold t exactly when t < its "below" count, so one histogram of
@@ -245,11 +252,11 @@ def aupro_per_image_mean(masks, maps, labels=None, max_fpr: float = 0.3,
             raise ValueError(f"labels has {labels.size} entries but there are {masks.shape[0]} masks")
         defective = np.flatnonzero(labels)
     if defective.size == 0:
-        raise ValueError("per-image AUPRO needs at least one defective image")
+        raise MetricInputError("per-image AUPRO needs at least one defective image")
     areas = []
     for index in defective:
         if not masks[index].any():
-            raise ValueError(f"image {index} is labelled defective but its mask is empty")
+            raise MetricInputError(f"image {index} is labelled defective but its mask is empty")
         areas.append(aupro(masks[index:index + 1], maps[index:index + 1], max_fpr, num_thresholds))
     return float(np.mean(areas))
 
@@ -276,7 +283,7 @@ def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """
     thresholds, tp, fp, n_pos, n_neg = _counts_at_each_threshold(labels, scores)
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"a ROC curve needs both classes: got {n_pos} defective and {n_neg} good")
+        raise MetricInputError(f"a ROC curve needs both classes: got {n_pos} defective and {n_neg} good")
     tpr = np.r_[0.0, tp / n_pos]
     fpr = np.r_[0.0, fp / n_neg]
     return fpr, tpr, np.r_[np.inf, thresholds]
