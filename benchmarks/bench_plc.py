@@ -1,5 +1,6 @@
-"""The PLC handshake's cost: trigger -> Results Valid as a PLC sees it over Modbus TCP, next to each
-part's own trigger -> verdict time in the same run.
+"""The PLC handshake's cost: trigger -> Results Valid as a PLC sees it over Modbus TCP, and
+StartSingleJob -> ResultReady event as an OPC UA client sees it, next to each part's own trigger ->
+verdict time in the same run.
 
 A PLC simulated with pymodbus' client (benchmarks/plc_peer.py addresses) scans every 10 ms, as PLC
 cycles do: each scan reads the status bits; it raises Trigger, drops it once Trigger Ack is seen,
@@ -15,6 +16,13 @@ Per part (wall clock, one machine):
   write reaching the line (write sent -> ``PartResult.trigger_time``) + the verdict reaching the
   presented registers (verdict -> the handshake's ``on_part`` done) + the one read that showed it
   (request sent -> answer). Goal: p99 < 5 ms.
+
+OPC UA: an asyncua client (its own process) calls StartSingleJob and waits for the part's
+ResultReady event on a subscription with a PUBLISH_MS publishing interval (the server sends
+notifications at that pace: OPC UA's counterpart of the PLC's scan). ``event_latency``: call sent ->
+event received; ``handshake``: the call reaching the line (sent -> ``trigger_time``) + the verdict
+reaching the client as an event (verdict -> event received), which includes waiting for the next
+publish.
 
     python -m mrkd.benchmarks.bench_plc [--quick]      (mrkd bench --only plc)
 """
@@ -33,6 +41,7 @@ import numpy as np
 from mrkd.runtime.outputs.base import LineObserver
 
 POLL_S = 0.010
+PUBLISH_MS = 5
 GOAL_MS = 5.0
 
 
@@ -108,16 +117,79 @@ def plc_scans(port: int, parts: int, pipe) -> None:
         plc.close()
 
 
-def modbus_run(port: int, parts: int, judged: dict, presented: dict) -> dict:
+def opcua_jobs(url: str, parts: int, pipe) -> None:
+    """The OPC UA client, in its own process: ``parts`` StartSingleJob calls, each waiting for its
+    ResultReady event; sends back one timing row per job."""
+    import asyncio
+
+    async def jobs():
+        from asyncua import Client
+        from mrkd.runtime.plc.opcua import NAMESPACE
+        arrived: asyncio.Queue = asyncio.Queue()
+
+        class Handler:
+            def event_notification(self, event):
+                arrived.put_nowait((time.time(), event.JobId, event.ResultId))
+
+        client = Client(url)
+        client.set_user("bench")
+        client.set_password("bench")
+        async with client:
+            ns = await client.get_namespace_index(NAMESPACE)
+            system = await client.nodes.objects.get_child(f"{ns}:VisionSystem")
+            machine = await system.get_child(f"{ns}:VisionStateMachine")
+            event_type = await client.nodes.root.get_child(["0:Types", "0:EventTypes", "0:BaseEventType",
+                                                            f"{ns}:ResultReadyEventType"])
+            subscription = await client.create_subscription(PUBLISH_MS, Handler())
+            await subscription.subscribe_events(system, event_type)
+            rows = []
+            for i in range(parts):
+                sent = time.time()
+                job = await machine.call_method(f"{ns}:StartSingleJob", f"m{i}", str(i), "", "")
+                while True:
+                    received, job_id, result_id = await asyncio.wait_for(arrived.get(), 10)
+                    if job_id == job:
+                        break
+                rows.append((i, sent, received, int(result_id)))
+            return rows
+
+    try:
+        pipe.send(asyncio.run(jobs()))
+    except Exception as exc:   # reported by the parent
+        pipe.send(f"{type(exc).__name__}: {exc}")
+
+
+def _in_process(target, args, parts: int):
     import multiprocessing
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    plc = context.Process(target=plc_scans, args=(port, parts, sender), daemon=True)
-    plc.start()
-    rows = receiver.recv() if receiver.poll(parts * 2.0 + 60) else "the PLC process gave no answer"
-    plc.join(10)
+    process = context.Process(target=target, args=(*args, sender), daemon=True)
+    process.start()
+    rows = receiver.recv() if receiver.poll(parts * 2.0 + 60) else "no answer"
+    process.join(10)
     if isinstance(rows, str):
-        raise RuntimeError(f"simulated PLC: {rows}")
+        raise RuntimeError(f"{target.__name__}: {rows}")
+    return rows
+
+
+def opcua_run(url: str, parts: int, judged: dict) -> dict:
+    rows = _in_process(opcua_jobs, (url, parts), parts)
+    latencies, verdicts, handshake, to_line, to_client = [], [], [], [], []
+    for i, sent, received, inspection_id in rows:
+        part = judged[inspection_id]
+        latencies.append(received - sent)
+        verdicts.append(part.verdict_s)
+        to_line.append(part.trigger_time - sent)
+        to_client.append(received - (part.trigger_time + part.verdict_s))
+        handshake.append(to_line[-1] + to_client[-1])
+    return {"event_latency_ms": _percentiles(latencies), "verdict_ms": _percentiles(verdicts),
+            "handshake_ms": _percentiles(handshake), "call_to_line_ms": _percentiles(to_line),
+            "verdict_to_event_ms": _percentiles(to_client), "publishing_interval_ms": PUBLISH_MS,
+            "goal_handshake_p99_ms": GOAL_MS, "goal_met": _percentiles(handshake)["p99"] < GOAL_MS}
+
+
+def modbus_run(port: int, parts: int, judged: dict, presented: dict) -> dict:
+    rows = _in_process(plc_scans, (port, parts), parts)
     latencies, verdicts, handshake, write_path, into_registers, read_trip, mismatched = [], [], [], [], [], [], 0
     for i, sent, asked, answered, inspection_id, part_id in rows:
         part = judged[inspection_id]
@@ -143,27 +215,30 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2)
     from mrkd.runtime.line.parts import PartRunner, open_part_sources
     from mrkd.runtime.line.trigger import PartSettings
     from mrkd.runtime.plc.modbus import ModbusPlc
+    from mrkd.runtime.plc.opcua import OpcUaPlc
 
     image_size = image_size or (64 if quick else 128)
     parts = 30 if quick else 500
     with tempfile.TemporaryDirectory() as tmp:
         model = export_lite0(Path(tmp), image_size)
-        defective = part_folder(Path(tmp) / "parts", parts)
+        defective = part_folder(Path(tmp) / "parts", 2 * parts)
         line = Line((Camera("cam", str(Path(tmp) / "parts"), str(model), threshold=1e9, trigger="software"),),
                     threads=threads)
         settings = PartSettings(queue=1, timeout=5.0)
         runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
         server = ModbusPlc(runner, port=0).start()
+        vision = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user="bench", password="bench").start()
         presented = _Presented()
-        runner.observers += [server, presented]      # presented after the server: registers already set
+        runner.observers += [server, presented, vision]   # presented after the Modbus server: registers set
         runner.start()
         try:
             modbus = modbus_run(server.address[1], parts, presented.parts, presented.at)
+            opcua = opcua_run(vision.url, parts, presented.parts)
         finally:
             summary = runner.stop()
     return {"bench": "plc", "backbone": "efficientnet_lite0 (random weights)", "image_size": image_size,
-            "threads": threads, "parts": parts, "defective_images": int(sum(defective)),
-            "plc_scan_ms": POLL_S * 1000, "modbus": modbus, "missed_triggers": summary["missed_triggers"],
+            "threads": threads, "parts": parts, "defective_images": int(sum(defective[:parts])),
+            "plc_scan_ms": POLL_S * 1000, "modbus": modbus, "opcua": opcua, "missed_triggers": summary["missed_triggers"],
             "errors": summary["verdicts"]["ERROR"]}
 
 

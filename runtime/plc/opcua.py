@@ -378,15 +378,28 @@ class OpcUaPlc(LineObserver):
                   "ProcessingTimeMs": part.verdict_s * 1000.0, "ResultContent": content,
                   "PartsJudged": ua.Variant(self.results, ua.VariantType.UInt32),
                   "PartsNG": ua.Variant(self._ng, ua.VariantType.UInt32)}
-        for name, value in values.items():
-            await self._nodes[name].write_value(value)
+        # Ready before the event (a client may start the next job on it), the variables in one write
+        # request (a Read of them all never mixes two parts), then the event.
+        if self.mode == "SingleExecution" and job and not job.startswith("continuous-"):
+            await self._set_state(mode="Ready")
+        await self._write_all(values)
         event = self._events.event
         event.ResultId, event.JobId, event.IsPartial, event.ResultState = str(part.inspection_id), job, False, state
         event.PartId, event.MeasId, event.RecipeId, event.ResultContent = part.part_id, meas, str(part.recipe), content
         event.Severity = 100 if part.verdict == Verdict.OK else 500
         await self._events.trigger(message=f"part {part.part_id}: {part.verdict}")
-        if self.mode == "SingleExecution" and job and not job.startswith("continuous-"):
-            await self._set_state(mode="Ready")
+
+    async def _write_all(self, values: dict) -> None:
+        from asyncua import ua
+        nodes = []
+        for name, value in values.items():
+            variant = value if isinstance(value, ua.Variant) else ua.Variant(value)
+            nodes.append(ua.WriteValue(NodeId=self._nodes[name].nodeid, AttributeId=ua.AttributeIds.Value,
+                                       Value=ua.DataValue(variant)))
+        results = await self._server.iserver.isession.write(ua.WriteParameters(NodesToWrite=nodes))
+        for name, status in zip(values, results):
+            if not status.is_good():
+                logger.warning("opcua: LastResult/%s not written: %s", name, status)
 
     def on_stop(self) -> None:
         self.close()
