@@ -28,6 +28,8 @@ _INSTALL_HINTS = {
     "prometheus_client": ("pip install 'mrkd[line]'  (prometheus-client)",
                           "metrics and the operator page (--http) need prometheus-client"),
     "cv2": ("pip install opencv-python-headless", "image and video I/O uses OpenCV"),
+    "pymodbus": ("pip install 'mrkd[plc]'  (pymodbus 3.16)", "the Modbus TCP PLC server (--modbus) needs pymodbus"),
+    "asyncua": ("pip install 'mrkd[plc]'  (asyncua)", "the OPC UA server (--opcua) needs asyncua"),
     "gi": ("apt install gir1.2-aravis-0.8 python3-gi; in a virtual environment also pip install 'mrkd[gige]' "
            "(PyGObject; building it needs libgirepository1.0-dev libcairo2-dev pkg-config)",
            "gige:// cameras need Aravis through PyGObject"),
