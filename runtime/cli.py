@@ -176,11 +176,11 @@ def pop_run_settings(options: dict):
 
 
 def pop_camera_defaults(options: dict, part: dict) -> dict:
-    """The camera fields the command line gives every camera (the line file may override them)."""
-    from mrkd.runtime.line.alarms import parse_debounce
-    defaults = dict(threshold=options.pop("threshold"), debounce=parse_debounce(options.pop("debounce")),
-                    cooldown=options.pop("cooldown"), cooldown_frames=options.pop("cooldown_frames"),
-                    size=options.pop("size"), fps=options.pop("fps"), loop=options.pop("loop"))
+    """The camera fields the command line gives every camera (the line file may override them): the
+    alarm settings (AlarmSettings' fields, the options of the same names) and the source's."""
+    from mrkd.runtime.line.alarms import ALARM_FIELDS, parse_debounce
+    defaults = {name: options.pop(name) for name in (*ALARM_FIELDS, "size", "fps", "loop")}
+    defaults["debounce"] = parse_debounce(defaults["debounce"])
     if part["trigger_mode"]:
         defaults["trigger"] = part["trigger_mode"]
     if part["features"]:

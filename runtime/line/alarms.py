@@ -9,7 +9,7 @@ frame time and ``cooldown_frames`` frames (one defect passing the camera is one 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 import numpy as np
@@ -46,6 +46,34 @@ class Alarm:
     score: float
     threshold: float
     anomalous_in_window: int
+
+
+@dataclass(frozen=True)
+class AlarmSettings:
+    """One camera's alarm rule: ``threshold`` (None: the model's calibrated one), ``debounce`` (k, n):
+    k anomalous frames among the last n, ``cooldown`` seconds of frame time and ``cooldown_frames``
+    frames after an alarm without a new one. The one list of these settings: the line file's camera
+    fields, ``mrkd run``'s options and ``Camera`` all read it (``ALARM_FIELDS``)."""
+
+    threshold: Optional[float] = None
+    debounce: Tuple[int, int] = (1, 1)
+    cooldown: float = 5.0
+    cooldown_frames: int = 0
+
+    def __post_init__(self):
+        k, n = self.debounce
+        if not 1 <= k <= n:
+            raise AlarmSettingsError(f"debounce K/N needs 1 <= K <= N, got {k}/{n}")
+        if not self.cooldown >= 0 or self.cooldown_frames < 0:
+            raise AlarmSettingsError("cooldown must be >= 0")
+
+    def policy(self, model_threshold: Optional[float]) -> "AlarmPolicy":
+        """The AlarmPolicy of these settings over a model whose calibrated threshold is ``model_threshold``."""
+        threshold = self.threshold if self.threshold is not None else model_threshold
+        return AlarmPolicy(threshold, self.debounce, self.cooldown, self.cooldown_frames)
+
+
+ALARM_FIELDS = tuple(f.name for f in fields(AlarmSettings))
 
 
 def parse_debounce(text: str) -> Tuple[int, int]:

@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from mrkd.runtime.line.alarms import parse_debounce
+from mrkd.runtime.line.alarms import ALARM_FIELDS, parse_debounce
 from mrkd.runtime.line.loop import LINE_SCHEMA_VERSION, Camera, Line, LineError, check_cameras
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.sources import NETWORK_SCHEMES, SourceError, SourceOptions
@@ -55,8 +55,7 @@ if sys.version_info >= (3, 11):
 else:   # setup.py installs tomli there
     import tomli as tomllib
 
-CAMERA_FIELDS = ("name", "source", "model", "threshold", "debounce", "cooldown", "cooldown_frames", "size", "fps",
-                 "loop", "trigger", "features")
+CAMERA_FIELDS = ("name", "source", "model", *ALARM_FIELDS, "size", "fps", "loop", "trigger", "features")
 TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "plc")
 PART_FIELDS = ("cameras", "images", "queue", "timeout")
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.calibration import frame_size_mismatch
-from mrkd.runtime.line.alarms import AlarmPolicy
+from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each
@@ -57,8 +57,9 @@ class Camera:
     """One camera of a line: where its frames come from, the model that scores them, its alarm policy.
 
     source: any URI ``open_source`` takes (or an iterable of frames, for tests and embedding).
-    threshold: overrides the model's calibrated one for this camera. debounce: (k, n). cooldown:
-    seconds of frame time; cooldown_frames: frames. size: (width, height) frames are resized to.
+    alarm: its AlarmSettings (threshold, debounce, cooldown, cooldown_frames); those four may also be
+    given as keywords, ``Camera(name, uri, model, threshold=0.4)``, and are kept in ``alarm`` only
+    (``camera.alarm.threshold``). size: (width, height) frames are resized to.
     fps: camera rate to request, or the rate files/folders are replayed at. features: GenICam
     (NAME, VALUE) settings of a gige:// camera. trigger: free (frames as they come) / software /
     hardware (one image per part trigger, runtime/line/parts.py).
@@ -67,15 +68,38 @@ class Camera:
     name: str
     source: object
     model: str
-    threshold: Optional[float] = None
-    debounce: Tuple[int, int] = (1, 1)
-    cooldown: float = 5.0
-    cooldown_frames: int = 0
+    alarm: AlarmSettings = AlarmSettings()
     size: Optional[Tuple[int, int]] = None
     fps: Optional[float] = None
     loop: bool = False
     features: Tuple[Tuple[str, str], ...] = ()
     trigger: str = "free"
+    # Keyword shortcuts for the alarm settings (folded into ``alarm``; not attributes).
+    threshold: dataclasses.InitVar[Optional[float]] = None
+    debounce: dataclasses.InitVar[Optional[Tuple[int, int]]] = None
+    cooldown: dataclasses.InitVar[Optional[float]] = None
+    cooldown_frames: dataclasses.InitVar[Optional[int]] = None
+
+    def __post_init__(self, threshold, debounce, cooldown, cooldown_frames):
+        given = {name: value for name, value in zip(ALARM_FIELDS, (threshold, debounce, cooldown, cooldown_frames))
+                 if value is not None}
+        if given:
+            object.__setattr__(self, "alarm", dataclasses.replace(self.alarm, **given))
+
+
+class _AlarmShortcut:
+    """``camera.threshold`` (etc.) reads ``camera.alarm.threshold``: the shortcut keyword is never a
+    second copy (dataclasses.replace reads it back and folds it in again unchanged)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, camera, owner=None):
+        return None if camera is None else getattr(camera.alarm, self.name)
+
+
+for _shortcut in ALARM_FIELDS:
+    setattr(Camera, _shortcut, _AlarmShortcut(_shortcut))
 
 
 @dataclass(frozen=True)
@@ -265,7 +289,7 @@ class _CameraState:
 
 
 def _threshold_source(camera: Camera, detector: Detector) -> str:
-    if camera.threshold is not None:
+    if camera.alarm.threshold is not None:
         return "camera setting (line file or --threshold)"
     return detector.threshold_source
 
@@ -386,13 +410,11 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
             sources = open_sources(line)
         for camera in line.cameras:
             detector = detectors[str(Path(camera.model).resolve())]
-            threshold = camera.threshold if camera.threshold is not None else detector.threshold
-            size_problem = None if camera.threshold is not None else frame_size_mismatch(
+            size_problem = None if camera.alarm.threshold is not None else frame_size_mismatch(
                 detector.metadata.calibration, camera.size)
             if size_problem:    # scores depend on the frame size: say so before the first decision
                 logger.warning("camera %r: %s", camera.name, size_problem)
-            policy = (policies or {}).get(camera.name) or AlarmPolicy(threshold, camera.debounce, camera.cooldown,
-                                                                      camera.cooldown_frames)
+            policy = (policies or {}).get(camera.name) or camera.alarm.policy(detector.threshold)
             threshold = policy.threshold
             source = sources[camera.name]
             feed = _Feed(camera.name, source, cond, capacity=max(2, 2 * batch) if not source.live else 1,
