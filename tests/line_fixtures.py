@@ -9,6 +9,7 @@ import time
 from typing import List, Optional, Sequence
 
 import numpy as np
+import pytest
 
 from runtime_fixtures import defective_frame, normal_frame
 
@@ -165,3 +166,27 @@ class MqttRecorder:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def http_get(url: str, timeout: float = 5.0):
+    """(status, body) of a GET, error statuses included (urllib raises on them)."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A Mosquitto on a free loopback port for one test (installed when missing); import it to use it."""
+    from peers import require_program
+    from mrkd.benchmarks.mosquitto import Mosquitto
+    require_program("mosquitto", ["mosquitto"])
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    server = Mosquitto(folder=folder).start()
+    yield server
+    server.kill()

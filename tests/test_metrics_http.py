@@ -6,14 +6,12 @@ import hashlib
 import json
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from line_fixtures import DrivenFrames, LineRun, Recorder, wait_for
+from line_fixtures import DrivenFrames, LineRun, Recorder, http_get, wait_for
 from peers import require_program
 from runtime_fixtures import build_tiny_model
 
@@ -97,14 +95,6 @@ def test_hook_counts_and_score_histogram_match_a_brute_force_count():
     assert not healthy and details["cameras"]["b"]["ok"] is False and details["cameras"]["a"]["ok"] is True
 
 
-def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera(tmp_path):
     promtool = require_program("promtool", ["prometheus"])
     model = build_tiny_model(tmp_path / "m.onnx")
@@ -117,20 +107,20 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     assert wait_for(lambda: len(recorder.frames) >= 20, 10)
     frames.defects(3)
     assert wait_for(lambda: len(recorder.events) == 3, 10)
-    code, first = _get(server.url + "/metrics")
+    code, first = http_get(server.url + "/metrics")
     assert code == 200
     time.sleep(0.3)
-    second = _get(server.url + "/metrics")[1]
+    second = http_get(server.url + "/metrics")[1]
     key = ("mrkd_frames_total", (("camera", "press"),))
     assert samples(second.decode())[key] > samples(first.decode())[key] > 0      # live, not a snapshot at start
     check = subprocess.run([promtool, "check", "metrics"], input=second, capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
-    code, body = _get(server.url + "/healthz")
+    code, body = http_get(server.url + "/healthz")
     assert code == 200 and json.loads(body)["cameras"]["press"]["source_up"] is True
     # The camera goes silent: down in the metrics and a failing health check, then back.
     frames.pause()
-    assert wait_for(lambda: _get(server.url + "/healthz")[0] == 503, 5)
-    text = _get(server.url + "/metrics")[1].decode()
+    assert wait_for(lambda: http_get(server.url + "/healthz")[0] == 503, 5)
+    text = http_get(server.url + "/metrics")[1].decode()
     got = samples(text)
     assert got[("mrkd_source_up", (("camera", "press"),))] == 0
     # Everything scored so far is counted, and the score histogram holds exactly those scores.
@@ -144,7 +134,7 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     assert any(k[0] == "mrkd_build_info" and ("model_sha256", sha) in k[1] and ("backend", "onnxruntime") in k[1]
                for k in got)
     frames.resume()
-    assert wait_for(lambda: _get(server.url + "/healthz")[0] == 200, 5)
+    assert wait_for(lambda: http_get(server.url + "/healthz")[0] == 200, 5)
     summary = run.stop()
     assert summary["cameras"]["press"]["alarms"] == 3
 
@@ -168,12 +158,12 @@ def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
     try:
         def scraped():
             try:
-                return samples(_get(url + "/metrics")[1].decode()).get(("mrkd_alarms_total", (("camera", "belt"),)), 0) >= 1
+                return samples(http_get(url + "/metrics")[1].decode()).get(("mrkd_alarms_total", (("camera", "belt"),)), 0) >= 1
             except OSError:
                 return False
         assert wait_for(scraped, 30, 0.1), proc.stderr.read1().decode() if proc.poll() is not None else ""
-        assert _get(url + "/healthz")[0] == 200
-        code, page = _get(url + "/")
+        assert http_get(url + "/healthz")[0] == 200
+        code, page = http_get(url + "/")
         assert code == 200 and b"EventSource" in page
     finally:
         proc.send_signal(signal.SIGTERM)

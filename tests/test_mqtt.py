@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from line_fixtures import DrivenFrames, LineRun, MqttRecorder, wait_for
+from line_fixtures import DrivenFrames, LineRun, MqttRecorder, broker, wait_for  # noqa: F401 (broker: a fixture)
 from peers import require_program
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
@@ -23,16 +23,6 @@ from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings, MqttSettingsEr
 
 TESTS = Path(__file__).parent
 MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]
-
-
-@pytest.fixture
-def broker(tmp_path):
-    require_program("mosquitto", ["mosquitto"])
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    server = Mosquitto(folder=folder).start()
-    yield server
-    server.kill()
 
 
 def _sha256(path):

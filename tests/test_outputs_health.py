@@ -16,14 +16,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from line_fixtures import DrivenFrames, LineRun, MqttRecorder, wait_for
+from line_fixtures import DrivenFrames, LineRun, MqttRecorder, broker, http_get, wait_for  # noqa: F401 (broker)
 from peers import require_program
 from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
 
@@ -64,24 +63,6 @@ def _samples(text):
     return out
 
 
-def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    require_program("mosquitto", ["mosquitto"])
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    server = Mosquitto(folder=folder).start()
-    yield server
-    server.kill()
-
-
 @pytest.fixture
 def line_files(tmp_path):
     model = build_tiny_model(tmp_path / "m.onnx")
@@ -114,11 +95,11 @@ def test_mqtt_broker_closed_from_the_start_shows_in_every_health_signal(tmp_path
         url = re.search(r"operator page (http://\S+)/", "".join(lines)).group(1)
         assert wait_for(lambda: any("output mqtt" in line for line in lines), 8), lines
         warned_after = time.monotonic() - started
-        code, body = _get(url + "/healthz")
+        code, body = http_get(url + "/healthz")
         health = json.loads(body)
         assert code == 503 and health["outputs"]["mqtt"]["ok"] is False
         assert f"127.0.0.1:{port}" in health["outputs"]["mqtt"]["detail"]
-        got = _samples(_get(url + "/metrics")[1].decode())
+        got = _samples(http_get(url + "/metrics")[1].decode())
         assert got[("mrkd_output_up", (("output", "mqtt"),))] == 0
         assert got[("mrkd_output_failures_total", (("output", "mqtt"),))] >= 1
         curl = require_program("curl", ["curl"])
