@@ -283,7 +283,7 @@ class Handshake(LineObserver):
                 self._overrun = True
             else:
                 self._buffer.append(presented)
-        if dropped:
+        if dropped and math.log10(self._dropped).is_integer():     # 1st, 10th, 100th...: no flood
             logger.warning("%s: results buffer full (%d): inspection %d (part %s) dropped, %d so far", self.name,
                            self.capacity, result.inspection_id, result.part_id, self._dropped)
         self._changed()
