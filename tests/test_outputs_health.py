@@ -560,3 +560,17 @@ def test_ng_and_error_parts_are_logged_once_each_ok_parts_are_not(tmp_path, brok
     assert wait_for(lambda: len(subscriber.bodies("cell/part")) == 3, 10)
     assert [b["verdict"] for b in subscriber.bodies("cell/part")] == ["OK", "ERROR", "NG"]
     subscriber.close()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--mqtt", "mqtt://broker:0/plant", "port must be 1..65535"),
+    ("--save-video", "/proc/no-such-folder/v.avi", "--save-video /proc/no-such-folder/v.avi: cannot create"),
+    ("--snapshots", "/proc/no-such-folder", "--snapshots /proc/no-such-folder: cannot create"),
+    ("--events", "/dev/null", "--events /dev/null: not a regular file"),
+])
+def test_an_output_that_cannot_start_is_one_line_naming_it(line_files, option, value, message):
+    model, video = line_files
+    result = CliRunner().invoke(main, ["run", str(model), "--source", str(video), option, value])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output

@@ -95,7 +95,8 @@ class MqttSettings:
             raise MqttSettingsError(f"MQTT URL {url!r}: the port is not a number 1..65535") from None
         tls = parts.scheme == "mqtts" or bool(options.pop("tls", False))
         prefix = unquote(parts.path.strip("/")) or "mrkd"
-        values = dict(host=parts.hostname, port=port or (8883 if tls else 1883), prefix=prefix, tls=tls,
+        values = dict(host=parts.hostname, port=port if port is not None else (8883 if tls else 1883), prefix=prefix,
+                      tls=tls,
                       username=unquote(parts.username) if parts.username else None,
                       password=unquote(parts.password) if parts.password else None)
         values.update({k: v for k, v in options.items() if v is not None})

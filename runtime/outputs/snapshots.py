@@ -105,7 +105,8 @@ class SnapshotWriter(LineObserver):
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:          # a full disk: each snapshot tries again (and is counted)
             if exc.errno not in DISK_FULL:
-                raise
+                raise OSError(exc.errno, f"--snapshots {self.folder}: cannot create the folder "
+                                         f"({exc.strerror or exc})") from None
             self.delivery.set_failing(f"{self.folder}: cannot create the folder ({exc.strerror or exc})")
 
     def _write(self, camera: str, stem: str, image: np.ndarray, amap: np.ndarray, threshold: float,

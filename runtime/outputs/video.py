@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
-from mrkd.runtime.outputs.delivery import Delivery
+from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.overlay import heatmap_overlay
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,12 @@ class VideoFileSink(LineObserver):
         self.writer = None
         self.frames = 0
         self.delivery = Delivery("video", str(self.path))
+        try:      # a folder that cannot exist is the user's mistake, said at the start
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise OSError(exc.errno, f"--save-video {self.path}: cannot create its folder "
+                                         f"({exc.strerror or exc})") from None
 
     def on_frame(self, result: FrameResult) -> None:
         if self.camera is None:
