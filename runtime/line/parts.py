@@ -35,7 +35,7 @@ from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
-                                       TriggerReceipt, Verdict)
+                                       TriggerReceipt, Verdict, call_each)
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.sources import Source
 from mrkd.runtime.sources.gige import Grab
@@ -193,7 +193,7 @@ class PartRunner:
         receipt = TriggerReceipt(accepted=reason is None, sequence=sequence, part_id=part_id, reason=reason, time=wall)
         if reason is not None:
             logger.warning("trigger %d (part %s) refused: %s (%d missed)", sequence, part_id, reason, self.missed)
-        self._emit("on_trigger", receipt)
+        self._emit(lambda o: o.on_trigger(receipt))
         return receipt
 
     def _has_room(self) -> bool:
@@ -246,7 +246,7 @@ class PartRunner:
                                     threshold_source=("camera setting (line file or --threshold)"
                                                       if camera.threshold_override is not None
                                                       else detector.threshold_source)))
-        self._emit("on_start", infos)
+        self._emit(lambda o: o.on_start(infos))
         self._started_at = time.monotonic()
         self._check_status(force=True)
         self._thread = threading.Thread(target=self._run, name="parts", daemon=True)
@@ -269,7 +269,7 @@ class PartRunner:
         for pending in left:     # never silent: each is reported
             self._report(pending, {c.name: Grab([], "line stopped") for c in self.cameras}, {}, 0.0)
         self._pool.shutdown(wait=False)
-        self._emit("on_stop")
+        self._emit(lambda o: o.on_stop())
         for source in self._sources.values():
             source.close()
         if self._own_detectors:
@@ -396,7 +396,7 @@ class PartRunner:
         if not errors:
             self.latency["trigger_to_images"].add(part.acquired_s)
             self.latency["model"].add(model_s)
-        self._emit("on_part", part)
+        self._emit(lambda o: o.on_part(part))
 
     def _part_event(self, part: PartResult, views: Mapping[str, tuple]) -> PartResult:
         """An NG/ERROR part gets an event id, and the outputs that write snapshots (``part_snapshots``;
@@ -404,26 +404,17 @@ class PartRunner:
         record; it carries each camera's snapshot path."""
         part = replace(part, event_id=new_event_id())
         snapshots: Dict[str, str] = {}
-        self._emit("part_snapshots", part, views, into=snapshots)
+        self._emit(lambda o: snapshots.update(o.part_snapshots(part, views) or {}))
         if snapshots:
             part = replace(part, cameras=tuple(replace(j, snapshot=snapshots.get(j.camera)) for j in part.cameras))
         return part
 
     # ------------------------------------------------------------ status and summary
-    def _emit(self, hook: str, *args, into: Optional[dict] = None) -> None:
-        """Call ``hook`` on every observer, one hook at a time; ``into`` collects mappings they return.
-        One broken output is logged and must not stop judging."""
+    def _emit(self, call: Callable[[LineObserver], object]) -> None:
+        """``call(observer)`` for every output, one hook at a time (typed calls, base.call_each: one
+        broken output is logged and must not stop judging)."""
         with self._notify_lock:
-            for observer in self.observers:
-                method = getattr(observer, hook, None)
-                if method is None:
-                    continue
-                try:
-                    returned = method(*args)
-                    if into is not None and returned:
-                        into.update(returned)
-                except Exception:
-                    logger.exception("output %s.%s failed", type(observer).__name__, hook)
+            call_each(self.observers, call)
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
         source = self._sources[camera.name]
@@ -443,7 +434,8 @@ class PartRunner:
                 camera.up = up
                 if changed and not force:
                     logger.warning("camera %s: %s", camera.name, "up" if up else "DOWN")
-                self._emit("on_status", self._camera_status(camera))
+                status = self._camera_status(camera)
+                self._emit(lambda o: o.on_status(status))
 
     def status_line(self) -> str:
         p = self.latency["trigger_to_verdict"].percentiles_ms()
