@@ -574,3 +574,30 @@ def test_an_output_that_cannot_start_is_one_line_naming_it(line_files, option, v
     assert result.exit_code == 1 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and message in errors[0], result.output
+
+
+@pytest.mark.slow
+def test_the_page_shows_a_failing_output_in_chromium(tmp_path):
+    from test_operator_page import CHROMIUM, CHROMIUM_ARGS
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames = DrivenFrames(fps=20)
+    outputs = build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"), http="127.0.0.1:0",
+                                           mqtt=MqttSettings("127.0.0.1", free_port(), connect_timeout=1.0)))
+    page_server = next(o for o in outputs if type(o).__name__ == "OperatorServer")
+    run = LineRun(model, {"cam0": frames}, [], outputs)
+    try:
+        frames.defects(1)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(page_server.url + "/")
+            failing = page.wait_for_selector('#outputs li.failing[data-output="mqtt"]', timeout=10000)
+            assert "unreachable" in failing.inner_text()
+            page.wait_for_selector('#outputs li[data-output="events"]:not(.failing)', timeout=10000)
+            assert "sent 1" in page.inner_text('#outputs li[data-output="events"]')
+            browser.close()
+    finally:
+        run.stop()
