@@ -33,8 +33,14 @@ def one_line(message: object) -> str:
     return " | ".join(part.strip() for part in str(message).splitlines() if part.strip()) or repr(message)
 
 
+# Exit statuses: 2 for a setting the user gave wrongly (click's own status for a usage mistake), 1 for
+# every other expected error (a file, a device, data that cannot be used).
+USAGE_EXIT, ERROR_EXIT = 2, 1
+
+
 def error_boundary(command):
-    """Decorate a click command callback: MrkdError and OSError become ``Error: <one line>``, exit 1."""
+    """Decorate a click command callback: MrkdError and OSError become ``Error: <one line>`` with exit
+    status 1 (SettingError: 2, as click's usage errors)."""
     if getattr(command, "_mrkd_error_boundary", False):
         return command
 
@@ -44,7 +50,9 @@ def error_boundary(command):
         try:
             return command(*args, **kwargs)
         except (MrkdError, OSError) as exc:
-            raise click.ClickException(one_line(exc)) from exc
+            error = click.ClickException(one_line(exc))
+            error.exit_code = USAGE_EXIT if isinstance(exc, SettingError) else ERROR_EXIT
+            raise error from exc
 
     wrapper._mrkd_error_boundary = True
     return wrapper

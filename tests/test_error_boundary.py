@@ -169,3 +169,13 @@ def test_a_source_that_dies_is_reported_never_a_success(files):
     assert summary["failed_cameras"] == ["belt"]
     assert summary["cameras"]["belt"]["frames"] == 4
     assert "decoder state lost" in summary["cameras"]["belt"]["source_failed"]
+
+
+def test_exit_status_says_which_kind_of_mistake(files):
+    """A setting given wrongly exits 2 (as click's usage errors); a file or data that cannot be used, 1."""
+    setting = mrkd("generate", files["dir"] / "data", "--categories", "nope")
+    one_error_line(setting, "nope")
+    assert setting.returncode == 2
+    missing = mrkd("calibrate", files["model"], files["dir"] / "missing-folder")
+    one_error_line(missing, "missing-folder")
+    assert missing.returncode == 1

@@ -199,7 +199,9 @@ def test_calibrate_with_tolerance_runs_without_scipy(line, tmp_path):
     model.write_bytes(line["model"].read_bytes())
     (tmp_path / "model.onnx.json").write_text((line["dir"] / "model.onnx.json").read_text())
     hide = "import sys\nsys.modules['scipy'] = None\nsys.modules['torch'] = None"
-    done = mrkd("calibrate", model, line["video"], "--method", "tolerance", prelude=hide)
+    # The clip ends with 5 defective frames, so the threshold moves far: accepted on purpose here
+    # (tests/test_calibration_checks.py has the refusal).
+    done = mrkd("calibrate", model, line["video"], "--method", "tolerance", "--accept-shift", prelude=hide)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert "tolerance" in done.stdout or "max_margin" in done.stdout
     assert_one_line_error(mrkd("calibrate", model, line["cut"], "--max-frames", "0", prelude=hide), "--max-frames")
