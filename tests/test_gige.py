@@ -366,3 +366,17 @@ def test_cameras_command_lists_the_simulator_and_its_serial_opens_it(simulator):
             assert grab.error is None and grab.images[0].shape == (512, 512, 3)
         finally:
             source.close()
+
+
+def test_a_late_image_is_never_taken_for_the_next_part(simulator):
+    camera = simulator("127.0.86.21", "LATE")
+    source = open_source(camera.uri, trigger="software")
+    try:
+        early = source.grab(time.time(), 0.001)       # the simulator answers 0-40 ms later: too late
+        assert early.error.startswith("timeout") and source.stats.timeouts == 1
+        second = source.grab(time.time(), 2.0)
+        assert second.error is None and source.stats.unclaimed == 1    # the late image was discarded first
+        third = source.grab(time.time(), 2.0)
+        assert third.error is None and source.stats.unclaimed == 1     # nothing left over from the second
+    finally:
+        source.close()

@@ -273,6 +273,7 @@ class GigeSource(Source):
     paced = False
     BUFFERS = 8
     POP_US = 100_000                  # the reader's wait for a buffer: a stop is seen within this
+    LATE_IMAGE_S = 0.2                # after a timeout, how long a late image may still take to land
 
     def __init__(self, uri: str, device: str, features: Sequence[Tuple[str, str]] = (), trigger: str = "free",
                  size: Optional[Tuple[int, int]] = None, reconnect: bool = True,
@@ -288,6 +289,7 @@ class GigeSource(Source):
         self._camera = self._stream = None
         self._lost = threading.Event()            # control lost: reconnect
         self._generation = 0                      # counts connections
+        self._timed_out = False                   # the last software trigger got no image in time
         self._cond = threading.Condition()
         self._arrivals: Deque[_Arrival] = deque(maxlen=self.BUFFERS)
         self._latest: Optional[Frame] = None
@@ -453,6 +455,11 @@ class GigeSource(Source):
         images: List[np.ndarray] = []
         acquired = time.monotonic()
         for _ in range(count):
+            if self.trigger_mode == "software" and self._timed_out:
+                # The image of a trigger that timed out may still be on its way: let it land and
+                # discard it, so it is never taken for this part's image.
+                self._stop.wait(min(self.LATE_IMAGE_S, timeout))
+                self._timed_out = False
             with self._cond:
                 if not self.up:
                     return Grab(images, "camera down")
@@ -477,6 +484,7 @@ class GigeSource(Source):
                     if got and not self.up:
                         return Grab(images, "camera down")
                     self.stats.timeouts += 1
+                    self._timed_out = True
                     return Grab(images, f"timeout: no image within {timeout:g} s")
                 arrival = self._arrivals.popleft()
             if arrival.image is None:
