@@ -252,3 +252,49 @@ def test_continuous_runs_into_the_folders_end_as_failed_results(cell):
     content = json.loads(failed[0].ResultContent)
     assert content["verdict"] == "ERROR" and content["error_code"] == ERROR_CODES["source ended"]
     assert content["score"] is None
+
+
+@pytest.mark.slow
+def test_basic256sha256_sign_and_encrypt_only(tmp_path):
+    """With a certificate the only endpoint is Basic256Sha256 Sign&Encrypt: an encrypted client with
+    the user calls StartSingleJob and gets its event; a client without encryption finds no endpoint."""
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    async def certificates():
+        for name, use in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+            await setup_self_signed_certificate(tmp_path / f"{name}.pem", tmp_path / f"{name}.der",
+                                                f"urn:mrkd:test-{name}", "localhost", [use], {"commonName": name})
+
+    asyncio.run(certificates())
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    part_images(tmp_path / "parts", "d")
+    line = Line((Camera("cam", str(tmp_path / "parts"), model, trigger="software"),))
+    settings = PartSettings(queue=2, timeout=5.0)
+    runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
+    server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD,
+                      certificate=str(tmp_path / "server.der"), private_key=str(tmp_path / "server.pem")).start()
+    runner.observers.append(server)
+    runner.start()
+
+    async def scenario():
+        session = Session(server.url)
+        session.client.application_uri = "urn:mrkd:test-client"
+        await session.client.set_security_string(
+            f"Basic256Sha256,SignAndEncrypt,{tmp_path / 'client.der'},{tmp_path / 'client.pem'}")
+        async with session as s:
+            job = await s.call("StartSingleJob", "m", "secure-1", "", "")
+            events = await s.wait_events(1)
+        try:
+            async with Client(server.url):
+                plain = "connected"
+        except Exception as error:      # asyncua: no endpoint with the None policy
+            plain = str(error)
+        return job, events, plain
+
+    try:
+        job, events, plain = asyncio.run(scenario())
+    finally:
+        runner.stop()
+    assert events[0].JobId == job and json.loads(events[0].ResultContent)["verdict"] == "NG"
+    assert "No matching endpoints" in plain

@@ -40,7 +40,8 @@ def test_line_file_plc_errors_name_the_field(tmp_path, table, message):
 
 
 def options(**given):
-    keys = ("modbus", "plc_results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls")
+    keys = ("modbus", "plc_results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls",
+            "opcua_certificate", "opcua_private_key")
     return {k: given.get(k) for k in keys}
 
 
@@ -62,5 +63,7 @@ def test_line_file_opcua_fields(tmp_path, monkeypatch):
     assert settings.wanted and settings.opcua_user == "op"
     monkeypatch.setenv("MRKD_TEST_OPCUA_PW", "pw")
     assert settings.opcua_password() == "pw"
+    with pytest.raises(LineFileError, match="opcua-certificate and .*opcua-private-key go together"):
+        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "c.der"'))
     with pytest.raises(LineFileError, match="plc.opcua: .*opc.tcp://HOST:PORT"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "tcp://x"'))

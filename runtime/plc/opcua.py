@@ -19,9 +19,10 @@ browse names; docs/PLC.md lists it):
 
 The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain Strings here.
 
-Security: bind 127.0.0.1 by default; ``NoSecurity`` endpoint only (Basic256Sha256 with certificates is
-not implemented). A user name and a password taken from an environment variable (compared in
-constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
+Security: bind 127.0.0.1 by default. With a server certificate and private key the only endpoint is
+Basic256Sha256 Sign&Encrypt (the application URI is read from the certificate; client certificates
+are not checked against a trust list); without them, the None policy only. A user name and a
+password taken from an environment variable (compared in constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
 only when ``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with
 BadTypeMismatch per argument.
 """
@@ -68,12 +69,16 @@ class OpcUaPlc(LineObserver):
     (port 0 asks for a free one)."""
 
     def __init__(self, target: TriggerTarget, url: str = f"opc.tcp://127.0.0.1:{DEFAULT_PORT}",
-                 user: Optional[str] = None, password: Optional[str] = None, anonymous_calls: bool = False):
+                 user: Optional[str] = None, password: Optional[str] = None, anonymous_calls: bool = False,
+                 certificate: Optional[str] = None, private_key: Optional[str] = None):
         self.target = target
         self.host, self.port = parse_opcua_url(url)
         if (user is None) != (password is None):
             raise PlcError("OPC UA: a user needs a password (from an environment variable) and a password a user")
         self.user, self._password, self.anonymous_calls = user, password, anonymous_calls
+        if (certificate is None) != (private_key is None):
+            raise PlcError("OPC UA: a certificate needs its private key and a private key its certificate")
+        self.certificate, self.private_key = certificate, private_key
         self.url: Optional[str] = None
         self.state, self.mode = "Operational", "Ready"
         self.recipe = int(target.active_recipe)
@@ -134,7 +139,14 @@ class OpcUaPlc(LineObserver):
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/mrkd/")
         server.set_server_name("mrkd VisionSystem")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=_Rules(self.anonymous_calls))
+        if self.certificate:
+            await server.load_certificate(self.certificate)
+            await server.load_private_key(self.private_key)
+            await server.set_application_uri(_certificate_uri(self.certificate))
+            policies = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
+        else:
+            policies = [ua.SecurityPolicyType.NoSecurity]
+        server.set_security_policy(policies, permission_ruleset=_Rules(self.anonymous_calls))
         server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken] if self.user
                                    else [ua.AnonymousIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
@@ -419,6 +431,20 @@ def result_content(part: PartResult) -> dict:
             "cameras": [{"camera": c.camera, "score": number(c.score), "threshold": number(c.threshold),
                          "ng": c.anomalous, "error": c.error} for c in part.cameras],
             "error_code": part.error_code, "error": part.error, "model_sha256": part.model_sha256}
+
+
+def _certificate_uri(path: str) -> str:
+    """The application URI in a certificate's subject alternative names (PEM or DER)."""
+    from cryptography import x509
+    data = open(path, "rb").read()
+    try:
+        cert = x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----") \
+            else x509.load_der_x509_certificate(data)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return names.get_values_for_type(x509.UniformResourceIdentifier)[0]
+    except (ValueError, IndexError, x509.ExtensionNotFound) as exc:
+        raise PlcError(f"OPC UA certificate {path}: no application URI in its subject alternative names "
+                       f"({exc})") from None
 
 
 def _string(text: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
 import click
@@ -14,7 +15,8 @@ from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER
 
 PLC_SETTINGS_VERSION = 1
-PLC_FIELDS = ("modbus", "results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls")
+PLC_FIELDS = ("modbus", "results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls",
+              "opcua_certificate", "opcua_private_key")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,8 @@ class PlcSettings:
     """modbus: "HOST:PORT" of the Modbus TCP server (None: off). results_buffer: results held for
     the PLC, the presented one included (1..64). opcua: "opc.tcp://HOST:PORT" of the OPC UA
     VisionSystem (None: off); opcua_user + opcua_password_env (the environment variable holding the
-    password): who may call its methods; opcua_anonymous_calls: anonymous clients may call them too."""
+    password): who may call its methods; opcua_anonymous_calls: anonymous clients may call them too;
+    opcua_certificate + opcua_private_key: serve Basic256Sha256 Sign&Encrypt only."""
 
     modbus: Optional[str] = None
     results_buffer: int = RESULTS_BUFFER
@@ -30,6 +33,8 @@ class PlcSettings:
     opcua_user: Optional[str] = None
     opcua_password_env: Optional[str] = None
     opcua_anonymous_calls: bool = False
+    opcua_certificate: Optional[str] = None
+    opcua_private_key: Optional[str] = None
     schema_version: int = PLC_SETTINGS_VERSION
 
     def check(self, where: str = "") -> "PlcSettings":
@@ -51,6 +56,11 @@ class PlcSettings:
                 raise PlcError(f"{where}opcua: {exc}") from None
         if (self.opcua_user is None) != (self.opcua_password_env is None):
             raise PlcError(f"{where}opcua-user and {where}opcua-password-env go together")
+        if (self.opcua_certificate is None) != (self.opcua_private_key is None):
+            raise PlcError(f"{where}opcua-certificate and {where}opcua-private-key go together")
+        for path in (self.opcua_certificate, self.opcua_private_key):
+            if path is not None and not Path(path).is_file():
+                raise PlcError(f"{where}opcua certificate/key: file not found: {path}")
         if not isinstance(self.opcua_anonymous_calls, bool):
             raise PlcError(f"{where}opcua_anonymous_calls: expected true or false")
         return self
@@ -77,7 +87,7 @@ class PlcSettings:
         unknown = sorted(set(table) - set(PLC_FIELDS))
         if unknown:
             raise PlcError(f"{where}{unknown[0]}: unknown field (known: {', '.join(PLC_FIELDS)})")
-        for name in ("modbus", "opcua", "opcua_user", "opcua_password_env"):
+        for name in ("modbus", "opcua", "opcua_user", "opcua_password_env", "opcua_certificate", "opcua_private_key"):
             if table.get(name) is not None and not isinstance(table[name], str):
                 raise PlcError(f"{where}{name}: expected text, got {table[name]!r}")
         return cls(**{name: table[name] for name in PLC_FIELDS if name in table}).check(where)
@@ -104,6 +114,11 @@ def plc_options(command):
         click.option("--opcua-anonymous-calls", is_flag=True, default=None,
                      help="Let anonymous OPC UA clients call methods too (default: they may only browse, read and "
                           "subscribe)."),
+        click.option("--opcua-certificate", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Server certificate (DER or PEM, its application URI in the subject alternative names): "
+                          "with --opcua-private-key the only endpoint is Basic256Sha256 Sign&Encrypt."),
+        click.option("--opcua-private-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="The server certificate's private key (PEM)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -116,7 +131,8 @@ def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = 
     given = {"modbus": options.pop("modbus"), "results_buffer": options.pop("plc_results_buffer"),
              "opcua": options.pop("opcua"), "opcua_user": options.pop("opcua_user"),
              "opcua_password_env": options.pop("opcua_password_env"),
-             "opcua_anonymous_calls": options.pop("opcua_anonymous_calls")}
+             "opcua_anonymous_calls": options.pop("opcua_anonymous_calls"),
+             "opcua_certificate": options.pop("opcua_certificate"), "opcua_private_key": options.pop("opcua_private_key")}
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}).check("--")
 
 
@@ -136,12 +152,14 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
         if settings.opcua is not None:
             from mrkd.runtime.plc.opcua import OpcUaPlc
             server = OpcUaPlc(target, settings.opcua, user=settings.opcua_user, password=settings.opcua_password(),
-                              anonymous_calls=settings.opcua_anonymous_calls).start()
+                              anonymous_calls=settings.opcua_anonymous_calls, certificate=settings.opcua_certificate,
+                              private_key=settings.opcua_private_key).start()
             servers.append(server)
             if echo:
                 calls = ("user " + settings.opcua_user if settings.opcua_user else "nobody") + \
                     (" and anonymous clients" if settings.opcua_anonymous_calls else "")
-                echo(f"OPC UA VisionSystem on {server.url} (methods: {calls})")
+                security = "Basic256Sha256 Sign&Encrypt" if settings.opcua_certificate else "no encryption"
+                echo(f"OPC UA VisionSystem on {server.url} ({security}; methods: {calls})")
     except BaseException:
         for server in servers:
             server.close()
