@@ -6,7 +6,6 @@ mean ± SHIFT_STDS·std, or the threshold moving by more than SHIFT_FACTOR) is r
 warns. The rule is checked against a reading of it written here; the commands as subprocesses.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from test_hostile_cli import assert_one_line_error
 from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
 
 from mrkd.runtime.calibration import (SHIFT_FACTOR, SHIFT_STD_FLOOR, SHIFT_STDS, Calibration,
@@ -75,14 +75,6 @@ def model_and_folders(tmp_path):
     return model, folders
 
 
-def one_error_line(done) -> str:
-    assert done.returncode != 0, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, done.stderr
-    return errors[0]
-
-
 def test_calibrating_on_defective_parts_is_refused_unless_accepted(model_and_folders):
     from mrkd.runtime import Detector
     from mrkd.runtime.images import list_images, read_image
@@ -91,7 +83,7 @@ def test_calibrating_on_defective_parts_is_refused_unless_accepted(model_and_fol
     before = sidecar.read_bytes()
     old = ModelMetadata.load(sidecar).calibration
 
-    line = one_error_line(mrkd("calibrate", model, folders["defective"]))
+    line = assert_one_line_error(mrkd("calibrate", model, folders["defective"]))
     assert "--accept-shift" in line and str(model) in line and "nothing was written" in line
     assert sidecar.read_bytes() == before
 

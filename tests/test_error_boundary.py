@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 import cv2
-import numpy as np
 import pytest
 
+from test_hostile_cli import assert_one_line_error
 from runtime_fixtures import export_tiny_model, normal_then_defective
 
 from mrkd.commands import COMMANDS
@@ -28,16 +28,6 @@ def mrkd(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
-
-
-def one_error_line(done: subprocess.CompletedProcess, *names: str) -> str:
-    assert done.returncode != 0, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, done.stderr
-    for name in names:
-        assert name in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +69,9 @@ def test_every_command_has_a_mistake_here():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(MISTAKES))
-def test_a_classic_mistake_is_one_error_line(files, command):
+def test_a_classic_mistake_is_assert_one_line_error(files, command):
     args, names = MISTAKES[command]
-    one_error_line(mrkd(*args(files), cwd=files["dir"]), *names)
+    assert_one_line_error(mrkd(*args(files), cwd=files["dir"]), *names)
 
 
 def test_library_errors_for_user_mistakes_are_mrkd_errors():
@@ -106,9 +96,9 @@ def test_library_errors_for_user_mistakes_are_mrkd_errors():
 
 
 def test_a_training_checkpoint_given_to_run_says_export_it_first(files):
-    line = one_error_line(mrkd("run", files["ckpt"], "--source", files["images"]), "export it first", "mrkd export")
+    line = assert_one_line_error(mrkd("run", files["ckpt"], "--source", files["images"]), "export it first", "mrkd export")
     assert "last.ckpt" in line
-    line = one_error_line(mrkd("run", files["ckpt"], "--backend", "onnxruntime", "--source", files["images"]),
+    line = assert_one_line_error(mrkd("run", files["ckpt"], "--backend", "onnxruntime", "--source", files["images"]),
                           "export it first")
 
 
@@ -118,7 +108,7 @@ def test_imagenet_weights_that_cannot_be_downloaded_name_the_choices(tmp_path, f
     env = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9",
            "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
     done = mrkd("train", files["images"], "--backbone", "resnet18", "--epochs", "1", "-o", tmp_path / "runs", env=env)
-    line = one_error_line(done, "could not download", "--teacher-weights", "--backbone efficientnet_lite0")
+    line = assert_one_line_error(done, "could not download", "--teacher-weights", "--backbone efficientnet_lite0")
     assert "urlopen error" in line      # the cause is kept, after what to do about it
 
 
@@ -174,8 +164,8 @@ def test_a_source_that_dies_is_reported_never_a_success(files):
 def test_exit_status_says_which_kind_of_mistake(files):
     """A setting given wrongly exits 2 (as click's usage errors); a file or data that cannot be used, 1."""
     setting = mrkd("generate", files["dir"] / "data", "--categories", "nope")
-    one_error_line(setting, "nope")
+    assert_one_line_error(setting, "nope")
     assert setting.returncode == 2
     missing = mrkd("calibrate", files["model"], files["dir"] / "missing-folder")
-    one_error_line(missing, "missing-folder")
+    assert_one_line_error(missing, "missing-folder")
     assert missing.returncode == 1
