@@ -33,6 +33,16 @@ def elpv_cells(kind: str, probability: float, count: int, skip: int = 0):
     return [c.path for c in cells[skip:skip + count]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine a second OpenMP thread spins against the other
+    processes (a refit measured 22.8 s with two threads, 2.7 s with one, under load 7)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     """A --score both checkpoint fitted on 10 mono good cells, calibrated on 6 others."""
@@ -193,9 +203,10 @@ def test_bank_over_its_cap_is_reselected_within_it(parent, tmp_path):
 def mrkd(*args, timeout=300):
     code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow   # two subprocesses that import torch
 def test_cli_errors_are_one_line(parent, tmp_path):
     help_text = mrkd("refit", "--help").stdout
     assert "--force" in help_text and "refuse" in help_text
