@@ -376,3 +376,30 @@ def test_address_in_use_and_bad_addresses_are_one_line_errors(model, tmp_path, c
     for text in ("127.0.0.1:http", "host:70000", "a:b:c"):
         with pytest.raises(PlcError, match="HOST:PORT"):
             parse_modbus_address(text)
+
+
+def test_recipe_register_applies_from_the_next_trigger(model, tmp_path, plcs):
+    """Holding register 0 picks the line file's recipe for the next trigger: the same defective image is
+    NG under recipe 0 (threshold 0.1) and OK under recipe 1 (a model calibrated at 0.9)."""
+    lenient = str(build_tiny_model(tmp_path / "lenient.onnx", threshold=0.9))
+    part_images(tmp_path / "parts", "ddd")
+    line = Line((Camera("cam", str(tmp_path / "parts"), model, trigger="software"),))
+    settings = PartSettings(queue=4, timeout=5.0, recipes=((1, lenient),))
+    runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
+    server = ModbusPlc(runner, port=0).start()
+    runner.observers.append(server)
+    runner.start()
+    try:
+        plc = plcs(server.address[1])
+        plc.coil(TRIGGER_ENABLE, True)
+        first = plc.inspect(1).reading
+        assert not plc.register(RECIPE, 1).isError()
+        assert plc.registers().active_recipe == 1 and plc.client.read_holding_registers(0, count=1).registers == [1]
+        second = plc.inspect(2).reading
+        assert plc.register(RECIPE, 2).isError()                       # not in the line file: exception 03
+        third = plc.inspect(3).reading
+    finally:
+        runner.stop()
+    assert (first.result_code, first.result_recipe) == (2, 0)
+    assert (second.result_code, second.result_recipe, second.active_recipe) == (1, 1, 1)
+    assert (third.result_code, third.result_recipe) == (1, 1)
