@@ -35,6 +35,8 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     opcua = "opc.tcp://127.0.0.1:4840" # OPC UA VisionSystem (mrkd run --opcua)
     opcua_user = "operator"            # may call its methods, with the password in
     opcua_password_env = "MRKD_OPCUA_PASSWORD"   # this environment variable
+    opcua_certificate = "server.der"   # with opcua_private_key: Basic256Sha256 Sign&Encrypt only
+    opcua_private_key = "server.pem"
 """
 
 from __future__ import annotations
