@@ -65,5 +65,14 @@ def test_line_file_opcua_fields(tmp_path, monkeypatch):
     assert settings.opcua_password() == "pw"
     with pytest.raises(LineFileError, match="opcua-certificate and .*opcua-private-key go together"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "c.der"'))
+    (tmp_path / "certs").mkdir()
+    for name in ("server.der", "server.pem"):
+        (tmp_path / "certs" / name).write_bytes(b"x")
+    secure = load_plc_settings(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "certs/server.der"'
+                                                    '\nopcua_private_key = "certs/server.pem"'))
+    assert secure.opcua_certificate == str(tmp_path / "certs" / "server.der")   # from the line file's folder
+    with pytest.raises(LineFileError, match="file not found"):
+        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "none.der"'
+                                      '\nopcua_private_key = "none.pem"'))
     with pytest.raises(LineFileError, match="plc.opcua: .*opc.tcp://HOST:PORT"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "tcp://x"'))

@@ -201,7 +201,7 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
     except LineError as exc:
         raise LineFileError(f"{path}: {exc}") from None
     if "plc" in data:        # checked here, read by the CLI with load_plc_settings
-        _plc_settings(path, data)
+        _plc_settings(path, data, folder)
     if "part" in data or "recipes" in data:
         line_options = dict(line_options, part=_part_settings(path, data, folder, [c.name for c in cameras],
                                                               line_options.get("part")))
@@ -242,11 +242,15 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
         raise LineFileError(f"{path}: {exc}") from None
 
 
-def _plc_settings(path: str, data: dict):
+def _plc_settings(path: str, data: dict, folder: Path):
     from mrkd.runtime.plc import PlcError
     from mrkd.runtime.plc.servers import PlcSettings
+    table = data["plc"]
+    if isinstance(table, dict):       # certificate files are read from the line file's folder, as models are
+        table = {k: _resolve(v, folder) if k in ("opcua_certificate", "opcua_private_key") and isinstance(v, str)
+                 and v.strip() else v for k, v in table.items()}
     try:
-        return PlcSettings.from_table(data["plc"], f"{path}: plc.")
+        return PlcSettings.from_table(table, f"{path}: plc.")
     except PlcError as exc:
         raise LineFileError(str(exc)) from None
 
@@ -258,7 +262,7 @@ def load_plc_settings(path):
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise LineFileError(f"{path}: cannot read the line file ({exc})") from None
-    return _plc_settings(str(path), data) if "plc" in data else None
+    return _plc_settings(str(path), data, path.resolve().parent) if "plc" in data else None
 
 
 def load_line(path, defaults: Optional[Dict[str, Any]] = None, **line_options) -> Line:
