@@ -437,6 +437,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
     stats = RunStats(STAGES)
     rounds = scored_calls = 0
     infos = [s.info for s in states]
+    call_each(observers, lambda o: o.see_outputs(observers))   # the whole list: PLC servers, shadow... too
     call_each(observers, lambda o: o.on_start(infos))
     last_status = time.monotonic()
     for state in states:

@@ -246,6 +246,7 @@ class PartRunner:
                                     threshold_source=("camera setting (line file or --threshold)"
                                                       if camera.threshold_override is not None
                                                       else detector.threshold_source)))
+        self._emit(lambda o: o.see_outputs(self.observers))
         self._emit(lambda o: o.on_start(infos))
         self._started_at = time.monotonic()
         self._check_status(force=True)

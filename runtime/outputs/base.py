@@ -76,8 +76,9 @@ class LineObserver:
         pass
 
     def see_outputs(self, outputs: Sequence["LineObserver"]) -> None:
-        """Every output of the line (self included), once, before ``on_start``: outputs that report on
-        the others (metrics, the page) keep the list and read each one's ``health()``."""
+        """Every output of the line (self included), before ``on_start`` (build_outputs and the runner
+        both tell it; the runner's list also holds outputs built elsewhere, e.g. PLC servers): outputs
+        that report on the others (metrics, the page) keep the list and read each one's ``health()``."""
 
     def event_fields(self, result: FrameResult) -> Mapping[str, object]:
         """Fields this output adds to an alarm's event record before any output sends it (the
