@@ -601,3 +601,15 @@ def test_the_page_shows_a_failing_output_in_chromium(tmp_path):
             browser.close()
     finally:
         run.stop()
+
+
+def test_an_events_log_deleted_mid_run_is_started_again_not_written_into_nothing(tmp_path, caplog):
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path)
+    log.write({"event_id": "a", "time": "t1"})
+    path.unlink()                       # an operator "cleans up" while the line runs
+    caplog.set_level(logging.WARNING)
+    log.write({"event_id": "b", "time": "t2"})
+    log.close()
+    assert read_events(path) == [{"event_id": "b", "time": "t2"}]
+    assert "deleted" in caplog.text

@@ -139,6 +139,10 @@ class EventLog:
         partial line is cut off again, so the log stays valid."""
         line = (json.dumps(event, sort_keys=True) + "\n").encode("utf-8")
         with self._lock:
+            if os.fstat(self._fd).st_nlink == 0:     # deleted under us: lines would go nowhere; start it again
+                logger.warning("%s: the log was deleted while the line ran; starting a new one", self.path)
+                os.close(self._fd)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
             before = os.fstat(self._fd).st_size
             try:
                 written = os.write(self._fd, line)
