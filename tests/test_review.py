@@ -231,3 +231,44 @@ def test_page_review_needs_the_token_and_appends_a_label(line_run, tmp_path):
         assert _post(server.url, "/review", body, token)[0] == 403          # no token configured: off
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_review_from_the_page_in_chromium_with_and_without_the_token(line_run, tmp_path):
+    """A browser on the operator page posts a review the way a page script would (fetch, same origin):
+    refused without the token or with a wrong one, saved with it."""
+    from peers import require_program
+    require_program("/usr/bin/chromium", ["chromium"])
+    from playwright.sync_api import sync_playwright
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    root, _, events, _ = line_run
+    token = "chromium-review-token-123"
+    labels = tmp_path / "labels.jsonl"
+    server = OperatorServer("127.0.0.1", 0)
+    server.control = LineControl(token, labels, root / "events.jsonl", root / "evidence")
+    script = """async ([eventId, auth]) => {
+        const headers = {"Content-Type": "application/json"};
+        if (auth) headers["Authorization"] = "Bearer " + auth;
+        const response = await fetch("/review", {method: "POST", headers,
+            body: JSON.stringify({event_id: eventId, label: "good", note: "from the page", who: "chromium"})});
+        return [response.status, await response.json()];
+    }"""
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                                 args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            event_id = events[2]["event_id"]
+            assert page.evaluate(script, [event_id, None])[0] == 401
+            assert page.evaluate(script, [event_id, "not-" + token])[0] == 401
+            assert not labels.exists()
+            status, answer = page.evaluate(script, [event_id, token])
+            assert status == 200 and answer["saved"]["who"] == "chromium", answer
+            browser.close()
+    finally:
+        server.close()
+    saved = read_labels(labels)
+    assert [(l.event_id, l.label, l.note) for l in saved] == [(event_id, GOOD, "from the page")]
+    assert saved[0].image_sha256 == events[2]["evidence_sha256"]
