@@ -212,8 +212,28 @@ def test_cli_fails_and_removes_graph_when_parity_fails(tmp_path, monkeypatch):
     other = small_model(seed=1)
     real_report = pipeline.parity_report
     # Compare the export against a *different* model, as a broken exporter would look.
-    monkeypatch.setattr(pipeline, "parity_report", lambda model, path, opts: real_report(other, path, opts))
+    monkeypatch.setattr(pipeline, "parity_report",
+                        lambda model, path, opts, **kwargs: real_report(other, path, opts, **kwargs))
     result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "out"), "--simplify", "never"])
     assert result.exit_code == 1 and "FP32 parity failed" in result.output and "FAIL" in result.output
     assert not (tmp_path / "out" / "model.onnx").exists()
     assert not (tmp_path / "out" / "model.onnx.json").exists()
+
+
+def test_the_export_pipeline_passes_its_metadata_along(tmp_path, monkeypatch):
+    """export_checkpoint hands each step the metadata the step before wrote: the sidecars are written,
+    never read back (they used to be reloaded by every report), and what was passed is what is on disk."""
+    from mrkd.export.pipeline import export_checkpoint
+    ckpt = tmp_path / "ck.pt"
+    small_model().save(ckpt)
+    loaded = []
+    original = ModelMetadata.load.__func__
+    monkeypatch.setattr(ModelMetadata, "load", classmethod(lambda cls, path: loaded.append(path) or
+                                                           original(cls, path)))
+    result = export_checkpoint(ckpt, tmp_path / "out", ExportOptions(batch_range=(1, 1, 2)), engine=False,
+                               triton_dir=tmp_path / "triton", simplify="never", echo=lambda line: None)
+    assert loaded == []
+    monkeypatch.undo()
+    on_disk = ModelMetadata.load(sidecar_path(result.files["onnx"]))
+    triton_copy = ModelMetadata.load(tmp_path / "triton" / "mrkd" / "1" / "model.onnx.json")
+    assert on_disk == triton_copy and on_disk.onnx_sha256 is not None and result.reports["parity"].passed
