@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mrkd.errors import error_boundary
+from mrkd.export.int8 import INT8_TARGET_CHOICES
 from mrkd.export.onnx_graph import DEFAULT_BATCH_RANGE, DEFAULT_OPSET, MAX_BATCH, MIN_OPSET
 
 EXIT_NO_TENSORRT = 3
@@ -32,17 +33,22 @@ EXIT_NO_TENSORRT = 3
               help=f"Dynamic batch range MIN:OPT:MAX (1 <= MIN <= OPT <= MAX <= {MAX_BATCH}); OPT/MAX set the "
                    f"TensorRT profile and Triton's max_batch_size.")
 @click.option("--fp16", is_flag=True, help="Also write model_fp16.onnx (FP16 backbone, FP32 head) and build a "
-                                           "strongly typed TensorRT engine from it.")
+                                           "strongly typed TensorRT engine from it (an error without TensorRT).")
 @click.option("--int8", is_flag=True, help="Also write model_int8.onnx (Q/DQ, activation ranges measured on "
-                                           "--int8-images) and build a TensorRT engine from it.")
+                                           "--int8-images) and, where TensorRT and a GPU are here, a TensorRT "
+                                           "engine from it (without them: a note, exit 0).")
+@click.option("--engine/--no-engine", default=None,
+              help="Require a TensorRT engine (from the --fp16/--int8 graph, else FP32; an error without "
+                   "TensorRT) or never build one. Default: with --fp16, and with --int8 where TensorRT is here.")
 @click.option("--int8-images", type=click.Path(file_okay=False),
               help="Folder of good images (sub-folders included, first 64) that INT8 quantisation measures "
                    "activation ranges on. Not the threshold calibration (that is mrkd calibrate).")
 @click.option("--calib", type=click.Path(file_okay=False), hidden=True,
               help="Old name of --int8-images, still accepted.")
-@click.option("--int8-target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True,
-              help="INT8 graph form: 'tensorrt' (symmetric Q/DQ, what TensorRT needs) or 'cpu' (U8 asymmetric "
-                   "activations: about 1.8x faster than 'tensorrt' on ONNX Runtime's x86 CPU kernels).")
+@click.option("--int8-target", type=click.Choice(INT8_TARGET_CHOICES), default="auto", show_default=True,
+              help="INT8 graph form: 'tensorrt' (symmetric Q/DQ, what TensorRT needs), 'cpu' (U8 asymmetric "
+                   "activations: about 1.8x faster than 'tensorrt' on ONNX Runtime's x86 CPU kernels; OpenVINO "
+                   "runs both), or 'auto': 'tensorrt' when an engine is built here, else 'cpu'.")
 @click.option("--int8-keep-fp32", type=click.Choice(["auto", "front", "none"]), default="auto", show_default=True,
               help="Which teacher layers stay FP32 in the INT8 graph: 'front' keeps the layers in front of the "
                    "first feature tap (stem + first stage), 'none' quantises them too, 'auto' tries 'none' and "
@@ -60,7 +66,7 @@ EXIT_NO_TENSORRT = 3
               help="onnxslim: 'auto' keeps it only when it removes nodes without slowing ONNX Runtime CPU.")
 @error_boundary   # mrkd's errors (checkpoint, export, parity, metadata) as one line, exit 1
 def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_outputs, uint8_input, opset, batch, fp16,
-                   int8, int8_images, calib, int8_target, int8_keep_fp32, triton_dir, workspace, opt_level, timing_cache, dla_core, simplify):
+                   int8, engine, int8_images, calib, int8_target, int8_keep_fp32, triton_dir, workspace, opt_level, timing_cache, dla_core, simplify):
     """Export CHECKPOINT (a .ckpt file or a training run folder) to one fused ONNX graph (teacher,
     bottleneck, decoder, cosine anomaly map) with a metadata sidecar; print its parity report against
     PyTorch; optionally FP16/INT8, TensorRT, Triton."""
@@ -81,7 +87,7 @@ def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_out
         settings = BuildSettings(workspace_mib=workspace, opt_level=opt_level, timing_cache=timing_cache,
                                  dla_core=dla_core)
         export_checkpoint(checkpoint, out_dir, options, fp16=fp16, int8_images=int8_images if int8 else None,
-                          int8_target=int8_target, int8_keep_fp32=int8_keep_fp32,
+                          int8_target=int8_target, int8_keep_fp32=int8_keep_fp32, engine=engine,
                           triton_dir=triton_dir, build=settings, simplify=simplify, echo=click.echo)
     except TensorRTUnavailableError as exc:
         click.echo(f"Error: {exc}", err=True)

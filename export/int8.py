@@ -3,10 +3,12 @@ images ("INT8 images": --int8-images; not the threshold calibration of mrkd cali
 
 ``onnxruntime.quantization.quantize_static`` writes the graph in one of two forms (``target``):
 
-* ``"tensorrt"`` (default): QDQ, per-channel symmetric INT8 weights, symmetric INT8 (zero-point 0)
+* ``"tensorrt"``: QDQ, per-channel symmetric INT8 weights, symmetric INT8 (zero-point 0)
   activations — the explicit-quantisation form TensorRT builds, which requires zero-point 0.
 * ``"cpu"``: QDQ with U8 asymmetric activations, the form ONNX Runtime's x86 CPU EP runs fastest
   (about 2.1x FP32 on WRN50 at 256 px, measured by benchmarks/bench_model.py; see benchmarks/RESULTS.md).
+* ``"auto"`` (the export's default, default_int8_target): "tensorrt" where a TensorRT engine will be
+  built from the graph (TensorRT and a GPU here, or an engine asked for), else "cpu".
 
 Both keep every Relu explicit (see _quantize) so the FP32 head reads post-activation features, and both
 rewrite the decoder's ConvTransposes as 1×1 Conv + DepthToSpace first (export/rewrite.py) so that
@@ -64,6 +66,16 @@ INT8_TARGETS = {
     "cpu": Int8Target("QDQ", "QUInt8", False, "QDQ per-channel, U8 asymmetric activations (ORT x86 CPU)",
                       quantise_head_only_convs=False),
 }
+
+
+INT8_TARGET_CHOICES = ("auto",) + tuple(INT8_TARGETS)
+
+
+def default_int8_target(engine_will_be_built: bool) -> str:
+    """The INT8 form for ``target="auto"``: the one TensorRT builds when an engine will be built from
+    the graph, else the one the CPU runtimes run fastest (ONNX Runtime 1.8x the tensorrt form; OpenVINO
+    reads both)."""
+    return "tensorrt" if engine_will_be_built else "cpu"
 
 
 def int8_image_paths(images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT) -> List[Path]:
@@ -312,16 +324,40 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
 
 
 def int8_agreement_report(fp32_onnx_path, int8_onnx_path, images: np.ndarray,
-                          threshold: Optional[float] = None) -> Comparison:
-    """INT8 vs FP32 graph on ``images``, both through the runtime's ONNX Runtime backend (CPU EP)
-    and post-processing: map error and decision agreement (at the median FP32 score without a threshold)."""
+                          threshold: Optional[float] = None, backend: str = "onnxruntime",
+                          int8_metadata: Optional[ModelMetadata] = None) -> Comparison:
+    """INT8 vs FP32 graph on ``images``: the FP32 graph through the runtime's ONNX Runtime backend (CPU
+    EP), the INT8 graph through the runtime backend ``backend`` names (a runtime.backends spec:
+    "onnxruntime" on its CPU EP, "openvino", "openvino:bf16", ...), both finished by the runtime's
+    post-processing: map error and decision agreement (at the median FP32 score without a threshold)."""
+    return backend_agreement_report(fp32_onnx_path, int8_onnx_path, images, threshold, backend, "INT8 graph",
+                                    candidate_metadata=int8_metadata)
+
+
+def backend_agreement_report(fp32_onnx_path, candidate_onnx_path, images: np.ndarray,
+                             threshold: Optional[float] = None, backend: str = "onnxruntime",
+                             what: str = "graph", candidate_metadata: Optional[ModelMetadata] = None) -> Comparison:
+    """``candidate_onnx_path`` run by ``backend`` vs the FP32 graph on ONNX Runtime's CPU EP (the
+    reference every export is checked with): map/score error and decision agreement; the name says
+    which backend and precision ran (Backend.precision), e.g. "INT8 graph on openvino f32"."""
     from mrkd.export import ort
     from mrkd.export.parity import scores_from_outputs
+    from mrkd.runtime.backends import open_backend
     from mrkd.runtime.metadata import sidecar_path
-    metadata = ModelMetadata.load(sidecar_path(int8_onnx_path))
+    metadata = candidate_metadata or ModelMetadata.load(sidecar_path(candidate_onnx_path))
     reference = ort.runtime_outputs(fp32_onnx_path, images)
-    candidate = ort.runtime_outputs(int8_onnx_path, images)
+    if backend == "onnxruntime":
+        candidate, ran = ort.runtime_outputs(candidate_onnx_path, images), "ONNX Runtime CPU"
+    else:
+        runner = open_backend(candidate_onnx_path, backend)
+        try:
+            candidate = runner.infer(np.ascontiguousarray(images))
+            ran = f"{runner.name} {runner.precision}"
+        finally:
+            runner.close()
     reference = {k: v.astype(np.float64) for k, v in reference.items()}
     if threshold is None:
         threshold = float(np.median(scores_from_outputs(reference, metadata)))
-    return compare("INT8 graph vs FP32 graph (ONNX Runtime CPU)", reference, candidate, metadata, threshold)
+    name = (f"{what} vs FP32 graph ({ran})" if backend == "onnxruntime"
+            else f"{what} on {ran} vs FP32 graph (ONNX Runtime CPU)")
+    return compare(name, reference, candidate, metadata, threshold)

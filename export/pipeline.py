@@ -8,10 +8,12 @@ from typing import Callable, Dict, List, Optional
 
 from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
-from mrkd.export.int8 import int8_agreement_report, int8_image_paths, load_images, quantize_int8
+from mrkd.export.int8 import (INT8_TARGET_CHOICES, default_int8_target, int8_agreement_report, int8_image_paths,
+                              load_images, quantize_int8)
 from mrkd.export.onnx_graph import ExportError, ExportOptions
 from mrkd.export.parity import Comparison, ParityError, parity_report
-from mrkd.export.tensorrt_build import BuildSettings, TensorRTUnavailableError, build_engine
+from mrkd.export.tensorrt_build import (NO_TENSORRT_HINT, BuildSettings, TensorRTUnavailableError, build_engine,
+                                        tensorrt_unavailable_reason)
 from mrkd.export.triton import write_triton_repository
 from mrkd.runtime.metadata import sidecar_path
 
@@ -24,24 +26,40 @@ class ExportResult:
 
     files: Dict[str, Path] = field(default_factory=dict)
     reports: Dict[str, Comparison] = field(default_factory=dict)
-    tensorrt_error: Optional[str] = None
+    tensorrt_error: Optional[str] = None      # an engine was asked for (--engine, --fp16) and not built
+    engine_note: Optional[str] = None         # why no engine was built when none was required
+    int8_target: Optional[str] = None         # the INT8 form written ("auto" resolved)
 
 
 def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = None, *, fp16: bool = False,
-                      int8_images=None, int8_target: str = "tensorrt", int8_keep_fp32: str = "auto",
-                      triton_dir=None,
+                      int8_images=None, int8_target: str = "auto", int8_keep_fp32: str = "auto",
+                      engine: Optional[bool] = None, triton_dir=None,
                       build: Optional[BuildSettings] = None,
                       simplify: str = "auto", echo: Callable[[str], None] = print) -> ExportResult:
     """Export ``checkpoint`` into ``out_dir``: model.onnx (FP32, parity-checked against PyTorch),
-    model_fp16.onnx / model_int8.onnx and model.engine on request, a Triton repository on request.
+    model_fp16.onnx / model_int8.onnx on request, model.engine, a Triton repository on request.
     ``int8_images``: a folder of good images INT8 quantisation measures activation ranges on
-    (asks for model_int8.onnx).
+    (asks for model_int8.onnx); ``int8_target`` one of INT8_TARGET_CHOICES ("auto": default_int8_target).
 
-    Raises ParityError when FP32 parity is worse than 1e-4. Without TensorRT, every other file is
-    still written and TensorRTUnavailableError is raised last."""
+    ``engine``: True = a TensorRT engine is required (from the FP16/INT8 graph, else the FP32 one);
+    False = none; None (default) = required with ``fp16`` (the FP16 graph is made for the engine),
+    otherwise built from the INT8 graph where TensorRT and a GPU are here, and where they are not
+    the export ends normally with ``engine_note`` saying why no engine was built.
+
+    Raises ParityError when FP32 parity is worse than 1e-4. When a required engine cannot be built
+    (no TensorRT or GPU), every other file is still written and TensorRTUnavailableError is raised last."""
     options = (options or ExportOptions()).validate()
     if fp16 and int8_images:
         raise ExportError("--fp16 and --int8 build different engines: choose one")
+    if int8_target not in INT8_TARGET_CHOICES:
+        raise ExportError(f"INT8 target {int8_target!r} unknown; choose from {list(INT8_TARGET_CHOICES)}")
+    required = bool(fp16) if engine is None else engine
+    unavailable = tensorrt_unavailable_reason() if engine is not False else None
+    if int8_images and int8_target == "auto":
+        int8_target = default_int8_target(engine is not False and (required or unavailable is None))
+    if int8_images and int8_target == "cpu" and engine:
+        raise ExportError("an engine (--engine) and --int8-target cpu: TensorRT cannot build the cpu INT8 form "
+                          "(asymmetric activations); use --int8-target tensorrt or auto")
     out_dir = Path(out_dir)
     result = ExportResult()
     model, checkpoint_sha = load_model(checkpoint)
@@ -49,7 +67,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     fp32 = export_onnx(model, out_dir / FP32_NAME, options, checkpoint_sha256=checkpoint_sha, simplify=simplify)
     result.files["onnx"] = fp32.path
     echo(f"wrote {fp32.path} (onnxslim: {_slim_line(fp32.simplify)})")
-    result.reports["parity"] = parity_report(model, fp32.path, options)
+    # Each step gets the metadata the step before it wrote, not another read of the sidecar.
+    result.reports["parity"] = parity_report(model, fp32.path, options, metadata=fp32.metadata)
     echo(result.reports["parity"].format())
     if not result.reports["parity"].passed:
         # A graph that disagrees with PyTorch must not be picked up by a runtime watching this folder.
@@ -58,38 +77,76 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         raise ParityError(f"{checkpoint}: exported graph removed, FP32 parity failed:\n"
                           + result.reports["parity"].format())
 
-    engine_source = None
+    engine_source, engine_meta = None, None
+    metadata_of = {fp32.path: fp32.metadata}       # each graph written, with the metadata written for it
     if fp16:
         half = export_onnx(model, out_dir / FP16_NAME, fp16_options(options), checkpoint_sha256=checkpoint_sha,
                            simplify=simplify)
         result.files["onnx_fp16"] = engine_source = half.path
+        metadata_of[half.path] = half.metadata
         echo(f"wrote {half.path}")
-        result.reports["fp16"] = fp16_fidelity_report(model, half.path, options)
+        result.reports["fp16"] = fp16_fidelity_report(model, half.path, options, metadata=half.metadata)
         echo(result.reports["fp16"].format())
     if int8_images:
         quant = quantize_int8(fp32.path, out_dir / INT8_NAME, int8_images, target=int8_target,
-                              keep_fp32=int8_keep_fp32, echo=echo)
-        result.files["onnx_int8"] = engine_source = quant.path
-        echo(f"wrote {quant.path}")
+                              keep_fp32=int8_keep_fp32, echo=echo, fp32_metadata=fp32.metadata)
+        result.files["onnx_int8"] = quant.path
+        result.int8_target = int8_target
+        # The cpu form has asymmetric activations, which TensorRT cannot build.
+        engine_source = quant.path if int8_target == "tensorrt" else None
+        metadata_of[quant.path] = quant.metadata
+        echo(f"wrote {quant.path} (INT8 target {int8_target})")
         images = load_images(int8_image_paths(int8_images), quant.metadata)
         result.reports["int8"] = int8_agreement_report(fp32.path, quant.path, images,
-                                                       fp32.metadata.threshold)
+                                                       fp32.metadata.threshold, int8_metadata=quant.metadata)
         echo(result.reports["int8"].format())
+        for spec in openvino_report_specs():
+            report = int8_agreement_report(fp32.path, quant.path, images, fp32.metadata.threshold, backend=spec,
+                                           int8_metadata=quant.metadata)
+            result.reports[f"int8:{spec}"] = report
+            echo(report.format())
+    if engine and engine_source is None and not int8_images:
+        engine_source = fp32.path         # --engine alone: an FP32 engine
 
-    if engine_source is not None:
+    if engine_source is not None and engine is not False and (required or unavailable is None):
         try:
-            build_engine(engine_source, out_dir / ENGINE_NAME, build or BuildSettings(), options.batch_range)
+            engine_meta = build_engine(engine_source, out_dir / ENGINE_NAME, build or BuildSettings(),
+                                       options.batch_range, onnx_metadata=metadata_of.get(engine_source))
             result.files["engine"] = out_dir / ENGINE_NAME
             echo(f"wrote {out_dir / ENGINE_NAME}")
         except TensorRTUnavailableError as exc:
             result.tensorrt_error = str(exc)
+    elif int8_images and engine is None:
+        result.engine_note = (f"TensorRT engines were not built because {unavailable} (the "
+                              f"INT8 model is for CPU runtimes: mrkd run --backend onnxruntime or openvino); "
+                              f"to build one: {NO_TENSORRT_HINT.split('To build the engine: ', 1)[-1]}"
+                              if unavailable else
+                              "TensorRT engine not built: the cpu INT8 form is for CPU runtimes (TensorRT "
+                              "needs --int8-target tensorrt)")
     if triton_dir is not None:
-        configs = write_triton_repository(triton_dir, fp32.path, engine_path=result.files.get("engine"))
+        configs = write_triton_repository(triton_dir, fp32.path, engine_path=result.files.get("engine"),
+                                          metadata=fp32.metadata, engine_metadata=engine_meta)
         result.files.update({f"triton:{name}": path for name, path in configs.items()})
         echo(f"wrote Triton repository {triton_dir} ({', '.join(configs)})")
     if result.tensorrt_error:
         raise TensorRTUnavailableError(result.tensorrt_error)
+    echo(f"done: {', '.join(str(path) for path in result.files.values())}")
+    if result.engine_note:
+        echo(result.engine_note)
     return result
+
+
+def openvino_report_specs():
+    """The OpenVINO backend specs the INT8 graph is also checked on, where OpenVINO is installed:
+    f32, and bf16 on CPUs with native bf16 (what `--backend openvino[:bf16]` would run)."""
+    from mrkd.runtime.backends import backend_entry
+    if not backend_entry("openvino").available():
+        return []
+    from mrkd.deps import require
+    from mrkd.runtime.backends.openvino_backend import cpu_capabilities
+    core = require("openvino").Core()
+    return ["openvino"] + (["openvino:bf16"] if "BF16" in cpu_capabilities(core) else [])
+
 
 
 def _slim_line(record: Dict) -> str:

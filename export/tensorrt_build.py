@@ -51,6 +51,20 @@ def require_tensorrt():
     return trt
 
 
+def tensorrt_unavailable_reason() -> Optional[str]:
+    """None when an engine can be built here (TensorRT >= 10.3 and an NVIDIA GPU), else why not, in
+    words ("TensorRT is not installed here ...", "no NVIDIA GPU / CUDA driver found ...")."""
+    from mrkd.deps import available
+    if not available("tensorrt"):
+        return "TensorRT is not installed here"
+    try:
+        require_tensorrt()
+        gpu_identity()
+    except TensorRTUnavailableError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
 def network_from_onnx(trt, builder, logger, onnx_path):
     """(network, parser) for ``onnx_path``, strongly typed (explicit batch is TensorRT 10's only mode)."""
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import cv2
 import numpy as np
 import onnx
@@ -118,26 +120,60 @@ def test_int8_images_are_listed_by_the_one_image_rule(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target, keep", [("tensorrt", "front"), ("cpu", "none")])
+@pytest.mark.parametrize("target, keep", [("tensorrt", "front"), ("cpu", "none"), (None, "front")])
 def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, keep):
+    """--int8 alone never fails for want of TensorRT: exit 0, the files it wrote, and a note saying why no
+    engine was built; the default target is the form that runs fast where the engine is not built."""
     from click.testing import CliRunner
-    from mrkd.deps import available
-    from mrkd.export.cli import EXIT_NO_TENSORRT, export_command
+    from mrkd.export.cli import export_command
+    from mrkd.export.tensorrt_build import tensorrt_unavailable_reason
     model, _, _, calib = int8_export
     ckpt = tmp_path / "ck.pt"
     model.save(ckpt)
     out = tmp_path / "out"
-    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--int8", "--calib", str(calib),
-                                                 "--int8-target", target, "--int8-keep-fp32", keep,
-                                                 "--simplify", "never"])
+    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--int8", "--int8-images", str(calib),
+                                                 "--int8-keep-fp32", keep, "--simplify", "never"]
+                                + (["--int8-target", target] if target else []))
     assert "INT8 graph vs FP32 graph" in result.output and "decisions agree" in result.output
     assert f"INT8 ({keep}):" in result.output and "teacher nodes in front of the first feature tap" in result.output
     assert (out / "model_int8.onnx").is_file() and (out / "model.onnx").is_file()
     from mrkd.runtime.metadata import ModelMetadata, sidecar_path
     info = ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).int8
-    assert info.target == target and info.keep_fp32_chosen == keep
-    if not available("tensorrt"):
-        assert result.exit_code == EXIT_NO_TENSORRT and not (out / "model.engine").exists()
+    reason = tensorrt_unavailable_reason()
+    expected_target = target or ("tensorrt" if reason is None else "cpu")
+    assert info.target == expected_target and info.keep_fp32_chosen == keep
+    assert f"(INT8 target {expected_target})" in result.output
+    if reason is not None:
+        assert result.exit_code == 0, result.output
+        assert "Error" not in result.output and not (out / "model.engine").exists()
+        assert f"done: {out / 'model.onnx'}, {out / 'model_int8.onnx'}" in result.output
+        assert f"TensorRT engines were not built because {reason}" in result.output
+        if reason == "TensorRT is not installed here":
+            assert "TensorRT engines were not built because TensorRT is not installed here" in result.output
+    if importlib.util.find_spec("openvino"):   # the same agreement, on the OpenVINO backend
+        assert "INT8 graph on openvino f32 vs FP32 graph (ONNX Runtime CPU)" in result.output
+
+
+@pytest.mark.slow
+def test_cli_engine_asked_for_without_tensorrt_is_an_error_after_writing_the_rest(int8_export, tmp_path):
+    from click.testing import CliRunner
+    from mrkd.export.cli import EXIT_NO_TENSORRT, export_command
+    from mrkd.export.tensorrt_build import tensorrt_unavailable_reason
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are here: the missing-TensorRT path cannot be shown")
+    model, _, _, calib = int8_export
+    ckpt = tmp_path / "ck.pt"
+    model.save(ckpt)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--int8", "--int8-images", str(calib),
+                                                 "--int8-keep-fp32", "front", "--engine", "--simplify", "never"])
+    assert result.exit_code == EXIT_NO_TENSORRT and "Error:" in result.output and "pip install" in result.output
+    assert (out / "model_int8.onnx").is_file() and not (out / "model.engine").exists()
+    # An engine asked for from the cpu INT8 form is refused before any work, in one line.
+    refused = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "x"), "--int8", "--int8-images",
+                                                  str(calib), "--int8-target", "cpu", "--engine"])
+    assert refused.exit_code == 1 and "TensorRT cannot build the cpu INT8 form" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "x" / "model.onnx").exists()
 
 
 def test_cpu_target_uses_uint8_activations_and_keeps_head_fp32(int8_export, tmp_path):
