@@ -38,6 +38,16 @@ def line_output_options(command):
         click.option("--mqtt-results-rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Also publish scored frames to PREFIX/<camera>/result, at most this many a second per "
                           "camera (0 = off)."),
+        click.option("--control-token-env", metavar="VAR", default=None,
+                     help="Accept commands on the --http page (POST /reload: load the model file again; POST "
+                          "/review: label an alarm) with 'Authorization: Bearer TOKEN', TOKEN from this environment "
+                          "variable (>= 16 characters); without it the page is read-only."),
+        click.option("--shadow", "shadow_model", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="A candidate model that scores the same frames without raising alarms; the summary (and the "
+                          "outputs' health) says how often its decisions differ and how its scores correlate."),
+        click.option("--review-labels", type=click.Path(dir_okay=False), default=None,
+                     help="Label file POST /review appends to (mrkd refit --reviewed reads it); needs "
+                          "--control-token-env."),
         click.option("--http", "http_address", metavar="HOST:PORT", default=None,
                      help="Serve /metrics (Prometheus), /healthz and a read-only live operator page at / "
                           "(e.g. 127.0.0.1:8080; 0.0.0.0:8080 for the whole network). Needs the line extra."),
@@ -266,6 +276,9 @@ def run_command(model, sources, line_file, **options):
     part = pop_part_options(options)
     plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
     output_settings = pop_output_settings(options)
+    from mrkd.runtime.control import attach_control, pop_control_options     # POST /reload, /review
+    control = pop_control_options(options, output_settings.http)
+    shadow_model = options.pop("shadow_model")
     run_settings = pop_run_settings(options)
     camera_defaults = pop_camera_defaults(options, part)
     providers = options.pop("providers")
@@ -303,10 +316,18 @@ def run_command(model, sources, line_file, **options):
             stop = threading.Event()
             from mrkd.runtime.line.swap import line_slots, reload_on_sighup    # hot swap (SIGHUP)
             slots = line_slots(line, detectors, status=lambda text: click.echo(text, err=True))
+            attach_control(outputs, control, output_settings, slots)
+            shadow = []
+            if shadow_model:     # runtime/line/shadow.py: scores beside the live model, no alarms
+                from mrkd.runtime.line.shadow import ShadowScorer
+                shadow = [ShadowScorer(line_slots(line, {}).open(shadow_model))]
             with stop_on_signals(stop), reload_on_sighup(slots):
-                summary = run_line(line, list(outputs) + [slots], run_settings, stop=stop, detectors=detectors,
-                                   sources=frames, slots=slots, status=lambda text: click.echo(text, err=True))
+                summary = run_line(line, list(outputs) + [slots] + shadow, run_settings, stop=stop,
+                                   detectors=detectors, sources=frames, slots=slots,
+                                   status=lambda text: click.echo(text, err=True))
             summary["model_swaps"] = slots.report()
+            if shadow:
+                summary["shadow"] = shadow[0].summary()
             frames = {}       # run_line closed them
     except BaseException:
         for source in frames.values():
