@@ -172,7 +172,14 @@ def pop_output_settings(options: dict):
     if http:
         from mrkd.runtime.outputs.web import parse_address
         parse_address(http)
-    return OutputSettings(events=options.pop("events"), snapshots=options.pop("snapshots"),
+    evidence = None
+    folder, ok_every, max_mb = (options.pop(k) for k in ("evidence_folder", "evidence_ok_every", "evidence_max_mb"))
+    if folder:
+        from mrkd.runtime.outputs.evidence import EvidenceSettings
+        evidence = EvidenceSettings(folder, ok_every=ok_every, max_bytes=int(max_mb * 2 ** 20))
+    elif ok_every:
+        raise SettingError("--evidence-ok-every needs --evidence DIR")
+    return OutputSettings(events=options.pop("events"), snapshots=options.pop("snapshots"), evidence=evidence,
                           snapshot_format=options.pop("snapshot_format"), webhook=webhook_settings, mqtt=mqtt_settings,
                           http=http, save_video=options.pop("save_video"), video_fps=options["fps"] or 15.0,
                           show=options.pop("show"))
@@ -234,6 +241,14 @@ def pop_camera_defaults(options: dict, part: dict) -> dict:
               help="Folder for one heat-map snapshot per alarm.")
 @click.option("--snapshot-format", type=click.Choice([".jpg", ".png"]), default=".jpg", show_default=True,
               help="Snapshot image format.")
+@click.option("--evidence", "evidence_folder", type=click.Path(file_okay=False), default=None,
+              help="Folder for the evidence of every alarm / NG part: the image exactly as the camera delivered "
+                   "it (lossless PNG), its path and sha256 in the event (what mrkd review and refit read).")
+@click.option("--evidence-ok-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also keep one OK frame/part of every N per camera as evidence (0 = none).")
+@click.option("--evidence-max-mb", type=click.FloatRange(min=1), default=2048.0, show_default=True,
+              help="Disk budget of the evidence folder: past it OK samples are deleted first; alarm/NG evidence "
+                   "is never deleted (health shows 'over budget').")
 @click.option("--webhook", default=None, help="URL to POST each alarm event (JSON) to, in the background.")
 @click.option("--webhook-timeout", type=seconds(0, open_min=True, maximum=3600), default=2.0, show_default=True,
               help="Seconds per webhook POST before it counts as failed (it is retried).")

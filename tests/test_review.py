@@ -42,10 +42,11 @@ def line_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(10):
         cv2.imwrite(str(frames / f"f{i:02d}.png"), defective_frame(rng) if i % 3 == 2 else normal_frame(rng))
-    outputs = build_outputs(OutputSettings(events=str(root / "events.jsonl")))
-    evidence = EvidenceWriter(EvidenceSettings(str(root / "evidence"), ok_every=2))
+    outputs = build_outputs(OutputSettings(events=str(root / "events.jsonl"),
+                                           evidence=EvidenceSettings(str(root / "evidence"), ok_every=2)))
+    evidence = next(output for output in outputs if isinstance(output, EvidenceWriter))
     line = Line((Camera("cam0", str(frames), str(model), cooldown=0.0),))
-    summary = run_line(line, [evidence] + outputs, status=lambda text: None)
+    summary = run_line(line, outputs, status=lambda text: None)
     events = [json.loads(l) for l in (root / "events.jsonl").read_text().splitlines()]
     return root, summary, events, evidence
 
@@ -272,3 +273,21 @@ def test_review_from_the_page_in_chromium_with_and_without_the_token(line_run, t
     saved = read_labels(labels)
     assert [(l.event_id, l.label, l.note) for l in saved] == [(event_id, GOOD, "from the page")]
     assert saved[0].image_sha256 == events[2]["evidence_sha256"]
+
+
+def test_mrkd_run_evidence_option_keeps_the_delivered_image(line_run, tmp_path):
+    """--evidence through the command line: each event names a PNG equal, pixel for pixel, to a frame file."""
+    root = line_run[0]
+    log, folder = tmp_path / "events.jsonl", tmp_path / "evidence"
+    done = mrkd("run", root / "model.onnx", "--source", root / "frames", "--cooldown", "0", "--events", log,
+                "--evidence", folder, "--status-every", "0", timeout=300)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    frames = [cv2.imread(str(path)) for path in sorted((root / "frames").iterdir())]
+    assert len(events) == 3
+    for event in events:
+        assert event["evidence_sha256"] == sha(event["evidence"])
+        kept = cv2.imread(event["evidence"])
+        assert any(kept.shape == f.shape and np.array_equal(kept, f) for f in frames)
+    one_error(mrkd("run", root / "model.onnx", "--source", root / "frames", "--evidence-ok-every", "2"),
+              "--evidence")

@@ -2,7 +2,7 @@
 the line's ``OutputSettings`` by ``build_outputs`` (the CLI and the Python API both call it).
 
 A new output is one new module with ``outputs_from(settings) -> list of LineObserver`` and one line
-in ``SINKS``. Today: snapshots.py (one image per alarm), events.py (JSON-lines log), webhook.py,
+in ``SINKS``. Today: snapshots.py (one image per alarm), evidence.py (the image as delivered, lossless), events.py (JSON-lines log), webhook.py,
 video.py (annotated video file, window), mqtt.py, metrics.py (Prometheus), web.py (the operator
 page, /metrics, /healthz). overlay.py draws heat-maps; delivery.py counts and warns for them all.
 """
@@ -17,13 +17,15 @@ from mrkd.errors import SettingError
 
 if TYPE_CHECKING:      # the modules load only when their output is asked for
     from mrkd.runtime.outputs.base import LineObserver
+    from mrkd.runtime.outputs.evidence import EvidenceSettings
     from mrkd.runtime.outputs.mqtt import MqttSettings
     from mrkd.runtime.outputs.webhook import WebhookSettings
 
 OUTPUT_SCHEMA_VERSION = 1
 
 # The outputs, in the order their hooks are called (modules of this package).
-SINKS = ("snapshots", "events", "webhook", "video", "mqtt", "metrics", "web")
+# evidence comes after snapshots: the snapshot writer may draw the event id anew, evidence files use the final one.
+SINKS = ("snapshots", "evidence", "events", "webhook", "video", "mqtt", "metrics", "web")
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,15 @@ class OutputSettings:
     events: JSON-lines log file. snapshots: folder of alarm images (snapshot_format .jpg/.png).
     webhook: WebhookSettings. mqtt: MqttSettings. http: "HOST:PORT" of /metrics, /healthz and the
     operator page. save_video / show: annotated frames of ``video_camera`` (default: the first camera)
-    to a file (at video_fps) / a window. close_deadline_s: how long network outputs may take to flush
+    to a file (at video_fps) / a window. evidence: lossless images of alarms/NG parts (and a sample of OK
+ones) within a disk budget (EvidenceSettings). close_deadline_s: how long network outputs may take to flush
     at the stop.
     """
 
     events: Optional[str] = None
     snapshots: Optional[str] = None
     snapshot_format: str = ".jpg"
+    evidence: Optional["EvidenceSettings"] = None
     webhook: Optional["WebhookSettings"] = None
     mqtt: Optional["MqttSettings"] = None
     http: Optional[str] = None
