@@ -30,7 +30,6 @@ BENCHES = {
            "adds (goal p99 < 5 ms)",
     "backends": "ms/frame of the Detector at batch 1 on the CPU: ONNX Runtime FP32 vs OpenVINO f32 / bf16 / INT8 "
                 "graph (alternated; decision agreement vs FP32); Lite0 256 px by default",
-    "memory_bank": "seconds to fit the --score both memory bank (700 ELPV images, 256 px, Lite0): before issue 24 vs now, with each bank's coverage",
     "score_cost": "ONNX Runtime latency and graph size of --score both (bank at the trainer's cap) vs --score mrkd",
     "quality": "image AUROC on real ELPV solar cells: MRKD (ImageNet / random Lite0 teacher) vs a kNN "
                "patch-distance baseline, 3 seeds (minutes; --quick: a subset)",

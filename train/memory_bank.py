@@ -37,13 +37,12 @@ from torch import nn
 
 SCORES = ("mrkd", "knn", "both")
 SAMPLERS = ("coreset", "random")
-CORESET_CANDIDATES = 50_000     # greedy selection is O(candidates × kept × dims): see bench_memory_bank
-CORESET_PROJECTION = 64
+CORESET_CANDIDATES = 200_000    # greedy selection is O(candidates × kept): bounded on big training sets
+CORESET_PROJECTION = 128
 DEFAULT_FRACTION = 0.05         # ELPV validation: coreset 5 % = 10 % > random 10 % (benchmarks/RESULTS.md)
 DEFAULT_MAX_PATCHES = 8192      # bounds the graph's MatMul and the coreset's time on large training sets
 BOTH_SCALE_WEIGHTS = (0.0, 1.0, 1.0)    # MRKD scales (strides 4, 8, 16) in the "both" map
 BANK_CHUNK = 4096
-SPREAD_IMAGES = 256            # training images the score spreads of "both" are measured on
 
 
 def patch_features(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -83,11 +82,11 @@ class MemoryBank(nn.Module):
 
 
 def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
-                   projection_dim: int = CORESET_PROJECTION, progress: bool = False) -> torch.Tensor:
+                   projection_dim: int = CORESET_PROJECTION) -> torch.Tensor:
     """Indices of ``keep`` rows of ``patches`` chosen by greedy k-center selection: start from a seeded
     random row, then repeatedly add the row farthest (L2) from every row chosen so far. Distances are
     taken in a seeded Gaussian random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss;
-    none when the rows are that narrow already). ``progress``: a tqdm bar over the rows kept."""
+    none when the rows are that narrow already)."""
     n, channels = patches.shape
     keep = int(min(max(keep, 1), n))
     generator = torch.Generator().manual_seed(int(seed))
@@ -100,34 +99,15 @@ def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
     chosen = torch.empty(keep, dtype=torch.long)
     chosen[0] = int(torch.randint(n, (1,), generator=generator))
     nearest = torch.full((n,), float("inf"))
-    distance = torch.empty(n)
-    bar = _bar(keep, "memory bank: coreset", "patch") if progress else None
-    # One thread: each step is one small matrix-vector product (candidates x dims, a few MB); a
-    # second OpenMP thread made it 3.5x slower on 2 busy cores (benchmarks/RESULTS.md, issue 24).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for index in range(1, keep + 1):
-            centre = chosen[index - 1]
-            # |p - c|² = |p|² - 2 p·c + |c|²: one fused matrix-vector product per chosen row
-            torch.addmv(squared, points, points[centre], alpha=-2.0, out=distance)
-            distance += squared[centre]
-            torch.minimum(nearest, distance, out=nearest)
-            if bar is not None and (index % 256 == 0 or index == keep):
-                bar.update(index - bar.n)
-            if index == keep:
-                break
-            chosen[index] = int(torch.argmax(nearest))
-    finally:
-        torch.set_num_threads(threads)
-        if bar is not None:
-            bar.close()
+    for index in range(1, keep + 1):
+        centre = points[chosen[index - 1]]
+        # |p - c|² = |p|² - 2 p·c + |c|²: one matrix-vector product per chosen row
+        distance = squared - 2.0 * (points @ centre) + squared[chosen[index - 1]]
+        torch.minimum(nearest, distance, out=nearest)
+        if index == keep:
+            break
+        chosen[index] = int(torch.argmax(nearest))
     return chosen
-
-
-def _bar(total: int, desc: str, unit: str):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
 
 
 def bank_size(patches: int, fraction: float, max_patches: int = 0) -> int:
@@ -138,7 +118,7 @@ def bank_size(patches: int, fraction: float, max_patches: int = 0) -> int:
 
 
 def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sampler: str = "coreset",
-                      max_patches: int = 0, total: int = 0, progress: bool = False) -> torch.Tensor:
+                      max_patches: int = 0, total: int = 0) -> torch.Tensor:
     """``fraction`` of the rows of ``patches`` (at least one, at most ``max_patches`` when that is > 0),
     by ``sampler`` (see the module's notes). ``total``: how many patches ``patches`` was sampled from
     (TrainingPatches.total), when that is more than its rows; the bank's size counts those."""
@@ -153,7 +133,7 @@ def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sam
     if sampler == "random" or keep >= len(patches):
         return patches[order[:keep]].contiguous()
     candidates = patches[order[:CORESET_CANDIDATES]]
-    return candidates[greedy_coreset(candidates, keep, seed, progress=progress)].contiguous()
+    return candidates[greedy_coreset(candidates, keep, seed)].contiguous()
 
 
 @dataclass
@@ -173,60 +153,39 @@ def sample_limit(sampler: str, max_patches: int) -> Optional[int]:
     return max_patches if max_patches > 0 else None
 
 
-class PatchReservoir:
-    """Training patch rows added batch by batch: all of them, or past ``limit`` rows a uniform random
-    sample of ``limit`` (each row gets a seeded random key and the ``limit`` smallest keys stay), so
-    memory stays bounded on large training sets. Below the limit the rows are all there, in order."""
-
-    def __init__(self, limit: Optional[int] = None, seed: int = 0):
-        self.limit = limit
-        self.kept: List[torch.Tensor] = []
-        self.keys = torch.empty(0)
-        self.held: Optional[torch.Tensor] = None
-        self.total = 0
-        self.generator = torch.Generator().manual_seed(int(seed) + 7919)
-
-    def add(self, rows: torch.Tensor) -> None:
-        limit = self.limit
-        self.total += len(rows)
-        if limit is None:
-            self.kept.append(rows)
-            return
-        batch_keys = torch.rand(len(rows), generator=self.generator)
-        if self.held is None and self.total <= limit:
-            self.kept.append(rows)
-            self.keys = torch.cat([self.keys, batch_keys])
-            return
-        if self.held is None:     # first time past the limit: from here on a sample of ``limit`` rows
-            self.held = torch.cat(self.kept) if self.kept else rows[:0]
-            self.kept = []
-        self.held, self.keys = torch.cat([self.held, rows]), torch.cat([self.keys, batch_keys])
-        if len(self.held) > limit:
-            smallest = torch.topk(self.keys, limit, largest=False).indices.sort().values
-            self.held, self.keys = self.held[smallest], self.keys[smallest]
-
-    def result(self) -> TrainingPatches:
-        held = self.held
-        if held is None:
-            held = torch.cat(self.kept) if self.kept else torch.empty(0, 0)
-        return TrainingPatches(held.contiguous(), self.total)
-
-
-def patch_rows(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The stride-8 patch features of a batch as rows (patches × channels), on the CPU."""
-    f = patch_features(teacher_feats)
-    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()
-
-
 def training_patches(model, batches, limit: Optional[int] = None, seed: int = 0) -> TrainingPatches:
     """Every stride-8 patch feature of the (pre-processed) training batches, or — past ``limit`` rows —
-    a uniform random sample of ``limit`` of them (see PatchReservoir)."""
-    reservoir = PatchReservoir(limit, seed)
+    a uniform random sample of ``limit`` of them, kept while streaming (each row gets a seeded random
+    key and the ``limit`` smallest keys stay), so memory stays bounded on large training sets. Below
+    the limit the rows are all there, in order."""
+    kept: List[torch.Tensor] = []
+    keys = torch.empty(0)
+    held, total = None, 0
+    generator = torch.Generator().manual_seed(int(seed) + 7919)
     device = next(model.parameters()).device
     with torch.no_grad():
         for x in batches:
-            reservoir.add(patch_rows(model.teacher(x.to(device))))
-    return reservoir.result()
+            f = patch_features(model.teacher(x.to(device)))
+            rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()
+            total += len(rows)
+            if limit is None:
+                kept.append(rows)
+                continue
+            batch_keys = torch.rand(len(rows), generator=generator)
+            if held is None and total <= limit:
+                kept.append(rows)
+                keys = torch.cat([keys, batch_keys])
+                continue
+            if held is None:     # first time past the limit: from here on a sample of ``limit`` rows
+                held = torch.cat(kept) if kept else rows[:0]
+                kept = []
+            held, keys = torch.cat([held, rows]), torch.cat([keys, batch_keys])
+            if len(held) > limit:
+                smallest = torch.topk(keys, limit, largest=False).indices.sort().values
+                held, keys = held[smallest], keys[smallest]
+    if held is None:
+        held = torch.cat(kept) if kept else torch.empty(0, 0)
+    return TrainingPatches(held.contiguous(), total)
 
 
 def build_bank(model, batches, fraction: float = DEFAULT_FRACTION, seed: int = 0, sampler: str = "coreset",
@@ -250,43 +209,29 @@ def score_spread(scores: torch.Tensor) -> float:
     return 1.0
 
 
-def spread_images(count: int, seed: int = 0, limit: int = SPREAD_IMAGES) -> List[int]:
-    """Which of ``count`` training images the score spreads of "both" are measured on: all of them up
-    to ``limit``, else a seeded random ``limit`` of them (in order). The spread is a normalising scale;
-    256 images pin it down to a few per cent, and scoring 700 images through the student and the bank
-    cost more than choosing the bank."""
-    if count <= limit:
-        return list(range(count))
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(int(seed) + 104729))
-    return sorted(order[:limit].tolist())
-
-
-def _loader(model, paths: Sequence[str], batch_size: int):
-    from mrkd.train.data import TestDataset, TestItem
-    config = model.config
-    items = [TestItem(str(p), 0, "good", None) for p in paths]
-    dataset = TestDataset(items, config.image_size, config.resize_mode, config.mean, config.std)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+def _image_scores(model, batches) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.cat([model.scores(x.to(device)).cpu() for x in batches])
 
 
 def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = DEFAULT_FRACTION, seed: int = 0,
-                    batch_size: int = 16, sampler: str = "coreset", max_patches: int = DEFAULT_MAX_PATCHES,
-                    progress: bool = True, spread_limit: int = SPREAD_IMAGES) -> dict:
+                    batch_size: int = 16, sampler: str = "coreset", max_patches: int = DEFAULT_MAX_PATCHES) -> dict:
     """Give ``model`` its memory bank from the training images ``paths`` and set the head for ``score``.
 
     "knn": the map is the distance map alone. "both": MRKD's map over the std of its training-image
-    scores plus the distance map over the std of its own, both measured on ``spread_images``.
-    Returns what was set (for the report).
-
-    One pass over the images runs the teacher once per batch: its patches stream into the bank's
-    sample and, for the images the spreads are measured on, the student gives MRKD's scores from the
-    same features. The coreset follows, then the kNN scores of those images (teacher and bank only).
-    ``progress``: a tqdm bar for each of the three steps.
+    scores plus the distance map over the std of its own. Returns what was set (for the report).
     """
+    from mrkd.train.data import TestDataset, TestItem
     if score not in SCORES:
-        raise ValueError(f"score {score!r}: expected one of {SCORES}")
+        raise SettingError(f"score {score!r}: expected one of {SCORES}")
     config = model.config
-    device = next(model.parameters()).device
+    items = [TestItem(str(p), 0, "good", None) for p in paths]
+    dataset = TestDataset(items, config.image_size, config.resize_mode, config.mean, config.std)
+
+    def batches():
+        for image, _, _, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            yield image
+
     was_training = model.training
     model.eval()
     head = model.head
@@ -295,49 +240,17 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     if score == "both":
         base_weights = BOTH_SCALE_WEIGHTS
     head.scale_weights = base_weights
-    spread_index = spread_images(len(paths), seed, spread_limit) if score == "both" else []
-    spread_set = set(spread_index)
-    reservoir = PatchReservoir(sample_limit(sampler, max_patches), seed)
-    mrkd_scores: List[torch.Tensor] = []
-    bar = _bar(len(paths), "memory bank: features", "img") if progress else None
-    with torch.no_grad():
-        start = 0
-        for x, _, _, _ in _loader(model, paths, batch_size):
-            teacher_feats = model.teacher(x.to(device))
-            reservoir.add(patch_rows(teacher_feats))
-            rows = [i for i in range(len(x)) if start + i in spread_set]
-            if rows:
-                own = teacher_feats if len(rows) == len(x) else [f[rows] for f in teacher_feats]
-                mrkd_scores.append(head.scores(head(own, model.student(model.bottleneck(own)))).cpu())
-            start += len(x)
-            if bar is not None:
-                bar.update(len(x))
-    if bar is not None:
-        bar.close()
-    sample = reservoir.result()
-    bank = MemoryBank(subsample_patches(sample.rows, fraction, seed, sampler, max_patches, total=sample.total,
-                                        progress=progress)).to(device)
-    mrkd_std = score_spread(torch.cat(mrkd_scores)) if score == "both" else 1.0
-    knn_std = 1.0
-    if score == "both":
-        knn_scores: List[torch.Tensor] = []
-        bar = _bar(len(spread_index), "memory bank: kNN scores", "img") if progress else None
-        with torch.no_grad():
-            for x, _, _, _ in _loader(model, [paths[i] for i in spread_index], batch_size):
-                knn_map = bank(model.teacher(x.to(device)))
-                knn_scores.append(head.scores(head.blur(head.upsample_sum([knn_map]))).cpu())
-                if bar is not None:
-                    bar.update(len(x))
-        if bar is not None:
-            bar.close()
-        knn_std = score_spread(torch.cat(knn_scores))
+    mrkd_std = score_spread(_image_scores(model, batches())) if score == "both" else 1.0
+    bank = MemoryBank(build_bank(model, batches(), fraction, seed, sampler, max_patches)).to(
+        next(model.parameters()).device)
+    head.set_memory_bank(bank, 1.0)
+    head.scale_weights = (0.0, 0.0, 0.0)
+    knn_std = score_spread(_image_scores(model, batches())) if score == "both" else 1.0
     if score == "mrkd":
         head.set_memory_bank(None, 0.0)
         head.scale_weights = base_weights
         knn_weight = 0.0
     elif score == "knn":
-        head.set_memory_bank(bank, 1.0)
-        head.scale_weights = (0.0, 0.0, 0.0)
         knn_weight = 1.0
     else:
         head.scale_weights = tuple(w / mrkd_std for w in base_weights)
@@ -347,5 +260,4 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     config.knn_memory_fraction, config.knn_sampler = float(fraction), sampler
     model.train(was_training)
     return {"score": score, "sampler": sampler, "bank_patches": int(len(bank.bank)), "bank_mb": round(bank.memory_bytes / 2 ** 20, 2),
-            "mrkd_train_score_std": mrkd_std, "knn_train_score_std": knn_std,
-            "spread_images": len(spread_index)}
+            "mrkd_train_score_std": mrkd_std, "knn_train_score_std": knn_std}
