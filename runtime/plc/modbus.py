@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt
 from mrkd.runtime.plc import PlcError
+from mrkd.runtime.plc.aio import AsyncioServerThread
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER, Handshake, HandshakeError, PlcImage
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def input_registers(image: PlcImage) -> List[int]:
             + [image.results_waiting, r.recipe if r is not None else 0])
 
 
-class ModbusPlc(LineObserver):
+class ModbusPlc(AsyncioServerThread, LineObserver):
     """A Modbus TCP server carrying the handshake of one ``TriggerTarget``; also the line observer
     that feeds the handshake its parts. ``start()`` listens (PlcError when it cannot), ``close()``
     stops; ``address`` is the (host, port) listened on (port 0 asks for a free one)."""
@@ -108,29 +109,11 @@ class ModbusPlc(LineObserver):
     def start(self) -> "ModbusPlc":
         from mrkd.deps import require
         require("pymodbus", "the Modbus TCP server (--modbus) needs pymodbus")
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(started,), name="modbus", daemon=True)
-        self._thread.start()
-        started.wait(30)
+        self._start_loop("modbus", 30)
         if self._error is not None or self.address is None:
             raise PlcError(f"--modbus {self.host}:{self.port}: cannot listen there ({self._error or 'no answer'})")
         logger.info("Modbus TCP server on %s:%d", *self.address)
         return self
-
-    def _serve(self, started: threading.Event) -> None:
-        loop = self._loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(self._listen())
-        except BaseException as exc:   # reported by start()
-            self._error = exc
-            started.set()
-            loop.close()
-            return
-        started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
 
     async def _listen(self) -> None:
         from pymodbus.server import ModbusTcpServer

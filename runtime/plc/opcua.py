@@ -42,6 +42,7 @@ from urllib.parse import urlparse
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
 from mrkd.runtime.plc import PlcError
+from mrkd.runtime.plc.aio import AsyncioServerThread
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def parse_opcua_url(text: str):
     return url.hostname, port
 
 
-class OpcUaPlc(LineObserver):
+class OpcUaPlc(AsyncioServerThread, LineObserver):
     """The VisionSystem server of one ``TriggerTarget`` (module docstring); a line observer too.
     ``start()`` listens (PlcError when it cannot), ``close()`` stops; ``url`` is where it listens
     (port 0 asks for a free one)."""
@@ -96,29 +97,11 @@ class OpcUaPlc(LineObserver):
     def start(self) -> "OpcUaPlc":
         from mrkd.deps import require
         require("asyncua", "the OPC UA server (--opcua) needs asyncua")
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(started,), name="opcua", daemon=True)
-        self._thread.start()
-        started.wait(60)
+        self._start_loop("opcua", 60)
         if self._error is not None or self.url is None:
             raise PlcError(f"--opcua opc.tcp://{self.host}:{self.port}: cannot listen there "
                            f"({self._error or 'no answer'})")
         return self
-
-    def _serve(self, started: threading.Event) -> None:
-        loop = self._loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(self._listen())
-        except BaseException as exc:   # reported by start()
-            self._error = exc
-            started.set()
-            loop.close()
-            return
-        started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
 
     async def _listen(self) -> None:
         from asyncua import Server, ua
