@@ -306,19 +306,28 @@ def open_detectors(line: Line) -> Dict[str, Detector]:
     return detectors
 
 
-def open_sources(line: Line, timeout: float = 5.0) -> Dict[str, Source]:
-    """Open every camera's source; a failure names the camera (sources opened so far are closed).
-    A network camera that does not answer yet is not a failure: it is opened again in the background
-    (LateSource) and shows as down until it answers."""
+def open_sources(line: Line, timeout: float = 5.0, cameras: Optional[Sequence[str]] = None,
+                 triggered: bool = False) -> Dict[str, Source]:
+    """Open the sources of the line's cameras (``cameras``: only these names); a failure names the
+    camera (sources opened so far are closed). Free run: a network camera that does not answer yet is
+    not a failure: it is opened again in the background (LateSource) and shows as down until it
+    answers. ``triggered`` (the part runner): each camera in its trigger mode, grabbed directly, so a
+    camera that does not answer is an error."""
     sources: Dict[str, Source] = {}
     try:
         for camera in line.cameras:
-            def opener(camera=camera):
-                return open_source(camera.source, size=camera.size, fps=camera.fps, loop=camera.loop,
-                                   timeout=timeout, features=camera.features, name=camera.name)
+            if cameras is not None and camera.name not in cameras:
+                continue
+            mode = dict(trigger=camera.trigger) if triggered else dict(fps=camera.fps)
+
+            def opener(camera=camera, mode=mode):
+                return open_source(camera.source, size=camera.size, loop=camera.loop, timeout=timeout,
+                                   features=camera.features, name=camera.name, **mode)
             try:
                 sources[camera.name] = opener()
             except SourceUnreachable as exc:     # a network camera still booting: not a failure
+                if triggered:
+                    raise SourceError(f"camera {camera.name!r}: {exc}") from exc
                 logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
                 sources[camera.name] = LateSource(camera.source, opener, str(exc))
             except SourceError as exc:

@@ -30,7 +30,7 @@ import numpy as np
 from mrkd.errors import MrkdError
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
-from mrkd.runtime.line.loop import Line, open_detectors
+from mrkd.runtime.line.loop import Line, open_detectors, open_sources
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.metadata import model_file_sha256
@@ -474,21 +474,4 @@ def line_part_settings(line: Line) -> PartSettings:
 
 def open_part_sources(line: Line, settings: PartSettings, timeout: float = 5.0) -> Dict[str, Source]:
     """Open the sources of the part's cameras in their trigger mode (a failure names the camera)."""
-    from mrkd.runtime.sources import SourceError, open_source
-    names = settings.cameras or tuple(c.name for c in line.cameras)
-    sources: Dict[str, Source] = {}
-    try:
-        for camera in line.cameras:
-            if camera.name not in names:
-                continue
-            try:
-                sources[camera.name] = open_source(camera.source, size=camera.size, loop=camera.loop, timeout=timeout,
-                                                   features=getattr(camera, "features", ()),
-                                                   trigger=getattr(camera, "trigger", "software"), name=camera.name)
-            except SourceError as exc:
-                raise SourceError(f"camera {camera.name!r}: {exc}") from exc
-    except BaseException:
-        for source in sources.values():
-            source.close()
-        raise
-    return sources
+    return open_sources(line, timeout, cameras=settings.cameras or None, triggered=True)
