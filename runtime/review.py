@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mrkd.errors import MrkdError
+from mrkd.runtime.metadata import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +114,7 @@ def default_who() -> str:
         return "operator"
 
 
-def image_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+image_sha256 = file_sha256     # an evidence image is named by its file's hash
 
 
 class LabelFile:

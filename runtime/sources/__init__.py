@@ -426,7 +426,23 @@ class VideoFileSource(Source):
             self._cap = None
 
 
-class LiveSource(Source):
+class LatestFrameSource(Source):
+    """A source whose reader thread keeps only the newest frame (``_latest``, guarded by ``_cond``;
+    ``_ended`` once the reader stops): the detector never works on a stale frame. Subclasses set the
+    three in ``__init__`` and count the frames they replace as dropped."""
+
+    def _next(self, timeout):
+        with self._cond:
+            self._cond.wait_for(lambda: self._latest is not None or self._ended, timeout)
+            frame, self._latest = self._latest, None
+        return frame
+
+    @property
+    def ended(self) -> bool:
+        return self._closed or (self._ended and self._latest is None)
+
+
+class LiveSource(LatestFrameSource):
     """A camera or network stream: a reader thread keeps only the newest frame (the detector never
     works on a stale one) and, with ``reconnect``, reopens a dropped stream with exponential backoff.
     Stopping never waits for a blocked read for more than ``STOP_WAIT_S``."""
@@ -487,16 +503,6 @@ class LiveSource(Source):
         with self._cond:
             self._ended = True
             self._cond.notify_all()
-
-    def _next(self, timeout):
-        with self._cond:
-            self._cond.wait_for(lambda: self._latest is not None or self._ended, timeout)
-            frame, self._latest = self._latest, None
-        return frame
-
-    @property
-    def ended(self) -> bool:
-        return self._closed or (self._ended and self._latest is None)
 
     def close(self) -> None:
         if not self._stop.is_set():

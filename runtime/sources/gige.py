@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.sources import Frame, Source, SourceError, SourceStats
+from mrkd.runtime.sources import Frame, LatestFrameSource, SourceError, SourceStats
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class _Arrival:
     reason: str = ""
 
 
-class GigeSource(Source):
+class GigeSource(LatestFrameSource):
     """A GigE Vision camera (module docstring). ``device``: IP, serial or Aravis device id."""
 
     live = True
@@ -438,12 +438,6 @@ class GigeSource(Source):
                 self._arrivals.append(_Arrival(time.time(), image, reason))
             self._cond.notify_all()
 
-    def _next(self, timeout):
-        with self._cond:
-            self._cond.wait_for(lambda: self._latest is not None or self._ended, timeout)
-            frame, self._latest = self._latest, None
-        return frame
-
     # -- triggered mode
     def grab(self, trigger_time: float, timeout: float, count: int = 1) -> Grab:
         """The ``count`` image(s) of one part trigger (wall-clock ``trigger_time``), waiting at most
@@ -493,10 +487,6 @@ class GigeSource(Source):
             acquired = time.monotonic()
             self.stats.frames_read += 1
         return Grab(images, None, acquired)
-
-    @property
-    def ended(self) -> bool:
-        return self._closed or (self._ended and self._latest is None)
 
     def close(self) -> None:
         if not self._stop.is_set():
