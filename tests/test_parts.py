@@ -200,20 +200,13 @@ timeout = 1.5
     ('[part]\nspeed = 3', r"part.speed: unknown field"),
     ('[recipes]\nx = "a.onnx"', r"recipes.x: expected a recipe number"),
     ('[recipes]\n2 = "missing.onnx"', r"recipes.2: model file not found"),
-])
-def test_line_file_part_errors_name_the_field(model, tmp_path, body, message):
-    text = f'[[camera]]\nname = "cam"\nsource = "x.png"\n{body}\n'
-    with pytest.raises(LineFileError, match=message):
-        parse_line(text, str(tmp_path / "line.toml"), defaults={"model": model})
-
-
-@pytest.mark.parametrize("field, message", [
+    # camera fields: the text lands inside the [[camera]] table
     ('trigger = "sometimes"', r"camera\[0\] \('cam'\).trigger: expected \"free\", \"software\" or \"hardware\""),
     ('features = 5', r"\.features: expected a table of GenICam features"),
     ('features = {Gain = [1, 2]}', r"\.features\.Gain: expected a number, text or true/false"),
 ])
-def test_line_file_camera_trigger_and_feature_errors(model, tmp_path, field, message):
-    text = f'[[camera]]\nname = "cam"\nsource = "x.png"\n{field}\n'
+def test_line_file_part_camera_and_recipe_errors_name_the_field(model, tmp_path, body, message):
+    text = f'[[camera]]\nname = "cam"\nsource = "x.png"\n{body}\n'
     with pytest.raises(LineFileError, match=message):
         parse_line(text, str(tmp_path / "line.toml"), defaults={"model": model})
 
