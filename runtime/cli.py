@@ -102,9 +102,9 @@ def part_settings(line, part: dict):
     return dataclasses.replace(settings, **changes).check([c.name for c in line.cameras])
 
 
-def run_parts(line, part: dict, detectors, observers, status_every, plc=None) -> dict:
+def run_parts(line, part: dict, detectors, observers, status_every, plc=None, slots=None, shadows=()) -> dict:
     """Judge parts on trigger until the trigger source ends (stdin), --max-parts, or a signal; ``plc``
-    (PlcSettings): the PLC servers that trigger it too."""
+    (PlcSettings): the PLC servers that trigger it too; ``slots``/``shadows``: live_model_controls'."""
     import sys
     from mrkd.runtime.line.parts import PartRunner, open_part_sources
     from mrkd.runtime.line.stream import stop_on_signals
@@ -114,7 +114,9 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None) ->
     sources = open_part_sources(line, settings)
     try:
         runner = PartRunner(line, sources, settings, detectors=detectors, observers=observers,
-                            status_every=status_every, status=lambda text: click.echo(text, err=True))
+                            status_every=status_every, status=lambda text: click.echo(text, err=True),
+                            slots=slots, shadows=shadows)
+        observers.extend(shadows)            # their health in the run's summary, as in the frame loop
         if plc is not None and plc.wanted:
             from mrkd.runtime.plc.servers import start_plc_servers
             servers = start_plc_servers(runner, plc, echo=lambda text: click.echo(text, err=True))
@@ -131,6 +133,21 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None) ->
         if part["trigger_every"]:
             trigger_every(runner, part["trigger_every"], stop, part["max_parts"])
         return runner.run(stop, part["max_parts"])
+
+
+def live_model_controls(line, detectors, outputs, control: dict, output_settings, shadow_model):
+    """The hot swap and shadow run of `mrkd run`, one set-up for the frame loop and the part runner:
+    (ModelSlots over the line's detectors, [ShadowScorer of --shadow] or []); POST /reload and
+    /review on the page are wired to those slots (the caller wraps the run in reload_on_sighup)."""
+    from mrkd.runtime.control import attach_control
+    from mrkd.runtime.line.swap import line_slots
+    slots = line_slots(line, detectors, status=lambda text: click.echo(text, err=True))
+    attach_control(outputs, control, output_settings, slots)
+    shadow = []
+    if shadow_model:     # runtime/line/shadow.py: scores beside the live model, no alarms
+        from mrkd.runtime.line.shadow import ShadowScorer
+        shadow = [ShadowScorer(slots.open(shadow_model))]
+    return slots, shadow
 
 
 def pop_output_settings(options: dict):
@@ -291,7 +308,7 @@ def run_command(model, sources, line_file, **options):
     part = pop_part_options(options)
     plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
     output_settings = pop_output_settings(options)
-    from mrkd.runtime.control import attach_control, pop_control_options     # POST /reload, /review
+    from mrkd.runtime.control import pop_control_options     # POST /reload, /review
     control = pop_control_options(options, output_settings.http)
     shadow_model = options.pop("shadow_model")
     run_settings = pop_run_settings(options)
@@ -323,27 +340,23 @@ def run_command(model, sources, line_file, **options):
         page = outputs_summary(outputs).get("page")
         if page:
             click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
+        from mrkd.runtime.line.swap import reload_on_sighup    # hot swap (SIGHUP), both modes
+        slots, shadow = live_model_controls(line, detectors, outputs, control, output_settings, shadow_model)
         running = True       # from here the runner tells every output on_stop itself
         if triggered:
-            summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc)
+            with reload_on_sighup(slots):
+                summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc, slots, shadow)
             summary.setdefault("outputs", outputs_summary(outputs))
         else:
             stop = threading.Event()
-            from mrkd.runtime.line.swap import line_slots, reload_on_sighup    # hot swap (SIGHUP)
-            slots = line_slots(line, detectors, status=lambda text: click.echo(text, err=True))
-            attach_control(outputs, control, output_settings, slots)
-            shadow = []
-            if shadow_model:     # runtime/line/shadow.py: scores beside the live model, no alarms
-                from mrkd.runtime.line.shadow import ShadowScorer
-                shadow = [ShadowScorer(line_slots(line, {}).open(shadow_model))]
             with stop_on_signals(stop), reload_on_sighup(slots):
                 summary = run_line(line, list(outputs) + [slots] + shadow, run_settings, stop=stop,
                                    detectors=detectors, sources=frames, slots=slots,
                                    status=lambda text: click.echo(text, err=True))
-            summary["model_swaps"] = slots.report()
-            if shadow:
-                summary["shadow"] = shadow[0].summary()
             frames = {}       # run_line closed them
+        summary["model_swaps"] = slots.report()
+        if shadow:
+            summary["shadow"] = shadow[0].summary()
     except BaseException:
         for source in frames.values():
             source.close()

@@ -5,10 +5,13 @@ The page stays read-only for everyone; the two commands below change something a
 compared in constant time (``hmac.compare_digest``). Without a configured token they are refused
 (403), with a wrong or missing one: 401.
 
-* ``POST /review`` with JSON ``{"event_id", "label": "good"|"defect", "note"?, "who"?}``: one label
-  appended to the label file (runtime/review.py), the image being the event's lossless evidence.
+* ``POST /review`` with JSON ``{"event_id", "label": "good"|"defect", "note"?, "who"?, "camera"?}``:
+  one label appended to the label file (runtime/review.py), the image being the event's lossless
+  evidence. A part's event (triggered mode) has one image per camera: ``camera`` names which; without
+  it the part's one flagged camera (or its only camera) is meant.
 * ``POST /reload``: the model slots load the model files again (runtime/line/swap.py); the answer
-  is the outcome of that load (swapped/refused/unchanged; a swap happens between the next frames).
+  is the outcome of that load (swapped/refused/unchanged; a swap happens between the next frames,
+  or the next parts).
 """
 
 from __future__ import annotations
@@ -97,6 +100,14 @@ class LineControl:
         event = self._find_event(request["event_id"])
         if event is None:
             return 404, {"error": f"no event {request['event_id']!r} in {self.events_path}"}
+        camera = request.get("camera")
+        if camera is not None and not isinstance(camera, str):
+            return 400, {"error": "camera must be text"}
+        if isinstance(event.get("cameras"), list):       # a part: which camera's image
+            camera, why = _part_camera(event, camera)
+            if camera is None:
+                return 400, {"error": f"event {request['event_id']}: {why}"}
+            event = dict(event, camera=camera)
         from mrkd.review_cli import find_evidence
         image = find_evidence(event, self.evidence_dir)
         if image is None:
@@ -117,6 +128,19 @@ class LineControl:
         self.slots.request_reload("http")
         self.slots.wait_idle(60)
         return 200, {"outcomes": self.slots.report()[count:], "staged": self.slots.staged()}
+
+
+def _part_camera(event: dict, asked: Optional[str]) -> Tuple[Optional[str], str]:
+    """The camera of a part event whose image a review labels: ``asked``, else the one flagged camera
+    (or the part's only one); (None, why) when that is not one camera."""
+    cameras = [c for c in event["cameras"] if isinstance(c, dict) and isinstance(c.get("camera"), str)]
+    names = [c["camera"] for c in cameras]
+    if asked is not None:
+        return (asked, "") if asked in names else (None, f"the part has no camera {asked!r} (it has {names})")
+    flagged = [c["camera"] for c in cameras if c.get("anomalous")] or names
+    if len(flagged) != 1:
+        return None, f"the part has the cameras {flagged}: give \"camera\""
+    return flagged[0], ""
 
 
 __all__ = ["LineControl", "ControlError", "ReviewError", "MAX_BODY", "token_from_env"]

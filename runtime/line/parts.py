@@ -11,6 +11,13 @@ a software-triggered camera's images from before the trigger are discarded (coun
 whose camera gives no image in time, an incomplete buffer (lost packets) or is down is ERROR, never
 OK. Observer hooks are called one at a time (a lock), from the trigger caller's thread for
 ``on_trigger`` and from the runner's thread otherwise.
+
+Hot swap and shadow runs work as in the frame loop: the detectors are a runtime/line/swap.py
+``ModelSlots`` (the recipes' models among them, so SIGHUP / POST /reload load those again too); the
+runner applies a staged model only between parts, so a part is judged by one model from its first
+image to its verdict and its ``model_sha256`` names that model (the running one's hash, never the
+file's current one: a refused file at the path changes nothing). A ``shadows`` candidate
+(runtime/line/shadow.py) gets every image the live model judged, with the live score and decision.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.line.loop import Line, open_detectors, open_sources
 from mrkd.runtime.line.stats import LatencyWindow
+from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import PartSettings
-from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
                                        TriggerReceipt, Verdict, call_each)
 from mrkd.runtime.outputs.events import new_event_id
@@ -120,27 +127,40 @@ class PartRunner:
     ``start()`` begins (the runner's thread), ``trigger()`` from any thread, ``stop()`` finishes the
     part in hand and the queued ones (within ``drain_s``; any left are reported as ERROR "line
     stopped", never dropped) and returns the run summary.
+
+    ``slots``: the line's ModelSlots (hot swap; the caller wires SIGHUP / POST /reload to it), whose
+    ``detectors`` the runner judges with; the recipes' models are added to it (so the caller, who
+    owns those detectors, closes them). Without it the runner makes its own over ``detectors`` (the
+    same rule: recipe models are added to that mapping) or over detectors it opens and closes.
+    ``shadows``: ShadowScorers fed every judged image (they are observers too).
     """
 
     def __init__(self, line: Line, sources: Mapping[str, Source], settings: Optional[PartSettings] = None,
                  detectors: Optional[Mapping[str, Detector]] = None,
                  observers: Sequence[LineObserver] = (), status_every: float = 0.0,
-                 status: Callable[[str], None] = print):
+                 status: Callable[[str], None] = print, slots: Optional[ModelSlots] = None,
+                 shadows: Sequence[LineObserver] = ()):
         self.line = line
         self.settings = (settings or line_part_settings(line)).check([c.name for c in line.cameras])
         names = self.settings.cameras or tuple(c.name for c in line.cameras)
         by_name = {c.name: c for c in line.cameras}
-        self._own_detectors = detectors is None
-        self.detectors: Dict[str, Detector] = dict(detectors) if detectors is not None else open_detectors(line)
+        self._own_detectors = detectors is None and slots is None
+        if slots is None:
+            slots = line_slots(line, detectors if detectors is not None else open_detectors(line))
+        self.slots = slots
+        self.detectors: Dict[str, Detector] = slots.detectors       # updated in place by a swap
+        for camera in line.cameras:     # a slots object over other detectors than the line's: say so now
+            if camera.name in names and str(Path(camera.model).resolve()) not in slots:
+                raise PartError(f"camera {camera.name}: no detector for its model {camera.model}")
         self._recipe_models: Dict[int, str] = {}
         for number, model in self.settings.recipes:
             key = str(Path(model).resolve())
             if not Path(model).is_file():
                 raise PartError(f"recipe {number}: model file not found: {model}")
-            if key not in self.detectors:
-                self.detectors[key] = Detector(model, backend=line.backend, postprocess=line.postprocess,
-                                               providers=list(line.providers) if line.providers else None,
-                                               threads=line.threads)
+            if key not in slots:
+                slots.add(key, Detector(model, backend=line.backend, postprocess=line.postprocess,
+                                        providers=list(line.providers) if line.providers else None,
+                                        threads=line.threads))
             self._recipe_models[number] = model
         self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model))
                         for n in names]
@@ -151,7 +171,8 @@ class PartRunner:
                     raise PartError(f"camera {camera.name}: {model} has no calibrated threshold; a part needs one "
                                     f"to be OK or NG (mrkd calibrate, or --threshold)")
         self._sources = dict(sources)
-        self.observers = list(observers)
+        self.shadows = list(shadows)
+        self.observers = list(observers) + [s for s in self.shadows if s not in observers]
         self.status_every, self._status = status_every, status
         self._lock = threading.Condition()
         self._notify_lock = threading.Lock()
@@ -165,6 +186,7 @@ class PartRunner:
         self.triggers = self.missed = self.inspections = 0
         self.missed_by_reason: Dict[str, int] = {}
         self.verdicts = dict.fromkeys(Verdict.ALL, 0)
+        self.parts_by_model: Dict[str, int] = {}     # model sha256 -> parts it judged (a swap splits them)
         self.latency = {"trigger_to_verdict": LatencyWindow(4096), "trigger_to_images": LatencyWindow(4096),
                         "model": LatencyWindow(4096)}
         self._started_at = 0.0
@@ -240,7 +262,7 @@ class PartRunner:
         for camera in self.cameras:
             detector = self._detector(camera, 0)
             infos.append(CameraInfo(name=camera.name, source=str(getattr(self._sources[camera.name], "uri", "")),
-                                    model=camera.model, model_sha256=model_file_sha256(camera.model),
+                                    model=camera.model, model_sha256=self.slots.sha256_of(self._key(camera, 0)),
                                     backend=detector.backend.name, precision=detector.precision,
                                     threshold=float(self._threshold(camera, 0, detector)),
                                     threshold_source=("camera setting (line file or --threshold)"
@@ -300,6 +322,9 @@ class PartRunner:
                     pending = None
                 else:
                     pending = self._in_hand = self._queue.popleft()
+            # A reloaded model takes over here: between parts (the part just taken has no image yet),
+            # never inside one; a model staged before a trigger judges that part.
+            self.slots.apply()
             if pending is not None:
                 try:
                     self._judge(pending)
@@ -317,9 +342,12 @@ class PartRunner:
                 self._status(self.status_line())
 
     # ------------------------------------------------------------ one part
+    def _key(self, camera: _Camera, recipe: int) -> str:
+        """The resolved model path (the slots' key) judging ``camera``'s images under ``recipe``."""
+        return str(Path(camera.model if recipe == 0 else self._recipe_models[recipe]).resolve())
+
     def _detector(self, camera: _Camera, recipe: int) -> Detector:
-        model = camera.model if recipe == 0 else self._recipe_models[recipe]
-        return self.detectors[str(Path(model).resolve())]
+        return self.detectors[self._key(camera, recipe)]
 
     @staticmethod
     def _threshold(camera: _Camera, recipe: int, detector: Detector) -> float:
@@ -332,26 +360,30 @@ class PartRunner:
                                              self.settings.images) for c in self.cameras}
         grabs = {name: future.result() for name, future in futures.items()}
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
-        groups: Dict[int, List[Tuple[_Camera, np.ndarray]]] = {}
-        detectors: Dict[int, Detector] = {}
+        groups: Dict[str, List[Tuple[_Camera, np.ndarray]]] = {}      # model path -> its images
         for camera in self.cameras:
             grab = grabs[camera.name]
             if grab.error is None:
                 camera.images += len(grab.images)
-                detector = self._detector(camera, pending.recipe)
-                detectors[id(detector)] = detector
-                groups.setdefault(id(detector), []).extend((camera, image) for image in grab.images)
+                groups.setdefault(self._key(camera, pending.recipe), []).extend(
+                    (camera, image) for image in grab.images)
             else:
                 kind = next((k for k in ERROR_CODES if grab.error.startswith(k)), "other")
                 camera.errors[kind] = camera.errors.get(kind, 0) + 1
         scored: Dict[str, List[Tuple[float, np.ndarray, np.ndarray]]] = {}
         model_s = 0.0
         for key, members in groups.items():
-            result = detectors[key]([image for _, image in members])
+            result = self.detectors[key]([image for _, image in members])
             model_s += sum(result.timings.values())
             for i, (camera, image) in enumerate(members):
                 scored.setdefault(camera.name, []).append((float(result.scores[i]), image, result.maps[i]))
+                self.slots.note(key, image, float(result.scores[i]))
         self._report(pending, grabs, scored, model_s, acquired)
+        for camera in self.cameras:      # the candidates score the same images, on their own threads
+            threshold = self._threshold(camera, pending.recipe, self._detector(camera, pending.recipe))
+            for score, image, _ in scored.get(camera.name, ()):
+                for shadow in self.shadows:
+                    shadow.offer(camera.name, image, score, bool(is_anomalous(score, threshold)))
 
     def _report(self, pending: _Pending, grabs: Mapping[str, Grab],
                 scored: Mapping[str, List[Tuple[float, np.ndarray, np.ndarray]]], model_s: float,
@@ -380,12 +412,14 @@ class PartRunner:
         done = time.monotonic()
         deciding_camera = next(c for c in self.cameras if c.name == deciding.camera)
         first_error = next((j.error for j in judgements if j.error), None)
+        model_sha256 = self.slots.sha256_of(self._key(deciding_camera, pending.recipe))   # the model that judged
         with self._lock:
             self.inspections += 1
             inspection_id = self.inspections
+            self.parts_by_model[model_sha256] = self.parts_by_model.get(model_sha256, 0) + 1
         part = PartResult(inspection_id=inspection_id, part_id=pending.part_id, verdict=verdict,
                           score=deciding.score, threshold=deciding.threshold, cameras=tuple(judgements),
-                          model_sha256=model_file_sha256(self._detector(deciding_camera, pending.recipe).model_path),
+                          model_sha256=model_sha256,
                           recipe=pending.recipe, trigger_time=pending.wall,
                           acquired_s=max(0.0, (acquired or done) - pending.mono), verdict_s=done - pending.mono,
                           error_code=error_code(first_error) if first_error else 0,
@@ -458,7 +492,8 @@ class PartRunner:
                 "missed_by_reason": dict(self.missed_by_reason),
                 "latency_ms": {k: w.percentiles_ms() for k, w in self.latency.items()},
                 "parts_per_s": self.inspections / elapsed if elapsed > 0 else 0.0,
-                "events": self.verdicts[Verdict.NG] + self.verdicts[Verdict.ERROR], "cameras": cameras}
+                "events": self.verdicts[Verdict.NG] + self.verdicts[Verdict.ERROR], "cameras": cameras,
+                "parts_by_model": dict(self.parts_by_model)}
 
 
 def _severity(judgement: CameraJudgement) -> float:

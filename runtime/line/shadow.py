@@ -7,6 +7,10 @@ model did not raise, and the reverse), and the Pearson correlation of the scores
 When the candidate cannot keep up, the oldest waiting frames are dropped and counted — the live
 line never waits for the shadow. ``comparison()`` is what the summary and the health line show;
 promote the candidate with the hot swap (move it to the live model's path, SIGHUP or POST /reload).
+
+In triggered mode there are no frames: the part runner (runtime/line/parts.py) calls ``offer`` with
+each image a part's live model judged, its score and the decision against the camera's threshold,
+so ``frames`` counts part images (one per camera per part by default).
 """
 
 from __future__ import annotations
@@ -61,9 +65,14 @@ class ShadowScorer(LineObserver):
         self._thread.start()
 
     def on_frame(self, result: FrameResult) -> None:
-        if self.cameras is not None and result.camera not in self.cameras:
+        self.offer(result.camera, result.image, result.score, result.anomalous)
+
+    def offer(self, camera: str, image, live_score: float, live_anomalous: bool) -> None:
+        """An image the live model judged (``live_score``; ``live_anomalous``: its decision): queued for
+        the candidate, never waiting (the oldest waiting image is dropped and counted)."""
+        if self.cameras is not None and camera not in self.cameras:
             return
-        item = (result.image, float(result.score), bool(result.anomalous))
+        item = (image, float(live_score), bool(live_anomalous))
         while True:
             try:
                 self._queue.put_nowait(item)
@@ -142,6 +151,7 @@ class ShadowScorer(LineObserver):
         self.detector.close()
 
     def summary(self) -> dict:
-        data = asdict(self.comparison())
-        data["disagreement_rate"] = self.comparison().disagreement_rate
+        comparison = self.comparison()
+        data = asdict(comparison)
+        data["disagreement_rate"] = comparison.disagreement_rate
         return data

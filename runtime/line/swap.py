@@ -19,6 +19,10 @@ the swap. So no frame is judged by a half-loaded model and no frame is skipped: 
 while the new model loads are scored by the old one. A refused model leaves the old one running and
 says why in one line (``status``) and in ``report()``.
 
+The part runner (runtime/line/parts.py) uses the same slots: it adds its recipes' models (``add``),
+records each judged image (``note``), looks the detector and hash up by path for every part and
+calls ``apply()`` (no camera states: it reads ``detectors`` and ``sha256_of``) between parts.
+
 Torch-free, like the rest of the runtime.
 """
 
@@ -64,7 +68,7 @@ class SwapRecord:
     detail: str = ""
     load_s: float = 0.0
     at: float = 0.0                  # wall clock of the outcome (the swap itself for "swapped")
-    frames_before: int = 0           # frames this path's old model had judged when it was replaced
+    frames_before: int = 0           # frames (part images) this path's old model had judged when replaced
 
 
 @dataclass
@@ -89,16 +93,29 @@ class ModelSlots(LineObserver):
                  status: Callable[[str], None] = logger.warning, check_frames: int = CHECK_FRAMES):
         self.detectors = detectors
         self._opener, self._status = opener, status
+        self._check_frames_kept = max(1, check_frames)
         self._lock = threading.Lock()
         self._slots: Dict[str, _Slot] = {}
         for key, detector in detectors.items():
-            self._slots[key] = _Slot(str(detector.model_path), detector, model_file_sha256(detector.model_path),
-                                     deque(maxlen=max(1, check_frames)))
+            self._slots[key] = self._new_slot(detector)
         self._camera_key: Dict[str, str] = {}
         self._loader: Optional[threading.Thread] = None
         self._again: Optional[str] = None
         self.records: List[SwapRecord] = []
         self._waiters = threading.Condition(self._lock)
+
+    def _new_slot(self, detector) -> _Slot:
+        return _Slot(str(detector.model_path), detector, model_file_sha256(detector.model_path),
+                     deque(maxlen=self._check_frames_kept))
+
+    def add(self, key: str, detector) -> None:
+        """Serve one more model path (a recipe's model the part runner opened): it goes into
+        ``detectors`` and is loaded again with the others on every reload. Before the line runs."""
+        with self._lock:
+            if key in self._slots:
+                return
+            self.detectors[key] = detector
+            self._slots[key] = self._new_slot(detector)
 
     # ------------------------------------------------------------ requests (any thread)
     def request_reload(self, reason: str = "request") -> bool:
@@ -206,22 +223,30 @@ class ModelSlots(LineObserver):
                          f"({record.new_sha256[:12] if record.new_sha256 else '?'}; {record.detail})")
 
     # ------------------------------------------------------------ the loop thread
+    def __contains__(self, key: str) -> bool:
+        return key in self._slots
+
     def sha256_of(self, key: str) -> str:
         return self._slots[key].sha256
 
     def on_frame(self, result: FrameResult) -> None:
         key = self._camera_key.get(result.camera)
-        if key is None:
-            return
-        slot = self._slots[key]
-        slot.frames += 1
-        with self._lock:
-            slot.recent.append((result.image, float(result.score)))
+        if key is not None:
+            self.note(key, result.image, result.score)
 
-    def apply(self, states: Sequence) -> List[SwapRecord]:
+    def note(self, key: str, image: np.ndarray, score: float) -> None:
+        """The running model of ``key`` judged ``image`` (score ``score``): counted, and kept among
+        the recent frames a new version is checked on."""
+        slot = self._slots[key]
+        with self._lock:
+            slot.frames += 1
+            slot.recent.append((image, float(score)))
+
+    def apply(self, states: Sequence = ()) -> List[SwapRecord]:
         """Between rounds (loop thread): put staged detectors in place for every camera state of their
         path (``state.detector``, ``state.info``, and ``state.policy.threshold`` when the camera uses
-        the model's threshold). Returns the swaps done."""
+        the model's threshold). The part runner gives no states: it looks ``detectors`` and
+        ``sha256_of`` up per part. Returns the swaps done."""
         if not self._camera_key:
             for state in states:
                 self._camera_key[state.camera.name] = str(Path(state.camera.model).resolve())
