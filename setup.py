@@ -2,7 +2,7 @@
 
 The source folders train/, export/, runtime/ and benchmarks/ install as mrkd.train, mrkd.export,
 mrkd.runtime and mrkd.benchmarks: one namespace, nothing generic at the top of site-packages.
-cpp_ext/ builds the post-processing extension: the C++/OpenMP part always, the CUDA part when
+cpp_ext/ builds the post-processing extension: the C++ part always, the CUDA part when
 nvcc is found (see cpp_ext/build.py).
 """
 

@@ -1,8 +1,8 @@
 """Build of the post-processing extension (imported by setup.py).
 
-``extensions()`` lists the setuptools Extensions: ``mrkd.runtime._postprocess_cpu`` (C++/OpenMP,
-always) and ``mrkd.runtime._postprocess_cuda`` (only when nvcc is found via CUDA_HOME, CUDA_PATH,
-PATH or /usr/local/cuda, and MRKD_NO_CUDA is not set). ``BuildExtension`` compiles the .cu
+``extensions()`` lists the setuptools Extensions: ``mrkd.runtime._postprocess_cpu`` (C++ with its
+own thread pool, always) and ``mrkd.runtime._postprocess_cuda`` (only when nvcc is found via
+CUDA_HOME, CUDA_PATH, PATH or /usr/local/cuda, and MRKD_NO_CUDA is not set). ``BuildExtension`` compiles the .cu
 sources with nvcc and links them with the host compiler; cudart is linked statically so the module
 imports on machines without a GPU.
 
@@ -108,22 +108,6 @@ def gencode_flags(archs: list[str]) -> list[str]:
     return flags + ["-gencode", f"arch=compute_{top},code=compute_{top}"]
 
 
-def _openmp_flags(compiler) -> list[str]:
-    """['-fopenmp'] when the host compiler accepts it (GCC, Clang with libomp), else []."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "omp_probe.cpp")
-        with open(src, "w", encoding="utf-8") as f:
-            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-        try:
-            objects = compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
-            compiler.link_executable(objects, "omp_probe", output_dir=tmp, extra_postargs=["-fopenmp"])
-            return ["-fopenmp"]
-        except Exception:  # any compiler/linker failure means: build without OpenMP
-            return []
-
-
 def extensions() -> list[Extension]:
     """The Extensions to build: the CPU one always, the CUDA one when nvcc is usable."""
     import pybind11
@@ -134,7 +118,9 @@ def extensions() -> list[Extension]:
             CPU_NAME,
             sources=[_rel("postprocess_cpu.cpp")],
             include_dirs=[pybind11.get_include(), HERE],
-            extra_compile_args=common_cflags,
+            extra_compile_args=common_cflags + ["-pthread"],
+            extra_link_args=["-pthread"],
+            depends=[_rel("postprocess_common.h")],
             language="c++",
         )
     ]
@@ -167,8 +153,8 @@ def extensions() -> list[Extension]:
 
 
 class BuildExtension(build_ext):
-    """build_ext that compiles .cu sources with nvcc, adds OpenMP to the CPU extension when the
-    compiler supports it, and treats a failed CUDA build as optional unless MRKD_REQUIRE_CUDA=1."""
+    """build_ext that compiles .cu sources with nvcc and treats a failed CUDA build as optional
+    unless MRKD_REQUIRE_CUDA=1."""
 
     def build_extensions(self):
         self._failed_optional = []
@@ -177,13 +163,6 @@ class BuildExtension(build_ext):
         self.extensions = [e for e in self.extensions if e not in self._failed_optional]
 
     def build_extension(self, ext):
-        if ext.name == CPU_NAME:
-            omp = _openmp_flags(self.compiler)
-            if not omp:
-                _note("the C++ compiler has no OpenMP: the CPU post-processing runs single-threaded")
-            ext.extra_compile_args = list(ext.extra_compile_args) + omp
-            ext.extra_link_args = list(ext.extra_link_args) + omp
-            return super().build_extension(ext)
         cu_sources = [s for s in ext.sources if s.endswith(".cu")]
         if not cu_sources:
             return super().build_extension(ext)

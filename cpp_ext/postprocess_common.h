@@ -1,4 +1,4 @@
-// Index arithmetic shared by the CPU (C++/OpenMP) and CUDA post-processing, so that both follow
+// Index arithmetic shared by the CPU (C++) and CUDA post-processing, so that both follow
 // the same conventions: bilinear upsampling with align_corners=True (as torch F.interpolate) and
 // scipy.ndimage's 'reflect' border (symmetric: d c b a | a b c d, the edge pixel repeated).
 #pragma once

@@ -1,6 +1,9 @@
 // CPU post-processing for MRKD anomaly maps: per image, bilinear upsampling (align_corners=True)
 // of every scale summed, a separable Gaussian (scipy gaussian_filter semantics, 'reflect' border)
-// and the per-image maximum. OpenMP over (image, band of rows) tasks.
+// and the per-image maximum. Tasks of (image, band of rows) run on the calling thread and, when
+// the work is large enough (work_split) and cores are free at the moment (free_cores), on helper
+// threads of a small pool that sleep on a condition variable between calls (they never spin: with
+// OpenMP's spinning waits, 2 threads on busy cores were 10-50x slower than 1).
 //
 // Upsampling and the Gaussian are both linear and separable, so per scale and axis they compose
 // into one banded matrix (output pixel <- a few low-resolution pixels): smoothed = sum over scales
@@ -13,21 +16,30 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "postprocess_common.h"
 
@@ -45,10 +57,19 @@ using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecas
 namespace mrkd {
 namespace {
 
-// Below this many output pixels per thread, waking another thread costs more than it saves. One
-// 256 px map takes ~0.05 ms on one core; a second thread for it (two row bands) made the call 4-10x
-// slower on the shared 2-core VM under load, so batch 1 goes to several threads from 512 px on.
-constexpr long kMinPixelsPerThread = 128 * 1024;
+// Work is counted in output pixels x images x scale maps summed into each pixel (the "channels"):
+// the row pass reads ~6-10 taps per scale for every output pixel, so this is what the time follows.
+// A call uses at most work / kMinWorkPerThread threads (at least one). Measured on the 2-core VM
+// with every call forced onto 2 threads (medians of 5 alternated rounds, MRKD's three scales): one
+// 256 px image (196,608 units, ~0.06 ms) 0.97x the one-thread time, 256 px batch 2 (393,216) 1.13x,
+// 384 px batch 1 (442,368) 1.00x: waking a sleeping helper (~50-100 us on a VM) and the bands'
+// overlapping halo rows eat what the second core saves. 512 px batch 1 (786,432) 0.83x, 256 px
+// batch 4 0.70x, 1024 px 0.52x. So a second thread from 2 x 393,216 units on.
+constexpr long kMinWorkPerThread = 2L * 256 * 256 * 3;
+// Tasks are cut to about this much work (one 256 px image, ~0.06-0.1 ms), at least two per thread,
+// so that a helper the scheduler preempts on a busy core holds up at most one small task, and the
+// caller takes over every task a late helper has not claimed yet.
+constexpr long kTaskWork = 256L * 256 * 3;
 
 // 8 floats in GCC/Clang vector extensions: AVX in the x86-64-v3 clone, SSE or NEON pairs elsewhere.
 typedef float vfloat __attribute__((vector_size(32)));
@@ -294,35 +315,172 @@ private:
     const float** row_ptrs_;
 };
 
+// Threads for a call: as asked, but one per kMinWorkPerThread of work at most. Tasks: whole images
+// when each is small, else bands of rows (at least 16 each) of about kTaskWork, and at least two
+// tasks per thread; bands' low-resolution halo rows are smoothed by both neighbours (a few rows).
 struct WorkSplit {
     int threads;
     int bands;  // row bands per image
 };
 
-// Threads: as asked, but at least kMinPixelsPerThread output pixels each. Whole images per task
-// when there are enough; otherwise bands of rows (at least 16 each), whose low-resolution halo
-// rows are smoothed by both neighbours (a few rows: small price next to idle cores).
-WorkSplit work_split(int n_images, int H, int W, int threads) {
-    const long pixels = static_cast<long>(n_images) * H * W;
-    threads = static_cast<int>(std::max(1L, std::min<long>(threads, pixels / kMinPixelsPerThread)));
-    return {threads, std::max(1, std::min((threads + n_images - 1) / std::max(1, n_images), H / 16))};
+WorkSplit work_split(long n_images, int H, int W, int n_scales, int threads) {
+    const long image_work = static_cast<long>(H) * W * std::max(1, n_scales);
+    const long work = n_images * image_work;
+    threads = static_cast<int>(std::max(1L, std::min<long>(threads, work / kMinWorkPerThread)));
+    if (threads == 1) return {1, 1};  // no split: the single-thread path has no halo overhead
+    const long min_tasks = 2L * threads;
+    long bands = std::max((image_work + kTaskWork - 1) / kTaskWork, (min_tasks + n_images - 1) / n_images);
+    bands = std::max(1L, std::min<long>(bands, H / 16));
+    return {threads, static_cast<int>(bands)};
 }
 
+// Helper threads that sleep on a condition variable between calls. run() executes tasks
+// [0, n_tasks) on the calling thread and up to `helpers` pool threads: every participant claims
+// the next task from an atomic counter, so the caller never waits for a helper that has not been
+// scheduled yet (it takes that helper's tasks itself); it waits (blocking, not spinning) only for
+// tasks a helper has already claimed. The result does not depend on who ran which task.
+class TaskPool {
+public:
+    static TaskPool& instance() {
+        // Leaked on purpose: helper threads may still sleep on it while the process exits. A forked
+        // child has none of the parent's threads: it gets a fresh pool.
+        static std::mutex mutex;
+        static TaskPool* pool = nullptr;
+        std::lock_guard<std::mutex> lock(mutex);
+        if (pool == nullptr || pool->pid_ != getpid()) pool = new TaskPool();
+        return *pool;
+    }
+
+    void run(long n_tasks, int helpers, const std::function<void(long)>& task) {
+        auto job = std::make_shared<Job>(n_tasks, &task);
+        if (helpers > 0) {
+            std::lock_guard<std::mutex> lock(mutex_);
+            while (static_cast<int>(threads_.size()) < helpers) threads_.emplace_back([this] { serve(); });
+            job_ = job;
+            ++generation_;
+            wanted_ = helpers;
+        }
+        for (int i = 0; i < helpers; ++i) wake_.notify_one();
+        work(*job);
+        std::unique_lock<std::mutex> lock(job->mutex);
+        job->finished.wait(lock, [&] { return job->done.load() == n_tasks; });
+        if (job->error) std::rethrow_exception(job->error);
+    }
+
+private:
+    struct Job {
+        Job(long n, const std::function<void(long)>* fn) : n_tasks(n), task(fn) {}
+        const long n_tasks;
+        const std::function<void(long)>* task;  // valid while a claimed task is unfinished
+        std::atomic<long> next{0};
+        std::atomic<long> done{0};
+        std::mutex mutex;
+        std::condition_variable finished;
+        std::exception_ptr error;
+    };
+
+    TaskPool() : pid_(getpid()) {}
+
+    static void work(Job& job) {
+        for (long t; (t = job.next.fetch_add(1)) < job.n_tasks;) {
+            try {
+                (*job.task)(t);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(job.mutex);
+                if (!job.error) job.error = std::current_exception();
+            }
+            if (job.done.fetch_add(1) + 1 == job.n_tasks) {
+                std::lock_guard<std::mutex> lock(job.mutex);  // the caller checks done under this lock
+                job.finished.notify_one();
+            }
+        }
+    }
+
+    void serve() {
+        // SCHED_BATCH: a woken helper does not preempt whatever runs on the core it lands on (on a
+        // busy machine that was often the caller itself, which then waited ms for its core back).
+        sched_param param{};
+        pthread_setschedparam(pthread_self(), SCHED_BATCH, &param);
+        unsigned long seen = 0;
+        for (;;) {
+            std::shared_ptr<Job> job;
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_ != seen && wanted_ > 0; });
+                seen = generation_;
+                --wanted_;
+                job = job_;
+            }
+            work(*job);  // a late helper finds every task claimed and goes back to sleep
+        }
+    }
+
+    const pid_t pid_;
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    std::vector<std::thread> threads_;  // never joined (see instance())
+    std::shared_ptr<Job> job_;
+    unsigned long generation_ = 0;
+    int wanted_ = 0;
+};
+
+// Cores no other thread is running on at this moment: online CPUs minus the runnable threads that
+// /proc/loadavg counts (4th field, "runnable/total", an instant count that includes the caller).
+// May be negative (more runnable threads than cores). Read at most every 10 ms (a read costs a few
+// us); kUnknownFreeCores where /proc/loadavg cannot be read (not Linux): no limit then.
+constexpr int kUnknownFreeCores = std::numeric_limits<int>::max();
+int free_cores() {
+    using Clock = std::chrono::steady_clock;
+    static std::atomic<long> read_at{0};
+    static std::atomic<bool> valid{false};
+    static std::atomic<int> cached{kUnknownFreeCores};
+    const long now = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now().time_since_epoch()).count();
+    if (valid.load(std::memory_order_acquire) && now - read_at.load(std::memory_order_relaxed) < 10)
+        return cached.load(std::memory_order_relaxed);
+    int result = kUnknownFreeCores;
+    const int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        char text[128];
+        const ssize_t n = read(fd, text, sizeof text - 1);
+        close(fd);
+        double a, b, c;
+        int runnable, total;
+        if (n > 0 && (text[n] = '\0', std::sscanf(text, "%lf %lf %lf %d/%d", &a, &b, &c, &runnable, &total) == 5))
+            result = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)) - (runnable - 1);
+    }
+    cached.store(result, std::memory_order_relaxed);
+    read_at.store(now, std::memory_order_relaxed);
+    valid.store(true, std::memory_order_release);
+    return result;
+}
+
+thread_local int last_threads = 0;  // threads the calling thread's latest anomaly_map call used
+
 void anomaly_map_cpu(const std::vector<Scale>& scales, int n_images, int H, int W, float* maps, float* scores,
-                     int requested_threads) {
-    const auto [threads, bands] = work_split(n_images, H, W, requested_threads);
+                     int requested_threads, bool only_free_cores) {
+    auto [threads, bands] = work_split(n_images, H, W, static_cast<int>(scales.size()), requested_threads);
+    if (threads > 1 && only_free_cores) {
+        // Helpers only on cores that are free now. On busy cores a second thread cannot add CPU
+        // time, it only competes with the caller and the other programs: measured with four busy
+        // processes per core, 512 px batch 4 took 6.3-6.7 ms on two threads (this pool, never
+        // spinning) and 17-20 ms (OpenMP, spinning) against 1.6-2.2 ms on one.
+        const int idle = free_cores();
+        if (idle < threads - 1) threads = std::max(1, 1 + idle);
+        if (threads == 1) bands = 1;
+    }
+    last_threads = threads;
     const long tasks = static_cast<long>(n_images) * bands;
     std::vector<float> task_max(tasks);
-
-#pragma omp parallel num_threads(threads)
-    {
+    auto band = [&, bands = bands](long t) {
+        const int n = static_cast<int>(t / bands), b = static_cast<int>(t % bands);
         BandWorker worker(scales, H, W);
-#pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < tasks; ++t) {
-            const int n = static_cast<int>(t / bands), b = static_cast<int>(t % bands);
-            task_max[t] = worker.run(n, static_cast<int>(static_cast<long>(H) * b / bands),
-                                     static_cast<int>(static_cast<long>(H) * (b + 1) / bands), maps);
-        }
+        task_max[t] = worker.run(n, static_cast<int>(static_cast<long>(H) * b / bands),
+                                 static_cast<int>(static_cast<long>(H) * (b + 1) / bands), maps);
+    };
+    if (threads == 1) {
+        for (long t = 0; t < tasks; ++t) band(t);
+    } else {
+        TaskPool::instance().run(tasks, threads - 1, band);
     }
     for (int n = 0; n < n_images; ++n)
         scores[n] = *std::max_element(task_max.begin() + static_cast<long>(n) * bands,
@@ -337,16 +495,20 @@ std::vector<double> checked_weights(const DoubleArray& weights) {
     return std::vector<double>(weights.data(), weights.data() + weights.size());
 }
 
+// Threads a call with threads=0 uses: OMP_NUM_THREADS when set (the usual knob for "threads of
+// numeric libraries in this process"), else the cores this process may run on.
 int max_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
+    if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+        const int n = std::atoi(env);
+        if (n > 0) return n;
+    }
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
 }
 
 py::tuple anomaly_map_py(const std::vector<FloatArray>& per_scale, int H, int W, const DoubleArray& weights,
-                         int threads) {
+                         int threads, bool only_free_cores) {
     if (per_scale.empty()) throw std::invalid_argument("per_scale is empty: need at least one map");
     if (H < 1 || W < 1)
         throw std::invalid_argument("output size must be positive, got " + std::to_string(H) + "x" +
@@ -375,7 +537,7 @@ py::tuple anomaly_map_py(const std::vector<FloatArray>& per_scale, int H, int W,
     if (n_images > 0) {
         py::gil_scoped_release release;
         anomaly_map_cpu(scales, static_cast<int>(n_images), H, W, maps_ptr, scores_ptr,
-                        threads > 0 ? threads : max_threads());
+                        threads > 0 ? threads : max_threads(), only_free_cores);
     }
     return py::make_tuple(maps, scores);
 }
@@ -384,21 +546,31 @@ py::tuple anomaly_map_py(const std::vector<FloatArray>& per_scale, int H, int W,
 }  // namespace mrkd
 
 PYBIND11_MODULE(_postprocess_cpu, m) {
-    m.doc() = "MRKD anomaly-map post-processing on the CPU (C++/OpenMP): upsample + sum + Gaussian + max.";
+    m.doc() = "MRKD anomaly-map post-processing on the CPU (C++, a sleeping thread pool): upsample + sum + "
+              "Gaussian + max.";
     m.def("anomaly_map", &mrkd::anomaly_map_py, py::arg("per_scale"), py::arg("height"), py::arg("width"),
-          py::arg("weights"), py::arg("threads") = 0,
-          "anomaly_map(per_scale, height, width, weights, threads=0) -> (maps N x H x W float32, scores N float32).\n"
-          "per_scale: list of C-contiguous float32 N x h x w arrays; weights: 1-D Gaussian taps (odd length);\n"
-          "threads: OpenMP threads (0 = OMP_NUM_THREADS / all cores).");
-    m.def("work_split", [](int n, int height, int width, int threads) {
-              const mrkd::WorkSplit split = mrkd::work_split(n, height, width, threads > 0 ? threads : mrkd::max_threads());
+          py::arg("weights"), py::arg("threads") = 0, py::arg("only_free_cores") = true,
+          "anomaly_map(per_scale, height, width, weights, threads=0, only_free_cores=True) -> (maps N x H x W\n"
+          "float32, scores N float32). per_scale: list of C-contiguous float32 N x h x w arrays; weights: 1-D\n"
+          "Gaussian taps (odd length); threads: at most this many threads (0 = max_threads()), fewer for small\n"
+          "work (see work_split) and, with only_free_cores, no more than 1 + free_cores() (False: tests).");
+    m.def("work_split", [](long n, int height, int width, int scales, int threads) {
+              const mrkd::WorkSplit split =
+                  mrkd::work_split(n, height, width, scales, threads > 0 ? threads : mrkd::max_threads());
               return py::make_tuple(split.threads, split.bands);
-          }, py::arg("n"), py::arg("height"), py::arg("width"), py::arg("threads") = 0,
-          "work_split(n, height, width, threads=0) -> (threads, row bands per image) an anomaly_map call would use.");
-    m.def("max_threads", &mrkd::max_threads, "OpenMP threads a call will use (1 when built without OpenMP).");
-#ifdef _OPENMP
-    m.attr("OPENMP") = true;
-#else
-    m.attr("OPENMP") = false;
-#endif
+          }, py::arg("n"), py::arg("height"), py::arg("width"), py::arg("scales"), py::arg("threads") = 0,
+          "work_split(n, height, width, scales, threads=0) -> (threads, row bands per image) an anomaly_map\n"
+          "call on n images of height x width from `scales` maps would use.");
+    m.def("max_threads", &mrkd::max_threads,
+          "Threads a call with threads=0 may use: OMP_NUM_THREADS when set, else the cores this process may run on.");
+    m.def("free_cores", []() -> py::object {
+              const int free = mrkd::free_cores();
+              return free == mrkd::kUnknownFreeCores ? py::none() : py::object(py::int_(free));
+          },
+          "Cores no other thread runs on right now (online CPUs - runnable threads + 1; negative when\n"
+          "oversubscribed), None if unknown; a call puts helpers on these only.");
+    m.def("last_threads", [] { return mrkd::last_threads; },
+          "Threads the calling thread's latest anomaly_map call ran on (0 before the first call).");
+    m.attr("MIN_WORK_PER_THREAD") = mrkd::kMinWorkPerThread;
+    m.attr("TASK_WORK") = mrkd::kTaskWork;
 }

@@ -7,7 +7,8 @@ border = symmetric, the edge pixel repeated), and take the maximum as the image 
 
 Three implementations compute the same thing:
   "cuda"  - cpp_ext's CUDA kernels on device buffers (CuPy, torch.cuda, pycuda or raw pointers),
-  "cpu"   - cpp_ext's C++/OpenMP code on numpy arrays,
+  "cpu"   - cpp_ext's C++ code on numpy arrays (threads chosen by the work's size, helpers that
+            sleep between calls: it stays fast on cores shared with other programs),
   "numpy" - the slow, readable reference below (numpy only).
 "auto" picks cuda for device inputs when it works, else cpu when compiled, else numpy.
 This module never imports torch.
@@ -303,7 +304,9 @@ def anomaly_map(per_scale: Sequence[Any], size: Size, sigma: float = 4.0, impl: 
     arrays (__cuda_array_interface__). size: H or (H, W). sigma: Gaussian sigma (model metadata).
     impl: "auto", "cuda", "cpu" or "numpy" (see resolve_impl; last_impl() says which ran).
     stream (cuda): a cudaStream_t as int; default: the inputs' library's current stream.
-    threads (cpu): OpenMP threads, 0 = OMP_NUM_THREADS / all cores.
+    threads (cpu): at most this many threads, 0 = OMP_NUM_THREADS when set, else all cores; small
+    work runs on fewer (cpp_ext's work_split: work // 393,216 threads at most, work = output pixels x
+    images x scales, at least one: 256 px batch 1 or 2 -> 1, 512 px batch 1 or 256 px batch 4 -> 2).
     Returns (maps N x H x W float32, scores N float32): numpy for cpu/numpy; for cuda, arrays of the
     inputs' library, enqueued on the stream and not synchronised.
     """

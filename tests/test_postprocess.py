@@ -89,7 +89,9 @@ def test_cpu_threads_and_row_bands(batch, size, threads):
     """Enough pixels for several threads: images split into row bands whose halos overlap."""
     rng = np.random.default_rng(size)
     per_scale = random_maps(rng, batch, [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2])
-    maps, scores = pp.anomaly_map(per_scale, size, impl="cpu", threads=threads)
+    module = pp._load("cpu")[0]
+    maps, scores = module.anomaly_map(per_scale, size, size, pp.gaussian_kernel1d(4.0), threads, False)
+    assert module.last_threads() == threads
     single, single_scores = pp.anomaly_map(per_scale, size, impl="cpu", threads=1)
     np.testing.assert_array_equal(maps, single)  # same arithmetic per row, whoever computes it
     np.testing.assert_array_equal(scores, single_scores)
@@ -104,16 +106,165 @@ def test_cpu_batch1_row_bands_match_scipy(out_size, threads):
     included: every band's output rows and the image maximum as scipy computes them."""
     module = pp._load("cpu")[0]
     height, width = out_size
-    assert module.work_split(1, height, width, threads) == (threads, threads)  # really several bands
+    used, bands = module.work_split(1, height, width, 3, threads)
+    assert used == threads and bands >= threads  # really several threads and bands
     rng = np.random.default_rng(height + width)
     shapes = [(-(-height // f), -(-width // f)) for f in (4, 8, 16)]
     per_scale = random_maps(rng, 1, shapes)
-    maps, scores = pp.anomaly_map(per_scale, out_size, impl="cpu", threads=threads)
+    maps, scores = module.anomaly_map(per_scale, height, width, pp.gaussian_kernel1d(4.0), threads, False)
     single, _ = pp.anomaly_map(per_scale, out_size, impl="cpu", threads=1)
     np.testing.assert_array_equal(maps, single)
     ref_maps, ref_scores = scipy_reference(per_scale, height, width, 4.0)
     np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
     np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
+
+
+def documented_threads(n, height, width, scales, requested):
+    """The rule cpp_ext documents: work = output pixels x images x scale maps; one thread per
+    MIN_WORK_PER_THREAD units of work at most, never more than requested, at least one."""
+    module = pp._load("cpu")[0]
+    return max(1, min(requested, n * height * width * scales // module.MIN_WORK_PER_THREAD))
+
+
+@pytest.mark.parametrize("n,height,width,scales", [
+    (1, 256, 256, 3), (2, 256, 256, 3), (4, 256, 256, 3), (1, 384, 384, 3), (1, 512, 512, 3), (4, 512, 512, 3),
+    (1, 512, 512, 1), (32, 256, 256, 3), (1, 1024, 1024, 4), (3, 7, 5, 2), (1, 2000, 16, 3)])
+@pytest.mark.parametrize("requested", [1, 2, 3, 8])
+def test_thread_count_follows_the_work_size(n, height, width, scales, requested):
+    module = pp._load("cpu")[0]
+    threads, bands = module.work_split(n, height, width, scales, requested)
+    assert threads == documented_threads(n, height, width, scales, requested)
+    if threads == 1:
+        assert bands == 1  # one thread: whole images, no overlapping halo rows
+    else:
+        assert 1 <= bands <= max(1, height // 16)  # bands of at least 16 rows
+        # tasks of about TASK_WORK, at least two per thread where the 16-row minimum allows
+        assert n * bands >= min(2 * threads, n * max(1, height // 16))
+        image_work = height * width * scales
+        assert image_work / bands <= module.TASK_WORK or bands == max(1, height // 16)
+
+
+def test_thread_threshold_at_mrkds_sizes():
+    """The measured threshold in words: one 256 px frame (or two) stays on one thread; 512 px
+    frames and 256 px batches of 4 get two."""
+    module = pp._load("cpu")[0]
+    assert module.work_split(1, 256, 256, 3, 2)[0] == 1
+    assert module.work_split(2, 256, 256, 3, 2)[0] == 1
+    assert module.work_split(4, 256, 256, 3, 2)[0] == 2
+    assert module.work_split(1, 512, 512, 3, 2)[0] == 2
+    # threads=0 means max_threads(): OMP_NUM_THREADS when set (conftest sets 2), else the cores
+    expected = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else len(os.sched_getaffinity(0))
+    assert module.max_threads() == expected
+    assert module.work_split(64, 512, 512, 3, 0)[0] == min(expected, 64 * 512 * 512 * 3 // module.MIN_WORK_PER_THREAD)
+
+
+@pytest.mark.parametrize("batch,size", [(1, 256), (4, 256), (1, 512), (3, 512), (1, 768)])
+@pytest.mark.parametrize("threads", [0, 2, 3, 4])
+def test_cpu_any_thread_count_equals_one_thread_and_scipy(batch, size, threads):
+    """Whatever the work size makes of the thread count (one thread for small work, row bands and
+    pool helpers for large), the maps are bit-identical to one thread's and match scipy."""
+    module = pp._load("cpu")[0]
+    rng = np.random.default_rng(batch * 1000 + size)
+    per_scale = random_maps(rng, batch, [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2])
+    # only_free_cores=False: the pool runs however busy this machine is at the moment
+    maps, scores = module.anomaly_map(per_scale, size, size, pp.gaussian_kernel1d(4.0), threads, False)
+    assert module.last_threads() == module.work_split(batch, size, size, 3, threads)[0]
+    single, single_scores = pp.anomaly_map(per_scale, size, impl="cpu", threads=1)
+    assert module.last_threads() == 1
+    np.testing.assert_array_equal(maps, single)
+    np.testing.assert_array_equal(scores, single_scores)
+    ref_maps, ref_scores = scipy_reference(per_scale, size, size, 4.0)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
+
+
+def test_cpu_concurrent_callers_share_the_pool_correctly():
+    """Several Python threads (the GIL is released in the call) use the one helper pool at once:
+    every caller still gets exactly its own result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(77)
+    module = pp._load("cpu")[0]
+    weights = pp.gaussian_kernel1d(4.0)
+    inputs = [random_maps(rng, b, [(128, 128), (64, 64), (32, 32)]) for b in (1, 2, 1, 3)]
+    expected = [pp.anomaly_map(x, 512, impl="cpu", threads=1) for x in inputs]
+    with ThreadPoolExecutor(4) as executor:
+        for _ in range(3):
+            results = list(executor.map(lambda x: module.anomaly_map(x, 512, 512, weights, 3, False), inputs))
+            for (maps, scores), (ref_maps, ref_scores) in zip(results, expected):
+                np.testing.assert_array_equal(maps, ref_maps)
+                np.testing.assert_array_equal(scores, ref_scores)
+
+
+def test_cpu_helpers_sleep_between_calls():
+    """Helper threads block on a condition variable after a call: no busy-waiting that would take
+    a shared core from other programs (libgomp's default spins before it sleeps)."""
+    import resource
+    import time
+
+    rng = np.random.default_rng(5)
+    per_scale = random_maps(rng, 4, [(128, 128), (64, 64), (32, 32)])
+    module = pp._load("cpu")[0]
+    module.anomaly_map(per_scale, 512, 512, pp.gaussian_kernel1d(4.0), 2, False)
+    assert module.last_threads() == 2   # the pool's helper exists now
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.5)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.05, f"{cpu:.3f} s of CPU in a 0.5 s pause: something spins"
+
+
+def test_cpu_threads_work_in_a_forked_child():
+    """A forked child has none of the parent's pool threads: it must not wait for them."""
+    import multiprocessing
+
+    rng = np.random.default_rng(8)
+    per_scale = random_maps(rng, 2, [(128, 128), (64, 64), (32, 32)])
+    module = pp._load("cpu")[0]
+    expected, _ = module.anomaly_map(per_scale, 512, 512, pp.gaussian_kernel1d(4.0), 2, False)
+    assert module.last_threads() == 2   # the parent's pool is started
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        maps = pool.apply_async(_child_anomaly_map, (per_scale,)).get(timeout=60)
+    np.testing.assert_array_equal(maps, expected)
+
+
+def test_cpu_helpers_only_on_free_cores():
+    """With every core kept busy by other processes a call asked for 2 threads runs on 1 (a
+    second thread there only competes with the caller), with the same result; free_cores() says
+    so from /proc/loadavg's count of runnable threads."""
+    import time
+
+    module = pp._load("cpu")[0]
+    if module.free_cores() is None:
+        pytest.skip("no /proc/loadavg here: helpers are not limited by load")
+    rng = np.random.default_rng(9)
+    per_scale = random_maps(rng, 4, [(128, 128), (64, 64), (32, 32)])
+    expected, _ = pp.anomaly_map(per_scale, 512, impl="cpu", threads=1)
+    assert module.work_split(4, 512, 512, 3, 2)[0] == 2    # by size alone: two threads
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.5)
+        used, free = [], []
+        for _ in range(5):
+            time.sleep(0.02)   # past free_cores' 10 ms cache
+            maps, _ = pp.anomaly_map(per_scale, 512, impl="cpu", threads=2)
+            used.append(module.last_threads())
+            free.append(module.free_cores())
+            np.testing.assert_array_equal(maps, expected)
+    finally:
+        for p in busy:
+            p.terminate()
+        for p in busy:
+            p.wait()
+    assert max(free) <= 0, free     # 2 busy processes per core: nothing free
+    assert used == [1] * 5, used
+
+
+def _child_anomaly_map(per_scale):
+    module = pp._load("cpu")[0]
+    maps, _ = module.anomaly_map(per_scale, 512, 512, pp.gaussian_kernel1d(4.0), 2, False)
+    assert module.last_threads() == 2
+    return maps
 
 
 @pytest.mark.parametrize("sigma", [4.0, 2.0])
