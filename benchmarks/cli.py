@@ -31,9 +31,15 @@ BENCHES = {
     "backends": "ms/frame of the Detector at batch 1 on the CPU: ONNX Runtime FP32 vs OpenVINO f32 / bf16 / INT8 "
                 "graph (alternated; decision agreement vs FP32); Lite0 256 px by default",
     "score_cost": "ONNX Runtime latency and graph size of --score both (bank at the trainer's cap) vs --score mrkd",
+    "anomalib": "peer benchmark, opt-in: anomalib 2.7 ReverseDistillation/PatchCore (OpenVINOInferencer, "
+                "TorchInferencer) vs mrkd's Detector and mrkd run, same CPU, images, size and threads, alternated "
+                "(needs scripts/setup_anomalib_venv.sh)",
     "quality": "image AUROC on real ELPV solar cells: MRKD (ImageNet / random Lite0 teacher) vs a kNN "
                "patch-distance baseline, 3 seeds (minutes; --quick: a subset)",
 }
+
+
+OPT_IN = ("anomalib",)       # run only when named with --only: they need an environment of their own
 
 
 def run_benches(names, quick: bool, options: dict) -> dict:
@@ -56,7 +62,7 @@ def run_benches(names, quick: bool, options: dict) -> dict:
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--only", "only", multiple=True, type=click.Choice(list(BENCHES)),
-              help="Run only these benchmarks (repeatable). Default: all of them.")
+              help="Run only these benchmarks (repeatable). Default: all of them except the opt-in peer benchmark (anomalib).")
 @click.option("--quick", is_flag=True,
               help="Seconds-long smoke mode with tiny sizes (what CI runs); numbers are not meaningful.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_out"),
@@ -72,7 +78,7 @@ def bench_command(only, quick, out_dir, backbone, image_size, threads, checkpoin
     """Measure every stage and backend of mrkd against the official MRKD pipeline."""
     from mrkd.benchmarks.report import markdown, write_all
 
-    names = list(only) or list(BENCHES)
+    names = list(only) or [name for name in BENCHES if name not in OPT_IN]
     results = run_benches(names, quick, {"backbone": backbone, "image_size": image_size, "threads": threads,
                                             "checkpoint": checkpoint})
     click.echo(markdown(results))

@@ -17,5 +17,5 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$constraints"
 "$venv/bin/python" -m pip install --quiet -c "$constraints" "torch==2.14.1" "torchvision==0.29.1"
-"$venv/bin/python" -m pip install --quiet -c "$constraints" "anomalib==2.7.*" openvino onnx onnxruntime
+"$venv/bin/python" -m pip install --quiet -c "$constraints" "anomalib[openvino]==2.7.*" openvino onnx onnxscript onnxruntime
 "$venv/bin/python" -c "import anomalib, openvino, torch; print('anomalib', anomalib.__version__, 'openvino', openvino.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda)"
