@@ -10,6 +10,11 @@ the alarm level for every camera: good parts drifting towards it show here long 
 Per output of the line (label ``output``: events, snapshots, webhook, mqtt, video, page, PLC servers...),
 read from each one's ``LineObserver.health()`` at scrape time: ``mrkd_output_up`` (1 while it
 delivers), ``mrkd_output_sent_total``, ``mrkd_output_failures_total``, ``mrkd_output_dropped_total``.
+A shadow run (``--shadow``, runtime/line/shadow.py), read from its ``comparison()`` at scrape time,
+labelled ``candidate_sha256``: ``mrkd_shadow_frames_total`` (frames both models scored),
+``mrkd_shadow_disagreements_total`` (decisions that differ; ``mrkd_shadow_candidate_only_total`` /
+``mrkd_shadow_live_only_total`` split them), ``mrkd_shadow_dropped_total`` and
+``mrkd_shadow_score_correlation`` (Pearson, live vs candidate scores; absent until two frames differ).
 
 The hooks run on the loop thread and only bump counters (a few microseconds per frame).
 """
@@ -81,6 +86,7 @@ class MetricsObserver(LineObserver):
                                             "unknown recipe): parts not judged", registry=r)
         self.outputs: List[LineObserver] = []
         r.register(_OutputCollector(self))
+        r.register(_ShadowCollector(self))
         self._children: Dict[str, tuple] = {}
         self._status: Dict[str, Tuple[int, int, int]] = {}     # camera -> (dropped, bad, reconnects) seen
         self._up: Dict[str, bool] = {}
@@ -90,6 +96,13 @@ class MetricsObserver(LineObserver):
     # -- hooks
     def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
         self.outputs = [o for o in outputs if o is not self]
+
+    def shadow_comparisons(self) -> list:
+        """The ShadowComparison of every shadow run among the outputs (read now)."""
+        found: list = []
+        call_each([o for o in self.outputs if callable(getattr(o, "comparison", None))],
+                  lambda shadow: found.append(shadow.comparison()))
+        return found
 
     def output_health(self) -> List[OutputHealth]:
         """Every output's health now (outputs that deliver nothing report None and are left out)."""
@@ -199,6 +212,40 @@ class _OutputCollector:
             failed.add_metric([health.name], float(health.failed))
             dropped.add_metric([health.name], float(health.dropped))
         yield from (up, sent, failed, dropped)
+
+
+class _ShadowCollector:
+    """Reads every shadow run's comparison at scrape time (runtime/line/shadow.py ShadowScorer)."""
+
+    def __init__(self, metrics: MetricsObserver):
+        self._core = require("prometheus_client.core")
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        core, label = self._core, ["candidate_sha256"]
+        counters = [(core.CounterMetricFamily(f"mrkd_shadow_{name}", text, labels=label), field)
+                    for name, text, field in (
+                        ("frames", "Frames the shadow candidate scored beside the live model", "frames"),
+                        ("disagreements", "Frames on which the candidate's decision differs from the live model's",
+                         "disagreements"),
+                        ("candidate_only", "Frames only the candidate would have alarmed on", "candidate_only"),
+                        ("live_only", "Frames the live model flagged and the candidate would not", "live_only"),
+                        ("dropped", "Frames the candidate had no time for (not compared)", "dropped"))]
+        correlation = core.GaugeMetricFamily("mrkd_shadow_score_correlation",
+                                             "Pearson correlation of the live and candidate image scores",
+                                             labels=label)
+        comparisons = self.metrics.shadow_comparisons()
+        for comparison in comparisons:
+            for family, field in counters:
+                family.add_metric([comparison.candidate_sha256], float(getattr(comparison, field)))
+            if comparison.score_correlation is not None:
+                correlation.add_metric([comparison.candidate_sha256], float(comparison.score_correlation))
+        if comparisons:
+            yield from (family for family, _ in counters)
+            yield correlation
 
 
 def outputs_from(settings) -> list:

@@ -6,14 +6,19 @@ read-only operator page.
 * ``/stream/<camera>.mjpg``: the annotated live view as MJPEG (multipart/x-mixed-replace).
 * ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms, outputs), ``alarm`` as each
   happens, ``status`` and ``outputs`` (every output's health: sent/failed, failing or not) once a second.
-  Camera URIs are shown with their credentials redacted (CameraInfo.source).
+  Camera URIs are shown with their credentials redacted (CameraInfo.source). ``hello`` also says
+  whether review is on (``review``) and, with ``--shadow``, ``shadow`` (sent once a second too): the
+  candidate's hash, frames compared, disagreement rate and score correlation.
 * ``/alarm/<event_id>.jpg``: an alarm's snapshot (the file written with the event; without
   ``--snapshots``, the annotated frame of the alarm, encoded on request).
 
 Off the hot path by construction: the loop-thread hooks only store a reference to the newest result
 and put small records on bounded queues. JPEG encoding for the browser happens on one thread per
 camera, only while a client watches that camera, at most ``stream_fps`` times a second; every
-watcher of a camera shares its one encoded frame. Nothing here can change the line (GET only).
+watcher of a camera shares its one encoded frame. Nothing here can change the line (GET only) unless
+the line was started with a control token: then ``POST /review`` and ``/reload`` (runtime/control.py)
+take ``Authorization: Bearer TOKEN``; the page's review view (page.html) sends it from a token the
+operator types in (kept in the tab's sessionStorage, never in a URL).
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class OperatorServer(LineObserver):
         self.metrics = metrics
         self.page = PAGE_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
+        self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
         self.stream_fps, self.jpeg_quality = stream_fps, jpeg_quality
         self.views: Dict[str, _CameraView] = {}
         self.cameras: List[CameraInfo] = []
@@ -125,6 +131,7 @@ class OperatorServer(LineObserver):
     def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
         from mrkd.runtime.outputs.metrics import MetricsObserver
         self.outputs = [o for o in outputs if o is not self]
+        self.shadows = [o for o in self.outputs if callable(getattr(o, "comparison", None))]
         if self.metrics is None:
             self.metrics = next((o for o in outputs if isinstance(o, MetricsObserver)), None)
 
@@ -182,7 +189,30 @@ class OperatorServer(LineObserver):
             alarms = [_alarm_record(a["camera"], a["event"]) for a in self.alarms]
         return {"schema_version": PAGE_SCHEMA_VERSION,
                 "cameras": [asdict(info) for info in self.cameras],
-                "alarms": alarms, "status": self._statuses(), "outputs": self._output_health()}
+                "alarms": alarms, "status": self._statuses(), "outputs": self._output_health(),
+                "review": self._review_state(), "shadow": self._shadow()}
+
+    def _review_state(self) -> dict:
+        """Whether POST /review can record labels here (a token and a label file were configured)."""
+        control = self.control
+        if control is None:
+            return {"enabled": False, "why": "review is off: start the line with --control-token-env VAR "
+                                             "and --review-labels FILE"}
+        token_set = control.authorized({})[1] != 403       # no token configured: 403; else a missing one: 401
+        if not token_set or getattr(control, "labels_path", None) is None:
+            return {"enabled": False, "why": "review is off: start the line with --control-token-env VAR "
+                                             "and --review-labels FILE"}
+        return {"enabled": True, "why": ""}
+
+    def _shadow(self) -> List[dict]:
+        """Each shadow run's comparison so far (runtime/line/shadow.py), for the page's shadow panel."""
+        found: list = []
+        call_each(self.shadows, lambda shadow: found.append(shadow.comparison()))
+        return [{"candidate": Path(c.candidate).name, "candidate_sha256": c.candidate_sha256,
+                 "threshold": c.threshold, "frames": c.frames, "disagreements": c.disagreements,
+                 "candidate_only": c.candidate_only, "live_only": c.live_only,
+                 "disagreement_rate": c.disagreement_rate, "score_correlation": c.score_correlation,
+                 "dropped": c.dropped, "errors": c.errors} for c in found]
 
     def _statuses(self) -> List[dict]:
         now = time.monotonic()
@@ -198,6 +228,8 @@ class OperatorServer(LineObserver):
             if self._clients:
                 self._broadcast("status", self._statuses())
                 self._broadcast("outputs", self._output_health())
+                if self.shadows:
+                    self._broadcast("shadow", self._shadow())
 
     def _encode_loop(self, view: _CameraView) -> None:
         """One camera's live-view encoder; runs while someone watches it. It polls for the newest result

@@ -1,0 +1,260 @@
+"""The operator page's review view and shadow panel, against a real `mrkd run --http` subprocess.
+
+* Review: headless Chromium (Debian's, driven by Playwright as in test_operator_page.py) presses the
+  page's own buttons: without a token and with a wrong one the page shows the refusal and the label
+  file stays absent; with the token one line is appended, read back by runtime/review.py's reader and
+  checked against the event log and a hashlib sha256 of the evidence file.
+* Event fields are shown as text: markup in a camera name / event id never becomes an element.
+* Shadow runs: /metrics parsed by prometheus_client's text parser (and promtool), the counts and
+  the correlation checked against numpy over both models' scores of the same frame sequence
+  (computed here with the models, in loop order), and the summary JSON's "shadow" section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from line_fixtures import http_get, wait_for
+from peers import require_program
+from runtime_fixtures import build_tiny_model, export_tiny_model, normal_frame
+from test_metrics_http import samples
+from test_operator_page import CHROMIUM, CHROMIUM_ARGS
+
+from mrkd.runtime.review import GOOD, read_labels
+
+TOKEN = "review-page-control-token"
+# (patch size, brightness) per frame: scores of several sizes, so the two models' scores differ.
+PATCHES = [(0, 0), (3, 255), (6, 200), (9, 230), (14, 180), (0, 0), (4, 250), (12, 160), (7, 255), (2, 255)]
+LIVE_THRESHOLD, CANDIDATE_THRESHOLD = 0.1, 0.05
+
+
+def write_frames(folder: Path) -> list:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    frames = []
+    for i, (size, level) in enumerate(PATCHES):
+        frame = normal_frame(rng)
+        if size:
+            frame[10:10 + size, 20:20 + size] = level
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+        frames.append(frame)
+    return frames
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MrkdRun:
+    """`mrkd run MODEL --source FOLDER --loop --http 127.0.0.1:PORT ...` as a subprocess; ``stop()``
+    sends SIGTERM and returns the summary JSON (--summary)."""
+
+    def __init__(self, tmp: Path, model: Path, folder: Path, *extra: str, fps: float = 8.0):
+        self.port, self.tmp = free_port(), tmp
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.summary_path, self.stderr_path = tmp / "summary.json", tmp / "stderr.txt"
+        code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, "run", str(model), "--source", str(folder), "--loop", "--fps", str(fps),
+                 "--cooldown", "0", "--status-every", "0", "--http", f"127.0.0.1:{self.port}",
+                 "--summary", str(self.summary_path), *extra],
+                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "MRKD_TEST_TOKEN": TOKEN,
+                                                                 "PYTHONWARNINGS": "ignore"})
+        up = wait_for(lambda: self.proc.poll() is not None or self._answers(), 60)
+        assert up and self.proc.poll() is None, self.stderr_path.read_text()
+
+    def _answers(self) -> bool:
+        try:
+            return http_get(self.url + "/healthz")[0] in (200, 503)
+        except OSError:
+            return False
+
+    def stop(self) -> dict:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.returncode == 0, self.stderr_path.read_text()
+        return json.loads(self.summary_path.read_text())
+
+
+def read_events(path: Path) -> list:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+@pytest.mark.slow
+def test_review_view_records_a_label_only_with_the_token(tmp_path):
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    folder = tmp_path / "frames"
+    write_frames(folder)
+    model = export_tiny_model(tmp_path / "model.onnx", threshold=LIVE_THRESHOLD)
+    events, labels, evidence = tmp_path / "events.jsonl", tmp_path / "labels.jsonl", tmp_path / "evidence"
+    run = MrkdRun(tmp_path, model, folder, "--events", str(events), "--evidence", str(evidence),
+                  "--control-token-env", "MRKD_TEST_TOKEN", "--review-labels", str(labels), fps=6)
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(run.url + "/")
+            page.wait_for_selector(".alarm .review:not([hidden]) button.mark-good", timeout=15000)
+            assert "review needs the control token" in page.locator("#review-state").inner_text()
+            assert page.locator("#mode").inner_text() == "read-only"
+            item = page.locator(".alarm").last            # the oldest shown: not pushed out while we work
+            event_id = item.get_attribute("data-event-id")
+
+            def press(button: str, note: str = "") -> str:
+                item.locator(".review input").fill(note)
+                item.locator(f"button.{button}").click()
+                page.wait_for_function("el => el.dataset.review !== undefined", arg=item.element_handle(),
+                                       timeout=10000)
+                return item.locator(".answer").inner_text()
+
+            assert press("mark-good") == "refused: wrong or missing token"     # no token
+            assert item.get_attribute("data-review") == "refused" and not labels.exists()
+            page.fill("#token", "not-the-" + TOKEN)
+            page.click("#token-use")
+            assert page.locator("#token").input_value() == ""             # not left in the field
+            assert press("mark-defect") == "refused: wrong or missing token"
+            assert not labels.exists()
+
+            page.fill("#token", TOKEN)
+            page.click("#token-use")
+            assert "token set" in page.locator("#review-state").inner_text()
+            note = 'dust on the lens <b id="injected">x</b>'
+            answer = press("mark-good", note)
+            assert answer.startswith("recorded: good part (false alarm)"), answer
+            assert TOKEN not in page.url and page.evaluate("sessionStorage.getItem('mrkd-control-token')") == TOKEN
+            assert page.locator("#injected").count() == 0
+            browser.close()
+        saved = read_labels(labels)
+        assert len(saved) == 1 and len(labels.read_text().splitlines()) == 1
+        event = next(e for e in read_events(events) if e["event_id"] == event_id)
+        label = saved[0]
+        assert (label.event_id, label.label, label.note, label.camera) == (event_id, GOOD, note, "cam0")
+        assert label.image_sha256 == event["evidence_sha256"] == \
+            hashlib.sha256(Path(event["evidence"]).read_bytes()).hexdigest()
+        assert label.who == "operator (page)"
+    finally:
+        run.stop()
+
+
+def test_event_fields_are_shown_as_text_never_as_markup(tmp_path):
+    """An event whose fields carry markup (a hostile or broken source of events) shows it literally."""
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    from mrkd.runtime.outputs.base import CameraInfo
+    from mrkd.runtime.outputs.web import OperatorServer
+    hostile = '<img id="pwn" src=x onerror="document.title=\'pwned\'">'
+    server = OperatorServer("127.0.0.1", 0)
+    server.on_start([CameraInfo(hostile, "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.5, "test")])
+    server.on_event(hostile, {"event_id": "ev-1", "time": "2026-01-01T00:00:00" + hostile, "score": 0.9,
+                              "threshold": 0.5, "frame_index": hostile})
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector('.alarm[data-event-id="ev-1"]', timeout=10000)
+            text = page.locator('.alarm[data-event-id="ev-1"]').inner_text()
+            assert hostile in text and page.locator("#pwn").count() == 0 and page.title() == "mrkd line"
+            # no control on this server: the review view says so and shows no buttons
+            assert "review is off" in page.locator("#review-state").inner_text()
+            assert not page.locator(".alarm .review").first.is_visible()
+            browser.close()
+    finally:
+        server.close()
+
+
+def _model_scores(model: Path, frames: list) -> np.ndarray:
+    from mrkd.runtime.detector import Detector
+    detector = Detector(model)
+    try:
+        return np.array([float(detector(frame).scores[0]) for frame in frames], dtype=np.float64)
+    finally:
+        detector.close()
+
+
+@pytest.mark.slow
+def test_shadow_run_on_metrics_and_page_matches_numpy_and_the_summary(tmp_path):
+    from playwright.sync_api import sync_playwright
+    from mrkd.runtime.metadata import file_sha256
+    require_program(CHROMIUM, ["chromium"])
+    promtool = require_program("promtool", ["prometheus"])
+    folder = tmp_path / "frames"
+    frames = write_frames(folder)
+    live = export_tiny_model(tmp_path / "live.onnx", threshold=LIVE_THRESHOLD)
+    candidate = build_tiny_model(tmp_path / "candidate.onnx", per_scale=True, threshold=CANDIDATE_THRESHOLD)
+    sha = file_sha256(candidate)
+    live_scores, candidate_scores = _model_scores(live, frames), _model_scores(candidate, frames)
+
+    def expected(n: int):
+        """numpy over the first n frames of the loop: (disagreements, candidate-only, live-only, r)."""
+        order = np.arange(n) % len(frames)
+        x, y = live_scores[order], candidate_scores[order]
+        live_says, candidate_says = x >= LIVE_THRESHOLD, y >= CANDIDATE_THRESHOLD
+        return (int((live_says != candidate_says).sum()), int((candidate_says & ~live_says).sum()),
+                int((live_says & ~candidate_says).sum()), float(np.corrcoef(x, y)[0, 1]))
+
+    assert 0.5 < expected(len(frames))[3] < 0.999 and expected(len(frames))[1] > 0     # a real difference
+    run = MrkdRun(tmp_path, live, folder, "--shadow", str(candidate), fps=20)
+    try:
+        key = (("candidate_sha256", sha),)
+        scraped = {}
+        assert wait_for(lambda: scraped.update(samples(http_get(run.url + "/metrics")[1].decode())) or
+                        scraped.get(("mrkd_shadow_frames_total", key), 0) >= 2 * len(frames), 30)
+        body = http_get(run.url + "/metrics")[1]
+        got = samples(body.decode())
+        check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
+        assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+        n = int(got[("mrkd_shadow_frames_total", key)])
+        disagree, candidate_only, live_only, r = expected(n)
+        assert got[("mrkd_shadow_dropped_total", key)] == 0
+        assert (got[("mrkd_shadow_disagreements_total", key)], got[("mrkd_shadow_candidate_only_total", key)],
+                got[("mrkd_shadow_live_only_total", key)]) == (disagree, candidate_only, live_only)
+        assert got[("mrkd_shadow_score_correlation", key)] == pytest.approx(r, abs=1e-6)
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page()
+            page.goto(run.url + "/")
+            panel = page.locator("#shadow-panel")
+            panel.wait_for(state="visible", timeout=10000)
+            assert sha[:12] in panel.locator("dd[data-key=candidate]").inner_text()
+            assert int(panel.locator("dd[data-key=frames]").inner_text()) >= n
+            shown = float(panel.locator("dd[data-key=correlation]").inner_text())
+            assert 0.5 < shown < 0.999
+            browser.close()
+    finally:
+        summary = run.stop()
+    shadow = summary["shadow"]
+    disagree, candidate_only, live_only, r = expected(shadow["frames"])
+    assert shadow["candidate_sha256"] == sha and shadow["dropped"] == 0 and shadow["frames"] >= n
+    assert (shadow["disagreements"], shadow["candidate_only"], shadow["live_only"]) == \
+        (disagree, candidate_only, live_only)
+    assert shadow["score_correlation"] == pytest.approx(r, abs=1e-6)
+    assert shadow["frames"] == summary["frames"]
