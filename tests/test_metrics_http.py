@@ -95,6 +95,38 @@ def test_hook_counts_and_score_histogram_match_a_brute_force_count():
     assert not healthy and details["cameras"]["b"]["ok"] is False and details["cameras"]["a"]["ok"] is True
 
 
+class FixedShadow(LineObserver):
+    """A shadow run whose comparison() is the given record (what metrics reads at scrape time)."""
+
+    def __init__(self, comparison):
+        self.comparison_now = comparison
+
+    def comparison(self):
+        return self.comparison_now
+
+
+def test_shadow_comparison_is_exported_per_candidate_and_correlation_only_once_known():
+    from mrkd.runtime.line.shadow import ShadowComparison
+    metrics = MetricsObserver()
+    metrics.see_outputs([metrics])
+    metrics.on_start([_info("a")])
+    assert not any(k[0].startswith("mrkd_shadow") for k in samples(metrics.exposition()[0].decode()))
+    first = ShadowComparison("c.onnx", "cd" * 32, 0.3, frames=1, disagreements=1, candidate_only=1, live_only=0,
+                             score_correlation=None, dropped=2, errors=0)
+    shadow = FixedShadow(first)
+    metrics.see_outputs([metrics, shadow])
+    got = samples(metrics.exposition()[0].decode())
+    key = (("candidate_sha256", "cd" * 32),)
+    assert (got[("mrkd_shadow_frames_total", key)], got[("mrkd_shadow_disagreements_total", key)],
+            got[("mrkd_shadow_candidate_only_total", key)], got[("mrkd_shadow_live_only_total", key)],
+            got[("mrkd_shadow_dropped_total", key)]) == (1, 1, 1, 0, 2)
+    assert ("mrkd_shadow_score_correlation", key) not in got          # one frame: no correlation yet
+    shadow.comparison_now = ShadowComparison("c.onnx", "cd" * 32, 0.3, 40, 7, 3, 4, -0.25, 2, 0)
+    got = samples(metrics.exposition()[0].decode())                   # read at scrape time, not copied
+    assert got[("mrkd_shadow_frames_total", key)] == 40 and got[("mrkd_shadow_live_only_total", key)] == 4
+    assert got[("mrkd_shadow_score_correlation", key)] == -0.25
+
+
 def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera(tmp_path):
     promtool = require_program("promtool", ["prometheus"])
     model = build_tiny_model(tmp_path / "m.onnx")

@@ -45,6 +45,30 @@ def test_nothing_is_encoded_for_the_browser_until_someone_watches(tmp_path):
     server.close()
 
 
+def test_hello_says_whether_review_can_record_labels(tmp_path):
+    """The page offers its review buttons only where POST /review can record: a token and a label file."""
+    import json
+    from mrkd.runtime.control import LineControl
+
+    def hello_review(server):
+        with urllib.request.urlopen(server.url + "/events", timeout=5) as stream:
+            lines = iter(stream.readline, b"")
+            assert next(lines) == b"event: hello\n"
+            return json.loads(next(lines)[len(b"data: "):])["review"]
+
+    server = OperatorServer("127.0.0.1", 0)
+    try:
+        assert hello_review(server)["enabled"] is False and "--control-token-env" in hello_review(server)["why"]
+        server.control = LineControl(None, tmp_path / "labels.jsonl")
+        assert hello_review(server)["enabled"] is False
+        server.control = LineControl("a-token-of-sixteen-chars", None)
+        assert hello_review(server)["enabled"] is False
+        server.control = LineControl("a-token-of-sixteen-chars", tmp_path / "labels.jsonl")
+        assert hello_review(server) == {"enabled": True, "why": ""}
+    finally:
+        server.close()
+
+
 @pytest.mark.slow
 def test_page_loads_live_view_changes_and_an_alarm_appears_within_two_seconds(tmp_path):
     require_program(CHROMIUM, ["chromium"])

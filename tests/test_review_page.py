@@ -162,6 +162,16 @@ def test_review_view_records_a_label_only_with_the_token(tmp_path):
         assert label.who == "operator (page)"
     finally:
         run.stop()
+    # The same label from the terminal (`mrkd review`) is the same record, field for field (but who/when).
+    from test_review import mrkd
+    by_cli = tmp_path / "cli_labels.jsonl"
+    done = mrkd("review", events, "--labels", by_cli, "--mark", event_id, "--as", "good", "--note", note,
+                "--who", "operator (page)", "--evidence", evidence)
+    assert done.returncode == 0, done.stderr
+    page_line, cli_line = json.loads(labels.read_text()), json.loads(by_cli.read_text())
+    assert sorted(page_line) == sorted(cli_line)
+    assert {k: v for k, v in page_line.items() if k not in ("time", "when")} == \
+        {k: v for k, v in cli_line.items() if k not in ("time", "when")}
 
 
 def test_event_fields_are_shown_as_text_never_as_markup(tmp_path):
