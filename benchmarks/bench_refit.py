@@ -87,6 +87,60 @@ def auroc(good: np.ndarray, defect: np.ndarray) -> float:
     return float(image_auroc(labels, np.r_[good, defect].astype(np.float64)))
 
 
+GUARD_GRID = ((0.0, 0), (1.0, 16), (2.0, 16), (3.0, 16), (2.0, 64))   # (guard_scale, guard_top); 0: off
+
+
+def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
+    """The shipped model on the line: (threshold, false alarms, confirmed defects, scores by path)."""
+    from mrkd.runtime.calibration import Calibration
+    from mrkd.train.calibrate import score_images
+    threshold = float(Calibration.threshold_of(model.calibration, "shipped model"))
+    line = sorted([(Path(p).name, p, 0) for p in line_good] + [(Path(p).name, p, 1) for p in line_defect])
+    line_scores = score_images(model, [p for _, p, _ in line])
+    false_alarms = [p for (_, p, label), s in zip(line, line_scores) if label == 0 and s >= threshold]
+    confirmed = [p for (_, p, label), s in zip(line, line_scores) if label == 1 and s >= threshold]
+    return threshold, false_alarms, confirmed, {p: float(s) for (_, p, _), s in zip(line, line_scores)}
+
+
+def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
+                 n: int = max(REVIEW_COUNTS), grid=GUARD_GRID, log=print) -> dict:
+    """Validation for the defect guard's settings, on the LINE only (no test label is read): refit with
+    the first ``n`` false alarms and the confirmed defects, then on the line's good cells that were NOT
+    reviewed the false-alarm rate at the shipped model's line catch rate (before and after), and at
+    the refit's own threshold the line's catch rate and the confirmed defects missed."""
+    import torch
+
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.refit import refit_model
+    threshold, false_alarms, confirmed, scores = line_review(model, line_good, line_defect)
+    reviewed = false_alarms[:n]
+    rest = [p for p in line_good if p not in set(reviewed)]
+    good0, defect0 = np.array([scores[p] for p in rest]), np.array([scores[p] for p in line_defect])
+    catch = float((defect0 >= threshold).mean())
+    before = rates_at_catch(good0, defect0, catch)
+    out = {"reviewed": len(reviewed), "confirmed": len(confirmed), "line_catch": catch,
+           "far_before": before["false_alarm_rate"], "settings": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for scale, top in grid:
+            candidate = copy.deepcopy(model)
+            result = refit_model(candidate, reviewed, holdout, confirmed, guard_scale=scale, guard_top=top)
+            good1, defect1 = score_images(candidate, rest), score_images(candidate, list(line_defect))
+            row = {"guard_scale": scale, "guard_top": top, "added": result.added_patches,
+                   "guarded": result.guarded_patches, "missed": len(result.defects_missed),
+                   "far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
+                   "own": rates_at(good1, defect1, result.threshold_after), "refit_s": round(result.seconds, 2)}
+            out["settings"].append(row)
+            log(f"[tune]   scale {scale} top {top}: added {row['added']} guarded {row['guarded']} missed "
+                f"{row['missed']}/{len(confirmed)}; line FAR at catch {catch:.3f}: {before['false_alarm_rate']:.3f} "
+                f"-> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} FAR "
+                f"{row['own']['false_alarm_rate']:.3f}")
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
              test_good: Sequence[str], test_defect: Sequence[str], counts=REVIEW_COUNTS, log=print,
              refit_threads: int = 1) -> dict:
@@ -94,12 +148,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
 
     from mrkd.train.calibrate import score_images
     from mrkd.train.refit import refit_model
-    from mrkd.runtime.calibration import Calibration
-    threshold = float(Calibration.threshold_of(model.calibration, "shipped model"))
-    line = sorted([(Path(p).name, p, 0) for p in line_good] + [(Path(p).name, p, 1) for p in line_defect])
-    line_scores = score_images(model, [p for _, p, _ in line])
-    false_alarms = [p for (_, p, label), s in zip(line, line_scores) if label == 0 and s >= threshold]
-    confirmed = [p for (_, p, label), s in zip(line, line_scores) if label == 1 and s >= threshold]
+    threshold, false_alarms, confirmed, _ = line_review(model, line_good, line_defect)
     good0, defect0 = score_images(model, list(test_good)), score_images(model, list(test_defect))
     shipped = rates_at(good0, defect0, threshold)
     catch = shipped["catch"]
@@ -129,6 +178,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
         row = {"reviewed": len(reviewed), "refit_s": round(seconds, 2), "refit_cpu_s": round(cpu_seconds, 2),
                "load_avg_1min": os.getloadavg()[0],
                "bank_patches": result.bank_after, "added_patches": result.added_patches,
+               "guarded_patches": result.guarded_patches,
                "confirmed_defects_missed": len(result.defects_missed),
                "at_same_catch": same, "own_threshold": rates_at(good1, defect1, result.threshold_after),
                "auroc": auroc(good1, defect1),
@@ -142,7 +192,8 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
     return out
 
 
-def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1) -> dict:
+def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
+        tune: bool = False) -> dict:
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
@@ -159,6 +210,11 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
             log(f"[refit] {category} seed {seed}")
             used = {Path(p).name for p in _paths(vroot / "train/good")}
             unused = [p for p in _paths(Path(full.root) / category / "train/good") if Path(p).name not in used]
+            if tune:     # the line only: the test split is not touched
+                case = tune_on_line(model, holdout, _paths(vroot / "test/good") + unused,
+                                    _paths(vroot / "test/defect"), log=log)
+                results["runs"].append({"category": category, "seed": seed, **case})
+                continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
                             _paths(troot / "test/good"), _paths(troot / "test/defect"), log=log,
                             refit_threads=refit_threads)
@@ -178,8 +234,12 @@ def main(argv=None) -> None:
     parser.add_argument("--refit-threads", type=int, default=1,
                         help="torch threads while the refit is timed (1: on a shared machine two OpenMP threads "
                              "spin against other processes: 22.8 s vs 2.7 s for the same refit under load 7)")
+    parser.add_argument("--tune", action="store_true",
+                        help="validation only: the defect guard's settings (GUARD_GRID) refit with the line's first "
+                             "20 false alarms and judged on the line's other cells; the test split is not read")
     args = parser.parse_args(argv)
-    results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads)
+    results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
+                  tune=args.tune)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

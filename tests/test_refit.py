@@ -23,7 +23,8 @@ torch = pytest.importorskip("torch")
 
 from mrkd.runtime.metadata import file_sha256  # noqa: E402
 from mrkd.runtime.review import LabelFile, make_label  # noqa: E402
-from mrkd.train.refit import RefitError, farthest_first, nearest_distance, refit_checkpoint  # noqa: E402
+from mrkd.train.refit import RefitError, defect_patches, farthest_first, guard_mask, nearest_distance, \
+    refit_checkpoint  # noqa: E402
 
 
 def elpv_cells(kind: str, probability: float, count: int, skip: int = 0):
@@ -99,6 +100,33 @@ def test_nearest_distance_and_farthest_first_match_brute_force():
         chosen.append(best)
     assert farthest_first(candidates, bank, radius).tolist() == chosen
     assert 0 < len(chosen) < len(candidates)
+
+
+def test_defect_guard_excludes_a_candidate_on_a_defect_patch_and_keeps_one_far_from_all():
+    from scipy.spatial.distance import cdist
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(50, 6, generator=g)
+    # two "defect images" of 9 patches each: mostly bank-like, three patches far out
+    defects = torch.randn(2, 9, 6, generator=g) * 0.3
+    defects[0, 2] += 6.0
+    defects[1, 5] -= 6.0
+    defects[1, 7] += torch.tensor([0.0, 7.0, 0.0, 0.0, 0.0, 0.0])
+    rows = defects.reshape(-1, 6)
+    guard = defect_patches(rows, 2, bank, top=2)
+    # brute force: per image the 2 rows with the largest nearest-bank distance
+    distance = cdist(rows.double().numpy(), bank.double().numpy()).min(1).reshape(2, 9)
+    expected = np.vstack([defects[i, np.argsort(-distance[i])[:2]].numpy() for i in range(2)])
+    np.testing.assert_allclose(np.sort(guard.numpy(), 0), np.sort(expected, 0))
+    assert any(np.allclose(r, defects[0, 2].numpy()) for r in guard.numpy())
+    reach = 1.0
+    identical = defects[1, 5].clone()              # exactly a defect's most anomalous patch
+    near = defects[0, 2] + 0.5 * reach / np.sqrt(6)  # within reach of one
+    far = torch.full((6,), -20.0)                  # far from every defect patch
+    candidates = torch.stack([identical, near, far])
+    kept = guard_mask(candidates, guard, reach)
+    brute = cdist(candidates.double().numpy(), guard.double().numpy()).min(1) > reach
+    assert kept.tolist() == brute.tolist() == [False, False, True]
+    assert guard_mask(candidates, guard[:0], reach).all()            # no defect confirmed: no guard
 
 
 def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_by_the_rule(parent, tmp_path):

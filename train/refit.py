@@ -52,6 +52,8 @@ LINEAGE_KEY = "lineage"
 LINEAGE_SCHEMA_VERSION = 1
 CHECKPOINT_NAME = "model.ckpt"
 RADIUS_QUANTILE = 0.5          # the held-out good patches' median nearest-bank distance
+GUARD_TOP = 16                 # defect guard: each confirmed defect's most anomalous patches kept out of reach
+GUARD_SCALE = 2.0              # ... a candidate within GUARD_SCALE x radius of one of them stays out of the bank
 
 
 class RefitError(MrkdError, ValueError):
@@ -99,6 +101,7 @@ class RefitResult:
     seconds: float = 0.0
     files: dict = field(default_factory=dict)
     lineage: Optional[dict] = None
+    guarded_patches: int = 0             # candidate patches kept out by the defect guard
 
 
 # ---------------------------------------------------------------- the computation
@@ -143,12 +146,34 @@ def farthest_first(candidates: torch.Tensor, bank: torch.Tensor, radius: float) 
     return torch.tensor(chosen, dtype=torch.long)
 
 
+def defect_patches(rows: torch.Tensor, images: int, bank: torch.Tensor, top: int) -> torch.Tensor:
+    """The ``top`` patches of each image farthest from ``bank`` (``rows``: the images' patches in
+    order, the same count per image): where the confirmed defects look least like the bank."""
+    if images <= 0 or len(rows) == 0 or top <= 0:
+        return rows[:0]
+    per_image = rows.reshape(images, -1, rows.shape[1])
+    distance = nearest_distance(rows, bank).reshape(images, -1)
+    keep = distance.topk(min(top, distance.shape[1]), dim=1).indices
+    return torch.cat([per_image[i, keep[i]] for i in range(images)])
+
+
+def guard_mask(candidates: torch.Tensor, guard: torch.Tensor, reach: float) -> torch.Tensor:
+    """True for the candidates farther than ``reach`` from every ``guard`` patch: only those may join
+    the bank (one within reach would make that defect patch look normal)."""
+    if len(guard) == 0 or len(candidates) == 0:
+        return torch.ones(len(candidates), dtype=torch.bool)
+    return nearest_distance(candidates, guard) > reach
+
+
 def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[str],
                 defect_paths: Sequence[str] = (), *, quantile: Optional[float] = None,
                 method: Optional[str] = None, confidence: Optional[float] = None, radius: Optional[float] = None,
-                seed: int = 0, batch_size: int = 8) -> RefitResult:
+                seed: int = 0, batch_size: int = 8, guard_top: int = GUARD_TOP,
+                guard_scale: float = GUARD_SCALE) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
-    (see the module's notes). Changes only the head's bank and ``model.calibration``."""
+    (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
+    a candidate within ``guard_scale`` x radius of one of the ``guard_top`` most anomalous patches of
+    any ``defect_paths`` image is not added (``guard_scale`` 0 turns the guard off)."""
     from mrkd.train.calibrate import score_images
     from mrkd.train.memory_bank import MemoryBank, greedy_coreset
     started = time.perf_counter()
@@ -176,6 +201,13 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
             held_out = image_patches(model, calibration_paths, batch_size)
             radius = float(torch.quantile(nearest_distance(held_out, bank), RADIUS_QUANTILE))
         candidates = image_patches(model, good_paths, batch_size)
+        guarded = 0
+        if defect_paths and guard_scale > 0 and guard_top > 0:
+            guard = defect_patches(image_patches(model, defect_paths, batch_size), len(defect_paths), bank,
+                                   guard_top)
+            allowed = guard_mask(candidates, guard, guard_scale * radius)
+            guarded = int((~allowed).sum())
+            candidates = candidates[allowed]
         added = farthest_first(candidates, bank, radius)
         grown = torch.cat([bank, candidates[added]]) if len(added) else bank
     cap = int(getattr(model.config, "knn_max_patches", 0) or 0)
@@ -200,7 +232,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                        good_scores_before=[float(s) for s in good_before],
                        good_scores_after=[float(s) for s in score_images(model, list(good_paths), batch_size)],
                        defect_scores_after=[float(s) for s in defect_scores], defects_missed=missed,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, guarded_patches=guarded)
 
 
 # ---------------------------------------------------------------- files
