@@ -268,3 +268,64 @@ def test_shadow_run_on_metrics_and_page_matches_numpy_and_the_summary(tmp_path):
         (disagree, candidate_only, live_only)
     assert shadow["score_correlation"] == pytest.approx(r, abs=1e-6)
     assert shadow["frames"] == summary["frames"]
+
+
+def test_an_ng_part_is_reviewed_per_camera_from_the_page(tmp_path):
+    """Triggered mode: an NG part of two cameras shows one alarm per camera (its own thumbnail); the
+    button of camera "right" labels the right camera's evidence image (hooks called in the part
+    runner's order: every output's part_snapshots, then on_part)."""
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    from mrkd.runtime import OutputSettings, build_outputs
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.base import CameraInfo, CameraJudgement, PartResult
+    from mrkd.runtime.outputs.evidence import EvidenceSettings
+    from mrkd.runtime.outputs.web import OperatorServer
+    events, labels = tmp_path / "events.jsonl", tmp_path / "labels.jsonl"
+    outputs = build_outputs(OutputSettings(events=str(events), evidence=EvidenceSettings(str(tmp_path / "ev"))))
+    server = OperatorServer("127.0.0.1", 0)
+    server.control = LineControl(TOKEN, labels, events, tmp_path / "ev")
+    outputs.append(server)
+    infos = [CameraInfo(name, "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.1, "test")
+             for name in ("left", "right")]
+    rng = np.random.default_rng(5)
+    images = {"left": normal_frame(rng), "right": normal_frame(rng)}
+    images["right"][5:15, 5:15] = 255
+    views = {name: (image, np.zeros(image.shape[:2], np.float32), 0.1) for name, image in images.items()}
+    part = PartResult(inspection_id=1, part_id="P-7", verdict="NG", score=0.4, threshold=0.1,
+                      cameras=(CameraJudgement("left", 0.02, 0.1, False, images=1),
+                               CameraJudgement("right", 0.4, 0.1, True, images=1)),
+                      model_sha256="00" * 32, trigger_time=time.time(), event_id="part-ev-1")
+    for output in outputs:
+        output.see_outputs(outputs)
+        output.on_start(infos)
+    for output in outputs:
+        output.part_snapshots(part, views)
+    for output in outputs:
+        output.on_part(part)
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            right = page.locator('.alarm[data-event-id="part-ev-1"][data-camera="right"]')
+            right.wait_for(timeout=10000)
+            assert page.locator('.alarm[data-event-id="part-ev-1"]').count() == 2
+            assert "part P-7 NG" in right.inner_text()
+            page.wait_for_function("[...document.querySelectorAll('.alarm img')].every(i => i.naturalWidth > 0)",
+                                   timeout=5000)
+            page.fill("#token", TOKEN)
+            page.click("#token-use")
+            right.locator("button.mark-defect").click()
+            page.wait_for_function("el => el.dataset.review !== undefined", arg=right.element_handle(),
+                                   timeout=10000)
+            assert right.get_attribute("data-review") == "recorded", right.locator(".answer").inner_text()
+            browser.close()
+    finally:
+        for output in outputs:
+            output.on_stop()
+    saved = read_labels(labels)
+    evidence = tmp_path / "ev" / "right" / "part-ev-1.png"
+    assert [(l.event_id, l.label, l.camera) for l in saved] == [("part-ev-1", "defect", "right")]
+    assert saved[0].image_sha256 == hashlib.sha256(evidence.read_bytes()).hexdigest()
+    assert np.array_equal(cv2.imread(str(evidence)), images["right"])

@@ -10,7 +10,8 @@ read-only operator page.
   whether review is on (``review``) and, with ``--shadow``, ``shadow`` (sent once a second too): the
   candidate's hash, frames compared, disagreement rate and score correlation.
 * ``/alarm/<event_id>.jpg``: an alarm's snapshot (the file written with the event; without
-  ``--snapshots``, the annotated frame of the alarm, encoded on request).
+  ``--snapshots``, the annotated frame of the alarm, encoded on request). In triggered mode an NG or
+  ERROR part is shown as one alarm per camera that has an image (``?camera=NAME`` picks its image).
 
 Off the hot path by construction: the loop-thread hooks only store a reference to the newest result
 and put small records on bounded queues. JPEG encoding for the browser happens on one thread per
@@ -34,12 +35,14 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qs, quote
 
 import cv2
 
 from mrkd.errors import SettingError
-from mrkd.runtime.outputs.events import DropOldestQueue
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, call_each
+from mrkd.runtime.outputs.events import DropOldestQueue, part_event, wants_event
+from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, PartResult,
+                                       call_each)
 from mrkd.runtime.outputs.video import annotate
 
 logger = logging.getLogger(__name__)
@@ -107,7 +110,8 @@ class OperatorServer(LineObserver):
         self.stream_fps, self.jpeg_quality = stream_fps, jpeg_quality
         self.views: Dict[str, _CameraView] = {}
         self.cameras: List[CameraInfo] = []
-        self.alarms: Deque[dict] = deque(maxlen=max_alarms)     # newest first: {"event", "result"}
+        self.alarms: Deque[dict] = deque(maxlen=max_alarms)     # newest first: {"event", "camera", "result"}
+        self._part_views: Dict[str, dict] = {}     # NG part's event id -> camera -> (image, amap, threshold)
         self._alarm_lock = threading.Lock()
         self._clients: List[DropOldestQueue] = []
         self._clients_lock = threading.Lock()
@@ -173,6 +177,34 @@ class OperatorServer(LineObserver):
         with self._alarm_lock:
             self.alarms.appendleft({"event": event, "camera": camera, "result": None})
         self._broadcast("alarm", _alarm_record(camera, event))
+
+    def part_snapshots(self, part: PartResult, views) -> Dict[str, str]:
+        """Keeps an NG/ERROR part's images (references) for its thumbnails; writes nothing."""
+        if part.event_id is not None:
+            while len(self._part_views) >= (self.alarms.maxlen or 20):
+                self._part_views.pop(next(iter(self._part_views)))
+            self._part_views[part.event_id] = dict(views)
+        return {}
+
+    def on_part(self, result: PartResult) -> None:
+        """An NG/ERROR part (with an event): one alarm on the page per camera that has an image."""
+        if not wants_event(result):
+            return
+        event = part_event(result)
+        views = self._part_views.pop(result.event_id, {})
+        for judgement in event["cameras"]:
+            if not judgement.get("images"):
+                continue
+            camera = judgement["camera"]
+            record = dict(event, camera=camera, score=judgement["score"], threshold=judgement["threshold"],
+                          snapshot=judgement.get("snapshot"))
+            view = self.views.get(camera)
+            if view is not None:
+                view.alarms += 1
+            with self._alarm_lock:
+                self.alarms.appendleft({"event": record, "camera": camera, "result": None,
+                                        "view": views.get(camera)})
+            self._broadcast("alarm", _alarm_record(camera, record))
 
     def on_status(self, status: CameraStatus) -> None:
         view = self.views.get(status.camera)
@@ -269,19 +301,24 @@ class OperatorServer(LineObserver):
         with view.cond:
             view.watchers -= 1
 
-    def alarm_image(self, event_id: str) -> Optional[Tuple[bytes, str]]:
+    def alarm_image(self, event_id: str, camera: Optional[str] = None) -> Optional[Tuple[bytes, str]]:
         with self._alarm_lock:
-            found = next((a for a in self.alarms if a["event"].get("event_id") == event_id), None)
+            found = next((a for a in self.alarms if a["event"].get("event_id") == event_id
+                          and (camera is None or a["camera"] == camera)), None)
         if found is None:
             return None
         snapshot = found["event"].get("snapshot")
         if snapshot and Path(snapshot).is_file():
             suffix = Path(snapshot).suffix.lower()
             return Path(snapshot).read_bytes(), "image/png" if suffix == ".png" else "image/jpeg"
-        result = found["result"]
-        if result is None:
+        result, part_view = found["result"], found.get("view")
+        if result is not None:
+            image = annotate(result.image, result.amap, result.score, result.threshold, True)
+        elif part_view is not None:
+            frame, amap, threshold = part_view
+            image = annotate(frame, amap, float(found["event"].get("score") or 0.0), threshold, True)
+        else:
             return None
-        image = annotate(result.image, result.amap, result.score, result.threshold, True)
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         return (encoded.tobytes(), "image/jpeg") if ok else None
 
@@ -309,9 +346,13 @@ class OperatorServer(LineObserver):
 
 
 def _alarm_record(camera: str, event: dict) -> dict:
-    keys = ("event_id", "time", "score", "threshold", "frame_index", "boxes")
-    return {"camera": camera, **{k: event.get(k) for k in keys},
-            "image": f"/alarm/{event.get('event_id')}.jpg" if event.get("event_id") else None}
+    keys = ("event_id", "time", "score", "threshold", "frame_index", "boxes", "kind", "part_id", "verdict")
+    image = None
+    if event.get("event_id"):
+        image = f"/alarm/{event.get('event_id')}.jpg"
+        if event.get("kind") == "part":
+            image += "?camera=" + quote(camera, safe="")
+    return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image}
 
 
 def _handler_for(server: OperatorServer):
@@ -348,7 +389,8 @@ def _handler_for(server: OperatorServer):
                 elif _STREAM_PATH.match(path):
                     self._mjpeg(_STREAM_PATH.match(path).group(1))
                 elif _ALARM_PATH.match(path):
-                    found = server.alarm_image(_ALARM_PATH.match(path).group(1))
+                    query = parse_qs(self.path.partition("?")[2])
+                    found = server.alarm_image(_ALARM_PATH.match(path).group(1), (query.get("camera") or [None])[0])
                     if found is None:
                         self._send(404, b"no such alarm (only the latest are kept)\n", "text/plain")
                     else:
