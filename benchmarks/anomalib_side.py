@@ -99,7 +99,9 @@ def main() -> None:
             model = _build(kind, args.backbone, args.image_size)
             root = args.workdir / f"anomalib_{kind}"
             size = (args.image_size, args.image_size)
-            xml = model.to_openvino(root, input_size=size)
+            # Batch 1, static: anomalib 2.7's dynamo export (torch 2.14) specialised ReverseDistillation's
+            # "dynamic" batch to its example size 2 at 256 px, which then refuses single images.
+            xml = model.to_openvino(root, input_size=size, onnx_kwargs={"dynamic_axes": {}})
             pt = model.to_torch(root)
             # The deploy defaults: OpenVINOInferencer(path) is device "AUTO" with no config.
             inferencers[f"anomalib {kind} OpenVINOInferencer (default)"] = OpenVINOInferencer(xml)
