@@ -1,5 +1,5 @@
 """The anomalib peer benchmark's smoke run (tiny models, two rounds). anomalib lives in a virtual
-environment of its own (scripts/setup_anomalib_venv.sh, about 5.5 GB), which the test setup does not
+environment of its own (scripts/setup_anomalib_venv.sh, about 6.6 GB), which the test setup does not
 build: without it the test is skipped, saying how to get it."""
 
 import pytest
