@@ -298,3 +298,77 @@ def test_basic256sha256_sign_and_encrypt_only(tmp_path):
         runner.stop()
     assert events[0].JobId == job and json.loads(events[0].ResultContent)["verdict"] == "NG"
     assert "No matching endpoints" in plain
+
+
+@pytest.mark.slow
+def test_trust_folder_admits_its_clients_and_refuses_others(tmp_path):
+    """--opcua-trust: a client whose certificate is in the folder (PEM there, DER sent) connects and
+    calls StartSingleJob; a client with another valid certificate is refused at its session."""
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    async def certificates():
+        for name, use in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH),
+                          ("stranger", ExtendedKeyUsageOID.CLIENT_AUTH)):
+            await setup_self_signed_certificate(tmp_path / f"{name}.pem", tmp_path / f"{name}.der",
+                                                f"urn:mrkd:test-{name}", "localhost", [use], {"commonName": name})
+
+    asyncio.run(certificates())
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    client_cert = x509.load_der_x509_certificate((tmp_path / "client.der").read_bytes())
+    (trust / "client.pem").write_bytes(client_cert.public_bytes(Encoding.PEM))     # PEM in the folder
+    (trust / "README.txt").write_text("not a certificate: ignored")
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    part_images(tmp_path / "parts", "d")
+    line = Line((Camera("cam", str(tmp_path / "parts"), model, trigger="software"),))
+    settings = PartSettings(queue=2, timeout=5.0)
+    runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
+    server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD,
+                      certificate=str(tmp_path / "server.der"), private_key=str(tmp_path / "server.pem"),
+                      trust=str(trust)).start()
+    runner.observers.append(server)
+    runner.start()
+
+    async def secure(name):
+        session = Session(server.url)
+        session.client.application_uri = f"urn:mrkd:test-{name}"
+        await session.client.set_security_string(
+            f"Basic256Sha256,SignAndEncrypt,{tmp_path / (name + '.der')},{tmp_path / (name + '.pem')}")
+        return session
+
+    async def scenario():
+        async with await secure("client") as s:
+            job = await s.call("StartSingleJob", "m", "trusted-1", "", "")
+            events = await s.wait_events(1)
+        try:
+            async with await secure("stranger") as s:
+                await s.call("StartSingleJob", "m", "stranger-1", "", "")
+                refused = None
+        except Exception as error:
+            refused = error
+        return job, events, refused
+
+    try:
+        job, events, refused = asyncio.run(scenario())
+    finally:
+        summary = runner.stop()
+    assert events[0].JobId == job and events[0].PartId == "trusted-1"
+    assert refused is not None and "BadCertificateUntrusted" in repr(refused), repr(refused)
+    assert summary["triggers"] == 1     # the stranger's job never reached the line
+
+
+def test_trust_folder_mistakes_are_one_line_errors(tmp_path):
+    from mrkd.runtime.plc import PlcError
+    from mrkd.runtime.plc.opcua import trusted_certificates
+    with pytest.raises(PlcError, match="not a folder"):
+        trusted_certificates(str(tmp_path / "missing"))
+    with pytest.raises(PlcError, match="no certificates"):
+        trusted_certificates(str(tmp_path))
+    (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    with pytest.raises(PlcError, match="bad.pem is not a certificate"):
+        trusted_certificates(str(tmp_path))
+    with pytest.raises(PlcError, match="needs the server's certificate"):
+        OpcUaPlc(object.__new__(PartRunner), "opc.tcp://127.0.0.1:0", trust=str(tmp_path))

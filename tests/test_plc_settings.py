@@ -76,3 +76,21 @@ def test_line_file_opcua_fields(tmp_path, monkeypatch):
                                       '\nopcua_private_key = "none.pem"'))
     with pytest.raises(LineFileError, match="plc.opcua: .*opc.tcp://HOST:PORT"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "tcp://x"'))
+
+
+def test_opcua_trust_folder_setting(tmp_path):
+    (tmp_path / "certs" / "clients").mkdir(parents=True)
+    for name in ("server.der", "server.pem"):
+        (tmp_path / "certs" / name).write_bytes(b"x")
+    secure = '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "certs/server.der"\nopcua_private_key = "certs/server.pem"'
+    trusted = load_plc_settings(line_file(tmp_path, secure + '\nopcua_trust = "certs/clients"'))
+    assert trusted.opcua_trust == str(tmp_path / "certs" / "clients")   # from the line file's folder
+    with pytest.raises(LineFileError, match="plc.opcua-trust: not a folder"):
+        load_line(line_file(tmp_path, secure + '\nopcua_trust = "certs/server.der"'))
+    with pytest.raises(LineFileError, match="opcua-trust needs .*opcua-certificate"):
+        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_trust = "certs/clients"'))
+    given = dict(options(opcua="opc.tcp://h:1", opcua_certificate=str(tmp_path / "certs" / "server.der"),
+                         opcua_private_key=str(tmp_path / "certs" / "server.pem")),
+                 opcua_trust=str(tmp_path / "certs" / "clients"))
+    assert pop_plc_settings(given).opcua_trust == str(tmp_path / "certs" / "clients")
+    assert "opcua_trust" not in given

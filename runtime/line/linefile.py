@@ -37,6 +37,7 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     opcua_password_env = "MRKD_OPCUA_PASSWORD"   # this environment variable
     opcua_certificate = "server.der"   # with opcua_private_key: Basic256Sha256 Sign&Encrypt only
     opcua_private_key = "server.pem"
+    opcua_trust = "trusted-clients"    # optional: folder of client certificates allowed to connect
 """
 
 from __future__ import annotations
@@ -247,8 +248,9 @@ def _plc_settings(path: str, data: dict, folder: Path):
     from mrkd.runtime.plc.servers import PlcSettings
     table = data["plc"]
     if isinstance(table, dict):       # certificate files are read from the line file's folder, as models are
-        table = {k: _resolve(v, folder) if k in ("opcua_certificate", "opcua_private_key") and isinstance(v, str)
-                 and v.strip() else v for k, v in table.items()}
+        paths = ("opcua_certificate", "opcua_private_key", "opcua_trust")
+        table = {k: _resolve(v, folder) if k in paths and isinstance(v, str) and v.strip() else v
+                 for k, v in table.items()}
     try:
         return PlcSettings.from_table(table, f"{path}: plc.")
     except PlcError as exc:

@@ -20,8 +20,11 @@ browse names; docs/PLC.md lists it):
 The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain Strings here.
 
 Security: bind 127.0.0.1 by default. With a server certificate and private key the only endpoint is
-Basic256Sha256 Sign&Encrypt (the application URI is read from the certificate; client certificates
-are not checked against a trust list); without them, the None policy only. A user name and a
+Basic256Sha256 Sign&Encrypt (the application URI is read from the certificate); without them, the
+None policy only. With a trust folder (``trust``: DER or PEM files, ``.der .pem .crt .cer``) a client
+whose certificate is not one of those files (byte for byte) or is outside its validity dates is
+refused when it creates its session (BadCertificateUntrusted / BadCertificateTimeInvalid); without one,
+any client certificate is accepted (the channel is still encrypted). A user name and a
 password taken from an environment variable (compared in constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
 only when ``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with
 BadTypeMismatch per argument.
@@ -71,7 +74,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
     def __init__(self, target: TriggerTarget, url: str = f"opc.tcp://127.0.0.1:{DEFAULT_PORT}",
                  user: Optional[str] = None, password: Optional[str] = None, anonymous_calls: bool = False,
-                 certificate: Optional[str] = None, private_key: Optional[str] = None):
+                 certificate: Optional[str] = None, private_key: Optional[str] = None, trust: Optional[str] = None):
         self.target = target
         self.host, self.port = parse_opcua_url(url)
         if (user is None) != (password is None):
@@ -80,6 +83,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if (certificate is None) != (private_key is None):
             raise PlcError("OPC UA: a certificate needs its private key and a private key its certificate")
         self.certificate, self.private_key = certificate, private_key
+        if trust is not None and certificate is None:
+            raise PlcError("OPC UA: a trust folder of client certificates needs the server's certificate and key "
+                           "(Basic256Sha256 Sign&Encrypt)")
+        self.trusted = trusted_certificates(trust) if trust is not None else None
         self.url: Optional[str] = None
         self.state, self.mode = "Operational", "Ready"
         self.recipe = int(target.active_recipe)
@@ -127,6 +134,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             await server.load_private_key(self.private_key)
             await server.set_application_uri(_certificate_uri(self.certificate))
             policies = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
+            if self.trusted is not None:
+                server.set_certificate_validator(_TrustList(self.trusted).validate)
         else:
             policies = [ua.SecurityPolicyType.NoSecurity]
         server.set_security_policy(policies, permission_ruleset=_Rules(self.anonymous_calls))
@@ -428,6 +437,52 @@ def _certificate_uri(path: str) -> str:
     except (ValueError, IndexError, x509.ExtensionNotFound) as exc:
         raise PlcError(f"OPC UA certificate {path}: no application URI in its subject alternative names "
                        f"({exc})") from None
+
+
+def trusted_certificates(folder: str) -> frozenset:
+    """The DER bytes of every certificate (.der .pem .crt .cer, DER or PEM) in ``folder``; PlcError for
+    a missing folder, one without certificates or a file that is not a certificate."""
+    from pathlib import Path
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    where = Path(folder)
+    if not where.is_dir():
+        raise PlcError(f"OPC UA trust folder {folder}: not a folder")
+    trusted = set()
+    for path in sorted(where.iterdir()):
+        if path.suffix.lower() not in (".der", ".pem", ".crt", ".cer") or not path.is_file():
+            continue
+        data = path.read_bytes()
+        try:
+            cert = x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----") \
+                else x509.load_der_x509_certificate(data)
+        except ValueError as exc:
+            raise PlcError(f"OPC UA trust folder: {path} is not a certificate ({exc})") from None
+        trusted.add(cert.public_bytes(Encoding.DER))
+    if not trusted:
+        raise PlcError(f"OPC UA trust folder {folder}: no certificates (.der .pem .crt .cer): no client could connect")
+    return frozenset(trusted)
+
+
+class _TrustList:
+    """asyncua's certificate validator: the client's certificate must be one of the trusted ones and
+    within its validity dates (checked at CreateSession)."""
+
+    def __init__(self, trusted: frozenset):
+        self.trusted = trusted
+
+    async def validate(self, cert, app_description) -> None:
+        from datetime import datetime, timezone
+        from asyncua import ua
+        from asyncua.common.utils import ServiceError
+        from cryptography.hazmat.primitives.serialization import Encoding
+        if cert.public_bytes(Encoding.DER) not in self.trusted:
+            logger.warning("opcua: client certificate %s (%s) is not in the trust folder: refused",
+                           cert.subject.rfc4514_string(), getattr(app_description, "ApplicationUri", "?"))
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+        now = datetime.now(timezone.utc)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise ServiceError(ua.StatusCodes.BadCertificateTimeInvalid)
 
 
 def _string(text: str):

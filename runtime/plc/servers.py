@@ -16,7 +16,7 @@ from mrkd.runtime.plc.handshake import RESULTS_BUFFER
 
 PLC_SETTINGS_VERSION = 1
 PLC_FIELDS = ("modbus", "results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls",
-              "opcua_certificate", "opcua_private_key")
+              "opcua_certificate", "opcua_private_key", "opcua_trust")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class PlcSettings:
     the PLC, the presented one included (1..64). opcua: "opc.tcp://HOST:PORT" of the OPC UA
     VisionSystem (None: off); opcua_user + opcua_password_env (the environment variable holding the
     password): who may call its methods; opcua_anonymous_calls: anonymous clients may call them too;
-    opcua_certificate + opcua_private_key: serve Basic256Sha256 Sign&Encrypt only."""
+    opcua_certificate + opcua_private_key: serve Basic256Sha256 Sign&Encrypt only; opcua_trust: a
+    folder of the client certificates allowed to connect (others are refused)."""
 
     modbus: Optional[str] = None
     results_buffer: int = RESULTS_BUFFER
@@ -35,6 +36,7 @@ class PlcSettings:
     opcua_anonymous_calls: bool = False
     opcua_certificate: Optional[str] = None
     opcua_private_key: Optional[str] = None
+    opcua_trust: Optional[str] = None
     schema_version: int = PLC_SETTINGS_VERSION
 
     def check(self, where: str = "") -> "PlcSettings":
@@ -61,6 +63,12 @@ class PlcSettings:
         for path in (self.opcua_certificate, self.opcua_private_key):
             if path is not None and not Path(path).is_file():
                 raise PlcError(f"{where}opcua certificate/key: file not found: {path}")
+        if self.opcua_trust is not None:
+            if self.opcua_certificate is None:
+                raise PlcError(f"{where}opcua-trust needs {where}opcua-certificate and {where}opcua-private-key "
+                               f"(client certificates are only exchanged with Sign&Encrypt)")
+            if not Path(self.opcua_trust).is_dir():
+                raise PlcError(f"{where}opcua-trust: not a folder: {self.opcua_trust}")
         if not isinstance(self.opcua_anonymous_calls, bool):
             raise PlcError(f"{where}opcua_anonymous_calls: expected true or false")
         return self
@@ -87,7 +95,8 @@ class PlcSettings:
         unknown = sorted(set(table) - set(PLC_FIELDS))
         if unknown:
             raise PlcError(f"{where}{unknown[0]}: unknown field (known: {', '.join(PLC_FIELDS)})")
-        for name in ("modbus", "opcua", "opcua_user", "opcua_password_env", "opcua_certificate", "opcua_private_key"):
+        for name in ("modbus", "opcua", "opcua_user", "opcua_password_env", "opcua_certificate", "opcua_private_key",
+                     "opcua_trust"):
             if table.get(name) is not None and not isinstance(table[name], str):
                 raise PlcError(f"{where}{name}: expected text, got {table[name]!r}")
         return cls(**{name: table[name] for name in PLC_FIELDS if name in table}).check(where)
@@ -119,6 +128,9 @@ def plc_options(command):
                           "with --opcua-private-key the only endpoint is Basic256Sha256 Sign&Encrypt."),
         click.option("--opcua-private-key", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="The server certificate's private key (PEM)."),
+        click.option("--opcua-trust", metavar="DIR", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Folder of trusted OPC UA client certificates (DER or PEM): with --opcua-certificate, a "
+                          "client whose certificate is not there is refused. Line file: [plc] opcua_trust = ..."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -132,7 +144,8 @@ def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = 
              "opcua": options.pop("opcua"), "opcua_user": options.pop("opcua_user"),
              "opcua_password_env": options.pop("opcua_password_env"),
              "opcua_anonymous_calls": options.pop("opcua_anonymous_calls"),
-             "opcua_certificate": options.pop("opcua_certificate"), "opcua_private_key": options.pop("opcua_private_key")}
+             "opcua_certificate": options.pop("opcua_certificate"), "opcua_private_key": options.pop("opcua_private_key"),
+             "opcua_trust": options.pop("opcua_trust", None)}
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}).check("--")
 
 
@@ -153,12 +166,14 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
             from mrkd.runtime.plc.opcua import OpcUaPlc
             server = OpcUaPlc(target, settings.opcua, user=settings.opcua_user, password=settings.opcua_password(),
                               anonymous_calls=settings.opcua_anonymous_calls, certificate=settings.opcua_certificate,
-                              private_key=settings.opcua_private_key).start()
+                              private_key=settings.opcua_private_key, trust=settings.opcua_trust).start()
             servers.append(server)
             if echo:
                 calls = ("user " + settings.opcua_user if settings.opcua_user else "nobody") + \
                     (" and anonymous clients" if settings.opcua_anonymous_calls else "")
                 security = "Basic256Sha256 Sign&Encrypt" if settings.opcua_certificate else "no encryption"
+                if settings.opcua_trust:
+                    security += f", clients trusted from {settings.opcua_trust}"
                 echo(f"OPC UA VisionSystem on {server.url} ({security}; methods: {calls})")
     except BaseException:
         for server in servers:
