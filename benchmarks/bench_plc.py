@@ -30,7 +30,7 @@ adds ``event_to_client``.
 
 ``load_before``/``load_after``: os.getloadavg() (1, 5, 15 min): on a shared machine the p99 follows it.
 
-    python -m mrkd.benchmarks.bench_plc [--quick]      (mrkd bench --only plc)
+    python -m mrkd.benchmarks.bench_plc [--quick] [--switch-ms 5]      (mrkd bench --only plc)
 """
 
 from __future__ import annotations
@@ -146,12 +146,13 @@ def opcua_jobs(url: str, parts: int, pipe) -> None:
             machine = await system.get_child(f"{ns}:VisionStateMachine")
             event_type = await client.nodes.root.get_child(["0:Types", "0:EventTypes", "0:BaseEventType",
                                                             f"{ns}:ResultReadyEventType"])
-            subscription = await client.create_subscription(PUBLISH_MS, Handler())
+            start_job = await machine.get_child(f"{ns}:StartSingleJob")   # by NodeId, as a PLC calls it: no
+            subscription = await client.create_subscription(PUBLISH_MS, Handler())   # browse in the timing
             await subscription.subscribe_events(system, event_type)
             rows = []
             for i in range(parts):
                 sent = time.time()
-                job = await machine.call_method(f"{ns}:StartSingleJob", f"m{i}", str(i), "", "")
+                job = await machine.call_method(start_job, f"m{i}", str(i), "", "")
                 while True:
                     received, job_id, result_id, emitted = await asyncio.wait_for(arrived.get(), 10)
                     if job_id == job:
@@ -218,7 +219,10 @@ def modbus_run(port: int, parts: int, judged: dict, presented: dict) -> dict:
             "goal_met": _percentiles(handshake)["p99"] < GOAL_MS}
 
 
-def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2) -> dict:
+def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2,
+        switch_ms: Optional[float] = None) -> dict:
+    """``switch_ms``: set the interpreter's switch interval after the servers start (they lower it to
+    runtime/plc/aio.py SWITCH_INTERVAL_S); 5 is CPython's default, for comparison."""
     from mrkd.benchmarks.bench_parts import export_lite0
     from mrkd.runtime.line.loop import Camera, Line
     from mrkd.runtime.line.parts import PartRunner, open_part_sources
@@ -239,6 +243,8 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2)
         runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
         server = ModbusPlc(runner, port=0).start()
         vision = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user="bench", password="bench").start()
+        if switch_ms is not None:
+            sys.setswitchinterval(switch_ms / 1000.0)
         presented = _Presented()
         runner.observers += [server, presented, vision]   # presented after the Modbus server: registers set
         runner.start()
@@ -255,4 +261,6 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2)
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    arguments = sys.argv[1:]
+    switch = float(arguments[arguments.index("--switch-ms") + 1]) if "--switch-ms" in arguments else None
+    print(json.dumps(run(quick="--quick" in arguments, switch_ms=switch), indent=2))

@@ -382,10 +382,12 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                   "ProcessingTimeMs": part.verdict_s * 1000.0, "ResultContent": content,
                   "PartsJudged": ua.Variant(self.results, ua.VariantType.UInt32),
                   "PartsNG": ua.Variant(self._ng, ua.VariantType.UInt32)}
-        # Ready before the event (a client may start the next job on it), the variables in one write
-        # request (a Read of them all never mixes two parts), then the event.
+        # Ready before the event (a client may start the next job on it), with the variables in one
+        # write request (a Read of them all never mixes two parts), then the event: one write, no
+        # await between the verdict's arrival on this loop and the event but that one.
         if self.mode == "SingleExecution" and job and not job.startswith("continuous-"):
-            await self._set_state(mode="Ready")
+            self.mode = "Ready"
+            values["mode"] = ua.LocalizedText("Ready")
         await self._write_all(values)
         event = self._events.event
         event.ResultId, event.JobId, event.IsPartial, event.ResultState = str(part.inspection_id), job, False, state
