@@ -254,7 +254,8 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2,
         finally:
             summary = runner.stop()
     return {"bench": "plc", "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
-            "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3), "backbone": "efficientnet_lite0 (random weights)", "image_size": image_size,
+            "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
+            "backbone": "efficientnet_lite0 (random weights)", "image_size": image_size,
             "threads": threads, "parts": parts, "defective_images": int(sum(defective[:parts])),
             "plc_scan_ms": POLL_S * 1000, "modbus": modbus, "opcua": opcua, "missed_triggers": summary["missed_triggers"],
             "errors": summary["verdicts"]["ERROR"]}

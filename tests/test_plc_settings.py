@@ -82,7 +82,8 @@ def test_opcua_trust_folder_setting(tmp_path):
     (tmp_path / "certs" / "clients").mkdir(parents=True)
     for name in ("server.der", "server.pem"):
         (tmp_path / "certs" / name).write_bytes(b"x")
-    secure = '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "certs/server.der"\nopcua_private_key = "certs/server.pem"'
+    secure = ('[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "certs/server.der"\n'
+              'opcua_private_key = "certs/server.pem"')
     trusted = load_plc_settings(line_file(tmp_path, secure + '\nopcua_trust = "certs/clients"'))
     assert trusted.opcua_trust == str(tmp_path / "certs" / "clients")   # from the line file's folder
     with pytest.raises(LineFileError, match="plc.opcua-trust: not a folder"):

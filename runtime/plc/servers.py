@@ -144,7 +144,8 @@ def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = 
              "opcua": options.pop("opcua"), "opcua_user": options.pop("opcua_user"),
              "opcua_password_env": options.pop("opcua_password_env"),
              "opcua_anonymous_calls": options.pop("opcua_anonymous_calls"),
-             "opcua_certificate": options.pop("opcua_certificate"), "opcua_private_key": options.pop("opcua_private_key"),
+             "opcua_certificate": options.pop("opcua_certificate"),
+             "opcua_private_key": options.pop("opcua_private_key"),
              "opcua_trust": options.pop("opcua_trust", None)}
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}).check("--")
 
