@@ -31,6 +31,8 @@ BENCHES = {
     "backends": "ms/frame of the Detector at batch 1 on the CPU: ONNX Runtime FP32 vs OpenVINO f32 / bf16 / INT8 "
                 "graph (alternated; decision agreement vs FP32); Lite0 256 px by default",
     "score_cost": "ONNX Runtime latency and graph size of --score both (bank at the trainer's cap) vs --score mrkd",
+    "memory_bank": "fitting the --score both memory bank before issue 24 vs now, same ELPV images (700 at 256 px), "
+                   "seconds per step, coverage, coreset kernels; load average printed",
     "anomalib": "peer benchmark, opt-in: anomalib 2.7 ReverseDistillation/PatchCore (OpenVINOInferencer, "
                 "TorchInferencer) vs mrkd's Detector and mrkd run, same CPU, images, size and threads, alternated "
                 "(needs scripts/setup_anomalib_venv.sh)",

@@ -240,3 +240,182 @@ def test_training_patches_past_the_limit_are_a_bounded_uniform_sample(tmp_path):
     again = training_patches(model, batches(), limit=100, seed=1)
     torch.testing.assert_close(again.rows, sample.rows, rtol=0, atol=0)
     assert not torch.equal(training_patches(model, batches(), limit=100, seed=2).rows, sample.rows)
+
+
+# ----------------------------------------------------------------------------- issue 24: the bank in seconds
+
+def test_greedy_coreset_in_a_projection_is_k_center_of_the_projected_rows():
+    """Wider rows than the projection: the chosen rows are brute-force greedy k-center on the projected
+    rows (the projection recomputed here from the same seeded generator)."""
+    from mrkd.train.memory_bank import greedy_coreset, random_projection
+    g = torch.Generator().manual_seed(5)
+    points = torch.randn(150, 40, generator=g)
+    chosen = greedy_coreset(points, 8, seed=2, projection_dim=12).tolist()
+    projected = (points @ random_projection(40, 12, torch.Generator().manual_seed(2))).double().numpy()
+    assert chosen == _brute_force_k_center(projected, 8, chosen[0])
+
+
+def test_projected_coreset_covering_radius_within_the_k_center_bound_of_the_optimum():
+    """Greedy k-center is a 2-approximation of the smallest covering radius; in a projection that
+    distorts distances by at most (1 ± eps) (measured here on every pair), the radius in full dimensions
+    stays within 2 (1 + eps) / (1 - eps) of the optimum, found by trying every 3-subset."""
+    from itertools import combinations
+
+    from scipy.spatial.distance import cdist
+
+    from mrkd.train.memory_bank import greedy_coreset, random_projection
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 152, generator=g) * 6
+    points = (centres.repeat_interleave(10, 0) + torch.randn(40, 152, generator=g)).double()
+    full = cdist(points.numpy(), points.numpy())
+    projected_points = points.float() @ random_projection(152, 64, torch.Generator().manual_seed(0))
+    projected = cdist(projected_points.double().numpy(), projected_points.double().numpy())
+    off = ~np.eye(40, dtype=bool)
+    ratio = projected[off] / full[off]
+    eps = max(1 - ratio.min(), ratio.max() - 1)
+    assert eps < 0.5
+    optimum = min(full[:, list(subset)].min(1).max() for subset in combinations(range(40), 3))
+    chosen = greedy_coreset(points.float(), 3, seed=0, projection_dim=64).tolist()
+    radius = full[:, chosen].min(1).max()
+    assert radius <= 2 * (1 + eps) / (1 - eps) * optimum + 1e-9
+
+
+def test_random_projection_distorts_squared_distances_as_chi_square():
+    """What the coreset relies on (random_projection's note): projected over true squared distance is
+    chi²(64)/64 per pair; over 2,000 pairs of 152-wide rows about 0.2 % fall outside the 0.1 % / 99.9 %
+    quantiles, and the mean is 1 within its standard error."""
+    from scipy.stats import chi2
+
+    from mrkd.train.memory_bank import random_projection
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(4000, 152, generator=g).double()
+    projection = random_projection(152, 64, torch.Generator().manual_seed(3)).double()
+    diff = rows[:2000] - rows[2000:]
+    ratio = ((diff @ projection).pow(2).sum(1) / diff.pow(2).sum(1)).numpy()
+    low, high = chi2.ppf([0.001, 0.999], 64) / 64
+    assert np.mean((ratio < low) | (ratio > high)) < 0.01
+    assert abs(ratio.mean() - 1) < 4 * np.sqrt(2 / 64) / np.sqrt(2000)
+
+
+def test_new_coreset_covers_rare_patches_as_well_as_the_previous_one():
+    """Rare-patch coverage (largest distance, full dimensions, of any candidate to its nearest bank
+    row: what k-center minimises), brute force with scipy: today's coreset (64-dim projection, addmv on
+    one thread) against the previous one (128 dims) on 3,000 patches with a few rare kinds."""
+    from scipy.spatial.distance import cdist
+
+    from mrkd.benchmarks.memory_bank_previous import subsample_patches as previous
+    from mrkd.train.memory_bank import subsample_patches
+    g = torch.Generator().manual_seed(11)
+    common = torch.randn(3000, 152, generator=g)
+    rare = torch.cat([torch.randn(3, 152, generator=g) * 0.1 + 8 * torch.randn(152, generator=g)
+                      for _ in range(4)])
+    patches = torch.cat([common, rare])
+    radii = {}
+    for name, fit in (("previous", previous), ("now", subsample_patches)):
+        bank = fit(patches, 0.02, seed=0, sampler="coreset")
+        nearest = cdist(patches.numpy(), bank.numpy()).min(1)
+        radii[name] = nearest.max()
+        assert cdist(rare.numpy(), bank.numpy()).min(1).max() < 3.0        # every rare kind is in
+    assert radii["now"] <= 1.1 * radii["previous"], radii
+
+
+def test_one_pass_gives_the_same_scores_as_separate_passes(tmp_path):
+    """fit_memory_bank's single teacher pass (patches + MRKD scores from the same features) gives the
+    spreads the three separate passes give: MRKD scores of the head with the "both" scales and no bank,
+    then the kNN scores with the bank alone, each computed here through model.scores."""
+    from mrkd.train.memory_bank import score_spread
+    paths = _images(tmp_path, n=5)
+    model = _model()
+    report = fit_memory_bank(model, paths, "both", progress=False, batch_size=2)
+    batch = torch.stack([_tensor(model, p) for p in paths])
+    head, bank = model.head, model.head.memory_bank
+    with torch.no_grad():
+        head.set_memory_bank(None, 0.0)
+        head.scale_weights = BOTH_SCALE_WEIGHTS
+        mrkd = model.scores(batch)
+        head.set_memory_bank(bank, 1.0)
+        head.scale_weights = (0.0, 0.0, 0.0)
+        knn = model.scores(batch)
+    assert report["mrkd_train_score_std"] == pytest.approx(score_spread(mrkd), rel=1e-5)
+    assert report["knn_train_score_std"] == pytest.approx(score_spread(knn), rel=1e-5)
+    assert set(report["seconds"]) == {"features", "coreset", "knn_scores"}
+
+
+def _tensor(model, path):
+    from mrkd.train.data import TestDataset, TestItem
+    config = model.config
+    return TestDataset([TestItem(path, 0, "good", None)], config.image_size, config.resize_mode,
+                       config.mean, config.std)[0][0]
+
+
+def test_score_spreads_are_measured_on_a_seeded_sample_of_many_images():
+    from mrkd.train.memory_bank import spread_images
+    assert spread_images(10, limit=256) == list(range(10))
+    sample = spread_images(700, seed=3, limit=256)
+    assert len(sample) == len(set(sample)) == 256 and sample == sorted(sample) and max(sample) < 700
+    assert sample == spread_images(700, seed=3, limit=256) != spread_images(700, seed=4, limit=256)
+
+
+def test_each_step_of_the_fit_shows_a_progress_bar(tmp_path, capsys):
+    fit_memory_bank(_model(), _images(tmp_path, n=3), "both", progress=True)
+    err = capsys.readouterr().err
+    for step in ("memory bank: features", "memory bank: coreset", "memory bank: kNN scores"):
+        assert step in err, err
+
+
+def _brute_force_continued(points: np.ndarray, chosen: list, keep: int) -> list:
+    """Greedy k-center continued from ``chosen`` over every point, written out plainly."""
+    chosen = list(chosen)
+    while len(chosen) < keep:
+        nearest = np.min([[np.linalg.norm(p - points[c]) for c in chosen] for p in points], axis=1)
+        chosen.append(int(np.argmax(nearest)))
+    return chosen
+
+
+def test_tailed_coreset_is_k_center_on_the_pool_then_continued_over_every_row():
+    """The pool's part of the bank is greedy k-center on the first ``candidates`` rows; the tail is
+    greedy k-center continued over all rows (both brute force here, rows narrower than the projection)."""
+    from mrkd.train.memory_bank import tailed_coreset
+    g = torch.Generator().manual_seed(8)
+    points = torch.randn(300, 6, generator=g)
+    chosen = tailed_coreset(points, 20, seed=1, candidates=100, tail=0.25).tolist()
+    reference = points.double().numpy()
+    head = _brute_force_k_center(reference[:100], 15, chosen[0])
+    assert chosen[:15] == head
+    assert chosen == _brute_force_continued(reference, head, 20)
+    assert any(c >= 100 for c in chosen[15:])     # the tail reaches past the pool
+
+
+def test_the_tail_covers_rare_patches_outside_the_pool():
+    """Rare, distant patches all outside the pool: the pool alone never sees them (covering radius over
+    every row ~ their distance), the tail takes one of each kind (radius back to the common rows')."""
+    from scipy.spatial.distance import cdist
+
+    from mrkd.train.memory_bank import tailed_coreset
+    g = torch.Generator().manual_seed(2)
+    common = torch.randn(2000, 152, generator=g)
+    rare = torch.cat([torch.randn(3, 152, generator=g) * 0.1 + 8 * torch.randn(152, generator=g)
+                      for _ in range(4)])
+    patches = torch.cat([common, rare])                 # the pool is the first 1,000 rows: no rare ones
+    radii = {}
+    for tail in (0.0, 0.1):
+        chosen = tailed_coreset(patches, 60, seed=0, candidates=1000, tail=tail)
+        radii[tail] = cdist(patches.numpy(), patches[chosen].numpy()).min(1).max()
+    far = cdist(rare.numpy(), common.numpy()).min()
+    assert radii[0.0] > 0.8 * far and radii[0.1] < 0.5 * far, (radii, far)
+
+
+def test_the_tail_steps_over_the_farthest_rows_only_and_still_matches_greedy_over_all():
+    """6,000 rows, the tail's 50 steps look at the 4,096 farthest only: same choice as greedy k-center
+    continued over every row (numpy, every distance recomputed each step)."""
+    from scipy.spatial.distance import cdist
+
+    from mrkd.train.memory_bank import tailed_coreset
+    g = torch.Generator().manual_seed(4)
+    points = torch.randn(6000, 6, generator=g)
+    chosen = tailed_coreset(points, 100, seed=3, candidates=500, tail=0.5).tolist()
+    reference = points.double().numpy()
+    expected = chosen[:50]
+    while len(expected) < 100:
+        expected.append(int(np.argmax(cdist(reference, reference[expected]).min(1))))
+    assert chosen == expected

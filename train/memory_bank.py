@@ -9,18 +9,26 @@ carries the bank as a constant — the runtime and TensorRT path stay one.
 * Features: the teacher's stride-8 and stride-16 maps, 16 upsampled bilinearly to 8, concatenated.
 * Bank: ``fraction`` of all training patches, FP32, chosen by ``sampler``: "coreset" (greedy k-center
   selection, as PatchCore: each new patch is the one farthest from those kept, distances taken in a
-  seeded random projection to at most 128 dimensions; from at most CORESET_CANDIDATES patches, a seeded
-  random subset when there are more) or "random" (a seeded random subset). The training patches are
-  streamed: past what the sampler can use (CORESET_CANDIDATES, or the cap) a uniform random sample
+  seeded random projection to at most 64 dimensions; one fused matrix-vector product a step on one
+  thread) or "random" (a seeded random subset). The coreset (tailed_coreset) chooses 90 % of the bank
+  from a seeded random pool of CORESET_CANDIDATES (50,000) patches, then the last CORESET_TAIL (10 %)
+  by greedy k-center continued over every held patch (at most CORESET_HELD, 200,000): the pool alone
+  missed rare patches (ELPV validation, 128 px: largest patch-to-bank distance 62 against 41 before,
+  image AUROC -0.005); with the tail 45 and -0.002 (benchmarks/RESULTS.md). The training patches are
+  streamed: past what the sampler can use (CORESET_HELD, or the cap) a uniform random sample
   is kept, so building the bank holds at most ~120 MB of patches whatever the training set's size.
   The bank's memory: patches × channels × 4 bytes (Lite0 at the default cap of 8192 patches:
   8192 × 152 × 4 B ≈ 4.75 MB, in the checkpoint and the graph).
 * Distance: per patch the minimum L2 distance to the bank, written as ``|q|² − 2 q·b + |b|²`` over bank
   chunks (MatMul + ReduceMin in the graph; no cdist operator needed), clamped at 0, square root.
 * ``both``: each detector's map is divided by the spread (std) of its image scores on the training
-  images, then summed; the threshold is calibrated on the summed map as usual. The MRKD part uses the
+  images (a seeded sample of SPREAD_IMAGES of them when there are more), then summed; the threshold is calibrated on the summed map as usual. The MRKD part uses the
   stride-8 and stride-16 scales only (``BOTH_SCALE_WEIGHTS``): chosen on the ELPV validation split
   (poly +0.010 image AUROC, mono ±0.001 against all three scales), confirmed on the test split.
+* Fitting (issue 24): one pass over the training images runs the teacher once per batch for both the
+  bank's patches and MRKD's scores, then the coreset, then the kNN scores of the spread sample; a tqdm
+  bar for each. Before and after on the same images: ``mrkd bench --only memory_bank``
+  (the previous fitting is kept in mrkd.benchmarks.memory_bank_previous).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 from mrkd.errors import SettingError
 
 import math
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -37,12 +46,15 @@ from torch import nn
 
 SCORES = ("mrkd", "knn", "both")
 SAMPLERS = ("coreset", "random")
-CORESET_CANDIDATES = 200_000    # greedy selection is O(candidates × kept): bounded on big training sets
-CORESET_PROJECTION = 128
+CORESET_CANDIDATES = 50_000     # the pool: greedy selection is O(candidates × kept × dims); see bench_memory_bank
+CORESET_PROJECTION = 64
+CORESET_TAIL = 0.1             # of the bank chosen over every held patch, not just the pool
+CORESET_HELD = 200_000          # patches held for the tail (~120 MB at Lite0's 152 channels)
 DEFAULT_FRACTION = 0.05         # ELPV validation: coreset 5 % = 10 % > random 10 % (benchmarks/RESULTS.md)
 DEFAULT_MAX_PATCHES = 8192      # bounds the graph's MatMul and the coreset's time on large training sets
 BOTH_SCALE_WEIGHTS = (0.0, 1.0, 1.0)    # MRKD scales (strides 4, 8, 16) in the "both" map
 BANK_CHUNK = 4096
+SPREAD_IMAGES = 256            # training images the score spreads of "both" are measured on
 
 
 def patch_features(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,32 +94,144 @@ class MemoryBank(nn.Module):
 
 
 def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
-                   projection_dim: int = CORESET_PROJECTION) -> torch.Tensor:
+                   projection_dim: int = CORESET_PROJECTION, progress: bool = False) -> torch.Tensor:
     """Indices of ``keep`` rows of ``patches`` chosen by greedy k-center selection: start from a seeded
     random row, then repeatedly add the row farthest (L2) from every row chosen so far. Distances are
     taken in a seeded Gaussian random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss;
-    none when the rows are that narrow already)."""
+    none when the rows are that narrow already). ``progress``: a tqdm bar over the rows kept."""
     n, channels = patches.shape
     keep = int(min(max(keep, 1), n))
     generator = torch.Generator().manual_seed(int(seed))
-    points = patches.float()
-    if channels > projection_dim:
-        projection = torch.randn(channels, projection_dim, generator=generator) / projection_dim ** 0.5
-        points = points @ projection
-    points = points.contiguous()
-    squared = points.pow(2).sum(1)
+    points = _project(patches, projection_dim, generator)
     chosen = torch.empty(keep, dtype=torch.long)
     chosen[0] = int(torch.randint(n, (1,), generator=generator))
     nearest = torch.full((n,), float("inf"))
-    for index in range(1, keep + 1):
-        centre = points[chosen[index - 1]]
-        # |p - c|² = |p|² - 2 p·c + |c|²: one matrix-vector product per chosen row
-        distance = squared - 2.0 * (points @ centre) + squared[chosen[index - 1]]
-        torch.minimum(nearest, distance, out=nearest)
-        if index == keep:
-            break
-        chosen[index] = int(torch.argmax(nearest))
+    bar = _bar(keep, "memory bank: coreset", "patch") if progress else None
+    try:
+        _greedy_steps(points, points.pow(2).sum(1), nearest, chosen, 1, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     return chosen
+
+
+def _project(patches: torch.Tensor, projection_dim: int, generator: torch.Generator) -> torch.Tensor:
+    points = patches.float()
+    if patches.shape[1] > projection_dim:
+        points = points @ random_projection(patches.shape[1], projection_dim, generator)
+    return points.contiguous()
+
+
+def _greedy_steps(points: torch.Tensor, squared: torch.Tensor, nearest: torch.Tensor, chosen: torch.Tensor,
+                  first: int, bar=None, stop_below: Optional[float] = None, offset: int = 0) -> int:
+    """Greedy k-center from ``chosen[first - 1]`` on: fold each new centre into ``nearest`` (squared
+    distances of every row of ``points`` to the centres so far) and fill ``chosen[first:]``. Returns how
+    many of ``chosen`` are filled: all, unless the farthest row's squared distance falls to
+    ``stop_below`` or under first (then that row is not taken)."""
+    keep = len(chosen)
+    distance = torch.empty(len(points))
+    # One thread: each step is one small matrix-vector product (candidates x dims, a few MB); a
+    # second OpenMP thread made it 3.5x slower on 2 busy cores (benchmarks/RESULTS.md, issue 24).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for index in range(first, keep + 1):
+            centre = chosen[index - 1]
+            # |p - c|² = |p|² - 2 p·c + |c|²: one fused matrix-vector product per chosen row
+            torch.addmv(squared, points, points[centre], alpha=-2.0, out=distance)
+            distance += squared[centre]
+            torch.minimum(nearest, distance, out=nearest)
+            if bar is not None and (index % 256 == 0 or index == keep):
+                bar.update(max(0, offset + index - bar.n))
+            if index == keep:
+                break
+            farthest = int(torch.argmax(nearest))
+            if stop_below is not None and float(nearest[farthest]) <= stop_below:
+                return index
+            chosen[index] = farthest
+    finally:
+        torch.set_num_threads(threads)
+    return keep
+
+
+def _continue_greedy(points, squared, nearest, chosen, first: int, bar=None) -> None:
+    """Greedy k-center over every row from ``chosen[first]`` on, exactly, but stepping over the rows
+    farthest from the centres so far only: a row whose distance is at most the largest one left out
+    can only be chosen once every row looked at is that close, and then all rows are taken again."""
+    rest = len(chosen) - first
+    look = min(len(points), max(8 * rest, 4096))
+    if look < len(points):
+        values, rows = torch.topk(nearest, look + 1)
+        bound, rows = float(values[-1]), rows[:-1]
+        part_nearest = nearest[rows].clone()
+        part = torch.empty(rest, dtype=torch.long)
+        part_points, part_squared = points[rows], squared[rows]
+        part[0] = int(torch.argmax(part_nearest))
+        if float(part_nearest[part[0]]) > bound:
+            done = _greedy_steps(part_points, part_squared, part_nearest, part, 1, bar, stop_below=bound,
+                                 offset=first)
+            chosen[first:first + done] = rows[part[:done]]
+            if done == rest:
+                return
+            # the rows left out may matter from here: their distances to the centres just added
+            added = points[chosen[first:first + done]]
+            d2 = squared[:, None] - 2.0 * points @ added.t() + squared[chosen[first:first + done]]
+            torch.minimum(nearest, d2.amin(1), out=nearest)
+            first += done
+    chosen[first] = int(torch.argmax(nearest))
+    _greedy_steps(points, squared, nearest, chosen, first + 1, bar)
+
+
+def tailed_coreset(patches: torch.Tensor, keep: int, seed: int = 0, candidates: int = CORESET_CANDIDATES,
+                   tail: float = CORESET_TAIL, projection_dim: int = CORESET_PROJECTION,
+                   progress: bool = False) -> torch.Tensor:
+    """Indices of ``keep`` rows of ``patches``: greedy k-center on the first ``candidates`` of them (the
+    pool: pass the rows in random order) for all but ``tail`` of the bank, then greedy k-center
+    continued over every row (the rows
+    outside that pool get their distances to the centres so far in blocked matrix products, then each
+    further step is one matrix-vector product over all rows). The pool makes the bulk cheap; the tail
+    picks the rare patches the pool missed, which bound the covering radius k-center minimises."""
+    n = len(patches)
+    keep = int(min(max(keep, 1), n))
+    if n <= candidates or tail <= 0:
+        return greedy_coreset(patches[:candidates], keep, seed, projection_dim, progress)
+    head = max(1, keep - int(round(tail * keep)))
+    generator = torch.Generator().manual_seed(int(seed))
+    points = _project(patches, projection_dim, generator)
+    squared = points.pow(2).sum(1)
+    chosen = torch.empty(keep, dtype=torch.long)
+    chosen[0] = int(torch.randint(candidates, (1,), generator=generator))
+    bar = _bar(keep, "memory bank: coreset", "patch") if progress else None
+    try:
+        pool_nearest = torch.full((candidates,), float("inf"))
+        _greedy_steps(points[:candidates], squared[:candidates], pool_nearest, chosen[:head], 1, bar)
+        nearest = torch.empty(n)
+        nearest[:candidates] = pool_nearest
+        centres = points[chosen[:head]]
+        centre_sq = squared[chosen[:head]]
+        for start in range(candidates, n, 2048):
+            block = points[start:start + 2048]
+            d2 = squared[start:start + 2048, None] - 2.0 * block @ centres.t() + centre_sq
+            nearest[start:start + 2048] = d2.amin(1)
+        if head < keep:
+            _continue_greedy(points, squared, nearest, chosen, head, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return chosen
+
+
+def random_projection(channels: int, dims: int, generator: torch.Generator) -> torch.Tensor:
+    """A ``channels`` × ``dims`` Gaussian matrix scaled by 1/sqrt(dims): for any two rows the squared
+    distance after projection over the one before is distributed as chi²(dims)/dims (mean 1, std
+    sqrt(2/dims): ±18 % at 64 dims, so distances within about ±9 %), which is all the coreset relies
+    on; tests/test_memory_bank.py checks those quantiles."""
+    return torch.randn(channels, dims, generator=generator) / dims ** 0.5
+
+
+def _bar(total: int, desc: str, unit: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
 
 
 def bank_size(patches: int, fraction: float, max_patches: int = 0) -> int:
@@ -118,10 +242,14 @@ def bank_size(patches: int, fraction: float, max_patches: int = 0) -> int:
 
 
 def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sampler: str = "coreset",
-                      max_patches: int = 0, total: int = 0) -> torch.Tensor:
+                      max_patches: int = 0, total: int = 0, progress: bool = False,
+                      candidates: int = CORESET_CANDIDATES, projection_dim: int = CORESET_PROJECTION,
+                      tail: float = CORESET_TAIL) -> torch.Tensor:
     """``fraction`` of the rows of ``patches`` (at least one, at most ``max_patches`` when that is > 0),
     by ``sampler`` (see the module's notes). ``total``: how many patches ``patches`` was sampled from
-    (TrainingPatches.total), when that is more than its rows; the bank's size counts those."""
+    (TrainingPatches.total), when that is more than its rows; the bank's size counts those. The
+    coreset chooses from a seeded random ``candidates`` of the rows, in ``projection_dim`` dimensions,
+    but ``tail`` of the bank from every row held (at most CORESET_HELD): see tailed_coreset."""
     if not 0 < fraction <= 1:
         raise SettingError(f"memory bank fraction must be in (0, 1], got {fraction}")
     if sampler not in SAMPLERS:
@@ -132,8 +260,8 @@ def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sam
     order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(int(seed)))
     if sampler == "random" or keep >= len(patches):
         return patches[order[:keep]].contiguous()
-    candidates = patches[order[:CORESET_CANDIDATES]]
-    return candidates[greedy_coreset(candidates, keep, seed)].contiguous()
+    held = patches[order[:max(candidates, CORESET_HELD)]]
+    return held[tailed_coreset(held, keep, seed, candidates, tail, projection_dim, progress)].contiguous()
 
 
 @dataclass
@@ -145,47 +273,68 @@ class TrainingPatches:
     total: int
 
 
-def sample_limit(sampler: str, max_patches: int) -> Optional[int]:
+def sample_limit(sampler: str, max_patches: int, candidates: int = CORESET_CANDIDATES) -> Optional[int]:
     """How many training patches need holding in memory to choose a bank: the coreset never looks
-    past CORESET_CANDIDATES; a random bank needs its own size (unknown up front without a cap)."""
+    past ``candidates``; a random bank needs its own size (unknown up front without a cap)."""
     if sampler == "coreset":
-        return max(CORESET_CANDIDATES, max_patches)
+        return max(candidates, CORESET_HELD, max_patches)
     return max_patches if max_patches > 0 else None
+
+
+class PatchReservoir:
+    """Training patch rows added batch by batch: all of them, or past ``limit`` rows a uniform random
+    sample of ``limit`` (each row gets a seeded random key and the ``limit`` smallest keys stay), so
+    memory stays bounded on large training sets. Below the limit the rows are all there, in order."""
+
+    def __init__(self, limit: Optional[int] = None, seed: int = 0):
+        self.limit = limit
+        self.kept: List[torch.Tensor] = []
+        self.keys = torch.empty(0)
+        self.held: Optional[torch.Tensor] = None
+        self.total = 0
+        self.generator = torch.Generator().manual_seed(int(seed) + 7919)
+
+    def add(self, rows: torch.Tensor) -> None:
+        limit = self.limit
+        self.total += len(rows)
+        if limit is None:
+            self.kept.append(rows)
+            return
+        batch_keys = torch.rand(len(rows), generator=self.generator)
+        if self.held is None and self.total <= limit:
+            self.kept.append(rows)
+            self.keys = torch.cat([self.keys, batch_keys])
+            return
+        if self.held is None:     # first time past the limit: from here on a sample of ``limit`` rows
+            self.held = torch.cat(self.kept) if self.kept else rows[:0]
+            self.kept = []
+        self.held, self.keys = torch.cat([self.held, rows]), torch.cat([self.keys, batch_keys])
+        if len(self.held) > limit:
+            smallest = torch.topk(self.keys, limit, largest=False).indices.sort().values
+            self.held, self.keys = self.held[smallest], self.keys[smallest]
+
+    def result(self) -> TrainingPatches:
+        held = self.held
+        if held is None:
+            held = torch.cat(self.kept) if self.kept else torch.empty(0, 0)
+        return TrainingPatches(held.contiguous(), self.total)
+
+
+def patch_rows(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The stride-8 patch features of a batch as rows (patches × channels), on the CPU."""
+    f = patch_features(teacher_feats)
+    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()
 
 
 def training_patches(model, batches, limit: Optional[int] = None, seed: int = 0) -> TrainingPatches:
     """Every stride-8 patch feature of the (pre-processed) training batches, or — past ``limit`` rows —
-    a uniform random sample of ``limit`` of them, kept while streaming (each row gets a seeded random
-    key and the ``limit`` smallest keys stay), so memory stays bounded on large training sets. Below
-    the limit the rows are all there, in order."""
-    kept: List[torch.Tensor] = []
-    keys = torch.empty(0)
-    held, total = None, 0
-    generator = torch.Generator().manual_seed(int(seed) + 7919)
+    a uniform random sample of ``limit`` of them (see PatchReservoir)."""
+    reservoir = PatchReservoir(limit, seed)
     device = next(model.parameters()).device
     with torch.no_grad():
         for x in batches:
-            f = patch_features(model.teacher(x.to(device)))
-            rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()
-            total += len(rows)
-            if limit is None:
-                kept.append(rows)
-                continue
-            batch_keys = torch.rand(len(rows), generator=generator)
-            if held is None and total <= limit:
-                kept.append(rows)
-                keys = torch.cat([keys, batch_keys])
-                continue
-            if held is None:     # first time past the limit: from here on a sample of ``limit`` rows
-                held = torch.cat(kept) if kept else rows[:0]
-                kept = []
-            held, keys = torch.cat([held, rows]), torch.cat([keys, batch_keys])
-            if len(held) > limit:
-                smallest = torch.topk(keys, limit, largest=False).indices.sort().values
-                held, keys = held[smallest], keys[smallest]
-    if held is None:
-        held = torch.cat(kept) if kept else torch.empty(0, 0)
-    return TrainingPatches(held.contiguous(), total)
+            reservoir.add(patch_rows(model.teacher(x.to(device))))
+    return reservoir.result()
 
 
 def build_bank(model, batches, fraction: float = DEFAULT_FRACTION, seed: int = 0, sampler: str = "coreset",
@@ -209,29 +358,46 @@ def score_spread(scores: torch.Tensor) -> float:
     return 1.0
 
 
-def _image_scores(model, batches) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.cat([model.scores(x.to(device)).cpu() for x in batches])
+def spread_images(count: int, seed: int = 0, limit: int = SPREAD_IMAGES) -> List[int]:
+    """Which of ``count`` training images the score spreads of "both" are measured on: all of them up
+    to ``limit``, else a seeded random ``limit`` of them (in order). The spread is a normalising scale;
+    256 images pin it down to a few per cent, and scoring 700 images through the student and the bank
+    cost more than choosing the bank."""
+    if count <= limit:
+        return list(range(count))
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(int(seed) + 104729))
+    return sorted(order[:limit].tolist())
 
 
-def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = DEFAULT_FRACTION, seed: int = 0,
-                    batch_size: int = 16, sampler: str = "coreset", max_patches: int = DEFAULT_MAX_PATCHES) -> dict:
-    """Give ``model`` its memory bank from the training images ``paths`` and set the head for ``score``.
-
-    "knn": the map is the distance map alone. "both": MRKD's map over the std of its training-image
-    scores plus the distance map over the std of its own. Returns what was set (for the report).
-    """
+def _loader(model, paths: Sequence[str], batch_size: int):
     from mrkd.train.data import TestDataset, TestItem
-    if score not in SCORES:
-        raise SettingError(f"score {score!r}: expected one of {SCORES}")
     config = model.config
     items = [TestItem(str(p), 0, "good", None) for p in paths]
     dataset = TestDataset(items, config.image_size, config.resize_mode, config.mean, config.std)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
-    def batches():
-        for image, _, _, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            yield image
 
+def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = DEFAULT_FRACTION, seed: int = 0,
+                    batch_size: int = 16, sampler: str = "coreset", max_patches: int = DEFAULT_MAX_PATCHES,
+                    progress: bool = True, spread_limit: int = SPREAD_IMAGES,
+                    candidates: int = CORESET_CANDIDATES, projection_dim: int = CORESET_PROJECTION,
+                    tail: float = CORESET_TAIL) -> dict:
+    """Give ``model`` its memory bank from the training images ``paths`` and set the head for ``score``.
+
+    "knn": the map is the distance map alone. "both": MRKD's map over the std of its training-image
+    scores plus the distance map over the std of its own, both measured on ``spread_images``.
+    Returns what was set (for the report).
+
+    One pass over the images runs the teacher once per batch: its patches stream into the bank's
+    sample and, for the images the spreads are measured on, the student gives MRKD's scores from the
+    same features. The coreset follows, then the kNN scores of those images (teacher and bank only).
+    ``progress``: a tqdm bar for each of the three steps. ``spread_limit``, ``candidates``,
+    ``projection_dim``: see spread_images and subsample_patches.
+    """
+    if score not in SCORES:
+        raise SettingError(f"score {score!r}: expected one of {SCORES}")
+    config = model.config
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     head = model.head
@@ -240,17 +406,57 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     if score == "both":
         base_weights = BOTH_SCALE_WEIGHTS
     head.scale_weights = base_weights
-    mrkd_std = score_spread(_image_scores(model, batches())) if score == "both" else 1.0
-    bank = MemoryBank(build_bank(model, batches(), fraction, seed, sampler, max_patches)).to(
-        next(model.parameters()).device)
-    head.set_memory_bank(bank, 1.0)
-    head.scale_weights = (0.0, 0.0, 0.0)
-    knn_std = score_spread(_image_scores(model, batches())) if score == "both" else 1.0
+    spread_index = spread_images(len(paths), seed, spread_limit) if score == "both" else []
+    spread_set = set(spread_index)
+    reservoir = PatchReservoir(sample_limit(sampler, max_patches, candidates), seed)
+    mrkd_scores: List[torch.Tensor] = []
+    seconds = {}
+    started = time.perf_counter()
+    bar = _bar(len(paths), "memory bank: features", "img") if progress else None
+    with torch.no_grad():
+        start = 0
+        for x, _, _, _ in _loader(model, paths, batch_size):
+            teacher_feats = model.teacher(x.to(device))
+            reservoir.add(patch_rows(teacher_feats))
+            rows = [i for i in range(len(x)) if start + i in spread_set]
+            if rows:
+                own = teacher_feats if len(rows) == len(x) else [f[rows] for f in teacher_feats]
+                mrkd_scores.append(head.scores(head(own, model.student(model.bottleneck(own)))).cpu())
+            start += len(x)
+            if bar is not None:
+                bar.update(len(x))
+    if bar is not None:
+        bar.close()
+    sample = reservoir.result()
+    seconds["features"] = time.perf_counter() - started
+    started = time.perf_counter()
+    bank = MemoryBank(subsample_patches(sample.rows, fraction, seed, sampler, max_patches, total=sample.total,
+                                        progress=progress, candidates=candidates,
+                                        projection_dim=projection_dim, tail=tail)).to(device)
+    seconds["coreset"] = time.perf_counter() - started
+    started = time.perf_counter()
+    mrkd_std = score_spread(torch.cat(mrkd_scores)) if score == "both" else 1.0
+    knn_std = 1.0
+    if score == "both":
+        knn_scores: List[torch.Tensor] = []
+        bar = _bar(len(spread_index), "memory bank: kNN scores", "img") if progress else None
+        with torch.no_grad():
+            for x, _, _, _ in _loader(model, [paths[i] for i in spread_index], batch_size):
+                knn_map = bank(model.teacher(x.to(device)))
+                knn_scores.append(head.scores(head.blur(head.upsample_sum([knn_map]))).cpu())
+                if bar is not None:
+                    bar.update(len(x))
+        if bar is not None:
+            bar.close()
+        knn_std = score_spread(torch.cat(knn_scores))
+    seconds["knn_scores"] = time.perf_counter() - started
     if score == "mrkd":
         head.set_memory_bank(None, 0.0)
         head.scale_weights = base_weights
         knn_weight = 0.0
     elif score == "knn":
+        head.set_memory_bank(bank, 1.0)
+        head.scale_weights = (0.0, 0.0, 0.0)
         knn_weight = 1.0
     else:
         head.scale_weights = tuple(w / mrkd_std for w in base_weights)
@@ -260,4 +466,5 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     config.knn_memory_fraction, config.knn_sampler = float(fraction), sampler
     model.train(was_training)
     return {"score": score, "sampler": sampler, "bank_patches": int(len(bank.bank)), "bank_mb": round(bank.memory_bytes / 2 ** 20, 2),
-            "mrkd_train_score_std": mrkd_std, "knn_train_score_std": knn_std}
+            "mrkd_train_score_std": mrkd_std, "knn_train_score_std": knn_std,
+            "spread_images": len(spread_index), "seconds": {k: round(v, 2) for k, v in seconds.items()}}

@@ -583,7 +583,7 @@ def _finish(run: TrainRun) -> Optional[dict]:
         from mrkd.train.memory_bank import fit_memory_bank
         fit_memory_bank(run.model, run.data.fit_paths, config.score, config.knn_memory_fraction, config.seed,
                         batch_size=config.eval_batch_size, sampler=config.knn_sampler,
-                        max_patches=config.knn_max_patches)
+                        max_patches=config.knn_max_patches, progress=bool(config.progress and run.writer))
     try:
         run.model.eval()
         calibration_result = calibration.calibrate(
