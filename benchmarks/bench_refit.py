@@ -87,7 +87,7 @@ def auroc(good: np.ndarray, defect: np.ndarray) -> float:
     return float(image_auroc(labels, np.r_[good, defect].astype(np.float64)))
 
 
-GUARD_GRID = ((0.0, 0), (1.0, 16), (2.0, 16), (3.0, 16), (2.0, 64))   # (guard_scale, guard_top); 0: off
+GUARD_GRID = ((0.0, 0), (1.25, 16), (1.5, 16))   # (guard_scale, guard_top); 0: off
 
 
 def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
@@ -104,38 +104,51 @@ def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
 
 def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
                  n: int = max(REVIEW_COUNTS), grid=GUARD_GRID, log=print) -> dict:
-    """Validation for the defect guard's settings, on the LINE only (no test label is read): refit with
-    the first ``n`` false alarms and the confirmed defects, then on the line's good cells that were NOT
-    reviewed the false-alarm rate at the shipped model's line catch rate (before and after), and at
-    the refit's own threshold the line's catch rate and the confirmed defects missed."""
+    """Validation for the defect guard's settings, on the LINE only (no test label is read). The line
+    (file name order) is cut in two: its first half is the review period (the first ``n`` false
+    alarms there are marked good, its alarmed defects confirmed), its second half the validation
+    cells nobody reviewed. Per setting: the second half's false-alarm rate at the shipped model's
+    catch rate there (before and after), its catch rate at the refit's own threshold, and the
+    confirmed defects missed."""
     import torch
 
     from mrkd.train.calibrate import score_images
     from mrkd.train.refit import refit_model
-    threshold, false_alarms, confirmed, scores = line_review(model, line_good, line_defect)
+    line = sorted([(Path(p).name, p, 0) for p in line_good] + [(Path(p).name, p, 1) for p in line_defect])
+    goods, defects = [c for c in line if c[2] == 0], [c for c in line if c[2] == 1]
+    first, second = sorted(goods[0::2] + defects[0::2]), sorted(goods[1::2] + defects[1::2])
+    threshold, false_alarms, confirmed, _ = line_review(model, [p for _, p, y in first if y == 0],
+                                                        [p for _, p, y in first if y == 1])
     reviewed = false_alarms[:n]
-    rest = [p for p in line_good if p not in set(reviewed)]
-    good0, defect0 = np.array([scores[p] for p in rest]), np.array([scores[p] for p in line_defect])
+    val_good, val_defect = [p for _, p, y in second if y == 0], [p for _, p, y in second if y == 1]
+    good0, defect0 = score_images(model, val_good), score_images(model, val_defect)
     catch = float((defect0 >= threshold).mean())
     before = rates_at_catch(good0, defect0, catch)
-    out = {"reviewed": len(reviewed), "confirmed": len(confirmed), "line_catch": catch,
-           "far_before": before["false_alarm_rate"], "settings": []}
+    out = {"reviewed": len(reviewed), "confirmed": len(confirmed), "validation_good": len(val_good),
+           "validation_defect": len(val_defect), "validation_catch": catch,
+           "far_before": before["false_alarm_rate"], "far_before_shipped": float((good0 >= threshold).mean()),
+           "settings": []}
+    log(f"[tune]   review half: {len(false_alarms)} false alarms ({len(reviewed)} reviewed), {len(confirmed)} "
+        f"confirmed; validation half: {len(val_good)} good, {len(val_defect)} defect, shipped catch {catch:.3f} "
+        f"FAR {out['far_before_shipped']:.3f}")
+    if not reviewed:
+        return out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for scale, top in grid:
             candidate = copy.deepcopy(model)
             result = refit_model(candidate, reviewed, holdout, confirmed, guard_scale=scale, guard_top=top)
-            good1, defect1 = score_images(candidate, rest), score_images(candidate, list(line_defect))
+            good1, defect1 = score_images(candidate, val_good), score_images(candidate, val_defect)
             row = {"guard_scale": scale, "guard_top": top, "added": result.added_patches,
                    "guarded": result.guarded_patches, "missed": len(result.defects_missed),
                    "far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
                    "own": rates_at(good1, defect1, result.threshold_after), "refit_s": round(result.seconds, 2)}
             out["settings"].append(row)
             log(f"[tune]   scale {scale} top {top}: added {row['added']} guarded {row['guarded']} missed "
-                f"{row['missed']}/{len(confirmed)}; line FAR at catch {catch:.3f}: {before['false_alarm_rate']:.3f} "
-                f"-> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} FAR "
-                f"{row['own']['false_alarm_rate']:.3f}")
+                f"{row['missed']}/{len(confirmed)}; validation FAR at catch {catch:.3f}: "
+                f"{before['false_alarm_rate']:.3f} -> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} "
+                f"FAR {row['own']['false_alarm_rate']:.3f}")
     finally:
         torch.set_num_threads(threads)
     return out
@@ -235,8 +248,8 @@ def main(argv=None) -> None:
                         help="torch threads while the refit is timed (1: on a shared machine two OpenMP threads "
                              "spin against other processes: 22.8 s vs 2.7 s for the same refit under load 7)")
     parser.add_argument("--tune", action="store_true",
-                        help="validation only: the defect guard's settings (GUARD_GRID) refit with the line's first "
-                             "20 false alarms and judged on the line's other cells; the test split is not read")
+                        help="validation only: the defect guard's settings (GUARD_GRID) refit from the first half of the "
+                             "line and judged on its second half; the test split is not read")
     args = parser.parse_args(argv)
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
                   tune=args.tune)

@@ -9,6 +9,8 @@ from mrkd.errors import error_boundary
 from mrkd.options import FRACTION
 from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
 
+DEFECT_GUARD_DEFAULT = 1.25     # train/refit.py GUARD_SCALE (not imported: that module loads torch)
+
 
 @click.command("refit", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
@@ -31,8 +33,12 @@ from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHO
 @click.option("--quantile", type=FRACTION, default=None, help="Default: the parent's. " + QUANTILE_HELP)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
+@click.option("--defect-guard", type=click.FloatRange(0, None), default=DEFECT_GUARD_DEFAULT, show_default=True,
+              help="Defect guard: a reviewed-good patch within this many bank radii (the held-out good patches' "
+                   "median distance to the bank) of one of the most anomalous patches of an image marked 'defect "
+                   "confirmed' is not added to the bank; 0 turns the guard off.")
 @error_boundary
-def refit_command(model, labels, good, out, events, force, no_export, method, quantile, batch_size):
+def refit_command(model, labels, good, out, events, force, no_export, method, quantile, batch_size, defect_guard):
     """Add the teacher patches of images an operator marked good to MODEL's memory bank (a checkpoint
     of a --score both/knn model; MRKD's weights are not touched), set the threshold again on --good,
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
@@ -40,7 +46,8 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
     changed."""
     from mrkd.train.refit import refit_checkpoint
     result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
-                              quantile=quantile, method=method, batch_size=batch_size, echo=click.echo)
+                              quantile=quantile, method=method, batch_size=batch_size, guard_scale=defect_guard,
+                              echo=click.echo)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
                f"{result.lineage['labels_sha256'][:12]}) in {result.seconds:.1f} s: "
                + ", ".join(result.files.values()))

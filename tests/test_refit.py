@@ -272,3 +272,13 @@ def test_cli_writes_checkpoint_and_export_with_lineage_the_runtime_loads(parent,
     assert got == pytest.approx(expected, rel=1e-3)
     assert detector.threshold == pytest.approx(meta["calibration"]["threshold"])
     detector.close()
+
+
+def test_refit_help_documents_the_defect_guard_and_its_default_is_the_rules():
+    from click.testing import CliRunner
+
+    from mrkd.refit_cli import DEFECT_GUARD_DEFAULT, refit_command
+    from mrkd.train.refit import GUARD_SCALE
+    assert DEFECT_GUARD_DEFAULT == GUARD_SCALE
+    text = " ".join(CliRunner().invoke(refit_command, ["--help"]).output.split())
+    assert "--defect-guard" in text and "turns the guard off" in text and f"default: {GUARD_SCALE}" in text

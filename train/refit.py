@@ -14,6 +14,10 @@
    same greedy coreset (a warning says so).
 3. The threshold is set again (runtime/calibration.py's rules, the checkpoint's method and quantile)
    on held-out good images that did not go into the bank.
+   Defect guard: before that, a candidate patch within ``GUARD_SCALE`` x radius of one of the
+   ``GUARD_TOP`` most anomalous patches (by nearest-bank distance) of any image marked "defect" is
+   dropped, so the bank cannot learn those defect patterns as normal (a flagged good cell's patches
+   can lie near a defect's).
 4. Images marked "defect" are the check: each must still score >= the new threshold.
 
 The MRKD map's normalisation (the "both" weights) is left as trained, so scores stay comparable.
@@ -53,7 +57,7 @@ LINEAGE_SCHEMA_VERSION = 1
 CHECKPOINT_NAME = "model.ckpt"
 RADIUS_QUANTILE = 0.5          # the held-out good patches' median nearest-bank distance
 GUARD_TOP = 16                 # defect guard: each confirmed defect's most anomalous patches kept out of reach
-GUARD_SCALE = 2.0              # ... a candidate within GUARD_SCALE x radius of one of them stays out of the bank
+GUARD_SCALE = 1.25             # ... a candidate within GUARD_SCALE x radius of one of them stays out of the bank
 
 
 class RefitError(MrkdError, ValueError):
@@ -286,7 +290,8 @@ def default_out_dir(model_path, version: int) -> Path:
 
 def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool = False, export: bool = True,
                      events=None, quantile: Optional[float] = None, method: Optional[str] = None,
-                     batch_size: int = 8, echo: Callable[[str], None] = print) -> RefitResult:
+                     batch_size: int = 8, guard_scale: float = GUARD_SCALE,
+                     echo: Callable[[str], None] = print) -> RefitResult:
     """Refit the checkpoint ``model_path`` from the labels at ``labels_path``; calibrate on the good
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
@@ -326,9 +331,10 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
                          f"an earlier one)")
     result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
-                         batch_size=batch_size)
+                         batch_size=batch_size, guard_scale=guard_scale)
     echo(f"memory bank {result.bank_before} -> {result.bank_after} patches ({result.added_patches} added from "
-         f"{len(reviewed.good)} reviewed good image(s), radius {result.radius:.4g}"
+         f"{len(reviewed.good)} reviewed good image(s), radius {result.radius:.4g}, {result.guarded_patches} kept out "
+         f"by the defect guard"
          f"{', re-selected within the cap' if result.reselected else ''}); threshold "
          f"{result.threshold_before} -> {result.threshold_after:.6g} on {len(held_out)} held-out good image(s)")
     if result.defects_missed:
