@@ -151,6 +151,12 @@ def test_review_view_records_a_label_only_with_the_token(tmp_path):
             assert answer.startswith("recorded: good part (false alarm)"), answer
             assert TOKEN not in page.url and page.evaluate("sessionStorage.getItem('mrkd-control-token')") == TOKEN
             assert page.locator("#injected").count() == 0
+            # An event the log does not hold (the page's id swapped for one never written): the page's own
+            # button gets the 404 and shows it; the label file keeps its one line.
+            item.evaluate("el => { el.dataset.eventId = 'no-such-event'; }")
+            assert press("mark-defect").startswith("refused: unknown event")
+            assert item.get_attribute("data-review") == "refused"
+            assert len(labels.read_text().splitlines()) == 1
             browser.close()
         saved = read_labels(labels)
         assert len(saved) == 1 and len(labels.read_text().splitlines()) == 1
