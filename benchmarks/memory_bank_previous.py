@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from mrkd.errors import SettingError
 
-import math
 import time
-from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+# Unchanged since then: shared, so the baseline differs from today's code only where the fit changed.
+from mrkd.train.memory_bank import TrainingPatches, bank_size, patch_features, score_spread
 
 SCORES = ("mrkd", "knn", "both")
 SAMPLERS = ("coreset", "random")
@@ -27,13 +26,6 @@ DEFAULT_FRACTION = 0.05         # ELPV validation: coreset 5 % = 10 % > random 1
 DEFAULT_MAX_PATCHES = 8192      # bounds the graph's MatMul and the coreset's time on large training sets
 BOTH_SCALE_WEIGHTS = (0.0, 1.0, 1.0)    # MRKD scales (strides 4, 8, 16) in the "both" map
 BANK_CHUNK = 4096
-
-
-def patch_features(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stride-8 and stride-16 features (16 upsampled to 8, bilinear), concatenated: N×C×h×w."""
-    mid, deep = teacher_feats[1].float(), teacher_feats[2].float()
-    deep = F.interpolate(deep, size=mid.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.cat([mid, deep], 1)
 
 
 def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
@@ -65,13 +57,6 @@ def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
     return chosen
 
 
-def bank_size(patches: int, fraction: float, max_patches: int = 0) -> int:
-    """How many of ``patches`` the bank keeps: ``fraction`` of them, at least one, at most
-    ``max_patches`` (0: no cap)."""
-    keep = max(1, int(round(fraction * patches)))
-    return min(keep, max_patches) if max_patches > 0 else keep
-
-
 def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sampler: str = "coreset",
                       max_patches: int = 0, total: int = 0) -> torch.Tensor:
     """``fraction`` of the rows of ``patches`` (at least one, at most ``max_patches`` when that is > 0),
@@ -89,15 +74,6 @@ def subsample_patches(patches: torch.Tensor, fraction: float, seed: int = 0, sam
         return patches[order[:keep]].contiguous()
     candidates = patches[order[:CORESET_CANDIDATES]]
     return candidates[greedy_coreset(candidates, keep, seed)].contiguous()
-
-
-@dataclass
-class TrainingPatches:
-    """The training patches a bank is chosen from: all of them, or a uniform random sample of ``limit``
-    rows when there are more (``total`` says how many there were)."""
-
-    rows: torch.Tensor      # patches × channels
-    total: int
 
 
 def sample_limit(sampler: str, max_patches: int) -> Optional[int]:
@@ -148,20 +124,6 @@ def build_bank(model, batches, fraction: float = DEFAULT_FRACTION, seed: int = 0
     """The memory bank: ``fraction`` of the training patches (at most ``max_patches``), by ``sampler``."""
     sample = training_patches(model, batches, sample_limit(sampler, max_patches), seed)
     return subsample_patches(sample.rows, fraction, seed, sampler, max_patches, total=sample.total)
-
-
-def score_spread(scores: torch.Tensor) -> float:
-    """The scale one detector's map is divided by in "both": the spread (population std) of its image
-    scores on the training images. Where that is 0 or undefined (one image, identical images) the mean
-    score stands in, and 1 where that is no positive number either — never 0, NaN or inf."""
-    scores = scores.double()
-    spread = float(scores.std(unbiased=False)) if len(scores) else float("nan")
-    mean = float(scores.mean()) if len(scores) else float("nan")
-    if math.isfinite(spread) and spread > 1e-6 * max(abs(mean), 1e-12):
-        return spread
-    if math.isfinite(mean) and mean > 0:
-        return mean
-    return 1.0
 
 
 def _image_scores(model, batches) -> torch.Tensor:
