@@ -33,6 +33,7 @@ _API = {
     "EngineIncompatibleError": "engine_meta",
     "write_triton_repository": "triton", "model_config": "triton",
     "export_checkpoint": "pipeline", "ExportResult": "pipeline",
+    "check_bf16": "precision_check", "bf16_unavailable_reason": "precision_check",
 }
 
 __all__ = sorted(_API)

@@ -43,6 +43,10 @@ EXIT_NO_TENSORRT = 3
 @click.option("--int8-images", type=click.Path(file_okay=False),
               help="Folder of good images (sub-folders included, first 64) that INT8 quantisation measures "
                    "activation ranges on. Not the threshold calibration (that is mrkd calibrate).")
+@click.option("--check-images", type=click.Path(file_okay=False),
+              help="Folder of good images (first 64) the FP32 graph at bf16 is checked on against FP32 "
+                   "(OpenVINO, on a CPU with native bf16); a passing check, recorded in the sidecar, lets "
+                   "--backend auto run bf16. Default: the --int8-images folder.")
 @click.option("--calib", type=click.Path(file_okay=False), hidden=True,
               help="Old name of --int8-images, still accepted.")
 @click.option("--int8-target", type=click.Choice(INT8_TARGET_CHOICES), default="auto", show_default=True,
@@ -66,7 +70,7 @@ EXIT_NO_TENSORRT = 3
               help="onnxslim: 'auto' keeps it only when it removes nodes without slowing ONNX Runtime CPU.")
 @error_boundary   # mrkd's errors (checkpoint, export, parity, metadata) as one line, exit 1
 def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_outputs, uint8_input, opset, batch, fp16,
-                   int8, engine, int8_images, calib, int8_target, int8_keep_fp32, triton_dir, workspace, opt_level, timing_cache, dla_core, simplify):
+                   int8, engine, int8_images, check_images, calib, int8_target, int8_keep_fp32, triton_dir, workspace, opt_level, timing_cache, dla_core, simplify):
     """Export CHECKPOINT (a .ckpt file or a training run folder) to one fused ONNX graph (teacher,
     bottleneck, decoder, cosine anomaly map) with a metadata sidecar; print its parity report against
     PyTorch; optionally FP16/INT8, TensorRT, Triton."""
@@ -88,7 +92,8 @@ def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_out
                                  dla_core=dla_core)
         export_checkpoint(checkpoint, out_dir, options, fp16=fp16, int8_images=int8_images if int8 else None,
                           int8_target=int8_target, int8_keep_fp32=int8_keep_fp32, engine=engine,
-                          triton_dir=triton_dir, build=settings, simplify=simplify, echo=click.echo)
+                          triton_dir=triton_dir, build=settings, check_images=check_images,
+                          simplify=simplify, echo=click.echo)
     except TensorRTUnavailableError as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(EXIT_NO_TENSORRT)

@@ -12,6 +12,7 @@ from mrkd.export.int8 import (INT8_TARGET_CHOICES, default_int8_target, int8_agr
                               load_images, quantize_int8)
 from mrkd.export.onnx_graph import ExportError, ExportOptions
 from mrkd.export.parity import Comparison, ParityError, parity_report
+from mrkd.export.precision_check import check_bf16
 from mrkd.export.tensorrt_build import (NO_TENSORRT_HINT, BuildSettings, TensorRTUnavailableError, build_engine,
                                         tensorrt_unavailable_reason)
 from mrkd.export.triton import write_triton_repository
@@ -34,12 +35,14 @@ class ExportResult:
 def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = None, *, fp16: bool = False,
                       int8_images=None, int8_target: str = "auto", int8_keep_fp32: str = "auto",
                       engine: Optional[bool] = None, triton_dir=None,
-                      build: Optional[BuildSettings] = None,
+                      build: Optional[BuildSettings] = None, check_images=None,
                       simplify: str = "auto", echo: Callable[[str], None] = print) -> ExportResult:
     """Export ``checkpoint`` into ``out_dir``: model.onnx (FP32, parity-checked against PyTorch),
     model_fp16.onnx / model_int8.onnx on request, model.engine, a Triton repository on request.
     ``int8_images``: a folder of good images INT8 quantisation measures activation ranges on
     (asks for model_int8.onnx); ``int8_target`` one of INT8_TARGET_CHOICES ("auto": default_int8_target).
+    ``check_images``: good images the FP32 graph at bf16 (OpenVINO, where the CPU has it) is checked on
+    against FP32, recorded in the sidecar for --backend auto (default: ``int8_images``; see precision_check).
 
     ``engine``: True = a TensorRT engine is required (from the FP16/INT8 graph, else the FP32 one);
     False = none; None (default) = required with ``fp16`` (the FP16 graph is made for the engine),
@@ -76,6 +79,12 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         sidecar_path(fp32.path).unlink()
         raise ParityError(f"{checkpoint}: exported graph removed, FP32 parity failed:\n"
                           + result.reports["parity"].format())
+
+    check_images = check_images or int8_images
+    if check_images:
+        fp32.metadata, result.reports["bf16"] = check_bf16(fp32.path, fp32.metadata, check_images, echo)
+        if result.reports["bf16"] is None:
+            del result.reports["bf16"]
 
     engine_source, engine_meta = None, None
     metadata_of = {fp32.path: fp32.metadata}       # each graph written, with the metadata written for it

@@ -327,6 +327,51 @@ def migrate(data: Dict[str, Any], source: str) -> Dict[str, Any]:
 
 
 @dataclass
+class PrecisionCheck:
+    """A lower precision checked against FP32 on good images by the export (or by hand): the graph run
+    with ``backend`` (a backend spec, e.g. "openvino:bf16") against the FP32 graph on ONNX Runtime.
+    ``--backend auto`` runs a precision the CPU offers only where a check of it ``passed``: every
+    decision equal at ``threshold`` and no score further off than ``SCORE_TOLERANCE`` of it."""
+
+    backend: str                        # the spec that ran, e.g. "openvino:bf16"
+    precision: str                      # what it ran at, e.g. "bf16"
+    images: int
+    decision_agreement: float           # share of images judged alike at ``threshold``
+    score_max_abs_diff: float
+    threshold: float
+    cpu: str = ""                       # where it was measured (kernels differ between CPUs)
+
+    SCORE_TOLERANCE: ClassVar[float] = 0.01     # of the threshold: a part 1 % from it is judged alike
+
+    @property
+    def passed(self) -> bool:
+        return self.decision_agreement >= 1.0 and self.score_max_abs_diff <= self.SCORE_TOLERANCE * abs(self.threshold)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str, where: str) -> "PrecisionCheck":
+        if not isinstance(data, dict):
+            _fail(source, where, data, "must be an object")
+        for key in ("backend", "precision", "images", "decision_agreement", "score_max_abs_diff", "threshold"):
+            if key not in data:
+                raise MetadataError(f"{source}: field {where}.{key} is missing")
+        agreement = _number(source, f"{where}.decision_agreement", data["decision_agreement"])
+        if not 0.0 <= agreement <= 1.0:
+            _fail(source, f"{where}.decision_agreement", agreement, "must be in [0, 1]")
+        diff = _number(source, f"{where}.score_max_abs_diff", data["score_max_abs_diff"])
+        if diff < 0:
+            _fail(source, f"{where}.score_max_abs_diff", diff, "must be >= 0")
+        return cls(backend=_text(source, f"{where}.backend", data["backend"]),
+                   precision=_text(source, f"{where}.precision", data["precision"]),
+                   images=_int(source, f"{where}.images", data["images"], 1),
+                   decision_agreement=agreement, score_max_abs_diff=diff,
+                   threshold=_number(source, f"{where}.threshold", data["threshold"]),
+                   cpu=_text(source, f"{where}.cpu", data.get("cpu") or None, optional=True) or "")
+
+
+@dataclass
 class ModelMetadata:
     backbone: str
     image_size: int
@@ -350,6 +395,8 @@ class ModelMetadata:
     teacher_weights: Optional[str] = None
     engine: Optional[EngineBuild] = None               # TensorRT engines only
     int8: Optional[Int8Info] = None                    # INT8 graphs (and engines built from them)
+    # Lower precisions checked against FP32 on good images (export --check-images); --backend auto reads them.
+    precision_checks: Tuple[PrecisionCheck, ...] = ()
     extra: Dict[str, Any] = field(default_factory=dict)   # free-form notes (e.g. onnxslim's measurement)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -392,6 +439,7 @@ class ModelMetadata:
             data[name] = None if data[name] is None else data[name].to_dict()
         for name in ("mean", "std", "batch_range"):
             data[name] = list(data[name])
+        data["precision_checks"] = [check.to_dict() for check in self.precision_checks]
         return data
 
     @classmethod
@@ -429,6 +477,10 @@ class ModelMetadata:
             _fail(source, "extra", extra, "must be an object")
         _plain_json(source, "extra", extra)
         opset = get("opset")
+        checks = get("precision_checks")
+        if not isinstance(checks, (list, tuple)):
+            _fail(source, "precision_checks", checks, "must be a list")
+        checks = tuple(PrecisionCheck.from_dict(c, source, f"precision_checks[{i}]") for i, c in enumerate(checks))
         meta = cls(
             backbone=_text(source, "backbone", data["backbone"]),
             image_size=_int(source, "image_size", data["image_size"], 8, MAX_IMAGE_SIZE),
@@ -449,7 +501,7 @@ class ModelMetadata:
             teacher_weights=_text(source, "teacher_weights", get("teacher_weights"), optional=True),
             engine=None if get("engine") is None else EngineBuild.from_dict(data["engine"], source),
             int8=None if get("int8") is None else Int8Info.from_dict(data["int8"], source),
-            extra=dict(extra))
+            precision_checks=checks, extra=dict(extra))
         meta.validate(source)
         return meta
 

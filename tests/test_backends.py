@@ -32,10 +32,12 @@ BOTH = frozenset({"onnxruntime", "openvino"})
     # Intel CPU with OpenVINO installed: OpenVINO.
     ("m.onnx", MachineFacts(False, "GenuineIntel", BOTH), "openvino"),
     ("m.onnx", MachineFacts(False, "GenuineIntel", frozenset({"openvino"})), "openvino"),
-    # Intel without OpenVINO, or another vendor: ONNX Runtime.
+    # AMD x86 with OpenVINO: OpenVINO too (faster than ONNX Runtime there as well, README).
+    ("m.onnx", MachineFacts(False, "AuthenticAMD", BOTH), "openvino"),
+    # x86 without OpenVINO, or a CPU that is not x86 (ARM: no vendor_id line): ONNX Runtime.
     ("m.onnx", MachineFacts(False, "GenuineIntel", frozenset({"onnxruntime"})), "onnxruntime"),
-    ("m.onnx", MachineFacts(False, "AuthenticAMD", BOTH), "onnxruntime"),
     ("m.onnx", MachineFacts(False, "", BOTH), "onnxruntime"),
+    ("m.onnx", MachineFacts(False, "CentaurHauls", BOTH), "onnxruntime"),
     # Only OpenVINO installed on an AMD CPU: the one backend here that runs .onnx.
     ("m.onnx", MachineFacts(False, "AuthenticAMD", frozenset({"openvino"})), "openvino"),
     # Nothing installed: ONNX Runtime, whose missing package then fails with the install hint.
@@ -71,7 +73,7 @@ def test_auto_on_this_machines_real_facts(tmp_path):
     assert facts.cpu_vendor == vendor and set(facts.installed) == installed and facts.nvidia_gpu == gpu
     if gpu and facts.ort_gpu_providers:
         expected = "onnxruntime"
-    elif vendor == "GenuineIntel" and "openvino" in installed:
+    elif vendor in ("GenuineIntel", "AuthenticAMD") and "openvino" in installed:
         expected = "openvino"
     else:
         expected = "onnxruntime"
@@ -85,11 +87,24 @@ def test_auto_on_this_machines_real_facts(tmp_path):
         detector.close()
 
 
+def test_auto_with_onnxruntime_providers_named_runs_onnxruntime(tmp_path):
+    """--providers are ONNX Runtime's: naming them under auto asks for ONNX Runtime, whose own check then
+    refuses an unknown one (auto may otherwise pick OpenVINO, which has no providers to check)."""
+    model = build_tiny_model(tmp_path / "m.onnx")
+    backend = open_backend(model, "auto", providers=["cpu"])
+    try:
+        assert backend.name == "onnxruntime"
+    finally:
+        backend.close()
+    with pytest.raises(BackendError, match="bogus"):
+        open_backend(model, "auto", providers=["bogus"])
+
+
 def test_registry_is_the_one_list_of_choices():
     names = [entry.name for entry in REGISTRY]
     assert names == ["onnxruntime", "tensorrt", "openvino"] and len(set(names)) == len(names)
     assert backend_choices() == ("auto", "onnxruntime", "tensorrt", "openvino", "openvino:f32", "openvino:bf16",
-                                 "openvino:auto")
+                                 "openvino:auto", "openvino:checked")
     # `mrkd run --backend` offers exactly the registry's specs, and --postprocess the post-processing's list.
     from mrkd.runtime import postprocess
     from mrkd.runtime.cli import run_command

@@ -204,3 +204,108 @@ def test_mrkd_run_with_openvino_scores_as_onnxruntime(exported, tmp_path):
     tolerance = FP32_TOLERANCE * max(1.0, float(ref.maps.max()))
     assert np.abs(np.array([e["score"] for e in runs["openvino"]]) - [e["score"] for e in runs["onnxruntime"]]).max() \
         <= tolerance
+
+
+# --- bf16 under --backend auto: only where the export's check passed --------------------------------
+
+def _check(agreement=1.0, diff=0.001, threshold=1.0):
+    from mrkd.runtime.metadata import PrecisionCheck
+    return PrecisionCheck(backend="openvino:bf16", precision="bf16", images=8, decision_agreement=agreement,
+                          score_max_abs_diff=diff, threshold=threshold, cpu="test cpu")
+
+
+def test_checked_precision_runs_bf16_only_after_a_passing_check():
+    import dataclasses
+
+    from mrkd.runtime.backends.openvino_backend import checked_precision
+    from mrkd.runtime.calibration import Calibration
+    from mrkd.runtime.metadata import ModelMetadata
+    base = ModelMetadata(backbone="resnet18", image_size=64,
+                         calibration=Calibration(threshold=1.0, method="quantile", quantile=0.99))
+    bf16, plain = ("FP32", "INT8", "BF16"), ("FP32", "INT8")
+    cases = [(plain, (_check(),), "f32", "no native bf16"),
+             (bf16, (), "f32", "not checked"),
+             (bf16, (_check(agreement=0.95),), "f32", "check failed"),
+             (bf16, (_check(diff=0.02),), "f32", "check failed"),        # 2 % of the threshold: over 1 %
+             (bf16, (_check(),), "bf16", "checked against FP32 (100.0% of 8 decisions"),
+             (bf16, (_check(agreement=0.9), _check()), "bf16", "checked against FP32")]   # the newest counts
+    for capabilities, checks, hint, why in cases:
+        got, reason = checked_precision(capabilities, dataclasses.replace(base, precision_checks=checks))
+        assert (got, why in reason) == (hint, True), (capabilities, checks, reason)
+    # mrkd calibrate lowered the threshold after the check: 0.001 is over 1 % of 0.05.
+    moved = dataclasses.replace(base, precision_checks=(_check(),),
+                                calibration=Calibration(threshold=0.05, method="quantile", quantile=0.99))
+    assert checked_precision(bf16, moved)[0] == "f32"
+    assert checked_precision(bf16, None)[0] == "f32"          # embedded metadata only, no sidecar checks
+
+
+def test_precision_checks_round_trip_and_bad_ones_are_one_line_errors():
+    import dataclasses
+
+    from mrkd.runtime.metadata import MetadataError, ModelMetadata
+    meta = dataclasses.replace(ModelMetadata(backbone="resnet18", image_size=64), precision_checks=(_check(),))
+    again = ModelMetadata.from_dict(json.loads(meta.to_json()))
+    assert again.precision_checks == meta.precision_checks and again.precision_checks[0].passed
+    for broken, message in [("nope", "precision_checks='nope' must be a list"),
+                            ([{"backend": "openvino:bf16"}], r"precision_checks\[0\]\.precision is missing"),
+                            ([dict(_check().to_dict(), decision_agreement=1.5)], r"decision_agreement=1\.5 must be in"),
+                            ([dict(_check().to_dict(), score_max_abs_diff=float("nan"))], "must be finite"),
+                            ([dict(_check().to_dict(), images=0)], r"images=0 must lie in")]:
+        data = json.loads(meta.to_json())
+        data["precision_checks"] = broken
+        with pytest.raises(MetadataError, match=message):
+            ModelMetadata.from_dict(data, "side.json")
+
+
+@pytest.mark.parametrize("threshold, passes", [(1e4, True), (1e-6, False)])
+def test_export_records_the_bf16_check_and_auto_runs_what_it_allows(tmp_path, threshold, passes):
+    """The export's check is recomputed here from raw outputs (ONNX Runtime FP32 vs OpenVINO compiled at
+    bf16 by hand); a threshold far above every score passes (1 % of it dwarfs bf16's error), one below
+    every score fails on the score tolerance, and --backend auto runs what the sidecar allows."""
+    import onnxruntime as ort
+
+    from export_fixtures import small_model
+    from mrkd.export.int8 import int8_image_paths, load_images
+    from mrkd.export.pipeline import export_checkpoint
+    from mrkd.export import ExportOptions
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        cv2.imwrite(str(good / f"g{i}.png"), cv2.GaussianBlur(rng.integers(0, 256, (70, 90, 3), np.uint8), (7, 7), 2))
+    ckpt = tmp_path / "ck.pt"
+    small_model(threshold=threshold).save(ckpt)
+    lines = []
+    result = export_checkpoint(ckpt, tmp_path / "out", ExportOptions(batch_range=(1, 1, 8)), engine=False,
+                               check_images=good, simplify="never", echo=lines.append)
+    model = result.files["onnx"]
+    meta = ModelMetadata.load(sidecar_path(model))
+    if not HAS_BF16:
+        assert meta.precision_checks == () and "bf16" not in result.reports
+        assert any("bf16 not checked: this CPU has no native bf16" in line for line in lines)
+        detector = Detector(model, backend="auto")
+        assert detector.backend.precision == "f32"
+        detector.close()
+        return
+    (check,) = meta.precision_checks
+    images = load_images(int8_image_paths(good), meta)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    ref = session.run(["score"], {session.get_inputs()[0].name: images})[0].astype(np.float64)
+    compiled = ov.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    cand = np.array(compiled({0: images})[compiled.output("score")], dtype=np.float64)
+    assert check.images == 5 and check.threshold == threshold and check.precision == "bf16"
+    assert check.score_max_abs_diff == pytest.approx(np.abs(ref - cand).max(), rel=1e-3, abs=1e-6)
+    assert check.decision_agreement == np.mean((ref >= threshold) == (cand >= threshold))
+    assert check.passed is passes and 0 < check.score_max_abs_diff
+    assert any(f"bf16 check {'passed' if passes else 'FAILED'}" in line for line in lines)
+    from mrkd.runtime.backends import machine_facts
+    detector = Detector(model, backend="auto")
+    try:
+        if "openvino" in str(detector.backend.name):
+            assert detector.backend.precision == ("bf16" if passes else "f32")
+            assert ("checked against FP32" if passes else "the bf16 check failed") in detector.describe()
+        else:     # auto chose another backend here (not x86, or a GPU): the check is not used
+            assert machine_facts().cpu_vendor not in ("GenuineIntel", "AuthenticAMD")
+    finally:
+        detector.close()

@@ -111,7 +111,8 @@ def test_three_cameras_two_models_match_the_reference_per_camera(tmp_path, two_m
     info = {c.name: c for c in recorder.cameras}
     assert info["left"].model_sha256 == hashlib.sha256(model_a.read_bytes()).hexdigest()
     assert info["top"].threshold == 0.2 and info["left"].threshold == 0.1
-    # --backend auto: ONNX Runtime here, OpenVINO on an Intel CPU with openvino installed (choose_auto_backend)
+    # --backend auto: OpenVINO on an x86 CPU with openvino installed, else ONNX Runtime (choose_auto_backend);
+    # f32 either way: this model's sidecar records no bf16 check
     from mrkd.runtime.backends import resolve_backend_name
     assert info["top"].backend == resolve_backend_name(model_a) and info["left"].precision == "fp32"
     assert recorder.stopped == 1

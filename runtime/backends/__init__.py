@@ -100,7 +100,8 @@ class BackendOptions:
     providers: ONNX Runtime execution providers in order ("tensorrt", "cuda", "cpu" or full names).
     threads: CPU threads for inference (ONNX Runtime intra-op, OpenVINO INFERENCE_NUM_THREADS; None/0:
     the library's default). precision: the spec's ``:precision`` part (None: the backend's default).
-    metadata: the model's ModelMetadata (the TensorRT backend checks where an engine was built).
+    metadata: the model's ModelMetadata (the TensorRT backend checks where an engine was built; OpenVINO's
+    "checked" precision reads its precision_checks).
     """
 
     providers: Optional[Tuple[str, ...]] = None
@@ -121,6 +122,7 @@ class BackendEntry:
     requires: str                      # importable module that makes this backend available
     precisions: Tuple[str, ...] = ()   # () = runs the graph as typed; no ":precision" accepted
     summary: str = ""
+    auto_precision: Optional[str] = None   # the precision --backend auto runs it at (None: its default)
 
     def available(self) -> bool:
         """Its library is installed (found without importing it; a GPU may still be missing)."""
@@ -139,7 +141,9 @@ REGISTRY: Tuple[BackendEntry, ...] = (
     BackendEntry("tensorrt", "tensorrt_backend", "TensorRTBackend", ENGINE_SUFFIXES, "tensorrt",
                  summary="TensorRT engines built by mrkd export on this GPU"),
     BackendEntry("openvino", "openvino_backend", "OpenVinoBackend", (".onnx",), "openvino",
-                 ("f32", "bf16", "auto"), summary="OpenVINO on the CPU: f32 (default), bf16, auto"),
+                 ("f32", "bf16", "auto", "checked"), auto_precision="checked",
+                 summary="OpenVINO on the CPU: f32 (default), bf16, auto (bf16 where native), checked (bf16 where "
+                         "native and the model's bf16 check passed: what --backend auto runs)"),
 )
 
 
@@ -210,13 +214,18 @@ def cpu_vendor() -> str:
     return ""
 
 
+X86_VENDORS = ("GenuineIntel", "AuthenticAMD")     # the CPUs OpenVINO's CPU plugin runs on (x86-64)
+
+
 def choose_auto_backend(model_path: str | Path, facts: MachineFacts) -> str:
     """The backend `--backend auto` runs ``model_path`` with, from the machine's facts:
 
     * ``.engine``/``.plan``/``.trt`` -> tensorrt (nothing else runs an engine);
     * ``.onnx`` on a machine with an NVIDIA GPU and ONNX Runtime's TensorRT/CUDA provider -> onnxruntime
       (its providers then run TensorRT > CUDA);
-    * ``.onnx`` on an Intel CPU with OpenVINO installed -> openvino (its own CPU kernels);
+    * ``.onnx`` on an x86 CPU (Intel or AMD) with OpenVINO installed -> openvino (its own CPU kernels;
+      measured faster than ONNX Runtime on both, README "Which backend on a line PC"), at the
+      precision ``auto_precision`` of its registry entry: bf16 only where the model's check passed;
     * else onnxruntime when installed, else any installed backend that runs ``.onnx``.
     """
     suffix = Path(model_path).suffix.lower()
@@ -229,7 +238,7 @@ def choose_auto_backend(model_path: str | Path, facts: MachineFacts) -> str:
                            f"(expected .onnx or one of {ENGINE_SUFFIXES}); pass backend= explicitly")
     if facts.nvidia_gpu and facts.ort_gpu_providers and "onnxruntime" in facts.installed:
         return "onnxruntime"
-    if facts.cpu_vendor == "GenuineIntel" and "openvino" in facts.installed:
+    if facts.cpu_vendor in X86_VENDORS and "openvino" in facts.installed:
         return "openvino"
     runs_onnx = [e.name for e in REGISTRY if ".onnx" in e.suffixes and e.name in facts.installed]
     if "onnxruntime" in runs_onnx or not runs_onnx:
@@ -269,15 +278,21 @@ def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optiona
     decides by the file and the machine, see choose_auto_backend).
 
     providers: ONNX Runtime execution providers in order of preference (short names "tensorrt",
-    "cuda", "cpu" or full names); None = every available one of TensorRT, CUDA, CPU.
+    "cuda", "cpu" or full names); None = every available one of TensorRT, CUDA, CPU. Given with
+    "auto", they choose ONNX Runtime for an .onnx file.
     threads: CPU inference threads (None = the library's default).
-    metadata: the ModelMetadata of an engine, checked against the running TensorRT and GPU.
+    metadata: the model's ModelMetadata (an engine's is checked against the running TensorRT and GPU;
+    OpenVINO under auto runs bf16 only where its precision_checks record a passing bf16 check).
     """
     path = Path(model_path)
     if not path.is_file():
         raise BackendError(f"{path}: model file not found")
     name = resolve_backend_name(path, backend)
-    _, precision = parse_backend_spec(backend)
+    asked, precision = parse_backend_spec(backend)
+    if asked == AUTO and providers and name != "tensorrt":
+        name = "onnxruntime"      # ONNX Runtime's execution providers were named: that is the backend asked for
+    elif asked == AUTO:
+        precision = backend_entry(name).auto_precision
     options = BackendOptions(providers=tuple(providers) if providers else None, threads=threads,
                              precision=precision, metadata=metadata)
     return backend_entry(name).backend_class()(path, options)

@@ -20,6 +20,7 @@ from mrkd.runtime.backends import Backend, BackendError, BackendOptions
 
 DEVICE = "CPU"
 DEFAULT_PRECISION = "f32"     # bit-comparable to ONNX Runtime FP32; bf16 is asked for by name
+CHECKED = "checked"           # --backend auto's precision: bf16 only where the model's bf16 check passed
 # OpenVINO element type names -> numpy input dtypes the Detector feeds.
 _INPUT_TYPES = {"f32": np.float32, "f16": np.float16, "u8": np.uint8}
 
@@ -29,10 +30,29 @@ def cpu_capabilities(core) -> Tuple[str, ...]:
     return tuple(str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
 
 
+def checked_precision(capabilities: Tuple[str, ...], metadata) -> Tuple[str, str]:
+    """"checked" (what --backend auto runs): bf16 where the CPU has it natively and the model's
+    sidecar records a passing bf16 check (export --check-images), else f32. Returns (hint, why)."""
+    if "BF16" not in capabilities:
+        return "f32", "f32: this CPU has no native bf16"
+    checks = [c for c in getattr(metadata, "precision_checks", ()) if c.backend == "openvino:bf16"]
+    if not checks:
+        return "f32", "f32: bf16 not checked for this model (see mrkd export --check-images)"
+    check = checks[-1]
+    measured = f"{check.decision_agreement:.1%} of {check.images} decisions, score max |diff| {check.score_max_abs_diff:.3g}"
+    if not check.passed:
+        return "f32", f"f32: the bf16 check failed ({measured})"
+    threshold = getattr(metadata, "threshold", None)
+    if threshold is not None and check.score_max_abs_diff > check.SCORE_TOLERANCE * abs(threshold):
+        # mrkd calibrate moved the threshold since the check: the score error is judged against the new one.
+        return "f32", f"f32: bf16's score error {check.score_max_abs_diff:.3g} is over 1 % of the threshold now set"
+    return "bf16", f"bf16: checked against FP32 ({measured}{', on ' + check.cpu if check.cpu else ''})"
+
+
 def inference_precision(requested: Optional[str], capabilities: Tuple[str, ...], where: str) -> str:
     """The INFERENCE_PRECISION_HINT to compile with: "f32" (default), "bf16" (refused on a CPU
     without native bf16, where OpenVINO would silently fall back to f32), or "auto" = bf16 where the
-    CPU has it natively, else f32."""
+    CPU has it natively, else f32 ("checked" is decided by checked_precision)."""
     requested = requested or DEFAULT_PRECISION
     has_bf16 = "BF16" in capabilities
     if requested == "auto":
@@ -78,7 +98,11 @@ class OpenVinoBackend(Backend):
         self.model_metadata_props = {key: value.astype(str) for key, value in dict(framework).items()}
         self.capabilities = cpu_capabilities(core)
         self.requested_precision = options.precision or DEFAULT_PRECISION
-        hint = inference_precision(options.precision, self.capabilities, str(self.model_path))
+        if self.requested_precision == CHECKED:
+            hint, self.precision_reason = checked_precision(self.capabilities, options.metadata)
+        else:
+            hint = inference_precision(options.precision, self.capabilities, str(self.model_path))
+            self.precision_reason = f"{hint}: asked for {self.requested_precision}"
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if options.threads:
             config["INFERENCE_NUM_THREADS"] = int(options.threads)
@@ -102,8 +126,8 @@ class OpenVinoBackend(Backend):
         return {name: np.array(results[port]) for name, port in zip(self.output_names, self._outputs)}
 
     def describe(self) -> str:
-        return (f"openvino {DEVICE} precision {self.precision} (asked {self.requested_precision}), "
-                f"{self.threads} threads ({self.model_path.name})")
+        return (f"openvino {DEVICE} precision {self.precision}, {self.threads} threads ({self.model_path.name}; "
+                f"{self.precision_reason})")
 
     def close(self) -> None:
         self._request = None
