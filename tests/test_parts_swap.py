@@ -439,6 +439,13 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
         assert code == 200 and answer["staged"] == [str(live)], answer
         run.part("e")
         judged(5)
+        # the page names the camera's model that judges now, each NG part's row the model that judged it
+        from test_review_page import hello
+        page = hello(url)
+        assert (page["cameras"][0]["model_sha256"], page["cameras"][0]["threshold"]) == (sha_b, 0.2)
+        assert (page["status"][0]["model_sha256"], page["status"][0]["threshold"]) == (sha_b, 0.2)
+        assert [(a["part_id"], a["model_sha256"]) for a in page["alarms"]] == [
+            ("e", sha_b), ("d", sha_a), ("c", sha_r2), ("b", sha_r), ("a", sha_a)]
         first = _events(events)[0]
         code, answer = _post(url, "/review", json.dumps({"event_id": first["event_id"], "label": "good",
                                                          "note": "dust"}).encode(), token)

@@ -5,6 +5,10 @@
   file stays absent; with the token one line is appended, read back by runtime/review.py's reader and
   checked against the event log and a hashlib sha256 of the evidence file.
 * Event fields are shown as text: markup in a camera name / event id never becomes an element.
+* Hot swap: a live run whose model is replaced over POST /reload (with the token; a wrong one
+  changes nothing): the page's camera card, its hello/status JSON and every alarm row name the model
+  that judges now / that judged that alarm (checked against the event log), and /metrics' build info
+  names only the new model.
 * Shadow runs: /metrics parsed by prometheus_client's text parser (and promtool), the counts and
   the correlation checked against numpy over both models' scores of the same frame sequence
   (computed here with the models, in loop order), and the summary JSON's "shadow" section.
@@ -205,6 +209,96 @@ def test_event_fields_are_shown_as_text_never_as_markup(tmp_path):
             browser.close()
     finally:
         server.close()
+
+
+def hello(url: str) -> dict:
+    """The page's ``hello`` record (its JSON: cameras, status, alarms) read from /events as the page does."""
+    import urllib.request
+    with urllib.request.urlopen(url + "/events", timeout=10) as stream:
+        lines = iter(stream.readline, b"")
+        assert next(lines) == b"event: hello\n"
+        return json.loads(next(lines)[len(b"data: "):])
+
+
+@pytest.mark.slow
+def test_page_names_the_model_that_judges_now_after_a_hot_swap(tmp_path):
+    """A page opened before the swap follows it live, a page opened after it starts from it, and
+    every alarm row names the model that judged it (the event log's ``model_sha256``)."""
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    from mrkd.runtime.metadata import file_sha256
+    from test_hot_swap import install
+    from test_review import _post
+    folder = tmp_path / "frames"
+    frames = write_frames(folder)
+    live = tmp_path / "deploy" / "model.onnx"
+    live.parent.mkdir()
+    export_tiny_model(live, threshold=LIVE_THRESHOLD)
+    new_threshold = 0.2
+    export_tiny_model(tmp_path / "v2.onnx", threshold=new_threshold)
+    sha_a, sha_b = file_sha256(live), file_sha256(tmp_path / "v2.onnx")
+    scores = _model_scores(live, frames)      # the same graph: both versions alarm, the new one less often
+    assert sha_a != sha_b and (scores >= new_threshold).sum() >= 1 and (scores >= LIVE_THRESHOLD).sum() > \
+        (scores >= new_threshold).sum()
+    events = tmp_path / "events.jsonl"
+    run = MrkdRun(tmp_path, live, folder, "--events", str(events), "--control-token-env", "MRKD_TEST_TOKEN", fps=8)
+    card_model = "#cam-cam0 dd[data-key=model]"
+    try:
+        before = hello(run.url)
+        assert before["cameras"][0]["model_sha256"] == sha_a and before["status"][0]["model_sha256"] == sha_a
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(run.url + "/")
+            page.wait_for_selector(".alarm", timeout=15000)
+            assert sha_a[:12] in page.locator(card_model).inner_text()
+            assert page.locator(".alarm").first.get_attribute("data-model") == sha_a
+
+            install(tmp_path / "v2.onnx", live)
+            assert _post(run.url, "/reload", b"", "not-the-" + TOKEN)[0] == 401
+            assert _post(run.url, "/reload", b"")[0] == 401
+            assert hello(run.url)["cameras"][0]["model_sha256"] == sha_a      # refused: nothing changed
+            code, answer = _post(run.url, "/reload", b"", TOKEN)
+            assert code == 200 and answer["staged"] == [str(live)], answer
+            assert wait_for(lambda: any(e["model_sha256"] == sha_b for e in read_events(events)), 30)
+
+            # the page opened before the swap follows it without a reload
+            page.wait_for_function("([sel, sha]) => document.querySelector(sel).textContent.includes(sha)",
+                                   arg=[card_model, sha_b[:12]], timeout=10000)
+            threshold_text = page.locator("#cam-cam0 dd[data-key=threshold]").inner_text()
+            assert float(threshold_text.split()[0]) == pytest.approx(new_threshold)
+            page.wait_for_selector(f'.alarm[data-model="{sha_b}"]', timeout=10000)
+            logged = {e["event_id"]: e["model_sha256"] for e in read_events(events)}
+            rows = page.locator(".alarm")
+            shown = [(rows.nth(i).get_attribute("data-event-id"), rows.nth(i).get_attribute("data-model"),
+                      rows.nth(i).inner_text()) for i in range(rows.count())]
+            assert {model for _, model, _ in shown} == {sha_a, sha_b}, shown      # both sides of the swap
+            for event_id, model, text in shown:      # each row: the model that judged that alarm
+                assert logged[event_id] == model and "model " + model[:12] in text, (event_id, model, logged)
+
+            # a page opened after the swap starts from the new model
+            fresh = browser.new_page()
+            fresh.goto(run.url + "/")
+            fresh.wait_for_selector(card_model + ":not(:empty)", timeout=10000)
+            assert sha_b[:12] in fresh.locator(card_model).inner_text() and sha_a[:12] not in \
+                fresh.locator(card_model).inner_text()
+            browser.close()
+        after = hello(run.url)
+        camera = after["cameras"][0]
+        assert (camera["model_sha256"], camera["threshold"]) == (sha_b, pytest.approx(new_threshold))
+        assert after["status"][0]["model_sha256"] == sha_b
+        assert after["status"][0]["threshold"] == pytest.approx(new_threshold)
+        logged = {e["event_id"]: e["model_sha256"] for e in read_events(events)}
+        assert after["alarms"] and all(a["model_sha256"] == logged[a["event_id"]] for a in after["alarms"])
+        # /metrics (prometheus_client's parser): the build info names only the model that judges now
+        scraped = samples(http_get(run.url + "/metrics")[1].decode())
+        built = {dict(labels)["model_sha256"]: value for (name, labels), value in scraped.items()
+                 if name == "mrkd_build_info"}
+        assert built == {sha_b: 1.0}
+        assert scraped[("mrkd_threshold", (("camera", "cam0"),))] == pytest.approx(new_threshold)
+    finally:
+        summary = run.stop()
+    assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in summary["model_swaps"]] == [("http", "swapped", sha_b)]
 
 
 def _model_scores(model: Path, frames: list) -> np.ndarray:

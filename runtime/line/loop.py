@@ -464,7 +464,10 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                     camera_status = _status_of(state, now, stale_after_s)
                     call_each(observers, lambda o: o.on_status(camera_status))
             if slots is not None:     # runtime/line/swap.py: a reloaded model takes over between rounds
-                slots.apply(states)
+                shown = [s.info for s in states]
+                if slots.apply(states):
+                    for info in [s.info for s, old in zip(states, shown) if s.info is not old]:
+                        call_each(observers, lambda o: o.on_model(info))
             if taken:
                 rounds += 1
                 scored_calls += _score_round(taken, by_name, stats, observers, settings.cross_camera_batching)

@@ -190,6 +190,7 @@ class PartRunner:
         self.latency = {"trigger_to_verdict": LatencyWindow(4096), "trigger_to_images": LatencyWindow(4096),
                         "model": LatencyWindow(4096)}
         self._started_at = 0.0
+        self._shown: Dict[str, CameraInfo] = {}     # camera -> the CameraInfo the outputs were last told
 
     # ------------------------------------------------------------ TriggerTarget
     def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
@@ -257,17 +258,19 @@ class PartRunner:
         self._active_recipe = recipe
 
     # ------------------------------------------------------------ running
+    def _info(self, camera: _Camera) -> CameraInfo:
+        """The camera as its recipe-0 model judges it now (on_start; on_model after a hot swap)."""
+        detector = self._detector(camera, 0)
+        return CameraInfo(name=camera.name, source=str(getattr(self._sources[camera.name], "uri", "")),
+                          model=camera.model, model_sha256=self.slots.sha256_of(self._key(camera, 0)),
+                          backend=detector.backend.name, precision=detector.precision,
+                          threshold=float(self._threshold(camera, 0, detector)),
+                          threshold_source=("camera setting (line file or --threshold)"
+                                            if camera.threshold_override is not None else detector.threshold_source))
+
     def start(self) -> "PartRunner":
-        infos = []
-        for camera in self.cameras:
-            detector = self._detector(camera, 0)
-            infos.append(CameraInfo(name=camera.name, source=str(getattr(self._sources[camera.name], "uri", "")),
-                                    model=camera.model, model_sha256=self.slots.sha256_of(self._key(camera, 0)),
-                                    backend=detector.backend.name, precision=detector.precision,
-                                    threshold=float(self._threshold(camera, 0, detector)),
-                                    threshold_source=("camera setting (line file or --threshold)"
-                                                      if camera.threshold_override is not None
-                                                      else detector.threshold_source)))
+        infos = [self._info(camera) for camera in self.cameras]
+        self._shown = {info.name: info for info in infos}
         self._emit(lambda o: o.see_outputs(self.observers))
         self._emit(lambda o: o.on_start(infos))
         self._started_at = time.monotonic()
@@ -324,7 +327,11 @@ class PartRunner:
                     pending = self._in_hand = self._queue.popleft()
             # A reloaded model takes over here: between parts (the part just taken has no image yet),
             # never inside one; a model staged before a trigger judges that part.
-            self.slots.apply()
+            if self.slots.apply():      # the outputs show the model that judges from now on
+                for info in [self._info(camera) for camera in self.cameras]:
+                    if info != self._shown[info.name]:
+                        self._shown[info.name] = info
+                        self._emit(lambda o: o.on_model(info))
             if pending is not None:
                 try:
                     self._judge(pending)

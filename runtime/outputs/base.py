@@ -94,6 +94,10 @@ class LineObserver:
     def on_status(self, status: CameraStatus) -> None:
         pass
 
+    def on_model(self, info: CameraInfo) -> None:
+        """A hot swap (runtime/line/swap.py) replaced a camera's model between rounds (between parts):
+        ``info`` is the camera as it is judged from now on (model hash, threshold, backend)."""
+
     def on_trigger(self, receipt: TriggerReceipt) -> None:
         """A part trigger arrived (accepted or refused) in triggered mode."""
 

@@ -6,7 +6,8 @@ Per camera (label ``camera``): ``mrkd_frames_total``, ``mrkd_frames_dropped_tota
 histograms ``mrkd_inference_seconds`` (each frame's share of its batch), ``mrkd_end_to_end_latency_seconds``
 (frame arrival to result) and ``mrkd_image_score_ratio`` (score / the camera's threshold, so 1.0 is
 the alarm level for every camera: good parts drifting towards it show here long before alarms do);
-``mrkd_threshold``; ``mrkd_build_info`` (1, labelled with model hash, backend, precision, version).
+``mrkd_threshold``; ``mrkd_build_info`` (1, labelled with model hash, backend, precision, version; after a
+hot swap only the model that judges now).
 Per output of the line (label ``output``: events, snapshots, webhook, mqtt, video, page, PLC servers...),
 read from each one's ``LineObserver.health()`` at scrape time: ``mrkd_output_up`` (1 while it
 delivers), ``mrkd_output_sent_total``, ``mrkd_output_failures_total``, ``mrkd_output_dropped_total``.
@@ -90,6 +91,7 @@ class MetricsObserver(LineObserver):
         self._children: Dict[str, tuple] = {}
         self._status: Dict[str, Tuple[int, int, int]] = {}     # camera -> (dropped, bad, reconnects) seen
         self._up: Dict[str, bool] = {}
+        self._build_labels: Dict[str, tuple] = {}      # camera -> its mrkd_build_info labels now
         self._last_frame_at: Dict[str, float] = {}
         self._state = "starting"
 
@@ -120,10 +122,22 @@ class MetricsObserver(LineObserver):
                 metric.labels(name)            # present at 0 from the start: rate() needs a first sample
             self.source_up.labels(name).set(0)
             self.threshold.labels(name).set(info.threshold)
-            self.build_info.labels(name, info.model_sha256, info.backend, info.precision, version).set(1)
+            self._build_labels[name] = (name, info.model_sha256, info.backend, info.precision, version)
+            self.build_info.labels(*self._build_labels[name]).set(1)
             self._status[name] = (0, 0, 0)
             self._up[name] = False
         self._state = "running"
+
+    def on_model(self, info: CameraInfo) -> None:
+        """A hot swap: mrkd_build_info names the model that judges now (the old series goes) and
+        mrkd_threshold its threshold."""
+        old = self._build_labels.get(info.name)
+        if old is None:
+            return
+        self.build_info.remove(*old)
+        self._build_labels[info.name] = (info.name, info.model_sha256, info.backend, info.precision, old[-1])
+        self.build_info.labels(*self._build_labels[info.name]).set(1)
+        self.threshold.labels(info.name).set(info.threshold)
 
     def on_frame(self, result: FrameResult) -> None:
         frames, inference, latency, ratio, last = self._children[result.camera]

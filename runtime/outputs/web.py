@@ -6,6 +6,8 @@ read-only operator page.
 * ``/stream/<camera>.mjpg``: the annotated live view as MJPEG (multipart/x-mixed-replace).
 * ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms, outputs), ``alarm`` as each
   happens, ``status`` and ``outputs`` (every output's health: sent/failed, failing or not) once a second.
+  After a hot swap ``status`` (at once) and ``hello`` name the new model and threshold; every alarm
+  names the ``model_sha256`` that judged it.
   Camera URIs are shown with their credentials redacted (CameraInfo.source). ``hello`` also says
   whether review is on (``review``) and, with ``--shadow``, ``shadow`` (sent once a second too): the
   candidate's hash, frames compared, disagreement rate and score correlation.
@@ -90,6 +92,9 @@ class _CameraView:
                 "latency_ms_p99": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2)
                 if latencies else None,
                 "score": None if latest is None else round(latest.score, 6),
+                # the model that judges now (a hot swap replaces ``info``, see on_model)
+                "model": self.info.model, "model_sha256": self.info.model_sha256, "backend": self.info.backend,
+                "precision": self.info.precision,
                 "threshold": self.info.threshold, "threshold_source": self.info.threshold_source}
 
 
@@ -211,6 +216,16 @@ class OperatorServer(LineObserver):
         if view is not None and view.up != status.up:
             view.up = status.up
             self._broadcast("status", self._statuses())
+
+    def on_model(self, info: CameraInfo) -> None:
+        """A hot swap: the card, ``hello`` and ``status`` name the model that judges from now on (each
+        alarm keeps the ``model_sha256`` of its own event)."""
+        view = self.views.get(info.name)
+        if view is None:
+            return
+        view.info = info
+        self.cameras = [info if known.name == info.name else known for known in self.cameras]
+        self._broadcast("status", self._statuses())
 
     def on_stop(self) -> None:
         self.close()
@@ -346,7 +361,8 @@ class OperatorServer(LineObserver):
 
 
 def _alarm_record(camera: str, event: dict) -> dict:
-    keys = ("event_id", "time", "score", "threshold", "frame_index", "boxes", "kind", "part_id", "verdict")
+    keys = ("event_id", "time", "score", "threshold", "frame_index", "boxes", "kind", "part_id", "verdict",
+            "model_sha256")
     image = None
     if event.get("event_id"):
         image = f"/alarm/{event.get('event_id')}.jpg"
