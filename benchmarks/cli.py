@@ -36,12 +36,15 @@ BENCHES = {
     "anomalib": "peer benchmark, opt-in: anomalib 2.7 ReverseDistillation/PatchCore (OpenVINOInferencer, "
                 "TorchInferencer) vs mrkd's Detector and mrkd run, same CPU, images, size and threads, alternated "
                 "(needs scripts/setup_anomalib_venv.sh)",
+    "anomalib_quality": "peer quality row, opt-in: anomalib 2.7 PatchCore on our Lite0 ImageNet features (weights mapped "
+                        "into timm, features checked against ours) vs mrkd's --score both, image AUROC on the ELPV "
+                        "test split, 3 seeds (tens of minutes; needs scripts/setup_anomalib_venv.sh)",
     "quality": "image AUROC on real ELPV solar cells: MRKD (ImageNet / random Lite0 teacher) vs a kNN "
                "patch-distance baseline, 3 seeds (minutes; --quick: a subset)",
 }
 
 
-OPT_IN = ("anomalib",)       # run only when named with --only: they need an environment of their own
+OPT_IN = ("anomalib", "anomalib_quality")       # run only when named with --only: they need an environment of their own
 
 
 def run_benches(names, quick: bool, options: dict) -> dict:
@@ -64,7 +67,7 @@ def run_benches(names, quick: bool, options: dict) -> dict:
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--only", "only", multiple=True, type=click.Choice(list(BENCHES)),
-              help="Run only these benchmarks (repeatable). Default: all of them except the opt-in peer benchmark (anomalib).")
+              help="Run only these benchmarks (repeatable). Default: all of them except the opt-in peer benchmarks (anomalib, anomalib_quality).")
 @click.option("--quick", is_flag=True,
               help="Seconds-long smoke mode with tiny sizes (what CI runs); numbers are not meaningful.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_out"),
