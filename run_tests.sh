@@ -10,7 +10,7 @@ fi
 # The tests whose native libraries start threads of their own (Aravis/GObject for GigE Vision,
 # OpenVINO's plugins, the asyncua/pymodbus servers) run in pytest processes of their own: a library's
 # leftover thread then cannot take another part of the suite down with it, and a crash names its group.
-isolated=("tests/test_gige.py tests/test_parts.py tests/test_parts_swap.py"
+isolated=("tests/test_gige.py tests/test_parts.py tests/test_parts_swap.py tests/test_parts_review.py"
           "tests/test_openvino.py tests/test_backends.py" "$(echo tests/test_plc_*.py)")
 ignore=()
 for group in "${isolated[@]}"; do

@@ -2,13 +2,15 @@
 
 Without ``--mark`` it lists the alarm events of the log with the evidence image found for each and
 the label given so far. ``--mark EVENT_ID --as good|defect [--note TEXT]`` appends one label
-(runtime/review.py) with the sha256 of the evidence image the operator looked at. Torch-free.
+(runtime/review.py) with the sha256 of the evidence image the operator looked at. An NG part's event
+(triggered mode) labels one camera's image: ``--camera``, else the one camera that flagged it (the
+rule POST /review applies, runtime/control.py). Torch-free.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import click
 
@@ -39,6 +41,18 @@ def find_evidence(event: dict, evidence_dir: Optional[Path]) -> Optional[Path]:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def one_camera_event(event: dict, camera: Optional[str] = None) -> Tuple[Optional[dict], str]:
+    """A part event (``cameras``) as the event of the one camera whose image a label is about
+    (``camera``, else the flagged one); a frame alarm as it is. (None, why) when that is not one camera."""
+    if not isinstance(event.get("cameras"), list):
+        if camera is not None and camera != event.get("camera"):
+            return None, f"the alarm is camera {event.get('camera')!r}'s, not {camera!r}'s"
+        return event, ""
+    from mrkd.runtime.control import _part_camera
+    chosen, why = _part_camera(event, camera)
+    return (None, why) if chosen is None else (dict(event, camera=chosen), "")
+
+
 def load_events(path) -> List[dict]:
     from mrkd.runtime.outputs.events import read_events
     try:
@@ -61,9 +75,11 @@ def load_events(path) -> List[dict]:
                    "defect: a defect confirmed (refit checks that the new model still flags it).")
 @click.option("--note", default="", help=f"Optional note kept with the label (at most {MAX_NOTE} characters).")
 @click.option("--who", default=None, help="Who decides (default: the login name).")
+@click.option("--camera", default=None, metavar="NAME",
+              help="For a part of several cameras: the camera whose image is labelled (default: the flagged one).")
 @click.option("--unlabelled", is_flag=True, help="List only events without a label yet.")
 @error_boundary
-def review_command(events, labels_path, evidence_dir, event_id, label, note, who, unlabelled):
+def review_command(events, labels_path, evidence_dir, event_id, label, note, who, camera, unlabelled):
     """List the alarms of the events log EVENTS, or mark one as a good part (false alarm) or a
     confirmed defect. Labels are appended to --labels with the evidence image's sha256; the last
     label of an event counts."""
@@ -79,12 +95,14 @@ def review_command(events, labels_path, evidence_dir, event_id, label, note, who
             current = existing.get(str(event["event_id"]))
             if unlabelled and current:
                 continue
-            image = find_evidence(event, evidence)
+            one, why = one_camera_event(event)
+            event = one or event
+            image = find_evidence(one, evidence) if one is not None else None
             score = event.get("score")
             click.echo(f"{event['event_id']}  {event.get('camera') or '-':8}  "
                        f"score {score if score is None else format(score, '.4g')}  "
                        f"model {str(event.get('model_sha256') or '?')[:12]}  "
-                       f"{'image ' + str(image) if image else 'NO EVIDENCE IMAGE'}  "
+                       f"{'image ' + str(image) if image else why or 'NO EVIDENCE IMAGE'}  "
                        f"{'[' + LABEL_WORDS[current.label] + ' by ' + current.who + ']' if current else '[unlabelled]'}")
             shown += 1
         click.echo(f"{shown} of {len(all_events)} event(s); labels in {labels_path}")
@@ -94,6 +112,9 @@ def review_command(events, labels_path, evidence_dir, event_id, label, note, who
     event = by_id.get(event_id)
     if event is None:
         raise ReviewError(f"{events}: no event {event_id!r} (list them with `mrkd review {events} --labels ...`)")
+    event, why = one_camera_event(event, camera)
+    if event is None:
+        raise ReviewError(f"event {event_id}: {why}" + (" (--camera NAME)" if camera is None else ""))
     image = find_evidence(event, evidence)
     if image is None:
         raise ReviewError(f"event {event_id}: no evidence image in {evidence} (was `mrkd run` started with "

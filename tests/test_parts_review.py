@@ -1,0 +1,155 @@
+"""Operator review of NG parts judged by a live triggered run (issue 23).
+
+`mrkd run` runs as a subprocess against Aravis' GigE Vision simulator (arv-fake-gv-camera-0.8 over
+UDP on loopback, as in test_gige.py), software-triggered from stdin, with --evidence, --http, a
+control token and a label file. Its NG parts' lossless evidence is read back from disk: the runtime's
+Detector scores each PNG to the score the live run logged (so it is the very image judged). Then
+POST /review without a token and with a wrong one is refused and writes nothing; with the token one
+part is labelled, and `mrkd review` labels another from the terminal. Each label line names its
+part's event id, the camera and the sha256 of the evidence file on disk (hashlib, here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import cv2
+import pytest
+
+from runtime_fixtures import build_tiny_model
+from test_gige import simulator  # noqa: F401 - the fixture
+from test_parts_swap import LiveRun, _events, wait_until
+from test_review import _post, mrkd
+
+from mrkd.runtime.detector import Detector
+from mrkd.runtime.metadata import file_sha256
+from mrkd.runtime.review import DEFECT, GOOD, read_labels
+
+TOKEN = "gige-review-control-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_an_ng_part_of_a_live_gige_run_is_labelled_with_the_token_only(simulator, tmp_path):  # noqa: F811
+    camera = simulator("127.0.86.30", "REVIEWED")
+    # The tiny model's calibrated threshold is 0.1; the simulator's test pattern scores about 0.17 with
+    # it, so every part is NG (checked below against the events, not assumed).
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    events, labels, evidence = tmp_path / "events.jsonl", tmp_path / "labels.jsonl", tmp_path / "evidence"
+    run = LiveRun(tmp_path, [str(model), "--source", f"cam={camera.uri}", "--events", str(events), "--evidence",
+                             str(evidence), "--http", f"127.0.0.1:{port}", "--control-token-env", "MRKD_TEST_TOKEN",
+                             "--review-labels", str(labels)],
+                  env={**os.environ, "MRKD_TEST_TOKEN": TOKEN, "PYTHONWARNINGS": "ignore"})
+    try:
+        for i in range(4):
+            run.part(f"G{i}")
+        wait_until(lambda: len(_events(events)) >= 4, 60, "4 NG parts")
+        logged = _events(events)
+        assert [(e["part_id"], e["verdict"], e["kind"]) for e in logged] == [(f"G{i}", "NG", "part") for i in range(4)]
+        first, second = logged[1], logged[2]
+        body = json.dumps({"event_id": first["event_id"], "label": "good", "note": "glare"}).encode()
+        for token in (None, "not-the-" + TOKEN, TOKEN[:-1]):          # missing, wrong, a prefix
+            code, answer = _post(url, "/review", body, token)
+            assert code == 401 and "Bearer" in answer["error"], (token, code, answer)
+        assert not labels.exists()                                   # refused: nothing written
+        unknown = json.dumps({"event_id": "no-such-part", "label": "good"}).encode()
+        assert _post(url, "/review", unknown, TOKEN)[0] == 404 and not labels.exists()
+        code, answer = _post(url, "/review", body, TOKEN)
+        assert code == 200, answer
+        summary = run.finish()
+    finally:
+        run.kill()
+    assert summary["parts"] == 4 and summary["verdicts"] == {"OK": 0, "NG": 4, "ERROR": 0}
+    assert summary["cameras"]["cam"]["source"]["frames_read"] == 4
+    # Every NG part's evidence: the lossless image the live model judged (the Detector scores it to the
+    # logged score) under evidence/<camera>/<event id>.png.
+    detector = Detector(model)
+    try:
+        for event in _events(events):
+            image = cv2.imread(str(evidence / "cam" / f"{event['event_id']}.png"), cv2.IMREAD_UNCHANGED)
+            assert image is not None and image.shape == (512, 512, 3)
+            judged = event["cameras"][0]
+            assert judged["camera"] == "cam" and judged["images"] == 1 and judged["anomalous"]
+            assert float(detector(image).scores[0]) == pytest.approx(judged["score"], abs=1e-5)
+            assert event["model_sha256"] == file_sha256(model)
+    finally:
+        detector.close()
+
+    # The same review from the terminal, for another NG part of the same run (after the run, on its log).
+    done = mrkd("review", events, "--labels", labels, "--mark", second["event_id"], "--as", "defect",
+                "--who", "shift lead", "--evidence", evidence)
+    assert done.returncode == 0, done.stderr
+    listed = mrkd("review", events, "--labels", labels, "--evidence", evidence)
+    assert listed.returncode == 0, listed.stderr
+    ids = {e["event_id"] for e in logged}
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.split() and line.split()[0] in ids}
+    assert sorted(rows) == sorted(ids), listed.stdout
+    assert "NO EVIDENCE IMAGE" not in listed.stdout, listed.stdout
+    assert "[good part (false alarm) by operator (page)]" in rows[first["event_id"]]
+    assert "[defect confirmed by shift lead]" in rows[second["event_id"]]
+
+    lines = labels.read_text().splitlines()
+    assert len(lines) == 2                                            # one per accepted review, none for refusals
+    saved = read_labels(labels)
+    on_disk = {e["event_id"]: hashlib.sha256((evidence / "cam" / f"{e['event_id']}.png").read_bytes()).hexdigest()
+               for e in (first, second)}
+    assert [(s.event_id, s.label, s.camera, s.image_sha256) for s in saved] == [
+        (first["event_id"], GOOD, "cam", on_disk[first["event_id"]]),
+        (second["event_id"], DEFECT, "cam", on_disk[second["event_id"]])]
+    assert (saved[0].who, saved[0].note, saved[1].who) == ("operator (page)", "glare", "shift lead")
+    assert Path(saved[0].image) == Path(saved[1].image).parent / f"{first['event_id']}.png"
+    assert on_disk[first["event_id"]] != on_disk[second["event_id"]]  # two images, not one labelled twice
+
+
+def test_mrkd_review_labels_the_camera_of_a_part_it_is_told(tmp_path):
+    """A part of two cameras, both flagged: `mrkd review --mark` needs --camera (one-line error without
+    it or with an unknown one) and labels that camera's evidence (written by the real outputs' hooks,
+    in the part runner's order: part_snapshots, then on_part)."""
+    import time
+    import numpy as np
+    from runtime_fixtures import normal_frame
+    from test_review import one_error
+    from mrkd.runtime import OutputSettings, build_outputs
+    from mrkd.runtime.outputs.base import CameraInfo, CameraJudgement, PartResult
+    from mrkd.runtime.outputs.evidence import EvidenceSettings
+    events, labels, evidence = tmp_path / "events.jsonl", tmp_path / "labels.jsonl", tmp_path / "ev"
+    outputs = build_outputs(OutputSettings(events=str(events), evidence=EvidenceSettings(str(evidence))))
+    rng = np.random.default_rng(9)
+    images = {"left": normal_frame(rng), "right": normal_frame(rng)}
+    part = PartResult(inspection_id=1, part_id="P-9", verdict="NG", score=0.4, threshold=0.1,
+                      cameras=(CameraJudgement("left", 0.3, 0.1, True, images=1),
+                               CameraJudgement("right", 0.4, 0.1, True, images=1)),
+                      model_sha256="00" * 32, trigger_time=time.time(), event_id="part-ev-9")
+    for output in outputs:
+        output.see_outputs(outputs)
+        output.on_start([CameraInfo(name, "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.1, "test")
+                         for name in images])
+    for output in outputs:
+        output.part_snapshots(part, {name: (image, np.zeros(image.shape[:2], np.float32), 0.1)
+                                     for name, image in images.items()})
+    for output in outputs:
+        output.on_part(part)
+    for output in outputs:
+        output.on_stop()
+    base = ("review", events, "--labels", labels, "--evidence", evidence, "--mark", "part-ev-9", "--as", "good")
+    one_error(mrkd(*base), "part-ev-9", "'left', 'right'", "--camera")
+    one_error(mrkd(*base, "--camera", "middle"), "no camera 'middle'")
+    assert not labels.exists()
+    done = mrkd(*base, "--camera", "left")
+    assert done.returncode == 0, done.stderr
+    [label] = read_labels(labels)
+    image = evidence / "left" / "part-ev-9.png"
+    assert (label.event_id, label.camera, label.label) == ("part-ev-9", "left", GOOD)
+    assert label.image_sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert np.array_equal(cv2.imread(str(image)), images["left"])
