@@ -98,6 +98,17 @@ def deploy(tmp_path):
     return live, tmp_path / "v2.onnx", file_sha256(live), file_sha256(tmp_path / "v2.onnx")
 
 
+@pytest.fixture
+def recipe_versions(tmp_path):
+    """Recipe 2's model (threshold 0.3) at recipes/r2.onnx and its next version (0.35) beside it:
+    (path, next version, sha256, next version's sha256)."""
+    recipe = tmp_path / "recipes" / "r2.onnx"
+    recipe.parent.mkdir()
+    export_tiny_model(recipe, threshold=0.3)
+    export_tiny_model(tmp_path / "r2.v2.onnx", threshold=0.35)
+    return recipe, tmp_path / "r2.v2.onnx", file_sha256(recipe), file_sha256(tmp_path / "r2.v2.onnx")
+
+
 def runner_with_slots(line, sources, settings, observers=(), messages=None, shadows=()):
     detectors = open_detectors(line)
     slots = line_slots(line, detectors, status=(messages.append if messages is not None else lambda text: None))
@@ -148,13 +159,9 @@ def test_a_staged_model_takes_over_only_between_parts(deploy):
         detector.close()
 
 
-def test_recipe_change_counts_from_the_next_trigger_and_recipe_models_are_reloaded(deploy, tmp_path):
+def test_recipe_change_counts_from_the_next_trigger_and_recipe_models_are_reloaded(deploy, recipe_versions, tmp_path):
     live, _, sha_a, _ = deploy
-    recipe = tmp_path / "recipes" / "r2.onnx"
-    recipe.parent.mkdir()
-    export_tiny_model(recipe, threshold=0.3)
-    export_tiny_model(tmp_path / "r2.v2.onnx", threshold=0.35)
-    sha_r, sha_r2 = file_sha256(recipe), file_sha256(tmp_path / "r2.v2.onnx")
+    recipe, recipe_v2, sha_r, sha_r2 = recipe_versions
     frames = rng_frames(6, seed=1, defective=lambda i: True)
     gate = Gate(frames)
     line = Line((Camera("cam", "memory", str(live), trigger="software"),))
@@ -170,7 +177,7 @@ def test_recipe_change_counts_from_the_next_trigger_and_recipe_models_are_reload
         runner.trigger("Y")
         gate.release(2)
         parts_done(recorder, 2)
-        install(tmp_path / "r2.v2.onnx", recipe)       # a new version of the recipe's model, then SIGHUP
+        install(recipe_v2, recipe)       # a new version of the recipe's model, then SIGHUP
         slots.request_reload("SIGHUP")
         assert slots.wait_idle(30)
         runner.trigger("Z")
@@ -398,15 +405,12 @@ def test_live_triggered_run_is_hot_swapped_by_sighup_between_parts_and_refuses_a
     assert summary["parts_by_model"] == {sha_a: boundary, sha_b: sent - boundary}
 
 
-def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_review(deploy, tmp_path):
+def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_review(deploy, recipe_versions,
+                                                                                  tmp_path):
     import socket
     from test_review import _post
     live, v2, sha_a, sha_b = deploy
-    recipe = tmp_path / "recipes" / "r2.onnx"
-    recipe.parent.mkdir()
-    export_tiny_model(recipe, threshold=0.3)
-    export_tiny_model(tmp_path / "r2.v2.onnx", threshold=0.35)
-    sha_r, sha_r2 = file_sha256(recipe), file_sha256(tmp_path / "r2.v2.onnx")
+    recipe, recipe_v2, sha_r, sha_r2 = recipe_versions
     folder = _defective_folder(tmp_path)
     line_file = tmp_path / "line.toml"
     line_file.write_text(f'[[camera]]\nname = "cam"\nsource = "{folder}"\nloop = true\n'
@@ -427,7 +431,7 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
         run.part("a")
         run.part("b@2")                                # the recipe's model
         judged(2)
-        install(tmp_path / "r2.v2.onnx", recipe)       # a new version of the recipe's model, then SIGHUP
+        install(recipe_v2, recipe)       # a new version of the recipe's model, then SIGHUP
         run.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "swapped" in run.stderr(), 30, "the recipe's swap")
         run.part("c@2")

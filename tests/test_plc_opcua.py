@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Tuple
 
 import cv2
 import pytest
@@ -39,17 +40,43 @@ def reference_score(path) -> float:
     return float(reference_map(square[None]).max())
 
 
-@pytest.fixture(scope="module")
-def cell(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("opcua")
+def start_cell(folder: Path, pattern: str, **opcua) -> Tuple[PartRunner, OpcUaPlc]:
+    """A one-camera cell judging folder/parts (``pattern``: g good, d defective, in trigger order) with
+    the tiny model, behind a started VisionSystem for USER/PASSWORD (``opcua``: certificate, trust...)."""
     model = str(build_tiny_model(folder / "tiny.onnx"))
-    part_images(folder / "parts", PATTERN)
+    part_images(folder / "parts", pattern)
     line = Line((Camera("cam", str(folder / "parts"), model, trigger="software"),))
     settings = PartSettings(queue=2, timeout=5.0)
     runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
-    server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD).start()
+    server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD, **opcua).start()
     runner.observers.append(server)
     runner.start()
+    return runner, server
+
+
+def make_certificates(folder: Path, *clients: str) -> None:
+    """Self-signed certificates (folder/<name>.pem key, folder/<name>.der certificate, application URI
+    urn:mrkd:test-<name>) for "server" and each client name."""
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    async def make():
+        for name, use in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
+                          *((client, ExtendedKeyUsageOID.CLIENT_AUTH) for client in clients)):
+            await setup_self_signed_certificate(folder / f"{name}.pem", folder / f"{name}.der",
+                                                f"urn:mrkd:test-{name}", "localhost", [use], {"commonName": name})
+    asyncio.run(make())
+
+
+def server_certificate(folder: Path) -> dict:
+    """make_certificates' server certificate and key as OpcUaPlc options."""
+    return {"certificate": str(folder / "server.der"), "private_key": str(folder / "server.pem")}
+
+
+@pytest.fixture(scope="module")
+def cell(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("opcua")
+    runner, server = start_cell(folder, PATTERN)
     scores = [reference_score(p) for p in sorted((folder / "parts").iterdir())]
     yield runner, server, scores
     runner.stop()
@@ -254,35 +281,24 @@ def test_continuous_runs_into_the_folders_end_as_failed_results(cell):
     assert content["score"] is None
 
 
+async def encrypted_session(url: str, folder: Path, name: str) -> Session:
+    """A Session as client ``name`` (make_certificates' files) over Basic256Sha256 Sign&Encrypt."""
+    session = Session(url)
+    session.client.application_uri = f"urn:mrkd:test-{name}"
+    await session.client.set_security_string(
+        f"Basic256Sha256,SignAndEncrypt,{folder / (name + '.der')},{folder / (name + '.pem')}")
+    return session
+
+
 @pytest.mark.slow
 def test_basic256sha256_sign_and_encrypt_only(tmp_path):
     """With a certificate the only endpoint is Basic256Sha256 Sign&Encrypt: an encrypted client with
     the user calls StartSingleJob and gets its event; a client without encryption finds no endpoint."""
-    from asyncua.crypto.cert_gen import setup_self_signed_certificate
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    async def certificates():
-        for name, use in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-            await setup_self_signed_certificate(tmp_path / f"{name}.pem", tmp_path / f"{name}.der",
-                                                f"urn:mrkd:test-{name}", "localhost", [use], {"commonName": name})
-
-    asyncio.run(certificates())
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    part_images(tmp_path / "parts", "d")
-    line = Line((Camera("cam", str(tmp_path / "parts"), model, trigger="software"),))
-    settings = PartSettings(queue=2, timeout=5.0)
-    runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
-    server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD,
-                      certificate=str(tmp_path / "server.der"), private_key=str(tmp_path / "server.pem")).start()
-    runner.observers.append(server)
-    runner.start()
+    make_certificates(tmp_path, "client")
+    runner, server = start_cell(tmp_path, "d", **server_certificate(tmp_path))
 
     async def scenario():
-        session = Session(server.url)
-        session.client.application_uri = "urn:mrkd:test-client"
-        await session.client.set_security_string(
-            f"Basic256Sha256,SignAndEncrypt,{tmp_path / 'client.der'},{tmp_path / 'client.pem'}")
-        async with session as s:
+        async with await encrypted_session(server.url, tmp_path, "client") as s:
             job = await s.call("StartSingleJob", "m", "secure-1", "", "")
             events = await s.wait_events(1)
         try:
@@ -304,47 +320,23 @@ def test_basic256sha256_sign_and_encrypt_only(tmp_path):
 def test_trust_folder_admits_its_clients_and_refuses_others(tmp_path):
     """--opcua-trust: a client whose certificate is in the folder (PEM there, DER sent) connects and
     calls StartSingleJob; a client with another valid certificate is refused at its session."""
-    from asyncua.crypto.cert_gen import setup_self_signed_certificate
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
-    from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    async def certificates():
-        for name, use in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH),
-                          ("stranger", ExtendedKeyUsageOID.CLIENT_AUTH)):
-            await setup_self_signed_certificate(tmp_path / f"{name}.pem", tmp_path / f"{name}.der",
-                                                f"urn:mrkd:test-{name}", "localhost", [use], {"commonName": name})
-
-    asyncio.run(certificates())
+    make_certificates(tmp_path, "client", "stranger")
     trust = tmp_path / "trusted"
     trust.mkdir()
     client_cert = x509.load_der_x509_certificate((tmp_path / "client.der").read_bytes())
     (trust / "client.pem").write_bytes(client_cert.public_bytes(Encoding.PEM))     # PEM in the folder
     (trust / "README.txt").write_text("not a certificate: ignored")
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    part_images(tmp_path / "parts", "d")
-    line = Line((Camera("cam", str(tmp_path / "parts"), model, trigger="software"),))
-    settings = PartSettings(queue=2, timeout=5.0)
-    runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
-    server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD,
-                      certificate=str(tmp_path / "server.der"), private_key=str(tmp_path / "server.pem"),
-                      trust=str(trust)).start()
-    runner.observers.append(server)
-    runner.start()
-
-    async def secure(name):
-        session = Session(server.url)
-        session.client.application_uri = f"urn:mrkd:test-{name}"
-        await session.client.set_security_string(
-            f"Basic256Sha256,SignAndEncrypt,{tmp_path / (name + '.der')},{tmp_path / (name + '.pem')}")
-        return session
+    runner, server = start_cell(tmp_path, "d", **server_certificate(tmp_path), trust=str(trust))
 
     async def scenario():
-        async with await secure("client") as s:
+        async with await encrypted_session(server.url, tmp_path, "client") as s:
             job = await s.call("StartSingleJob", "m", "trusted-1", "", "")
             events = await s.wait_events(1)
         try:
-            async with await secure("stranger") as s:
+            async with await encrypted_session(server.url, tmp_path, "stranger") as s:
                 await s.call("StartSingleJob", "m", "stranger-1", "", "")
                 refused = None
         except Exception as error:

@@ -298,7 +298,8 @@ def test_page_names_the_model_that_judges_now_after_a_hot_swap(tmp_path):
         assert scraped[("mrkd_threshold", (("camera", "cam0"),))] == pytest.approx(new_threshold)
     finally:
         summary = run.stop()
-    assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in summary["model_swaps"]] == [("http", "swapped", sha_b)]
+    assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in summary["model_swaps"]] == \
+        [("http", "swapped", sha_b)]
 
 
 def _model_scores(model: Path, frames: list) -> np.ndarray:
@@ -370,6 +371,18 @@ def test_shadow_run_on_metrics_and_page_matches_numpy_and_the_summary(tmp_path):
     assert shadow["frames"] == summary["frames"]
 
 
+def play_part(outputs: list, infos: list, part, views: dict) -> None:
+    """One judged part through the outputs' hooks in the part runner's order: see_outputs and
+    on_start, then every output's part_snapshots (``views``: camera -> (image, map, threshold)), then on_part."""
+    for output in outputs:
+        output.see_outputs(outputs)
+        output.on_start(infos)
+    for output in outputs:
+        output.part_snapshots(part, views)
+    for output in outputs:
+        output.on_part(part)
+
+
 def test_an_ng_part_is_reviewed_per_camera_from_the_page(tmp_path):
     """Triggered mode: an NG part of two cameras shows one alarm per camera (its own thumbnail); the
     button of camera "right" labels the right camera's evidence image (hooks called in the part
@@ -396,13 +409,7 @@ def test_an_ng_part_is_reviewed_per_camera_from_the_page(tmp_path):
                       cameras=(CameraJudgement("left", 0.02, 0.1, False, images=1),
                                CameraJudgement("right", 0.4, 0.1, True, images=1)),
                       model_sha256="00" * 32, trigger_time=time.time(), event_id="part-ev-1")
-    for output in outputs:
-        output.see_outputs(outputs)
-        output.on_start(infos)
-    for output in outputs:
-        output.part_snapshots(part, views)
-    for output in outputs:
-        output.on_part(part)
+    play_part(outputs, infos, part, views)
     try:
         with sync_playwright() as playwright:
             browser = launch(playwright)
