@@ -76,6 +76,9 @@ setup(
         "click>=8.0",
         "tqdm>=4.60",
         "onnxruntime>=1.16",
+        # x86 line PCs: --backend auto runs OpenVINO there (faster than ONNX Runtime on Intel and AMD, bf16
+        # where the CPU has it and the export's check passed); Jetsons (aarch64) keep ONNX Runtime/TensorRT.
+        "openvino>=2024.0; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
         "tomli>=1.1; python_version < '3.11'",   # line files (mrkd run --line); tomllib from 3.11
     ],
     extras_require={

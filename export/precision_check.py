@@ -2,9 +2,11 @@
 graph at FP32 on ONNX Runtime, on good images, recorded in the sidecar as a typed PrecisionCheck.
 
 `--backend auto` runs OpenVINO at bf16 only where such a check passed (runtime/backends/openvino_backend
-``checked_precision``): bf16 keeps 8 bits of mantissa, so a score can move by about 0.4 % of its size,
-and a part near the threshold could change its verdict. The check needs a calibrated threshold and a
-CPU with native bf16 (OpenVINO would otherwise run f32 and the check would prove nothing).
+``checked_precision``; the rule is PrecisionCheck.passed: every score within 1 % of the threshold of its
+FP32 value). bf16 keeps 8 bits of mantissa, so a score moves by a fraction of a percent, and a part that
+close to the threshold can change its verdict: the report counts how often that happened on the images.
+The check needs a calibrated threshold and a CPU with native bf16 (OpenVINO would otherwise run f32
+and the check would prove nothing).
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def check_bf16(fp32_path, metadata: ModelMetadata, images_dir,
     updated = dataclasses.replace(metadata, precision_checks=others + (check,))
     updated.save(sidecar_path(fp32_path))
     echo(report.format())
-    echo(f"  bf16 check {'passed' if check.passed else 'FAILED'} (every decision equal and score |diff| <= "
-         f"{PrecisionCheck.SCORE_TOLERANCE:.0%} of the threshold): --backend auto runs OpenVINO at "
+    limit = PrecisionCheck.SCORE_TOLERANCE * abs(check.threshold)
+    echo(f"  bf16 check {'passed' if check.passed else 'FAILED'}: score max |diff| {check.score_max_abs_diff:.3g} "
+         f"{'<=' if check.passed else '>'} {limit:.3g} (1 % of the threshold; {check.decision_agreement:.1%} of "
+         f"{check.images} decisions equal): --backend auto runs OpenVINO at "
          f"{'bf16 on CPUs that have it' if check.passed else 'f32'}")
     return updated, report

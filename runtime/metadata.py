@@ -330,8 +330,11 @@ def migrate(data: Dict[str, Any], source: str) -> Dict[str, Any]:
 class PrecisionCheck:
     """A lower precision checked against FP32 on good images by the export (or by hand): the graph run
     with ``backend`` (a backend spec, e.g. "openvino:bf16") against the FP32 graph on ONNX Runtime.
-    ``--backend auto`` runs a precision the CPU offers only where a check of it ``passed``: every
-    decision equal at ``threshold`` and no score further off than ``SCORE_TOLERANCE`` of it."""
+    ``--backend auto`` runs a precision the CPU offers only where a check of it ``passed``: no score
+    further off than ``SCORE_TOLERANCE`` of ``threshold``. That is what bf16 does to a verdict: like a
+    threshold up to 1 % higher or lower, so a part that close to it may be judged otherwise (the
+    ``decision_agreement`` on the checked images says how often that happened; a pass/fail on it
+    would only say whether one checked image happened to lie that close)."""
 
     backend: str                        # the spec that ran, e.g. "openvino:bf16"
     precision: str                      # what it ran at, e.g. "bf16"
@@ -345,7 +348,7 @@ class PrecisionCheck:
 
     @property
     def passed(self) -> bool:
-        return self.decision_agreement >= 1.0 and self.score_max_abs_diff <= self.SCORE_TOLERANCE * abs(self.threshold)
+        return self.score_max_abs_diff <= self.SCORE_TOLERANCE * abs(self.threshold)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

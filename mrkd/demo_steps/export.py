@@ -18,11 +18,18 @@ def export_step(context: Dict) -> None:
     context["exports"] = {}
     for index, (category, checkpoint) in enumerate(sorted(context["checkpoints"].items())):
         triton_dir = export_dir / "triton" if index == 0 else None
+        # The good training images also check bf16 against FP32 (OpenVINO, CPUs with native bf16): a passing
+        # check lets `mrkd run --backend auto` run bf16 there.
+        good = Path(context["data_root"]) / category / "train" / "good"
+        notes = []
         result = export_checkpoint(checkpoint, export_dir / category, ExportOptions(), triton_dir=triton_dir,
-                                   simplify="never", echo=lambda line: None)
+                                   check_images=good if good.is_dir() else None, simplify="never",
+                                   echo=lambda line: notes.append(line) if line.startswith(("bf16", "  bf16")) else None)
         context["exports"][category] = result.files["onnx"]
         parity = result.reports["parity"]
         click.echo(f"{category}: {result.files['onnx']} (ORT vs PyTorch map max |diff| {parity.map_max_abs_diff:.2g})")
+        for note in notes:
+            click.echo(f"   {note.strip()}")
         if index == 0:
             model, sha = load_model(checkpoint)
             half = export_onnx(model, export_dir / category / "model_fp16.onnx", fp16_options(ExportOptions()),

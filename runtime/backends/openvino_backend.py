@@ -39,7 +39,8 @@ def checked_precision(capabilities: Tuple[str, ...], metadata) -> Tuple[str, str
     if not checks:
         return "f32", "f32: bf16 not checked for this model (see mrkd export --check-images)"
     check = checks[-1]
-    measured = f"{check.decision_agreement:.1%} of {check.images} decisions, score max |diff| {check.score_max_abs_diff:.3g}"
+    measured = (f"score max |diff| {check.score_max_abs_diff:.3g} at threshold {check.threshold:.6g}, "
+                f"{check.decision_agreement:.1%} of {check.images} decisions equal")
     if not check.passed:
         return "f32", f"f32: the bf16 check failed ({measured})"
     threshold = getattr(metadata, "threshold", None)
