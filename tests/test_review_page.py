@@ -268,10 +268,11 @@ def test_page_names_the_model_that_judges_now_after_a_hot_swap(tmp_path):
             threshold_text = page.locator("#cam-cam0 dd[data-key=threshold]").inner_text()
             assert float(threshold_text.split()[0]) == pytest.approx(new_threshold)
             page.wait_for_selector(f'.alarm[data-model="{sha_b}"]', timeout=10000)
-            logged = {e["event_id"]: e["model_sha256"] for e in read_events(events)}
             rows = page.locator(".alarm")
             shown = [(rows.nth(i).get_attribute("data-event-id"), rows.nth(i).get_attribute("data-model"),
                       rows.nth(i).inner_text()) for i in range(rows.count())]
+            assert wait_for(lambda: {e for e, _, _ in shown} <= {e["event_id"] for e in read_events(events)}, 10)
+            logged = {e["event_id"]: e["model_sha256"] for e in read_events(events)}
             assert {model for _, model, _ in shown} == {sha_a, sha_b}, shown      # both sides of the swap
             for event_id, model, text in shown:      # each row: the model that judged that alarm
                 assert logged[event_id] == model and "model " + model[:12] in text, (event_id, model, logged)
