@@ -314,7 +314,8 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
              f"INT8-image score error {error.mean_abs:.4g} mean = {error.relative:.2f}x the FP32 score "
              f"spread" + (f" (all-INT8 was {tried['none']['relative']:.2f}x, above {AUTO_MAX_ERROR_VS_SPREAD})"
                           if mode == "front" and "none" in tried else ""))
-    int8_meta = dataclasses.replace(meta, precision="int8", int8=Int8Info(
+    # precision_checks describe the FP32 graph at lower precisions, not this one: not inherited.
+    int8_meta = dataclasses.replace(meta, precision="int8", precision_checks=(), int8=Int8Info(
         images=int(len(batch)), images_dir=str(images_dir), quantised_nodes=len(nodes),
         teacher_nodes_kept_fp32=len(kept), keep_fp32=keep_fp32, keep_fp32_chosen=mode,
         score_error=tried, convtranspose_rewritten=rewritten, head_only_convs_fp32=len(head_only),

@@ -279,9 +279,12 @@ def test_export_records_the_bf16_check_and_auto_runs_what_it_allows(tmp_path, th
     small_model(threshold=threshold).save(ckpt)
     lines = []
     result = export_checkpoint(ckpt, tmp_path / "out", ExportOptions(batch_range=(1, 1, 8)), engine=False,
+                               int8_images=good if passes else None, int8_target="cpu",
                                check_images=good, simplify="never", echo=lines.append)
     model = result.files["onnx"]
     meta = ModelMetadata.load(sidecar_path(model))
+    if passes:     # the INT8 graph is another graph: the FP32 graph's bf16 check is not carried over to it
+        assert ModelMetadata.load(sidecar_path(result.files["onnx_int8"])).precision_checks == ()
     if not HAS_BF16:
         assert meta.precision_checks == () and "bf16" not in result.reports
         assert any("bf16 not checked: this CPU has no native bf16" in line for line in lines)
