@@ -38,6 +38,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _page_says_up(url: str) -> bool:
+    """The operator page lists the camera, up (the line has opened it and started)."""
+    from test_review_page import hello
+    try:
+        status = hello(url)["status"]
+    except OSError:
+        return False
+    return bool(status) and all(s["up"] for s in status)
+
+
 @pytest.mark.slow
 def test_an_ng_part_of_a_live_gige_run_is_labelled_with_the_token_only(simulator, tmp_path):  # noqa: F811
     camera = simulator("127.0.86.22", "REVIEWED")     # its own address (bench_parts has .30)
@@ -52,6 +62,8 @@ def test_an_ng_part_of_a_live_gige_run_is_labelled_with_the_token_only(simulator
                              "--review-labels", str(labels)],
                   env={**os.environ, "MRKD_TEST_TOKEN": TOKEN, "PYTHONWARNINGS": "ignore"})
     try:
+        wait_until(lambda: run.proc.poll() is not None or _page_says_up(url), 60, "the line up")   # then parts come
+        assert run.proc.poll() is None, run.stderr()
         for i in range(4):
             run.part(f"G{i}")
         wait_until(lambda: len(_events(events)) >= 4, 60, "4 NG parts")

@@ -409,6 +409,7 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
                                                                                   tmp_path):
     import socket
     from test_review import _post
+    from test_review_page import reload_took
     live, v2, sha_a, sha_b = deploy
     recipe, recipe_v2, sha_r, sha_r2 = recipe_versions
     folder = _defective_folder(tmp_path)
@@ -440,7 +441,7 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
         install(v2, live)                              # the camera's model, over HTTP this time
         assert _post(url, "/reload", b"", "wrong-token-wrong-token")[0] == 401
         code, answer = _post(url, "/reload", b"", token)
-        assert code == 200 and answer["staged"] == [str(live)], answer
+        assert code == 200 and reload_took(answer, live, sha_b), answer
         run.part("e")
         judged(5)
         # the page names the camera's model that judges now, each NG part's row the model that judged it
