@@ -219,3 +219,15 @@ def refused_url() -> str:
     port = sock.getsockname()[1]
     sock.close()
     return f"http://127.0.0.1:{port}/hook"
+
+
+class SlowFrames:
+    """A camera that takes ``delay`` s per image: the line stays busy while triggers keep coming."""
+
+    def __init__(self, delay):
+        self.delay, self.rng = delay, np.random.default_rng(0)
+
+    def __iter__(self):
+        while True:
+            time.sleep(self.delay)
+            yield normal_frame(self.rng)

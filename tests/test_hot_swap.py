@@ -158,18 +158,23 @@ def _events(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-@pytest.mark.slow
-def test_live_run_is_hot_swapped_by_sighup_and_refuses_a_half_written_model(tmp_path):
+def _deployment(tmp_path: Path, seed: int, new_threshold: float):
+    """A folder of 6 frames, the live model (threshold 0.1) at deploy/model.onnx and its next version at
+    v2.onnx (``new_threshold``): (folder, live path, sha256 of live, sha256 of v2)."""
     folder = tmp_path / "frames"
     folder.mkdir()
-    for i, frame in enumerate(frames(6, seed=1)):
+    for i, frame in enumerate(frames(6, seed=seed)):
         cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
     live = tmp_path / "deploy" / "model.onnx"
     live.parent.mkdir()
     export_tiny_model(live, threshold=0.1)
-    sha_a = file_sha256(live)
-    export_tiny_model(tmp_path / "v2.onnx", threshold=0.2)
-    sha_b = file_sha256(tmp_path / "v2.onnx")
+    export_tiny_model(tmp_path / "v2.onnx", threshold=new_threshold)
+    return folder, live, file_sha256(live), file_sha256(tmp_path / "v2.onnx")
+
+
+@pytest.mark.slow
+def test_live_run_is_hot_swapped_by_sighup_and_refuses_a_half_written_model(tmp_path):
+    folder, live, sha_a, sha_b = _deployment(tmp_path, seed=1, new_threshold=0.2)
     events = tmp_path / "events.jsonl"
     stderr_path = tmp_path / "stderr.txt"
     code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
@@ -245,15 +250,7 @@ def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
 def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
     import socket
     from test_review import _post
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(6, seed=2)):
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
-    live = tmp_path / "deploy" / "model.onnx"
-    live.parent.mkdir()
-    export_tiny_model(live, threshold=0.1)
-    export_tiny_model(tmp_path / "v2.onnx", threshold=0.15)
-    sha_a, sha_b = file_sha256(live), file_sha256(tmp_path / "v2.onnx")
+    folder, live, sha_a, sha_b = _deployment(tmp_path, seed=2, new_threshold=0.15)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

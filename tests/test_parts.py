@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from runtime_fixtures import SIZE, build_tiny_model, defective_frame, normal_frame, reference_map
+from runtime_fixtures import SIZE, SlowFrames, build_tiny_model, defective_frame, normal_frame, reference_map
 
 from mrkd.runtime.line.linefile import LineFileError, parse_line
 from mrkd.runtime.line.loop import Camera, Line
@@ -104,18 +104,6 @@ def test_folder_parts_match_the_reference_and_ng_parts_have_events(model, folder
     assert snapshot.is_file() and snapshot.parent.name == "cam" and parts[1].cameras[0].snapshot == str(snapshot)
     assert events[2]["verdict"] == "ERROR" and events[2]["score"] is None
     assert summary["verdicts"] == {"OK": 4, "NG": 2, "ERROR": 1} and recorder.stopped == 1
-
-
-class SlowFrames:
-    """Frames that take ``delay`` seconds each to arrive: a line slower than its triggers."""
-
-    def __init__(self, delay):
-        self.delay, self.rng = delay, np.random.default_rng(0)
-
-    def __iter__(self):
-        while True:
-            time.sleep(self.delay)
-            yield normal_frame(self.rng)
 
 
 def test_queue_bound_refuses_and_counts_and_never_mixes_results(model):

@@ -17,7 +17,7 @@ import pytest
 
 from peers import require_program
 from plc_fixtures import defect_pattern, part_images
-from runtime_fixtures import SIZE, THRESHOLD, build_tiny_model, normal_frame, reference_map
+from runtime_fixtures import SIZE, THRESHOLD, SlowFrames, build_tiny_model, reference_map
 
 from mrkd.benchmarks.plc_peer import (CLEAR_ERROR, DI, PART_ID, RECIPE, RESULTS_ACK, TRIGGER, TRIGGER_ENABLE,
                                       ModbusError, SimulatedPlc, mbpoll)
@@ -216,18 +216,6 @@ def test_dropped_connection_mid_handshake_finds_a_consistent_state(model, tmp_pa
     cycle = second.inspect(8)
     assert (cycle.reading.inspection_id, cycle.reading.part_id, cycle.reading.result_code) == (2, 8, 2)
     assert second.registers().missed_triggers == 0
-
-
-class SlowFrames:
-    """A camera that takes ``delay`` s per image: the line stays busy while the PLC triggers again."""
-
-    def __init__(self, delay):
-        self.delay, self.rng = delay, np.random.default_rng(0)
-
-    def __iter__(self):
-        while True:
-            time.sleep(self.delay)
-            yield normal_frame(self.rng)
 
 
 def test_trigger_while_busy_is_refused_counted_and_flagged(model, cells, plcs):
