@@ -163,8 +163,9 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
             int(np.sum(scores <= le))
     assert got[("mrkd_alarms_total", (("camera", "press"),))] == 3
     sha = hashlib.sha256(Path(model).read_bytes()).hexdigest()
-    assert any(k[0] == "mrkd_build_info" and ("model_sha256", sha) in k[1] and ("backend", "onnxruntime") in k[1]
-               for k in got)
+    from mrkd.runtime.backends import resolve_backend_name     # what --backend auto runs here
+    assert any(k[0] == "mrkd_build_info" and ("model_sha256", sha) in k[1]
+               and ("backend", resolve_backend_name(model)) in k[1] for k in got)
     frames.resume()
     assert wait_for(lambda: http_get(server.url + "/healthz")[0] == 200, 5)
     summary = run.stop()
