@@ -250,6 +250,7 @@ def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
 def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
     import socket
     from test_review import _post
+    from test_review_page import reload_took
     folder, live, sha_a, sha_b = _deployment(tmp_path, seed=2, new_threshold=0.15)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -269,7 +270,7 @@ def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
         assert _post(url, "/reload", b"", "wrong-token-wrong-token")[0] == 401
         assert _post(url, "/reload", b"")[0] == 401
         code_, answer = _post(url, "/reload", b"", token)
-        assert code_ == 200 and answer["staged"] == [str(live)], answer
+        assert code_ == 200 and reload_took(answer, live, sha_b), answer
         _wait_for(lambda: any(e["model_sha256"] == sha_b for e in _events(events)), 60, "alarms of the new model")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

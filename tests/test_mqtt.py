@@ -86,6 +86,35 @@ def test_events_and_a_retained_status_for_late_subscribers(tmp_path, broker):
         recorder.close()
 
 
+def test_a_hot_swap_is_published_events_name_the_model_that_judged_them(broker):
+    """After on_model (a hot swap) the retained status names the new model for late subscribers, and
+    each event keeps the model that judged it, also one judged by the old model and sent after the swap."""
+    import dataclasses
+
+    from mrkd.runtime.outputs.base import CameraInfo
+    old = CameraInfo("left", "memory", "m.onnx", "aa" * 32, "openvino", "fp32", 0.1, "test")
+    new = dataclasses.replace(old, model_sha256="bb" * 32, threshold=0.2)
+    early = MqttRecorder(broker.port, "swap/#")
+    observer = MqttObserver(MqttSettings.from_url(broker.url("swap")))
+    observer.on_start([old])
+    assert wait_for(lambda: early.bodies("/left/status"), 10), "no online status"
+    observer.on_event("left", {"event_id": "e1", "score": 1.0, "model_sha256": old.model_sha256})
+    observer.on_model(new)
+    observer.on_event("left", {"event_id": "e2", "score": 1.0, "model_sha256": old.model_sha256})  # judged before
+    observer.on_event("left", {"event_id": "e3", "score": 1.0, "model_sha256": new.model_sha256})
+    assert wait_for(lambda: len(early.bodies("/left/event")) == 3, 10), early.messages
+    assert [(e["event_id"], e["model_sha256"]) for e in early.bodies("/left/event")] == \
+        [("e1", "aa" * 32), ("e2", "aa" * 32), ("e3", "bb" * 32)]
+    late = MqttRecorder(broker.port, "swap/left/status")
+    assert wait_for(lambda: late.messages, 5)
+    topic, status, retained = late.messages[0]
+    assert retained and status["state"] == "online"
+    assert (status["model_sha256"], status["threshold"]) == ("bb" * 32, pytest.approx(0.2))
+    observer.on_stop()
+    for recorder in (early, late):
+        recorder.close()
+
+
 def test_no_event_is_lost_while_the_broker_restarts(tmp_path, broker):
     model = build_tiny_model(tmp_path / "m.onnx")
     # A persistent session: the broker keeps the subscription, and the messages for it, across its restart.

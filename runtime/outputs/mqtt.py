@@ -358,12 +358,21 @@ class MqttObserver(LineObserver):
                                    else "disconnected"})
         return health
 
+    def on_model(self, info: CameraInfo) -> None:
+        """A hot swap: the retained status names the model that judges from now on."""
+        link = self.links.get(info.name)
+        if link is None:
+            return
+        link.info = info
+        link.enqueue(_Message(link.status_topic, link._status_payload("online"), 1, True))
+
     def on_event(self, camera: str, event: dict) -> None:
         link = self.links.get(camera)
         if link is None:
             return
+        # The event names the model that judged it (the loop sets it; a swap may have come since).
         body = {"schema_version": MQTT_SCHEMA_VERSION, **event, "camera": camera,
-                "model_sha256": link.info.model_sha256}
+                "model_sha256": event.get("model_sha256") or link.info.model_sha256}
         link.enqueue(_Message(link.event_topic, json.dumps(body).encode("utf-8"), 1, False))
 
     def on_frame(self, result: FrameResult) -> None:
