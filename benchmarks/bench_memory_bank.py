@@ -6,8 +6,9 @@
 The training images are ELPV solar cells (PyPI ``elpv-dataset``, the first ``images`` files), the model an
 EfficientNet-Lite0 with its ImageNet teacher (the student's weights do not change the cost). The previous
 fitting (mrkd.benchmarks.memory_bank_previous: three passes, coreset over 200,000 candidates in 128
-dimensions) and today's (mrkd.train.memory_bank.fit_memory_bank) run on copies of the same model, each
-timed whole. Besides the seconds and their ratio, what each bank is worth: its coverage of the training
+dimensions), today's default (mrkd.train.memory_bank.fit_memory_bank: one teacher pass, the same
+coreset by the blocked kernel) and its fast option (50,000-patch pool + tail, 64 dims, spreads on 256
+images) run on copies of the same model, each timed whole, with its seconds per step. Besides the seconds and their ratio, what each bank is worth: its coverage of the training
 patches (mean and 99th-percentile distance from a seeded sample of 20,000 patches to the nearest bank
 row, full dimensions: smaller is better) and the two score spreads the "both" head divides by.
 """
@@ -35,13 +36,18 @@ def elpv_images(count: int):
     return paths[:count]
 
 
-def coverage(model, paths, bank, samples: int = 20_000) -> dict:
-    """Distances (full dimensions) from a seeded sample of the training patches to their nearest bank row."""
+def coverage_sample(model, paths, samples: int = 20_000):
+    """A seeded sample of the training patches (one teacher pass), for coverage()."""
+    from mrkd.train.memory_bank import _loader, training_patches
+    return training_patches(model, (x for x, _, _, _ in _loader(model, paths, 16)), limit=samples,
+                            seed=12345).rows
+
+
+def coverage(rows, bank) -> dict:
+    """Distances (full dimensions) from ``rows`` (coverage_sample) to their nearest bank row."""
     import torch
 
-    from mrkd.train.memory_bank import _loader, training_patches
-    patches = training_patches(model, (x for x, _, _, _ in _loader(model, paths, 16)), limit=samples, seed=12345)
-    rows, best = patches.rows, None
+    best = None
     for start in range(0, len(bank), 4096):
         part = bank[start:start + 4096]
         d2 = rows.pow(2).sum(1, keepdim=True) - 2 * rows @ part.t() + part.pow(2).sum(1)
@@ -71,35 +77,46 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: Optional
               "coreset_candidates": {"before": previous.CORESET_CANDIDATES, "after": current.CORESET_CANDIDATES},
               "coreset_projection": {"before": previous.CORESET_PROJECTION, "after": current.CORESET_PROJECTION}}
     banks = {}
-    for side, fit in (("after", current.fit_memory_bank), ("before", previous.fit_memory_bank)):
+    fast = {"candidates": current.FAST_CANDIDATES, "projection_dim": current.FAST_PROJECTION,
+            "spread_limit": current.FAST_SPREAD_IMAGES, "progress": False}
+    sides = (("after", current.fit_memory_bank, {"progress": False}), ("fast", current.fit_memory_bank, fast),
+             ("before", previous.fit_memory_bank, {}))
+    for side, fit, kwargs in sides:
         fitted = copy.deepcopy(model)
         started = time.perf_counter()
         cpu = time.process_time()
-        kwargs = {"progress": False} if side == "after" else {}
         info = fit(fitted, paths, "both", batch_size=16, **kwargs)
         result[side] = {"seconds": round(time.perf_counter() - started, 2),
                         "cpu_seconds": round(time.process_time() - cpu, 2),
                         "steps_s": info["seconds"], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
                         "bank_patches": info["bank_patches"],
+                        "spread_images": info.get("spread_images", images),
                         "mrkd_train_score_std": round(info["mrkd_train_score_std"], 5),
                         "knn_train_score_std": round(info["knn_train_score_std"], 5)}
+        print(f"[memory_bank] {side}: {result[side]}", file=sys.stderr)
         banks[side] = fitted.head.memory_bank.bank
+    rows = coverage_sample(model, paths)
     for side, bank in banks.items():
-        result[side]["coverage"] = coverage(model, paths, bank)
+        result[side]["coverage"] = coverage(rows, bank)
+    result["same_bank_after_before"] = bool(torch.equal(banks["after"], banks["before"]))
+    result["shared_bank_rows_after_before"] = _shared_rows(banks["after"], banks["before"])
     result["speedup"] = round(result["before"]["seconds"] / result["after"]["seconds"], 2)
-    result["coreset_kernels"] = coreset_kernels(steps=16 if quick else 256,
+    result["speedup_fast"] = round(result["before"]["seconds"] / result["fast"]["seconds"], 2)
+    result["coreset_kernels"] = coreset_kernels(steps=16 if quick else 512,
                                                 scale=0.05 if quick else 1.0)
     result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(f"[memory_bank] load average at the end: {os.getloadavg()}", file=sys.stderr)
     return result
 
 
-def coreset_kernels(steps: int = 256, channels: int = 152, seed: int = 0, scale: float = 1.0) -> list:
+def coreset_kernels(steps: int = 512, channels: int = 152, seed: int = 0, scale: float = 1.0) -> list:
     """Milliseconds per greedy step (one centre's distances to every candidate, the running minimum,
-    the argmax) for the previous settings and kernel (200k candidates, 128 dims, ``p @ c`` with the
-    process's threads) against today's (50k, 64 dims, fused addmv on one thread) and the mixes
-    between, on random rows of the model's width; ``steps`` steps each, same process. ``scale``: the
-    candidate counts times this (--quick: 5 %)."""
+    the argmax) for the previous kernel (``p @ c`` with the process's threads), the one-thread fused
+    addmv and today's blocked one (_blocked_greedy: same choices), at the previous settings (200k
+    candidates, 128 dims) and the fast option's (50k, 64) and the mixes between, on random rows of the
+    model's width; ``steps`` steps each, same process. Random Gaussian rows are the blocked kernel's
+    worst case (every row about as far as the farthest); the fit's own "coreset" seconds are the real
+    one. ``scale``: the candidate counts times this (--quick: 5 %)."""
     import torch
 
     from mrkd.train.memory_bank import greedy_coreset
@@ -108,16 +125,24 @@ def coreset_kernels(steps: int = 256, channels: int = 152, seed: int = 0, scale:
     for candidates, dims in ((200_000, 128), (200_000, 64), (50_000, 128), (50_000, 64)):
         candidates = max(2, int(candidates * scale))
         patches = torch.randn(candidates, channels, generator=generator)
-        for kernel in ("previous", "addmv_1_thread"):
-            fit = _previous_greedy if kernel == "previous" else greedy_coreset
+        for kernel in ("previous", "addmv", "blocked"):
             seconds = []
             for count in (1, steps):   # the difference leaves out the one-off projection
                 started = time.perf_counter()
-                fit(patches, count, seed, dims)
+                if kernel == "previous":
+                    _previous_greedy(patches, count, seed, dims)
+                else:
+                    greedy_coreset(patches, count, seed, dims, kernel=kernel)
                 seconds.append(time.perf_counter() - started)
             rows.append({"candidates": candidates, "dims": dims, "kernel": kernel,
                          "ms_per_step": round(1000 * (seconds[1] - seconds[0]) / (steps - 1), 3)})
     return rows
+
+
+def _shared_rows(a, b) -> float:
+    """Fraction of the rows of bank ``a`` that are rows of bank ``b`` (equal to 6 decimals)."""
+    keys = {tuple(row) for row in b.numpy().round(6).tolist()}
+    return round(sum(tuple(row) in keys for row in a.numpy().round(6).tolist()) / max(1, len(a)), 4)
 
 
 def _previous_greedy(patches, keep, seed, dims):
@@ -174,7 +199,13 @@ def validation(image_size: int = 256, epochs: int = 2, max_train: Optional[int] 
                 model, (x for x, _, _, _ in current._loader(model, data.train_paths, 16))).rows
             fits = {"before": (previous.fit_memory_bank, {}),
                     "after": (current.fit_memory_bank, {"progress": False}),
-                    "after_pool_only": (current.fit_memory_bank, {"progress": False, "tail": 0.0})}
+                    "after_pool_only": (current.fit_memory_bank, {"progress": False, "tail": 0.0}),
+                    "after_spread256": (current.fit_memory_bank,
+                                        {"progress": False, "spread_limit": current.FAST_SPREAD_IMAGES}),
+                    "fast": (current.fit_memory_bank,
+                             {"progress": False, "candidates": current.FAST_CANDIDATES,
+                              "projection_dim": current.FAST_PROJECTION,
+                              "spread_limit": current.FAST_SPREAD_IMAGES})}
             for side in sides:
                 fit, kwargs = fits[side]
                 fitted = copy.deepcopy(model)
@@ -204,7 +235,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="--validation: training epochs")
     parser.add_argument("--max-train", type=int, default=320, help="--validation: training cells per category")
     parser.add_argument("--sides", default="before,after",
-                        help="--validation: which fits (before, after, after_pool_only: no tail)")
+                        help="--validation: which fits (before, after, after_pool_only: no tail, "
+                             "after_spread256: spreads on 256 images, fast)")
     parser.add_argument("--categories", default="elpv_mono,elpv_poly", help="--validation: ELPV categories")
     args = parser.parse_args(argv)
     if args.validation:

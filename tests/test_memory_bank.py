@@ -338,7 +338,7 @@ def test_one_pass_gives_the_same_scores_as_separate_passes(tmp_path):
         knn = model.scores(batch)
     assert report["mrkd_train_score_std"] == pytest.approx(score_spread(mrkd), rel=1e-5)
     assert report["knn_train_score_std"] == pytest.approx(score_spread(knn), rel=1e-5)
-    assert set(report["seconds"]) == {"features", "coreset", "knn_scores"}
+    assert set(report["seconds"]) == {"teacher", "patches", "mrkd_scores", "coreset", "knn_scores"}
 
 
 def _tensor(model, path):
@@ -419,3 +419,77 @@ def test_the_tail_steps_over_the_farthest_rows_only_and_still_matches_greedy_ove
     while len(expected) < 100:
         expected.append(int(np.argmax(cdist(reference, reference[expected]).min(1))))
     assert chosen == expected
+
+
+def _brute_force_k_center_fast(points: np.ndarray, keep: int, first: int) -> list:
+    """Greedy k-center in float64, every distance to every chosen point recomputed each step (scipy)."""
+    from scipy.spatial.distance import cdist
+    chosen = [first]
+    while len(chosen) < keep:
+        chosen.append(int(np.argmax(cdist(points, points[chosen]).min(1))))
+    return chosen
+
+
+@pytest.mark.parametrize("settle_every", [1, 5, 64])
+def test_blocked_kernel_chooses_as_one_centre_a_step_and_as_brute_force(settle_every):
+    """_blocked_greedy (settled distances in blocked matrix products, only the rows that can be the
+    farthest kept current) against _greedy_steps (every row every step) and a float64 brute force, on
+    continuous random rows with unequal spreads per dimension; with settle_every=1 every step settles,
+    with 64 the rows kept current grow and are extended many times. ``finish`` gives every row's
+    distance to the nearest chosen row, as _greedy_steps leaves it."""
+    from mrkd.train.memory_bank import _blocked_greedy, _greedy_steps
+    g = torch.Generator().manual_seed(6)
+    points = torch.randn(2000, 8, generator=g) * torch.linspace(0.5, 3.0, 8)
+    squared = points.pow(2).sum(1)
+    keep, first = 150, 17
+    one_a_step = torch.full((keep,), first, dtype=torch.long)
+    nearest = torch.full((len(points),), float("inf"))
+    _greedy_steps(points, squared, nearest, one_a_step, 1)
+    blocked = torch.full((keep,), first, dtype=torch.long)
+    finished = _blocked_greedy(points, squared, blocked, settle_every=settle_every, finish=True)
+    assert blocked.tolist() == one_a_step.tolist()
+    assert blocked.tolist() == _brute_force_k_center_fast(points.double().numpy(), keep, first)
+    torch.testing.assert_close(finished, nearest, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_coreset_kernels_choose_the_same_rows_in_a_projection():
+    """Both kernels through greedy_coreset on 152-wide rows projected to 64 dims (the fit's path), and
+    an unknown kernel refused."""
+    from mrkd.errors import SettingError
+    from mrkd.train.memory_bank import greedy_coreset
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randn(8000, 152, generator=g) * torch.rand(152, generator=g)
+    blocked = greedy_coreset(rows, 600, seed=1, projection_dim=64)
+    assert torch.equal(blocked, greedy_coreset(rows, 600, seed=1, projection_dim=64, kernel="addmv"))
+    assert len(set(blocked.tolist())) == 600
+    with pytest.raises(SettingError, match="kernel"):
+        greedy_coreset(rows, 10, kernel="elkan")
+
+
+def test_fitting_distance_map_matches_scipy_and_the_bank_module():
+    from scipy.spatial.distance import cdist
+
+    from mrkd.train.memory_bank import nearest_distance
+    g = torch.Generator().manual_seed(12)
+    feats = [None, torch.randn(3, 6, 8, 8, generator=g), torch.randn(3, 5, 4, 4, generator=g)]
+    bank = torch.randn(5000, 11, generator=g)     # more rows than one block: the blocks' minimum
+    f = patch_features(feats).permute(0, 2, 3, 1).reshape(-1, 11).double().numpy()
+    expected = cdist(f, bank.double().numpy()).min(1).reshape(3, 8, 8)
+    got = nearest_distance(bank, feats, block=1024)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, MemoryBank(bank)(feats), rtol=1e-4, atol=1e-4)
+
+
+def test_spread_features_recomputed_past_the_cache_give_the_same_spreads(tmp_path, monkeypatch):
+    """The kNN scores of the spread images from the features kept in the first pass, or (cache too
+    small) from a second teacher pass: the same spreads and the same bank."""
+    import mrkd.train.memory_bank as memory_bank
+    paths = _images(tmp_path, n=5)
+    kept_model, recomputed_model = _model(), _model()
+    kept = fit_memory_bank(kept_model, paths, "both", progress=False, batch_size=2)
+    monkeypatch.setattr(memory_bank, "SPREAD_CACHE_BYTES", 0)
+    recomputed = fit_memory_bank(recomputed_model, paths, "both", progress=False, batch_size=2)
+    assert recomputed["knn_train_score_std"] == pytest.approx(kept["knn_train_score_std"], rel=1e-5)
+    assert recomputed["mrkd_train_score_std"] == pytest.approx(kept["mrkd_train_score_std"], rel=1e-6)
+    torch.testing.assert_close(recomputed_model.head.memory_bank.bank, kept_model.head.memory_bank.bank,
+                               rtol=0, atol=0)

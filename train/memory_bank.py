@@ -52,12 +52,16 @@ CORESET_CANDIDATES = 200_000   # the pool: greedy selection is O(candidates × k
 CORESET_PROJECTION = 128
 FAST_CANDIDATES = 50_000
 FAST_PROJECTION = 64
+FAST_SPREAD_IMAGES = 256
 CORESET_TAIL = 0.1             # of the bank chosen over every held patch, not just the pool
 CORESET_HELD = 200_000          # patches held for the tail (~120 MB at Lite0's 152 channels)
 DEFAULT_FRACTION = 0.05         # ELPV validation: coreset 5 % = 10 % > random 10 % (benchmarks/RESULTS.md)
 DEFAULT_MAX_PATCHES = 8192      # bounds the graph's MatMul and the coreset's time on large training sets
 BOTH_SCALE_WEIGHTS = (0.0, 1.0, 1.0)    # MRKD scales (strides 4, 8, 16) in the "both" map
 BANK_CHUNK = 4096
+GREEDY_KERNELS = ("blocked", "addmv")
+SPREAD_CACHE_BYTES = 256 * 2 ** 20  # spread images' teacher features kept for their kNN scores
+CORESET_SETTLE = 256           # greedy steps between settlings in _blocked_greedy (see there)
 SPREAD_IMAGES = 10 ** 9        # training images the score spreads of "both" are measured on (fast option: 256)
 
 
@@ -98,21 +102,28 @@ class MemoryBank(nn.Module):
 
 
 def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
-                   projection_dim: int = CORESET_PROJECTION, progress: bool = False) -> torch.Tensor:
+                   projection_dim: int = CORESET_PROJECTION, progress: bool = False,
+                   kernel: str = "blocked") -> torch.Tensor:
     """Indices of ``keep`` rows of ``patches`` chosen by greedy k-center selection: start from a seeded
     random row, then repeatedly add the row farthest (L2) from every row chosen so far. Distances are
     taken in a seeded Gaussian random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss;
-    none when the rows are that narrow already). ``progress``: a tqdm bar over the rows kept."""
+    none when the rows are that narrow already). ``progress``: a tqdm bar over the rows kept.
+    ``kernel``: "blocked" (_blocked_greedy) or "addmv" (_greedy_steps: one matrix-vector product over
+    every row a step); both choose the same rows (float rounding aside)."""
+    if kernel not in GREEDY_KERNELS:
+        raise SettingError(f"coreset kernel {kernel!r}: expected one of {GREEDY_KERNELS}")
     n, channels = patches.shape
     keep = int(min(max(keep, 1), n))
     generator = torch.Generator().manual_seed(int(seed))
     points = _project(patches, projection_dim, generator)
     chosen = torch.empty(keep, dtype=torch.long)
     chosen[0] = int(torch.randint(n, (1,), generator=generator))
-    nearest = torch.full((n,), float("inf"))
     bar = _bar(keep, "memory bank: coreset", "patch") if progress else None
     try:
-        _greedy_steps(points, points.pow(2).sum(1), nearest, chosen, 1, bar)
+        if kernel == "blocked":
+            _blocked_greedy(points, points.pow(2).sum(1), chosen, bar)
+        else:
+            _greedy_steps(points, points.pow(2).sum(1), torch.full((n,), float("inf")), chosen, 1, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -156,6 +167,98 @@ def _greedy_steps(points: torch.Tensor, squared: torch.Tensor, nearest: torch.Te
     finally:
         torch.set_num_threads(threads)
     return keep
+
+
+def _blocked_greedy(points: torch.Tensor, squared: torch.Tensor, chosen: torch.Tensor, bar=None,
+                    settle_every: int = CORESET_SETTLE, finish: bool = False) -> Optional[torch.Tensor]:
+    """Greedy k-center from ``chosen[0]`` on, filling ``chosen[1:]``: the same choices as _greedy_steps
+    (one centre's distances to every row a step: the rows are read once per step, 100 MB at 200,000 ×
+    128 dims, so that kernel is bound by memory bandwidth), in a fraction of the memory traffic.
+
+    * Settling: every ``settle_every`` steps the centres added since are folded into every row's
+      distance at once, as blocked matrix products (bound by arithmetic, not memory), and the rows are
+      sorted by that distance, farthest first.
+    * Between settlings a row's distance can only fall as centres are added, so its settled distance
+      bounds it from above: the farthest row is among the first rows of that order, and only those are
+      kept current (one small matrix-vector product a step). Rows are taken in order until the
+      farthest current distance among them is above the next row's settled distance: no row further
+      down can be farther. A settling also comes early when those rows grow past a quarter of all.
+
+    Exact: no distance is approximated, only left uncomputed where it cannot change the choice; ties
+    go to the lowest row index, as torch.argmax does in _greedy_steps. tests/test_memory_bank.py checks
+    it against _greedy_steps and a brute-force k-center. ``finish``: return every row's squared
+    distance to the nearest of all ``chosen`` (what _greedy_steps leaves in its ``nearest``)."""
+    n = len(points)
+    keep = len(chosen)
+    threads = torch.get_num_threads()
+    # One thread throughout: on 2 shared cores a second OpenMP thread made the matrix products 2-6x
+    # slower in wall time (waiting on a busy core), as it did _greedy_steps' (benchmarks/RESULTS.md).
+    torch.set_num_threads(1)
+    nearest = torch.full((n,), float("inf"))     # squared distance to the settled centres chosen[:settled]
+    settled, ahead = 0, n                        # ahead: rows of the settled order kept current
+    order = settled_sorted = rows = ahead_points = ahead_squared = current = None
+    try:
+        for index in range(1, keep + 1):
+            if settled == 0 or index - settled >= settle_every or ahead > n // 4:
+                _fold_centres(points, squared, chosen[settled:index], nearest)
+                settled = index
+                settled_sorted, order = torch.sort(nearest, descending=True, stable=True)
+                ahead = 0
+                rows = order[:0]
+                ahead_points, ahead_squared, current = points[:0], squared[:0], nearest[:0]
+            elif ahead:
+                centre = chosen[index - 1]
+                distance = torch.addmv(ahead_squared, ahead_points, points[centre], alpha=-2.0)
+                distance += squared[centre]
+                torch.minimum(current, distance, out=current)
+            if bar is not None and (index % 256 == 0 or index == keep):
+                bar.update(max(0, index - bar.n))
+            if index == keep:
+                break
+            while True:
+                if ahead:
+                    farthest = current.max()
+                    # strictly above the next settled distance: a row below cannot tie or pass it
+                    if ahead == n or bool(farthest > settled_sorted[ahead]):
+                        break
+                more = order[ahead:ahead + min(n - ahead, max(256, ahead))]
+                values = settled_sorted[ahead:ahead + len(more)].clone()
+                if index > settled:
+                    _fold_centres(points, squared, chosen[settled:index], values, more)
+                rows = torch.cat([rows, more])
+                ahead_points = torch.cat([ahead_points, points.index_select(0, more)])
+                ahead_squared = torch.cat([ahead_squared, squared.index_select(0, more)])
+                current = torch.cat([current, values])
+                ahead += len(more)
+            chosen[index] = rows[current == farthest].min()
+        if finish:
+            _fold_centres(points, squared, chosen[settled:], nearest)
+    finally:
+        torch.set_num_threads(threads)
+    return nearest if finish else None
+
+
+def _fold_centres(points: torch.Tensor, squared: torch.Tensor, centres: torch.Tensor, nearest: torch.Tensor,
+                  rows: Optional[torch.Tensor] = None, block: int = 4096) -> None:
+    """``nearest`` (one value per row of ``points``, or per entry of ``rows``) lowered to each row's
+    squared distance to the nearest of ``centres`` (row indices) where that is nearer, in blocked matrix
+    products: min over centres c of (|c|² − 2 p·c), then + |p|² (a row's constant: adding it after the
+    minimum gives the same float as before it, rounding being monotonic)."""
+    if len(centres) == 0:
+        return
+    centre_points = points[centres].t().contiguous()
+    centre_squared = squared[centres]
+    count = len(points) if rows is None else len(rows)
+    for start in range(0, count, block):
+        stop = min(count, start + block)
+        if rows is None:
+            part_points, part_squared = points[start:stop], squared[start:stop]
+        else:
+            part = rows[start:stop]
+            part_points, part_squared = points.index_select(0, part), squared.index_select(0, part)
+        d2 = torch.addmm(centre_squared, part_points, centre_points, alpha=-2.0).amin(1)
+        d2 += part_squared
+        torch.minimum(nearest[start:stop], d2, out=nearest[start:stop])
 
 
 def _continue_greedy(points, squared, nearest, chosen, first: int, bar=None) -> None:
@@ -207,8 +310,8 @@ def tailed_coreset(patches: torch.Tensor, keep: int, seed: int = 0, candidates: 
     chosen[0] = int(torch.randint(candidates, (1,), generator=generator))
     bar = _bar(keep, "memory bank: coreset", "patch") if progress else None
     try:
-        pool_nearest = torch.full((candidates,), float("inf"))
-        _greedy_steps(points[:candidates], squared[:candidates], pool_nearest, chosen[:head], 1, bar)
+        pool_nearest = _blocked_greedy(points[:candidates], squared[:candidates], chosen[:head], bar,
+                                       finish=True)
         nearest = torch.empty(n)
         nearest[:candidates] = pool_nearest
         centres = points[chosen[:head]]
@@ -373,6 +476,36 @@ def spread_images(count: int, seed: int = 0, limit: int = SPREAD_IMAGES) -> List
     return sorted(order[:limit].tolist())
 
 
+def _teacher(model, x: torch.Tensor) -> List[torch.Tensor]:
+    """The teacher's features of a batch, the input channels-last: the same features (float rounding
+    aside) in about half the CPU time of the default layout (Lite0's depthwise convolutions)."""
+    return model.teacher(x.contiguous(memory_format=torch.channels_last))
+
+
+def nearest_distance(bank: torch.Tensor, teacher_feats: Sequence[torch.Tensor], block: int = 4096) -> torch.Tensor:
+    """MemoryBank's map (each stride-8 patch's L2 distance to its nearest bank row, N×h×w) computed for
+    fitting: min over bank rows b of (|b|² − 2 q·b) in blocked matrix products on one thread, then + |q|²
+    (the same arithmetic as the graph's up to float rounding; tests/test_memory_bank.py checks them
+    against each other). About 3x less CPU than MemoryBank.forward, which materialises every distance."""
+    features = patch_features(teacher_feats)
+    n, channels, h, w = features.shape
+    queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
+    bank = bank.to(queries)
+    bank_t, bank_squared = bank.t().contiguous(), bank.pow(2).sum(1)
+    best = torch.full((len(queries),), float("inf"), device=queries.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # see _blocked_greedy
+    try:
+        for start in range(0, len(bank), block):
+            part = torch.addmm(bank_squared[start:start + block], queries, bank_t[:, start:start + block],
+                               alpha=-2.0)
+            torch.minimum(best, part.amin(1), out=best)
+    finally:
+        torch.set_num_threads(threads)
+    best += queries.pow(2).sum(1)
+    return best.clamp_min(0.0).sqrt().reshape(n, h, w)
+
+
 def _loader(model, paths: Sequence[str], batch_size: int):
     from mrkd.train.data import TestDataset, TestItem
     config = model.config
@@ -414,25 +547,41 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     spread_set = set(spread_index)
     reservoir = PatchReservoir(sample_limit(sampler, max_patches, candidates), seed)
     mrkd_scores: List[torch.Tensor] = []
-    seconds = {}
-    started = time.perf_counter()
+    # The spread images' stride-8/16 teacher features, kept for their kNN scores once the bank is
+    # chosen (no second teacher pass) while they fit in SPREAD_CACHE_BYTES; past that, recomputed.
+    cached: List[List[torch.Tensor]] = []
+    cache_bytes, cache_full = 0, False
+    seconds = {"teacher": 0.0, "mrkd_scores": 0.0, "patches": 0.0}
     bar = _bar(len(paths), "memory bank: features", "img") if progress else None
     with torch.no_grad():
         start = 0
         for x, _, _, _ in _loader(model, paths, batch_size):
-            teacher_feats = model.teacher(x.to(device))
+            clock = time.perf_counter()
+            teacher_feats = _teacher(model, x.to(device))
+            seconds["teacher"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             reservoir.add(patch_rows(teacher_feats))
+            seconds["patches"] += time.perf_counter() - clock
             rows = [i for i in range(len(x)) if start + i in spread_set]
             if rows:
+                clock = time.perf_counter()
                 own = teacher_feats if len(rows) == len(x) else [f[rows] for f in teacher_feats]
                 mrkd_scores.append(head.scores(head(own, model.student(model.bottleneck(own)))).cpu())
+                if not cache_full:
+                    kept = [f.contiguous() for f in own[1:3]]
+                    cache_bytes += sum(f.numel() * f.element_size() for f in kept)
+                    cache_full = cache_bytes > SPREAD_CACHE_BYTES
+                    if cache_full:
+                        cached.clear()
+                    else:
+                        cached.append(kept)
+                seconds["mrkd_scores"] += time.perf_counter() - clock
             start += len(x)
             if bar is not None:
                 bar.update(len(x))
     if bar is not None:
         bar.close()
     sample = reservoir.result()
-    seconds["features"] = time.perf_counter() - started
     started = time.perf_counter()
     bank = MemoryBank(subsample_patches(sample.rows, fraction, seed, sampler, max_patches, total=sample.total,
                                         progress=progress, candidates=candidates,
@@ -444,12 +593,17 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     if score == "both":
         knn_scores: List[torch.Tensor] = []
         bar = _bar(len(spread_index), "memory bank: kNN scores", "img") if progress else None
+        if cache_full:
+            batches = ([None] + list(_teacher(model, x.to(device))[1:3])
+                       for x, _, _, _ in _loader(model, [paths[i] for i in spread_index], batch_size))
+        else:
+            batches = ([None] + kept for kept in cached)
         with torch.no_grad():
-            for x, _, _, _ in _loader(model, [paths[i] for i in spread_index], batch_size):
-                knn_map = bank(model.teacher(x.to(device)))
+            for feats in batches:
+                knn_map = nearest_distance(bank.bank, feats)
                 knn_scores.append(head.scores(head.blur(head.upsample_sum([knn_map]))).cpu())
                 if bar is not None:
-                    bar.update(len(x))
+                    bar.update(len(feats[1]))
         if bar is not None:
             bar.close()
         knn_std = score_spread(torch.cat(knn_scores))
