@@ -238,16 +238,20 @@ def run(quick: bool = False, image_size: int = 256, threads: int = 2, rounds: in
     rows += [{"row": label, "error": text} for label, text in errors.items()]
     by_name = {r["row"]: r for r in rows if "median_ms" in r}
     anomalib_default = by_name.get("anomalib rd OpenVINOInferencer (default)")
-    ours_default = by_name.get("mrkd default export, --backend auto")
-    goal = None
-    if anomalib_default and ours_default:
-        goal = {"anomalib_default_over_ours": round(anomalib_default["median_ms"] / ours_default["median_ms"], 3),
-                "goal_2x_faster_met": anomalib_default["median_ms"] / ours_default["median_ms"] >= 2.0}
+    goal = {}
+    # Issue 24's goal: our default >= 2x faster than anomalib's default, asked two ways: with the same
+    # teacher on both sides (WRN50), and with the teacher our detection numbers are measured with (Lite0).
+    for name, row in (("same_backbone", "mrkd default export, --backend auto"),
+                      ("lite0_teacher", "mrkd default export, Lite0 teacher, --backend auto")):
+        ours_default = by_name.get(row)
+        if anomalib_default and ours_default:
+            ratio = anomalib_default["median_ms"] / ours_default["median_ms"]
+            goal[name] = {"anomalib_default_over_ours": round(ratio, 3), "goal_2x_faster_met": ratio >= 2.0}
     return {"bench": "anomalib", "anomalib": side.version, "backbone": backbone, "image_size": image_size,
             "threads": threads, "rounds": rounds, "frames_per_round": FRAMES_PER_ROUND, "weights": "random (speed only)",
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
             "machine": machine_description(), "rows": rows, "mrkd_run_end_to_end": end_to_end,
-            "default_vs_default": goal}
+            "default_vs_default": goal or None}
 
 
 if __name__ == "__main__":
