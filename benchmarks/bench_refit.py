@@ -154,6 +154,55 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
     return out
 
 
+def tune_reweight(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
+                  n: int = max(REVIEW_COUNTS), log=print) -> dict:
+    """Validation for the refit's re-weighting (refit_model(reweight=True)), on the LINE only, split as
+    tune_on_line does: refit from the review half (guard as default) with re-weighting, then on the
+    validation half the false-alarm rate at the shipped model's catch rate there for every MRKD share
+    of the grid (the kNN part of the refit's bank), the share the rule chose from the labels marked."""
+    import torch
+
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.refit import MRKD_SHARE_GRID, component_maps, refit_model, share_scores
+    line = sorted([(Path(p).name, p, 0) for p in line_good] + [(Path(p).name, p, 1) for p in line_defect])
+    goods, defects = [c for c in line if c[2] == 0], [c for c in line if c[2] == 1]
+    first, second = sorted(goods[0::2] + defects[0::2]), sorted(goods[1::2] + defects[1::2])
+    threshold, false_alarms, confirmed, _ = line_review(model, [p for _, p, y in first if y == 0],
+                                                        [p for _, p, y in first if y == 1])
+    reviewed = false_alarms[:n]
+    val_good, val_defect = [p for _, p, y in second if y == 0], [p for _, p, y in second if y == 1]
+    good0, defect0 = score_images(model, val_good), score_images(model, val_defect)
+    catch = float((defect0 >= threshold).mean())
+    out = {"reviewed": len(reviewed), "confirmed": len(confirmed), "validation_good": len(val_good),
+           "validation_defect": len(val_defect), "validation_catch": catch,
+           "far_before": rates_at_catch(good0, defect0, catch)["false_alarm_rate"], "shares": {}}
+    if not reviewed:
+        return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        candidate = copy.deepcopy(model)
+        result = refit_model(candidate, reviewed, holdout, confirmed, reweight=True)
+        share = result.reweight.share
+        gm, gk = component_maps(candidate, val_good)
+        dm, dk = component_maps(candidate, val_defect)
+        gm, dm = gm / (2 * share), dm / (2 * share)                 # back to the parts as trained
+        gk, dk = gk / (2 * (1 - share)), dk / (2 * (1 - share))
+    finally:
+        torch.set_num_threads(threads)
+    out.update(chosen=share, reason=result.reweight.reason, refit_s=round(result.seconds, 2),
+               labels_auroc={str(r.share): r.auroc for r in result.reweight.table})
+    for g in sorted(set(MRKD_SHARE_GRID) | {0.5}):
+        good1, defect1 = share_scores(gm, gk, g), share_scores(dm, dk, g)
+        out["shares"][str(g)] = {"far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
+                                 "validation_auroc": auroc(good1, defect1)}
+    log(f"[tune-w] reviewed {len(reviewed)} confirmed {len(confirmed)}; validation FAR at catch {catch:.3f} before "
+        f"{out['far_before']:.3f}; chosen share {share} ({out['reason']}); per share: "
+        + ", ".join(f"{k}: {v['far_same_catch']:.3f} (labels AUROC {out['labels_auroc'][k]:.3f})"
+                    for k, v in out["shares"].items()))
+    return out
+
+
 def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
              test_good: Sequence[str], test_defect: Sequence[str], counts=REVIEW_COUNTS, log=print,
              refit_threads: int = 1) -> dict:
@@ -206,7 +255,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
 
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
-        tune: bool = False) -> dict:
+        tune: bool = False, tune_reweight_only: bool = False) -> dict:
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
@@ -223,6 +272,11 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
             log(f"[refit] {category} seed {seed}")
             used = {Path(p).name for p in _paths(vroot / "train/good")}
             unused = [p for p in _paths(Path(full.root) / category / "train/good") if Path(p).name not in used]
+            if tune_reweight_only:     # the line only: the test split is not touched
+                case = tune_reweight(model, holdout, _paths(vroot / "test/good") + unused,
+                                     _paths(vroot / "test/defect"), log=log)
+                results["runs"].append({"category": category, "seed": seed, **case})
+                continue
             if tune:     # the line only: the test split is not touched
                 case = tune_on_line(model, holdout, _paths(vroot / "test/good") + unused,
                                     _paths(vroot / "test/defect"), log=log)
@@ -250,9 +304,12 @@ def main(argv=None) -> None:
     parser.add_argument("--tune", action="store_true",
                         help="validation only: the defect guard's settings (GUARD_GRID) refit from the first half of the "
                              "line and judged on its second half; the test split is not read")
+    parser.add_argument("--tune-reweight", action="store_true",
+                        help="validation only: the refit's MRKD/kNN re-weighting (every share of MRKD_SHARE_GRID and "
+                             "the one the rule chose) on the second half of the line; the test split is not read")
     args = parser.parse_args(argv)
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
-                  tune=args.tune)
+                  tune=args.tune, tune_reweight_only=args.tune_reweight)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -282,3 +282,98 @@ def test_refit_help_documents_the_defect_guard_and_its_default_is_the_rules():
     assert DEFECT_GUARD_DEFAULT == GUARD_SCALE
     text = " ".join(CliRunner().invoke(refit_command, ["--help"]).output.split())
     assert "--defect-guard" in text and "turns the guard off" in text and f"default: {GUARD_SCALE}" in text
+    from mrkd.train.refit import MRKD_SHARE_GRID, REWEIGHT_MARGIN, REWEIGHT_MIN_DEFECT, REWEIGHT_MIN_GOOD
+    assert "--reweight / --no-reweight" in text and "default: no-reweight" in text
+    assert f"{min(MRKD_SHARE_GRID)}-{max(MRKD_SHARE_GRID)}" in text and f"AUROC gain of {REWEIGHT_MARGIN}" in text
+    assert f"at least {REWEIGHT_MIN_GOOD} reviewed good images, {REWEIGHT_MIN_DEFECT} confirmed" in text
+
+
+def brute_share_choice(good, defect, reviewed, grid, min_good, min_defect, margin):
+    """choose_mrkd_share's rule recomputed pixel by pixel and pair by pair."""
+    def score(m, k, s):
+        best = -np.inf
+        for y in range(m.shape[0]):
+            for x in range(m.shape[1]):
+                best = max(best, 2 * s * m[y, x] + 2 * (1 - s) * k[y, x])
+        return best
+
+    table = {}
+    for s in sorted(set(grid) | {0.5}):
+        g = [score(m, k, s) for m, k in zip(*good)]
+        d = [score(m, k, s) for m, k in zip(*defect)]
+        right = sum(1.0 if b > a else 0.5 if b == a else 0.0 for a in g for b in d)
+        table[s] = right / (len(g) * len(d))
+    if reviewed < min_good or len(defect[0]) < min_defect:
+        return 0.5, table
+    best = max(table.values())
+    share = min((s for s, v in table.items() if v >= best - 1e-9), key=lambda s: abs(s - 0.5))
+    return (share if best - table[0.5] >= margin else 0.5), table
+
+
+def synthetic_maps(seed, goods=8, defects=8, size=5):
+    """Goods with one strong MRKD peak (false alarms from the MRKD part) and a weak kNN part;
+    defects with a moderate peak in both parts: more kNN weight separates them."""
+    rng = np.random.default_rng(seed)
+    gm, gk = rng.uniform(0, 0.2, (goods, size, size)), rng.uniform(0, 0.2, (goods, size, size))
+    dm, dk = rng.uniform(0, 0.2, (defects, size, size)), rng.uniform(0, 0.2, (defects, size, size))
+    gm[:, 1, 1] += rng.uniform(1.2, 1.45, goods)
+    gk[:, 3, 3] += rng.uniform(0.1, 0.3, goods)
+    dm[:, 2, 2] += rng.uniform(0.5, 0.7, defects)
+    dk[:, 2, 2] += rng.uniform(0.6, 0.8, defects)
+    return (gm, gk), (dm, dk)
+
+
+def test_reweight_moves_when_the_labels_support_it_as_brute_force_says():
+    from mrkd.train.refit import MRKD_SHARE_GRID, REWEIGHT_MARGIN, choose_mrkd_share
+    good, defect = synthetic_maps(0)
+    chosen = choose_mrkd_share(good, defect, reviewed=6)
+    expected, table = brute_share_choice(good, defect, 6, MRKD_SHARE_GRID, 5, 5, REWEIGHT_MARGIN)
+    assert chosen.moved and chosen.share == expected < 0.5            # toward kNN, where the goods are quiet
+    assert {row.share: row.auroc for row in chosen.table} == pytest.approx(table)
+    assert table[expected] - table[0.5] >= REWEIGHT_MARGIN
+
+
+def test_reweight_stays_with_few_labels_or_a_small_gain_as_brute_force_says():
+    from mrkd.train.refit import MRKD_SHARE_GRID, REWEIGHT_MARGIN, choose_mrkd_share
+    good, defect = synthetic_maps(0)
+    few = choose_mrkd_share(good, defect, reviewed=4)                 # the same maps, 4 reviewed goods
+    assert not few.moved and few.share == 0.5 and "too few" in few.reason
+    assert brute_share_choice(good, defect, 4, MRKD_SHARE_GRID, 5, 5, REWEIGHT_MARGIN)[0] == 0.5
+    short = choose_mrkd_share(good, (defect[0][:4], defect[1][:4]), reviewed=8)
+    assert not short.moved and short.share == 0.5                     # 4 confirmed defects
+    # parts that separate equally well at every share: the gain is 0, so nothing moves
+    rng = np.random.default_rng(1)
+    gm = rng.uniform(0, 0.2, (8, 5, 5))
+    dm = gm + 1.0
+    same = choose_mrkd_share((gm, gm.copy()), (dm, dm.copy()), reviewed=8)
+    assert not same.moved and same.share == 0.5
+    assert brute_share_choice((gm, gm), (dm, dm), 8, MRKD_SHARE_GRID, 5, 5, REWEIGHT_MARGIN)[0] == 0.5
+
+
+def test_component_maps_sum_to_the_models_map_and_a_share_rescales_it(parent):
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.refit import apply_mrkd_share, component_maps, share_scores
+    model = load_checkpoint(parent / "parent.ckpt").eval()
+    held = sorted(str(p) for p in (parent / "good").iterdir())[:3]
+    mrkd_maps, knn_maps = component_maps(model, held)
+    np.testing.assert_allclose(share_scores(mrkd_maps, knn_maps, 0.5), score_images(model, held), rtol=1e-4)
+    # the kNN part against an explicit bank equals the model's own when that bank is the model's
+    bank = model.head.memory_bank.bank
+    _, own = component_maps(model, held, [bank] * len(held))
+    np.testing.assert_allclose(own, knn_maps, rtol=1e-4, atol=1e-5)
+    apply_mrkd_share(model, 0.3)
+    np.testing.assert_allclose(score_images(model, held), share_scores(mrkd_maps, knn_maps, 0.3), rtol=1e-4)
+    assert model.config.knn_weight == pytest.approx(model.head.knn_weight)
+
+
+def test_refit_with_reweight_records_the_choice_and_stays_with_few_labels(parent, tmp_path):
+    from mrkd.train.checkpoint import read_checkpoint
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent))       # 3 reviewed goods: too few
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                              reweight=True, echo=lambda line: None)
+    assert result.reweight is not None and not result.reweight.moved and result.reweight.share == 0.5
+    old, new = read_checkpoint(parent / "parent.ckpt"), read_checkpoint(tmp_path / "v2" / "model.ckpt")
+    assert old["config"] == new["config"]                                        # weights as trained
+    assert new["lineage"]["reweight"]["share"] == 0.5 and not new["lineage"]["reweight"]["moved"]
+    assert len(new["lineage"]["reweight"]["table"]) == 5

@@ -20,7 +20,13 @@
    can lie near a defect's).
 4. Images marked "defect" are the check: each must still score >= the new threshold.
 
-The MRKD map's normalisation (the "both" weights) is left as trained, so scores stay comparable.
+The MRKD map's normalisation (the "both" weights) is left as trained, so scores stay comparable,
+unless re-weighting is asked for (``reweight``, `mrkd refit --reweight`): then, after the growth, the
+map becomes 2·s·MRKD + 2·(1−s)·kNN with MRKD's share s from MRKD_SHARE_GRID (0.5 = as trained), the
+one that best separates the confirmed defects from the goods (reviewed goods scored against the bank
+without their own patches, and the held-out goods; pair AUROC); s moves only with at least
+REWEIGHT_MIN_GOOD reviewed goods and REWEIGHT_MIN_DEFECT defects and an AUROC gain of
+REWEIGHT_MARGIN (choose_mrkd_share). The threshold is then set on the re-weighted map.
 ``refit_checkpoint`` does the file work: reads the labels (runtime/review.py), checks every reviewed
 image against the sha256 the operator saw, writes a NEW folder (never the parent's files) with the
 checkpoint and, on request, its ONNX export; both carry the lineage (version, parent model sha256,
@@ -58,6 +64,10 @@ CHECKPOINT_NAME = "model.ckpt"
 RADIUS_QUANTILE = 0.5          # the held-out good patches' median nearest-bank distance
 GUARD_TOP = 16                 # defect guard: each confirmed defect's most anomalous patches kept out of reach
 GUARD_SCALE = 1.25             # ... a candidate within GUARD_SCALE x radius of one of them stays out of the bank
+MRKD_SHARE_GRID = (0.25, 0.35, 0.5, 0.65, 0.75)   # re-weighting: MRKD's share of the "both" map (0.5 = as trained)
+REWEIGHT_MIN_GOOD = 5          # re-weighting moves only with at least this many reviewed good images ...
+REWEIGHT_MIN_DEFECT = 5        # ... and this many confirmed defects ...
+REWEIGHT_MARGIN = 0.02         # ... and when the best share's AUROC on the labels beats 0.5's by this much
 
 
 class RefitError(MrkdError, ValueError):
@@ -79,6 +89,7 @@ class Lineage:
     bank_after: int
     created: str
     schema_version: int = LINEAGE_SCHEMA_VERSION
+    reweight: Optional[dict] = None      # Reweight.to_dict() when the refit was asked to re-weight
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -106,6 +117,28 @@ class RefitResult:
     files: dict = field(default_factory=dict)
     lineage: Optional[dict] = None
     guarded_patches: int = 0             # candidate patches kept out by the defect guard
+    reweight: Optional["Reweight"] = None  # the MRKD/kNN share chosen from the labels (None: not asked)
+
+
+@dataclass(frozen=True)
+class ShareScore:
+    share: float
+    auroc: float                         # reviewed + held-out goods vs confirmed defects, at this share
+
+
+@dataclass(frozen=True)
+class Reweight:
+    """The MRKD share of the "both" map a refit chose: the map becomes 2·share·MRKD + 2·(1−share)·kNN
+    (each part as trained, i.e. already divided by its spread), so 0.5 leaves it as it was."""
+
+    share: float
+    moved: bool
+    reason: str
+    table: Tuple[ShareScore, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"share": self.share, "moved": self.moved, "reason": self.reason,
+                "table": [dataclasses.asdict(row) for row in self.table]}
 
 
 # ---------------------------------------------------------------- the computation
@@ -169,15 +202,95 @@ def guard_mask(candidates: torch.Tensor, guard: torch.Tensor, reach: float) -> t
     return nearest_distance(candidates, guard) > reach
 
 
+def pair_auroc(good: np.ndarray, defect: np.ndarray) -> float:
+    """Share of (good, defect) pairs the scores order right (ties count half): the Mann-Whitney AUROC."""
+    good, defect = np.asarray(good, np.float64), np.asarray(defect, np.float64)
+    if len(good) == 0 or len(defect) == 0:
+        return float("nan")
+    above = (defect[:, None] > good[None, :]).sum() + 0.5 * (defect[:, None] == good[None, :]).sum()
+    return float(above / (len(good) * len(defect)))
+
+
+def share_scores(mrkd_maps: np.ndarray, knn_maps: np.ndarray, share: float) -> np.ndarray:
+    """Image scores (map maximum) of 2·share·MRKD + 2·(1−share)·kNN, from each part's smoothed maps
+    (N×H×W; the blur is linear, so it commutes with the weighting)."""
+    combined = 2.0 * share * mrkd_maps + 2.0 * (1.0 - share) * knn_maps
+    return combined.reshape(len(combined), -1).max(1) if len(combined) else np.zeros(0)
+
+
+def choose_mrkd_share(good_maps: Tuple[np.ndarray, np.ndarray], defect_maps: Tuple[np.ndarray, np.ndarray],
+                      reviewed: int, grid: Sequence[float] = MRKD_SHARE_GRID, *,
+                      min_good: int = REWEIGHT_MIN_GOOD, min_defect: int = REWEIGHT_MIN_DEFECT,
+                      margin: float = REWEIGHT_MARGIN) -> Reweight:
+    """The share of ``grid`` whose scores separate the confirmed defects from the goods (reviewed +
+    held-out) best (pair_auroc); it moves from 0.5 only when the labels support it: at least
+    ``min_good`` reviewed goods and ``min_defect`` defects, and an AUROC gain of ``margin`` or more.
+    Among shares within 1e-9 of the best, the one nearest 0.5 wins."""
+    grid = sorted(set(float(g) for g in grid) | {0.5})
+    table = tuple(ShareScore(g, pair_auroc(share_scores(*good_maps, g), share_scores(*defect_maps, g)))
+                  for g in grid)
+    defects = len(defect_maps[0])
+    if reviewed < min_good or defects < min_defect:
+        return Reweight(0.5, False, f"too few labels ({reviewed} reviewed good, {defects} confirmed defect; "
+                                    f"needs {min_good} and {min_defect})", table)
+    base = next(row.auroc for row in table if row.share == 0.5)
+    best = max(row.auroc for row in table)
+    share = min((row for row in table if row.auroc >= best - 1e-9), key=lambda row: abs(row.share - 0.5)).share
+    if share == 0.5 or not best - base >= margin:
+        return Reweight(0.5, False, f"AUROC on the labels {base:.4f} at 0.5, best {best:.4f}: gain under "
+                                    f"{margin}", table)
+    return Reweight(share, True, f"AUROC on the labels {base:.4f} -> {best:.4f}", table)
+
+
+def component_maps(model, paths: Sequence[str], banks: Optional[Sequence[torch.Tensor]] = None,
+                   batch_size: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """The smoothed MRKD part and kNN part of ``model``'s "both" map (each times its current weight),
+    N×H×W each; their sum is the model's map. ``banks``: one bank per image for the kNN part (a
+    reviewed image's map against the bank without its own patches); default the model's bank."""
+    from mrkd.train.memory_bank import MemoryBank
+    head = model.head
+    mrkd, knn = [], []
+    start = 0
+    with torch.no_grad():
+        for x in _batches(model, paths, batch_size):
+            x = x.to(next(model.parameters()).device)
+            teacher, student = model(x)
+            maps = head.per_scale_maps(teacher, student)
+            mrkd.append(head.blur(head.upsample_sum(maps[:3]))[:, 0].cpu())
+            if banks is None:
+                knn.append(head.blur(head.upsample_sum(maps[3:]))[:, 0].cpu())
+            else:
+                for i in range(len(x)):
+                    own = [f[i:i + 1] for f in teacher]
+                    knn_map = MemoryBank(banks[start + i])(own) * head.knn_weight
+                    knn.append(head.blur(head.upsample_sum([knn_map]))[:, 0].cpu())
+            start += len(x)
+    if not mrkd:
+        return np.zeros((0, 0, 0)), np.zeros((0, 0, 0))
+    return torch.cat(mrkd).numpy(), torch.cat(knn).numpy()
+
+
+def apply_mrkd_share(model, share: float) -> None:
+    """Weight the MRKD part by 2·share and the kNN part by 2·(1−share) (head and config, so the
+    checkpoint and its export carry it)."""
+    head = model.head
+    head.scale_weights = tuple(2.0 * share * w for w in head.scale_weights)
+    head.knn_weight = 2.0 * (1.0 - share) * head.knn_weight
+    model.config.scale_weights, model.config.knn_weight = head.scale_weights, head.knn_weight
+
+
 def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[str],
                 defect_paths: Sequence[str] = (), *, quantile: Optional[float] = None,
                 method: Optional[str] = None, confidence: Optional[float] = None, radius: Optional[float] = None,
                 seed: int = 0, batch_size: int = 8, guard_top: int = GUARD_TOP,
-                guard_scale: float = GUARD_SCALE) -> RefitResult:
+                guard_scale: float = GUARD_SCALE, reweight: bool = False,
+                share_grid: Sequence[float] = MRKD_SHARE_GRID) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
     (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
     a candidate within ``guard_scale`` x radius of one of the ``guard_top`` most anomalous patches of
-    any ``defect_paths`` image is not added (``guard_scale`` 0 turns the guard off)."""
+    any ``defect_paths`` image is not added (``guard_scale`` 0 turns the guard off). ``reweight``: after
+    the growth, choose MRKD's share of the map from ``share_grid`` by choose_mrkd_share on the labels
+    (reviewed goods scored against the bank without their own patches, held-out goods, defects)."""
     from mrkd.train.calibrate import score_images
     from mrkd.train.memory_bank import MemoryBank, greedy_coreset
     started = time.perf_counter()
@@ -205,13 +318,14 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
             held_out = image_patches(model, calibration_paths, batch_size)
             radius = float(torch.quantile(nearest_distance(held_out, bank), RADIUS_QUANTILE))
         candidates = image_patches(model, good_paths, batch_size)
+        owner = torch.arange(len(good_paths)).repeat_interleave(len(candidates) // len(good_paths))
         guarded = 0
         if defect_paths and guard_scale > 0 and guard_top > 0:
             guard = defect_patches(image_patches(model, defect_paths, batch_size), len(defect_paths), bank,
                                    guard_top)
             allowed = guard_mask(candidates, guard, guard_scale * radius)
             guarded = int((~allowed).sum())
-            candidates = candidates[allowed]
+            candidates, owner = candidates[allowed], owner[allowed]
         added = farthest_first(candidates, bank, radius)
         grown = torch.cat([bank, candidates[added]]) if len(added) else bank
     cap = int(getattr(model.config, "knn_max_patches", 0) or 0)
@@ -222,6 +336,21 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
         grown = grown[greedy_coreset(grown, cap, seed)].contiguous()
     device = next(model.parameters()).device
     head.set_memory_bank(MemoryBank(grown).to(device), head.knn_weight)
+    chosen = None
+    if reweight:
+        if model.config.score != "both":
+            raise RefitError(f"re-weighting needs a --score both model (this one: --score {model.config.score})")
+        new_rows, new_owner = candidates[added], owner[added]
+        own_out = [torch.cat([bank, new_rows[new_owner != i]]) for i in range(len(good_paths))]
+        reviewed_maps = component_maps(model, good_paths, own_out, batch_size)
+        held_maps = component_maps(model, calibration_paths, None, batch_size)
+        good_maps = tuple(np.concatenate([a, b]) for a, b in zip(reviewed_maps, held_maps))
+        defect_maps = component_maps(model, defect_paths, None, batch_size) if defect_paths else \
+            (np.zeros((0,) + good_maps[0].shape[1:]),) * 2
+        chosen = choose_mrkd_share(good_maps, defect_maps, len(good_paths), share_grid)
+        if chosen.moved:
+            apply_mrkd_share(model, chosen.share)
+        logger.info("re-weighting: MRKD share %.2f (%s)", chosen.share, chosen.reason)
     good_scores = score_images(model, list(calibration_paths), batch_size)
     calibration = calibration_from_scores(good_scores, quantile, method=method, confidence=confidence,
                                           previous_threshold=previous.threshold if previous else None,
@@ -236,7 +365,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                        good_scores_before=[float(s) for s in good_before],
                        good_scores_after=[float(s) for s in score_images(model, list(good_paths), batch_size)],
                        defect_scores_after=[float(s) for s in defect_scores], defects_missed=missed,
-                       seconds=time.perf_counter() - started, guarded_patches=guarded)
+                       seconds=time.perf_counter() - started, guarded_patches=guarded, reweight=chosen)
 
 
 # ---------------------------------------------------------------- files
@@ -290,7 +419,7 @@ def default_out_dir(model_path, version: int) -> Path:
 
 def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool = False, export: bool = True,
                      events=None, quantile: Optional[float] = None, method: Optional[str] = None,
-                     batch_size: int = 8, guard_scale: float = GUARD_SCALE,
+                     batch_size: int = 8, guard_scale: float = GUARD_SCALE, reweight: bool = False,
                      echo: Callable[[str], None] = print) -> RefitResult:
     """Refit the checkpoint ``model_path`` from the labels at ``labels_path``; calibrate on the good
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
@@ -331,12 +460,15 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
                          f"an earlier one)")
     result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
-                         batch_size=batch_size, guard_scale=guard_scale)
+                         batch_size=batch_size, guard_scale=guard_scale, reweight=reweight)
     echo(f"memory bank {result.bank_before} -> {result.bank_after} patches ({result.added_patches} added from "
          f"{len(reviewed.good)} reviewed good image(s), radius {result.radius:.4g}, {result.guarded_patches} kept out "
          f"by the defect guard"
          f"{', re-selected within the cap' if result.reselected else ''}); threshold "
          f"{result.threshold_before} -> {result.threshold_after:.6g} on {len(held_out)} held-out good image(s)")
+    if result.reweight is not None:
+        echo(f"re-weighting: MRKD share of the map {result.reweight.share:g} "
+             f"({'moved' if result.reweight.moved else 'unchanged'}: {result.reweight.reason})")
     if result.defects_missed:
         message = (f"{len(result.defects_missed)} of {len(reviewed.defect)} confirmed defect(s) no longer flagged "
                    f"by the refit model (first: {result.defects_missed[0]})")
@@ -347,7 +479,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                       labels_sha256=labels_file_sha256(labels_path), parent=str(model_path),
                       labels=str(labels_path), good_images=reviewed.good, defect_images=reviewed.defect,
                       bank_before=result.bank_before, bank_after=result.bank_after,
-                      created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                      created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      reweight=result.reweight.to_dict() if result.reweight is not None else None)
     result.lineage = lineage.to_dict()
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model) and k not in ("train_state",)}
     kept[LINEAGE_KEY] = result.lineage
