@@ -9,25 +9,35 @@ carries the bank as a constant — the runtime and TensorRT path stay one.
 * Features: the teacher's stride-8 and stride-16 maps, 16 upsampled bilinearly to 8, concatenated.
 * Bank: ``fraction`` of all training patches, FP32, chosen by ``sampler``: "coreset" (greedy k-center
   selection, as PatchCore: each new patch is the one farthest from those kept, distances taken in a
-  seeded random projection to at most 64 dimensions; one fused matrix-vector product a step on one
-  thread) or "random" (a seeded random subset). The coreset (tailed_coreset) chooses 90 % of the bank
-  from a seeded random pool of CORESET_CANDIDATES (50,000) patches, then the last CORESET_TAIL (10 %)
-  by greedy k-center continued over every held patch (at most CORESET_HELD, 200,000): the pool alone
-  missed rare patches (ELPV validation, 128 px: largest patch-to-bank distance 62 against 41 before,
-  image AUROC -0.005); with the tail 45 and -0.002 (benchmarks/RESULTS.md). The training patches are
-  streamed: past what the sampler can use (CORESET_HELD, or the cap) a uniform random sample
-  is kept, so building the bank holds at most ~120 MB of patches whatever the training set's size.
-  The bank's memory: patches × channels × 4 bytes (Lite0 at the default cap of 8192 patches:
-  8192 × 152 × 4 B ≈ 4.75 MB, in the checkpoint and the graph).
+  seeded random projection to CORESET_PROJECTION = 128 dimensions) or "random" (a seeded random
+  subset). By default the coreset chooses from every held patch (at most CORESET_CANDIDATES =
+  CORESET_HELD = 200,000, a uniform sample past that), by _blocked_greedy: the same choices (float
+  rounding aside) as one matrix-vector product over every candidate a step (_greedy_steps, the kernel before; memory-bound,
+  about 100 MB read a step), but the centres are folded in every CORESET_SETTLE steps as matrix
+  products and in between only the candidates that can be the farthest are kept current (700 ELPV
+  cells at 256 px: 8,192 of 200,000 in seconds instead of minutes, benchmarks/RESULTS.md). The
+  training patches are streamed: past CORESET_HELD (or the cap) a uniform random sample is kept, so
+  building the bank holds at most ~120 MB of patches whatever the training set's size. The bank's
+  memory: patches × channels × 4 bytes (Lite0 at the default cap of 8192 patches: 8192 × 152 × 4 B ≈
+  4.75 MB, in the checkpoint and the graph).
+* The fast option (not the default: ELPV validation, poly image AUROC −0.008 at 128 px): fit_memory_bank
+  with candidates=FAST_CANDIDATES, projection_dim=FAST_PROJECTION —
+  tailed_coreset chooses 90 % of the bank from a seeded random pool of 50,000 patches in 64 dimensions,
+  then the last CORESET_TAIL (10 %) by greedy k-center continued over every held patch (the pool alone
+  missed rare patches).
 * Distance: per patch the minimum L2 distance to the bank, written as ``|q|² − 2 q·b + |b|²`` over bank
   chunks (MatMul + ReduceMin in the graph; no cdist operator needed), clamped at 0, square root.
 * ``both``: each detector's map is divided by the spread (std) of its image scores on the training
-  images (a seeded sample of SPREAD_IMAGES of them when there are more), then summed; the threshold is calibrated on the summed map as usual. The MRKD part uses the
+  images (a seeded sample of SPREAD_IMAGES = 256 of them when there are more: ELPV validation, 128 px,
+  every training cell, against all of them: image AUROC mono ±0.000, poly −0.0008), then summed; the
+  threshold is calibrated on the summed map as usual. The MRKD part uses the
   stride-8 and stride-16 scales only (``BOTH_SCALE_WEIGHTS``): chosen on the ELPV validation split
   (poly +0.010 image AUROC, mono ±0.001 against all three scales), confirmed on the test split.
-* Fitting (issue 24): one pass over the training images runs the teacher once per batch for both the
-  bank's patches and MRKD's scores, then the coreset, then the kNN scores of the spread sample; a tqdm
-  bar for each. Before and after on the same images: ``mrkd bench --only memory_bank``
+* Fitting (issue 24): one pass over the training images runs the teacher once per batch (input
+  channels-last) for both the bank's patches and MRKD's scores, keeping the spread images' stride-8/16
+  features (up to SPREAD_CACHE_BYTES); then the coreset, then the kNN scores of the spread images from
+  those features (nearest_distance: blocked matrix products); a tqdm bar for each step and the seconds
+  of each in the report. Before and after on the same images: ``mrkd bench --only memory_bank``
   (the previous fitting is kept in mrkd.benchmarks.memory_bank_previous).
 """
 
@@ -46,13 +56,14 @@ from torch import nn
 
 SCORES = ("mrkd", "knn", "both")
 SAMPLERS = ("coreset", "random")
-# Defaults = the settings before issue 24 (ELPV validation, poly: the fast settings lost 0.008 AUROC).
-# The fast path is an option: candidates=FAST_CANDIDATES, projection_dim=FAST_PROJECTION, spread_limit=256.
+# Coreset defaults = the settings before issue 24 (ELPV validation, poly: the fast settings lost 0.008
+# AUROC), chosen now by the exact blocked kernel. The fast path is an option: candidates=FAST_CANDIDATES,
+# projection_dim=FAST_PROJECTION (spreads on SPREAD_IMAGES, as the default since issue 24).
 CORESET_CANDIDATES = 200_000   # the pool: greedy selection is O(candidates × kept × dims); see bench_memory_bank
 CORESET_PROJECTION = 128
 FAST_CANDIDATES = 50_000
 FAST_PROJECTION = 64
-FAST_SPREAD_IMAGES = 256
+FAST_SPREAD_IMAGES = 256       # = SPREAD_IMAGES since issue 24's validation; kept for the bench
 CORESET_TAIL = 0.1             # of the bank chosen over every held patch, not just the pool
 CORESET_HELD = 200_000          # patches held for the tail (~120 MB at Lite0's 152 channels)
 DEFAULT_FRACTION = 0.05         # ELPV validation: coreset 5 % = 10 % > random 10 % (benchmarks/RESULTS.md)
@@ -62,7 +73,7 @@ BANK_CHUNK = 4096
 GREEDY_KERNELS = ("blocked", "addmv")
 SPREAD_CACHE_BYTES = 256 * 2 ** 20  # spread images' teacher features kept for their kNN scores
 CORESET_SETTLE = 256           # greedy steps between settlings in _blocked_greedy (see there)
-SPREAD_IMAGES = 10 ** 9        # training images the score spreads of "both" are measured on (fast option: 256)
+SPREAD_IMAGES = 256            # training images the score spreads of "both" are measured on (see spread_images)
 
 
 def patch_features(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
