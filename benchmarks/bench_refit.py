@@ -191,14 +191,18 @@ def tune_reweight(model, holdout: Sequence[str], line_good: Sequence[str], line_
     finally:
         torch.set_num_threads(threads)
     out.update(chosen=share, reason=result.reweight.reason, refit_s=round(result.seconds, 2),
-               labels_auroc={str(r.share): r.auroc for r in result.reweight.table})
+               labels_auroc={str(r.share): r.auroc for r in result.reweight.table},
+               labels_false_alarms={str(r.share): r.false_alarms for r in result.reweight.table},
+               labels_scores={str(r.share): {"good": list(r.good_scores), "defect": list(r.defect_scores),
+                                             "reviewed": len(reviewed)} for r in result.reweight.table})
     for g in sorted(set(MRKD_SHARE_GRID) | {0.5}):
         good1, defect1 = share_scores(gm, gk, g), share_scores(dm, dk, g)
         out["shares"][str(g)] = {"far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
                                  "validation_auroc": auroc(good1, defect1)}
     log(f"[tune-w] reviewed {len(reviewed)} confirmed {len(confirmed)}; validation FAR at catch {catch:.3f} before "
         f"{out['far_before']:.3f}; chosen share {share} ({out['reason']}); per share: "
-        + ", ".join(f"{k}: {v['far_same_catch']:.3f} (labels AUROC {out['labels_auroc'][k]:.3f})"
+        + ", ".join(f"{k}: {v['far_same_catch']:.3f} (labels AUROC {out['labels_auroc'][k]:.3f}, "
+                    f"{out['labels_false_alarms'][k]} label false alarms)"
                     for k, v in out["shares"].items()))
     return out
 

@@ -68,6 +68,7 @@ MRKD_SHARE_GRID = (0.25, 0.35, 0.5, 0.65, 0.75)   # re-weighting: MRKD's share o
 REWEIGHT_MIN_GOOD = 5          # re-weighting moves only with at least this many reviewed good images ...
 REWEIGHT_MIN_DEFECT = 5        # ... and this many confirmed defects ...
 REWEIGHT_MARGIN = 0.02         # ... and when the best share's AUROC on the labels beats 0.5's by this much
+REWEIGHT_CATCH = 0.9           # (reported) false alarms among the labelled goods at this catch of the defects
 
 
 class RefitError(MrkdError, ValueError):
@@ -124,6 +125,9 @@ class RefitResult:
 class ShareScore:
     share: float
     auroc: float                         # reviewed + held-out goods vs confirmed defects, at this share
+    false_alarms: int = 0                # goods at or above the score that catches REWEIGHT_CATCH of the defects
+    good_scores: Tuple[float, ...] = field(default=(), repr=False)    # kept out of the metadata
+    defect_scores: Tuple[float, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ class Reweight:
 
     def to_dict(self) -> dict:
         return {"share": self.share, "moved": self.moved, "reason": self.reason,
-                "table": [dataclasses.asdict(row) for row in self.table]}
+                "table": [{"share": row.share, "auroc": row.auroc, "false_alarms": row.false_alarms}
+                          for row in self.table]}
 
 
 # ---------------------------------------------------------------- the computation
@@ -227,8 +232,14 @@ def choose_mrkd_share(good_maps: Tuple[np.ndarray, np.ndarray], defect_maps: Tup
     ``min_good`` reviewed goods and ``min_defect`` defects, and an AUROC gain of ``margin`` or more.
     Among shares within 1e-9 of the best, the one nearest 0.5 wins."""
     grid = sorted(set(float(g) for g in grid) | {0.5})
-    table = tuple(ShareScore(g, pair_auroc(share_scores(*good_maps, g), share_scores(*defect_maps, g)))
-                  for g in grid)
+    table = []
+    for g in grid:
+        good, defect = share_scores(*good_maps, g), share_scores(*defect_maps, g)
+        k = max(1, int(np.ceil(REWEIGHT_CATCH * len(defect) - 1e-9)))
+        alarms = int((good >= np.sort(defect)[::-1][k - 1]).sum()) if len(defect) else 0
+        table.append(ShareScore(g, pair_auroc(good, defect), alarms, tuple(float(v) for v in good),
+                                tuple(float(v) for v in defect)))
+    table = tuple(table)
     defects = len(defect_maps[0])
     if reviewed < min_good or defects < min_defect:
         return Reweight(0.5, False, f"too few labels ({reviewed} reviewed good, {defects} confirmed defect; "
