@@ -195,7 +195,7 @@ def real_export(tmp_path_factory):
 
 def test_the_graph_fields_a_sidecar_may_not_change_are_the_metadata_s_own(exported):
     """ModelMetadata.GRAPH_FIELDS: every one is compared with the embedded metadata; the calibration,
-    hashes and notes may differ (mrkd calibrate rewrites them)."""
+    hashes, precision checks and notes may differ (mrkd calibrate and the export's bf16 check rewrite them)."""
     import dataclasses
     from mrkd.runtime.metadata import MetadataError, ModelMetadata
     model, _, _ = exported
@@ -203,7 +203,7 @@ def test_the_graph_fields_a_sidecar_may_not_change_are_the_metadata_s_own(export
     fields = {f.name for f in dataclasses.fields(ModelMetadata)}
     assert set(ModelMetadata.GRAPH_FIELDS) <= fields
     assert fields - set(ModelMetadata.GRAPH_FIELDS) == {"calibration", "engine", "extra", "format", "format_version",
-                                                        "onnx_sha256"}
+                                                        "onnx_sha256", "precision_checks"}
     for name in ModelMetadata.GRAPH_FIELDS:
         edited = dataclasses.replace(embedded, **{name: ("edited", name)})
         with pytest.raises(MetadataError, match=f"m.json: field {name}="):

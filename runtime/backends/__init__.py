@@ -227,8 +227,8 @@ def choose_auto_backend(model_path: str | Path, facts: MachineFacts) -> str:
     * ``.engine``/``.plan``/``.trt`` -> tensorrt (nothing else runs an engine);
     * ``.onnx`` on a machine with an NVIDIA GPU and ONNX Runtime's TensorRT/CUDA provider -> onnxruntime
       (its providers then run TensorRT > CUDA);
-    * ``.onnx`` on an x86 CPU (Intel or AMD) with OpenVINO installed -> openvino (its own CPU kernels;
-      measured faster than ONNX Runtime on both, README "Which backend on a line PC"), at the
+    * ``.onnx`` on a CPU of ``X86_VENDORS`` (Intel) with OpenVINO installed -> openvino (its own CPU
+      kernels; measured faster than ONNX Runtime, README "Which backend on a line PC"), at the
       precision ``auto_precision`` of its registry entry: bf16 only where the model's check passed;
     * else onnxruntime when installed, else any installed backend that runs ``.onnx``.
     """

@@ -33,7 +33,7 @@ from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each
-from mrkd.runtime.outputs.events import make_event, new_event_id
+from mrkd.runtime.outputs.events import make_event
 from mrkd.runtime.outputs.snapshots import regions_from_map
 from mrkd.runtime.redact import redact_uri
 from mrkd.runtime.sources import Frame, Source, SourceError, SourceUnreachable, open_source
@@ -547,7 +547,7 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
                 stats.alarms += 1
                 alarm = decision.alarm
                 event = make_event(alarm, state.info.source, regions_from_map(amap, alarm.threshold, frame.image.shape[:2]),
-                                   None, state.camera.name, new_event_id())
+                                   None, state.camera.name)     # its id and time from one clock reading
                 event["model_sha256"] = state.info.model_sha256     # the model that judged it (hot swap)
                 scored = dataclasses.replace(scored, event=event)
                 call_each(observers, lambda o: event.update(o.event_fields(scored)))
