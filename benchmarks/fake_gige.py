@@ -10,8 +10,10 @@ an image comes 0-40 ms after its trigger.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from typing import List, Optional
 
@@ -41,6 +43,9 @@ class FakeGigeCamera:
         self.address, self.serial, self.lost = address, serial, lost_per_thousand
         self.program = shutil.which(program) or program
         self.proc: Optional[subprocess.Popen] = None
+        # Its messages go to a file: a pipe nobody reads fills up and then blocks the simulator's
+        # writes, and with them its frames.
+        self.log = tempfile.TemporaryFile()
 
     @property
     def uri(self) -> str:
@@ -53,12 +58,12 @@ class FakeGigeCamera:
         command = [self.program, "-i", self.address, "-s", self.serial]
         if self.lost:
             command += ["-r", str(self.lost)]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{PROGRAM} on {self.address} exited with {self.proc.returncode}: "
-                                   f"{self.proc.stderr.read().decode(errors='replace')[-300:]}")
+                                   f"{self.messages()[-300:]}")
             if self._bound():
                 return self
             time.sleep(0.05)
@@ -68,6 +73,11 @@ class FakeGigeCamera:
     def _bound(self) -> bool:
         out = subprocess.run(["ss", "-uanp"], capture_output=True, text=True).stdout
         return any(f"{self.address}:3956" in line and f"pid={self.proc.pid}," in line for line in out.splitlines())
+
+    def messages(self) -> str:
+        """What the simulator has printed so far (its warnings), every run of it."""
+        fd = self.log.fileno()     # pread: the simulator shares this file's offset, leave it alone
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -66,7 +66,8 @@ def test_an_ng_part_of_a_live_gige_run_is_labelled_with_the_token_only(simulator
         assert run.proc.poll() is None, run.stderr()
         for i in range(4):
             run.part(f"G{i}")
-        wait_until(lambda: len(_events(events)) >= 4, 60, "4 NG parts")
+        wait_until(lambda: len(_events(events)) >= 4, 60, "4 NG parts",
+                   detail=lambda: f"{run.tail()}\nevents: {_events(events)}\nsimulator: {camera.messages()[-2000:]}")
         logged = _events(events)
         assert [(e["part_id"], e["verdict"], e["kind"]) for e in logged] == [(f"G{i}", "NG", "part") for i in range(4)]
         first, second = logged[1], logged[2]

@@ -68,10 +68,12 @@ class Gate:
             yield frame
 
 
-def wait_until(predicate, timeout=20.0, what="a condition"):
+def wait_until(predicate, timeout=20.0, what="a condition", detail=None):
+    """Poll ``predicate``; on a timeout the message ends with ``detail()`` (e.g. a live run's stderr)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f"\n{detail()}" if detail else ""))
         time.sleep(0.01)
 
 
@@ -327,6 +329,10 @@ class LiveRun:
     def stderr(self):
         return self.stderr_path.read_text()
 
+    def tail(self):
+        """For a timeout's message: the end of the run's stderr."""
+        return "mrkd run's stderr (end):\n" + self.stderr()[-4000:]
+
     def finish(self):
         out, _ = self.proc.communicate(timeout=60)      # closes stdin: the end of input
         assert self.proc.returncode == 0, self.stderr()
@@ -362,21 +368,22 @@ def test_live_triggered_run_is_hot_swapped_by_sighup_between_parts_and_refuses_a
         fed.put(i)
     try:
         run.part("first")
-        wait_until(lambda: len(_events(events)) >= 1, 30, "the first part")
+        wait_until(lambda: len(_events(events)) >= 1, 30, "the first part", detail=run.tail)
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
-        wait_until(lambda: len(_events(events)) >= 5, 30, "parts of the first model")
+        wait_until(lambda: len(_events(events)) >= 5, 30, "parts of the first model", detail=run.tail)
         install(v2, live)
         run.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "swapped" in run.stderr(), 30, "the swap")
-        wait_until(lambda: sum(e["model_sha256"] == sha_b for e in _events(events)) >= 5, 30, "parts of the new one")
+        wait_until(lambda: sum(e["model_sha256"] == sha_b for e in _events(events)) >= 5, 30, "parts of the new one",
+                   detail=run.tail)
         whole = v2.read_bytes()
         (live.parent / ".cut").write_bytes(whole[: len(whole) // 3])
         os.replace(live.parent / ".cut", live)     # a half-written file in place
         run.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "REFUSED" in run.stderr(), 30, "the refusal")
         after_refusal = len(_events(events))
-        wait_until(lambda: len(_events(events)) >= after_refusal + 5, 30, "parts after the refusal")
+        wait_until(lambda: len(_events(events)) >= after_refusal + 5, 30, "parts after the refusal", detail=run.tail)
         stop_feeding.set()
         feeder.join(10)
         summary = run.finish()
@@ -427,7 +434,7 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
                   env={**os.environ, "MRKD_TEST_TOKEN": token})
 
     def judged(n):
-        wait_until(lambda: len(_events(events)) >= n, 30, f"{n} parts")
+        wait_until(lambda: len(_events(events)) >= n, 30, f"{n} parts", detail=run.tail)
     try:
         run.part("a")
         run.part("b@2")                                # the recipe's model

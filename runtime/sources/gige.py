@@ -15,6 +15,7 @@ is one GigeError naming camera, feature and value. The values read back are ``fe
 
 A camera that stops answering (unplugged, power-cycled: Aravis' ``control-lost``, a failed trigger)
 is down; the reader reconnects with backoff and re-applies the features and trigger mode.
+Images come over Aravis' UDP-socket receiver, never its packet socket (see ``_setup``).
 The Python binding is PyGObject with Debian's ``gir1.2-aravis-0.8`` (imported lazily).
 """
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -295,6 +298,7 @@ class GigeSource(LatestFrameSource):
         self._latest: Optional[Frame] = None
         self._stop = threading.Event()
         self._ended = False
+        self._buffer_warned = False
         self._connect()                           # errors here (bad feature, no camera) end the start
         self._thread = threading.Thread(target=self._reader, name=f"gige:{device}", daemon=True)
         self._thread.start()
@@ -305,9 +309,17 @@ class GigeSource(LatestFrameSource):
         camera = open_camera(self.device)
         try:
             self._setup(camera)
-        except BaseException:
+        except BaseException as exc:
             self._release(camera)
-            raise
+            camera = None
+            # The traceback's frames (and those of the error it was raised from) hold the camera:
+            # a caller that keeps the error would keep the camera in control of the device (no one
+            # else can open it), and a reference cycle through it would leave the camera to the
+            # garbage collector, which finalises it on whatever thread runs then; finalising waits
+            # seconds for a camera that is gone (a 5 s stall of the part runner was seen). Raise the
+            # error alone: its message says what went wrong.
+            exc.__context__ = exc.__cause__ = None
+            raise exc.with_traceback(None)
         self._camera = camera
         self._lost.clear()
 
@@ -337,10 +349,20 @@ class GigeSource(LatestFrameSource):
             self._generation += 1
             generation = self._generation    # a dropped connection's late signal must not touch this one
             device.connect("control-lost", lambda *_: generation == self._generation and self._lost.set())
+            gige = isinstance(device, Arv.GvDevice)
+            if gige:
+                # Aravis' packet-socket receiver (used when the process may open raw sockets, e.g. as
+                # root) captures every IP packet on the interface until its filter is attached; one
+                # stray packet parsed as GVSP set its last frame id to garbage and the camera's next
+                # ~100 frames were dropped as "late" (seen against the simulator; Aravis 0.8.26 and
+                # master attach the filter after bind). The plain UDP socket sees only its own port.
+                device.set_stream_options(Arv.GvStreamOption.PACKET_SOCKET_DISABLED)
             stream = camera.create_stream(None, None)
             if stream is None:
                 raise GigeError(f"{where}: cannot create a stream")
             payload = camera.get_payload()
+            if gige:
+                self._size_receive_buffer(stream, payload)
             for _ in range(self.BUFFERS):
                 stream.push_buffer(Arv.Buffer.new_allocate(payload))
             camera.start_acquisition()
@@ -348,6 +370,22 @@ class GigeSource(LatestFrameSource):
             raise GigeError(f"{where}: cannot start acquisition ({exc.message})") from None
         self._stream = stream
         self.pixel_format = camera.get_pixel_format_as_string()
+
+    def _size_receive_buffer(self, stream, payload: int) -> None:
+        """A frame comes as one burst of packets, so the stream socket must hold about two frames
+        before the first one arrives. Aravis sizes it only when a frame has begun (too late for that
+        frame: the kernel's default, ~208 KiB, drops most of a 512x512 image), so it is sized here.
+        Warn once when the kernel grants less than a frame (net.core.rmem_max, without root)."""
+        Arv = aravis()
+        granted = set_receive_buffer(stream.get_port(), 2 * payload)
+        if granted is None:      # not found (no /proc?): let Aravis size it from the first frame on
+            stream.set_property("socket-buffer", Arv.GvStreamSocketBuffer.AUTO)
+            return
+        if granted // 2 < payload and not self._buffer_warned:     # the kernel reports twice the data room
+            self._buffer_warned = True
+            logger.warning("camera %s: a frame is %d bytes but the stream socket holds only %d; images may "
+                           "arrive incomplete (sudo sysctl -w net.core.rmem_max=%d)", self.name, payload,
+                           granted // 2, 4 * payload)
 
     def _release(self, camera=None, wait: bool = True) -> None:
         """Stop and drop a camera. A lost one is dropped on a thread of its own: finalising an Aravis
@@ -495,6 +533,35 @@ class GigeSource(LatestFrameSource):
         self._closed = True
         with self._cond:
             self._cond.notify_all()
+
+
+def set_receive_buffer(port: int, size: int) -> Optional[int]:
+    """Set SO_RCVBUF to ``size`` on this process's UDP socket bound to ``port`` (found through /proc,
+    Linux); root may exceed net.core.rmem_max (SO_RCVBUFFORCE). Returns what the kernel granted
+    (it reports twice the data room), or None when there is no such socket."""
+    try:
+        inodes = set()
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            if os.path.exists(table):
+                for line in open(table).read().splitlines()[1:]:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") not in inodes:
+                    continue
+            except OSError:        # closed meanwhile
+                continue
+            with socket.fromfd(int(fd), socket.AF_INET, socket.SOCK_DGRAM) as sock:     # a dup: same socket
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+                except OSError:    # not privileged: capped at net.core.rmem_max
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+                return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _drop(doomed: list) -> None:
