@@ -413,6 +413,27 @@ def gvsp_image_leader(frame_id: int) -> bytes:
             + struct.pack(">IIIIIHH", 0x01080001, 512, 512, 0, 0, 0, 0))
 
 
+def test_a_stream_that_stops_delivering_is_reopened(simulator):
+    """A forged GVSP leader of a frame 50 ahead, sent to the stream's own port: Aravis then drops the
+    camera's real frames as late, so triggers get no image although the camera answers. After
+    SILENT_TRIGGERS such timeouts in a row the source reopens the camera, and images come again."""
+    camera = simulator("127.0.86.24", "SILENT")
+    source = open_source(camera.uri, trigger="software")
+    try:
+        assert source.grab(time.time(), 2.0).error is None          # the simulator's first frame, 65401
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+            out.sendto(gvsp_image_leader(65402 + 50), ("127.0.0.1", source._stream.get_port()))
+        time.sleep(0.5)                  # the forged frame is given up as incomplete (and discarded below)
+        silent = [source.grab(time.time(), 1.0) for _ in range(source.SILENT_TRIGGERS)]
+        assert [g.error for g in silent] == ["timeout: no image within 1 s"] * source.SILENT_TRIGGERS
+        wait_for(lambda: source.stats.reconnects == 1 and source.up, 20, "the camera reopened")
+        assert "software triggers in a row without an image" in source.stats.last_error
+        again = [source.grab(time.time(), 2.0) for _ in range(3)]
+        assert [g.error for g in again] == [None, None, None]
+    finally:
+        source.close()
+
+
 def test_stray_packets_on_the_interface_while_the_camera_opens_cost_no_image(simulator):
     """Someone else's UDP traffic on the camera's interface while the stream opens (here: packets that
     look like GVSP leaders of a frame 50 ahead of the simulator's first, 65401, sent to a port that is

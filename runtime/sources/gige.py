@@ -14,7 +14,8 @@ value outside the camera's bounds, an enumeration entry it lacks or a value that
 is one GigeError naming camera, feature and value. The values read back are ``features_applied``.
 
 A camera that stops answering (unplugged, power-cycled: Aravis' ``control-lost``, a failed trigger)
-is down; the reader reconnects with backoff and re-applies the features and trigger mode.
+is down; the reader reconnects with backoff and re-applies the features and trigger mode. So does a
+software-triggered camera whose images stop arriving (``SILENT_TRIGGERS`` timeouts in a row).
 Images come over Aravis' UDP-socket receiver, never its packet socket (see ``_setup``).
 The Python binding is PyGObject with Debian's ``gir1.2-aravis-0.8`` (imported lazily).
 """
@@ -277,6 +278,7 @@ class GigeSource(LatestFrameSource):
     BUFFERS = 8
     POP_US = 100_000                  # the reader's wait for a buffer: a stop is seen within this
     LATE_IMAGE_S = 0.2                # after a timeout, how long a late image may still take to land
+    SILENT_TRIGGERS = 2               # software triggers in a row without any image: reopen the stream
 
     def __init__(self, uri: str, device: str, features: Sequence[Tuple[str, str]] = (), trigger: str = "free",
                  size: Optional[Tuple[int, int]] = None, reconnect: bool = True,
@@ -293,6 +295,8 @@ class GigeSource(LatestFrameSource):
         self._lost = threading.Event()            # control lost: reconnect
         self._generation = 0                      # counts connections
         self._timed_out = False                   # the last software trigger got no image in time
+        self._silent = 0                          # software triggers in a row that got no image at all
+        self._lost_why = "control lost"           # what the reader says when it reconnects
         self._cond = threading.Condition()
         self._arrivals: Deque[_Arrival] = deque(maxlen=self.BUFFERS)
         self._latest: Optional[Frame] = None
@@ -410,8 +414,10 @@ class GigeSource(LatestFrameSource):
         while not self._stop.is_set():
             if self._camera is None or self._lost.is_set():
                 if self._camera is not None:
-                    self.stats.last_error = "camera lost (control lost)"
-                    logger.warning("camera %s (%s): lost; reconnecting with backoff", self.name, self.uri)
+                    self.stats.last_error = f"camera lost ({self._lost_why})"
+                    logger.warning("camera %s (%s): lost (%s); reconnecting with backoff", self.name, self.uri,
+                                   self._lost_why)
+                    self._lost_why = "control lost"
                     self._release(wait=False)
                     with self._cond:
                         self._cond.notify_all()
@@ -517,8 +523,18 @@ class GigeSource(LatestFrameSource):
                         return Grab(images, "camera down")
                     self.stats.timeouts += 1
                     self._timed_out = True
+                    if self.trigger_mode == "software":
+                        self._silent += 1
+                        if self._silent >= self.SILENT_TRIGGERS:
+                            # The camera answers but its images never arrive (a stream that stopped
+                            # delivering, e.g. one whose frame ids were thrown off by a stray packet):
+                            # without a new stream every later part would be a timeout too.
+                            self._silent = 0
+                            self._lost_why = f"{self.SILENT_TRIGGERS} software triggers in a row without an image"
+                            self._lost.set()
                     return Grab(images, f"timeout: no image within {timeout:g} s")
                 arrival = self._arrivals.popleft()
+                self._silent = 0
             if arrival.image is None:
                 return Grab(images, arrival.reason or "unusable image")
             images.append(arrival.image)
