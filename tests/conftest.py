@@ -32,3 +32,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if item.get_closest_marker("tensorrt") and not has_trt:
             item.add_marker(skip_trt)
+
+
+@pytest.fixture(autouse=True)
+def _sigchld_as_before():
+    """Each test leaves SIGCHLD's handler as it found it. A DataLoader with worker processes installs
+    torch's Python SIGCHLD handler for the rest of the process; with OpenVINO loaded in that process,
+    the next child to exit (a subprocess in test_hot_swap) crashed the interpreter with SIGSEGV
+    (3 of 3 runs; 0 of 3 with the handler put back)."""
+    import signal
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not before and before is not None:
+        signal.signal(signal.SIGCHLD, before)
