@@ -85,8 +85,13 @@ class FakeGigeCamera:
             self.proc.wait()
         self.proc = None
 
+    def close(self) -> None:
+        """Kill it for good and let go of its log."""
+        self.kill()
+        self.log.close()
+
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
-        self.kill()
+        self.close()

@@ -69,7 +69,7 @@ def simulator():
 
     yield start
     for camera in started:
-        camera.kill()
+        camera.close()
 
 
 @pytest.fixture(scope="module")

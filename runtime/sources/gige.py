@@ -559,10 +559,13 @@ def set_receive_buffer(port: int, size: int) -> Optional[int]:
         inodes = set()
         for table in ("/proc/net/udp", "/proc/net/udp6"):
             if os.path.exists(table):
-                for line in open(table).read().splitlines()[1:]:
-                    fields = line.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{fields[9]}]")
+                with open(table) as rows:
+                    for line in rows.read().splitlines()[1:]:
+                        fields = line.split()
+                        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                            inodes.add(f"socket:[{fields[9]}]")
+        if not inodes:
+            return None
         for fd in os.listdir("/proc/self/fd"):
             try:
                 if os.readlink(f"/proc/self/fd/{fd}") not in inodes:
