@@ -110,3 +110,27 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
     changed = TrainConfig(**{**TINY, "lr": 0.001})
     with pytest.raises(CheckpointError, match="lr"):
         train(tiny_data(), CATEGORY, out, changed, backbone="resnet18", teacher_weights="random")
+
+
+def test_training_with_workers_leaves_sigchld_as_it_found_it(tmp_path, monkeypatch):
+    """DataLoader workers install torch's SIGCHLD handler for the whole process (with OpenVINO loaded
+    later, the next child's exit crashed the interpreter); train() and the test-split evaluation put
+    the previous handler back."""
+    import signal
+
+    from torch.utils.data._utils import signal_handling
+    monkeypatch.setattr(signal_handling, "_SIGCHLD_handler_set", False)   # as in a fresh process
+    before = signal.getsignal(signal.SIGCHLD)
+    seen = []
+    install = signal_handling._set_SIGCHLD_handler
+
+    def watched():      # what the workers' start leaves installed: proves they changed it
+        install()
+        seen.append(signal.getsignal(signal.SIGCHLD))
+
+    monkeypatch.setattr(signal_handling, "_set_SIGCHLD_handler", watched)
+    config = TrainConfig(**{**TINY, "epochs": 1, "num_workers": 1})
+    train(tiny_data(), CATEGORY, tmp_path / "run", config, backbone="resnet18", teacher_weights="random",
+          resume=False)
+    assert seen and any(handler is not before for handler in seen)
+    assert signal.getsignal(signal.SIGCHLD) is before

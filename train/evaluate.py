@@ -58,7 +58,7 @@ def maps_on_test_split(model, items, batch_size: int = 8, device=None, progress:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from mrkd.train.data import TestDataset
+    from mrkd.train.data import TestDataset, sigchld_kept
 
     config = model.config
     device = device or next(model.parameters()).device
@@ -67,7 +67,7 @@ def maps_on_test_split(model, items, batch_size: int = 8, device=None, progress:
     maps, masks, labels, paths = [], [], [], []
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), sigchld_kept():
         for image, mask, label, path in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                                              disable=not progress):
             maps.append(model.anomaly_map(image.to(device))[:, 0].float().cpu().numpy())

@@ -46,7 +46,8 @@ from mrkd.runtime import calibration as calibration_rules  # noqa: E402
 from mrkd.train import calibrate as calibration  # noqa: E402
 from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
                                    trained_on)
-from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
+from mrkd.train.data import (ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category,  # noqa: E402
+                             scan_folder, sigchld_kept)
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
 from mrkd.train.allocator import ALLOCATORS, apply_allocator  # noqa: E402
 from mrkd.train.feature_cache import CACHE_MODES, TeacherFeatures  # noqa: E402
@@ -548,10 +549,11 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     run.features = TeacherFeatures(run.model, dataset, ilm=config.ilm, cache=config.feature_cache,
                                    cache_mb=config.feature_cache_mb, fast_teacher=config.fast_teacher,
                                    batch_size=config.batch_size, device=device, autocast=use_amp)
-    for epoch in epochs_bar:
-        row = _run_epoch(run, dataset, sampler, epoch)
-        epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.1f}",
-                               **({"img_auroc": f"{row['image_auroc']:.3f}"} if "image_auroc" in row else {}))
+    with sigchld_kept():
+        for epoch in epochs_bar:
+            row = _run_epoch(run, dataset, sampler, epoch)
+            epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.1f}",
+                                   **({"img_auroc": f"{row['image_auroc']:.3f}"} if "image_auroc" in row else {}))
     epochs_bar.close()
 
     summary = {"category": category, "out_dir": str(run.out_dir), "epochs": config.epochs, "history": run.history,
