@@ -228,6 +228,25 @@ def test_bank_over_its_cap_is_reselected_within_it(parent, tmp_path):
     assert result.reselected and result.bank_after == cap == len(model.head.memory_bank.bank)
 
 
+
+@pytest.mark.parametrize("quantile", [0.25, 0.9])
+def test_growth_stops_at_the_asked_quantile_of_the_held_out_patches_distances(parent, quantile):
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.refit import image_patches, refit_model
+    model = load_checkpoint(parent / "parent.ckpt")
+    bank = model.head.memory_bank.bank.detach().double()
+    held = sorted(str(p) for p in (parent / "good").iterdir())
+    rows = image_patches(model, held).double()
+    exact = torch.cdist(rows, bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.numpy()
+    reviewed = [str(m[1]) for m in good_marks(parent, 3)]
+    result = refit_model(model, reviewed, held, radius_quantile=quantile)
+    assert result.radius == pytest.approx(float(np.quantile(exact, quantile)), rel=1e-4)
+    # every reviewed patch now lies within the radius of the grown bank (the growth's stop)
+    grown = model.head.memory_bank.bank.detach().double()
+    candidates = image_patches(model, reviewed).double()
+    reach = torch.cdist(candidates, grown, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert float(reach.max()) <= result.radius * (1 + 1e-4)
+
 def mrkd(*args, timeout=300):
     code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,

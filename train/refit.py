@@ -293,7 +293,7 @@ def apply_mrkd_share(model, share: float) -> None:
 def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[str],
                 defect_paths: Sequence[str] = (), *, quantile: Optional[float] = None,
                 method: Optional[str] = None, confidence: Optional[float] = None, radius: Optional[float] = None,
-                seed: int = 0, batch_size: int = 8, guard_top: int = GUARD_TOP,
+                radius_quantile: float = RADIUS_QUANTILE, seed: int = 0, batch_size: int = 8, guard_top: int = GUARD_TOP,
                 guard_scale: float = GUARD_SCALE, reweight: bool = False,
                 share_grid: Sequence[float] = MRKD_SHARE_GRID) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
@@ -301,7 +301,9 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     a candidate within ``guard_scale`` x radius of one of the ``guard_top`` most anomalous patches of
     any ``defect_paths`` image is not added (``guard_scale`` 0 turns the guard off). ``reweight``: after
     the growth, choose MRKD's share of the map from ``share_grid`` by choose_mrkd_share on the labels
-    (reviewed goods scored against the bank without their own patches, held-out goods, defects)."""
+    (reviewed goods scored against the bank without their own patches, held-out goods, defects).
+    ``radius`` (default: the ``radius_quantile`` of the held-out good patches' nearest-bank distances)
+    stops the growth."""
     from mrkd.train.calibrate import score_images
     from mrkd.train.memory_bank import MemoryBank, greedy_coreset
     started = time.perf_counter()
@@ -327,7 +329,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     with torch.no_grad():
         if radius is None:
             held_out = image_patches(model, calibration_paths, batch_size)
-            radius = float(torch.quantile(nearest_distance(held_out, bank), RADIUS_QUANTILE))
+            radius = float(torch.quantile(nearest_distance(held_out, bank), radius_quantile))
         candidates = image_patches(model, good_paths, batch_size)
         owner = torch.arange(len(good_paths)).repeat_interleave(len(candidates) // len(good_paths))
         guarded = 0
