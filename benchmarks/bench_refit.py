@@ -89,6 +89,7 @@ def auroc(good: np.ndarray, defect: np.ndarray) -> float:
 
 GUARD_GRID = ((0.0, 0), (1.25, 16), (1.5, 16))   # (guard_scale, guard_top); 0: off
 RADIUS_GRID = (0.25, 0.5, 0.75, 0.9)                # --tune-radius: the growth's stop (held-out quantile)
+KEEP_GRID = (0.0, 0.9, 1.0)                         # --tune-keep: the guard's keep rule (refit's guard_keep)
 
 
 def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
@@ -104,14 +105,17 @@ def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
 
 
 def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
-                 n: int = max(REVIEW_COUNTS), grid=GUARD_GRID, log=print, radius_grid=None) -> dict:
+                 n: int = max(REVIEW_COUNTS), grid=GUARD_GRID, log=print, radius_grid=None, keep_grid=None) -> dict:
     """Validation for the defect guard's settings, on the LINE only (no test label is read). The line
     (file name order) is cut in two: its first half is the review period (the first ``n`` false
     alarms there are marked good, its alarmed defects confirmed), its second half the validation
     cells nobody reviewed. Per setting: the second half's false-alarm rate at the shipped model's
     catch rate there (before and after), its catch rate at the refit's own threshold, and the
     confirmed defects missed. ``radius_grid``: the growth's stop (refit_model's radius_quantile) per
-    setting instead, the guard as default."""
+    setting instead, the guard as default. ``keep_grid``: the guard's keep rule (refit_model's
+    guard_keep) per setting instead, plus per setting a refit from the WHOLE line's first ``n`` false
+    alarms with all its flagged defects confirmed, and how many of those it leaves unflagged (what
+    `mrkd refit` refuses) in ``missed_whole_line``."""
     import torch
 
     from mrkd.train.calibrate import score_images
@@ -138,20 +142,32 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        from mrkd.train.refit import GUARD_SCALE, GUARD_TOP, RADIUS_QUANTILE
-        settings = [(GUARD_SCALE, GUARD_TOP, q) for q in radius_grid] if radius_grid else \
-            [(scale, top, RADIUS_QUANTILE) for scale, top in grid]
-        for scale, top, quantile in settings:
+        from mrkd.train.refit import GUARD_KEEP, GUARD_SCALE, GUARD_TOP, RADIUS_QUANTILE
+        if radius_grid:
+            settings = [(GUARD_SCALE, GUARD_TOP, q, GUARD_KEEP) for q in radius_grid]
+        elif keep_grid:
+            settings = [(GUARD_SCALE, GUARD_TOP, RADIUS_QUANTILE, k) for k in keep_grid]
+            _, whole_alarms, whole_confirmed, _ = line_review(model, line_good, line_defect)
+        else:
+            settings = [(scale, top, RADIUS_QUANTILE, GUARD_KEEP) for scale, top in grid]
+        for scale, top, quantile, keep in settings:
             candidate = copy.deepcopy(model)
             result = refit_model(candidate, reviewed, holdout, confirmed, guard_scale=scale, guard_top=top,
-                                 radius_quantile=quantile)
+                                 radius_quantile=quantile, guard_keep=keep)
             good1, defect1 = score_images(candidate, val_good), score_images(candidate, val_defect)
-            row = {"guard_scale": scale, "guard_top": top, "radius_quantile": quantile, "added": result.added_patches,
+            row = {"guard_scale": scale, "guard_top": top, "radius_quantile": quantile, "guard_keep": keep,
+                   "added": result.added_patches,
                    "guarded": result.guarded_patches, "missed": len(result.defects_missed),
                    "far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
                    "own": rates_at(good1, defect1, result.threshold_after), "refit_s": round(result.seconds, 2)}
+            if keep_grid and whole_alarms:
+                whole = refit_model(copy.deepcopy(model), whole_alarms[:n], holdout, whole_confirmed,
+                                    guard_scale=scale, guard_top=top, radius_quantile=quantile, guard_keep=keep)
+                row["missed_whole_line"] = len(whole.defects_missed)
+                log(f"[tune]   keep {keep}: whole line ({len(whole_alarms[:n])} reviewed, {len(whole_confirmed)} "
+                    f"confirmed): {row['missed_whole_line']} confirmed defect(s) no longer flagged")
             out["settings"].append(row)
-            log(f"[tune]   scale {scale} top {top} radius q {quantile}: added {row['added']} guarded {row['guarded']} missed "
+            log(f"[tune]   scale {scale} top {top} radius q {quantile} keep {keep}: added {row['added']} guarded {row['guarded']} missed "
                 f"{row['missed']}/{len(confirmed)}; validation FAR at catch {catch:.3f}: "
                 f"{before['false_alarm_rate']:.3f} -> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} "
                 f"FAR {row['own']['false_alarm_rate']:.3f}")
@@ -265,7 +281,8 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
 
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
-        tune: bool = False, tune_reweight_only: bool = False, tune_radius: bool = False) -> dict:
+        tune: bool = False, tune_reweight_only: bool = False, tune_radius: bool = False,
+        tune_keep: bool = False) -> dict:
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
@@ -287,10 +304,11 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
                                      _paths(vroot / "test/defect"), log=log)
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
-            if tune or tune_radius:     # the line only: the test split is not touched
+            if tune or tune_radius or tune_keep:     # the line only: the test split is not touched
                 case = tune_on_line(model, holdout, _paths(vroot / "test/good") + unused,
                                     _paths(vroot / "test/defect"), log=log,
-                                    radius_grid=RADIUS_GRID if tune_radius else None)
+                                    radius_grid=RADIUS_GRID if tune_radius else None,
+                                    keep_grid=KEEP_GRID if tune_keep else None)
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
@@ -322,9 +340,14 @@ def main(argv=None) -> None:
                         help="validation only: the growth's stop (RADIUS_GRID: quantiles of the held-out good patches' "
                              "nearest-bank distances) refit from the first half of the line, judged on its second "
                              "half; the test split is not read")
+    parser.add_argument("--tune-keep", action="store_true",
+                        help="validation only: the defect guard's keep rule (KEEP_GRID) refit from the first half of "
+                             "the line, judged on its second half, and the confirmed line defects a refit from the "
+                             "whole line leaves unflagged; the test split is not read")
     args = parser.parse_args(argv)
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
-                  tune=args.tune, tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius)
+                  tune=args.tune, tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
+                  tune_keep=args.tune_keep)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -35,8 +35,9 @@ DEFECT_GUARD_DEFAULT = 1.25     # train/refit.py GUARD_SCALE (not imported: that
               help="Images per forward pass.")
 @click.option("--defect-guard", type=click.FloatRange(0, None), default=DEFECT_GUARD_DEFAULT, show_default=True,
               help="Defect guard: a reviewed-good patch within this many bank radii (the held-out good patches' "
-                   "median distance to the bank) of one of the most anomalous patches of an image marked 'defect "
-                   "confirmed' is not added to the bank; 0 turns the guard off.")
+                   "median distance to the bank), or nearer than that patch's own distance to the bank, of one "
+                   "of the most anomalous patches of an image marked 'defect confirmed' is not added to the bank; "
+                   "0 turns the guard off.")
 @click.option("--reweight/--no-reweight", default=False, show_default=True,
               help="Also re-weight the two parts of a --score both map (2*s*MRKD + 2*(1-s)*kNN, s = 0.5 as trained) "
                    "with MRKD's share s from 0.25-0.75 that best separates the images marked defect from the good "

@@ -129,6 +129,41 @@ def test_defect_guard_excludes_a_candidate_on_a_defect_patch_and_keeps_one_far_f
     assert guard_mask(candidates, guard[:0], reach).all()            # no defect confirmed: no guard
 
 
+
+def test_defect_guard_with_a_reach_per_patch_matches_brute_force():
+    from scipy.spatial.distance import cdist
+    g = torch.Generator().manual_seed(7)
+    guard, candidates = torch.randn(12, 5, generator=g), torch.randn(300, 5, generator=g) * 1.5
+    reach = torch.rand(12, generator=g) * 2.0
+    kept = guard_mask(candidates, guard, reach)
+    brute = (cdist(candidates.double().numpy(), guard.double().numpy()) > reach.double().numpy()[None, :]).all(1)
+    assert kept.tolist() == brute.tolist() and 0 < int(kept.sum()) < len(candidates)
+
+
+def test_defect_guard_never_lets_a_confirmed_defects_patches_come_nearer_the_bank(parent):
+    """The guard's keep rule (GUARD_KEEP 1.0, radius rule off): each guarded patch (a confirmed
+    defect's most anomalous) keeps its nearest-bank distance; without the guard the same refit pulls
+    some of them onto the bank."""
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.refit import GUARD_TOP, image_patches, refit_model
+    reviewed = [str(m[1]) for m in good_marks(parent, 3)]
+    defect = reviewed[:1]             # an image both reviewed good and confirmed defect: the worst case
+    held = sorted(str(p) for p in (parent / "good").iterdir())
+    drops = {}
+    for name, options in (("keep", {"guard_scale": 0.0}), ("off", {"guard_scale": 0.0, "guard_keep": 0.0})):
+        model = load_checkpoint(parent / "parent.ckpt")
+        before_bank = model.head.memory_bank.bank.detach().double()
+        rows = image_patches(model, defect).double()
+        guard = defect_patches(rows, 1, before_bank, GUARD_TOP)
+        before = torch.cdist(guard, before_bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+        result = refit_model(model, reviewed, held, defect, **options)
+        assert result.added_patches > 0
+        after_bank = model.head.memory_bank.bank.detach().double()
+        after = torch.cdist(guard, after_bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+        drops[name] = float((before - after).max())
+    assert drops["keep"] <= 1e-6 * float(before.max())
+    assert drops["off"] > 0.5 * float(before.min())
+
 def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_by_the_rule(parent, tmp_path):
     from mrkd.train.calibrate import score_images
     from mrkd.train.checkpoint import load_checkpoint, read_checkpoint

@@ -14,10 +14,11 @@
    same greedy coreset (a warning says so).
 3. The threshold is set again (runtime/calibration.py's rules, the checkpoint's method and quantile)
    on held-out good images that did not go into the bank.
-   Defect guard: before that, a candidate patch within ``GUARD_SCALE`` x radius of one of the
-   ``GUARD_TOP`` most anomalous patches (by nearest-bank distance) of any image marked "defect" is
-   dropped, so the bank cannot learn those defect patterns as normal (a flagged good cell's patches
-   can lie near a defect's).
+   Defect guard: before that, a candidate patch is dropped when it lies within ``GUARD_SCALE`` x radius,
+   or within ``GUARD_KEEP`` x the patch's own nearest-bank distance, of one of the ``GUARD_TOP`` most
+   anomalous patches (by nearest-bank distance) of any image marked "defect", so the bank cannot learn
+   those defect patterns as normal (a flagged good cell's patches can lie near a defect's): the second
+   reach keeps each such patch's kNN distance at >= GUARD_KEEP of what it was (1.0: it never shrinks).
 4. Images marked "defect" are the check: each must still score >= the new threshold.
 
 The MRKD map's normalisation (the "both" weights) is left as trained, so scores stay comparable,
@@ -64,6 +65,8 @@ CHECKPOINT_NAME = "model.ckpt"
 RADIUS_QUANTILE = 0.5          # the held-out good patches' median nearest-bank distance
 GUARD_TOP = 16                 # defect guard: each confirmed defect's most anomalous patches kept out of reach
 GUARD_SCALE = 1.25             # ... a candidate within GUARD_SCALE x radius of one of them stays out of the bank
+GUARD_KEEP = 1.0               # ... or within GUARD_KEEP x that patch's own nearest-bank distance (a patch
+                               #     added there would pull the defect's score down; 0: off)
 MRKD_SHARE_GRID = (0.25, 0.35, 0.5, 0.65, 0.75)   # re-weighting: MRKD's share of the "both" map (0.5 = as trained)
 REWEIGHT_MIN_GOOD = 5          # re-weighting moves only with at least this many reviewed good images ...
 REWEIGHT_MIN_DEFECT = 5        # ... and this many confirmed defects ...
@@ -199,12 +202,17 @@ def defect_patches(rows: torch.Tensor, images: int, bank: torch.Tensor, top: int
     return torch.cat([per_image[i, keep[i]] for i in range(images)])
 
 
-def guard_mask(candidates: torch.Tensor, guard: torch.Tensor, reach: float) -> torch.Tensor:
+def guard_mask(candidates: torch.Tensor, guard: torch.Tensor, reach) -> torch.Tensor:
     """True for the candidates farther than ``reach`` from every ``guard`` patch: only those may join
-    the bank (one within reach would make that defect patch look normal)."""
+    the bank (one within reach would make that defect patch look normal). ``reach``: one distance, or
+    one per guard patch."""
     if len(guard) == 0 or len(candidates) == 0:
         return torch.ones(len(candidates), dtype=torch.bool)
-    return nearest_distance(candidates, guard) > reach
+    if not torch.is_tensor(reach) or reach.dim() == 0:
+        return nearest_distance(candidates, guard) > float(reach)
+    rows, guard = candidates.float(), guard.float()
+    d2 = rows.pow(2).sum(1, keepdim=True) - 2.0 * rows @ guard.t() + guard.pow(2).sum(1)
+    return (d2.clamp_min(0).sqrt() > reach.float()[None, :]).all(1)
 
 
 def pair_auroc(good: np.ndarray, defect: np.ndarray) -> float:
@@ -294,13 +302,13 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                 defect_paths: Sequence[str] = (), *, quantile: Optional[float] = None,
                 method: Optional[str] = None, confidence: Optional[float] = None, radius: Optional[float] = None,
                 radius_quantile: float = RADIUS_QUANTILE, seed: int = 0, batch_size: int = 8, guard_top: int = GUARD_TOP,
-                guard_scale: float = GUARD_SCALE, reweight: bool = False,
+                guard_scale: float = GUARD_SCALE, guard_keep: float = GUARD_KEEP, reweight: bool = False,
                 share_grid: Sequence[float] = MRKD_SHARE_GRID) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
     (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
-    a candidate within ``guard_scale`` x radius of one of the ``guard_top`` most anomalous patches of
-    any ``defect_paths`` image is not added (``guard_scale`` 0 turns the guard off). ``reweight``: after
-    the growth, choose MRKD's share of the map from ``share_grid`` by choose_mrkd_share on the labels
+    a candidate within ``guard_scale`` x radius, or ``guard_keep`` x that patch's own nearest-bank
+    distance, of one of the ``guard_top`` most anomalous patches of any ``defect_paths`` image is not
+    added (both 0: no guard). ``reweight``: after the growth, choose MRKD's share of the map from ``share_grid`` by choose_mrkd_share on the labels
     (reviewed goods scored against the bank without their own patches, held-out goods, defects).
     ``radius`` (default: the ``radius_quantile`` of the held-out good patches' nearest-bank distances)
     stops the growth."""
@@ -333,10 +341,11 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
         candidates = image_patches(model, good_paths, batch_size)
         owner = torch.arange(len(good_paths)).repeat_interleave(len(candidates) // len(good_paths))
         guarded = 0
-        if defect_paths and guard_scale > 0 and guard_top > 0:
+        if defect_paths and (guard_scale > 0 or guard_keep > 0) and guard_top > 0:
             guard = defect_patches(image_patches(model, defect_paths, batch_size), len(defect_paths), bank,
                                    guard_top)
-            allowed = guard_mask(candidates, guard, guard_scale * radius)
+            reach = (guard_keep * nearest_distance(guard, bank)).clamp_min(guard_scale * radius)
+            allowed = guard_mask(candidates, guard, reach)
             guarded = int((~allowed).sum())
             candidates, owner = candidates[allowed], owner[allowed]
         added = farthest_first(candidates, bank, radius)
@@ -473,7 +482,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
                          f"an earlier one)")
     result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
-                         batch_size=batch_size, guard_scale=guard_scale, reweight=reweight)
+                         batch_size=batch_size, guard_scale=guard_scale,
+                         guard_keep=GUARD_KEEP if guard_scale > 0 else 0.0, reweight=reweight)
     echo(f"memory bank {result.bank_before} -> {result.bank_after} patches ({result.added_patches} added from "
          f"{len(reviewed.good)} reviewed good image(s), radius {result.radius:.4g}, {result.guarded_patches} kept out "
          f"by the defect guard"
