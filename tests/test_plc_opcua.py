@@ -352,6 +352,72 @@ def test_trust_folder_admits_its_clients_and_refuses_others(tmp_path):
     assert summary["triggers"] == 1     # the stranger's job never reached the line
 
 
+async def raw_session_call(url: str, folder: Path, channel, presented, user=True) -> str:
+    """CreateSession/ActivateSession/StartSingleJob by hand, past asyncua's client checks: the secure
+    channel as ``channel`` (make_certificates' name; None: the None channel kept for discovery),
+    CreateSession presenting ``presented``'s certificate. The status of the first refusal, or "Good"."""
+    c = Client(url)
+    if user:
+        c.set_user(USER)
+        c.set_password(PASSWORD)
+    if channel:
+        c.application_uri = f"urn:mrkd:test-{channel}"
+        await c.set_security_string(
+            f"Basic256Sha256,SignAndEncrypt,{folder / (channel + '.der')},{folder / (channel + '.pem')}")
+    await c.connect_socket()
+    try:
+        await c.send_hello()
+        await c.open_secure_channel()
+        endpoints = await c.get_endpoints()
+        params = ua.CreateSessionParameters(
+            ClientNonce=b"\1" * 32, EndpointUrl=url, SessionName="raw", RequestedSessionTimeout=60000,
+            ClientCertificate=(folder / f"{presented}.der").read_bytes() if presented else None,
+            ClientDescription=ua.ApplicationDescription(ApplicationUri=f"urn:mrkd:test-{presented}",
+                                                        ApplicationType=ua.ApplicationType.Client))
+        c._server_nonce = (await c.uaclient.create_session(params)).ServerNonce
+        c._policy_ids = endpoints[0].UserIdentityTokens
+        await c.activate_session(username=USER if user else None, password=PASSWORD if user else None)
+        ns = await c.get_namespace_index(NAMESPACE)
+        machine = await c.nodes.objects.get_child([f"{ns}:VisionSystem", f"{ns}:VisionStateMachine"])
+        await machine.call_method(f"{ns}:StartSingleJob", "m", "raw", "", "")
+        return "Good"
+    except ua.UaStatusCodeError as error:
+        return type(error).__name__
+    finally:
+        c.disconnect_socket()
+
+
+@pytest.mark.slow
+def test_sessions_need_an_encrypted_channel_with_a_trusted_certificate(tmp_path):
+    """Past the client's own checks: asyncua keeps a None channel open for discovery, and its
+    CreateSession check sees only the certificate the request presents. A session over the None
+    channel (with the user, or presenting the trusted certificate) or over the stranger's channel
+    presenting the trusted client's (public) certificate is refused and starts no job."""
+    make_certificates(tmp_path, "client", "stranger")
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    shutil.copy(tmp_path / "client.der", trust / "client.der")
+    runner, server = start_cell(tmp_path, "dg", **server_certificate(tmp_path), trust=str(trust))
+
+    async def scenario():
+        cases = {"none channel, user": (None, None), "none channel, anonymous": (None, None, False),
+                 "none channel, trusted certificate": (None, "client"),
+                 "stranger's channel, trusted certificate": ("stranger", "client"),
+                 "trusted client": ("client", "client")}
+        return {name: await raw_session_call(server.url, tmp_path, *case) for name, case in cases.items()}
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        summary = runner.stop()
+    assert results == {"none channel, user": "BadSecurityModeRejected",
+                       "none channel, anonymous": "BadSecurityModeRejected",
+                       "none channel, trusted certificate": "BadSecurityModeRejected",
+                       "stranger's channel, trusted certificate": "BadCertificateUntrusted",
+                       "trusted client": "Good"}
+    assert summary["triggers"] == 1     # the trusted client's job only
+
+
 def test_trust_folder_mistakes_are_one_line_errors(tmp_path):
     from mrkd.runtime.plc import PlcError
     from mrkd.runtime.plc.opcua import trusted_certificates
@@ -364,3 +430,56 @@ def test_trust_folder_mistakes_are_one_line_errors(tmp_path):
         trusted_certificates(str(tmp_path))
     with pytest.raises(PlcError, match="needs the server's certificate"):
         OpcUaPlc(object.__new__(PartRunner), "opc.tcp://127.0.0.1:0", trust=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_node_opcua_client_certificates_and_the_trust_folder(tmp_path):
+    """--opcua-trust against node-opcua: a client whose certificate is in the trust folder connects over
+    Basic256Sha256 Sign&Encrypt and calls StartSingleJob; a client with another valid certificate is
+    refused at its session and makes no part; a client without security finds no endpoint."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    node = require_program("node", ["nodejs"])
+    npm = require_program("npm", ["npm"])
+    if not (CLIENT_DIR / "node_modules" / "node-opcua-client").is_dir():
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLIENT_DIR, capture_output=True,
+                              text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.skip(f"SKIPPED, NOT TESTED: npm ci of node-opcua-client failed: {done.stderr[-500:]}")
+    make_certificates(tmp_path, "client", "stranger")
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    client_cert = x509.load_der_x509_certificate((tmp_path / "client.der").read_bytes())
+    (trust / "client.pem").write_bytes(client_cert.public_bytes(Encoding.PEM))
+    runner, server = start_cell(tmp_path, "dg", **server_certificate(tmp_path), trust=str(trust))
+
+    def node_client(name, mode="SignAndEncrypt"):
+        """secure_client.js as ``name`` (its certificate, key and URI), its PKI under tmp_path."""
+        done = subprocess.run([node, "secure_client.js", server.url, USER, PASSWORD, str(tmp_path / f"{name}.der"),
+                               str(tmp_path / f"{name}.pem"), f"urn:mrkd:test-{name}", str(tmp_path / f"pki-{name}"),
+                               str(tmp_path / "server.der"), mode],
+                              cwd=CLIENT_DIR, capture_output=True, text=True, timeout=120)
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        return done, {line["kind"]: line for line in lines}
+
+    try:
+        trusted, seen = node_client("client")
+        assert trusted.returncode == 0, trusted.stdout[-2000:] + trusted.stderr[-2000:]
+        after_trusted = runner.inspections
+        stranger, refused = node_client("stranger")
+        plain, unsecured = node_client("client", mode="None")
+        after_others = runner.inspections
+    finally:
+        summary = runner.stop()
+    assert seen["call"]["status"] == "Good" and after_trusted == 1
+    event = seen["event"]
+    assert event["jobId"] == seen["call"]["jobId"] and event["resultId"] == "1" and event["partId"] == "node-secure-1"
+    assert event["resultState"] == 1 and event["isPartial"] is False and event["resultContent"]["verdict"] == "NG"
+    assert stranger.returncode == 1 and "session" not in refused and "call" not in refused, stranger.stdout[-2000:]
+    assert refused["error"]["stage"] == "session", refused
+    assert refused["error"]["status"] == "BadCertificateUntrusted", refused
+    # node-opcua opens the None channel (discovery) but finds no None endpoint: no session asked for
+    assert plain.returncode == 1 and unsecured["error"]["stage"] == "session", unsecured
+    assert "End point must exist" in unsecured["error"]["message"], unsecured
+    assert after_others == after_trusted and summary["triggers"] == 1     # only the trusted client's job

@@ -23,8 +23,10 @@ Security: bind 127.0.0.1 by default. With a server certificate and private key t
 Basic256Sha256 Sign&Encrypt (the application URI is read from the certificate); without them, the
 None policy only. With a trust folder (``trust``: DER or PEM files, ``.der .pem .crt .cer``) a client
 whose certificate is not one of those files (byte for byte) or is outside its validity dates is
-refused when it creates its session (BadCertificateUntrusted / BadCertificateTimeInvalid); without one,
-any client certificate is accepted (the channel is still encrypted). A user name and a
+refused when it creates its session (BadCertificateUntrusted / BadCertificateTimeInvalid), and so is a
+session whose secure channel's own certificate is not trusted; without one, any client certificate is
+accepted (the channel is still encrypted). With a certificate, asyncua's None channel (kept for
+discovery) cannot activate a session (BadSecurityModeRejected). A user name and a
 password taken from an environment variable (compared in constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
 only when ``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with
 BadTypeMismatch per argument.
@@ -112,12 +114,21 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
     async def _listen(self) -> None:
         from asyncua import Server, ua
+        from asyncua.common.utils import ServiceError
         from asyncua.crypto.permission_rules import User, UserRole
 
         plc = self
 
         class Users:
             def get_user(self, iserver, username=None, password=None, certificate=None):
+                # ``certificate``: the secure channel's client certificate (DER; None on a None channel).
+                # asyncua keeps a None channel open for discovery even when no None endpoint is offered,
+                # and its CreateSession check sees only the certificate the request presents: a session
+                # is admitted only over an encrypted channel whose own certificate is trusted.
+                if plc.certificate and not certificate:
+                    raise ServiceError(ua.StatusCodes.BadSecurityModeRejected)
+                if plc.trusted is not None and bytes(certificate) not in plc.trusted:
+                    raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
                 if username is None:
                     return User(role=UserRole.Anonymous)
                 if plc.user is not None and hmac.compare_digest(str(username).encode(), plc.user.encode()) \
