@@ -50,7 +50,8 @@ def line_output_options(command):
                           "--control-token-env."),
         click.option("--http", "http_address", metavar="HOST:PORT", default=None,
                      help="Serve /metrics (Prometheus), /healthz and a read-only live operator page at / "
-                          "(e.g. 127.0.0.1:8080; 0.0.0.0:8080 for the whole network). Needs the line extra."),
+                          "(e.g. 127.0.0.1:8080, or :8080, this machine only; 0.0.0.0:8080 for the whole network). "
+                          "Needs the line extra."),
     ]
     for option in reversed(options):
         command = option(command)

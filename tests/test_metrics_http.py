@@ -205,6 +205,14 @@ def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
     assert b"operator page http://127.0.0.1" in err
 
 
+def test_http_address_without_a_host_listens_on_localhost_only():
+    """`--http :PORT` serves this machine only (as `--modbus :PORT`); the network only when named."""
+    from mrkd.runtime.outputs.web import parse_address
+    assert parse_address(":8080") == ("127.0.0.1", 8080)
+    assert parse_address("0.0.0.0:8080") == ("0.0.0.0", 8080)
+    assert parse_address("[::1]:8080") == ("::1", 8080)
+
+
 def test_line_outputs_never_import_torch():
     import sys
     code = ("import sys\nimport mrkd.runtime.outputs.mqtt, mrkd.runtime.outputs.metrics, mrkd.runtime.outputs.web, mrkd.runtime.cli\n"

@@ -234,6 +234,57 @@ def test_page_review_needs_the_token_and_appends_a_label(line_run, tmp_path):
         server.close()
 
 
+def _raw(url: str, data: bytes, wait: float = 5.0) -> bytes:
+    """All the server answers to ``data`` sent as is, up to its closing the connection (socket.timeout
+    when it keeps the connection open longer than ``wait``)."""
+    import socket
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=wait) as conn:
+        conn.sendall(data)
+        answer = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+
+
+def test_page_commands_never_wait_on_a_stranger_or_a_stalled_body(tmp_path):
+    """A POST without the token is refused on its headers (its body never waited for); a body shorter than
+    its Content-Length, or an idle connection, is dropped at the socket timeout; odd lengths and chunked
+    bodies are refused; an unread body is never taken for a next request (each refusal closes)."""
+    import time
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    token = "a-stalled-body-control-token"
+    labels = tmp_path / "labels.jsonl"
+    server = OperatorServer("127.0.0.1", 0, request_timeout_s=1.0)
+    server.control = LineControl(token, labels, tmp_path / "events.jsonl", tmp_path / "evidence")
+    head, auth = b"POST /review HTTP/1.1\r\nHost: x\r\n", f"Authorization: Bearer {token}\r\n".encode()
+    smuggled = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        started = time.monotonic()
+        answer = _raw(server.url, head + b"Content-Length: 100\r\n\r\n{")        # the body never comes
+        assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - started < 0.9, answer
+        started = time.monotonic()
+        assert _raw(server.url, head + auth + b"Content-Length: 100\r\n\r\n{") == b""   # closed at the timeout
+        assert _raw(server.url, b"POST /rev") == b""                                  # a half-sent request too
+        assert time.monotonic() - started < 4.5
+        answer = _raw(server.url, head + auth + b"Content-Length: \xb2\r\n\r\n")     # "\u00b2".isdigit()
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        answer = _raw(server.url, head + auth + b"Transfer-Encoding: chunked\r\n\r\n"
+                      + b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 411") and answer.count(b"HTTP/1.1 ") == 1, answer
+        answer = _raw(server.url, head + b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        assert answer.startswith(b"HTTP/1.1 401") and answer.count(b"HTTP/1.1 ") == 1, answer
+        server.control = None                                                        # read-only: 405, closed
+        answer = _raw(server.url, head + b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        assert answer.startswith(b"HTTP/1.1 405") and answer.count(b"HTTP/1.1 ") == 1, answer
+        assert not labels.exists()
+    finally:
+        server.close()
+
+
 @pytest.mark.slow
 def test_review_from_the_page_in_chromium_with_and_without_the_token(line_run, tmp_path):
     """A browser on the operator page posts a review the way a page script would (fetch, same origin):

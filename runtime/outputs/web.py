@@ -55,11 +55,12 @@ _ALARM_PATH = re.compile(r"^/alarm/([A-Za-z0-9_.:-]{1,80})\.jpg$")
 
 
 def parse_address(text: str) -> Tuple[str, int]:
-    """'HOST:PORT' (or ':PORT' = all interfaces) -> (host, port); ValueError naming the text."""
+    """'HOST:PORT' (or ':PORT' = 127.0.0.1, as --modbus: the whole network only when asked for) -> (host, port);
+    SettingError naming the text."""
     host, sep, port = str(text).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise SettingError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080), got {text!r}")
-    return (host.strip("[]") or "0.0.0.0"), int(port)
+    return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
 class _CameraView:
@@ -104,11 +105,14 @@ class OperatorServer(LineObserver):
     metrics: a MetricsObserver for /metrics and /healthz (default: the one among the line's outputs,
     seen through ``see_outputs``). stream_fps: the most live-view
     frames a second per camera; max_alarms: alarms kept for the page (with their frames, for snapshots).
+    request_timeout_s: the longest a connection may keep its server thread waiting for bytes of a request
+    (or not reading a stream) before it is closed.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
-                 max_alarms: int = 20, jpeg_quality: int = 80):
+                 max_alarms: int = 20, jpeg_quality: int = 80, request_timeout_s: float = 30.0):
         self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
         self.page = PAGE_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
@@ -375,6 +379,9 @@ def _handler_for(server: OperatorServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "mrkd"
+        # A socket timeout: a client that stops sending (a body shorter than its Content-Length, an idle
+        # or half-sent request) or stops reading a stream frees its thread instead of holding it forever.
+        timeout = server.request_timeout_s
 
         def log_message(self, *args):      # the line's log is for the line, not for page views
             pass
@@ -417,16 +424,31 @@ def _handler_for(server: OperatorServer):
                 pass
 
         def _refuse(self):
+            self.close_connection = True      # its body is left unread: it must not be taken for a next request
             self._send(405, b"read-only: GET only\n", "text/plain", {"Allow": "GET"})
 
+        def _refuse_post(self, code: int, why: str):
+            self.close_connection = True      # as _refuse: the body (if any) is not read
+            self._send(code, json.dumps({"error": why}).encode("utf-8"), "application/json")
+
         def do_POST(self):     # commands with a token (runtime/control.py); read-only without one
-            if server.control is None:
+            control = server.control
+            if control is None:
                 return self._refuse()
+            ok, code, why = control.authorized(self.headers)
+            if not ok:      # on the headers alone: a stranger never makes a thread wait for a body
+                return self._refuse_post(code, why)
+            if "Transfer-Encoding" in self.headers:   # a chunked body would be left unread and taken for a request
+                return self._refuse_post(411, "send the body with a Content-Length")
             length = self.headers.get("Content-Length") or "0"
-            length = int(length) if length.isdigit() else -1
+            # ASCII digits only: "\u00b2".isdigit() is true but int() refuses it
+            length = int(length) if length.isascii() and length.isdigit() else -1
             if not 0 <= length <= 16384:
-                return self._send(413, b'{"error": "body too large"}', "application/json")
-            code, answer = server.control.handle_post(self.path, self.headers, self.rfile.read(length))
+                return self._refuse_post(413, "body too large")
+            body = self.rfile.read(length)    # a stalled body ends in the socket timeout (TimeoutError: closed)
+            if len(body) != length:
+                return self._refuse_post(400, "body shorter than its Content-Length")
+            code, answer = control.handle_post(self.path, self.headers, body)
             self._send(code, json.dumps(answer).encode("utf-8"), "application/json")
 
         do_PUT = do_DELETE = do_PATCH = _refuse
