@@ -167,18 +167,24 @@ def test_asyncua_single_jobs_events_and_variables(cell):
     assert last["Score"] == pytest.approx(scores[1], abs=1e-5) and last["CameraScores"] == [pytest.approx(last["Score"])]
 
 
-@pytest.mark.slow
-def test_node_opcua_client_starts_jobs_and_receives_result_ready(cell):
-    runner, server, scores = cell
-    require_program("node", ["nodejs"])
+
+def node_client_ready() -> str:
+    """node (apt's nodejs) and node-opcua-client (npm ci into tests/opcua_client); node's path."""
+    node = require_program("node", ["nodejs"])
     npm = require_program("npm", ["npm"])
     if not (CLIENT_DIR / "node_modules" / "node-opcua-client").is_dir():
         done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLIENT_DIR, capture_output=True,
                               text=True, timeout=600)
         if done.returncode != 0:
             pytest.skip(f"SKIPPED, NOT TESTED: npm ci of node-opcua-client failed: {done.stderr[-500:]}")
+    return node
+
+@pytest.mark.slow
+def test_node_opcua_client_starts_jobs_and_receives_result_ready(cell):
+    runner, server, scores = cell
+    node = node_client_ready()
     first = runner.inspections
-    done = subprocess.run([shutil.which("node"), "client.js", server.url, USER, PASSWORD, "3"], cwd=CLIENT_DIR,
+    done = subprocess.run([node, "client.js", server.url, USER, PASSWORD, "3"], cwd=CLIENT_DIR,
                           capture_output=True, text=True, timeout=120)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -440,13 +446,7 @@ def test_node_opcua_client_certificates_and_the_trust_folder(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    node = require_program("node", ["nodejs"])
-    npm = require_program("npm", ["npm"])
-    if not (CLIENT_DIR / "node_modules" / "node-opcua-client").is_dir():
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLIENT_DIR, capture_output=True,
-                              text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"SKIPPED, NOT TESTED: npm ci of node-opcua-client failed: {done.stderr[-500:]}")
+    node = node_client_ready()
     make_certificates(tmp_path, "client", "stranger")
     trust = tmp_path / "trusted"
     trust.mkdir()

@@ -1,14 +1,11 @@
 // node-opcua as an independent OPC UA client: starts jobs on mrkd's VisionSystem, receives its
 // ResultReady events and prints one JSON line per thing it saw. Usage:
 //   node client.js URL USER PASSWORD JOBS
-const {
-  OPCUAClient, UserTokenType, AttributeIds, DataType, TimestampsToReturn, constructEventFilter,
-  makeBrowsePath, MessageSecurityMode, SecurityPolicy,
-} = require("node-opcua-client");
+const { OPCUAClient, UserTokenType, DataType, MessageSecurityMode, SecurityPolicy } = require("node-opcua-client");
+const { visionSystem, string } = require("./vision");
 
 const [url, user, password, jobsText] = process.argv.slice(2);
 const jobs = parseInt(jobsText, 10);
-const NS = "urn:mrkd:machinevision";
 const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
 
 async function main() {
@@ -18,34 +15,13 @@ async function main() {
   });
   await client.connect(url);
   const session = await client.createSession({ type: UserTokenType.UserName, userName: user, password });
-  const namespaces = await session.readNamespaceArray();
-  const ns = namespaces.indexOf(NS);
-  const path = (p) => session.translateBrowsePath(makeBrowsePath("RootFolder", p)).then((r) => r.targets[0].targetId);
-  const system = await path(`/Objects/${ns}:VisionSystem`);
-  const machine = await path(`/Objects/${ns}:VisionSystem/${ns}:VisionStateMachine`);
-  const start = await path(`/Objects/${ns}:VisionSystem/${ns}:VisionStateMachine/${ns}:StartSingleJob`);
-  const subscription = await session.createSubscription2({
-    requestedPublishingInterval: 10, requestedLifetimeCount: 600, requestedMaxKeepAliveCount: 20,
-    maxNotificationsPerPublish: 100, publishingEnabled: true, priority: 10,
-  });
-  const fields = ["EventType", `${ns}:ResultId`, `${ns}:JobId`, `${ns}:ResultState`, `${ns}:PartId`,
-                  `${ns}:ResultContent`, `${ns}:IsPartial`];
-  const item = await subscription.monitor(
-    { nodeId: system, attributeId: AttributeIds.EventNotifier },
-    { samplingInterval: 0, queueSize: 100, filter: constructEventFilter(fields) }, TimestampsToReturn.Both);
   const received = [];
   let waiting = null;
-  item.on("changed", (values) => {
-    const event = {
-      kind: "event", resultId: values[1].value, jobId: values[2].value, resultState: values[3].value,
-      partId: values[4].value, resultContent: JSON.parse(values[5].value), isPartial: values[6].value,
-    };
+  const { machine, start, subscription } = await visionSystem(session, (event) => {
     received.push(event);
     say(event);
     if (waiting) { waiting(); waiting = null; }
   });
-  await new Promise((r) => setTimeout(r, 300));
-  const string = (v) => ({ dataType: DataType.String, value: v });
   for (let i = 0; i < jobs; i += 1) {
     const seen = received.length;
     const done = new Promise((r) => { waiting = r; });

@@ -5,17 +5,14 @@
 // is put there as trusted, nothing is accepted automatically. Usage:
 //   node secure_client.js URL USER PASSWORD CERTIFICATE PRIVATE_KEY APPLICATION_URI PKI_FOLDER SERVER_CERTIFICATE MODE
 // MODE: SignAndEncrypt (Basic256Sha256) or None (no security: the server should offer no such endpoint).
-const {
-  OPCUAClient, UserTokenType, AttributeIds, DataType, TimestampsToReturn, constructEventFilter,
-  makeBrowsePath, MessageSecurityMode, SecurityPolicy,
-} = require("node-opcua-client");
+const { OPCUAClient, UserTokenType, MessageSecurityMode, SecurityPolicy } = require("node-opcua-client");
+const { visionSystem, string } = require("./vision");
 // node-opcua-client's own dependency (package-lock.json puts it at the top of node_modules).
 const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
 const fs = require("fs");
 
 const [url, user, password, certificateFile, privateKeyFile, applicationUri, pki, serverCertificate, mode] =
   process.argv.slice(2);
-const NS = "urn:mrkd:machinevision";
 const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
 let stage = "setup";
 
@@ -50,32 +47,9 @@ async function main() {
     const session = await client.createSession({ type: UserTokenType.UserName, userName: user, password });
     say({ kind: "session" });
     stage = "job";
-    const ns = (await session.readNamespaceArray()).indexOf(NS);
-    const path = (p) => session.translateBrowsePath(makeBrowsePath("RootFolder", p)).then((r) => r.targets[0].targetId);
-    const system = await path(`/Objects/${ns}:VisionSystem`);
-    const machine = await path(`/Objects/${ns}:VisionSystem/${ns}:VisionStateMachine`);
-    const start = await path(`/Objects/${ns}:VisionSystem/${ns}:VisionStateMachine/${ns}:StartSingleJob`);
-    const subscription = await session.createSubscription2({
-      requestedPublishingInterval: 10, requestedLifetimeCount: 600, requestedMaxKeepAliveCount: 20,
-      maxNotificationsPerPublish: 100, publishingEnabled: true, priority: 10,
-    });
-    const fields = ["EventType", `${ns}:ResultId`, `${ns}:JobId`, `${ns}:ResultState`, `${ns}:PartId`,
-                    `${ns}:ResultContent`, `${ns}:IsPartial`];
-    const item = await subscription.monitor(
-      { nodeId: system, attributeId: AttributeIds.EventNotifier },
-      { samplingInterval: 0, queueSize: 100, filter: constructEventFilter(fields) }, TimestampsToReturn.Both);
     let received;
     const event = new Promise((resolve) => { received = resolve; });
-    item.on("changed", (values) => {
-      const seen = {
-        kind: "event", resultId: values[1].value, jobId: values[2].value, resultState: values[3].value,
-        partId: values[4].value, resultContent: JSON.parse(values[5].value), isPartial: values[6].value,
-      };
-      say(seen);
-      received(seen);
-    });
-    await new Promise((r) => setTimeout(r, 300));
-    const string = (v) => ({ dataType: DataType.String, value: v });
+    const { machine, start, subscription } = await visionSystem(session, (seen) => { say(seen); received(seen); });
     const result = await session.call({
       objectId: machine, methodId: start,
       inputArguments: [string("meas-secure"), string("node-secure-1"), string(""), string("")],
