@@ -36,12 +36,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _sigchld_as_before():
-    """Each test leaves SIGCHLD's handler as it found it. A DataLoader with worker processes installs
-    torch's Python SIGCHLD handler for the rest of the process; with OpenVINO loaded in that process,
-    the next child to exit (a subprocess in test_hot_swap) crashed the interpreter with SIGSEGV
-    (3 of 3 runs; 0 of 3 with the handler put back)."""
-    import signal
-    before = signal.getsignal(signal.SIGCHLD)
-    yield
-    if signal.getsignal(signal.SIGCHLD) is not before and before is not None:
-        signal.signal(signal.SIGCHLD, before)
+    """Each test leaves SIGCHLD's handler as it found it: a DataLoader with workers leaves torch's
+    handler, and with OpenVINO loaded the next child's exit (a subprocess in test_hot_swap) crashed
+    the interpreter with SIGSEGV (3 of 3 runs; 0 of 3 with the handler put back)."""
+    from mrkd.child_signal import sigchld_kept
+    with sigchld_kept():
+        yield

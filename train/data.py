@@ -17,9 +17,6 @@ Images are decoded and pre-processed by mrkd.runtime (the same code the edge run
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,21 +250,6 @@ def load_square(path, image_size: int, resize_mode: str) -> np.ndarray:
         return resize_square(read_image(path), image_size, resize_mode)
     except ImageReadError as exc:
         raise DataError(f"{exc} ({SKIP_UNREADABLE_HINT})") from exc
-
-
-@contextlib.contextmanager
-def sigchld_kept():
-    """Put SIGCHLD's handler back as it was once the block (a DataLoader's work) ends. A DataLoader with
-    worker processes installs torch's Python SIGCHLD handler for the rest of the process; with OpenVINO
-    loaded later in that process, the next child to exit crashed the interpreter (SIGSEGV, seen in the
-    test suite). Worker failures are still detected without it (the loader polls its workers)."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGCHLD) if main else None
-    try:
-        yield
-    finally:
-        if main and before is not None and signal.getsignal(signal.SIGCHLD) is not before:
-            signal.signal(signal.SIGCHLD, before)
 
 
 class _WorkerRandom:

@@ -58,7 +58,8 @@ def maps_on_test_split(model, items, batch_size: int = 8, device=None, progress:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from mrkd.train.data import TestDataset, sigchld_kept
+    from mrkd.child_signal import sigchld_kept
+    from mrkd.train.data import TestDataset
 
     config = model.config
     device = device or next(model.parameters()).device

@@ -36,6 +36,7 @@ import numpy as np
 
 from mrkd.errors import SettingError
 from mrkd.atomic import atomic_write_text
+from mrkd.child_signal import sigchld_kept
 from mrkd.deps import require
 
 torch = require("torch")
@@ -46,8 +47,7 @@ from mrkd.runtime import calibration as calibration_rules  # noqa: E402
 from mrkd.train import calibrate as calibration  # noqa: E402
 from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
                                    trained_on)
-from mrkd.train.data import (ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category,  # noqa: E402
-                             scan_folder, sigchld_kept)
+from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
 from mrkd.train.allocator import ALLOCATORS, apply_allocator  # noqa: E402
 from mrkd.train.feature_cache import CACHE_MODES, TeacherFeatures  # noqa: E402
