@@ -167,8 +167,8 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
                 log(f"[tune]   keep {keep}: whole line ({len(whole_alarms[:n])} reviewed, {len(whole_confirmed)} "
                     f"confirmed): {row['missed_whole_line']} confirmed defect(s) no longer flagged")
             out["settings"].append(row)
-            log(f"[tune]   scale {scale} top {top} radius q {quantile} keep {keep}: added {row['added']} guarded {row['guarded']} missed "
-                f"{row['missed']}/{len(confirmed)}; validation FAR at catch {catch:.3f}: "
+            log(f"[tune]   scale {scale} top {top} radius q {quantile} keep {keep}: added {row['added']} guarded "
+                f"{row['guarded']} missed {row['missed']}/{len(confirmed)}; validation FAR at catch {catch:.3f}: "
                 f"{before['false_alarm_rate']:.3f} -> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} "
                 f"FAR {row['own']['false_alarm_rate']:.3f}")
     finally:

@@ -82,6 +82,11 @@ def good_marks(root, n=3):
     return [(f"ev{i}", image, "good") for i, image in enumerate(images[:n])]
 
 
+
+def exact_nearest(rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Each row's distance to its nearest bank row in float64 without the matmul shortcut (the reference)."""
+    return torch.cdist(rows.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+
 def test_nearest_distance_and_farthest_first_match_brute_force():
     from scipy.spatial.distance import cdist
     g = torch.Generator().manual_seed(3)
@@ -129,7 +134,6 @@ def test_defect_guard_excludes_a_candidate_on_a_defect_patch_and_keeps_one_far_f
     assert guard_mask(candidates, guard[:0], reach).all()            # no defect confirmed: no guard
 
 
-
 def test_defect_guard_with_a_reach_per_patch_matches_brute_force():
     from scipy.spatial.distance import cdist
     g = torch.Generator().manual_seed(7)
@@ -155,14 +159,15 @@ def test_defect_guard_never_lets_a_confirmed_defects_patches_come_nearer_the_ban
         before_bank = model.head.memory_bank.bank.detach().double()
         rows = image_patches(model, defect).double()
         guard = defect_patches(rows, 1, before_bank, GUARD_TOP)
-        before = torch.cdist(guard, before_bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+        before = exact_nearest(guard, before_bank)
         result = refit_model(model, reviewed, held, defect, **options)
         assert result.added_patches > 0
         after_bank = model.head.memory_bank.bank.detach().double()
-        after = torch.cdist(guard, after_bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+        after = exact_nearest(guard, after_bank)
         drops[name] = float((before - after).max())
     assert drops["keep"] <= 1e-6 * float(before.max())
     assert drops["off"] > 0.5 * float(before.min())
+
 
 def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_by_the_rule(parent, tmp_path):
     from mrkd.train.calibrate import score_images
@@ -189,8 +194,7 @@ def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_
     from mrkd.train.refit import image_patches
     reviewed_rows = image_patches(refit, [str(m[1]) for m in good_marks(parent)])
     added = after[len(before):]
-    exact = torch.cdist(added.double(), reviewed_rows.double(), compute_mode="donot_use_mm_for_euclid_dist")
-    assert exact.min(1).values.max() < 1e-4
+    assert exact_nearest(added, reviewed_rows).max() < 1e-4
     # the threshold: the calibration rule on the held-out good images' new scores (6 < 10: max + 10 % range)
     held = sorted(str(p) for p in (parent / "good").iterdir())
     scores = score_images(refit, held).astype(np.float64)
@@ -263,7 +267,6 @@ def test_bank_over_its_cap_is_reselected_within_it(parent, tmp_path):
     assert result.reselected and result.bank_after == cap == len(model.head.memory_bank.bank)
 
 
-
 @pytest.mark.parametrize("quantile", [0.25, 0.9])
 def test_growth_stops_at_the_asked_quantile_of_the_held_out_patches_distances(parent, quantile):
     from mrkd.train.checkpoint import load_checkpoint
@@ -272,15 +275,16 @@ def test_growth_stops_at_the_asked_quantile_of_the_held_out_patches_distances(pa
     bank = model.head.memory_bank.bank.detach().double()
     held = sorted(str(p) for p in (parent / "good").iterdir())
     rows = image_patches(model, held).double()
-    exact = torch.cdist(rows, bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.numpy()
+    exact = exact_nearest(rows, bank).numpy()
     reviewed = [str(m[1]) for m in good_marks(parent, 3)]
     result = refit_model(model, reviewed, held, radius_quantile=quantile)
     assert result.radius == pytest.approx(float(np.quantile(exact, quantile)), rel=1e-4)
     # every reviewed patch now lies within the radius of the grown bank (the growth's stop)
     grown = model.head.memory_bank.bank.detach().double()
     candidates = image_patches(model, reviewed).double()
-    reach = torch.cdist(candidates, grown, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    reach = exact_nearest(candidates, grown)
     assert float(reach.max()) <= result.radius * (1 + 1e-4)
+
 
 def mrkd(*args, timeout=300):
     code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"

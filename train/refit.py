@@ -162,15 +162,21 @@ def image_patches(model, paths: Sequence[str], batch_size: int = 8) -> torch.Ten
     return training_patches(model, _batches(model, paths, batch_size)).rows
 
 
-def nearest_distance(rows: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """L2 distance of each row to its nearest bank row (the MemoryBank's formula, clamped at 0)."""
+def _squared_distances(rows: torch.Tensor, bank: torch.Tensor, chunk: int):
+    """(start, squared L2 distances of every row to bank[start:start + chunk]), chunk by chunk (the
+    MemoryBank's formula; not clamped)."""
     rows, bank = rows.float(), bank.float()
     row_sq = rows.pow(2).sum(1, keepdim=True)
-    best = torch.full((len(rows),), float("inf"))
     for start in range(0, len(bank), chunk):
         part = bank[start:start + chunk]
-        d2 = (row_sq - 2.0 * rows @ part.t() + part.pow(2).sum(1)).amin(1)
-        best = torch.minimum(best, d2)
+        yield start, row_sq - 2.0 * rows @ part.t() + part.pow(2).sum(1)
+
+
+def nearest_distance(rows: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """L2 distance of each row to its nearest bank row (the MemoryBank's formula, clamped at 0)."""
+    best = torch.full((len(rows),), float("inf"))
+    for _, d2 in _squared_distances(rows, bank, chunk):
+        best = torch.minimum(best, d2.amin(1))
     return best.clamp_min(0).sqrt()
 
 
@@ -202,17 +208,17 @@ def defect_patches(rows: torch.Tensor, images: int, bank: torch.Tensor, top: int
     return torch.cat([per_image[i, keep[i]] for i in range(images)])
 
 
-def guard_mask(candidates: torch.Tensor, guard: torch.Tensor, reach) -> torch.Tensor:
+def guard_mask(candidates: torch.Tensor, guard: torch.Tensor, reach, chunk: int = 4096) -> torch.Tensor:
     """True for the candidates farther than ``reach`` from every ``guard`` patch: only those may join
     the bank (one within reach would make that defect patch look normal). ``reach``: one distance, or
     one per guard patch."""
+    allowed = torch.ones(len(candidates), dtype=torch.bool)
     if len(guard) == 0 or len(candidates) == 0:
-        return torch.ones(len(candidates), dtype=torch.bool)
-    if not torch.is_tensor(reach) or reach.dim() == 0:
-        return nearest_distance(candidates, guard) > float(reach)
-    rows, guard = candidates.float(), guard.float()
-    d2 = rows.pow(2).sum(1, keepdim=True) - 2.0 * rows @ guard.t() + guard.pow(2).sum(1)
-    return (d2.clamp_min(0).sqrt() > reach.float()[None, :]).all(1)
+        return allowed
+    reach = torch.as_tensor(reach, dtype=torch.float32).expand(len(guard))
+    for start, d2 in _squared_distances(candidates, guard, chunk):
+        allowed &= (d2.clamp_min(0).sqrt() > reach[start:start + d2.shape[1]]).all(1)
+    return allowed
 
 
 def pair_auroc(good: np.ndarray, defect: np.ndarray) -> float:
@@ -301,15 +307,16 @@ def apply_mrkd_share(model, share: float) -> None:
 def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[str],
                 defect_paths: Sequence[str] = (), *, quantile: Optional[float] = None,
                 method: Optional[str] = None, confidence: Optional[float] = None, radius: Optional[float] = None,
-                radius_quantile: float = RADIUS_QUANTILE, seed: int = 0, batch_size: int = 8, guard_top: int = GUARD_TOP,
-                guard_scale: float = GUARD_SCALE, guard_keep: float = GUARD_KEEP, reweight: bool = False,
-                share_grid: Sequence[float] = MRKD_SHARE_GRID) -> RefitResult:
+                radius_quantile: float = RADIUS_QUANTILE, seed: int = 0, batch_size: int = 8,
+                guard_top: int = GUARD_TOP, guard_scale: float = GUARD_SCALE, guard_keep: float = GUARD_KEEP,
+                reweight: bool = False, share_grid: Sequence[float] = MRKD_SHARE_GRID) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
     (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
     a candidate within ``guard_scale`` x radius, or ``guard_keep`` x that patch's own nearest-bank
     distance, of one of the ``guard_top`` most anomalous patches of any ``defect_paths`` image is not
-    added (both 0: no guard). ``reweight``: after the growth, choose MRKD's share of the map from ``share_grid`` by choose_mrkd_share on the labels
-    (reviewed goods scored against the bank without their own patches, held-out goods, defects).
+    added (both 0: no guard). ``reweight``: after the growth, choose MRKD's share of the map from
+    ``share_grid`` by choose_mrkd_share on the labels (reviewed goods scored against the bank without
+    their own patches, held-out goods, defects).
     ``radius`` (default: the ``radius_quantile`` of the held-out good patches' nearest-bank distances)
     stops the growth."""
     from mrkd.train.calibrate import score_images
