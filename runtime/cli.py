@@ -236,8 +236,8 @@ def pop_camera_defaults(options: dict, part: dict) -> dict:
                    "is the default model).")
 @click.option("--backend", type=click.Choice(backend_choices()), default="auto", show_default=True,
               help="Inference backend (NAME:PRECISION sets OpenVINO's f32/bf16); auto = TensorRT for "
-                   ".engine/.plan; for .onnx ONNX Runtime's TensorRT/CUDA on NVIDIA GPUs, OpenVINO on Intel "
-                   "CPUs where installed, else ONNX Runtime.")
+                   ".engine/.plan; for .onnx ONNX Runtime's TensorRT/CUDA on NVIDIA GPUs, OpenVINO on x86 "
+                   "(Intel, AMD) CPUs where installed, else ONNX Runtime.")
 @click.option("--providers", default=None,
               help="ONNX Runtime execution providers in order, comma-separated (tensorrt,cuda,cpu); "
                    "default: every available one.")

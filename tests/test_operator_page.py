@@ -143,7 +143,7 @@ def test_viewers_and_a_broker_that_never_read_do_not_stall_the_line(tmp_path):
         client = socket.socket()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.connect(server.httpd.server_address[:2])
-        client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         stalled.append(client)
     # 20 noisy VGA JPEGs (~100 kB each) are more than a 4 kB receive buffer and the send buffer hold.
     assert wait_for(lambda: server.views and server.views["cam0"].encoded >= 20, 20)

@@ -260,8 +260,8 @@ def test_page_commands_never_wait_on_a_stranger_or_a_stalled_body(tmp_path):
     labels = tmp_path / "labels.jsonl"
     server = OperatorServer("127.0.0.1", 0, request_timeout_s=1.0)
     server.control = LineControl(token, labels, tmp_path / "events.jsonl", tmp_path / "evidence")
-    head, auth = b"POST /review HTTP/1.1\r\nHost: x\r\n", f"Authorization: Bearer {token}\r\n".encode()
-    smuggled = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    head, auth = b"POST /review HTTP/1.1\r\nHost: 127.0.0.1\r\n", f"Authorization: Bearer {token}\r\n".encode()
+    smuggled = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     try:
         started = time.monotonic()
         answer = _raw(server.url, head + b"Content-Length: 100\r\n\r\n{")        # the body never comes
@@ -281,6 +281,92 @@ def test_page_commands_never_wait_on_a_stranger_or_a_stalled_body(tmp_path):
         answer = _raw(server.url, head + b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
         assert answer.startswith(b"HTTP/1.1 405") and answer.count(b"HTTP/1.1 ") == 1, answer
         assert not labels.exists()
+    finally:
+        server.close()
+
+
+def _closed_within(conn, limit_s: float, trickle: bytes = b"", every_s: float = 0.2) -> float:
+    """Seconds until the server closes ``conn`` (sending ``trickle`` every ``every_s`` meanwhile); inf when it
+    is still open after ``limit_s``."""
+    import select
+    import time
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        try:
+            if trickle:
+                conn.sendall(trickle)
+            readable, _, _ = select.select([conn], [], [], every_s)
+            if readable and conn.recv(65536) == b"":
+                return time.monotonic() - started
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - started
+    return float("inf")
+
+
+def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_names_only(tmp_path):
+    """A request whose bytes trickle in (each gap shorter than the socket timeout) is still dropped at the
+    request deadline; connections beyond the cap get 503 at once and a freed slot serves again; bound to
+    127.0.0.1 the server refuses requests addressed to another host name (DNS rebinding), commands
+    included, and serves 127.0.0.1, localhost and [::1]; bound to every interface it has no such rule."""
+    import socket
+    import time
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    server = OperatorServer("127.0.0.1", 0, request_timeout_s=1.0)
+    try:
+        with socket.create_connection(server.httpd.server_address[:2], timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            waited = _closed_within(conn, 6.0, trickle=b"X: y\r\n", every_s=0.2)
+        assert 0.8 < waited < 2.5, waited      # 1 s deadline; without it: open as long as the trickle lasts
+    finally:
+        server.close()
+
+    server = OperatorServer("127.0.0.1", 0, request_timeout_s=20.0, max_connections=3)
+    address = server.httpd.server_address[:2]
+    full = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    try:
+        holders = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        for conn in holders:
+            conn.sendall(b"GET / HTTP/1.1\r\n")            # half a request: each holds a server thread
+        time.sleep(0.3)
+        started = time.monotonic()
+        answer = _raw(server.url, full)
+        assert answer.startswith(b"HTTP/1.1 503") and time.monotonic() - started < 1.0, answer
+        holders.pop().close()
+        deadline = time.monotonic() + 5
+        while (answer := _raw(server.url, full)).startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 404"), answer   # served (no metrics here: /healthz is 404)
+        for conn in holders:
+            conn.close()
+    finally:
+        server.close()
+
+    token = "a-rebinding-control-token"
+    labels = tmp_path / "labels.jsonl"
+    server = OperatorServer("127.0.0.1", 0)
+    server.control = LineControl(token, labels, tmp_path / "events.jsonl", tmp_path / "evidence")
+    port = server.httpd.server_address[1]
+    body = b'{"event_id": "x", "label": "good"}'
+    try:
+        for host in (f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example", "10.0.0.8"):
+            answer = _raw(server.url, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 421"), (host, answer)
+            answer = _raw(server.url, f"POST /review HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert answer.startswith(b"HTTP/1.1 421"), (host, answer)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "127.3.4.5"):
+            answer = _raw(server.url, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 200"), (host, answer)
+        assert not labels.exists()
+    finally:
+        server.close()
+
+    server = OperatorServer("0.0.0.0", 0)
+    try:
+        url = f"http://127.0.0.1:{server.httpd.server_address[1]}"
+        answer = _raw(url, b"GET / HTTP/1.1\r\nHost: line7.plant.example\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer
     finally:
         server.close()
 

@@ -2,7 +2,8 @@
 
 Every backend runs one model file: ``infer(batch, device_outputs=False) -> {output name: array}``.
 ONNX Runtime runs ``.onnx`` files (TensorRT, CUDA or CPU execution providers); OpenVINO runs the same
-``.onnx`` files on Intel CPUs; the TensorRT backend runs serialized engines (``.engine``/``.plan``).
+``.onnx`` files on x86 (Intel and AMD) CPUs; the TensorRT backend runs serialized engines
+(``.engine``/``.plan``).
 Each backend imports its library lazily inside its own module, so a Jetson with only TensorRT never
 needs onnxruntime and a laptop never needs TensorRT. A new backend is one new module here plus one
 ``BackendEntry`` line in ``REGISTRY``; `mrkd run --backend` and ``open_backend`` read that list.
@@ -214,11 +215,10 @@ def cpu_vendor() -> str:
     return ""
 
 
-# OpenVINO is chosen on Intel CPUs only: on AMD it was measured faster too (README), but with OpenVINO
-# loaded in the same process as the rest of the test suite a full run ended in a segmentation fault
-# (not yet explained), so AMD keeps ONNX Runtime under auto until that is understood; --backend openvino
-# and openvino:checked choose it explicitly.
-X86_VENDORS = ("GenuineIntel",)
+# OpenVINO runs the .onnx on Intel and AMD x86 CPUs: it was measured never slower than ONNX Runtime on
+# either (README "Which backend on a line PC"). AMD was left out while a crash with OpenVINO loaded was
+# unexplained; it was torch's DataLoader SIGCHLD handler, which training and evaluation now put back.
+X86_VENDORS = ("GenuineIntel", "AuthenticAMD")
 
 
 def choose_auto_backend(model_path: str | Path, facts: MachineFacts) -> str:
@@ -227,7 +227,7 @@ def choose_auto_backend(model_path: str | Path, facts: MachineFacts) -> str:
     * ``.engine``/``.plan``/``.trt`` -> tensorrt (nothing else runs an engine);
     * ``.onnx`` on a machine with an NVIDIA GPU and ONNX Runtime's TensorRT/CUDA provider -> onnxruntime
       (its providers then run TensorRT > CUDA);
-    * ``.onnx`` on a CPU of ``X86_VENDORS`` (Intel) with OpenVINO installed -> openvino (its own CPU
+    * ``.onnx`` on an x86 CPU of ``X86_VENDORS`` (Intel, AMD) with OpenVINO installed -> openvino (its own CPU
       kernels; measured faster than ONNX Runtime, README "Which backend on a line PC"), at the
       precision ``auto_precision`` of its registry entry: bf16 only where the model's check passed;
     * else onnxruntime when installed, else any installed backend that runs ``.onnx``.

@@ -26,10 +26,13 @@ operator types in (kept in the tab's sessionStorage, never in a URL).
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
 import logging
 import queue
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -105,14 +108,20 @@ class OperatorServer(LineObserver):
     metrics: a MetricsObserver for /metrics and /healthz (default: the one among the line's outputs,
     seen through ``see_outputs``). stream_fps: the most live-view
     frames a second per camera; max_alarms: alarms kept for the page (with their frames, for snapshots).
-    request_timeout_s: the longest a connection may keep its server thread waiting for bytes of a request
-    (or not reading a stream) before it is closed.
+    request_timeout_s: the longest a request may take to arrive, headers and body together, however slowly
+    its bytes trickle in (and the longest a stream may go unread) before its connection is closed.
+    max_connections: connections served at once (live streams included); one more is answered 503 at
+    once, without a thread, so a flood of connections cannot take the process's threads or file handles.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
-                 max_alarms: int = 20, jpeg_quality: int = 80, request_timeout_s: float = 30.0):
+                 max_alarms: int = 20, jpeg_quality: int = 80, request_timeout_s: float = 30.0,
+                 max_connections: int = 64):
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        # Bound to loopback, the page answers only requests addressed to a loopback name: a web page
+        # whose own host name was re-pointed at 127.0.0.1 (DNS rebinding) is then refused, not served.
+        self.loopback_only = _is_loopback(host)
         self.page = PAGE_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
@@ -127,8 +136,7 @@ class OperatorServer(LineObserver):
         self.closed = threading.Event()
         self.control = None                   # runtime/control.py LineControl: POST commands with a token
         self.started = threading.Event()      # on_start has run: the cameras are known
-        self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer((host, port), _handler_for(self), max_connections)
         self._serve = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                        name="http", daemon=True)
         self._serve.start()
@@ -375,6 +383,89 @@ def _alarm_record(camera: str, event: dict) -> dict:
     return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image}
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: "127.0.0.1:8080" -> "127.0.0.1", "[::1]:80" -> "::1"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections served at once (a thread each)."""
+
+    daemon_threads = True
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\n"
+            b"Connection: close\r\n\r\n")
+
+    def __init__(self, address, handler, max_connections: int):
+        self.max_connections = max_connections
+        self._active = 0
+        self._active_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._active_lock:
+            admitted = self._active < self.max_connections
+            self._active += admitted
+        if not admitted:
+            try:
+                request.settimeout(1.0)
+                request.sendall(self.BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side whose every receive waits only until the request's deadline: a client
+    sending a byte now and then, each within the socket timeout, still cannot hold its thread longer.
+    Writes keep the plain socket timeout (a stream's reader may be slow for a whole run)."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float):
+        super().__init__()
+        self.sock, self.timeout_s = sock, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(min(left, self.timeout_s))
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout_s)
+
+
 def _handler_for(server: OperatorServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -385,6 +476,26 @@ def _handler_for(server: OperatorServer):
 
         def log_message(self, *args):      # the line's log is for the line, not for page views
             pass
+
+        def setup(self):
+            super().setup()
+            self._reader = _DeadlineReader(self.connection, server.request_timeout_s)
+            self.rfile = io.BufferedReader(self._reader)
+
+        def handle_one_request(self):
+            # Each request (the idle wait before it included) must arrive whole within the timeout.
+            self._reader.deadline = time.monotonic() + server.request_timeout_s
+            super().handle_one_request()
+
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            host = self.headers.get("Host")
+            if server.loopback_only and host is not None and not _is_loopback(_host_name(host)):
+                self.close_connection = True
+                self._send(421, b"this server answers requests for 127.0.0.1 or localhost only\n", "text/plain")
+                return False
+            return True
 
         def _send(self, code: int, body: bytes, content_type: str, extra: Optional[dict] = None):
             self.send_response(code)
