@@ -323,7 +323,7 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
 
     server = OperatorServer("127.0.0.1", 0, request_timeout_s=20.0, max_connections=3)
     address = server.httpd.server_address[:2]
-    full = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    full = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     try:
         holders = [socket.create_connection(address, timeout=5) for _ in range(3)]
         for conn in holders:
