@@ -52,6 +52,8 @@ class FakeGigeCamera:
         return f"gige://{self.address}"
 
     def start(self, timeout: float = 10.0) -> "FakeGigeCamera":
+        if shutil.which(self.program) is None:
+            raise RuntimeError(f"{self.program} not found: install Debian's aravis-tools (apt install aravis-tools)")
         error = add_loopback_address(self.address)
         if error:
             raise RuntimeError(error)

@@ -63,6 +63,25 @@ def require_program(program: str, packages: Sequence[str]) -> str:
     return shutil.which(program) or program
 
 
+ARAVIS_PACKAGES = ("gir1.2-aravis-0.8",)
+ARAVIS_IMPORT = "import gi; gi.require_version('Aravis', '0.8'); from gi.repository import Aravis"
+
+
+def aravis_importable() -> bool:
+    """Aravis' GObject data (apt) and PyGObject (setup.py's dev extra) in this Python, checked in a child
+    process: GObject's threads then never start in the process that asks."""
+    return subprocess.run([sys.executable, "-c", ARAVIS_IMPORT], capture_output=True, timeout=60).returncode == 0
+
+
+def require_gige_simulator() -> None:
+    """Everything a GigE Vision run against Aravis' simulator needs (benchmarks/fake_gige.py): Aravis
+    through PyGObject, the simulator, and iproute2's ip (loopback addresses) and ss (its UDP port)."""
+    require(aravis_importable, ARAVIS_PACKAGES, "Aravis 0.8 through PyGObject (gi.repository.Aravis)")
+    require_program("arv-fake-gv-camera-0.8", ["aravis-tools"])
+    require_program("ip", ["iproute2"])
+    require_program("ss", ["iproute2"])
+
+
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 

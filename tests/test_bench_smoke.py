@@ -5,12 +5,17 @@ import subprocess
 import sys
 
 import pytest
+from peers import require_gige_simulator, require_program
 
 from mrkd.benchmarks.cli import BENCHES, OPT_IN
 
 
 @pytest.mark.slow
 def test_bench_quick_runs_every_benchmark_and_writes_reports(tmp_path):
+    # The peers the default benchmarks run: parts and plc a GigE Vision simulator, line_outputs a broker.
+    # (This test runs before the GigE tests that would otherwise have installed them on a new machine.)
+    require_gige_simulator()
+    require_program("mosquitto", ["mosquitto"])
     result = subprocess.run([sys.executable, "-m", "mrkd.cli", "bench", "--quick", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -20,6 +25,7 @@ def test_bench_quick_runs_every_benchmark_and_writes_reports(tmp_path):
     for name in default:
         assert "error" not in results[name], (name, results[name])
     assert results["machine"]["cores"] >= 1
+    assert results["line_outputs"]["mqtt"] == "Mosquitto on loopback"     # the broker was in the run
     # Every ratio is measured against a baseline in the same run, so it is a positive finite number.
     ratios = [row["speedup_vs_baseline"] for name in ("model", "end_to_end") for row in results[name]["rows"]
               if "speedup_vs_baseline" in row]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from peers import require, require_program
+from peers import ARAVIS_PACKAGES, aravis_importable, require, require_gige_simulator
 from runtime_fixtures import build_tiny_model
 
 from mrkd.benchmarks.fake_gige import FakeGigeCamera
@@ -30,22 +30,12 @@ from mrkd.runtime.outputs.base import LineObserver, Verdict
 from mrkd.runtime.sources import SourceError, open_source
 from mrkd.runtime.sources.gige import PIXEL_FORMATS, set_receive_buffer, to_bgr
 
-ARAVIS_PACKAGES = ("gir1.2-aravis-0.8",)
-
-
-def aravis_importable() -> bool:
-    try:
-        import gi
-        gi.require_version("Aravis", "0.8")
-        from gi.repository import Aravis  # noqa: F401
-        return True
-    except (ImportError, ValueError):
-        return False
-
 
 def require_aravis():
-    """Aravis' GObject data (apt) and PyGObject (setup.py's dev extra) in this Python."""
+    """Aravis in this process (the tests that call its API directly)."""
     require(aravis_importable, ARAVIS_PACKAGES, "Aravis 0.8 through PyGObject (gi.repository.Aravis)")
+    import gi
+    gi.require_version("Aravis", "0.8")
     from gi.repository import Aravis
     return Aravis
 
@@ -53,10 +43,7 @@ def require_aravis():
 @pytest.fixture
 def simulator():
     """Start simulators on their own loopback addresses: simulator(address, serial, lost=0)."""
-    require_aravis()
-    require_program("arv-fake-gv-camera-0.8", ["aravis-tools"])
-    require_program("ip", ["iproute2"])
-    require_program("ss", ["iproute2"])
+    require_gige_simulator()
     started = []
 
     def start(address, serial, lost=0):
