@@ -59,7 +59,8 @@ def run(quick: bool = False, backbone: str = "efficientnet_lite0", image_size: i
         graphs = _graphs(backbone, image_size, Path(tmp), quick)
         plan = [("onnxruntime FP32 (baseline)", "fp32", "onnxruntime"), ("openvino f32", "fp32", "openvino:f32"),
                 ("openvino bf16", "fp32", "openvino:bf16"), ("openvino INT8 graph (cpu form)", "int8", "openvino"),
-                ("onnxruntime INT8 graph (cpu form)", "int8", "onnxruntime")]
+                ("onnxruntime INT8 graph (cpu form)", "int8", "onnxruntime"),
+                ("--backend auto (the default), FP32 graph", "fp32", "auto")]
         detectors = {}
         for label, graph, spec in plan:
             if spec.startswith("openvino") and not backend_entry("openvino").available():
