@@ -74,6 +74,10 @@ def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
     (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:0", "--opcua-user", "op", "--opcua-password-env",
       "MRKD_TEST_UNSET_PASSWORD"], "the environment variable MRKD_TEST_UNSET_PASSWORD is not set"),
     (["--trigger", "software", "--modbus", "localhost:port"], "--modbus must look like HOST:PORT"),
+    (["--trigger", "software", "--modbus", "0.0.0.0:0"], "--modbus 0.0.0.0:0 listens beyond this machine: name the "
+                                                         "PLC's address with --modbus-allow"),
+    (["--trigger", "software", "--modbus", "127.0.0.1:0", "--modbus-allow", "plc7"],
+     "--modbus-allow: expected IP addresses or networks"),
 ])
 def test_cli_plc_option_errors_are_one_line(tmp_path, extra, message):
     from mrkd.cli import main

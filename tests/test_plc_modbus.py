@@ -24,7 +24,7 @@ from mrkd.benchmarks.plc_peer import (CLEAR_ERROR, DI, PART_ID, RECIPE, RESULTS_
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import PartRunner, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
-from mrkd.runtime.plc.modbus import ModbusPlc, PlcError, parse_modbus_address
+from mrkd.runtime.plc.modbus import ModbusPlc, PlcError, parse_client_networks, parse_modbus_address
 from mrkd.runtime.sources import ArraySource
 
 pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
@@ -39,13 +39,13 @@ def reference_score(path) -> float:
 class Cell:
     """A triggered line (part runner) with a Modbus server on a free loopback port."""
 
-    def __init__(self, model, source, queue=4, capacity=8):
+    def __init__(self, model, source, queue=4, capacity=8, allow=None):
         camera_source = source if isinstance(source, str) else "memory"
         line = Line((Camera("cam", camera_source, model, trigger="software"),))
         settings = PartSettings(queue=queue, timeout=5.0)
         sources = open_part_sources(line, settings) if isinstance(source, str) else {"cam": source}
         self.runner = PartRunner(line, sources, settings, status=lambda text: None)
-        self.plc = ModbusPlc(self.runner, port=0, capacity=capacity).start()
+        self.plc = ModbusPlc(self.runner, port=0, capacity=capacity, allow=allow).start()
         self.runner.observers.append(self.plc)
         self.runner.start()
         self.port = self.plc.address[1]
@@ -364,6 +364,44 @@ def test_address_in_use_and_bad_addresses_are_one_line_errors(model, tmp_path, c
     for text in ("127.0.0.1:http", "host:70000", "a:b:c"):
         with pytest.raises(PlcError, match="HOST:PORT"):
             parse_modbus_address(text)
+
+
+def test_modbus_allow_serves_listed_clients_and_closes_others_unread(model, tmp_path, cells):
+    """With an allow-list a client from another address is disconnected before a request of it is read
+    (mbpoll fails, its write changes nothing; counted and shown in health); a listed address is served
+    by the same server; a network entry admits its members."""
+    require_program("mbpoll", ["mbpoll"])
+    part_images(tmp_path / "parts", "g")
+    cell = cells(model, str(tmp_path / "parts"), allow=parse_client_networks("127.0.0.2"))
+    rc, _, err = mbpoll(cell.port, "0", TRIGGER_ENABLE, write=[1])     # mbpoll connects from 127.0.0.1
+    assert rc != 0, err
+    rc, values, err = mbpoll(cell.port, "1", 0, 2)
+    assert rc != 0 and values == [], err
+    assert cell.plc.clients_refused == 2 and cell.plc.clients == 0 and cell.plc.requests == 0
+    assert cell.plc.handshake.levels["trigger_enable"] is False
+    assert "2 refused" in cell.plc.health().detail
+    read_inputs = _mbap(1, 1, bytes([0x02, 0, 0, 0, 2]))                  # discrete inputs 0-1
+    with socket.socket() as listed:
+        listed.settimeout(3)
+        listed.bind(("127.0.0.2", 0))                                      # the listed address
+        listed.connect(("127.0.0.1", cell.port))
+        listed.sendall(read_inputs)
+        answer = _answer(listed)
+    assert answer[7] == 0x02 and answer[9] & 1 == 1                        # online: served
+    with socket.socket() as stranger:
+        stranger.settimeout(3)
+        stranger.bind(("127.0.0.3", 0))
+        stranger.connect(("127.0.0.1", cell.port))
+        try:
+            stranger.sendall(read_inputs)
+            assert stranger.recv(64) == b""                                # closed, never answered
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    assert cell.plc.clients_refused == 3
+    network = cells(model, str(tmp_path / "parts"), allow=parse_client_networks("10.0.0.5, 127.0.0.0/8"))
+    rc, values, err = mbpoll(network.port, "1", 0, 2)
+    assert rc == 0 and [int(v) for v in values] == [1, 0], err
+    assert network.plc.clients_refused == 0
 
 
 def test_recipe_register_applies_from_the_next_trigger(model, tmp_path, plcs):

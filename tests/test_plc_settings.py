@@ -24,6 +24,11 @@ def test_line_file_plc_table(tmp_path):
     load_line(path)
     assert load_plc_settings(path) == PlcSettings(modbus="127.0.0.1:5020", results_buffer=4)
     assert load_plc_settings(line_file(tmp_path, "")) is None
+    path = line_file(tmp_path, '[plc]\nmodbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.5, 10.0.1.0/24, fd00::7"')
+    load_line(path)
+    assert load_plc_settings(path).modbus_allow == "10.0.0.5, 10.0.1.0/24, fd00::7"
+    for loopback in ("127.0.0.1:5020", ":5020", "localhost:5020", "[::1]:5020", "127.0.0.9:5020"):
+        assert PlcSettings(modbus=loopback).check() is not None      # this machine only: no list needed
 
 
 @pytest.mark.parametrize("table, message", [
@@ -32,6 +37,13 @@ def test_line_file_plc_table(tmp_path):
     ('results_buffer = 0', r"plc\.results_buffer: expected 1\.\.64"),
     ('results_buffer = true', r"plc\.results_buffer"),
     ('opcua_port = 1', r"plc\.opcua_port: unknown field"),
+    ('modbus = "0.0.0.0:502"', r"plc\.modbus 0\.0\.0\.0:502 listens beyond this machine: name the PLC's address "
+                               r"with plc\.modbus-allow"),
+    ('modbus = "plc-pc.cell7:502"', r"plc\.modbus plc-pc\.cell7:502 listens beyond this machine"),
+    ('modbus = "127.0.0.1:5020"\nmodbus_allow = 5', r"plc\.modbus_allow: expected text"),
+    ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.300"', r"plc\.modbus-allow: expected IP addresses .*'10\.0\.0\.300'"),
+    ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.5,"', r"plc\.modbus-allow: expected IP addresses .*''"),
+    ('modbus_allow = "10.0.0.5"', r"plc\.modbus-allow needs plc\.modbus"),
 ])
 def test_line_file_plc_errors_name_the_field(tmp_path, table, message):
     path = line_file(tmp_path, f"[plc]\n{table}")

@@ -12,16 +12,23 @@ Any unit id is answered (``SimDevice`` id 0 serves every id). Coils and discrete
 in one 16-bit word each: reads of the reserved bits after the map answer 0, a read that starts past
 the map or a write of a reserved coil answers exception 02 (illegal data address); unknown function
 codes answer exception 01; a recipe the line does not list answers exception 03.
+
+Modbus TCP has no authentication: the client's address is the one thing a server can check. With
+``allow`` (``--modbus-allow``) a connection from any other address is closed before it is read;
+listening beyond this machine needs such a list (PlcSettings.check).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import struct
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
+
+IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt
@@ -61,6 +68,42 @@ def parse_modbus_address(text: str) -> Tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
+def parse_client_networks(text: str) -> Tuple[IpNetwork, ...]:
+    """'10.0.0.5, 10.0.1.0/24' -> the networks a client address may lie in; PlcError naming the entry."""
+    networks = []
+    for entry in str(text).split(","):
+        entry = entry.strip()
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise PlcError(f"expected IP addresses or networks separated by commas (10.0.0.5,10.0.1.0/24), "
+                           f"got {entry!r}") from None
+    return tuple(networks)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Does listening on ``host`` serve this machine only? (A host name other than localhost: no.)"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_admitted(peer, allow: Optional[Sequence[IpNetwork]]) -> bool:
+    """Is a connection from ``peer`` (a socket's peername) in ``allow``? None: every client is."""
+    if allow is None:
+        return True
+    try:
+        address = ipaddress.ip_address(peer[0].split("%", 1)[0])
+    except (TypeError, ValueError, IndexError):
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:      # a dual-stack socket's IPv4 client
+        address = address.ipv4_mapped
+    return any(address in network for network in allow)
+
+
 def words32(value: int) -> List[int]:
     value %= 1 << 32
     return [value >> 16, value & 0xFFFF]
@@ -93,11 +136,14 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     stops; ``address`` is the (host, port) listened on (port 0 asks for a free one)."""
 
     def __init__(self, target: TriggerTarget, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 capacity: int = RESULTS_BUFFER):
+                 capacity: int = RESULTS_BUFFER, allow: Optional[Sequence[IpNetwork]] = None):
         self.handshake = Handshake(target, capacity, name="modbus")
         self.host, self.port = host, port
+        self.allow = tuple(allow) if allow is not None else None
         self.address: Optional[Tuple[str, int]] = None
         self.clients = self.connections = self.requests = self.refused = 0
+        self.clients_refused = 0          # connections closed at once: their address is not in ``allow``
+        self._refused_seen: set = set()   # addresses already logged (a scanner must not flood the log)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._thread: Optional[threading.Thread] = None
@@ -116,8 +162,8 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         return self
 
     async def _listen(self) -> None:
-        from pymodbus.server import ModbusTcpServer
         from pymodbus.simulator import DataType, SimData, SimDevice
+        ModbusTcpServer = _server_class(self._admit)
         bits = lambda: [SimData(0, count=BIT_WORD, values=False, datatype=DataType.BITS)]   # noqa: E731
         registers = lambda n: [SimData(0, count=n, values=0, datatype=DataType.REGISTERS)]  # noqa: E731
         device = SimDevice(0, simdata=(bits(), bits(), registers(len(HOLDING_REGISTERS)),
@@ -139,6 +185,17 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         elif len(data) == 9 and data[7] == 0x80 and self._last_function:
             data = data[:7] + bytes([(self._last_function | 0x80) & 0xFF]) + data[8:]
         return data
+
+    def _admit(self, peer) -> bool:
+        """Called on the loop thread as a connection is made, before any byte of it is read."""
+        if client_admitted(peer, self.allow):
+            return True
+        self.clients_refused += 1
+        who = str(peer[0]) if peer else "?"
+        if who not in self._refused_seen and len(self._refused_seen) < 64:
+            self._refused_seen.add(who)
+            logger.warning("modbus: refused a connection from %s (not in --modbus-allow)", who)
+        return False
 
     def _connected(self, connect: bool) -> None:
         self.clients += 1 if connect else -1
@@ -236,7 +293,30 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         return OutputHealth(name="modbus", ok=not self._closed and not image.overrun, state=state,
                             sent=image.parts_judged - image.results_dropped, failed=image.results_dropped,
                             detail=f"{where}, {max(self.clients, 0)} PLC connection(s)"
+                                   + (f", {self.clients_refused} refused" if self.clients_refused else "")
                                    + (", results buffer overrun" if image.overrun else ""))
+
+
+def _server_class(admit):
+    """pymodbus' ModbusTcpServer whose connections are first put to ``admit(peername)``: a refused one is
+    aborted in connection_made, before its handler is set up or any of its bytes is read."""
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.server.requesthandler import ServerRequestHandler
+
+    class AdmittingHandler(ServerRequestHandler):
+        def connection_made(self, transport) -> None:
+            if not admit(transport.get_extra_info("peername")):
+                transport.abort()
+                if self.listener is not None:      # registered by the listener before this call
+                    self.listener.active_connections.pop(self.unique_id, None)
+                return
+            super().connection_made(transport)
+
+    class AdmittingServer(ModbusTcpServer):
+        def callback_new_connection(self):
+            return AdmittingHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+
+    return AdmittingServer
 
 
 def _word(bits: List[bool]) -> List[bool]:

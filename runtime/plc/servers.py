@@ -14,14 +14,16 @@ import click
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER
 
-PLC_SETTINGS_VERSION = 1
-PLC_FIELDS = ("modbus", "results_buffer", "opcua", "opcua_user", "opcua_password_env", "opcua_anonymous_calls",
-              "opcua_certificate", "opcua_private_key", "opcua_trust")
+PLC_SETTINGS_VERSION = 2      # 2: modbus_allow
+PLC_FIELDS = ("modbus", "modbus_allow", "results_buffer", "opcua", "opcua_user", "opcua_password_env",
+              "opcua_anonymous_calls", "opcua_certificate", "opcua_private_key", "opcua_trust")
 
 
 @dataclass(frozen=True)
 class PlcSettings:
-    """modbus: "HOST:PORT" of the Modbus TCP server (None: off). results_buffer: results held for
+    """modbus: "HOST:PORT" of the Modbus TCP server (None: off). modbus_allow: the client addresses or
+    networks it admits, comma-separated (None: any; required when it listens beyond this machine,
+    since Modbus has no authentication). results_buffer: results held for
     the PLC, the presented one included (1..64). opcua: "opc.tcp://HOST:PORT" of the OPC UA
     VisionSystem (None: off); opcua_user + opcua_password_env (the environment variable holding the
     password): who may call its methods; opcua_anonymous_calls: anonymous clients may call them too;
@@ -37,16 +39,29 @@ class PlcSettings:
     opcua_certificate: Optional[str] = None
     opcua_private_key: Optional[str] = None
     opcua_trust: Optional[str] = None
+    modbus_allow: Optional[str] = None     # last: fields keep their positions (version 2)
     schema_version: int = PLC_SETTINGS_VERSION
 
     def check(self, where: str = "") -> "PlcSettings":
         """Raise PlcError naming the field; returns self."""
-        from mrkd.runtime.plc.modbus import parse_modbus_address
+        from mrkd.runtime.plc.modbus import is_loopback_host, parse_client_networks, parse_modbus_address
+        field = where.rpartition(": ")[2]     # a second field named in a message: "--" or "plc.", no file again
         if self.modbus is not None:
             try:
-                parse_modbus_address(self.modbus)
+                host, _ = parse_modbus_address(self.modbus)
             except PlcError as exc:
                 raise PlcError(f"{where}modbus: {exc}") from None
+            if self.modbus_allow is None and not is_loopback_host(host):
+                raise PlcError(f"{where}modbus {self.modbus} listens beyond this machine: name the PLC's address "
+                               f"with {field}modbus-allow (e.g. 10.0.0.5 or 10.0.0.0/24); Modbus TCP has no "
+                               f"authentication, so the client's address is all the server can check")
+        if self.modbus_allow is not None:
+            if self.modbus is None:
+                raise PlcError(f"{where}modbus-allow needs {field}modbus")
+            try:
+                parse_client_networks(self.modbus_allow)
+            except PlcError as exc:
+                raise PlcError(f"{where}modbus-allow: {exc}") from None
         if not isinstance(self.results_buffer, int) or isinstance(self.results_buffer, bool) \
                 or not 1 <= self.results_buffer <= 64:
             raise PlcError(f"{where}results_buffer: expected 1..64 results, got {self.results_buffer!r}")
@@ -57,15 +72,15 @@ class PlcSettings:
             except PlcError as exc:
                 raise PlcError(f"{where}opcua: {exc}") from None
         if (self.opcua_user is None) != (self.opcua_password_env is None):
-            raise PlcError(f"{where}opcua-user and {where}opcua-password-env go together")
+            raise PlcError(f"{where}opcua-user and {field}opcua-password-env go together")
         if (self.opcua_certificate is None) != (self.opcua_private_key is None):
-            raise PlcError(f"{where}opcua-certificate and {where}opcua-private-key go together")
+            raise PlcError(f"{where}opcua-certificate and {field}opcua-private-key go together")
         for path in (self.opcua_certificate, self.opcua_private_key):
             if path is not None and not Path(path).is_file():
                 raise PlcError(f"{where}opcua certificate/key: file not found: {path}")
         if self.opcua_trust is not None:
             if self.opcua_certificate is None:
-                raise PlcError(f"{where}opcua-trust needs {where}opcua-certificate and {where}opcua-private-key "
+                raise PlcError(f"{where}opcua-trust needs {field}opcua-certificate and {field}opcua-private-key "
                                f"(client certificates are only exchanged with Sign&Encrypt)")
             if not Path(self.opcua_trust).is_dir():
                 raise PlcError(f"{where}opcua-trust: not a folder: {self.opcua_trust}")
@@ -95,8 +110,8 @@ class PlcSettings:
         unknown = sorted(set(table) - set(PLC_FIELDS))
         if unknown:
             raise PlcError(f"{where}{unknown[0]}: unknown field (known: {', '.join(PLC_FIELDS)})")
-        for name in ("modbus", "opcua", "opcua_user", "opcua_password_env", "opcua_certificate", "opcua_private_key",
-                     "opcua_trust"):
+        for name in ("modbus", "modbus_allow", "opcua", "opcua_user", "opcua_password_env", "opcua_certificate",
+                     "opcua_private_key", "opcua_trust"):
             if table.get(name) is not None and not isinstance(table[name], str):
                 raise PlcError(f"{where}{name}: expected text, got {table[name]!r}")
         return cls(**{name: table[name] for name in PLC_FIELDS if name in table}).check(where)
@@ -107,8 +122,14 @@ def plc_options(command):
     options = [
         click.option("--modbus", "modbus", metavar="HOST:PORT", default=None,
                      help="Serve the PLC handshake over Modbus TCP (the map in docs/PLC.md; any unit id), e.g. "
-                          "127.0.0.1:5020; 0.0.0.0:502 for the cell network. A trigger source for --trigger "
-                          "software/hardware. Default bind 127.0.0.1. Line file: [plc] modbus = ... Needs the plc extra."),
+                          "127.0.0.1:5020; 0.0.0.0:502 for the cell network (with --modbus-allow). A trigger "
+                          "source for --trigger software/hardware. Default bind 127.0.0.1. Line file: [plc] modbus "
+                          "= ... Needs the plc extra."),
+        click.option("--modbus-allow", "modbus_allow", metavar="ADDRESSES", default=None,
+                     help="Clients the Modbus server admits: IP addresses or networks, comma-separated "
+                          "(10.0.0.5,10.0.1.0/24); others are disconnected unread. Required when --modbus listens "
+                          "beyond this machine: Modbus TCP has no authentication, the client's address is all a "
+                          "server can check. Line file: [plc] modbus_allow = ..."),
         click.option("--plc-results-buffer", "plc_results_buffer", type=click.IntRange(1, 64), default=None,
                      help=f"Results held for the PLC until acknowledged, the presented one included (default "
                           f"{RESULTS_BUFFER}); newer ones are dropped and flagged as overrun."),
@@ -140,7 +161,8 @@ def plc_options(command):
 def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = None) -> PlcSettings:
     """PlcSettings from (and taken out of) run_command's options, over the line file's ``[plc]``."""
     base = line_file_settings or PlcSettings()
-    given = {"modbus": options.pop("modbus"), "results_buffer": options.pop("plc_results_buffer"),
+    given = {"modbus": options.pop("modbus"), "modbus_allow": options.pop("modbus_allow", None),
+             "results_buffer": options.pop("plc_results_buffer"),
              "opcua": options.pop("opcua"), "opcua_user": options.pop("opcua_user"),
              "opcua_password_env": options.pop("opcua_password_env"),
              "opcua_anonymous_calls": options.pop("opcua_anonymous_calls"),
@@ -157,12 +179,14 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
     servers: List = []
     try:
         if settings.modbus is not None:
-            from mrkd.runtime.plc.modbus import ModbusPlc, parse_modbus_address
+            from mrkd.runtime.plc.modbus import ModbusPlc, parse_client_networks, parse_modbus_address
             host, port = parse_modbus_address(settings.modbus)
-            server = ModbusPlc(target, host, port, capacity=settings.results_buffer).start()
+            allow = parse_client_networks(settings.modbus_allow) if settings.modbus_allow is not None else None
+            server = ModbusPlc(target, host, port, capacity=settings.results_buffer, allow=allow).start()
             servers.append(server)
             if echo:
-                echo(f"Modbus TCP PLC server on {server.address[0]}:{server.address[1]} (map: docs/PLC.md)")
+                clients = f"; clients from {settings.modbus_allow}" if allow is not None else ""
+                echo(f"Modbus TCP PLC server on {server.address[0]}:{server.address[1]} (map: docs/PLC.md{clients})")
         if settings.opcua is not None:
             from mrkd.runtime.plc.opcua import OpcUaPlc
             server = OpcUaPlc(target, settings.opcua, user=settings.opcua_user, password=settings.opcua_password(),
