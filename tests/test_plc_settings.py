@@ -64,7 +64,7 @@ def test_command_line_over_line_file():
         PlcSettings(":6000", 2, opcua="opc.tcp://127.0.0.1:4840")
     with pytest.raises(PlcError, match="--modbus"):
         pop_plc_settings(options(modbus="host:port"))
-    assert pop_plc_settings(options(opcua="opc.tcp://h:1", opcua_user="u", opcua_password_env="V",
+    assert pop_plc_settings(options(opcua="opc.tcp://127.0.0.1:1", opcua_user="u", opcua_password_env="V",
                                     opcua_anonymous_calls=True)).opcua_anonymous_calls
 
 
@@ -107,3 +107,28 @@ def test_opcua_trust_folder_setting(tmp_path):
                  opcua_trust=str(tmp_path / "certs" / "clients"))
     assert pop_plc_settings(given).opcua_trust == str(tmp_path / "certs" / "clients")
     assert "opcua_trust" not in given
+
+
+def test_network_opcua_needs_callers_it_can_authenticate(tmp_path):
+    """Reachable from the network, OPC UA refuses anonymous method calls unless clients are admitted by
+    certificate, and a password that would cross the network unencrypted; read-only or local is fine."""
+    for name in ("server.der", "server.pem"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "clients").mkdir()
+    cert = dict(opcua_certificate=str(tmp_path / "server.der"), opcua_private_key=str(tmp_path / "server.pem"))
+    user = dict(opcua_user="op", opcua_password_env="MRKD_TEST_PW")
+    for url in ("opc.tcp://0.0.0.0:4840", "opc.tcp://[::]:4840", "opc.tcp://cell7-pc:4840"):
+        with pytest.raises(PlcError, match=r"--opcua-anonymous-calls with --opcua .*: anyone on the network"):
+            PlcSettings(opcua=url, opcua_anonymous_calls=True).check("--")
+        with pytest.raises(PlcError, match=r"--opcua-anonymous-calls"):
+            PlcSettings(opcua=url, opcua_anonymous_calls=True, **cert).check("--")     # any client could connect
+        with pytest.raises(PlcError, match=r"--opcua-user but no --opcua-certificate: the password would cross"):
+            PlcSettings(opcua=url, **user).check("--")
+        PlcSettings(opcua=url).check("--")                                                 # read-only
+        PlcSettings(opcua=url, **user, **cert).check("--")                                 # encrypted
+        PlcSettings(opcua=url, opcua_anonymous_calls=True, opcua_trust=str(tmp_path / "clients"), **cert).check("--")
+    for url in ("opc.tcp://127.0.0.1:4840", "opc.tcp://localhost:4840", "opc.tcp://[::1]:4840"):
+        PlcSettings(opcua=url, opcua_anonymous_calls=True, **user).check("--")          # this machine only
+    with pytest.raises(LineFileError, match=r"line\.toml: plc\.opcua opc.tcp://0.0.0.0:4840 with plc\.opcua-user"):
+        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:4840"\nopcua_user = "op"\n'
+                                      'opcua_password_env = "MRKD_TEST_PW"'))

@@ -68,9 +68,18 @@ class PlcSettings:
         if self.opcua is not None:
             from mrkd.runtime.plc.opcua import parse_opcua_url
             try:
-                parse_opcua_url(self.opcua)
+                host, _ = parse_opcua_url(self.opcua)
             except PlcError as exc:
                 raise PlcError(f"{where}opcua: {exc}") from None
+            if not is_loopback_host(host):     # reachable from the network: callers must be authenticated
+                if self.opcua_anonymous_calls is True and self.opcua_trust is None:
+                    raise PlcError(f"{where}opcua-anonymous-calls with {field}opcua {self.opcua}: anyone on the network "
+                                   f"could start jobs; admit known clients only ({field}opcua-trust with "
+                                   f"{field}opcua-certificate) or listen on 127.0.0.1")
+                if self.opcua_user is not None and self.opcua_certificate is None:
+                    raise PlcError(f"{where}opcua {self.opcua} with {field}opcua-user but no {field}opcua-certificate: "
+                                   f"the password would cross the network unencrypted; give the server a "
+                                   f"certificate (Basic256Sha256 Sign&Encrypt) or listen on 127.0.0.1")
         if (self.opcua_user is None) != (self.opcua_password_env is None):
             raise PlcError(f"{where}opcua-user and {field}opcua-password-env go together")
         if (self.opcua_certificate is None) != (self.opcua_private_key is None):
