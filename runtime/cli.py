@@ -52,6 +52,11 @@ def line_output_options(command):
                      help="Serve /metrics (Prometheus), /healthz and a read-only live operator page at / "
                           "(e.g. 127.0.0.1:8080, or :8080, this machine only; 0.0.0.0:8080 for the whole network). "
                           "Needs the line extra."),
+        click.option("--http-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Certificate (PEM) for --http: the page then speaks HTTPS only (TLS 1.2+); with "
+                          "--http-key. Needed for --control-token-env when --http listens beyond this machine."),
+        click.option("--http-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="The --http-cert certificate's private key (PEM, unencrypted)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -186,7 +191,7 @@ def pop_output_settings(options: dict):
                                               results_rate=results_rate)
     elif username or password_env or tls or ca or results_rate:
         raise SettingError("the --mqtt-* options need --mqtt mqtt://HOST:PORT/PREFIX")
-    http = options.pop("http_address")
+    http, http_cert, http_key = (options.pop(k) for k in ("http_address", "http_cert", "http_key"))
     if http:
         from mrkd.runtime.outputs.web import parse_address
         parse_address(http)
@@ -199,7 +204,7 @@ def pop_output_settings(options: dict):
         raise SettingError("--evidence-ok-every needs --evidence DIR")
     return OutputSettings(events=options.pop("events"), snapshots=options.pop("snapshots"), evidence=evidence,
                           snapshot_format=options.pop("snapshot_format"), webhook=webhook_settings, mqtt=mqtt_settings,
-                          http=http, save_video=options.pop("save_video"), video_fps=options["fps"] or 15.0,
+                          http=http, http_cert=http_cert, http_key=http_key, save_video=options.pop("save_video"), video_fps=options["fps"] or 15.0,
                           show=options.pop("show"))
 
 
@@ -310,7 +315,7 @@ def run_command(model, sources, line_file, **options):
     plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
     output_settings = pop_output_settings(options)
     from mrkd.runtime.control import pop_control_options     # POST /reload, /review
-    control = pop_control_options(options, output_settings.http)
+    control = pop_control_options(options, output_settings.http, tls=output_settings.http_cert is not None)
     shadow_model = options.pop("shadow_model")
     run_settings = pop_run_settings(options)
     camera_defaults = pop_camera_defaults(options, part)

@@ -146,14 +146,22 @@ def _part_camera(event: dict, asked: Optional[str]) -> Tuple[Optional[str], str]
 __all__ = ["LineControl", "ControlError", "ReviewError", "MAX_BODY", "token_from_env"]
 
 
-def pop_control_options(options: dict, http: Optional[str] = None) -> dict:
+def pop_control_options(options: dict, http: Optional[str] = None, tls: bool = False) -> dict:
     """``--control-token-env`` / ``--review-labels`` of `mrkd run`, taken out of its options and checked
-    (the token is read from its variable now, so a missing one fails before the line starts)."""
+    (the token is read from its variable now, so a missing one fails before the line starts). ``tls``:
+    the page speaks HTTPS; a token sent from the network needs it."""
     variable, labels = options.pop("control_token_env", None), options.pop("review_labels", None)
     if labels and not variable:
         raise ControlError("--review-labels needs --control-token-env VAR: reviews over HTTP need a token")
     if variable and not http:
         raise ControlError("--control-token-env: the commands are served by the operator page; add --http HOST:PORT")
+    if variable and not tls:
+        from mrkd.runtime.addresses import is_loopback_host
+        from mrkd.runtime.outputs.web import parse_address
+        host, _ = parse_address(http)
+        if not is_loopback_host(host):
+            raise ControlError(f"--control-token-env with --http {http}: the token would cross the network "
+                               f"unencrypted; add --http-cert and --http-key (HTTPS) or listen on 127.0.0.1")
     return {"token": token_from_env(variable) if variable else None, "labels": labels}
 
 

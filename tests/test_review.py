@@ -371,6 +371,100 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
         server.close()
 
 
+def _self_signed(folder: Path):
+    """A certificate for 127.0.0.1 and localhost and its key (PEM), made with cryptography, not our code."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mrkd test page")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def test_page_over_https_with_curl_and_a_stalled_handshake_holds_no_one_up(tmp_path):
+    """--http-cert/--http-key: curl (trusting the certificate) gets the page and sends a command with the
+    token; plain HTTP and an unverified certificate get nothing; a client that opens a connection and never
+    starts its TLS handshake neither delays another client nor keeps its connection past the timeout."""
+    import socket
+    import time
+    from peers import require_program
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    curl = require_program("curl", ["curl"])
+    cert, key = _self_signed(tmp_path)
+    token = "an-https-control-token"
+    server = OperatorServer("127.0.0.1", 0, request_timeout_s=2.0, tls=(cert, key))
+    server.control = LineControl(token, tmp_path / "labels.jsonl", tmp_path / "events.jsonl", tmp_path / "evidence")
+
+    def fetch(*args, url=None):
+        done = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", *args,
+                               url or server.url + "/"], capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stdout
+
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        stalled = socket.create_connection(server.httpd.server_address[:2], timeout=10)   # sends nothing
+        started = time.monotonic()
+        assert fetch("--cacert", cert) == (0, "200")
+        assert time.monotonic() - started < 1.5                          # not queued behind the stalled client
+        assert fetch("--cacert", cert, "-X", "POST", "-H", f"Authorization: Bearer {token}",
+                     url=server.url + "/reload") == (0, "403")           # token accepted: no model slots here
+        assert fetch("--cacert", cert, "-X", "POST", "-H", "Authorization: Bearer wrong-token-wrong-token",
+                     url=server.url + "/reload") == (0, "401")
+        rc, code = fetch()                                                # certificate not trusted: refused
+        assert rc == 60 and code == "000", (rc, code)
+        rc, code = fetch(url=server.url.replace("https://", "http://") + "/")     # plain HTTP: no page
+        assert rc != 0 and code == "000", (rc, code)
+        assert _closed_within(stalled, 5.0) < 4.0                         # dropped at the 2 s deadline
+        stalled.close()
+    finally:
+        server.close()
+
+
+def test_control_token_beyond_this_machine_needs_https(tmp_path, monkeypatch):
+    """A token that would cross the network in clear text is refused at start, in one line; on 127.0.0.1
+    or over HTTPS it is taken; certificate and key go together and must load."""
+    from click.testing import CliRunner
+    from runtime_fixtures import build_tiny_model
+    from mrkd.cli import main
+    from mrkd.runtime.control import ControlError, pop_control_options
+    monkeypatch.setenv("MRKD_TEST_TOKEN", "a-long-enough-control-token")
+    with pytest.raises(ControlError, match=r"--control-token-env with --http 0\.0\.0\.0:8080: the token would "
+                                           r"cross the network unencrypted; add --http-cert and --http-key"):
+        pop_control_options({"control_token_env": "MRKD_TEST_TOKEN"}, "0.0.0.0:8080")
+    for http, tls in (("0.0.0.0:8080", True), ("127.0.0.1:8080", False), (":8080", False), ("[::1]:8080", False)):
+        assert pop_control_options({"control_token_env": "MRKD_TEST_TOKEN"}, http, tls=tls)["token"]
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), normal_frame(np.random.default_rng(0)))
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    cert, key = _self_signed(tmp_path)
+    for extra, message in (
+            (["--http", "0.0.0.0:0", "--control-token-env", "MRKD_TEST_TOKEN"], "the token would cross the network"),
+            (["--http", "127.0.0.1:0", "--http-cert", cert], "--http-cert and --http-key go together"),
+            (["--http-cert", cert, "--http-key", key], "--http-cert/--http-key need --http HOST:PORT"),
+            (["--http", "127.0.0.1:0", "--http-cert", str(tmp_path / "junk.pem"), "--http-key", key],
+             "cannot load them")):
+        result = CliRunner().invoke(main, ["run", str(model), "--source", str(frames), *extra])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, \
+            (extra, result.output)
+
+
 @pytest.mark.slow
 def test_review_from_the_page_in_chromium_with_and_without_the_token(line_run, tmp_path):
     """A browser on the operator page posts a review the way a page script would (fetch, same origin):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:      # the modules load only when their output is asked for
     from mrkd.runtime.outputs.mqtt import MqttSettings
     from mrkd.runtime.outputs.webhook import WebhookSettings
 
-OUTPUT_SCHEMA_VERSION = 1
+OUTPUT_SCHEMA_VERSION = 2      # 2: http_cert, http_key
 
 # The outputs, in the order their hooks are called (modules of this package).
 # evidence comes after snapshots: the snapshot writer may draw the event id anew, evidence files use the final one.
@@ -52,6 +52,8 @@ ones) within a disk budget (EvidenceSettings). close_deadline_s: how long networ
     show: bool = False
     video_camera: Optional[str] = None
     close_deadline_s: float = 5.0
+    http_cert: Optional[str] = None
+    http_key: Optional[str] = None
     schema_version: int = OUTPUT_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -59,6 +61,10 @@ ones) within a disk budget (EvidenceSettings). close_deadline_s: how long networ
             raise SettingError(f"snapshot format must be .jpg or .png, got {self.snapshot_format!r}")
         if not self.video_fps > 0 or not self.close_deadline_s >= 0:
             raise SettingError("video fps must be > 0 and the close deadline >= 0")
+        if (self.http_cert is None) != (self.http_key is None):
+            raise SettingError("--http-cert and --http-key go together")
+        if self.http_cert is not None and not self.http:
+            raise SettingError("--http-cert/--http-key need --http HOST:PORT")
 
 
 def build_outputs(settings: OutputSettings) -> List["LineObserver"]:

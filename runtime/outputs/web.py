@@ -27,12 +27,12 @@ operator types in (kept in the tab's sessionStorage, never in a URL).
 from __future__ import annotations
 
 import io
-import ipaddress
 import json
 import logging
 import queue
 import re
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -45,6 +45,7 @@ from urllib.parse import parse_qs, quote
 import cv2
 
 from mrkd.errors import SettingError
+from mrkd.runtime.addresses import is_loopback_host
 from mrkd.runtime.outputs.events import DropOldestQueue, part_event, wants_event
 from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, PartResult,
                                        call_each)
@@ -112,16 +113,18 @@ class OperatorServer(LineObserver):
     its bytes trickle in (and the longest a stream may go unread) before its connection is closed.
     max_connections: connections served at once (live streams included); one more is answered 503 at
     once, without a thread, so a flood of connections cannot take the process's threads or file handles.
+    tls: (certificate, private key) PEM files: HTTPS only, TLS 1.2 or newer; each connection's handshake
+    runs on its own thread within the request timeout, so a client that never finishes it holds no one up.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
                  max_alarms: int = 20, jpeg_quality: int = 80, request_timeout_s: float = 30.0,
-                 max_connections: int = 64):
+                 max_connections: int = 64, tls: Optional[Tuple[str, str]] = None):
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
         # Bound to loopback, the page answers only requests addressed to a loopback name: a web page
         # whose own host name was re-pointed at 127.0.0.1 (DNS rebinding) is then refused, not served.
-        self.loopback_only = _is_loopback(host)
+        self.loopback_only = is_loopback_host(host)
         self.page = PAGE_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
@@ -137,6 +140,11 @@ class OperatorServer(LineObserver):
         self.control = None                   # runtime/control.py LineControl: POST commands with a token
         self.started = threading.Event()      # on_start has run: the cameras are known
         self.httpd = _BoundedHTTPServer((host, port), _handler_for(self), max_connections)
+        self.scheme = "http"
+        if tls is not None:
+            self.httpd.socket = _tls_context(*tls).wrap_socket(self.httpd.socket, server_side=True,
+                                                              do_handshake_on_connect=False)
+            self.scheme = "https"
         self._serve = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                        name="http", daemon=True)
         self._serve.start()
@@ -146,7 +154,7 @@ class OperatorServer(LineObserver):
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        return f"{self.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
     # -- hooks (loop thread): store references, queue small records, return
     def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
@@ -383,15 +391,6 @@ def _alarm_record(camera: str, event: dict) -> dict:
     return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image}
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _host_name(header: str) -> str:
     """The name in a Host header, without its port: "127.0.0.1:8080" -> "127.0.0.1", "[::1]:80" -> "::1"."""
     header = header.strip().lower()
@@ -419,8 +418,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             self._active += admitted
         if not admitted:
             try:
-                request.settimeout(1.0)
-                request.sendall(self.BUSY)
+                if not isinstance(request, ssl.SSLSocket):   # over TLS a reply needs a handshake first: just close
+                    request.settimeout(1.0)
+                    request.sendall(self.BUSY)
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -440,6 +440,44 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     def _release(self) -> None:
         with self._active_lock:
             self._active -= 1
+
+
+def _tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
+    """A server context for ``--http-cert``/``--http-key`` (SettingError naming the files when they do not load)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certificate, private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingError(f"--http-cert {certificate} / --http-key {private_key}: cannot load them ({exc})") from None
+    return context
+
+
+def _handshake_within(connection: ssl.SSLSocket, seconds: float) -> bool:
+    """Complete a server-side TLS handshake within ``seconds`` in all (not per byte); False when it fails."""
+    import select
+    deadline = time.monotonic() + seconds
+    timeout = connection.gettimeout()
+    connection.setblocking(False)
+    try:
+        while True:
+            try:
+                connection.do_handshake()
+                return True
+            except ssl.SSLWantReadError:
+                wait = ([connection], [])
+            except ssl.SSLWantWriteError:
+                wait = ([], [connection])
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(*wait, [], left)[:2]):
+                return False
+    except (OSError, ValueError):       # ssl.SSLError is an OSError
+        return False
+    finally:
+        try:
+            connection.settimeout(timeout)
+        except OSError:
+            pass
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -478,9 +516,17 @@ def _handler_for(server: OperatorServer):
             pass
 
         def setup(self):
-            super().setup()
+            super().setup()      # the socket timeout bounds the TLS handshake below too
+            self._unusable = False
+            if isinstance(self.connection, ssl.SSLSocket):
+                # plain HTTP, a scanner, a stall: closed, nothing served
+                self._unusable = not _handshake_within(self.connection, server.request_timeout_s)
             self._reader = _DeadlineReader(self.connection, server.request_timeout_s)
             self.rfile = io.BufferedReader(self._reader)
+
+        def handle(self):
+            if not self._unusable:
+                super().handle()
 
         def handle_one_request(self):
             # Each request (the idle wait before it included) must arrive whole within the timeout.
@@ -491,7 +537,7 @@ def _handler_for(server: OperatorServer):
             if not super().parse_request():
                 return False
             host = self.headers.get("Host")
-            if server.loopback_only and host is not None and not _is_loopback(_host_name(host)):
+            if server.loopback_only and host is not None and not is_loopback_host(_host_name(host)):
                 self.close_connection = True
                 self._send(421, b"this server answers requests for 127.0.0.1 or localhost only\n", "text/plain")
                 return False
@@ -630,7 +676,8 @@ def outputs_from(settings) -> list:
     if not settings.http:
         return []
     host, port = parse_address(settings.http)
+    tls = (settings.http_cert, settings.http_key) if settings.http_cert else None
     try:
-        return [OperatorServer(host, port)]
+        return [OperatorServer(host, port, tls=tls)]
     except OSError as exc:
         raise OSError(exc.errno, f"--http {settings.http}: cannot listen there ({exc.strerror or exc})") from None

@@ -81,16 +81,6 @@ def parse_client_networks(text: str) -> Tuple[IpNetwork, ...]:
     return tuple(networks)
 
 
-def is_loopback_host(host: str) -> bool:
-    """Does listening on ``host`` serve this machine only? (A host name other than localhost: no.)"""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def client_admitted(peer, allow: Optional[Sequence[IpNetwork]]) -> bool:
     """Is a connection from ``peer`` (a socket's peername) in ``allow``? None: every client is."""
     if allow is None:

@@ -44,7 +44,8 @@ class PlcSettings:
 
     def check(self, where: str = "") -> "PlcSettings":
         """Raise PlcError naming the field; returns self."""
-        from mrkd.runtime.plc.modbus import is_loopback_host, parse_client_networks, parse_modbus_address
+        from mrkd.runtime.addresses import is_loopback_host
+        from mrkd.runtime.plc.modbus import parse_client_networks, parse_modbus_address
         field = where.rpartition(": ")[2]     # a second field named in a message: "--" or "plc.", no file again
         if self.modbus is not None:
             try:
