@@ -426,19 +426,30 @@ def test_sessions_need_an_encrypted_channel_with_a_trusted_certificate(tmp_path)
 
 def test_trust_folder_mistakes_are_one_line_errors(tmp_path):
     from mrkd.runtime.plc import PlcError
-    from mrkd.runtime.plc.opcua import trusted_certificates
+    from mrkd.runtime.plc.trust import load_trust_folder
     with pytest.raises(PlcError, match="not a folder"):
-        trusted_certificates(str(tmp_path / "missing"))
+        load_trust_folder(str(tmp_path / "missing"))
     with pytest.raises(PlcError, match="no certificates"):
-        trusted_certificates(str(tmp_path))
+        load_trust_folder(str(tmp_path))
     (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
     with pytest.raises(PlcError, match="bad.pem is not a certificate"):
-        trusted_certificates(str(tmp_path))
+        load_trust_folder(str(tmp_path))
     with pytest.raises(PlcError, match="needs the server's certificate"):
         OpcUaPlc(object.__new__(PartRunner), "opc.tcp://127.0.0.1:0", trust=str(tmp_path))
 
 
 @pytest.mark.slow
+def node_client(node: str, server, folder: Path, name: str, mode: str = "SignAndEncrypt"):
+    """secure_client.js as client ``name`` (folder/name.der, name.pem, URI urn:mrkd:test-NAME), its PKI
+    under ``folder``: (the process, {kind: the last JSON line of that kind})."""
+    done = subprocess.run([node, "secure_client.js", server.url, USER, PASSWORD, str(folder / f"{name}.der"),
+                           str(folder / f"{name}.pem"), f"urn:mrkd:test-{name}", str(folder / f"pki-{name}"),
+                           str(folder / "server.der"), mode],
+                          cwd=CLIENT_DIR, capture_output=True, text=True, timeout=120)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return done, {line["kind"]: line for line in lines}
+
+
 def test_node_opcua_client_certificates_and_the_trust_folder(tmp_path):
     """--opcua-trust against node-opcua: a client whose certificate is in the trust folder connects over
     Basic256Sha256 Sign&Encrypt and calls StartSingleJob; a client with another valid certificate is
@@ -453,22 +464,12 @@ def test_node_opcua_client_certificates_and_the_trust_folder(tmp_path):
     client_cert = x509.load_der_x509_certificate((tmp_path / "client.der").read_bytes())
     (trust / "client.pem").write_bytes(client_cert.public_bytes(Encoding.PEM))
     runner, server = start_cell(tmp_path, "dg", **server_certificate(tmp_path), trust=str(trust))
-
-    def node_client(name, mode="SignAndEncrypt"):
-        """secure_client.js as ``name`` (its certificate, key and URI), its PKI under tmp_path."""
-        done = subprocess.run([node, "secure_client.js", server.url, USER, PASSWORD, str(tmp_path / f"{name}.der"),
-                               str(tmp_path / f"{name}.pem"), f"urn:mrkd:test-{name}", str(tmp_path / f"pki-{name}"),
-                               str(tmp_path / "server.der"), mode],
-                              cwd=CLIENT_DIR, capture_output=True, text=True, timeout=120)
-        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        return done, {line["kind"]: line for line in lines}
-
     try:
-        trusted, seen = node_client("client")
+        trusted, seen = node_client(node, server, tmp_path, "client")
         assert trusted.returncode == 0, trusted.stdout[-2000:] + trusted.stderr[-2000:]
         after_trusted = runner.inspections
-        stranger, refused = node_client("stranger")
-        plain, unsecured = node_client("client", mode="None")
+        stranger, refused = node_client(node, server, tmp_path, "stranger")
+        plain, unsecured = node_client(node, server, tmp_path, "client", mode="None")
         after_others = runner.inspections
     finally:
         summary = runner.stop()
@@ -483,3 +484,34 @@ def test_node_opcua_client_certificates_and_the_trust_folder(tmp_path):
     assert plain.returncode == 1 and unsecured["error"]["stage"] == "session", unsecured
     assert "End point must exist" in unsecured["error"]["message"], unsecured
     assert after_others == after_trusted and summary["triggers"] == 1     # only the trusted client's job
+
+
+def test_node_opcua_clients_issued_by_a_trusted_authority_and_a_revoked_one(tmp_path):
+    """A trust folder holding a certificate authority and its CRL (no client listed): node-opcua with a
+    certificate that authority issued runs a job; one it revoked, and one signed by another key that
+    claims the same issuer, are refused at their session (BadCertificateRevoked / BadCertificateUntrusted)."""
+    from pki_fixtures import application, authority, revocation_list
+
+    node = node_client_ready()
+    make_certificates(tmp_path)                                   # the server's own (self-signed)
+    ca = authority("line 7 CA")
+    application(ca, "station").save(tmp_path, "station")
+    revoked = application(ca, "revoked").save(tmp_path, "revoked")
+    application(authority("elsewhere"), "forger", issuer_name=ca.cert.subject).save(tmp_path, "forger")
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    (trust / "line7-ca.der").write_bytes(ca.der)
+    (trust / "line7-ca.crl").write_bytes(revocation_list(ca, [revoked]))
+    runner, server = start_cell(tmp_path, "dg", **server_certificate(tmp_path), trust=str(trust))
+    try:
+        admitted, seen = node_client(node, server, tmp_path, "station")
+        assert admitted.returncode == 0, admitted.stdout[-2000:] + admitted.stderr[-2000:]
+        refused = {name: node_client(node, server, tmp_path, name) for name in ("revoked", "forger")}
+    finally:
+        summary = runner.stop()
+    assert seen["call"]["status"] == "Good" and seen["event"]["partId"] == "node-secure-1"
+    for name, status in (("revoked", "BadCertificateRevoked"), ("forger", "BadCertificateUntrusted")):
+        done, lines = refused[name]
+        assert done.returncode == 1 and "call" not in lines, (name, done.stdout[-2000:])
+        assert lines["error"]["stage"] == "session" and lines["error"]["status"] == status, (name, lines)
+    assert summary["triggers"] == 1                              # the admitted station's job only

@@ -21,10 +21,11 @@ The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain S
 
 Security: bind 127.0.0.1 by default. With a server certificate and private key the only endpoint is
 Basic256Sha256 Sign&Encrypt (the application URI is read from the certificate); without them, the
-None policy only. With a trust folder (``trust``: DER or PEM files, ``.der .pem .crt .cer``) a client
-whose certificate is not one of those files (byte for byte) or is outside its validity dates is
-refused when it creates its session (BadCertificateUntrusted / BadCertificateTimeInvalid), and so is a
-session whose secure channel's own certificate is not trusted; without one, any client certificate is
+None policy only. With a trust folder (``trust``: runtime/plc/trust.py; certificates and the CRLs of
+the certificate authorities among them) a client whose certificate is neither one of those files nor
+issued by one of those authorities, or is revoked or outside its validity dates, is refused when it
+creates its session (BadCertificateUntrusted / BadCertificateRevoked / BadCertificateTimeInvalid), and
+so is a session whose secure channel's own certificate is not trusted; without one, any client certificate is
 accepted (the channel is still encrypted). With a certificate, asyncua's None channel (kept for
 discovery) cannot activate a session (BadSecurityModeRejected). A user name and a
 password taken from an environment variable (compared in constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
@@ -48,6 +49,7 @@ from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.aio import AsyncioServerThread
+from mrkd.runtime.plc.trust import load_trust_folder
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if trust is not None and certificate is None:
             raise PlcError("OPC UA: a trust folder of client certificates needs the server's certificate and key "
                            "(Basic256Sha256 Sign&Encrypt)")
-        self.trusted = trusted_certificates(trust) if trust is not None else None
+        self.trusted = load_trust_folder(trust) if trust is not None else None
         self.url: Optional[str] = None
         self.state, self.mode = "Operational", "Ready"
         self.recipe = int(target.active_recipe)
@@ -127,8 +129,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                 # is admitted only over an encrypted channel whose own certificate is trusted.
                 if plc.certificate and not certificate:
                     raise ServiceError(ua.StatusCodes.BadSecurityModeRejected)
-                if plc.trusted is not None and bytes(certificate) not in plc.trusted:
-                    raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+                refusal = plc.trusted.refusal(bytes(certificate)) if plc.trusted is not None else None
+                if refusal is not None:
+                    raise ServiceError(getattr(ua.StatusCodes, refusal))
                 if username is None:
                     return User(role=UserRole.Anonymous)
                 if plc.user is not None and hmac.compare_digest(str(username).encode(), plc.user.encode()) \
@@ -146,7 +149,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             await server.set_application_uri(_certificate_uri(self.certificate))
             policies = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
             if self.trusted is not None:
-                server.set_certificate_validator(_TrustList(self.trusted).validate)
+                server.set_certificate_validator(_Validator(self.trusted).validate)
         else:
             policies = [ua.SecurityPolicyType.NoSecurity]
         server.set_security_policy(policies, permission_ruleset=_Rules(self.anonymous_calls))
@@ -452,50 +455,22 @@ def _certificate_uri(path: str) -> str:
                        f"({exc})") from None
 
 
-def trusted_certificates(folder: str) -> frozenset:
-    """The DER bytes of every certificate (.der .pem .crt .cer, DER or PEM) in ``folder``; PlcError for
-    a missing folder, one without certificates or a file that is not a certificate."""
-    from pathlib import Path
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-    where = Path(folder)
-    if not where.is_dir():
-        raise PlcError(f"OPC UA trust folder {folder}: not a folder")
-    trusted = set()
-    for path in sorted(where.iterdir()):
-        if path.suffix.lower() not in (".der", ".pem", ".crt", ".cer") or not path.is_file():
-            continue
-        data = path.read_bytes()
-        try:
-            cert = x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----") \
-                else x509.load_der_x509_certificate(data)
-        except ValueError as exc:
-            raise PlcError(f"OPC UA trust folder: {path} is not a certificate ({exc})") from None
-        trusted.add(cert.public_bytes(Encoding.DER))
-    if not trusted:
-        raise PlcError(f"OPC UA trust folder {folder}: no certificates (.der .pem .crt .cer): no client could connect")
-    return frozenset(trusted)
+class _Validator:
+    """asyncua's certificate validator (at CreateSession): the presented certificate must be admitted by
+    the trust folder (runtime/plc/trust.py)."""
 
-
-class _TrustList:
-    """asyncua's certificate validator: the client's certificate must be one of the trusted ones and
-    within its validity dates (checked at CreateSession)."""
-
-    def __init__(self, trusted: frozenset):
-        self.trusted = trusted
+    def __init__(self, trust):
+        self.trust = trust
 
     async def validate(self, cert, app_description) -> None:
-        from datetime import datetime, timezone
         from asyncua import ua
         from asyncua.common.utils import ServiceError
         from cryptography.hazmat.primitives.serialization import Encoding
-        if cert.public_bytes(Encoding.DER) not in self.trusted:
-            logger.warning("opcua: client certificate %s (%s) is not in the trust folder: refused",
-                           cert.subject.rfc4514_string(), getattr(app_description, "ApplicationUri", "?"))
-            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
-        now = datetime.now(timezone.utc)
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise ServiceError(ua.StatusCodes.BadCertificateTimeInvalid)
+        refusal = self.trust.refusal(cert.public_bytes(Encoding.DER))
+        if refusal is not None:
+            logger.warning("opcua: client certificate %s (%s) refused: %s", cert.subject.rfc4514_string(),
+                           getattr(app_description, "ApplicationUri", "?"), refusal)
+            raise ServiceError(getattr(ua.StatusCodes, refusal))
 
 
 def _string(text: str):
