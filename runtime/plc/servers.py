@@ -160,8 +160,10 @@ def plc_options(command):
         click.option("--opcua-private-key", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="The server certificate's private key (PEM)."),
         click.option("--opcua-trust", metavar="DIR", type=click.Path(exists=True, file_okay=False), default=None,
-                     help="Folder of trusted OPC UA client certificates (DER or PEM): with --opcua-certificate, a "
-                          "client whose certificate is not there is refused. Line file: [plc] opcua_trust = ..."),
+                     help="Folder of trusted OPC UA client certificates and certificate authorities with their "
+                          "CRLs (DER or PEM; .crl): with --opcua-certificate, a client whose certificate is neither "
+                          "there nor issued (and not revoked) by an authority there is refused. Line file: [plc] "
+                          "opcua_trust = ..."),
     ]
     for option in reversed(options):
         command = option(command)
