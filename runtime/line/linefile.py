@@ -31,13 +31,14 @@ and alarm settings. Every error is one line naming the file, the camera and the 
 
     [plc]                              # optional, triggered lines: PLC servers (runtime/plc, docs/PLC.md)
     modbus = "127.0.0.1:5020"          # Modbus TCP handshake (mrkd run --modbus)
+    modbus_allow = "10.0.0.5"          # the PLC's address (or networks); needed beyond 127.0.0.1
     results_buffer = 8                 # results held until the PLC acknowledges them
     opcua = "opc.tcp://127.0.0.1:4840" # OPC UA VisionSystem (mrkd run --opcua)
     opcua_user = "operator"            # may call its methods, with the password in
     opcua_password_env = "MRKD_OPCUA_PASSWORD"   # this environment variable
     opcua_certificate = "server.der"   # with opcua_private_key: Basic256Sha256 Sign&Encrypt only
     opcua_private_key = "server.pem"
-    opcua_trust = "trusted-clients"    # optional: folder of client certificates allowed to connect
+    opcua_trust = "trusted-clients"    # optional: client certificates, or CAs with their CRLs, allowed
 """
 
 from __future__ import annotations
