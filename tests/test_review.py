@@ -415,9 +415,9 @@ def test_page_over_https_with_curl_and_a_stalled_handshake_holds_no_one_up(tmp_p
                                url or server.url + "/"], capture_output=True, text=True, timeout=30)
         return done.returncode, done.stdout
 
+    stalled = socket.create_connection(server.httpd.server_address[:2], timeout=10)       # sends nothing
     try:
         assert server.url.startswith("https://127.0.0.1:")
-        stalled = socket.create_connection(server.httpd.server_address[:2], timeout=10)   # sends nothing
         started = time.monotonic()
         assert fetch("--cacert", cert) == (0, "200")
         assert time.monotonic() - started < 1.5                          # not queued behind the stalled client
@@ -430,8 +430,8 @@ def test_page_over_https_with_curl_and_a_stalled_handshake_holds_no_one_up(tmp_p
         rc, code = fetch(url=server.url.replace("https://", "http://") + "/")     # plain HTTP: no page
         assert rc != 0 and code == "000", (rc, code)
         assert _closed_within(stalled, 5.0) < 4.0                         # dropped at the 2 s deadline
-        stalled.close()
     finally:
+        stalled.close()        # first: a server stuck in its handshake (the bug) could not shut down
         server.close()
 
 
