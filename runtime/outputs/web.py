@@ -22,6 +22,11 @@ watcher of a camera shares its one encoded frame. Nothing here can change the li
 the line was started with a control token: then ``POST /review`` and ``/reload`` (runtime/control.py)
 take ``Authorization: Bearer TOKEN``; the page's review view (page.html) sends it from a token the
 operator types in (kept in the tab's sessionStorage, never in a URL).
+
+Clients that misbehave are bounded (OperatorServer): a whole request within ``request_timeout_s``, at
+most ``max_connections`` at once, and, bound to loopback, requests addressed to a loopback name only.
+``tls`` (``--http-cert``/``--http-key``) serves HTTPS only; a token from the network needs it
+(runtime/control.py).
 """
 
 from __future__ import annotations
