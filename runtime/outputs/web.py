@@ -36,6 +36,7 @@ import json
 import logging
 import queue
 import re
+import select
 import socket
 import ssl
 import threading
@@ -460,7 +461,6 @@ def _tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
 
 def _handshake_within(connection: ssl.SSLSocket, seconds: float) -> bool:
     """Complete a server-side TLS handshake within ``seconds`` in all (not per byte); False when it fails."""
-    import select
     deadline = time.monotonic() + seconds
     timeout = connection.gettimeout()
     connection.setblocking(False)
@@ -521,7 +521,7 @@ def _handler_for(server: OperatorServer):
             pass
 
         def setup(self):
-            super().setup()      # the socket timeout bounds the TLS handshake below too
+            super().setup()
             self._unusable = False
             if isinstance(self.connection, ssl.SSLSocket):
                 # plain HTTP, a scanner, a stall: closed, nothing served
