@@ -204,8 +204,8 @@ def pop_output_settings(options: dict):
         raise SettingError("--evidence-ok-every needs --evidence DIR")
     return OutputSettings(events=options.pop("events"), snapshots=options.pop("snapshots"), evidence=evidence,
                           snapshot_format=options.pop("snapshot_format"), webhook=webhook_settings, mqtt=mqtt_settings,
-                          http=http, http_cert=http_cert, http_key=http_key, save_video=options.pop("save_video"), video_fps=options["fps"] or 15.0,
-                          show=options.pop("show"))
+                          http=http, http_cert=http_cert, http_key=http_key, save_video=options.pop("save_video"),
+                          video_fps=options["fps"] or 15.0, show=options.pop("show"))
 
 
 def pop_run_settings(options: dict):

@@ -25,8 +25,8 @@ None policy only. With a trust folder (``trust``: runtime/plc/trust.py; certific
 the certificate authorities among them) a client whose certificate is neither one of those files nor
 issued by one of those authorities, or is revoked or outside its validity dates, is refused when it
 creates its session (BadCertificateUntrusted / BadCertificateRevoked / BadCertificateTimeInvalid), and
-so is a session whose secure channel's own certificate is not trusted; without one, any client certificate is
-accepted (the channel is still encrypted). With a certificate, asyncua's None channel (kept for
+so is a session whose secure channel's own certificate is not trusted; without one, any client
+certificate is accepted (the channel is still encrypted). With a certificate, asyncua's None channel (kept for
 discovery) cannot activate a session (BadSecurityModeRejected). A user name and a
 password taken from an environment variable (compared in constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
 only when ``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with

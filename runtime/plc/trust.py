@@ -15,9 +15,12 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, FrozenSet, Optional, Tuple
 
 from mrkd.runtime.plc import PlcError
+
+if TYPE_CHECKING:      # cryptography loads only when a trust folder is used
+    from cryptography import x509
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +35,12 @@ UNTRUSTED, TIME_INVALID, ISSUER_TIME_INVALID, REVOKED, INVALID = (
 
 @dataclass(frozen=True)
 class TrustList:
-    """listed: DER bytes of every certificate in the folder. authorities: those that may issue (DER).
-    revoked: authority DER -> serial numbers its verified CRL revokes (an authority without a CRL is absent)."""
+    """listed: DER bytes of every certificate in the folder. authorities: those that may issue, parsed
+    once. revoked: authority -> serial numbers its verified CRL revokes (an authority without a CRL is absent)."""
 
     listed: FrozenSet[bytes]
-    authorities: Tuple[bytes, ...] = ()
-    revoked: Dict[bytes, FrozenSet[int]] = field(default_factory=dict)
+    authorities: Tuple["x509.Certificate", ...] = ()
+    revoked: Dict["x509.Certificate", FrozenSet[int]] = field(default_factory=dict)
 
     def refusal(self, certificate_der: bytes, now: Optional[datetime] = None) -> Optional[str]:
         """None when a client presenting ``certificate_der`` is admitted, else the OPC UA status name."""
@@ -45,15 +48,15 @@ class TrustList:
         from cryptography.exceptions import InvalidSignature
         now = now or datetime.now(timezone.utc)
         try:
-            cert = x509.load_der_x509_certificate(bytes(certificate_der))
+            der = bytes(certificate_der)
+            cert = x509.load_der_x509_certificate(der)
         except (TypeError, ValueError):
             return INVALID
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             return TIME_INVALID
-        if cert.public_bytes(_der()) in self.listed:
+        if der in self.listed:
             return None
-        for authority_der in self.authorities:
-            authority = x509.load_der_x509_certificate(authority_der)
+        for authority in self.authorities:
             if cert.issuer != authority.subject:
                 continue
             try:
@@ -62,7 +65,7 @@ class TrustList:
                 continue
             if not authority.not_valid_before_utc <= now <= authority.not_valid_after_utc:
                 return ISSUER_TIME_INVALID
-            if cert.serial_number in self.revoked.get(authority_der, frozenset()):
+            if cert.serial_number in self.revoked.get(authority, frozenset()):
                 return REVOKED
             return None
         return UNTRUSTED
@@ -109,27 +112,21 @@ def load_trust_folder(folder: str) -> TrustList:
         except ValueError as exc:
             kind = "a certificate revocation list" if suffix in CRL_SUFFIXES else "a certificate"
             raise PlcError(f"OPC UA trust folder: {path} is not {kind} ({exc})") from None
-        der = cert.public_bytes(_der())
-        listed.add(der)
+        listed.add(cert.public_bytes(_der()))
         if _is_authority(cert):
-            authorities.append(der)
+            authorities.append(cert)
     if not listed:
         raise PlcError(f"OPC UA trust folder {folder}: no certificates (.der .pem .crt .cer): no client could connect")
-    revoked: Dict[bytes, FrozenSet[int]] = {}
+    revoked: Dict["x509.Certificate", FrozenSet[int]] = {}
     for path, crl in crls:
-        issuer = next((der for der in authorities if _signed_by(crl, der)), None)
+        issuer = next((authority for authority in authorities
+                       if crl.issuer == authority.subject and crl.is_signature_valid(authority.public_key())), None)
         if issuer is None:
             raise PlcError(f"OPC UA trust folder: {path} is not signed by a certificate authority in the folder")
         revoked[issuer] = revoked.get(issuer, frozenset()) | frozenset(entry.serial_number for entry in crl)
-    for der in authorities:
-        if der not in revoked:
-            subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    for authority in authorities:
+        if authority not in revoked:
             logger.warning("opcua: trust folder: no CRL for the certificate authority %s: the client "
-                           "certificates it issued cannot be revoked", subject)
+                           "certificates it issued cannot be revoked", authority.subject.rfc4514_string())
     return TrustList(frozenset(listed), tuple(authorities), revoked)
 
-
-def _signed_by(crl, authority_der: bytes) -> bool:
-    from cryptography import x509
-    authority = x509.load_der_x509_certificate(authority_der)
-    return crl.issuer == authority.subject and crl.is_signature_valid(authority.public_key())
