@@ -73,10 +73,15 @@ def aravis_importable() -> bool:
     return subprocess.run([sys.executable, "-c", ARAVIS_IMPORT], capture_output=True, timeout=60).returncode == 0
 
 
+def require_aravis_bindings() -> None:
+    """Aravis 0.8 importable through PyGObject (Debian's GObject data, installed when missing)."""
+    require(aravis_importable, ARAVIS_PACKAGES, "Aravis 0.8 through PyGObject (gi.repository.Aravis)")
+
+
 def require_gige_simulator() -> None:
     """Everything a GigE Vision run against Aravis' simulator needs (benchmarks/fake_gige.py): Aravis
     through PyGObject, the simulator, and iproute2's ip (loopback addresses) and ss (its UDP port)."""
-    require(aravis_importable, ARAVIS_PACKAGES, "Aravis 0.8 through PyGObject (gi.repository.Aravis)")
+    require_aravis_bindings()
     require_program("arv-fake-gv-camera-0.8", ["aravis-tools"])
     require_program("ip", ["iproute2"])
     require_program("ss", ["iproute2"])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from peers import ARAVIS_PACKAGES, aravis_importable, require, require_gige_simulator
+from peers import require_aravis_bindings, require_gige_simulator
 from runtime_fixtures import build_tiny_model
 
 from mrkd.benchmarks.fake_gige import FakeGigeCamera
@@ -33,7 +33,7 @@ from mrkd.runtime.sources.gige import PIXEL_FORMATS, set_receive_buffer, to_bgr
 
 def require_aravis():
     """Aravis in this process (the tests that call its API directly)."""
-    require(aravis_importable, ARAVIS_PACKAGES, "Aravis 0.8 through PyGObject (gi.repository.Aravis)")
+    require_aravis_bindings()
     import gi
     gi.require_version("Aravis", "0.8")
     from gi.repository import Aravis
