@@ -34,8 +34,8 @@ DEFECT_GUARD_DEFAULT = 1.25     # train/refit.py GUARD_SCALE (not imported: that
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
 @click.option("--defect-guard", type=click.FloatRange(0, None), default=DEFECT_GUARD_DEFAULT, show_default=True,
-              help="Defect guard: a reviewed-good patch within this many bank radii (the held-out good patches' "
-                   "median distance to the bank), or nearer than that patch's own distance to the bank, of one "
+              help="Defect guard: a reviewed-good patch within this many bank radii (the 0.99 quantile of the held-out "
+                   "good patches' distances to the bank), or nearer than that patch's own distance to the bank, of one "
                    "of the most anomalous patches of an image marked 'defect confirmed' is not added to the bank; "
                    "0 turns the guard off.")
 @click.option("--reweight/--no-reweight", default=False, show_default=True,

@@ -154,7 +154,9 @@ def test_defect_guard_never_lets_a_confirmed_defects_patches_come_nearer_the_ban
     defect = reviewed[:1]             # an image both reviewed good and confirmed defect: the worst case
     held = sorted(str(p) for p in (parent / "good").iterdir())
     drops = {}
+    # a low growth stop (the median), so that on this small fixture the refit adds patches at all
     for name, options in (("keep", {"guard_scale": 0.0}), ("off", {"guard_scale": 0.0, "guard_keep": 0.0})):
+        options["radius_quantile"] = 0.5
         model = load_checkpoint(parent / "parent.ckpt")
         before_bank = model.head.memory_bank.bank.detach().double()
         rows = image_patches(model, defect).double()
@@ -174,8 +176,10 @@ def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_
     from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
     labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent))
     parent_sha = file_sha256(parent / "parent.ckpt")
+    # the fixture's reviewed cells are ordinary good cells, not false alarms: a low growth stop (the
+    # median of the held-out patches' distances) makes the refit add some of their patches
     result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
-                              echo=lambda line: None)
+                              radius_quantile=0.5, echo=lambda line: None)
     assert file_sha256(parent / "parent.ckpt") == parent_sha          # the parent is never written
     old, new = read_checkpoint(parent / "parent.ckpt"), read_checkpoint(tmp_path / "v2" / "model.ckpt")
     for part in ("bottleneck", "student"):                              # bit-identical MRKD weights
@@ -435,3 +439,36 @@ def test_refit_with_reweight_records_the_choice_and_stays_with_few_labels(parent
     assert old["config"] == new["config"]                                        # weights as trained
     assert new["lineage"]["reweight"]["share"] == 0.5 and not new["lineage"]["reweight"]["moved"]
     assert len(new["lineage"]["reweight"]["table"]) == 5
+
+
+def test_refit_says_when_a_reviewed_image_will_be_flagged_again(parent, tmp_path):
+    """A defect cell marked good by mistake, its patches all kept out by a wide defect guard around the
+    other defect cell: the new model still flags it, and the refit says so (counted here from the
+    written checkpoint's own scores and threshold)."""
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
+    cells = elpv_cells("mono", 1.0, 8)
+    parent_model = load_checkpoint(parent / "parent.ckpt")
+    flagged = [c for c, s in zip(cells, score_images(parent_model, cells))
+               if s >= read_checkpoint(parent / "parent.ckpt")["calibration"]["threshold"]]
+    assert flagged, "the fixture's parent flags none of the first 8 defect cells"
+    defects = [Path(shutil.copy(flagged[0], tmp_path / Path(flagged[0]).name)),
+               Path(shutil.copy(next(c for c in cells if c != flagged[0]), tmp_path / "other.png"))]
+    labels = write_labels(tmp_path / "labels.jsonl", [("ev0", defects[0], "good"), ("ev1", defects[1], "defect")])
+    lines = []
+    refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                     guard_scale=1000.0, force=True, echo=lines.append)
+    refit = load_checkpoint(tmp_path / "v2" / "model.ckpt")
+    threshold = read_checkpoint(tmp_path / "v2" / "model.ckpt")["calibration"]["threshold"]
+    assert float(score_images(refit, [str(defects[0])])[0]) >= threshold
+    assert [line for line in lines if "still score at or above" in line] == \
+        ["note: 1 of 1 reviewed good image(s) still score at or above the new threshold; the refit model will "
+         "flag them again"]
+    # and a refit that takes the cell in (no guard) does not say it
+    lines.clear()
+    refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v3", export=False,
+                     guard_scale=0.0, force=True, echo=lines.append)
+    refit = load_checkpoint(tmp_path / "v3" / "model.ckpt")
+    threshold = read_checkpoint(tmp_path / "v3" / "model.ckpt")["calibration"]["threshold"]
+    assert float(score_images(refit, [str(defects[0])])[0]) < threshold
+    assert not [line for line in lines if "still score at or above" in line]
