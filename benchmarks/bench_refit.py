@@ -87,9 +87,8 @@ def auroc(good: np.ndarray, defect: np.ndarray) -> float:
     return float(image_auroc(labels, np.r_[good, defect].astype(np.float64)))
 
 
-GUARD_GRID = ((0.0, 0), (1.25, 16), (1.5, 16))   # (guard_scale, guard_top); 0: off
-RADIUS_GRID = (0.5, 0.75, 0.9, 0.97, 0.99, 1.0)  # --tune-radius: the growth's stop (held-out quantile)
-KEEP_GRID = (0.0, 0.9, 1.0)                         # --tune-keep: the guard's keep rule (refit's guard_keep)
+RADIUS_GRID = (0.5, 0.75, 0.9, 0.97, 0.99)        # --tune-radius: the growth's stop (held-out quantile)
+KEEP_GRID = (0.0, 0.5, 0.75, 0.9, 1.0)              # --tune-keep: the guard's keep rule (refit's guard_keep)
 
 
 def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
@@ -105,17 +104,19 @@ def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
 
 
 def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
-                 n: int = max(REVIEW_COUNTS), grid=GUARD_GRID, log=print, radius_grid=None, keep_grid=None) -> dict:
-    """Validation for the defect guard's settings, on the LINE only (no test label is read). The line
+                 n: int = max(REVIEW_COUNTS), log=print, radius_grid=None, keep_grid=None) -> dict:
+    """Validation for the refit's settings, on the LINE only (no test label is read). The line
     (file name order) is cut in two: its first half is the review period (the first ``n`` false
     alarms there are marked good, its alarmed defects confirmed), its second half the validation
     cells nobody reviewed. Per setting: the second half's false-alarm rate at the shipped model's
-    catch rate there (before and after), its catch rate at the refit's own threshold, and the
-    confirmed defects missed. ``radius_grid``: the growth's stop (refit_model's radius_quantile) per
-    setting instead, the guard as default. ``keep_grid``: the guard's keep rule (refit_model's
-    guard_keep) per setting instead, plus per setting a refit from the WHOLE line's first ``n`` false
-    alarms with all its flagged defects confirmed, and how many of those it leaves unflagged (what
-    `mrkd refit` refuses) in ``missed_whole_line``."""
+    catch rate there (before and after), its catch rate at the refit's own threshold, the confirmed
+    defects missed and the reviewed images the refit model still flags; and a refit from the WHOLE
+    line's first ``n`` false alarms with all its flagged defects confirmed (what `mrkd refit` would be
+    given): the confirmed defects it leaves unflagged (what `mrkd refit` refuses) in
+    ``missed_whole_line``, the reviewed images it still flags in ``still_flagged_whole_line``.
+    ``radius_grid``: the growth's stop (refit_model's radius_quantile) per setting, the guard as
+    default; ``keep_grid``: the guard's keep share (refit_model's guard_keep) per setting, the stop as
+    default."""
     import torch
 
     from mrkd.train.calibrate import score_images
@@ -142,33 +143,30 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        from mrkd.train.refit import GUARD_KEEP, GUARD_SCALE, GUARD_TOP, RADIUS_QUANTILE
-        if radius_grid:
-            settings = [(GUARD_SCALE, GUARD_TOP, q, GUARD_KEEP) for q in radius_grid]
-        elif keep_grid:
-            settings = [(GUARD_SCALE, GUARD_TOP, RADIUS_QUANTILE, k) for k in keep_grid]
-            _, whole_alarms, whole_confirmed, _ = line_review(model, line_good, line_defect)
-        else:
-            settings = [(scale, top, RADIUS_QUANTILE, GUARD_KEEP) for scale, top in grid]
-        for scale, top, quantile, keep in settings:
+        from mrkd.train.refit import GUARD_KEEP, RADIUS_QUANTILE
+        settings = [(q, GUARD_KEEP) for q in radius_grid or ()] + [(RADIUS_QUANTILE, k) for k in keep_grid or ()]
+        _, whole_alarms, whole_confirmed, _ = line_review(model, line_good, line_defect)
+        for quantile, keep in settings:
             candidate = copy.deepcopy(model)
-            result = refit_model(candidate, reviewed, holdout, confirmed, guard_scale=scale, guard_top=top,
-                                 radius_quantile=quantile, guard_keep=keep)
+            result = refit_model(candidate, reviewed, holdout, confirmed, radius_quantile=quantile, guard_keep=keep)
             good1, defect1 = score_images(candidate, val_good), score_images(candidate, val_defect)
-            row = {"guard_scale": scale, "guard_top": top, "radius_quantile": quantile, "guard_keep": keep,
+            row = {"radius_quantile": quantile, "guard_keep": keep,
                    "added": result.added_patches,
                    "guarded": result.guarded_patches, "missed": len(result.defects_missed),
+                   "reviewed_still_flagged": int(sum(s >= result.threshold_after for s in result.good_scores_after)),
                    "far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
                    "own": rates_at(good1, defect1, result.threshold_after), "refit_s": round(result.seconds, 2)}
-            if keep_grid and whole_alarms:
-                whole = refit_model(copy.deepcopy(model), whole_alarms[:n], holdout, whole_confirmed,
-                                    guard_scale=scale, guard_top=top, radius_quantile=quantile, guard_keep=keep)
-                row["missed_whole_line"] = len(whole.defects_missed)
-                log(f"[tune]   keep {keep}: whole line ({len(whole_alarms[:n])} reviewed, {len(whole_confirmed)} "
-                    f"confirmed): {row['missed_whole_line']} confirmed defect(s) no longer flagged")
+            whole = refit_model(copy.deepcopy(model), whole_alarms[:n], holdout, whole_confirmed,
+                                radius_quantile=quantile, guard_keep=keep)
+            row["missed_whole_line"] = len(whole.defects_missed)
+            row["still_flagged_whole_line"] = int(sum(s >= whole.threshold_after for s in whole.good_scores_after))
+            log(f"[tune]   radius q {quantile} keep {keep}: whole line ({len(whole_alarms[:n])} reviewed, "
+                f"{len(whole_confirmed)} confirmed): {row['missed_whole_line']} confirmed defect(s) no longer flagged, "
+                f"{row['still_flagged_whole_line']} reviewed still flagged")
             out["settings"].append(row)
-            log(f"[tune]   scale {scale} top {top} radius q {quantile} keep {keep}: added {row['added']} guarded "
-                f"{row['guarded']} missed {row['missed']}/{len(confirmed)}; validation FAR at catch {catch:.3f}: "
+            log(f"[tune]   radius q {quantile} keep {keep}: added {row['added']} guarded "
+                f"{row['guarded']} missed {row['missed']}/{len(confirmed)} reviewed still flagged "
+                f"{row['reviewed_still_flagged']}/{len(reviewed)}; validation FAR at catch {catch:.3f}: "
                 f"{before['false_alarm_rate']:.3f} -> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} "
                 f"FAR {row['own']['false_alarm_rate']:.3f}")
     finally:
@@ -284,7 +282,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
 
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
-        tune: bool = False, tune_reweight_only: bool = False, tune_radius: bool = False,
+        tune_reweight_only: bool = False, tune_radius: bool = False,
         tune_keep: bool = False) -> dict:
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
@@ -307,7 +305,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
                                      _paths(vroot / "test/defect"), log=log)
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
-            if tune or tune_radius or tune_keep:     # the line only: the test split is not touched
+            if tune_radius or tune_keep:     # the line only: the test split is not touched
                 case = tune_on_line(model, holdout, _paths(vroot / "test/good") + unused,
                                     _paths(vroot / "test/defect"), log=log,
                                     radius_grid=RADIUS_GRID if tune_radius else None,
@@ -333,9 +331,6 @@ def main(argv=None) -> None:
     parser.add_argument("--refit-threads", type=int, default=1,
                         help="torch threads while the refit is timed (1: on a shared machine two OpenMP threads "
                              "spin against other processes: 22.8 s vs 2.7 s for the same refit under load 7)")
-    parser.add_argument("--tune", action="store_true",
-                        help="validation only: the defect guard's settings (GUARD_GRID) refit from the first half of the "
-                             "line and judged on its second half; the test split is not read")
     parser.add_argument("--tune-reweight", action="store_true",
                         help="validation only: the refit's MRKD/kNN re-weighting (every share of MRKD_SHARE_GRID and "
                              "the one the rule chose) on the second half of the line; the test split is not read")
@@ -349,7 +344,7 @@ def main(argv=None) -> None:
                              "whole line leaves unflagged; the test split is not read")
     args = parser.parse_args(argv)
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
-                  tune=args.tune, tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
+                  tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
                   tune_keep=args.tune_keep)
     text = json.dumps(results, indent=2)
     if args.out:

@@ -9,7 +9,7 @@ from mrkd.errors import error_boundary
 from mrkd.options import FRACTION
 from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
 
-DEFECT_GUARD_DEFAULT = 1.25     # train/refit.py GUARD_SCALE (not imported: that module loads torch)
+DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that module loads torch)
 
 
 @click.command("refit", context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,11 +33,10 @@ DEFECT_GUARD_DEFAULT = 1.25     # train/refit.py GUARD_SCALE (not imported: that
 @click.option("--quantile", type=FRACTION, default=None, help="Default: the parent's. " + QUANTILE_HELP)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
-@click.option("--defect-guard", type=click.FloatRange(0, None), default=DEFECT_GUARD_DEFAULT, show_default=True,
-              help="Defect guard: a reviewed-good patch within this many bank radii (the 0.99 quantile of the held-out "
-                   "good patches' distances to the bank), or nearer than that patch's own distance to the bank, of one "
-                   "of the most anomalous patches of an image marked 'defect confirmed' is not added to the bank; "
-                   "0 turns the guard off.")
+@click.option("--defect-guard", type=click.FloatRange(0, 1), default=DEFECT_GUARD_DEFAULT, show_default=True,
+              help="Defect guard: the most anomalous patches of each image marked 'defect confirmed' keep at "
+                   "least this share of their distance to the memory bank (a reviewed-good patch nearer to one "
+                   "of them than that is not added); 1 = their distance never shrinks, 0 turns the guard off.")
 @click.option("--reweight/--no-reweight", default=False, show_default=True,
               help="Also re-weight the two parts of a --score both map (2*s*MRKD + 2*(1-s)*kNN, s = 0.5 as trained) "
                    "with MRKD's share s from 0.25-0.75 that best separates the images marked defect from the good "
@@ -53,7 +52,7 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
     changed."""
     from mrkd.train.refit import refit_checkpoint
     result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
-                              quantile=quantile, method=method, batch_size=batch_size, guard_scale=defect_guard,
+                              quantile=quantile, method=method, batch_size=batch_size, guard_keep=defect_guard,
                               reweight=reweight, echo=click.echo)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
                f"{result.lineage['labels_sha256'][:12]}) in {result.seconds:.1f} s: "

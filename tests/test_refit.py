@@ -145,7 +145,7 @@ def test_defect_guard_with_a_reach_per_patch_matches_brute_force():
 
 
 def test_defect_guard_never_lets_a_confirmed_defects_patches_come_nearer_the_bank(parent):
-    """The guard's keep rule (GUARD_KEEP 1.0, radius rule off): each guarded patch (a confirmed
+    """The defect guard at keep 1.0: each guarded patch (a confirmed
     defect's most anomalous) keeps its nearest-bank distance; without the guard the same refit pulls
     some of them onto the bank."""
     from mrkd.train.checkpoint import load_checkpoint
@@ -155,7 +155,7 @@ def test_defect_guard_never_lets_a_confirmed_defects_patches_come_nearer_the_ban
     held = sorted(str(p) for p in (parent / "good").iterdir())
     drops = {}
     # a low growth stop (the median), so that on this small fixture the refit adds patches at all
-    for name, options in (("keep", {"guard_scale": 0.0}), ("off", {"guard_scale": 0.0, "guard_keep": 0.0})):
+    for name, options in (("keep", {"guard_keep": 1.0}), ("off", {"guard_keep": 0.0})):
         options["radius_quantile"] = 0.5
         model = load_checkpoint(parent / "parent.ckpt")
         before_bank = model.head.memory_bank.bank.detach().double()
@@ -340,10 +340,10 @@ def test_refit_help_documents_the_defect_guard_and_its_default_is_the_rules():
     from click.testing import CliRunner
 
     from mrkd.refit_cli import DEFECT_GUARD_DEFAULT, refit_command
-    from mrkd.train.refit import GUARD_SCALE
-    assert DEFECT_GUARD_DEFAULT == GUARD_SCALE
+    from mrkd.train.refit import GUARD_KEEP
+    assert DEFECT_GUARD_DEFAULT == GUARD_KEEP
     text = " ".join(CliRunner().invoke(refit_command, ["--help"]).output.split())
-    assert "--defect-guard" in text and "turns the guard off" in text and f"default: {GUARD_SCALE}" in text
+    assert "--defect-guard" in text and "turns the guard off" in text and f"default: {GUARD_KEEP}" in text
     from mrkd.train.refit import MRKD_SHARE_GRID, REWEIGHT_MARGIN, REWEIGHT_MIN_DEFECT, REWEIGHT_MIN_GOOD
     assert "--reweight / --no-reweight" in text and "default: no-reweight" in text
     assert f"{min(MRKD_SHARE_GRID)}-{max(MRKD_SHARE_GRID)}" in text and f"AUROC gain of {REWEIGHT_MARGIN}" in text
@@ -457,7 +457,7 @@ def test_refit_says_when_a_reviewed_image_will_be_flagged_again(parent, tmp_path
     labels = write_labels(tmp_path / "labels.jsonl", [("ev0", defects[0], "good"), ("ev1", defects[1], "defect")])
     lines = []
     refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
-                     guard_scale=1000.0, force=True, echo=lines.append)
+                     guard_keep=1000.0, force=True, echo=lines.append)
     refit = load_checkpoint(tmp_path / "v2" / "model.ckpt")
     threshold = read_checkpoint(tmp_path / "v2" / "model.ckpt")["calibration"]["threshold"]
     assert float(score_images(refit, [str(defects[0])])[0]) >= threshold
@@ -467,7 +467,7 @@ def test_refit_says_when_a_reviewed_image_will_be_flagged_again(parent, tmp_path
     # and a refit that takes the cell in (no guard) does not say it
     lines.clear()
     refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v3", export=False,
-                     guard_scale=0.0, force=True, echo=lines.append)
+                     guard_keep=0.0, force=True, echo=lines.append)
     refit = load_checkpoint(tmp_path / "v3" / "model.ckpt")
     threshold = read_checkpoint(tmp_path / "v3" / "model.ckpt")["calibration"]["threshold"]
     assert float(score_images(refit, [str(defects[0])])[0]) < threshold
