@@ -13,8 +13,8 @@
    kNN cost) grows little. A lower stop (the median, the default until 2026-12-04) adds 5-10x more
    of each reviewed image, and those patches also pull down the scores of unflagged, subtle defects
    that resemble them; on the line's validation half of 10 ELPV models it raised the mean
-   false-alarm rate at the same catch by 16 %, where 0.99 lowered it by 15 % and harmed none
-   (benchmarks/RESULTS.md, "refit").
+   false-alarm rate at the same catch by 9 % (3 models worse), where 0.99 lowered it by 15 % and
+   harmed none (benchmarks/RESULTS.md, "refit").
    Past the bank's cap (config.knn_max_patches) the whole bank is re-selected within the cap by the
    same greedy coreset (a warning says so).
 3. The threshold is set again (runtime/calibration.py's rules, the checkpoint's method and quantile)
