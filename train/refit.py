@@ -320,9 +320,9 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
     (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
     a candidate within ``guard_keep`` x the nearest-bank distance of one of the ``guard_top`` most
-    anomalous patches of any ``defect_paths`` image is not added (0: no guard). ``reweight``: after the growth, choose MRKD's share of the map from
-    ``share_grid`` by choose_mrkd_share on the labels (reviewed goods scored against the bank without
-    their own patches, held-out goods, defects).
+    anomalous patches of any ``defect_paths`` image is not added (0: no guard). ``reweight``: after
+    the growth, choose MRKD's share of the map from ``share_grid`` by choose_mrkd_share on the labels
+    (reviewed goods scored against the bank without their own patches, held-out goods, defects).
     ``radius`` (default: the ``radius_quantile`` of the held-out good patches' nearest-bank distances)
     stops the growth."""
     from mrkd.train.calibrate import score_images
