@@ -463,7 +463,7 @@ def test_refit_says_when_a_reviewed_image_will_be_flagged_again(parent, tmp_path
     assert float(score_images(refit, [str(defects[0])])[0]) >= threshold
     assert [line for line in lines if "still score at or above" in line] == \
         ["note: 1 of 1 reviewed good image(s) still score at or above the new threshold; the refit model will "
-         "flag them again"]
+         f"flag them again (first: {defects[0]})"]
     # and a refit that takes the cell in (no guard) does not say it
     lines.clear()
     refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v3", export=False,

@@ -505,12 +505,12 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     if result.reweight is not None:
         echo(f"re-weighting: MRKD share of the map {result.reweight.share:g} "
              f"({'moved' if result.reweight.moved else 'unchanged'}: {result.reweight.reason})")
-    still = sum(score >= result.threshold_after for score in result.good_scores_after)
+    still = [path for path, score in zip(reviewed.good, result.good_scores_after) if score >= result.threshold_after]
     if still:
         # the patches that raise them lie near a confirmed defect's (the guard) or are no rarer than the
         # growth's stop: the operator should know the alarm will come again
-        echo(f"note: {still} of {len(reviewed.good)} reviewed good image(s) still score at or above the new "
-             f"threshold; the refit model will flag them again")
+        echo(f"note: {len(still)} of {len(reviewed.good)} reviewed good image(s) still score at or above the new "
+             f"threshold; the refit model will flag them again (first: {still[0]})")
     if result.defects_missed:
         message = (f"{len(result.defects_missed)} of {len(reviewed.defect)} confirmed defect(s) no longer flagged "
                    f"by the refit model (first: {result.defects_missed[0]})")
