@@ -87,7 +87,7 @@ def auroc(good: np.ndarray, defect: np.ndarray) -> float:
     return float(image_auroc(labels, np.r_[good, defect].astype(np.float64)))
 
 
-RADIUS_GRID = (0.5, 0.75, 0.9, 0.97, 0.99)        # --tune-radius: the growth's stop (held-out quantile)
+RADIUS_GRID = (0.5, 0.75, 0.9, 0.97, 0.99)          # --tune-radius: the growth's stop (held-out quantile)
 KEEP_GRID = (0.0, 0.5, 0.75, 0.9, 1.0)              # --tune-keep: the guard's keep rule (refit's guard_keep)
 
 
@@ -153,13 +153,13 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
             row = {"radius_quantile": quantile, "guard_keep": keep,
                    "added": result.added_patches,
                    "guarded": result.guarded_patches, "missed": len(result.defects_missed),
-                   "reviewed_still_flagged": int(sum(s >= result.threshold_after for s in result.good_scores_after)),
+                   "reviewed_still_flagged": len(result.reviewed_still_flagged),
                    "far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
                    "own": rates_at(good1, defect1, result.threshold_after), "refit_s": round(result.seconds, 2)}
             whole = refit_model(copy.deepcopy(model), whole_alarms[:n], holdout, whole_confirmed,
                                 radius_quantile=quantile, guard_keep=keep)
             row["missed_whole_line"] = len(whole.defects_missed)
-            row["still_flagged_whole_line"] = int(sum(s >= whole.threshold_after for s in whole.good_scores_after))
+            row["still_flagged_whole_line"] = len(whole.reviewed_still_flagged)
             log(f"[tune]   radius q {quantile} keep {keep}: whole line ({len(whole_alarms[:n])} reviewed, "
                 f"{len(whole_confirmed)} confirmed): {row['missed_whole_line']} confirmed defect(s) no longer flagged, "
                 f"{row['still_flagged_whole_line']} reviewed still flagged")
@@ -267,7 +267,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
                "guarded_patches": result.guarded_patches,
                "confirmed_defects_missed": len(result.defects_missed),
                # reviewed false alarms the refit model still flags at its own threshold
-               "reviewed_still_flagged": int(sum(s >= result.threshold_after for s in result.good_scores_after)),
+               "reviewed_still_flagged": len(result.reviewed_still_flagged),
                "at_same_catch": same, "own_threshold": rates_at(good1, defect1, result.threshold_after),
                "auroc": auroc(good1, defect1),
                "false_alarm_reduction": (1 - same["false_alarm_rate"] / before["false_alarm_rate"])

@@ -124,6 +124,7 @@ class RefitResult:
     good_scores_after: List[float]
     defect_scores_after: List[float]
     defects_missed: List[str]            # defect-confirmed images the new model no longer flags
+    reviewed_still_flagged: List[str]    # images reviewed as good that the new model still flags
     seconds: float = 0.0
     files: dict = field(default_factory=dict)
     lineage: Optional[dict] = None
@@ -393,13 +394,16 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     model.calibration = calibration.to_dict()
     defect_scores = score_images(model, list(defect_paths), batch_size) if defect_paths else np.zeros(0)
     missed = [str(p) for p, s in zip(defect_paths, defect_scores) if not s >= calibration.threshold]
+    good_after = score_images(model, list(good_paths), batch_size)
+    still = [str(p) for p, s in zip(good_paths, good_after) if s >= calibration.threshold]
     return RefitResult(bank_before=before, bank_after=len(grown), added_patches=int(len(added)),
                        reselected=reselected, radius=float(radius),
                        threshold_before=previous.threshold if previous else None,
                        threshold_after=calibration.threshold, calibration=calibration.to_dict(),
                        good_scores_before=[float(s) for s in good_before],
-                       good_scores_after=[float(s) for s in score_images(model, list(good_paths), batch_size)],
+                       good_scores_after=[float(s) for s in good_after],
                        defect_scores_after=[float(s) for s in defect_scores], defects_missed=missed,
+                       reviewed_still_flagged=still,
                        seconds=time.perf_counter() - started, guarded_patches=guarded, reweight=chosen)
 
 
@@ -505,12 +509,12 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     if result.reweight is not None:
         echo(f"re-weighting: MRKD share of the map {result.reweight.share:g} "
              f"({'moved' if result.reweight.moved else 'unchanged'}: {result.reweight.reason})")
-    still = [path for path, score in zip(reviewed.good, result.good_scores_after) if score >= result.threshold_after]
-    if still:
+    if result.reviewed_still_flagged:
         # the patches that raise them lie near a confirmed defect's (the guard) or are no rarer than the
         # growth's stop: the operator should know the alarm will come again
-        echo(f"note: {len(still)} of {len(reviewed.good)} reviewed good image(s) still score at or above the new "
-             f"threshold; the refit model will flag them again (first: {still[0]})")
+        echo(f"note: {len(result.reviewed_still_flagged)} of {len(reviewed.good)} reviewed good image(s) still score "
+             f"at or above the new threshold; the refit model will flag them again (first: "
+             f"{result.reviewed_still_flagged[0]})")
     if result.defects_missed:
         message = (f"{len(result.defects_missed)} of {len(reviewed.defect)} confirmed defect(s) no longer flagged "
                    f"by the refit model (first: {result.defects_missed[0]})")
