@@ -287,6 +287,7 @@ def main(argv=None) -> None:
                         help="seeds our default is trained for (default: the same; none: not rerun)")
     parser.add_argument("--categories", nargs="+", default=None, help="ELPV categories (default both)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per side (default 1)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size of both sides (default 128)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the exchanged files here")
     parser.add_argument("--json", type=Path, default=None, help="write the full results here")
     args = parser.parse_args(argv)
@@ -300,6 +301,8 @@ def main(argv=None) -> None:
         settings.categories = tuple(args.categories)
     if args.threads:
         settings.threads = args.threads
+    if args.image_size:
+        settings.image_size = args.image_size
     settings.__post_init__()
     result = compare(settings, args.workdir)
     if args.json:
