@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
 
@@ -103,6 +104,44 @@ def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
     return threshold, false_alarms, confirmed, {p: float(s) for (_, p, _), s in zip(line, line_scores)}
 
 
+@dataclass
+class LineHalves:
+    """The line (file name order) cut in two for the tuners: every other cell of each class is the
+    review half, judged by the shipped model as line_review does; the rest is the validation half
+    nobody reviewed, with the shipped model's scores."""
+
+    threshold: float
+    false_alarms: List[str]          # the review half's good cells the shipped model flags
+    confirmed: List[str]             # the review half's defects it flags
+    val_good: List[str]
+    val_defect: List[str]
+    good_scores: np.ndarray          # the shipped model's scores of val_good, val_defect
+    defect_scores: np.ndarray
+
+    @property
+    def catch(self) -> float:
+        """The shipped model's catch rate on the validation half's defects."""
+        return float((self.defect_scores >= self.threshold).mean())
+
+    def record(self, reviewed: int) -> dict:
+        """What both tuners report of the split, before any refit."""
+        return {"reviewed": reviewed, "confirmed": len(self.confirmed), "validation_good": len(self.val_good),
+                "validation_defect": len(self.val_defect), "validation_catch": self.catch,
+                "far_before": rates_at_catch(self.good_scores, self.defect_scores, self.catch)["false_alarm_rate"]}
+
+
+def line_halves(model, line_good: Sequence[str], line_defect: Sequence[str]) -> LineHalves:
+    from mrkd.train.calibrate import score_images
+    line = sorted([(Path(p).name, p, 0) for p in line_good] + [(Path(p).name, p, 1) for p in line_defect])
+    goods, defects = [c for c in line if c[2] == 0], [c for c in line if c[2] == 1]
+    first, second = sorted(goods[0::2] + defects[0::2]), sorted(goods[1::2] + defects[1::2])
+    threshold, false_alarms, confirmed, _ = line_review(model, [p for _, p, y in first if y == 0],
+                                                        [p for _, p, y in first if y == 1])
+    val_good, val_defect = [p for _, p, y in second if y == 0], [p for _, p, y in second if y == 1]
+    return LineHalves(threshold, false_alarms, confirmed, val_good, val_defect, score_images(model, val_good),
+                      score_images(model, val_defect))
+
+
 def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
                  n: int = max(REVIEW_COUNTS), log=print, radius_grid=None, keep_grid=None) -> dict:
     """Validation for the refit's settings, on the LINE only (no test label is read). The line
@@ -121,20 +160,12 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
 
     from mrkd.train.calibrate import score_images
     from mrkd.train.refit import refit_model
-    line = sorted([(Path(p).name, p, 0) for p in line_good] + [(Path(p).name, p, 1) for p in line_defect])
-    goods, defects = [c for c in line if c[2] == 0], [c for c in line if c[2] == 1]
-    first, second = sorted(goods[0::2] + defects[0::2]), sorted(goods[1::2] + defects[1::2])
-    threshold, false_alarms, confirmed, _ = line_review(model, [p for _, p, y in first if y == 0],
-                                                        [p for _, p, y in first if y == 1])
-    reviewed = false_alarms[:n]
-    val_good, val_defect = [p for _, p, y in second if y == 0], [p for _, p, y in second if y == 1]
-    good0, defect0 = score_images(model, val_good), score_images(model, val_defect)
-    catch = float((defect0 >= threshold).mean())
-    before = rates_at_catch(good0, defect0, catch)
-    out = {"reviewed": len(reviewed), "confirmed": len(confirmed), "validation_good": len(val_good),
-           "validation_defect": len(val_defect), "validation_catch": catch,
-           "far_before": before["false_alarm_rate"], "far_before_shipped": float((good0 >= threshold).mean()),
-           "settings": []}
+    halves = line_halves(model, line_good, line_defect)
+    false_alarms, confirmed, val_good, val_defect = halves.false_alarms, halves.confirmed, halves.val_good, \
+        halves.val_defect
+    reviewed, catch = false_alarms[:n], halves.catch
+    out = {**halves.record(len(reviewed)),
+           "far_before_shipped": float((halves.good_scores >= halves.threshold).mean()), "settings": []}
     log(f"[tune]   review half: {len(false_alarms)} false alarms ({len(reviewed)} reviewed), {len(confirmed)} "
         f"confirmed; validation half: {len(val_good)} good, {len(val_defect)} defect, shipped catch {catch:.3f} "
         f"FAR {out['far_before_shipped']:.3f}")
@@ -144,7 +175,9 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
     torch.set_num_threads(1)
     try:
         from mrkd.train.refit import GUARD_KEEP, RADIUS_QUANTILE
-        settings = [(q, GUARD_KEEP) for q in radius_grid or ()] + [(RADIUS_QUANTILE, k) for k in keep_grid or ()]
+        # both grids hold the defaults' pair: refit it once
+        settings = list(dict.fromkeys([(q, GUARD_KEEP) for q in radius_grid or ()]
+                                      + [(RADIUS_QUANTILE, k) for k in keep_grid or ()]))
         _, whole_alarms, whole_confirmed, _ = line_review(model, line_good, line_defect)
         for quantile, keep in settings:
             candidate = copy.deepcopy(model)
@@ -167,7 +200,7 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
             log(f"[tune]   radius q {quantile} keep {keep}: added {row['added']} guarded "
                 f"{row['guarded']} missed {row['missed']}/{len(confirmed)} reviewed still flagged "
                 f"{row['reviewed_still_flagged']}/{len(reviewed)}; validation FAR at catch {catch:.3f}: "
-                f"{before['false_alarm_rate']:.3f} -> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} "
+                f"{out['far_before']:.3f} -> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} "
                 f"FAR {row['own']['false_alarm_rate']:.3f}")
     finally:
         torch.set_num_threads(threads)
@@ -182,20 +215,11 @@ def tune_reweight(model, holdout: Sequence[str], line_good: Sequence[str], line_
     of the grid (the kNN part of the refit's bank), the share the rule chose from the labels marked."""
     import torch
 
-    from mrkd.train.calibrate import score_images
     from mrkd.train.refit import MRKD_SHARE_GRID, component_maps, refit_model, share_scores
-    line = sorted([(Path(p).name, p, 0) for p in line_good] + [(Path(p).name, p, 1) for p in line_defect])
-    goods, defects = [c for c in line if c[2] == 0], [c for c in line if c[2] == 1]
-    first, second = sorted(goods[0::2] + defects[0::2]), sorted(goods[1::2] + defects[1::2])
-    threshold, false_alarms, confirmed, _ = line_review(model, [p for _, p, y in first if y == 0],
-                                                        [p for _, p, y in first if y == 1])
-    reviewed = false_alarms[:n]
-    val_good, val_defect = [p for _, p, y in second if y == 0], [p for _, p, y in second if y == 1]
-    good0, defect0 = score_images(model, val_good), score_images(model, val_defect)
-    catch = float((defect0 >= threshold).mean())
-    out = {"reviewed": len(reviewed), "confirmed": len(confirmed), "validation_good": len(val_good),
-           "validation_defect": len(val_defect), "validation_catch": catch,
-           "far_before": rates_at_catch(good0, defect0, catch)["false_alarm_rate"], "shares": {}}
+    halves = line_halves(model, line_good, line_defect)
+    confirmed, val_good, val_defect = halves.confirmed, halves.val_good, halves.val_defect
+    reviewed, catch = halves.false_alarms[:n], halves.catch
+    out = {**halves.record(len(reviewed)), "shares": {}}
     if not reviewed:
         return out
     threads = torch.get_num_threads()
