@@ -36,6 +36,11 @@ def elpv_images(count: int):
     return paths[:count]
 
 
+# The previous fitting averaged no neighbourhood (it predates memory_bank.default_pool): every fit here
+# takes the same unaveraged patches, so before and after differ in the fitting alone.
+SAME_PATCHES = {"pool": 1}
+
+
 def coverage_sample(model, paths, samples: int = 20_000):
     """A seeded sample of the training patches (one teacher pass), for coverage()."""
     from mrkd.train.memory_bank import _loader, training_patches
@@ -73,14 +78,15 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: Optional
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model("efficientnet_lite0", "imagenet", image_size=image_size).eval()
+    model.config.knn_pool = SAME_PATCHES["pool"]      # coverage_sample's patches
     result = {"loadavg_before": [round(v, 2) for v in os.getloadavg()], "images": images, "image_size": image_size, "threads": threads, "backbone": "efficientnet_lite0",
               "coreset_candidates": {"before": previous.CORESET_CANDIDATES, "after": current.CORESET_CANDIDATES},
               "coreset_projection": {"before": previous.CORESET_PROJECTION, "after": current.CORESET_PROJECTION}}
     banks = {}
     fast = {"candidates": current.FAST_CANDIDATES, "projection_dim": current.FAST_PROJECTION,
-            "spread_limit": current.FAST_SPREAD_IMAGES, "progress": False}
-    every_spread = {"spread_limit": images, "progress": False}
-    sides = (("after", current.fit_memory_bank, {"progress": False}),
+            "spread_limit": current.FAST_SPREAD_IMAGES, "progress": False, **SAME_PATCHES}
+    every_spread = {"spread_limit": images, "progress": False, **SAME_PATCHES}
+    sides = (("after", current.fit_memory_bank, {"progress": False, **SAME_PATCHES}),
              ("after_all_spreads", current.fit_memory_bank, every_spread),
              ("fast", current.fit_memory_bank, fast), ("before", previous.fit_memory_bank, {}))
     for side, fit, kwargs in sides:
@@ -196,19 +202,24 @@ def validation(image_size: int = 256, epochs: int = 2, max_train: Optional[int] 
             labels = [item.label for item in data.test_items]
             started = time.perf_counter()
             model = train_mrkd(layout.root, category, settings, "imagenet", seed)
+            model.config.knn_pool = SAME_PATCHES["pool"]     # training_patches below
             row = {"train_images": len(data.train_paths), "validation_images": len(paths),
                    "validation_defects": int(sum(labels)), "train_s": round(time.perf_counter() - started, 1)}
             rows = current.training_patches(
                 model, (x for x, _, _, _ in current._loader(model, data.train_paths, 16))).rows
             fits = {"before": (previous.fit_memory_bank, {}),
-                    "after": (current.fit_memory_bank, {"progress": False}),
-                    "after_pool_only": (current.fit_memory_bank, {"progress": False, "tail": 0.0}),
+                    "after": (current.fit_memory_bank, {"progress": False, **SAME_PATCHES}),
+                    "after_pool_only": (current.fit_memory_bank, {"progress": False, "tail": 0.0, **SAME_PATCHES}),
                     "after_spread256": (current.fit_memory_bank,
-                                        {"progress": False, "spread_limit": current.FAST_SPREAD_IMAGES}),
+                                        {"progress": False, "spread_limit": current.FAST_SPREAD_IMAGES,
+                                         **SAME_PATCHES}),
                     "fast": (current.fit_memory_bank,
                              {"progress": False, "candidates": current.FAST_CANDIDATES,
                               "projection_dim": current.FAST_PROJECTION,
-                              "spread_limit": current.FAST_SPREAD_IMAGES})}
+                              "spread_limit": current.FAST_SPREAD_IMAGES, **SAME_PATCHES}),
+                    # today's fit with the neighbourhood averaging of the model's input size
+                    # (memory_bank.default_pool): what `mrkd train` ships
+                    "after_default_pool": (current.fit_memory_bank, {"progress": False})}
             for side in sides:
                 fit, kwargs = fits[side]
                 fitted = copy.deepcopy(model)
@@ -218,11 +229,16 @@ def validation(image_size: int = 256, epochs: int = 2, max_train: Optional[int] 
                 with torch.no_grad():
                     scores = torch.cat([fitted.scores(x) for x in _batches(paths, fitted.config)])
                 row[side] = {"image_auroc": round(_auroc(labels, scores), 4), "fit_s": round(fit_s, 1),
-                             "bank_patches": info["bank_patches"],
-                             "coverage": bank_coverage(rows, fitted.head.memory_bank.bank)}
+                             "bank_patches": info["bank_patches"], "pool": fitted.head.memory_bank.pool,
+                             # coverage of the unaveraged training patches: only for banks of those
+                             "coverage": bank_coverage(rows, fitted.head.memory_bank.bank)
+                             if fitted.head.memory_bank.pool == SAME_PATCHES["pool"] else None}
                 log(f"[memory_bank validation] {category} {side}: {row[side]}")
             if "before" in row and "after" in row:
                 row["auroc_change"] = round(row["after"]["image_auroc"] - row["before"]["image_auroc"], 4)
+            if "after" in row and "after_default_pool" in row:
+                row["pool_auroc_change"] = round(row["after_default_pool"]["image_auroc"]
+                                                 - row["after"]["image_auroc"], 4)
             out[category] = row
     return out
 
@@ -239,12 +255,15 @@ def main(argv=None) -> None:
     parser.add_argument("--max-train", type=int, default=320, help="--validation: training cells per category")
     parser.add_argument("--sides", default="before,after",
                         help="--validation: which fits (before, after, after_pool_only: no tail, "
-                             "after_spread256: spreads on 256 images, fast)")
+                             "after_spread256: spreads on 256 images, fast, after_default_pool: patches "
+                             "averaged as shipped at this size)")
+    parser.add_argument("--seed", type=int, default=0, help="--validation: training and bank seed")
     parser.add_argument("--categories", default="elpv_mono,elpv_poly", help="--validation: ELPV categories")
     args = parser.parse_args(argv)
     if args.validation:
         print(json.dumps(validation(args.image_size or 256, args.epochs, args.max_train,
-                                    categories=tuple(args.categories.split(",")), threads=args.threads or 1,
+                                    seed=args.seed, categories=tuple(args.categories.split(",")),
+                                    threads=args.threads or 1,
                                     sides=tuple(args.sides.split(","))), indent=2))
         return
     print(json.dumps(run(args.quick, args.image_size, args.threads, args.images), indent=2))

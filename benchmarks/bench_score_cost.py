@@ -29,7 +29,7 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: Optional
 
     from mrkd.export import ExportOptions, export_onnx
     from mrkd.export.ort import cpu_session, run as ort_run
-    from mrkd.train.memory_bank import BOTH_SCALE_WEIGHTS, DEFAULT_MAX_PATCHES, MemoryBank
+    from mrkd.train.memory_bank import BOTH_SCALE_WEIGHTS, DEFAULT_MAX_PATCHES, MemoryBank, default_pool
     from mrkd.train.model import build_model
 
     image_size = image_size or (64 if quick else 256)
@@ -47,7 +47,7 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: Optional
         for score in ("mrkd", "both"):
             if score == "both":
                 bank = torch.randn(patches, channels, generator=torch.Generator().manual_seed(0)).abs()
-                model.head.set_memory_bank(MemoryBank(bank), 1.0)
+                model.head.set_memory_bank(MemoryBank(bank, pool=default_pool(image_size)), 1.0)   # as shipped
                 model.head.scale_weights = BOTH_SCALE_WEIGHTS
             path = Path(folder) / f"{score}.onnx"
             export_onnx(model, path, options)   # simplified as `mrkd-export` does (constants folded)

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from mrkd.errors import SettingError  # noqa: E402
 from mrkd.train.memory_bank import BOTH_SCALE_WEIGHTS, MemoryBank, fit_memory_bank, patch_features  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
 
@@ -49,8 +50,9 @@ def _images(tmp_path, n=6):
 
 
 @pytest.mark.slow   # two ONNX exports
-@pytest.mark.parametrize("score", ["knn", "both"])
-def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score):
+@pytest.mark.parametrize("score, pool", [("knn", None), ("both", None), ("both", 3)])
+def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score, pool):
+    """pool None: the default at 64 px (no averaging); 3: the 256 px default's AveragePool in the graph."""
     from mrkd.export import ExportOptions, export_onnx, parity_report
     from mrkd.train import load_checkpoint
     from export_fixtures import run_onnx
@@ -60,8 +62,8 @@ def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score):
     model.head.scale_weights = BOTH_SCALE_WEIGHTS
     plain_both = model.anomaly_map(x)             # the MRKD part of "both"
     model.head.scale_weights = (1.0, 1.0, 1.0)
-    info = fit_memory_bank(model, _images(tmp_path), score, fraction=0.5, seed=0, batch_size=4)
-    assert info["bank_patches"] == 6 * 8 * 8 // 2
+    info = fit_memory_bank(model, _images(tmp_path), score, fraction=0.5, seed=0, batch_size=4, pool=pool)
+    assert info["bank_patches"] == 6 * 8 * 8 // 2 and info["pool"] == (pool or 1)
     maps = model.anomaly_map(x)
     assert not torch.allclose(maps, plain)
     if score == "both":   # the sum of the two maps, each scaled as documented
@@ -72,7 +74,7 @@ def test_fitted_model_checkpoint_and_onnx_parity(tmp_path, score):
                          "quantile": 0.99, "good_min": 0.0, "good_mean": 0.0}
     model.save(tmp_path / "m.pt")
     loaded = load_checkpoint(tmp_path / "m.pt")
-    assert loaded.config.score == score
+    assert loaded.config.score == score and loaded.head.memory_bank.pool == (pool or 1)
     torch.testing.assert_close(loaded.anomaly_map(x), maps, rtol=0, atol=0)
     options = ExportOptions()
     exported = export_onnx(loaded, tmp_path / "m.onnx", options, checkpoint_sha256="ab" * 32, simplify="never")
@@ -493,3 +495,49 @@ def test_spread_features_recomputed_past_the_cache_give_the_same_spreads(tmp_pat
     assert recomputed["mrkd_train_score_std"] == pytest.approx(kept["mrkd_train_score_std"], rel=1e-6)
     torch.testing.assert_close(recomputed_model.head.memory_bank.bank, kept_model.head.memory_bank.bank,
                                rtol=0, atol=0)
+
+
+def test_pooled_patches_match_scipy_neighbourhood_mean_through_bank_and_fitting():
+    """pool=3 (the default): each stride-8/16 feature averaged over its 3 × 3 neighbourhood, zeros past
+    the border counted (scipy's uniform_filter, mode "constant"), in the graph's module and the fitting
+    kernel alike. The deep map is given at the stride-8 size so the upsampling is the identity."""
+    from scipy.ndimage import uniform_filter
+    from scipy.spatial.distance import cdist
+
+    from mrkd.train.memory_bank import default_pool, nearest_distance
+    assert [default_pool(s) for s in (64, 128, 255, 256, (256, 320), 512)] == [1, 1, 1, 3, 3, 3]
+    g = torch.Generator().manual_seed(5)
+    feats = [None, torch.randn(2, 6, 8, 8, generator=g), torch.randn(2, 5, 8, 8, generator=g)]
+    reference = np.concatenate([uniform_filter(f.double().numpy(), size=(1, 1, 3, 3), mode="constant", cval=0.0)
+                                for f in feats[1:]], axis=1)
+    np.testing.assert_allclose(patch_features(feats, 3).numpy(), reference, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(patch_features(feats, 1).numpy(), reference, atol=1e-3)   # the pooling did something
+    bank = torch.randn(700, 11, generator=g)
+    expected = cdist(reference.transpose(0, 2, 3, 1).reshape(-1, 11), bank.double().numpy()).min(1).reshape(2, 8, 8)
+    np.testing.assert_allclose(MemoryBank(bank, chunk=128, pool=3)(feats).numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(nearest_distance(bank, feats, block=256, pool=3).numpy(), expected,
+                               rtol=1e-4, atol=1e-4)
+    for bad in (0, 2, -1, 1.0, True):
+        with pytest.raises(SettingError, match="pool"):
+            MemoryBank(bank, pool=bad)
+
+
+def test_checkpoints_from_before_pooling_keep_unpooled_patches(tmp_path):
+    """A checkpoint written before knn_pool existed was fitted on unaveraged patches: it loads with
+    pool 1, and a new fit records (and its saved checkpoint restores) the pool it used."""
+    from mrkd.train import load_checkpoint, save_checkpoint
+    from mrkd.train.model import MRKDConfig
+    old = MRKDConfig(backbone="resnet18", image_size=256, score="both").to_dict()
+    assert old["knn_pool"] == 3          # today's default at 256 px
+    del old["knn_pool"]
+    assert MRKDConfig.from_dict(old).knn_pool == 1
+    model = _model()                     # 64 px: the default is no averaging
+    assert fit_memory_bank(model, _images(tmp_path, 3), "both", fraction=0.5, progress=False)["pool"] == 1
+    report = fit_memory_bank(model, _images(tmp_path, 3), "both", fraction=0.5, progress=False, batch_size=2,
+                             pool=3)
+    assert report["pool"] == 3 and model.config.knn_pool == 3 and model.head.memory_bank.pool == 3
+    save_checkpoint(model, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.head.memory_bank.pool == 3
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded.anomaly_map(x), model.anomaly_map(x), rtol=1e-5, atol=1e-5)

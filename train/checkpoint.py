@@ -117,7 +117,7 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
         bank = data.get("memory_bank")
         if not isinstance(bank, torch.Tensor) or bank.dim() != 2:
             raise CheckpointError(f"{source}: config score={config.score!r} but the checkpoint has no memory_bank")
-        model.head.set_memory_bank(MemoryBank(bank), config.knn_weight)
+        model.head.set_memory_bank(MemoryBank(bank, pool=config.knn_pool), config.knn_weight)
     model.calibration = Calibration.of(data.get("calibration") or None, f"{source}: calibration")
     model.trained_category = trained_category(data)
     return model.eval()

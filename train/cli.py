@@ -155,12 +155,17 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--knn-max-patches", type=click.IntRange(min=0), default=8192, show_default=True,
               help="With --score knn|both: at most this many patches in the bank (0: no cap). Bounds the "
                    "exported graph's distance MatMul and the coreset's time on large training sets.")
+@click.option("--knn-pool", type=click.IntRange(min=1), default=None,
+              help="With --score knn|both: each bank patch (and each patch scored) is the average of its "
+                   "N x N neighbourhood of teacher features (odd N; 1: no averaging). Default: 3 (as "
+                   "PatchCore) from --image-size 256 up, 1 below; chosen on real images, see "
+                   "benchmarks/RESULTS.md.")
 @friendly_errors
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
                   device, ilm, ilm_source, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile,
                   threshold_method, threshold_confidence, resume,
                   workers, amp, feature_cache, feature_cache_mb, fast_teacher, allocator, resize_mode, skip_unreadable,
-                  require_masks, score, knn_memory, knn_sampler, knn_max_patches):
+                  require_masks, score, knn_memory, knn_sampler, knn_max_patches, knn_pool):
     """Train MRKD on the good images of DATA_ROOT (MVTec layout, or a plain folder of good images).
 
     The run hands on its final epoch's weights (<out>/<category>/last.ckpt), as the official protocol
@@ -183,7 +188,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
                          threshold_quantile=threshold_quantile, threshold_method=threshold_method,
                          threshold_confidence=threshold_confidence,
                          resize_mode=resize_mode, score=score, knn_memory_fraction=knn_memory,
-                         knn_sampler=knn_sampler, knn_max_patches=knn_max_patches)
+                         knn_sampler=knn_sampler, knn_max_patches=knn_max_patches, knn_pool=knn_pool)
     if holdout == 0:
         click.secho("--holdout 0: training on every good image (the official recipe); the alarm threshold then "
                     "comes from training images and is biased low (expect more false alarms than it promises)",

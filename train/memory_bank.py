@@ -6,7 +6,9 @@ teacher's own features is a strong detector, and the sum of it and the MRKD map 
 the anomaly-map head, the distance map is one more "scale" the head sums, and the exported ONNX graph
 carries the bank as a constant — the runtime and TensorRT path stay one.
 
-* Features: the teacher's stride-8 and stride-16 maps, 16 upsampled bilinearly to 8, concatenated.
+* Features: the teacher's stride-8 and stride-16 maps, each averaged over its 3 × 3 neighbourhood
+  (``pool``, PatchCore's local aggregation: a patch is compared with its surroundings, not one
+  position) from 256 px inputs up, as they are below (default_pool; chosen on ELPV validation), 16 upsampled bilinearly to 8, concatenated.
 * Bank: ``fraction`` of all training patches, FP32, chosen by ``sampler``: "coreset" (greedy k-center
   selection, as PatchCore: each new patch is the one farthest from those kept, distances taken in a
   seeded random projection to CORESET_PROJECTION = 128 dimensions) or "random" (a seeded random
@@ -68,6 +70,13 @@ CORESET_TAIL = 0.1             # of the bank chosen over every held patch, not j
 CORESET_HELD = 200_000          # patches held for the tail (~120 MB at Lite0's 152 channels)
 DEFAULT_FRACTION = 0.05         # ELPV validation: coreset 5 % = 10 % > random 10 % (benchmarks/RESULTS.md)
 DEFAULT_MAX_PATCHES = 8192      # bounds the graph's MatMul and the coreset's time on large training sets
+# The bank's patches (and the queries) are their 3 × 3 neighbourhood's average, as PatchCore's local
+# aggregation, where the stride-8 map is at least 32 patches across (inputs of 256 px and more): ELPV
+# validation, --score both image AUROC at 256 px mono +0.004, poly +0.009 (3 seeds); at 128 px (16
+# patches across, the window a fifth of the cell) it lost 0.02 mono, 0.009 poly, so there the default
+# stays 1 (benchmarks/RESULTS.md). Checkpoints from before it have 1 (no averaging).
+POOL_MIN_SIDE = 256
+POOL_WIDE = 3
 BOTH_SCALE_WEIGHTS = (0.0, 1.0, 1.0)    # MRKD scales (strides 4, 8, 16) in the "both" map
 BANK_CHUNK = 4096
 GREEDY_KERNELS = ("blocked", "addmv")
@@ -76,9 +85,26 @@ CORESET_SETTLE = 256           # greedy steps between settlings in _blocked_gree
 SPREAD_IMAGES = 256            # training images the score spreads of "both" are measured on (see spread_images)
 
 
-def patch_features(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stride-8 and stride-16 features (16 upsampled to 8, bilinear), concatenated: N×C×h×w."""
+def default_pool(image_size) -> int:
+    """The neighbourhood the bank averages over by default for inputs of ``image_size`` (int or (h, w))."""
+    side = min(image_size) if isinstance(image_size, (tuple, list)) else int(image_size)
+    return POOL_WIDE if side >= POOL_MIN_SIDE else 1
+
+
+def check_pool(pool) -> None:
+    """The averaging window must be an odd side (centred on the patch) of at least 1."""
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1 or pool % 2 == 0:
+        raise SettingError(f"memory bank pool must be an odd whole number >= 1 (1: no averaging), got {pool!r}")
+
+
+def patch_features(teacher_feats: Sequence[torch.Tensor], pool: int = 1) -> torch.Tensor:
+    """Stride-8 and stride-16 features, each averaged over its ``pool`` × ``pool`` neighbourhood (1: as
+    they are; zero padding counted at the border, as PatchCore's aggregation), 16 upsampled to 8
+    (bilinear), concatenated: N×C×h×w."""
     mid, deep = teacher_feats[1].float(), teacher_feats[2].float()
+    if pool > 1:
+        mid = F.avg_pool2d(mid, pool, 1, pool // 2)
+        deep = F.avg_pool2d(deep, pool, 1, pool // 2)
     deep = F.interpolate(deep, size=mid.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([mid, deep], 1)
 
@@ -86,10 +112,12 @@ def patch_features(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
 class MemoryBank(nn.Module):
     """Minimum L2 distance of each stride-8 patch to a bank of training patches, as an N×h×w map."""
 
-    def __init__(self, bank: torch.Tensor, chunk: int = BANK_CHUNK):
+    def __init__(self, bank: torch.Tensor, chunk: int = BANK_CHUNK, pool: int = 1):
         super().__init__()
         if bank.dim() != 2 or len(bank) == 0:
             raise ValueError(f"memory bank must be a non-empty patches × channels matrix, got {tuple(bank.shape)}")
+        check_pool(pool)
+        self.pool = int(pool)        # the neighbourhood the bank's patches were averaged over
         bank = bank.detach().float().contiguous()
         self.register_buffer("bank", bank)
         self.chunk = int(chunk)
@@ -99,7 +127,7 @@ class MemoryBank(nn.Module):
         return self.bank.numel() * self.bank.element_size()
 
     def forward(self, teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        features = patch_features(teacher_feats)
+        features = patch_features(teacher_feats, self.pool)
         h, w = features.shape[-2:]
         queries = features.flatten(2).transpose(1, 2)                     # N×hw×C
         query_sq = queries.pow(2).sum(-1, keepdim=True)                   # N×hw×1
@@ -438,20 +466,21 @@ class PatchReservoir:
         return TrainingPatches(held.contiguous(), self.total)
 
 
-def patch_rows(teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+def patch_rows(teacher_feats: Sequence[torch.Tensor], pool: int = 1) -> torch.Tensor:
     """The stride-8 patch features of a batch as rows (patches × channels), on the CPU."""
-    f = patch_features(teacher_feats)
+    f = patch_features(teacher_feats, pool)
     return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu()
 
 
 def training_patches(model, batches, limit: Optional[int] = None, seed: int = 0) -> TrainingPatches:
     """Every stride-8 patch feature of the (pre-processed) training batches, or — past ``limit`` rows —
-    a uniform random sample of ``limit`` of them (see PatchReservoir)."""
+    a uniform random sample of ``limit`` of them (see PatchReservoir), averaged as the model's bank is
+    (``config.knn_pool``)."""
     reservoir = PatchReservoir(limit, seed)
     device = next(model.parameters()).device
     with torch.no_grad():
         for x in batches:
-            reservoir.add(patch_rows(model.teacher(x.to(device))))
+            reservoir.add(patch_rows(model.teacher(x.to(device)), model.config.knn_pool))
     return reservoir.result()
 
 
@@ -493,12 +522,13 @@ def _teacher(model, x: torch.Tensor) -> List[torch.Tensor]:
     return model.teacher(x.contiguous(memory_format=torch.channels_last))
 
 
-def nearest_distance(bank: torch.Tensor, teacher_feats: Sequence[torch.Tensor], block: int = 4096) -> torch.Tensor:
+def nearest_distance(bank: torch.Tensor, teacher_feats: Sequence[torch.Tensor], block: int = 4096,
+                     pool: int = 1) -> torch.Tensor:
     """MemoryBank's map (each stride-8 patch's L2 distance to its nearest bank row, N×h×w) computed for
     fitting: min over bank rows b of (|b|² − 2 q·b) in blocked matrix products on one thread, then + |q|²
     (the same arithmetic as the graph's up to float rounding; tests/test_memory_bank.py checks them
     against each other). About 3x less CPU than MemoryBank.forward, which materialises every distance."""
-    features = patch_features(teacher_feats)
+    features = patch_features(teacher_feats, pool)
     n, channels, h, w = features.shape
     queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
     bank = bank.to(queries)
@@ -529,7 +559,7 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
                     batch_size: int = 16, sampler: str = "coreset", max_patches: int = DEFAULT_MAX_PATCHES,
                     progress: bool = True, spread_limit: int = SPREAD_IMAGES,
                     candidates: int = CORESET_CANDIDATES, projection_dim: int = CORESET_PROJECTION,
-                    tail: float = CORESET_TAIL) -> dict:
+                    tail: float = CORESET_TAIL, pool: Optional[int] = None) -> dict:
     """Give ``model`` its memory bank from the training images ``paths`` and set the head for ``score``.
 
     "knn": the map is the distance map alone. "both": MRKD's map over the std of its training-image
@@ -540,11 +570,14 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     sample and, for the images the spreads are measured on, the student gives MRKD's scores from the
     same features. The coreset follows, then the kNN scores of those images (teacher and bank only).
     ``progress``: a tqdm bar for each of the three steps. ``spread_limit``, ``candidates``,
-    ``projection_dim``: see spread_images and subsample_patches.
+    ``projection_dim``: see spread_images and subsample_patches. ``pool``: the neighbourhood each
+    patch is averaged over (patch_features); None: default_pool of the model's input size.
     """
     if score not in SCORES:
         raise SettingError(f"score {score!r}: expected one of {SCORES}")
     config = model.config
+    pool = default_pool(config.image_size) if pool is None else pool
+    check_pool(pool)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -571,7 +604,7 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
             teacher_feats = _teacher(model, x.to(device))
             seconds["teacher"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            reservoir.add(patch_rows(teacher_feats))
+            reservoir.add(patch_rows(teacher_feats, pool))
             seconds["patches"] += time.perf_counter() - clock
             rows = [i for i in range(len(x)) if start + i in spread_set]
             if rows:
@@ -596,7 +629,7 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
     started = time.perf_counter()
     bank = MemoryBank(subsample_patches(sample.rows, fraction, seed, sampler, max_patches, total=sample.total,
                                         progress=progress, candidates=candidates,
-                                        projection_dim=projection_dim, tail=tail)).to(device)
+                                        projection_dim=projection_dim, tail=tail), pool=pool).to(device)
     seconds["coreset"] = time.perf_counter() - started
     started = time.perf_counter()
     mrkd_std = score_spread(torch.cat(mrkd_scores)) if score == "both" else 1.0
@@ -611,7 +644,7 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
             batches = ([None] + kept for kept in cached)
         with torch.no_grad():
             for feats in batches:
-                knn_map = nearest_distance(bank.bank, feats)
+                knn_map = nearest_distance(bank.bank, feats, pool=pool)
                 knn_scores.append(head.scores(head.blur(head.upsample_sum([knn_map]))).cpu())
                 if bar is not None:
                     bar.update(len(feats[1]))
@@ -632,8 +665,8 @@ def fit_memory_bank(model, paths: Sequence[str], score: str, fraction: float = D
         knn_weight = 1.0 / knn_std
         head.set_memory_bank(bank, knn_weight)
     config.score, config.scale_weights, config.knn_weight = score, head.scale_weights, knn_weight
-    config.knn_memory_fraction, config.knn_sampler = float(fraction), sampler
+    config.knn_memory_fraction, config.knn_sampler, config.knn_pool = float(fraction), sampler, pool
     model.train(was_training)
     return {"score": score, "sampler": sampler, "bank_patches": int(len(bank.bank)), "bank_mb": round(bank.memory_bytes / 2 ** 20, 2),
             "mrkd_train_score_std": mrkd_std, "knn_train_score_std": knn_std,
-            "spread_images": len(spread_index), "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+            "spread_images": len(spread_index), "pool": pool, "seconds": {k: round(v, 2) for k, v in seconds.items()}}

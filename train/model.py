@@ -20,6 +20,7 @@ from mrkd.runtime.calibration import Calibration
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from mrkd.train import DEFAULT_BACKBONE
 from mrkd.train.head import AnomalyMapHead, distillation_loss
+from mrkd.train.memory_bank import check_pool, default_pool
 from mrkd.train.student import Decoder, OneClassBottleneck
 from mrkd.train.teachers import TeacherSource, build_teacher, teacher_spec
 
@@ -48,6 +49,7 @@ class MRKDConfig:
     knn_weight: float = 0.0
     knn_memory_fraction: float = 0.05
     knn_sampler: str = "coreset"     # how the bank was chosen: "coreset" | "random" (for the record)
+    knn_pool: Optional[int] = None   # bank patches averaged over pool × pool; None: default_pool(image_size)
 
     def __post_init__(self):
         if self.mean is None or self.std is None:
@@ -69,6 +71,9 @@ class MRKDConfig:
         self.knn_weight, self.knn_memory_fraction = float(self.knn_weight), float(self.knn_memory_fraction)
         if self.knn_sampler not in ("coreset", "random"):
             raise SettingError(f"knn_sampler must be 'coreset' or 'random', got {self.knn_sampler!r}")
+        if self.knn_pool is None:
+            self.knn_pool = default_pool(self.image_size)
+        check_pool(self.knn_pool)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -84,7 +89,8 @@ class MRKDConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-BEFORE_FIELD = {"scale_weights": (1.0, 1.0, 1.0), "knn_sampler": "random", "knn_memory_fraction": 0.1}
+BEFORE_FIELD = {"scale_weights": (1.0, 1.0, 1.0), "knn_sampler": "random", "knn_memory_fraction": 0.1,
+                "knn_pool": 1}
 
 
 class MRKD(nn.Module):

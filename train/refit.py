@@ -295,7 +295,7 @@ def component_maps(model, paths: Sequence[str], banks: Optional[Sequence[torch.T
             else:
                 for i in range(len(x)):
                     own = [f[i:i + 1] for f in teacher]
-                    knn_map = MemoryBank(banks[start + i])(own) * head.knn_weight
+                    knn_map = MemoryBank(banks[start + i], pool=model.config.knn_pool)(own) * head.knn_weight
                     knn.append(head.blur(head.upsample_sum([knn_map]))[:, 0].cpu())
             start += len(x)
     if not mrkd:
@@ -371,7 +371,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                        "coreset over the old bank and the reviewed patches", len(grown), cap, cap)
         grown = grown[greedy_coreset(grown, cap, seed)].contiguous()
     device = next(model.parameters()).device
-    head.set_memory_bank(MemoryBank(grown).to(device), head.knn_weight)
+    head.set_memory_bank(MemoryBank(grown, pool=model.config.knn_pool).to(device), head.knn_weight)
     chosen = None
     if reweight:
         if model.config.score != "both":

@@ -45,6 +45,7 @@ from torch import nn  # noqa: E402
 
 from mrkd.runtime import calibration as calibration_rules  # noqa: E402
 from mrkd.train import calibrate as calibration  # noqa: E402
+from mrkd.train.memory_bank import check_pool  # noqa: E402
 from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
                                    trained_on)
 from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
@@ -91,6 +92,7 @@ class TrainConfig:
     knn_memory_fraction: float = 0.05    # share of training patches in the memory bank (knn/both)
     knn_sampler: str = "coreset"         # how the bank's patches are chosen: "coreset" | "random"
     knn_max_patches: int = 8192          # cap on the bank's size (0: none); see mrkd.train.memory_bank
+    knn_pool: Optional[int] = None       # bank patches averaged over pool × pool; None: memory_bank.default_pool
     eval_batch_size: int = 8
     progress: bool = True
     # Speed only (mrkd.train.feature_cache): the same result to float rounding.
@@ -105,7 +107,7 @@ class TrainConfig:
                          "threshold_confidence", "feature_cache", "feature_cache_mb", "fast_teacher",
                          "allocator",
                          # the memory bank is fitted after the last epoch: the epochs do not depend on it
-                         "score", "knn_memory_fraction", "knn_sampler", "knn_max_patches")
+                         "score", "knn_memory_fraction", "knn_sampler", "knn_max_patches", "knn_pool")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -118,6 +120,8 @@ class TrainConfig:
         if isinstance(self.knn_max_patches, bool) or not isinstance(self.knn_max_patches, int) \
                 or self.knn_max_patches < 0:
             raise SettingError(f"knn_max_patches must be an integer >= 0 (0: no cap), got {self.knn_max_patches!r}")
+        if self.knn_pool is not None:
+            check_pool(self.knn_pool)
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
             raise SettingError(f"epochs and batch_size must be >= 1 and image_size >= 32 "
                              f"(got {self.epochs}, {self.batch_size}, {self.image_size})")
@@ -586,7 +590,8 @@ def _finish(run: TrainRun) -> Optional[dict]:
         from mrkd.train.memory_bank import fit_memory_bank
         fit_memory_bank(run.model, run.data.fit_paths, config.score, config.knn_memory_fraction, config.seed,
                         batch_size=config.eval_batch_size, sampler=config.knn_sampler,
-                        max_patches=config.knn_max_patches, progress=bool(config.progress and run.writer))
+                        max_patches=config.knn_max_patches, progress=bool(config.progress and run.writer),
+                        pool=config.knn_pool)
     try:
         run.model.eval()
         calibration_result = calibration.calibrate(
