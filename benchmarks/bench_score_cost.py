@@ -9,6 +9,8 @@ head of ``both``. The bank's values do not change the cost, only its size does, 
 stands in for a fitted one. Both graphs run in ONNX Runtime on the CPU, batch 1, alternated run by run
 in this process (medians and the paired ratio). The bank size defaults to the trainer's cap
 (mrkd.train.memory_bank.DEFAULT_MAX_PATCHES): the most a default training run puts into the graph.
+Where the default averages the bank's patches (256 px and up, memory_bank.default_pool), a third graph
+without that averaging (``both_unpooled``) shows what the AveragePool costs.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: Optional
     sessions, sizes = {}, {}
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for score in ("mrkd", "both"):
-            if score == "both":
+        pool = default_pool(image_size)     # as shipped
+        for score in ("mrkd", "both") + (("both_unpooled",) if pool > 1 else ()):
+            if score != "mrkd":
                 bank = torch.randn(patches, channels, generator=torch.Generator().manual_seed(0)).abs()
-                model.head.set_memory_bank(MemoryBank(bank, pool=default_pool(image_size)), 1.0)   # as shipped
+                model.head.set_memory_bank(MemoryBank(bank, pool=pool if score == "both" else 1), 1.0)
                 model.head.scale_weights = BOTH_SCALE_WEIGHTS
             path = Path(folder) / f"{score}.onnx"
             export_onnx(model, path, options)   # simplified as `mrkd-export` does (constants folded)
@@ -63,7 +66,12 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: Optional
                     samples[score].append(time.perf_counter() - started)
     mrkd_ms, both_ms = (1000 * statistics.median(samples[s]) for s in ("mrkd", "both"))
     paired = sorted(b / a for a, b in zip(samples["mrkd"], samples["both"]))
-    return {"image_size": image_size, "bank_patches": patches, "bank_channels": channels,
+    pooling = {}
+    if "both_unpooled" in samples:
+        unpooled = sorted(b / a for a, b in zip(samples["both_unpooled"], samples["both"]))
+        pooling = {"pool": pool, "both_unpooled_ms": round(1000 * statistics.median(samples["both_unpooled"]), 2),
+                   "pooled_vs_unpooled_paired_median": round(unpooled[len(unpooled) // 2], 3)}
+    return {**pooling, "image_size": image_size, "bank_patches": patches, "bank_channels": channels,
             "bank_mb": round(patches * channels * 4 / 2 ** 20, 2), "threads": threads, "repeats": repeats,
             "mrkd_ms": round(mrkd_ms, 2), "both_ms": round(both_ms, 2),
             "both_vs_mrkd_latency": round(both_ms / mrkd_ms, 2),
