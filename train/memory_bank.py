@@ -6,9 +6,10 @@ teacher's own features is a strong detector, and the sum of it and the MRKD map 
 the anomaly-map head, the distance map is one more "scale" the head sums, and the exported ONNX graph
 carries the bank as a constant — the runtime and TensorRT path stay one.
 
-* Features: the teacher's stride-8 and stride-16 maps, each averaged over its 3 × 3 neighbourhood
-  (``pool``, PatchCore's local aggregation: a patch is compared with its surroundings, not one
-  position) from 256 px inputs up, as they are below (default_pool; chosen on ELPV validation), 16 upsampled bilinearly to 8, concatenated.
+* Features: the teacher's stride-8 and stride-16 maps — from 256 px inputs up each averaged over its
+  3 × 3 neighbourhood (``pool``, PatchCore's local aggregation: a patch is compared with its
+  surroundings, not one position; below that as they are: default_pool, chosen on ELPV validation) —
+  16 upsampled bilinearly to 8, concatenated.
 * Bank: ``fraction`` of all training patches, FP32, chosen by ``sampler``: "coreset" (greedy k-center
   selection, as PatchCore: each new patch is the one farthest from those kept, distances taken in a
   seeded random projection to CORESET_PROJECTION = 128 dimensions) or "random" (a seeded random
@@ -73,7 +74,7 @@ DEFAULT_MAX_PATCHES = 8192      # bounds the graph's MatMul and the coreset's ti
 # The bank's patches (and the queries) are their 3 × 3 neighbourhood's average, as PatchCore's local
 # aggregation, where the stride-8 map is at least 32 patches across (inputs of 256 px and more): ELPV
 # validation, --score both image AUROC at 256 px mono +0.004, poly +0.009 (3 seeds); at 128 px (16
-# patches across, the window a fifth of the cell) it lost 0.02 mono, 0.009 poly, so there the default
+# patches across, the window a fifth of the cell) it lost 0.016 mono, 0.009 poly, so there the default
 # stays 1 (benchmarks/RESULTS.md). Checkpoints from before it have 1 (no averaging).
 POOL_MIN_SIDE = 256
 POOL_WIDE = 3
