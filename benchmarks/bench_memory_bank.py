@@ -48,27 +48,10 @@ def coverage_sample(model, paths, samples: int = 20_000):
                             seed=12345).rows
 
 
-def nearest_bank_distance(rows, bank, block: int = 4096):
-    """Each row's L2 distance to its nearest bank row, in blocks of rows and of the bank: a few
-    hundred MB at most (all 163,840 training patches against a 4,096-row block at once took ~10 GB,
-    and two such runs side by side were killed for memory)."""
-    import torch
-
-    out = []
-    for first in range(0, len(rows), block):
-        queries = rows[first:first + block]
-        best = None
-        for start in range(0, len(bank), block):
-            part = bank[start:start + block]
-            d2 = queries.pow(2).sum(1, keepdim=True) - 2 * queries @ part.t() + part.pow(2).sum(1)
-            best = d2.amin(1) if best is None else torch.minimum(best, d2.amin(1))
-        out.append(best)
-    return torch.cat(out).clamp_min(0).sqrt()
-
-
 def coverage(rows, bank) -> dict:
     """Distances (full dimensions) from ``rows`` (coverage_sample) to their nearest bank row."""
-    nearest = nearest_bank_distance(rows, bank)
+    from mrkd.train.refit import nearest_distance
+    nearest = nearest_distance(rows, bank)
     return {"mean": round(float(nearest.mean()), 4), "p99": round(float(nearest.quantile(0.99)), 4)}
 
 
@@ -173,7 +156,8 @@ def _previous_greedy(patches, keep, seed, dims):
 def bank_coverage(rows, bank) -> dict:
     """Distances (full dimensions) from every row of ``rows`` to its nearest bank row: the largest (the
     quantity greedy k-center minimises: how far the rarest training patch is from the bank) and the mean."""
-    nearest = nearest_bank_distance(rows, bank)
+    from mrkd.train.refit import nearest_distance
+    nearest = nearest_distance(rows, bank)
     return {"max": round(float(nearest.max()), 4), "mean": round(float(nearest.mean()), 4)}
 
 

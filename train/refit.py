@@ -181,10 +181,13 @@ def _squared_distances(rows: torch.Tensor, bank: torch.Tensor, chunk: int):
 
 
 def nearest_distance(rows: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """L2 distance of each row to its nearest bank row (the MemoryBank's formula, clamped at 0)."""
+    """L2 distance of each row to its nearest bank row (the MemoryBank's formula, clamped at 0), in
+    blocks of ``chunk`` rows as well as of the bank: chunk² floats at a time whatever the rows' count
+    (every training patch at once against one bank block took ~10 GB at 256 px)."""
     best = torch.full((len(rows),), float("inf"))
-    for _, d2 in _squared_distances(rows, bank, chunk):
-        best = torch.minimum(best, d2.amin(1))
+    for first in range(0, len(rows), chunk):
+        for _, d2 in _squared_distances(rows[first:first + chunk], bank, chunk):
+            torch.minimum(best[first:first + chunk], d2.amin(1), out=best[first:first + chunk])
     return best.clamp_min(0).sqrt()
 
 
