@@ -231,6 +231,16 @@ def test_confirmed_defect_no_longer_flagged_refuses_unless_force(parent, tmp_pat
                               force=True, echo=lines.append)
     assert result.defects_missed == [str(sneaky)]
     assert any(line.startswith("WARNING") and "--force" in line for line in lines)
+    # the missed defect is named with its score under the written model, below the written threshold
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
+    written = tmp_path / "out" / "model.ckpt"
+    score = float(score_images(load_checkpoint(written), [str(sneaky)])[0])
+    threshold = read_checkpoint(written)["calibration"]["threshold"]
+    named = [line for line in lines if line.startswith(f"  {sneaky}: score ")]
+    assert len(named) == 1 and score < threshold
+    assert float(named[0].split("score ")[1].split()[0]) == pytest.approx(score, rel=1e-5)
+    assert float(named[0].rsplit("threshold ", 1)[1]) == pytest.approx(threshold, rel=1e-5)
     with pytest.raises(RefitError, match="exists"):      # never over an earlier version
         refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
                          force=True, echo=lambda line: None)
@@ -463,7 +473,11 @@ def test_refit_says_when_a_reviewed_image_will_be_flagged_again(parent, tmp_path
     assert float(score_images(refit, [str(defects[0])])[0]) >= threshold
     assert [line for line in lines if "still score at or above" in line] == \
         ["note: 1 of 1 reviewed good image(s) still score at or above the new threshold; the refit model will "
-         f"flag them again (first: {defects[0]})"]
+         "flag them again:"]
+    named = [line for line in lines if line.startswith("  ") and " >= threshold " in line]
+    assert len(named) == 1 and named[0].startswith(f"  {defects[0]}: score ")
+    assert float(named[0].split("score ")[1].split()[0]) == \
+        pytest.approx(float(score_images(refit, [str(defects[0])])[0]), rel=1e-5)
     # and a refit that takes the cell in (no guard) does not say it
     lines.clear()
     refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v3", export=False,
@@ -472,3 +486,14 @@ def test_refit_says_when_a_reviewed_image_will_be_flagged_again(parent, tmp_path
     threshold = read_checkpoint(tmp_path / "v3" / "model.ckpt")["calibration"]["threshold"]
     assert float(score_images(refit, [str(defects[0])])[0]) < threshold
     assert not [line for line in lines if "still score at or above" in line]
+    assert not [line for line in lines if line.startswith("  ") and " >= threshold " in line]
+
+
+def test_image_listing_names_each_image_up_to_the_limit_then_counts():
+    from mrkd.train.refit import image_listing
+    paths = [f"/cells/c{i}.png" for i in range(6)]
+    scores = [1.0, 2.5, 3.0, 0.5, 4.0, 2.0]
+    lines = image_listing(paths, scores, {"/cells/c1.png", "/cells/c2.png", "/cells/c4.png"}, ">=", 2.25, limit=2)
+    assert lines == ["  /cells/c1.png: score 2.5 >= threshold 2.25", "  /cells/c2.png: score 3 >= threshold 2.25",
+                     "  ... and 1 more"]
+    assert image_listing(paths, scores, set(), "<", 1.0) == []

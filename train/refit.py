@@ -410,6 +410,20 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                        seconds=time.perf_counter() - started, guarded_patches=guarded, reweight=chosen)
 
 
+LISTED_IMAGES = 20      # images named one per line by refit_checkpoint; past that a count
+
+
+def image_listing(paths: Sequence[str], scores: Sequence[float], chosen: set, relation: str,
+                  threshold: float, limit: int = LISTED_IMAGES) -> List[str]:
+    """One line per image of ``paths`` in ``chosen``, with its score against the threshold (the
+    operator checks each one), at most ``limit`` of them and then how many more."""
+    rows = [(str(p), float(s)) for p, s in zip(paths, scores) if str(p) in chosen]
+    lines = [f"  {path}: score {score:.6g} {relation} threshold {threshold:.6g}" for path, score in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"  ... and {len(rows) - limit} more")
+    return lines
+
+
 # ---------------------------------------------------------------- files
 
 @dataclass(frozen=True)
@@ -516,11 +530,16 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         # the patches that raise them lie near a confirmed defect's (the guard) or are no rarer than the
         # growth's stop: the operator should know the alarm will come again
         echo(f"note: {len(result.reviewed_still_flagged)} of {len(reviewed.good)} reviewed good image(s) still score "
-             f"at or above the new threshold; the refit model will flag them again (first: "
-             f"{result.reviewed_still_flagged[0]})")
+             f"at or above the new threshold; the refit model will flag them again:")
+        for line in image_listing(reviewed.good, result.good_scores_after, set(result.reviewed_still_flagged),
+                                  ">=", result.threshold_after):
+            echo(line)
     if result.defects_missed:
+        for line in image_listing(reviewed.defect, result.defect_scores_after, set(result.defects_missed), "<",
+                                  result.threshold_after):
+            echo(line)
         message = (f"{len(result.defects_missed)} of {len(reviewed.defect)} confirmed defect(s) no longer flagged "
-                   f"by the refit model (first: {result.defects_missed[0]})")
+                   f"by the refit model (listed above)")
         if not force:
             raise RefitError(message + "; nothing written (--force writes it anyway)")
         echo(f"WARNING: {message}; written anyway (--force)")
