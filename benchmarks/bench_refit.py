@@ -4,7 +4,9 @@
 
 Per category and seed:
 
-1. Train the default model (``--score both``, EfficientNet-Lite0 ImageNet teacher, 128 px, 10 epochs,
+1. Train the default model (``--score both``, EfficientNet-Lite0 ImageNet teacher, ``--image-size``
+   (default 256 px, the shipped default, where the bank averages each patch over 3 × 3; the tables of
+   2026-12-02/03 in RESULTS.md are at 128 px: ``--image-size 128``), 10 epochs,
    the 160 training cells of the validation layout — bench_quality's settings), threshold as shipped
    (the trainer's calibration on its 10 % held-out good cells).
 2. Stream the validation cells (validation good cells, the training good cells past the 160 the
@@ -38,7 +40,7 @@ from typing import List, Sequence
 import numpy as np
 
 REVIEW_COUNTS = (5, 10, 20)
-SETTINGS = {"image_size": 128, "epochs": 10, "batch_size": 16, "lr": 0.005, "max_train": 160,
+SETTINGS = {"image_size": 256, "epochs": 10, "batch_size": 16, "lr": 0.005, "max_train": 160,
             "backbone": "efficientnet_lite0"}
 
 
@@ -46,19 +48,21 @@ def _paths(folder: Path) -> List[str]:
     return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() == ".png") if folder.is_dir() else []
 
 
-def train_shipped(layout_root: Path, category: str, seed: int, work: Path, log=print):
-    """The default model on the validation layout's train/good (cached in ``work``): (model, holdout paths)."""
+def train_shipped(layout_root: Path, category: str, seed: int, work: Path, log=print, image_size: int = 0):
+    """The default model on the validation layout's train/good (cached in ``work``, per input size):
+    (model, holdout paths). ``image_size`` 0: SETTINGS'."""
     import torch
 
     from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
     from mrkd.train.trainer import TrainConfig, train
-    out_dir = work / f"{category}_seed{seed}"
+    image_size = image_size or SETTINGS["image_size"]
+    out_dir = work / f"{category}_{image_size}px_seed{seed}"
     last = out_dir / "last.ckpt"
     if last.is_file() and (out_dir / "done").is_file():
         data = read_checkpoint(last)
         return load_checkpoint(last), list(data["train_state"]["holdout"])
     config = TrainConfig(epochs=SETTINGS["epochs"], batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"],
-                         image_size=SETTINGS["image_size"], seed=seed, eval_every=0, save_every=SETTINGS["epochs"],
+                         image_size=image_size, seed=seed, eval_every=0, save_every=SETTINGS["epochs"],
                          progress=False)
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -307,7 +311,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
         tune_reweight_only: bool = False, tune_radius: bool = False,
-        tune_keep: bool = False) -> dict:
+        tune_keep: bool = False, image_size: int = 0) -> dict:
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
@@ -315,11 +319,13 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
     test = layout_elpv(work / "elpv_test", split="test", max_train=SETTINGS["max_train"])
     # every training cell: those past the 160 the model trains on have never been seen by it
     full = layout_elpv(work / "elpv_validation_all", split="validation")
-    results = {"settings": dict(SETTINGS, review_counts=list(REVIEW_COUNTS), refit_threads=refit_threads),
+    image_size = image_size or SETTINGS["image_size"]
+    results = {"settings": dict(SETTINGS, image_size=image_size, review_counts=list(REVIEW_COUNTS),
+                                refit_threads=refit_threads),
                "runs": []}
     for category in categories:
         for seed in seeds:
-            model, holdout = train_shipped(Path(validation.root), category, seed, work / "models", log)
+            model, holdout = train_shipped(Path(validation.root), category, seed, work / "models", log, image_size)
             vroot, troot = Path(validation.root) / category, Path(test.root) / category
             log(f"[refit] {category} seed {seed}")
             used = {Path(p).name for p in _paths(vroot / "train/good")}
@@ -352,6 +358,9 @@ def main(argv=None) -> None:
     parser.add_argument("--categories", nargs="+", default=["elpv_mono", "elpv_poly"], help="ELPV categories")
     parser.add_argument("--work", default="/tmp/mrkd_bench_refit", help="layouts and trained models (reused)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--image-size", type=int, default=SETTINGS["image_size"],
+                        help="input size of the trained models (256: the shipped default; the bank averages each "
+                             "patch over 3x3 from 256 up; 128: the RESULTS.md tables of 2026-12-02/03)")
     parser.add_argument("--refit-threads", type=int, default=1,
                         help="torch threads while the refit is timed (1: on a shared machine two OpenMP threads "
                              "spin against other processes: 22.8 s vs 2.7 s for the same refit under load 7)")
@@ -369,7 +378,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
                   tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
-                  tune_keep=args.tune_keep)
+                  tune_keep=args.tune_keep, image_size=args.image_size)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
