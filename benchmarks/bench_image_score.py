@@ -1,0 +1,125 @@
+"""How the image score is read from the ``--score both`` map, on the ELPV validation split only.
+
+    python -m mrkd.benchmarks.bench_image_score [--seeds 0 1 2 3 4] [--categories elpv_mono elpv_poly]
+
+The shipped image score is the maximum of the summed map smoothed with sigma 4 (the official MRKD/RD
+protocol). PatchCore reads its score differently: the largest unsmoothed patch distance, re-weighted by
+how isolated that patch's nearest bank row is among its own neighbours in the bank. Per model (the
+default model of bench_refit, trained on the validation layout's 160 cells and cached in ``--work``),
+the image AUROC on the validation cells (never the test split) of:
+
+* ``sigma S``: the maximum of the summed map smoothed with sigma S (0: unsmoothed; 4: shipped);
+* ``top K mean``: the mean of the K largest values of the shipped smoothed map;
+* ``patchcore``: the kNN part read as PatchCore reads it (max unsmoothed patch distance × (1 − the
+  softmax weight of its nearest bank row among that row's PATCHCORE_NEIGHBOURS nearest)), plus the
+  smoothed MRKD part's maximum; ``knn patchcore`` alone;
+* ``mrkd only``, ``knn only``: each part's smoothed maximum.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Sequence
+
+import numpy as np
+
+SIGMAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+TOP_K = (10, 100, 1000)
+PATCHCORE_NEIGHBOURS = 9       # anomalib's PatchCore default (num_neighbors)
+
+
+def patchcore_weighted(rows, bank, neighbours: int = PATCHCORE_NEIGHBOURS) -> float:
+    """PatchCore's image score of one image's patches (rows × C) against ``bank``: the largest nearest
+    distance, times 1 − the softmax weight of that nearest bank row among the distances from the patch
+    to the row's ``neighbours`` nearest bank rows (the row itself first)."""
+    import torch
+    d = torch.cdist(rows.float(), bank.float())
+    nearest, index = d.min(1)
+    worst = int(nearest.argmax())
+    row = bank[index[worst]:index[worst] + 1]
+    around = torch.cdist(row, bank.float())[0].topk(min(neighbours, len(bank)), largest=False).indices
+    weights = torch.softmax(torch.cdist(rows[worst:worst + 1].float(), bank[around].float())[0], 0)
+    return float((1 - weights[0]) * nearest[worst])
+
+
+def image_score_variants(model, paths: Sequence[str], batch_size: int = 8) -> Dict[str, np.ndarray]:
+    """Every variant's image scores of ``paths`` (a --score both model): name -> N scores."""
+    import torch
+
+    from mrkd.train.head import GaussianBlur
+    from mrkd.train.memory_bank import patch_features
+    from mrkd.train.refit import _batches
+    head = model.head
+    bank = head.memory_bank.bank
+    mrkd, knn, weighted = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for x in _batches(model, list(paths), batch_size):
+            teacher, student = model(x)
+            maps = head.per_scale_maps(teacher, student)
+            mrkd.append(head.upsample_sum(maps[:3]))
+            knn.append(head.upsample_sum(maps[3:]))
+            rows = patch_features(teacher, head.memory_bank.pool).flatten(2).transpose(1, 2)
+            weighted += [patchcore_weighted(r, bank) * head.knn_weight for r in rows]
+    mrkd, knn, weighted = torch.cat(mrkd), torch.cat(knn), torch.tensor(weighted)
+    out = {}
+    for sigma in SIGMAS:
+        smoothed = GaussianBlur(sigma)(mrkd + knn) if sigma > 0 else mrkd + knn
+        out[f"sigma {sigma:g}"] = smoothed.flatten(1).amax(1)
+    shipped = head.blur(mrkd + knn).flatten(1)
+    for k in TOP_K:
+        out[f"top {k} mean"] = shipped.topk(min(k, shipped.shape[1]), 1).values.mean(1)
+    mrkd_max = head.blur(mrkd).flatten(1).amax(1)
+    out["patchcore"] = mrkd_max + weighted
+    out["knn patchcore"] = weighted
+    out["mrkd only"] = mrkd_max
+    out["knn only"] = head.blur(knn).flatten(1).amax(1)
+    return {name: scores.double().numpy() for name, scores in out.items()}
+
+
+def run(seeds=(0, 1, 2, 3, 4), categories=("elpv_mono", "elpv_poly"), work=None, image_size: int = 0,
+        log=print) -> dict:
+    from mrkd.benchmarks.bench_refit import SETTINGS, _paths, auroc, train_shipped
+    from mrkd.train.elpv import layout_elpv
+    work = Path(work or "/tmp/mrkd_bench_refit")
+    work.mkdir(parents=True, exist_ok=True)
+    root = Path(layout_elpv(work / "elpv_validation", split="validation", max_train=SETTINGS["max_train"]).root)
+    image_size = image_size or SETTINGS["image_size"]
+    results = {"image_size": image_size, "runs": [], "means": {}}
+    for category in categories:
+        rows = []
+        for seed in seeds:
+            model, _ = train_shipped(root, category, seed, work / "models", log, image_size)
+            good = _paths(root / category / "test/good")
+            defect = _paths(root / category / "test/defect")
+            variants = image_score_variants(model, good + defect)
+            row = {name: auroc(s[:len(good)], s[len(good):]) for name, s in variants.items()}
+            log(f"[image score] {category} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+            results["runs"].append({"category": category, "seed": seed, "auroc": row})
+            rows.append(row)
+        results["means"][category] = {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
+    return results
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from mrkd.atomic import atomic_write_text
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    parser.add_argument("--categories", nargs="+", default=["elpv_mono", "elpv_poly"], help="ELPV categories")
+    parser.add_argument("--work", default="/tmp/mrkd_bench_refit",
+                        help="layouts and trained models (shared with bench_refit, reused)")
+    parser.add_argument("--image-size", type=int, default=0, help="input size (0: bench_refit's default, 256)")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    args = parser.parse_args(argv)
+    results = run(tuple(args.seeds), tuple(args.categories), args.work, args.image_size)
+    for category, means in results["means"].items():
+        print(f"{category}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
