@@ -24,6 +24,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from mrkd.benchmarks.bench_refit import SETTINGS
+
 SIGMAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 TOP_K = (10, 100, 1000)
 PATCHCORE_NEIGHBOURS = 9       # anomalib's PatchCore default (num_neighbors)
@@ -64,10 +66,11 @@ def image_score_variants(model, paths: Sequence[str], batch_size: int = 8) -> Di
             weighted += [patchcore_weighted(r, bank) * head.knn_weight for r in rows]
     mrkd, knn, weighted = torch.cat(mrkd), torch.cat(knn), torch.tensor(weighted)
     out = {}
-    for sigma in SIGMAS:
-        smoothed = GaussianBlur(sigma)(mrkd + knn) if sigma > 0 else mrkd + knn
-        out[f"sigma {sigma:g}"] = smoothed.flatten(1).amax(1)
-    shipped = head.blur(mrkd + knn).flatten(1)
+    smoothed = {sigma: (GaussianBlur(sigma)(mrkd + knn) if sigma > 0 else mrkd + knn).flatten(1) for sigma in SIGMAS}
+    for sigma, maps in smoothed.items():
+        out[f"sigma {sigma:g}"] = maps.amax(1)
+    # the model's own smoothing (sigma 4 in every default model, so already among SIGMAS)
+    shipped = smoothed[head.sigma] if head.sigma in smoothed else head.blur(mrkd + knn).flatten(1)
     for k in TOP_K:
         out[f"top {k} mean"] = shipped.topk(min(k, shipped.shape[1]), 1).values.mean(1)
     mrkd_max = head.blur(mrkd).flatten(1).amax(1)
@@ -78,14 +81,13 @@ def image_score_variants(model, paths: Sequence[str], batch_size: int = 8) -> Di
     return {name: scores.double().numpy() for name, scores in out.items()}
 
 
-def run(seeds=(0, 1, 2, 3, 4), categories=("elpv_mono", "elpv_poly"), work=None, image_size: int = 0,
-        log=print) -> dict:
-    from mrkd.benchmarks.bench_refit import SETTINGS, _paths, auroc, train_shipped
+def run(seeds=(0, 1, 2, 3, 4), categories=("elpv_mono", "elpv_poly"), work=None,
+        image_size: int = SETTINGS["image_size"], log=print) -> dict:
+    from mrkd.benchmarks.bench_refit import _paths, auroc, train_shipped
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
     root = Path(layout_elpv(work / "elpv_validation", split="validation", max_train=SETTINGS["max_train"]).root)
-    image_size = image_size or SETTINGS["image_size"]
     results = {"image_size": image_size, "runs": [], "means": {}}
     for category in categories:
         rows = []
@@ -111,7 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--categories", nargs="+", default=["elpv_mono", "elpv_poly"], help="ELPV categories")
     parser.add_argument("--work", default="/tmp/mrkd_bench_refit",
                         help="layouts and trained models (shared with bench_refit, reused)")
-    parser.add_argument("--image-size", type=int, default=0, help="input size (0: bench_refit's default, 256)")
+    parser.add_argument("--image-size", type=int, default=SETTINGS["image_size"],
+                        help="input size of the trained models (bench_refit's default: the shipped 256)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
     results = run(tuple(args.seeds), tuple(args.categories), args.work, args.image_size)

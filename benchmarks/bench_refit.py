@@ -48,14 +48,14 @@ def _paths(folder: Path) -> List[str]:
     return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() == ".png") if folder.is_dir() else []
 
 
-def train_shipped(layout_root: Path, category: str, seed: int, work: Path, log=print, image_size: int = 0):
+def train_shipped(layout_root: Path, category: str, seed: int, work: Path, log=print,
+                  image_size: int = SETTINGS["image_size"]):
     """The default model on the validation layout's train/good (cached in ``work``, per input size):
-    (model, holdout paths). ``image_size`` 0: SETTINGS'."""
+    (model, holdout paths)."""
     import torch
 
     from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
     from mrkd.train.trainer import TrainConfig, train
-    image_size = image_size or SETTINGS["image_size"]
     out_dir = work / f"{category}_{image_size}px_seed{seed}"
     last = out_dir / "last.ckpt"
     if last.is_file() and (out_dir / "done").is_file():
@@ -311,7 +311,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
         tune_reweight_only: bool = False, tune_radius: bool = False,
-        tune_keep: bool = False, image_size: int = 0) -> dict:
+        tune_keep: bool = False, image_size: int = SETTINGS["image_size"]) -> dict:
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,6 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
     test = layout_elpv(work / "elpv_test", split="test", max_train=SETTINGS["max_train"])
     # every training cell: those past the 160 the model trains on have never been seen by it
     full = layout_elpv(work / "elpv_validation_all", split="validation")
-    image_size = image_size or SETTINGS["image_size"]
     results = {"settings": dict(SETTINGS, image_size=image_size, review_counts=list(REVIEW_COUNTS),
                                 refit_threads=refit_threads),
                "runs": []}
