@@ -309,9 +309,17 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
     return out
 
 
+def _grid(asked, full: Sequence[float]):
+    """A tuner's grid: None (not asked), the full grid (True or an empty list), or the values given."""
+    if asked is True or (asked is not None and asked is not False and len(asked) == 0):
+        return tuple(full)
+    return tuple(float(v) for v in asked) if asked else None
+
+
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
-        tune_reweight_only: bool = False, tune_radius: bool = False,
-        tune_keep: bool = False, image_size: int = SETTINGS["image_size"]) -> dict:
+        tune_reweight_only: bool = False, tune_radius=False,
+        tune_keep=False, image_size: int = SETTINGS["image_size"]) -> dict:
+    """``tune_radius`` / ``tune_keep``: True for the whole RADIUS_GRID / KEEP_GRID, or the values to try."""
     from mrkd.train.elpv import layout_elpv
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
@@ -337,8 +345,8 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
             if tune_radius or tune_keep:     # the line only: the test split is not touched
                 case = tune_on_line(model, holdout, _paths(vroot / "test/good") + unused,
                                     _paths(vroot / "test/defect"), log=log,
-                                    radius_grid=RADIUS_GRID if tune_radius else None,
-                                    keep_grid=KEEP_GRID if tune_keep else None)
+                                    radius_grid=_grid(tune_radius, RADIUS_GRID),
+                                    keep_grid=_grid(tune_keep, KEEP_GRID))
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
@@ -366,14 +374,14 @@ def main(argv=None) -> None:
     parser.add_argument("--tune-reweight", action="store_true",
                         help="validation only: the refit's MRKD/kNN re-weighting (every share of MRKD_SHARE_GRID and "
                              "the one the rule chose) on the second half of the line; the test split is not read")
-    parser.add_argument("--tune-radius", action="store_true",
-                        help="validation only: the growth's stop (RADIUS_GRID: quantiles of the held-out good patches' "
-                             "nearest-bank distances) refit from the first half of the line, judged on its second "
-                             "half; the test split is not read")
-    parser.add_argument("--tune-keep", action="store_true",
-                        help="validation only: the defect guard's keep rule (KEEP_GRID) refit from the first half of "
-                             "the line, judged on its second half, and the confirmed line defects a refit from the "
-                             "whole line leaves unflagged; the test split is not read")
+    parser.add_argument("--tune-radius", type=float, nargs="*", default=None, metavar="Q",
+                        help="validation only: the growth's stop (quantiles of the held-out good patches' nearest-bank "
+                             "distances; no value: RADIUS_GRID) refit from the first half of the line, judged on its "
+                             "second half; the test split is not read")
+    parser.add_argument("--tune-keep", type=float, nargs="*", default=None, metavar="KEEP",
+                        help="validation only: the defect guard's keep rule (no value: KEEP_GRID) refit from the first "
+                             "half of the line, judged on its second half, and the confirmed line defects a refit from "
+                             "the whole line leaves unflagged; the test split is not read")
     args = parser.parse_args(argv)
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
                   tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,

@@ -54,7 +54,9 @@ def line_output_options(command):
                           "Needs the line extra."),
         click.option("--http-cert", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Certificate (PEM) for --http: the page then speaks HTTPS only (TLS 1.2+); with "
-                          "--http-key. Needed for --control-token-env when --http listens beyond this machine."),
+                          "--http-key. Needed for --control-token-env when --http listens beyond this machine. SIGHUP reads both "
+                          "files again (a renewed certificate without a restart; one that does not load is refused "
+                          "and the old one stays)."),
         click.option("--http-key", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="The --http-cert certificate's private key (PEM, unencrypted)."),
     ]
@@ -348,14 +350,16 @@ def run_command(model, sources, line_file, **options):
             click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
         from mrkd.runtime.line.swap import reload_on_sighup    # hot swap (SIGHUP), both modes
         slots, shadow = live_model_controls(line, detectors, outputs, control, output_settings, shadow_model)
+        # SIGHUP also reads the page's --http-cert/--http-key again (a renewed certificate, no restart)
+        reload_also = [o.request_certificate_reload for o in outputs if getattr(o, "tls_files", None)]
         running = True       # from here the runner tells every output on_stop itself
         if triggered:
-            with reload_on_sighup(slots):
+            with reload_on_sighup(slots, reload_also):
                 summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc, slots, shadow)
             summary.setdefault("outputs", outputs_summary(outputs))
         else:
             stop = threading.Event()
-            with stop_on_signals(stop), reload_on_sighup(slots):
+            with stop_on_signals(stop), reload_on_sighup(slots, reload_also):
                 summary = run_line(line, list(outputs) + [slots] + shadow, run_settings, stop=stop,
                                    detectors=detectors, sources=frames, slots=slots,
                                    status=lambda text: click.echo(text, err=True))

@@ -223,6 +223,64 @@ def test_live_run_is_hot_swapped_by_sighup_and_refuses_a_half_written_model(tmp_
     assert len(logged) == sum(1 for i in range(camera["frames"]) if (i % 6) % 2 == 1)
 
 
+@pytest.mark.slow
+def test_sighup_also_reloads_the_page_certificate_and_refuses_a_broken_pair(tmp_path):
+    """`mrkd run --http-cert/--http-key`: after a renewal moved into place and SIGHUP, curl trusting only
+    the new certificate gets the page and one trusting only the old is refused; a broken pair and SIGHUP
+    are refused in one line, the run goes on serving the last good certificate and ends with rc 0."""
+    import re
+    from peers import require_program
+    from test_review import _install_pair, _self_signed
+    curl = require_program("curl", ["curl"])
+    folder, live, _, _ = _deployment(tmp_path, seed=3, new_threshold=0.2)
+    served, old, new = (tmp_path / name for name in ("served", "old", "new"))
+    for place in (served, old, new):
+        place.mkdir()
+    _self_signed(old), _self_signed(new)
+    cert, key = str(served / "cert.pem"), str(served / "key.pem")
+    _install_pair(old, cert, key)
+    stderr_path = tmp_path / "stderr.txt"
+    code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, "run", str(live), "--source", str(folder), "--loop",
+                                 "--fps", "20", "--http", "127.0.0.1:0", "--http-cert", cert, "--http-key", key],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+    def page_url():
+        found = re.search(r"operator page (https://127\.0\.0\.1:\d+)/", stderr_path.read_text())
+        return found.group(1) if found else None
+
+    def fetch(trusted):
+        done = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                               "--cacert", str(trusted), page_url() + "/"],
+                              capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stdout
+
+    try:
+        _wait_for(page_url, 60, "the operator page")
+        assert fetch(old / "cert.pem") == (0, "200")
+        _install_pair(new, cert, key)
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "page certificate reloaded (SIGHUP)" in stderr_path.read_text(), 60, "the reload")
+        assert fetch(new / "cert.pem") == (0, "200")
+        assert fetch(old / "cert.pem")[0] == 60
+        (served / "key.pem").write_bytes((old / "key.pem").read_bytes())     # a key that is not the cert's
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "certificate reload (SIGHUP) REFUSED" in stderr_path.read_text(), 60, "the refusal")
+        refusal = [line for line in stderr_path.read_text().splitlines()
+                   if "certificate reload (SIGHUP) REFUSED" in line]
+        assert len(refusal) == 1 and cert in refusal[0], refusal
+        assert fetch(new / "cert.pem") == (0, "200")                        # the last good pair still served
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr_path.read_text()
+    assert "Traceback" not in stderr_path.read_text()
+
+
 def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
     from mrkd.runtime.control import LineControl
     from mrkd.runtime.outputs.web import OperatorServer

@@ -435,6 +435,86 @@ def test_page_over_https_with_curl_and_a_stalled_handshake_holds_no_one_up(tmp_p
         server.close()
 
 
+def _install_pair(source_folder: Path, cert: str, key: str) -> None:
+    """Move a certificate and key over the served ones, each atomically (a renewal tool's way)."""
+    for name, target in (("cert.pem", cert), ("key.pem", key)):
+        Path(target + ".new").write_bytes((source_folder / name).read_bytes())
+        os.replace(target + ".new", target)
+
+
+def _served_certificate(url: str) -> bytes:
+    """The DER certificate a new TLS connection to ``url`` is shown (Python's ssl client, unverified)."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=parts.hostname) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def _der(pem_path) -> bytes:
+    import ssl
+    return ssl.PEM_cert_to_DER_cert(Path(pem_path).read_text())
+
+
+def test_page_certificate_reload_new_connections_get_it_a_broken_pair_is_refused(tmp_path):
+    """reload_certificate: curl trusting only the new certificate is served after the reload and one
+    trusting only the old is refused; a connection opened before keeps working with the old one; a
+    pair that does not load leaves the served certificate as it was and says why in health()."""
+    import socket
+    import ssl
+    from peers import require_program
+    from mrkd.runtime.outputs.web import OperatorServer
+    curl = require_program("curl", ["curl"])
+    served, old, new = (tmp_path / name for name in ("served", "old", "new"))
+    for folder in (served, old, new):
+        folder.mkdir()
+    _self_signed(old), _self_signed(new)
+    cert, key = str(served / "cert.pem"), str(served / "key.pem")
+    _install_pair(old, cert, key)
+    server = OperatorServer("127.0.0.1", 0, request_timeout_s=5.0, tls=(cert, key))
+
+    def fetch(trusted):
+        done = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                               "--cacert", str(trusted), server.url + "/"],
+                              capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stdout
+
+    context = ssl.create_default_context(cafile=str(old / "cert.pem"))
+    early = context.wrap_socket(socket.create_connection(server.httpd.server_address[:2], timeout=10),
+                                server_hostname="127.0.0.1")
+    try:
+        assert fetch(old / "cert.pem") == (0, "200")
+        assert _served_certificate(server.url) == _der(old / "cert.pem")
+        _install_pair(new, cert, key)
+        assert _served_certificate(server.url) == _der(old / "cert.pem")      # nothing changes before the reload
+        assert server.reload_certificate("test") is True
+        assert _served_certificate(server.url) == _der(new / "cert.pem")
+        assert fetch(new / "cert.pem") == (0, "200")
+        assert fetch(old / "cert.pem")[0] == 60                              # the old one is no longer served
+        early.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert early.recv(64).startswith(b"HTTP/1.1 200")                      # opened before: still served
+        assert early.getpeercert(binary_form=True) == _der(old / "cert.pem")
+        # a renewal that went wrong: the new certificate with a key that is not its own, then a junk file
+        Path(key + ".new").write_bytes((old / "key.pem").read_bytes())
+        os.replace(key + ".new", key)
+        assert server.reload_certificate("test") is False
+        assert "REFUSED" in server.health().detail and cert in server.health().detail
+        (served / "cert.pem").write_text("not a certificate\n")
+        assert server.reload_certificate("test") is False
+        assert _served_certificate(server.url) == _der(new / "cert.pem")      # the last good pair stays
+        assert fetch(new / "cert.pem") == (0, "200")
+        _install_pair(new, cert, key)
+        assert server.reload_certificate("test") is True and server.health().detail == ""
+        assert server.certificate_reloads == 2
+    finally:
+        early.close()
+        server.close()
+
+
 def test_control_token_beyond_this_machine_needs_https(tmp_path, monkeypatch):
     """A token that would cross the network in clear text is refused at start, in one line; on 127.0.0.1
     or over HTTPS it is taken; certificate and key go together and must load."""

@@ -313,13 +313,19 @@ def line_slots(line, detectors: MutableMapping[str, object],
 
 
 @contextlib.contextmanager
-def reload_on_sighup(slots: ModelSlots):
-    """While inside (main thread only), SIGHUP asks ``slots`` to load every model path again."""
+def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = ()):
+    """While inside (main thread only), SIGHUP asks ``slots`` to load every model path again, and each
+    of ``also`` (a reload request that returns at once, e.g. the page's certificate) to do its part."""
     if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
         yield slots
         return
+
+    def on_sighup(_signum, _frame):
+        slots.request_reload("SIGHUP")
+        for request in also:
+            request("SIGHUP")
     previous = signal.getsignal(signal.SIGHUP)
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: slots.request_reload("SIGHUP"))
+    signal.signal(signal.SIGHUP, on_sighup)
     try:
         yield slots
     finally:

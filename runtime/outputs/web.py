@@ -121,6 +121,8 @@ class OperatorServer(LineObserver):
     once, without a thread, so a flood of connections cannot take the process's threads or file handles.
     tls: (certificate, private key) PEM files: HTTPS only, TLS 1.2 or newer; each connection's handshake
     runs on its own thread within the request timeout, so a client that never finishes it holds no one up.
+    ``reload_certificate`` reads the two files again (`mrkd run` does it on SIGHUP): new connections get
+    the new certificate, open ones keep theirs; a pair that does not load is refused and the old one stays.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
@@ -147,15 +149,41 @@ class OperatorServer(LineObserver):
         self.started = threading.Event()      # on_start has run: the cameras are known
         self.httpd = _BoundedHTTPServer((host, port), _handler_for(self), max_connections)
         self.scheme = "http"
+        self.tls_files = tuple(tls) if tls is not None else None
+        self.certificate_reloads, self.certificate_error = 0, ""
+        self._reload_lock = threading.Lock()
         if tls is not None:
-            self.httpd.socket = _tls_context(*tls).wrap_socket(self.httpd.socket, server_side=True,
-                                                              do_handshake_on_connect=False)
+            self.httpd.tls = _tls_context(*tls)
             self.scheme = "https"
         self._serve = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                        name="http", daemon=True)
         self._serve.start()
         self._ticker = threading.Thread(target=self._tick, name="http-status", daemon=True)
         self._ticker.start()
+
+    def reload_certificate(self, reason: str = "request") -> bool:
+        """Load ``--http-cert``/``--http-key`` again for new connections. False (the old pair stays, the
+        reason logged in one line and shown in health()) when they do not load; False without TLS."""
+        if self.tls_files is None:
+            return False
+        with self._reload_lock:
+            try:
+                context = _tls_context(*self.tls_files)
+            except SettingError as exc:
+                self.certificate_error = f"certificate reload ({reason}) REFUSED, the previous one stays: {exc}"
+                logger.warning("page %s", self.certificate_error)
+                return False
+            self.httpd.tls = context          # read once per accepted connection
+            self.certificate_reloads += 1
+            self.certificate_error = ""
+        logger.warning("page certificate reloaded (%s) from %s", reason, self.tls_files[0])
+        return True
+
+    def request_certificate_reload(self, reason: str) -> None:
+        """From a signal handler: reload on a thread of its own, so the handler returns at once."""
+        if self.tls_files is not None:
+            threading.Thread(target=self.reload_certificate, args=(reason,), name="http-certificate",
+                             daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -173,7 +201,7 @@ class OperatorServer(LineObserver):
     def health(self) -> OutputHealth:
         closed = self.closed.is_set()
         return OutputHealth(name="page", ok=not closed, state="stopped" if closed else "listening",
-                            target=self.url)
+                            target=self.url, detail=self.certificate_error)
 
     def _output_health(self) -> List[dict]:
         found: List[OutputHealth] = []
@@ -416,7 +444,21 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self._active = 0
         self._active_lock = threading.Lock()
+        self.tls: Optional[ssl.SSLContext] = None       # HTTPS: each accepted connection is wrapped in it
         super().__init__(address, handler)
+
+    def get_request(self):
+        # Wrapped per connection (not the listening socket), so a reloaded certificate takes effect at once;
+        # the handshake itself runs on the connection's thread (_handshake_within).
+        connection, address = self.socket.accept()
+        context = self.tls
+        if context is not None:
+            try:
+                connection = context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                connection.close()
+                raise
+        return connection, address
 
     def process_request(self, request, client_address):
         with self._active_lock:
