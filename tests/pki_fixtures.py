@@ -39,9 +39,11 @@ def _name(common_name: str) -> x509.Name:
 
 
 def authority(common_name: str = "mrkd test CA", days: float = 30, start_days: float = -1,
-              key_cert_sign: bool = True, ca: bool = True) -> Issued:
+              key_cert_sign: bool = True, ca: bool = True, issuer: Optional[Issued] = None) -> Issued:
+    """A certificate authority: self-signed (a root), or ``issuer``'s intermediate."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
+    claimed = issuer.cert.subject if issuer is not None else _name(common_name)
+    builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(claimed)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(NOW + datetime.timedelta(days=start_days))
                .not_valid_after(NOW + datetime.timedelta(days=days))
@@ -50,7 +52,7 @@ def authority(common_name: str = "mrkd test CA", days: float = 30, start_days: f
                                             data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
                                             crl_sign=key_cert_sign, encipher_only=False, decipher_only=False),
                               critical=True))
-    return Issued(builder.sign(key, hashes.SHA256()), key)
+    return Issued(builder.sign(issuer.key if issuer is not None else key, hashes.SHA256()), key)
 
 
 def application(issuer: Optional[Issued], name: str, days: float = 30, start_days: float = -1,
@@ -74,10 +76,11 @@ def application(issuer: Optional[Issued], name: str, days: float = 30, start_day
     return Issued(builder.sign(signer, hashes.SHA256()), key)
 
 
-def revocation_list(issuer: Issued, revoked: Sequence[Issued]) -> bytes:
-    """A DER CRL of ``issuer`` revoking ``revoked``."""
+def revocation_list(issuer: Issued, revoked: Sequence[Issued], next_update_days: float = 7) -> bytes:
+    """A DER CRL of ``issuer`` revoking ``revoked``, due for renewal in ``next_update_days`` (< 0: overdue)."""
+    last_update = NOW - datetime.timedelta(hours=1) + datetime.timedelta(days=min(0.0, next_update_days - 1))
     builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer.cert.subject)
-               .last_update(NOW - datetime.timedelta(hours=1)).next_update(NOW + datetime.timedelta(days=7)))
+               .last_update(last_update).next_update(NOW + datetime.timedelta(days=next_update_days)))
     for item in revoked:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(item.cert.serial_number)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -515,3 +516,39 @@ def test_node_opcua_clients_issued_by_a_trusted_authority_and_a_revoked_one(tmp_
         assert done.returncode == 1 and "call" not in lines, (name, done.stdout[-2000:])
         assert lines["error"]["stage"] == "session" and lines["error"]["status"] == status, (name, lines)
     assert summary["triggers"] == 1                              # the admitted station's job only
+
+
+def test_node_opcua_client_through_an_intermediate_and_a_crl_renewed_while_running(tmp_path):
+    """A trust folder holding a root authority, its intermediate in ``issuers`` and their CRLs, the
+    root's overdue: node-opcua with a certificate the intermediate issued is refused at its session
+    (BadCertificateIssuerRevocationUnknown); the root's renewed CRL moved into the folder of the running
+    server (no restart), the same client runs a job."""
+    import time
+    from pki_fixtures import application, authority, revocation_list
+
+    node = node_client_ready()
+    make_certificates(tmp_path)                                   # the server's own (self-signed)
+    root = authority("plant root CA")
+    line_ca = authority("line 7 CA", issuer=root)
+    application(line_ca, "station").save(tmp_path, "station")
+    trust = tmp_path / "trusted"
+    (trust / "issuers").mkdir(parents=True)
+    (trust / "root.der").write_bytes(root.der)
+    (trust / "root.crl").write_bytes(revocation_list(root, [], next_update_days=-1))
+    (trust / "issuers" / "line7.der").write_bytes(line_ca.der)
+    (trust / "issuers" / "line7.crl").write_bytes(revocation_list(line_ca, []))
+    runner, server = start_cell(tmp_path, "dg", **server_certificate(tmp_path), trust=str(trust))
+    try:
+        overdue, refused = node_client(node, server, tmp_path, "station")
+        (trust / "root.crl.new").write_bytes(revocation_list(root, []))
+        os.replace(trust / "root.crl.new", trust / "root.crl")
+        time.sleep(1.2)                                           # the folder is looked at once a second at most
+        admitted, seen = node_client(node, server, tmp_path, "station")
+    finally:
+        summary = runner.stop()
+    assert overdue.returncode == 1 and "call" not in refused, overdue.stdout[-2000:]
+    assert refused["error"]["stage"] == "session", refused
+    assert refused["error"]["status"] == "BadCertificateIssuerRevocationUnknown", refused
+    assert admitted.returncode == 0, admitted.stdout[-2000:] + admitted.stderr[-2000:]
+    assert seen["call"]["status"] == "Good" and seen["event"]["partId"] == "node-secure-1"
+    assert summary["triggers"] == 1                              # the job after the renewal only

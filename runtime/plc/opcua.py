@@ -22,9 +22,11 @@ The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain S
 Security: bind 127.0.0.1 by default. With a server certificate and private key the only endpoint is
 Basic256Sha256 Sign&Encrypt (the application URI is read from the certificate); without them, the
 None policy only. With a trust folder (``trust``: runtime/plc/trust.py; certificates and the CRLs of
-the certificate authorities among them) a client whose certificate is neither one of those files nor
-issued by one of those authorities, or is revoked or outside its validity dates, is refused when it
-creates its session (BadCertificateUntrusted / BadCertificateRevoked / BadCertificateTimeInvalid), and
+the certificate authorities among them; intermediate authorities in its ``issuers`` subfolder; read
+again when it changes) a client whose certificate is neither one of those files nor issued through a
+chain ending at one of those authorities, or is revoked, under a CRL past its nextUpdate, or outside
+its validity dates, is refused when it creates its session (BadCertificateUntrusted /
+BadCertificateRevoked / BadCertificateRevocationUnknown / BadCertificateTimeInvalid, ...), and
 so is a session whose secure channel's own certificate is not trusted; without one, any client
 certificate is accepted (the channel is still encrypted). With a certificate, asyncua's None channel (kept for
 discovery) cannot activate a session (BadSecurityModeRejected). A user name and a
@@ -49,7 +51,7 @@ from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.aio import AsyncioServerThread
-from mrkd.runtime.plc.trust import load_trust_folder
+from mrkd.runtime.plc.trust import TrustFolder
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if trust is not None and certificate is None:
             raise PlcError("OPC UA: a trust folder of client certificates needs the server's certificate and key "
                            "(Basic256Sha256 Sign&Encrypt)")
-        self.trusted = load_trust_folder(trust) if trust is not None else None
+        self.trusted = TrustFolder(trust) if trust is not None else None
         self.url: Optional[str] = None
         self.state, self.mode = "Operational", "Ready"
         self.recipe = int(target.active_recipe)

@@ -161,8 +161,10 @@ def plc_options(command):
                      help="The server certificate's private key (PEM)."),
         click.option("--opcua-trust", metavar="DIR", type=click.Path(exists=True, file_okay=False), default=None,
                      help="Folder of trusted OPC UA client certificates and certificate authorities with their "
-                          "CRLs (DER or PEM; .crl): with --opcua-certificate, a client whose certificate is neither "
-                          "there nor issued (and not revoked) by an authority there is refused. Line file: [plc] "
+                          "CRLs (DER or PEM; .crl), intermediate authorities in DIR/issuers: with "
+                          "--opcua-certificate, a client whose certificate is neither there nor issued through a "
+                          "chain to an authority there (none revoked, no CRL past its nextUpdate) is refused. Read "
+                          "again when a file changes (a new CRL needs no restart). Line file: [plc] "
                           "opcua_trust = ..."),
     ]
     for option in reversed(options):
