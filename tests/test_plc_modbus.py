@@ -39,13 +39,13 @@ def reference_score(path) -> float:
 class Cell:
     """A triggered line (part runner) with a Modbus server on a free loopback port."""
 
-    def __init__(self, model, source, queue=4, capacity=8, allow=None):
+    def __init__(self, model, source, queue=4, capacity=8, allow=None, security=None):
         camera_source = source if isinstance(source, str) else "memory"
         line = Line((Camera("cam", camera_source, model, trigger="software"),))
         settings = PartSettings(queue=queue, timeout=5.0)
         sources = open_part_sources(line, settings) if isinstance(source, str) else {"cam": source}
         self.runner = PartRunner(line, sources, settings, status=lambda text: None)
-        self.plc = ModbusPlc(self.runner, port=0, capacity=capacity, allow=allow).start()
+        self.plc = ModbusPlc(self.runner, port=0, capacity=capacity, allow=allow, security=security).start()
         self.runner.observers.append(self.plc)
         self.runner.start()
         self.port = self.plc.address[1]

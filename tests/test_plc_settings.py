@@ -132,3 +132,34 @@ def test_network_opcua_needs_callers_it_can_authenticate(tmp_path):
     with pytest.raises(LineFileError, match=r"line\.toml: plc\.opcua opc.tcp://0.0.0.0:4840 with plc\.opcua-user"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:4840"\nopcua_user = "op"\n'
                                       'opcua_password_env = "MRKD_TEST_PW"'))
+
+
+def test_modbus_security_settings(tmp_path):
+    """Modbus/TCP Security: certificate, key and trust folder go together and are read from the line
+    file's folder; with them the server may listen beyond this machine without an address list."""
+    (tmp_path / "certs" / "plcs").mkdir(parents=True)
+    for name in ("modbus.crt", "modbus.key"):
+        (tmp_path / "certs" / name).write_bytes(b"x")
+    secure = ('[plc]\nmodbus = "0.0.0.0:802"\nmodbus_certificate = "certs/modbus.crt"\n'
+              'modbus_private_key = "certs/modbus.key"\nmodbus_trust = "certs/plcs"')
+    settings = load_plc_settings(line_file(tmp_path, secure))
+    assert settings.modbus_trust == str(tmp_path / "certs" / "plcs")       # from the line file's folder
+    assert settings.modbus_allow is None and settings.schema_version == 3
+    for table, message in (
+            ('modbus = "0.0.0.0:802"\nmodbus_certificate = "certs/modbus.crt"\nmodbus_private_key = "certs/modbus.key"',
+             r"plc\.modbus-certificate, plc\.modbus-private-key and plc\.modbus-trust go together"),
+            ('modbus = "127.0.0.1:802"\nmodbus_trust = "certs/plcs"', r"plc\.modbus-certificate, .* go together"),
+            ('modbus_trust = "certs/plcs"', r"plc\.modbus-certificate/-private-key/-trust need plc\.modbus"),
+            (secure.split("\n", 1)[1].replace('"certs/plcs"', '"certs/modbus.crt"'), r"plc\.modbus-trust: not a folder"),
+            (secure.split("\n", 1)[1].replace('"certs/modbus.key"', '"certs/gone.key"'),
+             r"plc\.modbus certificate/key: file not found: .*gone\.key"),
+            ('modbus = "0.0.0.0:802"', r"plc\.modbus 0\.0\.0\.0:802 listens beyond this machine: name the PLC's "
+                                       r"address with plc\.modbus-allow .*or authenticate it with "
+                                       r"Modbus/TCP Security")):
+        with pytest.raises(LineFileError, match=rf"line\.toml: {message}"):
+            load_line(line_file(tmp_path, "[plc]\n" + table))
+    given = dict(options(modbus="0.0.0.0:802"), modbus_certificate=str(tmp_path / "certs" / "modbus.crt"),
+                 modbus_private_key=str(tmp_path / "certs" / "modbus.key"),
+                 modbus_trust=str(tmp_path / "certs" / "plcs"))
+    assert pop_plc_settings(given).modbus_trust == str(tmp_path / "certs" / "plcs")
+    assert "modbus_trust" not in given and "modbus_certificate" not in given

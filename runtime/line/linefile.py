@@ -31,7 +31,9 @@ and alarm settings. Every error is one line naming the file, the camera and the 
 
     [plc]                              # optional, triggered lines: PLC servers (runtime/plc, docs/PLC.md)
     modbus = "127.0.0.1:5020"          # Modbus TCP handshake (mrkd run --modbus)
-    modbus_allow = "10.0.0.5"          # the PLC's address (or networks); needed beyond 127.0.0.1
+    modbus_allow = "10.0.0.5"          # the PLC's address (or networks); beyond 127.0.0.1 this or:
+    # modbus_certificate = "modbus.crt"  # Modbus/TCP Security: TLS, with modbus_private_key and
+    # modbus_trust = "trusted-plcs"      # the folder of client certificates admitted (as opcua_trust)
     results_buffer = 8                 # results held until the PLC acknowledges them
     opcua = "opc.tcp://127.0.0.1:4840" # OPC UA VisionSystem (mrkd run --opcua)
     opcua_user = "operator"            # may call its methods, with the password in
@@ -249,7 +251,8 @@ def _plc_settings(path: str, data: dict, folder: Path):
     from mrkd.runtime.plc.servers import PlcSettings
     table = data["plc"]
     if isinstance(table, dict):       # certificate files are read from the line file's folder, as models are
-        paths = ("opcua_certificate", "opcua_private_key", "opcua_trust")
+        paths = ("opcua_certificate", "opcua_private_key", "opcua_trust", "modbus_certificate",
+                 "modbus_private_key", "modbus_trust")
         table = {k: _resolve(v, folder) if k in paths and isinstance(v, str) and v.strip() else v
                  for k, v in table.items()}
     try:

@@ -14,8 +14,10 @@ the map or a write of a reserved coil answers exception 02 (illegal data address
 codes answer exception 01; a recipe the line does not list answers exception 03.
 
 Modbus TCP has no authentication: the client's address is the one thing a server can check. With
-``allow`` (``--modbus-allow``) a connection from any other address is closed before it is read;
-listening beyond this machine needs such a list (PlcSettings.check).
+``allow`` (``--modbus-allow``) a connection from any other address is closed before it is read.
+With ``security`` (runtime/plc/modbus_security.py) the server speaks Modbus/TCP Security instead: TLS
+with a client certificate the trust folder admits, checked before any byte is read. Listening beyond
+this machine needs one of the two (PlcSettings.check).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import logging
 import math
 import struct
 import threading
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -35,6 +37,9 @@ from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, Tr
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.aio import AsyncioServerThread
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER, Handshake, HandshakeError, PlcImage
+
+if TYPE_CHECKING:
+    from mrkd.runtime.plc.modbus_security import ModbusSecurity, SecureListener
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +131,18 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     stops; ``address`` is the (host, port) listened on (port 0 asks for a free one)."""
 
     def __init__(self, target: TriggerTarget, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 capacity: int = RESULTS_BUFFER, allow: Optional[Sequence[IpNetwork]] = None):
+                 capacity: int = RESULTS_BUFFER, allow: Optional[Sequence[IpNetwork]] = None,
+                 security: Optional["ModbusSecurity"] = None):
         self.handshake = Handshake(target, capacity, name="modbus")
         self.host, self.port = host, port
         self.allow = tuple(allow) if allow is not None else None
+        self.security = security
+        self._secure: Optional["SecureListener"] = None
         self.address: Optional[Tuple[str, int]] = None
         self.clients = self.connections = self.requests = self.refused = 0
-        self.clients_refused = 0          # connections closed at once: their address is not in ``allow``
-        self._refused_seen: set = set()   # addresses already logged (a scanner must not flood the log)
+        self.clients_refused = 0          # connections closed at once: address not in ``allow``, or untrusted
+        self._refused_seen: set = set()   # (address, reason) already logged (a scanner must not flood the log)
+        self._watch: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._thread: Optional[threading.Thread] = None
@@ -145,6 +154,9 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     def start(self) -> "ModbusPlc":
         from mrkd.deps import require
         require("pymodbus", "the Modbus TCP server (--modbus) needs pymodbus")
+        if self.security is not None:
+            from mrkd.runtime.plc.modbus_security import SecureListener
+            self._secure = SecureListener(self.security)        # PlcError naming a file that does not load
         self._start_loop("modbus", 30)
         if self._error is not None or self.address is None:
             raise PlcError(f"--modbus {self.host}:{self.port}: cannot listen there ({self._error or 'no answer'})")
@@ -153,14 +165,17 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
 
     async def _listen(self) -> None:
         from pymodbus.simulator import DataType, SimData, SimDevice
-        ModbusTcpServer = _server_class(self._admit)
+        ModbusServer = _server_class(self._admit, secure=self._secure is not None)
         bits = lambda: [SimData(0, count=BIT_WORD, values=False, datatype=DataType.BITS)]   # noqa: E731
         registers = lambda n: [SimData(0, count=n, values=0, datatype=DataType.REGISTERS)]  # noqa: E731
         device = SimDevice(0, simdata=(bits(), bits(), registers(len(HOLDING_REGISTERS)),
                                        registers(len(INPUT_REGISTERS))), action=self._action)
-        self._server = ModbusTcpServer(device, address=(self.host, self.port), trace_connect=self._connected,
-                                       trace_packet=self._packet)
+        tls = {"sslctx": self._secure.context} if self._secure is not None else {}
+        self._server = ModbusServer(device, address=(self.host, self.port), trace_connect=self._connected,
+                                    trace_packet=self._packet, **tls)
         await self._server.serve_forever(background=True)
+        if self._secure is not None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_trust())
         sockets = getattr(self._server.transport, "sockets", None) or []
         if not sockets:
             raise OSError("the server did not listen (address in use or not local?)")
@@ -176,15 +191,40 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
             data = data[:7] + bytes([(self._last_function | 0x80) & 0xFF]) + data[8:]
         return data
 
-    def _admit(self, peer) -> bool:
-        """Called on the loop thread as a connection is made, before any byte of it is read."""
-        if client_admitted(peer, self.allow):
+    async def _watch_trust(self) -> None:
+        """Modbus/TCP Security: the trust folder looked at once a second, so a certificate added to it
+        reaches the TLS handshake without a restart."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._secure.refresh()
+            except Exception as exc:       # a folder gone: keep the last good list, say so once
+                logger.warning("modbus: trust folder: %s", exc)
+
+    async def _shutdown(self, server) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            try:
+                await self._watch
+            except asyncio.CancelledError:
+                pass
+        await server.shutdown()
+
+    def _admit(self, transport) -> bool:
+        """Called on the loop thread as a connection is made (over TLS: once its handshake is done),
+        before any byte of it is read."""
+        peer = transport.get_extra_info("peername")
+        who = str(peer[0]) if peer else "?"
+        if not client_admitted(peer, self.allow):
+            why = "not in --modbus-allow"
+        elif self._secure is not None and (refusal := self._secure.refusal(transport)) is not None:
+            why = f"client certificate refused: {refusal}"
+        else:
             return True
         self.clients_refused += 1
-        who = str(peer[0]) if peer else "?"
-        if who not in self._refused_seen and len(self._refused_seen) < 64:
-            self._refused_seen.add(who)
-            logger.warning("modbus: refused a connection from %s (not in --modbus-allow)", who)
+        if (who, why) not in self._refused_seen and len(self._refused_seen) < 64:
+            self._refused_seen.add((who, why))
+            logger.warning("modbus: refused a connection from %s (%s)", who, why)
         return False
 
     def _connected(self, connect: bool) -> None:
@@ -198,7 +238,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         loop, server = self._loop, self._server
         if server is not None and loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(5)
+                asyncio.run_coroutine_threadsafe(self._shutdown(server), loop).result(5)
             except Exception:   # closing must not raise at the end of a run
                 logger.exception("modbus: shutdown")
         if loop.is_running():
@@ -282,27 +322,29 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         state = "stopped" if self._closed else ("connected" if self.clients > 0 else "listening")
         return OutputHealth(name="modbus", ok=not self._closed and not image.overrun, state=state,
                             sent=image.parts_judged - image.results_dropped, failed=image.results_dropped,
-                            detail=f"{where}, {max(self.clients, 0)} PLC connection(s)"
+                            detail=f"{where}{' (Modbus/TCP Security)' if self._secure else ''}, "
+                                   f"{max(self.clients, 0)} PLC connection(s)"
                                    + (f", {self.clients_refused} refused" if self.clients_refused else "")
                                    + (", results buffer overrun" if image.overrun else ""))
 
 
-def _server_class(admit):
-    """pymodbus' ModbusTcpServer whose connections are first put to ``admit(peername)``: a refused one is
-    aborted in connection_made, before its handler is set up or any of its bytes is read."""
-    from pymodbus.server import ModbusTcpServer
+def _server_class(admit, secure: bool = False):
+    """pymodbus' ModbusTcpServer (ModbusTlsServer when ``secure``: the same MBAP frames over TLS) whose
+    connections are first put to ``admit(transport)``: a refused one is aborted in connection_made (after
+    the TLS handshake), before its handler is set up or any of its bytes is read."""
+    from pymodbus.server import ModbusTcpServer, ModbusTlsServer
     from pymodbus.server.requesthandler import ServerRequestHandler
 
     class AdmittingHandler(ServerRequestHandler):
         def connection_made(self, transport) -> None:
-            if not admit(transport.get_extra_info("peername")):
+            if not admit(transport):
                 transport.abort()
                 if self.listener is not None:      # registered by the listener before this call
                     self.listener.active_connections.pop(self.unique_id, None)
                 return
             super().connection_made(transport)
 
-    class AdmittingServer(ModbusTcpServer):
+    class AdmittingServer(ModbusTlsServer if secure else ModbusTcpServer):
         def callback_new_connection(self):
             return AdmittingHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 

@@ -14,16 +14,18 @@ import click
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER
 
-PLC_SETTINGS_VERSION = 2      # 2: modbus_allow
+PLC_SETTINGS_VERSION = 3      # 2: modbus_allow; 3: modbus_certificate, modbus_private_key, modbus_trust
 PLC_FIELDS = ("modbus", "modbus_allow", "results_buffer", "opcua", "opcua_user", "opcua_password_env",
-              "opcua_anonymous_calls", "opcua_certificate", "opcua_private_key", "opcua_trust")
+              "opcua_anonymous_calls", "opcua_certificate", "opcua_private_key", "opcua_trust",
+              "modbus_certificate", "modbus_private_key", "modbus_trust")
 
 
 @dataclass(frozen=True)
 class PlcSettings:
     """modbus: "HOST:PORT" of the Modbus TCP server (None: off). modbus_allow: the client addresses or
-    networks it admits, comma-separated (None: any; required when it listens beyond this machine,
-    since Modbus has no authentication). results_buffer: results held for
+    networks it admits, comma-separated (None: any). modbus_certificate + modbus_private_key +
+    modbus_trust: Modbus/TCP Security (TLS, a client certificate the trust folder admits). Listening
+    beyond this machine needs modbus_allow or Modbus/TCP Security. results_buffer: results held for
     the PLC, the presented one included (1..64). opcua: "opc.tcp://HOST:PORT" of the OPC UA
     VisionSystem (None: off); opcua_user + opcua_password_env (the environment variable holding the
     password): who may call its methods; opcua_anonymous_calls: anonymous clients may call them too;
@@ -39,7 +41,10 @@ class PlcSettings:
     opcua_certificate: Optional[str] = None
     opcua_private_key: Optional[str] = None
     opcua_trust: Optional[str] = None
-    modbus_allow: Optional[str] = None     # last: fields keep their positions (version 2)
+    modbus_allow: Optional[str] = None     # after the fields of version 1: they keep their positions
+    modbus_certificate: Optional[str] = None      # version 3
+    modbus_private_key: Optional[str] = None
+    modbus_trust: Optional[str] = None
     schema_version: int = PLC_SETTINGS_VERSION
 
     def check(self, where: str = "") -> "PlcSettings":
@@ -47,15 +52,29 @@ class PlcSettings:
         from mrkd.runtime.addresses import is_loopback_host
         from mrkd.runtime.plc.modbus import parse_client_networks, parse_modbus_address
         field = where.rpartition(": ")[2]     # a second field named in a message: "--" or "plc.", no file again
+        security = (self.modbus_certificate, self.modbus_private_key, self.modbus_trust)
+        if any(value is not None for value in security):
+            if self.modbus is None:
+                raise PlcError(f"{where}modbus-certificate/-private-key/-trust need {field}modbus")
+            if any(value is None for value in security):
+                raise PlcError(f"{where}modbus-certificate, {field}modbus-private-key and {field}modbus-trust go "
+                               f"together (Modbus/TCP Security authenticates both ends)")
+            for path in security[:2]:
+                if not Path(path).is_file():
+                    raise PlcError(f"{where}modbus certificate/key: file not found: {path}")
+            if not Path(self.modbus_trust).is_dir():
+                raise PlcError(f"{where}modbus-trust: not a folder: {self.modbus_trust}")
         if self.modbus is not None:
             try:
                 host, _ = parse_modbus_address(self.modbus)
             except PlcError as exc:
                 raise PlcError(f"{where}modbus: {exc}") from None
-            if self.modbus_allow is None and not is_loopback_host(host):
+            if self.modbus_allow is None and self.modbus_trust is None and not is_loopback_host(host):
                 raise PlcError(f"{where}modbus {self.modbus} listens beyond this machine: name the PLC's address "
-                               f"with {field}modbus-allow (e.g. 10.0.0.5 or 10.0.0.0/24); Modbus TCP has no "
-                               f"authentication, so the client's address is all the server can check")
+                               f"with {field}modbus-allow (e.g. 10.0.0.5 or 10.0.0.0/24), or authenticate it with "
+                               f"Modbus/TCP Security ({field}modbus-certificate, {field}modbus-private-key, "
+                               f"{field}modbus-trust); plain Modbus TCP has no authentication, so the client's "
+                               f"address is all the server can check")
         if self.modbus_allow is not None:
             if self.modbus is None:
                 raise PlcError(f"{where}modbus-allow needs {field}modbus")
@@ -121,7 +140,7 @@ class PlcSettings:
         if unknown:
             raise PlcError(f"{where}{unknown[0]}: unknown field (known: {', '.join(PLC_FIELDS)})")
         for name in ("modbus", "modbus_allow", "opcua", "opcua_user", "opcua_password_env", "opcua_certificate",
-                     "opcua_private_key", "opcua_trust"):
+                     "opcua_private_key", "opcua_trust", "modbus_certificate", "modbus_private_key", "modbus_trust"):
             if table.get(name) is not None and not isinstance(table[name], str):
                 raise PlcError(f"{where}{name}: expected text, got {table[name]!r}")
         return cls(**{name: table[name] for name in PLC_FIELDS if name in table}).check(where)
@@ -138,8 +157,22 @@ def plc_options(command):
         click.option("--modbus-allow", "modbus_allow", metavar="ADDRESSES", default=None,
                      help="Clients the Modbus server admits: IP addresses or networks, comma-separated "
                           "(10.0.0.5,10.0.1.0/24); others are disconnected unread. Required when --modbus listens "
-                          "beyond this machine: Modbus TCP has no authentication, the client's address is all a "
-                          "server can check. Line file: [plc] modbus_allow = ..."),
+                          "beyond this machine unless Modbus/TCP Security is on: plain Modbus TCP has no "
+                          "authentication, the client's address is all a server can check. Line file: [plc] "
+                          "modbus_allow = ..."),
+        click.option("--modbus-certificate", "modbus_certificate", type=click.Path(exists=True, dir_okay=False),
+                     default=None,
+                     help="Server certificate (PEM) for Modbus/TCP Security: with --modbus-private-key and "
+                          "--modbus-trust the server speaks only TLS 1.2+ (the same MBAP frames; port 802 is "
+                          "registered for it) and admits only clients presenting a certificate the trust folder "
+                          "admits. Line file: [plc] modbus_certificate = ..."),
+        click.option("--modbus-private-key", "modbus_private_key", type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="The --modbus-certificate's private key (PEM, unencrypted)."),
+        click.option("--modbus-trust", "modbus_trust", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+                     default=None,
+                     help="Folder of the client (PLC) certificates Modbus/TCP Security admits: the same layout and "
+                          "rules as --opcua-trust (listed certificates, authorities with their CRLs, intermediates "
+                          "in DIR/issuers; read again when a file changes). Line file: [plc] modbus_trust = ..."),
         click.option("--plc-results-buffer", "plc_results_buffer", type=click.IntRange(1, 64), default=None,
                      help=f"Results held for the PLC until acknowledged, the presented one included (default "
                           f"{RESULTS_BUFFER}); newer ones are dropped and flagged as overrun."),
@@ -182,7 +215,10 @@ def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = 
              "opcua_anonymous_calls": options.pop("opcua_anonymous_calls"),
              "opcua_certificate": options.pop("opcua_certificate"),
              "opcua_private_key": options.pop("opcua_private_key"),
-             "opcua_trust": options.pop("opcua_trust", None)}
+             "opcua_trust": options.pop("opcua_trust", None),
+             "modbus_certificate": options.pop("modbus_certificate", None),
+             "modbus_private_key": options.pop("modbus_private_key", None),
+             "modbus_trust": options.pop("modbus_trust", None)}
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}).check("--")
 
 
@@ -195,11 +231,17 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
         if settings.modbus is not None:
             from mrkd.runtime.plc.modbus import ModbusPlc, parse_client_networks, parse_modbus_address
             host, port = parse_modbus_address(settings.modbus)
+            from mrkd.runtime.plc.modbus_security import ModbusSecurity
             allow = parse_client_networks(settings.modbus_allow) if settings.modbus_allow is not None else None
-            server = ModbusPlc(target, host, port, capacity=settings.results_buffer, allow=allow).start()
+            security = ModbusSecurity(settings.modbus_certificate, settings.modbus_private_key,
+                                      settings.modbus_trust) if settings.modbus_trust is not None else None
+            server = ModbusPlc(target, host, port, capacity=settings.results_buffer, allow=allow,
+                               security=security).start()
             servers.append(server)
             if echo:
                 clients = f"; clients from {settings.modbus_allow}" if allow is not None else ""
+                if security is not None:
+                    clients += f"; Modbus/TCP Security, client certificates trusted from {settings.modbus_trust}"
                 echo(f"Modbus TCP PLC server on {server.address[0]}:{server.address[1]} (map: docs/PLC.md{clients})")
         if settings.opcua is not None:
             from mrkd.runtime.plc.opcua import OpcUaPlc

@@ -1,0 +1,89 @@
+"""Modbus/TCP Security for the Modbus adapter (``--modbus-certificate/--modbus-private-key/--modbus-trust``).
+
+The Modbus Organization's "MODBUS/TCP Security" protocol carries the same MBAP frames inside TLS 1.2 or
+newer, with BOTH ends presenting an X.509 certificate (mutual authentication); port 802 is registered
+for it. Plain Modbus TCP has no authentication at all, so this is what lets a server listening on the
+cell network check who writes a trigger, beyond the client's IP address (``--modbus-allow``).
+
+Which client certificates are admitted is the OPC UA trust folder's rule (runtime/plc/trust.py, the
+same folder layout): listed byte for byte, or issued through a chain (intermediates in ``issuers``) to a
+listed authority, none revoked, no CRL past its nextUpdate; the folder is read again when it changes.
+OpenSSL runs the handshake and refuses a client without a certificate, or one that chains to nothing in
+the folder; the trust folder then decides, before a byte of the connection is read. The spec's role
+extension (OID 1.3.6.1.4.1.50316.802.1) for authorising function codes per client is not read: every
+admitted client may read and write the map.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Optional
+
+from mrkd.runtime.plc import PlcError
+from mrkd.runtime.plc.trust import TrustFolder
+
+logger = logging.getLogger(__name__)
+
+SECURE_PORT = 802       # registered for Modbus/TCP Security (502 is plain Modbus TCP)
+
+
+@dataclass(frozen=True)
+class ModbusSecurity:
+    """The server's certificate and key (PEM) and the folder of client certificates it trusts."""
+
+    certificate: str
+    private_key: str
+    trust: str
+
+
+class SecureListener:
+    """The TLS side of one Modbus server: the SSL context pymodbus listens with, kept in step with the
+    trust folder, and the admission of each handshaken connection."""
+
+    def __init__(self, security: ModbusSecurity):
+        self.security = security
+        self.trust = TrustFolder(security.trust)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            self.context.load_cert_chain(security.certificate, security.private_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise PlcError(f"--modbus-certificate {security.certificate} / --modbus-private-key "
+                           f"{security.private_key}: cannot load them ({exc})") from None
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        # OpenSSL only needs a chain ending at any certificate of the folder (a listed self-signed client
+        # included); the trust folder's stricter rule (issuers admit no one alone, revocation, overdue
+        # CRLs) is applied after the handshake, in refusal().
+        self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        self._anchors: set = set()
+        self._add_anchors()
+
+    def _add_anchors(self) -> None:
+        """Hand OpenSSL the folder's certificates it has not seen (a context's store only grows; a
+        certificate taken out of the folder is refused by refusal())."""
+        current = self.trust.current
+        for der in set(current.listed) | {c.public_bytes(_der()) for c in current.issuers}:
+            if der not in self._anchors:
+                self.context.load_verify_locations(cadata=der)
+                self._anchors.add(der)
+
+    def refresh(self) -> None:
+        """Read the trust folder again if it changed (see TrustFolder); new certificates reach OpenSSL."""
+        self.trust.refresh()
+        self._add_anchors()         # also after a reload that a client's refusal() check took first
+
+    def refusal(self, transport) -> Optional[str]:
+        """None when the connection's client certificate is admitted, else why not (an OPC UA-style status
+        name, or a sentence)."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return "no client certificate"
+        return self.trust.refusal(der)
+
+
+def _der():
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return Encoding.DER

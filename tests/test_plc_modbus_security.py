@@ -1,0 +1,249 @@
+"""Modbus/TCP Security (runtime/plc/modbus_security.py) against independent peers: Debian's mbpoll
+(libmodbus, plain Modbus TCP) talking through socat, which carries it over TLS with a client
+certificate, as a PLC with a TLS-capable Modbus stack would. The trust folder decides who gets in:
+a client its authority issued runs the handshake; a stranger, a revoked client, a client without a
+certificate and plain Modbus TCP are refused before a request is read; a certificate added to the
+running server's folder is admitted without a restart."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from peers import require_program
+from pki_fixtures import Issued, application, authority, revocation_list
+from plc_fixtures import part_images
+from test_plc_modbus import Cell, model  # noqa: F401  (the module's fixture)
+
+from mrkd.benchmarks.plc_peer import DI, PART_ID, TRIGGER, TRIGGER_ENABLE, mbpoll
+from mrkd.runtime.plc import PlcError
+from mrkd.runtime.plc.modbus_security import ModbusSecurity
+
+pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
+
+
+def _server_certificate(issuer: Issued) -> Issued:
+    """A TLS server certificate for 127.0.0.1, signed by ``issuer`` (cryptography, not our code)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(issuer.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(issuer.key, hashes.SHA256()))
+    return Issued(cert, key)
+
+
+def _pem_pair(folder: Path, name: str, item: Issued):
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    cert.write_bytes(item.cert.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(item.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert, key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Tunnel:
+    """socat: plain TCP on a loopback port in, TLS with a client certificate (or none) out."""
+
+    def __init__(self, socat: str, server_port: int, ca: Path, cert=None, key=None):
+        self.port = _free_port()
+        tls = f"OPENSSL:127.0.0.1:{server_port},cafile={ca},verify=1"
+        if cert is not None:
+            tls += f",cert={cert},key={key}"
+        self.proc = subprocess.Popen([socat, f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork", tls],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("socat did not listen")
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def secure_cell(model, tmp_path):  # noqa: F811
+    socat = require_program("socat", ["socat"])
+    require_program("mbpoll", ["mbpoll"])
+    ca = authority("cell 4 CA")
+    folder, trust = tmp_path / "pki", tmp_path / "trusted"
+    folder.mkdir()
+    trust.mkdir()
+    ca_pem = folder / "ca.crt"
+    ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    server_cert, server_key = _pem_pair(folder, "server", _server_certificate(ca))
+    revoked = application(ca, "revoked-plc")
+    (trust / "ca.der").write_bytes(ca.der)
+    (trust / "ca.crl").write_bytes(revocation_list(ca, [revoked]))
+    clients = {"plc": _pem_pair(folder, "plc", application(ca, "plc")),
+               "revoked": _pem_pair(folder, "revoked", revoked),
+               "stranger": _pem_pair(folder, "stranger", application(None, "stranger"))}
+    part_images(tmp_path / "parts", "gd")
+    cell = Cell(model, str(tmp_path / "parts"),
+                security=ModbusSecurity(str(server_cert), str(server_key), str(trust)))
+    tunnels = []
+
+    def tunnel(client):
+        cert, key = clients[client] if client else (None, None)
+        tunnels.append(Tunnel(socat, cell.port, ca_pem, cert, key))
+        return tunnels[-1].port
+
+    try:
+        yield cell, tunnel, trust, clients
+    finally:
+        for t in tunnels:
+            t.close()
+        cell.close()
+
+
+def test_a_trusted_plc_runs_the_handshake_over_tls_and_others_are_refused_unread(secure_cell, caplog):
+    cell, tunnel, trust, clients = secure_cell
+    port = tunnel("plc")
+
+    def read(table, ref, count=1, through=port):
+        rc, values, err = mbpoll(through, table, ref, count)
+        assert rc == 0, err
+        return [int(v) for v in values]
+
+    def write(table, ref, value):
+        rc, _, err = mbpoll(port, table, ref, write=[value])
+        assert rc == 0, err
+
+    assert read("1", 0, 10) == [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]             # online, not enabled
+    write("0", TRIGGER_ENABLE, 1)
+    write("4", PART_ID, 77)
+    write("0", TRIGGER, 1)
+    deadline = time.monotonic() + 10
+    while read("1", DI["results_valid"]) != [1]:
+        assert time.monotonic() < deadline, "no result"
+    assert read("3", 0, 3) == [1, 1, 77]                                   # OK, inspection 1, part 77
+    requests = cell.plc.requests
+    refused_before = cell.plc.clients_refused
+    for who in ("stranger", "revoked", None):                             # None: TLS without a certificate
+        rc, _, _ = mbpoll(tunnel(who), "3", 0, 3)
+        assert rc != 0, who
+    rc, _, _ = mbpoll(cell.port, "3", 0, 3)                               # plain Modbus TCP to the TLS port
+    assert rc != 0
+    assert cell.plc.requests == requests                                   # not one of their requests was read
+    # OpenSSL refuses the stranger and the certificate-less client in the handshake; the revoked
+    # client passes OpenSSL (it chains to the CA) and is refused by the trust folder's CRL (libmodbus
+    # may connect more than once before it gives up)
+    assert cell.plc.clients_refused > refused_before
+    refusals = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert refusals and all("client certificate refused: BadCertificateRevoked" in m for m in refusals), refusals
+    assert cell.runner.stop()["triggers"] == 1
+
+
+def test_a_certificate_added_to_the_running_servers_folder_is_admitted(secure_cell):
+    cell, tunnel, trust, clients = secure_cell
+    stranger = tunnel("stranger")
+    assert mbpoll(stranger, "1", 0, 1)[0] != 0
+    stranger_cert = x509.load_pem_x509_certificate(clients["stranger"][0].read_bytes())
+    (trust / "stranger.der").write_bytes(stranger_cert.public_bytes(serialization.Encoding.DER))
+    deadline = time.monotonic() + 10
+    while True:
+        rc, values, err = mbpoll(stranger, "1", 0, 1)
+        if rc == 0:
+            break
+        assert time.monotonic() < deadline, err
+        time.sleep(0.3)
+    assert values == [1]                                                   # online
+
+
+def test_security_mistakes_are_one_line_errors(model, tmp_path):  # noqa: F811
+    ca = authority("cell CA")
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    cert, key = _pem_pair(folder, "server", _server_certificate(ca))
+    _, other_key = _pem_pair(folder, "other", _server_certificate(ca))
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    (trust / "ca.der").write_bytes(ca.der)
+    part_images(tmp_path / "parts", "g")
+    with pytest.raises(PlcError, match=r"--modbus-certificate .*server\.crt / --modbus-private-key .*other\.key: "
+                                       r"cannot load them"):
+        Cell(model, str(tmp_path / "parts"), security=ModbusSecurity(str(cert), str(other_key), str(trust)))
+    with pytest.raises(PlcError, match=r"OPC UA trust folder .*empty: no certificates"):
+        (tmp_path / "empty").mkdir()
+        Cell(model, str(tmp_path / "parts"), security=ModbusSecurity(str(cert), str(key), str(tmp_path / "empty")))
+
+
+def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path, model):  # noqa: F811
+    """`mrkd run --modbus 0.0.0.0:PORT` with Modbus/TCP Security and no --modbus-allow starts (the
+    client is authenticated by its certificate), serves a trusted PLC through socat and mbpoll, and
+    stops cleanly on SIGTERM."""
+    import json
+    import os
+    import signal
+    import sys
+    socat = require_program("socat", ["socat"])
+    require_program("mbpoll", ["mbpoll"])
+    ca = authority("cell 9 CA")
+    folder, trust = tmp_path / "pki", tmp_path / "trusted"
+    folder.mkdir()
+    trust.mkdir()
+    ca_pem = folder / "ca.crt"
+    ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    cert, key = _pem_pair(folder, "server", _server_certificate(ca))
+    plc_cert, plc_key = _pem_pair(folder, "plc", application(ca, "plc"))
+    (trust / "ca.der").write_bytes(ca.der)
+    part_images(tmp_path / "parts", "g")
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", model, "--source", str(tmp_path / "parts"),
+                                "--trigger", "software", "--status-every", "0", "--modbus", f"0.0.0.0:{port}",
+                                "--modbus-certificate", str(cert), "--modbus-private-key", str(key),
+                                "--modbus-trust", str(trust)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    tunnel = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "mrkd run never listened"
+                time.sleep(0.2)
+        tunnel = Tunnel(socat, port, ca_pem, plc_cert, plc_key)
+        rc, values, err = mbpoll(tunnel.port, "1", 0, 1)
+        assert rc == 0 and values == [1], err                              # online, read over TLS
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if tunnel is not None:
+            tunnel.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err[-2000:]
+    assert "Modbus/TCP Security, client certificates trusted from" in err
+    summary = json.loads(out[out.index("{"):])
+    assert "Modbus/TCP Security" in summary["outputs"]["modbus"]["detail"]
