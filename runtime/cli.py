@@ -350,8 +350,13 @@ def run_command(model, sources, line_file, **options):
             click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
         from mrkd.runtime.line.swap import reload_on_sighup    # hot swap (SIGHUP), both modes
         slots, shadow = live_model_controls(line, detectors, outputs, control, output_settings, shadow_model)
-        # SIGHUP also reads the page's --http-cert/--http-key again (a renewed certificate, no restart)
-        reload_also = [o.request_certificate_reload for o in outputs if getattr(o, "tls_files", None)]
+        # SIGHUP also reads the certificates of the page (--http-cert) and of a Modbus/TCP Security server
+        # again (a renewal, no restart); the PLC servers join ``outputs`` once run_parts starts them
+        def reload_certificates(reason: str) -> None:
+            for output in list(outputs):
+                if callable(getattr(output, "request_certificate_reload", None)):
+                    output.request_certificate_reload(reason)
+        reload_also = [reload_certificates]
         running = True       # from here the runner tells every output on_stop itself
         if triggered:
             with reload_on_sighup(slots, reload_also):

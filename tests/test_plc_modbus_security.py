@@ -109,11 +109,12 @@ def secure_cell(model, tmp_path):  # noqa: F811
                 security=ModbusSecurity(str(server_cert), str(server_key), str(trust)))
     tunnels = []
 
-    def tunnel(client):
+    def tunnel(client, server_ca=ca_pem):
         cert, key = clients[client] if client else (None, None)
-        tunnels.append(Tunnel(socat, cell.port, ca_pem, cert, key))
+        tunnels.append(Tunnel(socat, cell.port, server_ca, cert, key))
         return tunnels[-1].port
 
+    cell.server_files = (server_cert, server_key)
     try:
         yield cell, tunnel, trust, clients
     finally:
@@ -196,8 +197,8 @@ def test_security_mistakes_are_one_line_errors(model, tmp_path):  # noqa: F811
 
 def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path, model):  # noqa: F811
     """`mrkd run --modbus 0.0.0.0:PORT` with Modbus/TCP Security and no --modbus-allow starts (the
-    client is authenticated by its certificate), serves a trusted PLC through socat and mbpoll, and
-    stops cleanly on SIGTERM."""
+    client is authenticated by its certificate), serves a trusted PLC through socat and mbpoll, serves
+    a renewed server certificate after SIGHUP, and stops cleanly on SIGTERM."""
     import json
     import os
     import signal
@@ -215,13 +216,15 @@ def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path,
     (trust / "ca.der").write_bytes(ca.der)
     part_images(tmp_path / "parts", "g")
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", model, "--source", str(tmp_path / "parts"),
-                                "--trigger", "software", "--status-every", "0", "--modbus", f"0.0.0.0:{port}",
-                                "--modbus-certificate", str(cert), "--modbus-private-key", str(key),
-                                "--modbus-trust", str(trust)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    tunnel = None
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", model, "--source",
+                                    str(tmp_path / "parts"), "--trigger", "software", "--status-every", "0",
+                                    "--modbus", f"0.0.0.0:{port}", "--modbus-certificate", str(cert),
+                                    "--modbus-private-key", str(key), "--modbus-trust", str(trust)],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    tunnel = renewed = None
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -229,21 +232,67 @@ def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path,
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert process.poll() is None, process.communicate()[1][-2000:]
+                assert process.poll() is None, stderr_path.read_text()[-2000:]
                 assert time.monotonic() < deadline, "mrkd run never listened"
                 time.sleep(0.2)
         tunnel = Tunnel(socat, port, ca_pem, plc_cert, plc_key)
         rc, values, err = mbpoll(tunnel.port, "1", 0, 1)
         assert rc == 0 and values == [1], err                              # online, read over TLS
+        renewed_ca = authority("renewed CA")
+        renewed_ca_pem = folder / "renewed-ca.crt"
+        renewed_ca_pem.write_bytes(renewed_ca.cert.public_bytes(serialization.Encoding.PEM))
+        (folder / "staged").mkdir()
+        new_cert, new_key = _pem_pair(folder / "staged", "server", _server_certificate(renewed_ca))
+        os.replace(new_key, key)
+        os.replace(new_cert, cert)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "modbus: certificate reloaded (SIGHUP)" not in stderr_path.read_text():
+            assert time.monotonic() < deadline, stderr_path.read_text()[-2000:]
+            time.sleep(0.1)
+        renewed = Tunnel(socat, port, renewed_ca_pem, plc_cert, plc_key)
+        rc, values, err = mbpoll(renewed.port, "1", 0, 1)
+        assert rc == 0 and values == [1], err
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=60)
+        out, _ = process.communicate(timeout=60)
     finally:
-        if tunnel is not None:
-            tunnel.close()
+        for t in (tunnel, renewed):
+            if t is not None:
+                t.close()
         if process.poll() is None:
             process.kill()
             process.wait()
+    err = stderr_path.read_text()
     assert process.returncode == 0, err[-2000:]
     assert "Modbus/TCP Security, client certificates trusted from" in err
     summary = json.loads(out[out.index("{"):])
     assert "Modbus/TCP Security" in summary["outputs"]["modbus"]["detail"]
+
+
+def test_a_renewed_server_certificate_is_served_after_a_reload_and_a_broken_pair_is_refused(secure_cell, tmp_path):
+    """reload_certificate (SIGHUP in `mrkd run`): a PLC that trusts only the renewed certificate's
+    authority connects after the reload, one that trusts only the old no longer does; a certificate
+    moved in with a key that is not its own is refused and the renewed pair keeps being served."""
+    cell, tunnel, trust, clients = secure_cell
+    cert_path, key_path = cell.server_files
+    renewed_ca = authority("renewed server CA")
+    renewed_ca_pem = tmp_path / "renewed-ca.crt"
+    renewed_ca_pem.write_bytes(renewed_ca.cert.public_bytes(serialization.Encoding.PEM))
+    old_trusting = tunnel("plc")
+    assert mbpoll(old_trusting, "1", 0, 1)[0] == 0
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    new_cert, new_key = _pem_pair(staged, "server", _server_certificate(renewed_ca))
+    for source, target in ((new_key, key_path), (new_cert, cert_path)):
+        Path(str(target) + ".new").write_bytes(source.read_bytes())
+        Path(str(target) + ".new").replace(target)
+    assert mbpoll(tunnel("plc", renewed_ca_pem), "1", 0, 1)[0] != 0           # nothing changes before the reload
+    assert cell.plc.reload_certificate("test") is True
+    rc, values, err = mbpoll(tunnel("plc", renewed_ca_pem), "1", 0, 1)
+    assert rc == 0 and values == [1], err
+    assert mbpoll(tunnel("plc"), "1", 0, 1)[0] != 0                           # the old certificate is gone
+    _, other_key = _pem_pair(staged, "other", _server_certificate(renewed_ca))
+    Path(key_path).write_bytes(other_key.read_bytes())                       # a renewal gone wrong
+    assert cell.plc.reload_certificate("test") is False
+    rc, values, err = mbpoll(tunnel("plc", renewed_ca_pem), "1", 0, 1)
+    assert rc == 0 and values == [1], err                                      # the last good pair stays

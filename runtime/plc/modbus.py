@@ -191,6 +191,25 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
             data = data[:7] + bytes([(self._last_function | 0x80) & 0xFF]) + data[8:]
         return data
 
+    def reload_certificate(self, reason: str = "request") -> bool:
+        """Modbus/TCP Security: read the server's certificate and key again (`mrkd run` does it on SIGHUP);
+        new connections get them. False (the old pair stays, logged in one line) when they do not load."""
+        if self._secure is None:
+            return False
+        try:
+            self._secure.reload_certificate()
+        except PlcError as exc:
+            logger.warning("modbus: certificate reload (%s) REFUSED, the previous one stays: %s", reason, exc)
+            return False
+        logger.warning("modbus: certificate reloaded (%s) from %s", reason, self.security.certificate)
+        return True
+
+    def request_certificate_reload(self, reason: str) -> None:
+        """From a signal handler: reload on a thread of its own, so the handler returns at once."""
+        if self._secure is not None:
+            threading.Thread(target=self.reload_certificate, args=(reason,), name="modbus-certificate",
+                             daemon=True).start()
+
     async def _watch_trust(self) -> None:
         """Modbus/TCP Security: the trust folder looked at once a second, so a certificate added to it
         reaches the TLS handshake without a restart."""

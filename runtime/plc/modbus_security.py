@@ -69,6 +69,18 @@ class SecureListener:
                 self.context.load_verify_locations(cadata=der)
                 self._anchors.add(der)
 
+    def reload_certificate(self) -> None:
+        """Load the server certificate and key again for new connections (a renewal moved into place).
+        The pair is first tried in a context of its own, so one that does not load (PlcError) leaves the
+        served one as it was."""
+        trial = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            trial.load_cert_chain(self.security.certificate, self.security.private_key)
+            self.context.load_cert_chain(self.security.certificate, self.security.private_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise PlcError(f"--modbus-certificate {self.security.certificate} / --modbus-private-key "
+                           f"{self.security.private_key}: cannot load them ({exc})") from None
+
     def refresh(self) -> None:
         """Read the trust folder again if it changed (see TrustFolder); new certificates reach OpenSSL."""
         self.trust.refresh()

@@ -165,7 +165,8 @@ def plc_options(command):
                      help="Server certificate (PEM) for Modbus/TCP Security: with --modbus-private-key and "
                           "--modbus-trust the server speaks only TLS 1.2+ (the same MBAP frames; port 802 is "
                           "registered for it) and admits only clients presenting a certificate the trust folder "
-                          "admits. Line file: [plc] modbus_certificate = ..."),
+                          "admits. SIGHUP reads it and its key again (a renewal without a restart; a pair that "
+                          "does not load is refused and the old one stays). Line file: [plc] modbus_certificate = ..."),
         click.option("--modbus-private-key", "modbus_private_key", type=click.Path(exists=True, dir_okay=False),
                      default=None, help="The --modbus-certificate's private key (PEM, unencrypted)."),
         click.option("--modbus-trust", "modbus_trust", metavar="DIR", type=click.Path(exists=True, file_okay=False),
