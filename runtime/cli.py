@@ -369,6 +369,10 @@ def run_command(model, sources, line_file, **options):
                                    detectors=detectors, sources=frames, slots=slots,
                                    status=lambda text: click.echo(text, err=True))
             frames = {}       # run_line closed them
+        # a reload a late SIGHUP started is still loading: let it finish (an OpenVINO model compiling on a
+        # daemon thread while the interpreter exits aborts the process) and show it in the report
+        if not slots.wait_idle(120):
+            click.echo("warning: a model reload was still running at the stop", err=True)
         summary["model_swaps"] = slots.report()
         if shadow:
             summary["shadow"] = shadow[0].summary()
