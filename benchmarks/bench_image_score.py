@@ -18,7 +18,6 @@ the image AUROC on the validation cells (never the test split) of:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Sequence
 
@@ -107,21 +106,11 @@ def run(seeds=(0, 1, 2, 3, 4), categories=("elpv_mono", "elpv_poly"), work=None,
 def main(argv=None) -> None:
     import argparse
 
-    from mrkd.atomic import atomic_write_text
+    from mrkd.benchmarks.bench_refit import add_study_arguments, report_study
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
-    parser.add_argument("--categories", nargs="+", default=["elpv_mono", "elpv_poly"], help="ELPV categories")
-    parser.add_argument("--work", default="/tmp/mrkd_bench_refit",
-                        help="layouts and trained models (shared with bench_refit, reused)")
-    parser.add_argument("--image-size", type=int, default=SETTINGS["image_size"],
-                        help="input size of the trained models (bench_refit's default: the shipped 256)")
-    parser.add_argument("--out", default=None, help="write the results JSON here")
+    add_study_arguments(parser)
     args = parser.parse_args(argv)
-    results = run(tuple(args.seeds), tuple(args.categories), args.work, args.image_size)
-    for category, means in results["means"].items():
-        print(f"{category}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    if args.out:
-        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    report_study(run(tuple(args.seeds), tuple(args.categories), args.work, args.image_size), args.out)
 
 
 if __name__ == "__main__":

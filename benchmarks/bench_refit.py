@@ -73,6 +73,27 @@ def train_shipped(layout_root: Path, category: str, seed: int, work: Path, log=p
     return result["model"].eval(), list(result["holdout"])
 
 
+def add_study_arguments(parser) -> None:
+    """The options every validation study over bench_refit's cached models takes (bench_image_score,
+    bench_bank_size): seeds, categories, work folder, input size, results file."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    parser.add_argument("--categories", nargs="+", default=["elpv_mono", "elpv_poly"], help="ELPV categories")
+    parser.add_argument("--work", default="/tmp/mrkd_bench_refit",
+                        help="layouts and trained models (shared with bench_refit, reused)")
+    parser.add_argument("--image-size", type=int, default=SETTINGS["image_size"],
+                        help="input size of the trained models (bench_refit's default: the shipped 256)")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+
+
+def report_study(results: dict, out=None) -> None:
+    """Print a study's means per category; write its results JSON (atomically) when ``out`` is given."""
+    from mrkd.atomic import atomic_write_text
+    for category, means in results["means"].items():
+        print(f"{category}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    if out:
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+
+
 def rates_at_catch(good: np.ndarray, defect: np.ndarray, catch: float) -> dict:
     """False-alarm rate on good cells at the highest threshold that catches ``catch`` of the defects."""
     k = max(1, math.ceil(catch * len(defect) - 1e-9))

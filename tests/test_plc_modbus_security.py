@@ -54,6 +54,19 @@ def _pem_pair(folder: Path, name: str, item: Issued):
     return cert, key
 
 
+def _cell_pki(tmp_path: Path, ca_name: str):
+    """A cell's certificate authority, trusted in tmp_path/trusted, and the server's certificate it
+    issued: (authority, pki folder, trust folder, the authority's PEM, server certificate, server key)."""
+    ca = authority(ca_name)
+    folder, trust = tmp_path / "pki", tmp_path / "trusted"
+    folder.mkdir()
+    trust.mkdir()
+    ca_pem = folder / "ca.crt"
+    ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    (trust / "ca.der").write_bytes(ca.der)
+    return (ca, folder, trust, ca_pem) + _pem_pair(folder, "server", _server_certificate(ca))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,15 +104,8 @@ class Tunnel:
 def secure_cell(model, tmp_path):  # noqa: F811
     socat = require_program("socat", ["socat"])
     require_program("mbpoll", ["mbpoll"])
-    ca = authority("cell 4 CA")
-    folder, trust = tmp_path / "pki", tmp_path / "trusted"
-    folder.mkdir()
-    trust.mkdir()
-    ca_pem = folder / "ca.crt"
-    ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-    server_cert, server_key = _pem_pair(folder, "server", _server_certificate(ca))
+    ca, folder, trust, ca_pem, server_cert, server_key = _cell_pki(tmp_path, "cell 4 CA")
     revoked = application(ca, "revoked-plc")
-    (trust / "ca.der").write_bytes(ca.der)
     (trust / "ca.crl").write_bytes(revocation_list(ca, [revoked]))
     clients = {"plc": _pem_pair(folder, "plc", application(ca, "plc")),
                "revoked": _pem_pair(folder, "revoked", revoked),
@@ -205,15 +211,8 @@ def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path,
     import sys
     socat = require_program("socat", ["socat"])
     require_program("mbpoll", ["mbpoll"])
-    ca = authority("cell 9 CA")
-    folder, trust = tmp_path / "pki", tmp_path / "trusted"
-    folder.mkdir()
-    trust.mkdir()
-    ca_pem = folder / "ca.crt"
-    ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-    cert, key = _pem_pair(folder, "server", _server_certificate(ca))
+    ca, folder, trust, ca_pem, cert, key = _cell_pki(tmp_path, "cell 9 CA")
     plc_cert, plc_key = _pem_pair(folder, "plc", application(ca, "plc"))
-    (trust / "ca.der").write_bytes(ca.der)
     part_images(tmp_path / "parts", "g")
     port = _free_port()
     stderr_path = tmp_path / "stderr.txt"
