@@ -220,7 +220,8 @@ def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path,
         process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", model, "--source",
                                     str(tmp_path / "parts"), "--trigger", "software", "--status-every", "0",
                                     "--modbus", f"0.0.0.0:{port}", "--modbus-certificate", str(cert),
-                                    "--modbus-private-key", str(key), "--modbus-trust", str(trust)],
+                                    "--modbus-private-key", str(key), "--modbus-trust", str(trust),
+                                    "--modbus-write-roles", "operator, engineer"],
                                    stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
     tunnel = renewed = None
@@ -264,6 +265,7 @@ def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path,
     err = stderr_path.read_text()
     assert process.returncode == 0, err[-2000:]
     assert "Modbus/TCP Security, client certificates trusted from" in err
+    assert "writes by roles engineer, operator only" in err
     summary = json.loads(out[out.index("{"):])
     assert "Modbus/TCP Security" in summary["outputs"]["modbus"]["detail"]
 
@@ -295,3 +297,79 @@ def test_a_renewed_server_certificate_is_served_after_a_reload_and_a_broken_pair
     assert cell.plc.reload_certificate("test") is False
     rc, values, err = mbpoll(tunnel("plc", renewed_ca_pem), "1", 0, 1)
     assert rc == 0 and values == [1], err                                      # the last good pair stays
+
+
+def _role_der(role: str) -> bytes:
+    """An ASN.1 UTF8String (tag 0x0C, short or long length form), written here by hand."""
+    data = role.encode("utf-8")
+    length = bytes([len(data)]) if len(data) < 0x80 else bytes([0x81, len(data)])
+    return b"\x0c" + length + data
+
+
+def _with_role(issuer: Issued, name: str, role_der) -> Issued:
+    """An application certificate of ``issuer`` whose Modbus role extension holds ``role_der`` (None: none)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(issuer.cert.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    if role_der is not None:
+        builder = builder.add_extension(x509.UnrecognizedExtension(
+            x509.ObjectIdentifier("1.3.6.1.4.1.50316.802.1"), role_der), critical=False)
+    return Issued(builder.sign(issuer.key, hashes.SHA256()), key)
+
+
+def test_certificate_role_reads_the_modbus_role_extension():
+    from mrkd.runtime.plc.modbus_security import certificate_role, parse_roles
+    ca = authority("role CA")
+    long_role = "line-7-" + "x" * 150                                        # long length form
+    cases = {"operator": _role_der("operator"), long_role: _role_der(long_role), "Prüfer": _role_der("Prüfer")}
+    for role, der in cases.items():
+        assert certificate_role(_with_role(ca, "c", der).der) == role
+    for broken in (None, b"\x13\x08operator", b"\x0c\x09operator", b"\x0c", b"\x0c\x02\xff\xfe"):
+        assert certificate_role(_with_role(ca, "c", broken).der) is None, broken   # absent, wrong type, ...
+    assert certificate_role(b"junk") is None
+    assert parse_roles(" operator, engineer ") == frozenset({"operator", "engineer"})
+    with pytest.raises(PlcError, match="expected role names"):
+        parse_roles("operator,,engineer")
+
+
+def test_only_a_write_role_may_trigger_others_read_and_get_illegal_function(model, tmp_path):  # noqa: F811
+    """--modbus-write-roles operator: the operator's certificate runs the handshake through mbpoll; a
+    monitor's and a certificate without a role read the map, and each of their writes is answered with
+    exception 01 (libmodbus: "Illegal function") and changes nothing."""
+    socat = require_program("socat", ["socat"])
+    require_program("mbpoll", ["mbpoll"])
+    ca, folder, trust, ca_pem, cert, key = _cell_pki(tmp_path, "cell 5 CA")
+    pairs = {name: _pem_pair(folder, name, _with_role(ca, name, role))
+             for name, role in (("operator", _role_der("operator")), ("monitor", _role_der("monitor")),
+                                ("nobody", None))}
+    part_images(tmp_path / "parts", "g")
+    cell = Cell(model, str(tmp_path / "parts"),
+                security=ModbusSecurity(str(cert), str(key), str(trust), frozenset({"operator"})))
+    tunnels = {name: Tunnel(socat, cell.port, ca_pem, *pair) for name, pair in pairs.items()}
+    try:
+        for name in ("monitor", "nobody"):
+            port = tunnels[name].port
+            rc, values, err = mbpoll(port, "1", 0, 2)
+            assert rc == 0 and values == [1, 0], (name, err)                  # reads: online, not enabled
+            rc, _, err = mbpoll(port, "0", TRIGGER_ENABLE, write=[1])
+            assert rc != 0 and "Illegal function" in err, (name, rc, err)
+            assert mbpoll(port, "1", DI["trigger_ready"], 1)[1] == [0]          # the write changed nothing
+        assert cell.plc.writes_refused == 2
+        port = tunnels["operator"].port
+        for table, ref, value in (("0", TRIGGER_ENABLE, 1), ("4", PART_ID, 12), ("0", TRIGGER, 1)):
+            rc, _, err = mbpoll(port, table, ref, write=[value])
+            assert rc == 0, err
+        deadline = time.monotonic() + 10
+        while mbpoll(port, "1", DI["results_valid"], 1)[1] != [1]:
+            assert time.monotonic() < deadline, "no result"
+        assert mbpoll(tunnels["monitor"].port, "3", 0, 3)[1] == [1, 1, 12]      # the monitor reads the result
+        assert "write(s) refused by role" in cell.plc.health().detail
+    finally:
+        for tunnel in tunnels.values():
+            tunnel.close()
+        cell.close()

@@ -158,6 +158,14 @@ def test_modbus_security_settings(tmp_path):
                                        r"Modbus/TCP Security")):
         with pytest.raises(LineFileError, match=rf"line\.toml: {message}"):
             load_line(line_file(tmp_path, "[plc]\n" + table))
+    roles = load_plc_settings(line_file(tmp_path, secure + '\nmodbus_write_roles = "operator, engineer"'))
+    assert roles.modbus_write_roles == "operator, engineer"
+    for table, message in ((secure + '\nmodbus_write_roles = "operator,"', r"plc\.modbus-write-roles: expected role names"),
+                           (secure + "\nmodbus_write_roles = 3", r"plc\.modbus_write_roles: expected text"),
+                           ('[plc]\nmodbus = "127.0.0.1:502"\nmodbus_write_roles = "operator"',
+                            r"plc\.modbus-write-roles needs Modbus/TCP Security")):
+        with pytest.raises(LineFileError, match=rf"line\.toml: {message}"):
+            load_line(line_file(tmp_path, table))
     given = dict(options(modbus="0.0.0.0:802"), modbus_certificate=str(tmp_path / "certs" / "modbus.crt"),
                  modbus_private_key=str(tmp_path / "certs" / "modbus.key"),
                  modbus_trust=str(tmp_path / "certs" / "plcs"))

@@ -34,6 +34,7 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     modbus_allow = "10.0.0.5"          # the PLC's address (or networks); beyond 127.0.0.1 this or:
     # modbus_certificate = "modbus.crt"  # Modbus/TCP Security: TLS, with modbus_private_key and
     # modbus_trust = "trusted-plcs"      # the folder of client certificates admitted (as opcua_trust)
+    # modbus_write_roles = "operator"    # optional: only these certificate roles may write (trigger)
     results_buffer = 8                 # results held until the PLC acknowledges them
     opcua = "opc.tcp://127.0.0.1:4840" # OPC UA VisionSystem (mrkd run --opcua)
     opcua_user = "operator"            # may call its methods, with the password in

@@ -141,7 +141,8 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         self.address: Optional[Tuple[str, int]] = None
         self.clients = self.connections = self.requests = self.refused = 0
         self.clients_refused = 0          # connections closed at once: address not in ``allow``, or untrusted
-        self._refused_seen: set = set()   # (address, reason) already logged (a scanner must not flood the log)
+        self._refused_seen: set = set()   # refusals already logged (a scanner must not flood the log)
+        self.writes_refused = 0           # writes of clients whose role may not write (exception 01)
         self._watch: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
@@ -165,7 +166,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
 
     async def _listen(self) -> None:
         from pymodbus.simulator import DataType, SimData, SimDevice
-        ModbusServer = _server_class(self._admit, secure=self._secure is not None)
+        ModbusServer = _server_class(self._admit, self._write_refused, secure=self._secure is not None)
         bits = lambda: [SimData(0, count=BIT_WORD, values=False, datatype=DataType.BITS)]   # noqa: E731
         registers = lambda n: [SimData(0, count=n, values=0, datatype=DataType.REGISTERS)]  # noqa: E731
         device = SimDevice(0, simdata=(bits(), bits(), registers(len(HOLDING_REGISTERS)),
@@ -229,9 +230,10 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                 pass
         await server.shutdown()
 
-    def _admit(self, transport) -> bool:
+    def _admit(self, transport) -> Optional[bool]:
         """Called on the loop thread as a connection is made (over TLS: once its handshake is done),
-        before any byte of it is read."""
+        before any byte of it is read: None refuses it, else whether it may write (Modbus/TCP Security's
+        roles; every admitted plain client may)."""
         peer = transport.get_extra_info("peername")
         who = str(peer[0]) if peer else "?"
         if not client_admitted(peer, self.allow):
@@ -239,12 +241,24 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         elif self._secure is not None and (refusal := self._secure.refusal(transport)) is not None:
             why = f"client certificate refused: {refusal}"
         else:
-            return True
+            return self._secure is None or self._secure.may_write(transport)
         self.clients_refused += 1
-        if (who, why) not in self._refused_seen and len(self._refused_seen) < 64:
-            self._refused_seen.add((who, why))
-            logger.warning("modbus: refused a connection from %s (%s)", who, why)
-        return False
+        self._log_once(who, f"modbus: refused a connection from {who} ({why})")
+        return None
+
+    def _write_refused(self, transport, function_code: int) -> None:
+        """A read-only client (its role may not write) asked for a write: answered exception 01."""
+        self.writes_refused += 1
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        who = str(peer[0]) if peer else "?"
+        role = self._secure.role(transport) if self._secure is not None and transport is not None else None
+        self._log_once((who, role), f"modbus: refused a write (function {function_code}) from {who}: its "
+                                    f"certificate's role {role!r} is not among --modbus-write-roles")
+
+    def _log_once(self, key, message: str) -> None:
+        if key not in self._refused_seen and len(self._refused_seen) < 64:
+            self._refused_seen.add(key)
+            logger.warning("%s", message)
 
     def _connected(self, connect: bool) -> None:
         self.clients += 1 if connect else -1
@@ -344,24 +358,45 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                             detail=f"{where}{' (Modbus/TCP Security)' if self._secure else ''}, "
                                    f"{max(self.clients, 0)} PLC connection(s)"
                                    + (f", {self.clients_refused} refused" if self.clients_refused else "")
+                                   + (f", {self.writes_refused} write(s) refused by role" if self.writes_refused
+                                      else "")
                                    + (", results buffer overrun" if image.overrun else ""))
 
 
-def _server_class(admit, secure: bool = False):
+def _server_class(admit, write_refused, secure: bool = False):
     """pymodbus' ModbusTcpServer (ModbusTlsServer when ``secure``: the same MBAP frames over TLS) whose
-    connections are first put to ``admit(transport)``: a refused one is aborted in connection_made (after
-    the TLS handshake), before its handler is set up or any of its bytes is read."""
+    connections are first put to ``admit(transport)``: a refused one (None) is aborted in connection_made
+    (after the TLS handshake), before its handler is set up or any of its bytes is read; one admitted
+    read-only (False) has each write answered with exception 01 and reported to ``write_refused``."""
+    from pymodbus.constants import ExcCodes
+    from pymodbus.pdu import ExceptionResponse
     from pymodbus.server import ModbusTcpServer, ModbusTlsServer
     from pymodbus.server.requesthandler import ServerRequestHandler
 
+    from mrkd.runtime.plc.modbus_security import WRITE_FUNCTIONS
+
     class AdmittingHandler(ServerRequestHandler):
+        may_write = True
+
         def connection_made(self, transport) -> None:
-            if not admit(transport):
+            access = admit(transport)
+            if access is None:
                 transport.abort()
                 if self.listener is not None:      # registered by the listener before this call
                     self.listener.active_connections.pop(self.unique_id, None)
                 return
+            self.may_write, self._admitted_transport = access, transport
             super().connection_made(transport)
+
+        async def handle_request(self):
+            request = self.last_pdu
+            if request is not None and not self.may_write and request.function_code in WRITE_FUNCTIONS:
+                write_refused(self._admitted_transport, request.function_code)
+                response = ExceptionResponse(request.function_code, ExcCodes.ILLEGAL_FUNCTION)
+                response.transaction_id, response.dev_id = request.transaction_id, request.dev_id
+                self.server_send(response, self.last_addr)
+                return
+            await super().handle_request()
 
     class AdmittingServer(ModbusTlsServer if secure else ModbusTcpServer):
         def callback_new_connection(self):

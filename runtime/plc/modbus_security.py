@@ -9,9 +9,14 @@ Which client certificates are admitted is the OPC UA trust folder's rule (runtim
 same folder layout): listed byte for byte, or issued through a chain (intermediates in ``issuers``) to a
 listed authority, none revoked, no CRL past its nextUpdate; the folder is read again when it changes.
 OpenSSL runs the handshake and refuses a client without a certificate, or one that chains to nothing in
-the folder; the trust folder then decides, before a byte of the connection is read. The spec's role
-extension (OID 1.3.6.1.4.1.50316.802.1) for authorising function codes per client is not read: every
-admitted client may read and write the map.
+the folder; the trust folder then decides, before a byte of the connection is read.
+
+Roles: the spec carries a client's role in its certificate (extension OID 1.3.6.1.4.1.50316.802.1, an
+ASN.1 UTF8String) and leaves the rules to the server. Here one rule: with ``write_roles`` only a client
+whose role is among them may write (function codes 5, 6, 15, 16, 22, 23; the handshake's trigger is a
+write); any other admitted client may read, and a write of it is answered with exception 01 (Illegal
+Function), as the spec has unauthorised requests answered. Without ``write_roles`` every admitted
+client may read and write.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Optional
+from typing import FrozenSet, Optional
 
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.trust import TrustFolder
@@ -27,15 +32,54 @@ from mrkd.runtime.plc.trust import TrustFolder
 logger = logging.getLogger(__name__)
 
 SECURE_PORT = 802       # registered for Modbus/TCP Security (502 is plain Modbus TCP)
+ROLE_OID = "1.3.6.1.4.1.50316.802.1"       # the Modbus.org role extension of a client certificate
+WRITE_FUNCTIONS = frozenset({5, 6, 15, 16, 22, 23})
+UTF8_STRING = 0x0C
 
 
 @dataclass(frozen=True)
 class ModbusSecurity:
-    """The server's certificate and key (PEM) and the folder of client certificates it trusts."""
+    """The server's certificate and key (PEM), the folder of client certificates it trusts, and the
+    client roles allowed to write (None: every admitted client)."""
 
     certificate: str
     private_key: str
     trust: str
+    write_roles: Optional[FrozenSet[str]] = None
+
+
+def parse_roles(text: str) -> FrozenSet[str]:
+    """'operator, engineer' -> the role names (PlcError for an empty list or name)."""
+    roles = [role.strip() for role in str(text).split(",")]
+    if not roles or any(not role for role in roles):
+        raise PlcError(f"expected role names separated by commas (operator,engineer), got {text!r}")
+    return frozenset(roles)
+
+
+def certificate_role(certificate_der: bytes) -> Optional[str]:
+    """The role in a client certificate's Modbus role extension, or None (absent, twice, or not one
+    well-formed UTF8String)."""
+    from cryptography import x509
+    try:
+        extension = x509.load_der_x509_certificate(bytes(certificate_der)).extensions.get_extension_for_oid(
+            x509.ObjectIdentifier(ROLE_OID))
+    except (ValueError, TypeError, x509.ExtensionNotFound):      # DuplicateExtension is a ValueError
+        return None
+    data = getattr(extension.value, "value", b"")
+    if len(data) < 2 or data[0] != UTF8_STRING:
+        return None
+    length, start = data[1], 2
+    if length & 0x80:                      # long form: the next (length & 0x7F) bytes give the length
+        count = length & 0x7F
+        if count == 0 or count > 4 or len(data) < 2 + count:
+            return None
+        length, start = int.from_bytes(data[2:2 + count], "big"), 2 + count
+    if len(data) != start + length:
+        return None
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class SecureListener:
@@ -89,11 +133,27 @@ class SecureListener:
     def refusal(self, transport) -> Optional[str]:
         """None when the connection's client certificate is admitted, else why not (an OPC UA-style status
         name, or a sentence)."""
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        der = _peer_certificate(transport)
         if not der:
             return "no client certificate"
         return self.trust.refusal(der)
+
+    def may_write(self, transport) -> bool:
+        """May this (admitted) connection's client write? Every one without write_roles; else those whose
+        certificate's role is among them."""
+        if self.security.write_roles is None:
+            return True
+        der = _peer_certificate(transport)
+        return bool(der) and certificate_role(der) in self.security.write_roles
+
+    def role(self, transport) -> Optional[str]:
+        der = _peer_certificate(transport)
+        return certificate_role(der) if der else None
+
+
+def _peer_certificate(transport) -> Optional[bytes]:
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
 
 def _der():

@@ -14,17 +14,18 @@ import click
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER
 
-PLC_SETTINGS_VERSION = 3      # 2: modbus_allow; 3: modbus_certificate, modbus_private_key, modbus_trust
+PLC_SETTINGS_VERSION = 3      # 2: modbus_allow; 3: modbus_certificate, _private_key, _trust, _write_roles
 PLC_FIELDS = ("modbus", "modbus_allow", "results_buffer", "opcua", "opcua_user", "opcua_password_env",
               "opcua_anonymous_calls", "opcua_certificate", "opcua_private_key", "opcua_trust",
-              "modbus_certificate", "modbus_private_key", "modbus_trust")
+              "modbus_certificate", "modbus_private_key", "modbus_trust", "modbus_write_roles")
 
 
 @dataclass(frozen=True)
 class PlcSettings:
     """modbus: "HOST:PORT" of the Modbus TCP server (None: off). modbus_allow: the client addresses or
     networks it admits, comma-separated (None: any). modbus_certificate + modbus_private_key +
-    modbus_trust: Modbus/TCP Security (TLS, a client certificate the trust folder admits). Listening
+    modbus_trust: Modbus/TCP Security (TLS, a client certificate the trust folder admits);
+    modbus_write_roles: the certificate roles that may write, comma-separated (None: any). Listening
     beyond this machine needs modbus_allow or Modbus/TCP Security. results_buffer: results held for
     the PLC, the presented one included (1..64). opcua: "opc.tcp://HOST:PORT" of the OPC UA
     VisionSystem (None: off); opcua_user + opcua_password_env (the environment variable holding the
@@ -45,6 +46,7 @@ class PlcSettings:
     modbus_certificate: Optional[str] = None      # version 3
     modbus_private_key: Optional[str] = None
     modbus_trust: Optional[str] = None
+    modbus_write_roles: Optional[str] = None
     schema_version: int = PLC_SETTINGS_VERSION
 
     def check(self, where: str = "") -> "PlcSettings":
@@ -64,6 +66,15 @@ class PlcSettings:
                     raise PlcError(f"{where}modbus certificate/key: file not found: {path}")
             if not Path(self.modbus_trust).is_dir():
                 raise PlcError(f"{where}modbus-trust: not a folder: {self.modbus_trust}")
+        if self.modbus_write_roles is not None:
+            from mrkd.runtime.plc.modbus_security import parse_roles
+            if self.modbus_trust is None:
+                raise PlcError(f"{where}modbus-write-roles needs Modbus/TCP Security ({field}modbus-certificate, "
+                               f"{field}modbus-private-key, {field}modbus-trust): roles come from client certificates")
+            try:
+                parse_roles(self.modbus_write_roles)
+            except PlcError as exc:
+                raise PlcError(f"{where}modbus-write-roles: {exc}") from None
         if self.modbus is not None:
             try:
                 host, _ = parse_modbus_address(self.modbus)
@@ -140,7 +151,8 @@ class PlcSettings:
         if unknown:
             raise PlcError(f"{where}{unknown[0]}: unknown field (known: {', '.join(PLC_FIELDS)})")
         for name in ("modbus", "modbus_allow", "opcua", "opcua_user", "opcua_password_env", "opcua_certificate",
-                     "opcua_private_key", "opcua_trust", "modbus_certificate", "modbus_private_key", "modbus_trust"):
+                     "opcua_private_key", "opcua_trust", "modbus_certificate", "modbus_private_key", "modbus_trust",
+                     "modbus_write_roles"):
             if table.get(name) is not None and not isinstance(table[name], str):
                 raise PlcError(f"{where}{name}: expected text, got {table[name]!r}")
         return cls(**{name: table[name] for name in PLC_FIELDS if name in table}).check(where)
@@ -174,6 +186,11 @@ def plc_options(command):
                      help="Folder of the client (PLC) certificates Modbus/TCP Security admits: the same layout and "
                           "rules as --opcua-trust (listed certificates, authorities with their CRLs, intermediates "
                           "in DIR/issuers; read again when a file changes). Line file: [plc] modbus_trust = ..."),
+        click.option("--modbus-write-roles", "modbus_write_roles", metavar="ROLES", default=None,
+                     help="With Modbus/TCP Security: only clients whose certificate carries one of these roles "
+                          "(comma-separated; the Modbus role extension, OID 1.3.6.1.4.1.50316.802.1) may write, "
+                          "so trigger; other admitted clients may read, their writes answered with exception 01. "
+                          "Default: every admitted client may write. Line file: [plc] modbus_write_roles = ..."),
         click.option("--plc-results-buffer", "plc_results_buffer", type=click.IntRange(1, 64), default=None,
                      help=f"Results held for the PLC until acknowledged, the presented one included (default "
                           f"{RESULTS_BUFFER}); newer ones are dropped and flagged as overrun."),
@@ -219,7 +236,8 @@ def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = 
              "opcua_trust": options.pop("opcua_trust", None),
              "modbus_certificate": options.pop("modbus_certificate", None),
              "modbus_private_key": options.pop("modbus_private_key", None),
-             "modbus_trust": options.pop("modbus_trust", None)}
+             "modbus_trust": options.pop("modbus_trust", None),
+             "modbus_write_roles": options.pop("modbus_write_roles", None)}
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}).check("--")
 
 
@@ -232,10 +250,11 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
         if settings.modbus is not None:
             from mrkd.runtime.plc.modbus import ModbusPlc, parse_client_networks, parse_modbus_address
             host, port = parse_modbus_address(settings.modbus)
-            from mrkd.runtime.plc.modbus_security import ModbusSecurity
+            from mrkd.runtime.plc.modbus_security import ModbusSecurity, parse_roles
             allow = parse_client_networks(settings.modbus_allow) if settings.modbus_allow is not None else None
-            security = ModbusSecurity(settings.modbus_certificate, settings.modbus_private_key,
-                                      settings.modbus_trust) if settings.modbus_trust is not None else None
+            roles = parse_roles(settings.modbus_write_roles) if settings.modbus_write_roles is not None else None
+            security = ModbusSecurity(settings.modbus_certificate, settings.modbus_private_key, settings.modbus_trust,
+                                      roles) if settings.modbus_trust is not None else None
             server = ModbusPlc(target, host, port, capacity=settings.results_buffer, allow=allow,
                                security=security).start()
             servers.append(server)
@@ -243,6 +262,8 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
                 clients = f"; clients from {settings.modbus_allow}" if allow is not None else ""
                 if security is not None:
                     clients += f"; Modbus/TCP Security, client certificates trusted from {settings.modbus_trust}"
+                    if roles is not None:
+                        clients += f", writes by roles {', '.join(sorted(roles))} only"
                 echo(f"Modbus TCP PLC server on {server.address[0]}:{server.address[1]} (map: docs/PLC.md{clients})")
         if settings.opcua is not None:
             from mrkd.runtime.plc.opcua import OpcUaPlc
