@@ -152,6 +152,13 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _reap(proc) -> None:
+    """A run a failed test left behind: killed, never left running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _events(path: Path):
     if not path.exists():
         return []
@@ -198,9 +205,7 @@ def test_live_run_is_hot_swapped_by_sighup_and_refuses_a_half_written_model(tmp_
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == 0, stderr_path.read_text()
     summary = json.loads(out[out.index("{"):])
     swaps = summary["model_swaps"]
@@ -242,9 +247,7 @@ def test_sigterm_right_after_sighup_waits_for_the_reload_and_exits_cleanly(tmp_p
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=120)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _reap(proc)
         assert proc.returncode == 0, stderr_path.read_text()[-2000:]
         swaps = json.loads(out[out.index("{"):])["model_swaps"]
         assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in swaps] == [("SIGHUP", "unchanged", sha_a)], swaps
@@ -301,9 +304,7 @@ def test_sighup_also_reloads_the_page_certificate_and_refuses_a_broken_pair(tmp_
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == 0, stderr_path.read_text()
     assert "Traceback" not in stderr_path.read_text()
 
@@ -360,9 +361,7 @@ def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == 0, stderr_path.read_text()
     swaps = json.loads(out[out.index("{"):])["model_swaps"]
     assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in swaps] == [("http", "swapped", sha_b)]
