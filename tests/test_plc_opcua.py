@@ -440,12 +440,14 @@ def test_trust_folder_mistakes_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def node_client(node: str, server, folder: Path, name: str, mode: str = "SignAndEncrypt"):
+def node_client(node: str, server, folder: Path, name: str, mode: str = "SignAndEncrypt", trusted_server=None,
+                pki=None):
     """secure_client.js as client ``name`` (folder/name.der, name.pem, URI urn:mrkd:test-NAME), its PKI
-    under ``folder``: (the process, {kind: the last JSON line of that kind})."""
+    under ``folder`` (or ``pki``), trusting the server certificate folder/server.der (or ``trusted_server``):
+    (the process, {kind: the last JSON line of that kind})."""
     done = subprocess.run([node, "secure_client.js", server.url, USER, PASSWORD, str(folder / f"{name}.der"),
-                           str(folder / f"{name}.pem"), f"urn:mrkd:test-{name}", str(folder / f"pki-{name}"),
-                           str(folder / "server.der"), mode],
+                           str(folder / f"{name}.pem"), f"urn:mrkd:test-{name}", str(pki or folder / f"pki-{name}"),
+                           str(trusted_server or folder / "server.der"), mode],
                           cwd=CLIENT_DIR, capture_output=True, text=True, timeout=120)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return done, {line["kind"]: line for line in lines}
@@ -552,3 +554,43 @@ def test_node_opcua_client_through_an_intermediate_and_a_crl_renewed_while_runni
     assert admitted.returncode == 0, admitted.stdout[-2000:] + admitted.stderr[-2000:]
     assert seen["call"]["status"] == "Good" and seen["event"]["partId"] == "node-secure-1"
     assert summary["triggers"] == 1                              # the job after the renewal only
+
+
+def test_node_opcua_sees_a_renewed_server_certificate_after_a_reload(tmp_path):
+    """reload_certificate (SIGHUP in `mrkd run`): node-opcua trusting only the renewed server certificate
+    runs a job after the reload, one trusting only the old is refused as it connects; a key that is not
+    the certificate's, and a certificate naming another application URI, are refused and the renewed
+    certificate keeps being served."""
+    import shutil as files
+    node = node_client_ready()
+    make_certificates(tmp_path, "client")
+    files.copy(tmp_path / "server.der", tmp_path / "old-server.der")
+    staged, other = tmp_path / "staged", tmp_path / "other"
+    staged.mkdir()
+    other.mkdir()
+    make_certificates(staged)                                     # the renewal: same URI, a new key
+    make_certificates(other, "intruder")                          # URI urn:mrkd:test-intruder
+    files.copy(staged / "server.der", tmp_path / "renewed-server.der")
+    runner, server = start_cell(tmp_path, "ddd", **server_certificate(tmp_path))
+    try:
+        before, _ = node_client(node, server, tmp_path, "client", pki=tmp_path / "pki-1")
+        for name in ("server.pem", "server.der"):
+            os.replace(staged / name, tmp_path / name)
+        assert server.reload_certificate("test") is True
+        renewed, seen = node_client(node, server, tmp_path, "client", pki=tmp_path / "pki-2")
+        stale, refused = node_client(node, server, tmp_path, "client", trusted_server=tmp_path / "old-server.der",
+                                     pki=tmp_path / "pki-3")
+        files.copy(other / "intruder.pem", tmp_path / "server.pem")     # not the certificate's key
+        assert server.reload_certificate("test") is False
+        files.copy(other / "intruder.der", tmp_path / "server.der")     # a matching pair, another URI
+        assert server.reload_certificate("test") is False
+        kept, _ = node_client(node, server, tmp_path, "client", trusted_server=tmp_path / "renewed-server.der",
+                              pki=tmp_path / "pki-4")
+    finally:
+        summary = runner.stop()
+    for done in (before, renewed, kept):
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert seen["call"]["status"] == "Good" and seen["event"]["partId"] == "node-secure-1"
+    assert stale.returncode == 1 and "session" not in refused, stale.stdout[-2000:]
+    assert refused["error"]["stage"] == "connect" and "certificate" in refused["error"]["message"].lower(), refused
+    assert summary["triggers"] == 3                              # before, after the reload, after the refusals

@@ -211,6 +211,56 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self._events = await server.get_event_generator(event_type, vs)
         self._ng = 0
 
+    def reload_certificate(self, reason: str = "request") -> bool:
+        """Load the server's certificate and key again (`mrkd run` does it on SIGHUP): new secure channels
+        and GetEndpoints present the new one, open channels keep theirs. False (the old pair stays, the
+        reason logged in one line) when the pair does not load, does not match, or names another
+        application URI (clients know the server by it: that needs a restart)."""
+        if not self.certificate or self._loop is None or self._closed:
+            return False
+        try:
+            asyncio.run_coroutine_threadsafe(self._reload_certificate(), self._loop).result(30)
+        except PlcError as exc:
+            logger.warning("opcua: certificate reload (%s) REFUSED, the previous one stays: %s", reason, exc)
+            return False
+        logger.warning("opcua: certificate reloaded (%s) from %s", reason, self.certificate)
+        return True
+
+    def request_certificate_reload(self, reason: str) -> None:
+        """From a signal handler: reload on a thread of its own, so the handler returns at once."""
+        if self.certificate:
+            threading.Thread(target=self.reload_certificate, args=(reason,), name="opcua-certificate",
+                             daemon=True).start()
+
+    async def _reload_certificate(self) -> None:
+        # asyncua reads the certificate at start into three places: the internal server (sessions),
+        # each endpoint description (GetEndpoints) and each security policy factory (new channels)
+        from asyncua.crypto import uacrypto
+        try:
+            certificate = await uacrypto.load_certificate(self.certificate)
+            private_key = await uacrypto.load_private_key(self.private_key)
+        except Exception as exc:      # asyncua/cryptography raise ValueError, OSError, TypeError, ...
+            raise PlcError(f"--opcua-certificate {self.certificate} / --opcua-private-key {self.private_key}: "
+                           f"cannot load them ({exc})") from None
+        if certificate.public_key().public_numbers() != private_key.public_key().public_numbers():
+            raise PlcError(f"--opcua-private-key {self.private_key} is not the key of {self.certificate}")
+        uri = _certificate_uri(self.certificate)
+        if uri != self._server.get_application_uri():
+            raise PlcError(f"{self.certificate} names application URI {uri}, the running server "
+                           f"{self._server.get_application_uri()}; restart the line for a new URI")
+        iserver = self._server.iserver
+        endpoints, factories = getattr(iserver, "endpoints", None), getattr(self._server, "_policies", None)
+        if endpoints is None or factories is None:       # asyncua's internals moved: say so, change nothing
+            raise PlcError("this asyncua keeps its certificate elsewhere; restart the line to serve the new one")
+        der = uacrypto.der_from_x509(certificate)
+        iserver.certificate, iserver.private_key = certificate, private_key
+        for endpoint in endpoints:
+            if endpoint.ServerCertificate:
+                endpoint.ServerCertificate = der
+        for factory in factories:
+            if factory.certificate is not None:
+                factory.certificate, factory.private_key = certificate, private_key
+
     def close(self) -> None:
         if self._closed or self._loop is None:
             return

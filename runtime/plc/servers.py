@@ -207,7 +207,9 @@ def plc_options(command):
                           "subscribe)."),
         click.option("--opcua-certificate", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Server certificate (DER or PEM, its application URI in the subject alternative names): "
-                          "with --opcua-private-key the only endpoint is Basic256Sha256 Sign&Encrypt."),
+                          "with --opcua-private-key the only endpoint is Basic256Sha256 Sign&Encrypt. SIGHUP reads "
+                          "both again (a renewal with the same application URI; one that does not load or match is "
+                          "refused and the old one stays)."),
         click.option("--opcua-private-key", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="The server certificate's private key (PEM)."),
         click.option("--opcua-trust", metavar="DIR", type=click.Path(exists=True, file_okay=False), default=None,
