@@ -331,10 +331,13 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
 
 
 def _grid(asked, full: Sequence[float]):
-    """A tuner's grid: None (not asked), the full grid (True or an empty list), or the values given."""
-    if asked is True or (asked is not None and asked is not False and len(asked) == 0):
+    """A tuner's grid: None (not asked: None or False), the full grid (True, or an empty list: the option
+    given without values), or the values given."""
+    if asked is None or asked is False:
+        return None
+    if asked is True or len(asked) == 0:
         return tuple(full)
-    return tuple(float(v) for v in asked) if asked else None
+    return tuple(float(v) for v in asked)
 
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
@@ -342,6 +345,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
         tune_keep=False, image_size: int = SETTINGS["image_size"]) -> dict:
     """``tune_radius`` / ``tune_keep``: True for the whole RADIUS_GRID / KEEP_GRID, or the values to try."""
     from mrkd.train.elpv import layout_elpv
+    radius_grid, keep_grid = _grid(tune_radius, RADIUS_GRID), _grid(tune_keep, KEEP_GRID)
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
     validation = layout_elpv(work / "elpv_validation", split="validation", max_train=SETTINGS["max_train"])
@@ -363,11 +367,10 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
                                      _paths(vroot / "test/defect"), log=log)
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
-            if tune_radius or tune_keep:     # the line only: the test split is not touched
+            if radius_grid or keep_grid:     # the line only: the test split is not touched
                 case = tune_on_line(model, holdout, _paths(vroot / "test/good") + unused,
                                     _paths(vroot / "test/defect"), log=log,
-                                    radius_grid=_grid(tune_radius, RADIUS_GRID),
-                                    keep_grid=_grid(tune_keep, KEEP_GRID))
+                                    radius_grid=radius_grid, keep_grid=keep_grid)
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
