@@ -350,12 +350,14 @@ def run_command(model, sources, line_file, **options):
             click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
         from mrkd.runtime.line.swap import reload_on_sighup    # hot swap (SIGHUP), both modes
         slots, shadow = live_model_controls(line, detectors, outputs, control, output_settings, shadow_model)
-        # SIGHUP also reads the certificates of the page (--http-cert) and of a Modbus/TCP Security server
-        # again (a renewal, no restart); the PLC servers join ``outputs`` once run_parts starts them
+        # SIGHUP also reads the servers' certificates again (the page's --http-cert, the OPC UA and Modbus/TCP
+        # Security servers': a renewal, no restart); the PLC servers join ``outputs`` once run_parts starts
+        # them. Called from the signal handler: the loads run on a thread of their own.
         def reload_certificates(reason: str) -> None:
-            for output in list(outputs):
-                if callable(getattr(output, "request_certificate_reload", None)):
-                    output.request_certificate_reload(reason)
+            servers = [o for o in list(outputs) if callable(getattr(o, "reload_certificate", None))]
+            if servers:
+                threading.Thread(target=lambda: [server.reload_certificate(reason) for server in servers],
+                                 name="certificate-reload", daemon=True).start()
         reload_also = [reload_certificates]
         running = True       # from here the runner tells every output on_stop itself
         if triggered:

@@ -179,12 +179,6 @@ class OperatorServer(LineObserver):
         logger.warning("page certificate reloaded (%s) from %s", reason, self.tls_files[0])
         return True
 
-    def request_certificate_reload(self, reason: str) -> None:
-        """From a signal handler: reload on a thread of its own, so the handler returns at once."""
-        if self.tls_files is not None:
-            threading.Thread(target=self.reload_certificate, args=(reason,), name="http-certificate",
-                             daemon=True).start()
-
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]

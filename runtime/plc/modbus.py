@@ -205,12 +205,6 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         logger.warning("modbus: certificate reloaded (%s) from %s", reason, self.security.certificate)
         return True
 
-    def request_certificate_reload(self, reason: str) -> None:
-        """From a signal handler: reload on a thread of its own, so the handler returns at once."""
-        if self._secure is not None:
-            threading.Thread(target=self.reload_certificate, args=(reason,), name="modbus-certificate",
-                             daemon=True).start()
-
     async def _watch_trust(self) -> None:
         """Modbus/TCP Security: the trust folder looked at once a second, so a certificate added to it
         reaches the TLS handshake without a restart."""

@@ -226,12 +226,6 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         logger.warning("opcua: certificate reloaded (%s) from %s", reason, self.certificate)
         return True
 
-    def request_certificate_reload(self, reason: str) -> None:
-        """From a signal handler: reload on a thread of its own, so the handler returns at once."""
-        if self.certificate:
-            threading.Thread(target=self.reload_certificate, args=(reason,), name="opcua-certificate",
-                             daemon=True).start()
-
     async def _reload_certificate(self) -> None:
         # asyncua reads the certificate at start into three places: the internal server (sessions),
         # each endpoint description (GetEndpoints) and each security policy factory (new channels)
