@@ -242,10 +242,10 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
 
     def _write_refused(self, transport, function_code: int) -> None:
         """A read-only client (its role may not write) asked for a write: answered exception 01."""
-        self.writes_refused += 1
-        peer = transport.get_extra_info("peername") if transport is not None else None
+        self.writes_refused += 1          # only a Modbus/TCP Security connection is ever read-only
+        peer = transport.get_extra_info("peername")
         who = str(peer[0]) if peer else "?"
-        role = self._secure.role(transport) if self._secure is not None and transport is not None else None
+        role = self._secure.role(transport)
         self._log_once((who, role), f"modbus: refused a write (function {function_code}) from {who}: its "
                                     f"certificate's role {role!r} is not among --modbus-write-roles")
 

@@ -31,7 +31,6 @@ from mrkd.runtime.plc.trust import TrustFolder
 
 logger = logging.getLogger(__name__)
 
-SECURE_PORT = 802       # registered for Modbus/TCP Security (502 is plain Modbus TCP)
 ROLE_OID = "1.3.6.1.4.1.50316.802.1"       # the Modbus.org role extension of a client certificate
 WRITE_FUNCTIONS = frozenset({5, 6, 15, 16, 22, 23})
 UTF8_STRING = 0x0C
@@ -102,16 +101,19 @@ class SecureListener:
         # CRLs) is applied after the handshake, in refusal().
         self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         self._anchors: set = set()
+        self._anchored = None          # the trust list whose certificates OpenSSL has
         self._add_anchors()
 
     def _add_anchors(self) -> None:
-        """Hand OpenSSL the folder's certificates it has not seen (a context's store only grows; a
+        """Hand OpenSSL the certificates of a trust list it has not seen (a context's store only grows; a
         certificate taken out of the folder is refused by refusal())."""
         current = self.trust.current
-        for der in set(current.listed) | {c.public_bytes(_der()) for c in current.issuers}:
-            if der not in self._anchors:
-                self.context.load_verify_locations(cadata=der)
-                self._anchors.add(der)
+        if current is self._anchored:
+            return
+        for der in (current.listed | current.issuers_listed) - self._anchors:
+            self.context.load_verify_locations(cadata=der)
+            self._anchors.add(der)
+        self._anchored = current
 
     def reload_certificate(self) -> None:
         """Load the server certificate and key again for new connections (a renewal moved into place).
@@ -154,8 +156,3 @@ class SecureListener:
 def _peer_certificate(transport) -> Optional[bytes]:
     ssl_object = transport.get_extra_info("ssl_object")
     return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-
-
-def _der():
-    from cryptography.hazmat.primitives.serialization import Encoding
-    return Encoding.DER

@@ -59,6 +59,7 @@ class TrustList:
     revoked: Dict["x509.Certificate", FrozenSet[int]] = field(default_factory=dict)
     issuers: Tuple["x509.Certificate", ...] = ()
     next_update: Dict["x509.Certificate", Optional[datetime]] = field(default_factory=dict)
+    issuers_listed: FrozenSet[bytes] = frozenset()     # DER bytes of the ``issuers`` certificates
 
     def refusal(self, certificate_der: bytes, now: Optional[datetime] = None) -> Optional[str]:
         """None when a client presenting ``certificate_der`` is admitted, else the OPC UA status name."""
@@ -184,7 +185,8 @@ def load_trust_folder(folder: str) -> TrustList:
             logger.warning("opcua: trust folder: the CRL of %s was due for renewal at %s: its clients are refused "
                            "(BadCertificateRevocationUnknown) until a current one is in the folder",
                            authority.subject.rfc4514_string(), next_update[authority].isoformat())
-    return TrustList(frozenset(listed), tuple(authorities), revoked, tuple(issuers), next_update)
+    return TrustList(frozenset(listed), tuple(authorities), revoked, tuple(issuers), next_update,
+                     frozenset(cert.public_bytes(_der()) for cert in issuers))
 
 
 def _folder_state(folder: Path) -> Tuple:
