@@ -27,43 +27,38 @@ def run(seeds=(0, 1, 2, 3, 4), categories=("elpv_mono", "elpv_poly"), fractions:
         work=None, image_size: int = SETTINGS["image_size"], log=print) -> dict:
     import torch
 
-    from mrkd.benchmarks.bench_refit import _paths, auroc, train_shipped
+    from mrkd.benchmarks.bench_refit import _paths, auroc, study_means, study_models
     from mrkd.train.calibrate import score_images
-    from mrkd.train.elpv import layout_elpv
     from mrkd.train.memory_bank import fit_memory_bank
     from mrkd.train.trainer import TrainConfig
-    work = Path(work or "/tmp/mrkd_bench_refit")
-    work.mkdir(parents=True, exist_ok=True)
-    root = Path(layout_elpv(work / "elpv_validation", split="validation", max_train=SETTINGS["max_train"]).root)
-    results = {"image_size": image_size, "fractions": list(fractions), "runs": [], "means": {}}
-    for category in categories:
-        rows = []
-        for seed in seeds:
-            shipped, holdout = train_shipped(root, category, seed, work / "models", log, image_size)
-            held = {Path(p).name for p in holdout}     # the calibration cells never went into the bank
-            train = [p for p in _paths(root / category / "train/good") if Path(p).name not in held]
-            good, defect = _paths(root / category / "test/good"), _paths(root / category / "test/defect")
-            scores = score_images(shipped, good + defect)
-            row = {"shipped": {"auroc": auroc(scores[:len(good)], scores[len(good):]),
-                               "patches": int(len(shipped.head.memory_bank.bank))}}
-            patches = len(train) * (image_size // 8) ** 2
-            for fraction in fractions:
-                model = copy.deepcopy(shipped)
-                keep = int(round(fraction * patches))
-                started = time.perf_counter()
-                fit_memory_bank(model, train, "both", fraction=fraction, seed=seed,   # as train() does
-                                batch_size=TrainConfig().eval_batch_size, max_patches=keep, progress=False,
-                                pool=model.config.knn_pool)
-                seconds = time.perf_counter() - started
-                scores = score_images(model, good + defect)
-                row[f"{fraction:g}"] = {"auroc": auroc(scores[:len(good)], scores[len(good):]),
-                                        "patches": int(len(model.head.memory_bank.bank)),
-                                        "fit_s": round(seconds, 1), "threads": torch.get_num_threads()}
-            log(f"[bank size] {category} seed {seed}: " + ", ".join(
-                f"{name} {value['auroc']:.4f} ({value['patches']} patches)" for name, value in row.items()))
-            results["runs"].append({"category": category, "seed": seed, **row})
-            rows.append(row)
-        results["means"][category] = {name: float(np.mean([r[name]["auroc"] for r in rows])) for name in rows[0]}
+    results = {"image_size": image_size, "fractions": list(fractions), "runs": []}
+    rows = []
+    for case in study_models(seeds, categories, work, image_size, log):
+        shipped = case.model
+        held = {Path(p).name for p in case.holdout}     # the calibration cells never went into the bank
+        train = [p for p in _paths(case.folder / "train/good") if Path(p).name not in held]
+        good, defect = case.good, case.defect
+        scores = score_images(shipped, good + defect)
+        row = {"shipped": {"auroc": auroc(scores[:len(good)], scores[len(good):]),
+                           "patches": int(len(shipped.head.memory_bank.bank))}}
+        patches = len(train) * (image_size // 8) ** 2
+        for fraction in fractions:
+            model = copy.deepcopy(shipped)
+            keep = int(round(fraction * patches))
+            started = time.perf_counter()
+            fit_memory_bank(model, train, "both", fraction=fraction, seed=case.seed,   # as train() does
+                            batch_size=TrainConfig().eval_batch_size, max_patches=keep, progress=False,
+                            pool=model.config.knn_pool)
+            seconds = time.perf_counter() - started
+            scores = score_images(model, good + defect)
+            row[f"{fraction:g}"] = {"auroc": auroc(scores[:len(good)], scores[len(good):]),
+                                    "patches": int(len(model.head.memory_bank.bank)),
+                                    "fit_s": round(seconds, 1), "threads": torch.get_num_threads()}
+        log(f"[bank size] {case.category} seed {case.seed}: " + ", ".join(
+            f"{name} {value['auroc']:.4f} ({value['patches']} patches)" for name, value in row.items()))
+        results["runs"].append({"category": case.category, "seed": case.seed, **row})
+        rows.append((case.category, row))
+    results["means"] = study_means(rows, lambda cell: cell["auroc"])
     return results
 
 

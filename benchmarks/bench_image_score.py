@@ -18,7 +18,6 @@ the image AUROC on the validation cells (never the test split) of:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, Sequence
 
 import numpy as np
@@ -82,24 +81,17 @@ def image_score_variants(model, paths: Sequence[str], batch_size: int = 8) -> Di
 
 def run(seeds=(0, 1, 2, 3, 4), categories=("elpv_mono", "elpv_poly"), work=None,
         image_size: int = SETTINGS["image_size"], log=print) -> dict:
-    from mrkd.benchmarks.bench_refit import _paths, auroc, train_shipped
-    from mrkd.train.elpv import layout_elpv
-    work = Path(work or "/tmp/mrkd_bench_refit")
-    work.mkdir(parents=True, exist_ok=True)
-    root = Path(layout_elpv(work / "elpv_validation", split="validation", max_train=SETTINGS["max_train"]).root)
-    results = {"image_size": image_size, "runs": [], "means": {}}
-    for category in categories:
-        rows = []
-        for seed in seeds:
-            model, _ = train_shipped(root, category, seed, work / "models", log, image_size)
-            good = _paths(root / category / "test/good")
-            defect = _paths(root / category / "test/defect")
-            variants = image_score_variants(model, good + defect)
-            row = {name: auroc(s[:len(good)], s[len(good):]) for name, s in variants.items()}
-            log(f"[image score] {category} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-            results["runs"].append({"category": category, "seed": seed, "auroc": row})
-            rows.append(row)
-        results["means"][category] = {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
+    from mrkd.benchmarks.bench_refit import auroc, study_means, study_models
+    results = {"image_size": image_size, "runs": []}
+    rows = []
+    for case in study_models(seeds, categories, work, image_size, log):
+        good, defect = case.good, case.defect
+        variants = image_score_variants(case.model, good + defect)
+        row = {name: auroc(s[:len(good)], s[len(good):]) for name, s in variants.items()}
+        log(f"[image score] {case.category} seed {case.seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        results["runs"].append({"category": case.category, "seed": case.seed, "auroc": row})
+        rows.append((case.category, row))
+    results["means"] = study_means(rows)
     return results
 
 

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -71,6 +71,50 @@ def train_shipped(layout_root: Path, category: str, seed: int, work: Path, log=p
     (out_dir / "done").write_text("1")
     log(f"[refit] {category} seed {seed}: trained in {time.perf_counter() - started:.0f} s")
     return result["model"].eval(), list(result["holdout"])
+
+
+@dataclass
+class StudyModel:
+    """One cached default model of a validation study (bench_image_score, bench_bank_size) and its
+    category's folder in the validation layout, whose test/ holds the validation cells (never the test
+    split)."""
+
+    category: str
+    seed: int
+    model: object
+    holdout: List[str]
+    folder: Path
+
+    @property
+    def good(self) -> List[str]:
+        return _paths(self.folder / "test/good")
+
+    @property
+    def defect(self) -> List[str]:
+        return _paths(self.folder / "test/defect")
+
+
+def study_models(seeds: Sequence[int], categories: Sequence[str], work=None,
+                 image_size: int = SETTINGS["image_size"], log=print) -> Iterator[StudyModel]:
+    """The default model per category and seed on the validation layout (trained once, cached in
+    ``work``/models as bench_refit's own runs are)."""
+    from mrkd.train.elpv import layout_elpv
+    work = Path(work or "/tmp/mrkd_bench_refit")
+    work.mkdir(parents=True, exist_ok=True)
+    root = Path(layout_elpv(work / "elpv_validation", split="validation", max_train=SETTINGS["max_train"]).root)
+    for category in categories:
+        for seed in seeds:
+            model, holdout = train_shipped(root, category, seed, work / "models", log, image_size)
+            yield StudyModel(category, seed, model, holdout, root / category)
+
+
+def study_means(rows: Sequence[Tuple[str, dict]], value=lambda cell: cell) -> dict:
+    """Per category, the mean over its (category, results) rows of each result (``value`` reads the number)."""
+    means: dict = {}
+    for category in dict.fromkeys(category for category, _ in rows):
+        mine = [row for c, row in rows if c == category]
+        means[category] = {name: float(np.mean([value(row[name]) for row in mine])) for name in mine[0]}
+    return means
 
 
 def add_study_arguments(parser) -> None:
