@@ -190,8 +190,9 @@ def load_trust_folder(folder: str) -> TrustList:
 
 
 def _folder_state(folder: Path) -> Tuple:
-    """The names and contents' sha256 of the trust folder's files (and of ``issuers``): what a renewal
-    changes, even one rewritten in place at the same size within the file system's clock tick."""
+    """The names and contents' sha256 of the trust folder's certificates and CRLs (and of ``issuers``),
+    the files load_trust_folder reads: what a renewal changes, even one rewritten in place at the same
+    size within the file system's clock tick. Other files are neither read nor hashed."""
     state: List[Tuple] = []
     for where in (folder, folder / ISSUERS_FOLDER):
         try:
@@ -200,6 +201,8 @@ def _folder_state(folder: Path) -> Tuple:
             state.append((str(where), None))
             continue
         for path in paths:
+            if path.suffix.lower() not in CERTIFICATE_SUFFIXES + CRL_SUFFIXES:
+                continue
             try:
                 state.append((str(path), hashlib.sha256(path.read_bytes()).hexdigest()))
             except OSError:           # a folder (issuers itself), or a file gone in between
