@@ -561,16 +561,15 @@ def test_node_opcua_sees_a_renewed_server_certificate_after_a_reload(tmp_path):
     runs a job after the reload, one trusting only the old is refused as it connects; a key that is not
     the certificate's, and a certificate naming another application URI, are refused and the renewed
     certificate keeps being served."""
-    import shutil as files
     node = node_client_ready()
     make_certificates(tmp_path, "client")
-    files.copy(tmp_path / "server.der", tmp_path / "old-server.der")
+    shutil.copy(tmp_path / "server.der", tmp_path / "old-server.der")
     staged, other = tmp_path / "staged", tmp_path / "other"
     staged.mkdir()
     other.mkdir()
     make_certificates(staged)                                     # the renewal: same URI, a new key
     make_certificates(other, "intruder")                          # URI urn:mrkd:test-intruder
-    files.copy(staged / "server.der", tmp_path / "renewed-server.der")
+    shutil.copy(staged / "server.der", tmp_path / "renewed-server.der")
     runner, server = start_cell(tmp_path, "ddd", **server_certificate(tmp_path))
     try:
         before, _ = node_client(node, server, tmp_path, "client", pki=tmp_path / "pki-1")
@@ -580,9 +579,9 @@ def test_node_opcua_sees_a_renewed_server_certificate_after_a_reload(tmp_path):
         renewed, seen = node_client(node, server, tmp_path, "client", pki=tmp_path / "pki-2")
         stale, refused = node_client(node, server, tmp_path, "client", trusted_server=tmp_path / "old-server.der",
                                      pki=tmp_path / "pki-3")
-        files.copy(other / "intruder.pem", tmp_path / "server.pem")     # not the certificate's key
+        shutil.copy(other / "intruder.pem", tmp_path / "server.pem")     # not the certificate's key
         assert server.reload_certificate("test") is False
-        files.copy(other / "intruder.der", tmp_path / "server.der")     # a matching pair, another URI
+        shutil.copy(other / "intruder.der", tmp_path / "server.der")     # a matching pair, another URI
         assert server.reload_certificate("test") is False
         kept, _ = node_client(node, server, tmp_path, "client", trusted_server=tmp_path / "renewed-server.der",
                               pki=tmp_path / "pki-4")
