@@ -94,6 +94,10 @@ def test_an_ng_part_of_a_live_gige_run_is_labelled_with_the_token_only(simulator
             assert image is not None and image.shape == (512, 512, 3)
             judged = event["cameras"][0]
             assert judged["camera"] == "cam" and judged["images"] == 1 and judged["anomalous"]
+            # the part's event names its evidence as a frame alarm's does: path and the file's sha256
+            path = evidence / "cam" / f"{event['event_id']}.png"
+            assert judged["evidence"] == str(path)
+            assert judged["evidence_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
             assert float(detector(image).scores[0]) == pytest.approx(judged["score"], abs=1e-5)
             assert event["model_sha256"] == file_sha256(model)
     finally:
@@ -128,7 +132,7 @@ def test_an_ng_part_of_a_live_gige_run_is_labelled_with_the_token_only(simulator
 def test_mrkd_review_labels_the_camera_of_a_part_it_is_told(tmp_path):
     """A part of two cameras, both flagged: `mrkd review --mark` needs --camera (one-line error without
     it or with an unknown one) and labels that camera's evidence (written by the real outputs' hooks,
-    in the part runner's order: part_snapshots, then on_part)."""
+    in the part runner's order: part_fields, then on_part)."""
     import time
     import numpy as np
     from runtime_fixtures import normal_frame

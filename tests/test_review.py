@@ -67,7 +67,8 @@ def test_every_alarm_has_its_lossless_image_and_hash_and_ok_frames_are_sampled(l
     assert evidence.health().sent == 3 + len(ok_files) and evidence.health().failed == 0
 
 
-def test_retention_deletes_ok_samples_first_and_never_evidence(tmp_path):
+def test_retention_deletes_ok_samples_first_and_never_evidence(tmp_path, caplog):
+    import logging
     from mrkd.runtime.outputs.base import FrameResult
     from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
     rng = np.random.default_rng(1)
@@ -83,8 +84,13 @@ def test_retention_deletes_ok_samples_first_and_never_evidence(tmp_path):
     assert len(list((tmp_path / "cam0" / "ok").iterdir())) == 3
     writer.event_fields(frame(3, {"event_id": "e1"}))             # over budget: the oldest OK sample goes
     assert sorted(p.stem for p in (tmp_path / "cam0" / "ok").iterdir()) == ["0000000001", "0000000002"]
-    for k in range(2, 6):                                         # evidence only, past the budget
-        writer.event_fields(frame(3 + k, {"event_id": f"e{k}"}))
+    with caplog.at_level(logging.WARNING, logger="mrkd.runtime.outputs"):
+        for k in range(2, 6):                                     # evidence only, past the budget
+            writer.event_fields(frame(3 + k, {"event_id": f"e{k}"}))
+    # said once (rate-limited), not "over budget" / "delivering again" on every write
+    said = [r.getMessage() for r in caplog.records if r.name == "mrkd.runtime.outputs"]
+    assert sum("over its budget" in m for m in said) == 1 and not any("again" in m for m in said), said
+    assert writer.health().sent == 3 + 5                          # every file written is counted
     assert sorted(p.stem for p in (tmp_path / "cam0").glob("*.png")) == ["e1", "e2", "e3", "e4", "e5"]
     assert not list((tmp_path / "cam0" / "ok").iterdir())
     writer.on_frame(frame(20))                                    # no room: the OK sample is skipped, counted

@@ -382,22 +382,28 @@ def test_shadow_run_on_metrics_and_page_matches_numpy_and_the_summary(tmp_path):
     assert shadow["frames"] == summary["frames"]
 
 
-def play_part(outputs: list, infos: list, part, views: dict) -> None:
+def play_part(outputs: list, infos: list, part, views: dict) -> object:
     """One judged part through the outputs' hooks in the part runner's order: see_outputs and
-    on_start, then every output's part_snapshots (``views``: camera -> (image, map, threshold)), then on_part."""
+    on_start, then every output's part_fields (``views``: camera -> (image, map, threshold)), whose
+    fields go into the part's camera judgements, then on_part with that part."""
+    from dataclasses import replace
     for output in outputs:
         output.see_outputs(outputs)
         output.on_start(infos)
+    fields: dict = {}
     for output in outputs:
-        output.part_snapshots(part, views)
+        for camera, values in output.part_fields(part, views).items():
+            fields.setdefault(camera, {}).update(values)
+    part = replace(part, cameras=tuple(replace(j, **fields.get(j.camera, {})) for j in part.cameras))
     for output in outputs:
         output.on_part(part)
+    return part
 
 
 def test_an_ng_part_is_reviewed_per_camera_from_the_page(tmp_path):
     """Triggered mode: an NG part of two cameras shows one alarm per camera (its own thumbnail); the
     button of camera "right" labels the right camera's evidence image (hooks called in the part
-    runner's order: every output's part_snapshots, then on_part)."""
+    runner's order: every output's part_fields, then on_part)."""
     require_program(CHROMIUM, ["chromium"])
     from playwright.sync_api import sync_playwright
     from mrkd.runtime import OutputSettings, build_outputs

@@ -441,14 +441,18 @@ class PartRunner:
         self._emit(lambda o: o.on_part(part))
 
     def _part_event(self, part: PartResult, views: Mapping[str, tuple]) -> PartResult:
-        """An NG/ERROR part gets an event id, and the outputs that write snapshots (``part_snapshots``;
-        ``views``: camera -> (image, anomaly map, threshold)) write theirs before any output sends the
-        record; it carries each camera's snapshot path."""
+        """An NG/ERROR part gets an event id, and the outputs that write files for it (``part_fields``:
+        snapshots, evidence; ``views``: camera -> (image, anomaly map, threshold)) write them before any
+        output sends the record; it carries each camera's paths (and the evidence's sha256)."""
         part = replace(part, event_id=new_event_id())
-        snapshots: Dict[str, str] = {}
-        self._emit(lambda o: snapshots.update(o.part_snapshots(part, views) or {}))
-        if snapshots:
-            part = replace(part, cameras=tuple(replace(j, snapshot=snapshots.get(j.camera)) for j in part.cameras))
+        fields: Dict[str, Dict[str, object]] = {}
+
+        def collect(output: LineObserver) -> None:
+            for camera, values in (output.part_fields(part, views) or {}).items():
+                fields.setdefault(camera, {}).update(values)
+        self._emit(collect)
+        if fields:
+            part = replace(part, cameras=tuple(replace(j, **fields.get(j.camera, {})) for j in part.cameras))
         return part
 
     # ------------------------------------------------------------ status and summary

@@ -70,7 +70,7 @@ class LineObserver:
     window, MQTT, metrics, page, PLC servers) is one, built by ``mrkd.runtime.outputs.build_outputs``.
     Hooks run on the loop thread (the part runner's for parts) and must not block. Order per alarm
     frame: ``event_fields`` of every output (what they add to the record, e.g. the snapshot's path),
-    then ``on_event`` and ``on_frame``; per NG/ERROR part: ``part_snapshots``, then ``on_part``."""
+    then ``on_event`` and ``on_frame``; per NG/ERROR part: ``part_fields``, then ``on_part``."""
 
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         pass
@@ -101,10 +101,12 @@ class LineObserver:
     def on_trigger(self, receipt: TriggerReceipt) -> None:
         """A part trigger arrived (accepted or refused) in triggered mode."""
 
-    def part_snapshots(self, part: PartResult, views: Mapping[str, Tuple[np.ndarray, np.ndarray, float]]
-                       ) -> Mapping[str, str]:
-        """For an NG/ERROR part (``part.event_id`` set): camera -> snapshot path this output wrote;
-        ``views``: camera -> (image, anomaly map, threshold) of the cameras that have an image."""
+    def part_fields(self, part: PartResult, views: Mapping[str, Tuple[np.ndarray, np.ndarray, float]]
+                    ) -> Mapping[str, Mapping[str, object]]:
+        """For an NG/ERROR part (``part.event_id`` set), before any output sends it: camera -> the
+        CameraJudgement fields this output fills (``snapshot``, ``evidence``, ``evidence_sha256``) with
+        what it wrote; ``views``: camera -> (image, anomaly map, threshold) of the cameras that have an
+        image. The part's counterpart of ``event_fields``."""
         return {}
 
     def on_part(self, result: PartResult) -> None:
@@ -171,6 +173,8 @@ class CameraJudgement:
     images: int = 0              # images scored for this part
     error: Optional[str] = None  # why this camera has no verdict ("timeout", "incomplete buffer", ...)
     snapshot: Optional[str] = None
+    evidence: Optional[str] = None         # the image as delivered, lossless (runtime/outputs/evidence.py)
+    evidence_sha256: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,14 @@ class Delivery:
         self._failing_since_warning = 0
         self._last_warning = float("-inf")
 
-    def delivered(self, count: int = 1) -> None:
+    def delivered(self, count: int = 1, recover: bool = True) -> None:
+        """``count`` items delivered; ``recover=False``: counted, but a failing state set by the output
+        (e.g. over a disk budget) stays."""
         with self._lock:
             self.sent += count
-            recovered = not self.ok
-            self.ok, self.state = True, "delivering"
+            recovered = recover and not self.ok
+            if recover:
+                self.ok, self.state = True, "delivering"
         if recovered:
             logger.warning("output %s (%s): delivering again", self.name, self.target)
 

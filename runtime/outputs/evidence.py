@@ -2,9 +2,10 @@
 part, plus a sample of OK frames: what an operator reviews (``mrkd review``) and what ``mrkd refit``
 learns from. The annotated snapshot (snapshots.py) is for looking; this is the record.
 
-Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (the event carries
-``evidence`` and ``evidence_sha256``), ``DIR/<camera>/ok/<frame index>.png`` for the OK samples
-(one of every ``ok_every`` OK frames per camera; 0: none). Files are PNG (lossless), written to a
+Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (an alarm's event carries
+``evidence`` and ``evidence_sha256``, a part's event each camera's in its ``cameras``),
+``DIR/<camera>/ok/<frame index>.png`` for the OK samples (one of every ``ok_every`` OK frames per
+camera; 0: none). Files are PNG (lossless), written to a
 temporary file, fsync'd and linked into place, never over an existing file.
 
 Retention (``max_bytes`` for the whole folder, counted from what is there at the start):
@@ -92,7 +93,8 @@ class EvidenceWriter(LineObserver):
         return self._evidence_bytes + sum(size for _, size in self._ok_files)
 
     def _write(self, path: Path, image: np.ndarray) -> Optional[str]:
-        """The PNG's sha256, or None when it could not be written (counted, warned)."""
+        """The PNG's sha256, or None when it could not be written (counted, warned). The caller counts
+        a success (``_delivered``) once the budget is checked."""
         try:
             data = encode_png(image)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,12 @@ class EvidenceWriter(LineObserver):
         except OSError as exc:
             self.delivery.failed_one(str(exc))
             return None
-        self.delivery.delivered()
         return hashlib.sha256(data).hexdigest()
+
+    def _delivered(self) -> None:
+        """A file written: counted; the output is healthy again only if the folder fits its budget
+        (else it would swing between "over budget" and "delivering again" on every write)."""
+        self.delivery.delivered(recover=self._keep_budget())
 
     def _evidence(self, camera: str, event_id: str, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
         path = self.folder / camera / f"{event_id}.png"
@@ -112,7 +118,7 @@ class EvidenceWriter(LineObserver):
         if sha is None:
             return None, None
         self._evidence_bytes += path.stat().st_size
-        self._keep_budget()
+        self._delivered()
         return str(path), sha
 
     def _keep_budget(self) -> bool:
@@ -140,10 +146,12 @@ class EvidenceWriter(LineObserver):
         path, sha = self._evidence(result.camera, str(result.event["event_id"]), result.image)
         return {"evidence": path, "evidence_sha256": sha}
 
-    def part_snapshots(self, part: PartResult, views) -> Mapping[str, str]:
+    def part_fields(self, part: PartResult, views) -> Mapping[str, Mapping[str, object]]:
+        fields = {}
         for camera, (image, _amap, _threshold) in views.items():
-            self._evidence(camera, str(part.event_id), image)
-        return {}      # the part's snapshot paths are the snapshot writer's
+            path, sha = self._evidence(camera, str(part.event_id), image)
+            fields[camera] = {"evidence": path, "evidence_sha256": sha}
+        return fields
 
     def on_frame(self, result: FrameResult) -> None:
         every = self.settings.ok_every
@@ -162,7 +170,7 @@ class EvidenceWriter(LineObserver):
         if self._write(path, result.image) is not None:
             self.ok_written += 1
             self._ok_files.append((path, path.stat().st_size))
-            self._keep_budget()
+            self._delivered()
 
     def health(self) -> OutputHealth:
         return self.delivery.health(dropped=self.ok_skipped)

@@ -135,14 +135,14 @@ class SnapshotWriter(LineObserver):
             event_id = new_event_id()
         return {"snapshot": None}
 
-    def part_snapshots(self, part: PartResult, views) -> Mapping[str, str]:
+    def part_fields(self, part: PartResult, views) -> Mapping[str, Mapping[str, object]]:
         written = {}
         for camera, (image, amap, threshold) in views.items():
             boxes = regions_from_map(amap, threshold, image.shape[:2])
             done, path = self._write(camera, f"part_{part.event_id}_{part.inspection_id:08d}", image, amap,
                                      threshold, boxes)
             if path:
-                written[camera] = path
+                written[camera] = {"snapshot": path}
         return written
 
     def health(self) -> OutputHealth:

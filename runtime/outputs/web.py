@@ -193,8 +193,9 @@ class OperatorServer(LineObserver):
             self.metrics = next((o for o in outputs if isinstance(o, MetricsObserver)), None)
 
     def health(self) -> OutputHealth:
+        # Stopped is how a run ends, not a failure: the page has nothing it could not deliver.
         closed = self.closed.is_set()
-        return OutputHealth(name="page", ok=not closed, state="stopped" if closed else "listening",
+        return OutputHealth(name="page", ok=True, state="stopped" if closed else "listening",
                             target=self.url, detail=self.certificate_error)
 
     def _output_health(self) -> List[dict]:
@@ -231,7 +232,7 @@ class OperatorServer(LineObserver):
             self.alarms.appendleft({"event": event, "camera": camera, "result": None})
         self._broadcast("alarm", _alarm_record(camera, event))
 
-    def part_snapshots(self, part: PartResult, views) -> Dict[str, str]:
+    def part_fields(self, part: PartResult, views) -> Dict[str, Dict[str, object]]:
         """Keeps an NG/ERROR part's images (references) for its thumbnails; writes nothing."""
         if part.event_id is not None:
             while len(self._part_views) >= (self.alarms.maxlen or 20):
