@@ -145,11 +145,17 @@ class Detector:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise BackendError(f"threads {threads!r}: must be a whole number >= 0 (0: ONNX Runtime's default)")
         sidecar = sidecar_path(self.model_path)
+        # The hash of the file this Detector runs (events name it): taken before the backend reads the file
+        # and checked after, so a new version moved in meanwhile is never run under the old one's name.
+        self.model_sha256 = model_file_sha256(self.model_path)
         # The sidecar is read and checked against the model file before any backend touches the file.
         metadata = load_metadata(self.model_path) if sidecar.exists() else None
         self.backend = open_backend(self.model_path, backend, providers=providers, threads=threads,
                                     metadata=metadata)
         try:
+            if model_file_sha256(self.model_path) != self.model_sha256:
+                raise MetadataError(f"{self.model_path}: changed while it was loaded; move a new version there in "
+                                    f"one rename")
             props = self.backend.model_metadata_props
             if metadata is not None and props and ModelMetadata.ONNX_KEY in props:
                 check_sidecar_against_embedded(metadata, ModelMetadata.from_onnx_props(props, str(self.model_path)),

@@ -101,6 +101,56 @@ def test_new_model_is_staged_beside_the_old_and_swapped_only_between_rounds(runn
     assert running.slots.apply([running.state]) == [] and running.slots.records[-1].outcome == "unchanged"
 
 
+def test_a_new_calibration_of_the_same_model_file_is_taken(running, tmp_path):
+    """`mrkd calibrate model.onnx SOURCE` rewrites only the sidecar: a reload takes its threshold (the
+    model's hash stays), where before the swap said "unchanged" and the old threshold kept judging."""
+    from mrkd.runtime.calibrate import calibrate_exported
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(8):
+        cv2.imwrite(str(good / f"{i}.png"), normal_frame(rng))
+    sha = file_sha256(running.live)
+    result = calibrate_exported(running.live, str(good), progress=False, accept_shift=True)
+    assert result.threshold != pytest.approx(0.1) and file_sha256(running.live) == sha
+    running.slots.request_reload("calibrated")
+    assert running.slots.wait_idle(30)
+    done = running.slots.apply([running.state])
+    assert [r.outcome for r in done] == ["swapped"], running.slots.records[-1]
+    assert running.state.policy.threshold == pytest.approx(result.threshold) == running.state.info.threshold
+    assert running.state.info.model_sha256 == sha
+    running.slots.request_reload("again")                      # nothing new now
+    running.slots.wait_idle(30)
+    assert running.slots.apply([running.state]) == [] and running.slots.records[-1].outcome == "unchanged"
+
+
+def test_detector_names_the_file_it_runs_and_refuses_one_replaced_while_it_loads(tmp_path, monkeypatch):
+    """The hash events carry is the one of the file the Detector read: a version moved in while the
+    backend loads it is refused (the line's start and the swap alike), never run under either name."""
+    import mrkd.runtime.detector as detector_module
+    from mrkd.runtime.metadata import MetadataError
+    live, v2 = tmp_path / "model.onnx", tmp_path / "v2.onnx"
+    export_tiny_model(live, threshold=0.1)
+    export_tiny_model(v2, threshold=0.2)
+    old_sha, new_sha = file_sha256(live), file_sha256(v2)
+    assert old_sha != new_sha
+    real = detector_module.open_backend
+
+    def open_then_replace(path, *args, **kwargs):
+        backend = real(path, *args, **kwargs)
+        install(v2, live)                                   # the deployment lands mid-load
+        return backend
+    monkeypatch.setattr(detector_module, "open_backend", open_then_replace)
+    with pytest.raises(MetadataError, match="changed while it was loaded"):
+        Detector(live)
+    monkeypatch.undo()
+    detector = Detector(live)
+    try:
+        assert detector.model_sha256 == new_sha == file_sha256(live)
+    finally:
+        detector.close()
+
+
 def _refused(running, reason_pattern):
     before = (running.state.detector, running.state.info, running.state.policy.threshold)
     running.slots.request_reload("test")
@@ -251,6 +301,39 @@ def test_sigterm_right_after_sighup_waits_for_the_reload_and_exits_cleanly(tmp_p
         assert proc.returncode == 0, stderr_path.read_text()[-2000:]
         swaps = json.loads(out[out.index("{"):])["model_swaps"]
         assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in swaps] == [("SIGHUP", "unchanged", sha_a)], swaps
+
+
+@pytest.mark.slow
+def test_sighup_while_the_line_starts_is_answered_once_it_runs(tmp_path):
+    """A deployment that moves a new model in and signals while `mrkd run` is still opening its models:
+    the signal's default action ended the run (rc 129, "Hangup"); now it is kept and answered once the line
+    runs, and the new model takes over. The run is held just after its models are open (a prelude wraps
+    open_detectors) so that the signal lands in start-up every time."""
+    folder, live, sha_a, sha_b = _deployment(tmp_path, seed=5, new_threshold=0.2)
+    events, stderr_path = tmp_path / "events.jsonl", tmp_path / "stderr.txt"
+    code = ("import sys, time\nimport mrkd.runtime.line.loop as loop\nreal = loop.open_detectors\n"
+            "def held(*args, **kwargs):\n    opened = real(*args, **kwargs)\n"
+            "    print('models opened', file=sys.stderr, flush=True)\n    time.sleep(3)\n    return opened\n"
+            "loop.open_detectors = held\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])")
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, "run", str(live), "--source", str(folder), "--loop",
+                                 "--fps", "40", "--cooldown", "0", "--events", str(events)],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        _wait_for(lambda: "models opened" in stderr_path.read_text() or proc.poll() is not None, 60, "start-up")
+        install(tmp_path / "v2.onnx", live)
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: any(e["model_sha256"] == sha_b for e in _events(events)) or proc.poll() is not None,
+                  60, "alarms of the new model")
+        assert proc.poll() is None, stderr_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, stderr_path.read_text()
+    swaps = json.loads(out[out.index("{"):])["model_swaps"]
+    assert [(s["reason"], s["outcome"], s["old_sha256"], s["new_sha256"]) for s in swaps] == [
+        ("SIGHUP during start-up", "swapped", sha_a, sha_b)], swaps
 
 
 @pytest.mark.slow

@@ -31,7 +31,6 @@ from mrkd.errors import MrkdError
 from mrkd.runtime.calibration import frame_size_mismatch
 from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
-from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each
 from mrkd.runtime.outputs.events import make_event
 from mrkd.runtime.outputs.snapshots import regions_from_map
@@ -429,7 +428,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
             feed = _Feed(camera.name, source, cond, capacity=max(2, 2 * batch) if not source.live else 1,
                          max_frames=max_frames)
             info = CameraInfo(name=camera.name, source=redact_uri(getattr(source, "uri", camera.source)),
-                              model=str(camera.model), model_sha256=model_file_sha256(camera.model),
+                              model=str(camera.model), model_sha256=detector.model_sha256,
                               backend=detector.backend.name, precision=detector.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
             states.append(_CameraState(camera, detector, policy, feed, info))

@@ -5,7 +5,8 @@ authenticated HTTP request, a recipe change) starts a loader thread that, beside
 
 1. opens the model file at the SAME path again (a new version is moved there atomically, sidecar
    first or together): the Detector's own checks run (sidecar against the file's sha256, inputs and
-   outputs against the metadata), so a half-written or foreign file is refused;
+   outputs against the metadata), so a half-written or foreign file is refused; the same file with a
+   new calibration in its sidecar (`mrkd calibrate model.onnx`) is taken for its new threshold;
 2. refuses a model the line cannot take in place: another image size, backbone or input format;
    a file that changed while it was read (its sha256 before and after differ);
 3. scores the last few frames the running model judged (kept by ``on_frame``): scores must be
@@ -43,7 +44,6 @@ from typing import Callable, Deque, Dict, List, Mapping, MutableMapping, Optiona
 import numpy as np
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import FrameResult, LineObserver
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class ModelSlots(LineObserver):
         self._waiters = threading.Condition(self._lock)
 
     def _new_slot(self, detector) -> _Slot:
-        return _Slot(str(detector.model_path), detector, model_file_sha256(detector.model_path),
+        return _Slot(str(detector.model_path), detector, detector.model_sha256,
                      deque(maxlen=self._check_frames_kept))
 
     def add(self, key: str, detector) -> None:
@@ -156,17 +156,14 @@ class ModelSlots(LineObserver):
         path = Path(slot.path)
         new_detector, new_sha = None, None
         try:
-            try:
-                before = model_file_sha256(path)
+            try:     # the Detector refuses a file that changed while it was read (its hash before and after)
                 new_detector = self._opener(slot.path)
-                after = model_file_sha256(path)
             except (OSError, ValueError, MrkdError, RuntimeError) as exc:   # half-written, foreign, missing
                 raise SwapRefused(f"{path}: cannot be loaded ({_one_line(exc)})") from exc
-            if before != after:
-                raise SwapRefused(f"{path}: changed while it was loaded; move the new version there in one "
-                                  f"rename and ask again")
-            new_sha = after
-            if new_sha == slot.sha256:
+            new_sha = new_detector.model_sha256
+            # `mrkd calibrate model.onnx` rewrites only the sidecar: a new threshold in the same model file is
+            # a model to take too (same hash, new calibration), not "unchanged".
+            if new_sha == slot.sha256 and new_detector.metadata.calibration == slot.detector.metadata.calibration:
                 new_detector.close()
                 self._record(SwapRecord(slot.path, reason, "unchanged", slot.sha256, new_sha,
                                         "the file is the running model", time.perf_counter() - started, time.time()))
@@ -312,20 +309,42 @@ def line_slots(line, detectors: MutableMapping[str, object],
     return ModelSlots(detectors, opener, status)
 
 
+def hold_hangups() -> Optional[Tuple[threading.Event, object]]:
+    """From here until the line can reload (``reload_on_sighup``), a SIGHUP is kept instead of ending the
+    process (its default action): a deployment that moves a new model in and signals while the line is
+    still loading its models must not stop the line. Returns (the event a SIGHUP sets, the handler to
+    put back with ``release_hangups``); None off the main thread or without SIGHUP."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return None
+    seen = threading.Event()
+    previous = signal.signal(signal.SIGHUP, lambda _signum, _frame: seen.set())
+    return seen, previous
+
+
+def release_hangups(held: Optional[Tuple[threading.Event, object]]) -> None:
+    if held is not None:
+        signal.signal(signal.SIGHUP, held[1])
+
+
 @contextlib.contextmanager
-def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = ()):
+def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = (),
+                     held: Optional[threading.Event] = None):
     """While inside (main thread only), SIGHUP asks ``slots`` to load every model path again, and each
-    of ``also`` (a reload request that returns at once, e.g. the page's certificate) to do its part."""
+    of ``also`` (a reload request that returns at once, e.g. the page's certificate) to do its part.
+    ``held``: set by a SIGHUP that came while the line was starting (``hold_hangups``): answered now,
+    since the models may have been opened before the new version was moved in."""
     if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
         yield slots
         return
 
-    def on_sighup(_signum, _frame):
-        slots.request_reload("SIGHUP")
+    def on_sighup(_signum, _frame, reason: str = "SIGHUP"):
+        slots.request_reload(reason)
         for request in also:
-            request("SIGHUP")
+            request(reason)
     previous = signal.getsignal(signal.SIGHUP)
     signal.signal(signal.SIGHUP, on_sighup)
+    if held is not None and held.is_set():
+        on_sighup(signal.SIGHUP, None, "SIGHUP during start-up")
     try:
         yield slots
     finally:
