@@ -32,6 +32,28 @@ class ExportResult:
     int8_target: Optional[str] = None         # the INT8 form written ("auto" resolved)
 
 
+def keep_line_calibration(model_path: Path, model) -> None:
+    """Refuse (ExportError) to export over ``model_path`` when its sidecar holds a threshold set on the
+    line (`mrkd calibrate model.onnx SOURCE`, on the camera's frames) that this export would replace:
+    that threshold exists nowhere else. Any other earlier export is rebuilt from its checkpoint."""
+    from mrkd.runtime.calibration import Calibration
+    from mrkd.runtime.metadata import MetadataError, ModelMetadata
+    sidecar = sidecar_path(model_path)
+    if not sidecar.exists():
+        return
+    try:
+        earlier = ModelMetadata.load(sidecar).calibration
+    except (MetadataError, OSError, ValueError):
+        return       # not readable: nothing in it to keep (the export replaces it, as before)
+    new = Calibration.of(model.calibration, "checkpoint calibration")
+    if earlier is None or not earlier.source or (new is not None and new.threshold == earlier.threshold):
+        return
+    raise ExportError(f"{sidecar}: holds a threshold set on the line ({earlier.threshold:.6g} from "
+                      f"{earlier.source}) that this export would replace with the checkpoint's "
+                      f"({'none' if new is None else f'{new.threshold:.6g}'}); export into another folder "
+                      "(-o), or move that model away first")
+
+
 def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = None, *, fp16: bool = False,
                       int8_images=None, int8_target: str = "auto", int8_keep_fp32: str = "auto",
                       engine: Optional[bool] = None, triton_dir=None,
@@ -66,6 +88,7 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     out_dir = Path(out_dir)
     result = ExportResult()
     model, checkpoint_sha = load_model(checkpoint)
+    keep_line_calibration(out_dir / FP32_NAME, model)
 
     fp32 = export_onnx(model, out_dir / FP32_NAME, options, checkpoint_sha256=checkpoint_sha, simplify=simplify)
     result.files["onnx"] = fp32.path

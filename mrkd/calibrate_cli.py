@@ -11,6 +11,7 @@ import click
 
 from mrkd.errors import error_boundary
 from mrkd.options import FRACTION
+from mrkd.runtime.backends import backend_choices
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
                                      ACCEPT_SHIFT_HELP, METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
 
@@ -35,8 +36,9 @@ DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 @click.option("--size", default=None,
               help="Exported models: WIDTHxHEIGHT to resize GOOD's frames to, as `mrkd run --size` does; recorded with "
                    "the threshold, and `mrkd run` warns when it reads frames at another size.")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto",
-              show_default=True, help="Exported models: the inference backend that scores GOOD.")
+@click.option("--backend", type=click.Choice(backend_choices()), default="auto", show_default=True,
+              help="Exported models: the inference backend that scores GOOD (as `mrkd run --backend`: score with "
+                   "the backend the line runs).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Checkpoints: images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
@@ -69,6 +71,9 @@ def calibrate_command(model, good, labelled, method, quantile, confidence, out, 
     else:
         if size:
             raise click.UsageError("--size is for exported models (checkpoints resize to their own image size)")
+        if out and Path(out).exists() and Path(out).resolve() != Path(model).resolve():
+            raise click.UsageError(f"--out {out}: exists; a recalibrated checkpoint is never written over another "
+                                   "file (name a new one, or leave --out out to update MODEL)")
         from mrkd.train.calibrate import recalibrate_checkpoint
         from mrkd.train.evaluate import resolve_device
         result = recalibrate_checkpoint(

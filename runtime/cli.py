@@ -231,6 +231,20 @@ def pop_camera_defaults(options: dict, part: dict) -> dict:
     return defaults
 
 
+def check_summary_target(path) -> None:
+    """``--summary FILE`` may replace an earlier run's summary, never another file (a model, its sidecar,
+    an events log): said before the line starts, not after a shift's work."""
+    if not path or not Path(path).exists():
+        return
+    try:
+        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "outputs" in earlier and ("frames" in earlier or "parts" in earlier)):
+        raise SettingError(f"--summary {path}: exists and is not an earlier `mrkd run` summary; it is never "
+                           "written over (name a new file)")
+
+
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(exists=True, dir_okay=False), required=False)
 @click.option("--source", "-s", "sources", multiple=True,
@@ -313,6 +327,7 @@ def run_command(model, sources, line_file, **options):
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     summary_path = options.pop("summary_path")
+    check_summary_target(summary_path)
     part = pop_part_options(options)
     plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
     output_settings = pop_output_settings(options)
@@ -339,16 +354,21 @@ def run_command(model, sources, line_file, **options):
         raise SettingError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "
                            "(or trigger = ... in the line file)")
     detectors, frames, outputs, running = {}, {}, [], False
+    from mrkd.runtime.line.swap import hold_hangups, release_hangups, reload_on_sighup   # hot swap (SIGHUP)
+    held = hold_hangups()      # a SIGHUP while the models load is answered once the line runs, not fatal
     try:       # the error itself goes to mrkd.errors.error_boundary
         detectors = open_detectors(line)
         frames = {} if triggered else open_sources(line)
         for detector in detectors.values():
             click.echo(detector.describe(), err=True)
+        for camera in line.cameras:       # a camera's own threshold wins over its model's: say which is used
+            if camera.alarm.threshold is not None:
+                click.echo(f"camera {camera.name}: threshold {camera.alarm.threshold} given (--threshold or the "
+                           "line file); the model's is not used", err=True)
         outputs = build_outputs(output_settings)
         page = outputs_summary(outputs).get("page")
         if page:
             click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
-        from mrkd.runtime.line.swap import reload_on_sighup    # hot swap (SIGHUP), both modes
         slots, shadow = live_model_controls(line, detectors, outputs, control, output_settings, shadow_model)
         # SIGHUP also reads the servers' certificates again (the page's --http-cert, the OPC UA and Modbus/TCP
         # Security servers': a renewal, no restart); the PLC servers join ``outputs`` once run_parts starts
@@ -361,12 +381,12 @@ def run_command(model, sources, line_file, **options):
         reload_also = [reload_certificates]
         running = True       # from here the runner tells every output on_stop itself
         if triggered:
-            with reload_on_sighup(slots, reload_also):
+            with reload_on_sighup(slots, reload_also, held and held[0]):
                 summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc, slots, shadow)
             summary.setdefault("outputs", outputs_summary(outputs))
         else:
             stop = threading.Event()
-            with stop_on_signals(stop), reload_on_sighup(slots, reload_also):
+            with stop_on_signals(stop), reload_on_sighup(slots, reload_also, held and held[0]):
                 summary = run_line(line, list(outputs) + [slots] + shadow, run_settings, stop=stop,
                                    detectors=detectors, sources=frames, slots=slots,
                                    status=lambda text: click.echo(text, err=True))
@@ -386,6 +406,7 @@ def run_command(model, sources, line_file, **options):
                 output.on_stop()
         raise
     finally:
+        release_hangups(held)
         for detector in detectors.values():
             detector.close()
     click.echo(json.dumps(summary, indent=2))

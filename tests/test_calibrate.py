@@ -132,3 +132,14 @@ def test_calibrate_cli_rewrites_the_threshold_and_keeps_the_rest(tmp_path):
 
     missing = CliRunner().invoke(calibrate_command, [str(checkpoint), str(tmp_path / "nope"), "--device", "cpu"])
     assert missing.exit_code != 0 and "nope" in missing.output
+
+    # --out never writes over another file (the earlier run's output included); MODEL itself may be named
+    before = out.read_bytes()
+    again = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "-o", str(out), "--device", "cpu"])
+    assert again.exit_code == 2 and "exists" in again.output and out.read_bytes() == before
+    keep = tmp_path / "notes.txt"
+    keep.write_text("precious")
+    again = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "-o", str(keep), "--device", "cpu"])
+    assert again.exit_code == 2 and keep.read_text() == "precious"
+    same = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "-o", str(checkpoint), "--device", "cpu"])
+    assert same.exit_code == 0, same.output

@@ -87,6 +87,42 @@ RUN_AT_LIMITS = [["--batch", "1"], ["--batch", "4096"], ["--max-frames", "1"], [
                  ["--batch-timeout", "0"], ["--threshold", "-1e30"], ["--size", "1x1"]]
 
 
+def test_run_names_the_threshold_it_uses_when_one_is_given(line):
+    """The first lines say which threshold judges: the one given, not the sidecar's it overrides."""
+    done = mrkd("run", line["model"], "--source", line["video"], "--status-every", "0", "--threshold", "0.125",
+                "--events", str(Path(line["model"]).parent / "given_threshold.jsonl"))
+    assert done.returncode == 0, done.stderr
+    assert "camera cam0: threshold 0.125 given" in done.stderr, done.stderr
+    events = [json.loads(x) for x in (Path(line["model"]).parent / "given_threshold.jsonl").read_text().splitlines()]
+    assert events and all(e["threshold"] == 0.125 for e in events)
+
+
+def test_run_outputs_never_write_over_another_file(line, tmp_path):
+    """--summary replaces an earlier run's summary only, never a model, its sidecar or an events log;
+    --save-video never writes over a file. Refused before the line starts: nothing is changed."""
+    import shutil
+    model = tmp_path / "model.onnx"
+    shutil.copy(line["model"], model)
+    shutil.copy(str(line["model"]) + ".json", str(model) + ".json")
+    run = ("run", model, "--source", line["video"], "--status-every", "0", "--max-frames", "3")
+    summary = tmp_path / "summary.json"
+    for _ in range(2):                     # the second run replaces the first one's summary
+        assert summary_of(mrkd(*run, "--summary", summary))["frames"] == 3
+    assert json.loads(summary.read_text())["frames"] == 3
+    events = tmp_path / "events.jsonl"
+    assert summary_of(mrkd(*run, "--events", events, "--threshold", "0"))["frames"] == 3
+    notes = tmp_path / "notes.csv"
+    notes.write_text("part,ok\n")
+    for victim in (model, Path(str(model) + ".json"), events, notes):
+        before = victim.read_bytes()
+        assert_one_line_error(mrkd(*run, "--summary", victim), "--summary", "never written over")
+        assert victim.read_bytes() == before, victim
+    video = tmp_path / "old.avi"
+    video.write_bytes(b"an earlier recording")
+    assert_one_line_error(mrkd(*run, "--save-video", video), "--save-video", "exists")
+    assert video.read_bytes() == b"an earlier recording"
+
+
 @pytest.mark.parametrize("options", RUN_AT_LIMITS, ids=[" ".join(o) for o in RUN_AT_LIMITS])
 def test_run_option_at_its_limit_runs(line, options):
     options = list(options) + ([] if "--status-every" in options else ["--status-every", "0"])

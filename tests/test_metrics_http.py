@@ -203,6 +203,9 @@ def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert b"operator page http://127.0.0.1" in err
+    assert b"did not deliver" not in err, err.decode()          # a page stopped with the run is not a failure
+    summary = json.loads(out.decode())
+    assert summary["outputs"]["page"]["ok"] and summary["outputs"]["page"]["state"] == "stopped"
 
 
 def test_http_address_without_a_host_listens_on_localhost_only():

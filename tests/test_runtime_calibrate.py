@@ -153,3 +153,30 @@ def test_calibrating_an_exported_model_imports_neither_mrkd_train_nor_scipy(tmp_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert ModelMetadata.load(sidecar_path(model)).calibration.method == "tolerance"
+
+
+def test_export_keeps_a_threshold_set_on_the_line(tmp_path):
+    """`mrkd calibrate model.onnx SOURCE` writes a threshold that exists only in that sidecar: exporting the
+    checkpoint again into the same folder is refused (one line) and changes nothing there; another folder
+    is fine, and a folder whose sidecar holds the checkpoint's own calibration is exported over as before."""
+    from mrkd.calibrate_cli import calibrate_command
+    from mrkd.export.cli import export_command
+    from train_fixtures import trained_run
+    checkpoint = str(trained_run()["out_dir"]) + "/last.ckpt"
+    out = tmp_path / "deploy"
+    first = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never"])
+    assert again.exit_code == 0, again.output                     # nothing set on the line yet: rebuilt
+    folder = _texture_folder(tmp_path / "line", 6, seed=5)
+    done = CliRunner().invoke(calibrate_command, [str(out / "model.onnx"), str(folder), "--accept-shift"])
+    assert done.exit_code == 0, done.output
+    sidecar = sidecar_path(out / "model.onnx")
+    before = {p.name: _sha(p) for p in out.iterdir()}
+    refused = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never"])
+    assert refused.exit_code != 0 and "set on the line" in refused.output and str(folder) in refused.output
+    assert "Traceback" not in refused.output
+    assert {p.name: _sha(p) for p in out.iterdir()} == before
+    assert ModelMetadata.load(sidecar).calibration.source == str(folder)
+    other = CliRunner().invoke(export_command, [checkpoint, "-o", str(tmp_path / "fresh"), "--simplify", "never"])
+    assert other.exit_code == 0, other.output

@@ -9,6 +9,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.overlay import heatmap_overlay
@@ -42,6 +43,9 @@ class VideoFileSink(LineObserver):
         self.writer = None
         self.frames = 0
         self.delivery = Delivery("video", str(self.path))
+        if self.path.exists() or self.path.is_symlink():     # an earlier run's recording, or any other file
+            raise SettingError(f"--save-video {self.path}: exists; a recording is never written over a file "
+                               "(name a new one)")
         try:      # a folder that cannot exist is the user's mistake, said at the start
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
