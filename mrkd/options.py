@@ -19,6 +19,12 @@ class FiniteFloatRange(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
 
+    def _describe_range(self) -> str:
+        # click's own text for a range without bounds reads "x<=None" in --help
+        if self.min is None and self.max is None:
+            return "finite"
+        return super()._describe_range()
+
 
 def seconds(minimum: float = 0.0, open_min: bool = False, maximum: float | None = None) -> FiniteFloatRange:
     """A finite number of seconds >= ``minimum`` (> with ``open_min``)."""

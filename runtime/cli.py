@@ -416,6 +416,13 @@ def run_command(model, sources, line_file, **options):
         click.echo("WARNING: outputs that did not deliver everything: " + "; ".join(failing), err=True)
     if summary_path:
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    unread = [name for name, camera in (summary.get("cameras") or {}).items() if not triggered
+              and camera.get("frames") == 0 and (camera.get("source") or {}).get("bad_frames")]
+    if unread:      # a folder of files none of which is an image judged nothing: not a successful run
+        from mrkd.runtime.sources import SourceError
+        raise SourceError("; ".join(f"camera {name!r}: none of its {summary['cameras'][name]['source']['bad_frames']}"
+                                    f" frame(s) could be read, nothing was judged" for name in unread)
+                          + " (the summary above counts them)")
     failed = summary.get("failed_cameras") or []
     if failed:      # never exit 0 after a camera's source died: the run did not do what was asked
         from mrkd.runtime.sources import SourceError

@@ -13,15 +13,16 @@ from click.testing import CliRunner
 
 from mrkd.cli import main
 
-COMMANDS = ("generate", "train", "eval", "predict", "demo")
+COMMANDS = tuple(main.list_commands(None))      # every command `mrkd --help` lists
 
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_help_lists_every_option_with_help_text(name):
     result = CliRunner().invoke(main, [name, "--help"])
     assert result.exit_code == 0, result.output
+    assert "None]" not in result.output, result.output      # a range shown as "x<=None"
     command = main.get_command(None, name)
-    options = [p for p in command.params if isinstance(p, click.Option)]
+    options = [p for p in command.params if isinstance(p, click.Option) and not p.hidden]   # hidden: old names
     assert options
     for option in options:
         for flag in option.opts + option.secondary_opts:

@@ -169,3 +169,19 @@ def test_exit_status_says_which_kind_of_mistake(files):
     missing = mrkd("calibrate", files["model"], files["dir"] / "missing-folder")
     assert_one_line_error(missing, "missing-folder")
     assert missing.returncode == 1
+
+
+def test_a_checkpoint_a_weights_only_load_refuses_never_suggests_loading_it_unsafely(tmp_path):
+    """torch.load's error for such a file advises weights_only=False (it would run the file's code): the
+    one line mrkd prints names torch's reason and never that advice."""
+    import torch
+    from mrkd.train.checkpoint import CheckpointError, read_checkpoint
+    garbage, pickled = tmp_path / "garbage.ckpt", tmp_path / "code.ckpt"
+    garbage.write_bytes(b"garbage" * 10)
+    torch.save({"state": os.getcwd}, pickled)        # a function reference: what weights-only loads refuse
+    for path, reason in ((garbage, "Unsupported operand"), (pickled, "getcwd")):
+        with pytest.raises(CheckpointError) as caught:
+            read_checkpoint(path)
+        text = str(caught.value)
+        assert str(path) in text and reason in text and "\n" not in text, text
+        assert "weights_only` set to `False`" not in text and "never loads with weights_only=False" in text

@@ -123,6 +123,17 @@ def test_run_outputs_never_write_over_another_file(line, tmp_path):
     assert video.read_bytes() == b"an earlier recording"
 
 
+def test_run_over_a_folder_with_no_readable_image_is_an_error(line, tmp_path):
+    """Files none of which decodes: nothing was judged, so not exit 0 (the summary still counts them)."""
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(b"not a png" * (i + 1))
+    done = mrkd("run", line["model"], "--source", folder, "--status-every", "0")
+    assert_one_line_error(done, "none of its 3 frame(s) could be read")
+    assert json.loads(done.stdout[done.stdout.index("{"):])["frames"] == 0
+
+
 @pytest.mark.parametrize("options", RUN_AT_LIMITS, ids=[" ".join(o) for o in RUN_AT_LIMITS])
 def test_run_option_at_its_limit_runs(line, options):
     options = list(options) + ([] if "--status-every" in options else ["--status-every", "0"])

@@ -68,6 +68,21 @@ def save_checkpoint(model: MRKD, path, extra: Optional[dict] = None) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _load_failure(exc: Exception) -> str:
+    """torch.load's reason in one line, without its advice to load with weights_only=False (which runs
+    whatever code the file holds: never done here)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    reason = [line.replace("WeightsUnpickler error:", "").strip() for line in lines
+              if line and not line.startswith(_TORCH_ADVICE)]
+    text = "; ".join(part for part in reason if part) or "unreadable"
+    if "Weights only load failed" in str(exc):
+        text = f"it holds what a weights-only load refuses: {text}; mrkd never loads with weights_only=False"
+    return f"{type(exc).__name__}: {text}"
+
+
 def read_checkpoint(path) -> dict:
     """``torch.load(weights_only=True)`` with errors that name the file."""
     path = Path(path)
@@ -76,7 +91,7 @@ def read_checkpoint(path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(exc)})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(data).__name__}")
     return data

@@ -229,7 +229,8 @@ def split_holdout(paths: Sequence[str], config: TrainConfig) -> Tuple[List[str],
     count = max(config.min_holdout, int(round(config.holdout_fraction * len(paths))))
     if len(paths) - count < 1:
         raise DataError(f"{len(paths)} good image(s) are too few to hold out {count} for calibration "
-                        f"(holdout_fraction={config.holdout_fraction}); add images or set holdout_fraction=0")
+                        f"(--holdout {config.holdout_fraction}); add images or train with --holdout 0 "
+                       f"(Python: holdout_fraction=0)")
     order = np.random.default_rng(config.seed).permutation(len(paths))
     held = sorted(paths[i] for i in order[:count])
     return [p for p in paths if p not in set(held)], held
