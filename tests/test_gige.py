@@ -338,6 +338,26 @@ def test_hardware_trigger_without_image_is_an_error_part(simulator, model):
     assert summary["cameras"]["cam"]["source"]["trigger_timeouts"] == 1
 
 
+def test_stopping_while_a_part_waits_for_its_image_ends_it_at_once(simulator, model):
+    """A hardware-triggered part waiting (part timeout 45 s) when the line stops: the stop waited out the
+    whole timeout and reported the part as a timeout; now the wait ends after the drain and the part is
+    ERROR "line stopped" (code 5), reported before the queued one."""
+    camera = simulator("127.0.86.25", "STOPPED")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "hardware")], model, PartSettings(timeout=45.0, queue=2), recorder)
+    try:
+        runner.trigger("H1")
+        runner.trigger("H2")
+        time.sleep(0.5)
+    finally:
+        started = time.monotonic()
+        runner.stop(drain_s=1.0)
+        took = time.monotonic() - started
+    assert took < 10.0, took
+    assert [(p.part_id, p.verdict, p.error_code) for _, p in recorder.parts] == [
+        ("H1", Verdict.ERROR, ERROR_CODES["line stopped"]), ("H2", Verdict.ERROR, ERROR_CODES["line stopped"])]
+
+
 def test_free_run_feeds_the_frame_loop(simulator, model):
     camera = simulator("127.0.86.19", "FREE")
     line = Line((Camera("cam", camera.uri, model, features=(("Width", "320"), ("Height", "200"))),))
@@ -390,6 +410,40 @@ def test_a_late_image_is_never_taken_for_the_next_part(simulator):
         assert third.error is None and source.stats.unclaimed == 1     # nothing left over from the second
     finally:
         source.close()
+
+
+def test_every_software_triggered_image_is_its_own_triggers_under_lost_packets(simulator):
+    """Back-to-back triggers with a part timeout shorter than the simulator's answer (0-40 ms after a
+    trigger, later under load) and lost packets: a trigger's image that lands after the next trigger
+    was taken for that next part (one or two late). Aravis' simulator counts its frames in the first
+    pixel (frame k of a fresh simulator: 120 + k, checked loss-free first) and sends one frame per
+    software trigger, so each image names the trigger that made it, independently of mrkd."""
+    clean = simulator("127.0.86.23", "COUNTED")
+    source = open_source(clean.uri, trigger="software")
+    try:
+        firsts = [int(source.grab(time.time(), 2.0).images[0][0, 0, 0]) for _ in range(3)]
+    finally:
+        source.close()
+    assert firsts == [121, 122, 123], firsts
+    lossy = simulator("127.0.86.24", "COUNTED-LOSSY", lost=3)
+    source = open_source(lossy.uri, trigger="software")
+    wrong, judged, sent = [], 0, 0
+    try:
+        for _ in range(60):
+            if not source.up:
+                wait_for(lambda: source.up, 30, "the camera back")
+            grab = source.grab(time.time(), 0.05)
+            if grab.error is None or not grab.error.startswith("camera down"):
+                sent += 1                           # one software trigger went out for this grab
+            if grab.error is None:
+                judged += 1
+                frame = int(grab.images[0][0, 0, 0]) - 120
+                if frame != sent:
+                    wrong.append((sent, frame))
+    finally:
+        source.close()
+    assert judged >= 10, (judged, source.stats.as_dict())
+    assert not wrong, f"(own trigger, frame taken): {wrong}; {source.stats.as_dict()}"
 
 
 def gvsp_image_leader(frame_id: int) -> bytes:

@@ -75,11 +75,15 @@ class FrameGrabber:
     def up(self) -> bool:
         return not self.source.ended
 
-    def grab(self, trigger_time: float, timeout: float, count: int = 1) -> Grab:
+    def grab(self, trigger_time: float, timeout: float, count: int = 1,
+             abort: Optional[threading.Event] = None) -> Grab:
         images: List[np.ndarray] = []
         deadline = time.monotonic() + timeout
         while len(images) < count:
-            frame = self.source.read(timeout=max(0.0, deadline - time.monotonic()))
+            if abort is not None and abort.is_set():
+                return Grab(images, "line stopped")
+            # read in short waits so that a stopping line is noticed (``abort``)
+            frame = self.source.read(timeout=max(0.0, min(0.25, deadline - time.monotonic())))
             if frame is None:
                 if self.source.ended:
                     return Grab(images, "source ended")
@@ -181,6 +185,7 @@ class PartRunner:
         self._online = True
         self._active_recipe = 0
         self._stopping = threading.Event()
+        self._abort = threading.Event()       # set when the drain is over: grabs still waiting end now
         self._thread: Optional[threading.Thread] = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.cameras)), thread_name_prefix="grab")
         self.triggers = self.missed = self.inspections = 0
@@ -290,8 +295,11 @@ class PartRunner:
             left = list(self._queue)
             self._queue.clear()
         if self._thread is not None and self._thread.is_alive():
-            # The part in hand ends within its grab timeouts: report it first, trigger order holds.
-            self._thread.join(timeout=self.settings.timeout * self.settings.images + 5.0)
+            # The part in hand still waits for an image past the drain: its grabs end now ("line stopped",
+            # error code 5) and it is reported first, so trigger order holds. A stop never waits out a
+            # part timeout (up to 600 s per image).
+            self._abort.set()
+            self._thread.join(timeout=30.0)
         for pending in left:     # never silent: each is reported
             self._report(pending, {c.name: Grab([], "line stopped") for c in self.cameras}, {}, 0.0)
         self._pool.shutdown(wait=False)
@@ -364,7 +372,7 @@ class PartRunner:
 
     def _judge(self, pending: _Pending) -> None:
         futures = {c.name: self._pool.submit(c.grabber.grab, pending.wall, self.settings.timeout,
-                                             self.settings.images) for c in self.cameras}
+                                             self.settings.images, self._abort) for c in self.cameras}
         grabs = {name: future.result() for name, future in futures.items()}
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
         groups: Dict[str, List[Tuple[_Camera, np.ndarray]]] = {}      # model path -> its images

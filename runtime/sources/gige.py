@@ -13,6 +13,12 @@ Aravis 0.8 does not range-check feature values, so ``apply_features`` does: an u
 value outside the camera's bounds, an enumeration entry it lacks or a value that does not read back
 is one GigeError naming camera, feature and value. The values read back are ``features_applied``.
 
+Software trigger, image to trigger: an image belongs to the trigger mrkd sent only if its first packet
+(the GVSP leader, whose arrival Aravis stamps as the buffer's system timestamp, host wall clock) came
+after that trigger was sent; an earlier trigger's image (one delayed by packet resends) is discarded and
+counted as unclaimed, never taken for a later part. After a trigger that got no image in time, the next
+trigger waits ``LATE_IMAGE_S`` for its late image to land first.
+
 A camera that stops answering (unplugged, power-cycled: Aravis' ``control-lost``, a failed trigger)
 is down; the reader reconnects with backoff and re-applies the features and trigger mode. So does a
 software-triggered camera whose images stop arriving (``SILENT_TRIGGERS`` timeouts in a row).
@@ -268,6 +274,7 @@ class _Arrival:
     wall: float                       # time.time() when the buffer was popped
     image: Optional[np.ndarray]       # None: an incomplete buffer
     reason: str = ""
+    started: float = 0.0              # time.time() scale: when its leader packet arrived (0: unknown)
 
 
 class GigeSource(LatestFrameSource):
@@ -479,24 +486,29 @@ class GigeSource(LatestFrameSource):
                         self.stats.dropped += 1
                     self._latest = Frame(index, image, time.time(), self.uri)
             else:
-                self._arrivals.append(_Arrival(time.time(), image, reason))
+                started = buffer.get_system_timestamp() / 1e9      # ns of the host's wall clock, or 0
+                self._arrivals.append(_Arrival(time.time(), image, reason, started))
             self._cond.notify_all()
 
     # -- triggered mode
-    def grab(self, trigger_time: float, timeout: float, count: int = 1) -> Grab:
+    def grab(self, trigger_time: float, timeout: float, count: int = 1,
+             abort: Optional[threading.Event] = None) -> Grab:
         """The ``count`` image(s) of one part trigger (wall-clock ``trigger_time``), waiting at most
-        ``timeout`` seconds for each. Software: images that arrived before are stale (counted as
-        unclaimed) and the camera is triggered once per image. Hardware: images from up to
-        ``timeout`` before the trigger belong to it (the camera's I/O may beat mrkd's trigger)."""
+        ``timeout`` seconds for each. Software: the camera is triggered once per image, and only an
+        image whose leader packet arrived after that trigger was sent is its image (earlier ones are
+        stale: counted as unclaimed). Hardware: images from up to ``timeout`` before the trigger
+        belong to it (the camera's I/O may beat mrkd's trigger). ``abort`` (the line stopping) ends
+        the wait at once with "line stopped"."""
         if self.trigger_mode == "free":
             raise GigeError(f"camera {self.name}: grab needs --trigger software or hardware")
         images: List[np.ndarray] = []
         acquired = time.monotonic()
         for _ in range(count):
             if self.trigger_mode == "software" and self._timed_out:
-                # The image of a trigger that timed out may still be on its way: let it land and
-                # discard it, so it is never taken for this part's image.
-                self._stop.wait(min(self.LATE_IMAGE_S, timeout))
+                # The image of a trigger that timed out may still be on its way (packet resends): let it
+                # land and discard it. The whole LATE_IMAGE_S, whatever the part timeout: a shorter wait
+                # let such an image start after the next trigger, where its timestamp cannot tell them apart.
+                self._stop.wait(self.LATE_IMAGE_S)
                 self._timed_out = False
             with self._cond:
                 if not self.up:
@@ -508,6 +520,7 @@ class GigeSource(LatestFrameSource):
                     while self._arrivals and self._arrivals[0].wall < trigger_time - timeout:
                         self._arrivals.popleft()
                         self.stats.unclaimed += 1
+            sent = time.time()
             if self.trigger_mode == "software":
                 try:
                     self._camera.software_trigger()
@@ -515,12 +528,18 @@ class GigeSource(LatestFrameSource):
                     self._lost.set()
                     return Grab(images, f"camera down (trigger failed: {getattr(exc, 'message', exc)})")
             deadline = time.monotonic() + timeout
+            def ready() -> bool:
+                return (self._fresh(sent) or not self.up or self._stop.is_set()
+                        or (abort is not None and abort.is_set()))
             with self._cond:
-                got = self._cond.wait_for(lambda: self._arrivals or not self.up or self._stop.is_set(),
-                                          max(0.0, deadline - time.monotonic()))
+                got = ready()
+                while not got and time.monotonic() < deadline:   # in slices: ``abort`` does not notify _cond
+                    got = self._cond.wait_for(ready, min(0.1, max(0.0, deadline - time.monotonic())))
                 if not self._arrivals:
                     if got and not self.up:
                         return Grab(images, "camera down")
+                    if abort is not None and abort.is_set():
+                        return Grab(images, "line stopped")
                     self.stats.timeouts += 1
                     self._timed_out = True
                     if self.trigger_mode == "software":
@@ -541,6 +560,16 @@ class GigeSource(LatestFrameSource):
             acquired = time.monotonic()
             self.stats.frames_read += 1
         return Grab(images, None, acquired)
+
+    def _fresh(self, sent: float) -> bool:
+        """(Lock held.) Whether an image of the trigger sent at ``sent`` is waiting; a software-triggered
+        camera's images whose leader came before it are an earlier trigger's: dropped, counted. (A buffer
+        without a leader has no time; it is incomplete, so it can only make this part ERROR, never wrong.)"""
+        if self.trigger_mode == "software":
+            while self._arrivals and 0.0 < self._arrivals[0].started < sent:
+                self._arrivals.popleft()
+                self.stats.unclaimed += 1
+        return bool(self._arrivals)
 
     def close(self) -> None:
         if not self._stop.is_set():
