@@ -33,6 +33,7 @@ CATEGORIES = ("grain", "weave", "brushed", "wood", "washer", "gray_tiles")
 DEFAULT_CATEGORIES = ("grain", "washer")
 DEFECT_TYPES = ("scratch", "spot", "crack", "missing", "contamination")
 MARKER_FILE = "mrkd_synthetic.json"
+CATEGORY_FILE = "mrkd_category.json"
 
 # A render returns (float32 HxWx3 BGR image in 0..255, object mask or None, colour seen through holes).
 Render = Callable[[np.random.Generator, int, int], Tuple[np.ndarray, Optional[np.ndarray], Tuple[float, ...]]]
@@ -320,16 +321,47 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _generated(category: str, relative: Path) -> bool:
+    """Whether ``relative`` (a path inside the category's folder) is one the generator writes: its
+    folders, images, masks and mrkd_category.json (any count of images, for earlier settings)."""
+    parts, extension = relative.parts, _SPECS[category].extension
+    splits = {("train", "good"), ("test", "good")} | {(s, d) for s in ("test", "ground_truth") for d in DEFECT_TYPES}
+    if len(parts) == 1:
+        return parts[0] in ("train", "test", "ground_truth", CATEGORY_FILE)
+    if len(parts) == 2:
+        return parts in splits
+    if len(parts) != 3 or parts[:2] not in splits:
+        return False
+    stem = parts[2][:-len("_mask.png")] if parts[0] == "ground_truth" and parts[2].endswith("_mask.png") else \
+        parts[2][:-len(extension)] if parts[0] != "ground_truth" and parts[2].endswith(extension) else ""
+    return len(stem) >= 3 and stem.isdigit()
+
+
+def _foreign(folder: Path, category: str) -> List[Path]:
+    """What under ``folder`` the generator did not write (links count as foreign: never followed)."""
+    return [path for path in sorted(folder.rglob("*"))
+            if path.is_symlink() or not _generated(category, path.relative_to(folder))]
+
+
 def _prepare_root(root: Path, categories: Sequence[str]) -> None:
-    """Remove earlier synthetic output of these categories; refuse to touch anything else."""
+    """Remove earlier synthetic output of these categories; refuse (before removing anything) when a
+    category's folder holds anything else: files a user put among the generated ones are kept."""
     ours = (root / MARKER_FILE).is_file()
     for category in categories:
         folder = root / category
-        if folder.exists():
-            if not ours:
-                raise FileExistsError(f"{folder} exists and {root} holds no {MARKER_FILE}: refusing to "
-                                      f"overwrite data that the synthetic generator did not write")
-            shutil.rmtree(folder)
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        if not ours:
+            raise FileExistsError(f"{folder} exists and {root} holds no {MARKER_FILE}: refusing to "
+                                  f"overwrite data that the synthetic generator did not write")
+        foreign = _foreign(folder, category) if folder.is_dir() and not folder.is_symlink() else [folder]
+        if foreign:
+            raise FileExistsError(f"{foreign[0]}: not written by the synthetic generator"
+                                  f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; refusing to "
+                                  f"regenerate {folder} over it (move it away, or generate into another folder)")
+    for category in categories:
+        if (root / category).is_dir():
+            shutil.rmtree(root / category)
 
 
 def generate_dataset(root, categories: Optional[Sequence[str]] = None, image_size: int = 128,
@@ -377,7 +409,7 @@ def generate_dataset(root, categories: Optional[Sequence[str]] = None, image_siz
                     _write(folder / "ground_truth" / defect / f"{index:03d}_mask.png",
                            _encode(mask.astype(np.uint8) * 255, ".png"))
                     bar.update()
-            atomic_write_text(folder / "mrkd_category.json", json.dumps({"kind": spec.kind}) + "\n")
+            atomic_write_text(folder / CATEGORY_FILE, json.dumps({"kind": spec.kind}) + "\n")
             summary["categories"][category] = {
                 "kind": spec.kind, "grayscale": spec.grayscale, "format": spec.extension.lstrip("."),
                 "height": image_size, "width": _image_size(spec, image_size)[1], "train": n_train,
