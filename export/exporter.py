@@ -23,9 +23,13 @@ class ExportedModel:
 
 
 def load_model(checkpoint) -> Tuple[object, str]:
-    """(MRKD in eval mode, checkpoint sha256). Missing/corrupt files raise CheckpointError naming the path."""
-    from mrkd.train.checkpoint import load_checkpoint
-    model = load_checkpoint(checkpoint)
+    """(MRKD in eval mode, checkpoint sha256). Missing/corrupt files raise CheckpointError naming the path.
+    A refit checkpoint's lineage rides along as ``model.lineage`` (export_onnx writes it into the sidecar)."""
+    from mrkd.train.checkpoint import model_from_dict, read_checkpoint
+    from mrkd.train.refit import LINEAGE_KEY
+    data = read_checkpoint(checkpoint)
+    model = model_from_dict(data, source=str(checkpoint))
+    model.lineage = data.get(LINEAGE_KEY)
     return model.eval(), file_sha256(checkpoint)
 
 
@@ -37,6 +41,9 @@ def export_onnx(model, path, options: ExportOptions, *, checkpoint_sha256: Optio
     # Slimming is measured on the graph's own input type; fp16 graphs are slimmed too (types are kept).
     batch = parity_inputs(model.config.image_size, options, n=1)
     proto, record = maybe_simplify(proto, batch, simplify)
-    meta = build_metadata(model, options, checkpoint_sha256=checkpoint_sha256, extra={"onnxslim": record})
+    from mrkd.train.refit import sidecar_lineage
+    # a refit model's version, parent and labels stay with every export of it (INT8/FP16 copy this one)
+    meta = build_metadata(model, options, checkpoint_sha256=checkpoint_sha256,
+                          extra={"onnxslim": record, **sidecar_lineage(getattr(model, "lineage", None))})
     write_model(proto, path, meta)
     return ExportedModel(Path(path), meta, record)

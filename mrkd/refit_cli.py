@@ -1,15 +1,43 @@
 """``mrkd refit MODEL --reviewed LABELS --good DIR``: a new model version from reviewed false alarms.
-Parses options and calls mrkd.train.refit.refit_checkpoint."""
+Parses options and calls mrkd.train.refit.refit_checkpoint. SIGTERM stops it like Ctrl-C: the
+half-written version folder is removed and nothing is left behind."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
 import click
 
-from mrkd.errors import error_boundary
+from mrkd.errors import MrkdError, error_boundary
 from mrkd.options import FRACTION
 from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
 
 DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that module loads torch)
+
+
+class RefitStopped(MrkdError):
+    """SIGTERM arrived during a refit; nothing was written."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Inside, SIGTERM raises RefitStopped: the refit's ``finally`` removes its staging folder (the
+    default action ends the process without running it). Main thread only; the old handler returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise RefitStopped("SIGTERM: refit stopped; nothing written")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("refit", context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,7 +51,8 @@ DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that 
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="New folder for the new version (default: MODEL's folder/<name>.v<N>); must not exist.")
 @click.option("--events", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The events log the labels refer to: labels naming other event ids are skipped with a warning.")
+              help="The events log the labels refer to: labels naming other event ids, or images whose sha256 is "
+                   "not the evidence's the event recorded, are skipped with a warning.")
 @click.option("--force", is_flag=True,
               help="Write the new model even when it no longer flags an image marked 'defect confirmed' "
                    "(default: refuse, exit 1, nothing written; with --force: a loud warning).")
@@ -50,10 +79,11 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
     parent sha256 and label file sha256 in the metadata) into a new folder. The parent is never
     changed."""
-    from mrkd.train.refit import refit_checkpoint
-    result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
-                              quantile=quantile, method=method, batch_size=batch_size, guard_keep=defect_guard,
-                              reweight=reweight, echo=click.echo)
+    with sigterm_unwinds():
+        from mrkd.train.refit import refit_checkpoint
+        result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
+                                  quantile=quantile, method=method, batch_size=batch_size,
+                                  guard_keep=defect_guard, reweight=reweight, echo=click.echo)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
                f"{result.lineage['labels_sha256'][:12]}) in {result.seconds:.1f} s: "
                + ", ".join(result.files.values()))

@@ -497,3 +497,151 @@ def test_image_listing_names_each_image_up_to_the_limit_then_counts():
     assert lines == ["  /cells/c1.png: score 2.5 >= threshold 2.25", "  /cells/c2.png: score 3 >= threshold 2.25",
                      "  ... and 1 more"]
     assert image_listing(paths, scores, set(), "<", 1.0) == []
+
+
+# ---------------------------------------------------------------- labels, paths, evidence, files (audit 2026-12-04)
+
+def run_folder(parent, root: Path, count: int = 2):
+    """What `mrkd run` started in ``root`` leaves: evidence/<id>.png (reviewed cells) named relative to
+    ``root`` by events.jsonl, with the sha256 each was written with."""
+    (root / "evidence").mkdir(parents=True)
+    events = []
+    for i, (_, image, _) in enumerate(good_marks(parent, count)):
+        shutil.copy(image, root / "evidence" / f"ev{i}.png")
+        events.append({"event_id": f"ev{i}", "time": "2026-12-04T22:00:00.000+00:00", "camera": "cam0",
+                       "evidence": f"evidence/ev{i}.png", "evidence_sha256": file_sha256(root / "evidence" /
+                                                                                        f"ev{i}.png")})
+    (root / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return events
+
+
+def test_refit_from_another_folder_finds_the_images_of_a_label_file_in_a_subfolder(parent, tmp_path, monkeypatch):
+    """One label made now (absolute path), one as an older mrkd wrote it (the evidence path relative to
+    the run's folder, which holds the events log); the label file in a subfolder; refit run elsewhere."""
+    run = tmp_path / "run"
+    events = run_folder(parent, run)
+    labels = run / "review" / "labels.jsonl"
+    write_labels(labels, [("ev0", run / "evidence" / "ev0.png", "good")])
+    old = make_label("ev1", run / "evidence" / "ev1.png", "good", who="tester")
+    with open(labels, "a") as handle:
+        handle.write(json.dumps({**old.__dict__, "image": events[1]["evidence"]}) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    lines = []
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                              events=run / "events.jsonl", echo=lines.append)
+    assert result.lineage["good_images"] == [str(run / "evidence" / "ev0.png"), str(run / "evidence" / "ev1.png")]
+    assert not any("skipped" in line for line in lines), lines
+    # without the events log the older relative path is looked for beside the label file only: skipped
+    lines = []
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2b", export=False,
+                              echo=lines.append)
+    assert result.lineage["good_images"] == [str(run / "evidence" / "ev0.png")]
+    assert any("ev1" in line and "no longer exists" in line for line in lines)
+
+
+def test_refit_with_events_skips_an_image_that_is_not_the_evidence_its_event_recorded(parent, tmp_path):
+    """A label of an image changed after the run (an older mrkd labelled it with its new hash)."""
+    run = tmp_path / "run"
+    events = run_folder(parent, run, 3)
+    image = run / "evidence" / "ev1.png"
+    image.write_bytes(image.read_bytes() + b"\0")                 # touched after the run, before review
+    labels = tmp_path / "labels.jsonl"
+    # labelled with the images' hashes now, unchecked against the events (what an older mrkd did)
+    write_labels(labels, [(e["event_id"], run / e["evidence"], "good") for e in events])
+    lines = []
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                              events=run / "events.jsonl", echo=lines.append)
+    assert result.lineage["good_images"] == [str(run / "evidence" / "ev0.png"), str(run / "evidence" / "ev2.png")]
+    skipped = [line for line in lines if "skipped" in line]
+    assert len(skipped) == 1 and "event ev1" in skipped[0] and "sha256 differs from the event's" in skipped[0]
+
+
+def test_refit_folder_gets_a_new_folders_mode_under_the_umask(parent, tmp_path):
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
+    old_mask = os.umask(0o027)
+    try:
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                         echo=lambda line: None)
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "v2").stat().st_mode & 0o777 == 0o750          # as mkdir would make it, not 0700
+
+
+def test_sigterm_during_a_refit_leaves_no_staging_folder(parent, tmp_path, monkeypatch):
+    import signal
+    import mrkd.export.pipeline
+    from mrkd.refit_cli import RefitStopped, sigterm_unwinds
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
+    seen = []
+
+    def terminated_export(checkpoint, out_dir, **_):
+        seen.append(sorted(p.name for p in Path(out_dir).iterdir()))
+        os.kill(os.getpid(), signal.SIGTERM)          # the service manager stops `mrkd refit` mid-export
+        raise AssertionError("SIGTERM did not stop the refit")
+    monkeypatch.setattr(mrkd.export.pipeline, "export_checkpoint", terminated_export)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RefitStopped, match="SIGTERM"):
+        with sigterm_unwinds():
+            refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out" / "v2",
+                             echo=lambda line: None)
+    assert seen == [["model.ckpt"]]                    # it was stopped with a half-written version
+    assert list((tmp_path / "out").iterdir()) == []   # no staging folder, no version
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_refit_names_an_unreadable_good_image_without_a_train_option(parent, tmp_path):
+    good = tmp_path / "good"
+    shutil.copytree(parent / "good", good)
+    (good / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
+    with pytest.raises(RefitError) as caught:
+        refit_checkpoint(parent / "parent.ckpt", labels, str(good), tmp_path / "v2", export=False,
+                         echo=lambda line: None)
+    message = str(caught.value)
+    assert "zz_broken.png" in message and "--good" in message and "mrkd train" not in message, message
+    assert not (tmp_path / "v2").exists()
+
+
+@pytest.mark.slow   # two ONNX exports + parity checks
+def test_exporting_a_refit_checkpoint_again_keeps_its_lineage_in_every_sidecar(parent, tmp_path):
+    from mrkd.export.pipeline import export_checkpoint
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
+    refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                     echo=lambda line: None)
+    result = export_checkpoint(tmp_path / "v2" / "model.ckpt", tmp_path / "out", fp16=True, engine=False,
+                               echo=lambda line: None)
+    expected = {"model_version": 2, "parent_sha256": file_sha256(parent / "parent.ckpt"),
+                "labels_sha256": file_sha256(labels)}
+    for key in ("onnx", "onnx_fp16"):
+        extra = json.loads(Path(str(result.files[key]) + ".json").read_text())["extra"]
+        assert {k: extra.get(k) for k in expected} == expected, key
+    plain = export_checkpoint(parent / "parent.ckpt", tmp_path / "parent_out", engine=False, echo=lambda line: None)
+    assert "model_version" not in json.loads(Path(str(plain.files["onnx"]) + ".json").read_text())["extra"]
+
+
+@pytest.mark.slow   # a subprocess that imports torch and exports
+def test_mrkd_refit_stopped_by_sigterm_removes_its_staging_folder(parent, tmp_path):
+    import signal
+    import time
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["refit", parent / "parent.ckpt", "--reviewed", labels, "--good", parent / "good", "--out", out / "v2"]
+    code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.name.startswith(".v2.") for p in out.iterdir()):      # the version is being written
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("Error:")] == [
+        "Error: SIGTERM: refit stopped; nothing written"]
+    assert list(out.iterdir()) == []

@@ -37,9 +37,10 @@ without their own patches, and the held-out goods; pair AUROC); s moves only wit
 REWEIGHT_MIN_GOOD reviewed goods and REWEIGHT_MIN_DEFECT defects and an AUROC gain of
 REWEIGHT_MARGIN (choose_mrkd_share). The threshold is then set on the re-weighted map.
 ``refit_checkpoint`` does the file work: reads the labels (runtime/review.py), checks every reviewed
-image against the sha256 the operator saw, writes a NEW folder (never the parent's files) with the
-checkpoint and, on request, its ONNX export; both carry the lineage (version, parent model sha256,
-label file sha256).
+image against the sha256 the operator saw (and, given the events log, the one its event recorded),
+writes a NEW folder (never the parent's files; mode as mkdir would give it) with the checkpoint and,
+on request, its ONNX export; both carry the lineage (version, parent model sha256, label file
+sha256), as does any later export of that checkpoint.
 """
 
 from __future__ import annotations
@@ -53,17 +54,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from mrkd.atomic import current_umask
 from mrkd.errors import MrkdError
 from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration, \
     calibration_from_scores
+from mrkd.runtime.images import ImageReadError
 from mrkd.runtime.metadata import file_sha256
-from mrkd.runtime.review import DEFECT, GOOD, ReviewError, image_sha256, labels_file_sha256, latest_labels, \
-    read_labels
+from mrkd.runtime.review import DEFECT, GOOD, ReviewError, evidence_changed, image_sha256, label_image, \
+    labels_file_sha256, latest_labels, one_camera_event, read_labels, read_review_events
 
 logger = logging.getLogger(__name__)
 
@@ -433,20 +436,19 @@ class ReviewedImages:
     skipped: Tuple[str, ...]           # one line per label left out, with the reason
 
 
-def reviewed_images(labels_path, known_events: Optional[set] = None,
+def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
                     warn: Callable[[str], None] = logger.warning) -> ReviewedImages:
     """The labels' images, each checked: present, and with the sha256 the operator saw. A label whose
-    image is missing or changed, or whose event is not in ``known_events`` (when given), is skipped
-    with a warning; the rest is read by runtime/review.py's rules (last label of an event wins)."""
+    image is missing or changed, or whose event is not in ``events`` (event id -> event, when given)
+    or recorded another sha256 for its evidence, is skipped with a warning; the rest is read by
+    runtime/review.py's rules (last label of an event wins, paths by label_image)."""
     labels_path = Path(labels_path)
     latest = latest_labels(read_labels(labels_path), str(labels_path))
     good, defect, skipped = [], [], []
     for label in latest.values():
-        image = Path(label.image) if label.image else None
-        if image is not None and not image.is_absolute():
-            image = labels_path.parent / image
+        image = label_image(label, labels_path, events_path)
         reason = None
-        if known_events is not None and label.event_id not in known_events:
+        if events is not None and label.event_id not in events:
             reason = "is not in the events log"
         elif image is None:
             reason = "names no image"
@@ -454,12 +456,31 @@ def reviewed_images(labels_path, known_events: Optional[set] = None,
             reason = f"image {image} no longer exists"
         elif image_sha256(image) != label.image_sha256:
             reason = f"image {image} changed since it was reviewed (sha256 differs)"
+        elif events is not None and _changed_since_run(events[label.event_id], label, image):
+            reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
             skipped.append(f"{labels_path}: event {label.event_id} ({label.label}) skipped: {reason}")
             warn(skipped[-1])
             continue
         (good if label.label == GOOD else defect).append(str(image))
     return ReviewedImages(tuple(dict.fromkeys(good)), tuple(dict.fromkeys(defect)), tuple(skipped))
+
+
+def _changed_since_run(event: dict, label, image: Path) -> bool:
+    # a part's event records one sha256 per camera: the labelled camera's counts
+    one, _ = one_camera_event(event, label.camera or None)
+    return one is not None and evidence_changed(one, image)
+
+
+def _unreadable(exc: Exception, good, held_out: Sequence[str]) -> Exception:
+    """An image refit cannot read, named with where it came from (the loader's hint names `mrkd
+    train`'s option, which refit has not: the file has to go)."""
+    cause = exc.__cause__
+    if not isinstance(cause, ImageReadError):
+        return exc
+    source = (f"one of --good {good}: take it out" if cause.path in {str(p) for p in held_out}
+              else "a reviewed image of the label file")
+    return RefitError(f"cannot read image {cause.path!r}: {cause.reason} ({source})")
 
 
 def parent_version(data: dict) -> int:
@@ -481,10 +502,10 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
     built in a temporary folder and renamed into place at the end. ``events``: an events log whose
-    ids the labels must name. ``radius_quantile``: refit_model's growth stop. Raises RefitError when a
+    ids the labels must name and whose evidence sha256 their images must have. ``radius_quantile``: refit_model's growth stop. Raises RefitError when a
     confirmed defect is no longer flagged, unless ``force``."""
     from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
-    from mrkd.train.data import scan_folder
+    from mrkd.train.data import DataError, scan_folder
     model_path, labels_path = Path(model_path), Path(labels_path)
     if model_path.suffix.lower() in (".onnx", ".engine", ".plan"):
         raise RefitError(f"{model_path}: refit needs the checkpoint (.ckpt) the model was exported from; the "
@@ -493,12 +514,11 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     model = model_from_dict(data, source=str(model_path))
     known = None
     if events is not None:
-        from mrkd.runtime.outputs.events import read_events
         try:
-            known = {str(e.get("event_id")) for e in read_events(events) if isinstance(e, dict)}
-        except (OSError, ValueError) as exc:
+            known = {str(e["event_id"]): e for e in read_review_events(events)}
+        except OSError as exc:
             raise RefitError(f"{events}: cannot read the events log ({exc})") from exc
-    reviewed = reviewed_images(labels_path, known, warn=echo)
+    reviewed = reviewed_images(labels_path, known, events, warn=echo)
     if not reviewed.good:
         raise RefitError(f"{labels_path}: no usable image marked good (of {len(reviewed.skipped)} skipped); "
                          f"nothing to refit")
@@ -515,9 +535,12 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     if out_dir.exists():
         raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
                          f"an earlier one)")
-    result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
-                         batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
-                         radius_quantile=radius_quantile)
+    try:
+        result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
+                             batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
+                             radius_quantile=radius_quantile)
+    except DataError as exc:
+        raise _unreadable(exc, good, held_out) from exc
     echo(f"memory bank {result.bank_before} -> {result.bank_after} patches ({result.added_patches} added from "
          f"{len(reviewed.good)} reviewed good image(s), radius {result.radius:.4g}, {result.guarded_patches} kept out "
          f"by the defect guard"
@@ -556,8 +579,11 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_checkpoint(model.cpu(), staging / CHECKPOINT_NAME, extra=kept)
-        if export:
-            _export_with_lineage(staging / CHECKPOINT_NAME, staging, result.lineage, echo)
+        if export:       # the checkpoint carries the lineage; the export puts it into the sidecars
+            from mrkd.export.pipeline import export_checkpoint
+            export_checkpoint(staging / CHECKPOINT_NAME, staging, echo=echo)
+        # mkdtemp's folder is private (0700); the version is a folder like any other (the line's account reads it)
+        os.chmod(staging, 0o777 & ~current_umask())
         try:
             os.rename(staging, out_dir)       # atomic; fails when out_dir appeared meanwhile
         except OSError as exc:
@@ -569,13 +595,10 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     return result
 
 
-def _export_with_lineage(checkpoint: Path, out_dir: Path, lineage: dict, echo) -> None:
-    """ONNX export of the refit checkpoint; the sidecar's ``extra`` carries the lineage."""
-    from mrkd.export.pipeline import FP32_NAME, export_checkpoint
-    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
-    export_checkpoint(checkpoint, out_dir, echo=echo)
-    sidecar = sidecar_path(out_dir / FP32_NAME)
-    meta = ModelMetadata.load(sidecar)
-    meta.extra = dict(meta.extra, model_version=lineage["version"], parent_sha256=lineage["parent_sha256"],
-                      labels_sha256=lineage["labels_sha256"])
-    meta.save(sidecar)
+def sidecar_lineage(lineage) -> dict:
+    """What an export's sidecar (``extra``) carries of a checkpoint's lineage: version, parent and
+    label file sha256 ({} for a checkpoint that is no refit)."""
+    if not isinstance(lineage, dict):
+        return {}
+    return {"model_version": lineage.get("version"), "parent_sha256": lineage.get("parent_sha256"),
+            "labels_sha256": lineage.get("labels_sha256")}
