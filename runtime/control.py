@@ -7,8 +7,12 @@ compared in constant time (``hmac.compare_digest``). Without a configured token 
 
 * ``POST /review`` with JSON ``{"event_id", "label": "good"|"defect", "note"?, "who"?, "camera"?}``:
   one label appended to the label file (runtime/review.py), the image being the event's lossless
-  evidence. A part's event (triggered mode) has one image per camera: ``camera`` names which; without
-  it the part's one flagged camera (or its only camera) is meant.
+  evidence, whose sha256 must still be the one the event recorded. A part's event (triggered mode)
+  has one image per camera: ``camera`` names which; without it the part's one flagged camera (or its
+  only camera) is meant. ``event_id`` may be a list: those events get the same label together (how
+  an image labelled both good and defect is settled). A label that would leave one image both good
+  and defect, evidence changed since the run or missing is refused (409), nothing written; ``who``
+  is one printable line (400 otherwise).
 * ``POST /reload``: the model slots load the model files again (runtime/line/swap.py); the answer
   is the outcome of that load (swapped/refused/unchanged; a swap happens between the next frames,
   or the next parts).
@@ -21,10 +25,12 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.review import LABEL_WORDS, LABELS, LabelFile, ReviewError, make_label
+from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, ReviewError, UnlabellableError, append_checked, \
+    label_event
+from mrkd.runtime.review import part_camera as _part_camera   # noqa: F401 (its old home; tests import it here)
 
 MAX_BODY = 16 * 1024
 
@@ -74,18 +80,22 @@ class LineControl:
             return 400, {"error": str(exc)}
         return 404, {"error": f"no command {path}"}
 
-    def _find_event(self, event_id: str) -> Optional[dict]:
+    def _find_events(self, event_ids: List[str]) -> Dict[str, dict]:
+        """The events of the log named ``event_ids`` (lines that are not JSON are passed over: the
+        line's own log, read while it is written)."""
+        found: Dict[str, dict] = {}
         if self.events_path is None or not self.events_path.is_file():
-            return None
+            return found
+        wanted = set(event_ids)
         with open(self.events_path, "rb") as handle:
             for line in handle:
                 try:
                     event = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(event, dict) and event.get("event_id") == event_id:
-                    return event
-        return None
+                if isinstance(event, dict) and event.get("event_id") in wanted:
+                    found[event["event_id"]] = event
+        return found
 
     def _review(self, body: bytes) -> Tuple[int, dict]:
         if self.labels_path is None:
@@ -94,32 +104,29 @@ class LineControl:
             request = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return 400, {"error": "body must be JSON: {\"event_id\": ..., \"label\": \"good\"|\"defect\"}"}
-        if not isinstance(request, dict) or not isinstance(request.get("event_id"), str) \
-                or request.get("label") not in LABELS:
-            return 400, {"error": f"give event_id and label ({' or '.join(LABELS)})"}
-        event = self._find_event(request["event_id"])
-        if event is None:
-            return 404, {"error": f"no event {request['event_id']!r} in {self.events_path}"}
-        camera = request.get("camera")
+        event_ids = _event_ids(request)
+        if event_ids is None or request.get("label") not in LABELS:
+            return 400, {"error": f"give event_id (one, or a list of at most {MAX_MARKS}) and label "
+                                  f"({' or '.join(LABELS)})"}
+        camera, note, who = request.get("camera"), request.get("note") or "", request.get("who") or "operator (page)"
         if camera is not None and not isinstance(camera, str):
             return 400, {"error": "camera must be text"}
-        if isinstance(event.get("cameras"), list):       # a part: which camera's image
-            camera, why = _part_camera(event, camera)
-            if camera is None:
-                return 400, {"error": f"event {request['event_id']}: {why}"}
-            event = dict(event, camera=camera)
-        from mrkd.review_cli import find_evidence
-        image = find_evidence(event, self.evidence_dir)
-        if image is None:
-            return 409, {"error": f"event {request['event_id']} has no evidence image"}
-        note, who = request.get("note") or "", request.get("who") or "operator (page)"
         if not isinstance(note, str) or not isinstance(who, str):
             return 400, {"error": "note and who must be text"}
-        label = make_label(request["event_id"], image, request["label"], who=who, note=note,
-                           camera=str(event.get("camera") or ""))
-        with LabelFile(self.labels_path) as log:
-            log.append(label)
-        return 200, {"saved": asdict(label), "meaning": LABEL_WORDS[label.label]}
+        events = self._find_events(event_ids)
+        missing = [event_id for event_id in event_ids if event_id not in events]
+        if missing:
+            return 404, {"error": f"no event {missing[0]!r} in {self.events_path}"}
+        try:
+            labels = [label_event(events[event_id], request["label"], who=who, note=note, camera=camera,
+                                  evidence_dir=self.evidence_dir, events_path=self.events_path)
+                      for event_id in event_ids]
+            append_checked(self.labels_path, labels, _together)
+        except UnlabellableError as exc:
+            return 409, {"error": str(exc)}
+        saved = [asdict(label) for label in labels]
+        return 200, {"saved": saved[0] if isinstance(request["event_id"], str) else saved,
+                     "meaning": LABEL_WORDS[request["label"]]}
 
     def _reload(self) -> Tuple[int, dict]:
         if self.slots is None:
@@ -130,17 +137,21 @@ class LineControl:
         return 200, {"outcomes": self.slots.report()[count:], "staged": self.slots.staged()}
 
 
-def _part_camera(event: dict, asked: Optional[str]) -> Tuple[Optional[str], str]:
-    """The camera of a part event whose image a review labels: ``asked``, else the one flagged camera
-    (or the part's only one); (None, why) when that is not one camera."""
-    cameras = [c for c in event["cameras"] if isinstance(c, dict) and isinstance(c.get("camera"), str)]
-    names = [c["camera"] for c in cameras]
-    if asked is not None:
-        return (asked, "") if asked in names else (None, f"the part has no camera {asked!r} (it has {names})")
-    flagged = [c["camera"] for c in cameras if c.get("anomalous")] or names
-    if len(flagged) != 1:
-        return None, f"the part has the cameras {flagged}: give \"camera\""
-    return flagged[0], ""
+def _event_ids(request) -> Optional[List[str]]:
+    """The request's ``event_id``: one id or a list of 1..MAX_MARKS ids (duplicates dropped); None
+    when it is neither."""
+    if not isinstance(request, dict):
+        return None
+    given = request.get("event_id")
+    ids = [given] if isinstance(given, str) else given
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_MARKS \
+            or not all(isinstance(i, str) and i for i in ids):
+        return None
+    return list(dict.fromkeys(ids))
+
+
+def _together(event_ids, label: str) -> str:
+    return f'POST /review {{"event_id": {json.dumps(list(event_ids))}, "label": "{label}"}}'
 
 
 __all__ = ["LineControl", "ControlError", "ReviewError", "MAX_BODY", "token_from_env"]

@@ -13,13 +13,23 @@ Reading (``read_labels``) validates every line. Rules, stated once here and used
   warning; a malformed line anywhere else is an error naming the file and line;
 * the same event labelled twice: the LAST line wins (a correction is a new line; nothing is edited);
 * the same image (sha256) ending up both "good" and "defect" under different events is refused by
-  ``latest_labels`` (an operator contradicting themselves is a question, not a training signal).
+  ``latest_labels`` (an operator contradicting themselves is a question, not a training signal). A
+  new label that would do so is refused before it is written (``append_checked``); a file that holds
+  such a conflict anyway (hand-edited, older mrkd) can still be listed (``find_conflicts``) and is
+  settled by labelling the events together.
+
+Paths: a label's ``image`` is the evidence image's absolute path when it was made; an older file's
+relative path is looked up beside the label file, then beside the events log, then in the current
+folder (``label_image``). An event's ``evidence`` is written relative to the folder ``mrkd run`` ran
+in: it is looked up as written, then beside the events log, then in the evidence folder
+(``find_evidence``). A label is only made of evidence whose sha256 is the one the event recorded.
 
 The runtime never imports torch; this module is numpy-free too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import getpass
@@ -30,10 +40,15 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.metadata import file_sha256
+
+try:
+    import fcntl
+except ImportError:          # not POSIX: the in-process lock only
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +59,17 @@ LABEL_WORDS = {GOOD: "good part (false alarm)", DEFECT: "defect confirmed"}
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_NOTE = 1000
 MAX_WHO = 100
+MAX_MARKS = 100                # events one call (`mrkd review --mark`, POST /review) may label together
+LABEL_KEYS = ("event_id", "image_sha256", "label", "who", "when")     # what every label line has
 
 
 class ReviewError(MrkdError, ValueError):
     """A label file or a review decision that cannot be used; the message names the file, line or field."""
+
+
+class UnlabellableError(ReviewError):
+    """The event cannot be labelled as asked: no evidence image, evidence changed since the run, or a
+    label that contradicts another (POST /review answers 409)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +116,7 @@ class ReviewLabel:
         if not isinstance(data, dict):
             raise ReviewError(f"{where}: a label must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [n for n in ("event_id", "image_sha256", "label", "who", "when") if n not in data]
+        missing = [n for n in LABEL_KEYS if n not in data]
         if missing:
             raise ReviewError(f"{where}: field {missing[0]} is missing")
         unknown = sorted(set(data) - names)
@@ -126,7 +148,7 @@ class LabelFile:
         if self.path.exists() and not self.path.is_file():
             raise ReviewError(f"{self.path}: is not a file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()      # locked() holds it around extend()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         size = os.fstat(self._fd).st_size
         if size:
@@ -138,15 +160,34 @@ class LabelFile:
                 os.ftruncate(self._fd, keep)
 
     def append(self, label: ReviewLabel) -> ReviewLabel:
-        label.validate(str(self.path))
-        line = (json.dumps(dataclasses.asdict(label), sort_keys=True) + "\n").encode("utf-8")
-        with self._lock:
-            written = os.write(self._fd, line)
-            if written != len(line):      # disk full: never leave half a line behind
-                os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-                raise ReviewError(f"{self.path}: short write ({written} of {len(line)} bytes); label not saved")
-            os.fsync(self._fd)
+        self.extend([label])
         return label
+
+    def extend(self, labels: Sequence[ReviewLabel]) -> None:
+        """Append ``labels`` in ONE write, so a set of events relabelled together lands together."""
+        for label in labels:
+            label.validate(str(self.path))
+        data = b"".join((json.dumps(dataclasses.asdict(label), sort_keys=True) + "\n").encode("utf-8")
+                        for label in labels)
+        with self._lock:
+            written = os.write(self._fd, data)
+            if written != len(data):      # disk full: never leave half a line behind
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+                raise ReviewError(f"{self.path}: short write ({written} of {len(data)} bytes); label not saved")
+            os.fsync(self._fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["LabelFile"]:
+        """Hold the file (flock, and this object's lock) from a check to the write it allows: another
+        writer (the page, a second `mrkd review`) cannot slip a contradicting label in between."""
+        with self._lock:
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -160,57 +201,269 @@ class LabelFile:
         self.close()
 
 
+def _json_lines(path: Path, kind: str) -> Iterator[Tuple[str, object]]:
+    """(``file:line``, record) of every non-blank JSON line. A torn LAST line (no newline after it, not
+    JSON: a crash mid-write) is skipped with a warning; a malformed line elsewhere is a ReviewError."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn_tail = not data.endswith(b"\n") and data != b""
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            yield where, json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if number == len(lines) and torn_tail:
+                logger.warning("%s: skipping a torn last line of the %s (%d bytes, a crash mid-write?)", where,
+                               kind, len(raw))
+                continue
+            raise ReviewError(f"{where}: not a JSON line ({exc})") from exc
+
+
 def read_labels(path) -> List[ReviewLabel]:
     """Every label of the file, in order (see the module's rules for torn and malformed lines)."""
     path = Path(path)
     if not path.is_file():
         raise ReviewError(f"{path}: label file not found")
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    torn_tail = not data.endswith(b"\n") and data != b""
-    labels: List[ReviewLabel] = []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{number}"
-        last = number == len(lines)
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            if last and torn_tail:
-                logger.warning("%s: skipping a torn last line (%d bytes, a crash mid-write?)", where, len(raw))
-                continue
-            raise ReviewError(f"{where}: not a JSON line ({exc})") from exc
-        labels.append(ReviewLabel.from_dict(record, where))
-    return labels
+    return [ReviewLabel.from_dict(record, where) for where, record in _json_lines(path, "label file")]
 
 
-def latest_labels(labels: Sequence[ReviewLabel], source: str = "labels") -> Dict[str, ReviewLabel]:
-    """event id -> its last label. Refuses an image (sha256) that ends up both good and defect."""
+def _is_label_record(record) -> bool:
+    # events carry "time", labels "when": a label line is never mistaken for an event
+    return isinstance(record, dict) and all(k in record for k in LABEL_KEYS) and "time" not in record
+
+
+def read_review_events(path) -> List[dict]:
+    """The events (records with an ``event_id``) of an `mrkd run --events` log, by the label file's
+    rules for torn and malformed lines (a run killed mid-write leaves a torn last line). A label
+    file given instead is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReviewError(f"{path}: events log not found")
+    events = []
+    for where, record in _json_lines(path, "events log"):
+        if _is_label_record(record):
+            raise ReviewError(f"{where}: a review label, not an event: {path} is a label file; give the events "
+                              f"log of `mrkd run --events` (and this file as --labels)")
+        if isinstance(record, dict) and record.get("event_id"):
+            events.append(record)
+    return events
+
+
+# ---------------------------------------------------------------- last labels and contradictions
+
+@dataclass(frozen=True)
+class Conflict:
+    """One image (sha256) that the last labels of its events call both good and defect."""
+
+    image_sha256: str
+    good: Tuple[str, ...]        # events whose last label says good
+    defect: Tuple[str, ...]      # ... and defect
+
+    @property
+    def events(self) -> Tuple[str, ...]:
+        return self.good + self.defect
+
+    def describe(self) -> str:
+        def events(ids):
+            return ("event " if len(ids) == 1 else "events ") + ", ".join(ids)
+        return (f"image {self.image_sha256[:12]} is labelled {GOOD!r} ({events(self.good)}) and {DEFECT!r} "
+                f"({events(self.defect)})")
+
+
+def last_per_event(labels: Sequence[ReviewLabel]) -> Dict[str, ReviewLabel]:
+    """event id -> its last label, in the order of the deciding lines (no check)."""
     latest: Dict[str, ReviewLabel] = {}
     for label in labels:
         latest.pop(label.event_id, None)      # re-insert: order = order of the deciding line
         latest[label.event_id] = label
-    by_image: Dict[str, Tuple[str, str]] = {}
-    for label in latest.values():
-        seen = by_image.setdefault(label.image_sha256, (label.label, label.event_id))
-        if seen[0] != label.label:
-            raise ReviewError(f"{source}: image {label.image_sha256[:12]} is labelled {seen[0]!r} (event "
-                              f"{seen[1]}) and {label.label!r} (event {label.event_id}); label it once more "
-                              f"under both events to settle it")
     return latest
+
+
+def find_conflicts(latest: Mapping[str, ReviewLabel]) -> List[Conflict]:
+    """Every image whose events' last labels disagree."""
+    by_image: Dict[str, Dict[str, List[str]]] = {}
+    for label in latest.values():
+        by_image.setdefault(label.image_sha256, {GOOD: [], DEFECT: []})[label.label].append(label.event_id)
+    return [Conflict(sha, tuple(found[GOOD]), tuple(found[DEFECT]))
+            for sha, found in by_image.items() if found[GOOD] and found[DEFECT]]
+
+
+def mark_command(event_ids: Sequence[str], label: str = f"{GOOD}|{DEFECT}", events_path="EVENTS",
+                 labels_path="LABELS") -> str:
+    """The `mrkd review` call that labels ``event_ids`` together (how a contradiction is settled)."""
+    marks = " ".join(f"--mark {event_id}" for event_id in event_ids)
+    return f"mrkd review {events_path} --labels {labels_path} {marks} --as {label}"
+
+
+def latest_labels(labels: Sequence[ReviewLabel], source: str = "labels") -> Dict[str, ReviewLabel]:
+    """event id -> its last label. Refuses an image (sha256) that ends up both good and defect."""
+    latest = last_per_event(labels)
+    conflicts = find_conflicts(latest)
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more such image(s))" if len(conflicts) > 1 else ""
+        raise ReviewError(f"{source}: {conflicts[0].describe()}{more}; settle it by labelling those events "
+                          f"together: {mark_command(conflicts[0].events, labels_path=source)}")
+    return latest
+
+
+def new_conflicts(latest: Mapping[str, ReviewLabel], new: Sequence[ReviewLabel]) -> List[Conflict]:
+    """The contradictions ``new`` labels would bring about or leave standing on their images (one
+    that only other images have is not theirs to settle)."""
+    after = dict(latest)
+    after.update((label.event_id, label) for label in new)
+    images = {label.image_sha256 for label in new}
+    return [c for c in find_conflicts(after) if c.image_sha256 in images]
+
+
+def append_checked(path, new: Sequence[ReviewLabel], hint: Callable[[Sequence[str], str], str]) -> None:
+    """Append ``new`` (one write) unless an image would end up both good and defect: then nothing is
+    written and UnlabellableError names the other events; ``hint(event_ids, label)`` says how to
+    label them together. The file is locked from the check to the write."""
+    with LabelFile(path) as log, log.locked():
+        conflicts = new_conflicts(last_per_event(read_labels(log.path)), new)
+        if conflicts:
+            raise UnlabellableError(_refusal(conflicts[0], new, log.path, hint))
+        log.extend(new)
+
+
+def _refusal(conflict: Conflict, new: Sequence[ReviewLabel], path, hint) -> str:
+    label = new[0].label                  # one call gives all its events the same label
+    asked = [n.event_id for n in new if n.image_sha256 == conflict.image_sha256]
+    other = DEFECT if label == GOOD else GOOD
+    opposing = [e for e in (conflict.defect if label == GOOD else conflict.good) if e not in asked]
+    return (f"{path}: nothing written: event {', '.join(asked)} would be {label!r}, but its image "
+            f"{conflict.image_sha256[:12]} is {other!r} under event {', '.join(opposing)} (one image is good or "
+            f"defect, not both); label them together: {hint(asked + opposing, label)}")
 
 
 def labels_file_sha256(path) -> str:
     return image_sha256(path)
 
 
+def label_image(label: ReviewLabel, labels_path, events_path=None) -> Optional[Path]:
+    """The image file a label names: its absolute path, or an older file's relative one beside the
+    label file, then beside the events log, then in the current folder; the first that exists (else
+    the first tried, for the message). None when the label names no image."""
+    if not label.image:
+        return None
+    named = Path(label.image)
+    if named.is_absolute():
+        return named
+    folders = [Path(labels_path).parent] + ([Path(events_path).parent] if events_path else []) + [Path.cwd()]
+    candidates = [folder / named for folder in folders]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+# ---------------------------------------------------------------- events and their evidence
+
+def part_camera(event: dict, asked: Optional[str]) -> Tuple[Optional[str], str]:
+    """The camera of a part event whose image a review labels: ``asked``, else the one flagged camera
+    (or the part's only one); (None, why) when that is not one camera."""
+    cameras = [c for c in event["cameras"] if isinstance(c, dict) and isinstance(c.get("camera"), str)]
+    names = [c["camera"] for c in cameras]
+    if asked is not None:
+        return (asked, "") if asked in names else (None, f"the part has no camera {asked!r} (it has {names})")
+    flagged = [c["camera"] for c in cameras if c.get("anomalous")] or names
+    if len(flagged) != 1:
+        return None, f"the part has the cameras {flagged}: give \"camera\""
+    return flagged[0], ""
+
+
+def one_camera_event(event: dict, camera: Optional[str] = None) -> Tuple[Optional[dict], str]:
+    """A part event (``cameras``) as the event of the one camera whose image a label is about
+    (``camera``, else the flagged one), with that camera's ``evidence`` and ``evidence_sha256``; a
+    frame alarm as it is. (None, why) when that is not one camera."""
+    if not isinstance(event.get("cameras"), list):
+        if camera is not None and camera != event.get("camera"):
+            return None, f"the alarm is camera {event.get('camera')!r}'s, not {camera!r}'s"
+        return event, ""
+    chosen, why = part_camera(event, camera)
+    if chosen is None:
+        return None, why
+    judged = next(c for c in event["cameras"] if isinstance(c, dict) and c.get("camera") == chosen)
+    return dict(event, camera=chosen, evidence=judged.get("evidence"),
+                evidence_sha256=judged.get("evidence_sha256")), ""
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def find_evidence(event: dict, evidence_dir, events_path=None) -> Optional[Path]:
+    """The lossless image of ``event`` (absolute): the path the event names (``evidence``, written
+    relative to where `mrkd run` ran: as written, then beside the events log), else
+    ``<evidence_dir>/<camera>/<event_id>.png`` or ``<evidence_dir>/<event_id>.png``."""
+    candidates: List[Path] = []
+    named = event.get("evidence")
+    if isinstance(named, str) and named:
+        candidates.append(Path(named))
+        if not Path(named).is_absolute() and events_path is not None:
+            candidates.append(Path(events_path).parent / named)
+    event_id, camera = str(event.get("event_id", "")), event.get("camera")
+    if evidence_dir is not None and _plain_name(event_id):
+        folder = Path(evidence_dir)
+        candidates += ([folder / camera / f"{event_id}.png"] if _plain_name(camera) else []) + \
+            [folder / f"{event_id}.png"]
+    found = next((c for c in candidates if c.is_file()), None)
+    return Path(os.path.abspath(found)) if found is not None else None
+
+
+def evidence_changed(event: dict, image) -> bool:
+    """Whether ``image`` no longer has the sha256 the event recorded for its evidence (False when
+    the event recorded none)."""
+    recorded = event.get("evidence_sha256")
+    return isinstance(recorded, str) and bool(recorded) and image_sha256(image) != recorded
+
+
+# ---------------------------------------------------------------- making a label
+
+def check_who(who: str, where: str) -> str:
+    """A reviewer's name: one printable line of at most MAX_WHO characters (it is listed as is)."""
+    if not isinstance(who, str) or not who.strip() or len(who) > MAX_WHO or not who.isprintable():
+        raise ReviewError(f"{where}: who must be one printable line of 1-{MAX_WHO} characters, got {who[:120]!r}"
+                          if isinstance(who, str) else f"{where}: who must be text")
+    return who
+
+
+def printable(text: str) -> str:
+    """``text`` for a one-line listing: control characters (a newline in an older file's who) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def make_label(event_id: str, image_path, label: str, who: Optional[str] = None, note: str = "",
-               camera: str = "") -> ReviewLabel:
-    """A label for ``event_id`` whose evidence image is ``image_path`` (its sha256 is taken now)."""
+               camera: str = "", expected_sha256: Optional[str] = None) -> ReviewLabel:
+    """A label for ``event_id`` whose evidence image is ``image_path`` (its sha256 is taken now and,
+    given ``expected_sha256`` (the event's), must be that one; the label keeps the absolute path)."""
     image_path = Path(image_path)
     if not image_path.is_file():
-        raise ReviewError(f"{image_path}: evidence image of event {event_id} not found")
-    return ReviewLabel(event_id=str(event_id), image_sha256=image_sha256(image_path), label=label,
-                       who=who or default_who(), when=now_iso(), note=note or "", image=str(image_path),
+        raise UnlabellableError(f"{image_path}: evidence image of event {event_id} not found")
+    sha = image_sha256(image_path)
+    if expected_sha256 and sha != expected_sha256:
+        raise UnlabellableError(f"{image_path}: evidence image of event {event_id} changed since the run (sha256 "
+                                f"{sha[:12]}, the event recorded {expected_sha256[:12]}); a label must be about "
+                                f"the image that was judged")
+    who = check_who(who or default_who(), f"label of event {event_id}")
+    return ReviewLabel(event_id=str(event_id), image_sha256=sha, label=label, who=who, when=now_iso(),
+                       note=note or "", image=os.path.abspath(image_path),
                        camera=camera or "").validate(f"label of event {event_id}")
+
+
+def label_event(event: dict, label: str, *, who: Optional[str] = None, note: str = "",
+                camera: Optional[str] = None, evidence_dir=None, events_path=None,
+                camera_hint: str = "") -> ReviewLabel:
+    """The label of one event of the log (a part's: of ``camera``, else the flagged one), made of its
+    evidence image found by find_evidence and checked against the hash the event recorded.
+    ``camera_hint``: how the caller names a camera, added when none was given and one is needed."""
+    event_id = str(event.get("event_id"))
+    one, why = one_camera_event(event, camera)
+    if one is None:
+        raise ReviewError(f"event {event_id}: {why}{camera_hint if camera is None else ''}")
+    image = find_evidence(one, evidence_dir, events_path)
+    if image is None:
+        raise UnlabellableError(f"event {event_id}: no evidence image (named {one.get('evidence')!r}; looked in "
+                                f"{evidence_dir}; was `mrkd run` started with --evidence?); a label must name "
+                                f"the image it is about")
+    return make_label(event_id, image, label, who=who, note=note, camera=str(one.get("camera") or ""),
+                      expected_sha256=one.get("evidence_sha256"))

@@ -1,0 +1,239 @@
+"""Review labels against the events they are about: contradictions refused before they are written
+and settled by labelling events together, paths that hold from any working folder, evidence checked
+against the sha256 its event recorded, torn events logs, a label file given as the events log, and
+the reviewer's name.
+
+The events and evidence come from a real `mrkd run` (subprocess, the tiny exported model, relative
+--events/--evidence paths as an operator types them); `mrkd review` runs as a subprocess from another
+folder; POST /review goes through the page's LineControl. Hashes are recomputed here with hashlib.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
+from mrkd.runtime.review import DEFECT, GOOD, ReviewError, ReviewLabel, UnlabellableError, find_conflicts, \
+    label_image, last_per_event, latest_labels, make_label, now_iso, read_labels, read_review_events
+
+TOKEN = "review-rules-token-0123"
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def mrkd(*args, cwd=None, timeout=120):
+    code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def one_error(done, *needles) -> str:
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """`mrkd run` started in its own folder with relative --events/--evidence (10 frames, every third
+    defective): the events name their evidence relative to that folder."""
+    root = tmp_path_factory.mktemp("rules")
+    run = root / "line"
+    (run / "frames").mkdir(parents=True)
+    export_tiny_model(run / "model.onnx")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        cv2.imwrite(str(run / "frames" / f"f{i:02d}.png"), defective_frame(rng) if i % 3 == 2 else normal_frame(rng))
+    done = mrkd("run", "model.onnx", "--source", "frames", "--cooldown", "0", "--events", "events.jsonl",
+                "--evidence", "evidence", "--status-every", "0", cwd=run, timeout=300)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert len(events) == 3 and not Path(events[0]["evidence"]).is_absolute()
+    return run, events
+
+
+def copy_run(run: Path, into: Path) -> Path:
+    """A copy of the run's folder (each test changes its own)."""
+    shutil.copytree(run, into, ignore=shutil.ignore_patterns("frames", "model.onnx*"))
+    return into
+
+
+def with_twin(folder: Path, event: dict) -> dict:
+    """Append to the copy's events log a second event whose evidence is a byte copy of ``event``'s
+    (the same image, as when one part passes the camera twice)."""
+    twin = dict(event, event_id=event["event_id"] + "-twin",
+                evidence=str(Path(event["evidence"]).with_name(event["event_id"] + "-twin.png")))
+    shutil.copy(folder / event["evidence"], folder / twin["evidence"])
+    with open(folder / "events.jsonl", "a") as log:
+        log.write(json.dumps(twin) + "\n")
+    return twin
+
+
+def test_a_contradicting_mark_is_refused_unwritten_and_marking_both_together_settles_it(run_dir, tmp_path):
+    folder = copy_run(run_dir[0], tmp_path / "run")
+    first = run_dir[1][0]
+    twin = with_twin(folder, first)
+    a, b = first["event_id"], twin["event_id"]
+    log, labels = folder / "events.jsonl", folder / "labels.jsonl"
+    assert mrkd("review", log, "--labels", labels, "--mark", a, "--as", "good").returncode == 0
+    before = labels.read_bytes()
+    error = one_error(mrkd("review", log, "--labels", labels, "--mark", b, "--as", "defect"),
+                      "nothing written", f"under event {a}", f"--mark {b} --mark {a} --as defect")
+    assert sha(folder / first["evidence"])[:12] in error
+    assert labels.read_bytes() == before                         # refused before anything was written
+    done = mrkd("review", log, "--labels", labels, "--mark", b, "--mark", a, "--as", "defect")
+    assert done.returncode == 0, done.stderr
+    latest = latest_labels(read_labels(labels))                  # usable: no contradiction left
+    assert {latest[a].label, latest[b].label} == {DEFECT} and latest[a].image_sha256 == latest[b].image_sha256
+
+
+def test_a_file_that_holds_a_contradiction_is_listed_refit_refuses_it_one_mark_settles_it(run_dir, tmp_path):
+    folder = copy_run(run_dir[0], tmp_path / "run")
+    first = run_dir[1][0]
+    twin = with_twin(folder, first)
+    a, b = first["event_id"], twin["event_id"]
+    log, labels = folder / "events.jsonl", folder / "labels.jsonl"
+    image = folder / first["evidence"]
+    # written by hand (or an older mrkd): the same image good under one event, defect under the other
+    lines = [make_label(a, image, GOOD, who="ann"), make_label(b, image, DEFECT, who="bob")]
+    labels.write_text("".join(json.dumps(label.__dict__) + "\n" for label in lines))
+    with pytest.raises(ReviewError, match=f"labelled 'good' \\(event {a}\\) and 'defect' \\(event {b}\\)"):
+        latest_labels(read_labels(labels))                       # what refit reads
+    listed = mrkd("review", log, "--labels", labels)
+    assert listed.returncode == 0, listed.stderr
+    row_b = next(line for line in listed.stdout.splitlines() if line.startswith(b + " "))
+    assert "CONFLICT" in row_b and a in row_b
+    assert f"--mark {a} --mark {b} --as good|defect" in listed.stdout
+    # relabelling one side settles it: accepted although the file held a contradiction
+    done = mrkd("review", log, "--labels", labels, "--mark", b, "--as", "good", "--who", "carl")
+    assert done.returncode == 0, done.stderr
+    assert not find_conflicts(last_per_event(read_labels(labels)))
+    assert latest_labels(read_labels(labels))[b].who == "carl"
+
+
+def test_page_review_refuses_a_contradiction_with_409_and_settles_a_list_of_events(run_dir, tmp_path):
+    from mrkd.runtime.control import LineControl
+    folder = copy_run(run_dir[0], tmp_path / "run")
+    first = run_dir[1][0]
+    twin = with_twin(folder, first)
+    labels = tmp_path / "labels.jsonl"
+    control = LineControl(TOKEN, labels, folder / "events.jsonl", folder / "evidence")
+
+    def post(body) -> tuple:
+        return control.handle_post("/review", {"Authorization": f"Bearer {TOKEN}"}, json.dumps(body).encode())
+    assert post({"event_id": first["event_id"], "label": "good"})[0] == 200
+    code, answer = post({"event_id": twin["event_id"], "label": "defect"})
+    assert code == 409 and first["event_id"] in answer["error"] and "nothing written" in answer["error"]
+    assert len(read_labels(labels)) == 1
+    code, answer = post({"event_id": [twin["event_id"], first["event_id"]], "label": "defect"})
+    assert code == 200 and [s["event_id"] for s in answer["saved"]] == [twin["event_id"], first["event_id"]]
+    assert {l.label for l in latest_labels(read_labels(labels)).values()} == {DEFECT}
+    for who in ("ann\nforged line", "x" * 101, "\t"):
+        code, answer = post({"event_id": first["event_id"], "label": "good", "who": who})
+        assert code == 400 and "who" in answer["error"], (who, answer)
+    assert post({"event_id": [], "label": "good"})[0] == 400
+    assert len(read_labels(labels)) == 3                          # nothing of the refused ones
+
+
+def test_labels_made_from_another_folder_find_their_images_from_any_folder(run_dir, tmp_path):
+    """The events name evidence relative to where `mrkd run` ran; `mrkd review` runs elsewhere, the
+    label file lives in a subfolder: the label keeps the image's absolute path."""
+    run, events = run_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    labels = tmp_path / "review" / "labels.jsonl"
+    log = run / "events.jsonl"
+    listed = mrkd("review", log, "--labels", labels, "--evidence", tmp_path / "no-such-folder", cwd=elsewhere)
+    assert listed.returncode == 0, listed.stderr
+    assert "NO EVIDENCE IMAGE" not in listed.stdout
+    assert f"image {run / events[1]['evidence']}" in listed.stdout
+    done = mrkd("review", log, "--labels", labels, "--mark", events[1]["event_id"], "--as", "good", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    [label] = read_labels(labels)
+    assert Path(label.image) == run / events[1]["evidence"] and label.image_sha256 == events[1]["evidence_sha256"]
+
+
+def test_an_older_label_files_relative_image_is_found_beside_the_labels_or_the_events_log(run_dir, tmp_path,
+                                                                                            monkeypatch):
+    run, events = run_dir
+    monkeypatch.chdir(tmp_path)
+    made = make_label(events[0]["event_id"], run / events[0]["evidence"], GOOD, who="ann")
+    old = ReviewLabel(**{**made.__dict__, "image": events[0]["evidence"]})     # as an older mrkd wrote it
+    assert label_image(old, run / "labels.jsonl") == run / events[0]["evidence"]
+    found = label_image(old, tmp_path / "sub" / "labels.jsonl", run / "events.jsonl")
+    assert found == run / events[0]["evidence"] and found.is_file()
+    assert not label_image(old, tmp_path / "sub" / "labels.jsonl").is_file()      # no events log: not found
+
+
+def test_evidence_changed_since_the_run_is_listed_and_cannot_be_labelled(run_dir, tmp_path):
+    from mrkd.runtime.control import LineControl
+    folder = copy_run(run_dir[0], tmp_path / "run")
+    event = run_dir[1][2]
+    image = folder / event["evidence"]
+    image.write_bytes(image.read_bytes() + b"\0")                 # touched after the run
+    log, labels = folder / "events.jsonl", folder / "labels.jsonl"
+    listed = mrkd("review", log, "--labels", labels)
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[:-1]}
+    assert "CHANGED SINCE THE RUN" in rows[event["event_id"]]
+    assert "CHANGED" not in rows[run_dir[1][0]["event_id"]]
+    one_error(mrkd("review", log, "--labels", labels, "--mark", event["event_id"], "--as", "good"),
+              "changed since the run", sha(image)[:12], event["evidence_sha256"][:12])
+    control = LineControl(TOKEN, labels, log, folder / "evidence")
+    code, answer = control.handle_post("/review", {"Authorization": f"Bearer {TOKEN}"},
+                                       json.dumps({"event_id": event["event_id"], "label": "good"}).encode())
+    assert code == 409 and "changed since the run" in answer["error"]
+    with pytest.raises(UnlabellableError, match="changed since the run"):
+        make_label(event["event_id"], image, GOOD, expected_sha256=event["evidence_sha256"])
+    assert not labels.exists() or not read_labels(labels)
+
+
+def test_events_log_with_a_torn_last_line_is_read_garbage_elsewhere_and_label_files_are_refused(run_dir, tmp_path,
+                                                                                               caplog):
+    run, events = run_dir
+    whole = (run / "events.jsonl").read_bytes()
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(whole + b'{"event_id": "2026-cut-off", "sco')     # `mrkd run` killed mid-write
+    with caplog.at_level("WARNING"):
+        assert [e["event_id"] for e in read_review_events(torn)] == [e["event_id"] for e in events]
+    assert "torn last line" in caplog.text
+    listed = mrkd("review", torn, "--labels", tmp_path / "labels.jsonl")
+    assert listed.returncode == 0 and "3 of 3 event(s)" in listed.stdout, listed.stderr
+    middle = tmp_path / "middle.jsonl"
+    lines = whole.decode().splitlines()
+    middle.write_text(lines[0] + "\n{\"event_id\": \"cut\n" + "\n".join(lines[1:]) + "\n")
+    one_error(mrkd("review", middle, "--labels", tmp_path / "labels.jsonl"), "middle.jsonl:2: not a JSON line")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps(make_label(events[0]["event_id"], run / events[0]["evidence"], GOOD,
+                                            who="ann").__dict__) + "\n")
+    one_error(mrkd("review", labels, "--labels", tmp_path / "other.jsonl"), "labels.jsonl", "label file")
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_who_is_one_printable_line_and_an_older_files_odd_who_is_listed_escaped(run_dir, tmp_path):
+    run, events = run_dir
+    log, labels = run / "events.jsonl", tmp_path / "labels.jsonl"
+    for who in ("ann\nbob", "x" * 101, " "):
+        one_error(mrkd("review", log, "--labels", labels, "--mark", events[0]["event_id"], "--as", "good",
+                       "--who", who), "who must be one printable line")
+    assert not labels.exists() or not read_labels(labels)
+    made = make_label(events[0]["event_id"], run / events[0]["evidence"], GOOD, who="ann")
+    odd = {**made.__dict__, "who": "ann\nbob", "when": now_iso()}
+    labels.write_text(json.dumps(odd) + "\n")
+    listed = mrkd("review", log, "--labels", labels)
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 4 and "by ann\\nbob]" in listed.stdout
