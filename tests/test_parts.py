@@ -261,6 +261,31 @@ def test_cli_triggers_from_stdin(model, folder, tmp_path):
     assert summary["parts"] == 4 and summary["triggers"] == 4 and summary["verdicts"]["NG"] == 1
 
 
+def test_cli_keeps_a_sample_of_ok_parts_as_evidence(model, folder, tmp_path):
+    """--evidence-ok-every in triggered mode: one of every N OK parts per camera is kept, lossless, as
+    ok/part<inspection id>.png (it was free run only); NG parts keep theirs as always."""
+    import cv2
+    import numpy as np
+    from mrkd.runtime.cli import run_command
+    evidence, events = tmp_path / "ev", tmp_path / "ev.jsonl"
+    images = sorted(p for p in folder[0].iterdir())
+    result = CliRunner().invoke(run_command, [model, "--source", f"cam={folder[0]}", "--trigger", "software",
+                                              "--trigger-stdin", "--status-every", "0", "--evidence", str(evidence),
+                                              "--evidence-ok-every", "1", "--events", str(events), "--part-queue", "64",
+                                              "--summary", str(tmp_path / "s.json")],
+                                input="".join(f"P{i}\n" for i in range(len(images))), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    ng = [json.loads(line) for line in events.read_text().splitlines()]
+    kept = sorted((evidence / "cam" / "ok").iterdir())
+    assert len(kept) == summary["verdicts"]["OK"] >= 1 and len(ng) == summary["verdicts"]["NG"] >= 1
+    ng_ids = {int(e["part_id"][1:]) for e in ng}
+    ok_parts = [i for i in range(len(images)) if i not in ng_ids]
+    assert [p.name for p in kept] == [f"part{i + 1:010d}.png" for i in ok_parts]   # inspection ids from 1
+    for i, path in zip(ok_parts, kept):       # the image the part was judged on, lossless
+        assert np.array_equal(cv2.imread(str(path)), cv2.imread(str(images[i])))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trigger", "software"], "give a trigger source"),
     (["--trigger-every", "1"], "need --trigger software or hardware"),
@@ -278,8 +303,9 @@ def test_trigger_lines_driver_parses_ids_and_recipes(model, folder):
     runner = PartRunner(line, open_part_sources(line, PartSettings()), PartSettings(queue=10),
                         observers=[recorder]).start()
     stop = threading.Event()
-    trigger_lines(runner, ["X-1\n", "X-2@0\n", "X-3@5\n"], stop).join(10)
+    trigger_lines(runner, ["X-1\n", "X-2@0\n", "X-3@5\n", "X-4@one\n", "X-5@1.0\n"], stop).join(10)
     assert stop.is_set()
     runner.stop()
     assert [(r.part_id, r.accepted, r.reason) for r in recorder.receipts] == [
-        ("X-1", True, None), ("X-2", True, None), ("X-3", False, "unknown recipe 5")]
+        ("X-1", True, None), ("X-2", True, None), ("X-3", False, "unknown recipe 5"),
+        ("X-4", False, "unknown recipe one"), ("X-5", False, "unknown recipe 1.0")]

@@ -440,7 +440,8 @@ class PartRunner:
                           error_code=error_code(first_error) if first_error else 0,
                           error="; ".join(errors) or None)
         if verdict != Verdict.OK:
-            part = self._part_event(part, views)
+            part = replace(part, event_id=new_event_id())
+        part = self._part_files(part, views)
         self.verdicts[verdict] += 1
         self.latency["trigger_to_verdict"].add(part.verdict_s)
         if not errors:
@@ -448,11 +449,11 @@ class PartRunner:
             self.latency["model"].add(model_s)
         self._emit(lambda o: o.on_part(part))
 
-    def _part_event(self, part: PartResult, views: Mapping[str, tuple]) -> PartResult:
-        """An NG/ERROR part gets an event id, and the outputs that write files for it (``part_fields``:
-        snapshots, evidence; ``views``: camera -> (image, anomaly map, threshold)) write them before any
-        output sends the record; it carries each camera's paths (and the evidence's sha256)."""
-        part = replace(part, event_id=new_event_id())
+    def _part_files(self, part: PartResult, views: Mapping[str, tuple]) -> PartResult:
+        """The outputs that write files of a part (``part_fields``: snapshots and evidence of an NG/ERROR
+        part, which has its event id by now; the evidence's sample of OK parts; ``views``: camera ->
+        (image, anomaly map, threshold)) write them before any output sends the record; it carries
+        each camera's paths (and the evidence's sha256)."""
         fields: Dict[str, Dict[str, object]] = {}
 
         def collect(output: LineObserver) -> None:

@@ -128,8 +128,8 @@ def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.E
             part_id, _, recipe = text.partition("@")
             try:
                 number = int(recipe) if recipe else None
-            except ValueError:
-                number = None
+            except ValueError:     # "P-4@one": refused as an unknown recipe (counted), never judged with 0
+                number = recipe.strip()
             target.trigger(part_id.strip() or None, number)
         _stop_when_idle(target, stop)
 

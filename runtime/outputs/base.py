@@ -70,7 +70,7 @@ class LineObserver:
     window, MQTT, metrics, page, PLC servers) is one, built by ``mrkd.runtime.outputs.build_outputs``.
     Hooks run on the loop thread (the part runner's for parts) and must not block. Order per alarm
     frame: ``event_fields`` of every output (what they add to the record, e.g. the snapshot's path),
-    then ``on_event`` and ``on_frame``; per NG/ERROR part: ``part_fields``, then ``on_part``."""
+    then ``on_event`` and ``on_frame``; per part: ``part_fields``, then ``on_part``."""
 
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         pass
@@ -103,10 +103,10 @@ class LineObserver:
 
     def part_fields(self, part: PartResult, views: Mapping[str, Tuple[np.ndarray, np.ndarray, float]]
                     ) -> Mapping[str, Mapping[str, object]]:
-        """For an NG/ERROR part (``part.event_id`` set), before any output sends it: camera -> the
-        CameraJudgement fields this output fills (``snapshot``, ``evidence``, ``evidence_sha256``) with
-        what it wrote; ``views``: camera -> (image, anomaly map, threshold) of the cameras that have an
-        image. The part's counterpart of ``event_fields``."""
+        """For every judged part, before any output sends it (an NG/ERROR part has ``part.event_id``
+        set, an OK part None): camera -> the CameraJudgement fields this output fills (``snapshot``,
+        ``evidence``, ``evidence_sha256``) with what it wrote; ``views``: camera -> (image, anomaly map,
+        threshold) of the cameras that have an image. The part's counterpart of ``event_fields``."""
         return {}
 
     def on_part(self, result: PartResult) -> None:

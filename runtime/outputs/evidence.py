@@ -4,8 +4,8 @@ learns from. The annotated snapshot (snapshots.py) is for looking; this is the r
 
 Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (an alarm's event carries
 ``evidence`` and ``evidence_sha256``, a part's event each camera's in its ``cameras``),
-``DIR/<camera>/ok/<frame index>.png`` for the OK samples (one of every ``ok_every`` OK frames per
-camera; 0: none). Files are PNG (lossless), written to a
+``DIR/<camera>/ok/<frame index>.png`` (free run) or ``ok/part<inspection id>.png`` (triggered) for the
+OK samples (one of every ``ok_every`` OK frames or parts per camera; 0: none). Files are PNG (lossless), written to a
 temporary file, fsync'd and linked into place, never over an existing file.
 
 Retention (``max_bytes`` for the whole folder, counted from what is there at the start):
@@ -149,28 +149,41 @@ class EvidenceWriter(LineObserver):
     def part_fields(self, part: PartResult, views) -> Mapping[str, Mapping[str, object]]:
         fields = {}
         for camera, (image, _amap, _threshold) in views.items():
+            if part.event_id is None:          # an OK part: one of every ok_every per camera is kept
+                path = self._ok_sample(camera, f"part{part.inspection_id:010d}", image)
+                if path is not None:
+                    fields[camera] = {"evidence": path}
+                continue
             path, sha = self._evidence(camera, str(part.event_id), image)
             fields[camera] = {"evidence": path, "evidence_sha256": sha}
         return fields
 
     def on_frame(self, result: FrameResult) -> None:
+        if result.event is None and not result.anomalous:
+            self._ok_sample(result.camera, f"{result.frame_index:010d}", result.image)
+
+    def _ok_sample(self, camera: str, name: str, image: np.ndarray) -> Optional[str]:
+        """Keep one of every ``ok_every`` OK images of ``camera`` (frames in free run, parts when
+        triggered) as ``ok/<name>.png``; the path, or None when not kept (not its turn, no room)."""
         every = self.settings.ok_every
-        if not every or result.event is not None or result.anomalous:
-            return
-        seen = self._ok_seen.get(result.camera, 0)
-        self._ok_seen[result.camera] = seen + 1
+        if not every:
+            return None
+        seen = self._ok_seen.get(camera, 0)
+        self._ok_seen[camera] = seen + 1
         if seen % every:
-            return
+            return None
         if self.used_bytes > self.settings.max_bytes and not self._keep_budget():
             self.ok_skipped += 1
-            return
-        path = self.folder / result.camera / OK_FOLDER / f"{result.frame_index:010d}.png"
-        if path.exists():          # an earlier run's sample of the same index: keep both
-            path = path.with_name(f"{result.frame_index:010d}_{os.getpid()}_{seen}.png")
-        if self._write(path, result.image) is not None:
-            self.ok_written += 1
-            self._ok_files.append((path, path.stat().st_size))
-            self._delivered()
+            return None
+        path = self.folder / camera / OK_FOLDER / f"{name}.png"
+        if path.exists():          # an earlier run's sample of the same name: keep both
+            path = path.with_name(f"{name}_{os.getpid()}_{seen}.png")
+        if self._write(path, image) is None:
+            return None
+        self.ok_written += 1
+        self._ok_files.append((path, path.stat().st_size))
+        self._delivered()
+        return str(path)
 
     def health(self) -> OutputHealth:
         return self.delivery.health(dropped=self.ok_skipped)

@@ -137,6 +137,8 @@ class SnapshotWriter(LineObserver):
 
     def part_fields(self, part: PartResult, views) -> Mapping[str, Mapping[str, object]]:
         written = {}
+        if part.event_id is None:      # an OK part: snapshots are of alarms only
+            return written
         for camera, (image, amap, threshold) in views.items():
             boxes = regions_from_map(amap, threshold, image.shape[:2])
             done, path = self._write(camera, f"part_{part.event_id}_{part.inspection_id:08d}", image, amap,
