@@ -63,6 +63,7 @@ def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
     summary = json.loads(out[out.index("{"):])
     assert summary["parts"] == 3 and summary["verdicts"]["NG"] == 1
     assert summary["outputs"]["modbus"]["state"] in ("stopped", "listening", "connected")
+    assert summary["outputs"]["modbus"]["ok"] and "did not deliver" not in err, err   # stopped is no failure
     assert f"Modbus TCP PLC server on 127.0.0.1:{port}" in err
 
 
@@ -149,3 +150,5 @@ def test_mrkd_run_with_opcua_and_modbus_on_one_line(tmp_path):
     assert job == "1" and (reading.inspection_id, reading.part_id, reading.result_code) == (1, 77, 2)
     summary = json.loads(out[out.index("{"):])
     assert summary["parts"] == 1 and {"modbus", "opcua"} <= set(summary["outputs"])
+    assert summary["outputs"]["opcua"]["ok"] and summary["outputs"]["modbus"]["ok"], summary["outputs"]
+    assert "did not deliver" not in err, err

@@ -300,6 +300,11 @@ def test_garbage_frames_and_illegal_requests_on_a_raw_socket(model, tmp_path, ce
         sock.sendall(_mbap(1, 1, bytes([0x41, 0, 0])))                      # a function code nobody defines
         answer = _answer(sock)
         assert answer[7] == 0x41 | 0x80 and answer[8] == 1                  # exception 01 illegal function
+        for request in (struct.pack(">BHH", 8, 0, 0x1234),                  # diagnostics: echo
+                        bytes([0x2B, 0x0E, 1, 0]),                          # read device identification
+                        bytes([0x0B])):                                     # comm event counter
+            sock.sendall(_mbap(1, 1, request))                              # pymodbus knows them; the map has none
+            assert _answer(sock)[7:9] == bytes([request[0] | 0x80, 1]), request
         sock.sendall(_mbap(2, 9, struct.pack(">BHH", 4, 100, 2)))           # input registers 100..101
         answer = _answer(sock)
         assert answer[:2] == b"\x00\x02" and answer[7:9] == bytes([0x84, 2])
@@ -308,6 +313,16 @@ def test_garbage_frames_and_illegal_requests_on_a_raw_socket(model, tmp_path, ce
         sock.sendall(_mbap(4, 200, struct.pack(">BHH", 2, 0, 10)))          # a good read still answers
         answer = _answer(sock)
         assert answer[7:9] == bytes([2, 2]) and answer[9] & 1 == 1          # Online
+        for value in (0x0001, 0x00FF, 0xFFFF):     # FC 05 takes 0xFF00 or 0x0000 only (Modbus spec 6.5)
+            sock.sendall(_mbap(5, 1, struct.pack(">BHH", 5, TRIGGER_ENABLE, value)))
+            assert _answer(sock)[7:9] == bytes([0x85, 3]), hex(value)      # exception 03 illegal data value
+        sock.sendall(_mbap(6, 1, struct.pack(">BHH", 1, 0, 5)))             # ... and wrote nothing
+        answer = _answer(sock)
+        assert answer[7:9] == bytes([1, 1]) and answer[9] == 0
+        sock.sendall(_mbap(7, 1, struct.pack(">BHH", 5, TRIGGER_ENABLE, 0xFF00)))   # a legal one is echoed
+        assert _answer(sock)[7:] == struct.pack(">BHH", 5, TRIGGER_ENABLE, 0xFF00)
+        sock.sendall(_mbap(8, 1, struct.pack(">BHH", 5, TRIGGER_ENABLE, 0x0000)))
+        assert _answer(sock)[7:] == struct.pack(">BHH", 5, TRIGGER_ENABLE, 0x0000)
     for _ in range(5):                                                      # garbage, then the connection drops
         with socket.create_connection(("127.0.0.1", cell.port), timeout=3) as sock:
             sock.sendall(rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes())

@@ -11,7 +11,8 @@ returns, with no await in between.
 Any unit id is answered (``SimDevice`` id 0 serves every id). Coils and discrete inputs are stored
 in one 16-bit word each: reads of the reserved bits after the map answer 0, a read that starts past
 the map or a write of a reserved coil answers exception 02 (illegal data address); unknown function
-codes answer exception 01; a recipe the line does not list answers exception 03.
+codes answer exception 01; a recipe the line does not list, or a function 05 value other than 0xFF00 /
+0x0000, answers exception 03.
 
 Modbus TCP has no authentication: the client's address is the one thing a server can check. With
 ``allow`` (``--modbus-allow``) a connection from any other address is closed before it is read.
@@ -173,7 +174,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                                        registers(len(INPUT_REGISTERS))), action=self._action)
         tls = {"sslctx": self._secure.context} if self._secure is not None else {}
         self._server = ModbusServer(device, address=(self.host, self.port), trace_connect=self._connected,
-                                    trace_packet=self._packet, **tls)
+                                    trace_packet=self._packet, custom_pdu=[_strict_write_single_coil()], **tls)
         await self._server.serve_forever(background=True)
         if self._secure is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_trust())
@@ -347,7 +348,8 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         image = self.handshake.image()
         where = f"{self.address[0]}:{self.address[1]}" if self.address else f"{self.host}:{self.port}"
         state = "stopped" if self._closed else ("connected" if self.clients > 0 else "listening")
-        return OutputHealth(name="modbus", ok=not self._closed and not image.overrun, state=state,
+        # stopped with the run is not a failure; results the PLC never took (overrun) are
+        return OutputHealth(name="modbus", ok=not image.overrun, state=state,
                             sent=image.parts_judged - image.results_dropped, failed=image.results_dropped,
                             detail=f"{where}{' (Modbus/TCP Security)' if self._secure else ''}, "
                                    f"{max(self.clients, 0)} PLC connection(s)"
@@ -384,9 +386,16 @@ def _server_class(admit, write_refused, secure: bool = False):
 
         async def handle_request(self):
             request = self.last_pdu
+            refusal = None
             if request is not None and not self.may_write and request.function_code in WRITE_FUNCTIONS:
                 write_refused(self._admitted_transport, request.function_code)
-                response = ExceptionResponse(request.function_code, ExcCodes.ILLEGAL_FUNCTION)
+                refusal = ExcCodes.ILLEGAL_FUNCTION
+            elif request is not None and request.function_code not in FUNCTION_TABLE:
+                refusal = ExcCodes.ILLEGAL_FUNCTION   # pymodbus' own answers (08 diagnostics, 43 device id, ...)
+            elif request is not None and getattr(request, "illegal_value", False):
+                refusal = ExcCodes.ILLEGAL_VALUE      # FC 05 with a value other than 0x0000 / 0xFF00
+            if refusal is not None:
+                response = ExceptionResponse(request.function_code, refusal)
                 response.transaction_id, response.dev_id = request.transaction_id, request.dev_id
                 self.server_send(response, self.last_addr)
                 return
@@ -397,6 +406,21 @@ def _server_class(admit, write_refused, secure: bool = False):
             return AdmittingHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
     return AdmittingServer
+
+
+def _strict_write_single_coil():
+    """Function 05 as the Modbus spec has it: the value is 0xFF00 (on) or 0x0000 (off); any other is
+    answered exception 03 (illegal data value) with nothing written. pymodbus reads any non-zero
+    value as on (so 0x0001 pulsed Trigger); this request keeps the raw value for the handler."""
+    from pymodbus.pdu.bit_message import WriteSingleCoilRequest
+
+    class StrictWriteSingleCoil(WriteSingleCoilRequest):
+        illegal_value = False
+
+        def decode(self, data: bytes) -> None:
+            super().decode(data)
+            self.illegal_value = struct.unpack(">H", data[2:4])[0] not in (0x0000, 0xFF00)
+    return StrictWriteSingleCoil
 
 
 def _word(bits: List[bool]) -> List[bool]:

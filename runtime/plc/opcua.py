@@ -471,7 +471,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self.close()
 
     def health(self) -> Optional[OutputHealth]:
-        return OutputHealth(name="opcua", ok=not self._closed, state="stopped" if self._closed else "listening",
+        # stopped with the run is not a failure
+        return OutputHealth(name="opcua", ok=True, state="stopped" if self._closed else "listening",
                             sent=self.results, detail=self.url or f"opc.tcp://{self.host}:{self.port}")
 
 
