@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -110,12 +111,13 @@ def part_settings(line, part: dict):
     return dataclasses.replace(settings, **changes).check([c.name for c in line.cameras])
 
 
-def run_parts(line, part: dict, detectors, observers, status_every, plc=None, slots=None, shadows=()) -> dict:
-    """Judge parts on trigger until the trigger source ends (stdin), --max-parts, or a signal; ``plc``
-    (PlcSettings): the PLC servers that trigger it too; ``slots``/``shadows``: live_model_controls'."""
+def run_parts(line, part: dict, detectors, observers, status_every, plc=None, slots=None, shadows=(),
+              stop: Optional[threading.Event] = None) -> dict:
+    """Judge parts on trigger until the trigger source ends (stdin), --max-parts, or ``stop`` (set by a
+    signal: run_command's stop_on_signals); ``plc`` (PlcSettings): the PLC servers that trigger it too;
+    ``slots``/``shadows``: live_model_controls'."""
     import sys
     from mrkd.runtime.line.parts import PartRunner, open_part_sources
-    from mrkd.runtime.line.stream import stop_on_signals
     from mrkd.runtime.line.trigger import trigger_every, trigger_lines
 
     settings = part_settings(line, part)
@@ -134,13 +136,12 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None, sl
         for source in sources.values():
             source.close()
         raise
-    stop = threading.Event()
-    with stop_on_signals(stop):
-        if part["trigger_stdin"]:
-            trigger_lines(runner, sys.stdin, stop)
-        if part["trigger_every"]:
-            trigger_every(runner, part["trigger_every"], stop, part["max_parts"])
-        return runner.run(stop, part["max_parts"])
+    stop = stop or threading.Event()
+    if part["trigger_stdin"]:
+        trigger_lines(runner, sys.stdin, stop)
+    if part["trigger_every"]:
+        trigger_every(runner, part["trigger_every"], stop, part["max_parts"])
+    return runner.run(stop, part["max_parts"])
 
 
 def live_model_controls(line, detectors, outputs, control: dict, output_settings, shadow_model):
@@ -356,6 +357,11 @@ def run_command(model, sources, line_file, **options):
     detectors, frames, outputs, running = {}, {}, [], False
     from mrkd.runtime.line.swap import hold_hangups, release_hangups, reload_on_sighup   # hot swap (SIGHUP)
     held = hold_hangups()      # a SIGHUP while the models load is answered once the line runs, not fatal
+    # Ctrl-C / SIGTERM from here on end the run cleanly, also while models load or a camera takes seconds
+    # to open (a KeyboardInterrupt inside Aravis' open came out as a traceback): the line then stops at once.
+    stop = threading.Event()
+    signals = stop_on_signals(stop)
+    signals.__enter__()
     try:       # the error itself goes to mrkd.errors.error_boundary
         detectors = open_detectors(line)
         frames = {} if triggered else open_sources(line)
@@ -382,11 +388,11 @@ def run_command(model, sources, line_file, **options):
         running = True       # from here the runner tells every output on_stop itself
         if triggered:
             with reload_on_sighup(slots, reload_also, held and held[0]):
-                summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc, slots, shadow)
+                summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc, slots, shadow,
+                                    stop=stop)
             summary.setdefault("outputs", outputs_summary(outputs))
         else:
-            stop = threading.Event()
-            with stop_on_signals(stop), reload_on_sighup(slots, reload_also, held and held[0]):
+            with reload_on_sighup(slots, reload_also, held and held[0]):
                 summary = run_line(line, list(outputs) + [slots] + shadow, run_settings, stop=stop,
                                    detectors=detectors, sources=frames, slots=slots,
                                    status=lambda text: click.echo(text, err=True))
@@ -406,6 +412,7 @@ def run_command(model, sources, line_file, **options):
                 output.on_stop()
         raise
     finally:
+        signals.__exit__(None, None, None)
         release_hangups(held)
         for detector in detectors.values():
             detector.close()

@@ -216,6 +216,31 @@ def test_sigterm_stops_a_looping_run_within_a_second(line):
     assert summary["stopped_early"] and summary["frames"] > 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_line_starts_ends_it_cleanly(line, tmp_path, sig):
+    """Ctrl-C or SIGTERM while the run still opens its models or cameras (a GigE camera can take 10 s):
+    a KeyboardInterrupt inside Aravis' open came out as a traceback; now the run stops as soon as it is
+    up, with its summary and exit 0. A prelude holds the run just after its models are open."""
+    code = ("import sys, time\nimport mrkd.runtime.line.loop as loop\nreal = loop.open_detectors\n"
+            "def held(*args, **kwargs):\n    opened = real(*args, **kwargs)\n"
+            "    print('models opened', file=sys.stderr, flush=True)\n    time.sleep(2)\n    return opened\n"
+            "loop.open_detectors = held\nfrom mrkd.cli import main\n"
+            f"main(['run', {str(line['model'])!r}, '--source', {str(line['video'])!r}, '--loop', '--fps', '50', "
+            "'--status-every', '0'])")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stderr.readline().strip() == "models opened"
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["stopped_early"] and summary["frames"] <= 2, summary
+
+
 def test_first_status_line_names_the_threshold_and_where_it_comes_from(line):
     done = mrkd("run", line["model"], "--source", line["video"], "--status-every", "0")
     first = done.stderr.splitlines()[0]
