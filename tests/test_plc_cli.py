@@ -102,6 +102,21 @@ def test_cli_port_in_use_is_one_line(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_opcua_port_in_use_is_one_line_without_asyncuas_traceback(tmp_path):
+    pytest.importorskip("asyncua")
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", "g")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"),
+                               "--trigger", "software", "--opcua", f"opc.tcp://127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"127.0.0.1:{port}: cannot listen there" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.slow
 def test_mrkd_run_with_opcua_and_modbus_on_one_line(tmp_path):
     """An OPC UA client starts a job; the Modbus PLC is presented the same part (every part of the line)."""

@@ -159,7 +159,14 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                                    else [ua.AnonymousIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
         await self._build(server, idx)
-        await server.start()
+        # asyncua logs a failed start (a port in use) with a whole traceback; start() says it in one line
+        quiet = logging.getLogger("asyncua.server.server")
+        silence = _DropAll()
+        quiet.addFilter(silence)
+        try:
+            await server.start()
+        finally:
+            quiet.removeFilter(silence)
         sockets = getattr(getattr(server.bserver, "_server", None), "sockets", None) or []
         port = sockets[0].getsockname()[1] if sockets else self.port
         self.url = f"opc.tcp://{self.host}:{port}/mrkd/"
@@ -474,6 +481,11 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         # stopped with the run is not a failure
         return OutputHealth(name="opcua", ok=True, state="stopped" if self._closed else "listening",
                             sent=self.results, detail=self.url or f"opc.tcp://{self.host}:{self.port}")
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
 
 
 def result_content(part: PartResult) -> dict:
