@@ -82,7 +82,8 @@ def part_options(command):
                           "counted; 'ID@N' judges it with recipe N). The run ends at the end of input."),
         click.option("--trigger-every", type=seconds(0, open_min=True, maximum=3600), default=None, metavar="SECONDS",
                      help="Trigger a part every SECONDS (a test driver; with --max-parts it ends after that many)."),
-        click.option("--max-parts", type=click.IntRange(min=1), default=None, help="Stop after this many parts."),
+        click.option("--max-parts", type=click.IntRange(min=1), default=None, help="Judge this many parts, then stop: --trigger-every and --trigger-stdin send no more "
+                          "(refused triggers do not count); parts a PLC triggered by then are still judged."),
         click.option("--part-queue", type=click.IntRange(0, 1000), default=None,
                      help="Triggers that may wait while a part is judged (default 4); one more is refused and "
                           "counted as a missed trigger."),
@@ -138,7 +139,7 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None, sl
         raise
     stop = stop or threading.Event()
     if part["trigger_stdin"]:
-        trigger_lines(runner, sys.stdin, stop)
+        trigger_lines(runner, sys.stdin, stop, part["max_parts"])
     if part["trigger_every"]:
         trigger_every(runner, part["trigger_every"], stop, part["max_parts"])
     return runner.run(stop, part["max_parts"])

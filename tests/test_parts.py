@@ -261,6 +261,21 @@ def test_cli_triggers_from_stdin(model, folder, tmp_path):
     assert summary["parts"] == 4 and summary["triggers"] == 4 and summary["verdicts"]["NG"] == 1
 
 
+@pytest.mark.parametrize("source", ["stdin", "every"])
+def test_cli_max_parts_judges_that_many_parts(model, folder, tmp_path, source):
+    """--max-parts N judges N parts: stdin lines after the Nth accepted one are not read (all five were
+    judged), and --trigger-every counts accepted triggers (refused ones, queue full, made it end short)."""
+    from mrkd.runtime.cli import run_command
+    trigger = ["--trigger-stdin"] if source == "stdin" else ["--trigger-every", "0.001", "--part-queue", "0"]
+    result = CliRunner().invoke(run_command, [model, "--source", str(folder[0]), "--trigger", "software",
+                                              *trigger, "--max-parts", "2", "--status-every", "0",
+                                              "--summary", str(tmp_path / "s.json")],
+                                input="A\nB\nC\nD\nE\n", catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["parts"] == 2, summary
+
+
 def test_cli_keeps_a_sample_of_ok_parts_as_evidence(model, folder, tmp_path):
     """--evidence-ok-every in triggered mode: one of every N OK parts per camera is kept, lossless, as
     ok/part<inspection id>.png (it was free run only); NG parts keep theirs as always."""

@@ -101,12 +101,12 @@ class PartSettings:
 def trigger_every(target: TriggerTarget, seconds: float, stop: threading.Event,
                   count: Optional[int] = None) -> threading.Thread:
     """Trigger ``target`` every ``seconds`` (part ids counted by the line) until ``stop`` or ``count``
-    triggers; then sets ``stop`` once the line is idle (count given). Runs on its own thread."""
+    accepted triggers (parts: a refused one, queue full, does not count); then sets ``stop`` once the
+    line is idle (count given). Runs on its own thread."""
     def drive():
-        sent, next_at = 0, time.monotonic()
-        while not stop.is_set() and (count is None or sent < count):
-            target.trigger()
-            sent += 1
+        accepted, next_at = 0, time.monotonic()
+        while not stop.is_set() and (count is None or accepted < count):
+            accepted += bool(target.trigger().accepted)
             next_at += seconds
             stop.wait(max(0.0, next_at - time.monotonic()))
         if count is not None:
@@ -117,20 +117,25 @@ def trigger_every(target: TriggerTarget, seconds: float, stop: threading.Event,
     return thread
 
 
-def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.Event) -> threading.Thread:
+def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.Event,
+                  count: Optional[int] = None) -> threading.Thread:
     """One trigger per line of ``lines`` (stdin): the line is the part id (empty: counted), an
-    optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, sets ``stop`` once idle."""
+    optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or after ``count`` accepted
+    triggers (the lines after are not read), sets ``stop`` once idle."""
     def drive():
+        accepted = 0
         for line in lines:
             if stop.is_set():
                 return
+            if count is not None and accepted >= count:
+                break
             text = line.strip()
             part_id, _, recipe = text.partition("@")
             try:
                 number = int(recipe) if recipe else None
             except ValueError:     # "P-4@one": refused as an unknown recipe (counted), never judged with 0
                 number = recipe.strip()
-            target.trigger(part_id.strip() or None, number)
+            accepted += bool(target.trigger(part_id.strip() or None, number).accepted)
         _stop_when_idle(target, stop)
 
     thread = threading.Thread(target=drive, name="trigger-lines", daemon=True)
