@@ -334,7 +334,8 @@ def run_command(model, sources, line_file, **options):
     plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
     output_settings = pop_output_settings(options)
     from mrkd.runtime.control import pop_control_options     # POST /reload, /review
-    control = pop_control_options(options, output_settings.http, tls=output_settings.http_cert is not None)
+    control = pop_control_options(options, output_settings.http, tls=output_settings.http_cert is not None,
+                                  events=output_settings.events)
     shadow_model = options.pop("shadow_model")
     run_settings = pop_run_settings(options)
     camera_defaults = pop_camera_defaults(options, part)

@@ -15,7 +15,7 @@ compared in constant time (``hmac.compare_digest``). Without a configured token 
   is one printable line (400 otherwise).
 * ``POST /reload``: the model slots load the model files again (runtime/line/swap.py); the answer
   is the outcome of that load (swapped/refused/unchanged; a swap happens between the next frames,
-  or the next parts).
+  or the next parts): 200, or 409 when a model was refused (the running one goes on).
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ class LineControl:
         count = len(self.slots.records)
         self.slots.request_reload("http")
         self.slots.wait_idle(60)
-        return 200, {"outcomes": self.slots.report()[count:], "staged": self.slots.staged()}
+        outcomes = self.slots.report()[count:]
+        # a script that moved a new model in must see a refusal in the status code, not only in the body
+        refused = any(o["outcome"] == "refused" for o in outcomes)
+        return (409 if refused else 200), {"outcomes": outcomes, "staged": self.slots.staged()}
 
 
 def _event_ids(request) -> Optional[List[str]]:
@@ -157,13 +160,17 @@ def _together(event_ids, label: str) -> str:
 __all__ = ["LineControl", "ControlError", "ReviewError", "MAX_BODY", "token_from_env"]
 
 
-def pop_control_options(options: dict, http: Optional[str] = None, tls: bool = False) -> dict:
+def pop_control_options(options: dict, http: Optional[str] = None, tls: bool = False, events=None) -> dict:
     """``--control-token-env`` / ``--review-labels`` of `mrkd run`, taken out of its options and checked
     (the token is read from its variable now, so a missing one fails before the line starts). ``tls``:
-    the page speaks HTTPS; a token sent from the network needs it."""
+    the page speaks HTTPS; a token sent from the network needs it. ``events``: the run's --events log,
+    which the label file must not be."""
     variable, labels = options.pop("control_token_env", None), options.pop("review_labels", None)
     if labels and not variable:
         raise ControlError("--review-labels needs --control-token-env VAR: reviews over HTTP need a token")
+    if labels and events and Path(labels).resolve() == Path(events).resolve():
+        raise ControlError(f"--review-labels {labels} is the --events log: labels go to a file of their own "
+                           "(a label line in the events log breaks it for the next run)")
     if variable and not http:
         raise ControlError("--control-token-env: the commands are served by the operator page; add --http HOST:PORT")
     if variable and not tls:

@@ -410,7 +410,7 @@ def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
         assert running.state.policy.threshold == pytest.approx(0.3)
         running.live.write_bytes(b"not an onnx file")
         code, answer = _post(server.url, "/reload", b"", token)
-        assert code == 200 and answer["outcomes"][0]["outcome"] == "refused" and answer["staged"] == []
+        assert code == 409 and answer["outcomes"][0]["outcome"] == "refused" and answer["staged"] == []
     finally:
         server.close()
 

@@ -545,7 +545,9 @@ def test_control_token_beyond_this_machine_needs_https(tmp_path, monkeypatch):
             (["--http", "127.0.0.1:0", "--http-cert", cert], "--http-cert and --http-key go together"),
             (["--http-cert", cert, "--http-key", key], "--http-cert/--http-key need --http HOST:PORT"),
             (["--http", "127.0.0.1:0", "--http-cert", str(tmp_path / "junk.pem"), "--http-key", key],
-             "cannot load them")):
+             "cannot load them"),
+            (["--http", "127.0.0.1:0", "--control-token-env", "MRKD_TEST_TOKEN", "--events", str(tmp_path / "e.jsonl"),
+              "--review-labels", str(tmp_path / "e.jsonl")], "is the --events log")):
         result = CliRunner().invoke(main, ["run", str(model), "--source", str(frames), *extra])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, \
             (extra, result.output)
