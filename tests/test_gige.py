@@ -293,7 +293,9 @@ def test_refused_and_unknown_features_name_camera_feature_value(simulator, model
     for features, pattern in (([("GainRaw", "99")], r"camera top: feature GainRaw = 99: refused, the camera takes 0\.\.10"),
                               ([("Bogus", "1")], r"camera top: unknown feature Bogus \(value 1\)"),
                               ([("PixelFormat", "Mono99")], r"camera top: feature PixelFormat = Mono99: refused"),
-                              ([("Width", "wide")], r"camera top: feature Width = wide: expected a whole number")):
+                              ([("Width", "wide")], r"camera top: feature Width = wide: expected a whole number"),
+                              ([("TriggerMode", "On")], r"camera top: feature TriggerMode = On: mrkd sets the trigger"),
+                              ([("TriggerSource", "Line1")], r"feature TriggerSource = Line1: mrkd sets the trigger")):
         with pytest.raises(SourceError, match=pattern) as refused:
             open_source(camera.uri, features=features, name="top")
     # The last error is still held here (``refused``): it must not hold the camera, which would keep

@@ -173,6 +173,22 @@ def parse_feature(text: str) -> Tuple[str, str]:
     return name.strip(), value.strip()
 
 
+TRIGGER_FEATURES = ("TriggerMode", "TriggerSelector", "TriggerSoftware", "AcquisitionMode")
+
+
+def check_trigger_features(name: str, trigger: str, features: Sequence[Tuple[str, str]]) -> None:
+    """mrkd sets the camera's trigger and acquisition from ``trigger`` (``_setup``): features that set them
+    otherwise are refused (TriggerMode=On in free run waited for triggers that never came; TriggerMode=Off
+    with --trigger software took free-run images no trigger made). TriggerSource may name the input line
+    of --trigger hardware, nothing else."""
+    for feature, value in features:
+        source_ok = feature == "TriggerSource" and trigger == "hardware" and value != "Software"
+        if feature in TRIGGER_FEATURES or (feature == "TriggerSource" and not source_ok):
+            raise GigeError(f"camera {name}: feature {feature} = {value}: mrkd sets the trigger and acquisition "
+                            f"from --trigger ({trigger} here); leave {feature} out of the features "
+                            f"(TriggerSource may only name the input line of --trigger hardware)")
+
+
 def _number(text: str, kind, where: str) -> float:
     try:
         value = kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
@@ -295,6 +311,7 @@ class GigeSource(LatestFrameSource):
         super().__init__(uri, size=size)
         self.stats = GigeStats()
         self.device, self.trigger_mode, self.name = device, trigger, name or uri
+        check_trigger_features(self.name, trigger, features)
         self.features = tuple(features)
         self._reconnect, self._backoff = reconnect, backoff
         self.features_applied: Dict[str, str] = {}
