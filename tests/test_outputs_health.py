@@ -568,6 +568,7 @@ def test_ng_and_error_parts_are_logged_once_each_ok_parts_are_not(tmp_path, brok
     ("--save-video", "/proc/no-such-folder/v.avi", "--save-video /proc/no-such-folder/v.avi: cannot create"),
     ("--snapshots", "/proc/no-such-folder", "--snapshots /proc/no-such-folder: cannot create"),
     ("--events", "/dev/null", "--events /dev/null: not a regular file"),
+    ("--events", "/proc/no-such-folder/e.jsonl", "--events /proc/no-such-folder/e.jsonl: cannot open it"),
 ])
 def test_an_output_that_cannot_start_is_one_line_naming_it(line_files, option, value, message):
     model, video = line_files

@@ -79,6 +79,8 @@ def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
                                                          "PLC's address with --modbus-allow"),
     (["--trigger", "software", "--modbus", "127.0.0.1:0", "--modbus-allow", "plc7"],
      "--modbus-allow: expected IP addresses or networks"),
+    (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:0/other/path"],
+     "the server's endpoint is always opc.tcp://HOST:PORT/mrkd/"),
 ])
 def test_cli_plc_option_errors_are_one_line(tmp_path, extra, message):
     from mrkd.cli import main

@@ -92,9 +92,12 @@ class EventLog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._check_existing()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)   # the umask applies
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._check_existing()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)   # the umask applies
+        except OSError as exc:       # a folder that cannot be, a read-only place: the user's to fix, said once
+            raise EventLogError(f"--events {self.path}: cannot open it ({exc.strerror or exc})") from None
         self._repair_torn_tail()
         self._lock = threading.Lock()
         self.written = 0

@@ -70,6 +70,10 @@ def parse_opcua_url(text: str):
         port = -1
     if url.scheme != "opc.tcp" or not url.hostname or not 0 <= port < 65536:
         raise PlcError(f"--opcua must look like opc.tcp://HOST:PORT (e.g. opc.tcp://127.0.0.1:4840), got {text!r}")
+    if url.path not in ("", "/", "/mrkd", "/mrkd/") or url.query or url.fragment:
+        # the endpoint's path is fixed: a client told another one would not find the server
+        raise PlcError(f"--opcua {text}: the server's endpoint is always opc.tcp://HOST:PORT/mrkd/; give "
+                       f"opc.tcp://{url.hostname}:{port}")
     return url.hostname, port
 
 
