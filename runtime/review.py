@@ -345,15 +345,20 @@ def labels_file_sha256(path) -> str:
 def label_image(label: ReviewLabel, labels_path, events_path=None) -> Optional[Path]:
     """The image file a label names: its absolute path, or an older file's relative one beside the
     label file, then beside the events log, then in the current folder; the first that exists (else
-    the first tried, for the message). None when the label names no image."""
+    the first tried, for the message). An absolute path that is gone (the work folder was moved or
+    copied to another machine) is looked for by its last parts (evidence folder, camera, file) in
+    those folders too; whatever is found is still checked against the label's sha256 by its reader.
+    None when the label names no image."""
     if not label.image:
         return None
     named = Path(label.image)
-    if named.is_absolute():
+    if named.is_absolute() and named.is_file():
         return named
     folders = [Path(labels_path).parent] + ([Path(events_path).parent] if events_path else []) + [Path.cwd()]
-    candidates = [folder / named for folder in folders]
-    return next((c for c in candidates if c.is_file()), candidates[0])
+    tails = [Path(*named.parts[-k:]) for k in (3, 2) if len(named.parts) > k] if named.is_absolute() else [named]
+    candidates = [folder / tail for tail in tails for folder in folders]
+    found = next((c for c in candidates if c.is_file()), None)
+    return found or (named if named.is_absolute() else candidates[0])
 
 
 # ---------------------------------------------------------------- events and their evidence

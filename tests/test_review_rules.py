@@ -180,6 +180,20 @@ def test_an_older_label_files_relative_image_is_found_beside_the_labels_or_the_e
     assert not label_image(old, tmp_path / "sub" / "labels.jsonl").is_file()      # no events log: not found
 
 
+def test_a_labels_absolute_image_is_found_after_the_work_folder_moved(run_dir, tmp_path):
+    """Labels name images by absolute path: a line's folder moved (or copied to another machine) keeps
+    working, the image found by its last parts beside the labels; one with other bytes there is still
+    caught by the label's sha256 (its reader's check)."""
+    run, events = run_dir
+    made = make_label(events[0]["event_id"], run / events[0]["evidence"], GOOD, who="ann")
+    assert Path(made.image).is_absolute()
+    moved = copy_run(run, tmp_path / "elsewhere" / "line")
+    gone = ReviewLabel(**{**made.__dict__, "image": str(tmp_path / "old-place" / events[0]["evidence"])})
+    found = label_image(gone, moved / "labels.jsonl")
+    assert found == moved / events[0]["evidence"] and sha(found) == made.image_sha256
+    assert not label_image(gone, tmp_path / "nowhere" / "labels.jsonl").is_file()   # not found: the old path
+
+
 def test_evidence_changed_since_the_run_is_listed_and_cannot_be_labelled(run_dir, tmp_path):
     from mrkd.runtime.control import LineControl
     folder = copy_run(run_dir[0], tmp_path / "run")
