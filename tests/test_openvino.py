@@ -313,3 +313,24 @@ def test_export_records_the_bf16_check_and_auto_runs_what_it_allows(tmp_path, th
             assert machine_facts().cpu_vendor not in X86_VENDORS or machine_facts().nvidia_gpu
     finally:
         detector.close()
+
+
+def test_a_truncated_onnx_is_one_line_without_openvinos_tensorflow_noise(tmp_path):
+    """OpenVINO's read_model tries every frontend on a file it cannot parse, and TensorFlow's printed
+    C++ log lines ("Error parsing text-format tensorflow.GraphDef") before our error: the ONNX frontend
+    is asked directly, so the error is the one line."""
+    import subprocess
+    import sys
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    cut = tmp_path / "cut.onnx"
+    data = model.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])          # no sidecar: the backend itself meets the file
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), _frames(1)[0])
+    done = subprocess.run([sys.executable, "-m", "mrkd.cli", "run", str(cut), "--backend", "openvino", "--source",
+                           str(frames)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "GraphDef" not in done.stderr and "tensorflow" not in done.stderr.lower(), done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "OpenVINO cannot read the model" in errors[0], done.stderr

@@ -77,9 +77,16 @@ class OpenVinoBackend(Backend):
         self.model_path = Path(model_path)
         core = ov.Core()
         try:
-            model = core.read_model(str(self.model_path))
+            if self.model_path.suffix.lower() == ".onnx":
+                # the ONNX frontend itself: read_model tries every frontend on a file it cannot parse, and
+                # TensorFlow's prints C++ log lines ("Error parsing text-format GraphDef") before our error
+                frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+                model = frontend.convert(frontend.load(str(self.model_path)))
+            else:
+                model = core.read_model(str(self.model_path))
         except Exception as exc:  # OpenVINO raises its own exception types for unreadable files
-            raise BackendError(f"{self.model_path}: OpenVINO cannot read the model ({exc})") from exc
+            reason = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise BackendError(f"{self.model_path}: OpenVINO cannot read the model ({reason})") from exc
         if len(model.inputs) != 1:
             raise BackendError(f"{self.model_path}: expected one model input, found "
                                f"{[i.get_any_name() for i in model.inputs]}")
