@@ -93,6 +93,12 @@ def test_predict_scores_decisions_maps_and_skips_a_corrupt_file(tmp_path):
     assert roc_auc_score([labels[row["path"]] for row in rows], scores) == pytest.approx(expected)
     with open(out / "skipped.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 1
+    # a second prediction into the same folder is refused before anything is written (it mixed two runs)
+    from mrkd.errors import SettingError
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SettingError, match="holds an earlier prediction"):
+        predict(model, items[0].path, out, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_predict_a_single_file(tmp_path):

@@ -15,6 +15,7 @@ from typing import List
 import numpy as np
 
 from mrkd.atomic import atomic_write_bytes, atomic_write_text
+from mrkd.errors import SettingError
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.train.evaluate import write_png
 from mrkd.runtime.calibration import Calibration
@@ -58,6 +59,11 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
     from mrkd.runtime.preprocess import normalize_batch, resize_square
 
     out_dir = Path(out_dir)
+    earlier = [name for name in (SCORES_FILE, SKIPPED_FILE, "maps", "overlays") if (out_dir / name).exists()]
+    if earlier:
+        # a second prediction into the same folder mixed two runs (scores.csv of one, maps of both)
+        raise SettingError(f"{out_dir}: holds an earlier prediction ({', '.join(earlier)}); predictions are never "
+                           "written over one another: name a new folder (-o)")
     paths = list_inputs(inputs)
     names = _unique_stems(paths)
     config, calibration = model.config, Calibration.of(model.calibration, "model calibration")
