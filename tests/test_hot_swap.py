@@ -209,6 +209,14 @@ def _reap(proc) -> None:
         proc.wait()
 
 
+def _stop(proc, stderr_path: Path) -> dict:
+    """SIGTERM the run, wait for it: it must end with exit 0; its summary."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr_path.read_text()
+    return json.loads(out[out.index("{"):])
+
+
 def _events(path: Path):
     if not path.exists():
         return []
@@ -252,12 +260,9 @@ def test_live_run_is_hot_swapped_by_sighup_and_refuses_a_half_written_model(tmp_
         _wait_for(lambda: "REFUSED" in stderr_path.read_text(), 60, "the refusal")
         after_refusal = len(_events(events))
         _wait_for(lambda: len(_events(events)) >= after_refusal + 3, 60, "alarms after the refusal")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        summary = _stop(proc, stderr_path)
     finally:
         _reap(proc)
-    assert proc.returncode == 0, stderr_path.read_text()
-    summary = json.loads(out[out.index("{"):])
     swaps = summary["model_swaps"]
     assert [s["outcome"] for s in swaps] == ["swapped", "refused"], swaps
     assert swaps[0]["old_sha256"] == sha_a and swaps[0]["new_sha256"] == sha_b
@@ -326,12 +331,9 @@ def test_sighup_while_the_line_starts_is_answered_once_it_runs(tmp_path):
         _wait_for(lambda: any(e["model_sha256"] == sha_b for e in _events(events)) or proc.poll() is not None,
                   60, "alarms of the new model")
         assert proc.poll() is None, stderr_path.read_text()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        swaps = _stop(proc, stderr_path)["model_swaps"]
     finally:
         _reap(proc)
-    assert proc.returncode == 0, stderr_path.read_text()
-    swaps = json.loads(out[out.index("{"):])["model_swaps"]
     assert [(s["reason"], s["outcome"], s["old_sha256"], s["new_sha256"]) for s in swaps] == [
         ("SIGHUP during start-up", "swapped", sha_a, sha_b)], swaps
 
@@ -441,12 +443,9 @@ def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
         code_, answer = _post(url, "/reload", b"", token)
         assert code_ == 200 and reload_took(answer, live, sha_b), answer
         _wait_for(lambda: any(e["model_sha256"] == sha_b for e in _events(events)), 60, "alarms of the new model")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        swaps = _stop(proc, stderr_path)["model_swaps"]
     finally:
         _reap(proc)
-    assert proc.returncode == 0, stderr_path.read_text()
-    swaps = json.loads(out[out.index("{"):])["model_swaps"]
     assert [(s["reason"], s["outcome"], s["new_sha256"]) for s in swaps] == [("http", "swapped", sha_b)]
     boundary = swaps[0]["frames_before"]
     for event in _events(events):

@@ -84,12 +84,17 @@ def with_twin(folder: Path, event: dict) -> dict:
     return twin
 
 
-def test_a_contradicting_mark_is_refused_unwritten_and_marking_both_together_settles_it(run_dir, tmp_path):
+def twinned_run(run_dir, tmp_path):
+    """A copy of the run whose first event has a twin (same image): (folder, first event, its id, the
+    twin's id, events log, label file)."""
     folder = copy_run(run_dir[0], tmp_path / "run")
     first = run_dir[1][0]
     twin = with_twin(folder, first)
-    a, b = first["event_id"], twin["event_id"]
-    log, labels = folder / "events.jsonl", folder / "labels.jsonl"
+    return folder, first, first["event_id"], twin["event_id"], folder / "events.jsonl", folder / "labels.jsonl"
+
+
+def test_a_contradicting_mark_is_refused_unwritten_and_marking_both_together_settles_it(run_dir, tmp_path):
+    folder, first, a, b, log, labels = twinned_run(run_dir, tmp_path)
     assert mrkd("review", log, "--labels", labels, "--mark", a, "--as", "good").returncode == 0
     before = labels.read_bytes()
     error = one_error(mrkd("review", log, "--labels", labels, "--mark", b, "--as", "defect"),
@@ -103,11 +108,7 @@ def test_a_contradicting_mark_is_refused_unwritten_and_marking_both_together_set
 
 
 def test_a_file_that_holds_a_contradiction_is_listed_refit_refuses_it_one_mark_settles_it(run_dir, tmp_path):
-    folder = copy_run(run_dir[0], tmp_path / "run")
-    first = run_dir[1][0]
-    twin = with_twin(folder, first)
-    a, b = first["event_id"], twin["event_id"]
-    log, labels = folder / "events.jsonl", folder / "labels.jsonl"
+    folder, first, a, b, log, labels = twinned_run(run_dir, tmp_path)
     image = folder / first["evidence"]
     # written by hand (or an older mrkd): the same image good under one event, defect under the other
     lines = [make_label(a, image, GOOD, who="ann"), make_label(b, image, DEFECT, who="bob")]
