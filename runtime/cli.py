@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Optional
@@ -233,6 +234,20 @@ def pop_camera_defaults(options: dict, part: dict) -> dict:
     return defaults
 
 
+def summary_json(summary: dict) -> str:
+    """The summary as strict JSON: a number that is not finite (the latency of a camera that never
+    delivered a frame) is null, as /healthz has it; bare NaN broke jq and JavaScript readers."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+    return json.dumps(finite(summary), indent=2, allow_nan=False)
+
+
 def check_summary_target(path) -> None:
     """``--summary FILE`` may replace an earlier run's summary, never another file (a model, its sidecar,
     an events log): said before the line starts, not after a shift's work."""
@@ -418,13 +433,15 @@ def run_command(model, sources, line_file, **options):
         release_hangups(held)
         for detector in detectors.values():
             detector.close()
-    click.echo(json.dumps(summary, indent=2))
-    failing = [f"{name} ({health['failed']} failed: {health['detail']})"
-               for name, health in summary.get("outputs", {}).items() if not health["ok"] or health["failed"]]
+    text = summary_json(summary)
+    click.echo(text)
+    failing = [f"{name} ({health['failed']} failed, {health.get('dropped', 0)} dropped: {health['detail']})"
+               for name, health in summary.get("outputs", {}).items()
+               if not health["ok"] or health["failed"] or health.get("dropped")]
     if failing:
         click.echo("WARNING: outputs that did not deliver everything: " + "; ".join(failing), err=True)
     if summary_path:
-        atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(summary_path, text + "\n")
     unread = [name for name, camera in (summary.get("cameras") or {}).items() if not triggered
               and camera.get("frames") == 0 and (camera.get("source") or {}).get("bad_frames")]
     if unread:      # a folder of files none of which is an image judged nothing: not a successful run

@@ -241,6 +241,28 @@ def test_a_stop_while_the_line_starts_ends_it_cleanly(line, tmp_path, sig):
     assert summary["stopped_early"] and summary["frames"] <= 2, summary
 
 
+def test_the_summary_is_strict_json_when_a_camera_never_delivered(line, tmp_path):
+    """A camera that never delivered a frame has no latency: its percentiles are null, not bare NaN
+    (not JSON: jq and JavaScript refused the summary), in the printed summary and --summary's file."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+    code = ("import sys\nfrom mrkd.cli import main\n"
+            f"main(['run', {str(line['model'])!r}, '--source', 'rtsp://127.0.0.1:1/cam', '--status-every', '0', "
+            f"'--summary', {str(tmp_path / 's.json')!r}])")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        time.sleep(4.0)
+        out, err, _ = _sigterm_and_wait(process, timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    summary = strict(out[out.index("{"):])
+    assert summary["frames"] == 0 and strict((tmp_path / "s.json").read_text()) == summary
+    latency = summary["cameras"]["cam0"]["latency_ms"]
+    assert latency and all(value is None for value in latency.values()), latency
+
+
 def test_first_status_line_names_the_threshold_and_where_it_comes_from(line):
     done = mrkd("run", line["model"], "--source", line["video"], "--status-every", "0")
     first = done.stderr.splitlines()[0]

@@ -38,9 +38,20 @@ def test_bad_urls_are_refused_naming_the_problem(url, message):
 
 
 def test_url_parts():
-    s = MqttSettings.from_url("mqtts://u%40x:pw@broker.local/plant/line1", results_rate=2.0)
+    s = MqttSettings.from_url("mqtts://u%40x@broker.local/plant/line1", results_rate=2.0, password="pw")
     assert (s.host, s.port, s.prefix, s.tls, s.username, s.password, s.results_rate) == \
         ("broker.local", 8883, "plant/line1", True, "u@x", "pw", 2.0)
+    assert MqttSettings.from_url("mqtts://h/x", tls=False).tls                # the CLI's default cannot undo it
+    with pytest.raises(MqttSettingsError, match=r"mqtt://u:\*\*\*@h/x: carries a password") as refused:
+        MqttSettings.from_url("mqtt://u:s3cret@h/x")                        # it would show in the process list
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_ca_file_that_is_no_certificate_is_refused_at_the_start(tmp_path):
+    junk = tmp_path / "ca.pem"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n an image, not a certificate")
+    with pytest.raises(MqttSettingsError, match="holds no usable certificate"):
+        MqttSettings.from_url("mqtts://h/x", ca_certs=str(junk))
     assert MqttSettings.from_url("mqtt://h").port == 1883 and MqttSettings.from_url("mqtt://h").prefix == "mrkd"
 
 
@@ -197,16 +208,24 @@ def test_password_and_tls_a_wrong_password_is_counted_not_fatal(tmp_path):
         model = build_tiny_model(tmp_path / "m.onnx")
         subscriber = MqttRecorder(broker.port, "#", username="line7", password="s3cret", ca=ca)
         assert broker.url("p").startswith("mqtts://")
+        # tls=False is what the CLI passes without --mqtt-tls: mqtts:// must stay TLS (it connected in clear)
         good = MqttObserver(MqttSettings.from_url(broker.url("good"), username="line7", password="s3cret",
-                                                  ca_certs=ca))
+                                                  ca_certs=ca, tls=False))
+        assert good.settings.tls
         wrong = MqttObserver(MqttSettings.from_url(broker.url("wrong"), username="line7", password="guess",
                                                    ca_certs=ca), close_deadline_s=0.5)
+        other = tmp_path / "other"
+        other.mkdir()
+        untrusting = MqttObserver(MqttSettings.from_url(broker.url("untrusted"), username="line7", password="s3cret",
+                                                        ca_certs=_certificates(other)[0]), close_deadline_s=0.5)
         frames = DrivenFrames()
-        run = LineRun(model, {"cam0": frames}, [good, wrong],
+        run = LineRun(model, {"cam0": frames}, [good, wrong, untrusting],
                       build_outputs(OutputSettings(events=str(tmp_path / "events.jsonl"))))
         frames.defects(2)
         assert wait_for(lambda: len(subscriber.bodies("good/cam0/event")) == 2, 10), subscriber.messages
         assert wait_for(lambda: wrong.failures()["cam0"] >= 1, 10)
+        # a broker whose certificate --mqtt-ca does not trust is named so, not "unreachable: no answer"
+        assert wait_for(lambda: "does not trust" in untrusting.health().detail, 15), untrusting.health()
         run.stop()
         assert not [t for t, _, _ in subscriber.messages if t.startswith("wrong/")]
         assert good.failures() == {"cam0": 0} and not wrong.links["cam0"].connected.is_set()

@@ -7,7 +7,7 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     debounce = "2/3"
 
     [[camera]]
-    name = "left"                      # letters, digits, _ - . (snapshot folder, metrics label)
+    name = "left"                      # letters, digits, _ - . (a letter or digit first; folder, metrics label)
     source = "rtsp://10.0.0.5/stream"  # any mrkd run source
     model = "models/weave.onnx"        # relative paths are read from the line file's folder
     threshold = 0.42                   # default: the model's calibrated threshold

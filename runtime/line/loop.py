@@ -125,8 +125,8 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
     seen = set()
     for camera in cameras:
         if not isinstance(camera.name, str) or not CAMERA_NAME.match(camera.name):
-            raise LineError(f"camera name {camera.name!r}: use 1-64 letters, digits, '_', '-', '.' "
-                            f"(it names the snapshot folder and the metrics label)")
+            raise LineError(f"camera name {camera.name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a "
+                            f"letter or digit (it names the snapshot folder and the metrics label)")
         if camera.name in seen:
             raise LineError(f"camera name {camera.name!r} is used twice")
         seen.add(camera.name)

@@ -27,6 +27,7 @@ import os
 import queue
 import socket
 import threading
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -81,11 +82,17 @@ class MqttSettings:
             raise MqttSettingsError("MQTT: queue size and in-flight limit must be >= 1")
         if self.ca_certs is not None and not os.path.isfile(self.ca_certs):
             raise MqttSettingsError(f"MQTT: CA file {self.ca_certs} does not exist")
+        if self.ca_certs is not None:      # said at the start, not as a traceback when the first camera starts
+            try:
+                ssl.create_default_context(cafile=self.ca_certs)
+            except (ssl.SSLError, ValueError) as exc:
+                raise MqttSettingsError(f"MQTT: CA file {self.ca_certs} holds no usable certificate "
+                                        f"({getattr(exc, 'reason', None) or exc})") from None
 
     @classmethod
     def from_url(cls, url: str, **options) -> "MqttSettings":
-        """``mqtt://HOST[:PORT]/PREFIX`` (``mqtts://`` = TLS, port 8883 by default); user:password@ in
-        the URL is accepted too, but options override it."""
+        """``mqtt://HOST[:PORT]/PREFIX`` (``mqtts://`` = TLS, port 8883 by default); user@ in the URL is
+        accepted too (options override it), a password is not (it comes from an environment variable)."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise MqttSettingsError(f"MQTT URL must look like mqtt://HOST:PORT/PREFIX, got {url!r}")
@@ -93,7 +100,12 @@ class MqttSettings:
             port = parts.port
         except ValueError:
             raise MqttSettingsError(f"MQTT URL {url!r}: the port is not a number 1..65535") from None
-        tls = parts.scheme == "mqtts" or bool(options.pop("tls", False))
+        if parts.password:     # it would show in the process list; the password comes from a variable
+            raise MqttSettingsError(f"MQTT URL {redact_uri(url)}: carries a password; give the user in the URL or "
+                                    "--mqtt-username and the password in an environment variable "
+                                    "(--mqtt-password-env VAR)")
+        asked_tls = bool(options.pop("tls", False))     # popped whatever the scheme: "mqtts" must not be undone
+        tls = parts.scheme == "mqtts" or asked_tls
         prefix = unquote(parts.path.strip("/")) or "mrkd"
         values = dict(host=parts.hostname, port=port if port is not None else (8883 if tls else 1883), prefix=prefix,
                       tls=tls,
@@ -176,9 +188,10 @@ class _CameraLink:
     # -- paho callbacks (its network thread)
     def _on_connect(self, client, _userdata, _flags, reason_code, _properties=None):
         if getattr(reason_code, "is_failure", False):
+            # not a lost message (the queue keeps them): the state says it; failed/dropped count messages
             self.errors += 1
-            self.delivery.failed_one(f"broker {self.broker} refused camera {self.info.name}: {reason_code}",
-                                     state="refused")
+            self.delivery.set_failing(f"broker {self.broker} refused camera {self.info.name}: {reason_code}",
+                                      state="refused")
             return
         # Online on every connect: a broker that restarted without persistence has lost the retained one.
         client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
@@ -188,16 +201,34 @@ class _CameraLink:
         self._wake.set()
 
     def _on_connect_fail(self, _client, _userdata):
-        """paho could not reach the broker (refused, unknown host, no answer); it keeps retrying. Counted
-        as a failed attempt in the output's health, not as a lost message (the queue keeps them)."""
+        """paho could not reach the broker (refused, unknown host, no answer, a TLS handshake that
+        failed); it keeps retrying. The output is failing (state and detail, rate-limited warnings), but
+        nothing is lost yet: the queue keeps the messages, and failed/dropped count messages only."""
         self.connect_failures += 1
         try:
             socket.getaddrinfo(self.settings.host, self.settings.port)
-            why = f"no MQTT broker reachable at {self.broker} (connection refused or no answer within " \
-                  f"{self.settings.connect_timeout:g} s)"
+            why = self._tls_refusal() or (f"no MQTT broker reachable at {self.broker} (connection refused or no "
+                                          f"answer within {self.settings.connect_timeout:g} s)")
         except OSError:
             why = f"unknown broker host {self.settings.host!r}"
-        self.delivery.failed_one(f"{why}; retrying", state="unreachable")
+        self.delivery.set_failing(f"{why}; retrying ({self.connect_failures} attempts)", state="unreachable")
+
+    def _tls_refusal(self) -> Optional[str]:
+        """Why a TLS broker that accepts TCP refuses the handshake (paho only says the connect failed):
+        its certificate not trusted by --mqtt-ca, or no TLS on that port; None when that is not it."""
+        if not self.settings.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.settings.ca_certs)
+        try:
+            with socket.create_connection((self.settings.host, self.settings.port), timeout=1.0) as raw:
+                with context.wrap_socket(raw, server_hostname=self.settings.host):
+                    return None
+        except ssl.SSLCertVerificationError as exc:
+            return f"the broker at {self.broker} presents a certificate --mqtt-ca does not trust ({exc.verify_message})"
+        except ssl.SSLError as exc:
+            return f"no TLS handshake with {self.broker} ({exc.reason or exc}; is it a TLS port?)"
+        except OSError:
+            return None
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties=None):
         if self.connected.is_set() and not self.closing.is_set():

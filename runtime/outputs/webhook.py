@@ -197,6 +197,9 @@ class WebhookSender:
         self._queue.drain()          # whatever did not make it is dropped, then the sentinel ends the worker
         self._queue.put(None)
         self._thread.join(timeout=max(0.0, end - time.monotonic()) + self.timeout + 1)
+        if self.dropped:             # said, never silent (after the worker's last post, which would say "ok")
+            self.delivery.set_failing(f"{self.dropped} event(s) never posted to {self.delivery.target} "
+                                      f"(queue full, or still queued at the stop)", state="dropped")
 
     def stats(self) -> dict:
         return {"sent": self.sent, "failed": self.failed, "dropped": self.dropped}
