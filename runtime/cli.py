@@ -314,7 +314,9 @@ def check_summary_target(path) -> None:
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
               help="Write annotated frames (heat-map, score, threshold) to this video file (.avi: MJPG).")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
-@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop each camera after this many frames.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+              help="Stop each camera after this many frames; the run ends when every camera has (a network camera "
+                   "that never comes up keeps it running: it is tried again until a signal stops the run).")
 @click.option("--status-every", type=seconds(0), default=5.0, show_default=True,
               help="Seconds between status lines (fps, latency p50/p99, dropped frames); 0 = none.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=1, show_default=True,
