@@ -97,6 +97,39 @@ def test_events_and_a_retained_status_for_late_subscribers(tmp_path, broker):
         recorder.close()
 
 
+def test_a_status_queued_while_the_broker_was_away_is_not_retained_stale(tmp_path):
+    """The camera's status, queued while no broker answered, went out after the fresh one published on
+    connect, so the retained status was the old one (its time from before the broker came up)."""
+    import datetime as dt
+    from mrkd.benchmarks.mosquitto import free_port
+    require_program("mosquitto", ["mosquitto"])
+    model = build_tiny_model(tmp_path / "m.onnx")
+    port = free_port()
+    observer = MqttObserver(MqttSettings.from_url(f"mqtt://127.0.0.1:{port}/st", connect_timeout=1.0))
+    frames = DrivenFrames()
+    run = LineRun(model, {"cam": frames}, [observer], [])
+    broker = None
+    try:
+        # the camera is up: its status went to the sender, which holds it until a broker answers
+        assert wait_for(lambda: "cam" in observer.links and observer.links["cam"].source_up, 10)
+        time.sleep(1.2)
+        up = dt.datetime.now(dt.timezone.utc)
+        (tmp_path / "b").mkdir()
+        broker = Mosquitto(folder=tmp_path / "b", port=port).start()
+        assert wait_for(lambda: observer.links["cam"].connected.is_set() and not observer.links["cam"].pending(), 15)
+        time.sleep(0.5)                                          # whatever was queued has gone out
+        late = MqttRecorder(port, "st/cam/status")
+        assert wait_for(lambda: late.messages, 5)
+        _, status, retained = late.messages[-1]
+        assert retained and status["state"] == "online"
+        assert dt.datetime.fromisoformat(status["time"]) >= up, (status["time"], up.isoformat())
+        late.close()
+    finally:
+        run.stop()
+        if broker is not None:
+            broker.kill()
+
+
 def test_a_hot_swap_is_published_events_name_the_model_that_judged_them(broker):
     """After on_model (a hot swap) the retained status names the new model for late subscribers, and
     each event keeps the model that judged it, also one judged by the old model and sent after the swap."""

@@ -305,6 +305,10 @@ class _CameraLink:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            if pending.topic == self.status_topic:
+                # a status queued while the broker was away is sent as the camera is now: sent after the one
+                # the connect published, the older one would have become the retained status
+                pending = _Message(pending.topic, self._status_payload("online"), pending.qos, pending.retain)
             if self._hand_over(pending) or pending.qos == 0:
                 self.queue.done()
                 pending = None
