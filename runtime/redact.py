@@ -15,6 +15,7 @@ REDACTED = "***"
 # Query parameter names that carry a secret (matched as whole words inside the name, any case).
 SECRET_PARAMS = re.compile(r"(pass|pwd|token|secret|key|auth|sig|signature|credential|session|cookie|bearer)",
                            re.IGNORECASE)
+_PATH_PARAM = re.compile(r";(?P<name>[^;=/?#]+)=(?P<value>[^;/?#]*)")
 _AUTHORITY = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/?#]*)")
 
 
@@ -35,14 +36,22 @@ def redact_uri(uri: object) -> str:
         parts = urlsplit(text)
     except ValueError:
         return text
-    if not parts.query:
+    # the same secret-looking names in the query, the fragment (#token=...) and path parameters (;password=...)
+    path = _PATH_PARAM.sub(lambda m: f";{m['name']}={REDACTED}" if SECRET_PARAMS.search(m["name"]) else m[0],
+                           parts.path)
+    query, fragment = _redacted_pairs(parts.query), _redacted_pairs(parts.fragment)
+    if (path, query, fragment) == (parts.path, parts.query, parts.fragment):
         return text
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    return urlunsplit(parts._replace(path=path, query=query, fragment=fragment))
+
+
+def _redacted_pairs(text: str) -> str:
+    """``a=1&token=x`` with the values of secret-looking names replaced; ``text`` itself when none is."""
+    pairs = parse_qsl(text, keep_blank_values=True) if text else []
     if not any(SECRET_PARAMS.search(name) for name, _ in pairs):
         return text
-    query = "&".join(f"{quote(name, safe='')}={REDACTED if SECRET_PARAMS.search(name) else quote(value, safe='')}"
-                     for name, value in pairs)
-    return urlunsplit(parts._replace(query=query))
+    return "&".join(f"{quote(name, safe='')}={REDACTED if SECRET_PARAMS.search(name) else quote(value, safe='')}"
+                    for name, value in pairs)
 
 
 def _looks_secret_alone(user: str) -> bool:

@@ -375,6 +375,9 @@ SECRETS = ("hunter2", "tok3n")
 def test_redact_uri_keeps_what_names_the_camera():
     assert redact_uri(SECRET_URI) == "rtsp://admin:***@10.0.0.5:554/stream1?token=***&channel=1"
     assert redact_uri("rtsp://u:p@ss@cam/s") == "rtsp://u:***@cam/s"           # an unescaped @ in the password
+    assert redact_uri("http://cam/live#token=t0k&view=2") == "http://cam/live#token=***&view=2"      # fragment
+    assert redact_uri("rtsp://cam/s;password=pw;profile=1/x") == "rtsp://cam/s;password=***;profile=1/x"
+    assert redact_uri("http://cam/page#section2") == "http://cam/page#section2"
     assert redact_uri("http://cam/video.mjpg?API_KEY=k&fps=5&Password=p") == \
         "http://cam/video.mjpg?API_KEY=***&fps=5&Password=***"
     for plain in ("rtsp://cam/s", "/data/parts.avi", "0", "memory", "http://cam/a@b?fps=5"):
