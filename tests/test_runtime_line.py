@@ -212,6 +212,15 @@ def test_bad_camera_names_are_refused(two_models, cameras, message):
         Line(tuple(Camera(name, [], str(two_models[0])) for name in cameras))
 
 
+def test_one_gige_camera_opened_by_two_cameras_of_a_line_is_refused(two_models):
+    """A GigE camera takes one controlling client: the second open failed after a 10 s control timeout
+    with an error about trigger mode; now the line says so before opening anything. A video file may be
+    read by two cameras (two models on one recording)."""
+    with pytest.raises(LineError, match=r"cameras 'a' and 'b' both open gige://CAM-7"):
+        Line((Camera("a", "gige://CAM-7", str(two_models[0])), Camera("b", "gige://CAM-7", str(two_models[1]))))
+    Line((Camera("a", "clip.avi", str(two_models[0])), Camera("b", "clip.avi", str(two_models[1]))))
+
+
 # ---------------------------------------------------------------- line file
 
 def _line_text(model, body):

@@ -123,7 +123,14 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
     if not cameras:
         raise LineError("a line needs at least one camera")
     seen = set()
+    controlled: Dict[str, str] = {}     # a GigE camera has one controlling client: two cameras cannot open one
     for camera in cameras:
+        uri = camera.source if isinstance(camera.source, str) else ""
+        if uri.startswith("gige://"):
+            if uri in controlled:
+                raise LineError(f"cameras {controlled[uri]!r} and {camera.name!r} both open {uri}: a GigE camera "
+                                f"takes one controlling client (give it once; --part-images takes several a part)")
+            controlled[uri] = camera.name
         if not isinstance(camera.name, str) or not CAMERA_NAME.match(camera.name):
             raise LineError(f"camera name {camera.name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a "
                             f"letter or digit (it names the snapshot folder and the metrics label)")
