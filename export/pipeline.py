@@ -149,8 +149,10 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         except TensorRTUnavailableError as exc:
             result.tensorrt_error = str(exc)
     elif int8_images and engine is None:
-        result.engine_note = (f"TensorRT engines were not built because {unavailable} (the "
-                              f"INT8 model is for CPU runtimes: mrkd run --backend onnxruntime or openvino); "
+        runs_here = ("the INT8 model runs on CPU runtimes here: mrkd run --backend onnxruntime or openvino"
+                     if int8_target == "cpu" else "the tensorrt INT8 form also runs on ONNX Runtime, more slowly than "
+                     "the cpu form (--int8-target cpu)")
+        result.engine_note = (f"TensorRT engines were not built because {unavailable} ({runs_here}); "
                               f"to build one: {NO_TENSORRT_HINT.split('To build the engine: ', 1)[-1]}"
                               if unavailable else
                               "TensorRT engine not built: the cpu INT8 form is for CPU runtimes (TensorRT "

@@ -112,6 +112,39 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
         train(tiny_data(), CATEGORY, out, changed, backbone="resnet18", teacher_weights="random")
 
 
+@pytest.mark.slow
+def test_resume_on_another_data_folder_is_a_clear_error(tmp_path):
+    """The same --out on another folder of images resumed (or "finished") the first folder's model without
+    a word: the run's identity now holds the data folder."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run()["out_dir"], out)
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_data(), other)                       # the same images, but not the folder it trained on
+    with pytest.raises(CheckpointError, match=r"data_root: saved .* != now .*copy"):
+        train(other, CATEGORY, out, TrainConfig(**TINY), backbone="resnet18", teacher_weights="random")
+
+
+def test_skip_unreadable_skips_in_a_plain_folder_too(tmp_path):
+    """--skip-unreadable was honoured for the MVTec layout only: a plain folder with a cut file failed,
+    naming the option it had been given."""
+    import warnings
+    from mrkd.train.data import DataError, scan_folder
+    folder = tmp_path / "good"
+    shutil.copytree(Path(tiny_data()) / CATEGORY / "train" / "good", folder)
+    whole = sorted(folder.iterdir())
+    (folder / "zz_cut.png").write_bytes(whole[0].read_bytes()[:40])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        paths = scan_folder(folder, skip_unreadable=True)
+    assert sorted(paths) == sorted(str(p) for p in whole)
+    assert any("skipped 1 unreadable" in str(w.message) for w in said)
+    assert len(scan_folder(folder)) == len(whole) + 1            # without the option it is listed (and fails later)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="no readable training images"):
+        scan_folder(tmp_path / "junk", skip_unreadable=True)
+
+
 def test_training_with_workers_leaves_sigchld_as_it_found_it(tmp_path, monkeypatch):
     """DataLoader workers install torch's SIGCHLD handler for the whole process (with OpenVINO loaded
     later, the next child's exit crashed the interpreter); train() and the test-split evaluation put

@@ -91,7 +91,8 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help="'imagenet' (named ImageNet weights), a state-dict file path, or 'random' (plumbing only).")
 @click.option("--image-size", default=256, show_default=True, help="Square input size in pixels.")
 @click.option("--epochs", default=200, show_default=True, help="Training epochs.")
-@click.option("--batch-size", default=16, show_default=True, help="Images per step (per process under torchrun).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Images per step (per process under torchrun).")
 @click.option("--lr", default=0.005, show_default=True, help="Adam learning rate (betas 0.5, 0.999).")
 @click.option("--seed", default=111, show_default=True, help="Random seed (torch, numpy, random, workers).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -120,7 +121,7 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help=CONFIDENCE_HELP)
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from <out>/<category>/last.ckpt when present (same settings required).")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision (CUDA only).")
 @click.option("--feature-cache", type=click.Choice(["auto", "fp32", "fp16", "off"]), default="auto",
               show_default=True,
@@ -231,7 +232,8 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
                    "<category>/last.ckpt (the final epoch of training); default: every category found there.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Write metrics.json, roc.png, score_histogram.png and overlays here (per category).")
-@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--test-time-mask/--no-test-time-mask", default=None,
               help="Override the model's feature masking at test time (the official code masks).")
@@ -260,7 +262,8 @@ def eval_command(checkpoint, data_root, categories, out, batch_size, device, tes
 @click.argument("inputs")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Output folder: scores.csv, maps/*.npy, overlays/*.png, skipped.csv.")
-@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--no-maps", is_flag=True, help="Do not write the .npy anomaly maps.")
 @click.option("--no-overlays", is_flag=True, help="Do not write the heat-map overlay PNGs.")

@@ -43,7 +43,8 @@ ILM_SOURCES = ("same", "other")
 
 
 # Where a reader meets an unreadable image: the option that skips such files, for the CLI and for Python.
-SKIP_UNREADABLE_HINT = "mrkd train --skip-unreadable skips such files (Python: skip_unreadable=True)"
+SKIP_UNREADABLE_HINT = ("take it out of the folder (training: mrkd train --skip-unreadable skips such files; "
+                        "Python: skip_unreadable=True)")
 
 
 class DataError(MrkdError, ValueError):
@@ -191,21 +192,31 @@ def _some(paths: Sequence[str], count: int = 3) -> str:
     return shown + (f" and {len(paths) - count} more" if len(paths) > count else "")
 
 
-def scan_folder(folder) -> List[str]:
-    """Good images directly inside ``folder`` (not recursive), or matching a glob such as 'cam1/*.jpg'."""
+def scan_folder(folder, skip_unreadable: bool = False) -> List[str]:
+    """Good images directly inside ``folder`` (not recursive), or matching a glob such as 'cam1/*.jpg'.
+    skip_unreadable=True decodes every file now and skips (with a warning) those that cannot be read."""
     text = str(folder)
     if is_glob_pattern(text) and not Path(text).exists():
         paths = [str(p) for p in list_images(text)]
         if not paths:
             raise DataError(f"no image files match {text!r}")
-        return paths
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"missing folder {folder} (a folder of good images, or a glob like 'dir/*.png')")
-    paths, _ = _image_files(folder)
-    if not paths:
-        raise DataError(f"no image files in {folder} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)")
-    return [str(p) for p in paths]
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"missing folder {folder} (a folder of good images, or a glob like 'dir/*.png')")
+        found, _ = _image_files(folder)
+        if not found:
+            raise DataError(f"no image files in {folder} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)")
+        paths = [str(p) for p in found]
+    if skip_unreadable:
+        readable = [p for p in paths if _readable(Path(p), read_image)]
+        if len(readable) < len(paths):
+            warnings.warn(f"{text}: skipped {len(paths) - len(readable)} unreadable file(s), e.g. "
+                          f"{next(p for p in paths if p not in set(readable))}")
+        if not readable:
+            raise DataError(f"no readable training images in {text}")
+        paths = readable
+    return paths
 
 
 def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:

@@ -258,12 +258,16 @@ def _write_history(out_dir: Path, history: List[dict]) -> None:
 
 def _run_identity(config: TrainConfig, backbone: str, teacher_weights: str, data_root, category) -> dict:
     identity = {k: v for k, v in config.to_dict().items() if k not in TrainConfig.RESUMABLE_CHANGES}
-    identity.update(backbone=backbone, teacher_weights=str(teacher_weights), category=category or "")
+    # the data too: a run in the same --out on another folder resumed (or "finished") the first folder's model
+    identity.update(backbone=backbone, teacher_weights=str(teacher_weights), category=category or "",
+                    data_root=str(Path(str(data_root)).resolve()))
     return identity
 
 
 # What runs saved before a setting existed did: patches always came from another image.
 IDENTITY_BEFORE_FIELD = {"ilm_source": "other"}
+# What runs saved before a field existed did not record, so it cannot be compared (the data folder).
+IDENTITY_UNRECORDED = ("data_root",)
 
 
 def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
@@ -275,7 +279,8 @@ def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
     if state is None:
         raise CheckpointError(f"{path}: holds no training state; cannot resume (use --no-resume to start over)")
     saved = {**IDENTITY_BEFORE_FIELD, **state["identity"]}
-    differences = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    unrecorded = {k for k in IDENTITY_UNRECORDED if k not in saved}     # runs saved before the field existed
+    differences = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v and k not in unrecorded}
     if differences:
         lines = ", ".join(f"{k}: saved {old!r} != now {new!r}" for k, (old, new) in differences.items())
         raise CheckpointError(f"{path}: was trained with other settings ({lines}); use the same settings, "
@@ -358,7 +363,7 @@ def _load_data(data_root, category: Optional[str], config: TrainConfig, skip_unr
                              require_masks=require_masks)
         train_paths, test_items = data.train_paths, data.test_items
     else:
-        train_paths, test_items = scan_folder(data_root), []
+        train_paths, test_items = scan_folder(data_root, skip_unreadable=skip_unreadable), []
     fit_paths, holdout_paths = split_holdout(train_paths, config)
     return TrainData(fit_paths, holdout_paths, test_items)
 
