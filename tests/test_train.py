@@ -145,6 +145,29 @@ def test_skip_unreadable_skips_in_a_plain_folder_too(tmp_path):
         scan_folder(tmp_path / "junk", skip_unreadable=True)
 
 
+def test_an_unfinished_runs_checkpoint_is_named_so_by_what_uses_it(tmp_path):
+    """last.ckpt is also the snapshot of a run that was killed (or still runs): evaluating, predicting
+    with, exporting or recalibrating it said nothing, though its bank and threshold are not the finished
+    model's. A finished run records finished=True and gets no such line."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    finished = Path(trained_run()["out_dir"]) / "last.ckpt"
+    data = torch.load(finished, weights_only=True)
+    assert data["train_state"]["finished"] is True and data["train_state"]["epochs_planned"] == TINY["epochs"]
+    killed = tmp_path / "killed" / "last.ckpt"
+    killed.parent.mkdir()
+    torch.save({**data, "train_state": {**data["train_state"], "finished": False, "epoch": 1, "epochs_planned": 200}},
+               killed)
+    good = str(Path(tiny_data()) / CATEGORY / "train" / "good")
+    for args in (["predict", killed, good, "-o", tmp_path / "p"], ["export", killed, "-o", tmp_path / "e"],
+                 ["calibrate", killed, good, "-o", tmp_path / "c.ckpt", "--accept-shift"]):
+        done = CliRunner().invoke(main, [str(a) for a in args])
+        assert done.exit_code == 0, done.output
+        assert "unfinished training run (epoch 1 of 200)" in done.output, (args[0], done.output)
+    clean = CliRunner().invoke(main, ["predict", str(finished), good, "-o", str(tmp_path / "p2")])
+    assert clean.exit_code == 0 and "unfinished training run" not in clean.output, clean.output
+
+
 def test_training_with_workers_leaves_sigchld_as_it_found_it(tmp_path, monkeypatch):
     """DataLoader workers install torch's SIGCHLD handler for the whole process (with OpenVINO loaded
     later, the next child's exit crashed the interpreter); train() and the test-split evaluation put

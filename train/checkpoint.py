@@ -143,6 +143,19 @@ def load_checkpoint(path, map_location: str = "cpu") -> MRKD:
     return model_from_dict(read_checkpoint(path), source=str(path)).to(map_location)
 
 
+def unfinished_run(data: dict, source: str) -> Optional[str]:
+    """A warning line when the checkpoint dict is a training run's snapshot that never finished (killed,
+    or still running: last.ckpt is also the resume point), so it has no memory bank or threshold from
+    the end of the run; None for a finished run or a file that does not say (older runs, exports)."""
+    state = data.get("train_state")
+    if not isinstance(state, dict) or state.get("finished") is not False:
+        return None
+    planned = state.get("epochs_planned")
+    return (f"warning: {source} is an unfinished training run (epoch {state.get('epoch')}"
+            f"{f' of {planned}' if planned else ''}): its memory bank and threshold are not the finished "
+            f"model's; resume it (mrkd train with the same settings) before using it")
+
+
 def trained_on(data_root, category: Optional[str]) -> dict:
     """The checkpoint's record of its training data: the category, or the plain folder's name."""
     return {"category": category or Path(str(data_root)).name, "data_root": str(data_root),

@@ -247,11 +247,15 @@ def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = N
     ``test_time_mask`` overrides the student's test-time masking (None: as trained); ``warn`` receives
     a line when a checkpoint was trained on another category than the one it is evaluated on.
     """
-    from mrkd.train.checkpoint import category_mismatch, load_checkpoint
+    from mrkd.train.checkpoint import category_mismatch, model_from_dict, read_checkpoint, unfinished_run
 
     results = {}
     for category, checkpoint in find_checkpoints(checkpoints, categories).items():
-        model = load_checkpoint(checkpoint)
+        data = read_checkpoint(checkpoint)
+        note = unfinished_run(data, str(checkpoint))
+        if note and warn is not None:
+            warn(note)
+        model = model_from_dict(data, source=str(checkpoint))
         mismatch = category_mismatch(model, category, checkpoint)
         if mismatch and warn is not None:
             warn(mismatch)

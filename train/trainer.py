@@ -459,7 +459,8 @@ def _gather_rng(world: int) -> List[dict]:
 
 def _train_state(run: TrainRun, all_rng: List[dict]) -> dict:
     return {"identity": run.identity, "epoch": run.epochs_done, "optimizer": run.optimizer.state_dict(),
-            "rng": all_rng, "history": run.history, "holdout": run.data.holdout_paths}
+            "rng": all_rng, "history": run.history, "holdout": run.data.holdout_paths,
+            "epochs_planned": run.config.epochs, "finished": False}     # True once bank and threshold are set
 
 
 def _save_last(run: TrainRun, all_rng: List[dict]) -> None:
@@ -609,7 +610,7 @@ def _finish(run: TrainRun) -> Optional[dict]:
         _report(message)
         run.errors.append(message)
     last = read_checkpoint(run.out_dir / LAST)
-    train_state = dict(last["train_state"], history=run.history)
+    train_state = dict(last["train_state"], history=run.history, finished=True)
     save_checkpoint(run.model, run.out_dir / LAST, extra={"train_state": train_state, TRAINED_ON: run_trained_on(run)})
     _write_history(run.out_dir, run.history)
     return calibration_result
