@@ -58,7 +58,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
                       int8_images=None, int8_target: str = "auto", int8_keep_fp32: str = "auto",
                       engine: Optional[bool] = None, triton_dir=None,
                       build: Optional[BuildSettings] = None, check_images=None,
-                      simplify: str = "auto", echo: Callable[[str], None] = print) -> ExportResult:
+                      simplify: str = "auto", echo: Callable[[str], None] = print,
+                      replace_line_calibration: bool = False) -> ExportResult:
     """Export ``checkpoint`` into ``out_dir``: model.onnx (FP32, parity-checked against PyTorch),
     model_fp16.onnx / model_int8.onnx on request, model.engine, a Triton repository on request.
     ``int8_images``: a folder of good images INT8 quantisation measures activation ranges on
@@ -70,6 +71,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     False = none; None (default) = required with ``fp16`` (the FP16 graph is made for the engine),
     otherwise built from the INT8 graph where TensorRT and a GPU are here, and where they are not
     the export ends normally with ``engine_note`` saying why no engine was built.
+    ``replace_line_calibration``: export over a sidecar whose threshold was set on the line (refused by
+    default, ``keep_line_calibration``).
 
     Raises ParityError when FP32 parity is worse than 1e-4. When a required engine cannot be built
     (no TensorRT or GPU), every other file is still written and TensorRTUnavailableError is raised last."""
@@ -88,7 +91,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     out_dir = Path(out_dir)
     result = ExportResult()
     model, checkpoint_sha = load_model(checkpoint)
-    keep_line_calibration(out_dir / FP32_NAME, model)
+    if not replace_line_calibration:     # the demo, which calibrates its own export again, replaces it
+        keep_line_calibration(out_dir / FP32_NAME, model)
 
     fp32 = export_onnx(model, out_dir / FP32_NAME, options, checkpoint_sha256=checkpoint_sha, simplify=simplify)
     result.files["onnx"] = fp32.path

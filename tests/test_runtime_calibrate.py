@@ -180,3 +180,7 @@ def test_export_keeps_a_threshold_set_on_the_line(tmp_path):
     assert ModelMetadata.load(sidecar).calibration.source == str(folder)
     other = CliRunner().invoke(export_command, [checkpoint, "-o", str(tmp_path / "fresh"), "--simplify", "never"])
     assert other.exit_code == 0, other.output
+    # the demo, which calibrates its own export on its clip again, replaces it when it is run a second time
+    from mrkd.export.pipeline import export_checkpoint
+    export_checkpoint(checkpoint, out, simplify="never", replace_line_calibration=True, echo=lambda line: None)
+    assert ModelMetadata.load(sidecar).calibration.source is None
