@@ -169,9 +169,30 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     if result.tensorrt_error:
         raise TensorRTUnavailableError(result.tensorrt_error)
     echo(f"done: {', '.join(str(path) for path in result.files.values())}")
+    for stale in other_models_left(out_dir, set(result.files.values()), checkpoint_sha):
+        echo(f"warning: {stale}")
     if result.engine_note:
         echo(result.engine_note)
     return result
+
+
+def other_models_left(out_dir: Path, written, checkpoint_sha: str) -> List[str]:
+    """The graphs and engines of an EARLIER export of another checkpoint that this one did not replace
+    (an INT8 graph beside a new FP32 one would be run as if it were the new model), one line each."""
+    lines = []
+    for name in (FP16_NAME, INT8_NAME, ENGINE_NAME):
+        path = out_dir / name
+        if path in written or not sidecar_path(path).is_file():
+            continue
+        try:
+            from mrkd.runtime.metadata import ModelMetadata
+            other = ModelMetadata.load(sidecar_path(path)).checkpoint_sha256
+        except Exception:    # noqa: BLE001 - an unreadable sidecar: nothing to compare, nothing said
+            continue
+        if other and other != checkpoint_sha:
+            lines.append(f"{path} is from another checkpoint ({other[:12]}, this one {checkpoint_sha[:12]}) and was "
+                         f"left as it was; delete it or export into a new folder")
+    return lines
 
 
 def openvino_report_specs():

@@ -184,3 +184,23 @@ def test_export_keeps_a_threshold_set_on_the_line(tmp_path):
     from mrkd.export.pipeline import export_checkpoint
     export_checkpoint(checkpoint, out, simplify="never", replace_line_calibration=True, echo=lambda line: None)
     assert ModelMetadata.load(sidecar).calibration.source is None
+
+
+def test_an_export_names_another_checkpoints_graphs_it_left_in_the_folder(tmp_path):
+    """Exporting checkpoint B (FP32) into a folder that holds checkpoint A's FP16 graph left A's graph
+    there without a word, beside B's model.onnx; it is now named in a warning line."""
+    from mrkd.export.cli import export_command
+    from train_fixtures import trained_run
+    first = str(trained_run()["out_dir"]) + "/last.ckpt"
+    second = tmp_path / "other.ckpt"
+    data = torch.load(first, weights_only=True)
+    torch.save({**data, "note": "another checkpoint"}, second)          # another file: another sha256
+    out = tmp_path / "deploy"
+    done = CliRunner().invoke(export_command, [first, "-o", str(out), "--fp16", "--no-engine", "--simplify", "never"])
+    assert done.exit_code == 0, done.output
+    again = CliRunner().invoke(export_command, [first, "-o", str(out), "--simplify", "never"])
+    assert again.exit_code == 0 and "another checkpoint" not in again.output, again.output   # its own: nothing
+    other = CliRunner().invoke(export_command, [str(second), "-o", str(out), "--simplify", "never"])
+    assert other.exit_code == 0, other.output
+    warnings = [line for line in other.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "model_fp16.onnx is from another checkpoint" in warnings[0], other.output
