@@ -102,13 +102,10 @@ def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_out
 def _checkpoint_of_run(path, category):
     """The checkpoint file for a file or run folder (mrkd.train.evaluate.run_checkpoint), with a
     warning when it was trained on another category than the one given or implied by the folder."""
-    from mrkd.train.checkpoint import read_checkpoint, trained_category, unfinished_run
+    from mrkd.train.checkpoint import read_checkpoint, trained_category
     from mrkd.train.evaluate import run_checkpoint
     checkpoint, used_for = run_checkpoint(path, category)
-    data = read_checkpoint(checkpoint)
-    note = unfinished_run(data, str(checkpoint))
-    if note:
-        click.secho(note, fg="yellow", err=True)
+    data = read_checkpoint(checkpoint, warn=lambda line: click.secho(line, fg="yellow", err=True))
     trained = trained_category(data)
     if trained and used_for and trained != used_for:
         click.secho(f"warning: {checkpoint} was trained on {trained!r}, not {used_for!r}", fg="yellow", err=True)

@@ -16,7 +16,7 @@ from mrkd.export.precision_check import check_bf16
 from mrkd.export.tensorrt_build import (NO_TENSORRT_HINT, BuildSettings, TensorRTUnavailableError, build_engine,
                                         tensorrt_unavailable_reason)
 from mrkd.export.triton import write_triton_repository
-from mrkd.runtime.metadata import sidecar_path
+from mrkd.runtime.metadata import MetadataError, ModelMetadata, sidecar_path
 
 FP32_NAME, FP16_NAME, INT8_NAME, ENGINE_NAME = "model.onnx", "model_fp16.onnx", "model_int8.onnx", "model.engine"
 
@@ -37,7 +37,6 @@ def keep_line_calibration(model_path: Path, model) -> None:
     line (`mrkd calibrate model.onnx SOURCE`, on the camera's frames) that this export would replace:
     that threshold exists nowhere else. Any other earlier export is rebuilt from its checkpoint."""
     from mrkd.runtime.calibration import Calibration
-    from mrkd.runtime.metadata import MetadataError, ModelMetadata
     sidecar = sidecar_path(model_path)
     if not sidecar.exists():
         return
@@ -185,7 +184,6 @@ def other_models_left(out_dir: Path, written, checkpoint_sha: str) -> List[str]:
         if path in written or not sidecar_path(path).is_file():
             continue
         try:
-            from mrkd.runtime.metadata import ModelMetadata
             other = ModelMetadata.load(sidecar_path(path)).checkpoint_sha256
         except Exception:    # noqa: BLE001 - an unreadable sidecar: nothing to compare, nothing said
             continue

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -83,7 +84,8 @@ def part_options(command):
                           "counted; 'ID@N' judges it with recipe N). The run ends at the end of input."),
         click.option("--trigger-every", type=seconds(0, open_min=True, maximum=3600), default=None, metavar="SECONDS",
                      help="Trigger a part every SECONDS (a test driver; with --max-parts it ends after that many)."),
-        click.option("--max-parts", type=click.IntRange(min=1), default=None, help="Judge this many parts, then stop: --trigger-every and --trigger-stdin send no more "
+        click.option("--max-parts", type=click.IntRange(min=1), default=None,
+                     help="Judge this many parts, then stop: --trigger-every and --trigger-stdin send no more "
                           "(refused triggers do not count); parts a PLC triggered by then are still judged."),
         click.option("--part-queue", type=click.IntRange(0, 1000), default=None,
                      help="Triggers that may wait while a part is judged (default 4); one more is refused and "
@@ -374,13 +376,13 @@ def run_command(model, sources, line_file, **options):
         raise SettingError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "
                            "(or trigger = ... in the line file)")
     detectors, frames, outputs, running = {}, {}, [], False
-    from mrkd.runtime.line.swap import hold_hangups, release_hangups, reload_on_sighup   # hot swap (SIGHUP)
-    held = hold_hangups()      # a SIGHUP while the models load is answered once the line runs, not fatal
+    from mrkd.runtime.line.swap import hangups_held, reload_on_sighup   # hot swap (SIGHUP)
+    signals = contextlib.ExitStack()     # both handlers go back in the finally below
+    # a SIGHUP while the models load is answered once the line runs, not fatal
+    held = signals.enter_context(hangups_held())
     # Ctrl-C / SIGTERM from here on end the run cleanly, also while models load or a camera takes seconds
     # to open (a KeyboardInterrupt inside Aravis' open came out as a traceback): the line then stops at once.
-    stop = threading.Event()
-    signals = stop_on_signals(stop)
-    signals.__enter__()
+    stop = signals.enter_context(stop_on_signals(threading.Event()))
     try:       # the error itself goes to mrkd.errors.error_boundary
         detectors = open_detectors(line)
         frames = {} if triggered else open_sources(line)
@@ -406,12 +408,12 @@ def run_command(model, sources, line_file, **options):
         reload_also = [reload_certificates]
         running = True       # from here the runner tells every output on_stop itself
         if triggered:
-            with reload_on_sighup(slots, reload_also, held and held[0]):
+            with reload_on_sighup(slots, reload_also, held):
                 summary = run_parts(line, part, detectors, outputs, run_settings.status_every, plc, slots, shadow,
                                     stop=stop)
             summary.setdefault("outputs", outputs_summary(outputs))
         else:
-            with reload_on_sighup(slots, reload_also, held and held[0]):
+            with reload_on_sighup(slots, reload_also, held):
                 summary = run_line(line, list(outputs) + [slots] + shadow, run_settings, stop=stop,
                                    detectors=detectors, sources=frames, slots=slots,
                                    status=lambda text: click.echo(text, err=True))
@@ -431,8 +433,7 @@ def run_command(model, sources, line_file, **options):
                 output.on_stop()
         raise
     finally:
-        signals.__exit__(None, None, None)
-        release_hangups(held)
+        signals.close()
         for detector in detectors.values():
             detector.close()
     text = summary_json(summary)

@@ -83,11 +83,7 @@ def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, qua
     from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
     from mrkd.train.data import scan_folder
     good = list(good_images) if isinstance(good_images, (list, tuple)) else scan_folder(good_images)
-    data = read_checkpoint(checkpoint)
-    from mrkd.train.checkpoint import unfinished_run
-    note = unfinished_run(data, str(checkpoint))
-    if note and warn is not None:
-        warn(note)
+    data = read_checkpoint(checkpoint, warn=warn)
     model = model_from_dict(data, source=str(checkpoint))
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model)}   # not the model's own entries
     if device is not None:

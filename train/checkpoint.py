@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -83,8 +83,10 @@ def _load_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def read_checkpoint(path) -> dict:
-    """``torch.load(weights_only=True)`` with errors that name the file."""
+def read_checkpoint(path, warn: Optional[Callable[[str], None]] = None) -> dict:
+    """``torch.load(weights_only=True)`` with errors that name the file. ``warn``: told (one line) when
+    the file is an unfinished training run's snapshot (``unfinished_run``): what uses a model, not what
+    resumes one, passes it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -94,6 +96,9 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(exc)})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(data).__name__}")
+    note = unfinished_run(data, str(path)) if warn is not None else None
+    if note:
+        warn(note)
     return data
 
 

@@ -270,15 +270,12 @@ def eval_command(checkpoint, data_root, categories, out, batch_size, device, tes
 @friendly_errors
 def predict_command(checkpoint, inputs, out, batch_size, device, no_maps, no_overlays):
     """Score INPUTS (an image, a folder or a glob such as 'dir/*.png') with CHECKPOINT."""
-    from mrkd.train.checkpoint import model_from_dict, read_checkpoint, unfinished_run
+    from mrkd.train.checkpoint import model_from_dict, read_checkpoint
     from mrkd.train.evaluate import resolve_device
     from mrkd.train.predict import predict
 
-    data = read_checkpoint(checkpoint)
-    note = unfinished_run(data, str(checkpoint))
-    if note:
-        click.secho(note, fg="yellow", err=True)
-    model = model_from_dict(data, source=str(checkpoint)).eval().to(resolve_device(device))
+    data = read_checkpoint(checkpoint, warn=lambda line: click.secho(line, fg="yellow", err=True))
+    model = model_from_dict(data, source=str(checkpoint)).to(resolve_device(device))
     summary = predict(model, inputs, out, batch_size=batch_size, write_maps=not no_maps,
                       write_overlays=not no_overlays)
     click.echo(f"scored {summary['n_scored']} image(s), {summary['n_anomalous']} anomalous "

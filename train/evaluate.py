@@ -247,15 +247,11 @@ def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = N
     ``test_time_mask`` overrides the student's test-time masking (None: as trained); ``warn`` receives
     a line when a checkpoint was trained on another category than the one it is evaluated on.
     """
-    from mrkd.train.checkpoint import category_mismatch, model_from_dict, read_checkpoint, unfinished_run
+    from mrkd.train.checkpoint import category_mismatch, model_from_dict, read_checkpoint
 
     results = {}
     for category, checkpoint in find_checkpoints(checkpoints, categories).items():
-        data = read_checkpoint(checkpoint)
-        note = unfinished_run(data, str(checkpoint))
-        if note and warn is not None:
-            warn(note)
-        model = model_from_dict(data, source=str(checkpoint))
+        model = model_from_dict(read_checkpoint(checkpoint, warn=warn), source=str(checkpoint))
         mismatch = category_mismatch(model, category, checkpoint)
         if mismatch and warn is not None:
             warn(mismatch)

@@ -39,7 +39,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -309,21 +309,21 @@ def line_slots(line, detectors: MutableMapping[str, object],
     return ModelSlots(detectors, opener, status)
 
 
-def hold_hangups() -> Optional[Tuple[threading.Event, object]]:
-    """From here until the line can reload (``reload_on_sighup``), a SIGHUP is kept instead of ending the
-    process (its default action): a deployment that moves a new model in and signals while the line is
-    still loading its models must not stop the line. Returns (the event a SIGHUP sets, the handler to
-    put back with ``release_hangups``); None off the main thread or without SIGHUP."""
+@contextlib.contextmanager
+def hangups_held() -> Iterator[Optional[threading.Event]]:
+    """While inside (until the line can reload, ``reload_on_sighup``), a SIGHUP is kept instead of ending
+    the process (its default action): a deployment that moves a new model in and signals while the line
+    is still loading its models must not stop the line. Yields the event a SIGHUP sets; None off the
+    main thread or without SIGHUP."""
     if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
-        return None
+        yield None
+        return
     seen = threading.Event()
     previous = signal.signal(signal.SIGHUP, lambda _signum, _frame: seen.set())
-    return seen, previous
-
-
-def release_hangups(held: Optional[Tuple[threading.Event, object]]) -> None:
-    if held is not None:
-        signal.signal(signal.SIGHUP, held[1])
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 @contextlib.contextmanager
@@ -331,7 +331,7 @@ def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = 
                      held: Optional[threading.Event] = None):
     """While inside (main thread only), SIGHUP asks ``slots`` to load every model path again, and each
     of ``also`` (a reload request that returns at once, e.g. the page's certificate) to do its part.
-    ``held``: set by a SIGHUP that came while the line was starting (``hold_hangups``): answered now,
+    ``held``: set by a SIGHUP that came while the line was starting (``hangups_held``): answered now,
     since the models may have been opened before the new version was moved in."""
     if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
         yield slots

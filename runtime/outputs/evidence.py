@@ -5,8 +5,8 @@ learns from. The annotated snapshot (snapshots.py) is for looking; this is the r
 Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (an alarm's event carries
 ``evidence`` and ``evidence_sha256``, a part's event each camera's in its ``cameras``),
 ``DIR/<camera>/ok/<frame index>.png`` (free run) or ``ok/part<inspection id>.png`` (triggered) for the
-OK samples (one of every ``ok_every`` OK frames or parts per camera; 0: none). Files are PNG (lossless), written to a
-temporary file, fsync'd and linked into place, never over an existing file.
+OK samples (one of every ``ok_every`` OK frames or parts per camera; 0: none). Files are PNG (lossless),
+written to a temporary file, fsync'd and linked into place, never over an existing file.
 
 Retention (``max_bytes`` for the whole folder, counted from what is there at the start):
 1. OK samples go first, oldest first, until the folder fits again;
