@@ -172,6 +172,40 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     assert summary["cameras"]["press"]["alarms"] == 3
 
 
+def test_a_page_full_of_live_views_still_answers_the_scraper_and_the_health_check(tmp_path):
+    """Every connection the page serves held by a live view of the camera: the page itself is
+    answered 503, but Prometheus' scrape (checked by promtool) and /healthz still are, from the few
+    connections kept for them."""
+    import socket
+    promtool = require_program("promtool", ["prometheus"])
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames, recorder = DrivenFrames(fps=30), Recorder()
+    metrics = MetricsObserver(stale_s=5.0)
+    server = OperatorServer("127.0.0.1", 0, metrics=metrics, max_connections=4)
+    metrics.see_outputs([metrics, server])
+    run = LineRun(model, {"press": frames}, [recorder, metrics, server], [], stale_after_s=2.0)
+    viewers = []
+    try:
+        assert wait_for(lambda: len(recorder.frames) >= 5, 10)
+        for _ in range(4):
+            viewer = socket.create_connection(server.httpd.server_address[:2], timeout=5)
+            viewer.sendall(b"GET /stream/press.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert viewer.recv(4096).startswith(b"HTTP/1.1 200"), "a live view was not served"
+            viewers.append(viewer)
+        assert http_get(server.url + "/")[0] == 503                 # the page is full
+        for _ in range(3):       # one request per reserved connection, each given back
+            code, body = http_get(server.url + "/metrics")
+            assert code == 200
+            check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
+            assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+            code, body = http_get(server.url + "/healthz")
+            assert code == 200 and json.loads(body)["cameras"]["press"]["source_up"] is True
+    finally:
+        for viewer in viewers:
+            viewer.close()
+        run.stop()
+
+
 @pytest.mark.slow
 def test_mrkd_run_http_serves_metrics_health_and_the_page(tmp_path):
     import os

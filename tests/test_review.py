@@ -330,10 +330,21 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
     server = OperatorServer("127.0.0.1", 0, request_timeout_s=20.0, max_connections=3)
     address = server.httpd.server_address[:2]
     full = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    page = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     try:
         holders = [socket.create_connection(address, timeout=5) for _ in range(3)]
         for conn in holders:
             conn.sendall(b"GET / HTTP/1.1\r\n")            # half a request: each holds a server thread
+        time.sleep(0.3)
+        # past the cap, the probes' reserve: /healthz is still served (404: no metrics here), once per
+        # connection; the page is not
+        assert _raw(server.url, full).startswith(b"HTTP/1.1 404")
+        answer = _raw(server.url, page)
+        assert answer.startswith(b"HTTP/1.1 503") and b"Connection: close" in answer, answer
+        reserve = [socket.create_connection(address, timeout=5) for _ in range(8)]
+        for conn in reserve:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")     # the reserve held too: now nothing is served
+        holders += reserve
         time.sleep(0.3)
         started = time.monotonic()
         answer = _raw(server.url, full)

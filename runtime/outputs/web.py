@@ -117,8 +117,10 @@ class OperatorServer(LineObserver):
     frames a second per camera; max_alarms: alarms kept for the page (with their frames, for snapshots).
     request_timeout_s: the longest a request may take to arrive, headers and body together, however slowly
     its bytes trickle in (and the longest a stream may go unread) before its connection is closed.
-    max_connections: connections served at once (live streams included); one more is answered 503 at
-    once, without a thread, so a flood of connections cannot take the process's threads or file handles.
+    max_connections: connections served at once (live streams included); past it a few more are kept
+    for one /metrics or /healthz request each (the rest of the page answers them 503), and one past
+    those is answered 503 at once, without a thread, so a flood of connections cannot take the
+    process's threads or file handles, nor blind the scraper.
     tls: (certificate, private key) PEM files: HTTPS only, TLS 1.2 or newer; each connection's handshake
     runs on its own thread within the request timeout, so a client that never finishes it holds no one up.
     ``reload_certificate`` reads the two files again (`mrkd run` does it on SIGHUP): new connections get
@@ -429,14 +431,21 @@ def _host_name(header: str) -> str:
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connections served at once (a thread each)."""
+    """ThreadingHTTPServer with a cap on connections served at once (a thread each).
+
+    A few connections past the cap (PROBE_RESERVE) are kept for /metrics and /healthz alone, one
+    request each: a page full of live views (or of stalled clients) must not make the scraper and the
+    health check see the line as down."""
 
     daemon_threads = True
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\n"
             b"Connection: close\r\n\r\n")
+    PROBE_RESERVE = 8
+    PROBE_PATHS = ("/metrics", "/healthz")
 
     def __init__(self, address, handler, max_connections: int):
         self.max_connections = max_connections
+        self.probes_only: set = set()      # connections admitted from the reserve
         self._active = 0
         self._active_lock = threading.Lock()
         self.tls: Optional[ssl.SSLContext] = None       # HTTPS: each accepted connection is wrapped in it
@@ -457,7 +466,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         with self._active_lock:
-            admitted = self._active < self.max_connections
+            admitted = self._active < self.max_connections + self.PROBE_RESERVE
+            if admitted and self._active >= self.max_connections:
+                self.probes_only.add(request)
             self._active += admitted
         if not admitted:
             try:
@@ -471,18 +482,19 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._release()
+            self._release(request)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release()
+            self._release(request)
 
-    def _release(self) -> None:
+    def _release(self, request) -> None:
         with self._active_lock:
             self._active -= 1
+            self.probes_only.discard(request)
 
 
 def _tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
@@ -575,6 +587,18 @@ def _handler_for(server: OperatorServer):
             self._reader.deadline = time.monotonic() + server.request_timeout_s
             super().handle_one_request()
 
+        def _over_the_cap(self, path: str) -> bool:
+            """A connection from the probes' reserve serves one /metrics or /healthz request; anything
+            else there is answered 503 (the page is full), as a connection past the reserve is."""
+            if self.request not in self.server.probes_only:
+                return False
+            self.close_connection = True
+            if path in _BoundedHTTPServer.PROBE_PATHS:
+                return False
+            self._send(503, b"the page serves its most connections now; try again\n", "text/plain",
+                       {"Retry-After": "5", "Connection": "close"})
+            return True
+
         def parse_request(self) -> bool:
             if not super().parse_request():
                 return False
@@ -598,6 +622,8 @@ def _handler_for(server: OperatorServer):
         def do_GET(self):
             path = self.path.split("?", 1)[0]
             try:
+                if self._over_the_cap(path):
+                    return
                 if path in ("/", "/index.html"):
                     self._send(200, server.page, "text/html; charset=utf-8")
                 elif path == "/metrics" and server.metrics is not None:
@@ -631,6 +657,8 @@ def _handler_for(server: OperatorServer):
             self._send(code, json.dumps({"error": why}).encode("utf-8"), "application/json")
 
         def do_POST(self):     # commands with a token (runtime/control.py); read-only without one
+            if self._over_the_cap(None):     # the probes' reserve is for GET /metrics and /healthz only
+                return
             control = server.control
             if control is None:
                 return self._refuse()
