@@ -345,6 +345,7 @@ def run_command(model, sources, line_file, **options):
     from mrkd.runtime.plc.servers import pop_plc_settings
     from mrkd.runtime.line.stream import stop_on_signals
     from mrkd.runtime.outputs import build_outputs
+    from mrkd.runtime.outputs.base import stop_each
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     summary_path = options.pop("summary_path")
@@ -429,8 +430,7 @@ def run_command(model, sources, line_file, **options):
         for source in frames.values():
             source.close()
         if not running:
-            for output in outputs:     # a failed start: stop what started
-                output.on_stop()
+            stop_each(outputs)         # a failed start: stop what started
         raise
     finally:
         signals.close()

@@ -29,7 +29,7 @@ from runtime_fixtures import build_tiny_model, normal_then_defective, write_vide
 from mrkd.benchmarks.mosquitto import Mosquitto, free_port
 from mrkd.cli import main
 from mrkd.runtime import Camera, Line, OutputSettings, WebhookSettings, build_outputs, read_events, run_line
-from mrkd.runtime.outputs.base import CameraInfo
+from mrkd.runtime.outputs.base import CameraInfo, stop_each
 from mrkd.runtime.outputs.events import EventLog, EventLogError
 from mrkd.runtime.outputs.metrics import MetricsObserver
 from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings
@@ -649,3 +649,44 @@ def test_an_events_log_deleted_mid_run_is_started_again_not_written_into_nothing
     log.close()
     assert read_events(path) == [{"event_id": "b", "time": "t2"}]
     assert "deleted" in caplog.text
+
+
+def test_a_stop_with_two_unreachable_peers_waits_one_deadline_not_their_sum():
+    """A broker that never answers MQTT and a web hook receiver that never answers, each with events
+    queued, and a 3 s close deadline: the stop waits for both side by side (3 s, plus the web hook's
+    last post's 1 s timeout; not their sum of 7 s), and each still says what it never delivered."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+
+    class Hung(BaseHTTPRequestHandler):
+        def do_POST(self):
+            time.sleep(8.0)
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hung)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        outputs = build_outputs(OutputSettings(
+            mqtt=MqttSettings("127.0.0.1", silent.getsockname()[1], connect_timeout=1.0),
+            webhook=WebhookSettings(f"http://127.0.0.1:{server.server_address[1]}/alarm", timeout=1.0, retries=0,
+                                    secret=SECRET),
+            close_deadline_s=3.0))
+        for output in outputs:
+            output.on_start([_info()])
+        for i in range(5):
+            for output in outputs:
+                output.on_event("cam0", {"event_id": f"e{i}", "time": "t", "score": 0.9})
+        started = time.monotonic()
+        stop_each(outputs)
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+        silent.close()
+    health = {output.health().name: output.health() for output in outputs}
+    assert set(health) == {"mqtt", "webhook"}
+    assert all(not h.ok and h.sent == 0 and h.failed + h.dropped == 5 for h in health.values()), health
+    assert 2.5 <= took < 5.5, f"stop took {took:.1f} s with two 3 s deadlines"

@@ -31,7 +31,7 @@ from mrkd.errors import MrkdError
 from mrkd.runtime.calibration import frame_size_mismatch
 from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each
+from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each, stop_each
 from mrkd.runtime.outputs.events import make_event
 from mrkd.runtime.outputs.snapshots import regions_from_map
 from mrkd.runtime.redact import redact_uri
@@ -445,7 +445,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
         if own_detectors:
             for detector in (detectors or {}).values():
                 detector.close()
-        call_each(observers, lambda o: o.on_stop())     # the outputs were the caller's to start, ours to stop
+        stop_each(observers)     # the outputs were the caller's to start, ours to stop
         raise
     by_name = {s.camera.name: s for s in states}
     feeds = [s.feed for s in states]
@@ -488,7 +488,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
     finally:
         for feed in feeds:
             feed.close()
-        call_each(observers, lambda o: o.on_stop())     # every event is out of the loop: flush and release
+        stop_each(observers)     # every event is out of the loop: flush and release
         if own_detectors:
             for detector in detectors.values():
                 detector.close()

@@ -42,7 +42,7 @@ from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
-                                       TriggerReceipt, Verdict, call_each)
+                                       TriggerReceipt, Verdict, call_each, stop_each)
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.sources import Source
 from mrkd.runtime.sources.gige import Grab
@@ -303,7 +303,8 @@ class PartRunner:
         for pending in left:     # never silent: each is reported
             self._report(pending, {c.name: Grab([], "line stopped") for c in self.cameras}, {}, 0.0)
         self._pool.shutdown(wait=False)
-        self._emit(lambda o: o.on_stop())
+        with self._notify_lock:
+            stop_each(self.observers)
         for source in self._sources.values():
             source.close()
         if self._own_detectors:

@@ -71,13 +71,13 @@ def build_outputs(settings: OutputSettings) -> List["LineObserver"]:
     """Every output ``settings`` asks for, in ``SINKS`` order; each has seen the whole list
     (``see_outputs``). Raises MrkdError/OSError naming the output that cannot start (a busy port,
     a file that is not an events log); the outputs already started are stopped again."""
-    from mrkd.runtime.outputs.base import call_each
+    from mrkd.runtime.outputs.base import call_each, stop_each
     outputs: List["LineObserver"] = []
     try:
         for name in SINKS:
             outputs += importlib.import_module(f"mrkd.runtime.outputs.{name}").outputs_from(settings)
     except BaseException:
-        call_each(outputs, lambda output: output.on_stop())
+        stop_each(outputs)
         raise
     call_each(outputs, lambda output: output.see_outputs(outputs))
     return outputs

@@ -10,6 +10,7 @@ broker or browser never slows scoring.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -123,6 +124,10 @@ class LineObserver:
     def on_stop(self) -> None:
         """The loop has ended (every event is written); flush within a short deadline and release."""
 
+    # True for outputs whose on_stop may wait out a deadline for a peer (a broker, a web hook): stop_each
+    # stops them side by side, so a stop with two unreachable peers waits one deadline, not their sum.
+    stop_waits_for_peer: bool = False
+
 
 def call_each(observers: Sequence[LineObserver], call: Callable[[LineObserver], object]) -> None:
     """``call(observer)`` for every observer; one that raises is logged (once per output and hook kind
@@ -132,6 +137,20 @@ def call_each(observers: Sequence[LineObserver], call: Callable[[LineObserver], 
             call(observer)
         except Exception:
             _log_broken(observer)
+
+
+def stop_each(observers: Sequence[LineObserver]) -> None:
+    """``on_stop`` for every observer, as call_each does; those that wait for a peer
+    (``stop_waits_for_peer``) each on a thread of their own, the rest in order on this thread (a
+    window must be closed by the thread that opened it). Returns when all have stopped."""
+    waiting = [o for o in observers if getattr(o, "stop_waits_for_peer", False)]
+    threads = [threading.Thread(target=call_each, args=([o], lambda x: x.on_stop()),
+                                name=f"stop-{type(o).__name__}", daemon=True) for o in waiting]
+    for thread in threads:
+        thread.start()
+    call_each([o for o in observers if o not in waiting], lambda o: o.on_stop())
+    for thread in threads:
+        thread.join()
 
 
 _broken_logged: Dict[Tuple[str, int], float] = {}

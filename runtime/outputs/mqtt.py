@@ -357,6 +357,8 @@ class _CameraLink:
 class MqttObserver(LineObserver):
     """Publishes a line's status, events and (optionally) results to an MQTT broker; see the module text."""
 
+    stop_waits_for_peer = True
+
     def __init__(self, settings: MqttSettings, close_deadline_s: float = 3.0):
         require("paho.mqtt.client", "MQTT output needs paho-mqtt (pip install 'mrkd[line]')")
         self.settings = settings

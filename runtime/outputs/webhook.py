@@ -211,6 +211,8 @@ class WebhookSender:
 class WebhookOutput(LineObserver):
     """The webhook as a line output: every alarm event and every NG/ERROR part event."""
 
+    stop_waits_for_peer = True
+
     def __init__(self, settings: WebhookSettings, close_deadline_s: float = 5.0):
         self.sender = WebhookSender(settings)
         self.close_deadline_s = close_deadline_s
