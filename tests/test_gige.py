@@ -518,3 +518,29 @@ def test_stray_packets_on_the_interface_while_the_camera_opens_cost_no_image(sim
         stop.set()
         sink.close()
     assert sum(sent) > 1000          # the flood really ran while the camera was opened
+
+
+def test_fps_sets_a_free_running_cameras_rate_and_is_refused_where_it_would_be_ignored(simulator):
+    """--fps on a free-running GigE camera is its AcquisitionFrameRate (the simulator runs at 25/s by
+    default; asked for 5, its frames come 5 a second, counted by their arrival here); a rate outside
+    the camera's bounds, --fps with a trigger, or beside the feature AcquisitionFrameRate is refused."""
+    camera = simulator("127.0.86.21", "RATE")
+    source = open_source(camera.uri, fps=5.0)
+    try:
+        assert source.features_applied["AcquisitionFrameRate"] == "5"
+        assert source.read(timeout=5.0) is not None
+        started, indices = time.monotonic(), set()
+        while time.monotonic() - started < 3.0:
+            frame = source.read(timeout=2.0)
+            if frame is not None:
+                indices.add(frame.index)
+        rate = len(indices) / (time.monotonic() - started)
+        assert 3.0 <= rate <= 7.0, f"{rate:.1f} frames/s, asked for 5"
+    finally:
+        source.close()
+    for kwargs, message in (({"fps": 0.05}, r"--fps 0.05 is outside the camera.s frame rates \(0.1 to 1000\)"),
+                            ({"fps": 5.0, "trigger": "software"}, r"--fps 5 sets a free-running camera's rate"),
+                            ({"fps": 5.0, "features": (("AcquisitionFrameRate", "5"),)},
+                             r"--fps and the feature AcquisitionFrameRate both set")):
+        with pytest.raises(SourceError, match=message):
+            open_source(camera.uri, **kwargs).close()

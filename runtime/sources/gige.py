@@ -189,6 +189,35 @@ def check_trigger_features(name: str, trigger: str, features: Sequence[Tuple[str
                             f"(TriggerSource may only name the input line of --trigger hardware)")
 
 
+def check_frame_rate(name: str, trigger: str, fps: Optional[float], features: Sequence[Tuple[str, str]]) -> None:
+    """--fps is a free-running camera's frame rate (set through AcquisitionFrameRate, ``_set_frame_rate``);
+    a triggered camera makes one image per trigger, so a rate there would be ignored without a word."""
+    if fps is None:
+        return
+    if trigger != "free":
+        raise GigeError(f"camera {name}: --fps {fps:g} sets a free-running camera's rate; with --trigger "
+                        f"{trigger} the camera makes one image per trigger: leave --fps out")
+    if any(feature == "AcquisitionFrameRate" for feature, _ in features):
+        raise GigeError(f"camera {name}: --fps and the feature AcquisitionFrameRate both set the frame rate; "
+                        f"give one of them")
+
+
+def _set_frame_rate(camera, where: str, fps: float) -> float:
+    """Set a free-running camera's frame rate (Aravis sets AcquisitionFrameRate and its enable flag as
+    the camera names them) and return the rate it reads back. A rate outside the camera's bounds is
+    refused, not clamped: Aravis would quietly run at the nearest bound."""
+    if not camera.is_frame_rate_available():
+        raise GigeError(f"{where}: the camera has no frame rate setting (AcquisitionFrameRate): leave --fps out")
+    low, high = camera.get_frame_rate_bounds()
+    if not low <= fps <= high:
+        raise GigeError(f"{where}: --fps {fps:g} is outside the camera's frame rates ({low:g} to {high:g})")
+    camera.set_frame_rate(fps)
+    rate = camera.get_frame_rate()
+    if not math.isclose(rate, fps, rel_tol=0.01):
+        raise GigeError(f"{where}: asked for {fps:g} frames/s, the camera runs at {rate:g}")
+    return rate
+
+
 def _number(text: str, kind, where: str) -> float:
     try:
         value = kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
@@ -305,13 +334,16 @@ class GigeSource(LatestFrameSource):
 
     def __init__(self, uri: str, device: str, features: Sequence[Tuple[str, str]] = (), trigger: str = "free",
                  size: Optional[Tuple[int, int]] = None, reconnect: bool = True,
-                 backoff: Tuple[float, float] = (0.1, 5.0), name: Optional[str] = None, **_ignored):
+                 backoff: Tuple[float, float] = (0.1, 5.0), name: Optional[str] = None,
+                 fps: Optional[float] = None, **_ignored):
         if trigger not in TRIGGER_MODES:
             raise GigeError(f"{uri}: trigger {trigger!r}: use one of {', '.join(TRIGGER_MODES)}")
         super().__init__(uri, size=size)
         self.stats = GigeStats()
         self.device, self.trigger_mode, self.name = device, trigger, name or uri
         check_trigger_features(self.name, trigger, features)
+        check_frame_rate(self.name, trigger, fps, features)
+        self.fps = fps
         self.features = tuple(features)
         self._reconnect, self._backoff = reconnect, backoff
         self.features_applied: Dict[str, str] = {}
@@ -372,6 +404,12 @@ class GigeSource(LatestFrameSource):
         except error as exc:
             raise GigeError(f"{where}: cannot set trigger mode {self.trigger_mode} ({exc.message})") from None
         self.features_applied = apply_features(camera, self.name, self.features)
+        if self.fps is not None:
+            try:
+                rate = _set_frame_rate(camera, where, self.fps)
+            except error as exc:
+                raise GigeError(f"{where}: cannot set the frame rate to {self.fps:g} ({exc.message})") from None
+            self.features_applied["AcquisitionFrameRate"] = f"{rate:g}"
         try:
             device = camera.get_device()
             self._generation += 1
@@ -647,4 +685,5 @@ def open_gige(uri: str, options) -> GigeSource:
     if not device:
         raise GigeError(f"{uri}: name the camera, e.g. gige://192.168.1.20, gige://SERIAL or gige://DEVICE-ID")
     return GigeSource(uri, device, features=options.features, trigger=options.trigger, size=options.size,
-                      reconnect=options.reconnect, backoff=options.backoff, name=options.name or uri)
+                      reconnect=options.reconnect, backoff=options.backoff, name=options.name or uri,
+                      fps=options.fps)
