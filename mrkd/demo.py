@@ -90,7 +90,7 @@ def eval_step(context: Dict) -> None:
     from mrkd.train.evaluate import evaluate_all, format_table
     context["eval_dir"] = Path(context["out"]) / "eval"
     context["metrics"] = evaluate_all(context["run_dir"], context["data_root"], context["categories"],
-                                      context["eval_dir"], device="cpu")
+                                      context["eval_dir"], device="cpu", replace=True)   # the demo's own earlier eval
     click.echo(format_table(context["metrics"]))
     click.echo(f"metrics.json, roc.png, score_histogram.png and heat-map overlays: {context['eval_dir']}/<category>/")
 

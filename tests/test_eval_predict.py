@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from mrkd.train.checkpoint import load_checkpoint
 from mrkd.train.data import scan_category
-from mrkd.train.evaluate import evaluate, evaluate_all, format_table
+from mrkd.cli import main
+from mrkd.train.evaluate import evaluate, evaluate_all, find_checkpoints, format_table
 from mrkd.train.predict import predict
 from train_fixtures import CATEGORY, IMAGE_SIZE, temp_dir, tiny_data, trained_run
 
@@ -58,6 +61,23 @@ def test_evaluate_all_on_a_run_folder_matches_single_evaluation(tmp_path):
     assert list(results) == [CATEGORY]
     assert results[CATEGORY]["image_auroc"] == pytest.approx(single["image_auroc"])
     assert (tmp_path / CATEGORY / "metrics.json").is_file() and (tmp_path / "metrics.json").is_file()
+    # the numbers say which model file they are of, in both files (hash computed here)
+    checkpoint = find_checkpoints(run_root, [CATEGORY])[CATEGORY]
+    sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    for saved in (json.loads((tmp_path / CATEGORY / "metrics.json").read_text()),
+                  json.loads((tmp_path / "metrics.json").read_text())[CATEGORY]):
+        assert saved["checkpoint"] == str(checkpoint) and saved["checkpoint_sha256"] == sha
+        assert saved["data_root"] == str(Path(tiny_data()).resolve())
+    # a second evaluation into the same folder is refused in one line, before it runs, and changes nothing
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    result = CliRunner().invoke(main, ["eval", str(run_root), str(tiny_data()), "-o", str(tmp_path)])
+    assert result.exit_code != 0 and "holds an earlier evaluation" in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    (tmp_path / CATEGORY / "overlays" / "stale.png").write_bytes(b"x")
+    evaluate_all(run_root, tiny_data(), out_dir=tmp_path, progress=False, replace=True)
+    assert not (tmp_path / CATEGORY / "overlays" / "stale.png").exists()
+    assert len(list((tmp_path / CATEGORY / "overlays").glob("*.png"))) == 8
 
 
 def test_predict_scores_decisions_maps_and_skips_a_corrupt_file(tmp_path):

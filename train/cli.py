@@ -231,7 +231,8 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
               help="Category to evaluate (repeat for several). CHECKPOINT may be a run folder with "
                    "<category>/last.ckpt (the final epoch of training); default: every category found there.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Write metrics.json, roc.png, score_histogram.png and overlays here (per category).")
+              help="Write metrics.json (with the checkpoint's sha256), roc.png, score_histogram.png and overlays "
+                   "here (per category); a folder with an earlier evaluation is refused.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)

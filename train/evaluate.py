@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from mrkd.atomic import atomic_write_bytes, atomic_write_text
+from mrkd.errors import SettingError
 from mrkd.train import metrics
 from mrkd.runtime.calibration import Calibration
 
@@ -137,20 +138,52 @@ def _write_plots(arrays: dict, result: dict, threshold: Optional[float], out_dir
     return [str(p) for p in written]
 
 
+EVALUATION_FILES = ("metrics.json", "roc.png", "score_histogram.png", "overlays")
+
+
+def earlier_evaluation(out_dir, categories: Sequence[str] = ()) -> List[Path]:
+    """The files of an earlier evaluation in ``out_dir`` (and its ``<category>/`` folders)."""
+    folders = [Path(out_dir)] + [Path(out_dir) / category for category in categories]
+    return [folder / name for folder in folders for name in EVALUATION_FILES if (folder / name).exists()]
+
+
+def claim_out_dir(out_dir, categories: Sequence[str] = (), replace: bool = False) -> None:
+    """Refuse an ``out_dir`` that holds an earlier evaluation (SettingError), or with ``replace`` remove
+    those files (and only those) first: a second evaluation into the same folder left the first one's
+    overlays beside the second's metrics, and metrics that no longer said which model they were."""
+    import shutil
+    earlier = earlier_evaluation(out_dir, categories)
+    if earlier and not replace:
+        shown = ", ".join(str(path.relative_to(out_dir)) for path in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
+        raise SettingError(f"{out_dir}: holds an earlier evaluation ({shown}); evaluations are never written "
+                           "over one another: name a new folder (-o)")
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def evaluate(model, data_root, category: str, out_dir=None, batch_size: int = 8, device="auto",
              n_overlays: int = 4, progress: bool = True, skip_unreadable: bool = False,
-             require_masks: bool = False) -> dict:
+             require_masks: bool = False, checkpoint=None, replace: bool = False) -> dict:
     """Evaluate ``model`` (an MRKD or a checkpoint path) on ``data_root/category``'s test split.
 
-    Returns metrics_of_arrays' dict (+ ``threshold``, ``n_good``, ``n_defect``, ``category``). Image
-    metrics cover every test image; pixel metrics the images with usable masks (the counts and
+    Returns metrics_of_arrays' dict (+ ``threshold``, ``n_good``, ``n_defect``, ``category``, and
+    ``checkpoint``/``checkpoint_sha256``: the file evaluated, ``model`` itself when it is a path).
+    Image metrics cover every test image; pixel metrics the images with usable masks (the counts and
     ``pixel_metrics`` say which; ``require_masks``: a defect image without a mask is an error).
-    With ``out_dir``: writes metrics.json, roc.png, score_histogram.png and overlays/*.png there.
+    With ``out_dir``: writes metrics.json, roc.png, score_histogram.png and overlays/*.png there; a
+    folder with an earlier evaluation is refused unless ``replace`` (claim_out_dir).
     """
+    from mrkd.runtime.metadata import file_sha256
     from mrkd.train.checkpoint import load_checkpoint
     from mrkd.train.data import DataError, scan_category
 
+    if out_dir is not None:
+        claim_out_dir(out_dir, replace=replace)
     if not hasattr(model, "anomaly_map"):
+        checkpoint = model
         model = load_checkpoint(model)
     device = resolve_device(device) if isinstance(device, str) or device is None else device
     model = model.to(device)
@@ -161,7 +194,10 @@ def evaluate(model, data_root, category: str, out_dir=None, batch_size: int = 8,
     arrays = maps_on_test_split(model, data.test_items, batch_size, device, progress)
     result = metrics_of_arrays(arrays, threshold)
     result.update(category=category, threshold=threshold, n_good=int((arrays["labels"] == 0).sum()),
-                  n_defect=int((arrays["labels"] == 1).sum()), skipped_unreadable=len(data.skipped_unreadable))
+                  n_defect=int((arrays["labels"] == 1).sum()), skipped_unreadable=len(data.skipped_unreadable),
+                  data_root=str(Path(data_root).resolve()))
+    if checkpoint is not None:    # which model these numbers are of (the file, not only its name)
+        result.update(checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint))
     if out_dir is not None:
         out_dir = Path(out_dir)
         result["files"] = _write_plots(arrays, result, threshold, out_dir, model.config, n_overlays)
@@ -240,17 +276,21 @@ def mean_row(results: Mapping[str, dict]) -> dict:
 
 def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = None, out_dir=None,
                  test_time_mask: Optional[bool] = None, warn: Optional[Callable[[str], None]] = None,
-                 **kwargs) -> Dict[str, dict]:
+                 replace: bool = False, **kwargs) -> Dict[str, dict]:
     """Evaluate every category's checkpoint (see find_checkpoints); adds a "mean" row.
 
     Each category's files go to ``out_dir/<category>/``; the table (with mean) to ``out_dir/metrics.json``.
     ``test_time_mask`` overrides the student's test-time masking (None: as trained); ``warn`` receives
     a line when a checkpoint was trained on another category than the one it is evaluated on.
+    ``out_dir`` with an earlier evaluation is refused before anything runs, unless ``replace``.
     """
     from mrkd.train.checkpoint import category_mismatch, model_from_dict, read_checkpoint
 
+    found = find_checkpoints(checkpoints, categories)
+    if out_dir is not None:
+        claim_out_dir(out_dir, list(found), replace=replace)
     results = {}
-    for category, checkpoint in find_checkpoints(checkpoints, categories).items():
+    for category, checkpoint in found.items():
         model = model_from_dict(read_checkpoint(checkpoint, warn=warn), source=str(checkpoint))
         mismatch = category_mismatch(model, category, checkpoint)
         if mismatch and warn is not None:
@@ -258,8 +298,7 @@ def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = N
         if test_time_mask is not None:
             model.student.test_time_mask = test_time_mask
         target = None if out_dir is None else Path(out_dir) / category
-        results[category] = evaluate(model, data_root, category, target, **kwargs)
-        results[category]["checkpoint"] = str(checkpoint)
+        results[category] = evaluate(model, data_root, category, target, checkpoint=checkpoint, **kwargs)
     if len(results) > 1:
         results["mean"] = mean_row(results)
     if out_dir is not None:
