@@ -15,7 +15,7 @@ from mrkd.export.parity import Comparison, ParityError, parity_report
 from mrkd.export.precision_check import check_bf16
 from mrkd.export.tensorrt_build import (NO_TENSORRT_HINT, BuildSettings, TensorRTUnavailableError, build_engine,
                                         tensorrt_unavailable_reason)
-from mrkd.export.triton import write_triton_repository
+from mrkd.export.triton import versions, write_triton_repository
 from mrkd.runtime.metadata import MetadataError, ModelMetadata, sidecar_path
 
 FP32_NAME, FP16_NAME, INT8_NAME, ENGINE_NAME = "model.onnx", "model_fp16.onnx", "model_int8.onnx", "model.engine"
@@ -164,7 +164,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         configs = write_triton_repository(triton_dir, fp32.path, engine_path=result.files.get("engine"),
                                           metadata=fp32.metadata, engine_metadata=engine_meta)
         result.files.update({f"triton:{name}": path for name, path in configs.items()})
-        echo(f"wrote Triton repository {triton_dir} ({', '.join(configs)})")
+        echo(f"wrote Triton repository {triton_dir} ("
+             + ", ".join(f"{name} version {versions(path.parent)[-1]}" for name, path in configs.items()) + ")")
     if result.tensorrt_error:
         raise TensorRTUnavailableError(result.tensorrt_error)
     echo(f"done: {', '.join(str(path) for path in result.files.values())}")

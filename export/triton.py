@@ -1,8 +1,12 @@
 """A Triton Inference Server model repository for an exported model.
 
-``<repo>/<name>/config.pbtxt`` + ``<repo>/<name>/1/model.onnx`` (platform "onnxruntime_onnx"), and
-``<repo>/<name>_trt/…/1/model.plan`` (platform "tensorrt_plan") when an engine exists. Inputs and
-outputs (names, dtypes, dims without the batch axis) are read from the ONNX graph itself.
+``<repo>/<name>/config.pbtxt`` + ``<repo>/<name>/<version>/model.onnx`` (platform "onnxruntime_onnx"),
+and ``<repo>/<name>_trt/…/<version>/model.plan`` (platform "tensorrt_plan") when an engine exists.
+Inputs and outputs (names, dtypes, dims without the batch axis) are read from the ONNX graph itself.
+
+Versions: a first export writes version 1; an export of another model into the same repository adds
+the next version (Triton serves the newest by default; the earlier stay for a roll back), never
+writes over one; the same model file again keeps its version.
 """
 
 from __future__ import annotations
@@ -68,6 +72,26 @@ def _copy(src, dst) -> None:
         shutil.copyfileobj(source, target, 1 << 20)
 
 
+def versions(folder: Path) -> List[int]:
+    """The version numbers of a Triton model folder (its numeric subfolders), ascending."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isdigit()
+                  and int(child.name) > 0)
+
+
+def version_for(folder: Path, filename: str, source: Path) -> str:
+    """The version folder ``source`` goes to: the newest one when it already holds this very file,
+    else one past the newest (1 for a new model)."""
+    from mrkd.runtime.metadata import file_sha256
+    found = versions(folder)
+    if found:
+        newest = folder / str(found[-1]) / filename
+        if newest.is_file() and file_sha256(newest) == file_sha256(source):
+            return str(found[-1])
+    return str(found[-1] + 1 if found else 1)
+
+
 def write_triton_repository(repo_dir, onnx_path, name: str = "mrkd", engine_path=None,
                             max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, metadata: Optional[ModelMetadata] = None,
                             engine_metadata: Optional[ModelMetadata] = None) -> Dict[str, Path]:
@@ -83,8 +107,10 @@ def write_triton_repository(repo_dir, onnx_path, name: str = "mrkd", engine_path
         targets.append((f"{name}_trt", "tensorrt_plan", Path(engine_path), "model.plan", engine_meta))
     for model_name, platform, source, filename, model_meta in targets:
         folder = repo_dir / model_name
-        _copy(source, folder / "1" / filename)
-        model_meta.save(folder / "1" / (filename + ".json"))
+        version = version_for(folder, filename, source)
+        if not (folder / version / filename).is_file():
+            _copy(source, folder / version / filename)
+            model_meta.save(folder / version / (filename + ".json"))
         config = model_config(model_name, platform, inputs, outputs, model_meta.batch_range[2],
                               preferred_sizes(model_meta.batch_range), max_queue_delay_us)
         atomic_write_text(folder / "config.pbtxt", config)

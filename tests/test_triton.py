@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -84,6 +85,29 @@ def test_onnxruntime_config(onnx_model, tmp_path):
     model_file = tmp_path / "repo" / "mrkd_cam" / "1" / "model.onnx"
     assert model_file.read_bytes() == exported.path.read_bytes()
     assert ModelMetadata.load(sidecar_path(model_file)).input_format == "uint8_nhwc_bgr"
+
+
+def test_another_model_is_a_new_version_and_the_same_one_keeps_its_own(onnx_model, tmp_path):
+    """A second export into the same repository: the same file keeps version 1; another model (here
+    the graph with another doc string) becomes version 2 and version 1 stays as it was (a roll back)."""
+    import onnx
+    _, exported = onnx_model
+    folder = tmp_path / "repo" / "mrkd"
+    write_triton_repository(tmp_path / "repo", exported.path)
+    first = (folder / "1" / "model.onnx").read_bytes()
+    write_triton_repository(tmp_path / "repo", exported.path)
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "config.pbtxt"]
+    graph = onnx.load(str(exported.path))
+    graph.doc_string = "another model"
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    onnx.save(graph, str(other))
+    shutil.copy(sidecar_path(exported.path), sidecar_path(other))
+    write_triton_repository(tmp_path / "repo", other)
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "2", "config.pbtxt"]
+    assert (folder / "1" / "model.onnx").read_bytes() == first == exported.path.read_bytes()
+    assert (folder / "2" / "model.onnx").read_bytes() == other.read_bytes() != first
+    assert ModelMetadata.load(sidecar_path(folder / "2" / "model.onnx")).input_format == "uint8_nhwc_bgr"
 
 
 def test_tensorrt_plan_config_when_engine_exists(onnx_model, tmp_path):
