@@ -74,3 +74,33 @@ def test_killed_run_resumes_from_its_last_epoch_and_matches_an_uninterrupted_run
     assert again["history"] == resumed["history"]
     after = _weights(killed / "last.ckpt")
     assert all(torch.equal(ours[k], after[k]) for k in ours)
+
+
+def test_sigterm_during_mrkd_train_says_how_to_resume_and_the_same_command_goes_on(tmp_path):
+    """SIGTERM after the first saved epoch: one line naming the signal and the resume, exit 143, no
+    traceback; the same command again goes on from the epochs saved (its history keeps them)."""
+    out = tmp_path / "runs"
+
+    def command(epochs):
+        return [sys.executable, "-m", "mrkd.cli", "train", str(tiny_data()), "-c", CATEGORY, "-o", str(out),
+                "--backbone", "resnet18", "--teacher-weights", "random", "--image-size", "64", "--epochs", str(epochs),
+                "--batch-size", "4", "--eval-every", "0", "--score", "mrkd", "--seed", "7"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command(30), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / CATEGORY / "last.ckpt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, (stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    said = [line for line in stderr.splitlines() if "training stopped" in line]
+    assert len(said) == 1 and "SIGTERM" in said[0] and "run the same command again" in said[0], stderr
+    done_epochs = int(torch.load(out / CATEGORY / "last.ckpt", weights_only=True)["train_state"]["epoch"])
+    assert 1 <= done_epochs < 30
+    done = subprocess.run(command(done_epochs + 1), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (out / CATEGORY / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "epoch" in row] == list(range(1, done_epochs + 2)), rows
