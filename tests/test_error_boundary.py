@@ -112,6 +112,18 @@ def test_imagenet_weights_that_cannot_be_downloaded_name_the_choices(tmp_path, f
     assert "urlopen error" in line      # the cause is kept, after what to do about it
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint, just text\n", bytes(range(256)) * 2])
+def test_teacher_weights_that_are_no_state_dict_say_so_without_torch_advice(tmp_path, files, content):
+    """A text file gave "(101)", random bytes torch's advice to load with weights_only=False."""
+    weights = tmp_path / "teacher.pth"
+    weights.write_bytes(content)
+    done = mrkd("train", files["images"], "--backbone", "resnet18", "--teacher-weights", weights, "--epochs", "1",
+                "-o", tmp_path / "runs")
+    line = assert_one_line_error(done, str(weights), "not a readable PyTorch state dict", "teacher weights")
+    assert "weights_only=False" not in line.replace("mrkd never loads with weights_only=False", "")
+    assert "Please file an issue" not in line and not (tmp_path / "runs").exists()
+
+
 def test_unreadable_image_hint_names_the_cli_option(tmp_path):
     from mrkd.train.data import DataError, load_square
     bad = tmp_path / "broken.png"

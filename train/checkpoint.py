@@ -71,7 +71,7 @@ def save_checkpoint(model: MRKD, path, extra: Optional[dict] = None) -> None:
 _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-def _load_failure(exc: Exception) -> str:
+def load_failure(exc: Exception) -> str:
     """torch.load's reason in one line, without its advice to load with weights_only=False (which runs
     whatever code the file holds: never done here)."""
     lines = [line.strip() for line in str(exc).splitlines()]
@@ -93,7 +93,7 @@ def read_checkpoint(path, warn: Optional[Callable[[str], None]] = None) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure(exc)})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(data).__name__}")
     note = unfinished_run(data, str(path)) if warn is not None else None

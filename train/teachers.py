@@ -173,7 +173,9 @@ def _load_state_dict_file(path: str) -> dict:
     except FileNotFoundError:
         raise TeacherWeightsError(f"teacher weights file not found: {path}") from None
     except Exception as exc:
-        raise TeacherWeightsError(f"{path}: cannot read teacher weights ({exc})") from exc
+        from mrkd.train.checkpoint import load_failure
+        raise TeacherWeightsError(f"{path}: not a readable PyTorch state dict, cannot use it as teacher weights "
+                                  f"({load_failure(exc)})") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
