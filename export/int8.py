@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Set
@@ -249,6 +250,31 @@ def _quantize(source: Path, destination: Path, batch: np.ndarray, settings: Int8
     """quantize_static on ``source`` with our settings; returns the Q/DQ proto, head inputs rewired to FP32."""
     from mrkd.deps import require
     quantization = require("onnxruntime.quantization")
+    with _without_preprocessing_advice():
+        return _quantize_static(quantization, source, destination, batch, settings, nodes)
+
+
+class _PreprocessingAdvice(logging.Filter):
+    """ONNX Runtime's quantiser logs "Please consider (to run) pre-processing before quantization" on the
+    root logger, twice per graph; the graph it gets is already slimmed (shapes inferred, constants
+    folded: _prepare), so the advice is noise in the export's report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider")
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    advice, root = _PreprocessingAdvice(), logging.getLogger()   # it logs through logging.warning: the root
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
+def _quantize_static(quantization, source: Path, destination: Path, batch: np.ndarray, settings: Int8Target,
+                     nodes: List[str]):
     quantization.quantize_static(
         str(source), str(destination), _reader(batch),
         quant_format=getattr(quantization.QuantFormat, settings.quant_format), per_channel=True,

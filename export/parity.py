@@ -55,7 +55,9 @@ class Comparison:
                  f"  map max |diff|   {self.map_max_abs_diff:.3g}",
                  f"  score max |diff| {self.score_max_abs_diff:.3g}",
                  f"  decisions agree  {agree}" + ("" if self.threshold is None else f" at threshold {self.threshold:.6g}")]
-        lines += [f"  {name:<16} max |diff| {value:.3g}" for name, value in self.max_abs_diff.items()]
+        # the other outputs (the map and the score are shown above)
+        lines += [f"  {name:<16} max |diff| {value:.3g}" for name, value in self.max_abs_diff.items()
+                  if name != "score" and not (name == "anomaly_map" and value == self.map_max_abs_diff)]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 

@@ -121,7 +121,7 @@ def test_int8_images_are_listed_by_the_one_image_rule(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target, keep", [("tensorrt", "front"), ("cpu", "none"), (None, "front")])
-def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, keep):
+def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, keep, caplog):
     """--int8 alone never fails for want of TensorRT: exit 0, the files it wrote, and a note saying why no
     engine was built; the default target is the form that runs fast where the engine is not built."""
     from click.testing import CliRunner
@@ -135,6 +135,10 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, kee
                                                  "--int8-keep-fp32", keep, "--simplify", "never"]
                                 + (["--int8-target", target] if target else []))
     assert "INT8 graph vs FP32 graph" in result.output and "decisions agree" in result.output
+    # ONNX Runtime's advice to pre-process (the graph is slimmed already) stays out of the report, and
+    # each report names the map and the score once
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()], caplog.text
+    assert "anomaly_map      max |diff|" not in result.output and "score            max |diff|" not in result.output
     assert f"INT8 ({keep}):" in result.output and "teacher nodes in front of the first feature tap" in result.output
     assert (out / "model_int8.onnx").is_file() and (out / "model.onnx").is_file()
     from mrkd.runtime.metadata import ModelMetadata, sidecar_path
