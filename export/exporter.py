@@ -43,7 +43,9 @@ def export_onnx(model, path, options: ExportOptions, *, checkpoint_sha256: Optio
     proto, record = maybe_simplify(proto, batch, simplify)
     from mrkd.train.refit import sidecar_lineage
     # a refit model's version, parent and labels stay with every export of it (INT8/FP16 copy this one)
+    # the timings stay out of the file (printed only): the same checkpoint exported twice is the same bytes
+    recorded = {key: value for key, value in record.items() if not key.startswith("latency_")}
     meta = build_metadata(model, options, checkpoint_sha256=checkpoint_sha256,
-                          extra={"onnxslim": record, **sidecar_lineage(getattr(model, "lineage", None))})
+                          extra={"onnxslim": recorded, **sidecar_lineage(getattr(model, "lineage", None))})
     write_model(proto, path, meta)
     return ExportedModel(Path(path), meta, record)

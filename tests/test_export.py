@@ -237,3 +237,22 @@ def test_the_export_pipeline_passes_its_metadata_along(tmp_path, monkeypatch):
     on_disk = ModelMetadata.load(sidecar_path(result.files["onnx"]))
     triton_copy = ModelMetadata.load(tmp_path / "triton" / "mrkd" / "1" / "model.onnx.json")
     assert on_disk == triton_copy and on_disk.onnx_sha256 is not None and result.reports["parity"].passed
+
+
+def test_the_same_checkpoint_exported_twice_is_the_same_file_and_one_triton_version(tmp_path):
+    """The graph's embedded metadata held onnxslim's timings, so every export of one checkpoint was
+    another file (another hash, another Triton version). The timings are printed, not recorded."""
+    import hashlib
+    from mrkd.export.pipeline import export_checkpoint
+    ckpt = tmp_path / "ck.pt"
+    small_model().save(ckpt)
+    lines = []
+    for out in ("a", "b"):
+        export_checkpoint(ckpt, tmp_path / out, ExportOptions(batch_range=(1, 1, 2)), engine=False,
+                          triton_dir=tmp_path / "triton", simplify="always", echo=lines.append)
+    digest = [hashlib.sha256((tmp_path / out / "model.onnx").read_bytes()).hexdigest() for out in ("a", "b")]
+    assert digest[0] == digest[1]
+    assert sorted(p.name for p in (tmp_path / "triton" / "mrkd").iterdir()) == ["1", "config.pbtxt"]
+    recorded = ModelMetadata.load(sidecar_path(tmp_path / "a" / "model.onnx")).extra["onnxslim"]
+    assert recorded["mode"] == "always" and "nodes_after" in recorded and not any("latency" in k for k in recorded)
+    assert sum("onnxslim: kept" in line and " ms)" in line for line in lines) == 2      # timings still shown
