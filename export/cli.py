@@ -45,8 +45,9 @@ EXIT_NO_TENSORRT = 3
                    "activation ranges on. Not the threshold calibration (that is mrkd calibrate).")
 @click.option("--check-images", type=click.Path(file_okay=False),
               help="Folder of good images (first 64) the FP32 graph at bf16 is checked on against FP32 "
-                   "(OpenVINO, on a CPU with native bf16); a passing check, recorded in the sidecar, lets "
-                   "--backend auto run bf16. Default: the --int8-images folder.")
+                   "(OpenVINO, on a CPU with native bf16; a passing check, recorded in the sidecar, lets "
+                   "--backend auto run bf16), and the INT8 graph's decisions. Default: the --int8-images "
+                   "folder (for INT8: its images past the 64 quantisation read, where there are more).")
 @click.option("--calib", type=click.Path(file_okay=False), hidden=True,
               help="Old name of --int8-images, still accepted.")
 @click.option("--int8-target", type=click.Choice(INT8_TARGET_CHOICES), default="auto", show_default=True,

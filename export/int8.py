@@ -25,7 +25,7 @@ import io
 import logging
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Set
+from typing import List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -348,6 +348,23 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
         head_inputs_kept_fp32=bypassed, target=target, format=settings.description))
     write_model(proto, out_path, int8_meta)
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))
+
+
+def int8_check_paths(int8_images, check_images=None,
+                     limit: int = DEFAULT_INT8_IMAGE_LIMIT) -> Tuple[List[Path], Optional[str]]:
+    """The good images the INT8 graph is checked on against FP32, and a note when they are not held
+    out: ``check_images`` when given (other images than quantisation saw), else the ``int8_images``
+    past the first ``limit`` that quantisation read, else (a folder of at most ``limit``) the
+    quantisation images themselves, which flatter the INT8 graph: its ranges were measured on them."""
+    from mrkd.runtime.images import list_images
+    if check_images is not None and Path(check_images).resolve() != Path(int8_images).resolve():
+        return int8_image_paths(check_images, limit), None
+    every = list_images(Path(int8_images), recursive=True)
+    if len(every) > limit:
+        return every[limit:2 * limit], None
+    return int8_image_paths(int8_images, limit), (
+        "checked on the images quantisation measured its ranges on (a flattering check): give --check-images "
+        "with other good images, or more than 64 in --int8-images, for images it has not seen")
 
 
 def int8_agreement_report(fp32_onnx_path, int8_onnx_path, images: np.ndarray,

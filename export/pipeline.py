@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
-from mrkd.export.int8 import (INT8_TARGET_CHOICES, default_int8_target, int8_agreement_report, int8_image_paths,
+from mrkd.export.int8 import (INT8_TARGET_CHOICES, default_int8_target, int8_agreement_report, int8_check_paths,
                               load_images, quantize_int8)
 from mrkd.export.onnx_graph import ExportError, ExportOptions
 from mrkd.export.parity import Comparison, ParityError, parity_report
@@ -131,14 +131,13 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         engine_source = quant.path if int8_target == "tensorrt" else None
         metadata_of[quant.path] = quant.metadata
         echo(f"wrote {quant.path} (INT8 target {int8_target})")
-        images = load_images(int8_image_paths(int8_images), quant.metadata)
-        result.reports["int8"] = int8_agreement_report(fp32.path, quant.path, images,
-                                                       fp32.metadata.threshold, int8_metadata=quant.metadata)
-        echo(result.reports["int8"].format())
-        for spec in openvino_report_specs():
+        paths, flattering = int8_check_paths(int8_images, check_images)
+        images = load_images(paths, quant.metadata)
+        for key, spec in [("int8", "onnxruntime")] + [(f"int8:{spec}", spec) for spec in openvino_report_specs()]:
             report = int8_agreement_report(fp32.path, quant.path, images, fp32.metadata.threshold, backend=spec,
                                            int8_metadata=quant.metadata)
-            result.reports[f"int8:{spec}"] = report
+            report.notes += [flattering] if flattering else []
+            result.reports[key] = report
             echo(report.format())
     if engine and engine_source is None and not int8_images:
         engine_source = fp32.path         # --engine alone: an FP32 engine

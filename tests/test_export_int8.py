@@ -156,6 +156,25 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, kee
             assert "TensorRT engines were not built because TensorRT is not installed here" in result.output
     if importlib.util.find_spec("openvino"):   # the same agreement, on the OpenVINO backend
         assert "INT8 graph on openvino f32 vs FP32 graph (ONNX Runtime CPU)" in result.output
+    # the folder holds no more images than quantisation read: each INT8 report says its check flatters
+    assert result.output.count("note: checked on the images quantisation measured its ranges on") == \
+        result.output.count("INT8 graph"), result.output
+
+
+def test_int8_is_checked_on_images_quantisation_did_not_read_where_there_are_any(tmp_path):
+    from mrkd.export.int8 import int8_check_paths
+    for index in range(7):
+        (tmp_path / "good" / f"{index}.png").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "good" / f"{index}.png").write_bytes(b"x")
+        (tmp_path / "other" / f"{index}.png").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "other" / f"{index}.png").write_bytes(b"x")
+    quantised = set(int8_image_paths(tmp_path / "good", limit=4))
+    paths, note = int8_check_paths(tmp_path / "good", None, limit=4)
+    assert note is None and len(paths) == 3 and not quantised & set(paths)      # the 3 past the first 4
+    paths, note = int8_check_paths(tmp_path / "good", tmp_path / "other", limit=4)
+    assert note is None and paths == int8_image_paths(tmp_path / "other", limit=4)
+    paths, note = int8_check_paths(tmp_path / "good", tmp_path / "good", limit=10)   # only what it read
+    assert set(paths) == set(int8_image_paths(tmp_path / "good", limit=10)) and "flattering" in note
 
 
 @pytest.mark.slow
