@@ -122,8 +122,8 @@ class LineControl:
                                   evidence_dir=self.evidence_dir, events_path=self.events_path)
                       for event_id in event_ids]
             append_checked(self.labels_path, labels, _together)
-        except UnlabellableError as exc:
-            return 409, {"error": str(exc)}
+        except UnlabellableError as exc:     # "together": the events one call may label to settle it
+            return 409, {"error": str(exc), **({"together": exc.together} if exc.together else {})}
         saved = [asdict(label) for label in labels]
         return 200, {"saved": saved[0] if isinstance(request["event_id"], str) else saved,
                      "meaning": LABEL_WORDS[request["label"]]}

@@ -69,7 +69,12 @@ class ReviewError(MrkdError, ValueError):
 
 class UnlabellableError(ReviewError):
     """The event cannot be labelled as asked: no evidence image, evidence changed since the run, or a
-    label that contradicts another (POST /review answers 409)."""
+    label that contradicts another (POST /review answers 409). ``together``: for a contradiction, the
+    events that would settle it when labelled as asked in one call (the page offers that)."""
+
+    def __init__(self, message: str, together: Sequence[str] = ()):
+        super().__init__(message)
+        self.together = list(together)
 
 
 @dataclass(frozen=True)
@@ -324,18 +329,19 @@ def append_checked(path, new: Sequence[ReviewLabel], hint: Callable[[Sequence[st
     with LabelFile(path) as log, log.locked():
         conflicts = new_conflicts(last_per_event(read_labels(log.path)), new)
         if conflicts:
-            raise UnlabellableError(_refusal(conflicts[0], new, log.path, hint))
+            raise UnlabellableError(*_refusal(conflicts[0], new, log.path, hint))
         log.extend(new)
 
 
-def _refusal(conflict: Conflict, new: Sequence[ReviewLabel], path, hint) -> str:
+def _refusal(conflict: Conflict, new: Sequence[ReviewLabel], path, hint) -> Tuple[str, List[str]]:
+    """The refusal's message, and the events to label together to settle it."""
     label = new[0].label                  # one call gives all its events the same label
     asked = [n.event_id for n in new if n.image_sha256 == conflict.image_sha256]
     other = DEFECT if label == GOOD else GOOD
     opposing = [e for e in (conflict.defect if label == GOOD else conflict.good) if e not in asked]
     return (f"{path}: nothing written: event {', '.join(asked)} would be {label!r}, but its image "
             f"{conflict.image_sha256[:12]} is {other!r} under event {', '.join(opposing)} (one image is good or "
-            f"defect, not both); label them together: {hint(asked + opposing, label)}")
+            f"defect, not both); label them together: {hint(asked + opposing, label)}"), asked + opposing
 
 
 def labels_file_sha256(path) -> str:

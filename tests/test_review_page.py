@@ -186,6 +186,63 @@ def test_review_view_records_a_label_only_with_the_token(tmp_path):
         {k: v for k, v in cli_line.items() if k not in ("time", "when")}
 
 
+@pytest.mark.slow
+def test_one_image_marked_good_and_defect_is_settled_from_the_page(tmp_path):
+    """The looped folder alarms on the same frame in each loop: two events, one evidence image. Marked
+    good under one and defect under the other, the page shows the refusal (409, nothing written) and a
+    button that labels both events together; pressed, the label file holds no contradiction (read
+    back by runtime/review.py, every event of that image ends defect)."""
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    from mrkd.runtime.review import DEFECT, find_conflicts, last_per_event
+    folder = tmp_path / "frames"
+    write_frames(folder)
+    model = export_tiny_model(tmp_path / "model.onnx", threshold=LIVE_THRESHOLD)
+    events, labels, evidence = tmp_path / "events.jsonl", tmp_path / "labels.jsonl", tmp_path / "evidence"
+    run = MrkdRun(tmp_path, model, folder, "--events", str(events), "--evidence", str(evidence),
+                  "--control-token-env", "MRKD_TEST_TOKEN", "--review-labels", str(labels), fps=4)
+
+    def twins():
+        by_image = {}
+        for event in read_events(events):
+            by_image.setdefault(event.get("evidence_sha256"), []).append(event["event_id"])
+        return next((ids[-2:] for sha, ids in by_image.items() if sha and len(ids) >= 2), None)
+    try:
+        assert wait_for(lambda: twins() is not None, 30), "no frame alarmed twice"
+        first, second = twins()
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(run.url + "/")
+            page.fill("#token", TOKEN)
+            page.click("#token-use")
+            items = {}
+            for event_id in (first, second):
+                items[event_id] = page.locator(f'.alarm[data-event-id="{event_id}"]')
+                items[event_id].wait_for(timeout=15000)
+
+            def press(item, selector: str) -> str:
+                item.evaluate("el => { delete el.dataset.review; }")
+                item.locator(selector).click()
+                page.wait_for_function("el => el.dataset.review !== undefined", arg=item.element_handle(),
+                                       timeout=10000)
+                return item.locator(".answer").inner_text()
+
+            assert press(items[first], "button.mark-good").startswith("recorded: good part")
+            refused = press(items[second], "button.mark-defect")
+            assert refused.startswith("error 409") and "label them together" in refused, refused
+            assert len(labels.read_text().splitlines()) == 1             # nothing written by the refusal
+            settle = items[second].locator("button.settle")
+            assert settle.inner_text().startswith("mark all 2 events of this image")
+            assert press(items[second], "button.settle").startswith("recorded: defect confirmed · 2 events")
+            browser.close()
+        latest = last_per_event(read_labels(labels))
+        assert {latest[first].label, latest[second].label} == {DEFECT} and not find_conflicts(latest)
+        assert latest[first].image_sha256 == latest[second].image_sha256
+    finally:
+        run.stop()
+
+
 def test_event_fields_are_shown_as_text_never_as_markup(tmp_path):
     """An event whose fields carry markup (a hostile or broken source of events) shows it literally."""
     require_program(CHROMIUM, ["chromium"])
