@@ -113,16 +113,23 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
-@pytest.mark.slow
-def test_review_view_records_a_label_only_with_the_token(tmp_path):
-    require_program(CHROMIUM, ["chromium"])
-    from playwright.sync_api import sync_playwright
+def review_run(tmp_path: Path, fps: float):
+    """A live run of the looped frames with evidence, the control token and a label file:
+    (run, events log, label file, evidence folder)."""
     folder = tmp_path / "frames"
     write_frames(folder)
     model = export_tiny_model(tmp_path / "model.onnx", threshold=LIVE_THRESHOLD)
     events, labels, evidence = tmp_path / "events.jsonl", tmp_path / "labels.jsonl", tmp_path / "evidence"
     run = MrkdRun(tmp_path, model, folder, "--events", str(events), "--evidence", str(evidence),
-                  "--control-token-env", "MRKD_TEST_TOKEN", "--review-labels", str(labels), fps=6)
+                  "--control-token-env", "MRKD_TEST_TOKEN", "--review-labels", str(labels), fps=fps)
+    return run, events, labels, evidence
+
+
+@pytest.mark.slow
+def test_review_view_records_a_label_only_with_the_token(tmp_path):
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    run, events, labels, evidence = review_run(tmp_path, fps=6)
     try:
         with sync_playwright() as playwright:
             browser = launch(playwright)
@@ -195,12 +202,7 @@ def test_one_image_marked_good_and_defect_is_settled_from_the_page(tmp_path):
     require_program(CHROMIUM, ["chromium"])
     from playwright.sync_api import sync_playwright
     from mrkd.runtime.review import DEFECT, find_conflicts, last_per_event
-    folder = tmp_path / "frames"
-    write_frames(folder)
-    model = export_tiny_model(tmp_path / "model.onnx", threshold=LIVE_THRESHOLD)
-    events, labels, evidence = tmp_path / "events.jsonl", tmp_path / "labels.jsonl", tmp_path / "evidence"
-    run = MrkdRun(tmp_path, model, folder, "--events", str(events), "--evidence", str(evidence),
-                  "--control-token-env", "MRKD_TEST_TOKEN", "--review-labels", str(labels), fps=4)
+    run, events, labels, _ = review_run(tmp_path, fps=4)
 
     def twins():
         by_image = {}
