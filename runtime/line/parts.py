@@ -496,9 +496,10 @@ class PartRunner:
     def status_line(self) -> str:
         p = self.latency["trigger_to_verdict"].percentiles_ms()
         cameras = " | ".join(f"{c.name}: {'up' if c.up else 'DOWN'} {c.images} images" for c in self.cameras)
+        latency = (f"trigger->verdict p50/p99 {p['p50']:.1f}/{p['p99']:.1f} ms" if self.inspections
+                   else "no part judged yet")
         return (f"{self.inspections} parts (OK {self.verdicts['OK']} NG {self.verdicts['NG']} ERROR "
-                f"{self.verdicts['ERROR']}), {self.missed} missed triggers, trigger->verdict p50/p99 "
-                f"{p['p50']:.1f}/{p['p99']:.1f} ms || {cameras}")
+                f"{self.verdicts['ERROR']}), {self.missed} missed triggers, {latency} || {cameras}")
 
     def summary(self) -> dict:
         cameras = {}
