@@ -30,7 +30,7 @@ from mrkd.benchmarks.mosquitto import Mosquitto, free_port
 from mrkd.cli import main
 from mrkd.runtime import Camera, Line, OutputSettings, WebhookSettings, build_outputs, read_events, run_line
 from mrkd.runtime.outputs.base import CameraInfo, stop_each
-from mrkd.runtime.outputs.events import EventLog, EventLogError
+from mrkd.runtime.outputs.events import EventLog, EventLogError, EventLogOutput
 from mrkd.runtime.outputs.metrics import MetricsObserver
 from mrkd.runtime.outputs.mqtt import MqttObserver, MqttSettings
 from mrkd.runtime.outputs.webhook import WebhookError, WebhookSender, verify_signature
@@ -649,6 +649,44 @@ def test_an_events_log_deleted_mid_run_is_started_again_not_written_into_nothing
     log.close()
     assert read_events(path) == [{"event_id": "b", "time": "t2"}]
     assert "deleted" in caplog.text
+
+
+def test_an_events_log_whose_folder_goes_never_writes_into_a_descriptor_it_gave_up(tmp_path):
+    """The folder of the log deleted and a file put in its place: starting the log again fails, and
+    the next connection the process opens gets the old descriptor's number. Events then fail (counted,
+    said), nothing reaches that connection, and once the place is a folder again the log goes on."""
+    folder = tmp_path / "evdir"
+    path = folder / "events.jsonl"
+    output = EventLogOutput(path)
+    output.on_event("cam0", {"event_id": "a", "time": "t1"})
+    old_fd = output.log._fd
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+    output.on_event("cam0", {"event_id": "b", "time": "t2"})          # cannot start again: failed, said
+    assert output.log._fd is None and output.health().failed == 1 and not output.health().ok
+    one, other = socket.socketpair()
+    if old_fd in (one.fileno(), other.fileno()):      # the "PLC connection" took the number itself
+        peer, extra = (other if one.fileno() == old_fd else one), None
+    else:
+        os.dup2(one.fileno(), old_fd)
+        peer, extra = other, old_fd
+    peer.setblocking(False)
+    try:
+        output.on_event("cam0", {"event_id": "c", "time": "t3"})
+        with pytest.raises(BlockingIOError):
+            peer.recv(4096)                # not one byte of an event on the connection
+        assert output.health().failed == 2
+        folder.unlink()
+        output.on_event("cam0", {"event_id": "d", "time": "t4"})        # the folder is made again
+        assert read_events(path) == [{"event_id": "d", "time": "t4"}] and output.health().ok
+        output.on_stop()                   # closes its own descriptor only
+        os.write(old_fd, b"x")
+        assert peer.recv(1) == b"x"
+    finally:
+        if extra is not None:
+            os.close(extra)
+        one.close()
+        other.close()
 
 
 def test_a_stop_with_two_unreachable_peers_waits_one_deadline_not_their_sum():

@@ -97,6 +97,8 @@ class EventLog:
             self._check_existing()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)   # the umask applies
         except OSError as exc:       # a folder that cannot be, a read-only place: the user's to fix, said once
+            if exc.errno in DISK_FULL:   # may fit later: the output runs and counts (EventLogOutput._open)
+                raise OSError(exc.errno, f"{self.path}: {exc.strerror or exc}") from None
             raise EventLogError(f"--events {self.path}: cannot open it ({exc.strerror or exc})") from None
         self._repair_torn_tail()
         self._lock = threading.Lock()
@@ -142,10 +144,7 @@ class EventLog:
         partial line is cut off again, so the log stays valid."""
         line = (json.dumps(event, sort_keys=True) + "\n").encode("utf-8")
         with self._lock:
-            if os.fstat(self._fd).st_nlink == 0:     # deleted under us: lines would go nowhere; start it again
-                logger.warning("%s: the log was deleted while the line ran; starting a new one", self.path)
-                os.close(self._fd)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+            self._reopen_if_gone()
             before = os.fstat(self._fd).st_size
             try:
                 written = os.write(self._fd, line)
@@ -160,10 +159,28 @@ class EventLog:
                 raise OSError(exc.errno, f"{self.path}: {exc.strerror or exc}") from None
             self.written += 1
 
-    def close(self) -> None:
+    def _reopen_if_gone(self) -> None:
+        """(Lock held.) A log deleted under the run (its folder too) is started again at its path. The
+        new file is opened before the old descriptor is closed, and a failed open leaves no descriptor
+        (``_fd`` None, tried again at the next event): a closed number kept here would be reused by the
+        next socket the process opens (a PLC's connection), and the next line written into it."""
+        if self._fd is not None and os.fstat(self._fd).st_nlink > 0:
+            return
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            logger.warning("%s: the log was deleted while the line ran; starting a new one", self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        except OSError as exc:
+            self.close()
+            raise OSError(exc.errno, f"{self.path}: cannot start the log again ({exc.strerror or exc})") from None
+        self.close()
+        self._fd = fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _parses(data: bytes) -> bool:
