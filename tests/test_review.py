@@ -9,6 +9,7 @@ subprocess (one-line errors).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -100,6 +101,66 @@ def test_retention_deletes_ok_samples_first_and_never_evidence(tmp_path, caplog)
     # a restarted writer counts what is there
     again = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(size * 3.5)))
     assert again.used_bytes == sum(p.stat().st_size for p in tmp_path.rglob("*.png"))
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, options: str):
+    """A real tmpfs of ``options`` (e.g. "size=256k") mounted at ``folder`` for the test (root)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"SKIPPED, NOT TESTED: cannot mount a small tmpfs ({done.stderr.strip()}; needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_deletes_ok_samples_for_ng_evidence_and_a_camera_named_ok_keeps_its_own(tmp_path):
+    """On a real 256 kB tmpfs filled with OK samples, every alarm's evidence is still written: the
+    oldest OK samples make room (the byte budget alone did that before, not a full disk). Full from the
+    start, evidence and the events log run and count. A camera named "ok" keeps its evidence on restart."""
+    from mrkd.runtime.outputs.base import FrameResult
+    from mrkd.runtime.outputs.events import EventLogOutput
+    from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)     # noise: PNG ~7 kB each
+
+    def frame(camera, i, event=None):
+        return FrameResult(camera, i, float(i), image, np.zeros((8, 8), np.float32), 0.0, 1.0, event is not None,
+                           event=event)
+    with small_disk(tmp_path / "disk", "size=256k") as disk:
+        writer = EvidenceWriter(EvidenceSettings(str(disk / "evidence"), ok_every=1))
+        i = 0
+        while writer.health().failed == 0 and i < 200:            # OK samples until the disk is full
+            writer.on_frame(frame("cam0", i))
+            i += 1
+        samples = len(list((disk / "evidence" / "cam0" / "ok").iterdir()))
+        assert writer.health().failed == 1 and samples >= 20, (writer.health(), samples)
+        for k in range(10):
+            fields = writer.event_fields(frame("cam0", 1000 + k, {"event_id": f"e{k}"}))
+            assert fields["evidence"] is not None, writer.health()
+            assert hashlib.sha256(Path(fields["evidence"]).read_bytes()).hexdigest() == fields["evidence_sha256"]
+        assert writer.ok_deleted >= 10 and writer.health().failed == 1
+        assert len(list((disk / "evidence" / "cam0" / "ok").iterdir())) == samples - writer.ok_deleted
+    with small_disk(tmp_path / "inodes", "nr_inodes=4") as disk:
+        while True:
+            try:
+                (disk / f"f{len(list(disk.iterdir()))}").write_bytes(b"")
+            except OSError:
+                break
+        writer = EvidenceWriter(EvidenceSettings(str(disk / "evidence"), ok_every=1))     # no folder, no inode
+        assert writer.event_fields(frame("cam0", 1, {"event_id": "x"}))["evidence"] is None
+        assert writer.health().failed == 1 and not writer.health().ok
+        events = EventLogOutput(disk / "events.jsonl")
+        events.on_event("cam0", {"event_id": "x", "time": "t"})
+        assert events.health().failed == 1 and not events.health().ok
+    settings = EvidenceSettings(str(tmp_path / "ev"), ok_every=1, max_bytes=1)
+    writer = EvidenceWriter(settings)
+    writer.event_fields(frame("ok", 1, {"event_id": "e1"}))       # DIR/ok/e1.png: camera ok's evidence
+    again = EvidenceWriter(settings)
+    again.on_frame(frame("cam0", 2))                              # over budget: only OK samples may go
+    assert (tmp_path / "ev" / "ok" / "e1.png").is_file() and again.ok_deleted == 0
 
 
 def test_label_file_is_append_only_and_read_back_validated(tmp_path):

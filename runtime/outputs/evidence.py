@@ -13,7 +13,9 @@ Retention (``max_bytes`` for the whole folder, counted from what is there at the
 2. alarm/NG evidence is NEVER deleted: when only evidence is left and the folder is over its budget,
    new OK samples are skipped (counted as dropped), evidence is still written, and the output's
    health says "over budget" with a warning (rate-limited) naming the folder;
-3. a write that fails (a full disk) is counted and warned about naming the file; the line goes on.
+3. on a full disk, alarm/NG evidence that does not fit deletes the oldest OK samples (as many as it
+   takes) and is written again; only when no OK sample is left is it lost: counted and warned about
+   naming the file. The line goes on, also when the disk is full at the start.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
-from mrkd.runtime.outputs.delivery import Delivery
+from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.snapshots import write_new_file
 
 EVIDENCE_SCHEMA_VERSION = 1
@@ -65,8 +67,14 @@ class EvidenceWriter(LineObserver):
     def __init__(self, settings: EvidenceSettings):
         self.settings = settings
         self.folder = Path(settings.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.delivery = Delivery("evidence", str(self.folder))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            # a full disk at the start: the line runs, each write is tried (and counted) as it comes
+            self.delivery.set_failing(f"{self.folder}: cannot create it ({exc.strerror or exc})")
         self._ok_files: Deque[Tuple[Path, int]] = deque()
         self._evidence_bytes = 0
         self._ok_seen: Dict[str, int] = {}
@@ -76,12 +84,14 @@ class EvidenceWriter(LineObserver):
     def _scan(self) -> None:
         """What an earlier run left counts against the budget (OK samples, oldest first)."""
         found = []
-        for path in self.folder.rglob("*.png"):
+        for path in (self.folder.rglob("*.png") if self.folder.is_dir() else ()):
             try:
                 stat = path.stat()
             except OSError:
                 continue
-            if path.parent.name == OK_FOLDER:
+            # DIR/<camera>/ok/<name>.png only: DIR/ok/<event>.png is the evidence of a camera named "ok"
+            parts = path.relative_to(self.folder).parts
+            if len(parts) == 3 and parts[1] == OK_FOLDER:
                 found.append((stat.st_mtime_ns, path, stat.st_size))
             else:
                 self._evidence_bytes += stat.st_size
@@ -92,20 +102,46 @@ class EvidenceWriter(LineObserver):
     def used_bytes(self) -> int:
         return self._evidence_bytes + sum(size for _, size in self._ok_files)
 
-    def _write(self, path: Path, image: np.ndarray) -> Optional[str]:
-        """The PNG's sha256, or None when it could not be written (counted, warned). The caller counts
-        a success (``_delivered``) once the budget is checked."""
+    def _write(self, path: Path, image: np.ndarray, make_room: bool = False) -> Optional[str]:
+        """The PNG's sha256, or None when it could not be written (counted, warned). ``make_room``
+        (alarm/NG evidence): a full disk deletes the oldest OK samples and tries again while there are
+        any. The caller counts a success (``_delivered``) once the budget is checked."""
         try:
             data = encode_png(image)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_new_file(path, data)
-        except FileExistsError:
-            self.delivery.failed_one(f"{path}: exists; evidence is never overwritten")
-            return None
         except OSError as exc:
             self.delivery.failed_one(str(exc))
             return None
-        return hashlib.sha256(data).hexdigest()
+        while True:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_new_file(path, data)
+                return hashlib.sha256(data).hexdigest()
+            except FileExistsError:
+                self.delivery.failed_one(f"{path}: exists; evidence is never overwritten")
+                return None
+            except OSError as exc:
+                if not (make_room and exc.errno in DISK_FULL and self._delete_ok_samples(len(data))):
+                    self.delivery.failed_one(str(exc))
+                    return None
+
+    def _delete_ok_samples(self, need: int) -> bool:
+        """Delete the oldest OK samples, at least ``need`` bytes of them (a full disk); False when there
+        were none left to delete."""
+        if not self._ok_files:
+            return False
+        freed = 0
+        while self._ok_files and freed < need:
+            path, size = self._ok_files.popleft()
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.delivery.set_failing(f"{path}: cannot delete an old OK sample ({exc.strerror or exc})")
+                continue
+            freed += size
+            self.ok_deleted += 1
+        return True
 
     def _delivered(self) -> None:
         """A file written: counted; the output is healthy again only if the folder fits its budget
@@ -114,7 +150,7 @@ class EvidenceWriter(LineObserver):
 
     def _evidence(self, camera: str, event_id: str, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
         path = self.folder / camera / f"{event_id}.png"
-        sha = self._write(path, image)
+        sha = self._write(path, image, make_room=True)
         if sha is None:
             return None, None
         self._evidence_bytes += path.stat().st_size
