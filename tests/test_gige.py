@@ -544,3 +544,24 @@ def test_fps_sets_a_free_running_cameras_rate_and_is_refused_where_it_would_be_i
                              r"--fps and the feature AcquisitionFrameRate both set")):
         with pytest.raises(SourceError, match=message):
             open_source(camera.uri, **kwargs).close()
+
+
+def test_another_camera_at_the_same_address_is_not_taken_for_the_one_the_run_started_with(simulator):
+    """Camera A (serial SWAP-A) at an address is unplugged and camera B (SWAP-B) answers there: the
+    source stays down and says so by serial; once A is back, it reconnects and grabs again."""
+    first = simulator("127.0.86.22", "SWAP-A")
+    source = open_source(first.uri, trigger="software", backoff=(0.1, 0.3))
+    try:
+        assert source.grab(time.time(), 2.0).error is None
+        first.kill()
+        wait_for(lambda: not source.up, 15, "the camera to show as down")
+        other = simulator("127.0.86.22", "SWAP-B")
+        wait_for(lambda: "another camera answers there now (serial SWAP-B" in (source.stats.last_error or ""), 20,
+                 "the swapped camera to be refused")
+        assert not source.up and source.grab(time.time(), 0.5).error == "camera down"
+        other.kill()
+        first.start()
+        wait_for(lambda: source.up, 20, "the first camera to come back")
+        assert source.grab(time.time(), 2.0).error is None and source.serial == "SWAP-A"
+    finally:
+        source.close()
