@@ -38,6 +38,26 @@ def one_line(message: object) -> str:
 USAGE_EXIT, ERROR_EXIT = 2, 1
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone; if so, stdout is pointed at /dev/null, so the
+    interpreter's last flush does not print a second error."""
+    import os
+    import select
+    import sys
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))   # a pipe whose reader closed
+    except (OSError, ValueError, AttributeError):
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
+
+
 def error_boundary(command):
     """Decorate a click command callback: MrkdError and OSError become ``Error: <one line>`` with exit
     status 1 (SettingError: 2, as click's usage errors)."""
@@ -49,6 +69,10 @@ def error_boundary(command):
         import click
         try:
             return command(*args, **kwargs)
+        except BrokenPipeError as exc:
+            if _stdout_closed():        # `mrkd review EV | head`: the reader has what it wanted
+                raise SystemExit(141) from None      # 128 + SIGPIPE, as a shell tool ends
+            raise click.ClickException(one_line(exc)) from exc
         except (MrkdError, OSError) as exc:
             error = click.ClickException(one_line(exc))
             error.exit_code = USAGE_EXIT if isinstance(exc, SettingError) else ERROR_EXIT

@@ -152,9 +152,14 @@ class LabelFile:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_file():
             raise ReviewError(f"{self.path}: is not a file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.path.exists()     # an empty file left by a failed first label is removed
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise ReviewError(f"{self.path}: cannot open the label file ({exc.strerror or exc}); "
+                              "label not saved") from None
         self._lock = threading.RLock()      # locked() holds it around extend()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         size = os.fstat(self._fd).st_size
         if size:
             data = self.path.read_bytes()
@@ -175,11 +180,18 @@ class LabelFile:
         data = b"".join((json.dumps(dataclasses.asdict(label), sort_keys=True) + "\n").encode("utf-8")
                         for label in labels)
         with self._lock:
-            written = os.write(self._fd, data)
-            if written != len(data):      # disk full: never leave half a line behind
-                os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-                raise ReviewError(f"{self.path}: short write ({written} of {len(data)} bytes); label not saved")
-            os.fsync(self._fd)
+            before = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):      # disk full: never leave half a line behind
+                    raise OSError(28, f"short write ({written} of {len(data)} bytes)")
+                os.fsync(self._fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(self._fd, before)
+                except OSError:
+                    pass
+                raise ReviewError(f"{self.path}: {exc.strerror or exc}; label not saved") from None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["LabelFile"]:
@@ -196,8 +208,14 @@ class LabelFile:
 
     def close(self) -> None:
         if self._fd is not None:
+            empty = os.fstat(self._fd).st_size == 0
             os.close(self._fd)
             self._fd = None
+            if self._created and empty:
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
 
     def __enter__(self):
         return self

@@ -682,3 +682,47 @@ def test_mrkd_run_evidence_option_keeps_the_delivered_image(line_run, tmp_path):
         assert any(kept.shape == f.shape and np.array_equal(kept, f) for f in frames)
     one_error(mrkd("run", root / "model.onnx", "--source", root / "frames", "--evidence-ok-every", "2"),
               "--evidence")
+
+
+def test_review_listing_into_a_pipe_whose_reader_left_ends_quietly(tmp_path):
+    """`mrkd review EV | head -1`: the reader leaves, the listing ends like a shell tool (141, nothing
+    on stderr), not with "Error: [Errno 32] Broken pipe"."""
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps({"event_id": f"e{i}", "time": "2026-12-05T00:00:00Z", "camera": "cam0",
+                                          "score": 2.0, "threshold": 1.0}) + "\n" for i in range(200)))
+    code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
+    reader, writer = os.pipe()
+    os.close(reader)                       # the reader has gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-c", code, "review", str(events), "--labels", str(tmp_path / "l.jsonl")],
+                              stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(writer)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def test_a_label_on_a_full_disk_names_the_label_file_and_leaves_no_empty_one(tmp_path):
+    image = tmp_path / "e1.png"
+    cv2.imwrite(str(image), np.full((16, 16, 3), 128, np.uint8))
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps({"event_id": "e1", "time": "2026-12-05T00:00:00Z", "camera": "cam0", "score": 2.0,
+                                  "threshold": 1.0, "evidence": str(image),
+                                  "evidence_sha256": hashlib.sha256(image.read_bytes()).hexdigest()}) + "\n")
+    with small_disk(tmp_path / "disk", "size=64k") as disk:
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        labels = disk / "labels.jsonl"
+        done = mrkd("review", events, "--labels", labels, "--mark", "e1", "--as", "good")
+        one_error(done, str(labels), "label not saved")
+        assert not labels.exists()
+        filler.unlink()
+        done = mrkd("review", events, "--labels", labels, "--mark", "e1", "--as", "good")
+        assert done.returncode == 0, done.stderr
+        assert [label.event_id for label in read_labels(labels)] == ["e1"]
