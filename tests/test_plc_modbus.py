@@ -444,3 +444,19 @@ def test_recipe_register_applies_from_the_next_trigger(model, tmp_path, plcs):
     assert (first.result_code, first.result_recipe) == (2, 0)
     assert (second.result_code, second.result_recipe, second.active_recipe) == (1, 1, 1)
     assert (third.result_code, third.result_recipe) == (1, 1)
+
+
+def test_a_plc_leaving_mid_reply_is_not_logged_as_an_error_with_other_connections_frames(caplog):
+    """pymodbus' own logger (its Log class, as its transport calls it): the 'not connected' error of a
+    PLC that left is dropped, and another error keeps its line without the hex dump of recent frames."""
+    import logging
+    from pymodbus.logging import Log
+    from mrkd.runtime.plc.modbus import _quiet_pymodbus
+    _quiet_pymodbus()
+    with caplog.at_level(logging.WARNING, logger="pymodbus"):
+        Log.transport_dump(Log.SEND_DATA, b"\x00\x27\x00\x00\x00\x06\x01\x05\x00\x01\xff\x00", b"")
+        Log.error("Cancel send, because not connected!")
+        Log.transport_dump(Log.RECV_DATA, b"\x00\x01", b"")
+        Log.error("some other failure")
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("pymodbus")]
+    assert said == ["some other failure"], said

@@ -44,6 +44,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+class _PymodbusNoise(logging.Filter):
+    """pymodbus logs a PLC that drops its connection with a reply in flight as an ERROR, followed by
+    its last 20 frames in hex (other connections' too). The connection count and the handshake
+    already say it; other pymodbus errors keep their first line, without the frame dump."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Cancel send, because not connected"):
+            return False
+        if "\n>>>>> " in text:
+            record.msg, record.args = text.split("\n>>>>> ", 1)[0], ()
+        return True
+
+
+def _quiet_pymodbus() -> None:
+    target = logging.getLogger("pymodbus.logging")
+    if not any(isinstance(f, _PymodbusNoise) for f in target.filters):
+        target.addFilter(_PymodbusNoise())
+
 DEFAULT_PORT = 502
 
 # The map (0-based protocol addresses). docs/PLC.md prints it; tests/test_plc_docs.py keeps them in step.
@@ -159,6 +179,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         if self.security is not None:
             from mrkd.runtime.plc.modbus_security import SecureListener
             self._secure = SecureListener(self.security)        # PlcError naming a file that does not load
+        _quiet_pymodbus()
         self._start_loop("modbus", 30)
         if self._error is not None or self.address is None:
             raise PlcError(f"--modbus {self.host}:{self.port}: cannot listen there ({self._error or 'no answer'})")
