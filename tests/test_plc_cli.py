@@ -159,3 +159,48 @@ def test_mrkd_run_with_opcua_and_modbus_on_one_line(tmp_path):
     assert summary["parts"] == 1 and {"modbus", "opcua"} <= set(summary["outputs"])
     assert summary["outputs"]["opcua"]["ok"] and summary["outputs"]["modbus"]["ok"], summary["outputs"]
     assert "did not deliver" not in err, err
+
+
+@pytest.mark.slow
+def test_an_opcua_client_killed_mid_session_leaves_no_noise_at_the_stop(tmp_path):
+    """node-opcua's client, running jobs, killed with SIGKILL (no session close); mrkd run stopped by
+    SIGTERM: exit 0 and nothing on stderr but mrkd's own lines (asyncio said "Task was destroyed but
+    it is pending!" for the vanished session's loops, asyncua logged its faults as ERRORs)."""
+    pytest.importorskip("asyncua")
+    from test_plc_opcua import CLIENT_DIR, node_client_ready
+    node = node_client_ready()
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", "d")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"), "--loop",
+         "--trigger", "software", "--opcua", f"opc.tcp://127.0.0.1:{port}", "--opcua-user", "op",
+         "--opcua-password-env", "MRKD_TEST_PW", "--status-every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", MRKD_TEST_PW="secret-pw"))
+    client = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:                       # the server is up when the port answers
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+                time.sleep(0.3)
+        client = subprocess.Popen([node, "client.js", f"opc.tcp://127.0.0.1:{port}/mrkd/", "op", "secret-pw", "500"],
+                                  cwd=CLIENT_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert '"kind":"event"' in client.stdout.readline() + client.stdout.readline()   # jobs running
+        client.kill()
+        client.wait()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        for proc in (client, process):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert process.returncode == 0, err[-2000:]
+    foreign = [line for line in err.splitlines() if line.strip() and not line.startswith(("WARNING mrkd", "tiny.onnx",
+                                                                                          "OPC UA VisionSystem"))]
+    assert not foreign, err[-3000:]

@@ -49,4 +49,16 @@ class AsyncioServerThread:
         try:
             loop.run_forever()
         finally:
+            _cancel_remaining(loop)
             loop.close()
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop, wait_s: float = 5.0) -> None:
+    """Cancel the tasks the server left on its stopped loop and let them unwind, as asyncio.run does: a
+    session whose client vanished (its timeout loop, its subscription loop) was otherwise destroyed
+    pending, and asyncio said so at exit as two ERRORs with the coroutines' source lines."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=wait_s))

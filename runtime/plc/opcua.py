@@ -114,6 +114,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
     def start(self) -> "OpcUaPlc":
         from mrkd.deps import require
         require("asyncua", "the OPC UA server (--opcua) needs asyncua")
+        _quiet_vanished_clients()
         self._start_loop("opcua", 60)
         if self._error is not None or self.url is None:
             raise PlcError(f"--opcua opc.tcp://{self.host}:{self.port}: cannot listen there "
@@ -490,6 +491,30 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 class _DropAll(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return False
+
+
+# What asyncua and asyncio log, as ERROR or WARNING, about a client that vanished without closing its
+# session (killed, unplugged): normal on a line, and the job's own answer already went out or was lost
+# with the client. (logger, start of the message)
+VANISHED_CLIENT_NOISE = (("asyncua.server.uaprocessor", "sending service fault response"),
+                         ("asyncua.server.internal_subscription", "Subscription"),
+                         ("asyncio", "socket.send() raised exception"))
+
+
+class _VanishedClient(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def _quiet_vanished_clients() -> None:
+    for name, start in VANISHED_CLIENT_NOISE:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _VanishedClient) and f.start == start for f in target.filters):
+            target.addFilter(_VanishedClient(start))
 
 
 def result_content(part: PartResult) -> dict:
