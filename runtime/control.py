@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, ReviewError, UnlabellableError, append_checked, \
-    label_event
+    check_label_file, label_event
 from mrkd.runtime.review import part_camera as _part_camera   # noqa: F401 (its old home; tests import it here)
 
 MAX_BODY = 16 * 1024
@@ -194,6 +194,9 @@ def attach_control(outputs, control: dict, output_settings, slots=None) -> Optio
     evidence = getattr(output_settings, "evidence", None)
     evidence = getattr(evidence, "folder", evidence)
     events = getattr(output_settings, "events", None)
+    labels = control.get("labels")
+    if labels is not None and Path(labels).is_file():
+        check_label_file(Path(labels))       # a file that is no label file is refused at the start
     server.control = LineControl(control["token"], control.get("labels"), events,
                                  evidence or (Path(events).parent / "evidence" if events else None), slots)
     return server.control

@@ -144,6 +144,37 @@ def default_who() -> str:
 image_sha256 = file_sha256     # an evidence image is named by its file's hash
 
 
+def check_label_file(path: Path) -> None:
+    """Refuse (ReviewError, the file left unchanged) a file that is not an mrkd label file: its complete
+    lines must all be labels, and a last line without a newline is cut only as the torn start of a
+    label after at least one whole one. Before, notes or an image given as --labels lost their last
+    line (or bytes) to the torn-line repair and got a label appended."""
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    for number, raw in enumerate(complete.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not _is_label_record(record):
+            raise ReviewError(f"{path}:{number}: not a review label, so this is not an mrkd label file; it is left "
+                              "unchanged (give a new file or one `mrkd review` wrote as --labels)")
+    tail = data[len(complete):]
+    if tail and (not complete.strip() or not tail.startswith(b'{"') or _parses(tail)):
+        raise ReviewError(f"{path}: does not end in a newline and its last line is not a torn label, so this is not "
+                          "an mrkd label file; it is left unchanged")
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
+
+
 class LabelFile:
     """Appends labels to a JSON-lines file: each ``append`` is one whole-line write, fsync'd, before it
     returns. Opening cuts a torn last line left by a crash (with a warning), as the events log does."""
@@ -153,6 +184,8 @@ class LabelFile:
         if self.path.exists() and not self.path.is_file():
             raise ReviewError(f"{self.path}: is not a file")
         self._created = not self.path.exists()     # an empty file left by a failed first label is removed
+        if not self._created:
+            check_label_file(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

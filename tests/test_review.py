@@ -726,3 +726,21 @@ def test_a_label_on_a_full_disk_names_the_label_file_and_leaves_no_empty_one(tmp
         done = mrkd("review", events, "--labels", labels, "--mark", "e1", "--as", "good")
         assert done.returncode == 0, done.stderr
         assert [label.event_id for label in read_labels(labels)] == ["e1"]
+
+
+@pytest.mark.parametrize("content", [b"Line 7 shift notes, no newline", b'{"a": 1}', b"notes\nmore notes\n",
+                                     b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 3])
+def test_a_file_that_is_no_label_file_is_refused_and_left_unchanged(tmp_path, content):
+    """Notes, minified JSON or an image given as --labels lost their last line (or bytes) to the torn
+    line repair and got a label appended; now: one line, nothing changed."""
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(content)
+    with pytest.raises(ReviewError, match="not an mrkd label file; it is left unchanged"):
+        LabelFile(victim)
+    assert victim.read_bytes() == content
+    torn = tmp_path / "labels.jsonl"
+    line = json.dumps({"event_id": "e1", "image_sha256": "ab" * 32, "label": GOOD, "who": "op",
+                       "when": "2026-12-05T00:00:00Z"}) + "\n"
+    torn.write_text(line + '{"event_id": "e2", "ima')       # a label file with a torn last label: repaired
+    LabelFile(torn).close()
+    assert torn.read_text() == line
