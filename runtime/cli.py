@@ -255,8 +255,11 @@ def check_summary_target(path) -> None:
     an events log): said before the line starts, not after a shift's work."""
     if not path or not Path(path).exists():
         return
+    if not Path(path).is_file():       # a device or a FIFO: reading it hung or filled the memory
+        raise SettingError(f"--summary {path}: not a regular file; the summary is written to a file (name a new "
+                           "one); it is also printed on standard output")
     try:
-        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+        earlier = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).stat().st_size < 1 << 24 else None
     except (OSError, UnicodeDecodeError, ValueError):
         earlier = None
     if not (isinstance(earlier, dict) and "outputs" in earlier and ("frames" in earlier or "parts" in earlier)):

@@ -123,6 +123,20 @@ def test_run_outputs_never_write_over_another_file(line, tmp_path):
     assert video.read_bytes() == b"an earlier recording"
 
 
+def test_summary_and_line_file_that_are_no_regular_files_are_refused_not_read(line, tmp_path):
+    """A FIFO as --summary or --line hung the start (and /dev/full as --summary filled the memory);
+    a line file saved with a byte-order mark (Windows editors) is read."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    run = ("run", line["model"], "--source", line["video"], "--status-every", "0", "--max-frames", "3")
+    assert_one_line_error(mrkd(*run, "--summary", fifo, timeout=30), "--summary", "not a regular file")
+    assert_one_line_error(mrkd("run", "--line", fifo, timeout=30), str(fifo), "not a regular file")
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes("\ufeff[[camera]]\nname = 'a'\n".encode("utf-8")
+                    + f"source = '{line['video']}'\nmodel = '{line['model']}'\n".encode("utf-8"))
+    assert summary_of(mrkd("run", "--line", bom, "--status-every", "0", "--max-frames", "3"))["frames"] == 3
+
+
 def test_run_over_a_folder_with_no_readable_image_is_an_error(line, tmp_path):
     """Files none of which decodes: nothing was judged, so not exit 0 (the summary still counts them)."""
     folder = tmp_path / "junk"

@@ -262,12 +262,29 @@ def _plc_settings(path: str, data: dict, folder: Path):
         raise LineFileError(str(exc)) from None
 
 
+MAX_LINE_FILE_BYTES = 1 << 20
+
+
+def read_line_text(path: Path) -> str:
+    """The line file's text: a regular file of at most 1 MiB (a FIFO or a device hung or filled the
+    memory), UTF-8, a leading byte-order mark (Windows editors) dropped."""
+    try:
+        if not path.is_file():
+            raise LineFileError(f"{path}: not a regular file (a line file is a TOML text file)")
+        if path.stat().st_size > MAX_LINE_FILE_BYTES:
+            raise LineFileError(f"{path}: {path.stat().st_size} bytes; a line file is a TOML text file of at most "
+                                f"{MAX_LINE_FILE_BYTES} bytes")
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LineFileError(f"{path}: cannot read the line file ({exc})") from None
+
+
 def load_plc_settings(path):
     """The line file's ``[plc]`` table as PlcSettings (None when it has none); errors as load_line's."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(read_line_text(path))
+    except tomllib.TOMLDecodeError as exc:
         raise LineFileError(f"{path}: cannot read the line file ({exc})") from None
     return _plc_settings(str(path), data, path.resolve().parent) if "plc" in data else None
 
@@ -275,9 +292,5 @@ def load_plc_settings(path):
 def load_line(path, defaults: Optional[Dict[str, Any]] = None, **line_options) -> Line:
     """Read a line file (see the module docstring); LineFileError names the file and the field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LineFileError(f"{path}: cannot read the line file ({exc})") from None
-    return parse_line(text, str(path), path.resolve().parent, defaults, **line_options)
+    return parse_line(read_line_text(path), str(path), path.resolve().parent, defaults, **line_options)
 
