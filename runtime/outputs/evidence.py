@@ -131,17 +131,22 @@ class EvidenceWriter(LineObserver):
             return False
         freed = 0
         while self._ok_files and freed < need:
-            path, size = self._ok_files.popleft()
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self.delivery.set_failing(f"{path}: cannot delete an old OK sample ({exc.strerror or exc})")
-                continue
-            freed += size
-            self.ok_deleted += 1
+            freed += self._drop_oldest_ok_sample()
         return True
+
+    def _drop_oldest_ok_sample(self) -> int:
+        """Delete the oldest OK sample (it leaves the list either way); the bytes freed, 0 when the
+        delete failed (said in the health, not counted as deleted)."""
+        path, size = self._ok_files.popleft()
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.delivery.set_failing(f"{path}: cannot delete an old OK sample ({exc.strerror or exc})")
+            return 0
+        self.ok_deleted += 1
+        return size
 
     def _delivered(self) -> None:
         """A file written: counted; the output is healthy again only if the folder fits its budget
@@ -162,14 +167,7 @@ class EvidenceWriter(LineObserver):
         is still over budget (never deleted: said in the health and a warning)."""
         budget = self.settings.max_bytes
         while self.used_bytes > budget and self._ok_files:
-            path, _ = self._ok_files.popleft()
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self.delivery.set_failing(f"{path}: cannot delete an old OK sample ({exc.strerror or exc})")
-            self.ok_deleted += 1
+            self._drop_oldest_ok_sample()
         if self.used_bytes > budget:
             self.delivery.set_failing(f"{self.folder}: over its budget of {budget} bytes with alarm/NG evidence only "
                                       f"({self.used_bytes} bytes); evidence is never deleted: free space or raise "
