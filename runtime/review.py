@@ -145,34 +145,25 @@ image_sha256 = file_sha256     # an evidence image is named by its file's hash
 
 
 def check_label_file(path: Path) -> None:
-    """Refuse (ReviewError, the file left unchanged) a file that is not an mrkd label file: its complete
-    lines must all be labels, and a last line without a newline is cut only as the torn start of a
-    label after at least one whole one. Before, notes or an image given as --labels lost their last
-    line (or bytes) to the torn-line repair and got a label appended."""
-    data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    for number, raw in enumerate(complete.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            record = None
-        if not _is_label_record(record):
-            raise ReviewError(f"{path}:{number}: not a review label, so this is not an mrkd label file; it is left "
-                              "unchanged (give a new file or one `mrkd review` wrote as --labels)")
-    tail = data[len(complete):]
-    if tail and (not complete.strip() or not tail.startswith(b'{"') or _parses(tail)):
+    """Refuse (ReviewError, the file left unchanged) a file that is not an mrkd label file, by the events
+    log's rule (events.foreign_line): its complete lines must all be labels, and a last line without a
+    newline is cut only as the torn start of a label after at least one whole one. Before, notes or an
+    image given as --labels lost their last line (or bytes) to the torn-line repair."""
+    from mrkd.runtime.outputs.events import foreign_line
+    foreign = foreign_line(path.read_bytes(), _is_label_line, blank_ok=True)
+    if foreign == "tail":
         raise ReviewError(f"{path}: does not end in a newline and its last line is not a torn label, so this is not "
                           "an mrkd label file; it is left unchanged")
+    if foreign is not None:
+        raise ReviewError(f"{path}:{foreign}: not a review label, so this is not an mrkd label file; it is left "
+                          "unchanged (give a new file or one `mrkd review` wrote as --labels)")
 
 
-def _parses(data: bytes) -> bool:
+def _is_label_line(raw: bytes) -> bool:
     try:
-        json.loads(data.decode("utf-8"))
+        return _is_label_record(json.loads(raw.decode("utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return True
 
 
 class LabelFile:

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.line.alarms import Alarm
@@ -111,18 +111,13 @@ class EventLog:
         if not self.path.is_file():
             raise EventLogError(f"--events {self.path}: not a regular file")
         with open(self.path, "rb") as handle:
-            data = handle.read()
-        complete = data[:data.rfind(b"\n") + 1]
-        for number, line in enumerate(complete.splitlines(), 1):
-            if not _is_event_line(line):
-                raise EventLogError(f"--events {self.path}: line {number} is not an mrkd event, so this is not an "
-                                    "mrkd events log; it is left unchanged (give a new or an mrkd events file)")
-        tail = data[len(complete):]
-        # A torn line is cut only after at least one whole event (the file is then surely an events log),
-        # and only if it is the start of a record, not a whole one.
-        if tail and (not complete or not tail.startswith(b'{"') or _parses(tail)):
+            foreign = foreign_line(handle.read(), _is_event_line)
+        if foreign == "tail":
             raise EventLogError(f"--events {self.path}: does not end in a newline and its last line is not a "
                                 "torn mrkd event, so this is not an mrkd events log; it is left unchanged")
+        if foreign is not None:
+            raise EventLogError(f"--events {self.path}: line {foreign} is not an mrkd event, so this is not an "
+                                "mrkd events log; it is left unchanged (give a new or an mrkd events file)")
 
     def _repair_torn_tail(self) -> None:
         size = os.fstat(self._fd).st_size
@@ -181,6 +176,21 @@ class EventLog:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+def foreign_line(data: bytes, is_record: Callable[[bytes], bool], blank_ok: bool = False):
+    """Why ``data`` is not a JSON-lines file of the records ``is_record`` accepts: the number of its first
+    complete line that is not one, "tail" for a last line without a newline that is not the torn start
+    of a record after at least one whole one (only then is it cut: the file is surely ours), or None.
+    The events log and the label file refuse files by this one rule."""
+    complete = data[:data.rfind(b"\n") + 1]
+    for number, line in enumerate(complete.splitlines(), 1):
+        if not (blank_ok and not line.strip()) and not is_record(line):
+            return number
+    tail = data[len(complete):]
+    if tail and (not complete.strip() or not tail.startswith(b'{"') or _parses(tail)):
+        return "tail"
+    return None
 
 
 def _parses(data: bytes) -> bool:
