@@ -484,6 +484,57 @@ def test_shadow_candidate_scores_the_same_frames_without_alarms(tmp_path):
 
 
 
+def test_shadow_keeps_one_comparison_per_live_model_across_a_promotion(tmp_path):
+    """After the candidate is promoted (moved to the live path, reload), the frames it judges live are
+    compared with itself: pooled with the old live model's they hid the old disagreements."""
+    from mrkd.runtime.line.loop import Line, run_line
+    from mrkd.runtime.line.shadow import ShadowScorer
+    from mrkd.runtime.line.swap import line_slots
+    from mrkd.runtime.outputs.metrics import MetricsObserver
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(6, seed=5)):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    (tmp_path / "live").mkdir()
+    live = export_tiny_model(tmp_path / "live" / "model.onnx", threshold=0.1)
+    candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)   # same graph, a higher threshold
+    sha_live, sha_candidate = file_sha256(live), file_sha256(candidate)
+    line = Line((Camera("cam0", str(folder), str(live), loop=True, cooldown=0.0),))
+    detectors = {str(live.resolve()): Detector(live)}
+    slots = line_slots(line, detectors, status=lambda text: None)
+    seen = []
+
+    class Promote(ShadowScorer.__mro__[1]):        # promotes the candidate after the first pass's 6 frames
+        def on_frame(self, result):
+            seen.append((result.model_sha256, result.anomalous))
+            if len(seen) == 6:
+                install(candidate, live)
+                slots.request_reload("test")
+                assert slots.wait_idle(60)
+    shadow = ShadowScorer(Detector(candidate))
+    metrics = MetricsObserver()
+    run_line(line, [Promote(), slots, shadow, metrics], detectors=detectors, slots=slots,
+             max_frames=18, status=lambda text: None)
+    shadow.drain()
+    by_live = {c.live_sha256: c for c in shadow.comparisons()}
+    frames_of = {sha: sum(1 for s, _ in seen if s == sha) for sha in (sha_live, sha_candidate)}
+    assert set(by_live) == {sha_live, sha_candidate} and frames_of[sha_live] >= 6 and frames_of[sha_candidate] >= 6
+    old, new = by_live[sha_live], by_live[sha_candidate]
+    assert old.frames == frames_of[sha_live] and new.frames == frames_of[sha_candidate]
+    live_alarms = sum(1 for s, a in seen if s == sha_live and a)
+    assert old.disagreements == old.live_only == live_alarms > 0     # the 0.5 candidate flags none of these
+    assert new.disagreements == 0 and new.score_correlation == pytest.approx(1.0)   # itself, nothing else
+    assert shadow.comparison() == new and "promoted" in shadow.health().detail
+    summary = shadow.summary()
+    assert [c["live_sha256"] for c in summary["by_live_model"]] == [sha_live, sha_candidate]
+    exposed = metrics.exposition()[0].decode()
+    for sha, comparison in ((sha_live, old), (sha_candidate, new)):
+        assert (f'mrkd_shadow_disagreements_total{{candidate_sha256="{sha_candidate}",live_sha256="{sha}"}} '
+                f'{float(comparison.disagreements)}') in exposed
+    for detector in detectors.values():
+        detector.close()
+
+
 def test_cli_shadow_reports_the_comparison(tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()

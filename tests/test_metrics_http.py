@@ -101,8 +101,8 @@ class FixedShadow(LineObserver):
     def __init__(self, comparison):
         self.comparison_now = comparison
 
-    def comparison(self):
-        return self.comparison_now
+    def comparisons(self):
+        return [self.comparison_now]
 
 
 def test_shadow_comparison_is_exported_per_candidate_and_correlation_only_once_known():
@@ -112,16 +112,16 @@ def test_shadow_comparison_is_exported_per_candidate_and_correlation_only_once_k
     metrics.on_start([_info("a")])
     assert not any(k[0].startswith("mrkd_shadow") for k in samples(metrics.exposition()[0].decode()))
     first = ShadowComparison("c.onnx", "cd" * 32, 0.3, frames=1, disagreements=1, candidate_only=1, live_only=0,
-                             score_correlation=None, dropped=2, errors=0)
+                             score_correlation=None, dropped=2, errors=0, live_sha256="ab" * 32)
     shadow = FixedShadow(first)
     metrics.see_outputs([metrics, shadow])
     got = samples(metrics.exposition()[0].decode())
-    key = (("candidate_sha256", "cd" * 32),)
+    key = (("candidate_sha256", "cd" * 32), ("live_sha256", "ab" * 32))
     assert (got[("mrkd_shadow_frames_total", key)], got[("mrkd_shadow_disagreements_total", key)],
             got[("mrkd_shadow_candidate_only_total", key)], got[("mrkd_shadow_live_only_total", key)],
             got[("mrkd_shadow_dropped_total", key)]) == (1, 1, 1, 0, 2)
     assert ("mrkd_shadow_score_correlation", key) not in got          # one frame: no correlation yet
-    shadow.comparison_now = ShadowComparison("c.onnx", "cd" * 32, 0.3, 40, 7, 3, 4, -0.25, 2, 0)
+    shadow.comparison_now = ShadowComparison("c.onnx", "cd" * 32, 0.3, 40, 7, 3, 4, -0.25, 2, 0, "ab" * 32)
     got = samples(metrics.exposition()[0].decode())                   # read at scrape time, not copied
     assert got[("mrkd_shadow_frames_total", key)] == 40 and got[("mrkd_shadow_live_only_total", key)] == 4
     assert got[("mrkd_shadow_score_correlation", key)] == -0.25

@@ -405,7 +405,7 @@ def test_shadow_run_on_metrics_and_page_matches_numpy_and_the_summary(tmp_path):
     assert 0.5 < expected(len(frames))[3] < 0.999 and expected(len(frames))[1] > 0     # a real difference
     run = MrkdRun(tmp_path, live, folder, "--shadow", str(candidate), fps=20)
     try:
-        key = (("candidate_sha256", sha),)
+        key = (("candidate_sha256", sha), ("live_sha256", file_sha256(live)))
         scraped = {}
         assert wait_for(lambda: scraped.update(samples(http_get(run.url + "/metrics")[1].decode())) or
                         scraped.get(("mrkd_shadow_frames_total", key), 0) >= 2 * len(frames), 30)

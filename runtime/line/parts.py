@@ -397,9 +397,10 @@ class PartRunner:
         self._report(pending, grabs, scored, model_s, acquired)
         for camera in self.cameras:      # the candidates score the same images, on their own threads
             threshold = self._threshold(camera, pending.recipe, self._detector(camera, pending.recipe))
+            live_sha = self.slots.sha256_of(self._key(camera, pending.recipe))
             for score, image, _ in scored.get(camera.name, ()):
                 for shadow in self.shadows:
-                    shadow.offer(camera.name, image, score, bool(is_anomalous(score, threshold)))
+                    shadow.offer(camera.name, image, score, bool(is_anomalous(score, threshold)), live_sha)
 
     def _report(self, pending: _Pending, grabs: Mapping[str, Grab],
                 scored: Mapping[str, List[Tuple[float, np.ndarray, np.ndarray]]], model_s: float,

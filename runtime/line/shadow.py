@@ -1,12 +1,17 @@
 """Shadow runs: a candidate model scores the frames the live model judged, raising no alarm.
 
-``ShadowScorer`` is a LineObserver: ``on_frame`` hands each judged frame (with the live model's score
-and decision) to a bounded queue; a thread of its own scores the frame with the candidate and keeps
-the comparison: frames compared, how often the two decisions differ (candidate alarms the live
+``ShadowScorer`` is a LineObserver: ``on_frame`` hands each judged frame (with the live model's score,
+decision and hash) to a bounded queue; a thread of its own scores the frame with the candidate and
+keeps the comparison: frames compared, how often the two decisions differ (candidate alarms the live
 model did not raise, and the reverse), and the Pearson correlation of the scores (running sums).
 When the candidate cannot keep up, the oldest waiting frames are dropped and counted — the live
 line never waits for the shadow. ``comparison()`` is what the summary and the health line show;
 promote the candidate with the hot swap (move it to the live model's path, SIGHUP or POST /reload).
+
+The comparison is kept apart for each live model (by its sha256): after a hot swap the live model is
+another one, and pooling its frames with the old one's would describe neither (after the candidate
+itself is promoted it would drift towards a perfect agreement of the candidate with itself).
+``comparison()`` is the one of the model that judged last; ``comparisons()`` lists every one.
 
 In triggered mode there are no frames: the part runner (runtime/line/parts.py) calls ``offer`` with
 each image a part's live model judged, its score and the decision against the camera's threshold,
@@ -19,13 +24,13 @@ import math
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Dict, List, Optional
 
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
 
-SHADOW_SCHEMA_VERSION = 1
+SHADOW_SCHEMA_VERSION = 2      # 2: live_sha256, one comparison per live model
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,39 @@ class ShadowComparison:
     score_correlation: Optional[float]
     dropped: int                     # frames the candidate had no time for
     errors: int
+    live_sha256: str = ""            # the live model these frames were judged by ("" when not known)
     schema_version: int = SHADOW_SCHEMA_VERSION
 
     @property
     def disagreement_rate(self) -> float:
         return self.disagreements / self.frames if self.frames else 0.0
+
+
+class _Tally:
+    """The comparison with one live model: counts and the running sums of the score correlation."""
+
+    def __init__(self):
+        self.frames = self.disagreements = self.candidate_only = self.live_only = self.dropped = self.errors = 0
+        self.sums = [0.0] * 5        # x, y, xx, yy, xy (x live, y candidate)
+
+    def add(self, live_score: float, live_decision: bool, score: float, mine: bool) -> None:
+        self.frames += 1
+        if mine != live_decision:
+            self.disagreements += 1
+            if mine:
+                self.candidate_only += 1
+            else:
+                self.live_only += 1
+        for i, value in enumerate((live_score, score, live_score ** 2, score ** 2, live_score * score)):
+            self.sums[i] += value
+
+    def correlation(self) -> Optional[float]:
+        n, (sx, sy, sxx, syy, sxy) = self.frames, self.sums
+        if n > 1:
+            vx, vy = n * sxx - sx * sx, n * syy - sy * sy
+            if vx > 0 and vy > 0:
+                return (n * sxy - sx * sy) / math.sqrt(vx * vy)
+        return None
 
 
 class ShadowScorer(LineObserver):
@@ -58,31 +91,34 @@ class ShadowScorer(LineObserver):
         self.cameras = set(cameras) if cameras else None
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, queue_size))
         self._lock = threading.Lock()
-        self.frames = self.disagreements = self.candidate_only = self.live_only = self.dropped = self.errors = 0
-        self._sums = [0.0] * 5       # x, y, xx, yy, xy (x live, y candidate)
+        self._tallies: Dict[str, _Tally] = {}     # live model sha256 -> its comparison, in order of first frame
+        self._last_live = ""                        # the live model of the newest frame offered
         self._sha = model_file_sha256(detector.model_path)
         self._thread = threading.Thread(target=self._work, name="shadow", daemon=True)
         self._thread.start()
 
     def on_frame(self, result: FrameResult) -> None:
-        self.offer(result.camera, result.image, result.score, result.anomalous)
+        self.offer(result.camera, result.image, result.score, result.anomalous, result.model_sha256)
 
-    def offer(self, camera: str, image, live_score: float, live_anomalous: bool) -> None:
-        """An image the live model judged (``live_score``; ``live_anomalous``: its decision): queued for
-        the candidate, never waiting (the oldest waiting image is dropped and counted)."""
+    def offer(self, camera: str, image, live_score: float, live_anomalous: bool, live_sha256: str = "") -> None:
+        """An image the live model ``live_sha256`` judged (``live_score``; ``live_anomalous``: its
+        decision): queued for the candidate, never waiting (the oldest waiting image is dropped and
+        counted)."""
         if self.cameras is not None and camera not in self.cameras:
             return
-        item = (image, float(live_score), bool(live_anomalous))
+        with self._lock:
+            self._last_live = live_sha256
+        item = (image, float(live_score), bool(live_anomalous), live_sha256)
         while True:
             try:
                 self._queue.put_nowait(item)
                 return
             except queue.Full:
                 try:
-                    self._queue.get_nowait()
+                    dropped = self._queue.get_nowait()
                     self._queue.task_done()
                     with self._lock:
-                        self.dropped += 1
+                        self._tally(dropped[3]).dropped += 1
                 except queue.Empty:
                     pass
 
@@ -97,36 +133,36 @@ class ShadowScorer(LineObserver):
             finally:
                 self._queue.task_done()
 
-    def _compare(self, image, live_score: float, live_decision: bool) -> None:
+    def _compare(self, image, live_score: float, live_decision: bool, live_sha256: str) -> None:
         try:
             score = float(self.detector(image).scores[0])
         except Exception:   # noqa: BLE001 - a failing candidate must not touch the line
             with self._lock:
-                self.errors += 1
+                self._tally(live_sha256).errors += 1
             return
         mine = bool(is_anomalous(score, self.detector.threshold))
         with self._lock:
-            self.frames += 1
-            if mine != live_decision:
-                self.disagreements += 1
-                if mine:
-                    self.candidate_only += 1
-                else:
-                    self.live_only += 1
-            for i, value in enumerate((live_score, score, live_score ** 2, score ** 2, live_score * score)):
-                self._sums[i] += value
+            self._tally(live_sha256).add(live_score, live_decision, score, mine)
+
+    def _tally(self, live_sha256: str) -> _Tally:
+        """The comparison with that live model (under the lock)."""
+        return self._tallies.setdefault(live_sha256, _Tally())
+
+    def _comparison(self, live_sha256: str, tally: _Tally) -> ShadowComparison:
+        return ShadowComparison(str(self.detector.model_path), self._sha, float(self.detector.threshold),
+                                tally.frames, tally.disagreements, tally.candidate_only, tally.live_only,
+                                tally.correlation(), tally.dropped, tally.errors, live_sha256)
 
     def comparison(self) -> ShadowComparison:
+        """The comparison with the live model that judged the newest frame offered (all zero before any)."""
         with self._lock:
-            n, (sx, sy, sxx, syy, sxy) = self.frames, self._sums
-            correlation = None
-            if n > 1:
-                vx, vy = n * sxx - sx * sx, n * syy - sy * sy
-                if vx > 0 and vy > 0:
-                    correlation = (n * sxy - sx * sy) / math.sqrt(vx * vy)
-            return ShadowComparison(str(self.detector.model_path), self._sha, float(self.detector.threshold), n,
-                                    self.disagreements, self.candidate_only, self.live_only, correlation,
-                                    self.dropped, self.errors)
+            tally = self._tallies.get(self._last_live) or _Tally()
+            return self._comparison(self._last_live, tally)
+
+    def comparisons(self) -> List[ShadowComparison]:
+        """One comparison per live model the candidate was compared with, oldest first."""
+        with self._lock:
+            return [self._comparison(sha, tally) for sha, tally in self._tallies.items()]
 
     def health(self) -> OutputHealth:
         c = self.comparison()
@@ -135,7 +171,16 @@ class ShadowScorer(LineObserver):
                             dropped=c.dropped, target=c.candidate,
                             detail=f"decisions differ on {c.disagreements} of {c.frames} frames "
                                    f"({c.candidate_only} candidate-only alarms, {c.live_only} live-only); "
-                                   f"score correlation {corr}")
+                                   f"score correlation {corr}{self._live_note(c)}")
+
+    def _live_note(self, current: ShadowComparison) -> str:
+        """Which live model the numbers are against, once there has been more than one (a hot swap)."""
+        if current.live_sha256 and current.live_sha256 == current.candidate_sha256:
+            return "; the candidate is the live model now (promoted): these frames compare it with itself"
+        if len(self._tallies) > 1:
+            return f" (against the live model {current.live_sha256[:12]}; {len(self._tallies) - 1} earlier live " \
+                   f"model(s) in the summary)"
+        return ""
 
     def drain(self, timeout: float = 10.0) -> None:
         """Wait (at most ``timeout``) until every queued frame is scored (tests, the end of a run)."""
@@ -151,7 +196,9 @@ class ShadowScorer(LineObserver):
         self.detector.close()
 
     def summary(self) -> dict:
+        """The current comparison (as ``comparison()``) and, under ``by_live_model``, every live model's."""
         comparison = self.comparison()
         data = asdict(comparison)
         data["disagreement_rate"] = comparison.disagreement_rate
+        data["by_live_model"] = [dict(asdict(c), disagreement_rate=c.disagreement_rate) for c in self.comparisons()]
         return data

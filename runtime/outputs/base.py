@@ -49,6 +49,7 @@ class FrameResult:
     event: Optional[dict] = None  # the alarm event this frame raised, if any (same dict as on_event)
     infer_s: float = 0.0         # this frame's share of the batch's inference time
     latency_s: float = 0.0       # from the frame's arrival to its result
+    model_sha256: str = ""        # the live model that judged it (it changes on a hot swap)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ hot swap only the model that judges now).
 Per output of the line (label ``output``: events, snapshots, webhook, mqtt, video, page, PLC servers...),
 read from each one's ``LineObserver.health()`` at scrape time: ``mrkd_output_up`` (1 while it
 delivers), ``mrkd_output_sent_total``, ``mrkd_output_failures_total``, ``mrkd_output_dropped_total``.
-A shadow run (``--shadow``, runtime/line/shadow.py), read from its ``comparison()`` at scrape time,
-labelled ``candidate_sha256``: ``mrkd_shadow_frames_total`` (frames both models scored),
+A shadow run (``--shadow``, runtime/line/shadow.py), read from its ``comparisons()`` at scrape time,
+labelled ``candidate_sha256`` and ``live_sha256`` (one series per live model the candidate was compared
+with: a hot swap starts new ones): ``mrkd_shadow_frames_total`` (frames both models scored),
 ``mrkd_shadow_disagreements_total`` (decisions that differ; ``mrkd_shadow_candidate_only_total`` /
 ``mrkd_shadow_live_only_total`` split them), ``mrkd_shadow_dropped_total`` and
 ``mrkd_shadow_score_correlation`` (Pearson, live vs candidate scores; absent until two frames differ).
@@ -100,10 +101,10 @@ class MetricsObserver(LineObserver):
         self.outputs = [o for o in outputs if o is not self]
 
     def shadow_comparisons(self) -> list:
-        """The ShadowComparison of every shadow run among the outputs (read now)."""
+        """Every shadow run's ShadowComparisons (one per live model), read now."""
         found: list = []
-        call_each([o for o in self.outputs if callable(getattr(o, "comparison", None))],
-                  lambda shadow: found.append(shadow.comparison()))
+        call_each([o for o in self.outputs if callable(getattr(o, "comparisons", None))],
+                  lambda shadow: found.extend(shadow.comparisons()))
         return found
 
     def output_health(self) -> List[OutputHealth]:
@@ -239,7 +240,7 @@ class _ShadowCollector:
         return []
 
     def collect(self):
-        core, label = self._core, ["candidate_sha256"]
+        core, label = self._core, ["candidate_sha256", "live_sha256"]
         counters = [(core.CounterMetricFamily(f"mrkd_shadow_{name}", text, labels=label), field)
                     for name, text, field in (
                         ("frames", "Frames the shadow candidate scored beside the live model", "frames"),
@@ -254,9 +255,10 @@ class _ShadowCollector:
         comparisons = self.metrics.shadow_comparisons()
         for comparison in comparisons:
             for family, field in counters:
-                family.add_metric([comparison.candidate_sha256], float(getattr(comparison, field)))
+                family.add_metric([comparison.candidate_sha256, comparison.live_sha256], float(getattr(comparison, field)))
             if comparison.score_correlation is not None:
-                correlation.add_metric([comparison.candidate_sha256], float(comparison.score_correlation))
+                correlation.add_metric([comparison.candidate_sha256, comparison.live_sha256],
+                                       float(comparison.score_correlation))
         if comparisons:
             yield from (family for family, _ in counters)
             yield correlation
