@@ -15,14 +15,49 @@ from mrkd.commands import COMMANDS
 from mrkd.errors import error_boundary, one_line
 
 
+# Text parameters that name files or folders (data roots, image folders, camera sources, weights files),
+# refused empty as the click.Path ones are.
+PATH_TEXT_PARAMS = ("data_root", "good", "inputs", "sources", "teacher_weights")
+
+
+class NonEmptyPath(click.ParamType):
+    """Another parameter type (a click.Path, or text naming a file) that also refuses an empty value:
+    the system reads "" as the current folder, so `-o ""` wrote into it and `calibrate model ""`
+    calibrated on whatever images it held."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = inner.name
+
+    def __getattr__(self, attribute):       # metavar, completion, envvar splitting: the inner type's
+        return getattr(self.inner, attribute)
+
+    def get_metavar(self, *args, **kwargs):
+        return self.inner.get_metavar(*args, **kwargs)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail('an empty path ("") names no file or folder (give "." for the current folder).', param, ctx)
+        return self.inner.convert(value, param, ctx)
+
+
+def refuse_empty_paths(command: click.Command) -> None:
+    """Every path parameter of ``command`` refuses "" (NonEmptyPath)."""
+    for param in command.params:
+        if isinstance(param.type, click.Path) or (param.type is click.STRING and param.name in PATH_TEXT_PARAMS):
+            param.type = NonEmptyPath(param.type)
+
+
 def load_command(name: str) -> click.Command:
     """The subcommand, with the one error boundary (mrkd.errors) around it: mrkd's errors and the
-    system's refusals print as one line, exit 1."""
+    system's refusals print as one line, exit 1; an empty path is refused as a usage mistake."""
     target, _ = COMMANDS[name]
     module_name, attribute = target.split(":")
     command = getattr(importlib.import_module(module_name), attribute)
-    if command.callback is not None:
+    if command.callback is not None and not getattr(command, "_mrkd_loaded", False):
         command.callback = error_boundary(command.callback)
+        refuse_empty_paths(command)
+        command._mrkd_loaded = True      # loaded twice in one process (tests): wrapped once
     return command
 
 
@@ -32,6 +67,9 @@ def main_one_line(click_main, *args, **kwargs):
     try:
         result = click_main(*args, standalone_mode=False, **kwargs)
     except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:   # bare `mrkd`: the help, as written
+        exc.show()
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"Error: {one_line(exc.format_message())}", err=True)

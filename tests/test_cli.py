@@ -101,3 +101,37 @@ def test_every_command_is_installed_as_a_script_and_listed_once():
         assert scripts[f"mrkd-{name}"] == f"mrkd.cli:{name}_alias"
         assert callable(getattr(mrkd.cli, f"{name}_alias"))
     assert set(scripts) == {"mrkd"} | {f"mrkd-{name}" for name in ALL}
+
+
+def test_every_path_parameter_refuses_an_empty_path():
+    """"" is the current folder to the system: `mrkd generate ""` wrote six categories into it and
+    `mrkd export ckpt -o ""` its model.onnx; every path parameter of every command refuses it."""
+    from mrkd.cli import PATH_TEXT_PARAMS, NonEmptyPath, load_command
+    from mrkd.commands import COMMANDS
+    checked = 0
+    for name in COMMANDS:
+        command = load_command(name)
+        for param in command.params:
+            inner = param.type.inner if isinstance(param.type, NonEmptyPath) else param.type
+            if isinstance(inner, click.Path) or (inner is click.STRING and param.name in PATH_TEXT_PARAMS):
+                assert isinstance(param.type, NonEmptyPath), (name, param.name)
+                for empty in ("", "  "):
+                    with pytest.raises(click.BadParameter, match="empty path"):
+                        param.type.convert(empty, param, None)
+                checked += 1
+    assert checked >= 50                     # the whole CLI, not a few options
+
+
+def test_an_empty_output_folder_writes_nothing_into_the_current_one(tmp_path):
+    cwd = tmp_path / "here"
+    cwd.mkdir()
+    done = subprocess.run([sys.executable, "-m", "mrkd.cli", "generate", "", "-c", "grain"], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and list(cwd.iterdir()) == []
+    assert done.stderr.count("\n") == 1 and 'empty path ("")' in done.stderr and "OUT" in done.stderr
+
+
+def test_bare_mrkd_prints_the_help_as_written():
+    done = subprocess.run([sys.executable, "-m", "mrkd.cli"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("Usage: ")     # not one "Error: Usage: ... |" line
+    assert "\n  generate " in done.stderr and " | " not in done.stderr
