@@ -12,7 +12,7 @@ from typing import Iterator
 import click
 
 from mrkd.errors import MrkdError, error_boundary
-from mrkd.options import FRACTION
+from mrkd.options import FRACTION, FiniteFloatRange
 from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
 
 DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that module loads torch)
@@ -62,7 +62,7 @@ def sigterm_unwinds() -> Iterator[None]:
 @click.option("--quantile", type=FRACTION, default=None, help="Default: the parent's. " + QUANTILE_HELP)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
-@click.option("--defect-guard", type=click.FloatRange(0, 1), default=DEFECT_GUARD_DEFAULT, show_default=True,
+@click.option("--defect-guard", type=FiniteFloatRange(0, 1), default=DEFECT_GUARD_DEFAULT, show_default=True,
               help="Defect guard: the most anomalous patches of each image marked 'defect confirmed' keep at "
                    "least this share of their distance to the memory bank (a reviewed-good patch nearer to one "
                    "of them than that is not added); 1 = their distance never shrinks, 0 turns the guard off.")
