@@ -24,7 +24,7 @@ from runtime_fixtures import build_tiny_model
 
 from mrkd.benchmarks.fake_gige import FakeGigeCamera
 from mrkd.runtime.line.loop import Camera, Line, run_line
-from mrkd.runtime.line.parts import ERROR_CODES, PartRunner, open_part_sources
+from mrkd.runtime.line.parts import ERROR_CODES, PartRunner, error_code, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import LineObserver, Verdict
 from mrkd.runtime.sources import SourceError, open_source
@@ -563,5 +563,47 @@ def test_another_camera_at_the_same_address_is_not_taken_for_the_one_the_run_sta
         first.start()
         wait_for(lambda: source.up, 20, "the first camera to come back")
         assert source.grab(time.time(), 2.0).error is None and source.serial == "SWAP-A"
+    finally:
+        source.close()
+
+
+def test_hardware_trigger_takes_only_images_of_its_own_trigger_and_never_shifts_a_part(simulator, model):
+    """Images of a hardware-triggered camera are matched to the PLC's trigger by time. A stray trigger's
+    image up to the part timeout (2 s) before it was taken for the part, and the part's own image was
+    then taken by the next part: every later verdict one part late. Now only images of the ``early``
+    window count; two of them there are one too many: the part is ERROR, never judged on another's image.
+    (The simulator cannot fire its input line, so the camera's images are put where its stream puts them.)"""
+    from mrkd.runtime.sources.gige import _Arrival
+    camera = simulator("127.0.86.19", "HWMATCH")
+    line = Line((Camera("cam", camera.uri, model, trigger="hardware"),))
+    source = open_part_sources(line, PartSettings())["cam"]
+    try:
+        wait_for(lambda: source.up, 10, "the camera")
+
+        def arrives(at, value):
+            with source._cond:
+                source._arrivals.append(_Arrival(at + 0.002, np.full((4, 4, 3), value, np.uint8), "", at))
+                source._cond.notify_all()
+
+        def part(trigger, *images, late=None):
+            for at, value in images:
+                arrives(at, value)
+            if late is not None:       # the part's own image, after the PLC's message
+                threading.Timer(0.1, arrives, (trigger + 0.05, late)).start()
+            grab = source.grab(trigger, timeout=1.0, count=1, early=0.25)
+            return grab.error, [int(image[0, 0, 0]) for image in grab.images]
+
+        now = time.time()
+        unclaimed = source.stats.unclaimed
+        # a stray trigger 1 s before the part: not this part's image; its own comes 50 ms after the message
+        assert part(now, (now - 1.0, 1), late=2) == (None, [2])
+        assert source.stats.unclaimed == unclaimed + 1
+        # the camera beat the PLC's message by 0.1 s: still this part's
+        assert part(now + 2, (now + 1.9, 3)) == (None, [3])
+        # two images in the 0.25 s before the message (a stray trigger just before): neither is guessed
+        error, images = part(now + 4, (now + 3.8, 4), (now + 3.9, 5))
+        assert error.startswith("ambiguous: 2 images") and images == [] and error_code(error) == ERROR_CODES["ambiguous"]
+        assert source.stats.unclaimed == unclaimed + 3
+        assert part(now + 6, late=6) == (None, [6])        # the next part is judged on its own image
     finally:
         source.close()

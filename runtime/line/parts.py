@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 # PartResult.error_code: what a PLC reads when the verdict is ERROR (the first camera's reason).
 ERROR_CODES = {"timeout": 1, "incomplete buffer": 2, "camera down": 3, "source ended": 4, "line stopped": 5,
-               "inference failed": 6, "unusable image": 7}
+               "inference failed": 6, "unusable image": 7, "ambiguous": 8}
 
 
 class PartError(MrkdError, ValueError):
@@ -76,7 +76,8 @@ class FrameGrabber:
         return not self.source.ended
 
     def grab(self, trigger_time: float, timeout: float, count: int = 1,
-             abort: Optional[threading.Event] = None) -> Grab:
+             abort: Optional[threading.Event] = None, early: float = 0.0) -> Grab:
+        """(``early`` is a hardware trigger's: a frame source has none.)"""
         images: List[np.ndarray] = []
         deadline = time.monotonic() + timeout
         while len(images) < count:
@@ -373,7 +374,8 @@ class PartRunner:
 
     def _judge(self, pending: _Pending) -> None:
         futures = {c.name: self._pool.submit(c.grabber.grab, pending.wall, self.settings.timeout,
-                                             self.settings.images, self._abort) for c in self.cameras}
+                                             self.settings.images, self._abort, self.settings.early)
+                   for c in self.cameras}
         grabs = {name: future.result() for name, future in futures.items()}
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
         groups: Dict[str, List[Tuple[_Camera, np.ndarray]]] = {}      # model path -> its images

@@ -57,7 +57,7 @@ class TriggerTarget(Protocol):
 
 # ---------------------------------------------------------------- how a line makes parts
 
-PART_DEFAULTS = dict(images=1, queue=4, timeout=2.0)
+PART_DEFAULTS = dict(images=1, queue=4, timeout=2.0, early=0.25)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,10 @@ class PartSettings:
 
     cameras: the cameras whose images make a part (empty: every camera of the line). images: images
     per camera per part. queue: triggers that may wait while a part is judged; one more is refused
-    and counted as missed. timeout: seconds a camera may take to deliver each image. recipes:
+    and counted as missed. timeout: seconds a camera may take to deliver each image. early: with
+    ``trigger = "hardware"``, how long before mrkd hears of a trigger (the PLC's message) the camera's
+    image may already have arrived and still be that part's; older images are a stray trigger's (the
+    PLC fires the camera and tells mrkd within one scan, so a few tens of ms are usual). recipes:
     recipe number -> model file (0 is each camera's own model and is always there).
     """
 
@@ -74,6 +77,7 @@ class PartSettings:
     images: int = PART_DEFAULTS["images"]
     queue: int = PART_DEFAULTS["queue"]
     timeout: float = PART_DEFAULTS["timeout"]
+    early: float = PART_DEFAULTS["early"]
     recipes: Tuple[Tuple[int, str], ...] = ()
 
     def check(self, camera_names: Sequence[str]) -> "PartSettings":
@@ -90,6 +94,8 @@ class PartSettings:
             raise SettingError(f"part.queue: expected 0..1000 waiting triggers, got {self.queue!r}")
         if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and 0 < self.timeout <= 600):
             raise SettingError(f"part.timeout: expected seconds in (0, 600], got {self.timeout!r}")
+        if not (isinstance(self.early, (int, float)) and math.isfinite(self.early) and 0 <= self.early <= 10):
+            raise SettingError(f"part.early: expected seconds in [0, 10], got {self.early!r}")
         for number, model in self.recipes:
             if not isinstance(number, int) or number < 1 or number > 65535:
                 raise SettingError(f"recipes: recipe numbers are 1..65535 (0 is the line's own model), got {number!r}")

@@ -325,6 +325,11 @@ class _Arrival:
     reason: str = ""
     started: float = 0.0              # time.time() scale: when its leader packet arrived (0: unknown)
 
+    @property
+    def arrived(self) -> float:
+        """When it began to arrive: the leader packet's time, else when it was popped."""
+        return self.started or self.wall
+
 
 class GigeSource(LatestFrameSource):
     """A GigE Vision camera (module docstring). ``device``: IP, serial or Aravis device id."""
@@ -567,12 +572,15 @@ class GigeSource(LatestFrameSource):
 
     # -- triggered mode
     def grab(self, trigger_time: float, timeout: float, count: int = 1,
-             abort: Optional[threading.Event] = None) -> Grab:
+             abort: Optional[threading.Event] = None, early: float = 0.25) -> Grab:
         """The ``count`` image(s) of one part trigger (wall-clock ``trigger_time``), waiting at most
         ``timeout`` seconds for each. Software: the camera is triggered once per image, and only an
         image whose leader packet arrived after that trigger was sent is its image (earlier ones are
-        stale: counted as unclaimed). Hardware: images from up to ``timeout`` before the trigger
-        belong to it (the camera's I/O may beat mrkd's trigger). ``abort`` (the line stopping) ends
+        stale: counted as unclaimed). Hardware: an image whose leader arrived up to ``early`` seconds
+        before mrkd heard of the trigger belongs to it (the camera's I/O may beat the PLC's message);
+        older ones are unclaimed. More than ``count`` images in that early window is a stray trigger
+        among them: the part is an ERROR ("ambiguous") and they are all unclaimed, rather than one taken
+        for this part and the next part judged on this one's image. ``abort`` (the line stopping) ends
         the wait at once with "line stopped"."""
         if self.trigger_mode == "free":
             raise GigeError(f"camera {self.name}: grab needs --trigger software or hardware")
@@ -592,9 +600,17 @@ class GigeSource(LatestFrameSource):
                     self.stats.unclaimed += len(self._arrivals)
                     self._arrivals.clear()
                 else:
-                    while self._arrivals and self._arrivals[0].wall < trigger_time - timeout:
+                    while self._arrivals and self._arrivals[0].arrived < trigger_time - early:
                         self._arrivals.popleft()
                         self.stats.unclaimed += 1
+                    if not images:
+                        before = sum(1 for a in self._arrivals if a.arrived < trigger_time)
+                        if before > count:
+                            self.stats.unclaimed += before
+                            for _ in range(before):
+                                self._arrivals.popleft()
+                            return Grab(images, f"ambiguous: {before} images arrived in the {early:g} s before "
+                                                f"the trigger, {count} expected (a stray hardware trigger?)")
             sent = time.time()
             if self.trigger_mode == "software":
                 try:
