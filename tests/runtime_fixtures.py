@@ -1,5 +1,6 @@
 """Helpers for the runtime tests: a hand-built ONNX "anomaly detector", generated videos and frames,
-an MJPEG-over-HTTP server that drops its clients, and webhook receivers (refusing, slow, recording).
+an MJPEG-over-HTTP server that drops its clients, webhook receivers (refusing, slow, recording), and a
+small real tmpfs to fill (a full disk).
 
 The tiny model (onnx helper API, no torch) flags bright patches: per pixel, the channel mean of
 the normalised input minus a level, clipped at zero, box-averaged. Normal frames (gray texture below
@@ -8,12 +9,16 @@ the level) score 0; a white patch scores ~(1 - LEVEL). Its metadata sidecar is a
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import List
+from typing import Iterator, List
 
 import cv2
 import numpy as np
@@ -231,3 +236,47 @@ class SlowFrames:
         while True:
             time.sleep(self.delay)
             yield normal_frame(self.rng)
+
+
+# ---------------------------------------------------------------- a full disk
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, options: str = "size=256k") -> Iterator[Path]:
+    """A real tmpfs mounted at ``folder`` (created) with mount ``options`` ("size=64k",
+    "nr_inodes=4"), unmounted afterwards; the test is skipped, saying so, where it cannot be mounted
+    (mounting needs root)."""
+    import pytest
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("FULL-DISK TEST SKIPPED, NOT TESTED: mounting a tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"FULL-DISK TEST SKIPPED, NOT TESTED: cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_up(folder: Path, name: str = "filler") -> Path:
+    """Write zeros to ``folder/name`` until the file system says it is full; checks it is."""
+    filler = folder / name
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    probe = folder / f"{name}.probe"
+    try:
+        probe.write_bytes(b"x" * 4096)
+    except OSError:
+        pass
+    else:
+        raise AssertionError(f"{folder} is not full")
+    finally:
+        if probe.exists():
+            probe.unlink()
+    return filler

@@ -9,7 +9,6 @@ subprocess (one-line errors).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
+from runtime_fixtures import defective_frame, export_tiny_model, fill_up, normal_frame, small_tmpfs
 from mrkd.runtime.review import (DEFECT, GOOD, LabelFile, ReviewError, ReviewLabel, latest_labels, make_label,
                                  read_labels)
 
@@ -103,19 +102,6 @@ def test_retention_deletes_ok_samples_first_and_never_evidence(tmp_path, caplog)
     assert again.used_bytes == sum(p.stat().st_size for p in tmp_path.rglob("*.png"))
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, options: str):
-    """A real tmpfs of ``options`` (e.g. "size=256k") mounted at ``folder`` for the test (root)."""
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"SKIPPED, NOT TESTED: cannot mount a small tmpfs ({done.stderr.strip()}; needs root)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def test_a_full_disk_deletes_ok_samples_for_ng_evidence_and_a_camera_named_ok_keeps_its_own(tmp_path):
     """On a real 256 kB tmpfs filled with OK samples, every alarm's evidence is still written: the
     oldest OK samples make room (the byte budget alone did that before, not a full disk). Full from the
@@ -129,7 +115,7 @@ def test_a_full_disk_deletes_ok_samples_for_ng_evidence_and_a_camera_named_ok_ke
     def frame(camera, i, event=None):
         return FrameResult(camera, i, float(i), image, np.zeros((8, 8), np.float32), 0.0, 1.0, event is not None,
                            event=event)
-    with small_disk(tmp_path / "disk", "size=256k") as disk:
+    with small_tmpfs(tmp_path / "disk", "size=256k") as disk:
         writer = EvidenceWriter(EvidenceSettings(str(disk / "evidence"), ok_every=1))
         i = 0
         while writer.health().failed == 0 and i < 200:            # OK samples until the disk is full
@@ -143,7 +129,7 @@ def test_a_full_disk_deletes_ok_samples_for_ng_evidence_and_a_camera_named_ok_ke
             assert hashlib.sha256(Path(fields["evidence"]).read_bytes()).hexdigest() == fields["evidence_sha256"]
         assert writer.ok_deleted >= 10 and writer.health().failed == 1
         assert len(list((disk / "evidence" / "cam0" / "ok").iterdir())) == samples - writer.ok_deleted
-    with small_disk(tmp_path / "inodes", "nr_inodes=4") as disk:
+    with small_tmpfs(tmp_path / "inodes", "nr_inodes=4") as disk:
         while True:
             try:
                 (disk / f"f{len(list(disk.iterdir()))}").write_bytes(b"")
@@ -708,16 +694,8 @@ def test_a_label_on_a_full_disk_names_the_label_file_and_leaves_no_empty_one(tmp
     events.write_text(json.dumps({"event_id": "e1", "time": "2026-12-05T00:00:00Z", "camera": "cam0", "score": 2.0,
                                   "threshold": 1.0, "evidence": str(image),
                                   "evidence_sha256": hashlib.sha256(image.read_bytes()).hexdigest()}) + "\n")
-    with small_disk(tmp_path / "disk", "size=64k") as disk:
-        filler = disk / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    with small_tmpfs(tmp_path / "disk", "size=64k") as disk:
+        filler = fill_up(disk)
         labels = disk / "labels.jsonl"
         done = mrkd("review", events, "--labels", labels, "--mark", "e1", "--as", "good")
         one_error(done, str(labels), "label not saved")
