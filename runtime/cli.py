@@ -94,6 +94,9 @@ def part_options(command):
                      help="Images per camera per part (default 1)."),
         click.option("--part-timeout", type=seconds(0, open_min=True, maximum=600), default=None,
                      help="Seconds a camera may take to deliver a part's image before the part is ERROR (default 2)."),
+        click.option("--part-early", type=seconds(0, maximum=10), default=None,
+                     help="--trigger hardware: how long before the PLC's trigger message a camera's image may "
+                          "arrive and still be that part's (default 0.25); older ones are a stray trigger's."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -103,7 +106,8 @@ def part_options(command):
 def pop_part_options(options: dict) -> dict:
     """Take the part options out of run_command's keyword options."""
     return {name: options.pop(name) for name in ("trigger_mode", "features", "trigger_stdin", "trigger_every",
-                                                 "max_parts", "part_queue", "part_images", "part_timeout")}
+                                                 "max_parts", "part_queue", "part_images", "part_timeout",
+                                                 "part_early")}
 
 
 def part_settings(line, part: dict):
@@ -111,7 +115,8 @@ def part_settings(line, part: dict):
     import dataclasses
     from mrkd.runtime.line.trigger import PartSettings
     settings = line.part or PartSettings()
-    changes = {name: part[f"part_{name}"] for name in ("queue", "images", "timeout") if part[f"part_{name}"] is not None}
+    changes = {name: part[f"part_{name}"] for name in ("queue", "images", "timeout", "early")
+               if part[f"part_{name}"] is not None}
     return dataclasses.replace(settings, **changes).check([c.name for c in line.cameras])
 
 

@@ -185,6 +185,8 @@ timeout = 1.5
 @pytest.mark.parametrize("body, message", [
     ('[part]\ncameras = ["nope"]', r"part.cameras: 'nope' is not a camera"),
     ('[part]\nqueue = -1', r"part.queue: expected 0..1000"),
+    ('[part]\nearly = "soon"', r"part.early: expected seconds"),
+    ('[part]\nearly = 11', r"part.early: expected seconds in \[0, 10\]"),
     ('[part]\nspeed = 3', r"part.speed: unknown field"),
     ('[recipes]\nx = "a.onnx"', r"recipes.x: expected a recipe number"),
     ('[recipes]\n2 = "missing.onnx"', r"recipes.2: model file not found"),
@@ -197,6 +199,16 @@ def test_line_file_part_camera_and_recipe_errors_name_the_field(model, tmp_path,
     text = f'[[camera]]\nname = "cam"\nsource = "x.png"\n{body}\n'
     with pytest.raises(LineFileError, match=message):
         parse_line(text, str(tmp_path / "line.toml"), defaults={"model": model})
+
+
+def test_hardware_early_window_from_the_line_file_and_the_command_line(model, tmp_path):
+    from mrkd.runtime.cli import part_settings
+    text = '[[camera]]\nname = "cam"\nsource = "x.png"\n[part]\nearly = 0.1\ntimeout = 1.5\n'
+    line = parse_line(text, str(tmp_path / "line.toml"), defaults={"model": model})
+    assert (line.part.early, line.part.timeout) == (0.1, 1.5)
+    options = {"part_queue": None, "part_images": None, "part_timeout": None, "part_early": 0.05}
+    assert part_settings(line, options).early == 0.05                 # the command line over the file
+    assert PartSettings().early == 0.25
 
 
 def test_line_file_features_table(model, tmp_path):
@@ -305,6 +317,8 @@ def test_cli_keeps_a_sample_of_ok_parts_as_evidence(model, folder, tmp_path):
     (["--trigger", "software"], "give a trigger source"),
     (["--trigger-every", "1"], "need --trigger software or hardware"),
     (["--feature", "Gain"], "--feature 'Gain': expected NAME=VALUE"),
+    (["--trigger", "hardware", "--part-early", "nan"], "'nan' is not a finite number"),
+    (["--trigger", "hardware", "--part-early", "11"], "--part-early"),
 ])
 def test_cli_part_option_errors(model, folder, args, message):
     from mrkd.runtime.cli import run_command

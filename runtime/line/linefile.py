@@ -64,7 +64,7 @@ else:   # setup.py installs tomli there
 
 CAMERA_FIELDS = ("name", "source", "model", *ALARM_FIELDS, "size", "fps", "loop", "trigger", "features")
 TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "plc")
-PART_FIELDS = ("cameras", "images", "queue", "timeout")
+PART_FIELDS = ("cameras", "images", "queue", "timeout", "early")
 
 
 class LineFileError(LineError):
@@ -237,8 +237,8 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
             raise LineFileError(f"{path}: part.cameras: expected a list of camera names, got {value!r}")
         if name in ("images", "queue") and (not isinstance(value, int) or isinstance(value, bool)):
             raise LineFileError(f"{path}: part.{name}: expected a whole number, got {value!r}")
-        if name == "timeout" and not _number(value):
-            raise LineFileError(f"{path}: part.timeout: expected seconds, got {value!r}")
+        if name in ("timeout", "early") and not _number(value):
+            raise LineFileError(f"{path}: part.{name}: expected seconds, got {value!r}")
         settings[name] = tuple(value) if name == "cameras" else value
     settings["cameras"] = tuple(settings["cameras"])
     try:
