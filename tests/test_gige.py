@@ -607,3 +607,20 @@ def test_hardware_trigger_takes_only_images_of_its_own_trigger_and_never_shifts_
         assert part(now + 6, late=6) == (None, [6])        # the next part is judged on its own image
     finally:
         source.close()
+
+
+def test_hardware_triggers_closer_than_the_part_timeout_are_warned_about_once(simulator, model, caplog):
+    camera = simulator("127.0.86.20", "HWSPACE")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "hardware")], model, PartSettings(timeout=0.4, queue=4), recorder)
+    try:
+        with caplog.at_level("WARNING", logger="mrkd.runtime.line.parts"):
+            for part in ("S1", "S2", "S3"):
+                runner.trigger(part)
+                time.sleep(0.1)
+            wait_idle(runner)
+    finally:
+        runner.stop()
+    warnings = [r.getMessage() for r in caplog.records if "shorter than the part timeout" in r.getMessage()]
+    assert len(warnings) == 1 and "0.4 s" in warnings[0]
+    assert [p.verdict for _, p in recorder.parts] == [Verdict.ERROR] * 3        # no image ever: timeouts

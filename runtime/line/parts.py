@@ -197,6 +197,9 @@ class PartRunner:
                         "model": LatencyWindow(4096)}
         self._started_at = 0.0
         self._shown: Dict[str, CameraInfo] = {}     # camera -> the CameraInfo the outputs were last told
+        self._hardware = any(getattr(c.grabber, "trigger_mode", "") == "hardware" for c in self.cameras)
+        self._last_accepted: Optional[float] = None  # wall time of the last accepted trigger
+        self._spacing_warned = False
 
     # ------------------------------------------------------------ TriggerTarget
     def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
@@ -216,12 +219,21 @@ class PartRunner:
             if reason is None:
                 self._queue.append(_Pending(sequence, part_id, number, wall, mono))
                 self._lock.notify_all()
+                spacing = None if self._last_accepted is None else wall - self._last_accepted
+                self._last_accepted = wall
             else:
                 self.missed += 1
                 self.missed_by_reason[reason] = self.missed_by_reason.get(reason, 0) + 1
         receipt = TriggerReceipt(accepted=reason is None, sequence=sequence, part_id=part_id, reason=reason, time=wall)
         if reason is not None:
             logger.warning("trigger %d (part %s) refused: %s (%d missed)", sequence, part_id, reason, self.missed)
+        elif self._hardware and spacing is not None and spacing < self.settings.timeout and not self._spacing_warned:
+            # A camera that skips a hardware trigger would answer the waiting part with the next part's
+            # image as long as that comes within the timeout (README, "a part"): say so once.
+            self._spacing_warned = True
+            logger.warning("hardware trigger: parts %.3g s apart, shorter than the part timeout %g s: a camera that "
+                           "skips a trigger would answer its part with the next part's image; set [part] timeout "
+                           "(--part-timeout) below the time between parts", spacing, self.settings.timeout)
         self._emit(lambda o: o.on_trigger(receipt))
         return receipt
 
