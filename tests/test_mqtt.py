@@ -31,10 +31,21 @@ def _sha256(path):
 
 @pytest.mark.parametrize("url, message", [
     ("http://host/x", "mqtt://HOST:PORT/PREFIX"), ("mqtt:///prefix", "mqtt://HOST:PORT/PREFIX"),
-    ("mqtt://host:99999/p", "port"), ("mqtt://host:1883/a/+/b", "prefix"), ("mqtt://host:abc/p", "port")])
+    ("mqtt://host:99999/p", "port"), ("mqtt://host:1883/a/+/b", "prefix"), ("mqtt://host:abc/p", "port"),
+    # '#' starts a URL fragment: mqtt://h/line/# published under line/, mqtt://h/# under mrkd/
+    ("mqtt://host:1883/line/#", "may not hold '#'"), ("mqtt://host:1883/#", "may not hold '#'"),
+    ("mqtt://host/line?x=1", "'\\?'"),
+    # the broker refuses a topic over 65535 bytes: every message would be dropped
+    ("mqtt://host/" + "a" * 70000, "at most 65535 bytes"), ("mqtt://host/" + "\u00e9" * 32732, "65535 bytes")])
 def test_bad_urls_are_refused_naming_the_problem(url, message):
     with pytest.raises(MqttSettingsError, match=message.replace("+", r"\+")):
         MqttSettings.from_url(url)
+
+
+def test_the_longest_prefix_a_broker_takes_is_accepted():
+    from mrkd.runtime.outputs.mqtt import LONGEST_TOPIC_TAIL, MAX_TOPIC_BYTES
+    longest = "a" * (MAX_TOPIC_BYTES - len(LONGEST_TOPIC_TAIL))
+    assert MqttSettings.from_url("mqtt://host/" + longest).prefix == longest
 
 
 def test_url_parts():

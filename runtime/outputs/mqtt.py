@@ -44,6 +44,9 @@ from mrkd.runtime.redact import redact_uri
 logger = logging.getLogger(__name__)
 
 MQTT_SCHEMA_VERSION = 1
+MAX_TOPIC_BYTES = 65535          # MQTT's limit on a topic name (a UTF-8 string with a 16-bit length)
+# PREFIX + this is the longest topic published: a camera name has at most 64 characters (runtime/line/loop.py)
+LONGEST_TOPIC_TAIL = "/" + "c" * 64 + "/status"
 
 
 class MqttSettingsError(MrkdError, ValueError):
@@ -76,6 +79,11 @@ class MqttSettings:
         if not self.prefix or any(c in self.prefix for c in "+#\0") or self.prefix.startswith("/"):
             raise MqttSettingsError(f"MQTT: topic prefix {self.prefix!r} must be non-empty, without + # or a "
                                     "leading /")
+        longest = len(self.prefix.encode("utf-8", "surrogatepass")) + len(LONGEST_TOPIC_TAIL)
+        if longest > MAX_TOPIC_BYTES:     # the broker would refuse every message, each counted as a drop
+            raise MqttSettingsError(f"MQTT: topic prefix of {longest - len(LONGEST_TOPIC_TAIL)} bytes: topics are at "
+                                    f"most {MAX_TOPIC_BYTES} bytes (UTF-8), so the prefix may be at most "
+                                    f"{MAX_TOPIC_BYTES - len(LONGEST_TOPIC_TAIL)}")
         if not self.results_rate >= 0:
             raise MqttSettingsError(f"MQTT: results rate must be >= 0, got {self.results_rate}")
         if self.queue_size < 1 or self.max_inflight < 1:
@@ -96,6 +104,11 @@ class MqttSettings:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise MqttSettingsError(f"MQTT URL must look like mqtt://HOST:PORT/PREFIX, got {url!r}")
+        if "#" in url or "?" in url:
+            # a URL reads '#' and '?' as the start of a fragment or a query and drops what follows: mqtt://h/line/#
+            # published under line/ and mqtt://h/# under mrkd/; a wildcard is for subscribing, never publishing
+            raise MqttSettingsError(f"MQTT URL {redact_uri(url)}: the topic prefix may not hold '#', '+' (wildcards "
+                                    "are for subscribing) or '?'; give mqtt://HOST:PORT/PREFIX with a plain PREFIX")
         try:
             port = parts.port
         except ValueError:
