@@ -45,6 +45,25 @@ def test_nothing_is_encoded_for_the_browser_until_someone_watches(tmp_path):
     server.close()
 
 
+def test_the_page_listens_on_an_ipv6_address(tmp_path):
+    """--http [::1]:PORT failed with 'Address family for hostname not supported' (an IPv4 socket)."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    outputs = build_outputs(OutputSettings(http="[::1]:0"))
+    try:
+        server = next(o for o in outputs if isinstance(o, OperatorServer))
+        assert server.url.startswith("http://[::1]:"), server.url
+        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        for output in outputs:
+            output.on_stop()
+
+
 def test_hello_says_whether_review_can_record_labels(tmp_path):
     """The page offers its review buttons only where POST /review can record: a token and a label file."""
     import json

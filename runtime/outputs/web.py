@@ -69,7 +69,8 @@ def parse_address(text: str) -> Tuple[str, int]:
     SettingError naming the text."""
     host, sep, port = str(text).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise SettingError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080), got {text!r}")
+        raise SettingError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080), "
+                          f"got {text!r}")
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
@@ -184,7 +185,8 @@ class OperatorServer(LineObserver):
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"{self.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+        return f"{self.scheme}://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
 
     # -- hooks (loop thread): store references, queue small records, return
     def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
@@ -449,6 +451,8 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self._active = 0
         self._active_lock = threading.Lock()
         self.tls: Optional[ssl.SSLContext] = None       # HTTPS: each accepted connection is wrapped in it
+        if ":" in address[0]:       # an IPv6 address ([::1]:8080): the class's IPv4 socket cannot bind it
+            self.address_family = socket.AF_INET6
         super().__init__(address, handler)
 
     def get_request(self):
