@@ -81,6 +81,11 @@ def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
      "--modbus-allow: expected IP addresses or networks"),
     (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:0/other/path"],
      "the server's endpoint is always opc.tcp://HOST:PORT/mrkd/"),
+    # a word without a colon was taken as a host name on port 502 and refused as 'beyond this machine'
+    (["--trigger", "software", "--modbus", "nohostport"],
+     "--modbus must look like HOST:PORT, HOST an address of this machine"),
+    (["--trigger", "software", "--opcua", "opc.tcp://nohost.invalid:4840"],
+     "--opcua must look like opc.tcp://HOST:PORT, HOST an address of this machine"),
 ])
 def test_cli_plc_option_errors_are_one_line(tmp_path, extra, message):
     from mrkd.cli import main
@@ -88,6 +93,7 @@ def test_cli_plc_option_errors_are_one_line(tmp_path, extra, message):
     part_images(tmp_path / "parts", "g")
     result = CliRunner().invoke(main, ["run", str(model), "--source", str(tmp_path / "parts"), *extra])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert "--opcua: --opcua" not in result.output and "--modbus: --modbus" not in result.output   # named once
 
 
 @pytest.mark.parametrize("server", ["modbus", "opcua"])

@@ -196,7 +196,9 @@ def test_security_mistakes_are_one_line_errors(model, tmp_path):  # noqa: F811
     with pytest.raises(PlcError, match=r"--modbus-certificate .*server\.crt / --modbus-private-key .*other\.key: "
                                        r"cannot load them"):
         Cell(model, str(tmp_path / "parts"), security=ModbusSecurity(str(cert), str(other_key), str(trust)))
-    with pytest.raises(PlcError, match=r"OPC UA trust folder .*empty: no certificates"):
+    # the Modbus server's folder is named as its own, not as the OPC UA one (the message said "OPC UA")
+    with pytest.raises(PlcError, match=r"^Modbus/TCP Security trust folder \(--modbus-trust\) .*empty: "
+                                       r"no certificates"):
         (tmp_path / "empty").mkdir()
         Cell(model, str(tmp_path / "parts"), security=ModbusSecurity(str(cert), str(key), str(tmp_path / "empty")))
 

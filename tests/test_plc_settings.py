@@ -33,13 +33,17 @@ def test_line_file_plc_table(tmp_path):
 
 @pytest.mark.parametrize("table, message", [
     ('modbus = 5020', r"plc\.modbus: expected text"),
-    ('modbus = "127.0.0.1:99999"', r"plc\.modbus: .*HOST:PORT"),
+    ('modbus = "127.0.0.1:99999"', r"plc\.modbus must look like HOST:PORT"),
     ('results_buffer = 0', r"plc\.results_buffer: expected 1\.\.64"),
     ('results_buffer = true', r"plc\.results_buffer"),
     ('opcua_port = 1', r"plc\.opcua_port: unknown field"),
     ('modbus = "0.0.0.0:502"', r"plc\.modbus 0\.0\.0\.0:502 listens beyond this machine: name the PLC's address "
                                r"with plc\.modbus-allow"),
-    ('modbus = "plc-pc.cell7:502"', r"plc\.modbus plc-pc\.cell7:502 listens beyond this machine"),
+    # a name no resolver knows (.invalid never resolves) is said to be one, not "beyond this machine"
+    ('modbus = "plc-pc.invalid:502"', r"plc\.modbus must look like HOST:PORT, HOST an address of this machine .*"
+                                      r"'plc-pc\.invalid' is no IP address or host name this machine knows"),
+    ('modbus = "plc7"', r"plc\.modbus must look like HOST:PORT, HOST an address of this machine"),
+    ('opcua = "opc.tcp://plc-pc.invalid:4840"', r"plc\.opcua must look like opc\.tcp://HOST:PORT, HOST an address"),
     ('modbus = "127.0.0.1:5020"\nmodbus_allow = 5', r"plc\.modbus_allow: expected text"),
     ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.300"', r"plc\.modbus-allow: expected IP addresses .*'10\.0\.0\.300'"),
     ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.5,"', r"plc\.modbus-allow: expected IP addresses .*''"),
@@ -76,17 +80,18 @@ def test_line_file_opcua_fields(tmp_path, monkeypatch):
     monkeypatch.setenv("MRKD_TEST_OPCUA_PW", "pw")
     assert settings.opcua_password() == "pw"
     with pytest.raises(LineFileError, match="opcua-certificate and .*opcua-private-key go together"):
-        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "c.der"'))
+        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:1"\nopcua_certificate = "c.der"'))
     (tmp_path / "certs").mkdir()
     for name in ("server.der", "server.pem"):
         (tmp_path / "certs" / name).write_bytes(b"x")
-    secure = load_plc_settings(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "certs/server.der"'
+    secure = load_plc_settings(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:1"\n'
+                                                    'opcua_certificate = "certs/server.der"'
                                                     '\nopcua_private_key = "certs/server.pem"'))
     assert secure.opcua_certificate == str(tmp_path / "certs" / "server.der")   # from the line file's folder
     with pytest.raises(LineFileError, match="file not found"):
-        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "none.der"'
+        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:1"\nopcua_certificate = "none.der"'
                                       '\nopcua_private_key = "none.pem"'))
-    with pytest.raises(LineFileError, match="plc.opcua: .*opc.tcp://HOST:PORT"):
+    with pytest.raises(LineFileError, match="plc.opcua must look like opc.tcp://HOST:PORT"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "tcp://x"'))
 
 
@@ -94,24 +99,25 @@ def test_opcua_trust_folder_setting(tmp_path):
     (tmp_path / "certs" / "clients").mkdir(parents=True)
     for name in ("server.der", "server.pem"):
         (tmp_path / "certs" / name).write_bytes(b"x")
-    secure = ('[plc]\nopcua = "opc.tcp://h:1"\nopcua_certificate = "certs/server.der"\n'
+    secure = ('[plc]\nopcua = "opc.tcp://0.0.0.0:1"\nopcua_certificate = "certs/server.der"\n'
               'opcua_private_key = "certs/server.pem"')
     trusted = load_plc_settings(line_file(tmp_path, secure + '\nopcua_trust = "certs/clients"'))
     assert trusted.opcua_trust == str(tmp_path / "certs" / "clients")   # from the line file's folder
     with pytest.raises(LineFileError, match="plc.opcua-trust: not a folder"):
         load_line(line_file(tmp_path, secure + '\nopcua_trust = "certs/server.der"'))
     with pytest.raises(LineFileError, match="opcua-trust needs .*opcua-certificate"):
-        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://h:1"\nopcua_trust = "certs/clients"'))
-    given = dict(options(opcua="opc.tcp://h:1", opcua_certificate=str(tmp_path / "certs" / "server.der"),
+        load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:1"\nopcua_trust = "certs/clients"'))
+    given = dict(options(opcua="opc.tcp://0.0.0.0:1", opcua_certificate=str(tmp_path / "certs" / "server.der"),
                          opcua_private_key=str(tmp_path / "certs" / "server.pem")),
                  opcua_trust=str(tmp_path / "certs" / "clients"))
     assert pop_plc_settings(given).opcua_trust == str(tmp_path / "certs" / "clients")
     assert "opcua_trust" not in given
 
 
-def test_network_opcua_needs_callers_it_can_authenticate(tmp_path):
+def test_network_opcua_needs_callers_it_can_authenticate(tmp_path, monkeypatch):
     """Reachable from the network, OPC UA refuses anonymous method calls unless clients are admitted by
     certificate, and a password that would cross the network unencrypted; read-only or local is fine."""
+    monkeypatch.setattr("mrkd.runtime.plc.opcua.known_host", lambda host: True)   # as the cell's DNS knows cell7-pc
     for name in ("server.der", "server.pem"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "clients").mkdir()

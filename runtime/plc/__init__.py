@@ -7,3 +7,19 @@ from mrkd.errors import MrkdError
 class PlcError(MrkdError, ValueError):
     """A PLC server that cannot run or a PLC setting out of range; the message names the option or
     field and the address."""
+
+
+def known_host(host: str) -> bool:
+    """Whether a server could listen on ``host``: an IP address, or a name this machine resolves."""
+    import ipaddress
+    import socket
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):       # socket.gaierror is an OSError; a name IDNA cannot encode
+        return False
+    return True

@@ -35,7 +35,7 @@ IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt
-from mrkd.runtime.plc import PlcError
+from mrkd.runtime.plc import PlcError, known_host
 from mrkd.runtime.plc.aio import AsyncioServerThread
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER, Handshake, HandshakeError, PlcImage
 
@@ -83,15 +83,22 @@ COIL_ORDER = (0, 4, 3, 2, 1)
 FUNCTION_TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 22: "h", 23: "h", 4: "i"}
 
 
-def parse_modbus_address(text: str) -> Tuple[str, int]:
-    """'HOST:PORT', ':PORT' or 'HOST' (port 502) -> (host, port); PlcError naming the text."""
+def parse_modbus_address(text: str, name: str = "--modbus") -> Tuple[str, int]:
+    """'HOST:PORT', ':PORT' or 'HOST' (port 502) -> (host, port); PlcError naming the text (and ``name``,
+    the option or line-file field it came from)."""
     text = str(text).strip()
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(DEFAULT_PORT)
     if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise PlcError(f"--modbus must look like HOST:PORT (e.g. 127.0.0.1:5020), got {text!r}")
-    return (host.strip("[]") or "127.0.0.1"), int(port)
+        raise PlcError(f"{name} must look like HOST:PORT (e.g. 127.0.0.1:5020), got {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    if not known_host(host):
+        # 'nohostport' read as a host name with port 502 was reported as an address beyond this machine
+        raise PlcError(f"{name} must look like HOST:PORT, HOST an address of this machine (e.g. 127.0.0.1:5020, or "
+                       f"0.0.0.0:502 for the cell network), got {text!r}: {host!r} is no IP address or host name "
+                       f"this machine knows")
+    return host, int(port)
 
 
 def parse_client_networks(text: str) -> Tuple[IpNetwork, ...]:

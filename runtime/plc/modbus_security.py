@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
 from mrkd.runtime.plc import PlcError
-from mrkd.runtime.plc.trust import TrustFolder
+from mrkd.runtime.plc.trust import MODBUS_TRUST, TrustFolder
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class SecureListener:
 
     def __init__(self, security: ModbusSecurity):
         self.security = security
-        self.trust = TrustFolder(security.trust)
+        self.trust = TrustFolder(security.trust, name=MODBUS_TRUST)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:

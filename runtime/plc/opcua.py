@@ -49,7 +49,7 @@ from urllib.parse import urlparse
 
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
-from mrkd.runtime.plc import PlcError
+from mrkd.runtime.plc import PlcError, known_host
 from mrkd.runtime.plc.aio import AsyncioServerThread
 from mrkd.runtime.plc.trust import TrustFolder
 
@@ -61,19 +61,24 @@ RESULT_COMPLETED, RESULT_FAILED = 1, 4          # OPC 40100-1 ResultStateDataTyp
 JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
 
 
-def parse_opcua_url(text: str):
-    """'opc.tcp://HOST:PORT' -> (host, port); PlcError naming the text."""
+def parse_opcua_url(text: str, name: str = "--opcua"):
+    """'opc.tcp://HOST:PORT' -> (host, port); PlcError naming the text (and ``name``, the option or
+    line-file field it came from)."""
     url = urlparse(str(text))
     try:
         port = url.port if url.port is not None else DEFAULT_PORT
     except ValueError:
         port = -1
     if url.scheme != "opc.tcp" or not url.hostname or not 0 <= port < 65536:
-        raise PlcError(f"--opcua must look like opc.tcp://HOST:PORT (e.g. opc.tcp://127.0.0.1:4840), got {text!r}")
+        raise PlcError(f"{name} must look like opc.tcp://HOST:PORT (e.g. opc.tcp://127.0.0.1:4840), got {text!r}")
     if url.path not in ("", "/", "/mrkd", "/mrkd/") or url.query or url.fragment:
         # the endpoint's path is fixed: a client told another one would not find the server
-        raise PlcError(f"--opcua {text}: the server's endpoint is always opc.tcp://HOST:PORT/mrkd/; give "
+        raise PlcError(f"{name} {text}: the server's endpoint is always opc.tcp://HOST:PORT/mrkd/; give "
                        f"opc.tcp://{url.hostname}:{port}")
+    if not known_host(url.hostname):      # said here, not as "cannot listen" after the models loaded
+        raise PlcError(f"{name} must look like opc.tcp://HOST:PORT, HOST an address of this machine (e.g. "
+                       f"opc.tcp://127.0.0.1:4840), got {text!r}: {url.hostname!r} is no IP address or host name "
+                       f"this machine knows")
     return url.hostname, port
 
 

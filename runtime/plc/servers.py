@@ -76,10 +76,7 @@ class PlcSettings:
             except PlcError as exc:
                 raise PlcError(f"{where}modbus-write-roles: {exc}") from None
         if self.modbus is not None:
-            try:
-                host, _ = parse_modbus_address(self.modbus)
-            except PlcError as exc:
-                raise PlcError(f"{where}modbus: {exc}") from None
+            host, _ = parse_modbus_address(self.modbus, name=f"{where}modbus")
             if self.modbus_allow is None and self.modbus_trust is None and not is_loopback_host(host):
                 raise PlcError(f"{where}modbus {self.modbus} listens beyond this machine: name the PLC's address "
                                f"with {field}modbus-allow (e.g. 10.0.0.5 or 10.0.0.0/24), or authenticate it with "
@@ -98,10 +95,7 @@ class PlcSettings:
             raise PlcError(f"{where}results_buffer: expected 1..64 results, got {self.results_buffer!r}")
         if self.opcua is not None:
             from mrkd.runtime.plc.opcua import parse_opcua_url
-            try:
-                host, _ = parse_opcua_url(self.opcua)
-            except PlcError as exc:
-                raise PlcError(f"{where}opcua: {exc}") from None
+            host, _ = parse_opcua_url(self.opcua, name=f"{where}opcua")
             if not is_loopback_host(host):     # reachable from the network: callers must be authenticated
                 if self.opcua_anonymous_calls is True and self.opcua_trust is None:
                     raise PlcError(f"{where}opcua-anonymous-calls with {field}opcua {self.opcua}: anyone on the network "

@@ -38,6 +38,10 @@ CERTIFICATE_SUFFIXES = (".der", ".pem", ".crt", ".cer")
 CRL_SUFFIXES = (".crl",)
 ISSUERS_FOLDER = "issuers"     # intermediate authorities: links of a chain, trusted by nobody on their own
 MAX_CHAIN = 5                  # authorities between a client and the trusted one, at most
+# how messages name the folder; the Modbus/TCP Security server passes its own (MODBUS_TRUST), so a bad
+# --modbus-trust folder is not reported as an OPC UA one
+OPCUA_TRUST = "OPC UA trust folder (--opcua-trust)"
+MODBUS_TRUST = "Modbus/TCP Security trust folder (--modbus-trust)"
 
 # The OPC UA status each refusal answers with (asyncua's ServiceError takes the code by this name).
 UNTRUSTED, TIME_INVALID, ISSUER_TIME_INVALID, REVOKED, INVALID = (
@@ -124,7 +128,7 @@ def _is_authority(cert) -> bool:
         return True
 
 
-def _read_folder(where: Path):
+def _read_folder(where: Path, name: str = OPCUA_TRUST):
     """(certificates, CRLs) of one folder, each as (path, parsed); PlcError naming a file that does not parse."""
     from cryptography import x509
     certificates, crls = [], []
@@ -142,28 +146,28 @@ def _read_folder(where: Path):
                                      else x509.load_der_x509_certificate(data)))
         except ValueError as exc:
             kind = "a certificate revocation list" if suffix in CRL_SUFFIXES else "a certificate"
-            raise PlcError(f"OPC UA trust folder: {path} is not {kind} ({exc})") from None
+            raise PlcError(f"{name}: {path} is not {kind} ({exc})") from None
     return certificates, crls
 
 
-def load_trust_folder(folder: str) -> TrustList:
+def load_trust_folder(folder: str, name: str = OPCUA_TRUST) -> TrustList:
     """The folder's certificates (.der .pem .crt .cer) and CRLs (.crl), DER or PEM, and those of its
     ``issuers`` subfolder; other files are ignored. PlcError for a missing folder, one without
     certificates, a file that does not parse, a certificate in ``issuers`` that is not an authority, or
     a CRL that no certificate authority of the two folders signed."""
     where = Path(folder)
     if not where.is_dir():
-        raise PlcError(f"OPC UA trust folder {folder}: not a folder")
-    certificates, crls = _read_folder(where)
-    issuer_certificates, issuer_crls = _read_folder(where / ISSUERS_FOLDER) if (where / ISSUERS_FOLDER).is_dir() \
+        raise PlcError(f"{name} {folder}: not a folder")
+    certificates, crls = _read_folder(where, name)
+    issuer_certificates, issuer_crls = _read_folder(where / ISSUERS_FOLDER, name) if (where / ISSUERS_FOLDER).is_dir() \
         else ([], [])
     listed = {cert.public_bytes(_der()) for _, cert in certificates}
     if not listed:
-        raise PlcError(f"OPC UA trust folder {folder}: no certificates (.der .pem .crt .cer): no client could connect")
+        raise PlcError(f"{name} {folder}: no certificates (.der .pem .crt .cer): no client could connect")
     authorities = [cert for _, cert in certificates if _is_authority(cert)]
     for path, cert in issuer_certificates:
         if not _is_authority(cert):
-            raise PlcError(f"OPC UA trust folder: {path} is not a certificate authority (basic constraints CA, "
+            raise PlcError(f"{name}: {path} is not a certificate authority (basic constraints CA, "
                            f"keyCertSign): {ISSUERS_FOLDER}/ holds only the authorities of a chain")
     issuers = [cert for _, cert in issuer_certificates]
     revoked: Dict["x509.Certificate", FrozenSet[int]] = {}
@@ -172,19 +176,19 @@ def load_trust_folder(folder: str) -> TrustList:
         issuer = next((authority for authority in authorities + issuers
                        if crl.issuer == authority.subject and crl.is_signature_valid(authority.public_key())), None)
         if issuer is None:
-            raise PlcError(f"OPC UA trust folder: {path} is not signed by a certificate authority in the folder")
+            raise PlcError(f"{name}: {path} is not signed by a certificate authority in the folder")
         revoked[issuer] = revoked.get(issuer, frozenset()) | frozenset(entry.serial_number for entry in crl)
         updates.setdefault(issuer, []).append(crl.next_update_utc)
     # the newest CRL of an authority decides whether its revocations are known now (None: never due)
     next_update = {issuer: None if None in dates else max(dates) for issuer, dates in updates.items()}
     for authority in authorities + issuers:
         if authority not in revoked:
-            logger.warning("opcua: trust folder: no CRL for the certificate authority %s: the client "
-                           "certificates it issued cannot be revoked", authority.subject.rfc4514_string())
+            logger.warning("%s: no CRL for the certificate authority %s: the client "
+                           "certificates it issued cannot be revoked", name, authority.subject.rfc4514_string())
         elif next_update[authority] is not None and next_update[authority] < datetime.now(timezone.utc):
-            logger.warning("opcua: trust folder: the CRL of %s was due for renewal at %s: its clients are refused "
+            logger.warning("%s: the CRL of %s was due for renewal at %s: its clients are refused "
                            "(BadCertificateRevocationUnknown) until a current one is in the folder",
-                           authority.subject.rfc4514_string(), next_update[authority].isoformat())
+                           name, authority.subject.rfc4514_string(), next_update[authority].isoformat())
     return TrustList(frozenset(listed), tuple(authorities), revoked, tuple(issuers), next_update,
                      frozenset(cert.public_bytes(_der()) for cert in issuers))
 
@@ -214,10 +218,10 @@ class TrustFolder:
     """load_trust_folder's list, read again when the folder's files change (see the module's notes).
     ``reloads`` counts the lists taken since the start; ``error`` is the last change that did not load."""
 
-    def __init__(self, folder: str, check_every_s: float = 1.0):
-        self.folder, self.check_every_s = str(folder), check_every_s
+    def __init__(self, folder: str, check_every_s: float = 1.0, name: str = OPCUA_TRUST):
+        self.folder, self.check_every_s, self.name = str(folder), check_every_s, name
         self._state = _folder_state(Path(folder))
-        self.current = load_trust_folder(self.folder)
+        self.current = load_trust_folder(self.folder, name)
         self.reloads, self.error = 0, ""
         self._checked = time.monotonic()
         self._lock = threading.Lock()
@@ -237,13 +241,14 @@ class TrustFolder:
                 return False
             self._state = state
             try:
-                self.current = load_trust_folder(self.folder)
+                self.current = load_trust_folder(self.folder, self.name)
             except (PlcError, OSError) as exc:
                 self.error = f"the trust folder changed but does not load, the previous trust list stays: {exc}"
-                logger.warning("opcua: %s", self.error)
+                logger.warning("%s", self.error)
                 return False
             self.reloads, self.error = self.reloads + 1, ""
-        logger.warning("opcua: trust folder %s read again (%d certificate(s), %d authorit(ies), %d CRL issuer(s))",
-                       self.folder, len(self.current.listed), len(self.current.authorities) + len(self.current.issuers),
+        logger.warning("%s %s read again (%d certificate(s), %d authorit(ies), %d CRL issuer(s))",
+                       self.name, self.folder, len(self.current.listed),
+                       len(self.current.authorities) + len(self.current.issuers),
                        len(self.current.revoked))
         return True
