@@ -86,6 +86,17 @@ def test_unknown_uri_and_dead_stream_fail_fast(tmp_path):
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("url, message", [
+    ("rtsp://", "without a host"), ("rtsp:///stream", "without a host"), ("http://:8080/x", "without a host"),
+    ("rtsp://cam:99999/s", "port"), ("rtsp://cam:abc/s", "port"), ("rtsp://cam:0/s", "port")])
+def test_stream_url_that_can_never_open_is_refused_at_once(url, message):
+    """Such a URL was retried with backoff until a signal stopped the run."""
+    start = time.monotonic()
+    with pytest.raises(SourceError, match=message):
+        open_source(url, timeout=5.0)
+    assert time.monotonic() - start < 1
+
+
 def test_csi_without_gstreamer_says_why():
     from mrkd.runtime.sources import gstreamer_available
     if gstreamer_available():

@@ -570,6 +570,26 @@ CAMERA_SCHEMES = {
 FEATURE_SCHEMES = ("gige://",)     # the kinds that take GenICam features
 
 
+# Network schemes FFmpeg reads only from a host (udp:// and tcp:// may also listen: udp://@:1234)
+HOST_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https")
+
+
+def _check_network_url(uri: str, shown: str) -> None:
+    """SourceError for a stream URL that can never open: no host (rtsp://), a port that is no port. Such
+    a source was retried with backoff until a signal stopped the run, judging nothing."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in HOST_SCHEMES and not parts.hostname:
+        raise SourceError(f"{shown}: a {scheme}:// URL without a host; give {scheme}://HOST[:PORT]/PATH")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+        raise SourceError(f"{shown}: the port is not a number 1..65535")
+
+
 def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float] = None, loop: bool = False,
                 timeout: float = 5.0, reconnect: bool = True, backoff: Tuple[float, float] = (0.1, 5.0),
                 options: Optional[SourceOptions] = None, features: Sequence[Tuple[str, str]] = (),
@@ -602,6 +622,7 @@ def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float
     if uri.isdigit():
         return LiveSource(uri, _camera_opener(int(uri), cv2.CAP_ANY, size, fps), **live)
     if uri.lower().startswith(NETWORK_SCHEMES):
+        _check_network_url(uri, shown)
         return LiveSource(uri, _ffmpeg_opener(uri, options.timeout), **live)
     local = uri[len("file://"):] if uri.startswith("file://") else uri
     paths = _image_paths(local)
