@@ -58,7 +58,24 @@ def calibrate_command(model, good, labelled, method, quantile, confidence, out, 
     defective parts given as good) is refused unless --accept-shift."""
     def warn(text):
         click.secho(text, err=True, fg="yellow", bold=True)
-    if Path(model).suffix.lower() in EXPORTED_SUFFIXES:
+    from mrkd.runtime.cli import refuse_empty_text
+    context = click.get_current_context()
+    refuse_empty_text(context.command, context.params)
+    given = {param.name for param in context.command.params if context.params.get(param.name) != param.default}
+    exported = Path(model).suffix.lower() in EXPORTED_SUFFIXES
+    # an option of the other kind of model was ignored without a word (--device cuda on an .onnx)
+    unused = sorted(given & ({"batch_size", "device"} if exported else {"max_frames", "backend"}))
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise click.UsageError(f"{flags}: for {'checkpoints' if exported else 'exported models'} only; "
+                               f"{Path(model).name} is {'an exported model' if exported else 'a checkpoint'}")
+    if not exported and not Path(good).is_dir() and not any(c in good for c in "*?[") \
+            and (Path(good).exists() or "://" in good or good.isdigit()):
+        # it was called a "missing folder"; a video, camera or stream is read only by the runtime's calibration
+        raise click.UsageError(f"GOOD {good}: a checkpoint is calibrated on a folder (or a glob) of good images; a "
+                               f"video file, camera or stream is read for an exported model only (mrkd export, then "
+                               f"mrkd calibrate model.onnx {good})")
+    if exported:
         if out:
             raise click.UsageError("--out is for checkpoints; an exported model's sidecar is updated in place")
         from mrkd.runtime.calibrate import calibrate_exported

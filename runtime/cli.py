@@ -38,7 +38,7 @@ def line_output_options(command):
         click.option("--mqtt-tls", is_flag=True, help="Connect to the broker with TLS (as mqtts:// does)."),
         click.option("--mqtt-ca", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="CA certificate file for the broker's TLS certificate (default: the system's)."),
-        click.option("--mqtt-results-rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--mqtt-results-rate", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
                      help="Also publish scored frames to PREFIX/<camera>/result, at most this many a second per "
                           "camera (0 = off)."),
         click.option("--control-token-env", metavar="VAR", default=None,
@@ -53,7 +53,8 @@ def line_output_options(command):
                           "--control-token-env."),
         click.option("--http", "http_address", metavar="HOST:PORT", default=None,
                      help="Serve /metrics (Prometheus), /healthz and a read-only live operator page at / "
-                          "(e.g. 127.0.0.1:8080, or :8080, this machine only; 0.0.0.0:8080 for the whole network). "
+                          "(e.g. 127.0.0.1:8080, or :8080, this machine only; 0.0.0.0:8080 for the whole network; "
+                          "IPv6 in brackets: [::1]:8080). "
                           "Needs the line extra."),
         click.option("--http-cert", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Certificate (PEM) for --http: the page then speaks HTTPS only (TLS 1.2+); with "
@@ -233,12 +234,47 @@ def pop_camera_defaults(options: dict, part: dict) -> dict:
     from mrkd.runtime.line.alarms import ALARM_FIELDS, parse_debounce
     defaults = {name: options.pop(name) for name in (*ALARM_FIELDS, "size", "fps", "loop")}
     defaults["debounce"] = parse_debounce(defaults["debounce"])
+    from mrkd.runtime.line.linefile import MAX_DEBOUNCE_WINDOW
+    if defaults["debounce"][1] > MAX_DEBOUNCE_WINDOW:
+        k, n = defaults["debounce"]
+        raise SettingError(f"--debounce {k}/{n}: N is at most {MAX_DEBOUNCE_WINDOW} frames")
     if part["trigger_mode"]:
         defaults["trigger"] = part["trigger_mode"]
     if part["features"]:
         from mrkd.runtime.sources.gige import parse_feature
         defaults["features"] = tuple(parse_feature(text) for text in part["features"])
     return defaults
+
+
+def refuse_empty_text(command: click.Command, values: dict) -> None:
+    """SettingError for a text option given as "" (an unset shell variable, ``--webhook "$URL"``): these
+    options were read as not given, so the run went on without the webhook, MQTT or page it was asked
+    for, or (--modbus "") served on a default address. Paths are refused empty by mrkd/cli.py."""
+    for param in command.params:
+        value = values.get(param.name)
+        texts = value if isinstance(value, (tuple, list)) else (value,)
+        empty = [text for text in texts if isinstance(text, str) and not text.strip()]
+        if param.type is click.STRING and empty:
+            raise SettingError(f"{param.opts[0] if param.opts else param.name} {empty[0]!r}: an empty value; give "
+                               f"one, or leave the option out")
+
+
+def check_postprocess(impl: str, detectors=None) -> None:
+    """SettingError when ``--postprocess`` names an implementation this machine or a model's backend
+    cannot run: `--postprocess cuda` without a CUDA device ended in a traceback at the first frame of a
+    per-scale model. Without ``detectors``: the machine; with them: each one's backend too."""
+    if impl in ("auto", "numpy"):
+        return
+    from mrkd.runtime import postprocess
+    try:
+        postprocess.resolve_impl(impl, on_device=impl == "cuda")
+    except RuntimeError as exc:
+        raise SettingError(f"--postprocess {impl}: {exc}; use --postprocess auto") from None
+    for detector in (detectors or {}).values():
+        if impl == "cuda" and detector.metadata.per_scale_outputs and not detector.backend.has_device_outputs:
+            raise SettingError(f"--postprocess cuda: {detector.model_path.name} runs on a backend that hands its "
+                               f"outputs to the host ({detector.backend.describe()}); the CUDA post-processing needs "
+                               f"them on the GPU (TensorRT): use --postprocess auto or cpu")
 
 
 def summary_json(summary: dict) -> str:
@@ -312,7 +348,7 @@ def check_summary_target(path) -> None:
                    "it (lossless PNG), its path and sha256 in the event (what mrkd review and refit read).")
 @click.option("--evidence-ok-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also keep one OK frame/part of every N per camera as evidence (0 = none).")
-@click.option("--evidence-max-mb", type=click.FloatRange(min=1), default=2048.0, show_default=True,
+@click.option("--evidence-max-mb", type=FiniteFloatRange(min=1, max=1e9), default=2048.0, show_default=True,
               help="Disk budget of the evidence folder: past it OK samples are deleted first; alarm/NG evidence "
                    "is never deleted (health shows 'over budget').")
 @click.option("--webhook", default=None, help="URL to POST each alarm event (JSON) to, in the background.")
@@ -322,7 +358,7 @@ def check_summary_target(path) -> None:
 @part_options
 @plc_options
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
-              help="Write annotated frames (heat-map, score, threshold) to this video file (.avi: MJPG).")
+              help="Write annotated frames (heat-map, score, threshold) to this video file: .avi (MJPG), .mp4 or .mkv.")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None,
               help="Stop each camera after this many frames; the run ends when every camera has (a network camera "
@@ -356,6 +392,7 @@ def run_command(model, sources, line_file, **options):
     from mrkd.runtime.outputs.base import stop_each
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    refuse_empty_text(click.get_current_context().command, click.get_current_context().params)
     summary_path = options.pop("summary_path")
     check_summary_target(summary_path)
     part = pop_part_options(options)
@@ -368,6 +405,7 @@ def run_command(model, sources, line_file, **options):
     run_settings = pop_run_settings(options)
     camera_defaults = pop_camera_defaults(options, part)
     providers = options.pop("providers")
+    check_postprocess(options["postprocess"])
     line = build_line(model, sources, line_file, camera_defaults, backend=options.pop("backend"),
                       postprocess=options.pop("postprocess"), threads=options.pop("threads"),
                       providers=tuple(providers.split(",")) if providers else None)
@@ -394,6 +432,7 @@ def run_command(model, sources, line_file, **options):
     stop = signals.enter_context(stop_on_signals(threading.Event()))
     try:       # the error itself goes to mrkd.errors.error_boundary
         detectors = open_detectors(line)
+        check_postprocess(line.postprocess, detectors)
         frames = {} if triggered else open_sources(line)
         for detector in detectors.values():
             click.echo(detector.describe(), err=True)

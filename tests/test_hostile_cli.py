@@ -73,6 +73,19 @@ RUN_PAST_LIMITS = [
     (["--debounce", "3/2"], "debounce"), (["--debounce", "abc"], "debounce"), (["--backend", "foo"], "--backend"),
     (["--providers", "bogus"], "bogus"), (["--snapshot-format", ".gif"], "--snapshot-format"),
     (["--postprocess", "gpu"], "--postprocess"),
+    # click's FloatRange let nan through (a traceback in int(), or a rate every comparison ignores)
+    (["--evidence-max-mb", "nan"], "--evidence-max-mb"), (["--evidence-max-mb", "1e308"], "--evidence-max-mb"),
+    (["--mqtt-results-rate", "nan"], "--mqtt-results-rate"),
+    # an extension no writer takes recorded nothing, exit 0; "" was read as not given (no webhook, exit 0)
+    (["--save-video", "out.xyz"], "--save-video"), (["--save-video", "out"], "--save-video"),
+    (["--webhook", ""], "--webhook"), (["--mqtt", ""], "--mqtt"), (["--http", " "], "--http"),
+    (["--providers", ""], "--providers"), (["--trigger", "software", "--modbus", ""], "--modbus"),
+    # wildcards ('#' even ended the URL: mqtt://h/line/# published under line/), a prefix no broker takes
+    (["--mqtt", "mqtt://127.0.0.1:1883/line/#"], "'#'"), (["--mqtt", "mqtt://127.0.0.1:1883/#"], "'#'"),
+    (["--mqtt", "mqtt://127.0.0.1:1883/" + "a" * 70000], "65535 bytes"),
+    (["--debounce", "1/99999999999999999999"], "--debounce"),      # an OverflowError traceback at the start
+    (["--trigger", "software", "--trigger-every", "1", "--modbus", "nohostport"],
+     "--modbus must look like HOST:PORT, HOST an address of this machine"),
 ]
 
 
@@ -80,6 +93,41 @@ RUN_PAST_LIMITS = [
 def test_run_option_past_its_limit_is_one_line_error(line, options, name):
     done = mrkd("run", line["model"], "--source", line["video"], "--status-every", "0", *options)
     assert_one_line_error(done, name)
+
+
+def test_run_postprocess_the_machine_cannot_run_is_one_line_error(line, tmp_path):
+    """--postprocess cuda without a CUDA device: a traceback at the first frame of a per-scale model."""
+    from mrkd.runtime import postprocess
+    if "cuda" in postprocess.available_impls():
+        pytest.skip("this machine runs the CUDA post-processing")
+    assert_one_line_error(mrkd("run", line["model"], "--source", line["video"], "--status-every", "0",
+                               "--postprocess", "cuda"), "--postprocess cuda", "unavailable")
+
+
+def test_run_postprocess_cuda_over_a_backend_with_host_outputs_is_refused(monkeypatch):
+    """On a GPU machine --postprocess cuda with ONNX Runtime/OpenVINO (outputs on the host) ended in a
+    ValueError traceback at the first frame of a per-scale model: refused once the models are open."""
+    from types import SimpleNamespace
+    from mrkd.errors import SettingError
+    from mrkd.runtime import postprocess
+    from mrkd.runtime.cli import check_postprocess
+    monkeypatch.setattr(postprocess, "resolve_impl", lambda impl, on_device=False: impl)    # as with a GPU
+    host = SimpleNamespace(has_device_outputs=False, describe=lambda: "onnxruntime (CPUExecutionProvider)")
+    per_scale = SimpleNamespace(metadata=SimpleNamespace(per_scale_outputs=True), backend=host,
+                                model_path=Path("ps.onnx"))
+    with pytest.raises(SettingError, match="--postprocess cuda: ps.onnx runs on a backend that hands its outputs"):
+        check_postprocess("cuda", {"ps": per_scale})
+    check_postprocess("cpu", {"ps": per_scale})
+    on_device = SimpleNamespace(metadata=per_scale.metadata, backend=SimpleNamespace(has_device_outputs=True),
+                                model_path=Path("ps.engine"))
+    check_postprocess("cuda", {"ps": on_device})
+
+
+def test_run_stream_url_without_a_host_is_refused_at_the_start(line):
+    """rtsp:// was retried with backoff until a signal stopped the run, judging nothing."""
+    error = assert_one_line_error(mrkd("run", line["model"], "--source", "rtsp://", "--status-every", "0",
+                                       timeout=30), "rtsp://")
+    assert "without a host" in error
 
 
 RUN_AT_LIMITS = [["--batch", "1"], ["--batch", "4096"], ["--max-frames", "1"], ["--cooldown", "0"],
@@ -289,6 +337,8 @@ CALIBRATE_PAST_LIMITS = [
     (["--confidence", "1"], "--confidence"), (["--max-frames", "0"], "--max-frames"),
     (["--batch-size", "0"], "--batch-size"), (["--size", "0x5"], "size"), (["--method", "median"], "--method"),
     (["--out", "x.onnx"], "--out"), (["--labelled", "/nonexistent/labelled"], "labelled"),
+    # checkpoint options were ignored on an exported model without a word; "" read as not given
+    (["--device", "cuda"], "--device"), (["--batch-size", "4"], "--batch-size"), (["--size", ""], "--size"),
 ]
 
 
@@ -330,6 +380,11 @@ def test_checkpoint_commands_with_a_missing_gpu_or_a_corrupt_checkpoint_are_one_
         assert_one_line_error(mrkd("calibrate", checkpoint, good, "--device", "cuda"), "cuda")
         assert_one_line_error(mrkd("predict", checkpoint, good, "-o", tmp_path / "p", "--device", "cuda"), "cuda")
     assert_one_line_error(mrkd("calibrate", checkpoint, good, "--device", "tpu:9"), "tpu:9")
+    # a video for a checkpoint was called a "missing folder": say what a checkpoint takes, and where a video goes
+    video = write_video(tmp_path / "clip.avi", normal_then_defective(3, 0), fps=5)
+    error = assert_one_line_error(mrkd("calibrate", checkpoint, video), "clip.avi")
+    assert "missing folder" not in error and "folder (or a glob) of good images" in error and "exported" in error
+    assert_one_line_error(mrkd("calibrate", checkpoint, good, "--max-frames", "3"), "--max-frames", "exported models")
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(checkpoint.read_bytes()[:1000])
     assert_one_line_error(mrkd("export", corrupt, "-o", tmp_path / "out"), "corrupt.ckpt")

@@ -67,6 +67,11 @@ TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "plc")
 PART_FIELDS = ("cameras", "images", "queue", "timeout", "early")
 
 
+# The longest debounce window (N of K/N): the window's frames are held per camera, and an N past what a
+# deque can index (--debounce 1/99999999999999999999) ended in an OverflowError traceback at the start.
+MAX_DEBOUNCE_WINDOW = 100_000
+
+
 class LineFileError(LineError):
     """A line file that cannot be read; the message names the file and the field."""
 
@@ -103,8 +108,8 @@ def _field(where: str, name: str, value: Any, folder: Path) -> Any:
                 raise bad('"K/N" (e.g. "3/5") or [K, N]') from None
         else:
             raise bad('"K/N" (e.g. "3/5") or [K, N]')
-        if not 1 <= k <= n:
-            raise LineFileError(f"{where}.{name}: needs 1 <= K <= N, got {k}/{n}")
+        if not 1 <= k <= n <= MAX_DEBOUNCE_WINDOW:
+            raise LineFileError(f"{where}.{name}: needs 1 <= K <= N <= {MAX_DEBOUNCE_WINDOW}, got {k}/{n}")
         return (k, n)
     if name == "cooldown":
         if not _number(value) or value < 0:

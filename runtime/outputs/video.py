@@ -43,6 +43,11 @@ class VideoFileSink(LineObserver):
         self.writer = None
         self.frames = 0
         self.delivery = Delivery("video", str(self.path))
+        if self.path.suffix.lower() not in FOURCC_BY_SUFFIX:
+            # OpenCV picks the container by the extension: out.xyz failed at its first frame and the run went
+            # on recording nothing, exit 0
+            raise SettingError(f"--save-video {self.path}: no video writer for the extension "
+                               f"{self.path.suffix or '(none)'!r}; use {', '.join(FOURCC_BY_SUFFIX)}")
         if self.path.exists() or self.path.is_symlink():     # an earlier run's recording, or any other file
             raise SettingError(f"--save-video {self.path}: exists; a recording is never written over a file "
                                "(name a new one)")
@@ -68,7 +73,7 @@ class VideoFileSink(LineObserver):
     def write(self, image: np.ndarray) -> None:
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fourcc = cv2.VideoWriter_fourcc(*FOURCC_BY_SUFFIX.get(self.path.suffix.lower(), "MJPG"))
+            fourcc = cv2.VideoWriter_fourcc(*FOURCC_BY_SUFFIX[self.path.suffix.lower()])
             self.size = (image.shape[1], image.shape[0])
             self.writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, self.size)
             if not self.writer.isOpened():
