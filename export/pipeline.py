@@ -53,6 +53,40 @@ def keep_line_calibration(model_path: Path, model) -> None:
                       "(-o), or move that model away first")
 
 
+def exported_from(path: Path) -> Optional[str]:
+    """The sha256 of the checkpoint the model file ``path`` was exported from: its sidecar's record, else
+    (an .onnx whose sidecar is gone or unreadable) the metadata embedded in the graph; None if neither says."""
+    try:
+        return ModelMetadata.load(sidecar_path(path)).checkpoint_sha256
+    except (MetadataError, OSError, ValueError):
+        pass
+    if path.suffix == ".onnx":
+        from mrkd.export.onnx_graph import read_onnx_props
+        try:
+            return ModelMetadata.from_onnx_props(read_onnx_props(path), str(path)).checkpoint_sha256
+        except (MetadataError, ExportError, OSError, ValueError):
+            pass
+    return None
+
+
+def keep_other_checkpoints_models(paths, checkpoint, checkpoint_sha: str) -> None:
+    """Refuse (ExportError, before anything is written) to replace a model file in ``paths`` that was
+    exported from another checkpoint, or whose origin nothing records: a later export into the same
+    folder silently put another model under the name a line runs. The same checkpoint exported again
+    gives the same bytes, so its files may be replaced."""
+    for path in paths:
+        if not path.exists():
+            continue
+        earlier = exported_from(path)
+        if earlier == checkpoint_sha:
+            continue
+        origin = (f"was exported from another checkpoint (sha256 {earlier[:12]}..., recorded in "
+                  f"{sidecar_path(path).name})" if earlier else
+                  f"records no checkpoint it was exported from (no readable {sidecar_path(path).name})")
+        raise ExportError(f"{path} {origin}, not from {checkpoint} (sha256 {checkpoint_sha[:12]}...): not "
+                          "replaced; export into another folder (-o), or move that model away first")
+
+
 def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = None, *, fp16: bool = False,
                       int8_images=None, int8_target: str = "auto", int8_keep_fp32: str = "auto",
                       engine: Optional[bool] = None, triton_dir=None,
@@ -70,8 +104,9 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     False = none; None (default) = required with ``fp16`` (the FP16 graph is made for the engine),
     otherwise built from the INT8 graph where TensorRT and a GPU are here, and where they are not
     the export ends normally with ``engine_note`` saying why no engine was built.
-    ``replace_line_calibration``: export over a sidecar whose threshold was set on the line (refused by
-    default, ``keep_line_calibration``).
+    ``replace_line_calibration``: for a caller that rebuilds ``out_dir`` as its own (the demo): export over
+    a sidecar whose threshold was set on the line (``keep_line_calibration``) and over model files of
+    another checkpoint (``keep_other_checkpoints_models``); both are refused by default.
 
     Raises ParityError when FP32 parity is worse than 1e-4. When a required engine cannot be built
     (no TensorRT or GPU), every other file is still written and TensorRTUnavailableError is raised last."""
@@ -90,7 +125,13 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     out_dir = Path(out_dir)
     result = ExportResult()
     model, checkpoint_sha = load_model(checkpoint)
-    if not replace_line_calibration:     # the demo, which calibrates its own export again, replaces it
+    # Only where the engine can be built here is model.engine written (else TensorRTUnavailableError/a note).
+    engine_written = engine is not False and unavailable is None and bool(
+        fp16 or engine or (int8_images and int8_target == "tensorrt"))
+    names = ([FP32_NAME] + [FP16_NAME] * bool(fp16) + [INT8_NAME] * bool(int8_images)
+             + [ENGINE_NAME] * engine_written)
+    if not replace_line_calibration:     # the demo, which rebuilds and calibrates its own folder, replaces them
+        keep_other_checkpoints_models([out_dir / name for name in names], checkpoint, checkpoint_sha)
         keep_line_calibration(out_dir / FP32_NAME, model)
 
     fp32 = export_onnx(model, out_dir / FP32_NAME, options, checkpoint_sha256=checkpoint_sha, simplify=simplify)
