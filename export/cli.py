@@ -28,7 +28,8 @@ EXIT_NO_TENSORRT = 3
 @click.option("--uint8-input", is_flag=True,
               help="Graph input is uint8 BGR N×H×W×3 at the model size; BGR->RGB, /255, mean/std and HWC->CHW "
                    "happen in the graph (the resize stays outside).")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help=f"ONNX opset (>= {MIN_OPSET}).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help=f"ONNX opset: {MIN_OPSET} up to the newest that the installed torch exporter, onnx and "
+                   f"onnxruntime all support (an error names it).")
 @click.option("--batch", "batch", default=":".join(map(str, DEFAULT_BATCH_RANGE)), show_default=True,
               help=f"Dynamic batch range MIN:OPT:MAX (1 <= MIN <= OPT <= MAX <= {MAX_BATCH}); OPT/MAX set the "
                    f"TensorRT profile and Triton's max_batch_size.")
@@ -85,10 +86,11 @@ def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_out
     if int8 and not int8_images:
         raise click.UsageError("--int8 needs --int8-images DIR (a folder of good images; --calib is its old name)")
     try:
-        checkpoint = _checkpoint_of_run(checkpoint, category)
+        # the options first: a mistake in them is said before the checkpoint is read
         options = ExportOptions(smooth_in_graph=smooth_in_graph, per_scale_outputs=per_scale_outputs,
                                 uint8_input=uint8_input, opset=opset, batch_range=parse_batch_range(batch))
         options.validate()
+        checkpoint = _checkpoint_of_run(checkpoint, category)
         settings = BuildSettings(workspace_mib=workspace, opt_level=opt_level, timing_cache=timing_cache,
                                  dla_core=dla_core)
         export_checkpoint(checkpoint, out_dir, options, fp16=fp16, int8_images=int8_images if int8 else None,

@@ -16,6 +16,7 @@ FP16 graphs keep the head in FP32 with an explicit Cast after the student (see e
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ class ExportOptions:
         if int(self.opset) < MIN_OPSET:
             raise ExportError(f"opset {self.opset} is not supported: mrkd exports need opset >= {MIN_OPSET} "
                               f"(TensorRT 10 and ONNX Runtime parse the head's Resize/ReduceMax there)")
+        highest, limits = max_opset()
+        if int(self.opset) > highest:
+            raise ExportError(f"opset {self.opset} is not supported here: this installation exports opsets "
+                              f"{MIN_OPSET} to {highest} ({limits})")
         check_batch_range(self.batch_range)
         if self.precision not in ("fp32", "fp16"):
             raise ExportError(f"precision {self.precision!r}: the graph is built as fp32 or fp16 "
@@ -70,6 +75,50 @@ class ExportOptions:
     @property
     def input_format(self) -> str:
         return INPUT_UINT8_NHWC if self.uint8_input else INPUT_FLOAT_NCHW
+
+
+@functools.lru_cache(maxsize=None)
+def max_opset() -> Tuple[int, str]:
+    """(the newest opset an export can have here, what bounds it, in words): the lowest of what torch's
+    TorchScript exporter writes, what the installed onnx knows (the checker) and what the installed ONNX
+    Runtime loads (every export's parity check runs on it). A higher --opset failed deep in torch with a
+    traceback, or wrote a graph ONNX Runtime refuses."""
+    from mrkd.deps import require
+    onnx = require("onnx")
+    limits = {f"onnx {onnx.__version__}": int(onnx.defs.onnx_opset_version())}
+    try:
+        from torch.onnx import _constants       # private, but the only place torch says it
+        limits[f"torch {torch.__version__.split('+')[0]} exporter"] = int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        pass
+    ort = require("onnxruntime")
+    highest = min(limits.values())
+    while highest > MIN_OPSET and not _ort_loads_opset(onnx, highest):
+        highest -= 1
+    if highest < min(limits.values()):
+        limits[f"onnxruntime {ort.__version__}"] = highest
+    return min(limits.values()), ", ".join(f"{name} up to {value}" for name, value in limits.items())
+
+
+def _ort_loads_opset(onnx, opset: int) -> bool:
+    """Whether ONNX Runtime loads a one-node graph of ``opset`` (it has no call that says so)."""
+    from mrkd.runtime.backends import BackendError
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
+    helper = onnx.helper
+    value = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    opsets = [helper.make_opsetid("", opset)]
+    try:
+        ir_version = helper.find_min_ir_version_for(opsets)
+    except (ValueError, KeyError):
+        return False
+    try:
+        ort_session(helper.make_model(graph, opset_imports=opsets, ir_version=ir_version).SerializeToString(),
+                    ["cpu"], quiet=True)
+    except BackendError:
+        return False
+    return True
 
 
 def check_batch_range(batch_range) -> Tuple[int, int, int]:

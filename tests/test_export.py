@@ -290,3 +290,25 @@ def test_an_export_of_another_checkpoint_never_replaces_the_models_in_the_folder
     assert refused.exit_code == 1 and "records no checkpoint" in refused.output
     assert (out / "model.onnx").read_bytes() == b"someone's model"
 
+
+def test_an_opset_newer_than_the_installed_libraries_is_refused_in_one_line(tmp_path, monkeypatch):
+    """--opset 24 (past what torch's exporter writes) ended in torch's traceback 'Unsupported
+    onnx_opset_version'; now one line names the range this installation supports, before any work."""
+    import mrkd.export.onnx_graph as onnx_graph
+    highest, _ = onnx_graph.max_opset()
+    ckpt = tmp_path / "ck.pt"
+    ckpt.write_bytes(b"")          # the options are checked before the checkpoint is read
+    for opset in (highest + 1, 999):
+        result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "o"), "--opset", str(opset)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"opset {opset} is not supported here" in result.output and f"17 to {highest}" in result.output
+    assert not (tmp_path / "o").exists()
+    # ONNX Runtime's own limit counts too (every export's parity check runs on it)
+    monkeypatch.setattr(onnx_graph, "_ort_loads_opset", lambda onnx, opset: opset <= 18)
+    onnx_graph.max_opset.cache_clear()
+    try:
+        highest, limits = onnx_graph.max_opset()
+        assert highest == 18 and "onnxruntime" in limits and "up to 18" in limits
+    finally:
+        monkeypatch.undo()
+        onnx_graph.max_opset.cache_clear()
