@@ -19,7 +19,7 @@ import numpy as np
 
 from mrkd.runtime import postprocess
 from mrkd.runtime.line.alarms import is_anomalous
-from mrkd.runtime.backends import Backend, BackendError, open_backend, run_precision
+from mrkd.runtime.backends import Backend, BackendError, check_model_file, open_backend, run_precision
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, MetadataError, ModelMetadata,
                                    model_file_sha256, sidecar_path)
 from mrkd.runtime.preprocess import model_input
@@ -61,8 +61,9 @@ def check_sidecar_belongs_to(meta: ModelMetadata, model_path: Path, sidecar: Pat
     if actual != expected:
         field_name = "engine.engine_sha256" if meta.engine is not None else "onnx_sha256"
         raise MetadataError(f"{sidecar}: field {field_name}: this sidecar describes another model (sha256 "
-                            f"{expected[:16]}...) than {model_path} (sha256 {actual[:16]}...); use the .json "
-                            f"written with this model or export it again")
+                            f"{expected[:16]}...) than {model_path} (sha256 {actual[:16]}...): the model was "
+                            f"cut short or replaced, or the .json is another export's; use the .json written "
+                            f"with this model or export it again")
     return True
 
 
@@ -139,9 +140,8 @@ class Detector:
     def __init__(self, model_path: Union[str, Path], backend: str = "auto", postprocess: str = "auto",
                  threshold: Optional[float] = None, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None):
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise BackendError(f"{self.model_path}: model file not found")
+        # an empty file is said to be one before its sidecar is found not to match it
+        self.model_path = check_model_file(Path(model_path))
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise BackendError(f"threads {threads!r}: must be a whole number >= 0 (0: ONNX Runtime's default)")
         sidecar = sidecar_path(self.model_path)

@@ -182,3 +182,28 @@ def test_run_refuses_an_unknown_backend_in_one_line(tmp_path):
     cv2.imwrite(str(frames / "a.png"), normal_frame(np.random.default_rng(0)))
     result = CliRunner().invoke(main, ["run", str(model), "--source", str(frames), "--backend", "openvino:fp64"])
     assert result.exit_code == 2 and "openvino:bf16" in result.output and "Traceback" not in result.output
+
+
+INSTALLED_ONNX_BACKENDS = [name for name in ("onnxruntime", "openvino") if backend_entry(name).available()]
+
+
+@pytest.mark.parametrize("backend", INSTALLED_ONNX_BACKENDS + ["auto"])
+@pytest.mark.parametrize("kind", ["empty", "no graph", "cut short", "text"])
+def test_a_broken_model_file_is_named_as_such(tmp_path, backend, kind):
+    """A 0-byte .onnx (an export or copy cut short) was 'expected one model input, found []' on OpenVINO
+    (`mrkd run`/`calibrate` under auto); now every backend says the file is empty or not a valid ONNX
+    model, naming it."""
+    from mrkd.runtime.detector import Detector
+    model = build_tiny_model(tmp_path / "m.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes({"empty": b"", "no graph": b"\x08\x07", "cut short": model.read_bytes()[:200],
+                        "text": b"model goes here\n"}[kind])
+    with pytest.raises(BackendError) as info:
+        open_backend(broken, backend)
+    message = str(info.value)
+    assert message.startswith(f"{broken}: ") and "expected one model input" not in message
+    assert ("the file is empty (0 bytes)" if kind == "empty" else "not a valid ONNX model") in message
+    if kind == "empty":   # beside its sidecar too: said before the sidecar is found not to match
+        (tmp_path / "broken.onnx.json").write_bytes((tmp_path / "m.onnx.json").read_bytes())
+        with pytest.raises(BackendError, match=r"broken\.onnx: the file is empty"):
+            Detector(broken, backend=backend)

@@ -34,6 +34,24 @@ class BackendError(MrkdError, RuntimeError):
     """A model file cannot be loaded or run by the chosen backend; the message names the file."""
 
 
+# What a backend says of a file its parser refuses or that holds no graph (a copy or download cut short,
+# an empty file, another kind of file under the name): the backends' own words ("expected one model
+# input, found []", "Protobuf parsing failed") do not say that the file itself is broken.
+NOT_ONNX = "not a valid ONNX model (cut short, or another kind of file)"
+
+
+def check_model_file(path: Path) -> Path:
+    """``path`` if it is a model file worth handing to a backend: BackendError naming it when it is
+    missing or empty (0 bytes: no backend reads anything from it, and some read it as a model without
+    inputs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackendError(f"{path}: model file not found")
+    if path.stat().st_size == 0:
+        raise BackendError(f"{path}: the file is empty (0 bytes), not a model; export or copy it again")
+    return path
+
+
 class Backend:
     """What every backend provides (Polygraphy's runners are the model). Subclasses fill the
     attributes in ``__init__``.
@@ -288,9 +306,7 @@ def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optiona
     metadata: the model's ModelMetadata (an engine's is checked against the running TensorRT and GPU;
     OpenVINO under auto runs bf16 only where its precision_checks record a passing bf16 check).
     """
-    path = Path(model_path)
-    if not path.is_file():
-        raise BackendError(f"{path}: model file not found")
+    path = check_model_file(Path(model_path))
     name = resolve_backend_name(path, backend)
     asked, precision = parse_backend_spec(backend)
     if asked == AUTO and providers and name != "tensorrt":

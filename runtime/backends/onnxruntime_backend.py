@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from mrkd.deps import require
-from mrkd.runtime.backends import Backend, BackendError, BackendOptions
+from mrkd.runtime.backends import NOT_ONNX, Backend, BackendError, BackendOptions
 
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -16,6 +16,10 @@ PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
 }
 DEFAULT_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+# ONNX Runtime's words for a file that is no ONNX model at all (its other load errors, e.g. an opset it
+# does not know, are about a valid model)
+UNPARSED_SIGNS = ("INVALID_PROTOBUF", "No graph was found")
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 
@@ -64,7 +68,9 @@ def ort_session(model: Union[str, Path, bytes], providers: Optional[Sequence[str
         return ort.InferenceSession(source, sess_options=session_options(threads, quiet), providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         what = "the serialised model" if isinstance(model, bytes) else str(model)
-        raise BackendError(f"{what}: onnxruntime cannot load the model ({exc})") from exc
+        unparsed = any(sign in str(exc) for sign in UNPARSED_SIGNS)
+        raise BackendError(f"{what}: onnxruntime cannot load the model"
+                           + (f", it is {NOT_ONNX}: {exc}" if unparsed else f" ({exc})")) from exc
 
 
 class OnnxRuntimeBackend(Backend):

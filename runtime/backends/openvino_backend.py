@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from mrkd.deps import require
-from mrkd.runtime.backends import Backend, BackendError, BackendOptions
+from mrkd.runtime.backends import NOT_ONNX, Backend, BackendError, BackendOptions
 
 DEVICE = "CPU"
 DEFAULT_PRECISION = "f32"     # bit-comparable to ONNX Runtime FP32; bf16 is asked for by name
@@ -86,7 +86,11 @@ class OpenVinoBackend(Backend):
                 model = core.read_model(str(self.model_path))
         except Exception as exc:  # OpenVINO raises its own exception types for unreadable files
             reason = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            raise BackendError(f"{self.model_path}: OpenVINO cannot read the model ({reason})") from exc
+            unparsed = "can't be parsed" in reason
+            raise BackendError(f"{self.model_path}: OpenVINO cannot read the model"
+                               + (f", it is {NOT_ONNX}: {reason}" if unparsed else f" ({reason})")) from exc
+        if not model.inputs and not model.outputs:     # what its ONNX reader makes of a file without a graph
+            raise BackendError(f"{self.model_path}: {NOT_ONNX}: it holds no graph")
         if len(model.inputs) != 1:
             raise BackendError(f"{self.model_path}: expected one model input, found "
                                f"{[i.get_any_name() for i in model.inputs]}")
