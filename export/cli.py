@@ -48,7 +48,9 @@ EXIT_NO_TENSORRT = 3
               help="Folder of good images (first 64) the FP32 graph at bf16 is checked on against FP32 "
                    "(OpenVINO, on a CPU with native bf16; a passing check, recorded in the sidecar, lets "
                    "--backend auto run bf16), and the INT8 graph's decisions. Default: the --int8-images "
-                   "folder (for INT8: its images past the 64 quantisation read, where there are more).")
+                   "folder's images past the 64 quantisation read, where there are more (else those 64, "
+                   "noted as flattering). INT8 is also checked apart on the defect images of the test/ "
+                   "split of the data the checkpoint was trained on, where it is here.")
 @click.option("--calib", type=click.Path(file_okay=False), hidden=True,
               help="Old name of --int8-images, still accepted.")
 @click.option("--int8-target", type=click.Choice(INT8_TARGET_CHOICES), default="auto", show_default=True,

@@ -24,12 +24,14 @@ class ExportedModel:
 
 def load_model(checkpoint) -> Tuple[object, str]:
     """(MRKD in eval mode, checkpoint sha256). Missing/corrupt files raise CheckpointError naming the path.
-    A refit checkpoint's lineage rides along as ``model.lineage`` (export_onnx writes it into the sidecar)."""
-    from mrkd.train.checkpoint import model_from_dict, read_checkpoint
+    A refit checkpoint's lineage rides along as ``model.lineage`` (export_onnx writes it into the sidecar),
+    the checkpoint's record of its training data as ``model.trained_on`` (None in files that have none)."""
+    from mrkd.train.checkpoint import TRAINED_ON, model_from_dict, read_checkpoint
     from mrkd.train.refit import LINEAGE_KEY
     data = read_checkpoint(checkpoint)
     model = model_from_dict(data, source=str(checkpoint))
     model.lineage = data.get(LINEAGE_KEY)
+    model.trained_on = data.get(TRAINED_ON)     # where the INT8 check finds held-out defect images
     return model.eval(), file_sha256(checkpoint)
 
 

@@ -79,18 +79,23 @@ def default_int8_target(engine_will_be_built: bool) -> str:
     return "tensorrt" if engine_will_be_built else "cpu"
 
 
-def int8_image_paths(images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT) -> List[Path]:
+_IMAGES_FOR = {"--int8-images": "INT8 quantisation", "--check-images": "the precision checks"}
+
+
+def int8_image_paths(images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT,
+                     option: str = "--int8-images") -> List[Path]:
     """The good images INT8 quantisation measures activation ranges on: the image files in
     ``images_dir`` and its sub-folders (runtime.images.list_images, recursive: a category's
-    train/ with good/ inside works), sorted, the first ``limit``; a clear error when there are none."""
+    train/ with good/ inside works), sorted, the first ``limit``; a clear error naming ``option``
+    (the folder's option, "--int8-images" or "--check-images") when there are none."""
     from mrkd.runtime.images import list_images
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise ExportError(f"{images_dir}: folder not found (--int8-images needs a folder of good images for "
-                          "INT8 quantisation)")
+        raise ExportError(f"{images_dir}: folder not found ({option} needs a folder of good images for "
+                          f"{_IMAGES_FOR[option]})")
     paths = list_images(images_dir, recursive=True)
     if not paths:
-        raise ExportError(f"{images_dir}: no images found for INT8 quantisation")
+        raise ExportError(f"{images_dir}: no images found for {_IMAGES_FOR[option]} ({option})")
     return paths[:limit] if limit else paths
 
 
@@ -350,32 +355,80 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))
 
 
+# Said by every check (INT8 agreement, bf16) that runs on the images INT8 quantisation read: they are
+# usually training images too, scored far from the threshold, and the INT8 ranges were measured on them.
+SEEN_IMAGES_NOTE = ("flattering: measured on the INT8 calibration images, which quantisation saw; give "
+                    "--check-images with other good images, or more than 64 in --int8-images, for images it "
+                    "has not seen")
+GOOD_ONLY_NOTE = "agreement measured on good images only; defects not checked"
+
+
 def int8_check_paths(int8_images, check_images=None,
                      limit: int = DEFAULT_INT8_IMAGE_LIMIT) -> Tuple[List[Path], Optional[str]]:
-    """The good images the INT8 graph is checked on against FP32, and a note when they are not held
-    out: ``check_images`` when given (other images than quantisation saw), else the ``int8_images``
-    past the first ``limit`` that quantisation read, else (a folder of at most ``limit``) the
-    quantisation images themselves, which flatter the INT8 graph: its ranges were measured on them."""
-    from mrkd.runtime.images import list_images
-    if check_images is not None and Path(check_images).resolve() != Path(int8_images).resolve():
-        return int8_image_paths(check_images, limit), None
-    every = list_images(Path(int8_images), recursive=True)
+    """The good images the INT8 graph (and bf16, with INT8) is checked on against FP32, and a note when
+    they are not held out: ``check_images`` when given (other images than quantisation saw), else the
+    ``int8_images`` past the first ``limit`` that quantisation read, else (a folder of at most ``limit``)
+    the quantisation images themselves, which flatter the check (SEEN_IMAGES_NOTE). Without
+    ``int8_images`` (no INT8 export): the ``check_images``."""
+    if int8_images is None or (check_images is not None
+                               and Path(check_images).resolve() != Path(int8_images).resolve()):
+        return int8_image_paths(check_images, limit, option="--check-images"), None
+    every = int8_image_paths(int8_images, limit=None)      # its errors name the option
     if len(every) > limit:
         return every[limit:2 * limit], None
-    return int8_image_paths(int8_images, limit), (
-        "checked on the images quantisation measured its ranges on (a flattering check): give --check-images "
-        "with other good images, or more than 64 in --int8-images, for images it has not seen")
+    return int8_image_paths(int8_images, limit), SEEN_IMAGES_NOTE
+
+
+def held_out_defect_paths(trained_on, limit: int = DEFAULT_INT8_IMAGE_LIMIT) -> Tuple[List[Path], str]:
+    """Defect images of the test/ split of the data a checkpoint was trained on (``trained_on``: its
+    record, {"data_root", "category", "layout"}), at most ``limit``, taken from each defect type in turn;
+    and, in words, where they are from or why there are none. Quantisation error grows with the
+    features, so a good image's agreement does not vouch for a defect's (measured on a 64 px Lite0
+    model: INT8 moved good scores by up to 1 % of the threshold, defect scores by up to 8.5 %)."""
+    from mrkd.runtime.images import list_images
+    record = trained_on if isinstance(trained_on, dict) else {}
+    root, category = record.get("data_root"), record.get("category")
+    if not root or not category:
+        return [], "the checkpoint records no training data (no test/ split to take them from)"
+    if record.get("layout") == "folder":
+        return [], "the checkpoint was trained on a plain folder of good images, without a test/ split"
+    test_dir = Path(root) / category / "test"
+    if not test_dir.is_dir():
+        return [], f"the checkpoint's test split {test_dir} is not here"
+    by_type = [list_images(folder) for folder in sorted(test_dir.iterdir())
+               if folder.is_dir() and folder.name != "good"]
+    paths = [kind[i] for i in range(max(map(len, by_type), default=0)) for kind in by_type if i < len(kind)]
+    if not paths:
+        return [], f"{test_dir} holds no defect images"
+    return paths[:limit], f"defect images held out in {test_dir}"
+
+
+def load_readable_images(paths: Sequence, meta: ModelMetadata) -> Tuple[np.ndarray, List[Path]]:
+    """load_images of the ``paths`` that can be read, and the ones that cannot (a check's images are
+    looked at, not required: one broken file in a test/ folder must not stop an export)."""
+    from mrkd.runtime.images import ImageReadError, read_image
+    from mrkd.runtime.preprocess import model_input
+    frames, unreadable = [], []
+    for path in paths:
+        try:
+            frames.append(read_image(path))
+        except ImageReadError:
+            unreadable.append(Path(path))
+    return (model_input(frames, meta) if frames else None), unreadable
 
 
 def int8_agreement_report(fp32_onnx_path, int8_onnx_path, images: np.ndarray,
                           threshold: Optional[float] = None, backend: str = "onnxruntime",
-                          int8_metadata: Optional[ModelMetadata] = None) -> Comparison:
+                          int8_metadata: Optional[ModelMetadata] = None, subset: str = "") -> Comparison:
     """INT8 vs FP32 graph on ``images``: the FP32 graph through the runtime's ONNX Runtime backend (CPU
     EP), the INT8 graph through the runtime backend ``backend`` names (a runtime.backends spec:
     "onnxruntime" on its CPU EP, "openvino", "openvino:bf16", ...), both finished by the runtime's
-    post-processing: map error and decision agreement (at the median FP32 score without a threshold)."""
-    return backend_agreement_report(fp32_onnx_path, int8_onnx_path, images, threshold, backend, "INT8 graph",
-                                    candidate_metadata=int8_metadata)
+    post-processing: map error and decision agreement (at the median FP32 score without a threshold).
+    ``subset`` names the images in the report ("good", "defect")."""
+    report = backend_agreement_report(fp32_onnx_path, int8_onnx_path, images, threshold, backend, "INT8 graph",
+                                      candidate_metadata=int8_metadata)
+    report.subset = subset
+    return report
 
 
 def backend_agreement_report(fp32_onnx_path, candidate_onnx_path, images: np.ndarray,

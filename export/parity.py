@@ -40,6 +40,7 @@ class Comparison:
     tolerance: Optional[float] = None
     finite: bool = True
     notes: List[str] = field(default_factory=list)
+    subset: str = ""                           # which images, in a word ("good", "defect"), where it matters
 
     @property
     def passed(self) -> bool:
@@ -51,7 +52,8 @@ class Comparison:
     def format(self) -> str:
         agree = "n/a (no threshold)" if self.decision_agreement is None else f"{self.decision_agreement:.1%}"
         verdict = "" if self.tolerance is None else (" PASS" if self.passed else " FAIL") + f" (tol {self.tolerance:g})"
-        lines = [f"{self.name}: {self.n_images} image(s){verdict}",
+        images = f"{self.subset} image(s)" if self.subset else "image(s)"
+        lines = [f"{self.name}: {self.n_images} {images}{verdict}",
                  f"  map max |diff|   {self.map_max_abs_diff:.3g}",
                  f"  score max |diff| {self.score_max_abs_diff:.3g}",
                  f"  decisions agree  {agree}" + ("" if self.threshold is None else f" at threshold {self.threshold:.6g}")]

@@ -8,8 +8,9 @@ from typing import Callable, Dict, List, Optional
 
 from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
-from mrkd.export.int8 import (INT8_TARGET_CHOICES, default_int8_target, int8_agreement_report, int8_check_paths,
-                              load_images, quantize_int8)
+from mrkd.export.int8 import (GOOD_ONLY_NOTE, INT8_TARGET_CHOICES, default_int8_target, held_out_defect_paths,
+                              int8_agreement_report, int8_check_paths, load_images, load_readable_images,
+                              quantize_int8)
 from mrkd.export.onnx_graph import ExportError, ExportOptions
 from mrkd.export.parity import Comparison, ParityError, parity_report
 from mrkd.export.precision_check import check_bf16
@@ -122,6 +123,9 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     if int8_images and int8_target == "cpu" and engine:
         raise ExportError("an engine (--engine) and --int8-target cpu: TensorRT cannot build the cpu INT8 form "
                           "(asymmetric activations); use --int8-target tensorrt or auto")
+    # the good images the checks run on: a missing or empty folder is said before anything is written
+    good_paths, seen_note = int8_check_paths(int8_images, check_images) if (check_images or int8_images) \
+        else ([], None)
     out_dir = Path(out_dir)
     result = ExportResult()
     model, checkpoint_sha = load_model(checkpoint)
@@ -147,9 +151,10 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         raise ParityError(f"{checkpoint}: exported graph removed, FP32 parity failed:\n"
                           + result.reports["parity"].format())
 
-    check_images = check_images or int8_images
-    if check_images:
-        fp32.metadata, result.reports["bf16"] = check_bf16(fp32.path, fp32.metadata, check_images, echo)
+    if check_images or int8_images:
+        # bf16 and INT8 are checked on the same good images, with the same note where quantisation saw them
+        fp32.metadata, result.reports["bf16"] = check_bf16(fp32.path, fp32.metadata, check_images or int8_images,
+                                                           echo, paths=good_paths, notes=[seen_note] * bool(seen_note))
         if result.reports["bf16"] is None:
             del result.reports["bf16"]
 
@@ -172,14 +177,23 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
         engine_source = quant.path if int8_target == "tensorrt" else None
         metadata_of[quant.path] = quant.metadata
         echo(f"wrote {quant.path} (INT8 target {int8_target})")
-        paths, flattering = int8_check_paths(int8_images, check_images)
-        images = load_images(paths, quant.metadata)
+        good = load_images(good_paths, quant.metadata)
+        defects, defects_from, unreadable = _defect_check_images(model, quant.metadata)
         for key, spec in [("int8", "onnxruntime")] + [(f"int8:{spec}", spec) for spec in openvino_report_specs()]:
-            report = int8_agreement_report(fp32.path, quant.path, images, fp32.metadata.threshold, backend=spec,
-                                           int8_metadata=quant.metadata)
-            report.notes += [flattering] if flattering else []
+            report = int8_agreement_report(fp32.path, quant.path, good, fp32.metadata.threshold, backend=spec,
+                                           int8_metadata=quant.metadata, subset="good")
+            report.notes += [seen_note] * bool(seen_note)
+            if defects is None:
+                report.notes.append(f"{GOOD_ONLY_NOTE}: {defects_from}")
             result.reports[key] = report
             echo(report.format())
+            if defects is not None:    # apart: a defect's score moves further than a good one's
+                report = int8_agreement_report(fp32.path, quant.path, defects, fp32.metadata.threshold,
+                                               backend=spec, int8_metadata=quant.metadata, subset="defect")
+                report.notes.append(defects_from + (f"; {len(unreadable)} unreadable left out, e.g. "
+                                                    f"{unreadable[0]}" if unreadable else ""))
+                result.reports[f"{key}:defects"] = report
+                echo(report.format())
     if engine and engine_source is None and not int8_images:
         engine_source = fp32.path         # --engine alone: an FP32 engine
 
@@ -214,6 +228,16 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     if result.engine_note:
         echo(result.engine_note)
     return result
+
+
+def _defect_check_images(model, metadata):
+    """(defect images of the checkpoint's held-out test split as the graph's input, or None; where they
+    are from or why there are none, in words; the ones that could not be read)."""
+    paths, where = held_out_defect_paths(getattr(model, "trained_on", None))
+    images, unreadable = load_readable_images(paths, metadata)
+    if images is None and unreadable:
+        where = f"none of the {len(unreadable)} defect images in {unreadable[0].parent.parent} could be read"
+    return images, where, unreadable
 
 
 def other_models_left(out_dir: Path, written, checkpoint_sha: str) -> List[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from mrkd.export.int8 import backend_agreement_report, int8_image_paths, load_images
 from mrkd.export.parity import Comparison
@@ -48,19 +48,23 @@ def cpu_name() -> str:
 
 
 def check_bf16(fp32_path, metadata: ModelMetadata, images_dir,
-               echo: Callable[[str], None] = print) -> Tuple[ModelMetadata, Optional[Comparison]]:
-    """Run the check on the good images in ``images_dir`` and write it into ``fp32_path``'s sidecar
-    (atomically). Returns the metadata now in the sidecar and the report; where the check cannot run
-    (no OpenVINO, no native bf16, no threshold) the metadata is returned unchanged with a note echoed."""
+               echo: Callable[[str], None] = print, *, paths: Optional[Sequence[Path]] = None,
+               notes: Sequence[str] = ()) -> Tuple[ModelMetadata, Optional[Comparison]]:
+    """Run the check on the good images in ``images_dir`` (or on ``paths``, chosen by the caller) and
+    write it into ``fp32_path``'s sidecar (atomically). ``notes`` go into the report (the export says
+    there, as for INT8, when the images are the ones INT8 quantisation saw). Returns the metadata now in
+    the sidecar and the report; where the check cannot run (no OpenVINO, no native bf16, no threshold)
+    the metadata is returned unchanged with a note echoed."""
     why = bf16_unavailable_reason()
     if why is None and metadata.threshold is None:
         why = "the model has no calibrated threshold to judge decisions at"
     if why is not None:
         echo(f"bf16 not checked: {why}; --backend auto runs OpenVINO at f32")
         return metadata, None
-    images = load_images(int8_image_paths(images_dir), metadata)
+    images = load_images(int8_image_paths(images_dir) if paths is None else paths, metadata)
     report = backend_agreement_report(fp32_path, fp32_path, images, metadata.threshold, BF16_SPEC, "FP32 graph",
                                       candidate_metadata=metadata)
+    report.subset, report.notes = "good", report.notes + list(notes)
     check = PrecisionCheck(backend=BF16_SPEC, precision="bf16", images=report.n_images,
                            decision_agreement=float(report.decision_agreement),
                            score_max_abs_diff=float(report.score_max_abs_diff),

@@ -156,9 +156,15 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, kee
             assert "TensorRT engines were not built because TensorRT is not installed here" in result.output
     if importlib.util.find_spec("openvino"):   # the same agreement, on the OpenVINO backend
         assert "INT8 graph on openvino f32 vs FP32 graph (ONNX Runtime CPU)" in result.output
-    # the folder holds no more images than quantisation read: each INT8 report says its check flatters
-    assert result.output.count("note: checked on the images quantisation measured its ranges on") == \
-        result.output.count("INT8 graph"), result.output
+    # the folder holds no more images than quantisation read: each INT8 report says its check flatters, and so
+    # does the bf16 check, which runs on the same images (where this CPU has bf16)
+    from mrkd.export.precision_check import bf16_unavailable_reason
+    bf16_checked = bf16_unavailable_reason() is None
+    assert result.output.count("note: flattering: measured on the INT8 calibration images") == \
+        result.output.count("INT8 graph") + bf16_checked, result.output
+    # the checkpoint records no training data: no defect image was checked, and each INT8 report says so
+    assert result.output.count("note: agreement measured on good images only; defects not checked") == \
+        result.output.count("INT8 graph") and "defect image(s)" not in result.output
 
 
 def test_int8_is_checked_on_images_quantisation_did_not_read_where_there_are_any(tmp_path):
@@ -309,3 +315,68 @@ def test_head_only_convs_stay_fp32_for_the_cpu_target_only(int8_export, tmp_path
         assert all((n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear") == quantised
                    for n in convs), model.path.name
         assert model.metadata.int8.head_only_convs_fp32 == (0 if quantised else 3)
+
+
+def test_held_out_defect_images_come_from_the_checkpoints_test_split(tmp_path):
+    from mrkd.export.int8 import held_out_defect_paths
+    for name in ("good/g0.png", "crack/c0.png", "crack/c1.png", "crack/c2.png", "spot/s0.png", "spot/notes.txt"):
+        (tmp_path / "cat" / "test" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cat" / "test" / name).write_bytes(b"x")
+    record = {"data_root": str(tmp_path), "category": "cat", "layout": "mvtec"}
+    paths, where = held_out_defect_paths(record, limit=3)
+    test = tmp_path / "cat" / "test"
+    # each defect type in turn, so a limit still sees every type; good images are not defects
+    assert paths == [test / "crack/c0.png", test / "spot/s0.png", test / "crack/c1.png"] and str(test) in where
+    assert held_out_defect_paths(None) == ([], "the checkpoint records no training data (no test/ split to take "
+                                                "them from)")
+    paths, where = held_out_defect_paths({**record, "category": "other"})
+    assert paths == [] and "other/test is not here" in where
+    paths, where = held_out_defect_paths({**record, "layout": "folder"})
+    assert paths == [] and "plain folder" in where
+
+
+@pytest.mark.slow
+def test_int8_agreement_is_reported_apart_on_the_checkpoints_held_out_defect_images(int8_export, tmp_path):
+    """The INT8 check measured agreement on good images only, while quantisation moves a defect's score
+    further (up to 8.5 % of the threshold where good scores moved 1 %); the test/ split the checkpoint was
+    trained on now gives a defect report of its own beside each good one (an unreadable file left out)."""
+    from click.testing import CliRunner
+    from mrkd.export.cli import export_command
+    from mrkd.train.checkpoint import TRAINED_ON, save_checkpoint, trained_on
+    model, _, _, calib = int8_export
+    rng = np.random.default_rng(1)
+    for kind, count in (("good", 2), ("crack", 3), ("spot", 2)):
+        folder = tmp_path / "data" / "cat" / "test" / kind
+        folder.mkdir(parents=True)
+        for i in range(count):
+            image = cv2.GaussianBlur(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), (7, 7), 2)
+            if kind != "good":
+                cv2.rectangle(image, (10, 10), (30, 30), (255, 255, 255), -1)
+            cv2.imwrite(str(folder / f"{i}.png"), image)
+    (tmp_path / "data" / "cat" / "test" / "spot" / "9.png").write_bytes(b"not a png")
+    ckpt = tmp_path / "ck.pt"
+    save_checkpoint(model, ckpt, extra={TRAINED_ON: trained_on(tmp_path / "data", "cat")})
+    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "out"), "--int8", "--int8-images",
+                                                 str(calib), "--int8-target", "cpu", "--int8-keep-fp32", "front",
+                                                 "--simplify", "never"])
+    assert result.exit_code == 0, result.output
+    reports = result.output.count("INT8 graph")
+    assert reports >= 2 and result.output.count(": 5 defect image(s)") == reports / 2, result.output
+    assert result.output.count(": 6 good image(s)") >= reports / 2
+    assert result.output.count(f"note: defect images held out in {tmp_path / 'data' / 'cat' / 'test'}; 1 unreadable "
+                               f"left out") == reports / 2
+    assert "defects not checked" not in result.output
+
+
+def test_a_check_images_folder_without_images_is_refused_before_anything_is_written(tmp_path):
+    """It was said as 'no images found for INT8 quantisation' (of --check-images) after model.onnx was
+    written, and only on a CPU with bf16 to check."""
+    from click.testing import CliRunner
+    from mrkd.export.cli import export_command
+    small_model().save(tmp_path / "ck.pt")
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(export_command, [str(tmp_path / "ck.pt"), "-o", str(tmp_path / "out"),
+                                                 "--check-images", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{tmp_path / 'empty'}: no images found for the precision checks (--check-images)" in result.output
+    assert not (tmp_path / "out").exists()
