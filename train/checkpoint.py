@@ -93,6 +93,10 @@ def read_checkpoint(path, warn: Optional[Callable[[str], None]] = None) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if _exported_model(path):
+            raise CheckpointError(f"{path}: an exported model, not a training checkpoint (the last.ckpt `mrkd "
+                                  f"train` writes); an exported model scores images with `mrkd run {path} "
+                                  f"--source FOLDER` (and is calibrated with `mrkd calibrate`)") from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure(exc)})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(data).__name__}")
@@ -100,6 +104,33 @@ def read_checkpoint(path, warn: Optional[Callable[[str], None]] = None) -> dict:
     if note:
         warn(note)
     return data
+
+
+# What `mrkd export` writes: ONNX, TensorRT engines, OpenVINO IR.
+EXPORTED_SUFFIXES = (".onnx", ".engine", ".plan", ".trt", ".xml")
+
+
+def _exported_model(path: Path) -> bool:
+    """Whether a file torch cannot load is an exported model: by its suffix, or an ONNX file by its first
+    bytes (a protobuf whose field 1 is the IR version: 0x08; torch's own formats are a zip or a pickle)."""
+    if path.suffix.lower() in EXPORTED_SUFFIXES or path.with_name(path.name + ".json").is_file():
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x08 and 1 <= head[1] <= 32
+
+
+def non_finite_weights(data: dict) -> list:
+    """The names of the checkpoint dict's weight tensors holding NaN or infinity (a diverged run's)."""
+    parts = {"bottleneck": data.get("bottleneck"), "student": data.get("student"),
+             "teacher": (data.get("teacher") or {}).get("state_dict") if isinstance(data.get("teacher"), dict) else None,
+             "memory_bank": {"": data.get("memory_bank")}}
+    return [f"{part}.{name}" if name else part for part, tensors in parts.items() if isinstance(tensors, dict)
+            for name, tensor in tensors.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
 def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
@@ -111,6 +142,11 @@ def model_from_dict(data: dict, source: str = "checkpoint") -> MRKD:
     absent = [k for k in ("config", "teacher", "bottleneck", "student") if not isinstance(data.get(k), dict)]
     if absent:
         raise CheckpointError(f"{source}: incomplete mrkd checkpoint (no {', '.join(absent)} entry)")
+    broken = non_finite_weights(data)
+    if broken:
+        raise CheckpointError(f"{source}: holds weights that are not finite numbers (NaN or infinity: {broken[0]}"
+                              f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}), as a training "
+                              f"run that diverged leaves them; train again with a lower --lr")
     config = MRKDConfig.from_dict(data["config"])
     teacher = data["teacher"]
     teacher_sd = teacher.get("state_dict")

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import click
 
-from mrkd.options import FRACTION
+from mrkd.options import FRACTION, FiniteFloatRange
 from mrkd.train import DEFAULT_BACKBONE
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
                                      METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
 
 DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
+# What torch.manual_seed and numpy's legacy seeding both take (numpy refuses negative seeds and >= 2**32).
+SEED = click.IntRange(0, 2 ** 32 - 1)
+# Images are drawn (and trained on) whole in memory: drawing one 4096-pixel synthetic image takes about
+# 1 GB and that grows with the square of the size, so a mistyped size (100000) would exhaust memory.
+MAX_IMAGE_SIZE = 4096
 REQUIRE_MASKS_HELP = ("Fail on a defect image without a pixel mask. Default: such images (e.g. a data set labelled "
                       "per image) count in the image metrics; pixel AUROC and AUPRO use the images with masks.")
 
@@ -84,11 +89,17 @@ def warn_random_teacher(teacher_weights: str) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--categories", "-c", multiple=True,
               help="Categories to write (repeat the option); default: all. See mrkd.train.synthetic.CATEGORIES.")
-@click.option("--image-size", default=128, show_default=True, help="Image height in pixels.")
-@click.option("--seed", default=0, show_default=True, help="Random seed (same seed -> byte-identical files).")
-@click.option("--n-train", default=40, show_default=True, help="Good training images per category.")
-@click.option("--n-test-good", default=12, show_default=True, help="Good test images per category.")
-@click.option("--n-test-defect", default=6, show_default=True, help="Test images per defect type and category.")
+@click.option("--image-size", type=click.IntRange(32, MAX_IMAGE_SIZE), default=128, show_default=True,
+              help=f"Image height in pixels, 32 to {MAX_IMAGE_SIZE} (each image is drawn whole in memory: about "
+                   f"1 GB at {MAX_IMAGE_SIZE}, growing with the square of the size).")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Random seed (same seed -> byte-identical files).")
+@click.option("--n-train", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Good training images per category.")
+@click.option("--n-test-good", type=click.IntRange(min=0), default=12, show_default=True,
+              help="Good test images per category.")
+@click.option("--n-test-defect", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Test images per defect type and category.")
 @friendly_errors
 def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_test_defect):
     """Write the embedded synthetic data set (MVTec AD layout) to OUT."""
@@ -114,12 +125,16 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
                    "paper's; ~10x the compute), wide_resnet101_2.")
 @click.option("--teacher-weights", default="imagenet", show_default=True,
               help="'imagenet' (named ImageNet weights), a state-dict file path, or 'random' (plumbing only).")
-@click.option("--image-size", default=256, show_default=True, help="Square input size in pixels.")
-@click.option("--epochs", default=200, show_default=True, help="Training epochs.")
+@click.option("--image-size", type=click.IntRange(32, MAX_IMAGE_SIZE), default=256, show_default=True,
+              help=f"Square input size in pixels: a multiple of 32, at most {MAX_IMAGE_SIZE}.")
+@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Images per step (per process under torchrun).")
-@click.option("--lr", default=0.005, show_default=True, help="Adam learning rate (betas 0.5, 0.999).")
-@click.option("--seed", default=111, show_default=True, help="Random seed (torch, numpy, random, workers).")
+@click.option("--lr", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=0.005, show_default=True,
+              help="Adam learning rate (betas 0.5, 0.999); at most 1 (Adam moves each weight by about this much "
+                   "per step). A run whose loss stops being finite ends with an error: use a lower one.")
+@click.option("--seed", type=SEED, default=111, show_default=True,
+              help="Random seed (torch, numpy, random, workers).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--ilm/--no-ilm", default=True, show_default=True, help="Image-level masking (patch swap).")
 @click.option("--ilm-source", type=click.Choice(["same", "other"]), default="same", show_default=True,
@@ -127,12 +142,14 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
                    "'other': another training image.")
 @click.option("--ilm-preset", type=click.Choice(["auto", "texture", "object"]), default="auto", show_default=True,
               help="Patch-swap settings: per category (mrkd_category.json / MVTec), or a fixed preset.")
-@click.option("--mask-ratio", default=0.2, show_default=True, help="Feature-level masking ratio.")
+@click.option("--mask-ratio", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+              help="Feature-level masking: share of feature positions zeroed in training (0: none; below 1, "
+                   "since 1 would zero everything the student sees).")
 @click.option("--flm/--no-flm", default=True, show_default=True, help="Feature-level masking.")
-@click.option("--eval-every", default=10, show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=0), default=10, show_default=True,
               help="Evaluate on the test split every N epochs (0: never), for monitoring only: the numbers go "
                    "to history.jsonl and never choose the weights (the run hands on its final epoch).")
-@click.option("--holdout", default=0.1, show_default=True,
+@click.option("--holdout", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
               help="Share of good training images held out for threshold calibration. 0: the official recipe "
                    "(train on every good image); the threshold then comes from training images and is biased "
                    "low (more false alarms).")
@@ -153,7 +170,7 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help="Compute the frozen teacher's features of the clean training images once and reuse them "
                    "every epoch (speed only). 'auto': FP32 if the whole set fits --feature-cache-mb, else FP16 "
                    "(~5e-4 relative rounding of the target), else off.")
-@click.option("--feature-cache-mb", type=click.FloatRange(min=0), default=2048, show_default=True,
+@click.option("--feature-cache-mb", type=FiniteFloatRange(min=0), default=2048, show_default=True,
               help="Memory budget of the feature cache in MiB (Lite0 at 256 px: 0.64 MiB per image in FP32; "
                    "WideResNet50-2: 7 MiB).")
 @click.option("--fast-teacher/--no-fast-teacher", default=True, show_default=True,
@@ -183,7 +200,8 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
                    "exported graph's distance MatMul and the coreset's time on large training sets.")
 @click.option("--knn-pool", type=click.IntRange(min=1), default=None,
               help="With --score knn|both: each bank patch (and each patch scored) is the average of its "
-                   "N x N neighbourhood of teacher features (odd N; 1: no averaging). Default: 3 (as "
+                   "N x N neighbourhood of teacher features (odd N; 1: no averaging; at most the side of the "
+                   "stride-16 feature map, --image-size / 16). Default: 3 (as "
                    "PatchCore) from --image-size 256 up, 1 below; chosen on real images, see "
                    "benchmarks/RESULTS.md.")
 @friendly_errors

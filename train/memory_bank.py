@@ -92,6 +92,14 @@ def default_pool(image_size) -> int:
     return POOL_WIDE if side >= POOL_MIN_SIDE else 1
 
 
+def max_pool(image_size) -> int:
+    """The widest averaging window for inputs of ``image_size`` (int or (h, w)): the side of the stride-16
+    feature map (its largest odd number); a wider window averages every patch over the whole map, so all
+    patches look alike and the bank cannot tell a defect's position from the rest."""
+    side = (min(image_size) if isinstance(image_size, (tuple, list)) else int(image_size)) // 16
+    return max(1, side if side % 2 else side - 1)
+
+
 def check_pool(pool) -> None:
     """The averaging window must be an odd side (centred on the patch) of at least 1."""
     if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1 or pool % 2 == 0:

@@ -102,6 +102,12 @@ def predict(model, inputs, out_dir, batch_size: int = 8, device=None, progress: 
                 write_png(out_dir / "overlays" / f"{names[index]}.png", overlay)
             rows.append(row)
     bar.close()
+    if not rows:
+        # every file was unreadable: an empty scores.csv and exit 0 read as "all good parts"
+        from mrkd.train.data import DataError
+        path, reason = skipped[0]
+        raise DataError(f"none of the {len(paths)} image file(s) of {inputs} could be read, nothing was scored or "
+                        f"written (first: {reason})")
 
     atomic_write_text(out_dir / SCORES_FILE, _csv(rows, ("path", "score", "normalized_score", "decision")))
     atomic_write_text(out_dir / SKIPPED_FILE, _csv([{"path": p, "reason": r} for p, r in skipped], ("path", "reason")))

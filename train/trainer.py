@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -34,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mrkd.errors import SettingError
+from mrkd.errors import MrkdError, SettingError
 from mrkd.atomic import atomic_write_text
 from mrkd.child_signal import sigchld_kept
 from mrkd.deps import require
@@ -45,7 +46,7 @@ from torch import nn  # noqa: E402
 
 from mrkd.runtime import calibration as calibration_rules  # noqa: E402
 from mrkd.train import calibrate as calibration  # noqa: E402
-from mrkd.train.memory_bank import check_pool  # noqa: E402
+from mrkd.train.memory_bank import check_pool, max_pool  # noqa: E402
 from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
                                    trained_on)
 from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
@@ -128,6 +129,20 @@ class TrainConfig:
         if self.image_size % 32:
             # Strides 4/8/16 plus the bottleneck's stride 2: other sizes give student maps of another size.
             raise SettingError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.knn_pool is not None and self.knn_pool > max_pool(self.image_size):
+            raise SettingError(f"knn_pool {self.knn_pool} is wider than the stride-16 feature map at image_size "
+                               f"{self.image_size} ({self.image_size // 16} a side): at most "
+                               f"{max_pool(self.image_size)} here")
+        if not (math.isfinite(self.lr) and 0.0 < self.lr <= 1.0):
+            raise SettingError(f"lr must be a finite number in (0, 1], got {self.lr}")
+        if not 0.0 <= self.mask_ratio < 1.0:     # a share of positions zeroed; 1 zeroes all (NaN: neither)
+            raise SettingError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.eval_every < 0:
+            raise SettingError(f"eval_every must be >= 0 (0: never), got {self.eval_every}")
+        if not 0 <= self.seed < 2 ** 32:        # numpy's seeding refuses the rest
+            raise SettingError(f"seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
+        if not (math.isfinite(self.feature_cache_mb) and self.feature_cache_mb >= 0):
+            raise SettingError(f"feature_cache_mb must be a finite number >= 0, got {self.feature_cache_mb}")
         if self.allocator not in ALLOCATORS:
             raise SettingError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
         if self.feature_cache not in CACHE_MODES:
@@ -426,20 +441,53 @@ def _train_step(run: TrainRun, batch) -> "torch.Tensor":
     return loss.detach()
 
 
-def _train_epoch(run: TrainRun, loader) -> float:
-    """Every batch of one epoch; returns the mean loss over all images (all ranks)."""
+class TrainingDiverged(MrkdError):
+    """The loss or the weights stopped being finite (a learning rate too high, or data that overflows):
+    the run stops before it saves that epoch, so no checkpoint holds NaN weights."""
+
+
+def _train_epoch(run: TrainRun, loader, epoch: int) -> float:
+    """Every batch of one epoch; returns the mean loss over all images (all ranks). Raises
+    TrainingDiverged when a step's loss or the weights at the end are not finite."""
     run.model.train()
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     count = torch.zeros((), device=run.device)
+    losses = []            # per step, on the device: checked once at the end (no sync per step on a GPU)
     for batch in loader:   # (clean, student input), or (indices, student input) with the feature cache
         loss = _train_step(run, batch)
+        losses.append(loss.float())
         total += loss.double() * batch[1].shape[0]
         count += batch[1].shape[0]
     if run.world > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(total)       # a non-finite loss on any rank makes every rank's total non-finite
         dist.all_reduce(count)
         _share_batchnorm_statistics(run.model)
+    _check_finite(run, epoch, total, losses)
     return float(total / count.double())
+
+
+def _check_finite(run: TrainRun, epoch: int, total: "torch.Tensor", losses: List["torch.Tensor"]) -> None:
+    """TrainingDiverged naming the epoch (1-based) and the first step whose loss was not finite, or
+    that the weights are not (the last step's update can break them with a finite loss)."""
+    weights = list(run.model.bottleneck.state_dict().values()) + list(run.model.student.state_dict().values())
+    weights_ok = bool(torch.stack([torch.isfinite(w).all() for w in weights if w.is_floating_point()]).all())
+    if bool(torch.isfinite(total)) and weights_ok:
+        return
+    steps = torch.stack(losses).cpu() if losses else torch.zeros(0)
+    bad = (~torch.isfinite(steps)).nonzero().flatten().tolist()
+    if bad:
+        what = f"the loss was {float(steps[bad[0]]):g} at step {bad[0] + 1} of {len(losses)}"
+    elif not bool(torch.isfinite(total)):
+        what = "the loss was not finite on another process"
+    else:
+        what = "the weights were no longer finite after its last step"
+    saved = run.out_dir / LAST
+    # an earlier epoch's last.ckpt stays: marked unfinished, it resumes with these settings (a new --lr is
+    # other settings: --no-resume or another --out)
+    kept = f"{saved} holds the last epoch saved before it" if epoch > 0 and saved.is_file() else \
+        "nothing of this run was saved"
+    raise TrainingDiverged(f"training diverged in epoch {epoch + 1}: {what} (learning rate {run.config.lr:g}); "
+                           f"{kept}; train again with a lower --lr (the paper's is 0.005)")
 
 
 def _share_batchnorm_statistics(model) -> None:
@@ -499,7 +547,7 @@ def _run_epoch(run: TrainRun, dataset: TrainDataset, sampler, epoch: int) -> dic
     """Train one epoch, write last.ckpt when due, then (rank 0) monitor on the test split."""
     config = run.config
     epoch_started = time.perf_counter()
-    loss = _train_epoch(run, _epoch_loader(run, dataset, sampler, epoch))
+    loss = _train_epoch(run, _epoch_loader(run, dataset, sampler, epoch), epoch)
     run.epochs_done = epoch + 1
     row = {"epoch": epoch + 1, "loss": loss, "seconds": round(time.perf_counter() - run.started, 3),
            "images_per_second": round(len(dataset) / (time.perf_counter() - epoch_started), 2)}
@@ -562,11 +610,13 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
                                    cache_mb=config.feature_cache_mb, fast_teacher=config.fast_teacher,
                                    batch_size=config.batch_size, device=device, autocast=use_amp)
     with sigchld_kept():
-        for epoch in epochs_bar:
-            row = _run_epoch(run, dataset, sampler, epoch)
-            epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.1f}",
-                                   **({"img_auroc": f"{row['image_auroc']:.3f}"} if "image_auroc" in row else {}))
-    epochs_bar.close()
+        try:
+            for epoch in epochs_bar:
+                row = _run_epoch(run, dataset, sampler, epoch)
+                epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.1f}",
+                                       **({"img_auroc": f"{row['image_auroc']:.3f}"} if "image_auroc" in row else {}))
+        finally:
+            epochs_bar.close()     # an error line (a diverged run) starts on a line of its own
 
     summary = {"category": category, "out_dir": str(run.out_dir), "epochs": config.epochs, "history": run.history,
                "last": str(run.out_dir / LAST), "checkpoint": str(run.out_dir / LAST),
