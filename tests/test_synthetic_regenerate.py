@@ -35,3 +35,48 @@ def test_regenerating_its_own_output_with_other_settings_replaces_it(tmp_path):
     generate_dataset(tmp_path, categories=["gray_tiles"], **SMALL)
     assert sorted(p.name for p in (tmp_path / "gray_tiles" / "train" / "good").iterdir()) == \
         ["000.jpg", "001.jpg", "002.jpg"]
+
+
+# `mrkd generate` (replace=False): it never writes over a file. Before, it removed the category it had
+# written earlier and drew it again with the new settings (an edited mask or image was lost silently).
+
+def _generate(root, *options):
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    return CliRunner().invoke(main, ["generate", str(root), "-c", "grain", "-c", "washer", "--image-size", "48",
+                                     "--n-train", "3", "--n-test-good", "2", "--n-test-defect", "1", *options])
+
+
+@pytest.mark.parametrize("change", ["other settings", "edited file", "added file"])
+def test_generate_refuses_an_existing_category_it_would_change_and_keeps_every_file(tmp_path, change):
+    assert _generate(tmp_path).exit_code == 0
+    options = []
+    if change == "other settings":
+        options = ["--seed", "1"]
+    elif change == "edited file":
+        (tmp_path / "washer" / "ground_truth" / "crack" / "000_mask.png").write_bytes(b"relabelled")
+    else:
+        (tmp_path / "washer" / "notes.txt").write_text("mine")
+    before = _files(tmp_path)
+    done = _generate(tmp_path, *options)
+    assert done.exit_code == 1, done.output
+    errors = [line for line in done.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "refusing to write over it" in errors[0] and "another folder" in errors[0], done.output
+    assert str(tmp_path / ("grain" if change == "other settings" else "washer")) in errors[0]
+    assert _files(tmp_path) == before
+
+
+def test_generate_again_with_the_same_settings_leaves_the_files_and_says_so(tmp_path):
+    assert _generate(tmp_path).exit_code == 0
+    before = _files(tmp_path)
+    (tmp_path / "grain").rename(tmp_path / "moved")       # one category gone: it is written again
+    done = _generate(tmp_path)
+    assert done.exit_code == 0, done.output
+    assert "wrote grain" in done.output and "washer already there" in done.output
+    assert {k: v for k, v in _files(tmp_path).items() if not k.startswith("moved")} == before
+
+
+def test_generate_writes_into_an_empty_category_folder(tmp_path):
+    (tmp_path / "grain").mkdir()
+    assert _generate(tmp_path).exit_code == 0
+    assert len(list((tmp_path / "grain" / "train" / "good").iterdir())) == 3

@@ -102,11 +102,20 @@ def warn_random_teacher(teacher_weights: str) -> None:
               help="Test images per defect type and category.")
 @friendly_errors
 def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_test_defect):
-    """Write the embedded synthetic data set (MVTec AD layout) to OUT."""
+    """Write the embedded synthetic data set (MVTec AD layout) to OUT.
+
+    Never writes over files: a category folder that already exists in OUT is left as it is when it holds
+    byte for byte what these settings write (said as "already there"), and refused otherwise, before
+    anything is written (other settings, edited or added files): generate into another OUT, or move the
+    folder away first."""
     from mrkd.train.synthetic import generate_dataset
     summary = generate_dataset(out, list(categories) or None, image_size=image_size, n_train=n_train,
-                               n_test_good=n_test_good, n_test_defect=n_test_defect, seed=seed)
-    click.echo(f"wrote {', '.join(summary['categories'])} to {out} in {summary['seconds']} s")
+                               n_test_good=n_test_good, n_test_defect=n_test_defect, seed=seed, replace=False)
+    written = [name for name in summary["categories"] if name not in summary["unchanged"]]
+    if written:
+        click.echo(f"wrote {', '.join(written)} to {out} in {summary['seconds']} s")
+    if summary["unchanged"]:
+        click.echo(f"{', '.join(summary['unchanged'])} already there in {out} (the same files): left as they are")
 
 
 # ----------------------------------------------------------------------------- train

@@ -364,13 +364,72 @@ def _prepare_root(root: Path, categories: Sequence[str]) -> None:
             shutil.rmtree(root / category)
 
 
+def _category_files(category: str, image_size: int, n_train: int, n_test_good: int, n_test_defect: int,
+                    seed: int):
+    """(path inside the category's folder, bytes) of every file the generator writes for ``category``,
+    drawn one at a time."""
+    spec = _SPECS[category]
+    for split, count in (("train", n_train), ("test", n_test_good)):
+        for index in range(count):
+            image = render_good(category, _image_rng(seed, category, split, index), image_size)
+            yield Path(split, "good", f"{index:03d}{spec.extension}"), _encode(image, spec.extension)
+    for defect in DEFECT_TYPES:
+        for index in range(n_test_defect):
+            image, mask = render_defect(category, defect, _image_rng(seed, category, defect, index), image_size)
+            yield Path("test", defect, f"{index:03d}{spec.extension}"), _encode(image, spec.extension)
+            yield Path("ground_truth", defect, f"{index:03d}_mask.png"), _encode(mask.astype(np.uint8) * 255, ".png")
+    yield Path(CATEGORY_FILE), (json.dumps({"kind": spec.kind}) + "\n").encode()
+
+
+def _difference(folder: Path, files) -> Optional[str]:
+    """None when ``folder`` holds exactly ``files`` ((relative path, bytes), byte for byte), else what
+    differs first, in words."""
+    present = {path.relative_to(folder) for path in folder.rglob("*") if path.is_file() or path.is_symlink()}
+    for relative, data in files:
+        target = folder / relative
+        if relative not in present:
+            return f"it lacks {relative}"
+        if target.is_symlink() or target.read_bytes() != data:
+            return f"{relative} differs"
+        present.discard(relative)
+    if present:
+        first = sorted(present)[0]
+        return f"it holds {len(present)} file(s) this would not write ({first}{', ...' if len(present) > 1 else ''})"
+    return None
+
+
+def _refuse_existing(root: Path, categories: Sequence[str], settings: dict) -> List[str]:
+    """The categories whose folders already hold exactly what these settings write (nothing to do);
+    FileExistsError, before anything is written, when a category's folder exists with anything else."""
+    unchanged = []
+    for category in categories:
+        folder = root / category
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        if folder.is_dir() and not folder.is_symlink() and \
+                not any(path.is_file() or path.is_symlink() for path in folder.rglob("*")):
+            continue        # no file in it to lose
+        reason = "it is not a folder" if folder.is_symlink() or not folder.is_dir() else \
+            _difference(folder, _category_files(category, **settings))
+        if reason is not None:
+            raise FileExistsError(f"{folder} already exists and is not what these settings write ({reason}); "
+                                  f"refusing to write over it: generate into another folder (mrkd generate "
+                                  f"OTHER_FOLDER) or move {folder} away first")
+        unchanged.append(category)
+    return unchanged
+
+
 def generate_dataset(root, categories: Optional[Sequence[str]] = None, image_size: int = 128,
                      n_train: int = 40, n_test_good: int = 12, n_test_defect: int = 6, seed: int = 0,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, replace: bool = True) -> dict:
     """Write MVTec-layout categories of procedural surfaces under ``root``; returns a summary dict.
 
     categories: names from CATEGORIES (default: all). n_test_defect is per defect type. Images are
     image_size pixels high (gray_tiles are 1.25x as wide). Same arguments -> byte-identical files.
+    A category whose folder exists: ``replace=True`` (scratch folders of the demo and benchmarks) removes
+    what an earlier run of the generator wrote there and refuses when the folder holds anything else;
+    ``replace=False`` (`mrkd generate`: never loses a file) leaves a folder that holds byte for byte what
+    would be written as it is (``summary["unchanged"]``) and refuses any other.
     """
     categories = list(CATEGORIES if categories is None else categories)
     unknown = [name for name in categories if name not in _SPECS]
@@ -380,40 +439,42 @@ def generate_dataset(root, categories: Optional[Sequence[str]] = None, image_siz
         raise SettingError(f"image_size must be at least 32, got {image_size}")
     if n_train < 1:
         raise SettingError(f"n_train must be at least 1, got {n_train}")
+    if n_test_good < 0 or n_test_defect < 0:
+        raise SettingError(f"n_test_good and n_test_defect must be >= 0, got {n_test_good} and {n_test_defect}")
     root = Path(root)
     started = time.perf_counter()
-    _prepare_root(root, categories)
-    root.mkdir(parents=True, exist_ok=True)
     settings = dict(image_size=image_size, n_train=n_train, n_test_good=n_test_good,
                     n_test_defect=n_test_defect, seed=seed)
+    if replace:
+        _prepare_root(root, categories)
+        unchanged = []
+    else:
+        unchanged = _refuse_existing(root, categories, settings)
+    root.mkdir(parents=True, exist_ok=True)
     recorded = category_names(root)
     recorded += [name for name in categories if name not in recorded]
     atomic_write_text(root / MARKER_FILE, json.dumps({"generator": "mrkd.train.synthetic", **settings,
                                                       "categories": recorded}, indent=2) + "\n")
-    summary = {"root": str(root), **settings, "categories": {}}
-    total = len(categories) * (n_train + n_test_good + n_test_defect * len(DEFECT_TYPES))
+    summary = {"root": str(root), **settings, "categories": {}, "unchanged": unchanged}
+    written = [name for name in categories if name not in unchanged]
+    total = len(written) * (n_train + n_test_good + n_test_defect * len(DEFECT_TYPES))
     with tqdm(total=total, desc="synthetic data", unit="img", disable=not progress, leave=False) as bar:
-        for category in categories:
+        for category in written:
             spec = _SPECS[category]
             folder = root / category
-            for split, count in (("train", n_train), ("test", n_test_good)):
-                for index in range(count):
-                    image = render_good(category, _image_rng(seed, category, split, index), image_size)
-                    _write(folder / split / "good" / f"{index:03d}{spec.extension}", _encode(image, spec.extension))
+            for relative, data in _category_files(category, **settings):
+                if relative.name == CATEGORY_FILE:
+                    atomic_write_text(folder / CATEGORY_FILE, data.decode())
+                    continue
+                _write(folder / relative, data)
+                if relative.parts[0] != "ground_truth":
                     bar.update()
-            for defect in DEFECT_TYPES:
-                for index in range(n_test_defect):
-                    image, mask = render_defect(category, defect, _image_rng(seed, category, defect, index),
-                                                image_size)
-                    _write(folder / "test" / defect / f"{index:03d}{spec.extension}", _encode(image, spec.extension))
-                    _write(folder / "ground_truth" / defect / f"{index:03d}_mask.png",
-                           _encode(mask.astype(np.uint8) * 255, ".png"))
-                    bar.update()
-            atomic_write_text(folder / CATEGORY_FILE, json.dumps({"kind": spec.kind}) + "\n")
-            summary["categories"][category] = {
-                "kind": spec.kind, "grayscale": spec.grayscale, "format": spec.extension.lstrip("."),
-                "height": image_size, "width": _image_size(spec, image_size)[1], "train": n_train,
-                "test_good": n_test_good, "test_defect": {defect: n_test_defect for defect in DEFECT_TYPES}}
+    for category in categories:
+        spec = _SPECS[category]
+        summary["categories"][category] = {
+            "kind": spec.kind, "grayscale": spec.grayscale, "format": spec.extension.lstrip("."),
+            "height": image_size, "width": _image_size(spec, image_size)[1], "train": n_train,
+            "test_good": n_test_good, "test_defect": {defect: n_test_defect for defect in DEFECT_TYPES}}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
