@@ -2,7 +2,10 @@
 batch 1 for ONNX Runtime FP32 (the baseline) vs OpenVINO f32, OpenVINO bf16 (where the CPU has native
 bf16) and OpenVINO on our INT8 Q/DQ graph (the "cpu" form, the export's default without TensorRT), plus
 ONNX Runtime on that INT8 graph; alternated call by call in one process, so load on the machine falls
-on every row alike. Each row's decisions are compared with the ONNX Runtime FP32 row's on test images
+on every row alike. No row may tax the next: ONNX Runtime's threads stop spinning when a run returns
+(by default they spin on for tens of ms, on the core the next row needs), each call starts after a short
+pause, and every row reports the CPU its backend still burns after a call returns (busy_after_call_ms,
+which should be near 0). Each row's decisions are compared with the ONNX Runtime FP32 row's on test images
 at the median FP32 score (random weights have no calibration; the median is the hardest place to agree).
 
     python -m mrkd.benchmarks.bench_backends [--quick] [--backbone efficientnet_lite0] [--image-size 256]
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -21,6 +25,19 @@ import numpy as np
 from mrkd.benchmarks.timing import percentile
 
 INT8_IMAGES = 16      # good images the INT8 graph's activation ranges are measured on
+# Before each timed call, so that every call starts with every backend's threads asleep (as on a line
+# whose frames come farther apart than that): longer than the ~1 ms OpenVINO's workers spin after a call.
+PAUSE_S = 0.005
+IDLE_WINDOW_S = 0.02  # how long after a call busy_after_call_ms watches the process's CPU time
+# ONNX Runtime's intra-op threads by default spin on after a run returns (up to ~40 ms here), taking a
+# core from whatever runs next: the row after an ONNX Runtime row took up to 1.8x its own time. This
+# session setting stops them when the run returns and keeps spinning within a run.
+STOP_SPINNING = ("session.force_spinning_stop", "1")
+
+PLAN = [("onnxruntime FP32 (baseline)", "fp32", "onnxruntime"), ("openvino f32", "fp32", "openvino:f32"),
+        ("openvino bf16", "fp32", "openvino:bf16"), ("openvino INT8 graph (cpu form)", "int8", "openvino"),
+        ("onnxruntime INT8 graph (cpu form)", "int8", "onnxruntime"),
+        ("--backend auto (the default), FP32 graph", "fp32", "auto")]
 
 
 def _frames(category: Path, image_size: int) -> List[np.ndarray]:
@@ -44,47 +61,77 @@ def _graphs(backbone: str, image_size: int, workdir: Path, quick: bool) -> Dict[
     return {"fp32": fp32, "int8": int8, "category": category}
 
 
+def stop_spinning_between_runs(detector, threads: int) -> None:
+    """Reopen an ONNX Runtime backend's session with the runtime's own options plus STOP_SPINNING."""
+    from mrkd.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, session_options
+    backend = detector.backend
+    if not isinstance(backend, OnnxRuntimeBackend):
+        return
+    import onnxruntime as ort
+    options = session_options(threads)
+    options.add_session_config_entry(*STOP_SPINNING)
+    backend.session = ort.InferenceSession(str(backend.model_path), sess_options=options,
+                                           providers=list(backend.providers))
+
+
+def open_detectors(graphs: Dict[str, Path], threads: int, plan=PLAN):
+    """A Detector per row of ``plan`` that this machine can run (ONNX Runtime ones with
+    stop_spinning_between_runs), and an error row for each one it cannot."""
+    from mrkd.runtime.backends import backend_entry
+    from mrkd.runtime.detector import Detector
+    detectors, rows = {}, []
+    for label, graph, spec in plan:
+        if spec.startswith("openvino") and not backend_entry("openvino").available():
+            rows.append({"backend": label, "error": "openvino not installed (pip install 'mrkd[openvino]')"})
+            continue
+        try:
+            detector = Detector(graphs[graph], backend=spec, threads=threads,
+                                providers=["cpu"] if spec == "onnxruntime" else None)
+            stop_spinning_between_runs(detector, threads)
+            detectors[label] = detector
+        except Exception as exc:   # e.g. bf16 on a CPU without it: reported, not hidden
+            rows.append({"backend": label, "error": f"{type(exc).__name__}: {exc}"})
+    return detectors, rows
+
+
+def busy_after_call_ms(detector, frame: np.ndarray, probes: int = 5, window_s: float = IDLE_WINDOW_S) -> float:
+    """Median CPU time (ms) the process burns in the ``window_s`` after a call returns, while this
+    thread sleeps: what a backend's threads left spinning would take from the row timed next."""
+    spent = []
+    for _ in range(probes):
+        detector(frame)
+        start = time.process_time()
+        time.sleep(window_s)
+        spent.append((time.process_time() - start) * 1e3)
+    return float(np.median(spent))
+
+
 def run(quick: bool = False, backbone: str = "efficientnet_lite0", image_size: int = 256, threads: int = 2,
         rounds: int = 0) -> dict:
     import torch
 
-    from mrkd.runtime.backends import backend_entry
-    from mrkd.runtime.detector import Detector
     if quick:
         backbone, image_size = "resnet18", 64
     rounds = rounds or (3 if quick else 30)
     torch.set_num_threads(threads)
-    rows: List[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         graphs = _graphs(backbone, image_size, Path(tmp), quick)
-        plan = [("onnxruntime FP32 (baseline)", "fp32", "onnxruntime"), ("openvino f32", "fp32", "openvino:f32"),
-                ("openvino bf16", "fp32", "openvino:bf16"), ("openvino INT8 graph (cpu form)", "int8", "openvino"),
-                ("onnxruntime INT8 graph (cpu form)", "int8", "onnxruntime"),
-                ("--backend auto (the default), FP32 graph", "fp32", "auto")]
-        detectors = {}
-        for label, graph, spec in plan:
-            if spec.startswith("openvino") and not backend_entry("openvino").available():
-                rows.append({"backend": label, "error": "openvino not installed (pip install 'mrkd[openvino]')"})
-                continue
-            try:
-                detectors[label] = Detector(graphs[graph], backend=spec, threads=threads,
-                                            providers=["cpu"] if spec == "onnxruntime" else None)
-            except Exception as exc:   # e.g. bf16 on a CPU without it: reported, not hidden
-                rows.append({"backend": label, "error": f"{type(exc).__name__}: {exc}"})
+        detectors, rows = open_detectors(graphs, threads)
         frames = _frames(graphs["category"], image_size)
         one = frames[0]
         times: Dict[str, List[float]] = {label: [] for label in detectors}
-        import time
         for detector in detectors.values():      # warm-up: first calls allocate and pick kernels
             detector(one)
             detector(one)
         for _ in range(rounds):
             for label, detector in detectors.items():   # alternated: one call each per round
+                time.sleep(PAUSE_S)
                 start = time.perf_counter()
                 detector(one)
                 times[label].append((time.perf_counter() - start) * 1e3)
         scores = {label: np.array([detector(frame).scores[0] for frame in frames]) for label, detector in detectors.items()}
-        reference_label = plan[0][0]
+        busy = {label: busy_after_call_ms(detector, one) for label, detector in detectors.items()}
+        reference_label = PLAN[0][0]
         reference = scores.get(reference_label)
         threshold = float(np.median(reference)) if reference is not None else None
         base_ms = float(np.median(times[reference_label])) if reference_label in times else None
@@ -92,7 +139,8 @@ def run(quick: bool = False, backbone: str = "efficientnet_lite0", image_size: i
             ms = float(np.median(times[label]))
             row = {"backend": label, "spec": detector.backend.name, "precision": detector.precision,
                    "describe": detector.backend.describe(), "batch": 1, "median_ms": ms,
-                   "p90_ms": percentile(times[label], 90), "rounds": rounds}
+                   "p90_ms": percentile(times[label], 90), "rounds": rounds,
+                   "busy_after_call_ms": round(busy[label], 2)}
             if base_ms:
                 row["speedup_vs_onnxruntime_fp32"] = base_ms / ms
             if reference is not None:
@@ -103,6 +151,7 @@ def run(quick: bool = False, backbone: str = "efficientnet_lite0", image_size: i
     from mrkd.benchmarks.timing import machine_description
     return {"bench": "backends", "backbone": backbone, "image_size": image_size, "threads": threads,
             "images_for_agreement": len(frames), "agreement_threshold": "median ONNX Runtime FP32 score",
+            "busy_after_call_window_ms": IDLE_WINDOW_S * 1e3,
             "machine": machine_description(), "rows": rows}
 
 
