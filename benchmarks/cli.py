@@ -10,8 +10,11 @@ import importlib
 import inspect
 import time
 from pathlib import Path
+from typing import Dict, List, Sequence
 
 import click
+
+from mrkd.errors import SettingError
 
 BENCHES = {
     "model": "model throughput/latency per backend vs the official-style pipeline (+ GFLOP/image)",
@@ -47,6 +50,52 @@ BENCHES = {
 OPT_IN = ("anomalib", "anomalib_quality")       # run only when named with --only: they need an environment of their own
 
 
+RESULT_FILES = ("results.json", "RESULTS.md", "speedups.png")
+
+
+def earlier_results(out_dir: Path) -> List[Path]:
+    """The files of an earlier ``mrkd bench`` in ``out_dir``."""
+    return [out_dir / name for name in RESULT_FILES if (out_dir / name).exists()]
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """Refuse, before anything is measured, an ``--out`` that holds an earlier run's results or that
+    cannot become a writable folder (a second run used to replace the first one's files, and a bad
+    folder was only found after minutes of measuring); then create it."""
+    import os
+    earlier = earlier_results(out_dir)
+    if earlier:
+        raise SettingError(f"{out_dir}: holds earlier benchmark results ({', '.join(p.name for p in earlier)}); "
+                           "results are never written over one another: name a new folder (--out)")
+    out_dir.mkdir(parents=True, exist_ok=True)      # OSError (a file in the path, no permission): one line
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise SettingError(f"{out_dir}: this folder is not writable; name another one (--out)")
+
+
+def check_options(names: Sequence[str], options: Dict[str, object]) -> None:
+    """Every option given must be valid and used by at least one chosen benchmark; checked before
+    anything is measured (a bad --backbone used to fail one benchmark minutes into the run, and an
+    option no chosen benchmark takes was silently ignored)."""
+    if options.get("backbone") is not None:
+        from mrkd.train.teachers import teacher_spec
+        teacher_spec(options["backbone"])           # SettingError naming the backbones there are
+    if options.get("image_size") is not None and options["image_size"] % 32:
+        raise SettingError(f"--image-size must be a multiple of 32 (as for training), got {options['image_size']}")
+    for option, value in options.items():
+        if value is None:
+            continue
+        takers = [name for name in names if option in run_parameters(name)]
+        if not takers:
+            raise SettingError(f"--{option.replace('_', '-')} is used by none of the chosen benchmarks "
+                               f"({', '.join(names)}); the ones that take it: "
+                               f"{', '.join(n for n in BENCHES if option in run_parameters(n))}")
+
+
+def run_parameters(name: str) -> Sequence[str]:
+    module = importlib.import_module(f"mrkd.benchmarks.bench_{name}")
+    return list(inspect.signature(module.run).parameters)
+
+
 def run_benches(names, quick: bool, options: dict) -> dict:
     from mrkd.benchmarks.timing import machine_description
 
@@ -71,11 +120,14 @@ def run_benches(names, quick: bool, options: dict) -> dict:
 @click.option("--quick", is_flag=True,
               help="Seconds-long smoke mode with tiny sizes (what CI runs); numbers are not meaningful.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_out"),
-              show_default=True, help="Folder for results.json, RESULTS.md and speedups.png.")
+              show_default=True, help="Folder for results.json, RESULTS.md and speedups.png; a folder with "
+                                      "an earlier run's results is refused.")
 @click.option("--backbone", default=None, help="Backbone for the model and end-to-end benchmarks "
               "(default wide_resnet50_2, the paper's teacher, which the official code's path runs; resnet18 in --quick).")
-@click.option("--image-size", type=int, default=None, help="Input size in pixels (default 256; 64 in --quick).")
-@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default 2).")
+@click.option("--image-size", type=click.IntRange(32, 4096), default=None,
+              help="Input size in pixels, a multiple of 32 (default 256; 64 in --quick).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="CPU threads for PyTorch and ONNX Runtime (default 2).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A trained checkpoint for the model and end-to-end benchmarks (INT8 agreement is then "
                    "measured at its calibrated threshold); default: a random-weight model of --backbone.")
@@ -83,12 +135,17 @@ def bench_command(only, quick, out_dir, backbone, image_size, threads, checkpoin
     """Measure every stage and backend of mrkd against the official MRKD pipeline."""
     from mrkd.benchmarks.report import markdown, write_all
 
-    names = list(only) or [name for name in BENCHES if name not in OPT_IN]
-    results = run_benches(names, quick, {"backbone": backbone, "image_size": image_size, "threads": threads,
-                                            "checkpoint": checkpoint})
+    names = list(dict.fromkeys(only)) or [name for name in BENCHES if name not in OPT_IN]
+    options = {"backbone": backbone, "image_size": image_size, "threads": threads, "checkpoint": checkpoint}
+    check_options(names, options)
+    claim_out_dir(out_dir)
+    results = run_benches(names, quick, options)
     click.echo(markdown(results))
-    paths = write_all(results, out_dir)
+    claim_out_dir(out_dir)      # again: another run may have written there while this one measured
+    paths, skipped = write_all(results, out_dir)
     click.echo("Wrote " + ", ".join(str(p) for p in paths.values()))
+    for line in skipped:
+        click.echo(line, err=True)
     failed = [n for n in names if "error" in results[n]]
     if failed:
         raise click.ClickException("benchmark(s) failed: " + ", ".join(f"{n}: {results[n]['error']}" for n in failed))

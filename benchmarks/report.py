@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from mrkd.atomic import atomic_open, atomic_write_text
 
@@ -46,23 +46,35 @@ def markdown(results: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: Dict[str, dict], path: Path) -> None:
-    """Bar chart of speed-up against the baseline for every row that has one."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, values = [], []
+def speedup_rows(results: Dict[str, dict]) -> List[Tuple[str, float]]:
+    """(label, speed-up) of every row that has a ratio against its baseline."""
+    bars = []
     for name, result in results.items():
         if not isinstance(result, dict):
             continue
         for row in result.get("rows", []):
             ratio = row.get("speedup_vs_baseline", row.get("speedup"))
-            if isinstance(ratio, (int, float)):
-                labels.append(f"{name}: {row.get('backend', row.get('impl', '?'))} b{row.get('batch', '')}")
-                values.append(ratio)
-    if not values:
-        return
+            if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+                bars.append((f"{name}: {row.get('backend', row.get('impl', '?'))} b{row.get('batch', '')}", ratio))
+    return bars
+
+
+def plot(results: Dict[str, dict], path: Path) -> Optional[str]:
+    """Bar chart of speed-up against the baseline for every row that has one; returns None when
+    written, else why not (no such row, matplotlib missing)."""
+    from mrkd.deps import MissingDependencyError, require
+
+    bars = speedup_rows(results)
+    if not bars:
+        return f"{path.name} not written: no row has a speed-up against a baseline"
+    try:
+        matplotlib = require("matplotlib", "the speed-up plot needs matplotlib")
+    except MissingDependencyError as exc:
+        return f"{path.name} not written: " + " ".join(str(exc).split())
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = [label for label, _ in bars], [value for _, value in bars]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(values) + 1.5))
     ax.barh(range(len(values)), values, color="tab:blue")
     ax.axvline(1.0, color="k", lw=1, ls="--")
@@ -74,13 +86,21 @@ def plot(results: Dict[str, dict], path: Path) -> None:
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
+    return None
 
 
-def write_all(results: Dict[str, dict], out_dir: Path) -> Dict[str, Path]:
+def write_all(results: Dict[str, dict], out_dir: Path) -> Tuple[Dict[str, Path], List[str]]:
+    """Write results.json, RESULTS.md and (where there is something to plot) speedups.png; returns
+    the files written and a line for each one that was not."""
     import json
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "markdown": out_dir / "RESULTS.md", "plot": out_dir / "speedups.png"}
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "RESULTS.md"}
     atomic_write_text(paths["json"], json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(paths["markdown"], "# mrkd benchmark results\n\n" + markdown(results) + "\n")
-    plot(results, paths["plot"])
-    return paths
+    skipped = []
+    why_not = plot(results, out_dir / "speedups.png")
+    if why_not is None:
+        paths["plot"] = out_dir / "speedups.png"
+    else:
+        skipped.append(why_not)
+    return paths, skipped

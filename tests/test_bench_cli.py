@@ -1,0 +1,82 @@
+"""`mrkd bench`'s options and output folder: checked before anything is measured, never written over."""
+
+import pytest
+from click.testing import CliRunner
+
+from mrkd.benchmarks.report import write_all
+from mrkd.cli import main
+
+
+def bench(*args):
+    return CliRunner().invoke(main, ["bench", *args])
+
+
+def test_a_folder_with_earlier_results_is_refused_and_kept(tmp_path):
+    # A second run into the same --out used to replace the first run's results.json and RESULTS.md.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{\"earlier\": true}\n")
+    result = bench("--only", "aupro", "--quick", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "[bench]" not in result.output                    # refused before measuring anything
+    assert str(out) in result.stderr and "earlier benchmark results" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert (out / "results.json").read_text() == "{\"earlier\": true}\n"
+    assert not (out / "RESULTS.md").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--threads", "0"], "--threads"),
+    (["--out", "{file}/sub"], "Not a directory"),
+    (["--only", "model", "--backbone", "no_such_net"], "unknown backbone 'no_such_net'"),
+    (["--only", "model", "--image-size", "100"], "multiple of 32"),
+    (["--only", "aupro", "--threads", "2"], "--threads is used by none of the chosen benchmarks (aupro)"),
+    (["--only", "aupro", "--backbone", "resnet18"], "--backbone is used by none"),
+])
+def test_every_option_is_checked_before_anything_is_measured(tmp_path, args, says):
+    # --out and --threads used to be found wrong only after every benchmark had run (minutes), and
+    # --backbone/--image-size only by the benchmark that used them; an option no chosen benchmark
+    # takes was ignored without a word.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    args = [arg.replace("{file}", str(a_file)) for arg in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    if "--only" not in args:
+        args += ["--only", "aupro"]
+    result = bench(*args)
+    assert result.exit_code != 0, result.output
+    assert "[bench]" not in result.output, result.output     # nothing ran
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_only_the_files_written_are_named(tmp_path):
+    # "Wrote .../speedups.png" was printed when no plot was written (no row with a speed-up here).
+    out = tmp_path / "out"
+    result = bench("--only", "aupro", "--quick", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    wrote = [line for line in result.stdout.splitlines() if line.startswith("Wrote ")]
+    assert len(wrote) == 1
+    named = wrote[0][len("Wrote "):].split(", ")
+    assert sorted(p.rsplit("/", 1)[-1] for p in named) == ["RESULTS.md", "results.json"]
+    assert not (out / "speedups.png").exists()
+    assert "speedups.png not written: no row has a speed-up" in result.stderr
+
+
+def test_without_matplotlib_the_plot_is_reported_as_not_written(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)         # import matplotlib now fails
+    results = {"model": {"rows": [{"backend": "x", "batch": 1, "speedup_vs_baseline": 2.0}]}}
+    paths, skipped = write_all(results, tmp_path)
+    assert set(paths) == {"json", "markdown"} and all(path.is_file() for path in paths.values())
+    assert not (tmp_path / "speedups.png").exists()
+    assert len(skipped) == 1 and "speedups.png not written" in skipped[0] and "matplotlib" in skipped[0]
+
+
+def test_with_a_row_to_plot_the_plot_is_written_and_named(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = {"model": {"rows": [{"backend": "x", "batch": 1, "speedup_vs_baseline": 2.0}]}}
+    paths, skipped = write_all(results, tmp_path)
+    assert paths["plot"] == tmp_path / "speedups.png" and not skipped
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
