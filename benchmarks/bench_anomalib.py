@@ -164,9 +164,10 @@ def _mrkd_run_fps(model: Path, folder: Path, frames: int, threads: int) -> dict:
             "cpu_s_per_frame_incl_start": round(cpu / max(judged, 1), 4)}
 
 
-def run(quick: bool = False, image_size: int = 256, threads: int = 2, rounds: int = 0,
-        backbone: str = "wide_resnet50_2") -> dict:
-    """``backbone``: anomalib's (both its models) and the teacher of our same-network rows."""
+def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2, rounds: int = 0,
+        backbone: Optional[str] = None) -> dict:
+    """``backbone``: anomalib's (both its models) and the teacher of our same-network rows; not given:
+    wide_resnet50_2 at 256 px (resnet18 at 64 px, also for our default row, when ``quick``)."""
     import torch
 
     from mrkd.benchmarks.bench_model import bench_data
@@ -178,9 +179,9 @@ def run(quick: bool = False, image_size: int = 256, threads: int = 2, rounds: in
     python = anomalib_python()
     if python is None:
         return {"bench": "anomalib", "skipped": f"anomalib is not set up: {SETUP_HINT}, or set MRKD_ANOMALIB_PYTHON"}
-    default_backbone = DEFAULT_BACKBONE
-    if quick:
-        backbone, default_backbone, image_size = "resnet18", "resnet18", 64
+    default_backbone = "resnet18" if quick else DEFAULT_BACKBONE
+    backbone = backbone or ("resnet18" if quick else "wide_resnet50_2")
+    image_size = image_size or (64 if quick else 256)
     same_row = f"mrkd {backbone} teacher (anomalib's), --backend auto"
     rounds = rounds or (2 if quick else 12)
     torch.set_num_threads(threads)
@@ -268,7 +269,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models (resnet18, 64 px), two rounds: a smoke run")
     parser.add_argument("--rounds", type=int, default=0, help="alternation rounds (default 12; 2 with --quick)")
-    parser.add_argument("--image-size", type=int, default=256, help="input size of both sides (square)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size of both sides (square; default 256, 64 with --quick)")
     parser.add_argument("--threads", type=int, default=2, help="threads of both sides")
     args = parser.parse_args()
     json.dump(run(args.quick, args.image_size, args.threads, args.rounds), sys.stdout, indent=2)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -106,12 +106,13 @@ def busy_after_call_ms(detector, frame: np.ndarray, probes: int = 5, window_s: f
     return float(np.median(spent))
 
 
-def run(quick: bool = False, backbone: str = "efficientnet_lite0", image_size: int = 256, threads: int = 2,
+def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optional[int] = None, threads: int = 2,
         rounds: int = 0) -> dict:
+    """``backbone``/``image_size`` not given: efficientnet_lite0 at 256 px (resnet18 at 64 px when ``quick``)."""
     import torch
 
-    if quick:
-        backbone, image_size = "resnet18", 64
+    backbone = backbone or ("resnet18" if quick else "efficientnet_lite0")
+    image_size = image_size or (64 if quick else 256)
     rounds = rounds or (3 if quick else 30)
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,8 +160,8 @@ if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--backbone", default=None, help="default efficientnet_lite0 (resnet18 with --quick)")
+    parser.add_argument("--image-size", type=int, default=None, help="default 256 (64 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=0)
     args = parser.parse_args()

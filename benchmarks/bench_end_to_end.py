@@ -75,7 +75,7 @@ def runtime_fps(onnx_path: Path, video: Path, threshold: float, threads: int, wo
             "share_outside_model": max(0.0, 1.0 - latency["infer"]["p50"] / frame_ms)}
 
 
-def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int = 256, threads: int = 2,
+def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optional[int] = None, threads: int = 2,
         checkpoint: Optional[str] = None) -> dict:
     import numpy as np
     import torch
@@ -86,8 +86,8 @@ def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int 
     from mrkd.export.int8 import INT8_TARGETS, quantize_int8
     from mrkd.export.onnx_graph import ExportOptions
 
-    if quick and not checkpoint:
-        backbone, image_size = "resnet18", 64
+    backbone = backbone or ("resnet18" if quick else "wide_resnet50_2")    # a checkpoint brings its own
+    image_size = image_size or (64 if quick else 256)
     frames = 12 if quick else 40
     torch.set_num_threads(threads)
     model = load_or_build(checkpoint, backbone, image_size)

@@ -153,7 +153,7 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
     return row
 
 
-def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int = 256, threads: int = 2,
+def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optional[int] = None, threads: int = 2,
         checkpoint: Optional[str] = None) -> dict:
     import numpy as np
     import torch
@@ -163,8 +163,8 @@ def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int 
     from mrkd.export.exporter import export_onnx
     from mrkd.export.onnx_graph import ExportOptions
 
-    if quick and not checkpoint:
-        backbone, image_size = "resnet18", 64
+    backbone = backbone or ("resnet18" if quick else "wide_resnet50_2")    # a checkpoint brings its own
+    image_size = image_size or (64 if quick else 256)
     frames_per_run, repeats = (30, 1) if quick else (300, 3)
     torch.set_num_threads(threads)
     model = load_or_build(checkpoint, backbone, image_size)

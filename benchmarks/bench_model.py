@@ -139,15 +139,17 @@ def load_or_build(checkpoint: Optional[str], backbone: str, image_size: int):
     return build_model(backbone, "random", image_size=image_size).eval()
 
 
-def run(quick: bool = False, backbone: str = "wide_resnet50_2", image_size: int = 256,
-        batch_n: int = 8, threads: int = 2, checkpoint: Optional[str] = None) -> dict:
-    """``checkpoint``: time (and check INT8 agreement on) a trained model instead of a random one."""
+def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optional[int] = None,
+        batch_n: Optional[int] = None, threads: int = 2, checkpoint: Optional[str] = None) -> dict:
+    """``checkpoint``: time (and check INT8 agreement on) a trained model instead of a random one.
+    ``backbone``/``image_size`` not given: wide_resnet50_2 at 256 px (resnet18 at 64 px when ``quick``)."""
     import torch
 
     from mrkd.benchmarks.baseline_pipeline import official_style_score
 
-    if quick and not checkpoint:
-        backbone, image_size, batch_n = "resnet18", 64, 2
+    backbone = backbone or ("resnet18" if quick else "wide_resnet50_2")
+    image_size = image_size or (64 if quick else 256)
+    batch_n = batch_n or (2 if quick else 8)
     repeats = 3 if quick else 5
     torch.set_num_threads(threads)
     model = load_or_build(checkpoint, backbone, image_size)

@@ -118,7 +118,8 @@ def run_benches(names, quick: bool, options: dict) -> dict:
 @click.option("--only", "only", multiple=True, type=click.Choice(list(BENCHES)),
               help="Run only these benchmarks (repeatable). Default: all of them except the opt-in peer benchmarks (anomalib, anomalib_quality).")
 @click.option("--quick", is_flag=True,
-              help="Seconds-long smoke mode with tiny sizes (what CI runs); numbers are not meaningful.")
+              help="Seconds-long smoke mode with tiny sizes (what CI runs); numbers are not meaningful. "
+                   "--backbone and --image-size still apply when given.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_out"),
               show_default=True, help="Folder for results.json, RESULTS.md and speedups.png; a folder with "
                                       "an earlier run's results is refused.")

@@ -1,8 +1,10 @@
 """`mrkd bench`'s options and output folder: checked before anything is measured, never written over."""
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from mrkd.benchmarks import bench_anomalib, bench_backends, bench_end_to_end, bench_line_outputs, bench_model
 from mrkd.benchmarks.report import write_all
 from mrkd.cli import main
 
@@ -80,3 +82,43 @@ def test_with_a_row_to_plot_the_plot_is_written_and_named(tmp_path):
     paths, skipped = write_all(results, tmp_path)
     assert paths["plot"] == tmp_path / "speedups.png" and not skipped
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class Reached(Exception):
+    """Raised where a benchmark builds its model: the arguments show what it would have measured."""
+
+
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _stop(*args, **kwargs):
+    raise Reached(*args)
+
+
+@pytest.mark.parametrize("module, patch", [
+    (bench_model, (bench_model, "load_or_build")),
+    (bench_end_to_end, (bench_model, "load_or_build")),
+    (bench_line_outputs, (bench_model, "load_or_build")),
+    (bench_backends, (bench_backends, "_graphs")),
+])
+def test_quick_keeps_the_backbone_and_image_size_given(module, patch, monkeypatch, keep_torch_threads):
+    # --quick used to replace --backbone and --image-size with resnet18 at 64 px without a word.
+    monkeypatch.setattr(*patch, _stop)
+    with pytest.raises(Reached) as given:
+        module.run(quick=True, backbone="efficientnet_lite0", image_size=96)
+    assert "efficientnet_lite0" in given.value.args and 96 in given.value.args
+    with pytest.raises(Reached) as defaults:                      # not given: the quick sizes
+        module.run(quick=True)
+    assert "resnet18" in defaults.value.args and 64 in defaults.value.args
+
+
+def test_quick_keeps_the_image_size_given_to_the_anomalib_peer(monkeypatch, keep_torch_threads):
+    monkeypatch.setattr(bench_anomalib, "anomalib_python", lambda: "python")
+    monkeypatch.setattr(bench_model, "bench_data", _stop)
+    with pytest.raises(Reached) as given:
+        bench_anomalib.run(quick=True, image_size=96, backbone="resnet50")
+    assert given.value.args[0] == 96
