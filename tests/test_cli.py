@@ -135,3 +135,19 @@ def test_bare_mrkd_prints_the_help_as_written():
     done = subprocess.run([sys.executable, "-m", "mrkd.cli"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("Usage: ")     # not one "Error: Usage: ... |" line
     assert "\n  generate " in done.stderr and " | " not in done.stderr
+
+
+def test_no_number_option_of_any_command_takes_nan_or_infinity():
+    """click's FLOAT and FloatRange let "nan" through (every comparison with it is false): it reached
+    the training loop, the evidence budget and the refit's defect guard as a number."""
+    from mrkd.cli import load_command
+    from mrkd.commands import COMMANDS
+    checked = 0
+    for name in COMMANDS:
+        for param in load_command(name).params:
+            if isinstance(param.type, (click.types.FloatParamType, click.FloatRange)):
+                for value in ("nan", "inf", "-inf"):
+                    with pytest.raises(click.BadParameter):
+                        param.type.convert(value, param, None)
+                checked += 1
+    assert checked >= 20

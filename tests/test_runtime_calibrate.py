@@ -200,6 +200,10 @@ def test_an_export_names_another_checkpoints_graphs_it_left_in_the_folder(tmp_pa
     assert done.exit_code == 0, done.output
     again = CliRunner().invoke(export_command, [first, "-o", str(out), "--simplify", "never"])
     assert again.exit_code == 0 and "another checkpoint" not in again.output, again.output   # its own: nothing
+    refused = CliRunner().invoke(export_command, [str(second), "-o", str(out), "--simplify", "never"])
+    assert refused.exit_code == 1 and "not replaced" in refused.output, refused.output   # A's model.onnx stays
+    (out / "model.onnx").unlink()
+    (out / "model.onnx.json").unlink()
     other = CliRunner().invoke(export_command, [str(second), "-o", str(out), "--simplify", "never"])
     assert other.exit_code == 0, other.output
     warnings = [line for line in other.output.splitlines() if line.startswith("warning:")]
