@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from line_fixtures import DrivenFrames, LineRun, MqttRecorder, broker, http_get, wait_for  # noqa: F401 (broker)
 from peers import require_program
-from runtime_fixtures import build_tiny_model, normal_then_defective, write_video
+from runtime_fixtures import build_tiny_model, fill_up, normal_then_defective, small_tmpfs, write_video
 
 from mrkd.benchmarks.mosquitto import Mosquitto, free_port
 from mrkd.cli import main
@@ -461,29 +461,10 @@ def test_mrkd_run_never_prints_the_password_of_a_camera_that_does_not_answer(tmp
 @pytest.fixture
 def full_disk(tmp_path):
     """A 256 KiB tmpfs filled to the brim (root only; else skipped naming why)."""
-    folder = tmp_path / "full"
-    folder.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("FULL-DISK TEST SKIPPED: mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"FULL-DISK TEST SKIPPED: cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "full", "size=256k") as folder:
         (folder / "snaps").mkdir()
-        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        with pytest.raises(OSError):
-            (folder / "probe").write_bytes(b"x" * 4096)
-        (folder / "probe").unlink()
+        fill_up(folder)
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 @pytest.mark.slow
