@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 import click
 
 from mrkd.errors import SettingError
+from mrkd.options import IntegerRange
 
 BENCHES = {
     "model": "model throughput/latency per backend vs the official-style pipeline (+ GFLOP/image)",
@@ -125,9 +126,9 @@ def run_benches(names, quick: bool, options: dict) -> dict:
                                       "an earlier run's results is refused.")
 @click.option("--backbone", default=None, help="Backbone for the model and end-to-end benchmarks "
               "(default wide_resnet50_2, the paper's teacher, which the official code's path runs; resnet18 in --quick).")
-@click.option("--image-size", type=click.IntRange(32, 4096), default=None,
+@click.option("--image-size", type=IntegerRange(32, 4096), default=None,
               help="Input size in pixels, a multiple of 32 (default 256; 64 in --quick).")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+@click.option("--threads", type=IntegerRange(1, 1024), default=None,
               help="CPU threads for PyTorch and ONNX Runtime (default 2).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A trained checkpoint for the model and end-to-end benchmarks (INT8 agreement is then "

@@ -7,6 +7,7 @@ import click
 from mrkd.errors import error_boundary
 from mrkd.export.int8 import INT8_TARGET_CHOICES
 from mrkd.export.onnx_graph import DEFAULT_BATCH_RANGE, DEFAULT_OPSET, MAX_BATCH, MIN_OPSET
+from mrkd.options import IntegerRange
 
 EXIT_NO_TENSORRT = 3
 
@@ -64,12 +65,12 @@ EXIT_NO_TENSORRT = 3
                    "their FP32 spread (WRN50 stays all-INT8; EfficientNet-Lite needs 'front').")
 @click.option("--triton", "triton_dir", type=click.Path(file_okay=False),
               help="Also write a Triton model repository into this folder.")
-@click.option("--workspace", type=click.IntRange(min=1), default=2048, show_default=True, help="TensorRT workspace pool limit (MiB).")
-@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+@click.option("--workspace", type=IntegerRange(min=1), default=2048, show_default=True, help="TensorRT workspace pool limit (MiB).")
+@click.option("--opt-level", type=IntegerRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimisation level (0-5; higher builds slower, may run faster).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False),
               help="TensorRT timing cache file: loaded if present, saved after the build.")
-@click.option("--dla-core", type=click.IntRange(0, 15), help="Build for this DLA core (Jetson) with GPU fallback.")
+@click.option("--dla-core", type=IntegerRange(0, 15), help="Build for this DLA core (Jetson) with GPU fallback.")
 @click.option("--simplify", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="onnxslim: 'auto' keeps it only when it removes nodes without slowing ONNX Runtime CPU.")
 @error_boundary   # mrkd's errors (checkpoint, export, parity, metadata) as one line, exit 1

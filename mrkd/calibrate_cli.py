@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from mrkd.errors import error_boundary
-from mrkd.options import FRACTION
+from mrkd.options import FRACTION, IntegerRange
 from mrkd.runtime.backends import backend_choices
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
                                      ACCEPT_SHIFT_HELP, METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
@@ -31,7 +31,7 @@ DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 @click.option("--confidence", type=FRACTION, default=DEFAULT_CONFIDENCE, show_default=True, help=CONFIDENCE_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Checkpoints only: write the recalibrated checkpoint here instead of replacing MODEL.")
-@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+@click.option("--max-frames", type=IntegerRange(min=1), default=None,
               help="Exported models: score at most this many frames of GOOD (needed for cameras and streams).")
 @click.option("--size", default=None,
               help="Exported models: WIDTHxHEIGHT to resize GOOD's frames to, as `mrkd run --size` does; recorded with "
@@ -39,7 +39,7 @@ DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 @click.option("--backend", type=click.Choice(backend_choices()), default="auto", show_default=True,
               help="Exported models: the inference backend that scores GOOD (as `mrkd run --backend`: score with "
                    "the backend the line runs).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+@click.option("--batch-size", type=IntegerRange(1, 4096), default=8, show_default=True,
               help="Checkpoints: images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
 @click.option("--accept-shift", is_flag=True, help=ACCEPT_SHIFT_HELP)

@@ -1,5 +1,6 @@
 """Click option types the commands share: number ranges that also refuse NaN and infinity (click's
-FloatRange lets ``nan`` through, since every comparison with it is false)."""
+FloatRange lets ``nan`` through, since every comparison with it is false), and whose error names
+what was expected ("'abc' is not a valid integer", not click's "... a valid integer range")."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import click
 class FiniteFloatRange(click.FloatRange):
     """A click.FloatRange whose values must also be finite."""
 
-    name = "finite float range"
+    name = "number"
 
     def convert(self, value, param, ctx):
         number = click.FLOAT.convert(value, param, ctx)
@@ -24,6 +25,12 @@ class FiniteFloatRange(click.FloatRange):
         if self.min is None and self.max is None:
             return "finite"
         return super()._describe_range()
+
+
+class IntegerRange(click.IntRange):
+    """A click.IntRange whose messages and --help say "integer" (click's say "integer range")."""
+
+    name = "integer"
 
 
 def seconds(minimum: float = 0.0, open_min: bool = False, maximum: float | None = None) -> FiniteFloatRange:

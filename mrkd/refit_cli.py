@@ -12,7 +12,7 @@ from typing import Iterator
 import click
 
 from mrkd.errors import MrkdError, error_boundary
-from mrkd.options import FRACTION, FiniteFloatRange
+from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
 
 DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that module loads torch)
@@ -60,7 +60,7 @@ def sigterm_unwinds() -> Iterator[None]:
 @click.option("--method", type=click.Choice(list(THRESHOLD_METHODS)), default=None,
               help="Threshold rule (default: the parent's). " + METHOD_HELP)
 @click.option("--quantile", type=FRACTION, default=None, help="Default: the parent's. " + QUANTILE_HELP)
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+@click.option("--batch-size", type=IntegerRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
 @click.option("--defect-guard", type=FiniteFloatRange(0, 1), default=DEFECT_GUARD_DEFAULT, show_default=True,
               help="Defect guard: the most anomalous patches of each image marked 'defect confirmed' keep at "

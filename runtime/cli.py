@@ -15,7 +15,7 @@ from typing import Optional
 import click
 
 from mrkd.errors import SettingError, error_boundary
-from mrkd.options import FINITE, FiniteFloatRange, seconds
+from mrkd.options import FINITE, FiniteFloatRange, IntegerRange, seconds
 from mrkd.runtime.backends import backend_choices
 from mrkd.runtime.plc.servers import plc_options
 from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
@@ -85,13 +85,13 @@ def part_options(command):
                           "counted; 'ID@N' judges it with recipe N). The run ends at the end of input."),
         click.option("--trigger-every", type=seconds(0, open_min=True, maximum=3600), default=None, metavar="SECONDS",
                      help="Trigger a part every SECONDS (a test driver; with --max-parts it ends after that many)."),
-        click.option("--max-parts", type=click.IntRange(min=1), default=None,
+        click.option("--max-parts", type=IntegerRange(min=1), default=None,
                      help="Judge this many parts, then stop: --trigger-every and --trigger-stdin send no more "
                           "(refused triggers do not count); parts a PLC triggered by then are still judged."),
-        click.option("--part-queue", type=click.IntRange(0, 1000), default=None,
+        click.option("--part-queue", type=IntegerRange(0, 1000), default=None,
                      help="Triggers that may wait while a part is judged (default 4); one more is refused and "
                           "counted as a missed trigger."),
-        click.option("--part-images", type=click.IntRange(1, 64), default=None,
+        click.option("--part-images", type=IntegerRange(1, 64), default=None,
                      help="Images per camera per part (default 1)."),
         click.option("--part-timeout", type=seconds(0, open_min=True, maximum=600), default=None,
                      help="Seconds a camera may take to deliver a part's image before the part is ERROR (default 2)."),
@@ -325,7 +325,7 @@ def check_summary_target(path) -> None:
 @click.option("--providers", default=None,
               help="ONNX Runtime execution providers in order, comma-separated (tensorrt,cuda,cpu); "
                    "default: every available one.")
-@click.option("--threads", type=click.IntRange(0, 1024), default=None,
+@click.option("--threads", type=IntegerRange(0, 1024), default=None,
               help="CPU inference threads of ONNX Runtime / OpenVINO (default: their own).")
 @click.option("--postprocess", type=click.Choice(("auto",) + POSTPROCESS_IMPLS), default="auto",
               show_default=True, help="Post-processing implementation for models with per-scale outputs.")
@@ -335,7 +335,7 @@ def check_summary_target(path) -> None:
               help="K/N: alarm when K of the last N frames are anomalous.")
 @click.option("--cooldown", type=seconds(0), default=5.0, show_default=True,
               help="Seconds (of frame time) after an alarm during which no new alarm is raised.")
-@click.option("--cooldown-frames", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--cooldown-frames", type=IntegerRange(min=0), default=0, show_default=True,
               help="Frames after an alarm during which no new alarm is raised (with --cooldown, both must pass).")
 @click.option("--events", type=click.Path(dir_okay=False), default=None,
               help="JSON-lines event log to append alarms to.")
@@ -346,7 +346,7 @@ def check_summary_target(path) -> None:
 @click.option("--evidence", "evidence_folder", type=click.Path(file_okay=False), default=None,
               help="Folder for the evidence of every alarm / NG part: the image exactly as the camera delivered "
                    "it (lossless PNG), its path and sha256 in the event (what mrkd review and refit read).")
-@click.option("--evidence-ok-every", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--evidence-ok-every", type=IntegerRange(min=0), default=0, show_default=True,
               help="Also keep one OK frame/part of every N per camera as evidence (0 = none).")
 @click.option("--evidence-max-mb", type=FiniteFloatRange(min=1, max=1e9), default=2048.0, show_default=True,
               help="Disk budget of the evidence folder: past it OK samples are deleted first; alarm/NG evidence "
@@ -360,12 +360,12 @@ def check_summary_target(path) -> None:
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
               help="Write annotated frames (heat-map, score, threshold) to this video file: .avi (MJPG), .mp4 or .mkv.")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
-@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+@click.option("--max-frames", type=IntegerRange(min=1), default=None,
               help="Stop each camera after this many frames; the run ends when every camera has (a network camera "
                    "that never comes up keeps it running: it is tried again until a signal stops the run).")
 @click.option("--status-every", type=seconds(0), default=5.0, show_default=True,
               help="Seconds between status lines (fps, latency p50/p99, dropped frames); 0 = none.")
-@click.option("--batch", type=click.IntRange(1, 4096), default=1, show_default=True,
+@click.option("--batch", type=IntegerRange(1, 4096), default=1, show_default=True,
               help="Frames per camera per inference call (files and folders gain throughput; cameras lose "
                    "latency). Cameras sharing a model are always scored together.")
 @click.option("--batch-timeout", type=seconds(0, maximum=60), default=None,

@@ -151,3 +151,28 @@ def test_no_number_option_of_any_command_takes_nan_or_infinity():
                         param.type.convert(value, param, None)
                 checked += 1
     assert checked >= 20
+
+
+def test_a_number_option_given_text_names_the_kind_of_number_expected():
+    """click's range types said "'abc' is not a valid integer range" (and "finite float range") for
+    `--batch abc`; the message names what to type, and --help shows INTEGER / NUMBER."""
+    from mrkd.cli import load_command
+    from mrkd.commands import COMMANDS
+    expected = {click.types.IntParamType: "integer", click.types.FloatParamType: "number"}
+    checked = 0
+    for name in COMMANDS:
+        for param in load_command(name).params:
+            kind = next((word for cls, word in expected.items() if isinstance(param.type, cls)), None)
+            if kind is None:
+                continue
+            with pytest.raises(click.BadParameter) as refused:
+                param.type.convert("abc", param, None)
+            message = refused.value.format_message()
+            assert message.endswith((f"'abc' is not a valid {kind}.",) + (("'abc' is not a valid float.",)
+                                    if kind == "number" else ())), (name, param.name, message)
+            assert "range" not in param.type.name, (name, param.name)
+            checked += 1
+    assert checked >= 50                     # the whole CLI (55 number options today)
+    done = subprocess.run([sys.executable, "-m", "mrkd.cli", "run", "x.onnx", "0", "--batch", "abc"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "'abc' is not a valid integer." in done.stderr

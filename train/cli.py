@@ -14,14 +14,14 @@ from pathlib import Path
 
 import click
 
-from mrkd.options import FRACTION, FiniteFloatRange
+from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.train import DEFAULT_BACKBONE
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
                                      METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
 
 DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 # What torch.manual_seed and numpy's legacy seeding both take (numpy refuses negative seeds and >= 2**32).
-SEED = click.IntRange(0, 2 ** 32 - 1)
+SEED = IntegerRange(0, 2 ** 32 - 1)
 # Images are drawn (and trained on) whole in memory: drawing one 4096-pixel synthetic image takes about
 # 1 GB and that grows with the square of the size, so a mistyped size (100000) would exhaust memory.
 MAX_IMAGE_SIZE = 4096
@@ -89,16 +89,16 @@ def warn_random_teacher(teacher_weights: str) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--categories", "-c", multiple=True,
               help="Categories to write (repeat the option); default: all. See mrkd.train.synthetic.CATEGORIES.")
-@click.option("--image-size", type=click.IntRange(32, MAX_IMAGE_SIZE), default=128, show_default=True,
+@click.option("--image-size", type=IntegerRange(32, MAX_IMAGE_SIZE), default=128, show_default=True,
               help=f"Image height in pixels, 32 to {MAX_IMAGE_SIZE} (each image is drawn whole in memory: about "
                    f"1 GB at {MAX_IMAGE_SIZE}, growing with the square of the size).")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Random seed (same seed -> byte-identical files).")
-@click.option("--n-train", type=click.IntRange(min=1), default=40, show_default=True,
+@click.option("--n-train", type=IntegerRange(min=1), default=40, show_default=True,
               help="Good training images per category.")
-@click.option("--n-test-good", type=click.IntRange(min=0), default=12, show_default=True,
+@click.option("--n-test-good", type=IntegerRange(min=0), default=12, show_default=True,
               help="Good test images per category.")
-@click.option("--n-test-defect", type=click.IntRange(min=0), default=6, show_default=True,
+@click.option("--n-test-defect", type=IntegerRange(min=0), default=6, show_default=True,
               help="Test images per defect type and category.")
 @friendly_errors
 def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_test_defect):
@@ -134,10 +134,10 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
                    "paper's; ~10x the compute), wide_resnet101_2.")
 @click.option("--teacher-weights", default="imagenet", show_default=True,
               help="'imagenet' (named ImageNet weights), a state-dict file path, or 'random' (plumbing only).")
-@click.option("--image-size", type=click.IntRange(32, MAX_IMAGE_SIZE), default=256, show_default=True,
+@click.option("--image-size", type=IntegerRange(32, MAX_IMAGE_SIZE), default=256, show_default=True,
               help=f"Square input size in pixels: a multiple of 32, at most {MAX_IMAGE_SIZE}.")
-@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True, help="Training epochs.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
+@click.option("--epochs", type=IntegerRange(min=1), default=200, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=IntegerRange(1, 4096), default=16, show_default=True,
               help="Images per step (per process under torchrun).")
 @click.option("--lr", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=0.005, show_default=True,
               help="Adam learning rate (betas 0.5, 0.999); at most 1 (Adam moves each weight by about this much "
@@ -155,7 +155,7 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help="Feature-level masking: share of feature positions zeroed in training (0: none; below 1, "
                    "since 1 would zero everything the student sees).")
 @click.option("--flm/--no-flm", default=True, show_default=True, help="Feature-level masking.")
-@click.option("--eval-every", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--eval-every", type=IntegerRange(min=0), default=10, show_default=True,
               help="Evaluate on the test split every N epochs (0: never), for monitoring only: the numbers go "
                    "to history.jsonl and never choose the weights (the run hands on its final epoch).")
 @click.option("--holdout", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
@@ -172,7 +172,7 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
               help=CONFIDENCE_HELP)
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from <out>/<category>/last.ckpt when present (same settings required).")
-@click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=IntegerRange(0, 256), default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision (CUDA only).")
 @click.option("--feature-cache", type=click.Choice(["auto", "fp32", "fp16", "off"]), default="auto",
               show_default=True,
@@ -204,10 +204,10 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--knn-sampler", type=click.Choice(["coreset", "random"]), default="coreset", show_default=True,
               help="With --score knn|both: how the bank's patches are chosen: 'coreset' (greedy k-center, as "
                    "PatchCore) or 'random'.")
-@click.option("--knn-max-patches", type=click.IntRange(min=0), default=8192, show_default=True,
+@click.option("--knn-max-patches", type=IntegerRange(min=0), default=8192, show_default=True,
               help="With --score knn|both: at most this many patches in the bank (0: no cap). Bounds the "
                    "exported graph's distance MatMul and the coreset's time on large training sets.")
-@click.option("--knn-pool", type=click.IntRange(min=1), default=None,
+@click.option("--knn-pool", type=IntegerRange(min=1), default=None,
               help="With --score knn|both: each bank patch (and each patch scored) is the average of its "
                    "N x N neighbourhood of teacher features (odd N; 1: no averaging; at most the side of the "
                    "stride-16 feature map, --image-size / 16). Default: 3 (as "
@@ -294,7 +294,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Write metrics.json (with the checkpoint's sha256), roc.png, score_histogram.png and overlays "
                    "here (per category); a folder with an earlier evaluation is refused.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+@click.option("--batch-size", type=IntegerRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--test-time-mask/--no-test-time-mask", default=None,
@@ -324,7 +324,7 @@ def eval_command(checkpoint, data_root, categories, out, batch_size, device, tes
 @click.argument("inputs")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Output folder: scores.csv, maps/*.npy, overlays/*.png, skipped.csv.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+@click.option("--batch-size", type=IntegerRange(1, 4096), default=8, show_default=True,
               help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--no-maps", is_flag=True, help="Do not write the .npy anomaly maps.")

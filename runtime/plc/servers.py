@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 
 import click
 
+from mrkd.options import IntegerRange
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER
 
@@ -185,7 +186,7 @@ def plc_options(command):
                           "(comma-separated; the Modbus role extension, OID 1.3.6.1.4.1.50316.802.1) may write, "
                           "so trigger; other admitted clients may read, their writes answered with exception 01. "
                           "Default: every admitted client may write. Line file: [plc] modbus_write_roles = ..."),
-        click.option("--plc-results-buffer", "plc_results_buffer", type=click.IntRange(1, 64), default=None,
+        click.option("--plc-results-buffer", "plc_results_buffer", type=IntegerRange(1, 64), default=None,
                      help=f"Results held for the PLC until acknowledged, the presented one included (default "
                           f"{RESULTS_BUFFER}); newer ones are dropped and flagged as overrun."),
         click.option("--opcua", "opcua", metavar="opc.tcp://HOST:PORT", default=None,
