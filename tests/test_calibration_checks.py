@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from test_hostile_cli import assert_one_line_error
+from cli_errors import assert_one_line_error
 from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
 
 from mrkd.runtime.calibration import (SHIFT_FACTOR, SHIFT_STD_FLOOR, SHIFT_STDS, Calibration,

@@ -16,7 +16,7 @@ import sys
 import cv2
 import pytest
 
-from test_hostile_cli import assert_one_line_error
+from cli_errors import assert_one_line_error
 from runtime_fixtures import export_tiny_model, normal_then_defective
 
 from mrkd.commands import COMMANDS

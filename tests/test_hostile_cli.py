@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_errors import assert_one_line_error
 from runtime_fixtures import export_tiny_model, normal_then_defective, write_video
 
 TIMEOUT_S = 60
@@ -25,16 +26,6 @@ def mrkd(*args, timeout=TIMEOUT_S, prelude: str = "") -> subprocess.CompletedPro
     code = f"{prelude}\nimport sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({list(map(str, args))!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess, *names: str) -> str:
-    assert done.returncode != 0, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, done.stderr
-    for name in names:
-        assert name in errors[0], errors[0]
-    return errors[0]
 
 
 def summary_of(done: subprocess.CompletedProcess) -> dict:

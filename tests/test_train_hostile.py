@@ -11,22 +11,12 @@ from click.testing import CliRunner
 
 from mrkd.cli import main
 from mrkd.errors import SettingError
+from cli_errors import assert_one_line_error
 from train_fixtures import CATEGORY, IMAGE_SIZE, tiny_data, trained_run
 
 
 def invoke(*args) -> "click.testing.Result":
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *names: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for name in names:
-        assert name in errors[0], errors[0]
-    return errors[0]
 
 
 TRAIN_REFUSED = [
