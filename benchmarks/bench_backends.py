@@ -2,8 +2,9 @@
 batch 1 for ONNX Runtime FP32 (the baseline) vs OpenVINO f32, OpenVINO bf16 (where the CPU has native
 bf16) and OpenVINO on our INT8 Q/DQ graph (the "cpu" form, the export's default without TensorRT), plus
 ONNX Runtime on that INT8 graph; alternated call by call in one process, so load on the machine falls
-on every row alike. No row may tax the next: ONNX Runtime's threads stop spinning when a run returns
-(by default they spin on for tens of ms, on the core the next row needs), each call starts after a short
+on every row alike. No row may tax the next: the runtime's ONNX Runtime sessions put their threads to
+sleep when a run returns (STOP_SPINNING_AFTER_RUN in runtime/backends/onnxruntime_backend.py; by
+default ORT spins on for tens of ms, on the core the next row needs), each call starts after a short
 pause, and every row reports the CPU its backend still burns after a call returns (busy_after_call_ms,
 which should be near 0). Each row's decisions are compared with the ONNX Runtime FP32 row's on test images
 at the median FP32 score (random weights have no calibration; the median is the hardest place to agree).
@@ -29,10 +30,6 @@ INT8_IMAGES = 16      # good images the INT8 graph's activation ranges are measu
 # whose frames come farther apart than that): longer than the ~1 ms OpenVINO's workers spin after a call.
 PAUSE_S = 0.005
 IDLE_WINDOW_S = 0.02  # how long after a call busy_after_call_ms watches the process's CPU time
-# ONNX Runtime's intra-op threads by default spin on after a run returns (up to ~40 ms here), taking a
-# core from whatever runs next: the row after an ONNX Runtime row took up to 1.8x its own time. This
-# session setting stops them when the run returns and keeps spinning within a run.
-STOP_SPINNING = ("session.force_spinning_stop", "1")
 
 PLAN = [("onnxruntime FP32 (baseline)", "fp32", "onnxruntime"), ("openvino f32", "fp32", "openvino:f32"),
         ("openvino bf16", "fp32", "openvino:bf16"), ("openvino INT8 graph (cpu form)", "int8", "openvino"),
@@ -61,22 +58,8 @@ def _graphs(backbone: str, image_size: int, workdir: Path, quick: bool) -> Dict[
     return {"fp32": fp32, "int8": int8, "category": category}
 
 
-def stop_spinning_between_runs(detector, threads: int) -> None:
-    """Reopen an ONNX Runtime backend's session with the runtime's own options plus STOP_SPINNING."""
-    from mrkd.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, session_options
-    backend = detector.backend
-    if not isinstance(backend, OnnxRuntimeBackend):
-        return
-    import onnxruntime as ort
-    options = session_options(threads)
-    options.add_session_config_entry(*STOP_SPINNING)
-    backend.session = ort.InferenceSession(str(backend.model_path), sess_options=options,
-                                           providers=list(backend.providers))
-
-
 def open_detectors(graphs: Dict[str, Path], threads: int, plan=PLAN):
-    """A Detector per row of ``plan`` that this machine can run (ONNX Runtime ones with
-    stop_spinning_between_runs), and an error row for each one it cannot."""
+    """A Detector per row of ``plan`` that this machine can run, and an error row for each one it cannot."""
     from mrkd.runtime.backends import backend_entry
     from mrkd.runtime.detector import Detector
     detectors, rows = {}, []
@@ -87,7 +70,6 @@ def open_detectors(graphs: Dict[str, Path], threads: int, plan=PLAN):
         try:
             detector = Detector(graphs[graph], backend=spec, threads=threads,
                                 providers=["cpu"] if spec == "onnxruntime" else None)
-            stop_spinning_between_runs(detector, threads)
             detectors[label] = detector
         except Exception as exc:   # e.g. bf16 on a CPU without it: reported, not hidden
             rows.append({"backend": label, "error": f"{type(exc).__name__}: {exc}"})

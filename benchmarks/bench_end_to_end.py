@@ -4,7 +4,9 @@ against the official-style pipeline on the same frames, in the same process.
 Baseline per frame: OpenCV decode, the official PIL resize/crop + ToTensor/Normalize, PyTorch eager
 FP32 model, per-scale maps to numpy, scipy Gaussian, max, threshold.
 Ours: ``mrkd.runtime.run_stream`` over ``open_source(video)`` with the exported model on ONNX Runtime
-(FP32, and both INT8 targets when quantisation works), alarms and events on.
+(FP32, and both INT8 targets when quantisation works), alarms and events on. Then FP32 again with ONNX
+Runtime's threads left spinning after each run (ORT's own default, mrkd's before) and once more as
+shipped, alternated, so the cost or gain of putting them to sleep between frames is measured in one run.
 
     python -m mrkd.benchmarks.bench_end_to_end [--quick]
 """
@@ -52,14 +54,19 @@ def baseline_fps(model, video: Path, threshold: float) -> dict:
     return {"backend": "baseline (official-style)", "frames": frames, "fps": frames / seconds}
 
 
-def runtime_fps(onnx_path: Path, video: Path, threshold: float, threads: int, workdir: Path, label: str) -> dict:
+def runtime_fps(onnx_path: Path, video: Path, threshold: float, threads: int, workdir: Path, label: str,
+                spin_after_run: bool = False) -> dict:
     from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.outputs import OutputSettings, build_outputs
     from mrkd.runtime.sources import open_source
     from mrkd.runtime.line.stream import run_stream
 
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
     detector = Detector(onnx_path, backend="onnxruntime", threads=threads, threshold=threshold)
+    if spin_after_run:   # ORT's default: the same session options but for the threads' sleep
+        backend = detector.backend
+        backend.session = ort_session(backend.model_path, backend.providers, threads, spin_after_run=True)
     started = time.perf_counter()
     summary = run_stream(detector, open_source(str(video)), AlarmPolicy(threshold, (1, 1)),
                          build_outputs(OutputSettings(events=str(workdir / f"events_{label}.jsonl"),
@@ -112,6 +119,9 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
         rows.insert(0, baseline_fps(model, video, threshold))
         for label, path in models.items():
             rows.append(runtime_fps(path, video, threshold, threads, workdir, label))
+        rows.append(runtime_fps(models["fp32"], video, threshold, threads, workdir, "fp32-spinning-after-run",
+                                spin_after_run=True))
+        rows.append(runtime_fps(models["fp32"], video, threshold, threads, workdir, "fp32-again"))
     for row in rows:
         if "fps" in row:
             row["speedup_vs_baseline"] = row["fps"] / rows[0]["fps"]

@@ -21,6 +21,12 @@ DEFAULT_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecu
 # does not know, are about a valid model)
 UNPARSED_SIGNS = ("INVALID_PROTOBUF", "No graph was found")
 
+# ONNX Runtime's intra-op threads by default keep spinning for tens of ms after a run returns, on the
+# cores the camera decoders, the post-processing and the broker need between frames (a row timed after
+# an ONNX Runtime one took up to 1.8x its time). This entry puts them to sleep when run() returns; they
+# still spin inside a run. ORT >= 1.12 (microsoft/onnxruntime#11841).
+STOP_SPINNING_AFTER_RUN = ("session.force_spinning_stop", "1")
+
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 
 
@@ -41,10 +47,12 @@ def choose_providers(requested: Optional[Sequence[str]], available: Sequence[str
     return chosen
 
 
-def session_options(threads: Optional[int] = None, quiet: bool = False):
+def session_options(threads: Optional[int] = None, quiet: bool = False, spin_after_run: bool = False):
     """The SessionOptions every ONNX Runtime session of mrkd uses: ``threads`` intra-op threads
     (None/0 = ORT's default, one per core), ORT_ENABLE_ALL (layout transformations to NCHWc blocked
-    convolutions, QDQ -> integer kernel fusion); ``quiet`` logs errors only (export reports)."""
+    convolutions, QDQ -> integer kernel fusion), threads asleep once a run returns
+    (STOP_SPINNING_AFTER_RUN; ``spin_after_run`` keeps ORT's own default, for the benchmark that
+    measures the difference); ``quiet`` logs errors only (export reports)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     if threads:
@@ -52,20 +60,23 @@ def session_options(threads: Optional[int] = None, quiet: bool = False):
     if quiet:
         options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin_after_run:
+        options.add_session_config_entry(*STOP_SPINNING_AFTER_RUN)
     return options
 
 
 def ort_session(model: Union[str, Path, bytes], providers: Optional[Sequence[str]] = None,
-                threads: Optional[int] = None, quiet: bool = False):
+                threads: Optional[int] = None, quiet: bool = False, spin_after_run: bool = False):
     """The one way mrkd opens an ONNX Runtime InferenceSession (the runtime backend, the export
     reports, the benchmarks, the tests): a model path or serialised bytes, ``providers`` as in
     choose_providers (None = TensorRT > CUDA > CPU, whichever this build has; aliases "cpu", "cuda",
-    "tensorrt"), session_options(threads, quiet). BackendError naming the model when ORT refuses it."""
+    "tensorrt"), session_options(threads, quiet, spin_after_run). BackendError naming the model when ORT refuses it."""
     ort = require("onnxruntime")
     chosen = choose_providers(providers, ort.get_available_providers())
     source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, sess_options=session_options(threads, quiet), providers=chosen)
+        return ort.InferenceSession(source, sess_options=session_options(threads, quiet, spin_after_run),
+                                    providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         what = "the serialised model" if isinstance(model, bytes) else str(model)
         unparsed = any(sign in str(exc) for sign in UNPARSED_SIGNS)
