@@ -551,3 +551,42 @@ def test_cli_shadow_reports_the_comparison(tmp_path):
     assert shadow["frames"] == 6 and shadow["candidate_sha256"] == file_sha256(candidate)
     assert shadow["live_only"] == shadow["disagreements"] == summary["events"] == 3    # odd frames are defective
     assert shadow["candidate_only"] == 0 and shadow["score_correlation"] == pytest.approx(1.0)
+
+
+def test_a_rollback_before_the_staged_version_is_applied_keeps_the_running_model(running):
+    """v2 staged (the loop has not reached a round boundary yet: a triggered line waits for its next
+    part), then the running version moved back and reloaded: that reload said "unchanged", and the
+    next round swapped v2 in anyway, a model no longer at the path."""
+    old_sha = file_sha256(running.live)
+    running.tmp.joinpath("v1").mkdir()
+    install(running.live, running.tmp / "v1" / "model.onnx")
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    running.slots.request_reload("deploy v2")
+    assert running.slots.wait_idle(30) and running.slots.staged() == [str(running.live)]
+    install(running.tmp / "v1" / "model.onnx", running.live)          # rolled back before any round
+    running.slots.request_reload("roll back")
+    assert running.slots.wait_idle(30)
+    assert running.slots.records[-1].outcome == "unchanged"
+    assert "staged" in running.slots.records[-1].detail              # says what became of v2
+    assert running.slots.staged() == []
+    assert running.slots.apply([running.state]) == []
+    assert running.state.info.model_sha256 == old_sha == running.slots.sha256_of(running.key)
+    assert running.state.policy.threshold == pytest.approx(0.1)
+
+
+def test_a_refused_file_after_a_staged_version_leaves_the_running_model(running):
+    """v2 staged, then a half-written file at the path: the refusal says the running model goes on,
+    so the staged v2 (no longer the file at the path) must not be swapped in at the next round."""
+    old_sha = file_sha256(running.live)
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    running.slots.request_reload("deploy v2")
+    assert running.slots.wait_idle(30) and running.slots.staged()
+    whole = running.live.read_bytes()
+    running.live.write_bytes(whole[:len(whole) // 2])
+    running.slots.request_reload("half written")
+    assert running.slots.wait_idle(30)
+    assert running.slots.records[-1].outcome == "refused"
+    assert running.slots.apply([running.state]) == [] and running.slots.staged() == []
+    assert running.state.info.model_sha256 == old_sha

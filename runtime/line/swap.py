@@ -18,7 +18,9 @@ camera of that path gets the new Detector, its model hash (events name ``model_s
 the camera's threshold is the model's, the new calibrated threshold; the old Detector is closed after
 the swap. So no frame is judged by a half-loaded model and no frame is skipped: frames that arrive
 while the new model loads are scored by the old one. A refused model leaves the old one running and
-says why in one line (``status``) and in ``report()``.
+says why in one line (``status``) and in ``report()``. The file at the path decides: a reload that finds
+the running model there again (a roll-back) or refuses the file drops a version an earlier reload
+staged and no round applied yet.
 
 The part runner (runtime/line/parts.py) uses the same slots: it adds its recipes' models (``add``),
 records each judged image (``note``), looks the detector and hash up by path for every part and
@@ -166,7 +168,8 @@ class ModelSlots(LineObserver):
             if new_sha == slot.sha256 and new_detector.metadata.calibration == slot.detector.metadata.calibration:
                 new_detector.close()
                 self._record(SwapRecord(slot.path, reason, "unchanged", slot.sha256, new_sha,
-                                        "the file is the running model", time.perf_counter() - started, time.time()))
+                                        "the file is the running model" + self._drop_pending(slot),
+                                        time.perf_counter() - started, time.time()))
                 return
             old_meta, new_meta = slot.detector.metadata, new_detector.metadata
             for name in COMPATIBLE_FIELDS:
@@ -179,13 +182,25 @@ class ModelSlots(LineObserver):
         except SwapRefused as exc:
             if new_detector is not None:
                 new_detector.close()
-            self._record(SwapRecord(slot.path, reason, "refused", slot.sha256, new_sha, str(exc),
-                                    time.perf_counter() - started, time.time()))
+            self._record(SwapRecord(slot.path, reason, "refused", slot.sha256, new_sha,
+                                    str(exc) + self._drop_pending(slot), time.perf_counter() - started, time.time()))
             return
         with self._lock:
             if slot.pending is not None:          # a newer load replaces one not applied yet
                 slot.pending[0].close()
             slot.pending = (new_detector, new_sha, time.perf_counter() - started, detail, reason)
+
+    def _drop_pending(self, slot: _Slot) -> str:
+        """Forget a version staged by an earlier load that no round has applied yet: the file at the path
+        is now the running model again (a roll-back) or one refused, so that version is no longer the
+        one to run (a triggered line applies between parts, which may be minutes apart). The text
+        added to the record's detail ("" when nothing was staged)."""
+        with self._lock:
+            pending, slot.pending = slot.pending, None
+        if pending is None:
+            return ""
+        pending[0].close()
+        return f"; the version {pending[1][:12]} staged by the earlier reload ({pending[4]}) is dropped, not swapped in"
 
     def _check_frames(self, slot: _Slot, detector) -> str:
         with self._lock:
