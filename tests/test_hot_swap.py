@@ -590,3 +590,43 @@ def test_a_refused_file_after_a_staged_version_leaves_the_running_model(running)
     assert running.slots.records[-1].outcome == "refused"
     assert running.slots.apply([running.state]) == [] and running.slots.staged() == []
     assert running.state.info.model_sha256 == old_sha
+
+
+def nan_model(path: Path) -> Path:
+    """The tiny model with a level of -inf: it loads and passes every file check, and scores inf."""
+    import onnx
+    from onnx import numpy_helper
+    from mrkd.export.model_metadata import write_model
+    from mrkd.runtime.metadata import ModelMetadata
+    export_tiny_model(path, threshold=0.3)
+    model = onnx.load(str(path))
+    level = next(i for i in model.graph.initializer if i.name == "level")
+    level.CopyFrom(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "level"))
+    write_model(model, path, ModelMetadata.load(sidecar_path(path)))
+    return path
+
+
+def test_a_second_swap_right_after_a_swap_is_still_checked_on_recent_frames(running):
+    """Two swaps in quick succession: the frames the first new version was checked on stay to check
+    the next one (with the new version's scores), where the swap emptied them and the next version,
+    one that scores inf here, went in unchecked ("no frame seen yet")."""
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    running.slots.request_reload("v2")
+    assert running.slots.wait_idle(30)
+    assert [r.outcome for r in running.slots.apply([running.state])] == ["swapped"]
+    v2 = running.state.detector
+    install(nan_model(running.tmp / "nan.onnx"), running.live)
+    broken = Detector(running.live)
+    assert not np.isfinite(broken(frames(1)[0]).scores).all()      # what it would judge with
+    broken.close()
+    _refused(running, "not finite")
+    assert running.state.detector is v2
+    # a good v3 is checked on those frames against v2's scores (same graph: correlation 1)
+    export_tiny_model(running.tmp / "v3.onnx", threshold=0.2)
+    install(running.tmp / "v3.onnx", running.live)
+    running.slots.request_reload("v3")
+    assert running.slots.wait_idle(30)
+    done = running.slots.apply([running.state])
+    assert [r.outcome for r in done] == ["swapped"] and "checked on 3 recent frame(s)" in done[0].detail
+    assert "correlation 1.000" in done[0].detail

@@ -9,9 +9,9 @@ authenticated HTTP request, a recipe change) starts a loader thread that, beside
    new calibration in its sidecar (`mrkd calibrate model.onnx`) is taken for its new threshold;
 2. refuses a model the line cannot take in place: another image size, backbone or input format;
    a file that changed while it was read (its sha256 before and after differ);
-3. scores the last few frames the running model judged (kept by ``on_frame``): scores must be
-   finite and maps of the model's size; the score correlation with the running model's scores is
-   reported.
+3. scores the last few frames the running model judged (kept by ``on_frame``; right after a swap,
+   the frames the running model was checked on, with its scores): scores must be finite and maps of
+   the model's size; the score correlation with the running model's scores is reported.
 
 Only then is the new Detector staged. The frame loop calls ``apply(states)`` between rounds: every
 camera of that path gets the new Detector, its model hash (events name ``model_sha256``) and, when
@@ -80,7 +80,7 @@ class _Slot:
     sha256: str
     recent: Deque[Tuple[np.ndarray, float]]   # (frame, running model's score)
     frames: int = 0
-    pending: Optional[tuple] = None   # (detector, sha, load seconds, detail, reason)
+    pending: Optional[tuple] = None   # (detector, sha, load seconds, detail, reason, checked frames and its scores)
 
 
 class ModelSlots(LineObserver):
@@ -178,7 +178,7 @@ class ModelSlots(LineObserver):
                                       f"{getattr(old_meta, name)!r}; restart the line for such a model")
             if new_detector.threshold is None:
                 raise SwapRefused(f"{path}: has no calibrated threshold; the running model's alarms need one")
-            detail = self._check_frames(slot, new_detector)
+            detail, checked = self._check_frames(slot, new_detector)
         except SwapRefused as exc:
             if new_detector is not None:
                 new_detector.close()
@@ -188,7 +188,7 @@ class ModelSlots(LineObserver):
         with self._lock:
             if slot.pending is not None:          # a newer load replaces one not applied yet
                 slot.pending[0].close()
-            slot.pending = (new_detector, new_sha, time.perf_counter() - started, detail, reason)
+            slot.pending = (new_detector, new_sha, time.perf_counter() - started, detail, reason, checked)
 
     def _drop_pending(self, slot: _Slot) -> str:
         """Forget a version staged by an earlier load that no round has applied yet: the file at the path
@@ -202,11 +202,13 @@ class ModelSlots(LineObserver):
         pending[0].close()
         return f"; the version {pending[1][:12]} staged by the earlier reload ({pending[4]}) is dropped, not swapped in"
 
-    def _check_frames(self, slot: _Slot, detector) -> str:
+    def _check_frames(self, slot: _Slot, detector) -> Tuple[str, List[Tuple[np.ndarray, float]]]:
+        """The check's outcome, and the frames it scored with the new model's scores (they check the
+        version after it: a second swap right after a swap is checked too, not taken unchecked)."""
         with self._lock:
             recent = list(slot.recent)
         if not recent:
-            return "no frame seen yet to check it on"
+            return "no frame seen yet to check it on", []
         frames = [frame for frame, _ in recent]
         try:
             result = detector(frames)
@@ -222,7 +224,7 @@ class ModelSlots(LineObserver):
         new = result.scores.astype(np.float64)
         corr = float(np.corrcoef(old, new)[0, 1]) if len(old) > 1 and old.std() > 0 and new.std() > 0 else math.nan
         return (f"checked on {len(frames)} recent frame(s): scores old {_fmt(old)} new {_fmt(new)}"
-                + ("" if math.isnan(corr) else f", correlation {corr:.3f}"))
+                + ("" if math.isnan(corr) else f", correlation {corr:.3f}")), list(zip(frames, map(float, new)))
 
     def _record(self, record: SwapRecord) -> None:
         with self._lock:
@@ -267,7 +269,7 @@ class ModelSlots(LineObserver):
             for _, slot, _ in ready:
                 slot.pending = None
         done = []
-        for key, slot, (detector, sha, load_s, detail, reason) in ready:
+        for key, slot, (detector, sha, load_s, detail, reason, checked) in ready:
             old, old_sha = slot.detector, slot.sha256
             for state in states:
                 if self._camera_key.get(state.camera.name) != key:
@@ -283,8 +285,9 @@ class ModelSlots(LineObserver):
                     threshold_source=detector.threshold_source if own else state.info.threshold_source)
             slot.detector, slot.sha256 = detector, sha
             self.detectors[key] = detector
-            with self._lock:
+            with self._lock:        # the frames it was checked on, with its own scores, until new ones come
                 slot.recent.clear()
+                slot.recent.extend(checked)
             record = SwapRecord(slot.path, reason, "swapped", old_sha, sha, detail, load_s, time.time(), slot.frames)
             self._record(record)
             done.append(record)
