@@ -44,6 +44,11 @@ def token_from_env(variable: str) -> str:
     if len(value) < 16:
         raise ControlError(f"environment variable {variable}: the control token must be set and at least 16 "
                            f"characters long")
+    # a token no client can send would start a line whose every command is refused (401): the header's
+    # value is read as Latin-1 and stripped, so spaces around it or a non-ASCII character never match
+    if value != value.strip() or not (value.isascii() and value.isprintable()):
+        raise ControlError(f"environment variable {variable}: the control token must be printable ASCII without "
+                           f"spaces at either end (no client could send it in an Authorization header)")
     return value
 
 

@@ -611,6 +611,22 @@ def test_control_token_beyond_this_machine_needs_https(tmp_path, monkeypatch):
             (extra, result.output)
 
 
+def test_a_control_token_no_client_can_send_is_refused_at_start(monkeypatch):
+    """Spaces at either end, a non-ASCII or a control character: the line started, and every command,
+    with the exact token in the header (curl), was refused 401."""
+    from mrkd.runtime.control import ControlError, LineControl, token_from_env
+    for token in ("a-long-enough-control-token ", " a-long-enough-control-token", " " * 16,
+                  "a-long-enough-control-tokén", "a-long-enough-control\ttoken"):
+        monkeypatch.setenv("MRKD_TEST_TOKEN", token)
+        with pytest.raises(ControlError, match="MRKD_TEST_TOKEN: the control token must be printable ASCII"):
+            token_from_env("MRKD_TEST_TOKEN")
+    token = "a-long-enough_control.token~!"
+    monkeypatch.setenv("MRKD_TEST_TOKEN", token)
+    control = LineControl(token_from_env("MRKD_TEST_TOKEN"))
+    assert control.authorized({"Authorization": f"Bearer {token}"})[0]
+    assert control.authorized({"Authorization": f"Bearer {token[:-1]}"})[1] == 401
+
+
 @pytest.mark.slow
 def test_review_from_the_page_in_chromium_with_and_without_the_token(line_run, tmp_path):
     """A browser on the operator page posts a review the way a page script would (fetch, same origin):
