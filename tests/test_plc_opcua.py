@@ -11,19 +11,22 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Tuple
 
 import cv2
+import numpy as np
 import pytest
 
 from peers import require_program
 from plc_fixtures import part_images
-from runtime_fixtures import SIZE, THRESHOLD, build_tiny_model, reference_map
+from runtime_fixtures import SIZE, THRESHOLD, build_tiny_model, normal_frame, reference_map
 
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import ERROR_CODES, PartRunner, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.sources import ArraySource
 
 pytest.importorskip("asyncua", reason="SKIPPED, NOT TESTED: asyncua missing (pip install 'mrkd[plc]')")
 
@@ -593,3 +596,92 @@ def test_node_opcua_sees_a_renewed_server_certificate_after_a_reload(tmp_path):
     assert stale.returncode == 1 and "session" not in refused, stale.stdout[-2000:]
     assert refused["error"]["stage"] == "connect" and "certificate" in refused["error"]["message"].lower(), refused
     assert summary["triggers"] == 3                              # before, after the reload, after the refusals
+
+
+class HeldCell:
+    """A cell whose camera gives each part's image only when the test says so (``release()``): a part
+    stays in flight while the client aborts, starts jobs, or another trigger source triggers."""
+
+    def __init__(self, folder: Path):
+        self.gate = threading.Semaphore(0)
+        model = str(build_tiny_model(folder / "tiny.onnx"))
+        rng = np.random.default_rng(3)
+        frames = [normal_frame(rng) for _ in range(4)]
+
+        def held_frames():
+            for index in range(10_000):
+                self.gate.acquire()
+                yield frames[index % len(frames)]
+
+        line = Line((Camera("cam", "held-camera", model, trigger="software"),))
+        settings = PartSettings(queue=4, timeout=30.0)
+        self.runner = PartRunner(line, {"cam": ArraySource(held_frames(), uri="held-camera")}, settings,
+                                 status=lambda text: None)
+        self.server = OpcUaPlc(self.runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD).start()
+        self.runner.observers.append(self.server)
+        self.runner.start()
+
+    def release(self) -> None:
+        self.gate.release()
+
+    def close(self) -> None:
+        for _ in range(16):        # nothing may wait for an image at the end
+            self.gate.release()
+        self.runner.stop()
+
+
+@pytest.fixture
+def held_cell(tmp_path):
+    cell = HeldCell(tmp_path)
+    yield cell
+    cell.close()
+
+
+def test_a_part_another_source_triggered_with_the_jobs_part_id_never_answers_the_job(held_cell):
+    """stdin (or a Modbus PLC) and an MES over OPC UA number parts alike: the job's ResultReady is its
+    own part's. Before, results were matched to jobs by part id only: the other source's part "7",
+    triggered first, came out with the job's JobId (and ended SingleExecution), the job's own with none."""
+    cell = held_cell
+
+    async def scenario():
+        async with Session(cell.server.url) as s:
+            other = cell.runner.trigger("7")             # as --trigger-stdin does
+            assert other.accepted
+            job = await s.call("StartSingleJob", "meas-7", "7", "", "")
+            cell.release()                               # the other source's part is judged
+            await s.wait_events(1)
+            mode_after_other = await s.value("AutomaticModeState")
+            cell.release()                               # the job's part
+            await s.wait_events(2)
+            return job, mode_after_other, await s.value("AutomaticModeState"), s.events.received
+
+    job, mode_after_other, mode_after_job, events = asyncio.run(scenario())
+    assert [(e.ResultId, e.PartId, e.JobId) for e in events] == [("1", "7", ""), ("2", "7", job)]
+    assert events[1].MeasId == "meas-7" and events[0].MeasId == ""
+    assert (mode_after_other, mode_after_job) == ("SingleExecution", "Ready")
+
+
+def test_an_aborted_jobs_late_result_does_not_end_the_next_job(held_cell):
+    """Abort goes back to Ready while the aborted job's part is still judged; the job started next
+    stays SingleExecution until its own result. Before, the aborted job's result set Ready with the
+    next job still in flight, so a client waiting for Ready read the earlier part as its own."""
+    cell = held_cell
+
+    async def scenario():
+        async with Session(cell.server.url) as s:
+            first = await s.call("StartSingleJob", "m-a", "A", "", "")
+            await s.call("Abort")
+            assert await s.value("AutomaticModeState") == "Ready"
+            second = await s.call("StartSingleJob", "m-b", "B", "", "")
+            cell.release()                               # the aborted job's part
+            await s.wait_events(1)
+            mode_after_first = await s.value("AutomaticModeState")
+            refused = await s.status_of("StartSingleJob", "m-c", "C", "", "")
+            cell.release()                               # the running job's part
+            await s.wait_events(2)
+            return first, second, mode_after_first, refused, await s.value("AutomaticModeState"), s.events.received
+
+    first, second, mode_after_first, refused, mode_after_second, events = asyncio.run(scenario())
+    assert [(e.PartId, e.JobId) for e in events] == [("A", first), ("B", second)]
+    assert (mode_after_first, refused, mode_after_second) == ("SingleExecution", "BadInvalidState", "Ready")
+    assert cell.runner.triggers == 2          # the refused StartSingleJob made no part

@@ -44,7 +44,7 @@ import logging
 import math
 import threading
 from collections import deque
-from typing import Deque, Dict, Optional
+from typing import Deque, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 from mrkd.runtime.line.trigger import TriggerTarget
@@ -106,7 +106,11 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self.state, self.mode = "Operational", "Ready"
         self.recipe = int(target.active_recipe)
         self.results = self.jobs = 0
-        self._jobs: Dict[str, Deque[str]] = {}     # part id -> job ids waiting for their result
+        # (part id, trigger time) -> (job id, MeasId) waiting for that part's result. The trigger's time
+        # is in its receipt and in its PartResult: a part another source triggered with the same id
+        # (stdin, a Modbus PLC) is never taken for a job's part.
+        self._jobs: Dict[Tuple[str, float], Deque[Tuple[str, str]]] = {}
+        self._single_job: Optional[str] = None     # the StartSingleJob whose result ends SingleExecution
         self._continuous: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -330,6 +334,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         job = self._trigger(checked)
         if job is None:
             return self._status("BadInvalidState")      # the line refused (counted as a missed trigger)
+        self._single_job = job      # before any await: its result may come on this loop's next turn
         await self._set_state(mode="SingleExecution")
         return [_string(job)]
 
@@ -430,7 +435,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         receipt = self.target.trigger(part_id, recipe)
         if not receipt.accepted:
             return None
-        self._jobs.setdefault(receipt.part_id, deque()).append((job, checked["MeasId"]))
+        self._jobs.setdefault((receipt.part_id, receipt.time), deque()).append((job, checked["MeasId"]))
         return job
 
     # ------------------------------------------------------------ results
@@ -443,10 +448,11 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
     async def _publish(self, part: PartResult) -> None:
         from asyncua import ua
-        waiting = self._jobs.get(part.part_id)
+        key = (part.part_id, part.trigger_time)
+        waiting = self._jobs.get(key)
         job, meas = waiting.popleft() if waiting else ("", "")
         if waiting is not None and not waiting:
-            del self._jobs[part.part_id]
+            del self._jobs[key]
         self.results += 1
         self._ng += part.verdict == Verdict.NG
         state = RESULT_FAILED if part.verdict == Verdict.ERROR else RESULT_COMPLETED
@@ -462,7 +468,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         # Ready before the event (a client may start the next job on it), with the variables in one
         # write request (a Read of them all never mixes two parts), then the event: one write, no
         # await between the verdict's arrival on this loop and the event but that one.
-        if self.mode == "SingleExecution" and job and not job.startswith("continuous-"):
+        # Only the running single job's own result ends it: one aborted (or halted) before it still
+        # reports, but the job started after it is not done.
+        if self.mode == "SingleExecution" and job and job == self._single_job:
+            self._single_job = None
             self.mode = "Ready"
             values["mode"] = ua.LocalizedText("Ready")
         await self._write_all(values)
