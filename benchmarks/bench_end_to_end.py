@@ -56,13 +56,13 @@ def baseline_fps(model, video: Path, threshold: float) -> dict:
 
 def runtime_fps(onnx_path: Path, video: Path, threshold: float, threads: int, workdir: Path, label: str,
                 spin_after_run: bool = False) -> dict:
+    from mrkd.runtime.backends.onnxruntime_backend import ort_session
     from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.outputs import OutputSettings, build_outputs
     from mrkd.runtime.sources import open_source
     from mrkd.runtime.line.stream import run_stream
 
-    from mrkd.runtime.backends.onnxruntime_backend import ort_session
     detector = Detector(onnx_path, backend="onnxruntime", threads=threads, threshold=threshold)
     if spin_after_run:   # ORT's default: the same session options but for the threads' sleep
         backend = detector.backend

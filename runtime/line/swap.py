@@ -74,13 +74,24 @@ class SwapRecord:
 
 
 @dataclass
+class _Staged:
+    """A loaded and checked version waiting for the loop to swap it in."""
+    detector: object
+    sha256: str
+    load_s: float
+    detail: str                      # the check's outcome
+    reason: str                      # what asked for the reload
+    checked: List[Tuple[np.ndarray, float]]   # the frames it was checked on, with its scores
+
+
+@dataclass
 class _Slot:
     path: str                        # the model path as the line gives it
     detector: object
     sha256: str
     recent: Deque[Tuple[np.ndarray, float]]   # (frame, running model's score)
     frames: int = 0
-    pending: Optional[tuple] = None   # (detector, sha, load seconds, detail, reason, checked frames and its scores)
+    pending: Optional[_Staged] = None
 
 
 class ModelSlots(LineObserver):
@@ -187,8 +198,8 @@ class ModelSlots(LineObserver):
             return
         with self._lock:
             if slot.pending is not None:          # a newer load replaces one not applied yet
-                slot.pending[0].close()
-            slot.pending = (new_detector, new_sha, time.perf_counter() - started, detail, reason, checked)
+                slot.pending.detector.close()
+            slot.pending = _Staged(new_detector, new_sha, time.perf_counter() - started, detail, reason, checked)
 
     def _drop_pending(self, slot: _Slot) -> str:
         """Forget a version staged by an earlier load that no round has applied yet: the file at the path
@@ -199,8 +210,9 @@ class ModelSlots(LineObserver):
             pending, slot.pending = slot.pending, None
         if pending is None:
             return ""
-        pending[0].close()
-        return f"; the version {pending[1][:12]} staged by the earlier reload ({pending[4]}) is dropped, not swapped in"
+        pending.detector.close()
+        return (f"; the version {pending.sha256[:12]} staged by the earlier reload ({pending.reason}) is dropped, "
+                f"not swapped in")
 
     def _check_frames(self, slot: _Slot, detector) -> Tuple[str, List[Tuple[np.ndarray, float]]]:
         """The check's outcome, and the frames it scored with the new model's scores (they check the
@@ -269,7 +281,8 @@ class ModelSlots(LineObserver):
             for _, slot, _ in ready:
                 slot.pending = None
         done = []
-        for key, slot, (detector, sha, load_s, detail, reason, checked) in ready:
+        for key, slot, staged in ready:
+            detector, sha = staged.detector, staged.sha256
             old, old_sha = slot.detector, slot.sha256
             for state in states:
                 if self._camera_key.get(state.camera.name) != key:
@@ -287,8 +300,9 @@ class ModelSlots(LineObserver):
             self.detectors[key] = detector
             with self._lock:        # the frames it was checked on, with its own scores, until new ones come
                 slot.recent.clear()
-                slot.recent.extend(checked)
-            record = SwapRecord(slot.path, reason, "swapped", old_sha, sha, detail, load_s, time.time(), slot.frames)
+                slot.recent.extend(staged.checked)
+            record = SwapRecord(slot.path, staged.reason, "swapped", old_sha, sha, staged.detail, staged.load_s,
+                                time.time(), slot.frames)
             self._record(record)
             done.append(record)
             old.close()
