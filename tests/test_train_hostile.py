@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from mrkd.cli import main
 from mrkd.errors import SettingError
@@ -15,7 +15,7 @@ from cli_errors import assert_one_line_error
 from train_fixtures import CATEGORY, IMAGE_SIZE, tiny_data, trained_run
 
 
-def invoke(*args) -> "click.testing.Result":
+def invoke(*args) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 

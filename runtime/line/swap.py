@@ -41,7 +41,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 
