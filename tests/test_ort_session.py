@@ -53,19 +53,6 @@ def _matmul_model(size: int = 384) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def _cpu_ms_after_run(session, feed, window_s: float = 0.02, probes: int = 9) -> float:
-    """Median CPU time (ms) the process burns in the ``window_s`` after run() returns while this thread
-    sleeps: what threads left spinning take from the decoders and the post-processing between frames."""
-    import time
-    spent = []
-    for _ in range(probes):
-        session.run(None, feed)
-        start = time.process_time()
-        time.sleep(window_s)
-        spent.append(1e3 * (time.process_time() - start))
-    return float(np.median(spent))
-
-
 def test_sessions_put_their_threads_to_sleep_when_a_run_returns():
     """ORT's default leaves its intra-op threads spinning for tens of ms after each run, on the cores
     the camera decoders and the post-processing need between frames; mrkd's sessions stop them."""
@@ -75,7 +62,11 @@ def test_sessions_put_their_threads_to_sleep_when_a_run_returns():
     ours = ort_session(model, ["cpu"], threads=2)
     assert ours.get_session_options().get_session_config_entry(STOP_SPINNING_AFTER_RUN[0]) == "1"
     spinning = ort_session(model, ["cpu"], threads=2, spin_after_run=True)   # ORT's own default
-    busy_ours, busy_spinning = _cpu_ms_after_run(ours, feed), _cpu_ms_after_run(spinning, feed)
+    # CPU the process burns in the 20 ms after run() returns while this thread sleeps (the backend
+    # bench's instrument): what threads left spinning take from the decoders between frames
+    from mrkd.benchmarks.bench_backends import busy_after_call_ms
+    busy_ours = busy_after_call_ms(lambda inputs: ours.run(None, inputs), feed, probes=9, window_s=0.02)
+    busy_spinning = busy_after_call_ms(lambda inputs: spinning.run(None, inputs), feed, probes=9, window_s=0.02)
     # the measurement sees spinning where ORT's default spins (else the first bound proves nothing)
     assert busy_spinning > 5.0, busy_spinning
     assert busy_ours < 0.25 * busy_spinning, (busy_ours, busy_spinning)
