@@ -419,8 +419,13 @@ def run_command(model, sources, line_file, **options):
     if not triggered and plc.wanted:
         raise SettingError("--modbus/--opcua (or [plc] in the line file) trigger parts: they need --trigger software or "
                            "hardware (or trigger = ... in the line file)")
-    if not triggered and (part["trigger_stdin"] or part["trigger_every"] or part["max_parts"]):
-        raise SettingError("--trigger-stdin, --trigger-every and --max-parts need --trigger software or hardware "
+    part_only = [flag for flag, name in (("--trigger-stdin", "trigger_stdin"), ("--trigger-every", "trigger_every"),
+                                         ("--max-parts", "max_parts"), ("--part-queue", "part_queue"),
+                                         ("--part-images", "part_images"), ("--part-timeout", "part_timeout"),
+                                         ("--part-early", "part_early"))
+                 if part[name] is not None and part[name] is not False]   # 0 is a value given
+    if not triggered and part_only:     # silently ignored, they would let a user believe parts are judged
+        raise SettingError(f"{', '.join(part_only)} judge parts: they need --trigger software or hardware "
                            "(or trigger = ... in the line file)")
     detectors, frames, outputs, running = {}, {}, [], False
     from mrkd.runtime.line.swap import hangups_held, reload_on_sighup   # hot swap (SIGHUP)

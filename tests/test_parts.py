@@ -316,6 +316,10 @@ def test_cli_keeps_a_sample_of_ok_parts_as_evidence(model, folder, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--trigger", "software"], "give a trigger source"),
     (["--trigger-every", "1"], "need --trigger software or hardware"),
+    # every part-only option without a part trigger is refused by name, 0 included (was ignored silently)
+    (["--part-queue", "0"], "--part-queue judge parts: they need --trigger software or hardware"),
+    (["--part-timeout", "1", "--part-images", "2"], "--part-images, --part-timeout judge parts"),
+    (["--part-early", "0.5"], "--part-early judge parts"),
     (["--feature", "Gain"], "--feature 'Gain': expected NAME=VALUE"),
     (["--trigger", "hardware", "--part-early", "nan"], "'nan' is not a finite number"),
     (["--trigger", "hardware", "--part-early", "11"], "--part-early"),
