@@ -630,3 +630,63 @@ def test_a_second_swap_right_after_a_swap_is_still_checked_on_recent_frames(runn
     done = running.slots.apply([running.state])
     assert [r.outcome for r in done] == ["swapped"] and "checked on 3 recent frame(s)" in done[0].detail
     assert "correlation 1.000" in done[0].detail
+
+
+def _fixed_threshold_line(tmp_path, running_threshold):
+    """A running model judged by camera cam0's own threshold 0.3 (line file or --threshold), 4 frames seen."""
+    live = tmp_path / "live" / "model.onnx"
+    live.parent.mkdir()
+    if running_threshold is None:
+        runtime_fixtures.build_tiny_model(live, threshold=None)
+    else:
+        export_tiny_model(live, threshold=running_threshold)
+    key = str(live.resolve())
+    detectors = {key: Detector(live)}
+    slots = ModelSlots(detectors, Detector, status=lambda _: None, fixed_thresholds={key: [("cam0", 0.3)]})
+    state = SimpleNamespace(camera=Camera(name="cam0", source=[], model=str(live), threshold=0.3),
+                            detector=detectors[key], policy=AlarmPolicy(0.3),
+                            info=CameraInfo("cam0", "test", str(live), file_sha256(live), "onnxruntime", "fp32",
+                                            0.3, "camera setting"))
+    slots.apply([state])
+    for i, frame in enumerate(frames()):
+        slots.note(key, frame, float(detectors[key](frame).scores[0]))
+    return SimpleNamespace(live=live, key=key, detectors=detectors, slots=slots, state=state, tmp=tmp_path)
+
+
+def _reload(line, version: Path):
+    install(version, line.live)
+    line.slots.request_reload("test")
+    assert line.slots.wait_idle(30)
+    return line.slots.apply([line.state]), line.slots.records[-1]
+
+
+def test_a_fixed_camera_threshold_refuses_a_model_that_scores_on_another_scale(tmp_path):
+    """A camera with its own threshold keeps that number through a swap. A model whose scores are on
+    another scale (a --score mrkd model's thresholds are ~0.5, a --score both one's ~45 on the same
+    data) went in silently, and the old number then judged the new scores: all alarms could go quiet."""
+    line = _fixed_threshold_line(tmp_path, running_threshold=0.1)
+    old = line.state.detector
+    done, record = _reload(line, export_tiny_model(tmp_path / "far.onnx", threshold=0.25))   # 2.5x: another scale
+    assert done == [] and record.outcome == "refused" and line.state.detector is old
+    assert "cam0 (0.3) judge by their own threshold" in record.detail and "0.25 against the running model's 0.1" \
+        in record.detail
+    done, record = _reload(line, export_tiny_model(tmp_path / "near.onnx", threshold=0.15))  # 1.5x: same scale
+    assert [r.outcome for r in done] == ["swapped"] and line.state.policy.threshold == 0.3
+    assert "cam0 (0.3) keep their own threshold" in record.detail
+    assert record.frames_before == 4
+    # the version just swapped in has judged 2 frames when the next replaces it (not the running total 6)
+    for frame in frames(2, seed=5):
+        line.slots.note(line.key, frame, float(line.state.detector(frame).scores[0]))
+    done, record = _reload(line, export_tiny_model(tmp_path / "next.onnx", threshold=0.12))
+    assert [r.outcome for r in done] == ["swapped"] and record.frames_before == 2
+    for detector in line.detectors.values():
+        detector.close()
+
+
+def test_a_fixed_camera_threshold_over_an_uncalibrated_model_compares_scores_on_the_same_frames(tmp_path):
+    line = _fixed_threshold_line(tmp_path, running_threshold=None)
+    done, record = _reload(line, export_tiny_model(tmp_path / "v2.onnx", threshold=0.2))      # same graph
+    assert [r.outcome for r in done] == ["swapped"]
+    assert "keep their own threshold (the new model's median score" in record.detail
+    for detector in line.detectors.values():
+        detector.close()

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, Iterator, List, MutableMapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,6 +51,11 @@ from mrkd.runtime.outputs.base import FrameResult, LineObserver
 logger = logging.getLogger(__name__)
 
 CHECK_FRAMES = 3              # frames of each model path the candidate must score before the swap
+# A camera with its own threshold (line file or --threshold) keeps that number through a swap; it only
+# means the same thing if the new version scores on the running one's scale. Past this ratio between
+# their calibrated thresholds (or their median scores on the same frames), the number would be on
+# another scale (another score kind: 1 - cos against memory-bank distances), alarms could fall silent.
+FIXED_THRESHOLD_SCALE = 2.0
 COMPATIBLE_FIELDS = ("image_size", "backbone", "input_format")
 
 
@@ -70,7 +75,7 @@ class SwapRecord:
     detail: str = ""
     load_s: float = 0.0
     at: float = 0.0                  # wall clock of the outcome (the swap itself for "swapped")
-    frames_before: int = 0           # frames (part images) this path's old model had judged when replaced
+    frames_before: int = 0           # frames (part images) the replaced version judged (since it went in)
 
 
 @dataclass
@@ -103,8 +108,11 @@ class ModelSlots(LineObserver):
     """
 
     def __init__(self, detectors: MutableMapping[str, object], opener: Callable[[str], object],
-                 status: Callable[[str], None] = logger.warning, check_frames: int = CHECK_FRAMES):
+                 status: Callable[[str], None] = logger.warning, check_frames: int = CHECK_FRAMES,
+                 fixed_thresholds: Optional[Mapping[str, Sequence[Tuple[str, float]]]] = None):
         self.detectors = detectors
+        # resolved model path -> (camera, threshold) of the cameras that judge it by their own threshold
+        self._fixed = {key: tuple(cameras) for key, cameras in (fixed_thresholds or {}).items() if cameras}
         self._opener, self._status = opener, status
         self._check_frames_kept = max(1, check_frames)
         self._lock = threading.Lock()
@@ -189,7 +197,8 @@ class ModelSlots(LineObserver):
                                       f"{getattr(old_meta, name)!r}; restart the line for such a model")
             if new_detector.threshold is None:
                 raise SwapRefused(f"{path}: has no calibrated threshold; the running model's alarms need one")
-            detail, checked = self._check_frames(slot, new_detector)
+            detail, checked, old_scores = self._check_frames(slot, new_detector)
+            detail += self._check_fixed_thresholds(key, slot, new_detector, old_scores, [s for _, s in checked])
         except SwapRefused as exc:
             if new_detector is not None:
                 new_detector.close()
@@ -214,13 +223,14 @@ class ModelSlots(LineObserver):
         return (f"; the version {pending.sha256[:12]} staged by the earlier reload ({pending.reason}) is dropped, "
                 f"not swapped in")
 
-    def _check_frames(self, slot: _Slot, detector) -> Tuple[str, List[Tuple[np.ndarray, float]]]:
-        """The check's outcome, and the frames it scored with the new model's scores (they check the
-        version after it: a second swap right after a swap is checked too, not taken unchecked)."""
+    def _check_frames(self, slot: _Slot, detector) -> Tuple[str, List[Tuple[np.ndarray, float]], List[float]]:
+        """The check's outcome, the frames it scored with the new model's scores (they check the
+        version after it: a second swap right after a swap is checked too, not taken unchecked), and
+        the running model's scores of those frames."""
         with self._lock:
             recent = list(slot.recent)
         if not recent:
-            return "no frame seen yet to check it on", []
+            return "no frame seen yet to check it on", [], []
         frames = [frame for frame, _ in recent]
         try:
             result = detector(frames)
@@ -236,7 +246,31 @@ class ModelSlots(LineObserver):
         new = result.scores.astype(np.float64)
         corr = float(np.corrcoef(old, new)[0, 1]) if len(old) > 1 and old.std() > 0 and new.std() > 0 else math.nan
         return (f"checked on {len(frames)} recent frame(s): scores old {_fmt(old)} new {_fmt(new)}"
-                + ("" if math.isnan(corr) else f", correlation {corr:.3f}")), list(zip(frames, map(float, new)))
+                + ("" if math.isnan(corr) else f", correlation {corr:.3f}")), list(zip(frames, map(float, new))), \
+            [float(v) for v in old]
+
+    def _check_fixed_thresholds(self, key: str, slot: _Slot, detector, old_scores: List[float],
+                                new_scores: List[float]) -> str:
+        """Refuse a version whose scores are on another scale than the running one's when a camera keeps
+        its own threshold through the swap (it would judge the new scores by the old scale's number);
+        else the text the record adds, naming the kept thresholds."""
+        fixed = self._fixed.get(key)
+        if not fixed:
+            return ""
+        old_cal, new_cal = slot.detector.threshold, detector.threshold
+        if old_cal is not None and old_cal > 0 and new_cal > 0:
+            ratio, basis = new_cal / old_cal, f"calibrated threshold {new_cal:.4g} against the running model's {old_cal:.4g}"
+        elif old_scores and np.median(old_scores) > 0:
+            new_median, old_median = float(np.median(new_scores)), float(np.median(old_scores))
+            ratio, basis = new_median / old_median, f"median score {new_median:.4g} against the running model's {old_median:.4g} on the same frames"
+        else:
+            ratio, basis = math.nan, "no calibrated threshold of the running model and no frame to compare on"
+        cameras = ", ".join(f"{name} ({threshold:g})" for name, threshold in fixed)
+        if not (1.0 / FIXED_THRESHOLD_SCALE <= ratio <= FIXED_THRESHOLD_SCALE):    # nan included
+            raise SwapRefused(f"{slot.path}: camera(s) {cameras} judge by their own threshold, and the new model "
+                              f"scores on another scale ({basis}); set their threshold for the new model (line "
+                              f"file or --threshold) and restart, or drop it to use the model's")
+        return f"; camera(s) {cameras} keep their own threshold (the new model's {basis})"
 
     def _record(self, record: SwapRecord) -> None:
         with self._lock:
@@ -301,8 +335,10 @@ class ModelSlots(LineObserver):
             with self._lock:        # the frames it was checked on, with its own scores, until new ones come
                 slot.recent.clear()
                 slot.recent.extend(staged.checked)
+            with self._lock:
+                judged, slot.frames = slot.frames, 0
             record = SwapRecord(slot.path, staged.reason, "swapped", old_sha, sha, staged.detail, staged.load_s,
-                                time.time(), slot.frames)
+                                time.time(), judged)
             self._record(record)
             done.append(record)
             old.close()
@@ -338,7 +374,11 @@ def line_slots(line, detectors: MutableMapping[str, object],
     def opener(path: str):
         return Detector(path, backend=line.backend, postprocess=line.postprocess,
                         providers=list(line.providers) if line.providers else None, threads=line.threads)
-    return ModelSlots(detectors, opener, status)
+    fixed: Dict[str, List[Tuple[str, float]]] = {}
+    for camera in line.cameras:          # recipes' models are judged by their own thresholds (parts.py)
+        if camera.alarm.threshold is not None:
+            fixed.setdefault(str(Path(camera.model).resolve()), []).append((camera.name, float(camera.alarm.threshold)))
+    return ModelSlots(detectors, opener, status, fixed_thresholds=fixed)
 
 
 @contextlib.contextmanager
