@@ -54,8 +54,9 @@ def sigterm_unwinds() -> Iterator[None]:
               help="The events log the labels refer to: labels naming other event ids, or images whose sha256 is "
                    "not the evidence's the event recorded, are skipped with a warning.")
 @click.option("--force", is_flag=True,
-              help="Write the new model even when it no longer flags an image marked 'defect confirmed' "
-                   "(default: refuse, exit 1, nothing written; with --force: a loud warning).")
+              help="Write the new model even when it no longer flags an image marked 'defect confirmed', or "
+                   "when such an image is missing or changed so it cannot be checked (default: refuse, exit 1, "
+                   "nothing written; with --force: a loud warning).")
 @click.option("--no-export", is_flag=True, help="Write only the checkpoint (default: also model.onnx + sidecar).")
 @click.option("--method", type=click.Choice(list(THRESHOLD_METHODS)), default=None,
               help="Threshold rule (default: the parent's). " + METHOD_HELP)
@@ -85,5 +86,6 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
                                   quantile=quantile, method=method, batch_size=batch_size,
                                   guard_keep=defect_guard, reweight=reweight, echo=click.echo)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
-               f"{result.lineage['labels_sha256'][:12]}) in {result.seconds:.1f} s: "
+               f"{result.lineage['labels_sha256'][:12]}) in {result.wall_seconds:.1f} s (the bank and threshold "
+               f"{result.seconds:.1f} s): "
                + ", ".join(result.files.values()))

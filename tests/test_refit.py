@@ -9,6 +9,7 @@ calibration rule recomputed from the model's own scores.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -270,6 +271,33 @@ def test_reviewed_images_missing_changed_or_of_unknown_events_are_skipped_with_a
                          echo=lambda line: None)
 
 
+def test_a_confirmed_defect_whose_image_is_gone_refuses_the_refit_unless_force(parent, tmp_path):
+    """The confirmed-defect check is the refit's safety net; an image marked "defect confirmed" that no
+    longer exists (or changed) was skipped with a warning and the refit went on without that check."""
+    defect = tmp_path / "defect.png"
+    shutil.copy(sorted((parent / "evidence").iterdir())[-1], defect)
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2) + [("evD", defect, "defect")])
+    defect.unlink()
+    lines = []
+    with pytest.raises(RefitError, match=r"1 image\(s\) marked 'defect' cannot be checked.*--force"):
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
+                         echo=lines.append)
+    assert any("evD" in line and "no longer exists" in line for line in lines)
+    assert not (tmp_path / "out").exists()
+    lines = []
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
+                              force=True, echo=lines.append)
+    assert result.lineage["defect_images"] == [] and len(result.lineage["good_images"]) == 2
+    assert any(line.startswith("WARNING: 1 image(s) marked 'defect'") for line in lines)
+    # a missing image marked good only leaves that image out (it adds nothing to the bank): no refusal
+    gone = tmp_path / "gone.png"
+    shutil.copy(good_marks(parent, 3)[2][1], gone)
+    labels = write_labels(tmp_path / "labels2.jsonl", good_marks(parent, 2) + [("evG", gone, "good")])
+    gone.unlink()
+    assert refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out2", export=False,
+                            echo=lambda line: None).lineage["good_images"] == [str(m[1]) for m in good_marks(parent, 2)]
+
+
 def test_bank_over_its_cap_is_reselected_within_it(parent, tmp_path):
     from mrkd.train.checkpoint import load_checkpoint
     from mrkd.train.refit import refit_model
@@ -333,6 +361,12 @@ def test_cli_writes_checkpoint_and_export_with_lineage_the_runtime_loads(parent,
     assert meta["extra"]["model_version"] == 2
     assert meta["extra"]["parent_sha256"] == file_sha256(parent / "parent.ckpt")
     assert meta["extra"]["labels_sha256"] == file_sha256(labels)
+    # what it prints names the version's folder, never the staging folder it was built in (renamed away)
+    printed = done.stdout + done.stderr
+    assert str(tmp_path / "v2" / "model.onnx") in printed and f"{tmp_path / '.v2.'}" not in printed, printed
+    total, bank = (float(x) for x in re.search(r"in ([\d.]+) s \(the bank and threshold ([\d.]+) s\)",
+                                               printed).groups())
+    assert total >= bank > 0              # the whole refit, export included, against its compute part
     from mrkd.runtime.detector import Detector
     from mrkd.train.checkpoint import load_checkpoint
     from mrkd.train.calibrate import score_images

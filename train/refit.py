@@ -128,7 +128,8 @@ class RefitResult:
     defect_scores_after: List[float]
     defects_missed: List[str]            # defect-confirmed images the new model no longer flags
     reviewed_still_flagged: List[str]    # images reviewed as good that the new model still flags
-    seconds: float = 0.0
+    seconds: float = 0.0                 # the bank's growth and the new threshold (refit_model)
+    wall_seconds: float = 0.0            # the whole refit_checkpoint: reading, refit, export, writing
     files: dict = field(default_factory=dict)
     lineage: Optional[dict] = None
     guarded_patches: int = 0             # candidate patches kept out by the defect guard
@@ -430,10 +431,22 @@ def image_listing(paths: Sequence[str], scores: Sequence[float], chosen: set, re
 # ---------------------------------------------------------------- files
 
 @dataclass(frozen=True)
+class SkippedLabel:
+    """A label refit leaves out, and why (its image is missing or changed, its event unknown)."""
+    labels_path: str
+    event_id: str
+    label: str                         # GOOD or DEFECT
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.labels_path}: event {self.event_id} ({self.label}) skipped: {self.reason}"
+
+
+@dataclass(frozen=True)
 class ReviewedImages:
     good: Tuple[str, ...]
     defect: Tuple[str, ...]
-    skipped: Tuple[str, ...]           # one line per label left out, with the reason
+    skipped: Tuple[SkippedLabel, ...]
 
 
 def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
@@ -459,8 +472,8 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
         elif events is not None and _changed_since_run(events[label.event_id], label, image):
             reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
-            skipped.append(f"{labels_path}: event {label.event_id} ({label.label}) skipped: {reason}")
-            warn(skipped[-1])
+            skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason))
+            warn(str(skipped[-1]))
             continue
         (good if label.label == GOOD else defect).append(str(image))
     return ReviewedImages(tuple(dict.fromkeys(good)), tuple(dict.fromkeys(defect)), tuple(skipped))
@@ -503,7 +516,9 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
     built in a temporary folder and renamed into place at the end. ``events``: an events log whose
     ids the labels must name and whose evidence sha256 their images must have. ``radius_quantile``: refit_model's growth stop. Raises RefitError when a
-    confirmed defect is no longer flagged, unless ``force``."""
+    confirmed defect is no longer flagged, or a label "defect confirmed" cannot be checked (its image is
+    missing or changed), unless ``force``."""
+    started = time.perf_counter()
     from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
     from mrkd.train.data import DataError, scan_folder
     model_path, labels_path = Path(model_path), Path(labels_path)
@@ -519,6 +534,13 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         except OSError as exc:
             raise RefitError(f"{events}: cannot read the events log ({exc})") from exc
     reviewed = reviewed_images(labels_path, known, events, warn=echo)
+    unchecked = [skip for skip in reviewed.skipped if skip.label == DEFECT]
+    if unchecked:      # the confirmed-defect check is the refit's safety net: without the image it is blind
+        message = (f"{len(unchecked)} image(s) marked '{DEFECT}' cannot be checked against the new model "
+                   f"(listed above)")
+        if not force:
+            raise RefitError(message + "; nothing written (--force refits without them)")
+        echo(f"WARNING: {message}; refit without them (--force)")
     if not reviewed.good:
         raise RefitError(f"{labels_path}: no usable image marked good (of {len(reviewed.skipped)} skipped); "
                          f"nothing to refit")
@@ -581,7 +603,9 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         save_checkpoint(model.cpu(), staging / CHECKPOINT_NAME, extra=kept)
         if export:       # the checkpoint carries the lineage; the export puts it into the sidecars
             from mrkd.export.pipeline import export_checkpoint
-            export_checkpoint(staging / CHECKPOINT_NAME, staging, echo=echo)
+            # its lines name the files where they will be once the folder is renamed into place
+            export_checkpoint(staging / CHECKPOINT_NAME, staging,
+                              echo=lambda text: echo(text.replace(str(staging), str(out_dir))))
         # mkdtemp's folder is private (0700); the version is a folder like any other (the line's account reads it)
         os.chmod(staging, 0o777 & ~current_umask())
         try:
@@ -592,6 +616,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     result.files = {p.name: str(out_dir / p.name) for p in sorted(out_dir.iterdir())}
+    result.wall_seconds = time.perf_counter() - started
     return result
 
 
