@@ -30,7 +30,6 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from mrkd.errors import MrkdError
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, ReviewError, UnlabellableError, append_checked, \
     check_label_file, label_event
-from mrkd.runtime.review import part_camera as _part_camera   # noqa: F401 (its old home; tests import it here)
 
 MAX_BODY = 16 * 1024
 

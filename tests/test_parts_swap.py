@@ -486,7 +486,7 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
     ("nope", (None, "the part has no camera 'nope' (it has ['left', 'right'])")),
 ])
 def test_review_of_a_part_names_one_camera(asked, expected):
-    from mrkd.runtime.control import _part_camera
+    from mrkd.runtime.review import part_camera as _part_camera
     event = {"cameras": [{"camera": "left", "anomalous": False}, {"camera": "right", "anomalous": True}]}
     assert _part_camera(event, asked) == expected
     both = {"cameras": [{"camera": "left", "anomalous": True}, {"camera": "right", "anomalous": True}]}

@@ -65,7 +65,7 @@ from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT
     calibration_from_scores
 from mrkd.runtime.images import ImageReadError
 from mrkd.runtime.metadata import file_sha256
-from mrkd.runtime.review import DEFECT, GOOD, ReviewError, evidence_changed, image_sha256, label_image, \
+from mrkd.runtime.review import DEFECT, GOOD, evidence_changed, image_sha256, label_image, \
     labels_file_sha256, latest_labels, one_camera_event, read_labels, read_review_events
 
 logger = logging.getLogger(__name__)
