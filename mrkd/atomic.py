@@ -8,6 +8,7 @@ An error (a full disk) names the file being written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import threading
@@ -77,3 +78,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as handle:
         handle.write(text)
+
+
+def append_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` (whole JSON lines) to the open append-mode file ``fd`` and fsync it, or leave the
+    file as it was: a short write (disk full) or a failed fsync is cut back, so a reader never meets half
+    a line. Raises the OSError (errno kept; ENOSPC for a short write)."""
+    before = os.fstat(fd).st_size
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, before)
+        except OSError:
+            pass
+        raise

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from mrkd.atomic import append_whole
 from mrkd.errors import MrkdError
 from mrkd.runtime.metadata import file_sha256
 
@@ -204,17 +205,9 @@ class LabelFile:
         data = b"".join((json.dumps(dataclasses.asdict(label), sort_keys=True) + "\n").encode("utf-8")
                         for label in labels)
         with self._lock:
-            before = os.fstat(self._fd).st_size
             try:
-                written = os.write(self._fd, data)
-                if written != len(data):      # disk full: never leave half a line behind
-                    raise OSError(28, f"short write ({written} of {len(data)} bytes)")
-                os.fsync(self._fd)
+                append_whole(self._fd, data)      # disk full: never leave half a line behind
             except OSError as exc:
-                try:
-                    os.ftruncate(self._fd, before)
-                except OSError:
-                    pass
                 raise ReviewError(f"{self.path}: {exc.strerror or exc}; label not saved") from None
 
     @contextlib.contextmanager

@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from mrkd.atomic import append_whole
 from mrkd.errors import MrkdError
 from mrkd.runtime.line.alarms import Alarm
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, Verdict
@@ -140,17 +141,9 @@ class EventLog:
         line = (json.dumps(event, sort_keys=True) + "\n").encode("utf-8")
         with self._lock:
             self._reopen_if_gone()
-            before = os.fstat(self._fd).st_size
             try:
-                written = os.write(self._fd, line)
-                if written != len(line):
-                    raise OSError(28, f"short write ({written} of {len(line)} bytes)")
-                os.fsync(self._fd)
+                append_whole(self._fd, line)
             except OSError as exc:
-                try:
-                    os.ftruncate(self._fd, before)
-                except OSError:
-                    pass
                 raise OSError(exc.errno, f"{self.path}: {exc.strerror or exc}") from None
             self.written += 1
 
