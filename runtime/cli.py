@@ -424,6 +424,8 @@ def run_command(model, sources, line_file, **options):
                                          ("--part-images", "part_images"), ("--part-timeout", "part_timeout"),
                                          ("--part-early", "part_early"))
                  if part[name] is not None and part[name] is not False]   # 0 is a value given
+    if line.part is not None:
+        part_only.append("[part]/[recipes] in the line file")
     if not triggered and part_only:     # silently ignored, they would let a user believe parts are judged
         raise SettingError(f"{', '.join(part_only)} judge parts: they need --trigger software or hardware "
                            "(or trigger = ... in the line file)")

@@ -211,6 +211,20 @@ def test_hardware_early_window_from_the_line_file_and_the_command_line(model, tm
     assert PartSettings().early == 0.25
 
 
+def test_a_line_file_part_table_without_a_part_trigger_is_refused(model, folder, tmp_path):
+    """[part] in a line file whose cameras run free was ignored: the line scored frames with no word."""
+    from mrkd.runtime.cli import run_command
+    line_file = tmp_path / "line.toml"
+    line_file.write_text(f'[[camera]]\nname = "cam"\nsource = "{folder[0]}"\nmodel = "{model}"\n[part]\ntimeout = 1.5\n')
+    result = CliRunner().invoke(run_command, ["--line", str(line_file)])
+    assert result.exit_code != 0 and "[part]/[recipes] in the line file judge parts: they need --trigger" in \
+        result.output and "Traceback" not in result.output, result.output
+    # with the trigger on the command line the same file runs its parts
+    result = CliRunner().invoke(run_command, ["--line", str(line_file), "--trigger", "software", "--trigger-stdin"],
+                                input="P1\n")
+    assert result.exit_code == 0, result.output
+
+
 def test_line_file_features_table(model, tmp_path):
     text = ('[[camera]]\nname = "cam"\nsource = "gige://10.0.0.9"\ntrigger = "hardware"\n'
             '[camera.features]\nExposureTime = 5000\nReverseX = true\nPixelFormat = "BayerRG8"\n')
