@@ -690,3 +690,31 @@ def test_a_fixed_camera_threshold_over_an_uncalibrated_model_compares_scores_on_
     assert "keep their own threshold (the new model's median score" in record.detail
     for detector in line.detectors.values():
         detector.close()
+
+
+def test_the_lines_slots_know_which_cameras_judge_by_their_own_threshold(tmp_path):
+    """line_slots (what `mrkd run` builds) hands the cameras' own thresholds to the swap, by the same
+    resolved path the detectors are kept under: the --threshold camera refuses the far model, the
+    camera on the other model (its model's threshold) takes its own far version."""
+    from mrkd.runtime.line.loop import Line
+    from mrkd.runtime.line.swap import line_slots
+    fixed, free = tmp_path / "a" / "model.onnx", tmp_path / "b" / "model.onnx"
+    for path in (fixed, free):
+        path.parent.mkdir()
+        export_tiny_model(path, threshold=0.1)
+    line = Line((Camera("fixed", [], str(tmp_path / "a" / ".." / "a" / "model.onnx"), threshold=0.3),
+                 Camera("free", [], str(free))))
+    detectors = {str(p.resolve()): Detector(p) for p in (fixed, free)}
+    slots = line_slots(line, detectors, status=lambda _: None)
+    for key, detector in detectors.items():
+        slots.note(key, frames(1)[0], float(detector(frames(1)[0]).scores[0]))
+    for path in (fixed, free):
+        install(export_tiny_model(tmp_path / "far.onnx", threshold=0.5), path)
+    slots.request_reload("test")
+    assert slots.wait_idle(30)
+    outcomes = {Path(r.model).parent.name: (r.outcome, r.detail) for r in slots.records}
+    assert outcomes["a"][0] == "refused" and "fixed (0.3) judge by their own threshold" in outcomes["a"][1]
+    assert [Path(p).resolve() for p in slots.staged()] == [free.resolve()]
+    assert [(Path(r.model).parent.name, r.outcome) for r in slots.apply()] == [("b", "swapped")]
+    for detector in detectors.values():
+        detector.close()
