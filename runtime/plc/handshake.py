@@ -16,6 +16,9 @@ Rules (docs/PLC.md is the printable version):
 - Results Valid stays 1 until a rising edge of Results Ack; that edge presents the next buffered
   result (if any) at once, so Inspection Id changes and Results Valid stays 1.
 - Clear Error's rising edge clears Error, Error Code, Missed Trigger and Overrun.
+- Set Offline is the Modbus PLC's hold on the line's one offline (runtime/plc/offline.py): Online is
+  0 while any interface holds the line offline (an OPC UA Halt too), and Set Offline = 0 releases the
+  PLC's own hold only.
 - State belongs to the line, not to a connection: a PLC that reconnects finds it as it left it.
 
 Locking: ``_lock`` guards the state and is never held while calling the target (the part runner
@@ -35,6 +38,7 @@ from typing import Callable, Deque, List, Optional
 
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, PartResult, TriggerReceipt, Verdict
+from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +142,7 @@ class Handshake(LineObserver):
         if not 1 <= capacity <= 64:
             raise ValueError(f"results buffer: 1..64 results, got {capacity}")
         self.target, self.capacity, self.name = target, capacity, name
+        self.offline = LineOffline.of(target)       # shared with the line's other interfaces
         self._lock = threading.Lock()
         # PLC levels and values as last written
         self._enable = self._trigger = self._ack = self._clear = self._offline = False
@@ -151,6 +156,7 @@ class Handshake(LineObserver):
         self._judged = self._ng = self._missed = self._dropped = 0
         self._stopped = False
         self._listeners: List[Callable[[], None]] = []
+        self.offline.subscribe(self._changed)        # Online follows another interface's hold too
 
     # ------------------------------------------------------------ PLC writes
     def set_trigger_enable(self, level: bool) -> None:
@@ -170,8 +176,8 @@ class Handshake(LineObserver):
                 refusal = "no edge"
             elif self._stopped:
                 refusal = "the line has stopped"
-            elif self._offline:
-                refusal = "Set Offline is 1"
+            elif self.offline.held:
+                refusal = f"the line is offline ({self.offline.describe()})"
             elif not self._enable:
                 refusal = "Trigger Enable is 0"
             else:
@@ -211,12 +217,15 @@ class Handshake(LineObserver):
         self._changed()
 
     def set_offline(self, level: bool) -> None:
+        """The PLC's own hold on the line's offline: 0 releases it, not another interface's."""
         with self._lock:
             changed = bool(level) != self._offline
             self._offline = bool(level)
         if changed:
-            self.target.set_online(not level)
-            self._changed()
+            if level:     # the holders' listeners (our _changed among them) hear of it
+                self.offline.hold(OfflineHolder.MODBUS)
+            else:
+                self.offline.release(OfflineHolder.MODBUS)
 
     def set_recipe(self, number: int) -> None:
         """The recipe of the next trigger on (HandshakeError for one the line does not list)."""
@@ -245,7 +254,7 @@ class Handshake(LineObserver):
     def image(self) -> PlcImage:
         online, ready, busy = bool(self.target.online), bool(self.target.ready), bool(self.target.busy)
         with self._lock:
-            online = online and not self._stopped and not self._offline
+            online = online and not self._stopped and not self.offline.held
             result = self._buffer[0] if self._buffer else None
             return PlcImage(
                 online=online, trigger_ready=online and ready and self._enable and not self._trigger_ack,

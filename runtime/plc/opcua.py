@@ -7,6 +7,10 @@ browse names; docs/PLC.md lists it):
   Operational) and ``AutomaticModeState`` (Initialized, Ready, SingleExecution,
   ContinuousExecution); methods ``SelectModeAutomatic``, ``Halt``, ``Reset``, ``StartSingleJob``,
   ``StartContinuous``, ``Stop``, ``Abort``. The system starts Operational / Ready with recipe 0.
+  Out of Operational the state machine holds the line's one offline (runtime/plc/offline.py); while
+  another interface holds it (a Modbus PLC's Set Offline) an Operational system shows Preoperational
+  (OPC 40100-1's automatic transition), refuses jobs and SelectModeAutomatic with BadInvalidState, and
+  goes back to Operational / Ready by itself when that hold is released.
 * ``VisionSystem/RecipeManagement``: ``PrepareRecipe(ExternalId)`` selects a recipe of the line file
   for the next jobs, ``UnprepareRecipe`` goes back to recipe 0 (the spec's Ready -> Initialized is not
   modelled: recipe 0 is always there); recipes are the line file's, there is no ``AddRecipe`` at run
@@ -51,6 +55,7 @@ from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
 from mrkd.runtime.plc import PlcError, known_host
 from mrkd.runtime.plc.aio import AsyncioServerThread
+from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
 from mrkd.runtime.plc.trust import TrustFolder
 
 logger = logging.getLogger(__name__)
@@ -103,7 +108,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                            "(Basic256Sha256 Sign&Encrypt)")
         self.trusted = TrustFolder(trust) if trust is not None else None
         self.url: Optional[str] = None
+        # the state machine's own state; clients read _shown() (another interface may hold the line offline)
         self.state, self.mode = "Operational", "Ready"
+        self.offline = LineOffline.of(target)      # shared with the line's other interfaces
+        self.offline.subscribe(self._line_offline_changed)
         self.recipe = int(target.active_recipe)
         self.results = self.jobs = 0
         # (part id, trigger time) -> (job id, MeasId) waiting for that part's result. The trigger's time
@@ -195,8 +203,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
         vs = await server.nodes.objects.add_object(idx, "VisionSystem")
         machine = await vs.add_object(idx, "VisionStateMachine")
-        self._nodes["state"] = await machine.add_variable(idx, "CurrentState", ua.LocalizedText(self.state))
-        self._nodes["mode"] = await machine.add_variable(idx, "AutomaticModeState", ua.LocalizedText(self.mode))
+        state, mode = self._shown()
+        self._nodes["state"] = await machine.add_variable(idx, "CurrentState", ua.LocalizedText(state))
+        self._nodes["mode"] = await machine.add_variable(idx, "AutomaticModeState", ua.LocalizedText(mode))
         job_args = [arg(n, f"{n} (String; the spec's {n}DataType)") for n in JOB_INPUTS]
         job_out = [arg("JobId", "the id the ResultReady event of this job carries")]
         for name, call, inputs, outputs in [
@@ -293,13 +302,41 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
     # ------------------------------------------------------------ the state machine
     async def _set_state(self, state: Optional[str] = None, mode: Optional[str] = None) -> None:
+        """Change the state machine's own state and/or mode (out of Operational it holds the line
+        offline), then write what clients read (``_shown``)."""
         from asyncua import ua
         if state is not None:
             self.state = state
-            await self._nodes["state"].write_value(ua.LocalizedText(state))
+            if state == "Operational":
+                self.offline.release(OfflineHolder.OPCUA)
+            else:
+                self.offline.hold(OfflineHolder.OPCUA, state)
         if mode is not None:
             self.mode = mode
-            await self._nodes["mode"].write_value(ua.LocalizedText(mode))
+        shown_state, shown_mode = self._shown()
+        await self._nodes["state"].write_value(ua.LocalizedText(shown_state))
+        await self._nodes["mode"].write_value(ua.LocalizedText(shown_mode))
+
+    def _shown(self) -> Tuple[str, str]:
+        """CurrentState and AutomaticModeState as clients read them: while another interface holds the
+        line offline an Operational system is Preoperational (entered and left by automatic
+        transitions), so it never looks ready for a job the line would refuse."""
+        if self.state == "Operational" and self.offline.held_by_another(OfflineHolder.OPCUA):
+            return "Preoperational", ""
+        return self.state, self.mode
+
+    def _line_offline_changed(self) -> None:
+        # called on the thread that changed the holders (a Modbus write's, or ours)
+        if self._loop is not None and not self._closed:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._follow_line()))
+
+    async def _follow_line(self) -> None:
+        if self._server is None:
+            return
+        if self._shown()[0] != self.state:     # another interface took the line: no job runs on
+            await self._end_continuous()
+            self.mode = "Ready"                # what its release comes back to
+        await self._set_state()
 
     @staticmethod
     def _status(code):
@@ -307,15 +344,13 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         return ua.StatusCode(getattr(ua.StatusCodes, code))
 
     async def _select_automatic(self, parent):
-        if self.state not in ("Preoperational", "Operational"):
-            return self._status("BadInvalidState")
-        self.target.set_online(True)
+        if self.state not in ("Preoperational", "Operational") or self.offline.held_by_another(OfflineHolder.OPCUA):
+            return self._status("BadInvalidState")        # the line would stay offline: not Operational
         await self._set_state("Operational", "Ready")
         return []
 
     async def _halt(self, parent):
         await self._end_continuous()
-        self.target.set_online(False)
         await self._set_state("Halted", "")
         return []
 
@@ -329,7 +364,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         checked = self._job_arguments(args)
         if not isinstance(checked, dict):
             return checked
-        if (self.state, self.mode) != ("Operational", "Ready"):
+        if self._shown() != ("Operational", "Ready"):
             return self._status("BadInvalidState")
         job = self._trigger(checked)
         if job is None:
@@ -342,7 +377,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         checked = self._job_arguments(args)
         if not isinstance(checked, dict):
             return checked
-        if (self.state, self.mode) != ("Operational", "Ready"):
+        if self._shown() != ("Operational", "Ready"):
             return self._status("BadInvalidState")
         self.jobs += 1
         job = f"continuous-{self.jobs}"
@@ -384,7 +419,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         text = checked[0].strip()
         if not text.isdigit() or int(text) not in self.target.recipes:
             return self._status("BadInvalidArgument")
-        if self.mode not in ("Ready", "Initialized"):
+        if self._shown()[1] not in ("Ready", "Initialized"):
             return self._status("BadInvalidState")
         self.recipe = int(text)
         await self._nodes["prepared"].write_value(str(self.recipe))
@@ -473,7 +508,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if self.mode == "SingleExecution" and job and job == self._single_job:
             self._single_job = None
             self.mode = "Ready"
-            values["mode"] = ua.LocalizedText("Ready")
+            values["mode"] = ua.LocalizedText(self._shown()[1])
         await self._write_all(values)
         event = self._events.event
         event.ResultId, event.JobId, event.IsPartial, event.ResultState = str(part.inspection_id), job, False, state
