@@ -121,15 +121,7 @@ def test_mrkd_run_with_opcua_and_modbus_on_one_line(tmp_path):
     import asyncio
     pytest.importorskip("asyncua")
     from asyncua import Client
-    model = build_tiny_model(tmp_path / "tiny.onnx")
-    part_images(tmp_path / "parts", "d")
-    modbus_port, opcua_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"), "--trigger",
-         "software", "--modbus", f"127.0.0.1:{modbus_port}", "--opcua", f"opc.tcp://127.0.0.1:{opcua_port}",
-         "--opcua-user", "op", "--opcua-password-env", "MRKD_TEST_PW", "--status-every", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", MRKD_TEST_PW="pw"))
+    process, modbus_port, opcua_port = start_line_with_modbus_and_opcua(tmp_path, "d")
     try:
         plc = connect(modbus_port, process)
 
@@ -210,3 +202,18 @@ def test_an_opcua_client_killed_mid_session_leaves_no_noise_at_the_stop(tmp_path
     foreign = [line for line in err.splitlines() if line.strip() and not line.startswith(("WARNING mrkd", "tiny.onnx",
                                                                                           "OPC UA VisionSystem"))]
     assert not foreign, err[-3000:]
+
+
+def start_line_with_modbus_and_opcua(tmp_path, pattern: str):
+    """`mrkd run` of a tiny model over a folder of parts (``pattern``: plc_fixtures.part_images') serving
+    Modbus TCP and OPC UA (user op / pw) on free local ports: (process, modbus_port, opcua_port)."""
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", pattern)
+    modbus_port, opcua_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"), "--trigger",
+         "software", "--modbus", f"127.0.0.1:{modbus_port}", "--opcua", f"opc.tcp://127.0.0.1:{opcua_port}",
+         "--opcua-user", "op", "--opcua-password-env", "MRKD_TEST_PW", "--status-every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", MRKD_TEST_PW="pw"))
+    return process, modbus_port, opcua_port

@@ -7,19 +7,15 @@ other still holds it."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from peers import require_program
-from plc_fixtures import part_images
-from runtime_fixtures import build_tiny_model
-from test_plc_cli import free_port
+from test_plc_cli import start_line_with_modbus_and_opcua
 
 from mrkd.benchmarks.plc_peer import DI, SET_OFFLINE, TRIGGER_ENABLE, mbpoll
 
@@ -84,15 +80,7 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 60.0) 
 def test_modbus_set_offline_and_opcua_halt_are_one_offline_with_a_holder_each(tmp_path):
     require_program("mbpoll", ["mbpoll"])
     node = node_client_ready()
-    model = build_tiny_model(tmp_path / "tiny.onnx")
-    part_images(tmp_path / "parts", "ggg")
-    modbus_port, opcua_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"), "--trigger",
-         "software", "--modbus", f"127.0.0.1:{modbus_port}", "--opcua", f"opc.tcp://127.0.0.1:{opcua_port}",
-         "--opcua-user", "op", "--opcua-password-env", "MRKD_TEST_PW", "--status-every", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", MRKD_TEST_PW="pw"))
+    process, modbus_port, opcua_port = start_line_with_modbus_and_opcua(tmp_path, "ggg")
 
     def read(table: str, ref: int, count: int = 1) -> list:
         rc, values, err = mbpoll(modbus_port, table, ref, count)

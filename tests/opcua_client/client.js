@@ -1,20 +1,15 @@
 // node-opcua as an independent OPC UA client: starts jobs on mrkd's VisionSystem, receives its
 // ResultReady events and prints one JSON line per thing it saw. Usage:
 //   node client.js URL USER PASSWORD JOBS
-const { OPCUAClient, UserTokenType, DataType, MessageSecurityMode, SecurityPolicy } = require("node-opcua-client");
-const { visionSystem, string } = require("./vision");
+const { DataType } = require("node-opcua-client");
+const { userSession, visionSystem, string } = require("./vision");
 
 const [url, user, password, jobsText] = process.argv.slice(2);
 const jobs = parseInt(jobsText, 10);
 const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
 
 async function main() {
-  const client = OPCUAClient.create({
-    endpointMustExist: false, securityMode: MessageSecurityMode.None, securityPolicy: SecurityPolicy.None,
-    connectionStrategy: { maxRetry: 2, initialDelay: 200 },
-  });
-  await client.connect(url);
-  const session = await client.createSession({ type: UserTokenType.UserName, userName: user, password });
+  const { client, session } = await userSession(url, user, password);
   const received = [];
   let waiting = null;
   const { machine, start, subscription } = await visionSystem(session, (event) => {

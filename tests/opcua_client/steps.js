@@ -5,21 +5,14 @@
 //   job PARTID              -> {kind: "call", name: "StartSingleJob", status, jobId}
 // Usage: node steps.js URL USER PASSWORD
 const readline = require("readline");
-const { OPCUAClient, UserTokenType, AttributeIds, MessageSecurityMode, SecurityPolicy, makeBrowsePath } =
-  require("node-opcua-client");
-const { string } = require("./vision");
+const { AttributeIds, makeBrowsePath } = require("node-opcua-client");
+const { NS, userSession, string } = require("./vision");
 
 const [url, user, password] = process.argv.slice(2);
-const NS = "urn:mrkd:machinevision";
 const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
 
 async function main() {
-  const client = OPCUAClient.create({
-    endpointMustExist: false, securityMode: MessageSecurityMode.None, securityPolicy: SecurityPolicy.None,
-    connectionStrategy: { maxRetry: 2, initialDelay: 200 },
-  });
-  await client.connect(url);
-  const session = await client.createSession({ type: UserTokenType.UserName, userName: user, password });
+  const { client, session } = await userSession(url, user, password);
   const ns = (await session.readNamespaceArray()).indexOf(NS);
   const machinePath = `/Objects/${ns}:VisionSystem/${ns}:VisionStateMachine`;
   const node = (p) => session.translateBrowsePath(makeBrowsePath("RootFolder", `${machinePath}${p}`))

@@ -1,10 +1,21 @@
 // What both test clients do on mrkd's VisionSystem: find its nodes and subscribe to its ResultReady
 // events (each handed to onEvent as one plain object), then give the subscription a moment to start.
-const { AttributeIds, DataType, TimestampsToReturn, constructEventFilter, makeBrowsePath } =
-  require("node-opcua-client");
+const { AttributeIds, DataType, MessageSecurityMode, OPCUAClient, SecurityPolicy, TimestampsToReturn,
+  UserTokenType, constructEventFilter, makeBrowsePath } = require("node-opcua-client");
 
 const NS = "urn:mrkd:machinevision";
 const string = (v) => ({ dataType: DataType.String, value: v });
+
+// A user-name session over an unsecured endpoint (the plain test line's), with its client to close.
+async function userSession(url, user, password) {
+  const client = OPCUAClient.create({
+    endpointMustExist: false, securityMode: MessageSecurityMode.None, securityPolicy: SecurityPolicy.None,
+    connectionStrategy: { maxRetry: 2, initialDelay: 200 },
+  });
+  await client.connect(url);
+  const session = await client.createSession({ type: UserTokenType.UserName, userName: user, password });
+  return { client, session };
+}
 
 async function visionSystem(session, onEvent) {
   const ns = (await session.readNamespaceArray()).indexOf(NS);
@@ -29,4 +40,4 @@ async function visionSystem(session, onEvent) {
   return { machine, start, subscription };
 }
 
-module.exports = { visionSystem, string };
+module.exports = { NS, userSession, visionSystem, string };
