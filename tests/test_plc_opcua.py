@@ -220,6 +220,11 @@ def test_state_machine_refusals_and_wrong_arguments(cell):
                        "prepare unknown recipe": await s.status_of("PrepareRecipe", "9", on=s.recipes),
                        "add recipe": await s.status_of("AddRecipe", "3", on=s.recipes),
                        "reset when operational": await s.status_of("Reset")}
+            # Reset "shall always be executable" (OPC 40100-1 8.2.2.2): Operational -> Preoperational, offline
+            results["after reset from operational"] = (await s.value("CurrentState"), runner.online)
+            results["reset when preoperational"] = await s.status_of("Reset")
+            results["job when preoperational"] = await s.status_of("StartSingleJob", "m", "p", "", "")
+            await s.call("SelectModeAutomatic")
             await s.call("Halt")
             results["halted"] = (await s.value("CurrentState"), runner.online)
             results["job when halted"] = await s.status_of("StartSingleJob", "m", "p", "", "")
@@ -235,7 +240,9 @@ def test_state_machine_refusals_and_wrong_arguments(cell):
     assert results == {"int argument": "BadInvalidArgument", "missing argument": "BadArgumentsMissing",
                        "unknown recipe": "BadInvalidArgument", "stop when not continuous": "BadInvalidState",
                        "abort when idle": "BadInvalidState", "prepare unknown recipe": "BadInvalidArgument",
-                       "add recipe": "BadNotSupported", "reset when operational": "BadInvalidState",
+                       "add recipe": "BadNotSupported", "reset when operational": "Good",
+                       "after reset from operational": ("Preoperational", False), "reset when preoperational": "Good",
+                       "job when preoperational": "BadInvalidState",
                        "halted": ("Halted", False), "job when halted": "BadInvalidState",
                        "automatic from halted": "BadInvalidState", "after reset": "Preoperational",
                        "automatic": ("Operational", "Ready", True), "prepare 0": True}

@@ -355,8 +355,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         return []
 
     async def _reset(self, parent):
-        if self.state not in ("Halted", "Error"):
-            return self._status("BadInvalidState")
+        # OPC 40100-1 8.2.2.2: Reset "shall always be executable" (back to the state after power-up), so
+        # from Operational too (OperationalToPreoperational): a continuous run ends, the line goes offline
+        # until SelectModeAutomatic; parts already triggered are still judged and reported.
+        await self._end_continuous()
         await self._set_state("Preoperational", "")
         return []
 
