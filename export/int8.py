@@ -228,8 +228,10 @@ class ScoreError:
         return self.mean_abs / self.fp32_spread if self.fp32_spread > 0 else float("inf")
 
     def as_dict(self) -> dict:
+        # JSON has no infinity: a spread of 0 (one image, or images scored alike) records no ratio
+        relative = self.relative if self.fp32_spread > 0 else None
         return {"mean_abs": self.mean_abs, "max_abs": self.max_abs, "fp32_spread": self.fp32_spread,
-                "relative": self.relative}
+                "relative": relative}
 
 
 def graph_scores(model, batch: np.ndarray, meta: ModelMetadata) -> np.ndarray:
@@ -342,9 +344,9 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
                 break
     if echo is not None:
         echo(f"INT8 ({keep_fp32}): {len(kept)} teacher nodes in front of the first feature tap kept FP32; "
-             f"INT8-image score error {error.mean_abs:.4g} mean = {error.relative:.2f}x the FP32 score "
-             f"spread" + (f" (all-INT8 was {tried['none']['relative']:.2f}x, above {AUTO_MAX_ERROR_VS_SPREAD})"
-                          if mode == "front" and "none" in tried else ""))
+             f"INT8-image score error {error.mean_abs:.4g} mean = " + _relative_words(error.as_dict())
+             + (f" (all-INT8 was {_relative_words(tried['none'])}, above {AUTO_MAX_ERROR_VS_SPREAD})"
+                if mode == "front" and "none" in tried else ""))
     # precision_checks describe the FP32 graph at lower precisions, not this one: not inherited.
     int8_meta = dataclasses.replace(meta, precision="int8", precision_checks=(), int8=Int8Info(
         images=int(len(batch)), images_dir=str(images_dir), quantised_nodes=len(nodes),
@@ -353,6 +355,13 @@ def quantize_int8(fp32_onnx_path, out_path, images_dir, limit: Optional[int] = D
         head_inputs_kept_fp32=bypassed, target=target, format=settings.description))
     write_model(proto, out_path, int8_meta)
     return ExportedModel(Path(out_path), int8_meta, meta.extra.get("onnxslim", {}))
+
+
+def _relative_words(error: dict) -> str:
+    if error["relative"] is None:
+        return (f"no ratio to the FP32 score spread: the {'one image' if error['fp32_spread'] == 0 else 'images'} "
+                "gave no spread to measure it against")
+    return f"{error['relative']:.2f}x the FP32 score spread"
 
 
 # Said by every check (INT8 agreement, bf16) that runs on the images INT8 quantisation read: they are

@@ -380,3 +380,26 @@ def test_a_check_images_folder_without_images_is_refused_before_anything_is_writ
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{tmp_path / 'empty'}: no images found for the precision checks (--check-images)" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", ["auto", "none"])
+def test_int8_on_one_image_records_no_infinite_ratio_and_ends_without_a_traceback(tmp_path, keep):
+    """With one --int8-images image the FP32 scores have no spread, the score error's ratio to it was
+    inf, and writing the INT8 sidecar ended in 'ValueError: Out of range float values are not JSON
+    compliant' (a traceback, model_int8.onnx never written). Now the ratio is recorded as none."""
+    from click.testing import CliRunner
+    from mrkd.export.cli import export_command
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+    small_model().save(tmp_path / "ck.pt")
+    (tmp_path / "one").mkdir()
+    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), (7, 7), 2)
+    cv2.imwrite(str(tmp_path / "one" / "good.png"), image)
+    result = CliRunner().invoke(export_command, [str(tmp_path / "ck.pt"), "-o", str(tmp_path / "out"), "--simplify",
+                                                 "never", "--batch", "1:1:2", "--int8", "--int8-images",
+                                                 str(tmp_path / "one"), "--int8-keep-fp32", keep])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert "no ratio to the FP32 score spread: the one image gave no spread" in result.output
+    info = ModelMetadata.load(sidecar_path(tmp_path / "out" / "model_int8.onnx")).int8
+    assert info.images == 1 and all(error["relative"] is None and error["fp32_spread"] == 0
+                                    for error in info.score_error.values())
+    assert info.keep_fp32_chosen == ("front" if keep == "auto" else "none")   # auto cannot judge: FP32 front kept
