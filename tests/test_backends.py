@@ -207,3 +207,55 @@ def test_a_broken_model_file_is_named_as_such(tmp_path, backend, kind):
         (tmp_path / "broken.onnx.json").write_bytes((tmp_path / "m.onnx.json").read_bytes())
         with pytest.raises(BackendError, match=r"broken\.onnx: the file is empty"):
             Detector(broken, backend=backend)
+
+
+def _run_on_one_frame(tmp_path, *args):
+    from mrkd.cli import main
+    import cv2
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames = tmp_path / "frames"
+    frames.mkdir(exist_ok=True)
+    cv2.imwrite(str(frames / "a.png"), normal_frame(np.random.default_rng(0)))
+    return CliRunner().invoke(main, ["run", str(model), "--source", str(frames), *args])
+
+
+def _one_error_line(result) -> str:
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("backend", INSTALLED_ONNX_BACKENDS)
+def test_more_threads_than_cpus_are_refused_in_one_line(tmp_path, backend):
+    """--threads 1024 on a 2-CPU machine: ONNX Runtime started all 1024 and took 7 s a frame (7 ms with
+    2), a run that looked hung; OpenVINO capped them without a word. Now refused, naming the CPUs."""
+    from mrkd.runtime.backends import usable_cpus
+    cpus = usable_cpus()
+    line = _one_error_line(_run_on_one_frame(tmp_path, "--backend", backend, "--threads", str(cpus + 1)))
+    assert f"threads {cpus + 1}: more than the {cpus} CPUs" in line
+    assert _run_on_one_frame(tmp_path, "--backend", backend, "--threads", str(cpus)).exit_code == 0
+
+
+@pytest.mark.parametrize("backend", [name for name in INSTALLED_ONNX_BACKENDS if name != "onnxruntime"]
+                         + ["openvino:bf16", "tensorrt"])
+def test_providers_given_to_a_backend_without_them_are_refused(tmp_path, backend):
+    """--backend openvino --providers cuda ran OpenVINO on the CPU and said nothing of the providers."""
+    if backend == "tensorrt":     # an engine path: the providers are refused before TensorRT is needed
+        model = tmp_path / "m.engine"
+        model.write_bytes(b"engine")
+        with pytest.raises(BackendError, match="execution providers are ONNX Runtime's; the tensorrt backend"):
+            open_backend(model, backend, providers=["cuda"])
+        return
+    line = _one_error_line(_run_on_one_frame(tmp_path, "--backend", backend, "--providers", "cuda"))
+    assert "--providers cuda: execution providers are ONNX Runtime's; the openvino backend takes none" in line
+
+
+def test_provider_lists_are_read_as_people_write_them(tmp_path):
+    """'cpu, cuda' was looked up as ' cuda' (so 'tensorrt, cpu' on a GPU machine refused ' cpu'); 'cpu,cpu'
+    gave ONNX Runtime's UserWarning and the providers listed twice."""
+    ran = _run_on_one_frame(tmp_path, "--backend", "onnxruntime", "--providers", " cpu")
+    assert ran.exit_code == 0 and "onnxruntime CPUExecutionProvider (m.onnx)" in ran.output, ran.output
+    twice = _one_error_line(_run_on_one_frame(tmp_path, "--backend", "onnxruntime", "--providers",
+                                              "cpu, CPUExecutionProvider"))
+    assert "execution provider 'CPUExecutionProvider' is named twice" in twice
+    assert "an empty name" in _one_error_line(_run_on_one_frame(tmp_path, "--providers", "cpu,,"))

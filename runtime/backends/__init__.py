@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager, Dict, FrozenSet, Optional, Sequence, Tuple
@@ -294,6 +295,24 @@ def resolve_backend_name(model_path: str | Path, backend: str = AUTO,
     return name
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: Optional[int]) -> None:
+    """BackendError for more inference threads than usable CPUs: ONNX Runtime starts every one it is
+    given, and 1024 threads on 2 CPUs took 7 s a frame instead of 7 ms (OpenVINO caps them itself)."""
+    cpus = usable_cpus()
+    if threads and threads > cpus:
+        raise BackendError(f"threads {threads}: more than the {cpus} CPUs this process may use (ONNX Runtime would "
+                           f"start them all and run many times slower); give at most {cpus}, or 0 for the "
+                           f"library's default")
+
+
 def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, metadata=None) -> Backend:
     """Load ``model_path`` with the backend ``backend`` names (a spec of backend_choices(); "auto"
@@ -307,8 +326,13 @@ def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optiona
     OpenVINO under auto runs bf16 only where its precision_checks record a passing bf16 check).
     """
     path = check_model_file(Path(model_path))
+    check_threads(threads)
     name = resolve_backend_name(path, backend)
     asked, precision = parse_backend_spec(backend)
+    if providers and asked not in (AUTO, "onnxruntime"):
+        # they were ignored: a run said nothing of the providers it was told to use
+        raise BackendError(f"--providers {','.join(providers)}: execution providers are ONNX Runtime's; the "
+                           f"{name} backend takes none (leave --providers out, or use --backend onnxruntime)")
     if asked == AUTO and providers and name != "tensorrt":
         name = "onnxruntime"      # ONNX Runtime's execution providers were named: that is the backend asked for
     elif asked == AUTO:

@@ -39,7 +39,12 @@ def choose_providers(requested: Optional[Sequence[str]], available: Sequence[str
         return [p for p in DEFAULT_ORDER if p in available] or ["CPUExecutionProvider"]
     chosen = []
     for name in requested:
+        name = name.strip()          # "cpu, cuda": the space is the list's, not the name's
         full = PROVIDER_ALIASES.get(name.lower(), name)
+        if not name:
+            raise BackendError(f"execution providers {','.join(requested)!r}: an empty name in the list")
+        if full in chosen:
+            raise BackendError(f"execution provider {name!r} is named twice in {','.join(requested)!r}")
         if full not in available:
             raise BackendError(f"execution provider {name!r} is not in this onnxruntime build "
                                f"(available: {', '.join(available)})")
