@@ -134,12 +134,13 @@ class Detector:
     "openvino", "openvino:bf16", ...; "auto": see choose_auto_backend). postprocess: "auto" | "cuda" | "cpu" | "numpy" (used
     only when the model outputs per-scale maps). threshold: overrides the calibrated one.
     providers / threads: ONNX Runtime execution providers; CPU inference threads (ONNX Runtime,
-    OpenVINO). precision: what the model runs at (run_precision: graph and backend together).
+    OpenVINO). decision_thresholds: the thresholds callers decide at with this model's scores (None in
+    it: the model's own; default: ``threshold``), against which OpenVINO under auto judges bf16. precision: what the model runs at (run_precision: graph and backend together).
     """
 
     def __init__(self, model_path: Union[str, Path], backend: str = "auto", postprocess: str = "auto",
                  threshold: Optional[float] = None, providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, decision_thresholds: Optional[Sequence[Optional[float]]] = None):
         # an empty file is said to be one before its sidecar is found not to match it
         self.model_path = check_model_file(Path(model_path))
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
@@ -150,8 +151,10 @@ class Detector:
         self.model_sha256 = model_file_sha256(self.model_path)
         # The sidecar is read and checked against the model file before any backend touches the file.
         metadata = load_metadata(self.model_path) if sidecar.exists() else None
+        # where decisions are taken (the cameras' own thresholds, None: the model's) decides bf16 under auto
         self.backend = open_backend(self.model_path, backend, providers=providers, threads=threads,
-                                    metadata=metadata)
+                                    metadata=metadata, decision_thresholds=(
+                                        (threshold,) if decision_thresholds is None else tuple(decision_thresholds)))
         try:
             if model_file_sha256(self.model_path) != self.model_sha256:
                 raise MetadataError(f"{self.model_path}: changed while it was loaded; move a new version there in "

@@ -334,3 +334,55 @@ def test_a_truncated_onnx_is_one_line_without_openvinos_tensorflow_noise(tmp_pat
     assert "GraphDef" not in done.stderr and "tensorflow" not in done.stderr.lower(), done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "OpenVINO cannot read the model" in errors[0], done.stderr
+
+
+def test_checked_precision_judges_bf16_at_the_thresholds_the_cameras_decide_at():
+    """The bf16 check passed at the model's threshold and a camera given a lower one (--threshold, a line
+    file's threshold) still ran bf16 under auto, its score error over 1 % of where that camera decides."""
+    import dataclasses
+
+    from mrkd.runtime.backends.openvino_backend import checked_precision
+    from mrkd.runtime.calibration import Calibration
+    from mrkd.runtime.metadata import ModelMetadata
+    meta = dataclasses.replace(ModelMetadata(backbone="resnet18", image_size=64,
+                                             calibration=Calibration(threshold=1.0, method="quantile", quantile=0.99)),
+                               precision_checks=(_check(diff=0.005),))
+    bf16 = ("FP32", "INT8", "BF16")
+    assert checked_precision(bf16, meta, (None,))[0] == "bf16"
+    assert checked_precision(bf16, meta, (None, 2.0))[0] == "bf16"        # 0.005 is 0.25 % of 2
+    hint, why = checked_precision(bf16, meta, (None, 0.1))                  # 5 % of 0.1
+    assert hint == "f32" and "over 1 % of the threshold 0.1 given for a camera" in why
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="bf16 under auto needs a CPU with native bf16")
+def test_a_camera_threshold_below_what_the_bf16_check_allows_runs_f32(tmp_path):
+    """Through `mrkd run --threshold` and a line file whose cameras share one model: auto ran bf16 at a
+    threshold where bf16's recorded score error is 5 % of it."""
+    from mrkd.cli import main
+    from mrkd.runtime.backends import machine_facts, choose_auto_backend
+    from mrkd.runtime.line.linefile import parse_line
+    from mrkd.runtime.line.loop import open_detectors
+    model = build_tiny_model(tmp_path / "m.onnx", metadata_overrides={
+        "precision_checks": (_check(diff=0.0005, threshold=THRESHOLD),)})     # 0.5 % of the model's 0.1
+    if choose_auto_backend(model, machine_facts()) != "openvino":
+        pytest.skip("auto runs another backend than OpenVINO on this machine")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), normal_frame(np.random.default_rng(0)))
+
+    def first_line(*args):
+        result = CliRunner().invoke(main, ["run", str(model), "--source", str(frames), *args])
+        assert result.exit_code == 0, result.output
+        return result.output.splitlines()[0]
+    assert "precision bf16" in first_line() and "precision bf16" in first_line("--threshold", "0.2")
+    lowered = first_line("--threshold", "0.01")
+    assert "precision f32" in lowered and "threshold 0.01 given for a camera" in lowered
+    line_file = (f'[[camera]]\nname = "a"\nsource = "{frames}"\nmodel = "{model}"\n'
+                 f'[[camera]]\nname = "b"\nsource = "{frames}"\nmodel = "{model}"\nthreshold = 0.01\n')
+    detectors = open_detectors(parse_line(line_file, str(tmp_path / "line.toml")))
+    try:
+        (detector,) = detectors.values()
+        assert detector.backend.precision == "f32" and detector.precision == "fp32"
+    finally:
+        for detector in detectors.values():
+            detector.close()

@@ -121,13 +121,15 @@ class BackendOptions:
     threads: CPU threads for inference (ONNX Runtime intra-op, OpenVINO INFERENCE_NUM_THREADS; None/0:
     the library's default). precision: the spec's ``:precision`` part (None: the backend's default).
     metadata: the model's ModelMetadata (the TensorRT backend checks where an engine was built; OpenVINO's
-    "checked" precision reads its precision_checks).
+    "checked" precision reads its precision_checks). decision_thresholds: the thresholds the run decides
+    at (None: the model's calibrated one; empty: only that one), which OpenVINO's "checked" judges bf16 at.
     """
 
     providers: Optional[Tuple[str, ...]] = None
     threads: Optional[int] = None
     precision: Optional[str] = None
     metadata: Any = None
+    decision_thresholds: Tuple[Optional[float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,8 @@ def check_threads(threads: Optional[int]) -> None:
 
 
 def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, metadata=None) -> Backend:
+                 threads: Optional[int] = None, metadata=None,
+                 decision_thresholds: Sequence[Optional[float]] = ()) -> Backend:
     """Load ``model_path`` with the backend ``backend`` names (a spec of backend_choices(); "auto"
     decides by the file and the machine, see choose_auto_backend).
 
@@ -324,6 +327,7 @@ def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optiona
     threads: CPU inference threads (None = the library's default).
     metadata: the model's ModelMetadata (an engine's is checked against the running TensorRT and GPU;
     OpenVINO under auto runs bf16 only where its precision_checks record a passing bf16 check).
+    decision_thresholds: the thresholds the run decides at (BackendOptions).
     """
     path = check_model_file(Path(model_path))
     check_threads(threads)
@@ -338,5 +342,6 @@ def open_backend(model_path: str | Path, backend: str = AUTO, providers: Optiona
     elif asked == AUTO:
         precision = backend_entry(name).auto_precision
     options = BackendOptions(providers=tuple(providers) if providers else None, threads=threads,
-                             precision=precision, metadata=metadata)
+                             precision=precision, metadata=metadata,
+                             decision_thresholds=tuple(decision_thresholds))
     return backend_entry(name).backend_class()(path, options)

@@ -11,7 +11,7 @@ that precision. The precision the compiled model reports is what ``precision`` r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,9 +30,12 @@ def cpu_capabilities(core) -> Tuple[str, ...]:
     return tuple(str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
 
 
-def checked_precision(capabilities: Tuple[str, ...], metadata) -> Tuple[str, str]:
+def checked_precision(capabilities: Tuple[str, ...], metadata,
+                      decision_thresholds: Sequence[Optional[float]] = ()) -> Tuple[str, str]:
     """"checked" (what --backend auto runs): bf16 where the CPU has it natively and the model's
-    sidecar records a passing bf16 check (export --check-images), else f32. Returns (hint, why)."""
+    sidecar records a passing bf16 check (export --check-images), else f32. ``decision_thresholds``: the
+    thresholds the run decides at (None: the model's own; () = only the model's): the check's score
+    error must stay within 1 % of each. Returns (hint, why)."""
     if "BF16" not in capabilities:
         return "f32", "f32: this CPU has no native bf16"
     checks = [c for c in getattr(metadata, "precision_checks", ()) if c.backend == "openvino:bf16"]
@@ -47,6 +50,11 @@ def checked_precision(capabilities: Tuple[str, ...], metadata) -> Tuple[str, str
     if threshold is not None and check.score_max_abs_diff > check.SCORE_TOLERANCE * abs(threshold):
         # mrkd calibrate moved the threshold since the check: the score error is judged against the new one.
         return "f32", f"f32: bf16's score error {check.score_max_abs_diff:.3g} is over 1 % of the threshold now set"
+    # a camera's own threshold (--threshold, the line file) is where its decisions are taken: judged alike
+    for given in (t for t in decision_thresholds if t is not None):
+        if check.score_max_abs_diff > check.SCORE_TOLERANCE * abs(given):
+            return "f32", (f"f32: bf16's score error {check.score_max_abs_diff:.3g} is over 1 % of the threshold "
+                           f"{given:.6g} given for a camera")
     return "bf16", f"bf16: checked against FP32 ({measured}{', on ' + check.cpu if check.cpu else ''})"
 
 
@@ -111,7 +119,8 @@ class OpenVinoBackend(Backend):
         self.capabilities = cpu_capabilities(core)
         self.requested_precision = options.precision or DEFAULT_PRECISION
         if self.requested_precision == CHECKED:
-            hint, self.precision_reason = checked_precision(self.capabilities, options.metadata)
+            hint, self.precision_reason = checked_precision(self.capabilities, options.metadata,
+                                                            options.decision_thresholds)
         else:
             hint = inference_precision(options.precision, self.capabilities, str(self.model_path))
             self.precision_reason = f"{hint}: asked for {self.requested_precision}"

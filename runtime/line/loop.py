@@ -300,6 +300,18 @@ def _threshold_source(camera: Camera, detector: Detector) -> str:
     return detector.threshold_source
 
 
+def decision_thresholds(line: Line, model_key: str) -> Tuple[Optional[float], ...]:
+    """The thresholds the line's cameras decide at on the model at ``model_key`` (a resolved path), None
+    for a camera that uses the model's own: OpenVINO under auto runs bf16 only where its check holds at each."""
+    def same(model) -> bool:
+        return str(Path(model).resolve()) == model_key
+    part = line.part
+    recipe = part is not None and any(same(model) for _, model in part.recipes)
+    part_cameras = (part.cameras or tuple(c.name for c in line.cameras)) if recipe else ()
+    # a recipe's model judges the part cameras' images, at their own thresholds where they have one
+    return tuple(camera.alarm.threshold for camera in line.cameras if same(camera.model) or camera.name in part_cameras)
+
+
 def open_detectors(line: Line) -> Dict[str, Detector]:
     """One Detector per distinct model file (resolved path) of the line."""
     detectors: Dict[str, Detector] = {}
@@ -308,7 +320,7 @@ def open_detectors(line: Line) -> Dict[str, Detector]:
         if key not in detectors:
             detectors[key] = Detector(camera.model, backend=line.backend, postprocess=line.postprocess,
                                       providers=list(line.providers) if line.providers else None,
-                                      threads=line.threads)
+                                      threads=line.threads, decision_thresholds=decision_thresholds(line, key))
     return detectors
 
 

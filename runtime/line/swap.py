@@ -370,10 +370,12 @@ def line_slots(line, detectors: MutableMapping[str, object],
                status: Callable[[str], None] = logger.warning) -> ModelSlots:
     """ModelSlots over the line's opened detectors, reopening a path with the line's backend settings."""
     from mrkd.runtime.detector import Detector
+    from mrkd.runtime.line.loop import decision_thresholds
 
     def opener(path: str):
         return Detector(path, backend=line.backend, postprocess=line.postprocess,
-                        providers=list(line.providers) if line.providers else None, threads=line.threads)
+                        providers=list(line.providers) if line.providers else None, threads=line.threads,
+                        decision_thresholds=decision_thresholds(line, str(Path(path).resolve())))
     fixed: Dict[str, List[Tuple[str, float]]] = {}
     for camera in line.cameras:          # recipes' models are judged by their own thresholds (parts.py)
         if camera.alarm.threshold is not None:
