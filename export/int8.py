@@ -198,9 +198,14 @@ def keep_unquantised_inputs_fp32(proto, quantised: set) -> int:
         dead = [n for n in proto.graph.node
                 if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)]
         if not dead:
-            return rewired
+            break
         for node in dead:
             proto.graph.node.remove(node)
+    # their scales and zero points too: ONNX Runtime warns of each unused initializer whenever it loads the graph
+    used = {name for node in proto.graph.node for name in node.input} | graph_outputs
+    for unused in [init for init in proto.graph.initializer if init.name not in used]:
+        proto.graph.initializer.remove(unused)
+    return rewired
 
 
 # keep_fp32 modes: which teacher layers stay FP32. "front" keeps the layers in front of the first

@@ -403,3 +403,20 @@ def test_int8_on_one_image_records_no_infinite_ratio_and_ends_without_a_tracebac
     assert info.images == 1 and all(error["relative"] is None and error["fp32_spread"] == 0
                                     for error in info.score_error.values())
     assert info.keep_fp32_chosen == ("front" if keep == "auto" else "none")   # auto cannot judge: FP32 front kept
+
+
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_int8_graphs_carry_no_unused_initializers(int8_export, tmp_path, target):
+    """The scales and zero points of the Q/DQ pairs dropped for the FP32 head stayed in the graph, and
+    ONNX Runtime printed 'Removing initializer ... It is not used by any node' (6 coloured lines) every
+    time `mrkd run` opened model_int8.onnx."""
+    import subprocess
+    import sys
+    _, fp32, _, calib = int8_export
+    int8 = quantize_int8(fp32.path, tmp_path / "int8.onnx", calib, target=target, keep_fp32="front")
+    proto = onnx.load(str(int8.path))
+    read = {name for node in proto.graph.node for name in node.input}
+    assert [init.name for init in proto.graph.initializer if init.name not in read] == []
+    opened = subprocess.run([sys.executable, "-c", "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], "
+                             "providers=['CPUExecutionProvider'])", str(int8.path)], capture_output=True, text=True)
+    assert opened.returncode == 0 and "Removing initializer" not in opened.stderr, opened.stderr
