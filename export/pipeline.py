@@ -136,7 +136,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
              + [ENGINE_NAME] * engine_written)
     if not replace_line_calibration:     # the demo, which rebuilds and calibrates its own folder, replaces them
         keep_other_checkpoints_models([out_dir / name for name in names], checkpoint, checkpoint_sha)
-        keep_line_calibration(out_dir / FP32_NAME, model)
+        for name in names:     # the INT8/FP16 graph or the engine, each calibrated on the line where it runs
+            keep_line_calibration(out_dir / name, model)
 
     fp32 = export_onnx(model, out_dir / FP32_NAME, options, checkpoint_sha256=checkpoint_sha, simplify=simplify)
     result.files["onnx"] = fp32.path

@@ -208,3 +208,29 @@ def test_an_export_names_another_checkpoints_graphs_it_left_in_the_folder(tmp_pa
     assert other.exit_code == 0, other.output
     warnings = [line for line in other.output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "model_fp16.onnx is from another checkpoint" in warnings[0], other.output
+
+
+def test_export_keeps_a_threshold_set_on_the_line_for_the_int8_graph(tmp_path):
+    """Only model.onnx's sidecar was guarded: `mrkd calibrate model_int8.onnx SOURCE` (the graph the README
+    says to run on an x86 line PC) and the same export with --int8 again silently put the checkpoint's
+    threshold back in model_int8.onnx.json. Now refused like model.onnx's, nothing changed."""
+    from mrkd.calibrate_cli import calibrate_command
+    from mrkd.export.cli import export_command
+    checkpoint = tmp_path / "ck.pt"
+    small_model().save(checkpoint)
+    good = _texture_folder(tmp_path / "good", 6, seed=3)
+    out = tmp_path / "deploy"
+    args = [str(checkpoint), "-o", str(out), "--simplify", "never", "--batch", "1:1:2", "--int8", "--int8-images",
+            str(good), "--int8-keep-fp32", "front"]
+    first = CliRunner().invoke(export_command, args)
+    assert first.exit_code == 0, first.output
+    line = _texture_folder(tmp_path / "line", 6, seed=5)
+    done = CliRunner().invoke(calibrate_command, [str(out / "model_int8.onnx"), str(line), "--accept-shift"])
+    assert done.exit_code == 0, done.output
+    before = {p.name: _sha(p) for p in out.iterdir()}
+    refused = CliRunner().invoke(export_command, args)
+    errors = [text for text in refused.output.splitlines() if text.startswith("Error:")]
+    assert refused.exit_code == 1 and len(errors) == 1 and "Traceback" not in refused.output, refused.output
+    assert str(sidecar_path(out / "model_int8.onnx")) in errors[0] and "set on the line" in errors[0]
+    assert {p.name: _sha(p) for p in out.iterdir()} == before
+    assert ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).calibration.source == str(line)
