@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mrkd.errors import error_boundary
+from mrkd.errors import error_boundary, one_line
 from mrkd.export.int8 import INT8_TARGET_CHOICES
 from mrkd.export.onnx_graph import DEFAULT_BATCH_RANGE, DEFAULT_OPSET, MAX_BATCH, MIN_OPSET
 from mrkd.options import IntegerRange
@@ -101,7 +101,7 @@ def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_out
                           triton_dir=triton_dir, build=settings, check_images=check_images,
                           simplify=simplify, echo=click.echo)
     except TensorRTUnavailableError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {one_line(exc)}", err=True)     # the reason and the install hint on one line
         raise SystemExit(EXIT_NO_TENSORRT)
 
 

@@ -67,6 +67,10 @@ def test_fp16_without_tensorrt_writes_onnx_and_exits_with_instructions(tmp_path)
     result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--fp16", "--simplify", "never"])
     assert result.exit_code == EXIT_NO_TENSORRT
     assert "JetPack" in result.output and "pip install" in result.output
+    # one line, as every error: the reason and the install hint were three lines after "Error:"
+    (error,) = [line for line in result.output.splitlines() if "Error:" in line]
+    assert error.startswith("Error: TensorRT is not available here") and "No module named" in error \
+        and "pip install" in error, result.output
     assert (out / "model.onnx").is_file() and (out / "model_fp16.onnx").is_file()
     assert ModelMetadata.load(out / "model_fp16.onnx.json").precision == "fp16"
     assert not (out / "model.engine").exists()
