@@ -21,13 +21,14 @@ ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino
                                             "(it is in the dev extra)")
 
 from mrkd.export.parity import FP32_TOLERANCE  # noqa: E402
-from mrkd.runtime.backends import BackendError, open_backend  # noqa: E402
+from mrkd.runtime.backends import BackendError, open_backend, usable_cpus  # noqa: E402
 from mrkd.runtime.backends.openvino_backend import cpu_capabilities, inference_precision  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
 from runtime_fixtures import (THRESHOLD, build_tiny_model, defective_frame, export_tiny_model,  # noqa: E402
                               normal_frame, reference_map)
 
 HAS_BF16 = "BF16" in cpu_capabilities(ov.Core())
+THREADS = min(2, usable_cpus())     # more than the CPUs is refused (mrkd.runtime.backends.check_threads)
 
 
 def _frames(n=6, seed=0):
@@ -46,7 +47,7 @@ def _assert_same(a, b, what):
 def test_tiny_model_openvino_f32_equals_onnxruntime_and_the_numpy_reference(tmp_path, layout):
     model = build_tiny_model(tmp_path / "m.onnx", **layout)
     frames = _frames()
-    ort_det, ov_det = Detector(model, backend="onnxruntime"), Detector(model, backend="openvino", threads=2)
+    ort_det, ov_det = Detector(model, backend="onnxruntime"), Detector(model, backend="openvino", threads=THREADS)
     try:
         a, b = ort_det(frames), ov_det(frames)
         _assert_same(a, b, layout)
@@ -190,7 +191,7 @@ def test_mrkd_run_with_openvino_scores_as_onnxruntime(exported, tmp_path):
     for backend in ("onnxruntime", "openvino"):
         events = tmp_path / f"{backend}.jsonl"
         result = CliRunner().invoke(main, ["run", str(exported["fp32"]), "--source", str(folder), "--backend", backend,
-                                           "--threads", "2", "--threshold", repr(threshold), "--cooldown", "0",
+                                           "--threads", str(THREADS), "--threshold", repr(threshold), "--cooldown", "0",
                                            "--events", str(events), "--status-every", "0",
                                            "--summary", str(tmp_path / f"{backend}.json")])
         assert result.exit_code == 0, result.output
