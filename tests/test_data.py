@@ -144,3 +144,33 @@ def test_test_dataset_items(tmp_path):
     assert mask[3:5, 4:6].all() and not mask[:2].any() and not mask[:, 8:].any()
     _, good_mask, good_label, _ = ds[0]
     assert good_label == 0 and not good_mask.any()
+
+
+def test_a_killed_loader_worker_is_reported_without_torchs_sigchld_handler(tmp_path):
+    """sigchld_kept keeps torch from installing its SIGCHLD handler while loaders run: a worker that
+    dies is still reported (the loader's own polling) as an error, not a hang."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent('''
+        import os, signal, sys, time, torch
+        from mrkd.child_signal import sigchld_kept
+        class Dying(torch.utils.data.Dataset):
+            def __len__(self): return 8
+            def __getitem__(self, i):
+                if i == 3: os.kill(os.getpid(), signal.SIGKILL)
+                return torch.zeros(1)
+        started = time.monotonic()
+        with sigchld_kept():
+            assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+            try:
+                for _ in torch.utils.data.DataLoader(Dying(), batch_size=1, num_workers=1):
+                    pass
+            except RuntimeError as exc:
+                print("reported", round(time.monotonic() - started, 1), "|", exc)
+            assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    ''')
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("reported") and "exited unexpectedly" in done.stdout, done.stdout
+    assert float(done.stdout.split()[1]) < 30
