@@ -317,18 +317,19 @@ def check_summary_target(path) -> None:
 @click.option("--line", "line_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML line file: [[camera]] tables with name, source, model and optional threshold, debounce, "
                    "cooldown, cooldown_frames, size, fps, loop (the options below are their defaults; MODEL "
-                   "is the default model).")
-@click.option("--backend", type=click.Choice(backend_choices()), default="auto", show_default=True,
-              help="Inference backend (NAME:PRECISION sets OpenVINO's f32/bf16); auto = TensorRT for "
+                   "is the default model); an [inference] table sets backend, threads, providers, postprocess.")
+@click.option("--backend", type=click.Choice(backend_choices()), default=None,
+              help="Inference backend (NAME:PRECISION sets OpenVINO's f32/bf16); auto (the default) = TensorRT for "
                    ".engine/.plan; for .onnx ONNX Runtime's TensorRT/CUDA on NVIDIA GPUs, OpenVINO on x86 "
-                   "(Intel, AMD) CPUs where installed, else ONNX Runtime.")
+                   "(Intel, AMD) CPUs where installed, else ONNX Runtime. Over the line file's [inference] backend.")
 @click.option("--providers", default=None,
               help="ONNX Runtime execution providers in order, comma-separated (tensorrt,cuda,cpu); "
                    "default: every available one.")
 @click.option("--threads", type=IntegerRange(0, 1024), default=None,
               help="CPU inference threads of ONNX Runtime / OpenVINO (default: their own).")
-@click.option("--postprocess", type=click.Choice(("auto",) + POSTPROCESS_IMPLS), default="auto",
-              show_default=True, help="Post-processing implementation for models with per-scale outputs.")
+@click.option("--postprocess", type=click.Choice(("auto",) + POSTPROCESS_IMPLS), default=None,
+              help="Post-processing implementation for models with per-scale outputs (default: auto; over the line "
+                   "file's [inference] postprocess).")
 @click.option("--threshold", type=FINITE, default=None,
               help="Alarm threshold on the image score (default: the calibrated one in the model metadata).")
 @click.option("--debounce", default="1/1", show_default=True,
@@ -405,7 +406,7 @@ def run_command(model, sources, line_file, **options):
     run_settings = pop_run_settings(options)
     camera_defaults = pop_camera_defaults(options, part)
     providers = options.pop("providers")
-    check_postprocess(options["postprocess"])
+    check_postprocess(options["postprocess"] or "auto")
     line = build_line(model, sources, line_file, camera_defaults, backend=options.pop("backend"),
                       postprocess=options.pop("postprocess"), threads=options.pop("threads"),
                       providers=tuple(providers.split(",")) if providers else None)
@@ -558,4 +559,4 @@ def build_line(model, sources, line_file, camera_defaults: dict, **line_options)
         raise SettingError("give MODEL and at least one --source, or a --line file")
     cameras = [Camera(name, uri, model, **defaults)
                for name, uri in named_sources(sources)]
-    return Line(tuple(cameras), **line_options)
+    return Line(tuple(cameras), **{name: value for name, value in line_options.items() if value is not None})

@@ -29,6 +29,12 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     [recipes]                          # optional: recipe number -> model (0 is each camera's model)
     1 = "models/variant_b.onnx"
 
+    [inference]                        # optional: how the models run (the command line's options win)
+    backend = "openvino:bf16"          # as --backend: auto, onnxruntime, tensorrt, openvino[:f32|bf16|auto|checked]
+    threads = 2                        # as --threads (0: the library's default)
+    providers = ["cuda", "cpu"]        # as --providers (ONNX Runtime's execution providers)
+    postprocess = "auto"               # as --postprocess
+
     [plc]                              # optional, triggered lines: PLC servers (runtime/plc, docs/PLC.md)
     modbus = "127.0.0.1:5020"          # Modbus TCP handshake (mrkd run --modbus)
     modbus_allow = "10.0.0.5"          # the PLC's address (or networks); beyond 127.0.0.1 this or:
@@ -63,7 +69,8 @@ else:   # setup.py installs tomli there
     import tomli as tomllib
 
 CAMERA_FIELDS = ("name", "source", "model", *ALARM_FIELDS, "size", "fps", "loop", "trigger", "features")
-TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "plc")
+TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "inference", "plc")
+INFERENCE_FIELDS = ("backend", "threads", "providers", "postprocess")   # Line fields of the [inference] table
 PART_FIELDS = ("cameras", "images", "queue", "timeout", "early")
 
 
@@ -175,7 +182,7 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
                defaults: Optional[Dict[str, Any]] = None, **line_options) -> Line:
     """A Line from line-file text. ``defaults``: camera fields used where neither the camera nor the
     file's [defaults] set them (the command line's options). ``line_options``: Line fields
-    (backend, postprocess, providers, threads)."""
+    (backend, postprocess, providers, threads); those given (not None) win over the file's [inference]."""
     folder = Path(folder) if folder is not None else Path(path).resolve().parent
     try:
         data = tomllib.loads(text)
@@ -189,6 +196,8 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
     if version != LINE_SCHEMA_VERSION:
         raise LineFileError(f"{path}: schema_version {version!r} is not supported (this mrkd reads "
                             f"{LINE_SCHEMA_VERSION})")
+    line_options = {**_inference_settings(path, data),
+                    **{name: value for name, value in line_options.items() if value is not None}}
     file_defaults = _camera_settings(f"{path}: defaults", data.get("defaults", {}), folder,
                                      [f for f in CAMERA_FIELDS if f not in ("name", "source")])
     tables = data.get("camera")
@@ -250,6 +259,33 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
         return PartSettings(**settings).check(names)
     except ValueError as exc:
         raise LineFileError(f"{path}: {exc}") from None
+
+
+def _inference_settings(path: str, data: dict) -> Dict[str, Any]:
+    """[inference] as Line fields; errors name the field and what it takes."""
+    from mrkd.runtime.backends import backend_choices
+    from mrkd.runtime.postprocess import IMPLS
+    table = data.get("inference", {})
+    if not isinstance(table, dict):
+        raise LineFileError(f"{path}: inference: expected a table ([inference])")
+    unknown = sorted(set(table) - set(INFERENCE_FIELDS))
+    if unknown:
+        raise LineFileError(f"{path}: inference.{unknown[0]}: unknown field (known: {', '.join(INFERENCE_FIELDS)})")
+    settings: Dict[str, Any] = {}
+    for name, value in table.items():
+        choices = {"backend": backend_choices(), "postprocess": ("auto",) + tuple(IMPLS)}.get(name)
+        if choices is not None and value not in choices:
+            raise LineFileError(f"{path}: inference.{name}: expected one of {', '.join(choices)}, got {value!r}")
+        if name == "threads" and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1024):
+            raise LineFileError(f"{path}: inference.threads: expected a whole number from 0 to 1024, got {value!r}")
+        if name == "providers":
+            names = value.split(",") if isinstance(value, str) else value
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+                raise LineFileError(f"{path}: inference.providers: expected provider names (\"cuda,cpu\" or "
+                                    f"[\"cuda\", \"cpu\"]), got {value!r}")
+            value = tuple(n.strip() for n in names)
+        settings[name] = value
+    return settings
 
 
 def _plc_settings(path: str, data: dict, folder: Path):
