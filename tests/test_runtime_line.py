@@ -357,7 +357,7 @@ def test_line_file_inference_table_chooses_the_backend_and_the_command_line_wins
 ])
 def test_cli_mistakes_are_one_line_errors(tmp_path, two_models, args, message):
     write_folder(tmp_path / "f", pattern_frames(0, 2, 2))
-    (tmp_path / "line.toml").write_text(f'[[camera]]\nname = "a"\nsource = "f"\nmodel = "a.onnx"\nfps = -3\n')
+    (tmp_path / "line.toml").write_text('[[camera]]\nname = "a"\nsource = "f"\nmodel = "a.onnx"\nfps = -3\n')
     args = [a.format(line=tmp_path / "line.toml", model=two_models[0], folder=tmp_path / "f") for a in args]
     result = _run(args)
     assert result.exit_code != 0
