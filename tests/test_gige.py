@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import struct
 import threading
@@ -28,7 +29,7 @@ from mrkd.runtime.line.parts import ERROR_CODES, PartRunner, error_code, open_pa
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import LineObserver, Verdict
 from mrkd.runtime.sources import SourceError, open_source
-from mrkd.runtime.sources.gige import PIXEL_FORMATS, set_receive_buffer, to_bgr
+from mrkd.runtime.sources.gige import PIXEL_FORMATS, GigeSource, set_receive_buffer, to_bgr
 
 
 def require_aravis():
@@ -286,6 +287,88 @@ def test_camera_killed_and_restarted_comes_back_with_its_features(simulator, mod
     assert check.get_device().get_integer_feature_value("Width") == 256
     assert check.get_device().get_float_feature_value("ExposureTimeAbs") == 2000.0
     del check
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP), read from /proc/PID/stat's state field."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def trigger_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("gige-trigger") and t.is_alive()]
+
+
+@pytest.mark.slow
+def test_a_camera_killed_mid_trigger_answers_every_part_within_its_timeout(simulator, model):
+    """The simulator killed (SIGKILL) just before three parts: each part's software trigger meets a
+    dead camera, and Aravis waits out its command retries (5 x 0.5 s) before it says so. The parts are
+    answered ERROR (timeout) within the part timeout plus a margin, in trigger order (they were answered
+    after 2.5-4.6 s), and no thread of the abandoned commands outlives them."""
+    timeout, margin = 0.4, 1.0                   # margin: a loaded 2-core machine; Aravis takes >= 2.5 s
+    camera = simulator("127.0.86.26", "DIES")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "software")], model, PartSettings(queue=4, timeout=timeout), recorder)
+    try:
+        assert runner.trigger("alive").accepted
+        wait_idle(runner)
+        camera.kill()
+        receipts = [runner.trigger(f"D{i}") for i in range(3)]
+        assert all(r.accepted for r in receipts)
+        wait_idle(runner, timeout=60)
+    finally:
+        runner.stop()
+    times = [t for t, _ in recorder.parts]
+    parts = [p for _, p in recorder.parts]
+    assert [p.part_id for p in parts] == ["alive", "D0", "D1", "D2"]
+    assert parts[0].verdict != Verdict.ERROR
+    dead = parts[1:]
+    assert all(p.verdict == Verdict.ERROR for p in dead), [(p.part_id, p.error) for p in dead]
+    assert dead[0].verdict_s < timeout + margin, (dead[0].verdict_s, dead[0].error)
+    assert dead[0].error_code == ERROR_CODES["timeout"], dead[0].error
+    # Each later part waits behind the one before it: answered within its own timeout after that one
+    # (plus the late-image wait that follows a timed-out trigger).
+    for before, after, part in zip(times[1:], times[2:], dead[1:]):
+        assert part.error_code in (ERROR_CODES["timeout"], ERROR_CODES["camera down"]), part.error
+        assert after - before < timeout + GigeSource.LATE_IMAGE_S + margin, (part.part_id, after - before)
+    wait_for(lambda: not trigger_threads(), 15, "the abandoned trigger commands to end")
+
+
+def test_a_trigger_command_answered_late_never_gives_its_image_to_the_next_part(simulator):
+    """The simulator stopped (SIGSTOP: it answers nothing) while a part triggers it: the part is a
+    timeout within its part timeout, not after Aravis' retries. The simulator resumed while the next
+    part waits for that command: Aravis' retry is answered and the first trigger's image comes late.
+    The next part must get the image of its own trigger. Aravis' simulator counts its frames in the
+    first pixel (frame k: 120 + k), so each image names the trigger that made it."""
+    camera = simulator("127.0.86.27", "PAUSED")
+    source = open_source(camera.uri, trigger="software")
+    try:
+        first = source.grab(time.time(), 2.0)
+        assert first.error is None and int(first.images[0][0, 0, 0]) == 121
+        os.kill(camera.proc.pid, signal.SIGSTOP)
+        wait_for(lambda: stopped(camera.proc.pid), 5, "the simulator to stop")   # the signal lands a moment later
+        began = time.monotonic()
+        stalled = source.grab(time.time(), 0.4)
+        took = time.monotonic() - began
+        assert stalled.error is not None and error_code(stalled.error) == ERROR_CODES["timeout"], stalled.error
+        assert took < 0.4 + 1.0, took            # Aravis alone would have waited >= 2.5 s
+        resume = threading.Timer(0.5, os.kill, (camera.proc.pid, signal.SIGCONT))
+        resume.start()
+        try:
+            second = source.grab(time.time(), 3.0)   # waits for the first command, answered at the resume
+        finally:
+            resume.join()
+        assert second.error is None, second.error
+        third = source.grab(time.time(), 2.0)
+        assert third.error is None, third.error
+        frames = [int(g.images[0][0, 0, 0]) - 120 for g in (second, third)]
+        assert frames[0] >= 3 and frames[1] == frames[0] + 1, frames    # frame 2 is the stalled trigger's
+        assert source.stats.unclaimed >= 1
+    finally:
+        if camera.proc is not None:
+            os.kill(camera.proc.pid, signal.SIGCONT)
+        source.close()
+    wait_for(lambda: not trigger_threads(), 10, "the trigger commands to end")
 
 
 def test_refused_and_unknown_features_name_camera_feature_value(simulator, model):

@@ -21,11 +21,16 @@ trigger waits ``LATE_IMAGE_S`` for its late image to land first.
 
 A camera that stops answering (unplugged, power-cycled: Aravis' ``control-lost``, a failed trigger)
 is down; the reader reconnects with backoff and re-applies the features and trigger mode, to the same
-camera only (its serial number is checked: another camera at the same address stays refused). A part
-whose software trigger meets a camera that just died is answered ERROR after Aravis' command timeout
-(5 tries of 0.5 s; 2.5-4.6 s were seen), which no part timeout can shorten: Aravis 0.8 offers no
-setting for it. So does a
+camera only (its serial number is checked: another camera at the same address stays refused). So is a
 software-triggered camera whose images stop arriving (``SILENT_TRIGGERS`` timeouts in a row).
+
+A software trigger is a GVCP command that Aravis retries until the camera answers (5 tries of 0.5 s
+against a camera that just died; 2.5-4.6 s were seen), and Aravis 0.8.26 has no setting for that
+(its retries and timeout are fixed when the device opens). So the command runs on a thread of its
+own and the part waits for it only until its deadline: past it the part is a timeout, on time. The
+next trigger is not sent before that command has returned (within the next part's own deadline);
+one that was taken after its part gave up may still bring an image, so the next trigger waits
+``LATE_IMAGE_S`` after it, and the image is discarded, never given to a later part.
 Images come over Aravis' UDP-socket receiver, never its packet socket (see ``_setup``).
 The Python binding is PyGObject with Debian's ``gir1.2-aravis-0.8`` (imported lazily).
 """
@@ -39,7 +44,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -319,6 +324,17 @@ class Grab:
 
 
 @dataclass
+class _TriggerCommand:
+    """One software-trigger command, sent on a thread of its own (``GigeSource._send_trigger``)."""
+
+    generation: int                   # the connection it went out on
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Optional[str] = None       # Aravis' message when the camera did not take it
+    answered_at: float = 0.0          # time.monotonic() when Aravis returned
+    abandoned: bool = False           # its part stopped waiting for it (deadline or stop)
+
+
+@dataclass
 class _Arrival:
     wall: float                       # time.time() when the buffer was popped
     image: Optional[np.ndarray]       # None: an incomplete buffer
@@ -361,6 +377,7 @@ class GigeSource(LatestFrameSource):
         self._generation = 0                      # counts connections
         self._timed_out = False                   # the last software trigger got no image in time
         self._silent = 0                          # software triggers in a row that got no image at all
+        self._command: Optional[_TriggerCommand] = None   # the last software trigger until it is settled
         self._lost_why = "control lost"           # what the reader says when it reconnects
         self._cond = threading.Condition()
         self._arrivals: Deque[_Arrival] = deque(maxlen=self.BUFFERS)
@@ -593,6 +610,11 @@ class GigeSource(LatestFrameSource):
                 # let such an image start after the next trigger, where its timestamp cannot tell them apart.
                 self._stop.wait(self.LATE_IMAGE_S)
                 self._timed_out = False
+            deadline = time.monotonic() + timeout     # the trigger command counts against it too
+            if self.trigger_mode == "software":
+                why = self._settle_command(deadline, timeout, abort)
+                if why is not None:
+                    return Grab(images, why)
             with self._cond:
                 if not self.up:
                     return Grab(images, "camera down")
@@ -613,12 +635,10 @@ class GigeSource(LatestFrameSource):
                                                 f"the trigger, {count} expected (a stray hardware trigger?)")
             sent = time.time()
             if self.trigger_mode == "software":
-                try:
-                    self._camera.software_trigger()
-                except (glib_error(), AttributeError) as exc:   # AttributeError: released meanwhile
-                    self._lost.set()
-                    return Grab(images, f"camera down (trigger failed: {getattr(exc, 'message', exc)})")
-            deadline = time.monotonic() + timeout
+                why = self._send_trigger(deadline, timeout, abort)
+                if why is not None:
+                    return Grab(images, why)
+
             def ready() -> bool:
                 return (self._fresh(sent) or not self.up or self._stop.is_set()
                         or (abort is not None and abort.is_set()))
@@ -651,6 +671,80 @@ class GigeSource(LatestFrameSource):
             acquired = time.monotonic()
             self.stats.frames_read += 1
         return Grab(images, None, acquired)
+
+    def _send_trigger(self, deadline: float, timeout: float, abort: Optional[threading.Event]) -> Optional[str]:
+        """Trigger the camera and wait for Aravis to say the camera took it, until ``deadline``
+        (time.monotonic()); None when it did, else why this part has no image. The command goes on
+        its own thread: against a camera that just died Aravis waits out its retries (module docstring)."""
+        camera = self._camera
+        if camera is None:
+            return "camera down"
+        command = self._command = _TriggerCommand(self._generation)
+        threading.Thread(target=self._run_trigger, args=(camera, command), name=f"gige-trigger:{self.device}",
+                         daemon=True).start()
+        del camera
+        if not self._wait_command(command, deadline, abort):
+            command.abandoned = True
+            if self._stopping(abort):
+                return "line stopped"
+            self.stats.timeouts += 1
+            self._timed_out = True
+            logger.warning("camera %s: the trigger command got no answer within %g s", self.name, timeout)
+            return f"timeout: the camera did not answer the trigger within {timeout:g} s"
+        self._command = None
+        if command.error is not None:
+            return f"camera down (trigger failed: {command.error})"
+        return None
+
+    def _settle_command(self, deadline: float, timeout: float, abort: Optional[threading.Event]) -> Optional[str]:
+        """Before a new trigger: the last one's command must have returned (Aravis sends one command
+        at a time, and its answer decides whether the camera is down), waited for until ``deadline``.
+        One that returned after its part gave up on it may still bring an image: let that land
+        (``LATE_IMAGE_S`` after the answer; the image is then discarded before the trigger)."""
+        previous = self._command
+        if previous is None:
+            return None
+        if not self._wait_command(previous, deadline, abort):
+            if self._stopping(abort):
+                return "line stopped"
+            self.stats.timeouts += 1
+            return f"timeout: the camera did not answer the last trigger command within {timeout:g} s"
+        if previous.abandoned and previous.error is None:
+            settled = previous.answered_at + self.LATE_IMAGE_S
+            self._stop.wait(max(0.0, min(settled, deadline) - time.monotonic()))
+            if time.monotonic() < settled:      # past the deadline first: the next part waits out the rest
+                if self._stopping(abort):
+                    return "line stopped"
+                self.stats.timeouts += 1
+                return f"timeout: an earlier trigger's late image may still come; none sent within {timeout:g} s"
+        self._command = None
+        return None
+
+    def _wait_command(self, command: _TriggerCommand, deadline: float, abort: Optional[threading.Event]) -> bool:
+        """Whether ``command`` returned by ``deadline``; in slices, so a stopping line ends the wait."""
+        while not command.done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopping(abort):
+                return False
+            command.done.wait(min(0.1, left))
+        return True
+
+    def _stopping(self, abort: Optional[threading.Event]) -> bool:
+        return self._stop.is_set() or (abort is not None and abort.is_set())
+
+    def _run_trigger(self, camera, command: _TriggerCommand) -> None:
+        """(The command's thread.) It ends when Aravis returns; a failure marks the camera down, unless
+        the reader has connected again meanwhile (that connection is not this command's to drop)."""
+        try:
+            camera.software_trigger()
+        except Exception as exc:      # GLib.Error mostly; whatever it is, the camera did not take the trigger
+            command.error = str(getattr(exc, "message", exc))
+            if command.generation == self._generation:
+                self._lost.set()
+        finally:
+            del camera        # a lost camera is finalised by whoever lets go of it last: never the part's thread
+            command.answered_at = time.monotonic()
+            command.done.set()
 
     def _fresh(self, sent: float) -> bool:
         """(Lock held.) Whether an image of the trigger sent at ``sent`` is waiting; a software-triggered
