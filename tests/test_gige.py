@@ -13,9 +13,7 @@ import socket
 import struct
 import threading
 import time
-from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner

@@ -45,7 +45,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -392,7 +392,7 @@ class GigeSource(LatestFrameSource):
 
     # -- connection
     def _connect(self) -> None:
-        Arv = aravis()
+        aravis()        # the binding, or one clear error before the camera is opened
         camera = open_camera(self.device)
         try:
             self._check_same_camera(camera)
