@@ -135,7 +135,8 @@ class Detector:
     only when the model outputs per-scale maps). threshold: overrides the calibrated one.
     providers / threads: ONNX Runtime execution providers; CPU inference threads (ONNX Runtime,
     OpenVINO). decision_thresholds: the thresholds callers decide at with this model's scores (None in
-    it: the model's own; default: ``threshold``), against which OpenVINO under auto judges bf16. precision: what the model runs at (run_precision: graph and backend together).
+    it: the model's own; default: ``threshold``), against which OpenVINO under auto judges bf16.
+    precision: what the model runs at (run_precision: graph and backend together).
     """
 
     def __init__(self, model_path: Union[str, Path], backend: str = "auto", postprocess: str = "auto",

@@ -312,15 +312,21 @@ def decision_thresholds(line: Line, model_key: str) -> Tuple[Optional[float], ..
     return tuple(camera.alarm.threshold for camera in line.cameras if same(camera.model) or camera.name in part_cameras)
 
 
+def line_detector(line: Line, model) -> Detector:
+    """A Detector for ``model`` with the line's backend settings and the thresholds the line decides at
+    on it: what the line opens at start, a recipe's model and a hot swap's new version alike."""
+    return Detector(model, backend=line.backend, postprocess=line.postprocess,
+                    providers=list(line.providers) if line.providers else None, threads=line.threads,
+                    decision_thresholds=decision_thresholds(line, str(Path(model).resolve())))
+
+
 def open_detectors(line: Line) -> Dict[str, Detector]:
     """One Detector per distinct model file (resolved path) of the line."""
     detectors: Dict[str, Detector] = {}
     for camera in line.cameras:
         key = str(Path(camera.model).resolve())
         if key not in detectors:
-            detectors[key] = Detector(camera.model, backend=line.backend, postprocess=line.postprocess,
-                                      providers=list(line.providers) if line.providers else None,
-                                      threads=line.threads, decision_thresholds=decision_thresholds(line, key))
+            detectors[key] = line_detector(line, camera.model)
     return detectors
 
 

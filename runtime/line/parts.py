@@ -37,7 +37,7 @@ import numpy as np
 from mrkd.errors import MrkdError
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
-from mrkd.runtime.line.loop import Line, decision_thresholds, open_detectors, open_sources
+from mrkd.runtime.line.loop import Line, line_detector, open_detectors, open_sources
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import PartSettings
@@ -163,9 +163,7 @@ class PartRunner:
             if not Path(model).is_file():
                 raise PartError(f"recipe {number}: model file not found: {model}")
             if key not in slots:
-                slots.add(key, Detector(model, backend=line.backend, postprocess=line.postprocess,
-                                        providers=list(line.providers) if line.providers else None,
-                                        threads=line.threads, decision_thresholds=decision_thresholds(line, key)))
+                slots.add(key, line_detector(line, model))
             self._recipe_models[number] = model
         self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model))
                         for n in names]

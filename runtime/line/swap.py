@@ -335,8 +335,7 @@ class ModelSlots(LineObserver):
             with self._lock:        # the frames it was checked on, with its own scores, until new ones come
                 slot.recent.clear()
                 slot.recent.extend(staged.checked)
-            with self._lock:
-                judged, slot.frames = slot.frames, 0
+                judged, slot.frames = slot.frames, 0     # the replaced version's own count
             record = SwapRecord(slot.path, staged.reason, "swapped", old_sha, sha, staged.detail, staged.load_s,
                                 time.time(), judged)
             self._record(record)
@@ -369,13 +368,10 @@ def _one_line(exc: BaseException) -> str:
 def line_slots(line, detectors: MutableMapping[str, object],
                status: Callable[[str], None] = logger.warning) -> ModelSlots:
     """ModelSlots over the line's opened detectors, reopening a path with the line's backend settings."""
-    from mrkd.runtime.detector import Detector
-    from mrkd.runtime.line.loop import decision_thresholds
+    from mrkd.runtime.line.loop import line_detector
 
     def opener(path: str):
-        return Detector(path, backend=line.backend, postprocess=line.postprocess,
-                        providers=list(line.providers) if line.providers else None, threads=line.threads,
-                        decision_thresholds=decision_thresholds(line, str(Path(path).resolve())))
+        return line_detector(line, path)
     fixed: Dict[str, List[Tuple[str, float]]] = {}
     for camera in line.cameras:          # recipes' models are judged by their own thresholds (parts.py)
         if camera.alarm.threshold is not None:
