@@ -99,6 +99,17 @@ def int8_image_paths(images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT
     return paths[:limit] if limit else paths
 
 
+def refuse_unreadable(paths: Sequence, option: str) -> None:
+    """An ExportError naming the first of ``paths`` that cannot be decoded and ``option``, the folder's
+    option: said before any file is written, not after model.onnx is already there."""
+    from mrkd.runtime.images import ImageReadError, read_image
+    for path in paths:
+        try:
+            read_image(path)
+        except ImageReadError as exc:
+            raise ExportError(f"{exc} (in {option}; remove it or fix it)") from None
+
+
 def load_images(paths: Sequence, meta: ModelMetadata) -> np.ndarray:
     """Images as the graph's input: uint8 N×H×W×3 BGR frames or float32 N×3×H×W normalised."""
     from mrkd.runtime.images import read_image

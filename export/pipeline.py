@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Optional
 from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
 from mrkd.export.int8 import (GOOD_ONLY_NOTE, INT8_TARGET_CHOICES, default_int8_target, held_out_defect_paths,
-                              int8_agreement_report, int8_check_paths, load_images, load_readable_images,
-                              quantize_int8)
+                              int8_agreement_report, int8_check_paths, int8_image_paths, load_images,
+                              load_readable_images, quantize_int8, refuse_unreadable)
 from mrkd.export.onnx_graph import ExportError, ExportOptions
 from mrkd.export.parity import Comparison, ParityError, parity_report
 from mrkd.export.precision_check import check_bf16
@@ -126,6 +126,10 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     # the good images the checks run on: a missing or empty folder is said before anything is written
     good_paths, seen_note = int8_check_paths(int8_images, check_images) if (check_images or int8_images) \
         else ([], None)
+    # and an image among them, or among quantisation's, that does not decode is named now, not after model.onnx
+    if int8_images:
+        refuse_unreadable(int8_image_paths(int8_images), "--int8-images")
+    refuse_unreadable(good_paths, "--check-images" if check_images else "--int8-images")
     out_dir = Path(out_dir)
     result = ExportResult()
     model, checkpoint_sha = load_model(checkpoint)

@@ -382,6 +382,27 @@ def test_a_check_images_folder_without_images_is_refused_before_anything_is_writ
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option", ["--int8-images", "--check-images"])
+def test_an_image_that_does_not_decode_is_refused_before_anything_is_written(tmp_path, option):
+    """A corrupt file among the good images was said only when quantisation or the bf16 check read it,
+    after model.onnx was written."""
+    from click.testing import CliRunner
+    from mrkd.export.cli import export_command
+    small_model().save(tmp_path / "ck.pt")
+    (tmp_path / "good").mkdir()
+    for i in range(3):
+        image = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / "good" / f"{i}.png"), image)
+    (tmp_path / "good" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n half a file")
+    args = ["--int8", "--int8-images"] if option == "--int8-images" else ["--check-images"]
+    result = CliRunner().invoke(export_command, [str(tmp_path / "ck.pt"), "-o", str(tmp_path / "out"), *args,
+                                                 str(tmp_path / "good")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"cannot read image '{tmp_path / 'good' / '1.png'}'" in result.output and f"(in {option};" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("keep", ["auto", "none"])
 def test_int8_on_one_image_records_no_infinite_ratio_and_ends_without_a_traceback(tmp_path, keep):
     """With one --int8-images image the FP32 scores have no spread, the score error's ratio to it was
