@@ -239,6 +239,11 @@ def test_checked_precision_runs_bf16_only_after_a_passing_check():
                                 calibration=Calibration(threshold=0.05, method="quantile", quantile=0.99))
     assert checked_precision(bf16, moved)[0] == "f32"
     assert checked_precision(bf16, None)[0] == "f32"          # embedded metadata only, no sidecar checks
+    # An INT8 graph's sidecar never carries a bf16 check (export checks model.onnx): the reason says so,
+    # instead of pointing at --check-images, which cannot record one for it.
+    from mrkd.runtime.metadata import Int8Info
+    hint, why = checked_precision(bf16, dataclasses.replace(base, precision="int8", int8=Int8Info(images=8)))
+    assert hint == "f32" and "checked on the FP32 graph (model.onnx) only" in why and "--check-images" not in why
 
 
 def test_precision_checks_round_trip_and_bad_ones_are_one_line_errors():

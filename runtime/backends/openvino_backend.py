@@ -40,6 +40,9 @@ def checked_precision(capabilities: Tuple[str, ...], metadata,
         return "f32", "f32: this CPU has no native bf16"
     checks = [c for c in getattr(metadata, "precision_checks", ()) if c.backend == "openvino:bf16"]
     if not checks:
+        if getattr(metadata, "int8", None) is not None:
+            # export checks bf16 on the FP32 graph only; no option records it for the INT8 graph's f32 layers
+            return "f32", "f32 beside its INT8 layers: bf16 is checked on the FP32 graph (model.onnx) only"
         return "f32", "f32: bf16 not checked for this model (see mrkd export --check-images)"
     check = checks[-1]
     measured = (f"score max |diff| {check.score_max_abs_diff:.3g} at threshold {check.threshold:.6g}, "
