@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from typing import Optional
 
 # A thread waiting for the interpreter lock asks the holder to drop it only after the switch interval
@@ -56,9 +57,15 @@ class AsyncioServerThread:
 def _cancel_remaining(loop: asyncio.AbstractEventLoop, wait_s: float = 5.0) -> None:
     """Cancel the tasks the server left on its stopped loop and let them unwind, as asyncio.run does: a
     session whose client vanished (its timeout loop, its subscription loop) was otherwise destroyed
-    pending, and asyncio said so at exit as two ERRORs with the coroutines' source lines."""
-    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        loop.run_until_complete(asyncio.wait(tasks, timeout=wait_s))
+    pending, and asyncio said so at exit as two ERRORs with the coroutines' source lines. In rounds,
+    within ``wait_s`` in all: a task may start another while it unwinds (a publish racing the stop),
+    which a single pass over the tasks of the moment left pending."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        left = deadline - time.monotonic()
+        if not tasks or left <= 0:
+            return
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.wait(tasks, timeout=left))
