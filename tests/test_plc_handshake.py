@@ -89,7 +89,9 @@ def test_offline():
     plc.set_trigger_enable(True)
     plc.set_offline(True)
     assert not target.online and not plc.image().online and not plc.image().trigger_ready
-    assert pulse_trigger(plc) is None and target.calls == [] and plc.image().missed_triggers == 1
+    receipt = pulse_trigger(plc)      # the offline line refuses it: counted once, reported to every output
+    assert not receipt.accepted and receipt.reason == "offline" and plc.image().missed_triggers == 1
+    assert target.pending == [] and plc.image().missed_trigger
     plc.set_offline(False)
     assert target.online and plc.image().trigger_ready and pulse_trigger(plc).accepted
 

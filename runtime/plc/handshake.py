@@ -177,7 +177,9 @@ class Handshake(LineObserver):
             elif self._stopped:
                 refusal = "the line has stopped"
             elif self.offline.held:
-                refusal = f"the line is offline ({self.offline.describe()})"
+                # The line refuses it itself (offline follows the holders): counted and reported to
+                # every output like any other trigger of an offline line, not by this PLC alone.
+                refusal = None
             elif not self._enable:
                 refusal = "Trigger Enable is 0"
             else:
@@ -197,6 +199,8 @@ class Handshake(LineObserver):
                 self._trigger_ack = self._trigger   # Trigger may already be back at 0
             else:
                 self._missed_flag = True            # counted in on_trigger, which every refusal reaches
+        if not receipt.accepted and self.offline.held:
+            logger.warning("%s: trigger refused: the line is offline (%s)", self.name, self.offline.describe())
         self._changed()
         return receipt
 
@@ -257,7 +261,8 @@ class Handshake(LineObserver):
             online = online and not self._stopped and not self.offline.held
             result = self._buffer[0] if self._buffer else None
             return PlcImage(
-                online=online, trigger_ready=online and ready and self._enable and not self._trigger_ack,
+                # Trigger still 1 (acknowledged or refused) makes no edge: nothing a write could trigger
+                online=online, trigger_ready=online and ready and self._enable and not self._trigger,
                 trigger_ack=self._trigger_ack, busy=busy and not self._stopped, results_valid=result is not None,
                 part_ok=result is not None and result.result_code == ResultCode.OK,
                 part_ng=result is not None and result.result_code == ResultCode.NG,

@@ -1,0 +1,107 @@
+"""A refused Modbus trigger, as a PLC programmer following docs/PLC.md meets it, driven with Debian's
+mbpoll (libmodbus) against the real part runner judging a folder of parts with the tiny model:
+Trigger Ready never invites a write that cannot trigger (Trigger still 1 after a refusal), and a
+trigger the line refuses while a PLC holds it offline is counted by the line, not by the PLC alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from peers import require_program
+from plc_fixtures import part_images
+from runtime_fixtures import build_tiny_model
+
+from mrkd.benchmarks.plc_peer import DI, PART_ID, SET_OFFLINE, TRIGGER, TRIGGER_ENABLE, mbpoll
+from mrkd.runtime.line.loop import Camera, Line
+from mrkd.runtime.line.parts import PartRunner, open_part_sources
+from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.outputs.base import LineObserver
+from mrkd.runtime.plc.modbus import ModbusPlc
+
+pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
+
+MISSED_TRIGGERS = 12        # input registers 12-13, uint32 high word first
+
+
+class Receipts(LineObserver):
+    """Every trigger receipt the line reports to its outputs."""
+
+    def __init__(self):
+        self.receipts = []
+
+    def on_trigger(self, receipt):
+        self.receipts.append(receipt)
+
+
+@pytest.fixture
+def cell(tmp_path):
+    require_program("mbpoll", ["mbpoll"])
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    folder = tmp_path / "parts"
+    part_images(folder, "gggg")
+    line = Line((Camera("cam", str(folder), model, trigger="software"),))
+    settings = PartSettings(queue=4, timeout=5.0)
+    receipts = Receipts()
+    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=[receipts],
+                        status=lambda text: None)
+    plc = ModbusPlc(runner, port=0).start()
+    runner.observers.append(plc)
+    runner.start()
+    state = {"summary": None}
+
+    def stop():
+        state["summary"] = runner.stop()
+        return state["summary"]
+
+    yield plc.address[1], receipts, stop
+    if state["summary"] is None:
+        runner.stop()
+
+
+def write(port, table, ref, value):
+    rc, _, err = mbpoll(port, table, ref, write=[value])
+    assert rc == 0, err
+
+
+def bits(port):
+    rc, values, err = mbpoll(port, "1", 0, 10)
+    assert rc == 0, err
+    return {name: int(values[i]) for name, i in DI.items()}
+
+
+def missed(port):
+    rc, values, err = mbpoll(port, "3", MISSED_TRIGGERS, 2)
+    assert rc == 0, err
+    return int(values[0]) << 16 | int(values[1])
+
+
+def test_trigger_ready_stays_0_while_a_refused_trigger_is_still_1(cell):
+    port, _, _ = cell
+    write(port, "4", PART_ID, 17)
+    write(port, "0", TRIGGER, 1)                 # Trigger Enable is 0: refused
+    assert bits(port)["missed_trigger"] == 1 and missed(port) == 1
+    write(port, "0", TRIGGER_ENABLE, 1)
+    state = bits(port)
+    # Trigger is still 1: writing it 1 again makes no edge, so no trigger could be accepted now
+    assert state["trigger_ready"] == 0 and state["trigger_ack"] == 0
+    write(port, "0", TRIGGER, 0)
+    assert bits(port)["trigger_ready"] == 1
+    write(port, "0", TRIGGER, 1)
+    assert bits(port)["trigger_ack"] == 1
+
+
+def test_a_trigger_refused_while_the_plc_holds_the_line_offline_is_the_lines_missed_trigger(cell):
+    port, receipts, stop = cell
+    write(port, "0", TRIGGER_ENABLE, 1)
+    write(port, "0", SET_OFFLINE, 1)
+    write(port, "4", PART_ID, 21)
+    write(port, "0", TRIGGER, 1)
+    state = bits(port)
+    assert state["online"] == 0 and state["trigger_ack"] == 0 and state["missed_trigger"] == 1
+    assert missed(port) == 1                     # counted once, not once by the PLC and once by the line
+    refused = [r for r in receipts.receipts if not r.accepted]
+    assert [(r.part_id, r.reason) for r in refused] == [("21", "offline")]    # every output hears of it
+    write(port, "0", TRIGGER, 0)
+    write(port, "0", SET_OFFLINE, 0)
+    summary = stop()
+    assert summary["missed_triggers"] == 1 and summary["parts"] == 0
