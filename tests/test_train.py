@@ -192,3 +192,15 @@ def test_training_with_workers_leaves_sigchld_as_it_found_it(tmp_path, monkeypat
     assert seen and all(handler is before for handler in seen)      # workers started, SIGCHLD untouched
     assert signal.getsignal(signal.SIGCHLD) is before
     assert signal_handling._SIGCHLD_handler_set is False             # a loader of the caller's may set it
+
+
+def test_a_glob_of_good_images_is_named_after_its_folder_not_its_pattern():
+    """`mrkd train "good_parts/*.jpg"` recorded the category '*.jpg' in the checkpoint (and printed
+    '*.jpg: loss ...'): the pattern names no part; the folder it lives in does."""
+    from mrkd.train.checkpoint import plain_images_name, trained_on
+    assert trained_on("good_parts/*.jpg", None)["category"] == "good_parts"
+    assert trained_on("/mnt/line7/cam*/ok_*.png", None)["category"] == "line7"
+    assert trained_on("good_parts/", None)["category"] == "good_parts"
+    assert trained_on("data", "washer")["category"] == "washer"
+    assert plain_images_name("*.png") == "images"
+    assert plain_images_name("good_parts/*.jpg") == "good_parts"

@@ -197,9 +197,21 @@ def unfinished_run(data: dict, source: str) -> Optional[str]:
             f"model's; resume it (mrkd train with the same settings) before using it")
 
 
+def plain_images_name(data_root) -> str:
+    """What a plain folder or glob of good images is called: the folder's name; for a glob such as
+    'good_parts/*.jpg' the last folder before the first wildcard (the pattern itself names no part)."""
+    from mrkd.runtime.images import is_glob_pattern
+    fixed = []
+    for part in Path(str(data_root)).parts:
+        if is_glob_pattern(part):
+            break
+        fixed.append(part)
+    return (Path(*fixed).name if fixed else "") or "images"
+
+
 def trained_on(data_root, category: Optional[str]) -> dict:
     """The checkpoint's record of its training data: the category, or the plain folder's name."""
-    return {"category": category or Path(str(data_root)).name, "data_root": str(data_root),
+    return {"category": category or plain_images_name(data_root), "data_root": str(data_root),
             "layout": "mvtec" if category else "folder"}
 
 

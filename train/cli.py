@@ -227,6 +227,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
     ends with its final checkpoint."""
     import warnings
 
+    from mrkd.train.checkpoint import plain_images_name
     from mrkd.train.data import DataError, list_categories
     from mrkd.train.trainer import TrainConfig, train, train_all
 
@@ -256,7 +257,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
     try:
         with _sigterm_stops_training():
             if categories is None:
-                summaries = {Path(str(data_root)).name or "images": train(data_root, None, out, config, **options)}
+                summaries = {plain_images_name(data_root): train(data_root, None, out, config, **options)}
             else:
                 summaries = train_all(data_root, categories, out, config, **options)
     except KeyboardInterrupt as stopped:

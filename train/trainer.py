@@ -48,7 +48,7 @@ from mrkd.runtime import calibration as calibration_rules  # noqa: E402
 from mrkd.train import calibrate as calibration  # noqa: E402
 from mrkd.train.memory_bank import check_pool, max_pool  # noqa: E402
 from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
-                                   trained_on)
+                                   plain_images_name, trained_on)
 from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
 from mrkd.train.allocator import ALLOCATORS, apply_allocator  # noqa: E402
@@ -601,7 +601,7 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
         run.out_dir.mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm
-    epochs_bar = tqdm(range(run.epochs_done, config.epochs), desc=f"train {category or Path(str(data_root)).name}",
+    epochs_bar = tqdm(range(run.epochs_done, config.epochs), desc=f"train {category or plain_images_name(data_root)}",
                       unit="epoch", initial=run.epochs_done, total=config.epochs,
                       disable=not config.progress or not run.writer)
     first_epoch = run.epochs_done
