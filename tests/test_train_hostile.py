@@ -181,3 +181,30 @@ def test_predict_with_no_readable_image_fails_and_writes_nothing(tmp_path):
     done = invoke("predict", Path(trained_run()["out_dir"]) / "last.ckpt", folder, "-o", tmp_path / "out")
     assert_one_line_error(done, "none of the 2 image file(s)", "a.png")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"hi\n", "not a PyTorch checkpoint"),                    # was: (KeyError: 105)
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "not a PyTorch checkpoint"),  # was: 'what a weights-only load refuses'
+    (b"", "empty"),                                           # was: (EOFError: unreadable)
+    (None, "cut short"),                                      # was: miniz's 'failed finding central directory'
+], ids=["text", "png", "empty", "cut_zip"])
+def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path, content, said):
+    """A text file, an image or an empty file given as the checkpoint said what torch's unpickler tripped
+    on (a KeyError of a byte value, or a 'refused' load that sounds like a dangerous file)."""
+    import io
+    from mrkd.train.checkpoint import CheckpointError, read_checkpoint
+    path = tmp_path / "last.ckpt"
+    if content is None:
+        buffer = io.BytesIO()
+        torch.save({"weights": torch.zeros(4096)}, buffer)
+        content = buffer.getvalue()[:len(buffer.getvalue()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    message = str(error.value)
+    assert said in message and str(path) in message and "\n" not in message
+    for torch_detail in ("KeyError", "refuses", "EOFError", "miniz"):
+        assert torch_detail not in message
+    done = invoke("predict", path, tiny_data() / CATEGORY / "test" / "good", "-o", tmp_path / "out")
+    assert_one_line_error(done, str(path), said)

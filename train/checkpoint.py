@@ -97,7 +97,8 @@ def read_checkpoint(path, warn: Optional[Callable[[str], None]] = None) -> dict:
             raise CheckpointError(f"{path}: an exported model, not a training checkpoint (the last.ckpt `mrkd "
                                   f"train` writes); an exported model scores images with `mrkd run {path} "
                                   f"--source FOLDER` (and is calibrated with `mrkd calibrate`)") from exc
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure(exc)})") from exc
+        reason = _not_a_checkpoint(path) or f"not a readable PyTorch checkpoint ({load_failure(exc)})"
+        raise CheckpointError(f"{path}: {reason}") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(data).__name__}")
     note = unfinished_run(data, str(path)) if warn is not None else None
@@ -108,6 +109,27 @@ def read_checkpoint(path, warn: Optional[Callable[[str], None]] = None) -> dict:
 
 # What `mrkd export` writes: ONNX, TensorRT engines, OpenVINO IR.
 EXPORTED_SUFFIXES = (".onnx", ".engine", ".plan", ".trt", ".xml")
+
+
+def _not_a_checkpoint(path: Path) -> Optional[str]:
+    """Why a file torch cannot load is no checkpoint at all, judged by its first bytes; None when it
+    starts like one (torch.save writes a zip archive; old files are a pickle, first byte 0x80). Said
+    instead of the unpickler's trip (a KeyError of a byte value, or a 'refused' load of an image)."""
+    import zipfile
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return None
+    if not head:
+        return "the file is empty (0 bytes), not a checkpoint"
+    if head.startswith(b"PK\x03\x04"):
+        return None if zipfile.is_zipfile(path) else (
+            "not a readable PyTorch checkpoint: cut short (a zip archive as torch.save writes, without its end: "
+            "saved or copied incompletely)")
+    if head[0] == 0x80:
+        return None
+    return f"not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip archive)"
 
 
 def _exported_model(path: Path) -> bool:
