@@ -204,3 +204,18 @@ def test_a_glob_of_good_images_is_named_after_its_folder_not_its_pattern():
     assert trained_on("data", "washer")["category"] == "washer"
     assert plain_images_name("*.png") == "images"
     assert plain_images_name("good_parts/*.jpg") == "good_parts"
+
+
+def test_train_help_says_where_a_plain_folders_checkpoint_goes(tmp_path):
+    """--out's help said <out>/<category>/last.ckpt only; a plain folder or glob of good images is
+    written to <out>/last.ckpt, with no category folder."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    good = Path(tiny_data()) / CATEGORY / "train" / "good"
+    done = CliRunner().invoke(main, ["train", f"{good}/*.png", "--out", str(tmp_path / "run"), "--epochs", "1",
+                                     "--image-size", str(IMAGE_SIZE), "--batch-size", "8", "--backbone", "resnet18",
+                                     "--teacher-weights", "random", "--score", "mrkd"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "run" / "last.ckpt").is_file() and not (tmp_path / "run" / "good").exists()
+    assert "a plain folder or glob of images: <out>/last.ckpt" in help_text

