@@ -1,7 +1,9 @@
-"""A refused Modbus trigger, as a PLC programmer following docs/PLC.md meets it, driven with Debian's
-mbpoll (libmodbus) against the real part runner judging a folder of parts with the tiny model:
-Trigger Ready never invites a write that cannot trigger (Trigger still 1 after a refusal), and a
-trigger the line refuses while a PLC holds it offline is counted by the line, not by the PLC alone."""
+"""The real part runner judging a folder of parts with the tiny model, behind the Modbus server, driven
+with Debian's mbpoll (libmodbus) as a PLC programmer following docs/PLC.md would:
+- a refused trigger: Trigger Ready never invites a write that cannot trigger (Trigger still 1 after a
+  refusal), and a trigger the line refuses while a PLC holds it offline is counted by the line, not
+  by the PLC alone;
+- the end of a run: a part the PLC got Trigger Ack for is still judged and its result readable."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from peers import require_program
 from plc_fixtures import part_images
 from runtime_fixtures import build_tiny_model
 
-from mrkd.benchmarks.plc_peer import DI, PART_ID, SET_OFFLINE, TRIGGER, TRIGGER_ENABLE, mbpoll
+from mrkd.benchmarks.plc_peer import (DI, INPUT_COUNT, PART_ID, RESULTS_ACK, SET_OFFLINE, TRIGGER, TRIGGER_ENABLE,
+                                      Reading, mbpoll)
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import PartRunner, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
@@ -105,3 +108,52 @@ def test_a_trigger_refused_while_the_plc_holds_the_line_offline_is_the_lines_mis
     write(port, "0", SET_OFFLINE, 0)
     summary = stop()
     assert summary["missed_triggers"] == 1 and summary["parts"] == 0
+
+
+def wait_bits(port, predicate, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        state = bits(port)
+        if predicate(state) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("acknowledged", [True, False])
+def test_a_part_acknowledged_before_the_run_ends_still_gets_its_readable_result(cell, acknowledged):
+    """The server closed as the run ended (within ~0.3 s of SIGTERM): a part accepted just before was
+    judged, but its result never became readable. Now the server answers until the PLC acknowledges
+    every result, at most ModbusPlc.RESULTS_LINGER_S, with Online 0 and triggers refused."""
+    import threading
+    import time
+    from mrkd.runtime.plc.modbus import ModbusPlc
+    port, _, stop = cell
+    write(port, "0", TRIGGER_ENABLE, 1)
+    write(port, "4", PART_ID, 31)
+    write(port, "0", TRIGGER, 1)
+    assert bits(port)["trigger_ack"] == 1
+    write(port, "0", TRIGGER, 0)
+    ended = {}
+    stopping = threading.Thread(target=lambda: ended.update(summary=stop(), at=time.monotonic()))
+    began = time.monotonic()
+    stopping.start()          # the run ends before the PLC has read the result
+    state = wait_bits(port, lambda s: s["results_valid"] == 1)
+    assert state["results_valid"] == 1 and state["online"] == 0 and state["trigger_ready"] == 0, state
+    rc, values, err = mbpoll(port, "3", 0, INPUT_COUNT)
+    assert rc == 0, err
+    reading = Reading.of([int(v) for v in values])
+    assert (reading.part_id, reading.inspection_id) == (31, 1), reading
+    write(port, "4", PART_ID, 32)
+    write(port, "0", TRIGGER, 1)                  # the line has ended: refused, never a part
+    assert bits(port)["trigger_ack"] == 0
+    if acknowledged:
+        write(port, "0", RESULTS_ACK, 1)
+        stopping.join(ModbusPlc.RESULTS_LINGER_S)
+        assert not stopping.is_alive() and ended["at"] - began < ModbusPlc.RESULTS_LINGER_S
+    else:
+        stopping.join(ModbusPlc.RESULTS_LINGER_S + 5)      # bounded: a PLC that never acknowledges
+        assert not stopping.is_alive() and ended["at"] - began >= ModbusPlc.RESULTS_LINGER_S
+    assert ended["summary"]["parts"] == 1
+    with pytest.raises(AssertionError):           # and then the server is gone
+        bits(port)
