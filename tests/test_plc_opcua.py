@@ -692,3 +692,37 @@ def test_an_aborted_jobs_late_result_does_not_end_the_next_job(held_cell):
     assert [(e.PartId, e.JobId) for e in events] == [("A", first), ("B", second)]
     assert (mode_after_first, refused, mode_after_second) == ("SingleExecution", "BadInvalidState", "Ready")
     assert cell.runner.triggers == 2          # the refused StartSingleJob made no part
+
+
+def test_a_job_accepted_before_the_run_ends_gets_its_result_ready_in_node_opcua(tmp_path):
+    """The server stopped as the run ended: the part of a job accepted just before was judged, but its
+    ResultReady was still queued in the client's subscription when the server went, so node-opcua
+    never saw it. Now the server stays up until the event has left for the client (at most
+    OpcUaPlc.RESULTS_LINGER_S)."""
+    import time
+    node = node_client_ready()
+    cell = HeldCell(tmp_path)
+    client = subprocess.Popen([node, "client.js", cell.server.url, USER, PASSWORD, "1"], cwd=CLIENT_DIR,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while cell.runner.triggers == 0 and time.monotonic() < deadline and client.poll() is None:
+            time.sleep(0.02)
+        assert cell.runner.triggers == 1, client.communicate(timeout=5)
+        cell.release()                     # its image comes as the run ends
+        summary = cell.runner.stop()       # the part is judged in the stop's drain
+        assert summary["parts"] == 1
+        try:       # with the server gone, node-opcua may go on trying to reconnect: what it printed counts
+            out, err = client.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            out, err = client.communicate()
+    finally:
+        cell.close()
+        if client.poll() is None:
+            client.kill()
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    calls = [line for line in lines if line["kind"] == "call"]
+    events = [line for line in lines if line["kind"] == "event"]
+    assert [c["status"] for c in calls] == ["Good"], out + err[-2000:]
+    assert len(events) == 1 and events[0]["jobId"] == calls[0]["jobId"] and events[0]["partId"] == "N-0", out

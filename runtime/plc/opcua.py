@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections import deque
 from typing import Deque, Dict, Optional, Tuple
 from urllib.parse import urlparse
@@ -126,6 +127,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self._error: Optional[BaseException] = None
         self._closed = False
         self._nodes: dict = {}
+        self._publishing = 0                       # results handed to the loop, their event not yet queued
+        self._publishing_lock = threading.Lock()
 
     # ------------------------------------------------------------ server
     def start(self) -> "OpcUaPlc":
@@ -478,7 +481,16 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
     # ------------------------------------------------------------ results
     def on_part(self, result: PartResult) -> None:
         if self._loop is not None and not self._closed:
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish(result)))
+            with self._publishing_lock:
+                self._publishing += 1
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish_counted(result)))
+
+    async def _publish_counted(self, part: PartResult) -> None:
+        try:
+            await self._publish(part)
+        finally:
+            with self._publishing_lock:
+                self._publishing -= 1
 
     def on_trigger(self, receipt: TriggerReceipt) -> None:
         pass
@@ -530,8 +542,28 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             if not status.is_good():
                 logger.warning("opcua: LastResult/%s not written: %s", name, status)
 
+    # At the end of a run the parts the line had accepted are judged (PartRunner.stop drains them first);
+    # a client whose job made one is owed its ResultReady. So the server stays up until every result's
+    # event has left the subscriptions' queues for the wire, at most RESULTS_LINGER_S.
+    RESULTS_LINGER_S = 3.0
+    stop_waits_for_peer = True           # the linger runs beside the other outputs' stops
+
     def on_stop(self) -> None:
+        deadline = time.monotonic() + self.RESULTS_LINGER_S
+        while (not self._closed and (self._publishing or self._events_queued())
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        if self._publishing or self._events_queued():
+            logger.warning("opcua: run ended with ResultReady events not delivered within %g s",
+                           self.RESULTS_LINGER_S)
         self.close()
+
+    def _events_queued(self) -> bool:
+        """Whether a client's subscription still holds an event for its next Publish response. (asyncua
+        2.x's InternalSubscription keeps them in ``_triggered_events``; where that is gone, no linger.)"""
+        service = getattr(getattr(self._server, "iserver", None), "subscription_service", None)
+        subscriptions = list(getattr(service, "subscriptions", {}).values())
+        return any(getattr(subscription, "_triggered_events", None) for subscription in subscriptions)
 
     def health(self) -> Optional[OutputHealth]:
         # stopped with the run is not a failure
