@@ -219,3 +219,21 @@ def test_train_help_says_where_a_plain_folders_checkpoint_goes(tmp_path):
     assert done.exit_code == 0, done.output
     assert (tmp_path / "run" / "last.ckpt").is_file() and not (tmp_path / "run" / "good").exists()
     assert "a plain folder or glob of images: <out>/last.ckpt" in help_text
+
+
+def test_an_unreadable_held_out_image_stops_training_before_the_first_epoch(tmp_path):
+    """The held-out images were read only after the last epoch: a broken one there ended a long run
+    uncalibrated with exit status 0 (the same file among the fitted images stopped it at once)."""
+    from mrkd.train.data import DataError, scan_folder
+    good = tmp_path / "good"
+    shutil.copytree(Path(tiny_data()) / CATEGORY / "train" / "good", good)
+    config = TrainConfig(**{**TINY, "epochs": 1, "eval_every": 0}, score="mrkd")
+    _, held_out = split_holdout(scan_folder(good), config)
+    Path(held_out[0]).write_text("not an image")
+    with pytest.raises(DataError, match=r"held out for calibration"):
+        train(good, None, tmp_path / "run", config, backbone="resnet18", teacher_weights="random", resume=False)
+    assert not (tmp_path / "run").exists()          # stopped before anything was trained or written
+    summary = train(good, None, tmp_path / "run", config, backbone="resnet18", teacher_weights="random",
+                    resume=False, skip_unreadable=True)
+    assert summary["calibration"] is not None and summary["errors"] == []
+    assert held_out[0] not in summary["holdout"]

@@ -121,6 +121,17 @@ def _readable(path: Path, reader) -> bool:
         return False
 
 
+def require_readable(paths: Sequence[str], role: str) -> None:
+    """Decode each of ``paths`` now; the first that cannot be read is a DataError naming it and its
+    ``role``. Training reads its held-out images only after the last epoch, so one broken file there
+    left a long run uncalibrated (exit 0) where the same file among the fitted images stopped it at once."""
+    for path in paths:
+        try:
+            read_image(path)
+        except ImageReadError as exc:
+            raise DataError(f"{exc}, {role} ({SKIP_UNREADABLE_HINT})") from exc
+
+
 def scan_category(root, category: str, skip_unreadable: bool = False, require_test: bool = True,
                   require_masks: bool = False) -> CategoryData:
     """List the train and test files of one MVTec-layout category.

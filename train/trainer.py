@@ -49,7 +49,8 @@ from mrkd.train import calibrate as calibration  # noqa: E402
 from mrkd.train.memory_bank import check_pool, max_pool  # noqa: E402
 from mrkd.train.checkpoint import (TRAINED_ON, CheckpointError, read_checkpoint, save_checkpoint,  # noqa: E402
                                    plain_images_name, trained_on)
-from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, scan_category, scan_folder  # noqa: E402
+from mrkd.train.data import ILM_SOURCES, DataError, TrainDataset, list_categories, require_readable, scan_category, \
+    scan_folder  # noqa: E402
 from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E402
 from mrkd.train.allocator import ALLOCATORS, apply_allocator  # noqa: E402
 from mrkd.train.feature_cache import CACHE_MODES, TeacherFeatures  # noqa: E402
@@ -380,6 +381,8 @@ def _load_data(data_root, category: Optional[str], config: TrainConfig, skip_unr
     else:
         train_paths, test_items = scan_folder(data_root, skip_unreadable=skip_unreadable), []
     fit_paths, holdout_paths = split_holdout(train_paths, config)
+    if not skip_unreadable:     # else decoded already; the fitted images are read before the first step
+        require_readable(holdout_paths, "held out for calibration")
     return TrainData(fit_paths, holdout_paths, test_items)
 
 
