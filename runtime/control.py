@@ -105,9 +105,9 @@ class LineControl:
         if self.labels_path is None:
             return 403, {"error": "review is off: start the line with a label file"}
         try:
-            request = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return 400, {"error": "body must be JSON: {\"event_id\": ..., \"label\": \"good\"|\"defect\"}"}
+            request = _parse_json(body)
+        except ValueError as exc:
+            return 400, {"error": f'body must be JSON: {{"event_id": ..., "label": "good"|"defect"}} ({exc})'}
         event_ids = _event_ids(request)
         if event_ids is None or request.get("label") not in LABELS:
             return 400, {"error": f"give event_id (one, or a list of at most {MAX_MARKS}) and label "
@@ -142,6 +142,28 @@ class LineControl:
         # a script that moved a new model in must see a refusal in the status code, not only in the body
         refused = any(o["outcome"] == "refused" for o in outcomes)
         return (409 if refused else 200), {"outcomes": outcomes, "staged": self.slots.staged()}
+
+
+def _unique_keys(pairs) -> dict:
+    found: dict = {}
+    for key, value in pairs:
+        if key in found:     # json.loads would keep the last value silently; another reader may take the first
+            raise ValueError(f"key {key!r} given twice")
+        found[key] = value
+    return found
+
+
+def _parse_json(body: bytes):
+    """A command's body as JSON; ValueError (one line) for bytes that are not UTF-8 or not JSON, a key given
+    twice in one object, or nesting too deep for the parser (RecursionError, which is no ValueError)."""
+    try:
+        return json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
 
 
 def _event_ids(request) -> Optional[List[str]]:

@@ -39,6 +39,7 @@ import re
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -62,6 +63,8 @@ logger = logging.getLogger(__name__)
 PAGE_SCHEMA_VERSION = 1
 _STREAM_PATH = re.compile(r"^/stream/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.mjpg$")
 _ALARM_PATH = re.compile(r"^/alarm/([A-Za-z0-9_.:-]{1,80})\.jpg$")
+_GUARD_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                  "Content-Security-Policy": "frame-ancestors 'none'"}
 
 
 def parse_address(text: str) -> Tuple[str, int]:
@@ -500,6 +503,15 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             self._active -= 1
             self.probes_only.discard(request)
 
+    def handle_error(self, request, client_address) -> None:
+        """A connection's handler raised (socketserver prints the traceback on stderr by default): a client
+        that went away (reset, timed out, broken TLS) is routine and says nothing; anything else is one
+        line in the log. Either way only that connection ends."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
+            return
+        logger.warning("page: a request from %s failed: %s: %s", client_address[0], type(error).__name__, error)
+
 
 def _tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
     """A server context for ``--http-cert``/``--http-key`` (SettingError naming the files when they do not load)."""
@@ -613,11 +625,18 @@ def _handler_for(server: OperatorServer):
                 return False
             return True
 
+        def _send_guards(self) -> None:
+            # a browser must take every answer for its Content-Type (a snapshot is never sniffed into a
+            # page) and never show the page inside another site's frame (its review buttons under a lure)
+            for key, value in _GUARD_HEADERS.items():
+                self.send_header(key, value)
+
         def _send(self, code: int, body: bytes, content_type: str, extra: Optional[dict] = None):
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            self._send_guards()
             for key, value in (extra or {}).items():
                 self.send_header(key, value)
             self.end_headers()
@@ -689,6 +708,7 @@ def _handler_for(server: OperatorServer):
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             self.send_header("Cache-Control", "no-store")
+            self._send_guards()
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
@@ -751,6 +771,10 @@ def outputs_from(settings) -> list:
         return []
     host, port = parse_address(settings.http)
     tls = (settings.http_cert, settings.http_key) if settings.http_cert else None
+    if not is_loopback_host(host):      # allowed (read-only), but the operator should know who can watch
+        logger.warning("page: --http %s listens beyond this machine: whoever reaches it sees the live views, "
+                       "the alarms with their snapshots and /metrics (the page has no login)%s", settings.http,
+                       "" if tls else ", over plain HTTP")
     try:
         return [OperatorServer(host, port, tls=tls)]
     except OSError as exc:

@@ -1,0 +1,116 @@
+"""The operator page's HTTP server against requests an audit sent a live `mrkd run --http` (2026-12-05):
+each answered in one status code, no traceback on the line's stderr, nothing written that the request did
+not mean. A real server on a loopback port, python's http.client and raw sockets as the clients.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import struct
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mrkd.runtime.control import LineControl
+from mrkd.runtime.outputs.base import CameraInfo
+from mrkd.runtime.outputs.web import OperatorServer, outputs_from
+
+TOKEN = "hostile-requests-control-token"
+
+
+def _port(server: OperatorServer) -> int:
+    return server.httpd.server_address[1]
+
+
+def _request(server: OperatorServer, method: str, path: str, body: bytes = b"", token: str = None):
+    """(status, headers, body) of one request over a fresh connection."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    connection = http.client.HTTPConnection("127.0.0.1", _port(server), timeout=10)
+    try:
+        connection.request(method, path, body=body or None, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture()
+def review_server(tmp_path):
+    """A page whose control may label event ev-1 (its evidence image is there, so a label can be written)."""
+    (tmp_path / "evidence" / "cam0").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "evidence" / "cam0" / "ev-1.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "events.jsonl").write_text(json.dumps({"event_id": "ev-1", "camera": "cam0"}) + "\n")
+    server = OperatorServer("127.0.0.1", 0)
+    server.control = LineControl(TOKEN, tmp_path / "labels.jsonl", tmp_path / "events.jsonl",
+                                 tmp_path / "evidence")
+    try:
+        yield server, tmp_path / "labels.jsonl"
+    finally:
+        server.close()
+
+
+def test_a_body_nested_too_deeply_or_with_a_key_twice_is_refused_and_nothing_written(review_server, capfd):
+    server, labels = review_server
+    # json.loads raised RecursionError (no ValueError): the connection dropped unanswered, a traceback on stderr
+    status, _, body = _request(server, "POST", "/review", b"[" * 15000, TOKEN)
+    assert status == 400 and "nested too deeply" in json.loads(body)["error"], body
+    # the last "label" silently won (a reader taking the first would see "defect"): now refused by name
+    status, _, body = _request(server, "POST", "/review", b'{"event_id": "ev-1", "label": "defect", '
+                                                          b'"label": "good"}', TOKEN)
+    assert status == 400 and "'label' given twice" in json.loads(body)["error"], body
+    assert not labels.exists()
+    status, _, body = _request(server, "POST", "/review", b'{"event_id": "ev-1", "label": "good"}', TOKEN)
+    assert status == 200 and json.loads(body)["saved"]["label"] == "good", body     # the same, meant once
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_client_that_resets_its_connection_leaves_no_traceback(review_server, capfd):
+    server, _ = review_server
+    conn = socket.create_connection(("127.0.0.1", _port(server)), timeout=10)
+    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")       # keep-alive: the server reads on
+    assert conn.recv(65536).startswith(b"HTTP/1.1 404")
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()                                     # RST while the server waits for the next request
+    time.sleep(0.5)
+    assert _request(server, "GET", "/")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err
+
+
+def test_every_answer_is_taken_for_its_type_and_never_framed(review_server, tmp_path):
+    server, _ = review_server
+    snapshot = tmp_path / "alarm.jpg"
+    cv2.imwrite(str(snapshot), np.full((8, 8, 3), 255, np.uint8))
+    server.on_start([CameraInfo("cam0", "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.5, "test")])
+    server.on_event("cam0", {"event_id": "ev-1", "score": 0.9, "threshold": 0.5, "snapshot": str(snapshot)})
+    answers = {"page": _request(server, "GET", "/"), "image": _request(server, "GET", "/alarm/ev-1.jpg"),
+               "missing": _request(server, "GET", "/alarm/nope.jpg"),
+               "command": _request(server, "POST", "/review", b"{}", "wrong-token-of-some-length")}
+    assert [answers[k][0] for k in answers] == [200, 200, 404, 401]
+    assert answers["image"][1]["Content-Type"] == "image/jpeg" and answers["image"][2] == snapshot.read_bytes()
+    for name, (_, headers, _) in answers.items():
+        assert headers.get("X-Content-Type-Options") == "nosniff", (name, headers)
+        assert headers.get("X-Frame-Options") == "DENY", (name, headers)
+        assert "frame-ancestors 'none'" in headers.get("Content-Security-Policy", ""), (name, headers)
+
+
+def test_a_page_that_listens_beyond_this_machine_says_so(caplog):
+    from mrkd.runtime.outputs import OutputSettings
+    for address, warned in (("127.0.0.1:0", False), ("[::1]:0", False), ("0.0.0.0:0", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mrkd.runtime.outputs.web"):
+            servers = outputs_from(OutputSettings(http=address))
+        try:
+            said = [r.getMessage() for r in caplog.records if "beyond this machine" in r.getMessage()]
+            assert bool(said) == warned, (address, said)
+            if warned:
+                assert "no login" in said[0] and "plain HTTP" in said[0] and "\n" not in said[0]
+        finally:
+            for server in servers:
+                server.close()
