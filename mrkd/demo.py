@@ -78,7 +78,7 @@ def train_step(context: Dict) -> None:
                          device="cpu", eval_every=0, seed=0, holdout_fraction=0.2)
     context["run_dir"] = Path(context["out"]) / "run"
     summaries = train_all(context["data_root"], context["categories"], context["run_dir"], config,
-                          backbone=backbone, teacher_weights=weights, resume=False)
+                          backbone=backbone, teacher_weights=weights, resume=False, replace=True)   # its own run
     # The final epoch's weights, as in the official protocol (nothing is chosen on test labels).
     context["checkpoints"] = {name: Path(s["checkpoint"]) for name, s in summaries.items()}
     context["holdout"] = {name: list(s.get("holdout") or []) for name, s in summaries.items()}

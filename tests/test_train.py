@@ -237,3 +237,29 @@ def test_an_unreadable_held_out_image_stops_training_before_the_first_epoch(tmp_
                     resume=False, skip_unreadable=True)
     assert summary["calibration"] is not None and summary["errors"] == []
     assert held_out[0] not in summary["holdout"]
+
+
+def test_no_resume_never_replaces_a_finished_runs_model(tmp_path):
+    """--no-resume wrote its first epoch over whatever last.ckpt held: a finished, calibrated model was
+    lost (and only half replaced when the new run was stopped). It starts over on an unfinished run's
+    snapshot only, as the resume errors advise."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    finished = Path(trained_run()["out_dir"]) / "last.ckpt"
+    out = tmp_path / CATEGORY
+    out.mkdir()
+    shutil.copy(finished, out / "last.ckpt")
+    before = (out / "last.ckpt").read_bytes()
+    done = CliRunner().invoke(main, ["train", str(tiny_data()), "-c", CATEGORY, "--out", str(tmp_path), "--epochs",
+                                     "1", "--image-size", str(IMAGE_SIZE), "--backbone", "resnet18",
+                                     "--teacher-weights", "random", "--score", "mrkd", "--no-resume"])
+    assert done.exit_code == 1, done.output
+    assert "Error: " in done.output and "finished training run's model" in done.output
+    assert (out / "last.ckpt").read_bytes() == before and "Traceback" not in done.output
+
+    data = torch.load(finished, weights_only=True)
+    torch.save({**data, "train_state": {**data["train_state"], "finished": False, "epoch": 1}}, out / "last.ckpt")
+    config = TrainConfig(**{**TINY, "epochs": 1, "eval_every": 0}, score="mrkd")
+    summary = train(tiny_data(), CATEGORY, out, config, backbone="resnet18", teacher_weights="random", resume=False)
+    assert [row["epoch"] for row in summary["history"]] == [1]      # started over, not resumed
+    assert torch.load(out / "last.ckpt", weights_only=True)["train_state"]["finished"] is True

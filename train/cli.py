@@ -172,7 +172,8 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
 @click.option("--threshold-confidence", type=FRACTION, default=DEFAULT_CONFIDENCE, show_default=True,
               help=CONFIDENCE_HELP)
 @click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue from <out>/<category>/last.ckpt when present (same settings required).")
+              help="Continue from <out>/<category>/last.ckpt when present (same settings required). --no-resume "
+                   "starts over on an unfinished run's last.ckpt; a finished run's model is never replaced.")
 @click.option("--workers", type=IntegerRange(0, 256), default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision (CUDA only).")
 @click.option("--feature-cache", type=click.Choice(["auto", "fp32", "fp16", "off"]), default="auto",

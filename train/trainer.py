@@ -293,16 +293,33 @@ def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
     data = read_checkpoint(path)
     state = data.get("train_state")
     if state is None:
-        raise CheckpointError(f"{path}: holds no training state; cannot resume (use --no-resume to start over)")
+        raise CheckpointError(f"{path}: holds no training state; cannot resume (choose another --out folder)")
     saved = {**IDENTITY_BEFORE_FIELD, **state["identity"]}
     unrecorded = {k for k in IDENTITY_UNRECORDED if k not in saved}     # runs saved before the field existed
     differences = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v and k not in unrecorded}
     if differences:
         lines = ", ".join(f"{k}: saved {old!r} != now {new!r}" for k, (old, new) in differences.items())
-        raise CheckpointError(f"{path}: was trained with other settings ({lines}); use the same settings, "
-                              f"another --out folder, or --no-resume to start over")
+        start_over = ", or --no-resume to start over" if state.get("finished") is False else \
+            " (a finished run's model is never replaced)"
+        raise CheckpointError(f"{path}: was trained with other settings ({lines}); use the same settings or "
+                              f"another --out folder{start_over}")
     state["checkpoint"] = data
     return state
+
+
+def _refuse_replacing_a_model(out_dir: Path) -> None:
+    """--no-resume starts over on an unfinished run's snapshot only. It replaced whatever last.ckpt held
+    when the first new epoch was saved: a finished, calibrated model (then lost, and half-trained if the
+    new run was stopped) as well as a file that is no training snapshot at all."""
+    path = out_dir / LAST
+    if not path.exists():
+        return
+    state = read_checkpoint(path).get("train_state")
+    if isinstance(state, dict) and state.get("finished") is False:
+        return
+    held = "a finished training run's model" if isinstance(state, dict) else "a model that is no run's snapshot"
+    raise CheckpointError(f"{path}: holds {held}; --no-resume starts over on an unfinished run only and never "
+                          f"replaces a model: choose another --out folder, or move it away first")
 
 
 # ----------------------------------------------------------------------------- training
@@ -569,7 +586,7 @@ def _run_epoch(run: TrainRun, dataset: TrainDataset, sampler, epoch: int) -> dic
 
 def train(data_root, category: Optional[str], out_dir, config: Optional[TrainConfig] = None,
           backbone: str = DEFAULT_BACKBONE, teacher_weights: str = "imagenet", resume: bool = True,
-          skip_unreadable: bool = False, require_masks: bool = False) -> dict:
+          skip_unreadable: bool = False, require_masks: bool = False, replace: bool = False) -> dict:
     """Train one MRKD model; what it hands on is the final epoch's weights, in ``last.ckpt``.
 
     ``category``: a sub-folder of ``data_root`` in MVTec layout, or None when ``data_root`` is a plain
@@ -579,7 +596,9 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     monitoring only: the numbers go to history.jsonl and never choose weights (as in the official
     protocol, the model is the last epoch's). A failed evaluation or calibration is reported in one
     line and the run still ends with its final checkpoint. ``require_masks``: a defect image without
-    a mask is an error (default: it counts in the image-level metrics only). Returns a summary dict
+    a mask is an error (default: it counts in the image-level metrics only). ``resume=False`` starts
+    over on an unfinished run's last.ckpt only; any other last.ckpt in ``out_dir`` is refused before
+    anything runs, unless ``replace`` (a caller's own earlier run, as the demo's). Returns a summary dict
     (paths, epochs, history, calibration, last monitoring metrics, errors, and ``model``: the trained
     model in memory, after the last epoch).
     """
@@ -589,6 +608,8 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     data = _load_data(data_root, category, config, skip_unreadable, require_masks)
     identity = _run_identity(config, backbone, teacher_weights, data_root, category)
     run = TrainRun(config, Path(out_dir), category, str(data_root), identity, data, rank, world, device, use_amp)
+    if not resume and not replace:      # every rank, so that none goes on to wait for the others
+        _refuse_replacing_a_model(run.out_dir)
     state = _resume_state(run.out_dir, identity) if resume else None
     _build(run, backbone, teacher_weights)
     if state is not None:
