@@ -263,3 +263,25 @@ def test_no_resume_never_replaces_a_finished_runs_model(tmp_path):
     summary = train(tiny_data(), CATEGORY, out, config, backbone="resnet18", teacher_weights="random", resume=False)
     assert [row["epoch"] for row in summary["history"]] == [1]      # started over, not resumed
     assert torch.load(out / "last.ckpt", weights_only=True)["train_state"]["finished"] is True
+
+
+@pytest.mark.parametrize("as_given", ["absolute", "relative"])
+def test_a_category_that_is_a_path_is_refused_before_anything_is_written(tmp_path, as_given):
+    """--category is joined to DATA_ROOT to read and to --out to write: an absolute path or "../x"
+    trained (or evaluated) and put last.ckpt, history.jsonl and metrics into the data folder itself."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    from mrkd.errors import SettingError
+    from mrkd.train.evaluate import evaluate_all
+    shutil.copytree(Path(tiny_data()) / CATEGORY, tmp_path / "data" / CATEGORY)
+    category = str(tmp_path / "data" / CATEGORY) if as_given == "absolute" else f"../data/{CATEGORY}"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    done = CliRunner().invoke(main, ["train", str(tmp_path / "data"), "-c", category, "--out", str(tmp_path / "runs"),
+                                     "--epochs", "1", "--image-size", str(IMAGE_SIZE), "--backbone", "resnet18",
+                                     "--teacher-weights", "random", "--score", "mrkd", "--eval-every", "0"])
+    assert done.exit_code == 2, done.output
+    assert done.output.strip().splitlines()[-1].startswith("Error: category ") and "Traceback" not in done.output
+    with pytest.raises(SettingError, match="name of one folder"):
+        evaluate_all(Path(trained_run()["out_dir"]) / "last.ckpt", tmp_path / "data", [category],
+                     out_dir=tmp_path / "eval", progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -132,6 +132,17 @@ def require_readable(paths: Sequence[str], role: str) -> None:
             raise DataError(f"{exc}, {role} ({SKIP_UNREADABLE_HINT})") from exc
 
 
+def check_category(category: str) -> str:
+    """``category`` if it names one folder; a SettingError otherwise. It is joined to DATA_ROOT to read
+    and to --out to write: "../other/washer" or an absolute path put last.ckpt and metrics outside --out
+    (into the data folder itself)."""
+    name = str(category)
+    if not name.strip() or name in (".", "..") or Path(name).name != name:     # a separator, or a root
+        raise SettingError(f"category {name!r}: a category is the name of one folder in DATA_ROOT, not a path "
+                           f"(give DATA_ROOT as the folder above it)")
+    return name
+
+
 def scan_category(root, category: str, skip_unreadable: bool = False, require_test: bool = True,
                   require_masks: bool = False) -> CategoryData:
     """List the train and test files of one MVTec-layout category.
@@ -142,7 +153,7 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     exists but lacks some masks is warned about once, naming the files. skip_unreadable=True decodes
     every file now, and skips (with a warning) the ones that cannot be read instead of failing later.
     """
-    base = Path(root) / category
+    base = Path(root) / check_category(category)
     _require_dir(base, f"category {category!r}")
     train_dir = base / "train" / "good"
     _require_dir(train_dir, "good training images")

@@ -286,7 +286,8 @@ def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = N
     """
     from mrkd.train.checkpoint import category_mismatch, model_from_dict, read_checkpoint
 
-    found = find_checkpoints(checkpoints, categories)
+    from mrkd.train.data import check_category
+    found = find_checkpoints(checkpoints, [check_category(name) for name in categories] if categories else None)
     if out_dir is not None:
         claim_out_dir(out_dir, list(found), replace=replace)
     results = {}
