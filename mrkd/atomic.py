@@ -46,7 +46,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):   # a file where a folder should be ("File exists" said)
+            above = next((p for p in (path.parent, *path.parent.parents) if p.exists()), path.parent)
+            raise NotADirectoryError(errno.ENOTDIR, f"{path}: {above} is a file, not a folder") from None
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as handle:
             os.fchmod(handle.fileno(), new_file_mode())

@@ -143,3 +143,16 @@ def test_calibrate_cli_rewrites_the_threshold_and_keeps_the_rest(tmp_path):
     assert again.exit_code == 2 and keep.read_text() == "precious"
     same = CliRunner().invoke(calibrate_command, [str(checkpoint), str(good), "-o", str(checkpoint), "--device", "cpu"])
     assert same.exit_code == 0, same.output
+
+
+def test_an_out_path_below_a_file_says_the_file_is_no_folder(tmp_path):
+    """atomic_open made the folders above the file it writes; a file among them was reported as
+    "<out>: File exists" (the file written did not exist), so `mrkd calibrate -o notes.txt/x.ckpt` read
+    as a refusal to write over x.ckpt."""
+    from mrkd.atomic import atomic_write_bytes
+    (tmp_path / "notes.txt").write_text("a file")
+    for target in (tmp_path / "notes.txt" / "x.ckpt", tmp_path / "notes.txt" / "deeper" / "x.ckpt"):
+        with pytest.raises(NotADirectoryError) as raised:
+            atomic_write_bytes(target, b"data")
+        assert str(raised.value).endswith(f"{target}: {tmp_path / 'notes.txt'} is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "a file"
