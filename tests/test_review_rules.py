@@ -252,3 +252,38 @@ def test_who_is_one_printable_line_and_an_older_files_odd_who_is_listed_escaped(
     listed = mrkd("review", log, "--labels", labels)
     assert listed.returncode == 0, listed.stderr
     assert len(listed.stdout.splitlines()) == 4 and "by ann\\nbob]" in listed.stdout
+
+
+def test_the_page_finds_the_events_a_review_names_as_a_full_parse_of_the_log_does(tmp_path):
+    """POST /review looks only into log lines that hold a wanted id's JSON text; checked against parsing
+    every line, on a log with decoys: the id inside another field, a torn last line, lines that are
+    not JSON or not objects, ids JSON may spell two ways, and one id given twice."""
+    from mrkd.runtime.control import LineControl
+    rng = np.random.default_rng(5)
+    odd = ['a"b', "a\\b", "é-1", "x/y", "tab\there"]
+    ids = [f"20261205T1200{i:05d}-{rng.integers(1 << 30):x}" for i in range(300)] + odd
+    lines = []
+    for i, event_id in enumerate(ids):
+        lines.append(json.dumps({"event_id": event_id, "time": "t", "camera": "cam", "score": float(i)},
+                                ensure_ascii=bool(i % 2)))
+        lines.append(json.dumps({"event_id": f"other-{i}", "note": f"see {event_id}"}))     # the id elsewhere
+    lines += ["not json", "[1, 2]", '"just text"', json.dumps({"event_id": ids[3]})[:-5]]   # torn last line
+    log = tmp_path / "events.jsonl"
+    log.write_text("\n".join(lines), encoding="utf-8")
+    control = LineControl(TOKEN, tmp_path / "labels.jsonl", log, tmp_path / "evidence")
+
+    def every_line(wanted):
+        found = {}
+        for line in log.read_bytes().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event_id") in set(wanted):
+                found[event["event_id"]] = event
+        return found
+
+    picks = [[ids[0]], [ids[7], ids[250], ids[7]], odd[:2], [odd[2], ids[3]], odd[3:], ["missing"], [], ids[::37]]
+    for wanted in picks:
+        assert control._find_events(list(wanted)) == every_line(wanted), wanted
+    assert control._find_events([ids[3]])[ids[3]]["score"] == 3.0
