@@ -285,3 +285,19 @@ def test_a_category_that_is_a_path_is_refused_before_anything_is_written(tmp_pat
         evaluate_all(Path(trained_run()["out_dir"]) / "last.ckpt", tmp_path / "data", [category],
                      out_dir=tmp_path / "eval", progress=False)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_knn_memory_takes_every_patch_as_the_library_does(tmp_path):
+    """TrainConfig takes knn_memory_fraction in (0, 1]; `mrkd train --knn-memory 1` was refused ("not in
+    the range 0.0<x<1.0"), so the whole bank (up to --knn-max-patches) could not be asked for."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    args = ["train", str(Path(tiny_data()) / CATEGORY / "train" / "good"), "--epochs", "1", "--image-size",
+            str(IMAGE_SIZE), "--backbone", "resnet18", "--teacher-weights", "random", "--knn-max-patches", "0"]
+    refused = CliRunner().invoke(main, args + ["--out", str(tmp_path / "over"), "--knn-memory", "1.01"])
+    assert refused.exit_code == 2 and "--knn-memory" in refused.output
+    done = CliRunner().invoke(main, args + ["--out", str(tmp_path / "all"), "--knn-memory", "1"])
+    assert done.exit_code == 0, done.output
+    data = torch.load(tmp_path / "all" / "last.ckpt", weights_only=True)
+    fitted = 16 - len(data["train_state"]["holdout"])
+    assert data["memory_bank"].shape[0] == fitted * (IMAGE_SIZE // 8) ** 2     # every stride-8 patch

@@ -201,8 +201,9 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
                    "spread: the best on real images), 'mrkd' (the distillation map alone, all three scales) or "
                    "'knn' (distance to a memory bank of training patches on the teacher's features). knn/both "
                    "put the bank into the checkpoint and the exported graph (benchmarks/RESULTS.md).")
-@click.option("--knn-memory", type=FRACTION, default=0.05, show_default=True,
-              help="With --score knn|both: share of the training patches kept in the memory bank.")
+@click.option("--knn-memory", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=0.05, show_default=True,
+              help="With --score knn|both: share of the training patches kept in the memory bank (1: all, up to "
+                   "--knn-max-patches).")
 @click.option("--knn-sampler", type=click.Choice(["coreset", "random"]), default="coreset", show_default=True,
               help="With --score knn|both: how the bank's patches are chosen: 'coreset' (greedy k-center, as "
                    "PatchCore) or 'random'.")
