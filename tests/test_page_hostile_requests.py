@@ -11,7 +11,6 @@ import logging
 import socket
 import struct
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np

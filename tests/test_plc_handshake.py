@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from plc_fixtures import QueueTarget, make_part
+from plc_fixtures import QueueTarget
 
 from mrkd.runtime.outputs.base import Verdict
 from mrkd.runtime.plc.handshake import (ERROR_UNKNOWN, Handshake, HandshakeError, ResultCode, error_codes,

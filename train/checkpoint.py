@@ -25,7 +25,7 @@ from mrkd.errors import MrkdError
 from mrkd.atomic import atomic_write_bytes
 from mrkd.runtime.calibration import Calibration
 from mrkd.train.model import MRKD, MRKDConfig, build_model
-from mrkd.train.teachers import TeacherWeightsError, strip_module_prefix, teacher_spec
+from mrkd.train.teachers import strip_module_prefix, teacher_spec
 
 FORMAT = "mrkd-checkpoint"
 FORMAT_VERSION = 1

@@ -10,7 +10,6 @@ import functools
 import os
 import signal
 import threading
-from pathlib import Path
 
 import click
 
