@@ -113,3 +113,31 @@ def test_a_page_that_listens_beyond_this_machine_says_so(caplog):
         finally:
             for server in servers:
                 server.close()
+
+
+def test_connections_that_send_nothing_cannot_hold_the_scrapers_reserve():
+    """72 connections that never sent a byte filled the 64 page connections and the 8 kept for /metrics
+    and /healthz: both answered 503 for as long as the flood lasted (each held up to 30 s, reopened at
+    will). Now the connection idle longest is closed to make room for a new one."""
+    server = OperatorServer("127.0.0.1", 0, max_connections=4)
+    address = server.httpd.server_address[:2]
+    idle = []
+    try:
+        for _ in range(4 + 8 + 6):              # past the cap and the reserve: the oldest go first
+            idle.append(socket.create_connection(address, timeout=5))
+            time.sleep(0.01)
+        time.sleep(0.3)
+        started = time.monotonic()
+        status, _, _ = _request(server, "GET", "/healthz")
+        assert status == 404 and time.monotonic() - started < 1.0, status     # served (no metrics here)
+        for conn in idle[:7]:                   # the 6 flood connections past all slots, then the scrape's
+            conn.settimeout(2.0)
+            assert conn.recv(1) == b""          # closed by the server, oldest first
+        for conn in idle[7:]:
+            conn.settimeout(0.05)
+            with pytest.raises(socket.timeout):
+                conn.recv(1)                    # the younger ones are still open
+    finally:
+        for conn in idle:
+            conn.close()
+        server.close()

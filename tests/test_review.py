@@ -388,19 +388,25 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
         assert _raw(server.url, full).startswith(b"HTTP/1.1 404")
         answer = _raw(server.url, page)
         assert answer.startswith(b"HTTP/1.1 503") and b"Connection: close" in answer, answer
-        reserve = [socket.create_connection(address, timeout=5) for _ in range(8)]
-        for conn in reserve:
-            conn.sendall(b"GET /healthz HTTP/1.1\r\n")     # the reserve held too: now nothing is served
+        reserve = []
+        for _ in range(8):
+            conn = socket.create_connection(address, timeout=5)
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")     # the reserve held too, by requests that never end
+            reserve.append(conn)
+            time.sleep(0.02)                                 # in order: the oldest is known
         holders += reserve
         time.sleep(0.3)
-        started = time.monotonic()
-        answer = _raw(server.url, full)
-        assert answer.startswith(b"HTTP/1.1 503") and time.monotonic() - started < 1.0, answer
-        holders.pop().close()
-        deadline = time.monotonic() + 5
-        while (answer := _raw(server.url, full)).startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert answer.startswith(b"HTTP/1.1 404"), answer   # served (no metrics here: /healthz is 404)
+        # Every connection is taken, all by requests still arriving: the one waiting longest is closed to
+        # make room, so the scrape is served at once (before: 503 until a holder's 20 s ran out)
+        for k in range(3):
+            started = time.monotonic()
+            answer = _raw(server.url, full)
+            assert answer.startswith(b"HTTP/1.1 404") and time.monotonic() - started < 1.0, answer
+            assert _closed_within(holders[k], 2.0) < 2.0              # it was that one, nobody younger
+            assert all(_closed_within(conn, 0.05) == float("inf") for conn in holders[k + 1:])
+            holders.append(socket.create_connection(address, timeout=5))   # every connection taken again
+            holders[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
+            time.sleep(0.2)
         for conn in holders:
             conn.close()
     finally:

@@ -46,7 +46,7 @@ from collections import deque
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, quote
 
 import cv2
@@ -440,7 +440,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     A few connections past the cap (PROBE_RESERVE) are kept for /metrics and /healthz alone, one
     request each: a page full of live views (or of stalled clients) must not make the scraper and the
-    health check see the line as down."""
+    health check see the line as down. When every connection is taken, the one that has waited longest
+    for its request to arrive whole (idle, or trickling it in) is closed to make room: connections that
+    send nothing cannot hold the reserve against a scrape, whose request comes at once."""
 
     daemon_threads = True
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\n"
@@ -452,6 +454,8 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self.probes_only: set = set()      # connections admitted from the reserve
         self._active = 0
+        self._waiting: Dict[Any, float] = {}   # connection -> since when it waits for a whole request
+        self._evicted: set = set()             # closed to make room, their threads not yet ended
         self._active_lock = threading.Lock()
         self.tls: Optional[ssl.SSLContext] = None       # HTTPS: each accepted connection is wrapped in it
         if ":" in address[0]:       # an IPv6 address ([::1]:8080): the class's IPv4 socket cannot bind it
@@ -473,10 +477,16 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         with self._active_lock:
-            admitted = self._active < self.max_connections + self.PROBE_RESERVE
-            if admitted and self._active >= self.max_connections:
+            taken = self._active - len(self._evicted)
+            if taken >= self.max_connections + self.PROBE_RESERVE and self._waiting:
+                self._evict(min(self._waiting, key=self._waiting.get))
+                taken -= 1
+            admitted = taken < self.max_connections + self.PROBE_RESERVE
+            if admitted and taken >= self.max_connections:
                 self.probes_only.add(request)
             self._active += admitted
+            if admitted:
+                self._waiting[request] = time.monotonic()
         if not admitted:
             try:
                 if not isinstance(request, ssl.SSLSocket):   # over TLS a reply needs a handshake first: just close
@@ -502,6 +512,31 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         with self._active_lock:
             self._active -= 1
             self.probes_only.discard(request)
+            self._waiting.pop(request, None)
+            self._evicted.discard(request)
+
+    def waiting(self, request, waits: bool) -> bool:
+        """(The connection's thread.) Whether ``request`` now waits for a request to arrive whole; False
+        when it was closed to make room (what it read before is not a request to act on)."""
+        with self._active_lock:
+            if request in self._evicted:
+                return False
+            if waits:     # since its admission, or since its last answer (kept alive)
+                self._waiting.setdefault(request, time.monotonic())
+            else:
+                self._waiting.pop(request, None)
+            return True
+
+    def _evict(self, request) -> None:
+        """(Lock held.) Close a connection still waiting for its request; its thread sees the end of the
+        stream and ends. The socket's own shutdown, not SSLSocket's (which drops its TLS state under
+        the reading thread)."""
+        del self._waiting[request]
+        self._evicted.add(request)
+        try:
+            socket.socket.shutdown(request, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def handle_error(self, request, client_address) -> None:
         """A connection's handler raised (socketserver prints the traceback on stderr by default): a client
@@ -601,6 +636,7 @@ def _handler_for(server: OperatorServer):
         def handle_one_request(self):
             # Each request (the idle wait before it included) must arrive whole within the timeout.
             self._reader.deadline = time.monotonic() + server.request_timeout_s
+            self.server.waiting(self.request, True)
             super().handle_one_request()
 
         def _over_the_cap(self, path: str) -> bool:
@@ -617,6 +653,9 @@ def _handler_for(server: OperatorServer):
 
         def parse_request(self) -> bool:
             if not super().parse_request():
+                return False
+            if not self.server.waiting(self.request, False):    # headers whole: no longer the one to close
+                self.close_connection = True                     # unless it was, and they were cut short
                 return False
             host = self.headers.get("Host")
             if server.loopback_only and host is not None and not is_loopback_host(_host_name(host)):
