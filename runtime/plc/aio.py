@@ -6,7 +6,7 @@ import asyncio
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 # A thread waiting for the interpreter lock asks the holder to drop it only after the switch interval
 # (CPython's default 5 ms). The line's part runner thread runs Python between inference calls, so a
@@ -24,6 +24,21 @@ class AsyncioServerThread:
     _loop: Optional[asyncio.AbstractEventLoop] = None
     _thread: Optional[threading.Thread] = None
     _error: Optional[BaseException] = None
+    _closed = False
+
+    # At the end of a run the parts the line had accepted are judged and presented (PartRunner.stop
+    # drains them first); a client whose trigger or job made one is owed its result. So the server
+    # stays up until the subclass says nothing is owed, at most RESULTS_LINGER_S.
+    RESULTS_LINGER_S = 3.0
+    stop_waits_for_peer = True           # the linger runs beside the other outputs' stops
+
+    def _linger(self, owed: Callable[[], bool]) -> bool:
+        """Wait while ``owed()`` (and the server is open), at most RESULTS_LINGER_S; whether something
+        is still owed then."""
+        deadline = time.monotonic() + self.RESULTS_LINGER_S
+        while not self._closed and owed() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return owed()
 
     async def _listen(self) -> None:
         raise NotImplementedError

@@ -29,7 +29,6 @@ import logging
 import math
 import struct
 import threading
-import time
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -369,20 +368,11 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     def on_trigger(self, receipt: TriggerReceipt) -> None:
         self.handshake.on_trigger(receipt)
 
-    # At the end of a run the parts the line had accepted are judged and presented (PartRunner.stop
-    # drains them first); a PLC that got Trigger Ack for one is still owed its result. So the server
-    # answers, Online 0 and every trigger refused, until the PLC has acknowledged every result, at
-    # most RESULTS_LINGER_S, and only where a PLC has connected at all.
-    RESULTS_LINGER_S = 3.0
-    stop_waits_for_peer = True           # the linger runs beside the other outputs' stops
-
     def on_stop(self) -> None:
+        # Online 0 and every trigger refused, the server answers until the PLC has acknowledged every
+        # presented result (_linger), where a PLC has connected at all.
         self.handshake.on_stop()
-        deadline = time.monotonic() + self.RESULTS_LINGER_S
-        while (self.connections and not self._closed and self.handshake.image().results_valid
-               and time.monotonic() < deadline):
-            time.sleep(0.01)
-        if self.handshake.image().results_valid and self.connections:
+        if self._linger(lambda: bool(self.connections) and self.handshake.image().results_valid):
             logger.warning("modbus: run ended with %d result(s) the PLC did not acknowledge within %g s",
                            self.handshake.image().results_waiting, self.RESULTS_LINGER_S)
         self.close()

@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import threading
-import time
 from collections import deque
 from typing import Deque, Dict, Optional, Tuple
 from urllib.parse import urlparse
@@ -542,18 +541,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             if not status.is_good():
                 logger.warning("opcua: LastResult/%s not written: %s", name, status)
 
-    # At the end of a run the parts the line had accepted are judged (PartRunner.stop drains them first);
-    # a client whose job made one is owed its ResultReady. So the server stays up until every result's
-    # event has left the subscriptions' queues for the wire, at most RESULTS_LINGER_S.
-    RESULTS_LINGER_S = 3.0
-    stop_waits_for_peer = True           # the linger runs beside the other outputs' stops
-
     def on_stop(self) -> None:
-        deadline = time.monotonic() + self.RESULTS_LINGER_S
-        while (not self._closed and (self._publishing or self._events_queued())
-               and time.monotonic() < deadline):
-            time.sleep(0.01)
-        if self._publishing or self._events_queued():
+        # a job's ResultReady is owed until its event has left the subscriptions' queues for the wire
+        if self._linger(lambda: bool(self._publishing) or self._events_queued()):
             logger.warning("opcua: run ended with ResultReady events not delivered within %g s",
                            self.RESULTS_LINGER_S)
         self.close()
