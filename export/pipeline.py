@@ -127,9 +127,11 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     good_paths, seen_note = int8_check_paths(int8_images, check_images) if (check_images or int8_images) \
         else ([], None)
     # and an image among them, or among quantisation's, that does not decode is named now, not after model.onnx
-    if int8_images:
-        refuse_unreadable(int8_image_paths(int8_images), "--int8-images")
-    refuse_unreadable(good_paths, "--check-images" if check_images else "--int8-images")
+    # (each decoded once: without --check-images the checks may run on the quantisation images themselves)
+    quantised = int8_image_paths(int8_images) if int8_images else []
+    refuse_unreadable(quantised, "--int8-images")
+    decoded = set(quantised)
+    refuse_unreadable([p for p in good_paths if p not in decoded], "--check-images" if check_images else "--int8-images")
     out_dir = Path(out_dir)
     result = ExportResult()
     model, checkpoint_sha = load_model(checkpoint)
