@@ -16,6 +16,7 @@ import click
 
 from mrkd.errors import SettingError
 from mrkd.options import IntegerRange
+from mrkd.stopping import stops_in_one_line
 
 BENCHES = {
     "model": "model throughput/latency per backend vs the official-style pipeline (+ GFLOP/image)",
@@ -141,7 +142,8 @@ def bench_command(only, quick, out_dir, backbone, image_size, threads, checkpoin
     options = {"backbone": backbone, "image_size": image_size, "threads": threads, "checkpoint": checkpoint}
     check_options(names, options)
     claim_out_dir(out_dir)
-    results = run_benches(names, quick, options)
+    with stops_in_one_line(lambda by: f"bench stopped ({by}); no results written to {out_dir}"):
+        results = run_benches(names, quick, options)
     click.echo(markdown(results))
     claim_out_dir(out_dir)      # again: another run may have written there while this one measured
     paths, skipped = write_all(results, out_dir)

@@ -1,43 +1,17 @@
 """``mrkd refit MODEL --reviewed LABELS --good DIR``: a new model version from reviewed false alarms.
-Parses options and calls mrkd.train.refit.refit_checkpoint. SIGTERM stops it like Ctrl-C: the
-half-written version folder is removed and nothing is left behind."""
+Parses options and calls mrkd.train.refit.refit_checkpoint. Ctrl-C and SIGTERM stop it (mrkd.stopping):
+the half-written version folder is removed and nothing is left behind."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-from typing import Iterator
-
 import click
 
-from mrkd.errors import MrkdError, error_boundary
+from mrkd.errors import error_boundary
+from mrkd.stopping import stops_in_one_line
 from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
 
 DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that module loads torch)
-
-
-class RefitStopped(MrkdError):
-    """SIGTERM arrived during a refit; nothing was written."""
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Inside, SIGTERM raises RefitStopped: the refit's ``finally`` removes its staging folder (the
-    default action ends the process without running it). Main thread only; the old handler returns."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(_signum, _frame):
-        raise RefitStopped("SIGTERM: refit stopped; nothing written")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("refit", context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +54,7 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
     parent sha256 and label file sha256 in the metadata) into a new folder. The parent is never
     changed."""
-    with sigterm_unwinds():
+    with stops_in_one_line(lambda by: f"refit stopped ({by}); nothing written"):
         from mrkd.train.refit import refit_checkpoint
         result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
                                   quantile=quantile, method=method, batch_size=batch_size,

@@ -122,3 +122,22 @@ def test_quick_keeps_the_image_size_given_to_the_anomalib_peer(monkeypatch, keep
     with pytest.raises(Reached) as given:
         bench_anomalib.run(quick=True, image_size=96, backbone="resnet50")
     assert given.value.args[0] == 96
+
+
+@pytest.mark.parametrize("stop, status, by", [("KeyboardInterrupt", 130, "Ctrl-C"), ("Terminated", 143, "SIGTERM")])
+def test_a_bench_stopped_mid_measurement_says_so_in_one_line_and_exits_as_the_signal(tmp_path, monkeypatch, stop,
+                                                                                   status, by):
+    # Ctrl-C used to print click's "Aborted!" with exit 1 (SIGTERM ended it without a word); now as
+    # `mrkd train` and `mrkd refit`: one line, 128 + the signal's number, no results written
+    import mrkd.benchmarks.cli as bench_cli
+    from mrkd.stopping import Terminated
+    raised = {"KeyboardInterrupt": KeyboardInterrupt, "Terminated": Terminated}[stop]
+
+    def stopped(*_args, **_kwargs):
+        raise raised()
+    monkeypatch.setattr(bench_cli, "run_benches", stopped)
+    out = tmp_path / "out"
+    result = bench("--only", "aupro", "--quick", "--out", str(out))
+    assert result.exit_code == status, result.output
+    assert result.stderr.splitlines() == [f"bench stopped ({by}); no results written to {out}"]
+    assert "Aborted" not in result.output and not any(out.iterdir())

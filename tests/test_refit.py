@@ -606,7 +606,7 @@ def test_refit_folder_gets_a_new_folders_mode_under_the_umask(parent, tmp_path):
 def test_sigterm_during_a_refit_leaves_no_staging_folder(parent, tmp_path, monkeypatch):
     import signal
     import mrkd.export.pipeline
-    from mrkd.refit_cli import RefitStopped, sigterm_unwinds
+    from mrkd.stopping import Terminated, sigterm_interrupts
     labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
     seen = []
 
@@ -619,8 +619,8 @@ def test_sigterm_during_a_refit_leaves_no_staging_folder(parent, tmp_path, monke
         raise AssertionError("SIGTERM did not stop the refit")
     monkeypatch.setattr(mrkd.export.pipeline, "export_checkpoint", terminated_export)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(RefitStopped, match="SIGTERM"):
-        with sigterm_unwinds():
+    with pytest.raises(Terminated):
+        with sigterm_interrupts():
             refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out" / "v2",
                              echo=lambda line: None)
     assert seen == [["model.ckpt"]]                    # it was stopped with a half-written version
@@ -659,7 +659,10 @@ def test_exporting_a_refit_checkpoint_again_keeps_its_lineage_in_every_sidecar(p
 
 
 @pytest.mark.slow   # a subprocess that imports torch and exports
-def test_mrkd_refit_stopped_by_sigterm_removes_its_staging_folder(parent, tmp_path):
+@pytest.mark.parametrize("sig, status, by", [("SIGTERM", 143, "SIGTERM"), ("SIGINT", 130, "Ctrl-C")])
+def test_mrkd_refit_stopped_by_a_signal_removes_its_staging_folder(parent, tmp_path, sig, status, by):
+    """SIGTERM (a service manager) or Ctrl-C mid-write: no staging folder, one line, 128 + the signal
+    as `mrkd train` (Ctrl-C said "Aborted!" with exit 1, SIGTERM an Error: line with exit 1)."""
     import signal
     import time
     labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
@@ -674,11 +677,11 @@ def test_mrkd_refit_stopped_by_sigterm_removes_its_staging_folder(parent, tmp_pa
         while not any(p.name.startswith(".v2.") for p in out.iterdir()):      # the version is being written
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(getattr(signal, sig))
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 1 and "Traceback" not in stderr, stderr
-    assert [line for line in stderr.splitlines() if line.startswith("Error:")] == [
-        "Error: SIGTERM: refit stopped; nothing written"]
+    assert process.returncode == status and "Traceback" not in stderr and "Aborted" not in stderr, stderr
+    assert stderr.splitlines()[-1] == f"refit stopped ({by}); nothing written", stderr
+    assert "Error:" not in stderr, stderr
     assert list(out.iterdir()) == []

@@ -5,14 +5,12 @@ torch is imported inside the commands only, so ``--help`` is instant on any inst
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
-import threading
 
 import click
 
+from mrkd.stopping import stops_in_one_line
 from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.train import DEFAULT_BACKBONE
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
@@ -49,29 +47,6 @@ def friendly_errors(command):
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """SIGTERM during `mrkd train`: it stops the run as Ctrl-C does (a KeyboardInterrupt, so the data
-    loader's workers and the atomic writes unwind the same way), and the command says how to resume."""
-
-
-@contextlib.contextmanager
-def _sigterm_stops_training():
-    """SIGTERM raises TrainingStopped inside (its default action ended the process without a word,
-    exit 143). Main thread only; the old handler returns."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(_signum, _frame):
-        raise TrainingStopped()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def warn_random_teacher(teacher_weights: str) -> None:
@@ -256,19 +231,18 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
             categories = list_categories(data_root)
         except DataError:
             categories = None  # a plain folder or glob of good images
-    try:
-        with _sigterm_stops_training():
-            if categories is None:
-                summaries = {plain_images_name(data_root): train(data_root, None, out, config, **options)}
-            else:
-                summaries = train_all(data_root, categories, out, config, **options)
-    except KeyboardInterrupt as stopped:
-        by = "SIGTERM" if isinstance(stopped, TrainingStopped) else "Ctrl-C"
-        if int(os.environ.get("RANK", "0")) == 0:
-            again = "the same command without --no-resume" if not resume else "the same command"
-            click.echo(f"training stopped ({by}); every epoch saved so far is in last.ckpt under {out}: run "
-                       f"{again} again to go on from the last one", err=True)
-        raise click.exceptions.Exit(143 if by == "SIGTERM" else 130) from None
+    def stopped(by: str):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None          # under torchrun rank 0 says it
+        again = "the same command without --no-resume" if not resume else "the same command"
+        return (f"training stopped ({by}); every epoch saved so far is in last.ckpt under {out}: run {again} "
+                f"again to go on from the last one")
+
+    with stops_in_one_line(stopped):
+        if categories is None:
+            summaries = {plain_images_name(data_root): train(data_root, None, out, config, **options)}
+        else:
+            summaries = train_all(data_root, categories, out, config, **options)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun only rank 0 reports (it alone calibrated and wrote the files)
     for name, summary in summaries.items():
