@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from mrkd.atomic import current_umask
-from mrkd.errors import MrkdError
+from mrkd.errors import MrkdError, one_line
 from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration, \
     calibration_from_scores
 from mrkd.runtime.images import ImageReadError
@@ -502,6 +502,27 @@ def parent_version(data: dict) -> int:
     return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else 1
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """RefitError naming ``out_dir`` when it cannot become a new folder: a file in its path, or a
+    parent folder this process cannot write into."""
+    above = next((p for p in out_dir.parents if p.exists()), None)
+    if above is None:
+        return
+    if not above.is_dir():
+        raise RefitError(f"{out_dir}: cannot be created: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise RefitError(f"{out_dir}: cannot be created: {above} is not writable")
+
+
+def leftover_staging(out_dir: Path) -> List[Path]:
+    """Staging folders of ``out_dir`` that an earlier refit left (only SIGKILL or a power cut skips
+    the clean-up), sorted."""
+    try:
+        return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}.*") if p.is_dir())
+    except OSError:
+        return []
+
+
 def default_out_dir(model_path, version: int) -> Path:
     model_path = Path(model_path)
     return model_path.parent / f"{model_path.stem}.v{version}"
@@ -557,6 +578,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     if out_dir.exists():
         raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
                          f"an earlier one)")
+    check_out_dir(out_dir)        # before the minutes of work, not after
     try:
         result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
                              batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
@@ -597,8 +619,14 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     result.lineage = lineage.to_dict()
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model) and k not in ("train_state",)}
     kept[LINEAGE_KEY] = result.lineage
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for leftover in leftover_staging(out_dir):
+        echo(f"warning: {leftover} looks like the unfinished version of a refit that was killed (or one running "
+             f"now); it is not used: remove it once no refit runs")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:        # its message names the staging folder, which the user never typed
+        raise RefitError(f"{out_dir}: cannot be created ({exc.strerror or exc}); nothing written") from exc
     try:
         save_checkpoint(model.cpu(), staging / CHECKPOINT_NAME, extra=kept)
         if export:       # the checkpoint carries the lineage; the export puts it into the sidecars
@@ -611,7 +639,13 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         try:
             os.rename(staging, out_dir)       # atomic; fails when out_dir appeared meanwhile
         except OSError as exc:
-            raise RefitError(f"{out_dir}: cannot be created ({exc}); nothing written") from exc
+            raise RefitError(f"{out_dir}: cannot be created ({exc.strerror or exc}); nothing written") from exc
+    except (OSError, MrkdError) as exc:
+        if isinstance(exc, RefitError):
+            raise
+        # a full disk or an export error names a file in the staging folder: say where it was going
+        raise RefitError(f"{out_dir}: cannot be written ("
+                         f"{one_line(exc).replace(str(staging), str(out_dir))}); nothing written") from exc
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
