@@ -301,3 +301,25 @@ def test_knn_memory_takes_every_patch_as_the_library_does(tmp_path):
     data = torch.load(tmp_path / "all" / "last.ckpt", weights_only=True)
     fitted = 16 - len(data["train_state"]["holdout"])
     assert data["memory_bank"].shape[0] == fitted * (IMAGE_SIZE // 8) ** 2     # every stride-8 patch
+
+
+def test_a_calibration_failure_at_the_end_of_mrkd_train_is_said_once(tmp_path, monkeypatch):
+    """The trainer says a calibration failure when it happens; `mrkd train` said it a second time in
+    its summary, so the one problem looked like two."""
+    from click.testing import CliRunner
+
+    import mrkd.train.calibrate
+    from mrkd.cli import main
+
+    def failing(*_args, **_kwargs):
+        raise RuntimeError("no finite score on the held-out images")
+    monkeypatch.setattr(mrkd.train.calibrate, "calibrate", failing)
+    good = Path(tiny_data()) / CATEGORY / "train" / "good"
+    done = CliRunner().invoke(main, ["train", f"{good}/*.png", "--out", str(tmp_path / "run"), "--epochs", "1",
+                                     "--image-size", str(IMAGE_SIZE), "--batch-size", "8", "--backbone", "resnet18",
+                                     "--teacher-weights", "random", "--score", "mrkd", "--eval-every", "0"])
+    assert done.exit_code == 0, done.output
+    said = [line for line in done.stderr.splitlines() if "no finite score on the held-out images" in line]
+    assert len(said) == 1, done.stderr
+    assert "uncalibrated" in said[0] and str(tmp_path / "run" / "last.ckpt") in said[0]
+    assert "threshold None" in done.stdout and "(1 problem(s) reported above)" in done.stdout

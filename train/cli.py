@@ -254,10 +254,11 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         speed = summary.get("images_per_second")
         cache = (summary.get("teacher_features") or {}).get("feature_cache")
         speed = f"  {speed:.1f} images/s (feature cache {cache})" if speed else ""
+        # each error was said (mrkd train: ...) when it happened; here only counted, so it is not said twice
+        errors = len(summary.get("errors") or [])
+        said = f"  ({errors} problem(s) reported above)" if errors else ""
         click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  threshold {threshold}{monitoring}{speed}  "
-                   f"-> {summary['checkpoint']} (final epoch)")
-        for error in summary.get("errors") or []:
-            click.echo(f"{name}: {error}", err=True)
+                   f"-> {summary['checkpoint']} (final epoch){said}")
 
 
 # ----------------------------------------------------------------------------- eval
