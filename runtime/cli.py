@@ -63,6 +63,11 @@ def line_output_options(command):
                           "and the old one stays)."),
         click.option("--http-key", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="The --http-cert certificate's private key (PEM, unencrypted)."),
+        click.option("--http-allow-host", "http_allowed_hosts", multiple=True, metavar="NAME",
+                     help="A host name the --http page answers to when it listens beyond this machine (repeat for "
+                          "several), e.g. the name operators type in their browser. Requests addressed to an IP "
+                          "address or localhost are always answered; any other name is refused (421), so that a "
+                          "web page whose own name was re-pointed at the line (DNS rebinding) cannot read it."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -204,7 +209,8 @@ def pop_output_settings(options: dict):
                                               results_rate=results_rate)
     elif username or password_env or tls or ca or results_rate:
         raise SettingError("the --mqtt-* options need --mqtt mqtt://HOST:PORT/PREFIX")
-    http, http_cert, http_key = (options.pop(k) for k in ("http_address", "http_cert", "http_key"))
+    http, http_cert, http_key, http_allowed_hosts = (options.pop(k) for k in ("http_address", "http_cert", "http_key",
+                                                                             "http_allowed_hosts"))
     if http:
         from mrkd.runtime.outputs.web import parse_address
         parse_address(http)
@@ -217,7 +223,8 @@ def pop_output_settings(options: dict):
         raise SettingError("--evidence-ok-every needs --evidence DIR")
     return OutputSettings(events=options.pop("events"), snapshots=options.pop("snapshots"), evidence=evidence,
                           snapshot_format=options.pop("snapshot_format"), webhook=webhook_settings, mqtt=mqtt_settings,
-                          http=http, http_cert=http_cert, http_key=http_key, save_video=options.pop("save_video"),
+                          http=http, http_cert=http_cert, http_key=http_key,
+                          http_allowed_hosts=tuple(http_allowed_hosts), save_video=options.pop("save_video"),
                           video_fps=options["fps"] or 15.0, show=options.pop("show"))
 
 

@@ -10,8 +10,9 @@ page, /metrics, /healthz). overlay.py draws heat-maps; delivery.py counts and wa
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from mrkd.errors import SettingError
 
@@ -21,7 +22,10 @@ if TYPE_CHECKING:      # the modules load only when their output is asked for
     from mrkd.runtime.outputs.mqtt import MqttSettings
     from mrkd.runtime.outputs.webhook import WebhookSettings
 
-OUTPUT_SCHEMA_VERSION = 2      # 2: http_cert, http_key
+OUTPUT_SCHEMA_VERSION = 3      # 2: http_cert, http_key; 3: http_allowed_hosts
+
+# A host name as --http-allow-host takes it: DNS labels, no port, no scheme, no wildcard.
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,62}))*\.?$")
 
 # The outputs, in the order their hooks are called (modules of this package).
 # evidence comes after snapshots: the snapshot writer may draw the event id anew, evidence files use the final one.
@@ -34,10 +38,11 @@ class OutputSettings:
 
     events: JSON-lines log file. snapshots: folder of alarm images (snapshot_format .jpg/.png).
     webhook: WebhookSettings. mqtt: MqttSettings. http: "HOST:PORT" of /metrics, /healthz and the
-    operator page. save_video / show: annotated frames of ``video_camera`` (default: the first camera)
-    to a file (at video_fps) / a window. evidence: lossless images of alarms/NG parts (and a sample of OK
-ones) within a disk budget (EvidenceSettings). close_deadline_s: how long network outputs may take to flush
-    at the stop.
+    operator page; http_allowed_hosts: names (besides IP addresses and localhost) the page answers
+    requests for when it listens beyond this machine (web.py). save_video / show: annotated frames of
+    ``video_camera`` (default: the first camera) to a file (at video_fps) / a window. evidence: lossless
+    images of alarms/NG parts (and a sample of OK ones) within a disk budget (EvidenceSettings).
+    close_deadline_s: how long network outputs may take to flush at the stop.
     """
 
     events: Optional[str] = None
@@ -54,6 +59,7 @@ ones) within a disk budget (EvidenceSettings). close_deadline_s: how long networ
     close_deadline_s: float = 5.0
     http_cert: Optional[str] = None
     http_key: Optional[str] = None
+    http_allowed_hosts: Tuple[str, ...] = ()
     schema_version: int = OUTPUT_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -65,6 +71,12 @@ ones) within a disk budget (EvidenceSettings). close_deadline_s: how long networ
             raise SettingError("--http-cert and --http-key go together")
         if self.http_cert is not None and not self.http:
             raise SettingError("--http-cert/--http-key need --http HOST:PORT")
+        for name in self.http_allowed_hosts:
+            if not isinstance(name, str) or not _HOST_NAME.match(name):
+                raise SettingError(f"--http-allow-host must be a host name without port or scheme "
+                                   f"(e.g. line3.plant.example), got {name!r}")
+        if self.http_allowed_hosts and not self.http:
+            raise SettingError("--http-allow-host needs --http HOST:PORT")
 
 
 def build_outputs(settings: OutputSettings) -> List["LineObserver"]:
