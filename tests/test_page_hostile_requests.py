@@ -86,6 +86,7 @@ def test_every_answer_is_taken_for_its_type_and_never_framed(review_server, tmp_
     server, _ = review_server
     snapshot = tmp_path / "alarm.jpg"
     cv2.imwrite(str(snapshot), np.full((8, 8, 3), 255, np.uint8))
+    server.snapshots = tmp_path.resolve()          # snapshot files are served from that folder only
     server.on_start([CameraInfo("cam0", "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.5, "test")])
     server.on_event("cam0", {"event_id": "ev-1", "score": 0.9, "threshold": 0.5, "snapshot": str(snapshot)})
     answers = {"page": _request(server, "GET", "/"), "image": _request(server, "GET", "/alarm/ev-1.jpg"),

@@ -304,7 +304,7 @@ def _raw(url: str, data: bytes, wait: float = 5.0) -> bytes:
 
 def test_page_commands_never_wait_on_a_stranger_or_a_stalled_body(tmp_path):
     """A POST without the token is refused on its headers (its body never waited for); a body shorter than
-    its Content-Length, or an idle connection, is dropped at the socket timeout; odd lengths and chunked
+    its Content-Length is answered 408 at its deadline, an idle connection dropped; odd lengths and chunked
     bodies are refused; an unread body is never taken for a next request (each refusal closes)."""
     import time
     from mrkd.runtime.control import LineControl
@@ -320,7 +320,8 @@ def test_page_commands_never_wait_on_a_stranger_or_a_stalled_body(tmp_path):
         answer = _raw(server.url, head + b"Content-Length: 100\r\n\r\n{")        # the body never comes
         assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - started < 0.9, answer
         started = time.monotonic()
-        assert _raw(server.url, head + auth + b"Content-Length: 100\r\n\r\n{") == b""   # closed at the timeout
+        answer = _raw(server.url, head + auth + b"Content-Length: 100\r\n\r\n{")      # 408 at the deadline
+        assert answer.startswith(b"HTTP/1.1 408") and b"Connection: close" in answer, answer
         assert _raw(server.url, b"POST /rev") == b""                                  # a half-sent request too
         assert time.monotonic() - started < 4.5
         answer = _raw(server.url, head + auth + b"Content-Length: \xb2\r\n\r\n")     # "\u00b2".isdigit()
@@ -360,7 +361,8 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
     """A request whose bytes trickle in (each gap shorter than the socket timeout) is still dropped at the
     request deadline; connections beyond the cap get 503 at once and a freed slot serves again; bound to
     127.0.0.1 the server refuses requests addressed to another host name (DNS rebinding), commands
-    included, and serves 127.0.0.1, localhost and [::1]; bound to every interface it has no such rule."""
+    included, and serves 127.0.0.1, localhost and [::1]; bound to every interface, a name must be allowed
+    with --http-allow-host (tests/test_page_hardening.py has the rest of that rule)."""
     import socket
     import time
     from mrkd.runtime.control import LineControl
@@ -432,11 +434,13 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
     finally:
         server.close()
 
-    server = OperatorServer("0.0.0.0", 0)
+    server = OperatorServer("0.0.0.0", 0, allowed_hosts=("line7.plant.example",))
     try:
         url = f"http://127.0.0.1:{server.httpd.server_address[1]}"
         answer = _raw(url, b"GET / HTTP/1.1\r\nHost: line7.plant.example\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200"), answer
+        answer = _raw(url, b"GET / HTTP/1.1\r\nHost: line8.plant.example\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 421"), answer
     finally:
         server.close()
 

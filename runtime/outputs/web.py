@@ -23,8 +23,12 @@ the line was started with a control token: then ``POST /review`` and ``/reload``
 take ``Authorization: Bearer TOKEN``; the page's review view (page.html) sends it from a token the
 operator types in (kept in the tab's sessionStorage, never in a URL).
 
-Clients that misbehave are bounded (OperatorServer): a whole request within ``request_timeout_s``, at
-most ``max_connections`` at once, and, bound to loopback, requests addressed to a loopback name only.
+Clients that misbehave are bounded (OperatorServer): a whole request within ``request_timeout_s`` (a POST
+body within a few seconds, at 1 KB/s at least), at most ``max_connections`` at once, and requests addressed
+to this machine only: bound to loopback, to a loopback name; bound beyond it, to an IP address, localhost or
+a name allowed with ``--http-allow-host`` (a DNS-rebinding page is refused, never served). HEAD is GET
+without the body; any other method is 405 with ``Allow``. A snapshot is served only as a regular file
+inside the ``--snapshots`` folder (a link put in its place is not followed).
 ``tls`` (``--http-cert``/``--http-key``) serves HTTPS only; a token from the network needs it
 (runtime/control.py).
 """
@@ -32,13 +36,16 @@ most ``max_connections`` at once, and, bound to loopback, requests addressed to 
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
+import os
 import queue
 import re
 import select
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -63,6 +70,10 @@ logger = logging.getLogger(__name__)
 PAGE_SCHEMA_VERSION = 1
 _STREAM_PATH = re.compile(r"^/stream/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.mjpg$")
 _ALARM_PATH = re.compile(r"^/alarm/([A-Za-z0-9_.:-]{1,80})\.jpg$")
+# A POST body must arrive at this rate at least, or within the floor (whichever is longer; never past the
+# request's own deadline): a body that trickles cannot hold a connection for the whole request timeout.
+BODY_MIN_BYTES_PER_S = 1024
+BODY_FLOOR_S = 5.0
 _GUARD_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                   "Content-Security-Policy": "frame-ancestors 'none'"}
 
@@ -117,7 +128,9 @@ class OperatorServer(LineObserver):
     """The HTTP server (started at construction, so a busy port fails before the run starts).
 
     metrics: a MetricsObserver for /metrics and /healthz (default: the one among the line's outputs,
-    seen through ``see_outputs``). stream_fps: the most live-view
+    seen through ``see_outputs``). allowed_hosts: names a request may be addressed to besides IP
+    addresses and localhost (on loopback: besides loopback names). snapshots: the folder snapshot files are
+    served from (default: the SnapshotWriter's, seen through ``see_outputs``). stream_fps: the most live-view
     frames a second per camera; max_alarms: alarms kept for the page (with their frames, for snapshots).
     request_timeout_s: the longest a request may take to arrive, headers and body together, however slowly
     its bytes trickle in (and the longest a stream may go unread) before its connection is closed.
@@ -133,12 +146,17 @@ class OperatorServer(LineObserver):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
                  max_alarms: int = 20, jpeg_quality: int = 80, request_timeout_s: float = 30.0,
-                 max_connections: int = 64, tls: Optional[Tuple[str, str]] = None):
+                 max_connections: int = 64, tls: Optional[Tuple[str, str]] = None,
+                 allowed_hosts: Sequence[str] = (), snapshots: Optional[str] = None):
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
         # Bound to loopback, the page answers only requests addressed to a loopback name: a web page
         # whose own host name was re-pointed at 127.0.0.1 (DNS rebinding) is then refused, not served.
         self.loopback_only = is_loopback_host(host)
+        # Beyond loopback the same attack works on the line's LAN address, so a name must be allowed by hand.
+        self.allowed_hosts = frozenset(name.lower().rstrip(".") for name in allowed_hosts)
+        # Snapshot files are served from this folder only (default: the line's SnapshotWriter, see_outputs).
+        self.snapshots: Optional[Path] = Path(snapshots).resolve() if snapshots else None
         self.page = PAGE_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
@@ -194,7 +212,10 @@ class OperatorServer(LineObserver):
     # -- hooks (loop thread): store references, queue small records, return
     def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
         from mrkd.runtime.outputs.metrics import MetricsObserver
+        from mrkd.runtime.outputs.snapshots import SnapshotWriter
         self.outputs = [o for o in outputs if o is not self]
+        if self.snapshots is None:
+            self.snapshots = next((o.folder.resolve() for o in outputs if isinstance(o, SnapshotWriter)), None)
         self.shadows = [o for o in self.outputs if callable(getattr(o, "comparison", None))]
         if self.metrics is None:
             self.metrics = next((o for o in outputs if isinstance(o, MetricsObserver)), None)
@@ -379,9 +400,9 @@ class OperatorServer(LineObserver):
         if found is None:
             return None
         snapshot = found["event"].get("snapshot")
-        if snapshot and Path(snapshot).is_file():
-            suffix = Path(snapshot).suffix.lower()
-            return Path(snapshot).read_bytes(), "image/png" if suffix == ".png" else "image/jpeg"
+        written = _snapshot_bytes(snapshot, self.snapshots) if snapshot else None
+        if written is not None:
+            return written, "image/png" if Path(snapshot).suffix.lower() == ".png" else "image/jpeg"
         result, part_view = found["result"], found.get("view")
         if result is not None:
             image = annotate(result.image, result.amap, result.score, result.threshold, True)
@@ -425,6 +446,44 @@ def _alarm_record(camera: str, event: dict) -> dict:
         if event.get("kind") == "part":
             image += "?camera=" + quote(camera, safe="")
     return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image}
+
+
+def _snapshot_bytes(path: str, folder: Optional[Path]) -> Optional[bytes]:
+    """A snapshot file's bytes, or None unless it is a regular file that resolves inside ``folder`` (no
+    folder known: none). The file itself is opened without following a link (O_NOFOLLOW) and without
+    blocking (a FIFO put in its place); a folder on the way that is a link counts where it resolves."""
+    if folder is None:
+        return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        if not Path(os.path.realpath(path)).is_relative_to(folder):
+            return None
+        descriptor = os.open(path, flags)
+    except (OSError, ValueError):
+        return None
+    with os.fdopen(descriptor, "rb") as file:
+        try:
+            return file.read() if stat.S_ISREG(os.fstat(descriptor).st_mode) else None
+        except OSError:
+            return None
+
+
+def _host_allowed(header: Optional[str], loopback_only: bool, allowed_names: frozenset) -> bool:
+    """Whether a request's Host header names this server. No header (HTTP/1.0; browsers always send one):
+    yes. A name allowed by hand: yes. Bound to loopback: loopback names only. Beyond it: any IP address
+    (a rebinding page can only use a name of its own) and localhost."""
+    if header is None:
+        return True
+    name = _host_name(header)
+    if name.rstrip(".") in allowed_names or is_loopback_host(name):
+        return True
+    if loopback_only:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def _host_name(header: str) -> str:
@@ -657,10 +716,12 @@ def _handler_for(server: OperatorServer):
             if not self.server.waiting(self.request, False):    # headers whole: no longer the one to close
                 self.close_connection = True                     # unless it was, and they were cut short
                 return False
-            host = self.headers.get("Host")
-            if server.loopback_only and host is not None and not is_loopback_host(_host_name(host)):
+            if not _host_allowed(self.headers.get("Host"), server.loopback_only, server.allowed_hosts):
                 self.close_connection = True
-                self._send(421, b"this server answers requests for 127.0.0.1 or localhost only\n", "text/plain")
+                why = (b"this server answers requests for 127.0.0.1 or localhost only\n" if server.loopback_only else
+                       b"this server answers requests for its IP address, localhost or a name given with "
+                       b"--http-allow-host only\n")
+                self._send(421, why, "text/plain")
                 return False
             return True
 
@@ -679,7 +740,26 @@ def _handler_for(server: OperatorServer):
             for key, value in (extra or {}).items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
+            """Python's own refusals (a malformed request line, headers too long, a method without a do_
+            method: 501) as every other answer: one plain line with the guard headers, then closed; an
+            unknown method is 405 with Allow."""
+            self.close_connection = True
+            if self.request_version == "HTTP/0.9":     # a request line without a version: no headers possible
+                return
+            if code == 501:
+                return self._refuse()
+            line = message or self.responses.get(code, ("error",))[0]
+            try:
+                self._send(code, f"{line}\n".encode("utf-8", "replace"), "text/plain", {"Connection": "close"})
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass
+
+        def do_HEAD(self):      # a GET route's status and headers, no body (_send and the streams check)
+            self.do_GET()
 
         def do_GET(self):
             path = self.path.split("?", 1)[0]
@@ -712,11 +792,16 @@ def _handler_for(server: OperatorServer):
 
         def _refuse(self):
             self.close_connection = True      # its body is left unread: it must not be taken for a next request
-            self._send(405, b"read-only: GET only\n", "text/plain", {"Allow": "GET"})
+            if server.control is None:
+                body, allow = b"read-only: GET and HEAD only\n", "GET, HEAD"
+            else:
+                body, allow = b"GET, HEAD and POST only\n", "GET, HEAD, POST"
+            self._send(405, body, "text/plain", {"Allow": allow, "Connection": "close"})
 
         def _refuse_post(self, code: int, why: str):
             self.close_connection = True      # as _refuse: the body (if any) is not read
-            self._send(code, json.dumps({"error": why}).encode("utf-8"), "application/json")
+            self._send(code, json.dumps({"error": why}).encode("utf-8"), "application/json",
+                       {"Connection": "close"})
 
         def do_POST(self):     # commands with a token (runtime/control.py); read-only without one
             if self._over_the_cap(None):     # the probes' reserve is for GET /metrics and /healthz only
@@ -734,7 +819,12 @@ def _handler_for(server: OperatorServer):
             length = int(length) if length.isascii() and length.isdigit() else -1
             if not 0 <= length <= 16384:
                 return self._refuse_post(413, "body too large")
-            body = self.rfile.read(length)    # a stalled body ends in the socket timeout (TimeoutError: closed)
+            left = max(BODY_FLOOR_S, length / BODY_MIN_BYTES_PER_S)
+            self._reader.deadline = min(self._reader.deadline, time.monotonic() + left)
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:      # stalled or trickling: the connection is not kept for it
+                return self._refuse_post(408, "the body did not arrive in time")
             if len(body) != length:
                 return self._refuse_post(400, "body shorter than its Content-Length")
             code, answer = control.handle_post(self.path, self.headers, body)
@@ -753,6 +843,8 @@ def _handler_for(server: OperatorServer):
             self.close_connection = True
 
         def _events(self):
+            if self.command == "HEAD":
+                return self._start_stream("text/event-stream")
             client = server.add_client()
             try:
                 self._start_stream("text/event-stream")
@@ -782,6 +874,8 @@ def _handler_for(server: OperatorServer):
                 self._send(404, b"no such camera\n", "text/plain")
                 return
             self._start_stream("multipart/x-mixed-replace; boundary=frame")
+            if self.command == "HEAD":
+                return
             server.watch(view)
             seen = 0
             try:
@@ -815,6 +909,7 @@ def outputs_from(settings) -> list:
                        "the alarms with their snapshots and /metrics (the page has no login)%s", settings.http,
                        "" if tls else ", over plain HTTP")
     try:
-        return [OperatorServer(host, port, tls=tls)]
+        return [OperatorServer(host, port, tls=tls, allowed_hosts=settings.http_allowed_hosts,
+                               snapshots=settings.snapshots)]
     except OSError as exc:
         raise OSError(exc.errno, f"--http {settings.http}: cannot listen there ({exc.strerror or exc})") from None
