@@ -29,7 +29,8 @@ import logging
 import math
 import struct
 import threading
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from collections import deque
+from typing import TYPE_CHECKING, Deque, List, Optional, Sequence, Tuple, Union
 
 IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -79,6 +80,11 @@ INPUT_REGISTERS = ("Result Code", "Inspection Id", "Part Id", "Score per mille o
 BIT_WORD = 16
 # Coils written together (function 15) take effect in this order: levels first, the trigger last.
 COIL_ORDER = (0, 4, 3, 2, 1)
+
+# MBAP: transaction id, protocol id, length (2 bytes each), then the unit id; the length counts the unit id,
+# the function code and at most 252 data bytes (a PDU is at most 253 bytes).
+MBAP_HEADER, MIN_MBAP_LENGTH, MAX_MBAP_LENGTH = 6, 2, 254
+READ_CHUNK = 256 * 1024        # the most asyncio's socket transport hands over in one read
 
 FUNCTION_TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 22: "h", 23: "h", 4: "i"}
 
@@ -171,6 +177,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         self.clients_refused = 0          # connections closed at once: address not in ``allow``, or untrusted
         self._refused_seen: set = set()   # refusals already logged (a scanner must not flood the log)
         self.writes_refused = 0           # writes of clients whose role may not write (exception 01)
+        self.frames_refused = 0           # connections closed for a header no Modbus TCP frame has
         self._watch: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
@@ -195,7 +202,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
 
     async def _listen(self) -> None:
         from pymodbus.simulator import DataType, SimData, SimDevice
-        ModbusServer = _server_class(self._admit, self._write_refused, secure=self._secure is not None)
+        ModbusServer = _server_class(self._admit, self._write_refused, self._malformed, secure=self._secure is not None)
         bits = lambda: [SimData(0, count=BIT_WORD, values=False, datatype=DataType.BITS)]   # noqa: E731
         registers = lambda n: [SimData(0, count=n, values=0, datatype=DataType.REGISTERS)]  # noqa: E731
         device = SimDevice(0, simdata=(bits(), bits(), registers(len(HOLDING_REGISTERS)),
@@ -277,6 +284,13 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         role = self._secure.role(transport)
         self._log_once((who, role), f"modbus: refused a write (function {function_code}) from {who}: its "
                                     f"certificate's role {role!r} is not among --modbus-write-roles")
+
+    def _malformed(self, transport, why: str) -> None:
+        """A connection sent a header no Modbus TCP frame has: it is closed (logged once per address)."""
+        self.frames_refused += 1
+        peer = transport.get_extra_info("peername")
+        who = str(peer[0]) if peer else "?"
+        self._log_once((who, "malformed"), f"modbus: closed a connection from {who}: {why}")
 
     def _log_once(self, key, message: str) -> None:
         if key not in self._refused_seen and len(self._refused_seen) < 64:
@@ -392,15 +406,17 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                                    + (", results buffer overrun" if image.overrun else ""))
 
 
-def _server_class(admit, write_refused, secure: bool = False):
+def _server_class(admit, write_refused, malformed, secure: bool = False):
     """pymodbus' ModbusTcpServer (ModbusTlsServer when ``secure``: the same MBAP frames over TLS) whose
     connections are first put to ``admit(transport)``: a refused one (None) is aborted in connection_made
     (after the TLS handshake), before its handler is set up or any of its bytes is read; one admitted
     read-only (False) has each write answered with exception 01 and reported to ``write_refused``."""
     from pymodbus.constants import ExcCodes
+    from pymodbus.exceptions import ModbusIOException
     from pymodbus.pdu import ExceptionResponse
     from pymodbus.server import ModbusTcpServer, ModbusTlsServer
     from pymodbus.server.requesthandler import ServerRequestHandler
+    from pymodbus.transaction import TransactionManager
 
     from mrkd.runtime.plc.modbus_security import WRITE_FUNCTIONS
 
@@ -415,30 +431,85 @@ def _server_class(admit, write_refused, secure: bool = False):
                     self.listener.active_connections.pop(self.unique_id, None)
                 return
             self.may_write, self._admitted_transport = access, transport
+            self._requests: Deque[tuple] = deque()
+            self._answering = False
+            # pymodbus drops everything it holds, silently, past one frame's size (264 bytes): a burst of
+            # requests was lost whole. Every whole frame is taken at once here and a header that could
+            # never end closes the connection, so at most one frame's start waits with the new bytes.
+            self.max_buffer_size = MBAP_HEADER + MAX_MBAP_LENGTH + READ_CHUNK
             super().connection_made(transport)
 
-        async def handle_request(self):
-            request = self.last_pdu
+        def callback_data(self, data: bytes, addr=None) -> int:
+            """Take every whole request in ``data`` and answer them one after another, in the order sent.
+            (pymodbus took the first request of what had arrived and left the rest unread until more bytes
+            came, and its handler read "the last request" again after an await: two requests close together
+            were answered as the second, twice.) Returns the bytes used."""
+            used = 0
+            while used < len(data):
+                why = _malformed_header(data[used:used + MBAP_HEADER])
+                if why is not None:                    # no frame boundary to find again: close, unanswered
+                    malformed(self._admitted_transport, why)
+                    self._admitted_transport.close()
+                    return len(data)
+                try:
+                    cut = TransactionManager.callback_data(self, data[used:], addr)
+                except ModbusIOException as exc:       # undecodable: answered as pymodbus does, the rest dropped
+                    response = ExceptionResponse(0 if exc.fcode is None else exc.fcode, ExcCodes.ILLEGAL_FUNCTION,
+                                                 device_id=exc.dev_id, transaction=exc.transaction_id)
+                    self.server_send(response, addr)
+                    return len(data)
+                if self.last_pdu is not None:
+                    self._requests.append((self.last_pdu, addr))
+                if not cut:
+                    break
+                used += cut
+            if self._requests and not self._answering:
+                self._answering = True
+                self.loop.create_task(self._answer_all())
+            return used
+
+        async def _answer_all(self) -> None:
+            try:
+                while self._requests:
+                    await self._answer(*self._requests.popleft())
+            finally:
+                self._answering = False
+
+        async def _answer(self, request, addr) -> None:
             refusal = None
-            if request is not None and not self.may_write and request.function_code in WRITE_FUNCTIONS:
+            if not self.may_write and request.function_code in WRITE_FUNCTIONS:
                 write_refused(self._admitted_transport, request.function_code)
                 refusal = ExcCodes.ILLEGAL_FUNCTION
-            elif request is not None and request.function_code not in FUNCTION_TABLE:
+            elif request.function_code not in FUNCTION_TABLE:
                 refusal = ExcCodes.ILLEGAL_FUNCTION   # pymodbus' own answers (08 diagnostics, 43 device id, ...)
-            elif request is not None and getattr(request, "illegal_value", False):
+            elif getattr(request, "illegal_value", False):
                 refusal = ExcCodes.ILLEGAL_VALUE      # FC 05 with a value other than 0x0000 / 0xFF00
+            if refusal is None:
+                try:
+                    response = await request.datastore_update(self.server.context, request.dev_id)
+                except Exception as exc:             # one request answered 04, the connection goes on
+                    logger.warning("modbus: function %d failed: %s", request.function_code, exc)
+                    refusal = ExcCodes.DEVICE_FAILURE
             if refusal is not None:
                 response = ExceptionResponse(request.function_code, refusal)
-                response.transaction_id, response.dev_id = request.transaction_id, request.dev_id
-                self.server_send(response, self.last_addr)
-                return
-            await super().handle_request()
+            response.transaction_id, response.dev_id = request.transaction_id, request.dev_id
+            self.server_send(response, addr)
 
     class AdmittingServer(ModbusTlsServer if secure else ModbusTcpServer):
         def callback_new_connection(self):
             return AdmittingHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
     return AdmittingServer
+
+
+def _malformed_header(header: bytes) -> Optional[str]:
+    """Why the start of an MBAP header (up to its 6 first bytes) is no Modbus TCP frame's, or None."""
+    if len(header) >= 4 and header[2:4] != b"\x00\x00":
+        return f"protocol id {int.from_bytes(header[2:4], 'big')}, not Modbus (0)"
+    if len(header) >= 6 and not MIN_MBAP_LENGTH <= int.from_bytes(header[4:6], "big") <= MAX_MBAP_LENGTH:
+        return (f"MBAP length {int.from_bytes(header[4:6], 'big')}, outside {MIN_MBAP_LENGTH}..{MAX_MBAP_LENGTH} "
+                f"(unit id, function code and at most 252 data bytes)")
+    return None
 
 
 def _strict_write_single_coil():
