@@ -232,6 +232,23 @@ def validation(image_size: int = 256, epochs: int = 2, max_train: Optional[int] 
     return out
 
 
+ELPV_CATEGORIES = ("elpv_mono", "elpv_poly")          # train/elpv.py CATEGORIES' folder names
+VALIDATION_SIDES = ("before", "after", "after_pool_only", "after_spread256", "fast", "after_default_pool")
+
+
+def comma_list(choices):
+    """An argparse type: comma-separated names, each one of ``choices`` (a wrong one is a one-line usage
+    error before anything runs; it was a traceback after the ELPV layout had been written)."""
+    def parse(text: str):
+        names = tuple(name.strip() for name in text.split(",") if name.strip())
+        wrong = [name for name in names if name not in choices]
+        if wrong or not names:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, wrong)) or repr(text)}: expected "
+                                             f"comma-separated names of {', '.join(choices)}")
+        return names
+    return parse
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke mode (24 images, 64 px)")
@@ -242,18 +259,19 @@ def main(argv=None) -> None:
                         help="instead: image AUROC of both banks on ELPV's validation split (trains MRKD)")
     parser.add_argument("--epochs", type=int, default=2, help="--validation: training epochs")
     parser.add_argument("--max-train", type=int, default=320, help="--validation: training cells per category")
-    parser.add_argument("--sides", default="before,after",
+    parser.add_argument("--sides", default=("before", "after"), type=comma_list(VALIDATION_SIDES),
                         help="--validation: which fits (before, after, after_pool_only: no tail, "
                              "after_spread256: spreads on 256 images, fast, after_default_pool: patches "
                              "averaged as shipped at this size)")
     parser.add_argument("--seed", type=int, default=0, help="--validation: training and bank seed")
-    parser.add_argument("--categories", default="elpv_mono,elpv_poly", help="--validation: ELPV categories")
+    parser.add_argument("--categories", default=ELPV_CATEGORIES, type=comma_list(ELPV_CATEGORIES),
+                        help=f"--validation: ELPV categories, comma-separated ({', '.join(ELPV_CATEGORIES)})")
     args = parser.parse_args(argv)
     if args.validation:
         print(json.dumps(validation(args.image_size or 256, args.epochs, args.max_train,
-                                    seed=args.seed, categories=tuple(args.categories.split(",")),
+                                    seed=args.seed, categories=args.categories,
                                     threads=args.threads or 1,
-                                    sides=tuple(args.sides.split(","))), indent=2))
+                                    sides=args.sides), indent=2))
         return
     print(json.dumps(run(args.quick, args.image_size, args.threads, args.images), indent=2))
 

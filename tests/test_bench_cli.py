@@ -141,3 +141,25 @@ def test_a_bench_stopped_mid_measurement_says_so_in_one_line_and_exits_as_the_si
     assert result.exit_code == status, result.output
     assert result.stderr.splitlines() == [f"bench stopped ({by}); no results written to {out}"]
     assert "Aborted" not in result.output and not any(out.iterdir())
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--validation", "--categories", "mono"], "'mono': expected comma-separated names of elpv_mono, elpv_poly"),
+    (["--validation", "--categories", "elpv_mono,poly"], "'poly': expected"),
+    (["--validation", "--sides", "before,aftre"], "'aftre': expected comma-separated names of before, after,"),
+])
+def test_bench_memory_bank_refuses_an_unknown_name_in_one_line_before_anything_runs(args, names, capsys,
+                                                                                    monkeypatch):
+    # `--categories mono` wrote the ELPV layout, then ended in a DataError traceback (the folders are
+    # elpv_mono / elpv_poly); a misspelt --sides name in a KeyError after a category was trained
+    from mrkd.benchmarks import bench_memory_bank
+
+    def ran(*_args, **_kwargs):
+        raise AssertionError("the benchmark ran")
+    monkeypatch.setattr(bench_memory_bank, "validation", ran)
+    with pytest.raises(SystemExit) as stopped:
+        bench_memory_bank.main(args)
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("bench_memory_bank") or "error:" in last
+    assert names in last, last
