@@ -64,6 +64,10 @@ NAMESPACE = "urn:mrkd:machinevision"
 DEFAULT_PORT = 4840
 RESULT_COMPLETED, RESULT_FAILED = 1, 4          # OPC 40100-1 ResultStateDataType (processing state)
 JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
+# A String argument longer than this is refused (BadOutOfRange for it): an id travels into every event,
+# result and log line of its part, and the line holds several parts' results.
+MAX_ARGUMENT_CHARS = 1024
+MAX_RECIPE_DIGITS = 9
 
 
 def parse_opcua_url(text: str, name: str = "--opcua"):
@@ -215,16 +219,17 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                 ("Reset", self._reset, [], []), ("StartSingleJob", self._start_single, job_args, job_out),
                 ("StartContinuous", self._start_continuous, job_args, job_out), ("Stop", self._stop, [], []),
                 ("Abort", self._abort, [], [])]:
-            await machine.add_method(idx, name, call, inputs, outputs)
+            await machine.add_method(idx, name, self._guarded(name, call, machine.nodeid, len(inputs)), inputs,
+                                     outputs)
         recipes = await vs.add_object(idx, "RecipeManagement")
         self._nodes["recipes"] = await recipes.add_variable(
             idx, "Recipes", ua.Variant([str(r) for r in self.target.recipes], ua.VariantType.String))
         self._nodes["prepared"] = await recipes.add_variable(idx, "PreparedRecipe", str(self.recipe))
-        await recipes.add_method(idx, "PrepareRecipe", self._prepare_recipe, [arg("ExternalId", "recipe number")],
-                                 [arg("IsCompleted", "true", ua.NodeId(ua.ObjectIds.Boolean))])
-        await recipes.add_method(idx, "UnprepareRecipe", self._unprepare_recipe, [arg("ExternalId", "recipe number")],
-                                 [])
-        await recipes.add_method(idx, "AddRecipe", self._add_recipe, [arg("ExternalId", "recipe number")], [])
+        for name, call, outputs in [
+                ("PrepareRecipe", self._prepare_recipe, [arg("IsCompleted", "true", ua.NodeId(ua.ObjectIds.Boolean))]),
+                ("UnprepareRecipe", self._unprepare_recipe, []), ("AddRecipe", self._add_recipe, [])]:
+            await recipes.add_method(idx, name, self._guarded(name, call, recipes.nodeid, 1),
+                                     [arg("ExternalId", "recipe number")], outputs)
         results = await vs.add_object(idx, "ResultManagement")
         last = await results.add_object(idx, "LastResult")
         for name, value in [("ResultId", ""), ("JobId", ""), ("PartId", ""), ("ResultState", ua.Variant(0, ua.VariantType.Int32)),
@@ -340,6 +345,24 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             self.mode = "Ready"                # what its release comes back to
         await self._set_state()
 
+    def _guarded(self, name: str, call, owner, count: int):
+        """``call`` as asyncua runs it, after the checks every method shares: called on the object it
+        belongs to (else BadMethodInvalid), with ``count`` scalar Strings (_strings). An exception in it
+        answers BadInternalError with one log line, where asyncua logged a traceback and the arguments
+        (however long) and answered BadUnexpectedError."""
+        async def method(parent, *args):
+            if parent != owner:
+                return self._status("BadMethodInvalid")
+            checked = self._strings(args, count)
+            if not isinstance(checked, list):
+                return checked
+            try:
+                return await call(parent, *args)
+            except Exception as exc:
+                logger.warning("opcua: %s failed: %s: %s", name, type(exc).__name__, exc)
+                return self._status("BadInternalError")
+        return method
+
     @staticmethod
     def _status(code):
         from asyncua import ua
@@ -420,12 +443,12 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         checked = self._strings(args, 1)
         if not isinstance(checked, list):
             return checked
-        text = checked[0].strip()
-        if not text.isdigit() or int(text) not in self.target.recipes:
+        recipe = self._recipe(checked[0])
+        if recipe is None:
             return self._status("BadInvalidArgument")
         if self._shown()[1] not in ("Ready", "Initialized"):
             return self._status("BadInvalidState")
-        self.recipe = int(text)
+        self.recipe = recipe
         await self._nodes["prepared"].write_value(str(self.recipe))
         from asyncua import ua
         return [ua.Variant(True, ua.VariantType.Boolean)]
@@ -442,12 +465,15 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         return self._status("BadNotSupported")       # recipes come from the line file
 
     def _strings(self, args, count: int):
-        """The method's String arguments, or a CallMethodResult saying which are not Strings."""
+        """The method's String arguments, or a CallMethodResult saying which are not scalar Strings
+        (BadTypeMismatch) or are longer than MAX_ARGUMENT_CHARS (BadOutOfRange)."""
         from asyncua import ua
         if len(args) != count:
             return self._status("BadArgumentsMissing" if len(args) < count else "BadTooManyArguments")
-        results = [ua.StatusCode(ua.StatusCodes.Good if v.VariantType == ua.VariantType.String and v.Value is not None
-                                 else ua.StatusCodes.BadTypeMismatch) for v in args]
+        results = [ua.StatusCode(ua.StatusCodes.BadTypeMismatch if v.VariantType != ua.VariantType.String
+                                 or v.Value is None or v.is_array or not isinstance(v.Value, str)
+                                 else ua.StatusCodes.BadOutOfRange if len(v.Value) > MAX_ARGUMENT_CHARS
+                                 else ua.StatusCodes.Good) for v in args]
         if any(not r.is_good() for r in results):
             return ua.CallMethodResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadInvalidArgument),
                                        InputArgumentResults=results)
@@ -458,10 +484,17 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if not isinstance(values, list):
             return values
         checked = dict(zip(JOB_INPUTS, values))
-        if checked["RecipeId"].strip():
-            if not checked["RecipeId"].strip().isdigit() or int(checked["RecipeId"]) not in self.target.recipes:
-                return self._status("BadInvalidArgument")
+        if checked["RecipeId"].strip() and self._recipe(checked["RecipeId"]) is None:
+            return self._status("BadInvalidArgument")
         return checked
+
+    def _recipe(self, text: str) -> Optional[int]:
+        """A recipe number of the line's, from its decimal text; None otherwise (ASCII digits only:
+        str.isdigit also passes '²', which int() refuses, and int() refuses over 4300 digits)."""
+        text = text.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= MAX_RECIPE_DIGITS):
+            return None
+        return int(text) if int(text) in self.target.recipes else None
 
     def _trigger(self, checked: dict, job: Optional[str] = None) -> Optional[str]:
         """Trigger one part; records its job before returning to the event loop, so the result
@@ -469,7 +502,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if job is None:
             self.jobs += 1
             job = str(self.jobs)
-        recipe = int(checked["RecipeId"]) if checked["RecipeId"].strip() else self.recipe
+        recipe = self._recipe(checked["RecipeId"]) if checked["RecipeId"].strip() else self.recipe
         part_id = checked["PartId"] or f"job-{job}"
         receipt = self.target.trigger(part_id, recipe)
         if not receipt.accepted:
