@@ -60,15 +60,18 @@ def _stdout_closed() -> bool:
 
 def error_boundary(command):
     """Decorate a click command callback: MrkdError and OSError become ``Error: <one line>`` with exit
-    status 1 (SettingError: 2, as click's usage errors)."""
+    status 1 (SettingError: 2, as click's usage errors); warnings are written above progress bars."""
     if getattr(command, "_mrkd_error_boundary", False):
         return command
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         import click
+
+        from mrkd.console import warnings_above_bars
         try:
-            return command(*args, **kwargs)
+            with warnings_above_bars():     # not after a live progress bar on its line
+                return command(*args, **kwargs)
         except BrokenPipeError as exc:
             if _stdout_closed():        # `mrkd review EV | head`: the reader has what it wanted
                 raise SystemExit(141) from None      # 128 + SIGPIPE, as a shell tool ends

@@ -323,3 +323,32 @@ def test_a_calibration_failure_at_the_end_of_mrkd_train_is_said_once(tmp_path, m
     assert len(said) == 1, done.stderr
     assert "uncalibrated" in said[0] and str(tmp_path / "run" / "last.ckpt") in said[0]
     assert "threshold None" in done.stdout and "(1 problem(s) reported above)" in done.stdout
+
+
+def test_warnings_and_reports_during_the_epoch_bar_start_a_line_of_their_own(tmp_path, monkeypatch):
+    """The epoch bar is redrawn in place (a carriage return, no newline): a warning or a failed
+    monitoring report printed while it was live came after the bar on the same line
+    ("train grain:  50%|#####     | 1/2 [...]mrkd train: epoch 1: ...")."""
+    import re
+    import warnings
+
+    from click.testing import CliRunner
+
+    import mrkd.train.trainer as trainer
+    from mrkd.cli import main
+
+    def monitoring(*_args, **_kwargs):
+        warnings.warn("a warning while the epoch bar is live")
+        raise RuntimeError("monitoring broke")
+    monkeypatch.setattr(trainer, "metrics_on_test_split", monitoring)
+    done = CliRunner().invoke(main, ["train", str(tiny_data()), "-c", CATEGORY, "--out", str(tmp_path / "run"),
+                                     "--epochs", "2", "--eval-every", "1", "--image-size", str(IMAGE_SIZE),
+                                     "--batch-size", "8", "--backbone", "resnet18", "--teacher-weights", "random",
+                                     "--score", "mrkd"])
+    assert done.exit_code == 0, done.output
+    assert f"train {CATEGORY}:" in done.stderr                   # the bar was drawn
+    segments = re.split(r"[\r\n]", done.stderr)                  # what a terminal shows from a line's start
+    for said in ("warning: a warning while the epoch bar is live",
+                 "mrkd train: epoch 1: test-split evaluation failed (RuntimeError: monitoring broke)"):
+        assert any(segment.startswith(said) for segment in segments), done.stderr
+        assert not any(said in segment and not segment.startswith(said) for segment in segments), done.stderr

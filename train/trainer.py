@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,7 +328,8 @@ MONITORING_NOTE = "test split, monitoring only: never used to choose, calibrate 
 
 def _report(message: str) -> None:
     """One line on stderr for a problem that does not stop the run (the run ends with its checkpoint)."""
-    print(f"mrkd train: {message}", file=sys.stderr, flush=True)
+    from mrkd.console import say
+    say(f"mrkd train: {message}")        # above the epoch bar, not after it on its line
 
 
 def _one_line(exc: BaseException) -> str:
