@@ -126,3 +126,26 @@ def test_a_malformed_mbap_header_closes_its_connection_only(server, header, why,
             good.sendall(frame(7, READ_PART_ID))
             assert [tid for tid, _ in read_answers(good, 1)] == [7]
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1, caplog.text
+
+
+@pytest.mark.parametrize("pdu", [
+    struct.pack(">BHH", 3, 0, 0), struct.pack(">BHH", 3, 0, 126), struct.pack(">BHH", 4, 0, 0xFFFF),
+    struct.pack(">BHH", 1, 0, 2001), struct.pack(">BHH", 2, 0, 0), struct.pack(">BHHB", 15, 0, 0, 0),
+    struct.pack(">BHHB", 16, 0, 0, 0), bytes([3]),
+])
+def test_a_quantity_outside_the_spec_answers_exception_03(server, pdu):
+    """Modbus Application Protocol 1.1b3 (6.1-6.12): a quantity out of range, or a request whose implied
+    length is wrong, is exception 03 (illegal data value); 01 says the function itself is unknown."""
+    with socket.create_connection(("127.0.0.1", server.address[1]), timeout=3) as sock:
+        sock.sendall(frame(9, pdu))
+        assert read_answers(sock, 1) == [(9, bytes([pdu[0] | 0x80, 3]))]
+        sock.sendall(frame(10, READ_PART_ID))                               # and the connection goes on
+        assert [tid for tid, _ in read_answers(sock, 1)] == [10]
+
+
+def test_a_refused_frame_in_a_burst_is_answered_in_its_turn(server):
+    """Good, undecodable, good in one segment: three answers in the order sent, the middle one 03."""
+    with socket.create_connection(("127.0.0.1", server.address[1]), timeout=3) as sock:
+        sock.sendall(frame(1, write_part_id(77)) + frame(2, struct.pack(">BHH", 3, 0, 0)) + frame(3, READ_PART_ID))
+        assert read_answers(sock, 3) == [(1, write_part_id(77)), (2, bytes([0x83, 3])),
+                                         (3, bytes([3, 2]) + struct.pack(">H", 77))]

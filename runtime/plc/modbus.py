@@ -184,7 +184,6 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._closed = False
-        self._last_function: Optional[int] = None
 
     # ------------------------------------------------------------ server
     def start(self) -> "ModbusPlc":
@@ -209,7 +208,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                                        registers(len(INPUT_REGISTERS))), action=self._action)
         tls = {"sslctx": self._secure.context} if self._secure is not None else {}
         self._server = ModbusServer(device, address=(self.host, self.port), trace_connect=self._connected,
-                                    trace_packet=self._packet, custom_pdu=[_strict_write_single_coil()], **tls)
+                                    custom_pdu=[_strict_write_single_coil()], **tls)
         await self._server.serve_forever(background=True)
         if self._secure is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_trust())
@@ -217,16 +216,6 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         if not sockets:
             raise OSError("the server did not listen (address in use or not local?)")
         self.address = sockets[0].getsockname()[:2]
-
-    def _packet(self, sending: bool, data: bytes) -> bytes:
-        """pymodbus answers a function code it cannot decode with function byte 0x80; Modbus wants the
-        request's code + 0x80. Both calls run in one callback on the loop thread, so the code of the
-        frame just received is the one answered."""
-        if not sending:
-            self._last_function = data[7] if len(data) >= 8 else None
-        elif len(data) == 9 and data[7] == 0x80 and self._last_function:
-            data = data[:7] + bytes([(self._last_function | 0x80) & 0xFF]) + data[8:]
-        return data
 
     def reload_certificate(self, reason: str = "request") -> bool:
         """Modbus/TCP Security: read the server's certificate and key again (`mrkd run` does it on SIGHUP);
@@ -453,13 +442,19 @@ def _server_class(admit, write_refused, malformed, secure: bool = False):
                     return len(data)
                 try:
                     cut = TransactionManager.callback_data(self, data[used:], addr)
-                except ModbusIOException as exc:       # undecodable: answered as pymodbus does, the rest dropped
-                    response = ExceptionResponse(0 if exc.fcode is None else exc.fcode, ExcCodes.ILLEGAL_FUNCTION,
+                except ModbusIOException as exc:       # a whole frame pymodbus cannot decode: that one refused
+                    size = MBAP_HEADER + int.from_bytes(data[used + 4:used + 6], "big")
+                    function_code = data[used + 7] if size > MBAP_HEADER + 1 else 0
+                    # a known function whose quantity is out of range or whose length does not add up is
+                    # exception 03 (Modbus Application Protocol 6.1-6.12); pymodbus answered 01
+                    response = ExceptionResponse(function_code, ExcCodes.ILLEGAL_VALUE if function_code in
+                                                 FUNCTION_TABLE else ExcCodes.ILLEGAL_FUNCTION,
                                                  device_id=exc.dev_id, transaction=exc.transaction_id)
-                    self.server_send(response, addr)
-                    return len(data)
+                    self._requests.append((None, addr, response))     # answered in its turn
+                    used += size
+                    continue
                 if self.last_pdu is not None:
-                    self._requests.append((self.last_pdu, addr))
+                    self._requests.append((self.last_pdu, addr, None))
                 if not cut:
                     break
                 used += cut
@@ -471,7 +466,11 @@ def _server_class(admit, write_refused, malformed, secure: bool = False):
         async def _answer_all(self) -> None:
             try:
                 while self._requests:
-                    await self._answer(*self._requests.popleft())
+                    request, addr, refusal = self._requests.popleft()
+                    if refusal is not None:
+                        self.server_send(refusal, addr)
+                    else:
+                        await self._answer(request, addr)
             finally:
                 self._answering = False
 
