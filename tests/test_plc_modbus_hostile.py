@@ -149,3 +149,29 @@ def test_a_refused_frame_in_a_burst_is_answered_in_its_turn(server):
         sock.sendall(frame(1, write_part_id(77)) + frame(2, struct.pack(">BHH", 3, 0, 0)) + frame(3, READ_PART_ID))
         assert read_answers(sock, 3) == [(1, write_part_id(77)), (2, bytes([0x83, 3])),
                                          (3, bytes([3, 2]) + struct.pack(">H", 77))]
+
+
+def test_200_silent_connections_leave_a_polling_plc_served_and_are_capped(server):
+    """A client opens 200 connections and sends nothing, while a PLC polls on its own connection and
+    Debian's mbpoll connects anew: both are served throughout, and the server holds at most
+    MAX_CONNECTIONS (the silent ones closed, longest idle first) where it held every one open."""
+    from mrkd.runtime.plc.modbus import MAX_CONNECTIONS
+    require_program("mbpoll", ["mbpoll"])
+    port = server.address[1]
+    silent = []
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as plc:
+        try:
+            for i in range(200):
+                silent.append(socket.create_connection(("127.0.0.1", port), timeout=3))
+                if i % 10 == 0:
+                    plc.sendall(frame(i + 1, READ_PART_ID))
+                    assert [tid for tid, _ in read_answers(plc, 1)] == [i + 1], i
+            time.sleep(0.3)
+            assert server.clients <= MAX_CONNECTIONS, server.clients
+            rc, values, err = mbpoll(port, "3", 0, 19)
+            assert rc == 0 and len(values) == 19, err
+            plc.sendall(frame(999, READ_PART_ID))
+            assert [tid for tid, _ in read_answers(plc, 1)] == [999]
+        finally:
+            for sock in silent:
+                sock.close()

@@ -29,6 +29,7 @@ import logging
 import math
 import struct
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Deque, List, Optional, Sequence, Tuple, Union
 
@@ -85,6 +86,7 @@ COIL_ORDER = (0, 4, 3, 2, 1)
 # the function code and at most 252 data bytes (a PDU is at most 253 bytes).
 MBAP_HEADER, MIN_MBAP_LENGTH, MAX_MBAP_LENGTH = 6, 2, 254
 READ_CHUNK = 256 * 1024        # the most asyncio's socket transport hands over in one read
+MAX_CONNECTIONS = 32           # a cell has a PLC or a few, and perhaps an HMI or a monitor
 
 FUNCTION_TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 22: "h", 23: "h", 4: "i"}
 
@@ -178,6 +180,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         self._refused_seen: set = set()   # refusals already logged (a scanner must not flood the log)
         self.writes_refused = 0           # writes of clients whose role may not write (exception 01)
         self.frames_refused = 0           # connections closed for a header no Modbus TCP frame has
+        self.connections_closed = 0       # idle connections closed to keep at most MAX_CONNECTIONS
         self._watch: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
@@ -201,7 +204,8 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
 
     async def _listen(self) -> None:
         from pymodbus.simulator import DataType, SimData, SimDevice
-        ModbusServer = _server_class(self._admit, self._write_refused, self._malformed, secure=self._secure is not None)
+        ModbusServer = _server_class(self._admit, self._write_refused, self._malformed, self._crowded,
+                                     secure=self._secure is not None)
         bits = lambda: [SimData(0, count=BIT_WORD, values=False, datatype=DataType.BITS)]   # noqa: E731
         registers = lambda n: [SimData(0, count=n, values=0, datatype=DataType.REGISTERS)]  # noqa: E731
         device = SimDevice(0, simdata=(bits(), bits(), registers(len(HOLDING_REGISTERS)),
@@ -280,6 +284,14 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         peer = transport.get_extra_info("peername")
         who = str(peer[0]) if peer else "?"
         self._log_once((who, "malformed"), f"modbus: closed a connection from {who}: {why}")
+
+    def _crowded(self, transport) -> None:
+        """The connection idle longest, closed to keep at most MAX_CONNECTIONS (logged once per address)."""
+        self.connections_closed += 1
+        peer = transport.get_extra_info("peername")
+        who = str(peer[0]) if peer else "?"
+        self._log_once((who, "crowded"), f"modbus: more than {MAX_CONNECTIONS} connections: closed the one from "
+                                         f"{who} that had gone longest without a request")
 
     def _log_once(self, key, message: str) -> None:
         if key not in self._refused_seen and len(self._refused_seen) < 64:
@@ -395,7 +407,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                                    + (", results buffer overrun" if image.overrun else ""))
 
 
-def _server_class(admit, write_refused, malformed, secure: bool = False):
+def _server_class(admit, write_refused, malformed, crowded, secure: bool = False):
     """pymodbus' ModbusTcpServer (ModbusTlsServer when ``secure``: the same MBAP frames over TLS) whose
     connections are first put to ``admit(transport)``: a refused one (None) is aborted in connection_made
     (after the TLS handshake), before its handler is set up or any of its bytes is read; one admitted
@@ -411,6 +423,7 @@ def _server_class(admit, write_refused, malformed, secure: bool = False):
 
     class AdmittingHandler(ServerRequestHandler):
         may_write = True
+        closing = False
 
         def connection_made(self, transport) -> None:
             access = admit(transport)
@@ -422,11 +435,26 @@ def _server_class(admit, write_refused, malformed, secure: bool = False):
             self.may_write, self._admitted_transport = access, transport
             self._requests: Deque[tuple] = deque()
             self._answering = False
+            self.last_request = time.monotonic()
+            self._make_room()
             # pymodbus drops everything it holds, silently, past one frame's size (264 bytes): a burst of
             # requests was lost whole. Every whole frame is taken at once here and a header that could
             # never end closes the connection, so at most one frame's start waits with the new bytes.
             self.max_buffer_size = MBAP_HEADER + MAX_MBAP_LENGTH + READ_CHUNK
             super().connection_made(transport)
+
+        def _make_room(self) -> None:
+            """Past MAX_CONNECTIONS, close the connection that has gone longest without a request: a
+            client holding connections open and silent would otherwise use up the process' file
+            descriptors (the line's cameras and files too); a polling PLC is never the one closed."""
+            open_ = [c for c in (getattr(self.listener, "active_connections", None) or {}).values()
+                     if hasattr(c, "last_request") and not c.closing]     # admitted, not being closed
+            if len(open_) <= MAX_CONNECTIONS:
+                return
+            idle = min((c for c in open_ if c is not self), key=lambda c: c.last_request)
+            idle.closing = True            # it stays listed until its transport says it is lost
+            crowded(idle._admitted_transport)
+            idle._admitted_transport.close()
 
         def callback_data(self, data: bytes, addr=None) -> int:
             """Take every whole request in ``data`` and answer them one after another, in the order sent.
@@ -455,6 +483,7 @@ def _server_class(admit, write_refused, malformed, secure: bool = False):
                     continue
                 if self.last_pdu is not None:
                     self._requests.append((self.last_pdu, addr, None))
+                    self.last_request = time.monotonic()
                 if not cut:
                     break
                 used += cut
