@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import struct
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -20,6 +21,11 @@ from mrkd.errors import MrkdError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 PathLike = Union[str, os.PathLike]
+
+# The most pixels an image may declare: 2**28 (16384 x 16384; 0.8 GB as 8-bit colour, twice that at 16
+# bits). A file of a few KB can declare 60000 x 60000 (a "decompression bomb"): decoding it would take
+# tens of GB, or OpenCV refuses with an exception of its own (cv2.error, over its 2**30 limit).
+MAX_IMAGE_PIXELS = 2 ** 28
 
 
 class ImageReadError(MrkdError, ValueError):
@@ -78,6 +84,55 @@ def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]
                          f"file; extensions: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
 
 
+def declared_size(head) -> Optional[Tuple[int, int]]:
+    """(width, height) a PNG, JPEG, BMP or TIFF header declares, read from the file's bytes
+    without decoding; None for other formats or a header not found there (OpenCV then decides)."""
+    try:
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if head[:2] == b"BM":
+            width, height = struct.unpack("<ii", head[18:26])
+            return abs(width), abs(height)
+        if head[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(head)
+        if head[:2] == b"\xff\xd8":
+            return _jpeg_size(head)
+    except struct.error:              # a header cut short: the decoder says what is wrong
+        return None
+    return None
+
+
+def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
+    """The frame header's size (SOF0-SOF15 but DHT, JPG and DAC), walking the markers before it."""
+    at = 2
+    while at + 4 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:                # fill byte
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", head[at + 5:at + 9])
+            return width, height
+        at += 2 + struct.unpack(">H", head[at + 2:at + 4])[0]
+    return None
+
+
+def _tiff_size(head: bytes) -> Optional[Tuple[int, int]]:
+    """ImageWidth (256) and ImageLength (257) of the first image file directory."""
+    order = "<" if head[:2] == b"II" else ">"
+    directory = struct.unpack(order + "I", head[4:8])[0]
+    count = struct.unpack(order + "H", head[directory:directory + 2])[0]
+    found = {}
+    for entry in range(count):
+        at = directory + 2 + 12 * entry
+        tag, kind = struct.unpack(order + "HH", head[at:at + 4])
+        if tag in (256, 257) and kind in (3, 4):           # SHORT or LONG
+            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), head[at + 8:at + (10 if kind == 3 else 12)])[0]
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
 def _decode(path: PathLike) -> np.ndarray:
     """Decode a file as stored (any depth, any channel count); ImageReadError on failure."""
     path = Path(path)
@@ -92,7 +147,14 @@ def _decode(path: PathLike) -> np.ndarray:
         raise ImageReadError(path, f"cannot open file ({exc})") from exc
     if data.size == 0:
         raise ImageReadError(path, "file is empty")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    size = declared_size(memoryview(data))       # the header alone, no copy
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, f"declares {size[0]} x {size[1]} pixels, over the {MAX_IMAGE_PIXELS} "
+                                   f"mrkd decodes (a decompression bomb, or not an image for inspection)")
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:      # e.g. over OpenCV's own pixel limit, in a format not sized above
+        raise ImageReadError(path, f"OpenCV refused it ({' '.join(str(exc).split())})") from exc
     if image is None or image.size == 0:
         raise ImageReadError(path, "not a decodable image (corrupt, truncated or unsupported format)")
     return image
