@@ -48,7 +48,7 @@ GIGE = ["PyGObject>=3.42,<3.50"]
 
 # PLC servers of a triggered line (--modbus, --opcua): pymodbus' server API changed in 3.10, 3.13 and
 # 3.16; runtime/plc/modbus.py is written against 3.16's SimDevice action hook. asyncua: the OPC UA server.
-PLC = ["pymodbus>=3.16.1,<3.17", "asyncua>=2.0,<3"]
+PLC = ["pymodbus>=3.16.1,<3.17", "asyncua>=2.1,<3"]
 
 OPENVINO = ["openvino>=2024.0"]
 

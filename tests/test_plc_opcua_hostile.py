@@ -42,3 +42,51 @@ def test_wrong_arguments_are_refused_with_their_status_and_no_traceback(tmp_path
     assert seen["StartSingleJob"]["status"] == "Good"                                 # the state machine still works
     assert summary["parts"] == 1                                                       # the good call's part only
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_idle_connections_are_capped_and_closed_and_a_plc_gets_in_after(tmp_path, caplog, monkeypatch):
+    """40 sockets that never say Hello: past MAX_CONNECTIONS each is closed at once, the rest when the
+    activation deadline passes (asyncua's own: 1000 and 30 s), each warning said once per address, and
+    node-opcua then runs a job. The old server held all 40."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    from mrkd.runtime.plc import opcua
+
+    node = node_client_ready()
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(opcua, "ACTIVATION_DEADLINE_S", 6.0)
+    runner, server = start_cell(tmp_path, "g")
+    address = urlparse(server.url)
+    sockets = []
+    try:
+        for _ in range(40):
+            sockets.append(socket.create_connection((address.hostname, address.port), timeout=5))
+        time.sleep(0.5)
+
+        def closed(sock, wait):
+            sock.settimeout(wait)
+            try:
+                return sock.recv(1) == b""
+            except socket.timeout:
+                return False
+            except OSError:
+                return True
+
+        at_once = [closed(sock, 0.05) for sock in sockets]
+        assert sum(at_once) == 40 - opcua.MAX_CONNECTIONS, at_once
+        assert all(at_once[opcua.MAX_CONNECTIONS:])          # the newest ones, refused as they came
+        assert all(closed(sock, 10.0) for sock in sockets)     # the rest at the activation deadline
+        done = subprocess.run([node, "client.js", server.url, USER, PASSWORD, "1"], cwd=CLIENT_DIR,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        for sock in sockets:
+            sock.close()
+        summary = runner.stop()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    calls = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"kind":"call"')]
+    assert [c["status"] for c in calls] == ["Good"] and summary["parts"] == 1
+    said = [r.getMessage() for r in caplog.records if r.name == "asyncua.server.binary_server_asyncio"]
+    assert sum(m.startswith("Refusing connection from") for m in said) == 1, said
+    assert sum(m.startswith("Closing idle connection from") for m in said) == 1, said

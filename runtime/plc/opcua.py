@@ -68,6 +68,8 @@ JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
 # result and log line of its part, and the line holds several parts' results.
 MAX_ARGUMENT_CHARS = 1024
 MAX_RECIPE_DIGITS = 9
+MAX_CONNECTIONS = 32            # as the Modbus server: past it asyncua closes a new connection at once
+ACTIVATION_DEADLINE_S = 10.0    # a connection without an activated session is closed after this
 
 
 def parse_opcua_url(text: str, name: str = "--opcua"):
@@ -171,6 +173,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
         server = self._server = Server(user_manager=Users())
         await server.init()
+        # asyncua's own bounds (1000 connections, 30 s to activate) let idle sockets and sessions that
+        # never activate hold file descriptors the cameras and outputs share; a cell has a PLC or a few
+        server.iserver.max_connections = MAX_CONNECTIONS
+        server.iserver.max_pending_activation_seconds = ACTIVATION_DEADLINE_S
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/mrkd/")
         server.set_server_name("mrkd VisionSystem")
         if self.certificate:
@@ -616,11 +622,41 @@ class _VanishedClient(logging.Filter):
         return not record.getMessage().startswith(self.start)
 
 
+# asyncua's warning per connection refused past MAX_CONNECTIONS or closed unactivated: a flood would
+# write one line per socket on the line's stderr, so each is said once per client address
+CROWDED_NOISE = ("asyncua.server.binary_server_asyncio", ("Refusing connection from", "Closing idle connection from"))
+
+
+class _OncePerAddress(logging.Filter):
+    REMEMBERED = 1024       # addresses kept; past that a warning may be said again
+
+    def __init__(self, starts):
+        super().__init__()
+        self.starts = tuple(starts)
+        self.said = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(self.starts):
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        key = (record.msg, peer[0] if isinstance(peer, tuple) and peer else peer)
+        if key in self.said:
+            return False
+        if len(self.said) >= self.REMEMBERED:
+            self.said.clear()
+        self.said.add(key)
+        return True
+
+
 def _quiet_vanished_clients() -> None:
     for name, start in VANISHED_CLIENT_NOISE:
         target = logging.getLogger(name)
         if not any(isinstance(f, _VanishedClient) and f.start == start for f in target.filters):
             target.addFilter(_VanishedClient(start))
+    name, starts = CROWDED_NOISE
+    target = logging.getLogger(name)
+    if not any(isinstance(f, _OncePerAddress) for f in target.filters):
+        target.addFilter(_OncePerAddress(starts))
 
 
 def result_content(part: PartResult) -> dict:
