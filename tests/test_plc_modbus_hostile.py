@@ -175,3 +175,25 @@ def test_200_silent_connections_leave_a_polling_plc_served_and_are_capped(server
         finally:
             for sock in silent:
                 sock.close()
+
+
+def test_frames_pymodbus_cannot_decode_are_answered_and_said_once(server, caplog):
+    """Frames too short for their function make pymodbus warn 'Unable to decode frame' per frame (its own
+    repeat filter holds back only a message identical to the one before): a client alternating two
+    would write a line per frame on the line's stderr. Each is still answered with exception 03, and
+    the warning is said once a minute at most."""
+    caplog.set_level(logging.WARNING)
+    for noise in logging.getLogger("pymodbus.logging").filters:      # a fresh minute for this test
+        if hasattr(noise, "undecodable_said"):
+            noise.undecodable_said = -float("inf")
+    short = (bytes([3, 0]), bytes([16, 0, 1]))           # a read without its count, a write without its data
+    with socket.create_connection(("127.0.0.1", server.address[1]), timeout=5) as sock:
+        for tid in range(1, 21):
+            pdu = short[tid % 2]
+            sock.sendall(frame(tid, pdu))
+            answers = read_answers(sock, 1)
+            assert answers == [(tid, bytes([0x80 | pdu[0], 3]))], answers
+        sock.sendall(frame(99, READ_PART_ID))
+        assert read_answers(sock, 1)[0][0] == 99                 # the connection still serves
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("pymodbus")]
+    assert len(said) == 1 and said[0].startswith("Unable to decode frame"), said

@@ -50,12 +50,25 @@ logger = logging.getLogger(__name__)
 class _PymodbusNoise(logging.Filter):
     """pymodbus logs a PLC that drops its connection with a reply in flight as an ERROR, followed by
     its last 20 frames in hex (other connections' too). The connection count and the handshake
-    already say it; other pymodbus errors keep their first line, without the frame dump."""
+    already say it; other pymodbus errors keep their first line, without the frame dump. A frame too
+    short for its function is answered (exception 03) but warned about per frame: said once a minute."""
+
+    UNDECODABLE = ("Unable to decode frame", "Repeating....")
+    UNDECODABLE_EVERY_S = 60.0
+
+    def __init__(self):
+        super().__init__()
+        self.undecodable_said = -math.inf
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if text.startswith("Cancel send, because not connected"):
             return False
+        if text.startswith(self.UNDECODABLE):
+            now = time.monotonic()
+            if now - self.undecodable_said < self.UNDECODABLE_EVERY_S or text.startswith("Repeating"):
+                return False
+            self.undecodable_said = now
         if "\n>>>>> " in text:
             record.msg, record.args = text.split("\n>>>>> ", 1)[0], ()
         return True
