@@ -244,3 +244,19 @@ def test_a_trickling_body_is_answered_408_long_before_the_request_deadline(tmp_p
         assert not (tmp_path / "labels.jsonl").exists()
     finally:
         server.close()
+
+
+def test_on_loopback_the_refusal_names_the_allowed_names_only_when_there_are_some():
+    """The 421 on loopback said '127.0.0.1 or localhost only' even where --http-allow-host names were
+    being answered too: a user reading it would not look for the option."""
+    for allowed, mentions in (((), False), (("proxy.plant.example",), True)):
+        server = outputs_from(OutputSettings(http="127.0.0.1:0", http_allowed_hosts=allowed))[0]
+        port = server.httpd.server_address[1]
+        try:
+            answer = _get(port, "evil.example")
+            assert answer.startswith(b"HTTP/1.1 421"), answer
+            assert (b"--http-allow-host" in answer.split(b"\r\n\r\n", 1)[1]) is mentions, answer
+            if allowed:
+                assert _get(port, allowed[0]).startswith(b"HTTP/1.1 200")
+        finally:
+            server.close()

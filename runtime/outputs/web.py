@@ -718,7 +718,9 @@ def _handler_for(server: OperatorServer):
                 return False
             if not _host_allowed(self.headers.get("Host"), server.loopback_only, server.allowed_hosts):
                 self.close_connection = True
-                why = (b"this server answers requests for 127.0.0.1 or localhost only\n" if server.loopback_only else
+                also = b" or a name given with --http-allow-host" if server.allowed_hosts else b""
+                why = (b"this server answers requests for 127.0.0.1 or localhost" + also + b" only\n"
+                       if server.loopback_only else
                        b"this server answers requests for its IP address, localhost or a name given with "
                        b"--http-allow-host only\n")
                 self._send(421, why, "text/plain")
