@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from test_review import _raw as raw_answer
+
 from mrkd.errors import SettingError
 from mrkd.runtime.control import LineControl
 from mrkd.runtime.outputs import OutputSettings
@@ -30,14 +32,7 @@ GUARDS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
 
 def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
     """Everything the server answers to ``data`` up to its closing the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait) as conn:
-        conn.sendall(data)
-        answer = b""
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return answer
-            answer += chunk
+    return raw_answer(f"http://127.0.0.1:{port}", data, wait)
 
 
 def _get(port: int, host: str) -> bytes:
