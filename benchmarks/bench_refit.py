@@ -159,6 +159,7 @@ def auroc(good: np.ndarray, defect: np.ndarray) -> float:
 
 RADIUS_GRID = (0.5, 0.75, 0.9, 0.97, 0.99)          # --tune-radius: the growth's stop (held-out quantile)
 KEEP_GRID = (0.0, 0.5, 0.75, 0.9, 1.0)              # --tune-keep: the guard's keep rule (refit's guard_keep)
+AUGMENT_GRID = ("none", "flips", "flips+rot90")     # --tune-augment: refit's augmented candidates (AUGMENT_PRESETS)
 
 
 def line_review(model, line_good: Sequence[str], line_defect: Sequence[str]):
@@ -212,7 +213,8 @@ def line_halves(model, line_good: Sequence[str], line_defect: Sequence[str]) -> 
 
 
 def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
-                 n: int = max(REVIEW_COUNTS), log=print, radius_grid=None, keep_grid=None) -> dict:
+                 n: int = max(REVIEW_COUNTS), log=print, radius_grid=None, keep_grid=None,
+                 augment_grid=None) -> dict:
     """Validation for the refit's settings, on the LINE only (no test label is read). The line
     (file name order) is cut in two: its first half is the review period (the first ``n`` false
     alarms there are marked good, its alarmed defects confirmed), its second half the validation
@@ -224,7 +226,8 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
     ``missed_whole_line``, the reviewed images it still flags in ``still_flagged_whole_line``.
     ``radius_grid``: the growth's stop (refit_model's radius_quantile) per setting, the guard as
     default; ``keep_grid``: the guard's keep share (refit_model's guard_keep) per setting, the stop as
-    default."""
+    default; ``augment_grid``: refit_model's augmented candidates (AUGMENT_PRESETS names) per setting,
+    stop and guard as default."""
     import torch
 
     from mrkd.train.calibrate import score_images
@@ -244,29 +247,32 @@ def tune_on_line(model, holdout: Sequence[str], line_good: Sequence[str], line_d
     torch.set_num_threads(1)
     try:
         from mrkd.train.refit import GUARD_KEEP, RADIUS_QUANTILE
-        # both grids hold the defaults' pair: refit it once
-        settings = list(dict.fromkeys([(q, GUARD_KEEP) for q in radius_grid or ()]
-                                      + [(RADIUS_QUANTILE, k) for k in keep_grid or ()]))
+        # every grid holds the defaults: refit them once
+        settings = list(dict.fromkeys([(q, GUARD_KEEP, "none") for q in radius_grid or ()]
+                                      + [(RADIUS_QUANTILE, k, "none") for k in keep_grid or ()]
+                                      + [(RADIUS_QUANTILE, GUARD_KEEP, a) for a in augment_grid or ()]))
         _, whole_alarms, whole_confirmed, _ = line_review(model, line_good, line_defect)
-        for quantile, keep in settings:
+        for quantile, keep, augment in settings:
             candidate = copy.deepcopy(model)
-            result = refit_model(candidate, reviewed, holdout, confirmed, radius_quantile=quantile, guard_keep=keep)
+            result = refit_model(candidate, reviewed, holdout, confirmed, radius_quantile=quantile, guard_keep=keep,
+                                 augment=augment)
             good1, defect1 = score_images(candidate, val_good), score_images(candidate, val_defect)
-            row = {"radius_quantile": quantile, "guard_keep": keep,
+            row = {"radius_quantile": quantile, "guard_keep": keep, "augment": augment,
                    "added": result.added_patches,
                    "guarded": result.guarded_patches, "missed": len(result.defects_missed),
                    "reviewed_still_flagged": len(result.reviewed_still_flagged),
                    "far_same_catch": rates_at_catch(good1, defect1, catch)["false_alarm_rate"],
                    "own": rates_at(good1, defect1, result.threshold_after), "refit_s": round(result.seconds, 2)}
             whole = refit_model(copy.deepcopy(model), whole_alarms[:n], holdout, whole_confirmed,
-                                radius_quantile=quantile, guard_keep=keep)
+                                radius_quantile=quantile, guard_keep=keep, augment=augment)
             row["missed_whole_line"] = len(whole.defects_missed)
             row["still_flagged_whole_line"] = len(whole.reviewed_still_flagged)
-            log(f"[tune]   radius q {quantile} keep {keep}: whole line ({len(whole_alarms[:n])} reviewed, "
+            log(f"[tune]   radius q {quantile} keep {keep} augment {augment}: whole line "
+                f"({len(whole_alarms[:n])} reviewed, "
                 f"{len(whole_confirmed)} confirmed): {row['missed_whole_line']} confirmed defect(s) no longer flagged, "
                 f"{row['still_flagged_whole_line']} reviewed still flagged")
             out["settings"].append(row)
-            log(f"[tune]   radius q {quantile} keep {keep}: added {row['added']} guarded "
+            log(f"[tune]   radius q {quantile} keep {keep} augment {augment}: added {row['added']} guarded "
                 f"{row['guarded']} missed {row['missed']}/{len(confirmed)} reviewed still flagged "
                 f"{row['reviewed_still_flagged']}/{len(reviewed)}; validation FAR at catch {catch:.3f}: "
                 f"{out['far_before']:.3f} -> {row['far_same_catch']:.3f}; own catch {row['own']['catch']:.3f} "
@@ -374,6 +380,44 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
     return out
 
 
+def tune_table(runs: Sequence[dict]) -> List[str]:
+    """The tuners' summary (markdown, RESULTS.md's form) of tune_on_line's runs: per setting, each
+    category's mean validation FAR at the shipped catch before -> after over its models with something
+    to review, the models it made worse / better, the whole-line refits `mrkd refit` would refuse (a
+    confirmed defect left unflagged) and the reviewed images still flagged (review half; whole line)."""
+    runs = [r for r in runs if r.get("settings")]
+    categories = list(dict.fromkeys(r["category"] for r in runs))
+    keys = list(dict.fromkeys((s["radius_quantile"], s["guard_keep"], s.get("augment", "none"))
+                              for r in runs for s in r["settings"]))
+    counts = {c: sum(r["category"] == c for r in runs) for c in categories}
+    lines = ["| stop (quantile) / guard keep / augment | "
+             + " | ".join(f"{c} ({counts[c]} models)" for c in categories)
+             + " | models worse / better | whole-line refits refused | reviewed still flagged (half; whole line) |",
+             "|---" * (len(categories) + 4) + "|"]
+    for key in keys:
+        cells, worse, better, refused, still, still_whole = [], 0, 0, 0, 0, 0
+        for category in categories:
+            before, after = [], []
+            for r in runs:
+                row = next((s for s in r["settings"] if (s["radius_quantile"], s["guard_keep"],
+                                                          s.get("augment", "none")) == key), None)
+                if r["category"] != category or row is None:
+                    continue
+                before.append(r["far_before"])
+                after.append(row["far_same_catch"])
+                worse += row["far_same_catch"] > r["far_before"] + 1e-12
+                better += row["far_same_catch"] < r["far_before"] - 1e-12
+                refused += row["missed_whole_line"] > 0
+                still += row["reviewed_still_flagged"]
+                still_whole += row["still_flagged_whole_line"]
+            b, a = float(np.mean(before)), float(np.mean(after))
+            change = f"{(a / b - 1) * 100:+.0f} %".replace("-", "\u2212") if b > 0 else "n/a"
+            cells.append(f"{b:.3f} -> {a:.3f} ({change})")
+        lines.append(f"| {key[0]} / {key[1]} / {key[2]} | " + " | ".join(cells)
+                     + f" | {worse} / {better} | {refused} | {still}; {still_whole} |")
+    return lines
+
+
 def _grid(asked, full: Sequence[float]):
     """A tuner's grid: None (not asked: None or False), the full grid (True, or an empty list: the option
     given without values), or the values given."""
@@ -384,12 +428,25 @@ def _grid(asked, full: Sequence[float]):
     return tuple(float(v) for v in asked)
 
 
+def _augment_grid(asked):
+    """--tune-augment's settings: as _grid, but preset names (each checked by refit's augment_names)."""
+    from mrkd.train.refit import augment_names
+    if asked is None or asked is False:
+        return None
+    grid = AUGMENT_GRID if asked is True or len(asked) == 0 else tuple(asked)
+    for name in grid:
+        augment_names(name)
+    return grid
+
+
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
         tune_reweight_only: bool = False, tune_radius=False,
-        tune_keep=False, image_size: int = SETTINGS["image_size"]) -> dict:
-    """``tune_radius`` / ``tune_keep``: True for the whole RADIUS_GRID / KEEP_GRID, or the values to try."""
+        tune_keep=False, image_size: int = SETTINGS["image_size"], tune_augment=False) -> dict:
+    """``tune_radius`` / ``tune_keep`` / ``tune_augment``: True for the whole RADIUS_GRID / KEEP_GRID /
+    AUGMENT_GRID, or the values to try."""
     from mrkd.train.elpv import layout_elpv
     radius_grid, keep_grid = _grid(tune_radius, RADIUS_GRID), _grid(tune_keep, KEEP_GRID)
+    augment_grid = _augment_grid(tune_augment)
     work = Path(work or "/tmp/mrkd_bench_refit")
     work.mkdir(parents=True, exist_ok=True)
     validation = layout_elpv(work / "elpv_validation", split="validation", max_train=SETTINGS["max_train"])
@@ -411,10 +468,10 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
                                      _paths(vroot / "test/defect"), log=log)
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
-            if radius_grid or keep_grid:     # the line only: the test split is not touched
+            if radius_grid or keep_grid or augment_grid:     # the line only: the test split is not touched
                 case = tune_on_line(model, holdout, _paths(vroot / "test/good") + unused,
                                     _paths(vroot / "test/defect"), log=log,
-                                    radius_grid=radius_grid, keep_grid=keep_grid)
+                                    radius_grid=radius_grid, keep_grid=keep_grid, augment_grid=augment_grid)
                 results["runs"].append({"category": category, "seed": seed, **case})
                 continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
@@ -450,14 +507,24 @@ def main(argv=None) -> None:
                         help="validation only: the defect guard's keep rule (no value: KEEP_GRID) refit from the first "
                              "half of the line, judged on its second half, and the confirmed line defects a refit from "
                              "the whole line leaves unflagged; the test split is not read")
+    parser.add_argument("--tune-augment", nargs="*", default=None, metavar="PRESET",
+                        help="validation only: the refit's augmented candidates (presets of refit's AUGMENT_PRESETS; "
+                             "no value: none, flips, flips+rot90) refit from the first half of the line, judged on "
+                             "its second half; the test split is not read")
     args = parser.parse_args(argv)
+    try:
+        _augment_grid(args.tune_augment)
+    except ValueError as exc:
+        parser.exit(2, f"Error: {exc}\n")
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
                   tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
-                  tune_keep=args.tune_keep, image_size=args.image_size)
+                  tune_keep=args.tune_keep, image_size=args.image_size, tune_augment=args.tune_augment)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
     print(text)
+    if any(run_.get("settings") for run_ in results["runs"]):
+        print("\n".join(tune_table(results["runs"])))
 
 
 if __name__ == "__main__":

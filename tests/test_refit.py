@@ -685,3 +685,40 @@ def test_mrkd_refit_stopped_by_a_signal_removes_its_staging_folder(parent, tmp_p
     assert stderr.splitlines()[-1] == f"refit stopped ({by}); nothing written", stderr
     assert "Error:" not in stderr, stderr
     assert list(out.iterdir()) == []
+
+
+def test_augmented_candidates_add_the_flipped_images_patches_a_plain_refit_leaves_out(parent, tmp_path):
+    """augment=("hflip",): the mirror image of each reviewed cell is a candidate too. The mirror is
+    written by PIL here (not the refit's tensor flip) and its patches compared by brute force."""
+    from PIL import Image, ImageOps
+
+    from mrkd.train.checkpoint import load_checkpoint
+    from mrkd.train.refit import augment_names, image_patches, refit_model
+    reviewed = [str(m[1]) for m in good_marks(parent, 2)]
+    mirrored = []
+    for path in reviewed:
+        mirrored.append(str(tmp_path / f"mirror_{Path(path).name}"))
+        ImageOps.mirror(Image.open(path)).save(mirrored[-1])
+    held = sorted(str(p) for p in (parent / "good").iterdir())
+    plain, augmented = load_checkpoint(parent / "parent.ckpt"), load_checkpoint(parent / "parent.ckpt")
+    before = plain.head.memory_bank.bank.detach().double()
+    plain_result = refit_model(plain, reviewed, held, radius_quantile=0.5)
+    result = refit_model(augmented, reviewed, held, radius_quantile=0.5, augment=("hflip",))
+    radius = result.radius
+    assert radius == pytest.approx(plain_result.radius)
+    own, flipped = image_patches(plain, reviewed).double(), image_patches(plain, mirrored).double()
+    plain_bank, bank = plain.head.memory_bank.bank.detach().double(), augmented.head.memory_bank.bank.detach().double()
+    # the plain refit leaves mirrored patches beyond the growth's stop; the augmented one brings all within it
+    assert float(exact_nearest(flipped, plain_bank).max()) > radius * 1.01
+    assert float(exact_nearest(flipped, bank).max()) <= radius * 1.01
+    assert float(exact_nearest(own, bank).max()) <= radius * (1 + 1e-4)
+    # the old bank is kept; every added row is a patch of a reviewed image or of its mirror, some of the mirror
+    added = bank[len(before):]
+    assert torch.equal(bank[:len(before)], before) and len(added) == result.added_patches > plain_result.added_patches
+    scale = float(own.norm(dim=1).mean())
+    to_own, to_flipped = exact_nearest(added, own), exact_nearest(added, flipped)
+    assert float(torch.minimum(to_own, to_flipped).max()) < 0.02 * scale
+    assert int((to_own > 0.05 * scale).sum()) > 0
+    with pytest.raises(RefitError, match="'shear'"):
+        augment_names(("hflip", "shear"))
+    assert augment_names("flips") == ("hflip", "vflip", "rot180") and augment_names(None) == ()

@@ -4,7 +4,8 @@
 
 1. The teacher's stride-8/16 patches (mrkd.train.memory_bank.patch_features) of every image an
    operator marked "good" are candidates. Only those: a bank fed with frames nobody looked at learns
-   the line's defects as normal.
+   the line's defects as normal. With ``augment`` (default none), flipped / rotated copies of each of
+   them (AUGMENTS) are candidates too, under the same growth stop and defect guard.
 2. The bank grows by farthest-first (k-center) selection among the candidates: the candidate farthest
    from the bank (and from what was added) goes in first, until every candidate lies within
    ``radius`` of the bank — the RADIUS_QUANTILE (0.99) of the held-out good images' patches'
@@ -82,6 +83,23 @@ REWEIGHT_MIN_GOOD = 5          # re-weighting moves only with at least this many
 REWEIGHT_MIN_DEFECT = 5        # ... and this many confirmed defects ...
 REWEIGHT_MARGIN = 0.02         # ... and when the best share's AUROC on the labels beats 0.5's by this much
 REWEIGHT_CATCH = 0.9           # (reported) false alarms among the labelled goods at this catch of the defects
+# augmented candidates: each reviewed image is also read as these copies of itself (on the model's square
+# input), whose patches are candidates as the image's own are (the same growth stop and defect guard).
+# For parts whose good appearance is symmetric under them (ELPV cells: flips; square cells: rot90 too).
+AUGMENTS = {
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+    "rot180": lambda x: x.flip(-2, -1),
+    "rot90": lambda x: torch.rot90(x, 1, (-2, -1)),
+    "rot270": lambda x: torch.rot90(x, -1, (-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),
+    "antitranspose": lambda x: x.transpose(-2, -1).flip(-2, -1),
+}
+AUGMENT_PRESETS = {                 # names for `augment` (the bench's --tune-augment settings)
+    "none": (),
+    "flips": ("hflip", "vflip", "rot180"),                      # the group the two flips make
+    "flips+rot90": tuple(AUGMENTS),                             # ... with rot90: every symmetry of the square
+}
 
 
 class RefitError(MrkdError, ValueError):
@@ -172,6 +190,40 @@ def image_patches(model, paths: Sequence[str], batch_size: int = 8) -> torch.Ten
     """Every stride-8 patch feature (rows) of ``paths``, as the memory bank holds them."""
     from mrkd.train.memory_bank import training_patches
     return training_patches(model, _batches(model, paths, batch_size)).rows
+
+
+def augment_names(augment) -> Tuple[str, ...]:
+    """The transforms of ``augment`` (a preset of AUGMENT_PRESETS, or names of AUGMENTS), in order,
+    each once; RefitError names an unknown one."""
+    if isinstance(augment, str):
+        if augment not in AUGMENT_PRESETS:
+            raise RefitError(f"augment {augment!r}: expected one of {', '.join(AUGMENT_PRESETS)}")
+        return AUGMENT_PRESETS[augment]
+    names = tuple(dict.fromkeys(str(name) for name in augment or ()))
+    unknown = [name for name in names if name not in AUGMENTS]
+    if unknown:
+        raise RefitError(f"augment {', '.join(map(repr, unknown))}: expected names of {', '.join(AUGMENTS)}")
+    return names
+
+
+def candidate_patches(model, paths: Sequence[str], augment: Sequence[str] = (),
+                      batch_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows, owner): the patches of ``paths`` as image_patches gives them, then those of each
+    transform of ``augment`` applied to every image (in that order); owner[i]: the index in ``paths``
+    of the image row i comes from."""
+    from mrkd.train.memory_bank import training_patches
+    images = list(_batches(model, paths, batch_size))        # read once, transformed per augment
+    parts = [training_patches(model, images).rows]
+    for name in augment:
+        transform = AUGMENTS[name]
+        if name in ("rot90", "rot270", "transpose", "antitranspose") and images and \
+                images[0].shape[-1] != images[0].shape[-2]:
+            raise RefitError(f"augment {name!r} needs a square model input (this one: "
+                             f"{tuple(images[0].shape[-2:])})")
+        parts.append(training_patches(model, [transform(x) for x in images]).rows)
+    per_image = len(parts[0]) // len(paths)
+    owner = torch.arange(len(paths)).repeat_interleave(per_image).repeat(len(parts))
+    return torch.cat(parts), owner
 
 
 def _squared_distances(rows: torch.Tensor, bank: torch.Tensor, chunk: int):
@@ -324,7 +376,8 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                 method: Optional[str] = None, confidence: Optional[float] = None, radius: Optional[float] = None,
                 radius_quantile: float = RADIUS_QUANTILE, seed: int = 0, batch_size: int = 8,
                 guard_top: int = GUARD_TOP, guard_keep: float = GUARD_KEEP,
-                reweight: bool = False, share_grid: Sequence[float] = MRKD_SHARE_GRID) -> RefitResult:
+                reweight: bool = False, share_grid: Sequence[float] = MRKD_SHARE_GRID,
+                augment: Sequence[str] = ()) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
     (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
     a candidate within ``guard_keep`` x the nearest-bank distance of one of the ``guard_top`` most
@@ -332,7 +385,8 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     the growth, choose MRKD's share of the map from ``share_grid`` by choose_mrkd_share on the labels
     (reviewed goods scored against the bank without their own patches, held-out goods, defects).
     ``radius`` (default: the ``radius_quantile`` of the held-out good patches' nearest-bank distances)
-    stops the growth."""
+    stops the growth. ``augment``: transforms (AUGMENTS names, or a preset of AUGMENT_PRESETS) whose
+    copies of each reviewed image are candidates too (default none)."""
     from mrkd.train.calibrate import score_images
     from mrkd.train.memory_bank import MemoryBank, greedy_coreset
     started = time.perf_counter()
@@ -344,6 +398,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
         raise RefitError("no image marked good to add to the memory bank")
     if not calibration_paths:
         raise RefitError("no held-out good images to set the threshold on")
+    augment = augment_names(augment)
     model.eval()
     previous = Calibration.of(model.calibration, "model calibration")
     quantile = quantile if quantile is not None else (previous.quantile if previous and previous.quantile
@@ -359,8 +414,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
         if radius is None:
             held_out = image_patches(model, calibration_paths, batch_size)
             radius = float(torch.quantile(nearest_distance(held_out, bank), radius_quantile))
-        candidates = image_patches(model, good_paths, batch_size)
-        owner = torch.arange(len(good_paths)).repeat_interleave(len(candidates) // len(good_paths))
+        candidates, owner = candidate_patches(model, good_paths, augment, batch_size)
         guarded = 0
         if defect_paths and guard_keep > 0 and guard_top > 0:
             guard = defect_patches(image_patches(model, defect_paths, batch_size), len(defect_paths), bank,
@@ -531,12 +585,14 @@ def default_out_dir(model_path, version: int) -> Path:
 def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool = False, export: bool = True,
                      events=None, quantile: Optional[float] = None, method: Optional[str] = None,
                      batch_size: int = 8, guard_keep: float = GUARD_KEEP, reweight: bool = False,
-                     radius_quantile: float = RADIUS_QUANTILE, echo: Callable[[str], None] = print) -> RefitResult:
+                     radius_quantile: float = RADIUS_QUANTILE, augment: Sequence[str] = (),
+                     echo: Callable[[str], None] = print) -> RefitResult:
     """Refit the checkpoint ``model_path`` from the labels at ``labels_path``; calibrate on the good
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
     built in a temporary folder and renamed into place at the end. ``events``: an events log whose
-    ids the labels must name and whose evidence sha256 their images must have. ``radius_quantile``: refit_model's growth stop. Raises RefitError when a
+    ids the labels must name and whose evidence sha256 their images must have. ``radius_quantile``:
+    refit_model's growth stop; ``augment``: its augmented candidates. Raises RefitError when a
     confirmed defect is no longer flagged, or a label "defect confirmed" cannot be checked (its image is
     missing or changed), unless ``force``."""
     started = time.perf_counter()
@@ -582,7 +638,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     try:
         result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
                              batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
-                             radius_quantile=radius_quantile)
+                             radius_quantile=radius_quantile, augment=augment)
     except DataError as exc:
         raise _unreadable(exc, good, held_out) from exc
     echo(f"memory bank {result.bank_before} -> {result.bank_after} patches ({result.added_patches} added from "
