@@ -40,7 +40,8 @@ def _label_text(current: Optional[ReviewLabel], conflict: Optional[Conflict]) ->
 
 def _image_text(event: dict, image: Optional[Path], why: str) -> str:
     if image is None:
-        return why or "NO EVIDENCE IMAGE"
+        named = event.get("evidence")
+        return why or (f"EVIDENCE IMAGE GONE ({named}; cannot be labelled)" if named else "NO EVIDENCE IMAGE")
     changed = "  CHANGED SINCE THE RUN (sha256 differs; cannot be labelled)" if evidence_changed(event, image) else ""
     return f"image {image}{changed}"
 

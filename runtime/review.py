@@ -508,8 +508,10 @@ def label_event(event: dict, label: str, *, who: Optional[str] = None, note: str
         raise ReviewError(f"event {event_id}: {why}{camera_hint if camera is None else ''}")
     image = find_evidence(one, evidence_dir, events_path)
     if image is None:
-        raise UnlabellableError(f"event {event_id}: no evidence image (named {one.get('evidence')!r}; looked in "
-                                f"{evidence_dir}; was `mrkd run` started with --evidence?); a label must name "
-                                f"the image it is about")
+        named = one.get("evidence")
+        # an event that names its evidence had it written: the file went since (moved or deleted)
+        why = (f"its evidence image {named} no longer exists (looked in {evidence_dir} too)" if named else
+               f"no evidence image (looked in {evidence_dir}; was `mrkd run` started with --evidence?)")
+        raise UnlabellableError(f"event {event_id}: {why}; a label must name the image it is about")
     return make_label(event_id, image, label, who=who, note=note, camera=str(one.get("camera") or ""),
                       expected_sha256=one.get("evidence_sha256"))

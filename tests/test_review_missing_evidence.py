@@ -1,0 +1,56 @@
+"""Issue 23's hostile case "a reviewed image that no longer exists", at review time: an event whose
+evidence image was written by the run and deleted since. `mrkd review` lists it as gone, refuses to
+mark it in one line naming the missing file (it said "was `mrkd run` started with --evidence?", a
+wrong lead for a run that was), the page's POST /review answers 409 with the same words, and no label
+is written either way. (refit's side, a labelled image gone before the refit: tests/test_refit.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import cv2
+import numpy as np
+
+from test_review import mrkd, one_error
+from mrkd.runtime.control import LineControl
+
+TOKEN = "a-control-token-for-the-test"
+
+
+def _run_folder(tmp_path):
+    """An events log of two alarms, each with its evidence PNG as `mrkd run --evidence` writes it."""
+    evidence = tmp_path / "evidence" / "cam0"
+    evidence.mkdir(parents=True)
+    lines = []
+    for i, event_id in enumerate(("e1", "e2")):
+        image = evidence / f"{event_id}.png"
+        cv2.imwrite(str(image), np.full((16, 16, 3), 60 * i, np.uint8))
+        lines.append(json.dumps({"event_id": event_id, "time": "2026-12-05T00:00:00Z", "camera": "cam0",
+                                 "score": 2.0, "threshold": 1.0, "evidence": str(image),
+                                 "evidence_sha256": hashlib.sha256(image.read_bytes()).hexdigest()}) + "\n")
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(lines))
+    return log, evidence / "e1.png"
+
+
+def test_evidence_deleted_since_the_run_is_listed_gone_and_cannot_be_labelled(tmp_path):
+    log, gone = _run_folder(tmp_path)
+    gone.unlink()
+    labels = tmp_path / "labels.jsonl"
+    listed = mrkd("review", log, "--labels", labels)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[:-1]}
+    assert f"EVIDENCE IMAGE GONE ({gone}" in rows["e1"] and "GONE" not in rows["e2"], listed.stdout
+    done = mrkd("review", log, "--labels", labels, "--mark", "e1", "--as", "good")
+    one_error(done, "event e1", f"its evidence image {gone} no longer exists")
+    assert "--evidence?" not in done.stderr
+    assert not labels.exists()
+    control = LineControl(TOKEN, labels, log, tmp_path / "evidence")
+    code, answer = control.handle_post("/review", {"Authorization": f"Bearer {TOKEN}"},
+                                       json.dumps({"event_id": "e1", "label": "defect"}).encode())
+    assert code == 409 and f"its evidence image {gone} no longer exists" in answer["error"], (code, answer)
+    assert not labels.exists()
+    # the other event is labelled as usual
+    assert mrkd("review", log, "--labels", labels, "--mark", "e2", "--as", "good").returncode == 0
+    assert [json.loads(line)["event_id"] for line in labels.read_text().splitlines()] == ["e2"]
