@@ -65,7 +65,10 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool) -> None:
                    f"model {str(event.get('model_sha256') or '?')[:12]}  {_image_text(event, image, why)}  "
                    f"{_label_text(current, conflict_of.get(str(event['event_id'])))}")
         shown += 1
-    click.echo(f"{shown} of {len(all_events)} event(s); labels in {labels_path}")
+    elsewhere = len(set(latest) - {str(e["event_id"]) for e in all_events})
+    # labels of another run's events share the file: counted, so a mistyped log is not read as "unlabelled"
+    more = f" ({elsewhere} of its labelled event(s) are not in this log)" if elsewhere else ""
+    click.echo(f"{shown} of {len(all_events)} event(s); labels in {labels_path}{more}")
     for conflict in conflicts:
         click.echo(f"conflict: {conflict.describe()} (refit refuses the label file until it is settled): "
                    f"{mark_command(conflict.events, events_path=events, labels_path=labels_path)}")

@@ -54,3 +54,24 @@ def test_evidence_deleted_since_the_run_is_listed_gone_and_cannot_be_labelled(tm
     # the other event is labelled as usual
     assert mrkd("review", log, "--labels", labels, "--mark", "e2", "--as", "good").returncode == 0
     assert [json.loads(line)["event_id"] for line in labels.read_text().splitlines()] == ["e2"]
+
+
+def test_the_listing_counts_labels_of_events_the_log_does_not_hold(tmp_path):
+    """A label file that names events of another run (or a log given by mistake): the listing says how
+    many of its labelled events this log does not hold, instead of passing over them in silence."""
+    log, _ = _run_folder(tmp_path)
+    labels = tmp_path / "labels.jsonl"
+    assert mrkd("review", log, "--labels", labels, "--mark", "e2", "--as", "good").returncode == 0
+    other = tmp_path / "other.jsonl"                 # another run's log: its events e7, e8 labelled too
+    image = tmp_path / "other.png"
+    cv2.imwrite(str(image), np.full((16, 16, 3), 200, np.uint8))
+    other.write_text("".join(json.dumps({"event_id": e, "time": "2026-12-05T00:00:00Z", "camera": "cam0",
+                                         "score": 2.0, "threshold": 1.0, "evidence": str(image)}) + "\n"
+                             for e in ("e7", "e8")))
+    assert mrkd("review", other, "--labels", labels, "--mark", "e7", "--mark", "e8", "--as", "good").returncode == 0
+    listed = mrkd("review", log, "--labels", labels)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1].endswith(
+        f"2 of 2 event(s); labels in {labels} (2 of its labelled event(s) are not in this log)"), listed.stdout
+    alone = mrkd("review", other, "--labels", labels, "--unlabelled")
+    assert alone.stdout.splitlines()[-1].endswith("(1 of its labelled event(s) are not in this log)"), alone.stdout
