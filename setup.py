@@ -48,7 +48,8 @@ GIGE = ["PyGObject>=3.42,<3.50"]
 
 # PLC servers of a triggered line (--modbus, --opcua): pymodbus' server API changed in 3.10, 3.13 and
 # 3.16; runtime/plc/modbus.py is written against 3.16's SimDevice action hook. asyncua: the OPC UA server.
-PLC = ["pymodbus>=3.16.1,<3.17", "asyncua>=2.1,<3"]
+# cryptography: runtime/plc reads and checks certificates itself (asyncua needs it too).
+PLC = ["pymodbus>=3.16.1,<3.17", "asyncua>=2.1,<3", "cryptography"]
 
 OPENVINO = ["openvino>=2024.0"]
 
@@ -97,8 +98,9 @@ setup(
         "plc": PLC,
         # playwright drives Debian's chromium in the operator-page test (no browser download).
         # hypothesis: the hostile-input tests mutate exported sidecars field by field.
+        # pillow: an independent image writer/reader in the image and refit tests.
         "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
-                "playwright>=1.40", "hypothesis>=6"] + LITE + TRAIN + LINE + GIGE + PLC + OPENVINO,
+                "playwright>=1.40", "hypothesis>=6", "pillow"] + LITE + TRAIN + LINE + GIGE + PLC + OPENVINO,
     },
     entry_points={
         "console_scripts": ["mrkd=mrkd.cli:main"]

@@ -117,4 +117,57 @@ def require_rtsp_server(codec: str = "mjpeg") -> str:
     needed = elements(codec)
     require(lambda: debian_python_has(rtsp_check(needed)), RTSP_PACKAGES + packages(codec),
             f"GStreamer's RTSP server (python3-gi) with {', '.join(needed)}")
+    require_opencv_ffmpeg()          # the runtime's side of every RTSP test
     return DEBIAN_PYTHON
+
+
+def require_opencv_ffmpeg() -> None:
+    """OpenCV's FFmpeg backend, which reads rtsp:// and network streams in the runtime (pip's
+    opencv-python-headless has it built in; a distribution's OpenCV may not)."""
+    import cv2
+    if not cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+        message = ("SKIPPED, NOT TESTED: this OpenCV has no FFmpeg backend (cv2.CAP_FFMPEG); "
+                   "install PyPI's opencv-python-headless (scripts/setup_env.sh)")
+        print(message, file=sys.stderr)
+        pytest.skip(message)
+
+
+_NODE_LOADED: set = set()           # (node, folder, modules) seen loading: asked once a session
+
+
+def _node_loads(node: str, folder: Path, modules: Sequence[str]) -> Optional[str]:
+    """None when ``node`` can require() every one of ``modules`` from ``folder``, else why not (one line)."""
+    key = (node, str(folder), tuple(modules))
+    if key in _NODE_LOADED:
+        return None
+    code = "".join(f"require({name!r});" for name in modules)
+    done = subprocess.run([node, "-e", code], cwd=folder, capture_output=True, text=True, timeout=120)
+    if done.returncode == 0:
+        _NODE_LOADED.add(key)
+        return None
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    errors = [line.strip() for line in done.stderr.splitlines() if "Error" in line] or [done.stderr.strip()[-200:]]
+    return f"Node.js {version or '(version unknown)'}: {errors[0][:300]}"
+
+
+def require_node_client(folder: Path, modules: Sequence[str]) -> str:
+    """Debian's node and npm (installed when missing), ``npm ci`` of ``folder``'s lockfile when any of
+    ``modules`` is not there, then each of them really loaded by that node; node's path. The lockfile's
+    node-opcua needs Node.js 20.19 or newer (it require()s ES modules; Debian 12's nodejs is 18), so a
+    node that installs but cannot load it skips loudly instead of failing in the client's stack trace."""
+    node = require_program("node", ["nodejs"])
+    npm = require_program("npm", ["npm"])
+    if not all((folder / "node_modules" / name / "package.json").is_file() for name in modules):
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True,
+                              text=True, timeout=600)
+        if done.returncode != 0:
+            message = f"SKIPPED, NOT TESTED: npm ci in {folder} failed: {done.stderr.strip()[-500:]}"
+            print(message, file=sys.stderr)
+            pytest.skip(message)
+    error = _node_loads(node, folder, modules)
+    if error is not None:
+        message = (f"SKIPPED, NOT TESTED: {', '.join(modules)} (npm ci in {folder}) cannot be loaded by {node} "
+                   f"({error}); install Node.js 20.19 or newer")
+        print(message, file=sys.stderr)
+        pytest.skip(message)
+    return node

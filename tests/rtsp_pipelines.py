@@ -10,9 +10,28 @@ ENCODERS = {
             "config-interval=1",
 }
 
-# The Debian package of every element the launch lines below use (videotestsrc/videoconvert: base;
-# jpegenc/rtpjpegpay/rtph264pay: good; x264enc: ugly).
+# The elements GStreamer's RTSP server makes itself around every launch line, seen with
+# GST_DEBUG=GST_ELEMENT_FACTORY:5 while FFmpeg played it over UDP and over TCP (tests/test_peer_checks.py
+# watches this list): the RTP session (rtpmanager), UDP sockets (udp), the TCP path (app) and core ones.
+SERVER_ELEMENTS = ("bin", "pipeline", "capsfilter", "tee", "funnel", "rtpbin", "rtpsession", "rtpssrcdemux",
+                   "rtpstorage", "udpsrc", "multiudpsink", "appsrc", "appsink")
+
+# The Debian package of every element above and in the launch lines below (videotestsrc/videoconvert/appsrc/
+# appsink: base; jpegenc/rtp*pay/rtpbin/udp*: good; x264enc: ugly; bin/capsfilter/tee/funnel: GStreamer's core).
 ELEMENT_PACKAGES = {
+    "bin": "libgstreamer1.0-0",
+    "pipeline": "libgstreamer1.0-0",
+    "capsfilter": "libgstreamer1.0-0",
+    "tee": "libgstreamer1.0-0",
+    "funnel": "libgstreamer1.0-0",
+    "rtpbin": "gstreamer1.0-plugins-good",
+    "rtpsession": "gstreamer1.0-plugins-good",
+    "rtpssrcdemux": "gstreamer1.0-plugins-good",
+    "rtpstorage": "gstreamer1.0-plugins-good",
+    "udpsrc": "gstreamer1.0-plugins-good",
+    "multiudpsink": "gstreamer1.0-plugins-good",
+    "appsrc": "gstreamer1.0-plugins-base",
+    "appsink": "gstreamer1.0-plugins-base",
     "videotestsrc": "gstreamer1.0-plugins-base",
     "videoconvert": "gstreamer1.0-plugins-base",
     "jpegenc": "gstreamer1.0-plugins-good",
@@ -29,8 +48,9 @@ def launch_line(codec: str, fps: int = 10, width: int = 160, height: int = 120) 
 
 
 def elements(codec: str) -> tuple:
-    """The element factory names the launch line of ``codec`` builds (caps filters are not elements)."""
-    names = []
+    """The element factory names a server of ``codec`` builds: its launch line's (a caps string there is a
+    capsfilter, listed with the server's own) and the RTSP server's own."""
+    names = list(SERVER_ELEMENTS)
     for stage in launch_line(codec).strip("() ").split("!"):
         name = stage.split()[0]
         if "/" not in name:

@@ -244,6 +244,7 @@ def _certificates(folder: Path):
 @pytest.mark.slow
 def test_password_and_tls_a_wrong_password_is_counted_not_fatal(tmp_path):
     require_program("mosquitto", ["mosquitto"])
+    require_program("mosquitto_passwd", ["mosquitto"])      # writes the broker's password file
     folder = tmp_path / "broker"
     folder.mkdir()
     ca, cert, key = _certificates(folder)

@@ -533,17 +533,19 @@ def test_written_files_get_the_umask_mode_and_another_account_can_read_them(shar
     for name in ("summary.json", "snap.jpg", "events.jsonl"):
         assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o644), name
     assert oct((tmp_path / "private.json").stat().st_mode & 0o777) == oct(0o600)   # the umask is obeyed both ways
-    runuser = shutil.which("runuser")
-    if os.geteuid() == 0 and runuser:        # the second account on the line PC
-        for parent in tmp_path.parents:
-            if parent.stat().st_mode & 0o001 == 0:
-                pytest.skip(f"SECOND-ACCOUNT CHECK SKIPPED: {parent} is not searchable by other accounts")
-        read = subprocess.run([runuser, "-u", "nobody", "--", "cat", str(tmp_path / "summary.json")],
-                              capture_output=True, text=True, timeout=30)
-        assert read.returncode == 0 and read.stdout == "{}", read.stderr
-        denied = subprocess.run([runuser, "-u", "nobody", "--", "cat", str(tmp_path / "private.json")],
-                                capture_output=True, timeout=30)
-        assert denied.returncode != 0
+    if os.geteuid() != 0:
+        pytest.skip("SECOND-ACCOUNT CHECK SKIPPED, NOT TESTED: reading as another account (runuser) needs root")
+    runuser = require_program("runuser", ["util-linux"])
+    # the second account on the line PC
+    for parent in tmp_path.parents:
+        if parent.stat().st_mode & 0o001 == 0:
+            pytest.skip(f"SECOND-ACCOUNT CHECK SKIPPED: {parent} is not searchable by other accounts")
+    read = subprocess.run([runuser, "-u", "nobody", "--", "cat", str(tmp_path / "summary.json")],
+                          capture_output=True, text=True, timeout=30)
+    assert read.returncode == 0 and read.stdout == "{}", read.stderr
+    denied = subprocess.run([runuser, "-u", "nobody", "--", "cat", str(tmp_path / "private.json")],
+                            capture_output=True, timeout=30)
+    assert denied.returncode != 0
 
 
 # ---------------------------------------------------------------- parts reach the same outputs

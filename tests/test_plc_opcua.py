@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from peers import require_program
+from peers import require_node_client
 from plc_fixtures import part_images
 from runtime_fixtures import SIZE, THRESHOLD, build_tiny_model, normal_frame, reference_map
 
@@ -37,6 +37,8 @@ from mrkd.runtime.plc.opcua import NAMESPACE, OpcUaPlc  # noqa: E402
 USER, PASSWORD = "operator", "line-7-secret"
 PATTERN = "gdgdggdgdgd"          # the folder, in trigger order
 CLIENT_DIR = Path(__file__).resolve().parent / "opcua_client"
+# What tests/opcua_client/*.js require() (both in its package.json).
+NODE_MODULES = ("node-opcua-client", "node-opcua-certificate-manager")
 
 
 def reference_score(path) -> float:
@@ -173,15 +175,9 @@ def test_asyncua_single_jobs_events_and_variables(cell):
 
 
 def node_client_ready() -> str:
-    """node (apt's nodejs) and node-opcua-client (npm ci into tests/opcua_client); node's path."""
-    node = require_program("node", ["nodejs"])
-    npm = require_program("npm", ["npm"])
-    if not (CLIENT_DIR / "node_modules" / "node-opcua-client").is_dir():
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLIENT_DIR, capture_output=True,
-                              text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"SKIPPED, NOT TESTED: npm ci of node-opcua-client failed: {done.stderr[-500:]}")
-    return node
+    """node (apt's nodejs) and the modules the clients require() (npm ci into tests/opcua_client), each
+    loaded once by that node; node's path."""
+    return require_node_client(CLIENT_DIR, NODE_MODULES)
 
 @pytest.mark.slow
 def test_node_opcua_client_starts_jobs_and_receives_result_ready(cell):

@@ -385,7 +385,7 @@ def test_runtime_import_and_call_do_not_import_torch():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("MRKD_NO_CUDA") == "1",
-                    reason="nvcc not on PATH (or MRKD_NO_CUDA=1): the CUDA extension is not built")
+                    reason="SKIPPED, NOT TESTED: nvcc not on PATH (or MRKD_NO_CUDA=1): the CUDA extension is not built")
 def test_cuda_extension_compiled_when_nvcc_present():
     module = importlib.import_module("mrkd.runtime._postprocess_cuda")
     assert module.device_count() >= 0

@@ -1,0 +1,133 @@
+"""The checks in tests/peers.py look for exactly what a test's peer will use, so a machine that lacks a
+part skips the test loudly instead of failing it somewhere inside the peer.
+
+- GStreamer's RTSP server builds elements of its own around the launch line (RTP session, UDP and TCP
+  paths): every element a real server builds while FFmpeg plays it, over UDP and over TCP, is one that
+  require_rtsp_server checked (GST_DEBUG names each element as it is made).
+- node-opcua from the lockfile require()s ES modules, which Debian 12's nodejs (18) cannot: a node
+  that runs but cannot load the client skips the OPC UA tests, naming the node and its error.
+- Every Python package the tests import is named in setup.py's dev set, not only pulled in by another.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peers import require_rtsp_server
+from rtsp_pipelines import elements
+
+SERVER = Path(__file__).with_name("rtsp_server.py")
+MADE = re.compile(r'creating element "([A-Za-z0-9_-]+)"')
+# Reads frames the way the runtime does (OpenCV's FFmpeg backend), over the transport given.
+PLAY = ("import cv2, sys\n"
+        "cap = cv2.VideoCapture(sys.argv[1], cv2.CAP_FFMPEG)\n"
+        "print(sum(cap.read()[0] for _ in range(5)))\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize("codec", ["mjpeg", "h264"])
+def test_the_rtsp_server_builds_only_elements_that_were_checked(tmp_path, codec, transport):
+    python = require_rtsp_server(codec)
+    port, log = free_port(), tmp_path / "gst.log"
+    env = dict(os.environ, GST_DEBUG="GST_ELEMENT_FACTORY:5", GST_DEBUG_NO_COLOR="1", GST_DEBUG_FILE=str(log))
+    server = subprocess.Popen([python, str(SERVER), "--port", str(port), "--codec", codec], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = server.stdout.readline()
+        assert ready.startswith("READY"), ready + server.stderr.read()[-500:]
+        player_env = dict(os.environ, OPENCV_FFMPEG_CAPTURE_OPTIONS=f"rtsp_transport;{transport}")
+        played = subprocess.run([sys.executable, "-c", PLAY, ready.split()[1]], capture_output=True, text=True,
+                                timeout=60, env=player_env)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+    assert played.stdout.strip() == "5", played.stdout + played.stderr[-1000:]
+    made = set(MADE.findall(log.read_text(errors="replace")))
+    assert {"rtpbin", "udpsrc" if transport == "udp" else "appsrc"} <= made      # the log was read
+    assert made <= set(elements(codec)), f"made but never checked: {sorted(made - set(elements(codec)))}"
+
+
+def test_a_node_that_cannot_load_the_opcua_client_skips_loudly(tmp_path, monkeypatch):
+    pytest.importorskip("asyncua", reason="SKIPPED, NOT TESTED: asyncua missing (pip install 'mrkd[plc]')")
+    from test_plc_opcua import node_client_ready
+    node_client_ready()                       # the real node and node_modules first (npm ci when missing)
+    # Debian 12's node 18 on the same node_modules prints this (seen with its nodejs 18.20.4 package).
+    fake = tmp_path / "bin" / "node"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo v18.20.4; exit 0; fi\n'
+                    'echo "Error [ERR_REQUIRE_ESM]: require() of ES Module hexy.js not supported." >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        node_client_ready()
+    reason = str(skipped.value)
+    assert reason.startswith("SKIPPED, NOT TESTED:") and str(fake) in reason
+    assert "v18.20.4" in reason and "ERR_REQUIRE_ESM" in reason and "20.19" in reason
+
+
+# Modules the tests import only where a GPU is there, each guarded by a skip that says so (conftest.py).
+GPU_ONLY_MODULES = {"tensorrt", "cupy"}
+
+
+def _declared_distributions() -> set:
+    """Distribution names in setup.py's install_requires and its dev extra (what setup_env.sh dev installs)."""
+    import runpy
+    import unittest.mock
+    root = Path(__file__).resolve().parent.parent
+    with unittest.mock.patch("setuptools.setup") as setup, unittest.mock.patch.object(sys, "argv", ["setup.py"]):
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            runpy.run_path(str(root / "setup.py"), run_name="__main__")
+        finally:
+            os.chdir(cwd)
+    kwargs = setup.call_args.kwargs
+    specs = kwargs["install_requires"] + kwargs["extras_require"]["dev"]
+    return {re.split(r"[<>=!;\[ ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in specs}
+
+
+def test_every_package_the_tests_import_is_installed_by_the_dev_setup():
+    """A package that came along only as another's dependency (pillow with matplotlib, cryptography with
+    asyncua) goes when that one stops needing it: the tests' own imports are named in setup.py."""
+    import ast
+    import importlib.metadata
+    here = Path(__file__).resolve().parent
+    own = {path.stem for path in here.glob("*.py")} | {"mrkd"}
+    imported = {}
+    for path in here.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "importorskip" and node.args
+                  and isinstance(node.args[0], ast.Constant)):
+                names = [node.args[0].value]
+            for name in names:
+                imported.setdefault(name.split(".")[0], path.name)
+    third_party = {m: f for m, f in imported.items()
+                   if m not in sys.stdlib_module_names and m not in own and m not in GPU_ONLY_MODULES}
+    providers = importlib.metadata.packages_distributions()
+    declared = _declared_distributions()
+    undeclared = {}
+    for module, where in sorted(third_party.items()):
+        names = {name.lower().replace("_", "-") for name in providers.get(module, [module])}
+        if not names & declared:
+            undeclared[module] = (sorted(names), where)
+    assert not undeclared, f"imported by tests, not in setup.py's dev set: {undeclared}"
