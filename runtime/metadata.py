@@ -461,6 +461,15 @@ class ModelMetadata:
                                 f"understands ({FORMAT_VERSION}); upgrade mrkd")
         if version < FORMAT_VERSION:
             data = migrate(data, source)
+        else:
+            # A field the format has no place for was read as if absent: version 1's top-level threshold or
+            # a misspelt "calibraton" edited by hand left the old threshold in force, silently.
+            unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise MetadataError(f"{source}: field {unknown[0][:60]} is not a field of format_version "
+                                    f"{FORMAT_VERSION} metadata{f' (nor {len(unknown) - 1} more)' if len(unknown) > 1 else ''}"
+                                    f"; the threshold belongs in calibration.threshold (mrkd calibrate "
+                                    f"writes it), free-form notes in extra")
         missing = [name for name in ("backbone", "image_size") if name not in data]
         if missing:
             raise MetadataError(f"{source}: missing field(s) {', '.join(missing)}")

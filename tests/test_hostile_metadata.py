@@ -210,3 +210,21 @@ def test_the_graph_fields_a_sidecar_may_not_change_are_the_metadata_s_own(export
             edited.check_same_graph(embedded, "m.json")
     dataclasses.replace(embedded, calibration=None, extra={"note": 1}, onnx_sha256="0" * 64).check_same_graph(
         embedded, "m.json")
+
+
+@pytest.mark.parametrize("key, value", [("threshold", 1e9), ("calibraton", {"threshold": 1e9}),
+                                        ("debounce", "3/5")])
+def test_a_field_the_format_does_not_have_is_refused_by_name(exported, key, value):
+    """A hand-edited v2 sidecar with a field the format has no place for (version 1's top-level threshold,
+    a misspelt calibration, a setting that belongs to mrkd run) was read as if the field were not there:
+    the alarm threshold stayed the old one and nothing said so."""
+    model, original, _ = exported
+    mutated = {**copy.deepcopy(original), key: value}
+    sidecar_path(model).write_text(json.dumps(mutated))
+    try:
+        with pytest.raises(MrkdError) as info:
+            Detector(model).close()
+    finally:
+        sidecar_path(model).write_text(json.dumps(original))
+    message = str(info.value)
+    assert sidecar_path(model).name in message and f"field {key}" in message and "\n" not in message
