@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 
 import pytest
@@ -90,3 +91,19 @@ def test_idle_connections_are_capped_and_closed_and_a_plc_gets_in_after(tmp_path
     said = [r.getMessage() for r in caplog.records if r.name == "asyncua.server.binary_server_asyncio"]
     assert sum(m.startswith("Refusing connection from") for m in said) == 1, said
     assert sum(m.startswith("Closing idle connection from") for m in said) == 1, said
+
+
+def test_a_node_that_cannot_load_the_opcua_client_skips_loudly(tmp_path, monkeypatch):
+    node_client_ready()                       # the real node and node_modules first (npm ci when missing)
+    # Debian 12's node 18 on the same node_modules prints this (seen with its nodejs 18.20.4 package).
+    fake = tmp_path / "bin" / "node"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo v18.20.4; exit 0; fi\n'
+                    'echo "Error [ERR_REQUIRE_ESM]: require() of ES Module hexy.js not supported." >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        node_client_ready()
+    reason = str(skipped.value)
+    assert reason.startswith("SKIPPED, NOT TESTED:") and str(fake) in reason
+    assert "v18.20.4" in reason and "ERR_REQUIRE_ESM" in reason and "20.19" in reason
