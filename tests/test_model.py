@@ -311,6 +311,25 @@ def test_damaged_mrkd_checkpoints_name_the_file(model, tmp_path):
             load_checkpoint(tmp_path / name)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("image_size", -64), ("image_size", 0), ("image_size", 50), ("image_size", "64"), ("image_size", 64.0),
+    ("image_size", 10 ** 9), ("sigma", -1.0), ("sigma", float("nan")), ("sigma", "4"), ("mean", "abc"),
+    ("mean", [0.5]), ("std", [0.0, 0.0, 0.0]), ("resize_mode", "zzz"), ("scale_weights", [1, 1])])
+def test_a_checkpoint_config_that_training_cannot_write_is_refused_naming_file_and_field(model, tmp_path, field,
+                                                                                          value):
+    """A hand-made or damaged config entry: a negative image_size ended `mrkd export` in a torch RuntimeError
+    traceback, a float one in a TypeError, a negative sigma in another; a size of 50, a string size, one
+    mean value or a zero std were taken, and the export or the runtime went wrong later, far from the file."""
+    good = tmp_path / "good.pt"
+    model.save(good)
+    raw = torch.load(good, map_location="cpu", weights_only=True)
+    path = tmp_path / "odd.pt"
+    torch.save({**raw, "config": {**raw["config"], field: value}}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "odd.pt" in str(info.value) and field in str(info.value) and "\n" not in str(info.value)
+
+
 def test_reloaded_model_saves_and_reloads_again(model, images, tmp_path):
     load_checkpoint(model.save(tmp_path / "first.pt") or tmp_path / "first.pt").save(tmp_path / "second.pt")
     again = load_checkpoint(tmp_path / "second.pt")
