@@ -74,7 +74,15 @@ def _sha256_cached(path: str, _size: int, _mtime_ns: int) -> str:
 # ---------------------------------------------------------------- field checks (errors name the field)
 
 def _fail(source: str, name: str, value: Any, want: str):
-    raise MetadataError(f"{source}: field {name}={value!r} {want}")
+    # _short: a 100 kB string or a long list in a hand-edited file is not repeated whole in the error line
+    raise MetadataError(f"{source}: field {name}={_short(value)} {want}")
+
+
+def _read_json(text: str) -> Any:
+    """json.loads, with an integer of more digits than any field needs read as a float (inf when
+    huge): Python refuses to convert one of over 4300 digits with a bare ValueError, and the field
+    checks then refuse it by name (not a whole number, not finite)."""
+    return json.loads(text, parse_int=lambda digits: int(digits) if len(digits) <= 64 else float(digits))
 
 
 def _int(source, name, value, low=None, high=None) -> int:
@@ -547,7 +555,7 @@ class ModelMetadata:
         try:
             # NaN/Infinity (not JSON, but Python writes them) are read as floats; the field checks then
             # refuse them by name.
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _read_json(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise MetadataError(f"{path}: metadata sidecar not found (export writes it next to the model)")
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -568,7 +576,7 @@ class ModelMetadata:
         if cls.ONNX_KEY not in props:
             raise MetadataError(f"{source}: ONNX metadata_props has no {cls.ONNX_KEY!r} (not exported by mrkd?)")
         try:
-            data = json.loads(props[cls.ONNX_KEY])
+            data = _read_json(props[cls.ONNX_KEY])
         except (json.JSONDecodeError, RecursionError) as exc:
             raise MetadataError(f"{source}: embedded metadata {cls.ONNX_KEY!r} is not valid JSON ({exc})")
         return cls.from_dict(data, source=f"{source} (embedded metadata)")

@@ -228,3 +228,21 @@ def test_a_field_the_format_does_not_have_is_refused_by_name(exported, key, valu
         sidecar_path(model).write_text(json.dumps(original))
     message = str(info.value)
     assert sidecar_path(model).name in message and f"field {key}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("field, raw_value", [("image_size", "1" + "0" * 5000), ("input_format", '"' + "x" * 100000 + '"'),
+                                              ("backbone", "[" + ",".join(["1"] * 50000) + "]")])
+def test_an_enormous_value_is_refused_in_a_short_line(exported, field, raw_value):
+    """A number of over 4300 digits ended the run in Python's int-conversion ValueError traceback; a 100 kB
+    string was repeated whole in the error line."""
+    model, original, _ = exported
+    marker = "__enormous__"
+    sidecar_path(model).write_text(json.dumps({**original, field: marker}).replace(f'"{marker}"', raw_value))
+    try:
+        with pytest.raises(MrkdError) as info:
+            Detector(model).close()
+    finally:
+        sidecar_path(model).write_text(json.dumps(original))
+    message = str(info.value)
+    assert sidecar_path(model).name in message and field in message and "\n" not in message
+    assert len(message) < 400, len(message)
