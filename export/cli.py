@@ -8,6 +8,7 @@ from mrkd.errors import error_boundary, one_line
 from mrkd.export.int8 import INT8_TARGET_CHOICES
 from mrkd.export.onnx_graph import DEFAULT_BATCH_RANGE, DEFAULT_OPSET, MAX_BATCH, MIN_OPSET
 from mrkd.options import IntegerRange
+from mrkd.stopping import stops_in_one_line
 
 EXIT_NO_TENSORRT = 3
 
@@ -96,10 +97,12 @@ def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_out
         checkpoint = _checkpoint_of_run(checkpoint, category)
         settings = BuildSettings(workspace_mib=workspace, opt_level=opt_level, timing_cache=timing_cache,
                                  dla_core=dla_core)
-        export_checkpoint(checkpoint, out_dir, options, fp16=fp16, int8_images=int8_images if int8 else None,
-                          int8_target=int8_target, int8_keep_fp32=int8_keep_fp32, engine=engine,
-                          triton_dir=triton_dir, build=settings, check_images=check_images,
-                          simplify=simplify, echo=click.echo)
+        with stops_in_one_line(lambda by: f"export stopped ({by}); in {out_dir}, each graph written is whole "
+                                          f"and a graph whose FP32 parity check had not ended was removed"):
+            export_checkpoint(checkpoint, out_dir, options, fp16=fp16, int8_images=int8_images if int8 else None,
+                              int8_target=int8_target, int8_keep_fp32=int8_keep_fp32, engine=engine,
+                              triton_dir=triton_dir, build=settings, check_images=check_images,
+                              simplify=simplify, echo=click.echo)
     except TensorRTUnavailableError as exc:
         click.echo(f"Error: {one_line(exc)}", err=True)     # the reason and the install hint on one line
         raise SystemExit(EXIT_NO_TENSORRT)

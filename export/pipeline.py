@@ -148,13 +148,17 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     fp32 = export_onnx(model, out_dir / FP32_NAME, options, checkpoint_sha256=checkpoint_sha, simplify=simplify)
     result.files["onnx"] = fp32.path
     echo(f"wrote {fp32.path} (onnxslim: {_slim_line(fp32.simplify)})")
-    # Each step gets the metadata the step before it wrote, not another read of the sidecar.
-    result.reports["parity"] = parity_report(model, fp32.path, options, metadata=fp32.metadata)
+    # Each step gets the metadata the step before it wrote, not another read of the sidecar. A graph that
+    # disagrees with PyTorch, or whose check did not end (Ctrl-C, an error), must not be picked up by a
+    # runtime watching this folder.
+    try:
+        result.reports["parity"] = parity_report(model, fp32.path, options, metadata=fp32.metadata)
+    except BaseException:
+        _remove_with_sidecar(fp32.path)
+        raise
     echo(result.reports["parity"].format())
     if not result.reports["parity"].passed:
-        # A graph that disagrees with PyTorch must not be picked up by a runtime watching this folder.
-        fp32.path.unlink()
-        sidecar_path(fp32.path).unlink()
+        _remove_with_sidecar(fp32.path)
         raise ParityError(f"{checkpoint}: exported graph removed, FP32 parity failed:\n"
                           + result.reports["parity"].format())
 
@@ -235,6 +239,11 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     if result.engine_note:
         echo(result.engine_note)
     return result
+
+
+def _remove_with_sidecar(path: Path) -> None:
+    for written in (path, sidecar_path(path)):
+        written.unlink(missing_ok=True)
 
 
 def _defect_check_images(model, metadata):

@@ -220,6 +220,29 @@ def test_cli_fails_and_removes_graph_when_parity_fails(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "model.onnx.json").exists()
 
 
+@pytest.mark.parametrize("stop, code, by", [(KeyboardInterrupt, 130, "Ctrl-C"), ("sigterm", 143, "SIGTERM")])
+def test_export_stopped_before_its_parity_check_ends_removes_the_unchecked_graph(tmp_path, monkeypatch, stop,
+                                                                               code, by):
+    """Stopped while FP32 parity ran, the export left the new model.onnx and its sidecar in place, never
+    checked against PyTorch, and said click's 'Aborted!' with exit 1. Now the pair is removed as on a
+    failed check, and the command ends as train and refit do: one line, 130 / 143."""
+    import mrkd.export.pipeline as pipeline
+    from mrkd.stopping import Terminated
+    ckpt = tmp_path / "ck.pt"
+    small_model().save(ckpt)
+
+    def stopped(*args, **kwargs):
+        assert (tmp_path / "out" / "model.onnx").exists()          # written, being checked
+        raise Terminated() if stop == "sigterm" else stop()
+
+    monkeypatch.setattr(pipeline, "parity_report", stopped)
+    result = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "out"), "--simplify", "never"])
+    assert result.exit_code == code, result.output
+    assert f"export stopped ({by})" in result.output and "Aborted!" not in result.output
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert not (tmp_path / "out" / "model.onnx.json").exists()
+
+
 def test_the_export_pipeline_passes_its_metadata_along(tmp_path, monkeypatch):
     """export_checkpoint hands each step the metadata the step before wrote: the sidecars are written,
     never read back (they used to be reloaded by every report), and what was passed is what is on disk."""
