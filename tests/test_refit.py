@@ -271,6 +271,19 @@ def test_reviewed_images_missing_changed_or_of_unknown_events_are_skipped_with_a
                          echo=lambda line: None)
 
 
+def test_one_image_under_two_events_is_one_reviewed_image(parent, tmp_path):
+    """Two alarms on one frame write one evidence file per event: the same bytes at two paths. Marked
+    good under both, refit counted and listed it twice ('from 3 reviewed good images' for 2)."""
+    from mrkd.train.refit import reviewed_images
+    marks = good_marks(parent, 2)
+    twin = tmp_path / "twin.png"
+    shutil.copy(marks[0][1], twin)
+    labels = write_labels(tmp_path / "labels.jsonl", marks + [("ev-twin", twin, "good")])
+    reviewed = reviewed_images(labels)
+    assert reviewed.good == (str(marks[0][1]), str(marks[1][1]))
+    assert reviewed.skipped == ()
+
+
 def test_a_confirmed_defect_whose_image_is_gone_refuses_the_refit_unless_force(parent, tmp_path):
     """The confirmed-defect check is the refit's safety net; an image marked "defect confirmed" that no
     longer exists (or changed) was skipped with a warning and the refit went on without that check."""

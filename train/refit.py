@@ -511,7 +511,8 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
     runtime/review.py's rules (last label of an event wins, paths by label_image)."""
     labels_path = Path(labels_path)
     latest = latest_labels(read_labels(labels_path), str(labels_path))
-    good, defect, skipped = [], [], []
+    # an image is counted once by its bytes: two events of one frame (one evidence file each) are one image
+    good, defect, skipped = {}, {}, []
     for label in latest.values():
         image = label_image(label, labels_path, events_path)
         reason = None
@@ -529,8 +530,8 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
             skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason))
             warn(str(skipped[-1]))
             continue
-        (good if label.label == GOOD else defect).append(str(image))
-    return ReviewedImages(tuple(dict.fromkeys(good)), tuple(dict.fromkeys(defect)), tuple(skipped))
+        (good if label.label == GOOD else defect).setdefault(label.image_sha256, str(image))
+    return ReviewedImages(tuple(good.values()), tuple(defect.values()), tuple(skipped))
 
 
 def _changed_since_run(event: dict, label, image: Path) -> bool:
