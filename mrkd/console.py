@@ -25,19 +25,29 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
+class _AboveBars:
+    """A file for warnings' writer: each write becomes ``say``'s line."""
+
+    def write(self, text: str) -> None:
+        text = text[:-1] if text.endswith("\n") else text
+        if text:
+            say(text)
+
+    def flush(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def warnings_above_bars() -> Iterator[None]:
-    """Inside, a warning meant for stderr is written by ``say`` (its text as warnings.formatwarning
-    makes it, whatever that is then); warnings written to another file, and those recorded by
-    warnings.catch_warnings(record=True), are left as they were."""
+    """Inside, a warning meant for stderr is written by ``say``. The warning still goes through the
+    writer that was in place, only with this file for stderr: a warnings.catch_warnings(record=True)
+    (pytest.warns) records it as before; warnings meant for another file are left alone."""
     shown = warnings.showwarning
+    above = _AboveBars()
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if file is not None and file is not sys.stderr:
-            shown(message, category, filename, lineno, file, line)
-            return
-        text = warnings.formatwarning(message, category, filename, lineno, line)
-        say(text[:-1] if text.endswith("\n") else text)
+        to_stderr = file is None or file is sys.stderr
+        shown(message, category, filename, lineno, above if to_stderr else file, line)
 
     warnings.showwarning = show
     try:

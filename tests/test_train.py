@@ -325,27 +325,29 @@ def test_a_calibration_failure_at_the_end_of_mrkd_train_is_said_once(tmp_path, m
     assert "threshold None" in done.stdout and "(1 problem(s) reported above)" in done.stdout
 
 
-def test_warnings_and_reports_during_the_epoch_bar_start_a_line_of_their_own(tmp_path, monkeypatch):
+def test_warnings_and_reports_during_the_epoch_bar_start_a_line_of_their_own(tmp_path):
     """The epoch bar is redrawn in place (a carriage return, no newline): a warning or a failed
     monitoring report printed while it was live came after the bar on the same line
-    ("train grain:  50%|#####     | 1/2 [...]mrkd train: epoch 1: ...")."""
+    ("train grain:  50%|#####     | 1/2 [...]mrkd train: epoch 1: ..."). Run in a process of its own:
+    under pytest every warning is recorded, never written."""
     import re
-    import warnings
+    import subprocess
+    import sys
 
-    from click.testing import CliRunner
-
-    import mrkd.train.trainer as trainer
-    from mrkd.cli import main
-
-    def monitoring(*_args, **_kwargs):
-        warnings.warn("a warning while the epoch bar is live")
-        raise RuntimeError("monitoring broke")
-    monkeypatch.setattr(trainer, "metrics_on_test_split", monitoring)
-    done = CliRunner().invoke(main, ["train", str(tiny_data()), "-c", CATEGORY, "--out", str(tmp_path / "run"),
-                                     "--epochs", "2", "--eval-every", "1", "--image-size", str(IMAGE_SIZE),
-                                     "--batch-size", "8", "--backbone", "resnet18", "--teacher-weights", "random",
-                                     "--score", "mrkd"])
-    assert done.exit_code == 0, done.output
+    script = (
+        "import sys, warnings\n"
+        "import mrkd.train.trainer as trainer\n"
+        "from mrkd.cli import main\n"
+        "def monitoring(*args, **kwargs):\n"
+        "    warnings.warn('a warning while the epoch bar is live')\n"
+        "    raise RuntimeError('monitoring broke')\n"
+        "trainer.metrics_on_test_split = monitoring\n"
+        "main(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", script, "train", str(tiny_data()), "-c", CATEGORY, "--out",
+                           str(tmp_path / "run"), "--epochs", "2", "--eval-every", "1", "--image-size",
+                           str(IMAGE_SIZE), "--batch-size", "8", "--backbone", "resnet18", "--teacher-weights",
+                           "random", "--score", "mrkd"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert f"train {CATEGORY}:" in done.stderr                   # the bar was drawn
     segments = re.split(r"[\r\n]", done.stderr)                  # what a terminal shows from a line's start
     for said in ("warning: a warning while the epoch bar is live",
