@@ -328,7 +328,9 @@ def tune_reweight(model, holdout: Sequence[str], line_good: Sequence[str], line_
 
 def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
              test_good: Sequence[str], test_defect: Sequence[str], counts=REVIEW_COUNTS, log=print,
-             refit_threads: int = 1) -> dict:
+             refit_threads: int = 1, augment: str = "none") -> dict:
+    """The TEST split's false alarms before and after refits from the line's first N false alarms;
+    ``augment``: refit's augmented candidates (a preset of AUGMENT_PRESETS)."""
     import torch
 
     from mrkd.train.calibrate import score_images
@@ -354,7 +356,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
         torch.set_num_threads(refit_threads)
         try:
             started, cpu_started = time.perf_counter(), time.process_time()
-            result = refit_model(candidate, reviewed, holdout, confirmed)
+            result = refit_model(candidate, reviewed, holdout, confirmed, augment=augment)
             seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         finally:
             torch.set_num_threads(threads)
@@ -441,9 +443,9 @@ def _augment_grid(asked):
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
         tune_reweight_only: bool = False, tune_radius=False,
-        tune_keep=False, image_size: int = SETTINGS["image_size"], tune_augment=False) -> dict:
+        tune_keep=False, image_size: int = SETTINGS["image_size"], tune_augment=False, augment: str = "none") -> dict:
     """``tune_radius`` / ``tune_keep`` / ``tune_augment``: True for the whole RADIUS_GRID / KEEP_GRID /
-    AUGMENT_GRID, or the values to try."""
+    AUGMENT_GRID, or the values to try. ``augment``: the test-split refits' augmented candidates."""
     from mrkd.train.elpv import layout_elpv
     radius_grid, keep_grid = _grid(tune_radius, RADIUS_GRID), _grid(tune_keep, KEEP_GRID)
     augment_grid = _augment_grid(tune_augment)
@@ -454,7 +456,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
     # every training cell: those past the 160 the model trains on have never been seen by it
     full = layout_elpv(work / "elpv_validation_all", split="validation")
     results = {"settings": dict(SETTINGS, image_size=image_size, review_counts=list(REVIEW_COUNTS),
-                                refit_threads=refit_threads),
+                                refit_threads=refit_threads, augment=augment),
                "runs": []}
     for category in categories:
         for seed in seeds:
@@ -476,7 +478,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
                 continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
                             _paths(troot / "test/good"), _paths(troot / "test/defect"), log=log,
-                            refit_threads=refit_threads)
+                            refit_threads=refit_threads, augment=augment)
             results["runs"].append({"category": category, "seed": seed, **case})
     return results
 
@@ -511,14 +513,19 @@ def main(argv=None) -> None:
                         help="validation only: the refit's augmented candidates (presets of refit's AUGMENT_PRESETS; "
                              "no value: none, flips, flips+rot90) refit from the first half of the line, judged on "
                              "its second half; the test split is not read")
+    parser.add_argument("--augment", default="none", metavar="PRESET",
+                        help="the test-split refits' augmented candidates (a preset of refit's AUGMENT_PRESETS: none, "
+                             "flips, flips+rot90; as mrkd refit --augment)")
     args = parser.parse_args(argv)
     try:
         _augment_grid(args.tune_augment)
+        _augment_grid([args.augment])
     except ValueError as exc:
         parser.exit(2, f"Error: {exc}\n")
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
                   tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
-                  tune_keep=args.tune_keep, image_size=args.image_size, tune_augment=args.tune_augment)
+                  tune_keep=args.tune_keep, image_size=args.image_size, tune_augment=args.tune_augment,
+                  augment=args.augment)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
