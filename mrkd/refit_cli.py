@@ -12,6 +12,7 @@ from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.runtime.calibration import METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS
 
 DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that module loads torch)
+AUGMENT_CHOICES = ("none", "flips", "flips+rot90")     # train/refit.py AUGMENT_PRESETS, likewise
 
 
 @click.command("refit", context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,9 +47,14 @@ DEFECT_GUARD_DEFAULT = 0.9      # train/refit.py GUARD_KEEP (not imported: that 
                    "with MRKD's share s from 0.25-0.75 that best separates the images marked defect from the good "
                    "ones (reviewed and --good); s moves only with at least 5 reviewed good images, 5 confirmed "
                    "defects and an AUROC gain of 0.02 on them. The choice is recorded in the lineage.")
+@click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default="none", show_default=True,
+              help="Also offer the bank each reviewed image mirrored: 'flips' left-right, up-down and both; "
+                   "'flips+rot90' every rotation and mirror of the square too. Only for parts that look the same "
+                   "mirrored (solar cells, fabric, plain panels): on a part with a left and a right side it would "
+                   "teach the bank that a part the wrong way round is good. Same growth stop and defect guard.")
 @error_boundary
 def refit_command(model, labels, good, out, events, force, no_export, method, quantile, batch_size, defect_guard,
-                  reweight):
+                  reweight, augment):
     """Add the teacher patches of images an operator marked good to MODEL's memory bank (a checkpoint
     of a --score both/knn model; MRKD's weights are not touched), set the threshold again on --good,
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
@@ -58,7 +64,7 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
         from mrkd.train.refit import refit_checkpoint
         result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
                                   quantile=quantile, method=method, batch_size=batch_size,
-                                  guard_keep=defect_guard, reweight=reweight, echo=click.echo)
+                                  guard_keep=defect_guard, reweight=reweight, augment=augment, echo=click.echo)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
                f"{result.lineage['labels_sha256'][:12]}) in {result.wall_seconds:.1f} s (the bank and threshold "
                f"{result.seconds:.1f} s): "

@@ -364,6 +364,26 @@ def test_cli_errors_are_one_line(parent, tmp_path):
         assert len(errors) == 1 and needle in errors[0], done.stderr
 
 
+def test_cli_augment_reaches_the_refit_and_is_recorded_in_the_lineage(parent, tmp_path):
+    """`mrkd refit --augment flips` offers each reviewed image's mirrored copies (the library's option,
+    which the command did not have; its effect is checked by the test below); the new version's lineage
+    says which, and the choices are the library's presets."""
+    from mrkd.refit_cli import AUGMENT_CHOICES
+    from mrkd.train.checkpoint import read_checkpoint
+    from mrkd.train.refit import AUGMENT_PRESETS
+    assert AUGMENT_CHOICES == tuple(AUGMENT_PRESETS)
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2))
+    for augment in ("none", "flips"):
+        done = mrkd("refit", parent / "parent.ckpt", "--reviewed", labels, "--good", parent / "good",
+                    "--out", tmp_path / augment, "--no-export", "--augment", augment)
+        assert done.returncode == 0, done.stderr
+        lineage = read_checkpoint(tmp_path / augment / "model.ckpt")["lineage"]
+        assert lineage["augment"] == list(AUGMENT_PRESETS[augment])     # what it grew by: the library's test
+    done = mrkd("refit", parent / "parent.ckpt", "--reviewed", labels, "--good", parent / "good",
+                "--out", tmp_path / "bad", "--no-export", "--augment", "rot45")
+    assert done.returncode == 2 and "rot45" in done.stderr and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow   # ONNX export + parity check
 def test_cli_writes_checkpoint_and_export_with_lineage_the_runtime_loads(parent, tmp_path):
     labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2))

@@ -122,10 +122,12 @@ class Lineage:
     created: str
     schema_version: int = LINEAGE_SCHEMA_VERSION
     reweight: Optional[dict] = None      # Reweight.to_dict() when the refit was asked to re-weight
+    augment: Tuple[str, ...] = ()        # the transforms whose copies of the reviewed images were candidates
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["good_images"], data["defect_images"] = list(self.good_images), list(self.defect_images)
+        data["augment"] = list(self.augment)
         return data
 
 
@@ -672,7 +674,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                       labels=str(labels_path), good_images=reviewed.good, defect_images=reviewed.defect,
                       bank_before=result.bank_before, bank_after=result.bank_after,
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      reweight=result.reweight.to_dict() if result.reweight is not None else None)
+                      reweight=result.reweight.to_dict() if result.reweight is not None else None,
+                      augment=augment_names(augment))
     result.lineage = lineage.to_dict()
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model) and k not in ("train_state",)}
     kept[LINEAGE_KEY] = result.lineage
