@@ -212,6 +212,17 @@ def test_the_graph_fields_a_sidecar_may_not_change_are_the_metadata_s_own(export
         embedded, "m.json")
 
 
+def _refusal(model, original: dict, text: str) -> str:
+    """The one-line error Detector gives for ``model`` with ``text`` as its sidecar (restored after)."""
+    sidecar_path(model).write_text(text)
+    try:
+        with pytest.raises(MrkdError) as info:
+            Detector(model).close()
+    finally:
+        sidecar_path(model).write_text(json.dumps(original))
+    return str(info.value)
+
+
 @pytest.mark.parametrize("key, value", [("threshold", 1e9), ("calibraton", {"threshold": 1e9}),
                                         ("debounce", "3/5")])
 def test_a_field_the_format_does_not_have_is_refused_by_name(exported, key, value):
@@ -219,14 +230,7 @@ def test_a_field_the_format_does_not_have_is_refused_by_name(exported, key, valu
     a misspelt calibration, a setting that belongs to mrkd run) was read as if the field were not there:
     the alarm threshold stayed the old one and nothing said so."""
     model, original, _ = exported
-    mutated = {**copy.deepcopy(original), key: value}
-    sidecar_path(model).write_text(json.dumps(mutated))
-    try:
-        with pytest.raises(MrkdError) as info:
-            Detector(model).close()
-    finally:
-        sidecar_path(model).write_text(json.dumps(original))
-    message = str(info.value)
+    message = _refusal(model, original, json.dumps({**copy.deepcopy(original), key: value}))
     assert sidecar_path(model).name in message and f"field {key}" in message and "\n" not in message
 
 
@@ -237,12 +241,6 @@ def test_an_enormous_value_is_refused_in_a_short_line(exported, field, raw_value
     string was repeated whole in the error line."""
     model, original, _ = exported
     marker = "__enormous__"
-    sidecar_path(model).write_text(json.dumps({**original, field: marker}).replace(f'"{marker}"', raw_value))
-    try:
-        with pytest.raises(MrkdError) as info:
-            Detector(model).close()
-    finally:
-        sidecar_path(model).write_text(json.dumps(original))
-    message = str(info.value)
+    message = _refusal(model, original, json.dumps({**original, field: marker}).replace(f'"{marker}"', raw_value))
     assert sidecar_path(model).name in message and field in message and "\n" not in message
     assert len(message) < 400, len(message)
