@@ -51,7 +51,9 @@ AUGMENT_CHOICES = ("none", "flips", "flips+rot90")     # train/refit.py AUGMENT_
               help="Also offer the bank each reviewed image mirrored: 'flips' left-right, up-down and both; "
                    "'flips+rot90' every rotation and mirror of the square too. Only for parts that look the same "
                    "mirrored (solar cells, fabric, plain panels): on a part with a left and a right side it would "
-                   "teach the bank that a part the wrong way round is good. Same growth stop and defect guard.")
+                   "teach the bank that a part the wrong way round is good. Same growth stop and defect guard; 'flips' "
+                   "takes about 4x the refit time, and on ELPV's test split it gained nothing over none "
+                   "(benchmarks/RESULTS.md).")
 @error_boundary
 def refit_command(model, labels, good, out, events, force, no_export, method, quantile, batch_size, defect_guard,
                   reweight, augment):
