@@ -270,8 +270,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         """Called on the loop thread as a connection is made (over TLS: once its handshake is done),
         before any byte of it is read: None refuses it, else whether it may write (Modbus/TCP Security's
         roles; every admitted plain client may)."""
-        peer = transport.get_extra_info("peername")
-        who = str(peer[0]) if peer else "?"
+        peer, who = transport.get_extra_info("peername"), _client_address(transport)
         if not client_admitted(peer, self.allow):
             why = "not in --modbus-allow"
         elif self._secure is not None and (refusal := self._secure.refusal(transport)) is not None:
@@ -285,8 +284,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     def _write_refused(self, transport, function_code: int) -> None:
         """A read-only client (its role may not write) asked for a write: answered exception 01."""
         self.writes_refused += 1          # only a Modbus/TCP Security connection is ever read-only
-        peer = transport.get_extra_info("peername")
-        who = str(peer[0]) if peer else "?"
+        who = _client_address(transport)
         role = self._secure.role(transport)
         self._log_once((who, role), f"modbus: refused a write (function {function_code}) from {who}: its "
                                     f"certificate's role {role!r} is not among --modbus-write-roles")
@@ -294,15 +292,13 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     def _malformed(self, transport, why: str) -> None:
         """A connection sent a header no Modbus TCP frame has: it is closed (logged once per address)."""
         self.frames_refused += 1
-        peer = transport.get_extra_info("peername")
-        who = str(peer[0]) if peer else "?"
+        who = _client_address(transport)
         self._log_once((who, "malformed"), f"modbus: closed a connection from {who}: {why}")
 
     def _crowded(self, transport) -> None:
         """The connection idle longest, closed to keep at most MAX_CONNECTIONS (logged once per address)."""
         self.connections_closed += 1
-        peer = transport.get_extra_info("peername")
-        who = str(peer[0]) if peer else "?"
+        who = _client_address(transport)
         self._log_once((who, "crowded"), f"modbus: more than {MAX_CONNECTIONS} connections: closed the one from "
                                          f"{who} that had gone longest without a request")
 
@@ -541,6 +537,12 @@ def _server_class(admit, write_refused, malformed, crowded, secure: bool = False
             return AdmittingHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
     return AdmittingServer
+
+
+def _client_address(transport) -> str:
+    """The client's IP address as the log names it ("?" when the socket no longer says)."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if peer else "?"
 
 
 def _malformed_header(header: bytes) -> Optional[str]:

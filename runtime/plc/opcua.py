@@ -353,9 +353,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
     def _guarded(self, name: str, call, owner, count: int):
         """``call`` as asyncua runs it, after the checks every method shares: called on the object it
-        belongs to (else BadMethodInvalid), with ``count`` scalar Strings (_strings). An exception in it
-        answers BadInternalError with one log line, where asyncua logged a traceback and the arguments
-        (however long) and answered BadUnexpectedError."""
+        belongs to (else BadMethodInvalid), with ``count`` scalar Strings (_strings), which ``call`` gets
+        as str. An exception in it answers BadInternalError with one log line, where asyncua logged a
+        traceback and the arguments (however long) and answered BadUnexpectedError."""
         async def method(parent, *args):
             if parent != owner:
                 return self._status("BadMethodInvalid")
@@ -363,7 +363,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             if not isinstance(checked, list):
                 return checked
             try:
-                return await call(parent, *args)
+                return await call(parent, *checked)
             except Exception as exc:
                 logger.warning("opcua: %s failed: %s: %s", name, type(exc).__name__, exc)
                 return self._status("BadInternalError")
@@ -393,8 +393,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         await self._set_state("Preoperational", "")
         return []
 
-    async def _start_single(self, parent, *args):
-        checked = self._job_arguments(args)
+    async def _start_single(self, parent, *values: str):
+        checked = self._job_arguments(values)
         if not isinstance(checked, dict):
             return checked
         if self._shown() != ("Operational", "Ready"):
@@ -406,8 +406,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         await self._set_state(mode="SingleExecution")
         return [_string(job)]
 
-    async def _start_continuous(self, parent, *args):
-        checked = self._job_arguments(args)
+    async def _start_continuous(self, parent, *values: str):
+        checked = self._job_arguments(values)
         if not isinstance(checked, dict):
             return checked
         if self._shown() != ("Operational", "Ready"):
@@ -445,11 +445,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         await self._set_state(mode="Ready")        # results of parts already triggered still arrive
         return []
 
-    async def _prepare_recipe(self, parent, *args):
-        checked = self._strings(args, 1)
-        if not isinstance(checked, list):
-            return checked
-        recipe = self._recipe(checked[0])
+    async def _prepare_recipe(self, parent, external_id: str):
+        recipe = self._recipe(external_id)
         if recipe is None:
             return self._status("BadInvalidArgument")
         if self._shown()[1] not in ("Ready", "Initialized"):
@@ -459,15 +456,12 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         from asyncua import ua
         return [ua.Variant(True, ua.VariantType.Boolean)]
 
-    async def _unprepare_recipe(self, parent, *args):
-        checked = self._strings(args, 1)
-        if not isinstance(checked, list):
-            return checked
+    async def _unprepare_recipe(self, parent, external_id: str):
         self.recipe = 0
         await self._nodes["prepared"].write_value("0")
         return []
 
-    async def _add_recipe(self, parent, *args):
+    async def _add_recipe(self, parent, external_id: str):
         return self._status("BadNotSupported")       # recipes come from the line file
 
     def _strings(self, args, count: int):
@@ -485,10 +479,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                                        InputArgumentResults=results)
         return [v.Value for v in args]
 
-    def _job_arguments(self, args):
-        values = self._strings(args, len(JOB_INPUTS))
-        if not isinstance(values, list):
-            return values
+    def _job_arguments(self, values):
+        """A job's inputs (already _strings-checked) by name, or BadInvalidArgument for an unknown recipe."""
         checked = dict(zip(JOB_INPUTS, values))
         if checked["RecipeId"].strip() and self._recipe(checked["RecipeId"]) is None:
             return self._status("BadInvalidArgument")
