@@ -9,6 +9,7 @@ Builders mirror torchvision's (one function per backbone, weights as one explici
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from mrkd.errors import SettingError
 from mrkd.runtime.calibration import Calibration
-from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from mrkd.runtime.metadata import MAX_IMAGE_SIZE
+from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES
 from mrkd.train import DEFAULT_BACKBONE
 from mrkd.train.head import AnomalyMapHead, distillation_loss
 from mrkd.train.memory_bank import check_pool, default_pool
@@ -52,6 +54,20 @@ class MRKDConfig:
     knn_pool: Optional[int] = None   # bank patches averaged over pool × pool; None: default_pool(image_size)
 
     def __post_init__(self):
+        # what training can write; a hand-made or damaged checkpoint's config is refused here by field, where
+        # its value would otherwise surface far away (a torch traceback in the export, a wrong pre-processing)
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= MAX_IMAGE_SIZE or size % 32:
+            raise SettingError(f"image_size={size!r} must be a whole multiple of 32 in [32, {MAX_IMAGE_SIZE}]")
+        if not (_real(self.sigma) and self.sigma > 0):
+            raise SettingError(f"sigma={self.sigma!r} must be a finite number > 0")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and (not isinstance(values, (list, tuple)) or len(values) != 3
+                                       or not all(map(_real, values)) or (name == "std" and min(values) <= 0)):
+                raise SettingError(f"{name}={values!r} must be 3 finite numbers" + (" > 0" if name == "std" else ""))
+        if self.resize_mode not in RESIZE_MODES:
+            raise SettingError(f"resize_mode={self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.mean is None or self.std is None:
             spec = teacher_spec(self.backbone)
             if self.mean is None:
@@ -87,6 +103,10 @@ class MRKDConfig:
         # Checkpoints written before a field existed did what its value here says.
         data = {**BEFORE_FIELD, **data}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 BEFORE_FIELD = {"scale_weights": (1.0, 1.0, 1.0), "knn_sampler": "random", "knn_memory_fraction": 0.1,
