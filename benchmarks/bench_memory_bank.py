@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from mrkd.train.elpv import CATEGORIES as ELPV_FOLDERS
+
 
 def elpv_images(count: int):
     import elpv_dataset
@@ -232,7 +234,7 @@ def validation(image_size: int = 256, epochs: int = 2, max_train: Optional[int] 
     return out
 
 
-ELPV_CATEGORIES = ("elpv_mono", "elpv_poly")          # train/elpv.py CATEGORIES' folder names
+ELPV_CATEGORIES = tuple(ELPV_FOLDERS.values())        # elpv_mono, elpv_poly
 VALIDATION_SIDES = ("before", "after", "after_pool_only", "after_spread256", "fast", "after_default_pool")
 
 

@@ -700,9 +700,9 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             os.rename(staging, out_dir)       # atomic; fails when out_dir appeared meanwhile
         except OSError as exc:
             raise RefitError(f"{out_dir}: cannot be created ({exc.strerror or exc}); nothing written") from exc
+    except RefitError:
+        raise
     except (OSError, MrkdError) as exc:
-        if isinstance(exc, RefitError):
-            raise
         # a full disk or an export error names a file in the staging folder: say where it was going
         raise RefitError(f"{out_dir}: cannot be written ("
                          f"{one_line(exc).replace(str(staging), str(out_dir))}); nothing written") from exc
