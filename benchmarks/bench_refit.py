@@ -389,8 +389,10 @@ def tune_table(runs: Sequence[dict]) -> List[str]:
     confirmed defect left unflagged) and the reviewed images still flagged (review half; whole line)."""
     runs = [r for r in runs if r.get("settings")]
     categories = list(dict.fromkeys(r["category"] for r in runs))
-    keys = list(dict.fromkeys((s["radius_quantile"], s["guard_keep"], s.get("augment", "none"))
-                              for r in runs for s in r["settings"]))
+    def key_of(setting: dict) -> tuple:      # rows from before --tune-augment have no "augment"
+        return setting["radius_quantile"], setting["guard_keep"], setting.get("augment", "none")
+
+    keys = list(dict.fromkeys(key_of(s) for r in runs for s in r["settings"]))
     counts = {c: sum(r["category"] == c for r in runs) for c in categories}
     lines = ["| stop (quantile) / guard keep / augment | "
              + " | ".join(f"{c} ({counts[c]} models)" for c in categories)
@@ -401,8 +403,7 @@ def tune_table(runs: Sequence[dict]) -> List[str]:
         for category in categories:
             before, after = [], []
             for r in runs:
-                row = next((s for s in r["settings"] if (s["radius_quantile"], s["guard_keep"],
-                                                          s.get("augment", "none")) == key), None)
+                row = next((s for s in r["settings"] if key_of(s) == key), None)
                 if r["category"] != category or row is None:
                     continue
                 before.append(r["far_before"])
