@@ -344,6 +344,29 @@ def test_a_camera_killed_mid_trigger_answers_every_part_within_its_timeout(simul
     wait_for(lambda: not trigger_threads(), 15, "the abandoned trigger commands to end")
 
 
+def test_closing_while_a_trigger_command_waits_on_a_dead_camera_returns_at_once(simulator):
+    """The simulator killed, then a part's software trigger times out while its command is still
+    inside Aravis (5 x 0.5 s of retries, holding the device's command lock). Closing the source then
+    returns within a reader poll and its reader thread has ended; it used to wait 2 s (its join
+    timeout) for a stop of acquisition that queued behind that command. The command's own thread
+    and the camera's release still end only when Aravis gives up (nothing in Python can wake them)."""
+    camera = simulator("127.0.86.28", "CLOSING")
+    source = open_source(camera.uri, trigger="software")
+    try:
+        assert source.grab(time.time(), 2.0).error is None
+        camera.kill()
+        stalled = source.grab(time.time(), 0.3)
+        assert error_code(stalled.error) == ERROR_CODES["timeout"], stalled.error
+        assert trigger_threads(), "the trigger command should still be inside Aravis"
+    finally:
+        began = time.monotonic()
+        source.close()
+        took = time.monotonic() - began
+    assert took < 0.5, took
+    assert not source._thread.is_alive()
+    wait_for(lambda: not trigger_threads(), 15, "the abandoned trigger command to end")
+
+
 def test_a_trigger_command_answered_late_never_gives_its_image_to_the_next_part(simulator):
     """The simulator stopped (SIGSTOP: it answers nothing) while a part triggers it: the part is a
     timeout within its part timeout, not after Aravis' retries. The simulator resumed while the next

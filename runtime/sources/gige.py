@@ -30,7 +30,9 @@ against a camera that just died; 2.5-4.6 s were seen), and Aravis 0.8.26 has no 
 own and the part waits for it only until its deadline: past it the part is a timeout, on time. The
 next trigger is not sent before that command has returned (within the next part's own deadline);
 one that was taken after its part gave up may still bring an image, so the next trigger waits
-``LATE_IMAGE_S`` after it, and the image is discarded, never given to a later part.
+``LATE_IMAGE_S`` after it, and the image is discarded, never given to a later part. Closing does
+not wait for such a command either: the camera is let go of on a thread of its own, which ends (like
+the command's) only when Aravis gives up; no Python call can wake a command inside Aravis.
 Images come over Aravis' UDP-socket receiver, never its packet socket (see ``_setup``).
 The Python binding is PyGObject with Debian's ``gir1.2-aravis-0.8`` (imported lazily).
 """
@@ -548,7 +550,10 @@ class GigeSource(LatestFrameSource):
                 finally:
                     stream.push_buffer(buffer)
             del stream, buffer     # the reader must not keep a lost camera's stream alive
-        self._release()
+        # A camera that is down, or whose trigger command is still inside Aravis (it holds the device's
+        # command lock through its retries), would keep the reader, and close() with it, waiting
+        # seconds to stop acquisition: let go of it on a thread of its own.
+        self._release(wait=self.up and not self._command_running())
         with self._cond:
             self._ended = True
             self._cond.notify_all()
@@ -728,6 +733,10 @@ class GigeSource(LatestFrameSource):
                 return False
             command.done.wait(min(0.1, left))
         return True
+
+    def _command_running(self) -> bool:
+        command = self._command
+        return command is not None and not command.done.is_set()
 
     def _stopping(self, abort: Optional[threading.Event]) -> bool:
         return self._stop.is_set() or (abort is not None and abort.is_set())
