@@ -271,6 +271,23 @@ def test_reviewed_images_missing_changed_or_of_unknown_events_are_skipped_with_a
                          echo=lambda line: None)
 
 
+def test_refit_without_an_events_log_says_in_one_line_that_event_ids_went_unchecked(parent, tmp_path):
+    """A label of an event that is in no events log is caught only with --events; without it refit went
+    on without a word, as if every event id had been checked."""
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2))
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps({"event_id": e}) + "\n" for e in ("ev0", "ev1")))
+    runs = {}
+    for name, log in (("without", None), ("with", events)):
+        runs[name] = []
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / name, export=False,
+                         events=log, echo=runs[name].append)
+    unchecked = [line for line in runs["without"] if "not checked" in line]
+    assert len(unchecked) == 1 and "--events" in unchecked[0] and str(labels) in unchecked[0], runs["without"]
+    assert "\n" not in unchecked[0]
+    assert not [line for line in runs["with"] if "not checked" in line], runs["with"]
+
+
 def test_one_image_under_two_events_is_one_reviewed_image(parent, tmp_path):
     """Two alarms on one frame write one evidence file per event: the same bytes at two paths. Marked
     good under both, refit counted and listed it twice ('from 3 reviewed good images' for 2)."""

@@ -613,6 +613,10 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             known = {str(e["event_id"]): e for e in read_review_events(events)}
         except OSError as exc:
             raise RefitError(f"{events}: cannot read the events log ({exc})") from exc
+    else:      # a label records its event id, not the log it came from: say what went unchecked
+        echo(f"note: the event ids of {labels_path} were not checked (a label file does not say which events "
+             f"log it was made from); give --events LOG, the log of `mrkd run --events`, to skip labels of "
+             f"events that are not in it")
     reviewed = reviewed_images(labels_path, known, events, warn=echo)
     unchecked = [skip for skip in reviewed.skipped if skip.label == DEFECT]
     if unchecked:      # the confirmed-defect check is the refit's safety net: without the image it is blind
