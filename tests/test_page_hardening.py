@@ -123,12 +123,19 @@ def test_a_snapshot_replaced_by_a_link_is_not_served(tmp_path):
         answer = _raw(port, b"GET /alarm/ev-1.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 404") and time.monotonic() - started < 2.0, answer
         snapshot.unlink()
-        os.symlink(folder / "cam0", folder / "cam1")                # a link inside the folder is a link too
-        cv2.imwrite(str(snapshot), np.full((8, 8, 3), 255, np.uint8))
+        os.symlink(folder / "cam0", folder / "cam1")                # a link inside the folder is a link too:
+        cv2.imwrite(str(snapshot), np.full((8, 8, 3), 255, np.uint8))    # no link on the way is followed
         server.on_event("cam0", {"event_id": "ev-3", "score": 0.9, "threshold": 0.5,
                                  "snapshot": str(folder / "cam1" / "ev-1.jpg")})
         answer = _raw(port, b"GET /alarm/ev-3.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]    # resolves inside: the same file
+        assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+        for number, name in enumerate((f"{folder}/cam0/../cam0/ev-1.jpg", f"{folder}/cam0/ev-1.jpg\0", f"{folder}/cam0",
+                                       str(folder), "/etc/hostname", "cam0/ev-1.jpg")):
+            event_id = f"odd-{number}"
+            server.on_event("cam0", {"event_id": event_id, "score": 0.9, "threshold": 0.5, "snapshot": name})
+            answer = _raw(port, f"GET /alarm/{event_id}.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                f"Connection: close\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 404"), (name, answer[:200])    # only a plain path below it
     finally:
         server.close()
 
@@ -255,3 +262,85 @@ def test_on_loopback_the_refusal_names_the_allowed_names_only_when_there_are_som
                 assert _get(port, allowed[0]).startswith(b"HTTP/1.1 200")
         finally:
             server.close()
+
+
+# -- 5. The snapshots folder (or a folder in it) swapped for a link after the page started
+
+_FLIPPER = r"""
+import os, sys, time
+real, aside, outside, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+end = time.monotonic() + seconds
+while time.monotonic() < end:           # the folder, then a link to a folder outside, then the folder ...
+    os.rename(real, aside)
+    os.symlink(outside, real)
+    os.unlink(real)
+    os.rename(aside, real)
+"""
+
+
+def _snapshot_server(tmp_path, caplog):
+    """A page serving tmp/snaps (its alarm ev-1 is snaps/cam0/ev-1.jpg) and a folder tmp/outside laid out
+    the same way whose ev-1.jpg is a secret."""
+    folder, outside = tmp_path / "snaps", tmp_path / "outside"
+    for where in (folder, outside):
+        (where / "cam0").mkdir(parents=True)
+    snapshot = folder / "cam0" / "ev-1.jpg"
+    cv2.imwrite(str(snapshot), np.full((8, 8, 3), 255, np.uint8))
+    (outside / "cam0" / "ev-1.jpg").write_bytes(b"operator password file")
+    server = OperatorServer("127.0.0.1", 0, snapshots=str(folder))
+    server.on_start([CameraInfo("cam0", "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.5, "test")])
+    server.on_event("cam0", {"event_id": "ev-1", "score": 0.9, "threshold": 0.5, "snapshot": str(snapshot)})
+    return server, folder, outside, snapshot.read_bytes()
+
+
+_GET_EV1 = b"GET /alarm/ev-1.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+def test_a_snapshots_folder_swapped_for_a_link_is_refused_with_one_line(tmp_path, caplog):
+    """The folder (then its camera folder) renamed away and a link to a folder outside put in its place
+    after the page started: 404 and one warning naming the folder, never the file outside; put back, the
+    snapshot is served again."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="mrkd.runtime.outputs.web")
+    server, folder, outside, jpeg = _snapshot_server(tmp_path, caplog)
+    port = server.httpd.server_address[1]
+    try:
+        assert _raw(port, _GET_EV1).endswith(jpeg)
+        for swapped, target in ((folder, outside), (folder / "cam0", outside / "cam0")):
+            os.rename(swapped, tmp_path / "aside")
+            os.symlink(target, swapped)
+            caplog.clear()
+            answer = _raw(port, _GET_EV1)
+            assert answer.startswith(b"HTTP/1.1 404") and b"password" not in answer, answer
+            lines = [r.getMessage() for r in caplog.records]
+            assert len(lines) == 1 and "link" in lines[0] and str(folder) in lines[0], lines
+            os.unlink(swapped)
+            os.rename(tmp_path / "aside", swapped)
+            assert _raw(port, _GET_EV1).endswith(jpeg)
+    finally:
+        server.close()
+
+
+def test_a_folder_flipping_to_a_link_while_snapshots_are_asked_never_serves_the_file_outside(tmp_path, caplog):
+    """Checking where a path resolves and then opening it by name are two looks at the folder: a folder
+    swapped for a link between them was followed (the old realpath check, then open). Another process
+    flips the folder to a link and back as fast as it can while the page is asked for the snapshot; each
+    answer is the snapshot or 404, never the secret."""
+    import subprocess
+    import sys
+    server, folder, outside, jpeg = _snapshot_server(tmp_path, caplog)
+    port = server.httpd.server_address[1]
+    flipper = subprocess.Popen([sys.executable, "-c", _FLIPPER, str(folder), str(tmp_path / "aside"),
+                                str(outside), "6"])
+    answers = {"snapshot": 0, "404": 0}
+    try:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            answer = _raw(port, _GET_EV1)
+            assert b"password" not in answer, f"the file outside was served after {answers}"
+            answers["snapshot" if answer.startswith(b"HTTP/1.1 200") and answer.endswith(jpeg) else "404"] += 1
+            assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 404")), answer[:200]
+    finally:
+        flipper.wait(30)
+        server.close()
+    assert answers["snapshot"] and answers["404"], answers     # both states were seen: the race was run

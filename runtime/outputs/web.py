@@ -28,7 +28,8 @@ body within a few seconds, at 1 KB/s at least), at most ``max_connections`` at o
 to this machine only: bound to loopback, to a loopback name; bound beyond it, to an IP address, localhost or
 a name allowed with ``--http-allow-host`` (a DNS-rebinding page is refused, never served). HEAD is GET
 without the body; any other method is 405 with ``Allow``. A snapshot is served only as a regular file
-inside the ``--snapshots`` folder (a link put in its place is not followed).
+below the ``--snapshots`` folder, reached through no link: neither the file, nor a camera folder, nor the
+folder itself replaced by a link after the page started is followed (served_folder.py).
 ``tls`` (``--http-cert``/``--http-key``) serves HTTPS only; a token from the network needs it
 (runtime/control.py).
 """
@@ -39,13 +40,11 @@ import io
 import ipaddress
 import json
 import logging
-import os
 import queue
 import re
 import select
 import socket
 import ssl
-import stat
 import sys
 import threading
 import time
@@ -64,6 +63,7 @@ from mrkd.runtime.outputs.events import DropOldestQueue, part_event, wants_event
 from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, PartResult,
                                        call_each)
 from mrkd.runtime.outputs.video import annotate
+from mrkd.runtime.outputs.served_folder import Refused, ServedFolder
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ class OperatorServer(LineObserver):
         # Beyond loopback the same attack works on the line's LAN address, so a name must be allowed by hand.
         self.allowed_hosts = frozenset(name.lower().rstrip(".") for name in allowed_hosts)
         # Snapshot files are served from this folder only (default: the line's SnapshotWriter, see_outputs).
-        self.snapshots: Optional[Path] = Path(snapshots).resolve() if snapshots else None
+        self.snapshot_folder: Optional[ServedFolder] = None
+        self.snapshots = snapshots
         self.page = PAGE_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
@@ -204,6 +205,15 @@ class OperatorServer(LineObserver):
         return True
 
     @property
+    def snapshots(self) -> Optional[Path]:
+        """The folder snapshot files are served from (resolved when the page learnt it), or None."""
+        return self.snapshot_folder.path if self.snapshot_folder is not None else None
+
+    @snapshots.setter
+    def snapshots(self, folder) -> None:
+        self.snapshot_folder = ServedFolder.of(folder) if folder else None
+
+    @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
@@ -214,8 +224,8 @@ class OperatorServer(LineObserver):
         from mrkd.runtime.outputs.metrics import MetricsObserver
         from mrkd.runtime.outputs.snapshots import SnapshotWriter
         self.outputs = [o for o in outputs if o is not self]
-        if self.snapshots is None:
-            self.snapshots = next((o.folder.resolve() for o in outputs if isinstance(o, SnapshotWriter)), None)
+        if self.snapshot_folder is None:
+            self.snapshots = next((o.folder for o in outputs if isinstance(o, SnapshotWriter)), None)
         self.shadows = [o for o in self.outputs if callable(getattr(o, "comparison", None))]
         if self.metrics is None:
             self.metrics = next((o for o in outputs if isinstance(o, MetricsObserver)), None)
@@ -400,7 +410,7 @@ class OperatorServer(LineObserver):
         if found is None:
             return None
         snapshot = found["event"].get("snapshot")
-        written = _snapshot_bytes(snapshot, self.snapshots) if snapshot else None
+        written = _snapshot_bytes(snapshot, self.snapshot_folder, event_id) if snapshot else None
         if written is not None:
             return written, "image/png" if Path(snapshot).suffix.lower() == ".png" else "image/jpeg"
         result, part_view = found["result"], found.get("view")
@@ -448,24 +458,19 @@ def _alarm_record(camera: str, event: dict) -> dict:
     return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image}
 
 
-def _snapshot_bytes(path: str, folder: Optional[Path]) -> Optional[bytes]:
-    """A snapshot file's bytes, or None unless it is a regular file that resolves inside ``folder`` (no
-    folder known: none). The file itself is opened without following a link (O_NOFOLLOW) and without
-    blocking (a FIFO put in its place); a folder on the way that is a link counts where it resolves."""
+def _snapshot_bytes(path: str, folder: Optional[ServedFolder], event_id: str) -> Optional[bytes]:
+    """A snapshot file's bytes, or None unless it is a regular file below ``folder`` reached through no
+    link (served_folder.py; no folder known: none). A refusal is logged in one line; a file that is
+    gone is not (the alarm's frame is shown instead, when the page still has it)."""
     if folder is None:
         return None
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        if not Path(os.path.realpath(path)).is_relative_to(folder):
-            return None
-        descriptor = os.open(path, flags)
+        return folder.read(path)
+    except Refused as reason:
+        folder.log_refusal(f"snapshot of alarm {event_id}", reason)
     except (OSError, ValueError):
-        return None
-    with os.fdopen(descriptor, "rb") as file:
-        try:
-            return file.read() if stat.S_ISREG(os.fstat(descriptor).st_mode) else None
-        except OSError:
-            return None
+        pass
+    return None
 
 
 def _host_allowed(header: Optional[str], loopback_only: bool, allowed_names: frozenset) -> bool:
