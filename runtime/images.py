@@ -1,7 +1,8 @@
 """Read images and masks from disk into one canonical form: uint8 HxWx3 BGR (masks: bool HxW).
 
 Factory data is messy: grayscale JPEGs, 16-bit TIFFs, PNGs with alpha, odd sizes, paths with
-non-ASCII characters. Everything is decoded here, once, so the rest of mrkd sees a single format.
+non-ASCII characters, phone JPEGs stored turned with an EXIF Orientation tag (turned upright here,
+as a viewer shows them). Everything is decoded here, once, so the rest of mrkd sees a single format.
 numpy + OpenCV only (the runtime never imports torch).
 """
 
@@ -133,6 +134,100 @@ def _tiff_size(head: bytes) -> Optional[Tuple[int, int]]:
     return (found[256], found[257]) if len(found) == 2 else None
 
 
+# ---------------------------------------------------------------- EXIF orientation
+
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(data) -> int:
+    """The EXIF Orientation (1-8) a JPEG (APP1), PNG (eXIf) or WebP (EXIF chunk) file carries, read
+    from its bytes; 1 (as stored) when there is none or it is unreadable. TIFF files are not read
+    here: OpenCV's TIFF decoder turns them upright itself."""
+    try:
+        head = bytes(data[:12])
+        if head[:2] == b"\xff\xd8":
+            exif = _jpeg_exif(data)
+        elif head[:8] == b"\x89PNG\r\n\x1a\n":
+            exif = _png_exif(data)
+        elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            exif = _webp_exif(data)
+        else:
+            return 1
+        value = _tiff_orientation(exif) if exif is not None else None
+    except (struct.error, IndexError, ValueError):    # a damaged EXIF block: the pixels as stored
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def _jpeg_exif(data) -> Optional[bytes]:
+    """The TIFF block of the first APP1 "Exif" segment, walking the markers up to the scan."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:                # fill byte
+            at += 1
+            continue
+        if marker in (0xD9, 0xDA):        # end of image, start of scan: no EXIF before the pixels
+            return None
+        length = struct.unpack(">H", data[at + 2:at + 4])[0]
+        if marker == 0xE1 and bytes(data[at + 4:at + 10]) == b"Exif\x00\x00":
+            return bytes(data[at + 10:at + 2 + length])
+        at += 2 + length
+    return None
+
+
+def _png_exif(data) -> Optional[bytes]:
+    at = 8
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"eXIf":
+            return bytes(data[at + 8:at + 8 + length])
+        if kind == b"IEND":
+            return None
+        at += 12 + length
+    return None
+
+
+def _webp_exif(data) -> Optional[bytes]:
+    at = 12
+    while at + 8 <= len(data):
+        kind, length = struct.unpack("<4sI", data[at:at + 8])
+        if kind == b"EXIF":
+            exif = bytes(data[at + 8:at + 8 + length])
+            return exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
+        at += 8 + length + (length & 1)
+    return None
+
+
+def _tiff_orientation(exif: bytes) -> Optional[int]:
+    """Tag 0x0112 (a SHORT) of the first image file directory of a TIFF-structured EXIF block."""
+    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    if order is None:
+        return None
+    directory = struct.unpack(order + "I", exif[4:8])[0]
+    count = struct.unpack(order + "H", exif[directory:directory + 2])[0]
+    for entry in range(count):
+        at = directory + 2 + 12 * entry
+        tag, kind = struct.unpack(order + "HH", exif[at:at + 4])
+        if tag == EXIF_ORIENTATION_TAG and kind == 3:
+            return struct.unpack(order + "H", exif[at + 8:at + 10])[0]
+    return None
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """The pixels as a viewer shows an image stored with EXIF ``orientation`` (2-8 mirror and/or turn it;
+    6 is stored turned 90 degrees counter-clockwise, so it is turned clockwise here)."""
+    if orientation in (5, 6, 7, 8):
+        image = np.rot90(image, -1 if orientation in (5, 6) else 1)
+    if orientation in (2, 4, 5, 7):       # mirrored: left-right, or (4) top-bottom
+        image = image[::-1] if orientation == 4 else image[:, ::-1]
+    elif orientation == 3:
+        image = image[::-1, ::-1]
+    return np.ascontiguousarray(image)
+
+
 def _decode(path: PathLike) -> np.ndarray:
     """Decode a file as stored (any depth, any channel count); ImageReadError on failure."""
     path = Path(path)
@@ -157,7 +252,9 @@ def _decode(path: PathLike) -> np.ndarray:
         raise ImageReadError(path, f"OpenCV refused it ({' '.join(str(exc).split())})") from exc
     if image is None or image.size == 0:
         raise ImageReadError(path, "not a decodable image (corrupt, truncated or unsupported format)")
-    return image
+    # IMREAD_UNCHANGED keeps depth and channels but not the EXIF orientation that every viewer (the
+    # operator page's browser too) applies: a phone's JPEG would be judged, and trained on, turned.
+    return orient(image, exif_orientation(memoryview(data)))
 
 
 def _to_uint8(image: np.ndarray, path: PathLike) -> np.ndarray:

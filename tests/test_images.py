@@ -129,3 +129,79 @@ def test_training_and_runtime_list_a_folder_or_glob_alike(tmp_path):
             assert [str(p) for p in source.paths] == scan_folder(argument), argument
         finally:
             source.close()
+
+
+# ---------------------------------------------------------------- EXIF orientation (reference: Pillow)
+
+def _turnable():
+    """Colour that says where each pixel was: a ramp across (blue), a ramp down (green), a block at one
+    corner (red); every flip or turn of it is a different image, and it survives JPEG."""
+    height, width = 48, 80
+    bgr = np.zeros((height, width, 3), np.uint8)
+    bgr[:, :, 0] = np.linspace(0, 250, width)[None, :]
+    bgr[:, :, 1] = np.linspace(0, 250, height)[:, None]
+    bgr[:16, :16, 2] = 250
+    return bgr
+
+
+def _pillow_upright(path):
+    """What a viewer shows: Pillow's own EXIF transpose of the file, as BGR."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))[:, :, ::-1]
+
+
+def _save_with_orientation(path, bgr, orientation, **options):
+    from PIL import Image
+    image = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif.tobytes(), **options)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix,options,tolerance", [(".png", {}, 0), (".webp", {"lossless": True}, 0),
+                                                       (".jpg", {"quality": 95}, 3.0)])
+def test_exif_orientation_is_applied_as_pillow_applies_it(tmp_path, orientation, suffix, options, tolerance):
+    """A phone's or a PC camera tool's file stored turned, with an EXIF Orientation tag: read_image gives
+    the pixels every viewer (the operator page's browser too) shows, as Pillow's exif_transpose does.
+    cv2.imdecode(IMREAD_UNCHANGED) alone gave them as stored. JPEG is compared within a tolerance (two
+    decoders); a wrong turn or mirror of this image is off by tens of levels on average."""
+    path = _save_with_orientation(tmp_path / f"turned{suffix}", _turnable(), orientation, **options)
+    reference = _pillow_upright(path)
+    out = read_image(path)
+    assert out.shape == reference.shape, (out.shape, reference.shape)
+    difference = np.abs(out.astype(np.int16) - reference.astype(np.int16))
+    assert difference.mean() <= tolerance, difference.mean()
+
+
+def test_a_mask_is_turned_with_its_image(tmp_path):
+    image = _save_with_orientation(tmp_path / "part.png", _turnable(), 6)
+    mask = np.zeros((48, 80, 3), np.uint8)
+    mask[:16, :16] = 255                         # the red corner block
+    mask_path = _save_with_orientation(tmp_path / "part_mask.png", mask, 6)
+    upright, marked = read_image(image), read_mask(mask_path)
+    assert marked.shape == upright.shape[:2] == (80, 48)
+    np.testing.assert_array_equal(marked, upright[:, :, 2] == 250)
+
+
+def test_the_pixel_limit_counts_a_turned_image_as_stored(tmp_path, monkeypatch):
+    """The decompression-bomb guard reads the header's width x height before decoding; turning swaps
+    them, so it holds the same for every orientation and names the size as stored."""
+    import mrkd.runtime.images as images
+    path = _save_with_orientation(tmp_path / "turned.jpg", _turnable(), 6)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 80 * 48 - 1)
+    with pytest.raises(ImageReadError, match="declares 80 x 48 pixels"):
+        read_image(path)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 80 * 48)
+    assert read_image(path).shape == (80, 48, 3)
+
+
+def test_a_damaged_exif_block_leaves_the_pixels_as_stored(tmp_path):
+    path = _save_with_orientation(tmp_path / "odd.png", _turnable(), 6)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"eXIf") + 4
+    data[at:at + 2] = b"XX"                      # not a TIFF byte order: unreadable, so 1 (as stored)
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(read_image(path), _turnable())
