@@ -162,11 +162,11 @@ def _save_with_orientation(path, bgr, orientation, **options):
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("suffix,options,tolerance", [(".png", {}, 0), (".webp", {"lossless": True}, 0),
-                                                       (".jpg", {"quality": 95}, 3.0)])
+                                                       (".jpg", {"quality": 95}, 3.0), (".tif", {}, 0)])
 def test_exif_orientation_is_applied_as_pillow_applies_it(tmp_path, orientation, suffix, options, tolerance):
     """A phone's or a PC camera tool's file stored turned, with an EXIF Orientation tag: read_image gives
     the pixels every viewer (the operator page's browser too) shows, as Pillow's exif_transpose does.
-    cv2.imdecode(IMREAD_UNCHANGED) alone gave them as stored. JPEG is compared within a tolerance (two
+    cv2.imdecode(IMREAD_UNCHANGED) alone gave them as stored (TIFF: OpenCV turns it itself). JPEG is compared within a tolerance (two
     decoders); a wrong turn or mirror of this image is off by tens of levels on average."""
     path = _save_with_orientation(tmp_path / f"turned{suffix}", _turnable(), orientation, **options)
     reference = _pillow_upright(path)
