@@ -3,5 +3,5 @@
 # export to ONNX (and TensorRT when present), stream a video through the exported model.
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/setup_env.sh train,lite
+scripts/setup_env.sh train,lite,plc
 exec .venv/bin/mrkd demo "$@"

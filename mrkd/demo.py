@@ -19,7 +19,8 @@ DemoStep = Callable[[Dict], None]
 DEMO_STEPS: List[Tuple[str, DemoStep]] = []
 # (name, "module:function") of the steps that need the export / runtime layers, after DEMO_STEPS.
 DEMO_LAYER_STEPS: List[Tuple[str, str]] = [("export", "mrkd.demo_steps.export:export_step"),
-                                           ("run", "mrkd.demo_steps.stream:stream_step")]
+                                           ("run", "mrkd.demo_steps.stream:stream_step"),
+                                           ("cell", "mrkd.demo_steps.cell:cell_step")]
 
 # A few minutes on two CPU cores, every embedded category; --quick: two categories, about a minute.
 FULL = dict(categories=None, image_size=128, n_train=60, n_test_good=12, n_test_defect=4, epochs=15, batch_size=8)

