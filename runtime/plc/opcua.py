@@ -68,7 +68,7 @@ JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
 # result and log line of its part, and the line holds several parts' results.
 MAX_ARGUMENT_CHARS = 1024
 MAX_RECIPE_DIGITS = 9
-MAX_CONNECTIONS = 32            # as the Modbus server: past it asyncua closes a new connection at once
+MAX_CONNECTIONS = 32            # as the Modbus server: past it the oldest without a session is closed
 ACTIVATION_DEADLINE_S = 10.0    # a connection without an activated session is closed after this
 
 
@@ -201,6 +201,12 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             await server.start()
         finally:
             quiet.removeFilter(silence)
+        binary = getattr(server, "bserver", None)
+        if type(getattr(binary, "clients", None)) is list and not binary.clients:
+            # asyncua counts each connection against max_connections before it joins this list, so
+            # the one past MAX_CONNECTIONS must reach _Connections, which closes one to stay at the cap
+            binary.clients = _Connections()
+            server.iserver.max_connections = MAX_CONNECTIONS + 1
         sockets = getattr(getattr(server.bserver, "_server", None), "sockets", None) or []
         port = sockets[0].getsockname()[1] if sockets else self.port
         self.url = f"opc.tcp://{self.host}:{port}/mrkd/"
@@ -614,9 +620,13 @@ class _VanishedClient(logging.Filter):
         return not record.getMessage().startswith(self.start)
 
 
-# asyncua's warning per connection refused past MAX_CONNECTIONS or closed unactivated: a flood would
-# write one line per socket on the line's stderr, so each is said once per client address
-CROWDED_NOISE = ("asyncua.server.binary_server_asyncio", ("Refusing connection from", "Closing idle connection from"))
+ROOM_MADE = "opcua: closed the connection from %s, the oldest without an activated session, to stay at %d"
+ROOM_REFUSED = "opcua: refused a connection from %s: all %d connections have activated sessions"
+# The warning per connection refused or closed past MAX_CONNECTIONS (asyncua's own when _Connections is
+# not in place) or closed unactivated: a flood would write one line per socket on the line's stderr, so
+# each is said once per client address. (logger, starts of its messages)
+CROWDED_NOISE = (("asyncua.server.binary_server_asyncio", ("Refusing connection from", "Closing idle connection from")),
+                 (__name__, (ROOM_MADE, ROOM_REFUSED)))
 
 
 class _OncePerAddress(logging.Filter):
@@ -640,15 +650,41 @@ class _OncePerAddress(logging.Filter):
         return True
 
 
+class _Connections(list):
+    """asyncua's list of a server's open connections (BinaryServer.clients), which each new one joins
+    in its connection_made. Past MAX_CONNECTIONS the oldest connection without an activated session is
+    closed to make room (sockets that never speak held every place until ACTIVATION_DEADLINE_S, and a
+    PLC connecting meanwhile was refused); one with an activated session never is: when all are, the
+    new connection is refused."""
+
+    def append(self, connection) -> None:
+        super().append(connection)
+        if len(self) <= MAX_CONNECTIONS:
+            return
+        waiting = next((c for c in self if c is not connection and not _activated(c)), None)
+        closed = waiting if waiting is not None else connection
+        # out of the count at once: its connection_lost (which removes it too) may come after the
+        # next connection has been counted
+        self.remove(closed)
+        closed.transport.close()
+        peer = closed.peer_name[0] if isinstance(closed.peer_name, tuple) else closed.peer_name   # the address
+        logger.warning(ROOM_MADE if waiting is not None else ROOM_REFUSED, peer, MAX_CONNECTIONS)
+
+
+def _activated(connection) -> bool:
+    session = getattr(getattr(connection, "processor", None), "session", None)
+    return session is not None and session.is_activated()
+
+
 def _quiet_vanished_clients() -> None:
     for name, start in VANISHED_CLIENT_NOISE:
         target = logging.getLogger(name)
         if not any(isinstance(f, _VanishedClient) and f.start == start for f in target.filters):
             target.addFilter(_VanishedClient(start))
-    name, starts = CROWDED_NOISE
-    target = logging.getLogger(name)
-    if not any(isinstance(f, _OncePerAddress) for f in target.filters):
-        target.addFilter(_OncePerAddress(starts))
+    for name, starts in CROWDED_NOISE:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _OncePerAddress) for f in target.filters):
+            target.addFilter(_OncePerAddress(starts))
 
 
 def result_content(part: PartResult) -> dict:
