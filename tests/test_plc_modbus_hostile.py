@@ -197,3 +197,54 @@ def test_frames_pymodbus_cannot_decode_are_answered_and_said_once(server, caplog
         assert read_answers(sock, 1)[0][0] == 99                 # the connection still serves
     said = [r.getMessage() for r in caplog.records if r.name.startswith("pymodbus")]
     assert len(said) == 1 and said[0].startswith("Unable to decode frame"), said
+
+
+def test_a_frame_started_and_never_finished_closes_its_connection_at_the_deadline(server, caplog):
+    """Two clients start a frame and stall (4 bytes of the MBAP header; a header announcing 6 bytes, then
+    2 of them): each connection is closed FRAME_DEADLINE_S after its first bytes (the old server held
+    them and their buffers for good), said once for the address, while Debian's mbpoll writes and reads
+    on connections of its own. A connection idle between frames and one whose frame came whole in two
+    pieces stay open and are answered after the deadline."""
+    from mrkd.runtime.plc import modbus
+    require_program("mbpoll", ["mbpoll"])
+    caplog.set_level(logging.WARNING)
+    port = server.address[1]
+    request = frame(5, READ_PART_ID)
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as header_only, \
+            socket.create_connection(("127.0.0.1", port), timeout=3) as short_body, \
+            socket.create_connection(("127.0.0.1", port), timeout=3) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=3) as in_two:
+        for sock in (header_only, short_body, in_two):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        idle.sendall(frame(1, READ_PART_ID))
+        assert [tid for tid, _ in read_answers(idle, 1)] == [1]
+        started = time.monotonic()
+        header_only.sendall(request[:4])
+        short_body.sendall(request[:8])                 # the header says 6 bytes follow; 2 of them come
+        in_two.sendall(request[:4])
+        time.sleep(0.5)
+        in_two.sendall(request[4:])
+        assert [tid for tid, _ in read_answers(in_two, 1)] == [5]
+        assert mbpoll(port, "4", PART_ID_REGISTER, write=[4321])[0] == 0            # a PLC meanwhile
+        rc, values, err = mbpoll(port, "4", PART_ID_REGISTER)
+        assert rc == 0 and values == [4321], err
+
+        def closed_after(sock) -> float:
+            sock.settimeout(modbus.FRAME_DEADLINE_S + 3.0)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            except socket.timeout:
+                return float("inf")                     # still open
+            return time.monotonic() - started
+
+        waited = [closed_after(header_only), closed_after(short_body)]
+        assert all(modbus.FRAME_DEADLINE_S - 0.3 < w < modbus.FRAME_DEADLINE_S + 1.5 for w in waited), waited
+        time.sleep(0.5)
+        for tid, sock in ((2, idle), (6, in_two)):          # past the deadline, still served
+            sock.sendall(frame(tid, READ_PART_ID))
+            assert [answer for answer in read_answers(sock, 1)] == [(tid, bytes([3, 2]) + struct.pack(">H", 4321))]
+    said = [r.getMessage() for r in caplog.records if "not completed within" in r.getMessage()]
+    assert said == [f"modbus: closed a connection from 127.0.0.1: a frame started and not completed within "
+                    f"{modbus.FRAME_DEADLINE_S:g} s"], said

@@ -100,6 +100,11 @@ COIL_ORDER = (0, 4, 3, 2, 1)
 MBAP_HEADER, MIN_MBAP_LENGTH, MAX_MBAP_LENGTH = 6, 2, 254
 READ_CHUNK = 256 * 1024        # the most asyncio's socket transport hands over in one read
 MAX_CONNECTIONS = 32           # a cell has a PLC or a few, and perhaps an HMI or a monitor
+# A frame started and not whole after this closes its connection (else it held its place and its buffer
+# for good). A PLC sends a frame (at most 260 bytes) in one segment: its bytes come within milliseconds,
+# and even a segment lost on the way is sent again well within this (TCP's retransmission timeout on a
+# LAN starts near 0.2 s and doubles). An idle connection between frames is not affected.
+FRAME_DEADLINE_S = 3.0
 
 FUNCTION_TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 22: "h", 23: "h", 4: "i"}
 
@@ -194,6 +199,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         self.writes_refused = 0           # writes of clients whose role may not write (exception 01)
         self.frames_refused = 0           # connections closed for a header no Modbus TCP frame has
         self.connections_closed = 0       # idle connections closed to keep at most MAX_CONNECTIONS
+        self.frames_stalled = 0           # connections closed for a frame not whole within FRAME_DEADLINE_S
         self._watch: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
@@ -218,7 +224,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     async def _listen(self) -> None:
         from pymodbus.simulator import DataType, SimData, SimDevice
         ModbusServer = _server_class(self._admit, self._write_refused, self._malformed, self._crowded,
-                                     secure=self._secure is not None)
+                                     self._stalled, secure=self._secure is not None)
         bits = lambda: [SimData(0, count=BIT_WORD, values=False, datatype=DataType.BITS)]   # noqa: E731
         registers = lambda n: [SimData(0, count=n, values=0, datatype=DataType.REGISTERS)]  # noqa: E731
         device = SimDevice(0, simdata=(bits(), bits(), registers(len(HOLDING_REGISTERS)),
@@ -301,6 +307,14 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         who = _client_address(transport)
         self._log_once((who, "crowded"), f"modbus: more than {MAX_CONNECTIONS} connections: closed the one from "
                                          f"{who} that had gone longest without a request")
+
+    def _stalled(self, transport) -> None:
+        """A frame was started and not completed within FRAME_DEADLINE_S: the connection is closed
+        (logged once per address)."""
+        self.frames_stalled += 1
+        who = _client_address(transport)
+        self._log_once((who, "stalled"), f"modbus: closed a connection from {who}: a frame started and not "
+                                         f"completed within {FRAME_DEADLINE_S:g} s")
 
     def _log_once(self, key, message: str) -> None:
         if key not in self._refused_seen and len(self._refused_seen) < 64:
@@ -416,11 +430,12 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                                    + (", results buffer overrun" if image.overrun else ""))
 
 
-def _server_class(admit, write_refused, malformed, crowded, secure: bool = False):
+def _server_class(admit, write_refused, malformed, crowded, stalled, secure: bool = False):
     """pymodbus' ModbusTcpServer (ModbusTlsServer when ``secure``: the same MBAP frames over TLS) whose
     connections are first put to ``admit(transport)``: a refused one (None) is aborted in connection_made
     (after the TLS handshake), before its handler is set up or any of its bytes is read; one admitted
-    read-only (False) has each write answered with exception 01 and reported to ``write_refused``."""
+    read-only (False) has each write answered with exception 01 and reported to ``write_refused``; one
+    whose frame is not whole within FRAME_DEADLINE_S of its first bytes is closed, told to ``stalled``."""
     from pymodbus.constants import ExcCodes
     from pymodbus.exceptions import ModbusIOException
     from pymodbus.pdu import ExceptionResponse
@@ -433,6 +448,7 @@ def _server_class(admit, write_refused, malformed, crowded, secure: bool = False
     class AdmittingHandler(ServerRequestHandler):
         may_write = True
         closing = False
+        _frame_deadline: Optional[asyncio.TimerHandle] = None    # set while a frame's start waits
 
         def connection_made(self, transport) -> None:
             access = admit(transport)
@@ -499,7 +515,28 @@ def _server_class(admit, write_refused, malformed, crowded, secure: bool = False
             if self._requests and not self._answering:
                 self._answering = True
                 self.loop.create_task(self._answer_all())
+            self._watch_frame(started=used > 0 or self._frame_deadline is None, waiting=used < len(data))
             return used
+
+        def _watch_frame(self, started: bool, waiting: bool) -> None:
+            """The deadline of the frame whose start waits for its rest: set when a new one starts, kept
+            while the same one waits (more bytes do not extend it), gone when none waits."""
+            if waiting and not started:
+                return
+            if self._frame_deadline is not None:
+                self._frame_deadline.cancel()
+            self._frame_deadline = self.loop.call_later(FRAME_DEADLINE_S, self._frame_stalled) if waiting else None
+
+        def _frame_stalled(self) -> None:
+            self._frame_deadline = None
+            if not self.closing and not self._admitted_transport.is_closing():
+                self.closing = True
+                stalled(self._admitted_transport)
+                self._admitted_transport.close()
+
+        def callback_disconnected(self, exc) -> None:
+            self._watch_frame(started=True, waiting=False)
+            super().callback_disconnected(exc)
 
         async def _answer_all(self) -> None:
             try:
