@@ -4,6 +4,7 @@ cell's results are checked against the events log the line wrote, not against th
 alone."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,12 +51,48 @@ def check_cell(out: Path, stdout: str) -> None:
     assert f"the line's own summary: {len(parts)} parts" in stdout
 
 
-def test_quick_demo_runs_twice_into_one_folder(tmp_path):
-    out = tmp_path / "demo"
-    for attempt in range(2):
-        stdout = run_demo(out)
-        headers = re.findall(r"^== (\w+)$", stdout, re.M)
-        assert headers == STEPS, stdout[-2000:]
-        assert (out / "export" / "grain" / "model.onnx").is_file()
-        assert json.loads((out / "eval" / "grain" / "metrics.json").read_text())
-        check_cell(out, stdout)
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, run_demo(out)
+
+
+def check_demo(out: Path, stdout: str) -> None:
+    headers = re.findall(r"^== (\w+)$", stdout, re.M)
+    assert headers == STEPS, stdout[-2000:]
+    assert (out / "export" / "grain" / "model.onnx").is_file()
+    assert json.loads((out / "eval" / "grain" / "metrics.json").read_text())
+    check_cell(out, stdout)
+
+
+def test_quick_demo_runs_twice_into_one_folder(demo_out):
+    out, stdout = demo_out
+    check_demo(out, stdout)
+    check_demo(out, run_demo(out))
+
+
+def test_a_line_killed_mid_cell_is_one_error_naming_the_part(demo_out, tmp_path):
+    """The line dies after the third part: the PLC's side says so in one error, promptly, never a
+    pymodbus traceback or a wait without end."""
+    import signal
+    import time
+
+    from mrkd.demo_steps.cell import CellError, part_folder, run_cell
+    out, _ = demo_out
+    parts = part_folder(out / "data" / "grain", tmp_path / "parts")
+    said = []
+
+    def echo(text):
+        said.append(text)
+        if sum(line.lstrip().startswith("part ") for line in said) == 3:
+            found = subprocess.run(["pgrep", "-f", "--", f"--source {tmp_path / 'parts'}"], capture_output=True, text=True)
+            for pid in found.stdout.split():
+                os.kill(int(pid), signal.SIGKILL)
+
+    started = time.monotonic()
+    with pytest.raises(CellError) as raised:
+        run_cell(out / "export" / "grain" / "model.onnx", parts, tmp_path, echo=echo)
+    message = str(raised.value)
+    assert message.startswith("part 4: the handshake broke off") and "\n" not in message, message
+    assert "the line (exit -9)" in message, message
+    assert time.monotonic() - started < 60

@@ -24,15 +24,17 @@ from typing import Dict, List, Optional, Tuple
 import click
 
 from mrkd.deps import require
+from mrkd.errors import MrkdError
 
 require("pymodbus", "the demo's inspection cell (a PLC over Modbus TCP) needs pymodbus")
 
 SERVER_LINE = "Modbus TCP PLC server on "    # what `mrkd run --modbus` prints once it listens
 START_TIMEOUT_S = 60.0                       # the line loads its model before it listens
+PLC_TIMEOUT_S = 10.0                         # the PLC's wait for each step of the handshake
 RESULT_CODES = {1: "OK", 2: "NG", 3: "ERROR"}  # input register 0, Result Code (docs/PLC.md)
 
 
-class CellError(RuntimeError):
+class CellError(MrkdError, RuntimeError):
     """The cell did not run through; the message says what the line or the PLC said."""
 
 
@@ -87,6 +89,13 @@ class _LineProcess:
                 self.address = (host, int(port))
                 self._listening.set()
         self._listening.set()       # the process ended: whoever waits stops waiting
+
+    def failure(self, what: str) -> str:
+        """``what`` went wrong on the PLC's side; with the line's last word, and the line stopped."""
+        self.stop()
+        self._reader.join(timeout=5)
+        said = self.lines[-1] if self.lines else "nothing"
+        return f"{what}; the line (exit {self.process.returncode}) said last: {said}"
 
     def wait_listening(self, timeout: float) -> Tuple[str, int]:
         self._listening.wait(timeout)
@@ -156,11 +165,17 @@ def run_cell(model: Path, parts: List[CellPart], folder: Path, echo=click.echo) 
         host, port = line.wait_listening(START_TIMEOUT_S)
         echo(f"PLC (pymodbus client) on {host}:{port}; per part: Trigger Ready? -> Part Id, Trigger -> "
              "Trigger Ack -> Results Valid -> read the result, Results Ack")
-        plc = SimulatedPlc(port, host=host, poll_s=0.005, timeout=10.0)
+        try:
+            plc = SimulatedPlc(port, host=host, poll_s=0.005, timeout=PLC_TIMEOUT_S)
+        except Exception as exc:     # pymodbus' own errors: said in one line with what the line said
+            raise CellError(line.failure(f"the PLC could not connect ({exc})")) from None
         try:
             plc.coil(TRIGGER_ENABLE, True)
             for part in parts:
-                cycle = plc.inspect(part.part_id)
+                try:
+                    cycle = plc.inspect(part.part_id, timeout=PLC_TIMEOUT_S)
+                except Exception as exc:
+                    raise CellError(line.failure(f"part {part.part_id}: the handshake broke off ({exc})")) from None
                 reading = cycle.reading
                 verdict = RESULT_CODES.get(reading.result_code, "ERROR")
                 run.verdicts[part.part_id] = verdict
