@@ -19,7 +19,13 @@ EXIT_NO_TENSORRT = 3
               help="CHECKPOINT may be a run folder: <run>/<category>/last.ckpt (the final epoch of training) is "
                    "exported. Warns when the checkpoint was trained on another category.")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default="exported", show_default=True,
-              help="Folder for model.onnx (+ .json sidecar) and, on request, model_fp16/int8.onnx, model.engine.")
+              help="Folder for model.onnx (+ .json sidecar) and, on request, model_fp16/int8.onnx, model.engine. "
+                   "One export per folder: one that already holds an exported model is refused (see --overwrite).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the exported model already in --output: the new files are moved in together once all "
+                   "are written and checked, and the earlier export's files this one does not write (e.g. its "
+                   "model_int8.onnx, model.engine) are removed. A folder where mrkd calibrate set a threshold on the "
+                   "line is still refused.")
 @click.option("--smooth-in-graph/--no-smooth-in-graph", default=True, show_default=True,
               help="Gaussian smoothing inside the graph (a runtime without the CUDA extension still gets the "
                    "full map), or left to the runtime.")
@@ -75,13 +81,13 @@ EXIT_NO_TENSORRT = 3
 @click.option("--simplify", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="onnxslim: 'auto' keeps it only when it removes nodes without slowing ONNX Runtime CPU.")
 @error_boundary   # mrkd's errors (checkpoint, export, parity, metadata) as one line, exit 1
-def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_outputs, uint8_input, opset, batch, fp16,
+def export_command(checkpoint, category, out_dir, overwrite, smooth_in_graph, per_scale_outputs, uint8_input, opset, batch, fp16,
                    int8, engine, int8_images, check_images, calib, int8_target, int8_keep_fp32, triton_dir, workspace, opt_level, timing_cache, dla_core, simplify):
     """Export CHECKPOINT (a .ckpt file or a training run folder) to one fused ONNX graph (teacher,
     bottleneck, decoder, cosine anomaly map) with a metadata sidecar; print its parity report against
     PyTorch; optionally FP16/INT8, TensorRT, Triton."""
     from mrkd.export.onnx_graph import ExportOptions, parse_batch_range
-    from mrkd.export.pipeline import export_checkpoint
+    from mrkd.export.pipeline import ExportResult, export_checkpoint
     from mrkd.export.tensorrt_build import BuildSettings, TensorRTUnavailableError
 
     if int8_images and calib and int8_images != calib:
@@ -97,15 +103,22 @@ def export_command(checkpoint, category, out_dir, smooth_in_graph, per_scale_out
         checkpoint = _checkpoint_of_run(checkpoint, category)
         settings = BuildSettings(workspace_mib=workspace, opt_level=opt_level, timing_cache=timing_cache,
                                  dla_core=dla_core)
-        with stops_in_one_line(lambda by: f"export stopped ({by}); in {out_dir}, each graph written is whole "
-                                          f"and a graph whose FP32 parity check had not ended was removed"):
+        progress = ExportResult()      # says, if the export is stopped, whether its files were moved in
+        with stops_in_one_line(lambda by: _stopped_line(by, out_dir, progress)):
             export_checkpoint(checkpoint, out_dir, options, fp16=fp16, int8_images=int8_images if int8 else None,
                               int8_target=int8_target, int8_keep_fp32=int8_keep_fp32, engine=engine,
                               triton_dir=triton_dir, build=settings, check_images=check_images,
-                              simplify=simplify, echo=click.echo)
+                              simplify=simplify, echo=click.echo, overwrite=overwrite, result=progress)
     except TensorRTUnavailableError as exc:
         click.echo(f"Error: {one_line(exc)}", err=True)     # the reason and the install hint on one line
         raise SystemExit(EXIT_NO_TENSORRT)
+
+
+def _stopped_line(by: str, out_dir, progress) -> str:
+    if progress.in_place:
+        return (f"export stopped ({by}) after its files were moved into {out_dir}, whole: "
+                + ", ".join(path.name for key, path in progress.files.items() if not key.startswith("triton:")))
+    return f"export stopped ({by}) before its files were moved into {out_dir}: nothing new there, nothing replaced"
 
 
 def _checkpoint_of_run(path, category):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 from mrkd.export.exporter import export_onnx, load_model
+from mrkd.export.file_set import (ENGINE_NAME, FP16_NAME, FP32_NAME, INT8_NAME, MODEL_NAMES,  # noqa: F401
+                                  move_into_place, refuse_earlier_set, staging_folder)
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
 from mrkd.export.int8 import (GOOD_ONLY_NOTE, INT8_TARGET_CHOICES, default_int8_target, held_out_defect_paths,
                               int8_agreement_report, int8_check_paths, int8_image_paths, load_images,
@@ -18,8 +20,8 @@ from mrkd.export.tensorrt_build import (NO_TENSORRT_HINT, BuildSettings, TensorR
                                         tensorrt_unavailable_reason)
 from mrkd.export.triton import versions, write_triton_repository
 from mrkd.runtime.metadata import MetadataError, ModelMetadata, sidecar_path
+from mrkd.stopping import stops_deferred
 
-FP32_NAME, FP16_NAME, INT8_NAME, ENGINE_NAME = "model.onnx", "model_fp16.onnx", "model_int8.onnx", "model.engine"
 
 
 @dataclass
@@ -31,6 +33,8 @@ class ExportResult:
     tensorrt_error: Optional[str] = None      # an engine was asked for (--engine, --fp16) and not built
     engine_note: Optional[str] = None         # why no engine was built when none was required
     int8_target: Optional[str] = None         # the INT8 form written ("auto" resolved)
+    metadata: Optional[ModelMetadata] = None  # model.onnx's, as written into its sidecar
+    in_place: bool = False                    # the new set was moved into the output folder (whole)
 
 
 def keep_line_calibration(model_path: Path, model) -> None:
@@ -54,46 +58,12 @@ def keep_line_calibration(model_path: Path, model) -> None:
                       "(-o), or move that model away first")
 
 
-def exported_from(path: Path) -> Optional[str]:
-    """The sha256 of the checkpoint the model file ``path`` was exported from: its sidecar's record, else
-    (an .onnx whose sidecar is gone or unreadable) the metadata embedded in the graph; None if neither says."""
-    try:
-        return ModelMetadata.load(sidecar_path(path)).checkpoint_sha256
-    except (MetadataError, OSError, ValueError):
-        pass
-    if path.suffix == ".onnx":
-        from mrkd.export.onnx_graph import read_onnx_props
-        try:
-            return ModelMetadata.from_onnx_props(read_onnx_props(path), str(path)).checkpoint_sha256
-        except (MetadataError, ExportError, OSError, ValueError):
-            pass
-    return None
-
-
-def keep_other_checkpoints_models(paths, checkpoint, checkpoint_sha: str) -> None:
-    """Refuse (ExportError, before anything is written) to replace a model file in ``paths`` that was
-    exported from another checkpoint, or whose origin nothing records: a later export into the same
-    folder silently put another model under the name a line runs. The same checkpoint exported again
-    gives the same bytes, so its files may be replaced."""
-    for path in paths:
-        if not path.exists():
-            continue
-        earlier = exported_from(path)
-        if earlier == checkpoint_sha:
-            continue
-        origin = (f"was exported from another checkpoint (sha256 {earlier[:12]}..., recorded in "
-                  f"{sidecar_path(path).name})" if earlier else
-                  f"records no checkpoint it was exported from (no readable {sidecar_path(path).name})")
-        raise ExportError(f"{path} {origin}, not from {checkpoint} (sha256 {checkpoint_sha[:12]}...): not "
-                          "replaced; export into another folder (-o), or move that model away first")
-
-
 def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = None, *, fp16: bool = False,
                       int8_images=None, int8_target: str = "auto", int8_keep_fp32: str = "auto",
                       engine: Optional[bool] = None, triton_dir=None,
                       build: Optional[BuildSettings] = None, check_images=None,
-                      simplify: str = "auto", echo: Callable[[str], None] = print,
-                      replace_line_calibration: bool = False) -> ExportResult:
+                      simplify: str = "auto", echo: Callable[[str], None] = print, overwrite: bool = False,
+                      replace_line_calibration: bool = False, result: Optional[ExportResult] = None) -> ExportResult:
     """Export ``checkpoint`` into ``out_dir``: model.onnx (FP32, parity-checked against PyTorch),
     model_fp16.onnx / model_int8.onnx on request, model.engine, a Triton repository on request.
     ``int8_images``: a folder of good images INT8 quantisation measures activation ranges on
@@ -105,9 +75,16 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     False = none; None (default) = required with ``fp16`` (the FP16 graph is made for the engine),
     otherwise built from the INT8 graph where TensorRT and a GPU are here, and where they are not
     the export ends normally with ``engine_note`` saying why no engine was built.
+
+    The files are written and checked in a staging folder inside ``out_dir`` and moved into place together
+    at the end (mrkd.export.file_set): an error or a stop before then leaves nothing new in ``out_dir``.
+    ``overwrite``: a folder that already holds an exported model is refused (ExportError, before anything
+    is done) unless this is set; then the new set replaces it, and the earlier set's files the new one does
+    not write (an INT8 graph, an engine) are removed, each named in a line.
     ``replace_line_calibration``: for a caller that rebuilds ``out_dir`` as its own (the demo): export over
-    a sidecar whose threshold was set on the line (``keep_line_calibration``) and over model files of
-    another checkpoint (``keep_other_checkpoints_models``); both are refused by default.
+    a sidecar whose threshold was set on the line (``keep_line_calibration``), refused by default.
+    ``result``: filled as the export goes (``in_place`` says whether the set was moved in, for a caller
+    that was stopped); returned.
 
     Raises ParityError when FP32 parity is worse than 1e-4. When a required engine cannot be built
     (no TensorRT or GPU), every other file is still written and TensorRTUnavailableError is raised last."""
@@ -133,33 +110,55 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     decoded = set(quantised)
     refuse_unreadable([p for p in good_paths if p not in decoded], "--check-images" if check_images else "--int8-images")
     out_dir = Path(out_dir)
-    result = ExportResult()
+    if not overwrite:
+        refuse_earlier_set(out_dir)       # before the checkpoint is read: said at once
+    result = result if result is not None else ExportResult()
     model, checkpoint_sha = load_model(checkpoint)
-    # Only where the engine can be built here is model.engine written (else TensorRTUnavailableError/a note).
-    engine_written = engine is not False and unavailable is None and bool(
-        fp16 or engine or (int8_images and int8_target == "tensorrt"))
-    names = ([FP32_NAME] + [FP16_NAME] * bool(fp16) + [INT8_NAME] * bool(int8_images)
-             + [ENGINE_NAME] * engine_written)
     if not replace_line_calibration:     # the demo, which rebuilds and calibrates its own folder, replaces them
-        keep_other_checkpoints_models([out_dir / name for name in names], checkpoint, checkpoint_sha)
-        for name in names:     # the INT8/FP16 graph or the engine, each calibrated on the line where it runs
+        for name in MODEL_NAMES:     # each graph or engine calibrated on the line where it runs, replaced or removed
             keep_line_calibration(out_dir / name, model)
+    with staging_folder(out_dir) as staging:
+        # its lines name the files where they will be once the set is moved into place
+        engine_meta = _write_set(model, checkpoint, checkpoint_sha, staging, result, options, fp16=fp16,
+                                 int8_images=int8_images, int8_target=int8_target, int8_keep_fp32=int8_keep_fp32,
+                                 engine=engine, required=required, unavailable=unavailable, build=build,
+                                 check_images=check_images, good_paths=good_paths, seen_note=seen_note,
+                                 simplify=simplify, echo=lambda line: echo(line.replace(str(staging), str(out_dir))))
+        with stops_deferred():     # Ctrl-C/SIGTERM wait until the whole set is in place and said to be
+            for path in move_into_place(staging, out_dir):
+                echo(f"removed {path} (the earlier export's; this one does not write it)")
+            result.files = {key: out_dir / path.name if path.parent == staging else path
+                            for key, path in result.files.items()}
+            result.in_place = True
+    if triton_dir is not None:
+        configs = write_triton_repository(triton_dir, result.files["onnx"], engine_path=result.files.get("engine"),
+                                          metadata=result.metadata, engine_metadata=engine_meta)
+        result.files.update({f"triton:{name}": path for name, path in configs.items()})
+        echo(f"wrote Triton repository {triton_dir} ("
+             + ", ".join(f"{name} version {versions(path.parent)[-1]}" for name, path in configs.items()) + ")")
+    if result.tensorrt_error:
+        raise TensorRTUnavailableError(result.tensorrt_error)
+    echo(f"done: {', '.join(str(path) for path in result.files.values())}")
+    if result.engine_note:
+        echo(result.engine_note)
+    return result
 
+
+def _write_set(model, checkpoint, checkpoint_sha: str, out_dir: Path, result: ExportResult, options: ExportOptions,
+               *, fp16, int8_images, int8_target, int8_keep_fp32, engine, required, unavailable, build, check_images,
+               good_paths, seen_note, simplify, echo) -> Optional[ModelMetadata]:
+    """Write and check the graphs (and engine) of export_checkpoint into ``out_dir`` (its staging folder),
+    filling ``result``; returns the engine's metadata (None: no engine)."""
     fp32 = export_onnx(model, out_dir / FP32_NAME, options, checkpoint_sha256=checkpoint_sha, simplify=simplify)
     result.files["onnx"] = fp32.path
     echo(f"wrote {fp32.path} (onnxslim: {_slim_line(fp32.simplify)})")
     # Each step gets the metadata the step before it wrote, not another read of the sidecar. A graph that
-    # disagrees with PyTorch, or whose check did not end (Ctrl-C, an error), must not be picked up by a
-    # runtime watching this folder.
-    try:
-        result.reports["parity"] = parity_report(model, fp32.path, options, metadata=fp32.metadata)
-    except BaseException:
-        _remove_with_sidecar(fp32.path)
-        raise
+    # disagrees with PyTorch, or whose check did not end (Ctrl-C, an error), stays in the staging folder,
+    # which is removed: a runtime watching the output folder never sees it.
+    result.reports["parity"] = parity_report(model, fp32.path, options, metadata=fp32.metadata)
     echo(result.reports["parity"].format())
     if not result.reports["parity"].passed:
-        _remove_with_sidecar(fp32.path)
-        raise ParityError(f"{checkpoint}: exported graph removed, FP32 parity failed:\n"
+        raise ParityError(f"{checkpoint}: exported graph not kept, FP32 parity failed:\n"
                           + result.reports["parity"].format())
 
     if check_images or int8_images:
@@ -225,25 +224,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
                               if unavailable else
                               "TensorRT engine not built: the cpu INT8 form is for CPU runtimes (TensorRT "
                               "needs --int8-target tensorrt)")
-    if triton_dir is not None:
-        configs = write_triton_repository(triton_dir, fp32.path, engine_path=result.files.get("engine"),
-                                          metadata=fp32.metadata, engine_metadata=engine_meta)
-        result.files.update({f"triton:{name}": path for name, path in configs.items()})
-        echo(f"wrote Triton repository {triton_dir} ("
-             + ", ".join(f"{name} version {versions(path.parent)[-1]}" for name, path in configs.items()) + ")")
-    if result.tensorrt_error:
-        raise TensorRTUnavailableError(result.tensorrt_error)
-    echo(f"done: {', '.join(str(path) for path in result.files.values())}")
-    for stale in other_models_left(out_dir, set(result.files.values()), checkpoint_sha):
-        echo(f"warning: {stale}")
-    if result.engine_note:
-        echo(result.engine_note)
-    return result
-
-
-def _remove_with_sidecar(path: Path) -> None:
-    for written in (path, sidecar_path(path)):
-        written.unlink(missing_ok=True)
+    result.metadata = fp32.metadata
+    return engine_meta
 
 
 def _defect_check_images(model, metadata):
@@ -254,24 +236,6 @@ def _defect_check_images(model, metadata):
     if images is None and unreadable:
         where = f"none of the {len(unreadable)} defect images in {unreadable[0].parent.parent} could be read"
     return images, where, unreadable
-
-
-def other_models_left(out_dir: Path, written, checkpoint_sha: str) -> List[str]:
-    """The graphs and engines of an EARLIER export of another checkpoint that this one did not replace
-    (an INT8 graph beside a new FP32 one would be run as if it were the new model), one line each."""
-    lines = []
-    for name in (FP16_NAME, INT8_NAME, ENGINE_NAME):
-        path = out_dir / name
-        if path in written or not sidecar_path(path).is_file():
-            continue
-        try:
-            other = ModelMetadata.load(sidecar_path(path)).checkpoint_sha256
-        except Exception:    # noqa: BLE001 - an unreadable sidecar: nothing to compare, nothing said
-            continue
-        if other and other != checkpoint_sha:
-            lines.append(f"{path} is from another checkpoint ({other[:12]}, this one {checkpoint_sha[:12]}) and was "
-                         f"left as it was; delete it or export into a new folder")
-    return lines
 
 
 def openvino_report_specs():

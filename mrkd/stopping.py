@@ -60,3 +60,24 @@ def stops_in_one_line(report: Callable[[str], Optional[str]]) -> Iterator[None]:
         if line:
             click.echo(line, err=True)
         raise click.exceptions.Exit(SIGTERM_EXIT if by == "SIGTERM" else SIGINT_EXIT) from None
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM wait: the block (a few renames that must all happen or none) runs to its
+    end, then the stop is raised as it would have been at that point. Main thread only (elsewhere a no-op).
+    Signals themselves are not blocked: Python runs its handlers in the main thread whichever thread the
+    signal reached, so swapping the handlers is what holds them back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    previous = {number: signal.signal(number, lambda got, _frame: arrived.append(got))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)    # now handled as outside: KeyboardInterrupt, Terminated, ...

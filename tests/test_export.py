@@ -231,8 +231,8 @@ def test_export_stopped_before_its_parity_check_ends_removes_the_unchecked_graph
     ckpt = tmp_path / "ck.pt"
     small_model().save(ckpt)
 
-    def stopped(*args, **kwargs):
-        assert (tmp_path / "out" / "model.onnx").exists()          # written, being checked
+    def stopped(model, path, *args, **kwargs):
+        assert path.exists() and path.parent.parent == tmp_path / "out"     # written in the staging folder
         raise Terminated() if stop == "sigterm" else stop()
 
     monkeypatch.setattr(pipeline, "parity_report", stopped)
@@ -241,6 +241,7 @@ def test_export_stopped_before_its_parity_check_ends_removes_the_unchecked_graph
     assert f"export stopped ({by})" in result.output and "Aborted!" not in result.output
     assert not (tmp_path / "out" / "model.onnx").exists()
     assert not (tmp_path / "out" / "model.onnx.json").exists()
+    assert not (tmp_path / "out").exists()          # made for this export, removed with its staging folder
 
 
 def test_the_export_pipeline_passes_its_metadata_along(tmp_path, monkeypatch):
@@ -279,39 +280,6 @@ def test_the_same_checkpoint_exported_twice_is_the_same_file_and_one_triton_vers
     recorded = ModelMetadata.load(sidecar_path(tmp_path / "a" / "model.onnx")).extra["onnxslim"]
     assert recorded["mode"] == "always" and "nodes_after" in recorded and not any("latency" in k for k in recorded)
     assert sum("onnxslim: kept" in line and " ms)" in line for line in lines) == 2      # timings still shown
-
-
-def test_an_export_of_another_checkpoint_never_replaces_the_models_in_the_folder(tmp_path):
-    """A second export of another checkpoint into the same folder replaced model.onnx (the file a line
-    runs) without a word; now it is refused before anything is written, naming the file and the checkpoint
-    its sidecar records. The same checkpoint exported again (the same bytes) still replaces it."""
-    import hashlib
-    first, second = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
-    small_model(seed=0).save(first)
-    small_model(seed=1).save(second)
-    out = tmp_path / "out"
-    args = ["-o", str(out), "--simplify", "never", "--batch", "1:1:2"]
-    assert CliRunner().invoke(export_command, [str(first)] + args).exit_code == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    first_sha = hashlib.sha256(first.read_bytes()).hexdigest()
-    refused = CliRunner().invoke(export_command, [str(second)] + args)
-    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
-    lines = [line for line in refused.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and str(out / "model.onnx") in lines[0] and first_sha[:12] in lines[0], refused.output
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    # the sidecar gone: the checkpoint embedded in the graph still says where the model came from
-    sidecar_path(out / "model.onnx").unlink()
-    refused = CliRunner().invoke(export_command, [str(second)] + args)
-    assert refused.exit_code == 1 and first_sha[:12] in refused.output
-    again = CliRunner().invoke(export_command, [str(first)] + args)
-    assert again.exit_code == 0, again.output
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    # a file that says nothing of its origin is not replaced either
-    (out / "model.onnx").write_bytes(b"someone's model")
-    sidecar_path(out / "model.onnx").unlink()
-    refused = CliRunner().invoke(export_command, [str(first)] + args)
-    assert refused.exit_code == 1 and "records no checkpoint" in refused.output
-    assert (out / "model.onnx").read_bytes() == b"someone's model"
 
 
 def test_an_opset_newer_than_the_installed_libraries_is_refused_in_one_line(tmp_path, monkeypatch):

@@ -157,8 +157,9 @@ def test_calibrating_an_exported_model_imports_neither_mrkd_train_nor_scipy(tmp_
 
 def test_export_keeps_a_threshold_set_on_the_line(tmp_path):
     """`mrkd calibrate model.onnx SOURCE` writes a threshold that exists only in that sidecar: exporting the
-    checkpoint again into the same folder is refused (one line) and changes nothing there; another folder
-    is fine, and a folder whose sidecar holds the checkpoint's own calibration is exported over as before."""
+    checkpoint again into the same folder is refused (one line), even with --overwrite, and changes nothing
+    there; another folder is fine, and a folder whose sidecar holds the checkpoint's own calibration is
+    exported over (--overwrite) as before."""
     from mrkd.calibrate_cli import calibrate_command
     from mrkd.export.cli import export_command
     from train_fixtures import trained_run
@@ -166,14 +167,14 @@ def test_export_keeps_a_threshold_set_on_the_line(tmp_path):
     out = tmp_path / "deploy"
     first = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never"])
     assert first.exit_code == 0, first.output
-    again = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never"])
+    again = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never", "--overwrite"])
     assert again.exit_code == 0, again.output                     # nothing set on the line yet: rebuilt
     folder = _texture_folder(tmp_path / "line", 6, seed=5)
     done = CliRunner().invoke(calibrate_command, [str(out / "model.onnx"), str(folder), "--accept-shift"])
     assert done.exit_code == 0, done.output
     sidecar = sidecar_path(out / "model.onnx")
     before = {p.name: _sha(p) for p in out.iterdir()}
-    refused = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never"])
+    refused = CliRunner().invoke(export_command, [checkpoint, "-o", str(out), "--simplify", "never", "--overwrite"])
     assert refused.exit_code != 0 and "set on the line" in refused.output and str(folder) in refused.output
     assert "Traceback" not in refused.output
     assert {p.name: _sha(p) for p in out.iterdir()} == before
@@ -182,32 +183,9 @@ def test_export_keeps_a_threshold_set_on_the_line(tmp_path):
     assert other.exit_code == 0, other.output
     # the demo, which calibrates its own export on its clip again, replaces it when it is run a second time
     from mrkd.export.pipeline import export_checkpoint
-    export_checkpoint(checkpoint, out, simplify="never", replace_line_calibration=True, echo=lambda line: None)
+    export_checkpoint(checkpoint, out, simplify="never", overwrite=True, replace_line_calibration=True,
+                      echo=lambda line: None)
     assert ModelMetadata.load(sidecar).calibration.source is None
-
-
-def test_an_export_names_another_checkpoints_graphs_it_left_in_the_folder(tmp_path):
-    """Exporting checkpoint B (FP32) into a folder that holds checkpoint A's FP16 graph left A's graph
-    there without a word, beside B's model.onnx; it is now named in a warning line."""
-    from mrkd.export.cli import export_command
-    from train_fixtures import trained_run
-    first = str(trained_run()["out_dir"]) + "/last.ckpt"
-    second = tmp_path / "other.ckpt"
-    data = torch.load(first, weights_only=True)
-    torch.save({**data, "note": "another checkpoint"}, second)          # another file: another sha256
-    out = tmp_path / "deploy"
-    done = CliRunner().invoke(export_command, [first, "-o", str(out), "--fp16", "--no-engine", "--simplify", "never"])
-    assert done.exit_code == 0, done.output
-    again = CliRunner().invoke(export_command, [first, "-o", str(out), "--simplify", "never"])
-    assert again.exit_code == 0 and "another checkpoint" not in again.output, again.output   # its own: nothing
-    refused = CliRunner().invoke(export_command, [str(second), "-o", str(out), "--simplify", "never"])
-    assert refused.exit_code == 1 and "not replaced" in refused.output, refused.output   # A's model.onnx stays
-    (out / "model.onnx").unlink()
-    (out / "model.onnx.json").unlink()
-    other = CliRunner().invoke(export_command, [str(second), "-o", str(out), "--simplify", "never"])
-    assert other.exit_code == 0, other.output
-    warnings = [line for line in other.output.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "model_fp16.onnx is from another checkpoint" in warnings[0], other.output
 
 
 def test_export_keeps_a_threshold_set_on_the_line_for_the_int8_graph(tmp_path):
@@ -228,9 +206,13 @@ def test_export_keeps_a_threshold_set_on_the_line_for_the_int8_graph(tmp_path):
     done = CliRunner().invoke(calibrate_command, [str(out / "model_int8.onnx"), str(line), "--accept-shift"])
     assert done.exit_code == 0, done.output
     before = {p.name: _sha(p) for p in out.iterdir()}
-    refused = CliRunner().invoke(export_command, args)
+    refused = CliRunner().invoke(export_command, args + ["--overwrite"])
     errors = [text for text in refused.output.splitlines() if text.startswith("Error:")]
     assert refused.exit_code == 1 and len(errors) == 1 and "Traceback" not in refused.output, refused.output
     assert str(sidecar_path(out / "model_int8.onnx")) in errors[0] and "set on the line" in errors[0]
+    assert {p.name: _sha(p) for p in out.iterdir()} == before
+    # an FP32-only --overwrite would remove model_int8.onnx and its threshold with it: refused the same way
+    fp32_only = CliRunner().invoke(export_command, args[:7] + ["--overwrite"])
+    assert fp32_only.exit_code == 1 and str(sidecar_path(out / "model_int8.onnx")) in fp32_only.output, fp32_only.output
     assert {p.name: _sha(p) for p in out.iterdir()} == before
     assert ModelMetadata.load(sidecar_path(out / "model_int8.onnx")).calibration.source == str(line)

@@ -22,11 +22,11 @@ def export_step(context: Dict) -> None:
         # check lets `mrkd run --backend auto` run bf16 there.
         good = Path(context["data_root"]) / category / "train" / "good"
         notes = []
-        # replace_line_calibration: a second demo run re-exports over the first one's stream calibration, which
-        # its own stream step sets again
+        # a second demo run replaces the first one's export (overwrite) and its stream calibration
+        # (replace_line_calibration), which its own stream step sets again
         result = export_checkpoint(checkpoint, export_dir / category, ExportOptions(), triton_dir=triton_dir,
                                    check_images=good if good.is_dir() else None, simplify="never",
-                                   replace_line_calibration=True,
+                                   overwrite=True, replace_line_calibration=True,
                                    echo=lambda line: notes.append(line) if line.startswith(("bf16", "  bf16")) else None)
         context["exports"][category] = result.files["onnx"]
         parity = result.reports["parity"]

@@ -1,0 +1,83 @@
+"""An export's files as one set: written and checked in a staging folder, then moved into the output
+folder together, replacing an earlier export's set only when asked (``overwrite``).
+
+A line may run the model in the output folder (`mrkd run` loads it again on SIGHUP), so that folder
+never holds half of a new set, a new graph beside an older export's sidecar, nor an older export's INT8
+graph or engine beside a new model.onnx as if they belonged to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, List
+
+from mrkd.export.onnx_graph import ExportError
+from mrkd.runtime.metadata import sidecar_path
+
+FP32_NAME, FP16_NAME, INT8_NAME, ENGINE_NAME = "model.onnx", "model_fp16.onnx", "model_int8.onnx", "model.engine"
+MODEL_NAMES = (FP32_NAME, FP16_NAME, INT8_NAME, ENGINE_NAME)
+STAGING_PREFIX = ".export-"
+
+
+def set_files(folder: Path) -> List[Path]:
+    """The exported files (graphs, engine and their sidecars) in ``folder``: sidecars first."""
+    sidecars = [sidecar_path(folder / name) for name in MODEL_NAMES]
+    return [path for path in sidecars + [folder / name for name in MODEL_NAMES] if path.is_file()]
+
+
+def refuse_earlier_set(out_dir: Path) -> None:
+    """ExportError (one line, before anything is written) when ``out_dir`` holds an exported model."""
+    found = set_files(out_dir) if out_dir.is_dir() else []
+    if found:
+        raise ExportError(f"{out_dir} already holds an exported model ({', '.join(p.name for p in found)}): "
+                          f"export into a new folder (-o), or pass --overwrite to replace that set")
+
+
+@contextlib.contextmanager
+def staging_folder(out_dir: Path) -> Iterator[Path]:
+    """A fresh hidden folder inside ``out_dir`` (the same file system: a rename moves a file out of it),
+    removed at the end whatever happens; ``out_dir`` itself is removed again if it was made for it and an
+    error or a stop leaves it empty. Messages of errors raised inside name ``out_dir``, not the staging."""
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    try:
+        yield staging
+    except BaseException as exc:
+        exc.args = tuple(arg.replace(str(staging), str(out_dir)) if isinstance(arg, str) else arg
+                         for arg in exc.args)
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()        # only when empty
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(staging: Path, out_dir: Path) -> List[Path]:
+    """Move the set written in ``staging`` into ``out_dir``, after removing the files of an earlier set
+    that the new one does not replace (returned). Sidecars are moved before their graphs: a reader never
+    meets a new graph with an old sidecar. The caller holds Ctrl-C/SIGTERM back around it (stops_deferred)."""
+    new = set_files(staging)
+    names = {path.name for path in new}
+    stale = [path for path in set_files(out_dir) if path.name not in names]
+    for path in stale:
+        path.unlink()
+    for path in new:
+        os.replace(path, out_dir / path.name)
+    _sync_folder(out_dir)
+    return stale
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync the folder so the renames survive a power cut (where the OS allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
