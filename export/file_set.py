@@ -37,6 +37,15 @@ def refuse_earlier_set(out_dir: Path) -> None:
                           f"export into a new folder (-o), or pass --overwrite to replace that set")
 
 
+def leftover_staging(out_dir: Path) -> List[Path]:
+    """Staging folders in ``out_dir`` that an earlier export left (only SIGKILL or a power cut skips the
+    clean-up; or one running now), sorted."""
+    try:
+        return sorted(p for p in out_dir.glob(f"{STAGING_PREFIX}*") if p.is_dir())
+    except OSError:
+        return []
+
+
 @contextlib.contextmanager
 def staging_folder(out_dir: Path) -> Iterator[Path]:
     """A fresh hidden folder inside ``out_dir`` (the same file system: a rename moves a file out of it),

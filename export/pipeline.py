@@ -8,7 +8,8 @@ from typing import Callable, Dict, Optional
 
 from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.file_set import (ENGINE_NAME, FP16_NAME, FP32_NAME, INT8_NAME, MODEL_NAMES,  # noqa: F401
-                                  move_into_place, refuse_earlier_set, staging_folder)
+                                  leftover_staging, move_into_place, refuse_earlier_set,
+                                  staging_folder)
 from mrkd.export.fp16 import fp16_fidelity_report, fp16_options
 from mrkd.export.int8 import (GOOD_ONLY_NOTE, INT8_TARGET_CHOICES, default_int8_target, held_out_defect_paths,
                               int8_agreement_report, int8_check_paths, int8_image_paths, load_images,
@@ -117,6 +118,9 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     if not replace_line_calibration:     # the demo, which rebuilds and calibrates its own folder, replaces them
         for name in MODEL_NAMES:     # each graph or engine calibrated on the line where it runs, replaced or removed
             keep_line_calibration(out_dir / name, model)
+    for leftover in leftover_staging(out_dir):
+        echo(f"warning: {leftover} looks like the unfinished files of an export that was killed (or one running "
+             f"now); it is not used: remove it once no export runs")
     with staging_folder(out_dir) as staging:
         # its lines name the files where they will be once the set is moved into place
         engine_meta = _write_set(model, checkpoint, checkpoint_sha, staging, result, options, fp16=fp16,

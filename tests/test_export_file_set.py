@@ -171,3 +171,18 @@ def test_a_sigterm_while_the_set_is_moved_in_waits_until_it_is_whole(checkpoints
         in result.output
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.json", "model_fp16.onnx",
                                                      "model_fp16.onnx.json"]
+
+
+def test_a_killed_exports_staging_folder_is_named_and_left_alone(checkpoints, tmp_path):
+    """SIGKILL skips the clean-up of the hidden staging folder; the next export into that folder says so
+    (it may also be an export running now, so it is not deleted) and exports as usual."""
+    first, _ = checkpoints
+    out = tmp_path / "out"
+    leftover = out / ".export-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "model.onnx").write_bytes(b"half")
+    result = _export(first, out)
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:") and str(leftover) in line]
+    assert len(warned) == 1 and "killed" in warned[0], result.output
+    assert (leftover / "model.onnx").read_bytes() == b"half" and (out / "model.onnx").stat().st_size > 1000
