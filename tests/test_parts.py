@@ -287,6 +287,27 @@ def test_cli_triggers_from_stdin(model, folder, tmp_path):
     assert summary["parts"] == 4 and summary["triggers"] == 4 and summary["verdicts"]["NG"] == 1
 
 
+def test_fps_with_a_trigger_is_refused_not_dropped(model, folder, tmp_path):
+    """--fps (or fps in a line file) on a triggered camera was dropped without a word when the part runner
+    opened it (README: "with --trigger it is refused"); a free-running camera keeps it."""
+    from mrkd.runtime.cli import run_command
+    from mrkd.runtime.line.loop import LineError
+    result = CliRunner().invoke(run_command, [model, "--source", str(folder[0]), "--fps", "10", "--trigger",
+                                              "software", "--trigger-stdin"], input="A\n")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "Error: camera 'cam0': fps 10 sets a free-running camera's rate; with trigger software it makes one " \
+           "image per trigger" in result.output and "parts" not in result.output, result.output
+    line_file = tmp_path / "line.toml"
+    line_file.write_text(f'[[camera]]\nname = "top"\nsource = "{folder[0]}"\nmodel = "{model}"\n'
+                         f'trigger = "hardware"\nfps = 5\n')
+    result = CliRunner().invoke(run_command, ["--line", str(line_file), "--trigger-stdin"], input="A\n")
+    assert result.exit_code == 1 and f"{line_file}: camera 'top': fps 5 sets a free-running" in result.output, \
+        result.output
+    with pytest.raises(LineError, match="with trigger software it makes one image per trigger"):
+        Line((Camera("cam", str(folder[0]), model, trigger="software", fps=2.0),))
+    assert Line((Camera("cam", str(folder[0]), model, fps=2.0),)).cameras[0].fps == 2.0
+
+
 @pytest.mark.parametrize("source", ["stdin", "every"])
 def test_cli_max_parts_judges_that_many_parts(model, folder, tmp_path, source):
     """--max-parts N judges N parts: stdin lines after the Nth accepted one are not read (all five were

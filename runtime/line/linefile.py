@@ -15,7 +15,7 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     cooldown = 2.0                     # seconds of frame time
     cooldown_frames = 0
     size = "640x480"                   # or [640, 480]
-    fps = 10
+    fps = 10                           # free run only: refused with a trigger (one image per trigger)
     loop = false                       # restart files and folders at their end
     trigger = "software"               # free (default) / software / hardware: judge parts on trigger
     features = {ExposureTime = 5000, PixelFormat = "Mono8"}   # gige:// cameras: GenICam settings

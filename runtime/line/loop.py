@@ -59,9 +59,9 @@ class Camera:
     alarm: its AlarmSettings (threshold, debounce, cooldown, cooldown_frames); those four may also be
     given as keywords, ``Camera(name, uri, model, threshold=0.4)``, and are kept in ``alarm`` only
     (``camera.alarm.threshold``). size: (width, height) frames are resized to.
-    fps: camera rate to request, or the rate files/folders are replayed at. features: GenICam
-    (NAME, VALUE) settings of a gige:// camera. trigger: free (frames as they come) / software /
-    hardware (one image per part trigger, runtime/line/parts.py).
+    fps: camera rate to request, or the rate files/folders are replayed at (free run only: refused
+    with a trigger). features: GenICam (NAME, VALUE) settings of a gige:// camera. trigger: free
+    (frames as they come) / software / hardware (one image per part trigger, runtime/line/parts.py).
     """
 
     name: str
@@ -141,6 +141,11 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
             raise LineError(f"camera {camera.name!r}: fps must be > 0, got {camera.fps}")
         if camera.trigger not in ("free", "software", "hardware"):
             raise LineError(f"camera {camera.name!r}: trigger must be free, software or hardware, got {camera.trigger!r}")
+        if camera.fps is not None and camera.trigger != "free":
+            # a triggered camera makes one image per trigger (a file or folder: its next frame), so a rate
+            # would be dropped without a word when the part runner opens it
+            raise LineError(f"camera {camera.name!r}: fps {camera.fps:g} sets a free-running camera's rate; with "
+                            f"trigger {camera.trigger} it makes one image per trigger: leave fps (--fps) out")
         if camera.size is not None and (len(camera.size) != 2 or min(camera.size) < 1):
             raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
 
