@@ -422,6 +422,8 @@ def test_refused_and_unknown_features_name_camera_feature_value(simulator, model
                                 [model, "--source", f"top={camera.uri}", "--feature", "GainRaw=99", "--max-frames", "1"])
     assert result.exit_code != 0
     assert "feature GainRaw = 99: refused" in result.output and "Traceback" not in result.output
+    # named once: it read "Error: camera 'top': camera top: feature ..."
+    assert "Error: camera top: feature GainRaw = 99: refused" in result.output, result.output
 
 
 def test_triggers_faster_than_the_line_are_queued_then_refused(simulator, model):

@@ -335,6 +335,14 @@ def open_detectors(line: Line) -> Dict[str, Detector]:
     return detectors
 
 
+def _naming(camera: Camera, exc: Exception) -> str:
+    """A source error that names its camera: a GigE source's own errors already begin "camera NAME",
+    so they are not named twice ("camera 'top': camera top: ...")."""
+    text = str(exc)
+    named = text.startswith((f"camera {camera.name}:", f"camera {camera.name} ("))
+    return text if named else f"camera {camera.name!r}: {text}"
+
+
 def open_sources(line: Line, timeout: float = 5.0, cameras: Optional[Sequence[str]] = None,
                  triggered: bool = False) -> Dict[str, Source]:
     """Open the sources of the line's cameras (``cameras``: only these names); a failure names the
@@ -356,11 +364,11 @@ def open_sources(line: Line, timeout: float = 5.0, cameras: Optional[Sequence[st
                 sources[camera.name] = opener()
             except SourceUnreachable as exc:     # a network camera still booting: not a failure
                 if triggered:
-                    raise SourceError(f"camera {camera.name!r}: {exc}") from exc
+                    raise SourceError(_naming(camera, exc)) from exc
                 logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
                 sources[camera.name] = LateSource(camera.source, opener, str(exc))
             except SourceError as exc:
-                raise SourceError(f"camera {camera.name!r}: {exc}") from exc
+                raise SourceError(_naming(camera, exc)) from exc
     except BaseException:
         for source in sources.values():
             source.close()
