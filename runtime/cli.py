@@ -315,6 +315,23 @@ def check_summary_target(path) -> None:
                            "written over (name a new file)")
 
 
+def threshold_off_scale(threshold: float, detector) -> str:
+    """Why a camera's own threshold looks like another model's (empty when it does not): past
+    FIXED_THRESHOLD_SCALE (2x, the hot swap's test of "another scale") from the model's calibrated
+    threshold, a copied example value (0.42 against scores near 85) alarms on every frame, or a
+    number far above the scores lets every defect pass, without a word."""
+    from mrkd.runtime.line.swap import FIXED_THRESHOLD_SCALE
+    calibrated = detector.threshold
+    if calibrated is None or not calibrated > 0 or not threshold > 0:
+        return ""
+    ratio = threshold / calibrated
+    if 1.0 / FIXED_THRESHOLD_SCALE <= ratio <= FIXED_THRESHOLD_SCALE:
+        return ""
+    outcome = "almost every frame or part would alarm" if ratio < 1 else "defects may never reach it"
+    return (f"threshold {threshold:g} is {ratio:.3g}x the model's calibrated {calibrated:.4g} (its good parts "
+            f"score near that): {outcome}; give a threshold on this model's scale, or leave it out")
+
+
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(exists=True, dir_okay=False), required=False)
 @click.option("--source", "-s", "sources", multiple=True,
@@ -455,6 +472,9 @@ def run_command(model, sources, line_file, **options):
             if camera.alarm.threshold is not None:
                 click.echo(f"camera {camera.name}: threshold {camera.alarm.threshold} given (--threshold or the "
                            "line file); the model's is not used", err=True)
+                off_scale = threshold_off_scale(camera.alarm.threshold, detectors[str(Path(camera.model).resolve())])
+                if off_scale:
+                    click.echo(f"WARNING camera {camera.name}: {off_scale}", err=True)
         outputs = build_outputs(output_settings)
         page = outputs_summary(outputs).get("page")
         if page:

@@ -321,6 +321,25 @@ def test_cli_line_file_with_two_models(tmp_path, two_models):
     assert summary["cameras"]["right"]["model"].endswith("b.onnx")
 
 
+def test_a_camera_threshold_off_the_models_scale_is_warned_about(tmp_path, two_models):
+    """The README's line-file example gave threshold = 0.42; against a model whose good parts score near
+    85 every frame alarmed with no word but "the model's is not used". Past 2x from the model's calibrated
+    threshold (0.1 here; the hot swap's test of another scale) a warning names the camera and the ratio."""
+    write_folder(tmp_path / "l", pattern_frames(7, 3, 1))
+    (tmp_path / "line.toml").write_text(
+        '[[camera]]\nname = "low"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 0.002\n'
+        '[[camera]]\nname = "near"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 0.15\n'
+        '[[camera]]\nname = "high"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 1.0\n')
+    result = _run(["--line", str(tmp_path / "line.toml"), "--status-every", "0", "--max-frames", "1"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("WARNING camera")]
+    assert len(warnings) == 2, result.output
+    assert warnings[0].startswith("WARNING camera low: threshold 0.002 is 0.02x the model's calibrated 0.1 ")
+    assert "almost every frame or part would alarm" in warnings[0]
+    assert warnings[1].startswith("WARNING camera high: threshold 1 is 10x the model's calibrated 0.1 ")
+    assert "defects may never reach it" in warnings[1]
+
+
 def test_line_file_inference_table_chooses_the_backend_and_the_command_line_wins(tmp_path, two_models):
     """Issue 24: the backend in the line file as on the command line (it was refused as an unknown key)."""
     write_folder(tmp_path / "l", pattern_frames(7, 4, 2))
