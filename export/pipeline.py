@@ -248,10 +248,8 @@ def openvino_report_specs():
     from mrkd.runtime.backends import backend_entry
     if not backend_entry("openvino").available():
         return []
-    from mrkd.deps import require
     from mrkd.runtime.backends.openvino_backend import cpu_capabilities
-    core = require("openvino").Core()
-    return ["openvino"] + (["openvino:bf16"] if "BF16" in cpu_capabilities(core) else [])
+    return ["openvino"] + (["openvino:bf16"] if "BF16" in cpu_capabilities() else [])
 
 
 

@@ -28,9 +28,8 @@ def bf16_unavailable_reason() -> Optional[str]:
     from mrkd.runtime.backends import backend_entry
     if not backend_entry("openvino").available():
         return "OpenVINO is not installed (pip install 'mrkd[openvino]')"
-    from mrkd.deps import require
     from mrkd.runtime.backends.openvino_backend import cpu_capabilities
-    capabilities = cpu_capabilities(require("openvino").Core())
+    capabilities = cpu_capabilities()
     if "BF16" not in capabilities:
         return f"this CPU has no native bf16 (OpenVINO offers {', '.join(capabilities)})"
     return None

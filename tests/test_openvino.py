@@ -392,3 +392,32 @@ def test_a_camera_threshold_below_what_the_bf16_check_allows_runs_f32(tmp_path):
     finally:
         for detector in detectors.values():
             detector.close()
+
+
+# --- one OpenVINO Core per process: signals survive models released in any order ---------------------
+
+RELEASED_IN_MAKING_ORDER = """
+import gc, os, signal, sys
+from mrkd.runtime.backends.openvino_backend import OpenVinoBackend
+older, newer = OpenVinoBackend(sys.argv[1]), OpenVinoBackend(sys.argv[1])
+for backend in (older, newer):        # the older first, as a hot swap releases them
+    backend.close()
+del older, newer, backend
+gc.collect()
+got = []
+signal.signal(signal.SIGUSR1, lambda number, frame: got.append(number))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("delivered", got)
+"""
+
+
+def test_a_signal_after_models_released_oldest_first_is_delivered(exported):
+    """Each ov.Core's CPU plugin gave the thread that made it a signal stack of its own and put back the one it
+    found when released; two Cores released oldest first left the thread on a freed stack, and the next
+    signal (SIGHUP for a hot swap, SIGTERM, Ctrl-C) ended the process with SIGSEGV. Run in a process of its
+    own: in this one it would take the test run down."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", RELEASED_IN_MAKING_ORDER, str(exported["fp32"])],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "delivered [10]" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -10,6 +10,7 @@ that precision. The precision the compiled model reports is what ``precision`` r
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -25,8 +26,26 @@ CHECKED = "checked"           # --backend auto's precision: bf16 only where the 
 _INPUT_TYPES = {"f32": np.float32, "f16": np.float16, "u8": np.uint8}
 
 
-def cpu_capabilities(core) -> Tuple[str, ...]:
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def shared_core():
+    """The process's one ov.Core, made on first use and never released. Why one: each Core's CPU plugin
+    gives the thread that makes it a signal stack of its own and, when the Core goes, puts back the one
+    it found. Cores released in another order than the reverse of their making (a hot swap closes the
+    older model) left a thread on a freed signal stack, and the next signal (SIGHUP, SIGTERM, Ctrl-C)
+    ended the process with SIGSEGV. One Core also loads the plugin once."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = require("openvino").Core()
+        return _CORE
+
+
+def cpu_capabilities(core=None) -> Tuple[str, ...]:
     """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU, e.g. ("FP32", "INT8", "BF16")."""
+    core = core if core is not None else shared_core()
     return tuple(str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
 
 
@@ -86,7 +105,7 @@ class OpenVinoBackend(Backend):
         ov = require("openvino")
         options = options or BackendOptions()
         self.model_path = Path(model_path)
-        core = ov.Core()
+        core = shared_core()
         try:
             if self.model_path.suffix.lower() == ".onnx":
                 # the ONNX frontend itself: read_model tries every frontend on a file it cannot parse, and
