@@ -22,12 +22,12 @@ ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino
 
 from mrkd.export.parity import FP32_TOLERANCE  # noqa: E402
 from mrkd.runtime.backends import BackendError, open_backend, usable_cpus  # noqa: E402
-from mrkd.runtime.backends.openvino_backend import cpu_capabilities, inference_precision  # noqa: E402
+from mrkd.runtime.backends.openvino_backend import cpu_capabilities, inference_precision, shared_core  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
 from runtime_fixtures import (THRESHOLD, build_tiny_model, defective_frame, export_tiny_model,  # noqa: E402
                               normal_frame, reference_map)
 
-HAS_BF16 = "BF16" in cpu_capabilities(ov.Core())
+HAS_BF16 = "BF16" in cpu_capabilities()
 THREADS = min(2, usable_cpus())     # more than the CPUs is refused (mrkd.runtime.backends.check_threads)
 
 
@@ -302,7 +302,7 @@ def test_export_records_the_bf16_check_and_auto_runs_what_it_allows(tmp_path, th
     images = load_images(int8_image_paths(good), meta)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     ref = session.run(["score"], {session.get_inputs()[0].name: images})[0].astype(np.float64)
-    compiled = ov.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    compiled = shared_core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     cand = np.array(compiled({0: images})[compiled.output("score")], dtype=np.float64)
     assert check.images == 5 and check.threshold == threshold and check.precision == "bf16"
     assert check.score_max_abs_diff == pytest.approx(np.abs(ref - cand).max(), rel=1e-3, abs=1e-6)
