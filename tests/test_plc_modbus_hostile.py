@@ -7,6 +7,7 @@ nothing while a PLC (Debian's mbpoll) keeps being served."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import time
@@ -126,6 +127,7 @@ def test_a_malformed_mbap_header_closes_its_connection_only(server, header, why,
             good.sendall(frame(7, READ_PART_ID))
             assert [tid for tid, _ in read_answers(good, 1)] == [7]
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1, caplog.text
+    assert re.search(r", [1-9]\d* closed for a malformed header", server.health().detail), server.health().detail
 
 
 @pytest.mark.parametrize("pdu", [
@@ -168,6 +170,8 @@ def test_200_silent_connections_leave_a_polling_plc_served_and_are_capped(server
                     assert [tid for tid, _ in read_answers(plc, 1)] == [i + 1], i
             time.sleep(0.3)
             assert server.clients <= MAX_CONNECTIONS, server.clients
+            assert re.search(rf", 1[6-9]\d idle closed to stay at {MAX_CONNECTIONS}", server.health().detail), \
+                server.health().detail
             rc, values, err = mbpoll(port, "3", 0, 19)
             assert rc == 0 and len(values) == 19, err
             plc.sendall(frame(999, READ_PART_ID))
@@ -248,3 +252,5 @@ def test_a_frame_started_and_never_finished_closes_its_connection_at_the_deadlin
     said = [r.getMessage() for r in caplog.records if "not completed within" in r.getMessage()]
     assert said == [f"modbus: closed a connection from 127.0.0.1: a frame started and not completed within "
                     f"{modbus.FRAME_DEADLINE_S:g} s"], said
+    # and the line's health (summary, /metrics, the page) counts them
+    assert re.search(r", [2-9]\d* closed with a frame left unfinished", server.health().detail), server.health().detail

@@ -427,6 +427,13 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                                    + (f", {self.clients_refused} refused" if self.clients_refused else "")
                                    + (f", {self.writes_refused} write(s) refused by role" if self.writes_refused
                                       else "")
+                                   # connections the server closed on its own: said, never silent
+                                   + (f", {self.frames_refused} closed for a malformed header" if self.frames_refused
+                                      else "")
+                                   + (f", {self.frames_stalled} closed with a frame left unfinished"
+                                      if self.frames_stalled else "")
+                                   + (f", {self.connections_closed} idle closed to stay at {MAX_CONNECTIONS}"
+                                      if self.connections_closed else "")
                                    + (", results buffer overrun" if image.overrun else ""))
 
 
