@@ -159,6 +159,7 @@ def test_a_plc_gets_in_at_once_past_silent_sockets_and_activated_sessions_stay(t
         took, since_silent = time.monotonic() - started, time.monotonic() - opened
         assert closed_by_server(sockets[crowded], 0.05)              # the oldest silent one made room for it
         assert held.check() == {"kind": "held", "statuses": ["Good", "Good"], "lost": 0}
+        assert f", {crowded + 1} without a session closed to make room" in server.health().detail, server.health()
         out, _ = job.communicate(timeout=60)     # node-opcua takes its time to disconnect
     finally:
         if held is not None:
@@ -193,6 +194,7 @@ def test_with_every_place_an_activated_session_a_new_connection_is_refused(tmp_p
         sockets = silent_sockets(server.url, 2)
         assert [closed_by_server(sock, 2.0) for sock in sockets] == [True, True]
         assert held.check() == {"kind": "held", "statuses": ["Good"] * opcua.MAX_CONNECTIONS, "lost": 0}
+        assert ", 2 refused: every place held by an activated session" in server.health().detail, server.health()
     finally:
         if held is not None:
             held.kill()

@@ -131,6 +131,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self._server = None
         self._error: Optional[BaseException] = None
         self._closed = False
+        self._connections: Optional["_Connections"] = None    # asyncua's connection list, where it could be wrapped
         self._nodes: dict = {}
         self._publishing = 0                       # results handed to the loop, their event not yet queued
         self._publishing_lock = threading.Lock()
@@ -205,7 +206,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if type(getattr(binary, "clients", None)) is list and not binary.clients:
             # asyncua counts each connection against max_connections before it joins this list, so
             # the one past MAX_CONNECTIONS must reach _Connections, which closes one to stay at the cap
-            binary.clients = _Connections()
+            binary.clients = self._connections = _Connections()
             server.iserver.max_connections = MAX_CONNECTIONS + 1
         sockets = getattr(getattr(server.bserver, "_server", None), "sockets", None) or []
         port = sockets[0].getsockname()[1] if sockets else self.port
@@ -594,8 +595,14 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
     def health(self) -> Optional[OutputHealth]:
         # stopped with the run is not a failure
+        connections = self._connections
         return OutputHealth(name="opcua", ok=True, state="stopped" if self._closed else "listening",
-                            sent=self.results, detail=self.url or f"opc.tcp://{self.host}:{self.port}")
+                            sent=self.results, detail=(self.url or f"opc.tcp://{self.host}:{self.port}")
+                            # connections the server closed on its own: said, never silent
+                            + (f", {connections.made_room} without a session closed to make room"
+                               if connections is not None and connections.made_room else "")
+                            + (f", {connections.refused} refused: every place held by an activated session"
+                               if connections is not None and connections.refused else ""))
 
 
 class _DropAll(logging.Filter):
@@ -657,12 +664,19 @@ class _Connections(list):
     PLC connecting meanwhile was refused); one with an activated session never is: when all are, the
     new connection is refused."""
 
+    made_room = 0       # connections without an activated session closed for a newer one
+    refused = 0         # new connections closed because every place held an activated session
+
     def append(self, connection) -> None:
         super().append(connection)
         if len(self) <= MAX_CONNECTIONS:
             return
         waiting = next((c for c in self if c is not connection and not _activated(c)), None)
         closed = waiting if waiting is not None else connection
+        if waiting is not None:
+            self.made_room += 1
+        else:
+            self.refused += 1
         # out of the count at once: its connection_lost (which removes it too) may come after the
         # next connection has been counted
         self.remove(closed)
