@@ -316,16 +316,16 @@ def check_summary_target(path) -> None:
 
 
 def threshold_off_scale(threshold: float, detector) -> str:
-    """Why a camera's own threshold looks like another model's (empty when it does not): past
-    FIXED_THRESHOLD_SCALE (2x, the hot swap's test of "another scale") from the model's calibrated
-    threshold, a copied example value (0.42 against scores near 85) alarms on every frame, or a
-    number far above the scores lets every defect pass, without a word."""
-    from mrkd.runtime.line.swap import FIXED_THRESHOLD_SCALE
+    """Why a camera's own threshold looks like another model's (empty when it does not): off the
+    model's calibrated threshold's scale (swap.on_one_scale, the hot swap's test: within 2x), a copied
+    example value (0.42 against scores near 85) alarms on every frame, or a number far above the scores
+    lets every defect pass, without a word."""
+    from mrkd.runtime.line.swap import on_one_scale
     calibrated = detector.threshold
     if calibrated is None or not calibrated > 0 or not threshold > 0:
         return ""
     ratio = threshold / calibrated
-    if 1.0 / FIXED_THRESHOLD_SCALE <= ratio <= FIXED_THRESHOLD_SCALE:
+    if on_one_scale(ratio):
         return ""
     outcome = "almost every frame or part would alarm" if ratio < 1 else "defects may never reach it"
     return (f"threshold {threshold:g} is {ratio:.3g}x the model's calibrated {calibrated:.4g} (its good parts "

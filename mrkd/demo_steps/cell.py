@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -90,25 +91,27 @@ class _LineProcess:
                 self._listening.set()
         self._listening.set()       # the process ended: whoever waits stops waiting
 
+    @property
+    def last_words(self) -> str:
+        return self.lines[-1] if self.lines else "nothing"
+
     def failure(self, what: str) -> str:
         """``what`` went wrong on the PLC's side; with the line's last word, and the line stopped."""
         self.stop()
         self._reader.join(timeout=5)
-        said = self.lines[-1] if self.lines else "nothing"
-        return f"{what}; the line (exit {self.process.returncode}) said last: {said}"
+        return f"{what}; the line (exit {self.process.returncode}) said last: {self.last_words}"
 
     def wait_listening(self, timeout: float) -> Tuple[str, int]:
         self._listening.wait(timeout)
         if self.address is None:
             self.stop()
-            said = self.lines[-1] if self.lines else "nothing"
-            raise CellError(f"the line did not start its Modbus server within {timeout:.0f} s; it said: {said}")
+            raise CellError(f"the line did not start its Modbus server within {timeout:.0f} s; it said: "
+                            f"{self.last_words}")
         return self.address
 
     def finish(self, timeout: float) -> str:
         """End the run as a line's supervisor does (SIGTERM: it finishes what it holds and writes its
         events); its stdout, the run's JSON summary."""
-        import signal
         self.process.send_signal(signal.SIGTERM)
         try:
             stdout, _ = self.process.communicate(timeout=timeout)
@@ -117,8 +120,7 @@ class _LineProcess:
             raise CellError(f"the line did not end within {timeout:.0f} s of SIGTERM")
         self._reader.join(timeout=5)
         if self.process.returncode != 0:
-            said = self.lines[-1] if self.lines else "nothing"
-            raise CellError(f"the line exited with {self.process.returncode}: {said}")
+            raise CellError(f"the line exited with {self.process.returncode}: {self.last_words}")
         return stdout
 
     def stop(self) -> None:

@@ -43,10 +43,9 @@ def shared_core():
         return _CORE
 
 
-def cpu_capabilities(core=None) -> Tuple[str, ...]:
+def cpu_capabilities() -> Tuple[str, ...]:
     """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU, e.g. ("FP32", "INT8", "BF16")."""
-    core = core if core is not None else shared_core()
-    return tuple(str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    return tuple(str(c) for c in shared_core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
 
 
 def checked_precision(capabilities: Tuple[str, ...], metadata,
@@ -138,7 +137,7 @@ class OpenVinoBackend(Backend):
         rt_info = model.get_rt_info()
         framework = rt_info["framework"] if "framework" in rt_info.keys() else {}
         self.model_metadata_props = {key: value.astype(str) for key, value in dict(framework).items()}
-        self.capabilities = cpu_capabilities(core)
+        self.capabilities = cpu_capabilities()
         self.requested_precision = options.precision or DEFAULT_PRECISION
         if self.requested_precision == CHECKED:
             hint, self.precision_reason = checked_precision(self.capabilities, options.metadata,

@@ -56,6 +56,11 @@ CHECK_FRAMES = 3              # frames of each model path the candidate must sco
 # their calibrated thresholds (or their median scores on the same frames), the number would be on
 # another scale (another score kind: 1 - cos against memory-bank distances), alarms could fall silent.
 FIXED_THRESHOLD_SCALE = 2.0
+
+
+def on_one_scale(ratio: float) -> bool:
+    """Whether two thresholds (or score levels) ``ratio`` apart are on one scale (nan: not)."""
+    return 1.0 / FIXED_THRESHOLD_SCALE <= ratio <= FIXED_THRESHOLD_SCALE
 COMPATIBLE_FIELDS = ("image_size", "backbone", "input_format")
 
 
@@ -266,7 +271,7 @@ class ModelSlots(LineObserver):
         else:
             ratio, basis = math.nan, "no calibrated threshold of the running model and no frame to compare on"
         cameras = ", ".join(f"{name} ({threshold:g})" for name, threshold in fixed)
-        if not (1.0 / FIXED_THRESHOLD_SCALE <= ratio <= FIXED_THRESHOLD_SCALE):    # nan included
+        if not on_one_scale(ratio):    # nan included
             raise SwapRefused(f"{slot.path}: camera(s) {cameras} judge by their own threshold, and the new model "
                               f"scores on another scale ({basis}); set their threshold for the new model (line "
                               f"file or --threshold) and restart, or drop it to use the model's")
