@@ -140,6 +140,39 @@ def test_a_snapshot_replaced_by_a_link_is_not_served(tmp_path):
         server.close()
 
 
+def test_a_hard_link_in_the_snapshots_folder_is_not_served_but_mrkds_own_snapshot_is(tmp_path, caplog):
+    """A hard link put in the folder to a file elsewhere on the disk was served: the walk sees a regular
+    file below the folder. A file with a second name is refused now; the snapshot mrkd writes (staged,
+    then linked to its name, the staged name removed) has one name and is served."""
+    from mrkd.runtime.outputs.snapshots import write_snapshot
+    folder = tmp_path / "snaps"
+    (folder / "cam0").mkdir(parents=True)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"operator password file")
+    linked = folder / "cam0" / "ev-2.jpg"
+    os.link(secret, linked)
+    own = write_snapshot(folder / "cam0" / "ev-1.jpg", np.full((8, 8, 3), 200, np.uint8),
+                         np.zeros((4, 4), np.float32), 0.5)
+    server = OperatorServer("127.0.0.1", 0, snapshots=str(folder))
+    port = server.httpd.server_address[1]
+    try:
+        server.on_start([CameraInfo("cam0", "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.5, "test")])
+        for event_id, path in (("ev-1", own), ("ev-2", linked)):
+            server.on_event("cam0", {"event_id": event_id, "score": 0.9, "threshold": 0.5, "snapshot": str(path)})
+        with caplog.at_level("WARNING", logger="mrkd.runtime.outputs.web"):
+            answer = _raw(port, b"GET /alarm/ev-1.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(own.read_bytes()), answer[:200]
+            answer = _raw(port, b"GET /alarm/ev-2.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 404") and b"password" not in answer, answer
+        refusals = [r.getMessage() for r in caplog.records if "ev-2" in r.getMessage()]
+        assert len(refusals) == 1 and "hard link" in refusals[0] and "\n" not in refusals[0], refusals
+        os.link(own, tmp_path / "copy.jpg")        # mrkd's own snapshot given a second name elsewhere: refused too
+        answer = _raw(port, b"GET /alarm/ev-1.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+    finally:
+        server.close()
+
+
 def test_the_snapshots_folder_is_learnt_from_the_line_outputs(tmp_path):
     from mrkd.runtime.outputs import build_outputs
     outputs = build_outputs(OutputSettings(http="127.0.0.1:0", snapshots=str(tmp_path / "snaps")))

@@ -1,7 +1,10 @@
 """The one folder the operator page reads files from on request (``--snapshots``), and the one way it reads
 them: every component from ``/`` down to the file is opened relative to the one before it, none of them
 followed if it is a link (``openat`` with ``O_NOFOLLOW``), the file itself without blocking and only if it
-is a regular file.
+is a regular file, and only if it has one name: a hard link put in the folder is a file from elsewhere on
+the disk (a secret) under a name inside it, which no walk of the path can tell apart. mrkd's own snapshots
+have one name once their event exists: write_new_file (snapshots.py) links its staged file to the
+snapshot's name and removes the staged name before it returns, so a second name is never mrkd's.
 
 Why not "resolve the path, check it is inside, then open it by name": those are two looks at the disk, and
 a folder swapped for a link between them was followed out of the folder. Here the look is the open, so a
@@ -70,7 +73,8 @@ class ServedFolder:
 
     def read(self, path: str) -> bytes:
         """The bytes of the regular file ``path`` below the folder; Refused (reason in one line) for a link
-        anywhere on the way, a file that is not a regular one or a path outside; FileNotFoundError when
+        anywhere on the way, a file that is not a regular one or has more than one name (a hard link), or a
+        path outside; FileNotFoundError when
         it is simply not there."""
         if not CAN_OPEN_SAFELY:
             raise Refused("this system cannot open a file without following links on its way")
@@ -83,8 +87,12 @@ class ServedFolder:
                 opened = self._open_in(descriptor, name, _FILE_FLAGS if last else _FOLDER_FLAGS, names[:depth + 1])
                 os.close(descriptor)
                 descriptor = opened
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            found = os.fstat(descriptor)
+            if not stat.S_ISREG(found.st_mode):
                 raise Refused(f"{path} is not a regular file")
+            if found.st_nlink > 1:
+                raise Refused(f"{path} has {found.st_nlink} names (a hard link; it may be a file from outside "
+                              f"{self.path})")
             chunks = []
             while True:
                 chunk = os.read(descriptor, 1 << 20)
