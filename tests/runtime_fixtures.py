@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -247,8 +246,11 @@ def small_tmpfs(folder: Path, options: str = "size=256k") -> Iterator[Path]:
     (mounting needs root)."""
     import pytest
     folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("FULL-DISK TEST SKIPPED, NOT TESTED: mounting a tmpfs needs root and mount(8)")
+    if os.geteuid() != 0:
+        pytest.skip("FULL-DISK TEST SKIPPED, NOT TESTED: mounting a tmpfs needs root")
+    from peers import require_program
+    require_program("mount", ["mount"])
+    require_program("umount", ["mount"])
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"FULL-DISK TEST SKIPPED, NOT TESTED: cannot mount a tmpfs here ({done.stderr.strip()})")

@@ -77,7 +77,10 @@ def test_a_line_killed_mid_cell_is_one_error_naming_the_part(demo_out, tmp_path)
     import signal
     import time
 
+    from peers import require_program
+
     from mrkd.demo_steps.cell import CellError, part_folder, run_cell
+    require_program("pgrep", ["procps"])      # finds the line's process (procps: not in Debian's minimal set)
     out, _ = demo_out
     parts = part_folder(out / "data" / "grain", tmp_path / "parts")
     said = []

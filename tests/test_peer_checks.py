@@ -113,3 +113,45 @@ def test_every_package_the_tests_import_is_installed_by_the_dev_setup():
         if not names & declared:
             undeclared[module] = (sorted(names), where)
     assert not undeclared, f"imported by tests, not in setup.py's dev set: {undeclared}"
+
+
+# Programs of Debian's Essential packages (on every Debian, never installed): dash's sh.
+ESSENTIAL_PROGRAMS = {"sh"}
+
+
+def _programs_run_by_name(tree) -> set:
+    """The programs a module runs by a literal name: subprocess.run/Popen/call/check_output([NAME, ...])."""
+    import ast
+    names = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"
+                and node.func.attr in {"run", "Popen", "call", "check_call", "check_output"} and node.args
+                and isinstance(node.args[0], ast.List) and node.args[0].elts
+                and isinstance(node.args[0].elts[0], ast.Constant)):
+            names.add(node.args[0].elts[0].value)
+    return names
+
+
+def _programs_required(tree) -> set:
+    """The literal names a module passes to peers.require_program (each installed when missing, else a loud skip)."""
+    import ast
+    return {node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "require_program" and node.args
+            and isinstance(node.args[0], ast.Constant)}
+
+
+def test_every_program_a_test_runs_by_name_is_required_first():
+    """A program run as subprocess.run(["pgrep", ...]) without require_program("pgrep", [package]) in the same
+    file is there by chance: a fresh Debian (procps is not in its minimal set) fails inside the test with
+    FileNotFoundError instead of installing it or skipping with the package's name."""
+    import ast
+    unchecked = {}
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        if path.name == "peers.py":          # the installer: apt-get, found with shutil.which before use
+            continue
+        tree = ast.parse(path.read_text())
+        missing = _programs_run_by_name(tree) - _programs_required(tree) - ESSENTIAL_PROGRAMS
+        if missing:
+            unchecked[path.name] = sorted(missing)
+    assert not unchecked, f"run by name but never require_program()-ed: {unchecked}"
