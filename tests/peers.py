@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import pytest
 
@@ -44,13 +44,15 @@ def apt_install(packages: Sequence[str]) -> Optional[str]:
     return None
 
 
-def require(check: Callable[[], bool], packages: Sequence[str], what: str) -> None:
-    """Skip the calling test, loudly, unless ``check()`` holds (after installing ``packages`` if needed)."""
+def require(check: Callable[[], bool], packages: Sequence[str], what: Union[str, Callable[[], str]]) -> None:
+    """Skip the calling test, loudly, unless ``check()`` holds (after installing ``packages`` if needed);
+    ``what`` names the missing thing (a callable: asked after the last check, to name exactly what it found)."""
     if check():
         return
     error = apt_install(packages)
     if check():
         return
+    what = what() if callable(what) else what
     message = (f"SKIPPED, NOT TESTED: {what} is missing and could not be installed ({error or 'still missing'}); "
                f"install Debian's {' '.join(packages)} to run this test")
     print(message, file=sys.stderr)
@@ -90,23 +92,28 @@ def require_gige_simulator() -> None:
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 
-def debian_python_has(module_check: str) -> bool:
-    """Does Debian's own Python run ``module_check`` (code) without error? (python3-gi lives there,
-    not in the project's venv.)"""
-    if not Path(DEBIAN_PYTHON).exists():
-        return False
-    return subprocess.run([DEBIAN_PYTHON, "-c", module_check], capture_output=True, timeout=60).returncode == 0
-
-
 def rtsp_check(gst_elements: Sequence[str]) -> str:
-    """Code for Debian's Python: the RTSP server bindings import and every element in ``gst_elements`` exists."""
+    """Code for Debian's Python (python3-gi lives there, not in the venv): fails unless the RTSP server bindings
+    import, then prints each of ``gst_elements`` that GStreamer cannot make, one a line."""
     return ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
             "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
-            f"missing = [n for n in {tuple(gst_elements)!r} if not Gst.ElementFactory.find(n)]; "
-            "assert not missing, missing")
+            f"print('\\n'.join(n for n in {tuple(gst_elements)!r} if not Gst.ElementFactory.find(n)))")
 
 
 RTSP_PACKAGES = ("python3-gi", "gir1.2-gst-rtsp-server-1.0")
+
+
+def missing_rtsp_parts(gst_elements: Sequence[str]) -> List[str]:
+    """What Debian's Python lacks to serve ``gst_elements``, each part named with its Debian package; [] when
+    nothing is missing. (A skip then says which element is missing, not only which ones were looked for.)"""
+    from rtsp_pipelines import ELEMENT_PACKAGES
+    if not Path(DEBIAN_PYTHON).exists():
+        return [f"{DEBIAN_PYTHON} (python3)"]
+    done = subprocess.run([DEBIAN_PYTHON, "-c", rtsp_check(gst_elements)], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return [f"GStreamer's RTSP server bindings ({', '.join(RTSP_PACKAGES)}: {error})"]
+    return [f"GStreamer element {name} ({ELEMENT_PACKAGES[name]})" for name in done.stdout.split()]
 
 
 def require_rtsp_server(codec: str = "mjpeg") -> str:
@@ -115,8 +122,13 @@ def require_rtsp_server(codec: str = "mjpeg") -> str:
     returns that interpreter's path."""
     from rtsp_pipelines import elements, packages
     needed = elements(codec)
-    require(lambda: debian_python_has(rtsp_check(needed)), RTSP_PACKAGES + packages(codec),
-            f"GStreamer's RTSP server (python3-gi) with {', '.join(needed)}")
+    missing: List[str] = []
+
+    def complete() -> bool:
+        missing[:] = missing_rtsp_parts(needed)
+        return not missing
+
+    require(complete, RTSP_PACKAGES + packages(codec), lambda: f"the {codec} RTSP test camera's {', '.join(missing)}")
     require_opencv_ffmpeg()          # the runtime's side of every RTSP test
     return DEBIAN_PYTHON
 

@@ -62,6 +62,34 @@ def test_the_rtsp_server_builds_only_elements_that_were_checked(tmp_path, codec,
     assert made <= set(elements(codec)), f"made but never checked: {sorted(made - set(elements(codec)))}"
 
 
+PLUGIN_FOLDER = ("import gi; gi.require_version('Gst', '1.0'); from gi.repository import Gst; Gst.init(None); "
+                 "print(Gst.ElementFactory.find('videotestsrc').get_plugin().get_filename())")
+
+
+def test_a_machine_without_one_encoder_skips_naming_that_element_and_its_package(tmp_path, monkeypatch):
+    """GStreamer's plugins, all but x264's (a fresh machine without gstreamer1.0-plugins-ugly, simulated with a
+    plugin folder of links and a registry of its own): the h264 camera's check names x264enc and its package,
+    and nothing that is there; the mjpeg camera, which does not use x264enc, is ready."""
+    import peers
+    python = require_rtsp_server("h264")
+    system = Path(subprocess.run([python, "-c", PLUGIN_FOLDER], capture_output=True, text=True,
+                                 check=True).stdout.strip()).parent
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for plugin in system.glob("libgst*.so"):
+        if plugin.name != "libgstx264.so":
+            (plugins / plugin.name).symlink_to(plugin)
+    monkeypatch.setenv("GST_PLUGIN_SYSTEM_PATH_1_0", str(plugins))
+    monkeypatch.setenv("GST_REGISTRY_1_0", str(tmp_path / "registry.bin"))
+    monkeypatch.setattr(peers, "apt_install", lambda packages: "apt-get left out by this test")
+    assert require_rtsp_server("mjpeg") == python
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        require_rtsp_server("h264")
+    reason = str(skipped.value)
+    assert "GStreamer element x264enc (gstreamer1.0-plugins-ugly) is missing" in reason, reason
+    assert "rtpbin" not in reason and "videotestsrc" not in reason, reason
+
+
 # Modules the tests import only where a GPU is there, each guarded by a skip that says so (conftest.py).
 GPU_ONLY_MODULES = {"tensorrt", "cupy"}
 
