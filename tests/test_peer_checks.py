@@ -90,6 +90,38 @@ def test_a_machine_without_one_encoder_skips_naming_that_element_and_its_package
     assert "rtpbin" not in reason and "videotestsrc" not in reason, reason
 
 
+def test_each_element_comes_from_the_debian_package_named_for_it():
+    """ELEMENT_PACKAGES is what gets installed: each element's plugin file belongs (dpkg -S) to the package named
+    for it, so a wrong name cannot pass here because the right package happened to be installed already.
+    Elements built into GStreamer's library (bin, pipeline) have no plugin file: the library's owner is checked."""
+    from rtsp_pipelines import ELEMENT_PACKAGES
+    python = require_rtsp_server("h264")
+    code = ("import ctypes.util, gi, sys; gi.require_version('Gst', '1.0'); from gi.repository import Gst\n"
+            "Gst.init(None)\n"
+            "library = '*/' + ctypes.util.find_library('gstreamer-1.0')\n"
+            "for name in sys.argv[1:]:\n"
+            "    print(name, Gst.ElementFactory.find(name).get_plugin().get_filename() or library)\n")
+    found = subprocess.run([python, "-c", code, *ELEMENT_PACKAGES], capture_output=True, text=True, check=True)
+    wrong = {}
+    for line in found.stdout.splitlines():
+        name, path = line.split(" ", 1)
+        owner = _debian_package_of(path)
+        if owner != ELEMENT_PACKAGES[name]:
+            wrong[name] = (path, owner, ELEMENT_PACKAGES[name])
+    assert len(found.stdout.splitlines()) == len(ELEMENT_PACKAGES)
+    assert not wrong, f"element: (plugin file, its package, the package the table installs): {wrong}"
+
+
+def _debian_package_of(path: str) -> str:
+    """The Debian package that owns ``path`` (/lib is /usr/lib on Debian 12; "*/libx.so.0" in any folder)."""
+    candidates = [path] + (["/usr" + path] if path.startswith("/lib/") else [])
+    for candidate in candidates:
+        done = subprocess.run(["dpkg", "-S", candidate], capture_output=True, text=True)
+        if done.returncode == 0:
+            return done.stdout.split(":", 1)[0]
+    return "(no package)"
+
+
 # Modules the tests import only where a GPU is there, each guarded by a skip that says so (conftest.py).
 GPU_ONLY_MODULES = {"tensorrt", "cupy"}
 
@@ -143,8 +175,8 @@ def test_every_package_the_tests_import_is_installed_by_the_dev_setup():
     assert not undeclared, f"imported by tests, not in setup.py's dev set: {undeclared}"
 
 
-# Programs of Debian's Essential packages (on every Debian, never installed): dash's sh.
-ESSENTIAL_PROGRAMS = {"sh"}
+# Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, dpkg.
+ESSENTIAL_PROGRAMS = {"sh", "dpkg"}
 
 
 def _programs_run_by_name(tree) -> set:
