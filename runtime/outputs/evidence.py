@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ from mrkd.runtime.outputs.snapshots import write_new_file
 EVIDENCE_SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 2 << 30       # 2 GiB
 OK_FOLDER = "ok"
+# The names _ok_sample writes (a frame index or "part" + inspection id, and the "_pid_n" of a second run's
+# sample of the same name): only such files are ever deleted; any other PNG in a given folder is someone's.
+OK_SAMPLE_NAME = re.compile(r"(part)?\d{10,}(_\d+_\d+)?\.png")
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,10 @@ class EvidenceWriter(LineObserver):
                 stat = path.stat()
             except OSError:
                 continue
-            # DIR/<camera>/ok/<name>.png only: DIR/ok/<event>.png is the evidence of a camera named "ok"
+            # DIR/<camera>/ok/<name>.png only: DIR/ok/<event>.png is the evidence of a camera named "ok"; a
+            # folder of the user's own images (DIR/<product>/ok/img_1.png) is counted, never deleted
             parts = path.relative_to(self.folder).parts
-            if len(parts) == 3 and parts[1] == OK_FOLDER:
+            if len(parts) == 3 and parts[1] == OK_FOLDER and OK_SAMPLE_NAME.fullmatch(parts[2]):
                 found.append((stat.st_mtime_ns, path, stat.st_size))
             else:
                 self._evidence_bytes += stat.st_size
