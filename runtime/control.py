@@ -202,6 +202,8 @@ def pop_control_options(options: dict, http: Optional[str] = None, tls: bool = F
     variable, labels = options.pop("control_token_env", None), options.pop("review_labels", None)
     if labels and not variable:
         raise ControlError("--review-labels needs --control-token-env VAR: reviews over HTTP need a token")
+    if labels and not events:      # POST /review looks the alarm up in that log: without one it finds none
+        raise ControlError("--review-labels needs --events LOG: a label names an alarm of the events log")
     if labels and events and Path(labels).resolve() == Path(events).resolve():
         raise ControlError(f"--review-labels {labels} is the --events log: labels go to a file of their own "
                            "(a label line in the events log breaks it for the next run)")

@@ -512,3 +512,20 @@ def test_an_ng_part_is_reviewed_per_camera_from_the_page(tmp_path):
     assert [(l.event_id, l.label, l.camera) for l in saved] == [("part-ev-1", "defect", "right")]
     assert saved[0].image_sha256 == hashlib.sha256(evidence.read_bytes()).hexdigest()
     assert np.array_equal(cv2.imread(str(evidence)), images["right"])
+
+
+def test_review_labels_without_an_events_log_is_refused_at_start(tmp_path, monkeypatch):
+    """POST /review looks the alarm up in the run's events log: a run started with --review-labels and no
+    --events ran on, and every label from the page was refused 404 "no event '...' in None"."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    monkeypatch.setenv("MRKD_TEST_TOKEN", TOKEN)
+    folder, labels = tmp_path / "frames", tmp_path / "labels.jsonl"
+    write_frames(folder)
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    result = CliRunner().invoke(main, ["run", str(model), "--source", str(folder), "--http", "127.0.0.1:0",
+                                       "--control-token-env", "MRKD_TEST_TOKEN", "--review-labels", str(labels)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip() == "Error: --review-labels needs --events LOG: a label names an alarm of the " \
+                                    "events log", result.output
+    assert not labels.exists()
