@@ -27,8 +27,9 @@ AUGMENT_CHOICES = ("none", "flips", "flips+rot90")     # train/refit.py AUGMENT_
               help="New folder for the new version (default: MODEL's folder/<name>.v<N>); must not exist.")
 @click.option("--events", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The events log the labels refer to: labels naming other event ids, or images whose sha256 is "
-                   "not the evidence's the event recorded, are skipped with a warning. A label file does not record its "
-                   "log, so without --events the event ids go unchecked (refit says so).")
+                   "not the evidence's the event recorded, are skipped with a warning. Default: the log each label "
+                   "recorded when it was made, at its path or beside the label file; labels of an older mrkd (which "
+                   "record none), or whose log is gone or was replaced, go unchecked (refit says so in one line).")
 @click.option("--force", is_flag=True,
               help="Write the new model even when it no longer flags an image marked 'defect confirmed', or "
                    "when such an image is missing or changed so it cannot be checked (default: refuse, exit 1, "

@@ -2,7 +2,8 @@
 
 One line per decision (``ReviewLabel``): the event it is about, the sha256 of the image the
 operator looked at (the lossless evidence PNG, ``runtime/outputs/evidence.py``), the label
-("good": a good part, a false alarm; "defect": a defect confirmed), who, when, an optional note and
+("good": a good part, a false alarm; "defect": a defect confirmed), who, when, an optional note,
+the events log the event came from (schema 2, ``EventsLogRef``: its path and its first event id) and
 the record's schema version. Lines are only ever appended (one ``os.write`` of a whole line on an
 O_APPEND descriptor, then fsync), so the file is the history of every decision and a crash leaves at
 most a torn last line.
@@ -53,7 +54,7 @@ except ImportError:          # not POSIX: the in-process lock only
 
 logger = logging.getLogger(__name__)
 
-LABEL_SCHEMA_VERSION = 1
+LABEL_SCHEMA_VERSION = 2        # 2: a label records its events log (events_log, events_log_first_event)
 GOOD, DEFECT = "good", "defect"
 LABELS = (GOOD, DEFECT)
 LABEL_WORDS = {GOOD: "good part (false alarm)", DEFECT: "defect confirmed"}
@@ -90,10 +91,18 @@ class ReviewLabel:
     note: str = ""
     image: str = ""              # the evidence image's path as the reviewer found it
     camera: str = ""
+    events_log: str = ""             # the events log's absolute path when labelled (schema 2; "" = not recorded)
+    events_log_first_event: str = ""  # ... and its identity: the id of its first event (EventsLogRef)
     schema_version: int = LABEL_SCHEMA_VERSION
 
+    @property
+    def log_ref(self) -> Optional["EventsLogRef"]:
+        """The events log this label's event came from; None when the label does not say (schema 1)."""
+        return EventsLogRef(self.events_log, self.events_log_first_event) if self.events_log else None
+
     def validate(self, where: str = "label") -> "ReviewLabel":
-        for name in ("event_id", "image_sha256", "label", "who", "when", "note", "image", "camera"):
+        for name in ("event_id", "image_sha256", "label", "who", "when", "note", "image", "camera", "events_log",
+                     "events_log_first_event"):
             if not isinstance(getattr(self, name), str):
                 raise ReviewError(f"{where}: field {name} must be a string, got {getattr(self, name)!r}")
         if not self.event_id.strip() or len(self.event_id) > 200:
@@ -115,6 +124,10 @@ class ReviewLabel:
                 or not 1 <= self.schema_version <= LABEL_SCHEMA_VERSION:
             raise ReviewError(f"{where}: field schema_version={self.schema_version!r} is not one this mrkd "
                               f"reads (1..{LABEL_SCHEMA_VERSION})")
+        if bool(self.events_log) != bool(self.events_log_first_event):
+            raise ReviewError(f"{where}: fields events_log and events_log_first_event go together (both or neither)")
+        if self.events_log and (self.schema_version < 2 or not os.path.isabs(self.events_log)):
+            raise ReviewError(f"{where}: field events_log must be an absolute path, in a label of schema_version 2")
         return self
 
     @classmethod
@@ -128,7 +141,7 @@ class ReviewLabel:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ReviewError(f"{where}: unknown field {unknown[0]!r}")
-        return cls(**data).validate(where)
+        return cls(**{"schema_version": 1, **data}).validate(where)      # no version: written before there were two
 
 
 def now_iso() -> str:
@@ -289,6 +302,89 @@ def read_review_events(path) -> List[dict]:
         if isinstance(record, dict) and record.get("event_id"):
             events.append(record)
     return events
+
+
+# ---------------------------------------------------------------- which events log a label came from
+
+# What names an events log: the id of its FIRST event, kept with its path. The path alone breaks both ways:
+# a folder moved (or copied to another machine) loses it, and a new run's log written at the same path
+# takes it over. The log's records carry no run id, and the model hash is shared by every run of a model
+# and changes within one log at a hot swap. An event id is unique across runs and machines (UTC time + 32
+# random bits, events.new_event_id), and a log is only ever appended to (EventLog refuses any file that
+# is not all events and cuts only a torn LAST line), so the first event id is fixed for the log's life,
+# travels with it, and differs between two runs' logs. A copy of the log has it too: rightly, it holds
+# the same events. A log rotated by truncation begins with another event: it is another log.
+
+@dataclass(frozen=True)
+class EventsLogRef:
+    """The events log a label's event came from: its absolute path when labelled, and its identity."""
+
+    path: str
+    first_event: str
+
+
+def first_event_id(path) -> Optional[str]:
+    """The event id of the first event of the events log ``path`` (lines that are not events are passed
+    over); None when it holds none. OSError when it cannot be read."""
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("event_id"), str) and record["event_id"] \
+                    and not _is_label_record(record):
+                return record["event_id"]
+    return None
+
+
+def events_log_ref(events_path) -> Optional[EventsLogRef]:
+    """What a new label records of the events log it was made from (None when the log cannot be read)."""
+    try:
+        first = first_event_id(events_path)
+    except OSError:
+        return None
+    return EventsLogRef(os.path.abspath(events_path), first) if first else None
+
+
+@dataclass(frozen=True)
+class RecordedLog:
+    """A label's recorded events log as found now: ``path`` and its ``events`` (id -> event) when a file
+    with its identity was found; else ``problem``, one line (gone, replaced, unreadable)."""
+
+    ref: EventsLogRef
+    path: Optional[Path] = None
+    events: Optional[Dict[str, dict]] = None
+    problem: str = ""
+
+
+def find_recorded_log(ref: EventsLogRef, labels_path) -> RecordedLog:
+    """The log ``ref`` names: at its recorded path, else a file of its name beside the label file (the
+    folder moved with both in it); only a file whose first event is the recorded one counts."""
+    recorded = Path(ref.path)
+    candidates = list(dict.fromkeys([recorded, Path(labels_path).parent / recorded.name]))
+    others = []
+    for candidate in candidates:
+        try:
+            first = first_event_id(candidate) if candidate.is_file() else None
+        except OSError as exc:
+            return RecordedLog(ref, problem=f"cannot be read ({candidate}: {exc.strerror or exc})")
+        if first == ref.first_event:
+            try:
+                return RecordedLog(ref, candidate, {str(e["event_id"]): e for e in read_review_events(candidate)})
+            except (ReviewError, OSError) as exc:
+                return RecordedLog(ref, problem=f"cannot be read ({exc})")
+        if candidate.is_file():
+            others.append(f"{candidate} begins with event {first!r}")
+    if others:
+        return RecordedLog(ref, problem=f"was replaced by another log ({'; '.join(others)})")
+    return RecordedLog(ref, problem=f"is gone (not at {recorded}, nor beside the label file)")
+
+
+def recorded_logs(labels: Sequence[ReviewLabel], labels_path) -> Dict[EventsLogRef, RecordedLog]:
+    """Each events log the labels record, looked up once."""
+    refs = dict.fromkeys(label.log_ref for label in labels if label.log_ref is not None)
+    return {ref: find_recorded_log(ref, labels_path) for ref in refs}
 
 
 # ---------------------------------------------------------------- last labels and contradictions
@@ -479,9 +575,11 @@ def printable(text: str) -> str:
 
 
 def make_label(event_id: str, image_path, label: str, who: Optional[str] = None, note: str = "",
-               camera: str = "", expected_sha256: Optional[str] = None) -> ReviewLabel:
+               camera: str = "", expected_sha256: Optional[str] = None,
+               events_log: Optional[EventsLogRef] = None) -> ReviewLabel:
     """A label for ``event_id`` whose evidence image is ``image_path`` (its sha256 is taken now and,
-    given ``expected_sha256`` (the event's), must be that one; the label keeps the absolute path)."""
+    given ``expected_sha256`` (the event's), must be that one; the label keeps the absolute path).
+    ``events_log``: the log the event is in (refit checks the label against it)."""
     image_path = Path(image_path)
     if not image_path.is_file():
         raise UnlabellableError(f"{image_path}: evidence image of event {event_id} not found")
@@ -492,8 +590,10 @@ def make_label(event_id: str, image_path, label: str, who: Optional[str] = None,
                                 f"the image that was judged")
     who = check_who(who or default_who(), f"label of event {event_id}")
     return ReviewLabel(event_id=str(event_id), image_sha256=sha, label=label, who=who, when=now_iso(),
-                       note=note or "", image=os.path.abspath(image_path),
-                       camera=camera or "").validate(f"label of event {event_id}")
+                       note=note or "", image=os.path.abspath(image_path), camera=camera or "",
+                       events_log=events_log.path if events_log else "",
+                       events_log_first_event=events_log.first_event if events_log else "",
+                       ).validate(f"label of event {event_id}")
 
 
 def label_event(event: dict, label: str, *, who: Optional[str] = None, note: str = "",
@@ -514,4 +614,5 @@ def label_event(event: dict, label: str, *, who: Optional[str] = None, note: str
                f"no evidence image (looked in {evidence_dir}; was `mrkd run` started with --evidence?)")
         raise UnlabellableError(f"event {event_id}: {why}; a label must name the image it is about")
     return make_label(event_id, image, label, who=who, note=note, camera=str(one.get("camera") or ""),
-                      expected_sha256=one.get("evidence_sha256"))
+                      expected_sha256=one.get("evidence_sha256"),
+                      events_log=events_log_ref(events_path) if events_path is not None else None)

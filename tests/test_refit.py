@@ -585,16 +585,16 @@ def test_image_listing_names_each_image_up_to_the_limit_then_counts():
 
 # ---------------------------------------------------------------- labels, paths, evidence, files (audit 2026-12-04)
 
-def run_folder(parent, root: Path, count: int = 2):
+def run_folder(parent, root: Path, count: int = 2, prefix: str = "ev"):
     """What `mrkd run` started in ``root`` leaves: evidence/<id>.png (reviewed cells) named relative to
-    ``root`` by events.jsonl, with the sha256 each was written with."""
+    ``root`` by events.jsonl, with the sha256 each was written with; event ids ``<prefix><i>``."""
     (root / "evidence").mkdir(parents=True)
     events = []
     for i, (_, image, _) in enumerate(good_marks(parent, count)):
-        shutil.copy(image, root / "evidence" / f"ev{i}.png")
-        events.append({"event_id": f"ev{i}", "time": "2026-12-04T22:00:00.000+00:00", "camera": "cam0",
-                       "evidence": f"evidence/ev{i}.png", "evidence_sha256": file_sha256(root / "evidence" /
-                                                                                        f"ev{i}.png")})
+        shutil.copy(image, root / "evidence" / f"{prefix}{i}.png")
+        events.append({"event_id": f"{prefix}{i}", "time": "2026-12-04T22:00:00.000+00:00", "camera": "cam0",
+                       "evidence": f"evidence/{prefix}{i}.png",
+                       "evidence_sha256": file_sha256(root / "evidence" / f"{prefix}{i}.png")})
     (root / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     return events
 
@@ -772,3 +772,106 @@ def test_augmented_candidates_add_the_flipped_images_patches_a_plain_refit_leave
     with pytest.raises(RefitError, match="'shear'"):
         augment_names(("hflip", "shear"))
     assert augment_names("flips") == ("hflip", "vflip", "rot180") and augment_names(None) == ()
+
+
+def recorded_labels(run: Path, events, labels: Path) -> Path:
+    """Labels as `mrkd review` and the page write them (label_event, recording the events log), and two
+    that the log contradicts: ``<first>-ghost`` (an event the log never had) and the third event's label
+    made of another image (not the evidence the run recorded)."""
+    from mrkd.runtime.review import events_log_ref, label_event
+    log = run / "events.jsonl"
+    made = [label_event(e, "good", who="tester", events_path=log) for e in events[:2]]
+    made.append(make_label(events[2]["event_id"], run / events[1]["evidence"], "good", who="tester",
+                           events_log=events_log_ref(log)))
+    made.append(make_label(events[0]["event_id"] + "-ghost", run / events[0]["evidence"], "good", who="tester",
+                           events_log=events_log_ref(log)))
+    with LabelFile(labels) as handle:
+        handle.extend(made)
+    return labels
+
+
+def checked(labels, **given):
+    """(good images, {event id: skip reason}, note lines) of reviewed_images, as refit reads the labels."""
+    from mrkd.train.refit import reviewed_images
+    lines = []
+    reviewed = reviewed_images(labels, warn=lines.append, **given)
+    return (reviewed.good, {s.event_id: s.reason for s in reviewed.skipped},
+            [line for line in lines if line.startswith("note:")])
+
+
+def test_refit_without_events_checks_labels_against_the_log_they_recorded_moved_replaced_or_gone(parent, tmp_path):
+    """A label file did not say which events log its events came from: without --events refit checked no
+    event id (nor the evidence hash the event recorded). Each label records its log now (path, first event
+    id): checked against it where it is, or where the folder moved; a log that is gone, or another run's
+    log in its place, is said in one line, and those labels go unchecked, as before."""
+    run = tmp_path / "line" / "run"
+    events = run_folder(parent, run, 3, prefix="a")
+    labels = recorded_labels(run, events, run / "labels.jsonl")
+    ghost, wrong = events[0]["event_id"] + "-ghost", events[2]["event_id"]
+    original = (run / "events.jsonl").read_bytes()
+
+    good, skipped, notes = checked(labels)                                    # the log where it was
+    assert good == (str(run / events[0]["evidence"]), str(run / events[1]["evidence"])) and notes == []
+    assert set(skipped) == {ghost, wrong}
+    assert f"is not in the events log it was labelled from ({run / 'events.jsonl'})" in skipped[ghost]
+    assert "not the evidence the run recorded" in skipped[wrong]
+
+    other = tmp_path / "other"                                                # a new run's log at its path
+    run_folder(parent, other, 2, prefix="b")
+    (run / "events.jsonl").write_bytes((other / "events.jsonl").read_bytes())
+    good, skipped, notes = checked(labels)
+    assert skipped == {} and len(good) == 2 and len(notes) == 1, notes
+    assert "was replaced by another log" in notes[0] and "'b0'" in notes[0] and str(labels) in notes[0]
+    assert "4 label(s)" in notes[0] and "not checked" in notes[0] and "\n" not in notes[0]
+
+    (run / "events.jsonl").write_bytes(original)                             # the folder moved, log and all
+    moved = tmp_path / "moved"
+    shutil.move(str(tmp_path / "line"), str(moved))
+    labels = moved / "run" / "labels.jsonl"
+    good, skipped, notes = checked(labels)
+    assert good == (str(moved / "run" / events[0]["evidence"]), str(moved / "run" / events[1]["evidence"]))
+    assert set(skipped) == {ghost, wrong} and notes == []
+    assert str(moved / "run" / "events.jsonl") in skipped[ghost]
+    lines = []                                                                # and so through refit itself
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                              echo=lines.append)
+    assert len(result.lineage["good_images"]) == 2
+    assert not [line for line in lines if "not checked" in line], lines
+    assert [line for line in lines if "skipped" in line and ghost in line and "not in the events log" in line]
+
+    (moved / "run" / "events.jsonl").unlink()                                # the log deleted
+    good, skipped, notes = checked(labels)
+    assert skipped == {} and len(good) == 2 and len(notes) == 1, notes
+    assert "is gone" in notes[0] and str(run / "events.jsonl") in notes[0] and "--events" in notes[0]
+
+    good, skipped, notes = checked(labels, events={e["event_id"]: e for e in events})   # --events still wins
+    assert set(skipped) == {ghost, wrong} and notes == [] and skipped[ghost] == "is not in the events log"
+
+
+def test_refit_reads_version_1_labels_and_files_mixing_them_with_version_2_lines(parent, tmp_path):
+    """A label file of an older mrkd (schema_version 1: no events log recorded) is read as before: its event
+    ids unchecked unless --events, said in one line; in a file mixing both, the version-2 lines are checked
+    against their log and the note counts the version-1 ones."""
+    run = tmp_path / "run"
+    events = run_folder(parent, run, 3, prefix="a")
+    made = recorded_labels(run, events, tmp_path / "made.jsonl")
+    old_lines = []
+    for line in made.read_text().splitlines():
+        record = json.loads(line)
+        del record["events_log"], record["events_log_first_event"]
+        old_lines.append(json.dumps({**record, "schema_version": 1}) + "\n")
+    v1 = tmp_path / "v1.jsonl"
+    v1.write_text("".join(old_lines))
+    ghost, wrong = events[0]["event_id"] + "-ghost", events[2]["event_id"]
+    good, skipped, notes = checked(v1)
+    assert skipped == {} and len(good) == 2 and len(notes) == 1 and "4 label(s)" in notes[0], notes
+    assert "--events" in notes[0] and "not checked" in notes[0]
+    good, skipped, notes = checked(v1, events={e["event_id"]: e for e in events}, events_path=run / "events.jsonl")
+    assert set(skipped) == {ghost, wrong} and notes == []
+
+    mixed = tmp_path / "mixed.jsonl"                  # events 0 and ghost as v1 lines, 1 and 2 as v2 lines
+    new_lines = made.read_text().splitlines(keepends=True)
+    mixed.write_text(old_lines[0] + new_lines[1] + new_lines[2] + old_lines[3])
+    good, skipped, notes = checked(mixed)
+    assert set(skipped) == {wrong} and len(notes) == 1 and "2 label(s)" in notes[0], (skipped, notes)
+    assert good == (str(run / events[0]["evidence"]), str(run / events[1]["evidence"]))

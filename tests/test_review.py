@@ -159,7 +159,7 @@ def test_label_file_is_append_only_and_read_back_validated(tmp_path):
         log.append(make_label("e1", image, GOOD, who="bob", note="second look"))
     labels = read_labels(path)
     assert [(l.event_id, l.who) for l in labels] == [("e1", "ann"), ("e2", "ann"), ("e1", "bob")]
-    assert labels[0].image_sha256 == sha(image) and labels[0].schema_version == 1
+    assert labels[0].image_sha256 == sha(image) and labels[0].schema_version == 2
     latest = latest_labels(labels)
     assert list(latest) == ["e2", "e1"] and latest["e1"].note == "second look"     # last one wins
     # a crash mid-write leaves a torn last line: skipped on read, cut when the file is opened again
@@ -187,7 +187,11 @@ def test_contradicting_and_malformed_labels_are_refused(tmp_path):
     base = json.loads(json.dumps(good.__dict__))
     for change, field in (({"label": "maybe"}, "label"), ({"image_sha256": "xyz"}, "image_sha256"),
                           ({"when": "yesterday"}, "when"), ({"who": ""}, "who"), ({"schema_version": 9}, "schema_version"),
-                          ({"extra": 1}, "extra"), ({"note": "x" * 2000}, "note")):
+                          ({"extra": 1}, "extra"), ({"note": "x" * 2000}, "note"),
+                          ({"events_log": "/line/events.jsonl"}, "events_log"),          # path without identity
+                          ({"events_log": "events.jsonl", "events_log_first_event": "e0"}, "absolute"),
+                          ({"events_log": "/line/events.jsonl", "events_log_first_event": "e0", "schema_version": 1},
+                           "schema_version 2")):
         with pytest.raises(ReviewError, match=field):
             ReviewLabel.from_dict({**base, **change}, "labels.jsonl:1")
     missing = dict(base)

@@ -287,3 +287,31 @@ def test_the_page_finds_the_events_a_review_names_as_a_full_parse_of_the_log_doe
     for wanted in picks:
         assert control._find_events(list(wanted)) == every_line(wanted), wanted
     assert control._find_events([ids[3]])[ids[3]]["score"] == 3.0
+
+
+def test_labels_from_mrkd_review_and_the_page_record_their_events_log_by_path_and_first_event(run_dir, tmp_path):
+    """A label said which event it was about but not which events log, so refit could check the id only
+    when given --events. Both writers now record the log: its absolute path and its first event's id
+    (what names the log when its folder moved or another run's log took its path)."""
+    from mrkd.runtime.control import LineControl
+    folder = copy_run(run_dir[0], tmp_path / "run")
+    events = run_dir[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    labels = tmp_path / "labels.jsonl"
+    done = mrkd("review", os.path.relpath(folder / "events.jsonl", elsewhere), "--labels", labels, "--mark",
+                events[1]["event_id"], "--as", "good", cwd=elsewhere)      # a relative path, as typed
+    assert done.returncode == 0, done.stderr
+    control = LineControl(TOKEN, labels, folder / "events.jsonl", folder / "evidence")
+    code, answer = control.handle_post("/review", {"Authorization": f"Bearer {TOKEN}"},
+                                       json.dumps({"event_id": events[2]["event_id"], "label": "good"}).encode())
+    assert code == 200, answer
+    first_in_log = json.loads((folder / "events.jsonl").read_text().splitlines()[0])["event_id"]
+    assert first_in_log == events[0]["event_id"]
+    written = [json.loads(line) for line in labels.read_text().splitlines()]
+    for record in written:
+        assert record["schema_version"] == 2
+        assert record["events_log"] == str(folder / "events.jsonl")
+        assert record["events_log_first_event"] == first_in_log
+    assert answer["saved"]["events_log_first_event"] == first_in_log
+    assert [label.log_ref.path for label in read_labels(labels)] == [str(folder / "events.jsonl")] * 2

@@ -66,8 +66,9 @@ from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT
     calibration_from_scores
 from mrkd.runtime.images import ImageReadError
 from mrkd.runtime.metadata import file_sha256
-from mrkd.runtime.review import DEFECT, GOOD, evidence_changed, image_sha256, label_image, \
-    labels_file_sha256, latest_labels, one_camera_event, read_labels, read_review_events
+from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, RecordedLog, ReviewLabel, evidence_changed, \
+    image_sha256, label_image, labels_file_sha256, latest_labels, one_camera_event, read_labels, read_review_events, \
+    recorded_logs
 
 logger = logging.getLogger(__name__)
 
@@ -508,25 +509,36 @@ class ReviewedImages:
 def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
                     warn: Callable[[str], None] = logger.warning) -> ReviewedImages:
     """The labels' images, each checked: present, and with the sha256 the operator saw. A label whose
-    image is missing or changed, or whose event is not in ``events`` (event id -> event, when given)
-    or recorded another sha256 for its evidence, is skipped with a warning; the rest is read by
-    runtime/review.py's rules (last label of an event wins, paths by label_image)."""
+    image is missing or changed, or whose event is not in its events log or recorded another sha256 for
+    its evidence, is skipped with a warning; the rest is read by runtime/review.py's rules (last label
+    of an event wins, paths by label_image). Its events log: ``events`` (event id -> event, from
+    ``events_path``) when given, for every label; else the one the label records (schema 2), when it is
+    still there. Labels that record none (schema 1), or whose log is gone or was replaced, are said in
+    one line per log and go unchecked, as before there was a record."""
     labels_path = Path(labels_path)
     latest = latest_labels(read_labels(labels_path), str(labels_path))
+    logs = recorded_logs(list(latest.values()), labels_path) if events is None else {}
+    if events is None:
+        for note in _unchecked_notes(list(latest.values()), logs, labels_path):
+            warn(note)
     # an image is counted once by its bytes: two events of one frame (one evidence file each) are one image
     good, defect, skipped = {}, {}, []
     for label in latest.values():
-        image = label_image(label, labels_path, events_path)
+        known, log_path, which = events, events_path, "the events log"
+        found = logs.get(label.log_ref) if label.log_ref is not None else None
+        if found is not None and found.events is not None:
+            known, log_path, which = found.events, found.path, f"the events log it was labelled from ({found.path})"
+        image = label_image(label, labels_path, log_path)
         reason = None
-        if events is not None and label.event_id not in events:
-            reason = "is not in the events log"
+        if known is not None and label.event_id not in known:
+            reason = f"is not in {which}"
         elif image is None:
             reason = "names no image"
         elif not image.is_file():
             reason = f"image {image} no longer exists"
         elif image_sha256(image) != label.image_sha256:
             reason = f"image {image} changed since it was reviewed (sha256 differs)"
-        elif events is not None and _changed_since_run(events[label.event_id], label, image):
+        elif known is not None and _changed_since_run(known[label.event_id], label, image):
             reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
             skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason))
@@ -534,6 +546,25 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
             continue
         (good if label.label == GOOD else defect).setdefault(label.image_sha256, str(image))
     return ReviewedImages(tuple(good.values()), tuple(defect.values()), tuple(skipped))
+
+
+def _unchecked_notes(labels: Sequence[ReviewLabel], logs: Mapping[EventsLogRef, RecordedLog],
+                     labels_path: Path) -> List[str]:
+    """One line for the labels that record no events log, and one per recorded log that is gone or was
+    replaced: their event ids (and evidence hashes) go unchecked."""
+    notes = []
+    unrecorded = sum(1 for label in labels if label.log_ref is None)
+    if unrecorded:
+        notes.append(f"note: the event ids of {unrecorded} label(s) of {labels_path} were not checked (they record no "
+                     f"events log: label schema 1, written by an older mrkd); give --events LOG, the "
+                     f"log of `mrkd run --events`, to skip labels of events that are not in it")
+    for ref, found in logs.items():
+        if found.events is None:
+            count = sum(1 for label in labels if label.log_ref == ref)
+            notes.append(f"note: the events log of {count} label(s) of {labels_path}, {ref.path} (first event "
+                         f"{ref.first_event}), {found.problem}; their event ids and evidence hashes were not checked "
+                         f"(give --events LOG to check them)")
+    return notes
 
 
 def _changed_since_run(event: dict, label, image: Path) -> bool:
@@ -594,7 +625,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
     built in a temporary folder and renamed into place at the end. ``events``: an events log whose
-    ids the labels must name and whose evidence sha256 their images must have. ``radius_quantile``:
+    ids the labels must name and whose evidence sha256 their images must have (default: each label's
+    own recorded log, reviewed_images). ``radius_quantile``:
     refit_model's growth stop; ``augment``: its augmented candidates. Raises RefitError when a
     confirmed defect is no longer flagged, or a label "defect confirmed" cannot be checked (its image is
     missing or changed), unless ``force``."""
@@ -613,10 +645,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             known = {str(e["event_id"]): e for e in read_review_events(events)}
         except OSError as exc:
             raise RefitError(f"{events}: cannot read the events log ({exc})") from exc
-    else:      # a label records its event id, not the log it came from: say what went unchecked
-        echo(f"note: the event ids of {labels_path} were not checked (a label file does not say which events "
-             f"log it was made from); give --events LOG, the log of `mrkd run --events`, to skip labels of "
-             f"events that are not in it")
+    # without --events each label is checked against the log it records; reviewed_images says what is not
     reviewed = reviewed_images(labels_path, known, events, warn=echo)
     unchecked = [skip for skip in reviewed.skipped if skip.label == DEFECT]
     if unchecked:      # the confirmed-defect check is the refit's safety net: without the image it is blind
