@@ -143,15 +143,25 @@ def _declared_distributions() -> set:
     return {re.split(r"[<>=!;\[ ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in specs}
 
 
+# The code the tests run, besides tests/ (setup.py installs these folders as mrkd.*). The anomalib peer's side
+# scripts run in a virtual environment of their own (scripts/setup_anomalib_venv.sh), never in .venv.
+CODE_FOLDERS = ("mrkd", "runtime", "train", "export", "benchmarks")
+OTHER_VENV = {"anomalib_side.py", "anomalib_quality_side.py"}
+
+
 def test_every_package_the_tests_import_is_installed_by_the_dev_setup():
     """A package that came along only as another's dependency (pillow with matplotlib, cryptography with
-    asyncua) goes when that one stops needing it: the tests' own imports are named in setup.py."""
+    asyncua) goes when that one stops needing it: the imports of the tests and of the code they run
+    (runtime/plc's asyncua, runtime/sources/gige's gi, ...) are named in setup.py."""
     import ast
     import importlib.metadata
     here = Path(__file__).resolve().parent
     own = {path.stem for path in here.glob("*.py")} | {"mrkd"}
+    sources = list(here.glob("*.py")) + [path for folder in CODE_FOLDERS
+                                         for path in (here.parent / folder).rglob("*.py")
+                                         if path.name not in OTHER_VENV]
     imported = {}
-    for path in here.glob("*.py"):
+    for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -172,7 +182,7 @@ def test_every_package_the_tests_import_is_installed_by_the_dev_setup():
         names = {name.lower().replace("_", "-") for name in providers.get(module, [module])}
         if not names & declared:
             undeclared[module] = (sorted(names), where)
-    assert not undeclared, f"imported by tests, not in setup.py's dev set: {undeclared}"
+    assert not undeclared, f"imported by tests or the code they run, not in setup.py's dev set: {undeclared}"
 
 
 # Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, dpkg.
