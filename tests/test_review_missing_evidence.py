@@ -75,3 +75,37 @@ def test_the_listing_counts_labels_of_events_the_log_does_not_hold(tmp_path):
         f"2 of 2 event(s); labels in {labels} (2 of its labelled event(s) are not in this log)"), listed.stdout
     alone = mrkd("review", other, "--labels", labels, "--unlabelled")
     assert alone.stdout.splitlines()[-1].endswith("(1 of its labelled event(s) are not in this log)"), alone.stdout
+
+
+def test_evidence_of_a_run_started_elsewhere_is_found_from_any_folder(tmp_path):
+    """`mrkd run` in a service's folder with a relative --evidence and the log in a subfolder; `mrkd
+    review` from another folder. The event named the image relative to where the run ran, which nothing
+    records: the listing said EVIDENCE IMAGE GONE for an image that was there, and it could not be
+    labelled."""
+    import subprocess
+    import sys
+    from runtime_fixtures import build_tiny_model, normal_then_defective
+    line, elsewhere = tmp_path / "line", tmp_path / "elsewhere"
+    (line / "frames").mkdir(parents=True)
+    elsewhere.mkdir()
+    for i, frame in enumerate(normal_then_defective(1, 2)):
+        cv2.imwrite(str(line / "frames" / f"f{i}.png"), frame)
+    model = build_tiny_model(line / "tiny.onnx")
+    run = subprocess.run([sys.executable, "-c", "from mrkd.cli import main; main()", "run", str(model), "--source",
+                          "frames", "--cooldown", "0", "--events", "logs/events.jsonl", "--evidence", "evidence"],
+                         cwd=line, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    log = line / "logs" / "events.jsonl"
+    events = [json.loads(row) for row in log.read_text().splitlines()]
+    assert len(events) == 2 and all((line / "evidence" / "cam0" / f"{e['event_id']}.png").is_file() for e in events)
+    labels = elsewhere / "labels.jsonl"
+    listed = subprocess.run([sys.executable, "-c", "from mrkd.cli import main; main()", "review", str(log), "--labels",
+                             str(labels)], cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "GONE" not in listed.stdout, listed.stdout + listed.stderr
+    marked = subprocess.run([sys.executable, "-c", "from mrkd.cli import main; main()", "review", str(log), "--labels",
+                             str(labels), "--mark", events[0]["event_id"], "--as", "good"],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert marked.returncode == 0, marked.stderr
+    label = json.loads(labels.read_text())
+    assert label["image"] == str(line / "evidence" / "cam0" / f"{events[0]['event_id']}.png")
+    assert label["image_sha256"] == events[0]["evidence_sha256"]

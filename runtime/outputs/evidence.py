@@ -3,7 +3,7 @@ part, plus a sample of OK frames: what an operator reviews (``mrkd review``) and
 learns from. The annotated snapshot (snapshots.py) is for looking; this is the record.
 
 Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (an alarm's event carries
-``evidence`` and ``evidence_sha256``, a part's event each camera's in its ``cameras``),
+``evidence``, the absolute path, and ``evidence_sha256``, a part's event each camera's in its ``cameras``),
 ``DIR/<camera>/ok/<frame index>.png`` (free run) or ``ok/part<inspection id>.png`` (triggered) for the
 OK samples (one of every ``ok_every`` OK frames or parts per camera; 0: none). Files are PNG (lossless),
 written to a temporary file, fsync'd and linked into place, never over an existing file.
@@ -165,7 +165,7 @@ class EvidenceWriter(LineObserver):
             return None, None
         self._evidence_bytes += path.stat().st_size
         self._delivered()
-        return str(path), sha
+        return _as_named(path), sha
 
     def _keep_budget(self) -> bool:
         """Delete the oldest OK samples until the folder fits; False when only evidence is left and it
@@ -222,10 +222,16 @@ class EvidenceWriter(LineObserver):
         self.ok_written += 1
         self._ok_files.append((path, path.stat().st_size))
         self._delivered()
-        return str(path)
+        return _as_named(path)
 
     def health(self) -> OutputHealth:
         return self.delivery.health(dropped=self.ok_skipped)
+
+
+def _as_named(path: Path) -> str:
+    """An image's path as its event names it: absolute, so that `mrkd review` and `mrkd refit` find it
+    from any folder (relative, it meant "from where `mrkd run` ran", which nothing records)."""
+    return os.path.abspath(path)
 
 
 def outputs_from(settings) -> list:
