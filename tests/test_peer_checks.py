@@ -185,8 +185,8 @@ def test_every_package_the_tests_import_is_installed_by_the_dev_setup():
     assert not undeclared, f"imported by tests or the code they run, not in setup.py's dev set: {undeclared}"
 
 
-# Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, dpkg.
-ESSENTIAL_PROGRAMS = {"sh", "dpkg"}
+# Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, bash, dpkg.
+ESSENTIAL_PROGRAMS = {"sh", "bash", "dpkg"}
 
 
 def _programs_run_by_name(tree) -> set:
