@@ -19,7 +19,7 @@ from mrkd.export.parity import Comparison, ParityError, parity_report
 from mrkd.export.precision_check import check_bf16
 from mrkd.export.tensorrt_build import (NO_TENSORRT_HINT, BuildSettings, TensorRTUnavailableError, build_engine,
                                         tensorrt_unavailable_reason)
-from mrkd.export.triton import versions, write_triton_repository
+from mrkd.export.triton import leftover_version_staging, versions, write_triton_repository
 from mrkd.runtime.metadata import MetadataError, ModelMetadata, sidecar_path
 from mrkd.stopping import stops_deferred
 
@@ -118,7 +118,7 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     if not replace_line_calibration:     # the demo, which rebuilds and calibrates its own folder, replaces them
         for name in MODEL_NAMES:     # each graph or engine calibrated on the line where it runs, replaced or removed
             keep_line_calibration(out_dir / name, model)
-    for leftover in leftover_staging(out_dir):
+    for leftover in leftover_staging(out_dir) + (leftover_version_staging(triton_dir) if triton_dir else []):
         echo(f"warning: {leftover} looks like the unfinished files of an export that was killed (or one running "
              f"now); it is not used: remove it once no export runs")
     with staging_folder(out_dir) as staging:

@@ -7,17 +7,25 @@ Inputs and outputs (names, dtypes, dims without the batch axis) are read from th
 Versions: a first export writes version 1; an export of another model into the same repository adds
 the next version (Triton serves the newest by default; the earlier stay for a roll back), never
 writes over one; the same model file again keeps its version.
+
+Triton serves the newest version folder it finds, so a version folder appears whole or not at all: its
+files are written in a hidden staging folder inside the model folder (``.export-*``, which Triton skips:
+not a number) and the version folder is renamed into place, together with config.pbtxt, while Ctrl-C and
+SIGTERM wait. An error or a stop before then leaves the repository as it was.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mrkd.atomic import atomic_open, atomic_write_text
+from mrkd.export.file_set import leftover_staging, staging_folder
 from mrkd.export.onnx_graph import ExportError, load_onnx
 from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+from mrkd.stopping import stops_deferred
 
 # ONNX TensorProto element type -> Triton data type
 TRITON_DTYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 10: "TYPE_FP16", 3: "TYPE_INT8", 7: "TYPE_INT64"}
@@ -108,11 +116,38 @@ def write_triton_repository(repo_dir, onnx_path, name: str = "mrkd", engine_path
     for model_name, platform, source, filename, model_meta in targets:
         folder = repo_dir / model_name
         version = version_for(folder, filename, source)
-        if not (folder / version / filename).is_file():
-            _copy(source, folder / version / filename)
-            model_meta.save(folder / version / (filename + ".json"))
         config = model_config(model_name, platform, inputs, outputs, model_meta.batch_range[2],
                               preferred_sizes(model_meta.batch_range), max_queue_delay_us)
-        atomic_write_text(folder / "config.pbtxt", config)
+        if (folder / version / filename).is_file():
+            atomic_write_text(folder / "config.pbtxt", config)
+        else:
+            _add_version(folder, version, source, filename, model_meta, config)
         written[model_name] = folder / "config.pbtxt"
     return written
+
+
+def _add_version(folder: Path, version: str, source: Path, filename: str, model_meta: ModelMetadata,
+                 config: str) -> None:
+    """Write ``<folder>/<version>/`` (the model file and its sidecar) whole, then config.pbtxt for it."""
+    with staging_folder(folder) as staging:
+        # staging/<version>: an error's message names <folder>/<version>/<file>, where it was going
+        staged = staging / version
+        staged.mkdir()            # the mode of any new folder (umask), which the rename keeps
+        _copy(source, staged / filename)
+        model_meta.save(staged / (filename + ".json"))
+        with stops_deferred():    # the version folder and the config that describes it, or neither
+            os.rename(staged, folder / version)
+            try:
+                atomic_write_text(folder / "config.pbtxt", config)
+            except BaseException:
+                os.rename(folder / version, staged)      # atomic too; the staging folder's clean-up removes it
+                raise
+
+
+def leftover_version_staging(repo_dir) -> List[Path]:
+    """Staging folders in the repository's model folders that an earlier export left (SIGKILL or a
+    power cut skips their clean-up; or an export running now), sorted."""
+    repo_dir = Path(repo_dir)
+    if not repo_dir.is_dir():
+        return []
+    return sorted(path for folder in repo_dir.iterdir() if folder.is_dir() for path in leftover_staging(folder))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
@@ -122,3 +123,99 @@ def test_tensorrt_plan_config_when_engine_exists(onnx_model, tmp_path):
     assert plan["platform"] == "tensorrt_plan" and plan["max_batch_size"] == 4
     assert plan["dynamic_batching"]["preferred_batch_size"] == [2, 4]
     assert (tmp_path / "repo" / "mrkd_trt" / "1" / "model.plan").read_bytes() == b"serialized engine bytes"
+
+
+def _another_model(exported, folder):
+    """The exported graph with another doc string (another file: a new version) and its sidecar."""
+    import onnx
+    graph = onnx.load(str(exported.path))
+    graph.doc_string = "another model"
+    other = folder / "model.onnx"
+    folder.mkdir()
+    onnx.save(graph, str(other))
+    shutil.copy(sidecar_path(exported.path), sidecar_path(other))
+    return other
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("failing", ["sidecar", "config"])
+def test_a_version_that_fails_half_way_is_not_left_for_triton_to_serve(onnx_model, tmp_path, monkeypatch, failing):
+    """An error after the model file was copied (a full disk at its sidecar, or at config.pbtxt) left a version
+    folder 2 holding model.onnx without its sidecar, or beside a config written for version 1, and Triton
+    serves the newest version folder. Now a version folder appears whole or not at all: the repository keeps
+    version 1 and its config byte for byte and nothing else (no staging folder either)."""
+    import errno
+    import mrkd.export.triton as triton
+    _, exported = onnx_model
+    repo = tmp_path / "repo"
+    write_triton_repository(repo, exported.path)
+    before = _tree(repo)
+    other = _another_model(exported, tmp_path / "other")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "sidecar":
+        monkeypatch.setattr(ModelMetadata, "save", full_disk)
+    else:
+        monkeypatch.setattr(triton, "atomic_write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_triton_repository(repo, other)
+    assert _tree(repo) == before
+    monkeypatch.undo()
+    write_triton_repository(repo, other)
+    assert sorted(p.name for p in (repo / "mrkd").iterdir()) == ["1", "2", "config.pbtxt"]
+    assert (repo / "mrkd" / "2" / "model.onnx").read_bytes() == other.read_bytes()
+
+
+def test_a_sigterm_while_a_version_is_renamed_in_waits_for_its_config(onnx_model, tmp_path, monkeypatch):
+    """A SIGTERM that arrives as the version folder is renamed into place ends the export only once the
+    config that goes with it is written; one that arrives while its files are copied leaves nothing new."""
+    import signal
+    import mrkd.export.triton as triton
+    from mrkd.stopping import Terminated, sigterm_interrupts
+    _, exported = onnx_model
+    repo = tmp_path / "repo"
+    real_copy, real_rename = triton._copy, os.rename
+
+    def copy_then_stop(src, dst):
+        real_copy(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(triton, "_copy", copy_then_stop)
+    with sigterm_interrupts(), pytest.raises(Terminated):
+        write_triton_repository(repo, exported.path)
+    assert _tree(repo) == {}         # the model folder made for it is gone too
+    monkeypatch.undo()
+
+    def rename_then_stop(src, dst):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(triton.os, "rename", rename_then_stop)
+    with sigterm_interrupts(), pytest.raises(Terminated):
+        write_triton_repository(repo, exported.path)
+    assert sorted(_tree(repo)) == ["mrkd", "mrkd/1", "mrkd/1/model.onnx", "mrkd/1/model.onnx.json",
+                                   "mrkd/config.pbtxt"]
+    assert parse_pbtxt((repo / "mrkd" / "config.pbtxt").read_text())["name"] == "mrkd"
+
+
+def test_a_killed_exports_version_staging_is_named_by_the_next_export(tmp_path):
+    """SIGKILL skips the clean-up of a version's staging folder; the next export into the repository names
+    it in a warning, leaves it alone (an export may be running now) and writes its version as usual."""
+    from mrkd.export.pipeline import export_checkpoint
+    checkpoint = tmp_path / "a.ckpt"
+    small_model().save(checkpoint)
+    leftover = tmp_path / "triton" / "mrkd" / ".export-killed"
+    (leftover / "1").mkdir(parents=True)
+    (leftover / "1" / "model.onnx").write_bytes(b"half")
+    lines = []
+    export_checkpoint(checkpoint, tmp_path / "out", ExportOptions(batch_range=(1, 1, 2)), engine=False,
+                      triton_dir=tmp_path / "triton", simplify="never", echo=lines.append)
+    warned = [line for line in lines if line.startswith("warning:") and str(leftover) in line]
+    assert len(warned) == 1 and "killed" in warned[0], lines
+    assert (leftover / "1" / "model.onnx").read_bytes() == b"half"
+    assert (tmp_path / "triton" / "mrkd" / "1" / "model.onnx").read_bytes() == (tmp_path / "out" / "model.onnx").read_bytes()
