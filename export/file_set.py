@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 from mrkd.export.onnx_graph import ExportError
 from mrkd.runtime.metadata import sidecar_path
@@ -70,16 +70,70 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
 def move_into_place(staging: Path, out_dir: Path) -> List[Path]:
     """Move the set written in ``staging`` into ``out_dir``, after removing the files of an earlier set
     that the new one does not replace (returned). Sidecars are moved before their graphs: a reader never
-    meets a new graph with an old sidecar. The caller holds Ctrl-C/SIGTERM back around it (stops_deferred)."""
+    meets a new graph with an old sidecar. The caller holds Ctrl-C/SIGTERM back around it (stops_deferred).
+
+    A rename or removal that fails half way (EACCES, EXDEV, a disk error) would leave the folder mixed, so
+    the earlier set is first kept (hard links, copies where the file system has none) in a hidden folder
+    beside it; the files already changed are put back from there and ExportError names the file that failed."""
     new = set_files(staging)
     names = {path.name for path in new}
-    stale = [path for path in set_files(out_dir) if path.name not in names]
-    for path in stale:
-        path.unlink()
-    for path in new:
-        os.replace(path, out_dir / path.name)
+    earlier = set_files(out_dir)
+    stale = [path for path in earlier if path.name not in names]
+    kept = _keep(earlier, out_dir)
+    changed: List[str] = []       # names in out_dir that no longer hold the earlier set's file
+    target, restored = None, True
+    try:
+        for target in stale:
+            target.unlink()
+            changed.append(target.name)
+        for path in new:
+            target = out_dir / path.name
+            os.replace(path, target)
+            changed.append(path.name)
+    except OSError as exc:
+        restored, outcome = _roll_back(changed, kept, out_dir)
+        raise ExportError(f"{target}: could not be moved into place ({exc.strerror or exc}); {outcome}") from None
+    finally:
+        if restored:
+            shutil.rmtree(kept, ignore_errors=True)
     _sync_folder(out_dir)
     return stale
+
+
+def _keep(files: List[Path], out_dir: Path) -> Path:
+    """A hidden folder in ``out_dir`` (the same file system) with a second name, or a copy, of each of
+    ``files``; ExportError before anything in ``out_dir`` changed when that cannot be made (a full disk)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}earlier-", dir=out_dir))
+    for path in files:
+        try:
+            try:
+                os.link(path, folder / path.name)
+            except OSError:          # FAT, some network shares: no hard links
+                shutil.copy2(path, folder / path.name)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ExportError(f"{path}: could not keep a copy of the earlier export before replacing it "
+                              f"({exc.strerror or exc}); nothing in {out_dir} was changed") from None
+    return folder
+
+
+def _roll_back(changed: List[str], kept: Path, out_dir: Path) -> Tuple[bool, str]:
+    """Put the earlier set back where ``changed`` names were replaced or removed (a new file with no earlier
+    one is removed); (whether all of it is back, the words that end the error line)."""
+    failed = []
+    for name in changed:
+        try:
+            if (kept / name).exists():
+                os.replace(kept / name, out_dir / name)
+            else:
+                (out_dir / name).unlink()
+        except OSError as exc:
+            failed.append(f"{name}: {exc.strerror or exc}")
+    _sync_folder(out_dir)
+    if not failed:
+        return True, f"{out_dir} holds the earlier export again, as it was"
+    return False, (f"putting the earlier export back failed too ({'; '.join(failed)}): {out_dir} is mixed, "
+                   f"the earlier export's files are kept in {kept}")
 
 
 def _sync_folder(folder: Path) -> None:

@@ -186,3 +186,79 @@ def test_a_killed_exports_staging_folder_is_named_and_left_alone(checkpoints, tm
     warned = [line for line in result.output.splitlines() if line.startswith("warning:") and str(leftover) in line]
     assert len(warned) == 1 and "killed" in warned[0], result.output
     assert (leftover / "model.onnx").read_bytes() == b"half" and (out / "model.onnx").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("extra, failing, links", [(("--fp16", "--no-engine"), 2, True),
+                                                   (("--fp16", "--no-engine"), 4, True), ((), 2, True),
+                                                   ((), 1, False)])
+def test_a_rename_that_fails_half_way_through_the_move_puts_the_earlier_set_back(checkpoints, tmp_path, monkeypatch,
+                                                                                 extra, failing, links):
+    """A rename into the folder that failed on the n-th file (EXDEV here; EACCES or a disk error alike) left
+    the folder mixed: the new sidecars beside the earlier graphs, the earlier FP16 graph removed. Now the files
+    already moved are put back from a kept copy of the earlier set: the folder holds exactly the earlier export,
+    byte for byte (also where the file system has no hard links), and the error is one line naming the file
+    that failed."""
+    import errno
+    import mrkd.export.file_set as file_set
+    first, second = checkpoints
+    out = tmp_path / "out"
+    assert _export(first, out, "--fp16", "--no-engine").exit_code == 0
+    before = _files(out)
+    real_replace, moves = os.replace, []
+
+    def replace(src, dst):
+        if os.path.dirname(dst) == str(out):
+            moves.append(os.path.basename(dst))
+            if len(moves) == failing:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    def no_links(src, dst):      # a file system without hard links (FAT): the earlier set is kept as copies
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(file_set.os, "replace", replace)
+    if not links:
+        monkeypatch.setattr(file_set.os, "link", no_links)
+    failed = _export(second, out, *extra, "--overwrite")
+    assert _files(out) == before         # no staging folder or kept copy left either
+    errors = _errors(failed)
+    assert failed.exit_code == 1 and len(errors) == 1 and "Traceback" not in failed.output, failed.output
+    assert errors[0].startswith(f"Error: {out / moves[failing - 1]}: could not be moved into place") \
+        and "Invalid cross-device link" in errors[0] and "earlier export again" in errors[0], errors
+
+
+def test_the_demos_fp16_graph_is_one_of_its_exports_set(checkpoints, tmp_path, monkeypatch, capsys):
+    """The demo wrote model_fp16.onnx into its export folder after the set was moved in, outside the set: an
+    error in its FP16 check left a new model.onnx beside no FP16 graph (the earlier one removed as stale) and
+    an earlier one could be left beside a new model. Now the FP16 graph is written and checked in the set's
+    staging folder and moved in with model.onnx, or not at all; the fidelity report is still printed."""
+    import mrkd.export.file_set as file_set
+    import mrkd.export.fp16 as fp16
+    import mrkd.export.pipeline as pipeline
+    from mrkd.demo_steps.export import export_step
+    first, second = checkpoints
+    context = {"out": tmp_path, "checkpoints": {"cat": first}, "data_root": tmp_path / "data"}
+    out = tmp_path / "export" / "cat"
+    real_replace, moves = os.replace, []
+
+    def replace(src, dst):
+        if os.path.dirname(dst) == str(out):
+            moves.append((os.path.dirname(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(file_set.os, "replace", replace)
+    export_step(context)
+    names = ["model.onnx", "model.onnx.json", "model_fp16.onnx", "model_fp16.onnx.json"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert sorted(name for _, name in moves) == names and len({folder for folder, _ in moves}) == 1, moves
+    assert "FP16 graph on " in capsys.readouterr().out
+    before = _files(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("FP16 check failed")
+
+    for module in (fp16, pipeline):
+        monkeypatch.setattr(module, "fp16_fidelity_report", broken)
+    with pytest.raises(RuntimeError):
+        export_step(dict(context, checkpoints={"cat": second}))
+    assert _files(out) == before
