@@ -53,6 +53,15 @@ def test_auto_refuses_an_unknown_suffix():
         choose_auto_backend("m.bin", MachineFacts(False, "GenuineIntel", BOTH))
 
 
+def test_auto_names_a_sidecar_given_as_the_model():
+    # `mrkd run model.onnx.json` (tab completion stops there) is a user mistake with a one-word fix,
+    # not a backend choice: the message names the model file and nothing of the Python API
+    with pytest.raises(BackendError) as refused:
+        choose_auto_backend("exported/model.onnx.json", MachineFacts(False, "GenuineIntel", BOTH))
+    assert "sidecar" in str(refused.value) and "(exported/model.onnx)" in str(refused.value)
+    assert "backend=" not in str(refused.value)
+
+
 def _independent_facts():
     """This machine's facts gathered here without the code under test: vendor from lscpu's source file,
     packages from importlib, the GPU from the driver library nvidia-smi would use."""

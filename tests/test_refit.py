@@ -242,7 +242,7 @@ def test_confirmed_defect_no_longer_flagged_refuses_unless_force(parent, tmp_pat
     assert len(named) == 1 and score < threshold
     assert float(named[0].split("score ")[1].split()[0]) == pytest.approx(score, rel=1e-5)
     assert float(named[0].rsplit("threshold ", 1)[1]) == pytest.approx(threshold, rel=1e-5)
-    with pytest.raises(RefitError, match="exists"):      # never over an earlier version
+    with pytest.raises(RefitError, match="exists.*name another with -o"):      # never over an earlier version
         refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
                          force=True, echo=lambda line: None)
 

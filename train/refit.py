@@ -669,7 +669,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path, version)
     if out_dir.exists():
         raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
-                         f"an earlier one)")
+                         f"an earlier one): name another with -o")
     check_out_dir(out_dir)        # before the minutes of work, not after
     try:
         result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,

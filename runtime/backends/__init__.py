@@ -258,9 +258,13 @@ def choose_auto_backend(model_path: str | Path, facts: MachineFacts) -> str:
         return "tensorrt"
     if suffix in CHECKPOINT_SUFFIXES:
         raise BackendError(export_first(model_path))
+    if suffix == ".json":
+        raise BackendError(f"{model_path}: a model's sidecar, not a model: give the model file it describes "
+                           f"({Path(model_path).with_suffix('')})")
     if suffix != ".onnx":
         raise BackendError(f"{model_path}: cannot tell the backend from the suffix {suffix!r} "
-                           f"(expected .onnx or one of {ENGINE_SUFFIXES}); pass backend= explicitly")
+                           f"(expected .onnx or one of {ENGINE_SUFFIXES}); name it with --backend "
+                           f"(Python: backend=)")
     if facts.nvidia_gpu and facts.ort_gpu_providers and "onnxruntime" in facts.installed:
         return "onnxruntime"
     if facts.cpu_vendor in X86_VENDORS and "openvino" in facts.installed:
