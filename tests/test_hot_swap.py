@@ -408,6 +408,11 @@ def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
         assert running.slots.staged() == []
         code, answer = _post(server.url, "/reload", b"", token)
         assert code == 200 and answer["staged"] == [str(running.live)], answer
+        # the checked version is the answer's outcome, named by its hash, though the loop has not taken it
+        staged = answer["outcomes"]
+        assert [(o["model"], o["outcome"], o["reason"]) for o in staged] == [(str(running.live), "staged", "http")]
+        assert staged[0]["new_sha256"] == file_sha256(running.live) != staged[0]["old_sha256"]
+        assert staged[0]["detail"].startswith("checked on "), staged
         assert [r.outcome for r in running.slots.apply([running.state])] == ["swapped"]
         assert running.state.policy.threshold == pytest.approx(0.3)
         running.live.write_bytes(b"not an onnx file")

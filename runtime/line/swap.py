@@ -74,7 +74,7 @@ class SwapRecord:
 
     model: str
     reason: str                      # what asked: "SIGHUP", "http", ...
-    outcome: str                     # "swapped" | "refused" | "unchanged"
+    outcome: str                     # "swapped" | "refused" | "unchanged" ("staged" only in staged_report)
     old_sha256: str
     new_sha256: Optional[str]
     detail: str = ""
@@ -360,6 +360,16 @@ class ModelSlots(LineObserver):
     def report(self) -> List[dict]:
         with self._lock:
             return [dataclasses.asdict(r) for r in self.records]
+
+    def staged_report(self) -> List[dict]:
+        """The versions waiting for the loop's next round, as records of outcome "staged" (checked, not
+        swapped in yet): what a reload's answer says of a version that passed its check before the
+        loop took it, so its first outcome names it rather than being absent."""
+        with self._lock:
+            return [dataclasses.asdict(SwapRecord(slot.path, slot.pending.reason, "staged", slot.sha256,
+                                                  slot.pending.sha256, slot.pending.detail, slot.pending.load_s,
+                                                  time.time(), slot.frames))
+                    for slot in self._slots.values() if slot.pending is not None]
 
 
 def _fmt(values: np.ndarray) -> str:
