@@ -329,6 +329,14 @@ def test_page_commands_never_wait_on_a_stranger_or_a_stalled_body(tmp_path):
         assert _raw(server.url, b"POST /rev") == b""                                  # a half-sent request too
         assert time.monotonic() - started < 4.5
         answer = _raw(server.url, head + auth + b"Content-Length: \xb2\r\n\r\n")     # "\u00b2".isdigit()
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        answer = _raw(server.url, head + auth + b"Content-Length: -1\r\n\r\n")        # not "too large"
+        assert answer.startswith(b"HTTP/1.1 400") and b"whole number" in answer, answer
+        started = time.monotonic()       # two lengths: refused at once, not left waiting for either body
+        answer = _raw(server.url, head + auth + b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}")
+        assert answer.startswith(b"HTTP/1.1 400") and b"more than once" in answer, answer
+        assert time.monotonic() - started < 0.9
+        answer = _raw(server.url, head + auth + b"Content-Length: 20000\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 413"), answer
         answer = _raw(server.url, head + auth + b"Transfer-Encoding: chunked\r\n\r\n"
                       + b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n")

@@ -821,10 +821,15 @@ def _handler_for(server: OperatorServer):
                 return self._refuse_post(code, why)
             if "Transfer-Encoding" in self.headers:   # a chunked body would be left unread and taken for a request
                 return self._refuse_post(411, "send the body with a Content-Length")
-            length = self.headers.get("Content-Length") or "0"
+            lengths = self.headers.get_all("Content-Length") or ["0"]
+            if len(lengths) > 1:    # two framings of one body (RFC 9112 6.3): which one a proxy took is unknown
+                return self._refuse_post(400, "Content-Length given more than once")
+            length = lengths[0].strip()
             # ASCII digits only: "\u00b2".isdigit() is true but int() refuses it
-            length = int(length) if length.isascii() and length.isdigit() else -1
-            if not 0 <= length <= 16384:
+            if not (length.isascii() and length.isdigit()):
+                return self._refuse_post(400, "Content-Length is not a whole number of bytes")
+            length = int(length)
+            if length > 16384:
                 return self._refuse_post(413, "body too large")
             left = max(BODY_FLOOR_S, length / BODY_MIN_BYTES_PER_S)
             self._reader.deadline = min(self._reader.deadline, time.monotonic() + left)
