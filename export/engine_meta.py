@@ -1,7 +1,8 @@
 """TensorRT engine sidecar (``model.engine.json``): the model's metadata plus where the engine was built.
 
-A serialized engine only runs on the TensorRT version and GPU it was built for;
-``check_engine_compatible`` is what the runtime calls before deserialising.
+A serialized engine only runs on the TensorRT version and GPU it was built for. ``check_engine_compatible``
+here takes a sidecar path or metadata and runs the one check, mrkd.runtime.metadata.check_engine_compatible,
+which the TensorRT backend also calls before deserialising.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Ctrl-C and SIGTERM for the batch commands (train, refit, bench): one way to stop, one way to say so.
+"""Ctrl-C and SIGTERM for the batch commands (train, export, refit, bench): one way to stop, one way to say so.
 
 Both unwind the work as a KeyboardInterrupt, so every ``finally`` on the way (a refit's staging folder,
 an atomic write's temporary file, the data loader's workers) cleans up; SIGTERM's default action ended
 the process without running any of them. The command then prints one line saying what was kept and
 exits 128 + the signal's number (130, 143), as a shell reports a process the signal ended; click's own
-handling said "Aborted!" and exited 1 for both.
+handling said "Aborted!" and exited 1 for both (``stops_in_one_line``). A few renames that must all
+happen or none (an export's set moved into place, a Triton version folder with its config) run under
+``stops_deferred``: a stop that arrives meanwhile is raised once they are done.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""mrkd.runtime: the torch-free edge runtime (numpy, OpenCV, ONNX Runtime or TensorRT).
+"""mrkd.runtime: the torch-free edge runtime (numpy, OpenCV, ONNX Runtime, OpenVINO or TensorRT).
 
 A frame's way: ``open_source`` (sources/) -> ``Detector`` (detector.py: preprocess.py ->
 backends/ -> postprocess.py) -> ``AlarmPolicy`` (line/alarms.py) -> the line's outputs (outputs/);

@@ -14,8 +14,9 @@ compared in constant time (``hmac.compare_digest``). Without a configured token 
   and defect, evidence changed since the run or missing is refused (409), nothing written; ``who``
   is one printable line (400 otherwise).
 * ``POST /reload``: the model slots load the model files again (runtime/line/swap.py); the answer
-  is the outcome of that load (swapped/refused/unchanged; a swap happens between the next frames,
-  or the next parts): 200, or 409 when a model was refused (the running one goes on).
+  is the outcome of that load for each model path (swapped/refused/unchanged, or staged: checked and
+  waiting for the loop, which swaps between the next frames or the next parts): 200, or 409 when a
+  model was refused (the running one goes on).
 """
 
 from __future__ import annotations

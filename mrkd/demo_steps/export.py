@@ -1,5 +1,6 @@
-"""The demo's export step: every trained category to ONNX (parity-checked), plus one FP16 fidelity
-report and a Triton repository (listed in mrkd/demo.py's DEMO_LAYER_STEPS)."""
+"""The demo's export step: every trained category to ONNX (parity-checked) through export_checkpoint,
+the first with its FP16 graph (one of its export set) and fidelity report and a Triton repository
+(listed in mrkd/demo.py's DEMO_LAYER_STEPS)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ explicitly (``INFERENCE_PRECISION_HINT``): OpenVINO's own default is bf16 on CPU
 (AVX512-BF16, AMX), which moves scores against a threshold calibrated in FP32. Q/DQ INT8 graphs run
 INT8 kernels (OpenVINO folds the Q/DQ pairs into its low-precision convolutions) with the rest at
 that precision. The precision the compiled model reports is what ``precision`` records.
+Every model of the process compiles on one ``ov.Core`` (``shared_core``; why: its docstring).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """PLC adapters of a triggered line: the handshake state machine (handshake.py, written once) and the
-protocols that carry it (modbus.py: Modbus TCP with a fixed map; opcua.py: OPC UA Machine Vision)."""
+protocols that carry it (modbus.py: Modbus TCP with a fixed map, modbus_security.py its TLS variant;
+opcua.py: OPC UA Machine Vision; trust.py: the client certificates both admit). servers.py starts them
+from PlcSettings, aio.py runs each one's asyncio loop on a thread, offline.py is the line's one offline."""
 
 from mrkd.errors import MrkdError
 
