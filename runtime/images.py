@@ -270,8 +270,14 @@ def _to_uint8(image: np.ndarray, path: PathLike) -> np.ndarray:
         return ((image.astype(np.int32) + 32768 + 128) // 257).clip(0, 255).astype(np.uint8)
     if np.issubdtype(image.dtype, np.floating):
         finite = np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(finite.min(initial=0.0)), float(finite.max(initial=0.0))
+        # Outside 0..255 no scale is known (a 12-bit 0..4095 or a signed -1..1 image): clipping it
+        # would train and judge a saturated image without a word.
+        if low < 0.0 or high > 255.0:
+            raise ImageReadError(path, f"float pixels range from {low:g} to {high:g}; mrkd reads float images as "
+                                       f"0..1 or 0..255 (save it as 8- or 16-bit integers, scaled to their range)")
         # Float images are 0..1 by convention; anything larger is taken as 0..255.
-        scale = 255.0 if finite.max(initial=0.0) <= 1.0 else 1.0
+        scale = 255.0 if high <= 1.0 else 1.0
         return np.clip(finite * scale + 0.5, 0, 255).astype(np.uint8)
     raise ImageReadError(path, f"unsupported pixel type {image.dtype}")
 
@@ -279,8 +285,8 @@ def _to_uint8(image: np.ndarray, path: PathLike) -> np.ndarray:
 def read_image(path: PathLike) -> np.ndarray:
     """Read ``path`` as uint8 HxWx3 BGR.
 
-    Grayscale is replicated to three channels, alpha is dropped, 16-bit and float images are
-    scaled to 8 bits over their full range. Raises ImageReadError (naming the path) when the file
+    Grayscale is replicated to three channels, alpha is dropped, 16-bit images are scaled to 8 bits
+    over their full range, float images from 0..1 (or, past 1, 0..255; outside 0..255 an error). Raises ImageReadError (naming the path) when the file
     is missing, empty, corrupt or has an unsupported layout.
     """
     image = _to_uint8(_decode(path), path)

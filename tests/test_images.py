@@ -41,6 +41,24 @@ def test_16bit_scaled_over_full_range(tmp_path):
     np.testing.assert_array_equal(out[0, :, 0], [0, 1, 128, 255])
 
 
+def test_float_tiff_0_to_1_and_0_to_255(tmp_path):
+    values = np.array([[0, 64, 128, 255]], dtype=np.float32)
+    as_unit = read_image(_write(tmp_path / "unit.tif", values / 255))
+    as_bytes = read_image(_write(tmp_path / "bytes.tif", values))
+    np.testing.assert_array_equal(as_unit[0, :, 0], [0, 64, 128, 255])
+    np.testing.assert_array_equal(as_bytes[0, :, 0], [0, 64, 128, 255])
+
+
+@pytest.mark.parametrize("low,high", [(0, 4095), (-1, 1)])
+def test_float_outside_0_to_255_is_refused_not_clipped(tmp_path, low, high):
+    # A 12-bit float image was clipped to 255 (94 % of it white) and a signed one to 0, without a word.
+    values = np.linspace(low, high, 64, dtype=np.float32).reshape(8, 8)
+    path = _write(tmp_path / "f.tif", values)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert str(path) in str(info.value) and f"from {low:g} to {high:g}" in str(info.value)
+
+
 def test_unicode_path(tmp_path):
     bgr = np.full((5, 6, 3), 77, np.uint8)
     out = read_image(_write(tmp_path / "prüfteil_日本.png", bgr))
