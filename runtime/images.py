@@ -257,6 +257,12 @@ def _decode(path: PathLike) -> np.ndarray:
     return orient(image, exif_orientation(memoryview(data)))
 
 
+def read_stored(path: PathLike) -> np.ndarray:
+    """The pixels of ``path`` as stored (any depth, any channel count), turned upright; ImageReadError
+    on failure. For looking at what a file holds (its depth, its range); read_image is what mrkd judges."""
+    return _decode(path)
+
+
 def _to_uint8(image: np.ndarray, path: PathLike) -> np.ndarray:
     """Scale any integer/float depth to uint8 over the type's full range."""
     if image.dtype == np.uint8:

@@ -175,3 +175,25 @@ def test_a_killed_loader_worker_is_reported_without_torchs_sigchld_handler(tmp_p
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("reported") and "exited unexpectedly" in done.stdout, done.stdout
     assert float(done.stdout.split()[1]) < 30
+
+
+def test_16bit_images_in_low_12_bits_are_warned_about(tmp_path):
+    # A 12-bit camera's frames saved as they came (0..4095 in 16 bits) read as 0..16 of 255: they trained
+    # nearly black without a word. Full-range 16-bit and 8-bit images are not warned about.
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        _png(tmp_path / "low" / f"{i}.png", rng.integers(0, 4096, (16, 16), dtype=np.uint16))
+        _png(tmp_path / "full" / f"{i}.png", rng.integers(0, 4096, (16, 16), dtype=np.uint16) << 4)
+        _png(tmp_path / "bytes" / f"{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    with pytest.warns(UserWarning, match=r"use only 12 of their 16 bits .*max 40\d\d\).*value << 4"):
+        scan_folder(tmp_path / "low")
+    base = _category(tmp_path / "data")
+    for i in range(4):
+        _png(base / "train" / "good" / f"{i:03d}.png", rng.integers(0, 1024, (20, 30), dtype=np.uint16))
+    with pytest.warns(UserWarning, match="use only 10 of their 16 bits"):
+        scan_category(tmp_path / "data", "part")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_folder(tmp_path / "full")
+        scan_folder(tmp_path / "bytes")

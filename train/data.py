@@ -26,7 +26,7 @@ import numpy as np
 
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
-from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_images, read_image, read_mask
+from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_images, read_image, read_mask, read_stored
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry, normalize, resize_square
 
 torch = require("torch")
@@ -45,6 +45,34 @@ ILM_SOURCES = ("same", "other")
 # Where a reader meets an unreadable image: the option that skips such files, for the CLI and for Python.
 SKIP_UNREADABLE_HINT = ("take it out of the folder (training: mrkd train --skip-unreadable skips such files; "
                         "Python: skip_unreadable=True)")
+
+
+# A 16-bit file whose pixels all stay below 4096 most likely holds a 10- or 12-bit camera's values in its
+# low bits (a frame saved as it came). Scaled over 0..65535, as every 16-bit image is, it reads as nearly
+# black (4095 -> 16 of 255), and differs from the same camera through mrkd run's gige:// source.
+NARROW_16BIT_LIMIT = 4096
+NARROW_16BIT_SAMPLE = 8       # images looked at (the first of the list): a warning, not a second decoding pass
+
+
+def warn_narrow_16bit(paths: Sequence, where: str) -> None:
+    """Warn once when the 16-bit images among the first NARROW_16BIT_SAMPLE of ``paths`` all stay below
+    NARROW_16BIT_LIMIT, saying how they are read and how to save them; silent otherwise."""
+    tops = []
+    for path in list(paths)[:NARROW_16BIT_SAMPLE]:
+        try:
+            stored = read_stored(path)
+        except ImageReadError:          # said where the image is read for training
+            continue
+        if stored.dtype == np.uint16:
+            tops.append((int(stored.max()), str(path)))
+    if not tops or max(top for top, _ in tops) >= NARROW_16BIT_LIMIT:
+        return
+    top, example = max(tops)
+    bits = max(top.bit_length(), 1)
+    warnings.warn(f"{where}: 16-bit images use only {bits} of their 16 bits (e.g. {example}: max {top}); mrkd scales "
+                  f"16-bit images over 0..65535, so these read nearly black (0..{(top + 128) // 257} of 255). If a "
+                  f"{bits}-bit camera wrote them, save its values shifted to the top bits (value << {16 - bits}), as "
+                  f"mrkd run's gige:// source reads Mono10/12")
 
 
 class DataError(MrkdError, ValueError):
@@ -203,6 +231,7 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
             warnings.warn(f"{category}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
         if not train_paths:
             raise DataError(f"no readable training images in {train_dir}")
+    warn_narrow_16bit(train_paths, str(train_dir))
     unmasked = [item.path for item in test_items if not item.pixel_labelled]
     return CategoryData(str(root), category, [str(p) for p in train_paths], test_items, skipped, skipped_other,
                         unmasked)
@@ -238,6 +267,7 @@ def scan_folder(folder, skip_unreadable: bool = False) -> List[str]:
         if not readable:
             raise DataError(f"no readable training images in {text}")
         paths = readable
+    warn_narrow_16bit(paths, text)
     return paths
 
 
