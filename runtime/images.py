@@ -120,8 +120,8 @@ def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _tiff_size(head: bytes) -> Optional[Tuple[int, int]]:
-    """ImageWidth (256) and ImageLength (257) of the first image file directory."""
+def _tiff_tags(head: bytes, wanted: Tuple[int, ...]) -> dict:
+    """The ``wanted`` SHORT or LONG tags of a TIFF's first image file directory, by tag number."""
     order = "<" if head[:2] == b"II" else ">"
     directory = struct.unpack(order + "I", head[4:8])[0]
     count = struct.unpack(order + "H", head[directory:directory + 2])[0]
@@ -129,9 +129,30 @@ def _tiff_size(head: bytes) -> Optional[Tuple[int, int]]:
     for entry in range(count):
         at = directory + 2 + 12 * entry
         tag, kind = struct.unpack(order + "HH", head[at:at + 4])
-        if tag in (256, 257) and kind in (3, 4):           # SHORT or LONG
+        if tag in wanted and kind in (3, 4):           # SHORT or LONG
             found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), head[at + 8:at + (10 if kind == 3 else 12)])[0]
+    return found
+
+
+def _tiff_size(head: bytes) -> Optional[Tuple[int, int]]:
+    """ImageWidth (256) and ImageLength (257) of the first image file directory."""
+    found = _tiff_tags(head, (256, 257))
     return (found[256], found[257]) if len(found) == 2 else None
+
+
+# TIFF PhotometricInterpretation values of the CIE L*a*b* family (CIELab, ICCLab, ITULab): OpenCV's
+# decoder hands their L, a, b samples on as if they were colours, a silently wrong image.
+TIFF_LAB_PHOTOMETRICS = (8, 9, 10)
+
+
+def _tiff_lab(head) -> bool:
+    """True for a TIFF whose first image stores CIE L*a*b* samples."""
+    if head[:4] not in (b"II*\x00", b"MM\x00*"):
+        return False
+    try:
+        return _tiff_tags(head, (262,)).get(262) in TIFF_LAB_PHOTOMETRICS
+    except struct.error:              # a damaged header: the decoder says what is wrong
+        return False
 
 
 # ---------------------------------------------------------------- EXIF orientation
@@ -246,6 +267,9 @@ def _decode(path: PathLike) -> np.ndarray:
     if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise ImageReadError(path, f"declares {size[0]} x {size[1]} pixels, over the {MAX_IMAGE_PIXELS} "
                                    f"mrkd decodes (a decompression bomb, or not an image for inspection)")
+    if _tiff_lab(memoryview(data)):
+        raise ImageReadError(path, "a CIE L*a*b* TIFF, which OpenCV would read as if L, a and b were colours; "
+                                   "save it as RGB or grayscale")
     try:
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:      # e.g. over OpenCV's own pixel limit, in a format not sized above

@@ -223,3 +223,20 @@ def test_a_damaged_exif_block_leaves_the_pixels_as_stored(tmp_path):
     data[at:at + 2] = b"XX"                      # not a TIFF byte order: unreadable, so 1 (as stored)
     path.write_bytes(bytes(data))
     np.testing.assert_array_equal(read_image(path), _turnable())
+
+
+def test_cie_lab_tiff_is_refused_not_read_as_colours(tmp_path):
+    # OpenCV hands a CIELab TIFF's L, a, b samples on as B, G, R: a weave image came back 12 grey levels
+    # off on average, without a word. RGB, CMYK and YCbCr TIFFs (Pillow writes all four) read as Pillow's RGB.
+    Image = pytest.importorskip("PIL.Image")
+    rgb = np.random.default_rng(5).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    for mode in ("RGB", "CMYK", "YCbCr"):
+        path = tmp_path / f"{mode}.tif"
+        Image.fromarray(rgb).convert(mode).save(path)
+        expected = np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1]
+        assert np.abs(read_image(path).astype(int) - expected).max() <= 1
+    path = tmp_path / "lab.tif"
+    Image.fromarray(rgb).convert("LAB").save(path)
+    with pytest.raises(ImageReadError, match="L\\*a\\*b\\* TIFF") as info:
+        read_image(path)
+    assert str(path) in str(info.value)
