@@ -316,8 +316,9 @@ def read_image(path: PathLike) -> np.ndarray:
     """Read ``path`` as uint8 HxWx3 BGR.
 
     Grayscale is replicated to three channels, alpha is dropped, 16-bit images are scaled to 8 bits
-    over their full range, float images from 0..1 (or, past 1, 0..255; outside 0..255 an error). Raises ImageReadError (naming the path) when the file
-    is missing, empty, corrupt or has an unsupported layout.
+    over their full range, float images from 0..1 (or, past 1, 0..255; outside 0..255 an error).
+    Raises ImageReadError (naming the path) when the file is missing, empty, corrupt or has an
+    unsupported layout.
     """
     image = _to_uint8(_decode(path), path)
     if image.ndim == 2:
