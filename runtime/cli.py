@@ -50,7 +50,7 @@ def line_output_options(command):
                           "outputs' health) says how often its decisions differ and how its scores correlate."),
         click.option("--review-labels", type=click.Path(dir_okay=False), default=None,
                      help="Label file POST /review appends to (mrkd refit --reviewed reads it); needs "
-                          "--control-token-env."),
+                          "--control-token-env and --events (a label names an event of that log)."),
         click.option("--http", "http_address", metavar="HOST:PORT", default=None,
                      help="Serve /metrics (Prometheus), /healthz and a read-only live operator page at / "
                           "(e.g. 127.0.0.1:8080, or :8080, this machine only; 0.0.0.0:8080 for the whole network; "
