@@ -197,3 +197,24 @@ def test_16bit_images_in_low_12_bits_are_warned_about(tmp_path):
         warnings.simplefilter("error")
         scan_folder(tmp_path / "full")
         scan_folder(tmp_path / "bytes")
+
+
+def test_images_in_formats_mrkd_does_not_read_are_warned_about(tmp_path):
+    # A GIF among PNGs was left out of training, calibration and evaluation without a word; notes stay silent.
+    base = _category(tmp_path / "data")
+    (base / "train" / "good" / "phone shot.gif").write_bytes(b"GIF89a")
+    with pytest.warns(UserWarning, match=r"good: skipped 1 image\(s\) in a format mrkd does not read \(e.g. "
+                                         r"'phone shot.gif'\); convert them to PNG"):
+        data = scan_category(tmp_path / "data", "part")
+    assert len(data.train_paths) == 4 and data.skipped_other == 2
+    (tmp_path / "folder").mkdir()
+    _png(tmp_path / "folder" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "folder" / "b.PGM").write_bytes(b"P5")
+    with pytest.warns(UserWarning, match="b.PGM"):
+        assert len(scan_folder(tmp_path / "folder")) == 1
+    (tmp_path / "folder" / "b.PGM").unlink()
+    (tmp_path / "folder" / "notes.txt").write_text("not an image")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_folder(tmp_path / "folder")

@@ -26,7 +26,8 @@ import numpy as np
 
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
-from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_images, read_image, read_mask, read_stored
+from mrkd.runtime.images import (IMAGE_EXTENSIONS, ImageReadError, is_glob_pattern, list_images, read_image,
+                                 read_mask, read_stored)
 from mrkd.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry, normalize, resize_square
 
 torch = require("torch")
@@ -110,11 +111,25 @@ class CategoryData:
         return sorted({item.defect_type for item in self.test_items if item.label == 1})
 
 
+# Image formats a camera tool or a phone may save that mrkd does not read (OpenCV before 4.11 has no GIF,
+# and none reads HEIC or raw files): skipped like notes and thumbnails, but said, since a folder that
+# mixes them with PNGs would train, calibrate or be judged on fewer images than its owner counts.
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", ".exr", ".hdr", ".heic",
+                           ".heif", ".avif", ".jxl", ".dng", ".raw", ".cr2", ".nef")
+
+
 def _image_files(folder: Path) -> Tuple[List[Path], int]:
-    """Image files directly in folder (list_images' rule) and the number of other files ignored."""
+    """Image files directly in folder (list_images' rule) and the number of other files ignored; images
+    in a format mrkd does not read are warned about, naming one."""
     images = list_images(folder)
-    others = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) - len(images)
-    return images, others
+    listed = set(images)
+    others = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p not in listed]
+    unread = sorted(p for p in others if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
+    if unread:
+        warnings.warn(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
+                      f"{unread[0].name!r}); convert them to PNG to use them (read: "
+                      f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+    return images, len(others)
 
 
 def _require_dir(path: Path, what: str) -> None:
