@@ -58,6 +58,25 @@ def _resize_to(image: np.ndarray, hw: Tuple[int, int], interpolation: int) -> np
     return cv2.resize(image, (hw[1], hw[0]), interpolation=interpolation)
 
 
+# Past this many pixels the centre crop's intermediate image (the shorter side scaled up to the model size)
+# is not made: a 1 x 16384 line-scan row at 256 needed 3.2 GB and 11 s, a 1 x 65536 one 13 GB (killed for
+# memory, in training or on the line). The crop window is then sampled straight from the source with the
+# same bilinear mapping (within one grey level of resize-then-crop); smaller images keep the exact path.
+CENTER_CROP_DIRECT_PIXELS = 2 ** 24
+
+
+def _crop_window_linear(image: np.ndarray, resized: Tuple[int, int], corner: Tuple[int, int],
+                        size: int) -> np.ndarray:
+    """The size×size window at ``corner`` of ``image`` bilinearly resized to ``resized``, without
+    making the resized image: each output pixel's centre is mapped to the source as cv2.resize does."""
+    (height, width), (top, left) = image.shape[:2], corner
+    scale_x, scale_y = width / resized[1], height / resized[0]
+    to_source = np.array([[scale_x, 0.0, scale_x * (left + 0.5) - 0.5],
+                          [0.0, scale_y, scale_y * (top + 0.5) - 0.5]])
+    return cv2.warpAffine(image, to_source, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
 def resize_square(bgr: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
     """Resize a uint8 HxWx3 image to size×size×3.
 
@@ -74,8 +93,11 @@ def resize_square(bgr: np.ndarray, size: int, mode: str = "resize") -> np.ndarra
         out = _resize_to(bgr, (size, size), _interpolation((height, width), (size, size)))
     else:
         resized, (top, left) = center_crop_geometry(height, width, size)
-        out = _resize_to(bgr, resized, _interpolation((height, width), resized))
-        out = out[top:top + size, left:left + size]
+        interpolation = _interpolation((height, width), resized)
+        if interpolation == cv2.INTER_LINEAR and resized[0] * resized[1] > CENTER_CROP_DIRECT_PIXELS:
+            out = _crop_window_linear(bgr, resized, (top, left), size)
+        else:
+            out = _resize_to(bgr, resized, interpolation)[top:top + size, left:left + size]
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 

@@ -91,3 +91,33 @@ def test_normalize_batch_list_and_array_agree():
     np.testing.assert_array_equal(stacked, listed)
     ref = (np.stack(images)[..., ::-1] / 255.0 - [0.5, 0.4, 0.3]) / [0.2, 0.3, 0.4]
     np.testing.assert_allclose(stacked, ref.transpose(0, 3, 1, 2), atol=1e-5)
+
+
+def test_center_crop_of_a_line_scan_row_is_sampled_without_the_huge_intermediate():
+    # A 1 x 16384 row's shorter side scaled to 64 made a 64 x 1048576 image (201 MB; 3.2 GB at 256)
+    # to keep 64 x 64 of it. The window is now sampled directly: compared with an independent 1-D linear
+    # resize of the row (every output row is that row), and the peak allocation stays small.
+    import tracemalloc
+    row = RNG.integers(0, 256, (1, 16384, 3), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        out = resize_square(row, 64, "center_crop")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (64, 64, 3) and peak < 8 * 2 ** 20
+    wide = F.interpolate(torch.from_numpy(row[0].T.copy())[None].double(), size=64 * 16384,
+                         mode="linear", align_corners=False)[0].T.numpy()
+    left = round((64 * 16384 - 64) / 2)
+    expected = np.broadcast_to(wide[left:left + 64], (64, 64, 3))
+    assert np.abs(out.astype(np.float64) - expected).max() <= 1.0
+
+
+@pytest.mark.parametrize("shape", [(20, 10000), (10000, 20)])
+def test_center_crop_direct_sampling_is_within_one_level_of_resize_then_crop(shape):
+    image = RNG.integers(0, 256, shape + (3,), dtype=np.uint8)
+    out = resize_square(image, 256, "center_crop")
+    height, width = (256, 128000) if shape[0] < shape[1] else (128000, 256)
+    top, left = round((height - 256) / 2), round((width - 256) / 2)
+    reference = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)[top:top + 256, left:left + 256]
+    assert np.abs(out.astype(int) - reference).max() <= 1
