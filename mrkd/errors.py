@@ -67,8 +67,11 @@ def error_boundary(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         import click
+        import warnings
 
         from mrkd.console import warnings_above_bars
+        shown = warnings.formatwarning
+        warnings.formatwarning = _one_line_warning
         try:
             with warnings_above_bars():     # not after a live progress bar on its line
                 return command(*args, **kwargs)
@@ -80,6 +83,14 @@ def error_boundary(command):
             error = click.ClickException(one_line(exc))
             error.exit_code = USAGE_EXIT if isinstance(exc, SettingError) else ERROR_EXIT
             raise error from exc
+        finally:
+            warnings.formatwarning = shown
 
     wrapper._mrkd_error_boundary = True
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning for the person at the terminal: what it says, on one line (a file name with a newline
+    stays on it), without Python's source file, line number and code line."""
+    return f"warning: {one_line(message)}\n"

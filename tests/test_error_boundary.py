@@ -200,3 +200,21 @@ def test_a_checkpoint_a_weights_only_load_refuses_never_suggests_loading_it_unsa
         assert str(path) in text and reason in text and "\n" not in text, text
         assert "weights_only` set to `False`" not in text
         assert ("never loads with weights_only=False" in text) == refusal, text
+
+
+def test_every_command_writes_a_warning_as_one_line():
+    # Only train/eval/predict/generate had one-line warnings: mrkd calibrate (and every other command of
+    # the shared boundary) printed Python's "path.py:129: UserWarning: ..." and the code line under it,
+    # and a file name with a newline split any warning in two. Run apart: pytest records warnings itself.
+    script = ("import warnings\n"
+              "from mrkd.errors import error_boundary\n"
+              "shown = warnings.formatwarning\n"
+              "@error_boundary\n"
+              "def command():\n"
+              "    warnings.warn('good: skipped 1 unreadable file(s), e.g. good/bro\\nken.png')\n"
+              "command()\n"
+              "assert warnings.formatwarning is shown, 'not put back after the command'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "PYTHONWARNINGS": "always"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: good: skipped 1 unreadable file(s), e.g. good/bro | ken.png\n"

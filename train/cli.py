@@ -5,7 +5,6 @@ torch is imported inside the commands only, so ``--help`` is instant on any inst
 
 from __future__ import annotations
 
-import functools
 import os
 
 import click
@@ -28,25 +27,9 @@ REQUIRE_MASKS_HELP = ("Fail on a defect image without a pixel mask. Default: suc
 
 def friendly_errors(command):
     """mrkd's one error boundary (mrkd.errors.error_boundary: its errors as a one-line click error, no
-    traceback), with warnings printed as one line each."""
+    traceback; warnings as one line each)."""
     from mrkd.errors import error_boundary
-    bounded = error_boundary(command)
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        import warnings
-        shown = warnings.formatwarning
-        warnings.formatwarning = _one_line_warning   # data warnings name files; no source lines
-        try:
-            return bounded(*args, **kwargs)
-        finally:
-            warnings.formatwarning = shown
-    wrapper._mrkd_error_boundary = True
-    return wrapper
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
+    return error_boundary(command)
 
 
 def warn_random_teacher(teacher_weights: str) -> None:
