@@ -541,3 +541,31 @@ def test_checkpoints_from_before_pooling_keep_unpooled_patches(tmp_path):
     assert loaded.head.memory_bank.pool == 3
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(loaded.anomaly_map(x), model.anomaly_map(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_distance_maps_stay_within_the_block_budget_whatever_the_batch(monkeypatch):
+    """Calibration and eval at 512 px and batch 8 held 1.5 GiB of distances at once (queries × bank
+    chunk): eager MemoryBank.forward and nearest_distance now work in blocks of query rows of at most
+    QUERY_BLOCK_BYTES, with the same map (scipy's cdist as the reference)."""
+    from scipy.spatial.distance import cdist
+    from mrkd.train import memory_bank
+    budget = 64 * 2 ** 10
+    monkeypatch.setattr(memory_bank, "QUERY_BLOCK_BYTES", budget, raising=False)
+    g = torch.Generator().manual_seed(0)
+    feats = [None, torch.randn(4, 6, 32, 32, generator=g), torch.randn(4, 5, 16, 16, generator=g)]
+    bank = torch.randn(500, 11, generator=g)
+    largest = []
+    for name in ("matmul", "addmm"):
+        original = getattr(torch, name)
+
+        def recording(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            largest.append(result.numel() * result.element_size())
+            return result
+        monkeypatch.setattr(torch, name, recording)
+    f = patch_features(feats, 3).permute(0, 2, 3, 1).reshape(-1, 11).double().numpy()
+    expected = cdist(f, bank.double().numpy()).min(1).reshape(4, 32, 32)
+    with torch.no_grad():
+        for got in (MemoryBank(bank, chunk=200, pool=3)(feats), memory_bank.nearest_distance(bank, feats, 200, 3)):
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert largest and max(largest) <= budget      # unblocked: 4 × 1024 × 200 floats = 3.2 MB

@@ -80,6 +80,8 @@ POOL_MIN_SIDE = 256
 POOL_WIDE = 3
 BOTH_SCALE_WEIGHTS = (0.0, 1.0, 1.0)    # MRKD scales (strides 4, 8, 16) in the "both" map
 BANK_CHUNK = 4096
+QUERY_BLOCK_BYTES = 64 * 2 ** 20  # one block of eager distances (MemoryBank.forward): 4096 query rows
+                                  # × a 4096-row bank chunk in FP32
 GREEDY_KERNELS = ("blocked", "addmv")
 SPREAD_CACHE_BYTES = 256 * 2 ** 20  # spread images' teacher features kept for their kNN scores
 CORESET_SETTLE = 256           # greedy steps between settlings in _blocked_greedy (see there)
@@ -139,14 +141,28 @@ class MemoryBank(nn.Module):
         features = patch_features(teacher_feats, self.pool)
         h, w = features.shape[-2:]
         queries = features.flatten(2).transpose(1, 2)                     # N×hw×C
-        query_sq = queries.pow(2).sum(-1, keepdim=True)                   # N×hw×1
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            best = self._nearest_squared(queries)                         # the graph: one block
+        else:
+            # Eager use (calibration, eval, the spread scores): the distance temporaries are
+            # queries × bank chunk floats, 1.5 GiB at batch 8 and 512 px; blocks of query rows keep them
+            # within QUERY_BLOCK_BYTES whatever the batch and image size.
+            rows = queries.reshape(-1, queries.shape[-1])
+            step = max(1, QUERY_BLOCK_BYTES // (4 * min(self.chunk, len(self.bank))))
+            best = torch.cat([self._nearest_squared(rows[start:start + step])
+                              for start in range(0, len(rows), step)])
+        return best.clamp_min(0.0).sqrt().reshape(-1, h, w)
+
+    def _nearest_squared(self, queries: torch.Tensor) -> torch.Tensor:
+        """Each query row's squared L2 distance to its nearest bank row (…×C -> …)."""
+        query_sq = queries.pow(2).sum(-1, keepdim=True)                   # …×1
         best = None
         for start in range(0, len(self.bank), self.chunk):
             part = self.bank[start:start + self.chunk]                    # M×C (a graph constant)
             d2 = query_sq - 2.0 * torch.matmul(queries, part.t()) + part.pow(2).sum(-1)
             nearest = d2.amin(-1)
             best = nearest if best is None else torch.minimum(best, nearest)
-        return best.clamp_min(0.0).sqrt().reshape(-1, h, w)
+        return best
 
 
 def greedy_coreset(patches: torch.Tensor, keep: int, seed: int = 0,
@@ -545,11 +561,14 @@ def nearest_distance(bank: torch.Tensor, teacher_feats: Sequence[torch.Tensor], 
     best = torch.full((len(queries),), float("inf"), device=queries.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)      # see _blocked_greedy
+    rows = max(1, QUERY_BLOCK_BYTES // (4 * min(block, len(bank))))    # each product within that budget
     try:
-        for start in range(0, len(bank), block):
-            part = torch.addmm(bank_squared[start:start + block], queries, bank_t[:, start:start + block],
-                               alpha=-2.0)
-            torch.minimum(best, part.amin(1), out=best)
+        for first in range(0, len(queries), rows):
+            own = queries[first:first + rows]
+            for start in range(0, len(bank), block):
+                part = torch.addmm(bank_squared[start:start + block], own, bank_t[:, start:start + block],
+                                   alpha=-2.0)
+                torch.minimum(best[first:first + rows], part.amin(1), out=best[first:first + rows])
     finally:
         torch.set_num_threads(threads)
     best += queries.pow(2).sum(1)
