@@ -309,7 +309,8 @@ def _to_uint8(image: np.ndarray, path: PathLike) -> np.ndarray:
         # Float images are 0..1 by convention; anything larger is taken as 0..255.
         scale = 255.0 if high <= 1.0 else 1.0
         return np.clip(finite * scale + 0.5, 0, 255).astype(np.uint8)
-    raise ImageReadError(path, f"unsupported pixel type {image.dtype}")
+    raise ImageReadError(path, f"unsupported pixel type {image.dtype} (mrkd reads 8- and 16-bit integer and float "
+                               f"images; save it as 8 or 16 bits per channel)")
 
 
 def read_image(path: PathLike) -> np.ndarray:

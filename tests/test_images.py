@@ -240,3 +240,12 @@ def test_cie_lab_tiff_is_refused_not_read_as_colours(tmp_path):
     with pytest.raises(ImageReadError, match="L\\*a\\*b\\* TIFF") as info:
         read_image(path)
     assert str(path) in str(info.value)
+
+
+def test_32_bit_integer_image_says_which_depths_are_read(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    path = tmp_path / "counts.tif"
+    Image.fromarray(np.arange(12, dtype=np.int32).reshape(3, 4) * 100000).save(path)
+    with pytest.raises(ImageReadError, match="int32 .*save it as 8 or 16 bits") as info:
+        read_image(path)
+    assert str(path) in str(info.value)
