@@ -136,3 +136,33 @@ def test_live_source_keeps_only_the_newest_frame():
         server.close()
     assert second.index - first.index > 5
     assert source.stats.dropped >= second.index - first.index - 2
+
+
+def test_image_folder_warns_like_training_about_unread_formats_and_12_bit_data(tmp_path):
+    # mrkd run --source FOLDER judged a folder with a GIF among its PNGs (one image fewer) or 12-bit frames
+    # saved in 16-bit files (read nearly black) without a word, where training's folders warn.
+    import warnings
+
+    import cv2
+    rng = np.random.default_rng(5)
+    for name, folder, image in [("a.png", "low", rng.integers(0, 4096, (16, 16), dtype=np.uint16)),
+                                ("b.png", "low", rng.integers(0, 4096, (16, 16), dtype=np.uint16)),
+                                ("a.png", "full", rng.integers(0, 4096, (16, 16), dtype=np.uint16) << 4),
+                                ("a.png", "mixed", np.zeros((16, 16, 3), np.uint8))]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / folder / name), image)
+    (tmp_path / "mixed" / "b.gif").write_bytes(b"GIF89a")
+    with pytest.warns(UserWarning, match=r"low: 16-bit images use only 12 of their 16 bits .*value << 4"):
+        with open_source(str(tmp_path / "low")) as source:
+            assert len(list(source)) == 2
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) in a format mrkd does not read \(e.g. 'b.gif'\)"):
+        with open_source(str(tmp_path / "mixed")) as source:
+            assert len(list(source)) == 1
+    with pytest.warns(UserWarning, match="use only 12 of their 16 bits"):
+        open_source(str(tmp_path / "low" / "*.png")).close()
+    (tmp_path / "mixed" / "b.gif").unlink()
+    (tmp_path / "mixed" / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_source(str(tmp_path / "full")).close()
+        open_source(str(tmp_path / "mixed")).close()

@@ -26,8 +26,8 @@ import numpy as np
 
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
-from mrkd.runtime.images import (IMAGE_EXTENSIONS, ImageReadError, is_glob_pattern, list_images, read_image,
-                                 read_mask, read_stored)
+from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
+from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_images, read_image, read_mask
 from mrkd.runtime.preprocess import (CENTER_CROP_DIRECT_PIXELS, IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry,
                                      normalize, resize_square)
 
@@ -47,34 +47,6 @@ ILM_SOURCES = ("same", "other")
 # Where a reader meets an unreadable image: the option that skips such files, for the CLI and for Python.
 SKIP_UNREADABLE_HINT = ("take it out of the folder (training: mrkd train --skip-unreadable skips such files; "
                         "Python: skip_unreadable=True)")
-
-
-# A 16-bit file whose pixels all stay below 4096 most likely holds a 10- or 12-bit camera's values in its
-# low bits (a frame saved as it came). Scaled over 0..65535, as every 16-bit image is, it reads as nearly
-# black (4095 -> 16 of 255), and differs from the same camera through mrkd run's gige:// source.
-NARROW_16BIT_LIMIT = 4096
-NARROW_16BIT_SAMPLE = 8       # images looked at (the first of the list): a warning, not a second decoding pass
-
-
-def warn_narrow_16bit(paths: Sequence, where: str) -> None:
-    """Warn once when the 16-bit images among the first NARROW_16BIT_SAMPLE of ``paths`` all stay below
-    NARROW_16BIT_LIMIT, saying how they are read and how to save them; silent otherwise."""
-    tops = []
-    for path in list(paths)[:NARROW_16BIT_SAMPLE]:
-        try:
-            stored = read_stored(path)
-        except ImageReadError:          # said where the image is read for training
-            continue
-        if stored.dtype == np.uint16:
-            tops.append((int(stored.max()), str(path)))
-    if not tops or max(top for top, _ in tops) >= NARROW_16BIT_LIMIT:
-        return
-    top, example = max(tops)
-    bits = max(top.bit_length(), 1)
-    warnings.warn(f"{where}: 16-bit images use only {bits} of their 16 bits (e.g. {example}: max {top}); mrkd scales "
-                  f"16-bit images over 0..65535, so these read nearly black (0..{(top + 128) // 257} of 255). If a "
-                  f"{bits}-bit camera wrote them, save its values shifted to the top bits (value << {16 - bits}), as "
-                  f"mrkd run's gige:// source reads Mono10/12")
 
 
 class DataError(MrkdError, ValueError):
@@ -112,25 +84,13 @@ class CategoryData:
         return sorted({item.defect_type for item in self.test_items if item.label == 1})
 
 
-# Image formats a camera tool or a phone may save that mrkd does not read (OpenCV before 4.11 has no GIF,
-# and none reads HEIC or raw files): skipped like notes and thumbnails, but said, since a folder that
-# mixes them with PNGs would train, calibrate or be judged on fewer images than its owner counts.
-UNREAD_IMAGE_EXTENSIONS = (".gif", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", ".exr", ".hdr", ".heic",
-                           ".heif", ".avif", ".jxl", ".dng", ".raw", ".cr2", ".nef")
-
-
 def _image_files(folder: Path) -> Tuple[List[Path], int]:
     """Image files directly in folder (list_images' rule) and the number of other files ignored; images
     in a format mrkd does not read are warned about, naming one."""
     images = list_images(folder)
-    listed = set(images)
-    others = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p not in listed]
-    unread = sorted(p for p in others if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
-    if unread:
-        warnings.warn(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
-                      f"{unread[0].name!r}); convert them to PNG to use them (read: "
-                      f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
-    return images, len(others)
+    others = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) - len(images)
+    warn_unread_images(folder)
+    return images, others
 
 
 def _require_dir(path: Path, what: str) -> None:

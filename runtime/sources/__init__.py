@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from mrkd.errors import MrkdError
+from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
 from mrkd.runtime.images import ImageListError, ImageReadError, list_images, read_image
 from mrkd.runtime.redact import redact_uri
 
@@ -627,8 +628,13 @@ def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float
     local = uri[len("file://"):] if uri.startswith("file://") else uri
     paths = _image_paths(local)
     if paths is not None:
+        # The same looks as training's folders: a line judging GIFs left out, or 12-bit data read
+        # nearly black, is said once at the start.
+        if Path(local).is_dir():
+            warn_unread_images(local)
         if not paths:
             raise SourceError(f"{shown}: no image files found")
+        warn_narrow_16bit(paths, shown)
         return ImageFilesSource(paths, uri=uri, loop=loop, **common)
     if Path(local).is_file():
         return VideoFileSource(uri, local, loop=loop, **common)

@@ -1,0 +1,66 @@
+"""Warnings about a folder of images that mrkd would read otherwise than its owner expects: files in a
+format mrkd does not read, and 16-bit images that hold a 10- or 12-bit camera's values in their low bits.
+
+One check for every reader of folders (training, calibration, evaluation and mrkd run's folder source),
+so a folder is trained on and judged the same way and warned about in the same words. numpy + OpenCV
+only (the runtime never imports torch).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+
+from mrkd.runtime.images import IMAGE_EXTENSIONS, ImageReadError, PathLike, read_stored
+
+# Image formats a camera tool or a phone may save that mrkd does not read (OpenCV before 4.11 has no GIF,
+# and none reads HEIC or raw files): skipped like notes and thumbnails, but said, since a folder that
+# mixes them with PNGs would train, calibrate or be judged on fewer images than its owner counts.
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", ".exr", ".hdr", ".heic",
+                           ".heif", ".avif", ".jxl", ".dng", ".raw", ".cr2", ".nef")
+
+# A 16-bit file whose pixels all stay below 4096 most likely holds a 10- or 12-bit camera's values in its
+# low bits (a frame saved as it came). Scaled over 0..65535, as every 16-bit image is, it reads as nearly
+# black (4095 -> 16 of 255), and differs from the same camera through mrkd run's gige:// source.
+NARROW_16BIT_LIMIT = 4096
+NARROW_16BIT_SAMPLE = 8       # images looked at (the first of the list): a warning, not a second decoding pass
+
+
+def unread_images(folder: PathLike) -> List[Path]:
+    """The visible files directly in ``folder`` whose extension is one of UNREAD_IMAGE_EXTENSIONS, sorted."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
+
+
+def warn_unread_images(folder: PathLike) -> None:
+    """Warn once, naming one, when ``folder`` holds images in a format mrkd does not read; silent otherwise."""
+    unread = unread_images(folder)
+    if unread:
+        warnings.warn(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
+                      f"{unread[0].name!r}); convert them to PNG to use them (read: "
+                      f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+
+
+def warn_narrow_16bit(paths: Sequence[PathLike], where: str) -> None:
+    """Warn once when the 16-bit images among the first NARROW_16BIT_SAMPLE of ``paths`` all stay below
+    NARROW_16BIT_LIMIT, saying how they are read and how to save them; silent otherwise."""
+    tops = []
+    for path in list(paths)[:NARROW_16BIT_SAMPLE]:
+        try:
+            stored = read_stored(path)
+        except ImageReadError:          # said where the image is read for use
+            continue
+        if stored.dtype == np.uint16:
+            tops.append((int(stored.max()), str(path)))
+    if not tops or max(top for top, _ in tops) >= NARROW_16BIT_LIMIT:
+        return
+    top, example = max(tops)
+    bits = max(top.bit_length(), 1)
+    warnings.warn(f"{where}: 16-bit images use only {bits} of their 16 bits (e.g. {example}: max {top}); mrkd scales "
+                  f"16-bit images over 0..65535, so these read nearly black (0..{(top + 128) // 257} of 255). If a "
+                  f"{bits}-bit camera wrote them, save its values shifted to the top bits (value << {16 - bits}), as "
+                  f"mrkd run's gige:// source reads Mono10/12")
+
