@@ -242,6 +242,10 @@ def _line_text(model, body):
     ('[[camera]]\nname = "a"\n', "camera[0] ('a').source"),
     ('[[camera]]\nsource = "x"\n', "camera[0].name"),
     ('[[camera]]\nname = "a"\nsource = "x"\nmodel = "missing.onnx"\n', "camera[0] ('a').model"),
+    # a folder named as the model was said to be missing; true is 1 to Python: a 1x1 camera, version 1
+    ('[[camera]]\nname = "a"\nsource = "x"\nmodel = "."\n', "camera[0] ('a').model: " ),
+    ('[[camera]]\nname = "a"\nsource = "x"\nsize = [true, true]\n', "camera[0] ('a').size"),
+    ('schema_version = true\n[[camera]]\nname = "a"\nsource = "x"\n', "schema_version True"),
     ('[[camera]]\nname = "a"\nsource = "x"\n[[camera]]\nname = "a"\nsource = "y"\n', "used twice"),
     ('[[camera]]\nname = "a b"\nsource = "x"\n', "camera name 'a b'"),
     ('[[cameras]]\nname = "a"\nsource = "x"\n', "unknown top-level key 'cameras'"),
@@ -264,6 +268,7 @@ def test_bad_line_file_fields_are_named(tmp_path, two_models, body, field):
         parse_line(text, "line.toml", tmp_path)
     message = str(caught.value)
     assert message.startswith("line.toml") and field in message and "\n" not in message, message
+    assert "file not found" not in message or "missing" in body, message
 
 
 def test_line_file_fields_and_relative_paths(tmp_path, two_models):

@@ -169,6 +169,14 @@ def _resolve(text: str, folder: Path) -> str:
     return str(path if path.is_absolute() else folder / path)
 
 
+def _check_model_file(where: str, model: str) -> None:
+    # a folder was reported as "file not found" although it is there: name what was found instead
+    if Path(model).is_dir():
+        raise LineFileError(f"{where}: {model} is a folder; name the model file in it (e.g. model.onnx)")
+    if not Path(model).is_file():
+        raise LineFileError(f"{where}: model file not found: {model}")
+
+
 def _camera_settings(where: str, table: Any, folder: Path, allowed) -> Dict[str, Any]:
     if not isinstance(table, dict):
         raise LineFileError(f"{where}: expected a table of camera fields, got {table!r}")
@@ -193,7 +201,8 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
         raise LineFileError(f"{path}: unknown top-level key {unknown[0]!r} (known: {', '.join(TOP_LEVEL)}; "
                             f"cameras are [[camera]] tables)")
     version = data.get("schema_version", LINE_SCHEMA_VERSION)
-    if version != LINE_SCHEMA_VERSION:
+    # type checked too: true and 1.0 equal 1 to Python, so they passed as version 1
+    if type(version) is not int or version != LINE_SCHEMA_VERSION:
         raise LineFileError(f"{path}: schema_version {version!r} is not supported (this mrkd reads "
                             f"{LINE_SCHEMA_VERSION})")
     line_options = {**_inference_settings(path, data),
@@ -212,8 +221,7 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
             if required not in settings or settings[required] is None:
                 hint = " (or give MODEL on the command line, or model in [defaults])" if required == "model" else ""
                 raise LineFileError(f"{where}.{required}: missing{hint}")
-        if not Path(settings["model"]).is_file():
-            raise LineFileError(f"{where}.model: file not found: {settings['model']}")
+        _check_model_file(f"{where}.model", settings["model"])
         cameras.append(Camera(**settings))
     try:
         check_cameras(cameras)
@@ -242,8 +250,7 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
         if not str(key).isdigit() or not isinstance(model, str) or not model.strip():
             raise LineFileError(f"{path}: recipes.{key}: expected a recipe number = \"model file\", got {model!r}")
         model = _resolve(model, folder)
-        if not Path(model).is_file():
-            raise LineFileError(f"{path}: recipes.{key}: model file not found: {model}")
+        _check_model_file(f"{path}: recipes.{key}", model)
         parsed.append((int(key), model))
     settings = dict(dataclasses.asdict(base or PartSettings()), recipes=tuple(sorted(parsed)))
     for name, value in table.items():

@@ -145,7 +145,9 @@ class SourceOptions:
     def validate(self) -> "SourceOptions":
         """Raise SourceError naming the option that is out of range; returns self."""
         if self.size is not None:
-            if (len(self.size) != 2 or not all(isinstance(v, int) and 1 <= v <= self.MAX_SIDE for v in self.size)):
+            # a bool is an int to Python: size = [true, true] in a line file ran the camera at 1x1
+            if (len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                               and 1 <= v <= self.MAX_SIDE for v in self.size)):
                 raise SourceError(f"size {self.size!r}: width and height must be whole numbers 1..{self.MAX_SIDE}")
             self.size = (int(self.size[0]), int(self.size[1]))
         if self.fps is not None and not (math.isfinite(self.fps) and 0 < self.fps <= self.MAX_FPS):
