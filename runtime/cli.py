@@ -322,13 +322,17 @@ def threshold_off_scale(threshold: float, detector) -> str:
     lets every defect pass, without a word."""
     from mrkd.runtime.line.swap import on_one_scale
     calibrated = detector.threshold
-    if calibrated is None or not calibrated > 0 or not threshold > 0:
+    if calibrated is None or not calibrated > 0:
         return ""
     ratio = threshold / calibrated
     if on_one_scale(ratio):
         return ""
     outcome = "almost every frame or part would alarm" if ratio < 1 else "defects may never reach it"
-    return (f"threshold {threshold:g} is {ratio:.3g}x the model's calibrated {calibrated:.4g} (its good parts "
+    # 0 or below (threshold = 0 read as "the model's") alarmed on every frame without a word; a ratio
+    # past a float's range read "infx"
+    times = ("at or below 0, under" if threshold <= 0 else f"{ratio:.3g}x" if math.isfinite(ratio)
+             else "far above")
+    return (f"threshold {threshold:g} is {times} the model's calibrated {calibrated:.4g} (its good parts "
             f"score near that): {outcome}; give a threshold on this model's scale, or leave it out")
 
 

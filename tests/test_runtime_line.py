@@ -334,15 +334,21 @@ def test_a_camera_threshold_off_the_models_scale_is_warned_about(tmp_path, two_m
     (tmp_path / "line.toml").write_text(
         '[[camera]]\nname = "low"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 0.002\n'
         '[[camera]]\nname = "near"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 0.15\n'
-        '[[camera]]\nname = "high"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 1.0\n')
+        '[[camera]]\nname = "high"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 1.0\n'
+        # 0 (as if it meant "the model's") alarmed on every frame without a warning; 1e308 read "infx"
+        '[[camera]]\nname = "zero"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 0\n'
+        '[[camera]]\nname = "huge"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 1e308\n')
     result = _run(["--line", str(tmp_path / "line.toml"), "--status-every", "0", "--max-frames", "1"])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("WARNING camera")]
-    assert len(warnings) == 2, result.output
+    assert len(warnings) == 4, result.output
     assert warnings[0].startswith("WARNING camera low: threshold 0.002 is 0.02x the model's calibrated 0.1 ")
     assert "almost every frame or part would alarm" in warnings[0]
     assert warnings[1].startswith("WARNING camera high: threshold 1 is 10x the model's calibrated 0.1 ")
     assert "defects may never reach it" in warnings[1]
+    assert warnings[2].startswith("WARNING camera zero: threshold 0 is at or below 0, under the model's calibrated 0.1")
+    assert "almost every frame or part would alarm" in warnings[2]
+    assert warnings[3].startswith("WARNING camera huge: threshold 1e+308 is far above the model's calibrated 0.1")
 
 
 def test_line_file_inference_table_chooses_the_backend_and_the_command_line_wins(tmp_path, two_models):
