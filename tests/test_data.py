@@ -218,3 +218,22 @@ def test_images_in_formats_mrkd_does_not_read_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scan_folder(tmp_path / "folder")
+
+
+def test_a_mask_without_its_test_image_is_warned_about(tmp_path):
+    # ground_truth/<defect>/NNN_mask.png whose image was renamed or deleted (or whose defect folder was)
+    # was ignored without a word: the evaluation covered fewer defects than the folder shows.
+    import warnings
+    base = _category(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_category(tmp_path, "part")
+    mask = np.zeros((20, 30), np.uint8)
+    _png(base / "ground_truth" / "hole" / "001_mask.png", mask)
+    _png(base / "ground_truth" / "scratch" / "000_mask.png", mask)
+    with pytest.warns(UserWarning, match=r"part: 2 mask\(s\) in ground_truth/ have no test image and are not "
+                                         r"evaluated \(a renamed or deleted image\?\): .*hole/001_mask.png, "
+                                         r".*scratch/000_mask.png$"):
+        data = scan_category(tmp_path, "part")
+    assert [item.mask_path for item in data.test_items if item.label] == [str(base / "ground_truth" / "hole" /
+                                                                            "000_mask.png")]

@@ -117,6 +117,17 @@ def _find_mask(gt_dir: Path, stem: str) -> Optional[Path]:
     return None
 
 
+def _orphan_masks(gt_root: Path, test_items: Sequence["TestItem"]) -> List[str]:
+    """Mask files under gt_root/<defect>/ that no test image takes as its mask: a renamed or deleted
+    image (or defect folder) leaves its mask behind, and the evaluation covers fewer defects than the
+    folder shows."""
+    if not gt_root.is_dir():
+        return []
+    used = {item.mask_path for item in test_items}
+    return [str(p) for gt_dir in sorted(d for d in gt_root.iterdir() if d.is_dir())
+            for p in list_images(gt_dir) if str(p) not in used]
+
+
 def _readable(path: Path, reader) -> bool:
     try:
         reader(path)
@@ -154,7 +165,8 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     Raises DataError (naming the path) for a missing folder or an empty train set, and with
     ``require_masks`` for a defect image without its mask. Without it such an image is labelled per
     image only (``mask_path`` None, listed in ``unmasked``); a defect type whose ground_truth/ folder
-    exists but lacks some masks is warned about once, naming the files. skip_unreadable=True decodes
+    exists but lacks some masks is warned about once, naming the files, and so are masks
+    without their test image. skip_unreadable=True decodes
     every file now, and skips (with a warning) the ones that cannot be read instead of failing later.
     """
     base = Path(root) / check_category(category)
@@ -191,6 +203,10 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     if partly_masked:
         warnings.warn(f"{category}: {len(partly_masked)} defect image(s) have no mask in ground_truth/ and count in "
                       f"the image metrics only: {_some(partly_masked)}")
+    orphans = _orphan_masks(base / "ground_truth", test_items)
+    if orphans:
+        warnings.warn(f"{category}: {len(orphans)} mask(s) in ground_truth/ have no test image and are not evaluated "
+                      f"(a renamed or deleted image?): {_some(orphans)}")
 
     skipped: List[str] = []
     if skip_unreadable:
