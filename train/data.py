@@ -165,9 +165,9 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     Raises DataError (naming the path) for a missing folder or an empty train set, and with
     ``require_masks`` for a defect image without its mask. Without it such an image is labelled per
     image only (``mask_path`` None, listed in ``unmasked``); a defect type whose ground_truth/ folder
-    exists but lacks some masks is warned about once, naming the files, and so are masks
-    without their test image. skip_unreadable=True decodes
-    every file now, and skips (with a warning) the ones that cannot be read instead of failing later.
+    exists but lacks some masks is warned about once, naming the files, and so are masks without their
+    test image. skip_unreadable=True decodes every file now, and skips (with a warning) the ones that
+    cannot be read instead of failing later.
     """
     base = Path(root) / check_category(category)
     _require_dir(base, f"category {category!r}")
