@@ -101,22 +101,6 @@ def resize_square(bgr: np.ndarray, size: int, mode: str = "resize") -> np.ndarra
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
-    """Resize a bool HxW mask with nearest-neighbour sampling and the same geometry as resize_square."""
-    size = _check_size(size)
-    _check_mode(mode)
-    if mask.ndim != 2:
-        raise ValueError(f"resize_mask expects an HxW mask, got shape {mask.shape}")
-    as_u8 = mask.astype(np.uint8)
-    height, width = mask.shape
-    if mode == "resize":
-        out = _resize_to(as_u8, (size, size), cv2.INTER_NEAREST)
-    else:
-        resized, (top, left) = center_crop_geometry(height, width, size)
-        out = _resize_to(as_u8, resized, cv2.INTER_NEAREST)[top:top + size, left:left + size]
-    return np.ascontiguousarray(out) != 0
-
-
 def _affine(mean: Sequence[float], std: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
     """(scale, offset) per RGB channel so that x*scale + offset == (x/255 - mean) / std."""
     mean = np.asarray(mean, dtype=np.float64).reshape(3)

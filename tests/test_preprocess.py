@@ -1,4 +1,4 @@
-"""resize_square / resize_mask geometry and normalize against independent references."""
+"""resize_square and the centre-crop geometry, and normalize, against independent references."""
 
 import cv2
 import numpy as np
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from mrkd.runtime.preprocess import (IMAGENET_MEAN, IMAGENET_STD, normalize, normalize_batch, resize_mask,
+from mrkd.runtime.preprocess import (IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry, normalize, normalize_batch,
                                      resize_square)
 
 RNG = np.random.default_rng(0)
@@ -41,7 +41,9 @@ def test_resize_mode_keeps_edge_content_and_squashes():
 def test_center_crop_matches_torchvision_geometry():
     # Nearest-neighbour masks isolate the geometry: torchvision Resize(shorter side) + CenterCrop.
     mask = RNG.random((90, 150)) > 0.5
-    out = resize_mask(mask, 60, "center_crop")
+    (height, width), (top, left) = center_crop_geometry(90, 150, 60)
+    out = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    out = out[top:top + 60, left:left + 60].astype(bool)
     tensor = torch.from_numpy(mask.astype(np.uint8))[None]
     resized = TF.resize(tensor, 60, interpolation=T.InterpolationMode.NEAREST)
     expected_shape = resized.shape[1:]
@@ -56,16 +58,6 @@ def test_center_crop_image_is_crop_of_shorter_side_resize():
     out = resize_square(image, 45, "center_crop")
     resized = cv2.resize(image, (45, 60), interpolation=cv2.INTER_AREA)   # 120x90 -> 60x45
     np.testing.assert_array_equal(out, resized[8:53])                      # round((60-45)/2) = 8
-
-
-def test_resize_mask_nearest_same_geometry():
-    mask = np.zeros((40, 80), bool)
-    mask[10:20, 60:80] = True
-    out = resize_mask(mask, 20)
-    assert out.dtype == bool and out.shape == (20, 20)
-    expected = np.zeros((20, 20), bool)
-    expected[5:10, 15:20] = True
-    np.testing.assert_array_equal(out, expected)
 
 
 def test_bad_arguments():
