@@ -33,6 +33,7 @@ __all__ = ["CalibrationError", "calibrate_exported", "labelled_folder", "score_s
 def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
     """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other
     sub-folder (a defect type) label 1. Errors name the folder when a side is missing."""
+    from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
     from mrkd.runtime.images import list_images
     folder = Path(folder)
     if not folder.is_dir():
@@ -40,6 +41,7 @@ def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
     paths, labels = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         images = [str(p) for p in list_images(sub)]
+        warn_unread_images(sub)
         paths += images
         labels += [0 if sub.name == "good" else 1] * len(images)
     labels = np.asarray(labels, dtype=np.int64)
@@ -47,6 +49,7 @@ def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
         raise CalibrationError(f"{folder}: labelled calibration needs a good/ sub-folder and at least one defect "
                                f"sub-folder with images (found {int((labels == 0).sum())} good, "
                                f"{int(labels.sum())} defective)")
+    warn_narrow_16bit(paths, str(folder))
     return paths, labels
 
 

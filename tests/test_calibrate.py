@@ -156,3 +156,26 @@ def test_an_out_path_below_a_file_says_the_file_is_no_folder(tmp_path):
             atomic_write_bytes(target, b"data")
         assert str(raised.value).endswith(f"{target}: {tmp_path / 'notes.txt'} is a file, not a folder")
     assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
+def test_labelled_folder_warns_like_training_about_unread_formats_and_12_bit_data(tmp_path):
+    # Labelled calibration (mrkd calibrate --labelled) set a threshold on a folder with a GIF left out or
+    # 12-bit frames read nearly black without a word, where training's folders warn.
+    import warnings
+
+    import cv2
+    rng = np.random.default_rng(2)
+    for sub in ("good", "hole"):
+        (tmp_path / sub).mkdir()
+        cv2.imwrite(str(tmp_path / sub / "0.png"), rng.integers(0, 4096, (8, 8), dtype=np.uint16) << 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labelled_folder(tmp_path)
+    (tmp_path / "hole" / "1.gif").write_bytes(b"GIF89a")
+    with pytest.warns(UserWarning, match=r"hole: skipped 1 image\(s\) in a format mrkd does not read"):
+        assert len(labelled_folder(tmp_path)[0]) == 2
+    (tmp_path / "hole" / "1.gif").unlink()
+    for sub in ("good", "hole"):
+        cv2.imwrite(str(tmp_path / sub / "0.png"), rng.integers(0, 1024, (8, 8), dtype=np.uint16))
+    with pytest.warns(UserWarning, match=r"use only 10 of their 16 bits"):
+        labelled_folder(tmp_path)
