@@ -266,6 +266,42 @@ def refuse_empty_text(command: click.Command, values: dict) -> None:
                                f"one, or leave the option out")
 
 
+# camera field -> (run_command's parameter, its option): the command line's camera options
+CAMERA_OPTIONS = {"threshold": ("threshold", "--threshold"), "debounce": ("debounce", "--debounce"),
+                  "cooldown": ("cooldown", "--cooldown"), "cooldown_frames": ("cooldown_frames", "--cooldown-frames"),
+                  "size": ("size", "--size"), "fps": ("fps", "--fps"), "loop": ("loop", "--loop"),
+                  "trigger": ("trigger_mode", "--trigger"), "features": ("features", "--feature")}
+
+
+def line_file_overrides(line, camera_defaults: dict, ctx: click.Context) -> list:
+    """One warning per camera option typed on the command line that the line file sets otherwise for a
+    camera: the file's fields win (the options are their defaults), and `--line line.toml --threshold 0.5`
+    ran a camera at the file's threshold, said only as "given (--threshold or the line file)"."""
+    from mrkd.runtime.sources import SourceOptions
+    typed = {field for field, (param, _) in CAMERA_OPTIONS.items()
+             if ctx.get_parameter_source(param) in (click.core.ParameterSource.COMMANDLINE,
+                                                    click.core.ParameterSource.ENVIRONMENT)}
+    wanted = dict(camera_defaults, size=SourceOptions.parse_size(camera_defaults.get("size")))
+    def shown(field, value):
+        if field == "debounce":
+            return "%d/%d" % value
+        if field == "size" and value:
+            return "%dx%d" % value
+        if field == "features":
+            return ",".join(f"{name}={setting}" for name, setting in value) or "none"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    warnings = []
+    for camera in line.cameras:
+        for field in sorted(typed):
+            value = getattr(camera, field)
+            if value != wanted.get(field):
+                warnings.append(f"WARNING camera {camera.name}: {field} {shown(field, value)} from the line file, "
+                                f"not {CAMERA_OPTIONS[field][1]} {shown(field, wanted.get(field))} (a camera's fields "
+                                f"in the line file win over these options); set it in one place")
+    return warnings
+
+
 def check_postprocess(impl: str, detectors=None) -> None:
     """SettingError when ``--postprocess`` names an implementation this machine or a model's backend
     cannot run: `--postprocess cuda` without a CUDA device ended in a traceback at the first frame of a
@@ -438,6 +474,9 @@ def run_command(model, sources, line_file, **options):
     line = build_line(model, sources, line_file, camera_defaults, backend=options.pop("backend"),
                       postprocess=options.pop("postprocess"), threads=options.pop("threads"),
                       providers=tuple(providers.split(",")) if providers else None)
+    if line_file:
+        for warning in line_file_overrides(line, camera_defaults, click.get_current_context()):
+            click.echo(warning, err=True)
     if (output_settings.save_video or output_settings.show) and len(line.cameras) > 1:
         raise SettingError("--save-video and --show take one camera; this line has "
                            f"{len(line.cameras)}")

@@ -351,6 +351,24 @@ def test_a_camera_threshold_off_the_models_scale_is_warned_about(tmp_path, two_m
     assert warnings[3].startswith("WARNING camera huge: threshold 1e+308 is far above the model's calibrated 0.1")
 
 
+def test_a_command_line_camera_option_the_line_file_overrides_is_warned_about(tmp_path, two_models):
+    """The line file's camera fields win over --threshold and the other camera options (their defaults):
+    `--line line.toml --threshold 0.5` ran the camera at the file's 0.3, said only as "given (--threshold
+    or the line file)". Each option typed and overridden is named; one the file leaves alone is used."""
+    write_folder(tmp_path / "l", pattern_frames(7, 2, 3))
+    (tmp_path / "line.toml").write_text('[[camera]]\nname = "left"\nsource = "l"\nmodel = "a.onnx"\n'
+                                        'threshold = 0.3\ndebounce = "2/3"\n'
+                                        '[[camera]]\nname = "right"\nsource = "l"\nmodel = "a.onnx"\n')
+    result = _run(["--line", str(tmp_path / "line.toml"), "--status-every", "0", "--max-frames", "1",
+                   "--threshold", "0.5", "--cooldown", "0", "--debounce", "2/3"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "from the line file" in line]
+    assert warnings == ["WARNING camera left: threshold 0.3 from the line file, not --threshold 0.5 (a camera's "
+                        "fields in the line file win over these options); set it in one place"], result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert (summary["cameras"]["left"]["threshold"], summary["cameras"]["right"]["threshold"]) == (0.3, 0.5)
+
+
 def test_line_file_inference_table_chooses_the_backend_and_the_command_line_wins(tmp_path, two_models):
     """Issue 24: the backend in the line file as on the command line (it was refused as an unknown key)."""
     write_folder(tmp_path / "l", pattern_frames(7, 4, 2))
