@@ -51,7 +51,9 @@ def one_error(done, *needles) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """`mrkd run` started in its own folder with relative --events/--evidence (10 frames, every third
-    defective): the events name their evidence relative to that folder."""
+    defective). mrkd now records each event's evidence by its absolute path; the log is then rewritten
+    with the paths relative to that folder, as mrkd wrote them before, which these rules must still
+    follow (a log written by an older version)."""
     root = tmp_path_factory.mktemp("rules")
     run = root / "line"
     (run / "frames").mkdir(parents=True)
@@ -63,7 +65,10 @@ def run_dir(tmp_path_factory):
                 "--evidence", "evidence", "--status-every", "0", cwd=run, timeout=300)
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    assert len(events) == 3 and not Path(events[0]["evidence"]).is_absolute()
+    assert len(events) == 3 and all(Path(e["evidence"]) == run.resolve() / "evidence" / e["camera"] /
+                                    f"{e['event_id']}.png" for e in events), events
+    events = [{**e, "evidence": str(Path(e["evidence"]).relative_to(run.resolve()))} for e in events]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     return run, events
 
 
