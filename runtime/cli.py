@@ -462,6 +462,7 @@ def run_command(model, sources, line_file, **options):
     check_summary_target(summary_path)
     part = pop_part_options(options)
     plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
+    plc.opcua_password()     # an unset variable is refused now, not after the models have loaded
     output_settings = pop_output_settings(options)
     from mrkd.runtime.control import pop_control_options     # POST /reload, /review
     control = pop_control_options(options, output_settings.http, tls=output_settings.http_cert is not None,

@@ -73,7 +73,8 @@ def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
     (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:4840", "--opcua-user", "op"],
      "--opcua-user and --opcua-password-env go together"),
     (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:0", "--opcua-user", "op", "--opcua-password-env",
-      "MRKD_TEST_UNSET_PASSWORD"], "the environment variable MRKD_TEST_UNSET_PASSWORD is not set"),
+      "MRKD_TEST_UNSET_PASSWORD"], "environment variable MRKD_TEST_UNSET_PASSWORD (--opcua-password-env, or "
+                                   "plc.opcua_password_env in the line file) is not set"),
     (["--trigger", "software", "--modbus", "localhost:port"], "--modbus must look like HOST:PORT"),
     (["--trigger", "software", "--modbus", "0.0.0.0:0"], "--modbus 0.0.0.0:0 listens beyond this machine: name the "
                                                          "PLC's address with --modbus-allow"),
@@ -94,6 +95,22 @@ def test_cli_plc_option_errors_are_one_line(tmp_path, extra, message):
     result = CliRunner().invoke(main, ["run", str(model), "--source", str(tmp_path / "parts"), *extra])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert "--opcua: --opcua" not in result.output and "--modbus: --modbus" not in result.output   # named once
+
+
+def test_an_unset_opcua_password_variable_is_refused_before_the_models_load(tmp_path):
+    """The line file's unset password variable is named at once: it came only after every model had
+    loaded (minutes on a Jetson's engines), in words that named neither the file's key nor the option."""
+    from mrkd.cli import main
+    part_images(tmp_path / "parts", "g")
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")        # loading it would fail first
+    line = tmp_path / "line.toml"
+    line.write_text(f'[[camera]]\nname = "cam"\nsource = "{tmp_path / "parts"}"\nmodel = "broken.onnx"\n'
+                    f'trigger = "software"\n[plc]\nopcua = "opc.tcp://127.0.0.1:0"\nopcua_user = "op"\n'
+                    f'opcua_password_env = "MRKD_TEST_UNSET_PASSWORD"\n', encoding="utf-8")
+    result = CliRunner().invoke(main, ["run", "--line", str(line)], env={"MRKD_TEST_UNSET_PASSWORD": None})
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert "MRKD_TEST_UNSET_PASSWORD (--opcua-password-env, or plc.opcua_password_env in the line file) is not " \
+           "set" in result.output, result.output
 
 
 @pytest.mark.parametrize("server", ["modbus", "opcua"])

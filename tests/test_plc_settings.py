@@ -38,16 +38,16 @@ def test_line_file_plc_table(tmp_path):
     ('results_buffer = true', r"plc\.results_buffer"),
     ('opcua_port = 1', r"plc\.opcua_port: unknown field"),
     ('modbus = "0.0.0.0:502"', r"plc\.modbus 0\.0\.0\.0:502 listens beyond this machine: name the PLC's address "
-                               r"with plc\.modbus-allow"),
+                               r"with plc\.modbus_allow"),
     # a name no resolver knows (.invalid never resolves) is said to be one, not "beyond this machine"
     ('modbus = "plc-pc.invalid:502"', r"plc\.modbus must look like HOST:PORT, HOST an address of this machine .*"
                                       r"'plc-pc\.invalid' is no IP address or host name this machine knows"),
     ('modbus = "plc7"', r"plc\.modbus must look like HOST:PORT, HOST an address of this machine"),
     ('opcua = "opc.tcp://plc-pc.invalid:4840"', r"plc\.opcua must look like opc\.tcp://HOST:PORT, HOST an address"),
     ('modbus = "127.0.0.1:5020"\nmodbus_allow = 5', r"plc\.modbus_allow: expected text"),
-    ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.300"', r"plc\.modbus-allow: expected IP addresses .*'10\.0\.0\.300'"),
-    ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.5,"', r"plc\.modbus-allow: expected IP addresses .*''"),
-    ('modbus_allow = "10.0.0.5"', r"plc\.modbus-allow needs plc\.modbus"),
+    ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.300"', r"plc\.modbus_allow: expected IP addresses .*'10\.0\.0\.300'"),
+    ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.5,"', r"plc\.modbus_allow: expected IP addresses .*''"),
+    ('modbus_allow = "10.0.0.5"', r"plc\.modbus_allow needs plc\.modbus"),
 ])
 def test_line_file_plc_errors_name_the_field(tmp_path, table, message):
     path = line_file(tmp_path, f"[plc]\n{table}")
@@ -79,7 +79,7 @@ def test_line_file_opcua_fields(tmp_path, monkeypatch):
     assert settings.wanted and settings.opcua_user == "op"
     monkeypatch.setenv("MRKD_TEST_OPCUA_PW", "pw")
     assert settings.opcua_password() == "pw"
-    with pytest.raises(LineFileError, match="opcua-certificate and .*opcua-private-key go together"):
+    with pytest.raises(LineFileError, match="plc.opcua_certificate and plc.opcua_private_key go together"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:1"\nopcua_certificate = "c.der"'))
     (tmp_path / "certs").mkdir()
     for name in ("server.der", "server.pem"):
@@ -103,9 +103,9 @@ def test_opcua_trust_folder_setting(tmp_path):
               'opcua_private_key = "certs/server.pem"')
     trusted = load_plc_settings(line_file(tmp_path, secure + '\nopcua_trust = "certs/clients"'))
     assert trusted.opcua_trust == str(tmp_path / "certs" / "clients")   # from the line file's folder
-    with pytest.raises(LineFileError, match="plc.opcua-trust: not a folder"):
+    with pytest.raises(LineFileError, match="plc.opcua_trust: not a folder"):
         load_line(line_file(tmp_path, secure + '\nopcua_trust = "certs/server.der"'))
-    with pytest.raises(LineFileError, match="opcua-trust needs .*opcua-certificate"):
+    with pytest.raises(LineFileError, match="plc.opcua_trust needs plc.opcua_certificate"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:1"\nopcua_trust = "certs/clients"'))
     given = dict(options(opcua="opc.tcp://0.0.0.0:1", opcua_certificate=str(tmp_path / "certs" / "server.der"),
                          opcua_private_key=str(tmp_path / "certs" / "server.pem")),
@@ -135,7 +135,7 @@ def test_network_opcua_needs_callers_it_can_authenticate(tmp_path, monkeypatch):
         PlcSettings(opcua=url, opcua_anonymous_calls=True, opcua_trust=str(tmp_path / "clients"), **cert).check("--")
     for url in ("opc.tcp://127.0.0.1:4840", "opc.tcp://localhost:4840", "opc.tcp://[::1]:4840"):
         PlcSettings(opcua=url, opcua_anonymous_calls=True, **user).check("--")          # this machine only
-    with pytest.raises(LineFileError, match=r"line\.toml: plc\.opcua opc.tcp://0.0.0.0:4840 with plc\.opcua-user"):
+    with pytest.raises(LineFileError, match=r"line\.toml: plc\.opcua opc.tcp://0.0.0.0:4840 with plc\.opcua_user"):
         load_line(line_file(tmp_path, '[plc]\nopcua = "opc.tcp://0.0.0.0:4840"\nopcua_user = "op"\n'
                                       'opcua_password_env = "MRKD_TEST_PW"'))
 
@@ -153,23 +153,23 @@ def test_modbus_security_settings(tmp_path):
     assert settings.modbus_allow is None and settings.schema_version == 3
     for table, message in (
             ('modbus = "0.0.0.0:802"\nmodbus_certificate = "certs/modbus.crt"\nmodbus_private_key = "certs/modbus.key"',
-             r"plc\.modbus-certificate, plc\.modbus-private-key and plc\.modbus-trust go together"),
-            ('modbus = "127.0.0.1:802"\nmodbus_trust = "certs/plcs"', r"plc\.modbus-certificate, .* go together"),
-            ('modbus_trust = "certs/plcs"', r"plc\.modbus-certificate/-private-key/-trust need plc\.modbus"),
-            (secure.split("\n", 1)[1].replace('"certs/plcs"', '"certs/modbus.crt"'), r"plc\.modbus-trust: not a folder"),
+             r"plc\.modbus_certificate, plc\.modbus_private_key and plc\.modbus_trust go together"),
+            ('modbus = "127.0.0.1:802"\nmodbus_trust = "certs/plcs"', r"plc\.modbus_certificate, .* go together"),
+            ('modbus_trust = "certs/plcs"', r"plc\.modbus_certificate/_private_key/_trust need plc\.modbus"),
+            (secure.split("\n", 1)[1].replace('"certs/plcs"', '"certs/modbus.crt"'), r"plc\.modbus_trust: not a folder"),
             (secure.split("\n", 1)[1].replace('"certs/modbus.key"', '"certs/gone.key"'),
              r"plc\.modbus certificate/key: file not found: .*gone\.key"),
             ('modbus = "0.0.0.0:802"', r"plc\.modbus 0\.0\.0\.0:802 listens beyond this machine: name the PLC's "
-                                       r"address with plc\.modbus-allow .*or authenticate it with "
+                                       r"address with plc\.modbus_allow .*or authenticate it with "
                                        r"Modbus/TCP Security")):
         with pytest.raises(LineFileError, match=rf"line\.toml: {message}"):
             load_line(line_file(tmp_path, "[plc]\n" + table))
     roles = load_plc_settings(line_file(tmp_path, secure + '\nmodbus_write_roles = "operator, engineer"'))
     assert roles.modbus_write_roles == "operator, engineer"
-    for table, message in ((secure + '\nmodbus_write_roles = "operator,"', r"plc\.modbus-write-roles: expected role names"),
+    for table, message in ((secure + '\nmodbus_write_roles = "operator,"', r"plc\.modbus_write_roles: expected role names"),
                            (secure + "\nmodbus_write_roles = 3", r"plc\.modbus_write_roles: expected text"),
                            ('[plc]\nmodbus = "127.0.0.1:502"\nmodbus_write_roles = "operator"',
-                            r"plc\.modbus-write-roles needs Modbus/TCP Security")):
+                            r"plc\.modbus_write_roles needs Modbus/TCP Security")):
         with pytest.raises(LineFileError, match=rf"line\.toml: {message}"):
             load_line(line_file(tmp_path, table))
     given = dict(options(modbus="0.0.0.0:802"), modbus_certificate=str(tmp_path / "certs" / "modbus.crt"),

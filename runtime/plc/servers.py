@@ -21,6 +21,12 @@ PLC_FIELDS = ("modbus", "modbus_allow", "results_buffer", "opcua", "opcua_user",
               "modbus_certificate", "modbus_private_key", "modbus_trust", "modbus_write_roles")
 
 
+def _named(prefix: str, key: str) -> str:
+    """A setting as its source spells it: ``--opcua-user`` on the command line (prefix "--"),
+    ``line.toml: plc.opcua_user`` in a line file (prefix "line.toml: plc." or "plc.")."""
+    return prefix + (key.replace("_", "-") if prefix.endswith("--") else key)
+
+
 @dataclass(frozen=True)
 class PlcSettings:
     """modbus: "HOST:PORT" of the Modbus TCP server (None: off). modbus_allow: the client addresses or
@@ -55,42 +61,50 @@ class PlcSettings:
         from mrkd.runtime.addresses import is_loopback_host
         from mrkd.runtime.plc.modbus import parse_client_networks, parse_modbus_address
         field = where.rpartition(": ")[2]     # a second field named in a message: "--" or "plc.", no file again
+
+        def named(key: str) -> str:           # the field at fault, as its source spells it
+            return _named(where, key)
+
+        def also(key: str) -> str:            # another field the message names
+            return _named(field, key)
         security = (self.modbus_certificate, self.modbus_private_key, self.modbus_trust)
         if any(value is not None for value in security):
             if self.modbus is None:
-                raise PlcError(f"{where}modbus-certificate/-private-key/-trust need {field}modbus")
+                raise PlcError(f"{named('modbus_certificate/_private_key/_trust')} need {field}modbus")
             if any(value is None for value in security):
-                raise PlcError(f"{where}modbus-certificate, {field}modbus-private-key and {field}modbus-trust go "
+                raise PlcError(f"{named('modbus_certificate')}, {also('modbus_private_key')} and "
+                               f"{also('modbus_trust')} go "
                                f"together (Modbus/TCP Security authenticates both ends)")
             for path in security[:2]:
                 if not Path(path).is_file():
                     raise PlcError(f"{where}modbus certificate/key: file not found: {path}")
             if not Path(self.modbus_trust).is_dir():
-                raise PlcError(f"{where}modbus-trust: not a folder: {self.modbus_trust}")
+                raise PlcError(f"{named('modbus_trust')}: not a folder: {self.modbus_trust}")
         if self.modbus_write_roles is not None:
             from mrkd.runtime.plc.modbus_security import parse_roles
             if self.modbus_trust is None:
-                raise PlcError(f"{where}modbus-write-roles needs Modbus/TCP Security ({field}modbus-certificate, "
-                               f"{field}modbus-private-key, {field}modbus-trust): roles come from client certificates")
+                raise PlcError(f"{named('modbus_write_roles')} needs Modbus/TCP Security "
+                               f"({also('modbus_certificate')}, {also('modbus_private_key')}, "
+                               f"{also('modbus_trust')}): roles come from client certificates")
             try:
                 parse_roles(self.modbus_write_roles)
             except PlcError as exc:
-                raise PlcError(f"{where}modbus-write-roles: {exc}") from None
+                raise PlcError(f"{named('modbus_write_roles')}: {exc}") from None
         if self.modbus is not None:
             host, _ = parse_modbus_address(self.modbus, name=f"{where}modbus")
             if self.modbus_allow is None and self.modbus_trust is None and not is_loopback_host(host):
                 raise PlcError(f"{where}modbus {self.modbus} listens beyond this machine: name the PLC's address "
-                               f"with {field}modbus-allow (e.g. 10.0.0.5 or 10.0.0.0/24), or authenticate it with "
-                               f"Modbus/TCP Security ({field}modbus-certificate, {field}modbus-private-key, "
-                               f"{field}modbus-trust); plain Modbus TCP has no authentication, so the client's "
+                               f"with {also('modbus_allow')} (e.g. 10.0.0.5 or 10.0.0.0/24), or authenticate it with "
+                               f"Modbus/TCP Security ({also('modbus_certificate')}, {also('modbus_private_key')}, "
+                               f"{also('modbus_trust')}); plain Modbus TCP has no authentication, so the client's "
                                f"address is all the server can check")
         if self.modbus_allow is not None:
             if self.modbus is None:
-                raise PlcError(f"{where}modbus-allow needs {field}modbus")
+                raise PlcError(f"{named('modbus_allow')} needs {field}modbus")
             try:
                 parse_client_networks(self.modbus_allow)
             except PlcError as exc:
-                raise PlcError(f"{where}modbus-allow: {exc}") from None
+                raise PlcError(f"{named('modbus_allow')}: {exc}") from None
         if not isinstance(self.results_buffer, int) or isinstance(self.results_buffer, bool) \
                 or not 1 <= self.results_buffer <= 64:
             raise PlcError(f"{where}results_buffer: expected 1..64 results, got {self.results_buffer!r}")
@@ -99,26 +113,29 @@ class PlcSettings:
             host, _ = parse_opcua_url(self.opcua, name=f"{where}opcua")
             if not is_loopback_host(host):     # reachable from the network: callers must be authenticated
                 if self.opcua_anonymous_calls is True and self.opcua_trust is None:
-                    raise PlcError(f"{where}opcua-anonymous-calls with {field}opcua {self.opcua}: anyone on the network "
-                                   f"could start jobs; admit known clients only ({field}opcua-trust with "
-                                   f"{field}opcua-certificate) or listen on 127.0.0.1")
+                    raise PlcError(f"{named('opcua_anonymous_calls')} with {field}opcua {self.opcua}: anyone on "
+                                   f"the network "
+                                   f"could start jobs; admit known clients only ({also('opcua_trust')} with "
+                                   f"{also('opcua_certificate')}) or listen on 127.0.0.1")
                 if self.opcua_user is not None and self.opcua_certificate is None:
-                    raise PlcError(f"{where}opcua {self.opcua} with {field}opcua-user but no {field}opcua-certificate: "
+                    raise PlcError(f"{where}opcua {self.opcua} with {also('opcua_user')} but no "
+                                   f"{also('opcua_certificate')}: "
                                    f"the password would cross the network unencrypted; give the server a "
                                    f"certificate (Basic256Sha256 Sign&Encrypt) or listen on 127.0.0.1")
         if (self.opcua_user is None) != (self.opcua_password_env is None):
-            raise PlcError(f"{where}opcua-user and {field}opcua-password-env go together")
+            raise PlcError(f"{named('opcua_user')} and {also('opcua_password_env')} go together")
         if (self.opcua_certificate is None) != (self.opcua_private_key is None):
-            raise PlcError(f"{where}opcua-certificate and {field}opcua-private-key go together")
+            raise PlcError(f"{named('opcua_certificate')} and {also('opcua_private_key')} go together")
         for path in (self.opcua_certificate, self.opcua_private_key):
             if path is not None and not Path(path).is_file():
                 raise PlcError(f"{where}opcua certificate/key: file not found: {path}")
         if self.opcua_trust is not None:
             if self.opcua_certificate is None:
-                raise PlcError(f"{where}opcua-trust needs {field}opcua-certificate and {field}opcua-private-key "
+                raise PlcError(f"{named('opcua_trust')} needs {also('opcua_certificate')} and "
+                               f"{also('opcua_private_key')} "
                                f"(client certificates are only exchanged with Sign&Encrypt)")
             if not Path(self.opcua_trust).is_dir():
-                raise PlcError(f"{where}opcua-trust: not a folder: {self.opcua_trust}")
+                raise PlcError(f"{named('opcua_trust')}: not a folder: {self.opcua_trust}")
         if not isinstance(self.opcua_anonymous_calls, bool):
             raise PlcError(f"{where}opcua_anonymous_calls: expected true or false")
         return self
@@ -130,7 +147,8 @@ class PlcSettings:
             return None
         value = os.environ.get(self.opcua_password_env)
         if not value:
-            raise PlcError(f"opcua password: the environment variable {self.opcua_password_env} is not set or empty")
+            raise PlcError(f"the OPC UA password's environment variable {self.opcua_password_env} (--opcua-password-env, "
+                           f"or plc.opcua_password_env in the line file) is not set or empty; set it before mrkd run")
         return value
 
     @property
