@@ -88,15 +88,19 @@ def int8_image_paths(images_dir, limit: Optional[int] = DEFAULT_INT8_IMAGE_LIMIT
     ``images_dir`` and its sub-folders (runtime.images.list_images, recursive: a category's
     train/ with good/ inside works), sorted, the first ``limit``; a clear error naming ``option``
     (the folder's option, "--int8-images" or "--check-images") when there are none."""
+    from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
     from mrkd.runtime.images import list_images
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise ExportError(f"{images_dir}: folder not found ({option} needs a folder of good images for "
                           f"{_IMAGES_FOR[option]})")
     paths = list_images(images_dir, recursive=True)
+    warn_unread_images(images_dir, recursive=True)    # as every other folder reader says it
     if not paths:
         raise ExportError(f"{images_dir}: no images found for {_IMAGES_FOR[option]} ({option})")
-    return paths[:limit] if limit else paths
+    paths = paths[:limit] if limit else paths
+    warn_narrow_16bit(paths, f"{images_dir} ({option})")
+    return paths
 
 
 def refuse_unreadable(paths: Sequence, option: str) -> None:

@@ -29,18 +29,20 @@ NARROW_16BIT_LIMIT = 4096
 NARROW_16BIT_SAMPLE = 8       # images looked at (the first of the list): a warning, not a second decoding pass
 
 
-def unread_images(folder: PathLike) -> List[Path]:
-    """The visible files directly in ``folder`` whose extension is one of UNREAD_IMAGE_EXTENSIONS, sorted."""
-    return sorted(p for p in Path(folder).iterdir()
+def unread_images(folder: PathLike, recursive: bool = False) -> List[Path]:
+    """The visible files in ``folder`` (and its sub-folders with ``recursive``, as a reader that walks
+    them) whose extension is one of UNREAD_IMAGE_EXTENSIONS, sorted."""
+    found = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
+    return sorted(p for p in found
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
 
 
-def warn_unread_images(folder: PathLike) -> None:
+def warn_unread_images(folder: PathLike, recursive: bool = False) -> None:
     """Warn once, naming one, when ``folder`` holds images in a format mrkd does not read; silent otherwise."""
-    unread = unread_images(folder)
+    unread = unread_images(folder, recursive)
     if unread:
         warnings.warn(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
-                      f"{unread[0].name!r}); convert them to PNG to use them (read: "
+                      f"{str(unread[0].relative_to(folder))!r}); convert them to PNG to use them (read: "
                       f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
 
 

@@ -441,3 +441,21 @@ def test_int8_graphs_carry_no_unused_initializers(int8_export, tmp_path, target)
     opened = subprocess.run([sys.executable, "-c", "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], "
                              "providers=['CPUExecutionProvider'])", str(int8.path)], capture_output=True, text=True)
     assert opened.returncode == 0 and "Removing initializer" not in opened.stderr, opened.stderr
+
+
+def test_int8_images_warn_as_every_other_folder_reader(tmp_path):
+    """INT8 calibration read its folder without the warnings training, calibration and mrkd run give: a GIF in
+    a sub-folder was left out without a word, and 12-bit values in 16-bit files calibrated the ranges on
+    nearly black images."""
+    import warnings
+    (tmp_path / "good").mkdir()
+    twelve_bit = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)
+    for name in ("a.png", "b.png"):
+        assert cv2.imwrite(str(tmp_path / "good" / name), twelve_bit)
+    (tmp_path / "good" / "phone.gif").write_bytes(b"GIF89a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert int8_image_paths(tmp_path) == [tmp_path / "good/a.png", tmp_path / "good/b.png"]
+    said = [str(w.message) for w in caught]
+    assert any("skipped 1 image(s) in a format mrkd does not read (e.g. 'good/phone.gif')" in s for s in said), said
+    assert any("--int8-images): 16-bit images use only 12 of their 16 bits" in s for s in said), said
