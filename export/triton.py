@@ -12,6 +12,10 @@ Triton serves the newest version folder it finds, so a version folder appears wh
 files are written in a hidden staging folder inside the model folder (``.export-*``, which Triton skips:
 not a number) and the version folder is renamed into place, together with config.pbtxt, while Ctrl-C and
 SIGTERM wait. An error or a stop before then leaves the repository as it was.
+
+A new model's folder appears whole too: config.pbtxt and version 1 are written in a hidden staging folder
+of the repository (``<repo>/.export-*/<name>/``) and the model folder is renamed into place in one step; a
+polling Triton (--model-control-mode=poll) never meets ``<name>/1/`` without the config that describes it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mrkd.atomic import atomic_open, atomic_write_text
-from mrkd.export.file_set import leftover_staging, staging_folder
+from mrkd.export.file_set import STAGING_PREFIX, leftover_staging, staging_folder
 from mrkd.export.onnx_graph import ExportError, load_onnx
 from mrkd.runtime.metadata import ModelMetadata, sidecar_path
 from mrkd.stopping import stops_deferred
@@ -120,8 +124,10 @@ def write_triton_repository(repo_dir, onnx_path, name: str = "mrkd", engine_path
                               preferred_sizes(model_meta.batch_range), max_queue_delay_us)
         if (folder / version / filename).is_file():
             atomic_write_text(folder / "config.pbtxt", config)
-        else:
+        elif folder.is_dir():
             _add_version(folder, version, source, filename, model_meta, config)
+        else:
+            _add_model(repo_dir, folder, version, source, filename, model_meta, config)
         written[model_name] = folder / "config.pbtxt"
     return written
 
@@ -144,10 +150,40 @@ def _add_version(folder: Path, version: str, source: Path, filename: str, model_
                 raise
 
 
+def _add_model(repo_dir: Path, folder: Path, version: str, source: Path, filename: str,
+               model_meta: ModelMetadata, config: str) -> None:
+    """Write the new model folder ``folder`` (config.pbtxt and ``<version>/``) whole, in one rename.
+
+    Its staging folder sits in the repository itself (a rename does not cross file systems), and Triton
+    does not skip hidden folders there: its core (model_repository_manager.cc, Poll) takes every
+    subfolder of the repository for a model. A poll that cannot read one (``.export-*`` holds no
+    config.pbtxt and no version folder) logs "Poll failed for model directory" and leaves it out, the
+    models it serves unchanged; but at start-up such a folder fails "failed to load all models" (fatal
+    under the default --exit-on-error), so the staging lives only while this export writes it."""
+    with staging_folder(repo_dir) as staging:
+        # staging/<name>: an error's message names <repo>/<name>/..., where it was going
+        staged = staging / folder.name
+        (staged / version).mkdir(parents=True)    # the mode of any new folder (umask), which the rename keeps
+        _copy(source, staged / version / filename)
+        model_meta.save(staged / version / (filename + ".json"))
+        atomic_write_text(staged / "config.pbtxt", config)
+        with stops_deferred():    # the model folder whole, or none
+            try:
+                os.rename(staged, folder)
+            except OSError:
+                if folder.exists():     # made meanwhile (another export, a person): never merged into
+                    raise ExportError(f"{folder}: appeared while this export wrote it; nothing was changed "
+                                      f"there, export again to add a version to it") from None
+                raise
+
+
 def leftover_version_staging(repo_dir) -> List[Path]:
-    """Staging folders in the repository's model folders that an earlier export left (SIGKILL or a
-    power cut skips their clean-up; or an export running now), sorted."""
+    """Staging folders that an earlier export left (SIGKILL or a power cut skips their clean-up; or an
+    export running now), sorted: a new model's in the repository itself, a new version's in its model
+    folder."""
     repo_dir = Path(repo_dir)
     if not repo_dir.is_dir():
         return []
-    return sorted(path for folder in repo_dir.iterdir() if folder.is_dir() for path in leftover_staging(folder))
+    in_models = [path for folder in repo_dir.iterdir()
+                 if folder.is_dir() and not folder.name.startswith(STAGING_PREFIX) for path in leftover_staging(folder)]
+    return sorted(leftover_staging(repo_dir) + in_models)

@@ -219,3 +219,99 @@ def test_a_killed_exports_version_staging_is_named_by_the_next_export(tmp_path):
     assert len(warned) == 1 and "killed" in warned[0], lines
     assert (leftover / "1" / "model.onnx").read_bytes() == b"half"
     assert (tmp_path / "triton" / "mrkd" / "1" / "model.onnx").read_bytes() == (tmp_path / "out" / "model.onnx").read_bytes()
+
+
+def _watch_renames(monkeypatch, repo) -> list:
+    """What a polling Triton could meet after each rename: per model folder of ``repo`` (hidden ones
+    aside), its entries."""
+    import mrkd.export.triton as triton
+    real_rename, seen = os.rename, []
+
+    def rename_and_look(src, dst):
+        real_rename(src, dst)
+        seen.append({folder.name: sorted(p.name for p in folder.iterdir())
+                     for folder in repo.iterdir() if folder.is_dir() and not folder.name.startswith(".")})
+
+    monkeypatch.setattr(triton.os, "rename", rename_and_look)
+    return seen
+
+
+def test_a_new_model_folder_appears_with_its_config(onnx_model, tmp_path, monkeypatch):
+    """A new model's version 1 was renamed into <repo>/mrkd/ a moment before config.pbtxt was written, so a
+    Triton polling the repository could meet the model without its config (and auto-complete one). Now the
+    model folder appears in one rename holding both; the next version still comes in beside them."""
+    _, exported = onnx_model
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    seen = _watch_renames(monkeypatch, repo)
+    write_triton_repository(repo, exported.path)
+    assert seen and all(entries == ["1", "config.pbtxt"] for view in seen for entries in view.values()), seen
+    assert sorted(p.name for p in repo.iterdir()) == ["mrkd"]          # no staging left beside it
+    assert sorted(p.name for p in (repo / "mrkd" / "1").iterdir()) == ["model.onnx", "model.onnx.json"]
+    assert parse_pbtxt((repo / "mrkd" / "config.pbtxt").read_text())["name"] == "mrkd"
+    write_triton_repository(repo, _another_model(exported, tmp_path / "other"))
+    assert sorted(p.name for p in (repo / "mrkd").iterdir()) == ["1", "2", "config.pbtxt"]
+
+
+@pytest.mark.parametrize("failing", ["sidecar", "config", "rename"])
+def test_a_new_model_that_fails_before_its_rename_leaves_no_model_folder(onnx_model, tmp_path, monkeypatch,
+                                                                         failing):
+    """A full disk at the sidecar or at config.pbtxt, or a failing rename, leaves the repository as it was:
+    no model folder, no staging folder."""
+    import errno
+    import mrkd.export.triton as triton
+    _, exported = onnx_model
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "sidecar":
+        monkeypatch.setattr(ModelMetadata, "save", full_disk)
+    elif failing == "config":
+        monkeypatch.setattr(triton, "atomic_write_text", full_disk)
+    else:
+        monkeypatch.setattr(triton.os, "rename", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_triton_repository(repo, exported.path)
+    assert list(repo.iterdir()) == []
+
+
+def test_a_model_folder_made_meanwhile_is_not_merged_into(onnx_model, tmp_path, monkeypatch):
+    """Another export (or a person) that makes <repo>/mrkd/ while this one stages it: one line, and the
+    folder made meanwhile keeps what it holds."""
+    import mrkd.export.triton as triton
+    from mrkd.export.onnx_graph import ExportError
+    _, exported = onnx_model
+    repo = tmp_path / "repo"
+    real_copy = triton._copy
+
+    def copy_while_another_writes(src, dst):
+        real_copy(src, dst)
+        (repo / "mrkd" / "1").mkdir(parents=True, exist_ok=True)
+        (repo / "mrkd" / "1" / "model.onnx").write_bytes(b"the other export's")
+
+    monkeypatch.setattr(triton, "_copy", copy_while_another_writes)
+    with pytest.raises(ExportError, match="appeared while this export wrote it"):
+        write_triton_repository(repo, exported.path)
+    assert _tree(repo) == {"mrkd": None, "mrkd/1": None, "mrkd/1/model.onnx": b"the other export's"}
+
+
+def test_a_killed_exports_model_staging_is_named_by_the_next_export(tmp_path):
+    """SIGKILL skips the clean-up of a new model's staging folder in the repository; the next export names
+    it in a warning, leaves it alone (an export may be running now) and writes its model as usual."""
+    from mrkd.export.pipeline import export_checkpoint
+    checkpoint = tmp_path / "a.ckpt"
+    small_model().save(checkpoint)
+    leftover = tmp_path / "triton" / ".export-killed"
+    (leftover / "mrkd" / "1").mkdir(parents=True)
+    (leftover / "mrkd" / "1" / "model.onnx").write_bytes(b"half")
+    lines = []
+    export_checkpoint(checkpoint, tmp_path / "out", ExportOptions(batch_range=(1, 1, 2)), engine=False,
+                      triton_dir=tmp_path / "triton", simplify="never", echo=lines.append)
+    warned = [line for line in lines if line.startswith("warning:") and str(leftover) in line]
+    assert len(warned) == 1 and "killed" in warned[0], lines
+    assert (leftover / "mrkd" / "1" / "model.onnx").read_bytes() == b"half"
+    assert sorted(p.name for p in (tmp_path / "triton").iterdir()) == [".export-killed", "mrkd"]
+    assert (tmp_path / "triton" / "mrkd" / "config.pbtxt").is_file()
