@@ -118,7 +118,9 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     if not replace_line_calibration:     # the demo, which rebuilds and calibrates its own folder, replaces them
         for name in MODEL_NAMES:     # each graph or engine calibrated on the line where it runs, replaced or removed
             keep_line_calibration(out_dir / name, model)
-    for leftover in leftover_staging(out_dir) + (leftover_version_staging(triton_dir) if triton_dir else []):
+    # a set: a Triton repository's new models are staged beside it, which may be out_dir itself
+    for leftover in sorted(set(leftover_staging(out_dir) + (leftover_version_staging(triton_dir) if triton_dir
+                                                            else []))):
         echo(f"warning: {leftover} looks like the unfinished files of an export that was killed (or one running "
              f"now); it is not used: remove it once no export runs")
     with staging_folder(out_dir) as staging:

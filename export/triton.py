@@ -14,12 +14,14 @@ not a number) and the version folder is renamed into place, together with config
 SIGTERM wait. An error or a stop before then leaves the repository as it was.
 
 A new model's folder appears whole too: config.pbtxt and version 1 are written in a hidden staging folder
-of the repository (``<repo>/.export-*/<name>/``) and the model folder is renamed into place in one step; a
-polling Triton (--model-control-mode=poll) never meets ``<name>/1/`` without the config that describes it.
+beside the repository (``<parent>/.export-*/<repo>/<name>/``; in the repository itself only where that
+cannot be, see _add_model) and the model folder is renamed into place in one step; a polling Triton
+(--model-control-mode=poll) never meets ``<name>/1/`` without the config that describes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -154,27 +156,46 @@ def _add_model(repo_dir: Path, folder: Path, version: str, source: Path, filenam
                model_meta: ModelMetadata, config: str) -> None:
     """Write the new model folder ``folder`` (config.pbtxt and ``<version>/``) whole, in one rename.
 
-    Its staging folder sits in the repository itself (a rename does not cross file systems), and Triton
-    does not skip hidden folders there: its core (model_repository_manager.cc, Poll) takes every
-    subfolder of the repository for a model. A poll that cannot read one (``.export-*`` holds no
-    config.pbtxt and no version folder) logs "Poll failed for model directory" and leaves it out, the
-    models it serves unchanged; but at start-up such a folder fails "failed to load all models" (fatal
-    under the default --exit-on-error), so the staging lives only while this export writes it."""
-    with staging_folder(repo_dir) as staging:
-        # staging/<name>: an error's message names <repo>/<name>/..., where it was going
-        staged = staging / folder.name
-        (staged / version).mkdir(parents=True)    # the mode of any new folder (umask), which the rename keeps
-        _copy(source, staged / version / filename)
-        model_meta.save(staged / version / (filename + ".json"))
-        atomic_write_text(staged / "config.pbtxt", config)
-        with stops_deferred():    # the model folder whole, or none
-            try:
-                os.rename(staged, folder)
-            except OSError:
-                if folder.exists():     # made meanwhile (another export, a person): never merged into
-                    raise ExportError(f"{folder}: appeared while this export wrote it; nothing was changed "
-                                      f"there, export again to add a version to it") from None
-                raise
+    Triton takes every subfolder of the repository for a model, hidden ones too (its core's
+    model_repository_manager.cc, Poll): a poll logs "Poll failed for model directory" for a staging
+    folder there, and at start-up one fails "failed to load all models" (fatal under the default
+    --exit-on-error). So the model folder is staged beside the repository, where Triton never looks, and
+    only where that cannot be (the repository's parent not writable, or another file system: a mount
+    point) in the repository itself, for as long as this export writes it."""
+    made_repo = not repo_dir.exists()
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    beside = repo_dir.absolute().parent
+    place = beside if _renames_into(beside, repo_dir) else repo_dir
+    try:
+        with staging_folder(place) as staging:
+            # staged where an error's message, the staging folder replaced by ``place``, names the target
+            staged = staging / repo_dir.name / folder.name if place == beside else staging / folder.name
+            (staged / version).mkdir(parents=True)    # the mode of any new folder (umask), which the rename keeps
+            _copy(source, staged / version / filename)
+            model_meta.save(staged / version / (filename + ".json"))
+            atomic_write_text(staged / "config.pbtxt", config)
+            with stops_deferred():    # the model folder whole, or none
+                try:
+                    os.rename(staged, folder)
+                except OSError:
+                    if folder.exists():     # made meanwhile (another export, a person): never merged into
+                        raise ExportError(f"{folder}: appeared while this export wrote it; nothing was changed "
+                                          f"there, export again to add a version to it") from None
+                    raise
+    except BaseException:
+        if made_repo:       # a repository made for this model and left empty goes again
+            with contextlib.suppress(OSError):
+                repo_dir.rmdir()
+        raise
+
+
+def _renames_into(beside: Path, repo_dir: Path) -> bool:
+    """Whether a folder staged in ``beside`` can be renamed into ``repo_dir``: beside writable, and both
+    on one file system."""
+    try:
+        return os.access(beside, os.W_OK | os.X_OK) and beside.stat().st_dev == repo_dir.stat().st_dev
+    except OSError:
+        return False
 
 
 def leftover_version_staging(repo_dir) -> List[Path]:
@@ -186,4 +207,5 @@ def leftover_version_staging(repo_dir) -> List[Path]:
         return []
     in_models = [path for folder in repo_dir.iterdir()
                  if folder.is_dir() and not folder.name.startswith(STAGING_PREFIX) for path in leftover_staging(folder)]
-    return sorted(leftover_staging(repo_dir) + in_models)
+    beside = [path for path in leftover_staging(repo_dir.absolute().parent) if (path / repo_dir.name).is_dir()]
+    return sorted(leftover_staging(repo_dir) + in_models + beside)

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 
-import numpy as np
 import pytest
 
 from mrkd.export import ExportOptions, engine_metadata, export_onnx, write_triton_repository
@@ -240,17 +239,44 @@ def test_a_new_model_folder_appears_with_its_config(onnx_model, tmp_path, monkey
     """A new model's version 1 was renamed into <repo>/mrkd/ a moment before config.pbtxt was written, so a
     Triton polling the repository could meet the model without its config (and auto-complete one). Now the
     model folder appears in one rename holding both; the next version still comes in beside them."""
+    import mrkd.export.triton as triton
     _, exported = onnx_model
     repo = tmp_path / "repo"
     repo.mkdir()
     seen = _watch_renames(monkeypatch, repo)
+    real_copy, while_writing = triton._copy, []
+
+    def copy_and_look(src, dst):
+        real_copy(src, dst)
+        while_writing.append(sorted(p.name for p in repo.iterdir()))
+
+    monkeypatch.setattr(triton, "_copy", copy_and_look)
     write_triton_repository(repo, exported.path)
     assert seen and all(entries == ["1", "config.pbtxt"] for view in seen for entries in view.values()), seen
+    # Triton takes every folder of the repository for a model, hidden ones too (a staging folder there fails
+    # its start-up): while the model is written, the repository holds nothing new
+    assert while_writing == [[]], while_writing
     assert sorted(p.name for p in repo.iterdir()) == ["mrkd"]          # no staging left beside it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert sorted(p.name for p in (repo / "mrkd" / "1").iterdir()) == ["model.onnx", "model.onnx.json"]
     assert parse_pbtxt((repo / "mrkd" / "config.pbtxt").read_text())["name"] == "mrkd"
     write_triton_repository(repo, _another_model(exported, tmp_path / "other"))
     assert sorted(p.name for p in (repo / "mrkd").iterdir()) == ["1", "2", "config.pbtxt"]
+
+
+def test_a_new_model_is_staged_in_the_repository_where_its_parent_cannot_take_it(onnx_model, tmp_path,
+                                                                                 monkeypatch):
+    """A repository whose parent is not writable or on another file system (a mount point) stages the new
+    model in the repository itself, for as long as the export writes it; the model still appears whole."""
+    import mrkd.export.triton as triton
+    _, exported = onnx_model
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.setattr(triton, "_renames_into", lambda beside, repo_dir: False)
+    seen = _watch_renames(monkeypatch, repo)
+    write_triton_repository(repo, exported.path)
+    assert seen and all(entries == ["1", "config.pbtxt"] for view in seen for entries in view.values()), seen
+    assert sorted(p.name for p in repo.iterdir()) == ["mrkd"]
 
 
 @pytest.mark.parametrize("failing", ["sidecar", "config", "rename"])
@@ -315,3 +341,10 @@ def test_a_killed_exports_model_staging_is_named_by_the_next_export(tmp_path):
     assert (leftover / "mrkd" / "1" / "model.onnx").read_bytes() == b"half"
     assert sorted(p.name for p in (tmp_path / "triton").iterdir()) == [".export-killed", "mrkd"]
     assert (tmp_path / "triton" / "mrkd" / "config.pbtxt").is_file()
+    # beside the repository, where a new model is staged now: named too, once
+    beside = tmp_path / ".export-killed-beside"
+    (beside / "triton" / "other" / "1").mkdir(parents=True)
+    lines.clear()
+    export_checkpoint(checkpoint, tmp_path / "out2", ExportOptions(batch_range=(1, 1, 2)), engine=False,
+                      triton_dir=tmp_path / "triton", simplify="never", echo=lines.append)
+    assert len([line for line in lines if line.startswith("warning:") and str(beside) in line]) == 1, lines
