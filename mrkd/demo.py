@@ -125,5 +125,5 @@ def demo_command(out, quick):
     """The whole path on the embedded data set, on the CPU: generate it, train EfficientNet-Lite0 models
     (ImageNet teacher) on its good images, evaluate them, export ONNX (TensorRT too when present), and
     stream a video of good-then-defective parts through the exported model, printing the alarms."""
-    from mrkd.train.cli import friendly_errors
-    friendly_errors(run_demo)(out, quick)
+    from mrkd.errors import error_boundary
+    error_boundary(run_demo)(out, quick)

@@ -9,6 +9,7 @@ import os
 
 import click
 
+from mrkd.errors import error_boundary
 from mrkd.stopping import stops_in_one_line
 from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.train import DEFAULT_BACKBONE
@@ -23,13 +24,6 @@ SEED = IntegerRange(0, 2 ** 32 - 1)
 MAX_IMAGE_SIZE = 4096
 REQUIRE_MASKS_HELP = ("Fail on a defect image without a pixel mask. Default: such images (e.g. a data set labelled "
                       "per image) count in the image metrics; pixel AUROC and AUPRO use the images with masks.")
-
-
-def friendly_errors(command):
-    """mrkd's one error boundary (mrkd.errors.error_boundary: its errors as a one-line click error, no
-    traceback; warnings as one line each)."""
-    from mrkd.errors import error_boundary
-    return error_boundary(command)
 
 
 def warn_random_teacher(teacher_weights: str) -> None:
@@ -57,7 +51,7 @@ def warn_random_teacher(teacher_weights: str) -> None:
               help="Good test images per category.")
 @click.option("--n-test-defect", type=IntegerRange(min=0), default=6, show_default=True,
               help="Test images per defect type and category.")
-@friendly_errors
+@error_boundary
 def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_test_defect):
     """Write the embedded synthetic data set (MVTec AD layout) to OUT.
 
@@ -173,7 +167,7 @@ def generate_command(out, categories, image_size, seed, n_train, n_test_good, n_
                    "stride-16 feature map, --image-size / 16). Default: 3 (as "
                    "PatchCore) from --image-size 256 up, 1 below; chosen on real images, see "
                    "benchmarks/RESULTS.md.")
-@friendly_errors
+@error_boundary
 def train_command(data_root, categories, out, backbone, teacher_weights, image_size, epochs, batch_size, lr, seed,
                   device, ilm, ilm_source, ilm_preset, mask_ratio, flm, eval_every, holdout, threshold_quantile,
                   threshold_method, threshold_confidence, resume,
@@ -261,7 +255,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
 @click.option("--test-time-mask/--no-test-time-mask", default=None,
               help="Override the model's feature masking at test time (the official code masks).")
 @click.option("--require-masks", is_flag=True, help=REQUIRE_MASKS_HELP)
-@friendly_errors
+@error_boundary
 def eval_command(checkpoint, data_root, categories, out, batch_size, device, test_time_mask, require_masks):
     """Evaluate CHECKPOINT (file or run folder) on DATA_ROOT's test split; print the metrics table.
 
@@ -290,7 +284,7 @@ def eval_command(checkpoint, data_root, categories, out, batch_size, device, tes
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--no-maps", is_flag=True, help="Do not write the .npy anomaly maps.")
 @click.option("--no-overlays", is_flag=True, help="Do not write the heat-map overlay PNGs.")
-@friendly_errors
+@error_boundary
 def predict_command(checkpoint, inputs, out, batch_size, device, no_maps, no_overlays):
     """Score INPUTS (an image, a folder or a glob such as 'dir/*.png') with CHECKPOINT."""
     from mrkd.train.checkpoint import model_from_dict, read_checkpoint
