@@ -33,6 +33,17 @@ SCALE_STRIDES = (4, 8, 16)
 THRESHOLD = 0.1
 
 
+def traced_peak(call):
+    """(call()'s result, the peak bytes Python's allocation tracing saw while it ran: numpy's buffers
+    included), for tests that bound what one call holds at once."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def reference_map(frames_bgr_square: np.ndarray) -> np.ndarray:
     """What the tiny model computes, in plain numpy (N×S×S×3 uint8 -> N×S×S), for checking it."""
     x = frames_bgr_square.astype(np.float64) / 255.0

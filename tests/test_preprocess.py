@@ -89,14 +89,9 @@ def test_center_crop_of_a_line_scan_row_is_sampled_without_the_huge_intermediate
     # A 1 x 16384 row's shorter side scaled to 64 made a 64 x 1048576 image (201 MB; 3.2 GB at 256)
     # to keep 64 x 64 of it. The window is now sampled directly: compared with an independent 1-D linear
     # resize of the row (every output row is that row), and the peak allocation stays small.
-    import tracemalloc
+    from runtime_fixtures import traced_peak
     row = RNG.integers(0, 256, (1, 16384, 3), dtype=np.uint8)
-    tracemalloc.start()
-    try:
-        out = resize_square(row, 64, "center_crop")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = traced_peak(lambda: resize_square(row, 64, "center_crop"))
     assert out.shape == (64, 64, 3) and peak < 8 * 2 ** 20
     wide = F.interpolate(torch.from_numpy(row[0].T.copy())[None].double(), size=64 * 16384,
                          mode="linear", align_corners=False)[0].T.numpy()

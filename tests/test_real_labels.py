@@ -80,15 +80,10 @@ def test_centre_crop_of_a_line_scan_mask_takes_the_window_without_the_huge_cover
     # A 1 x 16384 mask's shorter side scaled to 64 made a 64 x 1048576 float cover (268 MB; 4.3 GB at 256)
     # to keep 64 x 64 of it. Nearest-neighbour: the window's columns 524256.. take source columns
     # floor(column / 64), i.e. 8191 for the first 32 and 8192 for the last 32; every row is the mask's row.
-    import tracemalloc
+    from runtime_fixtures import traced_peak
     mask = np.zeros((1, 16384), bool)
     mask[0, 8192] = True
-    tracemalloc.start()
-    try:
-        out = resize_mask(mask, 64, "center_crop")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = traced_peak(lambda: resize_mask(mask, 64, "center_crop"))
     expected = np.zeros((64, 64), bool)
     expected[:, 32:] = True
     np.testing.assert_array_equal(out, expected)
