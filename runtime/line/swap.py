@@ -56,12 +56,12 @@ CHECK_FRAMES = 3              # frames of each model path the candidate must sco
 # their calibrated thresholds (or their median scores on the same frames), the number would be on
 # another scale (another score kind: 1 - cos against memory-bank distances), alarms could fall silent.
 FIXED_THRESHOLD_SCALE = 2.0
+COMPATIBLE_FIELDS = ("image_size", "backbone", "input_format")
 
 
 def on_one_scale(ratio: float) -> bool:
     """Whether two thresholds (or score levels) ``ratio`` apart are on one scale (nan: not)."""
     return 1.0 / FIXED_THRESHOLD_SCALE <= ratio <= FIXED_THRESHOLD_SCALE
-COMPATIBLE_FIELDS = ("image_size", "backbone", "input_format")
 
 
 class SwapRefused(MrkdError, ValueError):

@@ -28,8 +28,9 @@ body within a few seconds, at 1 KB/s at least), at most ``max_connections`` at o
 to this machine only: bound to loopback, to a loopback name; bound beyond it, to an IP address, localhost or
 a name allowed with ``--http-allow-host`` (a DNS-rebinding page is refused, never served). HEAD is GET
 without the body; any other method is 405 with ``Allow``. A snapshot is served only as a regular file
-with one name (no hard link) below the ``--snapshots`` folder, reached through no link: neither the file, nor a camera folder, nor the
-folder itself replaced by a link after the page started is followed (served_folder.py).
+with one name (no hard link) below the ``--snapshots`` folder, reached through no link: neither the file,
+nor a camera folder, nor the folder itself replaced by a link after the page started is followed
+(served_folder.py).
 ``tls`` (``--http-cert``/``--http-key``) serves HTTPS only; a token from the network needs it
 (runtime/control.py).
 """

@@ -67,6 +67,7 @@ class PlcSettings:
 
         def also(key: str) -> str:            # another field the message names
             return _named(field, key)
+
         security = (self.modbus_certificate, self.modbus_private_key, self.modbus_trust)
         if any(value is not None for value in security):
             if self.modbus is None:
