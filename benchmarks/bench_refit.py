@@ -444,8 +444,10 @@ def _augment_grid(asked):
 
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
         tune_reweight_only: bool = False, tune_radius=False,
-        tune_keep=False, image_size: int = SETTINGS["image_size"], tune_augment=False, augment: str = "none") -> dict:
-    """``tune_radius`` / ``tune_keep`` / ``tune_augment``: True for the whole RADIUS_GRID / KEEP_GRID /
+        tune_keep=False, image_size: int = SETTINGS["image_size"], tune_augment=False, augment: str = "none",
+        review_counts: Sequence[int] = REVIEW_COUNTS) -> dict:
+    """``review_counts``: the N of the test-split refits (a count past the line's false alarms takes them
+    all, so a large one measures what reviewing every false alarm would give). ``tune_radius`` / ``tune_keep`` / ``tune_augment``: True for the whole RADIUS_GRID / KEEP_GRID /
     AUGMENT_GRID, or the values to try. ``augment``: the test-split refits' augmented candidates."""
     from mrkd.train.elpv import layout_elpv
     radius_grid, keep_grid = _grid(tune_radius, RADIUS_GRID), _grid(tune_keep, KEEP_GRID)
@@ -456,7 +458,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
     test = layout_elpv(work / "elpv_test", split="test", max_train=SETTINGS["max_train"])
     # every training cell: those past the 160 the model trains on have never been seen by it
     full = layout_elpv(work / "elpv_validation_all", split="validation")
-    results = {"settings": dict(SETTINGS, image_size=image_size, review_counts=list(REVIEW_COUNTS),
+    results = {"settings": dict(SETTINGS, image_size=image_size, review_counts=list(review_counts),
                                 refit_threads=refit_threads, augment=augment),
                "runs": []}
     for category in categories:
@@ -479,7 +481,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
                 continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
                             _paths(troot / "test/good"), _paths(troot / "test/defect"), log=log,
-                            refit_threads=refit_threads, augment=augment)
+                            refit_threads=refit_threads, augment=augment, counts=review_counts)
             results["runs"].append({"category": category, "seed": seed, **case})
     return results
 
@@ -517,7 +519,12 @@ def main(argv=None) -> None:
     parser.add_argument("--augment", default="none", metavar="PRESET",
                         help="the test-split refits' augmented candidates (a preset of refit's AUGMENT_PRESETS: none, "
                              "flips, flips+rot90; as mrkd refit --augment)")
+    parser.add_argument("--review-counts", type=int, nargs="+", default=list(REVIEW_COUNTS), metavar="N",
+                        help="the numbers of line false alarms reviewed for the test-split refits (default 5 10 20, the "
+                             "issue's; a count past the line's false alarms takes them all, e.g. 1000 for every one)")
     args = parser.parse_args(argv)
+    if any(n < 1 for n in args.review_counts):
+        parser.exit(2, "Error: --review-counts takes counts of 1 or more\n")
     try:
         _augment_grid(args.tune_augment)
         _augment_grid([args.augment])
@@ -526,7 +533,7 @@ def main(argv=None) -> None:
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
                   tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
                   tune_keep=args.tune_keep, image_size=args.image_size, tune_augment=args.tune_augment,
-                  augment=args.augment)
+                  augment=args.augment, review_counts=tuple(args.review_counts))
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

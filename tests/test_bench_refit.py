@@ -44,3 +44,13 @@ def test_tune_table_means_per_category_and_counts_over_models():
                         "| 0 / 2 | 0 | 1; 0 |")
     assert lines[3] == ("| 0.99 / 0.9 / flips | 0.150 -> 0.110 (\u221227 %) | 0.050 -> 0.050 (+0 %) "
                         "| 1 / 1 | 1 | 2; 3 |")
+
+
+def test_review_counts_below_one_are_refused_before_any_work(capsys):
+    import pytest
+
+    from mrkd.benchmarks.bench_refit import main
+    with pytest.raises(SystemExit) as stop:
+        main(["--review-counts", "20", "0", "--work", "/nonexistent/never-made"])
+    assert stop.value.code == 2
+    assert "Error: --review-counts takes counts of 1 or more" in capsys.readouterr().err
