@@ -89,6 +89,17 @@ def require_gige_simulator() -> None:
     require_program("ss", ["iproute2"])
 
 
+def require_loopback_address(address: str) -> None:
+    """``address`` on ``lo`` for a simulator (added when missing, which needs CAP_NET_ADMIN): skip loudly
+    where it cannot be added, as the GigE tests do when their simulator cannot start."""
+    from mrkd.benchmarks.fake_gige import add_loopback_address
+    error = add_loopback_address(address)
+    if error:
+        message = f"SKIPPED, NOT TESTED: cannot give the GigE simulator its loopback address: {error}"
+        print(message, file=sys.stderr)
+        pytest.skip(message)
+
+
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 

@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from peers import require_gige_simulator, require_program
+from peers import require_gige_simulator, require_loopback_address, require_program
 
+from mrkd.benchmarks import bench_parts
 from mrkd.benchmarks.cli import BENCHES, OPT_IN
 
 
@@ -15,6 +16,7 @@ def test_bench_quick_runs_every_benchmark_and_writes_reports(tmp_path):
     # The peers the default benchmarks run: parts and plc a GigE Vision simulator, line_outputs a broker.
     # (This test runs before the GigE tests that would otherwise have installed them on a new machine.)
     require_gige_simulator()
+    require_loopback_address(bench_parts.ADDRESS)     # ip addr add: root's right (CAP_NET_ADMIN)
     require_program("mosquitto", ["mosquitto"])
     result = subprocess.run([sys.executable, "-m", "mrkd.cli", "bench", "--quick", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
