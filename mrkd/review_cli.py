@@ -19,7 +19,7 @@ import click
 
 from mrkd.errors import MrkdError, error_boundary
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, ReviewError, \
-    ReviewLabel, append_checked, evidence_changed, find_conflicts, find_evidence, label_event, last_per_event, \
+    ReviewLabel, append_checked, evidence_changed, find_conflicts, find_evidence, label_events, last_per_event, \
     mark_command, one_camera_event, printable, read_labels, read_review_events
 
 
@@ -79,13 +79,11 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
     """Label ``event_ids`` together: every label is made (evidence found, hash checked) before any
     is written, and the lot is refused when it would leave one image both good and defect."""
     by_id: Dict[str, dict] = {str(e["event_id"]): e for e in read_review_events(events)}
-    records = []
-    for event_id in dict.fromkeys(event_ids):
-        event = by_id.get(event_id)
-        if event is None:
+    for event_id in event_ids:
+        if event_id not in by_id:
             raise ReviewError(f"{events}: no event {event_id!r} (list them with `mrkd review {events} --labels ...`)")
-        records.append(label_event(event, label, who=who, note=note, camera=camera, evidence_dir=evidence,
-                                   events_path=events, camera_hint=" (--camera NAME)"))
+    records = label_events([by_id[event_id] for event_id in dict.fromkeys(event_ids)], label, who=who, note=note,
+                           camera=camera, evidence_dir=evidence, events_path=events, camera_hint=" (--camera NAME)")
     append_checked(labels_path, records,
                    lambda ids, as_: mark_command(ids, as_, events_path=events, labels_path=labels_path))
     for record in records:

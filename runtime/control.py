@@ -30,7 +30,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, ReviewError, UnlabellableError, append_checked, \
-    check_label_file, label_event
+    check_label_file, label_events
 
 MAX_BODY = 16 * 1024
 
@@ -131,9 +131,9 @@ class LineControl:
         if missing:
             return 404, {"error": f"no event {missing[0]!r} in {self.events_path}"}
         try:
-            labels = [label_event(events[event_id], request["label"], who=who, note=note, camera=camera,
-                                  evidence_dir=self.evidence_dir, events_path=self.events_path)
-                      for event_id in event_ids]
+            labels = label_events([events[event_id] for event_id in event_ids], request["label"], who=who,
+                                  note=note, camera=camera, evidence_dir=self.evidence_dir,
+                                  events_path=self.events_path)
             append_checked(self.labels_path, labels, _together)
         except UnlabellableError as exc:     # "together": the events one call may label to settle it
             return 409, {"error": str(exc), **({"together": exc.together} if exc.together else {})}

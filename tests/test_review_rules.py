@@ -320,3 +320,31 @@ def test_labels_from_mrkd_review_and_the_page_record_their_events_log_by_path_an
         assert record["events_log_first_event"] == first_in_log
     assert answer["saved"]["events_log_first_event"] == first_in_log
     assert [label.log_ref.path for label in read_labels(labels)] == [str(folder / "events.jsonl")] * 2
+
+
+def test_labelling_many_events_reads_the_events_logs_identity_once(run_dir, tmp_path, monkeypatch):
+    """Every label records which log its event came from (its first event); POST /review and `mrkd review
+    --mark` label up to MAX_MARKS events at once and read that once, not once per event."""
+    import mrkd.runtime.review as review
+    from mrkd.review_cli import mark_events
+    from mrkd.runtime.control import LineControl
+    folder = copy_run(run_dir[0], tmp_path / "run")
+    log = folder / "events.jsonl"
+    first = json.loads(log.read_text().splitlines()[0])["event_id"]
+    ids = [e["event_id"] for e in run_dir[1]]
+    reads = []
+    real = review.first_event_id
+    monkeypatch.setattr(review, "first_event_id", lambda path: reads.append(path) or real(path))
+
+    control = LineControl(TOKEN, tmp_path / "page.jsonl", log, folder / "evidence")
+    code, answer = control.handle_post("/review", {"Authorization": f"Bearer {TOKEN}"},
+                                       json.dumps({"event_id": ids, "label": "good"}).encode())
+    assert code == 200 and [s["event_id"] for s in answer["saved"]] == ids, answer
+    assert {s["events_log_first_event"] for s in answer["saved"]} == {first}
+    assert len(reads) == 1, reads
+
+    reads.clear()
+    mark_events(log, tmp_path / "cli.jsonl", folder / "evidence", ids, "defect", "", "ann", None)
+    made = read_labels(tmp_path / "cli.jsonl")
+    assert [l.event_id for l in made] == ids and {l.events_log_first_event for l in made} == {first}
+    assert len(reads) == 1, reads
