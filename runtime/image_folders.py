@@ -14,7 +14,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from mrkd.runtime.images import IMAGE_EXTENSIONS, ImageReadError, PathLike, read_stored
+from mrkd.runtime.images import IMAGE_EXTENSIONS, ImageReadError, PathLike, declared_sample_bits, read_stored
 
 # Image formats a camera tool or a phone may save that mrkd does not read (OpenCV before 4.11 has no GIF,
 # and none reads HEIC or raw files): skipped like notes and thumbnails, but said, since a folder that
@@ -27,6 +27,7 @@ UNREAD_IMAGE_EXTENSIONS = (".gif", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k
 # black (4095 -> 16 of 255), and differs from the same camera through mrkd run's gige:// source.
 NARROW_16BIT_LIMIT = 4096
 NARROW_16BIT_SAMPLE = 8       # images looked at (the first of the list): a warning, not a second decoding pass
+HEADER_BYTES = 64 * 1024      # enough for a JPEG's frame header after its EXIF (thumbnail included)
 
 
 def unread_images(folder: PathLike, recursive: bool = False) -> List[Path]:
@@ -51,6 +52,8 @@ def warn_narrow_16bit(paths: Sequence[PathLike], where: str) -> None:
     NARROW_16BIT_LIMIT, saying how they are read and how to save them; silent otherwise."""
     tops = []
     for path in list(paths)[:NARROW_16BIT_SAMPLE]:
+        if not _may_hold_16bit(path):
+            continue
         try:
             stored = read_stored(path)
         except ImageReadError:          # said where the image is read for use
@@ -66,3 +69,14 @@ def warn_narrow_16bit(paths: Sequence[PathLike], where: str) -> None:
                   f"{bits}-bit camera wrote them, save its values shifted to the top bits (value << {16 - bits}), as "
                   f"mrkd run's gige:// source reads Mono10/12")
 
+
+
+def _may_hold_16bit(path: PathLike) -> bool:
+    """False for a file whose header declares 8 bits per sample or fewer (most folders: their images are
+    decoded when they are used, not for this check too); True where only decoding can tell."""
+    try:
+        with open(path, "rb") as handle:
+            bits = declared_sample_bits(handle.read(HEADER_BYTES))
+    except OSError:                     # said where the image is read for use
+        return False
+    return bits is None or bits > 8

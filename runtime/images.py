@@ -103,8 +103,24 @@ def declared_size(head) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
-    """The frame header's size (SOF0-SOF15 but DHT, JPG and DAC), walking the markers before it."""
+def declared_sample_bits(head) -> Optional[int]:
+    """Bits per sample a PNG, JPEG, BMP or WebP header declares (BMP and WebP: always 8 or fewer), read
+    without decoding; None for other formats (TIFF among them) or a header not found in ``head``."""
+    try:
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return head[24]
+        if head[:2] == b"BM" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            return 8
+        if head[:2] == b"\xff\xd8":
+            frame = _jpeg_frame(head)
+            return None if frame is None else head[frame + 4]
+    except (struct.error, IndexError):        # a header cut short: the decoder says what is wrong
+        return None
+    return None
+
+
+def _jpeg_frame(head: bytes) -> Optional[int]:
+    """Where the frame header (SOF0-SOF15 but DHT, JPG and DAC) begins, walking the markers before it."""
     at = 2
     while at + 4 <= len(head):
         if head[at] != 0xFF:
@@ -114,10 +130,18 @@ def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
             at += 1
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", head[at + 5:at + 9])
-            return width, height
+            return at
         at += 2 + struct.unpack(">H", head[at + 2:at + 4])[0]
     return None
+
+
+def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
+    """The frame header's size."""
+    at = _jpeg_frame(head)
+    if at is None:
+        return None
+    height, width = struct.unpack(">HH", head[at + 5:at + 9])
+    return width, height
 
 
 def _tiff_tags(head: bytes, wanted: Tuple[int, ...]) -> dict:

@@ -199,6 +199,38 @@ def test_16bit_images_in_low_12_bits_are_warned_about(tmp_path):
         scan_folder(tmp_path / "bytes")
 
 
+def test_the_16bit_check_decodes_only_files_whose_header_does_not_say_8_bits(tmp_path, monkeypatch):
+    # Opening a folder decoded its first 8 images for this check alone, and again when they were used:
+    # PNG, JPEG, BMP and WebP headers say 8 bits without decoding; a TIFF (or 16-bit PNG) is still decoded.
+    from mrkd.runtime.images import declared_sample_bits, read_stored
+    from mrkd.runtime.sources import open_source
+    rng = np.random.default_rng(4)
+    gray, colour = rng.integers(0, 256, (16, 16), dtype=np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for name, array in [("a.png", gray), ("b.png", colour), ("c.jpg", colour), ("d.bmp", gray), ("e.webp", colour),
+                        ("f.tif", gray)]:
+        _png(tmp_path / "bytes" / name, array)
+    _png(tmp_path / "low" / "a.png", rng.integers(0, 4096, (16, 16), dtype=np.uint16))
+    _png(tmp_path / "low" / "b.jpg", colour)
+    for path in [*sorted((tmp_path / "bytes").iterdir()), *sorted((tmp_path / "low").iterdir())]:
+        bits = declared_sample_bits(path.read_bytes())
+        expected = None if path.suffix == ".tif" else read_stored(path).dtype.itemsize * 8    # what OpenCV decodes
+        assert bits == expected, (path.name, bits)
+
+    decoded = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda data, flags: decoded.append(len(data)) or real(data, flags))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(scan_folder(tmp_path / "bytes")) == 6
+        open_source(str(tmp_path / "bytes")).close()
+    assert len(decoded) == 2                     # the TIFF, once per opening
+    decoded.clear()
+    with pytest.warns(UserWarning, match="use only 12 of their 16 bits"):
+        scan_folder(tmp_path / "low")
+    assert len(decoded) == 1                     # the 16-bit PNG, not the JPEG
+
+
 def test_images_in_formats_mrkd_does_not_read_are_warned_about(tmp_path):
     # A GIF among PNGs was left out of training, calibration and evaluation without a word; notes stay silent.
     base = _category(tmp_path / "data")
