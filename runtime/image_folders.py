@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -30,17 +30,20 @@ NARROW_16BIT_SAMPLE = 8       # images looked at (the first of the list): a warn
 HEADER_BYTES = 64 * 1024      # enough for a JPEG's frame header after its EXIF (thumbnail included)
 
 
-def unread_images(folder: PathLike, recursive: bool = False) -> List[Path]:
+def unread_images(folder: PathLike, recursive: bool = False, files: Optional[Sequence[Path]] = None) -> List[Path]:
     """The visible files in ``folder`` (and its sub-folders with ``recursive``, as a reader that walks
-    them) whose extension is one of UNREAD_IMAGE_EXTENSIONS, sorted."""
-    found = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
-    return sorted(p for p in found
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
+    them) whose extension is one of UNREAD_IMAGE_EXTENSIONS, sorted. ``files``: those visible files,
+    where the caller has listed the folder already."""
+    if files is None:
+        found = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
+        files = [p for p in found if p.is_file() and not p.name.startswith(".")]
+    return sorted(p for p in files if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
 
 
-def warn_unread_images(folder: PathLike, recursive: bool = False) -> None:
-    """Warn once, naming one, when ``folder`` holds images in a format mrkd does not read; silent otherwise."""
-    unread = unread_images(folder, recursive)
+def warn_unread_images(folder: PathLike, recursive: bool = False, files: Optional[Sequence[Path]] = None) -> None:
+    """Warn once, naming one, when ``folder`` holds images in a format mrkd does not read; silent otherwise.
+    ``files``: as for unread_images."""
+    unread = unread_images(folder, recursive, files)
     if unread:
         warnings.warn(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
                       f"{str(unread[0].relative_to(folder))!r}); convert them to PNG to use them (read: "

@@ -231,6 +231,27 @@ def test_the_16bit_check_decodes_only_files_whose_header_does_not_say_8_bits(tmp
     assert len(decoded) == 1                     # the 16-bit PNG, not the JPEG
 
 
+def test_a_folder_is_listed_once_for_its_images_other_files_and_unread_formats(tmp_path, monkeypatch):
+    # _image_files listed each train/test folder three times (images, other files, unread formats).
+    from pathlib import Path
+    from mrkd.runtime.images import list_images
+    from mrkd.train.data import _image_files
+    folder = tmp_path / "good"
+    for name in ("a.png", "B.JPG", "c.tiff", ".hidden.png", "sub/d.png"):
+        _png(folder / name, np.zeros((8, 8), np.uint8))
+    (folder / "notes.txt").write_text("x")
+    (folder / "phone.GIF").write_bytes(b"GIF89a")
+    listings = []
+    real = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listings.append(self) or real(self))
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) in a format mrkd does not read \(e.g. 'phone.GIF'\)"):
+        images, others = _image_files(folder)
+    assert listings == [folder]
+    monkeypatch.setattr(Path, "iterdir", real)
+    assert images == list_images(folder) == [folder / "B.JPG", folder / "a.png", folder / "c.tiff"]
+    assert others == 2                                              # notes.txt and the GIF
+
+
 def test_images_in_formats_mrkd_does_not_read_are_warned_about(tmp_path):
     # A GIF among PNGs was left out of training, calibration and evaluation without a word; notes stay silent.
     base = _category(tmp_path / "data")
