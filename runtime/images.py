@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from mrkd.errors import MrkdError
+from mrkd.runtime.image_notes import note_alpha, note_pages
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -300,6 +301,7 @@ def _decode(path: PathLike) -> np.ndarray:
         raise ImageReadError(path, f"OpenCV refused it ({' '.join(str(exc).split())})") from exc
     if image is None or image.size == 0:
         raise ImageReadError(path, "not a decodable image (corrupt, truncated or unsupported format)")
+    note_pages(path, memoryview(data), image)     # page 1 of several, said once per file
     # IMREAD_UNCHANGED keeps depth and channels but not the EXIF orientation that every viewer (the
     # operator page's browser too) applies: a phone's JPEG would be judged, and trained on, turned.
     return orient(image, exif_orientation(memoryview(data)))
@@ -340,8 +342,9 @@ def _to_uint8(image: np.ndarray, path: PathLike) -> np.ndarray:
 def read_image(path: PathLike) -> np.ndarray:
     """Read ``path`` as uint8 HxWx3 BGR.
 
-    Grayscale is replicated to three channels, alpha is dropped, 16-bit images are scaled to 8 bits
-    over their full range, float images from 0..1 (or, past 1, 0..255; outside 0..255 an error).
+    Grayscale is replicated to three channels, alpha is dropped (said once per file where it is below
+    255 anywhere, as a file of several pages or frames is, read as its first), 16-bit images are scaled
+    to 8 bits over their full range, float images from 0..1 (or, past 1, 0..255; outside 0..255 an error).
     Raises ImageReadError (naming the path) when the file is missing, empty, corrupt or has an
     unsupported layout.
     """
@@ -351,6 +354,8 @@ def read_image(path: PathLike) -> np.ndarray:
     if image.ndim != 3:
         raise ImageReadError(path, f"unexpected array shape {image.shape}")
     channels = image.shape[2]
+    if channels in (2, 4):          # what a viewer shows differs where the dropped alpha is not opaque
+        note_alpha(path, image[:, :, -1])
     if channels in (1, 2):          # gray, gray+alpha
         image = np.repeat(image[:, :, :1], 3, axis=2)
     elif channels == 4:             # BGRA

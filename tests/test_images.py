@@ -1,5 +1,7 @@
 """read_image / read_mask on the awkward files factories produce."""
 
+import warnings
+
 import cv2
 import numpy as np
 import pytest
@@ -31,7 +33,8 @@ def test_grayscale_is_replicated(tmp_path):
 
 def test_bgra_drops_alpha(tmp_path):
     bgra = np.random.default_rng(1).integers(0, 256, (9, 11, 4), dtype=np.uint8)
-    out = read_image(_write(tmp_path / "a.png", bgra))
+    with pytest.warns(UserWarning, match="transparent"):
+        out = read_image(_write(tmp_path / "a.png", bgra))
     np.testing.assert_array_equal(out, bgra[:, :, :3])
 
 
@@ -249,3 +252,124 @@ def test_32_bit_integer_image_says_which_depths_are_read(tmp_path):
     with pytest.raises(ImageReadError, match="int32 .*save it as 8 or 16 bits") as info:
         read_image(path)
     assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------- pages and transparency, never silent
+
+def _said(records, path) -> list:
+    return [str(r.message) for r in records if str(path) in str(r.message)]
+
+
+def test_a_multi_page_file_is_read_as_its_first_page_and_says_so_once(tmp_path):
+    # A stack of captures in one TIFF (or an animated PNG/WebP) was judged as its first page without a word.
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(7)
+    pages = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((8, 10, 3), (8, 10, 3), (4, 5, 3), (8, 10, 3))]
+    first = [Image.fromarray(p) for p in pages]
+    files = {"stack.tif": "a TIFF of 3 pages; mrkd reads page 1 only (10 x 8)",
+             "stack.png": "an animated PNG of 3 frames; mrkd reads its first image only (10 x 8)",
+             "stack.webp": "an animated WebP of 3 frames; mrkd reads frame 1 only (10 x 8)"}
+    for name, says in files.items():
+        path = tmp_path / name
+        # A TIFF's pages may differ in size (page 3 here); an animation's frames may not (Pillow).
+        later = first[1:3] if name.endswith(".tif") else [first[1], first[3]]
+        first[0].save(path, save_all=True, append_images=later,
+                      **({"lossless": True} if name.endswith(".webp") else {}))
+        with pytest.warns(UserWarning) as records:
+            image = read_image(path)
+        np.testing.assert_array_equal(image, pages[0][:, :, ::-1])        # page 1, as Pillow reads it
+        assert _said(records, path) == [f"{path}: {says}. Save each {'page' if 'TIFF' in says else 'frame'} "
+                                        f"you mean as a file of its own"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            read_image(path)                     # once per file: a looping source reads it again
+    with warnings.catch_warnings():              # one page, one frame: silent
+        warnings.simplefilter("error")
+        first[0].save(tmp_path / "one.tif")
+        first[0].save(tmp_path / "one.png")
+        np.testing.assert_array_equal(read_image(tmp_path / "one.tif"), pages[0][:, :, ::-1])
+        read_image(tmp_path / "one.png")
+
+
+def test_transparency_that_a_viewer_shows_is_said_and_the_stored_colour_is_read(tmp_path):
+    # The colour under transparent pixels (often black, or what an editor left there) was judged where a
+    # viewer shows the background, without a word. Fully opaque alpha changes nothing and stays silent.
+    Image = pytest.importorskip("PIL.Image")
+    rgba = np.random.default_rng(8).integers(0, 256, (8, 10, 4), dtype=np.uint8)
+    rgba[:, :, 3] = 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("opaque.png", "opaque.tif", "opaque.webp"):
+            Image.fromarray(rgba, "RGBA").save(tmp_path / name, **({"lossless": True} if "webp" in name else {}))
+            np.testing.assert_array_equal(read_image(tmp_path / name), rgba[:, :, 2::-1])
+        Image.fromarray(rgba[:, :, [0, 3]], "LA").save(tmp_path / "opaque_la.png")
+        read_image(tmp_path / "opaque_la.png")
+    rgba[:2, :, 3] = 0                            # 20 of 80 pixels transparent, one half-transparent
+    rgba[5, 5, 3] = 128
+    for name in ("part.png", "part.tif", "part.webp"):
+        path = tmp_path / name
+        Image.fromarray(rgba, "RGBA").save(path, **({"lossless": True} if "webp" in name else {}))
+        with pytest.warns(UserWarning) as records:
+            image = read_image(path)
+        # The colour stored, alpha dropped: as Pillow reads it (lossless WebP stores black under alpha 0),
+        # but for a TIFF, whose colour OpenCV multiplies by its alpha (composited onto black).
+        stored = np.asarray(Image.open(path).convert("RGBA")).astype(int)
+        expected = stored[:, :, 2::-1] * (stored[:, :, 3:] / 255 if name.endswith(".tif") else 1)
+        assert np.abs(image - expected).max() <= 0.5 + 1e-9
+        assert _said(records, path) == [
+            f"{path}: 26.2% of its pixels are transparent or partly so (alpha down to 0 of 255); mrkd drops the "
+            f"alpha channel, so there it sees colour a viewer does not show. Save it without alpha, flattened onto "
+            f"its background"]
+    gray_alpha = tmp_path / "part_la.png"
+    Image.fromarray(rgba[:, :, [0, 3]], "LA").save(gray_alpha)
+    with pytest.warns(UserWarning, match=r"part_la\.png: 26\.2% of its pixels are transparent"):
+        np.testing.assert_array_equal(read_image(gray_alpha), np.repeat(rgba[:, :, :1], 3, axis=2))
+    # OpenCV reads a grey + alpha TIFF as grey: its transparency cannot be looked at, so that is said.
+    Image.fromarray(rgba[:, :, [0, 3]], "LA").save(tmp_path / "part_la.tif")
+    with pytest.warns(UserWarning, match=r"part_la\.tif: a TIFF with an alpha channel that OpenCV does not read"):
+        np.testing.assert_array_equal(read_image(tmp_path / "part_la.tif"), np.repeat(rgba[:, :, :1], 3, axis=2))
+
+
+def test_a_folder_of_transparent_images_names_ten_then_says_the_rest_in_one_line(tmp_path):
+    from mrkd.runtime.image_notes import NAMED_PER_FOLDER
+    bgra = np.zeros((4, 4, 4), np.uint8)
+    paths = [_write(tmp_path / f"{index:02}.png", bgra) for index in range(NAMED_PER_FOLDER + 3)]
+    with pytest.warns(UserWarning) as records:
+        for path in paths:
+            read_image(path)
+    said = [str(r.message) for r in records]
+    assert said[:NAMED_PER_FOLDER] == [_said(records, p)[0] for p in paths[:NAMED_PER_FOLDER]]
+    assert said[NAMED_PER_FOLDER:] == [f"{tmp_path}: more than {NAMED_PER_FOLDER} images with transparent pixels; "
+                                       f"the rest are read the same way, without a warning each"]
+
+
+def test_mrkd_run_on_a_folder_says_pages_and_transparency_once_per_file(tmp_path):
+    # Through the real command: one line each, once although --loop reads every file three times.
+    import os
+    import subprocess
+    import sys
+
+    Image = pytest.importorskip("PIL.Image")
+    from runtime_fixtures import build_tiny_model, normal_frame
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    frame = normal_frame(np.random.default_rng(0))[:, :, ::-1]
+    page = Image.fromarray(frame)
+    page.save(frames / "a_stack.tif", save_all=True, append_images=[page, page])
+    with_alpha = np.dstack([frame, np.full(frame.shape[:2], 255, np.uint8)])
+    Image.fromarray(with_alpha, "RGBA").save(frames / "b_opaque.png")
+    with_alpha[:4, :, 3] = 0
+    Image.fromarray(with_alpha, "RGBA").save(frames / "c_holes.png")
+    args = ["run", str(model), "--source", str(frames), "--loop", "--max-frames", "9", "--status-every", "0"]
+    code = f"import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain({args!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: {frames / 'a_stack.tif'}: a TIFF of 3 pages; mrkd reads page 1 only (64 x 48). "
+                      f"Save each page you mean as a file of its own",
+                      f"warning: {frames / 'c_holes.png'}: 8.3% of its pixels are transparent or partly so (alpha "
+                      f"down to 0 of 255); mrkd drops the alpha channel, so there it sees colour a viewer does not "
+                      f"show. Save it without alpha, flattened onto its background"], done.stderr
+    assert "Traceback" not in done.stderr
