@@ -328,9 +328,11 @@ def tune_reweight(model, holdout: Sequence[str], line_good: Sequence[str], line_
 
 def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
              test_good: Sequence[str], test_defect: Sequence[str], counts=REVIEW_COUNTS, log=print,
-             refit_threads: int = 1, augment: str = "none") -> dict:
+             refit_threads: int = 1, augment: str = "none", every_good: bool = False) -> dict:
     """The TEST split's false alarms before and after refits from the line's first N false alarms;
-    ``augment``: refit's augmented candidates (a preset of AUGMENT_PRESETS)."""
+    ``augment``: refit's augmented candidates (a preset of AUGMENT_PRESETS). ``every_good``: past its
+    false alarms, the line's other good cells are reviewed too (in file name order), so a large N
+    measures a bank grown from every good cell of the line, not what an operator would review."""
     import torch
 
     from mrkd.train.calibrate import score_images
@@ -345,9 +347,12 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
            "before": {"shipped_threshold": shipped, "at_same_catch": before, "auroc": auroc(good0, defect0),
                       "bank_patches": int(len(model.head.memory_bank.bank))},
            "after": {}}
+    flagged = set(false_alarms)
+    pool = false_alarms + ([p for p in sorted(line_good, key=lambda p: Path(p).name) if p not in flagged]
+                           if every_good else [])
     done_counts = set()
     for n in counts:
-        reviewed = false_alarms[:n]
+        reviewed = pool[:n]
         if not reviewed or len(reviewed) in done_counts:   # the line gave fewer false alarms than n
             continue
         done_counts.add(len(reviewed))
@@ -445,7 +450,7 @@ def _augment_grid(asked):
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
         tune_reweight_only: bool = False, tune_radius=False,
         tune_keep=False, image_size: int = SETTINGS["image_size"], tune_augment=False, augment: str = "none",
-        review_counts: Sequence[int] = REVIEW_COUNTS) -> dict:
+        review_counts: Sequence[int] = REVIEW_COUNTS, every_good: bool = False) -> dict:
     """``review_counts``: the N of the test-split refits (a count past the line's false alarms takes them
     all, so a large one measures what reviewing every false alarm would give). ``tune_radius`` / ``tune_keep`` / ``tune_augment``: True for the whole RADIUS_GRID / KEEP_GRID /
     AUGMENT_GRID, or the values to try. ``augment``: the test-split refits' augmented candidates."""
@@ -459,7 +464,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
     # every training cell: those past the 160 the model trains on have never been seen by it
     full = layout_elpv(work / "elpv_validation_all", split="validation")
     results = {"settings": dict(SETTINGS, image_size=image_size, review_counts=list(review_counts),
-                                refit_threads=refit_threads, augment=augment),
+                                every_good=every_good, refit_threads=refit_threads, augment=augment),
                "runs": []}
     for category in categories:
         for seed in seeds:
@@ -481,7 +486,8 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
                 continue
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
                             _paths(troot / "test/good"), _paths(troot / "test/defect"), log=log,
-                            refit_threads=refit_threads, augment=augment, counts=review_counts)
+                            refit_threads=refit_threads, augment=augment, counts=review_counts,
+                            every_good=every_good)
             results["runs"].append({"category": category, "seed": seed, **case})
     return results
 
@@ -522,6 +528,10 @@ def main(argv=None) -> None:
     parser.add_argument("--review-counts", type=int, nargs="+", default=list(REVIEW_COUNTS), metavar="N",
                         help="the numbers of line false alarms reviewed for the test-split refits (default 5 10 20, the "
                              "issue's; a count past the line's false alarms takes them all, e.g. 1000 for every one)")
+    parser.add_argument("--every-good", action="store_true",
+                        help="past the line's false alarms, review its other good cells too (file name order): with a "
+                             "large --review-counts, the bank grown from every good cell of the line (a ceiling, not "
+                             "what an operator reviews)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.review_counts):
         parser.exit(2, "Error: --review-counts takes counts of 1 or more\n")
@@ -533,7 +543,8 @@ def main(argv=None) -> None:
     results = run(tuple(args.seeds), tuple(args.categories), args.work, refit_threads=args.refit_threads,
                   tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
                   tune_keep=args.tune_keep, image_size=args.image_size, tune_augment=args.tune_augment,
-                  augment=args.augment, review_counts=tuple(args.review_counts))
+                  augment=args.augment, review_counts=tuple(args.review_counts),
+                  every_good=args.every_good)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
