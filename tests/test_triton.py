@@ -348,3 +348,89 @@ def test_a_killed_exports_model_staging_is_named_by_the_next_export(tmp_path):
     export_checkpoint(checkpoint, tmp_path / "out2", ExportOptions(batch_range=(1, 1, 2)), engine=False,
                       triton_dir=tmp_path / "triton", simplify="never", echo=lines.append)
     assert len([line for line in lines if line.startswith("warning:") and str(beside) in line]) == 1, lines
+
+
+# The child: `mrkd export` as the CLI runs it, held at one moment of its Triton step until the test has sent
+# it a real SIGTERM from outside (the marker file says it is there; the go file says the signal was sent).
+HELD_EXPORT = '''
+import os, sys, time
+from pathlib import Path
+import mrkd.export.triton as triton
+from mrkd.cli import main
+moment, repo, marker, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+
+def hold():
+    marker.touch()
+    deadline = time.monotonic() + 60
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+real_copy, real_rename = triton._copy, os.rename
+
+def copy_then_hold(src, dst):
+    real_copy(src, dst)
+    hold()
+
+def hold_then_rename(src, dst):
+    dst = Path(dst)
+    if dst == repo / "mrkd" or (dst.parent == repo / "mrkd" and dst.name.isdigit()):
+        hold()
+    real_rename(src, dst)
+
+if moment == "copy":
+    triton._copy = copy_then_hold
+else:
+    triton.os.rename = hold_then_rename
+sys.argv[0] = "mrkd"
+main(sys.argv[5:])
+'''
+
+
+@pytest.mark.parametrize("moment", ["copy", "rename"])
+def test_sigterm_to_the_export_command_in_its_triton_step(onnx_model, tmp_path, moment):
+    """A real SIGTERM to a `mrkd export --triton` process: while the new model's file is copied, no model
+    folder is left in the repository (nor a staging folder beside it); as a new version is renamed in, the
+    export ends once the config for that version is written. Either way one line, no traceback, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    checkpoint = tmp_path / "a.ckpt"
+    small_model().save(checkpoint)
+    repo, out = tmp_path / "triton", tmp_path / "out"
+    if moment == "rename":              # a model the repository already serves (uint8 input): version 1
+        write_triton_repository(repo, onnx_model[1].path)
+    before = _tree(repo) if repo.exists() else {}
+    marker, go = tmp_path / "held", tmp_path / "go"
+    command = [sys.executable, "-c", HELD_EXPORT, moment, str(repo), str(marker), str(go),
+               "export", str(checkpoint), "-o", str(out), "--triton", str(repo), "--batch", "1:1:2",
+               "--simplify", "never"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), process.communicate(timeout=10)
+        process.send_signal(signal.SIGTERM)
+        go.touch()
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143 and "Traceback" not in err, err
+    said = [line for line in err.splitlines() if line.strip()]
+    assert said == [f"export stopped (SIGTERM) after its files were moved into {out}, whole: model.onnx"], err
+    assert (out / "model.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no staging beside it
+    if moment == "copy":
+        assert _tree(repo) == before == {}
+        assert not repo.exists() or list(repo.iterdir()) == []
+    else:
+        assert sorted(_tree(repo)) == ["mrkd", "mrkd/1", "mrkd/1/model.onnx", "mrkd/1/model.onnx.json",
+                                       "mrkd/2", "mrkd/2/model.onnx", "mrkd/2/model.onnx.json", "mrkd/config.pbtxt"]
+        assert _tree(repo)["mrkd/1/model.onnx"] == before["mrkd/1/model.onnx"]
+        assert b"TYPE_UINT8" in before["mrkd/config.pbtxt"]                       # version 1's config
+        assert (repo / "mrkd" / "2" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+        config = parse_pbtxt((repo / "mrkd" / "config.pbtxt").read_text())     # version 2's: float input now
+        assert config["name"] == "mrkd" and config["input"][0]["data_type"] == "TYPE_FP32", config
