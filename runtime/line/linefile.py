@@ -58,15 +58,21 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from mrkd.deps import require
 from mrkd.runtime.line.alarms import ALARM_FIELDS, parse_debounce
 from mrkd.runtime.line.loop import LINE_SCHEMA_VERSION, Camera, Line, LineError, check_cameras
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.sources import NETWORK_SCHEMES, SourceError, SourceOptions
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:   # setup.py installs tomli there
-    import tomli as tomllib
+
+def _toml():
+    """The TOML reader, imported only when a line file is read: every `mrkd run` imports this module
+    (MAX_DEBOUNCE_WINDOW), and before Python 3.11 the reader is tomli, which a Jetson install by hand
+    (pip install --no-deps) may lack; a run without --line does not need it, one with it says so in one line."""
+    if sys.version_info >= (3, 11):
+        return require("tomllib", "a line file (--line) needs the TOML reader of Python's standard library")
+    return require("tomli", "a line file (--line) needs a TOML reader before Python 3.11")
+
 
 CAMERA_FIELDS = ("name", "source", "model", *ALARM_FIELDS, "size", "fps", "loop", "trigger", "features")
 TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "inference", "plc")
@@ -192,9 +198,10 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
     file's [defaults] set them (the command line's options). ``line_options``: Line fields
     (backend, postprocess, providers, threads); those given (not None) win over the file's [inference]."""
     folder = Path(folder) if folder is not None else Path(path).resolve().parent
+    toml = _toml()
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        data = toml.loads(text)
+    except toml.TOMLDecodeError as exc:
         raise LineFileError(f"{path}: not valid TOML ({exc})") from None
     unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
@@ -330,9 +337,10 @@ def read_line_text(path: Path) -> str:
 def load_plc_settings(path):
     """The line file's ``[plc]`` table as PlcSettings (None when it has none); errors as load_line's."""
     path = Path(path)
+    toml = _toml()
     try:
-        data = tomllib.loads(read_line_text(path))
-    except tomllib.TOMLDecodeError as exc:
+        data = toml.loads(read_line_text(path))
+    except toml.TOMLDecodeError as exc:
         raise LineFileError(f"{path}: cannot read the line file ({exc})") from None
     return _plc_settings(str(path), data, path.resolve().parent) if "plc" in data else None
 
