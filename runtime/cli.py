@@ -221,7 +221,8 @@ def pop_output_settings(options: dict):
         evidence = EvidenceSettings(folder, ok_every=ok_every, max_bytes=int(max_mb * 2 ** 20))
     elif ok_every:
         raise SettingError("--evidence-ok-every needs --evidence DIR")
-    return OutputSettings(events=options.pop("events"), snapshots=options.pop("snapshots"), evidence=evidence,
+    return OutputSettings(events=options.pop("events"), parts_log=options.pop("parts_log"),
+                          snapshots=options.pop("snapshots"), evidence=evidence,
                           snapshot_format=options.pop("snapshot_format"), webhook=webhook_settings, mqtt=mqtt_settings,
                           http=http, http_cert=http_cert, http_key=http_key,
                           http_allowed_hosts=tuple(http_allowed_hosts), save_video=options.pop("save_video"),
@@ -404,6 +405,10 @@ def threshold_off_scale(threshold: float, detector) -> str:
               help="Frames after an alarm during which no new alarm is raised (with --cooldown, both must pass).")
 @click.option("--events", type=click.Path(dir_okay=False), default=None,
               help="JSON-lines event log to append alarms to.")
+@click.option("--parts-log", type=click.Path(dir_okay=False), default=None,
+              help="JSON-lines traceability log of every judged part, OK included (--trigger software/hardware): "
+                   "one appended line per part with its id, time, verdict, score and threshold per camera, model "
+                   "sha256, recipe, and the event id / snapshot / evidence of an NG part.")
 @click.option("--snapshots", type=click.Path(file_okay=False), default=None,
               help="Folder for one heat-map snapshot per alarm.")
 @click.option("--snapshot-format", type=click.Choice([".jpg", ".png"]), default=".jpg", show_default=True,
@@ -495,6 +500,9 @@ def run_command(model, sources, line_file, **options):
                  if part[name] is not None and part[name] is not False]   # 0 is a value given
     if line.part is not None:
         part_only.append("[part]/[recipes] in the line file")
+    if not triggered and output_settings.parts_log:     # a free run judges no parts: the log would stay empty
+        raise SettingError("--parts-log records judged parts: it needs --trigger software or hardware (or "
+                           "trigger = ... in the line file); a free run's alarms go to --events")
     if not triggered and part_only:     # silently ignored, they would let a user believe parts are judged
         raise SettingError(f"{', '.join(part_only)} judge parts: they need --trigger software or hardware "
                            "(or trigger = ... in the line file)")

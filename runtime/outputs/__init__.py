@@ -2,7 +2,8 @@
 the line's ``OutputSettings`` by ``build_outputs`` (the CLI and the Python API both call it).
 
 A new output is one new module with ``outputs_from(settings) -> list of LineObserver`` and one line
-in ``SINKS``. Today: snapshots.py (one image per alarm), evidence.py (the image as delivered, lossless), events.py (JSON-lines log), webhook.py,
+in ``SINKS``. Today: snapshots.py (one image per alarm), evidence.py (the image as delivered, lossless), events.py
+(JSON-lines log), parts_log.py (every judged part, OK too, JSON lines), webhook.py,
 video.py (annotated video file, window), mqtt.py, metrics.py (Prometheus), web.py (the operator
 page, /metrics, /healthz). overlay.py draws heat-maps; delivery.py counts and warns for them all.
 """
@@ -10,6 +11,7 @@ page, /metrics, /healthz). overlay.py draws heat-maps; delivery.py counts and wa
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple
@@ -22,21 +24,22 @@ if TYPE_CHECKING:      # the modules load only when their output is asked for
     from mrkd.runtime.outputs.mqtt import MqttSettings
     from mrkd.runtime.outputs.webhook import WebhookSettings
 
-OUTPUT_SCHEMA_VERSION = 3      # 2: http_cert, http_key; 3: http_allowed_hosts
+OUTPUT_SCHEMA_VERSION = 4      # 2: http_cert, http_key; 3: http_allowed_hosts; 4: parts_log
 
 # A host name as --http-allow-host takes it: DNS labels, no port, no scheme, no wildcard.
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,62}))*\.?$")
 
 # The outputs, in the order their hooks are called (modules of this package).
 # evidence comes after snapshots: the snapshot writer may draw the event id anew, evidence files use the final one.
-SINKS = ("snapshots", "evidence", "events", "webhook", "video", "mqtt", "metrics", "web")
+SINKS = ("snapshots", "evidence", "events", "parts_log", "webhook", "video", "mqtt", "metrics", "web")
 
 
 @dataclass(frozen=True)
 class OutputSettings:
     """Where a line's results go; every field off by default.
 
-    events: JSON-lines log file. snapshots: folder of alarm images (snapshot_format .jpg/.png).
+    events: JSON-lines log file. parts_log: JSON-lines file of every judged part (triggered runs).
+    snapshots: folder of alarm images (snapshot_format .jpg/.png).
     webhook: WebhookSettings. mqtt: MqttSettings. http: "HOST:PORT" of /metrics, /healthz and the
     operator page; http_allowed_hosts: names (besides IP addresses and localhost) the page answers
     requests for when it listens beyond this machine (web.py). save_video / show: annotated frames of
@@ -60,6 +63,7 @@ class OutputSettings:
     http_cert: Optional[str] = None
     http_key: Optional[str] = None
     http_allowed_hosts: Tuple[str, ...] = ()
+    parts_log: Optional[str] = None
     schema_version: int = OUTPUT_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -77,6 +81,9 @@ class OutputSettings:
                                    f"(e.g. line3.plant.example), got {name!r}")
         if self.http_allowed_hosts and not self.http:
             raise SettingError("--http-allow-host needs --http HOST:PORT")
+        # both would append to one file, and each log refuses the other's lines at the next start
+        if self.parts_log and self.events and os.path.realpath(self.parts_log) == os.path.realpath(self.events):
+            raise SettingError(f"--parts-log and --events name the same file ({self.events}); give each its own")
 
 
 def build_outputs(settings: OutputSettings) -> List["LineObserver"]:

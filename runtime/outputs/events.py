@@ -89,7 +89,18 @@ def wants_event(part: PartResult) -> bool:
 
 
 class EventLog:
-    """Append-only JSON-lines file of mrkd events; ``write`` returns once the line is on disk."""
+    """Append-only JSON-lines file of mrkd events; ``write`` returns once the line is on disk.
+    The parts log (parts_log.py) is this file with its own kind of line (``option``, ``records``,
+    ``is_record``), so both logs refuse, repair and append by one rule."""
+
+    option = "--events"            # the option that names the file, in every refusal
+    records = "mrkd event"         # what each of its lines is
+    log_name = "mrkd events log"
+    error = EventLogError
+
+    @staticmethod
+    def is_record(line: bytes) -> bool:
+        return _is_event_line(line)
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -100,25 +111,25 @@ class EventLog:
         except OSError as exc:       # a folder that cannot be, a read-only place: the user's to fix, said once
             if exc.errno in DISK_FULL:   # may fit later: the output runs and counts (EventLogOutput._open)
                 raise OSError(exc.errno, f"{self.path}: {exc.strerror or exc}") from None
-            raise EventLogError(f"--events {self.path}: cannot open it ({exc.strerror or exc})") from None
+            raise self.error(f"{self.option} {self.path}: cannot open it ({exc.strerror or exc})") from None
         self._repair_torn_tail()
         self._lock = threading.Lock()
         self.written = 0
 
     def _check_existing(self) -> None:
-        """Refuse (EventLogError) a file whose complete lines are not all mrkd events."""
+        """Refuse (``error``) a file whose complete lines are not all this log's records."""
         if not self.path.exists():
             return
         if not self.path.is_file():
-            raise EventLogError(f"--events {self.path}: not a regular file")
+            raise self.error(f"{self.option} {self.path}: not a regular file")
         with open(self.path, "rb") as handle:
-            foreign = foreign_line(handle.read(), _is_event_line)
+            foreign = foreign_line(handle.read(), self.is_record)
         if foreign == "tail":
-            raise EventLogError(f"--events {self.path}: does not end in a newline and its last line is not a "
-                                "torn mrkd event, so this is not an mrkd events log; it is left unchanged")
+            raise self.error(f"{self.option} {self.path}: does not end in a newline and its last line is not a "
+                             f"torn {self.records}, so this is not an {self.log_name}; it is left unchanged")
         if foreign is not None:
-            raise EventLogError(f"--events {self.path}: line {foreign} is not an mrkd event, so this is not an "
-                                "mrkd events log; it is left unchanged (give a new or an mrkd events file)")
+            raise self.error(f"{self.option} {self.path}: line {foreign} is not an {self.records}, so this is not "
+                             f"an {self.log_name}; it is left unchanged (give a new file or an {self.log_name})")
 
     def _repair_torn_tail(self) -> None:
         size = os.fstat(self._fd).st_size
@@ -199,7 +210,8 @@ def _is_event_line(line: bytes) -> bool:
         record = json.loads(line)
     except (ValueError, UnicodeDecodeError):
         return False
-    return isinstance(record, dict) and all(key in record for key in EVENT_KEYS)
+    # a parts log's line (parts_log.py) has these keys too, but its OK parts are no events
+    return isinstance(record, dict) and all(key in record for key in EVENT_KEYS) and record.get("log") != "parts"
 
 
 def read_events(path: str | os.PathLike) -> List[dict]:
@@ -216,9 +228,12 @@ def read_events(path: str | os.PathLike) -> List[dict]:
 class EventLogOutput(LineObserver):
     """``--events FILE``: one line per alarm and per NG/ERROR part."""
 
+    health_name = "events"         # its health's name (the summary's outputs, /metrics)
+    log_class = EventLog
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.delivery = Delivery("events", str(self.path))
+        self.delivery = Delivery(self.health_name, str(self.path))
         self.log: Optional[EventLog] = None
         self._open(at_start=True)
 
@@ -226,7 +241,7 @@ class EventLogOutput(LineObserver):
         """Open the log. At the start, EventLogError (not an events log) and a wrong path or permission
         are errors; a full disk is not (the line runs, each event is counted as failed until it fits)."""
         try:
-            self.log = EventLog(self.path)
+            self.log = self.log_class(self.path)
         except OSError as exc:
             if at_start and exc.errno not in DISK_FULL:
                 raise

@@ -1,0 +1,72 @@
+"""``--parts-log FILE``: the traceability record of a triggered cell, one JSON line per judged part
+(OK, NG and ERROR alike), in the order the parts were judged.
+
+The events log (events.py) keeps only NG/ERROR parts and MQTT is not a record on disk; a quality
+department wants every part: its id, time, verdict, each camera's score, the model that judged it,
+the recipe, and the event id and evidence of an NG part. A line is the part record every output
+shares (``events.part_event``, the body MQTT publishes on PREFIX/part) plus ``"log": "parts"``,
+which tells a parts log's lines from an events log's (each log refuses the other's file).
+
+The file is the events log's (``EventLog``) with its own kind of line: append-only, one fsynced
+whole line per part (a kill never leaves half a line; a torn tail from a crash is cut at the next
+start), an existing file is taken only when every line is a part record, and a full disk or a file
+that cannot be written is counted as failed (summary, /metrics, /healthz) while the line goes on.
+Parts exist only in triggered runs: in a free run this output receives none (the CLI refuses
+``--parts-log`` without ``--trigger software|hardware``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from mrkd.runtime.outputs.base import PartResult
+from mrkd.runtime.outputs.events import EventLog, EventLogError, EventLogOutput, part_event
+
+PARTS_LOG_KEYS = ("time", "kind", "inspection_id", "part_id", "verdict")   # every part record has them
+
+
+class PartsLogError(EventLogError):
+    """--parts-log names a file that is not an mrkd parts log (it is refused, never changed)."""
+
+
+def part_record(result: PartResult) -> dict:
+    """The parts log's line for one judged part."""
+    return {**part_event(result), "log": "parts"}
+
+
+def _is_part_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (isinstance(record, dict) and record.get("log") == "parts" and record.get("kind") == "part"
+            and all(key in record for key in PARTS_LOG_KEYS))
+
+
+class PartsLog(EventLog):
+    option = "--parts-log"
+    records = "mrkd part record"
+    log_name = "mrkd parts log"
+    error = PartsLogError
+
+    @staticmethod
+    def is_record(line: bytes) -> bool:
+        return _is_part_record(line)
+
+
+class PartsLogOutput(EventLogOutput):
+    """One line per judged part; alarms of a free run are not parts and are not written here."""
+
+    health_name = "parts_log"
+    log_class = PartsLog
+
+    def on_event(self, camera: str, event: dict) -> None:
+        pass
+
+    def on_part(self, result: PartResult) -> None:
+        self._write(part_record(result))
+
+
+def outputs_from(settings) -> list:
+    """``--parts-log FILE`` (OutputSettings.parts_log)."""
+    return [PartsLogOutput(settings.parts_log)] if settings.parts_log else []
