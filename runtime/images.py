@@ -368,12 +368,25 @@ def read_image(path: PathLike) -> np.ndarray:
 def read_mask(path: PathLike) -> np.ndarray:
     """Read a ground-truth mask as bool HxW: any non-zero pixel (in any colour channel) is True.
 
-    Accepts 8/16-bit, gray or colour masks; an alpha channel is ignored.
+    Accepts 8/16-bit, gray or colour masks. A mask with alpha is read as it looks flattened onto
+    black, MVTec's background: a transparent pixel (alpha 0) is background whatever colour an editor
+    left under it, so a defect painted on a transparent layer is read as painted. One whose marks are
+    in its alpha alone (black, or nothing, where the alpha varies) is refused: whether the opaque or
+    the transparent part is the defect cannot be told.
     """
     mask = _decode(path)
-    if mask.ndim == 3:
-        colour = mask[:, :, :3] if mask.shape[2] >= 3 else mask[:, :, :1]
-        return np.any(colour != 0, axis=2)
-    if mask.ndim != 2:
+    if mask.ndim == 2:
+        return mask != 0
+    if mask.ndim != 3:
         raise ImageReadError(path, f"unexpected mask shape {mask.shape}")
-    return mask != 0
+    colour = mask[:, :, :3] if mask.shape[2] >= 3 else mask[:, :, :1]
+    marked = np.any(colour != 0, axis=2)
+    if mask.shape[2] not in (2, 4):
+        return marked
+    alpha = mask[:, :, -1]
+    marked &= alpha != 0
+    if not marked.any() and alpha.min() != alpha.max():
+        raise ImageReadError(path, "a mask marked in its alpha channel only (black or no colour where it is "
+                                   "opaque, transparent elsewhere), so which part is the defect cannot be told; "
+                                   "save it without alpha, the defect white on black")
+    return marked
