@@ -57,3 +57,5 @@ def test_torchrun_ranks_with_workers_say_each_files_note_once(tmp_path):
     assert result.returncode == 0, output[-3000:]
     said = {note: output.count(note) for note in notes}
     assert said == notes, (list(said.values()), output[-3000:])
+    from mrkd.train.teachers import RANDOM_TEACHER_WARNING
+    assert output.count(RANDOM_TEACHER_WARNING) == 1, output[-3000:]     # the banner, from rank 0 alone

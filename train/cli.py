@@ -27,8 +27,8 @@ REQUIRE_MASKS_HELP = ("Fail on a defect image without a pixel mask. Default: suc
 
 
 def warn_random_teacher(teacher_weights: str) -> None:
-    """Print the random-teacher warning where nobody can miss it."""
-    if teacher_weights == "random":
+    """Print the random-teacher warning where nobody can miss it (once: under torchrun rank 0 says it)."""
+    if teacher_weights == "random" and int(os.environ.get("RANK", "0")) == 0:
         from mrkd.train.teachers import RANDOM_TEACHER_WARNING
         bar = "!" * 78
         click.secho(f"{bar}\n{RANDOM_TEACHER_WARNING}\n{bar}", fg="red", bold=True, err=True)
