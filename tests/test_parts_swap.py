@@ -355,8 +355,9 @@ def _defective_folder(tmp_path, n=3):
 def test_live_triggered_run_is_hot_swapped_by_sighup_between_parts_and_refuses_a_cut_model(deploy, tmp_path):
     live, v2, sha_a, sha_b = deploy
     folder = _defective_folder(tmp_path)          # every part NG: every part is an event naming its model
-    events = tmp_path / "events.jsonl"
-    run = LiveRun(tmp_path, [str(live), "--source", str(folder), "--loop", "--events", str(events)])
+    events, parts_log = tmp_path / "events.jsonl", tmp_path / "parts.jsonl"
+    run = LiveRun(tmp_path, [str(live), "--source", str(folder), "--loop", "--events", str(events),
+                             "--parts-log", str(parts_log)])
     stop_feeding, fed = threading.Event(), queue.Queue()
 
     def feed():                                    # a steady line: a part every 20 ms, swaps or not
@@ -410,6 +411,15 @@ def test_live_triggered_run_is_hot_swapped_by_sighup_between_parts_and_refuses_a
         expected = (sha_a, 0.1) if event["inspection_id"] <= boundary else (sha_b, 0.2)
         assert (event["model_sha256"], event["threshold"]) == expected, (event, boundary)
     assert summary["parts_by_model"] == {sha_a: boundary, sha_b: sent - boundary}
+    # the parts log (--parts-log) tells the same story, line for line: one per judged part, none
+    # missing across the swap, each naming the model that judged it, linked to its event
+    parts = [json.loads(line) for line in parts_log.read_text().splitlines()]
+    assert len(parts) == summary["parts"] == summary["outputs"]["parts_log"]["sent"]
+    assert [p["inspection_id"] for p in parts] == list(range(1, sent + 1))
+    assert [p["part_id"] for p in parts] == [e["part_id"] for e in logged]
+    assert [p["event_id"] for p in parts] == [e["event_id"] for e in logged]
+    assert [p["model_sha256"] for p in parts] == [sha_a] * boundary + [sha_b] * (sent - boundary)
+    assert [p["threshold"] for p in parts] == [0.1] * boundary + [0.2] * (sent - boundary)
 
 
 def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_review(deploy, recipe_versions,
@@ -427,10 +437,10 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url, token, events = f"http://127.0.0.1:{port}", "parts-line-control-token", tmp_path / "events.jsonl"
-    labels, evidence = tmp_path / "labels.jsonl", tmp_path / "evidence"
+    labels, evidence, parts_log = tmp_path / "labels.jsonl", tmp_path / "evidence", tmp_path / "parts.jsonl"
     run = LiveRun(tmp_path, [str(live), "--line", str(line_file), "--events", str(events), "--evidence",
                              str(evidence), "--http", f"127.0.0.1:{port}", "--control-token-env", "MRKD_TEST_TOKEN",
-                             "--review-labels", str(labels)],
+                             "--review-labels", str(labels), "--parts-log", str(parts_log)],
                   env={**os.environ, "MRKD_TEST_TOKEN": token})
 
     def judged(n):
@@ -469,6 +479,10 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
     assert [(e["part_id"], e["recipe"], e["model_sha256"], e["threshold"]) for e in logged] == [
         ("a", 0, sha_a, 0.1), ("b", 2, sha_r, 0.3), ("c", 2, sha_r2, 0.35), ("d", 0, sha_a, 0.1),
         ("e", 0, sha_b, 0.2)]
+    parts = [json.loads(line) for line in parts_log.read_text().splitlines()]     # the same, in the parts log
+    assert [(p["inspection_id"], p["part_id"], p["recipe"], p["model_sha256"], p["threshold"], p["event_id"])
+            for p in parts] == [(i + 1, e["part_id"], e["recipe"], e["model_sha256"], e["threshold"], e["event_id"])
+                                for i, e in enumerate(logged)]
     # every reload looks at both model paths (a swap is recorded when it is applied, so not in load order)
     assert sorted((s["reason"], Path(s["model"]).name, s["outcome"]) for s in summary["model_swaps"]) == [
         ("SIGHUP", "model.onnx", "unchanged"), ("SIGHUP", "r2.onnx", "swapped"),
