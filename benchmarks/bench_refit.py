@@ -328,11 +328,13 @@ def tune_reweight(model, holdout: Sequence[str], line_good: Sequence[str], line_
 
 def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defect: Sequence[str],
              test_good: Sequence[str], test_defect: Sequence[str], counts=REVIEW_COUNTS, log=print,
-             refit_threads: int = 1, augment: str = "none", every_good: bool = False) -> dict:
+             refit_threads: int = 1, augment: str = "none", every_good: bool = False,
+             reweight: bool = False) -> dict:
     """The TEST split's false alarms before and after refits from the line's first N false alarms;
     ``augment``: refit's augmented candidates (a preset of AUGMENT_PRESETS). ``every_good``: past its
     false alarms, the line's other good cells are reviewed too (in file name order), so a large N
-    measures a bank grown from every good cell of the line, not what an operator would review."""
+    measures a bank grown from every good cell of the line, not what an operator would review.
+    ``reweight``: the refits also choose MRKD's share of the map from the labels (refit_model's)."""
     import torch
 
     from mrkd.train.calibrate import score_images
@@ -361,7 +363,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
         torch.set_num_threads(refit_threads)
         try:
             started, cpu_started = time.perf_counter(), time.process_time()
-            result = refit_model(candidate, reviewed, holdout, confirmed, augment=augment)
+            result = refit_model(candidate, reviewed, holdout, confirmed, augment=augment, reweight=reweight)
             seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         finally:
             torch.set_num_threads(threads)
@@ -371,6 +373,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
                "load_avg_1min": os.getloadavg()[0],
                "bank_patches": result.bank_after, "added_patches": result.added_patches,
                "guarded_patches": result.guarded_patches,
+               "mrkd_share": result.reweight.share if result.reweight else 0.5,
                "confirmed_defects_missed": len(result.defects_missed),
                # reviewed false alarms the refit model still flags at its own threshold
                "reviewed_still_flagged": len(result.reviewed_still_flagged),
@@ -383,7 +386,7 @@ def run_case(model, holdout: Sequence[str], line_good: Sequence[str], line_defec
             f"{same['false_alarm_rate']:.3f}; own threshold FAR {row['own_threshold']['false_alarm_rate']:.3f} "
             f"catch {row['own_threshold']['catch']:.3f}; AUROC {out['before']['auroc']:.4f} -> {row['auroc']:.4f}; "
             f"bank {out['before']['bank_patches']} -> {result.bank_after}; reviewed still flagged "
-            f"{row['reviewed_still_flagged']}; refit {seconds:.1f} s")
+            f"{row['reviewed_still_flagged']}; MRKD share {row['mrkd_share']}; refit {seconds:.1f} s")
     return out
 
 
@@ -450,7 +453,7 @@ def _augment_grid(asked):
 def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print, refit_threads: int = 1,
         tune_reweight_only: bool = False, tune_radius=False,
         tune_keep=False, image_size: int = SETTINGS["image_size"], tune_augment=False, augment: str = "none",
-        review_counts: Sequence[int] = REVIEW_COUNTS, every_good: bool = False) -> dict:
+        review_counts: Sequence[int] = REVIEW_COUNTS, every_good: bool = False, reweight: bool = False) -> dict:
     """``review_counts``: the N of the test-split refits (a count past the line's false alarms takes them
     all, so a large one measures what reviewing every false alarm would give). ``tune_radius`` / ``tune_keep`` / ``tune_augment``: True for the whole RADIUS_GRID / KEEP_GRID /
     AUGMENT_GRID, or the values to try. ``augment``: the test-split refits' augmented candidates."""
@@ -464,7 +467,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
     # every training cell: those past the 160 the model trains on have never been seen by it
     full = layout_elpv(work / "elpv_validation_all", split="validation")
     results = {"settings": dict(SETTINGS, image_size=image_size, review_counts=list(review_counts),
-                                every_good=every_good, refit_threads=refit_threads, augment=augment),
+                                every_good=every_good, reweight=reweight, refit_threads=refit_threads, augment=augment),
                "runs": []}
     for category in categories:
         for seed in seeds:
@@ -487,7 +490,7 @@ def run(seeds=(0,), categories=("elpv_mono", "elpv_poly"), work=None, log=print,
             case = run_case(model, holdout, _paths(vroot / "test/good") + unused, _paths(vroot / "test/defect"),
                             _paths(troot / "test/good"), _paths(troot / "test/defect"), log=log,
                             refit_threads=refit_threads, augment=augment, counts=review_counts,
-                            every_good=every_good)
+                            every_good=every_good, reweight=reweight)
             results["runs"].append({"category": category, "seed": seed, **case})
     return results
 
@@ -532,6 +535,9 @@ def main(argv=None) -> None:
                         help="past the line's false alarms, review its other good cells too (file name order): with a "
                              "large --review-counts, the bank grown from every good cell of the line (a ceiling, not "
                              "what an operator reviews)")
+    parser.add_argument("--reweight", action="store_true",
+                        help="the test-split refits also choose MRKD's share of the map from the labels (as mrkd "
+                             "refit --reweight); choose it on the line first with --tune-reweight")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.review_counts):
         parser.exit(2, "Error: --review-counts takes counts of 1 or more\n")
@@ -544,7 +550,7 @@ def main(argv=None) -> None:
                   tune_reweight_only=args.tune_reweight, tune_radius=args.tune_radius,
                   tune_keep=args.tune_keep, image_size=args.image_size, tune_augment=args.tune_augment,
                   augment=args.augment, review_counts=tuple(args.review_counts),
-                  every_good=args.every_good)
+                  every_good=args.every_good, reweight=args.reweight)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
