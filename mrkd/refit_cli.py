@@ -48,7 +48,7 @@ AUGMENT_CHOICES = ("none", "flips", "flips+rot90")     # train/refit.py AUGMENT_
               help="Also re-weight the two parts of a --score both map (2*s*MRKD + 2*(1-s)*kNN, s = 0.5 as trained) "
                    "with MRKD's share s from 0.25-0.75 that best separates the images marked defect from the good "
                    "ones (reviewed and --good); s moves only with at least 5 reviewed good images, 5 confirmed "
-                   "defects and an AUROC gain of 0.01 on them. The choice is recorded in the lineage.")
+                   "defects and an AUROC gain of 0.02 on them. The choice is recorded in the lineage.")
 @click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default="none", show_default=True,
               help="Also offer the bank each reviewed image mirrored: 'flips' left-right, up-down and both; "
                    "'flips+rot90' every rotation and mirror of the square too. Only for parts that look the same "

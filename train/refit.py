@@ -82,8 +82,7 @@ GUARD_KEEP = 0.9               # ... a candidate within GUARD_KEEP x that patch'
 MRKD_SHARE_GRID = (0.25, 0.35, 0.5, 0.65, 0.75)   # re-weighting: MRKD's share of the "both" map (0.5 = as trained)
 REWEIGHT_MIN_GOOD = 5          # re-weighting moves only with at least this many reviewed good images ...
 REWEIGHT_MIN_DEFECT = 5        # ... and this many confirmed defects ...
-REWEIGHT_MARGIN = 0.01         # ... and when the best share's AUROC on the labels beats 0.5's by this much
-#   (0.01: chosen on the line's halves at 256 px, RESULTS.md; at 0.02 it never moved there)
+REWEIGHT_MARGIN = 0.02         # ... and when the best share's AUROC on the labels beats 0.5's by this much
 REWEIGHT_CATCH = 0.9           # (reported) false alarms among the labelled goods at this catch of the defects
 # augmented candidates: each reviewed image is also read as these copies of itself (on the model's square
 # input), whose patches are candidates as the image's own are (the same growth stop and defect guard).
