@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Iterator, List
 import cv2
 import numpy as np
 
+from mrkd.benchmarks.mosquitto import free_port
 from mrkd.runtime.calibration import Calibration
 from mrkd.runtime.metadata import (INPUT_FLOAT_NCHW, INPUT_UINT8_NHWC, GraphOutputs, ModelMetadata, file_sha256,
                                    sidecar_path)
@@ -229,11 +229,7 @@ class WebhookReceiver(_Server):
 
 def refused_url() -> str:
     """A loopback URL where nothing listens (connection refused)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}/hook"
+    return f"http://127.0.0.1:{free_port()}/hook"
 
 
 class SlowFrames:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,8 @@ import pytest
 import torch
 
 from train_fixtures import tiny_data
+
+from mrkd.benchmarks.mosquitto import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,19 +31,13 @@ torch.save({"world_size": summary["world_size"], "loss": [r["loss"] for r in sum
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_gloo_processes_train_one_model(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(script), str(tiny_data()), str(out)]
+               "--master_port", str(free_port()), str(script), str(tiny_data()), str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

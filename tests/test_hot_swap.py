@@ -424,13 +424,12 @@ def test_reload_over_http_needs_the_token_and_stages_the_new_model(running):
 
 @pytest.mark.slow
 def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
-    import socket
     from test_review import _post
     from test_review_page import reload_took
+
+    from mrkd.benchmarks.mosquitto import free_port
     folder, live, sha_a, sha_b = _deployment(tmp_path, seed=2, new_threshold=0.15)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url, token, events = f"http://127.0.0.1:{port}", "live-line-control-token", tmp_path / "events.jsonl"
     code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"
     stderr_path = tmp_path / "stderr.txt"

@@ -3,7 +3,6 @@ output when it runs as several processes: torchrun ranks, each with DataLoader w
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,9 @@ from PIL import Image
 
 from train_fixtures import CATEGORY, tiny_data
 
+from mrkd.benchmarks.mosquitto import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _noted_files(root: Path) -> dict:
@@ -49,7 +44,7 @@ def test_torchrun_ranks_with_workers_say_each_files_note_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     mrkd = Path(sys.executable).with_name("mrkd")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(mrkd), "train", str(root), "-c", CATEGORY, "--workers", "2",
+               "--master_port", str(free_port()), str(mrkd), "train", str(root), "-c", CATEGORY, "--workers", "2",
                "--epochs", "2", "--eval-every", "1", "--image-size", "64", "--backbone", "resnet18",
                "--teacher-weights", "random", "--device", "cpu", "-o", str(tmp_path / "run")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)

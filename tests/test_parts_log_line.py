@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,13 @@ from peers import require_gige_simulator, require_program
 from plc_fixtures import part_images
 from runtime_fixtures import build_tiny_model, export_tiny_model
 
+from mrkd.benchmarks.mosquitto import free_port
 from mrkd.benchmarks.plc_peer import (DI, INPUT_COUNT, PART_ID, RECIPE, RESULTS_ACK, TRIGGER, TRIGGER_ENABLE, Reading,
                                       mbpoll)
 from mrkd.runtime.line.parts import ERROR_CODES
 from mrkd.runtime.metadata import file_sha256
 
 RESULT_CODES = {"OK": 1, "NG": 2, "ERROR": 3}      # docs/PLC.md, input register 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MbpollPlc:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 
 import cv2
@@ -25,17 +24,12 @@ from test_gige import simulator  # noqa: F401 - the fixture
 from test_parts_swap import LiveRun, _events, wait_until
 from test_review import _post, mrkd
 
+from mrkd.benchmarks.mosquitto import free_port
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.review import DEFECT, GOOD, read_labels
 
 TOKEN = "gige-review-control-token"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _page_says_up(url: str) -> bool:

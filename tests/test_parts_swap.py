@@ -424,18 +424,17 @@ def test_live_triggered_run_is_hot_swapped_by_sighup_between_parts_and_refuses_a
 
 def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_review(deploy, recipe_versions,
                                                                                   tmp_path):
-    import socket
     from test_review import _post
     from test_review_page import reload_took
+
+    from mrkd.benchmarks.mosquitto import free_port
     live, v2, sha_a, sha_b = deploy
     recipe, recipe_v2, sha_r, sha_r2 = recipe_versions
     folder = _defective_folder(tmp_path)
     line_file = tmp_path / "line.toml"
     line_file.write_text(f'[[camera]]\nname = "cam"\nsource = "{folder}"\nloop = true\n'
                          f'[recipes]\n2 = "{recipe}"\n')
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url, token, events = f"http://127.0.0.1:{port}", "parts-line-control-token", tmp_path / "events.jsonl"
     labels, evidence, parts_log = tmp_path / "labels.jsonl", tmp_path / "evidence", tmp_path / "parts.jsonl"
     run = LiveRun(tmp_path, [str(live), "--line", str(line_file), "--events", str(events), "--evidence",

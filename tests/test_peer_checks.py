@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,18 +23,14 @@ import pytest
 from peers import require_rtsp_server
 from rtsp_pipelines import elements
 
+from mrkd.benchmarks.mosquitto import free_port
+
 SERVER = Path(__file__).with_name("rtsp_server.py")
 MADE = re.compile(r'creating element "([A-Za-z0-9_-]+)"')
 # Reads frames the way the runtime does (OpenCV's FFmpeg backend), over the transport given.
 PLAY = ("import cv2, sys\n"
         "cap = cv2.VideoCapture(sys.argv[1], cv2.CAP_FFMPEG)\n"
         "print(sum(cap.read()[0] for _ in range(5)))\n")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

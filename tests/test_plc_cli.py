@@ -17,15 +17,10 @@ from click.testing import CliRunner
 from plc_fixtures import part_images
 from runtime_fixtures import build_tiny_model
 
+from mrkd.benchmarks.mosquitto import free_port
 from mrkd.benchmarks.plc_peer import TRIGGER_ENABLE, ModbusError, SimulatedPlc
 
 pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def connect(port, process, timeout=30.0):

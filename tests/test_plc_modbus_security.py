@@ -24,6 +24,7 @@ from pki_fixtures import Issued, application, authority, revocation_list
 from plc_fixtures import part_images
 from test_plc_modbus import Cell, model  # noqa: F401  (the module's fixture)
 
+from mrkd.benchmarks.mosquitto import free_port
 from mrkd.benchmarks.plc_peer import DI, PART_ID, TRIGGER, TRIGGER_ENABLE, mbpoll
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.modbus_security import ModbusSecurity
@@ -67,17 +68,11 @@ def _cell_pki(tmp_path: Path, ca_name: str):
     return (ca, folder, trust, ca_pem) + _pem_pair(folder, "server", _server_certificate(ca))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Tunnel:
     """socat: plain TCP on a loopback port in, TLS with a client certificate (or none) out."""
 
     def __init__(self, socat: str, server_port: int, ca: Path, cert=None, key=None):
-        self.port = _free_port()
+        self.port = free_port()
         tls = f"OPENSSL:127.0.0.1:{server_port},cafile={ca},verify=1"
         if cert is not None:
             tls += f",cert={cert},key={key}"
@@ -216,7 +211,7 @@ def test_mrkd_run_with_modbus_tcp_security_on_the_cell_network_address(tmp_path,
     ca, folder, trust, ca_pem, cert, key = _cell_pki(tmp_path, "cell 9 CA")
     plc_cert, plc_key = _pem_pair(folder, "plc", application(ca, "plc"))
     part_images(tmp_path / "parts", "g")
-    port = _free_port()
+    port = free_port()
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", model, "--source",

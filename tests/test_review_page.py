@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from runtime_fixtures import build_tiny_model, export_tiny_model, normal_frame
 from test_metrics_http import samples
 from test_operator_page import CHROMIUM, CHROMIUM_ARGS
 
+from mrkd.benchmarks.mosquitto import free_port
 from mrkd.runtime.review import GOOD, read_labels
 
 TOKEN = "review-page-control-token"
@@ -55,12 +55,6 @@ def write_frames(folder: Path) -> list:
         cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
         frames.append(frame)
     return frames
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class MrkdRun:

@@ -23,6 +23,7 @@ import pytest
 from peers import require_rtsp_server
 from runtime_fixtures import build_tiny_model, normal_frame
 
+from mrkd.benchmarks.mosquitto import free_port
 from mrkd.runtime import OutputSettings, build_outputs, open_source, read_events
 from mrkd.runtime.line.loop import Camera, Line, run_line
 from mrkd.runtime.outputs.base import LineObserver
@@ -30,12 +31,6 @@ from mrkd.runtime.sources import SourceError
 
 SERVER = Path(__file__).with_name("rtsp_server.py")
 TIMEOUT_S = 2.0        # the sources' open/read timeout in these tests
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RtspCamera:
