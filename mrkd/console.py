@@ -10,9 +10,16 @@ through tqdm.write, which clears the live bars, prints the line and draws them a
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from typing import Iterator
+
+
+def speaks_for_all_ranks() -> bool:
+    """Whether this process talks to the person at the terminal: under torchrun every rank runs the same
+    command on the same files, so rank 0 speaks for them all (once, not once per rank)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def say(line: str) -> None:

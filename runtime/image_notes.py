@@ -11,7 +11,6 @@ already holds: no second decoding. numpy only.
 
 from __future__ import annotations
 
-import os
 import struct
 import warnings
 from collections import Counter
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Optional, Set, Tuple
 
 import numpy as np
+
+from mrkd.console import speaks_for_all_ranks
 
 # Files of one kind named one by one per folder before a single line says the rest of that folder are
 # read the same way: a folder of 5000 transparent PNGs should not print 5000 warnings.
@@ -37,7 +38,7 @@ def say_once(kind: str, path, message: str) -> None:
     """Warn ``message`` the first time ``path`` is read with ``kind`` (a key of KIND_SAYS); after
     NAMED_PER_FOLDER files of one folder, one more line stands for the rest of that folder."""
     key = (kind, str(path))
-    if key in _said or not _says_for_all_ranks():
+    if key in _said or not speaks_for_all_ranks():
         return
     _said.add(key)
     folder = str(Path(path).parent)
@@ -47,12 +48,6 @@ def say_once(kind: str, path, message: str) -> None:
     elif _named[kind, folder] == NAMED_PER_FOLDER + 1:
         warnings.warn(f"{folder}: more than {NAMED_PER_FOLDER} images with {KIND_SAYS[kind]}; the rest are read "
                       f"the same way, without a warning each")
-
-
-def _says_for_all_ranks() -> bool:
-    """Whether this process speaks for the files: under torchrun every rank reads the same training
-    images (and rank 0 alone the test split), so rank 0's notes are every rank's, said once."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 # ---------------------------------------------------------------- pages and frames

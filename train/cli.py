@@ -5,10 +5,9 @@ torch is imported inside the commands only, so ``--help`` is instant on any inst
 
 from __future__ import annotations
 
-import os
-
 import click
 
+from mrkd.console import speaks_for_all_ranks
 from mrkd.errors import error_boundary
 from mrkd.stopping import stops_in_one_line
 from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
@@ -28,7 +27,7 @@ REQUIRE_MASKS_HELP = ("Fail on a defect image without a pixel mask. Default: suc
 
 def warn_random_teacher(teacher_weights: str) -> None:
     """Print the random-teacher warning where nobody can miss it (once: under torchrun rank 0 says it)."""
-    if teacher_weights == "random" and int(os.environ.get("RANK", "0")) == 0:
+    if teacher_weights == "random" and speaks_for_all_ranks():
         from mrkd.train.teachers import RANDOM_TEACHER_WARNING
         bar = "!" * 78
         click.secho(f"{bar}\n{RANDOM_TEACHER_WARNING}\n{bar}", fg="red", bold=True, err=True)
@@ -209,7 +208,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         except DataError:
             categories = None  # a plain folder or glob of good images
     def stopped(by: str):
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not speaks_for_all_ranks():
             return None          # under torchrun rank 0 says it
         again = "the same command without --no-resume" if not resume else "the same command"
         return (f"training stopped ({by}); every epoch saved so far is in last.ckpt under {out}: run {again} "
@@ -220,7 +219,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
             summaries = {plain_images_name(data_root): train(data_root, None, out, config, **options)}
         else:
             summaries = train_all(data_root, categories, out, config, **options)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not speaks_for_all_ranks():
         return  # under torchrun only rank 0 reports (it alone calibrated and wrote the files)
     for name, summary in summaries.items():
         last = summary["history"][-1] if summary["history"] else {}
