@@ -599,22 +599,14 @@ def make_label(event_id: str, image_path, label: str, who: Optional[str] = None,
 def label_events(events: Sequence[dict], label: str, *, who: Optional[str] = None, note: str = "",
                  camera: Optional[str] = None, evidence_dir=None, events_path=None,
                  camera_hint: str = "") -> List[ReviewLabel]:
-    """The labels of ``events``, all of the log ``events_path`` (label_event for each); the log's
-    identity, which every label records, is read once for them all."""
+    """The labels of ``events``, all of the log ``events_path``: each made of its event's evidence image
+    (a part's: of ``camera``, else the flagged one) found by find_evidence and checked against the hash
+    the event recorded; the log's identity, which every label records, is read once for them all.
+    ``camera_hint``: how the caller names a camera, added when none was given and one is needed."""
     events_log = events_log_ref(events_path) if events_path is not None else None
     return [_label_one(event, label, who=who, note=note, camera=camera, evidence_dir=evidence_dir,
                        events_path=events_path, events_log=events_log, camera_hint=camera_hint)
             for event in events]
-
-
-def label_event(event: dict, label: str, *, who: Optional[str] = None, note: str = "",
-                camera: Optional[str] = None, evidence_dir=None, events_path=None,
-                camera_hint: str = "") -> ReviewLabel:
-    """The label of one event of the log (a part's: of ``camera``, else the flagged one), made of its
-    evidence image found by find_evidence and checked against the hash the event recorded.
-    ``camera_hint``: how the caller names a camera, added when none was given and one is needed."""
-    return label_events([event], label, who=who, note=note, camera=camera, evidence_dir=evidence_dir,
-                        events_path=events_path, camera_hint=camera_hint)[0]
 
 
 def _label_one(event: dict, label: str, *, who: Optional[str], note: str, camera: Optional[str], evidence_dir,

@@ -775,12 +775,12 @@ def test_augmented_candidates_add_the_flipped_images_patches_a_plain_refit_leave
 
 
 def recorded_labels(run: Path, events, labels: Path) -> Path:
-    """Labels as `mrkd review` and the page write them (label_event, recording the events log), and two
+    """Labels as `mrkd review` and the page write them (label_events, recording the events log), and two
     that the log contradicts: ``<first>-ghost`` (an event the log never had) and the third event's label
     made of another image (not the evidence the run recorded)."""
-    from mrkd.runtime.review import events_log_ref, label_event
+    from mrkd.runtime.review import events_log_ref, label_events
     log = run / "events.jsonl"
-    made = [label_event(e, "good", who="tester", events_path=log) for e in events[:2]]
+    made = label_events(events[:2], "good", who="tester", events_path=log)
     made.append(make_label(events[2]["event_id"], run / events[1]["evidence"], "good", who="tester",
                            events_log=events_log_ref(log)))
     made.append(make_label(events[0]["event_id"] + "-ghost", run / events[0]["evidence"], "good", who="tester",
