@@ -4,9 +4,11 @@ is refused; a full disk is counted while the line goes on; a torn last line is c
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -177,3 +179,94 @@ def test_a_torn_last_line_is_cut_and_the_log_goes_on(cell, tmp_path):
     after = parts_log.read_bytes()
     assert after.startswith(whole) and torn not in after
     assert [json.loads(line)["part_id"] for line in after.splitlines()] == ["A", "B"]
+
+
+def test_every_refused_trigger_is_a_missed_line_among_the_parts(tmp_path):
+    """A queue of 0 overrun from stdin (the triggers come faster than the model judges), plus one trigger
+    naming a recipe the line lacks: the log holds one line per trigger sent, a part or a missed trigger,
+    every sequence number once; a missed line names its reason and has no verdict. A second run appends
+    to the log that holds both kinds."""
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(30):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), normal_frame(rng))
+    # one trigger, then (that part judged: the line runs) bursts of three 0.1 s apart; empty lines: the
+    # part id is the trigger's sequence
+    bursts = [[""]] + [["", "", ""]] * 4 + [["R@9", "", ""]] + [["", "", ""]] * 4 + [["", ""]]
+    parts_log, summary_path = tmp_path / "parts.jsonl", tmp_path / "s.json"
+    run = subprocess.Popen(MRKD + ["run", str(model), "--source", f"cam={folder}", "--trigger", "software",
+                                   "--trigger-stdin", "--part-queue", "0", "--status-every", "0",
+                                   "--parts-log", str(parts_log), "--summary", str(summary_path)],
+                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for number, burst in enumerate(bursts):
+        run.stdin.write("".join(f"{t}\n" for t in burst))
+        run.stdin.flush()
+        deadline = time.monotonic() + 120
+        while number == 0 and not (parts_log.exists() and parts_log.read_bytes()):
+            assert run.poll() is None and time.monotonic() < deadline, "the first part was not judged"
+            time.sleep(0.05)
+        time.sleep(0.1)
+    _, stderr = run.communicate(timeout=180)
+    assert run.returncode == 0, stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary["triggers"] == 30 and summary["parts"] + summary["missed_triggers"] == 30, summary
+    assert summary["missed_by_reason"].get("queue full", 0) >= 1, summary       # the queue was overrun
+    lines = [json.loads(line) for line in parts_log.read_bytes().splitlines()]
+    assert len(lines) == 30 and summary["outputs"]["parts_log"]["sent"] == 30
+    parts = [r for r in lines if r["kind"] == "part"]
+    missed = [r for r in lines if r["kind"] == "missed"]
+    assert len(parts) == summary["parts"] and len(missed) == summary["missed_triggers"]
+    assert sorted(r["sequence"] for r in lines) == list(range(1, 31))            # every trigger, once
+    assert all(r["part_id"] == str(r["sequence"]) for r in parts)
+    assert [r["inspection_id"] for r in parts] == list(range(1, len(parts) + 1))
+    reasons = {}
+    for record in missed:
+        assert record["log"] == "parts" and "verdict" not in record and "inspection_id" not in record
+        assert record["reason"] in ("queue full", "unknown recipe 9"), record
+        reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
+        stamp = dt.datetime.fromisoformat(record["time"])       # the part lines' format: UTC, milliseconds
+        assert stamp.utcoffset() == dt.timedelta(0) and len(record["time"]) == len(parts[0]["time"])
+    assert reasons == summary["missed_by_reason"] and reasons["unknown recipe 9"] == 1
+    assert [r["part_id"] for r in missed if r["reason"].startswith("unknown")] == ["R"]
+    for position, record in enumerate(lines):    # written when refused: before every later trigger's part
+        if record["kind"] == "missed":
+            assert all(p["sequence"] < record["sequence"] for p in lines[:position] if p["kind"] == "part")
+
+    kept = parts_log.read_bytes()
+    done, summary = run_parts((model, folder), tmp_path, parts_log, ["A", "B@9"], name="s2.json")
+    assert done.returncode == 0, done.stderr
+    added = [json.loads(line) for line in parts_log.read_bytes()[len(kept):].splitlines()]
+    assert parts_log.read_bytes().startswith(kept)
+    assert sorted((r["kind"], r["part_id"], r["sequence"]) for r in added) == [("missed", "B", 2), ("part", "A", 1)]
+
+
+MISSED = {"time": "2026-01-02T03:04:05.678+00:00", "log": "parts", "kind": "missed", "sequence": 2, "part_id": "B",
+          "reason": "queue full", "trigger_time": 1.0, "schema_version": 1}
+
+
+@pytest.mark.parametrize("records, accepted, foreign_line", [
+    ([MISSED], True, None),
+    ([{**MISSED, "verdict": "OK"}], False, 1),                     # a missed trigger has no verdict
+    ([{k: v for k, v in MISSED.items() if k != "reason"}], False, 1),
+    ([{**MISSED, "log": None}], False, 1),
+    ([MISSED, {"event_id": "e", "time": "t", "camera": "cam", "score": 0.3}], False, 2),    # an events line
+    ([MISSED, {"a": 1}], False, 2),
+])
+def test_the_file_check_takes_missed_lines_and_refuses_mixed_files(tmp_path, records, accepted, foreign_line):
+    """PartsLog opens a file of part and missed lines and refuses one with another line among them, left
+    unchanged; the events log refuses a missed line as it refuses a part line."""
+    from mrkd.runtime.outputs.events import EventLog, EventLogError
+    from mrkd.runtime.outputs.parts_log import PartsLog, PartsLogError
+    path = tmp_path / "log.jsonl"
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in records)
+    path.write_bytes(data)
+    if accepted:
+        PartsLog(path).close()
+    else:
+        with pytest.raises(PartsLogError, match=f"line {foreign_line} is not an mrkd part record"):
+            PartsLog(path)
+    with pytest.raises(EventLogError, match="line 1 is not an mrkd event"):
+        EventLog(path)
+    assert path.read_bytes() == data

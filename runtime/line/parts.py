@@ -452,7 +452,7 @@ class PartRunner:
                           recipe=pending.recipe, trigger_time=pending.wall,
                           acquired_s=max(0.0, (acquired or done) - pending.mono), verdict_s=done - pending.mono,
                           error_code=error_code(first_error) if first_error else 0,
-                          error="; ".join(errors) or None)
+                          error="; ".join(errors) or None, sequence=pending.sequence)
         if verdict != Verdict.OK:
             part = replace(part, event_id=new_event_id())
         part = self._part_files(part, views)

@@ -220,6 +220,7 @@ class PartResult:
     error_code: int = 0          # 0 none; see runtime/line/parts.py ERROR_CODES
     error: Optional[str] = None
     event_id: Optional[str] = None   # the NG/error event written for this part, if any
+    sequence: int = 0            # the trigger's (TriggerReceipt.sequence): parts and missed triggers share it
     schema_version: int = PART_SCHEMA_VERSION
 
     @property

@@ -78,9 +78,14 @@ def part_event(part: PartResult) -> dict:
     record["score"], record["threshold"] = finite(record["score"]), finite(record["threshold"])
     for judgement in record["cameras"]:
         judgement["score"], judgement["threshold"] = finite(judgement["score"]), finite(judgement["threshold"])
-    stamp = dt.datetime.fromtimestamp(part.trigger_time or time.time(), dt.timezone.utc)
-    return {"event_id": part.event_id, "time": stamp.isoformat(timespec="milliseconds"), "kind": "part",
+    return {"event_id": part.event_id, "time": record_time(part.trigger_time), "kind": "part",
             **{k: v for k, v in record.items() if k != "event_id"}}
+
+
+def record_time(wall: float) -> str:
+    """A record's ``time``: the wall clock ``wall`` (now when 0) as UTC ISO 8601 to the millisecond."""
+    stamp = dt.datetime.fromtimestamp(wall or time.time(), dt.timezone.utc)
+    return stamp.isoformat(timespec="milliseconds")
 
 
 def wants_event(part: PartResult) -> bool:

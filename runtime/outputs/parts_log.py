@@ -1,5 +1,5 @@
 """``--parts-log FILE``: the traceability record of a triggered cell, one JSON line per judged part
-(OK, NG and ERROR alike), in the order the parts were judged.
+(OK, NG and ERROR alike), in the order the parts were judged, and one per refused trigger.
 
 The events log (events.py) keeps only NG/ERROR parts and MQTT is not a record on disk; a quality
 department wants every part: its id, time, verdict, each camera's score, the model that judged it,
@@ -9,20 +9,27 @@ which tells a parts log's lines from an events log's (each log refuses the other
 
 The file is the events log's (``EventLog``) with its own kind of line: append-only, one fsynced
 whole line per part (a kill never leaves half a line; a torn tail from a crash is cut at the next
-start), an existing file is taken only when every line is a part record, and a full disk or a file
+start), an existing file is taken only when every line is a part or missed-trigger record, and a full disk or a file
 that cannot be written is counted as failed (summary, /metrics, /healthz) while the line goes on.
 Parts exist only in triggered runs: in a free run this output receives none (the CLI refuses
 ``--parts-log`` without ``--trigger software|hardware``).
+
+A refused trigger (queue full, line offline, unknown recipe) is a line too, ``"kind": "missed"``,
+written when it is refused (after the parts judged by then, before those still waiting): its
+sequence, part id and reason, and no verdict (it was never judged). So the log holds one line per
+trigger, and a part that was missed is told from one that never came; parts and missed triggers
+share the trigger's ``sequence``. An accepted trigger is written once, as its part when judged.
 """
 
 from __future__ import annotations
 
 import json
 
-from mrkd.runtime.outputs.base import PartResult
-from mrkd.runtime.outputs.events import EventLog, EventLogError, EventLogOutput, part_event
+from mrkd.runtime.outputs.base import PART_SCHEMA_VERSION, PartResult, TriggerReceipt
+from mrkd.runtime.outputs.events import EventLog, EventLogError, EventLogOutput, part_event, record_time
 
 PARTS_LOG_KEYS = ("time", "kind", "inspection_id", "part_id", "verdict")   # every part record has them
+MISSED_KEYS = ("time", "kind", "sequence", "part_id", "reason")           # every missed trigger's record has them
 
 
 class PartsLogError(EventLogError):
@@ -34,13 +41,25 @@ def part_record(result: PartResult) -> dict:
     return {**part_event(result), "log": "parts"}
 
 
+def missed_record(receipt: TriggerReceipt) -> dict:
+    """The parts log's line for one refused trigger: no verdict, no inspection id (nothing was judged)."""
+    return {"time": record_time(receipt.time), "log": "parts", "kind": "missed", "sequence": receipt.sequence,
+            "part_id": receipt.part_id, "reason": receipt.reason, "trigger_time": receipt.time,
+            "schema_version": PART_SCHEMA_VERSION}
+
+
 def _is_part_record(line: bytes) -> bool:
+    """A part's line or a missed trigger's (one with a verdict is neither)."""
     try:
         record = json.loads(line)
     except (ValueError, UnicodeDecodeError):
         return False
-    return (isinstance(record, dict) and record.get("log") == "parts" and record.get("kind") == "part"
-            and all(key in record for key in PARTS_LOG_KEYS))
+    if not (isinstance(record, dict) and record.get("log") == "parts"):
+        return False
+    if record.get("kind") == "part":
+        return all(key in record for key in PARTS_LOG_KEYS)
+    return (record.get("kind") == "missed" and all(key in record for key in MISSED_KEYS)
+            and "verdict" not in record)
 
 
 class PartsLog(EventLog):
@@ -55,7 +74,8 @@ class PartsLog(EventLog):
 
 
 class PartsLogOutput(EventLogOutput):
-    """One line per judged part; alarms of a free run are not parts and are not written here."""
+    """One line per judged part and per refused trigger; alarms of a free run are not parts and are
+    not written here."""
 
     health_name = "parts_log"
     log_class = PartsLog
@@ -65,6 +85,10 @@ class PartsLogOutput(EventLogOutput):
 
     def on_part(self, result: PartResult) -> None:
         self._write(part_record(result))
+
+    def on_trigger(self, receipt: TriggerReceipt) -> None:
+        if not receipt.accepted:        # an accepted one is written as its part, once judged
+            self._write(missed_record(receipt))
 
 
 def outputs_from(settings) -> list:
