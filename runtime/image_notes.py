@@ -20,12 +20,11 @@ from typing import Optional, Set, Tuple
 import numpy as np
 
 from mrkd.console import speaks_for_all_ranks
+from mrkd.runtime.tiff import directory_offsets, read_directory, read_header
 
 # Files of one kind named one by one per folder before a single line says the rest of that folder are
 # read the same way: a folder of 5000 transparent PNGs should not print 5000 warnings.
 NAMED_PER_FOLDER = 10
-# A corrupt TIFF's directory chain may loop or run on; more pages than this are counted as this many.
-MAX_PAGES_COUNTED = 100000
 
 _said: Set[Tuple[str, str]] = set()          # (kind, file): said once per file per process
 _named: Counter = Counter()                  # (kind, folder): files named there so far
@@ -52,48 +51,24 @@ def say_once(kind: str, path, message: str) -> None:
 
 # ---------------------------------------------------------------- pages and frames
 
+# ExtraSamples (338) values that name an alpha sample: associated (1, premultiplied) or unassociated (2).
+EXTRA_SAMPLES_TAG = 338
+ALPHA_EXTRA_SAMPLES = (1, 2)
+
+
 def _tiff_layout(data) -> Optional[Tuple[int, bool]]:
     """(pages, whether page 1 declares an alpha sample) of a classic or Big TIFF, walking its directory
-    chain in the bytes; None when the bytes are not a TIFF or its first directory is out of reach."""
-    order = {b"II": "<", b"MM": ">"}.get(bytes(data[:2]))
-    if order is None or len(data) < 16:
+    chain in the bytes (a looping or endless chain counts at most tiff.MAX_DIRECTORIES pages); None when the
+    bytes are not a TIFF or its first directory is out of reach."""
+    header = read_header(data)
+    if header is None:
         return None
-    version = struct.unpack(order + "H", bytes(data[2:4]))[0]
-    if version == 42:
-        offset, count, entry, first = "I", "H", 12, struct.unpack(order + "I", bytes(data[4:8]))[0]
-    elif version == 43:
-        offset, count, entry, first = "Q", "Q", 20, struct.unpack(order + "Q", bytes(data[8:16]))[0]
-    else:
+    pages = directory_offsets(data, header)
+    first = read_directory(data, header, pages[0]) if pages else None
+    if first is None:
         return None
-    offset_size, count_size = struct.calcsize(offset), struct.calcsize(count)
-    seen: Set[int] = set()
-    alpha = False
-    at = first
-    while at and at not in seen and len(seen) < MAX_PAGES_COUNTED and at + count_size <= len(data):
-        entries = struct.unpack(order + count, bytes(data[at:at + count_size]))[0]
-        following = at + count_size + entries * entry
-        if following + offset_size > len(data):
-            break
-        if not seen:
-            alpha = _declares_alpha(data, order, at + count_size, following, entry, offset)
-        seen.add(at)
-        at = struct.unpack(order + offset, bytes(data[following:following + offset_size]))[0]
-    return (len(seen), alpha) if seen else None
-
-
-def _declares_alpha(data, order: str, start: int, end: int, entry: int, offset: str) -> bool:
-    """Whether a directory's ExtraSamples (338, SHORTs) name associated (1) or unassociated (2) alpha."""
-    for at in range(start, end, entry):
-        tag, kind = struct.unpack(order + "HH", bytes(data[at:at + 4]))
-        if tag != 338 or kind != 3:
-            continue
-        size = struct.calcsize(offset)
-        values = struct.unpack(order + offset, bytes(data[at + 4:at + 4 + size]))[0]
-        inline = at + 4 + size
-        where = inline if 2 * values <= size else struct.unpack(order + offset, bytes(data[inline:inline + size]))[0]
-        kinds = struct.unpack(order + "H" * values, bytes(data[where:where + 2 * values]))
-        return any(value in (1, 2) for value in kinds)
-    return False
+    extra_samples = first.values(EXTRA_SAMPLES_TAG) or ()
+    return len(pages), any(value in ALPHA_EXTRA_SAMPLES for value in extra_samples)
 
 
 def _apng_frames(data) -> int:

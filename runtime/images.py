@@ -19,6 +19,7 @@ import numpy as np
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.image_notes import note_alpha, note_pages
+from mrkd.runtime.tiff import first_directory, read_header
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -87,7 +88,7 @@ def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]
 
 
 def declared_size(head) -> Optional[Tuple[int, int]]:
-    """(width, height) a PNG, JPEG, BMP or TIFF header declares, read from the file's bytes
+    """(width, height) a PNG, JPEG, BMP or TIFF (classic or Big) header declares, read from the file's bytes
     without decoding; None for other formats or a header not found there (OpenCV then decides)."""
     try:
         if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
@@ -95,7 +96,7 @@ def declared_size(head) -> Optional[Tuple[int, int]]:
         if head[:2] == b"BM":
             width, height = struct.unpack("<ii", head[18:26])
             return abs(width), abs(height)
-        if head[:4] in (b"II*\x00", b"MM\x00*"):
+        if read_header(head) is not None:        # classic or Big TIFF
             return _tiff_size(head)
         if head[:2] == b"\xff\xd8":
             return _jpeg_size(head)
@@ -145,24 +146,13 @@ def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
     return width, height
 
 
-def _tiff_tags(head: bytes, wanted: Tuple[int, ...]) -> dict:
-    """The ``wanted`` SHORT or LONG tags of a TIFF's first image file directory, by tag number."""
-    order = "<" if head[:2] == b"II" else ">"
-    directory = struct.unpack(order + "I", head[4:8])[0]
-    count = struct.unpack(order + "H", head[directory:directory + 2])[0]
-    found = {}
-    for entry in range(count):
-        at = directory + 2 + 12 * entry
-        tag, kind = struct.unpack(order + "HH", head[at:at + 4])
-        if tag in wanted and kind in (3, 4):           # SHORT or LONG
-            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), head[at + 8:at + (10 if kind == 3 else 12)])[0]
-    return found
-
-
-def _tiff_size(head: bytes) -> Optional[Tuple[int, int]]:
+def _tiff_size(head) -> Optional[Tuple[int, int]]:
     """ImageWidth (256) and ImageLength (257) of the first image file directory."""
-    found = _tiff_tags(head, (256, 257))
-    return (found[256], found[257]) if len(found) == 2 else None
+    directory = first_directory(head)
+    if directory is None:
+        return None
+    width, height = directory.value(256), directory.value(257)
+    return None if width is None or height is None else (width, height)
 
 
 # TIFF PhotometricInterpretation values of the CIE L*a*b* family (CIELab, ICCLab, ITULab): OpenCV's
@@ -172,12 +162,8 @@ TIFF_LAB_PHOTOMETRICS = (8, 9, 10)
 
 def _tiff_lab(head) -> bool:
     """True for a TIFF whose first image stores CIE L*a*b* samples."""
-    if head[:4] not in (b"II*\x00", b"MM\x00*"):
-        return False
-    try:
-        return _tiff_tags(head, (262,)).get(262) in TIFF_LAB_PHOTOMETRICS
-    except struct.error:              # a damaged header: the decoder says what is wrong
-        return False
+    directory = first_directory(head)        # None for other formats and damaged headers: the decoder decides
+    return directory is not None and directory.value(262) in TIFF_LAB_PHOTOMETRICS
 
 
 # ---------------------------------------------------------------- EXIF orientation
@@ -248,18 +234,9 @@ def _webp_exif(data) -> Optional[bytes]:
 
 
 def _tiff_orientation(exif: bytes) -> Optional[int]:
-    """Tag 0x0112 (a SHORT) of the first image file directory of a TIFF-structured EXIF block."""
-    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
-    if order is None:
-        return None
-    directory = struct.unpack(order + "I", exif[4:8])[0]
-    count = struct.unpack(order + "H", exif[directory:directory + 2])[0]
-    for entry in range(count):
-        at = directory + 2 + 12 * entry
-        tag, kind = struct.unpack(order + "HH", exif[at:at + 4])
-        if tag == EXIF_ORIENTATION_TAG and kind == 3:
-            return struct.unpack(order + "H", exif[at + 8:at + 10])[0]
-    return None
+    """Tag 0x0112 of the first image file directory of a TIFF-structured EXIF block."""
+    directory = first_directory(exif)
+    return None if directory is None else directory.value(EXIF_ORIENTATION_TAG)
 
 
 def orient(image: np.ndarray, orientation: int) -> np.ndarray:
