@@ -284,3 +284,21 @@ def test_the_reader_stays_free_of_torch():
     code = "import sys, mrkd.runtime.tiff; assert 'torch' not in sys.modules"
     assert importlib.util.find_spec("mrkd.runtime.tiff") is not None
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_big_tiff_bomb_is_refused_before_it_is_decoded(tmp_path):
+    # declared_size read classic TIFF only: a BigTIFF declaring 20000 x 20000 went to OpenCV, which set out to
+    # decode it (and, the strips missing, said "not a decodable image"). Now refused naming the size.
+    from mrkd.runtime.images import ImageReadError, read_image
+    data = bytearray(_pillow_tiff([_rgb(6, 8)], big_tiff=True))
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        assert image.size == (8, 6)
+    header = read_header(data)
+    for index, entry in enumerate(read_directory(data, header, header.first_directory).entries):
+        if entry.tag in (256, 257):                  # ImageWidth, ImageLength: inline in the 8-byte field
+            assert entry.field_type in (3, 4)
+            struct.pack_into("<" + INTEGER_FIELD_CODES[entry.field_type], data, header.first_directory + 8 + 20 * index + 12,
+                             20000)
+    (tmp_path / "bomb.tif").write_bytes(data)
+    with pytest.raises(ImageReadError, match=r"declares 20000 x 20000 pixels, over the"):
+        read_image(tmp_path / "bomb.tif")
