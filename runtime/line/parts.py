@@ -10,7 +10,8 @@ counted as missed (``on_trigger`` says so). A part is never answered with anothe
 a software-triggered camera's images from before the trigger are discarded (counted), and a part
 whose camera gives no image in time, an incomplete buffer (lost packets) or is down is ERROR, never
 OK. Observer hooks are called one at a time (a lock), from the trigger caller's thread for
-``on_trigger`` and from the runner's thread otherwise.
+``on_trigger`` and from the runner's thread otherwise, the PLC servers first (a slow disk under the
+parts or events log never delays the OK/NG a PLC waits for).
 
 Hot swap and shadow runs work as in the frame loop: the detectors are a runtime/line/swap.py
 ``ModelSlots`` (the recipes' models among them, so SIGHUP / POST /reload load those again too); the
@@ -42,7 +43,7 @@ from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
-                                       TriggerReceipt, Verdict, call_each, stop_each)
+                                       TriggerReceipt, Verdict, answer_first, call_each, stop_each)
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.sources import Source
 from mrkd.runtime.sources.gige import Grab
@@ -481,9 +482,10 @@ class PartRunner:
     # ------------------------------------------------------------ status and summary
     def _emit(self, call: Callable[[LineObserver], object]) -> None:
         """``call(observer)`` for every output, one hook at a time (typed calls, base.call_each: one
-        broken output is logged and must not stop judging)."""
+        broken output is logged and must not stop judging); the PLC servers first (base.answer_first:
+        the PLC's result never waits for a file's fsync), whenever they were added."""
         with self._notify_lock:
-            call_each(self.observers, call)
+            call_each(answer_first(self.observers), call)
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
         source = self._sources[camera.name]

@@ -129,6 +129,15 @@ class LineObserver:
     # stops them side by side, so a stop with two unreachable peers waits one deadline, not their sum.
     stop_waits_for_peer: bool = False
 
+    # True for the PLC servers (the handshake): the part runner tells them first (answer_first), so the
+    # OK/NG a PLC waits for never waits for another output's fsync (parts log, events log) or peer.
+    answers_plc: bool = False
+
+
+def answer_first(observers: Sequence[LineObserver]) -> list:
+    """``observers`` with the PLC servers (``answers_plc``) first, the others in their order."""
+    return sorted(observers, key=lambda observer: not getattr(observer, "answers_plc", False))
+
 
 def call_each(observers: Sequence[LineObserver], call: Callable[[LineObserver], object]) -> None:
     """``call(observer)`` for every observer; one that raises is logged (once per output and hook kind
