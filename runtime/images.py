@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -60,6 +61,22 @@ def _hidden(path: Path, below: Optional[Path] = None) -> bool:
     return any(part.startswith(".") for part in parts)
 
 
+@dataclass(frozen=True)
+class FolderFiles:
+    """The visible regular files directly in a folder, split by list_images' rule."""
+    images: Tuple[Path, ...]        # image files (IMAGE_EXTENSIONS, any case), sorted by path
+    others: Tuple[Path, ...]        # the other visible files (notes, formats mrkd does not read), sorted
+
+
+def list_folder(folder: PathLike) -> FolderFiles:
+    """The files directly in ``folder`` (not its sub-folders), listed once: the images list_images takes
+    and the other visible files, for callers that count or look at what was left out. Hidden files and
+    anything that is not a regular file are in neither."""
+    visible = [p for p in Path(folder).iterdir() if p.is_file() and not _hidden(p)]
+    return FolderFiles(images=tuple(sorted(p for p in visible if is_image_file(p))),
+                       others=tuple(sorted(p for p in visible if not is_image_file(p))))
+
+
 def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]:
     """The image files a folder, a glob or one image file names: the one rule every command uses.
 
@@ -75,8 +92,9 @@ def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]
     text = os.fspath(folder_or_glob)
     path = Path(text)
     if path.is_dir():
-        candidates = path.rglob("*") if recursive else path.iterdir()
-        return sorted(p for p in candidates if p.is_file() and is_image_file(p) and not _hidden(p, path))
+        if not recursive:
+            return list(list_folder(path).images)
+        return sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p) and not _hidden(p, path))
     if path.is_file() and is_image_file(path):
         return [path]
     if is_glob_pattern(text):

@@ -135,6 +135,38 @@ def test_list_images_one_rule_for_folders_globs_and_files(tmp_path):
         list_images(tmp_path / "missing")
 
 
+def test_one_listing_of_a_folder_splits_images_from_the_other_visible_files(tmp_path, monkeypatch):
+    # list_images and training's _image_files each held the folder rule (regular, visible, image extension);
+    # list_folder is that rule once, for both. Checked against os.scandir, an independent listing.
+    import os
+    from pathlib import Path
+    from mrkd.runtime.images import FolderFiles, list_folder, list_images
+    from mrkd.train.data import _image_files
+
+    for name in ("b.PNG", "a.jpg", "c.TiFf", ".hidden.png", ".notes", "notes.txt", "phone.gif", "sub/d.png"):
+        _touch(tmp_path / name)
+    (tmp_path / "dir.png").mkdir()                              # a folder with an image's name: neither
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.jpg")      # a link to a file is a file, as is_file says
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    listings = []
+    real = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listings.append(self) or real(self))
+    listed = list_folder(tmp_path)
+    assert listings == [tmp_path]                               # one listing
+    monkeypatch.setattr(Path, "iterdir", real)
+    assert isinstance(listed, FolderFiles)
+    with os.scandir(tmp_path) as entries:
+        visible = [Path(e.path) for e in entries if e.is_file() and not e.name.startswith(".")]
+    expected_images = sorted(p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS)
+    assert listed.images == tuple(expected_images) == tuple(tmp_path / n for n in ("a.jpg", "b.PNG", "c.TiFf",
+                                                                                   "link.png"))
+    assert listed.others == tuple(sorted(set(visible) - set(expected_images))) == (tmp_path / "notes.txt",
+                                                                                  tmp_path / "phone.gif")
+    assert list_images(tmp_path) == list(listed.images)
+    with pytest.warns(UserWarning, match="phone.gif"):
+        assert _image_files(tmp_path) == (list(listed.images), 2)
+
+
 def test_training_and_runtime_list_a_folder_or_glob_alike(tmp_path):
     """`mrkd calibrate ckpt GOOD` (train.data.scan_folder) and `mrkd calibrate model.onnx GOOD`
     (runtime.sources.open_source) read the same images from the same argument."""

@@ -27,7 +27,7 @@ import numpy as np
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
 from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
-from mrkd.runtime.images import ImageReadError, is_glob_pattern, is_image_file, list_images, read_image, read_mask
+from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_folder, list_images, read_image, read_mask
 from mrkd.runtime.preprocess import (CENTER_CROP_DIRECT_PIXELS, IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry,
                                      normalize, resize_square)
 
@@ -87,11 +87,9 @@ class CategoryData:
 def _image_files(folder: Path) -> Tuple[List[Path], int]:
     """Image files directly in folder (list_images' rule) and the number of other files ignored; images
     in a format mrkd does not read are warned about, naming one."""
-    # One listing for all three (a network share lists slowly); list_images' rule for a folder.
-    visible = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    images = sorted(p for p in visible if is_image_file(p))
-    warn_unread_images(folder, files=visible)
-    return images, len(visible) - len(images)
+    listed = list_folder(folder)          # one listing for all three (a network share lists slowly)
+    warn_unread_images(folder, files=listed.others)
+    return list(listed.images), len(listed.others)
 
 
 def _require_dir(path: Path, what: str) -> None:
