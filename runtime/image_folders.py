@@ -14,7 +14,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from mrkd.runtime.images import IMAGE_EXTENSIONS, ImageReadError, PathLike, declared_sample_bits, read_stored
+from mrkd.runtime.images import (IMAGE_EXTENSIONS, ImageReadError, PathLike, declared_sample_bits, list_folder,
+                                 read_stored)
 
 # Image formats a camera tool or a phone may save that mrkd does not read (OpenCV before 4.11 has no GIF,
 # and none reads HEIC or raw files): skipped like notes and thumbnails, but said, since a folder that
@@ -32,11 +33,11 @@ HEADER_BYTES = 64 * 1024      # enough for a JPEG's frame header after its EXIF 
 
 def unread_images(folder: PathLike, recursive: bool = False, files: Optional[Sequence[Path]] = None) -> List[Path]:
     """The visible files in ``folder`` (and its sub-folders with ``recursive``, as a reader that walks
-    them) whose extension is one of UNREAD_IMAGE_EXTENSIONS, sorted. ``files``: those visible files,
-    where the caller has listed the folder already."""
+    them) whose extension is one of UNREAD_IMAGE_EXTENSIONS, sorted. Visible as list_images has it
+    (runtime.images.list_folder): a GIF in .git/ is no more left out than a PNG there is taken. ``files``:
+    the folder's files that are not images (FolderFiles.others), where the caller has listed it already."""
     if files is None:
-        found = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
-        files = [p for p in found if p.is_file() and not p.name.startswith(".")]
+        files = list_folder(folder, recursive).others
     return sorted(p for p in files if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
 
 

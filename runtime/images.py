@@ -63,16 +63,19 @@ def _hidden(path: Path, below: Optional[Path] = None) -> bool:
 
 @dataclass(frozen=True)
 class FolderFiles:
-    """The visible regular files directly in a folder, split by list_images' rule."""
+    """The visible regular files of a folder, split by list_images' rule."""
     images: Tuple[Path, ...]        # image files (IMAGE_EXTENSIONS, any case), sorted by path
     others: Tuple[Path, ...]        # the other visible files (notes, formats mrkd does not read), sorted
 
 
-def list_folder(folder: PathLike) -> FolderFiles:
-    """The files directly in ``folder`` (not its sub-folders), listed once: the images list_images takes
-    and the other visible files, for callers that count or look at what was left out. Hidden files and
+def list_folder(folder: PathLike, recursive: bool = False) -> FolderFiles:
+    """The files directly in ``folder`` (in its sub-folders too when ``recursive``), listed once: the
+    images list_images takes and the other visible files, for callers that count or look at what was
+    left out. Hidden files, anything in a hidden folder below ``folder`` (.git, .ipynb_checkpoints) and
     anything that is not a regular file are in neither."""
-    visible = [p for p in Path(folder).iterdir() if p.is_file() and not _hidden(p)]
+    folder = Path(folder)
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    visible = [p for p in found if p.is_file() and not _hidden(p, folder)]
     return FolderFiles(images=tuple(sorted(p for p in visible if is_image_file(p))),
                        others=tuple(sorted(p for p in visible if not is_image_file(p))))
 
@@ -92,9 +95,7 @@ def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]
     text = os.fspath(folder_or_glob)
     path = Path(text)
     if path.is_dir():
-        if not recursive:
-            return list(list_folder(path).images)
-        return sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p) and not _hidden(p, path))
+        return list(list_folder(path, recursive).images)
     if path.is_file() and is_image_file(path):
         return [path]
     if is_glob_pattern(text):
