@@ -9,9 +9,12 @@ Triggers wait in a bounded queue while a part is judged; past the bound a trigge
 counted as missed (``on_trigger`` says so). A part is never answered with another part's images:
 a software-triggered camera's images from before the trigger are discarded (counted), and a part
 whose camera gives no image in time, an incomplete buffer (lost packets) or is down is ERROR, never
-OK. Observer hooks are called one at a time (a lock), from the trigger caller's thread for
-``on_trigger`` and from the runner's thread otherwise, the PLC servers first (a slow disk under the
-parts or events log never delays the OK/NG a PLC waits for).
+OK. The PLC servers are told of a trigger or a part on the spot (the trigger caller's thread for
+``on_trigger``, the runner's otherwise); every other output through one ``Notifier``
+(runtime/outputs/notifier.py): its hooks run one at a time, in the order of events, on the notifier's
+thread. So a slow disk under the parts or events log, the snapshots or the evidence never delays a
+PLC's trigger or the OK/NG it waits for; the PLC gets a part without its snapshot and evidence paths
+(those files are written on the notifier's thread, before the other outputs send the record).
 
 Hot swap and shadow runs work as in the frame loop: the detectors are a runtime/line/swap.py
 ``ModelSlots`` (the recipes' models among them, so SIGHUP / POST /reload load those again too); the
@@ -43,8 +46,9 @@ from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
-                                       TriggerReceipt, Verdict, answer_first, call_each, stop_each)
+                                       TriggerReceipt, Verdict, call_each, plc_and_others, stop_each)
 from mrkd.runtime.outputs.events import new_event_id
+from mrkd.runtime.outputs.notifier import Notifier
 from mrkd.runtime.sources import Source
 from mrkd.runtime.sources.gige import Grab
 
@@ -53,6 +57,10 @@ logger = logging.getLogger(__name__)
 # PartResult.error_code: what a PLC reads when the verdict is ERROR (the first camera's reason).
 ERROR_CODES = {"timeout": 1, "incomplete buffer": 2, "camera down": 3, "source ended": 4, "line stopped": 5,
                "inference failed": 6, "unusable image": 7, "ambiguous": 8}
+
+# How long the stop waits for the outputs to take every part and trigger handed to them (a parts log on a
+# stalled share); past it the rest is given up, counted (summary "outputs_given_up") and logged.
+OUTPUTS_DRAIN_S = 30.0
 
 
 class PartError(MrkdError, ValueError):
@@ -179,7 +187,8 @@ class PartRunner:
         self.observers = list(observers) + [s for s in self.shadows if s not in observers]
         self.status_every, self._status = status_every, status
         self._lock = threading.Condition()
-        self._notify_lock = threading.Lock()
+        self._notify_lock = threading.Lock()     # orders the PLC's calls with the hand-overs to the notifier
+        self._notifier = Notifier("parts-outputs")
         self._queue: Deque[_Pending] = deque()
         self._in_hand: Optional[_Pending] = None
         self._online = True
@@ -290,6 +299,7 @@ class PartRunner:
         self._shown = {info.name: info for info in infos}
         self._emit(lambda o: o.see_outputs(self.observers))
         self._emit(lambda o: o.on_start(infos))
+        self._notifier.wait_idle()       # every output has started before the first trigger is taken
         self._started_at = time.monotonic()
         self._check_status(force=True)
         self._thread = threading.Thread(target=self._run, name="parts", daemon=True)
@@ -315,8 +325,11 @@ class PartRunner:
         for pending in left:     # never silent: each is reported
             self._report(pending, {c.name: Grab([], "line stopped") for c in self.cameras}, {}, 0.0)
         self._pool.shutdown(wait=False)
-        with self._notify_lock:
-            stop_each(self.observers)
+        # Every part and trigger so far reaches the outputs (within OUTPUTS_DRAIN_S: a stalled disk or
+        # share must not hang the stop; what is given up is counted in the summary and logged). No other
+        # output is called after this, so on_stop needs no lock (a PLC trigger now is refused at once).
+        self._notifier.close(OUTPUTS_DRAIN_S)
+        stop_each(self.observers)
         for source in self._sources.values():
             source.close()
         if self._own_detectors:
@@ -352,7 +365,7 @@ class PartRunner:
                 for info in [self._info(camera) for camera in self.cameras]:
                     if info != self._shown[info.name]:
                         self._shown[info.name] = info
-                        self._emit(lambda o: o.on_model(info))
+                        self._emit(lambda o, info=info: o.on_model(info))   # called later: bind it now
             if pending is not None:
                 try:
                     self._judge(pending)
@@ -456,36 +469,42 @@ class PartRunner:
                           error="; ".join(errors) or None, sequence=pending.sequence)
         if verdict != Verdict.OK:
             part = replace(part, event_id=new_event_id())
-        part = self._part_files(part, views)
         self.verdicts[verdict] += 1
         self.latency["trigger_to_verdict"].add(part.verdict_s)
         if not errors:
             self.latency["trigger_to_images"].add(part.acquired_s)
             self.latency["model"].add(model_s)
-        self._emit(lambda o: o.on_part(part))
+        self._notifier.wait_for_room()      # the outputs far behind: the images waiting for them are bounded
+        with self._notify_lock:
+            plc, others = plc_and_others(self.observers)
+            call_each(plc, lambda o: o.on_part(part))
+            self._notifier.put(lambda: self._tell_outputs(others, part, views))
 
-    def _part_files(self, part: PartResult, views: Mapping[str, tuple]) -> PartResult:
-        """The outputs that write files of a part (``part_fields``: snapshots and evidence of an NG/ERROR
-        part, which has its event id by now; the evidence's sample of OK parts; ``views``: camera ->
-        (image, anomaly map, threshold)) write them before any output sends the record; it carries
-        each camera's paths (and the evidence's sha256)."""
+    @staticmethod
+    def _tell_outputs(outputs: Sequence[LineObserver], part: PartResult, views: Mapping[str, tuple]) -> None:
+        """(The notifier's thread.) The outputs that write files of a part (``part_fields``: snapshots and
+        evidence of an NG/ERROR part, which has its event id; the evidence's sample of OK parts; ``views``:
+        camera -> (image, anomaly map, threshold)) write them before any of them sends the record, which
+        then carries each camera's paths (and the evidence's sha256); then every output's ``on_part``."""
         fields: Dict[str, Dict[str, object]] = {}
 
         def collect(output: LineObserver) -> None:
             for camera, values in (output.part_fields(part, views) or {}).items():
                 fields.setdefault(camera, {}).update(values)
-        self._emit(collect)
+        call_each(outputs, collect)
         if fields:
             part = replace(part, cameras=tuple(replace(j, **fields.get(j.camera, {})) for j in part.cameras))
-        return part
+        call_each(outputs, lambda o: o.on_part(part))
 
     # ------------------------------------------------------------ status and summary
     def _emit(self, call: Callable[[LineObserver], object]) -> None:
-        """``call(observer)`` for every output, one hook at a time (typed calls, base.call_each: one
-        broken output is logged and must not stop judging); the PLC servers first (base.answer_first:
-        the PLC's result never waits for a file's fsync), whenever they were added."""
+        """``call(observer)`` for every output (typed calls, base.call_each: one broken output is logged
+        and must not stop judging): the PLC servers now, on this thread, the others later on the
+        notifier's, in the order of the calls (``call`` must not read a variable that changes after)."""
         with self._notify_lock:
-            call_each(answer_first(self.observers), call)
+            plc, others = plc_and_others(self.observers)
+            call_each(plc, call)
+            self._notifier.put(lambda: call_each(others, call))
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
         source = self._sources[camera.name]
@@ -506,7 +525,7 @@ class PartRunner:
                 if changed and not force:
                     logger.warning("camera %s: %s", camera.name, "up" if up else "DOWN")
                 status = self._camera_status(camera)
-                self._emit(lambda o: o.on_status(status))
+                self._emit(lambda o, status=status: o.on_status(status))   # called later: bind it now
 
     def status_line(self) -> str:
         p = self.latency["trigger_to_verdict"].percentiles_ms()
@@ -530,7 +549,8 @@ class PartRunner:
                 "latency_ms": {k: w.percentiles_ms() for k, w in self.latency.items()},
                 "parts_per_s": self.inspections / elapsed if elapsed > 0 else 0.0,
                 "events": self.verdicts[Verdict.NG] + self.verdicts[Verdict.ERROR], "cameras": cameras,
-                "parts_by_model": dict(self.parts_by_model)}
+                "parts_by_model": dict(self.parts_by_model),
+                "outputs_given_up": self._notifier.given_up}
 
 
 def _severity(judgement: CameraJudgement) -> float:

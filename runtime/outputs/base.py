@@ -70,7 +70,8 @@ class CameraStatus:
 class LineObserver:
     """Base class with no-op hooks; every output of a line (events log, snapshots, webhook, video file,
     window, MQTT, metrics, page, PLC servers) is one, built by ``mrkd.runtime.outputs.build_outputs``.
-    Hooks run on the loop thread (the part runner's for parts) and must not block. Order per alarm
+    Hooks run on the loop thread and must not block; in a triggered run the part runner calls them on
+    its output thread (runtime/outputs/notifier.py), the PLC servers' on the spot. Order per alarm
     frame: ``event_fields`` of every output (what they add to the record, e.g. the snapshot's path),
     then ``on_event`` and ``on_frame``; per part: ``part_fields``, then ``on_part``."""
 
@@ -129,14 +130,17 @@ class LineObserver:
     # stops them side by side, so a stop with two unreachable peers waits one deadline, not their sum.
     stop_waits_for_peer: bool = False
 
-    # True for the PLC servers (the handshake): the part runner tells them first (answer_first), so the
-    # OK/NG a PLC waits for never waits for another output's fsync (parts log, events log) or peer.
+    # True for the PLC servers (the handshake): the part runner tells them on the spot and the others
+    # through its Notifier (plc_and_others), so a PLC's trigger and its OK/NG never wait for another
+    # output's fsync (parts log, events log), file (snapshots, evidence) or peer. Their hooks must be
+    # quick and thread-safe; they get a part without its snapshot and evidence paths.
     answers_plc: bool = False
 
 
-def answer_first(observers: Sequence[LineObserver]) -> list:
-    """``observers`` with the PLC servers (``answers_plc``) first, the others in their order."""
-    return sorted(observers, key=lambda observer: not getattr(observer, "answers_plc", False))
+def plc_and_others(observers: Sequence[LineObserver]) -> Tuple[list, list]:
+    """``observers`` split into the PLC servers (``answers_plc``) and the others, each in their order."""
+    plc = [observer for observer in observers if getattr(observer, "answers_plc", False)]
+    return plc, [observer for observer in observers if observer not in plc]
 
 
 def call_each(observers: Sequence[LineObserver], call: Callable[[LineObserver], object]) -> None:

@@ -184,7 +184,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
     that feeds the handshake its parts. ``start()`` listens (PlcError when it cannot), ``close()``
     stops; ``address`` is the (host, port) listened on (port 0 asks for a free one)."""
 
-    answers_plc = True       # told of each part before the other outputs (base.answer_first)
+    answers_plc = True       # told of triggers and parts on the spot, the others later (base.plc_and_others)
 
     def __init__(self, target: TriggerTarget, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  capacity: int = RESULTS_BUFFER, allow: Optional[Sequence[IpNetwork]] = None,

@@ -98,7 +98,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
     ``start()`` listens (PlcError when it cannot), ``close()`` stops; ``url`` is where it listens
     (port 0 asks for a free one)."""
 
-    answers_plc = True       # told of each part before the other outputs (base.answer_first)
+    answers_plc = True       # told of triggers and parts on the spot, the others later (base.plc_and_others)
 
     def __init__(self, target: TriggerTarget, url: str = f"opc.tcp://127.0.0.1:{DEFAULT_PORT}",
                  user: Optional[str] = None, password: Optional[str] = None, anonymous_calls: bool = False,

@@ -1,0 +1,97 @@
+"""One thread that tells the outputs, in order, so whoever has news never waits for them.
+
+The part runner (runtime/line/parts.py) tells the PLC servers of a trigger or a part at once and hands
+the call for every other output to a ``Notifier``: those calls run one at a time on the notifier's own
+thread, in the order they were handed over. So a PLC's trigger (answered on the Modbus or OPC UA
+server's loop) and the runner's next part wait for no output's fsync (parts log, events log), snapshot
+or evidence file, or peer; the logs' lines keep the order of events; and every output still sees one
+hook at a time, as before.
+
+A part waits in the queue with its images (the snapshot and evidence writers take them from it), so
+the queue is bounded: with ``max_waiting`` calls waiting the runner waits for room (``wait_for_room``)
+before it hands over the next part; the PLC has had that part's result by then. ``close`` (the stop)
+lets the calls already handed over finish within a deadline; any it has to give up, and any handed
+over after it, are counted (``given_up``) and logged, never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable, Deque, Optional
+
+logger = logging.getLogger(__name__)
+
+
+class Notifier:
+    """Runs the calls handed to ``put`` one at a time, in order, on one thread of its own (started at
+    the first call)."""
+
+    def __init__(self, name: str = "outputs", max_waiting: int = 64):
+        self.name = name
+        self.max_waiting = max_waiting
+        self.given_up = 0
+        self._calls: Deque[Callable[[], object]] = deque()
+        self._cond = threading.Condition()
+        self._calling = False          # a call is being made (taken off the queue, not yet returned)
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+
+    def put(self, call: Callable[[], object]) -> None:
+        """Hand ``call`` over; returns at once (never waits for room: see ``wait_for_room``)."""
+        with self._cond:
+            if self._closed:
+                self.given_up += 1
+                logger.warning("%s: a call handed over after the stop was not made (%d given up)", self.name,
+                               self.given_up)
+                return
+            self._calls.append(call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait_for_room(self) -> None:
+        """Wait while ``max_waiting`` calls wait (the outputs are that far behind)."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._calls) < self.max_waiting or self._closed)
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call handed over has returned (at most ``timeout`` seconds); whether it has."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._calls and not self._calling, timeout)
+
+    def close(self, deadline_s: float) -> int:
+        """Let the calls handed over finish (at most ``deadline_s`` seconds), then take no more; returns
+        how many were given up (still waiting at the deadline)."""
+        finished = self.wait_idle(deadline_s)
+        with self._cond:
+            self._closed = True
+            left = len(self._calls)
+            self._calls.clear()
+            self.given_up += left
+            self._cond.notify_all()
+        if not finished:
+            logger.warning("%s: the outputs were still busy %g s after the stop (a stalled disk or peer?): "
+                           "%d call(s) for them given up%s", self.name, deadline_s, left,
+                           ", one still running" if self._calling else "")
+        return left
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._calls or self._closed)
+                if not self._calls:
+                    return
+                call = self._calls.popleft()
+                self._calling = True
+                self._cond.notify_all()        # room for wait_for_room
+            try:
+                call()
+            except Exception:                  # call_each already logs an output's failure; this is a bug
+                logger.exception("%s: a call failed", self.name)
+            finally:
+                with self._cond:
+                    self._calling = False
+                    self._cond.notify_all()

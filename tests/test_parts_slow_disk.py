@@ -1,0 +1,138 @@
+"""A slow disk under the parts log never delays a PLC's trigger or its answer, and loses no line.
+
+The real part runner behind the real Modbus server, wired as `mrkd run` wires it, with the real parts
+log whose every write takes SLOW_S seconds (a disk or network share that stalls on fsync), driven by
+Debian's mbpoll (libmodbus): a second trigger while the first part's line is still being written, and a
+refused trigger (the PLC holds the line offline) while the second's is, are each answered at once; the
+second part's Results Valid comes as fast as the model allows; after a normal stop the log has every
+trigger's line, in order."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from peers import require_program
+from plc_fixtures import part_images
+from runtime_fixtures import build_tiny_model
+
+from mrkd.benchmarks.plc_peer import DI, RESULTS_ACK, SET_OFFLINE, TRIGGER, TRIGGER_ENABLE, mbpoll
+from mrkd.runtime.line.loop import Camera, Line
+from mrkd.runtime.line.parts import PartRunner, open_part_sources
+from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.outputs.parts_log import PartsLog, PartsLogOutput
+
+pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
+
+SLOW_S = 2.0
+QUICK_S = 0.5
+
+
+class SlowDiskPartsLog(PartsLog):
+    """The parts log on a disk whose every write stalls SLOW_S seconds before it lands."""
+
+    def write(self, event: dict) -> None:
+        time.sleep(SLOW_S)
+        super().write(event)
+
+
+class SlowDiskPartsLogOutput(PartsLogOutput):
+    log_class = SlowDiskPartsLog
+
+
+def timed_write(port: int, ref: int, value: int) -> float:
+    """Seconds mbpoll took to write one coil (the server answers a write once it has handled it)."""
+    started = time.monotonic()
+    rc, _, err = mbpoll(port, "0", ref, write=[value])
+    assert rc == 0, err
+    return time.monotonic() - started
+
+
+def wait_input(port: int, name: str, level: int, since: float) -> float:
+    """Seconds from ``since`` until discrete input ``name`` reads ``level``."""
+    while True:
+        rc, values, err = mbpoll(port, "1", 0, len(DI))
+        assert rc == 0, err
+        if int(values[DI[name]]) == level:
+            return time.monotonic() - since
+        assert time.monotonic() - since < 30, f"{name} never became {level}"
+        time.sleep(0.01)
+
+
+def test_a_slow_parts_log_delays_no_trigger_and_no_answer_and_keeps_every_line(tmp_path):
+    require_program("mbpoll", ["mbpoll"])
+    from mrkd.runtime.plc.modbus import ModbusPlc
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    folder = tmp_path / "parts"
+    part_images(folder, "gg")
+    line = Line((Camera("cam", str(folder), model, trigger="software"),))
+    settings = PartSettings(queue=4, timeout=5.0)
+    log_path = tmp_path / "parts.jsonl"
+    parts_log = SlowDiskPartsLogOutput(log_path)
+    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=[parts_log],
+                        status=lambda text: None)
+    plc = ModbusPlc(runner, port=0).start()
+    runner.observers.append(plc)           # as runtime/cli.py run_parts adds the PLC servers
+    runner.start()
+    try:
+        port = plc.address[1]
+        assert timed_write(port, TRIGGER_ENABLE, 1) < QUICK_S
+        first = time.monotonic()
+        assert timed_write(port, TRIGGER, 1) < QUICK_S
+        assert wait_input(port, "results_valid", 1, first) < QUICK_S
+        for ref, value in ((TRIGGER, 0), (RESULTS_ACK, 1), (RESULTS_ACK, 0)):
+            assert timed_write(port, ref, value) < QUICK_S
+        assert time.monotonic() - first < SLOW_S / 2       # the first part's line is still being written
+
+        second = time.monotonic()
+        took = timed_write(port, TRIGGER, 1)
+        assert took < QUICK_S, f"the second trigger's write took {took:.2f} s behind the slow parts log"
+        answered = wait_input(port, "results_valid", 1, second)
+        assert answered < QUICK_S, f"the second part's Results Valid came {answered:.2f} s after its trigger"
+        rc, values, err = mbpoll(port, "1", 0, len(DI))
+        assert rc == 0 and int(values[DI["trigger_ack"]]) == 1, err
+
+        assert timed_write(port, SET_OFFLINE, 1) < QUICK_S
+        assert timed_write(port, TRIGGER, 0) < QUICK_S
+        took = timed_write(port, TRIGGER, 1)     # refused (offline): its missed line is written too
+        assert took < QUICK_S, f"a refused trigger's write took {took:.2f} s behind the slow parts log"
+        assert wait_input(port, "missed_trigger", 1, time.monotonic()) < QUICK_S
+        assert timed_write(port, SET_OFFLINE, 0) < QUICK_S
+        assert not log_path.exists() or len(log_path.read_bytes().splitlines()) < 3   # still being written
+    finally:
+        summary = runner.stop()
+    records = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+    assert [(r["kind"], r["sequence"]) for r in records] == [("part", 1), ("part", 2), ("missed", 3)]
+    assert [r.get("verdict") for r in records] == ["OK", "OK", None] and records[2]["reason"] == "offline"
+    assert summary["triggers"] == 3 and summary["missed_triggers"] == 1
+    health = parts_log.health()
+    assert (health.sent, health.failed, health.dropped) == (3, 0, 0)
+
+
+def test_the_notifier_keeps_order_and_counts_what_a_stalled_output_makes_it_give_up():
+    from mrkd.runtime.outputs.notifier import Notifier
+    notifier = Notifier("test-outputs", max_waiting=2)
+    made, release = [], threading.Event()
+    notifier.put(lambda: release.wait(5))          # an output stalled on its disk
+    started = time.monotonic()
+    for number in range(2):
+        notifier.put(lambda number=number: made.append(number))
+    assert time.monotonic() - started < 0.1        # handing over never waits for the stalled call
+    waited = time.monotonic()
+    release_later = threading.Timer(0.3, release.set)
+    release_later.start()
+    notifier.wait_for_room()                       # two waiting: room only once the stall ends
+    assert time.monotonic() - waited >= 0.25
+    assert notifier.wait_idle(5) and made == [0, 1]
+
+    stuck = threading.Event()
+    notifier.put(lambda: stuck.wait(5))
+    notifier.put(lambda: made.append(2))
+    assert notifier.close(0.2) == 1 and notifier.given_up == 1
+    notifier.put(lambda: made.append(3))           # after the stop: not made, counted
+    stuck.set()
+    time.sleep(0.1)
+    assert made == [0, 1] and notifier.given_up == 2
