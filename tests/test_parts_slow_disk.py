@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,9 @@ from mrkd.benchmarks.plc_peer import DI, RESULTS_ACK, SET_OFFLINE, TRIGGER, TRIG
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import PartRunner, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.outputs.events import EventLogOutput, read_events
 from mrkd.runtime.outputs.parts_log import PartsLog, PartsLogOutput
+from mrkd.runtime.outputs.snapshots import SnapshotWriter
 
 pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
 
@@ -136,3 +139,43 @@ def test_the_notifier_keeps_order_and_counts_what_a_stalled_output_makes_it_give
     stuck.set()
     time.sleep(0.1)
     assert made == [0, 1] and notifier.given_up == 2
+
+
+class SlowDiskSnapshots(SnapshotWriter):
+    """Snapshots on a disk whose every write stalls SLOW_S seconds."""
+
+    def _write(self, *args, **kwargs):
+        time.sleep(SLOW_S)
+        return super()._write(*args, **kwargs)
+
+
+def test_an_ng_part_is_answered_before_its_snapshot_is_written_and_the_event_names_it(tmp_path):
+    require_program("mbpoll", ["mbpoll"])
+    from mrkd.runtime.plc.modbus import ModbusPlc
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    folder = tmp_path / "parts"
+    part_images(folder, "d")
+    line = Line((Camera("cam", str(folder), model, trigger="software"),))
+    settings = PartSettings(queue=4, timeout=5.0)
+    events = tmp_path / "events.jsonl"
+    outputs = [SlowDiskSnapshots(tmp_path / "snapshots"), EventLogOutput(events)]
+    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=outputs,
+                        status=lambda text: None)
+    plc = ModbusPlc(runner, port=0).start()
+    runner.observers.append(plc)
+    runner.start()
+    try:
+        port = plc.address[1]
+        assert timed_write(port, TRIGGER_ENABLE, 1) < QUICK_S
+        triggered = time.monotonic()
+        assert timed_write(port, TRIGGER, 1) < QUICK_S
+        answered = wait_input(port, "results_valid", 1, triggered)
+        assert answered < QUICK_S, f"the NG part's Results Valid came {answered:.2f} s after its trigger"
+        rc, values, err = mbpoll(port, "1", 0, len(DI))
+        assert rc == 0 and int(values[DI["part_ng"]]) == 1, err
+        assert not list((tmp_path / "snapshots").rglob("*.*"))     # its snapshot is still being written
+        assert timed_write(port, RESULTS_ACK, 1) < QUICK_S
+    finally:
+        runner.stop()
+    [event] = read_events(events)
+    assert event["verdict"] == "NG" and Path(event["cameras"][0]["snapshot"]).is_file()
