@@ -31,15 +31,15 @@ __all__ = ["CalibrationError", "calibrate_exported", "labelled_folder", "score_s
 
 
 def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
-    """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other
+    """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other visible
     sub-folder (a defect type) label 1. Errors name the folder when a side is missing."""
     from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
-    from mrkd.runtime.images import list_images
+    from mrkd.runtime.images import list_images, visible_subfolders
     folder = Path(folder)
     if not folder.is_dir():
         raise CalibrationError(f"missing folder {folder} (labelled images: good/ and one sub-folder per defect type)")
     paths, labels = [], []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in visible_subfolders(folder):        # .thumbs/ is no defect type
         images = [str(p) for p in list_images(sub)]
         warn_unread_images(sub)
         paths += images

@@ -80,6 +80,15 @@ def list_folder(folder: PathLike, recursive: bool = False) -> FolderFiles:
                        others=tuple(sorted(p for p in visible if not is_image_file(p))))
 
 
+def visible_subfolders(folder: PathLike) -> List[Path]:
+    """The folders directly in ``folder``, sorted by path, hidden ones (.thumbs, .ipynb_checkpoints, .git)
+    left out as list_folder leaves out their files; a link to a folder counts, as a link to a file
+    counts as a file. Every reader of one sub-folder per defect type, label or category uses this, so a
+    thumbnail folder never becomes a defect type."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p, folder))
+
+
 def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]:
     """The image files a folder, a glob or one image file names: the one rule every command uses.
 

@@ -91,6 +91,18 @@ def test_labelled_folder_reads_mvtec_test_layout(tmp_path):
         labelled_folder(tmp_path)
 
 
+def test_labelled_folder_skips_hidden_folders_as_list_images_skips_hidden_files(tmp_path):
+    # A viewer's .thumbs/ or Jupyter's .ipynb_checkpoints/ beside good/ was read as one more defect type:
+    # its images (here thumbnails of good parts) were labelled defective without a word.
+    import cv2
+    for name in ("good/0.png", "crack/0.png", ".thumbs/0.png", ".ipynb_checkpoints/1.png", "good/.2.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / name), np.zeros((8, 8, 3), np.uint8))
+    paths, labels = labelled_folder(tmp_path)
+    assert paths == [str(tmp_path / "crack" / "0.png"), str(tmp_path / "good" / "0.png")]
+    assert labels.tolist() == [1, 0]
+
+
 @pytest.mark.slow
 def test_calibrate_cli_rewrites_the_threshold_and_keeps_the_rest(tmp_path):
     import torch

@@ -290,3 +290,17 @@ def test_a_mask_without_its_test_image_is_warned_about(tmp_path):
         data = scan_category(tmp_path, "part")
     assert [item.mask_path for item in data.test_items if item.label] == [str(base / "ground_truth" / "hole" /
                                                                             "000_mask.png")]
+
+
+def test_hidden_folders_are_no_defect_types_categories_or_mask_folders(tmp_path, recwarn):
+    # test/.thumbs/ became a defect type ".thumbs" (its images scored as defects), ground_truth/.thumbs/
+    # held "orphan" masks, and data/.backup/train/ a category: hidden folders are skipped as hidden files are.
+    rng = np.random.default_rng(1)
+    base = _category(tmp_path)
+    _png(base / "test" / ".thumbs" / "000.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    _png(base / "ground_truth" / ".thumbs" / "001_mask.png", np.zeros((20, 30), np.uint8))
+    _png(tmp_path / ".backup" / "train" / "good" / "000.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    data = scan_category(tmp_path, "part")
+    assert [(i.label, i.defect_type) for i in data.test_items] == [(0, "good"), (1, "hole")]
+    assert not [w for w in recwarn if "thumbs" in str(w.message)]
+    assert list_categories(tmp_path) == ["part"]

@@ -319,7 +319,9 @@ def test_head_only_convs_stay_fp32_for_the_cpu_target_only(int8_export, tmp_path
 
 def test_held_out_defect_images_come_from_the_checkpoints_test_split(tmp_path):
     from mrkd.export.int8 import held_out_defect_paths
-    for name in ("good/g0.png", "crack/c0.png", "crack/c1.png", "crack/c2.png", "spot/s0.png", "spot/notes.txt"):
+    # .thumbs/ (a viewer's thumbnails) is no defect type: hidden, as its files are to list_images
+    for name in ("good/g0.png", "crack/c0.png", "crack/c1.png", "crack/c2.png", "spot/s0.png", "spot/notes.txt",
+                 ".thumbs/t0.png"):
         (tmp_path / "cat" / "test" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cat" / "test" / name).write_bytes(b"x")
     record = {"data_root": str(tmp_path), "category": "cat", "layout": "mvtec"}

@@ -167,6 +167,26 @@ def test_one_listing_of_a_folder_splits_images_from_the_other_visible_files(tmp_
         assert _image_files(tmp_path) == (list(listed.images), 2)
 
 
+def test_visible_subfolders_are_the_folders_os_scandir_sees_less_the_hidden_ones(tmp_path):
+    import os
+    from mrkd.runtime.images import visible_subfolders
+
+    for name in ("crack/a.png", "good/a.png", ".thumbs/a.png", ".ipynb_checkpoints/a.png", "good/.cache/b.png",
+                 "Scratch/a.png", "file.png"):
+        _touch(tmp_path / name)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "crack")         # a link to a folder is a folder, as is_dir says
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with os.scandir(tmp_path) as entries:
+        expected = sorted(tmp_path / e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    assert visible_subfolders(tmp_path) == expected == [tmp_path / n for n in ("Scratch", "crack", "empty", "good",
+                                                                                "linked")]
+    assert visible_subfolders(str(tmp_path / "good")) == []      # .cache/ is hidden; a str works as a Path
+    hidden_parent = tmp_path / ".data"                           # only what is below the folder counts
+    (hidden_parent / "good").mkdir(parents=True)
+    assert visible_subfolders(hidden_parent) == [hidden_parent / "good"]
+
+
 def test_training_and_runtime_list_a_folder_or_glob_alike(tmp_path):
     """`mrkd calibrate ckpt GOOD` (train.data.scan_folder) and `mrkd calibrate model.onnx GOOD`
     (runtime.sources.open_source) read the same images from the same argument."""

@@ -123,6 +123,33 @@ def test_calibrate_cli_on_an_exported_model(exported, tmp_path):
     assert missing.exit_code != 0 and "nowhere" in missing.output
 
 
+def test_calibrate_cli_leaves_a_hidden_thumbnail_folder_out_of_the_labelled_images(exported, tmp_path):
+    # test/.thumbs/ (thumbnails of good parts) was read as a defect type: its good images labelled defective
+    # moved the F1-optimal threshold down to the good scores. Checked against sklearn on the visible images.
+    import shutil
+    from sklearn.metrics import f1_score
+    from mrkd.calibrate_cli import calibrate_command
+    model, path = exported
+    good = _texture_folder(tmp_path / "good", 5, seed=2)
+    test = tmp_path / "test"
+    spots = [image.copy() for image in _textures(3, seed=4)]
+    for image in spots:
+        image[10:30, 20:40] = 255
+    for name, images in (("good", _textures(3, seed=3)), ("spot", spots)):
+        (test / name).mkdir(parents=True)
+        for i, image in enumerate(images):
+            cv2.imwrite(str(test / name / f"{i}.png"), image)
+    shutil.copytree(test / "good", test / ".thumbs")
+    result = CliRunner().invoke(calibrate_command, [str(path), str(good), "--labelled", str(test)])
+    assert result.exit_code == 0, result.output
+    calibration = ModelMetadata.load(sidecar_path(path)).calibration
+    visible = sorted((test / "good").glob("*.png")) + sorted((test / "spot").glob("*.png"))
+    scores = _torch_scores(model, [cv2.imread(str(p)) for p in visible], ModelMetadata.load(sidecar_path(path)))
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert calibration.f1_at_threshold == pytest.approx(f1_score(labels, scores >= calibration.threshold), abs=1e-6)
+    assert f"F1 {calibration.f1_at_threshold:.3f} on the labelled images" in result.output
+
+
 def test_calibrate_on_a_live_stream_needs_a_frame_limit(exported):
     """A camera or network stream never ends: calibration asks for a frame limit, then scores that
     many frames (the MJPEG server on loopback stands in for an IP camera)."""

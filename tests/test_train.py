@@ -354,3 +354,13 @@ def test_warnings_and_reports_during_the_epoch_bar_start_a_line_of_their_own(tmp
                  "mrkd train: epoch 1: test-split evaluation failed (RuntimeError: monitoring broke)"):
         assert any(segment.startswith(said) for segment in segments), done.stderr
         assert not any(said in segment and not segment.startswith(said) for segment in segments), done.stderr
+
+
+def test_a_run_folders_hidden_folders_are_no_categories(tmp_path):
+    # A category folder put aside as .washer.old/ (or Jupyter's .ipynb_checkpoints/) with a last.ckpt in it:
+    # mrkd evaluate RUN_DIR evaluated it as one more category.
+    from mrkd.train.evaluate import find_checkpoints
+    for folder in ("washer", ".washer.old", ".ipynb_checkpoints"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "last.ckpt").write_bytes(b"x")     # find_checkpoints looks at names only
+    assert find_checkpoints(tmp_path) == {"washer": tmp_path / "washer" / "last.ckpt"}

@@ -27,7 +27,8 @@ import numpy as np
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
 from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
-from mrkd.runtime.images import ImageReadError, is_glob_pattern, list_folder, list_images, read_image, read_mask
+from mrkd.runtime.images import (ImageReadError, is_glob_pattern, list_folder, list_images, read_image, read_mask,
+                                  visible_subfolders)
 from mrkd.runtime.preprocess import (CENTER_CROP_DIRECT_PIXELS, IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry,
                                      normalize, resize_square)
 
@@ -101,7 +102,7 @@ def list_categories(root) -> List[str]:
     """Sub-folders of ``root`` that hold a train/ folder, sorted."""
     root = Path(root)
     _require_dir(root, "the data root")
-    names = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    names = [p.name for p in visible_subfolders(root) if (p / "train").is_dir()]
     if not names:
         raise DataError(f"no categories under {root}: no <category>/train folder found; {LAYOUT_HELP}")
     return names
@@ -123,7 +124,7 @@ def _orphan_masks(gt_root: Path, test_items: Sequence["TestItem"]) -> List[str]:
     if not gt_root.is_dir():
         return []
     used = {item.mask_path for item in test_items}
-    return [str(p) for gt_dir in sorted(d for d in gt_root.iterdir() if d.is_dir())
+    return [str(p) for gt_dir in visible_subfolders(gt_root)
             for p in list_images(gt_dir) if str(p) not in used]
 
 
@@ -180,7 +181,7 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     partly_masked: List[str] = []
     test_dir = base / "test"
     if test_dir.is_dir():
-        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for type_dir in visible_subfolders(test_dir):     # .thumbs/ is no defect type
             images, other = _image_files(type_dir)
             skipped_other += other
             good = type_dir.name == "good"

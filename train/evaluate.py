@@ -218,6 +218,7 @@ def _jsonable(value):
 def find_checkpoints(path, categories: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     """category -> checkpoint: ``path`` is one checkpoint file (its category is the folder's name unless
     one category is given) or a run folder holding <category>/last.ckpt (the final epoch's weights)."""
+    from mrkd.runtime.images import visible_subfolders
     from mrkd.train.checkpoint import CheckpointError
 
     path = Path(path)
@@ -227,7 +228,7 @@ def find_checkpoints(path, categories: Optional[Sequence[str]] = None) -> Dict[s
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or run folder")
     found = {}
-    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+    for folder in visible_subfolders(path):      # a hidden .washer.old/ is no category
         if categories and folder.name not in categories:
             continue
         for name in CHECKPOINT_NAMES:

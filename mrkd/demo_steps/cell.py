@@ -55,9 +55,9 @@ class CellPart:
 def part_folder(category_root: Path, folder: Path, seed: int = 0) -> List[CellPart]:
     """Copy the test images, good and defective shuffled together (``seed``), into ``folder`` under
     names that sort in part order (the folder source takes the next image per trigger)."""
-    from mrkd.runtime.images import list_images
+    from mrkd.runtime.images import list_images, visible_subfolders
     test = category_root / "test"
-    images = [(d.name, p) for d in sorted(test.iterdir()) if d.is_dir() for p in list_images(d)]
+    images = [(d.name, p) for d in visible_subfolders(test) for p in list_images(d)]
     random.Random(seed).shuffle(images)
     if folder.exists():
         shutil.rmtree(folder)      # the demo's own folder from an earlier run

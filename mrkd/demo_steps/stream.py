@@ -29,10 +29,10 @@ def write_clip(paths: List[Path], video_path: Path, fps: float = 10.0) -> None:
 
 def test_split_video(category_root: Path, video_path: Path, fps: float = 10.0) -> Dict[str, List[int]]:
     """Write test/good images then defective ones as an MJPG video; returns the frame ranges of each."""
-    from mrkd.runtime.images import list_images
+    from mrkd.runtime.images import list_images, visible_subfolders
     test = category_root / "test"
     good = list_images(test / "good")
-    bad = sorted(p for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good" for p in list_images(d))
+    bad = sorted(p for d in visible_subfolders(test) if d.name != "good" for p in list_images(d))
     write_clip(good + bad, video_path, fps)
     n_good = len(good) * FRAMES_PER_IMAGE
     return {"good": list(range(n_good)), "defective": list(range(n_good, n_good + len(bad) * FRAMES_PER_IMAGE))}
