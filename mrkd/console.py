@@ -22,6 +22,14 @@ def speaks_for_all_ranks() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def warn_for_all_ranks(message: str, stacklevel: int = 1) -> None:
+    """``warnings.warn(message)`` where this process speaks_for_all_ranks, nothing on torchrun's other ranks:
+    for a warning about the data set or the run's settings, which every rank would say alike. ``stacklevel``
+    as warnings.warn's, counted from the caller (1: the caller's line, as a warnings.warn there)."""
+    if speaks_for_all_ranks():
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
 def say(line: str) -> None:
     """``line`` on stderr, on a line of its own above any live progress bar."""
     tqdm = sys.modules.get("tqdm")          # no bar can be on screen before tqdm was imported

@@ -2,18 +2,18 @@
 format mrkd does not read, and 16-bit images that hold a 10- or 12-bit camera's values in their low bits.
 
 One check for every reader of folders (training, calibration, evaluation and mrkd run's folder source),
-so a folder is trained on and judged the same way and warned about in the same words. numpy + OpenCV
-only (the runtime never imports torch).
+so a folder is trained on and judged the same way and warned about in the same words (under torchrun by
+rank 0 alone: every rank reads the same folder). numpy + OpenCV only (the runtime never imports torch).
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 
+from mrkd.console import warn_for_all_ranks
 from mrkd.runtime.images import (IMAGE_EXTENSIONS, ImageReadError, PathLike, declared_sample_bits, list_folder,
                                  read_stored)
 
@@ -46,9 +46,9 @@ def warn_unread_images(folder: PathLike, recursive: bool = False, files: Optiona
     ``files``: as for unread_images."""
     unread = unread_images(folder, recursive, files)
     if unread:
-        warnings.warn(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
-                      f"{str(unread[0].relative_to(folder))!r}); convert them to PNG to use them (read: "
-                      f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+        warn_for_all_ranks(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
+                           f"{str(unread[0].relative_to(folder))!r}); convert them to PNG to use them (read: "
+                           f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
 
 
 def warn_narrow_16bit(paths: Sequence[PathLike], where: str) -> None:
@@ -68,10 +68,10 @@ def warn_narrow_16bit(paths: Sequence[PathLike], where: str) -> None:
         return
     top, example = max(tops)
     bits = max(top.bit_length(), 1)
-    warnings.warn(f"{where}: 16-bit images use only {bits} of their 16 bits (e.g. {example}: max {top}); mrkd scales "
-                  f"16-bit images over 0..65535, so these read nearly black (0..{(top + 128) // 257} of 255). If a "
-                  f"{bits}-bit camera wrote them, save its values shifted to the top bits (value << {16 - bits}), as "
-                  f"mrkd run's gige:// source reads Mono10/12")
+    warn_for_all_ranks(f"{where}: 16-bit images use only {bits} of their 16 bits (e.g. {example}: max {top}); mrkd "
+                       f"scales 16-bit images over 0..65535, so these read nearly black (0..{(top + 128) // 257} of "
+                       f"255). If a {bits}-bit camera wrote them, save its values shifted to the top bits (value << "
+                       f"{16 - bits}), as mrkd run's gige:// source reads Mono10/12")
 
 
 

@@ -196,7 +196,7 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
                          threshold_confidence=threshold_confidence,
                          resize_mode=resize_mode, score=score, knn_memory_fraction=knn_memory,
                          knn_sampler=knn_sampler, knn_max_patches=knn_max_patches, knn_pool=knn_pool)
-    if holdout == 0:
+    if holdout == 0 and speaks_for_all_ranks():      # under torchrun rank 0 says it
         click.secho("--holdout 0: training on every good image (the official recipe); the alarm threshold then "
                     "comes from training images and is biased low (expect more false alarms than it promises)",
                     fg="yellow", err=True)

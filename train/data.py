@@ -17,13 +17,13 @@ Images are decoded and pre-processed by mrkd.runtime (the same code the edge run
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mrkd.console import warn_for_all_ranks
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
 from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
@@ -201,12 +201,12 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     elif require_test:
         _require_dir(test_dir, "test images")
     if partly_masked:
-        warnings.warn(f"{category}: {len(partly_masked)} defect image(s) have no mask in ground_truth/ and count in "
-                      f"the image metrics only: {_some(partly_masked)}")
+        warn_for_all_ranks(f"{category}: {len(partly_masked)} defect image(s) have no mask in ground_truth/ and "
+                           f"count in the image metrics only: {_some(partly_masked)}")
     orphans = _orphan_masks(base / "ground_truth", test_items)
     if orphans:
-        warnings.warn(f"{category}: {len(orphans)} mask(s) in ground_truth/ have no test image and are not evaluated "
-                      f"(a renamed or deleted image?): {_some(orphans)}")
+        warn_for_all_ranks(f"{category}: {len(orphans)} mask(s) in ground_truth/ have no test image and are not "
+                           f"evaluated (a renamed or deleted image?): {_some(orphans)}")
 
     skipped: List[str] = []
     if skip_unreadable:
@@ -220,7 +220,7 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
             (kept_test if ok else skipped).append(item if ok else item.path)
         test_items = kept_test
         if skipped:
-            warnings.warn(f"{category}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+            warn_for_all_ranks(f"{category}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
         if not train_paths:
             raise DataError(f"no readable training images in {train_dir}")
     warn_narrow_16bit(train_paths, str(train_dir))
@@ -254,8 +254,8 @@ def scan_folder(folder, skip_unreadable: bool = False) -> List[str]:
     if skip_unreadable:
         readable = [p for p in paths if _readable(Path(p), read_image)]
         if len(readable) < len(paths):
-            warnings.warn(f"{text}: skipped {len(paths) - len(readable)} unreadable file(s), e.g. "
-                          f"{next(p for p in paths if p not in set(readable))}")
+            warn_for_all_ranks(f"{text}: skipped {len(paths) - len(readable)} unreadable file(s), e.g. "
+                               f"{next(p for p in paths if p not in set(readable))}")
         if not readable:
             raise DataError(f"no readable training images in {text}")
         paths = readable

@@ -21,13 +21,13 @@ WideResNet50-2: 7 MiB). :func:`plan_cache` keeps FP32 when the whole set fits th
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
 
+from mrkd.console import warn_for_all_ranks
 from mrkd.errors import SettingError
 from mrkd.runtime.preprocess import normalize
 from mrkd.train.teachers import FastTeacher
@@ -159,7 +159,7 @@ class TeacherFeatures:
         self.plan = plan_cache(cache, features_bytes_per_image(self.teacher, dataset.image_size, self.device)
                                if cache != "off" else 0, len(dataset), cache_mb)
         if cache != "off" and self.plan.mode == "off":
-            warnings.warn(f"feature cache off: {self.plan.reason}; every step runs the teacher twice")
+            warn_for_all_ranks(f"feature cache off: {self.plan.reason}; every step runs the teacher twice")
         self.cache = None if self.plan.mode == "off" else CleanFeatureCache.build(
             self.teacher, dataset, self.plan.mode, batch_size, self.device, autocast)
         self._dataset = IndexedStudentInputs(dataset) if self.cache is not None else dataset

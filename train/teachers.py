@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from mrkd.console import warn_for_all_ranks
 from mrkd.errors import MrkdError, SettingError
 
 RANDOM_TEACHER_WARNING = (
@@ -208,7 +208,7 @@ def build_teacher(backbone: str, teacher_weights: str = "imagenet",
         source = TeacherSource("file", teacher_weights, None)
         loaded = state_dict
     elif teacher_weights == "random":
-        warnings.warn(RANDOM_TEACHER_WARNING, stacklevel=2)
+        warn_for_all_ranks(RANDOM_TEACHER_WARNING, stacklevel=2)   # every torchrun rank builds one
         source = TeacherSource("random")
         loaded = None
     elif os.path.sep in str(teacher_weights) or os.path.exists(str(teacher_weights)) or \
