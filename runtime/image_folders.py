@@ -1,7 +1,8 @@
 """Warnings about a folder of images that mrkd would read otherwise than its owner expects: files in a
 format mrkd does not read, and 16-bit images that hold a 10- or 12-bit camera's values in their low bits.
 
-One check for every reader of folders (training, calibration, evaluation and mrkd run's folder source),
+One check for every reader of folders (training, calibration, evaluation, the INT8 export's images and
+mrkd run's folder source),
 so a folder is trained on and judged the same way and warned about in the same words (under torchrun by
 rank 0 alone: every rank reads the same folder). numpy + OpenCV only (the runtime never imports torch).
 """

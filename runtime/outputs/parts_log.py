@@ -15,8 +15,9 @@ Parts exist only in triggered runs: in a free run this output receives none (the
 ``--parts-log`` without ``--trigger software|hardware``).
 
 A refused trigger (queue full, line offline, unknown recipe) is a line too, ``"kind": "missed"``,
-written when it is refused (after the parts judged by then, before those still waiting): its
-sequence, part id and reason, and no verdict (it was never judged). So the log holds one line per
+in the order of events (the part runner hands every output's calls to one Notifier in that order:
+before the lines of earlier parts not yet judged when it was refused): its sequence, part id and
+reason, and no verdict (it was never judged). So the log holds one line per
 trigger, and a part that was missed is told from one that never came; parts and missed triggers
 share the trigger's ``sequence``. An accepted trigger is written once, as its part when judged.
 """
