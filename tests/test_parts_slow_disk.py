@@ -24,6 +24,7 @@ from mrkd.benchmarks.plc_peer import DI, RESULTS_ACK, SET_OFFLINE, TRIGGER, TRIG
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import PartRunner, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.outputs.base import LineObserver
 from mrkd.runtime.outputs.events import EventLogOutput, read_events
 from mrkd.runtime.outputs.parts_log import PartsLog, PartsLogOutput
 from mrkd.runtime.outputs.snapshots import SnapshotWriter
@@ -179,3 +180,52 @@ def test_an_ng_part_is_answered_before_its_snapshot_is_written_and_the_event_nam
         runner.stop()
     [event] = read_events(events)
     assert event["verdict"] == "NG" and Path(event["cameras"][0]["snapshot"]).is_file()
+
+
+class AnswerTimes(LineObserver):
+    """Stands where a PLC server stands (told first, ``answers_plc``): when each part's verdict reached it."""
+
+    answers_plc = True
+
+    def __init__(self):
+        self.at, self.verdict_s = {}, {}
+
+    def on_part(self, result) -> None:
+        self.at[result.sequence] = time.monotonic()
+        self.verdict_s[result.sequence] = result.verdict_s
+
+
+def test_outputs_far_behind_hold_back_the_next_part_not_the_plcs_answer(tmp_path):
+    """With the notifier's queue full behind a stalled parts log, the runner waits before judging on,
+    but only after the PLC has had the part just judged (before, it waited first: the OK/NG waited for
+    the disk)."""
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    folder = tmp_path / "parts"
+    part_images(folder, "ggg")
+    line = Line((Camera("cam", str(folder), model, trigger="software"),))
+    settings = PartSettings(queue=4, timeout=5.0)
+    log_path = tmp_path / "parts.jsonl"
+    plc = AnswerTimes()
+    runner = PartRunner(line, open_part_sources(line, settings), settings,
+                        observers=[SlowDiskPartsLogOutput(log_path), plc], status=lambda text: None)
+    runner._notifier.max_waiting = 1       # the queue's bound reached at the second part, not the 64th
+    runner.start()
+    try:
+        triggered = {}
+        for sequence in (1, 2, 3):
+            triggered[sequence] = time.monotonic()
+            assert runner.trigger().accepted
+        deadline = time.monotonic() + 3 * SLOW_S + 10
+        while len(plc.at) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(plc.at) == [1, 2, 3]
+        # Part 1's line stalls the notifier for SLOW_S and part 2's call waits behind it (the bound), so
+        # part 3 is judged late; yet every part reaches the PLC as soon as it is judged.
+        assert plc.at[3] - triggered[3] >= SLOW_S / 2, "the bound did not hold the runner back"
+        for sequence in (1, 2, 3):
+            judged = triggered[sequence] + plc.verdict_s[sequence]
+            assert plc.at[sequence] - judged < SLOW_S / 4, f"part {sequence}'s answer waited for the outputs"
+    finally:
+        runner.stop()
+    records = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+    assert [r["sequence"] for r in records] == [1, 2, 3]

@@ -474,11 +474,13 @@ class PartRunner:
         if not errors:
             self.latency["trigger_to_images"].add(part.acquired_s)
             self.latency["model"].add(model_s)
-        self._notifier.wait_for_room()      # the outputs far behind: the images waiting for them are bounded
         with self._notify_lock:
             plc, others = plc_and_others(self.observers)
             call_each(plc, lambda o: o.on_part(part))
             self._notifier.put(lambda: self._tell_outputs(others, part, views))
+        # The outputs far behind: the images waiting for them are bounded. Waited for after the PLC has
+        # this part's verdict, so the bound holds back the next part, never an answer.
+        self._notifier.wait_for_room()
 
     @staticmethod
     def _tell_outputs(outputs: Sequence[LineObserver], part: PartResult, views: Mapping[str, tuple]) -> None:

@@ -8,8 +8,8 @@ or evidence file, or peer; the logs' lines keep the order of events; and every o
 hook at a time, as before.
 
 A part waits in the queue with its images (the snapshot and evidence writers take them from it), so
-the queue is bounded: with ``max_waiting`` calls waiting the runner waits for room (``wait_for_room``)
-before it hands over the next part; the PLC has had that part's result by then. ``close`` (the stop)
+the queue is bounded: after handing a part over (the PLC has had its verdict by then), the runner waits
+for room (``wait_for_room``) while ``max_waiting`` calls wait, before it judges the next part. ``close`` (the stop)
 lets the calls already handed over finish within a deadline; any it has to give up, and any handed
 over after it, are counted (``given_up``) and logged, never silent.
 """
