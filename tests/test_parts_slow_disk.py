@@ -229,3 +229,45 @@ def test_outputs_far_behind_hold_back_the_next_part_not_the_plcs_answer(tmp_path
         runner.stop()
     records = [json.loads(line) for line in log_path.read_bytes().splitlines()]
     assert [r["sequence"] for r in records] == [1, 2, 3]
+
+
+class LingeringPlc(AnswerTimes):
+    """A PLC server whose stop lingers for the PLC's last acknowledgement, as the Modbus server's does;
+    a trigger arrives meanwhile."""
+
+    def __init__(self, runner_box: list):
+        super().__init__()
+        self.runner_box = runner_box
+        self.receipts = []
+
+    def on_trigger(self, receipt) -> None:
+        self.receipts.append(receipt)
+
+    def on_stop(self) -> None:
+        self.runner_box[0].trigger("late")     # refused: the line is stopping
+        time.sleep(0.2)
+
+
+def test_a_trigger_while_the_plc_server_lingers_at_the_stop_is_a_missed_line(tmp_path):
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    folder = tmp_path / "parts"
+    part_images(folder, "g")
+    line = Line((Camera("cam", str(folder), model, trigger="software"),))
+    settings = PartSettings(queue=4, timeout=5.0)
+    log_path = tmp_path / "parts.jsonl"
+    box: list = []
+    plc = LingeringPlc(box)
+    runner = PartRunner(line, open_part_sources(line, settings), settings,
+                        observers=[PartsLogOutput(log_path), plc], status=lambda text: None)
+    box.append(runner)
+    runner.start()
+    assert runner.trigger("first").accepted
+    deadline = time.monotonic() + 30
+    while not plc.at and time.monotonic() < deadline:
+        time.sleep(0.01)
+    summary = runner.stop()
+    assert [r.accepted for r in plc.receipts] == [True, False]
+    records = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+    assert [(r["kind"], r["part_id"]) for r in records] == [("part", "first"), ("missed", "late")]
+    assert summary["triggers"] == 2 and summary["missed_triggers"] == 1
+    assert summary.get("outputs_given_up", 0) == 0

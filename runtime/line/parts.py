@@ -325,11 +325,15 @@ class PartRunner:
         for pending in left:     # never silent: each is reported
             self._report(pending, {c.name: Grab([], "line stopped") for c in self.cameras}, {}, 0.0)
         self._pool.shutdown(wait=False)
-        # Every part and trigger so far reaches the outputs (within OUTPUTS_DRAIN_S: a stalled disk or
-        # share must not hang the stop; what is given up is counted in the summary and logged). No other
-        # output is called after this, so on_stop needs no lock (a PLC trigger now is refused at once).
+        # The PLC servers stop first: they may linger for the PLC's last acknowledgement, and a trigger
+        # then (refused: the line is stopping) still reaches the other outputs as a missed one. Then every
+        # part and trigger so far reaches them (within OUTPUTS_DRAIN_S: a stalled disk or share must not
+        # hang the stop; what is given up is counted in the summary and logged). No output is called
+        # after this but the PLC servers, told of a late trigger on the spot, so on_stop needs no lock.
+        plc, others = plc_and_others(self.observers)
+        stop_each(plc)
         self._notifier.close(OUTPUTS_DRAIN_S)
-        stop_each(self.observers)
+        stop_each(others)
         for source in self._sources.values():
             source.close()
         if self._own_detectors:
