@@ -7,12 +7,12 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import cv2
 import numpy as np
 
-from runtime_fixtures import defective_frame, normal_frame
+from runtime_fixtures import build_tiny_model, defective_frame, normal_frame
 
 from mrkd.runtime.outputs.base import CameraJudgement, PartResult, TriggerReceipt, Verdict
 
@@ -101,3 +101,17 @@ def part_images(folder: Path, pattern: str, seed: int = 0) -> List[bool]:
 def defect_pattern(count: int, seed: int = 1) -> str:
     rng = np.random.default_rng(seed)
     return "".join("d" if x < 0.3 else "g" for x in rng.random(count))
+
+
+def folder_cell(folder: Path, pattern: str, observers: Sequence = (), queue: int = 4):
+    """A one-camera, software-triggered part runner (not started) judging ``folder/parts`` (``pattern``:
+    g good, d defective, in trigger order, see part_images) with the tiny model built in ``folder``."""
+    from mrkd.runtime.line.loop import Camera, Line
+    from mrkd.runtime.line.parts import PartRunner, open_part_sources
+    from mrkd.runtime.line.trigger import PartSettings
+    model = str(build_tiny_model(folder / "tiny.onnx"))
+    part_images(folder / "parts", pattern)
+    line = Line((Camera("cam", str(folder / "parts"), model, trigger="software"),))
+    settings = PartSettings(queue=queue, timeout=5.0)
+    return PartRunner(line, open_part_sources(line, settings), settings, observers=list(observers),
+                      status=lambda text: None)

@@ -10,13 +10,9 @@ import time
 import pytest
 
 from peers import require_program
-from plc_fixtures import part_images
-from runtime_fixtures import build_tiny_model
+from plc_fixtures import folder_cell
 
 from mrkd.benchmarks.plc_peer import DI, TRIGGER, TRIGGER_ENABLE, mbpoll
-from mrkd.runtime.line.loop import Camera, Line
-from mrkd.runtime.line.parts import PartRunner, open_part_sources
-from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import LineObserver
 
 pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
@@ -38,14 +34,8 @@ class SlowDisk(LineObserver):
 def test_the_plc_has_its_result_while_a_slow_output_still_writes(tmp_path):
     require_program("mbpoll", ["mbpoll"])
     from mrkd.runtime.plc.modbus import ModbusPlc
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    folder = tmp_path / "parts"
-    part_images(folder, "gg")
-    line = Line((Camera("cam", str(folder), model, trigger="software"),))
-    settings = PartSettings(queue=4, timeout=5.0)
     slow = SlowDisk()
-    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=[slow],
-                        status=lambda text: None)
+    runner = folder_cell(tmp_path, "gg", [slow])
     plc = ModbusPlc(runner, port=0).start()
     runner.observers.append(plc)           # as runtime/cli.py run_parts adds the PLC servers
     runner.start()

@@ -17,13 +17,9 @@ from pathlib import Path
 import pytest
 
 from peers import require_program
-from plc_fixtures import part_images
-from runtime_fixtures import build_tiny_model
+from plc_fixtures import folder_cell
 
 from mrkd.benchmarks.plc_peer import DI, RESULTS_ACK, SET_OFFLINE, TRIGGER, TRIGGER_ENABLE, mbpoll
-from mrkd.runtime.line.loop import Camera, Line
-from mrkd.runtime.line.parts import PartRunner, open_part_sources
-from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import LineObserver
 from mrkd.runtime.outputs.events import EventLogOutput, read_events
 from mrkd.runtime.outputs.parts_log import PartsLog, PartsLogOutput
@@ -69,15 +65,9 @@ def wait_input(port: int, name: str, level: int, since: float) -> float:
 def test_a_slow_parts_log_delays_no_trigger_and_no_answer_and_keeps_every_line(tmp_path):
     require_program("mbpoll", ["mbpoll"])
     from mrkd.runtime.plc.modbus import ModbusPlc
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    folder = tmp_path / "parts"
-    part_images(folder, "gg")
-    line = Line((Camera("cam", str(folder), model, trigger="software"),))
-    settings = PartSettings(queue=4, timeout=5.0)
     log_path = tmp_path / "parts.jsonl"
     parts_log = SlowDiskPartsLogOutput(log_path)
-    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=[parts_log],
-                        status=lambda text: None)
+    runner = folder_cell(tmp_path, "gg", [parts_log])
     plc = ModbusPlc(runner, port=0).start()
     runner.observers.append(plc)           # as runtime/cli.py run_parts adds the PLC servers
     runner.start()
@@ -153,15 +143,9 @@ class SlowDiskSnapshots(SnapshotWriter):
 def test_an_ng_part_is_answered_before_its_snapshot_is_written_and_the_event_names_it(tmp_path):
     require_program("mbpoll", ["mbpoll"])
     from mrkd.runtime.plc.modbus import ModbusPlc
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    folder = tmp_path / "parts"
-    part_images(folder, "d")
-    line = Line((Camera("cam", str(folder), model, trigger="software"),))
-    settings = PartSettings(queue=4, timeout=5.0)
     events = tmp_path / "events.jsonl"
     outputs = [SlowDiskSnapshots(tmp_path / "snapshots"), EventLogOutput(events)]
-    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=outputs,
-                        status=lambda text: None)
+    runner = folder_cell(tmp_path, "d", outputs)
     plc = ModbusPlc(runner, port=0).start()
     runner.observers.append(plc)
     runner.start()
@@ -199,15 +183,9 @@ def test_outputs_far_behind_hold_back_the_next_part_not_the_plcs_answer(tmp_path
     """With the notifier's queue full behind a stalled parts log, the runner waits before judging on,
     but only after the PLC has had the part just judged (before, it waited first: the OK/NG waited for
     the disk)."""
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    folder = tmp_path / "parts"
-    part_images(folder, "ggg")
-    line = Line((Camera("cam", str(folder), model, trigger="software"),))
-    settings = PartSettings(queue=4, timeout=5.0)
     log_path = tmp_path / "parts.jsonl"
     plc = AnswerTimes()
-    runner = PartRunner(line, open_part_sources(line, settings), settings,
-                        observers=[SlowDiskPartsLogOutput(log_path), plc], status=lambda text: None)
+    runner = folder_cell(tmp_path, "ggg", [SlowDiskPartsLogOutput(log_path), plc])
     runner._notifier.max_waiting = 1       # the queue's bound reached at the second part, not the 64th
     runner.start()
     try:
@@ -249,16 +227,10 @@ class LingeringPlc(AnswerTimes):
 
 
 def test_a_trigger_while_the_plc_server_lingers_at_the_stop_is_a_missed_line(tmp_path):
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    folder = tmp_path / "parts"
-    part_images(folder, "g")
-    line = Line((Camera("cam", str(folder), model, trigger="software"),))
-    settings = PartSettings(queue=4, timeout=5.0)
     log_path = tmp_path / "parts.jsonl"
     box: list = []
     plc = LingeringPlc(box)
-    runner = PartRunner(line, open_part_sources(line, settings), settings,
-                        observers=[PartsLogOutput(log_path), plc], status=lambda text: None)
+    runner = folder_cell(tmp_path, "g", [PartsLogOutput(log_path), plc])
     box.append(runner)
     runner.start()
     assert runner.trigger("first").accepted

@@ -10,14 +10,10 @@ from __future__ import annotations
 import pytest
 
 from peers import require_program
-from plc_fixtures import part_images
-from runtime_fixtures import build_tiny_model
+from plc_fixtures import folder_cell
 
 from mrkd.benchmarks.plc_peer import (DI, INPUT_COUNT, PART_ID, RESULTS_ACK, SET_OFFLINE, TRIGGER, TRIGGER_ENABLE,
                                       Reading, mbpoll)
-from mrkd.runtime.line.loop import Camera, Line
-from mrkd.runtime.line.parts import PartRunner, open_part_sources
-from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import LineObserver
 from mrkd.runtime.plc.modbus import ModbusPlc
 
@@ -39,14 +35,8 @@ class Receipts(LineObserver):
 @pytest.fixture
 def cell(tmp_path):
     require_program("mbpoll", ["mbpoll"])
-    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
-    folder = tmp_path / "parts"
-    part_images(folder, "gggg")
-    line = Line((Camera("cam", str(folder), model, trigger="software"),))
-    settings = PartSettings(queue=4, timeout=5.0)
     receipts = Receipts()
-    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=[receipts],
-                        status=lambda text: None)
+    runner = folder_cell(tmp_path, "gggg", [receipts])
     plc = ModbusPlc(runner, port=0).start()
     runner.observers.append(plc)
     runner.start()

@@ -15,13 +15,9 @@ import time
 import pytest
 
 from peers import require_program
-from plc_fixtures import part_images
-from runtime_fixtures import build_tiny_model
+from plc_fixtures import folder_cell
 
 from mrkd.benchmarks.plc_peer import mbpoll
-from mrkd.runtime.line.loop import Camera, Line
-from mrkd.runtime.line.parts import PartRunner, open_part_sources
-from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.plc.modbus import ModbusPlc
 
 pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
@@ -32,11 +28,7 @@ PART_ID_REGISTER = 1
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile")
-    model = str(build_tiny_model(folder / "tiny.onnx"))
-    part_images(folder / "parts", "g")
-    line = Line((Camera("cam", str(folder / "parts"), model, trigger="software"),))
-    settings = PartSettings(queue=2, timeout=5.0)
-    runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
+    runner = folder_cell(folder, "g", queue=2)
     plc = ModbusPlc(runner, port=0).start()
     runner.observers.append(plc)
     runner.start()

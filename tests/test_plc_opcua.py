@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from peers import require_node_client
-from plc_fixtures import part_images
+from plc_fixtures import folder_cell
 from runtime_fixtures import SIZE, THRESHOLD, build_tiny_model, normal_frame, reference_map
 
 from mrkd.runtime.line.loop import Camera, Line
-from mrkd.runtime.line.parts import ERROR_CODES, PartRunner, open_part_sources
+from mrkd.runtime.line.parts import ERROR_CODES, PartRunner
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.sources import ArraySource
 
@@ -49,11 +49,7 @@ def reference_score(path) -> float:
 def start_cell(folder: Path, pattern: str, **opcua) -> Tuple[PartRunner, OpcUaPlc]:
     """A one-camera cell judging folder/parts (``pattern``: g good, d defective, in trigger order) with
     the tiny model, behind a started VisionSystem for USER/PASSWORD (``opcua``: certificate, trust...)."""
-    model = str(build_tiny_model(folder / "tiny.onnx"))
-    part_images(folder / "parts", pattern)
-    line = Line((Camera("cam", str(folder / "parts"), model, trigger="software"),))
-    settings = PartSettings(queue=2, timeout=5.0)
-    runner = PartRunner(line, open_part_sources(line, settings), settings, status=lambda text: None)
+    runner = folder_cell(folder, pattern, queue=2)
     server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD, **opcua).start()
     runner.observers.append(server)
     runner.start()
