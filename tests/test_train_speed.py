@@ -272,3 +272,10 @@ def test_mrkd_train_prints_throughput_and_a_too_small_cache_budget_falls_back(tm
                                        "--feature-cache-mb", "0.01"])
     assert result.exit_code == 0, result.output
     assert "images/s (feature cache off)" in result.output
+
+
+def test_a_cache_too_large_for_its_budget_says_what_it_needs_however_small():
+    from mrkd.train.feature_cache import plan_cache
+    plan = plan_cache("auto", bytes_per_image_fp32=40_000, images=5, budget_mb=0)
+    # fp16 of 5 images x 40,000 bytes = 100,000 bytes = 0.0954 MiB: said as such, not "0 MiB"
+    assert plan.mode == "off" and "need 0.0954 MiB, over the 0 MiB budget" in plan.reason, plan.reason

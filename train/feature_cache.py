@@ -71,7 +71,9 @@ def plan_cache(requested: str, bytes_per_image_fp32: int, images: int, budget_mb
             return plan(mode, f"{images} images x {need[mode] / images / 2 ** 20:.2f} MiB ({mode}) = "
                               f"{need[mode] / 2 ** 20:.0f} MiB <= budget {budget_mb:g} MiB")
     smallest = min(need[m] for m in need if requested in ("auto", m))
-    return plan("off", f"the clean images' features need {smallest / 2 ** 20:.0f} MiB, over the "
+    # Three significant digits: a small set's need is well under 1 MiB, and "0 MiB over a 0 MiB budget"
+    # reads as a contradiction.
+    return plan("off", f"the clean images' features need {smallest / 2 ** 20:.3g} MiB, over the "
                        f"{budget_mb:g} MiB budget (raise it with --feature-cache-mb)")
 
 
