@@ -364,3 +364,15 @@ def test_a_run_folders_hidden_folders_are_no_categories(tmp_path):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "last.ckpt").write_bytes(b"x")     # find_checkpoints looks at names only
     assert find_checkpoints(tmp_path) == {"washer": tmp_path / "washer" / "last.ckpt"}
+
+
+def test_one_default_epoch_count_for_the_cli_and_the_library():
+    """mrkd train and TrainConfig run the same DEFAULT_EPOCHS (chosen in benchmarks/bench_epochs.py)."""
+    from click.testing import CliRunner
+
+    from mrkd.cli import main
+    from mrkd.train import DEFAULT_EPOCHS
+    from mrkd.train.trainer import TrainConfig
+    assert TrainConfig().epochs == DEFAULT_EPOCHS == 10
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output.split())
+    assert f"goes on from its model. [default: {DEFAULT_EPOCHS};" in help_text

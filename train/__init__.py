@@ -20,6 +20,11 @@ import importlib
 # benchmarks/RESULTS.md is measured with it, and on a line PC its model runs 6.7x faster than anomalib's
 # default (WideResNet50-2 RD; RESULTS.md, "Default against default"). The paper's wide_resnet50_2 stays one option away (--backbone).
 DEFAULT_BACKBONE = "efficientnet_lite0"
+# The epochs `mrkd train` and `train()` run when none are given. With the default --score both, 10 detect as
+# well as 25-200 on the ELPV validation split, and 200 (the paper's) overfit MRKD on poly cells while taking
+# an hour per 700 images on a 2-core CPU (benchmarks/RESULTS.md, "How many epochs?"). --score mrkd alone
+# gains from more (best near 50 there).
+DEFAULT_EPOCHS = 10
 
 _LAZY = {
     "MRKD": "model", "MRKDConfig": "model", "build_model": "model",
@@ -30,7 +35,7 @@ _LAZY = {
     "AnomalyMapHead": "head",
 }
 
-__all__ = sorted(_LAZY) + ["metrics", "DEFAULT_BACKBONE"]
+__all__ = sorted(_LAZY) + ["metrics", "DEFAULT_BACKBONE", "DEFAULT_EPOCHS"]
 
 
 def __getattr__(name):

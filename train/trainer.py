@@ -1,6 +1,7 @@
 """MRKD training: one category (or a plain folder of good images) -> last.ckpt, history.jsonl.
 
-Paper/official defaults: Adam(lr 0.005, betas (0.5, 0.999)), batch 16, 256 px, 200 epochs.
+Paper/official defaults: Adam(lr 0.005, betas (0.5, 0.999)), batch 16, 256 px, 200 epochs. Ours differ in
+the teacher (EfficientNet-Lite0) and the epochs (DEFAULT_EPOCHS, 10).
 
 Model selection: none on test labels. The model a run hands on (``mrkd eval RUN_DIR``, ``mrkd export
 RUN_DIR``, the demo) is the final epoch's, as in the official protocol; the periodic test-split
@@ -54,7 +55,7 @@ from mrkd.train.evaluate import metrics_on_test_split, resolve_device  # noqa: E
 from mrkd.train.allocator import ALLOCATORS, apply_allocator  # noqa: E402
 from mrkd.train.feature_cache import CACHE_MODES, TeacherFeatures  # noqa: E402
 from mrkd.train.head import distillation_loss  # noqa: E402
-from mrkd.train import DEFAULT_BACKBONE  # noqa: E402
+from mrkd.train import DEFAULT_BACKBONE, DEFAULT_EPOCHS  # noqa: E402
 from mrkd.train.model import build_model  # noqa: E402
 
 HISTORY_FILE = "history.jsonl"
@@ -64,9 +65,9 @@ MONITORED = ("image_auroc", "pixel_auroc", "aupro")
 
 @dataclass
 class TrainConfig:
-    """Training settings. Defaults are the paper's (and the official script's)."""
+    """Training settings. Defaults are the paper's (and the official script's) but ``epochs``."""
 
-    epochs: int = 200
+    epochs: int = DEFAULT_EPOCHS
     batch_size: int = 16
     lr: float = 0.005
     betas: Tuple[float, float] = (0.5, 0.999)
