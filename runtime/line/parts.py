@@ -309,6 +309,7 @@ class PartRunner:
     def stop(self, drain_s: float = 10.0) -> dict:
         """Refuse new triggers, judge what was accepted (within ``drain_s``), release; the summary."""
         self._stopping.set()
+        self._notifier.release_room()     # a stalled output must not hold the last parts (and the stop) back
         with self._lock:
             self._lock.notify_all()
         if self._thread is not None:
@@ -486,8 +487,7 @@ class PartRunner:
         # this part's verdict, so the bound holds back the next part, never an answer.
         self._notifier.wait_for_room()
 
-    @staticmethod
-    def _tell_outputs(outputs: Sequence[LineObserver], part: PartResult, views: Mapping[str, tuple]) -> None:
+    def _tell_outputs(self, outputs: Sequence[LineObserver], part: PartResult, views: Mapping[str, tuple]) -> None:
         """(The notifier's thread.) The outputs that write files of a part (``part_fields``: snapshots and
         evidence of an NG/ERROR part, which has its event id; the evidence's sample of OK parts; ``views``:
         camera -> (image, anomaly map, threshold)) write them before any of them sends the record, which
@@ -497,10 +497,16 @@ class PartRunner:
         def collect(output: LineObserver) -> None:
             for camera, values in (output.part_fields(part, views) or {}).items():
                 fields.setdefault(camera, {}).update(values)
-        call_each(outputs, collect)
+        self._tell_each(outputs, collect)
         if fields:
             part = replace(part, cameras=tuple(replace(j, **fields.get(j.camera, {})) for j in part.cameras))
-        call_each(outputs, lambda o: o.on_part(part))
+        self._tell_each(outputs, lambda o: o.on_part(part))
+
+    def _tell_each(self, outputs: Sequence[LineObserver], call: Callable[[LineObserver], object]) -> None:
+        """(The notifier's thread.) base.call_each, but no output once the notifier is closed: past the
+        stop's drain deadline (behind a stalled output) their on_stop is running, and a hook after it
+        would reopen a closed log or post to a stopped web hook."""
+        call_each(outputs, lambda output: None if self._notifier.closed else call(output))
 
     # ------------------------------------------------------------ status and summary
     def _emit(self, call: Callable[[LineObserver], object]) -> None:
@@ -510,7 +516,7 @@ class PartRunner:
         with self._notify_lock:
             plc, others = plc_and_others(self.observers)
             call_each(plc, call)
-            self._notifier.put(lambda: call_each(others, call))
+            self._notifier.put(lambda: self._tell_each(others, call))
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
         source = self._sources[camera.name]

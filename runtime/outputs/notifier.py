@@ -36,6 +36,7 @@ class Notifier:
         self._cond = threading.Condition()
         self._calling = False          # a call is being made (taken off the queue, not yet returned)
         self._closed = False
+        self._holding_back = True      # wait_for_room waits; off from the stop on (release_room)
         self._thread: Optional[threading.Thread] = None
 
     def put(self, call: Callable[[], object]) -> None:
@@ -52,10 +53,23 @@ class Notifier:
                 self._thread.start()
             self._cond.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        """The stop has closed it: the outputs' on_stop may be running, so no more calls to them."""
+        return self._closed
+
     def wait_for_room(self) -> None:
-        """Wait while ``max_waiting`` calls wait (the outputs are that far behind)."""
+        """Wait while ``max_waiting`` calls wait (the outputs are that far behind), until ``release_room``."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self._calls) < self.max_waiting or self._closed)
+            self._cond.wait_for(lambda: len(self._calls) < self.max_waiting or not self._holding_back
+                                or self._closed)
+
+    def release_room(self) -> None:
+        """Hold back no one from now on: the stop reports the parts left (bounded by the trigger queue)
+        and must reach ``close`` and its deadline, not wait for room behind a stalled output."""
+        with self._cond:
+            self._holding_back = False
+            self._cond.notify_all()
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Wait until every call handed over has returned (at most ``timeout`` seconds); whether it has."""
@@ -68,14 +82,16 @@ class Notifier:
         finished = self.wait_idle(deadline_s)
         with self._cond:
             self._closed = True
-            left = len(self._calls)
+            # The call still running (stalled) is given up too: its caller skips the outputs it has not
+            # reached yet once it sees ``closed``.
+            left = len(self._calls) + (1 if self._calling else 0)
             self._calls.clear()
             self.given_up += left
             self._cond.notify_all()
         if not finished:
             logger.warning("%s: the outputs were still busy %g s after the stop (a stalled disk or peer?): "
                            "%d call(s) for them given up%s", self.name, deadline_s, left,
-                           ", one still running" if self._calling else "")
+                           " (one of them stalled in an output)" if self._calling else "")
         return left
 
     def _run(self) -> None:
