@@ -479,10 +479,7 @@ class PartRunner:
         if not errors:
             self.latency["trigger_to_images"].add(part.acquired_s)
             self.latency["model"].add(model_s)
-        with self._notify_lock:
-            plc, others = plc_and_others(self.observers)
-            call_each(plc, lambda o: o.on_part(part))
-            self._notifier.put(lambda: self._tell_outputs(others, part, views))
+        self._emit(lambda o: o.on_part(part), later=lambda others: self._tell_outputs(others, part, views))
         # The outputs far behind: the images waiting for them are bounded. Waited for after the PLC has
         # this part's verdict, so the bound holds back the next part, never an answer.
         self._notifier.wait_for_room()
@@ -509,14 +506,16 @@ class PartRunner:
         call_each(outputs, lambda output: None if self._notifier.closed else call(output))
 
     # ------------------------------------------------------------ status and summary
-    def _emit(self, call: Callable[[LineObserver], object]) -> None:
+    def _emit(self, call: Callable[[LineObserver], object],
+              later: Optional[Callable[[Sequence[LineObserver]], object]] = None) -> None:
         """``call(observer)`` for every output (typed calls, base.call_each: one broken output is logged
         and must not stop judging): the PLC servers now, on this thread, the others later on the
-        notifier's, in the order of the calls (``call`` must not read a variable that changes after)."""
+        notifier's, in the order of the calls (``call`` must not read a variable that changes after).
+        ``later(others)``, where given, tells the others instead (a part: its files first)."""
         with self._notify_lock:
             plc, others = plc_and_others(self.observers)
             call_each(plc, call)
-            self._notifier.put(lambda: self._tell_each(others, call))
+            self._notifier.put((lambda: later(others)) if later else (lambda: self._tell_each(others, call)))
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
         source = self._sources[camera.name]
