@@ -105,14 +105,12 @@ def run_model(root: Path, category: str, seed: int, settings: EpochsSettings, wo
 def run_epochs(settings: EpochsSettings, work: Optional[Path] = None, log=print) -> dict:
     import torch
 
-    from mrkd.train.elpv import layout_elpv
+    from mrkd.benchmarks.bench_quality import quality_layout
     torch.set_num_threads(settings.threads)
     temporary = tempfile.TemporaryDirectory() if work is None else None
     base = Path(temporary.name if temporary else work)
     try:
-        layout = layout_elpv(base / f"elpv_{settings.split}_{settings.max_per_class}_{settings.max_train}",
-                             split=settings.split, max_per_class=settings.max_per_class,
-                             max_train=settings.max_train)
+        layout = quality_layout(quality_settings(settings, settings.epochs_at[0]), base)
         rows = []
         for category in settings.categories:
             for seed in settings.seeds:

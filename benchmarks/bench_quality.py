@@ -322,20 +322,25 @@ def summarise(values: Sequence[float]) -> dict:
             "min": round(float(values.min()), 4), "max": round(float(values.max()), 4), "n": int(len(values))}
 
 
+def quality_layout(settings: QualitySettings, root: Path):
+    """The ELPV layout ``settings`` ask for (split and subsets), in a folder of ``root`` named after them
+    (an earlier call's folder with the same settings is reused as is: elpv.layout_elpv)."""
+    from mrkd.train.elpv import layout_elpv
+    return layout_elpv(root / f"elpv_{settings.split}_{settings.max_per_class}_{settings.max_train}",
+                       split=settings.split, max_per_class=settings.max_per_class, max_train=settings.max_train)
+
+
 def run_quality(settings: QualitySettings, data_root=None, log=print) -> dict:
     """Lay out ELPV (into a temporary folder unless ``data_root`` is given), run every method × category ×
     seed, and summarise. Returns the JSON-ready results (settings, layout counts, per-run rows, summary)."""
     import torch
 
-    from mrkd.train.elpv import layout_elpv
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     temporary = tempfile.TemporaryDirectory() if data_root is None else None
     root = Path(temporary.name if temporary else data_root)
     try:
-        layout = layout_elpv(root / f"elpv_{settings.split}_{settings.max_per_class}_{settings.max_train}",
-                             split=settings.split, max_per_class=settings.max_per_class,
-                             max_train=settings.max_train)
+        layout = quality_layout(settings, root)
         runs: List[dict] = []
         for category in settings.categories:
             for seed in settings.seeds:
