@@ -34,16 +34,15 @@ def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
     """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other visible
     sub-folder (a defect type) label 1. Errors name the folder when a side is missing."""
     from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
-    from mrkd.runtime.images import list_images, visible_subfolders
+    from mrkd.runtime.labelled_images import labelled_images
     folder = Path(folder)
     if not folder.is_dir():
         raise CalibrationError(f"missing folder {folder} (labelled images: good/ and one sub-folder per defect type)")
     paths, labels = [], []
-    for sub in visible_subfolders(folder):        # .thumbs/ is no defect type
-        images = [str(p) for p in list_images(sub)]
-        warn_unread_images(sub)
-        paths += images
-        labels += [0 if sub.name == "good" else 1] * len(images)
+    for sub in labelled_images(folder).sub_folders:      # good/ where it sorts, as training lists them
+        warn_unread_images(sub.folder, files=sub.others)
+        paths += [str(p) for p in sub.images]
+        labels += [sub.label] * len(sub.images)
     labels = np.asarray(labels, dtype=np.int64)
     if not (labels == 0).any() or not (labels == 1).any():
         raise CalibrationError(f"{folder}: labelled calibration needs a good/ sub-folder and at least one defect "

@@ -29,6 +29,7 @@ from mrkd.deps import require
 from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
 from mrkd.runtime.images import (ImageReadError, is_glob_pattern, list_folder, list_images, read_image, read_mask,
                                   visible_subfolders)
+from mrkd.runtime.labelled_images import labelled_images
 from mrkd.runtime.preprocess import (CENTER_CROP_DIRECT_PIXELS, IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry,
                                      normalize, resize_square)
 
@@ -181,14 +182,13 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     partly_masked: List[str] = []
     test_dir = base / "test"
     if test_dir.is_dir():
-        for type_dir in visible_subfolders(test_dir):     # .thumbs/ is no defect type
-            images, other = _image_files(type_dir)
-            skipped_other += other
-            good = type_dir.name == "good"
-            for path in images:
+        for sub in labelled_images(test_dir).sub_folders:     # .thumbs/ is no defect type
+            warn_unread_images(sub.folder, files=sub.others)
+            skipped_other += len(sub.others)
+            for path in sub.images:
                 mask_path = None
-                if not good:
-                    gt_dir = base / "ground_truth" / type_dir.name
+                if not sub.good:
+                    gt_dir = base / "ground_truth" / sub.name
                     mask_path = _find_mask(gt_dir, path.stem)
                     if mask_path is None and (require_masks or gt_dir.is_dir()):
                         expected = gt_dir / (path.stem + '_mask.png')
@@ -196,7 +196,7 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
                             raise DataError(f"defect image {path} has no mask: expected {expected} "
                                             f"(without --require-masks it counts in the image metrics only)")
                         partly_masked.append(str(path))
-                test_items.append(TestItem(str(path), 0 if good else 1, type_dir.name,
+                test_items.append(TestItem(str(path), sub.label, sub.name,
                                            None if mask_path is None else str(mask_path)))
     elif require_test:
         _require_dir(test_dir, "test images")

@@ -55,9 +55,9 @@ class CellPart:
 def part_folder(category_root: Path, folder: Path, seed: int = 0) -> List[CellPart]:
     """Copy the test images, good and defective shuffled together (``seed``), into ``folder`` under
     names that sort in part order (the folder source takes the next image per trigger)."""
-    from mrkd.runtime.images import list_images, visible_subfolders
+    from mrkd.runtime.labelled_images import labelled_images
     test = category_root / "test"
-    images = [(d.name, p) for d in visible_subfolders(test) for p in list_images(d)]
+    images = [(sub.name, p) for sub in labelled_images(test).sub_folders for p in sub.images]
     random.Random(seed).shuffle(images)
     if folder.exists():
         shutil.rmtree(folder)      # the demo's own folder from an earlier run

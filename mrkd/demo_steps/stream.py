@@ -29,10 +29,13 @@ def write_clip(paths: List[Path], video_path: Path, fps: float = 10.0) -> None:
 
 def test_split_video(category_root: Path, video_path: Path, fps: float = 10.0) -> Dict[str, List[int]]:
     """Write test/good images then defective ones as an MJPG video; returns the frame ranges of each."""
-    from mrkd.runtime.images import list_images, visible_subfolders
+    from mrkd.runtime.images import list_images
+    from mrkd.runtime.labelled_images import GOOD, labelled_images
     test = category_root / "test"
-    good = list_images(test / "good")
-    bad = sorted(p for d in visible_subfolders(test) if d.name != "good" for p in list_images(d))
+    if not (test / GOOD).is_dir():
+        list_images(test / GOOD)      # the clip starts with good parts: its ImageListError says what test/good is
+    split = labelled_images(test)
+    good, bad = list(split.good), list(split.defects)
     write_clip(good + bad, video_path, fps)
     n_good = len(good) * FRAMES_PER_IMAGE
     return {"good": list(range(n_good)), "defective": list(range(n_good, n_good + len(bad) * FRAMES_PER_IMAGE))}
