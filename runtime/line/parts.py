@@ -26,6 +26,7 @@ file's current one: a refused file at the path changes nothing). A ``shadows`` c
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -41,6 +42,7 @@ import numpy as np
 from mrkd.errors import MrkdError
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
+from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
 from mrkd.runtime.line.loop import Line, line_detector, open_detectors, open_sources
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
@@ -212,6 +214,17 @@ class PartRunner:
     # ------------------------------------------------------------ TriggerTarget
     def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
         wall, mono = time.time(), time.monotonic()
+        # The sequence is taken and the trigger handed over under one hold of the notify lock: two triggers
+        # at once reach the outputs (the parts log's missed lines) in sequence order. Lock order: the
+        # notify lock, then ``_lock``, which is a leaf (nothing is taken under it), as under the notify
+        # lock the PLC servers' hooks may read ``ready`` and ``busy``. No log record is written on this
+        # thread (a PLC server's loop: a stalled stderr would stall it): the warnings go with the report,
+        # on the notifier's thread.
+        with self._notify_lock:
+            return self._trigger(part_id, recipe, wall, mono)
+
+    def _trigger(self, part_id: Optional[str], recipe: Optional[int], wall: float, mono: float) -> TriggerReceipt:
+        """(``_notify_lock`` held.)"""
         with self._lock:
             self.triggers += 1
             sequence = self.triggers
@@ -232,17 +245,21 @@ class PartRunner:
             else:
                 self.missed += 1
                 self.missed_by_reason[reason] = self.missed_by_reason.get(reason, 0) + 1
+            missed = self.missed
         receipt = TriggerReceipt(accepted=reason is None, sequence=sequence, part_id=part_id, reason=reason, time=wall)
-        if reason is not None:
-            logger.warning("trigger %d (part %s) refused: %s (%d missed)", sequence, part_id, reason, self.missed)
-        elif self._hardware and spacing is not None and spacing < self.settings.timeout and not self._spacing_warned:
+        if reason is not None:       # its report (and warning) folds with the next ones past the bound
+            self._emit_held(lambda o: o.on_trigger(receipt),
+                            handed=lambda tell: MissedTriggers(receipt, tell, missed))
+            return receipt
+        if self._hardware and spacing is not None and spacing < self.settings.timeout and not self._spacing_warned:
             # A camera that skips a hardware trigger would answer the waiting part with the next part's
             # image as long as that comes within the timeout (README, "a part"): say so once.
             self._spacing_warned = True
-            logger.warning("hardware trigger: parts %.3g s apart, shorter than the part timeout %g s: a camera that "
-                           "skips a trigger would answer its part with the next part's image; set [part] timeout "
-                           "(--part-timeout) below the time between parts", spacing, self.settings.timeout)
-        self._emit(lambda o: o.on_trigger(receipt))
+            self._notifier.put(functools.partial(
+                logger.warning, "hardware trigger: parts %.3g s apart, shorter than the part timeout %g s: a camera "
+                "that skips a trigger would answer its part with the next part's image; set [part] timeout "
+                "(--part-timeout) below the time between parts", spacing, self.settings.timeout))
+        self._emit_held(lambda o: o.on_trigger(receipt))
         return receipt
 
     def _has_room(self) -> bool:
@@ -507,14 +524,25 @@ class PartRunner:
 
     # ------------------------------------------------------------ status and summary
     def _emit(self, call: Callable[[LineObserver], object],
-              later: Optional[Callable[[Sequence[LineObserver]], object]] = None) -> None:
+              later: Optional[Callable[[Sequence[LineObserver]], object]] = None,
+              handed: Optional[Callable[[Tell], Callable[[], object]]] = None) -> None:
         """``call(observer)`` for every output (typed calls, base.call_each: one broken output is logged
         and must not stop judging): the PLC servers now, on this thread, the others later on the
         notifier's, in the order of the calls (``call`` must not read a variable that changes after).
-        ``later(others)``, where given, tells the others instead (a part: its files first)."""
+        ``later(others)``, where given, tells the others instead (a part: its files first);
+        ``handed(tell)`` is the call handed over instead, one the notifier may fold (handover.py)."""
         with self._notify_lock:
-            plc, others = plc_and_others(self.observers)
-            call_each(plc, call)
+            self._emit_held(call, later, handed)
+
+    def _emit_held(self, call: Callable[[LineObserver], object],
+                   later: Optional[Callable[[Sequence[LineObserver]], object]] = None,
+                   handed: Optional[Callable[[Tell], Callable[[], object]]] = None) -> None:
+        """``_emit`` with ``_notify_lock`` already held."""
+        plc, others = plc_and_others(self.observers)
+        call_each(plc, call)
+        if handed is not None:
+            self._notifier.put(handed(lambda each: self._tell_each(others, each)))
+        else:
             self._notifier.put((lambda: later(others)) if later else (lambda: self._tell_each(others, call)))
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
@@ -536,7 +564,9 @@ class PartRunner:
                 if changed and not force:
                     logger.warning("camera %s: %s", camera.name, "up" if up else "DOWN")
                 status = self._camera_status(camera)
-                self._emit(lambda o, status=status: o.on_status(status))   # called later: bind it now
+                # called later: bind it now; a newer status replaces it while the outputs are far behind
+                self._emit(lambda o, status=status: o.on_status(status),
+                           handed=lambda tell, status=status: StatusReport({status.camera: status}, tell))
 
     def status_line(self) -> str:
         p = self.latency["trigger_to_verdict"].percentiles_ms()

@@ -251,6 +251,9 @@ class TriggerReceipt:
     part_id: str
     reason: Optional[str] = None  # why refused: "queue full", "offline", ...
     time: float = 0.0            # wall clock of the trigger
+    # Refused triggers this receipt stands for, sequence .. sequence + count - 1: more than 1 only in a
+    # report folded while the outputs were far behind (runtime/line/handover.py); the PLC servers get 1.
+    count: int = 1
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class MetricsObserver(LineObserver):
 
     def on_trigger(self, receipt: TriggerReceipt) -> None:
         if not receipt.accepted:
-            self.missed_triggers.inc()
+            self.missed_triggers.inc(receipt.count)      # a folded report stands for count refusals
 
     def on_part(self, result: PartResult) -> None:
         self.parts.labels(result.verdict).inc()

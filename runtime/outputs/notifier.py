@@ -12,6 +12,14 @@ the queue is bounded: after handing a part over (the PLC has had its verdict by 
 for room (``wait_for_room``) while ``max_waiting`` calls wait, before it judges the next part. ``close`` (the stop)
 lets the calls already handed over finish within a deadline; any it has to give up, and any handed
 over after it, are counted (``given_up``) and logged, never silent.
+
+Calls the runner does not wait for (a refused trigger, a camera's status, handed over from a PLC's
+trigger or the runner's idle loop) must not grow the queue without limit behind a stalled output
+either: while ``max_waiting`` calls wait, a call is folded into a waiting one that ``absorb``s it
+(runtime/line/handover.py: a run of refused triggers becomes one counted report, a status the newest
+one) instead of waiting on its own. The newest waiting calls are tried first, and a call is never
+moved ahead of another whose order matters: only past calls that are ``orderless``, or when it is
+itself (a status: running totals, the newest wins).
 """
 
 from __future__ import annotations
@@ -40,18 +48,38 @@ class Notifier:
         self._thread: Optional[threading.Thread] = None
 
     def put(self, call: Callable[[], object]) -> None:
-        """Hand ``call`` over; returns at once (never waits for room: see ``wait_for_room``)."""
+        """Hand ``call`` over; returns at once (never waits for room: see ``wait_for_room``). Past
+        ``max_waiting`` waiting calls it is folded into one that absorbs it, where one does (above)."""
         with self._cond:
             if self._closed:
                 self.given_up += 1
                 logger.warning("%s: a call handed over after the stop was not made (%d given up)", self.name,
                                self.given_up)
                 return
+            if len(self._calls) >= self.max_waiting and self._folded(call):
+                return
             self._calls.append(call)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+
+    def _folded(self, call: Callable[[], object]) -> bool:
+        """(``_cond`` held: a waiting call is not running.) Whether a waiting call absorbed ``call``."""
+        moves_freely = getattr(call, "orderless", False)
+        for waiting in reversed(self._calls):
+            absorb = getattr(waiting, "absorb", None)
+            if absorb is not None and absorb(call):
+                return True
+            if not (moves_freely or getattr(waiting, "orderless", False)):
+                return False        # folding further back would move ``call`` ahead of this one
+        return False
+
+    @property
+    def waiting(self) -> int:
+        """Calls handed over and not yet taken (the one running not among them)."""
+        with self._cond:
+            return len(self._calls)
 
     @property
     def closed(self) -> bool:

@@ -20,6 +20,9 @@ before the lines of earlier parts not yet judged when it was refused): its seque
 reason, and no verdict (it was never judged). So the log holds one line per
 trigger, and a part that was missed is told from one that never came; parts and missed triggers
 share the trigger's ``sequence``. An accepted trigger is written once, as its part when judged.
+Missed lines follow the sequence. Only while the outputs are far behind (a stalled disk under a
+trigger storm, runtime/line/handover.py) is a run of refused triggers one line with its ``count``
+(the triggers ``sequence`` .. ``sequence + count - 1``): parts + the missed lines' counts = triggers.
 """
 
 from __future__ import annotations
@@ -43,10 +46,15 @@ def part_record(result: PartResult) -> dict:
 
 
 def missed_record(receipt: TriggerReceipt) -> dict:
-    """The parts log's line for one refused trigger: no verdict, no inspection id (nothing was judged)."""
-    return {"time": record_time(receipt.time), "log": "parts", "kind": "missed", "sequence": receipt.sequence,
-            "part_id": receipt.part_id, "reason": receipt.reason, "trigger_time": receipt.time,
-            "schema_version": PART_SCHEMA_VERSION}
+    """The parts log's line for one refused trigger: no verdict, no inspection id (nothing was judged).
+    A report folded while the outputs were far behind (``receipt.count`` > 1) is one line with its
+    ``count``: the triggers ``sequence`` .. ``sequence + count - 1``, the first one's part id and time."""
+    record = {"time": record_time(receipt.time), "log": "parts", "kind": "missed", "sequence": receipt.sequence,
+              "part_id": receipt.part_id, "reason": receipt.reason, "trigger_time": receipt.time,
+              "schema_version": PART_SCHEMA_VERSION}
+    if receipt.count > 1:
+        record["count"] = receipt.count
+    return record
 
 
 def _is_part_record(line: bytes) -> bool:
