@@ -414,7 +414,7 @@ def held_out_defect_paths(trained_on, limit: int = DEFAULT_INT8_IMAGE_LIMIT) -> 
     and, in words, where they are from or why there are none. Quantisation error grows with the
     features, so a good image's agreement does not vouch for a defect's (measured on a 64 px Lite0
     model: INT8 moved good scores by up to 1 % of the threshold, defect scores by up to 8.5 %)."""
-    from mrkd.runtime.labelled_images import labelled_images
+    from mrkd.runtime.labelled_images import labelled_images, misnamed_good_text
     record = trained_on if isinstance(trained_on, dict) else {}
     root, category = record.get("data_root"), record.get("category")
     if not root or not category:
@@ -424,7 +424,11 @@ def held_out_defect_paths(trained_on, limit: int = DEFAULT_INT8_IMAGE_LIMIT) -> 
     test_dir = Path(root) / category / "test"
     if not test_dir.is_dir():
         return [], f"the checkpoint's test split {test_dir} is not here"
-    by_type = [kind.images for kind in labelled_images(test_dir).defect_types]
+    split = labelled_images(test_dir)
+    misnamed = misnamed_good_text(split)
+    if misnamed:        # its good parts would be checked as defects: no defect check, said in its note
+        return [], misnamed
+    by_type = [kind.images for kind in split.defect_types]
     paths = [kind[i] for i in range(max(map(len, by_type), default=0)) for kind in by_type if i < len(kind)]
     if not paths:
         return [], f"{test_dir} holds no defect images"

@@ -32,15 +32,21 @@ __all__ = ["CalibrationError", "calibrate_exported", "labelled_folder", "score_s
 
 def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
     """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other visible
-    sub-folder (a defect type) label 1. Errors name the folder when a side is missing."""
-    from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
-    from mrkd.runtime.labelled_images import labelled_images
+    sub-folder (a defect type) label 1. Errors name the folder when a side is missing, or a sub-folder
+    named good in another case (its good parts would count as defects in the F1 threshold)."""
+    from mrkd.runtime.image_folders import warn_narrow_16bit, warn_nested_images, warn_unread_images
+    from mrkd.runtime.labelled_images import labelled_images, misnamed_good_text
     folder = Path(folder)
     if not folder.is_dir():
         raise CalibrationError(f"missing folder {folder} (labelled images: good/ and one sub-folder per defect type)")
+    split = labelled_images(folder)
+    misnamed = misnamed_good_text(split)
+    if misnamed:
+        raise CalibrationError(misnamed)
     paths, labels = [], []
-    for sub in labelled_images(folder).sub_folders:      # good/ where it sorts, as training lists them
+    for sub in split.sub_folders:      # good/ where it sorts, as training lists them
         warn_unread_images(sub.folder, files=sub.others)
+        warn_nested_images(sub.folder, sub.nested_images)
         paths += [str(p) for p in sub.images]
         labels += [sub.label] * len(sub.images)
     labels = np.asarray(labels, dtype=np.int64)
@@ -97,13 +103,14 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.images import read_image
 
+    # the labelled folder's mistakes are said before a camera is scored for minutes
+    paths, labels = labelled_folder(labelled) if labelled else (None, None)
     detector = Detector(model_path, backend=backend)
     try:
         good_scores, stats = score_source(detector, good, max_frames=max_frames, progress=progress,
                                           options=source_options)
-        labels = labelled_scores = None
+        labelled_scores = None
         if labelled:
-            paths, labels = labelled_folder(labelled)
             labelled_scores = detector([read_image(p) for p in paths]).scores.astype(np.float64)
         calibration = calibration_from_scores(
             good_scores, quantile, labels, labelled_scores, method,

@@ -1,5 +1,6 @@
 """Warnings about a folder of images that mrkd would read otherwise than its owner expects: files in a
-format mrkd does not read, and 16-bit images that hold a 10- or 12-bit camera's values in their low bits.
+format mrkd does not read, images in folders below a test split's sub-folder (read by no one), and
+16-bit images that hold a 10- or 12-bit camera's values in their low bits.
 
 One check for every reader of folders (training, calibration, evaluation, the INT8 export's images and
 mrkd run's folder source),
@@ -50,6 +51,17 @@ def warn_unread_images(folder: PathLike, recursive: bool = False, files: Optiona
         warn_for_all_ranks(f"{folder}: skipped {len(unread)} image(s) in a format mrkd does not read (e.g. "
                            f"{str(unread[0].relative_to(folder))!r}); convert them to PNG to use them (read: "
                            f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+
+
+def warn_nested_images(folder: PathLike, nested: Sequence[Path]) -> None:
+    """Warn once, naming one, when images lie in folders below ``folder`` that a reader of its own files
+    (a test/ split's good/ or defect type, runtime.labelled_images) does not take; silent otherwise.
+    ``nested``: those images (LabelledFolder.nested_images)."""
+    if nested:
+        folder = Path(folder)
+        warn_for_all_ranks(f"{folder}: {len(nested)} image(s) in folders below it are not read (e.g. "
+                           f"{str(Path(nested[0]).relative_to(folder))!r}); mrkd reads the images directly in "
+                           f"{folder.name}/ only: move them up to use them")
 
 
 def warn_narrow_16bit(paths: Sequence[PathLike], where: str) -> None:

@@ -8,22 +8,33 @@ from pathlib import Path
 import pytest
 
 from mrkd.runtime.images import IMAGE_EXTENSIONS
-from mrkd.runtime.labelled_images import DEFECT_LABEL, GOOD_LABEL, labelled_images
+from mrkd.runtime.labelled_images import DEFECT_LABEL, GOOD_LABEL, labelled_images, misnamed_good_text
 
 
 def brute_force(test_dir: Path):
-    """{sub-folder name: (images, other files)} for every visible sub-folder: a name not starting with
-    '.', a folder (through a link too); in it, the visible regular files directly there, split by
-    extension (any case), each list sorted."""
+    """{sub-folder name: (images, other files, nested images)} for every visible sub-folder: a name not
+    starting with '.', a folder (through a link too); in it, the visible regular files directly there,
+    split by extension (any case), and the visible images in its visible folders below (os.walk, not
+    into links, as a walk does by default), each list sorted."""
     listing = {}
     for name in os.listdir(test_dir):
         folder = test_dir / name
         if name.startswith(".") or not os.path.isdir(folder):
             continue
         files = [folder / f for f in os.listdir(folder) if not f.startswith(".") and os.path.isfile(folder / f)]
-        images = sorted(p for p in files if os.path.splitext(p.name)[1].lower() in IMAGE_EXTENSIONS)
-        listing[name] = (images, sorted(set(files) - set(images)))
+        images = sorted(p for p in files if is_image(p.name))
+        nested = []
+        for below, dirs, names in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            if Path(below) != folder:
+                nested += [Path(below) / f for f in names if not f.startswith(".") and is_image(f)
+                           and os.path.isfile(Path(below) / f)]
+        listing[name] = (images, sorted(set(files) - set(images)), sorted(nested))
     return listing
+
+
+def is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def assert_matches_brute_force(test_dir: Path):
@@ -33,9 +44,10 @@ def assert_matches_brute_force(test_dir: Path):
     assert [sub.name for sub in split.sub_folders] == names
     for sub in split.sub_folders:
         assert sub.folder == test_dir / sub.name
-        assert (list(sub.images), list(sub.others)) == expected[sub.name], sub.name
+        assert (list(sub.images), list(sub.others), list(sub.nested_images)) == expected[sub.name], sub.name
         assert sub.label == (GOOD_LABEL if sub.name == "good" else DEFECT_LABEL)
     assert list(split.good) == (expected["good"][0] if "good" in expected else [])
+    assert [sub.name for sub in split.misnamed_good] == [n for n in names if n.lower() == "good" and n != "good"]
     assert [sub.name for sub in split.defect_types] == [n for n in names if n != "good"]
     every_defect = [p for n in names if n != "good" for p in expected[n][0]]
     assert list(split.defects) == every_defect == sorted(every_defect)
@@ -65,6 +77,40 @@ def test_a_hostile_test_folder_is_labelled_as_the_brute_force_listing_says(tmp_p
     assert [p.name for p in split.defect_types[1].images] == ["10.jpg", "2.png"]
     assert [p.name for p in split.defect_types[1].others] == ["phone.gif"]
     assert [sub.name for sub in split.sub_folders] == ["Good", "crack", "empty", "good", "linked", "only_notes"]
+    assert [sub.name for sub in split.misnamed_good] == ["Good"]
+    # images one folder down are no image of their folder, but counted: nested/deep.png, sub/x.png
+    assert [p.relative_to(test) for p in split.good_folder.nested_images] == [Path("good/nested/deep.png")]
+    assert [p.relative_to(test) for p in split.defect_types[1].nested_images] == [Path("crack/sub/x.png")]
+
+
+def test_good_in_another_case_is_named_and_good_alone_is_not(tmp_path):
+    # Good/ and GOOD/ (a Windows or macOS tool's spelling) hold good parts that the rule reads as defects
+    test = tmp_path / "test"
+    for name in ("GOOD/0.png", "Good/1.png", "good/2.png", "goods/3.png", "good_old/4.png", "crack/5.png"):
+        write(test / name)
+    split = assert_matches_brute_force(test)
+    assert [sub.name for sub in split.misnamed_good] == ["GOOD", "Good"]
+    assert all(sub.label == DEFECT_LABEL for sub in split.misnamed_good)   # the rule itself is unchanged
+    text = misnamed_good_text(split)
+    assert text.count("\n") == 0
+    assert f"{test / 'GOOD'}/" in text and f"{test / 'Good'}/" in text and "named exactly good/" in text
+    write(tmp_path / "fine" / "good" / "0.png")
+    write(tmp_path / "fine" / "goods" / "0.png")
+    fine = labelled_images(tmp_path / "fine")
+    assert fine.misnamed_good == () and misnamed_good_text(fine) is None
+
+
+def test_nested_images_are_counted_below_any_depth_not_in_hidden_folders(tmp_path):
+    test = tmp_path / "test"
+    for name in ("crack/0.png", "crack/batch2/1.png", "crack/batch2/deeper/2.JPG", "crack/batch2/notes.txt",
+                 "crack/.cache/3.png", "crack/batch3/.4.png", "good/day1/5.png"):
+        write(test / name)
+    split = assert_matches_brute_force(test)
+    crack = split.defect_types[0]
+    assert [p.name for p in crack.images] == ["0.png"]
+    assert [p.relative_to(crack.folder).as_posix() for p in crack.nested_images] == ["batch2/1.png",
+                                                                                     "batch2/deeper/2.JPG"]
+    assert split.good == () and [p.name for p in split.good_folder.nested_images] == ["5.png"]
 
 
 def test_a_file_named_good_is_no_good_folder(tmp_path):
@@ -98,6 +144,6 @@ def test_random_test_folders_match_the_brute_force_listing(tmp_path, seed):
         for _ in range(rng.randint(0, 5)):
             stem = rng.choice(["0", "1", "10", ".h", "x y", "Z"])
             ext = rng.choice([".png", ".JPG", ".tiff", ".webp", ".gif", ".txt", ""])
-            nested = rng.choice(["", "", "sub/", ".git/"])
+            nested = rng.choice(["", "", "sub/", ".git/", "sub/deep/", "sub/.h/"])
             write(test / folder / f"{nested}{stem}{ext}")
     assert_matches_brute_force(test)

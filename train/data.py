@@ -26,10 +26,10 @@ import numpy as np
 from mrkd.console import warn_for_all_ranks
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
-from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
+from mrkd.runtime.image_folders import warn_narrow_16bit, warn_nested_images, warn_unread_images
 from mrkd.runtime.images import (ImageReadError, is_glob_pattern, list_folder, list_images, read_image, read_mask,
                                   visible_subfolders)
-from mrkd.runtime.labelled_images import labelled_images
+from mrkd.runtime.labelled_images import labelled_images, misnamed_good_text
 from mrkd.runtime.preprocess import (CENTER_CROP_DIRECT_PIXELS, IMAGENET_MEAN, IMAGENET_STD, center_crop_geometry,
                                      normalize, resize_square)
 
@@ -182,8 +182,13 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
     partly_masked: List[str] = []
     test_dir = base / "test"
     if test_dir.is_dir():
-        for sub in labelled_images(test_dir).sub_folders:     # .thumbs/ is no defect type
+        split = labelled_images(test_dir)
+        misnamed = misnamed_good_text(split)
+        if misnamed:        # its good parts would count as defects in the AUROC: refused before training too
+            raise DataError(misnamed)
+        for sub in split.sub_folders:     # .thumbs/ is no defect type
             warn_unread_images(sub.folder, files=sub.others)
+            warn_nested_images(sub.folder, sub.nested_images)
             skipped_other += len(sub.others)
             for path in sub.images:
                 mask_path = None
