@@ -198,9 +198,15 @@ def test_an_opcua_client_killed_mid_session_leaves_no_noise_at_the_stop(tmp_path
             except OSError:
                 assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
                 time.sleep(0.3)
+        # A certificate folder of its own (node-opcua keeps it under $XDG_CONFIG_HOME): every run is a
+        # fresh machine's first, where node-opcua first prints "Creating default certificate" to stdout.
         client = subprocess.Popen([node, "client.js", f"opc.tcp://127.0.0.1:{port}/mrkd/", "op", "secret-pw", "500"],
-                                  cwd=CLIENT_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert '"kind":"event"' in client.stdout.readline() + client.stdout.readline()   # jobs running
+                                  cwd=CLIENT_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "node-config")))
+        said = [client.stdout.readline()]          # node-opcua writes its own messages there too
+        while said[-1] and not said[-1].startswith('{"kind":"event"'):    # jobs running: a ResultReady seen
+            said.append(client.stdout.readline())
+        assert said[-1], "".join(said)[-2000:]
         client.kill()
         client.wait()
         time.sleep(1.0)
