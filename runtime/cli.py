@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ from mrkd.options import FINITE, FiniteFloatRange, IntegerRange, seconds
 from mrkd.runtime.backends import backend_choices
 from mrkd.runtime.plc.servers import plc_options
 from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
+from mrkd.runtime.queued_stderr_log import logging_through_queue
 
 
 def line_output_options(command):
@@ -448,6 +448,7 @@ def threshold_off_scale(threshold: float, detector) -> str:
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the end-of-run summary as JSON to this file.")
 @error_boundary
+@logging_through_queue      # a stderr nobody reads blocks no thread that logs (the PLC's event loop)
 def run_command(model, sources, line_file, **options):
     """Stream frames from one or more cameras through MODEL (an .engine or an .onnx file with its .json
     sidecar) and raise alarms: `mrkd run MODEL --source URI`, `mrkd run MODEL --source left=URI
@@ -461,7 +462,6 @@ def run_command(model, sources, line_file, **options):
     from mrkd.runtime.outputs import build_outputs
     from mrkd.runtime.outputs.base import stop_each
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     refuse_empty_text(click.get_current_context().command, click.get_current_context().params)
     summary_path = options.pop("summary_path")
     check_summary_target(summary_path)

@@ -1,0 +1,264 @@
+"""mrkd run's logging never blocks the thread that logs (runtime/queued_stderr_log.py): a stderr pipe
+nobody reads used to block every thread that logged, the PLC's event loop included."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from plc_fixtures import part_images
+from runtime_fixtures import build_tiny_model
+
+from mrkd.benchmarks.mosquitto import free_port
+from mrkd.runtime.queued_stderr_log import DROPPED, QueuedStderrLog
+
+DROPPED_LINE = re.compile(r"^WARNING mrkd\.runtime\.queued_stderr_log: (\d+) log records dropped: "
+                          r"stderr was not being read$")
+REFUSED_LINE = re.compile(r"^WARNING mrkd\.runtime\.plc\.handshake: modbus\S*: trigger refused: Trigger Enable is 0 "
+                          r"\((\d+) missed\)$")
+
+
+class StalledStream:
+    """A stream whose writes wait until ``release()`` (forever if never): a stderr pipe nobody reads."""
+
+    def __init__(self):
+        self.lines, self.released = [], threading.Event()
+
+    def write(self, text):
+        self.released.wait()
+        self.lines.extend(text.splitlines())
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def release(self):
+        self.released.set()
+
+
+def attached(log: QueuedStderrLog, name: str) -> logging.Logger:
+    """A logger of the test's own that sends its records to ``log`` (the root keeps pytest's handlers)."""
+    target = logging.getLogger(name)
+    target.handlers[:] = [log.handler]
+    target.propagate, target.level = False, logging.WARNING
+    return target
+
+
+def test_a_stalled_stream_drops_and_counts_records_without_blocking_the_logger():
+    stream = StalledStream()
+    log = QueuedStderrLog.start(stream, capacity=50)
+    target = attached(log, "mrkd.test.stalled")
+    slowest = 0.0
+    for number in range(1000):
+        started = time.perf_counter()
+        target.warning("record %d", number)
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 0.5, slowest                 # a blocking handler would never return here
+    stream.release()
+    assert log.close(deadline_s=10)
+    written = [int(line.rsplit(" ", 1)[1]) for line in stream.lines if line.startswith("WARNING mrkd.test.stalled:")]
+    dropped = [int(DROPPED_LINE.match(line).group(1)) for line in stream.lines if DROPPED_LINE.match(line)]
+    # the writer held one record (blocked in its write) and the queue 50; the rest was counted
+    assert written == sorted(set(written)) and len(written) in (50, 51), written
+    assert dropped == [1000 - len(written)] and DROPPED_LINE.match(stream.lines[-1]), stream.lines[-3:]
+    assert DROPPED.format(7) == "7 log records dropped: stderr was not being read"
+
+
+def test_the_exit_waits_no_longer_than_its_deadline_for_a_stream_that_never_takes_anything():
+    stream = StalledStream()               # never released
+    log = QueuedStderrLog.start(stream, capacity=10)
+    target = attached(log, "mrkd.test.never")
+    for number in range(100):
+        target.warning("record %d", number)
+    started = time.monotonic()
+    assert log.close(deadline_s=0.5) is False
+    assert time.monotonic() - started < 2.0
+    started = time.monotonic()
+    assert log.close(deadline_s=5) is False and time.monotonic() - started < 0.1    # said once, not waited again
+    target.warning("after the close")       # still neither blocks nor raises
+    stream.release()
+
+
+def test_a_healthy_stream_gets_every_record_in_order_and_no_drop_line(tmp_path):
+    path = tmp_path / "stderr.txt"
+    with open(path, "w", encoding="utf-8") as stream:
+        log = QueuedStderrLog.start(stream)
+        target = attached(log, "mrkd.test.healthy")
+        for number in range(5000):
+            target.warning("record %d", number)
+        target.info("below the level: not written")
+        assert log.close(deadline_s=10)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines == [f"WARNING mrkd.test.healthy: record {n}" for n in range(5000)]
+
+
+def test_a_record_that_cannot_be_formatted_prints_no_traceback_on_the_logging_thread(capsys):
+    stream = StalledStream()
+    stream.release()
+    log = QueuedStderrLog.start(stream)
+    target = attached(log, "mrkd.test.broken")
+    target.warning("a number: %d", "not a number")
+    assert log.close(deadline_s=10)
+    assert capsys.readouterr().err == ""          # the stdlib printed '--- Logging error ---' and a traceback here
+    assert len(stream.lines) == 1 and stream.lines[0].startswith("ERROR mrkd.test.broken: a log record could not "
+                                                                 "be formatted (TypeError("), stream.lines
+
+
+def run_script(body: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def test_a_process_writes_every_record_by_its_exit_in_the_format_of_mrkd_run():
+    """The atexit path (no close by the command) and the decorator's: all there, in order, same format."""
+    done = run_script("""
+        import logging, sys, threading
+        from mrkd.runtime.queued_stderr_log import log_to_stderr_through_queue, logging_through_queue
+
+        @logging_through_queue
+        def command():
+            log = logging.getLogger("mrkd.demo.first")
+            for n in range(3000):
+                log.warning("first %d", n)
+            logging.getLogger("mrkd.demo.first").info("not at warning level")
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                log.exception("failed")
+        command()
+        # installed once per process
+        assert log_to_stderr_through_queue() is None
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert lines[:3000] == [f"WARNING mrkd.demo.first: first {n}" for n in range(3000)]
+    assert lines[3000] == "ERROR mrkd.demo.first: failed" and lines[3001] == "Traceback (most recent call last):"
+    assert lines[-1] == "ZeroDivisionError: division by zero" and "dropped" not in done.stderr
+
+    done = run_script("""
+        import logging
+        from mrkd.runtime.queued_stderr_log import log_to_stderr_through_queue
+        log_to_stderr_through_queue()
+        for n in range(3000):
+            logging.getLogger("mrkd.demo.second").warning("second %d", n)
+    """)
+    assert done.returncode == 0 and done.stderr.splitlines() == [f"WARNING mrkd.demo.second: second {n}"
+                                                                 for n in range(3000)]
+
+
+def test_a_process_whose_stderr_is_never_read_still_exits():
+    """The exit waits for the writer only until the deadline: a stalled stderr does not hang it."""
+    script = textwrap.dedent("""
+        import logging, sys
+        from mrkd.runtime.queued_stderr_log import logging_through_queue, EXIT_DEADLINE_S
+
+        @logging_through_queue
+        def command():
+            for n in range(20000):       # 20000 lines of 70 bytes: far more than a pipe holds
+                logging.getLogger("mrkd.demo.stalled").warning("a record nobody reads %d", n)
+        command()
+        print("returned", flush=True)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        started = time.monotonic()
+        assert process.wait(timeout=30) == 0      # stderr is not read until the process has ended
+        assert time.monotonic() - started < 25
+        out, err = process.stdout.read(), process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    written = [line for line in err.splitlines() if line.startswith("WARNING mrkd.demo.stalled: a record")]
+    assert out == "returned\n" and 100 < len(written) < 20000 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ mrkd run serving a Modbus PLC
+
+EDGES = 15000       # refused trigger edges: more than the queue (10000) and the pipe (~650 lines) hold
+BATCH = 200         # Modbus frames per send: pipelined, as a PLC gateway may
+
+
+def write_coil_frame(transaction: int, coil: int, on: bool) -> bytes:
+    """Modbus TCP function 5 (write single coil), written from the spec, not from our server."""
+    return struct.pack(">HHHBBHH", transaction & 0xFFFF, 0, 6, 1, 5, coil, 0xFF00 if on else 0x0000)
+
+
+def refused_edges(port: int, edges: int, answer_within_s: float) -> None:
+    """``edges`` rising edges of Trigger (coil 1) while Trigger Enable is 0: each one refused and logged.
+    Every batch must be answered within ``answer_within_s``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=answer_within_s) as connection:
+        frames = [write_coil_frame(n, 1, n % 2 == 0) for n in range(2 * edges)]
+        for start in range(0, len(frames), BATCH):
+            connection.sendall(b"".join(frames[start:start + BATCH]))
+            expected, answered = 12 * len(frames[start:start + BATCH]), b""
+            try:
+                while len(answered) < expected:
+                    chunk = connection.recv(65536)
+                    assert chunk, "mrkd run closed the connection"
+                    answered += chunk
+            except socket.timeout:
+                pytest.fail(f"the PLC server stopped answering after {start // 2} refused edges")
+            assert answered == b"".join(frames[start:start + BATCH])      # function 5 echoes the request
+
+
+def test_mrkd_run_answers_its_plc_while_nobody_reads_its_stderr(tmp_path):
+    pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
+    from mrkd.benchmarks.plc_peer import ModbusError, SimulatedPlc
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", "g")
+    port = free_port()
+    line = tmp_path / "line.toml"
+    line.write_text(f'[[camera]]\nname = "cam"\nsource = "{tmp_path / "parts"}"\nmodel = "{model}"\n'
+                    f'trigger = "software"\n[plc]\nmodbus = "127.0.0.1:{port}"\n', encoding="utf-8")
+    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", "--line", str(line), "--status-every", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    stderr_lines, reader = [], None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                plc = SimulatedPlc(port, timeout=1.0)
+                break
+            except ModbusError:
+                assert process.poll() is None and time.monotonic() < deadline, "mrkd run never listened"
+                time.sleep(0.2)
+        # the old code: the pipe filled after ~650 warnings and the event loop blocked in the write
+        refused_edges(port, EDGES, answer_within_s=5.0)
+        for _ in range(10):                              # the status registers, within the client's 1 s
+            started = time.monotonic()
+            reading = plc.registers()
+            assert time.monotonic() - started < 1.0
+        assert reading.missed_triggers == EDGES
+        plc.close()
+        reader = threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True)
+        reader.start()                                   # stderr is read from now on: the writer catches up
+        deadline = time.monotonic() + 60
+        while not any(DROPPED_LINE.match(text.rstrip("\n")) for text in list(stderr_lines)):
+            assert time.monotonic() < deadline, "no drop count once stderr was read"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        reader.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = [text.rstrip("\n") for text in stderr_lines]
+    written = [int(m.group(1)) for m in map(REFUSED_LINE.match, lines) if m]
+    dropped = [int(m.group(1)) for m in map(DROPPED_LINE.match, lines) if m]
+    # in order, none twice, and every refused edge either written or counted as dropped
+    assert written == sorted(set(written)) and written[0] == 1 and len(written) < EDGES, (len(written), written[-3:])
+    assert dropped and sum(dropped) == EDGES - len(written), (dropped, len(written))
+    assert "Traceback" not in "\n".join(lines)
