@@ -18,7 +18,7 @@ from mrkd.options import FINITE, FiniteFloatRange, IntegerRange, seconds
 from mrkd.runtime.backends import backend_choices
 from mrkd.runtime.plc.servers import plc_options
 from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
-from mrkd.runtime.queued_stderr_log import logging_through_queue
+from mrkd.runtime.queued_stderr_log import logging_through_queue, status_to_stderr
 
 
 def line_output_options(command):
@@ -139,7 +139,7 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None, sl
     sources = open_part_sources(line, settings)
     try:
         runner = PartRunner(line, sources, settings, detectors=detectors, observers=observers,
-                            status_every=status_every, status=lambda text: click.echo(text, err=True),
+                            status_every=status_every, status=status_to_stderr,
                             slots=slots, shadows=shadows)
         observers.extend(shadows)            # their health in the run's summary, as in the frame loop
         if plc is not None and plc.wanted:
@@ -165,7 +165,7 @@ def live_model_controls(line, detectors, outputs, control: dict, output_settings
     /review on the page are wired to those slots (the caller wraps the run in reload_on_sighup)."""
     from mrkd.runtime.control import attach_control
     from mrkd.runtime.line.swap import line_slots
-    slots = line_slots(line, detectors, status=lambda text: click.echo(text, err=True))
+    slots = line_slots(line, detectors, status=status_to_stderr)
     attach_control(outputs, control, output_settings, slots)
     shadow = []
     if shadow_model:     # runtime/line/shadow.py: scores beside the live model, no alarms
@@ -551,7 +551,7 @@ def run_command(model, sources, line_file, **options):
             with reload_on_sighup(slots, reload_also, held):
                 summary = run_line(line, list(outputs) + [slots] + shadow, run_settings, stop=stop,
                                    detectors=detectors, sources=frames, slots=slots,
-                                   status=lambda text: click.echo(text, err=True))
+                                   status=status_to_stderr)
             frames = {}       # run_line closed them
         # a reload a late SIGHUP started is still loading: let it finish (an OpenVINO model compiling on a
         # daemon thread while the interpreter exits aborts the process) and show it in the report

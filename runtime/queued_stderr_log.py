@@ -92,6 +92,11 @@ class StderrWriter(logging.StreamHandler):
         self.setFormatter(logging.Formatter(FORMAT))
         self.records, self.dropped = records, dropped
 
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "status_line", False):      # QueuedStderrLog.say's: as it is
+            return record.getMessage()
+        return super().format(record)
+
     def handle(self, record) -> bool:
         # Only the writer thread calls this, so the handler's lock is not taken: a write stalled on a full
         # pipe would hold it, and logging.shutdown takes every handler's lock at exit.
@@ -131,6 +136,10 @@ class QueuedStderrLog:
         listener = QueueListener(records, writer)
         listener.start()
         return cls(records, dropped, DroppingQueueHandler(records, dropped), writer, listener)
+
+    def say(self, text: str) -> None:
+        """A status line, written as it is: in order with the records, dropped and counted as they are."""
+        self.handler.enqueue(logging.makeLogRecord({"msg": text, "args": None, "status_line": True}))
 
     def close(self, deadline_s: float = EXIT_DEADLINE_S) -> bool:
         """Write out what is queued (and the drop count) within ``deadline_s`` and stop the writer.
@@ -185,3 +194,15 @@ def logging_through_queue(command: Callable) -> Callable:
             if installed is not None:
                 installed.close()
     return wrapper
+
+
+def status_to_stderr(text: str) -> None:
+    """A status line from a line's thread (the frame loop's, the part runner's, a model reload's):
+    through the queue while it is installed, so a stderr nobody reads stops no inspection; else
+    written at once, as click.echo to stderr."""
+    installed = _installed
+    if installed is not None and installed.closed is None:
+        installed.say(text)
+    else:
+        import click
+        click.echo(text, err=True)

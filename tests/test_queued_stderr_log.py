@@ -97,10 +97,13 @@ def test_a_healthy_stream_gets_every_record_in_order_and_no_drop_line(tmp_path):
         target = attached(log, "mrkd.test.healthy")
         for number in range(5000):
             target.warning("record %d", number)
+            if number == 2499:
+                log.say("a status line, 100% as it is")
         target.info("below the level: not written")
         assert log.close(deadline_s=10)
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines == [f"WARNING mrkd.test.healthy: record {n}" for n in range(5000)]
+    expected = [f"WARNING mrkd.test.healthy: record {n}" for n in range(5000)]
+    assert lines == expected[:2500] + ["a status line, 100% as it is"] + expected[2500:]
 
 
 def test_a_record_that_cannot_be_formatted_prints_no_traceback_on_the_logging_thread(capsys):
@@ -262,3 +265,23 @@ def test_mrkd_run_answers_its_plc_while_nobody_reads_its_stderr(tmp_path):
     assert written == sorted(set(written)) and written[0] == 1 and len(written) < EDGES, (len(written), written[-3:])
     assert dropped and sum(dropped) == EDGES - len(written), (dropped, len(written))
     assert "Traceback" not in "\n".join(lines)
+
+
+def test_mrkd_run_status_lines_do_not_stop_the_frame_loop_while_nobody_reads_its_stderr(tmp_path):
+    """The frame loop writes a status line per --status-every: on a stderr nobody reads it blocked there
+    and scored nothing more (the part runner's status lines the same). They go through the queue too."""
+    import json
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", "gd")
+    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"),
+                                "--loop", "--max-frames", "1500", "--status-every", "0.001"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.wait(timeout=60) == 0        # stderr is not read until the process has ended
+        out, err = process.stdout.read(), process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert json.loads(out[out.index("{"):])["frames"] == 1500
+    status = [line for line in err.splitlines() if " frames, ms p50/p99 per frame: " in line]
+    assert 10 < len(status) < 1500 and "Traceback" not in err, err[-2000:]
