@@ -5,7 +5,7 @@ order they were handed over (a folded one where it was absorbed) and none is los
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List
 
 from mrkd.runtime.line.handover import MissedTriggers, StatusReport
