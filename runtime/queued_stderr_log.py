@@ -9,7 +9,13 @@ line). Here the thread that logs only formats the record and puts it in a bounde
 to stderr in order, in the format ``mrkd run`` always used. A record that finds the queue full is
 dropped and counted (no exception, no traceback, no wait); the count is written as one line once the
 writer has caught up (the queue empty again) and at exit. At exit the queue is written out within a
-deadline, so a stderr that is not read cannot hang the exit either."""
+deadline, so a stderr that is not read cannot hang the exit either.
+
+A record is handed over without a lock a thread could wait for while holding it itself: mrkd run's
+Ctrl-C / SIGTERM handler logs on the main thread, between any two steps of what it was doing, maybe the
+hand-over of its own record. So the queue is a queue.SimpleQueue (its put is reentrant, in C; a
+queue.Queue's lock, taken twice by one thread, hung the run) kept within its capacity by its size, and
+the drop count a deque (append and popleft are atomic, no lock)."""
 
 from __future__ import annotations
 
@@ -19,10 +25,10 @@ import logging
 import queue
 import sys
 import threading
-import time
+from collections import deque
 from dataclasses import dataclass, field
 from logging.handlers import QueueHandler, QueueListener
-from typing import Callable, Optional, TextIO
+from typing import Callable, Deque, Optional, TextIO
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Records waiting for the writer (a few MB at most). A healthy stderr takes thousands a second, so only
@@ -36,34 +42,35 @@ logger = logging.getLogger(__name__)
 
 
 class DropCount:
-    """Records dropped since the count was last written; any thread adds, the writer takes."""
+    """Records dropped since the count was last written; any thread adds (a signal handler too: no lock),
+    the writer takes."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
+        self._drops: Deque[None] = deque()
 
     def add(self) -> None:
-        with self._lock:
-            self._count += 1
+        self._drops.append(None)
 
     def take(self) -> int:
-        with self._lock:
-            count, self._count = self._count, 0
-            return count
+        count = len(self._drops)      # the ones added meanwhile stay for the next take
+        for _ in range(count):
+            self._drops.popleft()
+        return count
 
 
 class DroppingQueueHandler(QueueHandler):
     """The handler on the logging thread's side: a full queue drops the record and counts it."""
 
-    def __init__(self, records: queue.Queue, dropped: DropCount) -> None:
+    def __init__(self, records: "queue.SimpleQueue", dropped: DropCount, capacity: int) -> None:
         super().__init__(records)
-        self.dropped = dropped
+        self.dropped, self.capacity = dropped, capacity
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+        # Size, then put: threads logging at once may take it a few records past the capacity, no more.
+        if self.queue.qsize() >= self.capacity:
             self.dropped.add()
+        else:
+            self.queue.put_nowait(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
         # A record that cannot be formatted (a wrong argument): the stdlib prints a traceback to stderr on
@@ -87,7 +94,7 @@ class WrittenOut:
 class StderrWriter(logging.StreamHandler):
     """The writer thread's handler: writes each record, then the drop count once the queue is empty."""
 
-    def __init__(self, stream: TextIO, records: queue.Queue, dropped: DropCount) -> None:
+    def __init__(self, stream: TextIO, records: "queue.SimpleQueue", dropped: DropCount) -> None:
         super().__init__(stream)
         self.setFormatter(logging.Formatter(FORMAT))
         self.records, self.dropped = records, dropped
@@ -120,7 +127,7 @@ class StderrWriter(logging.StreamHandler):
 class QueuedStderrLog:
     """The root logger's queue, its handler and the writer thread behind it."""
 
-    records: queue.Queue
+    records: "queue.SimpleQueue"
     dropped: DropCount
     handler: DroppingQueueHandler
     writer: StderrWriter
@@ -130,12 +137,12 @@ class QueuedStderrLog:
     @classmethod
     def start(cls, stream: Optional[TextIO] = None, capacity: int = CAPACITY) -> "QueuedStderrLog":
         """The queue and its writer thread, started; ``stream`` defaults to sys.stderr."""
-        records: queue.Queue = queue.Queue(maxsize=capacity)
+        records: "queue.SimpleQueue" = queue.SimpleQueue()     # bounded by DroppingQueueHandler
         dropped = DropCount()
         writer = StderrWriter(stream if stream is not None else sys.stderr, records, dropped)
         listener = QueueListener(records, writer)
         listener.start()
-        return cls(records, dropped, DroppingQueueHandler(records, dropped), writer, listener)
+        return cls(records, dropped, DroppingQueueHandler(records, dropped, capacity), writer, listener)
 
     def say(self, text: str) -> None:
         """A status line, written as it is: in order with the records, dropped and counted as they are."""
@@ -148,19 +155,13 @@ class QueuedStderrLog:
         when the queue is full) and a later close returns False at once."""
         if self.closed is not None:
             return self.closed
-        end = time.monotonic() + deadline_s
         marker = WrittenOut()
-        try:
-            self.records.put(logging.makeLogRecord({"written_out": marker}), timeout=deadline_s)
-            self.closed = marker.done.wait(max(0.0, end - time.monotonic()))
-        except queue.Full:
-            self.closed = False
+        self.records.put(logging.makeLogRecord({"written_out": marker}))     # past the capacity: one record
+        self.closed = marker.done.wait(deadline_s)
         if self.closed:
             logging.getLogger().removeHandler(self.handler)
-            try:     # the writer ends after what was queued meanwhile; not joined: stderr may stall again
-                self.listener.enqueue_sentinel()
-            except queue.Full:       # filled by other threads meanwhile: the writer stays, a daemon thread
-                pass
+            # the writer ends after what was queued meanwhile; not joined: stderr may stall again
+            self.listener.enqueue_sentinel()
         return self.closed
 
 
