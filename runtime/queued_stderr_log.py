@@ -169,7 +169,7 @@ _installed: Optional[QueuedStderrLog] = None
 
 
 def log_to_stderr_through_queue(level: int = logging.WARNING) -> Optional[QueuedStderrLog]:
-    """Send the root logger's records (``level`` and above) to stderr through the queue, once per process
+    """Send the root logger's records (``level`` and above) to stderr through the queue, once at a time
     and, as logging.basicConfig, only when the root has no handler yet (None then); written out by
     close (logging_through_queue calls it at the command's end) or at exit (atexit)."""
     global _installed
@@ -185,15 +185,19 @@ def log_to_stderr_through_queue(level: int = logging.WARNING) -> Optional[Queued
 
 def logging_through_queue(command: Callable) -> Callable:
     """Decorate a CLI command that serves a line: its log records go to stderr through the queue from
-    its start and are written out (within the deadline) at its end, before an error's Error: line."""
+    its start and are written out (within the deadline) at its end, before an error's Error: line.
+    Closed in time, the queue is taken off the root, so a later command in the same process (a caller
+    of the CLI's main, twice) installs one again: else its records found no handler, and Python's
+    last resort wrote them without the level and logger name."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        global _installed
         installed = log_to_stderr_through_queue()
         try:
             return command(*args, **kwargs)
         finally:
-            if installed is not None:
-                installed.close()
+            if installed is not None and installed.close() and _installed is installed:
+                _installed = None
     return wrapper
 
 

@@ -139,9 +139,8 @@ def test_a_process_writes_every_record_by_its_exit_in_the_format_of_mrkd_run():
                 1 / 0
             except ZeroDivisionError:
                 log.exception("failed")
+            assert log_to_stderr_through_queue() is None      # installed once at a time
         command()
-        # installed once per process
-        assert log_to_stderr_through_queue() is None
     """)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stderr.splitlines()
@@ -158,6 +157,23 @@ def test_a_process_writes_every_record_by_its_exit_in_the_format_of_mrkd_run():
     """)
     assert done.returncode == 0 and done.stderr.splitlines() == [f"WARNING mrkd.demo.second: second {n}"
                                                                  for n in range(3000)]
+
+
+def test_a_second_command_in_the_same_process_writes_its_records_in_the_same_format():
+    """A caller of the CLI's main runs mrkd run twice in one process: the second run's records went to
+    Python's last resort (no handler left on the root), without the level and logger name."""
+    done = run_script("""
+        import logging
+        from mrkd.runtime.queued_stderr_log import logging_through_queue
+
+        @logging_through_queue
+        def command(number):
+            logging.getLogger("mrkd.demo.again").warning("run %d", number)
+        command(1)
+        command(2)
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.splitlines() == ["WARNING mrkd.demo.again: run 1", "WARNING mrkd.demo.again: run 2"]
 
 
 def test_a_process_whose_stderr_is_never_read_still_exits():
