@@ -496,25 +496,27 @@ class PartRunner:
         if not errors:
             self.latency["trigger_to_images"].add(part.acquired_s)
             self.latency["model"].add(model_s)
-        self._emit(lambda o: o.on_part(part), later=lambda others: self._tell_outputs(others, part, views))
+        self._emit(lambda o: o.on_part(part), handed=lambda tell: lambda: self._tell_outputs(tell, part, views))
         # The outputs far behind: the images waiting for them are bounded. Waited for after the PLC has
         # this part's verdict, so the bound holds back the next part, never an answer.
         self._notifier.wait_for_room()
 
-    def _tell_outputs(self, outputs: Sequence[LineObserver], part: PartResult, views: Mapping[str, tuple]) -> None:
-        """(The notifier's thread.) The outputs that write files of a part (``part_fields``: snapshots and
-        evidence of an NG/ERROR part, which has its event id; the evidence's sample of OK parts; ``views``:
-        camera -> (image, anomaly map, threshold)) write them before any of them sends the record, which
-        then carries each camera's paths (and the evidence's sha256); then every output's ``on_part``."""
+    @staticmethod
+    def _tell_outputs(tell: Tell, part: PartResult, views: Mapping[str, tuple]) -> None:
+        """(The notifier's thread; ``tell``: _emit's, to every output but the PLC servers.) The outputs that
+        write files of a part (``part_fields``: snapshots and evidence of an NG/ERROR part, which has its
+        event id; the evidence's sample of OK parts; ``views``: camera -> (image, anomaly map, threshold))
+        write them before any of them sends the record, which then carries each camera's paths (and the
+        evidence's sha256); then every output's ``on_part``."""
         fields: Dict[str, Dict[str, object]] = {}
 
         def collect(output: LineObserver) -> None:
             for camera, values in (output.part_fields(part, views) or {}).items():
                 fields.setdefault(camera, {}).update(values)
-        self._tell_each(outputs, collect)
+        tell(collect)
         if fields:
             part = replace(part, cameras=tuple(replace(j, **fields.get(j.camera, {})) for j in part.cameras))
-        self._tell_each(outputs, lambda o: o.on_part(part))
+        tell(lambda o: o.on_part(part))
 
     def _tell_each(self, outputs: Sequence[LineObserver], call: Callable[[LineObserver], object]) -> None:
         """(The notifier's thread.) base.call_each, but no output once the notifier is closed: past the
@@ -524,26 +526,24 @@ class PartRunner:
 
     # ------------------------------------------------------------ status and summary
     def _emit(self, call: Callable[[LineObserver], object],
-              later: Optional[Callable[[Sequence[LineObserver]], object]] = None,
               handed: Optional[Callable[[Tell], Callable[[], object]]] = None) -> None:
         """``call(observer)`` for every output (typed calls, base.call_each: one broken output is logged
         and must not stop judging): the PLC servers now, on this thread, the others later on the
         notifier's, in the order of the calls (``call`` must not read a variable that changes after).
-        ``later(others)``, where given, tells the others instead (a part: its files first);
-        ``handed(tell)`` is the call handed over instead, one the notifier may fold (handover.py)."""
+        ``handed(tell)``, where given, is the call handed over instead, ``tell(each)`` calling ``each`` for
+        those others: a part's (its files first), or one the notifier may fold (handover.py)."""
         with self._notify_lock:
-            self._emit_held(call, later, handed)
+            self._emit_held(call, handed)
 
     def _emit_held(self, call: Callable[[LineObserver], object],
-                   later: Optional[Callable[[Sequence[LineObserver]], object]] = None,
                    handed: Optional[Callable[[Tell], Callable[[], object]]] = None) -> None:
         """``_emit`` with ``_notify_lock`` already held."""
         plc, others = plc_and_others(self.observers)
         call_each(plc, call)
-        if handed is not None:
-            self._notifier.put(handed(lambda each: self._tell_each(others, each)))
-        else:
-            self._notifier.put((lambda: later(others)) if later else (lambda: self._tell_each(others, call)))
+
+        def tell(each: Callable[[LineObserver], object]) -> None:
+            self._tell_each(others, each)
+        self._notifier.put(handed(tell) if handed is not None else (lambda: tell(call)))
 
     def _camera_status(self, camera: _Camera) -> CameraStatus:
         source = self._sources[camera.name]
