@@ -1,13 +1,17 @@
 """Helpers for the PLC tests: a small TriggerTarget written here (for the state machine's own tests),
-part records, and an image folder of good and defective parts for the tiny model."""
+part records, an image folder of good and defective parts for the tiny model, and a real `mrkd run`
+serving Modbus TCP with a client that waits for it."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -115,3 +119,34 @@ def folder_cell(folder: Path, pattern: str, observers: Sequence = (), queue: int
     settings = PartSettings(queue=queue, timeout=5.0)
     return PartRunner(line, open_part_sources(line, settings), settings, observers=list(observers),
                       status=lambda text: None)
+
+
+def modbus_line_run(tmp_path: Path, pattern: str, plc_settings: str = "") -> Tuple[subprocess.Popen, int]:
+    """`mrkd run --line` of the tiny model, one software-triggered camera over a folder of parts (``pattern``:
+    part_images'), serving Modbus TCP on a free local port (``plc_settings``: more lines of the line file's
+    [plc] table), stdout and stderr piped: (process, port)."""
+    from mrkd.benchmarks.mosquitto import free_port
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", pattern)
+    port = free_port()
+    line = tmp_path / "line.toml"
+    line.write_text(f'[[camera]]\nname = "cam"\nsource = "{tmp_path / "parts"}"\nmodel = "{model}"\n'
+                    f'trigger = "software"\n[plc]\nmodbus = "127.0.0.1:{port}"\n{plc_settings}', encoding="utf-8")
+    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", "--line", str(line), "--status-every", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return process, port
+
+
+def connect_plc(port: int, process: subprocess.Popen, timeout: float = 30.0, client_timeout: float = 3.0):
+    """A SimulatedPlc (its requests time out after ``client_timeout`` s) on ``process``'s Modbus server,
+    once it listens (within ``timeout`` s; the process's stderr in the failure when it has ended)."""
+    from mrkd.benchmarks.plc_peer import ModbusError, SimulatedPlc
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return SimulatedPlc(port, timeout=client_timeout)
+        except ModbusError:
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "mrkd run never listened"
+            time.sleep(0.2)

@@ -14,37 +14,19 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from plc_fixtures import part_images
+from plc_fixtures import connect_plc, modbus_line_run, part_images
 from runtime_fixtures import build_tiny_model
 
 from mrkd.benchmarks.mosquitto import free_port
-from mrkd.benchmarks.plc_peer import TRIGGER_ENABLE, ModbusError, SimulatedPlc
+from mrkd.benchmarks.plc_peer import TRIGGER_ENABLE
 
 pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
 
 
-def connect(port, process, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return SimulatedPlc(port)
-        except ModbusError:
-            assert process.poll() is None, process.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "mrkd run never listened"
-            time.sleep(0.2)
-
-
 def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
-    model = build_tiny_model(tmp_path / "tiny.onnx")
-    part_images(tmp_path / "parts", "gdg")
-    port = free_port()
-    line = tmp_path / "line.toml"
-    line.write_text(f'[[camera]]\nname = "cam"\nsource = "{tmp_path / "parts"}"\nmodel = "{model}"\n'
-                    f'trigger = "software"\n[plc]\nmodbus = "127.0.0.1:{port}"\nresults_buffer = 2\n', encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", "--line", str(line), "--status-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    process, port = modbus_line_run(tmp_path, "gdg", "results_buffer = 2\n")
     try:
-        plc = connect(port, process)
+        plc = connect_plc(port, process)
         plc.coil(TRIGGER_ENABLE, True)
         codes = [plc.inspect(40 + i).reading for i in range(3)]
         plc.close()
@@ -135,7 +117,7 @@ def test_mrkd_run_with_opcua_and_modbus_on_one_line(tmp_path):
     from asyncua import Client
     process, modbus_port, opcua_port = start_line_with_modbus_and_opcua(tmp_path, "d")
     try:
-        plc = connect(modbus_port, process)
+        plc = connect_plc(modbus_port, process)
 
         async def start_job():
             client = Client(f"opc.tcp://127.0.0.1:{opcua_port}/mrkd/")

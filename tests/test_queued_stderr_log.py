@@ -4,7 +4,6 @@ nobody reads used to block every thread that logged, the PLC's event loop includ
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import socket
@@ -17,10 +16,9 @@ import time
 
 import pytest
 
-from plc_fixtures import part_images
+from plc_fixtures import connect_plc, modbus_line_run, part_images
 from runtime_fixtures import build_tiny_model
 
-from mrkd.benchmarks.mosquitto import free_port
 from mrkd.runtime.queued_stderr_log import DROPPED, QueuedStderrLog
 
 DROPPED_LINE = re.compile(r"^WARNING mrkd\.runtime\.queued_stderr_log: (\d+) log records dropped: "
@@ -274,26 +272,10 @@ def refused_edges(port: int, edges: int, answer_within_s: float) -> None:
 
 def test_mrkd_run_answers_its_plc_while_nobody_reads_its_stderr(tmp_path):
     pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
-    from mrkd.benchmarks.plc_peer import ModbusError, SimulatedPlc
-    model = build_tiny_model(tmp_path / "tiny.onnx")
-    part_images(tmp_path / "parts", "g")
-    port = free_port()
-    line = tmp_path / "line.toml"
-    line.write_text(f'[[camera]]\nname = "cam"\nsource = "{tmp_path / "parts"}"\nmodel = "{model}"\n'
-                    f'trigger = "software"\n[plc]\nmodbus = "127.0.0.1:{port}"\n', encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", "--line", str(line), "--status-every", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    process, port = modbus_line_run(tmp_path, "g")
     stderr_lines, reader = [], None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                plc = SimulatedPlc(port, timeout=1.0)
-                break
-            except ModbusError:
-                assert process.poll() is None and time.monotonic() < deadline, "mrkd run never listened"
-                time.sleep(0.2)
+        plc = connect_plc(port, process, timeout=60, client_timeout=1.0)
         # the old code: the pipe filled after ~650 warnings and the event loop blocked in the write
         refused_edges(port, EDGES, answer_within_s=5.0)
         for _ in range(10):                              # the status registers, within the client's 1 s
