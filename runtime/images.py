@@ -8,12 +8,13 @@ numpy + OpenCV only (the runtime never imports torch).
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -72,12 +73,58 @@ def list_folder(folder: PathLike, recursive: bool = False) -> FolderFiles:
     """The files directly in ``folder`` (in its sub-folders too when ``recursive``), listed once: the
     images list_images takes and the other visible files, for callers that count or look at what was
     left out. Hidden files, anything in a hidden folder below ``folder`` (.git, .ipynb_checkpoints) and
-    anything that is not a regular file are in neither."""
+    anything that is not a regular file are in neither. A recursive listing reads a linked folder as a
+    folder (walk_files), as the glob form does."""
     folder = Path(folder)
-    found = folder.rglob("*") if recursive else folder.iterdir()
+    found = walk_files(folder) if recursive else folder.iterdir()
     visible = [p for p in found if p.is_file() and not _hidden(p, folder)]
     return FolderFiles(images=tuple(sorted(p for p in visible if is_image_file(p))),
                        others=tuple(sorted(p for p in visible if not is_image_file(p))))
+
+
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Every entry below ``folder`` that is not a folder, at any depth, hidden folders not entered. Links to
+    folders are followed (``ln -s /data/batch2 calib/batch2`` is read like a copy; pathlib's rglob skipped
+    it without a word), each real folder once, under the first path that reaches it in sorted order, so a
+    link back up (calib/loop -> calib) neither lists images twice nor walks forever."""
+    entered = set()
+    for below, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(below)
+        if real in entered:
+            folders[:] = []
+            continue
+        entered.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        yield from (Path(below) / name for name in names)
+
+
+def _glob_recursive(pattern: str) -> List[str]:
+    """glob.glob(pattern, recursive=True) for a pattern with ``**``, over walk_files: the same matches
+    (fnmatch per name, case-sensitive; ``**`` spans any number of folders; a wildcard does not match a
+    hidden name unless that part of the pattern starts with a dot), but every real folder entered once.
+    glob's own walk follows a link back up until the system refuses the path (a folder with one such
+    link listed each image 40 times; two links, 2**40 paths: a hang)."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if is_glob_pattern(part) or part == "**")
+    base, wanted = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    if not base.is_dir():
+        return []
+    found = []
+    for path in walk_files(base):
+        relative = path.relative_to(base).parts
+        if _parts_match(wanted, relative):
+            found.append(str(path) if fixed else os.path.join(*relative))
+    return found
+
+
+def _parts_match(wanted: Tuple[str, ...], parts: Tuple[str, ...]) -> bool:
+    if not wanted:
+        return not parts
+    if wanted[0] == "**":
+        return _parts_match(wanted[1:], parts) or (
+            bool(parts) and not parts[0].startswith(".") and _parts_match(wanted, parts[1:]))
+    return (bool(parts) and (not parts[0].startswith(".") or wanted[0].startswith("."))
+            and fnmatch.fnmatchcase(parts[0], wanted[0]) and _parts_match(wanted[1:], parts[1:]))
 
 
 def visible_subfolders(folder: PathLike) -> List[Path]:
@@ -108,8 +155,8 @@ def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]
     if path.is_file() and is_image_file(path):
         return [path]
     if is_glob_pattern(text):
-        return sorted(Path(p) for p in globlib.glob(text, recursive=recursive)
-                      if os.path.isfile(p) and is_image_file(p) and not _hidden(Path(p)))
+        matches = _glob_recursive(text) if recursive and "**" in text else globlib.glob(text)
+        return sorted(Path(p) for p in matches if os.path.isfile(p) and is_image_file(p) and not _hidden(Path(p)))
     what = "a file that is not an image" if path.is_file() else "not found"
     raise ImageListError(f"{text}: {what} (expected a folder of images, a glob like 'dir/*.png' or an image "
                          f"file; extensions: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")

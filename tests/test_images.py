@@ -1,5 +1,6 @@
 """read_image / read_mask on the awkward files factories produce."""
 
+import os
 import warnings
 
 import cv2
@@ -425,3 +426,49 @@ def test_mrkd_run_on_a_folder_says_pages_and_transparency_once_per_file(tmp_path
                       f"down to 0 of 255); mrkd drops the alpha channel, so there it sees colour a viewer does not "
                       f"show. Save it without alpha, flattened onto its background"], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_recursive_listing_reads_linked_folders_once_as_the_glob_form_does(tmp_path):
+    # A folder linked in (ln -s /data/batch2 calib/batch2) was left out of the folder form without a word,
+    # while the glob form 'calib/**/*.png' read it: two answers for one folder.
+    from mrkd.runtime.images import list_folder, list_images
+
+    outside = tmp_path / "outside"
+    for name in ("b.png", "notes.txt", ".hidden/c.png"):
+        _touch(outside / name)
+    calib = tmp_path / "calib"
+    _touch(calib / "a.png")
+    os.symlink(outside, calib / "batch2")
+    os.symlink(calib, calib / "loop")             # a link back up: listed once, no endless walk
+    os.symlink(outside, calib / ".linked_hidden")  # hidden by its name, as a hidden folder is
+    expected = [calib / "a.png", calib / "batch2" / "b.png"]
+    assert list_images(calib, recursive=True) == expected
+    assert list_images(str(calib / "**" / "*.png"), recursive=True) == expected   # the glob form agrees
+    assert list_folder(calib, recursive=True).others == (calib / "batch2" / "notes.txt",)
+    assert list_images(calib) == [calib / "a.png"]   # flat: only its own files, as before
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_recursive_globs_match_pythons_glob_on_trees_without_links(tmp_path, seed):
+    # The recursive glob form walks folders itself (each real folder once); on trees without links it must
+    # give exactly what glob.glob(recursive=True) gives, the reference here.
+    import glob
+    import random
+
+    from mrkd.runtime.images import _glob_recursive
+
+    rng = random.Random(seed)
+    names = ["a", "b", ".h", "cam1", "cam2", "x.png", "y.PNG", ".z.png", "n.txt"]
+    for _ in range(30):
+        depth = rng.randint(1, 4)
+        parts = [rng.choice(names[:5]) for _ in range(depth - 1)] + [rng.choice(names[5:])]
+        path = tmp_path.joinpath(*parts)
+        if not any(parent.is_file() for parent in path.parents):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.is_dir():
+                path.write_bytes(b"x")
+    for pattern in ("**/*.png", "**", "cam*/**/*.png", "**/cam1/*", "a/**/b/**/*.png", ".h/**/*.png", "**/.z.png",
+                    "*/x.png", "**/*.[pP][nN][gG]"):
+        full = str(tmp_path / pattern)
+        assert sorted(_glob_recursive(full)) == sorted(p for p in glob.glob(full, recursive=True)
+                                                       if not os.path.isdir(p)), pattern

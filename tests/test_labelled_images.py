@@ -14,8 +14,9 @@ from mrkd.runtime.labelled_images import DEFECT_LABEL, GOOD_LABEL, labelled_imag
 def brute_force(test_dir: Path):
     """{sub-folder name: (images, other files, nested images)} for every visible sub-folder: a name not
     starting with '.', a folder (through a link too); in it, the visible regular files directly there,
-    split by extension (any case), and the visible images in its visible folders below (os.walk, not
-    into links, as a walk does by default), each list sorted."""
+    split by extension (any case), and the visible images in its visible folders below (links to folders
+    followed, a folder already seen under another path, e.g. a link back up, not entered again), each
+    list sorted."""
     listing = {}
     for name in os.listdir(test_dir):
         folder = test_dir / name
@@ -23,9 +24,13 @@ def brute_force(test_dir: Path):
             continue
         files = [folder / f for f in os.listdir(folder) if not f.startswith(".") and os.path.isfile(folder / f)]
         images = sorted(p for p in files if is_image(p.name))
-        nested = []
-        for below, dirs, names in os.walk(folder):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        nested, seen = [], set()
+        for below, dirs, names in os.walk(folder, followlinks=True):
+            if os.stat(below).st_ino in seen:      # (one file system here: the inode names the folder)
+                dirs[:] = []
+                continue
+            seen.add(os.stat(below).st_ino)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             if Path(below) != folder:
                 nested += [Path(below) / f for f in names if not f.startswith(".") and is_image(f)
                            and os.path.isfile(Path(below) / f)]
@@ -71,6 +76,9 @@ def test_a_hostile_test_folder_is_labelled_as_the_brute_force_listing_says(tmp_p
     write(test / ".thumbs" / "t.png")              # hidden: no defect type
     write(test / "stray.png")                      # a file beside the folders: no defect type
     (test / "linked").symlink_to(test / "crack", target_is_directory=True)
+    write(tmp_path / "batch2" / "y.png")
+    (test / "crack" / "batch2").symlink_to(tmp_path / "batch2", target_is_directory=True)  # linked in: nested too
+    (test / "crack" / "loop").symlink_to(test / "crack", target_is_directory=True)         # back up: no endless walk
     split = assert_matches_brute_force(test)
     assert [p.name for p in split.good] == ["a.PNG", "b.png"]
     assert [sub.name for sub in split.defect_types] == ["Good", "crack", "empty", "linked", "only_notes"]
@@ -80,7 +88,8 @@ def test_a_hostile_test_folder_is_labelled_as_the_brute_force_listing_says(tmp_p
     assert [sub.name for sub in split.misnamed_good] == ["Good"]
     # images one folder down are no image of their folder, but counted: nested/deep.png, sub/x.png
     assert [p.relative_to(test) for p in split.good_folder.nested_images] == [Path("good/nested/deep.png")]
-    assert [p.relative_to(test) for p in split.defect_types[1].nested_images] == [Path("crack/sub/x.png")]
+    assert [p.relative_to(test) for p in split.defect_types[1].nested_images] == [Path("crack/batch2/y.png"),
+                                                                                  Path("crack/sub/x.png")]
 
 
 def test_good_in_another_case_is_named_and_good_alone_is_not(tmp_path):
