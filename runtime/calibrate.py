@@ -34,7 +34,7 @@ def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
     """(paths, labels) from an MVTec-style test folder: ``good/`` holds label 0, every other visible
     sub-folder (a defect type) label 1. Errors name the folder when a side is missing, or a sub-folder
     named good in another case (its good parts would count as defects in the F1 threshold)."""
-    from mrkd.runtime.image_folders import warn_narrow_16bit, warn_nested_images, warn_unread_images
+    from mrkd.runtime.image_folders import warn_left_out, warn_narrow_16bit
     from mrkd.runtime.labelled_images import labelled_images, misnamed_good_text
     folder = Path(folder)
     if not folder.is_dir():
@@ -45,8 +45,7 @@ def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
         raise CalibrationError(misnamed)
     paths, labels = [], []
     for sub in split.sub_folders:      # good/ where it sorts, as training lists them
-        warn_unread_images(sub.folder, files=sub.others)
-        warn_nested_images(sub.folder, sub.nested_images)
+        warn_left_out(sub)
         paths += [str(p) for p in sub.images]
         labels += [sub.label] * len(sub.images)
     labels = np.asarray(labels, dtype=np.int64)

@@ -64,6 +64,14 @@ def warn_nested_images(folder: PathLike, nested: Sequence[Path]) -> None:
                            f"{folder.name}/ only: move them up to use them")
 
 
+def warn_left_out(sub) -> None:
+    """Both warnings for one sub-folder of a labelled test/ split (a runtime.labelled_images.LabelledFolder,
+    listed once): images in a format mrkd does not read, and images in folders below it. What every
+    reader of a test/ split says about the files it leaves out."""
+    warn_unread_images(sub.folder, files=sub.others)
+    warn_nested_images(sub.folder, sub.nested_images)
+
+
 def warn_narrow_16bit(paths: Sequence[PathLike], where: str) -> None:
     """Warn once when the 16-bit images among the first NARROW_16BIT_SAMPLE of ``paths`` all stay below
     NARROW_16BIT_LIMIT, saying how they are read and how to save them; silent otherwise."""

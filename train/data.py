@@ -26,7 +26,7 @@ import numpy as np
 from mrkd.console import warn_for_all_ranks
 from mrkd.errors import MrkdError, SettingError
 from mrkd.deps import require
-from mrkd.runtime.image_folders import warn_narrow_16bit, warn_nested_images, warn_unread_images
+from mrkd.runtime.image_folders import warn_left_out, warn_narrow_16bit, warn_unread_images
 from mrkd.runtime.images import (ImageReadError, is_glob_pattern, list_folder, list_images, read_image, read_mask,
                                   visible_subfolders)
 from mrkd.runtime.labelled_images import labelled_images, misnamed_good_text
@@ -187,8 +187,7 @@ def scan_category(root, category: str, skip_unreadable: bool = False, require_te
         if misnamed:        # its good parts would count as defects in the AUROC: refused before training too
             raise DataError(misnamed)
         for sub in split.sub_folders:     # .thumbs/ is no defect type
-            warn_unread_images(sub.folder, files=sub.others)
-            warn_nested_images(sub.folder, sub.nested_images)
+            warn_left_out(sub)
             skipped_other += len(sub.others)
             for path in sub.images:
                 mask_path = None
