@@ -178,3 +178,28 @@ def test_refusals_behind_a_stalled_output_fold_into_counted_lines_within_the_bou
     assert len(records) <= bound + 2              # folded: far fewer lines than triggers, none lost
     folded = [r for r in records if r.get("count", 1) > 1]
     assert folded and all(r["reason"] == "offline" for r in folded)
+
+
+def test_a_folded_report_given_up_at_the_stop_counts_every_trigger_it_stands_for(tmp_path, monkeypatch):
+    """The stop gives up the reports still waiting behind an output stalled through it: the summary
+    counted calls, while one folded report stands for ``count`` refused triggers. What the outputs were
+    told plus what was given up is now every refused trigger, exactly."""
+    monkeypatch.setattr("mrkd.runtime.line.parts.OUTPUTS_DRAIN_S", 0.5)
+    log_path = tmp_path / "parts.jsonl"
+    stalled = StalledTriggers()           # first: the report it holds reaches no other output (cut short)
+    counted = RefusalCount()
+    runner = folder_cell(tmp_path, "g", [stalled, PartsLogOutput(log_path), counted])
+    runner.start()
+    runner.set_online(False)
+    storm = 5000
+    try:
+        for _ in range(storm):
+            runner.trigger()
+        summary = runner.stop()           # stalled through the stop: the waiting reports are given up
+    finally:
+        stalled.release.set()
+    assert summary["missed_triggers"] == storm and counted.refused == 0
+    assert missed_sequences(read_log(log_path)) == []
+    calls = summary["outputs_given_up"]
+    assert 1 < calls <= runner._notifier.max_waiting + 1          # calls: the stalled one and those waiting
+    assert summary["outputs_given_up_refused_triggers"] == storm   # folded: far more triggers than calls

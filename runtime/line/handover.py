@@ -49,6 +49,11 @@ class MissedTriggers:
     def count(self) -> int:
         return self.last_sequence - self.first.sequence + 1
 
+    @property
+    def refused_triggers(self) -> int:
+        """What the notifier counts when it gives this report up (every trigger, not one call)."""
+        return self.count
+
     def absorb(self, newer: object) -> bool:
         """Fold ``newer`` in when it is the refusal right after this run (no trigger between them)."""
         if not isinstance(newer, MissedTriggers) or newer.first.sequence != self.last_sequence + 1:

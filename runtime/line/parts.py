@@ -61,7 +61,9 @@ ERROR_CODES = {"timeout": 1, "incomplete buffer": 2, "camera down": 3, "source e
                "inference failed": 6, "unusable image": 7, "ambiguous": 8}
 
 # How long the stop waits for the outputs to take every part and trigger handed to them (a parts log on a
-# stalled share); past it the rest is given up, counted (summary "outputs_given_up") and logged.
+# stalled share); past it the rest is given up, counted (summary "outputs_given_up": calls, and
+# "outputs_given_up_refused_triggers": the refused triggers their reports stood for, a folded one its
+# count) and logged.
 OUTPUTS_DRAIN_S = 30.0
 
 
@@ -591,7 +593,8 @@ class PartRunner:
                 "parts_per_s": self.inspections / elapsed if elapsed > 0 else 0.0,
                 "events": self.verdicts[Verdict.NG] + self.verdicts[Verdict.ERROR], "cameras": cameras,
                 "parts_by_model": dict(self.parts_by_model),
-                "outputs_given_up": self._notifier.given_up}
+                "outputs_given_up": self._notifier.given_up,
+                "outputs_given_up_refused_triggers": self._notifier.given_up_refused_triggers}
 
 
 def _severity(judgement: CameraJudgement) -> float:

@@ -11,7 +11,10 @@ A part waits in the queue with its images (the snapshot and evidence writers tak
 the queue is bounded: after handing a part over (the PLC has had its verdict by then), the runner waits
 for room (``wait_for_room``) while ``max_waiting`` calls wait, before it judges the next part. ``close`` (the stop)
 lets the calls already handed over finish within a deadline; any it has to give up, and any handed
-over after it, are counted (``given_up``) and logged, never silent.
+over after it, are counted (``given_up``) and logged, never silent. A call counts once, but a folded
+report of refused triggers stands for many: those are counted by trigger too
+(``given_up_refused_triggers``, from the call's ``refused_triggers``), so the outputs' refusals plus
+the ones given up are every refused trigger.
 
 Calls the runner does not wait for (a refused trigger, a camera's status, handed over from a PLC's
 trigger or the runner's idle loop) must not grow the queue without limit behind a stalled output
@@ -27,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Callable, Deque, Optional
+from typing import Callable, Deque, List, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +42,11 @@ class Notifier:
     def __init__(self, name: str = "outputs", max_waiting: int = 64):
         self.name = name
         self.max_waiting = max_waiting
-        self.given_up = 0
+        self.given_up = 0                    # calls
+        self.given_up_refused_triggers = 0   # the refused triggers those calls stood for (handover.py)
         self._calls: Deque[Callable[[], object]] = deque()
         self._cond = threading.Condition()
-        self._calling = False          # a call is being made (taken off the queue, not yet returned)
+        self._running: Optional[Callable[[], object]] = None    # taken off the queue, not yet returned
         self._closed = False
         self._holding_back = True      # wait_for_room waits; off from the stop on (release_room)
         self._thread: Optional[threading.Thread] = None
@@ -52,9 +56,9 @@ class Notifier:
         ``max_waiting`` waiting calls it is folded into one that absorbs it, where one does (above)."""
         with self._cond:
             if self._closed:
-                self.given_up += 1
-                logger.warning("%s: a call handed over after the stop was not made (%d given up)", self.name,
-                               self.given_up)
+                self._give_up([call])
+                logger.warning("%s: a call handed over after the stop was not made (%d given up%s)", self.name,
+                               self.given_up, self._refused_given_up())
                 return
             if len(self._calls) >= self.max_waiting and self._folded(call):
                 return
@@ -102,7 +106,7 @@ class Notifier:
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Wait until every call handed over has returned (at most ``timeout`` seconds); whether it has."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._calls and not self._calling, timeout)
+            return self._cond.wait_for(lambda: not self._calls and self._running is None, timeout)
 
     def close(self, deadline_s: float) -> int:
         """Let the calls handed over finish (at most ``deadline_s`` seconds), then take no more; returns
@@ -112,15 +116,27 @@ class Notifier:
             self._closed = True
             # The call still running (stalled) is given up too: its caller skips the outputs it has not
             # reached yet once it sees ``closed``.
-            left = len(self._calls) + (1 if self._calling else 0)
+            stalled = self._running
+            left = list(self._calls) + ([stalled] if stalled is not None else [])
             self._calls.clear()
-            self.given_up += left
+            self._give_up(left)
+            refused = self._refused_given_up()
             self._cond.notify_all()
         if not finished:
             logger.warning("%s: the outputs were still busy %g s after the stop (a stalled disk or peer?): "
-                           "%d call(s) for them given up%s", self.name, deadline_s, left,
-                           " (one of them stalled in an output)" if self._calling else "")
-        return left
+                           "%d call(s) for them given up%s%s", self.name, deadline_s, len(left),
+                           " (one of them stalled in an output)" if stalled is not None else "", refused)
+        return len(left)
+
+    def _give_up(self, calls: List[Callable[[], object]]) -> None:
+        """(``_cond`` held.) Count ``calls`` as given up, and the refused triggers they stand for."""
+        self.given_up += len(calls)
+        self.given_up_refused_triggers += sum(getattr(call, "refused_triggers", 0) for call in calls)
+
+    def _refused_given_up(self) -> str:
+        """(``_cond`` held.) The log's words for the refused triggers given up so far, if any."""
+        count = self.given_up_refused_triggers
+        return f"; their reports of {count} refused trigger(s) given up in all" if count else ""
 
     def _run(self) -> None:
         while True:
@@ -129,7 +145,7 @@ class Notifier:
                 if not self._calls:
                     return
                 call = self._calls.popleft()
-                self._calling = True
+                self._running = call
                 self._cond.notify_all()        # room for wait_for_room
             try:
                 call()
@@ -137,5 +153,5 @@ class Notifier:
                 logger.exception("%s: a call failed", self.name)
             finally:
                 with self._cond:
-                    self._calling = False
+                    self._running = None
                     self._cond.notify_all()
