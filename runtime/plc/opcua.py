@@ -12,8 +12,9 @@ browse names; docs/PLC.md lists it):
   (OPC 40100-1's automatic transition), refuses jobs and SelectModeAutomatic with BadInvalidState, and
   goes back to Operational / Ready by itself when that hold is released.
 * ``VisionSystem/RecipeManagement``: ``PrepareRecipe(ExternalId)`` selects a recipe of the line file
-  for the next jobs, ``UnprepareRecipe`` goes back to recipe 0 (the spec's Ready -> Initialized is not
-  modelled: recipe 0 is always there); recipes are the line file's, there is no ``AddRecipe`` at run
+  for the next jobs, ``UnprepareRecipe`` of the prepared recipe goes back to recipe 0 (the spec's Ready ->
+  Initialized is not modelled: recipe 0 is always there); neither while a job runs, and a continuous run
+  keeps the recipe it started with; recipes are the line file's, there is no ``AddRecipe`` at run
   time (BadNotSupported).
 * ``VisionSystem/ResultManagement/LastResult``: the last judged part as variables (for clients that
   poll), and a ``ResultReadyEventType`` event per judged part emitted by ``VisionSystem`` with
@@ -423,6 +424,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             return self._status("BadInvalidState")
         self.jobs += 1
         job = f"continuous-{self.jobs}"
+        # the run's recipe is fixed at its start (its RecipeId, else the prepared one): every part of it
+        # is judged alike, whatever the recipe management does while it runs
+        checked = dict(checked, RecipeId=checked["RecipeId"].strip() or str(self.recipe))
         await self._set_state(mode="ContinuousExecution")
         self._continuous = asyncio.ensure_future(self._run_continuous(job, checked))
         return [_string(job)]
@@ -466,6 +470,12 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         return [ua.Variant(True, ua.VariantType.Boolean)]
 
     async def _unprepare_recipe(self, parent, external_id: str):
+        # as PrepareRecipe: the prepared recipe only (another id went back to 0 unasked), never while a
+        # job runs (a continuous run's later parts changed recipe mid-run)
+        if self._recipe(external_id) != self.recipe:
+            return self._status("BadInvalidArgument")
+        if self._shown()[1] not in ("Ready", "Initialized"):
+            return self._status("BadInvalidState")
         self.recipe = 0
         await self._nodes["prepared"].write_value("0")
         return []
