@@ -477,6 +477,35 @@ def test_refused_and_unknown_features_name_camera_feature_value(simulator, model
     assert "Error: camera top: feature GainRaw = 99: refused" in result.output, result.output
 
 
+def test_a_camera_another_application_controls_is_one_error_saying_so(simulator, model):
+    """A GigE camera takes orders from one application at a time (its control channel): while a viewer,
+    another mrkd or another camera of the same run holds it, mrkd can open it but every write times out.
+    That read "cannot set trigger mode software (... write_register timeout)", sending the line engineer
+    after the network; it is one error naming the cause, and the camera opens once it is let go."""
+    Aravis = require_aravis()
+    camera = simulator("127.0.86.41", "HELD")
+    holder = Aravis.Camera.new(camera.address)
+    try:
+        assert holder.get_device().is_controller()
+        with pytest.raises(SourceError, match=r"camera top \(gige://127\.0\.86\.41\): another application "
+                                              r"controls the camera") as held:
+            open_source(camera.uri, trigger="software", name="top")
+        assert "write_register" not in str(held.value)
+        del held
+        result = CliRunner().invoke(__import__("mrkd.runtime.cli", fromlist=["run_command"]).run_command,
+                                    [model, "--source", f"top={camera.uri}", "--trigger", "software",
+                                     "--trigger-stdin"], input="P1\n")
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert "another application controls the camera" in result.output, result.output
+    finally:
+        del holder            # lets go of control (the last reference)
+    source = open_source(camera.uri, trigger="software", name="top")
+    try:
+        assert source.grab(time.time(), 2.0).error is None
+    finally:
+        source.close()
+
+
 def test_triggers_faster_than_the_line_are_queued_then_refused(simulator, model):
     camera = simulator("127.0.86.17", "BURST")
     recorder = Recorder()

@@ -427,9 +427,23 @@ class GigeSource(LatestFrameSource):
             raise GigeError(f"camera {self.name} ({self.uri}): another camera answers there now (serial {identity}, "
                             f"the run started with {self.serial}); it stays down until camera {self.serial} is back")
 
+    @staticmethod
+    def _check_control(camera, where: str) -> None:
+        """A GigE Vision camera takes orders from one application at a time (its control channel
+        privilege). Aravis opens a camera that another application holds without a word, and every
+        write then times out ("write_register timeout"), which reads like a network fault: say who is
+        in the way instead. (Aravis builds without ``is_controller`` are not checked.)"""
+        device = camera.get_device()
+        is_controller = getattr(device, "is_controller", None)
+        if isinstance(device, aravis().GvDevice) and is_controller is not None and not is_controller():
+            raise GigeError(f"{where}: another application controls the camera (a viewer such as arv-viewer, "
+                            f"another mrkd, or another camera of this run naming the same camera): a camera takes "
+                            f"orders from one application at a time; close the other one")
+
     def _setup(self, camera) -> None:
         Arv, error = aravis(), glib_error()
         where = f"camera {self.name} ({self.uri})"
+        self._check_control(camera, where)
         try:
             camera.set_acquisition_mode(Arv.AcquisitionMode.CONTINUOUS)
             if self.trigger_mode == "free":
