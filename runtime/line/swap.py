@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -394,16 +395,31 @@ def line_slots(line, detectors: MutableMapping[str, object],
     return ModelSlots(detectors, opener, status, fixed_thresholds=fixed)
 
 
+class HangupSeen:
+    """Whether a SIGHUP came (``hangups_held``). Set by a signal handler, so without a lock: the handler
+    runs on the main thread between any two of its steps, maybe while that thread holds the very lock
+    (threading.Event.set takes its condition's lock)."""
+
+    def __init__(self) -> None:
+        self._seen = False
+
+    def set(self) -> None:
+        self._seen = True
+
+    def is_set(self) -> bool:
+        return self._seen
+
+
 @contextlib.contextmanager
-def hangups_held() -> Iterator[Optional[threading.Event]]:
+def hangups_held() -> Iterator[Optional[HangupSeen]]:
     """While inside (until the line can reload, ``reload_on_sighup``), a SIGHUP is kept instead of ending
     the process (its default action): a deployment that moves a new model in and signals while the line
-    is still loading its models must not stop the line. Yields the event a SIGHUP sets; None off the
-    main thread or without SIGHUP."""
+    is still loading its models must not stop the line. Yields what a SIGHUP sets; None off the main
+    thread or without SIGHUP."""
     if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
         yield None
         return
-    seen = threading.Event()
+    seen = HangupSeen()
     previous = signal.signal(signal.SIGHUP, lambda _signum, _frame: seen.set())
     try:
         yield seen
@@ -413,24 +429,46 @@ def hangups_held() -> Iterator[Optional[threading.Event]]:
 
 @contextlib.contextmanager
 def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = (),
-                     held: Optional[threading.Event] = None):
+                     held: Optional[HangupSeen] = None):
     """While inside (main thread only), SIGHUP asks ``slots`` to load every model path again, and each
     of ``also`` (a reload request that returns at once, e.g. the page's certificate) to do its part.
     ``held``: set by a SIGHUP that came while the line was starting (``hangups_held``): answered now,
-    since the models may have been opened before the new version was moved in."""
+    since the models may have been opened before the new version was moved in.
+
+    The handler only writes a byte to a pipe; a thread of its own reads it and asks. The handler runs on
+    the main thread, which runs the frame loop: asking from there took the slots' lock, and a signal that
+    landed while the loop held it (after every frame) waited for it forever (the run hung, SIGTERM too)."""
     if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
         yield slots
         return
 
-    def on_sighup(_signum, _frame, reason: str = "SIGHUP"):
+    def ask(reason: str) -> None:
         slots.request_reload(reason)
         for request in also:
             request(reason)
+    readable, writable = os.pipe()
+    os.set_blocking(writable, False)
+
+    def on_sighup(_signum, _frame) -> None:
+        try:
+            os.write(writable, b"H")
+        except OSError:      # the pipe is full: reloads are asked for already, and one follows the last
+            pass
+
+    def answer() -> None:
+        while os.read(readable, 4096):       # b"": the write end closed, the line has stopped
+            ask("SIGHUP")
+    answering = threading.Thread(target=answer, name="sighup", daemon=True)
+    answering.start()
     previous = signal.getsignal(signal.SIGHUP)
     signal.signal(signal.SIGHUP, on_sighup)
     if held is not None and held.is_set():
-        on_sighup(signal.SIGHUP, None, "SIGHUP during start-up")
+        ask("SIGHUP during start-up")
     try:
         yield slots
     finally:
         signal.signal(signal.SIGHUP, previous)
+        os.close(writable)
+        answering.join(10)
+        if not answering.is_alive():
+            os.close(readable)
