@@ -254,10 +254,11 @@ class LabelFile:
         self.close()
 
 
-def _json_lines(path: Path, kind: str) -> Iterator[Tuple[str, object]]:
-    """(``file:line``, record) of every non-blank JSON line. A torn LAST line (no newline after it, not
-    JSON: a crash mid-write) is skipped with a warning; a malformed line elsewhere is a ReviewError."""
-    data = path.read_bytes()
+def _json_lines(path: Path, kind: str, data: Optional[bytes] = None) -> Iterator[Tuple[str, object]]:
+    """(``file:line``, record) of every non-blank JSON line of ``path`` (``data``: its bytes, read by the
+    caller). A torn LAST line (no newline after it, not JSON: a crash mid-write) is skipped with a
+    warning; a malformed line elsewhere is a ReviewError."""
+    data = path.read_bytes() if data is None else data
     lines = data.split(b"\n")
     torn_tail = not data.endswith(b"\n") and data != b""
     for number, raw in enumerate(lines, 1):
@@ -274,12 +275,13 @@ def _json_lines(path: Path, kind: str) -> Iterator[Tuple[str, object]]:
             raise ReviewError(f"{where}: not a JSON line ({exc})") from exc
 
 
-def read_labels(path) -> List[ReviewLabel]:
-    """Every label of the file, in order (see the module's rules for torn and malformed lines)."""
+def read_labels(path, data: Optional[bytes] = None) -> List[ReviewLabel]:
+    """Every label of the file, in order (see the module's rules for torn and malformed lines).
+    ``data``: the file's bytes as the caller read them (refit hashes the very bytes it uses)."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ReviewError(f"{path}: label file not found")
-    return [ReviewLabel.from_dict(record, where) for where, record in _json_lines(path, "label file")]
+    return [ReviewLabel.from_dict(record, where) for where, record in _json_lines(path, "label file", data)]
 
 
 def _is_label_record(record) -> bool:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import os
 import shutil
@@ -67,7 +68,7 @@ from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT
 from mrkd.runtime.images import ImageReadError
 from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, RecordedLog, ReviewLabel, evidence_changed, \
-    image_sha256, label_image, labels_file_sha256, latest_labels, one_camera_event, read_labels, read_review_events, \
+    image_sha256, label_image, latest_labels, one_camera_event, read_labels, read_review_events, \
     recorded_logs
 
 logger = logging.getLogger(__name__)
@@ -507,7 +508,8 @@ class ReviewedImages:
 
 
 def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
-                    warn: Callable[[str], None] = logger.warning) -> ReviewedImages:
+                    warn: Callable[[str], None] = logger.warning,
+                    labels_data: Optional[bytes] = None) -> ReviewedImages:
     """The labels' images, each checked: present, and with the sha256 the operator saw. A label whose
     image is missing or changed, or whose event is not in its events log or recorded another sha256 for
     its evidence, is skipped with a warning; the rest is read by runtime/review.py's rules (last label
@@ -516,7 +518,7 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
     still there. Labels that record none (schema 1), or whose log is gone or was replaced, are said in
     one line per log and go unchecked, as before there was a record."""
     labels_path = Path(labels_path)
-    latest = latest_labels(read_labels(labels_path), str(labels_path))
+    latest = latest_labels(read_labels(labels_path, labels_data), str(labels_path))
     logs = recorded_logs(list(latest.values()), labels_path) if events is None else {}
     if events is None:
         for note in _unchecked_notes(list(latest.values()), logs, labels_path):
@@ -645,8 +647,14 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             known = {str(e["event_id"]): e for e in read_review_events(events)}
         except OSError as exc:
             raise RefitError(f"{events}: cannot read the events log ({exc})") from exc
+    # The label file is read once: the line's page may append to it while the refit runs, and the
+    # lineage's hash must name the labels this version was made from, not the file at the end.
+    try:
+        labels_data = labels_path.read_bytes()
+    except OSError as exc:
+        raise RefitError(f"{labels_path}: cannot read the label file ({exc.strerror or exc})") from exc
     # without --events each label is checked against the log it records; reviewed_images says what is not
-    reviewed = reviewed_images(labels_path, known, events, warn=echo)
+    reviewed = reviewed_images(labels_path, known, events, warn=echo, labels_data=labels_data)
     unchecked = [skip for skip in reviewed.skipped if skip.label == DEFECT]
     if unchecked:      # the confirmed-defect check is the refit's safety net: without the image it is blind
         message = (f"{len(unchecked)} image(s) marked '{DEFECT}' cannot be checked against the new model "
@@ -703,7 +711,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             raise RefitError(message + "; nothing written (--force writes it anyway)")
         echo(f"WARNING: {message}; written anyway (--force)")
     lineage = Lineage(version=version, parent_sha256=file_sha256(model_path),
-                      labels_sha256=labels_file_sha256(labels_path), parent=str(model_path),
+                      labels_sha256=hashlib.sha256(labels_data).hexdigest(), parent=str(model_path),
                       labels=str(labels_path), good_images=reviewed.good, defect_images=reviewed.defect,
                       bank_before=result.bank_before, bank_after=result.bank_after,
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
