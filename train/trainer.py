@@ -38,6 +38,7 @@ import numpy as np
 from mrkd.errors import MrkdError, SettingError
 from mrkd.atomic import atomic_write_text
 from mrkd.child_signal import sigchld_kept
+from mrkd.console import warn_for_all_ranks
 from mrkd.deps import require
 
 torch = require("torch")
@@ -305,6 +306,30 @@ def _resume_state(out_dir: Path, identity: dict) -> Optional[dict]:
                               f"another --out folder{start_over}")
     state["checkpoint"] = data
     return state
+
+
+def _keep_a_later_threshold(run: "TrainRun", state: dict) -> None:
+    """A finished run started again calibrates anew on its held-out images. Where `mrkd calibrate` set
+    last.ckpt's threshold after training (on the line's parts), that replaced it without a word: with no
+    epoch left to train it is refused; with more epochs the weights change, so the run goes on and says
+    that threshold is replaced. Runs finished before the training's own threshold was recorded cannot
+    tell and go on as before."""
+    if not state.get("finished") or "calibration" not in state:
+        return
+    held = state["checkpoint"].get("calibration") or {}
+    if held == state["calibration"]:
+        return
+    path = run.out_dir / LAST
+    later = f"{held['threshold']:g}" if "threshold" in held else "none"
+    trained = state["calibration"].get("threshold")
+    what = f"its threshold was set after training ({later}, by mrkd calibrate; training set " \
+           f"{'none' if trained is None else format(trained, 'g')})"
+    if int(state["epoch"]) >= run.config.epochs:
+        raise CheckpointError(f"{path}: {what}; starting the finished run again would calibrate it anew on the "
+                              f"held-out training images and replace that: use `mrkd calibrate` to set it "
+                              f"again, or another --out")
+    warn_for_all_ranks(f"{path}: {what}; training on to {run.config.epochs} epochs replaces it "
+                       f"(the new weights are calibrated anew: run `mrkd calibrate` again afterwards)")
 
 
 def _refuse_replacing_a_model(out_dir: Path) -> None:
@@ -612,6 +637,8 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     if not resume and not replace:      # every rank, so that none goes on to wait for the others
         _refuse_replacing_a_model(run.out_dir)
     state = _resume_state(run.out_dir, identity) if resume else None
+    if state is not None:
+        _keep_a_later_threshold(run, state)
     _build(run, backbone, teacher_weights)
     if state is not None:
         _restore(run, state)
@@ -685,7 +712,9 @@ def _finish(run: TrainRun) -> Optional[dict]:
         _report(message)
         run.errors.append(message)
     last = read_checkpoint(run.out_dir / LAST)
-    train_state = dict(last["train_state"], history=run.history, finished=True)
+    # the threshold this run set, so that a start again can tell one `mrkd calibrate` set later
+    set_here = run.model.calibration.to_dict() if run.model.calibration is not None else {}
+    train_state = dict(last["train_state"], history=run.history, finished=True, calibration=set_here)
     save_checkpoint(run.model, run.out_dir / LAST, extra={"train_state": train_state, TRAINED_ON: run_trained_on(run)})
     _write_history(run.out_dir, run.history)
     return calibration_result

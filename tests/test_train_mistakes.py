@@ -1,0 +1,54 @@
+"""`mrkd train` as a newcomer misuses it: the same command typed again after `mrkd calibrate` set the
+threshold in place, Ctrl-C before the first epoch was saved, an image file given where a folder of
+images belongs. Each ends in a correct result or one line that says what happened."""
+
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mrkd.cli import main
+from mrkd.train.calibrate import recalibrate_checkpoint
+from mrkd.train.checkpoint import CheckpointError
+from mrkd.train.trainer import TrainConfig, train
+from cli_errors import assert_one_line_error
+from train_fixtures import CATEGORY, TINY, tiny_data, trained_run
+
+
+def _finished_run_recalibrated(tmp_path):
+    """A copy of the tiny finished run whose last.ckpt `mrkd calibrate` then set again in place (on the
+    test split's good images: other parts than training held out)."""
+    out = tmp_path / CATEGORY
+    shutil.copytree(trained_run()["out_dir"], out)
+    good = sorted(str(p) for p in (tiny_data() / CATEGORY / "test" / "good").iterdir())
+    recalibrate_checkpoint(out / "last.ckpt", good, accept_shift=True, warn=lambda text: None)
+    return out
+
+
+def _threshold(path) -> float:
+    return torch.load(path, weights_only=True)["calibration"]["threshold"]
+
+
+def test_a_finished_run_started_again_keeps_a_threshold_mrkd_calibrate_set_later(tmp_path):
+    """Before: the same `mrkd train` command again re-fitted the bank and calibrated on the held-out
+    training images, writing over the threshold set on the line's parts, without a word (exit 0)."""
+    out = _finished_run_recalibrated(tmp_path)
+    before = (out / "last.ckpt").read_bytes()
+    with pytest.raises(CheckpointError, match="mrkd calibrate") as refused:
+        train(tiny_data(), CATEGORY, out, TrainConfig(**TINY), backbone="resnet18", teacher_weights="random")
+    assert f"{_threshold(out / 'last.ckpt'):g}" in str(refused.value)
+    assert (out / "last.ckpt").read_bytes() == before
+
+
+def test_a_recalibrated_run_given_more_epochs_trains_on_and_says_the_threshold_is_replaced(tmp_path):
+    """More epochs make other weights, on which the earlier threshold says nothing: the run goes on (as
+    README promises) and warns that the threshold set after training is replaced."""
+    out = _finished_run_recalibrated(tmp_path)
+    later = _threshold(out / "last.ckpt")
+    config = TrainConfig(**{**TINY, "epochs": TINY["epochs"] + 1, "eval_every": 0})
+    with pytest.warns(UserWarning, match="set after training") as said:
+        summary = train(tiny_data(), CATEGORY, out, config, backbone="resnet18", teacher_weights="random")
+    assert f"{later:g}" in str(said[0].message)
+    assert [row["epoch"] for row in summary["history"]] == list(range(1, TINY["epochs"] + 2))
+    assert _threshold(out / "last.ckpt") == summary["calibration"].threshold != later
