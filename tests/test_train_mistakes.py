@@ -52,3 +52,24 @@ def test_a_recalibrated_run_given_more_epochs_trains_on_and_says_the_threshold_i
     assert f"{later:g}" in str(said[0].message)
     assert [row["epoch"] for row in summary["history"]] == list(range(1, TINY["epochs"] + 2))
     assert _threshold(out / "last.ckpt") == summary["calibration"].threshold != later
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["category", "plain folder"])
+def test_ctrl_c_before_the_first_epoch_was_saved_says_nothing_was_kept(tmp_path, monkeypatch, plain):
+    """Before: "every epoch saved so far is in last.ckpt under OUT: run the same command again to go on
+    from the last one", with no last.ckpt anywhere (the next run starts from scratch)."""
+    import mrkd.train.trainer as trainer
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "train", stopped)
+    monkeypatch.setattr(trainer, "train_all", stopped)
+    out = tmp_path / "runs"
+    data = [tiny_data() / CATEGORY / "train" / "good"] if plain else [tiny_data(), "-c", CATEGORY]
+    done = CliRunner().invoke(main, ["train", *map(str, data), "-o", str(out), "--backbone", "resnet18",
+                                     "--teacher-weights", "random"])
+    assert done.exit_code == 130, done.output
+    said = [line for line in done.output.splitlines() if "training stopped" in line]
+    assert len(said) == 1 and "Ctrl-C" in said[0], done.output
+    assert "before its first epoch was saved" in said[0] and "in last.ckpt" not in said[0], said[0]
+    assert not list(out.rglob("last.ckpt"))

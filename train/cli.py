@@ -5,6 +5,8 @@ torch is imported inside the commands only, so ``--help`` is instant on any inst
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from mrkd.console import speaks_for_all_ranks
@@ -213,6 +215,9 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
     def stopped(by: str):
         if not speaks_for_all_ranks():
             return None          # under torchrun rank 0 says it
+        # it claimed a last.ckpt to go on from when none had been saved yet
+        if not (Path(out) / "last.ckpt").is_file() and not any(Path(out).glob("*/last.ckpt")):
+            return f"training stopped ({by}) before its first epoch was saved; nothing was kept under {out}"
         again = "the same command without --no-resume" if not resume else "the same command"
         return (f"training stopped ({by}); every epoch saved so far is in last.ckpt under {out}: run {again} "
                 f"again to go on from the last one")
