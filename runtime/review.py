@@ -189,8 +189,6 @@ class LabelFile:
         if self.path.exists() and not self.path.is_file():
             raise ReviewError(f"{self.path}: is not a file")
         self._created = not self.path.exists()     # an empty file left by a failed first label is removed
-        if not self._created:
-            check_label_file(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -198,14 +196,23 @@ class LabelFile:
             raise ReviewError(f"{self.path}: cannot open the label file ({exc.strerror or exc}); "
                               "label not saved") from None
         self._lock = threading.RLock()      # locked() holds it around extend()
-        size = os.fstat(self._fd).st_size
-        if size:
-            data = self.path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep < size:
-                logger.warning("%s: cutting a torn last line (%d bytes) left by an earlier crash",
-                               self.path, size - keep)
-                os.ftruncate(self._fd, keep)
+        try:
+            # Under the file's lock: another writer (the page, a second `mrkd review`) writes under it,
+            # and a write of many labels can be seen half done; judged or cut then, its label was lost.
+            with self._flocked():
+                if not self._created:
+                    check_label_file(self.path)
+                size = os.fstat(self._fd).st_size
+                if size:
+                    data = self.path.read_bytes()
+                    keep = data.rfind(b"\n") + 1
+                    if keep < size:
+                        logger.warning("%s: cutting a torn last line (%d bytes) left by an earlier crash",
+                                       self.path, size - keep)
+                        os.ftruncate(self._fd, keep)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def append(self, label: ReviewLabel) -> ReviewLabel:
         self.extend([label])
@@ -227,14 +234,18 @@ class LabelFile:
     def locked(self) -> Iterator["LabelFile"]:
         """Hold the file (flock, and this object's lock) from a check to the write it allows: another
         writer (the page, a second `mrkd review`) cannot slip a contradicting label in between."""
-        with self._lock:
+        with self._lock, self._flocked():
+            yield self
+
+    @contextlib.contextmanager
+    def _flocked(self) -> Iterator[None]:
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
             if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield self
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._fd is not None:
