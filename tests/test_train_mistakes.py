@@ -73,3 +73,11 @@ def test_ctrl_c_before_the_first_epoch_was_saved_says_nothing_was_kept(tmp_path,
     assert len(said) == 1 and "Ctrl-C" in said[0], done.output
     assert "before its first epoch was saved" in said[0] and "in last.ckpt" not in said[0], said[0]
     assert not list(out.rglob("last.ckpt"))
+
+
+def test_an_image_file_given_for_the_folder_of_good_images_is_called_a_file(tmp_path):
+    """Before: "missing folder .../000.png", naming a file that is there."""
+    image = sorted((tiny_data() / CATEGORY / "train" / "good").iterdir())[0]
+    done = CliRunner().invoke(main, ["train", str(image), "-o", str(tmp_path / "runs")])
+    line = assert_one_line_error(done, str(image), "is a file, not a folder")
+    assert "missing" not in line

@@ -96,7 +96,8 @@ def _image_files(folder: Path) -> Tuple[List[Path], int]:
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise DataError(f"missing folder {path} ({what}); {LAYOUT_HELP}")
+        where = f"{path} is a file, not a folder" if path.exists() else f"missing folder {path}"
+        raise DataError(f"{where} ({what}); {LAYOUT_HELP}")
 
 
 def list_categories(root) -> List[str]:
@@ -250,7 +251,9 @@ def scan_folder(folder, skip_unreadable: bool = False) -> List[str]:
     else:
         folder = Path(folder)
         if not folder.is_dir():
-            raise DataError(f"missing folder {folder} (a folder of good images, or a glob like 'dir/*.png')")
+            # an image file given for its folder was called a "missing folder"
+            where = f"{folder} is a file, not a folder" if folder.exists() else f"missing folder {folder}"
+            raise DataError(f"{where} (a folder of good images, or a glob like 'dir/*.png')")
         found, _ = _image_files(folder)
         if not found:
             raise DataError(f"no image files in {folder} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)")
