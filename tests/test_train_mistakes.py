@@ -81,3 +81,18 @@ def test_an_image_file_given_for_the_folder_of_good_images_is_called_a_file(tmp_
     done = CliRunner().invoke(main, ["train", str(image), "-o", str(tmp_path / "runs")])
     line = assert_one_line_error(done, str(image), "is a file, not a folder")
     assert "missing" not in line
+
+
+@pytest.mark.parametrize("images,batch_size", [(2, 1), (1, 4)], ids=["batch size 1", "one image"])
+def test_batches_of_one_image_at_image_size_32_are_refused_in_one_line(tmp_path, images, batch_size):
+    """At --image-size 32 the bottleneck's map is 1×1, where BatchNorm cannot train on a batch of one image.
+    Before: a ValueError traceback from torch's batch_norm in the first step."""
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for image in sorted((tiny_data() / CATEGORY / "train" / "good").iterdir())[:images]:
+        shutil.copy(image, folder / image.name)
+    done = CliRunner().invoke(main, ["train", str(folder), "-o", str(tmp_path / "run"), "--backbone", "resnet18",
+                                     "--teacher-weights", "random", "--image-size", "32", "--epochs", "1",
+                                     "--holdout", "0", "--batch-size", str(batch_size), "--score", "mrkd"])
+    assert_one_line_error(done, "--image-size 32", "batch")
+    assert not (tmp_path / "run" / "last.ckpt").exists()

@@ -429,6 +429,20 @@ def _load_data(data_root, category: Optional[str], config: TrainConfig, skip_unr
     return TrainData(fit_paths, holdout_paths, test_items)
 
 
+def _refuse_batches_of_one(config: TrainConfig, fit_images: int, world: int) -> None:
+    """At image size 32 the bottleneck's map is 1×1, where BatchNorm cannot train on one image: a batch
+    size of 1, or one image per process, was a ValueError traceback from the first step. (A last batch of
+    one among more images is dropped instead: _epoch_loader.)"""
+    if config.image_size // 32 > 1:
+        return
+    per_process = -(-fit_images // world)
+    if config.batch_size == 1 or per_process == 1:
+        said = "--batch-size 1" if config.batch_size == 1 else f"{fit_images} training image(s) per process"
+        raise SettingError(f"--image-size 32 with {said}: the bottleneck's feature map is 1×1 there, and BatchNorm "
+                           f"cannot train on a batch of one image; use a larger --image-size, or batches of 2 or "
+                           f"more (--batch-size, and at least 2 training images per process)")
+
+
 def _build(run: TrainRun, backbone: str, teacher_weights: str) -> None:
     config = run.config
     seed_everything(config.seed)  # the same on every rank: a random teacher and the initial student agree
@@ -632,6 +646,7 @@ def train(data_root, category: Optional[str], out_dir, config: Optional[TrainCon
     allocator = apply_allocator(config.allocator)   # process-wide; before the first large tensor
     rank, world, device, use_amp = _start_process(config)
     data = _load_data(data_root, category, config, skip_unreadable, require_masks)
+    _refuse_batches_of_one(config, len(data.fit_paths), world)
     identity = _run_identity(config, backbone, teacher_weights, data_root, category)
     run = TrainRun(config, Path(out_dir), category, str(data_root), identity, data, rank, world, device, use_amp)
     if not resume and not replace:      # every rank, so that none goes on to wait for the others
