@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -504,6 +506,27 @@ def test_a_camera_another_application_controls_is_one_error_saying_so(simulator,
         assert source.grab(time.time(), 2.0).error is None
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("decoding", ["strict", "surrogateescape"])
+def test_a_part_id_that_is_not_utf8_on_stdin_is_still_a_part(simulator, model, tmp_path, decoding):
+    """--trigger-stdin fed by a barcode scanner that sends one byte that is not UTF-8 (a Latin-1 letter,
+    a glitch on the serial line). In a UTF-8 locale (en_US.UTF-8: Python reads stdin strictly) the
+    trigger thread died with a traceback, no part was judged and the run never ended at the end of the
+    input; in the C locale the id carried lone surrogates into the parts log, which strict JSON readers
+    (and MQTT's UTF-8 strings) refuse. Each line is one part; undecodable bytes read as U+FFFD."""
+    camera = simulator("127.0.86.42", "BARCODE")
+    log = tmp_path / "parts.jsonl"
+    env = dict(os.environ, PYTHONIOENCODING=f"utf-8:{decoding}")
+    done = subprocess.run([sys.executable, "-m", "mrkd.cli", "run", model, "--source", f"top={camera.uri}",
+                           "--trigger", "software", "--trigger-stdin", "--parts-log", str(log)],
+                          input=b"P1\n\xff\xfeP2\nP3\n", capture_output=True, env=env, timeout=60)
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    text = log.read_text(encoding="utf-8")           # strict: no lone surrogates
+    parts = [json.loads(line) for line in text.splitlines()]
+    assert [p["part_id"] for p in parts] == ["P1", "\ufffd\ufffdP2", "P3"]
+    assert all(p["verdict"] in (Verdict.OK, Verdict.NG) for p in parts)
 
 
 def test_triggers_faster_than_the_line_are_queued_then_refused(simulator, model):

@@ -365,6 +365,25 @@ def test_cli_part_option_errors(model, folder, args, message):
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
+def test_trigger_lines_ends_like_the_end_of_input_when_the_input_fails(model, folder):
+    """--trigger-stdin typed in an ssh session that drops: reading the terminal fails (EIO). The trigger
+    thread died with a traceback and never stopped the run, which then waited for ever; now the parts
+    read so far are judged and the run ends as at the end of input."""
+    def dropped_terminal():
+        yield "T-1\n"
+        raise OSError(5, "Input/output error")
+    line = Line((Camera("cam", str(folder[0]), model, trigger="software"),))
+    recorder = Recorder()
+    runner = PartRunner(line, open_part_sources(line, PartSettings()), PartSettings(queue=10),
+                        observers=[recorder]).start()
+    stop = threading.Event()
+    driver = trigger_lines(runner, dropped_terminal(), stop)
+    driver.join(10)
+    assert stop.is_set() and not driver.is_alive()
+    runner.stop()
+    assert [r.part_id for r in recorder.receipts] == ["T-1"] and runner.inspections == 1
+
+
 def test_trigger_lines_driver_parses_ids_and_recipes(model, folder):
     line = Line((Camera("cam", str(folder[0]), model, trigger="software"),))
     recorder = Recorder()

@@ -9,14 +9,17 @@ part id given here.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol, Sequence, Tuple
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, Tuple
 
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import TriggerReceipt
+
+logger = logging.getLogger(__name__)
 
 
 class TriggerTarget(Protocol):
@@ -123,20 +126,32 @@ def trigger_every(target: TriggerTarget, seconds: float, stop: threading.Event,
     return thread
 
 
+def input_lines(stream) -> Iterator[str]:
+    """The lines of ``stream`` (stdin) as text, bytes that are not UTF-8 read as U+FFFD. A text stream is
+    read through its bytes: decoding it as the locale says either raised on the trigger thread (a UTF-8
+    locale reads strictly), so no line after the byte was read, or (the C locale) carried lone
+    surrogates into part ids, which strict JSON readers and MQTT's UTF-8 strings refuse."""
+    for line in getattr(stream, "buffer", stream):
+        yield line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+
+
 def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.Event,
                   count: Optional[int] = None) -> threading.Thread:
-    """One trigger per line of ``lines`` (stdin): the line is the part id (empty: counted), an
-    optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or after ``count`` accepted
-    triggers (the lines after are not read), sets ``stop`` once idle."""
+    """One trigger per line of ``lines`` (stdin; ``input_lines``): the line is the part id (empty:
+    counted), an optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or after ``count``
+    accepted triggers (the lines after are not read), sets ``stop`` once idle. Input that cannot be read
+    any more (an I/O error) ends it as the end of input does, said once in the log."""
     def drive():
-        accepted = 0
-        for line in lines:
-            if stop.is_set():
-                return
-            if count is not None and accepted >= count:
+        accepted, text_lines = 0, input_lines(lines)
+        while not stop.is_set() and (count is None or accepted < count):
+            try:
+                line = next(text_lines, None)
+            except (OSError, ValueError) as exc:    # a terminal gone (EIO after an ssh session drops), a closed stream
+                logger.warning("--trigger-stdin: cannot read the input any more (%s); no more triggers from it", exc)
                 break
-            text = line.strip()
-            part_id, _, recipe = text.partition("@")
+            if line is None:
+                break
+            part_id, _, recipe = line.strip().partition("@")
             try:
                 number = int(recipe) if recipe else None
             except ValueError:     # "P-4@one": refused as an unknown recipe (counted), never judged with 0
