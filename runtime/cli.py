@@ -144,7 +144,7 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None, sl
         observers.extend(shadows)            # their health in the run's summary, as in the frame loop
         if plc is not None and plc.wanted:
             from mrkd.runtime.plc.servers import start_plc_servers
-            servers = start_plc_servers(runner, plc, echo=lambda text: click.echo(text, err=True))
+            servers = start_plc_servers(runner, plc, echo=status_to_stderr)
             runner.observers.extend(servers)
             observers.extend(servers)        # their health in the run's summary
     except BaseException:
@@ -482,7 +482,7 @@ def run_command(model, sources, line_file, **options):
                       providers=tuple(providers.split(",")) if providers else None)
     if line_file:
         for warning in line_file_overrides(line, camera_defaults, click.get_current_context()):
-            click.echo(warning, err=True)
+            status_to_stderr(warning)
     if (output_settings.save_video or output_settings.show) and len(line.cameras) > 1:
         raise SettingError("--save-video and --show take one camera; this line has "
                            f"{len(line.cameras)}")
@@ -519,18 +519,18 @@ def run_command(model, sources, line_file, **options):
         check_postprocess(line.postprocess, detectors)
         frames = {} if triggered else open_sources(line)
         for detector in detectors.values():
-            click.echo(detector.describe(), err=True)
+            status_to_stderr(detector.describe())
         for camera in line.cameras:       # a camera's own threshold wins over its model's: say which is used
             if camera.alarm.threshold is not None:
-                click.echo(f"camera {camera.name}: threshold {camera.alarm.threshold} given (--threshold or the "
-                           "line file); the model's is not used", err=True)
+                status_to_stderr(f"camera {camera.name}: threshold {camera.alarm.threshold} given (--threshold or "
+                                 "the line file); the model's is not used")
                 off_scale = threshold_off_scale(camera.alarm.threshold, detectors[str(Path(camera.model).resolve())])
                 if off_scale:
-                    click.echo(f"WARNING camera {camera.name}: {off_scale}", err=True)
+                    status_to_stderr(f"WARNING camera {camera.name}: {off_scale}")
         outputs = build_outputs(output_settings)
         page = outputs_summary(outputs).get("page")
         if page:
-            click.echo(f"operator page {page['target']}/  metrics {page['target']}/metrics", err=True)
+            status_to_stderr(f"operator page {page['target']}/  metrics {page['target']}/metrics")
         slots, shadow = live_model_controls(line, detectors, outputs, control, output_settings, shadow_model)
         # SIGHUP also reads the servers' certificates again (the page's --http-cert, the OPC UA and Modbus/TCP
         # Security servers': a renewal, no restart); the PLC servers join ``outputs`` once run_parts starts
@@ -556,7 +556,7 @@ def run_command(model, sources, line_file, **options):
         # a reload a late SIGHUP started is still loading: let it finish (an OpenVINO model compiling on a
         # daemon thread while the interpreter exits aborts the process) and show it in the report
         if not slots.wait_idle(120):
-            click.echo("warning: a model reload was still running at the stop", err=True)
+            status_to_stderr("warning: a model reload was still running at the stop")
         summary["model_swaps"] = slots.report()
         if shadow:
             summary["shadow"] = shadow[0].summary()
@@ -576,7 +576,7 @@ def run_command(model, sources, line_file, **options):
                for name, health in summary.get("outputs", {}).items()
                if not health["ok"] or health["failed"] or health.get("dropped")]
     if failing:
-        click.echo("WARNING: outputs that did not deliver everything: " + "; ".join(failing), err=True)
+        status_to_stderr("WARNING: outputs that did not deliver everything: " + "; ".join(failing))
     if summary_path:
         atomic_write_text(summary_path, text + "\n")
     unread = [name for name, camera in (summary.get("cameras") or {}).items() if not triggered

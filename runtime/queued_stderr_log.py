@@ -6,9 +6,11 @@ stalls, the pipe fills and a write to it blocks; every thread that logged then s
 handler's write, the PLC servers' event loops included (the PLC's handshake stalled: a hang on the
 line). Here the thread that logs only formats the record and puts it in a bounded queue
 (logging.handlers.QueueHandler); one writer thread (logging.handlers.QueueListener) writes the records
-to stderr in order, in the format ``mrkd run`` always used. A record that finds the queue full is
-dropped and counted (no exception, no traceback, no wait); the count is written as one line once the
-writer has caught up (the queue empty again) and at exit. At exit the queue is written out within a
+to stderr in order, in the format ``mrkd run`` always used; ``mrkd run``'s own lines (status, start-up
+and exit lines: ``status_to_stderr``) take the same queue, written as they are: one way to stderr
+during a run. A record that finds the queue full is dropped and counted (no exception, no traceback,
+no wait); the count is written as one line once the writer has caught up (the queue empty again) and
+at exit. At exit the queue is written out within a
 deadline, so a stderr that is not read cannot hang the exit either.
 
 A record is handed over without a lock a thread could wait for while holding it itself: mrkd run's
@@ -202,9 +204,12 @@ def logging_through_queue(command: Callable) -> Callable:
 
 
 def status_to_stderr(text: str) -> None:
-    """A status line from a line's thread (the frame loop's, the part runner's, a model reload's):
-    through the queue while it is installed, so a stderr nobody reads stops no inspection; else
-    written at once, as click.echo to stderr."""
+    """A line of ``mrkd run`` for stderr, written as it is: a status line from a line's thread (the frame
+    loop's, the part runner's, a model reload's) and the main thread's own start-up and exit lines (the
+    model, a threshold given, the PLC servers, outputs that did not deliver). Through the queue while it
+    is installed, so a stderr nobody reads stops no inspection and holds no start or exit, and the lines
+    come out in the order they were written, records included; else written at once, as click.echo to
+    stderr."""
     installed = _installed
     if installed is not None and installed.closed is None:
         installed.say(text)

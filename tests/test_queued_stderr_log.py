@@ -323,3 +323,104 @@ def test_mrkd_run_status_lines_do_not_stop_the_frame_loop_while_nobody_reads_its
     assert json.loads(out[out.index("{"):])["frames"] == 1500
     status = [line for line in err.splitlines() if " frames, ms p50/p99 per frame: " in line]
     assert 10 < len(status) < 1500 and "Traceback" not in err, err[-2000:]
+
+
+# ------------------------------------------------------------------ mrkd run's own lines (main thread)
+
+def full_pipe():
+    """(read end, write end) of a pipe already full: a stderr whose reader has stopped. The write end is
+    blocking again (its flags are the child's too), so the first direct write to it waits."""
+    import fcntl
+    import os
+    read_end, write_end = os.pipe()
+    flags = fcntl.fcntl(write_end, fcntl.F_GETFL)
+    fcntl.fcntl(write_end, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(write_end, b"." * 4096)
+    except BlockingIOError:
+        pass
+    fcntl.fcntl(write_end, fcntl.F_SETFL, flags)
+    return read_end, write_end
+
+
+def drain(read_end: int) -> bytes:
+    import os
+    chunks = []
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def mrkd_run_with_lines_of_its_own(tmp_path, stderr_fd: int) -> subprocess.Popen:
+    """`mrkd run` of the tiny model whose main thread writes start-up lines (the model, the threshold
+    given, a warning on it) and an exit line (an MQTT output that delivered nothing: no broker)."""
+    from mrkd.benchmarks.mosquitto import free_port
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    part_images(tmp_path / "parts", "gd")
+    return subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(tmp_path / "parts"),
+                             "--loop", "--max-frames", "50", "--threshold", "1e9", "--status-every", "0",
+                             "--mqtt", f"mqtt://127.0.0.1:{free_port()}/line"],
+                            stdout=subprocess.PIPE, stderr=stderr_fd, text=True)
+
+
+def test_mrkd_run_writes_its_own_lines_in_order_with_the_records_without_waiting_for_stderr(tmp_path):
+    """Its start-up and exit lines went to stderr directly (click.echo) beside the queue: on a full pipe
+    the main thread blocked at its first line, and they could overtake records logged before them. Now
+    the run ends (its summary on stdout) while stderr is still full, and every line comes out in order."""
+    import json
+    import os
+    read_end, write_end = full_pipe()
+    process = mrkd_run_with_lines_of_its_own(tmp_path, write_end)
+    os.close(write_end)
+    try:
+        summary, ended = [], threading.Event()
+
+        def read_summary():
+            for line in process.stdout:        # the summary's JSON ends with a "}" of its own
+                summary.append(line)
+                if line == "}\n":
+                    break
+            ended.set()
+        threading.Thread(target=read_summary, daemon=True).start()
+        assert ended.wait(60) and summary, "mrkd run did not get to its summary while stderr was full"
+        err = drain(read_end).decode().lstrip(".")      # from here stderr is read: the writer catches up
+        assert process.wait(timeout=30) == 0
+    finally:
+        os.close(read_end)
+        if process.poll() is None:
+            process.kill()
+    assert json.loads("".join(summary))["frames"] == 50
+    lines = err.splitlines()
+    assert lines[0].startswith("tiny.onnx: ") and " threshold 0.1 " in lines[0], lines
+    assert lines[1] == "camera cam0: threshold 1000000000.0 given (--threshold or the line file); the model's is not used"
+    assert lines[2].startswith("WARNING camera cam0: threshold 1e+09 is 1e+10x the model's calibrated 0.1")
+    unreachable = [n for n, line in enumerate(lines) if line.startswith("WARNING mrkd.runtime.outputs: output mqtt")]
+    assert unreachable and unreachable[0] > 2, lines           # a record of the output's thread, after them
+    assert lines[-1].startswith("WARNING: outputs that did not deliver everything: mqtt ("), lines   # exit: last
+    assert "Traceback" not in err
+
+
+def test_mrkd_run_whose_stderr_is_never_read_exits_within_its_deadline(tmp_path):
+    """The pipe is full from the start and never read: the run judges its frames, writes its summary and
+    exits once the queue's exit deadline (EXIT_DEADLINE_S) has passed, where it blocked on its first line."""
+    import os
+    from mrkd.runtime.queued_stderr_log import EXIT_DEADLINE_S
+    read_end, write_end = full_pipe()
+    process = mrkd_run_with_lines_of_its_own(tmp_path, write_end)
+    os.close(write_end)
+    try:
+        started = time.monotonic()
+        try:
+            out, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("mrkd run hung on a stderr nobody reads")
+        assert time.monotonic() - started < 30 + EXIT_DEADLINE_S
+    finally:
+        os.close(read_end)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0 and '"frames": 50' in out
