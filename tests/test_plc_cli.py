@@ -57,6 +57,13 @@ def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
                                                          "PLC's address with --modbus-allow"),
     (["--trigger", "software", "--modbus", "127.0.0.1:0", "--modbus-allow", "plc7"],
      "--modbus-allow: expected IP addresses or networks"),
+    # a list that admits every address checks no client: it stood in for the one the network needs
+    (["--trigger", "software", "--modbus", "0.0.0.0:0", "--modbus-allow", "0.0.0.0/0"],
+     "--modbus-allow 0.0.0.0/0 admits every IPv4 address, so it checks no client"),
+    (["--trigger", "software", "--modbus", "0.0.0.0:0", "--modbus-allow", "10.0.0.5, 0.0.0.0/1,128.0.0.0/1"],
+     "--modbus-allow 10.0.0.5, 0.0.0.0/1,128.0.0.0/1 admits every IPv4 address"),
+    (["--trigger", "software", "--modbus", "[::]:0", "--modbus-allow", "::/0"],
+     "--modbus-allow ::/0 admits every IPv6 address"),
     (["--trigger", "software", "--opcua", "opc.tcp://127.0.0.1:0/other/path"],
      "the server's endpoint is always opc.tcp://HOST:PORT/mrkd/"),
     # a word without a colon was taken as a host name on port 502 and refused as 'beyond this machine'
@@ -65,6 +72,7 @@ def test_mrkd_run_serves_a_plc_until_sigterm(tmp_path):
     (["--trigger", "software", "--opcua", "opc.tcp://nohost.invalid:4840"],
      "--opcua must look like opc.tcp://HOST:PORT, HOST an address of this machine"),
 ])
+@pytest.mark.timeout(120)    # an option error that is not refused starts a server, which serves until stopped
 def test_cli_plc_option_errors_are_one_line(tmp_path, extra, message):
     from mrkd.cli import main
     model = build_tiny_model(tmp_path / "tiny.onnx")

@@ -48,6 +48,8 @@ def test_line_file_plc_table(tmp_path):
     ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.300"', r"plc\.modbus_allow: expected IP addresses .*'10\.0\.0\.300'"),
     ('modbus = "0.0.0.0:502"\nmodbus_allow = "10.0.0.5,"', r"plc\.modbus_allow: expected IP addresses .*''"),
     ('modbus_allow = "10.0.0.5"', r"plc\.modbus_allow needs plc\.modbus"),
+    ('modbus = "0.0.0.0:502"\nmodbus_allow = "0.0.0.0/0"',
+     r"plc\.modbus_allow 0\.0\.0\.0/0 admits every IPv4 address, so it checks no client"),
 ])
 def test_line_file_plc_errors_name_the_field(tmp_path, table, message):
     path = line_file(tmp_path, f"[plc]\n{table}")

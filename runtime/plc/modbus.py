@@ -140,6 +140,16 @@ def parse_client_networks(text: str) -> Tuple[IpNetwork, ...]:
     return tuple(networks)
 
 
+def admits_every_address(networks: Sequence[IpNetwork]) -> Optional[int]:
+    """The IP version (4 or 6) whose every address ``networks`` admit together (0.0.0.0/0, or 0.0.0.0/1 with
+    128.0.0.0/1), else None: such a list checks no client, so it cannot stand in for authentication."""
+    for version in (4, 6):
+        merged = list(ipaddress.collapse_addresses(n for n in networks if n.version == version))
+        if merged and merged[0].prefixlen == 0:
+            return version
+    return None
+
+
 def client_admitted(peer, allow: Optional[Sequence[IpNetwork]]) -> bool:
     """Is a connection from ``peer`` (a socket's peername) in ``allow``? None: every client is."""
     if allow is None:

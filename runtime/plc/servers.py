@@ -59,7 +59,7 @@ class PlcSettings:
     def check(self, where: str = "") -> "PlcSettings":
         """Raise PlcError naming the field; returns self."""
         from mrkd.runtime.addresses import is_loopback_host
-        from mrkd.runtime.plc.modbus import parse_client_networks, parse_modbus_address
+        from mrkd.runtime.plc.modbus import admits_every_address, parse_client_networks, parse_modbus_address
         field = where.rpartition(": ")[2]     # a second field named in a message: "--" or "plc.", no file again
 
         def named(key: str) -> str:           # the field at fault, as its source spells it
@@ -103,9 +103,13 @@ class PlcSettings:
             if self.modbus is None:
                 raise PlcError(f"{named('modbus_allow')} needs {field}modbus")
             try:
-                parse_client_networks(self.modbus_allow)
+                networks = parse_client_networks(self.modbus_allow)
             except PlcError as exc:
                 raise PlcError(f"{named('modbus_allow')}: {exc}") from None
+            every = admits_every_address(networks)
+            if every is not None:       # it would stand in for the check a server beyond 127.0.0.1 needs
+                raise PlcError(f"{named('modbus_allow')} {self.modbus_allow} admits every IPv{every} address, so it "
+                               f"checks no client: name the PLC's address or network (e.g. 10.0.0.5 or 10.0.0.0/24)")
         if not isinstance(self.results_buffer, int) or isinstance(self.results_buffer, bool) \
                 or not 1 <= self.results_buffer <= 64:
             raise PlcError(f"{where}results_buffer: expected 1..64 results, got {self.results_buffer!r}")
