@@ -133,7 +133,7 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None, sl
     ``slots``/``shadows``: live_model_controls'."""
     import sys
     from mrkd.runtime.line.parts import PartRunner, open_part_sources
-    from mrkd.runtime.line.trigger import trigger_every, trigger_lines
+    from mrkd.runtime.line.trigger import TriggerBudget, trigger_every, trigger_lines
 
     settings = part_settings(line, part)
     sources = open_part_sources(line, settings)
@@ -152,10 +152,11 @@ def run_parts(line, part: dict, detectors, observers, status_every, plc=None, sl
             source.close()
         raise
     stop = stop or threading.Event()
+    budget = TriggerBudget(part["max_parts"])      # --max-parts: one budget for both test drivers
     if part["trigger_stdin"]:
-        trigger_lines(runner, sys.stdin, stop, part["max_parts"])
+        trigger_lines(runner, sys.stdin, stop, budget)
     if part["trigger_every"]:
-        trigger_every(runner, part["trigger_every"], stop, part["max_parts"])
+        trigger_every(runner, part["trigger_every"], stop, budget)
     return runner.run(stop, part["max_parts"])
 
 

@@ -308,12 +308,14 @@ def test_fps_with_a_trigger_is_refused_not_dropped(model, folder, tmp_path):
     assert Line((Camera("cam", str(folder[0]), model, fps=2.0),)).cameras[0].fps == 2.0
 
 
-@pytest.mark.parametrize("source", ["stdin", "every"])
+@pytest.mark.parametrize("source", ["stdin", "every", "both"])
 def test_cli_max_parts_judges_that_many_parts(model, folder, tmp_path, source):
     """--max-parts N judges N parts: stdin lines after the Nth accepted one are not read (all five were
     judged), and --trigger-every counts accepted triggers (refused ones, queue full, made it end short)."""
     from mrkd.runtime.cli import run_command
-    trigger = ["--trigger-stdin"] if source == "stdin" else ["--trigger-every", "0.001", "--part-queue", "0"]
+    # both drivers at once share the one budget: each counted its own, and 2 + 2 parts were judged
+    trigger = {"stdin": ["--trigger-stdin"], "every": ["--trigger-every", "0.001", "--part-queue", "0"],
+               "both": ["--trigger-stdin", "--trigger-every", "0.05"]}[source]
     result = CliRunner().invoke(run_command, [model, "--source", str(folder[0]), "--trigger", "software",
                                               *trigger, "--max-parts", "2", "--status-every", "0",
                                               "--summary", str(tmp_path / "s.json")],

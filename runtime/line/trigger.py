@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Protocol, Sequence, Tuple
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, Tuple, Union
 
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import TriggerReceipt
@@ -107,18 +107,48 @@ class PartSettings:
 
 # ---------------------------------------------------------------- test drivers (a shell, a timer)
 
+class TriggerBudget:
+    """The accepted triggers the test drivers may still make (``--max-parts``), one budget for all of them:
+    each driver counted its own, so --trigger-stdin with --trigger-every judged up to twice the parts
+    asked for. ``None``: no limit. A trigger is made and counted under one lock hold, so two drivers
+    never both take the last one."""
+
+    def __init__(self, count: Optional[int] = None):
+        self.count = count
+        self.accepted = 0
+        self._lock = threading.Lock()
+
+    @property
+    def spent(self) -> bool:
+        return self.count is not None and self.accepted >= self.count
+
+    def trigger(self, target: TriggerTarget, *args) -> Optional[bool]:
+        """target.trigger(*args) unless the budget is spent (None then); whether it was accepted."""
+        with self._lock:
+            if self.spent:
+                return None
+            accepted = bool(target.trigger(*args).accepted)
+            self.accepted += accepted
+            return accepted
+
+
+def _budget(count) -> TriggerBudget:
+    return count if isinstance(count, TriggerBudget) else TriggerBudget(count)
+
+
 def trigger_every(target: TriggerTarget, seconds: float, stop: threading.Event,
-                  count: Optional[int] = None) -> threading.Thread:
+                  count: Union[int, TriggerBudget, None] = None) -> threading.Thread:
     """Trigger ``target`` every ``seconds`` (part ids counted by the line) until ``stop`` or ``count``
-    accepted triggers (parts: a refused one, queue full, does not count); then sets ``stop`` once the
-    line is idle (count given). Runs on its own thread."""
+    accepted triggers (parts: a refused one, queue full, does not count; a TriggerBudget: shared with the
+    other drivers); then sets ``stop`` once the line is idle (count given). Runs on its own thread."""
+    budget = _budget(count)
+
     def drive():
-        accepted, next_at = 0, time.monotonic()
-        while not stop.is_set() and (count is None or accepted < count):
-            accepted += bool(target.trigger().accepted)
+        next_at = time.monotonic()
+        while not stop.is_set() and budget.trigger(target) is not None:
             next_at += seconds
             stop.wait(max(0.0, next_at - time.monotonic()))
-        if count is not None:
+        if budget.count is not None:
             _stop_when_idle(target, stop)
 
     thread = threading.Thread(target=drive, name="trigger-every", daemon=True)
@@ -136,14 +166,17 @@ def input_lines(stream) -> Iterator[str]:
 
 
 def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.Event,
-                  count: Optional[int] = None) -> threading.Thread:
+                  count: Union[int, TriggerBudget, None] = None) -> threading.Thread:
     """One trigger per line of ``lines`` (stdin; ``input_lines``): the line is the part id (empty:
     counted), an optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or after ``count``
-    accepted triggers (the lines after are not read), sets ``stop`` once idle. Input that cannot be read
+    accepted triggers (a TriggerBudget: shared with the other drivers; the lines after are not read),
+    sets ``stop`` once idle. Input that cannot be read
     any more (an I/O error) ends it as the end of input does, said once in the log."""
+    budget = _budget(count)
+
     def drive():
-        accepted, text_lines = 0, input_lines(lines)
-        while not stop.is_set() and (count is None or accepted < count):
+        text_lines = input_lines(lines)
+        while not stop.is_set() and not budget.spent:
             try:
                 line = next(text_lines, None)
             except (OSError, ValueError) as exc:    # a terminal gone (EIO after an ssh session drops), a closed stream
@@ -156,7 +189,8 @@ def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.E
                 number = int(recipe) if recipe else None
             except ValueError:     # "P-4@one": refused as an unknown recipe (counted), never judged with 0
                 number = recipe.strip()
-            accepted += bool(target.trigger(part_id.strip() or None, number).accepted)
+            if budget.trigger(target, part_id.strip() or None, number) is None:
+                break       # the other driver took the last one while this line was read
         _stop_when_idle(target, stop)
 
     thread = threading.Thread(target=drive, name="trigger-lines", daemon=True)
