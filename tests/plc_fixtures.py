@@ -1,9 +1,10 @@
 """Helpers for the PLC tests: a small TriggerTarget written here (for the state machine's own tests),
 part records, an image folder of good and defective parts for the tiny model, and a real `mrkd run`
-serving Modbus TCP with a client that waits for it."""
+serving Modbus TCP with a client that waits for it, and node-opcua scripts driven a command at a time."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -150,3 +151,38 @@ def connect_plc(port: int, process: subprocess.Popen, timeout: float = 30.0, cli
             assert process.poll() is None, process.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "mrkd run never listened"
             time.sleep(0.2)
+
+
+OPCUA_CLIENT_DIR = Path(__file__).resolve().parent / "opcua_client"
+
+
+class NodeOpcuaSteps:
+    """A node-opcua script of tests/opcua_client (steps.js, recipe_steps.js) run as ``node SCRIPT URL USER
+    PASSWORD``: one command line in, one JSON line out; the first answer says it is ready."""
+
+    def __init__(self, node: str, script: str, url: str, user: str, password: str):
+        self.process = subprocess.Popen([node, script, url, user, password], cwd=OPCUA_CLIENT_DIR,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        assert self._answer()["kind"] == "ready"
+
+    def _answer(self) -> dict:
+        line = ""
+        while not line.startswith("{"):           # node-opcua prints its own warnings there too
+            line = self.process.stdout.readline()
+            assert line, self.process.stderr.read()[-2000:]
+        answer = json.loads(line)
+        assert answer["kind"] != "error", answer
+        return answer
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

@@ -22,32 +22,17 @@ from mrkd.benchmarks.plc_peer import DI, SET_OFFLINE, TRIGGER_ENABLE, mbpoll
 pytest.importorskip("asyncua", reason="SKIPPED, NOT TESTED: asyncua missing (pip install 'mrkd[plc]')")
 pytest.importorskip("pymodbus", reason="SKIPPED, NOT TESTED: pymodbus missing (pip install 'mrkd[plc]')")
 
-from test_plc_opcua import CLIENT_DIR, node_client_ready  # noqa: E402
+from plc_fixtures import NodeOpcuaSteps  # noqa: E402
+from test_plc_opcua import node_client_ready  # noqa: E402
 
 OPERATIONAL, PREOPERATIONAL, HALTED = ("Operational", "Ready"), ("Preoperational", ""), ("Halted", "")
 
 
-class Steps:
-    """node-opcua's steps.js: one command line in, one JSON line out."""
+class Steps(NodeOpcuaSteps):
+    """node-opcua's steps.js."""
 
     def __init__(self, node: str, url: str):
-        self.process = subprocess.Popen([node, "steps.js", url, "op", "pw"], cwd=CLIENT_DIR, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self._answer()["kind"] == "ready"
-
-    def _answer(self) -> dict:
-        line = ""
-        while not line.startswith("{"):           # node-opcua prints its own warnings there too
-            line = self.process.stdout.readline()
-            assert line, self.process.stderr.read()[-2000:]
-        answer = json.loads(line)
-        assert answer["kind"] != "error", answer
-        return answer
-
-    def ask(self, command: str) -> dict:
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-        return self._answer()
+        super().__init__(node, "steps.js", url, "op", "pw")
 
     def call(self, name: str) -> str:
         return self.ask(f"call {name}")["status"]
@@ -55,13 +40,6 @@ class Steps:
     def state(self) -> tuple:
         answer = self.ask("state")
         return answer["currentState"], answer["automaticModeState"]
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 def wait_listening(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:

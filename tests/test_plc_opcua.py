@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from peers import require_node_client
-from plc_fixtures import folder_cell
+from plc_fixtures import OPCUA_CLIENT_DIR, folder_cell
 from runtime_fixtures import SIZE, THRESHOLD, build_tiny_model, normal_frame, reference_map
 
 from mrkd.runtime.line.loop import Camera, Line
@@ -36,7 +36,7 @@ from mrkd.runtime.plc.opcua import NAMESPACE, OpcUaPlc  # noqa: E402
 
 USER, PASSWORD = "operator", "line-7-secret"
 PATTERN = "gdgdggdgdgd"          # the folder, in trigger order
-CLIENT_DIR = Path(__file__).resolve().parent / "opcua_client"
+CLIENT_DIR = OPCUA_CLIENT_DIR
 # What tests/opcua_client/*.js require() (both in its package.json).
 NODE_MODULES = ("node-opcua-client", "node-opcua-certificate-manager")
 

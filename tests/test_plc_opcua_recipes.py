@@ -5,8 +5,6 @@ the test releases it, so the run's parts are still being triggered while the MES
 
 from __future__ import annotations
 
-import json
-import subprocess
 import threading
 from pathlib import Path
 
@@ -22,7 +20,8 @@ from mrkd.runtime.sources import ArraySource
 
 pytest.importorskip("asyncua", reason="SKIPPED, NOT TESTED: asyncua missing (pip install 'mrkd[plc]')")
 
-from test_plc_opcua import CLIENT_DIR, PASSWORD, USER, node_client_ready  # noqa: E402
+from plc_fixtures import NodeOpcuaSteps  # noqa: E402
+from test_plc_opcua import PASSWORD, USER, node_client_ready  # noqa: E402
 
 from mrkd.runtime.plc.opcua import OpcUaPlc  # noqa: E402
 
@@ -56,38 +55,14 @@ class HeldRecipeCell:
         self.runner.stop()
 
 
-class RecipeSteps:
-    """recipe_steps.js: one command line in, one JSON line out."""
+class RecipeSteps(NodeOpcuaSteps):
+    """recipe_steps.js."""
 
     def __init__(self, node: str, url: str):
-        self.process = subprocess.Popen([node, "recipe_steps.js", url, USER, PASSWORD], cwd=CLIENT_DIR,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-        assert self._answer()["kind"] == "ready"
-
-    def _answer(self) -> dict:
-        line = ""
-        while not line.startswith("{"):           # node-opcua prints its own warnings there too
-            line = self.process.stdout.readline()
-            assert line, self.process.stderr.read()[-2000:]
-        answer = json.loads(line)
-        assert answer["kind"] != "error", answer
-        return answer
-
-    def ask(self, command: str) -> dict:
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-        return self._answer()
+        super().__init__(node, "recipe_steps.js", url, USER, PASSWORD)
 
     def status(self, command: str) -> str:
         return self.ask(command)["status"]
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @pytest.mark.slow
