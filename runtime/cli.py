@@ -103,6 +103,10 @@ def part_options(command):
         click.option("--part-early", type=seconds(0, maximum=10), default=None,
                      help="--trigger hardware: how long before the PLC's trigger message a camera's image may "
                           "arrive and still be that part's (default 0.25); older ones are a stray trigger's."),
+        click.option("--part-max-delay", type=seconds(0, open_min=True, maximum=600), default=None, metavar="SECONDS",
+                     help="Most seconds from a trigger to its image for software-triggered and free-running "
+                          "cameras: a part that waited longer (queued behind others) is ERROR 'late', not judged "
+                          "on what is under the camera by then (default: no bound, a warning once)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -113,7 +117,7 @@ def pop_part_options(options: dict) -> dict:
     """Take the part options out of run_command's keyword options."""
     return {name: options.pop(name) for name in ("trigger_mode", "features", "trigger_stdin", "trigger_every",
                                                  "max_parts", "part_queue", "part_images", "part_timeout",
-                                                 "part_early")}
+                                                 "part_early", "part_max_delay")}
 
 
 def part_settings(line, part: dict):
@@ -121,7 +125,7 @@ def part_settings(line, part: dict):
     import dataclasses
     from mrkd.runtime.line.trigger import PartSettings
     settings = line.part or PartSettings()
-    changes = {name: part[f"part_{name}"] for name in ("queue", "images", "timeout", "early")
+    changes = {name: part[f"part_{name}"] for name in ("queue", "images", "timeout", "early", "max_delay")
                if part[f"part_{name}"] is not None}
     return dataclasses.replace(settings, **changes).check([c.name for c in line.cameras])
 
@@ -497,7 +501,7 @@ def run_command(model, sources, line_file, **options):
     part_only = [flag for flag, name in (("--trigger-stdin", "trigger_stdin"), ("--trigger-every", "trigger_every"),
                                          ("--max-parts", "max_parts"), ("--part-queue", "part_queue"),
                                          ("--part-images", "part_images"), ("--part-timeout", "part_timeout"),
-                                         ("--part-early", "part_early"))
+                                         ("--part-early", "part_early"), ("--part-max-delay", "part_max_delay"))
                  if part[name] is not None and part[name] is not False]   # 0 is a value given
     if line.part is not None:
         part_only.append("[part]/[recipes] in the line file")

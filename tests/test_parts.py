@@ -206,7 +206,8 @@ def test_hardware_early_window_from_the_line_file_and_the_command_line(model, tm
     text = '[[camera]]\nname = "cam"\nsource = "x.png"\n[part]\nearly = 0.1\ntimeout = 1.5\n'
     line = parse_line(text, str(tmp_path / "line.toml"), defaults={"model": model})
     assert (line.part.early, line.part.timeout) == (0.1, 1.5)
-    options = {"part_queue": None, "part_images": None, "part_timeout": None, "part_early": 0.05}
+    options = {"part_queue": None, "part_images": None, "part_timeout": None, "part_early": 0.05,
+               "part_max_delay": None}
     assert part_settings(line, options).early == 0.05                 # the command line over the file
     assert PartSettings().early == 0.25
 

@@ -77,7 +77,7 @@ def _toml():
 CAMERA_FIELDS = ("name", "source", "model", *ALARM_FIELDS, "size", "fps", "loop", "trigger", "features")
 TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "inference", "plc")
 INFERENCE_FIELDS = ("backend", "threads", "providers", "postprocess")   # Line fields of the [inference] table
-PART_FIELDS = ("cameras", "images", "queue", "timeout", "early")
+PART_FIELDS = ("cameras", "images", "queue", "timeout", "early", "max_delay")
 
 
 # The longest debounce window (N of K/N): the window's frames are held per camera, and an N past what a
@@ -265,7 +265,7 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
             raise LineFileError(f"{path}: part.cameras: expected a list of camera names, got {value!r}")
         if name in ("images", "queue") and (not isinstance(value, int) or isinstance(value, bool)):
             raise LineFileError(f"{path}: part.{name}: expected a whole number, got {value!r}")
-        if name in ("timeout", "early") and not _number(value):
+        if name in ("timeout", "early", "max_delay") and not _number(value):
             raise LineFileError(f"{path}: part.{name}: expected seconds, got {value!r}")
         settings[name] = tuple(value) if name == "cameras" else value
     settings["cameras"] = tuple(settings["cameras"])

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 # PartResult.error_code: what a PLC reads when the verdict is ERROR (the first camera's reason).
 ERROR_CODES = {"timeout": 1, "incomplete buffer": 2, "camera down": 3, "source ended": 4, "line stopped": 5,
-               "inference failed": 6, "unusable image": 7, "ambiguous": 8}
+               "inference failed": 6, "unusable image": 7, "ambiguous": 8, "late": 9}
 
 # How long the stop waits for the outputs to take every part and trigger handed to them (a parts log on a
 # stalled share); past it the rest is given up, counted (summary "outputs_given_up": calls, and
@@ -212,6 +212,7 @@ class PartRunner:
         self._hardware = any(getattr(c.grabber, "trigger_mode", "") == "hardware" for c in self.cameras)
         self._last_accepted: Optional[float] = None  # wall time of the last accepted trigger
         self._spacing_warned = False
+        self._late_warned = False
 
     # ------------------------------------------------------------ TriggerTarget
     def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
@@ -421,10 +422,22 @@ class PartRunner:
         return float(detector.threshold)
 
     def _judge(self, pending: _Pending) -> None:
+        waited = time.monotonic() - pending.mono
+        late = self._late(waited, "waited")
         futures = {c.name: self._pool.submit(c.grabber.grab, pending.wall, self.settings.timeout,
                                              self.settings.images, self._abort, self.settings.early)
-                   for c in self.cameras}
+                   for c in self.cameras if not (late and self._asked_for(c))}
         grabs = {name: future.result() for name, future in futures.items()}
+        for camera in self.cameras:      # the ones asked too late, and images that came too late
+            grab = grabs.get(camera.name)
+            if grab is None:
+                grabs[camera.name] = Grab([], late)
+            elif grab.error is None and self._asked_for(camera):
+                taken = self._late(grab.acquired_at - pending.mono, "its image came")
+                if taken:
+                    grabs[camera.name] = Grab([], taken)
+                elif self.settings.max_delay is None:
+                    self._warn_unbounded(pending, grab.acquired_at - pending.mono)
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
         groups: Dict[str, List[Tuple[_Camera, np.ndarray]]] = {}      # model path -> its images
         for camera in self.cameras:
@@ -451,6 +464,31 @@ class PartRunner:
             for score, image, _ in scored.get(camera.name, ()):
                 for shadow in self.shadows:
                     shadow.offer(camera.name, image, score, bool(is_anomalous(score, threshold)), live_sha)
+
+    @staticmethod
+    def _asked_for(camera: _Camera) -> bool:
+        """A camera that takes a part's image when mrkd asks (software trigger, free-running): a part's wait
+        in the queue delays its image. A hardware-triggered one exposed at the edge already."""
+        return getattr(camera.grabber, "trigger_mode", "") != "hardware"
+
+    def _late(self, seconds: float, what: str) -> Optional[str]:
+        """The ERROR reason when ``seconds`` after the trigger is past [part] max_delay; None otherwise."""
+        bound = self.settings.max_delay
+        if bound is None or seconds <= bound:
+            return None
+        return f"late: {what} {seconds:.3g} s after its trigger, over part.max_delay {bound:g} s"
+
+    def _warn_unbounded(self, pending: _Pending, delay: float) -> None:
+        """No max_delay, and an image came later after its trigger than a camera may take to deliver one
+        (the part timeout): the part waited in the queue. Said once; the delay of every part is its
+        acquired_s in the parts log and events."""
+        if delay <= self.settings.timeout or self._late_warned:
+            return
+        self._late_warned = True
+        self._notifier.put(functools.partial(
+            logger.warning, "part %s: its image came %.3g s after its trigger (it waited for the parts before "
+            "it); on a moving line that image may show another part: set [part] max_delay (--part-max-delay) "
+            "to judge such parts ERROR 'late' instead", pending.part_id, delay))
 
     def _report(self, pending: _Pending, grabs: Mapping[str, Grab],
                 scored: Mapping[str, List[Tuple[float, np.ndarray, np.ndarray]]], model_s: float,

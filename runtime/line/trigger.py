@@ -72,8 +72,12 @@ class PartSettings:
     and counted as missed. timeout: seconds a camera may take to deliver each image. early: with
     ``trigger = "hardware"``, how long before mrkd hears of a trigger (the PLC's message) the camera's
     image may already have arrived and still be that part's; older images are a stray trigger's (the
-    PLC fires the camera and tells mrkd within one scan, so a few tens of ms are usual). recipes:
-    recipe number -> model file (0 is each camera's own model and is always there).
+    PLC fires the camera and tells mrkd within one scan, so a few tens of ms are usual). max_delay: the
+    most seconds from a trigger to its image for a camera that takes the image when mrkd asks (software
+    trigger, free-running): a part that waited longer in the queue, or whose image came later, is ERROR
+    "late" (its image would show what is under the camera by then, on a moving line another part); None:
+    no bound (a hardware-triggered camera exposes at the edge, so the wait does not move its image).
+    recipes: recipe number -> model file (0 is each camera's own model and is always there).
     """
 
     cameras: Tuple[str, ...] = ()
@@ -82,6 +86,7 @@ class PartSettings:
     timeout: float = PART_DEFAULTS["timeout"]
     early: float = PART_DEFAULTS["early"]
     recipes: Tuple[Tuple[int, str], ...] = ()
+    max_delay: Optional[float] = None
 
     def check(self, camera_names: Sequence[str]) -> "PartSettings":
         """Raise SettingError naming the setting that is out of range; returns self."""
@@ -99,6 +104,9 @@ class PartSettings:
             raise SettingError(f"part.timeout: expected seconds in (0, 600], got {self.timeout!r}")
         if not (isinstance(self.early, (int, float)) and math.isfinite(self.early) and 0 <= self.early <= 10):
             raise SettingError(f"part.early: expected seconds in [0, 10], got {self.early!r}")
+        if self.max_delay is not None and not (isinstance(self.max_delay, (int, float)) and
+                                               math.isfinite(self.max_delay) and 0 < self.max_delay <= 600):
+            raise SettingError(f"part.max_delay: expected seconds in (0, 600], got {self.max_delay!r}")
         for number, model in self.recipes:
             if not isinstance(number, int) or number < 1 or number > 65535:
                 raise SettingError(f"recipes: recipe numbers are 1..65535 (0 is the line's own model), got {number!r}")
