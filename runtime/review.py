@@ -292,7 +292,18 @@ def read_labels(path, data: Optional[bytes] = None) -> List[ReviewLabel]:
     path = Path(path)
     if data is None and not path.is_file():
         raise ReviewError(f"{path}: label file not found")
-    return [ReviewLabel.from_dict(record, where) for where, record in _json_lines(path, "label file", data)]
+    labels = []
+    for where, record in _json_lines(path, "label file", data):
+        if _is_event_record(record):     # its first error would be "field image_sha256 is missing"
+            raise ReviewError(f"{where}: an mrkd event, not a review label: {path} is an events log (`mrkd run "
+                              f"--events`); give the label file `mrkd review` or the operator page writes")
+        labels.append(ReviewLabel.from_dict(record, where))
+    return labels
+
+
+def _is_event_record(record) -> bool:
+    # an `mrkd run --events` line: an event id and its "time" (labels have "when"), no label
+    return isinstance(record, dict) and "event_id" in record and "time" in record and "label" not in record
 
 
 def _is_label_record(record) -> bool:
@@ -307,13 +318,17 @@ def read_review_events(path) -> List[dict]:
     path = Path(path)
     if not path.is_file():
         raise ReviewError(f"{path}: events log not found")
-    events = []
+    events, records = [], 0
     for where, record in _json_lines(path, "events log"):
         if _is_label_record(record):
             raise ReviewError(f"{where}: a review label, not an event: {path} is a label file; give the events "
                               f"log of `mrkd run --events` (and this file as --labels)")
         if isinstance(record, dict) and record.get("event_id"):
             events.append(record)
+        records += 1
+    if records and not events:     # e.g. another tool's JSON lines: "0 of 0 events" would read as a quiet run
+        raise ReviewError(f"{path}: none of its {records} JSON line(s) is an mrkd event (no event_id): give the "
+                          f"events log of `mrkd run --events`")
     return events
 
 
