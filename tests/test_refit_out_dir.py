@@ -65,6 +65,21 @@ def test_outs_existing_folder_is_named(parent, tmp_path):
     assert refusal(parent, tmp_path, out).startswith(f"{out}: exists")
 
 
+def test_an_existing_out_is_refused_before_the_checkpoint_is_read(parent, tmp_path, monkeypatch):
+    """-o naming a folder that exists was refused only after the checkpoint had loaded (seconds of torch
+    and the model): a checkpoint whose reading fails shows which comes first."""
+    import mrkd.train.checkpoint as checkpoint
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before -o was checked")
+    monkeypatch.setattr(checkpoint, "read_checkpoint", never)
+    out = tmp_path / "v2"
+    out.mkdir()
+    assert refusal(parent, tmp_path, out).startswith(f"{out}: exists")
+    (tmp_path / "afile").write_text("x")
+    assert "afile is a file" in refusal(parent, tmp_path, tmp_path / "afile" / "v3")
+
+
 def test_a_staging_folder_a_killed_refit_left_is_reported_and_left_alone(parent, tmp_path):
     out = tmp_path / "out" / "v2"
     left = tmp_path / "out" / ".v2.k1lled00"

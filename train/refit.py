@@ -604,6 +604,13 @@ def check_out_dir(out_dir: Path) -> None:
         raise RefitError(f"{out_dir}: cannot be created: {above} is not writable")
 
 
+def _check_new_out_dir(out_dir: Path) -> None:
+    if out_dir.exists():
+        raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
+                         f"an earlier one): name another with -o")
+    check_out_dir(out_dir)
+
+
 def leftover_staging(out_dir: Path) -> List[Path]:
     """Staging folders of ``out_dir`` that an earlier refit left (only SIGKILL or a power cut skips
     the clean-up), sorted."""
@@ -639,6 +646,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     if model_path.suffix.lower() in (".onnx", ".engine", ".plan"):
         raise RefitError(f"{model_path}: refit needs the checkpoint (.ckpt) the model was exported from; the "
                          f"teacher's features come from it")
+    if out_dir is not None:       # named: refused before the checkpoint's seconds of loading (the default
+        _check_new_out_dir(Path(out_dir))     # folder's name needs the parent's version, read from it)
     data = read_checkpoint(model_path)
     model = model_from_dict(data, source=str(model_path))
     known = None
@@ -675,10 +684,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{good}: no held-out good image left to set the threshold on")
     version = parent_version(data) + 1
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path, version)
-    if out_dir.exists():
-        raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
-                         f"an earlier one): name another with -o")
-    check_out_dir(out_dir)        # before the minutes of work, not after
+    _check_new_out_dir(out_dir)        # again: before the minutes of work, not after
     try:
         result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
                              batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
