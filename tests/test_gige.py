@@ -845,3 +845,44 @@ def test_hardware_triggers_closer_than_the_part_timeout_are_warned_about_once(si
     warnings = [r.getMessage() for r in caplog.records if "shorter than the part timeout" in r.getMessage()]
     assert len(warnings) == 1 and "0.4 s" in warnings[0]
     assert [p.verdict for _, p in recorder.parts] == [Verdict.ERROR] * 3        # no image ever: timeouts
+
+
+def test_parts_queued_behind_a_stalled_camera_are_late_errors_and_never_trigger_it(simulator, model):
+    """[part] max_delay against Aravis' simulator: the camera stopped (SIGSTOP) for 1.5 s while triggers
+    keep coming every 0.3 s. The part whose trigger met the stall got its image ~1.5 s late, the ones
+    queued behind it waited past the bound: each is ERROR "late" in order, those that waited never
+    trigger the camera (no image of theirs is read or left over for a later part), and every part
+    judged was photographed within the bound (an outside probe saw 1.5-2.2 s, judged, without a bound)."""
+    bound = 0.5
+    camera = simulator("127.0.86.43", "STALLS")
+    recorder = Recorder()
+    runner = runner_for([("cam", camera.uri, "software")], model, PartSettings(queue=8, max_delay=bound), recorder)
+    resume = threading.Timer(1.5, os.kill, (camera.proc.pid, signal.SIGCONT))
+    try:
+        for i in range(12):
+            if i == 3:
+                os.kill(camera.proc.pid, signal.SIGSTOP)
+                wait_for(lambda: stopped(camera.proc.pid), 5, "the simulator to stop")
+                resume.start()
+            assert runner.trigger(f"P{i:02d}").accepted
+            time.sleep(0.3)
+        wait_idle(runner, 30)
+    finally:
+        resume.join()
+        os.kill(camera.proc.pid, signal.SIGCONT)
+        summary = runner.stop()
+    parts = [p for _, p in recorder.parts]
+    assert [p.part_id for p in parts] == [f"P{i:02d}" for i in range(12)]
+    judged = [p for p in parts if p.verdict != Verdict.ERROR]
+    late = [p for p in parts if p.verdict == Verdict.ERROR]
+    assert all(p.error_code == ERROR_CODES["late"] for p in late), [(p.part_id, p.error) for p in late]
+    assert all(p.acquired_s <= bound for p in judged), [(p.part_id, p.acquired_s) for p in judged]
+    waited = [p for p in late if p.error.startswith("cam: late: waited ")]
+    came = [p for p in late if p.error.startswith("cam: late: its image came ")]
+    assert len(waited) >= 2 and len(came) >= 1 and len(waited) + len(came) == len(late), [p.error for p in late]
+    assert parts[:3] == judged[:3] and parts[-1].verdict != Verdict.ERROR     # before the stall, and after
+    stats = summary["cameras"]["cam"]["source"]
+    # One image per camera trigger: the judged parts' and the late-arriving ones'; none for those that waited.
+    assert stats["frames_read"] == len(judged) + len(came), stats
+    assert stats["unclaimed_images"] == 0 and stats["trigger_timeouts"] == 0, stats
+    assert summary["verdicts"]["ERROR"] == len(late) and summary["cameras"]["cam"]["errors"] == {"late": len(late)}

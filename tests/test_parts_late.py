@@ -1,8 +1,9 @@
 """A part that waits in the queue is photographed late: a software-triggered or free-running camera takes
 its image when the runner asks, so on a moving line the image of a part queued behind others shows what
 is under the camera by then. [part] max_delay bounds trigger -> image: past it the part is ERROR "late"
-(code 9), in order, and its image is never asked for; without it every part is judged and the first late
-one is warned about once (its delay is in every part's acquired_s)."""
+(code 9), in order, and a camera's image is never asked for (test_gige: a stalled camera); a folder's or
+an array's next image is still read and dropped, so the parts after keep their own. Without the bound
+every part is judged and the first late one is warned about once (its delay is every part's acquired_s)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from runtime_fixtures import SlowFrames, build_tiny_model
-from test_parts import Recorder, wait_idle
+import numpy as np
+
+from runtime_fixtures import SlowFrames, build_tiny_model, defective_frame, normal_frame
+from test_parts import Recorder, reference_score, wait_idle
 
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import ERROR_CODES, PartRunner
@@ -54,7 +57,7 @@ def three_queued_parts(model, settings):
     return recorder.parts, summary, frames
 
 
-def test_parts_past_max_delay_are_late_errors_in_order_and_their_images_are_not_taken(model):
+def test_parts_past_max_delay_are_late_errors_in_order(model):
     # P1's image comes >= 1.0 s after its trigger by the sleeps alone; P0's at ~0.5 s
     parts, summary, frames = three_queued_parts(model, PartSettings(queue=4, max_delay=2 * FRAME_S - 0.1))
     assert [p.part_id for p in parts] == ["P0", "P1", "P2"] and [p.sequence for p in parts] == [1, 2, 3]
@@ -63,10 +66,10 @@ def test_parts_past_max_delay_are_late_errors_in_order_and_their_images_are_not_
     # asked for in time, but its image came ~1.0 s after the trigger
     assert second.verdict == "ERROR" and second.error.startswith("cam: late: its image came "), second.error
     assert second.error_code == ERROR_CODES["late"] == 9
-    # waited ~1.0 s in the queue: not photographed at all
+    # waited ~1.0 s in the queue
     assert third.verdict == "ERROR" and third.error.startswith("cam: late: waited "), third.error
     assert "over part.max_delay 0.9 s" in third.error
-    assert frames.taken == 2                     # P0's and P1's; none for P2
+    assert frames.taken == 3       # an array is a sequence: P2's image is read and dropped (the next part's own)
     assert summary["verdicts"]["ERROR"] == 2 and summary["parts"] == 3
     assert error_codes()[9] == "late"            # what a PLC reads, and docs/PLC.md lists (test_plc_docs)
 
@@ -101,3 +104,35 @@ def test_line_file_max_delay(model, tmp_path):
                            ("-1", r"part\.max_delay: expected seconds in \(0, 600\], got -1")):
         with pytest.raises(LineFileError, match=message):
             parse_line(body + f"[part]\nmax_delay = {value}\n", str(tmp_path / "line.toml"))
+
+
+def test_a_late_part_on_a_folder_leaves_the_next_parts_their_own_images(model):
+    """A folder, a video file or an array is a sequence: the next image is the next part's, whenever it is
+    read. A late part must still take its image (and drop it), or every part after it is judged on the
+    image of the part before it (a silent shift of the whole run)."""
+    rng = np.random.default_rng(5)
+    frames = [normal_frame(rng), normal_frame(rng), defective_frame(rng), normal_frame(rng), defective_frame(rng)]
+
+    def slow_then_fast():        # P0's and P1's images take FRAME_S each: P2 waits >= 2 * FRAME_S
+        for i, frame in enumerate(frames):
+            if i < 2:
+                time.sleep(FRAME_S)
+            yield frame
+
+    line = Line((Camera("cam", "memory", model, trigger="software"),))
+    recorder = Recorder()
+    settings = PartSettings(queue=4, max_delay=2 * FRAME_S - 0.1)
+    runner = PartRunner(line, {"cam": ArraySource(slow_then_fast())}, settings, observers=[recorder]).start()
+    for i in range(3):           # at once: P1's image comes late, P2 waits too long
+        assert runner.trigger(f"P{i}").accepted
+    wait_idle(runner)
+    for i in range(3, 5):        # one at a time: neither waits
+        assert runner.trigger(f"P{i}").accepted
+        wait_idle(runner)
+    runner.stop()
+    parts = recorder.parts
+    assert [p.part_id for p in parts] == [f"P{i}" for i in range(5)]
+    assert [p.verdict == "ERROR" for p in parts] == [False, True, True, False, False], [p.error for p in parts]
+    assert parts[2].error.startswith("cam: late: waited "), parts[2].error
+    for i in (0, 3, 4):          # each judged on its own image, never the one before it
+        assert parts[i].score == pytest.approx(reference_score(frames[i]), abs=1e-5), (i, parts[i].score)

@@ -426,12 +426,12 @@ class PartRunner:
         late = self._late(waited, "waited")
         futures = {c.name: self._pool.submit(c.grabber.grab, pending.wall, self.settings.timeout,
                                              self.settings.images, self._abort, self.settings.early)
-                   for c in self.cameras if not (late and self._asked_for(c))}
+                   for c in self.cameras if not (late and self._asked_for(c) and not self._sequence(c))}
         grabs = {name: future.result() for name, future in futures.items()}
         for camera in self.cameras:      # the ones asked too late, and images that came too late
             grab = grabs.get(camera.name)
-            if grab is None:
-                grabs[camera.name] = Grab([], late)
+            if grab is None or (late and grab.error is None and self._asked_for(camera)):
+                grabs[camera.name] = Grab([], late)     # not asked; a sequence's image read and dropped
             elif grab.error is None and self._asked_for(camera):
                 taken = self._late(grab.acquired_at - pending.mono, "its image came")
                 if taken:
@@ -470,6 +470,13 @@ class PartRunner:
         """A camera that takes a part's image when mrkd asks (software trigger, free-running): a part's wait
         in the queue delays its image. A hardware-triggered one exposed at the edge already."""
         return getattr(camera.grabber, "trigger_mode", "") != "hardware"
+
+    @staticmethod
+    def _sequence(camera: _Camera) -> bool:
+        """A folder, video file or array: its next image is the next part's whenever it is read, so a late
+        part still reads its image (and drops it); skipping it would judge every later part on the image
+        of the part before it."""
+        return isinstance(camera.grabber, FrameGrabber) and not camera.grabber.source.live
 
     def _late(self, seconds: float, what: str) -> Optional[str]:
         """The ERROR reason when ``seconds`` after the trigger is past [part] max_delay; None otherwise."""
