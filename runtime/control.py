@@ -144,12 +144,12 @@ class LineControl:
     def _reload(self) -> Tuple[int, dict]:
         if self.slots is None:
             return 403, {"error": "model reload is not available on this line"}
-        count = len(self.slots.records)
-        self.slots.request_reload("http")
+        load_round = self.slots.request_reload_round("http")
         self.slots.wait_idle(60)
-        # a version that passed its check waits for the loop's next frame or part: it is answered as
-        # "staged" after what the loop already did, so outcomes[0] is never silent about this request
-        outcomes = self.slots.report()[count:] + self.slots.staged_report()
+        # this request's own round only (a SIGHUP's load finishing meanwhile is not its answer); a version
+        # that passed its check waits for the loop's next frame or part: it is answered as "staged", after
+        # what the loop already did, so outcomes[0] is never silent about this request
+        outcomes = self.slots.outcomes_of(load_round)
         # a script that moved a new model in must see a refusal in the status code, not only in the body
         refused = any(o["outcome"] == "refused" for o in outcomes)
         return (409 if refused else 200), {"outcomes": outcomes, "staged": self.slots.staged()}

@@ -722,3 +722,54 @@ def test_the_lines_slots_know_which_cameras_judge_by_their_own_threshold(tmp_pat
     assert [(Path(r.model).parent.name, r.outcome) for r in slots.apply()] == [("b", "swapped")]
     for detector in detectors.values():
         detector.close()
+
+
+def test_the_http_reload_answers_with_its_own_round_not_a_sighup_load_running_meanwhile(tmp_path):
+    """POST /reload answered with every record written after it came: a SIGHUP load already running
+    (which read the file before the new version moved in: here it finds it half-written) finished
+    meanwhile, and its refusal became the HTTP answer's outcome (409 for a good new version). Now the
+    request's answer is the load round that started after it."""
+    import threading
+
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    from test_review import _post
+    live = tmp_path / "live" / "model.onnx"
+    live.parent.mkdir()
+    export_tiny_model(live, threshold=0.1)
+    key = str(live.resolve())
+    detectors = {key: Detector(live)}
+    release, opened = threading.Event(), []
+
+    def opener(path):
+        opened.append(path)
+        if len(opened) == 1:              # the SIGHUP round: it read the file half-written, slowly
+            release.wait(30)
+            raise ValueError("truncated protobuf")
+        return Detector(path)
+    slots = ModelSlots(detectors, opener, status=lambda text: None)
+    state = state_for(live, detectors[key])
+    slots.apply([state])
+    token = "another-long-control-token"
+    server = OperatorServer("127.0.0.1", 0)
+    server.control = LineControl(token, slots=slots)
+    try:
+        assert slots.request_reload("SIGHUP")
+        export_tiny_model(tmp_path / "v2.onnx", threshold=0.3)
+        install(tmp_path / "v2.onnx", live)
+
+        def release_once_the_request_waits():
+            deadline = time.monotonic() + 30
+            while slots._again is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            release.set()
+        threading.Thread(target=release_once_the_request_waits, daemon=True).start()
+        code, answer = _post(server.url, "/reload", b"", token)
+        assert code == 200, answer
+        assert [(o["outcome"], o["reason"]) for o in answer["outcomes"]] == [("staged", "http")], answer
+        assert [r["outcome"] for r in slots.report()] == ["refused"]     # the SIGHUP round's, kept in the report
+    finally:
+        release.set()
+        server.close()
+        for detector in detectors.values():
+            detector.close()

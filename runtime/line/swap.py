@@ -93,6 +93,7 @@ class _Staged:
     detail: str                      # the check's outcome
     reason: str                      # what asked for the reload
     checked: List[Tuple[np.ndarray, float]]   # the frames it was checked on, with its scores
+    round: int = 0                   # the load round that made it (ModelSlots.request_reload_round)
 
 
 @dataclass
@@ -129,6 +130,10 @@ class ModelSlots(LineObserver):
         self._loader: Optional[threading.Thread] = None
         self._again: Optional[str] = None
         self.records: List[SwapRecord] = []
+        # the load round of each record: a round loads every path once; the requests that come while one
+        # runs share the next, so one request's outcomes are its round's records, not whatever else landed
+        self._record_rounds: List[int] = []
+        self._round = 0                  # rounds started
         self._waiters = threading.Condition(self._lock)
 
     def _new_slot(self, detector) -> _Slot:
@@ -148,13 +153,32 @@ class ModelSlots(LineObserver):
     def request_reload(self, reason: str = "request") -> bool:
         """Load every model path again in the background; True when a load starts now (False: one is
         running, this request follows it). Safe from a signal handler (no I/O here)."""
+        return self._request(reason)[1]
+
+    def request_reload_round(self, reason: str = "request") -> int:
+        """request_reload, returning the number of the load round that serves this request (the one
+        started now, or the one after the running round): outcomes_of(round) is its answer. A round
+        that was already loading when the request came may have read the file before the new version
+        moved in, so it does not answer it."""
+        return self._request(reason)[0]
+
+    def _request(self, reason: str) -> Tuple[int, bool]:
         with self._lock:
             if self._loader is not None and self._loader.is_alive():
                 self._again = reason
-                return False
-            self._loader = threading.Thread(target=self._load_all, args=(reason,), name="model-reload", daemon=True)
+                return self._round + 1, False
+            self._round += 1
+            self._loader = threading.Thread(target=self._load_all, args=(reason, self._round), name="model-reload",
+                                            daemon=True)
             self._loader.start()
-            return True
+            return self._round, True
+
+    def outcomes_of(self, load_round: int) -> List[dict]:
+        """The records of one load round, then its versions still waiting for the loop (outcome
+        "staged"): a reload request's own answer."""
+        with self._lock:
+            done = [dataclasses.asdict(r) for r, n in zip(self.records, self._record_rounds) if n == load_round]
+        return done + [record for record, n in self._staged_records() if n == load_round]
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no load runs (tests, the HTTP endpoint's reply)."""
@@ -168,16 +192,18 @@ class ModelSlots(LineObserver):
                 return False
             loader.join(min(0.05, max(0.0, deadline - time.monotonic())))
 
-    def _load_all(self, reason: str) -> None:
+    def _load_all(self, reason: str, load_round: int) -> None:
         while True:
             for key in list(self._slots):
-                self._load_one(key, reason)
+                self._load_one(key, reason, load_round)
             with self._lock:
                 reason, self._again = self._again, None
                 if reason is None:
                     return
+                self._round += 1
+                load_round = self._round
 
-    def _load_one(self, key: str, reason: str) -> None:
+    def _load_one(self, key: str, reason: str, load_round: int = 0) -> None:
         slot = self._slots[key]
         started = time.perf_counter()
         path = Path(slot.path)
@@ -194,7 +220,7 @@ class ModelSlots(LineObserver):
                 new_detector.close()
                 self._record(SwapRecord(slot.path, reason, "unchanged", slot.sha256, new_sha,
                                         "the file is the running model" + self._drop_pending(slot),
-                                        time.perf_counter() - started, time.time()))
+                                        time.perf_counter() - started, time.time()), load_round)
                 return
             old_meta, new_meta = slot.detector.metadata, new_detector.metadata
             for name in COMPATIBLE_FIELDS:
@@ -209,12 +235,14 @@ class ModelSlots(LineObserver):
             if new_detector is not None:
                 new_detector.close()
             self._record(SwapRecord(slot.path, reason, "refused", slot.sha256, new_sha,
-                                    str(exc) + self._drop_pending(slot), time.perf_counter() - started, time.time()))
+                                    str(exc) + self._drop_pending(slot), time.perf_counter() - started, time.time()),
+                         load_round)
             return
         with self._lock:
             if slot.pending is not None:          # a newer load replaces one not applied yet
                 slot.pending.detector.close()
-            slot.pending = _Staged(new_detector, new_sha, time.perf_counter() - started, detail, reason, checked)
+            slot.pending = _Staged(new_detector, new_sha, time.perf_counter() - started, detail, reason, checked,
+                                   load_round)
 
     def _drop_pending(self, slot: _Slot) -> str:
         """Forget a version staged by an earlier load that no round has applied yet: the file at the path
@@ -278,9 +306,10 @@ class ModelSlots(LineObserver):
                               f"file or --threshold) and restart, or drop it to use the model's")
         return f"; camera(s) {cameras} keep their own threshold (the new model's {basis})"
 
-    def _record(self, record: SwapRecord) -> None:
+    def _record(self, record: SwapRecord, load_round: int = 0) -> None:
         with self._lock:
             self.records.append(record)
+            self._record_rounds.append(load_round)
         if record.outcome == "refused":
             self._status(f"model reload ({record.reason}) REFUSED, the running model {record.old_sha256[:12]} "
                          f"goes on: {record.detail}")
@@ -344,7 +373,7 @@ class ModelSlots(LineObserver):
                 judged, slot.frames = slot.frames, 0     # the replaced version's own count
             record = SwapRecord(slot.path, staged.reason, "swapped", old_sha, sha, staged.detail, staged.load_s,
                                 time.time(), judged)
-            self._record(record)
+            self._record(record, staged.round)
             done.append(record)
             old.close()
         return done
@@ -366,10 +395,13 @@ class ModelSlots(LineObserver):
         """The versions waiting for the loop's next round, as records of outcome "staged" (checked, not
         swapped in yet): what a reload's answer says of a version that passed its check before the
         loop took it, so its first outcome names it rather than being absent."""
+        return [record for record, _ in self._staged_records()]
+
+    def _staged_records(self) -> List[Tuple[dict, int]]:
         with self._lock:
-            return [dataclasses.asdict(SwapRecord(slot.path, slot.pending.reason, "staged", slot.sha256,
-                                                  slot.pending.sha256, slot.pending.detail, slot.pending.load_s,
-                                                  time.time(), slot.frames))
+            return [(dataclasses.asdict(SwapRecord(slot.path, slot.pending.reason, "staged", slot.sha256,
+                                                   slot.pending.sha256, slot.pending.detail, slot.pending.load_s,
+                                                   time.time(), slot.frames)), slot.pending.round)
                     for slot in self._slots.values() if slot.pending is not None]
 
 
