@@ -125,6 +125,34 @@ class StderrWriter(logging.StreamHandler):
                                              "levelname": "WARNING", "msg": DROPPED.format(count)}))
 
 
+class AfterCloseWriter(logging.StreamHandler):
+    """What the root writes with once a queue is closed in time (a thread the command left, a second
+    command's start): each record at once, in mrkd run's format; before, such records fell to Python's
+    last resort, the message alone. The handler's lock is not taken, as for StderrWriter (a write
+    stalled on a full pipe would hold it, and logging.shutdown takes every handler's lock at exit): each
+    record is one write. A queue installed later replaces it. It writes to sys.stderr as it is at each
+    record (as Python's last resort does), not as it was at the close: a caller that swapped stderr for
+    the command (click's CliRunner) has closed its stream since."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.WARNING)               # as the last resort it stands in for
+        self.setFormatter(logging.Formatter(FORMAT))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+    def handle(self, record) -> bool:
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+
 @dataclass
 class QueuedStderrLog:
     """The root logger's queue, its handler and the writer thread behind it."""
@@ -161,7 +189,9 @@ class QueuedStderrLog:
         self.records.put(logging.makeLogRecord({"written_out": marker}))     # past the capacity: one record
         self.closed = marker.done.wait(deadline_s)
         if self.closed:
-            logging.getLogger().removeHandler(self.handler)
+            root = logging.getLogger()
+            root.removeHandler(self.handler)
+            root.addHandler(AfterCloseWriter())
             # the writer ends after what was queued meanwhile; not joined: stderr may stall again
             self.listener.enqueue_sentinel()
         return self.closed
@@ -176,6 +206,8 @@ def log_to_stderr_through_queue(level: int = logging.WARNING) -> Optional[Queued
     close (logging_through_queue calls it at the command's end) or at exit (atexit)."""
     global _installed
     root = logging.getLogger()
+    for after in [h for h in root.handlers if isinstance(h, AfterCloseWriter)]:   # an earlier queue's: replaced
+        root.removeHandler(after)
     if _installed is not None or root.handlers:
         return None
     _installed = QueuedStderrLog.start()
