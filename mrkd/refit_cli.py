@@ -64,6 +64,8 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
     parent sha256 and label file sha256 in the metadata) into a new folder. The parent is never
     changed."""
+    from mrkd.train.refit_args import check_refit_args
+    check_refit_args(model, labels, out)      # what is refused in milliseconds: before torch's import (seconds)
     with stops_in_one_line(lambda by: f"refit stopped ({by}); nothing written"):
         from mrkd.train.refit import refit_checkpoint
         result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,

@@ -69,6 +69,11 @@ class ReviewError(MrkdError, ValueError):
     """A label file or a review decision that cannot be used; the message names the file, line or field."""
 
 
+class EventsLogGivenAsLabels(ReviewError):
+    """read_labels was given an events log (`mrkd run --events`) instead of a label file; its caller may
+    say which of its own options each file belongs to."""
+
+
 class UnlabellableError(ReviewError):
     """The event cannot be labelled as asked: no evidence image, evidence changed since the run, or a
     label that contradicts another (POST /review answers 409). ``together``: for a contradiction, the
@@ -295,8 +300,9 @@ def read_labels(path, data: Optional[bytes] = None) -> List[ReviewLabel]:
     labels = []
     for where, record in _json_lines(path, "label file", data):
         if _is_event_record(record):     # its first error would be "field image_sha256 is missing"
-            raise ReviewError(f"{where}: an mrkd event, not a review label: {path} is an events log (`mrkd run "
-                              f"--events`); give the label file `mrkd review` or the operator page writes")
+            raise EventsLogGivenAsLabels(f"{where}: an mrkd event, not a review label: {path} is an events log "
+                                         f"(`mrkd run --events`); give the label file `mrkd review` or the "
+                                         f"operator page writes")
         labels.append(ReviewLabel.from_dict(record, where))
     return labels
 

@@ -70,10 +70,11 @@ from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, RecordedLog, ReviewLabel, evidence_changed, \
     image_sha256, label_image, latest_labels, one_camera_event, read_labels, read_review_events, \
     recorded_logs
+from mrkd.train.refit_args import LINEAGE_KEY, RefitError, check_new_out_dir, check_refit_args, default_out_dir, \
+    lineage_version as parent_version  # noqa: F401 - RefitError is this module's error too
 
 logger = logging.getLogger(__name__)
 
-LINEAGE_KEY = "lineage"
 LINEAGE_SCHEMA_VERSION = 1
 CHECKPOINT_NAME = "model.ckpt"
 RADIUS_QUANTILE = 0.99         # growth stop: this quantile of the held-out good patches' nearest-bank distances
@@ -102,10 +103,6 @@ AUGMENT_PRESETS = {                 # names for `augment` (the bench's --tune-au
     "flips": ("hflip", "vflip", "rot180"),                      # the group the two flips make
     "flips+rot90": tuple(AUGMENTS),                             # ... with rot90: every symmetry of the square
 }
-
-
-class RefitError(MrkdError, ValueError):
-    """A refit that cannot be done or would not be safe; the message names the file or image."""
 
 
 @dataclass(frozen=True)
@@ -586,31 +583,6 @@ def _unreadable(exc: Exception, good, held_out: Sequence[str]) -> Exception:
     return RefitError(f"cannot read image {cause.path!r}: {cause.reason} ({source})")
 
 
-def parent_version(data: dict) -> int:
-    lineage = data.get(LINEAGE_KEY)
-    version = lineage.get("version") if isinstance(lineage, dict) else None
-    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else 1
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """RefitError naming ``out_dir`` when it cannot become a new folder: a file in its path, or a
-    parent folder this process cannot write into."""
-    above = next((p for p in out_dir.parents if p.exists()), None)
-    if above is None:
-        return
-    if not above.is_dir():
-        raise RefitError(f"{out_dir}: cannot be created: {above} is a file, not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise RefitError(f"{out_dir}: cannot be created: {above} is not writable")
-
-
-def _check_new_out_dir(out_dir: Path) -> None:
-    if out_dir.exists():
-        raise RefitError(f"{out_dir}: exists; a refit writes a new model version into a new folder (never over "
-                         f"an earlier one): name another with -o")
-    check_out_dir(out_dir)
-
-
 def leftover_staging(out_dir: Path) -> List[Path]:
     """Staging folders of ``out_dir`` that an earlier refit left (only SIGKILL or a power cut skips
     the clean-up), sorted."""
@@ -618,11 +590,6 @@ def leftover_staging(out_dir: Path) -> List[Path]:
         return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}.*") if p.is_dir())
     except OSError:
         return []
-
-
-def default_out_dir(model_path, version: int) -> Path:
-    model_path = Path(model_path)
-    return model_path.parent / f"{model_path.stem}.v{version}"
 
 
 def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool = False, export: bool = True,
@@ -643,11 +610,9 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
     from mrkd.train.data import DataError, scan_folder
     model_path, labels_path = Path(model_path), Path(labels_path)
-    if model_path.suffix.lower() in (".onnx", ".engine", ".plan"):
-        raise RefitError(f"{model_path}: refit needs the checkpoint (.ckpt) the model was exported from; the "
-                         f"teacher's features come from it")
-    if out_dir is not None:       # named: refused before the checkpoint's seconds of loading (the default
-        _check_new_out_dir(Path(out_dir))     # folder's name needs the parent's version, read from it)
+    # an exported model, an unreadable label file or events log in its place, an existing new folder:
+    # refused before the checkpoint's seconds of loading (`mrkd refit` checked them before importing torch)
+    check_refit_args(model_path, labels_path, out_dir)
     data = read_checkpoint(model_path)
     model = model_from_dict(data, source=str(model_path))
     known = None
@@ -684,7 +649,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{good}: no held-out good image left to set the threshold on")
     version = parent_version(data) + 1
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path, version)
-    _check_new_out_dir(out_dir)        # again: before the minutes of work, not after
+    check_new_out_dir(out_dir)        # again (the default's version is known now): before the minutes of work
     try:
         result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
                              batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
