@@ -773,3 +773,94 @@ def test_the_http_reload_answers_with_its_own_round_not_a_sighup_load_running_me
         server.close()
         for detector in detectors.values():
             detector.close()
+
+
+def reload_server(tmp_path, opener_for):
+    """A line's slots over a tiny live model, behind an OperatorServer's authenticated POST /reload."""
+    from mrkd.runtime.control import LineControl
+    from mrkd.runtime.outputs.web import OperatorServer
+    live = tmp_path / "live" / "model.onnx"
+    live.parent.mkdir()
+    export_tiny_model(live, threshold=0.1)
+    key = str(live.resolve())
+    detectors = {key: Detector(live)}
+    slots = ModelSlots(detectors, opener_for, status=lambda text: None)
+    slots.apply([state_for(live, detectors[key])])
+    server = OperatorServer("127.0.0.1", 0)
+    server.control = LineControl("another-long-control-token", slots=slots)
+    return live, detectors, slots, server
+
+
+def test_the_http_reload_answers_with_its_staged_version_when_a_later_sighup_round_drops_it(tmp_path):
+    """A SIGHUP coming while the request's round loads is served by a round after it, in the same loader;
+    the request waits for both. That round found the file half-written (a refusal), which drops the version
+    the request's round staged: the answer had no outcome at all (200, []). Now it is the request's own
+    round's outcome, "staged", saying a later reload dropped it."""
+    import threading
+
+    from test_review import _post
+    release, opened = threading.Event(), []
+
+    def opener(path):
+        opened.append(path)
+        if len(opened) == 1:              # the request's round: a good new version, read slowly
+            release.wait(30)
+            return Detector(path)
+        raise ValueError("truncated protobuf")      # the SIGHUP's round: the next version half-written
+    live, detectors, slots, server = reload_server(tmp_path, opener)
+    try:
+        export_tiny_model(tmp_path / "v2.onnx", threshold=0.3)
+        install(tmp_path / "v2.onnx", live)
+
+        def sighup_while_the_request_loads():
+            deadline = time.monotonic() + 30
+            while not opened and time.monotonic() < deadline:
+                time.sleep(0.01)
+            slots.request_reload("SIGHUP")
+            release.set()
+        threading.Thread(target=sighup_while_the_request_loads, daemon=True).start()
+        code, answer = _post(server.url, "/reload", b"", "another-long-control-token")
+        assert len(opened) == 2 and [r["outcome"] for r in slots.report()] == ["refused"]
+        assert code == 200, answer
+        [outcome] = answer["outcomes"]
+        assert (outcome["outcome"], outcome["reason"]) == ("staged", "http"), answer
+        assert "later reload (SIGHUP)" in outcome["detail"] and answer["staged"] == [], answer
+    finally:
+        release.set()
+        server.close()
+        for detector in detectors.values():
+            detector.close()
+
+
+def test_a_reload_requested_as_the_loader_finishes_is_not_lost(tmp_path):
+    """The loader decided to end (nothing asked for again) and lived on a moment: a request in that moment
+    was left for it, so nothing loaded it and its answer was empty. Here the moment is held open."""
+    import threading
+
+    opened = []
+
+    def opener(path):
+        opened.append(path)
+        return Detector(path)
+    live, detectors, slots, server = reload_server(tmp_path, opener)
+    server.close()
+    ending, go_on = threading.Event(), threading.Event()
+    load_all = slots._load_all
+
+    def load_all_then_linger(*args):
+        load_all(*args)
+        ending.set()
+        go_on.wait(30)                    # the thread is still alive after its decision to end
+    slots._load_all = load_all_then_linger
+    try:
+        first = slots.request_reload_round("SIGHUP")
+        assert ending.wait(30)
+        second = slots.request_reload_round("http")
+        go_on.set()
+        assert slots.wait_idle(30) and second == first + 1
+        assert len(opened) == 2, opened
+        assert [o["outcome"] for o in slots.outcomes_of(second)] == ["unchanged"]
+    finally:
+        go_on.set()
+        for detector in detectors.values():
+            detector.close()

@@ -75,7 +75,7 @@ class SwapRecord:
 
     model: str
     reason: str                      # what asked: "SIGHUP", "http", ...
-    outcome: str                     # "swapped" | "refused" | "unchanged" ("staged" only in staged_report)
+    outcome: str                     # "swapped" | "refused" | "unchanged" ("staged": staged_report, outcomes_of)
     old_sha256: str
     new_sha256: Optional[str]
     detail: str = ""
@@ -94,6 +94,19 @@ class _Staged:
     reason: str                      # what asked for the reload
     checked: List[Tuple[np.ndarray, float]]   # the frames it was checked on, with its scores
     round: int = 0                   # the load round that made it (ModelSlots.request_reload_round)
+    outcome: Optional["_RoundStaged"] = None     # that round's answer about it
+
+
+@dataclass
+class _RoundStaged:
+    """A load round's outcome "staged" for one path, as the round left it: its answer (outcomes_of) even
+    after a later round replaced or dropped the version before the loop took it."""
+    load_round: int
+    record: SwapRecord
+    superseded_by: Optional[str] = None      # the reason of the later reload that replaced or dropped it
+
+
+ROUNDS_STAGED_KEPT = 64            # staged outcomes kept for outcomes_of (a request asks right after its round)
 
 
 @dataclass
@@ -134,6 +147,7 @@ class ModelSlots(LineObserver):
         # runs share the next, so one request's outcomes are its round's records, not whatever else landed
         self._record_rounds: List[int] = []
         self._round = 0                  # rounds started
+        self._round_staged: List[_RoundStaged] = []
         self._waiters = threading.Condition(self._lock)
 
     def _new_slot(self, detector) -> _Slot:
@@ -174,11 +188,26 @@ class ModelSlots(LineObserver):
             return self._round, True
 
     def outcomes_of(self, load_round: int) -> List[dict]:
-        """The records of one load round, then its versions still waiting for the loop (outcome
-        "staged"): a reload request's own answer."""
+        """The records of one load round, then the versions it staged that the loop has not swapped in
+        (outcome "staged"; one a later round replaced or dropped since says so): a reload request's own
+        answer."""
         with self._lock:
             done = [dataclasses.asdict(r) for r, n in zip(self.records, self._record_rounds) if n == load_round]
-        return done + [record for record, n in self._staged_records() if n == load_round]
+            swapped = {r["model"] for r in done if r["outcome"] == "swapped"}
+            waiting = {id(slot.pending.outcome): slot for slot in self._slots.values() if slot.pending is not None}
+            staged = []
+            for entry in self._round_staged:
+                if entry.load_round != load_round or entry.record.model in swapped:
+                    continue
+                record = entry.record
+                if entry.superseded_by is not None:
+                    record = dataclasses.replace(record, detail=record.detail + (
+                        f"; a later reload ({entry.superseded_by}) replaced or dropped this version before the "
+                        f"loop swapped it in"))
+                elif id(entry) in waiting:        # still waiting: the frames its running model judged so far
+                    record = dataclasses.replace(record, frames_before=waiting[id(entry)].frames, at=time.time())
+                staged.append(dataclasses.asdict(record))
+        return done + staged
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no load runs (tests, the HTTP endpoint's reply)."""
@@ -199,6 +228,9 @@ class ModelSlots(LineObserver):
             with self._lock:
                 reason, self._again = self._again, None
                 if reason is None:
+                    # decided under the lock: a request from here on starts a new loader (this thread
+                    # lives on a moment; one seeing it alive would leave its request to it, unserved)
+                    self._loader = None
                     return
                 self._round += 1
                 load_round = self._round
@@ -219,7 +251,7 @@ class ModelSlots(LineObserver):
             if new_sha == slot.sha256 and new_detector.metadata.calibration == slot.detector.metadata.calibration:
                 new_detector.close()
                 self._record(SwapRecord(slot.path, reason, "unchanged", slot.sha256, new_sha,
-                                        "the file is the running model" + self._drop_pending(slot),
+                                        "the file is the running model" + self._drop_pending(slot, reason),
                                         time.perf_counter() - started, time.time()), load_round)
                 return
             old_meta, new_meta = slot.detector.metadata, new_detector.metadata
@@ -235,22 +267,32 @@ class ModelSlots(LineObserver):
             if new_detector is not None:
                 new_detector.close()
             self._record(SwapRecord(slot.path, reason, "refused", slot.sha256, new_sha,
-                                    str(exc) + self._drop_pending(slot), time.perf_counter() - started, time.time()),
+                                    str(exc) + self._drop_pending(slot, reason), time.perf_counter() - started,
+                                    time.time()),
                          load_round)
             return
+        load_s = time.perf_counter() - started
+        outcome = _RoundStaged(load_round, SwapRecord(slot.path, reason, "staged", slot.sha256, new_sha, detail,
+                                                      load_s, time.time(), slot.frames))
         with self._lock:
             if slot.pending is not None:          # a newer load replaces one not applied yet
                 slot.pending.detector.close()
-            slot.pending = _Staged(new_detector, new_sha, time.perf_counter() - started, detail, reason, checked,
-                                   load_round)
+                if slot.pending.outcome is not None:
+                    slot.pending.outcome.superseded_by = reason
+            slot.pending = _Staged(new_detector, new_sha, load_s, detail, reason, checked, load_round, outcome)
+            self._round_staged.append(outcome)
+            del self._round_staged[:-ROUNDS_STAGED_KEPT]
 
-    def _drop_pending(self, slot: _Slot) -> str:
+    def _drop_pending(self, slot: _Slot, by: str) -> str:
         """Forget a version staged by an earlier load that no round has applied yet: the file at the path
         is now the running model again (a roll-back) or one refused, so that version is no longer the
         one to run (a triggered line applies between parts, which may be minutes apart). The text
-        added to the record's detail ("" when nothing was staged)."""
+        added to the record's detail ("" when nothing was staged); ``by``: the reason of the reload that
+        drops it (its own round's answer says so)."""
         with self._lock:
             pending, slot.pending = slot.pending, None
+            if pending is not None and pending.outcome is not None:
+                pending.outcome.superseded_by = by
         if pending is None:
             return ""
         pending.detector.close()
