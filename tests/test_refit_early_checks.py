@@ -6,7 +6,6 @@ that must not have imported torch when it refuses."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle

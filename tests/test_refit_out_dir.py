@@ -3,7 +3,6 @@ staging folder the version is built in; a staging folder a killed refit left is 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
