@@ -41,8 +41,10 @@ def files(tmp_path_factory):
     not_a_checkpoint.write_text("this is no checkpoint\n")
     events = folder / "events.jsonl"
     events.write_text("{not json\n")
+    labels = folder / "labels.jsonl"     # a label file that reads (no labels yet): refit's mistake is the checkpoint
+    labels.write_text("")
     model = export_tiny_model(folder / "model.onnx")
-    return {"dir": folder, "images": images, "ckpt": not_a_checkpoint, "events": events, "model": model}
+    return {"dir": folder, "images": images, "ckpt": not_a_checkpoint, "events": events, "labels": labels, "model": model}
 
 
 # One classic mistake per command, and the words its one Error: line must contain.
@@ -58,7 +60,7 @@ MISTAKES = {
     "cameras": (lambda f: ["cameras", "--all-of-them"], ["--all-of-them"]),
     "bench": (lambda f: ["bench", "--only", "nothing"], ["nothing"]),
     "review": (lambda f: ["review", f["events"], "--labels", f["dir"] / "labels.jsonl"], ["events.jsonl"]),
-    "refit": (lambda f: ["refit", f["ckpt"], "--reviewed", f["events"], "--good", f["images"]], ["last.ckpt"]),
+    "refit": (lambda f: ["refit", f["ckpt"], "--reviewed", f["labels"], "--good", f["images"]], ["last.ckpt"]),
     "demo": (lambda f: ["demo", "--out", f["ckpt"]], ["last.ckpt"]),
 }
 
