@@ -509,10 +509,6 @@ def _refusal(conflict: Conflict, new: Sequence[ReviewLabel], path, hint) -> Tupl
             f"defect, not both); label them together: {hint(asked + opposing, label)}"), asked + opposing
 
 
-def labels_file_sha256(path) -> str:
-    return image_sha256(path)
-
-
 def label_image(label: ReviewLabel, labels_path, events_path=None) -> Optional[Path]:
     """The image file a label names: its absolute path, or an older file's relative one beside the
     label file, then beside the events log, then in the current folder; the first that exists (else

@@ -75,7 +75,7 @@ class SwapRecord:
 
     model: str
     reason: str                      # what asked: "SIGHUP", "http", ...
-    outcome: str                     # "swapped" | "refused" | "unchanged" ("staged": staged_report, outcomes_of)
+    outcome: str                     # "swapped" | "refused" | "unchanged" ("staged": outcomes_of)
     old_sha256: str
     new_sha256: Optional[str]
     detail: str = ""
@@ -93,8 +93,7 @@ class _Staged:
     detail: str                      # the check's outcome
     reason: str                      # what asked for the reload
     checked: List[Tuple[np.ndarray, float]]   # the frames it was checked on, with its scores
-    round: int = 0                   # the load round that made it (ModelSlots.request_reload_round)
-    outcome: Optional["_RoundStaged"] = None     # that round's answer about it
+    outcome: "_RoundStaged"          # its load round's answer about it (the round: outcome.load_round)
 
 
 @dataclass
@@ -277,9 +276,8 @@ class ModelSlots(LineObserver):
         with self._lock:
             if slot.pending is not None:          # a newer load replaces one not applied yet
                 slot.pending.detector.close()
-                if slot.pending.outcome is not None:
-                    slot.pending.outcome.superseded_by = reason
-            slot.pending = _Staged(new_detector, new_sha, load_s, detail, reason, checked, load_round, outcome)
+                slot.pending.outcome.superseded_by = reason
+            slot.pending = _Staged(new_detector, new_sha, load_s, detail, reason, checked, outcome)
             self._round_staged.append(outcome)
             del self._round_staged[:-ROUNDS_STAGED_KEPT]
 
@@ -291,7 +289,7 @@ class ModelSlots(LineObserver):
         drops it (its own round's answer says so)."""
         with self._lock:
             pending, slot.pending = slot.pending, None
-            if pending is not None and pending.outcome is not None:
+            if pending is not None:
                 pending.outcome.superseded_by = by
         if pending is None:
             return ""
@@ -415,7 +413,7 @@ class ModelSlots(LineObserver):
                 judged, slot.frames = slot.frames, 0     # the replaced version's own count
             record = SwapRecord(slot.path, staged.reason, "swapped", old_sha, sha, staged.detail, staged.load_s,
                                 time.time(), judged)
-            self._record(record, staged.round)
+            self._record(record, staged.outcome.load_round)
             done.append(record)
             old.close()
         return done
@@ -433,18 +431,6 @@ class ModelSlots(LineObserver):
         with self._lock:
             return [dataclasses.asdict(r) for r in self.records]
 
-    def staged_report(self) -> List[dict]:
-        """The versions waiting for the loop's next round, as records of outcome "staged" (checked, not
-        swapped in yet): what a reload's answer says of a version that passed its check before the
-        loop took it, so its first outcome names it rather than being absent."""
-        return [record for record, _ in self._staged_records()]
-
-    def _staged_records(self) -> List[Tuple[dict, int]]:
-        with self._lock:
-            return [(dataclasses.asdict(SwapRecord(slot.path, slot.pending.reason, "staged", slot.sha256,
-                                                   slot.pending.sha256, slot.pending.detail, slot.pending.load_s,
-                                                   time.time(), slot.frames)), slot.pending.round)
-                    for slot in self._slots.values() if slot.pending is not None]
 
 
 def _fmt(values: np.ndarray) -> str:
