@@ -209,7 +209,7 @@ class PartRunner:
                         "model": LatencyWindow(4096)}
         self._started_at = 0.0
         self._shown: Dict[str, CameraInfo] = {}     # camera -> the CameraInfo the outputs were last told
-        self._hardware = any(getattr(c.grabber, "trigger_mode", "") == "hardware" for c in self.cameras)
+        self._hardware = any(not self._asked_for(c) for c in self.cameras)    # a hardware-triggered camera
         self._last_accepted: Optional[float] = None  # wall time of the last accepted trigger
         self._spacing_warned = False
         self._late_warned = False

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Protocol, Sequence, Tuple, Union
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, Tuple
 
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import TriggerReceipt
@@ -118,7 +118,7 @@ class PartSettings:
 class TriggerBudget:
     """The accepted triggers the test drivers may still make (``--max-parts``), one budget for all of them:
     each driver counted its own, so --trigger-stdin with --trigger-every judged up to twice the parts
-    asked for. ``None``: no limit. A trigger is made and counted under one lock hold, so two drivers
+    asked for. ``count`` None: no limit. A trigger is made and counted under one lock hold, so two drivers
     never both take the last one."""
 
     def __init__(self, count: Optional[int] = None):
@@ -140,16 +140,12 @@ class TriggerBudget:
             return accepted
 
 
-def _budget(count) -> TriggerBudget:
-    return count if isinstance(count, TriggerBudget) else TriggerBudget(count)
-
-
 def trigger_every(target: TriggerTarget, seconds: float, stop: threading.Event,
-                  count: Union[int, TriggerBudget, None] = None) -> threading.Thread:
-    """Trigger ``target`` every ``seconds`` (part ids counted by the line) until ``stop`` or ``count``
-    accepted triggers (parts: a refused one, queue full, does not count; a TriggerBudget: shared with the
-    other drivers); then sets ``stop`` once the line is idle (count given). Runs on its own thread."""
-    budget = _budget(count)
+                  budget: Optional[TriggerBudget] = None) -> threading.Thread:
+    """Trigger ``target`` every ``seconds`` (part ids counted by the line) until ``stop`` or ``budget``'s
+    accepted triggers are spent (parts: a refused one, queue full, does not count; shared with the other
+    drivers); then sets ``stop`` once the line is idle (a count given). Runs on its own thread."""
+    budget = budget or TriggerBudget()
 
     def drive():
         next_at = time.monotonic()
@@ -174,13 +170,13 @@ def input_lines(stream) -> Iterator[str]:
 
 
 def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.Event,
-                  count: Union[int, TriggerBudget, None] = None) -> threading.Thread:
+                  budget: Optional[TriggerBudget] = None) -> threading.Thread:
     """One trigger per line of ``lines`` (stdin; ``input_lines``): the line is the part id (empty:
-    counted), an optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or after ``count``
-    accepted triggers (a TriggerBudget: shared with the other drivers; the lines after are not read),
-    sets ``stop`` once idle. Input that cannot be read
-    any more (an I/O error) ends it as the end of input does, said once in the log."""
-    budget = _budget(count)
+    counted), an optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or once ``budget``'s
+    accepted triggers are spent (shared with the other drivers; the lines after are not read), sets
+    ``stop`` once idle. Input that cannot be read any more (an I/O error) ends it as the end of input
+    does, said once in the log."""
+    budget = budget or TriggerBudget()
 
     def drive():
         text_lines = input_lines(lines)
