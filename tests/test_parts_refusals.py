@@ -155,13 +155,21 @@ def test_a_stalled_log_handler_never_holds_a_trigger_back_and_every_refusal_is_c
     assert handler.records and any("refused" in message for message in handler.records)
 
 
-def test_refusals_behind_a_stalled_output_fold_into_counted_lines_within_the_bound(tmp_path):
+def offline_behind_a_stalled_output(tmp_path, stalled_first: bool):
+    """A started cell, offline (every trigger refused), whose outputs are a parts log, a refusal count
+    and an output stalled on refused triggers (first, so that the report it holds reaches no other
+    output, or last); returns (runner, stalled, counted, the parts log's path)."""
     log_path = tmp_path / "parts.jsonl"
-    stalled = StalledTriggers()
-    counted = RefusalCount()
-    runner = folder_cell(tmp_path, "g", [PartsLogOutput(log_path), counted, stalled])
+    stalled, counted = StalledTriggers(), RefusalCount()
+    others = [PartsLogOutput(log_path), counted]
+    runner = folder_cell(tmp_path, "g", [stalled, *others] if stalled_first else [*others, stalled])
     runner.start()
     runner.set_online(False)
+    return runner, stalled, counted, log_path
+
+
+def test_refusals_behind_a_stalled_output_fold_into_counted_lines_within_the_bound(tmp_path):
+    runner, stalled, counted, log_path = offline_behind_a_stalled_output(tmp_path, stalled_first=False)
     storm = 5000
     try:
         for _ in range(storm):
@@ -185,12 +193,8 @@ def test_a_folded_report_given_up_at_the_stop_counts_every_trigger_it_stands_for
     counted calls, while one folded report stands for ``count`` refused triggers. What the outputs were
     told plus what was given up is now every refused trigger, exactly."""
     monkeypatch.setattr("mrkd.runtime.line.parts.OUTPUTS_DRAIN_S", 0.5)
-    log_path = tmp_path / "parts.jsonl"
-    stalled = StalledTriggers()           # first: the report it holds reaches no other output (cut short)
-    counted = RefusalCount()
-    runner = folder_cell(tmp_path, "g", [stalled, PartsLogOutput(log_path), counted])
-    runner.start()
-    runner.set_online(False)
+    # stalled first: the report it holds reaches no other output (cut short)
+    runner, stalled, counted, log_path = offline_behind_a_stalled_output(tmp_path, stalled_first=True)
     storm = 5000
     try:
         for _ in range(storm):
