@@ -288,6 +288,29 @@ def test_cli_triggers_from_stdin(model, folder, tmp_path):
     assert summary["parts"] == 4 and summary["triggers"] == 4 and summary["verdicts"]["NG"] == 1
 
 
+def test_part_ids_with_control_characters_are_refused_and_reported_escaped(model, folder, tmp_path, caplog):
+    """A part id travels into every log line of its part: an escape sequence from stdin rewrote the
+    operator's terminal, a NUL or NEL (U+0085) went into the parts log as it came. Such a trigger is
+    refused (counted, reason named) and reported with the characters escaped; the other lines are parts."""
+    from mrkd.runtime.cli import run_command
+    log = tmp_path / "parts.jsonl"
+    result = CliRunner().invoke(run_command, [model, "--source", str(folder[0]), "--trigger", "software",
+                                              "--trigger-stdin", "--status-every", "0", "--parts-log", str(log),
+                                              "--summary", str(tmp_path / "s.json")],
+                                input="A\nB\x1b[2J\nC\x00D\nE\x85F\nG\n", catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["parts"] == 2 and summary["triggers"] == 5, summary
+    assert summary["missed_by_reason"] == {"control characters in the part id": 3}, summary
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert [(r["kind"], r["part_id"]) for r in lines if r["kind"] == "missed"] == [
+        ("missed", "B\\x1b[2J"), ("missed", "C\\x00D"), ("missed", "E\\x85F")]
+    assert sorted(r["part_id"] for r in lines if r["kind"] != "missed") == ["A", "G"]
+    said = result.output + caplog.text
+    assert not {"\x1b", "\x00", "\x85"} & set(said), said
+    assert "trigger 2 (part B\\x1b[2J) refused: control characters in the part id" in caplog.text, caplog.text
+
+
 def test_fps_with_a_trigger_is_refused_not_dropped(model, folder, tmp_path):
     """--fps (or fps in a line file) on a triggered camera was dropped without a word when the part runner
     opened it (README: "with --trigger it is refused"); a free-running camera keeps it."""

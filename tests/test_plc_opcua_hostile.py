@@ -1,6 +1,6 @@
 """The OPC UA VisionSystem of a real part runner as a careless or hostile client calls it, with
 node-opcua (npm) as the independent client (tests/opcua_client/hostile.js): arguments of the wrong
-count, kind (an array for a String) and size, recipe numbers Python reads as digits but cannot convert,
+count, kind (an array for a String), size and characters (line breaks, NUL, escapes), recipe numbers Python reads as digits but cannot convert,
 and a method called on an object it does not belong to. Each call ends in the status OPC UA Part 4
 gives for it, no part is made, nothing is logged as a traceback, and a good call still works after."""
 
@@ -43,6 +43,13 @@ def test_wrong_arguments_are_refused_with_their_status_and_no_traceback(tmp_path
         "inputs": ["BadTypeMismatch", "Good", "Good", "Good"]}                       # was Good: a job started
     assert seen["StartSingleJob PartId of 1 MB"]["status"] == "BadInvalidArgument"
     assert seen["StartSingleJob PartId of 1 MB"]["inputs"][1] == "BadOutOfRange"
+    # Control characters would travel into every log line of the part (a line break forges one, an
+    # escape sequence rewrites the operator's terminal): refused, the argument named.
+    for name, position in (("StartSingleJob PartId with a line break", 1), ("StartSingleJob MeasId with NUL", 0),
+                           ("StartSingleJob ProductId with an escape", 3), ("StartSingleJob PartId with U+2028", 1)):
+        assert seen[name]["status"] == "BadInvalidArgument", seen[name]               # were Good: jobs started
+        assert [i for i, s in enumerate(seen[name]["inputs"]) if s != "Good"] == [position], seen[name]
+        assert seen[name]["inputs"][position] == "BadInvalidArgument", seen[name]
     assert seen["StartSingleJob"]["status"] == "Good"                                 # the state machine still works
     assert summary["parts"] == 1                                                       # the good call's part only
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text

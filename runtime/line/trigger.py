@@ -21,6 +21,30 @@ from mrkd.runtime.outputs.base import TriggerReceipt
 
 logger = logging.getLogger(__name__)
 
+# Line and paragraph separators read as line breaks by some log readers, as C0/C1 controls by all.
+_LINE_BREAKERS = {"\u2028", "\u2029"}
+CONTROL_CHARACTERS_REFUSAL = "control characters in the part id"
+
+
+def id_control_characters(text: str) -> str:
+    """The control characters (C0, DEL, C1, U+2028/9) in a part's id, escaped (``\\n``, ``\\x00``), or "".
+    An id travels into every log line, event and result of its part: a line break forges a log line,
+    an escape sequence rewrites the operator's terminal, a NUL cuts C strings. Triggers refuse them."""
+    return "".join(_escaped(c) for c in dict.fromkeys(text) if _is_control(c))
+
+
+def printable_id(text: str) -> str:
+    """``text`` with its control characters escaped, for a refusal's report."""
+    return "".join(_escaped(c) if _is_control(c) else c for c in text)
+
+
+def _is_control(c: str) -> bool:
+    return ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c in _LINE_BREAKERS
+
+
+def _escaped(c: str) -> str:
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
 
 class TriggerTarget(Protocol):
     """A line that judges parts on trigger."""

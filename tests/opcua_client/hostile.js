@@ -1,5 +1,5 @@
 // node-opcua as a careless or hostile client of mrkd's VisionSystem: method calls with arguments of the
-// wrong count, kind and size, and a method called on an object it does not belong to. Prints one JSON
+// wrong count, kind, size and characters (line breaks, NUL, escapes), and a method called on an object it does not belong to. Prints one JSON
 // line per call: its name, the call's status and the per-argument results. Usage:
 //   node hostile.js URL USER PASSWORD
 const { DataType, VariantArrayType, makeBrowsePath } = require("node-opcua-client");
@@ -30,6 +30,14 @@ async function main() {
         string("")]],
     ["StartSingleJob PartId of 1 MB", machine, "VisionStateMachine/StartSingleJob",
       [string("m"), string("P".repeat(1 << 20)), string(""), string("")]],
+    ["StartSingleJob PartId with a line break", machine, "VisionStateMachine/StartSingleJob",
+      [string("m"), string("P-1\nWARNING forged line"), string(""), string("")]],
+    ["StartSingleJob MeasId with NUL", machine, "VisionStateMachine/StartSingleJob",
+      [string("m\u0000"), string("p"), string(""), string("")]],
+    ["StartSingleJob ProductId with an escape", machine, "VisionStateMachine/StartSingleJob",
+      [string("m"), string("p"), string(""), string("\u001b[2J")]],
+    ["StartSingleJob PartId with U+2028", machine, "VisionStateMachine/StartSingleJob",
+      [string("m"), string("P\u20282"), string(""), string("")]],
     ["StartSingleJob", machine, "VisionStateMachine/StartSingleJob",
       [string("m"), string("hostile-ok"), string(""), string("")]],
   ];
