@@ -12,7 +12,8 @@ Retention (``max_bytes`` for the whole folder, counted from what is there at the
 1. OK samples go first, oldest first, until the folder fits again;
 2. alarm/NG evidence is NEVER deleted: when only evidence is left and the folder is over its budget,
    new OK samples are skipped (counted as dropped), evidence is still written, and the output's
-   health says "over budget" with a warning (rate-limited) naming the folder;
+   health says "over budget" with a warning (rate-limited) naming the folder; an OK sample larger than
+   the budget leaves beside the evidence is skipped too (dropped), never written and then deleted;
 3. on a full disk, alarm/NG evidence that does not fit deletes the oldest OK samples (as many as it
    takes) and is written again; only when no OK sample is left is it lost: counted and warned about
    naming the file. The line goes on, also when the disk is full at the start.
@@ -107,18 +108,25 @@ class EvidenceWriter(LineObserver):
     def used_bytes(self) -> int:
         return self._evidence_bytes + sum(size for _, size in self._ok_files)
 
-    def _write(self, path: Path, image: np.ndarray, make_room: bool = False) -> Optional[str]:
-        """The PNG's sha256, or None when it could not be written (counted, warned). ``make_room``
-        (alarm/NG evidence): a full disk deletes the oldest OK samples and tries again while there are
-        any. The caller counts a success (``_delivered``) once the budget is checked."""
+    def _encode(self, image: np.ndarray) -> Optional[bytes]:
+        """The image as PNG, or None when it cannot be encoded (counted, warned)."""
         try:
-            data = encode_png(image)
+            return encode_png(image)
         except OSError as exc:
             self.delivery.failed_one(str(exc))
             return None
+
+    def _write(self, path: Path, data: bytes, make_room: bool = False) -> Optional[str]:
+        """Write the PNG ``data``; its sha256, or None when it could not be written (counted, warned).
+        ``make_room`` (alarm/NG evidence): a full disk deletes the oldest OK samples and tries again while
+        there are any. The caller counts a success (``_delivered``) once the budget is checked."""
         while True:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except FileExistsError:      # mkdir's word for "there is a file of that name"
+                    self.delivery.failed_one(f"{path.parent}: not a folder (a file of that name is in the way)")
+                    return None
                 write_new_file(path, data)
                 return hashlib.sha256(data).hexdigest()
             except FileExistsError:
@@ -160,7 +168,8 @@ class EvidenceWriter(LineObserver):
 
     def _evidence(self, camera: str, event_id: str, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
         path = self.folder / camera / f"{event_id}.png"
-        sha = self._write(path, image, make_room=True)
+        data = self._encode(image)
+        sha = None if data is None else self._write(path, data, make_room=True)
         if sha is None:
             return None, None
         self._evidence_bytes += path.stat().st_size
@@ -214,10 +223,18 @@ class EvidenceWriter(LineObserver):
         if self.used_bytes > self.settings.max_bytes and not self._keep_budget():
             self.ok_skipped += 1
             return None
+        data = self._encode(image)
+        if data is None:
+            return None
+        if self._evidence_bytes + len(data) > self.settings.max_bytes:
+            # no room even with every older OK sample gone: written, the budget check would delete this
+            # very sample, and its part would name a file that is gone
+            self.ok_skipped += 1
+            return None
         path = self.folder / camera / OK_FOLDER / f"{name}.png"
         if path.exists():          # an earlier run's sample of the same name: keep both
             path = path.with_name(f"{name}_{os.getpid()}_{seen}.png")
-        if self._write(path, image) is None:
+        if self._write(path, data) is None:
             return None
         self.ok_written += 1
         self._ok_files.append((path, path.stat().st_size))

@@ -1,0 +1,53 @@
+"""The evidence folder's budget and its failures, as a line's IT sees them: an OK sample that cannot fit
+in the budget beside the alarm evidence already kept is never written and then deleted by its own
+budget check (the part record used to name a file that was gone, counted as sent); a folder in the
+way that is a file is named as such, not as "evidence exists"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mrkd.runtime.outputs.base import CameraJudgement, FrameResult, PartResult, Verdict
+from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+
+
+def _noise(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)   # PNG ~4.8 kB
+
+
+def _alarm(image: np.ndarray, event_id: str) -> FrameResult:
+    return FrameResult("cam0", 0, 0.0, image, np.zeros((8, 8), np.float32), 1.0, 0.5, True,
+                       event={"event_id": event_id})
+
+
+def _ok_part(inspection_id: int) -> PartResult:
+    return PartResult(inspection_id=inspection_id, part_id=str(inspection_id), verdict=Verdict.OK, score=0.0,
+                      threshold=1.0, cameras=(CameraJudgement("cam0", 0.0, 1.0, False, images=1),), model_sha256="m")
+
+
+def test_an_ok_sample_that_cannot_fit_beside_the_evidence_is_dropped_not_named_and_deleted(tmp_path):
+    image = _noise(0)
+    size = len(cv2.imencode(".png", image)[1])
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(size * 1.5)))
+    assert writer.event_fields(_alarm(image, "e1"))["evidence"] is not None     # fits: half a sample left
+    fields = writer.part_fields(_ok_part(1), {"cam0": (image, np.zeros((8, 8), np.float32), 1.0)})
+    named = fields.get("cam0", {}).get("evidence")
+    assert named is None or Path(named).is_file(), f"the part names {named}, which is gone"
+    assert writer.ok_deleted == 0 and writer.ok_written == 0
+    health = writer.health()
+    assert health.dropped == 1 and health.sent == 1 and health.failed == 0, health
+    assert (tmp_path / "cam0" / "e1.png").is_file()
+    assert not list(tmp_path.rglob("part*.png"))          # nothing written for the dropped sample
+
+
+def test_a_camera_folder_that_is_a_file_is_named_as_one(tmp_path):
+    (tmp_path / "cam0").write_text("not a folder")
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path)))
+    assert writer.event_fields(_alarm(_noise(1), "e1"))["evidence"] is None
+    health = writer.health()
+    assert health.failed == 1 and not health.ok
+    assert "never overwritten" not in health.detail and "not a folder" in health.detail, health.detail
+    assert str(tmp_path / "cam0") in health.detail
