@@ -314,7 +314,8 @@ class PartRunner:
                           backend=detector.backend.name, precision=detector.precision,
                           threshold=float(self._threshold(camera, 0, detector)),
                           threshold_source=("camera setting (line file or --threshold)"
-                                            if camera.threshold_override is not None else detector.threshold_source))
+                                            if camera.threshold_override is not None else detector.threshold_source),
+                          triggered=True)
 
     def start(self) -> "PartRunner":
         infos = [self._info(camera) for camera in self.cameras]

@@ -32,6 +32,7 @@ class CameraInfo:
     precision: str               # "fp32" / "fp16" / "int8", or "bf16" / "int8+bf16" (Detector.precision)
     threshold: float
     threshold_source: str        # where the threshold came from, e.g. "sidecar model.json (calibrated on line)"
+    triggered: bool = False      # judged per part (runtime/line/parts.py): no frames between parts
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ class MetricsObserver(LineObserver):
         self._up: Dict[str, bool] = {}
         self._build_labels: Dict[str, tuple] = {}      # camera -> its mrkd_build_info labels now
         self._last_frame_at: Dict[str, float] = {}
+        self._triggered: Dict[str, bool] = {}          # camera -> judged per part (no frames between parts)
         self._state = "starting"
 
     # -- hooks
@@ -127,6 +128,7 @@ class MetricsObserver(LineObserver):
             self.build_info.labels(*self._build_labels[name]).set(1)
             self._status[name] = (0, 0, 0)
             self._up[name] = False
+            self._triggered[name] = info.triggered
         self._state = "running"
 
     def on_model(self, info: CameraInfo) -> None:
@@ -188,14 +190,18 @@ class MetricsObserver(LineObserver):
 
     def line_health(self) -> Tuple[bool, dict]:
         """(healthy, details): healthy while running, every camera is up and scored a frame within
-        stale_s, and every output delivers (an output that cannot is a failing line: alarms go nowhere)."""
+        stale_s (a triggered camera: up, since it makes an image only when a part asks and a line may
+        pause for minutes), and every output delivers (an output that cannot is a failing line: alarms go
+        nowhere)."""
         now = time.time()
         cameras = {}
         for name, up in self._up.items():
             last = self._last_frame_at.get(name)
             age = None if last is None else round(now - last, 3)
-            cameras[name] = {"source_up": up, "last_frame_age_s": age,
-                             "ok": bool(up and age is not None and age <= self.stale_s)}
+            fresh = self._triggered.get(name, False) or (age is not None and age <= self.stale_s)
+            cameras[name] = {"source_up": up, "last_frame_age_s": age, "ok": bool(up and fresh)}
+            if self._triggered.get(name, False):
+                cameras[name]["triggered"] = True
         outputs = {h.name: asdict(h) for h in self.output_health()}
         healthy = (self._state == "running" and bool(cameras) and all(c["ok"] for c in cameras.values())
                    and all(o["ok"] for o in outputs.values()))
