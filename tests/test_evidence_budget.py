@@ -51,3 +51,27 @@ def test_a_camera_folder_that_is_a_file_is_named_as_one(tmp_path):
     assert health.failed == 1 and not health.ok
     assert "never overwritten" not in health.detail and "not a folder" in health.detail, health.detail
     assert str(tmp_path / "cam0") in health.detail
+
+
+def test_two_runs_on_one_folder_racing_for_an_ok_samples_name_both_keep_theirs(tmp_path, monkeypatch):
+    """Two cells pointed at one evidence folder, both camera cam0, started together: the other run
+    creates ok/<frame>.png between this run's look and its write (seen as 4 of 100 samples lost, each
+    'failing: exists; evidence is never overwritten', in two real `mrkd run`s at 40 fps). The other
+    run's file is kept and this run's sample goes under its own name."""
+    from mrkd.runtime.outputs import evidence as evidence_module
+    real_write = evidence_module.write_new_file
+    theirs = b"the other run's sample"
+
+    def other_run_first(path, data):
+        if Path(path).name == "part0000000007.png" and not Path(path).exists():
+            Path(path).write_bytes(theirs)        # the other process wins the race for this name
+        return real_write(path, data)
+    monkeypatch.setattr(evidence_module, "write_new_file", other_run_first)
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1))
+    image = _noise(2)
+    fields = writer.part_fields(_ok_part(7), {"cam0": (image, np.zeros((8, 8), np.float32), 1.0)})
+    health = writer.health()
+    assert health.failed == 0 and health.sent == 1 and writer.ok_written == 1, health
+    ours = Path(fields["cam0"]["evidence"])
+    assert ours.name != "part0000000007.png" and ours.read_bytes() == cv2.imencode(".png", image)[1].tobytes()
+    assert (tmp_path / "cam0" / "ok" / "part0000000007.png").read_bytes() == theirs

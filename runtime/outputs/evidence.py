@@ -116,10 +116,13 @@ class EvidenceWriter(LineObserver):
             self.delivery.failed_one(str(exc))
             return None
 
-    def _write(self, path: Path, data: bytes, make_room: bool = False) -> Optional[str]:
-        """Write the PNG ``data``; its sha256, or None when it could not be written (counted, warned).
-        ``make_room`` (alarm/NG evidence): a full disk deletes the oldest OK samples and tries again while
-        there are any. The caller counts a success (``_delivered``) once the budget is checked."""
+    def _write(self, path: Path, data: bytes, make_room: bool = False,
+               or_else: Optional[Path] = None) -> Optional[Path]:
+        """Write the PNG ``data``; the path written, or None when it could not be written (counted,
+        warned). ``make_room`` (alarm/NG evidence): a full disk deletes the oldest OK samples and tries
+        again while there are any. ``or_else``: the name to take when ``path`` is taken meanwhile (an OK
+        sample of another run on the same folder, created between our look and our write). The caller
+        counts a success (``_delivered``) once the budget is checked."""
         while True:
             try:
                 try:
@@ -128,8 +131,11 @@ class EvidenceWriter(LineObserver):
                     self.delivery.failed_one(f"{path.parent}: not a folder (a file of that name is in the way)")
                     return None
                 write_new_file(path, data)
-                return hashlib.sha256(data).hexdigest()
+                return path
             except FileExistsError:
+                if or_else is not None:
+                    path, or_else = or_else, None
+                    continue
                 self.delivery.failed_one(f"{path}: exists; evidence is never overwritten")
                 return None
             except OSError as exc:
@@ -169,12 +175,11 @@ class EvidenceWriter(LineObserver):
     def _evidence(self, camera: str, event_id: str, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
         path = self.folder / camera / f"{event_id}.png"
         data = self._encode(image)
-        sha = None if data is None else self._write(path, data, make_room=True)
-        if sha is None:
+        if data is None or self._write(path, data, make_room=True) is None:
             return None, None
         self._evidence_bytes += path.stat().st_size
         self._delivered()
-        return _as_named(path), sha
+        return _as_named(path), hashlib.sha256(data).hexdigest()
 
     def _keep_budget(self) -> bool:
         """Delete the oldest OK samples until the folder fits; False when only evidence is left and it
@@ -232,9 +237,11 @@ class EvidenceWriter(LineObserver):
             self.ok_skipped += 1
             return None
         path = self.folder / camera / OK_FOLDER / f"{name}.png"
+        own_name = path.with_name(f"{name}_{os.getpid()}_{seen}.png")
         if path.exists():          # an earlier run's sample of the same name: keep both
-            path = path.with_name(f"{name}_{os.getpid()}_{seen}.png")
-        if self._write(path, data) is None:
+            path = own_name
+        path = self._write(path, data, or_else=None if path == own_name else own_name)
+        if path is None:
             return None
         self.ok_written += 1
         self._ok_files.append((path, path.stat().st_size))
