@@ -508,6 +508,39 @@ def test_a_camera_another_application_controls_is_one_error_saying_so(simulator,
         source.close()
 
 
+def test_a_run_restarted_at_once_after_a_kill_judges_its_first_parts(simulator, model, tmp_path):
+    """A supervisor restarts a killed `mrkd run` at once (systemd Restart=always). The killed run left
+    the camera acquiring, streaming to its dead socket; the new run set the camera up and started
+    acquiring again (a no-op on a camera already acquiring), so its first two parts were ERROR "timeout"
+    (4 s lost) until the source gave the camera up as lost and reconnected. Now a camera is stopped
+    before it is set up, and the first parts after the restart are judged."""
+    camera = simulator("127.0.86.43", "RESTART")
+    log = tmp_path / "parts.jsonl"
+    command = [sys.executable, "-m", "mrkd.cli", "run", model, "--source", f"top={camera.uri}", "--trigger",
+               "software", "--trigger-stdin", "--parts-log", str(log), "--status-every", "0"]
+    killed = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        killed.stdin.write(b"P1\n")
+        killed.stdin.flush()
+        wait_for(lambda: log.exists() and '"P1"' in log.read_text(), 60, "the first run's part")
+        killed.stdin.write(b"P2\n")       # a trigger in flight when the run is killed
+        killed.stdin.flush()
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+    finally:
+        killed.kill()
+        killed.communicate()
+    done = subprocess.run(command, input=b"Q1\nQ2\nQ3\n", capture_output=True, timeout=120)
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    parts = [json.loads(line) for line in log.read_text().splitlines()]
+    restarted = [(p["part_id"], p["verdict"], p.get("error")) for p in parts if p["part_id"].startswith("Q")]
+    assert [(q, error) for q, _, error in restarted] == [("Q1", None), ("Q2", None), ("Q3", None)], \
+        (restarted, stderr[-2000:])
+    assert all(v in (Verdict.OK, Verdict.NG) for _, v, _ in restarted), restarted
+    assert "lost" not in stderr, stderr[-2000:]
+
+
 @pytest.mark.parametrize("decoding", ["strict", "surrogateescape"])
 def test_a_part_id_that_is_not_utf8_on_stdin_is_still_a_part(simulator, model, tmp_path, decoding):
     """--trigger-stdin fed by a barcode scanner that sends one byte that is not UTF-8 (a Latin-1 letter,

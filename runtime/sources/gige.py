@@ -445,6 +445,14 @@ class GigeSource(LatestFrameSource):
         where = f"camera {self.name} ({self.uri})"
         self._check_control(camera, where)
         try:
+            # A run killed while acquiring leaves the camera acquiring, its stream going to the dead run's
+            # socket; AcquisitionStart on a camera already acquiring changes nothing, so a run restarted
+            # at once got no image until it gave the camera up as lost (first parts ERROR "timeout").
+            # Stopped first, the camera takes this run's stream channel from the next AcquisitionStart.
+            try:
+                camera.stop_acquisition()
+            except error:
+                pass            # a camera that refuses AcquisitionStop while idle: nothing to stop
             camera.set_acquisition_mode(Arv.AcquisitionMode.CONTINUOUS)
             if self.trigger_mode == "free":
                 if camera.get_device().get_feature("TriggerMode") is not None:
