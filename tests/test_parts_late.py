@@ -81,7 +81,7 @@ def test_without_max_delay_every_part_is_judged_and_the_delay_is_warned_once(mod
     assert [p.verdict != "ERROR" for p in parts] == [True, True, True] and frames.taken == 3
     assert parts[2].acquired_s > 2 * FRAME_S        # the third one's image: after both before it
     late = [r.getMessage() for r in caplog.records if "after its trigger" in r.getMessage()]
-    assert len(late) == 1 and late[0].startswith("part P1: its image came ") and "max_delay" in late[0], late
+    assert len(late) == 1 and late[0].startswith("part P1: its image from camera cam came ") and "max_delay" in late[0], late
 
 
 @pytest.mark.parametrize("args, message", [

@@ -440,7 +440,7 @@ class PartRunner:
                 if taken:
                     grabs[camera.name] = Grab([], taken)
                 elif self.settings.max_delay is None:
-                    self._warn_unbounded(pending, grab.acquired_at - pending.mono)
+                    self._warn_unbounded(pending, camera.name, grab.acquired_at - pending.mono)
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
         groups: Dict[str, List[Tuple[_Camera, np.ndarray]]] = {}      # model path -> its images
         for camera in self.cameras:
@@ -488,7 +488,7 @@ class PartRunner:
             return None
         return f"late: {what} {seconds:.3g} s after its trigger, over part.max_delay {bound:g} s"
 
-    def _warn_unbounded(self, pending: _Pending, delay: float) -> None:
+    def _warn_unbounded(self, pending: _Pending, camera: str, delay: float) -> None:
         """No max_delay, and an image came later after its trigger than a camera may take to deliver one
         (the part timeout): the part waited in the queue. Said once; the delay of every part is its
         acquired_s in the parts log and events."""
@@ -496,9 +496,9 @@ class PartRunner:
             return
         self._late_warned = True
         self._notifier.put(functools.partial(
-            logger.warning, "part %s: its image came %.3g s after its trigger (it waited for the parts before "
-            "it); on a moving line that image may show another part: set [part] max_delay (--part-max-delay) "
-            "to judge such parts ERROR 'late' instead", pending.part_id, delay))
+            logger.warning, "part %s: its image from camera %s came %.3g s after its trigger (it waited for the "
+            "parts before it); on a moving line that image may show another part: set [part] max_delay "
+            "(--part-max-delay) to judge such parts ERROR 'late' instead", pending.part_id, camera, delay))
 
     def _report(self, pending: _Pending, grabs: Mapping[str, Grab],
                 scored: Mapping[str, List[Tuple[float, np.ndarray, np.ndarray]]], model_s: float,
