@@ -166,6 +166,8 @@ class Detector:
                                                sidecar)
             self.metadata = metadata or load_metadata(self.model_path, self.backend)
             self.postprocess_impl = postprocess
+            # the sidecar the metadata came from (None: the graph's embedded metadata): a hot swap keeps to it
+            self.sidecar: Optional[Path] = sidecar if metadata is not None else None
             self._source = str(sidecar) if metadata is not None else f"{self.model_path} (embedded metadata, no sidecar)"
             self.threshold, self.threshold_source = threshold_and_source(self.metadata, self._source, threshold)
             self.image_size = self.metadata.image_size

@@ -185,6 +185,69 @@ def test_model_of_another_backbone_or_image_size_is_refused(running, monkeypatch
     _refused(running, "image_size 64 differs")
 
 
+def test_a_model_without_its_sidecar_is_refused_where_the_running_one_had_one(running, caplog, monkeypatch):
+    """The sidecar holds the threshold set on the line (`mrkd calibrate`) and the hash the swap checks the
+    file against. A reload that found no sidecar (moved away for a backup, a deployment that copies the
+    model first) took the file with the metadata embedded at export: the line's calibration was dropped
+    (here 0.07 -> 0.1), for the same file too, under the outcome "swapped"."""
+    from mrkd.runtime.calibration import Calibration
+    from mrkd.runtime.metadata import ModelMetadata
+    side = sidecar_path(running.live)
+    meta = ModelMetadata.load(side)              # as `mrkd calibrate model.onnx` does: the sidecar alone
+    meta.calibration = Calibration(threshold=0.07, method="quantile", quantile=0.99, n_good=12)
+    meta.save(side)
+    running.slots.request_reload("calibrated")
+    assert running.slots.wait_idle(30)
+    assert [r.outcome for r in running.slots.apply([running.state])] == ["swapped"]
+    assert running.state.policy.threshold == pytest.approx(0.07)
+    side.rename(running.tmp / "backup.json")           # the same file, its sidecar moved away
+    _refused(running, "no sidecar")
+    assert running.state.policy.threshold == pytest.approx(0.07)
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.3)
+    (running.tmp / "v2.onnx.json").unlink()
+    os.replace(running.tmp / "v2.onnx", running.live)          # a new version, its sidecar not moved in
+    caplog.clear()
+    _refused(running, "no sidecar")
+    assert running.state.policy.threshold == pytest.approx(0.07)
+    assert "embedded" not in caplog.text          # one line: the refusal, not first "using the embedded metadata"
+    # the sidecar there when the reload looks, gone by the time the file is read: refused too
+    export_tiny_model(running.tmp / "v3.onnx", threshold=0.3)
+    install(running.tmp / "v3.onnx", running.live)
+
+    def sidecar_goes_first(path):
+        sidecar_path(Path(path)).unlink()
+        return Detector(path)
+    monkeypatch.setattr(running.slots, "_opener", sidecar_goes_first)
+    _refused(running, "no sidecar")
+    assert running.state.policy.threshold == pytest.approx(0.07)
+
+
+def test_a_line_started_without_a_sidecar_takes_a_new_version_without_one(running):
+    """Where the running model was read from its embedded metadata, a new version without a sidecar is
+    what the line ran all along: taken."""
+    embedded = running.tmp / "embedded" / "model.onnx"
+    embedded.parent.mkdir()
+    export_tiny_model(embedded, threshold=0.1)
+    sidecar_path(embedded).unlink()
+    key = str(embedded.resolve())
+    detectors = {key: Detector(embedded)}
+    slots = ModelSlots(detectors, Detector, status=[].append)
+    state = state_for(embedded, detectors[key])
+    slots.apply([state])
+    slots.note(key, frames(1)[0], 0.0)
+    export_tiny_model(running.tmp / "v3.onnx", threshold=0.3)
+    (running.tmp / "v3.onnx.json").unlink()
+    os.replace(running.tmp / "v3.onnx", embedded)
+    slots.request_reload("embedded")
+    assert slots.wait_idle(30)
+    try:
+        assert [r.outcome for r in slots.apply([state])] == ["swapped"], slots.records
+        assert state.policy.threshold == pytest.approx(0.3)
+    finally:
+        for detector in detectors.values():
+            detector.close()
+
+
 def test_model_without_threshold_is_refused(running):
     runtime_fixtures.build_tiny_model(running.tmp / "raw.onnx", threshold=None)
     install(running.tmp / "raw.onnx", running.live)

@@ -5,8 +5,10 @@ authenticated HTTP request, a recipe change) starts a loader thread that, beside
 
 1. opens the model file at the SAME path again (a new version is moved there atomically, sidecar
    first or together): the Detector's own checks run (sidecar against the file's sha256, inputs and
-   outputs against the metadata), so a half-written or foreign file is refused; the same file with a
-   new calibration in its sidecar (`mrkd calibrate model.onnx`) is taken for its new threshold;
+   outputs against the metadata), so a half-written or foreign file is refused, and so is one without
+   a sidecar where the running model was read with one (the embedded metadata would drop a threshold set
+   on the line); the same file with a new calibration in its sidecar (`mrkd calibrate model.onnx`) is
+   taken for its new threshold;
 2. refuses a model the line cannot take in place: another image size, backbone or input format;
    a file that changed while it was read (its sha256 before and after differ);
 3. scores the last few frames the running model judged (kept by ``on_frame``; right after a swap,
@@ -47,6 +49,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Mapping, MutableMappin
 import numpy as np
 
 from mrkd.errors import MrkdError
+from mrkd.runtime.metadata import sidecar_path
 from mrkd.runtime.outputs.base import FrameResult, LineObserver
 
 logger = logging.getLogger(__name__)
@@ -240,11 +243,16 @@ class ModelSlots(LineObserver):
         path = Path(slot.path)
         new_detector, new_sha = None, None
         try:
+            with_sidecar = getattr(slot.detector, "sidecar", None) is not None
+            if with_sidecar and not sidecar_path(path).exists():
+                raise _no_sidecar(path)       # said before the Detector warns that it reads the embedded metadata
             try:     # the Detector refuses a file that changed while it was read (its hash before and after)
                 new_detector = self._opener(slot.path)
             except (OSError, ValueError, MrkdError, RuntimeError) as exc:   # half-written, foreign, missing
                 raise SwapRefused(f"{path}: cannot be loaded ({_one_line(exc)})") from exc
             new_sha = new_detector.model_sha256
+            if with_sidecar and getattr(new_detector, "sidecar", None) is None:    # it went while the file loaded
+                raise _no_sidecar(path)
             # `mrkd calibrate model.onnx` rewrites only the sidecar: a new threshold in the same model file is
             # a model to take too (same hash, new calibration), not "unchanged".
             if new_sha == slot.sha256 and new_detector.metadata.calibration == slot.detector.metadata.calibration:
@@ -431,6 +439,15 @@ class ModelSlots(LineObserver):
         with self._lock:
             return [dataclasses.asdict(r) for r in self.records]
 
+
+
+def _no_sidecar(path: Path) -> SwapRefused:
+    """A version without its sidecar where the running model was read with one: the graph's embedded
+    metadata has the export's threshold, not one set on the line, and no hash to check the file against;
+    the sidecar is on its way (or moved away), not gone for good."""
+    return SwapRefused(f"{path}: no sidecar {sidecar_path(path).name} beside it, where the running model was read "
+                       f"with one (its threshold, perhaps set on the line by mrkd calibrate); move the new "
+                       f"version's sidecar in first, then reload")
 
 
 def _fmt(values: np.ndarray) -> str:
