@@ -2,9 +2,12 @@
 
 Every output that delivers something (events log, snapshots, webhook, MQTT, ...) keeps one; its
 ``health()`` is what the summary, ``/metrics``, ``/healthz`` and the page show. The first failure
-after a success is warned about at once, naming the output and its target; while it keeps failing,
-one warning every ``warn_every_s`` says how many more failed; the first success after failures says
-it delivers again. So a line never fails silently and never floods its log.
+after a success is warned about at once, naming the output and its target, unless a warning was
+given in the last ``warn_every_s``; while it keeps failing, one warning every ``warn_every_s`` says
+how many more failed; the first success after failures that were warned about says it delivers
+again. An output that fails and delivers by turns (OK samples that cannot be written beside alarm
+evidence that can, a web hook answering every other POST) is so said at most twice a period, its
+failures folded into the next warning's count. So a line never fails silently and never floods its log.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ class Delivery:
         self.sent = self.failed = 0
         self.state, self.ok, self.detail = state, True, ""
         self._lock = threading.Lock()
-        self._failing_since_warning = 0
+        self._failing_since_warning = 0       # failures no warning has named yet
         self._last_warning = float("-inf")
+        self._announced = False               # the failing state now was warned about (its end is said too)
 
     def delivered(self, count: int = 1, recover: bool = True) -> None:
         """``count`` items delivered; ``recover=False``: counted, but a failing state set by the output
         (e.g. over a disk budget) stays."""
         with self._lock:
             self.sent += count
-            recovered = recover and not self.ok
+            recovered = recover and not self.ok and self._announced
             if recover:
                 self.ok, self.state = True, "delivering"
+                self._announced = False
         if recovered:
             logger.warning("output %s (%s): delivering again", self.name, self.target)
 
@@ -46,29 +51,31 @@ class Delivery:
         """``count`` items could not be delivered; ``detail`` names why (never a credential)."""
         with self._lock:
             self.failed += count
-            self.set_failing(detail, state, locked=True)
-            self._failing_since_warning += count
+            if not self.set_failing(detail, state, locked=True):
+                self._failing_since_warning += count
 
-    def set_failing(self, detail: str, state: str = "failing", locked: bool = False) -> None:
-        """Not delivering (nothing lost yet, e.g. a broker unreachable with messages still queued)."""
+    def set_failing(self, detail: str, state: str = "failing", locked: bool = False) -> bool:
+        """Not delivering (nothing lost yet, e.g. a broker unreachable with messages still queued).
+        True when this was warned about now (else it is folded into the next warning)."""
         if not locked:
             with self._lock:
                 return self.set_failing(detail, state, locked=True)
-        first = self.ok
         self.ok, self.state, self.detail = False, state, detail
         now = time.monotonic()
-        if first or now - self._last_warning >= self.warn_every_s:
-            self._last_warning = now
-            lost = self._failing_since_warning
-            self._failing_since_warning = 0
-            more = f" ({lost} more failed since the last warning)" if lost and not first else ""
-            logger.warning("output %s (%s): %s: %s%s; %d failed so far", self.name, self.target, state, detail,
-                           more, self.failed)
+        if now - self._last_warning < self.warn_every_s:
+            return False
+        self._last_warning, self._announced = now, True
+        lost = self._failing_since_warning
+        self._failing_since_warning = 0
+        more = f" ({lost} more failed since the last warning)" if lost else ""
+        logger.warning("output %s (%s): %s: %s%s; %d failed so far", self.name, self.target, state, detail,
+                       more, self.failed)
+        return True
 
     def set_ok(self, state: str) -> None:
         with self._lock:
-            recovered = not self.ok
-            self.ok, self.state = True, state
+            recovered = not self.ok and self._announced
+            self.ok, self.state, self._announced = True, state, False
         if recovered:
             logger.warning("output %s (%s): %s again", self.name, self.target, state)
 
