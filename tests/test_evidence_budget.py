@@ -75,3 +75,27 @@ def test_two_runs_on_one_folder_racing_for_an_ok_samples_name_both_keep_theirs(t
     ours = Path(fields["cam0"]["evidence"])
     assert ours.name != "part0000000007.png" and ours.read_bytes() == cv2.imencode(".png", image)[1].tobytes()
     assert (tmp_path / "cam0" / "ok" / "part0000000007.png").read_bytes() == theirs
+
+
+def test_evidence_an_archive_job_moved_away_no_longer_counts_against_the_budget(tmp_path):
+    """The folder over its budget with alarm evidence only ('over budget', OK samples skipped, /healthz
+    503), then a nightly job moves the evidence to the archive server, as the warning asks ("free
+    space"): the running writer used to count the moved files for the rest of the run (a real run:
+    15.9 MB counted in a folder holding 12 kB, every OK sample dropped until a restart). It looks at
+    the folder again (at most every recount_every_s) and delivers again."""
+    image = _noise(3)
+    size = len(cv2.imencode(".png", image)[1])
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path / "evidence"), ok_every=1, max_bytes=int(size * 3.5)))
+    writer.recount_every_s = 0.0          # the next look is due at once (10 s on a line)
+    for k in range(4):
+        assert writer.event_fields(_alarm(image, f"e{k}"))["evidence"] is not None
+    assert writer.health().state == "over budget" and not writer.health().ok
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for path in (tmp_path / "evidence" / "cam0").glob("*.png"):
+        path.rename(archive / path.name)
+    fields = writer.part_fields(_ok_part(1), {"cam0": (image, np.zeros((8, 8), np.float32), 1.0)})
+    assert Path(fields["cam0"]["evidence"]).is_file()
+    health = writer.health()
+    assert health.ok and health.state == "delivering" and health.dropped == 0, health
+    assert writer.used_bytes == size

@@ -13,7 +13,9 @@ Retention (``max_bytes`` for the whole folder, counted from what is there at the
 2. alarm/NG evidence is NEVER deleted: when only evidence is left and the folder is over its budget,
    new OK samples are skipped (counted as dropped), evidence is still written, and the output's
    health says "over budget" with a warning (rate-limited) naming the folder; an OK sample larger than
-   the budget leaves beside the evidence is skipped too (dropped), never written and then deleted;
+   the budget leaves beside the evidence is skipped too (dropped), never written and then deleted.
+   Over budget, the folder is counted again (at most every ``recount_every_s``), so evidence moved
+   away meanwhile (an archive job) stops counting;
 3. on a full disk, alarm/NG evidence that does not fit deletes the oldest OK samples (as many as it
    takes) and is written again; only when no OK sample is left is it lost: counted and warned about
    naming the file. The line goes on, also when the disk is full at the start.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +72,8 @@ def encode_png(image: np.ndarray) -> bytes:
 class EvidenceWriter(LineObserver):
     """Writes the lossless evidence (see the module's notes) and adds its path and sha256 to events."""
 
+    recount_every_s = 10.0      # over budget: how often the folder is counted again (files moved away)
+
     def __init__(self, settings: EvidenceSettings):
         self.settings = settings
         self.folder = Path(settings.folder)
@@ -85,6 +90,15 @@ class EvidenceWriter(LineObserver):
         self._ok_seen: Dict[str, int] = {}
         self.ok_written = self.ok_deleted = self.ok_skipped = 0
         self._scan()
+        self._scanned_at = time.monotonic()
+
+    def _recount(self) -> None:
+        """Count the folder again from what is there now (an archive job may have moved evidence away:
+        this run's own count only grows)."""
+        self._evidence_bytes = 0
+        self._ok_files.clear()
+        self._scan()
+        self._scanned_at = time.monotonic()
 
     def _scan(self) -> None:
         """What an earlier run left counts against the budget (OK samples, oldest first)."""
@@ -187,6 +201,10 @@ class EvidenceWriter(LineObserver):
         budget = self.settings.max_bytes
         while self.used_bytes > budget and self._ok_files:
             self._drop_oldest_ok_sample()
+        if self.used_bytes > budget and time.monotonic() - self._scanned_at >= self.recount_every_s:
+            self._recount()
+            while self.used_bytes > budget and self._ok_files:
+                self._drop_oldest_ok_sample()
         if self.used_bytes > budget:
             self.delivery.set_failing(f"{self.folder}: over its budget of {budget} bytes with alarm/NG evidence only "
                                       f"({self.used_bytes} bytes); evidence is never deleted: free space or raise "
