@@ -537,6 +537,8 @@ def run_command(model, sources, line_file, **options):
         if page:
             status_to_stderr(f"operator page {page['target']}/  metrics {page['target']}/metrics")
         slots, shadow = live_model_controls(line, detectors, outputs, control, output_settings, shadow_model)
+        for candidate in shadow:        # said as the live models are: it may run another precision
+            status_to_stderr(f"shadow candidate {candidate.detector.describe()}")
         # SIGHUP also reads the servers' certificates again (the page's --http-cert, the OPC UA and Modbus/TCP
         # Security servers': a renewal, no restart); the PLC servers join ``outputs`` once run_parts starts
         # them. Called from the signal handler: the loads run on a thread of their own.

@@ -248,6 +248,36 @@ def test_a_line_started_without_a_sidecar_takes_a_new_version_without_one(runnin
             detector.close()
 
 
+def test_a_swap_says_what_the_new_version_runs_on(running):
+    """A new version may run at another precision than the running one (an INT8 graph; under --backend auto
+    bf16 comes and goes with the version's bf16 check and its threshold): the swap's record (the status line,
+    POST /reload's answer, the summary's model_swaps) says what it runs on, and what the running one ran
+    on where that differs."""
+    ran = running.state.detector.backend.name             # the fixture's Detector: auto
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    running.slots.request_reload("v2")
+    assert running.slots.wait_idle(30)
+    done = running.slots.apply([running.state])
+    assert [r.outcome for r in done] == ["swapped"] and done[0].detail.endswith(f"; runs {ran} fp32"), done
+    assert any(f"runs {ran} fp32" in m for m in running.messages if "swapped" in m)
+    other = "onnxruntime" if ran == "openvino" else "openvino"
+    if other == "openvino":
+        pytest.importorskip("openvino")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(running.slots, "_opener", lambda path: Detector(path, backend=other))
+    try:
+        export_tiny_model(running.tmp / "v3.onnx", threshold=0.3)
+        install(running.tmp / "v3.onnx", running.live)
+        running.slots.request_reload("v3")
+        assert running.slots.wait_idle(30)
+        done = running.slots.apply([running.state])
+    finally:
+        monkeypatch.undo()
+    assert [r.outcome for r in done] == ["swapped"], done
+    assert done[0].detail.endswith(f"; runs {other} fp32 (the running model: {ran} fp32)"), done[0].detail
+
+
 def test_model_without_threshold_is_refused(running):
     runtime_fixtures.build_tiny_model(running.tmp / "raw.onnx", threshold=None)
     install(running.tmp / "raw.onnx", running.live)
@@ -618,6 +648,13 @@ def test_cli_shadow_reports_the_comparison(tmp_path):
     assert shadow["frames"] == 6 and shadow["candidate_sha256"] == file_sha256(candidate)
     assert shadow["live_only"] == shadow["disagreements"] == summary["events"] == 3    # odd frames are defective
     assert shadow["candidate_only"] == 0 and shadow["score_correlation"] == pytest.approx(1.0)
+    # what the candidate runs on is said, as for the live model: a candidate may run another precision
+    # (an INT8 graph; bf16 under --backend auto only where its own check passed)
+    from mrkd.runtime.backends import resolve_backend_name
+    backend = resolve_backend_name(candidate, "auto")     # openvino on x86 where installed (no bf16 check: fp32)
+    assert (shadow["candidate_backend"], shadow["candidate_precision"]) == (backend, "fp32")
+    assert any(line.startswith(f"shadow candidate candidate.onnx: {backend}") and "fp32" in line
+               for line in done.stderr.splitlines()), done.stderr
 
 
 def test_a_rollback_before_the_staged_version_is_applied_keeps_the_running_model(running):

@@ -201,4 +201,8 @@ class ShadowScorer(LineObserver):
         data = asdict(comparison)
         data["disagreement_rate"] = comparison.disagreement_rate
         data["by_live_model"] = [dict(asdict(c), disagreement_rate=c.disagreement_rate) for c in self.comparisons()]
+        # what the candidate runs on: it may be another precision than the live model (an INT8 graph; bf16
+        # under --backend auto only where its own check passed), which its disagreements then include
+        data["candidate_backend"] = self.detector.backend.name
+        data["candidate_precision"] = self.detector.precision
         return data

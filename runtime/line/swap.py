@@ -270,6 +270,7 @@ class ModelSlots(LineObserver):
                 raise SwapRefused(f"{path}: has no calibrated threshold; the running model's alarms need one")
             detail, checked, old_scores = self._check_frames(slot, new_detector)
             detail += self._check_fixed_thresholds(key, slot, new_detector, old_scores, [s for _, s in checked])
+            detail += _runs_note(slot.detector, new_detector)
         except SwapRefused as exc:
             if new_detector is not None:
                 new_detector.close()
@@ -448,6 +449,18 @@ def _no_sidecar(path: Path) -> SwapRefused:
     return SwapRefused(f"{path}: no sidecar {sidecar_path(path).name} beside it, where the running model was read "
                        f"with one (its threshold, perhaps set on the line by mrkd calibrate); move the new "
                        f"version's sidecar in first, then reload")
+
+
+def _runs_on(detector) -> str:
+    """"openvino bf16", "onnxruntime int8", ...: the backend and the precision a Detector runs at."""
+    return f"{getattr(getattr(detector, 'backend', None), 'name', '?')} {getattr(detector, 'precision', '?')}"
+
+
+def _runs_note(running, new) -> str:
+    """What a new version runs on, and what the running one ran on where that differs: a version may change
+    the precision (an INT8 graph; under --backend auto, bf16 comes and goes with its check and threshold)."""
+    runs, ran = _runs_on(new), _runs_on(running)
+    return f"; runs {runs}" + ("" if runs == ran else f" (the running model: {ran})")
 
 
 def _fmt(values: np.ndarray) -> str:
