@@ -74,7 +74,13 @@ def main_one_line(click_main, *args, **kwargs):
     except click.ClickException as exc:
         click.echo(f"Error: {one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            # Ctrl-C before a command's own stop handling (mrkd.stopping), e.g. while torch imports: a stop
+            # as a moment later, not a failure
+            from mrkd.stopping import SIGINT_EXIT
+            click.echo("stopped (Ctrl-C)", err=True)
+            sys.exit(SIGINT_EXIT)
         click.echo("Aborted!", err=True)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)

@@ -176,3 +176,19 @@ def test_a_number_option_given_text_names_the_kind_of_number_expected():
     done = subprocess.run([sys.executable, "-m", "mrkd.cli", "run", "x.onnx", "0", "--batch", "abc"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "'abc' is not a valid integer." in done.stderr
+
+
+def test_ctrl_c_while_a_command_loads_exits_130_in_one_line(tmp_path):
+    """A Ctrl-C in the first second or two of `mrkd export` (torch and the exporter importing, before the
+    command's own stop handling) said click's "Aborted!" and exited 1, where a Ctrl-C a moment later says
+    one line and exits 130 (mrkd.stopping): a script could not tell a stop from a failure."""
+    code = ("import os, signal, sys\nimport mrkd.cli as cli\nload = cli.load_command\n"
+            "def load_interrupted(name):\n    os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C during the import\n"
+            "    return load(name)\n"
+            "cli.load_command = load_interrupted\nsys.argv[0] = 'mrkd'\ncli.main(sys.argv[1:])")
+    done = subprocess.run([sys.executable, "-c", code, "export", str(tmp_path / "none.ckpt"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["stopped (Ctrl-C)"], done.stderr
+    assert not (tmp_path / "out").exists()
