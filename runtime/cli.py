@@ -419,8 +419,9 @@ def threshold_off_scale(threshold: float, detector) -> str:
 @click.option("--snapshot-format", type=click.Choice([".jpg", ".png"]), default=".jpg", show_default=True,
               help="Snapshot image format.")
 @click.option("--evidence", "evidence_folder", type=click.Path(file_okay=False), default=None,
-              help="Folder for the evidence of every alarm / NG part: the image exactly as the camera delivered "
-                   "it (lossless PNG), its path and sha256 in the event (what mrkd review and refit read).")
+              help="Folder for the evidence of every alarm / NG part: the image the model judged, lossless PNG "
+                   "(8-bit BGR: a Mono8 or 8-bit colour frame exactly, a 10-16-bit, Bayer or RGBA one as converted "
+                   "for the model), its path and sha256 in the event (what mrkd review and refit read).")
 @click.option("--evidence-ok-every", type=IntegerRange(min=0), default=0, show_default=True,
               help="Also keep one OK frame/part of every N per camera as evidence (0 = none).")
 @click.option("--evidence-max-mb", type=FiniteFloatRange(min=1, max=1e9), default=2048.0, show_default=True,
