@@ -58,7 +58,7 @@ def check_bf16(fp32_path, metadata: ModelMetadata, images_dir,
     if why is None and metadata.threshold is None:
         why = "the model has no calibrated threshold to judge decisions at"
     if why is not None:
-        echo(f"bf16 not checked: {why}; --backend auto runs OpenVINO at f32")
+        echo(f"bf16 not checked: {why}; --backend auto runs this model at f32")   # on whichever backend it picks
         return metadata, None
     images = load_images(int8_image_paths(images_dir) if paths is None else paths, metadata)
     report = backend_agreement_report(fp32_path, fp32_path, images, metadata.threshold, BF16_SPEC, "FP32 graph",

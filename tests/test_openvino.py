@@ -421,3 +421,18 @@ def test_a_signal_after_models_released_oldest_first_is_delivered(exported):
     done = subprocess.run([sys.executable, "-c", RELEASED_IN_MAKING_ORDER, str(exported["fp32"])],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "delivered [10]" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_without_openvino_the_export_does_not_say_auto_runs_openvino(monkeypatch, tmp_path):
+    """Where OpenVINO is not installed `--backend auto` runs ONNX Runtime, but the export's note said
+    "--backend auto runs OpenVINO at f32" (a probe with openvino hidden)."""
+    import mrkd.export.precision_check as precision_check
+    from mrkd.runtime.metadata import ModelMetadata as Metadata, sidecar_path
+    monkeypatch.setattr(precision_check, "bf16_unavailable_reason",
+                        lambda: "OpenVINO is not installed (pip install 'mrkd[openvino]')")
+    lines = []
+    metadata = Metadata.load(sidecar_path(export_tiny_model(tmp_path / "tiny.onnx")))
+    returned, report = precision_check.check_bf16(tmp_path / "tiny.onnx", metadata, tmp_path, echo=lines.append)
+    assert report is None and returned is metadata
+    assert lines == ["bf16 not checked: OpenVINO is not installed (pip install 'mrkd[openvino]'); "
+                     "--backend auto runs this model at f32"], lines
