@@ -24,6 +24,11 @@ browse names; docs/PLC.md lists it):
 
 The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain Strings here.
 
+A client whose connection drops keeps its session and subscriptions (asyncua) and reactivates them on a
+new channel: the events of parts judged meanwhile wait for its first Publish there (a closed
+connection's queued Publish requests are dropped), and Republish answers as OPC 10000-4 says
+(runtime/plc/opcua_republish.py), so a client asking for what it missed is told when there is no more.
+
 Security: bind 127.0.0.1 by default. With a server certificate and private key the only endpoint is
 Basic256Sha256 Sign&Encrypt (the application URI is read from the certificate); without them, the
 None policy only. With a trust folder (``trust``: runtime/plc/trust.py; certificates and the CRLs of
@@ -57,6 +62,7 @@ from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, Tr
 from mrkd.runtime.plc import PlcError, known_host
 from mrkd.runtime.plc.aio import AsyncioServerThread
 from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
+from mrkd.runtime.plc.opcua_republish import answer_republish_as_specified
 from mrkd.runtime.plc.trust import TrustFolder
 
 logger = logging.getLogger(__name__)
@@ -181,6 +187,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         # never activate hold file descriptors the cameras and outputs share; a cell has a PLC or a few
         server.iserver.max_connections = MAX_CONNECTIONS
         server.iserver.max_pending_activation_seconds = ACTIVATION_DEADLINE_S
+        # a client back from a dropped connection asks Republish until told there is nothing more
+        if not answer_republish_as_specified(server.iserver.subscription_service):
+            logger.warning("opcua: this asyncua keeps its subscriptions elsewhere: a client reconnecting after "
+                           "a dropped connection may repeat Republish requests")
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/mrkd/")
         server.set_server_name("mrkd VisionSystem")
         if self.certificate:
@@ -676,10 +686,15 @@ class _Connections(list):
     in its connection_made. Past MAX_CONNECTIONS the oldest connection without an activated session is
     closed to make room (sockets that never speak held every place until ACTIVATION_DEADLINE_S, and a
     PLC connecting meanwhile was refused); one with an activated session never is: when all are, the
-    new connection is refused."""
+    new connection is refused. A connection that leaves (its connection_lost) takes its queued Publish
+    requests with it (_forget_publish_requests)."""
 
     made_room = 0       # connections without an activated session closed for a newer one
     refused = 0         # new connections closed because every place held an activated session
+
+    def remove(self, connection) -> None:
+        super().remove(connection)
+        _forget_publish_requests(connection)
 
     def append(self, connection) -> None:
         super().append(connection)
@@ -697,6 +712,18 @@ class _Connections(list):
         closed.transport.close()
         peer = closed.peer_name[0] if isinstance(closed.peer_name, tuple) else closed.peer_name   # the address
         logger.warning(ROOM_MADE if waiting is not None else ROOM_REFUSED, peer, MAX_CONNECTIONS)
+
+
+def _forget_publish_requests(connection) -> None:
+    """Drop the Publish requests a closed connection had queued. A session with subscriptions outlives
+    its connection (the client reactivates it on a new channel), and asyncua kept answering the old
+    channel's queued requests: the ResultReady events of parts judged while the client was away went
+    into the closed socket, recoverable only by Republish, which node-opcua asks from the sequence
+    number after the last keep-alive's, past them. Without those requests the events wait in the
+    subscription for the new channel's first Publish."""
+    requests = getattr(getattr(connection, "processor", None), "_publish_requests", None)
+    if requests is not None:
+        requests.clear()
 
 
 def _activated(connection) -> bool:
