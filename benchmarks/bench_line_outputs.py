@@ -8,6 +8,15 @@ machine). "Off": the same loop with only the JSON-lines event log. Both score VG
 the model allows, with alarms (threshold at the median score, cooldown 0.2 s) so events flow too.
 Mosquitto missing: the MQTT part is left out and the result says so.
 
+Evidence rows (``--evidence DIR --evidence-ok-every 1``, the case a probe measured at 19.6 -> 9.5 frames/s):
+1000x800 noise frames (the PNG encoder's worst case), the threshold near the top of their scores so
+that a few alarm too, alternated in the same process: "on the loop thread" is where the lossless encode
+and fsync ran before (every OK sample and each alarm's evidence written by the loop's own hooks),
+"off the loop" is the writer as ``build_outputs`` makes it (OK samples on its worker, bounded; the
+alarm's evidence on the loop's alarm notifier), and the same frames without evidence. Only the
+JSON-lines event log besides. The worker's encode still takes CPU: on a machine with few cores the
+loop gains less than it would with a core to spare.
+
     python -m mrkd.benchmarks.bench_line_outputs [--quick]
 """
 
@@ -25,6 +34,7 @@ from typing import List, Optional
 from mrkd.runtime.outputs.base import LineObserver
 
 FRAME_SIZE = (640, 480)
+EVIDENCE_FRAME_SIZE = (1000, 800)     # width, height: the probe's frames
 STEADY_FROM = 0.2     # fps is measured from this fraction of a run's frames on (page open, models warm)
 
 # Runs in its own process: reads the live view and the event stream until killed, counts what came.
@@ -96,8 +106,41 @@ class _Timed(LineObserver):
         self.inner.on_stop()
 
 
+class _EvidenceOnLoop(LineObserver):
+    """The evidence writer's work where it ran before: on the loop thread, in the frame's own hooks (an
+    OK sample in on_frame, an alarm's lossless evidence with the alarm); the cost "before" in this process."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def on_frame(self, result):
+        if result.event is not None:
+            self.writer.event_fields(result)
+        else:
+            self.writer.on_frame(result)
+
+    def health(self):
+        return self.writer.health()
+
+
+def _evidence_observers(workdir: Path, label: str, on_loop: bool) -> list:
+    from mrkd.runtime.outputs import OutputSettings, build_outputs
+    from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+    settings = EvidenceSettings(str(workdir / f"evidence_{label}"), ok_every=1)
+    if on_loop:
+        return [_EvidenceOnLoop(EvidenceWriter(settings, background=False))]
+    return build_outputs(OutputSettings(evidence=settings))
+
+
+def _noise_frames(count: int) -> list:
+    import numpy as np
+    rng = np.random.default_rng(0)
+    width, height = EVIDENCE_FRAME_SIZE
+    return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
+
+
 def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: float, threads: int, workdir: Path,
-             label: str, outputs_on: bool, broker) -> dict:
+             label: str, outputs_on: bool, broker, evidence: Optional[str] = None) -> dict:
     from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.outputs import OutputSettings, build_outputs
@@ -106,6 +149,8 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
 
     clock = _FrameClock()
     observers, watcher, server, mqtt = [clock], None, None, None
+    if evidence in ("loop", "worker"):     # the work on the loop thread (as before), or off it (now)
+        observers += _evidence_observers(workdir, label, on_loop=evidence == "loop")
     if outputs_on:
         from mrkd.runtime.outputs.metrics import MetricsObserver
         from mrkd.runtime.outputs.web import OperatorServer
@@ -138,7 +183,14 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
     detector.close()
     row = {"outputs": "on, page open" if outputs_on else "off", "frames": summary["frames"],
            "alarms": summary["alarms"], "seconds": seconds, "fps": clock.steady_fps()}
-    for timed in observers[1:]:
+    if evidence is not None:
+        health = summary["outputs"].get("evidence", {})
+        row.update(outputs={"none": "noise frames, no evidence", "loop": "evidence ok-every 1, on the loop thread "
+                            "(before)", "worker": "evidence ok-every 1, off the loop"}[evidence],
+                   latency_p50_ms=summary["cameras"]["cam0"]["latency_ms"]["p50"],
+                   evidence_written=health.get("sent", 0), evidence_dropped=health.get("dropped", 0),
+                   evidence_failed=health.get("failed", 0))
+    for timed in (o for o in observers if isinstance(o, _Timed)):
         row[f"hooks_us_per_frame_{type(timed.inner).__name__}"] = 1e6 * timed.seconds / max(timed.calls, 1)
     if server is not None:
         row["live_view_jpegs"] = server.views["cam0"].encoded
@@ -189,15 +241,41 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
                 for on in (False, True):
                     rows.append(_one_run(onnx_path, frames, frames_per_run, threshold, threads, workdir,
                                          f"{repeat}_{on}", on, broker) | {"repeat": repeat})
+            noise = _noise_frames(16)
+            noise_threshold = _near_the_top(onnx_path, noise, threads)
+            for repeat in range(3):            # short runs: three alternations even with --quick
+                for where in ("none", "loop", "worker"):
+                    rows.append(_one_run(onnx_path, noise, 2 * frames_per_run, noise_threshold, threads, workdir,
+                                         f"evidence_{repeat}_{where}", False, None, evidence=where)
+                                | {"repeat": repeat})
         finally:
             if broker is not None:
                 broker.kill()
     off = [r["fps"] for r in rows if r["outputs"] == "off"]
-    on = [r["fps"] for r in rows if r["outputs"] != "off"]
+    on = [r["fps"] for r in rows if r["outputs"] == "on, page open"]
+    evidence_before = [r["fps"] for r in rows if r["outputs"].endswith("(before)")]
+    evidence_now = [r["fps"] for r in rows if r["outputs"].endswith("off the loop")]
+    no_evidence = [r["fps"] for r in rows if r["outputs"] == "noise frames, no evidence"]
     return {"bench": "line_outputs", "backbone": model.config.backbone, "image_size": model.config.image_size,
             "frame_size": list(FRAME_SIZE), "frames_per_run": frames_per_run, "threads": threads, "mqtt": mqtt_note,
             "rows": rows, "fps_off_median": float(np.median(off)), "fps_on_median": float(np.median(on)),
-            "on_over_off": float(np.median(on) / np.median(off))}
+            "on_over_off": float(np.median(on) / np.median(off)),
+            "evidence_frame_size": list(EVIDENCE_FRAME_SIZE),
+            "evidence_fps_none_median": float(np.median(no_evidence)),
+            "evidence_fps_on_loop_median": float(np.median(evidence_before)),
+            "evidence_fps_off_loop_median": float(np.median(evidence_now)),
+            "evidence_off_over_on_loop": float(np.median(evidence_now) / np.median(evidence_before))}
+
+
+def _near_the_top(onnx_path: Path, frames: list, threads: int) -> float:
+    """A threshold that the highest-scoring of ``frames`` reach (a few alarms, most frames OK)."""
+    from mrkd.runtime.detector import Detector
+    detector = Detector(onnx_path, backend="onnxruntime", threads=threads)
+    try:
+        scores = sorted(float(s) for k in range(0, len(frames), 4) for s in detector(frames[k:k + 4]).scores)
+    finally:
+        detector.close()
+    return scores[-2]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ because a camera that has sent nothing for ``stale_after_s`` is not waited for. 
 file is the same share one loaded Detector and their frames are scored in one batch. Per camera:
 alarm policy, events tagged with its name, snapshots in its own folder, status fields.
 
+An alarm's event goes to the outputs off the loop: its record (every output's ``event_fields``: the
+snapshot, the lossless evidence and its sha256, each written to disk) and then every ``on_event`` run
+on one notifier thread (runtime/outputs/notifier.py), in the order of the alarms, so an encode or an
+fsync never holds the next frame back, and an event names only files already written. The alarm waits
+there with its frame; past ``ALARMS_WAITING`` alarms waiting (a disk far slower than the line) the loop
+waits for room, as the part runner does: an alarm is never dropped. ``on_frame`` stays on the loop.
+
 ``run_stream`` (stream.py) is the one-camera case of this loop; runtime calibration reads frames
 with ``iter_frames`` below.
 """
@@ -16,6 +23,7 @@ with ``iter_frames`` below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import threading
@@ -33,6 +41,7 @@ from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each, stop_each
 from mrkd.runtime.outputs.events import make_event
+from mrkd.runtime.outputs.notifier import Notifier
 from mrkd.runtime.outputs.snapshots import regions_from_map
 from mrkd.runtime.redact import redact_uri
 from mrkd.runtime.sources import Frame, Source, SourceError, SourceUnreachable, open_source
@@ -45,6 +54,10 @@ logger = logging.getLogger(__name__)
 LINE_SCHEMA_VERSION = 1
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # also a folder name and a metrics label
 DEFAULT_CAMERA = "cam0"
+ALARMS_WAITING = 32          # alarms (each with its frame) waiting for the outputs before the loop waits
+# How long the stop waits for the alarms handed over to reach every output; past it the rest is given up,
+# counted (summary "outputs_given_up") and logged, as the part runner's OUTPUTS_DRAIN_S.
+ALARM_OUTPUTS_DRAIN_S = 30.0
 
 
 class LineError(MrkdError, ValueError):
@@ -483,6 +496,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
     stats = RunStats(STAGES)
     rounds = scored_calls = 0
     infos = [s.info for s in states]
+    alarm_outputs = Notifier("alarm-outputs", max_waiting=ALARMS_WAITING)
     call_each(observers, lambda o: o.see_outputs(observers))   # the whole list: PLC servers, shadow... too
     call_each(observers, lambda o: o.on_start(infos))
     last_status = time.monotonic()
@@ -507,7 +521,8 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                         call_each(observers, lambda o: o.on_model(info))
             if taken:
                 rounds += 1
-                scored_calls += _score_round(taken, by_name, stats, observers, settings.cross_camera_batching)
+                scored_calls += _score_round(taken, by_name, stats, observers, settings.cross_camera_batching,
+                                             alarm_outputs, stop)
                 if any(_asks_to_stop(o) for o in observers):
                     stop.set()
             if settings.status_every and time.monotonic() - last_status >= settings.status_every:
@@ -519,6 +534,8 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
     finally:
         for feed in feeds:
             feed.close()
+        alarm_outputs.release_room()
+        alarm_outputs.close(ALARM_OUTPUTS_DRAIN_S)   # every alarm reaches the outputs before they stop
         stop_each(observers)     # every event is out of the loop: flush and release
         if own_detectors:
             for detector in detectors.values():
@@ -536,7 +553,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                           "failed_cameras": [s.camera.name for s in states if s.feed.failure],
                           "detector_calls": scored_calls, "rounds": rounds,
                           "frames_per_call": stats.frames / scored_calls if scored_calls else 0.0,
-                          "stopped_early": stop.is_set()})
+                          "stopped_early": stop.is_set(), "outputs_given_up": alarm_outputs.given_up})
 
 
 def outputs_summary(observers: Sequence[LineObserver]) -> Dict[str, dict]:
@@ -554,10 +571,11 @@ def _asks_to_stop(observer: LineObserver) -> bool:
 
 
 def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraState], stats: RunStats,
-                 observers: Sequence[LineObserver], batched: bool) -> int:
+                 observers: Sequence[LineObserver], batched: bool, alarm_outputs: Notifier,
+                 stop: Optional[threading.Event] = None) -> int:
     """Score one round (one detector call per model, or per camera when not ``batched``); then per
-    frame in camera order: the policy's decision, and for an alarm the event record (every output may
-    add to it first: the snapshot path), then every output. Returns the number of detector calls."""
+    frame in camera order: the policy's decision, for an alarm its event handed to ``alarm_outputs``
+    (``_deliver_alarm``), and every output's ``on_frame``. Returns the number of detector calls."""
     groups: Dict[object, List[Tuple[_CameraState, _Arrived]]] = {}
     for name, arrived in taken.items():
         state = by_name[name]
@@ -587,10 +605,26 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
                                    None, state.camera.name)     # its id and time from one clock reading
                 event["model_sha256"] = state.info.model_sha256     # the model that judged it (hot swap)
                 scored = dataclasses.replace(scored, event=event)
-                call_each(observers, lambda o: event.update(o.event_fields(scored)))
-                call_each(observers, lambda o: o.on_event(state.camera.name, event))
+                alarm_outputs.put(functools.partial(_deliver_alarm, observers, scored, alarm_outputs))
             call_each(observers, lambda o: o.on_frame(scored))
+            # The outputs far behind (a stalled disk): the frames their alarms hold are bounded. A stop is
+            # noticed meanwhile; the stop's drain then gives up what a stalled output cannot take (counted).
+            while scored.event is not None and not alarm_outputs.wait_for_room(0.25):
+                if stop is not None and stop.is_set():
+                    break
     return len(groups)
+
+
+def _deliver_alarm(observers: Sequence[LineObserver], scored: FrameResult, alarm_outputs: Notifier) -> None:
+    """(The alarm notifier's thread.) Every output adds to the event first (``event_fields``: the
+    snapshot and the evidence, written before they are named), then every output gets it
+    (``on_event``). None once the notifier is closed: past the stop's deadline their on_stop runs."""
+    event = scored.event
+
+    def each(call: Callable[[LineObserver], object]) -> None:
+        call_each(observers, lambda o: None if alarm_outputs.closed else call(o))
+    each(lambda o: event.update(o.event_fields(scored)))
+    each(lambda o: o.on_event(scored.camera, event))
 
 
 def iter_frames(source: Source, max_frames: Optional[int] = None, batch: int = 1) -> Iterator[List[Frame]]:

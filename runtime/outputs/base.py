@@ -1,10 +1,10 @@
 """What the frame loop tells the outside world: one small interface for every line output.
 
 The loop (``mrkd.runtime.line.loop.run_line``; ``run_stream`` is its one-camera case) calls a
-``LineObserver`` on the loop thread for every scored frame, every alarm event and every change in a
-camera's state. Observers (MQTT, Prometheus metrics, the operator page, ...) must return at once:
-anything slow (network, encoding for a browser) goes onto a bounded queue of their own, so a slow
-broker or browser never slows scoring.
+``LineObserver`` on the loop thread for every scored frame and every change in a camera's state, and
+on its alarm notifier's thread for every alarm event (its record first). Observers (MQTT, Prometheus
+metrics, the operator page, ...) must return at once: anything slow (network, encoding for a browser)
+goes onto a bounded queue of their own, so a slow broker or browser never slows scoring.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ class LineObserver:
     """Base class with no-op hooks; every output of a line (events log, snapshots, webhook, video file,
     window, MQTT, metrics, page, PLC servers) is one, built by ``mrkd.runtime.outputs.build_outputs``.
     Hooks run on the loop thread and must not block; in a triggered run the part runner calls them on
-    its output thread (runtime/outputs/notifier.py), the PLC servers' on the spot. Order per alarm
-    frame: ``event_fields`` of every output (what they add to the record, e.g. the snapshot's path),
-    then ``on_event`` and ``on_frame``; per part: ``part_fields``, then ``on_part``."""
+    its output thread (runtime/outputs/notifier.py), the PLC servers' on the spot. Per alarm, on the
+    loop's alarm notifier thread (so an output's file work never holds a frame back): ``event_fields``
+    of every output (what they add to the record, e.g. the snapshot's path), then ``on_event``; the
+    frame's ``on_frame`` runs on the loop thread meanwhile. Per part: ``part_fields``, then ``on_part``."""
 
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         pass

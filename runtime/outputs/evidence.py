@@ -19,13 +19,25 @@ Retention (``max_bytes`` for the whole folder, counted from what is there at the
 3. on a full disk, alarm/NG evidence that does not fit deletes the oldest OK samples (as many as it
    takes) and is written again; only when no OK sample is left is it lost: counted and warned about
    naming the file. The line goes on, also when the disk is full at the start.
+
+Off the frame loop: the PNG encode and the fsync take tens of milliseconds for a megapixel frame, so
+in a free run neither runs on the loop's thread. An alarm's evidence is written by ``event_fields``,
+which the loop calls on its alarm notifier's thread (runtime/line/loop.py), before any output sends
+the event: the event names the file and its sha256 only once the file is on disk. A free run's OK
+samples (``on_frame``) go to a worker of their own (``background``, as ``build_outputs`` makes the
+writer) through a bounded queue: while ``OK_SAMPLES_WAITING`` wait (a disk slower than the line), a
+due sample is dropped, counted in the health's ``dropped`` and warned about (rate-limited). In a
+triggered run ``part_fields`` writes on the part runner's notifier thread, as before.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import re
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,7 +50,10 @@ import numpy as np
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
+from mrkd.runtime.outputs.notifier import Notifier
 from mrkd.runtime.outputs.snapshots import write_new_file
+
+logger = logging.getLogger("mrkd.runtime.outputs")
 
 EVIDENCE_SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 2 << 30       # 2 GiB
@@ -46,6 +61,9 @@ OK_FOLDER = "ok"
 # The names _ok_sample writes (a frame index or "part" + inspection id, and the "_pid_n" of a second run's
 # sample of the same name): only such files are ever deleted; any other PNG in a given folder is someone's.
 OK_SAMPLE_NAME = re.compile(r"(part)?\d{10,}(_\d+_\d+)?\.png")
+# A free run's OK samples waiting for the worker (each holds its frame): past it a due sample is dropped.
+OK_SAMPLES_WAITING = 8
+OK_SAMPLES_DRAIN_S = 10.0        # the stop waits this long for the samples still queued, then counts them dropped
 
 
 @dataclass(frozen=True)
@@ -73,8 +91,11 @@ class EvidenceWriter(LineObserver):
     """Writes the lossless evidence (see the module's notes) and adds its path and sha256 to events."""
 
     recount_every_s = 10.0      # over budget: how often the folder is counted again (files moved away)
+    warn_dropped_every_s = 30.0
 
-    def __init__(self, settings: EvidenceSettings):
+    def __init__(self, settings: EvidenceSettings, background: bool = False):
+        """``background``: a free run's OK samples are encoded and written on a worker thread (bounded
+        queue); without it ``on_frame`` writes them on the caller's thread."""
         self.settings = settings
         self.folder = Path(settings.folder)
         self.delivery = Delivery("evidence", str(self.folder))
@@ -89,6 +110,15 @@ class EvidenceWriter(LineObserver):
         self._evidence_bytes = 0
         self._ok_seen: Dict[str, int] = {}
         self.ok_written = self.ok_deleted = self.ok_skipped = 0
+        self.ok_queue_dropped = 0         # due OK samples dropped because the worker was that far behind
+        self._last_drop_warning = float("-inf")
+        # The folder's accounting (OK sample list, byte counts) is shared by the OK samples' worker and the
+        # thread that writes alarm evidence (the loop's alarm notifier); it is held across a write, so a
+        # stalled disk holds it: the loop's own hook (on_frame) and health() never take it, only the
+        # counts' lock, which no file operation is ever done under.
+        self._lock = threading.RLock()
+        self._counts_lock = threading.Lock()
+        self._ok_worker = Notifier("evidence-ok-samples", max_waiting=OK_SAMPLES_WAITING) if background else None
         self._scan()
         self._scanned_at = time.monotonic()
 
@@ -188,11 +218,14 @@ class EvidenceWriter(LineObserver):
 
     def _evidence(self, camera: str, event_id: str, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
         path = self.folder / camera / f"{event_id}.png"
-        data = self._encode(image)
-        if data is None or self._write(path, data, make_room=True) is None:
+        data = self._encode(image)          # the slow part, outside the lock: the OK samples' worker goes on
+        if data is None:
             return None, None
-        self._evidence_bytes += path.stat().st_size
-        self._delivered()
+        with self._lock:
+            if self._write(path, data, make_room=True) is None:
+                return None, None
+            self._evidence_bytes += path.stat().st_size
+            self._delivered()
         return _as_named(path), hashlib.sha256(data).hexdigest()
 
     def _keep_budget(self) -> bool:
@@ -221,7 +254,8 @@ class EvidenceWriter(LineObserver):
         fields = {}
         for camera, (image, _amap, _threshold) in views.items():
             if part.event_id is None:          # an OK part: one of every ok_every per camera is kept
-                path = self._ok_sample(camera, f"part{part.inspection_id:010d}", image)
+                seen = self._ok_turn(camera)
+                path = None if seen is None else self._ok_sample(camera, f"part{part.inspection_id:010d}", seen, image)
                 if path is not None:
                     fields[camera] = {"evidence": path}
                 continue
@@ -230,44 +264,81 @@ class EvidenceWriter(LineObserver):
         return fields
 
     def on_frame(self, result: FrameResult) -> None:
-        if result.event is None and not result.anomalous:
-            self._ok_sample(result.camera, f"{result.frame_index:010d}", result.image)
+        if result.event is not None or result.anomalous:
+            return
+        seen = self._ok_turn(result.camera)
+        if seen is None:
+            return
+        name = f"{result.frame_index:010d}"
+        if self._ok_worker is None:
+            self._ok_sample(result.camera, name, seen, result.image)
+        elif self._ok_worker.waiting >= OK_SAMPLES_WAITING:
+            self._dropped_for_time()
+        else:       # the frame is not modified after delivery (FrameResult), so the worker may hold it
+            self._ok_worker.put(functools.partial(self._ok_sample, result.camera, name, seen, result.image))
 
-    def _ok_sample(self, camera: str, name: str, image: np.ndarray) -> Optional[str]:
-        """Keep one of every ``ok_every`` OK images of ``camera`` (frames in free run, parts when
-        triggered) as ``ok/<name>.png``; the path, or None when not kept (not its turn, no room)."""
+    def _dropped_for_time(self) -> None:
+        """A due OK sample dropped: the worker is OK_SAMPLES_WAITING samples behind (a slow disk)."""
+        with self._counts_lock:
+            self.ok_queue_dropped += 1
+            dropped = self.ok_queue_dropped
+            now = time.monotonic()
+            warn = now - self._last_drop_warning >= self.warn_dropped_every_s
+            if warn:
+                self._last_drop_warning = now
+        if warn:
+            logger.warning("output evidence (%s): the disk is slower than the line; OK samples are dropped "
+                           "(%d so far; alarm evidence is still written)", self.folder, dropped)
+
+    def _ok_turn(self, camera: str) -> Optional[int]:
+        """Counts an OK image of ``camera``; its number when a sample of it is due (one of every
+        ``ok_every``), else None."""
         every = self.settings.ok_every
         if not every:
             return None
-        seen = self._ok_seen.get(camera, 0)
-        self._ok_seen[camera] = seen + 1
-        if seen % every:
-            return None
-        if self.used_bytes > self.settings.max_bytes and not self._keep_budget():
-            self.ok_skipped += 1
-            return None
+        with self._counts_lock:
+            seen = self._ok_seen.get(camera, 0)
+            self._ok_seen[camera] = seen + 1
+        return None if seen % every else seen
+
+    def _ok_sample(self, camera: str, name: str, seen: int, image: np.ndarray) -> Optional[str]:
+        """Keep the OK image (frames in free run, parts when triggered; ``seen``: its number from
+        ``_ok_turn``) as ``ok/<name>.png``; the path, or None when not kept (no room, not written)."""
+        with self._lock:
+            if self.used_bytes > self.settings.max_bytes and not self._keep_budget():
+                self.ok_skipped += 1
+                return None
         data = self._encode(image)
         if data is None:
             return None
-        if self._evidence_bytes + len(data) > self.settings.max_bytes:
-            # no room even with every older OK sample gone: written, the budget check would delete this
-            # very sample, and its part would name a file that is gone
-            self.ok_skipped += 1
-            return None
-        path = self.folder / camera / OK_FOLDER / f"{name}.png"
-        own_name = path.with_name(f"{name}_{os.getpid()}_{seen}.png")
-        if path.exists():          # an earlier run's sample of the same name: keep both
-            path = own_name
-        path = self._write(path, data, or_else=None if path == own_name else own_name)
-        if path is None:
-            return None
-        self.ok_written += 1
-        self._ok_files.append((path, path.stat().st_size))
-        self._delivered()
+        with self._lock:
+            if self._evidence_bytes + len(data) > self.settings.max_bytes:
+                # no room even with every older OK sample gone: written, the budget check would delete this
+                # very sample, and its part would name a file that is gone
+                self.ok_skipped += 1
+                return None
+            path = self.folder / camera / OK_FOLDER / f"{name}.png"
+            own_name = path.with_name(f"{name}_{os.getpid()}_{seen}.png")
+            if path.exists():          # an earlier run's sample of the same name: keep both
+                path = own_name
+            path = self._write(path, data, or_else=None if path == own_name else own_name)
+            if path is None:
+                return None
+            self.ok_written += 1
+            self._ok_files.append((path, path.stat().st_size))
+            self._delivered()
         return _as_named(path)
 
+    def on_stop(self) -> None:
+        """The OK samples still queued get OK_SAMPLES_DRAIN_S to be written; the rest count as dropped."""
+        if self._ok_worker is not None:
+            given_up = self._ok_worker.close(OK_SAMPLES_DRAIN_S)
+            with self._counts_lock:
+                self.ok_queue_dropped += given_up
+
     def health(self) -> OutputHealth:
-        return self.delivery.health(dropped=self.ok_skipped)
+        # no lock held across a write is taken here: a scrape of /metrics must answer on a stalled disk
+        return self.delivery.health(dropped=self.ok_skipped + self.ok_queue_dropped)
 
 
 def _as_named(path: Path) -> str:
@@ -281,4 +352,5 @@ def outputs_from(settings) -> list:
     evidence = getattr(settings, "evidence", None)
     if not evidence:
         return []
-    return [EvidenceWriter(evidence if isinstance(evidence, EvidenceSettings) else EvidenceSettings(str(evidence)))]
+    return [EvidenceWriter(evidence if isinstance(evidence, EvidenceSettings) else EvidenceSettings(str(evidence)),
+                           background=True)]

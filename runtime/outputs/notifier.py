@@ -90,11 +90,13 @@ class Notifier:
         """The stop has closed it: the outputs' on_stop may be running, so no more calls to them."""
         return self._closed
 
-    def wait_for_room(self) -> None:
-        """Wait while ``max_waiting`` calls wait (the outputs are that far behind), until ``release_room``."""
+    def wait_for_room(self, timeout: Optional[float] = None) -> bool:
+        """Wait while ``max_waiting`` calls wait (the outputs are that far behind), until ``release_room``
+        (at most ``timeout`` seconds: a caller that must notice its own stop waits in slices); whether
+        there is room now."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self._calls) < self.max_waiting or not self._holding_back
-                                or self._closed)
+            return self._cond.wait_for(lambda: len(self._calls) < self.max_waiting or not self._holding_back
+                                       or self._closed, timeout)
 
     def release_room(self) -> None:
         """Hold back no one from now on: the stop reports the parts left (bounded by the trigger queue)

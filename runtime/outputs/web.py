@@ -167,6 +167,9 @@ class OperatorServer(LineObserver):
         self.cameras: List[CameraInfo] = []
         self.alarms: Deque[dict] = deque(maxlen=max_alarms)     # newest first: {"event", "camera", "result"}
         self._part_views: Dict[str, dict] = {}     # NG part's event id -> camera -> (image, amap, threshold)
+        # An alarm's frame whose event has not come yet (the loop sends events from its alarm notifier,
+        # after the frame): id(event) -> the FrameResult, which keeps the event, so the id stays its own.
+        self._frames_before_event: Dict[int, FrameResult] = {}
         self._alarm_lock = threading.Lock()
         self._clients: List[DropOldestQueue] = []
         self._clients_lock = threading.Lock()
@@ -262,13 +265,19 @@ class OperatorServer(LineObserver):
                     if alarm["event"] is result.event:
                         alarm["result"] = result      # its frame, for a snapshot without --snapshots
                         break
+                else:
+                    while len(self._frames_before_event) >= (self.alarms.maxlen or 20):
+                        self._frames_before_event.pop(next(iter(self._frames_before_event)))
+                    self._frames_before_event[id(result.event)] = result
 
     def on_event(self, camera: str, event: dict) -> None:
         view = self.views.get(camera)
         if view is not None:
             view.alarms += 1
         with self._alarm_lock:
-            self.alarms.appendleft({"event": event, "camera": camera, "result": None})
+            result = self._frames_before_event.pop(id(event), None)
+            self.alarms.appendleft({"event": event, "camera": camera,
+                                    "result": result if result is not None and result.event is event else None})
         self._broadcast("alarm", _alarm_record(camera, event))
 
     def part_fields(self, part: PartResult, views) -> Dict[str, Dict[str, object]]:
