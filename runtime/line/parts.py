@@ -47,8 +47,8 @@ from mrkd.runtime.line.loop import Line, line_detector, open_detectors, open_sou
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import CONTROL_CHARACTERS_REFUSAL, PartSettings, id_control_characters, printable_id
-from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, LineObserver, PartResult,
-                                       TriggerReceipt, Verdict, call_each, plc_and_others, stop_each)
+from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, FrameResult, LineObserver,
+                                       PartResult, TriggerReceipt, Verdict, call_each, plc_and_others, stop_each)
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.outputs.notifier import Notifier
 from mrkd.runtime.sources import Source
@@ -453,14 +453,27 @@ class PartRunner:
                 kind = next((k for k in ERROR_CODES if grab.error.startswith(k)), "other")
                 camera.errors[kind] = camera.errors.get(kind, 0) + 1
         scored: Dict[str, List[Tuple[float, np.ndarray, np.ndarray]]] = {}
+        judged: List[FrameResult] = []      # each image as a free run's frame (the per-camera metrics)
+        first_index = {c.name: c.images - len(grabs[c.name].images) for c in self.cameras}
         model_s = 0.0
         for key, members in groups.items():
             result = self.detectors[key]([image for _, image in members])
             model_s += sum(result.timings.values())
+            done = time.monotonic()
+            infer_share = result.timings.get("infer", 0.0) / len(members)     # as the frame loop shares a batch
+            sha256 = self.slots.sha256_of(key)
             for i, (camera, image) in enumerate(members):
-                scored.setdefault(camera.name, []).append((float(result.scores[i]), image, result.maps[i]))
-                self.slots.note(key, image, float(result.scores[i]))
-        self._report(pending, grabs, scored, model_s, acquired)
+                score = float(result.scores[i])
+                scored.setdefault(camera.name, []).append((score, image, result.maps[i]))
+                self.slots.note(key, image, score)
+                threshold = self._threshold(camera, pending.recipe, self.detectors[key])
+                index = first_index[camera.name] + len(scored[camera.name]) - 1
+                judged.append(FrameResult(
+                    camera=camera.name, frame_index=index, frame_time=pending.wall, image=image,
+                    amap=result.maps[i], score=score, threshold=threshold,
+                    anomalous=bool(is_anomalous(score, threshold)), infer_s=infer_share,
+                    latency_s=max(0.0, done - (grabs[camera.name].acquired_at or done)), model_sha256=sha256))
+        self._report(pending, grabs, scored, model_s, acquired, judged)
         for camera in self.cameras:      # the candidates score the same images, on their own threads
             threshold = self._threshold(camera, pending.recipe, self._detector(camera, pending.recipe))
             live_sha = self.slots.sha256_of(self._key(camera, pending.recipe))
@@ -502,8 +515,9 @@ class PartRunner:
 
     def _report(self, pending: _Pending, grabs: Mapping[str, Grab],
                 scored: Mapping[str, List[Tuple[float, np.ndarray, np.ndarray]]], model_s: float,
-                acquired: Optional[float] = None) -> None:
-        """Build the part's record (verdict, deciding camera, event for NG/ERROR) and tell every observer."""
+                acquired: Optional[float] = None, judged: Sequence[FrameResult] = ()) -> None:
+        """Build the part's record (verdict, deciding camera, event for NG/ERROR) and tell every observer
+        (``judged``: each scored image, told first through ``on_part_image``)."""
         judgements, views, errors = [], {}, []
         for camera in self.cameras:
             detector = self._detector(camera, pending.recipe)
@@ -546,18 +560,23 @@ class PartRunner:
         if not errors:
             self.latency["trigger_to_images"].add(part.acquired_s)
             self.latency["model"].add(model_s)
-        self._emit(lambda o: o.on_part(part), handed=lambda tell: lambda: self._tell_outputs(tell, part, views))
+        self._emit(lambda o: o.on_part(part),
+                   handed=lambda tell: lambda: self._tell_outputs(tell, part, views, judged))
         # The outputs far behind: the images waiting for them are bounded. Waited for after the PLC has
         # this part's verdict, so the bound holds back the next part, never an answer.
         self._notifier.wait_for_room()
 
     @staticmethod
-    def _tell_outputs(tell: Tell, part: PartResult, views: Mapping[str, tuple]) -> None:
-        """(The notifier's thread; ``tell``: _emit's, to every output but the PLC servers.) The outputs that
-        write files of a part (``part_fields``: snapshots and evidence of an NG/ERROR part, which has its
-        event id; the evidence's sample of OK parts; ``views``: camera -> (image, anomaly map, threshold))
-        write them before any of them sends the record, which then carries each camera's paths (and the
-        evidence's sha256); then every output's ``on_part``."""
+    def _tell_outputs(tell: Tell, part: PartResult, views: Mapping[str, tuple],
+                      judged: Sequence[FrameResult] = ()) -> None:
+        """(The notifier's thread; ``tell``: _emit's, to every output but the PLC servers.) Each image the
+        part's cameras had scored (``judged``: ``on_part_image``, what the per-camera metrics count); the
+        outputs that write files of a part (``part_fields``: snapshots and evidence of an NG/ERROR part,
+        which has its event id; the evidence's sample of OK parts; ``views``: camera -> (image, anomaly
+        map, threshold)) write them before any of them sends the record, which then carries each camera's
+        paths (and the evidence's sha256); then every output's ``on_part``."""
+        for image in judged:
+            tell(lambda o, image=image: o.on_part_image(image))
         fields: Dict[str, Dict[str, object]] = {}
 
         def collect(output: LineObserver) -> None:

@@ -75,7 +75,8 @@ class LineObserver:
     its output thread (runtime/outputs/notifier.py), the PLC servers' on the spot. Per alarm, on the
     loop's alarm notifier thread (so an output's file work never holds a frame back): ``event_fields``
     of every output (what they add to the record, e.g. the snapshot's path), then ``on_event``; the
-    frame's ``on_frame`` runs on the loop thread meanwhile. Per part: ``part_fields``, then ``on_part``."""
+    frame's ``on_frame`` runs on the loop thread meanwhile. Per part: ``on_part_image`` for each scored
+    image, ``part_fields``, then ``on_part``."""
 
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         pass
@@ -113,6 +114,12 @@ class LineObserver:
         ``evidence``, ``evidence_sha256``) with what it wrote; ``views``: camera -> (image, anomaly map,
         threshold) of the cameras that have an image. The part's counterpart of ``event_fields``."""
         return {}
+
+    def on_part_image(self, result: FrameResult) -> None:
+        """In triggered mode, each image a part's camera had scored, as a free run's frame (``frame_index``
+        counts the camera's images, ``frame_time`` is the trigger's wall clock, ``latency_s`` runs from the
+        camera's images in hand to the score), told before its part's ``part_fields`` and ``on_part``.
+        Outputs that count per camera image (metrics) take it; ``on_frame`` stays the free run's."""
 
     def on_part(self, result: PartResult) -> None:
         """A part was judged (OK, NG or ERROR) in triggered mode."""

@@ -1,7 +1,8 @@
 """Prometheus metrics of a line (prometheus-client, the ``line`` extra), served at ``/metrics`` by the
 ``--http`` server (runtime/outputs/web.py), and the ``/healthz`` verdict.
 
-Per camera (label ``camera``): ``mrkd_frames_total``, ``mrkd_frames_dropped_total``,
+Per camera (label ``camera``; a frame is a scored frame in a free run, a judged image of a part in a
+triggered one, ``on_part_image``): ``mrkd_frames_total``, ``mrkd_frames_dropped_total``,
 ``mrkd_bad_frames_total``, ``mrkd_alarms_total``, ``mrkd_source_up``, ``mrkd_source_reconnects_total``;
 histograms ``mrkd_inference_seconds`` (each frame's share of its batch), ``mrkd_end_to_end_latency_seconds``
 (frame arrival to result) and ``mrkd_image_score_ratio`` (score / the camera's threshold, so 1.0 is
@@ -152,6 +153,11 @@ class MetricsObserver(LineObserver):
         now = time.time()
         last.set(now)
         self._last_frame_at[result.camera] = now
+
+    def on_part_image(self, result: FrameResult) -> None:
+        """A triggered run's judged image counts as a free run's frame: frames, inference, latency, the
+        score ratio (the drift signal) and the last frame's time, per camera."""
+        self.on_frame(result)
 
     def on_event(self, camera: str, event: dict) -> None:
         self.alarms.labels(camera).inc()
