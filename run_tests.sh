@@ -17,7 +17,7 @@ for group in "${isolated[@]}"; do
   for file in $group; do ignore+=("--ignore=$file"); done
 done
 status=0
-.venv/bin/python -m pytest -q -ra --durations=15 "${ignore[@]}" || status=$?
+.venv/bin/python -m pytest -q -ra --durations=40 "${ignore[@]}" || status=$?
 for group in "${isolated[@]}"; do
   echo "== pytest $group"
   # shellcheck disable=SC2086
