@@ -197,13 +197,23 @@ def mrkd_per_scale(model, paths: Sequence[str]) -> List["torch.Tensor"]:
     return [torch.cat(list(stage)) for stage in per_scale]
 
 
+MAPS_CHUNK = 16     # images per blur call: CPU conv2d unfolds its whole input (N × 33 taps × H × W floats)
+
+
 def mrkd_maps(model, per_scale, stage_weights: Sequence[float] = (1.0, 1.0, 1.0), sigma: Optional[float] = None):
     """Per-scale maps → the head's smoothed N×1×H×W map with the stages weighted (all 1 and sigma None =
-    the head itself)."""
+    the head itself). In chunks of MAPS_CHUNK images: the blur of all 508 poly test cells at once at
+    512 px unfolded about 17 GB, and the bench was killed for memory; each image's map is its own, so
+    the chunks give the same maps."""
+    import torch
+
     from mrkd.train.head import GaussianBlur
-    weighted = [w * m for w, m in zip(stage_weights, per_scale) if w]
     blur = model.head.blur if sigma is None else GaussianBlur(sigma)
-    return blur(model.head.upsample_sum(weighted))
+    chunks = []
+    for start in range(0, len(per_scale[0]), MAPS_CHUNK):
+        weighted = [w * m[start:start + MAPS_CHUNK] for w, m in zip(stage_weights, per_scale) if w]
+        chunks.append(blur(model.head.upsample_sum(weighted)))
+    return torch.cat(chunks)
 
 
 # ----------------------------------------------------------------------------- one category

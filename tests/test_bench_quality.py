@@ -49,3 +49,21 @@ def test_quick_quality_imagenet_teacher_beats_random_on_real_images(tmp_path):
         assert 0.5 < summary[f"{category}/mrkd+knn"]["image_auroc"]["mean"] <= 1.0
         assert summary[f"{category}/knn_coreset"]["image_auroc"]["mean"] > 0.6, category
         assert 0.5 < summary[f"{category}/score_both"]["image_auroc"]["mean"] <= 1.0   # the shipped default
+
+
+def test_maps_in_chunks_equal_the_maps_of_all_images_at_once():
+    """mrkd_maps works MAPS_CHUNK images at a time (the blur of 508 cells at 512 px at once needed ~17 GB);
+    every image's map must equal the one computed over the whole batch, with and without a sigma."""
+    from types import SimpleNamespace
+
+    from mrkd.benchmarks.bench_quality import MAPS_CHUNK, mrkd_maps
+    from mrkd.train.head import AnomalyMapHead, GaussianBlur
+    head = AnomalyMapHead(64, 4.0)
+    rng = np.random.default_rng(2)
+    count = 2 * MAPS_CHUNK + 5
+    per_scale = [torch.tensor(rng.random((count, size, size)), dtype=torch.float32) for size in (16, 8, 4)]
+    for weights, sigma, blur in (((1, 1, 1), None, head.blur), ((0, 1, 2), 2.0, GaussianBlur(2.0))):
+        whole = blur(head.upsample_sum([w * m for w, m in zip(weights, per_scale) if w]))
+        got = mrkd_maps(SimpleNamespace(head=head), per_scale, weights, sigma)
+        assert got.shape == (count, 1, 64, 64)
+        torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)
