@@ -508,6 +508,30 @@ def test_a_camera_another_application_controls_is_one_error_saying_so(simulator,
         source.close()
 
 
+def test_a_camera_let_go_within_the_wait_is_opened(simulator, caplog):
+    """A run killed a moment ago holds its camera until the camera's heartbeat timeout drops it (CI saw
+    a restart refused with 'another application controls the camera'). Opening waits up to
+    CONTROL_WAIT_S for the camera to be let go, says so once, and then opens it."""
+    Aravis = require_aravis()
+    camera = simulator("127.0.86.44", "LETGO")
+    holders = [Aravis.Camera.new(camera.address)]
+    assert holders[0].get_device().is_controller()
+    # the holder's last reference goes after Aravis' own 2.5 s attempt to take control: control is let go
+    letting_go = threading.Timer(4.0, holders.clear)
+    letting_go.start()
+    try:
+        with caplog.at_level("WARNING", logger="mrkd.runtime.sources.gige"):
+            source = open_source(camera.uri, trigger="software", name="top")
+    finally:
+        letting_go.join()
+    try:
+        assert source.grab(time.time(), 2.0).error is None
+    finally:
+        source.close()
+    waited = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert len(waited) == 1 and "another application controls the camera" in waited[0], caplog.text
+
+
 def test_a_run_restarted_at_once_after_a_kill_judges_its_first_parts(simulator, model, tmp_path):
     """A supervisor restarts a killed `mrkd run` at once (systemd Restart=always). The killed run left
     the camera acquiring, streaming to its dead socket; the new run set the camera up and started

@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 SCHEME = "gige://"
 TRIGGER_MODES = ("free", "software", "hardware")
+# How long opening waits for a camera another application controls to be let go: GigE Vision's default
+# heartbeat timeout (3 s, after which a camera drops a controller that stopped talking), and a margin.
+CONTROL_WAIT_S = 6.0
 INSTALL_HINT = ("apt install gir1.2-aravis-0.8 python3-gi (Debian/Ubuntu/Jetson), and in a virtual environment "
                 "pip install 'PyGObject<3.50' (needs libgirepository1.0-dev libcairo2-dev pkg-config)")
 
@@ -174,6 +177,14 @@ def open_camera(device: str):
                                     f"({exc.message})") from None
         raise GigeError(f"gige://{device}: no GigE Vision camera answers at that address, serial or device id "
                         f"({first.message}; `mrkd cameras` lists those found)") from None
+
+
+def _controls(camera) -> bool:
+    """Whether this process holds the camera's control channel (GigE Vision; other cameras, and Aravis
+    builds without ``is_controller``, count as held)."""
+    device = camera.get_device()
+    is_controller = getattr(device, "is_controller", None)
+    return not (isinstance(device, aravis().GvDevice) and is_controller is not None and not is_controller())
 
 
 def parse_feature(text: str) -> Tuple[str, str]:
@@ -395,7 +406,7 @@ class GigeSource(LatestFrameSource):
     # -- connection
     def _connect(self) -> None:
         aravis()        # the binding, or one clear error before the camera is opened
-        camera = open_camera(self.device)
+        camera = self._open_when_free()
         try:
             self._check_same_camera(camera)
             self._setup(camera)
@@ -412,6 +423,27 @@ class GigeSource(LatestFrameSource):
             raise exc.with_traceback(None)
         self._camera = camera
         self._lost.clear()
+
+    def _open_when_free(self):
+        """The camera, opened; while another application controls it, opened again (Aravis itself asks
+        for control for about 2.5 s per open) until CONTROL_WAIT_S have passed. A run killed a moment ago
+        (a supervisor restarting it at once) holds the camera until its heartbeat timeout runs out
+        (GigE Vision's default 3 s), so a restart that came sooner was refused. Past the wait, _setup's
+        check names who is in the way."""
+        deadline = time.monotonic() + CONTROL_WAIT_S
+        said = False
+        while True:
+            camera = open_camera(self.device)
+            if _controls(camera) or time.monotonic() >= deadline or self._stop.is_set():
+                return camera
+            self._release(camera)
+            camera = None
+            if not said:
+                said = True
+                logger.warning("camera %s (%s): another application controls the camera; waiting up to %g s for "
+                               "it to let go (a run stopped a moment ago does within its heartbeat timeout)",
+                               self.name, self.uri, CONTROL_WAIT_S)
+            self._stop.wait(0.5)
 
     def _check_same_camera(self, camera) -> None:
         """A reconnect must find the camera the run started with: another one answering at the same
@@ -433,9 +465,7 @@ class GigeSource(LatestFrameSource):
         privilege). Aravis opens a camera that another application holds without a word, and every
         write then times out ("write_register timeout"), which reads like a network fault: say who is
         in the way instead. (Aravis builds without ``is_controller`` are not checked.)"""
-        device = camera.get_device()
-        is_controller = getattr(device, "is_controller", None)
-        if isinstance(device, aravis().GvDevice) and is_controller is not None and not is_controller():
+        if not _controls(camera):
             raise GigeError(f"{where}: another application controls the camera (a viewer such as arv-viewer, "
                             f"another mrkd, or another camera of this run naming the same camera): a camera takes "
                             f"orders from one application at a time; close the other one")
