@@ -46,7 +46,7 @@ from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
 from mrkd.runtime.line.loop import Line, line_detector, open_detectors, open_sources
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
-from mrkd.runtime.line.trigger import CONTROL_CHARACTERS_REFUSAL, PartSettings, id_control_characters, printable_id
+from mrkd.runtime.line.trigger import CONTROL_CHARACTERS_REFUSAL, PartSettings, has_control_characters, printable_id
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, FrameResult, LineObserver,
                                        PartResult, TriggerReceipt, Verdict, call_each, plc_and_others, stop_each)
 from mrkd.runtime.outputs.events import new_event_id
@@ -234,7 +234,7 @@ class PartRunner:
             part_id = str(part_id) if part_id not in (None, "") else str(sequence)
             number = self._active_recipe if recipe is None else recipe
             reason = None
-            if id_control_characters(part_id):        # reported escaped: the raw id would forge log lines
+            if has_control_characters(part_id):        # reported escaped: the raw id would forge log lines
                 reason, part_id = CONTROL_CHARACTERS_REFUSAL, printable_id(part_id)
             elif not self._online or self._stopping.is_set():
                 reason = "offline"

@@ -26,11 +26,11 @@ _LINE_BREAKERS = {"\u2028", "\u2029"}
 CONTROL_CHARACTERS_REFUSAL = "control characters in the part id"
 
 
-def id_control_characters(text: str) -> str:
-    """The control characters (C0, DEL, C1, U+2028/9) in a part's id, escaped (``\\n``, ``\\x00``), or "".
-    An id travels into every log line, event and result of its part: a line break forges a log line,
-    an escape sequence rewrites the operator's terminal, a NUL cuts C strings. Triggers refuse them."""
-    return "".join(_escaped(c) for c in dict.fromkeys(text) if _is_control(c))
+def has_control_characters(text: str) -> bool:
+    """Whether a part's id holds a control character (C0, DEL, C1, U+2028/9). An id travels into every
+    log line, event and result of its part: a line break forges a log line, an escape sequence rewrites
+    the operator's terminal, a NUL cuts C strings. Triggers refuse them."""
+    return any(_is_control(c) for c in text)
 
 
 def printable_id(text: str) -> str:

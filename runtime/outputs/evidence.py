@@ -107,7 +107,6 @@ class EvidenceWriter(LineObserver):
             # a full disk at the start: the line runs, each write is tried (and counted) as it comes
             self.delivery.set_failing(f"{self.folder}: cannot create it ({exc.strerror or exc})")
         self._ok_files: Deque[Tuple[Path, int]] = deque()
-        self._evidence_bytes = 0
         self._ok_seen: Dict[str, int] = {}
         self.ok_written = self.ok_deleted = self.ok_skipped = 0
         self.ok_queue_dropped = 0         # due OK samples dropped because the worker was that far behind
@@ -119,12 +118,11 @@ class EvidenceWriter(LineObserver):
         self._lock = threading.RLock()
         self._counts_lock = threading.Lock()
         self._ok_worker = Notifier("evidence-ok-samples", max_waiting=OK_SAMPLES_WAITING) if background else None
-        self._scan()
-        self._scanned_at = time.monotonic()
+        self._recount()
 
     def _recount(self) -> None:
-        """Count the folder again from what is there now (an archive job may have moved evidence away:
-        this run's own count only grows)."""
+        """Count the folder from what is there now: at the start (what an earlier run left), and again
+        over budget (an archive job may have moved evidence away: this run's own count only grows)."""
         self._evidence_bytes = 0
         self._ok_files.clear()
         self._scan()

@@ -57,7 +57,7 @@ from collections import deque
 from typing import Deque, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
-from mrkd.runtime.line.trigger import TriggerTarget, id_control_characters
+from mrkd.runtime.line.trigger import TriggerTarget, has_control_characters
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
 from mrkd.runtime.plc import PlcError, known_host
 from mrkd.runtime.plc.aio import AsyncioServerThread
@@ -496,14 +496,14 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
     def _strings(self, args, count: int):
         """The method's String arguments, or a CallMethodResult saying which are not scalar Strings
         (BadTypeMismatch), are longer than MAX_ARGUMENT_CHARS (BadOutOfRange) or hold control characters
-        (BadInvalidArgument: an id travels into every log line of its part; trigger.id_control_characters)."""
+        (BadInvalidArgument: an id travels into every log line of its part; trigger.has_control_characters)."""
         from asyncua import ua
         if len(args) != count:
             return self._status("BadArgumentsMissing" if len(args) < count else "BadTooManyArguments")
         results = [ua.StatusCode(ua.StatusCodes.BadTypeMismatch if v.VariantType != ua.VariantType.String
                                  or v.Value is None or v.is_array or not isinstance(v.Value, str)
                                  else ua.StatusCodes.BadOutOfRange if len(v.Value) > MAX_ARGUMENT_CHARS
-                                 else ua.StatusCodes.BadInvalidArgument if id_control_characters(v.Value)
+                                 else ua.StatusCodes.BadInvalidArgument if has_control_characters(v.Value)
                                  else ua.StatusCodes.Good) for v in args]
         if any(not r.is_good() for r in results):
             return ua.CallMethodResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadInvalidArgument),
