@@ -396,7 +396,9 @@ def find_recorded_log(ref: EventsLogRef, labels_path) -> RecordedLog:
     """The log ``ref`` names: at its recorded path, else a file of its name beside the label file (the
     folder moved with both in it); only a file whose first event is the recorded one counts."""
     recorded = Path(ref.path)
-    candidates = list(dict.fromkeys([recorded, Path(labels_path).parent / recorded.name]))
+    # absolute, so a label file given relative does not make its own log a second candidate (named twice)
+    beside = Path(os.path.abspath(Path(labels_path).parent / recorded.name))
+    candidates = list(dict.fromkeys([recorded, beside]))
     others = []
     for candidate in candidates:
         try:

@@ -760,3 +760,19 @@ def test_a_file_that_is_no_label_file_is_refused_and_left_unchanged(tmp_path, co
     torn.write_text(line + '{"event_id": "e2", "ima')       # a label file with a torn last label: repaired
     LabelFile(torn).close()
     assert torn.read_text() == line
+
+
+def test_a_replaced_events_log_is_named_once_when_the_label_file_is_given_relative(tmp_path, monkeypatch):
+    """`mrkd refit --reviewed run/labels.jsonl` (a relative path, as typed) after the run's events log was
+    rotated by truncation: the note named the one log twice, by its recorded absolute path and again as
+    the relative 'beside the label file' candidate, as if two logs had been looked at."""
+    from mrkd.runtime.review import EventsLogRef, find_recorded_log
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "events.jsonl"
+    log.write_text(json.dumps({"event_id": "b0", "camera": "cam0"}) + "\n")   # the log now: another first event
+    monkeypatch.chdir(tmp_path)
+    found = find_recorded_log(EventsLogRef(str(log), "a0"), Path("run") / "labels.jsonl")
+    assert found.path is None and found.problem.startswith("was replaced by another log")
+    assert found.problem.count("begins with event 'b0'") == 1, found.problem
+    assert str(log) in found.problem
