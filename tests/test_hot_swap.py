@@ -29,7 +29,7 @@ from mrkd.runtime.line.alarms import AlarmPolicy
 from mrkd.runtime.line.loop import Camera
 from mrkd.runtime.line.swap import ModelSlots
 from mrkd.runtime.metadata import file_sha256, sidecar_path
-from mrkd.runtime.outputs.base import CameraInfo, FrameResult
+from mrkd.runtime.outputs.base import CameraInfo, FrameResult, LineObserver
 
 
 def install(src: Path, dst: Path) -> None:
@@ -628,6 +628,51 @@ def test_shadow_keeps_one_comparison_per_live_model_across_a_promotion(tmp_path)
     for sha, comparison in ((sha_live, old), (sha_candidate, new)):
         assert (f'mrkd_shadow_disagreements_total{{candidate_sha256="{sha_candidate}",live_sha256="{sha}"}} '
                 f'{float(comparison.disagreements)}') in exposed
+    for detector in detectors.values():
+        detector.close()
+
+
+def test_every_event_names_the_backend_and_precision_that_judged_it_across_a_swap(tmp_path):
+    """An event named only the model's hash; a swap may change the backend (here) or the precision (an INT8
+    graph, bf16 with a new calibration of the same file) under it. Each line of the events log, read with
+    json.loads, names the hash, backend and precision of the Detector that judged its frame."""
+    from mrkd.runtime.backends import resolve_backend_name
+    from mrkd.runtime.line.loop import Line, run_line
+    from mrkd.runtime.line.swap import line_slots
+    from mrkd.runtime.outputs.events import EventLogOutput
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(6, seed=7)):         # odd frames are defective: an alarm each
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    (tmp_path / "live").mkdir()
+    live = export_tiny_model(tmp_path / "live" / "model.onnx", threshold=0.1)
+    export_tiny_model(tmp_path / "v2.onnx", threshold=0.12)
+    sha_a, sha_b = file_sha256(live), file_sha256(tmp_path / "v2.onnx")
+    ran = resolve_backend_name(live, "auto")
+    other = "onnxruntime" if ran == "openvino" else "openvino"
+    if other == "openvino":
+        pytest.importorskip("openvino")
+    line = Line((Camera("cam0", str(folder), str(live), loop=True, cooldown=0.0),))
+    detectors = {str(live.resolve()): Detector(live)}
+    slots = line_slots(line, detectors, status=lambda text: None)
+    slots._opener = lambda path: Detector(path, backend=other)       # the new version runs on the other backend
+    judged = {}                        # frame index -> (hash, backend, precision) of the Detector that judged it
+
+    class Swap(LineObserver):
+        def on_frame(self, result):
+            detector = detectors[str(live.resolve())]
+            judged[result.frame_index] = (result.model_sha256, detector.backend.name, detector.precision)
+            if len(judged) == 6:
+                install(tmp_path / "v2.onnx", live)
+                slots.request_reload("test")
+                assert slots.wait_idle(60)
+    log = tmp_path / "events.jsonl"
+    run_line(line, [Swap(), slots, EventLogOutput(log)], detectors=detectors, slots=slots, max_frames=12,
+             status=lambda text: None)
+    events = [json.loads(text) for text in log.read_text().splitlines()]
+    named = [(e["model_sha256"], e["backend"], e["precision"]) for e in events]
+    assert named == [judged[e["frame_index"]] for e in events]
+    assert set(named) == {(sha_a, ran, "fp32"), (sha_b, other, "fp32")}
     for detector in detectors.values():
         detector.close()
 

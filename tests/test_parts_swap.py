@@ -161,6 +161,46 @@ def test_a_staged_model_takes_over_only_between_parts(deploy):
         detector.close()
 
 
+def test_parts_log_and_events_name_the_backend_and_precision_that_judged_each_part(deploy, tmp_path):
+    """A part line and a part's event named only the model's hash; a swap may change the backend (here) or
+    the precision under it. Each line, read with json.loads, names those of the Detector that judged it."""
+    from mrkd.runtime.backends import resolve_backend_name
+    from mrkd.runtime.detector import Detector
+    from mrkd.runtime.outputs.events import EventLogOutput
+    from mrkd.runtime.outputs.parts_log import PartsLogOutput
+    live, v2, sha_a, sha_b = deploy
+    ran = resolve_backend_name(live, "auto")
+    other = "onnxruntime" if ran == "openvino" else "openvino"
+    if other == "openvino":
+        pytest.importorskip("openvino")
+    line = Line((Camera("cam", "memory", str(live), trigger="software"),))
+    recorder = Recorder()
+    parts_log, events_log = tmp_path / "parts.jsonl", tmp_path / "events.jsonl"
+    frames = rng_frames(4, seed=2, defective=lambda i: True)          # NG parts: an event each too
+    runner, slots, detectors = runner_with_slots(line, {"cam": ArraySource(frames)}, PartSettings(queue=4),
+                                                 [recorder, PartsLogOutput(parts_log), EventLogOutput(events_log)])
+    slots._opener = lambda path: Detector(path, backend=other)       # the new version runs on the other backend
+    runner.start()
+    try:
+        for part_id in ("P1", "P2"):
+            runner.trigger(part_id)
+        parts_done(recorder, 2)
+        install(v2, live)
+        assert slots.request_reload("SIGHUP") and slots.wait_idle(30)
+        for part_id in ("P3", "P4"):
+            runner.trigger(part_id)
+        parts_done(recorder, 4)
+    finally:
+        runner.stop()
+    expected = {"P1": (sha_a, ran, "fp32"), "P2": (sha_a, ran, "fp32"),
+                "P3": (sha_b, other, "fp32"), "P4": (sha_b, other, "fp32")}
+    for path in (parts_log, events_log):
+        lines = [json.loads(text) for text in path.read_text().splitlines()]
+        assert {r["part_id"]: (r["model_sha256"], r["backend"], r["precision"]) for r in lines} == expected, path
+    for detector in detectors.values():
+        detector.close()
+
+
 def test_recipe_change_counts_from_the_next_trigger_and_recipe_models_are_reloaded(deploy, recipe_versions, tmp_path):
     live, _, sha_a, _ = deploy
     recipe, recipe_v2, sha_r, sha_r2 = recipe_versions

@@ -596,14 +596,16 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
             scored = FrameResult(
                 camera=state.camera.name, frame_index=frame.index, frame_time=frame.timestamp, image=frame.image,
                 amap=amap, score=score, threshold=state.policy.threshold, anomalous=decision.anomalous,
-                infer_s=infer_share, latency_s=latency, model_sha256=state.info.model_sha256)
+                infer_s=infer_share, latency_s=latency, model_sha256=state.info.model_sha256,
+                backend=state.info.backend, precision=state.info.precision)
             if decision.alarm is not None:
                 state.alarms += 1
                 stats.alarms += 1
                 alarm = decision.alarm
                 event = make_event(alarm, state.info.source, regions_from_map(amap, alarm.threshold, frame.image.shape[:2]),
                                    None, state.camera.name)     # its id and time from one clock reading
-                event["model_sha256"] = state.info.model_sha256     # the model that judged it (hot swap)
+                # the model that judged it and what it ran on (a hot swap changes them)
+                event.update(model_sha256=scored.model_sha256, backend=scored.backend, precision=scored.precision)
                 scored = dataclasses.replace(scored, event=event)
                 alarm_outputs.put(functools.partial(_deliver_alarm, observers, scored, alarm_outputs))
             call_each(observers, lambda o: o.on_frame(scored))

@@ -461,7 +461,7 @@ class PartRunner:
             model_s += sum(result.timings.values())
             done = time.monotonic()
             infer_share = result.timings.get("infer", 0.0) / len(members)     # as the frame loop shares a batch
-            sha256 = self.slots.sha256_of(key)
+            sha256, detector = self.slots.sha256_of(key), self.detectors[key]
             for i, (camera, image) in enumerate(members):
                 score = float(result.scores[i])
                 scored.setdefault(camera.name, []).append((score, image, result.maps[i]))
@@ -472,7 +472,8 @@ class PartRunner:
                     camera=camera.name, frame_index=index, frame_time=pending.wall, image=image,
                     amap=result.maps[i], score=score, threshold=threshold,
                     anomalous=bool(is_anomalous(score, threshold)), infer_s=infer_share,
-                    latency_s=max(0.0, done - (grabs[camera.name].acquired_at or done)), model_sha256=sha256))
+                    latency_s=max(0.0, done - (grabs[camera.name].acquired_at or done)), model_sha256=sha256,
+                    backend=detector.backend.name, precision=detector.precision))
         self._report(pending, grabs, scored, model_s, acquired, judged)
         for camera in self.cameras:      # the candidates score the same images, on their own threads
             threshold = self._threshold(camera, pending.recipe, self._detector(camera, pending.recipe))
@@ -541,14 +542,16 @@ class PartRunner:
         done = time.monotonic()
         deciding_camera = next(c for c in self.cameras if c.name == deciding.camera)
         first_error = next((j.error for j in judgements if j.error), None)
-        model_sha256 = self.slots.sha256_of(self._key(deciding_camera, pending.recipe))   # the model that judged
+        deciding_key = self._key(deciding_camera, pending.recipe)
+        model_sha256 = self.slots.sha256_of(deciding_key)   # the model that judged, and what it ran on:
+        judged_by = self.detectors[deciding_key]             # the slots swap both only between parts
         with self._lock:
             self.inspections += 1
             inspection_id = self.inspections
             self.parts_by_model[model_sha256] = self.parts_by_model.get(model_sha256, 0) + 1
         part = PartResult(inspection_id=inspection_id, part_id=pending.part_id, verdict=verdict,
                           score=deciding.score, threshold=deciding.threshold, cameras=tuple(judgements),
-                          model_sha256=model_sha256,
+                          model_sha256=model_sha256, backend=judged_by.backend.name, precision=judged_by.precision,
                           recipe=pending.recipe, trigger_time=pending.wall,
                           acquired_s=max(0.0, (acquired or done) - pending.mono), verdict_s=done - pending.mono,
                           error_code=error_code(first_error) if first_error else 0,

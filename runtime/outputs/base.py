@@ -51,6 +51,8 @@ class FrameResult:
     infer_s: float = 0.0         # this frame's share of the batch's inference time
     latency_s: float = 0.0       # from the frame's arrival to its result
     model_sha256: str = ""        # the live model that judged it (it changes on a hot swap)
+    backend: str = ""             # what that model ran on (CameraInfo.backend, .precision): a swap may change
+    precision: str = ""           # them, a new calibration of the same file too (bf16 comes and goes)
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,8 @@ class PartResult:
     threshold: float
     cameras: Tuple[CameraJudgement, ...]
     model_sha256: str
+    backend: str = ""            # what the deciding model ran on, named as CameraInfo names it
+    precision: str = ""
     recipe: int = 0
     trigger_time: float = 0.0    # wall clock (time.time()) when the trigger arrived
     acquired_s: float = 0.0      # trigger -> every image in hand
