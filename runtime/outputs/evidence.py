@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import re
 import threading
@@ -50,10 +49,9 @@ import numpy as np
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
-from mrkd.runtime.outputs.notifier import Notifier
+from mrkd.runtime.outputs.notifier import DroppingWorker
 from mrkd.runtime.outputs.snapshots import write_new_file
 
-logger = logging.getLogger("mrkd.runtime.outputs")
 
 EVIDENCE_SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 2 << 30       # 2 GiB
@@ -91,7 +89,6 @@ class EvidenceWriter(LineObserver):
     """Writes the lossless evidence (see the module's notes) and adds its path and sha256 to events."""
 
     recount_every_s = 10.0      # over budget: how often the folder is counted again (files moved away)
-    warn_dropped_every_s = 30.0
 
     def __init__(self, settings: EvidenceSettings, background: bool = False):
         """``background``: a free run's OK samples are encoded and written on a worker thread (bounded
@@ -109,15 +106,16 @@ class EvidenceWriter(LineObserver):
         self._ok_files: Deque[Tuple[Path, int]] = deque()
         self._ok_seen: Dict[str, int] = {}
         self.ok_written = self.ok_deleted = self.ok_skipped = 0
-        self.ok_queue_dropped = 0         # due OK samples dropped because the worker was that far behind
-        self._last_drop_warning = float("-inf")
         # The folder's accounting (OK sample list, byte counts) is shared by the OK samples' worker and the
         # thread that writes alarm evidence (the loop's alarm notifier); it is held across a write, so a
         # stalled disk holds it: the loop's own hook (on_frame) and health() never take it, only the
         # counts' lock, which no file operation is ever done under.
         self._lock = threading.RLock()
         self._counts_lock = threading.Lock()
-        self._ok_worker = Notifier("evidence-ok-samples", max_waiting=OK_SAMPLES_WAITING) if background else None
+        # due OK samples past OK_SAMPLES_WAITING are dropped (the worker counts them: the health's dropped)
+        self._ok_worker = DroppingWorker(
+            "evidence-ok-samples", OK_SAMPLES_WAITING, f"output evidence ({self.folder}): the disk is slower than "
+            "the line; OK samples are dropped, alarm evidence is still written") if background else None
         self._recount()
 
     def _recount(self) -> None:
@@ -270,23 +268,8 @@ class EvidenceWriter(LineObserver):
         name = f"{result.frame_index:010d}"
         if self._ok_worker is None:
             self._ok_sample(result.camera, name, seen, result.image)
-        elif self._ok_worker.waiting >= OK_SAMPLES_WAITING:
-            self._dropped_for_time()
         else:       # the frame is not modified after delivery (FrameResult), so the worker may hold it
-            self._ok_worker.put(functools.partial(self._ok_sample, result.camera, name, seen, result.image))
-
-    def _dropped_for_time(self) -> None:
-        """A due OK sample dropped: the worker is OK_SAMPLES_WAITING samples behind (a slow disk)."""
-        with self._counts_lock:
-            self.ok_queue_dropped += 1
-            dropped = self.ok_queue_dropped
-            now = time.monotonic()
-            warn = now - self._last_drop_warning >= self.warn_dropped_every_s
-            if warn:
-                self._last_drop_warning = now
-        if warn:
-            logger.warning("output evidence (%s): the disk is slower than the line; OK samples are dropped "
-                           "(%d so far; alarm evidence is still written)", self.folder, dropped)
+            self._ok_worker.offer(functools.partial(self._ok_sample, result.camera, name, seen, result.image))
 
     def _ok_turn(self, camera: str) -> Optional[int]:
         """Counts an OK image of ``camera``; its number when a sample of it is due (one of every
@@ -330,13 +313,12 @@ class EvidenceWriter(LineObserver):
     def on_stop(self) -> None:
         """The OK samples still queued get OK_SAMPLES_DRAIN_S to be written; the rest count as dropped."""
         if self._ok_worker is not None:
-            given_up = self._ok_worker.close(OK_SAMPLES_DRAIN_S)
-            with self._counts_lock:
-                self.ok_queue_dropped += given_up
+            self._ok_worker.close(OK_SAMPLES_DRAIN_S)
 
     def health(self) -> OutputHealth:
         # no lock held across a write is taken here: a scrape of /metrics must answer on a stalled disk
-        return self.delivery.health(dropped=self.ok_skipped + self.ok_queue_dropped)
+        queue_dropped = self._ok_worker.dropped if self._ok_worker is not None else 0
+        return self.delivery.health(dropped=self.ok_skipped + queue_dropped)
 
 
 def _as_named(path: Path) -> str:

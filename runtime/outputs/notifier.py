@@ -23,16 +23,21 @@ either: while ``max_waiting`` calls wait, a call is folded into a waiting one th
 one) instead of waiting on its own. The newest waiting calls are tried first, and a call is never
 moved ahead of another whose order matters: only past calls that are ``orderless``, or when it is
 itself (a status: running totals, the newest wins).
+
+``DroppingWorker`` is the same thread for work an output may leave out rather than fall behind (the
+evidence's OK samples, the video file's frames): past its bound an item is dropped, counted and warned about.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable, Deque, List, Optional
 
 logger = logging.getLogger(__name__)
+_outputs_logger = logging.getLogger("mrkd.runtime.outputs")     # where the outputs' own warnings go (delivery.py)
 
 
 class Notifier:
@@ -157,3 +162,52 @@ class Notifier:
                 with self._cond:
                     self._running = None
                     self._cond.notify_all()
+
+
+class DroppingWorker:
+    """A Notifier for work an output may leave out when it falls behind (the evidence's OK samples, the
+    video's frames): ``offer`` hands a call over unless ``max_waiting`` calls wait already; then the item is
+    dropped, counted (``dropped``, which the output's health shows) and warned about, at most once every
+    ``warn_every_s``. The calls run in order on one thread. ``close`` (the stop) lets the queued calls finish
+    within a deadline and counts the ones it gives up as dropped too."""
+
+    def __init__(self, name: str, max_waiting: int, falling_behind: str, warn_every_s: float = 30.0):
+        """``falling_behind``: the warning's words, naming the output, its target and what is left out."""
+        self.notifier = Notifier(name, max_waiting=max_waiting)
+        self.falling_behind = falling_behind
+        self.warn_every_s = warn_every_s
+        self._dropped = 0
+        self._lock = threading.Lock()       # the loop's offer and a scrape's health; no file work under it
+        self._last_warning = float("-inf")
+
+    @property
+    def dropped(self) -> int:
+        with self._lock:
+            return self._dropped
+
+    @property
+    def closed(self) -> bool:
+        return self.notifier.closed
+
+    def offer(self, call: Callable[[], object]) -> bool:
+        """Hand ``call`` over (returns at once); False when it was dropped instead (counted, warned)."""
+        if self.notifier.waiting < self.notifier.max_waiting:
+            self.notifier.put(call)
+            return True
+        with self._lock:
+            self._dropped += 1
+            dropped = self._dropped
+            now = time.monotonic()
+            warn = now - self._last_warning >= self.warn_every_s
+            if warn:
+                self._last_warning = now
+        if warn:
+            _outputs_logger.warning("%s (%d dropped so far)", self.falling_behind, dropped)
+        return False
+
+    def close(self, deadline_s: float) -> int:
+        """The calls still queued get ``deadline_s`` to run; returns how many were given up (dropped)."""
+        given_up = self.notifier.close(deadline_s)
+        with self._lock:
+            self._dropped += given_up
+        return given_up

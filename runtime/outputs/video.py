@@ -1,8 +1,20 @@
-"""Outputs of annotated frames: a video file (cv2.VideoWriter) and a window (--show)."""
+"""Outputs of annotated frames: a video file (cv2.VideoWriter) and a window (--show).
+
+The video file's annotation and encode take milliseconds per frame (tens for a large frame), so as
+``build_outputs`` makes it (``background``) they run off the frame loop, on a worker of its own
+(notifier.py's ``DroppingWorker``) that takes the frames in order through a bounded queue: while
+``VIDEO_FRAMES_WAITING`` frames wait (an encoder or a disk slower than the line), a frame is left out of
+the recording, counted in the health's ``dropped`` and warned about (rate-limited), and the loop goes on
+at its own rate. The stop lets the queued frames be written (at most ``VIDEO_DRAIN_S``) and then
+finalizes the file; every frame of its camera handed to it is written, failed or dropped. The window
+(--show) stays on the loop's thread: a GUI window belongs to the thread that opened it.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -12,11 +24,16 @@ import numpy as np
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
+from mrkd.runtime.outputs.notifier import DroppingWorker
 from mrkd.runtime.outputs.overlay import heatmap_overlay
 
 logger = logging.getLogger(__name__)
 
 FOURCC_BY_SUFFIX = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "XVID"}
+# Frames (each holds its image) waiting for the video worker: past it a frame is left out of the recording.
+VIDEO_FRAMES_WAITING = 16
+VIDEO_DRAIN_S = 10.0        # the stop waits this long for the queued frames, then counts the rest dropped
+VIDEO_FINALIZE_WAIT_S = 2.0  # then this long for a frame still being encoded, before the file is finalized
 
 
 def annotate(frame_bgr: np.ndarray, amap: np.ndarray, score: float, threshold: Optional[float],
@@ -34,15 +51,25 @@ def annotate(frame_bgr: np.ndarray, amap: np.ndarray, score: float, threshold: O
 
 class VideoFileSink(LineObserver):
     """``--save-video FILE``: one camera's annotated frames in a video file; opened on the first frame
-    (its size fixes the file's). A frame that cannot be written is counted and warned about."""
+    (its size fixes the file's). A frame that cannot be written is counted and warned about.
+    ``background``: annotated and encoded on a worker (see the module's notes); without it ``on_frame``
+    does both on the caller's thread."""
 
-    def __init__(self, path, fps: float = 15.0, camera: Optional[str] = None):
+    def __init__(self, path, fps: float = 15.0, camera: Optional[str] = None, background: bool = False):
         self.path = Path(path)
         self.fps = fps
         self.camera = camera          # None: the first camera that sends a frame
         self.writer = None
-        self.frames = 0
+        self.given = 0                # frames of its camera handed to on_frame
+        self.frames = 0               # of them written into the file
         self.delivery = Delivery("video", str(self.path))
+        # The worker's write and the stop's finalize; once ``_stopped`` no frame is written (or counted so).
+        self._writer_lock = threading.Lock()
+        self._stopped = False
+        self._dropped_at_stop: Optional[int] = None
+        self._worker = DroppingWorker(
+            "video-writer", VIDEO_FRAMES_WAITING, f"output video ({self.path}): the video encoder is slower than "
+            "the line; frames are left out of the recording") if background else None
         if self.path.suffix.lower() not in FOURCC_BY_SUFFIX:
             # OpenCV picks the container by the extension: out.xyz failed at its first frame and the run went
             # on recording nothing, exit 0
@@ -61,14 +88,28 @@ class VideoFileSink(LineObserver):
     def on_frame(self, result: FrameResult) -> None:
         if self.camera is None:
             self.camera = result.camera
-        if result.camera != self.camera:
+        if result.camera != self.camera or self._stopped:
             return
-        try:
-            self.write(annotate(result.image, result.amap, result.score, result.threshold, result.event is not None))
-        except OSError as exc:
-            self.delivery.failed_one(str(exc))
-        else:
-            self.delivery.delivered()
+        self.given += 1
+        if self._worker is None:
+            self._record(result)
+        else:   # the frame is not modified after delivery (FrameResult), so the worker may hold it
+            self._worker.offer(functools.partial(self._record, result))
+
+    def _record(self, result: FrameResult) -> None:
+        """Annotate and write one frame (the worker's call, in the order the frames came)."""
+        with self._writer_lock:
+            if self._stopped:        # past the stop's deadline: counted dropped there, never written
+                return
+            try:
+                self.write(annotate(result.image, result.amap, result.score, result.threshold,
+                                    result.event is not None))
+            except (OSError, cv2.error) as exc:
+                self.delivery.failed_one(str(exc))
+            else:
+                self.delivery.delivered()
+            if self._stopped:        # the stop gave up waiting for this (stalled) frame: finalize the file now
+                self.close()
 
     def write(self, image: np.ndarray) -> None:
         if self.writer is None:
@@ -84,11 +125,39 @@ class VideoFileSink(LineObserver):
         self.writer.write(image)
         self.frames += 1
 
+    @property
+    def dropped(self) -> int:
+        """Frames left out of the recording: past the queue's bound, and at the stop those not written by
+        then (so written + failed + dropped = given)."""
+        if self._dropped_at_stop is not None:
+            return self._dropped_at_stop
+        return self._worker.dropped if self._worker is not None else 0
+
     def health(self) -> OutputHealth:
-        return self.delivery.health()
+        return self.delivery.health(dropped=self.dropped)
 
     def on_stop(self) -> None:
-        self.close()
+        """The queued frames get VIDEO_DRAIN_S to be written, then the file is finalized (a frame still
+        being encoded gets VIDEO_FINALIZE_WAIT_S more; past that the file is left as it is, said in a warning)."""
+        if self._worker is not None:
+            self._worker.close(VIDEO_DRAIN_S)
+        finalize = self._writer_lock.acquire(timeout=VIDEO_FINALIZE_WAIT_S)
+        if not finalize:
+            self._stopped = True      # from now on the stalled frame's _record finalizes the file when it returns
+            finalize = self._writer_lock.acquire(blocking=False)      # it may have returned just now
+        try:
+            self._stopped = True
+            health = self.delivery.health()
+            # a frame still in the stalled worker's hands is counted when (if) it returns, as written or failed
+            self._dropped_at_stop = self.given - health.sent - health.failed - (0 if finalize else 1)
+            if finalize:
+                self.close()
+            else:
+                logger.warning("output video (%s): the video encoder is stalled; the file is finalized only if "
+                               "it returns", self.path)
+        finally:
+            if finalize:
+                self._writer_lock.release()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -142,7 +211,7 @@ def outputs_from(settings) -> list:
     """``--save-video FILE`` and ``--show`` (OutputSettings.save_video, .show)."""
     outputs: list = []
     if settings.save_video:
-        outputs.append(VideoFileSink(settings.save_video, settings.video_fps, settings.video_camera))
+        outputs.append(VideoFileSink(settings.save_video, settings.video_fps, settings.video_camera, background=True))
     if settings.show:
         outputs.append(WindowSink(camera=settings.video_camera))
     return outputs
