@@ -219,9 +219,13 @@ def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_
 
 
 def test_confirmed_defect_no_longer_flagged_refuses_unless_force(parent, tmp_path):
-    # a held-out good cell labelled "defect": it lies below any threshold set on the held-out cells
+    # a held-out good cell labelled "defect": it lies below any threshold set on the held-out cells (saved
+    # again, so it is not the --good file itself, which refit refuses as a confirmed defect among the good)
+    import cv2
     sneaky = tmp_path / "sneaky.png"
-    shutil.copy(sorted((parent / "good").iterdir())[0], sneaky)
+    cv2.imwrite(str(sneaky), cv2.imread(str(sorted((parent / "good").iterdir())[0]), cv2.IMREAD_UNCHANGED),
+                [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert file_sha256(sneaky) != file_sha256(sorted((parent / "good").iterdir())[0])
     labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2) + [("evD", sneaky, "defect")])
     with pytest.raises(RefitError, match="confirmed defect.*no longer flagged.*--force"):
         refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
@@ -245,6 +249,22 @@ def test_confirmed_defect_no_longer_flagged_refuses_unless_force(parent, tmp_pat
     with pytest.raises(RefitError, match="exists.*name another with -o"):      # never over an earlier version
         refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
                          force=True, echo=lambda line: None)
+
+
+def test_a_confirmed_defect_among_the_good_images_is_refused_not_calibrated_on(parent, tmp_path):
+    """--good given the alarm evidence folder (evidence/cam0 instead of its ok/ samples): the images marked
+    'defect confirmed' were taken as held-out good parts and the threshold set above them; the refit then
+    said the new model 'no longer flags' them, as if the bank had done it. Refused in one line naming
+    the image, before any work; nothing written."""
+    good = tmp_path / "good"
+    shutil.copytree(parent / "good", good)
+    defect = sorted(good.iterdir())[0]
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2) + [("evD", defect, "defect")])
+    with pytest.raises(RefitError, match=r"1 of the --good images .*marked 'defect'") as refused:
+        refit_checkpoint(parent / "parent.ckpt", labels, str(good), tmp_path / "out", export=False,
+                         force=True, echo=lambda line: None)
+    assert str(defect) in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_reviewed_images_missing_changed_or_of_unknown_events_are_skipped_with_a_warning(parent, tmp_path):

@@ -640,8 +640,17 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{labels_path}: no usable image marked good (of {len(reviewed.skipped)} skipped); "
                          f"nothing to refit")
     calibration_paths = list(good) if isinstance(good, (list, tuple)) else [str(p) for p in scan_folder(good)]
+    calibration_hashes = {p: image_sha256(p) for p in calibration_paths}
+    # a confirmed defect among the good images (the alarm evidence folder given for its ok/ samples) would
+    # set the threshold above it; the defect check would then blame the bank: refused, whatever --force
+    defect_hashes = {image_sha256(p) for p in reviewed.defect}
+    defects_given = [p for p in calibration_paths if calibration_hashes[p] in defect_hashes]
+    if defects_given:
+        raise RefitError(f"{good}: {len(defects_given)} of the --good images (e.g. {defects_given[0]}) are marked "
+                         f"'{DEFECT}' in {labels_path}; the threshold is set on good parts only: give held-out "
+                         f"good images (e.g. the line's OK samples, <evidence>/<camera>/ok), not alarm evidence")
     reviewed_hashes = {image_sha256(p) for p in reviewed.good}
-    held_out = [p for p in calibration_paths if image_sha256(p) not in reviewed_hashes]
+    held_out = [p for p in calibration_paths if calibration_hashes[p] not in reviewed_hashes]
     if len(held_out) < len(calibration_paths):
         echo(f"warning: {len(calibration_paths) - len(held_out)} of the --good images were reviewed as good and "
              f"go into the bank; they are left out of the threshold")
