@@ -175,7 +175,7 @@ def live_model_controls(line, detectors, outputs, control: dict, output_settings
     shadow = []
     if shadow_model:     # runtime/line/shadow.py: scores beside the live model, no alarms
         from mrkd.runtime.line.shadow import ShadowScorer
-        shadow = [ShadowScorer(slots.open(shadow_model))]
+        shadow = [ShadowScorer(slots.open(shadow_model), slots=slots)]     # each swap starts a new comparison
     return slots, shadow
 
 

@@ -608,12 +608,12 @@ def test_shadow_keeps_one_comparison_per_live_model_across_a_promotion(tmp_path)
                 install(candidate, live)
                 slots.request_reload("test")
                 assert slots.wait_idle(60)
-    shadow = ShadowScorer(Detector(candidate))
+    shadow = ShadowScorer(Detector(candidate), slots=slots)
     metrics = MetricsObserver()
     run_line(line, [Promote(), slots, shadow, metrics], detectors=detectors, slots=slots,
              max_frames=18, status=lambda text: None)
     shadow.drain()
-    by_live = {c.live_sha256: c for c in shadow.comparisons()}
+    by_live = {c.live_sha256: c for c in shadow.history()}
     frames_of = {sha: sum(1 for s, _ in seen if s == sha) for sha in (sha_live, sha_candidate)}
     assert set(by_live) == {sha_live, sha_candidate} and frames_of[sha_live] >= 6 and frames_of[sha_candidate] >= 6
     old, new = by_live[sha_live], by_live[sha_candidate]
@@ -624,10 +624,68 @@ def test_shadow_keeps_one_comparison_per_live_model_across_a_promotion(tmp_path)
     assert shadow.comparison() == new and "promoted" in shadow.health().detail
     summary = shadow.summary()
     assert [c["live_sha256"] for c in summary["by_live_model"]] == [sha_live, sha_candidate]
-    exposed = metrics.exposition()[0].decode()
-    for sha, comparison in ((sha_live, old), (sha_candidate, new)):
-        assert (f'mrkd_shadow_disagreements_total{{candidate_sha256="{sha_candidate}",live_sha256="{sha}"}} '
-                f'{float(comparison.disagreements)}') in exposed
+    exposed = metrics.exposition()[0].decode()         # the current pair only: the replaced model's series goes
+    assert (f'mrkd_shadow_disagreements_total{{candidate_sha256="{sha_candidate}",live_sha256="{sha_candidate}"}} '
+            f'{float(new.disagreements)}') in exposed and f'live_sha256="{sha_live}"' not in exposed
+    for detector in detectors.values():
+        detector.close()
+
+
+def test_shadow_starts_a_new_comparison_at_a_promotion_and_again_at_a_roll_back(tmp_path):
+    """Live model A, the candidate promoted (A -> C), then rolled back (C -> A): the comparison after the roll
+    back counted on from A's first 6 frames (pooled across the promotion), and /metrics kept the replaced
+    pair's series. Each swap now starts a new pair; the page (comparison()) and /metrics show the current
+    one only, the summary every pair."""
+    from mrkd.runtime.line.loop import Line, run_line
+    from mrkd.runtime.line.shadow import ShadowScorer
+    from mrkd.runtime.line.swap import line_slots
+    from mrkd.runtime.outputs.metrics import MetricsObserver
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(6, seed=5)):         # odd frames are defective
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    (tmp_path / "live").mkdir()
+    (tmp_path / "v1").mkdir()
+    live = export_tiny_model(tmp_path / "live" / "model.onnx", threshold=0.1)
+    install(live, tmp_path / "v1" / "model.onnx")                               # kept to roll back to
+    candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)   # same graph, a higher threshold
+    sha_live, sha_candidate = file_sha256(live), file_sha256(candidate)
+    line = Line((Camera("cam0", str(folder), str(live), loop=True, cooldown=0.0),))
+    detectors = {str(live.resolve()): Detector(live)}
+    slots = line_slots(line, detectors, status=lambda text: None)
+    seen = []
+
+    class Deploy(LineObserver):           # promotes the candidate after 6 frames, rolls back after 12
+        def on_frame(self, result):
+            seen.append((result.model_sha256, result.anomalous))
+            if len(seen) in (6, 12):
+                install(candidate if len(seen) == 6 else tmp_path / "v1" / "model.onnx", live)
+                slots.request_reload("test")
+                assert slots.wait_idle(60)
+    shadow = ShadowScorer(Detector(candidate), slots=slots)
+    metrics = MetricsObserver()
+    run_line(line, [Deploy(), slots, shadow, metrics], detectors=detectors, slots=slots,
+             max_frames=18, status=lambda text: None)
+    shadow.drain()
+    eras, previous = [], None                 # the frames of each model in turn: A, C, A
+    for sha, anomalous in seen:
+        if sha != previous:
+            eras.append([])
+            previous = sha
+        eras[-1].append((sha, anomalous))
+    assert [era[0][0] for era in eras] == [sha_live, sha_candidate, sha_live], [len(e) for e in eras]
+    history = shadow.history()
+    assert [(c.live_sha256, c.frames, c.pair) for c in history] == \
+        [(era[0][0], len(era), n) for n, era in enumerate(eras, 1)]
+    after = shadow.comparison()                         # the page's panel: A since the roll back only
+    rolled_back = eras[2]
+    assert (after.live_sha256, after.frames, after.pair) == (sha_live, len(rolled_back), 3) and after.frames >= 5
+    assert after.disagreements == after.live_only == sum(a for _, a in rolled_back) > 0   # the 0.5 candidate: none
+    assert shadow.comparisons() == [after] and shadow.summary()["by_live_model"][2]["frames"] == after.frames
+    exposed = [line for line in metrics.exposition()[0].decode().splitlines()
+               if line.startswith("mrkd_shadow_frames_total{")]
+    assert exposed == [f'mrkd_shadow_frames_total{{candidate_sha256="{sha_candidate}",live_sha256="{sha_live}"}} '
+                       f'{float(after.frames)}']
     for detector in detectors.values():
         detector.close()
 

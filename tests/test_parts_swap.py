@@ -317,6 +317,42 @@ def test_shadow_scores_every_part_image_without_verdicts_of_its_own(deploy, tmp_
         detector.close()
 
 
+def test_shadow_of_a_triggered_line_starts_a_new_comparison_at_each_swap_a_roll_back_too(deploy, tmp_path):
+    """Parts judged by A, then v2, then A again (rolled back): the comparison after the roll back went on from
+    A's first parts. Each swap the runner applies between parts starts a new pair."""
+    from mrkd.runtime.detector import Detector
+    live, v2, sha_a, sha_b = deploy
+    (tmp_path / "v1").mkdir()
+    install(live, tmp_path / "v1" / "model.onnx")                 # kept to roll back to
+    candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)
+    frames = rng_frames(6, seed=6, defective=lambda i: True)      # NG for the live versions, OK for the candidate
+    line = Line((Camera("cam", "memory", str(live), trigger="software"),))
+    recorder = Recorder()
+    detectors = open_detectors(line)
+    slots = line_slots(line, detectors, status=lambda text: None)
+    shadow = ShadowScorer(Detector(candidate), slots=slots)
+    runner = PartRunner(line, {"cam": ArraySource(frames)}, PartSettings(queue=4), detectors=detectors,
+                        observers=[recorder], status=lambda text: None, slots=slots, shadows=[shadow])
+    runner.start()
+    try:
+        for n, version in enumerate((None, v2, tmp_path / "v1" / "model.onnx")):
+            if version is not None:
+                install(version, live)
+                assert slots.request_reload("deploy") and slots.wait_idle(30)
+            for part in range(2):
+                runner.trigger(f"P{2 * n + part}")
+            parts_done(recorder, 2 * n + 2)
+        shadow.drain()
+    finally:
+        runner.stop()
+    assert [p.model_sha256 for p in recorder.parts] == [sha_a, sha_a, sha_b, sha_b, sha_a, sha_a]
+    assert [(c.live_sha256, c.frames, c.live_only, c.pair) for c in shadow.history()] == \
+        [(sha_a, 2, 2, 1), (sha_b, 2, 2, 2), (sha_a, 2, 2, 3)]
+    assert shadow.comparisons() == [shadow.comparison()] and shadow.comparison().pair == 3
+    for detector in detectors.values():
+        detector.close()
+
+
 def test_cli_shadow_in_triggered_mode_reports_the_comparison(deploy, tmp_path):
     from click.testing import CliRunner
     from mrkd.runtime.cli import run_command

@@ -8,10 +8,15 @@ When the candidate cannot keep up, the oldest waiting frames are dropped and cou
 line never waits for the shadow. ``comparison()`` is what the summary and the health line show;
 promote the candidate with the hot swap (move it to the live model's path, SIGHUP or POST /reload).
 
-The comparison is kept apart for each live model (by its sha256): after a hot swap the live model is
-another one, and pooling its frames with the old one's would describe neither (after the candidate
-itself is promoted it would drift towards a perfect agreement of the candidate with itself).
-``comparison()`` is the one of the model that judged last; ``comparisons()`` lists every one.
+The comparison is of one pair of models, the candidate and one live model, and starts again whenever
+the live model changes: every hot swap of it (given the line's ``ModelSlots``, whose swaps it watches),
+a promotion of the candidate, a roll back to a version compared before and a new calibration of the same
+file alike (pooled with the old pair's frames they would describe neither: after a roll back the counts
+went on from the earlier time that version ran; after a promotion they drifted towards the candidate
+agreeing with itself). The candidate itself is fixed for the run. A line whose cameras run several live
+models has one current pair per live model. ``comparison()`` is the current pair of the model that judged
+last (the page, the health line), ``comparisons()`` every current pair (/metrics), ``history()`` every pair
+since the start, oldest first (the summary's ``by_live_model``; a model rolled back to is there twice).
 
 In triggered mode there are no frames: the part runner (runtime/line/parts.py) calls ``offer`` with
 each image a part's live model judged, its score and the decision against the camera's threshold,
@@ -30,7 +35,7 @@ from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
 
-SHADOW_SCHEMA_VERSION = 2      # 2: live_sha256, one comparison per live model
+SHADOW_SCHEMA_VERSION = 3      # 2: live_sha256, one comparison per live model; 3: ``pair``, a new one per swap
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class ShadowComparison:
     dropped: int                     # frames the candidate had no time for
     errors: int
     live_sha256: str = ""            # the live model these frames were judged by ("" when not known)
+    pair: int = 0                    # which pair of the run, from 1 (0: none yet): each swap starts a new one
     schema_version: int = SHADOW_SCHEMA_VERSION
 
     @property
@@ -56,7 +62,8 @@ class ShadowComparison:
 class _Tally:
     """The comparison with one live model: counts and the running sums of the score correlation."""
 
-    def __init__(self):
+    def __init__(self, live_sha256: str = ""):
+        self.live_sha256 = live_sha256
         self.frames = self.disagreements = self.candidate_only = self.live_only = self.dropped = self.errors = 0
         self.sums = [0.0] * 5        # x, y, xx, yy, xy (x live, y candidate)
 
@@ -81,9 +88,10 @@ class _Tally:
 
 
 class ShadowScorer(LineObserver):
-    """Scores every judged frame (of ``cameras``, default all) with ``detector`` on its own thread."""
+    """Scores every judged frame (of ``cameras``, default all) with ``detector`` on its own thread.
+    ``slots``: the line's ModelSlots (runtime/line/swap.py); each swap it applies starts a new pair."""
 
-    def __init__(self, detector, cameras=None, queue_size: int = 8):
+    def __init__(self, detector, cameras=None, queue_size: int = 8, slots=None):
         if detector.threshold is None:
             from mrkd.errors import SettingError
             raise SettingError(f"--shadow {detector.model_path}: the candidate has no calibrated threshold")
@@ -91,11 +99,24 @@ class ShadowScorer(LineObserver):
         self.cameras = set(cameras) if cameras else None
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, queue_size))
         self._lock = threading.Lock()
-        self._tallies: Dict[str, _Tally] = {}     # live model sha256 -> its comparison, in order of first frame
+        self._tallies: Dict[int, _Tally] = {}     # pair number -> its comparison, from 1 in order of first frame
+        self._current: Dict[str, int] = {}        # live model sha256 -> the pair it is in now
         self._last_live = ""                        # the live model of the newest frame offered
         self._sha = model_file_sha256(detector.model_path)
         self._thread = threading.Thread(target=self._work, name="shadow", daemon=True)
         self._thread.start()
+        if slots is not None:
+            slots.watch(self.live_model_swapped)
+
+    def live_model_swapped(self, record) -> None:
+        """A swap (a SwapRecord) replaced the live model ``record.old_sha256`` by ``record.new_sha256``:
+        the next frame of the new one starts a new pair (frames of the old one still queued end the old
+        pair). Called by ModelSlots.apply on the thread that offers the frames, before the first new one."""
+        with self._lock:
+            self._current.pop(record.old_sha256, None)
+            self._current.pop(record.new_sha256, None)
+            if self._last_live == record.old_sha256:
+                self._last_live = record.new_sha256
 
     def on_frame(self, result: FrameResult) -> None:
         self.offer(result.camera, result.image, result.score, result.anomalous, result.model_sha256)
@@ -108,7 +129,11 @@ class ShadowScorer(LineObserver):
             return
         with self._lock:
             self._last_live = live_sha256
-        item = (image, float(live_score), bool(live_anomalous), live_sha256)
+            pair = self._current.get(live_sha256)
+            if pair is None:                  # this live model's first frame, or its first since a swap
+                pair = self._current[live_sha256] = len(self._tallies) + 1
+                self._tallies[pair] = _Tally(live_sha256)
+        item = (image, float(live_score), bool(live_anomalous), pair)
         while True:
             try:
                 self._queue.put_nowait(item)
@@ -118,7 +143,7 @@ class ShadowScorer(LineObserver):
                     dropped = self._queue.get_nowait()
                     self._queue.task_done()
                     with self._lock:
-                        self._tally(dropped[3]).dropped += 1
+                        self._tallies[dropped[3]].dropped += 1
                 except queue.Empty:
                     pass
 
@@ -133,36 +158,38 @@ class ShadowScorer(LineObserver):
             finally:
                 self._queue.task_done()
 
-    def _compare(self, image, live_score: float, live_decision: bool, live_sha256: str) -> None:
+    def _compare(self, image, live_score: float, live_decision: bool, pair: int) -> None:
         try:
             score = float(self.detector(image).scores[0])
         except Exception:   # noqa: BLE001 - a failing candidate must not touch the line
             with self._lock:
-                self._tally(live_sha256).errors += 1
+                self._tallies[pair].errors += 1
             return
         mine = bool(is_anomalous(score, self.detector.threshold))
         with self._lock:
-            self._tally(live_sha256).add(live_score, live_decision, score, mine)
+            self._tallies[pair].add(live_score, live_decision, score, mine)
 
-    def _tally(self, live_sha256: str) -> _Tally:
-        """The comparison with that live model (under the lock)."""
-        return self._tallies.setdefault(live_sha256, _Tally())
-
-    def _comparison(self, live_sha256: str, tally: _Tally) -> ShadowComparison:
+    def _comparison(self, pair: int, tally: _Tally) -> ShadowComparison:
         return ShadowComparison(str(self.detector.model_path), self._sha, float(self.detector.threshold),
                                 tally.frames, tally.disagreements, tally.candidate_only, tally.live_only,
-                                tally.correlation(), tally.dropped, tally.errors, live_sha256)
+                                tally.correlation(), tally.dropped, tally.errors, tally.live_sha256, pair)
 
     def comparison(self) -> ShadowComparison:
-        """The comparison with the live model that judged the newest frame offered (all zero before any)."""
+        """The current pair of the live model that judged the newest frame offered (all zero before any,
+        and after a swap until the new model's first frame)."""
         with self._lock:
-            tally = self._tallies.get(self._last_live) or _Tally()
-            return self._comparison(self._last_live, tally)
+            pair = self._current.get(self._last_live, 0)
+            return self._comparison(pair, self._tallies.get(pair) or _Tally(self._last_live))
 
     def comparisons(self) -> List[ShadowComparison]:
-        """One comparison per live model the candidate was compared with, oldest first."""
+        """The current pairs: one per live model judging now (a model swapped out is no longer one)."""
         with self._lock:
-            return [self._comparison(sha, tally) for sha, tally in self._tallies.items()]
+            return [self._comparison(pair, self._tallies[pair]) for pair in sorted(self._current.values())]
+
+    def history(self) -> List[ShadowComparison]:
+        """Every pair since the start, oldest first."""
+        with self._lock:
+            return [self._comparison(pair, tally) for pair, tally in self._tallies.items()]
 
     def health(self) -> OutputHealth:
         c = self.comparison()
@@ -174,12 +201,14 @@ class ShadowScorer(LineObserver):
                                    f"score correlation {corr}{self._live_note(c)}")
 
     def _live_note(self, current: ShadowComparison) -> str:
-        """Which live model the numbers are against, once there has been more than one (a hot swap)."""
+        """Which live model the numbers are against, once there has been more than one pair (a hot swap)."""
         if current.live_sha256 and current.live_sha256 == current.candidate_sha256:
             return "; the candidate is the live model now (promoted): these frames compare it with itself"
-        if len(self._tallies) > 1:
-            return f" (against the live model {current.live_sha256[:12]}; {len(self._tallies) - 1} earlier live " \
-                   f"model(s) in the summary)"
+        with self._lock:
+            earlier = len(self._tallies) - (current.pair > 0)
+        if earlier:
+            return f" (against the live model {current.live_sha256[:12]} since it went live; {earlier} earlier " \
+                   f"pair(s) in the summary)"
         return ""
 
     def drain(self, timeout: float = 10.0) -> None:
@@ -196,11 +225,12 @@ class ShadowScorer(LineObserver):
         self.detector.close()
 
     def summary(self) -> dict:
-        """The current comparison (as ``comparison()``) and, under ``by_live_model``, every live model's."""
+        """The current comparison (as ``comparison()``) and, under ``by_live_model``, every pair since the
+        start (``history()``)."""
         comparison = self.comparison()
         data = asdict(comparison)
         data["disagreement_rate"] = comparison.disagreement_rate
-        data["by_live_model"] = [dict(asdict(c), disagreement_rate=c.disagreement_rate) for c in self.comparisons()]
+        data["by_live_model"] = [dict(asdict(c), disagreement_rate=c.disagreement_rate) for c in self.history()]
         # what the candidate runs on: it may be another precision than the live model (an INT8 graph; bf16
         # under --backend auto only where its own check passed), which its disagreements then include
         data["candidate_backend"] = self.detector.backend.name

@@ -151,6 +151,7 @@ class ModelSlots(LineObserver):
         self._round = 0                  # rounds started
         self._round_staged: List[_RoundStaged] = []
         self._waiters = threading.Condition(self._lock)
+        self._watchers: List[Callable[[SwapRecord], None]] = []
 
     def _new_slot(self, detector) -> _Slot:
         return _Slot(str(detector.model_path), detector, detector.model_sha256,
@@ -164,6 +165,13 @@ class ModelSlots(LineObserver):
                 return
             self.detectors[key] = detector
             self._slots[key] = self._new_slot(detector)
+
+    def watch(self, swapped: Callable[[SwapRecord], None]) -> None:
+        """``swapped(record)`` after every swap, on the thread that applies it (the frame loop between
+        rounds, the part runner between parts): the thread that hands the next frames on, so whatever it
+        starts again (a shadow run's comparison) starts before the new version's first frame."""
+        if swapped not in self._watchers:
+            self._watchers.append(swapped)
 
     # ------------------------------------------------------------ requests (any thread)
     def request_reload(self, reason: str = "request") -> bool:
@@ -425,6 +433,11 @@ class ModelSlots(LineObserver):
             self._record(record, staged.outcome.load_round)
             done.append(record)
             old.close()
+            for swapped in self._watchers:
+                try:
+                    swapped(record)
+                except Exception:    # noqa: BLE001 - a watcher must not stop the line
+                    logger.exception("a watcher of the model swap failed")
         return done
 
     def open(self, path: str):

@@ -13,8 +13,10 @@ Per output of the line (label ``output``: events, snapshots, webhook, mqtt, vide
 read from each one's ``LineObserver.health()`` at scrape time: ``mrkd_output_up`` (1 while it
 delivers), ``mrkd_output_sent_total``, ``mrkd_output_failures_total``, ``mrkd_output_dropped_total``.
 A shadow run (``--shadow``, runtime/line/shadow.py), read from its ``comparisons()`` at scrape time,
-labelled ``candidate_sha256`` and ``live_sha256`` (one series per live model the candidate was compared
-with: a hot swap starts new ones): ``mrkd_shadow_frames_total`` (frames both models scored),
+labelled ``candidate_sha256`` and ``live_sha256``: the current pair of each live model judging now only.
+A hot swap (a promotion, a roll back, a new calibration) starts the pair again: the replaced model's series
+goes and the new model's counts start at 0 (a counter reset, where a roll back brings a hash back):
+``mrkd_shadow_frames_total`` (frames both models scored),
 ``mrkd_shadow_disagreements_total`` (decisions that differ; ``mrkd_shadow_candidate_only_total`` /
 ``mrkd_shadow_live_only_total`` split them), ``mrkd_shadow_dropped_total`` and
 ``mrkd_shadow_score_correlation`` (Pearson, live vs candidate scores; absent until two frames differ).
@@ -103,7 +105,7 @@ class MetricsObserver(LineObserver):
         self.outputs = [o for o in outputs if o is not self]
 
     def shadow_comparisons(self) -> list:
-        """Every shadow run's ShadowComparisons (one per live model), read now."""
+        """Every shadow run's current ShadowComparisons (one per live model judging now), read now."""
         found: list = []
         call_each([o for o in self.outputs if callable(getattr(o, "comparisons", None))],
                   lambda shadow: found.extend(shadow.comparisons()))
