@@ -23,6 +23,11 @@ def _alarm(image: np.ndarray, event_id: str) -> FrameResult:
                        event={"event_id": event_id})
 
 
+def _view(image: np.ndarray) -> FrameResult:
+    """An OK part's judged image, as the part runner hands it to part_fields."""
+    return FrameResult("cam0", 0, 0.0, image, np.zeros((8, 8), np.float32), 0.0, 1.0, False)
+
+
 def _ok_part(inspection_id: int) -> PartResult:
     return PartResult(inspection_id=inspection_id, part_id=str(inspection_id), verdict=Verdict.OK, score=0.0,
                       threshold=1.0, cameras=(CameraJudgement("cam0", 0.0, 1.0, False, images=1),), model_sha256="m")
@@ -33,7 +38,7 @@ def test_an_ok_sample_that_cannot_fit_beside_the_evidence_is_dropped_not_named_a
     size = len(cv2.imencode(".png", image)[1])
     writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(size * 1.5)))
     assert writer.event_fields(_alarm(image, "e1"))["evidence"] is not None     # fits: half a sample left
-    fields = writer.part_fields(_ok_part(1), {"cam0": (image, np.zeros((8, 8), np.float32), 1.0)})
+    fields = writer.part_fields(_ok_part(1), {"cam0": _view(image)})
     named = fields.get("cam0", {}).get("evidence")
     assert named is None or Path(named).is_file(), f"the part names {named}, which is gone"
     assert writer.ok_deleted == 0 and writer.ok_written == 0
@@ -69,7 +74,7 @@ def test_two_runs_on_one_folder_racing_for_an_ok_samples_name_both_keep_theirs(t
     monkeypatch.setattr(evidence_module, "write_new_file", other_run_first)
     writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1))
     image = _noise(2)
-    fields = writer.part_fields(_ok_part(7), {"cam0": (image, np.zeros((8, 8), np.float32), 1.0)})
+    fields = writer.part_fields(_ok_part(7), {"cam0": _view(image)})
     health = writer.health()
     assert health.failed == 0 and health.sent == 1 and writer.ok_written == 1, health
     ours = Path(fields["cam0"]["evidence"])
@@ -94,7 +99,7 @@ def test_evidence_an_archive_job_moved_away_no_longer_counts_against_the_budget(
     archive.mkdir()
     for path in (tmp_path / "evidence" / "cam0").glob("*.png"):
         path.rename(archive / path.name)
-    fields = writer.part_fields(_ok_part(1), {"cam0": (image, np.zeros((8, 8), np.float32), 1.0)})
+    fields = writer.part_fields(_ok_part(1), {"cam0": _view(image)})
     assert Path(fields["cam0"]["evidence"]).is_file()
     health = writer.health()
     assert health.ok and health.state == "delivering" and health.dropped == 0, health

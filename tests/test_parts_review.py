@@ -131,7 +131,7 @@ def test_mrkd_review_labels_the_camera_of_a_part_it_is_told(tmp_path):
     import numpy as np
     from runtime_fixtures import normal_frame
     from test_review import one_error
-    from test_review_page import play_part
+    from test_review_page import part_views, play_part
     from mrkd.runtime import OutputSettings, build_outputs
     from mrkd.runtime.outputs.base import CameraInfo, CameraJudgement, PartResult
     from mrkd.runtime.outputs.evidence import EvidenceSettings
@@ -145,7 +145,7 @@ def test_mrkd_review_labels_the_camera_of_a_part_it_is_told(tmp_path):
                       model_sha256="00" * 32, trigger_time=time.time(), event_id="part-ev-9")
     play_part(outputs, [CameraInfo(name, "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.1, "test")
                         for name in images],
-              part, {name: (image, np.zeros(image.shape[:2], np.float32), 0.1) for name, image in images.items()})
+              part, part_views(images, 0.1))
     for output in outputs:
         output.on_stop()
     base = ("review", events, "--labels", labels, "--evidence", evidence, "--mark", "part-ev-9", "--as", "good")

@@ -435,9 +435,16 @@ def test_shadow_run_on_metrics_and_page_matches_numpy_and_the_summary(tmp_path):
     assert shadow["frames"] == summary["frames"]
 
 
+def part_views(images: dict, threshold: float) -> dict:
+    """camera -> its judged image as the part runner hands it to part_fields (a FrameResult; flat map)."""
+    from mrkd.runtime.outputs.base import FrameResult
+    return {name: FrameResult(name, 0, 0.0, image, np.zeros(image.shape[:2], np.float32), 0.0, threshold, False)
+            for name, image in images.items()}
+
+
 def play_part(outputs: list, infos: list, part, views: dict) -> object:
     """One judged part through the outputs' hooks in the part runner's order: see_outputs and
-    on_start, then every output's part_fields (``views``: camera -> (image, map, threshold)), whose
+    on_start, then every output's part_fields (``views``: camera -> its judged image, part_views), whose
     fields go into the part's camera judgements, then on_part with that part."""
     from dataclasses import replace
     for output in outputs:
@@ -474,7 +481,7 @@ def test_an_ng_part_is_reviewed_per_camera_from_the_page(tmp_path):
     rng = np.random.default_rng(5)
     images = {"left": normal_frame(rng), "right": normal_frame(rng)}
     images["right"][5:15, 5:15] = 255
-    views = {name: (image, np.zeros(image.shape[:2], np.float32), 0.1) for name, image in images.items()}
+    views = part_views(images, 0.1)
     part = PartResult(inspection_id=1, part_id="P-7", verdict="NG", score=0.4, threshold=0.1,
                       cameras=(CameraJudgement("left", 0.02, 0.1, False, images=1),
                                CameraJudgement("right", 0.4, 0.1, True, images=1)),

@@ -37,8 +37,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
-
 from mrkd.errors import MrkdError
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
@@ -51,7 +49,7 @@ from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus
                                        PartResult, TriggerReceipt, Verdict, call_each, plc_and_others, stop_each)
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.outputs.notifier import Notifier
-from mrkd.runtime.sources import Source
+from mrkd.runtime.sources import Frame, Source
 from mrkd.runtime.sources.gige import Grab
 
 logger = logging.getLogger(__name__)
@@ -91,7 +89,7 @@ class FrameGrabber:
     def grab(self, trigger_time: float, timeout: float, count: int = 1,
              abort: Optional[threading.Event] = None, early: float = 0.0) -> Grab:
         """(``early`` is a hardware trigger's: a frame source has none.)"""
-        images: List[np.ndarray] = []
+        images: List[Frame] = []
         deadline = time.monotonic() + timeout
         while len(images) < count:
             if abort is not None and abort.is_set():
@@ -108,7 +106,7 @@ class FrameGrabber:
                 continue
             if time.monotonic() > deadline:     # a source that blocks (a slow share, a generator): too late
                 return Grab(images, f"timeout: no image within {timeout:g} s")
-            images.append(frame.image)
+            images.append(frame)
             self.images += 1
         return Grab(images, None, time.monotonic())
 
@@ -442,45 +440,46 @@ class PartRunner:
                 elif self.settings.max_delay is None:
                     self._warn_unbounded(pending, camera.name, grab.acquired_at - pending.mono)
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
-        groups: Dict[str, List[Tuple[_Camera, np.ndarray]]] = {}      # model path -> its images
+        groups: Dict[str, List[Tuple[_Camera, Frame]]] = {}      # model path -> its images
         for camera in self.cameras:
             grab = grabs[camera.name]
             if grab.error is None:
-                camera.images += len(grab.images)
+                camera.images += len(grab.frames)
                 groups.setdefault(self._key(camera, pending.recipe), []).extend(
-                    (camera, image) for image in grab.images)
+                    (camera, frame) for frame in grab.frames)
             else:
                 kind = next((k for k in ERROR_CODES if grab.error.startswith(k)), "other")
                 camera.errors[kind] = camera.errors.get(kind, 0) + 1
-        scored: Dict[str, List[Tuple[float, np.ndarray, np.ndarray]]] = {}
+        scored: Dict[str, List[FrameResult]] = {}       # camera -> each of its images as judged, in order
         judged: List[FrameResult] = []      # each image as a free run's frame (the per-camera metrics)
-        first_index = {c.name: c.images - len(grabs[c.name].images) for c in self.cameras}
+        first_index = {c.name: c.images - len(grabs[c.name].frames) for c in self.cameras}
         model_s = 0.0
         for key, members in groups.items():
-            result = self.detectors[key]([image for _, image in members])
+            result = self.detectors[key]([frame.image for _, frame in members])
             model_s += sum(result.timings.values())
             done = time.monotonic()
             infer_share = result.timings.get("infer", 0.0) / len(members)     # as the frame loop shares a batch
             sha256, detector = self.slots.sha256_of(key), self.detectors[key]
-            for i, (camera, image) in enumerate(members):
+            for i, (camera, frame) in enumerate(members):
                 score = float(result.scores[i])
-                scored.setdefault(camera.name, []).append((score, image, result.maps[i]))
-                self.slots.note(key, image, score)
+                self.slots.note(key, frame.image, score)
                 threshold = self._threshold(camera, pending.recipe, self.detectors[key])
-                index = first_index[camera.name] + len(scored[camera.name]) - 1
+                index = first_index[camera.name] + len(scored.get(camera.name, ()))
                 judged.append(FrameResult(
-                    camera=camera.name, frame_index=index, frame_time=pending.wall, image=image,
+                    camera=camera.name, frame_index=index, frame_time=pending.wall, image=frame.image,
                     amap=result.maps[i], score=score, threshold=threshold,
                     anomalous=bool(is_anomalous(score, threshold)), infer_s=infer_share,
                     latency_s=max(0.0, done - (grabs[camera.name].acquired_at or done)), model_sha256=sha256,
-                    backend=detector.backend.name, precision=detector.precision))
+                    backend=detector.backend.name, precision=detector.precision, raw=frame.raw))
+                scored.setdefault(camera.name, []).append(judged[-1])
         self._report(pending, grabs, scored, model_s, acquired, judged)
         for camera in self.cameras:      # the candidates score the same images, on their own threads
             threshold = self._threshold(camera, pending.recipe, self._detector(camera, pending.recipe))
             live_sha = self.slots.sha256_of(self._key(camera, pending.recipe))
-            for score, image, _ in scored.get(camera.name, ()):
+            for one in scored.get(camera.name, ()):
                 for shadow in self.shadows:
-                    shadow.offer(camera.name, image, score, bool(is_anomalous(score, threshold)), live_sha)
+                    shadow.offer(camera.name, one.image, one.score, bool(is_anomalous(one.score, threshold)),
+                                 live_sha)
 
     @staticmethod
     def _asked_for(camera: _Camera) -> bool:
@@ -515,7 +514,7 @@ class PartRunner:
             "(--part-max-delay) to judge such parts ERROR 'late' instead", pending.part_id, camera, delay))
 
     def _report(self, pending: _Pending, grabs: Mapping[str, Grab],
-                scored: Mapping[str, List[Tuple[float, np.ndarray, np.ndarray]]], model_s: float,
+                scored: Mapping[str, List[FrameResult]], model_s: float,
                 acquired: Optional[float] = None, judged: Sequence[FrameResult] = ()) -> None:
         """Build the part's record (verdict, deciding camera, event for NG/ERROR) and tell every observer
         (``judged``: each scored image, told first through ``on_part_image``)."""
@@ -530,10 +529,10 @@ class PartRunner:
                 errors.append(f"{camera.name}: {reason}")
                 judgements.append(CameraJudgement(camera.name, math.nan, threshold, False, 0, reason))
                 continue
-            score, image, amap = max(images, key=lambda item: item[0])
-            views[camera.name] = (image, amap, threshold)
-            judgements.append(CameraJudgement(camera.name, score, threshold, bool(is_anomalous(score, threshold)),
-                                              len(images)))
+            view = max(images, key=lambda one: one.score)       # its threshold is this one (same detector)
+            views[camera.name] = view
+            judgements.append(CameraJudgement(camera.name, view.score, threshold,
+                                              bool(is_anomalous(view.score, threshold)), len(images)))
         if errors:
             verdict = Verdict.ERROR
         else:
@@ -570,13 +569,13 @@ class PartRunner:
         self._notifier.wait_for_room()
 
     @staticmethod
-    def _tell_outputs(tell: Tell, part: PartResult, views: Mapping[str, tuple],
+    def _tell_outputs(tell: Tell, part: PartResult, views: Mapping[str, FrameResult],
                       judged: Sequence[FrameResult] = ()) -> None:
         """(The notifier's thread; ``tell``: _emit's, to every output but the PLC servers.) Each image the
         part's cameras had scored (``judged``: ``on_part_image``, what the per-camera metrics count); the
         outputs that write files of a part (``part_fields``: snapshots and evidence of an NG/ERROR part,
-        which has its event id; the evidence's sample of OK parts; ``views``: camera -> (image, anomaly
-        map, threshold)) write them before any of them sends the record, which then carries each camera's
+        which has its event id; the evidence's sample of OK parts; ``views``: camera -> its image that
+        decided, as judged) write them before any of them sends the record, which then carries each camera's
         paths (and the evidence's sha256); then every output's ``on_part``."""
         for image in judged:
             tell(lambda o, image=image: o.on_part_image(image))

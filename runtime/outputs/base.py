@@ -17,6 +17,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mrkd.runtime.raw_image import RawImage
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,7 +44,7 @@ class FrameResult:
     camera: str
     frame_index: int             # increasing over the whole run (also across --loop passes)
     frame_time: float            # seconds, source clock, increasing
-    image: np.ndarray            # HxWx3 uint8 BGR as the camera delivered it (do not modify)
+    image: np.ndarray            # HxWx3 uint8 BGR as judged: the camera's own pixels unless ``raw`` (do not modify)
     amap: np.ndarray             # anomaly map (model size), float32
     score: float
     threshold: float
@@ -53,6 +55,7 @@ class FrameResult:
     model_sha256: str = ""        # the live model that judged it (it changes on a hot swap)
     backend: str = ""             # what that model ran on (CameraInfo.backend, .precision): a swap may change
     precision: str = ""           # them, a new calibration of the same file too (bf16 comes and goes)
+    raw: Optional[RawImage] = None  # the camera's own pixels where ``image`` is not them (GigE Mono10/12/16, Bayer)
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,12 @@ class LineObserver:
     def on_trigger(self, receipt: TriggerReceipt) -> None:
         """A part trigger arrived (accepted or refused) in triggered mode."""
 
-    def part_fields(self, part: PartResult, views: Mapping[str, Tuple[np.ndarray, np.ndarray, float]]
-                    ) -> Mapping[str, Mapping[str, object]]:
+    def part_fields(self, part: PartResult, views: Mapping[str, FrameResult]) -> Mapping[str, Mapping[str, object]]:
         """For every judged part, before any output sends it (an NG/ERROR part has ``part.event_id``
         set, an OK part None): camera -> the CameraJudgement fields this output fills (``snapshot``,
-        ``evidence``, ``evidence_sha256``) with what it wrote; ``views``: camera -> (image, anomaly map,
-        threshold) of the cameras that have an image. The part's counterpart of ``event_fields``."""
+        ``evidence``, ``evidence_sha256``, ...) with what it wrote; ``views``: camera -> its image that
+        decided (the highest score of its images: image, anomaly map, threshold, camera bits), for the
+        cameras that have an image. The part's counterpart of ``event_fields``."""
         return {}
 
     def on_part_image(self, result: FrameResult) -> None:
@@ -219,6 +222,11 @@ class CameraJudgement:
     snapshot: Optional[str] = None
     evidence: Optional[str] = None         # the image as delivered, lossless (runtime/outputs/evidence.py)
     evidence_sha256: Optional[str] = None
+    # The camera's own bits beside it, where the judged image is not them (a GigE camera in Mono10/12/16:
+    # 16-bit PNG of the values as delivered; Bayer: the 8-bit mosaic); None for every other source.
+    evidence_raw: Optional[str] = None
+    evidence_raw_sha256: Optional[str] = None
+    evidence_raw_pixel_format: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,14 @@ Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (an ala
 OK samples (one of every ``ok_every`` OK frames or parts per camera; 0: none). Files are PNG (lossless),
 written to a temporary file, fsync'd and linked into place, never over an existing file.
 
+The PNG is the frame the model judged (8-bit BGR): what review and refit read. Where that frame is not
+the camera's own pixels (a GigE camera in Mono10/12/16, whose frame keeps the top 8 bits, or in Bayer,
+whose frame is demosaiced: ``FrameResult.raw``), those pixels are kept beside it as ``<name>.raw.png``:
+a 16-bit grayscale PNG of the values as delivered (Mono12 stays 0..4095) or the 8-bit mosaic, named by
+``evidence_raw``, ``evidence_raw_sha256`` and ``evidence_raw_pixel_format`` (an OK sample: its path and
+format). Every other source has none and its evidence is as before. The raw file counts in the budget
+like its frame and an OK sample's is deleted with it.
+
 Retention (``max_bytes`` for the whole folder, counted from what is there at the start):
 1. OK samples go first, oldest first, until the folder fits again;
 2. alarm/NG evidence is NEVER deleted: when only evidence is left and the folder is over its budget,
@@ -51,14 +59,17 @@ from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, P
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.notifier import DroppingWorker
 from mrkd.runtime.outputs.snapshots import write_new_file
+from mrkd.runtime.raw_image import RawImage
 
 
 EVIDENCE_SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 2 << 30       # 2 GiB
 OK_FOLDER = "ok"
-# The names _ok_sample writes (a frame index or "part" + inspection id, and the "_pid_n" of a second run's
-# sample of the same name): only such files are ever deleted; any other PNG in a given folder is someone's.
-OK_SAMPLE_NAME = re.compile(r"(part)?\d{10,}(_\d+_\d+)?\.png")
+# The names _ok_sample writes (a frame index or "part" + inspection id, the "_pid_n" of a second run's
+# sample of the same name, and RAW_SUFFIX for the camera's bits beside it): only such files are ever
+# deleted; any other PNG in a given folder is someone's.
+OK_SAMPLE_NAME = re.compile(r"(part)?\d{10,}(_\d+_\d+)?(\.raw)?\.png")
+RAW_SUFFIX = ".raw.png"          # DIR/<camera>/<event_id>.raw.png beside <event_id>.png
 # A free run's OK samples waiting for the worker (each holds its frame): past it a due sample is dropped.
 OK_SAMPLES_WAITING = 8
 OK_SAMPLES_DRAIN_S = 10.0        # the stop waits this long for the samples still queued, then counts them dropped
@@ -103,7 +114,7 @@ class EvidenceWriter(LineObserver):
                 raise
             # a full disk at the start: the line runs, each write is tried (and counted) as it comes
             self.delivery.set_failing(f"{self.folder}: cannot create it ({exc.strerror or exc})")
-        self._ok_files: Deque[Tuple[Path, int]] = deque()
+        self._ok_files: Deque[Tuple[Tuple[Path, ...], int]] = deque()    # each OK sample's files, their bytes
         self._ok_seen: Dict[str, int] = {}
         self.ok_written = self.ok_deleted = self.ok_skipped = 0
         # The folder's accounting (OK sample list, byte counts) is shared by the OK samples' worker and the
@@ -127,8 +138,9 @@ class EvidenceWriter(LineObserver):
         self._scanned_at = time.monotonic()
 
     def _scan(self) -> None:
-        """What an earlier run left counts against the budget (OK samples, oldest first)."""
-        found = []
+        """What an earlier run left counts against the budget (OK samples, oldest first; a sample's
+        camera bits, ``<name>.raw.png``, go with its ``<name>.png``)."""
+        samples: Dict[Path, list] = {}       # the sample's frame -> [oldest mtime, its files, their bytes]
         for path in (self.folder.rglob("*.png") if self.folder.is_dir() else ()):
             try:
                 stat = path.stat()
@@ -138,11 +150,15 @@ class EvidenceWriter(LineObserver):
             # folder of the user's own images (DIR/<product>/ok/img_1.png) is counted, never deleted
             parts = path.relative_to(self.folder).parts
             if len(parts) == 3 and parts[1] == OK_FOLDER and OK_SAMPLE_NAME.fullmatch(parts[2]):
-                found.append((stat.st_mtime_ns, path, stat.st_size))
+                frame = path.with_name(raw_of_name(path.name)) if path.name.endswith(RAW_SUFFIX) else path
+                sample = samples.setdefault(frame, [stat.st_mtime_ns, [], 0])
+                sample[0] = min(sample[0], stat.st_mtime_ns)
+                sample[1].append(path)
+                sample[2] += stat.st_size
             else:
                 self._evidence_bytes += stat.st_size
-        for _, path, size in sorted(found):
-            self._ok_files.append((path, size))
+        for _, (_, files, size) in sorted(samples.items(), key=lambda item: (item[1][0], item[0])):
+            self._ok_files.append((tuple(files), size))
 
     @property
     def used_bytes(self) -> int:
@@ -194,16 +210,17 @@ class EvidenceWriter(LineObserver):
         return True
 
     def _drop_oldest_ok_sample(self) -> int:
-        """Delete the oldest OK sample (it leaves the list either way); the bytes freed, 0 when the
-        delete failed (said in the health, not counted as deleted)."""
-        path, size = self._ok_files.popleft()
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            self.delivery.set_failing(f"{path}: cannot delete an old OK sample ({exc.strerror or exc})")
-            return 0
+        """Delete the oldest OK sample, its frame and camera bits (it leaves the list either way); the
+        bytes freed, 0 when the delete failed (said in the health, not counted as deleted)."""
+        paths, size = self._ok_files.popleft()
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.delivery.set_failing(f"{path}: cannot delete an old OK sample ({exc.strerror or exc})")
+                return 0
         self.ok_deleted += 1
         return size
 
@@ -212,8 +229,18 @@ class EvidenceWriter(LineObserver):
         (else it would swing between "over budget" and "delivering again" on every write)."""
         self.delivery.delivered(recover=self._keep_budget())
 
-    def _evidence(self, camera: str, event_id: str, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
-        path = self.folder / camera / f"{event_id}.png"
+    def _evidence(self, camera: str, event_id: str, image: np.ndarray,
+                  raw: Optional[RawImage]) -> Dict[str, object]:
+        """An alarm's or NG part's files: the frame judged and, where it is not them, the camera's bits;
+        the fields that name them."""
+        path, sha = self._evidence_file(self.folder / camera / f"{event_id}.png", image)
+        fields: Dict[str, object] = {"evidence": path, "evidence_sha256": sha}
+        if raw is not None:
+            path, sha = self._evidence_file(self.folder / camera / f"{event_id}{RAW_SUFFIX}", raw.pixels)
+            fields.update(evidence_raw=path, evidence_raw_sha256=sha, evidence_raw_pixel_format=raw.pixel_format)
+        return fields
+
+    def _evidence_file(self, path: Path, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
         data = self._encode(image)          # the slow part, outside the lock: the OK samples' worker goes on
         if data is None:
             return None, None
@@ -243,20 +270,19 @@ class EvidenceWriter(LineObserver):
 
     # ------------------------------------------------------------ hooks
     def event_fields(self, result: FrameResult) -> Mapping[str, object]:
-        path, sha = self._evidence(result.camera, str(result.event["event_id"]), result.image)
-        return {"evidence": path, "evidence_sha256": sha}
+        return self._evidence(result.camera, str(result.event["event_id"]), result.image, result.raw)
 
-    def part_fields(self, part: PartResult, views) -> Mapping[str, Mapping[str, object]]:
+    def part_fields(self, part: PartResult, views: Mapping[str, FrameResult]) -> Mapping[str, Mapping[str, object]]:
         fields = {}
-        for camera, (image, _amap, _threshold) in views.items():
+        for camera, view in views.items():
             if part.event_id is None:          # an OK part: one of every ok_every per camera is kept
                 seen = self._ok_turn(camera)
-                path = None if seen is None else self._ok_sample(camera, f"part{part.inspection_id:010d}", seen, image)
-                if path is not None:
-                    fields[camera] = {"evidence": path}
+                kept = None if seen is None else self._ok_sample(camera, f"part{part.inspection_id:010d}", seen,
+                                                                 view.image, view.raw)
+                if kept is not None:
+                    fields[camera] = kept
                 continue
-            path, sha = self._evidence(camera, str(part.event_id), image)
-            fields[camera] = {"evidence": path, "evidence_sha256": sha}
+            fields[camera] = self._evidence(camera, str(part.event_id), view.image, view.raw)
         return fields
 
     def on_frame(self, result: FrameResult) -> None:
@@ -267,9 +293,10 @@ class EvidenceWriter(LineObserver):
             return
         name = f"{result.frame_index:010d}"
         if self._ok_worker is None:
-            self._ok_sample(result.camera, name, seen, result.image)
+            self._ok_sample(result.camera, name, seen, result.image, result.raw)
         else:       # the frame is not modified after delivery (FrameResult), so the worker may hold it
-            self._ok_worker.offer(functools.partial(self._ok_sample, result.camera, name, seen, result.image))
+            self._ok_worker.offer(functools.partial(self._ok_sample, result.camera, name, seen, result.image,
+                                                    result.raw))
 
     def _ok_turn(self, camera: str) -> Optional[int]:
         """Counts an OK image of ``camera``; its number when a sample of it is due (one of every
@@ -282,9 +309,11 @@ class EvidenceWriter(LineObserver):
             self._ok_seen[camera] = seen + 1
         return None if seen % every else seen
 
-    def _ok_sample(self, camera: str, name: str, seen: int, image: np.ndarray) -> Optional[str]:
+    def _ok_sample(self, camera: str, name: str, seen: int, image: np.ndarray,
+                   raw: Optional[RawImage] = None) -> Optional[Dict[str, object]]:
         """Keep the OK image (frames in free run, parts when triggered; ``seen``: its number from
-        ``_ok_turn``) as ``ok/<name>.png``; the path, or None when not kept (no room, not written)."""
+        ``_ok_turn``) as ``ok/<name>.png``, and its camera bits (``raw``) as ``ok/<name>.raw.png``; the
+        fields that name them, or None when not kept (no room, not written)."""
         with self._lock:
             if self.used_bytes > self.settings.max_bytes and not self._keep_budget():
                 self.ok_skipped += 1
@@ -292,8 +321,9 @@ class EvidenceWriter(LineObserver):
         data = self._encode(image)
         if data is None:
             return None
+        raw_data = None if raw is None else self._encode(raw.pixels)
         with self._lock:
-            if self._evidence_bytes + len(data) > self.settings.max_bytes:
+            if self._evidence_bytes + len(data) + len(raw_data or b"") > self.settings.max_bytes:
                 # no room even with every older OK sample gone: written, the budget check would delete this
                 # very sample, and its part would name a file that is gone
                 self.ok_skipped += 1
@@ -305,10 +335,19 @@ class EvidenceWriter(LineObserver):
             path = self._write(path, data, or_else=None if path == own_name else own_name)
             if path is None:
                 return None
+            files, fields = [path], {"evidence": _as_named(path)}
+            if raw is not None:
+                raw_path = None if raw_data is None else self._write(path.with_name(raw_of_name(path.name, raw=True)),
+                                                                     raw_data)
+                if raw_path is not None:
+                    files.append(raw_path)
+                fields.update(evidence_raw=None if raw_path is None else _as_named(raw_path),
+                              evidence_raw_pixel_format=raw.pixel_format)
             self.ok_written += 1
-            self._ok_files.append((path, path.stat().st_size))
-            self._delivered()
-        return _as_named(path)
+            self._ok_files.append((tuple(files), sum(f.stat().st_size for f in files)))
+            for _ in files:
+                self._delivered()
+        return fields
 
     def on_stop(self) -> None:
         """The OK samples still queued get OK_SAMPLES_DRAIN_S to be written; the rest count as dropped."""
@@ -319,6 +358,11 @@ class EvidenceWriter(LineObserver):
         # no lock held across a write is taken here: a scrape of /metrics must answer on a stalled disk
         queue_dropped = self._ok_worker.dropped if self._ok_worker is not None else 0
         return self.delivery.health(dropped=self.ok_skipped + queue_dropped)
+
+
+def raw_of_name(name: str, raw: bool = False) -> str:
+    """The name of the camera's bits beside frame ``name`` (``raw``), or of the frame beside bits ``name``."""
+    return name[:-len(".png")] + RAW_SUFFIX if raw else name[:-len(RAW_SUFFIX)] + ".png"
 
 
 def _as_named(path: Path) -> str:

@@ -139,10 +139,10 @@ class SnapshotWriter(LineObserver):
         written = {}
         if part.event_id is None:      # an OK part: snapshots are of alarms only
             return written
-        for camera, (image, amap, threshold) in views.items():
-            boxes = regions_from_map(amap, threshold, image.shape[:2])
-            done, path = self._write(camera, f"part_{part.event_id}_{part.inspection_id:08d}", image, amap,
-                                     threshold, boxes)
+        for camera, view in views.items():
+            boxes = regions_from_map(view.amap, view.threshold, view.image.shape[:2])
+            done, path = self._write(camera, f"part_{part.event_id}_{part.inspection_id:08d}", view.image, view.amap,
+                                     view.threshold, boxes)
             if path:
                 written[camera] = {"snapshot": path}
         return written

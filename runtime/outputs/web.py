@@ -166,7 +166,7 @@ class OperatorServer(LineObserver):
         self.views: Dict[str, _CameraView] = {}
         self.cameras: List[CameraInfo] = []
         self.alarms: Deque[dict] = deque(maxlen=max_alarms)     # newest first: {"event", "camera", "result"}
-        self._part_views: Dict[str, dict] = {}     # NG part's event id -> camera -> (image, amap, threshold)
+        self._part_views: Dict[str, dict] = {}     # NG part's event id -> camera -> its view (FrameResult)
         # An alarm's frame whose event has not come yet (the loop sends events from its alarm notifier,
         # after the frame): id(event) -> the FrameResult, which keeps the event, so the id stays its own.
         self._frames_before_event: Dict[int, FrameResult] = {}
@@ -427,8 +427,8 @@ class OperatorServer(LineObserver):
         if result is not None:
             image = annotate(result.image, result.amap, result.score, result.threshold, True)
         elif part_view is not None:
-            frame, amap, threshold = part_view
-            image = annotate(frame, amap, float(found["event"].get("score") or 0.0), threshold, True)
+            image = annotate(part_view.image, part_view.amap, float(found["event"].get("score") or 0.0),
+                             part_view.threshold, True)
         else:
             return None
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])

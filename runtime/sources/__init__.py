@@ -33,6 +33,7 @@ import numpy as np
 from mrkd.errors import MrkdError
 from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
 from mrkd.runtime.images import ImageListError, ImageReadError, list_images, read_image
+from mrkd.runtime.raw_image import RawImage
 from mrkd.runtime.redact import redact_uri
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,14 @@ class SourceUnreachable(SourceError):
 class Frame:
     """One frame: ``index`` counts every frame the source produced (gaps = dropped or bad frames),
     ``image`` is uint8 H×W×3 BGR, ``timestamp`` is seconds (media time for video files, wall clock
-    for live sources), ``source`` the URI."""
+    for live sources), ``source`` the URI. ``raw``: the camera's own pixels where ``image`` is not
+    them (a GigE camera in Mono10/12/16 or Bayer, runtime/raw_image.py); None for every other source."""
 
     index: int
     image: np.ndarray
     timestamp: float
     source: str
+    raw: Optional[RawImage] = None
 
 
 @dataclass

@@ -8,6 +8,8 @@ the image(s) of that trigger or the reason there are none (timeout, incomplete b
 Pixel formats (``to_bgr``): Mono8; Mono10/12/16 (little-endian 16-bit containers) shifted right by
 bits-8 (Mono12 4095 -> 255: the top 8 bits, no rounding, no rescaling); Bayer RG/GR/GB/BG 8-bit
 demosaiced by OpenCV (bilinear); RGB8/BGR8. Anything else is one SourceError naming camera and format.
+Where the frame judged is not the camera's own pixels (Mono10/12/16, Bayer), ``decode`` keeps those
+too, and every frame carries them (``Frame.raw``, runtime/raw_image.py) for the evidence.
 
 Aravis 0.8 does not range-check feature values, so ``apply_features`` does: an unknown feature, a
 value outside the camera's bounds, an enumeration entry it lacks or a value that does not read back
@@ -53,6 +55,7 @@ import cv2
 import numpy as np
 
 from mrkd.errors import MrkdError
+from mrkd.runtime.raw_image import RawImage
 from mrkd.runtime.sources import Frame, LatestFrameSource, SourceError, SourceStats
 
 logger = logging.getLogger(__name__)
@@ -109,6 +112,14 @@ def glib_error():
 
 def to_bgr(data, width: int, height: int, pixel_format: str, camera: str = "camera") -> np.ndarray:
     """One camera buffer as uint8 H×W×3 BGR (see the module docstring for each format's rule)."""
+    return decode(data, width, height, pixel_format, camera)[0]
+
+
+def decode(data, width: int, height: int, pixel_format: str,
+           camera: str = "camera") -> Tuple[np.ndarray, Optional[RawImage]]:
+    """One camera buffer as the frame the model judges (``to_bgr``) and, where that frame is not the
+    camera's own pixels (Mono10/12/16: shifted to 8 bits; Bayer: demosaiced), those pixels as
+    delivered (a copy: the buffer goes back to Aravis); None for Mono8, RGB8 and BGR8."""
     if pixel_format not in SUPPORTED_FORMATS:
         raise SourceError(f"{camera}: pixel format {pixel_format} is not supported "
                           f"(supported: {', '.join(SUPPORTED_FORMATS)}; set PixelFormat)")
@@ -120,15 +131,16 @@ def to_bgr(data, width: int, height: int, pixel_format: str, camera: str = "came
         raise SourceError(f"{camera}: {pixel_format} buffer of {raw.size} bytes is too small for {width}x{height}")
     raw = raw[:needed]
     if pixel_format == "Mono8":
-        return cv2.cvtColor(raw.reshape(height, width), cv2.COLOR_GRAY2BGR)
+        return cv2.cvtColor(raw.reshape(height, width), cv2.COLOR_GRAY2BGR), None
     if wide:
-        values = raw.view("<u2").reshape(height, width)
+        values = raw.view("<u2").reshape(height, width).astype(np.uint16)     # native order, a copy
         shifted = np.minimum(values >> (MONO_BITS[pixel_format] - 8), 255).astype(np.uint8)
-        return cv2.cvtColor(shifted, cv2.COLOR_GRAY2BGR)
+        return cv2.cvtColor(shifted, cv2.COLOR_GRAY2BGR), RawImage(values, pixel_format)
     if pixel_format in BAYER_TO_OPENCV:
-        return cv2.cvtColor(raw.reshape(height, width), BAYER_TO_OPENCV[pixel_format])
+        mosaic = raw.reshape(height, width).copy()
+        return cv2.cvtColor(mosaic, BAYER_TO_OPENCV[pixel_format]), RawImage(mosaic, pixel_format)
     image = raw.reshape(height, width, 3)
-    return cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if pixel_format == "RGB8" else image.copy()
+    return (cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if pixel_format == "RGB8" else image.copy()), None
 
 
 def format_name(code: int) -> str:
@@ -329,11 +341,16 @@ class GigeStats(SourceStats):
 
 @dataclass
 class Grab:
-    """What one part trigger got from one camera: its images (BGR) or why there are none."""
+    """What one part trigger got from one camera: its frames (BGR images, each with the camera's own
+    bits where they differ, ``Frame.raw``) or why there are none."""
 
-    images: List[np.ndarray]
+    frames: List[Frame]
     error: Optional[str] = None
     acquired_at: float = 0.0          # time.monotonic() of the last image
+
+    @property
+    def images(self) -> List[np.ndarray]:
+        return [frame.image for frame in self.frames]
 
 
 @dataclass
@@ -353,6 +370,8 @@ class _Arrival:
     image: Optional[np.ndarray]       # None: an incomplete buffer
     reason: str = ""
     started: float = 0.0              # time.time() scale: when its leader packet arrived (0: unknown)
+    index: int = 0
+    raw: Optional[RawImage] = None    # the camera's own bits where the image is not them (decode)
 
     @property
     def arrived(self) -> float:
@@ -615,7 +634,7 @@ class GigeSource(LatestFrameSource):
         index = self._next_index
         self._next_index += 1
         status = buffer.get_status()
-        image, reason = None, ""
+        image, raw, reason = None, None, ""
         if status != Arv.BufferStatus.SUCCESS:
             self.stats.incomplete += 1
             self.stats.bad_frames += 1
@@ -624,8 +643,8 @@ class GigeSource(LatestFrameSource):
             self._warnings.warn("incomplete", "camera %s: %s (%d so far)", self.name, reason, self.stats.incomplete)
         else:
             try:
-                bgr = to_bgr(buffer.get_image_data(), buffer.get_image_width(), buffer.get_image_height(),
-                             format_name(buffer.get_image_pixel_format()), f"camera {self.name}")
+                bgr, raw = decode(buffer.get_image_data(), buffer.get_image_width(), buffer.get_image_height(),
+                                  format_name(buffer.get_image_pixel_format()), f"camera {self.name}")
             except SourceError as exc:
                 bgr, reason = None, str(exc)
             image = self._deliverable(bgr, index, reason or None) if bgr is not None else None
@@ -638,10 +657,10 @@ class GigeSource(LatestFrameSource):
                 if image is not None:
                     if self._latest is not None:
                         self.stats.dropped += 1
-                    self._latest = Frame(index, image, time.time(), self.uri)
+                    self._latest = Frame(index, image, time.time(), self.uri, raw)
             else:
                 started = buffer.get_system_timestamp() / 1e9      # ns of the host's wall clock, or 0
-                self._arrivals.append(_Arrival(time.time(), image, reason, started))
+                self._arrivals.append(_Arrival(time.time(), image, reason, started, index, raw))
             self._cond.notify_all()
 
     # -- triggered mode
@@ -658,7 +677,7 @@ class GigeSource(LatestFrameSource):
         the wait at once with "line stopped"."""
         if self.trigger_mode == "free":
             raise GigeError(f"camera {self.name}: grab needs --trigger software or hardware")
-        images: List[np.ndarray] = []
+        images: List[Frame] = []
         acquired = time.monotonic()
         for _ in range(count):
             if self.trigger_mode == "software" and self._timed_out:
@@ -724,7 +743,7 @@ class GigeSource(LatestFrameSource):
                 self._silent = 0
             if arrival.image is None:
                 return Grab(images, arrival.reason or "unusable image")
-            images.append(arrival.image)
+            images.append(Frame(arrival.index, arrival.image, arrival.wall, self.uri, arrival.raw))
             acquired = time.monotonic()
             self.stats.frames_read += 1
         return Grab(images, None, acquired)

@@ -1,0 +1,216 @@
+"""The evidence keeps the camera's own bits beside the frame the model judged (issue 23): a GigE camera
+in Mono10/12/16 or Bayer delivers pixels that the 8-bit BGR frame does not hold (the low bits, the
+mosaic). Against Aravis' real GigE Vision simulator (arv-fake-gv-camera-0.8, Mono16 and BayerRG8), the
+raw PNG is read back with OpenCV's own reader (IMREAD_UNCHANGED) and compared with the simulator's test
+pattern (Aravis' arvfakecamera.c: Mono16 pixel (x, y) of frame f is 256 (x + y + f) mod 65535) and with
+the judged frame (shifted / demosaiced). Synthetic buffers cover Mono10/12 and the other Bayer patterns;
+the budget deletes an OK sample's raw file with its frame; review and refit keep reading the 8-bit frame."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_gige import Recorder, model, simulator  # noqa: F401 - the fixtures
+
+from mrkd.runtime.line.loop import Camera, Line
+from mrkd.runtime.line.parts import PartRunner, open_part_sources
+from mrkd.runtime.line.trigger import PartSettings
+from mrkd.runtime.outputs.base import CameraJudgement, FrameResult, PartResult, Verdict
+from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+from mrkd.runtime.raw_image import RawImage
+from mrkd.runtime.sources.gige import BAYER_TO_OPENCV, MONO_BITS, decode
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- decode (no camera)
+
+@pytest.mark.parametrize("pixel_format", ["Mono10", "Mono12", "Mono16"])
+def test_wide_mono_keeps_the_values_as_delivered(pixel_format):
+    bits = MONO_BITS[pixel_format]
+    values = np.random.default_rng(bits).integers(0, 1 << bits, (6, 10), dtype=np.uint16)
+    data = b"".join(int(v).to_bytes(2, "little") for v in values.ravel())     # the wire's little-endian words
+    bgr, raw = decode(data, 10, 6, pixel_format)
+    assert raw is not None and raw.pixel_format == pixel_format and raw.pixels.dtype == np.uint16
+    assert np.array_equal(raw.pixels, values)
+    assert np.array_equal(bgr, np.repeat((values >> (bits - 8)).astype(np.uint8)[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("pixel_format", sorted(BAYER_TO_OPENCV))
+def test_bayer_keeps_the_mosaic(pixel_format):
+    mosaic = np.random.default_rng(3).integers(0, 256, (8, 12), dtype=np.uint8)
+    data = bytearray(mosaic.tobytes())
+    bgr, raw = decode(bytes(data), 12, 8, pixel_format)
+    data[:] = b"\0" * len(data)                                  # the buffer goes back to Aravis: a copy is kept
+    assert raw.pixel_format == pixel_format and np.array_equal(raw.pixels, mosaic)
+    assert bgr.shape == (8, 12, 3)
+
+
+@pytest.mark.parametrize("pixel_format, channels", [("Mono8", 1), ("RGB8", 3), ("BGR8", 3)])
+def test_eight_bit_formats_carry_nothing_extra(pixel_format, channels):
+    data = bytes(range(4 * 6 * channels))
+    assert decode(data, 6, 4, pixel_format)[1] is None
+
+
+# ---------------------------------------------------------------- the writer (no camera)
+
+def _mono12(seed: int, shape=(24, 32)) -> RawImage:
+    return RawImage(np.random.default_rng(seed).integers(0, 4096, shape, dtype=np.uint16), "Mono12")
+
+
+def _frame(raw, event_id=None, index=0) -> FrameResult:
+    image = np.repeat((raw.pixels >> 4).astype(np.uint8)[..., None], 3, axis=2) if raw is not None else \
+        np.full((24, 32, 3), 7, np.uint8)
+    return FrameResult("cam0", index, 0.0, image, np.zeros((8, 8), np.float32), 1.0 if event_id else 0.0, 0.5,
+                       bool(event_id), event={"event_id": event_id} if event_id else None, raw=raw)
+
+
+def test_an_alarm_keeps_the_camera_bits_in_a_16_bit_png_beside_the_judged_frame(tmp_path):
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path)))
+    raw = _mono12(1)
+    fields = writer.event_fields(_frame(raw, "e1"))
+    assert fields["evidence_raw"] == str(tmp_path / "cam0" / "e1.raw.png")
+    assert fields["evidence_raw_sha256"] == sha(fields["evidence_raw"])
+    assert fields["evidence_raw_pixel_format"] == "Mono12"
+    with Image.open(fields["evidence_raw"]) as kept:             # an independent reader: Pillow
+        assert kept.mode.startswith("I;16") or kept.mode == "I"
+        assert np.array_equal(np.asarray(kept).astype(np.uint16), raw.pixels)     # 0..4095, as delivered
+    assert np.array_equal(cv2.imread(fields["evidence"])[..., 1], raw.pixels >> 4)
+    # a source without camera bits: the evidence as before, no extra file, no extra field
+    plain = writer.event_fields(_frame(None, "e2"))
+    assert set(plain) == {"evidence", "evidence_sha256"} and not (tmp_path / "cam0" / "e2.raw.png").exists()
+
+
+def test_an_ok_samples_raw_file_counts_in_the_budget_and_goes_with_its_frame(tmp_path):
+    one = _frame(_mono12(0))
+    sample = len(cv2.imencode(".png", one.image)[1]) + len(cv2.imencode(".png", one.raw.pixels)[1])
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(sample * 2.5)))
+    for index in range(4):
+        writer.on_frame(_frame(_mono12(index), index=index))
+    kept = sorted(p.name for p in (tmp_path / "cam0" / "ok").iterdir())
+    assert kept == ["0000000002.png", "0000000002.raw.png", "0000000003.png", "0000000003.raw.png"]
+    assert writer.ok_deleted == 2 and writer.used_bytes <= int(sample * 2.5)
+    # a restart counts what is there and pairs each sample's files: the next sample deletes both of the oldest
+    # (sample 3's raw file made the oldest file: the sample it belongs to goes, whole, and sample 2 stays)
+    os.utime(tmp_path / "cam0" / "ok" / "0000000003.raw.png", ns=(1, 1))
+    again = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(sample * 2.5)))
+    again.on_frame(_frame(_mono12(9), index=9))
+    kept = sorted(p.name for p in (tmp_path / "cam0" / "ok").iterdir())
+    assert kept == ["0000000002.png", "0000000002.raw.png", "0000000009.png", "0000000009.raw.png"]
+
+
+def test_review_and_refit_read_the_judged_frame_of_an_event_with_camera_bits(tmp_path):
+    """A part event that names a raw file: `mrkd review` lists and labels it by the 8-bit frame's sha256,
+    and refit's label reader (train/refit.py) returns that frame, not the raw file."""
+    from click.testing import CliRunner
+
+    from test_review_page import play_part
+    from mrkd.review_cli import review_command
+    from mrkd.runtime import OutputSettings, build_outputs
+    from mrkd.runtime.outputs.base import CameraInfo
+    from mrkd.runtime.review import read_review_events
+    events_path, labels, folder = tmp_path / "events.jsonl", tmp_path / "labels.jsonl", tmp_path / "ev"
+    outputs = build_outputs(OutputSettings(events=str(events_path), evidence=EvidenceSettings(str(folder))))
+    view = _frame(_mono12(4))
+    part = PartResult(inspection_id=1, part_id="P-1", verdict=Verdict.NG, score=0.9, threshold=0.5,
+                      cameras=(CameraJudgement("cam0", 0.9, 0.5, True, images=1),), model_sha256="00" * 32,
+                      trigger_time=time.time(), event_id="part-raw-1")
+    play_part(outputs, [CameraInfo("cam0", "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.5, "test")],
+              part, {"cam0": view})
+    for output in outputs:
+        output.on_stop()
+    judged = read_review_events(events_path)[0]["cameras"][0]
+    assert judged["evidence_raw"].endswith("part-raw-1.raw.png") and judged["evidence_raw_pixel_format"] == "Mono12"
+    listed = CliRunner().invoke(review_command, [str(events_path), "--labels", str(labels)])
+    assert listed.exit_code == 0 and "part-raw-1" in listed.output, listed.output
+    marked = CliRunner().invoke(review_command, [str(events_path), "--labels", str(labels), "--mark", "part-raw-1",
+                                                 "--as", "good", "--who", "test"])
+    assert marked.exit_code == 0, marked.output
+    from mrkd.runtime.review import read_labels
+    label = read_labels(labels)[0]
+    assert label.image == judged["evidence"] and label.image_sha256 == judged["evidence_sha256"] == sha(label.image)
+    from mrkd.train.refit import reviewed_images
+    reviewed = reviewed_images(labels, events_path=events_path)
+    assert reviewed.good == (judged["evidence"],) and not reviewed.skipped
+
+
+# ---------------------------------------------------------------- against the simulator
+
+def test_a_gige_parts_raw_evidence_is_what_the_camera_sent(simulator, model, tmp_path):  # noqa: F811
+    mono, bayer = simulator("127.0.86.50", "RAWMONO16"), simulator("127.0.86.51", "RAWBAYER")
+    line = Line((Camera("mono", mono.uri, model, trigger="software", features=(("PixelFormat", "Mono16"),),
+                        threshold=1e-9),      # every part NG: its evidence is written
+                 Camera("bayer", bayer.uri, model, trigger="software", features=(("PixelFormat", "BayerRG8"),),
+                        threshold=1e-9)))
+    settings = PartSettings(queue=4, timeout=2.0)
+    recorder, writer = Recorder(), EvidenceWriter(EvidenceSettings(str(tmp_path / "ev")))
+    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=[recorder, writer]).start()
+    try:
+        runner.trigger("R1")
+        deadline = time.monotonic() + 20
+        while not recorder.parts and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        runner.stop()
+    assert recorder.parts, "no part was judged"
+    part = recorder.parts[0][1]
+    assert part.verdict == Verdict.NG, part
+    by_camera = {j.camera: j for j in part.cameras}
+
+    mono_judged = by_camera["mono"]
+    assert mono_judged.evidence_raw_pixel_format == "Mono16"
+    assert mono_judged.evidence_raw == str(tmp_path / "ev" / "mono" / f"{part.event_id}.raw.png")
+    assert mono_judged.evidence_raw_sha256 == sha(mono_judged.evidence_raw)
+    values = cv2.imread(mono_judged.evidence_raw, cv2.IMREAD_UNCHANGED)
+    assert values.dtype == np.uint16 and values.shape == (512, 512)
+    # Aravis' simulator (ExposureTimeAbs 10000, GainRaw 0: scale 1): frame f's pixel (x, y) is
+    # 256 (x + y + f) mod 65535; f from pixel (0, 0) (256 is its own inverse mod 65535), then every pixel
+    y, x = np.mgrid[0:512, 0:512]
+    f = int(values[0, 0]) * 256 % 65535
+    assert np.array_equal(values.astype(np.int64), (256 * (x + y + f)) % 65535)
+    frame = cv2.imread(mono_judged.evidence)          # the judged frame: the top 8 bits, in all three channels
+    assert all(np.array_equal(frame[..., c], (values >> 8).astype(np.uint8)) for c in range(3))
+
+    bayer_judged = by_camera["bayer"]
+    assert bayer_judged.evidence_raw_pixel_format == "BayerRG8"
+    assert bayer_judged.evidence_raw_sha256 == sha(bayer_judged.evidence_raw)
+    mosaic = cv2.imread(bayer_judged.evidence_raw, cv2.IMREAD_UNCHANGED)
+    assert mosaic.dtype == np.uint8 and mosaic.shape == (512, 512)
+    # the simulator's mosaic: each site's value depends on x + y (mod 255) and its place in the 2x2 pattern
+    assert np.array_equal(mosaic[2:, :-2], mosaic[:-2, 2:])
+    assert not np.array_equal(mosaic[0::2, 0::2], mosaic[0::2, 1::2])      # a mosaic, not a grey image
+    assert np.array_equal(cv2.imread(bayer_judged.evidence), cv2.cvtColor(mosaic, BAYER_TO_OPENCV["BayerRG8"]))
+
+
+def test_a_free_running_gige_alarms_raw_evidence_is_named_by_its_event(simulator, model, tmp_path):  # noqa: F811
+    from mrkd.runtime.line.loop import run_line
+    from mrkd.runtime.outputs.base import LineObserver
+    camera = simulator("127.0.86.52", "RAWFREE")
+    events = []
+
+    class Events(LineObserver):
+        def on_event(self, camera, event):
+            events.append(event)
+
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path / "ev")))
+    line = Line((Camera("cam", camera.uri, model, threshold=1e-9,
+                        features=(("PixelFormat", "Mono16"), ("Width", "64"), ("Height", "48"))),))
+    run_line(line, max_frames=3, observers=[writer, Events()])
+    assert events, "no alarm was raised"
+    event = events[0]
+    assert event["evidence_raw_pixel_format"] == "Mono16" and event["evidence_raw_sha256"] == sha(event["evidence_raw"])
+    values = cv2.imread(event["evidence_raw"], cv2.IMREAD_UNCHANGED)
+    y, x = np.mgrid[0:48, 0:64]
+    f = int(values[0, 0]) * 256 % 65535
+    assert values.dtype == np.uint16 and np.array_equal(values.astype(np.int64), (256 * (x + y + f)) % 65535)
+    assert np.array_equal(cv2.imread(event["evidence"])[..., 0], (values >> 8).astype(np.uint8))
