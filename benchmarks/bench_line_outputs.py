@@ -17,6 +17,12 @@ alarm's evidence on the loop's alarm notifier), and the same frames without evid
 JSON-lines event log besides. The worker's encode still takes CPU: on a machine with few cores the
 loop gains less than it would with a core to spare.
 
+Video rows (``--save-video out.avi``, MJPG), alternated with the evidence rows on the same noise frames:
+"on the loop thread" is the annotation (heat-map blend, text) and encode where they ran before
+(``VideoFileSink`` without ``background``), "off the loop" the sink as ``build_outputs`` makes it (its
+worker, a bounded queue: frames past it are left out of the file and counted, ``video_dropped``). Their
+``hooks_us_per_frame_VideoFileSink`` is the time the sink's hook took on the loop thread per frame.
+
     python -m mrkd.benchmarks.bench_line_outputs [--quick]
 """
 
@@ -35,6 +41,9 @@ from mrkd.runtime.outputs.base import LineObserver
 
 FRAME_SIZE = (640, 480)
 EVIDENCE_FRAME_SIZE = (1000, 800)     # width, height: the probe's frames
+EVIDENCE_ROWS = {"none": "noise frames, no evidence", "loop": "evidence ok-every 1, on the loop thread (before)",
+                 "worker": "evidence ok-every 1, off the loop"}
+VIDEO_ROWS = {"loop": "video .avi, on the loop thread (before)", "worker": "video .avi, off the loop"}
 STEADY_FROM = 0.2     # fps is measured from this fraction of a run's frames on (page open, models warm)
 
 # Runs in its own process: reads the live view and the event stream until killed, counts what came.
@@ -105,6 +114,9 @@ class _Timed(LineObserver):
     def on_stop(self):
         self.inner.on_stop()
 
+    def health(self):
+        return self.inner.health()
+
 
 class _EvidenceOnLoop(LineObserver):
     """The evidence writer's work where it ran before: on the loop thread, in the frame's own hooks (an
@@ -132,6 +144,15 @@ def _evidence_observers(workdir: Path, label: str, on_loop: bool) -> list:
     return build_outputs(OutputSettings(evidence=settings))
 
 
+def _video_observers(workdir: Path, label: str, on_loop: bool) -> list:
+    from mrkd.runtime.outputs import OutputSettings, build_outputs
+    from mrkd.runtime.outputs.video import VideoFileSink
+    path = workdir / f"video_{label}.avi"
+    if on_loop:
+        return [VideoFileSink(path, fps=15.0, background=False)]
+    return build_outputs(OutputSettings(save_video=str(path), video_fps=15.0))
+
+
 def _noise_frames(count: int) -> list:
     import numpy as np
     rng = np.random.default_rng(0)
@@ -140,7 +161,8 @@ def _noise_frames(count: int) -> list:
 
 
 def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: float, threads: int, workdir: Path,
-             label: str, outputs_on: bool, broker, evidence: Optional[str] = None) -> dict:
+             label: str, outputs_on: bool, broker, evidence: Optional[str] = None,
+             video: Optional[str] = None) -> dict:
     from mrkd.runtime.line.alarms import AlarmPolicy
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.outputs import OutputSettings, build_outputs
@@ -151,6 +173,9 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
     observers, watcher, server, mqtt = [clock], None, None, None
     if evidence in ("loop", "worker"):     # the work on the loop thread (as before), or off it (now)
         observers += _evidence_observers(workdir, label, on_loop=evidence == "loop")
+    if video in ("loop", "worker"):        # annotation + encode on the loop thread (before), or off it (now)
+        # timed: the loop thread's own cost per frame (the hook), less noisy than frames/s on a busy machine
+        observers += [_Timed(o) for o in _video_observers(workdir, label, on_loop=video == "loop")]
     if outputs_on:
         from mrkd.runtime.outputs.metrics import MetricsObserver
         from mrkd.runtime.outputs.web import OperatorServer
@@ -185,11 +210,15 @@ def _one_run(onnx_path: Path, frames: list, frames_per_run: int, threshold: floa
            "alarms": summary["alarms"], "seconds": seconds, "fps": clock.steady_fps()}
     if evidence is not None:
         health = summary["outputs"].get("evidence", {})
-        row.update(outputs={"none": "noise frames, no evidence", "loop": "evidence ok-every 1, on the loop thread "
-                            "(before)", "worker": "evidence ok-every 1, off the loop"}[evidence],
+        row.update(outputs=EVIDENCE_ROWS[evidence],
                    latency_p50_ms=summary["cameras"]["cam0"]["latency_ms"]["p50"],
                    evidence_written=health.get("sent", 0), evidence_dropped=health.get("dropped", 0),
                    evidence_failed=health.get("failed", 0))
+    if video is not None:
+        health = summary["outputs"].get("video", {})
+        row.update(outputs=VIDEO_ROWS[video], latency_p50_ms=summary["cameras"]["cam0"]["latency_ms"]["p50"],
+                   video_written=health.get("sent", 0), video_dropped=health.get("dropped", 0),
+                   video_failed=health.get("failed", 0))
     for timed in (o for o in observers if isinstance(o, _Timed)):
         row[f"hooks_us_per_frame_{type(timed.inner).__name__}"] = 1e6 * timed.seconds / max(timed.calls, 1)
     if server is not None:
@@ -248,14 +277,19 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
                     rows.append(_one_run(onnx_path, noise, 2 * frames_per_run, noise_threshold, threads, workdir,
                                          f"evidence_{repeat}_{where}", False, None, evidence=where)
                                 | {"repeat": repeat})
+                for where in ("loop", "worker"):
+                    rows.append(_one_run(onnx_path, noise, 2 * frames_per_run, noise_threshold, threads, workdir,
+                                         f"video_{repeat}_{where}", False, None, video=where)
+                                | {"repeat": repeat})
         finally:
             if broker is not None:
                 broker.kill()
     off = [r["fps"] for r in rows if r["outputs"] == "off"]
     on = [r["fps"] for r in rows if r["outputs"] == "on, page open"]
-    evidence_before = [r["fps"] for r in rows if r["outputs"].endswith("(before)")]
-    evidence_now = [r["fps"] for r in rows if r["outputs"].endswith("off the loop")]
-    no_evidence = [r["fps"] for r in rows if r["outputs"] == "noise frames, no evidence"]
+    evidence_before, evidence_now, no_evidence, video_before, video_now = (
+        [r["fps"] for r in rows if r["outputs"] == label] for label in (
+            EVIDENCE_ROWS["loop"], EVIDENCE_ROWS["worker"], EVIDENCE_ROWS["none"], VIDEO_ROWS["loop"],
+            VIDEO_ROWS["worker"]))
     return {"bench": "line_outputs", "backbone": model.config.backbone, "image_size": model.config.image_size,
             "frame_size": list(FRAME_SIZE), "frames_per_run": frames_per_run, "threads": threads, "mqtt": mqtt_note,
             "rows": rows, "fps_off_median": float(np.median(off)), "fps_on_median": float(np.median(on)),
@@ -264,7 +298,19 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
             "evidence_fps_none_median": float(np.median(no_evidence)),
             "evidence_fps_on_loop_median": float(np.median(evidence_before)),
             "evidence_fps_off_loop_median": float(np.median(evidence_now)),
-            "evidence_off_over_on_loop": float(np.median(evidence_now) / np.median(evidence_before))}
+            "evidence_off_over_on_loop": float(np.median(evidence_now) / np.median(evidence_before)),
+            "video_fps_on_loop_median": float(np.median(video_before)),
+            "video_fps_off_loop_median": float(np.median(video_now)),
+            "video_off_over_on_loop": float(np.median(video_now) / np.median(video_before)),
+            "video_dropped_off_loop": [r["video_dropped"] for r in rows if r["outputs"] == VIDEO_ROWS["worker"]],
+            "video_hook_ms_per_frame_on_loop_median": _hook_ms(rows, VIDEO_ROWS["loop"]),
+            "video_hook_ms_per_frame_off_loop_median": _hook_ms(rows, VIDEO_ROWS["worker"])}
+
+
+def _hook_ms(rows: List[dict], label: str) -> float:
+    """The median over ``label``'s runs of the loop-thread milliseconds per frame in the video sink's hook."""
+    import numpy as np
+    return float(np.median([r["hooks_us_per_frame_VideoFileSink"] / 1000 for r in rows if r["outputs"] == label]))
 
 
 def _near_the_top(onnx_path: Path, frames: list, threads: int) -> float:
