@@ -108,6 +108,41 @@ def test_events_and_a_retained_status_for_late_subscribers(tmp_path, broker):
         recorder.close()
 
 
+def test_an_alarm_frames_result_names_the_id_its_event_has_once_complete(tmp_path, broker, monkeypatch):
+    """The snapshot writer draws an event's id again when a file of that name exists (32 random bits that
+    clash within a millisecond), on the alarm notifier's thread; the result message read the id on the loop's
+    thread before that, so it named an id no event had. The clash is forced here: every id the loop draws is
+    one whose snapshot files already exist."""
+    from mrkd.runtime.outputs import events as events_module
+    clashing = "20260101T000000.000Z-deadbeef"
+    monkeypatch.setattr(events_module, "new_event_id", lambda now=None: clashing)     # make_event's draw only
+    snapshots = tmp_path / "snaps"
+    (snapshots / "left").mkdir(parents=True)
+    for index in range(1000):
+        (snapshots / "left" / f"alarm_{clashing}_frame{index:08d}.jpg").touch()
+    model = build_tiny_model(tmp_path / "m.onnx")
+    subscriber = MqttRecorder(broker.port, "clash/#")
+    frames = DrivenFrames(fps=10.0)          # a result per frame: the sender polls every 50 ms
+    observer = MqttObserver(MqttSettings.from_url(broker.url("clash"), results_rate=100.0))
+    run = LineRun(model, {"left": frames}, [observer], build_outputs(OutputSettings(
+        events=str(tmp_path / "events.jsonl"), snapshots=str(snapshots))))
+    assert wait_for(lambda: subscriber.bodies("/left/status"), 10), "no online status"
+    frames.defects(3)
+    assert wait_for(lambda: len(subscriber.bodies("/left/event")) == 3, 10), subscriber.messages
+    assert wait_for(lambda: sum(1 for r in subscriber.bodies("/left/result") if r["event_id"]) >= 3, 5), \
+        subscriber.bodies("/left/result")
+    run.stop()
+    subscriber.close()
+    events = {e["event_id"]: e for e in subscriber.bodies("/left/event")}
+    assert clashing not in events and set(events) == {e["event_id"] for e in read_events(tmp_path / "events.jsonl")}
+    named = [r for r in subscriber.bodies("/left/result") if r["event_id"]]
+    assert [r["event_id"] for r in named] == list(events), named     # each alarm frame's result, in order
+    for result in named:
+        event = events[result["event_id"]]
+        assert (result["frame_index"], result["score"]) == (event["frame_index"], event["score"])
+        assert Path(event["snapshot"]).name == f"alarm_{result['event_id']}_frame{result['frame_index']:08d}.jpg"
+
+
 def test_a_status_queued_while_the_broker_was_away_is_not_retained_stale(tmp_path):
     """The camera's status, queued while no broker answered, went out after the fresh one published on
     connect, so the retained status was the old one (its time from before the broker came up)."""

@@ -9,7 +9,9 @@ Topics, per camera (``PREFIX`` from ``mqtt://HOST:PORT/PREFIX``):
 * ``PREFIX/<camera>/event``: QoS 1, one message per alarm: the event record (event id, time,
   score, threshold, boxes, snapshot path) plus the camera and the model hash.
 * ``PREFIX/<camera>/result``: QoS 0, one scored frame at most ``results_rate`` times a second (off
-  by default); dropped, not queued, while the broker is away.
+  by default); dropped, not queued, while the broker is away. A frame that raised an alarm names its
+  ``event_id``; its result goes out once the event's record is complete (the snapshot writer draws
+  the id again on a clash, on the alarm notifier's thread), so it names the id the event message has.
 
 The stream never waits for the broker: the hooks put messages on a bounded drop-oldest queue per
 camera; a sender thread hands them to paho only while connected and while fewer than
@@ -145,6 +147,19 @@ class _Message:
     retain: bool
 
 
+@dataclass
+class _Result:
+    """A frame's result waiting for the sender. ``event``: the alarm record it raised, whose id is read
+    once every output's ``event_fields`` are in (``complete``, set by ``on_event``), not before."""
+    body: dict
+    event: Optional[dict] = None
+    complete: bool = True
+
+    def payload(self) -> bytes:
+        event_id = self.event.get("event_id") if self.event is not None else None
+        return json.dumps({**self.body, "event_id": event_id}).encode("utf-8")
+
+
 class _CameraLink:
     """One camera's MQTT connection, its queue and its sender thread."""
 
@@ -163,7 +178,7 @@ class _CameraLink:
         self.source_up: Optional[bool] = None
         self.published = self.errors = self.results_dropped = self.connect_failures = 0
         self._inflight: List = []
-        self._result: Optional[_Message] = None
+        self._result: Optional[_Result] = None
         self._result_lock = threading.Lock()
         self._last_result = float("-inf")
         self._wake = threading.Event()
@@ -254,9 +269,10 @@ class _CameraLink:
         self.queue.put(message)
         self._wake.set()
 
-    def offer_result(self, body: dict, now: float) -> None:
+    def offer_result(self, body: dict, now: float, event: Optional[dict] = None) -> None:
         """Keep the newest result for the sender, which polls for it (no wake-up per frame: waking a
-        thread on every frame costs the loop thread a GIL hand-over each time)."""
+        thread on every frame costs the loop thread a GIL hand-over each time). ``event``: the alarm the
+        frame raised; the result waits for ``event_complete`` (a newer result replaces it meanwhile)."""
         rate = self.settings.results_rate
         if rate <= 0 or now - self._last_result < 1.0 / rate:
             return
@@ -264,7 +280,13 @@ class _CameraLink:
         with self._result_lock:
             if self._result is not None:
                 self.results_dropped += 1
-            self._result = body
+            self._result = _Result(body, event, complete=event is None)
+
+    def event_complete(self, event: dict) -> None:
+        """Every output has added its fields to ``event`` (on_event): a result waiting for it may go."""
+        with self._result_lock:
+            if self._result is not None and self._result.event is event:
+                self._result.complete = True
 
     def set_source_up(self, up: bool) -> None:
         if up != self.source_up:
@@ -301,10 +323,12 @@ class _CameraLink:
                 self.delivery.set_failing(f"no MQTT connection to {self.broker} after "
                                           f"{self.settings.connect_timeout:g} s", state="unreachable")
             with self._result_lock:
-                result, self._result = self._result, None
+                result = self._result if self._result is not None and self._result.complete else None
+                if result is not None:
+                    self._result = None
             if result is not None:
                 if self.connected.is_set():
-                    self._hand_over(_Message(self.result_topic, json.dumps(result).encode("utf-8"), 0, False))
+                    self._hand_over(_Message(self.result_topic, result.payload(), 0, False))
                 else:
                     self.results_dropped += 1
             if pending is None:
@@ -424,6 +448,7 @@ class MqttObserver(LineObserver):
         body = {"schema_version": MQTT_SCHEMA_VERSION, **event, "camera": camera,
                 "model_sha256": event.get("model_sha256") or link.info.model_sha256}
         link.enqueue(_Message(link.event_topic, json.dumps(body).encode("utf-8"), 1, False))
+        link.event_complete(event)
 
     def on_frame(self, result: FrameResult) -> None:
         link = self.links.get(result.camera)
@@ -434,9 +459,10 @@ class MqttObserver(LineObserver):
             return          # the cheap check first: most frames stop here
         body = {"schema_version": MQTT_SCHEMA_VERSION, "camera": result.camera, "frame_index": result.frame_index,
                 "frame_time": result.frame_time, "score": result.score, "threshold": result.threshold,
-                "anomalous": result.anomalous, "latency_ms": result.latency_s * 1000.0,
-                "event_id": result.event.get("event_id") if result.event else None}
-        link.offer_result(body, now)     # serialised on the sender thread
+                "anomalous": result.anomalous, "latency_ms": result.latency_s * 1000.0}
+        # The event's id is read on the sender thread once the record is complete: here, on the loop's
+        # thread, the alarm notifier may not have run the outputs' event_fields yet (they may redraw it).
+        link.offer_result(body, now, result.event)     # serialised on the sender thread
 
     def on_status(self, status: CameraStatus) -> None:
         link = self.links.get(status.camera)
