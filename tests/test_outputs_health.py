@@ -634,6 +634,37 @@ def test_an_events_log_deleted_mid_run_is_started_again_not_written_into_nothing
     assert "deleted" in caplog.text
 
 
+@pytest.mark.parametrize("mode", ["create", "nocreate"])
+def test_a_log_rotated_by_logrotate_goes_on_at_its_path_not_in_the_archive(tmp_path, caplog, mode):
+    """logrotate's default moves the log away (events.jsonl -> events.jsonl.1) and, with ``create``,
+    puts an empty file at the path. The run used to go on appending to the archive (the moved file
+    still has a name), so the path stayed empty or missing and the review page answered 404 for every
+    new alarm. Now the next line goes to the path; the archive keeps what was written before."""
+    from mrkd.runtime.outputs.parts_log import PartsLog
+    logrotate = require_program("logrotate", ["logrotate"])
+    for log_class, record in ((EventLog, {"event_id": "a", "time": "t1"}),
+                              (PartsLog, {"kind": "part", "part": 1, "time": "t1"})):
+        path = tmp_path / f"{log_class.__name__}-{mode}.jsonl"
+        log = log_class(path)
+        log.write(record)
+        config = tmp_path / f"{path.name}.conf"
+        config.write_text(f"{path} {{\n  rotate 1\n  {mode}\n}}\n")
+        done = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(config)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        archive = path.with_name(path.name + ".1")
+        assert archive.exists() and (path.exists() == (mode == "create"))
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        after = dict(record, time="t2")
+        log.write(after)
+        log.write(dict(record, time="t3"))
+        log.close()
+        assert [json.loads(line) for line in archive.read_text().splitlines()] == [record]
+        assert [json.loads(line) for line in path.read_text().splitlines()] == [after, dict(record, time="t3")]
+        assert caplog.text.count("moved away") == 1, caplog.text
+
+
 def test_an_events_log_whose_folder_goes_never_writes_into_a_descriptor_it_gave_up(tmp_path):
     """The folder of the log deleted and a file put in its place: starting the log again fails, and
     the next connection the process opens gets the old descriptor's number. Events then fail (counted,

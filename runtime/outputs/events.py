@@ -164,14 +164,26 @@ class EventLog:
             self.written += 1
 
     def _reopen_if_gone(self) -> None:
-        """(Lock held.) A log deleted under the run (its folder too) is started again at its path. The
-        new file is opened before the old descriptor is closed, and a failed open leaves no descriptor
-        (``_fd`` None, tried again at the next event): a closed number kept here would be reused by the
-        next socket the process opens (a PLC's connection), and the next line written into it."""
-        if self._fd is not None and os.fstat(self._fd).st_nlink > 0:
-            return
+        """(Lock held.) A log deleted under the run (its folder too), or moved away (logrotate's default
+        renames it, then may create an empty file at the path), is started again at its path: lines
+        written into a moved file would go to the archive while readers of the path (the review page,
+        ``mrkd review``) find nothing. The new file is opened before the old descriptor is closed, and a
+        failed open leaves no descriptor (``_fd`` None, tried again at the next event): a closed number
+        kept here would be reused by the next socket the process opens (a PLC's connection), and the
+        next line written into it."""
         if self._fd is not None:
-            logger.warning("%s: the log was deleted while the line ran; starting a new one", self.path)
+            held = os.fstat(self._fd)
+            try:
+                at_path = os.stat(self.path)
+            except OSError:
+                at_path = None
+            if at_path is not None and (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino):
+                return
+            if held.st_nlink > 0:
+                logger.info("%s: the log was moved away (rotated?) while the line ran; going on in a new one "
+                            "at its path", self.path)
+            else:
+                logger.warning("%s: the log was deleted while the line ran; starting a new one", self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
