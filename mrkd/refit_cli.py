@@ -63,7 +63,9 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
     of a --score both/knn model; MRKD's weights are not touched), set the threshold again on --good,
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
     parent sha256 and label file sha256 in the metadata) into a new folder. The parent is never
-    changed."""
+    changed. Images MODEL's lineage already took into the bank (the same pixels) are not offered again
+    (the summary counts them); with no new one nothing is written (exit 1). Images of the bank are left
+    out of --good by their pixels, whatever their files' bytes."""
     from mrkd.train.refit_args import check_refit_args
     check_refit_args(model, labels, out)      # what is refused in milliseconds: before torch's import (seconds)
     with stops_in_one_line(lambda by: f"refit stopped ({by}); nothing written"):

@@ -212,20 +212,22 @@ def test_refit_adds_only_reviewed_patches_keeps_mrkd_weights_and_sets_threshold_
     lineage = new["lineage"]
     assert lineage["version"] == 2 and lineage["parent_sha256"] == parent_sha
     assert lineage["labels_sha256"] == file_sha256(labels)
-    # a second refit from the refit model: version 3, parent = v2
-    result3 = refit_checkpoint(tmp_path / "v2" / "model.ckpt", labels, str(parent / "good"), export=False,
+    # a second refit from the refit model, with one more image marked good: version 3, parent = v2
+    labels3 = write_labels(tmp_path / "labels3.jsonl", good_marks(parent, 4)[3:])
+    result3 = refit_checkpoint(tmp_path / "v2" / "model.ckpt", labels3, str(parent / "good"), export=False,
                                echo=lambda line: None)
     assert result3.lineage["version"] == 3 and Path(result3.files["model.ckpt"]).parent.name == "model.v3"
 
 
 def test_confirmed_defect_no_longer_flagged_refuses_unless_force(parent, tmp_path):
-    # a held-out good cell labelled "defect": it lies below any threshold set on the held-out cells (saved
-    # again, so it is not the --good file itself, which refit refuses as a confirmed defect among the good)
+    # a held-out good cell labelled "defect": it lies below any threshold set on the held-out cells (one
+    # pixel changed by one grey level, so it is not a --good image, which refit refuses as a confirmed
+    # defect among the good by its pixels, whatever the file's bytes)
     import cv2
     sneaky = tmp_path / "sneaky.png"
-    cv2.imwrite(str(sneaky), cv2.imread(str(sorted((parent / "good").iterdir())[0]), cv2.IMREAD_UNCHANGED),
-                [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    assert file_sha256(sneaky) != file_sha256(sorted((parent / "good").iterdir())[0])
+    pixels = cv2.imread(str(sorted((parent / "good").iterdir())[0]), cv2.IMREAD_UNCHANGED)
+    pixels[0, 0] = pixels[0, 0] + 1 if pixels[0, 0] < 255 else 254
+    cv2.imwrite(str(sneaky), pixels)
     labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2) + [("evD", sneaky, "defect")])
     with pytest.raises(RefitError, match="confirmed defect.*no longer flagged.*--force"):
         refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,

@@ -42,6 +42,13 @@ image against the sha256 the operator saw (and, given the events log, the one it
 writes a NEW folder (never the parent's files; mode as mkdir would give it) with the checkpoint and,
 on request, its ONNX export; both carry the lineage (version, parent model sha256, label file
 sha256), as does any later export of that checkpoint.
+An image is named by its decoded pixels (``pixels_sha256``) wherever the question is "is this the same
+image": the label's sha256 names the file the operator saw, but one cell saved twice (the source PNG and
+the evidence PNG, another compression) is one image to the bank. The lineage records every reviewed image
+its versions offered the bank (``BankImage``, carried from parent to child), so a refit of a refit offers
+only images no ancestor took (offered again, an image's patches went in a second time as the bank's
+radius shrank, and its near-duplicates scored ~0); with none new it refuses (``NothingNewToRefit``).
+Images of the bank, and the confirmed defects, are found among the held-out good images by their pixels.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from mrkd.atomic import current_umask
 from mrkd.errors import MrkdError, one_line
 from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration, \
     calibration_from_scores
-from mrkd.runtime.images import ImageReadError
+from mrkd.runtime.images import ImageReadError, read_image
 from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, RecordedLog, ReviewLabel, evidence_changed, \
     image_sha256, label_image, latest_labels, one_camera_event, read_labels, read_review_events, \
@@ -75,7 +82,7 @@ from mrkd.train.refit_args import LINEAGE_KEY, RefitError, check_new_out_dir, ch
 
 logger = logging.getLogger(__name__)
 
-LINEAGE_SCHEMA_VERSION = 1
+LINEAGE_SCHEMA_VERSION = 2      # 2: bank_images (schema 1 named only its own refit's images, by path)
 CHECKPOINT_NAME = "model.ckpt"
 RADIUS_QUANTILE = 0.99         # growth stop: this quantile of the held-out good patches' nearest-bank distances
 GUARD_TOP = 16                 # defect guard: each confirmed defect's most anomalous patches kept out of reach:
@@ -105,6 +112,42 @@ AUGMENT_PRESETS = {                 # names for `augment` (the bench's --tune-au
 }
 
 
+class NothingNewToRefit(RefitError):
+    """Every reviewed good image is in the memory bank already (taken by this model's lineage)."""
+
+
+def pixels_sha256(path) -> str:
+    """The sha256 of an image's decoded pixels with their shape and type (runtime/images.read_image: what
+    the model is given). The same pixels saved as two files (other bytes) have one; ImageReadError when
+    the file cannot be decoded."""
+    pixels = np.ascontiguousarray(read_image(path))
+    digest = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
+    digest.update(pixels.data)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class BankImage:
+    """A reviewed good image that a refit of the lineage offered the memory bank (its patches were the
+    candidates): a later refit does not offer its pixels again."""
+
+    pixels_sha256: str        # pixels_sha256: what a later refit compares
+    file_sha256: str          # the file the label named (its image_sha256), as it was then
+    path: str
+    version: int              # the model version whose refit offered it
+
+    @classmethod
+    def from_dict(cls, data, where: str) -> "BankImage":
+        """Validated: RefitError naming ``where`` and the field."""
+        if not isinstance(data, dict):
+            raise RefitError(f"{where} must be a mapping, got {type(data).__name__}")
+        for name, kind in (("pixels_sha256", str), ("file_sha256", str), ("path", str), ("version", int)):
+            value = data.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise RefitError(f"{where}: field {name} is missing or not a {kind.__name__}")
+        return cls(data["pixels_sha256"], data["file_sha256"], data["path"], data["version"])
+
+
 @dataclass(frozen=True)
 class Lineage:
     """Where a refit model comes from (in the checkpoint under ``lineage`` and the export's extra)."""
@@ -122,12 +165,46 @@ class Lineage:
     schema_version: int = LINEAGE_SCHEMA_VERSION
     reweight: Optional[dict] = None      # Reweight.to_dict() when the refit was asked to re-weight
     augment: Tuple[str, ...] = ()        # the transforms whose copies of the reviewed images were candidates
+    bank_images: Tuple[BankImage, ...] = ()  # every reviewed image this version and its ancestors offered the bank
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["good_images"], data["defect_images"] = list(self.good_images), list(self.defect_images)
         data["augment"] = list(self.augment)
+        data["bank_images"] = [dataclasses.asdict(image) for image in self.bank_images]
         return data
+
+
+def lineage_bank_images(lineage, model_path, warn: Callable[[str], None]) -> Tuple[BankImage, ...]:
+    """The reviewed images a checkpoint's lineage (its ``lineage`` dict, or None) offered the bank, over
+    every version. A lineage of schema 1 (an older mrkd) names only its own refit's images, by path:
+    those still readable are taken by their pixels now, and ``warn`` says what cannot be known."""
+    if not isinstance(lineage, dict):
+        return ()
+    where = f"{model_path}: lineage"
+    schema = lineage.get("schema_version", 1)
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise RefitError(f"{where}: field schema_version must be an integer, got {schema!r}")
+    if schema >= 2:
+        entries = lineage.get("bank_images")
+        if not isinstance(entries, list):
+            raise RefitError(f"{where}: field bank_images is missing or not a list")
+        return tuple(BankImage.from_dict(entry, f"{where} bank_images[{i}]") for i, entry in enumerate(entries))
+    version, paths = lineage.get("version"), lineage.get("good_images")
+    if not isinstance(paths, list) or not isinstance(version, int):
+        return ()
+    taken = []
+    for path in paths:
+        try:
+            taken.append(BankImage(pixels_sha256(path), file_sha256(path), str(path), version))
+        except (ImageReadError, OSError, TypeError):
+            pass
+    if len(taken) < len(paths) or version > 2:
+        gone = f", {len(paths) - len(taken)} of them no longer readable" if len(taken) < len(paths) else ""
+        warn(f"note: {model_path}'s lineage is of an older mrkd (schema 1): it names only the {len(paths)} "
+             f"image(s) of its own refit (version {version}), by path{gone}; reviewed images taken into the bank "
+             f"otherwise are not recognised and would be offered again")
+    return tuple(taken)
 
 
 @dataclass
@@ -153,6 +230,7 @@ class RefitResult:
     lineage: Optional[dict] = None
     guarded_patches: int = 0             # candidate patches kept out by the defect guard
     reweight: Optional["Reweight"] = None  # the MRKD/kNN share chosen from the labels (None: not asked)
+    already_in_bank: Tuple[str, ...] = ()   # reviewed good images skipped: the lineage took them (refit_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -575,7 +653,7 @@ def _changed_since_run(event: dict, label, image: Path) -> bool:
 def _unreadable(exc: Exception, good, held_out: Sequence[str]) -> Exception:
     """An image refit cannot read, named with where it came from (the loader's hint names `mrkd
     train`'s option, which refit has not: the file has to go)."""
-    cause = exc.__cause__
+    cause = exc if isinstance(exc, ImageReadError) else exc.__cause__
     if not isinstance(cause, ImageReadError):
         return exc
     source = (f"one of --good {good}: take it out" if cause.path in {str(p) for p in held_out}
@@ -640,34 +718,57 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{labels_path}: no usable image marked good (of {len(reviewed.skipped)} skipped); "
                          f"nothing to refit")
     calibration_paths = list(good) if isinstance(good, (list, tuple)) else [str(p) for p in scan_folder(good)]
-    calibration_hashes = {p: image_sha256(p) for p in calibration_paths}
+    try:       # images are compared by their pixels (the module's notes)
+        reviewed_pixels = {p: pixels_sha256(p) for p in reviewed.good + reviewed.defect}
+        calibration_pixels = {p: pixels_sha256(p) for p in calibration_paths}
+    except ImageReadError as exc:
+        raise _unreadable(exc, good, calibration_paths) from exc
+    taken = {image.pixels_sha256: image for image in lineage_bank_images(data.get(LINEAGE_KEY), model_path, echo)}
+    new_good: dict = {}           # pixels -> path: one image saved twice is offered once
+    already_in_bank = []
+    for path in reviewed.good:
+        if reviewed_pixels[path] in taken:
+            already_in_bank.append(path)
+        else:
+            new_good.setdefault(reviewed_pixels[path], path)
+    if not new_good:
+        versions = sorted({taken[reviewed_pixels[p]].version for p in already_in_bank})
+        raise NothingNewToRefit(
+            f"{labels_path}: the {len(reviewed.good)} reviewed good image(s) are all already in the memory bank "
+            f"(taken by version {', '.join(map(str, versions))} of {model_path}'s lineage); nothing new to refit, "
+            f"nothing written")
     # a confirmed defect among the good images (the alarm evidence folder given for its ok/ samples) would
     # set the threshold above it; the defect check would then blame the bank: refused, whatever --force
-    defect_hashes = {image_sha256(p) for p in reviewed.defect}
-    defects_given = [p for p in calibration_paths if calibration_hashes[p] in defect_hashes]
+    defect_pixels = {reviewed_pixels[p] for p in reviewed.defect}
+    defects_given = [p for p in calibration_paths if calibration_pixels[p] in defect_pixels]
     if defects_given:
         raise RefitError(f"{good}: {len(defects_given)} of the --good images (e.g. {defects_given[0]}) are marked "
                          f"'{DEFECT}' in {labels_path}; the threshold is set on good parts only: give held-out "
                          f"good images (e.g. the line's OK samples, <evidence>/<camera>/ok), not alarm evidence")
-    reviewed_hashes = {image_sha256(p) for p in reviewed.good}
-    held_out = [p for p in calibration_paths if calibration_hashes[p] not in reviewed_hashes]
+    # an image of the bank scores ~0 against it: calibrated on, it would pull the threshold down
+    bank_pixels = set(taken) | {reviewed_pixels[p] for p in reviewed.good}
+    held_out = [p for p in calibration_paths if calibration_pixels[p] not in bank_pixels]
     if len(held_out) < len(calibration_paths):
-        echo(f"warning: {len(calibration_paths) - len(held_out)} of the --good images were reviewed as good and "
-             f"go into the bank; they are left out of the threshold")
+        echo(f"warning: {len(calibration_paths) - len(held_out)} of the --good images are images of the memory bank "
+             f"(the same pixels as an image reviewed as good, here or by an earlier version); they are left out of "
+             f"the threshold")
     if not held_out:
         raise RefitError(f"{good}: no held-out good image left to set the threshold on")
+    offered = tuple(new_good.values())
     version = parent_version(data) + 1
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path, version)
     check_new_out_dir(out_dir)        # again (the default's version is known now): before the minutes of work
     try:
-        result = refit_model(model, reviewed.good, held_out, reviewed.defect, quantile=quantile, method=method,
+        result = refit_model(model, offered, held_out, reviewed.defect, quantile=quantile, method=method,
                              batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
                              radius_quantile=radius_quantile, augment=augment)
     except DataError as exc:
         raise _unreadable(exc, good, held_out) from exc
+    result.already_in_bank = tuple(already_in_bank)
+    skipped = f", {len(already_in_bank)} skipped as already in the bank" if already_in_bank else ""
     echo(f"memory bank {result.bank_before} -> {result.bank_after} patches ({result.added_patches} added from "
-         f"{len(reviewed.good)} reviewed good image(s), radius {result.radius:.4g}, {result.guarded_patches} kept out "
-         f"by the defect guard"
+         f"{len(offered)} reviewed good image(s){skipped}, radius {result.radius:.4g}, {result.guarded_patches} "
+         f"kept out by the defect guard"
          f"{', re-selected within the cap' if result.reselected else ''}); threshold "
          f"{result.threshold_before} -> {result.threshold_after:.6g} on {len(held_out)} held-out good image(s)")
     if result.reweight is not None:
@@ -676,9 +777,9 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     if result.reviewed_still_flagged:
         # the patches that raise them lie near a confirmed defect's (the guard) or are no rarer than the
         # growth's stop: the operator should know the alarm will come again
-        echo(f"note: {len(result.reviewed_still_flagged)} of {len(reviewed.good)} reviewed good image(s) still score "
+        echo(f"note: {len(result.reviewed_still_flagged)} of {len(offered)} reviewed good image(s) still score "
              f"at or above the new threshold; the refit model will flag them again:")
-        for line in image_listing(reviewed.good, result.good_scores_after, set(result.reviewed_still_flagged),
+        for line in image_listing(offered, result.good_scores_after, set(result.reviewed_still_flagged),
                                   ">=", result.threshold_after):
             echo(line)
     if result.defects_missed:
@@ -692,11 +793,13 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         echo(f"WARNING: {message}; written anyway (--force)")
     lineage = Lineage(version=version, parent_sha256=file_sha256(model_path),
                       labels_sha256=hashlib.sha256(labels_data).hexdigest(), parent=str(model_path),
-                      labels=str(labels_path), good_images=reviewed.good, defect_images=reviewed.defect,
+                      labels=str(labels_path), good_images=offered, defect_images=reviewed.defect,
                       bank_before=result.bank_before, bank_after=result.bank_after,
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       reweight=result.reweight.to_dict() if result.reweight is not None else None,
-                      augment=augment_names(augment))
+                      augment=augment_names(augment),
+                      bank_images=tuple(taken.values()) + tuple(
+                          BankImage(pixels, image_sha256(path), path, version) for pixels, path in new_good.items()))
     result.lineage = lineage.to_dict()
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model) and k not in ("train_state",)}
     kept[LINEAGE_KEY] = result.lineage
