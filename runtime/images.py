@@ -14,13 +14,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.image_notes import note_alpha, note_pages
+from mrkd.runtime.raw_image import RAW_SUFFIX
 from mrkd.runtime.tiff import first_directory, read_header
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -66,7 +67,8 @@ def _hidden(path: Path, below: Optional[Path] = None) -> bool:
 class FolderFiles:
     """The visible regular files of a folder, split by list_images' rule."""
     images: Tuple[Path, ...]        # image files (IMAGE_EXTENSIONS, any case), sorted by path
-    others: Tuple[Path, ...]        # the other visible files (notes, formats mrkd does not read), sorted
+    others: Tuple[Path, ...]        # the other visible files (notes, formats mrkd does not read, an
+                                    # evidence frame's camera bits), sorted
 
 
 def list_folder(folder: PathLike, recursive: bool = False) -> FolderFiles:
@@ -78,8 +80,19 @@ def list_folder(folder: PathLike, recursive: bool = False) -> FolderFiles:
     folder = Path(folder)
     found = walk_files(folder) if recursive else folder.iterdir()
     visible = [p for p in found if p.is_file() and not _hidden(p, folder)]
-    return FolderFiles(images=tuple(sorted(p for p in visible if is_image_file(p))),
-                       others=tuple(sorted(p for p in visible if not is_image_file(p))))
+    images = _without_camera_bits(p for p in visible if is_image_file(p))
+    return FolderFiles(images=tuple(images), others=tuple(sorted(set(visible) - set(images))))
+
+
+def _without_camera_bits(images: Iterable[Path]) -> List[Path]:
+    """``images`` sorted, less each evidence frame's camera bits: mrkd's evidence of a GigE camera in
+    Mono10-16 or Bayer keeps ``<name>.raw.png`` beside the judged ``<name>.png`` (runtime/raw_image.py),
+    the same picture in values the model never sees (16-bit, or the mosaic read as grey): a folder of OK
+    samples given to calibrate, refit or run would count each twice. Only where the frame is listed too."""
+    images = sorted(images)
+    listed = set(images)
+    return [p for p in images
+            if not (p.name.endswith(RAW_SUFFIX) and p.with_name(p.name[:-len(RAW_SUFFIX)] + ".png") in listed)]
 
 
 def walk_files(folder: Path) -> Iterator[Path]:
@@ -144,7 +157,8 @@ def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]
       image files;
     * an image file: that file alone.
     Image files are regular files with one of IMAGE_EXTENSIONS (any case); hidden files (and, when
-    recursive, anything in a hidden folder) are skipped; the list is sorted by path. An empty list
+    recursive, anything in a hidden folder) are skipped, and so is an evidence frame's ``<name>.raw.png``
+    listed beside its ``<name>.png`` (the camera's bits, runtime/raw_image.py); the list is sorted by path. An empty list
     means the folder or glob holds no images. ImageListError when the argument is none of the three
     (a missing path, a file that is not an image).
     """
@@ -156,7 +170,8 @@ def list_images(folder_or_glob: PathLike, recursive: bool = False) -> List[Path]
         return [path]
     if is_glob_pattern(text):
         matches = _glob_recursive(text) if recursive and "**" in text else globlib.glob(text)
-        return sorted(Path(p) for p in matches if os.path.isfile(p) and is_image_file(p) and not _hidden(Path(p)))
+        return _without_camera_bits(Path(p) for p in matches if os.path.isfile(p) and is_image_file(p)
+                                    and not _hidden(Path(p)))
     what = "a file that is not an image" if path.is_file() else "not found"
     raise ImageListError(f"{text}: {what} (expected a folder of images, a glob like 'dir/*.png' or an image "
                          f"file; extensions: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The evidence keeps them as <name>.raw.png beside the judged frame <name>.png; image listings
+# (runtime/images.py) take the frame only, as its camera bits are the same picture in other values.
+RAW_SUFFIX = ".raw.png"
+
 
 @dataclass(frozen=True)
 class RawImage:

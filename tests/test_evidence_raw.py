@@ -109,6 +109,35 @@ def test_an_ok_samples_raw_file_counts_in_the_budget_and_goes_with_its_frame(tmp
     assert kept == ["0000000002.png", "0000000002.raw.png", "0000000009.png", "0000000009.raw.png"]
 
 
+def test_a_folder_of_ok_samples_lists_and_calibrates_on_the_judged_frames_only(tmp_path):
+    """The OK samples' folder is what a line engineer calibrates on (`mrkd calibrate model.onnx
+    evidence/top/ok`), replays (`mrkd run --source`) or gives refit as --good: every listing took each
+    sample twice, its camera bits too (a Bayer mosaic read as a grey picture, a Mono12 one nearly black),
+    so the threshold was set on images the model never judges (measured with the simulator in BayerRG8:
+    'from 24 good image(s)', threshold 0.12, where its 12 frames give 0.049)."""
+    from click.testing import CliRunner
+
+    from runtime_fixtures import build_tiny_model
+    from mrkd.calibrate_cli import calibrate_command
+    from mrkd.runtime.images import list_images
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path / "ev"), ok_every=1))
+    for index in range(3):
+        mosaic = np.random.default_rng(index).integers(0, 256, (24, 32), dtype=np.uint8)
+        raw = RawImage(mosaic, "BayerRG8")
+        writer.on_frame(FrameResult("cam0", index, 0.0, cv2.cvtColor(mosaic, BAYER_TO_OPENCV["BayerRG8"]),
+                                    np.zeros((8, 8), np.float32), 0.0, 0.5, False, raw=raw))
+    ok = tmp_path / "ev" / "cam0" / "ok"
+    frames = sorted(p for p in ok.iterdir() if not p.name.endswith(".raw.png"))
+    assert len(frames) == 3 and len(list(ok.iterdir())) == 6
+    assert list_images(ok) == frames and list_images(str(ok / "*.png")) == frames
+    assert len(list_images(str(ok / "*.raw.png"))) == 3           # asked for by name: the camera bits are images
+    (tmp_path / "mine").mkdir()                                     # a file of the user's own, no frame beside it
+    cv2.imwrite(str(tmp_path / "mine" / "scan.raw.png"), np.zeros((8, 8), np.uint8))
+    assert [p.name for p in list_images(tmp_path / "mine")] == ["scan.raw.png"]
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    done = CliRunner().invoke(calibrate_command, [str(model), str(ok), "--accept-shift"])
+    assert done.exit_code == 0 and "from 3 good image(s)" in done.output, done.output
+
 def test_review_and_refit_read_the_judged_frame_of_an_event_with_camera_bits(tmp_path):
     """A part event that names a raw file: `mrkd review` lists and labels it by the 8-bit frame's sha256,
     and refit's label reader (train/refit.py) returns that frame, not the raw file."""

@@ -59,7 +59,7 @@ from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, P
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.notifier import DroppingWorker
 from mrkd.runtime.outputs.snapshots import write_new_file
-from mrkd.runtime.raw_image import RawImage
+from mrkd.runtime.raw_image import RAW_SUFFIX, RawImage     # DIR/<camera>/<event_id>.raw.png beside its .png
 
 
 EVIDENCE_SCHEMA_VERSION = 1
@@ -69,7 +69,6 @@ OK_FOLDER = "ok"
 # sample of the same name, and RAW_SUFFIX for the camera's bits beside it): only such files are ever
 # deleted; any other PNG in a given folder is someone's.
 OK_SAMPLE_NAME = re.compile(r"(part)?\d{10,}(_\d+_\d+)?(\.raw)?\.png")
-RAW_SUFFIX = ".raw.png"          # DIR/<camera>/<event_id>.raw.png beside <event_id>.png
 # A free run's OK samples waiting for the worker (each holds its frame): past it a due sample is dropped.
 OK_SAMPLES_WAITING = 8
 OK_SAMPLES_DRAIN_S = 10.0        # the stop waits this long for the samples still queued, then counts them dropped
