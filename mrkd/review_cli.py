@@ -5,7 +5,9 @@ label given so far, evidence changed since the run and images labelled both good
 EVENT_ID --as good|defect [--note TEXT]`` appends one label (runtime/review.py) with the sha256 of the
 evidence image the operator looked at; ``--mark`` given several times labels those events together
 (how an image labelled both ways is settled). A mark that would leave one image both good and defect
-is refused, nothing written. An NG part's event (triggered mode) labels one camera's image:
+is refused, nothing written; so is one that changes an event's standing label (good -> defect) unless
+``--replace`` is given (the page asks the same before it sends ``replace``). The listing shows each
+event's standing label, who gave it and when, and the label a correction replaced. An NG part's event (triggered mode) labels one camera's image:
 ``--camera``, else the one camera that flagged it (the rule POST /review applies,
 runtime/control.py). Torch-free.
 """
@@ -18,9 +20,9 @@ from typing import Dict, Optional, Sequence
 import click
 
 from mrkd.errors import MrkdError, error_boundary
-from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, ReviewError, \
-    ReviewLabel, append_checked, evidence_changed, find_conflicts, find_evidence, label_events, last_per_event, \
-    mark_command, one_camera_event, printable, read_labels, read_review_events
+from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, LabelState, \
+    ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, find_evidence, label_events, \
+    label_states, mark_command, one_camera_event, printable, read_labels, read_review_events
 
 
 def default_evidence_dir(events_path) -> Path:
@@ -28,14 +30,16 @@ def default_evidence_dir(events_path) -> Path:
     return Path(events_path).parent / "evidence"
 
 
-def _label_text(current: Optional[ReviewLabel], conflict: Optional[Conflict]) -> str:
-    if current is None:
+def _label_text(state: Optional[LabelState], conflict: Optional[Conflict]) -> str:
+    if state is None:
         return "[unlabelled]"
+    current = state.current
     text = f"[{LABEL_WORDS[current.label]} by {printable(current.who)}"
     if conflict is not None:
         others = [e for e in conflict.events if e != current.event_id]
         text += f"; CONFLICT: same image, other label under {', '.join(others)}"
-    return text + "]"
+    text += f"] at {current.when.replace('T', ' ')[:19]}"
+    return text + (f" (corrected; was {describe_label(state.replaced)})" if state.replaced is not None else "")
 
 
 def _image_text(event: dict, image: Optional[Path], why: str) -> str:
@@ -48,12 +52,13 @@ def _image_text(event: dict, image: Optional[Path], why: str) -> str:
 
 def list_events(events, labels_path, evidence: Path, unlabelled: bool) -> None:
     all_events = read_review_events(events)
-    latest = last_per_event(read_labels(labels_path)) if Path(labels_path).is_file() else {}
+    states = label_states(read_labels(labels_path)) if Path(labels_path).is_file() else {}
+    latest = {event_id: state.current for event_id, state in states.items()}
     conflicts = find_conflicts(latest)
     conflict_of = {event_id: c for c in conflicts for event_id in c.events}
     shown = 0
     for event in all_events:
-        current = latest.get(str(event["event_id"]))
+        current = states.get(str(event["event_id"]))
         if unlabelled and current:
             continue
         one, why = one_camera_event(event)
@@ -75,9 +80,10 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool) -> None:
 
 
 def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], label: str, note: str,
-                who: Optional[str], camera: Optional[str]) -> None:
+                who: Optional[str], camera: Optional[str], replace: bool = False) -> None:
     """Label ``event_ids`` together: every label is made (evidence found, hash checked) before any
-    is written, and the lot is refused when it would leave one image both good and defect."""
+    is written, and the lot is refused when it would leave one image both good and defect, or change
+    a standing label without ``replace``."""
     by_id: Dict[str, dict] = {str(e["event_id"]): e for e in read_review_events(events)}
     for event_id in event_ids:
         if event_id not in by_id:
@@ -85,7 +91,8 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
     records = label_events([by_id[event_id] for event_id in dict.fromkeys(event_ids)], label, who=who, note=note,
                            camera=camera, evidence_dir=evidence, events_path=events, camera_hint=" (--camera NAME)")
     append_checked(labels_path, records,
-                   lambda ids, as_: mark_command(ids, as_, events_path=events, labels_path=labels_path))
+                   lambda ids, as_: mark_command(ids, as_, events_path=events, labels_path=labels_path),
+                   replace=replace, replace_hint="give --replace")
     for record in records:
         click.echo(f"{record.event_id}: {LABEL_WORDS[label]} (image sha256 {record.image_sha256[:12]}) -> "
                    f"{labels_path}")
@@ -109,23 +116,26 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
               help=f"Who decides: one printable line of at most {MAX_WHO} characters (default: the login name).")
 @click.option("--camera", default=None, metavar="NAME",
               help="For a part of several cameras: the camera whose image is labelled (default: the flagged one).")
+@click.option("--replace", is_flag=True,
+              help="Let --mark change an event's standing label (good -> defect or back); without it such a "
+                   "mark is refused, naming the label that stands.")
 @click.option("--unlabelled", is_flag=True, help="List only events without a label yet.")
 @error_boundary
-def review_command(events, labels_path, evidence_dir, event_ids, label, note, who, camera, unlabelled):
+def review_command(events, labels_path, evidence_dir, event_ids, label, note, who, camera, replace, unlabelled):
     """List the alarms of the events log EVENTS, or mark one (or several together) as a good part
     (false alarm) or a confirmed defect. Labels are appended to --labels with the evidence image's
     sha256; the last label of an event counts."""
     evidence = Path(evidence_dir) if evidence_dir else default_evidence_dir(events)
     if not event_ids:
-        if label or note:
-            raise click.UsageError("--as and --note need --mark EVENT_ID")
+        if label or note or replace:
+            raise click.UsageError("--as, --note and --replace need --mark EVENT_ID")
         list_events(events, labels_path, evidence, unlabelled)
         return
     if label is None:
         raise click.UsageError("--mark needs --as good or --as defect")
     if len(event_ids) > MAX_MARKS:
         raise click.UsageError(f"at most {MAX_MARKS} --mark in one call")
-    mark_events(events, labels_path, evidence, event_ids, label, note, who, camera)
+    mark_events(events, labels_path, evidence, event_ids, label, note, who, camera, replace)
 
 
 __all__ = ["review_command", "find_evidence", "one_camera_event", "MrkdError"]

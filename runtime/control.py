@@ -12,7 +12,9 @@ compared in constant time (``hmac.compare_digest``). Without a configured token 
   only camera) is meant. ``event_id`` may be a list: those events get the same label together (how
   an image labelled both good and defect is settled). A label that would leave one image both good
   and defect, evidence changed since the run or missing is refused (409), nothing written; ``who``
-  is one printable line (400 otherwise).
+  is one printable line (400 otherwise). A label that changes an event's standing one (good ->
+  defect, or another camera's image) is refused (409, ``existing``: the standing labels, who and
+  when) unless the body says ``"replace": true`` (the page sends it after the operator confirms).
 * ``POST /reload``: the model slots load the model files again (runtime/line/swap.py); the answer
   is the outcome of that load for each model path (swapped/refused/unchanged, or staged: checked and
   waiting for the loop, which swaps between the next frames or the next parts): 200, or 409 when a
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, ReviewError, UnlabellableError, append_checked, \
-    check_label_file, label_events
+from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, AlreadyLabelled, ReviewError, UnlabellableError, \
+    append_checked, check_label_file, label_events, label_summary
 
 MAX_BODY = 16 * 1024
 
@@ -126,6 +128,9 @@ class LineControl:
             return 400, {"error": "camera must be text"}
         if not isinstance(note, str) or not isinstance(who, str):
             return 400, {"error": "note and who must be text"}
+        replace = request.get("replace", False)
+        if not isinstance(replace, bool):
+            return 400, {"error": "replace must be true or false"}
         events = self._find_events(event_ids)
         missing = [event_id for event_id in event_ids if event_id not in events]
         if missing:
@@ -134,7 +139,10 @@ class LineControl:
             labels = label_events([events[event_id] for event_id in event_ids], request["label"], who=who,
                                   note=note, camera=camera, evidence_dir=self.evidence_dir,
                                   events_path=self.events_path)
-            append_checked(self.labels_path, labels, _together)
+            append_checked(self.labels_path, labels, _together, replace=replace,
+                           replace_hint='send it again with "replace": true')
+        except AlreadyLabelled as exc:       # "existing": what stands, for the page's "are you sure" step
+            return 409, {"error": str(exc), "existing": [label_summary(label) for label in exc.existing]}
         except UnlabellableError as exc:     # "together": the events one call may label to settle it
             return 409, {"error": str(exc), **({"together": exc.together} if exc.together else {})}
         saved = [asdict(label) for label in labels]

@@ -12,7 +12,12 @@ Reading (``read_labels``) validates every line. Rules, stated once here and used
 
 * a torn LAST line (no newline at the end, not valid JSON: a crash mid-write) is skipped with a
   warning; a malformed line anywhere else is an error naming the file and line;
-* the same event labelled twice: the LAST line wins (a correction is a new line; nothing is edited);
+* the same event labelled twice: the LAST line wins (a correction is a new line; nothing is edited).
+  A new label that CHANGES an event's label (the other label, or another camera's image) is written
+  only when asked for explicitly (``append_checked(replace=True)``: `mrkd review --replace`, POST
+  /review's ``"replace": true``); otherwise it is refused (``AlreadyLabelled``, the page's 409) naming
+  the label that stands, so two reviewers never overwrite each other unawares. ``label_states`` gives
+  each event's standing label and, for a correction, the one it replaced (listing and page);
 * the same image (sha256) ending up both "good" and "defect" under different events is refused by
   ``latest_labels`` (an operator contradicting themselves is a question, not a training signal). A
   new label that would do so is refused before it is written (``append_checked``); a file that holds
@@ -82,6 +87,16 @@ class UnlabellableError(ReviewError):
     def __init__(self, message: str, together: Sequence[str] = ()):
         super().__init__(message)
         self.together = list(together)
+
+
+class AlreadyLabelled(UnlabellableError):
+    """A new label would change the label an event already has; nothing was written. ``existing``: the
+    standing labels of those events (POST /review answers 409 with them; the page asks before it
+    sends the label again with ``replace``)."""
+
+    def __init__(self, message: str, existing: Sequence["ReviewLabel"]):
+        super().__init__(message)
+        self.existing = list(existing)
 
 
 @dataclass(frozen=True)
@@ -464,9 +479,10 @@ def find_conflicts(latest: Mapping[str, ReviewLabel]) -> List[Conflict]:
 
 def mark_command(event_ids: Sequence[str], label: str = f"{GOOD}|{DEFECT}", events_path="EVENTS",
                  labels_path="LABELS") -> str:
-    """The `mrkd review` call that labels ``event_ids`` together (how a contradiction is settled)."""
+    """The `mrkd review` call that labels ``event_ids`` together (how a contradiction is settled: it
+    changes a standing label, so it says --replace)."""
     marks = " ".join(f"--mark {event_id}" for event_id in event_ids)
-    return f"mrkd review {events_path} --labels {labels_path} {marks} --as {label}"
+    return f"mrkd review {events_path} --labels {labels_path} {marks} --as {label} --replace"
 
 
 def latest_labels(labels: Sequence[ReviewLabel], source: str = "labels") -> Dict[str, ReviewLabel]:
@@ -489,12 +505,103 @@ def new_conflicts(latest: Mapping[str, ReviewLabel], new: Sequence[ReviewLabel])
     return [c for c in find_conflicts(after) if c.image_sha256 in images]
 
 
-def append_checked(path, new: Sequence[ReviewLabel], hint: Callable[[Sequence[str], str], str]) -> None:
+@dataclass(frozen=True)
+class LabelState:
+    """An event's standing label (its last line) and, when that line changed the event's label, the
+    label it replaced (a correction; None otherwise)."""
+
+    current: ReviewLabel
+    replaced: Optional[ReviewLabel] = None
+
+
+def changes(old: ReviewLabel, new: ReviewLabel) -> bool:
+    """Whether ``new`` changes what ``old`` says of its event: the other label, or another image (a part's
+    other camera). The same label of the same image again (a note added) is no change."""
+    return (old.label, old.image_sha256) != (new.label, new.image_sha256)
+
+
+def label_states(labels: Sequence[ReviewLabel]) -> Dict[str, LabelState]:
+    """event id -> its LabelState, by the rule refit reads (the last line wins; no check)."""
+    states: Dict[str, LabelState] = {}
+    for label in labels:
+        before = states.get(label.event_id)
+        if before is None:
+            states[label.event_id] = LabelState(label)
+        elif changes(before.current, label):
+            states[label.event_id] = LabelState(label, before.current)
+        else:       # the same again: a correction it follows still stands as one
+            states[label.event_id] = LabelState(label, before.replaced)
+    return states
+
+
+class LabelStatesOfFile:
+    """A label file's ``label_states``, read again only when the file changed (its identity, size or
+    time): the page asks every second, the file changes a few times an hour. ``version`` counts the
+    changes read, so each caller tells for itself whether there is news. A file that cannot be read
+    keeps the last states read (said once per change)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.version = 0
+        self._seen: Optional[Tuple[int, int, int, int]] = None
+        self._states: Dict[str, LabelState] = {}
+        self._lock = threading.Lock()
+
+    def states(self) -> Dict[str, LabelState]:
+        """event id -> LabelState, as the file is now."""
+        with self._lock:
+            try:
+                info = os.stat(self.path)
+                seen = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            except FileNotFoundError:
+                seen = None
+            except OSError as exc:
+                logger.warning("%s: cannot read the label file (%s)", self.path, exc.strerror or exc)
+                return self._states
+            if seen == self._seen:
+                return self._states
+            self._seen = seen
+            try:
+                states = label_states(read_labels(self.path)) if seen is not None else {}
+            except (ReviewError, OSError) as exc:
+                logger.warning("%s: %s (the page keeps the labels read before)", self.path, exc)
+                return self._states
+            if states != self._states:
+                self._states, self.version = states, self.version + 1
+            return self._states
+
+
+def describe_label(label: ReviewLabel) -> str:
+    """'defect confirmed by ann at 2026-01-02 10:11:12' (UTC, as the label's ``when``)."""
+    when = label.when.replace("T", " ")[:19]
+    return f"{LABEL_WORDS[label.label]} by {printable(label.who)} at {when}"
+
+
+def label_summary(label: ReviewLabel) -> dict:
+    """What the page shows of a label (POST /review's 409 ``existing``, the alarms' ``review``)."""
+    return {"event_id": label.event_id, "camera": label.camera, "label": label.label,
+            "words": LABEL_WORDS[label.label], "who": label.who, "when": label.when, "note": label.note}
+
+
+def append_checked(path, new: Sequence[ReviewLabel], hint: Callable[[Sequence[str], str], str],
+                   replace: bool = False, replace_hint: str = "give --replace") -> None:
     """Append ``new`` (one write) unless an image would end up both good and defect: then nothing is
     written and UnlabellableError names the other events; ``hint(event_ids, label)`` says how to
-    label them together. The file is locked from the check to the write."""
+    label them together. Unless ``replace``, a label that changes an event's standing one is refused
+    too (AlreadyLabelled, naming it; ``replace_hint`` says how to confirm). The file is locked from the
+    check to the write."""
     with LabelFile(path) as log, log.locked():
-        conflicts = new_conflicts(last_per_event(read_labels(log.path)), new)
+        latest = last_per_event(read_labels(log.path))
+        changed = [(latest[n.event_id], n) for n in new if n.event_id in latest and changes(latest[n.event_id], n)]
+        if changed and not replace:
+            first, asked = changed[0]
+            # a part's label is one camera's image: say which when the new one is another camera's
+            camera = f" (camera {printable(first.camera)}'s image)" if first.camera != asked.camera else ""
+            more = f" (and {len(changed) - 1} more of these events)" if len(changed) > 1 else ""
+            raise AlreadyLabelled(f"{log.path}: nothing written: event {first.event_id} is already labelled "
+                                  f"{describe_label(first)}{camera}{more}; to change it to "
+                                  f"{LABEL_WORDS[asked.label]!r}, {replace_hint}", [old for old, _ in changed])
+        conflicts = new_conflicts(latest, new)
         if conflicts:
             raise UnlabellableError(*_refusal(conflicts[0], new, log.path, hint))
         log.extend(new)

@@ -106,7 +106,8 @@ def test_a_contradicting_mark_is_refused_unwritten_and_marking_both_together_set
                       "nothing written", f"under event {a}", f"--mark {b} --mark {a} --as defect")
     assert sha(folder / first["evidence"])[:12] in error
     assert labels.read_bytes() == before                         # refused before anything was written
-    done = mrkd("review", log, "--labels", labels, "--mark", b, "--mark", a, "--as", "defect")
+    # the hint's command (it changes a's standing label, so it says --replace) settles it
+    done = mrkd("review", log, "--labels", labels, "--mark", b, "--mark", a, "--as", "defect", "--replace")
     assert done.returncode == 0, done.stderr
     latest = latest_labels(read_labels(labels))                  # usable: no contradiction left
     assert {latest[a].label, latest[b].label} == {DEFECT} and latest[a].image_sha256 == latest[b].image_sha256
@@ -124,9 +125,10 @@ def test_a_file_that_holds_a_contradiction_is_listed_refit_refuses_it_one_mark_s
     assert listed.returncode == 0, listed.stderr
     row_b = next(line for line in listed.stdout.splitlines() if line.startswith(b + " "))
     assert "CONFLICT" in row_b and a in row_b
-    assert f"--mark {a} --mark {b} --as good|defect" in listed.stdout
-    # relabelling one side settles it: accepted although the file held a contradiction
-    done = mrkd("review", log, "--labels", labels, "--mark", b, "--as", "good", "--who", "carl")
+    assert f"--mark {a} --mark {b} --as good|defect --replace" in listed.stdout
+    # relabelling one side settles it (confirmed: it changes b's label): accepted although the file held a
+    # contradiction
+    done = mrkd("review", log, "--labels", labels, "--mark", b, "--as", "good", "--who", "carl", "--replace")
     assert done.returncode == 0, done.stderr
     assert not find_conflicts(last_per_event(read_labels(labels)))
     assert latest_labels(read_labels(labels))[b].who == "carl"
@@ -146,7 +148,10 @@ def test_page_review_refuses_a_contradiction_with_409_and_settles_a_list_of_even
     code, answer = post({"event_id": twin["event_id"], "label": "defect"})
     assert code == 409 and first["event_id"] in answer["error"] and "nothing written" in answer["error"]
     assert len(read_labels(labels)) == 1
+    # settling changes first's standing label: asked first (409 naming it), then confirmed with replace
     code, answer = post({"event_id": [twin["event_id"], first["event_id"]], "label": "defect"})
+    assert code == 409 and [e["event_id"] for e in answer["existing"]] == [first["event_id"]], answer
+    code, answer = post({"event_id": [twin["event_id"], first["event_id"]], "label": "defect", "replace": True})
     assert code == 200 and [s["event_id"] for s in answer["saved"]] == [twin["event_id"], first["event_id"]]
     assert {l.label for l in latest_labels(read_labels(labels)).values()} == {DEFECT}
     for who in ("ann\nforged line", "x" * 101, "\t"):

@@ -6,6 +6,10 @@ read-only operator page.
 * ``/stream/<camera>.mjpg``: the annotated live view as MJPEG (multipart/x-mixed-replace).
 * ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms, outputs), ``alarm`` as each
   happens, ``status`` and ``outputs`` (every output's health: sent/failed, failing or not) once a second.
+  With review on, every alarm carries its standing label from the label file (``review``: label, who,
+  when, and the label a correction replaced), and ``labels`` is sent when the file changed (the page's
+  own POST /review, or `mrkd review` beside it). A run started on an existing events log shows its
+  latest alarms from the log's end (recent_events.py), so a restart does not empty the review view.
   After a hot swap ``status`` (at once) and ``hello`` name the new model and threshold; every alarm
   names the ``model_sha256`` that judged it.
   Camera URIs are shown with their credentials redacted (CameraInfo.source). ``hello`` also says
@@ -61,10 +65,12 @@ import cv2
 from mrkd.errors import SettingError
 from mrkd.runtime.addresses import is_loopback_host
 from mrkd.runtime.outputs.events import DropOldestQueue, part_event, wants_event
+from mrkd.runtime.outputs.recent_events import latest_events
 from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, PartResult,
                                        call_each)
 from mrkd.runtime.outputs.video import annotate
 from mrkd.runtime.outputs.served_folder import Refused, ServedFolder
+from mrkd.runtime.review import LabelStatesOfFile, label_summary
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +154,11 @@ class OperatorServer(LineObserver):
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
                  max_alarms: int = 20, jpeg_quality: int = 80, request_timeout_s: float = 30.0,
                  max_connections: int = 64, tls: Optional[Tuple[str, str]] = None,
-                 allowed_hosts: Sequence[str] = (), snapshots: Optional[str] = None):
+                 allowed_hosts: Sequence[str] = (), snapshots: Optional[str] = None, events: Optional[str] = None):
         self.metrics = metrics
+        self.events = Path(events) if events else None     # the run's --events log (else the control's)
+        self._label_states = None           # review.LabelStatesOfFile of the control's label file, once known
+        self._labels_sent = 0               # its version last sent to the pages (``labels``)
         self.request_timeout_s = request_timeout_s
         # Bound to loopback, the page answers only requests addressed to a loopback name: a web page
         # whose own host name was re-pointed at 127.0.0.1 (DNS rebinding) is then refused, not served.
@@ -248,6 +257,7 @@ class OperatorServer(LineObserver):
     def on_start(self, cameras: Sequence[CameraInfo]) -> None:
         self.cameras = list(cameras)
         self.views = {info.name: _CameraView(info) for info in cameras}
+        self._alarms_from_log()
         self.started.set()
         self._broadcast("hello", self._hello())
 
@@ -278,7 +288,7 @@ class OperatorServer(LineObserver):
             result = self._frames_before_event.pop(id(event), None)
             self.alarms.appendleft({"event": event, "camera": camera,
                                     "result": result if result is not None and result.event is event else None})
-        self._broadcast("alarm", _alarm_record(camera, event))
+        self._broadcast("alarm", self._alarm_record(camera, event))
 
     def part_fields(self, part: PartResult, views) -> Dict[str, Dict[str, object]]:
         """Keeps an NG/ERROR part's images (references) for its thumbnails; writes nothing."""
@@ -294,19 +304,14 @@ class OperatorServer(LineObserver):
             return
         event = part_event(result)
         views = self._part_views.pop(result.event_id, {})
-        for judgement in event["cameras"]:
-            if not judgement.get("images"):
-                continue
-            camera = judgement["camera"]
-            record = dict(event, camera=camera, score=judgement["score"], threshold=judgement["threshold"],
-                          snapshot=judgement.get("snapshot"))
+        for camera, record in _part_rows(event):
             view = self.views.get(camera)
             if view is not None:
                 view.alarms += 1
             with self._alarm_lock:
                 self.alarms.appendleft({"event": record, "camera": camera, "result": None,
                                         "view": views.get(camera)})
-            self._broadcast("alarm", _alarm_record(camera, record))
+            self._broadcast("alarm", self._alarm_record(camera, record))
 
     def on_status(self, status: CameraStatus) -> None:
         view = self.views.get(status.camera)
@@ -330,11 +335,53 @@ class OperatorServer(LineObserver):
     # -- server side
     def _hello(self) -> dict:
         with self._alarm_lock:
-            alarms = [_alarm_record(a["camera"], a["event"]) for a in self.alarms]
+            shown = [(a["camera"], a["event"]) for a in self.alarms]
+        states = self._labels()
+        alarms = [_alarm_record(camera, event, states) for camera, event in shown]
         return {"schema_version": PAGE_SCHEMA_VERSION,
                 "cameras": [asdict(info) for info in self.cameras],
                 "alarms": alarms, "status": self._statuses(), "outputs": self._output_health(),
                 "review": self._review_state(), "shadow": self._shadow()}
+
+    def _alarms_from_log(self) -> None:
+        """(on_start) The latest alarms of the events log this run appends to, when the page has none
+        yet: a restarted run (or a page opened after it) shows what is still to be reviewed. Read from
+        the log's end, at most a few MB of it (recent_events.py)."""
+        path = self.events or getattr(self.control, "events_path", None)
+        if path is None or self.alarms:
+            return
+        rows: List[dict] = []
+        for event in latest_events(path, self.alarms.maxlen or 20):
+            parts = _part_rows(event) if isinstance(event.get("cameras"), list) else [(event.get("camera"), event)]
+            rows += [{"event": record, "camera": camera, "result": None} for camera, record in parts
+                     if isinstance(camera, str)]
+        with self._alarm_lock:
+            if not self.alarms:       # newest first, as appendleft keeps them
+                self.alarms.extend(rows[:self.alarms.maxlen])
+
+    def _labels(self) -> dict:
+        """event id -> review.LabelState of the control's label file ({} without review)."""
+        path = getattr(self.control, "labels_path", None)
+        if path is None:
+            return {}
+        if self._label_states is None or self._label_states.path != Path(path):
+            self._label_states = LabelStatesOfFile(path)
+        return self._label_states.states()
+
+    def labels_changed(self) -> None:
+        """Send ``labels`` (every alarm row's standing label) when the label file changed since the last."""
+        states = self._labels()
+        version = self._label_states.version if self._label_states is not None else 0
+        with self._alarm_lock:
+            if version == self._labels_sent:
+                return
+            self._labels_sent = version
+            shown = [(a["camera"], a["event"]) for a in self.alarms]
+        self._broadcast("labels", [{"event_id": event.get("event_id"), "camera": camera,
+                                    "review": _review_of(event, states)} for camera, event in shown])
+
+    def _alarm_record(self, camera: str, event: dict) -> dict:
+        return _alarm_record(camera, event, self._labels())
 
     def _review_state(self) -> dict:
         """Whether POST /review can record labels here (a token and a label file were configured)."""
@@ -370,6 +417,7 @@ class OperatorServer(LineObserver):
     def _tick(self) -> None:
         while not self.closed.wait(1.0):
             if self._clients:
+                self.labels_changed()
                 self._broadcast("status", self._statuses())
                 self._broadcast("outputs", self._output_health())
                 if self.shadows:
@@ -457,7 +505,7 @@ class OperatorServer(LineObserver):
         self.httpd.server_close()
 
 
-def _alarm_record(camera: str, event: dict) -> dict:
+def _alarm_record(camera: str, event: dict, states: Optional[dict] = None) -> dict:
     keys = ("event_id", "time", "score", "threshold", "frame_index", "boxes", "kind", "part_id", "verdict",
             "model_sha256")
     image = None
@@ -465,7 +513,31 @@ def _alarm_record(camera: str, event: dict) -> dict:
         image = f"/alarm/{event.get('event_id')}.jpg"
         if event.get("kind") == "part":
             image += "?camera=" + quote(camera, safe="")
-    return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image}
+    return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image,
+            "review": _review_of(event, states or {})}
+
+
+def _review_of(event: dict, states: dict) -> Optional[dict]:
+    """An alarm's standing label (review.label_summary, with ``replaced``: the label a correction
+    replaced), or None when it has none. A part's label is one camera's image: it names that camera."""
+    state = states.get(str(event.get("event_id")))
+    if state is None:
+        return None
+    return {**label_summary(state.current),
+            "replaced": label_summary(state.replaced) if state.replaced is not None else None}
+
+
+def _part_rows(event: dict) -> List[Tuple[str, dict]]:
+    """An NG/ERROR part's event as the page's alarm rows: (camera, its record) for each camera that has
+    an image (its score, threshold and snapshot)."""
+    rows = []
+    for judgement in event["cameras"]:
+        if not isinstance(judgement, dict) or not judgement.get("images"):
+            continue
+        rows.append((judgement["camera"], dict(event, camera=judgement["camera"], score=judgement.get("score"),
+                                               threshold=judgement.get("threshold"),
+                                               snapshot=judgement.get("snapshot"))))
+    return rows
 
 
 def _snapshot_bytes(path: str, folder: Optional[ServedFolder], event_id: str) -> Optional[bytes]:
@@ -851,6 +923,8 @@ def _handler_for(server: OperatorServer):
                 return self._refuse_post(400, "body shorter than its Content-Length")
             code, answer = control.handle_post(self.path, self.headers, body)
             self._send(code, json.dumps(answer).encode("utf-8"), "application/json")
+            if code == 200 and self.path.split("?", 1)[0] == "/review":
+                server.labels_changed()      # every open page shows the new label now, not at the next tick
 
         do_PUT = do_DELETE = do_PATCH = _refuse
 
@@ -932,6 +1006,6 @@ def outputs_from(settings) -> list:
                        "" if tls else ", over plain HTTP")
     try:
         return [OperatorServer(host, port, tls=tls, allowed_hosts=settings.http_allowed_hosts,
-                               snapshots=settings.snapshots)]
+                               snapshots=settings.snapshots, events=settings.events)]
     except OSError as exc:
         raise OSError(exc.errno, f"--http {settings.http}: cannot listen there ({exc.strerror or exc})") from None
