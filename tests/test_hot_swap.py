@@ -686,6 +686,16 @@ def test_shadow_starts_a_new_comparison_at_a_promotion_and_again_at_a_roll_back(
                if line.startswith("mrkd_shadow_frames_total{")]
     assert exposed == [f'mrkd_shadow_frames_total{{candidate_sha256="{sha_candidate}",live_sha256="{sha_live}"}} '
                        f'{float(after.frames)}']
+    # the shadow output's own counters stay counters across the swaps (they went back to the current pair's
+    # frames at each, 18 -> 6: a counter reset to Prometheus, rate() then counts those frames again): every
+    # frame the line judged is compared, dropped or failed, read with prometheus_client's parser
+    from prometheus_client.parser import text_string_to_metric_families
+    shadow_counts = {family.name: sample.value
+                     for family in text_string_to_metric_families(metrics.exposition()[0].decode())
+                     for sample in family.samples
+                     if family.name in ("mrkd_output_sent", "mrkd_output_failures", "mrkd_output_dropped")
+                     and sample.name.endswith("_total") and sample.labels.get("output") == "shadow"}
+    assert len(shadow_counts) == 3 and sum(shadow_counts.values()) == len(seen) == 18, shadow_counts
     for detector in detectors.values():
         detector.close()
 

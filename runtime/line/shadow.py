@@ -194,8 +194,13 @@ class ShadowScorer(LineObserver):
     def health(self) -> OutputHealth:
         c = self.comparison()
         corr = "n/a" if c.score_correlation is None else f"{c.score_correlation:.3f}"
-        return OutputHealth(name="shadow", ok=c.errors == 0, state="comparing", sent=c.frames, failed=c.errors,
-                            dropped=c.dropped, target=c.candidate,
+        # the counts are the run's, every pair's (/metrics exposes them as counters: the current pair's went
+        # back down at each swap, a reset to Prometheus); the detail is the current pair's
+        with self._lock:
+            tallies = list(self._tallies.values())
+        return OutputHealth(name="shadow", ok=c.errors == 0, state="comparing", sent=sum(t.frames for t in tallies),
+                            failed=sum(t.errors for t in tallies), dropped=sum(t.dropped for t in tallies),
+                            target=c.candidate,
                             detail=f"decisions differ on {c.disagreements} of {c.frames} frames "
                                    f"({c.candidate_only} candidate-only alarms, {c.live_only} live-only); "
                                    f"score correlation {corr}{self._live_note(c)}")
