@@ -103,43 +103,60 @@ def require_loopback_address(address: str) -> None:
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 
-def rtsp_check(gst_elements: Sequence[str]) -> str:
-    """Code for Debian's Python (python3-gi lives there, not in the venv): fails unless the RTSP server bindings
-    import, then prints each of ``gst_elements`` that GStreamer cannot make, one a line."""
-    return ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
-            "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+def gstreamer_check(gst_elements: Sequence[str], typelibs: Sequence[str] = ("Gst",)) -> str:
+    """Code for Debian's Python (python3-gi lives there, not in the venv): fails unless each of ``typelibs``
+    imports, then prints each of ``gst_elements`` that GStreamer cannot make, one a line."""
+    versions = "".join(f"gi.require_version({name!r}, '1.0'); " for name in typelibs)
+    return (f"import gi; {versions}from gi.repository import {', '.join(typelibs)}; Gst.init(None); "
             f"print('\\n'.join(n for n in {tuple(gst_elements)!r} if not Gst.ElementFactory.find(n)))")
 
 
+GSTREAMER_PACKAGES = ("python3-gi", "gir1.2-gstreamer-1.0")
 RTSP_PACKAGES = ("python3-gi", "gir1.2-gst-rtsp-server-1.0")
 
 
-def missing_rtsp_parts(gst_elements: Sequence[str]) -> List[str]:
-    """What Debian's Python lacks to serve ``gst_elements``, each part named with its Debian package; [] when
-    nothing is missing. (A skip then says which element is missing, not only which ones were looked for.)"""
+def missing_gstreamer_parts(gst_elements: Sequence[str], typelibs: Sequence[str] = ("Gst",),
+                            packages: Sequence[str] = GSTREAMER_PACKAGES) -> List[str]:
+    """What Debian's Python lacks to make ``gst_elements`` (through ``typelibs``, from ``packages``), each part
+    named with its Debian package; [] when nothing is missing. (A skip then says which element is missing, not
+    only which ones were looked for.)"""
     from rtsp_pipelines import ELEMENT_PACKAGES
     if not Path(DEBIAN_PYTHON).exists():
         return [f"{DEBIAN_PYTHON} (python3)"]
-    done = subprocess.run([DEBIAN_PYTHON, "-c", rtsp_check(gst_elements)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([DEBIAN_PYTHON, "-c", gstreamer_check(gst_elements, typelibs)], capture_output=True,
+                          text=True, timeout=60)
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return [f"GStreamer's RTSP server bindings ({', '.join(RTSP_PACKAGES)}: {error})"]
+        return [f"GStreamer's Python bindings {', '.join(typelibs)} ({', '.join(packages)}: {error})"]
     return [f"GStreamer element {name} ({ELEMENT_PACKAGES[name]})" for name in done.stdout.split()]
+
+
+def _require_gstreamer(gst_elements: Sequence[str], typelibs: Sequence[str], packages: Sequence[str],
+                       what: str) -> str:
+    from rtsp_pipelines import ELEMENT_PACKAGES
+    missing: List[str] = []
+
+    def complete() -> bool:
+        missing[:] = missing_gstreamer_parts(gst_elements, typelibs, packages)
+        return not missing
+
+    element_packages = tuple(sorted({ELEMENT_PACKAGES[name] for name in gst_elements}))
+    require(complete, tuple(packages) + element_packages, lambda: f"{what}'s {', '.join(missing)}")
+    return DEBIAN_PYTHON
+
+
+def require_gstreamer_elements(gst_elements: Sequence[str]) -> str:
+    """Debian's Python with GStreamer's bindings and exactly ``gst_elements`` (each one's package from
+    tests/rtsp_pipelines.py's ELEMENT_PACKAGES, installed when missing); returns that interpreter's path."""
+    return _require_gstreamer(gst_elements, ("Gst",), GSTREAMER_PACKAGES, "the GStreamer pipeline")
 
 
 def require_rtsp_server(codec: str = "mjpeg") -> str:
     """Debian's Python with GStreamer's RTSP server bindings and exactly the elements that tests/rtsp_server.py
     builds for ``codec`` (tests/rtsp_pipelines.py; h264 needs x264enc from gstreamer1.0-plugins-ugly);
     returns that interpreter's path."""
-    from rtsp_pipelines import elements, packages
-    needed = elements(codec)
-    missing: List[str] = []
-
-    def complete() -> bool:
-        missing[:] = missing_rtsp_parts(needed)
-        return not missing
-
-    require(complete, RTSP_PACKAGES + packages(codec), lambda: f"the {codec} RTSP test camera's {', '.join(missing)}")
+    from rtsp_pipelines import elements
+    _require_gstreamer(elements(codec), ("Gst", "GstRtspServer"), RTSP_PACKAGES, f"the {codec} RTSP test camera")
     require_opencv_ffmpeg()          # the runtime's side of every RTSP test
     return DEBIAN_PYTHON
 

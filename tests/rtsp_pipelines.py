@@ -1,4 +1,5 @@
-"""What tests/rtsp_server.py serves per codec, and exactly which GStreamer elements and Debian packages that takes.
+"""What tests/rtsp_server.py serves per codec, and exactly which GStreamer elements and Debian packages that takes
+(and the Debian package of every other element a test's pipeline names: test_video_off_loop's AVI reader).
 
 Imports nothing, so both the server (Debian's Python, python3-gi) and tests/peers.py (the venv, pytest) read the
 same pipelines: the check before a test looks for the elements the test's server will really build.
@@ -17,9 +18,11 @@ SERVER_ELEMENTS = ("bin", "pipeline", "capsfilter", "tee", "funnel", "rtpbin", "
                    "rtpstorage", "udpsrc", "multiudpsink", "appsrc", "appsink")
 
 # The Debian package of every element above and in the launch lines below (videotestsrc/videoconvert/appsrc/
-# appsink: base; jpegenc/rtp*pay/rtpbin/udp*: good; x264enc: ugly; bin/capsfilter/tee/funnel: GStreamer's core).
+# appsink: base; jpegenc/rtp*pay/rtpbin/udp*: good; x264enc: ugly; bin/capsfilter/tee/funnel: GStreamer's core),
+# and of the AVI reader's (filesrc: core; avidemux/jpegdec: good).
 ELEMENT_PACKAGES = {
     "bin": "libgstreamer1.0-0",
+    "filesrc": "libgstreamer1.0-0",
     "pipeline": "libgstreamer1.0-0",
     "capsfilter": "libgstreamer1.0-0",
     "tee": "libgstreamer1.0-0",
@@ -38,6 +41,8 @@ ELEMENT_PACKAGES = {
     "rtpjpegpay": "gstreamer1.0-plugins-good",
     "rtph264pay": "gstreamer1.0-plugins-good",
     "x264enc": "gstreamer1.0-plugins-ugly",
+    "avidemux": "gstreamer1.0-plugins-good",
+    "jpegdec": "gstreamer1.0-plugins-good",
 }
 
 
@@ -47,17 +52,14 @@ def launch_line(codec: str, fps: int = 10, width: int = 160, height: int = 120) 
             f"framerate={fps}/1 ! videoconvert ! video/x-raw,format=I420 ! {ENCODERS[codec]} )")
 
 
+def launch_elements(line: str) -> tuple:
+    """The element factory names a launch line makes, in order: each stage's first word, and capsfilter for a
+    caps string ("video/x-raw,format=GRAY8")."""
+    names = [stage.split()[0] for stage in line.strip("() ").split("!")]
+    return tuple(dict.fromkeys("capsfilter" if "/" in name else name for name in names))
+
+
 def elements(codec: str) -> tuple:
-    """The element factory names a server of ``codec`` builds: its launch line's (a caps string there is a
-    capsfilter, listed with the server's own) and the RTSP server's own."""
-    names = list(SERVER_ELEMENTS)
-    for stage in launch_line(codec).strip("() ").split("!"):
-        name = stage.split()[0]
-        if "/" not in name:
-            names.append(name)
-    return tuple(names)
+    """The element factory names a server of ``codec`` builds: its launch line's and the RTSP server's own."""
+    return tuple(dict.fromkeys(SERVER_ELEMENTS + launch_elements(launch_line(codec))))
 
-
-def packages(codec: str) -> tuple:
-    """The Debian packages that provide ``elements(codec)``, in a stable order."""
-    return tuple(sorted({ELEMENT_PACKAGES[name] for name in elements(codec)}))

@@ -220,3 +220,32 @@ def test_every_program_a_test_runs_by_name_is_required_first():
         if missing:
             unchecked[path.name] = sorted(missing)
     assert not unchecked, f"run by name but never require_program()-ed: {unchecked}"
+
+
+def test_a_machine_without_one_decoder_skips_the_video_check_naming_that_element_and_its_package(tmp_path,
+                                                                                                  monkeypatch):
+    """The annotated-video tests read their AVI back with GStreamer (test_video_off_loop.DECODE): without jpegdec's
+    plugin (simulated as above) the check names jpegdec and its package, not avidemux, which is there; and the
+    elements checked are exactly those of the pipeline the tests run (filesrc and the caps filter included)."""
+    import peers
+    import test_video_off_loop
+    from rtsp_pipelines import launch_elements
+    python = peers.require_gstreamer_elements(test_video_off_loop.DECODE_ELEMENTS)
+    assert set(test_video_off_loop.DECODE_ELEMENTS) == {"filesrc", "avidemux", "jpegdec", "videoconvert",
+                                                         "capsfilter", "appsink"}
+    assert launch_elements(test_video_off_loop.DECODE_PIPELINE) == test_video_off_loop.DECODE_ELEMENTS
+    system = Path(subprocess.run([python, "-c", PLUGIN_FOLDER], capture_output=True, text=True,
+                                 check=True).stdout.strip()).parent
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for plugin in system.glob("libgst*.so"):
+        if plugin.name != "libgstjpeg.so":
+            (plugins / plugin.name).symlink_to(plugin)
+    monkeypatch.setenv("GST_PLUGIN_SYSTEM_PATH_1_0", str(plugins))
+    monkeypatch.setenv("GST_REGISTRY_1_0", str(tmp_path / "registry.bin"))
+    monkeypatch.setattr(peers, "apt_install", lambda packages: "apt-get left out by this test")
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        peers.require_gstreamer_elements(test_video_off_loop.DECODE_ELEMENTS)
+    reason = str(skipped.value)
+    assert "GStreamer element jpegdec (gstreamer1.0-plugins-good) is missing" in reason, reason
+    assert "avidemux" not in reason, reason

@@ -18,11 +18,15 @@ from typing import List
 
 import numpy as np
 
-from peers import DEBIAN_PYTHON, require
+from peers import DEBIAN_PYTHON, require_gstreamer_elements
+from rtsp_pipelines import launch_elements
 from runtime_fixtures import build_tiny_model
 
 WIDTH, HEIGHT, BLOCK, BITS = 128, 96, 8, 16
 
+DECODE_PIPELINE = ("filesrc name=src ! avidemux ! jpegdec ! videoconvert ! video/x-raw,format=GRAY8 ! "
+                   "appsink name=sink sync=false")
+DECODE_ELEMENTS = launch_elements(DECODE_PIPELINE)       # what the check before each test looks for, exactly
 # Debian's Python with GStreamer: decodes an AVI/MJPG file, prints the index each frame's blocks spell.
 DECODE = r"""
 import json, sys
@@ -31,8 +35,7 @@ gi.require_version("Gst", "1.0")
 from gi.repository import Gst
 Gst.init(None)
 width, height, block, bits = (int(v) for v in sys.argv[2:6])
-pipeline = Gst.parse_launch("filesrc name=src ! avidemux ! jpegdec ! videoconvert ! "
-                            "video/x-raw,format=GRAY8 ! appsink name=sink sync=false")
+pipeline = Gst.parse_launch(sys.argv[6])
 pipeline.get_by_name("src").set_property("location", sys.argv[1])
 sink = pipeline.get_by_name("sink")
 pipeline.set_state(Gst.State.PLAYING)
@@ -56,15 +59,9 @@ print(json.dumps({"indices": indices, "error": message.parse_error()[0].message 
 """
 
 
-def _gstreamer_decodes_avi() -> bool:
-    check = ("import gi; gi.require_version('Gst', '1.0'); from gi.repository import Gst; Gst.init(None); "
-             "assert all(Gst.ElementFactory.find(n) for n in ('avidemux', 'jpegdec', 'videoconvert', 'appsink'))")
-    return Path(DEBIAN_PYTHON).exists() and subprocess.run([DEBIAN_PYTHON, "-c", check],
-                                                           capture_output=True, timeout=60).returncode == 0
-
-
 def decoded_indices(path: Path) -> List[int]:
-    done = subprocess.run([DEBIAN_PYTHON, "-c", DECODE, str(path), str(WIDTH), str(HEIGHT), str(BLOCK), str(BITS)],
+    done = subprocess.run([DEBIAN_PYTHON, "-c", DECODE, str(path), str(WIDTH), str(HEIGHT), str(BLOCK), str(BITS),
+                           DECODE_PIPELINE],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     decoded = json.loads(done.stdout)
@@ -86,8 +83,7 @@ def numbered_frames(count: int) -> List[np.ndarray]:
 
 
 def test_the_frame_loop_scores_every_frame_while_the_video_encoder_stalls(tmp_path, monkeypatch):
-    require(_gstreamer_decodes_avi, ["python3-gi", "gir1.2-gstreamer-1.0", "gstreamer1.0-plugins-good",
-                                     "gstreamer1.0-plugins-base"], "GStreamer's avidemux/jpegdec for Debian's Python")
+    require_gstreamer_elements(DECODE_ELEMENTS)
     from prometheus_client.parser import text_string_to_metric_families
 
     from mrkd.runtime.line.loop import Camera, Line, run_line
@@ -161,8 +157,7 @@ def test_a_stop_past_the_drain_deadline_counts_what_is_left_and_finalizes_after_
     """An encoder stalled beyond the stop's deadlines: the stop returns, the frames not written are
     dropped (counted), and the frame in the encoder's hands, once it returns, is written and closes the
     file, which then plays with that frame."""
-    require(_gstreamer_decodes_avi, ["python3-gi", "gir1.2-gstreamer-1.0", "gstreamer1.0-plugins-good",
-                                     "gstreamer1.0-plugins-base"], "GStreamer's avidemux/jpegdec for Debian's Python")
+    require_gstreamer_elements(DECODE_ELEMENTS)
     import time
 
     from mrkd.runtime.outputs import video as video_module
