@@ -15,6 +15,7 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from click.testing import CliRunner
@@ -48,13 +49,14 @@ class Line:
         self.rng = np.random.default_rng(len(list(tmp.iterdir())))
         self.frames = 0
 
-    def alarm(self) -> str:
-        """One alarm of camera cam0, through every output as the loop's alarm notifier gives it."""
+    def alarm(self, image: Optional[np.ndarray] = None) -> str:
+        """One alarm of camera cam0 (its frame ``image``, else a random one), through every output as the
+        loop's alarm notifier gives it."""
         from mrkd.runtime.line.alarms import Alarm
         from mrkd.runtime.outputs.base import FrameResult
         from mrkd.runtime.outputs.events import make_event
         self.frames += 1
-        image = normal_frame(self.rng)
+        image = normal_frame(self.rng) if image is None else image
         event = make_event(Alarm(self.frames, float(self.frames), 0.5, 0.1, 1), "memory", [], None, "cam0")
         result = FrameResult("cam0", self.frames, float(self.frames), image, np.zeros((8, 8), np.float32), 0.5, 0.1,
                              True, event=event)

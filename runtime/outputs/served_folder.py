@@ -1,10 +1,11 @@
-"""The one folder the operator page reads files from on request (``--snapshots``), and the one way it reads
-them: every component from ``/`` down to the file is opened relative to the one before it, none of them
-followed if it is a link (``openat`` with ``O_NOFOLLOW``), the file itself without blocking and only if it
-is a regular file, and only if it has one name: a hard link put in the folder is a file from elsewhere on
-the disk (a secret) under a name inside it, which no walk of the path can tell apart. mrkd's own snapshots
-have one name once their event exists: write_new_file (snapshots.py) links its staged file to the
-snapshot's name and removes the staged name before it returns, so a second name is never mrkd's.
+"""A folder the operator page reads files from on request (``--snapshots``, and ``--evidence`` for an alarm
+whose frame it no longer holds: alarm_images.py), and the one way it reads them: every component from ``/``
+down to the file is opened relative to the one before it, none of them followed if it is a link (``openat``
+with ``O_NOFOLLOW``), the file itself without blocking and only if it is a regular file, and only if it has
+one name: a hard link put in the folder is a file from elsewhere on the disk (a secret) under a name inside
+it, which no walk of the path can tell apart. mrkd's own snapshots have one name once their event exists:
+write_new_file (snapshots.py) links its staged file to the snapshot's name and removes the staged name
+before it returns, so a second name is never mrkd's.
 
 Why not "resolve the path, check it is inside, then open it by name": those are two looks at the disk, and
 a folder swapped for a link between them was followed out of the folder. Here the look is the open, so a
@@ -24,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 logger = logging.getLogger("mrkd.runtime.outputs.web")
 
@@ -71,11 +72,11 @@ class ServedFolder:
                 return below
         raise Refused(f"{path} is outside {self.path}")
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, max_bytes: Optional[int] = None) -> bytes:
         """The bytes of the regular file ``path`` below the folder; Refused (reason in one line) for a link
-        anywhere on the way, a file that is not a regular one or has more than one name (a hard link), or a
-        path outside; FileNotFoundError when
-        it is simply not there."""
+        anywhere on the way, a file that is not a regular one or has more than one name (a hard link), a
+        file larger than ``max_bytes`` (when given), or a path outside; FileNotFoundError when it is
+        simply not there."""
         if not CAN_OPEN_SAFELY:
             raise Refused("this system cannot open a file without following links on its way")
         below = self.parts_of(path)
@@ -93,11 +94,16 @@ class ServedFolder:
             if found.st_nlink > 1:
                 raise Refused(f"{path} has {found.st_nlink} names (a hard link; it may be a file from outside "
                               f"{self.path})")
-            chunks = []
+            if max_bytes is not None and found.st_size > max_bytes:
+                raise Refused(f"{path} has {found.st_size} bytes, more than the {max_bytes} read for the page")
+            chunks, size = [], 0
             while True:
                 chunk = os.read(descriptor, 1 << 20)
                 if not chunk:
                     return b"".join(chunks)
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:     # it grew while being read
+                    raise Refused(f"{path} grew past the {max_bytes} bytes read for the page")
                 chunks.append(chunk)
         finally:
             os.close(descriptor)

@@ -16,8 +16,10 @@ read-only operator page.
   whether review is on (``review``) and, with ``--shadow``, ``shadow`` (sent once a second too): the
   candidate's hash, frames compared, disagreement rate and score correlation.
 * ``/alarm/<event_id>.jpg``: an alarm's snapshot (the file written with the event; without
-  ``--snapshots``, the annotated frame of the alarm, encoded on request). In triggered mode an NG or
-  ERROR part is shown as one alarm per camera that has an image (``?camera=NAME`` picks its image).
+  ``--snapshots``, the annotated frame of the alarm, encoded on request; when the page no longer holds
+  the frame, as after a restart, a bounded JPEG of the event's evidence file: alarm_images.py; else 404,
+  and the page shows "no image"). In triggered mode an NG or ERROR part is shown as one alarm per camera
+  that has an image (``?camera=NAME`` picks its image).
 
 Off the hot path by construction: the loop-thread hooks only store a reference to the newest result
 and put small records on bounded queues. JPEG encoding for the browser happens on one thread per
@@ -34,7 +36,8 @@ a name allowed with ``--http-allow-host`` (a DNS-rebinding page is refused, neve
 without the body; any other method is 405 with ``Allow``. A snapshot is served only as a regular file
 with one name (no hard link) below the ``--snapshots`` folder, reached through no link: neither the file,
 nor a camera folder, nor the folder itself replaced by a link after the page started is followed
-(served_folder.py).
+(served_folder.py); an evidence file likewise below the ``--evidence`` folder, and only with the sha256
+its event names.
 ``tls`` (``--http-cert``/``--http-key``) serves HTTPS only; a token from the network needs it
 (runtime/control.py).
 """
@@ -70,6 +73,7 @@ from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, Li
                                        call_each)
 from mrkd.runtime.outputs.video import annotate
 from mrkd.runtime.outputs.served_folder import Refused, ServedFolder
+from mrkd.runtime.outputs.alarm_images import EvidenceRef, EvidenceThumbnails
 from mrkd.runtime.review import LabelStatesOfFile, label_summary
 
 logger = logging.getLogger(__name__)
@@ -137,8 +141,10 @@ class OperatorServer(LineObserver):
     metrics: a MetricsObserver for /metrics and /healthz (default: the one among the line's outputs,
     seen through ``see_outputs``). allowed_hosts: names a request may be addressed to besides IP
     addresses and localhost (on loopback: besides loopback names). snapshots: the folder snapshot files are
-    served from (default: the SnapshotWriter's, seen through ``see_outputs``). stream_fps: the most live-view
-    frames a second per camera; max_alarms: alarms kept for the page (with their frames, for snapshots).
+    served from (default: the SnapshotWriter's, seen through ``see_outputs``). evidence: the folder an
+    alarm's evidence file is read from when the page no longer holds its frame (default: the
+    EvidenceWriter's, likewise). stream_fps: the most live-view frames a second per camera; max_alarms:
+    alarms kept for the page (with their frames, for snapshots).
     request_timeout_s: the longest a request may take to arrive, headers and body together, however slowly
     its bytes trickle in (and the longest a stream may go unread) before its connection is closed.
     max_connections: connections served at once (live streams included); past it a few more are kept
@@ -154,7 +160,8 @@ class OperatorServer(LineObserver):
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, metrics=None, stream_fps: float = 10.0,
                  max_alarms: int = 20, jpeg_quality: int = 80, request_timeout_s: float = 30.0,
                  max_connections: int = 64, tls: Optional[Tuple[str, str]] = None,
-                 allowed_hosts: Sequence[str] = (), snapshots: Optional[str] = None, events: Optional[str] = None):
+                 allowed_hosts: Sequence[str] = (), snapshots: Optional[str] = None, events: Optional[str] = None,
+                 evidence: Optional[str] = None):
         self.metrics = metrics
         self.events = Path(events) if events else None     # the run's --events log (else the control's)
         self._label_states = None           # review.LabelStatesOfFile of the control's label file, once known
@@ -168,10 +175,13 @@ class OperatorServer(LineObserver):
         # Snapshot files are served from this folder only (default: the line's SnapshotWriter, see_outputs).
         self.snapshot_folder: Optional[ServedFolder] = None
         self.snapshots = snapshots
+        self.stream_fps, self.jpeg_quality = stream_fps, jpeg_quality
+        # An alarm's image once its frame is gone from memory: its evidence file (default: the EvidenceWriter's)
+        self.evidence_images: Optional[EvidenceThumbnails] = None
+        self.evidence = evidence
         self.page = PAGE_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
-        self.stream_fps, self.jpeg_quality = stream_fps, jpeg_quality
         self.views: Dict[str, _CameraView] = {}
         self.cameras: List[CameraInfo] = []
         self.alarms: Deque[dict] = deque(maxlen=max_alarms)     # newest first: {"event", "camera", "result"}
@@ -227,6 +237,15 @@ class OperatorServer(LineObserver):
         self.snapshot_folder = ServedFolder.of(folder) if folder else None
 
     @property
+    def evidence(self) -> Optional[Path]:
+        """The folder evidence files are read from (resolved when the page learnt it), or None."""
+        return self.evidence_images.folder.path if self.evidence_images is not None else None
+
+    @evidence.setter
+    def evidence(self, folder) -> None:
+        self.evidence_images = EvidenceThumbnails(ServedFolder.of(folder), self.jpeg_quality) if folder else None
+
+    @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
@@ -234,11 +253,14 @@ class OperatorServer(LineObserver):
 
     # -- hooks (loop thread): store references, queue small records, return
     def see_outputs(self, outputs: Sequence[LineObserver]) -> None:
+        from mrkd.runtime.outputs.evidence import EvidenceWriter
         from mrkd.runtime.outputs.metrics import MetricsObserver
         from mrkd.runtime.outputs.snapshots import SnapshotWriter
         self.outputs = [o for o in outputs if o is not self]
         if self.snapshot_folder is None:
             self.snapshots = next((o.folder for o in outputs if isinstance(o, SnapshotWriter)), None)
+        if self.evidence_images is None:
+            self.evidence = next((o.folder for o in outputs if isinstance(o, EvidenceWriter)), None)
         self.shadows = [o for o in self.outputs if callable(getattr(o, "comparison", None))]
         if self.metrics is None:
             self.metrics = next((o for o in outputs if isinstance(o, MetricsObserver)), None)
@@ -478,9 +500,17 @@ class OperatorServer(LineObserver):
             image = annotate(part_view.image, part_view.amap, float(found["event"].get("score") or 0.0),
                              part_view.threshold, True)
         else:
-            return None
+            return self._evidence_image(found["event"], event_id)
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         return (encoded.tobytes(), "image/jpeg") if ok else None
+
+    def _evidence_image(self, event: dict, event_id: str) -> Optional[Tuple[bytes, str]]:
+        """(A frame no longer in memory.) The event's evidence file as a bounded JPEG, or None."""
+        evidence = EvidenceRef.of_event(event)
+        if evidence is None or self.evidence_images is None:
+            return None
+        encoded = self.evidence_images.jpeg(evidence, f"evidence of alarm {event_id}")
+        return (encoded, "image/jpeg") if encoded is not None else None
 
     def add_client(self) -> DropOldestQueue:
         client = DropOldestQueue(200)
@@ -529,14 +559,15 @@ def _review_of(event: dict, states: dict) -> Optional[dict]:
 
 def _part_rows(event: dict) -> List[Tuple[str, dict]]:
     """An NG/ERROR part's event as the page's alarm rows: (camera, its record) for each camera that has
-    an image (its score, threshold and snapshot)."""
+    an image (its score, threshold, snapshot and evidence)."""
     rows = []
     for judgement in event["cameras"]:
         if not isinstance(judgement, dict) or not judgement.get("images"):
             continue
         rows.append((judgement["camera"], dict(event, camera=judgement["camera"], score=judgement.get("score"),
                                                threshold=judgement.get("threshold"),
-                                               snapshot=judgement.get("snapshot"))))
+                                               snapshot=judgement.get("snapshot"), evidence=judgement.get("evidence"),
+                                               evidence_sha256=judgement.get("evidence_sha256"))))
     return rows
 
 
@@ -871,7 +902,8 @@ def _handler_for(server: OperatorServer):
                     query = parse_qs(self.path.partition("?")[2])
                     found = server.alarm_image(_ALARM_PATH.match(path).group(1), (query.get("camera") or [None])[0])
                     if found is None:
-                        self._send(404, b"no such alarm (only the latest are kept)\n", "text/plain")
+                        self._send(404, b"no image of this alarm here (only the latest alarms are kept, "
+                                        b"and their files while they are on disk)\n", "text/plain")
                     else:
                         self._send(200, found[0], found[1])
                 else:
@@ -1005,7 +1037,9 @@ def outputs_from(settings) -> list:
                        "the alarms with their snapshots and /metrics (the page has no login)%s", settings.http,
                        "" if tls else ", over plain HTTP")
     try:
+        evidence = getattr(settings, "evidence", None)       # an EvidenceSettings or a folder, as evidence.py takes it
         return [OperatorServer(host, port, tls=tls, allowed_hosts=settings.http_allowed_hosts,
-                               snapshots=settings.snapshots, events=settings.events)]
+                               snapshots=settings.snapshots, events=settings.events,
+                               evidence=getattr(evidence, "folder", evidence))]
     except OSError as exc:
         raise OSError(exc.errno, f"--http {settings.http}: cannot listen there ({exc.strerror or exc})") from None
