@@ -506,6 +506,10 @@ def run_command(model, sources, line_file, **options):
                  if part[name] is not None and part[name] is not False]   # 0 is a value given
     if line.part is not None:
         part_only.append("[part]/[recipes] in the line file")
+    if triggered and (output_settings.save_video or output_settings.show):   # they would record nothing, exit 0
+        raise SettingError("--save-video and --show show a free run's frames; a triggered line (--trigger software/"
+                           "hardware) judges parts, whose images --evidence (with --evidence-ok-every) and "
+                           "--snapshots keep")
     if not triggered and output_settings.parts_log:     # a free run judges no parts: the log would stay empty
         raise SettingError("--parts-log records judged parts: it needs --trigger software or hardware (or "
                            "trigger = ... in the line file); a free run's alarms go to --events")

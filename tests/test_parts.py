@@ -381,6 +381,9 @@ def test_cli_keeps_a_sample_of_ok_parts_as_evidence(model, folder, tmp_path):
     (["--part-queue", "0"], "--part-queue judge parts: they need --trigger software or hardware"),
     (["--part-timeout", "1", "--part-images", "2"], "--part-images, --part-timeout judge parts"),
     (["--part-early", "0.5"], "--part-early judge parts"),
+    # a triggered run offers them no frames: the file was never created, exit 0
+    (["--trigger", "software", "--trigger-every", "1", "--save-video", "parts.avi"], "--save-video and --show show a "
+     "free run's frames"),
     (["--feature", "Gain"], "--feature 'Gain': expected NAME=VALUE"),
     (["--trigger", "hardware", "--part-early", "nan"], "'nan' is not a finite number"),
     (["--trigger", "hardware", "--part-early", "11"], "--part-early"),
