@@ -190,11 +190,23 @@ def _node_loads(node: str, folder: Path, modules: Sequence[str]) -> Optional[str
     return f"Node.js {version or '(version unknown)'}: {errors[0][:300]}"
 
 
+def dev_setup_node() -> Optional[str]:
+    """The Node.js that setup.py's dev extra brings with playwright (its driver runs on a node of its own, newer
+    than Debian 12's 18); None where there is none."""
+    import importlib.util
+    spec = importlib.util.find_spec("playwright")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    node = Path(list(spec.submodule_search_locations)[0]) / "driver" / "node"
+    return str(node) if node.is_file() and os.access(node, os.X_OK) else None
+
+
 def require_node_client(folder: Path, modules: Sequence[str]) -> str:
     """Debian's node and npm (installed when missing), ``npm ci`` of ``folder``'s lockfile when any of
-    ``modules`` is not there, then each of them really loaded by that node; node's path. The lockfile's
-    node-opcua needs Node.js 20.19 or newer (it require()s ES modules; Debian 12's nodejs is 18), so a
-    node that installs but cannot load it skips loudly instead of failing in the client's stack trace."""
+    ``modules`` is not there, then the first node that really loads each of them: Debian's, else the dev
+    setup's (dev_setup_node); that node's path. The lockfile's node-opcua needs Node.js 20.19 or newer (it
+    require()s ES modules) and Debian 12's nodejs is 18, which installs but cannot load it; where no node can,
+    the test skips loudly instead of failing in the client's stack trace."""
     node = require_program("node", ["nodejs"])
     npm = require_program("npm", ["npm"])
     if not all((folder / "node_modules" / name / "package.json").is_file() for name in modules):
@@ -204,10 +216,13 @@ def require_node_client(folder: Path, modules: Sequence[str]) -> str:
             message = f"SKIPPED, NOT TESTED: npm ci in {folder} failed: {done.stderr.strip()[-500:]}"
             print(message, file=sys.stderr)
             pytest.skip(message)
-    error = _node_loads(node, folder, modules)
-    if error is not None:
-        message = (f"SKIPPED, NOT TESTED: {', '.join(modules)} (npm ci in {folder}) cannot be loaded by {node} "
-                   f"({error}); install Node.js 20.19 or newer")
-        print(message, file=sys.stderr)
-        pytest.skip(message)
-    return node
+    errors = []
+    for candidate in dict.fromkeys(n for n in (node, dev_setup_node()) if n):
+        error = _node_loads(candidate, folder, modules)
+        if error is None:
+            return candidate
+        errors.append(f"{candidate} ({error})")
+    message = (f"SKIPPED, NOT TESTED: {', '.join(modules)} (npm ci in {folder}) cannot be loaded by "
+               f"{' nor by '.join(errors)}; install Node.js 20.19 or newer")
+    print(message, file=sys.stderr)
+    pytest.skip(message)
