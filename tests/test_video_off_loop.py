@@ -189,3 +189,38 @@ def test_a_stop_past_the_drain_deadline_counts_what_is_left_and_finalizes_after_
         time.sleep(0.05)
     assert sink.health().sent == 1 and sink.health().dropped == 4
     assert decoded_indices(tmp_path / "v.avi") == [0]
+
+
+def test_a_recording_on_a_full_disk_counts_its_frames_failed_not_written(tmp_path):
+    """OpenCV's video writer says nothing when the disk under it fills (FFmpeg prints 'Failed to write
+    frame' and goes on): the summary said every frame written, the output ok, while the file, never
+    finalized (the AVI index is written last), held a few frames or none (a probe on a 2 MB tmpfs: 'sent' 76,
+    GStreamer decoded 3). Here `mrkd run` gets a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes past
+    it fail with EFBIG, as on a full disk): the frames the summary counts written are those GStreamer plays."""
+    import resource
+    import signal
+    import sys
+
+    import cv2
+    require_gstreamer_elements(DECODE_ELEMENTS)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in enumerate(numbered_frames(60)):
+        cv2.imwrite(str(folder / f"{index:03d}.png"), frame)
+    model, video = build_tiny_model(tmp_path / "m.onnx"), tmp_path / "annotated.avi"
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    done = subprocess.run([sys.executable, "-m", "mrkd.cli", "run", str(model), "--source", str(folder), "--save-video",
+                           str(video), "--status-every", "0"], capture_output=True, text=True, timeout=120,
+                          preexec_fn=small_disk)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    recorded = json.loads(done.stdout)["outputs"]["video"]
+    assert video.stat().st_size <= 60_000
+    played = subprocess.run([DEBIAN_PYTHON, "-c", DECODE, str(video), str(WIDTH), str(HEIGHT), str(BLOCK), str(BITS),
+                             DECODE_PIPELINE], capture_output=True, text=True, timeout=60)
+    playable = len(json.loads(played.stdout)["indices"]) if played.returncode == 0 else 0
+    assert recorded["sent"] <= playable < 60 and not recorded["ok"], (recorded, playable)
+    assert recorded["sent"] + recorded["failed"] + recorded["dropped"] == 60, recorded
+    assert "video" in done.stderr and "failed" in done.stderr, done.stderr[-2000:]

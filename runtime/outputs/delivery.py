@@ -47,6 +47,12 @@ class Delivery:
         if recovered:
             logger.warning("output %s (%s): delivering again", self.name, self.target)
 
+    def not_delivered_after_all(self, count: int, detail: str) -> None:
+        """``count`` items counted delivered turned out lost (a video file not finalized): failed instead."""
+        with self._lock:
+            self.sent -= count
+        self.failed_one(detail, count)
+
     def failed_one(self, detail: str, count: int = 1, state: str = "failing") -> None:
         """``count`` items could not be delivered; ``detail`` names why (never a credential)."""
         with self._lock:

@@ -163,6 +163,24 @@ class VideoFileSink(LineObserver):
         if self.writer is not None:
             self.writer.release()
             self.writer = None
+            self._check_index()
+
+    def _check_index(self) -> None:
+        """OpenCV's writer says nothing when the disk under it is full (FFmpeg prints 'Failed to write frame'
+        and goes on). The container's index (AVI idx1, MP4 moov, Matroska's cues) is written last, so a file
+        whose index does not lead to its last frame was not finalized: its frames count as failed, not
+        written. One seek and one frame's decode, at the stop."""
+        capture = cv2.VideoCapture(str(self.path))
+        try:
+            indexed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+            plays = indexed > 0 and capture.set(cv2.CAP_PROP_POS_FRAMES, indexed - 1) and capture.read()[0]
+        finally:
+            capture.release()
+        if self.frames and not plays:
+            self.delivery.not_delivered_after_all(self.frames, f"{self.path}: not finalized, its index does not "
+                                                  f"lead to the {self.frames} frames written (a full disk?); a "
+                                                  "player shows a few of them or none")
+            self.frames = 0
 
 
 class WindowSink(LineObserver):
