@@ -23,7 +23,7 @@ from test_gige import Recorder, model, simulator  # noqa: F401 - the fixtures
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import PartRunner, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
-from mrkd.runtime.outputs.base import CameraJudgement, FrameResult, PartResult, Verdict
+from mrkd.runtime.outputs.base import CameraJudgement, FrameResult, LineObserver, PartResult, Verdict
 from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
 from mrkd.runtime.raw_image import RawImage
 from mrkd.runtime.sources.gige import BAYER_TO_OPENCV, MONO_BITS, decode
@@ -243,3 +243,57 @@ def test_a_free_running_gige_alarms_raw_evidence_is_named_by_its_event(simulator
     f = int(values[0, 0]) * 256 % 65535
     assert values.dtype == np.uint16 and np.array_equal(values.astype(np.int64), (256 * (x + y + f)) % 65535)
     assert np.array_equal(cv2.imread(event["evidence"])[..., 0], (values >> 8).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- the camera bits only where an output keeps them
+
+class FrameBits(LineObserver):
+    """Each judged image's camera bits as an output is given them (a free run's frames, a part's images)."""
+
+    def __init__(self):
+        self.raws = []
+
+    def on_frame(self, result):
+        self.raws.append(result.raw)
+
+    def on_part_image(self, result):
+        self.raws.append(result.raw)
+
+
+def test_a_free_running_gige_frame_carries_camera_bits_only_when_an_output_keeps_them(simulator, model,  # noqa: F811
+                                                                                        tmp_path):
+    """A 5 MP Mono16 camera's bits are 10 MB a frame, held by the video and shadow queues too: without
+    the evidence writer (the one output that keeps them) no frame carries them."""
+    from mrkd.runtime.line.loop import run_line
+    camera = simulator("127.0.86.80", "BITSFREE")
+    line = Line((Camera("cam", camera.uri, model, threshold=1e-9,
+                        features=(("PixelFormat", "Mono16"), ("Width", "64"), ("Height", "48"))),))
+    without = FrameBits()
+    run_line(line, max_frames=3, observers=[without])
+    assert len(without.raws) == 3 and without.raws == [None] * 3
+    kept = FrameBits()
+    run_line(line, max_frames=3, observers=[kept, EvidenceWriter(EvidenceSettings(str(tmp_path / "ev")))])
+    assert len(kept.raws) == 3
+    assert all(raw is not None and raw.pixel_format == "Mono16" and raw.pixels.shape == (48, 64) for raw in kept.raws)
+
+
+def test_a_gige_parts_images_carry_camera_bits_only_when_an_output_keeps_them(simulator, model, tmp_path):  # noqa: F811
+    camera = simulator("127.0.86.81", "BITSPART")
+    line = Line((Camera("cam", camera.uri, model, trigger="software", threshold=1e-9,
+                        features=(("PixelFormat", "Mono16"), ("Width", "64"), ("Height", "48"))),))
+    settings = PartSettings(queue=4, timeout=2.0)
+    for observers in ([FrameBits()], [FrameBits(), EvidenceWriter(EvidenceSettings(str(tmp_path / "ev")))]):
+        bits = observers[0]
+        runner = PartRunner(line, open_part_sources(line, settings), settings, observers=observers).start()
+        try:
+            runner.trigger("P1")
+            deadline = time.monotonic() + 20
+            while not bits.raws and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            runner.stop()
+        assert len(bits.raws) == 1, "no part image was judged"
+        if len(observers) == 1:
+            assert bits.raws == [None]
+        else:
+            assert bits.raws[0] is not None and bits.raws[0].pixel_format == "Mono16"

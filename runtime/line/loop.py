@@ -39,7 +39,8 @@ from mrkd.errors import MrkdError
 from mrkd.runtime.calibration import frame_size_mismatch
 from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
-from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, call_each, stop_each
+from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, call_each,
+                                        keeps_camera_bits, stop_each)
 from mrkd.runtime.outputs.events import make_event
 from mrkd.runtime.outputs.notifier import Notifier
 from mrkd.runtime.outputs.snapshots import regions_from_map
@@ -467,6 +468,9 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
         detectors = dict(detectors) if detectors is not None else open_detectors(line)
         if sources is None:
             sources = open_sources(line)
+        camera_bits = keeps_camera_bits(observers)     # camera bits only for an output that keeps them
+        for source in sources.values():
+            source.keep_camera_bits(camera_bits)
         for camera in line.cameras:
             detector = detectors[str(Path(camera.model).resolve())]
             size_problem = None if camera.alarm.threshold is not None else frame_size_mismatch(

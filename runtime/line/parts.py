@@ -46,7 +46,8 @@ from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import CONTROL_CHARACTERS_REFUSAL, PartSettings, has_control_characters, printable_id
 from mrkd.runtime.outputs.base import (CameraInfo, CameraJudgement, CameraStatus, FrameResult, LineObserver,
-                                       PartResult, TriggerReceipt, Verdict, call_each, plc_and_others, stop_each)
+                                       PartResult, TriggerReceipt, Verdict, call_each, keeps_camera_bits,
+                                       plc_and_others, stop_each)
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.outputs.notifier import Notifier
 from mrkd.runtime.sources import Frame, Source
@@ -187,6 +188,9 @@ class PartRunner:
         self._sources = dict(sources)
         self.shadows = list(shadows)
         self.observers = list(observers) + [s for s in self.shadows if s not in observers]
+        camera_bits = keeps_camera_bits(self.observers)     # camera bits only for an output that keeps them
+        for source in self._sources.values():
+            source.keep_camera_bits(camera_bits)
         self.status_every, self._status = status_every, status
         self._lock = threading.Condition()
         self._notify_lock = threading.Lock()     # orders the PLC's calls with the hand-overs to the notifier

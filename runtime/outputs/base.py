@@ -150,6 +150,17 @@ class LineObserver:
     # quick and thread-safe; they get a part without its snapshot and evidence paths.
     answers_plc: bool = False
 
+    # True for outputs that keep a camera's own bits (``FrameResult.raw``: the evidence writer). The line
+    # asks its sources for them only when one does (keeps_camera_bits): a 5 MP Mono16 frame's bits are
+    # 10 MB, held by every queue a frame waits in (video, shadow) whether an output wants them or not.
+    keeps_camera_bits: bool = False
+
+
+def keeps_camera_bits(observers: Sequence[LineObserver]) -> bool:
+    """Whether any of ``observers`` keeps a camera's own bits: the line tells its sources this
+    (``Source.keep_camera_bits``) before the first frame is judged."""
+    return any(getattr(observer, "keeps_camera_bits", False) for observer in observers)
+
 
 def plc_and_others(observers: Sequence[LineObserver]) -> Tuple[list, list]:
     """``observers`` split into the PLC servers (``answers_plc``) and the others, each in their order."""

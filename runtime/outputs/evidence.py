@@ -99,6 +99,7 @@ class EvidenceWriter(LineObserver):
     """Writes the lossless evidence (see the module's notes) and adds its path and sha256 to events."""
 
     recount_every_s = 10.0      # over budget: how often the folder is counted again (files moved away)
+    keeps_camera_bits = True    # <name>.raw.png: the line's GigE sources keep them for this output
 
     def __init__(self, settings: EvidenceSettings, background: bool = False):
         """``background``: a free run's OK samples are encoded and written on a worker thread (bounded

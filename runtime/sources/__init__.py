@@ -195,6 +195,13 @@ class Source:
         self._paced_count = 0
         self._started = time.monotonic()
         self._warnings = WarningLimiter(logger)
+        self.keeps_camera_bits = False               # Frame.raw wanted (keep_camera_bits)
+
+    def keep_camera_bits(self, keep: bool) -> None:
+        """Whether frames carry the camera's own bits (``Frame.raw``) where they differ from the judged
+        frame (a GigE camera in Mono10/12/16 or Bayer): off until the line asks for them, for an output
+        that keeps them (outputs/base.py ``keeps_camera_bits``). Other sources have none to carry."""
+        self.keeps_camera_bits = keep
 
     def _deliverable(self, image, index: int, reason: Optional[str] = None) -> Optional[np.ndarray]:
         """Validate (and resize) a raw frame; count and log it when it is bad (``reason``: why, if known)."""

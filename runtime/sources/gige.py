@@ -9,7 +9,8 @@ Pixel formats (``to_bgr``): Mono8; Mono10/12/16 (little-endian 16-bit containers
 bits-8 (Mono12 4095 -> 255: the top 8 bits, no rounding, no rescaling); Bayer RG/GR/GB/BG 8-bit
 demosaiced by OpenCV (bilinear); RGB8/BGR8. Anything else is one SourceError naming camera and format.
 Where the frame judged is not the camera's own pixels (Mono10/12/16, Bayer), ``decode`` keeps those
-too, and every frame carries them (``Frame.raw``, runtime/raw_image.py) for the evidence.
+too, and the frames carry them (``Frame.raw``, runtime/raw_image.py) when the line asks for them for
+an output that keeps them (the evidence: ``keep_camera_bits``); otherwise no frame holds a copy.
 
 Aravis 0.8 does not range-check feature values, so ``apply_features`` does: an unknown feature, a
 value outside the camera's bounds, an enumeration entry it lacks or a value that does not read back
@@ -112,14 +113,15 @@ def glib_error():
 
 def to_bgr(data, width: int, height: int, pixel_format: str, camera: str = "camera") -> np.ndarray:
     """One camera buffer as uint8 H×W×3 BGR (see the module docstring for each format's rule)."""
-    return decode(data, width, height, pixel_format, camera)[0]
+    return decode(data, width, height, pixel_format, camera, with_raw=False)[0]
 
 
-def decode(data, width: int, height: int, pixel_format: str,
-           camera: str = "camera") -> Tuple[np.ndarray, Optional[RawImage]]:
+def decode(data, width: int, height: int, pixel_format: str, camera: str = "camera",
+           with_raw: bool = True) -> Tuple[np.ndarray, Optional[RawImage]]:
     """One camera buffer as the frame the model judges (``to_bgr``) and, where that frame is not the
     camera's own pixels (Mono10/12/16: shifted to 8 bits; Bayer: demosaiced), those pixels as
-    delivered (a copy: the buffer goes back to Aravis); None for Mono8, RGB8 and BGR8."""
+    delivered (a copy: the buffer goes back to Aravis); None for Mono8, RGB8 and BGR8, and without
+    ``with_raw`` (no copy is made)."""
     if pixel_format not in SUPPORTED_FORMATS:
         raise SourceError(f"{camera}: pixel format {pixel_format} is not supported "
                           f"(supported: {', '.join(SUPPORTED_FORMATS)}; set PixelFormat)")
@@ -135,10 +137,11 @@ def decode(data, width: int, height: int, pixel_format: str,
     if wide:
         values = raw.view("<u2").reshape(height, width).astype(np.uint16)     # native order, a copy
         shifted = np.minimum(values >> (MONO_BITS[pixel_format] - 8), 255).astype(np.uint8)
-        return cv2.cvtColor(shifted, cv2.COLOR_GRAY2BGR), RawImage(values, pixel_format)
+        return cv2.cvtColor(shifted, cv2.COLOR_GRAY2BGR), RawImage(values, pixel_format) if with_raw else None
     if pixel_format in BAYER_TO_OPENCV:
-        mosaic = raw.reshape(height, width).copy()
-        return cv2.cvtColor(mosaic, BAYER_TO_OPENCV[pixel_format]), RawImage(mosaic, pixel_format)
+        mosaic = raw.reshape(height, width)
+        bgr = cv2.cvtColor(mosaic, BAYER_TO_OPENCV[pixel_format])
+        return bgr, RawImage(mosaic.copy(), pixel_format) if with_raw else None
     image = raw.reshape(height, width, 3)
     return (cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if pixel_format == "RGB8" else image.copy()), None
 
@@ -629,6 +632,14 @@ class GigeSource(LatestFrameSource):
             self._ended = True
             self._cond.notify_all()
 
+    def keep_camera_bits(self, keep: bool) -> None:
+        with self._cond:
+            self.keeps_camera_bits = keep
+            if keep and self._latest is not None and self._latest.raw is None:
+                # decoded before the line asked (between the open and the run's start): the next frame
+                # is judged instead, so an alarm's evidence has the camera bits from the first frame
+                self._latest = None
+
     def _take(self, buffer) -> None:
         Arv = aravis()
         index = self._next_index
@@ -644,7 +655,8 @@ class GigeSource(LatestFrameSource):
         else:
             try:
                 bgr, raw = decode(buffer.get_image_data(), buffer.get_image_width(), buffer.get_image_height(),
-                                  format_name(buffer.get_image_pixel_format()), f"camera {self.name}")
+                                  format_name(buffer.get_image_pixel_format()), f"camera {self.name}",
+                                  with_raw=self.keeps_camera_bits)
             except SourceError as exc:
                 bgr, reason = None, str(exc)
             image = self._deliverable(bgr, index, reason or None) if bgr is not None else None

@@ -39,6 +39,11 @@ class LateSource(Source):
     def stats(self, value: SourceStats) -> None:   # Source.__init__ assigns one
         self._own_stats = value
 
+    def keep_camera_bits(self, keep: bool) -> None:
+        super().keep_camera_bits(keep)
+        if self._inner is not None:
+            self._inner.keep_camera_bits(keep)
+
     def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
         if self._closed:
             return None
@@ -49,6 +54,7 @@ class LateSource(Source):
                 return None
             try:
                 self._inner = self._opener()
+                self._inner.keep_camera_bits(self.keeps_camera_bits)
                 logger.warning("%s: answered; reading it", self.uri)
             except SourceError as exc:
                 self._own_stats.last_error = str(exc)
