@@ -297,3 +297,36 @@ def test_a_gige_parts_images_carry_camera_bits_only_when_an_output_keeps_them(si
             assert bits.raws == [None]
         else:
             assert bits.raws[0] is not None and bits.raws[0].pixel_format == "Mono16"
+
+
+def test_the_evidence_counts_one_item_per_alarm_and_ok_sample_whatever_files_it_has(tmp_path):
+    """mrkd_output_sent_total{output="evidence"} counts kept evidence items: an alarm's frame with its raw
+    file is one (it counted files: two per alarm with camera bits); an item whose raw file (or frame) could
+    not be written counts as failed, not sent, and its frame stays named."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mrkd.runtime.outputs.metrics import MetricsObserver
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1))
+    metrics = MetricsObserver()
+    metrics.see_outputs([writer, metrics])
+
+    def scraped():
+        counts = {s.name: s.value for family in text_string_to_metric_families(metrics.exposition()[0].decode())
+                  for s in family.samples if s.labels.get("output") == "evidence"}
+        assert counts["mrkd_output_sent_total"] == writer.health().sent
+        assert counts["mrkd_output_failures_total"] == writer.health().failed
+        return counts["mrkd_output_sent_total"], counts["mrkd_output_failures_total"]
+
+    writer.event_fields(_frame(_mono12(1), "e1"))                 # frame + raw file: one alarm
+    writer.event_fields(_frame(None, "e2"))                       # a frame only: one alarm
+    writer.on_frame(_frame(_mono12(2), index=1))                  # an OK sample, frame + raw file
+    assert len(list((tmp_path / "cam0").glob("*.png"))) == 3 and len(list((tmp_path / "cam0" / "ok").iterdir())) == 2
+    assert scraped() == (3, 0)
+    (tmp_path / "cam0" / "e3.raw.png").mkdir()                    # its raw file cannot be written
+    fields = writer.event_fields(_frame(_mono12(3), "e3"))
+    assert fields["evidence_sha256"] == sha(fields["evidence"]) and fields["evidence_raw"] is None
+    assert scraped() == (3, 1)
+    (tmp_path / "cam0" / "ok" / "0000000004.raw.png").mkdir()     # an OK sample's raw file cannot be written
+    writer.on_frame(_frame(_mono12(4), index=4))
+    assert (tmp_path / "cam0" / "ok" / "0000000004.png").is_file()
+    assert scraped() == (3, 2)

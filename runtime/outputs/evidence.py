@@ -16,6 +16,11 @@ a 16-bit grayscale PNG of the values as delivered (Mono12 stays 0..4095) or the 
 format). Every other source has none and its evidence is as before. The raw file counts in the budget
 like its frame and an OK sample's is deleted with it.
 
+Counting (the health's sent/failed, ``mrkd_output_sent_total{output="evidence"}``): one item per alarm, per
+camera of an NG/ERROR part and per OK sample, whatever files it has. An item is sent when all its files
+are written; one whose frame or camera bits could not be written is failed (once, naming the file), not
+sent: its other file stays on disk and named (``evidence_raw`` None when only the bits are missing).
+
 Retention (``max_bytes`` for the whole folder, counted from what is there at the start):
 1. OK samples go first, oldest first, until the folder fits again;
 2. alarm/NG evidence is NEVER deleted: when only evidence is left and the folder is over its budget,
@@ -49,7 +54,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, Dict, Mapping, Optional, Tuple
+from typing import Deque, Dict, List, Mapping, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -164,40 +169,36 @@ class EvidenceWriter(LineObserver):
     def used_bytes(self) -> int:
         return self._evidence_bytes + sum(size for _, size in self._ok_files)
 
-    def _encode(self, image: np.ndarray) -> Optional[bytes]:
-        """The image as PNG, or None when it cannot be encoded (counted, warned)."""
+    @staticmethod
+    def _encode(image: np.ndarray) -> bytes:
+        """The image as PNG; NotWritten when it cannot be encoded."""
         try:
             return encode_png(image)
         except OSError as exc:
-            self.delivery.failed_one(str(exc))
-            return None
+            raise NotWritten(str(exc)) from None
 
     def _write(self, path: Path, data: bytes, make_room: bool = False,
-               or_else: Optional[Path] = None) -> Optional[Path]:
-        """Write the PNG ``data``; the path written, or None when it could not be written (counted,
-        warned). ``make_room`` (alarm/NG evidence): a full disk deletes the oldest OK samples and tries
-        again while there are any. ``or_else``: the name to take when ``path`` is taken meanwhile (an OK
-        sample of another run on the same folder, created between our look and our write). The caller
-        counts a success (``_delivered``) once the budget is checked."""
+               or_else: Optional[Path] = None) -> Path:
+        """Write the PNG ``data``; the path written, or NotWritten naming why. ``make_room`` (alarm/NG
+        evidence): a full disk deletes the oldest OK samples and tries again while there are any.
+        ``or_else``: the name to take when ``path`` is taken meanwhile (an OK sample of another run on the
+        same folder, created between our look and our write). The caller counts the item (``_counted``)."""
         while True:
             try:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                 except FileExistsError:      # mkdir's word for "there is a file of that name"
-                    self.delivery.failed_one(f"{path.parent}: not a folder (a file of that name is in the way)")
-                    return None
+                    raise NotWritten(f"{path.parent}: not a folder (a file of that name is in the way)") from None
                 write_new_file(path, data)
                 return path
             except FileExistsError:
                 if or_else is not None:
                     path, or_else = or_else, None
                     continue
-                self.delivery.failed_one(f"{path}: exists; evidence is never overwritten")
-                return None
+                raise NotWritten(f"{path}: exists; evidence is never overwritten") from None
             except OSError as exc:
                 if not (make_room and exc.errno in DISK_FULL and self._delete_ok_samples(len(data))):
-                    self.delivery.failed_one(str(exc))
-                    return None
+                    raise NotWritten(str(exc)) from None
 
     def _delete_ok_samples(self, need: int) -> bool:
         """Delete the oldest OK samples, at least ``need`` bytes of them (a full disk); False when there
@@ -224,31 +225,42 @@ class EvidenceWriter(LineObserver):
         self.ok_deleted += 1
         return size
 
-    def _delivered(self) -> None:
-        """A file written: counted; the output is healthy again only if the folder fits its budget
-        (else it would swing between "over budget" and "delivering again" on every write)."""
-        self.delivery.delivered(recover=self._keep_budget())
+    def _counted(self, failure: Optional[str]) -> None:
+        """One evidence item (an alarm, a part's camera, an OK sample: its frame and camera bits together)
+        counted: sent, or failed naming the file that could not be written (``failure``). Sent: the output
+        is healthy again only if the folder fits its budget (else it would swing between "over budget" and
+        "delivering again" on every write)."""
+        if failure is None:
+            self.delivery.delivered(recover=self._keep_budget())
+        else:
+            self.delivery.failed_one(failure)
 
     def _evidence(self, camera: str, event_id: str, image: np.ndarray,
                   raw: Optional[RawImage]) -> Dict[str, object]:
         """An alarm's or NG part's files: the frame judged and, where it is not them, the camera's bits;
-        the fields that name them."""
-        path, sha = self._evidence_file(self.folder / camera / f"{event_id}.png", image)
+        the fields that name them. One item, counted once."""
+        failures = []
+        path, sha = self._evidence_file(self.folder / camera / f"{event_id}.png", image, failures)
         fields: Dict[str, object] = {"evidence": path, "evidence_sha256": sha}
         if raw is not None:
-            path, sha = self._evidence_file(self.folder / camera / f"{event_id}{RAW_SUFFIX}", raw.pixels)
+            path, sha = self._evidence_file(self.folder / camera / f"{event_id}{RAW_SUFFIX}", raw.pixels, failures)
             fields.update(evidence_raw=path, evidence_raw_sha256=sha, evidence_raw_pixel_format=raw.pixel_format)
+        with self._lock:
+            self._counted("; ".join(failures) or None)
         return fields
 
-    def _evidence_file(self, path: Path, image: np.ndarray) -> Tuple[Optional[str], Optional[str]]:
-        data = self._encode(image)          # the slow part, outside the lock: the OK samples' worker goes on
-        if data is None:
+    def _evidence_file(self, path: Path, image: np.ndarray,
+                       failures: List[str]) -> Tuple[Optional[str], Optional[str]]:
+        """Write one file of an alarm's evidence: its name and sha256, or (None, None) with why appended
+        to ``failures``."""
+        try:
+            data = self._encode(image)      # the slow part, outside the lock: the OK samples' worker goes on
+            with self._lock:
+                self._write(path, data, make_room=True)
+                self._evidence_bytes += path.stat().st_size
+        except NotWritten as exc:
+            failures.append(str(exc))
             return None, None
-        with self._lock:
-            if self._write(path, data, make_room=True) is None:
-                return None, None
-            self._evidence_bytes += path.stat().st_size
-            self._delivered()
         return _as_named(path), hashlib.sha256(data).hexdigest()
 
     def _keep_budget(self) -> bool:
@@ -318,10 +330,18 @@ class EvidenceWriter(LineObserver):
             if self.used_bytes > self.settings.max_bytes and not self._keep_budget():
                 self.ok_skipped += 1
                 return None
-        data = self._encode(image)
-        if data is None:
+        try:
+            data = self._encode(image)
+        except NotWritten as exc:
+            with self._lock:
+                self._counted(str(exc))
             return None
-        raw_data = None if raw is None else self._encode(raw.pixels)
+        raw_data, raw_failure = None, None
+        if raw is not None:
+            try:
+                raw_data = self._encode(raw.pixels)
+            except NotWritten as exc:
+                raw_failure = str(exc)
         with self._lock:
             if self._evidence_bytes + len(data) + len(raw_data or b"") > self.settings.max_bytes:
                 # no room even with every older OK sample gone: written, the budget check would delete this
@@ -332,21 +352,25 @@ class EvidenceWriter(LineObserver):
             own_name = path.with_name(f"{name}_{os.getpid()}_{seen}.png")
             if path.exists():          # an earlier run's sample of the same name: keep both
                 path = own_name
-            path = self._write(path, data, or_else=None if path == own_name else own_name)
-            if path is None:
+            try:
+                path = self._write(path, data, or_else=None if path == own_name else own_name)
+            except NotWritten as exc:
+                self._counted(str(exc))
                 return None
             files, fields = [path], {"evidence": _as_named(path)}
             if raw is not None:
-                raw_path = None if raw_data is None else self._write(path.with_name(raw_of_name(path.name, raw=True)),
-                                                                     raw_data)
-                if raw_path is not None:
-                    files.append(raw_path)
+                raw_path = None
+                if raw_data is not None:
+                    try:
+                        raw_path = self._write(path.with_name(raw_of_name(path.name, raw=True)), raw_data)
+                        files.append(raw_path)
+                    except NotWritten as exc:
+                        raw_failure = str(exc)
                 fields.update(evidence_raw=None if raw_path is None else _as_named(raw_path),
                               evidence_raw_pixel_format=raw.pixel_format)
             self.ok_written += 1
             self._ok_files.append((tuple(files), sum(f.stat().st_size for f in files)))
-            for _ in files:
-                self._delivered()
+            self._counted(raw_failure)
         return fields
 
     def on_stop(self) -> None:
@@ -358,6 +382,10 @@ class EvidenceWriter(LineObserver):
         # no lock held across a write is taken here: a scrape of /metrics must answer on a stalled disk
         queue_dropped = self._ok_worker.dropped if self._ok_worker is not None else 0
         return self.delivery.health(dropped=self.ok_skipped + queue_dropped)
+
+
+class NotWritten(Exception):
+    """A file of an evidence item could not be encoded or written; the message names it and why."""
 
 
 def raw_of_name(name: str, raw: bool = False) -> str:
