@@ -48,6 +48,29 @@ def test_a_bad_checkpoint_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.output
 
 
+
+def test_eval_of_a_run_folder_refuses_a_category_the_data_lacks_before_evaluating_any(tmp_path):
+    """A run folder that also holds a plain-folder run (`mrkd train "good/*.jpg" --out runs/part7`) named a
+    category the data set lacks: `mrkd eval runs/ data/ --out eval/` evaluated and wrote the categories
+    before it, then stopped at that one, and the same command again was refused (eval/ holds an evaluation)."""
+    import mrkd.train as mt
+    from mrkd.runtime.calibration import Calibration
+    from mrkd.train.synthetic import generate_dataset
+    generate_dataset(tmp_path / "data", ["grain"], image_size=32, n_train=2, n_test_good=2, n_test_defect=1,
+                     progress=False)
+    model = mt.efficientnet_lite0(teacher_weights="random", image_size=32)
+    model.calibration = Calibration(threshold=1.0)
+    for name in ("grain", "part7"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        model.save(tmp_path / "runs" / name / "last.ckpt")
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "runs"), str(tmp_path / "data"),
+                                       "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 1, result.output
+    assert f"missing folder {tmp_path / 'data' / 'part7'}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir()), \
+        f"evaluated before refusing: {sorted(p.name for p in (tmp_path / 'eval').rglob('*'))}"
+
+
 @pytest.mark.slow
 def test_eval_and_predict_commands_write_their_files(tmp_path):
     from train_fixtures import CATEGORY, tiny_data, trained_run

@@ -100,6 +100,15 @@ def _require_dir(path: Path, what: str) -> None:
         raise DataError(f"{where} ({what}); {LAYOUT_HELP}")
 
 
+def require_category_folders(root, category: str) -> None:
+    """The folders scan_category needs (the category, train/good, test/), each a DataError naming the path:
+    an evaluation of several categories checks them all before it evaluates any."""
+    base = Path(root) / check_category(category)
+    _require_dir(base, f"category {category!r}")
+    _require_dir(base / "train" / "good", "good training images")
+    _require_dir(base / "test", "test images")
+
+
 def list_categories(root) -> List[str]:
     """Sub-folders of ``root`` that hold a train/ folder, sorted."""
     root = Path(root)

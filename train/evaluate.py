@@ -287,8 +287,11 @@ def evaluate_all(checkpoints, data_root, categories: Optional[Sequence[str]] = N
     """
     from mrkd.train.checkpoint import category_mismatch, model_from_dict, read_checkpoint
 
-    from mrkd.train.data import check_category
+    from mrkd.train.data import check_category, require_category_folders
     found = find_checkpoints(checkpoints, [check_category(name) for name in categories] if categories else None)
+    if len(found) > 1:     # a category the data lacks is refused before the others are evaluated and written
+        for category in found:
+            require_category_folders(data_root, category)
     if out_dir is not None:
         claim_out_dir(out_dir, list(found), replace=replace)
     results = {}
