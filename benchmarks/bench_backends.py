@@ -1,5 +1,5 @@
 """Which backend on a CPU: ms/frame of the whole Detector (pre-processing, inference, post-processing) at
-batch 1 for ONNX Runtime FP32 (the baseline) vs OpenVINO f32, OpenVINO bf16 (where the CPU has native
+batch 1 for ONNX Runtime FP32 (the baseline) vs OpenVINO fp32, OpenVINO bf16 (where the CPU has native
 bf16) and OpenVINO on our INT8 Q/DQ graph (the "cpu" form, the export's default without TensorRT), plus
 ONNX Runtime on that INT8 graph; alternated call by call in one process, so load on the machine falls
 on every row alike. No row may tax the next: the runtime's ONNX Runtime sessions put their threads to
@@ -31,7 +31,7 @@ INT8_IMAGES = 16      # good images the INT8 graph's activation ranges are measu
 PAUSE_S = 0.005
 IDLE_WINDOW_S = 0.02  # how long after a call busy_after_call_ms watches the process's CPU time
 
-PLAN = [("onnxruntime FP32 (baseline)", "fp32", "onnxruntime"), ("openvino f32", "fp32", "openvino:f32"),
+PLAN = [("onnxruntime FP32 (baseline)", "fp32", "onnxruntime"), ("openvino fp32", "fp32", "openvino:fp32"),
         ("openvino bf16", "fp32", "openvino:bf16"), ("openvino INT8 graph (cpu form)", "int8", "openvino"),
         ("onnxruntime INT8 graph (cpu form)", "int8", "onnxruntime"),
         ("--backend auto (the default), FP32 graph", "fp32", "auto")]

@@ -33,7 +33,7 @@ BENCHES = {
     "plc": "PLC trigger -> Results Valid over Modbus TCP (a simulated PLC scanning every 10 ms) and StartSingleJob "
            "-> ResultReady over OPC UA, 500 parts each, vs each part's own trigger -> verdict; what the handshake "
            "adds (goal p99 < 5 ms)",
-    "backends": "ms/frame of the Detector at batch 1 on the CPU: ONNX Runtime FP32 vs OpenVINO f32 / bf16 / INT8 "
+    "backends": "ms/frame of the Detector at batch 1 on the CPU: ONNX Runtime FP32 vs OpenVINO fp32 / bf16 / INT8 "
                 "graph (alternated; decision agreement vs FP32); Lite0 256 px by default",
     "score_cost": "ONNX Runtime latency and graph size of --score both (bank at the trainer's cap) vs --score mrkd",
     "memory_bank": "fitting the --score both memory bank before issue 24 vs now, same ELPV images (700 at 256 px), "

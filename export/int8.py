@@ -468,7 +468,7 @@ def backend_agreement_report(fp32_onnx_path, candidate_onnx_path, images: np.nda
                              what: str = "graph", candidate_metadata: Optional[ModelMetadata] = None) -> Comparison:
     """``candidate_onnx_path`` run by ``backend`` vs the FP32 graph on ONNX Runtime's CPU EP (the
     reference every export is checked with): map/score error and decision agreement; the name says
-    which backend and precision ran (Backend.precision), e.g. "INT8 graph on openvino f32"."""
+    which backend and precision ran (Backend.precision), e.g. "INT8 graph on openvino fp32"."""
     from mrkd.export import ort
     from mrkd.export.parity import scores_from_outputs
     from mrkd.runtime.backends import open_backend

@@ -246,7 +246,7 @@ def _defect_check_images(model, metadata):
 
 def openvino_report_specs():
     """The OpenVINO backend specs the INT8 graph is also checked on, where OpenVINO is installed:
-    f32, and bf16 on CPUs with native bf16 (what `--backend openvino[:bf16]` would run)."""
+    fp32, and bf16 on CPUs with native bf16 (what `--backend openvino[:bf16]` would run)."""
     from mrkd.runtime.backends import backend_entry
     if not backend_entry("openvino").available():
         return []

@@ -5,7 +5,7 @@ graph at FP32 on ONNX Runtime, on good images, recorded in the sidecar as a type
 ``checked_precision``; the rule is PrecisionCheck.passed: every score within 1 % of the threshold of its
 FP32 value). bf16 keeps 8 bits of mantissa, so a score moves by a fraction of a percent, and a part that
 close to the threshold can change its verdict: the report counts how often that happened on the images.
-The check needs a calibrated threshold and a CPU with native bf16 (OpenVINO would otherwise run f32
+The check needs a calibrated threshold and a CPU with native bf16 (OpenVINO would otherwise run fp32
 and the check would prove nothing).
 """
 
@@ -58,7 +58,7 @@ def check_bf16(fp32_path, metadata: ModelMetadata, images_dir,
     if why is None and metadata.threshold is None:
         why = "the model has no calibrated threshold to judge decisions at"
     if why is not None:
-        echo(f"bf16 not checked: {why}; --backend auto runs this model at f32")   # on whichever backend it picks
+        echo(f"bf16 not checked: {why}; --backend auto runs this model at fp32")   # on whichever backend it picks
         return metadata, None
     images = load_images(int8_image_paths(images_dir) if paths is None else paths, metadata)
     report = backend_agreement_report(fp32_path, fp32_path, images, metadata.threshold, BF16_SPEC, "FP32 graph",
@@ -76,5 +76,5 @@ def check_bf16(fp32_path, metadata: ModelMetadata, images_dir,
     echo(f"  bf16 check {'passed' if check.passed else 'FAILED'}: score max |diff| {check.score_max_abs_diff:.3g} "
          f"{'<=' if check.passed else '>'} {limit:.3g} (1 % of the threshold; {check.decision_agreement:.1%} of "
          f"{check.images} decisions equal): --backend auto runs OpenVINO at "
-         f"{'bf16 on CPUs that have it' if check.passed else 'f32'}")
+         f"{'bf16 on CPUs that have it' if check.passed else 'fp32'}")
     return updated, report

@@ -10,8 +10,7 @@ from pathlib import Path
 import click
 
 from mrkd.errors import error_boundary
-from mrkd.options import FRACTION, IntegerRange
-from mrkd.runtime.backends import backend_choices
+from mrkd.options import FRACTION, BackendChoice, IntegerRange
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
                                      ACCEPT_SHIFT_HELP, METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
 
@@ -36,7 +35,7 @@ DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 @click.option("--size", default=None,
               help="Exported models: WIDTHxHEIGHT to resize GOOD's frames to, as `mrkd run --size` does; recorded with "
                    "the threshold, and `mrkd run` warns when it reads frames at another size.")
-@click.option("--backend", type=click.Choice(backend_choices()), default="auto", show_default=True,
+@click.option("--backend", type=BackendChoice(), default="auto", show_default=True,
               help="Exported models: the inference backend that scores GOOD (as `mrkd run --backend`: score with "
                    "the backend the line runs).")
 @click.option("--batch-size", type=IntegerRange(1, 4096), default=8, show_default=True,

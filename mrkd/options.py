@@ -33,6 +33,19 @@ class IntegerRange(click.IntRange):
     name = "integer"
 
 
+class BackendChoice(click.Choice):
+    """--backend: one of runtime.backends.backend_choices(), an alias taken as the name it stands for
+    (openvino:f32 is openvino:fp32: mrkd names precisions fp32/fp16/bf16/int8 everywhere)."""
+
+    def __init__(self):
+        from mrkd.runtime.backends import backend_choices
+        super().__init__(backend_choices())
+
+    def convert(self, value, param, ctx):
+        from mrkd.runtime.backends import canonical_backend_spec
+        return super().convert(canonical_backend_spec(value), param, ctx)
+
+
 def seconds(minimum: float = 0.0, open_min: bool = False, maximum: float | None = None) -> FiniteFloatRange:
     """A finite number of seconds >= ``minimum`` (> with ``open_min``)."""
     return FiniteFloatRange(min=minimum, max=maximum, min_open=open_min)

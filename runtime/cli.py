@@ -14,8 +14,7 @@ from typing import Optional
 import click
 
 from mrkd.errors import SettingError, error_boundary
-from mrkd.options import FINITE, FiniteFloatRange, IntegerRange, seconds
-from mrkd.runtime.backends import backend_choices
+from mrkd.options import FINITE, BackendChoice, FiniteFloatRange, IntegerRange, seconds
 from mrkd.runtime.plc.servers import plc_options
 from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
 from mrkd.runtime.queued_stderr_log import logging_through_queue, status_to_stderr
@@ -388,8 +387,8 @@ def threshold_off_scale(threshold: float, detector) -> str:
               help="TOML line file: [[camera]] tables with name, source, model and optional threshold, debounce, "
                    "cooldown, cooldown_frames, size, fps, loop (the options below are their defaults; MODEL "
                    "is the default model); an [inference] table sets backend, threads, providers, postprocess.")
-@click.option("--backend", type=click.Choice(backend_choices()), default=None,
-              help="Inference backend (NAME:PRECISION sets OpenVINO's f32/bf16); auto (the default) = TensorRT for "
+@click.option("--backend", type=BackendChoice(), default=None,
+              help="Inference backend (NAME:PRECISION sets OpenVINO's fp32/bf16); auto (the default) = TensorRT for "
                    ".engine/.plan; for .onnx ONNX Runtime's TensorRT/CUDA on NVIDIA GPUs, OpenVINO on x86 "
                    "(Intel, AMD) CPUs where installed, else ONNX Runtime. Over the line file's [inference] backend.")
 @click.option("--providers", default=None,

@@ -112,7 +112,7 @@ def test_auto_with_onnxruntime_providers_named_runs_onnxruntime(tmp_path):
 def test_registry_is_the_one_list_of_choices():
     names = [entry.name for entry in REGISTRY]
     assert names == ["onnxruntime", "tensorrt", "openvino"] and len(set(names)) == len(names)
-    assert backend_choices() == ("auto", "onnxruntime", "tensorrt", "openvino", "openvino:f32", "openvino:bf16",
+    assert backend_choices() == ("auto", "onnxruntime", "tensorrt", "openvino", "openvino:fp32", "openvino:bf16",
                                  "openvino:auto", "openvino:checked")
     # `mrkd run --backend` offers exactly the registry's specs, and --postprocess the post-processing's list.
     from mrkd.runtime import postprocess
@@ -161,8 +161,8 @@ def test_specs_and_suffixes(tmp_path):
 
 @pytest.mark.parametrize("graph, backend, expected", [
     ("fp32", "graph", "fp32"), ("int8", "graph", "int8"), ("fp16", "graph", "fp16"),
-    ("fp32", "f32", "fp32"), ("int8", "f32", "int8"),
-    ("fp32", "bf16", "bf16"), ("fp16", "bf16", "bf16"), ("int8", "bf16", "int8+bf16"), ("fp32", "f16", "fp16"),
+    ("fp32", "fp32", "fp32"), ("int8", "fp32", "int8"),
+    ("fp32", "bf16", "bf16"), ("fp16", "bf16", "bf16"), ("int8", "bf16", "int8+bf16"), ("fp32", "fp16", "fp16"),
 ])
 def test_run_precision(graph, backend, expected):
     assert run_precision(graph, backend) == expected

@@ -155,7 +155,7 @@ def test_cli_int8_writes_qdq_graph_and_report(int8_export, tmp_path, target, kee
         if reason == "TensorRT is not installed here":
             assert "TensorRT engines were not built because TensorRT is not installed here" in result.output
     if importlib.util.find_spec("openvino"):   # the same agreement, on the OpenVINO backend
-        assert "INT8 graph on openvino f32 vs FP32 graph (ONNX Runtime CPU)" in result.output
+        assert "INT8 graph on openvino fp32 vs FP32 graph (ONNX Runtime CPU)" in result.output
     # the folder holds no more images than quantisation read: each INT8 report says its check flatters, and so
     # does the bf16 check, which runs on the same images (where this CPU has bf16)
     from mrkd.export.precision_check import bf16_unavailable_reason

@@ -55,8 +55,8 @@ def test_tiny_model_openvino_f32_equals_onnxruntime_and_the_numpy_reference(tmp_
         if not layout:   # the full-map layout: the graph's map is the reference map of the resized frames
             squares = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in frames])
             assert np.abs(b.maps - reference_map(squares)).max() < 0.02
-        assert ov_det.backend.name == "openvino" and ov_det.backend.precision == "f32"
-        assert ov_det.precision == "fp32" and "openvino CPU precision f32" in ov_det.describe()
+        assert ov_det.backend.name == "openvino" and ov_det.backend.precision == "fp32"
+        assert ov_det.precision == "fp32" and "openvino CPU precision fp32" in ov_det.describe()
         assert ov_det.backend.threads == 2 and ov_det.backend.cuda_context() is None
     finally:
         ort_det.close()
@@ -82,13 +82,13 @@ def test_openvino_reads_the_embedded_metadata_and_checks_the_sidecar_against_it(
 def test_precision_is_explicit_and_refused_where_the_cpu_lacks_it(tmp_path):
     model = build_tiny_model(tmp_path / "m.onnx")
     caps = ("FP32", "INT8")
-    assert inference_precision(None, caps, "m") == "f32" and inference_precision("auto", caps, "m") == "f32"
+    assert inference_precision(None, caps, "m") == "fp32" and inference_precision("auto", caps, "m") == "fp32"
     assert inference_precision("auto", caps + ("BF16",), "m") == "bf16"
     with pytest.raises(BackendError, match="openvino:bf16 needs a CPU with native bf16"):
         inference_precision("bf16", caps, "m.onnx")
     auto = Detector(model, backend="openvino:auto")
     try:
-        assert auto.backend.precision == ("bf16" if HAS_BF16 else "f32")
+        assert auto.backend.precision == ("bf16" if HAS_BF16 else "fp32")
         assert auto.precision == ("bf16" if HAS_BF16 else "fp32")
     finally:
         auto.close()
@@ -145,7 +145,7 @@ def test_mrkd_graphs_on_openvino_f32_equal_onnxruntime(exported, graph):
     try:
         a, b = ort_det(exported["frames"]), ov_det(exported["frames"])
         _assert_same(a, b, graph)
-        assert ov_det.precision == graph and ov_det.backend.precision == "f32"
+        assert ov_det.precision == graph and ov_det.backend.precision == "fp32"
     finally:
         ort_det.close()
         ov_det.close()
@@ -158,7 +158,7 @@ def test_int8_graph_on_openvino_agreement_against_fp32(exported):
     meta = ModelMetadata.load(sidecar_path(exported["int8"]))
     images = load_images(int8_image_paths(exported["good"]), meta)
     report = int8_agreement_report(exported["fp32"], exported["int8"], images, threshold=None, backend="openvino")
-    assert report.name == "INT8 graph on openvino f32 vs FP32 graph (ONNX Runtime CPU)"
+    assert report.name == "INT8 graph on openvino fp32 vs FP32 graph (ONNX Runtime CPU)"
     # Brute force from raw outputs: the FP32 graph on ONNX Runtime, the INT8 graph on OpenVINO.
     fp32 = open_backend(exported["fp32"], "onnxruntime", providers=["cpu"])
     int8 = open_backend(exported["int8"], "openvino")
@@ -171,7 +171,7 @@ def test_int8_graph_on_openvino_agreement_against_fp32(exported):
     assert report.finite and 0 < report.score_max_abs_diff < 0.1
     detector = Detector(exported["int8"], backend="openvino")
     try:
-        assert detector.precision == "int8" and detector.backend.precision == "f32"
+        assert detector.precision == "int8" and detector.backend.precision == "fp32"
     finally:
         detector.close()
 
@@ -198,7 +198,7 @@ def test_mrkd_run_with_openvino_scores_as_onnxruntime(exported, tmp_path):
         runs[backend] = [json.loads(line) for line in events.read_text().splitlines()]
         summary = json.loads((tmp_path / f"{backend}.json").read_text())
         assert summary["frames"] == len(exported["frames"])
-    assert "openvino CPU precision f32" in result.output
+    assert "openvino CPU precision fp32" in result.output
     expected = [i for i, s in enumerate(ref.scores) if s >= threshold]
     for backend, events in runs.items():
         assert [e["frame_index"] for e in events] == expected, backend
@@ -224,9 +224,9 @@ def test_checked_precision_runs_bf16_only_after_a_passing_check():
     base = ModelMetadata(backbone="resnet18", image_size=64,
                          calibration=Calibration(threshold=1.0, method="quantile", quantile=0.99))
     bf16, plain = ("FP32", "INT8", "BF16"), ("FP32", "INT8")
-    cases = [(plain, (_check(),), "f32", "no native bf16"),
-             (bf16, (), "f32", "not checked"),
-             (bf16, (_check(diff=0.02),), "f32", "check failed"),        # 2 % of the threshold: over 1 %
+    cases = [(plain, (_check(),), "fp32", "no native bf16"),
+             (bf16, (), "fp32", "not checked"),
+             (bf16, (_check(diff=0.02),), "fp32", "check failed"),        # 2 % of the threshold: over 1 %
              (bf16, (_check(),), "bf16", "checked against FP32 (score max |diff| 0.001 at threshold 1, 100.0% of 8"),
              # A checked image 0.5 % from the threshold flipped: reported, the rule is the score error.
              (bf16, (_check(agreement=0.875, diff=0.005),), "bf16", "87.5% of 8 decisions equal"),
@@ -237,13 +237,13 @@ def test_checked_precision_runs_bf16_only_after_a_passing_check():
     # mrkd calibrate lowered the threshold after the check: 0.001 is over 1 % of 0.05.
     moved = dataclasses.replace(base, precision_checks=(_check(),),
                                 calibration=Calibration(threshold=0.05, method="quantile", quantile=0.99))
-    assert checked_precision(bf16, moved)[0] == "f32"
-    assert checked_precision(bf16, None)[0] == "f32"          # embedded metadata only, no sidecar checks
+    assert checked_precision(bf16, moved)[0] == "fp32"
+    assert checked_precision(bf16, None)[0] == "fp32"          # embedded metadata only, no sidecar checks
     # An INT8 graph's sidecar never carries a bf16 check (export checks model.onnx): the reason says so,
     # instead of pointing at --check-images, which cannot record one for it.
     from mrkd.runtime.metadata import Int8Info
     hint, why = checked_precision(bf16, dataclasses.replace(base, precision="int8", int8=Int8Info(images=8)))
-    assert hint == "f32" and "checked on the FP32 graph (model.onnx) only" in why and "--check-images" not in why
+    assert hint == "fp32" and "checked on the FP32 graph (model.onnx) only" in why and "--check-images" not in why
 
 
 def test_precision_checks_round_trip_and_bad_ones_are_one_line_errors():
@@ -295,7 +295,7 @@ def test_export_records_the_bf16_check_and_auto_runs_what_it_allows(tmp_path, th
         assert meta.precision_checks == () and "bf16" not in result.reports
         assert any("bf16 not checked: this CPU has no native bf16" in line for line in lines)
         detector = Detector(model, backend="auto")
-        assert detector.backend.precision == "f32"
+        assert detector.backend.precision == "fp32"
         detector.close()
         return
     (check,) = meta.precision_checks
@@ -313,7 +313,7 @@ def test_export_records_the_bf16_check_and_auto_runs_what_it_allows(tmp_path, th
     detector = Detector(model, backend="auto")
     try:
         if "openvino" in str(detector.backend.name):
-            assert detector.backend.precision == ("bf16" if passes else "f32")
+            assert detector.backend.precision == ("bf16" if passes else "fp32")
             assert ("checked against FP32" if passes else "the bf16 check failed") in detector.describe()
         else:     # auto chose another backend here (not an auto-OpenVINO vendor, or a GPU): the check is unused
             assert machine_facts().cpu_vendor not in X86_VENDORS or machine_facts().nvidia_gpu
@@ -357,7 +357,7 @@ def test_checked_precision_judges_bf16_at_the_thresholds_the_cameras_decide_at()
     assert checked_precision(bf16, meta, (None,))[0] == "bf16"
     assert checked_precision(bf16, meta, (None, 2.0))[0] == "bf16"        # 0.005 is 0.25 % of 2
     hint, why = checked_precision(bf16, meta, (None, 0.1))                  # 5 % of 0.1
-    assert hint == "f32" and "over 1 % of the threshold 0.1 given for a camera" in why
+    assert hint == "fp32" and "over 1 % of the threshold 0.1 given for a camera" in why
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="bf16 under auto needs a CPU with native bf16")
@@ -382,13 +382,13 @@ def test_a_camera_threshold_below_what_the_bf16_check_allows_runs_f32(tmp_path):
         return result.output.splitlines()[0]
     assert "precision bf16" in first_line() and "precision bf16" in first_line("--threshold", "0.2")
     lowered = first_line("--threshold", "0.01")
-    assert "precision f32" in lowered and "threshold 0.01 given for a camera" in lowered
+    assert "precision fp32" in lowered and "threshold 0.01 given for a camera" in lowered
     line_file = (f'[[camera]]\nname = "a"\nsource = "{frames}"\nmodel = "{model}"\n'
                  f'[[camera]]\nname = "b"\nsource = "{frames}"\nmodel = "{model}"\nthreshold = 0.01\n')
     detectors = open_detectors(parse_line(line_file, str(tmp_path / "line.toml")))
     try:
         (detector,) = detectors.values()
-        assert detector.backend.precision == "f32" and detector.precision == "fp32"
+        assert detector.backend.precision == "fp32" and detector.precision == "fp32"
     finally:
         for detector in detectors.values():
             detector.close()
@@ -435,4 +435,26 @@ def test_without_openvino_the_export_does_not_say_auto_runs_openvino(monkeypatch
     returned, report = precision_check.check_bf16(tmp_path / "tiny.onnx", metadata, tmp_path, echo=lines.append)
     assert report is None and returned is metadata
     assert lines == ["bf16 not checked: OpenVINO is not installed (pip install 'mrkd[openvino]'); "
-                     "--backend auto runs this model at f32"], lines
+                     "--backend auto runs this model at fp32"], lines
+
+
+def test_the_startup_line_names_the_precision_its_events_and_metrics_do(tmp_path):
+    """One run, one word per precision: the startup line said OpenVINO 'f32' (twice, with 'fp32' beside it)
+    while the events, part lines and /metrics said 'fp32'. The alias openvino:f32 is still taken as input."""
+    import re
+
+    from mrkd.cli import main
+    model = build_tiny_model(tmp_path / "m.onnx")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), defective_frame(np.random.default_rng(0)))
+    for spec in ("openvino", "openvino:fp32", "openvino:f32"):
+        events = tmp_path / f"{spec.replace(':', '_')}.jsonl"
+        result = CliRunner().invoke(main, ["run", str(model), "--source", str(frames), "--backend", spec,
+                                           "--threads", str(THREADS), "--threshold", "1e-9", "--status-every", "0",
+                                           "--events", str(events)])
+        assert result.exit_code == 0, result.output
+        (event,) = [json.loads(line) for line in events.read_text().splitlines()]
+        startup = next(line for line in result.output.splitlines() if "openvino CPU" in line)
+        assert event["precision"] == "fp32" and f"precision {event['precision']}" in startup, startup
+        assert set(re.findall(r"\b(?:b?f|fp)\d\d\b", startup)) == {event["precision"]}, startup

@@ -29,6 +29,9 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 AUTO = "auto"
 # Backend.precision of a backend that runs every tensor at the type the graph gives it.
 GRAPH_PRECISION = "graph"
+# Precisions are named "fp32", "fp16", "bf16", "int8" wherever a user reads them (startup line, events,
+# /metrics, the sidecar); OpenVINO's own name for fp32 is still taken as input (--backend openvino:f32).
+PRECISION_ALIASES = {"f32": "fp32"}
 
 
 class BackendError(MrkdError, RuntimeError):
@@ -60,7 +63,7 @@ class Backend:
     input_name / input_shape (dims, -1 where dynamic) / input_dtype (numpy dtype) describe the one
     model input; output_names lists the outputs; batch_range is (min, max) of the batch dimension.
     precision: what the backend computes at — GRAPH_PRECISION ("graph": the graph's own tensor types
-    decide, FP32/FP16/Q-DQ INT8) or the inference precision it imposes on float layers ("f32", "bf16").
+    decide, FP32/FP16/Q-DQ INT8) or the inference precision it imposes on float layers ("fp32", "bf16").
     model_metadata_props: the metadata the export embedded in the model file, where the backend can
     read it (ONNX metadata_props), else empty.
     """
@@ -105,12 +108,11 @@ class Backend:
 
 def run_precision(graph_precision: str, backend_precision: str) -> str:
     """The precision a model runs at, for logs and CameraInfo: the graph's ("fp32", "fp16", "int8")
-    when the backend runs it as typed or at f32; "bf16" for a float graph at bf16; "int8+bf16" for
+    when the backend runs it as typed or at fp32; "bf16" for a float graph at bf16; "int8+bf16" for
     the Q/DQ graph whose float layers run at bf16."""
-    if backend_precision in (GRAPH_PRECISION, "f32"):
+    if backend_precision in (GRAPH_PRECISION, "fp32"):
         return graph_precision
-    short = {"bf16": "bf16", "f16": "fp16"}.get(backend_precision, backend_precision)
-    return f"int8+{short}" if graph_precision == "int8" else short
+    return f"int8+{backend_precision}" if graph_precision == "int8" else backend_precision
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,8 @@ REGISTRY: Tuple[BackendEntry, ...] = (
     BackendEntry("tensorrt", "tensorrt_backend", "TensorRTBackend", ENGINE_SUFFIXES, "tensorrt",
                  summary="TensorRT engines built by mrkd export on this GPU"),
     BackendEntry("openvino", "openvino_backend", "OpenVinoBackend", (".onnx",), "openvino",
-                 ("f32", "bf16", "auto", "checked"), auto_precision="checked",
-                 summary="OpenVINO on the CPU: f32 (default), bf16, auto (bf16 where native), checked (bf16 where "
+                 ("fp32", "bf16", "auto", "checked"), auto_precision="checked",
+                 summary="OpenVINO on the CPU: fp32 (default), bf16, auto (bf16 where native), checked (bf16 where "
                          "native and the model's bf16 check passed: what --backend auto runs)"),
 )
 
@@ -182,9 +184,20 @@ def backend_choices() -> Tuple[str, ...]:
                            for spec in (entry.name,) + tuple(f"{entry.name}:{p}" for p in entry.precisions))
 
 
+def canonical_backend_spec(spec: object) -> object:
+    """``spec`` with an alias precision named as mrkd names it ("openvino:f32" -> "openvino:fp32"); any
+    other value as it is (checked by parse_backend_spec or the option's choices)."""
+    if not isinstance(spec, str):
+        return spec
+    name, sep, precision = spec.partition(":")
+    return f"{name}:{PRECISION_ALIASES[precision]}" if sep and precision in PRECISION_ALIASES else spec
+
+
 def parse_backend_spec(spec: str) -> Tuple[str, Optional[str]]:
-    """"openvino:bf16" -> ("openvino", "bf16"); "auto"/"onnxruntime" -> (name, None). Checked
-    against the registry: an unknown name or precision is a BackendError listing the choices."""
+    """"openvino:bf16" -> ("openvino", "bf16"); "auto"/"onnxruntime" -> (name, None); an alias taken
+    (canonical_backend_spec). Checked against the registry: an unknown name or precision is a
+    BackendError listing the choices."""
+    spec = canonical_backend_spec(spec)
     if not isinstance(spec, str) or spec not in backend_choices():
         raise BackendError(f"backend {spec!r} unknown; choose from {', '.join(backend_choices())}")
     name, _, precision = spec.partition(":")

@@ -18,11 +18,15 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from mrkd.deps import require
-from mrkd.runtime.backends import NOT_ONNX, Backend, BackendError, BackendOptions
+from mrkd.runtime.backends import NOT_ONNX, PRECISION_ALIASES, Backend, BackendError, BackendOptions
 
 DEVICE = "CPU"
-DEFAULT_PRECISION = "f32"     # bit-comparable to ONNX Runtime FP32; bf16 is asked for by name
+DEFAULT_PRECISION = "fp32"    # bit-comparable to ONNX Runtime FP32; bf16 is asked for by name
 CHECKED = "checked"           # --backend auto's precision: bf16 only where the model's bf16 check passed
+# Precisions are named as everywhere a user reads them (events, /metrics, the sidecar: "fp32", "fp16",
+# "bf16"); OpenVINO's own element type names ("f32", "f16") are used only towards OpenVINO.
+OPENVINO_TYPE = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+OUR_NAME = {ov_name: ours for ours, ov_name in OPENVINO_TYPE.items()}
 # OpenVINO element type names -> numpy input dtypes the Detector feeds.
 _INPUT_TYPES = {"f32": np.float32, "f16": np.float16, "u8": np.uint8}
 
@@ -52,47 +56,48 @@ def cpu_capabilities() -> Tuple[str, ...]:
 def checked_precision(capabilities: Tuple[str, ...], metadata,
                       decision_thresholds: Sequence[Optional[float]] = ()) -> Tuple[str, str]:
     """"checked" (what --backend auto runs): bf16 where the CPU has it natively and the model's
-    sidecar records a passing bf16 check (export --check-images), else f32. ``decision_thresholds``: the
+    sidecar records a passing bf16 check (export --check-images), else fp32. ``decision_thresholds``: the
     thresholds the run decides at (None: the model's own; () = only the model's): the check's score
     error must stay within 1 % of each. Returns (hint, why)."""
     if "BF16" not in capabilities:
-        return "f32", "f32: this CPU has no native bf16"
+        return "fp32", "fp32: this CPU has no native bf16"
     checks = [c for c in getattr(metadata, "precision_checks", ()) if c.backend == "openvino:bf16"]
     if not checks:
         if getattr(metadata, "int8", None) is not None:
             # export checks bf16 on the FP32 graph only; no option records it for the INT8 graph's f32 layers
-            return "f32", "f32 beside its INT8 layers: bf16 is checked on the FP32 graph (model.onnx) only"
-        return "f32", "f32: bf16 not checked for this model (see mrkd export --check-images)"
+            return "fp32", "fp32 beside its INT8 layers: bf16 is checked on the FP32 graph (model.onnx) only"
+        return "fp32", "fp32: bf16 not checked for this model (see mrkd export --check-images)"
     check = checks[-1]
     measured = (f"score max |diff| {check.score_max_abs_diff:.3g} at threshold {check.threshold:.6g}, "
                 f"{check.decision_agreement:.1%} of {check.images} decisions equal")
     if not check.passed:
-        return "f32", f"f32: the bf16 check failed ({measured})"
+        return "fp32", f"fp32: the bf16 check failed ({measured})"
     threshold = getattr(metadata, "threshold", None)
     if threshold is not None and check.score_max_abs_diff > check.SCORE_TOLERANCE * abs(threshold):
         # mrkd calibrate moved the threshold since the check: the score error is judged against the new one.
-        return "f32", f"f32: bf16's score error {check.score_max_abs_diff:.3g} is over 1 % of the threshold now set"
+        return "fp32", f"fp32: bf16's score error {check.score_max_abs_diff:.3g} is over 1 % of the threshold now set"
     # a camera's own threshold (--threshold, the line file) is where its decisions are taken: judged alike
     for given in (t for t in decision_thresholds if t is not None):
         if check.score_max_abs_diff > check.SCORE_TOLERANCE * abs(given):
-            return "f32", (f"f32: bf16's score error {check.score_max_abs_diff:.3g} is over 1 % of the threshold "
+            return "fp32", (f"fp32: bf16's score error {check.score_max_abs_diff:.3g} is over 1 % of the threshold "
                            f"{given:.6g} given for a camera")
     return "bf16", f"bf16: checked against FP32 ({measured}{', on ' + check.cpu if check.cpu else ''})"
 
 
 def inference_precision(requested: Optional[str], capabilities: Tuple[str, ...], where: str) -> str:
-    """The INFERENCE_PRECISION_HINT to compile with: "f32" (default), "bf16" (refused on a CPU
-    without native bf16, where OpenVINO would silently fall back to f32), or "auto" = bf16 where the
-    CPU has it natively, else f32 ("checked" is decided by checked_precision)."""
-    requested = requested or DEFAULT_PRECISION
+    """The precision to compile with (OPENVINO_TYPE gives the INFERENCE_PRECISION_HINT): "fp32" (default;
+    "f32", OpenVINO's name, is taken too), "bf16" (refused on a CPU without native bf16, where OpenVINO would
+    silently fall back to f32), or "auto" = bf16 where the CPU has it natively, else fp32 ("checked" is
+    decided by checked_precision)."""
+    requested = PRECISION_ALIASES.get(requested or DEFAULT_PRECISION, requested or DEFAULT_PRECISION)
     has_bf16 = "BF16" in capabilities
     if requested == "auto":
-        return "bf16" if has_bf16 else "f32"
+        return "bf16" if has_bf16 else "fp32"
     if requested == "bf16" and not has_bf16:
         raise BackendError(f"{where}: openvino:bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this "
-                           f"one offers {', '.join(capabilities)}: use openvino (f32) or openvino:auto")
-    if requested not in ("f32", "bf16"):
-        raise BackendError(f"{where}: OpenVINO precision {requested!r} unknown; choose f32, bf16 or auto")
+                           f"one offers {', '.join(capabilities)}: use openvino (fp32) or openvino:auto")
+    if requested not in ("fp32", "bf16"):
+        raise BackendError(f"{where}: OpenVINO precision {requested!r} unknown; choose fp32, bf16 or auto")
     return requested
 
 
@@ -139,14 +144,14 @@ class OpenVinoBackend(Backend):
         framework = rt_info["framework"] if "framework" in rt_info.keys() else {}
         self.model_metadata_props = {key: value.astype(str) for key, value in dict(framework).items()}
         self.capabilities = cpu_capabilities()
-        self.requested_precision = options.precision or DEFAULT_PRECISION
+        self.requested_precision = PRECISION_ALIASES.get(options.precision, options.precision) or DEFAULT_PRECISION
         if self.requested_precision == CHECKED:
             hint, self.precision_reason = checked_precision(self.capabilities, options.metadata,
                                                             options.decision_thresholds)
         else:
             hint = inference_precision(options.precision, self.capabilities, str(self.model_path))
             self.precision_reason = f"{hint}: asked for {self.requested_precision}"
-        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_PRECISION_HINT": OPENVINO_TYPE[hint], "PERFORMANCE_HINT": "LATENCY"}
         if options.threads:
             config["INFERENCE_NUM_THREADS"] = int(options.threads)
         try:
@@ -154,7 +159,8 @@ class OpenVinoBackend(Backend):
         except Exception as exc:
             raise BackendError(f"{self.model_path}: OpenVINO cannot compile the model for the CPU ({exc})") from exc
         # What the compiled model runs at, not what was asked for (the two differ where OpenVINO falls back).
-        self.precision = _short_type(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        ran = _short_type(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = OUR_NAME.get(ran, ran)
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
         self._request = self.compiled.create_infer_request()
         self._outputs = list(self.compiled.outputs)
@@ -178,6 +184,6 @@ class OpenVinoBackend(Backend):
 
 
 def _short_type(element_type) -> str:
-    """OpenVINO's Type (or its text) -> "f32" / "bf16" / "f16"."""
+    """OpenVINO's Type (or its text) -> its name: "f32" / "bf16" / "f16" (OUR_NAME: ours)."""
     name = getattr(element_type, "get_type_name", None)
     return name() if callable(name) else str(element_type)

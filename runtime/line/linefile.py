@@ -30,7 +30,7 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     1 = "models/variant_b.onnx"
 
     [inference]                        # optional: how the models run (the command line's options win)
-    backend = "openvino:bf16"          # as --backend: auto, onnxruntime, tensorrt, openvino[:f32|bf16|auto|checked]
+    backend = "openvino:bf16"          # as --backend: auto, onnxruntime, tensorrt, openvino[:fp32|bf16|auto|checked]
     threads = 2                        # as --threads (0: the library's default)
     providers = ["cuda", "cpu"]        # as --providers (ONNX Runtime's execution providers)
     postprocess = "auto"               # as --postprocess
@@ -277,7 +277,7 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
 
 def _inference_settings(path: str, data: dict) -> Dict[str, Any]:
     """[inference] as Line fields; errors name the field and what it takes."""
-    from mrkd.runtime.backends import backend_choices
+    from mrkd.runtime.backends import backend_choices, canonical_backend_spec
     from mrkd.runtime.postprocess import IMPLS
     table = data.get("inference", {})
     if not isinstance(table, dict):
@@ -287,6 +287,8 @@ def _inference_settings(path: str, data: dict) -> Dict[str, Any]:
         raise LineFileError(f"{path}: inference.{unknown[0]}: unknown field (known: {', '.join(INFERENCE_FIELDS)})")
     settings: Dict[str, Any] = {}
     for name, value in table.items():
+        if name == "backend":           # openvino:f32 is openvino:fp32
+            value = canonical_backend_spec(value)
         choices = {"backend": backend_choices(), "postprocess": ("auto",) + tuple(IMPLS)}.get(name)
         if choices is not None and value not in choices:
             raise LineFileError(f"{path}: inference.{name}: expected one of {', '.join(choices)}, got {value!r}")
