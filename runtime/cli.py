@@ -9,7 +9,7 @@ import json
 import math
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import click
 
@@ -583,11 +583,9 @@ def run_command(model, sources, line_file, **options):
             detector.close()
     text = summary_json(summary)
     click.echo(text)
-    failing = [f"{name} ({health['failed']} failed, {health.get('dropped', 0)} dropped: {health['detail']})"
-               for name, health in summary.get("outputs", {}).items()
-               if not health["ok"] or health["failed"] or health.get("dropped")]
-    if failing:
-        status_to_stderr("WARNING: outputs that did not deliver everything: " + "; ".join(failing))
+    undelivered = undelivered_outputs(summary.get("outputs", {}))
+    if undelivered:
+        status_to_stderr(undelivered)
     if summary_path:
         atomic_write_text(summary_path, text + "\n")
     unread = [name for name, camera in (summary.get("cameras") or {}).items() if not triggered
@@ -603,6 +601,15 @@ def run_command(model, sources, line_file, **options):
         raise SourceError("; ".join(f"camera {name!r}: its source failed and stopped "
                                     f"({summary['cameras'][name]['source_failed']})" for name in failed)
                           + " (the summary above counts what was read before)")
+
+
+def undelivered_outputs(outputs: Mapping[str, dict]) -> Optional[str]:
+    """The end-of-run warning naming each output (the summary's "outputs") that did not deliver everything,
+    with its last error where it has one (frames dropped behind a slow encoder have none); None if all did."""
+    failing = [f"{name} ({health['failed']} failed, {health.get('dropped', 0)} dropped"
+               + (f": {health['detail']})" if health["detail"] else ")")
+               for name, health in outputs.items() if not health["ok"] or health["failed"] or health.get("dropped")]
+    return "WARNING: outputs that did not deliver everything: " + "; ".join(failing) if failing else None
 
 
 def parse_named_source(text: str, index: int):

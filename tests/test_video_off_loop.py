@@ -224,3 +224,35 @@ def test_a_recording_on_a_full_disk_counts_its_frames_failed_not_written(tmp_pat
     assert recorded["sent"] <= playable < 60 and not recorded["ok"], (recorded, playable)
     assert recorded["sent"] + recorded["failed"] + recorded["dropped"] == 60, recorded
     assert "video" in done.stderr and "failed" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_end_of_run_warning_names_the_dropped_video_frames_without_an_empty_detail(tmp_path, monkeypatch):
+    """`mrkd run --save-video` with an encoder slower than the line: the end-of-run warning said
+    'video (0 failed, 23 dropped: )', an empty reason after the colon (dropping is no error: there is none)."""
+    import re
+    import time
+
+    import cv2
+    from click.testing import CliRunner
+
+    from mrkd.cli import main
+    from mrkd.runtime.outputs.video import VideoFileSink
+    real_write = VideoFileSink.write
+
+    def slow_write(self, image):          # an encoder far slower than the line
+        time.sleep(0.05)
+        return real_write(self, image)
+    monkeypatch.setattr(VideoFileSink, "write", slow_write)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in enumerate(numbered_frames(40)):
+        cv2.imwrite(str(folder / f"{index:03d}.png"), frame)
+    result = CliRunner().invoke(main, ["run", str(build_tiny_model(tmp_path / "m.onnx")), "--source", str(folder),
+                                       "--save-video", str(tmp_path / "v.avi"), "--status-every", "0",
+                                       "--summary", str(tmp_path / "summary.json")])
+    assert result.exit_code == 0, result.output
+    video = json.loads((tmp_path / "summary.json").read_text())["outputs"]["video"]
+    assert video["dropped"] > 0 and video["failed"] == 0 and video["detail"] == "", video
+    (warning,) = [line for line in result.output.splitlines() if "did not deliver everything" in line]
+    assert warning.endswith(f": video (0 failed, {video['dropped']} dropped)"), warning
+    assert not re.search(r":\s*\)", warning), warning
