@@ -85,8 +85,8 @@ def part_options(command):
                      help="GenICam feature of gige:// cameras, e.g. ExposureTime=5000 (repeatable; applied in order, "
                           "re-applied after a reconnect)."),
         click.option("--trigger-stdin", is_flag=True,
-                     help="Trigger one part per line read from standard input (the line is the part id, empty: "
-                          "counted; 'ID@N' judges it with recipe N). The run ends at the end of input."),
+                     help="Trigger one part per line read from standard input (the line is the part id; an empty "
+                          "line is a part named by its trigger number; 'ID@N' judges it with recipe N). The run ends at the end of input."),
         click.option("--trigger-every", type=seconds(0, open_min=True, maximum=3600), default=None, metavar="SECONDS",
                      help="Trigger a part every SECONDS (a test driver; with --max-parts it ends after that many)."),
         click.option("--max-parts", type=IntegerRange(min=1), default=None,
@@ -385,7 +385,8 @@ def threshold_off_scale(threshold: float, detector) -> str:
                    "MODEL (a plain URI is named cam0, cam1, ...).")
 @click.option("--line", "line_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML line file: [[camera]] tables with name, source, model and optional threshold, debounce, "
-                   "cooldown, cooldown_frames, size, fps, loop (the options below are their defaults; MODEL "
+                   "cooldown, cooldown_frames, size, fps, loop, trigger, features (the options below are their "
+                   "defaults; MODEL "
                    "is the default model); an [inference] table sets backend, threads, providers, postprocess.")
 @click.option("--backend", type=BackendChoice(), default=None,
               help="Inference backend (NAME:PRECISION sets OpenVINO's fp32/bf16); auto (the default) = TensorRT for "

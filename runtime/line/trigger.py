@@ -196,7 +196,7 @@ def input_lines(stream) -> Iterator[str]:
 def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.Event,
                   budget: Optional[TriggerBudget] = None) -> threading.Thread:
     """One trigger per line of ``lines`` (stdin; ``input_lines``): the line is the part id (empty:
-    counted), an optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or once ``budget``'s
+    the part is named by its trigger number), an optional ``@N`` suffix the recipe (``P-17@2``). At the end of input, or once ``budget``'s
     accepted triggers are spent (shared with the other drivers; the lines after are not read), sets
     ``stop`` once idle. Input that cannot be read any more (an I/O error) ends it as the end of input
     does, said once in the log."""
