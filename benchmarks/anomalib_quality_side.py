@@ -188,7 +188,7 @@ def run_category(model, folder: Path, seeds, ratio: float, batch_size: int) -> l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="folder with job.json and the .npy inputs")
     args = parser.parse_args()
     job = json.loads((args.workdir / "job.json").read_text())

@@ -74,7 +74,7 @@ def _ov_precision(inferencer) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="folder with images/*.png; exports go below it")
     parser.add_argument("--image-size", type=int, default=256, help="model input size (square)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (OpenVINO keeps its default)")

@@ -266,7 +266,7 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2,
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models (resnet18, 64 px), two rounds: a smoke run")
     parser.add_argument("--rounds", type=int, default=0, help="alternation rounds (default 12; 2 with --quick)")
     parser.add_argument("--image-size", type=int, default=None, help="input size of both sides (square; default 256, 64 with --quick)")

@@ -280,7 +280,7 @@ def main(argv=None) -> None:
     import argparse
 
     from mrkd.atomic import atomic_write_text
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 cells per folder, 64 px, seed 0")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="PatchCore coreset seeds (default 0 1 2)")
     parser.add_argument("--ours-seeds", type=int, nargs="*", default=None,

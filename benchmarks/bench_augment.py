@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import cv2
@@ -56,4 +54,5 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

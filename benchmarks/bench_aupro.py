@@ -8,8 +8,6 @@ process; the result holds both times, the speed-up and how far apart the two val
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import numpy as np
@@ -74,4 +72,5 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

@@ -140,12 +140,13 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code runs, numbers mean nothing")
     parser.add_argument("--backbone", default=None, help="default efficientnet_lite0 (resnet18 with --quick)")
     parser.add_argument("--image-size", type=int, default=None, help="default 256 (64 with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every backend (default 2)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="alternated calls per row (default 30; 3 with --quick)")
     args = parser.parse_args()
     json.dump(run(args.quick, args.backbone, args.image_size, args.threads, args.rounds), sys.stdout, indent=2)
     print()

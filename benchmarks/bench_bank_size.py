@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from mrkd.benchmarks.bench_refit import SETTINGS
 
@@ -66,7 +65,7 @@ def main(argv=None) -> None:
     import argparse
 
     from mrkd.benchmarks.bench_refit import add_study_arguments, report_study
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_study_arguments(parser)
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
                         help="bank sizes to try, as fractions of the training patches (0.05: shipped)")

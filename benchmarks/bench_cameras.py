@@ -182,4 +182,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         _worker(json.loads(sys.argv[2]))
     else:
-        print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+        from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

@@ -13,8 +13,6 @@ shipped, alternated, so the cost or gain of putting them to sleep between frames
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -130,4 +128,5 @@ def run(quick: bool = False, backbone: Optional[str] = None, image_size: Optiona
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

@@ -125,7 +125,7 @@ def run_epochs(settings: EpochsSettings, work: Optional[Path] = None, log=print)
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from mrkd.atomic import atomic_write_text
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs-at", type=int, nargs="+", default=None,
                         help="epoch counts to score, one run resumed to each (default 10 25 50 100 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0)")

@@ -112,7 +112,7 @@ def run(checkpoint, frames: int = 300, work="/tmp/mrkd_bench_hot_swap", log=prin
 
 def main(argv=None) -> None:
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a --score both checkpoint")
     parser.add_argument("--frames", type=int, default=300, help="frames the line judges")
     parser.add_argument("--work", default="/tmp/mrkd_bench_hot_swap", help="scratch folder (emptied)")

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     import argparse
 
     from mrkd.benchmarks.bench_refit import add_study_arguments, report_study
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_study_arguments(parser)
     args = parser.parse_args(argv)
     report_study(run(tuple(args.seeds), tuple(args.categories), args.work, args.image_size), args.out)

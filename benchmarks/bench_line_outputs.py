@@ -28,7 +28,6 @@ worker, a bounded queue: frames past it are left out of the file and counted, ``
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -325,4 +324,5 @@ def _near_the_top(onnx_path: Path, frames: list, threads: int) -> float:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

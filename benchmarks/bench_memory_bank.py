@@ -252,7 +252,7 @@ def comma_list(choices):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke mode (24 images, 64 px)")
     parser.add_argument("--images", type=int, default=None, help="training images (default 700; 24 in --quick)")
     parser.add_argument("--image-size", type=int, default=None, help="input size in pixels (default 256)")

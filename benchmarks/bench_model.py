@@ -10,8 +10,6 @@ FLOPs per image are counted with torch's FlopCounterMode (multiply-add = 2 FLOPs
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -228,4 +226,5 @@ def _gpu_rows(model, image_size: int, batches: List[int], repeats: int) -> List[
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

@@ -21,8 +21,6 @@ latency + 10 ms" is checked on image -> verdict (mrkd's share) and shown for the
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -138,4 +136,5 @@ def camera_frame(runner) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

@@ -35,7 +35,6 @@ adds ``event_to_client``.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -262,6 +261,7 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2,
 
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    switch = float(arguments[arguments.index("--switch-ms") + 1]) if "--switch-ms" in arguments else None
-    print(json.dumps(run(quick="--quick" in arguments, switch_ms=switch), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run, add_options=lambda parser: parser.add_argument(
+        "--switch-ms", dest="switch_ms", type=float, default=None, metavar="MS",
+        help="set Python's thread switch interval to MS after the servers start (default: as they set it)"))

@@ -27,7 +27,6 @@ official path at its best thread count, in every row.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -302,4 +301,5 @@ def run(quick: bool = False, threads: int = 2) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from mrkd.benchmarks.module_main import benchmark_main
+    benchmark_main(__doc__, run)

@@ -413,7 +413,7 @@ def main(argv=None) -> None:
     import json
 
     from mrkd.atomic import atomic_write_text
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI mode: small subset, 64 px, 3 epochs, 1 seed")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="test: final numbers; validation: the only split to tune settings on")

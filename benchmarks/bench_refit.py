@@ -499,7 +499,7 @@ def main(argv=None) -> None:
     import argparse
 
     from mrkd.atomic import atomic_write_text
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     parser.add_argument("--categories", nargs="+", default=["elpv_mono", "elpv_poly"], help="ELPV categories")
     parser.add_argument("--work", default="/tmp/mrkd_bench_refit", help="layouts and trained models (reused)")

@@ -83,7 +83,7 @@ if __name__ == "__main__":
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code runs, numbers mean nothing")
     parser.add_argument("--image-size", type=int, default=None, help="pixels (default 256; 64 with --quick)")
     parser.add_argument("--patches", type=int, default=None, help="bank patches (default: the trainer's cap, 8192)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -141,6 +141,6 @@ if __name__ == "__main__":
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller detection run")
     print(json.dumps(run(quick=parser.parse_args().quick), indent=2))

@@ -242,7 +242,7 @@ if __name__ == "__main__":
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code runs, numbers mean nothing")
     parser.add_argument("--images", type=int, default=None, help="training images (default 64; 8 with --quick)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per variant (default 3; 1 with --quick)")
