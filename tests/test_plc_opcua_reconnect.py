@@ -5,6 +5,7 @@ The connection runs through a relay the test cuts (tests/opcua_client/reconnect.
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -24,7 +25,8 @@ USER, PASSWORD = "operator", "line-7-secret"
 
 class Relay:
     """A TCP relay 127.0.0.1:port -> target: ``cut()`` closes every relayed connection and refuses new
-    ones (the cable pulled) until ``restore()``."""
+    ones (the cable pulled) until ``restore()``, which can make the link slow towards the server: each
+    client byte then reaches it ``upstream_lag_s`` late, in order."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
@@ -32,6 +34,7 @@ class Relay:
         self.port = self.listener.getsockname()[1]
         self.pairs = []
         self.refusing = False
+        self.upstream_lag_s = 0.0
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -47,8 +50,20 @@ class Relay:
             far = socket.create_connection(("127.0.0.1", self.target_port))
             with self.lock:
                 self.pairs.append((near, far))
-            for a, b in ((near, far), (far, near)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            if self.upstream_lag_s:
+                upstream = (self._pump_late, (near, far, self.upstream_lag_s))
+            else:
+                upstream = (self._pump, (near, far))
+            for pump, args in (upstream, (self._pump, (far, near))):
+                threading.Thread(target=pump, args=args, daemon=True).start()
+
+    @staticmethod
+    def _shut_down(*sockets: socket.socket) -> None:
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:
@@ -61,11 +76,33 @@ class Relay:
         except OSError:
             pass
         finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            Relay._shut_down(source, sink)
+
+    @staticmethod
+    def _pump_late(source: socket.socket, sink: socket.socket, lag_s: float) -> None:
+        """_pump with each chunk sent lag_s after it was read (a reader thread stamps them)."""
+        chunks: queue.Queue = queue.Queue()
+
+        def read() -> None:
+            try:
+                while data := source.recv(65536):
+                    chunks.put((time.monotonic() + lag_s, data))
+            except OSError:
+                pass
+            chunks.put((time.monotonic() + lag_s, b""))
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            while True:
+                due, data = chunks.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            Relay._shut_down(source, sink)
 
     def cut(self) -> None:
         self.refusing = True
@@ -79,7 +116,8 @@ class Relay:
                     pass
                 s.close()
 
-    def restore(self) -> None:
+    def restore(self, upstream_lag_s: float = 0.0) -> None:
+        self.upstream_lag_s = upstream_lag_s
         self.refusing = False
 
     def close(self) -> None:
@@ -94,13 +132,29 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+# The link comes back slow towards the server (a congested switch after its reboot), so node-opcua's
+# Republish, built at reactivation, reaches mrkd after the part judged just then has been published.
+UPSTREAM_LAG_S = 0.5
+PARTS = [("1", "before"), ("2", "during-1"), ("3", "during-2"), ("4", "after")]
+
+
 @pytest.mark.slow
 def test_node_opcua_rides_out_a_dropped_connection_without_a_republish_storm(tmp_path: Path):
     """Parts judged while the connection is down reach the client after it reconnects, each ResultReady
-    once. Before, asyncua answered a Republish of a message it no longer held with Good and an empty
-    message (OPC 10000-4 5.13.6: Bad_MessageNotAvailable), so node-opcua, which republishes until it is
-    told there is nothing more, sent about 800 Republish requests a second for as long as the session
-    lived (measured: 8235 in 10 s), and each one that met a message just sent delivered it twice."""
+    in exactly one NotificationMessage. Before, asyncua answered a Republish of a message it no longer
+    held with Good and an empty message (OPC 10000-4 5.13.6: Bad_MessageNotAvailable), so node-opcua,
+    which republishes until it is told there is nothing more, sent about 800 Republish requests a second
+    for as long as the session lived (measured: 8235 in 10 s).
+
+    What reaches the application may still hold one message twice: node-opcua reactivating a session
+    does not hold back its Publish requests until its Republish loop ends (6.7 says it shall), so a
+    Republish asked before a message arrived by Publish, and answered before the client's acknowledgement
+    of it reached mrkd, returns that message again, as 5.13.6 says it must (unacknowledged, it is still in
+    the retransmission queue), and node-opcua hands it to the application again under the same sequence
+    number. On a loaded 2-core machine, the Republish delayed by the load, that happened in 3 of 37 runs;
+    the slow link here makes it happen every time. So the test checks what the spec promises: each
+    part's event in one sequence number, a sequence number always the same message, and a message twice
+    only where a Republish answered it."""
     node = require_node_client(OPCUA_CLIENT_DIR, ("node-opcua-client",))
     runner = folder_cell(tmp_path, "gdgdg", queue=4)
     server = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD).start()
@@ -117,9 +171,10 @@ def test_node_opcua_rides_out_a_dropped_connection_without_a_republish_storm(tmp
             assert runner.trigger(part).accepted
         wait_for(lambda: runner.inspections == 3, 10, "the parts judged while cut off")
         time.sleep(0.5)                                  # their events published while the client is away
-        relay.restore()
+        relay.restore(upstream_lag_s=UPSTREAM_LAG_S)
         client.ask("reconnected")
-        assert runner.trigger("after").accepted
+        assert client.ask("arrived 3")["count"] >= 3     # by the new channel's first Publish
+        assert runner.trigger("after").accepted          # while the Republish is on its way
         answer = client.ask("events 4")
     finally:
         if client is not None:
@@ -127,8 +182,20 @@ def test_node_opcua_rides_out_a_dropped_connection_without_a_republish_storm(tmp
         relay.close()
         runner.stop()
     seen = [(e["resultId"], e["partId"]) for e in answer["events"]]
-    assert seen == [("1", "before"), ("2", "during-1"), ("3", "during-2"), ("4", "after")], seen
-    assert answer["republish"] <= 3, answer["republish"]
+    messages = [(m["sequenceNumber"], [(e["resultId"], e["partId"]) for e in m["events"]])
+                for m in answer["messages"]]
+    republishes = [(r["retransmitSequenceNumber"], r["status"]) for r in answer["republishes"]]
+    report = f"events {seen}, messages (sequence number, events) {messages}, republishes {republishes}"
+    assert [event for _, events in messages for event in events] == seen, report
+    by_number = {}
+    for number, events in messages:                     # a sequence number names one message (5.13.1.1)
+        assert by_number.setdefault(number, events) == events, report
+    assert [event for number in sorted(by_number) for event in by_number[number]] == PARTS, report
+    numbers = [number for number, _ in messages]
+    twice = {number for number in numbers if numbers.count(number) > 1}
+    assert twice <= {number for number, status in republishes if status == "Good"}, report
+    # the Republish loop ended, told there was no more, after a few requests: no storm
+    assert republishes and republishes[-1][1] == "BadMessageNotAvailable" and len(republishes) <= 3, report
 
 
 def test_republish_of_a_message_not_held_answers_bad_message_not_available(tmp_path: Path):
