@@ -538,7 +538,13 @@ def test_live_triggered_run_reloads_a_recipe_model_and_takes_post_reload_and_rev
         judged(5)
         # the page names the camera's model that judges now, each NG part's row the model that judged it
         from test_review_page import hello
-        page = hello(url)
+        page = {}
+
+        def page_has_every_part() -> bool:      # the page hears of a part just after the events log
+            nonlocal page
+            page = hello(url)
+            return len(page["alarms"]) >= 5
+        wait_until(page_has_every_part, 10, "part e on the page", detail=run.tail)
         assert (page["cameras"][0]["model_sha256"], page["cameras"][0]["threshold"]) == (sha_b, 0.2)
         assert (page["status"][0]["model_sha256"], page["status"][0]["threshold"]) == (sha_b, 0.2)
         assert [(a["part_id"], a["model_sha256"]) for a in page["alarms"]] == [
