@@ -10,8 +10,11 @@ fi
 # The tests whose native libraries start threads of their own (Aravis/GObject for GigE Vision,
 # OpenVINO's plugins, the asyncua/pymodbus servers) run in pytest processes of their own: a library's
 # leftover thread then cannot take another part of the suite down with it, and a crash names its group.
+# The benchmarks' smoke test (every benchmark once, 3 minutes) runs with them: beside the main group,
+# not in its 20 minutes.
 isolated=("tests/test_gige.py tests/test_parts.py tests/test_parts_swap.py tests/test_parts_review.py"
-          "tests/test_openvino.py tests/test_backends.py" "$(echo tests/test_plc_*.py)")
+          "tests/test_openvino.py tests/test_backends.py" "$(echo tests/test_plc_*.py)"
+          "tests/test_bench_smoke.py")
 ignore=()
 for group in "${isolated[@]}"; do
   for file in $group; do ignore+=("--ignore=$file"); done

@@ -14,7 +14,7 @@ from mrkd.benchmarks.cli import BENCHES, OPT_IN
 @pytest.mark.slow
 def test_bench_quick_runs_every_benchmark_and_writes_reports(tmp_path):
     # The peers the default benchmarks run: parts and plc a GigE Vision simulator, line_outputs a broker.
-    # (This test runs before the GigE tests that would otherwise have installed them on a new machine.)
+    # (Required here too: on a new machine nothing else may have installed them yet.)
     require_gige_simulator()
     require_loopback_address(bench_parts.ADDRESS)     # ip addr add: root's right (CAP_NET_ADMIN)
     require_program("mosquitto", ["mosquitto"])
