@@ -36,7 +36,8 @@ isolated_log=$(mktemp -t mrkd-isolated-XXXXXX.log)
 ) > "$isolated_log" 2>&1 &
 isolated_pid=$!
 # On an interrupt the groups' pytest stops too (it is the subshell's child), and the log goes.
-trap 'pkill -TERM -P "$isolated_pid" 2>/dev/null; kill "$isolated_pid" 2>/dev/null; rm -f "$isolated_log"' EXIT
+# (Each command of the trap must succeed: under set -e a failing one, pkill finding nothing, is the exit status.)
+trap 'pkill -TERM -P "$isolated_pid" 2>/dev/null || true; kill "$isolated_pid" 2>/dev/null || true; rm -f "$isolated_log"' EXIT
 .venv/bin/python -m pytest -q -ra --durations=40 "${ignore[@]}" || status=$?
 wait "$isolated_pid" || status=$?
 cat "$isolated_log"
