@@ -646,6 +646,7 @@ class GigeSource(LatestFrameSource):
         self._next_index += 1
         status = buffer.get_status()
         image, raw, reason = None, None, ""
+        with_raw = self.keeps_camera_bits
         if status != Arv.BufferStatus.SUCCESS:
             self.stats.incomplete += 1
             self.stats.bad_frames += 1
@@ -656,7 +657,7 @@ class GigeSource(LatestFrameSource):
             try:
                 bgr, raw = decode(buffer.get_image_data(), buffer.get_image_width(), buffer.get_image_height(),
                                   format_name(buffer.get_image_pixel_format()), f"camera {self.name}",
-                                  with_raw=self.keeps_camera_bits)
+                                  with_raw=with_raw)
             except SourceError as exc:
                 bgr, reason = None, str(exc)
             image = self._deliverable(bgr, index, reason or None) if bgr is not None else None
@@ -666,7 +667,9 @@ class GigeSource(LatestFrameSource):
                 self._warnings.warn("format", "%s", reason)
         with self._cond:
             if self.trigger_mode == "free":
-                if image is not None:
+                if image is not None and with_raw != self.keeps_camera_bits:
+                    pass        # decoded while keep_camera_bits changed: the next frame is judged instead
+                elif image is not None:
                     if self._latest is not None:
                         self.stats.dropped += 1
                     self._latest = Frame(index, image, time.time(), self.uri, raw)
