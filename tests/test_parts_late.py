@@ -3,12 +3,16 @@ its image when the runner asks, so on a moving line the image of a part queued b
 is under the camera by then. [part] max_delay bounds trigger -> image: past it the part is ERROR "late"
 (code 9), in order, and a camera's image is never asked for (test_gige: a stalled camera); a folder's or
 an array's next image is still read and dropped, so the parts after keep their own. Without the bound
-every part is judged and the first late one is warned about once (its delay is every part's acquired_s)."""
+every part is judged, and warned about once each: the first part asked for its image after a later part's
+trigger had come (triggers faster than the model), and the first whose image came later than the part
+timeout (its delay is every part's acquired_s)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -18,6 +22,7 @@ import numpy as np
 from runtime_fixtures import SlowFrames, build_tiny_model, defective_frame, normal_frame
 from test_parts import Recorder, reference_score, wait_idle
 
+from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import ERROR_CODES, PartRunner
 from mrkd.runtime.line.trigger import PartSettings
@@ -82,6 +87,72 @@ def test_without_max_delay_every_part_is_judged_and_the_delay_is_warned_once(mod
     assert parts[2].acquired_s > 2 * FRAME_S        # the third one's image: after both before it
     late = [r.getMessage() for r in caplog.records if "after its trigger" in r.getMessage()]
     assert len(late) == 1 and late[0].startswith("part P1: its image from camera cam came ") and "max_delay" in late[0], late
+    # P1 at the latest was asked for its image with P2 waiting: the other warning, once too
+    overtaken = [r.getMessage() for r in caplog.records if "was asked for its image after" in r.getMessage()]
+    assert len(overtaken) == 1 and overtaken[0].startswith(("part P0: camera cam ", "part P1: camera cam ")), overtaken
+
+
+class SlowDetector(Detector):
+    """The real detector, slower than the parts come: each call takes ``delay`` s more."""
+
+    def __init__(self, model, delay):
+        super().__init__(model)
+        self.delay = delay
+
+    def __call__(self, frames):
+        time.sleep(self.delay)
+        return super().__call__(frames)
+
+
+MODEL_S = 0.6       # the slow detector's time per part
+TRIGGER_S = 0.1     # between triggers: P2's comes ~0.4 s before P1 is asked for its image
+
+
+def slow_model_run(model, caplog, spaced):
+    """Four parts of a software-triggered camera judged by a model slower than the triggers (TRIGGER_S apart),
+    or each triggered once the one before is judged (``spaced``); the warnings of mrkd's parts module."""
+    line = Line((Camera("cam", "memory", model, trigger="software"),))
+    detector = SlowDetector(model, MODEL_S)
+    rng = np.random.default_rng(7)
+    recorder = Recorder()
+    with caplog.at_level(logging.WARNING, logger="mrkd.runtime.line.parts"):
+        runner = PartRunner(line, {"cam": ArraySource(iter([normal_frame(rng) for _ in range(4)]))},
+                            PartSettings(queue=4), detectors={str(Path(model).resolve()): detector},
+                            observers=[recorder]).start()
+        try:
+            for i in range(4):
+                assert runner.trigger(f"P{i}").accepted
+                if spaced:
+                    wait_idle(runner)
+                else:
+                    time.sleep(TRIGGER_S)
+            wait_idle(runner)
+        finally:
+            runner.stop()
+            detector.close()
+    assert [p.verdict != "ERROR" for p in recorder.parts] == [True] * 4
+    # every image came well within the part timeout: the timeout rule alone says nothing
+    assert max(p.acquired_s for p in recorder.parts) < PartSettings().timeout
+    return recorder.parts, [r.getMessage() for r in caplog.records if "max_delay" in r.getMessage()]
+
+
+def test_without_max_delay_an_image_asked_for_after_the_next_trigger_is_warned_once(model, caplog):
+    """Triggers faster than the model: a part's image is asked for once the part before is judged, when
+    the next part's trigger has come already, so on a moving line it may show that next part (a result
+    one part late), however short its delay. Said once, naming the parts and the camera."""
+    parts, warnings = slow_model_run(model, caplog, spaced=False)
+    assert [p.part_id for p in parts] == ["P0", "P1", "P2", "P3"]
+    assert len(warnings) == 1, warnings
+    # P1 is asked for its image ~MODEL_S after P0's trigger, when P2's (2 * TRIGGER_S) has come; the part
+    # named after it is the one right behind it (the first waiting)
+    found = re.match(r"part P(\d): camera cam was asked for its image after part P(\d)'s trigger had come ", warnings[0])
+    assert found and int(found[2]) == int(found[1]) + 1, warnings
+    assert "[part] max_delay (--part-max-delay)" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_without_max_delay_parts_spaced_out_are_not_warned(model, caplog):
+    parts, warnings = slow_model_run(model, caplog, spaced=True)
+    assert [p.part_id for p in parts] == ["P0", "P1", "P2", "P3"] and warnings == []
 
 
 @pytest.mark.parametrize("args, message", [

@@ -215,6 +215,7 @@ class PartRunner:
         self._last_accepted: Optional[float] = None  # wall time of the last accepted trigger
         self._spacing_warned = False
         self._late_warned = False
+        self._overtaken_warned = False
 
     # ------------------------------------------------------------ TriggerTarget
     def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
@@ -427,7 +428,8 @@ class PartRunner:
         return float(detector.threshold)
 
     def _judge(self, pending: _Pending) -> None:
-        waited = time.monotonic() - pending.mono
+        asked = time.monotonic()     # a software trigger is sent (a free run's next frame read) from here
+        waited = asked - pending.mono
         late = self._late(waited, "waited")
         futures = {c.name: self._pool.submit(c.grabber.grab, pending.wall, self.settings.timeout,
                                              self.settings.images, self._abort, self.settings.early)
@@ -442,7 +444,7 @@ class PartRunner:
                 if taken:
                     grabs[camera.name] = Grab([], taken)
                 elif self.settings.max_delay is None:
-                    self._warn_unbounded(pending, camera.name, grab.acquired_at - pending.mono)
+                    self._warn_unbounded(pending, camera.name, grab.acquired_at - pending.mono, asked)
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
         groups: Dict[str, List[Tuple[_Camera, Frame]]] = {}      # model path -> its images
         for camera in self.cameras:
@@ -505,10 +507,22 @@ class PartRunner:
             return None
         return f"late: {what} {seconds:.3g} s after its trigger, over part.max_delay {bound:g} s"
 
-    def _warn_unbounded(self, pending: _Pending, camera: str, delay: float) -> None:
-        """No max_delay, and an image came later after its trigger than a camera may take to deliver one
-        (the part timeout): the part waited in the queue. Said once; the delay of every part is its
-        acquired_s in the parts log and events."""
+    def _warn_unbounded(self, pending: _Pending, camera: str, delay: float, asked: float) -> None:
+        """No max_delay, and a camera that takes its image when asked was asked at ``asked`` (monotonic):
+        warned once each, when a later part's trigger had come by then (the part waited behind slower
+        parts: the image may show that later part, however short the delay), and when the image came later
+        after its trigger than a camera may take to deliver one (the part timeout). The delay of every part
+        is its acquired_s in the parts log and events."""
+        if not self._overtaken_warned:
+            with self._lock:
+                later = next((p for p in self._queue if p.mono <= asked), None)
+            if later is not None:
+                self._overtaken_warned = True
+                self._notifier.put(functools.partial(
+                    logger.warning, "part %s: camera %s was asked for its image after part %s's trigger had come "
+                    "(parts come faster than they are judged); on a moving line that image may show part %s: "
+                    "set [part] max_delay (--part-max-delay) to judge such parts ERROR 'late' instead",
+                    pending.part_id, camera, later.part_id, later.part_id))
         if delay <= self.settings.timeout or self._late_warned:
             return
         self._late_warned = True
