@@ -10,7 +10,9 @@ keep it too. The model, review and refit use the judged frame; this is the recor
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -32,3 +34,11 @@ class RawImage:
         if self.pixels.ndim != 2 or self.pixels.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"camera bits in {self.pixel_format} must be uint8 or uint16 H×W, "
                              f"got {self.pixels.dtype} {self.pixels.shape}")
+
+    @property
+    def significant_bits(self) -> Optional[int]:
+        """How many bits of each uint16 value the camera gives (Mono10: 10, Mono12: 12, the number that
+        ends the GenICam name); None where the values fill their type (Mono16, 8-bit mosaics)."""
+        named = re.search(r"(\d+)$", self.pixel_format)
+        bits = int(named.group(1)) if named else None
+        return bits if self.pixels.dtype == np.uint16 and bits is not None and 8 < bits < 16 else None

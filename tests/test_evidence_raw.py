@@ -4,13 +4,17 @@ mosaic). Against Aravis' real GigE Vision simulator (arv-fake-gv-camera-0.8, Mon
 raw PNG is read back with OpenCV's own reader (IMREAD_UNCHANGED) and compared with the simulator's test
 pattern (Aravis' arvfakecamera.c: Mono16 pixel (x, y) of frame f is 256 (x + y + f) mod 65535) and with
 the judged frame (shifted / demosaiced). Synthetic buffers cover Mono10/12 and the other Bayer patterns;
-the budget deletes an OK sample's raw file with its frame; review and refit keep reading the 8-bit frame."""
+the budget deletes an OK sample's raw file with its frame; review and refit keep reading the 8-bit frame.
+Mono10/12 are scaled to 16 bits with an sBIT chunk, as the PNG spec asks: its chunks are read by a reader
+written here (struct and zlib), not by the encoder's library."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -24,13 +28,68 @@ from mrkd.runtime.line.loop import Camera, Line
 from mrkd.runtime.line.parts import PartRunner, open_part_sources
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.runtime.outputs.base import CameraJudgement, FrameResult, LineObserver, PartResult, Verdict
-from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter, encode_raw_png
 from mrkd.runtime.raw_image import RawImage
 from mrkd.runtime.sources.gige import BAYER_TO_OPENCV, MONO_BITS, decode
 
 
 def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def png_chunks(path):
+    """The PNG's chunks in order, (type, data), each one's CRC checked (PNG 1.2 section 3)."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = [], 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length:at + 12 + length])[0] == zlib.crc32(kind + body), kind
+        chunks.append((kind.decode("ascii"), body))
+        at += 12 + length
+    return chunks
+
+
+def gray16_samples(chunks) -> np.ndarray:
+    """A non-interlaced 16-bit greyscale PNG's samples as stored: IDAT inflated and each row's filter
+    undone (PNG 1.2 section 6), no shift, no sBIT applied."""
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert chunks[0][0] == "IHDR" and (depth, colour, interlace) == (16, 0, 0)
+    data, stride, bpp = zlib.decompress(b"".join(body for kind, body in chunks if kind == "IDAT")), width * 2, 2
+    rows, prior = [], bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = data[start], bytearray(data[start + 1:start + 1 + stride])
+        for i in range(stride):
+            a, b = (line[i - bpp] if i >= bpp else 0), prior[i]
+            c = prior[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + a) & 255
+            elif kind == 2:
+                line[i] = (line[i] + b) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+            else:
+                assert kind == 0, kind
+        rows.append(bytes(line))
+        prior = line
+    return np.frombuffer(b"".join(rows), ">u2").reshape(height, width)
+
+
+def significant_bits(chunks):
+    """The sBIT chunk's one greyscale byte, None without one; it must come before IDAT (section 4.2.6)."""
+    kinds = [kind for kind, _ in chunks]
+    if "sBIT" not in kinds:
+        return None
+    assert kinds.count("sBIT") == 1 and kinds.index("sBIT") < kinds.index("IDAT")
+    body = chunks[kinds.index("sBIT")][1]
+    assert len(body) == 1, body
+    return body[0]
 
 
 # ---------------------------------------------------------------- decode (no camera)
@@ -84,16 +143,49 @@ def test_an_alarm_keeps_the_camera_bits_in_a_16_bit_png_beside_the_judged_frame(
     assert fields["evidence_raw_pixel_format"] == "Mono12"
     with Image.open(fields["evidence_raw"]) as kept:             # an independent reader: Pillow
         assert kept.mode.startswith("I;16") or kept.mode == "I"
-        assert np.array_equal(np.asarray(kept).astype(np.uint16), raw.pixels)     # 0..4095, as delivered
+        assert np.array_equal(np.asarray(kept).astype(np.uint16) >> 4, raw.pixels)   # scaled to 16 bits
     assert np.array_equal(cv2.imread(fields["evidence"])[..., 1], raw.pixels >> 4)
     # a source without camera bits: the evidence as before, no extra file, no extra field
     plain = writer.event_fields(_frame(None, "e2"))
     assert set(plain) == {"evidence", "evidence_sha256"} and not (tmp_path / "cam0" / "e2.raw.png").exists()
 
 
+@pytest.mark.parametrize("pixel_format, bits", [("Mono10", 10), ("Mono12", 12), ("Mono16", None)])
+def test_a_raw_png_of_fewer_than_16_bits_is_scaled_and_says_its_significant_bits(pixel_format, bits, tmp_path):
+    """PNG stores a 10/12-bit sample scaled to its 16-bit depth and says how many bits are significant in
+    sBIT (PNG 1.2 sections 4.2.6 and 9.1): values as delivered (Mono12 0..4095) showed nearly black, and
+    no chunk said only 12 of the 16 bits count. Mono16 fills its bits: as delivered, no sBIT."""
+    top = (1 << (bits or 16)) - 1
+    values = np.random.default_rng(7).integers(0, top + 1, (24, 32), dtype=np.uint16)
+    values[0, :3] = (0, top, 1)
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1))
+    fields = writer.event_fields(_frame(RawImage(values, pixel_format), "e1"))
+    writer.on_frame(_frame(RawImage(values, pixel_format), index=1))       # an OK sample's raw file alike
+    for path in (fields["evidence_raw"], tmp_path / "cam0" / "ok" / "0000000001.raw.png"):
+        chunks = png_chunks(path)
+        stored = gray16_samples(chunks)
+        assert significant_bits(chunks) == bits
+        if bits is None:
+            assert np.array_equal(stored, values)
+            continue
+        assert np.array_equal(stored >> (16 - bits), values)                  # sBIT's shift gives them back
+        assert stored[0, 0] == 0 and stored[0, 1] == 65535                  # scaled to the full 16 bits
+        assert np.array_equal(stored & ((1 << (16 - bits)) - 1), values >> (2 * bits - 16))   # bit replication
+    assert fields["evidence_raw_sha256"] == sha(fields["evidence_raw"])
+
+
+def test_a_mono12_value_past_its_12_bits_is_kept_at_the_largest(tmp_path):
+    """PFNC pads Mono12 with zero bits; a camera that sets them gets 4095 there, as its frame gets 255."""
+    values = np.array([[4095, 4096, 65535, 17]], np.uint16)
+    fields = EvidenceWriter(EvidenceSettings(str(tmp_path))).event_fields(_frame(RawImage(values, "Mono12"), "e1"))
+    chunks = png_chunks(fields["evidence_raw"])
+    assert significant_bits(chunks) == 12
+    assert gray16_samples(chunks).tolist() == [[65535, 65535, 65535, 17 << 4 | 17 >> 8]]
+
+
 def test_an_ok_samples_raw_file_counts_in_the_budget_and_goes_with_its_frame(tmp_path):
     one = _frame(_mono12(0))
-    sample = len(cv2.imencode(".png", one.image)[1]) + len(cv2.imencode(".png", one.raw.pixels)[1])
+    sample = len(cv2.imencode(".png", one.image)[1]) + len(encode_raw_png(one.raw))
     writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(sample * 2.5)))
     for index in range(4):
         writer.on_frame(_frame(_mono12(index), index=index))
@@ -243,6 +335,40 @@ def test_a_free_running_gige_alarms_raw_evidence_is_named_by_its_event(simulator
     f = int(values[0, 0]) * 256 % 65535
     assert values.dtype == np.uint16 and np.array_equal(values.astype(np.int64), (256 * (x + y + f)) % 65535)
     assert np.array_equal(cv2.imread(event["evidence"])[..., 0], (values >> 8).astype(np.uint8))
+    assert significant_bits(png_chunks(event["evidence_raw"])) is None     # Mono16: every bit counts
+
+
+def test_a_gige_camera_in_mono12_keeps_its_bits_scaled_with_sbit(simulator, model, tmp_path):  # noqa: F811
+    """Aravis' simulator offers no Mono12 entry, but sends buffers of the format its PixelFormat register
+    holds (GVSP's leader names it); its test pattern fills Mono8/16 and Bayer only, so the values are
+    checked against the camera bits the line was handed, and the frame against them."""
+    from mrkd.runtime.line.loop import run_line
+    from mrkd.runtime.sources.gige import aravis
+    camera = simulator("127.0.86.48", "RAWMONO12")
+    control = aravis().Camera.new(camera.address)
+    control.get_device().set_integer_feature_value("PixelFormatRegister", 0x01100005)    # PFNC Mono12
+    del control                                   # lets the camera go: the line takes control
+    frames = {}
+
+    class Frames(LineObserver):
+        def on_frame(self, result):
+            frames[result.frame_index] = result.raw
+
+    # its buffers are blank: no score passes a threshold, so the camera bits kept are OK samples'
+    line = Line((Camera("cam", camera.uri, model, features=(("Width", "64"), ("Height", "48"))),))
+    run_line(line, max_frames=3, observers=[Frames(), EvidenceWriter(EvidenceSettings(str(tmp_path / "ev"), ok_every=1))])
+    kept = sorted((tmp_path / "ev" / "cam" / "ok").glob("*.raw.png"))
+    assert len(kept) == len(frames) == 3, (kept, frames)
+    for path in kept:
+        raw = frames[int(path.name[:-len(".raw.png")])]
+        assert raw.pixel_format == "Mono12"
+        chunks = png_chunks(path)
+        assert significant_bits(chunks) == 12
+        stored = gray16_samples(chunks)
+        delivered = np.minimum(raw.pixels, 4095)
+        assert stored.shape == (48, 64) and np.array_equal(stored >> 4, delivered)
+        frame = cv2.imread(str(path.with_name(path.name.replace(".raw.png", ".png"))))
+        assert np.array_equal(frame[..., 0], (delivered >> 4).astype(np.uint8))
 
 
 # ---------------------------------------------------------------- the camera bits only where an output keeps them

@@ -11,10 +11,12 @@ written to a temporary file, fsync'd and linked into place, never over an existi
 The PNG is the frame the model judged (8-bit BGR): what review and refit read. Where that frame is not
 the camera's own pixels (a GigE camera in Mono10/12/16, whose frame keeps the top 8 bits, or in Bayer,
 whose frame is demosaiced: ``FrameResult.raw``), those pixels are kept beside it as ``<name>.raw.png``:
-a 16-bit grayscale PNG of the values as delivered (Mono12 stays 0..4095) or the 8-bit mosaic, named by
-``evidence_raw``, ``evidence_raw_sha256`` and ``evidence_raw_pixel_format`` (an OK sample: its path and
-format). Every other source has none and its evidence is as before. The raw file counts in the budget
-like its frame and an OK sample's is deleted with it.
+a 16-bit grayscale PNG or the 8-bit mosaic, named by ``evidence_raw``, ``evidence_raw_sha256`` and
+``evidence_raw_pixel_format`` (an OK sample: its path and format). Mono16 is kept as delivered; Mono10/12
+as PNG keeps a sample of fewer bits than its bit depth (``encode_raw_png``): scaled to 16 bits, with an
+sBIT chunk of 10/12, so viewers show it at its brightness and ``value >> 6`` / ``>> 4`` is the camera's.
+Every other source has none and its evidence is as before. The raw file counts in the budget like its
+frame and an OK sample's is deleted with it.
 
 Counting (the health's sent/failed, ``mrkd_output_sent_total{output="evidence"}``): one item per alarm, per
 camera of an NG/ERROR part and per OK sample, whatever files it has. An item is sent when all its files
@@ -49,12 +51,14 @@ import functools
 import hashlib
 import os
 import re
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -98,6 +102,25 @@ def encode_png(image: np.ndarray) -> bytes:
     if not ok:
         raise OSError(f"OpenCV cannot encode a {image.shape} {image.dtype} image as PNG")
     return encoded.tobytes()
+
+
+def encode_raw_png(raw: RawImage) -> bytes:
+    """The camera's bits as PNG. PNG has no 10- or 12-bit samples: it asks the encoder to scale them to
+    the bit depth (PNG 1.2 section 9.1; left bit replication: 4095 becomes 65535) and to say how many bits
+    are significant in an sBIT chunk before IDAT (section 4.2.6), so that ``value >> (16 - bits)`` is the
+    camera's value again. Values past their bits (a camera breaking PFNC's zero padding) are kept at the
+    largest, as the judged frame keeps them at 255."""
+    bits = raw.significant_bits
+    if bits is None:
+        return encode_png(raw.pixels)
+    values = np.minimum(raw.pixels, (1 << bits) - 1)
+    encoded = encode_png((values << (16 - bits)) | (values >> (2 * bits - 16)))
+    header_end = 8 + 8 + 13 + 4          # the signature, then IHDR, which PNG puts first
+    if encoded[12:16] != b"IHDR":
+        raise OSError("OpenCV's PNG does not start with IHDR")
+    significant = b"sBIT" + bytes([bits])
+    chunk = struct.pack(">I", 1) + significant + struct.pack(">I", zlib.crc32(significant))
+    return encoded[:header_end] + chunk + encoded[header_end:]
 
 
 class EvidenceWriter(LineObserver):
@@ -170,10 +193,10 @@ class EvidenceWriter(LineObserver):
         return self._evidence_bytes + sum(size for _, size in self._ok_files)
 
     @staticmethod
-    def _encode(image: np.ndarray) -> bytes:
-        """The image as PNG; NotWritten when it cannot be encoded."""
+    def _encode(image: Union[np.ndarray, RawImage]) -> bytes:
+        """The judged frame or the camera's bits as PNG; NotWritten when it cannot be encoded."""
         try:
-            return encode_png(image)
+            return encode_raw_png(image) if isinstance(image, RawImage) else encode_png(image)
         except OSError as exc:
             raise NotWritten(str(exc)) from None
 
@@ -243,13 +266,13 @@ class EvidenceWriter(LineObserver):
         path, sha = self._evidence_file(self.folder / camera / f"{event_id}.png", image, failures)
         fields: Dict[str, object] = {"evidence": path, "evidence_sha256": sha}
         if raw is not None:
-            path, sha = self._evidence_file(self.folder / camera / f"{event_id}{RAW_SUFFIX}", raw.pixels, failures)
+            path, sha = self._evidence_file(self.folder / camera / f"{event_id}{RAW_SUFFIX}", raw, failures)
             fields.update(evidence_raw=path, evidence_raw_sha256=sha, evidence_raw_pixel_format=raw.pixel_format)
         with self._lock:
             self._counted("; ".join(failures) or None)
         return fields
 
-    def _evidence_file(self, path: Path, image: np.ndarray,
+    def _evidence_file(self, path: Path, image: Union[np.ndarray, RawImage],
                        failures: List[str]) -> Tuple[Optional[str], Optional[str]]:
         """Write one file of an alarm's evidence: its name and sha256, or (None, None) with why appended
         to ``failures``."""
@@ -339,7 +362,7 @@ class EvidenceWriter(LineObserver):
         raw_data, raw_failure = None, None
         if raw is not None:
             try:
-                raw_data = self._encode(raw.pixels)
+                raw_data = self._encode(raw)
             except NotWritten as exc:
                 raw_failure = str(exc)
         with self._lock:
