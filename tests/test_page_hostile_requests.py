@@ -142,3 +142,43 @@ def test_connections_that_send_nothing_cannot_hold_the_scrapers_reserve():
         for conn in idle:
             conn.close()
         server.close()
+
+
+def _answers(data: bytes, port: int) -> bytes:
+    """Everything the server sends back for ``data`` on one connection, until it closes it (or 3 s pass)."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=3)
+    conn.sendall(data)
+    received = b""
+    try:
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    except socket.timeout:
+        return received + b"<still open>"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_the_body_of_a_get_is_never_taken_for_a_second_request(review_server, method):
+    """A GET or HEAD with a body (Content-Length or chunked) was answered and its body then read as the next
+    request on the connection: two answers for one request (2026-12-07: GET /healthz with a body holding
+    'GET /nothing-here' got 200 and 404; a POST /review in the body was carried out and its label written),
+    how a proxy in front of the page is desynchronised and a request smuggled past it. Now the connection
+    is closed after the one answer (which says so), the body unread."""
+    server, labels = review_server
+    label = b'{"event_id": "ev-1", "label": "good"}'
+    inner = (f"POST /review HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+             f"Content-Length: {len(label)}\r\n\r\n").encode() + label
+    for framing in (b"Content-Length: %d\r\n\r\n" % len(inner) + inner,
+                    b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(inner) + inner + b"\r\n0\r\n\r\n"):
+        got = _answers(f"{method} / HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + framing, _port(server))
+        assert got.count(b"HTTP/1.1 ") == 1 and got.startswith(b"HTTP/1.1 200"), got[:300]
+        assert b"\r\nConnection: close\r\n" in got and not got.endswith(b"<still open>")
+    assert not labels.exists()        # the smuggled label was never read as a request
+    # a GET without a body keeps its connection for the next request, as before
+    two = _answers(b"GET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   b"Connection: close\r\n\r\n", _port(server))
+    assert two.count(b"HTTP/1.1 404") == 2, two[:300]

@@ -586,6 +586,12 @@ def _snapshot_bytes(path: str, folder: Optional[ServedFolder], event_id: str) ->
     return None
 
 
+def _has_body(headers) -> bool:
+    """Whether a request's headers announce a body (RFC 9112 6.3: chunked, or a Content-Length other than 0)."""
+    lengths = headers.get_all("Content-Length") or []
+    return "Transfer-Encoding" in headers or any(length.strip() != "0" for length in lengths)
+
+
 def _host_allowed(header: Optional[str], loopback_only: bool, allowed_names: frozenset) -> bool:
     """Whether a request's Host header names this server. No header (HTTP/1.0; browsers always send one):
     yes. A name allowed by hand: yes. Bound to loopback: loopback names only. Beyond it: any IP address
@@ -843,6 +849,10 @@ def _handler_for(server: OperatorServer):
                        b"--http-allow-host only\n")
                 self._send(421, why, "text/plain")
                 return False
+            if self.command != "POST" and _has_body(self.headers):
+                # no route but POST reads a body: left unread it would be taken for the next request
+                # (a request smuggled past a proxy in front of the page), so the connection ends after this one
+                self.close_connection = True
             return True
 
         def _send_guards(self) -> None:
@@ -857,7 +867,10 @@ def _handler_for(server: OperatorServer):
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self._send_guards()
-            for key, value in (extra or {}).items():
+            extra = dict(extra or {})
+            if self.close_connection:       # the client is told the connection ends with this answer
+                extra.setdefault("Connection", "close")
+            for key, value in extra.items():
                 self.send_header(key, value)
             self.end_headers()
             if self.command != "HEAD":
