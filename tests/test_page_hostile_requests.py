@@ -119,7 +119,8 @@ def test_a_page_that_listens_beyond_this_machine_says_so(caplog):
 def test_connections_that_send_nothing_cannot_hold_the_scrapers_reserve():
     """72 connections that never sent a byte filled the 64 page connections and the 8 kept for /metrics
     and /healthz: both answered 503 for as long as the flood lasted (each held up to 30 s, reopened at
-    will). Now the connection idle longest is closed to make room for a new one."""
+    will). Now the connection idle longest is closed to make room for a new one: once the page's places are
+    taken, for every new one, so the idle ones never hold more than those places (see the slowloris test)."""
     server = OperatorServer("127.0.0.1", 0, max_connections=4)
     address = server.httpd.server_address[:2]
     idle = []
@@ -131,10 +132,10 @@ def test_connections_that_send_nothing_cannot_hold_the_scrapers_reserve():
         started = time.monotonic()
         status, _, _ = _request(server, "GET", "/healthz")
         assert status == 404 and time.monotonic() - started < 1.0, status     # served (no metrics here)
-        for conn in idle[:7]:                   # the 6 flood connections past all slots, then the scrape's
-            conn.settimeout(2.0)
-            assert conn.recv(1) == b""          # closed by the server, oldest first
-        for conn in idle[7:]:
+        for conn in idle[:15]:                  # the 14 flood connections past the page's places, then the
+            conn.settimeout(2.0)                # scrape's: closed by the server, oldest first
+            assert conn.recv(1) == b""
+        for conn in idle[15:]:
             conn.settimeout(0.05)
             with pytest.raises(socket.timeout):
                 conn.recv(1)                    # the younger ones are still open
@@ -182,3 +183,46 @@ def test_the_body_of_a_get_is_never_taken_for_a_second_request(review_server, me
     two = _answers(b"GET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                    b"Connection: close\r\n\r\n", _port(server))
     assert two.count(b"HTTP/1.1 404") == 2, two[:300]
+
+
+def test_connections_that_never_finish_a_request_cannot_keep_the_page_and_its_commands_away(review_server):
+    """Slowloris: 72 connections that each trickled a request's headers and never finished them took the
+    64 page places and the 8 kept for the scraper; a closed one only made room in the scraper's reserve, so
+    the page and POST /review answered 503 for as long as the attack went on (2026-12-07, a probe of a live
+    `mrkd run --http`: GET / 503 six times in 9 s, /metrics 200). Now a page place held by a connection still
+    waiting for its request goes to the newcomer, the one that has waited longest first."""
+    server, labels = review_server
+    server.httpd.max_connections = 4
+    address = server.httpd.server_address[:2]
+    slow = []
+    try:
+        for _ in range(4 + 8 + 3):
+            conn = socket.create_connection(address, timeout=5)
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")      # headers started, never finished
+            slow.append(conn)
+            time.sleep(0.01)
+        time.sleep(0.3)
+        for _ in range(3):
+            for conn in slow:
+                try:
+                    conn.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+            assert _request(server, "GET", "/")[0] == 200
+            assert _request(server, "GET", "/healthz")[0] == 404          # served (no metrics here)
+        status, _, body = _request(server, "POST", "/review", b'{"event_id": "ev-1", "label": "good"}', TOKEN)
+        assert status == 200, body
+        assert labels.exists()
+        open_ = 0
+        for conn in slow:          # at most the page's places stay with the slow ones: the reserve is free
+            conn.settimeout(0.05)
+            try:
+                open_ += conn.recv(1) != b""
+            except socket.timeout:
+                open_ += 1
+            except OSError:
+                pass
+        assert open_ <= 4, open_
+    finally:
+        for conn in slow:
+            conn.close()

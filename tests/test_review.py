@@ -371,7 +371,8 @@ def _closed_within(conn, limit_s: float, trickle: bytes = b"", every_s: float = 
 
 def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_names_only(tmp_path):
     """A request whose bytes trickle in (each gap shorter than the socket timeout) is still dropped at the
-    request deadline; connections beyond the cap get 503 at once and a freed slot serves again; bound to
+    request deadline; connections beyond the cap (its places serving live streams) get 503 at once and a
+    freed slot serves again (places held by requests that never arrive: test_page_hostile_requests); bound to
     127.0.0.1 the server refuses requests addressed to another host name (DNS rebinding), commands
     included, and serves 127.0.0.1, localhost and [::1]; bound to every interface, a name must be allowed
     with --http-allow-host (tests/test_page_hardening.py has the rest of that rule)."""
@@ -393,22 +394,21 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
     full = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     page = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     try:
-        holders = [socket.create_connection(address, timeout=5) for _ in range(3)]
-        for conn in holders:
-            conn.sendall(b"GET / HTTP/1.1\r\n")            # half a request: each holds a server thread
+        streams = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        for conn in streams:                               # the page's places, each serving a live stream
+            conn.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         time.sleep(0.3)
         # past the cap, the probes' reserve: /healthz is still served (404: no metrics here), once per
         # connection; the page is not
         assert _raw(server.url, full).startswith(b"HTTP/1.1 404")
         answer = _raw(server.url, page)
         assert answer.startswith(b"HTTP/1.1 503") and b"Connection: close" in answer, answer
-        reserve = []
+        holders = []
         for _ in range(8):
             conn = socket.create_connection(address, timeout=5)
             conn.sendall(b"GET /healthz HTTP/1.1\r\n")     # the reserve held too, by requests that never end
-            reserve.append(conn)
+            holders.append(conn)
             time.sleep(0.02)                                 # in order: the oldest is known
-        holders += reserve
         time.sleep(0.3)
         # Every connection is taken, all by requests still arriving: the one waiting longest is closed to
         # make room, so the scrape is served at once (before: 503 until a holder's 20 s ran out)
@@ -417,10 +417,11 @@ def test_page_drops_trickled_requests_caps_connections_and_answers_loopback_name
             answer = _raw(server.url, full)
             assert answer.startswith(b"HTTP/1.1 404") and time.monotonic() - started < 1.0, answer
             assert _closed_within(holders[k], 2.0) < 2.0              # it was that one, nobody younger
-            assert all(_closed_within(conn, 0.05) == float("inf") for conn in holders[k + 1:])
+            assert all(_closed_within(conn, 0.05) == float("inf") for conn in holders[k + 1:] + streams)
             holders.append(socket.create_connection(address, timeout=5))   # every connection taken again
             holders[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
             time.sleep(0.2)
+        holders += streams
         for conn in holders:
             conn.close()
     finally:

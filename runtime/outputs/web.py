@@ -661,11 +661,18 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     def process_request(self, request, client_address):
         with self._active_lock:
             taken = self._active - len(self._evicted)
-            if taken >= self.max_connections + self.PROBE_RESERVE and self._waiting:
+            page_places = taken - len(self.probes_only - self._evicted)
+            # every page place taken: one whose connection still waits for its request goes to the newcomer
+            # (else connections that never finish a request kept the page and its commands away for good)
+            waiting = [r for r in self._waiting if r not in self.probes_only]
+            if page_places >= self.max_connections and waiting:
+                self._evict(min(waiting, key=self._waiting.get))
+                taken, page_places = taken - 1, page_places - 1
+            elif taken >= self.max_connections + self.PROBE_RESERVE and self._waiting:
                 self._evict(min(self._waiting, key=self._waiting.get))
                 taken -= 1
             admitted = taken < self.max_connections + self.PROBE_RESERVE
-            if admitted and taken >= self.max_connections:
+            if admitted and page_places >= self.max_connections:
                 self.probes_only.add(request)
             self._active += admitted
             if admitted:
