@@ -623,9 +623,10 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     A few connections past the cap (PROBE_RESERVE) are kept for /metrics and /healthz alone, one
     request each: a page full of live views (or of stalled clients) must not make the scraper and the
-    health check see the line as down. When every connection is taken, the one that has waited longest
-    for its request to arrive whole (idle, or trickling it in) is closed to make room: connections that
-    send nothing cannot hold the reserve against a scrape, whose request comes at once."""
+    health check see the line as down. When the page's places are taken, a new connection takes the place
+    of the one that has waited longest for its request to arrive whole (idle, or trickling it in), which
+    is closed; when every connection is taken, likewise the reserve's: connections that send nothing cannot
+    hold the page (slowloris) nor the reserve against a scrape, whose request comes at once."""
 
     daemon_threads = True
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\n"
