@@ -267,22 +267,27 @@ def test_review_and_refit_read_the_judged_frame_of_an_event_with_camera_bits(tmp
 
 # ---------------------------------------------------------------- against the simulator
 
+def run_one_part(line: Line, observers, part_id: str, judged) -> None:
+    """Trigger one part on a software-triggered ``line`` with ``observers``; wait up to 20 s for ``judged()``."""
+    settings = PartSettings(queue=4, timeout=2.0)
+    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=observers).start()
+    try:
+        runner.trigger(part_id)
+        deadline = time.monotonic() + 20
+        while not judged() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        runner.stop()
+
+
 def test_a_gige_parts_raw_evidence_is_what_the_camera_sent(simulator, model, tmp_path):  # noqa: F811
     mono, bayer = simulator("127.0.86.50", "RAWMONO16"), simulator("127.0.86.51", "RAWBAYER")
     line = Line((Camera("mono", mono.uri, model, trigger="software", features=(("PixelFormat", "Mono16"),),
                         threshold=1e-9),      # every part NG: its evidence is written
                  Camera("bayer", bayer.uri, model, trigger="software", features=(("PixelFormat", "BayerRG8"),),
                         threshold=1e-9)))
-    settings = PartSettings(queue=4, timeout=2.0)
     recorder, writer = Recorder(), EvidenceWriter(EvidenceSettings(str(tmp_path / "ev")))
-    runner = PartRunner(line, open_part_sources(line, settings), settings, observers=[recorder, writer]).start()
-    try:
-        runner.trigger("R1")
-        deadline = time.monotonic() + 20
-        while not recorder.parts and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        runner.stop()
+    run_one_part(line, [recorder, writer], "R1", lambda: recorder.parts)
     assert recorder.parts, "no part was judged"
     part = recorder.parts[0][1]
     assert part.verdict == Verdict.NG, part
@@ -356,7 +361,8 @@ def test_a_gige_camera_in_mono12_keeps_its_bits_scaled_with_sbit(simulator, mode
 
     # its buffers are blank: no score passes a threshold, so the camera bits kept are OK samples'
     line = Line((Camera("cam", camera.uri, model, features=(("Width", "64"), ("Height", "48"))),))
-    run_line(line, max_frames=3, observers=[Frames(), EvidenceWriter(EvidenceSettings(str(tmp_path / "ev"), ok_every=1))])
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path / "ev"), ok_every=1))
+    run_line(line, max_frames=3, observers=[Frames(), writer])
     kept = sorted((tmp_path / "ev" / "cam" / "ok").glob("*.raw.png"))
     assert len(kept) == len(frames) == 3, (kept, frames)
     for path in kept:
@@ -407,17 +413,9 @@ def test_a_gige_parts_images_carry_camera_bits_only_when_an_output_keeps_them(si
     camera = simulator("127.0.86.81", "BITSPART")
     line = Line((Camera("cam", camera.uri, model, trigger="software", threshold=1e-9,
                         features=(("PixelFormat", "Mono16"), ("Width", "64"), ("Height", "48"))),))
-    settings = PartSettings(queue=4, timeout=2.0)
     for observers in ([FrameBits()], [FrameBits(), EvidenceWriter(EvidenceSettings(str(tmp_path / "ev")))]):
         bits = observers[0]
-        runner = PartRunner(line, open_part_sources(line, settings), settings, observers=observers).start()
-        try:
-            runner.trigger("P1")
-            deadline = time.monotonic() + 20
-            while not bits.raws and time.monotonic() < deadline:
-                time.sleep(0.02)
-        finally:
-            runner.stop()
+        run_one_part(line, observers, "P1", lambda: bits.raws)
         assert len(bits.raws) == 1, "no part image was judged"
         if len(observers) == 1:
             assert bits.raws == [None]

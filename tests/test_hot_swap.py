@@ -46,6 +46,15 @@ def frames(n=4, seed=0):
     return [defective_frame(rng) if i % 2 else normal_frame(rng) for i in range(n)]
 
 
+def frame_folder(tmp_path: Path, n: int, seed: int) -> Path:
+    """tmp_path/frames with ``frames(n, seed)`` as f00.png, f01.png, ... (odd frames are defective)."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(n, seed=seed)):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    return folder
+
+
 def state_for(path: Path, detector) -> SimpleNamespace:
     camera = Camera(name="cam0", source=[], model=str(path))
     return SimpleNamespace(camera=camera, detector=detector, policy=AlarmPolicy(detector.threshold),
@@ -319,10 +328,7 @@ def _events(path: Path):
 def _deployment(tmp_path: Path, seed: int, new_threshold: float):
     """A folder of 6 frames, the live model (threshold 0.1) at deploy/model.onnx and its next version at
     v2.onnx (``new_threshold``): (folder, live path, sha256 of live, sha256 of v2)."""
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(6, seed=seed)):
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    folder = frame_folder(tmp_path, 6, seed=seed)
     live = tmp_path / "deploy" / "model.onnx"
     live.parent.mkdir()
     export_tiny_model(live, threshold=0.1)
@@ -552,10 +558,7 @@ def test_live_run_takes_a_new_model_on_an_authenticated_http_request(tmp_path):
 def test_shadow_candidate_scores_the_same_frames_without_alarms(tmp_path):
     from mrkd.runtime.line.loop import Line, run_line
     from mrkd.runtime.line.shadow import ShadowScorer
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(8, seed=3)):
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    folder = frame_folder(tmp_path, 8, seed=3)
     live = export_tiny_model(tmp_path / "live.onnx", threshold=0.1)
     candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)   # same graph, a higher threshold
     seen = []
@@ -581,38 +584,52 @@ def test_shadow_candidate_scores_the_same_frames_without_alarms(tmp_path):
 
 
 
-def test_shadow_keeps_one_comparison_per_live_model_across_a_promotion(tmp_path):
-    """After the candidate is promoted (moved to the live path, reload), the frames it judges live are
-    compared with itself: pooled with the old live model's they hid the old disagreements."""
+@pytest.fixture
+def shadowed_line(tmp_path):
+    """A looping line of 6 frames (seed 5, odd frames defective) judged by live/model.onnx (threshold 0.1),
+    its model slots, and a candidate of the same graph with a higher threshold (0.5). ``run(deploy)`` runs
+    18 frames with ``deploy`` (a LineObserver that swaps models), the slots, the candidate in shadow and the
+    metrics, and returns (shadow, metrics) once the shadow is drained."""
     from mrkd.runtime.line.loop import Line, run_line
     from mrkd.runtime.line.shadow import ShadowScorer
     from mrkd.runtime.line.swap import line_slots
     from mrkd.runtime.outputs.metrics import MetricsObserver
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(6, seed=5)):
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    folder = frame_folder(tmp_path, 6, seed=5)
     (tmp_path / "live").mkdir()
     live = export_tiny_model(tmp_path / "live" / "model.onnx", threshold=0.1)
     candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)   # same graph, a higher threshold
-    sha_live, sha_candidate = file_sha256(live), file_sha256(candidate)
     line = Line((Camera("cam0", str(folder), str(live), loop=True, cooldown=0.0),))
     detectors = {str(live.resolve()): Detector(live)}
     slots = line_slots(line, detectors, status=lambda text: None)
+
+    def run(deploy: LineObserver):
+        shadow = ShadowScorer(Detector(candidate), slots=slots)
+        metrics = MetricsObserver()
+        run_line(line, [deploy, slots, shadow, metrics], detectors=detectors, slots=slots,
+                 max_frames=18, status=lambda text: None)
+        shadow.drain()
+        return shadow, metrics
+    yield SimpleNamespace(live=live, candidate=candidate, sha_live=file_sha256(live),
+                          sha_candidate=file_sha256(candidate), slots=slots, run=run)
+    for detector in detectors.values():
+        detector.close()
+
+
+def test_shadow_keeps_one_comparison_per_live_model_across_a_promotion(shadowed_line):
+    """After the candidate is promoted (moved to the live path, reload), the frames it judges live are
+    compared with itself: pooled with the old live model's they hid the old disagreements."""
+    live, candidate, slots = shadowed_line.live, shadowed_line.candidate, shadowed_line.slots
+    sha_live, sha_candidate = shadowed_line.sha_live, shadowed_line.sha_candidate
     seen = []
 
-    class Promote(ShadowScorer.__mro__[1]):        # promotes the candidate after the first pass's 6 frames
+    class Promote(LineObserver):        # promotes the candidate after the first pass's 6 frames
         def on_frame(self, result):
             seen.append((result.model_sha256, result.anomalous))
             if len(seen) == 6:
                 install(candidate, live)
                 slots.request_reload("test")
                 assert slots.wait_idle(60)
-    shadow = ShadowScorer(Detector(candidate), slots=slots)
-    metrics = MetricsObserver()
-    run_line(line, [Promote(), slots, shadow, metrics], detectors=detectors, slots=slots,
-             max_frames=18, status=lambda text: None)
-    shadow.drain()
+    shadow, metrics = shadowed_line.run(Promote())
     by_live = {c.live_sha256: c for c in shadow.history()}
     frames_of = {sha: sum(1 for s, _ in seen if s == sha) for sha in (sha_live, sha_candidate)}
     assert set(by_live) == {sha_live, sha_candidate} and frames_of[sha_live] >= 6 and frames_of[sha_candidate] >= 6
@@ -627,32 +644,17 @@ def test_shadow_keeps_one_comparison_per_live_model_across_a_promotion(tmp_path)
     exposed = metrics.exposition()[0].decode()         # the current pair only: the replaced model's series goes
     assert (f'mrkd_shadow_disagreements_total{{candidate_sha256="{sha_candidate}",live_sha256="{sha_candidate}"}} '
             f'{float(new.disagreements)}') in exposed and f'live_sha256="{sha_live}"' not in exposed
-    for detector in detectors.values():
-        detector.close()
 
 
-def test_shadow_starts_a_new_comparison_at_a_promotion_and_again_at_a_roll_back(tmp_path):
+def test_shadow_starts_a_new_comparison_at_a_promotion_and_again_at_a_roll_back(shadowed_line, tmp_path):
     """Live model A, the candidate promoted (A -> C), then rolled back (C -> A): the comparison after the roll
     back counted on from A's first 6 frames (pooled across the promotion), and /metrics kept the replaced
     pair's series. Each swap now starts a new pair; the page (comparison()) and /metrics show the current
     one only, the summary every pair."""
-    from mrkd.runtime.line.loop import Line, run_line
-    from mrkd.runtime.line.shadow import ShadowScorer
-    from mrkd.runtime.line.swap import line_slots
-    from mrkd.runtime.outputs.metrics import MetricsObserver
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(6, seed=5)):         # odd frames are defective
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
-    (tmp_path / "live").mkdir()
+    live, candidate, slots = shadowed_line.live, shadowed_line.candidate, shadowed_line.slots
+    sha_live, sha_candidate = shadowed_line.sha_live, shadowed_line.sha_candidate
     (tmp_path / "v1").mkdir()
-    live = export_tiny_model(tmp_path / "live" / "model.onnx", threshold=0.1)
     install(live, tmp_path / "v1" / "model.onnx")                               # kept to roll back to
-    candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)   # same graph, a higher threshold
-    sha_live, sha_candidate = file_sha256(live), file_sha256(candidate)
-    line = Line((Camera("cam0", str(folder), str(live), loop=True, cooldown=0.0),))
-    detectors = {str(live.resolve()): Detector(live)}
-    slots = line_slots(line, detectors, status=lambda text: None)
     seen = []
 
     class Deploy(LineObserver):           # promotes the candidate after 6 frames, rolls back after 12
@@ -662,11 +664,7 @@ def test_shadow_starts_a_new_comparison_at_a_promotion_and_again_at_a_roll_back(
                 install(candidate if len(seen) == 6 else tmp_path / "v1" / "model.onnx", live)
                 slots.request_reload("test")
                 assert slots.wait_idle(60)
-    shadow = ShadowScorer(Detector(candidate), slots=slots)
-    metrics = MetricsObserver()
-    run_line(line, [Deploy(), slots, shadow, metrics], detectors=detectors, slots=slots,
-             max_frames=18, status=lambda text: None)
-    shadow.drain()
+    shadow, metrics = shadowed_line.run(Deploy())
     eras, previous = [], None                 # the frames of each model in turn: A, C, A
     for sha, anomalous in seen:
         if sha != previous:
@@ -696,8 +694,6 @@ def test_shadow_starts_a_new_comparison_at_a_promotion_and_again_at_a_roll_back(
                      if family.name in ("mrkd_output_sent", "mrkd_output_failures", "mrkd_output_dropped")
                      and sample.name.endswith("_total") and sample.labels.get("output") == "shadow"}
     assert len(shadow_counts) == 3 and sum(shadow_counts.values()) == len(seen) == 18, shadow_counts
-    for detector in detectors.values():
-        detector.close()
 
 
 def test_every_event_names_the_backend_and_precision_that_judged_it_across_a_swap(tmp_path):
@@ -708,10 +704,7 @@ def test_every_event_names_the_backend_and_precision_that_judged_it_across_a_swa
     from mrkd.runtime.line.loop import Line, run_line
     from mrkd.runtime.line.swap import line_slots
     from mrkd.runtime.outputs.events import EventLogOutput
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(6, seed=7)):         # odd frames are defective: an alarm each
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    folder = frame_folder(tmp_path, 6, seed=7)         # odd frames are defective: an alarm each
     (tmp_path / "live").mkdir()
     live = export_tiny_model(tmp_path / "live" / "model.onnx", threshold=0.1)
     export_tiny_model(tmp_path / "v2.onnx", threshold=0.12)
@@ -746,10 +739,7 @@ def test_every_event_names_the_backend_and_precision_that_judged_it_across_a_swa
 
 
 def test_cli_shadow_reports_the_comparison(tmp_path):
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(6, seed=4)):
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
+    folder = frame_folder(tmp_path, 6, seed=4)
     live = export_tiny_model(tmp_path / "live.onnx", threshold=0.1)
     candidate = export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5)
     code = "import sys\nfrom mrkd.cli import main\nsys.argv[0] = 'mrkd'\nmain(sys.argv[1:])"

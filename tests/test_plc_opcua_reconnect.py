@@ -50,12 +50,8 @@ class Relay:
             far = socket.create_connection(("127.0.0.1", self.target_port))
             with self.lock:
                 self.pairs.append((near, far))
-            if self.upstream_lag_s:
-                upstream = (self._pump_late, (near, far, self.upstream_lag_s))
-            else:
-                upstream = (self._pump, (near, far))
-            for pump, args in (upstream, (self._pump, (far, near))):
-                threading.Thread(target=pump, args=args, daemon=True).start()
+            for args in ((near, far, self.upstream_lag_s), (far, near, 0.0)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
     @staticmethod
     def _shut_down(*sockets: socket.socket) -> None:
@@ -66,21 +62,9 @@ class Relay:
                 pass
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            Relay._shut_down(source, sink)
-
-    @staticmethod
-    def _pump_late(source: socket.socket, sink: socket.socket, lag_s: float) -> None:
-        """_pump with each chunk sent lag_s after it was read (a reader thread stamps them)."""
+    def _pump(source: socket.socket, sink: socket.socket, lag_s: float) -> None:
+        """Copy source to sink until either ends, then shut both down; each chunk is sent lag_s after it
+        was read (a reader thread stamps them; 0: as soon as read)."""
         chunks: queue.Queue = queue.Queue()
 
         def read() -> None:

@@ -11,6 +11,7 @@ read back with runtime/review.py's reader (refit's rule) and the events log with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -201,6 +202,19 @@ def open_review_page(playwright, url: str):
     return browser, page
 
 
+@contextlib.contextmanager
+def page_at_row(line: Line, event_id: str):
+    """Chromium on the line's page (``open_review_page``) once alarm ``event_id``'s row shows there:
+    (page, row); the browser is closed after."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser, page = open_review_page(playwright, line.server.url)
+        row = page.locator(f'.alarm[data-event-id="{event_id}"]')
+        row.wait_for(timeout=10000)
+        yield page, row
+        browser.close()
+
+
 def press(page, item, selector: str) -> str:
     """Click a row's button and wait for the page's answer to it."""
     item.evaluate("el => { delete el.dataset.review; }")
@@ -213,14 +227,10 @@ def test_the_page_shows_each_alarms_label_and_asks_before_changing_one(tmp_path)
     """Chromium: a label from the page and one from `mrkd review` show on their rows (who, when); a
     change asks first, and the row then says what it corrected; a reload shows the labels again."""
     require_program(CHROMIUM, ["chromium"])
-    from playwright.sync_api import sync_playwright
     line = Line(tmp_path)
     try:
         ids = [line.alarm() for _ in range(3)]
-        with sync_playwright() as playwright:
-            browser, page = open_review_page(playwright, line.server.url)
-            row = page.locator(f'.alarm[data-event-id="{ids[0]}"]')
-            row.wait_for(timeout=10000)
+        with page_at_row(line, ids[0]) as (page, row):
             assert row.locator(".labelled").inner_text() == "not reviewed yet"
             assert press(page, row, "button.mark-good").startswith("recorded: good part")
             page.wait_for_function("el => el.dataset.labelled === 'good'", arg=row.element_handle(), timeout=5000)
@@ -248,7 +258,6 @@ def test_the_page_shows_each_alarms_label_and_asks_before_changing_one(tmp_path)
             assert row.locator(".labelled").inner_text().startswith("labelled: defect confirmed · by operator")
             assert other.inner_text().startswith("labelled: defect confirmed · by shift lead")
             assert page.locator(f'.alarm[data-event-id="{ids[2]}"] .labelled').inner_text() == "not reviewed yet"
-            browser.close()
     finally:
         line.stop()
 
@@ -258,14 +267,10 @@ def test_the_row_being_reviewed_stays_while_alarms_come_and_a_restart_shows_the_
     rows: the 19 newest and that one); once the note is sent and left, it may go. A restarted line's page
     shows the latest alarms of the events log with their labels."""
     require_program(CHROMIUM, ["chromium"])
-    from playwright.sync_api import sync_playwright
     line = Line(tmp_path)
     try:
         ids = [line.alarm() for _ in range(3)]
-        with sync_playwright() as playwright:
-            browser, page = open_review_page(playwright, line.server.url)
-            oldest = page.locator(f'.alarm[data-event-id="{ids[0]}"]')
-            oldest.wait_for(timeout=10000)
+        with page_at_row(line, ids[0]) as (page, oldest):
             oldest.locator(".review input").fill("scratch near the edge?")        # focused, written
             newer = [line.alarm() for _ in range(30)]
             page.wait_for_selector(f'.alarm[data-event-id="{newer[-1]}"]', timeout=10000)
@@ -278,19 +283,14 @@ def test_the_row_being_reviewed_stays_while_alarms_come_and_a_restart_shows_the_
             last = line.alarm()
             page.wait_for_selector(f'.alarm[data-event-id="{last}"]', timeout=5000)
             assert oldest.count() == 0 and page.locator(".alarm").count() == 20
-            browser.close()
         assert post_review(line.server.url, {"event_id": newer[-2], "label": "good"})[0] == 200
     finally:
         line.stop()
     again = Line(tmp_path)          # a restarted line: rows rebuilt from the log's end, labels from the file
     try:
-        with sync_playwright() as playwright:
-            browser, page = open_review_page(playwright, again.server.url)
-            row = page.locator(f'.alarm[data-event-id="{newer[-2]}"]')
-            row.wait_for(timeout=10000)
+        with page_at_row(again, newer[-2]) as (page, row):
             assert row.locator(".labelled").inner_text().startswith("labelled: good part (false alarm) · by operator")
             shown_ids = page.eval_on_selector_all(".alarm", "els => els.map(e => e.dataset.eventId)")
             assert shown_ids == logged_ids(again.events)[::-1][:20] == ([last] + newer[::-1])[:20]
-            browser.close()
     finally:
         again.stop()
