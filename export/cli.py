@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mrkd.errors import error_boundary, one_line
+from mrkd.errors import error_boundary, one_line, warning_line
 from mrkd.export.int8 import INT8_TARGET_CHOICES
 from mrkd.export.onnx_graph import DEFAULT_BATCH_RANGE, DEFAULT_OPSET, MAX_BATCH, MIN_OPSET
 from mrkd.options import IntegerRange
@@ -130,5 +130,5 @@ def _checkpoint_of_run(path, category):
     data = read_checkpoint(checkpoint, warn=lambda line: click.secho(line, fg="yellow", err=True))
     trained = trained_category(data)
     if trained and used_for and trained != used_for:
-        click.secho(f"warning: {checkpoint} was trained on {trained!r}, not {used_for!r}", fg="yellow", err=True)
+        click.secho(warning_line(f"{checkpoint} was trained on {trained!r}, not {used_for!r}"), fg="yellow", err=True)
     return str(checkpoint)

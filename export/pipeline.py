@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from mrkd.errors import warning_line
 from mrkd.export.exporter import export_onnx, load_model
 from mrkd.export.file_set import (ENGINE_NAME, FP16_NAME, FP32_NAME, INT8_NAME, MODEL_NAMES,  # noqa: F401
                                   leftover_staging, move_into_place, refuse_earlier_set,
@@ -121,8 +122,8 @@ def export_checkpoint(checkpoint, out_dir, options: Optional[ExportOptions] = No
     # a set: a Triton repository's new models are staged beside it, which may be out_dir itself
     for leftover in sorted(set(leftover_staging(out_dir) + (leftover_version_staging(triton_dir) if triton_dir
                                                             else []))):
-        echo(f"warning: {leftover} looks like the unfinished files of an export that was killed (or one running "
-             f"now); it is not used: remove it once no export runs")
+        echo(warning_line(f"{leftover} looks like the unfinished files of an export that was killed (or one "
+                          f"running now); it is not used: remove it once no export runs"))
     with staging_folder(out_dir) as staging:
         # its lines name the files where they will be once the set is moved into place
         engine_meta = _write_set(model, checkpoint, checkpoint_sha, staging, result, options, fp16=fp16,

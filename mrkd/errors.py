@@ -33,6 +33,16 @@ def one_line(message: object) -> str:
     return " | ".join(part.strip() for part in str(message).splitlines() if part.strip()) or repr(message)
 
 
+WARNING_PREFIX = "warning: "
+
+
+def warning_line(message: object) -> str:
+    """A warning for the person at the terminal, as every mrkd command writes one: ``warning: <message on one
+    line>`` (Python warnings under error_boundary too). Each command writes it its own way (stderr, above
+    progress bars, a callback); this is the one place its words begin."""
+    return WARNING_PREFIX + one_line(message)
+
+
 # Exit statuses: 2 for a setting the user gave wrongly (click's own status for a usage mistake), 1 for
 # every other expected error (a file, a device, data that cannot be used).
 USAGE_EXIT, ERROR_EXIT = 2, 1
@@ -93,4 +103,4 @@ def error_boundary(command):
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """A warning for the person at the terminal: what it says, on one line (a file name with a newline
     stays on it), without Python's source file, line number and code line."""
-    return f"warning: {one_line(message)}\n"
+    return warning_line(message) + "\n"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from mrkd.errors import MrkdError
+from mrkd.errors import MrkdError, warning_line
 
 DEFAULT_QUANTILE = 0.99
 # Measured on the demo's six synthetic categories (Lite0, 128 px, 6 held-out good images each, 72 good
@@ -419,5 +419,5 @@ def check_calibration_shift(previous: Optional[Calibration], good_scores, new_th
         return
     if not accept_shift:
         raise CalibrationShiftError(f"{where}: {problem} (nothing was written)")
-    warn(f"WARNING: {where}: {problem.replace('. Pass --accept-shift to write it anyway', '')}; "
-         "written because of --accept-shift")
+    warn(warning_line(f"{where}: {problem.replace('. Pass --accept-shift to write it anyway', '')}; "
+                      "written because of --accept-shift"))

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 
 import click
 
-from mrkd.errors import SettingError, error_boundary
+from mrkd.errors import SettingError, error_boundary, warning_line
 from mrkd.options import FINITE, BackendChoice, FiniteFloatRange, IntegerRange, seconds
 from mrkd.runtime.plc.servers import plc_options
 from mrkd.runtime.postprocess import IMPLS as POSTPROCESS_IMPLS
@@ -301,9 +301,10 @@ def line_file_overrides(line, camera_defaults: dict, ctx: click.Context) -> list
         for field in sorted(typed):
             value = getattr(camera, field)
             if value != wanted.get(field):
-                warnings.append(f"WARNING camera {camera.name}: {field} {shown(field, value)} from the line file, "
-                                f"not {CAMERA_OPTIONS[field][1]} {shown(field, wanted.get(field))} (a camera's fields "
-                                f"in the line file win over these options); set it in one place")
+                warnings.append(warning_line(
+                    f"camera {camera.name}: {field} {shown(field, value)} from the line file, not "
+                    f"{CAMERA_OPTIONS[field][1]} {shown(field, wanted.get(field))} (a camera's fields in the line "
+                    f"file win over these options); set it in one place"))
     return warnings
 
 
@@ -536,7 +537,7 @@ def run_command(model, sources, line_file, **options):
                                  "the line file); the model's is not used")
                 off_scale = threshold_off_scale(camera.alarm.threshold, detectors[str(Path(camera.model).resolve())])
                 if off_scale:
-                    status_to_stderr(f"WARNING camera {camera.name}: {off_scale}")
+                    status_to_stderr(warning_line(f"camera {camera.name}: {off_scale}"))
         outputs = build_outputs(output_settings)
         page = outputs_summary(outputs).get("page")
         if page:
@@ -568,7 +569,7 @@ def run_command(model, sources, line_file, **options):
         # a reload a late SIGHUP started is still loading: let it finish (an OpenVINO model compiling on a
         # daemon thread while the interpreter exits aborts the process) and show it in the report
         if not slots.wait_idle(120):
-            status_to_stderr("warning: a model reload was still running at the stop")
+            status_to_stderr(warning_line("a model reload was still running at the stop"))
         summary["model_swaps"] = slots.report()
         if shadow:
             summary["shadow"] = shadow[0].summary()
@@ -610,7 +611,7 @@ def undelivered_outputs(outputs: Mapping[str, dict]) -> Optional[str]:
     failing = [f"{name} ({health['failed']} failed, {health.get('dropped', 0)} dropped"
                + (f": {health['detail']})" if health["detail"] else ")")
                for name, health in outputs.items() if not health["ok"] or health["failed"] or health.get("dropped")]
-    return "WARNING: outputs that did not deliver everything: " + "; ".join(failing) if failing else None
+    return warning_line("outputs that did not deliver everything: " + "; ".join(failing)) if failing else None
 
 
 def parse_named_source(text: str, index: int):

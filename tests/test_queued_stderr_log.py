@@ -400,10 +400,10 @@ def test_mrkd_run_writes_its_own_lines_in_order_with_the_records_without_waiting
     lines = err.splitlines()
     assert lines[0].startswith("tiny.onnx: ") and " threshold 0.1 " in lines[0], lines
     assert lines[1] == "camera cam0: threshold 1000000000.0 given (--threshold or the line file); the model's is not used"
-    assert lines[2].startswith("WARNING camera cam0: threshold 1e+09 is 1e+10x the model's calibrated 0.1")
+    assert lines[2].startswith("warning: camera cam0: threshold 1e+09 is 1e+10x the model's calibrated 0.1")
     unreachable = [n for n, line in enumerate(lines) if line.startswith("WARNING mrkd.runtime.outputs: output mqtt")]
     assert unreachable and unreachable[0] > 2, lines           # a record of the output's thread, after them
-    assert lines[-1].startswith("WARNING: outputs that did not deliver everything: mqtt ("), lines   # exit: last
+    assert lines[-1].startswith("warning: outputs that did not deliver everything: mqtt ("), lines   # exit: last
     assert "Traceback" not in err
 
 

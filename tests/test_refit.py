@@ -237,7 +237,7 @@ def test_confirmed_defect_no_longer_flagged_refuses_unless_force(parent, tmp_pat
     result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
                               force=True, echo=lines.append)
     assert result.defects_missed == [str(sneaky)]
-    assert any(line.startswith("WARNING") and "--force" in line for line in lines)
+    assert any(line.startswith("warning: ") and "written anyway (--force)" in line for line in lines), lines
     # the missed defect is named with its score under the written model, below the written threshold
     from mrkd.train.calibrate import score_images
     from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
@@ -340,7 +340,7 @@ def test_a_confirmed_defect_whose_image_is_gone_refuses_the_refit_unless_force(p
     result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out", export=False,
                               force=True, echo=lines.append)
     assert result.lineage["defect_images"] == [] and len(result.lineage["good_images"]) == 2
-    assert any(line.startswith("WARNING: 1 image(s) marked 'defect'") for line in lines)
+    assert any(line.startswith("warning: 1 image(s) marked 'defect'") for line in lines), lines
     # a missing image marked good only leaves that image out (it adds nothing to the bank): no refusal
     gone = tmp_path / "gone.png"
     shutil.copy(good_marks(parent, 3)[2][1], gone)

@@ -340,15 +340,15 @@ def test_a_camera_threshold_off_the_models_scale_is_warned_about(tmp_path, two_m
         '[[camera]]\nname = "huge"\nsource = "l"\nmodel = "a.onnx"\nthreshold = 1e308\n')
     result = _run(["--line", str(tmp_path / "line.toml"), "--status-every", "0", "--max-frames", "1"])
     assert result.exit_code == 0, result.output
-    warnings = [line for line in result.output.splitlines() if line.startswith("WARNING camera")]
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: camera")]
     assert len(warnings) == 4, result.output
-    assert warnings[0].startswith("WARNING camera low: threshold 0.002 is 0.02x the model's calibrated 0.1 ")
+    assert warnings[0].startswith("warning: camera low: threshold 0.002 is 0.02x the model's calibrated 0.1 ")
     assert "almost every frame or part would alarm" in warnings[0]
-    assert warnings[1].startswith("WARNING camera high: threshold 1 is 10x the model's calibrated 0.1 ")
+    assert warnings[1].startswith("warning: camera high: threshold 1 is 10x the model's calibrated 0.1 ")
     assert "defects may never reach it" in warnings[1]
-    assert warnings[2].startswith("WARNING camera zero: threshold 0 is at or below 0, under the model's calibrated 0.1")
+    assert warnings[2].startswith("warning: camera zero: threshold 0 is at or below 0, under the model's calibrated 0.1")
     assert "almost every frame or part would alarm" in warnings[2]
-    assert warnings[3].startswith("WARNING camera huge: threshold 1e+308 is far above the model's calibrated 0.1")
+    assert warnings[3].startswith("warning: camera huge: threshold 1e+308 is far above the model's calibrated 0.1")
 
 
 def test_a_command_line_camera_option_the_line_file_overrides_is_warned_about(tmp_path, two_models):
@@ -363,7 +363,7 @@ def test_a_command_line_camera_option_the_line_file_overrides_is_warned_about(tm
                    "--threshold", "0.5", "--cooldown", "0", "--debounce", "2/3"])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if "from the line file" in line]
-    assert warnings == ["WARNING camera left: threshold 0.3 from the line file, not --threshold 0.5 (a camera's "
+    assert warnings == ["warning: camera left: threshold 0.3 from the line file, not --threshold 0.5 (a camera's "
                         "fields in the line file win over these options); set it in one place"], result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert (summary["cameras"]["left"]["threshold"], summary["cameras"]["right"]["threshold"]) == (0.3, 0.5)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mrkd.errors import MrkdError
+from mrkd.errors import MrkdError, warning_line
 from mrkd.atomic import atomic_write_bytes
 from mrkd.runtime.calibration import Calibration
 from mrkd.train.model import MRKD, MRKDConfig, build_model
@@ -223,9 +223,9 @@ def unfinished_run(data: dict, source: str) -> Optional[str]:
     if not isinstance(state, dict) or state.get("finished") is not False:
         return None
     planned = state.get("epochs_planned")
-    return (f"warning: {source} is an unfinished training run (epoch {state.get('epoch')}"
-            f"{f' of {planned}' if planned else ''}): its memory bank and threshold are not the finished "
-            f"model's; resume it (mrkd train with the same settings) before using it")
+    return warning_line(f"{source} is an unfinished training run (epoch {state.get('epoch')}"
+                        f"{f' of {planned}' if planned else ''}): its memory bank and threshold are not the "
+                        f"finished model's; resume it (mrkd train with the same settings) before using it")
 
 
 def plain_images_name(data_root) -> str:
@@ -261,8 +261,8 @@ def category_mismatch(model: MRKD, category: Optional[str], source) -> Optional[
     trained = getattr(model, "trained_category", None)
     if not trained or not category or trained == category:
         return None
-    return (f"warning: {source} was trained on {trained!r} but is used for {category!r} "
-            f"(pass the checkpoint trained on {category!r} if this is not intended)")
+    return warning_line(f"{source} was trained on {trained!r} but is used for {category!r} "
+                        f"(pass the checkpoint trained on {category!r} if this is not intended)")
 
 
 def from_official(ckpt_path, teacher_weights: str = "imagenet", backbone: str = "wide_resnet50_2",

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from mrkd.console import speaks_for_all_ranks
-from mrkd.errors import error_boundary
+from mrkd.errors import error_boundary, warning_line
 from mrkd.stopping import stops_in_one_line
 from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.train import DEFAULT_BACKBONE, DEFAULT_EPOCHS
@@ -32,7 +32,7 @@ def warn_random_teacher(teacher_weights: str) -> None:
     if teacher_weights == "random" and speaks_for_all_ranks():
         from mrkd.train.teachers import RANDOM_TEACHER_WARNING
         bar = "!" * 78
-        click.secho(f"{bar}\n{RANDOM_TEACHER_WARNING}\n{bar}", fg="red", bold=True, err=True)
+        click.secho(f"{bar}\n{warning_line(RANDOM_TEACHER_WARNING)}\n{bar}", fg="red", bold=True, err=True)
 
 
 # ----------------------------------------------------------------------------- generate

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from mrkd.atomic import current_umask
-from mrkd.errors import MrkdError, one_line
+from mrkd.errors import MrkdError, one_line, warning_line
 from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration, \
     calibration_from_scores
 from mrkd.runtime.images import ImageReadError, read_image
@@ -713,7 +713,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                    f"(listed above)")
         if not force:
             raise RefitError(message + "; nothing written (--force refits without them)")
-        echo(f"WARNING: {message}; refit without them (--force)")
+        echo(warning_line(f"{message}; refit without them (--force)"))
     if not reviewed.good:
         raise RefitError(f"{labels_path}: no usable image marked good (of {len(reviewed.skipped)} skipped); "
                          f"nothing to refit")
@@ -749,9 +749,9 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     bank_pixels = set(taken) | {reviewed_pixels[p] for p in reviewed.good}
     held_out = [p for p in calibration_paths if calibration_pixels[p] not in bank_pixels]
     if len(held_out) < len(calibration_paths):
-        echo(f"warning: {len(calibration_paths) - len(held_out)} of the --good images are images of the memory bank "
-             f"(the same pixels as an image reviewed as good, here or by an earlier version); they are left out of "
-             f"the threshold")
+        echo(warning_line(f"{len(calibration_paths) - len(held_out)} of the --good images are images of the memory "
+                          f"bank (the same pixels as an image reviewed as good, here or by an earlier version); they "
+                          f"are left out of the threshold"))
     if not held_out:
         raise RefitError(f"{good}: no held-out good image left to set the threshold on")
     offered = tuple(new_good.values())
@@ -790,7 +790,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                    f"by the refit model (listed above)")
         if not force:
             raise RefitError(message + "; nothing written (--force writes it anyway)")
-        echo(f"WARNING: {message}; written anyway (--force)")
+        echo(warning_line(f"{message}; written anyway (--force)"))
     lineage = Lineage(version=version, parent_sha256=file_sha256(model_path),
                       labels_sha256=hashlib.sha256(labels_data).hexdigest(), parent=str(model_path),
                       labels=str(labels_path), good_images=offered, defect_images=reviewed.defect,
@@ -804,8 +804,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model) and k not in ("train_state",)}
     kept[LINEAGE_KEY] = result.lineage
     for leftover in leftover_staging(out_dir):
-        echo(f"warning: {leftover} looks like the unfinished version of a refit that was killed (or one running "
-             f"now); it is not used: remove it once no refit runs")
+        echo(warning_line(f"{leftover} looks like the unfinished version of a refit that was killed (or one "
+                          f"running now); it is not used: remove it once no refit runs"))
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
