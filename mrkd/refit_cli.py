@@ -67,12 +67,13 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
     (the summary counts them); with no new one nothing is written (exit 1). Images of the bank are left
     out of --good by their pixels, whatever their files' bytes."""
     from mrkd.train.refit_args import check_refit_args
-    check_refit_args(model, labels, out)      # what is refused in milliseconds: before torch's import (seconds)
+    checked = check_refit_args(model, labels, out)   # refused in milliseconds: before torch's import (seconds)
     with stops_in_one_line(lambda by: f"refit stopped ({by}); nothing written"):
         from mrkd.train.refit import refit_checkpoint
         result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
                                   quantile=quantile, method=method, batch_size=batch_size,
-                                  guard_keep=defect_guard, reweight=reweight, augment=augment, echo=click.echo)
+                                  guard_keep=defect_guard, reweight=reweight, augment=augment, echo=click.echo,
+                                  checked=checked)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
                f"{result.lineage['labels_sha256'][:12]}) in {result.wall_seconds:.1f} s (the bank and threshold "
                f"{result.seconds:.1f} s): "

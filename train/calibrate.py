@@ -16,8 +16,10 @@ from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAUL
                                      calibration_from_scores, check_calibration_shift)
 
 
-def _as_batches(images, model, batch_size: int):
-    """Yield N×3×H×W float tensors from a tensor or from image paths (pre-processed like training)."""
+def _as_batches(images, model, batch_size: int, square: Optional[Callable[[str], np.ndarray]] = None):
+    """Yield N×3×H×W float tensors from a tensor or from image paths (pre-processed like training).
+    ``square``: a path's uint8 square at the model's size (default load_square: decoded from the file;
+    refit gives the squares of the images it decoded once)."""
     import torch
     if isinstance(images, torch.Tensor):
         for start in range(0, images.shape[0], batch_size):
@@ -26,20 +28,23 @@ def _as_batches(images, model, batch_size: int):
     from mrkd.train.data import load_square
     from mrkd.runtime.preprocess import normalize_batch
     config = model.config
+    square = square or (lambda path: load_square(path, config.image_size, config.resize_mode))
     paths = list(images)
     for start in range(0, len(paths), batch_size):
-        squares = [load_square(p, config.image_size, config.resize_mode) for p in paths[start:start + batch_size]]
+        squares = [square(p) for p in paths[start:start + batch_size]]
         yield torch.from_numpy(normalize_batch(np.stack(squares), config.mean, config.std))
 
 
-def score_images(model, images, batch_size: int = 8, device=None) -> np.ndarray:
-    """Image scores (max of the anomaly map) of a tensor N×3×H×W or of a list of image paths."""
+def score_images(model, images, batch_size: int = 8, device=None,
+                 square: Optional[Callable[[str], np.ndarray]] = None) -> np.ndarray:
+    """Image scores (max of the anomaly map) of a tensor N×3×H×W or of a list of image paths
+    (``square``: as _as_batches)."""
     import torch
     device = device or next(model.parameters()).device
     model.eval()
     out = []
     with torch.no_grad():
-        for batch in _as_batches(images, model, batch_size):
+        for batch in _as_batches(images, model, batch_size, square):
             out.append(model.scores(batch.to(device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -77,8 +77,8 @@ from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, RecordedLog, ReviewLabel, evidence_changed, \
     image_sha256, label_image, latest_labels, one_camera_event, read_labels, read_review_events, \
     recorded_logs
-from mrkd.train.refit_args import LINEAGE_KEY, RefitError, check_new_out_dir, check_refit_args, default_out_dir, \
-    lineage_version as parent_version  # noqa: F401 - RefitError is this module's error too
+from mrkd.train.refit_args import LINEAGE_KEY, CheckedRefitArgs, RefitError, check_new_out_dir, check_refit_args, \
+    default_out_dir, lineage_version as parent_version  # noqa: F401 - RefitError is this module's error too
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +120,56 @@ def pixels_sha256(path) -> str:
     """The sha256 of an image's decoded pixels with their shape and type (runtime/images.read_image: what
     the model is given). The same pixels saved as two files (other bytes) have one; ImageReadError when
     the file cannot be decoded."""
-    pixels = np.ascontiguousarray(read_image(path))
+    return decoded_sha256(read_image(path))
+
+
+def decoded_sha256(pixels: np.ndarray) -> str:
+    """pixels_sha256 of the image read_image decoded as ``pixels``."""
+    pixels = np.ascontiguousarray(pixels)
     digest = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
     digest.update(pixels.data)
     return digest.hexdigest()
+
+
+class DecodedImages:
+    """The images of one refit, each file decoded once (read_image, about 10 ms for a large image): its
+    pixels' sha256 (pixels_sha256) and the model's input square (load_square's) come from that one array
+    and are kept by path (as given), so every pass of the refit over an image (the bank's radius, its
+    candidates, the defect guard, re-weighting, the threshold, the scores) reads the square, not the
+    file. Keeps image_size² x 3 bytes an image (192 KiB at 256 px), not the decoded image."""
+
+    def __init__(self, image_size: int, resize_mode: str):
+        self.image_size, self.resize_mode = image_size, resize_mode
+        self._pixels: dict = {}
+        self._squares: dict = {}
+
+    def pixels_sha256(self, path) -> str:
+        """pixels_sha256(path); ImageReadError when the file cannot be decoded."""
+        key = str(path)
+        if key not in self._pixels:
+            self._decode(key)
+        return self._pixels[key]
+
+    def square(self, path) -> np.ndarray:
+        """load_square(path, ...), DataError (naming the file) included."""
+        key = str(path)
+        if key not in self._squares:
+            from mrkd.train.data import DataError, SKIP_UNREADABLE_HINT
+            try:
+                self._decode(key)
+            except ImageReadError as exc:
+                raise DataError(f"{exc} ({SKIP_UNREADABLE_HINT})") from exc
+        return self._squares[key]
+
+    def _decode(self, key: str) -> None:
+        from mrkd.runtime.preprocess import resize_square
+        pixels = read_image(key)
+        self._pixels[key] = decoded_sha256(pixels)
+        self._squares[key] = resize_square(pixels, self.image_size, self.resize_mode)
+
+    @classmethod
+    def of(cls, model) -> "DecodedImages":
+        return cls(model.config.image_size, model.config.resize_mode)
 
 
 @dataclass(frozen=True)
@@ -175,10 +221,12 @@ class Lineage:
         return data
 
 
-def lineage_bank_images(lineage, model_path, warn: Callable[[str], None]) -> Tuple[BankImage, ...]:
+def lineage_bank_images(lineage, model_path, warn: Callable[[str], None],
+                        pixels_of: Callable[[str], str] = pixels_sha256) -> Tuple[BankImage, ...]:
     """The reviewed images a checkpoint's lineage (its ``lineage`` dict, or None) offered the bank, over
     every version. A lineage of schema 1 (an older mrkd) names only its own refit's images, by path:
-    those still readable are taken by their pixels now, and ``warn`` says what cannot be known."""
+    those still readable are taken by their pixels now (``pixels_of``), and ``warn`` says what cannot be
+    known."""
     if not isinstance(lineage, dict):
         return ()
     where = f"{model_path}: lineage"
@@ -196,7 +244,7 @@ def lineage_bank_images(lineage, model_path, warn: Callable[[str], None]) -> Tup
     taken = []
     for path in paths:
         try:
-            taken.append(BankImage(pixels_sha256(path), file_sha256(path), str(path), version))
+            taken.append(BankImage(pixels_of(path), file_sha256(path), str(path), version))
         except (ImageReadError, OSError, TypeError):
             pass
     if len(taken) < len(paths) or version > 2:
@@ -260,15 +308,17 @@ class Reweight:
 
 # ---------------------------------------------------------------- the computation
 
-def _batches(model, paths: Sequence[str], batch_size: int):
+def _batches(model, paths: Sequence[str], batch_size: int, images: Optional[DecodedImages] = None):
+    """The model's input batches of ``paths``: decoded from the files, or the squares of ``images``."""
     from mrkd.train.calibrate import _as_batches
-    return _as_batches(list(paths), model, batch_size)
+    return _as_batches(list(paths), model, batch_size, square=images.square if images is not None else None)
 
 
-def image_patches(model, paths: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+def image_patches(model, paths: Sequence[str], batch_size: int = 8,
+                  images: Optional[DecodedImages] = None) -> torch.Tensor:
     """Every stride-8 patch feature (rows) of ``paths``, as the memory bank holds them."""
     from mrkd.train.memory_bank import training_patches
-    return training_patches(model, _batches(model, paths, batch_size)).rows
+    return training_patches(model, _batches(model, paths, batch_size, images)).rows
 
 
 def augment_names(augment) -> Tuple[str, ...]:
@@ -285,21 +335,21 @@ def augment_names(augment) -> Tuple[str, ...]:
     return names
 
 
-def candidate_patches(model, paths: Sequence[str], augment: Sequence[str] = (),
-                      batch_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+def candidate_patches(model, paths: Sequence[str], augment: Sequence[str] = (), batch_size: int = 8,
+                      images: Optional[DecodedImages] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows, owner): the patches of ``paths`` as image_patches gives them, then those of each
     transform of ``augment`` applied to every image (in that order); owner[i]: the index in ``paths``
     of the image row i comes from."""
     from mrkd.train.memory_bank import training_patches
-    images = list(_batches(model, paths, batch_size))        # read once, transformed per augment
-    parts = [training_patches(model, images).rows]
+    batches = list(_batches(model, paths, batch_size, images))        # read once, transformed per augment
+    parts = [training_patches(model, batches).rows]
     for name in augment:
         transform = AUGMENTS[name]
-        if name in ("rot90", "rot270", "transpose", "antitranspose") and images and \
-                images[0].shape[-1] != images[0].shape[-2]:
+        if name in ("rot90", "rot270", "transpose", "antitranspose") and batches and \
+                batches[0].shape[-1] != batches[0].shape[-2]:
             raise RefitError(f"augment {name!r} needs a square model input (this one: "
-                             f"{tuple(images[0].shape[-2:])})")
-        parts.append(training_patches(model, [transform(x) for x in images]).rows)
+                             f"{tuple(batches[0].shape[-2:])})")
+        parts.append(training_patches(model, [transform(x) for x in batches]).rows)
     per_image = len(parts[0]) // len(paths)
     owner = torch.arange(len(paths)).repeat_interleave(per_image).repeat(len(parts))
     return torch.cat(parts), owner
@@ -414,7 +464,7 @@ def choose_mrkd_share(good_maps: Tuple[np.ndarray, np.ndarray], defect_maps: Tup
 
 
 def component_maps(model, paths: Sequence[str], banks: Optional[Sequence[torch.Tensor]] = None,
-                   batch_size: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 8, images: Optional[DecodedImages] = None) -> Tuple[np.ndarray, np.ndarray]:
     """The smoothed MRKD part and kNN part of ``model``'s "both" map (each times its current weight),
     N×H×W each; their sum is the model's map. ``banks``: one bank per image for the kNN part (a
     reviewed image's map against the bank without its own patches); default the model's bank."""
@@ -423,7 +473,7 @@ def component_maps(model, paths: Sequence[str], banks: Optional[Sequence[torch.T
     mrkd, knn = [], []
     start = 0
     with torch.no_grad():
-        for x in _batches(model, paths, batch_size):
+        for x in _batches(model, paths, batch_size, images):
             x = x.to(next(model.parameters()).device)
             teacher, student = model(x)
             maps = head.per_scale_maps(teacher, student)
@@ -456,7 +506,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                 radius_quantile: float = RADIUS_QUANTILE, seed: int = 0, batch_size: int = 8,
                 guard_top: int = GUARD_TOP, guard_keep: float = GUARD_KEEP,
                 reweight: bool = False, share_grid: Sequence[float] = MRKD_SHARE_GRID,
-                augment: Sequence[str] = ()) -> RefitResult:
+                augment: Sequence[str] = (), images: Optional[DecodedImages] = None) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
     (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
     a candidate within ``guard_keep`` x the nearest-bank distance of one of the ``guard_top`` most
@@ -465,7 +515,9 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     (reviewed goods scored against the bank without their own patches, held-out goods, defects).
     ``radius`` (default: the ``radius_quantile`` of the held-out good patches' nearest-bank distances)
     stops the growth. ``augment``: transforms (AUGMENTS names, or a preset of AUGMENT_PRESETS) whose
-    copies of each reviewed image are candidates too (default none)."""
+    copies of each reviewed image are candidates too (default none). ``images``: where the images are
+    read, each file decoded once (default: a DecodedImages of this refit's own; refit_checkpoint gives
+    the one that hashed them)."""
     from mrkd.train.calibrate import score_images
     from mrkd.train.memory_bank import MemoryBank, greedy_coreset
     started = time.perf_counter()
@@ -478,6 +530,10 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     if not calibration_paths:
         raise RefitError("no held-out good images to set the threshold on")
     augment = augment_names(augment)
+    images = images if images is not None else DecodedImages.of(model)
+
+    def scores(paths):
+        return score_images(model, list(paths), batch_size, square=images.square)
     model.eval()
     previous = Calibration.of(model.calibration, "model calibration")
     quantile = quantile if quantile is not None else (previous.quantile if previous and previous.quantile
@@ -486,17 +542,17 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
                         else DEFAULT_METHOD)
     confidence = confidence if confidence is not None else (previous.confidence if previous and previous.confidence
                                                             else DEFAULT_CONFIDENCE)
-    good_before = score_images(model, list(good_paths), batch_size)
+    good_before = scores(good_paths)
     bank = head.memory_bank.bank.detach().cpu()
     before = len(bank)
     with torch.no_grad():
         if radius is None:
-            held_out = image_patches(model, calibration_paths, batch_size)
+            held_out = image_patches(model, calibration_paths, batch_size, images)
             radius = float(torch.quantile(nearest_distance(held_out, bank), radius_quantile))
-        candidates, owner = candidate_patches(model, good_paths, augment, batch_size)
+        candidates, owner = candidate_patches(model, good_paths, augment, batch_size, images)
         guarded = 0
         if defect_paths and guard_keep > 0 and guard_top > 0:
-            guard = defect_patches(image_patches(model, defect_paths, batch_size), len(defect_paths), bank,
+            guard = defect_patches(image_patches(model, defect_paths, batch_size, images), len(defect_paths), bank,
                                    guard_top)
             reach = guard_keep * nearest_distance(guard, bank)
             allowed = guard_mask(candidates, guard, reach)
@@ -518,23 +574,23 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
             raise RefitError(f"re-weighting needs a --score both model (this one: --score {model.config.score})")
         new_rows, new_owner = candidates[added], owner[added]
         own_out = [torch.cat([bank, new_rows[new_owner != i]]) for i in range(len(good_paths))]
-        reviewed_maps = component_maps(model, good_paths, own_out, batch_size)
-        held_maps = component_maps(model, calibration_paths, None, batch_size)
+        reviewed_maps = component_maps(model, good_paths, own_out, batch_size, images)
+        held_maps = component_maps(model, calibration_paths, None, batch_size, images)
         good_maps = tuple(np.concatenate([a, b]) for a, b in zip(reviewed_maps, held_maps))
-        defect_maps = component_maps(model, defect_paths, None, batch_size) if defect_paths else \
+        defect_maps = component_maps(model, defect_paths, None, batch_size, images) if defect_paths else \
             (np.zeros((0,) + good_maps[0].shape[1:]),) * 2
         chosen = choose_mrkd_share(good_maps, defect_maps, len(good_paths), share_grid)
         if chosen.moved:
             apply_mrkd_share(model, chosen.share)
         logger.info("re-weighting: MRKD share %.2f (%s)", chosen.share, chosen.reason)
-    good_scores = score_images(model, list(calibration_paths), batch_size)
+    good_scores = scores(calibration_paths)
     calibration = calibration_from_scores(good_scores, quantile, method=method, confidence=confidence,
                                           previous_threshold=previous.threshold if previous else None,
                                           source=f"refit: {len(calibration_paths)} held-out good image(s)")
     model.calibration = calibration.to_dict()
-    defect_scores = score_images(model, list(defect_paths), batch_size) if defect_paths else np.zeros(0)
+    defect_scores = scores(defect_paths) if defect_paths else np.zeros(0)
     missed = [str(p) for p, s in zip(defect_paths, defect_scores) if not s >= calibration.threshold]
-    good_after = score_images(model, list(good_paths), batch_size)
+    good_after = scores(good_paths)
     still = [str(p) for p, s in zip(good_paths, good_after) if s >= calibration.threshold]
     return RefitResult(bank_before=before, bank_after=len(grown), added_patches=int(len(added)),
                        reselected=reselected, radius=float(radius),
@@ -584,16 +640,17 @@ class ReviewedImages:
 
 def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
                     warn: Callable[[str], None] = logger.warning,
-                    labels_data: Optional[bytes] = None) -> ReviewedImages:
+                    labels: Optional[Sequence[ReviewLabel]] = None) -> ReviewedImages:
     """The labels' images, each checked: present, and with the sha256 the operator saw. A label whose
     image is missing or changed, or whose event is not in its events log or recorded another sha256 for
     its evidence, is skipped with a warning; the rest is read by runtime/review.py's rules (last label
     of an event wins, paths by label_image). Its events log: ``events`` (event id -> event, from
     ``events_path``) when given, for every label; else the one the label records (schema 2), when it is
     still there. Labels that record none (schema 1), or whose log is gone or was replaced, are said in
-    one line per log and go unchecked, as before there was a record."""
+    one line per log and go unchecked, as before there was a record. ``labels``: the file's labels as
+    the caller read them (refit: check_refit_args' one read); default read here."""
     labels_path = Path(labels_path)
-    latest = latest_labels(read_labels(labels_path, labels_data), str(labels_path))
+    latest = latest_labels(read_labels(labels_path) if labels is None else list(labels), str(labels_path))
     logs = recorded_logs(list(latest.values()), labels_path) if events is None else {}
     if events is None:
         for note in _unchecked_notes(list(latest.values()), logs, labels_path):
@@ -674,7 +731,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                      events=None, quantile: Optional[float] = None, method: Optional[str] = None,
                      batch_size: int = 8, guard_keep: float = GUARD_KEEP, reweight: bool = False,
                      radius_quantile: float = RADIUS_QUANTILE, augment: Sequence[str] = (),
-                     echo: Callable[[str], None] = print) -> RefitResult:
+                     echo: Callable[[str], None] = print, checked: Optional[CheckedRefitArgs] = None) -> RefitResult:
     """Refit the checkpoint ``model_path`` from the labels at ``labels_path``; calibrate on the good
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
@@ -683,14 +740,21 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     own recorded log, reviewed_images). ``radius_quantile``:
     refit_model's growth stop; ``augment``: its augmented candidates. Raises RefitError when a
     confirmed defect is no longer flagged, or a label "defect confirmed" cannot be checked (its image is
-    missing or changed), unless ``force``."""
+    missing or changed), unless ``force``. ``checked``: check_refit_args' result for these arguments
+    when the caller ran it (`mrkd refit`, before importing torch); else it runs here, first. Either way
+    the label file is read once, there: the page may append to it while the refit runs, and the
+    lineage's hash must name the labels this version was made from, not the file at the end."""
     started = time.perf_counter()
     from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
     from mrkd.train.data import DataError, scan_folder
     model_path, labels_path = Path(model_path), Path(labels_path)
     # an exported model, an unreadable label file or events log in its place, an existing new folder:
-    # refused before the checkpoint's seconds of loading (`mrkd refit` checked them before importing torch)
-    check_refit_args(model_path, labels_path, out_dir)
+    # refused before the checkpoint's seconds of loading
+    if checked is None:
+        checked = check_refit_args(model_path, labels_path, out_dir)
+    elif not checked.same(model_path, labels_path, out_dir):
+        raise ValueError(f"checked= holds the checks of {checked.model_path}, {checked.labels_path}, "
+                         f"{checked.out_dir}, not of these arguments")
     data = read_checkpoint(model_path)
     model = model_from_dict(data, source=str(model_path))
     known = None
@@ -699,14 +763,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             known = {str(e["event_id"]): e for e in read_review_events(events)}
         except OSError as exc:
             raise RefitError(f"{events}: cannot read the events log ({exc})") from exc
-    # The label file is read once: the line's page may append to it while the refit runs, and the
-    # lineage's hash must name the labels this version was made from, not the file at the end.
-    try:
-        labels_data = labels_path.read_bytes()
-    except OSError as exc:
-        raise RefitError(f"{labels_path}: cannot read the label file ({exc.strerror or exc})") from exc
     # without --events each label is checked against the log it records; reviewed_images says what is not
-    reviewed = reviewed_images(labels_path, known, events, warn=echo, labels_data=labels_data)
+    reviewed = reviewed_images(labels_path, known, events, warn=echo, labels=checked.labels)
     unchecked = [skip for skip in reviewed.skipped if skip.label == DEFECT]
     if unchecked:      # the confirmed-defect check is the refit's safety net: without the image it is blind
         message = (f"{len(unchecked)} image(s) marked '{DEFECT}' cannot be checked against the new model "
@@ -718,12 +776,16 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         raise RefitError(f"{labels_path}: no usable image marked good (of {len(reviewed.skipped)} skipped); "
                          f"nothing to refit")
     calibration_paths = list(good) if isinstance(good, (list, tuple)) else [str(p) for p in scan_folder(good)]
-    try:       # images are compared by their pixels (the module's notes)
-        reviewed_pixels = {p: pixels_sha256(p) for p in reviewed.good + reviewed.defect}
-        calibration_pixels = {p: pixels_sha256(p) for p in calibration_paths}
+    # images are compared by their pixels (the module's notes); each file is decoded once, here: the
+    # refit's passes over it read the square kept from that decode
+    images = DecodedImages.of(model)
+    try:
+        reviewed_pixels = {p: images.pixels_sha256(p) for p in reviewed.good + reviewed.defect}
+        calibration_pixels = {p: images.pixels_sha256(p) for p in calibration_paths}
     except ImageReadError as exc:
         raise _unreadable(exc, good, calibration_paths) from exc
-    taken = {image.pixels_sha256: image for image in lineage_bank_images(data.get(LINEAGE_KEY), model_path, echo)}
+    taken = {image.pixels_sha256: image for image in lineage_bank_images(data.get(LINEAGE_KEY), model_path, echo,
+                                                                          images.pixels_sha256)}
     new_good: dict = {}           # pixels -> path: one image saved twice is offered once
     already_in_bank = []
     for path in reviewed.good:
@@ -761,7 +823,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     try:
         result = refit_model(model, offered, held_out, reviewed.defect, quantile=quantile, method=method,
                              batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
-                             radius_quantile=radius_quantile, augment=augment)
+                             radius_quantile=radius_quantile, augment=augment, images=images)
     except DataError as exc:
         raise _unreadable(exc, good, held_out) from exc
     result.already_in_bank = tuple(already_in_bank)
@@ -792,7 +854,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             raise RefitError(message + "; nothing written (--force writes it anyway)")
         echo(warning_line(f"{message}; written anyway (--force)"))
     lineage = Lineage(version=version, parent_sha256=file_sha256(model_path),
-                      labels_sha256=hashlib.sha256(labels_data).hexdigest(), parent=str(model_path),
+                      labels_sha256=hashlib.sha256(checked.labels_data).hexdigest(), parent=str(model_path),
                       labels=str(labels_path), good_images=offered, defect_images=reviewed.defect,
                       bank_before=result.bank_before, bank_after=result.bank_after,
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

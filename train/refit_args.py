@@ -1,7 +1,9 @@
 """What `mrkd refit` can refuse in milliseconds, before torch is imported and the checkpoint loads (about 5 s
 on a line PC): an exported model given for the checkpoint, a label file that cannot be read or is an events
-log, and a new-version folder that exists or cannot be made. Imports no torch (mrkd/refit_cli.py calls it
-before it imports train/refit.py).
+log, and a new-version folder that exists or cannot be made. Imports no torch: `mrkd refit` calls
+``check_refit_args`` before it imports train/refit.py, and gives what it read (``CheckedRefitArgs``, the
+label file's bytes and labels) to ``refit_checkpoint``, which checks only what it is not given: each check
+runs once, and the label file is read once.
 
 The default folder's name (MODEL's folder/<stem>.v<N>) needs the parent's version N-1, which the checkpoint's
 lineage holds: ``checkpoint_lineage_version`` reads it from the archive torch.save writes without torch, by
@@ -16,11 +18,12 @@ import io
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.review import EventsLogGivenAsLabels, read_labels
+from mrkd.runtime.review import EventsLogGivenAsLabels, ReviewLabel, read_labels
 
 LINEAGE_KEY = "lineage"
 EXPORTED_MODEL_SUFFIXES = (".onnx", ".engine", ".plan")
@@ -101,32 +104,55 @@ def check_new_out_dir(out_dir: Path) -> None:
     check_out_dir(out_dir)
 
 
-def check_label_file(labels_path: Path) -> None:
-    """RefitError when the label file cannot be read or is an events log; ReviewError for a malformed
-    line. The refit reads it again (once, for good) after the checkpoint."""
+@dataclass(frozen=True)
+class CheckedRefitArgs:
+    """A refit's arguments as check_refit_args found them fit, with what it read: the label file's
+    bytes and their labels are the refit's (its lineage's labels_sha256 names these bytes: the line's
+    page may append to the file meanwhile)."""
+
+    model_path: Path
+    labels_path: Path
+    out_dir: Optional[Path]           # -o's folder, or None for the default one
+    labels_data: bytes
+    labels: Tuple[ReviewLabel, ...]
+
+    def same(self, model_path, labels_path, out_dir) -> bool:
+        """Whether these are the checks of these arguments."""
+        return (self.model_path, self.labels_path, self.out_dir) == \
+            (Path(model_path), Path(labels_path), None if out_dir is None else Path(out_dir))
+
+
+def read_label_file(labels_path: Path) -> Tuple[bytes, Tuple[ReviewLabel, ...]]:
+    """The label file's bytes and labels (read once). RefitError when it cannot be read or is an events
+    log; ReviewError for a malformed line."""
     try:
         data = labels_path.read_bytes()
     except OSError as exc:
         raise RefitError(f"{labels_path}: cannot read the label file ({exc.strerror or exc})") from exc
     try:
-        read_labels(labels_path, data)
+        return data, tuple(read_labels(labels_path, data))
     except EventsLogGivenAsLabels as exc:
         raise RefitError(f"{labels_path} is an events log (`mrkd run --events`), not a label file: give it as "
                          f"--events, and as --reviewed the label file `mrkd review` or the operator page "
                          f"writes") from exc
 
 
-def check_refit_args(model_path, labels_path, out_dir=None) -> None:
+def check_refit_args(model_path, labels_path, out_dir=None) -> CheckedRefitArgs:
     """Refuse, in milliseconds, a refit that would be refused after the checkpoint's load: see the
-    module. ``out_dir``: -o's folder, or None for the default one."""
+    module. ``out_dir``: -o's folder, or None for the default one. Returns what it read, for
+    refit_checkpoint (``checked=``)."""
     model_path, labels_path = Path(model_path), Path(labels_path)
+    out_dir = None if out_dir is None else Path(out_dir)
     if model_path.suffix.lower() in EXPORTED_MODEL_SUFFIXES:
         raise RefitError(f"{model_path}: refit needs the checkpoint (.ckpt) the model was exported from; the "
                          f"teacher's features come from it")
-    check_label_file(labels_path)
-    if out_dir is None:
+    labels_data, labels = read_label_file(labels_path)
+    checked = CheckedRefitArgs(model_path, labels_path, out_dir, labels_data, labels)
+    new_folder = out_dir
+    if new_folder is None:
         version = checkpoint_lineage_version(model_path)
         if version is None:      # known once the checkpoint is read; refit checks it then
-            return
-        out_dir = default_out_dir(model_path, version + 1)
-    check_new_out_dir(Path(out_dir))
+            return checked
+        new_folder = default_out_dir(model_path, version + 1)
+    check_new_out_dir(new_folder)
+    return checked
