@@ -369,6 +369,29 @@ def test_closing_while_a_trigger_command_waits_on_a_dead_camera_returns_at_once(
     wait_for(lambda: not trigger_threads(), 15, "the abandoned trigger command to end")
 
 
+def test_closing_while_a_lost_camera_is_being_opened_again_returns_at_once(simulator):
+    """The simulator killed with no trigger pending: the reader sees the camera lost and opens it again,
+    and Aravis' open of a camera that does not answer takes about 2.5 s (its own retries, then a
+    discovery), which nothing in Python can cut short. Closing the source then waited out close()'s
+    2 s join: `mrkd run` stopped 2 s later per camera that was down (measured: SIGTERM with the camera
+    down, the Modbus server closed, then 2.5 s to exit). Now closing returns within a reader poll, and
+    the reader ends on its own once Aravis returns."""
+    camera = simulator("127.0.86.33", "REOPEN")
+    source = open_source(camera.uri, trigger="software")
+    try:
+        assert source.grab(time.time(), 2.0).error is None
+        camera.kill()
+        wait_for(lambda: not source.up, 20, "the camera to be seen lost")
+        time.sleep(0.3)          # the reader is inside its first open of the dead camera (about 2.5 s)
+        assert source._thread.is_alive()
+    finally:
+        began = time.monotonic()
+        source.close()
+        took = time.monotonic() - began
+    assert took < 0.5, took
+    wait_for(lambda: not source._thread.is_alive(), 15, "the reader to end once Aravis gives up")
+
+
 def test_a_trigger_command_answered_late_never_gives_its_image_to_the_next_part(simulator):
     """The simulator stopped (SIGSTOP: it answers nothing) while a part triggers it: the part is a
     timeout within its part timeout, not after Aravis' retries. The simulator resumed while the next

@@ -418,6 +418,7 @@ class GigeSource(LatestFrameSource):
         self._arrivals: Deque[_Arrival] = deque(maxlen=self.BUFFERS)
         self._latest: Optional[Frame] = None
         self._stop = threading.Event()
+        self._reopening = False                   # the reader is inside _connect (Aravis' open: seconds)
         self._ended = False
         self._buffer_warned = False
         self.serial: Optional[str] = None          # of the camera found at the first connect (_check_same_camera)
@@ -429,6 +430,10 @@ class GigeSource(LatestFrameSource):
     def _connect(self) -> None:
         aravis()        # the binding, or one clear error before the camera is opened
         camera = self._open_when_free()
+        if self._stop.is_set():      # closed while Aravis opened it (close() does not wait for an open)
+            self._release(camera, wait=False)
+            camera = None
+            return
         try:
             self._check_same_camera(camera)
             self._setup(camera)
@@ -603,6 +608,7 @@ class GigeSource(LatestFrameSource):
                         self._cond.notify_all()
                 if not self._reconnect:
                     break
+                self._reopening = True
                 try:
                     self._connect()
                 except SourceError as exc:
@@ -610,6 +616,10 @@ class GigeSource(LatestFrameSource):
                     self._stop.wait(delay)
                     delay = min(delay * 2, self._backoff[1])
                     continue
+                finally:
+                    self._reopening = False
+                if self._stop.is_set():
+                    break
                 delay = self._backoff[0]
                 self.stats.reconnects += 1
                 logger.warning("camera %s: reconnected, features re-applied %s", self.name, self.features_applied)
@@ -854,7 +864,12 @@ class GigeSource(LatestFrameSource):
     def close(self) -> None:
         if not self._stop.is_set():
             self._stop.set()
-            self._thread.join(timeout=2.0)
+            # A reader inside Aravis' open of a camera that is down (about 2.5 s that nothing in Python
+            # can cut short) is not waited for: it sees the stop when the open returns, lets go of what
+            # it opened and ends on its own (_connect).
+            deadline = time.monotonic() + 2.0
+            while self._thread.is_alive() and not self._reopening and time.monotonic() < deadline:
+                self._thread.join(timeout=0.05)
         self._closed = True
         with self._cond:
             self._cond.notify_all()
