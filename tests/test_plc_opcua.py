@@ -260,6 +260,33 @@ def test_anonymous_reads_but_cannot_call_and_a_wrong_password_is_refused(cell):
     assert wrong in ("BadUserAccessDenied", "BadIdentityTokenRejected", "BadIdentityTokenInvalid")
 
 
+def test_a_wrong_user_name_still_has_its_password_compared(cell, monkeypatch):
+    """The user name and the password are both compared whatever the first gives: with the second
+    comparison skipped when the name was wrong, the answer's time told whether a name was right."""
+    import hmac
+    import mrkd.runtime.plc.opcua as opcua_module
+    runner, server, _ = cell
+    compared = []
+
+    def counting_compare(given, expected):
+        compared.append(given)
+        return hmac.compare_digest(given, expected)
+    monkeypatch.setattr(opcua_module, "hmac", type("CountingHmac", (), {"compare_digest": staticmethod(counting_compare)}))
+
+    async def log_in(user, password):
+        try:
+            async with Session(server.url, user=user, password=password):
+                return "connected"
+        except ua.UaStatusCodeError as error:
+            return type(error).__name__
+
+    for user, password in (("intruder", PASSWORD), ("intruder", "guess"), (USER, "guess"), (USER, PASSWORD)):
+        compared.clear()
+        answer = asyncio.run(log_in(user, password))
+        assert (answer == "connected") == ((user, password) == (USER, PASSWORD)), (user, password, answer)
+        assert compared == [user.encode(), password.encode()], (user, password, compared)
+
+
 def test_continuous_runs_into_the_folders_end_as_failed_results(cell):
     runner, server, _ = cell
     start = runner.inspections

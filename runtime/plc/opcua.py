@@ -176,10 +176,13 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                     raise ServiceError(getattr(ua.StatusCodes, refusal))
                 if username is None:
                     return User(role=UserRole.Anonymous)
-                if plc.user is not None and hmac.compare_digest(str(username).encode(), plc.user.encode()) \
-                        and hmac.compare_digest(str(password or "").encode(), plc._password.encode()):
-                    return User(role=UserRole.User, name=username)
-                return None
+                if plc.user is None:
+                    return None
+                # Both compared always: skipping the password's for a wrong name told by the answer's time
+                # whether a name was right.
+                user_matches = hmac.compare_digest(str(username).encode(), plc.user.encode())
+                password_matches = hmac.compare_digest(str(password or "").encode(), plc._password.encode())
+                return User(role=UserRole.User, name=username) if user_matches and password_matches else None
 
         server = self._server = Server(user_manager=Users())
         await server.init()
