@@ -14,6 +14,7 @@ import subprocess
 import threading
 from pathlib import Path
 from typing import Tuple
+from urllib.parse import urlparse
 
 import cv2
 import numpy as np
@@ -452,6 +453,43 @@ def test_sessions_need_an_encrypted_channel_with_a_trusted_certificate(tmp_path)
                        "stranger's channel, trusted certificate": "BadCertificateUntrusted",
                        "trusted client": "Good"}
     assert summary["triggers"] == 1     # the trusted client's job only
+
+
+def test_a_server_that_anyone_beyond_this_machine_may_read_says_so(tmp_path):
+    """Anonymous sessions browse, read and subscribe: beyond loopback without a trust folder, whoever
+    reaches the server reads every part's result (unencrypted without a certificate). mrkd run said
+    nothing; the operator page says so in the same case. An anonymous asyncua session shows it is so."""
+    from plc_fixtures import QueueTarget
+    from mrkd.runtime.plc.servers import PlcSettings, start_plc_servers
+    make_certificates(tmp_path, "client")
+    (tmp_path / "trusted").mkdir()
+    shutil.copy(tmp_path / "client.der", tmp_path / "trusted" / "client.der")
+    secure = dict(opcua_certificate=str(tmp_path / "server.der"), opcua_private_key=str(tmp_path / "server.pem"))
+    for settings, warned, unencrypted in (
+            (PlcSettings(opcua="opc.tcp://127.0.0.1:0"), False, False),
+            (PlcSettings(opcua="opc.tcp://0.0.0.0:0"), True, True),
+            (PlcSettings(opcua="opc.tcp://0.0.0.0:0", **secure), True, False),
+            (PlcSettings(opcua="opc.tcp://0.0.0.0:0", opcua_trust=str(tmp_path / "trusted"), **secure), False, False)):
+        said = []
+        servers = start_plc_servers(QueueTarget(), settings.check(), echo=said.append)
+        try:
+            warnings = [line for line in said if line.startswith("warning: ")]
+            assert len(warnings) == warned and all("\n" not in line for line in said), (settings, said)
+            if warned:
+                assert "listens beyond this machine: whoever reaches it reads every part's result" in warnings[0]
+                assert ("unencrypted" in warnings[0]) == unencrypted, warnings
+                assert "--opcua-trust" in warnings[0], warnings
+            if warned and unencrypted:        # what it says: an anonymous session reads the results
+                port = urlparse(servers[0].url).port
+
+                async def anonymous_read():
+                    async with Session(f"opc.tcp://127.0.0.1:{port}/mrkd/", user=None) as session:
+                        return await session.value("CurrentState"), await session.last.get_children()
+                state, result_nodes = asyncio.run(anonymous_read())
+                assert state == "Operational" and result_nodes, (state, result_nodes)
+        finally:
+            for server in servers:
+                server.close()
 
 
 def test_trust_folder_mistakes_are_one_line_errors(tmp_path):

@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 
 import click
 
+from mrkd.errors import warning_line
 from mrkd.options import IntegerRange
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.handshake import RESULTS_BUFFER
@@ -261,6 +262,22 @@ def pop_plc_settings(options: dict, line_file_settings: Optional[PlcSettings] = 
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}).check("--")
 
 
+def opcua_exposure(settings: PlcSettings) -> Optional[str]:
+    """What an OPC UA server that anyone beyond this machine may read should tell the operator (None when
+    it listens on loopback or admits trusted clients only). Anonymous sessions browse, read and subscribe
+    (only calls need the user), so whoever reaches it reads every result, as on the operator page
+    (--http beyond this machine says so too)."""
+    from mrkd.runtime.addresses import is_loopback_host
+    from mrkd.runtime.plc.opcua import parse_opcua_url
+    host, _ = parse_opcua_url(settings.opcua)
+    if is_loopback_host(host) or settings.opcua_trust is not None:
+        return None
+    return (f"OPC UA server {settings.opcua} listens beyond this machine: whoever reaches it reads every part's "
+            f"result and the line's state (anonymous sessions may browse, read and subscribe)"
+            f"{'' if settings.opcua_certificate else ', unencrypted'}; admit known clients only (--opcua-trust with "
+            f"--opcua-certificate, or [plc] opcua_trust) or listen on 127.0.0.1")
+
+
 def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
     """Start the servers ``settings`` asks for on ``target`` (the part runner); returns them as line
     observers (add them to the runner's before it starts). PlcError names one that cannot listen;
@@ -298,6 +315,9 @@ def start_plc_servers(target, settings: PlcSettings, echo=None) -> List:
                 if settings.opcua_trust:
                     security += f", clients trusted from {settings.opcua_trust}"
                 echo(f"OPC UA VisionSystem on {server.url} ({security}; methods: {calls})")
+                exposure = opcua_exposure(settings)
+                if exposure is not None:
+                    echo(warning_line(exposure))
     except BaseException:
         for server in servers:
             server.close()
