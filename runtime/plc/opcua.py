@@ -48,15 +48,20 @@ BadTypeMismatch per argument.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
 import math
+import os
+import socket
 import threading
+from datetime import datetime, timezone
 from collections import deque
 from typing import Deque, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
+import mrkd
 from mrkd.runtime.line.trigger import TriggerTarget, has_control_characters
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt, Verdict
 from mrkd.runtime.plc import PlcError, known_host
@@ -68,6 +73,7 @@ from mrkd.runtime.plc.trust import TrustFolder
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "urn:mrkd:machinevision"
+PRODUCT_URI = "urn:mrkd"
 DEFAULT_PORT = 4840
 RESULT_COMPLETED, RESULT_FAILED = 1, 4          # OPC 40100-1 ResultStateDataType (processing state)
 JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
@@ -196,6 +202,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                            "a dropped connection may repeat Republish requests")
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/mrkd/")
         server.set_server_name("mrkd VisionSystem")
+        # what an asset inventory records (asyncua's own said FreeOpcUa Python Server 1.0pre, built now)
+        await server.set_build_info(PRODUCT_URI, "mrkd", "mrkd VisionSystem", mrkd.__version__,
+                                    mrkd.__version__, _build_date())
         if self.certificate:
             await server.load_certificate(self.certificate)
             await server.load_private_key(self.private_key)
@@ -204,6 +213,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             if self.trusted is not None:
                 server.set_certificate_validator(_Validator(self.trusted).validate)
         else:
+            await server.set_application_uri(f"urn:mrkd:{socket.gethostname()}:VisionSystem")
             policies = [ua.SecurityPolicyType.NoSecurity]
         server.set_security_policy(policies, permission_ruleset=_Rules(self.anonymous_calls))
         server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken] if self.user
@@ -275,6 +285,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             ("PartId", ua.VariantType.String), ("MeasId", ua.VariantType.String),
             ("RecipeId", ua.VariantType.String), ("ResultContent", ua.VariantType.String)])
         self._events = await server.get_event_generator(event_type, vs)
+        # the Server object is the root of the notifier hierarchy (OPC 10000-9 6.2) and the events of the
+        # server are available through it (OPC 10000-3 4.7.1): MES and SCADA connectors subscribe there
+        await server.nodes.server.add_reference(vs.nodeid, ua.ObjectIds.HasNotifier)
         self._ng = 0
 
     def reload_certificate(self, reason: str = "request") -> bool:
@@ -593,6 +606,16 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         event.PartId, event.MeasId, event.RecipeId, event.ResultContent = part.part_id, meas, str(part.recipe), content
         event.Severity = 100 if part.verdict == Verdict.OK else 500
         await self._events.trigger(message=f"part {part.part_id}: {part.verdict}")
+        await self._notify_server_object(event)
+
+    async def _notify_server_object(self, event) -> None:
+        """The event just emitted by VisionSystem, the same one (its EventId, SourceNode VisionSystem), to
+        the monitored items of the Server object too: asyncua hands an event only to the items on the node
+        that emitted it."""
+        from asyncua import ua
+        at_server = copy.copy(event)         # another part's event may fill the shared one meanwhile
+        at_server.emitting_node = ua.NodeId(ua.ObjectIds.Server)
+        await self._events.isession.subscription_service.trigger_event(at_server)
 
     async def _write_all(self, values: dict) -> None:
         from asyncua import ua
@@ -755,6 +778,11 @@ def result_content(part: PartResult) -> dict:
             "cameras": [{"camera": c.camera, "score": number(c.score), "threshold": number(c.threshold),
                          "ng": c.anomalous, "error": c.error} for c in part.cameras],
             "error_code": part.error_code, "error": part.error, "model_sha256": part.model_sha256}
+
+
+def _build_date() -> datetime:
+    """BuildInfo's BuildDate: when this mrkd was installed (its package's time), in UTC."""
+    return datetime.fromtimestamp(os.path.getmtime(mrkd.__file__), timezone.utc)
 
 
 def _certificate_uri(path: str) -> str:
