@@ -5,10 +5,11 @@ label given so far, evidence changed since the run and images labelled both good
 EVENT_ID --as good|defect [--note TEXT]`` appends one label (runtime/review.py) with the sha256 of the
 evidence image the operator looked at; ``--mark`` given several times labels those events together
 (how an image labelled both ways is settled). A mark that would leave one image both good and defect
-is refused, nothing written; so is one that changes an event's standing label (good -> defect) unless
+is refused, nothing written; so is one that changes an image's standing label (good -> defect) unless
 ``--replace`` is given (the page asks the same before it sends ``replace``). The listing shows each
-event's standing label, who gave it and when, and the label a correction replaced. An NG part's event (triggered mode) labels one camera's image:
-``--camera``, else the one camera that flagged it (the rule POST /review applies,
+image's standing label, who gave it and when, and the label a correction replaced. An NG part's event
+(triggered mode) has one image per camera, one row each in the listing, each labelled on its own: a
+mark labels ``--camera``'s image, else the one camera that flagged it (the rule POST /review applies,
 runtime/control.py). Torch-free.
 """
 
@@ -22,7 +23,8 @@ import click
 from mrkd.errors import MrkdError, error_boundary
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, LabelState, \
     ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, find_evidence, label_events, \
-    label_states, mark_command, one_camera_event, printable, read_labels, read_review_events
+    label_states, mark_command, one_camera_event, printable, read_labels, read_review_events, review_rows, \
+    standing_label
 
 
 def default_evidence_dir(events_path) -> Path:
@@ -53,27 +55,35 @@ def _image_text(event: dict, image: Optional[Path], why: str) -> str:
 def list_events(events, labels_path, evidence: Path, unlabelled: bool) -> None:
     all_events = read_review_events(events)
     states = label_states(read_labels(labels_path)) if Path(labels_path).is_file() else {}
-    latest = {event_id: state.current for event_id, state in states.items()}
+    latest = {key: state.current for key, state in states.items()}
     conflicts = find_conflicts(latest)
-    conflict_of = {event_id: c for c in conflicts for event_id in c.events}
-    shown = 0
+    conflict_of = {(event_id, c.image_sha256): c for c in conflicts for event_id in c.events}
+    shown = rows = 0
     for event in all_events:
-        current = states.get(str(event["event_id"]))
-        if unlabelled and current:
-            continue
-        one, why = one_camera_event(event)
-        image = find_evidence(one, evidence, events) if one is not None else None
-        event = one or event
-        score = event.get("score")
-        click.echo(f"{event['event_id']}  {event.get('camera') or '-':8}  "
-                   f"score {score if not isinstance(score, (int, float)) else format(score, '.4g')}  "
-                   f"model {str(event.get('model_sha256') or '?')[:12]}  {_image_text(event, image, why)}  "
-                   f"{_label_text(current, conflict_of.get(str(event['event_id'])))}")
-        shown += 1
-    elsewhere = len(set(latest) - {str(e["event_id"]) for e in all_events})
+        # one row per image: a part's cameras each (a part without any image: one row saying why)
+        for camera, one in review_rows(event) or [(None, None)]:
+            rows += 1
+            current = standing_label(states, event, camera) if one is not None else None
+            if unlabelled and current:
+                continue
+            why = ""
+            if one is None:
+                one, why = one_camera_event(event)
+            image = find_evidence(one, evidence, events) if one is not None else None
+            one = one or event
+            score = one.get("score")
+            conflict = conflict_of.get((str(event["event_id"]), current.current.image_sha256)) if current else None
+            click.echo(f"{event['event_id']}  {one.get('camera') or '-':8}  "
+                       f"score {score if not isinstance(score, (int, float)) else format(score, '.4g')}  "
+                       f"model {str(one.get('model_sha256') or '?')[:12]}  {_image_text(one, image, why)}  "
+                       f"{_label_text(current, conflict)}")
+            shown += 1
+    elsewhere = len({key.event_id for key in latest} - {str(e["event_id"]) for e in all_events})
     # labels of another run's events share the file: counted, so a mistyped log is not read as "unlabelled"
     more = f" ({elsewhere} of its labelled event(s) are not in this log)" if elsewhere else ""
-    click.echo(f"{shown} of {len(all_events)} event(s); labels in {labels_path}{more}")
+    counted = f"{shown} of {len(all_events)} event(s)" if rows == len(all_events) else \
+        f"{shown} of {rows} image(s) of {len(all_events)} event(s)"      # a part of several cameras: a row each
+    click.echo(f"{counted}; labels in {labels_path}{more}")
     for conflict in conflicts:
         click.echo(f"conflict: {conflict.describe()} (refit refuses the label file until it is settled): "
                    f"{mark_command(conflict.events, events_path=events, labels_path=labels_path)}")
@@ -115,16 +125,17 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
 @click.option("--who", default=None,
               help=f"Who decides: one printable line of at most {MAX_WHO} characters (default: the login name).")
 @click.option("--camera", default=None, metavar="NAME",
-              help="For a part of several cameras: the camera whose image is labelled (default: the flagged one).")
+              help="For a part of several cameras: the camera whose image is labelled (default: the one that "
+                   "flagged it). Each camera's image has its own label.")
 @click.option("--replace", is_flag=True,
-              help="Let --mark change an event's standing label (good -> defect or back); without it such a "
+              help="Let --mark change an image's standing label (good -> defect or back); without it such a "
                    "mark is refused, naming the label that stands.")
 @click.option("--unlabelled", is_flag=True, help="List only events without a label yet.")
 @error_boundary
 def review_command(events, labels_path, evidence_dir, event_ids, label, note, who, camera, replace, unlabelled):
     """List the alarms of the events log EVENTS, or mark one (or several together) as a good part
     (false alarm) or a confirmed defect. Labels are appended to --labels with the evidence image's
-    sha256; the last label of an event counts."""
+    sha256; the last label of an image (an event, a part's camera) counts."""
     evidence = Path(evidence_dir) if evidence_dir else default_evidence_dir(events)
     if not event_ids:
         if label or note or replace:

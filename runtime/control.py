@@ -12,9 +12,10 @@ compared in constant time (``hmac.compare_digest``). Without a configured token 
   only camera) is meant. ``event_id`` may be a list: those events get the same label together (how
   an image labelled both good and defect is settled). A label that would leave one image both good
   and defect, evidence changed since the run or missing is refused (409), nothing written; ``who``
-  is one printable line (400 otherwise). A label that changes an event's standing one (good ->
-  defect, or another camera's image) is refused (409, ``existing``: the standing labels, who and
-  when) unless the body says ``"replace": true`` (the page sends it after the operator confirms).
+  is one printable line (400 otherwise). Each camera's image of a part has its own label: a label
+  that changes an image's standing one (good -> defect or back) is refused (409, ``existing``: the
+  standing labels, who and when) unless the body says ``"replace": true`` (the page sends it after
+  the operator confirms); labelling another camera's image of the part changes nothing.
 * ``POST /reload``: the model slots load the model files again (runtime/line/swap.py); the answer
   is the outcome of that load for each model path (swapped/refused/unchanged, or staged: checked and
   waiting for the loop, which swaps between the next frames or the next parts): 200, or 409 when a

@@ -1,10 +1,12 @@
 """Operator review labels: what a person said about an alarm, kept as an append-only JSON-lines file.
 
-One line per decision (``ReviewLabel``): the event it is about, the sha256 of the image the
+One line per decision (``ReviewLabel``): the event and camera whose image it is about (``LabelKey``:
+a part of two cameras has two images, each with a label of its own), the sha256 of the image the
 operator looked at (the lossless evidence PNG, ``runtime/outputs/evidence.py``), the label
 ("good": a good part, a false alarm; "defect": a defect confirmed), who, when, an optional note,
 the events log the event came from (schema 2, ``EventsLogRef``: its path and its first event id) and
-the record's schema version. Lines are only ever appended (one ``os.write`` of a whole line on an
+the record's schema version (3: the label is of its camera's image; 1 and 2, written by an older mrkd:
+of the event, see below). Lines are only ever appended (one ``os.write`` of a whole line on an
 O_APPEND descriptor, then fsync), so the file is the history of every decision and a crash leaves at
 most a torn last line.
 
@@ -12,12 +14,17 @@ Reading (``read_labels``) validates every line. Rules, stated once here and used
 
 * a torn LAST line (no newline at the end, not valid JSON: a crash mid-write) is skipped with a
   warning; a malformed line anywhere else is an error naming the file and line;
-* the same event labelled twice: the LAST line wins (a correction is a new line; nothing is edited).
-  A new label that CHANGES an event's label (the other label, or another camera's image) is written
+* the same image (event and camera) labelled twice: the LAST line wins (a correction is a new line;
+  nothing is edited). A new label that CHANGES an image's label (good -> defect or back) is written
   only when asked for explicitly (``append_checked(replace=True)``: `mrkd review --replace`, POST
   /review's ``"replace": true``); otherwise it is refused (``AlreadyLabelled``, the page's 409) naming
-  the label that stands, so two reviewers never overwrite each other unawares. ``label_states`` gives
-  each event's standing label and, for a correction, the one it replaced (listing and page);
+  the label that stands, so two reviewers never overwrite each other unawares. Another camera's image
+  of the same part is another image: its label changes nothing. ``label_states`` gives each image's
+  standing label and, for a correction, the one it replaced (listing and page);
+* older files keep their meaning: a label of schema 1 or 2 was the EVENT's one label, so it replaces
+  whatever its event had (another camera's label too), and one naming no camera is of the event's one
+  flagged camera (``standing_label`` puts it on that camera's row; a later label of that image, the
+  same sha256, takes its place);
 * the same image (sha256) ending up both "good" and "defect" under different events is refused by
   ``latest_labels`` (an operator contradicting themselves is a question, not a training signal). A
   new label that would do so is refused before it is written (``append_checked``); a file that holds
@@ -46,7 +53,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 from mrkd.atomic import append_whole
 from mrkd.errors import MrkdError
@@ -59,7 +66,8 @@ except ImportError:          # not POSIX: the in-process lock only
 
 logger = logging.getLogger(__name__)
 
-LABEL_SCHEMA_VERSION = 2        # 2: a label records its events log (events_log, events_log_first_event)
+LABEL_SCHEMA_VERSION = 3        # 2: a label records its events log (events_log, events_log_first_event)
+PER_CAMERA_SCHEMA = 3           # from 3 on a label is one camera's image's (LabelKey), before it was its event's
 GOOD, DEFECT = "good", "defect"
 LABELS = (GOOD, DEFECT)
 LABEL_WORDS = {GOOD: "good part (false alarm)", DEFECT: "defect confirmed"}
@@ -99,9 +107,18 @@ class AlreadyLabelled(UnlabellableError):
         self.existing = list(existing)
 
 
+class LabelKey(NamedTuple):
+    """What a label is about: the image of ``camera`` in event ``event_id`` (a frame alarm's camera, or
+    one camera of a part). ``camera`` "": a label that names none (an older file): the event's one
+    flagged camera."""
+
+    event_id: str
+    camera: str
+
+
 @dataclass(frozen=True)
 class ReviewLabel:
-    """One operator decision about one alarm event."""
+    """One operator decision about one camera's image of one alarm event."""
 
     event_id: str
     image_sha256: str            # sha256 of the evidence image the operator saw
@@ -114,6 +131,10 @@ class ReviewLabel:
     events_log: str = ""             # the events log's absolute path when labelled (schema 2; "" = not recorded)
     events_log_first_event: str = ""  # ... and its identity: the id of its first event (EventsLogRef)
     schema_version: int = LABEL_SCHEMA_VERSION
+
+    @property
+    def key(self) -> LabelKey:
+        return LabelKey(self.event_id, self.camera)
 
     @property
     def log_ref(self) -> Optional["EventsLogRef"]:
@@ -147,7 +168,8 @@ class ReviewLabel:
         if bool(self.events_log) != bool(self.events_log_first_event):
             raise ReviewError(f"{where}: fields events_log and events_log_first_event go together (both or neither)")
         if self.events_log and (self.schema_version < 2 or not os.path.isabs(self.events_log)):
-            raise ReviewError(f"{where}: field events_log must be an absolute path, in a label of schema_version 2")
+            raise ReviewError(f"{where}: field events_log must be an absolute path, in a label of schema_version 2 "
+                              f"or later")
         return self
 
     @classmethod
@@ -459,16 +481,12 @@ class Conflict:
                 f"({events(self.defect)})")
 
 
-def last_per_event(labels: Sequence[ReviewLabel]) -> Dict[str, ReviewLabel]:
-    """event id -> its last label, in the order of the deciding lines (no check)."""
-    latest: Dict[str, ReviewLabel] = {}
-    for label in labels:
-        latest.pop(label.event_id, None)      # re-insert: order = order of the deciding line
-        latest[label.event_id] = label
-    return latest
+def last_per_image(labels: Sequence[ReviewLabel]) -> Dict[LabelKey, ReviewLabel]:
+    """(event, camera) -> its last label, in the order of the deciding lines (no check)."""
+    return {key: state.current for key, state in label_states(labels).items()}
 
 
-def find_conflicts(latest: Mapping[str, ReviewLabel]) -> List[Conflict]:
+def find_conflicts(latest: Mapping[LabelKey, ReviewLabel]) -> List[Conflict]:
     """Every image whose events' last labels disagree."""
     by_image: Dict[str, Dict[str, List[str]]] = {}
     for label in latest.values():
@@ -485,9 +503,9 @@ def mark_command(event_ids: Sequence[str], label: str = f"{GOOD}|{DEFECT}", even
     return f"mrkd review {events_path} --labels {labels_path} {marks} --as {label} --replace"
 
 
-def latest_labels(labels: Sequence[ReviewLabel], source: str = "labels") -> Dict[str, ReviewLabel]:
-    """event id -> its last label. Refuses an image (sha256) that ends up both good and defect."""
-    latest = last_per_event(labels)
+def latest_labels(labels: Sequence[ReviewLabel], source: str = "labels") -> Dict[LabelKey, ReviewLabel]:
+    """(event, camera) -> its last label. Refuses an image (sha256) that ends up both good and defect."""
+    latest = last_per_image(labels)
     conflicts = find_conflicts(latest)
     if conflicts:
         more = f" (and {len(conflicts) - 1} more such image(s))" if len(conflicts) > 1 else ""
@@ -496,18 +514,16 @@ def latest_labels(labels: Sequence[ReviewLabel], source: str = "labels") -> Dict
     return latest
 
 
-def new_conflicts(latest: Mapping[str, ReviewLabel], new: Sequence[ReviewLabel]) -> List[Conflict]:
-    """The contradictions ``new`` labels would bring about or leave standing on their images (one
-    that only other images have is not theirs to settle)."""
-    after = dict(latest)
-    after.update((label.event_id, label) for label in new)
+def new_conflicts(after: Mapping[LabelKey, ReviewLabel], new: Sequence[ReviewLabel]) -> List[Conflict]:
+    """The contradictions that ``new`` labels, standing in ``after``, bring about or leave standing on
+    their images (one that only other images have is not theirs to settle)."""
     images = {label.image_sha256 for label in new}
     return [c for c in find_conflicts(after) if c.image_sha256 in images]
 
 
 @dataclass(frozen=True)
 class LabelState:
-    """An event's standing label (its last line) and, when that line changed the event's label, the
+    """An image's standing label (its last line) and, when that line changed the image's label, the
     label it replaced (a correction; None otherwise)."""
 
     current: ReviewLabel
@@ -515,23 +531,76 @@ class LabelState:
 
 
 def changes(old: ReviewLabel, new: ReviewLabel) -> bool:
-    """Whether ``new`` changes what ``old`` says of its event: the other label, or another image (a part's
-    other camera). The same label of the same image again (a note added) is no change."""
+    """Whether ``new`` changes what ``old`` says: the other label, or another image (an older file's
+    label of another camera of the part). The same label of the same image again (a note added) is no
+    change."""
     return (old.label, old.image_sha256) != (new.label, new.image_sha256)
 
 
-def label_states(labels: Sequence[ReviewLabel]) -> Dict[str, LabelState]:
-    """event id -> its LabelState, by the rule refit reads (the last line wins; no check)."""
-    states: Dict[str, LabelState] = {}
-    for label in labels:
-        before = states.get(label.event_id)
+class StandingLabels:
+    """The labels that stand, line by line, by the module's rules: a label takes the place of the one
+    of its (event, camera), and of one naming no camera with the same image (either way round); a label
+    of schema 1 or 2 (one label per event then) takes the place of every label its event has. ``states``:
+    LabelKey -> LabelState, in the order of the deciding lines."""
+
+    def __init__(self, labels: Sequence[ReviewLabel] = ()):
+        self.states: Dict[LabelKey, LabelState] = {}
+        self._keys_of: Dict[str, List[LabelKey]] = {}    # event id -> its standing keys, oldest decision first
+        for label in labels:
+            self.add(label)
+
+    def add(self, label: ReviewLabel) -> Optional[LabelState]:
+        """Let ``label`` stand; the state it took the place of (the same image's, else the last of its
+        event's that it replaced), None when there was none."""
+        keys = self._keys_of.setdefault(label.event_id, [])
+        if label.schema_version < PER_CAMERA_SCHEMA:
+            taken = list(keys)
+        else:
+            taken = [k for k in keys if k == label.key or ("" in (k.camera, label.camera) and
+                                                          self.states[k].current.image_sha256 == label.image_sha256)]
+        olds = {k: self.states.pop(k) for k in taken}
+        keys[:] = [k for k in keys if k not in olds]
+        same = [k for k, state in olds.items() if state.current.image_sha256 == label.image_sha256]
+        # a label naming no camera is of the camera whose label of that image it follows (or is followed by)
+        key = label.key if label.camera else next((k for k in same if k.camera), label.key)
+        # what it corrects: that image's label, else (an older file's change of camera) the event's last
+        before = olds.get(key) or next((olds[k] for k in reversed(same or list(olds))), None)
         if before is None:
-            states[label.event_id] = LabelState(label)
+            state = LabelState(label)
         elif changes(before.current, label):
-            states[label.event_id] = LabelState(label, before.current)
+            state = LabelState(label, before.current)
         else:       # the same again: a correction it follows still stands as one
-            states[label.event_id] = LabelState(label, before.replaced)
-    return states
+            state = LabelState(label, before.replaced)
+        self.states[key] = state
+        keys.append(key)
+        return before
+
+    def latest(self) -> Dict[LabelKey, ReviewLabel]:
+        return {key: state.current for key, state in self.states.items()}
+
+
+def label_states(labels: Sequence[ReviewLabel]) -> Dict[LabelKey, LabelState]:
+    """(event, camera) -> its LabelState, by the rule refit reads (the last line wins; no check)."""
+    return StandingLabels(labels).states
+
+
+S = TypeVar("S")
+
+
+def standing_label(states: Mapping[LabelKey, S], event: dict, camera: Optional[str]) -> Optional[S]:
+    """What ``states`` (label_states, last_per_image) hold for the image of ``camera`` in ``event`` (a
+    frame alarm, or a part and one of its cameras): its own, else a label naming no camera (an older
+    file) when ``camera`` is the event's one flagged camera."""
+    event_id, camera = str(event.get("event_id")), camera or ""
+    own = states.get(LabelKey(event_id, camera))
+    if own is not None or not camera:
+        return own
+    unnamed = states.get(LabelKey(event_id, ""))
+    if unnamed is None:
+        return None
+    if is_part(event):
+        return unnamed if part_camera(event, None)[0] == camera else None
+    return unnamed if event.get("camera") in (camera, None) else None      # a frame alarm: its one image
 
 
 class LabelStatesOfFile:
@@ -544,11 +613,11 @@ class LabelStatesOfFile:
         self.path = Path(path)
         self.version = 0
         self._seen: Optional[Tuple[int, int, int, int]] = None
-        self._states: Dict[str, LabelState] = {}
+        self._states: Dict[LabelKey, LabelState] = {}
         self._lock = threading.Lock()
 
-    def states(self) -> Dict[str, LabelState]:
-        """event id -> LabelState, as the file is now."""
+    def states(self) -> Dict[LabelKey, LabelState]:
+        """(event, camera) -> LabelState, as the file is now."""
         with self._lock:
             try:
                 info = os.stat(self.path)
@@ -587,21 +656,24 @@ def append_checked(path, new: Sequence[ReviewLabel], hint: Callable[[Sequence[st
                    replace: bool = False, replace_hint: str = "give --replace") -> None:
     """Append ``new`` (one write) unless an image would end up both good and defect: then nothing is
     written and UnlabellableError names the other events; ``hint(event_ids, label)`` says how to
-    label them together. Unless ``replace``, a label that changes an event's standing one is refused
-    too (AlreadyLabelled, naming it; ``replace_hint`` says how to confirm). The file is locked from the
-    check to the write."""
+    label them together. Unless ``replace``, a label that changes an image's standing one is refused
+    too (AlreadyLabelled, naming it; ``replace_hint`` says how to confirm); another camera's image of
+    the same part is no change. The file is locked from the check to the write."""
     with LabelFile(path) as log, log.locked():
-        latest = last_per_event(read_labels(log.path))
-        changed = [(latest[n.event_id], n) for n in new if n.event_id in latest and changes(latest[n.event_id], n)]
+        standing = StandingLabels(read_labels(log.path))
+        changed = []
+        for label in new:
+            before = standing.add(label)
+            if before is not None and changes(before.current, label):
+                changed.append((before.current, label))
         if changed and not replace:
             first, asked = changed[0]
-            # a part's label is one camera's image: say which when the new one is another camera's
-            camera = f" (camera {printable(first.camera)}'s image)" if first.camera != asked.camera else ""
-            more = f" (and {len(changed) - 1} more of these events)" if len(changed) > 1 else ""
+            camera = f" (camera {printable(first.camera)}'s image)" if first.camera else ""
+            more = f" (and {len(changed) - 1} more of these images)" if len(changed) > 1 else ""
             raise AlreadyLabelled(f"{log.path}: nothing written: event {first.event_id} is already labelled "
                                   f"{describe_label(first)}{camera}{more}; to change it to "
                                   f"{LABEL_WORDS[asked.label]!r}, {replace_hint}", [old for old, _ in changed])
-        conflicts = new_conflicts(latest, new)
+        conflicts = new_conflicts(standing.latest(), new)
         if conflicts:
             raise UnlabellableError(*_refusal(conflicts[0], new, log.path, hint))
         log.extend(new)
@@ -639,6 +711,12 @@ def label_image(label: ReviewLabel, labels_path, events_path=None) -> Optional[P
 
 # ---------------------------------------------------------------- events and their evidence
 
+def is_part(event: dict) -> bool:
+    """Whether ``event`` is a part's (triggered mode: one judgement per camera, ``cameras``; a list as
+    read from the events log, a tuple as the outputs are given it), not a frame alarm's."""
+    return isinstance(event.get("cameras"), (list, tuple))
+
+
 def part_camera(event: dict, asked: Optional[str]) -> Tuple[Optional[str], str]:
     """The camera of a part event whose image a review labels: ``asked``, else the one flagged camera
     (or the part's only one); (None, why) when that is not one camera."""
@@ -654,9 +732,10 @@ def part_camera(event: dict, asked: Optional[str]) -> Tuple[Optional[str], str]:
 
 def one_camera_event(event: dict, camera: Optional[str] = None) -> Tuple[Optional[dict], str]:
     """A part event (``cameras``) as the event of the one camera whose image a label is about
-    (``camera``, else the flagged one), with that camera's ``evidence`` and ``evidence_sha256``; a
-    frame alarm as it is. (None, why) when that is not one camera."""
-    if not isinstance(event.get("cameras"), list):
+    (``camera``, else the flagged one), with that camera's ``score``, ``threshold``, ``snapshot``,
+    ``evidence`` and ``evidence_sha256``; a frame alarm as it is. (None, why) when that is not one
+    camera."""
+    if not is_part(event):
         if camera is not None and camera != event.get("camera"):
             return None, f"the alarm is camera {event.get('camera')!r}'s, not {camera!r}'s"
         return event, ""
@@ -664,8 +743,24 @@ def one_camera_event(event: dict, camera: Optional[str] = None) -> Tuple[Optiona
     if chosen is None:
         return None, why
     judged = next(c for c in event["cameras"] if isinstance(c, dict) and c.get("camera") == chosen)
-    return dict(event, camera=chosen, evidence=judged.get("evidence"),
-                evidence_sha256=judged.get("evidence_sha256")), ""
+    return _camera_record(event, judged), ""
+
+
+def _camera_record(event: dict, judged: dict) -> dict:
+    # a part's event as one camera's alarm: its score, threshold, snapshot and evidence
+    return dict(event, camera=judged["camera"], score=judged.get("score"), threshold=judged.get("threshold"),
+                snapshot=judged.get("snapshot"), evidence=judged.get("evidence"),
+                evidence_sha256=judged.get("evidence_sha256"))
+
+
+def review_rows(event: dict) -> List[Tuple[Optional[str], dict]]:
+    """The images of an alarm event that are reviewed, each labelled on its own: (camera, the event as
+    that camera's alarm, one_camera_event's). A frame alarm: its one image; an NG/ERROR part: one per
+    camera that has an image (none when no camera has one)."""
+    if not is_part(event):
+        return [(event.get("camera"), event)]
+    return [(judged["camera"], _camera_record(event, judged)) for judged in event["cameras"]
+            if isinstance(judged, dict) and isinstance(judged.get("camera"), str) and judged.get("images")]
 
 
 def _plain_name(name) -> bool:

@@ -22,7 +22,7 @@ import pytest
 from runtime_fixtures import build_tiny_model
 from test_gige import simulator  # noqa: F401 - the fixture
 from test_parts_swap import LiveRun, _events, wait_until
-from test_review import _post, mrkd
+from test_review import _post, mrkd, one_error
 
 from mrkd.benchmarks.mosquitto import free_port
 from mrkd.runtime.detector import Detector
@@ -130,7 +130,6 @@ def test_mrkd_review_labels_the_camera_of_a_part_it_is_told(tmp_path):
     import time
     import numpy as np
     from runtime_fixtures import normal_frame
-    from test_review import one_error
     from test_review_page import part_views, play_part
     from mrkd.runtime import OutputSettings, build_outputs
     from mrkd.runtime.outputs.base import CameraInfo, CameraJudgement, PartResult
@@ -159,3 +158,126 @@ def test_mrkd_review_labels_the_camera_of_a_part_it_is_told(tmp_path):
     assert (label.event_id, label.camera, label.label) == ("part-ev-9", "left", GOOD)
     assert label.image_sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
     assert np.array_equal(cv2.imread(str(image)), images["left"])
+
+
+def _listed_rows(events, labels, evidence, event_id: str) -> dict:
+    """`mrkd review`'s listing: camera -> its row, of event ``event_id``'s rows."""
+    listed = mrkd("review", events, "--labels", labels, "--evidence", evidence)
+    assert listed.returncode == 0, listed.stderr
+    return {line.split()[1]: line for line in listed.stdout.splitlines() if line.startswith(event_id + " ")}
+
+
+def test_both_flagged_cameras_of_a_part_are_labelled_each_in_mrkd_review_and_refit_takes_both(tmp_path):
+    """A part whose two cameras both flagged it: `mrkd review --mark E --camera left` and then `--camera
+    right` label the two images (before, the second was refused as a change of the part's one label, and
+    with --replace it took the first camera's label away). Both stand, each listed on its camera's row;
+    changing one of them still needs --replace; refit's reader offers both images."""
+    from test_review_page_labels import Line
+    from mrkd.train.refit import reviewed_images
+    line = Line(tmp_path, cameras=("left", "right"))
+    try:
+        line.part("part-ev-3", flagged=("left", "right"))
+    finally:
+        line.stop()
+    events, labels, evidence = line.events, line.labels, line.evidence
+    base = ("review", events, "--labels", labels, "--evidence", evidence, "--mark", "part-ev-3")
+    done = mrkd(*base, "--camera", "left", "--as", "good")
+    assert done.returncode == 0, done.stderr
+    done = mrkd(*base, "--camera", "right", "--as", "defect", "--who", "shift lead")
+    assert done.returncode == 0, done.stderr
+    rows = _listed_rows(events, labels, evidence, "part-ev-3")
+    assert sorted(rows) == ["left", "right"], rows
+    assert "[good part (false alarm) by" in rows["left"] and "[defect confirmed by shift lead]" in rows["right"]
+    assert all(str(evidence / camera / "part-ev-3.png") in rows[camera] for camera in rows), rows
+    image = {camera: evidence / camera / "part-ev-3.png" for camera in ("left", "right")}
+    assert [(l.camera, l.label, l.image_sha256) for l in read_labels(labels)] == [
+        ("left", GOOD, hashlib.sha256(image["left"].read_bytes()).hexdigest()),
+        ("right", DEFECT, hashlib.sha256(image["right"].read_bytes()).hexdigest())]
+    reviewed = reviewed_images(labels)
+    assert [Path(p) for p in reviewed.good] == [image["left"]] and [Path(p) for p in reviewed.defect] == \
+        [image["right"]] and not reviewed.skipped
+    # changing one camera's label still asks first (one line, nothing written); --replace changes that one only
+    before = labels.read_bytes()
+    one_error(mrkd(*base, "--camera", "left", "--as", "defect"),
+              "event part-ev-3 is already labelled good part (false alarm)", "--replace")
+    assert labels.read_bytes() == before
+    done = mrkd(*base, "--camera", "left", "--as", "defect", "--replace")
+    assert done.returncode == 0, done.stderr
+    from mrkd.runtime.review import LabelKey, label_states
+    states = label_states(read_labels(labels))
+    assert {key: (s.current.label, s.replaced.label if s.replaced else None) for key, s in states.items()} == {
+        LabelKey("part-ev-3", "left"): (DEFECT, GOOD), LabelKey("part-ev-3", "right"): (DEFECT, None)}
+    assert sorted(Path(p) for p in reviewed_images(labels).defect) == sorted(image.values())
+
+
+def _as_older_mrkd_wrote(labels: Path, schema_version: int) -> None:
+    """The label file's lines as an older mrkd wrote them: ``schema_version`` 2, or 1 (no events log, and
+    no camera: the event's one flagged camera)."""
+    records = [json.loads(line) for line in labels.read_text().splitlines()]
+    for record in records:
+        record["schema_version"] = schema_version
+        if schema_version == 1:
+            for key in ("camera", "events_log", "events_log_first_event"):
+                del record[key]
+    labels.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_older_label_files_keep_their_meaning_one_label_per_event(tmp_path):
+    """Schema 2 (one label per event): a part's label of camera right after one of camera left CHANGED
+    the part's label (written with --replace), so left's stands no more. Schema 1 (no camera): the label
+    is of the event's one flagged camera; its row shows it, relabelling that image asks first, the other
+    camera's image is unlabelled."""
+    from test_review_page import hello
+    from test_review_page_labels import Line
+    from mrkd.runtime.review import LabelKey, label_states
+    from mrkd.train.refit import reviewed_images
+    line = Line(tmp_path, cameras=("left", "right"))
+    try:
+        line.part("part-ev-4", flagged=("left", "right"))
+        line.part("part-ev-5", flagged=("right",))
+    finally:
+        line.stop()
+    events, labels, evidence = line.events, line.labels, line.evidence
+    mark = ("review", events, "--labels", labels, "--evidence", evidence, "--mark")
+    assert mrkd(*mark, "part-ev-4", "--camera", "left", "--as", "good").returncode == 0
+    assert mrkd(*mark, "part-ev-4", "--camera", "right", "--as", "defect").returncode == 0
+    _as_older_mrkd_wrote(labels, 2)
+    states = label_states(read_labels(labels))
+    [(key, state)] = states.items()
+    assert key == LabelKey("part-ev-4", "right") and (state.current.label, state.replaced.camera) == (DEFECT, "left")
+    right4 = evidence / "right" / "part-ev-4.png"
+    reviewed = reviewed_images(labels)
+    assert reviewed.good == () and [Path(p) for p in reviewed.defect] == [right4]
+    rows = _listed_rows(events, labels, evidence, "part-ev-4")
+    assert "[unlabelled]" in rows["left"] and "[defect confirmed by" in rows["right"], rows
+
+    (tmp_path / "older").mkdir()
+    older = Line(tmp_path / "older", cameras=("left", "right"))     # its own run, events and label file
+    try:
+        older.part("part-ev-5", flagged=("right",))
+    finally:
+        older.stop()
+    events, labels, evidence = older.events, older.labels, older.evidence
+    mark = ("review", events, "--labels", labels, "--evidence", evidence, "--mark", "part-ev-5")
+    assert mrkd(*mark, "--as", "good").returncode == 0         # the flagged camera, right
+    _as_older_mrkd_wrote(labels, 1)
+    [label] = read_labels(labels)
+    assert (label.camera, label.schema_version) == ("", 1)
+    rows = _listed_rows(events, labels, evidence, "part-ev-5")
+    assert "[good part (false alarm) by" in rows["right"] and "[unlabelled]" in rows["left"], rows
+    restarted = Line(tmp_path / "older", cameras=("left", "right"))   # its page: rows from the log, labels from file
+    try:
+        shown = {a["camera"]: a["review"] for a in hello(restarted.server.url)["alarms"]}
+    finally:
+        restarted.stop()
+    assert shown["left"] is None and (shown["right"]["label"], shown["right"]["who"]) == (GOOD, label.who), shown
+    before = labels.read_bytes()
+    one_error(mrkd(*mark, "--as", "defect"), "event part-ev-5 is already labelled good part (false alarm)", "--replace")
+    one_error(mrkd(*mark, "--camera", "right", "--as", "defect"), "already labelled good part (false alarm)",
+              "--replace")
+    assert labels.read_bytes() == before
+    done = mrkd(*mark, "--camera", "left", "--as", "defect")
+    assert done.returncode == 0, done.stderr     # the other camera's image had no label
+    reviewed = reviewed_images(labels, events={"part-ev-5": json.loads(events.read_text().splitlines()[0])})
+    assert [Path(p) for p in reviewed.good] == [evidence / "right" / "part-ev-5.png"]
+    assert [Path(p) for p in reviewed.defect] == [evidence / "left" / "part-ev-5.png"] and not reviewed.skipped

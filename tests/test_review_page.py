@@ -195,7 +195,8 @@ def test_one_image_marked_good_and_defect_is_settled_from_the_page(tmp_path):
     back by runtime/review.py, every event of that image ends defect)."""
     require_program(CHROMIUM, ["chromium"])
     from playwright.sync_api import sync_playwright
-    from mrkd.runtime.review import DEFECT, find_conflicts, last_per_event
+    from mrkd.runtime.review import DEFECT, find_conflicts, last_per_image
+    from test_review import by_event
     run, events, labels, _ = review_run(tmp_path, fps=4)
 
     def twins():
@@ -232,8 +233,10 @@ def test_one_image_marked_good_and_defect_is_settled_from_the_page(tmp_path):
             assert settle.inner_text().startswith("mark all 2 events of this image")
             assert press(items[second], "button.settle").startswith("recorded: defect confirmed · 2 events")
             browser.close()
-        latest = last_per_event(read_labels(labels))
-        assert {latest[first].label, latest[second].label} == {DEFECT} and not find_conflicts(latest)
+        latest = last_per_image(read_labels(labels))
+        assert not find_conflicts(latest)
+        latest = by_event(latest)
+        assert {latest[first].label, latest[second].label} == {DEFECT}
         assert latest[first].image_sha256 == latest[second].image_sha256
     finally:
         run.stop()
@@ -446,10 +449,16 @@ def play_part(outputs: list, infos: list, part, views: dict) -> object:
     """One judged part through the outputs' hooks in the part runner's order: see_outputs and
     on_start, then every output's part_fields (``views``: camera -> its judged image, part_views), whose
     fields go into the part's camera judgements, then on_part with that part."""
-    from dataclasses import replace
     for output in outputs:
         output.see_outputs(outputs)
         output.on_start(infos)
+    return judge_part(outputs, part, views)
+
+
+def judge_part(outputs: list, part, views: dict) -> object:
+    """One judged part through started outputs: every output's part_fields, their fields into the part's
+    camera judgements, then on_part with that part (returned)."""
+    from dataclasses import replace
     fields: dict = {}
     for output in outputs:
         for camera, values in output.part_fields(part, views).items():

@@ -12,11 +12,12 @@ read back with runtime/review.py's reader (refit's rule) and the events log with
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from click.testing import CliRunner
@@ -24,6 +25,7 @@ from click.testing import CliRunner
 from peers import require_program
 from runtime_fixtures import normal_frame
 from test_operator_page import CHROMIUM
+from test_review import by_event
 from test_review_page import TOKEN, hello, launch
 
 from mrkd.runtime.review import DEFECT, GOOD, latest_labels, read_labels
@@ -32,7 +34,7 @@ from mrkd.runtime.review import DEFECT, GOOD, latest_labels, read_labels
 class Line:
     """The outputs of a line with --events, --evidence, --http and review on (no model: alarms are fed)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, cameras=("cam0",)):
         from mrkd.runtime import OutputSettings, build_outputs
         from mrkd.runtime.control import attach_control
         from mrkd.runtime.outputs.base import CameraInfo
@@ -46,7 +48,9 @@ class Line:
         self.server = next(output for output in self.outputs if isinstance(output, OperatorServer))
         for output in self.outputs:
             output.see_outputs(self.outputs)
-            output.on_start([CameraInfo("cam0", "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.1, "test")])
+            output.on_start([CameraInfo(name, "memory", "m.onnx", "00" * 32, "onnxruntime", "fp32", 0.1, "test")
+                             for name in cameras])
+        self.cameras = tuple(cameras)
         self.rng = np.random.default_rng(len(list(tmp.iterdir())))
         self.frames = 0
 
@@ -68,6 +72,23 @@ class Line:
         for output in self.outputs:
             output.on_event("cam0", event)
         return event["event_id"]
+
+    def part(self, event_id: str, flagged: Sequence[str]) -> dict:
+        """One NG part (event ``event_id``) of every camera of the line, each with a random image of its
+        own; ``flagged``: the cameras that flagged it. Through the outputs' hooks in the part runner's
+        order (part_fields, then on_part). camera -> its image."""
+        import time
+        from mrkd.runtime.outputs.base import CameraJudgement, PartResult
+        from test_review_page import judge_part, part_views
+        images = {name: normal_frame(self.rng) for name in self.cameras}
+        self.frames += 1
+        part = PartResult(inspection_id=self.frames, part_id=f"P-{event_id}", verdict="NG", score=0.4,
+                          threshold=0.1, cameras=tuple(CameraJudgement(name, 0.4 if name in flagged else 0.02, 0.1,
+                                                                       name in flagged, images=1)
+                                                       for name in self.cameras),
+                          model_sha256="00" * 32, trigger_time=time.time(), event_id=event_id)
+        judge_part(self.outputs, part, part_views(images, 0.1))
+        return images
 
     def stop(self) -> None:
         for output in self.outputs:
@@ -122,10 +143,10 @@ def test_a_label_that_changes_a_standing_one_needs_replace_over_http_and_in_mrkd
         line.stop()
     # refit's reader: the correction stands (last line wins), nothing else changed
     from mrkd.runtime.review import label_states
-    latest = latest_labels(read_labels(line.labels))
+    latest = by_event(latest_labels(read_labels(line.labels)))
     assert (latest[first].label, latest[second].label) == (DEFECT, DEFECT)
     assert [label.label for label in read_labels(line.labels)] == [GOOD, GOOD, DEFECT, DEFECT]
-    state = label_states(read_labels(line.labels))[first]
+    state = by_event(label_states(read_labels(line.labels)))[first]
     assert state.replaced is not None and (state.replaced.label, state.replaced.note) == (GOOD, "dust, checked")
 
     # `mrkd review` lists the same (who, when, the label corrected) and keeps the same rule
@@ -143,7 +164,7 @@ def test_a_label_that_changes_a_standing_one_needs_replace_over_http_and_in_mrkd
     assert line.labels.read_bytes() == before
     code, said = mrkd_review(*base, "--mark", second, "--as", "good", "--replace", "--who", "lead")
     assert code == 0, said
-    assert latest_labels(read_labels(line.labels))[second].who == "lead"
+    assert by_event(latest_labels(read_labels(line.labels)))[second].who == "lead"
 
 
 def test_a_restarted_page_rebuilds_its_alarms_and_labels_from_the_events_log_and_the_label_file(tmp_path):
@@ -203,13 +224,13 @@ def open_review_page(playwright, url: str):
 
 
 @contextlib.contextmanager
-def page_at_row(line: Line, event_id: str):
-    """Chromium on the line's page (``open_review_page``) once alarm ``event_id``'s row shows there:
-    (page, row); the browser is closed after."""
+def page_at_row(line: Line, event_id: str, camera: Optional[str] = None):
+    """Chromium on the line's page (``open_review_page``) once alarm ``event_id``'s row (of ``camera``,
+    for a part) shows there: (page, row); the browser is closed after."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
         browser, page = open_review_page(playwright, line.server.url)
-        row = page.locator(f'.alarm[data-event-id="{event_id}"]')
+        row = page.locator(f'.alarm[data-event-id="{event_id}"]' + (f'[data-camera="{camera}"]' if camera else ""))
         row.wait_for(timeout=10000)
         yield page, row
         browser.close()
@@ -294,3 +315,50 @@ def test_the_row_being_reviewed_stays_while_alarms_come_and_a_restart_shows_the_
             assert shown_ids == logged_ids(again.events)[::-1][:20] == ([last] + newer[::-1])[:20]
     finally:
         again.stop()
+
+
+def test_each_flagged_camera_of_a_part_gets_its_own_label_on_the_page(tmp_path):
+    """Chromium: a part whose two cameras both flagged it has a row per camera; each row's buttons label
+    that camera's image and each label stands on its own row (before, the second camera's label was
+    taken as a change of the part's label: asked first, and with it the first camera's label was gone, so
+    one of the two images could never be labelled). Changing one camera's label still asks first. Refit
+    is offered both images."""
+    require_program(CHROMIUM, ["chromium"])
+    line = Line(tmp_path, cameras=("left", "right"))
+    try:
+        line.part("part-ev-2", flagged=("left", "right"))
+        with page_at_row(line, "part-ev-2", "left") as (page, left):
+            right = page.locator('.alarm[data-event-id="part-ev-2"][data-camera="right"]')
+            assert left.locator(".labelled").inner_text() == right.locator(".labelled").inner_text() == \
+                "not reviewed yet"
+            assert press(page, left, "button.mark-good").startswith("recorded: good part")
+            answer = press(page, right, "button.mark-defect")
+            assert answer.startswith("recorded: defect confirmed"), answer
+            page.wait_for_function("el => el.dataset.labelled === 'defect'", arg=right.element_handle(), timeout=5000)
+            page.wait_for_function("el => el.dataset.labelled === 'good'", arg=left.element_handle(), timeout=5000)
+            good, defect = read_labels(line.labels)
+            assert left.locator(".labelled").inner_text() == \
+                f"labelled: good part (false alarm) · by operator (page) · {good.when.replace('T', ' ')[:19]} UTC"
+            assert right.locator(".labelled").inner_text() == \
+                f"labelled: defect confirmed · by operator (page) · {defect.when.replace('T', ' ')[:19]} UTC"
+            # changing one camera's standing label asks first; nothing written until confirmed
+            refused = press(page, left, "button.mark-defect")
+            assert refused.startswith("already labelled good part (false alarm) · by operator (page)"), refused
+            assert len(read_labels(line.labels)) == 2 and left.locator("button.replace").count() == 1
+            page.reload()            # the labels come from the label file, each on its camera's row
+            right.wait_for(timeout=10000)
+            page.wait_for_function("el => el.dataset.labelled === 'defect'", arg=right.element_handle(), timeout=5000)
+            assert left.get_attribute("data-labelled") == "good"
+    finally:
+        line.stop()
+    from mrkd.runtime.review import LabelKey, label_states
+    from mrkd.train.refit import reviewed_images
+    states = label_states(read_labels(line.labels))
+    assert {key: (state.current.label, state.replaced) for key, state in states.items()} == {
+        LabelKey("part-ev-2", "left"): (GOOD, None), LabelKey("part-ev-2", "right"): (DEFECT, None)}
+    evidence = {camera: line.evidence / camera / "part-ev-2.png" for camera in ("left", "right")}
+    assert [(l.camera, l.image_sha256) for l in read_labels(line.labels)] == \
+        [(camera, hashlib.sha256(evidence[camera].read_bytes()).hexdigest()) for camera in ("left", "right")]
+    reviewed = reviewed_images(line.labels)        # refit's reader: both images, each with its label
+    assert [Path(p) for p in reviewed.good] == [evidence["left"]] and [Path(p) for p in reviewed.defect] == \
+        [evidence["right"]] and not reviewed.skipped

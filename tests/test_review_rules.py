@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
-from mrkd.runtime.review import DEFECT, GOOD, ReviewError, ReviewLabel, UnlabellableError, find_conflicts, \
-    label_image, last_per_event, latest_labels, make_label, now_iso, read_labels, read_review_events
+from test_review import by_event
+from mrkd.runtime.review import DEFECT, GOOD, LABEL_SCHEMA_VERSION, ReviewError, ReviewLabel, UnlabellableError, \
+    find_conflicts, label_image, last_per_image, latest_labels, make_label, now_iso, read_labels, read_review_events
 
 TOKEN = "review-rules-token-0123"
 
@@ -109,7 +110,7 @@ def test_a_contradicting_mark_is_refused_unwritten_and_marking_both_together_set
     # the hint's command (it changes a's standing label, so it says --replace) settles it
     done = mrkd("review", log, "--labels", labels, "--mark", b, "--mark", a, "--as", "defect", "--replace")
     assert done.returncode == 0, done.stderr
-    latest = latest_labels(read_labels(labels))                  # usable: no contradiction left
+    latest = by_event(latest_labels(read_labels(labels)))        # usable: no contradiction left
     assert {latest[a].label, latest[b].label} == {DEFECT} and latest[a].image_sha256 == latest[b].image_sha256
 
 
@@ -130,8 +131,8 @@ def test_a_file_that_holds_a_contradiction_is_listed_refit_refuses_it_one_mark_s
     # contradiction
     done = mrkd("review", log, "--labels", labels, "--mark", b, "--as", "good", "--who", "carl", "--replace")
     assert done.returncode == 0, done.stderr
-    assert not find_conflicts(last_per_event(read_labels(labels)))
-    assert latest_labels(read_labels(labels))[b].who == "carl"
+    assert not find_conflicts(last_per_image(read_labels(labels)))
+    assert by_event(latest_labels(read_labels(labels)))[b].who == "carl"
 
 
 def test_page_review_refuses_a_contradiction_with_409_and_settles_a_list_of_events(run_dir, tmp_path):
@@ -320,7 +321,7 @@ def test_labels_from_mrkd_review_and_the_page_record_their_events_log_by_path_an
     assert first_in_log == events[0]["event_id"]
     written = [json.loads(line) for line in labels.read_text().splitlines()]
     for record in written:
-        assert record["schema_version"] == 2
+        assert record["schema_version"] == LABEL_SCHEMA_VERSION
         assert record["events_log"] == str(folder / "events.jsonl")
         assert record["events_log_first_event"] == first_in_log
     assert answer["saved"]["events_log_first_event"] == first_in_log

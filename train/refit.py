@@ -626,9 +626,11 @@ class SkippedLabel:
     event_id: str
     label: str                         # GOOD or DEFECT
     reason: str
+    camera: str = ""                   # whose image of the event (a part has one per camera)
 
     def __str__(self) -> str:
-        return f"{self.labels_path}: event {self.event_id} ({self.label}) skipped: {self.reason}"
+        camera = f" camera {self.camera}" if self.camera else ""
+        return f"{self.labels_path}: event {self.event_id}{camera} ({self.label}) skipped: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -644,11 +646,12 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
     """The labels' images, each checked: present, and with the sha256 the operator saw. A label whose
     image is missing or changed, or whose event is not in its events log or recorded another sha256 for
     its evidence, is skipped with a warning; the rest is read by runtime/review.py's rules (last label
-    of an event wins, paths by label_image). Its events log: ``events`` (event id -> event, from
-    ``events_path``) when given, for every label; else the one the label records (schema 2), when it is
-    still there. Labels that record none (schema 1), or whose log is gone or was replaced, are said in
-    one line per log and go unchecked, as before there was a record. ``labels``: the file's labels as
-    the caller read them (refit: check_refit_args' one read); default read here."""
+    of an image wins: each camera's image of a part is one, paths by label_image). Its events log:
+    ``events`` (event id -> event, from ``events_path``) when given, for every label; else the one the
+    label records (schema 2 and later), when it is still there. Labels that record none (schema 1), or
+    whose log is gone or was replaced, are said in one line per log and go unchecked, as before there
+    was a record. ``labels``: the file's labels as the caller read them (refit: check_refit_args' one
+    read); default read here."""
     labels_path = Path(labels_path)
     latest = latest_labels(read_labels(labels_path) if labels is None else list(labels), str(labels_path))
     logs = recorded_logs(list(latest.values()), labels_path) if events is None else {}
@@ -675,7 +678,7 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
         elif known is not None and _changed_since_run(known[label.event_id], label, image):
             reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
-            skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason))
+            skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason, label.camera))
             warn(str(skipped[-1]))
             continue
         (good if label.label == GOOD else defect).setdefault(label.image_sha256, str(image))

@@ -7,9 +7,10 @@ read-only operator page.
 * ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms, outputs), ``alarm`` as each
   happens, ``status`` and ``outputs`` (every output's health: sent/failed, failing or not) once a second.
   With review on, every alarm carries its standing label from the label file (``review``: label, who,
-  when, and the label a correction replaced), and ``labels`` is sent when the file changed (the page's
-  own POST /review, or `mrkd review` beside it). A run started on an existing events log shows its
-  latest alarms from the log's end (recent_events.py), so a restart does not empty the review view.
+  when, and the label a correction replaced; each camera's row of a part has its own), and ``labels``
+  is sent when the file changed (the page's own POST /review, or `mrkd review` beside it). A run started
+  on an existing events log shows its latest alarms from the log's end (recent_events.py), so a restart
+  does not empty the review view.
   After a hot swap ``status`` (at once) and ``hello`` name the new model and threshold; every alarm
   names the ``model_sha256`` that judged it.
   Camera URIs are shown with their credentials redacted (CameraInfo.source). ``hello`` also says
@@ -74,7 +75,7 @@ from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, Li
 from mrkd.runtime.outputs.video import annotate
 from mrkd.runtime.outputs.served_folder import Refused, ServedFolder
 from mrkd.runtime.outputs.alarm_images import EvidenceRef, EvidenceThumbnails
-from mrkd.runtime.review import LabelStatesOfFile, label_summary
+from mrkd.runtime.review import LabelStatesOfFile, label_summary, review_rows, standing_label
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ class OperatorServer(LineObserver):
             return
         event = part_event(result)
         views = self._part_views.pop(result.event_id, {})
-        for camera, record in _part_rows(event):
+        for camera, record in review_rows(event):
             view = self.views.get(camera)
             if view is not None:
                 view.alarms += 1
@@ -374,15 +375,14 @@ class OperatorServer(LineObserver):
             return
         rows: List[dict] = []
         for event in latest_events(path, self.alarms.maxlen or 20):
-            parts = _part_rows(event) if isinstance(event.get("cameras"), list) else [(event.get("camera"), event)]
-            rows += [{"event": record, "camera": camera, "result": None} for camera, record in parts
+            rows += [{"event": record, "camera": camera, "result": None} for camera, record in review_rows(event)
                      if isinstance(camera, str)]
         with self._alarm_lock:
             if not self.alarms:       # newest first, as appendleft keeps them
                 self.alarms.extend(rows[:self.alarms.maxlen])
 
     def _labels(self) -> dict:
-        """event id -> review.LabelState of the control's label file ({} without review)."""
+        """(event, camera) -> review.LabelState of the control's label file ({} without review)."""
         path = getattr(self.control, "labels_path", None)
         if path is None:
             return {}
@@ -400,7 +400,7 @@ class OperatorServer(LineObserver):
             self._labels_sent = version
             shown = [(a["camera"], a["event"]) for a in self.alarms]
         self._broadcast("labels", [{"event_id": event.get("event_id"), "camera": camera,
-                                    "review": _review_of(event, states)} for camera, event in shown])
+                                    "review": _review_of(event, camera, states)} for camera, event in shown])
 
     def _alarm_record(self, camera: str, event: dict) -> dict:
         return _alarm_record(camera, event, self._labels())
@@ -544,31 +544,18 @@ def _alarm_record(camera: str, event: dict, states: Optional[dict] = None) -> di
         if event.get("kind") == "part":
             image += "?camera=" + quote(camera, safe="")
     return {"camera": camera, **{k: event.get(k) for k in keys}, "image": image,
-            "review": _review_of(event, states or {})}
+            "review": _review_of(event, camera, states or {})}
 
 
-def _review_of(event: dict, states: dict) -> Optional[dict]:
-    """An alarm's standing label (review.label_summary, with ``replaced``: the label a correction
-    replaced), or None when it has none. A part's label is one camera's image: it names that camera."""
-    state = states.get(str(event.get("event_id")))
+def _review_of(event: dict, camera: str, states: dict) -> Optional[dict]:
+    """The standing label of the alarm row of ``camera``'s image (review.label_summary, with
+    ``replaced``: the label a correction replaced), or None when it has none. Each camera of a part
+    has its own row and label."""
+    state = standing_label(states, event, camera)
     if state is None:
         return None
     return {**label_summary(state.current),
             "replaced": label_summary(state.replaced) if state.replaced is not None else None}
-
-
-def _part_rows(event: dict) -> List[Tuple[str, dict]]:
-    """An NG/ERROR part's event as the page's alarm rows: (camera, its record) for each camera that has
-    an image (its score, threshold, snapshot and evidence)."""
-    rows = []
-    for judgement in event["cameras"]:
-        if not isinstance(judgement, dict) or not judgement.get("images"):
-            continue
-        rows.append((judgement["camera"], dict(event, camera=judgement["camera"], score=judgement.get("score"),
-                                               threshold=judgement.get("threshold"),
-                                               snapshot=judgement.get("snapshot"), evidence=judgement.get("evidence"),
-                                               evidence_sha256=judgement.get("evidence_sha256"))))
-    return rows
 
 
 def _snapshot_bytes(path: str, folder: Optional[ServedFolder], event_id: str) -> Optional[bytes]:
