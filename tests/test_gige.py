@@ -480,6 +480,66 @@ def test_power_cycles_leave_threads_descriptors_and_sockets_bounded(simulator):
     assert all(last[key] <= first[key] for key in first), measured
 
 
+# Run in a process of its own: on the old code GLib aborts the whole process (SIGTRAP).
+LOST_SIGNAL_SCRIPT = r"""
+import sys, threading, time
+from mrkd.benchmarks.fake_gige import FakeGigeCamera
+from mrkd.runtime.sources import open_source
+
+trigger, stall = sys.argv[1], float(sys.argv[2])
+
+class HeldAfterSet(threading.Event):
+    # Aravis' heartbeat thread (a thread Python did not start) is held inside the control-lost handler
+    # right after it marks the camera down, as when other threads keep the GIL from it that long.
+    def set(self):
+        super().set()
+        if isinstance(threading.current_thread(), threading._DummyThread):
+            print("handler held", flush=True)
+            time.sleep(stall)
+            print("handler back", flush=True)
+
+camera = FakeGigeCamera("127.0.86.61", "HELD", 0).start()
+source = open_source(camera.uri, trigger=trigger, backoff=(0.5, 1.0))
+source._lost = HeldAfterSet()
+if trigger == "software":
+    assert source.grab(time.time(), 2.0).error is None
+camera.kill()
+if trigger == "software":      # the trigger fails first; the heartbeat's loss comes while letting go
+    assert source.grab(time.time(), 0.5).error is not None
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline and not any(t.name == "gige-release" for t in threading.enumerate()):
+    time.sleep(0.05)
+while time.monotonic() < deadline and any(t.name == "gige-release" for t in threading.enumerate()):
+    time.sleep(0.05)
+time.sleep(stall + 1)      # the handler has returned and dropped what it held
+source.close()
+print("ended", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trigger,stall", [("software", 5.0), ("free", 8.0)])
+def test_a_lost_camera_is_never_finalised_on_aravis_heartbeat_thread(simulator, tmp_path, trigger, stall):
+    """Aravis' heartbeat thread tells of a lost camera in a control-lost handler (Python, on that thread).
+    If the camera is let go of while the handler still holds the device (the reader woke by its
+    ``_lost.set()``; or finalising the lost device, which takes seconds, while the heartbeat's handler
+    runs and returns), the handler's reference is the last and the device is finalised on its own
+    heartbeat thread, which joins itself: "GLib-ERROR ... g_system_thread_wait: error 'Resource deadlock
+    avoided'" and SIGTRAP, the whole process gone (seen once in CI in the power-cycle test above, and
+    then on demand with the handler held a few seconds). The handler is disconnected before the device
+    goes, and the release waits for a handler inside it."""
+    require_gige_simulator()
+    script = tmp_path / "lost_signal.py"
+    script.write_text(LOST_SIGNAL_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), trigger, str(stall)], capture_output=True, text=True,
+                          timeout=120, cwd=str(tmp_path))
+    said = done.stdout + done.stderr
+    assert "GLib-ERROR" not in said and done.returncode == 0, (done.returncode, said[-2000:])
+    assert "ended" in done.stdout
+    if trigger == "free":      # the stand-in for a held thread was used: the heartbeat's handler ran
+        assert "handler held" in done.stdout and "handler back" in done.stdout, said[-2000:]
+
+
 def test_refused_and_unknown_features_name_camera_feature_value(simulator, model):
     camera = simulator("127.0.86.16", "REFUSE")
     for features, pattern in (([("GainRaw", "99")], r"camera top: feature GainRaw = 99: refused, the camera takes 0\.\.10"),

@@ -409,6 +409,8 @@ class GigeSource(LatestFrameSource):
         self.features_applied: Dict[str, str] = {}
         self._camera = self._stream = None
         self._lost = threading.Event()            # control lost: reconnect
+        self._signals = _SignalGate()             # the control-lost handlers on Aravis' heartbeat thread
+        self._lost_signal: Optional[Tuple[object, int]] = None   # (device, handler id) of the camera set up last
         self._generation = 0                      # counts connections
         self._timed_out = False                   # the last software trigger got no image in time
         self._silent = 0                          # software triggers in a row that got no image at all
@@ -537,7 +539,7 @@ class GigeSource(LatestFrameSource):
             device = camera.get_device()
             self._generation += 1
             generation = self._generation    # a dropped connection's late signal must not touch this one
-            device.connect("control-lost", lambda *_: generation == self._generation and self._lost.set())
+            self._lost_signal = (device, device.connect("control-lost", self._on_control_lost, generation))
             gige = isinstance(device, Arv.GvDevice)
             if gige:
                 # Aravis' packet-socket receiver (used when the process may open raw sockets, e.g. as
@@ -560,6 +562,13 @@ class GigeSource(LatestFrameSource):
         self._stream = stream
         self.pixel_format = camera.get_pixel_format_as_string()
 
+    def _on_control_lost(self, _device, generation: int) -> None:
+        """(Aravis' heartbeat thread.) Marks the camera down, inside the gate that keeps the camera from
+        being let go of until this handler and its reference to the device are gone (_SignalGate)."""
+        with self._signals:
+            if generation == self._generation:
+                self._lost.set()
+
     def _size_receive_buffer(self, stream, payload: int) -> None:
         """A frame comes as one burst of packets, so the stream socket must hold about two frames
         before the first one arrives. Aravis sizes it only when a frame has begun (too late for that
@@ -580,14 +589,17 @@ class GigeSource(LatestFrameSource):
         """Stop and drop a camera. A lost one is dropped on a thread of its own: finalising an Aravis
         device asks the camera to give up control and waits seconds for a camera that is gone."""
         owned = camera is None or camera is self._camera
-        doomed = [camera or self._camera, self._stream if owned else None]
+        # The handler goes with its camera: the reader connects again only after letting go, so a handler
+        # still connected is the one of the camera let go of here (set up, or whose setup failed).
+        signal, self._lost_signal = self._lost_signal, None
+        doomed = [camera or self._camera, self._stream if owned else None, signal]
         if owned:
             self._camera = self._stream = None
         camera = None
         if wait:
-            _drop(doomed)
+            _drop(doomed, self._signals)
         else:
-            threading.Thread(target=_drop, args=(doomed,), name="gige-release", daemon=True).start()
+            threading.Thread(target=_drop, args=(doomed, self._signals), name="gige-release", daemon=True).start()
 
     @property
     def up(self) -> bool:
@@ -907,8 +919,58 @@ def set_receive_buffer(port: int, size: int) -> Optional[int]:
     return None
 
 
-def _drop(doomed: list) -> None:
-    """Stop acquisition and let go of [camera, stream] (the last references: they finalise here)."""
+class _SignalGate:
+    """Counts the control-lost handlers running on Aravis' heartbeat thread, so a lost camera is let go of
+    only once none is inside and ``GRACE_S`` after the last one left. An Aravis device finalised on its
+    own heartbeat thread joins that thread from itself, and GLib aborts the whole process ("GLib-ERROR
+    ... g_system_thread_wait: error 'Resource deadlock avoided'", SIGTRAP). That happened when the
+    reader, woken by the handler's ``_lost.set()``, let go of the camera before the handler had
+    returned: PyGObject drops the handler's own reference to the device after it returns, and that
+    reference was then the last. The grace covers the few steps between leaving the gate and that drop
+    (no Python code runs there, but the GIL may be handed over once before it)."""
+    GRACE_S = 0.5
+    WAIT_S = 10.0        # a handler never takes this long; a stuck one must not keep a release forever
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = 0
+        self._left_at = -math.inf
+
+    def __enter__(self) -> "_SignalGate":
+        with self._cond:
+            self._inside += 1
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        with self._cond:
+            self._inside -= 1
+            self._left_at = time.monotonic()
+            self._cond.notify_all()
+
+    def settle(self) -> None:
+        """Return once no handler is inside and the last one left at least GRACE_S ago (at once when
+        none ran lately: a camera closed while up does not wait)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._inside == 0, self.WAIT_S)
+            left = self._left_at + self.GRACE_S - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+
+
+def _drop(doomed: list, signals: Optional[_SignalGate] = None) -> None:
+    """Stop acquisition and let go of [camera, stream, (device, control-lost handler)] (the last
+    references: they finalise here). The handler is disconnected first: finalising a lost device takes
+    seconds (it asks the camera to give up control), and a control-lost its heartbeat thread emitted
+    meanwhile, handled in Python, gave the dying device a new reference that ended on that thread, which
+    then finalised the device again and joined itself (GLib aborted the process; see _SignalGate)."""
+    signal = doomed[2] if len(doomed) > 2 else None
+    if signal is not None:
+        device, handler = signal
+        try:
+            device.disconnect(handler)
+        except Exception:   # already gone with its device: nothing left to call
+            pass
+        device = signal = None
     camera = doomed[0]
     if camera is not None:
         try:
@@ -916,6 +978,8 @@ def _drop(doomed: list) -> None:
         except Exception:   # a camera that is gone cannot stop; letting go is all that is left
             pass
     camera = None
+    if signals is not None:
+        signals.settle()
     doomed.clear()
 
 
