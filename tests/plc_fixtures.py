@@ -122,10 +122,11 @@ def folder_cell(folder: Path, pattern: str, observers: Sequence = (), queue: int
                       status=lambda text: None)
 
 
-def modbus_line_run(tmp_path: Path, pattern: str, plc_settings: str = "") -> Tuple[subprocess.Popen, int]:
+def modbus_line_run(tmp_path: Path, pattern: str, plc_settings: str = "",
+                    stderr=subprocess.PIPE) -> Tuple[subprocess.Popen, int]:
     """`mrkd run --line` of the tiny model, one software-triggered camera over a folder of parts (``pattern``:
     part_images'), serving Modbus TCP on a free local port (``plc_settings``: more lines of the line file's
-    [plc] table), stdout and stderr piped: (process, port)."""
+    [plc] table), stdout piped, stderr to ``stderr`` (piped by default): (process, port)."""
     from mrkd.benchmarks.mosquitto import free_port
     model = build_tiny_model(tmp_path / "tiny.onnx")
     part_images(tmp_path / "parts", pattern)
@@ -134,7 +135,7 @@ def modbus_line_run(tmp_path: Path, pattern: str, plc_settings: str = "") -> Tup
     line.write_text(f'[[camera]]\nname = "cam"\nsource = "{tmp_path / "parts"}"\nmodel = "{model}"\n'
                     f'trigger = "software"\n[plc]\nmodbus = "127.0.0.1:{port}"\n{plc_settings}', encoding="utf-8")
     process = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", "--line", str(line), "--status-every", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdout=subprocess.PIPE, stderr=stderr, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     return process, port
 

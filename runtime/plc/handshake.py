@@ -39,12 +39,22 @@ from typing import Callable, Deque, List, Optional
 from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, PartResult, TriggerReceipt, Verdict
 from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
+from mrkd.runtime.warning_limiter import WarningLimiter
 
 logger = logging.getLogger(__name__)
 
 PLC_SCHEMA_VERSION = 1
 RESULTS_BUFFER = 8          # results held for the PLC, the presented one included
 UINT16, UINT32 = 1 << 16, 1 << 32
+# A PLC program (or a client) repeating a refused write or trigger edge in a loop wrote a line per
+# refusal (8 clients: 33,626 lines in 10 s). Of each kind the first few are said, then one a minute
+# with the count held back, and the rest at the stop; the counts themselves are in the map.
+REFUSALS_SAID_FIRST, REFUSALS_EVERY_S = 3, 60.0
+
+
+def refusal_warnings(log: logging.Logger) -> WarningLimiter:
+    """The limiter a PLC adapter says its refusals of a PLC's writes through."""
+    return WarningLimiter(log, every_s=REFUSALS_EVERY_S, first=REFUSALS_SAID_FIRST)
 
 
 class ResultCode:
@@ -156,6 +166,7 @@ class Handshake(LineObserver):
         self._judged = self._ng = self._missed = self._dropped = 0
         self._stopped = False
         self._listeners: List[Callable[[], None]] = []
+        self.refusals = refusal_warnings(logger)      # refused edges: a few lines, however many
         self.offline.subscribe(self._changed)        # Online follows another interface's hold too
 
     # ------------------------------------------------------------ PLC writes
@@ -190,7 +201,7 @@ class Handshake(LineObserver):
             part_id, recipe = self._part_id, self._recipe
         if refusal is not None:
             if rising:
-                logger.warning("%s: trigger refused: %s (%d missed)", self.name, refusal, self._missed)
+                self.refusals.warn(refusal, "%s: trigger refused: %s (%d missed)", self.name, refusal, self._missed)
                 self._changed()
             return None
         receipt = self.target.trigger(str(part_id), recipe)   # outside our lock (see module docstring)
@@ -200,7 +211,8 @@ class Handshake(LineObserver):
             else:
                 self._missed_flag = True            # counted in on_trigger, which every refusal reaches
         if not receipt.accepted and self.offline.held:
-            logger.warning("%s: trigger refused: the line is offline (%s)", self.name, self.offline.describe())
+            self.refusals.warn("offline", "%s: trigger refused: the line is offline (%s)", self.name,
+                               self.offline.describe())
         self._changed()
         return receipt
 
@@ -313,4 +325,5 @@ class Handshake(LineObserver):
     def on_stop(self) -> None:
         with self._lock:
             self._stopped = True
+        self.refusals.flush()
         self._changed()

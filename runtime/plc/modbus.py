@@ -39,7 +39,7 @@ from mrkd.runtime.line.trigger import TriggerTarget
 from mrkd.runtime.outputs.base import LineObserver, OutputHealth, PartResult, TriggerReceipt
 from mrkd.runtime.plc import PlcError, known_host
 from mrkd.runtime.plc.aio import AsyncioServerThread
-from mrkd.runtime.plc.handshake import RESULTS_BUFFER, Handshake, HandshakeError, PlcImage
+from mrkd.runtime.plc.handshake import RESULTS_BUFFER, Handshake, HandshakeError, PlcImage, refusal_warnings
 
 if TYPE_CHECKING:
     from mrkd.runtime.plc.modbus_security import ModbusSecurity, SecureListener
@@ -206,6 +206,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         self._secure: Optional["SecureListener"] = None
         self.address: Optional[Tuple[str, int]] = None
         self.clients = self.connections = self.requests = self.refused = 0
+        self._refusals = refusal_warnings(logger)     # refused writes: a few lines, however many
         self.clients_refused = 0          # connections closed at once: address not in ``allow``, or untrusted
         self._refused_seen: set = set()   # refusals already logged (a scanner must not flood the log)
         self.writes_refused = 0           # writes of clients whose role may not write (exception 01)
@@ -351,6 +352,8 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
+        for refusals in (self._refusals, self.handshake.refusals):    # no write comes now: say what was held
+            refusals.flush()
 
     # ------------------------------------------------------------ the map
     async def _action(self, function_code: int, start_address: int, address: int, count: int,
@@ -405,7 +408,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
                 if 1 in written:
                     self.handshake.set_part_id(written[1])
             except HandshakeError as error:
-                logger.warning("modbus: write refused: %s", error)
+                self._refusals.warn("write refused", "modbus: write refused: %s", error)
                 self.refused += 1
                 return exc.ILLEGAL_VALUE
             return None

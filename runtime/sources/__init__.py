@@ -35,6 +35,7 @@ from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
 from mrkd.runtime.images import ImageListError, ImageReadError, list_images, read_image
 from mrkd.runtime.raw_image import RawImage
 from mrkd.runtime.redact import redact_uri
+from mrkd.runtime.warning_limiter import WarningLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -95,28 +96,6 @@ def check_frame(image) -> Optional[np.ndarray]:
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return image if image.shape[2] == 3 else None
-
-
-class WarningLimiter:
-    """Logs a warning at most once per ``every_s`` seconds per kind; the next one says how many of that
-    kind were held back. A file with thousands of bad frames gives a few lines, not thousands."""
-
-    def __init__(self, log: logging.Logger, every_s: float = 5.0):
-        self.log, self.every_s = log, every_s
-        self._last: dict = {}
-        self._held: dict = {}
-
-    def warn(self, kind: str, message: str, *args) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.every_s:
-            self._held[kind] = self._held.get(kind, 0) + 1
-            return
-        held = self._held.pop(kind, 0)
-        self._last[kind] = now
-        if held:
-            message += f" ({held} more like this in the last {self.every_s:g} s)"
-        self.log.warning(message, *args)
 
 
 @dataclass
