@@ -16,7 +16,7 @@ from peers import require_program
 from runtime_fixtures import build_tiny_model
 
 from mrkd.runtime import OutputSettings, build_outputs
-from mrkd.runtime.outputs.metrics import SCORE_RATIO_BUCKETS, MetricsObserver
+from mrkd.runtime.outputs.metrics import SCORE_RATIO_BUCKETS, SCRAPE_CACHE_S, MetricsObserver
 from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth
 from mrkd.runtime.outputs.web import OperatorServer
 
@@ -141,7 +141,7 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     assert wait_for(lambda: len(recorder.events) == 3, 10)
     code, first = http_get(server.url + "/metrics")
     assert code == 200
-    time.sleep(0.3)
+    time.sleep(SCRAPE_CACHE_S + 0.1)          # a scrape within SCRAPE_CACHE_S may get the same bytes
     second = http_get(server.url + "/metrics")[1]
     key = ("mrkd_frames_total", (("camera", "press"),))
     assert samples(second.decode())[key] > samples(first.decode())[key] > 0      # live, not a snapshot at start
@@ -152,6 +152,7 @@ def test_scraped_during_a_run_promtool_accepts_it_and_healthz_follows_the_camera
     # The camera goes silent: down in the metrics and a failing health check, then back.
     frames.pause()
     assert wait_for(lambda: http_get(server.url + "/healthz")[0] == 503, 5)
+    time.sleep(SCRAPE_CACHE_S)                 # the scrape below shows every frame scored before the pause
     text = http_get(server.url + "/metrics")[1].decode()
     got = samples(text)
     assert got[("mrkd_source_up", (("camera", "press"),))] == 0

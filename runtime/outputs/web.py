@@ -1,5 +1,6 @@
-"""The ``--http HOST:PORT`` server of a line: ``/metrics`` and ``/healthz`` (runtime/outputs/metrics.py) and a
-read-only operator page.
+"""The ``--http HOST:PORT`` server of a line: ``/metrics`` and ``/healthz`` (runtime/outputs/metrics.py; /metrics
+rendered at most once per 0.5 s and shared by every scrape within it: a scrape shows every change made 0.5 s
+or more before it) and a read-only operator page.
 
 * ``/``: one card per camera with its annotated live view, its status (up/down, fps, latency,
   threshold and where it came from) and the latest alarms with their snapshots, updated live.
@@ -897,7 +898,7 @@ def _handler_for(server: OperatorServer):
                 if path in ("/", "/index.html"):
                     self._send(200, server.page, "text/html; charset=utf-8")
                 elif path == "/metrics" and server.metrics is not None:
-                    body, content_type = server.metrics.exposition()
+                    body, content_type = server.metrics.scrape()      # rendered at most once per 0.5 s
                     self._send(200, body, content_type)
                 elif path == "/healthz" and server.metrics is not None:
                     healthy, details = server.metrics.line_health()
