@@ -11,6 +11,12 @@ browse names; docs/PLC.md lists it):
   another interface holds it (a Modbus PLC's Set Offline) an Operational system shows Preoperational
   (OPC 40100-1's automatic transition), refuses jobs and SelectModeAutomatic with BadInvalidState, and
   goes back to Operational / Ready by itself when that hold is released.
+  Where the Machine Vision nodeset (VisionStateMachineType) puts them too, for clients generated from it:
+  the states as ``0:CurrentState`` of ``VisionStateMachine`` and of
+  ``VisionStateMachine/AutomaticModeStateMachine``, which has ``StartSingleJob``, ``StartContinuous``
+  (the nodeset's inputs: ``Parameters`` too, accepted and not used) and ``Stop``, ``Abort`` (``Cause``,
+  ``CauseDescription``, accepted and not used), each with the ``Error`` output (0; a refused call answers
+  its Bad status code), running the same code as the methods on ``VisionStateMachine``.
 * ``VisionSystem/RecipeManagement``: ``PrepareRecipe(ExternalId)`` selects a recipe of the line file
   for the next jobs, ``UnprepareRecipe`` of the prepared recipe goes back to recipe 0 (the spec's Ready ->
   Initialized is not modelled: recipe 0 is always there); neither while a job runs, and a continuous run
@@ -20,7 +26,9 @@ browse names; docs/PLC.md lists it):
   poll), and a ``ResultReadyEventType`` event per judged part emitted by ``VisionSystem`` with
   ResultId (the inspection id), JobId, IsPartial, ResultState (processing state: 1 completed, 4 failed
   for an ERROR part: OK/NG is not a processing state), PartId, MeasId, RecipeId and ResultContent
-  (one JSON text: verdict OK/NG/ERROR, score, threshold, per-camera scores, error).
+  (one JSON text: verdict OK/NG/ERROR, score, threshold, per-camera scores, error), and the nodeset's
+  CreationTime (when the verdict was made), ExternalRecipeId and InternalRecipeId (both the recipe
+  number, as RecipeId) and InternalConfigurationId (the SHA-256 of the model that judged the part).
 
 The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain Strings here.
 
@@ -77,6 +85,12 @@ PRODUCT_URI = "urn:mrkd"
 DEFAULT_PORT = 4840
 RESULT_COMPLETED, RESULT_FAILED = 1, 4          # OPC 40100-1 ResultStateDataType (processing state)
 JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
+# What a method's inputs are (_arguments): ID a scalar String the method uses; the nodeset's inputs that
+# the cell has no use for are only checked for their type: TEXT a scalar String, INT32 a scalar Int32,
+# ARRAY an array of anything (or null, an empty one)
+ID, TEXT, INT32, ARRAY = "id", "text", "int32", "array"
+SPEC_JOB = (ID, ID, ID, ID, ARRAY)      # MeasId, PartId, RecipeId, ProductId, Parameters
+SPEC_CAUSE = (INT32, TEXT)              # Cause, CauseDescription
 # A String argument longer than this is refused (BadOutOfRange for it): an id travels into every event,
 # result and log line of its part, and the line holds several parts' results.
 MAX_ARGUMENT_CHARS = 1024
@@ -258,8 +272,26 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                 ("Reset", self._reset, [], []), ("StartSingleJob", self._start_single, job_args, job_out),
                 ("StartContinuous", self._start_continuous, job_args, job_out), ("Stop", self._stop, [], []),
                 ("Abort", self._abort, [], [])]:
-            await machine.add_method(idx, name, self._guarded(name, call, machine.nodeid, len(inputs)), inputs,
-                                     outputs)
+            await machine.add_method(idx, name, self._guarded(name, call, machine.nodeid, (ID,) * len(inputs)),
+                                     inputs, outputs)
+        # Where the nodeset (VisionStateMachineType) puts them, beside the nodes above: each state machine's
+        # state as FiniteStateMachineType's 0:CurrentState, and the automatic mode's methods on its
+        # AutomaticModeStateMachine with the nodeset's argument lists and Error output, running the same code
+        current_state = ua.QualifiedName("CurrentState", 0)      # its node id a new one in mrkd's namespace
+        self._nodes["state 0"] = await machine.add_variable(ua.NodeId(0, idx), current_state, ua.LocalizedText(state))
+        automatic = await machine.add_object(idx, "AutomaticModeStateMachine")
+        self._nodes["mode 0"] = await automatic.add_variable(ua.NodeId(0, idx), current_state, ua.LocalizedText(mode))
+        int32 = ua.NodeId(ua.ObjectIds.Int32)
+        error = [arg("Error", "0 (a refused call answers its Bad status code, no outputs)", int32)]
+        parameters = ua.Argument(Name="Parameters", DataType=ua.NodeId(ua.ObjectIds.BaseDataType), ValueRank=1,
+                                 ArrayDimensions=[], Description=ua.LocalizedText("accepted, not used"))
+        cause = [arg("Cause", "accepted, not used", int32), arg("CauseDescription", "accepted, not used")]
+        for name, call, inputs, kinds, outputs in [
+                ("StartSingleJob", self._start_single, job_args + [parameters], SPEC_JOB, job_out + error),
+                ("StartContinuous", self._start_continuous, job_args + [parameters], SPEC_JOB, job_out + error),
+                ("Stop", self._stop, cause, SPEC_CAUSE, error), ("Abort", self._abort, cause, SPEC_CAUSE, error)]:
+            await automatic.add_method(idx, name, self._guarded(name, call, automatic.nodeid, kinds, error=True),
+                                       inputs, outputs)
         recipes = await vs.add_object(idx, "RecipeManagement")
         self._nodes["recipes"] = await recipes.add_variable(
             idx, "Recipes", ua.Variant([str(r) for r in self.target.recipes], ua.VariantType.String))
@@ -267,7 +299,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         for name, call, outputs in [
                 ("PrepareRecipe", self._prepare_recipe, [arg("IsCompleted", "true", ua.NodeId(ua.ObjectIds.Boolean))]),
                 ("UnprepareRecipe", self._unprepare_recipe, []), ("AddRecipe", self._add_recipe, [])]:
-            await recipes.add_method(idx, name, self._guarded(name, call, recipes.nodeid, 1),
+            await recipes.add_method(idx, name, self._guarded(name, call, recipes.nodeid, (ID,)),
                                      [arg("ExternalId", "recipe number")], outputs)
         results = await vs.add_object(idx, "ResultManagement")
         last = await results.add_object(idx, "LastResult")
@@ -283,7 +315,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             ("ResultId", ua.VariantType.String), ("JobId", ua.VariantType.String),
             ("IsPartial", ua.VariantType.Boolean), ("ResultState", ua.VariantType.Int32),
             ("PartId", ua.VariantType.String), ("MeasId", ua.VariantType.String),
-            ("RecipeId", ua.VariantType.String), ("ResultContent", ua.VariantType.String)])
+            ("RecipeId", ua.VariantType.String), ("ResultContent", ua.VariantType.String),
+            # the nodeset's (mandatory but for ExternalRecipeId), beside mrkd's RecipeId
+            ("CreationTime", ua.VariantType.DateTime), ("InternalConfigurationId", ua.VariantType.String),
+            ("ExternalRecipeId", ua.VariantType.String), ("InternalRecipeId", ua.VariantType.String)])
         self._events = await server.get_event_generator(event_type, vs)
         # the Server object is the root of the notifier hierarchy (OPC 10000-9 6.2) and the events of the
         # server are available through it (OPC 10000-3 4.7.1): MES and SCADA connectors subscribe there
@@ -363,8 +398,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if mode is not None:
             self.mode = mode
         shown_state, shown_mode = self._shown()
-        await self._nodes["state"].write_value(ua.LocalizedText(shown_state))
-        await self._nodes["mode"].write_value(ua.LocalizedText(shown_mode))
+        for name, value in (("state", shown_state), ("state 0", shown_state), ("mode", shown_mode),
+                            ("mode 0", shown_mode)):
+            await self._nodes[name].write_value(ua.LocalizedText(value))
 
     def _shown(self) -> Tuple[str, str]:
         """CurrentState and AutomaticModeState as clients read them: while another interface holds the
@@ -387,22 +423,26 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             self.mode = "Ready"                # what its release comes back to
         await self._set_state()
 
-    def _guarded(self, name: str, call, owner, count: int):
+    def _guarded(self, name: str, call, owner, inputs: Tuple[str, ...], error: bool = False):
         """``call`` as asyncua runs it, after the checks every method shares: called on the object it
-        belongs to (else BadMethodInvalid), with ``count`` scalar Strings (_strings), which ``call`` gets
-        as str. An exception in it answers BadInternalError with one log line, where asyncua logged a
+        belongs to (else BadMethodInvalid), with arguments of the ``inputs`` kinds (_arguments); ``call``
+        gets the ID ones as str. ``error``: the nodeset's Error output (Int32 0) follows its outputs when it
+        succeeds. An exception in it answers BadInternalError with one log line, where asyncua logged a
         traceback and the arguments (however long) and answered BadUnexpectedError."""
+        from asyncua import ua
+
         async def method(parent, *args):
             if parent != owner:
                 return self._status("BadMethodInvalid")
-            checked = self._strings(args, count)
+            checked = self._arguments(args, inputs)
             if not isinstance(checked, list):
                 return checked
             try:
-                return await call(parent, *checked)
+                done = await call(parent, *checked)
             except Exception as exc:
                 logger.warning("opcua: %s failed: %s: %s", name, type(exc).__name__, exc)
                 return self._status("BadInternalError")
+            return done + [ua.Variant(0, ua.VariantType.Int32)] if error and isinstance(done, list) else done
         return method
 
     @staticmethod
@@ -509,25 +549,41 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
     async def _add_recipe(self, parent, external_id: str):
         return self._status("BadNotSupported")       # recipes come from the line file
 
-    def _strings(self, args, count: int):
-        """The method's String arguments, or a CallMethodResult saying which are not scalar Strings
-        (BadTypeMismatch), are longer than MAX_ARGUMENT_CHARS (BadOutOfRange) or hold control characters
-        (BadInvalidArgument: an id travels into every log line of its part; trigger.has_control_characters)."""
+    def _arguments(self, args, inputs: Tuple[str, ...]):
+        """The ID arguments' values (a list of str), or a CallMethodResult saying which arguments are not
+        of their kind (BadTypeMismatch), or of the ID ones, which are longer than MAX_ARGUMENT_CHARS
+        (BadOutOfRange) or hold control characters (BadInvalidArgument: an id travels into every log line
+        of its part; trigger.has_control_characters)."""
         from asyncua import ua
-        if len(args) != count:
-            return self._status("BadArgumentsMissing" if len(args) < count else "BadTooManyArguments")
-        results = [ua.StatusCode(ua.StatusCodes.BadTypeMismatch if v.VariantType != ua.VariantType.String
-                                 or v.Value is None or v.is_array or not isinstance(v.Value, str)
-                                 else ua.StatusCodes.BadOutOfRange if len(v.Value) > MAX_ARGUMENT_CHARS
-                                 else ua.StatusCodes.BadInvalidArgument if has_control_characters(v.Value)
-                                 else ua.StatusCodes.Good) for v in args]
+        if len(args) != len(inputs):
+            return self._status("BadArgumentsMissing" if len(args) < len(inputs) else "BadTooManyArguments")
+
+        def string(v):
+            return v.VariantType == ua.VariantType.String and not v.is_array and isinstance(v.Value, str)
+
+        def check(v, kind):
+            if kind == INT32:
+                ok = v.VariantType == ua.VariantType.Int32 and not v.is_array and v.Value is not None
+            elif kind == ARRAY:
+                ok = v.is_array or v.VariantType == ua.VariantType.Null
+            else:
+                ok = string(v)
+            if not ok:
+                return ua.StatusCodes.BadTypeMismatch
+            if kind == ID and len(v.Value) > MAX_ARGUMENT_CHARS:
+                return ua.StatusCodes.BadOutOfRange
+            if kind == ID and has_control_characters(v.Value):
+                return ua.StatusCodes.BadInvalidArgument
+            return ua.StatusCodes.Good
+
+        results = [ua.StatusCode(check(v, kind)) for v, kind in zip(args, inputs)]
         if any(not r.is_good() for r in results):
             return ua.CallMethodResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadInvalidArgument),
                                        InputArgumentResults=results)
-        return [v.Value for v in args]
+        return [v.Value for v, kind in zip(args, inputs) if kind == ID]
 
     def _job_arguments(self, values):
-        """A job's inputs (already _strings-checked) by name, or BadInvalidArgument for an unknown recipe."""
+        """A job's inputs (already _arguments-checked) by name, or BadInvalidArgument for an unknown recipe."""
         checked = dict(zip(JOB_INPUTS, values))
         if checked["RecipeId"].strip() and self._recipe(checked["RecipeId"]) is None:
             return self._status("BadInvalidArgument")
@@ -599,11 +655,16 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if self.mode == "SingleExecution" and job and job == self._single_job:
             self._single_job = None
             self.mode = "Ready"
-            values["mode"] = ua.LocalizedText(self._shown()[1])
+            values["mode"] = values["mode 0"] = ua.LocalizedText(self._shown()[1])
         await self._write_all(values)
         event = self._events.event
         event.ResultId, event.JobId, event.IsPartial, event.ResultState = str(part.inspection_id), job, False, state
         event.PartId, event.MeasId, event.RecipeId, event.ResultContent = part.part_id, meas, str(part.recipe), content
+        # the recipe is the line file's number, whoever names it; the configuration that made the result is
+        # the model that judged it (a hot swap or a refit changes it, the recipe number stays)
+        event.ExternalRecipeId = event.InternalRecipeId = str(part.recipe)
+        event.InternalConfigurationId = part.model_sha256
+        event.CreationTime = datetime.fromtimestamp(part.trigger_time + part.verdict_s, timezone.utc)
         event.Severity = 100 if part.verdict == Verdict.OK else 500
         await self._events.trigger(message=f"part {part.part_id}: {part.verdict}")
         await self._notify_server_object(event)
