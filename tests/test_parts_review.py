@@ -281,3 +281,54 @@ def test_older_label_files_keep_their_meaning_one_label_per_event(tmp_path):
     reviewed = reviewed_images(labels, events={"part-ev-5": json.loads(events.read_text().splitlines()[0])})
     assert [Path(p) for p in reviewed.good] == [evidence / "right" / "part-ev-5.png"]
     assert [Path(p) for p in reviewed.defect] == [evidence / "left" / "part-ev-5.png"] and not reviewed.skipped
+
+
+def test_a_label_that_names_no_image_of_its_event_is_left_out_of_refit(tmp_path):
+    """Hand-written (or foreign) label lines whose camera is not one of the event's images: a camera the
+    part does not have, a camera given for a free-run frame alarm of another camera, a schema 3 line
+    naming no camera for a part whose two cameras flagged it. Their image (here a file that is no
+    event's evidence, with its own sha256) cannot be checked against what the run recorded, and no row
+    of the listing or the page shows them; refit's reader leaves them out, naming the label and why,
+    whether the events log is the one each label records or the one given (--events). Before, each
+    went into the bank unchecked."""
+    import numpy as np
+    from test_review_page_labels import Line
+    from mrkd.runtime.review import events_log_ref
+    from mrkd.train.refit import reviewed_images
+    parts = Line(tmp_path / "parts", cameras=("left", "right"))
+    try:
+        parts.part("part-ev-6", flagged=("left", "right"))
+    finally:
+        parts.stop()
+    (tmp_path / "free").mkdir()
+    free = Line(tmp_path / "free")
+    try:
+        alarm = free.alarm()            # a frame alarm of camera cam0
+    finally:
+        free.stop()
+    foreign = tmp_path / "foreign.png"
+    cv2.imwrite(str(foreign), np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    sha = hashlib.sha256(foreign.read_bytes()).hexdigest()
+
+    def line(events: Path, event_id: str, camera: str) -> str:
+        ref = events_log_ref(events)
+        return json.dumps({"event_id": event_id, "image_sha256": sha, "label": GOOD, "who": "someone",
+                           "when": "2026-12-07T00:50:00.000+00:00", "note": "", "image": str(foreign),
+                           "camera": camera, "events_log": ref.path, "events_log_first_event": ref.first_event,
+                           "schema_version": 3}) + "\n"
+
+    cases = {"an unknown camera": (parts.events, "part-ev-6", "top", "the part has no camera 'top'"),
+             "no camera, two flagged": (parts.events, "part-ev-6", "", "the part has the cameras ['left', 'right']"),
+             "another camera's frame alarm": (free.events, alarm, "cam9", "the alarm is camera 'cam0''s, not 'cam9''s")}
+    for name, (events, event_id, camera, why) in cases.items():
+        labels = tmp_path / f"{name}.jsonl"
+        labels.write_text(line(events, event_id, camera))
+        by_event = {json.loads(text)["event_id"]: json.loads(text) for text in events.read_text().splitlines()}
+        for given in ({}, {"events": by_event, "events_path": events}):
+            warned = []
+            reviewed = reviewed_images(labels, warn=warned.append, **given)
+            assert reviewed.good == () and reviewed.defect == (), (name, reviewed)
+            [skipped] = reviewed.skipped
+            assert (skipped.event_id, skipped.camera) == (event_id, camera) and why in skipped.reason, \
+                (name, skipped.reason)
+            assert any(why in warning for warning in warned), (name, warned)

@@ -666,16 +666,22 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
         if found is not None and found.events is not None:
             known, log_path, which = found.events, found.path, f"the events log it was labelled from ({found.path})"
         image = label_image(label, labels_path, log_path)
+        event = known.get(label.event_id) if known is not None else None
+        # the event as the labelled camera's alarm: a camera it lacks, or none of a part several flagged,
+        # is no image of the event, so its file could not be checked against what the run recorded
+        one, why = one_camera_event(event, label.camera or None) if event is not None else (None, "")
         reason = None
-        if known is not None and label.event_id not in known:
+        if known is not None and event is None:
             reason = f"is not in {which}"
+        elif event is not None and one is None:
+            reason = f"names no image of its event in {which} ({why})"
         elif image is None:
             reason = "names no image"
         elif not image.is_file():
             reason = f"image {image} no longer exists"
         elif image_sha256(image) != label.image_sha256:
             reason = f"image {image} changed since it was reviewed (sha256 differs)"
-        elif known is not None and _changed_since_run(known[label.event_id], label, image):
+        elif one is not None and evidence_changed(one, image):
             reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
             skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason, label.camera))
@@ -702,12 +708,6 @@ def _unchecked_notes(labels: Sequence[ReviewLabel], logs: Mapping[EventsLogRef, 
                          f"{ref.first_event}), {found.problem}; their event ids and evidence hashes were not checked "
                          f"(give --events LOG to check them)")
     return notes
-
-
-def _changed_since_run(event: dict, label, image: Path) -> bool:
-    # a part's event records one sha256 per camera: the labelled camera's counts
-    one, _ = one_camera_event(event, label.camera or None)
-    return one is not None and evidence_changed(one, image)
 
 
 def _unreadable(exc: Exception, good, held_out: Sequence[str]) -> Exception:
