@@ -24,13 +24,13 @@ USER, PASSWORD = "operator", "line-7-secret"
 
 
 class Relay:
-    """A TCP relay 127.0.0.1:port -> target: ``cut()`` closes every relayed connection and refuses new
-    ones (the cable pulled) until ``restore()``, which can make the link slow towards the server: each
-    client byte then reaches it ``upstream_lag_s`` late, in order."""
+    """A TCP relay HOST:port -> target_host:target_port: ``cut()`` closes every relayed connection and
+    refuses new ones (the cable pulled) until ``restore()``, which can make the link slow towards the
+    server: each client byte then reaches it ``upstream_lag_s`` late, in order."""
 
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, target_port: int, host: str = "127.0.0.1", target_host: str = "127.0.0.1"):
+        self.target_port, self.target_host = target_port, target_host
+        self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         self.pairs = []
         self.refusing = False
@@ -47,7 +47,7 @@ class Relay:
             if self.refusing:
                 near.close()
                 continue
-            far = socket.create_connection(("127.0.0.1", self.target_port))
+            far = socket.create_connection((self.target_host, self.target_port))
             with self.lock:
                 self.pairs.append((near, far))
             for args in ((near, far, self.upstream_lag_s), (far, near, 0.0)):

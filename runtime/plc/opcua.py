@@ -29,8 +29,13 @@ browse names; docs/PLC.md lists it):
   (one JSON text: verdict OK/NG/ERROR, score, threshold, per-camera scores, error), and the nodeset's
   CreationTime (when the verdict was made), ExternalRecipeId and InternalRecipeId (both the recipe
   number, as RecipeId) and InternalConfigurationId (the SHA-256 of the model that judged the part).
+  Beside it, for a client that missed events (its session ended while it was away), the nodeset's
+  ``GetResultById``, ``GetResultListFiltered`` (newest first, paged) and ``ReleaseResultHandle`` over the
+  last ``RESULT_HISTORY`` results of the run, as the nodeset's ResultDataType (runtime/plc/opcua_results.py);
+  anyone who may read may call them.
 
-The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain Strings here.
+The spec's structured id types (MeasIdDataType, PartIdDataType, ...) are plain Strings here, but in the
+result methods, which take and return them as the nodeset declares them.
 
 A client whose connection drops keeps its session and subscriptions (asyncua) and reactivates them on a
 new channel: the events of parts judged meanwhile wait for its first Publish there (a closed
@@ -48,9 +53,10 @@ BadCertificateRevoked / BadCertificateRevocationUnknown / BadCertificateTimeInva
 so is a session whose secure channel's own certificate is not trusted; without one, any client
 certificate is accepted (the channel is still encrypted). With a certificate, asyncua's None channel (kept for
 discovery) cannot activate a session (BadSecurityModeRejected). A user name and a
-password taken from an environment variable (compared in constant time) may call methods; anonymous clients may browse, read and subscribe, and call methods
-only when ``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with
-BadTypeMismatch per argument.
+password taken from an environment variable (compared in constant time) may call methods; anonymous
+clients may browse, read and subscribe, call the result methods, and call the others only when
+``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with BadTypeMismatch
+per argument.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ from mrkd.runtime.plc import PlcError, known_host
 from mrkd.runtime.plc.aio import AsyncioServerThread
 from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
 from mrkd.runtime.plc.opcua_republish import answer_republish_as_specified
+from mrkd.runtime.plc.opcua_results import (ID_FILTERS, MAX_LIST_RESULTS, RESULT_HISTORY, ResultHistory,
+                                            build_result_types, result_data)
 from mrkd.runtime.plc.trust import TrustFolder
 
 logger = logging.getLogger(__name__)
@@ -87,10 +95,15 @@ RESULT_COMPLETED, RESULT_FAILED = 1, 4          # OPC 40100-1 ResultStateDataTyp
 JOB_INPUTS = ("MeasId", "PartId", "RecipeId", "ProductId")
 # What a method's inputs are (_arguments): ID a scalar String the method uses; the nodeset's inputs that
 # the cell has no use for are only checked for their type: TEXT a scalar String, INT32 a scalar Int32,
-# ARRAY an array of anything (or null, an empty one)
-ID, TEXT, INT32, ARRAY = "id", "text", "int32", "array"
+# ARRAY an array of anything (or null, an empty one); and used too: STRUCT_ID one of the nodeset's id
+# structures (its Id), a String, or null (""), NUMBER a scalar Int32, COUNT a scalar UInt32
+ID, TEXT, INT32, ARRAY, STRUCT_ID, NUMBER, COUNT = "id", "text", "int32", "array", "struct id", "number", "count"
+USED = (ID, STRUCT_ID, NUMBER, COUNT)
 SPEC_JOB = (ID, ID, ID, ID, ARRAY)      # MeasId, PartId, RecipeId, ProductId, Parameters
 SPEC_CAUSE = (INT32, TEXT)              # Cause, CauseDescription
+GET_RESULT = (STRUCT_ID, INT32)         # ResultId, Timeout
+# ResultState, MeasId ... JobId (ID_FILTERS), MaxResults, StartIndex, Timeout
+GET_RESULT_LIST = (NUMBER,) + (STRUCT_ID,) * len(ID_FILTERS) + (COUNT, COUNT, INT32)
 # A String argument longer than this is refused (BadOutOfRange for it): an id travels into every event,
 # result and log line of its part, and the line holds several parts' results.
 MAX_ARGUMENT_CHARS = 1024
@@ -129,7 +142,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
 
     def __init__(self, target: TriggerTarget, url: str = f"opc.tcp://127.0.0.1:{DEFAULT_PORT}",
                  user: Optional[str] = None, password: Optional[str] = None, anonymous_calls: bool = False,
-                 certificate: Optional[str] = None, private_key: Optional[str] = None, trust: Optional[str] = None):
+                 certificate: Optional[str] = None, private_key: Optional[str] = None, trust: Optional[str] = None,
+                 result_history: int = RESULT_HISTORY):
         self.target = target
         self.host, self.port = parse_opcua_url(url)
         if (user is None) != (password is None):
@@ -149,10 +163,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self.offline.subscribe(self._line_offline_changed)
         self.recipe = int(target.active_recipe)
         self.results = self.jobs = 0
-        # (part id, trigger time) -> (job id, MeasId) waiting for that part's result. The trigger's time
-        # is in its receipt and in its PartResult: a part another source triggered with the same id
-        # (stdin, a Modbus PLC) is never taken for a job's part.
-        self._jobs: Dict[Tuple[str, float], Deque[Tuple[str, str]]] = {}
+        # (part id, trigger time) -> (job id, MeasId, ProductId) waiting for that part's result. The
+        # trigger's time is in its receipt and in its PartResult: a part another source triggered with the
+        # same id (stdin, a Modbus PLC) is never taken for a job's part.
+        self._jobs: Dict[Tuple[str, float], Deque[Tuple[str, str, str]]] = {}
         self._single_job: Optional[str] = None     # the StartSingleJob whose result ends SingleExecution
         self._continuous: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -162,6 +176,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self._closed = False
         self._connections: Optional["_Connections"] = None    # asyncua's connection list, where it could be wrapped
         self._nodes: dict = {}
+        self.history = ResultHistory(result_history)     # what GetResultById / GetResultListFiltered find
+        self._result_types: dict = {}
+        self._handles = 0                          # ResultHandles handed out (they hold nothing)
+        self._rules: Optional["_Rules"] = None
         self._publishing = 0                       # results handed to the loop, their event not yet queued
         self._publishing_lock = threading.Lock()
 
@@ -229,7 +247,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         else:
             await server.set_application_uri(f"urn:mrkd:{socket.gethostname()}:VisionSystem")
             policies = [ua.SecurityPolicyType.NoSecurity]
-        server.set_security_policy(policies, permission_ruleset=_Rules(self.anonymous_calls))
+        self._rules = _Rules(self.anonymous_calls)
+        server.set_security_policy(policies, permission_ruleset=self._rules)
         server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken] if self.user
                                    else [ua.AnonymousIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
@@ -311,6 +330,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
                             ("PartsJudged", ua.Variant(0, ua.VariantType.UInt32)),
                             ("PartsNG", ua.Variant(0, ua.VariantType.UInt32))]:
             self._nodes[name] = await last.add_variable(idx, name, value)
+        await self._build_result_methods(server, idx, results)
         event_type = await server.create_custom_event_type(idx, "ResultReadyEventType", ua.ObjectIds.BaseEventType, [
             ("ResultId", ua.VariantType.String), ("JobId", ua.VariantType.String),
             ("IsPartial", ua.VariantType.Boolean), ("ResultState", ua.VariantType.Int32),
@@ -324,6 +344,37 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         # server are available through it (OPC 10000-3 4.7.1): MES and SCADA connectors subscribe there
         await server.nodes.server.add_reference(vs.nodeid, ua.ObjectIds.HasNotifier)
         self._ng = 0
+
+    async def _build_result_methods(self, server, idx: int, results) -> None:
+        """ResultManagement's GetResultById, GetResultListFiltered and ReleaseResultHandle with the nodeset's
+        argument lists and types (runtime/plc/opcua_results.py); anyone who may read may call them."""
+        from asyncua import ua
+        types = self._result_types = await build_result_types(server, idx)
+
+        def arg(name, data_type, description, array=False):
+            return ua.Argument(Name=name, DataType=data_type, ValueRank=1 if array else -1, ArrayDimensions=[],
+                               Description=ua.LocalizedText(description))
+        int32, uint32 = ua.NodeId(ua.ObjectIds.Int32), ua.NodeId(ua.ObjectIds.UInt32)
+        timeout = arg("Timeout", int32, "accepted, not used (the results stay held until pushed out)")
+        handle = arg("ResultHandle", types["Handle"], "unique; holds nothing (ReleaseResultHandle is optional)")
+        error = arg("Error", int32, "0 (a refused call answers its Bad status code, no outputs)")
+        filters = [arg("ResultState", types["ResultStateDataType"], "0: any; 1 completed, 4 failed")] + [
+            arg(name, types[data_type], "empty or null: any") for name, data_type in ID_FILTERS] + [
+            arg("MaxResults", uint32, f"0: no limit; at most {MAX_LIST_RESULTS} a call"),
+            arg("StartIndex", uint32, "position in the list, newest result first"), timeout]
+        list_out = [arg("IsComplete", ua.NodeId(ua.ObjectIds.Boolean), "no matching result past this page"),
+                    arg("ResultCount", uint32, "results in ResultList"), handle,
+                    arg("ResultList", types["ResultDataType"], "newest first", array=True), error]
+        methods = []
+        by_id = [arg("ResultId", types["ResultIdDataType"], "a held result's"), timeout]
+        for name, call, inputs, kinds, outputs in [
+                ("GetResultById", self._get_result_by_id, by_id, GET_RESULT,
+                 [handle, arg("Result", types["ResultDataType"], "the result"), error]),
+                ("GetResultListFiltered", self._get_result_list, filters, GET_RESULT_LIST, list_out),
+                ("ReleaseResultHandle", self._release_result_handle, [handle], (COUNT,), [error])]:
+            methods.append(await results.add_method(idx, name, self._guarded(name, call, results.nodeid, kinds,
+                                                                              error=True), inputs, outputs))
+        self._rules.anyone_may_call = {m.nodeid for m in methods}
 
     def reload_certificate(self, reason: str = "request") -> bool:
         """Load the server's certificate and key again (`mrkd run` does it on SIGHUP): new secure channels
@@ -550,10 +601,11 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         return self._status("BadNotSupported")       # recipes come from the line file
 
     def _arguments(self, args, inputs: Tuple[str, ...]):
-        """The ID arguments' values (a list of str), or a CallMethodResult saying which arguments are not
+        """The USED arguments' values (ID, STRUCT_ID: str; NUMBER, COUNT: int), or a CallMethodResult saying
+        which arguments are not
         of their kind (BadTypeMismatch), or of the ID ones, which are longer than MAX_ARGUMENT_CHARS
         (BadOutOfRange) or hold control characters (BadInvalidArgument: an id travels into every log line
-        of its part; trigger.has_control_characters)."""
+        of its part; trigger.has_control_characters); STRUCT_ID ones alike."""
         from asyncua import ua
         if len(args) != len(inputs):
             return self._status("BadArgumentsMissing" if len(args) < len(inputs) else "BadTooManyArguments")
@@ -562,17 +614,22 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             return v.VariantType == ua.VariantType.String and not v.is_array and isinstance(v.Value, str)
 
         def check(v, kind):
-            if kind == INT32:
+            if kind in (INT32, NUMBER):
                 ok = v.VariantType == ua.VariantType.Int32 and not v.is_array and v.Value is not None
+            elif kind == COUNT:
+                ok = v.VariantType == ua.VariantType.UInt32 and not v.is_array and v.Value is not None
+            elif kind == STRUCT_ID:
+                ok = not v.is_array and _id_text(v) is not None
             elif kind == ARRAY:
                 ok = v.is_array or v.VariantType == ua.VariantType.Null
             else:
                 ok = string(v)
             if not ok:
                 return ua.StatusCodes.BadTypeMismatch
-            if kind == ID and len(v.Value) > MAX_ARGUMENT_CHARS:
+            text = v.Value if kind == ID else _id_text(v) if kind == STRUCT_ID else None
+            if text is not None and len(text) > MAX_ARGUMENT_CHARS:
                 return ua.StatusCodes.BadOutOfRange
-            if kind == ID and has_control_characters(v.Value):
+            if text is not None and has_control_characters(text):
                 return ua.StatusCodes.BadInvalidArgument
             return ua.StatusCodes.Good
 
@@ -580,7 +637,37 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if any(not r.is_good() for r in results):
             return ua.CallMethodResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadInvalidArgument),
                                        InputArgumentResults=results)
-        return [v.Value for v, kind in zip(args, inputs) if kind == ID]
+        return [_id_text(v) if kind == STRUCT_ID else v.Value for v, kind in zip(args, inputs) if kind in USED]
+
+    # ------------------------------------------------------------ result retrieval (opcua_results.py)
+    def _handle(self):
+        from asyncua import ua
+        self._handles = self._handles % 0xFFFFFFFF + 1
+        return ua.Variant(self._handles, ua.VariantType.UInt32)
+
+    async def _get_result_by_id(self, parent, result_id: str):
+        from asyncua import ua
+        held = self.history.by_id(result_id.strip())
+        if held is None:
+            return self._status("BadNotFound")     # never given this run, or pushed out of the history
+        return [self._handle(), ua.Variant(held.result, ua.VariantType.ExtensionObject)]
+
+    async def _get_result_list(self, parent, result_state: int, *values):
+        from asyncua import ua
+        *ids, max_results, start = values
+        wanted = {name: text.strip() for (name, _), text in zip(ID_FILTERS, ids)}
+        count = min(max_results or MAX_LIST_RESULTS, MAX_LIST_RESULTS)
+        matching = self.history.newest_first(result_state, wanted)
+        page = [held.result for _, held in zip(range(start + count), matching)][start:]
+        complete = next(matching, None) is None
+        return [ua.Variant(complete, ua.VariantType.Boolean), ua.Variant(len(page), ua.VariantType.UInt32),
+                self._handle(), ua.Variant(page, ua.VariantType.ExtensionObject)]
+
+    async def _release_result_handle(self, parent, handle: int):
+        # a handle holds nothing here: one this server handed out is released at once
+        if not 0 < handle <= self._handles:
+            return self._status("BadInvalidArgument")
+        return []
 
     def _job_arguments(self, values):
         """A job's inputs (already _arguments-checked) by name, or BadInvalidArgument for an unknown recipe."""
@@ -608,7 +695,8 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         receipt = self.target.trigger(part_id, recipe)
         if not receipt.accepted:
             return None
-        self._jobs.setdefault((receipt.part_id, receipt.time), deque()).append((job, checked["MeasId"]))
+        self._jobs.setdefault((receipt.part_id, receipt.time), deque()).append(
+            (job, checked["MeasId"], checked["ProductId"]))
         return job
 
     # ------------------------------------------------------------ results
@@ -632,7 +720,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         from asyncua import ua
         key = (part.part_id, part.trigger_time)
         waiting = self._jobs.get(key)
-        job, meas = waiting.popleft() if waiting else ("", "")
+        job, meas, product = waiting.popleft() if waiting else ("", "", "")
         if waiting is not None and not waiting:
             del self._jobs[key]
         self.results += 1
@@ -657,6 +745,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             self.mode = "Ready"
             values["mode"] = values["mode 0"] = ua.LocalizedText(self._shown()[1])
         await self._write_all(values)
+        self.history.add(result_data(self._result_types, part, job, meas, product, state, content))
         event = self._events.event
         event.ResultId, event.JobId, event.IsPartial, event.ResultState = str(part.inspection_id), job, False, state
         event.PartId, event.MeasId, event.RecipeId, event.ResultContent = part.part_id, meas, str(part.recipe), content
@@ -878,14 +967,36 @@ class _Validator:
             raise ServiceError(getattr(ua.StatusCodes, refusal))
 
 
+def _id_text(v) -> Optional[str]:
+    """The text of an id argument: a String, one of the nodeset's id structures (its Id; asyncua decodes
+    those it built), or null (""); None for anything else."""
+    from asyncua import ua
+    if v.VariantType == ua.VariantType.Null:
+        return ""
+    if v.VariantType == ua.VariantType.ExtensionObject and (
+            v.Value is None or isinstance(v.Value, ua.ExtensionObject) and v.Value.TypeId.is_null()):
+        return ""                             # a null structure
+    if v.VariantType == ua.VariantType.String:
+        return v.Value if isinstance(v.Value, str) else ""
+    if v.VariantType == ua.VariantType.ExtensionObject:
+        if not hasattr(v.Value, "Id"):
+            return None                   # a structure of another type
+        text = v.Value.Id
+        return "" if text is None else text if isinstance(text, str) else None
+    return None
+
+
 def _string(text: str):
     from asyncua import ua
     return ua.Variant(text, ua.VariantType.String)
 
 
 class _Rules:
-    """Anonymous sessions browse, read and subscribe; method calls (and writes) need the user unless
-    anonymous calls are allowed. Built on asyncua's own request lists."""
+    """Anonymous sessions browse, read and subscribe, and call the methods that read results
+    (``anyone_may_call``); other method calls (and writes) need the user unless anonymous calls are
+    allowed. Built on asyncua's own request lists."""
+
+    anyone_may_call: frozenset = frozenset()      # method node ids (ResultManagement's, set by _build)
 
     def __init__(self, anonymous_calls: bool):
         from asyncua import ua
@@ -895,8 +1006,21 @@ class _Rules:
         if not anonymous_calls:
             anonymous.discard(ua.NodeId(ua.ObjectIds.CallRequest_Encoding_DefaultBinary))
         self._allowed = {UserRole.User: user, UserRole.Anonymous: anonymous, UserRole.Admin: user}
+        self._call = ua.NodeId(ua.ObjectIds.CallRequest_Encoding_DefaultBinary)
 
     def check_validity(self, user, action_type, body) -> bool:
         from asyncua.crypto.permission_rules import UserRole
         role = user.role if user is not None else UserRole.Anonymous
-        return action_type in self._allowed.get(role, set())
+        if action_type in self._allowed.get(role, set()):
+            return True
+        return action_type == self._call and role == UserRole.Anonymous and self._reads_only(body)
+
+    def _reads_only(self, body) -> bool:
+        """Whether a CallRequest calls only methods anyone may call (its body is read from a copy)."""
+        from asyncua import ua
+        from asyncua.ua.ua_binary import struct_from_binary
+        try:
+            calls = struct_from_binary(ua.CallParameters, body.copy()).MethodsToCall or []
+        except Exception:     # a request that does not decode is refused by the check, then by asyncua
+            return False
+        return bool(calls) and all(call.MethodId in self.anyone_may_call for call in calls)
