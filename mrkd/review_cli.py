@@ -10,7 +10,9 @@ is refused, nothing written; so is one that changes an image's standing label (g
 image's standing label, who gave it and when, and the label a correction replaced. An NG part's event
 (triggered mode) has one image per camera, one row each in the listing, each labelled on its own: a
 mark labels ``--camera``'s image, else the one camera that flagged it (the rule POST /review applies,
-runtime/control.py). Torch-free.
+runtime/control.py). A part's rows follow the order its event lists its cameras, as the page's. Each
+image listed is hashed and compared with the hash its event recorded (a file named by many rows once);
+``--last N`` lists only the last N rows, and reads only their images. Torch-free.
 """
 
 from __future__ import annotations
@@ -44,45 +46,55 @@ def _label_text(state: Optional[LabelState], conflict: Optional[Conflict]) -> st
     return text + (f" (corrected; was {describe_label(state.replaced)})" if state.replaced is not None else "")
 
 
-def _image_text(event: dict, image: Optional[Path], why: str) -> str:
+ASK_CAMERA = "give --camera NAME"      # a part of several flagged cameras: how this command names one
+
+
+def _image_text(event: dict, image: Optional[Path], why: str, hashes: Dict[tuple, str]) -> str:
     if image is None:
         named = event.get("evidence")
         return why or (f"EVIDENCE IMAGE GONE ({named}; cannot be labelled)" if named else "NO EVIDENCE IMAGE")
-    changed = "  CHANGED SINCE THE RUN (sha256 differs; cannot be labelled)" if evidence_changed(event, image) else ""
+    changed = "  CHANGED SINCE THE RUN (sha256 differs; cannot be labelled)" if \
+        evidence_changed(event, image, hashes) else ""
     return f"image {image}{changed}"
 
 
-def list_events(events, labels_path, evidence: Path, unlabelled: bool) -> None:
+def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Optional[int] = None) -> None:
+    """One row per image, oldest first; ``last``: only the last rows (after ``unlabelled``). Only the
+    rows listed have their image found and hashed, each file once."""
     all_events = read_review_events(events)
     states = label_states(read_labels(labels_path)) if Path(labels_path).is_file() else {}
     latest = {key: state.current for key, state in states.items()}
     conflicts = find_conflicts(latest)
     conflict_of = {(event_id, c.image_sha256): c for c in conflicts for event_id in c.events}
-    shown = rows = 0
+    rows = []
     for event in all_events:
         # one row per image: a part's cameras each (a part without any image: one row saying why)
         for camera, one in review_rows(event) or [(None, None)]:
-            rows += 1
             current = standing_label(states, event, camera) if one is not None else None
-            if unlabelled and current:
-                continue
-            why = ""
-            if one is None:
-                one, why = one_camera_event(event)
-            image = find_evidence(one, evidence, events) if one is not None else None
-            one = one or event
-            score = one.get("score")
-            conflict = conflict_of.get((str(event["event_id"]), current.current.image_sha256)) if current else None
-            click.echo(f"{event['event_id']}  {one.get('camera') or '-':8}  "
-                       f"score {score if not isinstance(score, (int, float)) else format(score, '.4g')}  "
-                       f"model {str(one.get('model_sha256') or '?')[:12]}  {_image_text(one, image, why)}  "
-                       f"{_label_text(current, conflict)}")
-            shown += 1
+            rows.append((event, one, current))
+    listed = [row for row in rows if not (unlabelled and row[2])]
+    left_out = max(0, len(listed) - last) if last else 0
+    hashes: Dict[tuple, str] = {}        # each evidence file hashed once, however many rows name it
+    for event, one, current in listed[left_out:]:
+        why = ""
+        if one is None:
+            one, why = one_camera_event(event, ask_camera=ASK_CAMERA)
+        image = find_evidence(one, evidence, events) if one is not None else None
+        one = one or event
+        score = one.get("score")
+        conflict = conflict_of.get((str(event["event_id"]), current.current.image_sha256)) if current else None
+        click.echo(f"{event['event_id']}  {one.get('camera') or '-':8}  "
+                   f"score {score if not isinstance(score, (int, float)) else format(score, '.4g')}  "
+                   f"model {str(one.get('model_sha256') or '?')[:12]}  {_image_text(one, image, why, hashes)}  "
+                   f"{_label_text(current, conflict)}")
+    shown = len(listed) - left_out
     elsewhere = len({key.event_id for key in latest} - {str(e["event_id"]) for e in all_events})
     # labels of another run's events share the file: counted, so a mistyped log is not read as "unlabelled"
     more = f" ({elsewhere} of its labelled event(s) are not in this log)" if elsewhere else ""
-    counted = f"{shown} of {len(all_events)} event(s)" if rows == len(all_events) else \
-        f"{shown} of {rows} image(s) of {len(all_events)} event(s)"      # a part of several cameras: a row each
+    counted = f"{shown} of {len(all_events)} event(s)" if len(rows) == len(all_events) else \
+        f"{shown} of {len(rows)} image(s) of {len(all_events)} event(s)"      # a part of several cameras: a row each
+    if left_out:
+        counted += f" (--last {last}: {left_out} earlier row(s) not listed)"
     click.echo(f"{counted}; labels in {labels_path}{more}")
     for conflict in conflicts:
         click.echo(f"conflict: {conflict.describe()} (refit refuses the label file until it is settled): "
@@ -99,7 +111,7 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
         if event_id not in by_id:
             raise ReviewError(f"{events}: no event {event_id!r} (list them with `mrkd review {events} --labels ...`)")
     records = label_events([by_id[event_id] for event_id in dict.fromkeys(event_ids)], label, who=who, note=note,
-                           camera=camera, evidence_dir=evidence, events_path=events, camera_hint=" (--camera NAME)")
+                           camera=camera, evidence_dir=evidence, events_path=events, ask_camera=ASK_CAMERA)
     append_checked(labels_path, records,
                    lambda ids, as_: mark_command(ids, as_, events_path=events, labels_path=labels_path),
                    replace=replace, replace_hint="give --replace")
@@ -131,17 +143,27 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
               help="Let --mark change an image's standing label (good -> defect or back); without it such a "
                    "mark is refused, naming the label that stands.")
 @click.option("--unlabelled", is_flag=True, help="List only events without a label yet.")
+@click.option("--last", type=click.IntRange(min=1), default=None, metavar="N",
+              help="List only the last N images (rows; after --unlabelled). Default: all.")
 @error_boundary
-def review_command(events, labels_path, evidence_dir, event_ids, label, note, who, camera, replace, unlabelled):
+def review_command(events, labels_path, evidence_dir, event_ids, label, note, who, camera, replace, unlabelled,
+                   last):
     """List the alarms of the events log EVENTS, or mark one (or several together) as a good part
     (false alarm) or a confirmed defect. Labels are appended to --labels with the evidence image's
-    sha256; the last label of an image (an event, a part's camera) counts."""
+    sha256; the last label of an image (an event, a part's camera) counts.
+
+    What is checked: every image listed is hashed (sha256) and compared with the hash its event
+    recorded (CHANGED SINCE THE RUN; EVIDENCE IMAGE GONE when the file is missing); a file named by
+    several rows is read once. Rows not listed (--last, --unlabelled) are not read. --mark hashes the
+    image again when it writes the label and refuses one that changed."""
     evidence = Path(evidence_dir) if evidence_dir else default_evidence_dir(events)
     if not event_ids:
         if label or note or replace:
             raise click.UsageError("--as, --note and --replace need --mark EVENT_ID")
-        list_events(events, labels_path, evidence, unlabelled)
+        list_events(events, labels_path, evidence, unlabelled, last)
         return
+    if last is not None:
+        raise click.UsageError("--last is for the listing, not with --mark")
     if label is None:
         raise click.UsageError("--mark needs --as good or --as defect")
     if len(event_ids) > MAX_MARKS:

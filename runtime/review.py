@@ -717,29 +717,34 @@ def is_part(event: dict) -> bool:
     return isinstance(event.get("cameras"), (list, tuple))
 
 
-def part_camera(event: dict, asked: Optional[str]) -> Tuple[Optional[str], str]:
+ASK_CAMERA_HTTP = 'give "camera"'       # how POST /review's caller names a camera (a field of its body)
+
+
+def part_camera(event: dict, asked: Optional[str], ask_camera: str = ASK_CAMERA_HTTP) -> Tuple[Optional[str], str]:
     """The camera of a part event whose image a review labels: ``asked``, else the one flagged camera
-    (or the part's only one); (None, why) when that is not one camera."""
+    (or the part's only one); (None, why) when that is not one camera. ``ask_camera``: how the caller
+    says to name one (`mrkd review`: give --camera NAME)."""
     cameras = [c for c in event["cameras"] if isinstance(c, dict) and isinstance(c.get("camera"), str)]
     names = [c["camera"] for c in cameras]
     if asked is not None:
         return (asked, "") if asked in names else (None, f"the part has no camera {asked!r} (it has {names})")
     flagged = [c["camera"] for c in cameras if c.get("anomalous")] or names
     if len(flagged) != 1:
-        return None, f"the part has the cameras {flagged}: give \"camera\""
+        return None, f"the part has the cameras {flagged}: {ask_camera}"
     return flagged[0], ""
 
 
-def one_camera_event(event: dict, camera: Optional[str] = None) -> Tuple[Optional[dict], str]:
+def one_camera_event(event: dict, camera: Optional[str] = None,
+                     ask_camera: str = ASK_CAMERA_HTTP) -> Tuple[Optional[dict], str]:
     """A part event (``cameras``) as the event of the one camera whose image a label is about
     (``camera``, else the flagged one), with that camera's ``score``, ``threshold``, ``snapshot``,
     ``evidence`` and ``evidence_sha256``; a frame alarm as it is. (None, why) when that is not one
-    camera."""
+    camera (``ask_camera``: part_camera's)."""
     if not is_part(event):
         if camera is not None and camera != event.get("camera"):
             return None, f"the alarm is camera {event.get('camera')!r}'s, not {camera!r}'s"
         return event, ""
-    chosen, why = part_camera(event, camera)
+    chosen, why = part_camera(event, camera, ask_camera)
     if chosen is None:
         return None, why
     judged = next(c for c in event["cameras"] if isinstance(c, dict) and c.get("camera") == chosen)
@@ -786,11 +791,21 @@ def find_evidence(event: dict, evidence_dir, events_path=None) -> Optional[Path]
     return Path(os.path.abspath(found)) if found is not None else None
 
 
-def evidence_changed(event: dict, image) -> bool:
+def evidence_changed(event: dict, image, hashes: Optional[Dict[tuple, str]] = None) -> bool:
     """Whether ``image`` no longer has the sha256 the event recorded for its evidence (False when
-    the event recorded none)."""
+    the event recorded none). ``hashes``: a dict the caller keeps for one listing, so a file named by
+    many rows is read once (keyed by its path and identity, size and time: a file replaced meanwhile
+    is read again)."""
     recorded = event.get("evidence_sha256")
-    return isinstance(recorded, str) and bool(recorded) and image_sha256(image) != recorded
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    if hashes is None:
+        return image_sha256(image) != recorded
+    info = os.stat(image)
+    key = (os.path.abspath(image), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in hashes:
+        hashes[key] = image_sha256(image)
+    return hashes[key] != recorded
 
 
 # ---------------------------------------------------------------- making a label
@@ -832,23 +847,23 @@ def make_label(event_id: str, image_path, label: str, who: Optional[str] = None,
 
 def label_events(events: Sequence[dict], label: str, *, who: Optional[str] = None, note: str = "",
                  camera: Optional[str] = None, evidence_dir=None, events_path=None,
-                 camera_hint: str = "") -> List[ReviewLabel]:
+                 ask_camera: str = ASK_CAMERA_HTTP) -> List[ReviewLabel]:
     """The labels of ``events``, all of the log ``events_path``: each made of its event's evidence image
     (a part's: of ``camera``, else the flagged one) found by find_evidence and checked against the hash
     the event recorded; the log's identity, which every label records, is read once for them all.
-    ``camera_hint``: how the caller names a camera, added when none was given and one is needed."""
+    ``ask_camera``: how the caller says to name a camera when none was given and one is needed."""
     events_log = events_log_ref(events_path) if events_path is not None else None
     return [_label_one(event, label, who=who, note=note, camera=camera, evidence_dir=evidence_dir,
-                       events_path=events_path, events_log=events_log, camera_hint=camera_hint)
+                       events_path=events_path, events_log=events_log, ask_camera=ask_camera)
             for event in events]
 
 
 def _label_one(event: dict, label: str, *, who: Optional[str], note: str, camera: Optional[str], evidence_dir,
-               events_path, events_log: Optional[EventsLogRef], camera_hint: str) -> ReviewLabel:
+               events_path, events_log: Optional[EventsLogRef], ask_camera: str) -> ReviewLabel:
     event_id = str(event.get("event_id"))
-    one, why = one_camera_event(event, camera)
+    one, why = one_camera_event(event, camera, ask_camera)
     if one is None:
-        raise ReviewError(f"event {event_id}: {why}{camera_hint if camera is None else ''}")
+        raise ReviewError(f"event {event_id}: {why}")
     image = find_evidence(one, evidence_dir, events_path)
     if image is None:
         named = one.get("evidence")

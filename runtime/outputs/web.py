@@ -323,12 +323,14 @@ class OperatorServer(LineObserver):
         return {}
 
     def on_part(self, result: PartResult) -> None:
-        """An NG/ERROR part (with an event): one alarm on the page per camera that has an image."""
+        """An NG/ERROR part (with an event): one alarm on the page per camera that has an image, top to
+        bottom in the order the event lists the cameras, as the rows rebuilt from the events log after a
+        restart (_alarms_from_log) and `mrkd review`'s listing: each goes on top, so the last first."""
         if not wants_event(result):
             return
         event = part_event(result)
         views = self._part_views.pop(result.event_id, {})
-        for camera, record in review_rows(event):
+        for camera, record in reversed(review_rows(event)):
             view = self.views.get(camera)
             if view is not None:
                 view.alarms += 1
