@@ -183,4 +183,4 @@ if __name__ == "__main__":
         _worker(json.loads(sys.argv[2]))
     else:
         from mrkd.benchmarks.module_main import benchmark_main
-    benchmark_main(__doc__, run)
+        benchmark_main(__doc__, run)
