@@ -23,6 +23,7 @@ from typing import Dict, Optional, Sequence
 import click
 
 from mrkd.errors import MrkdError, error_boundary
+from mrkd.options import IntegerRange
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, LabelState, \
     ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, find_evidence, label_events, \
     label_states, mark_command, one_camera_event, printable, read_labels, read_review_events, review_rows, \
@@ -143,7 +144,7 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
               help="Let --mark change an image's standing label (good -> defect or back); without it such a "
                    "mark is refused, naming the label that stands.")
 @click.option("--unlabelled", is_flag=True, help="List only events without a label yet.")
-@click.option("--last", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--last", type=IntegerRange(min=1), default=None, metavar="N",
               help="List only the last N images (rows; after --unlabelled). Default: all.")
 @error_boundary
 def review_command(events, labels_path, evidence_dir, event_ids, label, note, who, camera, replace, unlabelled,
