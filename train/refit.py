@@ -140,15 +140,15 @@ class DecodedImages:
 
     def __init__(self, image_size: int, resize_mode: str):
         self.image_size, self.resize_mode = image_size, resize_mode
-        self._pixels: dict = {}
+        self._pixel_sha256: dict = {}     # path -> decoded_sha256 of its pixels
         self._squares: dict = {}
 
     def pixels_sha256(self, path) -> str:
         """pixels_sha256(path); ImageReadError when the file cannot be decoded."""
         key = str(path)
-        if key not in self._pixels:
+        if key not in self._pixel_sha256:
             self._decode(key)
-        return self._pixels[key]
+        return self._pixel_sha256[key]
 
     def square(self, path) -> np.ndarray:
         """load_square(path, ...), DataError (naming the file) included."""
@@ -164,7 +164,7 @@ class DecodedImages:
     def _decode(self, key: str) -> None:
         from mrkd.runtime.preprocess import resize_square
         pixels = read_image(key)
-        self._pixels[key] = decoded_sha256(pixels)
+        self._pixel_sha256[key] = decoded_sha256(pixels)
         self._squares[key] = resize_square(pixels, self.image_size, self.resize_mode)
 
     @classmethod
