@@ -312,7 +312,8 @@ FOREIGN_FILES = {
     "json document": b'{"model": "grain", "threshold": 0.4}',
     "json lines of something else": b'{"a": 1}\n{"b": 2}\n',
     "an event then junk": b'{"event_id": "x", "time": "t"}\nnot json\n',
-    "nothing but the start of a record": b'{"anomalous_in_window": 1, "bo',
+    # the start of an mrkd event alone is cut (a crash in a first write: test_events_torn_first_write.py)
+    "nothing but the start of another record": b'{"anomaly": 1, "bo',
     "an event then a whole json record without a newline": b'{"event_id": "x", "time": "t"}\n{"config": 1}',
 }
 

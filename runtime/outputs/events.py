@@ -8,7 +8,9 @@ receives it (``on_event``): this log, the webhook (webhook.py), MQTT, the page.
 The log is append-only and crash-safe: each event is one ``os.write`` of a whole line on an
 O_APPEND descriptor followed by fsync. It only ever appends to a file it wrote: an existing file is
 opened only when every complete line is an mrkd event, and a torn last line (a crash mid-write) is
-then cut with a warning that shows it; any other file (a CSV, a model, a binary) is refused. A write
+then cut with a warning that shows it, also when it is all the file holds (a crash in the first write:
+only a start these writers can leave, ``torn_first_write``); any other file (a CSV, a model, a binary)
+is refused. A write
 that fails (a full disk) is counted and warned about; the line goes on.
 """
 
@@ -20,12 +22,13 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mrkd.atomic import append_whole
 from mrkd.errors import MrkdError
@@ -102,6 +105,9 @@ class EventLog:
     records = "mrkd event"         # what each of its lines is
     log_name = "mrkd events log"
     error = EventLogError
+    # The first key of every line it writes (json.dumps sort_keys): an alarm's, an NG/ERROR part's. A file
+    # holding only the torn start of such a line (a crash in its first write) is cut, not refused.
+    first_keys = ("anomalous_in_window", "acquired_s")
 
     @staticmethod
     def is_record(line: bytes) -> bool:
@@ -128,7 +134,7 @@ class EventLog:
         if not self.path.is_file():
             raise self.error(f"{self.option} {self.path}: not a regular file")
         with open(self.path, "rb") as handle:
-            foreign = foreign_line(handle.read(), self.is_record)
+            foreign = foreign_line(handle.read(), self.is_record, first_keys=self.first_keys)
         if foreign == "tail":
             raise self.error(f"{self.option} {self.path}: does not end in a newline and its last line is not a "
                              f"torn {self.records}, so this is not an {self.log_name}; it is left unchanged")
@@ -199,19 +205,77 @@ class EventLog:
             os.close(fd)
 
 
-def foreign_line(data: bytes, is_record: Callable[[bytes], bool], blank_ok: bool = False):
+def foreign_line(data: bytes, is_record: Callable[[bytes], bool], blank_ok: bool = False,
+                 first_keys: Tuple[str, ...] = ()):
     """Why ``data`` is not a JSON-lines file of the records ``is_record`` accepts: the number of its first
     complete line that is not one, "tail" for a last line without a newline that is not the torn start
-    of a record after at least one whole one (only then is it cut: the file is surely ours), or None.
-    The events log and the label file refuse files by this one rule."""
+    of a record, or None. After at least one whole record any start of a JSON object is taken as torn
+    (the file is surely ours); a file with no whole line only when ``tail`` is what its writer's first
+    write can leave (``torn_first_write``, ``first_keys``): else a crash in that first write would keep
+    every later start refused. The events log and the label file refuse files by this one rule."""
     complete = data[:data.rfind(b"\n") + 1]
     for number, line in enumerate(complete.splitlines(), 1):
         if not (blank_ok and not line.strip()) and not is_record(line):
             return number
     tail = data[len(complete):]
-    if tail and (not complete.strip() or not tail.startswith(b'{"') or _parses(tail)):
-        return "tail"
-    return None
+    if not tail:
+        return None
+    if complete.strip():
+        return "tail" if not tail.startswith(b'{"') or _parses(tail) else None
+    return None if torn_first_write(tail, first_keys) else "tail"
+
+
+def torn_first_write(tail: bytes, first_keys: Tuple[str, ...]) -> bool:
+    """Whether ``tail``, a file's only content, is a start of a line our JSON-lines writers write
+    (``json.dumps(record, sort_keys=True)``): ASCII, ``{"`` and one of ``first_keys``, then keys in
+    ascending order with json's separators, torn before the object closes. At least the first key's first
+    letter must be there: ``{"`` alone could be anyone's."""
+    if len(tail) < 3 or _parses(tail):
+        return False
+    try:
+        text = tail.decode("ascii")
+    except UnicodeDecodeError:          # json.dumps escapes every other character
+        return False
+    for key in first_keys:
+        head = "{" + json.dumps(key) + ": "
+        if head.startswith(text):
+            return True                 # torn within the first key
+        if text.startswith(head) and _sorted_pairs_torn(text, len(head), key):
+            return True
+    return False
+
+
+_NUMBER_PART = re.compile(r"[0-9.eE+-]+")
+
+
+def _sorted_pairs_torn(text: str, at: int, key: str) -> bool:
+    """``text`` from ``at`` (just after ``key``'s colon) is a sort_keys object's value and pairs torn
+    somewhere: the keys seen ascend, the separators are json.dumps' own."""
+    decoder = json.JSONDecoder()
+    while True:
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return True                 # torn within this value (a string, a list, true...)
+        rest = text[at:]
+        if not rest or (isinstance(value, (int, float)) and _NUMBER_PART.fullmatch(rest)):
+            return True                 # torn after a value or within a number ("0." of 0.01)
+        if not rest.startswith(", "):
+            return ", ".startswith(rest)
+        at += 2
+        if at == len(text) or text[at] != '"':
+            return at == len(text)
+        try:
+            following, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return True                 # torn within the next key
+        if following <= key:
+            return False
+        key = following
+        rest = text[at:]
+        if not rest.startswith(": "):
+            return ": ".startswith(rest)
+        at += 2
 
 
 def _parses(data: bytes) -> bool:

@@ -76,6 +76,7 @@ class PartsLog(EventLog):
     records = "mrkd part record"
     log_name = "mrkd parts log"
     error = PartsLogError
+    first_keys = ("acquired_s", "count", "kind")     # a part's line; a folded run of missed triggers; one missed
 
     @staticmethod
     def is_record(line: bytes) -> bool:
