@@ -6,7 +6,8 @@ Layout: ``DIR/<camera>/<event_id>.png`` for an alarm or an NG/ERROR part (an ala
 ``evidence``, the absolute path, and ``evidence_sha256``, a part's event each camera's in its ``cameras``),
 ``DIR/<camera>/ok/<frame index>.png`` (free run) or ``ok/part<inspection id>.png`` (triggered) for the
 OK samples (one of every ``ok_every`` OK frames or parts per camera; 0: none). Files are PNG (lossless),
-written to a temporary file, fsync'd and linked into place, never over an existing file.
+written to a temporary file, fsync'd and linked into place, never over an existing file; the temporary
+files of a run killed mid-write are removed at the next start (``_remove_abandoned_staged_files``).
 
 The PNG is the frame the model judged (8-bit BGR): what review and refit read. Where that frame is not
 the camera's own pixels (a GigE camera in Mono10/12/16, whose frame keeps the top 8 bits, or in Bayer,
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import re
 import struct
@@ -68,8 +70,11 @@ from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, P
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.notifier import DroppingWorker
 from mrkd.runtime.outputs.snapshots import write_new_file
+from mrkd.runtime.outputs.staged_files import remove_if_abandoned, staged_pattern
 from mrkd.runtime.raw_image import RAW_SUFFIX, RawImage     # DIR/<camera>/<event_id>.raw.png beside its .png
 
+
+logger = logging.getLogger(__name__)
 
 EVIDENCE_SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 2 << 30       # 2 GiB
@@ -78,6 +83,12 @@ OK_FOLDER = "ok"
 # sample of the same name, and RAW_SUFFIX for the camera's bits beside it): only such files are ever
 # deleted; any other PNG in a given folder is someone's.
 OK_SAMPLE_NAME = re.compile(r"(part)?\d{10,}(_\d+_\d+)?(\.raw)?\.png")
+# The staged files write_new_file leaves when a run is killed mid-write (staged_files.py), in the places and
+# under the names this store writes: DIR/<camera>/.<event id>[.raw].png.*.tmp (an event id as new_event_id
+# makes it) and DIR/<camera>/ok/.<OK sample name>.*.tmp. Removed at the start when abandoned; nothing else.
+EVENT_ID_NAME = r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
+STAGED_EVIDENCE = re.compile(staged_pattern(rf"{EVENT_ID_NAME}(\.raw)?\.png"))
+STAGED_OK_SAMPLE = re.compile(staged_pattern(OK_SAMPLE_NAME.pattern))
 # A free run's OK samples waiting for the worker (each holds its frame): past it a due sample is dropped.
 OK_SAMPLES_WAITING = 8
 OK_SAMPLES_DRAIN_S = 10.0        # the stop waits this long for the samples still queued, then counts them dropped
@@ -155,7 +166,34 @@ class EvidenceWriter(LineObserver):
         self._ok_worker = DroppingWorker(
             "evidence-ok-samples", OK_SAMPLES_WAITING, f"output evidence ({self.folder}): the disk is slower than "
             "the line; OK samples are dropped, alarm evidence is still written") if background else None
+        self._remove_abandoned_staged_files()
         self._recount()
+
+    def _remove_abandoned_staged_files(self) -> None:
+        """Remove the staged files an earlier run killed mid-write left (never counted, never removed
+        otherwise; one killed between the link and the unlink left its evidence a second name, which the
+        page refuses to serve): only this store's staged names in its own places whose writer is gone
+        (staged_files.remove_if_abandoned). Said once, with the count and bytes."""
+        removed = freed = 0
+        now = time.time()
+        try:
+            cameras = [Path(entry.path) for entry in os.scandir(self.folder) if entry.is_dir(follow_symlinks=False)]
+        except OSError:              # not made (a full disk), or not readable: the writes will say so
+            cameras = []
+        places = [(camera, STAGED_EVIDENCE) for camera in cameras] + \
+            [(camera / OK_FOLDER, STAGED_OK_SAMPLE) for camera in cameras]
+        for place, staged_name in places:
+            try:
+                names = [entry.name for entry in os.scandir(place) if staged_name.fullmatch(entry.name)]
+            except OSError:          # no ok/ folder, or one that cannot be read: nothing of ours to remove
+                continue
+            for name in names:
+                size = remove_if_abandoned(place / name, now)
+                if size is not None:
+                    removed, freed = removed + 1, freed + size
+        if removed:
+            logger.warning("%s: removed %d unfinished evidence file%s (%d bytes) left by an earlier run killed "
+                           "mid-write", self.folder, removed, "" if removed == 1 else "s", freed)
 
     def _recount(self) -> None:
         """Count the folder from what is there now: at the start (what an earlier run left), and again

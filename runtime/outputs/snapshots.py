@@ -6,8 +6,8 @@ written (a full disk) is counted and warned about naming the file; the event goe
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -20,6 +20,7 @@ from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, P
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.events import new_event_id
 from mrkd.runtime.outputs.overlay import heatmap_overlay
+from mrkd.runtime.outputs.staged_files import stage
 
 
 def regions_from_map(amap: np.ndarray, threshold: float, frame_hw, min_area: int = 1) -> List[Dict[str, int]]:
@@ -68,21 +69,27 @@ def write_new_file(path: str | os.PathLike, data: bytes) -> None:
     if path.exists():
         raise FileExistsError(f"{path}: exists; snapshots are never overwritten")
     try:
-        fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, staged = stage(path)
     except OSError as exc:
         raise OSError(exc.errno, f"{path}: {exc.strerror or exc}") from None
     try:
+        # open (its lock held) until the staged name is gone: held, no other run's start takes it for a
+        # killed run's leftover (staged_files.remove_if_abandoned)
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), new_file_mode())
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(staged, path)       # fails if path appeared meanwhile: no silent overwrite
-        except FileExistsError:
-            raise FileExistsError(f"{path}: exists; snapshots are never overwritten") from None
-        except OSError:                 # no hard links (e.g. FAT): rename, after the check above
-            os.rename(staged, path)
+            try:
+                os.fchmod(handle.fileno(), new_file_mode())
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+                try:
+                    os.link(staged, path)       # fails if path appeared meanwhile: no silent overwrite
+                except FileExistsError:
+                    raise FileExistsError(f"{path}: exists; snapshots are never overwritten") from None
+                except OSError:                 # no hard links (e.g. FAT): rename, after the check above
+                    os.rename(staged, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staged)
     except FileExistsError:
         raise
     except OSError as exc:
