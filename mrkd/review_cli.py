@@ -24,10 +24,10 @@ import click
 
 from mrkd.errors import MrkdError, error_boundary
 from mrkd.options import IntegerRange
-from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, LabelState, \
-    ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, find_evidence, label_events, \
-    label_states, mark_command, one_camera_event, printable, read_labels, read_review_events, review_rows, \
-    standing_label
+from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, FileHashes, \
+    LabelState, ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, find_evidence, \
+    label_events, label_states, mark_command, one_camera_event, printable, read_labels, read_review_events, \
+    review_rows, standing_label
 
 
 def default_evidence_dir(events_path) -> Path:
@@ -50,7 +50,7 @@ def _label_text(state: Optional[LabelState], conflict: Optional[Conflict]) -> st
 ASK_CAMERA = "give --camera NAME"      # a part of several flagged cameras: how this command names one
 
 
-def _image_text(event: dict, image: Optional[Path], why: str, hashes: Dict[tuple, str]) -> str:
+def _image_text(event: dict, image: Optional[Path], why: str, hashes: FileHashes) -> str:
     if image is None:
         named = event.get("evidence")
         return why or (f"EVIDENCE IMAGE GONE ({named}; cannot be labelled)" if named else "NO EVIDENCE IMAGE")
@@ -75,7 +75,7 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Opt
             rows.append((event, one, current))
     listed = [row for row in rows if not (unlabelled and row[2])]
     left_out = max(0, len(listed) - last) if last else 0
-    hashes: Dict[tuple, str] = {}        # each evidence file hashed once, however many rows name it
+    hashes = FileHashes()        # each evidence file hashed once, however many rows name it
     for event, one, current in listed[left_out:]:
         why = ""
         if one is None:

@@ -791,21 +791,33 @@ def find_evidence(event: dict, evidence_dir, events_path=None) -> Optional[Path]
     return Path(os.path.abspath(found)) if found is not None else None
 
 
-def evidence_changed(event: dict, image, hashes: Optional[Dict[tuple, str]] = None) -> bool:
+class FileHashes:
+    """image_sha256 of files, each read once while it stays the same file: what one listing or one
+    refit keeps, so a file named by many rows or labels is read once. Keyed by its path and identity,
+    size and modification time: a file replaced or rewritten meanwhile is read again."""
+
+    def __init__(self):
+        self._known: Dict[tuple, str] = {}
+        self.reads = 0                  # files read (hashed), for the callers' accounts and tests
+
+    def sha256(self, path) -> str:
+        """image_sha256(path); OSError as open and stat raise it."""
+        info = os.stat(path)
+        key = (os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if key not in self._known:
+            self._known[key] = image_sha256(path)
+            self.reads += 1
+        return self._known[key]
+
+
+def evidence_changed(event: dict, image, hashes: Optional[FileHashes] = None) -> bool:
     """Whether ``image`` no longer has the sha256 the event recorded for its evidence (False when
-    the event recorded none). ``hashes``: a dict the caller keeps for one listing, so a file named by
-    many rows is read once (keyed by its path and identity, size and time: a file replaced meanwhile
-    is read again)."""
+    the event recorded none). ``hashes``: the caller's for one listing or refit, so a file named by
+    many rows is read once."""
     recorded = event.get("evidence_sha256")
     if not isinstance(recorded, str) or not recorded:
         return False
-    if hashes is None:
-        return image_sha256(image) != recorded
-    info = os.stat(image)
-    key = (os.path.abspath(image), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    if key not in hashes:
-        hashes[key] = image_sha256(image)
-    return hashes[key] != recorded
+    return (hashes.sha256(image) if hashes is not None else image_sha256(image)) != recorded
 
 
 # ---------------------------------------------------------------- making a label

@@ -74,9 +74,8 @@ from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT
     calibration_from_scores
 from mrkd.runtime.images import ImageReadError, read_image
 from mrkd.runtime.metadata import file_sha256
-from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, RecordedLog, ReviewLabel, evidence_changed, \
-    image_sha256, label_image, latest_labels, one_camera_event, read_labels, read_review_events, \
-    recorded_logs
+from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, FileHashes, RecordedLog, ReviewLabel, \
+    evidence_changed, label_image, latest_labels, one_camera_event, read_labels, read_review_events, recorded_logs
 from mrkd.train.refit_args import LINEAGE_KEY, CheckedRefitArgs, RefitError, check_new_out_dir, check_refit_args, \
     default_out_dir, lineage_version as parent_version  # noqa: F401 - RefitError is this module's error too
 
@@ -222,11 +221,12 @@ class Lineage:
 
 
 def lineage_bank_images(lineage, model_path, warn: Callable[[str], None],
-                        pixels_of: Callable[[str], str] = pixels_sha256) -> Tuple[BankImage, ...]:
+                        pixels_of: Callable[[str], str] = pixels_sha256,
+                        file_of: Callable[[str], str] = file_sha256) -> Tuple[BankImage, ...]:
     """The reviewed images a checkpoint's lineage (its ``lineage`` dict, or None) offered the bank, over
     every version. A lineage of schema 1 (an older mrkd) names only its own refit's images, by path:
-    those still readable are taken by their pixels now (``pixels_of``), and ``warn`` says what cannot be
-    known."""
+    those still readable are taken by their pixels (``pixels_of``) and file hash (``file_of``) now, and
+    ``warn`` says what cannot be known."""
     if not isinstance(lineage, dict):
         return ()
     where = f"{model_path}: lineage"
@@ -244,7 +244,7 @@ def lineage_bank_images(lineage, model_path, warn: Callable[[str], None],
     taken = []
     for path in paths:
         try:
-            taken.append(BankImage(pixels_of(path), file_sha256(path), str(path), version))
+            taken.append(BankImage(pixels_of(path), file_of(path), str(path), version))
         except (ImageReadError, OSError, TypeError):
             pass
     if len(taken) < len(paths) or version > 2:
@@ -642,7 +642,8 @@ class ReviewedImages:
 
 def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
                     warn: Callable[[str], None] = logger.warning,
-                    labels: Optional[Sequence[ReviewLabel]] = None) -> ReviewedImages:
+                    labels: Optional[Sequence[ReviewLabel]] = None,
+                    hashes: Optional[FileHashes] = None) -> ReviewedImages:
     """The labels' images, each checked: present, and with the sha256 the operator saw. A label whose
     image is missing or changed, or whose event is not in its events log or recorded another sha256 for
     its evidence, is skipped with a warning; the rest is read by runtime/review.py's rules (last label
@@ -651,8 +652,10 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
     label records (schema 2 and later), when it is still there. Labels that record none (schema 1), or
     whose log is gone or was replaced, are said in one line per log and go unchecked, as before there
     was a record. ``labels``: the file's labels as the caller read them (refit: check_refit_args' one
-    read); default read here."""
+    read); default read here. ``hashes``: the caller's FileHashes (refit's, which the lineage reads too):
+    a file many labels name is read once."""
     labels_path = Path(labels_path)
+    hashes = hashes if hashes is not None else FileHashes()
     latest = latest_labels(read_labels(labels_path) if labels is None else list(labels), str(labels_path))
     logs = recorded_logs(list(latest.values()), labels_path) if events is None else {}
     if events is None:
@@ -679,9 +682,9 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
             reason = "names no image"
         elif not image.is_file():
             reason = f"image {image} no longer exists"
-        elif image_sha256(image) != label.image_sha256:
+        elif hashes.sha256(image) != label.image_sha256:
             reason = f"image {image} changed since it was reviewed (sha256 differs)"
-        elif one is not None and evidence_changed(one, image):
+        elif one is not None and evidence_changed(one, image, hashes):
             reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
             skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason, label.camera))
@@ -767,7 +770,9 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         except OSError as exc:
             raise RefitError(f"{events}: cannot read the events log ({exc})") from exc
     # without --events each label is checked against the log it records; reviewed_images says what is not
-    reviewed = reviewed_images(labels_path, known, events, warn=echo, labels=checked.labels)
+    # each image file hashed once (however many labels name it): the labels' checks, the lineage
+    hashes = FileHashes()
+    reviewed = reviewed_images(labels_path, known, events, warn=echo, labels=checked.labels, hashes=hashes)
     unchecked = [skip for skip in reviewed.skipped if skip.label == DEFECT]
     if unchecked:      # the confirmed-defect check is the refit's safety net: without the image it is blind
         message = (f"{len(unchecked)} image(s) marked '{DEFECT}' cannot be checked against the new model "
@@ -788,7 +793,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     except ImageReadError as exc:
         raise _unreadable(exc, good, calibration_paths) from exc
     taken = {image.pixels_sha256: image for image in lineage_bank_images(data.get(LINEAGE_KEY), model_path, echo,
-                                                                          images.pixels_sha256)}
+                                                                          images.pixels_sha256, hashes.sha256)}
     new_good: dict = {}           # pixels -> path: one image saved twice is offered once
     already_in_bank = []
     for path in reviewed.good:
@@ -864,7 +869,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                       reweight=result.reweight.to_dict() if result.reweight is not None else None,
                       augment=augment_names(augment),
                       bank_images=tuple(taken.values()) + tuple(
-                          BankImage(pixels, image_sha256(path), path, version) for pixels, path in new_good.items()))
+                          BankImage(pixels, hashes.sha256(path), path, version) for pixels, path in new_good.items()))
     result.lineage = lineage.to_dict()
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model) and k not in ("train_state",)}
     kept[LINEAGE_KEY] = result.lineage
