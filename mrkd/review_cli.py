@@ -12,7 +12,9 @@ image's standing label, who gave it and when, and the label a correction replace
 mark labels ``--camera``'s image, else the one camera that flagged it (the rule POST /review applies,
 runtime/control.py). A part's rows follow the order its event lists its cameras, as the page's. Each
 image listed is hashed and compared with the hash its event recorded (a file named by many rows once);
-``--last N`` lists only the last N rows, and reads only their images. Torch-free.
+only the last DEFAULT_LAST rows are listed unless ``--last N`` says otherwise (0: all), and only their
+images are read: a long run's log would print (and read) thousands of rows, the summary scrolled away.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def _label_text(state: Optional[LabelState], conflict: Optional[Conflict]) -> st
 
 
 ASK_CAMERA = "give --camera NAME"      # a part of several flagged cameras: how this command names one
+DEFAULT_LAST = 50                      # rows the listing shows without --last: a screenful, the newest
 
 
 def _image_text(event: dict, image: Optional[Path], why: str, hashes: FileHashes) -> str:
@@ -60,8 +63,10 @@ def _image_text(event: dict, image: Optional[Path], why: str, hashes: FileHashes
 
 
 def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Optional[int] = None) -> None:
-    """One row per image, oldest first; ``last``: only the last rows (after ``unlabelled``). Only the
-    rows listed have their image found and hashed, each file once."""
+    """One row per image, oldest first; ``last``: only the last rows (after ``unlabelled``; None: the
+    last DEFAULT_LAST, 0: all). Only the rows listed have their image found and hashed, each file once."""
+    given = last is not None
+    last = last if given else DEFAULT_LAST
     all_events = read_review_events(events)
     states = label_states(read_labels(labels_path)) if Path(labels_path).is_file() else {}
     latest = {key: state.current for key, state in states.items()}
@@ -95,7 +100,8 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Opt
     counted = f"{shown} of {len(all_events)} event(s)" if len(rows) == len(all_events) else \
         f"{shown} of {len(rows)} image(s) of {len(all_events)} event(s)"      # a part of several cameras: a row each
     if left_out:
-        counted += f" (--last {last}: {left_out} earlier row(s) not listed)"
+        which = f"--last {last}" if given else f"the last {last} by default"
+        counted += f" ({which}: {left_out} earlier row(s) not listed; --last 0 lists all)"
     click.echo(f"{counted}; labels in {labels_path}{more}")
     for conflict in conflicts:
         click.echo(f"conflict: {conflict.describe()} (refit refuses the label file until it is settled): "
@@ -144,8 +150,9 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
               help="Let --mark change an image's standing label (good -> defect or back); without it such a "
                    "mark is refused, naming the label that stands.")
 @click.option("--unlabelled", is_flag=True, help="List only events without a label yet.")
-@click.option("--last", type=IntegerRange(min=1), default=None, metavar="N",
-              help="List only the last N images (rows; after --unlabelled). Default: all.")
+@click.option("--last", type=IntegerRange(min=0), default=None, metavar="N",
+              help=f"List only the last N images (rows; after --unlabelled); 0: all of them. Default: the "
+                   f"last {DEFAULT_LAST}, with a line saying how many earlier rows were not listed.")
 @error_boundary
 def review_command(events, labels_path, evidence_dir, event_ids, label, note, who, camera, replace, unlabelled,
                    last):
@@ -155,8 +162,9 @@ def review_command(events, labels_path, evidence_dir, event_ids, label, note, wh
 
     What is checked: every image listed is hashed (sha256) and compared with the hash its event
     recorded (CHANGED SINCE THE RUN; EVIDENCE IMAGE GONE when the file is missing); a file named by
-    several rows is read once. Rows not listed (--last, --unlabelled) are not read. --mark hashes the
-    image again when it writes the label and refuses one that changed."""
+    several rows is read once. Rows not listed (--last, --unlabelled) are not read. Only the last
+    rows are listed unless --last 0 is given. --mark hashes the image again when it writes the label
+    and refuses one that changed."""
     evidence = Path(evidence_dir) if evidence_dir else default_evidence_dir(events)
     if not event_ids:
         if label or note or replace:

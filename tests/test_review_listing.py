@@ -21,6 +21,7 @@ from test_review import mrkd, one_error
 from test_review_page import hello
 from test_review_page_labels import Line, mrkd_review
 
+from mrkd import review_cli
 from mrkd.runtime import review
 
 PARTS = 600
@@ -93,7 +94,7 @@ def test_the_listing_hashes_each_evidence_file_once_and_still_shows_changed_and_
     times: 30 s with 15 MB images), and a changed image and a gone one are still shown as such."""
     events, labels, evidence, shared, changed, gone = _long_log(tmp_path)
     counts = _counted_hashes(monkeypatch)
-    code, output = mrkd_review(events, "--labels", labels, "--evidence", evidence)
+    code, output = mrkd_review(events, "--labels", labels, "--evidence", evidence, "--last", "0")
     assert code == 0, output
     assert counts and max(counts.values()) == 1, {p: n for p, n in counts.items() if n > 1}
     rows = _rows(output)
@@ -135,7 +136,28 @@ def test_last_n_lists_the_last_rows_and_hashes_only_their_images(tmp_path, monke
     code, output = mrkd_review(events, "--labels", labels, "--evidence", evidence, "--unlabelled", "--last", "2")
     assert code == 0, output
     assert list(_rows(output)) == [("part-gone", "right"), ("part-ev-last", "right")], output
-    one_error(mrkd("review", events, "--labels", labels, "--last", "0"), "--last")
+    one_error(mrkd("review", events, "--labels", labels, "--last", "-1"), "--last")
+
+
+def test_the_listing_shows_the_last_50_rows_by_default_and_says_how_to_see_all(tmp_path, monkeypatch):
+    """A log of 10,000 alarms listed 10,000 rows (3.3 s with 20 kB files; its summary scrolled away, and
+    each row's image was read: minutes with full-size evidence). By default the last 50 rows now, only
+    their images read, and a line says how many rows were left out and how to list them all (--last 0)."""
+    events, labels, evidence, shared, changed, gone = _long_log(tmp_path)
+    counts = _counted_hashes(monkeypatch)
+    code, output = mrkd_review(events, "--labels", labels, "--evidence", evidence)
+    assert code == 0, output
+    rows = _rows(output)
+    assert len(rows) == review_cli.DEFAULT_LAST == 50, output[-2000:]
+    assert list(rows)[-2:] == [("part-ev-last", "left"), ("part-ev-last", "right")], output[-2000:]
+    assert list(rows)[0] == (f"long-{PARTS - 22:04d}", "left"), list(rows)[:2]
+    assert sum(counts.values()) == len(counts) == 4, counts       # shared, changed, last-left, last-right
+    assert output.splitlines()[-1] == (
+        f"50 of 1208 image(s) of 604 event(s) (the last 50 by default: 1158 earlier row(s) not listed; "
+        f"--last 0 lists all); labels in {labels}"), output.splitlines()[-1]
+    code, output = mrkd_review(events, "--labels", labels, "--evidence", evidence, "--last", "0")
+    assert code == 0 and len(_rows(output)) == 1208, output[-2000:]
+    assert output.splitlines()[-1] == f"1208 of 1208 image(s) of 604 event(s); labels in {labels}", output[-300:]
 
 
 def test_mrkd_review_asks_for_camera_in_its_own_words(tmp_path):
