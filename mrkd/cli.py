@@ -65,6 +65,17 @@ def main_one_line(click_main, *args, **kwargs):
     """Run a click entry point so that every error, usage mistakes included, is one ``Error:`` line on
     stderr with click's exit status (2 for usage, 1 otherwise)."""
     try:
+        _one_line(click_main, *args, **kwargs)
+    except SystemExit as exc:
+        # a camera's reader a stop could not wait for, still inside OpenCV: the interpreter's shutdown
+        # would abort the process (exit -6) after its clean stop (mrkd/unjoined_threads.py)
+        from mrkd.unjoined_threads import leave_if_stuck
+        leave_if_stuck(exc.code)
+        raise
+
+
+def _one_line(click_main, *args, **kwargs):
+    try:
         result = click_main(*args, standalone_mode=False, **kwargs)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -528,7 +528,7 @@ def run_command(model, sources, line_file, **options):
     try:       # the error itself goes to mrkd.errors.error_boundary
         detectors = open_detectors(line)
         check_postprocess(line.postprocess, detectors)
-        frames = {} if triggered else open_sources(line)
+        frames = {} if triggered else open_sources(line, stop=stop)
         for detector in detectors.values():
             status_to_stderr(detector.describe())
         for camera in line.cameras:       # a camera's own threshold wins over its model's: say which is used

@@ -47,14 +47,19 @@ from mrkd.runtime.outputs.snapshots import regions_from_map
 from mrkd.runtime.redact import redact_uri
 from mrkd.runtime.sources import Frame, Source, SourceError, SourceUnreachable, open_source
 from mrkd.runtime.sources.late import LateSource
+from mrkd.runtime.sources.open_turns import given_up_when
 from mrkd.runtime.line.stats import LatencyWindow, RunStats
 from mrkd.runtime.line.trigger import PartSettings
+from mrkd.unjoined_threads import left_running
 
 logger = logging.getLogger(__name__)
 
 LINE_SCHEMA_VERSION = 1
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # also a folder name and a metrics label
 DEFAULT_CAMERA = "cam0"
+# How long a stop waits for the cameras' readers, together: one network open or read in flight (their
+# timeout, open_sources' 5 s) ends within it; nothing is opened after the stop.
+READERS_STOP_WAIT_S = 5.5
 ALARMS_WAITING = 32          # alarms (each with its frame) waiting for the outputs before the loop waits
 # How long the stop waits for the alarms handed over to reach every output; past it the rest is given up,
 # counted (summary "outputs_given_up") and logged, as the part runner's OUTPUTS_DRAIN_S.
@@ -266,13 +271,38 @@ class _Feed:
             self._cond.notify_all()   # a file reader waiting for room
         return out
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask the reader (and the source's own readers) to stop, without waiting for them."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-        self.source.close()
+        self.source.stop_reading()
+
+    @property
+    def threads(self) -> Tuple[threading.Thread, ...]:
+        return (self._thread,) + tuple(self.source.reader_threads)
+
+    def close(self) -> None:
+        close_feeds([self])
+
+
+def close_feeds(feeds: Sequence[_Feed], wait_s: float = READERS_STOP_WAIT_S) -> None:
+    """Stop the feeds' readers together, wait for them together (at most ``wait_s``: one open or read of
+    a camera that does not answer, in flight at the stop), then close their sources. A reader still
+    inside a native call past it is left running, for the exit to handle (mrkd/unjoined_threads.py)."""
+    for feed in feeds:
+        feed.stop()
+    deadline = time.monotonic() + wait_s
+    for feed in feeds:
+        for thread in feed.threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+    for feed in feeds:
+        if feed._thread.is_alive():
+            logger.warning("camera %s: its reader is still inside its source after %.1f s; not waiting for it",
+                           feed.name, wait_s)
+            left_running(feed._thread)
+        feed.source.close()
 
 
 def gather_round(feeds: Sequence[_Feed], cond: threading.Condition, stop: threading.Event, per_camera: int,
@@ -357,13 +387,18 @@ def _naming(camera: Camera, exc: Exception) -> str:
     return text if named else f"camera {camera.name!r}: {text}"
 
 
+STOPPED_AT_START = "not opened: the run stopped while it started"
+
+
 def open_sources(line: Line, timeout: float = 5.0, cameras: Optional[Sequence[str]] = None,
-                 triggered: bool = False) -> Dict[str, Source]:
+                 triggered: bool = False, stop: Optional[threading.Event] = None) -> Dict[str, Source]:
     """Open the sources of the line's cameras (``cameras``: only these names); a failure names the
     camera (sources opened so far are closed). Free run: a network camera that does not answer yet is
     not a failure: it is opened again in the background (LateSource) and shows as down until it
     answers. ``triggered`` (the part runner): each camera in its trigger mode, grabbed directly, so a
-    camera that does not answer is an error."""
+    camera that does not answer is an error. ``stop`` (free run; the CLI's signal handler sets it): once
+    set, the cameras not yet opened are not (each open of a camera that does not answer takes ``timeout``);
+    they are LateSources that are never tried, so the line stops at once with every camera in its summary."""
     sources: Dict[str, Source] = {}
     try:
         for camera in line.cameras:
@@ -374,13 +409,21 @@ def open_sources(line: Line, timeout: float = 5.0, cameras: Optional[Sequence[st
             def opener(camera=camera, mode=mode):
                 return open_source(camera.source, size=camera.size, loop=camera.loop, timeout=timeout,
                                    features=camera.features, name=camera.name, **mode)
+            stopping = stop.is_set if stop is not None and not triggered else None
+            if stopping is not None and stopping():
+                sources[camera.name] = LateSource(camera.source, opener, STOPPED_AT_START, stop=stop)
+                continue
             try:
-                sources[camera.name] = opener()
+                with given_up_when(stopping):
+                    sources[camera.name] = opener()
             except SourceUnreachable as exc:     # a network camera still booting: not a failure
                 if triggered:
                     raise SourceError(_naming(camera, exc)) from exc
+                if stopping is not None and stopping():     # given up for the stop, or it came meanwhile
+                    sources[camera.name] = LateSource(camera.source, opener, str(exc), stop=stop)
+                    continue
                 logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
-                sources[camera.name] = LateSource(camera.source, opener, str(exc))
+                sources[camera.name] = LateSource(camera.source, opener, str(exc), stop=stop)
             except SourceError as exc:
                 raise SourceError(_naming(camera, exc)) from exc
     except BaseException:
@@ -467,7 +510,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
     try:
         detectors = dict(detectors) if detectors is not None else open_detectors(line)
         if sources is None:
-            sources = open_sources(line)
+            sources = open_sources(line, stop=stop)
         camera_bits = keeps_camera_bits(observers)     # camera bits only for an output that keeps them
         for source in sources.values():
             source.keep_camera_bits(camera_bits)
@@ -536,8 +579,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                     call_each(observers, lambda o: o.on_status(camera_status))
                 status(_status_line(statuses, stats, observers))
     finally:
-        for feed in feeds:
-            feed.close()
+        close_feeds(feeds)
         alarm_outputs.release_room()
         alarm_outputs.close(ALARM_OUTPUTS_DRAIN_S)   # every alarm reaches the outputs before they stop
         stop_each(observers)     # every event is out of the loop: flush and release

@@ -35,7 +35,9 @@ from mrkd.runtime.image_folders import warn_narrow_16bit, warn_unread_images
 from mrkd.runtime.images import ImageListError, ImageReadError, list_images, read_image
 from mrkd.runtime.raw_image import RawImage
 from mrkd.runtime.redact import redact_uri
+from mrkd.runtime.sources.open_turns import given_up_when, in_turn
 from mrkd.runtime.warning_limiter import WarningLimiter
+from mrkd.unjoined_threads import left_running
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +233,15 @@ class Source:
             frame = self.read(timeout=1.0)
             if frame is not None:
                 yield frame
+
+    def stop_reading(self) -> None:
+        """Ask this source's own reader threads to stop, without waiting: a line stopping many cameras asks
+        them all first, then waits for them together (``reader_threads``), then closes each."""
+
+    @property
+    def reader_threads(self) -> Tuple[threading.Thread, ...]:
+        """The threads of its own that read it and may be inside a native call (an OpenCV open or read)."""
+        return ()
 
     def close(self) -> None:
         """Release the device/stream/file. Safe to call twice."""
@@ -461,7 +472,8 @@ class LiveSource(LatestFrameSource):
         delay = self._backoff[0]
         while not self._stop.is_set():
             if self._cap is None:
-                cap = self._opener()
+                with given_up_when(self._stop.is_set):     # a stop while it waits for its turn: not opened
+                    cap = self._opener()
                 if cap is not None and cap.isOpened():
                     self._cap, delay = cap, self._backoff[0]
                     self.stats.reconnects += 1
@@ -496,13 +508,22 @@ class LiveSource(LatestFrameSource):
             self._ended = True
             self._cond.notify_all()
 
+    def stop_reading(self) -> None:
+        self._stop.set()      # the reader opens nothing more; one inside an open or read ends with its timeout
+
+    @property
+    def reader_threads(self) -> Tuple[threading.Thread, ...]:
+        return (self._thread,)
+
     def close(self) -> None:
-        if not self._stop.is_set():
-            self._stop.set()
-            self._thread.join(timeout=self.STOP_WAIT_S)
+        self.stop_reading()
+        self._thread.join(timeout=self.STOP_WAIT_S)
         self._closed = True
-        # A reader blocked in read() still owns the capture; it is a daemon and ends with the process.
-        if self._cap is not None and not self._thread.is_alive():
+        # A reader blocked in read() still owns the capture; it is a daemon and ends with the process,
+        # whose exit must not happen while it is inside OpenCV (mrkd/unjoined_threads.py).
+        if self._thread.is_alive():
+            left_running(self._thread)
+        elif self._cap is not None:
             self._cap.release()
             self._cap = None
 
@@ -511,7 +532,8 @@ def _ffmpeg_opener(url: str, timeout_s: float) -> Callable[[], "cv2.VideoCapture
     # Without these the FFmpeg backend waits ~30 s (or forever) on a dead stream.
     ms = int(timeout_s * 1000)
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-    return lambda: cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+    # one open at a time (OpenCV's own lock would make them wait in native code, past a stop): open_turns.py
+    return lambda: in_turn(lambda: cv2.VideoCapture(url, cv2.CAP_FFMPEG, params))
 
 
 def _camera_opener(target: Union[int, str], api: int, size, fps) -> Callable[[], "cv2.VideoCapture"]:
