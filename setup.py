@@ -99,7 +99,8 @@ setup(
         # playwright drives Debian's chromium in the operator-page test (no browser download).
         # hypothesis: the hostile-input tests mutate exported sidecars field by field.
         # pillow: an independent image writer/reader in the image and refit tests.
-        "dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
+        # pytest-xdist: run_tests.sh runs the main group's files in two processes (see there why).
+        "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3", "efficientnet-lite-pytorch>=0.1", "elpv-dataset>=1.0",
                 "playwright>=1.40", "hypothesis>=6", "pillow"] + LITE + TRAIN + LINE + GIGE + PLC + OPENVINO,
     },
     entry_points={
