@@ -608,6 +608,7 @@ class GigeSource(LatestFrameSource):
     # -- reading
     def _reader(self) -> None:
         delay = self._backoff[0]
+        refused = None      # the last reason a reconnect failed, said once (a swapped camera stays down by design)
         while not self._stop.is_set():
             if self._camera is None or self._lost.is_set():
                 if self._camera is not None:
@@ -625,6 +626,9 @@ class GigeSource(LatestFrameSource):
                     self._connect()
                 except SourceError as exc:
                     self.stats.last_error = str(exc)
+                    if str(exc) != refused:     # each new reason once: the stats alone reach no status or log
+                        refused = str(exc)
+                        logger.warning("camera %s: not reconnected: %s; trying again", self.name, refused)
                     self._stop.wait(delay)
                     delay = min(delay * 2, self._backoff[1])
                     continue
@@ -632,7 +636,7 @@ class GigeSource(LatestFrameSource):
                     self._reopening = False
                 if self._stop.is_set():
                     break
-                delay = self._backoff[0]
+                delay, refused = self._backoff[0], None
                 self.stats.reconnects += 1
                 logger.warning("camera %s: reconnected, features re-applied %s", self.name, self.features_applied)
                 with self._cond:
