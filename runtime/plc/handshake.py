@@ -88,9 +88,11 @@ def per_mille(score: float, threshold: float) -> int:
 
 
 def plc_part_id(part_id: str) -> int:
-    """The part id as a PLC register holds it: the decimal number 0..65535, else 0."""
+    """The part id as a PLC register holds it: the decimal number 0..65535 in ASCII digits, else 0.
+    (str.isdigit() is true of "²" and "①", which int() refuses: such an id from stdin or OPC UA raised
+    here, and its part never reached the PLC.)"""
     text = str(part_id).strip()
-    return int(text) if text.isdigit() and int(text) < UINT16 else 0
+    return int(text) if text.isascii() and text.isdigit() and int(text) < UINT16 else 0
 
 
 @dataclass(frozen=True)
