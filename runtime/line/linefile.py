@@ -169,7 +169,7 @@ def _field(where: str, name: str, value: Any, folder: Path) -> Any:
 
 def _resolve(text: str, folder: Path) -> str:
     """A relative path is read from the line file's folder; URIs and camera indices stay as they are."""
-    if text.isdigit() or "://" in text or text.lower().startswith(NETWORK_SCHEMES):
+    if (text.isascii() and text.isdigit()) or "://" in text or text.lower().startswith(NETWORK_SCHEMES):
         return text
     path = Path(text).expanduser()
     return str(path if path.is_absolute() else folder / path)
@@ -254,7 +254,7 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
         raise LineFileError(f"{path}: recipes: expected a table of NUMBER = \"model file\"")
     parsed = []
     for key, model in recipes.items():
-        if not str(key).isdigit() or not isinstance(model, str) or not model.strip():
+        if not (str(key).isascii() and str(key).isdigit()) or not isinstance(model, str) or not model.strip():
             raise LineFileError(f"{path}: recipes.{key}: expected a recipe number = \"model file\", got {model!r}")
         model = _resolve(model, folder)
         _check_model_file(f"{path}: recipes.{key}", model)

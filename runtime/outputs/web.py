@@ -95,7 +95,7 @@ def parse_address(text: str) -> Tuple[str, int]:
     """'HOST:PORT' (or ':PORT' = 127.0.0.1, as --modbus: the whole network only when asked for) -> (host, port);
     SettingError naming the text."""
     host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise SettingError(f"--http must look like HOST:PORT (e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080), "
                           f"got {text!r}")
     return (host.strip("[]") or "127.0.0.1"), int(port)

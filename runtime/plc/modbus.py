@@ -116,7 +116,7 @@ def parse_modbus_address(text: str, name: str = "--modbus") -> Tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(DEFAULT_PORT)
-    if not port.isdigit() or not 0 <= int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:     # not "5²": int() refuses it
         raise PlcError(f"{name} must look like HOST:PORT (e.g. 127.0.0.1:5020), got {text!r}")
     host = host.strip("[]") or "127.0.0.1"
     if not known_host(host):

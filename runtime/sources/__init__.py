@@ -633,7 +633,7 @@ def open_source(uri, size: Optional[Tuple[int, int]] = None, fps: Optional[float
             opener = getattr(importlib.import_module(module), function)
         return opener(uri, options)
     live = dict(reconnect=options.reconnect, backoff=options.backoff, **common)
-    if uri.isdigit():
+    if uri.isascii() and uri.isdigit():      # "²".isdigit() too, which int() refuses
         return LiveSource(uri, _camera_opener(int(uri), cv2.CAP_ANY, size, fps), **live)
     if uri.lower().startswith(NETWORK_SCHEMES):
         _check_network_url(uri, shown)
