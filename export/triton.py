@@ -90,7 +90,8 @@ def versions(folder: Path) -> List[int]:
     """The version numbers of a Triton model folder (its numeric subfolders), ascending."""
     if not folder.is_dir():
         return []
-    return sorted(int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isdigit()
+    return sorted(int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isascii()
+                  and child.name.isdigit()
                   and int(child.name) > 0)
 
 

@@ -169,7 +169,7 @@ def frame_size_label(size: Any) -> Optional[str]:
         return NATIVE_SIZE
     if isinstance(size, str):
         parts = size.lower().split("x")
-        if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+        if len(parts) == 2 and all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
             return f"{int(parts[0])}x{int(parts[1])}"
         return None
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):

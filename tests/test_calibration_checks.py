@@ -123,7 +123,8 @@ def test_good_parts_pass_and_the_frame_size_is_recorded_and_checked(model_and_fo
 def test_frame_size_in_a_sidecar_is_validated(tmp_path):
     from mrkd.runtime.calibration import CalibrationError
     assert Calibration.from_dict({"threshold": 1.0, "frame_size": "640X480"}).frame_size == "640x480"
-    for bad in ("640", "0x480", "axb", 640):
+    # "\u00b2x480": isdigit() is true of the superscript two, which int() refuses (it was a ValueError traceback)
+    for bad in ("640", "0x480", "axb", 640, "\u00b2x480"):
         with pytest.raises(CalibrationError, match="frame_size"):
             Calibration.from_dict({"threshold": 1.0, "frame_size": bad}, "m.json")
 

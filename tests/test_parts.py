@@ -419,9 +419,12 @@ def test_trigger_lines_driver_parses_ids_and_recipes(model, folder):
     runner = PartRunner(line, open_part_sources(line, PartSettings()), PartSettings(queue=10),
                         observers=[recorder]).start()
     stop = threading.Event()
-    trigger_lines(runner, ["X-1\n", "X-2@0\n", "X-3@5\n", "X-4@one\n", "X-5@1.0\n"], stop).join(10)
+    # int() reads the Arabic-Indic "\u0660" as 0 and "0_0" as 0: neither is a recipe number a line file or OPC UA takes
+    trigger_lines(runner, ["X-1\n", "X-2@0\n", "X-3@5\n", "X-4@one\n", "X-5@1.0\n", "X-6@\u0660\n", "X-7@0_0\n",
+                           "X-8@ 0 \n"], stop).join(10)
     assert stop.is_set()
     runner.stop()
     assert [(r.part_id, r.accepted, r.reason) for r in recorder.receipts] == [
         ("X-1", True, None), ("X-2", True, None), ("X-3", False, "unknown recipe 5"),
-        ("X-4", False, "unknown recipe one"), ("X-5", False, "unknown recipe 1.0")]
+        ("X-4", False, "unknown recipe one"), ("X-5", False, "unknown recipe 1.0"),
+        ("X-6", False, "unknown recipe \u0660"), ("X-7", False, "unknown recipe 0_0"), ("X-8", True, None)]

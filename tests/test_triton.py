@@ -87,6 +87,15 @@ def test_onnxruntime_config(onnx_model, tmp_path):
     assert ModelMetadata.load(sidecar_path(model_file)).input_format == "uint8_nhwc_bgr"
 
 
+def test_only_ascii_numbered_folders_are_versions(tmp_path):
+    """A folder named "\u00b2" or "\u0661" beside the versions: str.isdigit() is true of both and int()
+    refuses the first (a ValueError traceback from the export) and reads the second as version 1."""
+    from mrkd.export.triton import versions
+    for name in ("1", "3", "\u00b2", "\u0661", "0", "v2"):
+        (tmp_path / name).mkdir()
+    assert versions(tmp_path) == [1, 3]
+
+
 def test_another_model_is_a_new_version_and_the_same_one_keeps_its_own(onnx_model, tmp_path):
     """A second export into the same repository: the same file keeps version 1; another model (here
     the graph with another doc string) becomes version 2 and version 1 stays as it was (a roll back)."""

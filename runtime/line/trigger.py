@@ -213,10 +213,10 @@ def trigger_lines(target: TriggerTarget, lines: Iterable[str], stop: threading.E
             if line is None:
                 break
             part_id, _, recipe = line.strip().partition("@")
-            try:
-                number = int(recipe) if recipe else None
-            except ValueError:     # "P-4@one": refused as an unknown recipe (counted), never judged with 0
-                number = recipe.strip()
+            recipe = recipe.strip()
+            # ASCII digits only, as the line file and OPC UA read recipes: int() also takes "\u0661" (1) and
+            # "1_0" (10). Anything else ("P-4@one") is refused as an unknown recipe (counted), never judged with 0
+            number = (int(recipe) if recipe.isascii() and recipe.isdigit() else recipe) if recipe else None
             if budget.trigger(target, part_id.strip() or None, number) is None:
                 break       # the other driver took the last one while this line was read
         _stop_when_idle(target, stop)
