@@ -59,3 +59,30 @@ def test_folded_failures_are_counted_in_the_next_warning():
     assert failing[0].endswith("1 failed so far")
     assert re.search(r"\(4 more failed since the last warning\); 6 failed so far$", failing[1]), failing[1]
     assert delivery.failed == 6 and delivery.sent == 5
+
+
+def test_folded_failures_are_said_by_the_first_success_after_the_period():
+    """Alarm evidence that fails now and then after a 'delivering again': the failures folded into the
+    period must not wait for a failure after it to be said (one may never come): the last line of the log
+    read 'delivering again' while images were being lost, and only the summary counted them."""
+    delivery = Delivery("evidence", "ev/", warn_every_s=0.3)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(handler)
+    try:
+        delivery.failed_one("disk full")      # said
+        delivery.delivered()                  # 'delivering again'
+        for _ in range(3):                    # folded: within the period
+            delivery.failed_one("disk full")
+            delivery.delivered()
+        time.sleep(0.35)
+        delivery.delivered()                  # the period is over, and nothing failed since
+        delivery.delivered()
+    finally:
+        logger.removeHandler(handler)
+    said = [r.getMessage() for r in records]
+    assert len(said) == 3, said
+    assert re.search(r"evidence \(ev/\): 3 more failed since the last warning \(disk full\); 4 failed so far; "
+                     r"delivering again$", said[2]), said

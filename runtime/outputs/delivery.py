@@ -7,7 +7,7 @@ given in the last ``warn_every_s``; while it keeps failing, one warning every ``
 how many more failed; the first success after failures that were warned about says it delivers
 again. An output that fails and delivers by turns (OK samples that cannot be written beside alarm
 evidence that can, a web hook answering every other POST) is so said at most twice a period, its
-failures folded into the next warning's count. So a line never fails silently and never floods its log.
+failures folded into the next warning's count, or said by the first success after the period. So a line never fails silently and never floods its log.
 """
 
 from __future__ import annotations
@@ -38,13 +38,22 @@ class Delivery:
     def delivered(self, count: int = 1, recover: bool = True) -> None:
         """``count`` items delivered; ``recover=False``: counted, but a failing state set by the output
         (e.g. over a disk budget) stays."""
+        folded = 0
         with self._lock:
             self.sent += count
             recovered = recover and not self.ok and self._announced
+            now = time.monotonic()
+            if recover and self._failing_since_warning and now - self._last_warning >= self.warn_every_s:
+                # failures folded into a period after which none came: said now, else the log's last word
+                # may be "delivering again" while items were lost, and only the summary would count them
+                folded, self._failing_since_warning, self._last_warning = self._failing_since_warning, 0, now
             if recover:
                 self.ok, self.state = True, "delivering"
                 self._announced = False
-        if recovered:
+        if folded:
+            logger.warning("output %s (%s): %d more failed since the last warning (%s); %d failed so far; "
+                           "delivering again", self.name, self.target, folded, self.detail, self.failed)
+        elif recovered:
             logger.warning("output %s (%s): delivering again", self.name, self.target)
 
     def not_delivered_after_all(self, count: int, detail: str) -> None:
