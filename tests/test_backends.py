@@ -157,6 +157,9 @@ def test_specs_and_suffixes(tmp_path):
         open_backend(engine, "onnxruntime")
     with pytest.raises(BackendError, match="model file not found"):
         open_backend(tmp_path / "missing.onnx", "onnxruntime")
+    (tmp_path / "folder.onnx").mkdir()          # a model path a deployment script replaced by a folder
+    with pytest.raises(BackendError, match=r"folder\.onnx: a folder, not a model file"):
+        open_backend(tmp_path / "folder.onnx", "onnxruntime")
 
 
 @pytest.mark.parametrize("graph, backend, expected", [

@@ -49,6 +49,8 @@ def check_model_file(path: Path) -> Path:
     missing or empty (0 bytes: no backend reads anything from it, and some read it as a model without
     inputs)."""
     path = Path(path)
+    if path.is_dir():       # "not found" sent people looking for a file that is there, as a folder
+        raise BackendError(f"{path}: a folder, not a model file (give the .onnx or engine file in it)")
     if not path.is_file():
         raise BackendError(f"{path}: model file not found")
     if path.stat().st_size == 0:
