@@ -12,7 +12,7 @@ fi
 # leftover thread then cannot take another part of the suite down with it, and a crash names its group.
 # The benchmarks' smoke test (every benchmark once, 3 minutes) runs with them: beside the main group,
 # not in the main group's time.
-isolated=("tests/test_gige.py tests/test_parts.py tests/test_parts_swap.py tests/test_parts_review.py"
+isolated=("$(echo tests/test_gige*.py) tests/test_parts.py tests/test_parts_swap.py tests/test_parts_review.py"
           "tests/test_openvino.py tests/test_backends.py" "$(echo tests/test_plc_*.py)"
           "tests/test_bench_smoke.py")
 ignore=()
