@@ -5,6 +5,7 @@ counts they give add up to what failed."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -24,6 +25,20 @@ def _frame(i: int, event=None) -> FrameResult:
                        event=event)
 
 
+@contextlib.contextmanager
+def said_by_outputs():
+    """The messages the outputs' logger gives inside the block (whatever the root logger's level)."""
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_evidence_failing_and_delivering_by_turns_is_said_once_not_per_frame(tmp_path, caplog):
     (tmp_path / "cam0").mkdir()
     (tmp_path / "cam0" / "ok").write_text("a file where the OK samples would go")
@@ -40,20 +55,12 @@ def test_evidence_failing_and_delivering_by_turns_is_said_once_not_per_frame(tmp
 
 def test_folded_failures_are_counted_in_the_next_warning():
     delivery = Delivery("webhook", "http://mes.local/alarm", warn_every_s=0.3)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger(LOGGER)
-    logger.addHandler(handler)
-    try:
+    with said_by_outputs() as said:
         for _ in range(5):                 # 5 failures, each after a success, within 0.3 s
             delivery.failed_one("503")
             delivery.delivered()
         time.sleep(0.35)
         delivery.failed_one("503")          # the period is over: said, with what was folded into it
-    finally:
-        logger.removeHandler(handler)
-    said = [r.getMessage() for r in records]
     failing = [m for m in said if "failing" in m]
     assert len(failing) == 2, said
     assert failing[0].endswith("1 failed so far")
@@ -66,12 +73,7 @@ def test_folded_failures_are_said_by_the_first_success_after_the_period():
     period must not wait for a failure after it to be said (one may never come): the last line of the log
     read 'delivering again' while images were being lost, and only the summary counted them."""
     delivery = Delivery("evidence", "ev/", warn_every_s=0.3)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger(LOGGER)
-    logger.addHandler(handler)
-    try:
+    with said_by_outputs() as said:
         delivery.failed_one("disk full")      # said
         delivery.delivered()                  # 'delivering again'
         for _ in range(3):                    # folded: within the period
@@ -80,9 +82,6 @@ def test_folded_failures_are_said_by_the_first_success_after_the_period():
         time.sleep(0.35)
         delivery.delivered()                  # the period is over, and nothing failed since
         delivery.delivered()
-    finally:
-        logger.removeHandler(handler)
-    said = [r.getMessage() for r in records]
     assert len(said) == 3, said
     assert re.search(r"evidence \(ev/\): 3 more failed since the last warning \(disk full\); 4 failed so far; "
                      r"delivering again$", said[2]), said
