@@ -570,9 +570,20 @@ def run_command(model, sources, line_file, **options):
         # daemon thread while the interpreter exits aborts the process) and show it in the report
         if not slots.wait_idle(120):
             status_to_stderr(warning_line("a model reload was still running at the stop"))
+        slots.drop_unapplied()      # a version staged as the run finished: said, not left unanswered
         summary["model_swaps"] = slots.report()
         if shadow:
             summary["shadow"] = shadow[0].summary()
+        text = summary_json(summary)
+        click.echo(text)
+        undelivered = undelivered_outputs(summary.get("outputs", {}))
+        if undelivered:
+            status_to_stderr(undelivered)
+        if summary_path:
+            atomic_write_text(summary_path, text + "\n")
+        # held's handler took the SIGHUPs after the line's (its default would end the run before the summary)
+        if held is not None and held.is_set():
+            status_to_stderr("SIGHUP: the run is stopping; the model is not reloaded")
     except BaseException:
         for source in frames.values():
             source.close()
@@ -583,13 +594,6 @@ def run_command(model, sources, line_file, **options):
         signals.close()
         for detector in detectors.values():
             detector.close()
-    text = summary_json(summary)
-    click.echo(text)
-    undelivered = undelivered_outputs(summary.get("outputs", {}))
-    if undelivered:
-        status_to_stderr(undelivered)
-    if summary_path:
-        atomic_write_text(summary_path, text + "\n")
     unread = [name for name, camera in (summary.get("cameras") or {}).items() if not triggered
               and camera.get("frames") == 0 and (camera.get("source") or {}).get("bad_frames")]
     if unread:      # a folder of files none of which is an image judged nothing: not a successful run

@@ -78,7 +78,7 @@ class SwapRecord:
 
     model: str
     reason: str                      # what asked: "SIGHUP", "http", ...
-    outcome: str                     # "swapped" | "refused" | "unchanged" ("staged": outcomes_of)
+    outcome: str                     # "swapped" | "refused" | "unchanged" | "not applied" ("staged": outcomes_of)
     old_sha256: str
     new_sha256: Optional[str]
     detail: str = ""
@@ -440,6 +440,24 @@ class ModelSlots(LineObserver):
                     logger.exception("a watcher of the model swap failed")
         return done
 
+    def drop_unapplied(self) -> List[SwapRecord]:
+        """At the stop (no load running: wait_idle): the versions a reload staged that no round or part took
+        before the line stopped (a SIGHUP while the run finished) are closed and said, outcome "not
+        applied", so the request gets an answer: the run ends with the model it started with."""
+        with self._lock:
+            dropped = [(slot, slot.pending) for slot in self._slots.values() if slot.pending is not None]
+            for slot, _ in dropped:
+                slot.pending = None
+        records = []
+        for slot, staged in dropped:
+            staged.detector.close()
+            record = SwapRecord(slot.path, staged.reason, "not applied", slot.sha256, staged.sha256,
+                                "the run stopped before a frame or part took this version; the model is not "
+                                "reloaded", staged.load_s, time.time(), slot.frames)
+            self._record(record, staged.outcome.load_round)
+            records.append(record)
+        return records
+
     def open(self, path: str):
         """A Detector for ``path`` opened with the line's settings (a shadow candidate)."""
         return self._opener(path)
@@ -509,6 +527,9 @@ class HangupSeen:
     def set(self) -> None:
         self._seen = True
 
+    def clear(self) -> None:
+        self._seen = False
+
     def is_set(self) -> bool:
         return self._seen
 
@@ -536,7 +557,9 @@ def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = 
     """While inside (main thread only), SIGHUP asks ``slots`` to load every model path again, and each
     of ``also`` (a reload request that returns at once, e.g. the page's certificate) to do its part.
     ``held``: set by a SIGHUP that came while the line was starting (``hangups_held``): answered now,
-    since the models may have been opened before the new version was moved in.
+    since the models may have been opened before the new version was moved in, and cleared; its handler
+    is back after the block, so once set again it tells of a SIGHUP that came as the run stopped, which
+    nothing answers (the caller says so).
 
     The handler only writes a byte to a pipe; a thread of its own reads it and asks. The handler runs on
     the main thread, which runs the frame loop: asking from there took the slots' lock, and a signal that
@@ -566,6 +589,7 @@ def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = 
     previous = signal.getsignal(signal.SIGHUP)
     signal.signal(signal.SIGHUP, on_sighup)
     if held is not None and held.is_set():
+        held.clear()       # from here this handler, not held's, takes SIGHUPs: no signal falls between
         ask("SIGHUP during start-up")
     try:
         yield slots
