@@ -184,7 +184,10 @@ def test_run_over_a_folder_with_no_readable_image_is_an_error(line, tmp_path):
         (folder / f"{i}.png").write_bytes(b"not a png" * (i + 1))
     done = mrkd("run", line["model"], "--source", folder, "--status-every", "0")
     assert_one_line_error(done, "none of its 3 frame(s) could be read")
-    assert json.loads(done.stdout[done.stdout.index("{"):])["frames"] == 0
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["frames"] == 0
+    # the summary says why, beside the count: the last file's own error
+    assert summary["cameras"]["cam0"]["source"]["last_error"].startswith("frame 2: "), summary["cameras"]
 
 
 @pytest.mark.parametrize("options", RUN_AT_LIMITS, ids=[" ".join(o) for o in RUN_AT_LIMITS])
@@ -292,6 +295,9 @@ def test_a_stop_while_the_line_starts_ends_it_cleanly(line, tmp_path, sig):
     assert process.returncode == 0 and "Traceback" not in err, err
     summary = json.loads(out[out.index("{"):])
     assert summary["stopped_early"] and summary["frames"] <= 2, summary
+    # the camera was never opened, and its 0 frames say why (it had no reason in the summary)
+    assert summary["cameras"]["cam0"]["source"]["last_error"] == "not opened: the run stopped while it started", \
+        summary["cameras"]
 
 
 def test_the_summary_is_strict_json_when_a_camera_never_delivered(line, tmp_path):

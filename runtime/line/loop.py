@@ -589,7 +589,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
     cameras = {}
     for state in states:
         cameras[state.camera.name] = {
-            "source": state.feed.source.stats.as_dict() | {"dropped": state.feed.source.stats.dropped
+            "source": source_summary(state.feed.source) | {"dropped": state.feed.source.stats.dropped
                                                            + state.feed.dropped},
             "frames": state.frames, "alarms": state.alarms, "up": state.up,
             "alarms_suppressed_by_cooldown": state.policy.suppressed,
@@ -600,6 +600,13 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                           "detector_calls": scored_calls, "rounds": rounds,
                           "frames_per_call": stats.frames / scored_calls if scored_calls else 0.0,
                           "stopped_early": stop.is_set(), "outputs_given_up": alarm_outputs.given_up})
+
+
+def source_summary(source: Source) -> dict:
+    """A camera's source in the run's summary: its counters, and its last error where it has one (why a
+    camera shows 0 frames: "not opened: the run stopped while it started", "camera lost (...)")."""
+    stats = source.stats
+    return stats.as_dict() | ({"last_error": stats.last_error} if stats.last_error else {})
 
 
 def outputs_summary(observers: Sequence[LineObserver]) -> Dict[str, dict]:

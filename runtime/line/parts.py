@@ -41,7 +41,7 @@ from mrkd.errors import MrkdError
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
-from mrkd.runtime.line.loop import Line, line_detector, open_detectors, open_sources
+from mrkd.runtime.line.loop import Line, line_detector, open_detectors, open_sources, source_summary
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import CONTROL_CHARACTERS_REFUSAL, PartSettings, has_control_characters, printable_id
@@ -669,7 +669,7 @@ class PartRunner:
         cameras = {}
         for camera in self.cameras:
             source = self._sources[camera.name]
-            cameras[camera.name] = {"source": source.stats.as_dict(), "images": camera.images, "up": camera.up,
+            cameras[camera.name] = {"source": source_summary(source), "images": camera.images, "up": camera.up,
                                     "errors": dict(camera.errors), "model": camera.model,
                                     "features": dict(getattr(source, "features_applied", {}))}
         elapsed = time.monotonic() - self._started_at if self._started_at else 0.0
