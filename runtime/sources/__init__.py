@@ -244,9 +244,10 @@ class Source:
         return ()
 
     def close(self) -> None:
-        """Release the device/stream/file. Safe to call twice."""
+        """Release the device/stream/file. Safe to call twice. Subclasses that override it call it too."""
         self._closed = True
         self._held = None
+        self._warnings.flush()     # the count of a flood of bad frames since its last line, else lost
 
     def __enter__(self):
         return self
@@ -526,6 +527,7 @@ class LiveSource(LatestFrameSource):
         elif self._cap is not None:
             self._cap.release()
             self._cap = None
+        super().close()
 
 
 def _ffmpeg_opener(url: str, timeout_s: float) -> Callable[[], "cv2.VideoCapture"]:

@@ -889,6 +889,7 @@ class GigeSource(LatestFrameSource):
         self._closed = True
         with self._cond:
             self._cond.notify_all()
+        super().close()
 
 
 def set_receive_buffer(port: int, size: int) -> Optional[int]:
