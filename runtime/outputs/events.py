@@ -45,6 +45,9 @@ class EventLogError(MrkdError):
     """--events names a file that is not an mrkd events log (it is refused, never changed)."""
 
 
+EVENT_ID_NAME = r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"     # new_event_id's ids, as a regular expression
+
+
 def new_event_id(now: Optional[dt.datetime] = None) -> str:
     """UTC time to the millisecond + 8 random hex digits, e.g. ``20261201T060512.345Z-3f9a1c2b``:
     sorts by time, unique across runs, cameras and machines, safe in a file name."""

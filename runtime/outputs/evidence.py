@@ -68,9 +68,10 @@ import numpy as np
 from mrkd.errors import SettingError
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
+from mrkd.runtime.outputs.events import EVENT_ID_NAME
 from mrkd.runtime.outputs.notifier import DroppingWorker
 from mrkd.runtime.outputs.snapshots import write_new_file
-from mrkd.runtime.outputs.staged_files import remove_if_abandoned, staged_pattern
+from mrkd.runtime.outputs.staged_files import camera_folders, remove_abandoned_in, staged_pattern
 from mrkd.runtime.raw_image import RAW_SUFFIX, RawImage     # DIR/<camera>/<event_id>.raw.png beside its .png
 
 
@@ -86,7 +87,6 @@ OK_SAMPLE_NAME = re.compile(r"(part)?\d{10,}(_\d+_\d+)?(\.raw)?\.png")
 # The staged files write_new_file leaves when a run is killed mid-write (staged_files.py), in the places and
 # under the names this store writes: DIR/<camera>/.<event id>[.raw].png.*.tmp (an event id as new_event_id
 # makes it) and DIR/<camera>/ok/.<OK sample name>.*.tmp. Removed at the start when abandoned; nothing else.
-EVENT_ID_NAME = r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
 STAGED_EVIDENCE = re.compile(staged_pattern(rf"{EVENT_ID_NAME}(\.raw)?\.png"))
 STAGED_OK_SAMPLE = re.compile(staged_pattern(OK_SAMPLE_NAME.pattern))
 # A free run's OK samples waiting for the worker (each holds its frame): past it a due sample is dropped.
@@ -173,27 +173,10 @@ class EvidenceWriter(LineObserver):
         """Remove the staged files an earlier run killed mid-write left (never counted, never removed
         otherwise; one killed between the link and the unlink left its evidence a second name, which the
         page refuses to serve): only this store's staged names in its own places whose writer is gone
-        (staged_files.remove_if_abandoned). Said once, with the count and bytes."""
-        removed = freed = 0
-        now = time.time()
-        try:
-            cameras = [Path(entry.path) for entry in os.scandir(self.folder) if entry.is_dir(follow_symlinks=False)]
-        except OSError:              # not made (a full disk), or not readable: the writes will say so
-            cameras = []
-        places = [(camera, STAGED_EVIDENCE) for camera in cameras] + \
-            [(camera / OK_FOLDER, STAGED_OK_SAMPLE) for camera in cameras]
-        for place, staged_name in places:
-            try:
-                names = [entry.name for entry in os.scandir(place) if staged_name.fullmatch(entry.name)]
-            except OSError:          # no ok/ folder, or one that cannot be read: nothing of ours to remove
-                continue
-            for name in names:
-                size = remove_if_abandoned(place / name, now)
-                if size is not None:
-                    removed, freed = removed + 1, freed + size
-        if removed:
-            logger.warning("%s: removed %d unfinished evidence file%s (%d bytes) left by an earlier run killed "
-                           "mid-write", self.folder, removed, "" if removed == 1 else "s", freed)
+        (staged_files.remove_abandoned_in). Said once, with the count and bytes."""
+        cameras = camera_folders(self.folder)
+        remove_abandoned_in([(camera, STAGED_EVIDENCE) for camera in cameras] +
+                            [(camera / OK_FOLDER, STAGED_OK_SAMPLE) for camera in cameras], "evidence", self.folder)
 
     def _recount(self) -> None:
         """Count the folder from what is there now: at the start (what an earlier run left), and again

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -18,9 +19,14 @@ from mrkd.errors import SettingError
 from mrkd.atomic import new_file_mode
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
-from mrkd.runtime.outputs.events import new_event_id
+from mrkd.runtime.outputs.events import EVENT_ID_NAME, new_event_id
 from mrkd.runtime.outputs.overlay import heatmap_overlay
-from mrkd.runtime.outputs.staged_files import stage
+from mrkd.runtime.outputs.staged_files import camera_folders, remove_abandoned_in, stage, staged_pattern
+
+# The staged files write_new_file leaves in DIR/<camera>/ when a run is killed mid-write, under the names
+# SnapshotWriter gives (an alarm's or an NG/ERROR part's, .jpg or .png): removed at the start when abandoned.
+STAGED_SNAPSHOT = re.compile(staged_pattern(rf"(alarm_{EVENT_ID_NAME}_frame\d{{8,}}|part_{EVENT_ID_NAME}_\d{{8,}})"
+                                            r"\.(jpg|png)"))
 
 
 def regions_from_map(amap: np.ndarray, threshold: float, frame_hw, min_area: int = 1) -> List[Dict[str, int]]:
@@ -115,6 +121,9 @@ class SnapshotWriter(LineObserver):
                 raise OSError(exc.errno, f"--snapshots {self.folder}: cannot create the folder "
                                          f"({exc.strerror or exc})") from None
             self.delivery.set_failing(f"{self.folder}: cannot create the folder ({exc.strerror or exc})")
+        # an earlier run killed mid-write left its staged file: never a snapshot, never removed otherwise
+        remove_abandoned_in([(camera, STAGED_SNAPSHOT) for camera in camera_folders(self.folder)], "snapshot",
+                            self.folder)
 
     def _write(self, camera: str, stem: str, image: np.ndarray, amap: np.ndarray, threshold: float,
                boxes) -> Tuple[bool, str]:

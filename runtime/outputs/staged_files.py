@@ -12,12 +12,16 @@ of an mrkd from before the lock.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
+
+logger = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -70,3 +74,33 @@ def remove_if_abandoned(path: Path, now: Optional[float] = None) -> Optional[int
         return None
     finally:
         os.close(fd)
+
+
+def remove_abandoned_in(places: Iterable[Tuple[Path, "re.Pattern[str]"]], what: str, store: Path) -> int:
+    """At a store's start: remove in each (folder, staged name) of ``places`` the staged files of that
+    name whose writer is gone (remove_if_abandoned; nothing below the folder, no other name), and say it
+    once, with the count and bytes (``what``: "evidence", "snapshot"; ``store``: the folder named).
+    The number removed."""
+    removed = freed = 0
+    now = time.time()
+    for place, staged_name in places:
+        try:
+            names = [entry.name for entry in os.scandir(place) if staged_name.fullmatch(entry.name)]
+        except OSError:          # no such folder, or one that cannot be read: nothing of ours to remove
+            continue
+        for name in names:
+            size = remove_if_abandoned(place / name, now)
+            if size is not None:
+                removed, freed = removed + 1, freed + size
+    if removed:
+        logger.warning("%s: removed %d unfinished %s file%s (%d bytes) left by an earlier run killed mid-write",
+                       store, removed, what, "" if removed == 1 else "s", freed)
+    return removed
+
+
+def camera_folders(store: Path) -> list:
+    """The folders directly in ``store`` (its cameras'; links not followed); [] when it cannot be read."""
+    try:
+        return [Path(entry.path) for entry in os.scandir(store) if entry.is_dir(follow_symlinks=False)]
+    except OSError:              # not made (a full disk), or not readable: the writes will say so
+        return []
