@@ -33,9 +33,11 @@ Reading (``read_labels``) validates every line. Rules, stated once here and used
 
 Paths: a label's ``image`` is the evidence image's absolute path when it was made; an older file's
 relative path is looked up beside the label file, then beside the events log, then in the current
-folder (``label_image``). An event's ``evidence`` is written relative to the folder ``mrkd run`` ran
-in: it is looked up as written, then beside the events log, then in the evidence folder
-(``find_evidence``). A label is only made of evidence whose sha256 is the one the event recorded.
+folder (``label_image``). An event's ``evidence`` is the absolute path the run wrote (mrkd before
+c55174d wrote it relative to the folder ``mrkd run`` ran in): it is looked up as written, then (relative)
+beside the events log, then as ``<camera>/<event_id>.png`` in the evidence folder (``find_evidence``: the
+folder moved, or the run started elsewhere). A label is only made of evidence whose sha256 is the one the
+event recorded.
 
 The runtime never imports torch; this module is numpy-free too.
 """
@@ -773,9 +775,10 @@ def _plain_name(name) -> bool:
 
 
 def find_evidence(event: dict, evidence_dir, events_path=None) -> Optional[Path]:
-    """The lossless image of ``event`` (absolute): the path the event names (``evidence``, written
-    relative to where `mrkd run` ran: as written, then beside the events log), else
-    ``<evidence_dir>/<camera>/<event_id>.png`` or ``<evidence_dir>/<event_id>.png``."""
+    """The lossless image of ``event`` (absolute): the path the event names (``evidence``: absolute, or
+    an older run's relative to where `mrkd run` ran: as written, then beside the events log), else
+    ``<evidence_dir>/<camera>/<event_id>.png`` or ``<evidence_dir>/<event_id>.png``. Its sha256 is
+    not checked here: the caller says "changed since the run" (listing) or refuses it (make_label)."""
     candidates: List[Path] = []
     named = event.get("evidence")
     if isinstance(named, str) and named:
