@@ -165,3 +165,30 @@ def test_a_file_of_the_same_name_with_another_hash_is_never_shown(tmp_path):
     output = page_of_second_run(line, elsewhere, check)
     said = [row for row in output.splitlines() if "not served" in row]
     assert len(said) == 1 and events[0]["event_id"] in said[0] and "another sha256" in said[0], output
+
+
+def test_each_camera_of_a_part_is_shown_from_its_own_camera_folder_after_the_line_folder_moved(tmp_path):
+    """An NG part of two cameras (one row each): after the line's folder moved, each row's image is its
+    own camera's file, looked up as <camera>/<event_id>.png below the new folder (the outputs of
+    test_review_page_labels.Line, as `mrkd run` builds them)."""
+    from test_review_page_labels import Line
+    first = Line(tmp_path / "before", cameras=("top", "side"))
+    try:
+        images = first.part("P1", flagged=("top",))
+    finally:
+        first.stop()
+    shutil.move(str(tmp_path / "before"), str(tmp_path / "after"))
+    again = Line(tmp_path / "after", cameras=("top", "side"))
+    try:
+        event = json.loads((tmp_path / "after" / "events.jsonl").read_text())
+        assert all(judged["evidence"].startswith(str(tmp_path / "before")) for judged in event["cameras"])
+        for camera, image in images.items():
+            status, body = get(f"{again.server.url}/alarm/{event['event_id']}.jpg?camera={camera}")
+            assert status == 200, body[:200]
+            served = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), np.float32).ravel()
+            # faint noise, which JPEG keeps loosely (~0.4 with its own frame): its own camera's, not the other's
+            own, other = (np.corrcoef(served, frame[:, :, ::-1].astype(np.float32).ravel())[0, 1]
+                          for frame in (image, *(i for c, i in images.items() if c != camera)))
+            assert own > 0.25 and abs(other) < 0.1, (camera, own, other)
+    finally:
+        again.stop()
