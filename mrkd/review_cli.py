@@ -26,10 +26,10 @@ import click
 
 from mrkd.errors import MrkdError, error_boundary
 from mrkd.options import IntegerRange
-from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, Conflict, FileHashes, \
-    LabelState, ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, find_evidence, \
-    label_events, label_states, mark_command, one_camera_event, printable, read_labels, read_review_events, \
-    review_rows, standing_label
+from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, RELATIVE_EVIDENCE, Conflict, \
+    FileHashes, LabelState, ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, \
+    find_evidence, label_events, label_states, mark_command, one_camera_event, printable, read_labels, \
+    read_review_events, review_rows, standing_label
 
 
 def default_evidence_dir(events_path) -> Path:
@@ -50,13 +50,18 @@ def _label_text(state: Optional[LabelState], conflict: Optional[Conflict]) -> st
 
 
 ASK_CAMERA = "give --camera NAME"      # a part of several flagged cameras: how this command names one
+ASK_EVIDENCE = "give --evidence DIR, that run's evidence folder"     # an older log's image not found
 DEFAULT_LAST = 50                      # rows the listing shows without --last: a screenful, the newest
 
 
 def _image_text(event: dict, image: Optional[Path], why: str, hashes: FileHashes) -> str:
     if image is None:
         named = event.get("evidence")
-        return why or (f"EVIDENCE IMAGE GONE ({named}; cannot be labelled)" if named else "NO EVIDENCE IMAGE")
+        if why:
+            return why
+        if isinstance(named, str) and named and not Path(named).is_absolute():     # an older mrkd's log
+            return f"EVIDENCE IMAGE NOT FOUND ({named}, {RELATIVE_EVIDENCE}: {ASK_EVIDENCE})"
+        return f"EVIDENCE IMAGE GONE ({named}; cannot be labelled)" if named else "NO EVIDENCE IMAGE"
     changed = "  CHANGED SINCE THE RUN (sha256 differs; cannot be labelled)" if \
         evidence_changed(event, image, hashes) else ""
     return f"image {image}{changed}"
@@ -85,7 +90,7 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Opt
         why = ""
         if one is None:
             one, why = one_camera_event(event, ask_camera=ASK_CAMERA)
-        image = find_evidence(one, evidence, events) if one is not None else None
+        image = find_evidence(one, evidence, events, hashes) if one is not None else None
         one = one or event
         score = one.get("score")
         conflict = conflict_of.get((str(event["event_id"]), current.current.image_sha256)) if current else None
@@ -118,7 +123,8 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
         if event_id not in by_id:
             raise ReviewError(f"{events}: no event {event_id!r} (list them with `mrkd review {events} --labels ...`)")
     records = label_events([by_id[event_id] for event_id in dict.fromkeys(event_ids)], label, who=who, note=note,
-                           camera=camera, evidence_dir=evidence, events_path=events, ask_camera=ASK_CAMERA)
+                           camera=camera, evidence_dir=evidence, events_path=events, ask_camera=ASK_CAMERA,
+                           ask_evidence=ASK_EVIDENCE)
     append_checked(labels_path, records,
                    lambda ids, as_: mark_command(ids, as_, events_path=events, labels_path=labels_path),
                    replace=replace, replace_hint="give --replace")

@@ -36,8 +36,9 @@ relative path is looked up beside the label file, then beside the events log, th
 folder (``label_image``). An event's ``evidence`` is the absolute path the run wrote (mrkd before
 c55174d wrote it relative to the folder ``mrkd run`` ran in): it is looked up as written, then (relative)
 beside the events log, then as ``<camera>/<event_id>.png`` in the evidence folder (``find_evidence``: the
-folder moved, or the run started elsewhere). A label is only made of evidence whose sha256 is the one the
-event recorded.
+folder moved, or the run started elsewhere), then (relative) below the log's upper folders, that one only
+with the sha256 the event recorded. A label is only made of evidence whose sha256 is the one the event
+recorded.
 
 The runtime never imports torch; this module is numpy-free too.
 """
@@ -774,16 +775,22 @@ def _plain_name(name) -> bool:
     return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
-def find_evidence(event: dict, evidence_dir, events_path=None) -> Optional[Path]:
+def find_evidence(event: dict, evidence_dir, events_path=None,
+                  hashes: Optional["FileHashes"] = None) -> Optional[Path]:
     """The lossless image of ``event`` (absolute): the path the event names (``evidence``: absolute, or
     an older run's relative to where `mrkd run` ran: as written, then beside the events log), else
-    ``<evidence_dir>/<camera>/<event_id>.png`` or ``<evidence_dir>/<event_id>.png``. Its sha256 is
-    not checked here: the caller says "changed since the run" (listing) or refuses it (make_label)."""
+    ``<evidence_dir>/<camera>/<event_id>.png`` or ``<evidence_dir>/<event_id>.png``. Their sha256 is
+    not checked here: the caller says "changed since the run" (listing) or refuses it (make_label).
+    Found nowhere, an older run's relative path is looked for from the events log's upper folders
+    (that run's folder is one of them when its --events was relative, as a service's usually is), and
+    taken only with the sha256 the event recorded: that file is the event's, never a guess.
+    ``hashes``: the caller's FileHashes, so a file it hashes too is read once."""
     candidates: List[Path] = []
     named = event.get("evidence")
+    relative = isinstance(named, str) and bool(named) and not Path(named).is_absolute()
     if isinstance(named, str) and named:
         candidates.append(Path(named))
-        if not Path(named).is_absolute() and events_path is not None:
+        if relative and events_path is not None:
             candidates.append(Path(events_path).parent / named)
     event_id, camera = str(event.get("event_id", "")), event.get("camera")
     if evidence_dir is not None and _plain_name(event_id):
@@ -791,7 +798,27 @@ def find_evidence(event: dict, evidence_dir, events_path=None) -> Optional[Path]
         candidates += ([folder / camera / f"{event_id}.png"] if _plain_name(camera) else []) + \
             [folder / f"{event_id}.png"]
     found = next((c for c in candidates if c.is_file()), None)
+    if found is None and relative and events_path is not None:
+        found = _found_upward(Path(named), Path(events_path), event.get("evidence_sha256"), hashes or FileHashes())
     return Path(os.path.abspath(found)) if found is not None else None
+
+
+def _found_upward(named: Path, events_path: Path, recorded, hashes: "FileHashes") -> Optional[Path]:
+    """``named`` (relative) below one of the events log's upper folders whose file has the ``recorded``
+    sha256 (none recorded: nothing is taken), the nearest first; None when none has."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    for folder in Path(os.path.abspath(events_path)).parent.parents:
+        candidate = folder / named
+        try:
+            if candidate.is_file() and hashes.sha256(candidate) == recorded:
+                return candidate
+        except OSError:           # unreadable: not the event's file as far as anyone can tell
+            continue
+    return None
+
+
+RELATIVE_EVIDENCE = "relative to the folder that run ran in, which its log does not record"
 
 
 class FileHashes:
@@ -862,19 +889,21 @@ def make_label(event_id: str, image_path, label: str, who: Optional[str] = None,
 
 def label_events(events: Sequence[dict], label: str, *, who: Optional[str] = None, note: str = "",
                  camera: Optional[str] = None, evidence_dir=None, events_path=None,
-                 ask_camera: str = ASK_CAMERA_HTTP) -> List[ReviewLabel]:
+                 ask_camera: str = ASK_CAMERA_HTTP, ask_evidence: str = "") -> List[ReviewLabel]:
     """The labels of ``events``, all of the log ``events_path``: each made of its event's evidence image
     (a part's: of ``camera``, else the flagged one) found by find_evidence and checked against the hash
     the event recorded; the log's identity, which every label records, is read once for them all.
-    ``ask_camera``: how the caller says to name a camera when none was given and one is needed."""
+    ``ask_camera``: how the caller says to name a camera when none was given and one is needed;
+    ``ask_evidence``: how it says to name an evidence folder (`mrkd review`: give --evidence DIR)."""
     events_log = events_log_ref(events_path) if events_path is not None else None
     return [_label_one(event, label, who=who, note=note, camera=camera, evidence_dir=evidence_dir,
-                       events_path=events_path, events_log=events_log, ask_camera=ask_camera)
+                       events_path=events_path, events_log=events_log, ask_camera=ask_camera,
+                       ask_evidence=ask_evidence)
             for event in events]
 
 
 def _label_one(event: dict, label: str, *, who: Optional[str], note: str, camera: Optional[str], evidence_dir,
-               events_path, events_log: Optional[EventsLogRef], ask_camera: str) -> ReviewLabel:
+               events_path, events_log: Optional[EventsLogRef], ask_camera: str, ask_evidence: str) -> ReviewLabel:
     event_id = str(event.get("event_id"))
     one, why = one_camera_event(event, camera, ask_camera)
     if one is None:
@@ -882,9 +911,15 @@ def _label_one(event: dict, label: str, *, who: Optional[str], note: str, camera
     image = find_evidence(one, evidence_dir, events_path)
     if image is None:
         named = one.get("evidence")
-        # an event that names its evidence had it written: the file went since (moved or deleted)
-        why = (f"its evidence image {named} no longer exists (looked in {evidence_dir} too)" if named else
-               f"no evidence image (looked in {evidence_dir}; was `mrkd run` started with --evidence?)")
+        # an event that names its evidence had it written: the file went since (moved or deleted), or
+        # (an older log's relative path) it is relative to a folder nobody recorded
+        if isinstance(named, str) and named and not Path(named).is_absolute():
+            why = (f"its evidence image {named} is not found ({RELATIVE_EVIDENCE}; looked beside the events log, "
+                   f"in its upper folders and in {evidence_dir})" + (f": {ask_evidence}" if ask_evidence else ""))
+        elif named:
+            why = f"its evidence image {named} no longer exists (looked in {evidence_dir} too)"
+        else:
+            why = f"no evidence image (looked in {evidence_dir}; was `mrkd run` started with --evidence?)"
         raise UnlabellableError(f"event {event_id}: {why}; a label must name the image it is about")
     return make_label(event_id, image, label, who=who, note=note, camera=str(one.get("camera") or ""),
                       expected_sha256=one.get("evidence_sha256"), events_log=events_log)
