@@ -41,12 +41,12 @@ def staged(folder: Path):
     return sorted(p for p in folder.rglob(".*.tmp") if p.is_file())
 
 
-def caught_mid_write(folder: Path, sig: int, locked: bool = False):
-    """Start the writer and send it ``sig`` while a staged file exists (``locked``: and its writer holds
-    it); the process and the staged files then on disk. Tried a few times: the file may be gone by the
-    time the signal lands."""
+def caught_mid_write(folder: Path, sig: int, locked: bool = False, writer: str = WRITER):
+    """Start ``writer`` (a script that prints "ready", then writes into the folder it is given) and send
+    it ``sig`` while a staged file exists (``locked``: and its writer holds it); the process and the
+    staged files then on disk. Tried a few times: the file may be gone by the time the signal lands."""
     for _ in range(6):
-        run = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)], stdout=subprocess.PIPE, text=True)
+        run = subprocess.Popen([sys.executable, "-c", writer, str(folder)], stdout=subprocess.PIPE, text=True)
         assert run.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not staged(folder):

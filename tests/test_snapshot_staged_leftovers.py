@@ -9,15 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from mrkd.runtime.outputs.snapshots import SnapshotWriter
-from test_evidence_staged_leftovers import age, held_by_another
+from test_evidence_staged_leftovers import age, caught_mid_write
 
 # A line writing big alarm snapshots as fast as it can (PNGs of noise: the write and fsync take a while).
 WRITER = """
@@ -35,37 +30,9 @@ while True:
 """
 
 
-def staged(folder: Path):
-    return sorted(p for p in folder.rglob(".*.tmp") if p.is_file())
-
-
-def caught_mid_write(folder: Path, sig: int):
-    """Start the writer and send it ``sig`` while a staged file exists; the process and the staged files."""
-    for _ in range(6):
-        run = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)], stdout=subprocess.PIPE, text=True)
-        assert run.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not staged(folder):
-            time.sleep(0.0005)
-        run.send_signal(sig)
-        if sig == signal.SIGKILL:
-            run.wait(10)
-        else:
-            time.sleep(0.2)
-        found = staged(folder)
-        if found and (sig == signal.SIGKILL or all(held_by_another(p) for p in found)):
-            return run, found
-        if sig != signal.SIGKILL:
-            run.kill()
-            run.wait(10)
-        for path in found:
-            path.unlink()
-    pytest.fail("never caught the writer mid-write")
-
-
 def test_a_snapshot_killed_mid_write_leaves_a_staged_file_the_next_start_removes(tmp_path, caplog):
     folder = tmp_path / "snapshots"
-    _, leftovers = caught_mid_write(folder, signal.SIGKILL)
+    _, leftovers = caught_mid_write(folder, signal.SIGKILL, writer=WRITER)
     camera = folder / "cam0"
     assert [p.parent for p in leftovers] == [camera] and leftovers[0].name.startswith(".alarm_"), leftovers
     kept = {p: p.read_bytes() for p in camera.glob("*.png")}     # whole snapshots of the killed run
@@ -112,7 +79,7 @@ def test_a_staged_snapshot_its_writer_still_holds_is_kept_and_written(tmp_path):
     """Another run on the same folder, stopped mid-write: its staged file is old but held, so it is kept,
     and the snapshot is written when that run goes on."""
     folder = tmp_path / "snapshots"
-    run, held = caught_mid_write(folder, signal.SIGSTOP)
+    run, held = caught_mid_write(folder, signal.SIGSTOP, locked=True, writer=WRITER)
     try:
         age(*held)
         SnapshotWriter(folder, ".png")
