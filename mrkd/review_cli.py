@@ -28,8 +28,8 @@ from mrkd.errors import MrkdError, error_boundary
 from mrkd.options import IntegerRange
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, RELATIVE_EVIDENCE, Conflict, \
     FileHashes, LabelState, ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, \
-    find_evidence, label_events, label_states, mark_command, one_camera_event, printable, read_labels, \
-    read_review_events, review_rows, standing_label
+    find_evidence, label_events, label_states, mark_command, names_relative_evidence, one_camera_event, printable, \
+    read_labels, read_review_events, review_rows, standing_label
 
 
 def default_evidence_dir(events_path) -> Path:
@@ -59,7 +59,7 @@ def _image_text(event: dict, image: Optional[Path], why: str, hashes: FileHashes
         named = event.get("evidence")
         if why:
             return why
-        if isinstance(named, str) and named and not Path(named).is_absolute():     # an older mrkd's log
+        if names_relative_evidence(event):
             return f"EVIDENCE IMAGE NOT FOUND ({named}, {RELATIVE_EVIDENCE}: {ASK_EVIDENCE})"
         return f"EVIDENCE IMAGE GONE ({named}; cannot be labelled)" if named else "NO EVIDENCE IMAGE"
     changed = "  CHANGED SINCE THE RUN (sha256 differs; cannot be labelled)" if \

@@ -775,6 +775,13 @@ def _plain_name(name) -> bool:
     return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
+def names_relative_evidence(event: dict) -> bool:
+    """Whether ``event`` names its evidence by a relative path: an older mrkd's log (before c55174d),
+    written relative to the folder ``mrkd run`` ran in (RELATIVE_EVIDENCE)."""
+    named = event.get("evidence")
+    return isinstance(named, str) and bool(named) and not Path(named).is_absolute()
+
+
 def find_evidence(event: dict, evidence_dir, events_path=None,
                   hashes: Optional["FileHashes"] = None) -> Optional[Path]:
     """The lossless image of ``event`` (absolute): the path the event names (``evidence``: absolute, or
@@ -787,7 +794,7 @@ def find_evidence(event: dict, evidence_dir, events_path=None,
     ``hashes``: the caller's FileHashes, so a file it hashes too is read once."""
     candidates: List[Path] = []
     named = event.get("evidence")
-    relative = isinstance(named, str) and bool(named) and not Path(named).is_absolute()
+    relative = names_relative_evidence(event)
     if isinstance(named, str) and named:
         candidates.append(Path(named))
         if relative and events_path is not None:
@@ -913,7 +920,7 @@ def _label_one(event: dict, label: str, *, who: Optional[str], note: str, camera
         named = one.get("evidence")
         # an event that names its evidence had it written: the file went since (moved or deleted), or
         # (an older log's relative path) it is relative to a folder nobody recorded
-        if isinstance(named, str) and named and not Path(named).is_absolute():
+        if names_relative_evidence(one):
             why = (f"its evidence image {named} is not found ({RELATIVE_EVIDENCE}; looked beside the events log, "
                    f"in its upper folders and in {evidence_dir})" + (f": {ask_evidence}" if ask_evidence else ""))
         elif named:

@@ -107,3 +107,4 @@ class LateSource(Source):
             inner = self._inner
         if inner is not None:
             inner.close()
+        super().close()
