@@ -252,8 +252,9 @@ class LabelFile:
                     data = self.path.read_bytes()
                     keep = data.rfind(b"\n") + 1
                     if keep < size:
-                        logger.warning("%s: cutting a torn last line (%d bytes) left by an earlier crash",
-                                       self.path, size - keep)
+                        from mrkd.runtime.outputs.events import torn_tail_said
+                        logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", self.path,
+                                       torn_tail_said(data[keep:], keep))
                         os.ftruncate(self._fd, keep)
         except BaseException:
             os.close(self._fd)

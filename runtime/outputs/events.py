@@ -10,7 +10,9 @@ O_APPEND descriptor followed by fsync. It only ever appends to a file it wrote: 
 opened only when every complete line is an mrkd event, and a torn last line (a crash mid-write) is
 then cut with a warning that shows it, also when it is all the file holds (a crash in the first write:
 only a start these writers can leave, ``torn_first_write``); any other file (a CSV, a model, a binary)
-is refused. A write
+is refused. Zeros at the file's end are what a power cut leaves (its size reached the disk, its last
+blocks did not): they are set aside before the file is judged and cut with the torn line, a file of only
+zeros to empty (``power_cut_zeros``). A write
 that fails (a full disk) is counted and warned about; the line goes on.
 """
 
@@ -147,18 +149,14 @@ class EventLog:
 
     def _repair_torn_tail(self) -> None:
         size = os.fstat(self._fd).st_size
-        if size == 0:
-            return
         with open(self.path, "rb") as handle:
-            handle.seek(max(0, size - 65536))
-            data = handle.read()
-        newline = data.rfind(b"\n")
-        torn = data[newline + 1:]
+            keep = last_line_end(handle, size)
+            handle.seek(keep)
+            torn = handle.read(size - keep)
         if torn:
-            preview = torn[:120].decode("utf-8", "replace")
-            logger.warning("%s: cutting a torn last line left by an earlier crash (%d bytes: %r%s)", self.path,
-                           len(torn), preview, "..." if len(torn) > 120 else "")
-            os.ftruncate(self._fd, size - len(torn))
+            logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", self.path,
+                           torn_tail_said(torn, keep))
+            os.ftruncate(self._fd, keep)
 
     def write(self, event: dict) -> None:
         """One line, fsynced; OSError (naming the file) when it cannot be written (a full disk): a
@@ -215,17 +213,56 @@ def foreign_line(data: bytes, is_record: Callable[[bytes], bool], blank_ok: bool
     of a record, or None. After at least one whole record any start of a JSON object is taken as torn
     (the file is surely ours); a file with no whole line only when ``tail`` is what its writer's first
     write can leave (``torn_first_write``, ``first_keys``): else a crash in that first write would keep
-    every later start refused. The events log and the label file refuse files by this one rule."""
+    every later start refused. The events log and the label file refuse files by this one rule.
+    Zeros at the very end (``power_cut_zeros``) are set aside first: what remains is judged by these rules,
+    a whole record then being one whose newline was among the bytes lost."""
+    zeros = power_cut_zeros(data)
+    data = data[:len(data) - zeros]
     complete = data[:data.rfind(b"\n") + 1]
     for number, line in enumerate(complete.splitlines(), 1):
         if not (blank_ok and not line.strip()) and not is_record(line):
             return number
     tail = data[len(complete):]
-    if not tail:
+    if not tail or (zeros and is_record(tail)):
         return None
     if complete.strip():
         return "tail" if not tail.startswith(b'{"') or _parses(tail) else None
     return None if torn_first_write(tail, first_keys) else "tail"
+
+
+def power_cut_zeros(data: bytes) -> int:
+    """How many NUL bytes end ``data``: what a power cut leaves where a file's new size reached the disk and
+    its last block(s) did not (ext4's delayed allocation). Our JSON-lines writers never write a NUL
+    (json.dumps escapes it), so these are bytes lost, never data."""
+    return len(data) - len(data.rstrip(b"\0"))
+
+
+def last_line_end(handle, size: int, block: int = 65536) -> int:
+    """The offset just after the last newline of the open binary file ``handle`` of ``size`` bytes (0: it
+    has none), read backwards in blocks: a power cut's run of zeros can be longer than any one block."""
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        handle.seek(start)
+        newline = handle.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def torn_tail_said(torn: bytes, kept: int) -> str:
+    """What a cut torn tail held, for its warning: the start of a line (its size and first bytes) and/or
+    the zeros a power cut left (how many); ``kept``: the bytes before it (0: the file is cut to empty)."""
+    zeros = power_cut_zeros(torn)
+    text = torn[:len(torn) - zeros]
+    line = f"{len(text)} bytes: {text[:120].decode('utf-8', 'replace')!r}{'...' if len(text) > 120 else ''}"
+    lost = f"{zeros} zero bytes: a power cut before the data reached the disk"
+    if not zeros:
+        return line
+    if text:
+        return f"{line}, then {lost}"
+    return lost if kept else f"{lost}; the file held no data, cut to empty"
 
 
 def torn_first_write(tail: bytes, first_keys: Tuple[str, ...]) -> bool:
