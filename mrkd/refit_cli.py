@@ -30,6 +30,11 @@ AUGMENT_CHOICES = ("none", "flips", "flips+rot90")     # train/refit.py AUGMENT_
                    "not the evidence's the event recorded, are skipped with a warning. Default: the log each label "
                    "recorded when it was made, at its path or beside the label file; labels of an older mrkd (which "
                    "record none), or whose log is gone or was replaced, go unchecked (refit says so in one line).")
+@click.option("--evidence", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The evidence folder of `mrkd run --evidence` (or a copy of it) where a label's image is looked "
+                   "for when it is not at its path (the folder was moved on its own, e.g. to an archive disk): "
+                   "<DIR>/<camera>/<file>, then <DIR>/<file>; taken only with the sha256 the label recorded. "
+                   "Default: beside the label file, the events log and the current folder only.")
 @click.option("--force", is_flag=True,
               help="Write the new model even when it no longer flags an image marked 'defect confirmed', or "
                    "when such an image is missing or changed so it cannot be checked (default: refuse, exit 1, "
@@ -57,8 +62,8 @@ AUGMENT_CHOICES = ("none", "flips", "flips+rot90")     # train/refit.py AUGMENT_
                    "takes about 4x the refit time, and on ELPV's test split it gained nothing over none "
                    "(benchmarks/RESULTS.md).")
 @error_boundary
-def refit_command(model, labels, good, out, events, force, no_export, method, quantile, batch_size, defect_guard,
-                  reweight, augment):
+def refit_command(model, labels, good, out, events, evidence, force, no_export, method, quantile, batch_size,
+                  defect_guard, reweight, augment):
     """Add the teacher patches of images an operator marked good to MODEL's memory bank (a checkpoint
     of a --score both/knn model; MRKD's weights are not touched), set the threshold again on --good,
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
@@ -73,7 +78,7 @@ def refit_command(model, labels, good, out, events, force, no_export, method, qu
         result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
                                   quantile=quantile, method=method, batch_size=batch_size,
                                   guard_keep=defect_guard, reweight=reweight, augment=augment, echo=click.echo,
-                                  checked=checked)
+                                  checked=checked, evidence=evidence)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
                f"{result.lineage['labels_sha256'][:12]}) in {result.wall_seconds:.1f} s (the bank and threshold "
                f"{result.seconds:.1f} s): "

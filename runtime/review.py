@@ -694,13 +694,15 @@ def _refusal(conflict: Conflict, new: Sequence[ReviewLabel], path, hint) -> Tupl
             f"defect, not both); label them together: {hint(asked + opposing, label)}"), asked + opposing
 
 
-def label_image(label: ReviewLabel, labels_path, events_path=None) -> Optional[Path]:
+def label_image(label: ReviewLabel, labels_path, events_path=None, evidence_dir=None,
+                hashes: Optional["FileHashes"] = None) -> Optional[Path]:
     """The image file a label names: its absolute path, or an older file's relative one beside the
-    label file, then beside the events log, then in the current folder; the first that exists (else
-    the first tried, for the message). An absolute path that is gone (the work folder was moved or
-    copied to another machine) is looked for by its last parts (evidence folder, camera, file) in
-    those folders too; whatever is found is still checked against the label's sha256 by its reader.
-    None when the label names no image."""
+    label file, then beside the events log, then in the current folder. An absolute path that is gone
+    (the work folder was moved or copied to another machine) is looked for by its last parts (evidence
+    folder, camera, file) in those folders too, then as ``<evidence_dir>/<camera>/<file>`` and
+    ``<evidence_dir>/<file>`` (the evidence store's layout: an evidence folder moved on its own, given as
+    refit's --evidence). Of the files found, the first with the label's sha256, else the first (its reader
+    says it changed); none found: the first tried, for the message. None when the label names no image."""
     if not label.image:
         return None
     named = Path(label.image)
@@ -709,8 +711,42 @@ def label_image(label: ReviewLabel, labels_path, events_path=None) -> Optional[P
     folders = [Path(labels_path).parent] + ([Path(events_path).parent] if events_path else []) + [Path.cwd()]
     tails = [Path(*named.parts[-k:]) for k in (3, 2) if len(named.parts) > k] if named.is_absolute() else [named]
     candidates = [folder / tail for tail in tails for folder in folders]
-    found = next((c for c in candidates if c.is_file()), None)
+    if evidence_dir is not None and _plain_name(named.name):
+        candidates += _store_paths(Path(evidence_dir), label.camera, named.name)
+    found = first_evidence(candidates, label.image_sha256, hashes)
     return found or (named if named.is_absolute() else candidates[0])
+
+
+def _store_paths(folder: Path, camera, name: str) -> List[Path]:
+    """Where the evidence store keeps the image ``name`` of ``camera`` below ``folder``: ``<camera>/<name>``,
+    then (a frame alarm of an older layout) ``<name>``."""
+    return ([folder / camera / name] if _plain_name(camera) else []) + [folder / name]
+
+
+def first_evidence(candidates: Sequence[Path], recorded, hashes: Optional["FileHashes"] = None) -> Optional[Path]:
+    """The first of ``candidates`` that is a file with the ``recorded`` sha256, else the first that is a
+    file (its caller says it changed), else None. Only when several exist is any of them hashed here
+    (``hashes``: the caller's, so a file it hashes too is read once): one file is taken as before."""
+    present: List[Path] = []
+    for candidate in candidates:
+        if candidate.is_file() and not any(_same_file(candidate, seen) for seen in present):
+            present.append(candidate)
+    if len(present) > 1 and isinstance(recorded, str) and recorded:
+        hashes = hashes if hashes is not None else FileHashes()
+        for candidate in present:
+            try:
+                if hashes.sha256(candidate) == recorded:
+                    return candidate
+            except OSError:       # unreadable: not the image as far as anyone can tell
+                continue
+    return present[0] if present else None
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- events and their evidence
@@ -787,8 +823,9 @@ def find_evidence(event: dict, evidence_dir, events_path=None,
                   hashes: Optional["FileHashes"] = None) -> Optional[Path]:
     """The lossless image of ``event`` (absolute): the path the event names (``evidence``: absolute, or
     an older run's relative to where `mrkd run` ran: as written, then beside the events log), else
-    ``<evidence_dir>/<camera>/<event_id>.png`` or ``<evidence_dir>/<event_id>.png``. Their sha256 is
-    not checked here: the caller says "changed since the run" (listing) or refuses it (make_label).
+    ``<evidence_dir>/<camera>/<event_id>.png`` or ``<evidence_dir>/<event_id>.png``: of those that exist,
+    the first with the sha256 the event recorded, else the first (first_evidence), whose change the
+    caller says ("changed since the run" in a listing) or refuses (make_label).
     Found nowhere, an older run's relative path is looked for from the events log's upper folders
     (that run's folder is one of them when its --events was relative, as a service's usually is), and
     taken only with the sha256 the event recorded: that file is the event's, never a guess.
@@ -800,12 +837,10 @@ def find_evidence(event: dict, evidence_dir, events_path=None,
         candidates.append(Path(named))
         if relative and events_path is not None:
             candidates.append(Path(events_path).parent / named)
-    event_id, camera = str(event.get("event_id", "")), event.get("camera")
+    event_id = str(event.get("event_id", ""))
     if evidence_dir is not None and _plain_name(event_id):
-        folder = Path(evidence_dir)
-        candidates += ([folder / camera / f"{event_id}.png"] if _plain_name(camera) else []) + \
-            [folder / f"{event_id}.png"]
-    found = next((c for c in candidates if c.is_file()), None)
+        candidates += _store_paths(Path(evidence_dir), event.get("camera"), f"{event_id}.png")
+    found = first_evidence(candidates, event.get("evidence_sha256"), hashes)
     if found is None and relative and events_path is not None:
         found = _found_upward(Path(named), Path(events_path), event.get("evidence_sha256"), hashes or FileHashes())
     return Path(os.path.abspath(found)) if found is not None else None

@@ -897,3 +897,77 @@ def test_refit_reads_version_1_labels_and_files_mixing_them_with_version_2_lines
     good, skipped, notes = checked(mixed)
     assert set(skipped) == {wrong} and len(notes) == 1 and "2 label(s)" in notes[0], (skipped, notes)
     assert good == (str(run / events[0]["evidence"]), str(run / events[1]["evidence"]))
+
+
+def store_run(parent, run: Path, count: int):
+    """What `mrkd run --evidence evidence` leaves now: evidence/cam0/<id>.png named by absolute path in
+    events.jsonl with the sha256 each was written with, and labels of them all as good (label_events,
+    recording the log), kept in another folder (review/labels.jsonl beside the run's folder)."""
+    from mrkd.runtime.review import label_events
+    (run / "evidence" / "cam0").mkdir(parents=True)
+    events = []
+    for i, (_, image, _) in enumerate(good_marks(parent, count)):
+        stored = run / "evidence" / "cam0" / f"s{i}.png"
+        shutil.copy(image, stored)
+        events.append({"event_id": f"s{i}", "time": "2026-12-07T06:00:00.000+00:00", "camera": "cam0",
+                       "evidence": str(stored), "evidence_sha256": file_sha256(stored)})
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    labels = run.parent / "review" / "labels.jsonl"
+    labels.parent.mkdir()
+    with LabelFile(labels) as handle:
+        handle.extend(label_events(events, "good", who="tester", events_path=run / "events.jsonl"))
+    return events, labels
+
+
+def test_refit_finds_labelled_images_in_an_evidence_folder_moved_on_its_own(parent, tmp_path):
+    """The evidence folder moved away from the line's (to an archive disk, renamed): the labels' absolute
+    paths are gone and their last parts are not beside the labels, the log or the current folder, so refit
+    skipped every reviewed image ('no longer exists') and wrote nothing, where `mrkd review` and the page
+    find them by --evidence. `mrkd refit --evidence DIR` looks for <DIR>/<camera>/<file>, then <DIR>/<file>,
+    and takes the file with the label's sha256 (a re-encoded copy at the first place is passed over)."""
+    from click.testing import CliRunner
+    from mrkd.refit_cli import refit_command
+    run = tmp_path / "line"
+    events, labels = store_run(parent, run, 2)
+    archive = tmp_path / "archive" / "evidence-december"
+    archive.parent.mkdir()
+    shutil.move(str(run / "evidence"), str(archive))
+    reencoded = archive / "cam0" / "s1.png"               # another copy's bytes where the store would keep it
+    shutil.move(str(reencoded), str(archive / "s1.png"))
+    reencoded.write_bytes((archive / "s1.png").read_bytes() + b"\0")
+
+    good, skipped, _ = checked(labels)
+    assert good == () and all("no longer exists" in why for why in skipped.values()) and len(skipped) == 2
+    good, skipped, _ = checked(labels, evidence_dir=archive)
+    assert good == (str(archive / "cam0" / "s0.png"), str(archive / "s1.png")) and skipped == {}
+    assert [file_sha256(p) for p in good] == [e["evidence_sha256"] for e in events]
+
+    args = [str(parent / "parent.ckpt"), "--reviewed", str(labels), "--good", str(parent / "good"), "--no-export"]
+    refused = CliRunner().invoke(refit_command, args + ["--out", str(tmp_path / "v2")])
+    assert refused.exit_code == 1 and "no longer exists" in refused.output and not (tmp_path / "v2").exists()
+    done = CliRunner().invoke(refit_command, args + ["--out", str(tmp_path / "v2"), "--evidence", str(archive)])
+    assert done.exit_code == 0, done.output
+    lineage = torch.load(tmp_path / "v2" / "model.ckpt", weights_only=True)["lineage"]
+    assert lineage["good_images"] == [str(archive / "cam0" / "s0.png"), str(archive / "s1.png")]
+    assert sorted(image["file_sha256"] for image in lineage["bank_images"]) == \
+        sorted(e["evidence_sha256"] for e in events)
+    assert "--evidence" in CliRunner().invoke(refit_command, ["--help"]).output
+
+
+def test_an_events_evidence_is_the_file_with_its_recorded_sha256_where_several_exist(parent, tmp_path):
+    """find_evidence took the first file that existed: the event's own path rewritten since the run (a
+    viewer saved over it) hid the pristine copy in --evidence, so `mrkd review` listed the event CHANGED
+    and refused to label it. Of several files, the one with the event's sha256 is taken; with none, the
+    first, whose change is then said."""
+    from mrkd.runtime.review import FileHashes, find_evidence
+    run = tmp_path / "line"
+    events, _ = store_run(parent, run, 1)
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "evidence", copy)
+    named = Path(events[0]["evidence"])
+    named.write_bytes(named.read_bytes() + b"\0")
+    hashes = FileHashes()
+    assert find_evidence(events[0], copy, run / "events.jsonl", hashes) == copy / "cam0" / "s0.png"
+    assert find_evidence(events[0], None, run / "events.jsonl") == named         # the only one: said CHANGED
+    (copy / "cam0" / "s0.png").write_bytes(b"not it")
+    assert find_evidence(events[0], copy, run / "events.jsonl", hashes) == named  # none matches: the first

@@ -666,7 +666,7 @@ class ReviewedImages:
 def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
                     warn: Callable[[str], None] = logger.warning,
                     labels: Optional[Sequence[ReviewLabel]] = None,
-                    hashes: Optional[FileHashes] = None) -> ReviewedImages:
+                    hashes: Optional[FileHashes] = None, evidence_dir=None) -> ReviewedImages:
     """The labels' images, each checked: present, and with the sha256 the operator saw. A label whose
     image is missing or changed, or whose event is not in its events log or recorded another sha256 for
     its evidence, is skipped with a warning; the rest is read by runtime/review.py's rules (last label
@@ -676,7 +676,8 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
     whose log is gone or was replaced, are said in one line per log and go unchecked, as before there
     was a record. ``labels``: the file's labels as the caller read them (refit: check_refit_args' one
     read); default read here. ``hashes``: the caller's FileHashes (refit's, which the lineage reads too):
-    a file many labels name is read once."""
+    a file many labels name is read once. ``evidence_dir``: where a label's image that is not at its
+    path is looked for too (label_image; refit's --evidence)."""
     labels_path = Path(labels_path)
     hashes = hashes if hashes is not None else FileHashes()
     latest = latest_labels(read_labels(labels_path) if labels is None else list(labels), str(labels_path))
@@ -691,7 +692,7 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
         found = logs.get(label.log_ref) if label.log_ref is not None else None
         if found is not None and found.events is not None:
             known, log_path, which = found.events, found.path, f"the events log it was labelled from ({found.path})"
-        image = label_image(label, labels_path, log_path)
+        image = label_image(label, labels_path, log_path, evidence_dir, hashes)
         event = known.get(label.event_id) if known is not None else None
         # the event as the labelled camera's alarm: a camera it lacks, or none of a part several flagged,
         # is no image of the event, so its file could not be checked against what the run recorded
@@ -760,13 +761,15 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                      events=None, quantile: Optional[float] = None, method: Optional[str] = None,
                      batch_size: int = 8, guard_keep: float = GUARD_KEEP, reweight: bool = False,
                      radius_quantile: float = RADIUS_QUANTILE, augment: Sequence[str] = (),
-                     echo: Callable[[str], None] = print, checked: Optional[CheckedRefitArgs] = None) -> RefitResult:
+                     echo: Callable[[str], None] = print, checked: Optional[CheckedRefitArgs] = None,
+                     evidence=None) -> RefitResult:
     """Refit the checkpoint ``model_path`` from the labels at ``labels_path``; calibrate on the good
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
     built in a temporary folder and renamed into place at the end. ``events``: an events log whose
     ids the labels must name and whose evidence sha256 their images must have (default: each label's
-    own recorded log, reviewed_images). ``radius_quantile``:
+    own recorded log, reviewed_images). ``evidence``: an evidence folder where the labels' images are
+    looked for when they are not at their paths (moved on its own: reviewed_images). ``radius_quantile``:
     refit_model's growth stop; ``augment``: its augmented candidates. Raises RefitError when a
     confirmed defect is no longer flagged, or a label "defect confirmed" cannot be checked (its image is
     missing or changed), unless ``force``. ``checked``: check_refit_args' result for these arguments
@@ -795,7 +798,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     # without --events each label is checked against the log it records; reviewed_images says what is not
     # each image file hashed once (however many labels name it): the labels' checks, the lineage
     hashes = FileHashes()
-    reviewed = reviewed_images(labels_path, known, events, warn=echo, labels=checked.labels, hashes=hashes)
+    reviewed = reviewed_images(labels_path, known, events, warn=echo, labels=checked.labels, hashes=hashes,
+                               evidence_dir=evidence)
     unchecked = [skip for skip in reviewed.skipped if skip.label == DEFECT]
     if unchecked:      # the confirmed-defect check is the refit's safety net: without the image it is blind
         message = (f"{len(unchecked)} image(s) marked '{DEFECT}' cannot be checked against the new model "
