@@ -46,9 +46,9 @@ def test_held_out_and_defect_patches_reach_the_distances_one_batch_at_a_time(par
     monkeypatch.setattr(refit, "nearest_distance", observed)
     result = refit.refit_model(model, reviewed, held, defects, radius_quantile=0.9, batch_size=BATCH)
     assert len(held) == 6 and len(defects) == 3 and per_image == 64
-    # the last call is farthest-first's: the candidates (3 reviewed images, less those the guard kept out)
-    # go in whole, as it compares each with every other; every call before it had one batch's patches at most
-    assert given[-1] == 3 * per_image - result.guarded_patches, given
+    # the last call is farthest-first's: only the candidates it could add go in whole (beyond the radius,
+    # not kept out by the guard: brute force below), as it compares each with every other; every call
+    # before it had one batch's patches at most (the reviewed images' too, since they are only filtered)
     assert max(given[:-1]) <= BATCH * per_image, given
     # the same radius and guard as from every patch at once (brute force, float64)
     exact = exact_nearest(held_rows, bank).numpy()
@@ -59,3 +59,48 @@ def test_held_out_and_defect_patches_reach_the_distances_one_batch_at_a_time(par
     candidates = refit.image_patches(model, reviewed).double()
     kept_out = (torch.cdist(candidates, guard) <= refit.GUARD_KEEP * exact_nearest(guard, bank)).any(1)
     assert result.guarded_patches == int(kept_out.sum())
+    beyond = exact_nearest(candidates, bank) > result.radius
+    assert given[-1] == int((beyond & ~kept_out).sum()) < 3 * per_image - result.guarded_patches, given
+
+
+def brute_farthest_first(candidates: torch.Tensor, bank: torch.Tensor, radius: float) -> list:
+    """Greedy k-center growth in float64 with scipy's distances: the rows of ``candidates`` added, in order."""
+    from scipy.spatial.distance import cdist
+    points, distance = candidates.double().numpy(), cdist(candidates.double().numpy(), bank.double().numpy()).min(1)
+    added = []
+    while len(added) < len(points) and distance.max() > radius:
+        index = int(distance.argmax())
+        added.append(index)
+        distance = np.minimum(distance, cdist(points, points[index:index + 1])[:, 0])
+    return added
+
+
+def test_mirrored_candidates_are_taken_one_batch_at_a_time_and_grow_the_bank_as_brute_force(parent, monkeypatch):
+    """With --augment flips every reviewed image is offered four times: before, all those patches were held
+    and given to the guard and to farthest-first at once (4 x 3 images x 64 patches in one call); now each
+    batch and transform is cut to what the growth could take first, and the bank grows as a brute-force
+    farthest-first over every candidate (float64, scipy) says."""
+    from mrkd.train.checkpoint import load_checkpoint
+    model = load_checkpoint(parent / "parent.ckpt")
+    bank = model.head.memory_bank.bank.detach().clone()
+    held = sorted(str(p) for p in (parent / "good").iterdir())
+    reviewed = [str(m[1]) for m in good_marks(parent, 3)]
+    per_image = len(refit.image_patches(model, reviewed[:1]))
+    given = []
+    real = refit.nearest_distance
+
+    def observed(rows, bank, *args, **kwargs):
+        given.append(len(rows))
+        return real(rows, bank, *args, **kwargs)
+    monkeypatch.setattr(refit, "nearest_distance", observed)
+    result = refit.refit_model(model, reviewed, held, radius_quantile=0.9, batch_size=BATCH, augment="flips")
+    assert max(given) <= BATCH * per_image, given
+    flips = [lambda x: x] + [refit.AUGMENTS[name] for name in refit.augment_names("flips")]
+    from mrkd.train.memory_bank import training_patches
+    squares = list(refit._batches(model, reviewed, 3))
+    candidates = torch.cat([training_patches(model, [transform(x) for x in squares]).rows for transform in flips])
+    assert len(candidates) == 4 * 3 * per_image
+    expected = brute_farthest_first(candidates, bank, result.radius)
+    assert 0 < len(expected) == result.added_patches, (len(expected), result.added_patches)
+    grown = model.head.memory_bank.bank.detach()
+    assert torch.allclose(grown[len(bank):].double(), candidates[expected].double(), atol=1e-5)

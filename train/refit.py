@@ -359,24 +359,42 @@ def augment_names(augment) -> Tuple[str, ...]:
     return names
 
 
-def candidate_patches(model, paths: Sequence[str], augment: Sequence[str] = (), batch_size: int = 8,
-                      images: Optional[DecodedImages] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows, owner): the patches of ``paths`` as image_patches gives them, then those of each
-    transform of ``augment`` applied to every image (in that order); owner[i]: the index in ``paths``
-    of the image row i comes from."""
+@dataclass
+class Candidates:
+    """The reviewed images' patches that farthest_first may add (reviewed_candidates)."""
+
+    rows: torch.Tensor        # every image's patches, then each transform's, in that order; only the survivors
+    owner: torch.Tensor       # owner[i]: the index in the reviewed paths of the image row i comes from
+    guarded: int              # patches (of all, before the radius) the defect guard kept out
+
+
+def reviewed_candidates(model, paths: Sequence[str], bank: torch.Tensor, radius: float, augment: Sequence[str] = (),
+                        guard: Optional[torch.Tensor] = None, reach=None, batch_size: int = 8,
+                        images: Optional[DecodedImages] = None) -> Candidates:
+    """The patches of ``paths``, and of each transform of ``augment`` applied to every image, that the
+    growth could take: farther than ``radius`` from ``bank`` (farthest_first never adds one nearer, and
+    adding others never makes it farther) and, with a ``guard``, allowed by guard_mask(``reach``). Taken
+    one batch and one transform at a time, so only those survivors are held (every patch at once was 8x
+    the reviewed images' patches with --augment flips+rot90); in the order every patch at once had."""
     from mrkd.train.memory_bank import training_patches
-    batches = list(_batches(model, paths, batch_size, images))        # read once, transformed per augment
-    parts = [training_patches(model, batches).rows]
-    for name in augment:
-        transform = AUGMENTS[name]
-        if name in ("rot90", "rot270", "transpose", "antitranspose") and batches and \
-                batches[0].shape[-1] != batches[0].shape[-2]:
-            raise RefitError(f"augment {name!r} needs a square model input (this one: "
-                             f"{tuple(batches[0].shape[-2:])})")
-        parts.append(training_patches(model, [transform(x) for x in batches]).rows)
-    per_image = len(parts[0]) // len(paths)
-    owner = torch.arange(len(paths)).repeat_interleave(per_image).repeat(len(parts))
-    return torch.cat(parts), owner
+    names = augment_names(augment)
+    kept: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(1 + len(names))]
+    guarded, first = 0, 0
+    for x in _batches(model, paths, batch_size, images):
+        for slot, name in enumerate((None,) + names):
+            if name in ("rot90", "rot270", "transpose", "antitranspose") and x.shape[-1] != x.shape[-2]:
+                raise RefitError(f"augment {name!r} needs a square model input (this one: {tuple(x.shape[-2:])})")
+            rows = training_patches(model, [x if name is None else AUGMENTS[name](x)]).rows
+            owner = torch.arange(first, first + len(x)).repeat_interleave(len(rows) // len(x))
+            allowed = guard_mask(rows, guard, reach) if guard is not None else torch.ones(len(rows), dtype=torch.bool)
+            guarded += int((~allowed).sum())
+            keep = allowed & (nearest_distance(rows, bank) > radius)
+            kept[slot].append((rows[keep].clone(), owner[keep]))
+        first += len(x)
+    parts = [part for slot in kept for part in slot]
+    if not parts:
+        return Candidates(bank[:0], torch.zeros(0, dtype=torch.long), 0)
+    return Candidates(torch.cat([rows for rows, _ in parts]), torch.cat([owner for _, owner in parts]), guarded)
 
 
 def _squared_distances(rows: torch.Tensor, bank: torch.Tensor, chunk: int):
@@ -573,14 +591,12 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
         if radius is None:
             radius = float(torch.quantile(bank_distances(model, calibration_paths, bank, batch_size, images),
                                           radius_quantile))
-        candidates, owner = candidate_patches(model, good_paths, augment, batch_size, images)
-        guarded = 0
+        guard = reach = None
         if defect_paths and guard_keep > 0 and guard_top > 0:
             guard = guard_patches(model, defect_paths, bank, guard_top, batch_size, images)
             reach = guard_keep * nearest_distance(guard, bank)
-            allowed = guard_mask(candidates, guard, reach)
-            guarded = int((~allowed).sum())
-            candidates, owner = candidates[allowed], owner[allowed]
+        found = reviewed_candidates(model, good_paths, bank, radius, augment, guard, reach, batch_size, images)
+        candidates, owner, guarded = found.rows, found.owner, found.guarded
         added = farthest_first(candidates, bank, radius)
         grown = torch.cat([bank, candidates[added]]) if len(added) else bank
     cap = int(getattr(model.config, "knn_max_patches", 0) or 0)
