@@ -340,21 +340,29 @@ def summary_json(summary: dict) -> str:
     return json.dumps(finite(summary), indent=2, allow_nan=False)
 
 
-def check_summary_target(path) -> None:
+def check_summary_target(path) -> Optional[str]:
     """``--summary FILE`` may replace an earlier run's summary, never another file (a model, its sidecar,
-    an events log): said before the line starts, not after a shift's work."""
+    an events log): said before the line starts, not after a shift's work. A file that holds no data (size
+    0, or only zeros: what a power cut leaves of a file whose data never reached the disk) is no one's
+    either: replaced, and the warning that says so returned; else None."""
     if not path or not Path(path).exists():
-        return
+        return None
     if not Path(path).is_file():       # a device or a FIFO: reading it hung or filled the memory
         raise SettingError(f"--summary {path}: not a regular file; the summary is written to a file (name a new "
                            "one); it is also printed on standard output")
     try:
-        earlier = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).stat().st_size < 1 << 24 else None
+        data = Path(path).read_bytes() if Path(path).stat().st_size < 1 << 24 else None
+        earlier = json.loads(data.decode("utf-8")) if data and data.strip(b"\0") else None
     except (OSError, UnicodeDecodeError, ValueError):
-        earlier = None
+        data = earlier = None
+    if data is not None and not data.strip(b"\0"):
+        size = f"{len(data)} bytes, all zero" if data else "0 bytes"
+        return warning_line(f"--summary {path}: holds no data ({size}: a power cut before its data reached the "
+                            "disk?); this run's summary replaces it")
     if not (isinstance(earlier, dict) and "outputs" in earlier and ("frames" in earlier or "parts" in earlier)):
         raise SettingError(f"--summary {path}: exists and is not an earlier `mrkd run` summary; it is never "
                            "written over (name a new file)")
+    return None
 
 
 def threshold_off_scale(threshold: float, detector) -> str:
@@ -471,7 +479,9 @@ def run_command(model, sources, line_file, **options):
 
     refuse_empty_text(click.get_current_context().command, click.get_current_context().params)
     summary_path = options.pop("summary_path")
-    check_summary_target(summary_path)
+    empty_summary = check_summary_target(summary_path)
+    if empty_summary:
+        status_to_stderr(empty_summary)
     part = pop_part_options(options)
     plc = pop_plc_settings(options, load_plc_settings(line_file) if line_file else None)
     plc.opcua_password()     # an unset variable is refused now, not after the models have loaded
