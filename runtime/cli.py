@@ -528,7 +528,7 @@ def run_command(model, sources, line_file, **options):
         raise SettingError(f"{', '.join(part_only)} judge parts: they need --trigger software or hardware "
                            "(or trigger = ... in the line file)")
     detectors, frames, outputs, running = {}, {}, [], False
-    from mrkd.runtime.line.swap import hangups_held, reload_on_sighup   # hot swap (SIGHUP)
+    from mrkd.runtime.line.swap import hangups_held, ignore_hangups_from_now, reload_on_sighup   # hot swap
     signals = contextlib.ExitStack()     # both handlers go back in the finally below
     # a SIGHUP while the models load is answered once the line runs, not fatal
     held = signals.enter_context(hangups_held())
@@ -602,6 +602,7 @@ def run_command(model, sources, line_file, **options):
         raise
     finally:
         signals.close()
+        ignore_hangups_from_now()
         for detector in detectors.values():
             detector.close()
     unread = [name for name, camera in (summary.get("cameras") or {}).items() if not triggered

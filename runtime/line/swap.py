@@ -551,6 +551,15 @@ def hangups_held() -> Iterator[Optional[HangupSeen]]:
         signal.signal(signal.SIGHUP, previous)
 
 
+def ignore_hangups_from_now() -> None:
+    """A SIGHUP once the run's handlers are gone (the detectors closing, the exit) would end the process by
+    its default action after the summary was written, exit status -1 (killed): the run is over, so it is
+    ignored instead. Main thread only; a caller that set its own handler keeps it."""
+    if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def reload_on_sighup(slots: ModelSlots, also: Sequence[Callable[[str], None]] = (),
                      held: Optional[HangupSeen] = None):
