@@ -7,8 +7,11 @@ The append-only logs' zero-filled tails: test_power_cut_zero_tails.py."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -55,3 +58,20 @@ def test_a_summary_target_with_data_before_its_zeros_is_still_refused(line, tmp_
     done = run(line, "--summary", str(notes))
     assert done.returncode != 0 and "never written over" in done.stderr and "Traceback" not in done.stderr
     assert notes.read_bytes() == b"shift notes\n" + b"\0" * 100
+
+
+def test_a_staged_evidence_file_from_before_a_clock_set_back_is_removed(tmp_path, caplog):
+    """A line PC whose clock starts behind after a power cut (no RTC battery, NTP not yet synced) finds the
+    staged file the cut left with a modification time in its future: no writer holds it, so it goes."""
+    from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+    from mrkd.runtime.outputs.events import new_event_id
+    folder = tmp_path / "evidence"
+    (folder / "cam0").mkdir(parents=True)
+    left = folder / "cam0" / f".{new_event_id()}.png.ab12cd34.tmp"
+    left.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 500)
+    ahead = time.time() + 86400             # the real time of the cut, a day ahead of the clock now
+    os.utime(left, (ahead, ahead))
+    caplog.set_level(logging.WARNING)
+    EvidenceWriter(EvidenceSettings(str(folder), max_bytes=1 << 30))
+    assert not left.exists()
+    assert any("removed 1 unfinished evidence file (508 bytes)" in r.getMessage() for r in caplog.records)

@@ -51,7 +51,8 @@ def staged_pattern(name: str) -> str:
 
 def remove_if_abandoned(path: Path, now: Optional[float] = None) -> Optional[int]:
     """Remove the staged file ``path`` if its writer is gone: a regular file (not a link), unchanged for
-    ABANDONED_AFTER_S, that no process holds locked. Its size when removed, else None."""
+    ABANDONED_AFTER_S (or changed that long after now), that no process holds locked. Its size when
+    removed, else None."""
     if fcntl is None:
         return None
     try:
@@ -60,7 +61,9 @@ def remove_if_abandoned(path: Path, now: Optional[float] = None) -> Optional[int
         return None
     try:
         held = os.fstat(fd)
-        if not stat.S_ISREG(held.st_mode) or (now or time.time()) - held.st_mtime < ABANDONED_AFTER_S:
+        # how far from now, either way: a clock set back (a line PC's after a power cut, before NTP) puts the
+        # staged files the cut left in its future, and a writer's own file is never far from its now
+        if not stat.S_ISREG(held.st_mode) or abs((now or time.time()) - held.st_mtime) < ABANDONED_AFTER_S:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
