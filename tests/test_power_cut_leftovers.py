@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -75,3 +76,50 @@ def test_a_staged_evidence_file_from_before_a_clock_set_back_is_removed(tmp_path
     EvidenceWriter(EvidenceSettings(str(folder), max_bytes=1 << 30))
     assert not left.exists()
     assert any("removed 1 unfinished evidence file (508 bytes)" in r.getMessage() for r in caplog.records)
+
+
+def test_the_page_passes_over_a_snapshot_a_power_cut_left_unwritten_and_shows_the_evidence(line, tmp_path):
+    """A snapshot all zeros, one of size 0 and one whose end is zeros are no images: a restarted page serves
+    each row's alarm from its evidence file (a whole JPEG), as for a row with no snapshot, never the zeros."""
+    from line_fixtures import http_get, wait_for
+    from mrkd.benchmarks.mosquitto import free_port
+    from runtime_fixtures import defective_frame
+    model, good = line
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        cv2.imwrite(str(bad / f"{i}.png"), defective_frame(rng))
+    outputs = ["--status-every", "0", "--cooldown", "0", "--events", str(tmp_path / "events.jsonl"),
+               "--evidence", str(tmp_path / "evidence"), "--snapshots", str(tmp_path / "snapshots")]
+    first = subprocess.run(MRKD + ["run", str(model), "--source", f"cam={bad}", *outputs], capture_output=True,
+                           text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    events = [json.loads(text) for text in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert len(events) == 3 and all(event["snapshot"] for event in events)
+    for event, left in zip(events, (lambda data: b"\0" * len(data), lambda data: b"",
+                                    lambda data: data[:len(data) // 2] + b"\0" * (len(data) - len(data) // 2))):
+        snapshot = Path(event["snapshot"])
+        snapshot.write_bytes(left(snapshot.read_bytes()))
+    port = free_port()
+    page = subprocess.Popen(MRKD + ["run", str(model), "--source", f"cam={good}", "--loop", "--fps", "5",
+                                    "--http", f"127.0.0.1:{port}", *outputs],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        up = wait_for(lambda: _answers(http_get, url + "/healthz"), 30, 0.1)
+        assert up, page.stderr.read() if page.poll() is not None else "the page never answered"
+        for event in events:
+            status, body = http_get(f"{url}/alarm/{event['event_id']}.jpg")
+            assert status == 200 and body[:3] == b"\xff\xd8\xff" and body.endswith(b"\xff\xd9"), body[:40]
+            assert cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) is not None
+    finally:
+        page.terminate()
+        page.wait(30)
+
+
+def _answers(http_get, url: str) -> bool:
+    try:
+        return http_get(url)[0] in (200, 503)
+    except OSError:
+        return False

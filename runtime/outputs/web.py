@@ -563,17 +563,28 @@ def _review_of(event: dict, camera: str, states: dict) -> Optional[dict]:
 
 def _snapshot_bytes(path: str, folder: Optional[ServedFolder], event_id: str) -> Optional[bytes]:
     """A snapshot file's bytes, or None unless it is a regular file below ``folder`` reached through no
-    link (served_folder.py; no folder known: none). A refusal is logged in one line; a file that is
-    gone is not (the alarm's frame is shown instead, when the page still has it)."""
+    link (served_folder.py; no folder known: none) and a whole image (``whole_image``). A refusal is logged
+    in one line; a file that is gone, or no whole image, is not (the alarm's frame is shown instead, when the
+    page still has it, else its evidence)."""
     if folder is None:
         return None
     try:
-        return folder.read(path)
+        data = folder.read(path)
     except Refused as reason:
         folder.log_refusal(f"snapshot of alarm {event_id}", reason)
     except (OSError, ValueError):
         pass
+    else:
+        return data if whole_image(data) else None
     return None
+
+
+def whole_image(data: bytes) -> bool:
+    """Whether ``data`` is a whole JPEG or PNG as the snapshot writer encodes it, from its signature to its
+    end marker: a power cut can leave a file whose size reached the disk and whose data did not (zeros, at
+    its end or all through) or of size 0, and served as it is that showed a broken image."""
+    return (data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")) or \
+        (data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82"))
 
 
 def _has_body(headers) -> bool:
