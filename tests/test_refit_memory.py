@@ -26,6 +26,17 @@ import mrkd.train.refit as refit  # noqa: E402
 BATCH = 2
 
 
+def rows_given(monkeypatch) -> list:
+    """The row count of every call to refit's nearest_distance from now on (the real one computes)."""
+    given, real = [], refit.nearest_distance
+
+    def observed(rows, bank, *args, **kwargs):
+        given.append(len(rows))
+        return real(rows, bank, *args, **kwargs)
+    monkeypatch.setattr(refit, "nearest_distance", observed)
+    return given
+
+
 def test_held_out_and_defect_patches_reach_the_distances_one_batch_at_a_time(parent, monkeypatch):
     """Before: one call with the 6 held-out images' 384 patches (and the defects' 2 x 64 at once)."""
     from mrkd.train.checkpoint import load_checkpoint
@@ -37,13 +48,7 @@ def test_held_out_and_defect_patches_reach_the_distances_one_batch_at_a_time(par
     per_image = len(refit.image_patches(model, held[:1]))
     held_rows = refit.image_patches(model, held).double()
     defect_rows = refit.image_patches(model, defects).double()
-    given = []
-    real = refit.nearest_distance
-
-    def observed(rows, bank, *args, **kwargs):
-        given.append(len(rows))
-        return real(rows, bank, *args, **kwargs)
-    monkeypatch.setattr(refit, "nearest_distance", observed)
+    given = rows_given(monkeypatch)
     result = refit.refit_model(model, reviewed, held, defects, radius_quantile=0.9, batch_size=BATCH)
     assert len(held) == 6 and len(defects) == 3 and per_image == 64
     # the last call is farthest-first's: only the candidates it could add go in whole (beyond the radius,
@@ -86,17 +91,11 @@ def test_mirrored_candidates_are_taken_one_batch_at_a_time_and_grow_the_bank_as_
     held = sorted(str(p) for p in (parent / "good").iterdir())
     reviewed = [str(m[1]) for m in good_marks(parent, 3)]
     per_image = len(refit.image_patches(model, reviewed[:1]))
-    given = []
-    real = refit.nearest_distance
-
-    def observed(rows, bank, *args, **kwargs):
-        given.append(len(rows))
-        return real(rows, bank, *args, **kwargs)
-    monkeypatch.setattr(refit, "nearest_distance", observed)
+    given = rows_given(monkeypatch)
     result = refit.refit_model(model, reviewed, held, radius_quantile=0.9, batch_size=BATCH, augment="flips")
     assert max(given) <= BATCH * per_image, given
-    flips = [lambda x: x] + [refit.AUGMENTS[name] for name in refit.augment_names("flips")]
     from mrkd.train.memory_bank import training_patches
+    flips = [lambda x: x] + [refit.AUGMENTS[name] for name in refit.augment_names("flips")]
     squares = list(refit._batches(model, reviewed, 3))
     candidates = torch.cat([training_patches(model, [transform(x) for x in squares]).rows for transform in flips])
     assert len(candidates) == 4 * 3 * per_image
