@@ -418,6 +418,7 @@ def test_cli_augment_reaches_the_refit_and_is_recorded_in_the_lineage(parent, tm
         assert done.returncode == 0, done.stderr
         lineage = read_checkpoint(tmp_path / augment / "model.ckpt")["lineage"]
         assert lineage["augment"] == list(AUGMENT_PRESETS[augment])     # what it grew by: the library's test
+        assert re.search(r"refit: +0%\|", done.stderr), done.stderr[-2000:]    # its progress bar, on stderr
     done = mrkd("refit", parent / "parent.ckpt", "--reviewed", labels, "--good", parent / "good",
                 "--out", tmp_path / "bad", "--no-export", "--augment", "rot45")
     assert done.returncode == 2 and "rot45" in done.stderr and not (tmp_path / "bad").exists()
@@ -971,3 +972,32 @@ def test_an_events_evidence_is_the_file_with_its_recorded_sha256_where_several_e
     assert find_evidence(events[0], None, run / "events.jsonl") == named         # the only one: said CHANGED
     (copy / "cam0" / "s0.png").write_bytes(b"not it")
     assert find_evidence(events[0], copy, run / "events.jsonl", hashes) == named  # none matches: the first
+
+
+@pytest.mark.parametrize("settings", [dict(reweight=True), dict(radius=1.0, guard_keep=0.0)])
+def test_refit_shows_a_progress_bar_that_reaches_every_image_its_passes_read(parent, monkeypatch, settings):
+    """A refit ran its passes (seconds; minutes with --augment or many held-out images) with no output.
+    Its bar counts each image a pass reads and ends at its total: with a defect guard and re-weighting,
+    and with a given radius and no guard (passes left out)."""
+    import io
+    from tqdm import tqdm
+    import mrkd.train.refit as refit
+    from mrkd.train.checkpoint import load_checkpoint
+    bars = []
+
+    def captured(total):
+        bars.append(tqdm(total=total, desc="refit", file=io.StringIO()))
+        return bars[-1]
+    monkeypatch.setattr(refit, "refit_bar", captured)
+    held = sorted(str(p) for p in (parent / "good").iterdir())
+    reviewed = [str(m[1]) for m in good_marks(parent, 3)]
+    defects = sorted(str(p) for p in (parent / "evidence").iterdir() if str(p) not in reviewed)[:2]
+    reads = []
+    images = refit.DecodedImages.of(load_checkpoint(parent / "parent.ckpt"))
+    real = images.square
+    images.square = lambda path: reads.append(path) or real(path)        # every read, counted beside the bar
+    refit.refit_model(load_checkpoint(parent / "parent.ckpt"), reviewed, held, defects, images=images, **settings)
+    assert len(bars) == 1 and bars[0].total == bars[0].n == len(reads), (bars[0].total, bars[0].n, len(reads))
+    assert len(reads) > len(reviewed) + len(held) + len(defects)
+    assert images.on_square is None
+

@@ -141,6 +141,7 @@ class DecodedImages:
         self.image_size, self.resize_mode = image_size, resize_mode
         self._pixel_sha256: dict = {}     # path -> decoded_sha256 of its pixels
         self._squares: dict = {}
+        self.on_square: Optional[Callable[[], None]] = None    # called per square handed out: refit's progress
 
     def pixels_sha256(self, path) -> str:
         """pixels_sha256(path); ImageReadError when the file cannot be decoded."""
@@ -158,6 +159,8 @@ class DecodedImages:
                 self._decode(key)
             except ImageReadError as exc:
                 raise DataError(f"{exc} ({SKIP_UNREADABLE_HINT})") from exc
+        if self.on_square is not None:
+            self.on_square()
         return self._squares[key]
 
     def _decode(self, key: str) -> None:
@@ -559,12 +562,8 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     stops the growth. ``augment``: transforms (AUGMENTS names, or a preset of AUGMENT_PRESETS) whose
     copies of each reviewed image are candidates too (default none). ``images``: where the images are
     read, each file decoded once (default: a DecodedImages of this refit's own; refit_checkpoint gives
-    the one that hashed them)."""
-    from mrkd.train.calibrate import score_images
-    from mrkd.train.memory_bank import MemoryBank, greedy_coreset
-    started = time.perf_counter()
-    head = model.head
-    if getattr(head, "memory_bank", None) is None:
+    the one that hashed them). A progress bar counts the images its passes read (image_passes)."""
+    if getattr(model.head, "memory_bank", None) is None:
         raise RefitError(f"the model has no memory bank (trained with --score {model.config.score}); refit "
                          f"adds reviewed good parts to the bank of a --score both or knn model")
     if not good_paths:
@@ -573,6 +572,44 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
         raise RefitError("no held-out good images to set the threshold on")
     augment = augment_names(augment)
     images = images if images is not None else DecodedImages.of(model)
+    guarding = bool(defect_paths) and guard_keep > 0 and guard_top > 0
+    bar = refit_bar(image_passes(len(good_paths), len(calibration_paths), len(defect_paths), radius is None,
+                                 guarding, reweight))
+    images.on_square = bar.update
+    try:
+        return _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, method, confidence, radius,
+                            radius_quantile, seed, batch_size, guard_top, guard_keep, guarding, reweight, share_grid,
+                            augment, images)
+    finally:
+        images.on_square = None
+        bar.close()
+
+
+def image_passes(good: int, held_out: int, defects: int, radius: bool, guarding: bool, reweight: bool) -> int:
+    """How many images refit_model's passes read (its progress bar's total): the reviewed images' scores
+    before, the held-out images' distances for the ``radius``, the defects' patches for the guard
+    (``guarding``), the reviewed images' candidates (their mirrored copies are made of the same read), the
+    three sets' maps when it may ``reweight``, the held-out scores for the threshold, the defects' and the
+    reviewed images' scores after."""
+    return (good + (held_out if radius else 0) + (defects if guarding else 0) + good
+            + ((good + held_out + defects) if reweight else 0) + held_out + defects + good)
+
+
+def refit_bar(total: int):
+    """The refit's progress bar on stderr (images read by its passes; the terminal's console lines are
+    written above it, mrkd/console.py)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc="refit", unit="img", leave=False, mininterval=1.0)
+
+
+def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, method, confidence, radius,
+                 radius_quantile, seed, batch_size, guard_top, guard_keep, guarding, reweight, share_grid, augment,
+                 images) -> RefitResult:
+    """refit_model's work, its arguments checked and its progress bar counting ``images``' reads."""
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.memory_bank import MemoryBank, greedy_coreset
+    started = time.perf_counter()
+    head = model.head
 
     def scores(paths):
         return score_images(model, list(paths), batch_size, square=images.square)
@@ -592,7 +629,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
             radius = float(torch.quantile(bank_distances(model, calibration_paths, bank, batch_size, images),
                                           radius_quantile))
         guard = reach = None
-        if defect_paths and guard_keep > 0 and guard_top > 0:
+        if guarding:
             guard = guard_patches(model, defect_paths, bank, guard_top, batch_size, images)
             reach = guard_keep * nearest_distance(guard, bank)
         found = reviewed_candidates(model, good_paths, bank, radius, augment, guard, reach, batch_size, images)
