@@ -63,8 +63,26 @@ def check_sidecar_belongs_to(meta: ModelMetadata, model_path: Path, sidecar: Pat
         raise MetadataError(f"{sidecar}: field {field_name}: this sidecar describes another model (sha256 "
                             f"{expected[:16]}...) than {model_path} (sha256 {actual[:16]}...): the model was "
                             f"cut short or replaced, or the .json is another export's; use the .json written "
-                            f"with this model or export it again")
+                            f"with this model or export it again{unfinished_export(model_path.parent)}")
     return True
+
+
+EXPORT_STAGING = ".export-"      # export/file_set.py's STAGING_PREFIX (the runtime imports no export code)
+
+
+def unfinished_export(folder: Path) -> str:
+    """The words that name an export's staging folders left in ``folder`` (its new files not yet moved in,
+    and the earlier set it keeps until the move is done): an export cut short by a kill or a power cut
+    between its renames leaves a new sidecar beside an earlier graph. "" when there are none."""
+    try:
+        left = sorted(entry.name for entry in folder.iterdir() if entry.name.startswith(EXPORT_STAGING)
+                      and entry.is_dir())
+    except OSError:
+        return ""
+    if not left:
+        return ""
+    return (f" (an export into {folder} was cut short, by a kill or a power cut, or is running now: its files "
+            f"and the earlier export's are in {', '.join(left)})")
 
 
 def check_sidecar_against_embedded(meta: ModelMetadata, embedded: ModelMetadata, sidecar: Path) -> None:

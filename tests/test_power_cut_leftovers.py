@@ -123,3 +123,33 @@ def _answers(http_get, url: str) -> bool:
         return http_get(url)[0] in (200, 503)
     except OSError:
         return False
+
+
+def test_a_model_folder_an_export_left_mixed_names_the_files_it_kept(tmp_path):
+    """A power cut while `mrkd export --overwrite` moved its set into the line's model folder: the new sidecar
+    reached the disk, the new graph is still in the export's staging folder and the earlier set in the one it
+    keeps beside it (export/file_set.py). The run refuses the pair in one line, as before, and now says where
+    both sets' files are, so the operator can put one back or export again."""
+    from mrkd.export.file_set import STAGING_PREFIX
+    for name in ("earlier", "new"):
+        (tmp_path / name).mkdir()
+    earlier = build_tiny_model(tmp_path / "earlier" / "model.onnx")
+    new = build_tiny_model(tmp_path / "new" / "model.onnx", uint8_input=True)
+    folder = tmp_path / "line"
+    staging, kept = folder / f"{STAGING_PREFIX}k3j2h1g0", folder / f"{STAGING_PREFIX}earlier-a1b2c3d4"
+    for place in (staging, kept):
+        place.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(earlier.read_bytes())                      # the graph's rename was lost
+    (folder / "model.onnx.json").write_bytes(Path(f"{new}.json").read_bytes())      # the sidecar's was not
+    (staging / "model.onnx").write_bytes(new.read_bytes())
+    for name in ("model.onnx", "model.onnx.json"):
+        os.link(folder / name if name == "model.onnx" else Path(f"{earlier}.json"), kept / name)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "0.png"), normal_frame(np.random.default_rng(0)))
+    done = subprocess.run(MRKD + ["run", str(folder / "model.onnx"), "--source", f"cam={frames}", "--status-every",
+                                  "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    error = [text for text in done.stderr.splitlines() if text.startswith("Error:")]
+    assert len(error) == 1 and "this sidecar describes another model" in error[0], done.stderr
+    assert f"{STAGING_PREFIX}earlier-a1b2c3d4" in error[0] and f"{STAGING_PREFIX}k3j2h1g0" in error[0], error[0]
