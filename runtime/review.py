@@ -254,7 +254,7 @@ class LabelFile:
                     if keep < size:
                         from mrkd.runtime.outputs.events import torn_tail_said
                         logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", self.path,
-                                       torn_tail_said(data[keep:], keep))
+                                       torn_tail_said(data[keep:], emptied=not keep))
                         os.ftruncate(self._fd, keep)
         except BaseException:
             os.close(self._fd)
@@ -326,8 +326,9 @@ def _json_lines(path: Path, kind: str, data: Optional[bytes] = None) -> Iterator
             yield where, json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             if number == len(lines) and torn_tail:
-                logger.warning("%s: skipping a torn last line of the %s (%d bytes, a crash mid-write?)", where,
-                               kind, len(raw))
+                from mrkd.runtime.outputs.events import power_cut_zeros, torn_tail_said
+                said = torn_tail_said(raw) if power_cut_zeros(raw) else f"{len(raw)} bytes, a crash mid-write?"
+                logger.warning("%s: skipping a torn last line of the %s (%s)", where, kind, said)
                 continue
             raise ReviewError(f"{where}: not a JSON line ({exc})") from exc
 

@@ -20,7 +20,7 @@ from runtime_fixtures import build_tiny_model, normal_frame
 from test_events_torn_first_write import RECORDS, written_line
 from test_parts_log import cell, run_parts  # noqa: F401 (cell: a fixture)
 
-from mrkd.runtime.outputs.events import EventLog, EventLogError, read_events
+from mrkd.runtime.outputs.events import EventLog, EventLogError, power_cut_zeros, read_events
 from mrkd.runtime.outputs.parts_log import PartsLog, PartsLogError
 from mrkd.runtime.review import LabelFile, ReviewError, ReviewLabel, read_labels
 
@@ -168,9 +168,10 @@ def test_mrkd_run_starts_again_on_an_events_log_its_power_cut_left_zero_filled(t
     assert len(read_events(events)) == 2 * alarms
 
 
-def test_readers_of_an_events_log_skip_a_zero_filled_tail(tmp_path):
+def test_readers_of_an_events_log_skip_a_zero_filled_tail(tmp_path, caplog):
     """`mrkd review`, the label's log identity and the page's restart rows read the log as a power cut left
-    it (nothing is cut until a run opens it): the zeros are passed over, never an error."""
+    it (nothing is cut until a run opens it): the zeros are passed over, never an error; `mrkd review`
+    says what it skipped."""
     from mrkd.runtime.outputs.recent_events import latest_events
     from mrkd.runtime.review import first_event_id, read_review_events
     path = tmp_path / "events.jsonl"
@@ -178,7 +179,10 @@ def test_readers_of_an_events_log_skip_a_zero_filled_tail(tmp_path):
     ids = [json.loads(line)["event_id"] for line in whole.splitlines()]
     for tail in (whole[:40] + b"\0" * 70000, b"\0" * 100, whole[:len(whole) // 2 - 1] + b"\0"):
         path.write_bytes(whole + tail)
+        caplog.clear()
         assert [event["event_id"] for event in read_review_events(path)] == ids
+        said = warnings_of(caplog)
+        assert len(said) == 1 and f"{power_cut_zeros(tail)} {ZEROS_SAID}" in said[0], said
         assert [event["event_id"] for event in latest_events(path, 5)] == ids[::-1]
         assert first_event_id(path) == ids[0]
     path.write_bytes(b"\0" * 4096)

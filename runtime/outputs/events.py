@@ -155,7 +155,7 @@ class EventLog:
             torn = handle.read(size - keep)
         if torn:
             logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", self.path,
-                           torn_tail_said(torn, keep))
+                           torn_tail_said(torn, emptied=not keep))
             os.ftruncate(self._fd, keep)
 
     def write(self, event: dict) -> None:
@@ -251,9 +251,9 @@ def last_line_end(handle, size: int, block: int = 65536) -> int:
     return 0
 
 
-def torn_tail_said(torn: bytes, kept: int) -> str:
-    """What a cut torn tail held, for its warning: the start of a line (its size and first bytes) and/or
-    the zeros a power cut left (how many); ``kept``: the bytes before it (0: the file is cut to empty)."""
+def torn_tail_said(torn: bytes, emptied: bool = False) -> str:
+    """What a torn tail holds, for a warning: the start of a line (its size and first bytes) and/or the
+    zeros a power cut left (how many); ``emptied``: cutting it leaves the file empty."""
     zeros = power_cut_zeros(torn)
     text = torn[:len(torn) - zeros]
     line = f"{len(text)} bytes: {text[:120].decode('utf-8', 'replace')!r}{'...' if len(text) > 120 else ''}"
@@ -262,7 +262,7 @@ def torn_tail_said(torn: bytes, kept: int) -> str:
         return line
     if text:
         return f"{line}, then {lost}"
-    return lost if kept else f"{lost}; the file held no data, cut to empty"
+    return f"{lost}; the file held no data, cut to empty" if emptied else lost
 
 
 def torn_first_write(tail: bytes, first_keys: Tuple[str, ...]) -> bool:
