@@ -55,14 +55,17 @@ certificate is accepted (the channel is still encrypted). With a certificate, as
 discovery) cannot activate a session (BadSecurityModeRejected). A user name and a
 password taken from an environment variable (compared in constant time) may call methods; anonymous
 clients may browse, read and subscribe, call the result methods, and call the others only when
-``anonymous_calls`` is set. Arguments of the wrong type answer BadInvalidArgument with BadTypeMismatch
-per argument.
+``anonymous_calls`` is set; nobody may write. A method's UserExecutable, read by a session, says whether
+that session may call it (false for an anonymous session on the methods it is refused; Executable stays
+true), so a generic client (a HMI) does not offer them. Arguments of the wrong type answer BadInvalidArgument
+with BadTypeMismatch per argument.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hmac
 import json
 import logging
@@ -249,6 +252,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
             policies = [ua.SecurityPolicyType.NoSecurity]
         self._rules = _Rules(self.anonymous_calls)
         server.set_security_policy(policies, permission_ruleset=self._rules)
+        if not _user_executable_per_session(server, self._rules):
+            logger.warning("opcua: this asyncua has no PostRead callback: anonymous sessions read UserExecutable "
+                           "true on the methods they are refused")
         server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken] if self.user
                                    else [ua.AnonymousIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
@@ -1008,12 +1014,31 @@ class _Rules:
         self._allowed = {UserRole.User: user, UserRole.Anonymous: anonymous, UserRole.Admin: user}
         self._call = ua.NodeId(ua.ObjectIds.CallRequest_Encoding_DefaultBinary)
 
+    @staticmethod
+    def _role(user):
+        from asyncua.crypto.permission_rules import UserRole
+        return user.role if user is not None else UserRole.Anonymous
+
     def check_validity(self, user, action_type, body) -> bool:
         from asyncua.crypto.permission_rules import UserRole
-        role = user.role if user is not None else UserRole.Anonymous
+        role = self._role(user)
         if action_type in self._allowed.get(role, set()):
             return True
         return action_type == self._call and role == UserRole.Anonymous and self._reads_only(body)
+
+    def may_call(self, user, method_id) -> bool:
+        """Whether ``user``'s session may call the method ``method_id`` (as check_validity decides)."""
+        return self._call in self._allowed.get(self._role(user), set()) or method_id in self.anyone_may_call
+
+    def lower_user_executable(self, read, _callbacks=None) -> None:
+        """asyncua's PostRead listener (``read``: its ServerItemCallback): a session reading UserExecutable
+        of a method it may not call is answered false; the node's own value (true) stays for the others."""
+        from asyncua import ua
+        answers = read.response_params
+        for i, (item, answer) in enumerate(zip(read.request_params.NodesToRead, answers)):
+            if (item.AttributeId == ua.AttributeIds.UserExecutable and answer.Value is not None
+                    and answer.Value.Value is True and not self.may_call(read.user, item.NodeId)):
+                answers[i] = dataclasses.replace(answer, Value=ua.Variant(False, ua.VariantType.Boolean))
 
     def _reads_only(self, body) -> bool:
         """Whether a CallRequest calls only methods anyone may call (its body is read from a copy)."""
@@ -1024,3 +1049,17 @@ class _Rules:
         except Exception:     # a request that does not decode is refused by the check, then by asyncua
             return False
         return bool(calls) and all(call.MethodId in self.anyone_may_call for call in calls)
+
+
+def _user_executable_per_session(server, rules: _Rules) -> bool:
+    """Make a Read of a method's UserExecutable say whether the reading session may call it (OPC 10000-3:
+    executable taking the current user into account); asyncua answers every session the node's stored
+    value. Written against asyncua 2.1.0, whose PostRead server callback is handed the session's user and
+    the very list of DataValues the Read answers (InternalSession.read); tests/test_plc_opcua_access.py
+    fails if that changes. False where this asyncua has no such callback."""
+    from asyncua.common.callback import CallbackType
+    post_read = getattr(CallbackType, "PostRead", None)
+    if post_read is None or not hasattr(server, "subscribe_server_callback"):
+        return False
+    server.subscribe_server_callback(post_read, rules.lower_user_executable)
+    return True
