@@ -157,6 +157,7 @@ def test_a_late_camera_waiting_for_its_turn_to_open_is_not_opened_once_the_line_
     read = threading.Thread(target=late.read, kwargs=dict(timeout=0.25), daemon=True)
     read.start()
     time.sleep(0.2)
+    stopped_at = time.monotonic()
     stop.set()
     read.join(0.5)
     alive = read.is_alive()
@@ -164,7 +165,9 @@ def test_a_late_camera_waiting_for_its_turn_to_open_is_not_opened_once_the_line_
     late.close()
     assert not alive, "the reader still waited for OpenCV after the stop"
     time.sleep(0.2)
-    assert peers[1].times == [], "the late camera was opened after the stop"
+    # its one connection before the stop is the plain TCP connect made before it waits (sources/reachable.py)
+    assert len(peers[1].times) <= 1
+    assert [t for t in peers[1].times if t >= stopped_at] == [], "the late camera was opened after the stop"
 
 
 def _unreachable(uri: str) -> None:

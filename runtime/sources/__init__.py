@@ -36,6 +36,7 @@ from mrkd.runtime.images import ImageListError, ImageReadError, list_images, rea
 from mrkd.runtime.raw_image import RawImage
 from mrkd.runtime.redact import redact_uri
 from mrkd.runtime.sources.open_turns import given_up_when, in_turn
+from mrkd.runtime.sources.reachable import Unreachable, probe_target, probed_open
 from mrkd.runtime.warning_limiter import WarningLimiter
 from mrkd.unjoined_threads import left_running
 
@@ -461,6 +462,7 @@ class LiveSource(LatestFrameSource):
         self._opener = opener
         self._reconnect = reconnect
         self._backoff = backoff
+        self._reasons_said: set[str] = set()     # why reopens failed, each said once
         self._cap = _open_capture(uri, opener)
         self._latest: Optional[Frame] = None
         self._ended = False
@@ -474,7 +476,7 @@ class LiveSource(LatestFrameSource):
         while not self._stop.is_set():
             if self._cap is None:
                 with given_up_when(self._stop.is_set):     # a stop while it waits for its turn: not opened
-                    cap = self._opener()
+                    cap = self._open_again()
                 if cap is not None and cap.isOpened():
                     self._cap, delay = cap, self._backoff[0]
                     self.stats.reconnects += 1
@@ -509,6 +511,18 @@ class LiveSource(LatestFrameSource):
             self._ended = True
             self._cond.notify_all()
 
+    def _open_again(self) -> Optional["cv2.VideoCapture"]:
+        """The opener's capture; None where the camera did not answer its connect (reachable.py), whose
+        reason is said once per new reason."""
+        try:
+            return self._opener()
+        except SourceUnreachable as exc:
+            self.stats.last_error = str(exc)
+            if self.stats.last_error not in self._reasons_said:
+                self._reasons_said.add(self.stats.last_error)
+                logger.warning("%s; reopening with backoff", self.stats.last_error)
+            return None
+
     def stop_reading(self) -> None:
         self._stop.set()      # the reader opens nothing more; one inside an open or read ends with its timeout
 
@@ -534,8 +548,21 @@ def _ffmpeg_opener(url: str, timeout_s: float) -> Callable[[], "cv2.VideoCapture
     # Without these the FFmpeg backend waits ~30 s (or forever) on a dead stream.
     ms = int(timeout_s * 1000)
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+
+    def open_stream() -> "cv2.VideoCapture":
+        return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
     # one open at a time (OpenCV's own lock would make them wait in native code, past a stop): open_turns.py
-    return lambda: in_turn(lambda: cv2.VideoCapture(url, cv2.CAP_FFMPEG, params))
+    target = probe_target(url)
+    if target is None:
+        return lambda: in_turn(open_stream)
+
+    def open_reachable() -> Optional["cv2.VideoCapture"]:
+        # a camera that does not accept a connect does not take the turn (reachable.py)
+        try:
+            return probed_open(url, target, timeout_s, open_stream, lambda cap: cap.isOpened())
+        except Unreachable as exc:
+            raise SourceUnreachable(f"{redact_uri(url)}: {exc}") from None
+    return open_reachable
 
 
 def _camera_opener(target: Union[int, str], api: int, size, fps) -> Callable[[], "cv2.VideoCapture"]:

@@ -32,6 +32,7 @@ class LateSource(Source):
         self._inner: Optional[Source] = None
         super().__init__(uri)
         self._own_stats.last_error = first_error
+        self._reasons_said = {first_error}     # the line said the first (runtime/line/loop.py open_sources)
         self._opener, self._backoff, self._delay = opener, backoff, backoff[0]
         self._next_try = time.monotonic() + self._delay
         # the line's stop: once set, the camera is not opened again (an open of a camera that does not
@@ -68,7 +69,7 @@ class LateSource(Source):
                 with given_up_when(self._stopped):      # the stop comes while it waits for its turn: not opened
                     inner = self._opener()
             except SourceError as exc:
-                self._own_stats.last_error = str(exc)
+                self._failed(str(exc))
                 self._delay = min(self._delay * 2, self._backoff[1])
                 self._next_try = time.monotonic() + self._delay
                 return None
@@ -84,6 +85,13 @@ class LateSource(Source):
             inner.keep_camera_bits(self.keeps_camera_bits)
             logger.warning("%s: answered; reading it", self.uri)
         return self._inner.read(timeout)
+
+    def _failed(self, reason: str) -> None:
+        """Note why an open failed; a new reason is said once (not one an open given up for a stop gives)."""
+        self._own_stats.last_error = reason
+        if reason not in self._reasons_said and not self._stopped():
+            self._reasons_said.add(reason)
+            logger.warning("%s; trying again in the background", reason)
 
     @property
     def ended(self) -> bool:

@@ -34,6 +34,13 @@ def given_up_when(stopped: Optional[Callable[[], bool]]) -> Iterator[None]:
         _given_up.stopped = previous
 
 
+def given_up() -> bool:
+    """Whether this thread's camera stopped (``given_up_when``): work before the turn (reachable.py's
+    connect) ends at the same stop."""
+    stopped = getattr(_given_up, "stopped", None)
+    return stopped is not None and stopped()
+
+
 def in_turn(open_stream: Callable[[], Opened]) -> Optional[Opened]:
     """``open_stream()`` once no other network open is running; None, without opening, if this thread's
     camera stopped first (``given_up_when``)."""

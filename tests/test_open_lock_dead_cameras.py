@@ -1,0 +1,204 @@
+"""A network camera that is off, unreachable or hung must not keep a working one's reconnects waiting.
+
+OpenCV's FFmpeg backend opens one stream at a time in the process (sources/open_turns.py). Real peers
+on loopback: an "unanswered" address (a listener whose one-slot backlog is full, so the kernel drops
+further SYNs: a camera that is powered off), a silent peer (accepts and never answers: hung firmware)
+and an MJPEG camera that drops its client every 4 s. On the old code a dead camera held the open lock
+for its 5 s open on every retry, and the working camera beside it judged ~52 % of the frames it judged
+alone (alone 441, beside the unanswered one 229, beside the silent one 232, in 20 s). Now a plain TCP
+connect, outside the lock, finds the unanswered camera, and a hung camera's opens are spaced out.
+"""
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mrkd.runtime.sources import SourceUnreachable, open_source
+from mrkd.runtime.sources.late import LateSource
+from mrkd.runtime.sources.reachable import Target, probe_target
+from runtime_fixtures import MjpegServer, build_tiny_model
+from test_stop_dead_cameras import SilentPeer
+
+WINDOW_S = 12.0          # the working camera's frames are counted over this long once the line runs
+FRAMES_PER_DROP = 50     # at 25 fps: the camera drops its client every 2 s
+
+
+class UnansweredPeer:
+    """A listener that never accepts, its one-slot queue filled: the kernel drops the SYNs of every
+    further connect, as from a camera that is powered off (no root needed, unlike a firewall rule)."""
+
+    def __init__(self, host: str):
+        self.server = socket.socket()
+        self.server.bind((host, 0))
+        self.server.listen(0)
+        self.port = self.server.getsockname()[1]
+        self.filler = socket.create_connection((host, self.port))
+
+    def close(self) -> None:
+        self.filler.close()
+        self.server.close()
+
+
+class LineRun:
+    """`mrkd run` with a working camera "good" (and a dead one beside it); the good camera's frames
+    from its status lines, (seconds since start, frames) each."""
+
+    def __init__(self, model, good_url: str, dead_url=None):
+        args = [sys.executable, "-c", "from mrkd.cli import main; main()", "run", str(model),
+                "--status-every", "1", "--source", f"good={good_url}"]
+        if dead_url:
+            args += ["--source", f"dead={dead_url}"]
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines, self.counts = [], []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for text in self.process.stderr:
+            self.lines.append(text)
+            match = re.search(r"good: \w+ (\d+) frames", text)
+            if match:
+                self.counts.append((time.monotonic() - self.started, int(match.group(1))))
+
+    def running_for(self) -> float:
+        """Seconds since the first status line (the line runs); 0 before it."""
+        return self.counts[-1][0] - self.counts[0][0] if self.counts else 0.0
+
+    def frames_per_s(self) -> float:
+        (t0, n0), (t1, n1) = self.counts[0], self.counts[-1]
+        return (n1 - n0) / (t1 - t0)
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+        return "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("open_lock") / "model.onnx")
+
+
+@pytest.mark.slow      # three lines side by side, each counted for WINDOW_S once it runs
+def test_a_working_camera_beside_an_unanswered_or_hung_camera_keeps_its_frames(model):
+    unanswered, silent = UnansweredPeer("127.0.86.91"), SilentPeer("127.0.86.92")
+    cameras = {name: MjpegServer(frames_per_connection=FRAMES_PER_DROP, interval=0.04)
+               for name in ("alone", "unanswered", "silent")}
+    dead = {"alone": None, "unanswered": f"rtsp://127.0.86.91:{unanswered.port}/x",
+            "silent": f"rtsp://127.0.86.92:{silent.port}/x"}
+    runs = {name: LineRun(model, cameras[name].url, dead[name]) for name in cameras}
+    try:
+        deadline = time.monotonic() + WINDOW_S + 30
+        while not all(run.running_for() >= WINDOW_S for run in runs.values()):
+            assert time.monotonic() < deadline, {name: run.lines[-5:] for name, run in runs.items()}
+            time.sleep(0.2)
+        for run in runs.values():
+            run.process.send_signal(signal.SIGTERM)
+    finally:
+        logs = {name: run.stop() for name, run in runs.items()}
+        for server in cameras.values():
+            server.close()
+        unanswered.close()
+        silent.close()
+    rates = {name: round(run.frames_per_s(), 1) for name, run in runs.items()}
+    assert rates["alone"] > 15, (rates, logs["alone"][-2000:])
+    assert rates["unanswered"] >= 0.8 * rates["alone"], (rates, logs["unanswered"][-3000:])
+    assert rates["silent"] >= 0.8 * rates["alone"], (rates, logs["silent"][-3000:])
+    assert f"cannot connect to 127.0.86.91:{unanswered.port} (timed out)" in logs["unanswered"]
+    assert "accepts connections but its stream did not open in 5 s" in logs["silent"]
+
+
+def test_an_open_beside_an_unanswered_camera_does_not_wait_for_it():
+    """The old code: the working camera's open waited ~1.7 s, until the unanswered camera's 2 s open ended."""
+    unanswered, camera = UnansweredPeer("127.0.86.93"), MjpegServer(frames_per_connection=1000, interval=0.04)
+    failures = []
+
+    def open_dead():
+        try:
+            open_source(f"rtsp://127.0.86.93:{unanswered.port}/x", timeout=2.0)
+        except SourceUnreachable as exc:
+            failures.append(str(exc))
+    dead = threading.Thread(target=open_dead, daemon=True)
+    try:
+        dead.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        source = open_source(camera.url, timeout=2.0)
+        took = time.monotonic() - started
+        source.close()
+        dead.join(5)
+    finally:
+        camera.close()
+        unanswered.close()
+    assert took < 1.0, f"the working camera's open waited {took:.2f} s"
+    assert failures == [f"rtsp://127.0.86.93:{unanswered.port}/x: cannot connect to 127.0.86.93:{unanswered.port} "
+                        f"(timed out)"]
+
+
+def test_a_stop_ends_the_connect_of_an_unanswered_camera_at_once():
+    """The old code: the open ran its whole 5 s inside OpenCV, where the stop does not reach."""
+    unanswered = UnansweredPeer("127.0.86.94")
+    stop = threading.Event()
+    uri = f"rtsp://127.0.86.94:{unanswered.port}/x"
+    late = LateSource(uri, lambda: open_source(uri, timeout=5.0), "did not answer", backoff=(0.0, 0.0), stop=stop)
+    read = threading.Thread(target=late.read, kwargs=dict(timeout=0.25), daemon=True)
+    try:
+        read.start()
+        time.sleep(0.3)
+        stop.set()
+        read.join(0.5)
+        alive = read.is_alive()
+        read.join(6)
+    finally:
+        late.close()
+        unanswered.close()
+    assert not alive, "the reader still tried to reach the camera after the stop"
+
+
+def test_a_camera_that_accepts_and_never_answers_is_opened_less_often():
+    """The old code opened it again at once, holding the open lock for its timeout each time."""
+    silent = SilentPeer("127.0.86.95")
+    uri = f"rtsp://127.0.86.95:{silent.port}/hung"
+    try:
+        with pytest.raises(SourceUnreachable, match="cannot open"):
+            open_source(uri, timeout=1.0)                # ran out its 1 s: the next opens wait
+        connections = len(silent.times)
+        started = time.monotonic()
+        with pytest.raises(SourceUnreachable, match="accepts connections but its stream did not open in 1 s"):
+            open_source(uri, timeout=1.0)
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert took < 0.3, f"the hung camera was opened again ({took:.2f} s)"
+    assert len(silent.times) == connections
+
+
+def test_urls_a_connect_cannot_vouch_for_are_opened_as_before(monkeypatch):
+    monkeypatch.delenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", raising=False)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert probe_target("rtsp://user:pw@cam.local/stream") == Target("cam.local", 554)
+    assert probe_target("http://10.0.0.7/video.mjpg") == Target("10.0.0.7", 80)
+    assert probe_target("https://[fe80::1]:8443/v") == Target("fe80::1", 8443)
+    assert str(Target("fe80::1", 8443)) == "[fe80::1]:8443"
+    assert probe_target("udp://@:1234") is None and probe_target("tcp://10.0.0.7:9000") is None
+    monkeypatch.setenv("http_proxy", "http://proxy.local:3128")   # FFmpeg's http and tls go through it
+    assert probe_target("http://10.0.0.7/video.mjpg") is None
+    assert probe_target("https://10.0.0.7/video.mjpg") is None
+    assert probe_target("rtsp://10.0.0.7/stream") == Target("10.0.0.7", 554)
+    monkeypatch.setenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;http")   # rtsp tunnelled over http
+    assert probe_target("rtsp://10.0.0.7/stream") is None
