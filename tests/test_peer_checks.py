@@ -108,13 +108,71 @@ def test_each_element_comes_from_the_debian_package_named_for_it():
 
 
 def _debian_package_of(path: str) -> str:
-    """The Debian package that owns ``path`` (/lib is /usr/lib on Debian 12; "*/libx.so.0" in any folder)."""
+    """The Debian package that owns ``path`` (/lib is /usr/lib on Debian 12, and dpkg knows /usr/sbin/ip as
+    /sbin/ip; "*/libx.so.0" in any folder)."""
     candidates = [path] + (["/usr" + path] if path.startswith("/lib/") else [])
+    candidates += [path[len("/usr"):]] if path.startswith(("/usr/bin/", "/usr/sbin/")) else []
     for candidate in candidates:
         done = subprocess.run(["dpkg", "-S", candidate], capture_output=True, text=True)
         if done.returncode == 0:
             return done.stdout.split(":", 1)[0]
     return "(no package)"
+
+
+def _provided_by(owner: str) -> set:
+    """``owner`` and the package names its control data Provides (NodeSource's nodejs provides npm)."""
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Provides}", owner], capture_output=True, text=True)
+    return {owner} | {entry.split()[0] for entry in done.stdout.split(",") if entry.strip()}
+
+
+def _module_constants(path: Path) -> dict:
+    """A module's top-level NAME = "text" constants."""
+    import ast
+    return {target.id: node.value.value for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            for target in node.targets if isinstance(target, ast.Name)}
+
+
+def _string_constants(path: Path) -> dict:
+    """A test module's constants, with those it imports (anywhere in it) from another test module's top level."""
+    import ast
+    constants = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and path.with_name(f"{node.module}.py").is_file():
+            imported = _module_constants(path.with_name(f"{node.module}.py"))
+            constants.update({alias.name: imported[alias.name] for alias in node.names if alias.name in imported})
+    return {**constants, **_module_constants(path)}
+
+
+def _required_programs(path: Path) -> set:
+    """(program, packages) of each require_program(PROGRAM, [PACKAGE, ...]) call in ``path``."""
+    import ast
+    constants = _string_constants(path)
+    required = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "require_program" and len(node.args) == 2:
+            program, packages = node.args
+            name = program.value if isinstance(program, ast.Constant) else constants.get(getattr(program, "id", ""))
+            assert name, f"{path.name}:{node.lineno}: require_program's program is no constant this test can read"
+            required.add((name, tuple(ast.literal_eval(packages))))
+    return required
+
+
+def test_each_required_program_comes_from_the_debian_package_named_for_it():
+    """The package require_program installs for a missing program is the one that really ships it (dpkg -S of
+    the program found): a wrong or sibling package name passes unnoticed on a machine that has the program
+    already, and fails on a fresh one, which installs the wrong package and still lacks the program."""
+    from peers import require_program
+    required = set().union(*(_required_programs(path) for path in Path(__file__).parent.glob("*.py")
+                             if path.name != Path(__file__).name))
+    assert len({program for program, _ in required}) >= 15, sorted(required)      # the calls were read
+    wrong = {}
+    for program, packages in sorted(required):
+        found = require_program(program, packages)
+        owner = _debian_package_of(found)
+        if not _provided_by(owner) & set(packages):
+            wrong[program] = (found, owner, packages)
+    assert not wrong, f"program: (found at, its Debian package, the packages require_program installs): {wrong}"
 
 
 # Modules the tests import only where a GPU is there, each guarded by a skip that says so (conftest.py).
