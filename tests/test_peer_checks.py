@@ -238,6 +238,45 @@ def test_every_package_the_tests_import_is_installed_by_the_dev_setup():
     assert not undeclared, f"imported by tests or the code they run, not in setup.py's dev set: {undeclared}"
 
 
+def _modules_skipped_without() -> dict:
+    """{module: test file} of each pytest.importorskip("module") in the tests."""
+    import ast
+    skipped = {}
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "importorskip" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                skipped.setdefault(node.args[0].value, path.name)
+    return skipped
+
+
+def test_every_module_a_test_would_skip_without_imports_in_the_dev_setup():
+    """pytest.importorskip skips a test when its module does not import. For a module setup.py's dev set installs
+    (torch, asyncua, pymodbus, openvino, elpv_dataset, ...) that skip only hides a broken setup: the module's
+    tests would all pass as skipped. Each such module imports here (in a child: no library's threads in this
+    process); only the GPU-only ones may be missing."""
+    import importlib.metadata
+    skipped = _modules_skipped_without()
+    providers = importlib.metadata.packages_distributions()
+    declared = _declared_distributions()
+    installed_by_setup = sorted(module for module in skipped
+                                if module.split(".")[0] not in sys.stdlib_module_names | GPU_ONLY_MODULES
+                                and {name.lower().replace("_", "-") for name in
+                                     providers.get(module.split(".")[0], [module.split(".")[0]])} & declared)
+    assert len(installed_by_setup) >= 10, installed_by_setup          # the calls were read
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except Exception as exc:\n"
+            "        print(f'{name}: {type(exc).__name__}: {exc}'[:300])\n")
+    done = subprocess.run([sys.executable, "-c", code, *installed_by_setup], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    failed = {line.split(":", 1)[0]: (skipped[line.split(":", 1)[0]], line) for line in done.stdout.splitlines()}
+    assert not failed, f"installed by the dev setup, yet does not import (its tests would skip): {failed}"
+
+
 # Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, bash, dpkg.
 ESSENTIAL_PROGRAMS = {"sh", "bash", "dpkg"}
 
