@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+from mrkd.atomic import sync_folder
 from mrkd.export.onnx_graph import ExportError
 from mrkd.runtime.metadata import sidecar_path
 
@@ -96,7 +97,7 @@ def move_into_place(staging: Path, out_dir: Path) -> List[Path]:
     finally:
         if restored:
             shutil.rmtree(kept, ignore_errors=True)
-    _sync_folder(out_dir)
+    sync_folder(out_dir)
     return stale
 
 
@@ -129,18 +130,9 @@ def _roll_back(changed: List[str], kept: Path, out_dir: Path) -> Tuple[bool, str
                 (out_dir / name).unlink()
         except OSError as exc:
             failed.append(f"{name}: {exc.strerror or exc}")
-    _sync_folder(out_dir)
+    sync_folder(out_dir)
     if not failed:
         return True, f"{out_dir} holds the earlier export again, as it was"
     return False, (f"putting the earlier export back failed too ({'; '.join(failed)}): {out_dir} is mixed, "
                    f"the earlier export's files are kept in {kept}")
 
-
-def _sync_folder(folder: Path) -> None:
-    """fsync the folder so the renames survive a power cut (where the OS allows it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

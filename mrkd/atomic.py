@@ -41,7 +41,8 @@ def new_file_mode() -> int:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+    """Open a temporary file beside ``path``; on success fsync it, rename it over ``path`` and fsync the
+    folder (the rename too must reach the disk before the caller says it is written).
     OSError from the file system (ENOSPC, EACCES...) is raised again naming ``path``."""
     path = Path(path)
     tmp = None
@@ -58,6 +59,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except OSError as exc:
         _remove(tmp)
         if str(path) in str(exc):
@@ -66,6 +68,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """fsync ``folder`` so a rename or link in it survives a power cut: until then the old file can be the
+    one found after it (where the OS allows it: nothing is said when it does not)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _remove(tmp) -> None:

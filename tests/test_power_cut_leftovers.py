@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -153,3 +154,43 @@ def test_a_model_folder_an_export_left_mixed_names_the_files_it_kept(tmp_path):
     error = [text for text in done.stderr.splitlines() if text.startswith("Error:")]
     assert len(error) == 1 and "this sidecar describes another model" in error[0], done.stderr
     assert f"{STAGING_PREFIX}earlier-a1b2c3d4" in error[0] and f"{STAGING_PREFIX}k3j2h1g0" in error[0], error[0]
+
+
+def test_mrkd_calibrate_syncs_the_folder_once_the_new_sidecar_has_its_name(line, tmp_path):
+    """The sidecar (the threshold) is written to a staged file, fsynced and renamed over the old one. Until the
+    folder is synced too, a power cut after "threshold ... -> model.onnx" can leave the old sidecar there: the
+    line then runs on the old threshold, saying nothing. Seen from outside (strace of a real `mrkd calibrate`):
+    the rename is followed by an fsync of the folder."""
+    model, good = line
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in (model.name, f"{model.name}.json"):
+        (folder / name).write_bytes((model.parent / name).read_bytes())
+    calls = traced(MRKD + ["calibrate", str(folder / model.name), str(good), "--accept-shift"], tmp_path)
+    assert str(folder) in folders_synced_after_rename(calls, folder / f"{model.name}.json")
+
+
+def traced(command, tmp_path) -> list:
+    """The opens, renames and fsyncs of ``command`` and its children (strace), once it succeeded."""
+    from peers import require_program
+    strace = require_program("strace", ("strace",))
+    trace = tmp_path / "trace.txt"
+    done = subprocess.run([strace, "-f", "-qq", "-e", "trace=openat,rename,renameat,renameat2,fsync", "-o", str(trace),
+                           *map(str, command)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return trace.read_text().splitlines()
+
+
+def folders_synced_after_rename(calls: list, target) -> list:
+    """The paths fsynced (through a descriptor opened after it) after the one rename onto ``target``."""
+    renamed = [i for i, call in enumerate(calls) if "rename" in call and f'"{target}"' in call]
+    assert len(renamed) == 1, calls[-20:]
+    opened, synced = {}, []          # descriptor -> the path it was opened on
+    for call in calls[renamed[0] + 1:]:
+        opening = re.search(r'openat\(AT_FDCWD, "([^"]*)", [^)]*\) = (\d+)', call)
+        if opening:
+            opened[opening.group(2)] = opening.group(1)
+        syncing = re.search(r"fsync\((\d+)\) += 0", call)
+        if syncing and syncing.group(1) in opened:
+            synced.append(opened[syncing.group(1)])
+    return synced

@@ -68,7 +68,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mrkd.atomic import current_umask
+from mrkd.atomic import current_umask, sync_folder
 from mrkd.errors import MrkdError, one_line, warning_line
 from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration, \
     calibration_from_scores
@@ -974,6 +974,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             os.rename(staging, out_dir)       # atomic; fails when out_dir appeared meanwhile
         except OSError as exc:
             raise RefitError(f"{out_dir}: cannot be created ({exc.strerror or exc}); nothing written") from exc
+        sync_folder(out_dir.parent)           # the rename too reaches the disk before "written" is said
     except RefitError:
         raise
     except (OSError, MrkdError) as exc:
