@@ -553,9 +553,14 @@ class ModelMetadata:
     def load(cls, path: str | Path) -> "ModelMetadata":
         path = Path(path)
         try:
+            text = path.read_text(encoding="utf-8")
+            if not text.strip("\0"):        # size 0, or all zeros: a power cut before its data reached the disk
+                raise MetadataError(f"{path}: the sidecar holds no data ({len(text)} bytes"
+                                    f"{', all zero' if text else ''}: cut short, a power cut?); export or copy it "
+                                    "again")
             # NaN/Infinity (not JSON, but Python writes them) are read as floats; the field checks then
             # refuse them by name.
-            data = _read_json(path.read_text(encoding="utf-8"))
+            data = _read_json(text)
         except FileNotFoundError:
             raise MetadataError(f"{path}: metadata sidecar not found (export writes it next to the model)")
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

@@ -194,3 +194,19 @@ def folders_synced_after_rename(calls: list, target) -> list:
         if syncing and syncing.group(1) in opened:
             synced.append(opened[syncing.group(1)])
     return synced
+
+
+@pytest.mark.parametrize("left", [b"", b"\0" * 700], ids=["size 0", "all zeros"])
+def test_a_sidecar_left_empty_or_zero_filled_is_said_so_in_one_line(line, tmp_path, left):
+    """Not "metadata is not valid JSON (Expecting value: line 1 column 1 (char 0))": the operator is told the
+    file holds nothing and what to do."""
+    model, frames = line
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / model.name).write_bytes(model.read_bytes())
+    (folder / f"{model.name}.json").write_bytes(left)
+    done = subprocess.run(MRKD + ["run", str(folder / model.name), "--source", f"cam={frames}", "--status-every",
+                                  "0"], capture_output=True, text=True, timeout=120)
+    error = [text for text in done.stderr.splitlines() if text.startswith("Error:")]
+    assert done.returncode != 0 and "Traceback" not in done.stderr and len(error) == 1, done.stderr
+    assert f"holds no data ({len(left)} bytes" in error[0] and "export or copy it again" in error[0], error[0]
