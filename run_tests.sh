@@ -27,17 +27,24 @@ status=0
 isolated_log=$(mktemp -t mrkd-isolated-XXXXXX.log)
 (
   group_status=0
+  # A TERM stops the group's pytest running now, and no later group starts. (Each pytest runs in the background
+  # and is waited for: bash runs a trap only once its foreground command has ended.)
+  child=""
+  trap 'kill -TERM "$child" 2>/dev/null || true; exit 143' TERM
   for group in "${isolated[@]}"; do
     echo "== pytest $group"
     # shellcheck disable=SC2086
-    .venv/bin/python -m pytest -q -ra $group || group_status=$?
+    .venv/bin/python -m pytest -q -ra $group &
+    child=$!
+    wait "$child" || group_status=$?
   done
   exit "$group_status"
 ) > "$isolated_log" 2>&1 &
 isolated_pid=$!
-# On an interrupt the groups' pytest stops too (it is the subshell's child), and the log goes.
-# (Each command of the trap must succeed: under set -e a failing one, pkill finding nothing, is the exit status.)
-trap 'pkill -TERM -P "$isolated_pid" 2>/dev/null || true; kill "$isolated_pid" 2>/dev/null || true; rm -f "$isolated_log"' EXIT
+# On an interrupt the groups' pytest stops too (the subshell's TERM trap), and the log goes. No pkill: procps is
+# not on a fresh Debian, and killing the subshell's child from here raced with the next group's start.
+# (Each command of the trap must succeed: under set -e a failing one, kill finding nothing, is the exit status.)
+trap 'kill -TERM "$isolated_pid" 2>/dev/null || true; rm -f "$isolated_log"' EXIT
 # The main group's files run in two pytest-xdist processes, each file whole in one of them (its module
 # fixtures are built once): one process kept about 0.8 of the 2 cores busy (much of a test is waiting on a
 # subprocess, a socket or a file), and serially the group took 27-31 minutes.
