@@ -277,8 +277,8 @@ def test_every_module_a_test_would_skip_without_imports_in_the_dev_setup():
     assert not failed, f"installed by the dev setup, yet does not import (its tests would skip): {failed}"
 
 
-# Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, bash, dpkg.
-ESSENTIAL_PROGRAMS = {"sh", "bash", "dpkg"}
+# Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, bash, dpkg's two.
+ESSENTIAL_PROGRAMS = {"sh", "bash", "dpkg", "dpkg-query"}
 
 
 def _programs_run_by_name(tree) -> set:
@@ -292,21 +292,50 @@ def _programs_run_by_name(tree) -> set:
                 and isinstance(node.args[0], ast.List) and node.args[0].elts
                 and isinstance(node.args[0].elts[0], ast.Constant)):
             names.add(node.args[0].elts[0].value)
+        elif isinstance(node, ast.Call) and _called_name(node) in HELPER_PROGRAMS:
+            names.add(HELPER_PROGRAMS[_called_name(node)])
+            if _called_name(node) == "Mosquitto" and any(k.arg == "passwords" for k in node.keywords):
+                names.add("mosquitto_passwd")      # writes the broker's password file first
     return names
 
 
+# The peers' helpers in mrkd.benchmarks that run a program of their own (its name their parameter's default:
+# test_the_peer_helpers_run_the_programs_named_here), and what peers.require_gige_simulator requires.
+HELPER_PROGRAMS = {"mbpoll": "mbpoll", "Mosquitto": "mosquitto", "FakeGigeCamera": "arv-fake-gv-camera-0.8"}
+GIGE_SIMULATOR_PROGRAMS = {"arv-fake-gv-camera-0.8", "ip", "ss"}
+
+
+def _called_name(call) -> str:
+    return getattr(call.func, "id", "") or getattr(call.func, "attr", "")
+
+
 def _programs_required(tree) -> set:
-    """The literal names a module passes to peers.require_program (each installed when missing, else a loud skip)."""
+    """The literal names a module passes to peers.require_program (each installed when missing, else a loud skip),
+    and the GigE simulator's programs where it calls peers.require_gige_simulator."""
     import ast
-    return {node.args[0].value for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "require_program" and node.args
-            and isinstance(node.args[0], ast.Constant)}
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    required = {node.args[0].value for node in calls if getattr(node.func, "id", "") == "require_program"
+                and node.args and isinstance(node.args[0], ast.Constant)}
+    if any(_called_name(node) == "require_gige_simulator" for node in calls):
+        required |= GIGE_SIMULATOR_PROGRAMS
+    return required
+
+
+def test_the_peer_helpers_run_the_programs_named_here():
+    import inspect
+    from mrkd.benchmarks import fake_gige, mosquitto, plc_peer
+    defaults = {name: inspect.signature(helper).parameters["program"].default for name, helper in
+                (("mbpoll", plc_peer.mbpoll), ("Mosquitto", mosquitto.Mosquitto),
+                 ("FakeGigeCamera", fake_gige.FakeGigeCamera))}
+    assert defaults == HELPER_PROGRAMS
+    assert inspect.getsource(mosquitto.Mosquitto.__init__).count('shutil.which("mosquitto_passwd")') == 1
 
 
 def test_every_program_a_test_runs_by_name_is_required_first():
-    """A program run as subprocess.run(["pgrep", ...]) without require_program("pgrep", [package]) in the same
-    file is there by chance: a fresh Debian (procps is not in its minimal set) fails inside the test with
-    FileNotFoundError instead of installing it or skipping with the package's name."""
+    """A program run as subprocess.run(["pgrep", ...]), or by a peer helper (plc_peer.mbpoll, Mosquitto,
+    FakeGigeCamera), without require_program("pgrep", [package]) in the same file is there by chance: a fresh
+    Debian (procps is not in its minimal set) fails inside the test with FileNotFoundError instead of installing
+    it or skipping with the package's name."""
     import ast
     unchecked = {}
     for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
