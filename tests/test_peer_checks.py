@@ -277,6 +277,32 @@ def test_every_module_a_test_would_skip_without_imports_in_the_dev_setup():
     assert not failed, f"installed by the dev setup, yet does not import (its tests would skip): {failed}"
 
 
+def test_every_package_the_opcua_client_scripts_require_is_installed_and_checked():
+    """tests/opcua_client/*.js require() npm packages: each is a direct dependency in package.json and in the
+    lockfile's root (what npm ci installs; a package there only as another's dependency goes when that one stops
+    needing it), and among the modules node_client_ready loads before a test runs them."""
+    import ast
+    import json
+    import re
+    here = Path(__file__).resolve().parent
+    client_dir = here / "opcua_client"
+    # test_plc_opcua's NODE_MODULES, read without importing it (asyncua into this process)
+    checked = next(ast.literal_eval(node.value) for node in ast.parse((here / "test_plc_opcua.py").read_text()).body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "NODE_MODULES")
+    scripts = sorted(client_dir.glob("*.js"))
+    required = {name for script in scripts
+                for name in re.findall(r"""require\(\s*["']([^"'./][^"']*)["']\s*\)""", script.read_text())}
+    packages = required - NODE_BUILTINS
+    assert len(scripts) >= 10 and "node-opcua-client" in packages, (scripts, required)
+    declared = json.loads((client_dir / "package.json").read_text())["dependencies"]
+    locked = json.loads((client_dir / "package-lock.json").read_text())["packages"][""]["dependencies"]
+    assert packages <= set(declared) and packages <= set(locked) and packages <= set(checked), \
+        (sorted(packages), declared, locked, checked)
+
+
+NODE_BUILTINS = {"fs", "readline", "path", "os", "crypto", "child_process", "util", "events", "net"}
+
+
 # Programs of Debian's Essential packages (on every Debian, never installed): dash's sh, bash, dpkg's two.
 ESSENTIAL_PROGRAMS = {"sh", "bash", "dpkg", "dpkg-query"}
 
