@@ -443,7 +443,9 @@ def threshold_off_scale(threshold: float, detector) -> str:
 @part_options
 @plc_options
 @click.option("--save-video", type=click.Path(dir_okay=False), default=None,
-              help="Write annotated frames (heat-map, score, threshold) to this video file: .avi (MJPG), .mp4 or .mkv.")
+              help="Write annotated frames (heat-map, score, threshold) to this video file: .avi (MJPG), .mp4 or .mkv. "
+                   "An existing file is never written over; strftime fields in the name take the start time "
+                   "(rec-%Y%m%d-%H%M%S.avi: a new file at each start of a line its supervisor restarts).")
 @click.option("--show", is_flag=True, help="Show annotated frames in a window (needs an OpenCV with GUI).")
 @click.option("--max-frames", type=IntegerRange(min=1), default=None,
               help="Stop each camera after this many frames; the run ends when every camera has (a network camera "

@@ -158,8 +158,36 @@ def test_run_outputs_never_write_over_another_file(line, tmp_path):
         assert victim.read_bytes() == before, victim
     video = tmp_path / "old.avi"
     video.write_bytes(b"an earlier recording")
-    assert_one_line_error(mrkd(*run, "--save-video", video), "--save-video", "exists")
+    assert_one_line_error(mrkd(*run, "--save-video", video), "--save-video", "exists", "%Y%m%d-%H%M%S")
     assert video.read_bytes() == b"an earlier recording"
+
+
+def test_save_video_names_its_start_time_so_a_restarted_line_records_again(line, tmp_path, monkeypatch):
+    """A supervised line with --save-video FILE was refused at every restart (the file of the run before
+    exists, and is never written over). strftime fields in the name take the start time: each start
+    records into a new file; one whose expanded name exists is still refused, nothing written over."""
+    import time
+    from mrkd.errors import SettingError
+    from mrkd.runtime.outputs.video import VideoFileSink, recording_path
+    at = time.strptime("2026-12-07 06:41:05", "%Y-%m-%d %H:%M:%S")
+    assert recording_path(tmp_path / "rec-%Y%m%d-%H%M%S.avi", at) == tmp_path / "rec-20261207-064105.avi"
+    assert recording_path(tmp_path / "100%%-%H.avi", at) == tmp_path / "100%-06.avi"
+    assert recording_path(tmp_path / "plain.avi", at) == tmp_path / "plain.avi"
+    run = ("run", line["model"], "--source", line["video"], "--status-every", "0", "--max-frames", "3",
+           "--save-video", tmp_path / "videos" / "rec-%Y%m%d-%H%M%S.avi")
+    started = time.localtime()
+    assert summary_of(mrkd(*run))["frames"] == 3
+    made = sorted((tmp_path / "videos").iterdir())
+    assert len(made) == 1 and made[0].stat().st_size > 0, made
+    assert made[0].name in {time.strftime("rec-%Y%m%d-%H%M%S.avi", time.localtime(time.mktime(started) + dt))
+                            for dt in range(0, 30)}, made
+    taken = tmp_path / "videos" / "rec-20261207-064105.avi"                # an earlier start's, same second
+    made[0].rename(taken)
+    before = taken.read_bytes()
+    monkeypatch.setattr(time, "localtime", lambda *_: at)
+    with pytest.raises(SettingError, match="exists"):
+        VideoFileSink(tmp_path / "videos" / "rec-%Y%m%d-%H%M%S.avi")
+    assert taken.read_bytes() == before
 
 
 def test_summary_and_line_file_that_are_no_regular_files_are_refused_not_read(line, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +50,20 @@ def annotate(frame_bgr: np.ndarray, amap: np.ndarray, score: float, threshold: O
     return image
 
 
+def recording_path(given, now: Optional[time.struct_time] = None) -> Path:
+    """``--save-video``'s file: the name with its strftime fields (``%Y%m%d-%H%M%S``; ``%%`` a percent sign)
+    filled in with the local start time ``now``, so a line restarted by its supervisor records into a new
+    file each start rather than being refused for the last one (a name without fields is taken as given)."""
+    text = str(given)
+    if "%" not in text:
+        return Path(text)
+    try:
+        return Path(time.strftime(text, now if now is not None else time.localtime()))
+    except ValueError as exc:          # e.g. a lone % at the end on some platforms
+        raise SettingError(f"--save-video {text}: not a file name with time fields ({exc}); write a "
+                           "percent sign as %%") from None
+
+
 class VideoFileSink(LineObserver):
     """``--save-video FILE``: one camera's annotated frames in a video file; opened on the first frame
     (its size fixes the file's). A frame that cannot be written is counted and warned about.
@@ -56,7 +71,7 @@ class VideoFileSink(LineObserver):
     does both on the caller's thread."""
 
     def __init__(self, path, fps: float = 15.0, camera: Optional[str] = None, background: bool = False):
-        self.path = Path(path)
+        self.path = recording_path(path)
         self.fps = fps
         self.camera = camera          # None: the first camera that sends a frame
         self.writer = None
@@ -77,7 +92,8 @@ class VideoFileSink(LineObserver):
                                f"{self.path.suffix or '(none)'!r}; use {', '.join(FOURCC_BY_SUFFIX)}")
         if self.path.exists() or self.path.is_symlink():     # an earlier run's recording, or any other file
             raise SettingError(f"--save-video {self.path}: exists; a recording is never written over a file "
-                               "(name a new one)")
+                               "(name a new one; a line that restarts names its start time: "
+                               "rec-%Y%m%d-%H%M%S.avi)")
         try:      # a folder that cannot exist is the user's mistake, said at the start
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
