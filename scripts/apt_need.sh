@@ -14,8 +14,15 @@ done
 [ -n "$missing" ] || exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
+  # the package lists once per boot (/tmp), shared with the tests' installs (tests/peers.py): a fresh
+  # `setup_env.sh dev` called this up to four times, each updating again
+  updated="${MRKD_APT_UPDATED:-/tmp/mrkd-tests-apt.updated}"
+  if [ ! -e "$updated" ]; then
+    apt-get update -qq >/dev/null
+    touch "$updated"
+  fi
   # shellcheck disable=SC2086
-  apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
 else
   echo "Error: $what needs Debian's$missing (apt-get install$missing); run this as root or install them." >&2
   exit 1

@@ -18,7 +18,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import pytest
 
 _LOCK = Path("/tmp/mrkd-tests-apt.lock")
-_UPDATED = Path("/tmp/mrkd-tests-apt.updated")
+# set once apt-get update ran this boot; scripts/apt_need.sh (the setup) writes and reads it too
+_UPDATED = Path(os.environ.get("MRKD_APT_UPDATED", "/tmp/mrkd-tests-apt.updated"))
 
 
 def _can_apt() -> bool:

@@ -25,7 +25,7 @@ def stand_ins(folder: Path, statuses: dict, uid: int) -> dict:
     for name, text in scripts.items():
         (folder / name).write_text(text)
         (folder / name).chmod(0o755)
-    return dict(os.environ, PATH=f"{folder}:/usr/bin:/bin")
+    return dict(os.environ, PATH=f"{folder}:/usr/bin:/bin", MRKD_APT_UPDATED=str(folder / "apt.updated"))
 
 
 def apt_calls(folder: Path) -> list:
@@ -43,6 +43,25 @@ def test_a_package_removed_with_its_configuration_left_is_installed_again(tmp_pa
     assert done.returncode == 0, done.stderr
     assert apt_calls(bin_dir) == ["update -qq",
                                   "install -y -qq --no-install-recommends libcairo2-dev gir1.2-aravis-0.8"]
+
+
+def test_the_package_lists_are_updated_once_for_all_installs(tmp_path):
+    """A fresh `setup_env.sh dev` calls apt_need.sh up to four times (python3-venv, g++, python3-dev, the gige
+    extra), and each ran apt-get update again; the tests' own installs (tests/peers.py) ran it once more.
+    Once per boot now, through the marker both share."""
+    bin_dir = tmp_path / "bin"
+    env = stand_ins(bin_dir, {}, 0)
+    for what, package in (("creating .venv", "python3-venv"), ("compiling cpp_ext", "g++")):
+        done = subprocess.run(["bash", str(APT_NEED), what, package], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert apt_calls(bin_dir) == ["update -qq", "install -y -qq --no-install-recommends python3-venv",
+                                  "install -y -qq --no-install-recommends g++"]
+    assert (bin_dir / "apt.updated").exists()
+    import re
+    import peers
+    default = re.search(r'MRKD_APT_UPDATED:-([^}"]+)}', APT_NEED.read_text()).group(1)
+    assert f'"MRKD_APT_UPDATED", "{default}"' in Path(peers.__file__).read_text()      # one marker for both
 
 
 def test_nothing_missing_runs_no_apt(tmp_path):
