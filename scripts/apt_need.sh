@@ -21,8 +21,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq >/dev/null
     touch "$updated"
   fi
+  # lists from earlier this boot may be stale by now (a package moved on): update and try once more
   # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $missing >/dev/null; }
 else
   echo "Error: $what needs Debian's$missing (apt-get install$missing); run this as root or install them." >&2
   exit 1

@@ -64,6 +64,22 @@ def test_the_package_lists_are_updated_once_for_all_installs(tmp_path):
     assert f'"MRKD_APT_UPDATED", "{default}"' in Path(peers.__file__).read_text()      # one marker for both
 
 
+def test_stale_package_lists_are_updated_when_the_install_fails(tmp_path):
+    """The lists were updated earlier this boot (the marker is there) and a package has moved on since: the
+    install fails, so the lists are updated and the install tried once more."""
+    bin_dir = tmp_path / "bin"
+    env = stand_ins(bin_dir, {}, 0)
+    (bin_dir / "apt.updated").touch()
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> "{bin_dir}/apt-get.log"\n'
+                                     f'[ "$1" = update ] && touch "{bin_dir}/fresh"\n'
+                                     f'[ "$1" = update ] || [ -e "{bin_dir}/fresh" ]\n')
+    done = subprocess.run(["bash", str(APT_NEED), "compiling cpp_ext", "g++"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert apt_calls(bin_dir) == ["install -y -qq --no-install-recommends g++", "update -qq",
+                                  "install -y -qq --no-install-recommends g++"]
+
+
 def test_nothing_missing_runs_no_apt(tmp_path):
     bin_dir = tmp_path / "bin"
     env = stand_ins(bin_dir, {"g++": "install ok installed"}, 1000)
