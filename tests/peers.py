@@ -38,8 +38,11 @@ def apt_install(packages: Sequence[str]) -> Optional[str]:
             if update.returncode != 0:
                 return f"apt-get update failed: {update.stderr.strip()[-300:]}"
             _UPDATED.touch()
-        done = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages], env=env,
-                              capture_output=True, text=True, timeout=1200)
+        install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
+        if done.returncode != 0:      # lists from earlier this boot gone stale (scripts/apt_need.sh does the same)
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
         if done.returncode != 0:
             return f"apt-get install {' '.join(packages)} failed: {done.stderr.strip()[-300:]}"
     return None
