@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mrkd.benchmarks import bench_anomalib, bench_anomalib_quality
+from test_bench_anomalib import skip_peer_benchmark
 
 
 def _side_module():
@@ -43,8 +44,7 @@ def test_package_keys_map_to_timm_stage_and_role():
 @pytest.mark.slow
 def test_patchcore_gets_our_features_and_a_wrong_feature_set_is_refused(tmp_path):
     if bench_anomalib.anomalib_python() is None:
-        pytest.skip(f"anomalib's venv is not set up: {bench_anomalib.SETUP_HINT} "
-                    "(or set MRKD_ANOMALIB_PYTHON to its python)")
+        skip_peer_benchmark()
     settings = bench_anomalib_quality.quick_settings()
     result = bench_anomalib_quality.compare(settings, tmp_path / "work", log=lambda *_: None)
     check = result["feature_check"]
