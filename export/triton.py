@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mrkd.atomic import atomic_open, atomic_write_text
+from mrkd.atomic import atomic_open, atomic_write_text, sync_folder
 from mrkd.export.file_set import STAGING_PREFIX, leftover_staging, staging_folder
 from mrkd.export.onnx_graph import ExportError, load_onnx
 from mrkd.runtime.metadata import ModelMetadata, sidecar_path
@@ -151,6 +151,7 @@ def _add_version(folder: Path, version: str, source: Path, filename: str, model_
             except BaseException:
                 os.rename(folder / version, staged)      # atomic too; the staging folder's clean-up removes it
                 raise
+        sync_folder(folder)       # the version's name on disk before the export says it is there (a power cut)
 
 
 def _add_model(repo_dir: Path, folder: Path, version: str, source: Path, filename: str,
@@ -183,6 +184,7 @@ def _add_model(repo_dir: Path, folder: Path, version: str, source: Path, filenam
                         raise ExportError(f"{folder}: appeared while this export wrote it; nothing was changed "
                                           f"there, export again to add a version to it") from None
                     raise
+            sync_folder(repo_dir)     # the model folder's name on disk before the export says it is there
     except BaseException:
         if made_repo:       # a repository made for this model and left empty goes again
             with contextlib.suppress(OSError):

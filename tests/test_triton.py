@@ -443,3 +443,26 @@ def test_sigterm_to_the_export_command_in_its_triton_step(onnx_model, tmp_path, 
         assert (repo / "mrkd" / "2" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
         config = parse_pbtxt((repo / "mrkd" / "config.pbtxt").read_text())     # version 2's: float input now
         assert config["name"] == "mrkd" and config["input"][0]["data_type"] == "TYPE_FP32", config
+
+
+def test_a_new_model_folder_and_a_new_version_are_synced_into_the_repository(onnx_model, tmp_path):
+    """Both land by a rename (the model folder into the repository, a version folder into its model folder);
+    until that folder is synced, a power cut after the export said it wrote them can leave Triton's repository
+    without them. Seen from outside (strace of a real export in a child process): each rename is followed by
+    an fsync of the folder it renamed into."""
+    import sys
+    import onnx
+    from test_power_cut_leftovers import folders_synced_after_rename, traced
+    _, exported = onnx_model
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    graph = onnx.load(str(exported.path))
+    graph.doc_string = "another model"
+    onnx.save(graph, str(other))
+    shutil.copy(sidecar_path(exported.path), sidecar_path(other))
+    repo = tmp_path / "repo"
+    write = "import sys\nfrom mrkd.export import write_triton_repository\nwrite_triton_repository(sys.argv[1], sys.argv[2])"
+    calls = traced([sys.executable, "-c", write, repo, exported.path], tmp_path)
+    assert str(repo) in folders_synced_after_rename(calls, repo / "mrkd")
+    calls = traced([sys.executable, "-c", write, repo, other], tmp_path)
+    assert str(repo / "mrkd") in folders_synced_after_rename(calls, repo / "mrkd" / "2")
