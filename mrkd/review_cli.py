@@ -27,9 +27,9 @@ import click
 from mrkd.errors import MrkdError, error_boundary
 from mrkd.options import IntegerRange
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, RELATIVE_EVIDENCE, Conflict, \
-    FileHashes, LabelState, ReviewError, append_checked, describe_label, evidence_changed, find_conflicts, \
-    find_evidence, label_events, label_states, mark_command, names_relative_evidence, one_camera_event, printable, \
-    read_labels, read_review_events, review_rows, standing_label
+    FileHashes, LabelState, LoggedEvent, ReviewError, append_checked, describe_label, evidence_changed, \
+    events_of_earlier_logs, find_conflicts, find_evidence, label_logged_events, label_states, mark_command, \
+    names_relative_evidence, one_camera_event, printable, read_labels, read_review_events, review_rows, standing_label
 
 
 def default_evidence_dir(events_path) -> Path:
@@ -118,13 +118,16 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
     """Label ``event_ids`` together: every label is made (evidence found, hash checked) before any
     is written, and the lot is refused when it would leave one image both good and defect, or change
     a standing label without ``replace``."""
-    by_id: Dict[str, dict] = {str(e["event_id"]): e for e in read_review_events(events)}
+    by_id: Dict[str, LoggedEvent] = {str(e["event_id"]): LoggedEvent(e, Path(events), evidence)
+                                     for e in read_review_events(events)}
+    elsewhere = [event_id for event_id in event_ids if event_id not in by_id]
+    if elsewhere:       # an event of an earlier log the label file holds a label of (a contradiction's other side)
+        by_id.update(events_of_earlier_logs(labels_path, elsewhere))
     for event_id in event_ids:
         if event_id not in by_id:
             raise ReviewError(f"{events}: no event {event_id!r} (list them with `mrkd review {events} --labels ...`)")
-    records = label_events([by_id[event_id] for event_id in dict.fromkeys(event_ids)], label, who=who, note=note,
-                           camera=camera, evidence_dir=evidence, events_path=events, ask_camera=ASK_CAMERA,
-                           ask_evidence=ASK_EVIDENCE)
+    records = label_logged_events([by_id[event_id] for event_id in dict.fromkeys(event_ids)], label, who=who,
+                                  note=note, camera=camera, ask_camera=ASK_CAMERA, ask_evidence=ASK_EVIDENCE)
     append_checked(labels_path, records,
                    lambda ids, as_: mark_command(ids, as_, events_path=events, labels_path=labels_path),
                    replace=replace, replace_hint="give --replace")

@@ -252,10 +252,8 @@ class LabelFile:
                     data = self.path.read_bytes()
                     keep = data.rfind(b"\n") + 1
                     if keep < size:
-                        from mrkd.runtime.outputs.events import torn_tail_said
-                        logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", self.path,
-                                       torn_tail_said(data[keep:], emptied=not keep))
-                        os.ftruncate(self._fd, keep)
+                        from mrkd.runtime.outputs.events import mend_torn_tail
+                        mend_torn_tail(self._fd, self.path, keep, data[keep:], _is_label_line)
         except BaseException:
             os.close(self._fd)
             raise
@@ -316,8 +314,11 @@ def _json_lines(path: Path, kind: str, data: Optional[bytes] = None) -> Iterator
     caller). A torn LAST line (no newline after it, not JSON: a crash mid-write) is skipped with a
     warning; a malformed line elsewhere is a ReviewError."""
     data = path.read_bytes() if data is None else data
+    from mrkd.runtime.outputs.events import power_cut_zeros, torn_tail_said
+    zeros = power_cut_zeros(data)        # a power cut's: the record before them may be whole (its newline lost)
+    data = data[:len(data) - zeros]
     lines = data.split(b"\n")
-    torn_tail = not data.endswith(b"\n") and data != b""
+    torn_tail = (not data.endswith(b"\n") and data != b"") or zeros > 0
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -326,8 +327,7 @@ def _json_lines(path: Path, kind: str, data: Optional[bytes] = None) -> Iterator
             yield where, json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             if number == len(lines) and torn_tail:
-                from mrkd.runtime.outputs.events import power_cut_zeros, torn_tail_said
-                said = torn_tail_said(raw) if power_cut_zeros(raw) else f"{len(raw)} bytes, a crash mid-write?"
+                said = torn_tail_said(raw + b"\0" * zeros) if zeros else f"{len(raw)} bytes, a crash mid-write?"
                 logger.warning("%s: skipping a torn last line of the %s (%s)", where, kind, said)
                 continue
             raise ReviewError(f"{where}: not a JSON line ({exc})") from exc
@@ -463,6 +463,46 @@ def recorded_logs(labels: Sequence[ReviewLabel], labels_path) -> Dict[EventsLogR
     """Each events log the labels record, looked up once."""
     refs = dict.fromkeys(label.log_ref for label in labels if label.log_ref is not None)
     return {ref: find_recorded_log(ref, labels_path) for ref in refs}
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event and the events log it is in (with the evidence folder to look in for its image)."""
+
+    event: dict
+    events_path: Path
+    evidence_dir: Optional[Path] = None
+
+
+def events_of_earlier_logs(labels_path, event_ids: Sequence[str]) -> Dict[str, LoggedEvent]:
+    """The events of ``event_ids`` found in the events logs their standing labels in ``labels_path``
+    recorded. A label file outlives an events log (a new log per day, logrotate): settling a contradiction
+    with an image labelled under the earlier log labels that log's event too."""
+    path = Path(labels_path)
+    if not path.is_file():
+        return {}
+    wanted = set(event_ids)
+    labelled = [label for label in read_labels(path) if label.event_id in wanted and label.log_ref is not None]
+    found: Dict[str, LoggedEvent] = {}
+    for log in recorded_logs(labelled, path).values():
+        if log.events is None or log.path is None:
+            continue
+        for event_id in sorted(wanted & log.events.keys()):
+            found.setdefault(event_id, LoggedEvent(log.events[event_id], log.path, log.path.parent / "evidence"))
+    return found
+
+
+def label_logged_events(events: Sequence[LoggedEvent], label: str, **how) -> List[ReviewLabel]:
+    """label_events for events of one or more logs (each label records its own event's log), in the
+    order given; ``how``: label_events' keywords but the log and the evidence folder."""
+    groups: Dict[Tuple[Path, Optional[Path]], List[dict]] = {}
+    for logged in events:
+        groups.setdefault((logged.events_path, logged.evidence_dir), []).append(logged.event)
+    made: Dict[str, ReviewLabel] = {}
+    for (events_path, evidence_dir), group in groups.items():
+        for made_label in label_events(group, label, events_path=events_path, evidence_dir=evidence_dir, **how):
+            made[made_label.event_id] = made_label
+    return [made[str(logged.event.get("event_id"))] for logged in events]
 
 
 # ---------------------------------------------------------------- last labels and contradictions

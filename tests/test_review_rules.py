@@ -354,3 +354,59 @@ def test_labelling_many_events_reads_the_events_logs_identity_once(run_dir, tmp_
     made = read_labels(tmp_path / "cli.jsonl")
     assert [l.event_id for l in made] == ids and {l.events_log_first_event for l in made} == {first}
     assert len(reads) == 1, reads
+
+
+def next_days_log(run_dir, tmp_path) -> tuple:
+    """The line restarted with a new events log (a new day's file, a rotated log) that keeps the old
+    label file: its one event judged the same image as the first day's first event. (first day's log,
+    its first event, the new log, its event, the label file)."""
+    day1 = copy_run(run_dir[0], tmp_path / "day1")
+    first = run_dir[1][0]
+    day2 = tmp_path / "day2"
+    (day2 / "evidence" / first["camera"]).mkdir(parents=True)
+    again = dict(first, event_id=first["event_id"] + "-day2",
+                 evidence=str(day2 / "evidence" / first["camera"] / f"{first['event_id']}-day2.png"))
+    shutil.copy(day1 / first["evidence"], again["evidence"])
+    (day2 / "events.jsonl").write_text(json.dumps(again) + "\n")
+    return day1 / "events.jsonl", first, day2 / "events.jsonl", again, tmp_path / "labels.jsonl"
+
+
+def test_a_contradiction_with_a_label_of_an_earlier_events_log_is_settled_by_the_command_it_prints(
+        run_dir, tmp_path):
+    """The label file outlives the events log (a new log per day, logrotate). The refusal of a label that
+    contradicts the same image's label under the earlier log names both events and the command that labels
+    them together; that command, given the new log, answered "no event" for the earlier log's event: the
+    advice could not be followed. The event is found in the log its standing label recorded."""
+    day1, first, day2, again, labels = next_days_log(run_dir, tmp_path)
+    assert mrkd("review", day1, "--labels", labels, "--mark", first["event_id"], "--as", "good").returncode == 0
+    error = one_error(mrkd("review", day2, "--labels", labels, "--mark", again["event_id"], "--as", "defect"),
+                      "nothing written", f"under event {first['event_id']}")
+    advice = error.split("label them together: ", 1)[1].split()
+    assert advice[:2] == ["mrkd", "review"], error
+    done = mrkd(*advice[1:])
+    assert done.returncode == 0, done.stderr
+    latest = by_event(latest_labels(read_labels(labels)))
+    assert {latest[first["event_id"]].label, latest[again["event_id"]].label} == {DEFECT}
+    # each label records the log its own event is in, and its own image
+    assert latest[first["event_id"]].events_log == str(day1)
+    assert latest[again["event_id"]].events_log == str(day2)
+    assert latest[again["event_id"]].image == again["evidence"]
+
+
+def test_the_pages_together_list_may_name_an_event_of_an_earlier_events_log(run_dir, tmp_path):
+    """POST /review's 409 names the events to label together, one of them from the label file's earlier
+    events log; the list sent back (the page's "label them together" button) was answered 404."""
+    from mrkd.runtime.control import LineControl
+    day1, first, day2, again, labels = next_days_log(run_dir, tmp_path)
+    control = LineControl(TOKEN, labels, day2, day2.parent / "evidence")
+
+    def post(body) -> tuple:
+        return control.handle_post("/review", {"Authorization": f"Bearer {TOKEN}"}, json.dumps(body).encode())
+    assert mrkd("review", day1, "--labels", labels, "--mark", first["event_id"], "--as", "good").returncode == 0
+    code, answer = post({"event_id": again["event_id"], "label": "defect"})
+    assert code == 409 and answer["together"] == [again["event_id"], first["event_id"]], answer
+    code, answer = post({"event_id": answer["together"], "label": "defect", "replace": True})
+    assert code == 200, answer
+    assert [(s["event_id"], s["events_log"]) for s in answer["saved"]] == [(again["event_id"], str(day2)),
+                                                                          (first["event_id"], str(day1))]
+    assert post({"event_id": [again["event_id"], "no-such-event"], "label": "good"})[0] == 404
