@@ -252,10 +252,8 @@ class LabelFile:
                     data = self.path.read_bytes()
                     keep = data.rfind(b"\n") + 1
                     if keep < size:
-                        from mrkd.runtime.outputs.events import torn_tail_said
-                        logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", self.path,
-                                       torn_tail_said(data[keep:], emptied=not keep))
-                        os.ftruncate(self._fd, keep)
+                        from mrkd.runtime.outputs.events import mend_torn_tail
+                        mend_torn_tail(self._fd, self.path, keep, data[keep:], _is_label_line)
         except BaseException:
             os.close(self._fd)
             raise
@@ -316,8 +314,14 @@ def _json_lines(path: Path, kind: str, data: Optional[bytes] = None) -> Iterator
     caller). A torn LAST line (no newline after it, not JSON: a crash mid-write) is skipped with a
     warning; a malformed line elsewhere is a ReviewError."""
     data = path.read_bytes() if data is None else data
+    from mrkd.runtime.outputs.events import power_cut_zeros, torn_tail_said
+    zeros = power_cut_zeros(data)        # a power cut's: the record before them may be whole (its newline lost)
+    data = data[:len(data) - zeros]
     lines = data.split(b"\n")
-    torn_tail = not data.endswith(b"\n") and data != b""
+    torn_tail = (not data.endswith(b"\n") and data != b"") or zeros > 0
+    if zeros and not lines[-1]:          # only zeros after the last newline: nothing of a record to read
+        logger.warning("%s: skipping a torn last line of the %s (%s)", path, kind,
+                       torn_tail_said(b"\0" * zeros, emptied=not data))
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -326,8 +330,7 @@ def _json_lines(path: Path, kind: str, data: Optional[bytes] = None) -> Iterator
             yield where, json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             if number == len(lines) and torn_tail:
-                from mrkd.runtime.outputs.events import power_cut_zeros, torn_tail_said
-                said = torn_tail_said(raw) if power_cut_zeros(raw) else f"{len(raw)} bytes, a crash mid-write?"
+                said = torn_tail_said(raw + b"\0" * zeros) if zeros else f"{len(raw)} bytes, a crash mid-write?"
                 logger.warning("%s: skipping a torn last line of the %s (%s)", where, kind, said)
                 continue
             raise ReviewError(f"{where}: not a JSON line ({exc})") from exc

@@ -63,17 +63,25 @@ def test_a_zero_filled_tail_after_whole_lines_is_cut_whole_and_the_log_goes_on(t
 
 
 @pytest.mark.parametrize("log_class", [EventLog, PartsLog])
-def test_zeros_right_after_a_newline_and_a_line_whose_newline_was_lost_are_cut(tmp_path, caplog, log_class):
+def test_zeros_right_after_a_newline_are_cut_and_a_record_whose_newline_was_lost_is_kept(tmp_path, caplog,
+                                                                                          log_class):
+    """A whole record followed by zeros is one whose newline (and what came after) the power cut lost: it
+    was cut with the zeros, an alarm or part gone from the log; it is kept and its newline put back."""
     caplog.set_level(logging.WARNING)
     record = RECORDS["events: an NG part" if log_class is EventLog else "parts: a part"][1]
     path = tmp_path / "log.jsonl"
     whole = two_whole_lines(log_class, record, path)
-    for tail in (b"\0" * 512, whole[:len(whole) // 2 - 1] + b"\0"):     # the zero where its newline was
-        path.write_bytes(whole + tail)
-        caplog.clear()
-        log_class(path).close()
-        assert path.read_bytes() == whole
-        assert ZEROS_SAID in warnings_of(caplog)[0]
+    path.write_bytes(whole + b"\0" * 512)
+    log_class(path).close()
+    assert path.read_bytes() == whole
+    assert ZEROS_SAID in warnings_of(caplog)[0]
+    third = whole[:len(whole) // 2 - 1]                                  # a whole line, its newline a zero
+    path.write_bytes(whole + third + b"\0" * 300)
+    caplog.clear()
+    log_class(path).close()
+    assert path.read_bytes() == whole + third + b"\n"
+    said = warnings_of(caplog)
+    assert len(said) == 1 and "the record is kept, the 300 zero bytes cut" in said[0], said
 
 
 @pytest.mark.parametrize("log_class", [EventLog, PartsLog])
@@ -123,6 +131,11 @@ def test_the_label_file_cuts_a_zero_filled_tail_and_its_readers_skip_it(tmp_path
     with LabelFile(path) as labels:
         labels.append(label("e3"))
     assert [one.event_id for one in read_labels(path)] == ["e1", "e2", "e3"]
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1] + b"\0" * 200)               # the last label whole, its newline a zero
+    assert [one.event_id for one in read_labels(path)] == ["e1", "e2", "e3"]      # read, not skipped
+    with LabelFile(path):
+        assert path.read_bytes() == whole                    # kept: an operator's label is not lost
 
 
 def test_a_label_file_of_only_zeros_is_cut_to_empty_and_a_foreign_one_still_refused(tmp_path, caplog):
@@ -177,7 +190,7 @@ def test_readers_of_an_events_log_skip_a_zero_filled_tail(tmp_path, caplog):
     path = tmp_path / "events.jsonl"
     whole = two_whole_lines(*RECORDS["events: an alarm"], path)
     ids = [json.loads(line)["event_id"] for line in whole.splitlines()]
-    for tail in (whole[:40] + b"\0" * 70000, b"\0" * 100, whole[:len(whole) // 2 - 1] + b"\0"):
+    for tail in (whole[:40] + b"\0" * 70000, b"\0" * 100):
         path.write_bytes(whole + tail)
         caplog.clear()
         assert [event["event_id"] for event in read_review_events(path)] == ids
@@ -185,6 +198,9 @@ def test_readers_of_an_events_log_skip_a_zero_filled_tail(tmp_path, caplog):
         assert len(said) == 1 and f"{power_cut_zeros(tail)} {ZEROS_SAID}" in said[0], said
         assert [event["event_id"] for event in latest_events(path, 5)] == ids[::-1]
         assert first_event_id(path) == ids[0]
+    path.write_bytes(whole + whole[:len(whole) // 2 - 1] + b"\0")     # a whole record, its newline a zero: read
+    assert [event["event_id"] for event in read_review_events(path)] == ids + ids[:1]
+    assert [event["event_id"] for event in latest_events(path, 5)] == (ids + ids[:1])[::-1]
     path.write_bytes(b"\0" * 4096)
     assert read_review_events(path) == [] and latest_events(path, 5) == [] and first_event_id(path) is None
 

@@ -154,9 +154,7 @@ class EventLog:
             handle.seek(keep)
             torn = handle.read(size - keep)
         if torn:
-            logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", self.path,
-                           torn_tail_said(torn, emptied=not keep))
-            os.ftruncate(self._fd, keep)
+            mend_torn_tail(self._fd, self.path, keep, torn, self.is_record)
 
     def write(self, event: dict) -> None:
         """One line, fsynced; OSError (naming the file) when it cannot be written (a full disk): a
@@ -249,6 +247,23 @@ def last_line_end(handle, size: int, block: int = 65536) -> int:
             return start + newline + 1
         end = start
     return 0
+
+
+def mend_torn_tail(fd: int, path, keep: int, torn: bytes, is_record: Callable[[bytes], bool]) -> None:
+    """Cut ``torn`` (what follows the last newline, at offset ``keep``) off the open append-mode file ``fd``,
+    saying what it held; but a whole record whose newline a power cut left as zeros (``is_record`` of what
+    precedes them) is kept: the zeros go and its newline is put back, so no alarm or label is lost."""
+    zeros = power_cut_zeros(torn)
+    record = torn[:len(torn) - zeros]
+    if zeros and record and is_record(record):
+        os.ftruncate(fd, keep + len(record))
+        append_whole(fd, b"\n")
+        logger.warning("%s: its last record's newline was left as zeros by a power cut: the record is kept, the %d "
+                       "zero bytes cut", path, zeros)
+        return
+    logger.warning("%s: cutting a torn last line left by an earlier crash (%s)", path,
+                   torn_tail_said(torn, emptied=not keep))
+    os.ftruncate(fd, keep)
 
 
 def torn_tail_said(torn: bytes, emptied: bool = False) -> str:

@@ -50,8 +50,8 @@ def latest_events(path, count: int, max_bytes: int = MAX_BYTES) -> List[dict]:
 def _event(line: bytes):
     if not line.strip():
         return None
-    try:
-        record = json.loads(line)
+    try:      # zeros a power cut left after the last record (the log's next start puts its newline back)
+        record = json.loads(line.rstrip(b"\0"))
     except (ValueError, UnicodeDecodeError):      # a torn last line, or not JSON
         return None
     if isinstance(record, dict) and all(key in record for key in EVENT_KEYS) and isinstance(record["event_id"], str) \
