@@ -1001,3 +1001,28 @@ def test_refit_shows_a_progress_bar_that_reaches_every_image_its_passes_read(par
     assert len(reads) > len(reviewed) + len(held) + len(defects)
     assert images.on_square is None
 
+
+
+def test_refit_says_its_confirmed_defects_are_still_flagged_and_both_thresholds_alike(parent, tmp_path):
+    """A refit that passed its confirmed-defect check said nothing of it (only a miss was named), so the
+    operator could not tell the check ran; and it printed the old threshold with every digit of a float
+    (52.487849426269534 -> 49.4368). It now counts the confirmed defects still flagged, with the lowest
+    one's score against the new threshold (checked here against the written checkpoint's own scores)."""
+    from mrkd.train.calibrate import score_images
+    from mrkd.train.checkpoint import load_checkpoint, read_checkpoint
+    before = read_checkpoint(parent / "parent.ckpt")["calibration"]["threshold"]
+    cells = elpv_cells("mono", 1.0, 8)
+    flagged = [c for c, s in zip(cells, score_images(load_checkpoint(parent / "parent.ckpt"), cells)) if s >= before]
+    assert len(flagged) >= 2, "the fixture's parent flags fewer than 2 of the first 8 defect cells"
+    defects = [Path(shutil.copy(c, tmp_path / Path(c).name)) for c in flagged[:2]]
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2) +
+                          [(f"d{i}", image, "defect") for i, image in enumerate(defects)])
+    lines = []
+    refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                     echo=lines.append)
+    after = read_checkpoint(tmp_path / "v2" / "model.ckpt")["calibration"]["threshold"]
+    lowest = float(min(score_images(load_checkpoint(tmp_path / "v2" / "model.ckpt"), [str(d) for d in defects])))
+    assert lowest >= after
+    assert f"threshold {before:.6g} -> {after:.6g} on " in "\n".join(lines), lines
+    said = [line for line in lines if line.startswith("confirmed defects: ")]
+    assert said == [f"confirmed defects: 2 of 2 still flagged (lowest score {lowest:.6g} >= threshold {after:.6g})"]

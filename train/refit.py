@@ -679,6 +679,11 @@ def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, m
                        seconds=time.perf_counter() - started, guarded_patches=guarded, reweight=chosen)
 
 
+def _threshold_text(threshold: Optional[float]) -> str:
+    """A threshold as the refit's lines print it (a parent without a calibration has none)."""
+    return "none" if threshold is None else f"{threshold:.6g}"
+
+
 LISTED_IMAGES = 20      # images named one per line by refit_checkpoint; past that a count
 
 
@@ -920,7 +925,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
          f"{len(offered)} reviewed good image(s){skipped}, radius {result.radius:.4g}, {result.guarded_patches} "
          f"kept out by the defect guard"
          f"{', re-selected within the cap' if result.reselected else ''}); threshold "
-         f"{result.threshold_before} -> {result.threshold_after:.6g} on {len(held_out)} held-out good image(s)")
+         f"{_threshold_text(result.threshold_before)} -> {result.threshold_after:.6g} on {len(held_out)} held-out "
+         f"good image(s)")
     if result.reweight is not None:
         echo(f"re-weighting: MRKD share of the map {result.reweight.share:g} "
              f"({'moved' if result.reweight.moved else 'unchanged'}: {result.reweight.reason})")
@@ -932,6 +938,10 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         for line in image_listing(offered, result.good_scores_after, set(result.reviewed_still_flagged),
                                   ">=", result.threshold_after):
             echo(line)
+    if reviewed.defect and not result.defects_missed:
+        # said when the check passes too: the operator sees it ran, and by how much the closest one clears it
+        echo(f"confirmed defects: {len(reviewed.defect)} of {len(reviewed.defect)} still flagged (lowest score "
+             f"{min(result.defect_scores_after):.6g} >= threshold {result.threshold_after:.6g})")
     if result.defects_missed:
         for line in image_listing(reviewed.defect, result.defect_scores_after, set(result.defects_missed), "<",
                                   result.threshold_after):
