@@ -1067,3 +1067,22 @@ def test_a_reload_requested_as_the_loader_finishes_is_not_lost(tmp_path):
         go_on.set()
         for detector in detectors.values():
             detector.close()
+
+
+def test_a_swap_says_how_the_models_threshold_moved(running):
+    """A refit's new version comes with a threshold of its own (52.49 -> 49.44 on the ELPV line): the swap's
+    line named the new hash and its check, not that the camera's alarms were now judged by another number.
+    It says so where the threshold moved, and says nothing of it where it did not."""
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    running.slots.request_reload("v2")
+    assert running.slots.wait_idle(30)
+    done = running.slots.apply([running.state])
+    assert [r.outcome for r in done] == ["swapped"] and "; threshold 0.1 -> 0.25;" in done[0].detail, done
+    assert any("threshold 0.1 -> 0.25" in m for m in running.messages if "swapped" in m), running.messages
+    runtime_fixtures.build_tiny_model(running.tmp / "v3.onnx", per_scale=True, threshold=0.25)   # another graph
+    install(running.tmp / "v3.onnx", running.live)
+    running.slots.request_reload("v3")
+    assert running.slots.wait_idle(30)
+    done = running.slots.apply([running.state])
+    assert [r.outcome for r in done] == ["swapped"] and "threshold" not in done[0].detail, done

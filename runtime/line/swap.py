@@ -277,6 +277,7 @@ class ModelSlots(LineObserver):
             if new_detector.threshold is None:
                 raise SwapRefused(f"{path}: has no calibrated threshold; the running model's alarms need one")
             detail, checked, old_scores = self._check_frames(slot, new_detector)
+            detail += _threshold_note(slot.detector, new_detector)
             detail += self._check_fixed_thresholds(key, slot, new_detector, old_scores, [s for _, s in checked])
             detail += _runs_note(slot.detector, new_detector)
         except SwapRefused as exc:
@@ -485,6 +486,14 @@ def _no_sidecar(path: Path) -> SwapRefused:
 def _runs_on(detector) -> str:
     """"openvino bf16", "onnxruntime int8", ...: the backend and the precision a Detector runs at."""
     return f"{getattr(getattr(detector, 'backend', None), 'name', '?')} {getattr(detector, 'precision', '?')}"
+
+
+def _threshold_note(old, new) -> str:
+    """What the swap's record adds when the new version's threshold is another number (a refit sets it
+    again): the cameras that judge by the model's threshold judge by it from the swap on."""
+    if old.threshold is None or new.threshold is None or float(old.threshold) == float(new.threshold):
+        return ""
+    return f"; threshold {float(old.threshold):.6g} -> {float(new.threshold):.6g}"
 
 
 def _runs_note(running, new) -> str:
