@@ -257,3 +257,54 @@ def test_line_outputs_never_import_torch():
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\nassert not bad, bad\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _page_hello(url: str) -> dict:
+    """The first Server-Sent Event of the page's /events (what a page opened now is shown)."""
+    import http.client
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.request("GET", "/events")
+        response = connection.getresponse()
+        while True:
+            line = response.readline().decode()
+            if line.startswith("data:"):
+                return json.loads(line[5:])
+    finally:
+        connection.close()
+
+
+class PageShadow(FixedShadow):
+    """A shadow run as the page reads it: the current pair's comparison()."""
+
+    def comparison(self):
+        return self.comparison_now
+
+
+def test_the_pages_shadow_panel_names_the_candidate_as_given_and_the_live_model_it_is_compared_with():
+    """After a promotion the candidate is compared with itself (0 differ, correlation 1.0); the page's
+    panel showed only the candidate's file name ("model.onnx", as is the live model's: a refit writes
+    <parent>.vN/model.onnx) and never which live model it was compared with, so the trivial agreement
+    read as the candidate's merit. The page now gets the candidate's path as given, the live model's
+    hash and whether the candidate is the live model."""
+    from mrkd.runtime.line.shadow import ShadowComparison
+    server = OperatorServer("127.0.0.1", 0)
+    shadow = PageShadow(ShadowComparison("run1/last.v2/model.onnx", "cd" * 32, 0.3, 40, 7, 3, 4, 0.8, 0, 0,
+                                          "ab" * 32))
+    server.see_outputs([server, shadow])
+    server.on_start([_info("a")])
+    try:
+        panel = _page_hello(server.url)["shadow"]
+        assert [(p["candidate"], p["live_sha256"], p["candidate_is_live"]) for p in panel] == \
+            [("run1/last.v2/model.onnx", "ab" * 32, False)]
+        shadow.comparison_now = ShadowComparison("run1/last.v2/model.onnx", "cd" * 32, 0.3, 9, 0, 0, 0, 1.0, 0, 0,
+                                                 "cd" * 32)                  # promoted
+        panel = _page_hello(server.url)["shadow"]
+        assert [(p["live_sha256"], p["candidate_is_live"]) for p in panel] == [("cd" * 32, True)]
+    finally:
+        server.on_stop()
+        server.close()
+    page = (Path(__file__).resolve().parents[1] / "runtime" / "outputs" / "page.html").read_text()
+    assert "s.live_sha256" in page and "s.candidate_is_live" in page        # the panel shows both

@@ -423,6 +423,8 @@ def test_shadow_run_on_metrics_and_page_matches_numpy_and_the_summary(tmp_path):
             panel = page.locator("#shadow-panel")
             panel.wait_for(state="visible", timeout=10000)
             assert sha[:12] in panel.locator("dd[data-key=candidate]").inner_text()
+            assert str(candidate) in panel.locator("dd[data-key=candidate]").inner_text()      # as given
+            assert panel.locator("dd[data-key=live]").inner_text() == f"the live model {file_sha256(live)[:12]}"
             assert int(panel.locator("dd[data-key=frames]").inner_text()) >= n
             shown = float(panel.locator("dd[data-key=correlation]").inner_text())
             assert 0.5 < shown < 0.999

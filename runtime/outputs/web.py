@@ -424,7 +424,10 @@ class OperatorServer(LineObserver):
         """Each shadow run's comparison so far (runtime/line/shadow.py), for the page's shadow panel."""
         found: list = []
         call_each(self.shadows, lambda shadow: found.append(shadow.comparison()))
-        return [{"candidate": Path(c.candidate).name, "candidate_sha256": c.candidate_sha256,
+        # the path as given (a refit's version is <parent>.vN/model.onnx, named like the live model) and the
+        # live model it is compared with: after a promotion that is the candidate itself
+        return [{"candidate": c.candidate, "candidate_sha256": c.candidate_sha256,
+                 "live_sha256": c.live_sha256, "candidate_is_live": c.candidate_sha256 == c.live_sha256,
                  "threshold": c.threshold, "frames": c.frames, "disagreements": c.disagreements,
                  "candidate_only": c.candidate_only, "live_only": c.live_only,
                  "disagreement_rate": c.disagreement_rate, "score_correlation": c.score_correlation,
