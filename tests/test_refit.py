@@ -1026,3 +1026,26 @@ def test_refit_says_its_confirmed_defects_are_still_flagged_and_both_thresholds_
     assert f"threshold {before:.6g} -> {after:.6g} on " in "\n".join(lines), lines
     said = [line for line in lines if line.startswith("confirmed defects: ")]
     assert said == [f"confirmed defects: 2 of 2 still flagged (lowest score {lowest:.6g} >= threshold {after:.6g})"]
+
+
+def test_a_refit_whose_evidence_folder_moved_says_to_give_evidence_and_counts_what_it_has(parent, tmp_path):
+    """The evidence folder archived elsewhere: every label's image is gone from its path. The refit
+    refused with '... cannot be checked (listed above); nothing written (--force refits without them)',
+    pointing at --force (a refit blind to its confirmed defects) and not at --evidence DIR, which finds
+    them; and a label file without a usable good image said '(of 0 skipped)'."""
+    images = [Path(shutil.copy(image, tmp_path / image.name)) for _, image, _ in good_marks(parent, 2)]
+    defect = Path(shutil.copy(elpv_cells("mono", 1.0, 1)[0], tmp_path / "defect.png"))
+    labels = write_labels(tmp_path / "labels.jsonl", [("g0", images[0], "good"), ("g1", images[1], "good"),
+                                                      ("d0", defect, "defect")])
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for image in images + [defect]:
+        image.rename(archive / image.name)
+    with pytest.raises(RefitError, match=r"cannot be checked .*give --evidence DIR") as refused:
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                         echo=lambda line: None)
+    assert "\n" not in str(refused.value)
+    only_defect = write_labels(tmp_path / "defects.jsonl", [("d0", archive / "defect.png", "defect")])
+    with pytest.raises(RefitError, match=r"no usable image marked good \(0 marked good, 1 confirmed defect\)"):
+        refit_checkpoint(parent / "parent.ckpt", only_defect, str(parent / "good"), tmp_path / "v3", export=False,
+                         echo=lambda line: None)

@@ -679,6 +679,14 @@ def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, m
                        seconds=time.perf_counter() - started, guarded_patches=guarded, reweight=chosen)
 
 
+def _moved_hint(skipped: Sequence["SkippedLabel"], evidence) -> str:
+    """What to do when labels' images are gone from their paths and no --evidence was given: the evidence
+    folder was most likely moved (archived) on its own."""
+    if evidence is not None or not any(skip.image_gone for skip in skipped):
+        return ""
+    return "; if the evidence folder was moved, give --evidence DIR (its new place: the images are taken by sha256)"
+
+
 def _threshold_text(threshold: Optional[float]) -> str:
     """A threshold as the refit's lines print it (a parent without a calibration has none)."""
     return "none" if threshold is None else f"{threshold:.6g}"
@@ -708,6 +716,7 @@ class SkippedLabel:
     label: str                         # GOOD or DEFECT
     reason: str
     camera: str = ""                   # whose image of the event (a part has one per camera)
+    image_gone: bool = False           # its image is not where it was labelled (the folder moved?)
 
     def __str__(self) -> str:
         camera = f" camera {self.camera}" if self.camera else ""
@@ -769,7 +778,8 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
         elif one is not None and evidence_changed(one, image, hashes):
             reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
-            skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason, label.camera))
+            skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason, label.camera,
+                                        image_gone=image is not None and not image.is_file()))
             warn(str(skipped[-1]))
             continue
         (good if label.label == GOOD else defect).setdefault(label.image_sha256, str(image))
@@ -863,11 +873,16 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
         message = (f"{len(unchecked)} image(s) marked '{DEFECT}' cannot be checked against the new model "
                    f"(listed above)")
         if not force:
-            raise RefitError(message + "; nothing written (--force refits without them)")
+            raise RefitError(message + "; nothing written" + _moved_hint(unchecked, evidence) +
+                             " (--force refits without them)")
         echo(warning_line(f"{message}; refit without them (--force)"))
     if not reviewed.good:
-        raise RefitError(f"{labels_path}: no usable image marked good (of {len(reviewed.skipped)} skipped); "
-                         f"nothing to refit")
+        skipped_good = [skip for skip in reviewed.skipped if skip.label == GOOD]
+        raise RefitError(f"{labels_path}: no usable image marked good ({len(skipped_good)} marked good"
+                         f"{' and skipped' if skipped_good else ''}, {len(reviewed.defect)} confirmed defect"
+                         f"{'' if len(reviewed.defect) == 1 else 's'}); nothing to refit: a refit adds images marked "
+                         f"good (false alarms, `mrkd review --as good`) to the memory bank"
+                         f"{_moved_hint(skipped_good, evidence)}")
     calibration_paths = list(good) if isinstance(good, (list, tuple)) else [str(p) for p in scan_folder(good)]
     # images are compared by their pixels (the module's notes); each file is decoded once, here: the
     # refit's passes over it read the square kept from that decode
