@@ -46,14 +46,14 @@ class UnansweredPeer:
 
 
 class LineRun:
-    """`mrkd run` with a working camera "good" (and a dead one beside it); the good camera's frames
-    from its status lines, (seconds since start, frames) each."""
+    """`mrkd run` with a working camera "good" (and dead ones beside it: "dead", "dead1", ...); the good
+    camera's frames from its status lines, (seconds since start, frames) each."""
 
-    def __init__(self, model, good_url: str, dead_url=None):
+    def __init__(self, model, good_url: str, *dead_urls, status_every: float = 1.0):
         args = [sys.executable, "-c", "from mrkd.cli import main; main()", "run", str(model),
-                "--status-every", "1", "--source", f"good={good_url}"]
-        if dead_url:
-            args += ["--source", f"dead={dead_url}"]
+                "--status-every", f"{status_every:g}", "--source", f"good={good_url}"]
+        for i, dead_url in enumerate(url for url in dead_urls if url):
+            args += ["--source", f"dead{i or ''}={dead_url}"]
         self.started = time.monotonic()
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines, self.counts = [], []
@@ -66,6 +66,10 @@ class LineRun:
             match = re.search(r"good: \w+ (\d+) frames", text)
             if match:
                 self.counts.append((time.monotonic() - self.started, int(match.group(1))))
+
+    def first_frames_after(self) -> float:
+        """Seconds from the process start to the first status line with frames judged from "good"."""
+        return next(t for t, frames in self.counts if frames > 0)
 
     def running_for(self) -> float:
         """Seconds since the first status line (the line runs); 0 before it."""

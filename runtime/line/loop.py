@@ -45,9 +45,9 @@ from mrkd.runtime.outputs.events import make_event
 from mrkd.runtime.outputs.notifier import Notifier
 from mrkd.runtime.outputs.snapshots import regions_from_map
 from mrkd.runtime.redact import redact_uri
-from mrkd.runtime.sources import Frame, Source, SourceError, SourceUnreachable, open_source
-from mrkd.runtime.sources.late import LateSource
-from mrkd.runtime.sources.open_turns import given_up_when
+from mrkd.runtime.sources import NETWORK_SCHEMES, Frame, Source, SourceError, SourceUnreachable, open_source
+from mrkd.runtime.sources.late import LateSource, OpenInFlight
+from mrkd.runtime.sources.open_turns import POLL_S, given_up_when
 from mrkd.runtime.line.stats import LatencyWindow, RunStats
 from mrkd.runtime.line.trigger import PartSettings
 from mrkd.unjoined_threads import left_running
@@ -60,6 +60,10 @@ DEFAULT_CAMERA = "cam0"
 # How long a stop waits for the cameras' readers, together: one network open or read in flight (their
 # timeout, open_sources' 5 s) ends within it; nothing is opened after the stop.
 READERS_STOP_WAIT_S = 5.5
+# How long a free run's start waits for its network cameras' first opens (tried together): one that has
+# not answered by then (off, hung, or waiting for another's open) starts as a LateSource that keeps that
+# open going, so the line judges the cameras that answered instead of waiting out each dead one's timeout.
+START_GRACE_S = 1.5
 ALARMS_WAITING = 32          # alarms (each with its frame) waiting for the outputs before the loop waits
 # How long the stop waits for the alarms handed over to reach every output; past it the rest is given up,
 # counted (summary "outputs_given_up") and logged, as the part runner's OUTPUTS_DRAIN_S.
@@ -395,42 +399,137 @@ def open_sources(line: Line, timeout: float = 5.0, cameras: Optional[Sequence[st
     """Open the sources of the line's cameras (``cameras``: only these names); a failure names the
     camera (sources opened so far are closed). Free run: a network camera that does not answer yet is
     not a failure: it is opened again in the background (LateSource) and shows as down until it
-    answers. ``triggered`` (the part runner): each camera in its trigger mode, grabbed directly, so a
-    camera that does not answer is an error. ``stop`` (free run; the CLI's signal handler sets it): once
-    set, the cameras not yet opened are not (each open of a camera that does not answer takes ``timeout``);
-    they are LateSources that are never tried, so the line stops at once with every camera in its summary."""
+    answers; the network cameras' first opens run together, after the other cameras', and the line
+    starts without those that have not answered within START_GRACE_S (their opens go on in their
+    LateSource). ``triggered`` (the part runner): each camera in its trigger mode, grabbed directly, one
+    after another, so a camera that does not answer is an error. ``stop`` (free run; the CLI's signal
+    handler sets it): once set, the cameras not yet opened are not (each open of a camera that does not
+    answer takes ``timeout``); they are LateSources that are never tried, so the line stops at once with
+    every camera in its summary."""
+    chosen = [camera for camera in line.cameras if cameras is None or camera.name in cameras]
     sources: Dict[str, Source] = {}
+    together: List[Tuple[Camera, Callable[[], Source]]] = []     # free run's network cameras
     try:
-        for camera in line.cameras:
-            if cameras is not None and camera.name not in cameras:
-                continue
-            mode = dict(trigger=camera.trigger) if triggered else dict(fps=camera.fps)
-
-            def opener(camera=camera, mode=mode):
-                return open_source(camera.source, size=camera.size, loop=camera.loop, timeout=timeout,
-                                   features=camera.features, name=camera.name, **mode)
+        for camera in chosen:
+            opener = _source_opener(camera, timeout, triggered)
             stopping = stop.is_set if stop is not None and not triggered else None
             if stopping is not None and stopping():
                 sources[camera.name] = LateSource(camera.source, opener, STOPPED_AT_START, stop=stop)
-                continue
-            try:
-                with given_up_when(stopping):
-                    sources[camera.name] = opener()
-            except SourceUnreachable as exc:     # a network camera still booting: not a failure
-                if triggered:
-                    raise SourceError(_naming(camera, exc)) from exc
-                if stopping is not None and stopping():     # given up for the stop, or it came meanwhile
-                    sources[camera.name] = LateSource(camera.source, opener, str(exc), stop=stop)
-                    continue
-                logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
-                sources[camera.name] = LateSource(camera.source, opener, str(exc), stop=stop)
-            except SourceError as exc:
-                raise SourceError(_naming(camera, exc)) from exc
+            elif not triggered and _is_network(camera):
+                together.append((camera, opener))
+            else:
+                sources[camera.name] = _open_one(camera, opener, triggered, stopping, stop)
+        sources.update(_open_together(together, stop, timeout))
     except BaseException:
         for source in sources.values():
             source.close()
         raise
-    return sources
+    return {camera.name: sources[camera.name] for camera in chosen}
+
+
+def _source_opener(camera: Camera, timeout: float, triggered: bool) -> Callable[[], Source]:
+    mode = dict(trigger=camera.trigger) if triggered else dict(fps=camera.fps)
+
+    def opener() -> Source:
+        return open_source(camera.source, size=camera.size, loop=camera.loop, timeout=timeout,
+                           features=camera.features, name=camera.name, **mode)
+    return opener
+
+
+def _is_network(camera: Camera) -> bool:
+    """Whether the camera's open may say it did not answer (SourceUnreachable) instead of failing."""
+    return isinstance(camera.source, str) and camera.source.lower().startswith(NETWORK_SCHEMES)
+
+
+def _open_one(camera: Camera, opener: Callable[[], Source], triggered: bool,
+              stopping: Optional[Callable[[], bool]], stop: Optional[threading.Event]) -> Source:
+    """One camera opened on this thread: the part runner's, and a free run's cameras that are not network
+    streams (opened before those start: a file's open would wait behind a hung camera's in OpenCV)."""
+    try:
+        with given_up_when(stopping):
+            return opener()
+    except SourceUnreachable as exc:     # a network camera still booting: not a failure
+        if triggered:
+            raise SourceError(_naming(camera, exc)) from exc
+        if not (stopping is not None and stopping()):     # not given up for the stop, nor did it come meanwhile
+            logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
+        return LateSource(camera.source, opener, str(exc), stop=stop)
+    except SourceError as exc:
+        raise SourceError(_naming(camera, exc)) from exc
+
+
+def _open_together(cameras: Sequence[Tuple[Camera, Callable[[], Source]]], stop: Optional[threading.Event],
+                   timeout: float) -> Dict[str, Source]:
+    """A free run's network cameras: their first opens together (OpenCV's part still one at a time,
+    open_turns.py), waited for until each ended, START_GRACE_S passed, the stop, or one failed for good."""
+    line_stopped = stop.is_set if stop is not None else (lambda: False)
+    attempts = [(camera, opener, OpenInFlight(camera.name, opener, line_stopped)) for camera, opener in cameras]
+    try:
+        _wait_for_first_opens([attempt for *_, attempt in attempts], line_stopped)
+    except BaseException:     # an interrupt: nothing waits for the opens; what they open is closed
+        for *_, attempt in attempts:
+            attempt.abandon()
+            if attempt.thread.is_alive():
+                left_running(attempt.thread)
+        raise
+    ended = [attempt.done.is_set() for *_, attempt in attempts]     # once: one ending now is the LateSource's
+    failed = next(((camera, attempt) for (camera, _, attempt), done in zip(attempts, ended)
+                   if done and _failed_for_good(attempt)), None)
+    if failed is not None:
+        _abandon_all([attempt for *_, attempt in attempts], timeout)
+        camera, attempt = failed
+        if isinstance(attempt.error, SourceError):
+            raise SourceError(_naming(camera, attempt.error)) from attempt.error
+        raise attempt.error
+    return {camera.name: _started(camera, opener, attempt, done, stop)
+            for (camera, opener, attempt), done in zip(attempts, ended)}
+
+
+def _wait_for_first_opens(attempts: Sequence[OpenInFlight], line_stopped: Callable[[], bool]) -> None:
+    """Until every open ended, START_GRACE_S passed, the stop, or one failed for good."""
+    deadline = time.monotonic() + START_GRACE_S
+    while not line_stopped() and not any(_failed_for_good(attempt) for attempt in attempts):
+        waiting = [attempt for attempt in attempts if not attempt.done.is_set()]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            return
+        waiting[0].done.wait(min(POLL_S, left))     # the line starts as soon as the last one ends
+
+
+def _failed_for_good(attempt: OpenInFlight) -> bool:
+    """The open ended in an error that fails the start (not a camera that did not answer yet)."""
+    return attempt.done.is_set() and attempt.error is not None and not isinstance(attempt.error, SourceUnreachable)
+
+
+def _abandon_all(attempts: Sequence[OpenInFlight], timeout: float) -> None:
+    """The start failed: every open is given up and waited for (one inside OpenCV runs out ``timeout``),
+    and what they opened is closed."""
+    for attempt in attempts:
+        attempt.give_up()
+    deadline = time.monotonic() + timeout + 1.0
+    for attempt in attempts:
+        attempt.thread.join(max(0.0, deadline - time.monotonic()))
+        if attempt.thread.is_alive():
+            left_running(attempt.thread)
+        attempt.abandon()
+
+
+def _started(camera: Camera, opener: Callable[[], Source], attempt: OpenInFlight, ended: bool,
+             stop: Optional[threading.Event]) -> Source:
+    """The camera's source for the line: the one its first open gave, or a LateSource (that takes over
+    the open still in flight, or tries again later)."""
+    quiet = stop is not None and stop.is_set()     # given up for the stop: nothing to warn about
+    if not ended:
+        reason = f"no answer within {START_GRACE_S:g} s of the start; still opening it"
+        if not quiet:
+            logger.warning("camera %r: %s; the line starts without it", camera.name, reason)
+        return LateSource(camera.source, opener, reason, stop=stop, in_flight=attempt)
+    try:
+        return attempt.take()
+    except SourceUnreachable as exc:     # a network camera still booting: not a failure
+        if not quiet:
+            logger.warning("camera %r: %s; trying again in the background", camera.name, exc)
+        return LateSource(camera.source, opener, str(exc), stop=stop)
 
 
 def _status_of(state: _CameraState, now: float, stale_after_s: float) -> CameraStatus:
