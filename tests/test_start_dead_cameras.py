@@ -6,6 +6,7 @@ cameras judged its working camera's first frame ~10 s later than the same line w
 processes side by side (the same load on both), a real MJPEG camera, real unanswered listeners.
 """
 
+import logging
 import threading
 import time
 
@@ -44,8 +45,8 @@ def test_a_line_judges_its_working_camera_without_waiting_for_dead_ones_one_afte
             peer.close()
     alone, beside = runs["alone"].first_frames_after(), runs["beside"].first_frames_after()
     assert beside - alone < EXTRA_START_BOUND_S, (alone, beside, logs["beside"][-3000:])
-    for name in ("dead", "dead1"):     # both are opened again in the background and in the summary
-        assert f"camera {name!r}:" in logs["beside"], logs["beside"][-3000:]
+    for name in ("dead", "dead1"):     # both still opening in the background, shown down (their connects
+        assert f"{name}: DOWN" in logs["beside"], logs["beside"][-3000:]     # are said once they time out)
 
 
 def test_a_camera_that_cannot_open_fails_the_start_and_the_opens_beside_it_are_closed():
@@ -82,9 +83,12 @@ class SlowMjpegServer(MjpegServer):
         self.server.RequestHandlerClass = Slow
 
 
-def test_a_camera_that_answers_after_the_start_up_grace_is_read_from_its_first_open():
+def test_a_camera_that_answers_after_the_start_up_grace_is_read_from_its_first_open(caplog):
     """The line starts without it, and its LateSource takes over the open still in flight: the first frame
-    comes when the camera answers, from that one request (the old code waited for it before starting)."""
+    comes when the camera answers, from that one request (the old code waited for it before starting).
+    A camera slow to open (an RTSP stream's probing takes seconds) is no failure: no warning is raised
+    for it at every start."""
+    caplog.set_level(logging.INFO)
     camera = SlowMjpegServer(delay=START_GRACE_S + 1.0)
     line = Line((Camera("slow", camera.url, "model.onnx"),))
     started = time.monotonic()
@@ -103,3 +107,6 @@ def test_a_camera_that_answers_after_the_start_up_grace_is_read_from_its_first_o
     assert isinstance(source, LateSource)
     assert frame is not None and first_frame_after < START_GRACE_S + 3.0, first_frame_after
     assert camera.connections == 1, f"{camera.connections} requests: the first open was not taken over"
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "start" in r.getMessage() or "answered" in
+            r.getMessage()]
+    assert [level for level, _ in said] == [logging.INFO, logging.INFO], said     # still opening; answered

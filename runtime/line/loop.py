@@ -520,9 +520,11 @@ def _started(camera: Camera, opener: Callable[[], Source], attempt: OpenInFlight
     the open still in flight, or tries again later)."""
     quiet = stop is not None and stop.is_set()     # given up for the stop: nothing to warn about
     if not ended:
+        # not a failure: an RTSP camera's open often takes a few seconds (stream probing); said as a warning
+        # only if that open fails (LateSource), so a healthy camera does not raise one at every start
         reason = f"no answer within {START_GRACE_S:g} s of the start; still opening it"
         if not quiet:
-            logger.warning("camera %r: %s; the line starts without it", camera.name, reason)
+            logger.info("camera %r: %s; the line starts without it", camera.name, reason)
         return LateSource(camera.source, opener, reason, stop=stop, in_flight=attempt)
     try:
         return attempt.take()

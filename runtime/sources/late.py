@@ -93,6 +93,9 @@ class LateSource(Source):
         super().__init__(uri)
         self._own_stats.last_error = first_error
         self._reasons_said = {first_error}     # the line said the first (runtime/line/loop.py open_sources)
+        # an open still in flight at the start is no failure (said as info there): its answer is not a warning
+        # either, unless a failure was said meanwhile
+        self._quiet_first = in_flight is not None
         self._opener, self._backoff, self._delay = opener, backoff, backoff[0]
         self._next_try = time.monotonic() + self._delay
         # the line's stop: once set, the camera is not opened again (an open of a camera that does not
@@ -167,7 +170,8 @@ class LateSource(Source):
             inner.stop_reading()
             return False
         inner.keep_camera_bits(self.keeps_camera_bits)
-        logger.warning("%s: answered; reading it", self.uri)
+        only_slow = self._quiet_first and len(self._reasons_said) == 1
+        logger.log(logging.INFO if only_slow else logging.WARNING, "%s: answered; reading it", self.uri)
         return True
 
     def _failed(self, reason: str) -> None:
