@@ -49,7 +49,8 @@ def line_output_options(command):
                           "outputs' health) says how often its decisions differ and how its scores correlate."),
         click.option("--review-labels", type=click.Path(dir_okay=False), default=None,
                      help="Label file POST /review appends to (mrkd refit --reviewed reads it); needs "
-                          "--control-token-env and --events (a label names an event of that log)."),
+                          "--control-token-env, --events and --evidence (a label names an event of that log and "
+                          "the image it was judged on)."),
         click.option("--http", "http_address", metavar="HOST:PORT", default=None,
                      help="Serve /metrics (Prometheus), /healthz and a read-only live operator page at / "
                           "(e.g. 127.0.0.1:8080, or :8080, this machine only; 0.0.0.0:8080 for the whole network; "
@@ -490,7 +491,7 @@ def run_command(model, sources, line_file, **options):
     output_settings = pop_output_settings(options)
     from mrkd.runtime.control import pop_control_options     # POST /reload, /review
     control = pop_control_options(options, output_settings.http, tls=output_settings.http_cert is not None,
-                                  events=output_settings.events)
+                                  events=output_settings.events, evidence=output_settings.evidence is not None)
     shadow_model = options.pop("shadow_model")
     run_settings = pop_run_settings(options)
     camera_defaults = pop_camera_defaults(options, part)

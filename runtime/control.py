@@ -209,11 +209,13 @@ def _together(event_ids, label: str) -> str:
 __all__ = ["LineControl", "ControlError", "ReviewError", "MAX_BODY", "token_from_env"]
 
 
-def pop_control_options(options: dict, http: Optional[str] = None, tls: bool = False, events=None) -> dict:
+def pop_control_options(options: dict, http: Optional[str] = None, tls: bool = False, events=None,
+                        evidence: bool = True) -> dict:
     """``--control-token-env`` / ``--review-labels`` of `mrkd run`, taken out of its options and checked
     (the token is read from its variable now, so a missing one fails before the line starts). ``tls``:
     the page speaks HTTPS; a token sent from the network needs it. ``events``: the run's --events log,
-    which the label file must not be."""
+    which the label file must not be. ``evidence``: whether the run writes --evidence (a label names its
+    alarm's evidence image)."""
     variable, labels = options.pop("control_token_env", None), options.pop("review_labels", None)
     if labels and not variable:
         raise ControlError("--review-labels needs --control-token-env VAR: reviews over HTTP need a token")
@@ -222,6 +224,9 @@ def pop_control_options(options: dict, http: Optional[str] = None, tls: bool = F
     if labels and events and Path(labels).resolve() == Path(events).resolve():
         raise ControlError(f"--review-labels {labels} is the --events log: labels go to a file of their own "
                            "(a label line in the events log breaks it for the next run)")
+    if labels and not evidence:    # without the image every POST /review was refused, after the line had started
+        raise ControlError("--review-labels needs --evidence DIR: a label names the lossless image its alarm was "
+                           "judged on, which --evidence writes")
     if variable and not http:
         raise ControlError("--control-token-env: the commands are served by the operator page; add --http HOST:PORT")
     if variable and not tls:

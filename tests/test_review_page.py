@@ -541,3 +541,23 @@ def test_review_labels_without_an_events_log_is_refused_at_start(tmp_path, monke
     assert result.output.strip() == "Error: --review-labels needs --events LOG: a label names an alarm of the " \
                                     "events log", result.output
     assert not labels.exists()
+
+
+def test_review_labels_without_an_evidence_folder_is_refused_at_start(tmp_path, monkeypatch):
+    """A label names the lossless image its alarm was judged on, which only --evidence writes: a run
+    started with --review-labels and --events but no --evidence ran on, and every label from the page was
+    refused 409 "no evidence image ... was `mrkd run` started with --evidence?" (found walking the loop
+    on an ELPV line)."""
+    from click.testing import CliRunner
+    from mrkd.cli import main
+    monkeypatch.setenv("MRKD_TEST_TOKEN", TOKEN)
+    folder, labels, events = tmp_path / "frames", tmp_path / "labels.jsonl", tmp_path / "events.jsonl"
+    write_frames(folder)
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    result = CliRunner().invoke(main, ["run", str(model), "--source", str(folder), "--http", "127.0.0.1:0",
+                                       "--control-token-env", "MRKD_TEST_TOKEN", "--review-labels", str(labels),
+                                       "--events", str(events)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip() == "Error: --review-labels needs --evidence DIR: a label names the lossless " \
+                                    "image its alarm was judged on, which --evidence writes", result.output
+    assert not labels.exists() and not events.exists()
