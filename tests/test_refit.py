@@ -1049,3 +1049,31 @@ def test_a_refit_whose_evidence_folder_moved_says_to_give_evidence_and_counts_wh
     with pytest.raises(RefitError, match=r"no usable image marked good \(0 marked good, 1 confirmed defect\)"):
         refit_checkpoint(parent / "parent.ckpt", only_defect, str(parent / "good"), tmp_path / "v3", export=False,
                          echo=lambda line: None)
+
+
+def test_refit_given_one_events_log_of_a_label_file_that_records_two_says_to_leave_events_out(parent, tmp_path):
+    """A label file outlives an events log (a new log per day): its labels record their logs. Given
+    --events with one of them, the other log's labels are skipped as 'not in the events log', its
+    confirmed defects among them, and the refit refused with '--force refits without them' only; leaving
+    --events out checks each label against the log it records, which the refusal now says."""
+    from mrkd.runtime.review import EventsLogRef
+    from mrkd.runtime.metadata import file_sha256
+    images = [image for _, image, _ in good_marks(parent, 2)]
+    defect = Path(shutil.copy(elpv_cells("mono", 1.0, 1)[0], tmp_path / "defect.png"))
+    day1, day2 = tmp_path / "day1.jsonl", tmp_path / "day2.jsonl"
+    for log, rows in ((day1, [("a0", images[0]), ("a1", images[1])]), (day2, [("b0", defect)])):
+        log.write_text("".join(json.dumps({"event_id": e, "camera": "cam0", "evidence": str(image),
+                                           "evidence_sha256": file_sha256(image)}) + "\n" for e, image in rows))
+    refs = {"a": EventsLogRef(str(day1), "a0"), "b": EventsLogRef(str(day2), "b0")}
+    labels = tmp_path / "labels.jsonl"
+    with LabelFile(labels) as file:
+        for event_id, image, label in (("a0", images[0], "good"), ("a1", images[1], "good"), ("b0", defect, "defect")):
+            file.append(make_label(event_id, image, label, who="tester", camera="cam0", events_log=refs[event_id[0]]))
+    with pytest.raises(RefitError, match=r"cannot be checked .*1 of them record(s)? another events log "
+                                         rf"\({re.escape(str(day2))}\): leave out --events") as refused:
+        refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v2", export=False,
+                         events=day1, echo=lambda line: None)
+    assert "\n" not in str(refused.value)
+    result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v3", export=False,
+                              force=True, echo=lambda line: None)   # without --events: each label's own log
+    assert result.lineage["defect_images"] == [str(defect)]           # checked (force: whether still flagged)

@@ -687,6 +687,17 @@ def _moved_hint(skipped: Sequence["SkippedLabel"], evidence) -> str:
     return "; if the evidence folder was moved, give --evidence DIR (its new place: the images are taken by sha256)"
 
 
+def _other_log_hint(skipped: Sequence["SkippedLabel"]) -> str:
+    """What to do when labels were skipped because --events named another log than the one they record
+    (a label file kept across a new day's events log)."""
+    logs = list(dict.fromkeys(skip.other_log for skip in skipped if skip.other_log))
+    if not logs:
+        return ""
+    count = sum(1 for skip in skipped if skip.other_log)
+    return (f"; {count} of them record{'s' if count == 1 else ''} another events log ({', '.join(logs)}): leave out "
+            f"--events to check each label against the log it records")
+
+
 def _threshold_text(threshold: Optional[float]) -> str:
     """A threshold as the refit's lines print it (a parent without a calibration has none)."""
     return "none" if threshold is None else f"{threshold:.6g}"
@@ -717,6 +728,7 @@ class SkippedLabel:
     reason: str
     camera: str = ""                   # whose image of the event (a part has one per camera)
     image_gone: bool = False           # its image is not where it was labelled (the folder moved?)
+    other_log: str = ""                # the events log it records, when --events named another one
 
     def __str__(self) -> str:
         camera = f" camera {self.camera}" if self.camera else ""
@@ -779,11 +791,19 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
             reason = f"image {image} is not the evidence the run recorded (sha256 differs from the event's)"
         if reason:
             skipped.append(SkippedLabel(str(labels_path), label.event_id, label.label, reason, label.camera,
-                                        image_gone=image is not None and not image.is_file()))
+                                        image_gone=image is not None and not image.is_file(),
+                                        other_log=_other_log(label, events_path) if event is None else ""))
             warn(str(skipped[-1]))
             continue
         (good if label.label == GOOD else defect).setdefault(label.image_sha256, str(image))
     return ReviewedImages(tuple(good.values()), tuple(defect.values()), tuple(skipped))
+
+
+def _other_log(label: ReviewLabel, events_path) -> str:
+    """The events log ``label`` records when the refit was given another one as --events ("")."""
+    if events_path is None or label.log_ref is None:
+        return ""
+    return "" if os.path.abspath(label.log_ref.path) == os.path.abspath(events_path) else label.log_ref.path
 
 
 def _unchecked_notes(labels: Sequence[ReviewLabel], logs: Mapping[EventsLogRef, RecordedLog],
@@ -874,7 +894,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                    f"(listed above)")
         if not force:
             raise RefitError(message + "; nothing written" + _moved_hint(unchecked, evidence) +
-                             " (--force refits without them)")
+                             _other_log_hint(unchecked) + " (--force refits without them)")
         echo(warning_line(f"{message}; refit without them (--force)"))
     if not reviewed.good:
         skipped_good = [skip for skip in reviewed.skipped if skip.label == GOOD]
@@ -882,7 +902,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                          f"{' and skipped' if skipped_good else ''}, {len(reviewed.defect)} confirmed defect"
                          f"{'' if len(reviewed.defect) == 1 else 's'}); nothing to refit: a refit adds images marked "
                          f"good (false alarms, `mrkd review --as good`) to the memory bank"
-                         f"{_moved_hint(skipped_good, evidence)}")
+                         f"{_moved_hint(skipped_good, evidence)}{_other_log_hint(skipped_good)}")
     calibration_paths = list(good) if isinstance(good, (list, tuple)) else [str(p) for p in scan_folder(good)]
     # images are compared by their pixels (the module's notes); each file is decoded once, here: the
     # refit's passes over it read the square kept from that decode
