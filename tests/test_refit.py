@@ -1077,3 +1077,28 @@ def test_refit_given_one_events_log_of_a_label_file_that_records_two_says_to_lea
     result = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v3", export=False,
                               force=True, echo=lambda line: None)   # without --events: each label's own log
     assert result.lineage["defect_images"] == [str(defect)]           # checked (force: whether still flagged)
+
+
+def test_held_out_good_images_with_the_same_pixels_count_once_in_the_threshold(parent, tmp_path):
+    """OK samples of a line that saw the same frames twice (a looped clip, a restart: <evidence>/cam/ok/ then
+    holds NNN.png and NNN_<pid>_<k>.png of one frame) were each a held-out image: 'threshold ... on 8
+    held-out good image(s)' for 4 images, the repeats weighting the quantile. They now count once, said in
+    one line, and the threshold is the one set on the distinct images."""
+    import cv2
+    good = tmp_path / "good"
+    shutil.copytree(parent / "good", good)
+    originals = sorted(good.iterdir())
+    for image in originals[:4]:                                   # the same pixels, other bytes (re-saved)
+        pixels = cv2.imread(str(image), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(good / f"{image.stem}_again.png"), pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 2))
+    lines = []
+    twice = refit_checkpoint(parent / "parent.ckpt", labels, str(good), tmp_path / "v2", export=False,
+                             echo=lines.append)
+    once = refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "v3", export=False,
+                            echo=lambda line: None)
+    assert f"on {len(originals)} held-out good image(s)" in "\n".join(lines), lines
+    assert [l for l in lines if "same pixels as another --good image" in l] == \
+        [f"warning: 4 of the --good images have the same pixels as another --good image; each is counted once "
+         f"in the threshold"]
+    assert twice.threshold_after == once.threshold_after

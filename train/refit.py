@@ -679,6 +679,18 @@ def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, m
                        seconds=time.perf_counter() - started, guarded_patches=guarded, reweight=chosen)
 
 
+def _distinct_pixels(paths: Sequence[str], pixels: Mapping[str, str], echo: Callable[[str], None]) -> List[str]:
+    """``paths`` with one file per decoded image: OK samples of a line that saw the same frame twice (a
+    looped clip, a restart) would each weigh in the threshold's quantile."""
+    first: dict = {}
+    for path in paths:
+        first.setdefault(pixels[path], path)
+    if len(first) < len(paths):
+        echo(warning_line(f"{len(paths) - len(first)} of the --good images have the same pixels as another --good "
+                          f"image; each is counted once in the threshold"))
+    return list(first.values())
+
+
 def _moved_hint(skipped: Sequence["SkippedLabel"], evidence) -> str:
     """What to do when labels' images are gone from their paths and no --evidence was given: the evidence
     folder was most likely moved (archived) on its own."""
@@ -944,6 +956,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                           f"are left out of the threshold"))
     if not held_out:
         raise RefitError(f"{good}: no held-out good image left to set the threshold on")
+    held_out = _distinct_pixels(held_out, calibration_pixels, echo)
     offered = tuple(new_good.values())
     version = parent_version(data) + 1
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path, version)
