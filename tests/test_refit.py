@@ -1099,6 +1099,6 @@ def test_held_out_good_images_with_the_same_pixels_count_once_in_the_threshold(p
                             echo=lambda line: None)
     assert f"on {len(originals)} held-out good image(s)" in "\n".join(lines), lines
     assert [l for l in lines if "same pixels as another --good image" in l] == \
-        [f"warning: 4 of the --good images have the same pixels as another --good image; each is counted once "
-         f"in the threshold"]
+        ["warning: 4 of the --good images have the same pixels as another --good image; each is counted once "
+         "in the threshold"]
     assert twice.threshold_after == once.threshold_after
