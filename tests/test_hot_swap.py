@@ -83,6 +83,22 @@ def running(tmp_path):
         detector.close()
 
 
+def test_a_swap_starts_the_debounce_window_again(running):
+    """With --debounce K/N the window's votes were carried across a swap: the new model's first anomalous
+    frame completed an alarm whose other votes the replaced model cast, and its event named only the new
+    model. After a swap the window starts again (the cooldown stays)."""
+    policy = running.state.policy = AlarmPolicy(running.state.policy.threshold, debounce=(2, 3))
+    assert policy.update(0, 0.0, 1.0) is None                 # one anomalous frame judged by the old model
+    export_tiny_model(running.tmp / "v2.onnx", threshold=0.25)
+    install(running.tmp / "v2.onnx", running.live)
+    assert running.slots.request_reload("test") and running.slots.wait_idle(30)
+    assert [r.outcome for r in running.slots.apply([running.state])] == ["swapped"]
+    assert running.state.policy is policy
+    assert policy.update(1, 1.0, 1.0) is None                 # the new model's first vote alone: no alarm
+    alarm = policy.update(2, 2.0, 1.0)                        # its second: 2 of 3, both its own
+    assert alarm is not None and alarm.frame_index == 2
+
+
 def test_new_model_is_staged_beside_the_old_and_swapped_only_between_rounds(running):
     old = running.state.detector
     old_sha = file_sha256(running.live)

@@ -106,6 +106,11 @@ class AlarmPolicy:
         self.alarms = 0
         self.suppressed = 0    # frames that met the debounce but fell in a cooldown
 
+    def restart_window(self) -> None:
+        """Forget the debounce window's votes (a hot swap: they were cast by the model replaced, so an alarm
+        would count frames another model judged and name only the new one). The cooldown stays."""
+        self.window.clear()
+
     def in_cooldown(self, frame_index: int, timestamp: float) -> bool:
         """True while the last alarm's cooldown (in seconds and in frames) has not passed."""
         if self._last_alarm is None:

@@ -398,7 +398,7 @@ class ModelSlots(LineObserver):
     def apply(self, states: Sequence = ()) -> List[SwapRecord]:
         """Between rounds (loop thread): put staged detectors in place for every camera state of their
         path (``state.detector``, ``state.info``, and ``state.policy.threshold`` when the camera uses
-        the model's threshold). The part runner gives no states: it looks ``detectors`` and
+        the model's threshold; the policy's debounce window starts again). The part runner gives no states: it looks ``detectors`` and
         ``sha256_of`` up per part. Returns the swaps done."""
         if not self._camera_key:
             for state in states:
@@ -415,6 +415,7 @@ class ModelSlots(LineObserver):
                 if self._camera_key.get(state.camera.name) != key:
                     continue
                 state.detector = detector
+                state.policy.restart_window()      # the next alarm counts only frames the new model judged
                 own = state.camera.threshold is None
                 if own:
                     state.policy.threshold = float(detector.threshold)
