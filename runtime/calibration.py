@@ -319,6 +319,17 @@ def _max_margin(scores: np.ndarray, margin: float) -> float:
     return float(scores.max() + margin * spread)
 
 
+def few_good_images(calibration: "Calibration") -> Optional[str]:
+    """Why a threshold set from good scores rests on too few of them to trust (fewer than
+    MIN_SCORES_FOR_QUANTILE: the quantile rule gave way to max + margin, and the unseen good parts' tail
+    lies above much of such a sample), or None. A manual or labelled (F1) threshold is not judged here."""
+    n = calibration.n_good
+    if calibration.method in ("manual", "f1") or n is None or n >= MIN_SCORES_FOR_QUANTILE:
+        return None
+    return (f"the threshold rests on {n} good image(s) ({calibration.method}), fewer than "
+            f"{MIN_SCORES_FOR_QUANTILE}: expect false alarms on good parts")
+
+
 def threshold_from_good_scores(good_scores, quantile: float = DEFAULT_QUANTILE, method: str = DEFAULT_METHOD,
                                min_scores: int = MIN_SCORES_FOR_QUANTILE, margin: float = MAX_MARGIN,
                                confidence: float = DEFAULT_CONFIDENCE) -> Tuple[float, str]:

@@ -219,6 +219,21 @@ def test_train_help_says_where_a_plain_folders_checkpoint_goes(tmp_path):
     assert done.exit_code == 0, done.output
     assert (tmp_path / "run" / "last.ckpt").is_file() and not (tmp_path / "run" / "good").exists()
     assert "a plain folder or glob of images: <out>/last.ckpt" in help_text
+    # a small set holds out a handful of images: the threshold then rests on too few to trust, said once
+    held = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["calibration"]["n_good"]
+    said = [line for line in done.output.splitlines() if "rests on" in line]
+    assert held < 10 and len(said) == 1, done.output
+    assert said[0].startswith("warning:") and f"rests on {held} good image(s)" in said[0]
+    assert f"mrkd calibrate {tmp_path / 'run' / 'last.ckpt'} GOOD_IMAGES" in said[0]
+
+
+def test_few_good_images_judges_the_count_behind_a_threshold_from_good_scores():
+    from mrkd.runtime.calibration import MIN_SCORES_FOR_QUANTILE, Calibration, few_good_images
+    assert MIN_SCORES_FOR_QUANTILE == 10
+    assert "rests on 4 good image(s) (max_margin)" in few_good_images(Calibration(1.0, "max_margin", n_good=4))
+    assert few_good_images(Calibration(1.0, "quantile", n_good=10)) is None
+    assert few_good_images(Calibration(1.0, "tolerance", n_good=9)) is not None
+    assert few_good_images(Calibration(1.0, "manual")) is None and few_good_images(Calibration(1.0, "f1", n_good=3)) is None
 
 
 def test_an_unreadable_held_out_image_stops_training_before_the_first_epoch(tmp_path):

@@ -15,7 +15,7 @@ from mrkd.stopping import stops_in_one_line
 from mrkd.options import FRACTION, FiniteFloatRange, IntegerRange
 from mrkd.train import DEFAULT_BACKBONE, DEFAULT_EPOCHS
 from mrkd.runtime.calibration import (CONFIDENCE_HELP, DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE,
-                                     METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS)
+                                     METHOD_HELP, QUANTILE_HELP, THRESHOLD_METHODS, few_good_images)
 
 DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 # What torch.manual_seed and numpy's legacy seeding both take (numpy refuses negative seeds and >= 2**32).
@@ -243,6 +243,10 @@ def train_command(data_root, categories, out, backbone, teacher_weights, image_s
         said = f"  ({errors} problem(s) reported above)" if errors else ""
         click.echo(f"{name}: loss {last.get('loss', float('nan')):.4f}  threshold {threshold}{monitoring}{speed}  "
                    f"-> {summary['checkpoint']} (final epoch){said}")
+        few = few_good_images(summary["calibration"]) if summary.get("calibration") is not None else None
+        if few:     # a handful held out (a small training set): the line's own good parts set it better
+            click.echo(warning_line(f"{name}: {few}; set it on the line's good parts: mrkd calibrate "
+                                    f"{summary['checkpoint']} GOOD_IMAGES (50 or more)"), err=True)
 
 
 # ----------------------------------------------------------------------------- eval
