@@ -16,7 +16,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Sequence
 
 import cv2
 import numpy as np
@@ -148,6 +148,16 @@ def write_video(path: Path, frames: List[np.ndarray], fps: float = 25.0) -> Path
         writer.write(frame)
     writer.release()
     return Path(path)
+
+
+def write_frames(folder: Path, frames: Sequence[np.ndarray], name: str = "{:03d}.png") -> Path:
+    """``folder`` (made here) holding ``frames`` as lossless PNG files, the i-th named ``name.format(i)``:
+    a folder source reads them in that order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for i, frame in enumerate(frames):
+        assert cv2.imwrite(str(folder / name.format(i)), frame), f"cannot write {folder / name.format(i)}"
+    return folder
 
 
 def normal_then_defective(n_normal: int, n_defective: int, seed: int = 0) -> List[np.ndarray]:

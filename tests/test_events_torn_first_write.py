@@ -12,11 +12,10 @@ import math
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 import pytest
 
-from runtime_fixtures import build_tiny_model, normal_frame
+from runtime_fixtures import build_tiny_model, normal_frame, write_frames
 
 from mrkd.runtime.line.alarms import Alarm
 from mrkd.runtime.outputs.base import CameraJudgement, PartResult, TriggerReceipt
@@ -133,18 +132,19 @@ def test_the_first_keys_are_what_the_writers_write(kind):
     assert next(iter(json.loads(json.dumps(record(), sort_keys=True)))) in log_class.first_keys
 
 
+def marked(frame):
+    """``frame`` with a white square at its top-left: the tiny model alarms on it."""
+    frame[2:14, 2:14] = 255
+    return frame
+
+
 def test_mrkd_run_starts_on_an_events_log_torn_in_its_first_write(tmp_path):
     """The reported case end to end: `mrkd run --events FILE` on a file whose first write was torn starts,
     says what it cut, and the log then holds the run's alarms only."""
     model = build_tiny_model(tmp_path / "m.onnx")
-    folder = tmp_path / "frames"
-    folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(4):
-        frame = normal_frame(rng)
-        if i >= 1:
-            frame[2:14, 2:14] = 255       # defective: alarms
-        cv2.imwrite(str(folder / f"{i:03d}.png"), frame)
+    frames = [normal_frame(rng) for _ in range(4)]
+    folder = write_frames(tmp_path / "frames", frames[:1] + [marked(frame) for frame in frames[1:]])
     events = tmp_path / "events.jsonl"
     torn = json.dumps(alarm_event(), sort_keys=True).encode()[:57]
     events.write_bytes(torn)

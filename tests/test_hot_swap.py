@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import runtime_fixtures
-from runtime_fixtures import defective_frame, export_tiny_model, normal_frame
+from runtime_fixtures import defective_frame, export_tiny_model, normal_frame, write_frames
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import AlarmPolicy
 from mrkd.runtime.line.loop import Camera
@@ -48,11 +48,7 @@ def frames(n=4, seed=0):
 
 def frame_folder(tmp_path: Path, n: int, seed: int) -> Path:
     """tmp_path/frames with ``frames(n, seed)`` as f00.png, f01.png, ... (odd frames are defective)."""
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, frame in enumerate(frames(n, seed=seed)):
-        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame)
-    return folder
+    return write_frames(tmp_path / "frames", frames(n, seed=seed), "f{:02d}.png")
 
 
 def state_for(path: Path, detector) -> SimpleNamespace:

@@ -11,12 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from runtime_fixtures import build_tiny_model, defective_frame, fill_up, normal_frame, small_tmpfs
+from runtime_fixtures import build_tiny_model, defective_frame, fill_up, normal_frame, small_tmpfs, write_frames
 
 from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.outputs.events import read_events
@@ -31,10 +30,8 @@ def cell(tmp_path_factory):
     root = tmp_path_factory.mktemp("cell")
     model = build_tiny_model(root / "tiny.onnx")
     rng = np.random.default_rng(3)
-    folder = root / "parts"
-    folder.mkdir()
-    for i in range(6):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), defective_frame(rng) if i in DEFECTIVE else normal_frame(rng))
+    folder = write_frames(root / "parts", [defective_frame(rng) if i in DEFECTIVE else normal_frame(rng)
+                                           for i in range(6)])
     return model, folder
 
 
@@ -188,11 +185,8 @@ def test_every_refused_trigger_is_a_missed_line_among_the_parts(tmp_path):
     every sequence number once; a missed line names its reason and has no verdict. A second run appends
     to the log that holds both kinds."""
     model = build_tiny_model(tmp_path / "tiny.onnx")
-    folder = tmp_path / "parts"
-    folder.mkdir()
     rng = np.random.default_rng(5)
-    for i in range(30):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), normal_frame(rng))
+    folder = write_frames(tmp_path / "parts", [normal_frame(rng) for _ in range(30)])
     # one trigger, then (that part judged: the line runs) bursts of three 0.1 s apart; empty lines: the
     # part id is the trigger's sequence
     bursts = [[""]] + [["", "", ""]] * 4 + [["R@9", "", ""]] + [["", "", ""]] * 4 + [["", ""]]

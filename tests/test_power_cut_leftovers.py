@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime_fixtures import build_tiny_model, normal_frame
+from runtime_fixtures import build_tiny_model, normal_frame, write_frames
 
 MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]
 
@@ -29,11 +29,8 @@ def line(tmp_path_factory):
     """The tiny model and a folder of three good frames."""
     root = tmp_path_factory.mktemp("line")
     model = build_tiny_model(root / "m.onnx")
-    frames = root / "frames"
-    frames.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(3):
-        cv2.imwrite(str(frames / f"{i}.png"), normal_frame(rng))
+    frames = write_frames(root / "frames", [normal_frame(rng) for _ in range(3)], "{}.png")
     return model, frames
 
 
@@ -86,11 +83,8 @@ def test_the_page_passes_over_a_snapshot_a_power_cut_left_unwritten_and_shows_th
     from mrkd.benchmarks.mosquitto import free_port
     from runtime_fixtures import defective_frame
     model, good = line
-    bad = tmp_path / "bad"
-    bad.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(3):
-        cv2.imwrite(str(bad / f"{i}.png"), defective_frame(rng))
+    bad = write_frames(tmp_path / "bad", [defective_frame(rng) for _ in range(3)], "{}.png")
     outputs = ["--status-every", "0", "--cooldown", "0", "--events", str(tmp_path / "events.jsonl"),
                "--evidence", str(tmp_path / "evidence"), "--snapshots", str(tmp_path / "snapshots")]
     first = subprocess.run(MRKD + ["run", str(model), "--source", f"cam={bad}", *outputs], capture_output=True,

@@ -12,12 +12,11 @@ import logging
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 import pytest
 
-from runtime_fixtures import build_tiny_model, normal_frame
-from test_events_torn_first_write import RECORDS, written_line
+from runtime_fixtures import build_tiny_model, normal_frame, write_frames
+from test_events_torn_first_write import RECORDS, marked, written_line
 from test_parts_log import cell, run_parts  # noqa: F401 (cell: a fixture)
 
 from mrkd.runtime.outputs.events import EventLog, EventLogError, power_cut_zeros, read_events
@@ -157,13 +156,8 @@ def test_mrkd_run_starts_again_on_an_events_log_its_power_cut_left_zero_filled(t
     """End to end: a real run writes its alarms, the power goes mid-line (the line's start reached the
     disk, then 70000 zeros), a second real run starts, says what it cut, and appends after the whole lines."""
     model = build_tiny_model(tmp_path / "m.onnx")
-    folder = tmp_path / "frames"
-    folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(3):
-        frame = normal_frame(rng)
-        frame[2:14, 2:14] = 255       # defective: every frame alarms
-        cv2.imwrite(str(folder / f"{i:03d}.png"), frame)
+    folder = write_frames(tmp_path / "frames", [marked(normal_frame(rng)) for _ in range(3)])   # every one alarms
     events = tmp_path / "events.jsonl"
     run = MRKD + ["run", str(model), "--source", f"cam={folder}", "--status-every", "0", "--events", str(events)]
     first = subprocess.run(run, capture_output=True, text=True, timeout=180)

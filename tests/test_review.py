@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime_fixtures import defective_frame, export_tiny_model, fill_up, normal_frame, small_tmpfs
+from runtime_fixtures import defective_frame, export_tiny_model, fill_up, normal_frame, small_tmpfs, write_frames
 from mrkd.runtime.review import (DEFECT, GOOD, LabelFile, ReviewError, ReviewLabel, latest_labels, make_label,
                                  read_labels)
 
@@ -37,11 +37,9 @@ def line_run(tmp_path_factory):
     from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
     root = tmp_path_factory.mktemp("line")
     model = export_tiny_model(root / "model.onnx")
-    frames = root / "frames"
-    frames.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(10):
-        cv2.imwrite(str(frames / f"f{i:02d}.png"), defective_frame(rng) if i % 3 == 2 else normal_frame(rng))
+    frames = write_frames(root / "frames", [defective_frame(rng) if i % 3 == 2 else normal_frame(rng)
+                                            for i in range(10)], "f{:02d}.png")
     outputs = build_outputs(OutputSettings(events=str(root / "events.jsonl"),
                                            evidence=EvidenceSettings(str(root / "evidence"), ok_every=2)))
     evidence = next(output for output in outputs if isinstance(output, EvidenceWriter))

@@ -48,14 +48,21 @@ def review(*args: str):
     return CliRunner().invoke(main, ["review", *args])
 
 
-def test_an_older_logs_relative_evidence_is_found_from_another_folder(tmp_path, monkeypatch):
-    log, events = older_run(tmp_path)
+def listed_from_elsewhere(log: Path, tmp_path: Path, monkeypatch):
+    """`mrkd review` of ``log`` run from a new folder, tmp_path/elsewhere (the current folder from then on),
+    naming the log relative to it: (that folder, the log as given, the listing, which succeeded)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     given = os.path.relpath(log, elsewhere)
     listed = review(given, "--labels", "labels.jsonl")
     assert listed.exit_code == 0, listed.output
+    return elsewhere, given, listed
+
+
+def test_an_older_logs_relative_evidence_is_found_from_another_folder(tmp_path, monkeypatch):
+    log, events = older_run(tmp_path)
+    elsewhere, given, listed = listed_from_elsewhere(log, tmp_path, monkeypatch)
     for event in events:
         assert f"image {tmp_path / 'line' / event['evidence']}  [unlabelled]" in listed.output, listed.output
     marked = review(given, "--labels", "labels.jsonl", "--mark", events[0]["event_id"], "--as", "defect")
@@ -75,12 +82,7 @@ def test_a_file_found_upward_with_another_hash_is_not_taken_and_the_row_says_wha
     other = real / "cam0" / Path(events[0]["evidence"]).name
     other.parent.mkdir(parents=True)
     cv2.imwrite(str(other), normal_frame(np.random.default_rng(3)))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    given = os.path.relpath(log, elsewhere)
-    listed = review(given, "--labels", "labels.jsonl")
-    assert listed.exit_code == 0, listed.output
+    elsewhere, given, listed = listed_from_elsewhere(log, tmp_path, monkeypatch)
     rows = listed.output.splitlines()[:2]
     assert all(f"EVIDENCE IMAGE NOT FOUND ({e['evidence']}, relative to the folder that run ran in, which its log "
                f"does not record: give --evidence DIR" in row for e, row in zip(events, rows)), listed.output
