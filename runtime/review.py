@@ -203,13 +203,14 @@ def default_who() -> str:
 image_sha256 = file_sha256     # an evidence image is named by its file's hash
 
 
-def check_label_file(path: Path) -> None:
+def check_label_file(path: Path, data: Optional[bytes] = None) -> None:
     """Refuse (ReviewError, the file left unchanged) a file that is not an mrkd label file, by the events
     log's rule (events.foreign_line): its complete lines must all be labels, and a last line without a
     newline is cut only as the torn start of a label after at least one whole one. Before, notes or an
-    image given as --labels lost their last line (or bytes) to the torn-line repair."""
+    image given as --labels lost their last line (or bytes) to the torn-line repair. ``data``: the file's
+    bytes, when the caller read them (default: read here)."""
     from mrkd.runtime.outputs.events import foreign_line
-    foreign = foreign_line(path.read_bytes(), _is_label_line, blank_ok=True)
+    foreign = foreign_line(path.read_bytes() if data is None else data, _is_label_line, blank_ok=True)
     if foreign == "tail":
         raise ReviewError(f"{path}: does not end in a newline and its last line is not a torn label, so this is not "
                           "an mrkd label file; it is left unchanged")
@@ -245,11 +246,11 @@ class LabelFile:
             # Under the file's lock: another writer (the page, a second `mrkd review`) writes under it,
             # and a write of many labels can be seen half done; judged or cut then, its label was lost.
             with self._flocked():
+                data = self.path.read_bytes()      # once, for the check and the repair
                 if not self._created:
-                    check_label_file(self.path)
-                size = os.fstat(self._fd).st_size
+                    check_label_file(self.path, data)
+                size = len(data)
                 if size:
-                    data = self.path.read_bytes()
                     keep = data.rfind(b"\n") + 1
                     if keep < size:
                         from mrkd.runtime.outputs.events import mend_torn_tail

@@ -392,7 +392,7 @@ def reviewed_candidates(model, paths: Sequence[str], bank: torch.Tensor, radius:
             allowed = guard_mask(rows, guard, reach) if guard is not None else torch.ones(len(rows), dtype=torch.bool)
             guarded += int((~allowed).sum())
             keep = allowed & (nearest_distance(rows, bank) > radius)
-            kept[slot].append((rows[keep].clone(), owner[keep]))
+            kept[slot].append((rows[keep], owner[keep]))     # a boolean index copies: the batch goes
         first += len(x)
     parts = [part for slot in kept for part in slot]
     if not parts:
