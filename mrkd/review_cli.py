@@ -20,15 +20,15 @@ Torch-free.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import click
 
 from mrkd.errors import MrkdError, error_boundary
 from mrkd.options import IntegerRange
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, RELATIVE_EVIDENCE, Conflict, \
-    FileHashes, LabelState, LoggedEvent, ReviewError, append_checked, describe_label, evidence_changed, \
-    events_of_earlier_logs, find_conflicts, find_evidence, label_logged_events, label_states, mark_command, \
+    FileHashes, LabelState, ReviewError, append_checked, describe_label, evidence_changed, \
+    events_to_label, find_conflicts, find_evidence, label_logged_events, label_states, mark_command, \
     names_relative_evidence, one_camera_event, printable, read_labels, read_review_events, review_rows, standing_label
 
 
@@ -118,11 +118,8 @@ def mark_events(events, labels_path, evidence: Path, event_ids: Sequence[str], l
     """Label ``event_ids`` together: every label is made (evidence found, hash checked) before any
     is written, and the lot is refused when it would leave one image both good and defect, or change
     a standing label without ``replace``."""
-    by_id: Dict[str, LoggedEvent] = {str(e["event_id"]): LoggedEvent(e, Path(events), evidence)
-                                     for e in read_review_events(events)}
-    elsewhere = [event_id for event_id in event_ids if event_id not in by_id]
-    if elsewhere:       # an event of an earlier log the label file holds a label of (a contradiction's other side)
-        by_id.update(events_of_earlier_logs(labels_path, elsewhere))
+    by_id = events_to_label(event_ids, {str(e["event_id"]): e for e in read_review_events(events)}, events, evidence,
+                            labels_path)
     for event_id in event_ids:
         if event_id not in by_id:
             raise ReviewError(f"{events}: no event {event_id!r} (list them with `mrkd review {events} --labels ...`)")

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, AlreadyLabelled, LoggedEvent, ReviewError, \
-    UnlabellableError, append_checked, check_label_file, events_of_earlier_logs, label_logged_events, label_summary
+from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, AlreadyLabelled, ReviewError, UnlabellableError, \
+    append_checked, check_label_file, events_to_label, label_logged_events, label_summary
 
 MAX_BODY = 16 * 1024
 
@@ -132,11 +132,8 @@ class LineControl:
         replace = request.get("replace", False)
         if not isinstance(replace, bool):
             return 400, {"error": "replace must be true or false"}
-        events = {event_id: LoggedEvent(event, self.events_path, self.evidence_dir)
-                  for event_id, event in self._find_events(event_ids).items()}
-        elsewhere = [event_id for event_id in event_ids if event_id not in events]
-        if elsewhere:    # an event of an earlier log the label file holds a label of (a contradiction's other side)
-            events.update(events_of_earlier_logs(self.labels_path, elsewhere))
+        events = events_to_label(event_ids, self._find_events(event_ids), self.events_path, self.evidence_dir,
+                                 self.labels_path)
         missing = [event_id for event_id in event_ids if event_id not in events]
         if missing:
             return 404, {"error": f"no event {missing[0]!r} in {self.events_path}"}

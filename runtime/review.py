@@ -496,6 +496,19 @@ def events_of_earlier_logs(labels_path, event_ids: Sequence[str]) -> Dict[str, L
     return found
 
 
+def events_to_label(event_ids: Sequence[str], in_log: Mapping[str, dict], events_path, evidence_dir,
+                    labels_path) -> Dict[str, LoggedEvent]:
+    """The events of ``event_ids`` a labelling names: those of the given log (``in_log``: its events by id,
+    at ``events_path``, images in ``evidence_dir``), the others from the earlier logs their standing labels
+    in ``labels_path`` recorded (events_of_earlier_logs). An id in neither is left out (the caller says so)."""
+    found = {event_id: LoggedEvent(in_log[event_id], Path(events_path), evidence_dir)
+             for event_id in event_ids if event_id in in_log}
+    elsewhere = [event_id for event_id in event_ids if event_id not in found]
+    if elsewhere:       # an event of an earlier log the label file holds a label of (a contradiction's other side)
+        found.update(events_of_earlier_logs(labels_path, elsewhere))
+    return found
+
+
 def label_logged_events(events: Sequence[LoggedEvent], label: str, **how) -> List[ReviewLabel]:
     """label_events for events of one or more logs (each label records its own event's log), in the
     order given; ``how``: label_events' keywords but the log and the evidence folder."""
