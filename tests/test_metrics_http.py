@@ -308,3 +308,29 @@ def test_the_pages_shadow_panel_names_the_candidate_as_given_and_the_live_model_
         server.close()
     page = (Path(__file__).resolve().parents[1] / "runtime" / "outputs" / "page.html").read_text()
     assert "s.live_sha256" in page and "s.candidate_is_live" in page        # the panel shows both
+
+
+def test_a_triggered_camera_is_starting_until_its_first_status_then_ok():
+    """The parts runner tells the outputs of the start, then of each camera's state (its first status,
+    queued right after). A /healthz between the two said "failing" with source_up false for a healthy
+    triggered cell (seen once in CI); it is "starting" until that first status arrives."""
+    from dataclasses import replace
+    metrics = MetricsObserver()
+    metrics.on_start([replace(_info("cam0"), triggered=True)])
+    healthy, details = metrics.line_health()
+    assert (healthy, details["status"]) == (False, "starting"), details
+    metrics.on_status(CameraStatus("cam0", up=True))
+    healthy, details = metrics.line_health()
+    assert (healthy, details["status"]) == (True, "ok"), details
+    metrics.on_status(CameraStatus("cam0", up=False))        # a later DOWN is failing, not starting
+    healthy, details = metrics.line_health()
+    assert (healthy, details["status"]) == (False, "failing"), details
+
+
+def test_a_free_running_camera_without_frames_is_failing_once_started():
+    """A free-run camera reports nothing until its state changes: a dead one at the start must read
+    "failing", not "starting" for ever."""
+    metrics = MetricsObserver()
+    metrics.on_start([_info("cam0")])
+    healthy, details = metrics.line_health()
+    assert (healthy, details["status"]) == (False, "failing"), details

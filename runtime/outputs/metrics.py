@@ -111,6 +111,9 @@ class MetricsObserver(LineObserver):
         self._build_labels: Dict[str, tuple] = {}      # camera -> its mrkd_build_info labels now
         self._last_frame_at: Dict[str, float] = {}
         self._triggered: Dict[str, bool] = {}          # camera -> judged per part (no frames between parts)
+        # Triggered cameras whose first status has not arrived: the parts runner queues it right after
+        # on_start, and until then their state is unknown, not down.
+        self._unreported: set = set()
         self._state = "starting"
         self.scrape_cache_s = scrape_cache_s
         self._scrape_lock = threading.Lock()
@@ -148,6 +151,8 @@ class MetricsObserver(LineObserver):
             self._status[name] = (0, 0, 0)
             self._up[name] = False
             self._triggered[name] = info.triggered
+            if info.triggered:
+                self._unreported.add(name)
         self._state = "running"
 
     def on_model(self, info: CameraInfo) -> None:
@@ -200,6 +205,7 @@ class MetricsObserver(LineObserver):
                               max(reconnects, status.reconnects))
         self.source_up.labels(name).set(1 if status.up else 0)
         self._up[name] = status.up
+        self._unreported.discard(name)
 
     def on_stop(self) -> None:
         self._state = "stopped"
@@ -227,7 +233,7 @@ class MetricsObserver(LineObserver):
         """(healthy, details): healthy while running, every camera is up and scored a frame within
         stale_s (a triggered camera: up, since it makes an image only when a part asks and a line may
         pause for minutes), and every output delivers (an output that cannot is a failing line: alarms go
-        nowhere)."""
+        nowhere). "starting" until every triggered camera's first status has come."""
         now = time.time()
         cameras = {}
         for name, up in self._up.items():
@@ -238,9 +244,10 @@ class MetricsObserver(LineObserver):
             if self._triggered.get(name, False):
                 cameras[name]["triggered"] = True
         outputs = {h.name: asdict(h) for h in self.output_health()}
-        healthy = (self._state == "running" and bool(cameras) and all(c["ok"] for c in cameras.values())
+        state = "starting" if self._state == "running" and self._unreported else self._state
+        healthy = (state == "running" and bool(cameras) and all(c["ok"] for c in cameras.values())
                    and all(o["ok"] for o in outputs.values()))
-        return healthy, {"status": "ok" if healthy else ("failing" if self._state == "running" else self._state),
+        return healthy, {"status": "ok" if healthy else ("failing" if state == "running" else state),
                          "cameras": cameras, "outputs": outputs}
 
 
