@@ -412,3 +412,36 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, two_models, args, message):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and message in errors[0], result.output
     assert "Traceback" not in result.output
+
+
+class SlowObserver(LineObserver):
+    """Holds the loop on every frame, so that frames wait in the camera's buffer when the line stops."""
+
+    def on_frame(self, result):
+        time.sleep(0.05)
+
+
+def test_frames_read_but_never_judged_at_a_stop_are_counted_and_the_model_is_named(two_models):
+    """A stop left frames read from the source but never judged (waiting in the buffer, or read while
+    the reader stopped): the summary's frames_read exceeded frames + dropped with nothing saying why.
+    They are now "unjudged"; frames_read == frames + dropped + unjudged holds exactly. The camera's
+    entry names the model file's sha256 (a free run's summary had only its path)."""
+    model_a, _ = two_models
+    rng = np.random.default_rng(0)
+    pool = [normal_frame(rng) for _ in range(5)]
+    line = Line((Camera("c0", pool, str(model_a), loop=True),))
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    summary = run_line(line, [SlowObserver()], stop=stop, status=lambda text: None)
+    camera = summary["cameras"]["c0"]
+    assert summary["stopped_early"] and camera["frames"] > 5
+    assert camera["unjudged"] > 0, camera
+    assert camera["source"]["frames_read"] == camera["frames"] + camera["source"]["dropped"] + camera["unjudged"], camera
+    assert camera["model_sha256"] == hashlib.sha256(Path(model_a).read_bytes()).hexdigest()
+
+
+def test_a_run_to_its_end_leaves_nothing_unjudged(two_models):
+    model_a, _ = two_models
+    line = Line((Camera("c0", pattern_frames(0, 12, 3), str(model_a)),))
+    camera = run_line(line, status=lambda text: None)["cameras"]["c0"]
+    assert (camera["frames"], camera["unjudged"], camera["source"]["frames_read"]) == (12, 0, 12)

@@ -197,6 +197,9 @@ class _Feed:
         self.read_count = 0       # frames put into the buffer
         self.taken = 0            # frames the loop took (live sources drop the others)
         self.dropped = 0          # frames replaced by a newer one before the loop took them
+        # frames read from the source that the loop never took: waiting at the end of the run (a stop,
+        # --max-frames reached on a live camera) or read while the reader stopped
+        self.unjudged = 0
         self.last_arrival: Optional[float] = None
         self.intervals: Deque[float] = deque(maxlen=32)
         self.finished = False     # the reader will add no more frames
@@ -219,6 +222,7 @@ class _Feed:
                     if not self.source.live:
                         self._cond.wait_for(lambda: len(self.buffer) < self.capacity or self._stop.is_set())
                         if self._stop.is_set():
+                            self.unjudged += 1
                             break
                     elif len(self.buffer) >= self.capacity:
                         self.buffer.popleft()
@@ -307,6 +311,9 @@ def close_feeds(feeds: Sequence[_Feed], wait_s: float = READERS_STOP_WAIT_S) -> 
                            feed.name, wait_s)
             left_running(feed._thread)
         feed.source.close()
+        with feed._cond:
+            feed.unjudged += len(feed.buffer)
+            feed.buffer.clear()
 
 
 def gather_round(feeds: Sequence[_Feed], cond: threading.Condition, stop: threading.Event, per_camera: int,
@@ -692,10 +699,10 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
         cameras[state.camera.name] = {
             "source": source_summary(state.feed.source) | {"dropped": state.feed.source.stats.dropped
                                                            + state.feed.dropped},
-            "frames": state.frames, "alarms": state.alarms, "up": state.up,
+            "frames": state.frames, "unjudged": state.feed.unjudged, "alarms": state.alarms, "up": state.up,
             "alarms_suppressed_by_cooldown": state.policy.suppressed,
             "latency_ms": state.latency.percentiles_ms(), "threshold": state.info.threshold,
-            "model": state.info.model, "source_failed": state.feed.failure}
+            "model": state.info.model, "model_sha256": state.info.model_sha256, "source_failed": state.feed.failure}
     return stats.summary({"cameras": cameras, "events": stats.alarms, "outputs": outputs_summary(observers),
                           "failed_cameras": [s.camera.name for s in states if s.feed.failure],
                           "detector_calls": scored_calls, "rounds": rounds,
