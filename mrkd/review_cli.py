@@ -27,7 +27,7 @@ import click
 from mrkd.errors import MrkdError, error_boundary
 from mrkd.options import IntegerRange
 from mrkd.runtime.review import LABEL_WORDS, LABELS, MAX_MARKS, MAX_NOTE, MAX_WHO, RELATIVE_EVIDENCE, Conflict, \
-    FileHashes, LabelState, ReviewError, append_checked, describe_label, evidence_changed, \
+    FileHashes, LabelState, ReviewError, ReviewLabel, append_checked, describe_label, evidence_changed, \
     events_to_label, find_conflicts, find_evidence, label_logged_events, label_states, mark_command, \
     names_relative_evidence, one_camera_event, printable, read_labels, read_review_events, review_rows, standing_label
 
@@ -37,8 +37,12 @@ def default_evidence_dir(events_path) -> Path:
     return Path(events_path).parent / "evidence"
 
 
-def _label_text(state: Optional[LabelState], conflict: Optional[Conflict]) -> str:
+def _label_text(state: Optional[LabelState], conflict: Optional[Conflict], same_image: Optional[ReviewLabel] = None) -> str:
+    """``same_image``: for an unlabelled row, a label another event gave the same image (sha256)."""
     if state is None:
+        if same_image is not None:
+            return (f"[unlabelled; the same image is labelled {LABEL_WORDS[same_image.label]} under event "
+                    f"{same_image.event_id}]")
         return "[unlabelled]"
     current = state.current
     text = f"[{LABEL_WORDS[current.label]} by {printable(current.who)}"
@@ -77,6 +81,8 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Opt
     latest = {key: state.current for key, state in states.items()}
     conflicts = find_conflicts(latest)
     conflict_of = {(event_id, c.image_sha256): c for c in conflicts for event_id in c.events}
+    # a log that repeats an image (a looped folder, a part judged twice): its other events say so
+    by_image = {label.image_sha256: label for label in sorted(latest.values(), key=lambda label: label.when)}
     rows = []
     for event in all_events:
         # one row per image: a part's cameras each (a part without any image: one row saying why)
@@ -94,10 +100,13 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Opt
         one = one or event
         score = one.get("score")
         conflict = conflict_of.get((str(event["event_id"]), current.current.image_sha256)) if current else None
+        same_image = None
+        if current is None and image is not None and not evidence_changed(one, image, hashes):
+            same_image = by_image.get(str(one.get("evidence_sha256") or hashes.sha256(image)))
         click.echo(f"{event['event_id']}  {one.get('camera') or '-':8}  "
                    f"score {score if not isinstance(score, (int, float)) else format(score, '.4g')}  "
                    f"model {str(one.get('model_sha256') or '?')[:12]}  {_image_text(one, image, why, hashes)}  "
-                   f"{_label_text(current, conflict)}")
+                   f"{_label_text(current, conflict, same_image)}")
     shown = len(listed) - left_out
     elsewhere = len({key.event_id for key in latest} - {str(e["event_id"]) for e in all_events})
     # labels of another run's events share the file: counted, so a mistyped log is not read as "unlabelled"

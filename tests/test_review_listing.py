@@ -229,3 +229,28 @@ def test_a_parts_rows_are_in_one_order_live_and_after_a_restart(tmp_path, camera
     assert list(reversed(sent)) == newest_first, sent        # each alarm sent goes on top of the page
     assert rebuilt == newest_first, rebuilt
     assert listed == newest_first[2:] + newest_first[:2], listed     # the listing: oldest first, same order
+
+
+def test_an_unlabelled_row_whose_image_another_event_labelled_says_so(tmp_path):
+    """A log that repeats an image (a looped folder, a part judged twice) listed its other events as plain
+    "[unlabelled]" after one was labelled, inviting the same review again (and a conflict if answered
+    otherwise). Such a row now names the label the image has and under which event; rows of a changed
+    or gone image, or of another image, stay plain."""
+    events, labels, evidence, shared, changed, gone = _long_log(tmp_path)
+    code, output = mrkd_review(events, "--labels", labels, "--evidence", evidence, "--mark", "long-0003",
+                               "--as", "good")
+    assert code == 0, output
+    code, output = mrkd_review(events, "--labels", labels, "--evidence", evidence, "--last", "0")
+    assert code == 0, output
+    rows = _rows(output)
+    same = "[unlabelled; the same image is labelled good part (false alarm) under event long-0003]"
+    assert "[good part (false alarm) by" in rows[("long-0003", "right")]
+    for event_id in ("part-ev-0", "long-0000", "long-0599"):
+        assert rows[(event_id, "right")].endswith(same), rows[(event_id, "right")]
+    assert "CHANGED SINCE THE RUN" in rows[("part-changed", "right")] and \
+        rows[("part-changed", "right")].endswith("[unlabelled]")
+    assert rows[("part-gone", "right")].endswith("[unlabelled]")
+    left = hashlib.sha256((evidence / "left" / "part-ev-0.png").read_bytes()).hexdigest()
+    right = hashlib.sha256(shared.read_bytes()).hexdigest()
+    if left != right:            # the left camera's own image: another image, plain
+        assert rows[("part-ev-0", "left")].endswith("[unlabelled]"), rows[("part-ev-0", "left")]
