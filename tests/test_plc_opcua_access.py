@@ -1,8 +1,10 @@
 """What a generic OPC UA client (a HMI, UaExpert) is told it may do on the VisionSystem: OPC 10000-3 gives
 each method UserExecutable, whether it is executable taking the current user into account, and each
 variable UserAccessLevel likewise. node-opcua (tests/opcua_client/access.js) reads them as an anonymous
-session and as the user. Before, an anonymous session read UserExecutable true on the methods it is
-refused (BadUserAccessDenied), so a HMI offered them and the operator learnt only from the refusal."""
+session and as the user, and subscribes to UserExecutable (subscribe_access.js), as some HMIs do. Before,
+an anonymous session read UserExecutable true on the methods it is refused (BadUserAccessDenied), so a
+HMI offered them and the operator learnt only from the refusal; then a Read was answered per session,
+but a subscription to it was still sent true."""
 
 from __future__ import annotations
 
@@ -24,24 +26,35 @@ WRITE_BITS = 0x02 | 0x08 | 0x20 | 0x40        # CurrentWrite, HistoryWrite, Stat
 
 
 @pytest.fixture(scope="module")
-def answers(tmp_path_factory) -> dict:
-    """access.js's answers as an anonymous session and as the user, on the default VisionSystem and on one
-    with anonymous calls allowed (both over the same cell): {(server, session): answer}."""
+def servers(tmp_path_factory) -> dict:
+    """The default VisionSystem and one with anonymous calls allowed (both over the same cell, both with
+    the user), as {url: "default" | "anonymous calls"}."""
     runner = folder_cell(tmp_path_factory.mktemp("access"), "g")
     default = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD).start()
     open_calls = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD, anonymous_calls=True).start()
     runner.start()
     try:
-        done = subprocess.run([node_client_ready(), "access.js", USER, PASSWORD, default.url, open_calls.url],
-                              cwd=OPCUA_CLIENT_DIR, capture_output=True, text=True, timeout=60)
+        yield {default.url: "default", open_calls.url: "anonymous calls"}
     finally:
         runner.stop()
         default.close()
         open_calls.close()
+
+
+def client_answers(servers: dict, script: str, kind: str) -> dict:
+    """What a node-opcua script of tests/opcua_client (``node SCRIPT USER PASSWORD URL...``) printed as
+    its ``kind`` lines, one per server and session: {(server, session): answer}."""
+    done = subprocess.run([node_client_ready(), script, USER, PASSWORD, *servers], cwd=OPCUA_CLIENT_DIR,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    server = {default.url: "default", open_calls.url: "anonymous calls"}
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"kind":"access"')]
-    return {(server[line["url"]], line["session"]): line for line in lines}
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(f'{{"kind":"{kind}"')]
+    return {(servers[line["url"]], line["session"]): line for line in lines}
+
+
+@pytest.fixture(scope="module")
+def answers(servers) -> dict:
+    """access.js's answers as an anonymous session and as the user, on both servers."""
+    return client_answers(servers, "access.js", "access")
 
 
 def user_executable(answer: dict) -> dict:
@@ -77,3 +90,21 @@ def test_nobody_is_told_a_variable_is_writable(answers):
         assert variables["Server/ServerDiagnostics/EnabledFlag"]["accessLevel"] & 0x02
         assert not [path for path, v in variables.items() if v["userAccessLevel"] & WRITE_BITS]
         assert all(v["userAccessLevel"] & 0x01 for v in variables.values())      # and all may be read
+
+
+def test_a_subscription_to_user_executable_is_told_what_a_read_is(servers):
+    """A HMI that subscribes to UserExecutable (a MonitoredItem on that attribute) rather than reading it
+    is sent the same per-session value as a Read, in the item's first notification and again when a
+    Disabled item is set to Reporting. Before, asyncua sent every session the node's stored true: an
+    anonymous session was told it may call StartSingleJob, whose call is refused (BadUserAccessDenied)."""
+    subscribed = client_answers(servers, "subscribe_access.js", "subscribed")
+    assert len(subscribed) == 4
+    anonymous = subscribed["default", "anonymous"]
+    assert anonymous["read"] == {"StartSingleJob": False, "GetResultById": True, "GetMonitoredItems": False}
+    assert anonymous["notified"] == {"StartSingleJob": False, "GetResultById": True, "GetMonitoredItems": False,
+                                     "StartSingleJob (re-enabled)": False}
+    for who in (("default", "user"), ("anonymous calls", "anonymous"), ("anonymous calls", "user")):
+        assert subscribed[who]["read"] == dict.fromkeys(("StartSingleJob", "GetResultById", "GetMonitoredItems"),
+                                                        True), who
+        assert subscribed[who]["notified"] == dict.fromkeys(
+            ("StartSingleJob", "GetResultById", "GetMonitoredItems", "StartSingleJob (re-enabled)"), True), who

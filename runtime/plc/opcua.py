@@ -55,9 +55,10 @@ certificate is accepted (the channel is still encrypted). With a certificate, as
 discovery) cannot activate a session (BadSecurityModeRejected). A user name and a
 password taken from an environment variable (compared in constant time) may call methods; anonymous
 clients may browse, read and subscribe, call the result methods, and call the others only when
-``anonymous_calls`` is set; nobody may write. A method's UserExecutable, read by a session, says whether
-that session may call it (false for an anonymous session on the methods it is refused; Executable stays
-true), so a generic client (a HMI) does not offer them. Arguments of the wrong type answer BadInvalidArgument
+``anonymous_calls`` is set; nobody may write. A method's UserExecutable, read by a session or sent to a
+MonitoredItem on it in that session's subscription, says whether that session may call it (false for an
+anonymous session on the methods it is refused; Executable stays true), so a generic client (a HMI) does
+not offer them. Arguments of the wrong type answer BadInvalidArgument
 with BadTypeMismatch per argument.
 """
 
@@ -255,6 +256,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if not _user_executable_per_session(server, self._rules):
             logger.warning("opcua: this asyncua has no PostRead callback: anonymous sessions read UserExecutable "
                            "true on the methods they are refused")
+        if not _user_executable_in_subscriptions(server.iserver, self._rules):
+            logger.warning("opcua: this asyncua keeps its subscriptions elsewhere: anonymous sessions that "
+                           "subscribe to UserExecutable are sent true on the methods they are refused")
         server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken] if self.user
                                    else [ua.AnonymousIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
@@ -1030,15 +1034,21 @@ class _Rules:
         """Whether ``user``'s session may call the method ``method_id`` (as check_validity decides)."""
         return self._call in self._allowed.get(self._role(user), set()) or method_id in self.anyone_may_call
 
+    def user_value(self, user, node_id, attribute, value):
+        """The DataValue ``value`` of ``attribute`` of ``node_id`` as ``user``'s session is told it: a
+        method's UserExecutable is false where that session may not call it; anything else as it is."""
+        from asyncua import ua
+        if (attribute == ua.AttributeIds.UserExecutable and value is not None and value.Value is not None
+                and value.Value.Value is True and not self.may_call(user, node_id)):
+            return dataclasses.replace(value, Value=ua.Variant(False, ua.VariantType.Boolean))
+        return value
+
     def lower_user_executable(self, read, _callbacks=None) -> None:
         """asyncua's PostRead listener (``read``: its ServerItemCallback): a session reading UserExecutable
         of a method it may not call is answered false; the node's own value (true) stays for the others."""
-        from asyncua import ua
         answers = read.response_params
         for i, (item, answer) in enumerate(zip(read.request_params.NodesToRead, answers)):
-            if (item.AttributeId == ua.AttributeIds.UserExecutable and answer.Value is not None
-                    and answer.Value.Value is True and not self.may_call(read.user, item.NodeId)):
-                answers[i] = dataclasses.replace(answer, Value=ua.Variant(False, ua.VariantType.Boolean))
+            answers[i] = self.user_value(read.user, item.NodeId, item.AttributeId, answer)
 
     def _reads_only(self, body) -> bool:
         """Whether a CallRequest calls only methods anyone may call (its body is read from a copy)."""
@@ -1063,3 +1073,69 @@ def _user_executable_per_session(server, rules: _Rules) -> bool:
         return False
     server.subscribe_server_callback(post_read, rules.lower_user_executable)
     return True
+
+
+def _user_executable_in_subscriptions(iserver, rules: _Rules) -> bool:
+    """Make a MonitoredItem on a method's UserExecutable (a HMI subscribing to it rather than reading it)
+    send the value a Read of that session gets; asyncua sends every session the node's stored value. Each
+    subscription's MonitoredItemService reads the values it sends (an item's first, and again when a
+    Disabled item is set to Reporting) and registers its data change callbacks through its ``aspace``:
+    here that is the address space as the subscription's session sees it (_SessionAddressSpace), whose
+    user is looked up when a value is sent (a subscription moves to another session on
+    TransferSubscriptions). Written against asyncua 2.1.0 (SubscriptionService.create_subscription,
+    InternalSubscription.monitored_item_srv.aspace, InternalServer._external_sessions);
+    tests/test_plc_opcua_access.py fails if that changes. False, changing nothing, where this asyncua
+    has none of these."""
+    service = getattr(iserver, "subscription_service", None)
+    create = getattr(service, "create_subscription", None)
+    sessions = getattr(iserver, "_external_sessions", None)
+    if create is None or not isinstance(getattr(service, "subscriptions", None), dict) \
+            or not isinstance(sessions, dict):
+        return False
+
+    def user_of(session_id):
+        """The user of the session that owns a subscription now; None (anonymous, told the least) where
+        that session has gone (closed without deleting its subscriptions)."""
+        for session in [*list(sessions.values()), getattr(iserver, "isession", None)]:
+            if session is not None and getattr(session, "session_id", None) == session_id:
+                return getattr(session, "user", None)
+        return None
+
+    async def create_subscription(params, *args, **kwargs):
+        result = await create(params, *args, **kwargs)
+        subscription = service.subscriptions.get(result.SubscriptionId)
+        items = getattr(subscription, "monitored_item_srv", None)
+        if items is not None and getattr(items, "aspace", None) is not None:
+            items.aspace = _SessionAddressSpace(
+                items.aspace, lambda node_id, attribute, value: rules.user_value(
+                    user_of(subscription.session_id), node_id, attribute, value))
+        elif not unwrapped:
+            unwrapped.append(result.SubscriptionId)
+            logger.warning("opcua: this asyncua's subscriptions read the address space elsewhere: anonymous "
+                           "sessions that subscribe to UserExecutable are sent true on the methods they are refused")
+        return result
+
+    unwrapped: list = []      # said once
+
+    service.create_subscription = create_subscription
+    return True
+
+
+class _SessionAddressSpace:
+    """asyncua's AddressSpace as one subscription's session sees it (_user_executable_in_subscriptions):
+    ``told(node_id, attribute, value)`` gives the DataValue that session is sent, for the values the
+    subscription reads and for those its data change callbacks are handed; the rest is the address space."""
+
+    def __init__(self, aspace, told):
+        self._aspace, self._told = aspace, told
+
+    def __getattr__(self, name):
+        return getattr(self._aspace, name)
+
+    def read_attribute_value(self, nodeid, attr):
+        return self._told(nodeid, attr, self._aspace.read_attribute_value(nodeid, attr))
+
+    def add_datachange_callback(self, nodeid, attr, callback):
+        def told(handle, value, error=None):      # returns what callback returns (asyncua awaits it)
+            return callback(handle, value if value is None or error else self._told(nodeid, attr, value), error)
+        return self._aspace.add_datachange_callback(nodeid, attr, told)
