@@ -780,6 +780,21 @@ def _handshake_within(connection: ssl.SSLSocket, seconds: float) -> bool:
             pass
 
 
+def _client_closed(connection: socket.socket) -> bool:
+    """Whether a stream's client has closed its connection (or reset it). A browser sends nothing after
+    a live view's request, so its connection turning readable means the end of the stream (over TLS its
+    close_notify just before): a stream with no frame to write (a triggered camera, a camera that is down)
+    would otherwise hold its thread and socket, and one of the page's places, until the run ends."""
+    try:
+        poller = select.poll()
+        poller.register(connection, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except AttributeError:          # no poll() (Windows): select, which is limited to low descriptors there too
+        return bool(select.select([connection], [], [], 0)[0])
+    except (OSError, ValueError):   # the socket is already closed
+        return True
+
+
 class _DeadlineReader(io.RawIOBase):
     """A socket's reading side whose every receive waits only until the request's deadline: a client
     sending a byte now and then, each within the socket timeout, still cannot hold its thread longer.
@@ -1037,6 +1052,8 @@ def _handler_for(server: OperatorServer):
                         view.cond.wait_for(lambda: view.jpeg_seq != seen or server.closed.is_set(), timeout=1.0)
                         jpeg, seq = view.jpeg, view.jpeg_seq
                     if jpeg is None or seq == seen:
+                        if _client_closed(self.connection):   # else, with no frame to write, it is never seen
+                            break
                         continue
                     seen = seq
                     self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
