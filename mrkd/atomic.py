@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
 _umask_lock = threading.Lock()
+logger = logging.getLogger(__name__)
+
+# A staging file of the same target untouched (or dated ahead) this long is no write in progress: a crash
+# or power cut left it. The next write of that file removes it, so a partial checkpoint is not kept for ever.
+STALE_STAGING_S = 3600.0
 
 
 def current_umask() -> int:
@@ -60,6 +67,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         sync_folder(path.parent)
+        remove_stale_staging(path)
     except OSError as exc:
         _remove(tmp)
         if str(path) in str(exc):
@@ -79,6 +87,23 @@ def sync_folder(folder: str | os.PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_staging(path: Path, stale_s: float = STALE_STAGING_S) -> None:
+    """Remove the staging files ``atomic_open`` made for ``path`` (``.NAME.XXXXXXXX.tmp`` beside it) that no
+    write has touched for ``stale_s`` (or dated more than that ahead): left by a crash or a power cut."""
+    prefix, now = f".{path.name}.", time.time()
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            middle = entry.name[len(prefix):-len(".tmp")]
+            if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp") and len(middle) == 8
+                    and "." not in middle):      # mkstemp's 8 random characters, not another file's name
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and \
+                        abs(now - entry.stat(follow_symlinks=False).st_mtime) > stale_s:
+                    os.unlink(entry.path)
+                    logger.info("%s: removed %s, left by an interrupted write", path, entry.name)
 
 
 def _remove(tmp) -> None:
