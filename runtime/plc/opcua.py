@@ -59,7 +59,8 @@ clients may browse, read and subscribe, call the result methods, and call the ot
 MonitoredItem on it in that session's subscription, says whether that session may call it (false for an
 anonymous session on the methods it is refused; Executable stays true), so a generic client (a HMI) does
 not offer them. Arguments of the wrong type answer BadInvalidArgument
-with BadTypeMismatch per argument.
+with BadTypeMismatch per argument. A subscription is its session's: another session's subscription
+services on its id answer BadSubscriptionIdInvalid (runtime/plc/opcua_sessions.py).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
 from mrkd.runtime.plc.opcua_republish import answer_republish_as_specified
 from mrkd.runtime.plc.opcua_results import (ID_FILTERS, MAX_LIST_RESULTS, RESULT_HISTORY, ResultHistory,
                                             build_result_types, result_data)
+from mrkd.runtime.plc.opcua_sessions import own_subscriptions_only
 from mrkd.runtime.plc.trust import TrustFolder
 
 logger = logging.getLogger(__name__)
@@ -236,6 +238,10 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if not answer_republish_as_specified(server.iserver.subscription_service):
             logger.warning("opcua: this asyncua keeps its subscriptions elsewhere: a client reconnecting after "
                            "a dropped connection may repeat Republish requests")
+        # a subscription is its session's: another client's calls on its id are refused as for an unknown id
+        if not own_subscriptions_only(server.iserver):
+            logger.warning("opcua: this asyncua creates its sessions elsewhere: any client may change or delete "
+                           "another session's subscriptions")
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/mrkd/")
         server.set_server_name("mrkd VisionSystem")
         # what an asset inventory records (asyncua's own said FreeOpcUa Python Server 1.0pre, built now)

@@ -1,0 +1,118 @@
+"""A subscription belongs to the session that created it (OPC 10000-4 5.14): the subscription services
+of another session answer Bad_SubscriptionIdInvalid for it, as for an id that does not exist.
+
+asyncua 2.x keeps every session's subscriptions in one table (SubscriptionService.subscriptions) and its
+services look the ids they are given up there, whichever session asks: an anonymous client that guessed a
+PLC's SubscriptionId (handed out in order from 78) could modify or delete its subscription, disable its
+publishing, create, modify, disable or delete its MonitoredItems, acknowledge its held messages (gone for
+Republish) and read them with Republish. Here each external session is given its own view of that service
+(_SessionSubscriptions), which passes on only the ids its session owns (``owns``, the one rule).
+"""
+
+from __future__ import annotations
+
+
+
+def owns(session, subscription) -> bool:
+    """Whether ``session`` (asyncua's InternalSession) owns ``subscription`` (an InternalSubscription):
+    the rule every subscription service of that session goes through. A session reactivated on a new
+    secure channel (a reconnecting client) is the same session: it keeps its subscriptions."""
+    return subscription is not None and subscription.session_id == session.session_id
+
+
+def own_subscriptions_only(iserver) -> bool:
+    """Give each external session asyncua creates (``iserver.create_session``) a view of the subscription
+    service that passes on only its own subscriptions. False, changing nothing, where this asyncua creates
+    its sessions or keeps its subscriptions elsewhere."""
+    create = getattr(iserver, "create_session", None)
+    service = getattr(iserver, "subscription_service", None)
+    if create is None or not isinstance(getattr(service, "subscriptions", None), dict):
+        return False
+
+    def create_session(*args, **kwargs):
+        session = create(*args, **kwargs)
+        if getattr(session, "external", False) and getattr(session, "subscription_service", None) is service:
+            session.subscription_service = _SessionSubscriptions(service, session)
+        return session
+
+    iserver.create_session = create_session
+    return True
+
+
+class _SessionSubscriptions:
+    """asyncua's SubscriptionService as one session may use it: an id of a subscription the session does
+    not own is answered as an unknown one (Bad_SubscriptionIdInvalid): the whole request where the service
+    names one subscription, that id's result where it names several (the others are done)."""
+
+    def __init__(self, service, session):
+        self._service, self._session = service, session
+
+    def __getattr__(self, name):
+        return getattr(self._service, name)
+
+    def _owned(self, subscription_id) -> bool:
+        return owns(self._session, self._service.subscriptions.get(subscription_id))
+
+    def _check(self, subscription_id) -> None:
+        if not self._owned(subscription_id):
+            from asyncua import ua
+            from asyncua.common.utils import ServiceError
+            raise ServiceError(ua.StatusCodes.BadSubscriptionIdInvalid)
+
+    def _split(self, ids) -> list:
+        """Which of ``ids`` this session owns, one bool each (decided before the service runs: a deleted
+        subscription is no longer there to be owned)."""
+        return [self._owned(i) for i in ids]
+
+    @staticmethod
+    def _merge(owned: list, results) -> list:
+        """The results of the owned ids (``results``, in their order) and Bad_SubscriptionIdInvalid for the
+        others, in the order of the request."""
+        from asyncua import ua
+        results = iter(results)
+        return [next(results) if mine else ua.StatusCode(ua.StatusCodes.BadSubscriptionIdInvalid) for mine in owned]
+
+    def modify_subscription(self, params):
+        self._check(params.SubscriptionId)
+        return self._service.modify_subscription(params)
+
+    async def delete_subscriptions(self, ids):
+        owned = self._split(ids)
+        mine = [i for i, m in zip(ids, owned) if m]
+        return self._merge(owned, await self._service.delete_subscriptions(mine) if mine else [])
+
+    async def set_publishing_mode(self, params):
+        from asyncua import ua
+        ids = list(params.SubscriptionIds or [])
+        owned = self._split(ids)
+        mine = [i for i, m in zip(ids, owned) if m]
+        return self._merge(owned, await self._service.set_publishing_mode(ua.SetPublishingModeParameters(
+            PublishingEnabled=params.PublishingEnabled, SubscriptionIds=mine)) if mine else [])
+
+    def publish(self, acks):
+        """A Publish request's acknowledgements: only of this session's subscriptions (one of another
+        session's took a message it may still need from its retransmission queue)."""
+        acks = list(acks or [])
+        owned = self._split([ack.SubscriptionId for ack in acks])
+        count, results = self._service.publish([ack for ack, m in zip(acks, owned) if m])
+        return count, self._merge(owned, results)
+
+    async def create_monitored_items(self, params):
+        self._check(params.SubscriptionId)
+        return await self._service.create_monitored_items(params)
+
+    def modify_monitored_items(self, params):
+        self._check(params.SubscriptionId)
+        return self._service.modify_monitored_items(params)
+
+    async def set_monitoring_mode(self, params):
+        self._check(params.SubscriptionId)
+        return await self._service.set_monitoring_mode(params)
+
+    def delete_monitored_items(self, params):
+        self._check(params.SubscriptionId)
+        return self._service.delete_monitored_items(params)
+
+    def republish(self, params):
+        self._check(params.SubscriptionId)
+        return self._service.republish(params)

@@ -1,0 +1,66 @@
+"""A subscription belongs to the session that created it: another client must not change, read or take
+it. A PLC or HMI holds a user session whose subscription delivers the ResultReady events; a second client
+(tests/opcua_client/sessions.js, node-opcua), anonymous, calls each subscription service on the first
+one's SubscriptionId and MonitoredItemId (small integers handed out in order, easy to guess). OPC 10000-4
+(5.14, 5.13) answers a subscription of another session Bad_SubscriptionIdInvalid, and TransferSubscriptions
+Bad_UserAccessDenied where the new session's user is not the old one's (5.14.7). asyncua looked every id up
+among all the server's subscriptions: an anonymous client could disable, empty or delete the PLC's
+subscription, change its items, acknowledge (drop) its held messages and take it over by transfer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+pytest.importorskip("asyncua", reason="SKIPPED, NOT TESTED: asyncua missing (pip install 'mrkd[plc]')")
+
+from plc_fixtures import OPCUA_CLIENT_DIR, folder_cell  # noqa: E402
+from test_plc_opcua import PASSWORD, USER, node_client_ready  # noqa: E402
+
+from mrkd.runtime.plc.opcua import OpcUaPlc  # noqa: E402
+
+# The victim's own calls on its subscription afterwards (sessions.js's OWN): all work
+OWN_GOOD = dict.fromkeys(("ModifySubscription", "ModifyMonitoredItems", "SetMonitoringMode", "SetPublishingMode"),
+                         "Good")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    """A VisionSystem with the user over a running cell judging good parts; its url."""
+    runner = folder_cell(tmp_path_factory.mktemp("sessions"), "g" * 40)
+    plc = OpcUaPlc(runner, "opc.tcp://127.0.0.1:0", user=USER, password=PASSWORD).start()
+    runner.observers.append(plc)
+    runner.start()
+    try:
+        yield plc.url
+    finally:
+        runner.stop()
+        plc.close()
+
+
+def attempt(url: str, service: str, who: str = "anonymous") -> dict:
+    """sessions.js's answer: ``service`` called by a second client (``who``) on the victim's subscription."""
+    done = subprocess.run([node_client_ready(), "sessions.js", url, USER, PASSWORD, service, who],
+                          cwd=OPCUA_CLIENT_DIR, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"kind":"attempt"')]
+    assert len(lines) == 1, done.stdout[-2000:]
+    answer = lines[0]
+    assert answer["jobStatus"] == "Good", answer
+    return answer
+
+
+@pytest.mark.parametrize("service", ["ModifySubscription", "CreateMonitoredItems", "ModifyMonitoredItems",
+                                     "SetMonitoringMode", "DeleteMonitoredItems", "SetPublishingMode",
+                                     "Republish", "Publish", "DeleteSubscriptions"])
+def test_another_session_cannot_touch_a_subscription(server, service):
+    """Each was answered Good (Republish: BadMessageNotAvailable, saying the subscription is there, and
+    any message it held was handed over; Publish: its acknowledgement of the PLC's message taken) and
+    did it: the PLC's next ResultReady never came after ModifyMonitoredItems, DeleteMonitoredItems,
+    SetPublishingMode and DeleteSubscriptions, and DeleteMonitoredItems broke its own later calls."""
+    answer = attempt(server, service)
+    assert answer["status"] == "BadSubscriptionIdInvalid", answer
+    assert answer["delivered"] is True, answer
+    assert answer["own"] == OWN_GOOD, answer
