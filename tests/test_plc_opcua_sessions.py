@@ -64,3 +64,21 @@ def test_another_session_cannot_touch_a_subscription(server, service):
     assert answer["status"] == "BadSubscriptionIdInvalid", answer
     assert answer["delivered"] is True, answer
     assert answer["own"] == OWN_GOOD, answer
+
+
+def test_an_anonymous_session_cannot_take_a_subscription_by_transfer(server):
+    """TransferSubscriptions moved the PLC's subscription to the anonymous session (Good), and the PLC's
+    ResultReady events with it. OPC 10000-4 5.14.7: the new session must act for the same user."""
+    answer = attempt(server, "TransferSubscriptions")
+    assert answer["status"] == "BadUserAccessDenied", answer
+    assert answer["delivered"] is True, answer
+    assert answer["own"] == OWN_GOOD, answer
+
+
+def test_a_session_of_the_same_user_takes_a_subscription_by_transfer(server):
+    """What TransferSubscriptions is for (a client that opened a new session takes its subscriptions
+    along): another session of the same user is given it, and the events go there, not to the old one."""
+    answer = attempt(server, "TransferSubscriptions", "user")
+    assert answer["status"] == "Good", answer
+    assert answer["delivered"] is False, answer
+    assert answer["own"] == dict.fromkeys(OWN_GOOD, "BadSubscriptionIdInvalid"), answer      # no longer its own

@@ -60,7 +60,8 @@ MonitoredItem on it in that session's subscription, says whether that session ma
 anonymous session on the methods it is refused; Executable stays true), so a generic client (a HMI) does
 not offer them. Arguments of the wrong type answer BadInvalidArgument
 with BadTypeMismatch per argument. A subscription is its session's: another session's subscription
-services on its id answer BadSubscriptionIdInvalid (runtime/plc/opcua_sessions.py).
+services on its id answer BadSubscriptionIdInvalid, and TransferSubscriptions moves it only to a
+session of the same user name, never an anonymous one (BadUserAccessDenied; runtime/plc/opcua_sessions.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,13 @@ PLC's SubscriptionId (handed out in order from 78) could modify or delete its su
 publishing, create, modify, disable or delete its MonitoredItems, acknowledge its held messages (gone for
 Republish) and read them with Republish. Here each external session is given its own view of that service
 (_SessionSubscriptions), which passes on only the ids its session owns (``owns``, the one rule).
+
+TransferSubscriptions moves a subscription to the calling session: asyncua did it for anyone, so an
+anonymous client took the PLC's subscription and its ResultReady events with it. OPC 10000-4 5.14.7 has
+the server check that the new session acts for the same user as the one that owns it
+(Bad_UserAccessDenied otherwise): here the same user name, never an anonymous session (the spec's
+anonymous case, the same ApplicationUri over Sign or SignAndEncrypt, is not offered: a client that lost
+its session creates its subscriptions again).
 """
 
 from __future__ import annotations
@@ -18,6 +25,21 @@ def owns(session, subscription) -> bool:
     the rule every subscription service of that session goes through. A session reactivated on a new
     secure channel (a reconnecting client) is the same session: it keeps its subscriptions."""
     return subscription is not None and subscription.session_id == session.session_id
+
+
+def same_user(a, b) -> bool:
+    """Whether two sessions' users (asyncua's User; None unknown) are the same one, who may take over the
+    other's subscriptions: the same role and name, and not anonymous."""
+    from asyncua.crypto.permission_rules import UserRole
+    return (a is not None and b is not None and a.role != UserRole.Anonymous and a.name is not None
+            and (a.role, a.name) == (b.role, b.name))
+
+
+def _set_user(subscription, user) -> None:
+    """Remember the user a subscription was created or transferred for: its session may be gone (closed
+    without deleting its subscriptions) when a client of that user transfers it."""
+    if subscription is not None:
+        subscription.mrkd_user = user
 
 
 def own_subscriptions_only(iserver) -> bool:
@@ -71,6 +93,35 @@ class _SessionSubscriptions:
         from asyncua import ua
         results = iter(results)
         return [next(results) if mine else ua.StatusCode(ua.StatusCodes.BadSubscriptionIdInvalid) for mine in owned]
+
+    async def create_subscription(self, params, *args, **kwargs):
+        result = await self._service.create_subscription(params, *args, **kwargs)
+        _set_user(self._service.subscriptions.get(result.SubscriptionId), self._session.user)
+        return result
+
+    async def transfer_subscriptions(self, params, session_id, callback):
+        """Of another session's subscriptions, only those of the same user (not anonymous) move here;
+        Bad_UserAccessDenied for the others. Unknown ids and this session's own are asyncua's to answer."""
+        from asyncua import ua
+        ids = list(params.SubscriptionIds or [])
+        refused = [self._transfer_refused(i) for i in ids]
+        allowed = [i for i, no in zip(ids, refused) if not no]
+        results = iter(await self._service.transfer_subscriptions(ua.TransferSubscriptionsParameters(
+            SubscriptionIds=allowed, SendInitialValues=params.SendInitialValues), session_id, callback)
+            if allowed else [])
+        for i in allowed:
+            _set_user(self._service.subscriptions.get(i), self._session.user)
+        return [ua.TransferResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)) if no
+                else next(results) for no in refused]
+
+    def _transfer_refused(self, subscription_id) -> bool:
+        subscription = self._service.subscriptions.get(subscription_id)
+        if subscription is None or owns(self._session, subscription):
+            return False
+        owner = next((s for s in list(getattr(self._session.iserver, "_external_sessions", {}).values())
+                      if s.session_id == subscription.session_id), None)
+        return not same_user(owner.user if owner is not None else getattr(subscription, "mrkd_user", None),
+                             self._session.user)
 
     def modify_subscription(self, params):
         self._check(params.SubscriptionId)
