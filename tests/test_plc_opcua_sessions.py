@@ -82,3 +82,19 @@ def test_a_session_of_the_same_user_takes_a_subscription_by_transfer(server):
     assert answer["status"] == "Good", answer
     assert answer["delivered"] is False, answer
     assert answer["own"] == dict.fromkeys(OWN_GOOD, "BadSubscriptionIdInvalid"), answer      # no longer its own
+
+
+def test_a_session_is_not_taken_by_guessing_its_token(server):
+    """A client back on a new connection reactivates its session by the AuthenticationToken CreateSession
+    gave it (OPC 10000-4 7.36: the secret form of the session id). asyncua counted them (i=1001, i=1002,
+    ...): an anonymous client read its own, sent ActivateSession with the one before it on a new connection
+    and was answered Good on the first guess; the PLC's session became anonymous (its StartSingleJob then
+    BadUserAccessDenied) and its ResultReady events went to the other connection. Now a token is 32 random
+    bytes."""
+    done = subprocess.run([node_client_ready(), "hijack.js", server, USER, PASSWORD], cwd=OPCUA_CLIENT_DIR,
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    answer = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"kind":"hijack"')][0]
+    assert answer["taken"] is None, answer
+    assert answer["callStatus"] == "Good" and answer["delivered"] is True, answer
+    assert answer["ownTokenType"] == "BYTESTRING" and answer["ownTokenBytes"] == 32, answer

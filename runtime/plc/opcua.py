@@ -61,7 +61,10 @@ anonymous session on the methods it is refused; Executable stays true), so a gen
 not offer them. Arguments of the wrong type answer BadInvalidArgument
 with BadTypeMismatch per argument. A subscription is its session's: another session's subscription
 services on its id answer BadSubscriptionIdInvalid, and TransferSubscriptions moves it only to a
-session of the same user name, never an anonymous one (BadUserAccessDenied; runtime/plc/opcua_sessions.py).
+session of the same user name, never an anonymous one (BadUserAccessDenied). A session's
+AuthenticationToken, by which a client reconnecting on a new secure channel reactivates it, is 32 random
+bytes (asyncua counted them: the next client took a session by the token before its own;
+runtime/plc/opcua_sessions.py).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
 from mrkd.runtime.plc.opcua_republish import answer_republish_as_specified
 from mrkd.runtime.plc.opcua_results import (ID_FILTERS, MAX_LIST_RESULTS, RESULT_HISTORY, ResultHistory,
                                             build_result_types, result_data)
-from mrkd.runtime.plc.opcua_sessions import own_subscriptions_only
+from mrkd.runtime.plc.opcua_sessions import own_subscriptions_only, secret_session_tokens
 from mrkd.runtime.plc.trust import TrustFolder
 
 logger = logging.getLogger(__name__)
@@ -243,6 +246,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if not own_subscriptions_only(server.iserver):
             logger.warning("opcua: this asyncua creates its sessions elsewhere: any client may change or delete "
                            "another session's subscriptions")
+        if not secret_session_tokens(server.iserver):
+            logger.warning("opcua: this asyncua creates its sessions elsewhere: their AuthenticationTokens are "
+                           "counted, and another client may reactivate a session it guessed")
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/mrkd/")
         server.set_server_name("mrkd VisionSystem")
         # what an asset inventory records (asyncua's own said FreeOpcUa Python Server 1.0pre, built now)

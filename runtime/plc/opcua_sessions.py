@@ -8,6 +8,9 @@ publishing, create, modify, disable or delete its MonitoredItems, acknowledge it
 Republish) and read them with Republish. Here each external session is given its own view of that service
 (_SessionSubscriptions), which passes on only the ids its session owns (``owns``, the one rule).
 
+A session itself is reached from a new secure channel by its AuthenticationToken, which asyncua counted:
+each is made a random secret here (secret_session_tokens).
+
 TransferSubscriptions moves a subscription to the calling session: asyncua did it for anyone, so an
 anonymous client took the PLC's subscription and its ResultReady events with it. OPC 10000-4 5.14.7 has
 the server check that the new session acts for the same user as the one that owns it
@@ -17,6 +20,8 @@ its session creates its subscriptions again).
 """
 
 from __future__ import annotations
+
+import os
 
 
 
@@ -40,6 +45,33 @@ def _set_user(subscription, user) -> None:
     without deleting its subscriptions) when a client of that user transfers it."""
     if subscription is not None:
         subscription.mrkd_user = user
+
+
+def secret_session_tokens(iserver) -> bool:
+    """Give each external session a random AuthenticationToken (32 bytes). A client reactivating its
+    session on a new secure channel names it by that token alone (asyncua's UaProcessor looks it up among
+    the sessions and hands the new channel the session and its subscriptions, before the identity token
+    is checked); OPC 10000-4 7.36 makes it the secret form of the session id. asyncua counted them from
+    1000 in every server of the process: another client read its own token, took the one before it and
+    had the PLC's session, made anonymous, with its ResultReady events. False, changing nothing, where
+    this asyncua keeps its sessions elsewhere."""
+    create = getattr(iserver, "create_session", None)
+    register = getattr(iserver, "register_external_session", None)
+    unregister = getattr(iserver, "unregister_external_session", None)
+    if create is None or register is None or unregister is None:
+        return False
+
+    def create_session(*args, **kwargs):
+        from asyncua import ua
+        session = create(*args, **kwargs)
+        if getattr(session, "external", False) and hasattr(session, "auth_token"):
+            unregister(session)       # registered under the counted token as it was made
+            session.auth_token = ua.NodeId(os.urandom(32), 0, ua.NodeIdType.ByteString)
+            register(session)
+        return session
+
+    iserver.create_session = create_session
+    return True
 
 
 def own_subscriptions_only(iserver) -> bool:
