@@ -4,9 +4,13 @@ OpenCV's FFmpeg backend opens one stream at a time (open_turns.py). A camera tha
 unreachable held that lock for its whole open timeout on every retry, about half the time, and a working
 camera's reconnects waited behind it (measured: 44 % of its frames lost). A TCP connect to the camera's
 host and port, made before the open takes its turn and ended by the same stop, finds such a camera
-without the lock. A camera that accepts the connect and then says nothing (hung firmware) still holds the
-lock for its open; its opens that run out their time are spaced out instead (``HungOpens``), ever
-further apart up to ``HUNG_QUIET_MAX_S``, until one opens.
+without the lock. A camera that accepts the connect and then says nothing (hung firmware) held the lock
+for its whole open: over rtsp:// and http:// the connect now also asks what FFmpeg's open asks first (an
+RTSP OPTIONS, an HTTP HEAD of the URL's path) and waits, still outside the lock, for any answer (a reply,
+an error status or a close all count). A camera that answers that and then hangs in its open (rtsps,
+https and rtmp get the connect only; a stream that never starts) still holds the lock; its opens that run
+out their time are spaced out (``HungOpens``), ever further apart up to ``HUNG_QUIET_MAX_S``, until one
+opens.
 
 Not probed (opened as before): schemes whose connection is not to the URL's host and port (udp://,
 tcp:// may listen) and URLs FFmpeg may reach through an HTTP proxy (its http and tls protocols read the
@@ -75,10 +79,29 @@ def probe_target(url: str) -> Optional[Target]:
     return Target(parts.hostname, port)
 
 
-def connect_failure(target: Target, timeout_s: float) -> Optional[str]:
+NO_ANSWER = "no answer"     # connect_failure's word for a camera that accepted and did not answer
+
+
+def first_request(url: str) -> Optional[bytes]:
+    """What FFmpeg's open of ``url`` sends first, for the probe to ask (credentials left out: any answer
+    will do, a 401 too); None for schemes whose first words are encrypted or binary (only the connect)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    where = f"{host}:{parts.port}" if parts.port else f"{host}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if scheme == "rtsp":
+        return f"OPTIONS rtsp://{where}{path} RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: mrkd\r\n\r\n".encode()
+    if scheme == "http":
+        return f"HEAD {path} HTTP/1.0\r\nHost: {where}\r\nUser-Agent: mrkd\r\n\r\n".encode()
+    return None
+
+
+def connect_failure(target: Target, timeout_s: float, request: Optional[bytes] = None) -> Optional[str]:
     """Why a TCP connect to ``target`` failed within ``timeout_s`` ("timed out", "refused", "no route",
-    "name not resolved"); None once one address connected, or once this thread's camera stopped (the open
-    that follows gives up too, open_turns.in_turn)."""
+    "name not resolved"), or, with ``request``, why the camera did not answer it within the same time
+    (NO_ANSWER); None once one address connected (and answered), or once this thread's camera stopped
+    (the open that follows gives up too, open_turns.in_turn)."""
     deadline = time.monotonic() + timeout_s
     try:
         addresses = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
@@ -86,14 +109,16 @@ def connect_failure(target: Target, timeout_s: float) -> Optional[str]:
         return "name not resolved"
     failure = "timed out"
     for family, kind, protocol, _, address in addresses:
-        failure = _connect(family, kind, protocol, address, deadline)
-        if failure is None or failure == "timed out":     # connected, stopped, or no time left for another
+        failure = _connect(family, kind, protocol, address, deadline, request)
+        if failure is None or failure in ("timed out", NO_ANSWER):   # done, stopped, or no time left for another
             return failure
     return failure
 
 
-def _connect(family: int, kind: int, protocol: int, address, deadline: float) -> Optional[str]:
-    """One non-blocking connect, watched in POLL_S slices for the stop and the deadline."""
+def _connect(family: int, kind: int, protocol: int, address, deadline: float,
+             request: Optional[bytes] = None) -> Optional[str]:
+    """One non-blocking connect (then ``request`` sent and any answer awaited), watched in POLL_S slices
+    for the stop and the deadline."""
     with socket.socket(family, kind, protocol) as sock, selectors.DefaultSelector() as selector:
         sock.setblocking(False)
         code = sock.connect_ex(address)
@@ -108,8 +133,29 @@ def _connect(family: int, kind: int, protocol: int, address, deadline: float) ->
                 return "timed out"
             if selector.select(min(POLL_S, left)):
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                return _why(code) if code else None
-        return None
+                if code:
+                    return _why(code)
+                break
+        return None if request is None else _answered(sock, selector, request, deadline)
+
+
+def _answered(sock: socket.socket, selector: selectors.BaseSelector, request: bytes,
+              deadline: float) -> Optional[str]:
+    """None once the connected camera answers ``request`` with anything (bytes, a reset or a close; a
+    small request fits the send buffer of a fresh connection), NO_ANSWER at the deadline."""
+    try:
+        sock.send(request)
+    except OSError:
+        return None           # it closed already: it answers, and the open will say what it says
+    selector.modify(sock, selectors.EVENT_READ)
+    while True:
+        if given_up():
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return NO_ANSWER
+        if selector.select(min(POLL_S, left)):
+            return None
 
 
 def _why(code: int) -> str:
@@ -155,12 +201,15 @@ HUNG = HungOpens()     # process-wide, like the lock: a camera reopened by a new
 def probed_open(url: str, target: Target, timeout_s: float,
                 open_stream: Callable[[], Capture], opened: Callable[[Capture], bool]) -> Optional[Capture]:
     """``open_stream()`` in its turn (open_turns.in_turn) once the camera at ``target`` accepted a TCP
-    connect and is not being left quiet after hung opens; Unreachable, without the turn, otherwise. None
+    connect (and answered its first request, ``first_request``) and is not being left quiet after hung opens; Unreachable, without the turn, otherwise. None
     where this thread's camera stopped first. ``opened(capture)``: whether the open succeeded."""
     if HUNG.quiet_left(url) > 0:
         raise Unreachable(f"{target} accepts connections but its stream did not open in {timeout_s:g} s; "
                           f"its opens are spaced out, up to {HUNG_QUIET_MAX_S:g} s apart, until one succeeds")
-    failure = connect_failure(target, timeout_s)
+    failure = connect_failure(target, timeout_s, first_request(url))
+    if failure == NO_ANSWER:
+        raise Unreachable(f"{target} accepts connections but does not answer (its {urlsplit(url).scheme} "
+                          f"request unanswered for {timeout_s:g} s)")
     if failure is not None:
         HUNG.forget(url)
         raise Unreachable(f"cannot connect to {target} ({failure})")
