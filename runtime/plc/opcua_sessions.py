@@ -141,8 +141,19 @@ class _SessionSubscriptions:
         results = iter(await self._service.transfer_subscriptions(ua.TransferSubscriptionsParameters(
             SubscriptionIds=allowed, SendInitialValues=params.SendInitialValues), session_id, callback)
             if allowed else [])
-        for i in allowed:
-            _set_user(self._service.subscriptions.get(i), self._session.user)
+        results = list(results)
+        # asyncua sends a transferred subscription's messages to the new connection but still takes the
+        # Publish requests they answer from the old one's queue: neither client got them. The new
+        # connection's (the UaProcessor whose forward_publish_response ``callback`` is) from now on, as
+        # asyncua does for a session reactivated on a new connection.
+        requests = getattr(getattr(callback, "__self__", None), "get_publish_request", None)
+        for i, result in zip(allowed, results):
+            subscription = self._service.subscriptions.get(i)
+            if subscription is not None and result.StatusCode.is_good():
+                _set_user(subscription, self._session.user)
+                if requests is not None:
+                    subscription.pub_request_callback = requests
+        results = iter(results)
         return [ua.TransferResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)) if no
                 else next(results) for no in refused]
 

@@ -7,7 +7,8 @@
 // Prints one JSON line:
 //   {kind: "attempt", service, who, status: the second client's answer (a status name; its operation
 //    result where the service has one per item), detail, delivered: whether the victim got its job's
-//    ResultReady afterwards, own: {SERVICE: status} the victim's own calls on its subscription}
+//    ResultReady afterwards, received: whether the second client got it instead (a transfer answered Good:
+//    its own Publish requests; else null), own: {SERVICE: status} the victim's own calls on its subscription}
 // SERVICE: ModifySubscription, CreateMonitoredItems, ModifyMonitoredItems, SetMonitoringMode,
 // DeleteMonitoredItems, SetPublishingMode, Republish, Publish (an acknowledgement), TransferSubscriptions,
 // DeleteSubscriptions.
@@ -140,6 +141,23 @@ async function main() {
   for (let waited = 0; waited < 5000 && !jobs.has(job); waited += 50) await sleep(50);
   const delivered = job !== null && jobs.has(job);
 
+  // after a transfer the second session owns the subscription: its Publish requests get the job's event
+  let received = null;
+  if (service === "TransferSubscriptions" && status === "Good") {
+    received = false;
+    const until = Date.now() + 5000;
+    while (!received && Date.now() < until) {
+      const response = await Promise.race([
+        callback((cb) => second.session.publish(new PublishRequest({ subscriptionAcknowledgements: [] }), cb))
+          .catch(() => null),
+        sleep(1000).then(() => null)]);
+      const message = response && response.subscriptionId === sid ? response.notificationMessage : null;
+      for (const data of (message && message.notificationData) || []) {
+        for (const event of data.events || []) if (event.eventFields[0].value === job) received = true;
+      }
+    }
+  }
+
   const own = {};
   for (const name of OWN) {
     try {
@@ -148,7 +166,7 @@ async function main() {
       own[name] = faultName(error);
     }
   }
-  say({ kind: "attempt", service, who, status, detail, delivered, subscriptionId: sid, monitoredItemId: mid,
+  say({ kind: "attempt", service, who, status, detail, delivered, received, subscriptionId: sid, monitoredItemId: mid,
     jobStatus: statusName(result.statusCode), own });
   await second.session.close().catch(() => {});
   await second.client.disconnect();
