@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 
 
-
 def owns(session, subscription) -> bool:
     """Whether ``session`` (asyncua's InternalSession) owns ``subscription`` (an InternalSubscription):
     the rule every subscription service of that session goes through. A session reactivated on a new
