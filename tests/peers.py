@@ -69,6 +69,23 @@ def require_program(program: str, packages: Sequence[str]) -> str:
     return shutil.which(program) or program
 
 
+LIBFAKETIME_PLACES = ("/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime")
+
+
+def libfaketime() -> Optional[str]:
+    """The multi-threaded libfaketime (Debian's libfaketime) to preload, or None."""
+    return next((str(Path(place) / "libfaketimeMT.so.1") for place in LIBFAKETIME_PLACES
+                 if (Path(place) / "libfaketimeMT.so.1").is_file()), None)
+
+
+def require_libfaketime() -> str:
+    """The path of libfaketime's multi-threaded library (installing Debian's faketime when missing): an
+    LD_PRELOAD that moves a real process's wall clock (``FAKETIME``), and with
+    ``FAKETIME_TIMESTAMP_FILE`` and ``FAKETIME_NO_CACHE=1`` moves it mid-run."""
+    require(lambda: libfaketime() is not None, ["faketime", "libfaketime"], "libfaketime (libfaketimeMT.so.1)")
+    return libfaketime()
+
+
 ARAVIS_PACKAGES = ("gir1.2-aravis-0.8",)
 ARAVIS_IMPORT = "import gi; gi.require_version('Aravis', '0.8'); from gi.repository import Aravis"
 

@@ -4,6 +4,9 @@ A frame is anomalous when its score reaches the calibrated threshold (score >= t
 mrkd.train.calibrate). Debounce: an alarm needs ``k`` anomalous frames among the last ``n`` (one
 noisy frame is not an alarm). Cooldown: after an alarm, no new one for ``cooldown_s`` seconds of
 frame time and ``cooldown_frames`` frames (one defect passing the camera is one alarm, not thirty).
+Frame time is a video file's media time; where a frame is stamped with the wall clock (a live camera, a
+folder without a rate) the loop gives the monotonic clock instead (``decide``'s ``clock``): a wall clock
+set back an hour made every frame "within the cooldown" of the last alarm, and the line silent, for an hour.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class AlarmPolicy:
         self.cooldown_s = float(cooldown_s)
         self.cooldown_frames = int(cooldown_frames)
         self.window: deque = deque(maxlen=n)
-        self._last_alarm: Optional[Tuple[int, float]] = None   # (frame index, timestamp)
+        self._last_alarm: Optional[Tuple[int, float]] = None   # (frame index, its clock)
         self.alarms = 0
         self.suppressed = 0    # frames that met the debounce but fell in a cooldown
 
@@ -111,28 +114,31 @@ class AlarmPolicy:
         would count frames another model judged and name only the new one). The cooldown stays."""
         self.window.clear()
 
-    def in_cooldown(self, frame_index: int, timestamp: float) -> bool:
-        """True while the last alarm's cooldown (in seconds and in frames) has not passed."""
+    def in_cooldown(self, frame_index: int, clock: float) -> bool:
+        """True while the last alarm's cooldown (in seconds of ``clock``, and in frames) has not passed."""
         if self._last_alarm is None:
             return False
         last_index, last_time = self._last_alarm
-        return timestamp - last_time < self.cooldown_s or frame_index - last_index < self.cooldown_frames
+        return clock - last_time < self.cooldown_s or frame_index - last_index < self.cooldown_frames
 
-    def decide(self, frame_index: int, timestamp: float, score: float) -> Decision:
+    def decide(self, frame_index: int, timestamp: float, score: float, clock: Optional[float] = None) -> Decision:
         """Record one frame's score; the frame's decision (anomalous, and the Alarm it raises if any):
-        the loop and every output read it from here, nobody applies the rule a second time."""
+        the loop and every output read it from here, nobody applies the rule a second time. ``clock``: the
+        seconds the cooldown counts in (the monotonic clock for a frame stamped with the wall clock), else
+        the frame's ``timestamp``."""
+        clock = timestamp if clock is None else clock
         anomalous = is_anomalous(score, self.threshold)
         self.window.append(anomalous)
         count = sum(self.window)
         if not anomalous or count < self.k:
             return Decision(anomalous)
-        if self.in_cooldown(frame_index, timestamp):
+        if self.in_cooldown(frame_index, clock):
             self.suppressed += 1
             return Decision(anomalous)
-        self._last_alarm = (frame_index, timestamp)
+        self._last_alarm = (frame_index, clock)
         self.alarms += 1
         return Decision(anomalous, Alarm(frame_index, timestamp, float(score), self.threshold, count))
 
-    def update(self, frame_index: int, timestamp: float, score: float) -> Optional[Alarm]:
+    def update(self, frame_index: int, timestamp: float, score: float, clock: Optional[float] = None) -> Optional[Alarm]:
         """``decide`` for callers that only need the alarm."""
-        return self.decide(frame_index, timestamp, score).alarm
+        return self.decide(frame_index, timestamp, score, clock).alarm

@@ -753,7 +753,10 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
             latency = done - arrived.arrival
             state.frames += 1
             state.latency.add(latency)
-            decision = state.policy.decide(frame.index, frame.timestamp, score)
+            # a frame stamped with the wall clock counts its cooldown on the monotonic clock (its arrival):
+            # a wall clock set back an hour would hold every alarm back for that hour
+            clock = arrived.arrival if state.feed.source.stamps_wall_clock else frame.timestamp
+            decision = state.policy.decide(frame.index, frame.timestamp, score, clock)
             scored = FrameResult(
                 camera=state.camera.name, frame_index=frame.index, frame_time=frame.timestamp, image=frame.image,
                 amap=amap, score=score, threshold=state.policy.threshold, anomalous=decision.anomalous,

@@ -166,6 +166,12 @@ class Source:
     live = False
     paced = True      # replayed at options.fps; live sources run at the camera's rate
 
+    @property
+    def stamps_wall_clock(self) -> bool:
+        """Its frames' ``timestamp`` is the wall clock when each came (a live source), not media time: a
+        wall clock that jumps must not count on the line (the alarm cooldown takes the monotonic clock)."""
+        return self.live
+
     def __init__(self, uri: str, size: Optional[Tuple[int, int]] = None, fps: Optional[float] = None):
         self.uri = redact_uri(uri)     # what is shown and logged; only the opener keeps the URI as given
         self.size = tuple(size) if size else None     # (width, height) delivered frames are resized to
@@ -273,6 +279,10 @@ class ArraySource(Source):
         self._iterator = iter(frames)
         self._loop = loop
         self._good_in_pass = 0
+
+    @property
+    def stamps_wall_clock(self) -> bool:
+        return not self.fps          # without a rate a frame is stamped when it is read (``_next``)
 
     def _raw(self) -> Tuple[bool, object, Optional[str]]:
         """(more frames?, the next raw frame, why it is unreadable or None)."""
