@@ -539,6 +539,8 @@ def run_command(model, sources, line_file, **options):
     # to open (a KeyboardInterrupt inside Aravis' open came out as a traceback): the line then stops at once.
     stop = signals.enter_context(stop_on_signals(threading.Event()))
     try:       # the error itself goes to mrkd.errors.error_boundary
+        from mrkd.runtime.clock_steps import warn_if_before_install
+        warn_if_before_install()      # a device booted at 1970: every stamp and certificate check is off
         detectors = open_detectors(line)
         check_postprocess(line.postprocess, detectors)
         frames = {} if triggered else open_sources(line, stop=stop)

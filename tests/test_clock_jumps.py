@@ -35,8 +35,8 @@ main()
 """
 
 
-def faked_env(clock_file: Path) -> dict:
-    clock_file.write_text("+0\n")
+def faked_env(clock_file: Path, start: str = "+0") -> dict:
+    clock_file.write_text(start + "\n")
     return {**os.environ, "PYTHONWARNINGS": "ignore", "LD_PRELOAD": require_libfaketime(),
             "FAKETIME_TIMESTAMP_FILE": str(clock_file), "FAKETIME_NO_CACHE": "1",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
@@ -77,14 +77,14 @@ def stop(run: subprocess.Popen) -> str:
     return err
 
 
-def free_run(tmp_path: Path, clock_file: Path, *extra: str) -> subprocess.Popen:
+def free_run(tmp_path: Path, clock_file: Path, *extra: str, start: str = "+0") -> subprocess.Popen:
     """`mrkd run` over a looped folder of defective frames: every frame anomalous, one alarm per cooldown."""
     model = build_tiny_model(tmp_path / "m.onnx")
     rng = np.random.default_rng(3)
     folder = write_frames(tmp_path / "frames", [defective_frame(rng) for _ in range(4)])
     return subprocess.Popen([sys.executable, "-c", MRKD, "run", str(model), "--source", str(folder), "--loop",
                              "--backend", "onnxruntime", "--status-every", "0", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=faked_env(clock_file))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=faked_env(clock_file, start))
 
 
 @pytest.mark.slow
@@ -104,3 +104,67 @@ def test_a_clock_set_back_an_hour_does_not_silence_the_alarms_for_an_hour(tmp_pa
     after = events_of(events)[before:]
     err = stop(run)
     assert len(after) >= 3, (len(after), err[-2000:])          # about one a second, as before the step
+
+
+def said(err: str, words: str) -> list:
+    return [line for line in err.splitlines() if words in line]
+
+
+@pytest.mark.slow
+def test_a_clock_set_back_is_said_once_and_the_events_after_it_sort_before(tmp_path):
+    """Events written after the clock went back an hour carry times, and ids, an hour before those written
+    before it: the log's order is the order they happened, their ids' is not. Old code: not a word. Now
+    one line says it (not one per frame or event), how far and from when to when."""
+    clock, events = tmp_path / "clock", tmp_path / "events.jsonl"
+    run = free_run(tmp_path, clock, "--cooldown", "0.5", "--events", str(events))
+    wait_for(lambda: len(events_of(events)) >= 2, 120, "two alarms before the step", run)
+    set_clock(clock, "-3600")
+    before = len(events_of(events))
+    wait_for(lambda: len(events_of(events)) >= before + 3, 60, "three alarms after the step", run)
+    err = stop(run)
+    logged = events_of(events)
+    ids = [event["event_id"] for event in logged]
+    assert any(b < a for a, b in zip(ids, ids[1:]))     # what the line must say: ids after the step sort before
+    lines = said(err, "the wall clock went back")
+    assert len(lines) == 1, err[-3000:]
+    assert "went back 3" in lines[0] and "(1.0 hours)" in lines[0], lines      # 3599..3601 s
+
+
+@pytest.mark.slow
+def test_a_device_booted_at_1970_says_its_clock_is_wrong_and_when_ntp_sets_it(tmp_path):
+    """A Jetson without a real-time clock starts at 1970; NTP steps its clock forward ~57 years mid-run.
+    Old code: events dated 1970 without a word, then dated 2026. Now the start says the clock is before
+    mrkd was installed, and the step forward is said once; the line goes on across it."""
+    clock, events = tmp_path / "clock", tmp_path / "events.jsonl"
+    run = free_run(tmp_path, clock, "--cooldown", "0.5", "--events", str(events),
+                   start=f"-{int(time.time()) - 60}")      # a minute after 1970-01-01T00:00:00Z
+    wait_for(lambda: len(events_of(events)) >= 2, 120, "two alarms at 1970", run)
+    set_clock(clock, "+0")
+    before = len(events_of(events))
+    wait_for(lambda: len(events_of(events)) >= before + 2, 60, "two alarms after NTP's step", run)
+    err = stop(run)
+    logged = events_of(events)
+    assert logged[0]["time"].startswith("1970-01-01") and logged[-1]["time"][:4] >= "2026", logged
+    assert len(said(err, "before this mrkd was installed")) == 1, err[-3000:]
+    lines = said(err, "the wall clock jumped forward")
+    assert len(lines) == 1 and "years)" in lines[0] and "from 1970-01-01T" in lines[0], err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_triggered_line_says_a_step_of_its_clock_once_and_judges_on(tmp_path):
+    """Triggered (--trigger-every): parts judged after the clock went back an hour go on being judged,
+    each NG part an event, and the step is said once by the part runner."""
+    model = build_tiny_model(tmp_path / "m.onnx")
+    folder = write_frames(tmp_path / "frames", [defective_frame(np.random.default_rng(4)) for _ in range(4)])
+    clock, events, parts = tmp_path / "clock", tmp_path / "events.jsonl", tmp_path / "parts.jsonl"
+    run = subprocess.Popen([sys.executable, "-c", MRKD, "run", str(model), "--source", str(folder), "--loop",
+                            "--backend", "onnxruntime", "--status-every", "0", "--trigger", "software",
+                            "--trigger-every", "0.2", "--events", str(events), "--parts-log", str(parts)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=faked_env(clock))
+    wait_for(lambda: len(events_of(events)) >= 2, 120, "two NG parts before the step", run)
+    set_clock(clock, "-3600")
+    before = len(events_of(events))
+    wait_for(lambda: len(events_of(events)) >= before + 3, 60, "three NG parts after the step", run)
+    err = stop(run)
+    assert len(said(err, "the wall clock went back")) == 1, err[-3000:]
+    assert all(event["verdict"] == "NG" for event in events_of(events))

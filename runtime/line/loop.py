@@ -37,6 +37,7 @@ import numpy as np
 
 from mrkd.errors import MrkdError
 from mrkd.runtime.calibration import frame_size_mismatch
+from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
 from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, call_each,
@@ -655,12 +656,15 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
     call_each(observers, lambda o: o.see_outputs(observers))   # the whole list: PLC servers, shadow... too
     call_each(observers, lambda o: o.on_start(infos))
     last_status = time.monotonic()
+    clock = ClockWatch()      # a step of the wall clock (what events are stamped with) is said, once
+    clock.check()
     for state in states:
         state.fps_mark = (last_status, 0)
         state.feed.start()
     try:
         while not stop.is_set() and not all(f.done for f in feeds):
             taken = gather_round(feeds, cond, stop, batch, settings.batch_timeout, stale_after_s)
+            clock.check()
             now = time.monotonic()
             for state in states:    # a camera goes down when silent, up again with its next frame
                 up = state.camera.name in taken or (not state.feed.done and state.feed.last_arrival is not None

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mrkd.errors import MrkdError
+from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.detector import Detector
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
@@ -207,6 +208,8 @@ class PartRunner:
         self.missed_by_reason: Dict[str, int] = {}
         self.verdicts = dict.fromkeys(Verdict.ALL, 0)
         self.parts_by_model: Dict[str, int] = {}     # model sha256 -> parts it judged (a swap splits them)
+        self._clock = ClockWatch()     # a step of the wall clock (what parts are stamped with) is said, once
+        self._clock.check()
         self.latency = {"trigger_to_verdict": LatencyWindow(4096), "trigger_to_images": LatencyWindow(4096),
                         "model": LatencyWindow(4096)}
         self._started_at = 0.0
@@ -557,6 +560,7 @@ class PartRunner:
             verdict = Verdict.NG if any(j.anomalous for j in judgements) else Verdict.OK
         deciding = max((j for j in judgements if not math.isnan(j.score)), key=_severity, default=judgements[0])
         done = time.monotonic()
+        self._clock.check()
         deciding_camera = next(c for c in self.cameras if c.name == deciding.camera)
         first_error = next((j.error for j in judgements if j.error), None)
         deciding_key = self._key(deciding_camera, pending.recipe)
