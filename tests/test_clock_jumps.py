@@ -168,3 +168,39 @@ def test_a_triggered_line_says_a_step_of_its_clock_once_and_judges_on(tmp_path):
     err = stop(run)
     assert len(said(err, "the wall clock went back")) == 1, err[-3000:]
     assert all(event["verdict"] == "NG" for event in events_of(events))
+
+
+TRUST_AT_1970 = """
+import sys
+from pathlib import Path
+from mrkd.runtime.plc.trust import TrustFolder, refusal_said
+trust = TrustFolder(sys.argv[1])
+der = Path(sys.argv[2]).read_bytes()
+refusal = trust.refusal(der)
+print(refusal)
+print(refusal_said(trust, der, refusal))
+"""
+
+
+def test_a_trust_folder_read_at_1970_says_the_clock_is_wrong(tmp_path):
+    """A device booted at 1970 refuses every PLC client's certificate as "not yet valid"
+    (BadCertificateTimeInvalid), which names no clock: an operator hunts for a bad certificate. Old code:
+    the folder loaded without a word and the refusal was the status name alone. Now the load says the
+    clock is before the certificates are valid, and each refusal says from when the certificate is valid
+    and what the clock says."""
+    from pki_fixtures import application, authority
+    folder = tmp_path / "trust"
+    folder.mkdir()
+    ca = authority().save(folder, "ca")
+    (folder / "ca.pem").unlink()
+    client = application(ca, "plc")
+    (tmp_path / "plc.der").write_bytes(client.der)
+    done = subprocess.run([sys.executable, "-c", TRUST_AT_1970, str(folder), str(tmp_path / "plc.der")],
+                          capture_output=True, text=True, timeout=120,
+                          env=faked_env(tmp_path / "clock", f"-{int(time.time()) - 60}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    refusal, explained = done.stdout.splitlines()[:2]
+    assert refusal == "BadCertificateTimeInvalid"
+    assert "valid from 20" in explained and "this machine's clock says 1970-01-01" in explained, explained
+    warned = said(done.stderr, "clock says 1970-01-01")
+    assert len(warned) == 1 and "is the clock wrong" in warned[0] and str(folder) in warned[0], done.stderr

@@ -293,7 +293,7 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         if not client_admitted(peer, self.allow):
             why = "not in --modbus-allow"
         elif self._secure is not None and (refusal := self._secure.refusal(transport)) is not None:
-            why = f"client certificate refused: {refusal}"
+            why = f"client certificate refused: {self._secure.refusal_said(transport, refusal)}"
         else:
             return self._secure is None or self._secure.may_write(transport)
         self.clients_refused += 1

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
 from mrkd.runtime.plc import PlcError
-from mrkd.runtime.plc.trust import MODBUS_TRUST, TrustFolder
+from mrkd.runtime.plc.trust import MODBUS_TRUST, TrustFolder, refusal_said
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,11 @@ class SecureListener:
         if not der:
             return "no client certificate"
         return self.trust.refusal(der)
+
+    def refusal_said(self, transport, refusal: str) -> str:
+        """``refusal`` for the log: a time refusal with the certificate's dates and this machine's clock."""
+        der = _peer_certificate(transport)
+        return refusal_said(self.trust, der, refusal) if der else refusal
 
     def may_write(self, transport) -> bool:
         """May this (admitted) connection's client write? Every one without write_roles; else those whose

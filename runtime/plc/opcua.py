@@ -94,7 +94,7 @@ from mrkd.runtime.plc.opcua_republish import answer_republish_as_specified
 from mrkd.runtime.plc.opcua_results import (ID_FILTERS, MAX_LIST_RESULTS, RESULT_HISTORY, ResultHistory,
                                             build_result_types, result_data)
 from mrkd.runtime.plc.opcua_sessions import own_subscriptions_only, secret_session_tokens
-from mrkd.runtime.plc.trust import TrustFolder
+from mrkd.runtime.plc.trust import TrustFolder, refusal_said
 
 logger = logging.getLogger(__name__)
 
@@ -983,10 +983,11 @@ class _Validator:
         from asyncua import ua
         from asyncua.common.utils import ServiceError
         from cryptography.hazmat.primitives.serialization import Encoding
-        refusal = self.trust.refusal(cert.public_bytes(Encoding.DER))
+        der = cert.public_bytes(Encoding.DER)
+        refusal = self.trust.refusal(der)
         if refusal is not None:
             logger.warning("opcua: client certificate %s (%s) refused: %s", cert.subject.rfc4514_string(),
-                           getattr(app_description, "ApplicationUri", "?"), refusal)
+                           getattr(app_description, "ApplicationUri", "?"), refusal_said(self.trust, der, refusal))
             raise ServiceError(getattr(ua.StatusCodes, refusal))
 
 

@@ -189,8 +189,46 @@ def load_trust_folder(folder: str, name: str = OPCUA_TRUST) -> TrustList:
             logger.warning("%s: the CRL of %s was due for renewal at %s: its clients are refused "
                            "(BadCertificateRevocationUnknown) until a current one is in the folder",
                            name, authority.subject.rfc4514_string(), next_update[authority].isoformat())
+    _warn_if_clock_before(certificates + issuer_certificates, f"{name} {folder}")
     return TrustList(frozenset(listed), tuple(authorities), revoked, tuple(issuers), next_update,
                      frozenset(cert.public_bytes(_der()) for cert in issuers))
+
+
+def _utc(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _warn_if_clock_before(certificates, where: str) -> None:
+    """Say once when this machine's clock is before the folder's certificates are valid: a device without a
+    real-time clock booted at 1970 (NTP not synchronised yet) refuses every client as not yet valid."""
+    now = datetime.now(timezone.utc)
+    early = [cert for _, cert in certificates if cert.not_valid_before_utc > now]
+    if early:
+        logger.warning("%s: this machine's clock says %s, before %d of its certificates are valid (the first from "
+                       "%s): is the clock wrong (no real-time clock, NTP not synchronised yet)? The clients they admit "
+                       "are refused as %s until it is set", where, _utc(now), len(early),
+                       _utc(min(cert.not_valid_before_utc for cert in early)), TIME_INVALID)
+
+
+def refusal_said(trust, certificate_der: bytes, refusal: Optional[str], now: Optional[datetime] = None) -> str:
+    """``refusal`` (TrustList/TrustFolder.refusal's answer for ``certificate_der``) for a log line: a time
+    refusal says the dates and this machine's clock, which is what is wrong on a device booted at 1970."""
+    if refusal not in (TIME_INVALID, ISSUER_TIME_INVALID):
+        return str(refusal)
+    from cryptography import x509
+    now = now or datetime.now(timezone.utc)
+    try:
+        cert = x509.load_der_x509_certificate(bytes(certificate_der))
+    except (TypeError, ValueError):
+        return str(refusal)
+    if refusal == ISSUER_TIME_INVALID:
+        current = getattr(trust, "current", trust)
+        cert = current._issuer_of(cert) or cert
+    whose = "its issuer is" if refusal == ISSUER_TIME_INVALID else "it is"
+    said = f"{refusal} ({whose} valid from {_utc(cert.not_valid_before_utc)} to {_utc(cert.not_valid_after_utc)}"
+    if now < cert.not_valid_before_utc:
+        return f"{said}; this machine's clock says {_utc(now)}, before that: is the clock wrong?)"
+    return f"{said}; this machine's clock says {_utc(now)})"
 
 
 def _folder_state(folder: Path) -> Tuple:
