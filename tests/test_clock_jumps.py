@@ -204,3 +204,32 @@ def test_a_trust_folder_read_at_1970_says_the_clock_is_wrong(tmp_path):
     assert "valid from 20" in explained and "this machine's clock says 1970-01-01" in explained, explained
     warned = said(done.stderr, "clock says 1970-01-01")
     assert len(warned) == 1 and "is the clock wrong" in warned[0] and str(folder) in warned[0], done.stderr
+
+
+def test_healthz_counts_a_cameras_silence_on_the_monotonic_clock(monkeypatch):
+    """/healthz's last_frame_age_s was the wall clock now minus the wall clock at the last frame: a clock
+    set back an hour right after a camera's last frame made its age about -3600 s, "fresh", so a dead camera
+    read as ok for an hour (old code: ok, age -3570 s 30 s after its last frame); stepped forward, a working camera read as failing
+    until its next frame. Its age counts on the monotonic clock now; the gauge of the last frame's time
+    stays Unix time."""
+    from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult
+    from mrkd.runtime.outputs.metrics import MetricsObserver
+    import mrkd.runtime.outputs.metrics as metrics_module
+    wall, mono = [1_796_000_000.0], [1000.0]
+    monkeypatch.setattr(metrics_module.time, "time", lambda: wall[0])
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: mono[0])
+    metrics = MetricsObserver(stale_s=10.0)
+    metrics.on_start([CameraInfo(name="cam0", source="memory", model="m.onnx", model_sha256="ab" * 32,
+                                 backend="onnxruntime", precision="fp32", threshold=0.5,
+                                 threshold_source="sidecar m.json")])
+    metrics.on_status(CameraStatus("cam0", up=True))
+    metrics.on_frame(FrameResult("cam0", 0, 0.0, np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32),
+                                 0.1, 0.5, False, infer_s=0.001, latency_s=0.002))
+    wall[0] -= 3600 - 30; mono[0] += 30                     # set back an hour, the camera silent for 30 s
+    healthy, details = metrics.line_health()
+    assert details["cameras"]["cam0"]["last_frame_age_s"] == 30.0 and not healthy, details
+    metrics.on_frame(FrameResult("cam0", 1, 0.0, np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32),
+                                 0.1, 0.5, False, infer_s=0.001, latency_s=0.002))
+    wall[0] += 7200 + 5; mono[0] += 5                        # the camera's next frame: then forward 2 h, 5 s on
+    healthy, details = metrics.line_health()
+    assert details["cameras"]["cam0"]["last_frame_age_s"] == 5.0 and healthy, details

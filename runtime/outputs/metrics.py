@@ -173,9 +173,8 @@ class MetricsObserver(LineObserver):
         latency.observe(result.latency_s)
         if result.threshold > 0:
             ratio.observe(result.score / result.threshold)
-        now = time.time()
-        last.set(now)
-        self._last_frame_at[result.camera] = now
+        last.set(time.time())        # the gauge is Unix time; the health's age counts on the monotonic clock
+        self._last_frame_at[result.camera] = time.monotonic()
 
     def on_part_image(self, result: FrameResult) -> None:
         """A triggered run's judged image counts as a free run's frame: frames, inference, latency, the
@@ -233,8 +232,9 @@ class MetricsObserver(LineObserver):
         """(healthy, details): healthy while running, every camera is up and scored a frame within
         stale_s (a triggered camera: up, since it makes an image only when a part asks and a line may
         pause for minutes), and every output delivers (an output that cannot is a failing line: alarms go
-        nowhere). "starting" until every triggered camera's first status has come."""
-        now = time.time()
+        nowhere). "starting" until every triggered camera's first status has come. Ages count on the
+        monotonic clock: a wall clock set back an hour made a dead camera's age negative, "fresh", for an hour."""
+        now = time.monotonic()
         cameras = {}
         for name, up in self._up.items():
             last = self._last_frame_at.get(name)
