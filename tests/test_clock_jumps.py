@@ -233,3 +233,33 @@ def test_healthz_counts_a_cameras_silence_on_the_monotonic_clock(monkeypatch):
     wall[0] += 7200 + 5; mono[0] += 5                        # the camera's next frame: then forward 2 h, 5 s on
     healthy, details = metrics.line_health()
     assert details["cameras"]["cam0"]["last_frame_age_s"] == 5.0 and healthy, details
+
+
+EVIDENCE_AT_1970 = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+from mrkd.runtime.outputs.evidence import EvidenceSettings, EvidenceWriter
+writer = EvidenceWriter(EvidenceSettings(sys.argv[1], max_bytes=10 ** 9))
+print(len(writer._ok_files), writer.used_bytes)
+"""
+
+
+def test_ok_samples_dated_after_a_clock_at_1970_are_said_at_the_start(tmp_path):
+    """The evidence folder's OK samples go oldest first by their files' dates. A device that wrote them in
+    2026 and boots at 1970 finds them all "in the future"; the samples it writes now, dated 1970, will be
+    the first deleted at its next start, whatever their age. mrkd cannot know their order: it says so,
+    once, naming the folder (old code: not a word). Alarm evidence is counted and never touched."""
+    folder = tmp_path / "evidence"
+    (folder / "cam0" / "ok").mkdir(parents=True)
+    for index in range(3):
+        (folder / "cam0" / "ok" / f"{index:010d}.png").write_bytes(b"x" * 100)
+    alarm = folder / "cam0" / "20261207T101010.123Z-0123abcd.png"
+    alarm.write_bytes(b"y" * 50)
+    done = subprocess.run([sys.executable, "-c", EVIDENCE_AT_1970, str(folder)], capture_output=True, text=True,
+                          timeout=120, env=faked_env(tmp_path / "clock", f"-{int(time.time()) - 60}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["3", "350"]
+    lines = said(done.stderr, "dated after this machine's clock")
+    assert len(lines) == 1 and str(folder) in lines[0] and "3 OK sample(s)" in lines[0], done.stderr
+    assert "the clock says 1970-01-01" in lines[0], lines
+    assert alarm.read_bytes() == b"y" * 50

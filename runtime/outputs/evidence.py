@@ -91,6 +91,8 @@ STAGED_EVIDENCE = re.compile(staged_pattern(rf"{EVENT_ID_NAME}(\.raw)?\.png"))
 STAGED_OK_SAMPLE = re.compile(staged_pattern(OK_SAMPLE_NAME.pattern))
 # A free run's OK samples waiting for the worker (each holds its frame): past it a due sample is dropped.
 OK_SAMPLES_WAITING = 8
+# An OK sample dated further than this after the clock (a clock behind, or ahead when it was written) is said
+CLOCK_LEEWAY_S = 86400
 OK_SAMPLES_DRAIN_S = 10.0        # the stop waits this long for the samples still queued, then counts them dropped
 
 
@@ -156,6 +158,7 @@ class EvidenceWriter(LineObserver):
         self._ok_files: Deque[Tuple[Tuple[Path, ...], int]] = deque()    # each OK sample's files, their bytes
         self._ok_seen: Dict[str, int] = {}
         self.ok_written = self.ok_deleted = self.ok_skipped = 0
+        self._ahead_said = False       # OK samples dated after the clock: said once (_warn_if_dated_ahead)
         # The folder's accounting (OK sample list, byte counts) is shared by the OK samples' worker and the
         # thread that writes alarm evidence (the loop's alarm notifier); it is held across a write, so a
         # stalled disk holds it: the loop's own hook (on_frame) and health() never take it, only the
@@ -208,6 +211,21 @@ class EvidenceWriter(LineObserver):
                 self._evidence_bytes += stat.st_size
         for _, (_, files, size) in sorted(samples.items(), key=lambda item: (item[1][0], item[0])):
             self._ok_files.append((tuple(files), size))
+        self._warn_if_dated_ahead([mtime for mtime, _, _ in samples.values()])
+
+    def _warn_if_dated_ahead(self, mtimes_ns: List[int]) -> None:
+        """OK samples go oldest first by their files' dates, which are the wall clock's when written: a
+        device whose clock was ahead then (or is behind now: booted at 1970) deletes these last, whatever
+        their age. That cannot be put right here; it is said, once per count (the start), naming the folder."""
+        now_ns = time.time_ns()
+        ahead = [mtime for mtime in mtimes_ns if mtime > now_ns + CLOCK_LEEWAY_S * 10**9]
+        if ahead and not self._ahead_said:
+            self._ahead_said = True
+            latest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(ahead) / 1e9))
+            logger.warning("%s: %d OK sample(s) are dated after this machine's clock (the latest %s, the clock says "
+                           "%s): the clock is behind, or was ahead when they were written; OK samples are deleted "
+                           "oldest first by these dates, so these go last", self.folder, len(ahead), latest,
+                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_ns / 1e9)))
 
     @property
     def used_bytes(self) -> int:
