@@ -263,3 +263,56 @@ def test_ok_samples_dated_after_a_clock_at_1970_are_said_at_the_start(tmp_path):
     assert len(lines) == 1 and str(folder) in lines[0] and "3 OK sample(s)" in lines[0], done.stderr
     assert "the clock says 1970-01-01" in lines[0], lines
     assert alarm.read_bytes() == b"y" * 50
+
+
+def test_a_clock_set_back_between_hardware_triggers_is_no_spacing_warning(tmp_path, monkeypatch, caplog):
+    """Hardware triggers closer than the part timeout are warned about once (a camera that skips one
+    would answer with the next part's image). Their spacing was the wall clock's: set back an hour between
+    two triggers 1.2 s apart, they were "-3.6e+03 s apart", warned about, and the once-only warning was
+    spent, so triggers truly 0 s apart later went unsaid (old code). It is counted on the monotonic clock."""
+    from plc_fixtures import part_images
+    from mrkd.runtime.line import parts as parts_module
+    from mrkd.runtime.line.loop import Camera, Line
+    from mrkd.runtime.line.parts import FrameGrabber, PartRunner, open_part_sources
+    from mrkd.runtime.line.trigger import PartSettings
+
+    class HardwareFolder:
+        """A folder that stands for a hardware-triggered camera: it grabs itself (grabber_for)."""
+        trigger_mode = "hardware"
+
+        def __init__(self, source):
+            self._source, self._grabber = source, FrameGrabber(source)
+
+        def grab(self, *args, **kwargs):
+            return self._grabber.grab(*args, **kwargs)
+
+        @property
+        def up(self):
+            return self._grabber.up
+
+        def __getattr__(self, name):
+            return getattr(self._source, name)
+
+    model = str(build_tiny_model(tmp_path / "tiny.onnx"))
+    part_images(tmp_path / "parts", "ggg")
+    line = Line((Camera("cam", str(tmp_path / "parts"), model, trigger="software"),))
+    settings = PartSettings(queue=4, timeout=1.0)
+    sources = {name: HardwareFolder(source) for name, source in open_part_sources(line, settings).items()}
+    runner = PartRunner(line, sources, settings, status=lambda text: None)
+    wall = [time.time()]
+    monkeypatch.setattr(parts_module.time, "time", lambda: wall[0])
+    with caplog.at_level("WARNING", logger="mrkd.runtime.line.parts"):
+        runner.start()
+        try:
+            runner.trigger("A")
+            time.sleep(1.2)
+            wall[0] -= 3600 - 1.2                  # 1.2 s later by the monotonic clock, an hour back by the wall
+            runner.trigger("B")
+            runner.trigger("C")                    # truly at once: this is the spacing to warn about
+            deadline = time.monotonic() + 30
+            while runner.inspections < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            runner.stop()
+    warnings = [r.getMessage() for r in caplog.records if "shorter than the part timeout" in r.getMessage()]
+    assert len(warnings) == 1 and "parts -" not in warnings[0], warnings

@@ -215,7 +215,7 @@ class PartRunner:
         self._started_at = 0.0
         self._shown: Dict[str, CameraInfo] = {}     # camera -> the CameraInfo the outputs were last told
         self._hardware = any(not self._asked_for(c) for c in self.cameras)    # a hardware-triggered camera
-        self._last_accepted: Optional[float] = None  # wall time of the last accepted trigger
+        self._last_accepted: Optional[float] = None  # monotonic time of the last accepted trigger
         self._spacing_warned = False
         self._late_warned = False
         self._overtaken_warned = False
@@ -251,8 +251,9 @@ class PartRunner:
             if reason is None:
                 self._queue.append(_Pending(sequence, part_id, number, wall, mono))
                 self._lock.notify_all()
-                spacing = None if self._last_accepted is None else wall - self._last_accepted
-                self._last_accepted = wall
+                # on the monotonic clock: a wall clock set back between two triggers made them "-3600 s apart"
+                spacing = None if self._last_accepted is None else mono - self._last_accepted
+                self._last_accepted = mono
             else:
                 self.missed += 1
                 self.missed_by_reason[reason] = self.missed_by_reason.get(reason, 0) + 1
