@@ -316,3 +316,28 @@ def test_a_clock_set_back_between_hardware_triggers_is_no_spacing_warning(tmp_pa
             runner.stop()
     warnings = [r.getMessage() for r in caplog.records if "shorter than the part timeout" in r.getMessage()]
     assert len(warnings) == 1 and "parts -" not in warnings[0], warnings
+
+
+def test_a_live_cameras_image_after_a_clock_set_back_is_its_parts(monkeypatch):
+    """A live stream grabbed for a part (--trigger software on a stream: its next frame) skipped every frame
+    stamped before the trigger's wall-clock time: set back an hour between the trigger and its image, every
+    frame was "before the trigger" and the part an ERROR after its timeout (old code: "timeout: no image
+    within 2 s"). Frames of a live source carry their monotonic arrival, which the grab compares now."""
+    from runtime_fixtures import MjpegServer
+    from mrkd.runtime.line.parts import FrameGrabber
+    from mrkd.runtime.sources import open_source
+    import mrkd.runtime.sources as sources_module
+    real_time, offset = time.time, [0.0]
+    server = MjpegServer(frames_per_connection=2000, interval=0.01)
+    try:
+        source = open_source(server.url, timeout=2.0)
+        assert source.read(timeout=5.0) is not None
+        monkeypatch.setattr(sources_module.time, "time", lambda: real_time() + offset[0])
+        trigger_wall, trigger_mono = time.time(), time.monotonic()
+        offset[0] = -3600.0                                  # set back an hour right after the trigger
+        grab = FrameGrabber(source).grab(trigger_wall, 2.0, trigger_mono=trigger_mono)
+        source.close()
+    finally:
+        server.close()
+    assert grab.error is None and len(grab.frames) == 1, grab.error
+    assert grab.frames[0].arrived >= trigger_mono

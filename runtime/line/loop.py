@@ -229,8 +229,9 @@ class _Feed:
                         self.buffer.popleft()
                         self.dropped += 1
                     now = time.monotonic()
-                    if self.source.live:   # the source's reader stamped it with the wall clock on arrival
-                        now -= max(0.0, time.time() - frame.timestamp)
+                    if self.source.live:   # the source's reader stamped it on arrival
+                        now = min(now, frame.arrived) if frame.arrived is not None else \
+                            now - max(0.0, time.time() - frame.timestamp)
                     if self.last_arrival is not None:
                         self.intervals.append(now - self.last_arrival)
                     self.last_arrival = now

@@ -68,6 +68,7 @@ class Frame:
     timestamp: float
     source: str
     raw: Optional[RawImage] = None
+    arrived: Optional[float] = None   # a live source's: time.monotonic() when its reader got it (None: not live)
 
 
 @dataclass
@@ -515,7 +516,7 @@ class LiveSource(LatestFrameSource):
             with self._cond:
                 if self._latest is not None:
                     self.stats.dropped += 1
-                self._latest = Frame(index, image, time.time(), self.uri)
+                self._latest = Frame(index, image, time.time(), self.uri, arrived=time.monotonic())
                 self._cond.notify_all()
         with self._cond:
             self._ended = True

@@ -698,7 +698,7 @@ class GigeSource(LatestFrameSource):
                 elif image is not None:
                     if self._latest is not None:
                         self.stats.dropped += 1
-                    self._latest = Frame(index, image, time.time(), self.uri, raw)
+                    self._latest = Frame(index, image, time.time(), self.uri, raw, arrived=time.monotonic())
             else:
                 started = buffer.get_system_timestamp() / 1e9      # ns of the host's wall clock, or 0
                 self._arrivals.append(_Arrival(time.time(), image, reason, started, index, raw))
