@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peers import require_libfaketime
+from peers import require_libfaketime, require_program
 from runtime_fixtures import build_tiny_model, defective_frame, write_frames
 
 # libfaketime 0.9.10 leaving the monotonic clock alone (FAKETIME_DONT_FAKE_MONOTONIC=1) fails Python's
@@ -341,3 +341,27 @@ def test_a_live_cameras_image_after_a_clock_set_back_is_its_parts(monkeypatch):
         server.close()
     assert grab.error is None and len(grab.frames) == 1, grab.error
     assert grab.frames[0].arrived >= trigger_mono
+
+
+@pytest.mark.slow
+def test_an_mqtt_broker_refused_at_1970_names_the_clock_not_the_ca(tmp_path):
+    """mrkd at 1970 against a TLS broker (real mosquitto) whose certificate is valid from yesterday: the
+    handshake fails as "certificate is not yet valid", which the old code told as "the broker presents a
+    certificate --mqtt-ca does not trust", sending the operator to the CA file. It says the clock now."""
+    from test_mqtt import _certificates
+    from mrkd.benchmarks.mosquitto import Mosquitto
+    require_program("mosquitto", ["mosquitto"])
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    ca, cert, key = _certificates(folder)
+    broker = Mosquitto(folder=folder, tls=(ca, cert, key)).start()
+    try:
+        run = free_run(tmp_path, tmp_path / "clock", "--cooldown", "1", "--mqtt", broker.url("p"), "--mqtt-ca", ca,
+                       start=f"-{int(time.time()) - 60}")
+        time.sleep(8)
+        err = stop(run)
+    finally:
+        broker.kill()
+    lines = said(err, "output mqtt")
+    assert lines and "not yet valid by this machine's clock" in lines[0] and "1970-01-01" in lines[0], err[-3000:]
+    assert "does not trust" not in lines[0]

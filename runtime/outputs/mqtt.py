@@ -46,6 +46,9 @@ from mrkd.runtime.redact import redact_uri
 logger = logging.getLogger(__name__)
 
 MQTT_SCHEMA_VERSION = 1
+# OpenSSL's verify codes that are the clock's (X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED),
+# said as such: at 1970 every certificate is "not yet valid", and "--mqtt-ca does not trust" misleads
+CLOCK_REFUSALS = {9: "not yet valid", 10: "expired"}
 MAX_TOPIC_BYTES = 65535          # MQTT's limit on a topic name (a UTF-8 string with a 16-bit length)
 # PREFIX + this is the longest topic published: a camera name has at most 64 characters (runtime/line/loop.py)
 LONGEST_TOPIC_TAIL = "/" + "c" * 64 + "/status"
@@ -252,6 +255,11 @@ class _CameraLink:
                 with context.wrap_socket(raw, server_hostname=self.settings.host):
                     return None
         except ssl.SSLCertVerificationError as exc:
+            clock = CLOCK_REFUSALS.get(exc.verify_code)
+            if clock is not None:     # a device booted at 1970 (no real-time clock): the clock, not the CA
+                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                return (f"the broker at {self.broker} presents a certificate {clock} by this machine's clock, which "
+                        f"says {now}: is the clock wrong (no real-time clock, NTP not synchronised yet)?")
             return f"the broker at {self.broker} presents a certificate --mqtt-ca does not trust ({exc.verify_message})"
         except ssl.SSLError as exc:
             return f"no TLS handshake with {self.broker} ({exc.reason or exc}; is it a TLS port?)"
