@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 STEP_S = 2.0      # a change of the wall clock against the monotonic one past this is a step (NTP slews less)
 
 
+def _steady() -> float:
+    """The clock the wall clock is compared with: Linux's CLOCK_BOOTTIME, monotonic and counting a suspend
+    (CLOCK_MONOTONIC stops in one, so a resume would read as a step forward); elsewhere time.monotonic."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
 def utc_text(wall: float) -> str:
     """``wall`` (seconds since 1970) as UTC ISO 8601 to the second; the number itself when out of range."""
     try:
@@ -34,10 +40,10 @@ def utc_text(wall: float) -> str:
 
 
 def how_long(seconds: float) -> str:
-    """A step's size in words: seconds below an hour, else hours, days or years."""
+    """A step's size in words: its seconds, and from half an hour on in hours, days or years too."""
     seconds = abs(seconds)
     for size, name in ((365.25 * 86400, "years"), (86400, "days"), (3600, "hours")):
-        if seconds >= size:
+        if seconds >= size / 2:
             return f"{seconds:.0f} s ({seconds / size:.1f} {name})"
     return f"{seconds:.0f} s"
 
@@ -54,10 +60,10 @@ class ClockWatch:
         self.steps = 0
 
     def check(self, wall: Optional[float] = None, mono: Optional[float] = None) -> float:
-        """Compare the clocks now (or at the given readings, taken together); the step in seconds since the
-        last check (0.0: none), said when it is one."""
+        """Compare the clocks now (or at the given readings, taken together: ``mono`` of ``_steady``); the
+        step in seconds since the last check (0.0: none), said when it is one."""
         wall = time.time() if wall is None else wall
-        mono = time.monotonic() if mono is None else mono
+        mono = _steady() if mono is None else mono
         with self._lock:
             last, self._last = self._last, (wall, mono)
             if last is None:
