@@ -104,3 +104,25 @@ def test_evidence_an_archive_job_moved_away_no_longer_counts_against_the_budget(
     health = writer.health()
     assert health.ok and health.state == "delivering" and health.dropped == 0, health
     assert writer.used_bytes == size
+
+
+def test_the_counted_bytes_follow_the_folder_through_writes_deletions_and_a_restart(tmp_path):
+    """The budget's count of OK sample bytes is now kept as samples come and go (a sum over every sample
+    after each write cost O(samples) per write). It must equal what is on disk, counted here by walking
+    the folder, after OK samples were written and the oldest deleted for the budget, alarm evidence
+    added, and a new writer counting what the first left."""
+    def on_disk(folder: Path) -> int:
+        return sum(path.stat().st_size for path in folder.rglob("*.png"))
+    images = [_noise(10 + k) for k in range(30)]
+    size = max(len(cv2.imencode(".png", image)[1]) for image in images)
+    writer = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(size * 8.5)))
+    for k, image in enumerate(images):
+        writer.part_fields(_ok_part(k + 1), {"cam0": _view(image)})
+        if k % 7 == 6:
+            assert writer.event_fields(_alarm(image, f"e{k}"))["evidence"] is not None
+        assert writer.used_bytes == on_disk(tmp_path), k
+    assert writer.ok_deleted > 0 and writer.used_bytes <= int(size * 8.5)
+    again = EvidenceWriter(EvidenceSettings(str(tmp_path), ok_every=1, max_bytes=int(size * 8.5)))
+    assert again.used_bytes == on_disk(tmp_path)
+    kept = len(list((tmp_path / "cam0" / "ok").glob("*.png")))
+    assert len(again._ok_files) == kept and sum(size for _, size in again._ok_files) == again._ok_files.bytes

@@ -96,6 +96,35 @@ CLOCK_LEEWAY_S = 86400
 OK_SAMPLES_DRAIN_S = 10.0        # the stop waits this long for the samples still queued, then counts them dropped
 
 
+class OkSamples:
+    """The OK samples on disk, oldest first: (their files, their bytes) each, and the bytes of them all kept
+    as they come and go. The budget is checked after every write, and a sum over the list each time cost
+    O(samples) per write (a 2 GB budget of small samples holds ~200,000)."""
+
+    def __init__(self) -> None:
+        self._samples: Deque[Tuple[Tuple[Path, ...], int]] = deque()
+        self.bytes = 0
+
+    def append(self, sample: Tuple[Tuple[Path, ...], int]) -> None:
+        self._samples.append(sample)
+        self.bytes += sample[1]
+
+    def popleft(self) -> Tuple[Tuple[Path, ...], int]:
+        sample = self._samples.popleft()
+        self.bytes -= sample[1]
+        return sample
+
+    def clear(self) -> None:
+        self._samples.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __iter__(self):
+        return iter(self._samples)
+
+
 @dataclass(frozen=True)
 class EvidenceSettings:
     folder: str
@@ -155,7 +184,7 @@ class EvidenceWriter(LineObserver):
                 raise
             # a full disk at the start: the line runs, each write is tried (and counted) as it comes
             self.delivery.set_failing(f"{self.folder}: cannot create it ({exc.strerror or exc})")
-        self._ok_files: Deque[Tuple[Tuple[Path, ...], int]] = deque()    # each OK sample's files, their bytes
+        self._ok_files = OkSamples()      # each OK sample's files and their bytes, oldest first
         self._ok_seen: Dict[str, int] = {}
         self.ok_written = self.ok_deleted = self.ok_skipped = 0
         self._ahead_said = False       # OK samples dated after the clock: said once (_warn_if_dated_ahead)
@@ -229,7 +258,7 @@ class EvidenceWriter(LineObserver):
 
     @property
     def used_bytes(self) -> int:
-        return self._evidence_bytes + sum(size for _, size in self._ok_files)
+        return self._evidence_bytes + self._ok_files.bytes
 
     @staticmethod
     def _encode(image: Union[np.ndarray, RawImage]) -> bytes:
