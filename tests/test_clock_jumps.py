@@ -365,3 +365,23 @@ def test_an_mqtt_broker_refused_at_1970_names_the_clock_not_the_ca(tmp_path):
     lines = said(err, "output mqtt")
     assert lines and "not yet valid by this machine's clock" in lines[0] and "1970-01-01" in lines[0], err[-3000:]
     assert "does not trust" not in lines[0]
+
+
+def test_the_clock_watch_follows_slewing_and_says_each_step_once():
+    """NTP slews a clock by a little all the time: that never adds up to a step (each check compares with
+    the last); a step is said once, the checks after it say nothing more."""
+    from mrkd.runtime.clock_steps import ClockWatch
+    said_lines = []
+    watch = ClockWatch(warn=said_lines.append)
+    wall, mono = 1_796_000_000.0, 100.0
+    for _ in range(50):                                   # 50 checks, each 1.5 s off: 75 s in all
+        watch.check(wall, mono)
+        wall, mono = wall + 11.5, mono + 10.0
+    watch.check(wall, mono)
+    assert said_lines == []
+    watch.check(wall - 3600, mono)                        # set back an hour
+    for step in range(1, 6):                              # running on from there: nothing more said
+        watch.check(wall - 3600 + step, mono + step)
+    assert len(said_lines) == 1 and said_lines[0].startswith("the wall clock went back 3600 s (1.0 hours)")
+    watch.check(wall + 10 * 365.25 * 86400, mono + 6.0)   # NTP: ten years forward
+    assert len(said_lines) == 2 and "jumped forward" in said_lines[1] and "(10.0 years)" in said_lines[1]
