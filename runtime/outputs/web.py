@@ -4,7 +4,8 @@ or more before it) and a read-only operator page.
 
 * ``/``: one card per camera with its annotated live view, its status (up/down, fps, latency,
   threshold and where it came from) and the latest alarms with their snapshots, updated live.
-* ``/stream/<camera>.mjpg``: the annotated live view as MJPEG (multipart/x-mixed-replace).
+* ``/stream/<camera>.mjpg``: the annotated live view as MJPEG (multipart/x-mixed-replace); a triggered
+  camera's is the last part's judged image, until the next part.
 * ``/events``: Server-Sent Events: ``hello`` (cameras, recent alarms, outputs), ``alarm`` as each
   happens, ``status`` and ``outputs`` (every output's health: sent/failed, failing or not) once a second.
   With review on, every alarm carries its standing label from the label file (``review``: label, who,
@@ -303,6 +304,18 @@ class OperatorServer(LineObserver):
                     while len(self._frames_before_event) >= (self.alarms.maxlen or 20):
                         self._frames_before_event.pop(next(iter(self._frames_before_event)))
                     self._frames_before_event[id(result.event)] = result
+
+    def on_part_image(self, result: FrameResult) -> None:
+        """A triggered camera's judged image is its live view's newest frame: the view shows the last part's
+        image and heat map until the next part (it had nothing to show: free-run frames only), and its
+        frames, latency and rate count the part's images."""
+        view = self.views.get(result.camera)
+        if view is None:
+            return
+        view.latest = result
+        view.frames += 1
+        view.latencies.append(result.latency_s)
+        view.arrivals.append(time.monotonic())
 
     def on_event(self, camera: str, event: dict) -> None:
         view = self.views.get(camera)
