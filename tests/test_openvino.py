@@ -458,3 +458,60 @@ def test_the_startup_line_names_the_precision_its_events_and_metrics_do(tmp_path
         startup = next(line for line in result.output.splitlines() if "openvino CPU" in line)
         assert event["precision"] == "fp32" and f"precision {event['precision']}" in startup, startup
         assert set(re.findall(r"\b(?:b?f|fp)\d\d\b", startup)) == {event["precision"]}, startup
+
+
+TELEMETRY_PROBE = r"""
+import os, sys
+forks = []
+sys.addaudithook(lambda event, args: forks.append(event) if event == "os.fork" else None)
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import numpy as np
+from runtime_fixtures import build_tiny_model
+from mrkd.runtime.detector import Detector
+model = build_tiny_model(Path(sys.argv[2]))
+detector = Detector(str(model), backend="openvino")
+detector([np.zeros((48, 64, 3), np.uint8)])
+import openvino_telemetry
+consent = openvino_telemetry.Telemetry().consent
+print(f"forks={len(forks)} consent={consent}")
+"""
+
+
+@pytest.mark.parametrize("consent_file, consent", [(None, False), ("0", False)])
+def test_opening_an_openvino_model_sends_no_usage_telemetry_unless_opted_in(tmp_path, consent_file, consent):
+    """`import openvino` imports its model converter, which sends a usage event to Google Analytics by
+    default (no consent file counts as yes) from a process forked off a thread pool in the line's process:
+    seen under libfaketime, where that child hung. A real Detector on the OpenVINO backend in a fresh
+    process, its home without a consent file (or one saying no), CI unset: no fork, consent False. On the
+    old code: one fork and consent True where no file existed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    home = tmp_path / "home"
+    home.mkdir()
+    if consent_file is not None:
+        (home / "intel").mkdir()
+        (home / "intel" / "openvino_telemetry").write_text(consent_file)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env["HOME"] = str(home)
+    done = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE, str(Path(__file__).parent), str(tmp_path / "m.onnx")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"forks=0 consent={consent}", done.stdout + done.stderr[-1000:]
+
+
+def test_a_user_who_opted_in_to_openvino_telemetry_is_taken_at_their_word(tmp_path, monkeypatch):
+    """The consent check itself (no import, nothing sent): a file saying 1 stays ACCEPTED, none is DECLINED."""
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+    from mrkd.runtime.backends.openvino_import import _no_file_means_declined
+    for name in ("CI", "TF_BUILD", "JENKINS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _no_file_means_declined()
+    assert OptInChecker().check(False, True) == ConsentCheckResult.DECLINED       # no file
+    (tmp_path / "intel").mkdir()
+    (tmp_path / "intel" / "openvino_telemetry").write_text("1")
+    assert OptInChecker().check(False, True) == ConsentCheckResult.ACCEPTED

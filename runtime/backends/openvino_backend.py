@@ -6,7 +6,8 @@ explicitly (``INFERENCE_PRECISION_HINT``): OpenVINO's own default is bf16 on CPU
 (AVX512-BF16, AMX), which moves scores against a threshold calibrated in FP32. Q/DQ INT8 graphs run
 INT8 kernels (OpenVINO folds the Q/DQ pairs into its low-precision convolutions) with the rest at
 that precision. The precision the compiled model reports is what ``precision`` records.
-Every model of the process compiles on one ``ov.Core`` (``shared_core``; why: its docstring).
+Every model of the process compiles on one ``ov.Core`` (``shared_core``; why: its docstring). OpenVINO is
+imported with its usage telemetry declined unless this machine's user opted in (openvino_import.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mrkd.deps import require
 from mrkd.runtime.backends import NOT_ONNX, PRECISION_ALIASES, Backend, BackendError, BackendOptions
+from mrkd.runtime.backends.openvino_import import import_openvino
 
 DEVICE = "CPU"
 DEFAULT_PRECISION = "fp32"    # bit-comparable to ONNX Runtime FP32; bf16 is asked for by name
@@ -44,7 +45,7 @@ def shared_core():
     global _CORE
     with _CORE_LOCK:
         if _CORE is None:
-            _CORE = require("openvino").Core()
+            _CORE = import_openvino().Core()
         return _CORE
 
 
@@ -107,7 +108,7 @@ class OpenVinoBackend(Backend):
     name = "openvino"
 
     def __init__(self, model_path: str | Path, options: Optional[BackendOptions] = None):
-        ov = require("openvino")
+        ov = import_openvino()
         options = options or BackendOptions()
         self.model_path = Path(model_path)
         core = shared_core()
