@@ -82,7 +82,8 @@ def list_events(events, labels_path, evidence: Path, unlabelled: bool, last: Opt
     conflicts = find_conflicts(latest)
     conflict_of = {(event_id, c.image_sha256): c for c in conflicts for event_id in c.events}
     # a log that repeats an image (a looped folder, a part judged twice): its other events say so
-    by_image = {label.image_sha256: label for label in sorted(latest.values(), key=lambda label: label.when)}
+    # (file order, not the labels' times: a clock set back would reorder those)
+    by_image = {label.image_sha256: label for label in latest.values()}
     rows = []
     for event in all_events:
         # one row per image: a part's cameras each (a part without any image: one row saying why)
