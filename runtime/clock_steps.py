@@ -23,6 +23,9 @@ from typing import Callable, Optional
 logger = logging.getLogger(__name__)
 
 STEP_S = 2.0      # a change of the wall clock against the monotonic one past this is a step (NTP slews less)
+# ... plus what slewing may add between two checks: Linux slews the clock by at most 500 ppm, so a line that
+# checks once a part and stood idle over a weekend may see up to 108 s of it
+MAX_SLEW = 500e-6
 
 
 def _steady() -> float:
@@ -69,7 +72,7 @@ class ClockWatch:
             if last is None:
                 return 0.0
             step = (wall - last[0]) - (mono - last[1])
-            if abs(step) < self.step_s:
+            if abs(step) < self.step_s + MAX_SLEW * abs(mono - last[1]):
                 return 0.0
             self.steps += 1
         before = last[0] + (mono - last[1])        # what the clock would say now without the step

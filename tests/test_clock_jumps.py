@@ -385,3 +385,19 @@ def test_the_clock_watch_follows_slewing_and_says_each_step_once():
     assert len(said_lines) == 1 and said_lines[0].startswith("the wall clock went back 3600 s (1.0 hours)")
     watch.check(wall + 10 * 365.25 * 86400, mono + 6.0)   # NTP: ten years forward
     assert len(said_lines) == 2 and "jumped forward" in said_lines[1] and "(10.0 years)" in said_lines[1]
+
+
+def test_slewing_over_a_long_pause_between_checks_is_no_step():
+    """A triggered line checks its clock once a part: idle over a weekend (60 h), NTP slewing at up to
+    500 ppm (Linux's most) moves the wall clock up to 108 s against the monotonic one, which the old
+    watch said as a step at the first part on Monday. A real step after such a pause is still said."""
+    from mrkd.runtime.clock_steps import ClockWatch
+    said_lines = []
+    watch = ClockWatch(warn=said_lines.append)
+    wall, mono = 1_796_000_000.0, 100.0
+    watch.check(wall, mono)
+    pause = 60 * 3600.0
+    watch.check(wall + pause * (1 + 400e-6), mono + pause)     # slewed 86 s over the weekend
+    assert said_lines == []
+    watch.check(wall + 2 * pause * (1 + 400e-6) - 3600, mono + 2 * pause)   # then a real hour back
+    assert len(said_lines) == 1 and "went back" in said_lines[0], said_lines
