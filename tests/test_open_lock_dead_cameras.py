@@ -189,15 +189,8 @@ class AnswersOptionsOnlyPeer(SilentPeer):
     """Answers each connection's first RTSP request (OPTIONS) and then nothing: a camera whose stream
     hangs after the first exchange. The probe's question is answered; FFmpeg's open runs out its time."""
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            self.times.append(time.monotonic())
-            self.connections.append(connection)
-            threading.Thread(target=self._answer_once, args=(connection,), daemon=True).start()
+    def connected(self, connection) -> None:
+        threading.Thread(target=self._answer_once, args=(connection,), daemon=True).start()
 
     @staticmethod
     def _answer_once(connection) -> None:

@@ -47,6 +47,10 @@ class SilentPeer:
                 return
             self.times.append(time.monotonic())
             self.connections.append(connection)
+            self.connected(connection)
+
+    def connected(self, connection) -> None:
+        """What the peer does with a new connection: nothing (a subclass may answer)."""
 
     def close(self) -> None:
         self.server.close()

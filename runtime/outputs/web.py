@@ -286,14 +286,19 @@ class OperatorServer(LineObserver):
         self.started.set()
         self._broadcast("hello", self._hello())
 
-    def on_frame(self, result: FrameResult) -> None:
+    def _shown(self, result: FrameResult) -> Optional[_CameraView]:
+        """``result`` is its camera's newest frame on the page (its view, None for an unknown camera)."""
         view = self.views.get(result.camera)
-        if view is None:
+        if view is not None:
+            view.latest = result
+            view.frames += 1
+            view.latencies.append(result.latency_s)
+            view.arrivals.append(time.monotonic())
+        return view
+
+    def on_frame(self, result: FrameResult) -> None:
+        if self._shown(result) is None:
             return
-        view.latest = result
-        view.frames += 1
-        view.latencies.append(result.latency_s)
-        view.arrivals.append(time.monotonic())
         if result.event is not None:
             with self._alarm_lock:
                 for alarm in self.alarms:
@@ -309,13 +314,7 @@ class OperatorServer(LineObserver):
         """A triggered camera's judged image is its live view's newest frame: the view shows the last part's
         image and heat map until the next part (it had nothing to show: free-run frames only), and its
         frames, latency and rate count the part's images."""
-        view = self.views.get(result.camera)
-        if view is None:
-            return
-        view.latest = result
-        view.frames += 1
-        view.latencies.append(result.latency_s)
-        view.arrivals.append(time.monotonic())
+        self._shown(result)
 
     def on_event(self, camera: str, event: dict) -> None:
         view = self.views.get(camera)
