@@ -66,6 +66,7 @@ import cv2
 import numpy as np
 
 from mrkd.errors import SettingError
+from mrkd.runtime.clock_steps import utc_text
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth, PartResult
 from mrkd.runtime.outputs.delivery import DISK_FULL, Delivery
 from mrkd.runtime.outputs.events import EVENT_ID_NAME
@@ -250,11 +251,10 @@ class EvidenceWriter(LineObserver):
         ahead = [mtime for mtime in mtimes_ns if mtime > now_ns + CLOCK_LEEWAY_S * 10**9]
         if ahead and not self._ahead_said:
             self._ahead_said = True
-            latest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(ahead) / 1e9))
             logger.warning("%s: %d OK sample(s) are dated after this machine's clock (the latest %s, the clock says "
                            "%s): the clock is behind, or was ahead when they were written; OK samples are deleted "
-                           "oldest first by these dates, so these go last", self.folder, len(ahead), latest,
-                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_ns / 1e9)))
+                           "oldest first by these dates, so these go last", self.folder, len(ahead), utc_text(max(ahead) / 1e9),
+                           utc_text(now_ns / 1e9))
 
     @property
     def used_bytes(self) -> int:

@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from mrkd.deps import require
 from mrkd.errors import MrkdError
+from mrkd.runtime.clock_steps import utc_text
 from mrkd.runtime.outputs.base import CameraInfo, CameraStatus, FrameResult, LineObserver, OutputHealth, PartResult
 from mrkd.runtime.outputs.delivery import Delivery
 from mrkd.runtime.outputs.events import DropOldestQueue, part_event
@@ -257,9 +258,8 @@ class _CameraLink:
         except ssl.SSLCertVerificationError as exc:
             clock = CLOCK_REFUSALS.get(exc.verify_code)
             if clock is not None:     # a device booted at 1970 (no real-time clock): the clock, not the CA
-                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 return (f"the broker at {self.broker} presents a certificate {clock} by this machine's clock, which "
-                        f"says {now}: is the clock wrong (no real-time clock, NTP not synchronised yet)?")
+                        f"says {utc_text(time.time())}: is the clock wrong (no real-time clock, NTP not synchronised yet)?")
             return f"the broker at {self.broker} presents a certificate --mqtt-ca does not trust ({exc.verify_message})"
         except ssl.SSLError as exc:
             return f"no TLS handshake with {self.broker} ({exc.reason or exc}; is it a TLS port?)"

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
 
+from mrkd.runtime.clock_steps import utc_text
 from mrkd.runtime.plc import PlcError
 
 if TYPE_CHECKING:      # cryptography loads only when a trust folder is used
@@ -195,7 +196,7 @@ def load_trust_folder(folder: str, name: str = OPCUA_TRUST) -> TrustList:
 
 
 def _utc(when: datetime) -> str:
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_text(when.timestamp())
 
 
 def _warn_if_clock_before(certificates, where: str) -> None:
