@@ -93,7 +93,7 @@ from mrkd.runtime.plc.offline import LineOffline, OfflineHolder
 from mrkd.runtime.plc.opcua_republish import answer_republish_as_specified
 from mrkd.runtime.plc.opcua_results import (ID_FILTERS, MAX_LIST_RESULTS, RESULT_HISTORY, ResultHistory,
                                             build_result_types, result_data)
-from mrkd.runtime.plc.opcua_sessions import own_subscriptions_only, secret_session_tokens
+from mrkd.runtime.plc.opcua_sessions import own_subscriptions_only, secret_session_tokens, session_of
 from mrkd.runtime.plc.trust import TrustFolder, refusal_said
 
 logger = logging.getLogger(__name__)
@@ -1110,10 +1110,7 @@ def _user_executable_in_subscriptions(iserver, rules: _Rules) -> bool:
     def user_of(session_id):
         """The user of the session that owns a subscription now; None (anonymous, told the least) where
         that session has gone (closed without deleting its subscriptions)."""
-        for session in [*list(sessions.values()), getattr(iserver, "isession", None)]:
-            if session is not None and getattr(session, "session_id", None) == session_id:
-                return getattr(session, "user", None)
-        return None
+        return getattr(session_of(iserver, session_id), "user", None)
 
     async def create_subscription(params, *args, **kwargs):
         result = await create(params, *args, **kwargs)

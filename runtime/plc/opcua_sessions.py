@@ -31,6 +31,15 @@ def owns(session, subscription) -> bool:
     return subscription is not None and subscription.session_id == session.session_id
 
 
+def session_of(iserver, session_id):
+    """The session (asyncua's InternalSession: an external one, or the server's own) whose id is
+    ``session_id``; None where it has gone (closed without deleting its subscriptions)."""
+    for session in [*list(getattr(iserver, "_external_sessions", {}).values()), getattr(iserver, "isession", None)]:
+        if session is not None and getattr(session, "session_id", None) == session_id:
+            return session
+    return None
+
+
 def same_user(a, b) -> bool:
     """Whether two sessions' users (asyncua's User; None unknown) are the same one, who may take over the
     other's subscriptions: the same role and name, and not anonymous."""
@@ -160,8 +169,7 @@ class _SessionSubscriptions:
         subscription = self._service.subscriptions.get(subscription_id)
         if subscription is None or owns(self._session, subscription):
             return False
-        owner = next((s for s in list(getattr(self._session.iserver, "_external_sessions", {}).values())
-                      if s.session_id == subscription.session_id), None)
+        owner = session_of(self._session.iserver, subscription.session_id)
         return not same_user(owner.user if owner is not None else getattr(subscription, "mrkd_user", None),
                              self._session.user)
 
