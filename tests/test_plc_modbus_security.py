@@ -104,7 +104,8 @@ def secure_cell(model, tmp_path):  # noqa: F811
     (trust / "ca.crl").write_bytes(revocation_list(ca, [revoked]))
     clients = {"plc": _pem_pair(folder, "plc", application(ca, "plc")),
                "revoked": _pem_pair(folder, "revoked", revoked),
-               "stranger": _pem_pair(folder, "stranger", application(None, "stranger"))}
+               "stranger": _pem_pair(folder, "stranger", application(None, "stranger")),
+               "tomorrow": _pem_pair(folder, "tomorrow", application(ca, "tomorrow-plc", start_days=1))}
     part_images(tmp_path / "parts", "gd")
     cell = Cell(model, str(tmp_path / "parts"),
                 security=ModbusSecurity(str(server_cert), str(server_key), str(trust)))
@@ -160,6 +161,23 @@ def test_a_trusted_plc_runs_the_handshake_over_tls_and_others_are_refused_unread
     refusals = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
     assert refusals and all("client certificate refused: BadCertificateRevoked" in m for m in refusals), refusals
     assert cell.runner.stop()["triggers"] == 1
+
+
+def test_a_client_certificate_not_yet_valid_is_refused_saying_the_clock(secure_cell, caplog):
+    """A device booted at 1970 (no real-time clock, NTP not there yet) finds every client certificate not
+    yet valid. OpenSSL refused such a client inside the TLS handshake, where nothing was logged or counted:
+    the PLC could not connect and the log said nothing (old code: no "refused a connection" line, the
+    refusal count unchanged; only the trust folder's warning at load hinted at the clock). OpenSSL leaves
+    the dates to the trust folder now, which checks them on the whole chain it trusts and says the
+    certificate's dates and this machine's clock. (A certificate valid from tomorrow is the same check.)"""
+    cell, tunnel, trust, clients = secure_cell
+    refused_before = cell.plc.clients_refused
+    rc, _, _ = mbpoll(tunnel("tomorrow"), "3", 0, 3)
+    assert rc != 0
+    assert cell.plc.requests == 0 and cell.plc.clients_refused > refused_before
+    refusals = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert refusals and all("client certificate refused: BadCertificateTimeInvalid (it is valid from" in m
+                            and "before that: is the clock wrong?" in m for m in refusals), refusals
 
 
 def test_a_certificate_added_to_the_running_servers_folder_is_admitted(secure_cell):

@@ -81,6 +81,9 @@ def certificate_role(certificate_der: bytes) -> Optional[str]:
         return None
 
 
+X509_V_FLAG_NO_CHECK_TIME = 0x200000     # OpenSSL's flag (x509_vfy.h); Python's ssl names no constant for it
+
+
 class SecureListener:
     """The TLS side of one Modbus server: the SSL context pymodbus listens with, kept in step with the
     trust folder, and the admission of each handshaken connection."""
@@ -100,6 +103,10 @@ class SecureListener:
         # included); the trust folder's stricter rule (issuers admit no one alone, revocation, overdue
         # CRLs) is applied after the handshake, in refusal().
         self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        # Nor the dates: OpenSSL refused a client not yet valid (a device booted at 1970) inside the
+        # handshake, unlogged and uncounted. refusal() checks them on every certificate of the chain it
+        # trusts (the leaf and the folder's issuers) and says this machine's clock.
+        self.context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
         self._anchors: set = set()
         self._anchored = None          # the trust list whose certificates OpenSSL has
         self._add_anchors()
