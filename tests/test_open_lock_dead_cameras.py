@@ -6,13 +6,15 @@ further SYNs: a camera that is powered off), a silent peer (accepts and never an
 and an MJPEG camera that drops its client every 4 s. On the old code a dead camera held the open lock
 for its 5 s open on every retry, and the working camera beside it judged ~52 % of the frames it judged
 alone (alone 441, beside the unanswered one 229, beside the silent one 232, in 20 s). Now a plain TCP
-connect, outside the lock, finds the unanswered camera, its first request unanswered the hung one, and
-the opens of a camera that answers that and then hangs are spaced out.
+connect, outside the lock, finds the unanswered camera, its first request unanswered the hung one (over
+rtsps and https after a TLS handshake; over rtmp the handshake's C0+C1), and the opens of a camera that
+answers that and then hangs are spaced out.
 """
 
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ import pytest
 
 from mrkd.runtime.sources import SourceUnreachable, open_source
 from mrkd.runtime.sources.late import LateSource
-from mrkd.runtime.sources.reachable import Target, probe_target
+from mrkd.runtime.sources.reachable import Target, Unreachable, first_request, probe_target, probed_open
 from runtime_fixtures import MjpegServer, build_tiny_model
 from test_stop_dead_cameras import SilentPeer
 
@@ -233,12 +235,179 @@ def test_an_open_beside_a_hung_camera_does_not_wait_for_its_open():
 
 
 def test_the_probe_asks_what_ffmpeg_asks_first():
-    from mrkd.runtime.sources.reachable import first_request
     assert first_request("rtsp://user:pw@10.0.0.7:8554/cam/1?x=2") == \
         b"OPTIONS rtsp://10.0.0.7:8554/cam/1?x=2 RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: mrkd\r\n\r\n"
+    assert first_request("rtsps://user:pw@10.0.0.7/cam") == \
+        b"OPTIONS rtsps://10.0.0.7/cam RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: mrkd\r\n\r\n"
     assert first_request("http://[fe80::1]/video.mjpg") == \
         b"HEAD /video.mjpg HTTP/1.0\r\nHost: [fe80::1]\r\nUser-Agent: mrkd\r\n\r\n"
-    assert first_request("https://10.0.0.7/v") is None and first_request("rtmp://10.0.0.7/live") is None
+    assert first_request("https://user:pw@10.0.0.7:8443/v") == \
+        b"HEAD /v HTTP/1.0\r\nHost: 10.0.0.7:8443\r\nUser-Agent: mrkd\r\n\r\n"
+    c0c1 = first_request("rtmp://10.0.0.7/live")      # the RTMP handshake's C0 (version 3) and C1
+    assert len(c0c1) == 1 + 1536 and c0c1[0] == 3 and c0c1[5:9] == bytes(4)
+    assert c0c1[9:] != first_request("rtmp://10.0.0.7/live")[9:]       # C1's random part
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A throwaway self-signed certificate and its key (the openssl command line, not our code)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=camera.test"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class TlsPeer(SilentPeer):
+    """Completes each connection's TLS handshake (Python's ssl; TLS 1.3 sends session tickets after it)
+    and then answers the first request it reads with ``answer``, or never (None); ``requests``: those read."""
+
+    def __init__(self, host: str, certificate, answer):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(*certificate)
+        self.answer, self.requests = answer, []
+        super().__init__(host)
+
+    def connected(self, connection) -> None:
+        threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection) -> None:
+        try:
+            tls = self.context.wrap_socket(connection, server_side=True)
+            self.connections.append(tls)
+            self.requests.append(tls.recv(4096))
+            if self.answer is not None:
+                tls.sendall(self.answer)
+        except OSError:
+            pass
+
+
+class RtmpPeer(SilentPeer):
+    """Reads the RTMP handshake's C0+C1 and answers S0+S1, as an RTMP server does; ``handshakes``: C0+C1s."""
+
+    def __init__(self, host: str):
+        self.handshakes = []
+        super().__init__(host)
+
+    def connected(self, connection) -> None:
+        threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection) -> None:
+        read = b""
+        try:
+            while len(read) < 1537 and (chunk := connection.recv(4096)):
+                read += chunk
+            self.handshakes.append(read)
+            connection.sendall(b"\x03" + bytes(1536))
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("scheme, unanswered", [("rtsps", "TLS handshake"), ("https", "TLS handshake"),
+                                                ("rtmp", "rtmp handshake")])
+def test_an_open_beside_a_hung_tls_or_rtmp_camera_does_not_wait_for_its_open(scheme, unanswered):
+    """rtsps, https and rtmp were probed with a TCP connect only: a camera that accepts and never answers
+    the TLS ClientHello or the RTMP C0+C1 took the open lock for its whole open (2 s here), and a working
+    camera's open beside it waited (the old code: ~1.7 s). The probe now shakes hands, outside the lock."""
+    silent, camera = SilentPeer("127.0.86.82"), MjpegServer(frames_per_connection=1000, interval=0.04)
+    uri = f"{scheme}://127.0.86.82:{silent.port}/hung"
+    failures = []
+
+    def open_hung():
+        try:
+            open_source(uri, timeout=2.0)
+        except SourceUnreachable as exc:
+            failures.append(str(exc))
+    hung = threading.Thread(target=open_hung, daemon=True)
+    try:
+        hung.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        source = open_source(camera.url, timeout=2.0)
+        took = time.monotonic() - started
+        source.close()
+        hung.join(5)
+    finally:
+        camera.close()
+        silent.close()
+    assert took < 1.0, f"the working camera's open waited {took:.2f} s"
+    assert failures == [f"{uri}: 127.0.86.82:{silent.port} accepts connections but does not answer (its "
+                        f"{unanswered} unanswered for 2 s)"]
+
+
+def _probed(uri: str, host: str, peer, timeout_s: float = 1.0):
+    """probed_open's result for ``uri`` at ``peer``, with an open that only notes it ran; (result or the
+    Unreachable's line, the opens run, seconds taken)."""
+    opens = []
+    started = time.monotonic()
+    try:
+        result = probed_open(uri, Target(host, peer.port), timeout_s, lambda: opens.append(1) or "opened",
+                             lambda capture: capture == "opened")
+    except Unreachable as exc:
+        result = str(exc)
+    return result, len(opens), time.monotonic() - started
+
+
+@pytest.mark.parametrize("scheme, asked", [("rtsps", b"OPTIONS rtsps://127.0.86.83:{port}/cam RTSP/1.0\r\n"),
+                                           ("https", b"HEAD /cam HTTP/1.0\r\n")])
+def test_a_tls_camera_that_shakes_hands_and_answers_passes_the_probe(certificate, scheme, asked):
+    peer = TlsPeer("127.0.86.83", certificate, answer=b"RTSP/1.0 401 Unauthorized\r\nCSeq: 1\r\n\r\n")
+    try:
+        result, opens, _ = _probed(f"{scheme}://admin:secret@127.0.86.83:{peer.port}/cam", "127.0.86.83", peer)
+    finally:
+        peer.close()
+    assert (result, opens) == ("opened", 1)
+    assert len(peer.requests) == 1 and peer.requests[0].startswith(asked.replace(b"{port}", str(peer.port).encode()))
+    assert b"admin" not in peer.requests[0] and b"secret" not in peer.requests[0]
+
+
+@pytest.mark.parametrize("scheme", ["rtsps", "https"])
+def test_a_tls_camera_that_shakes_hands_and_then_says_nothing_is_one_line(certificate, scheme):
+    """Its session tickets (TLS 1.3) are no answer; the request it read goes unanswered."""
+    peer = TlsPeer("127.0.86.84", certificate, answer=None)
+    try:
+        result, opens, took = _probed(f"{scheme}://127.0.86.84:{peer.port}/cam", "127.0.86.84", peer)
+    finally:
+        peer.close()
+    assert result == (f"127.0.86.84:{peer.port} accepts connections but does not answer (its {scheme} request "
+                      f"unanswered for 1 s)")
+    assert opens == 0 and len(peer.requests) == 1 and 0.9 < took < 1.5, (opens, peer.requests, took)
+
+
+def test_a_stop_ends_the_tls_handshake_of_a_hung_camera_at_once():
+    """The old code: the rtsps open ran its whole 5 s inside OpenCV, where the stop does not reach."""
+    silent = SilentPeer("127.0.86.86")
+    stop = threading.Event()
+    uri = f"rtsps://127.0.86.86:{silent.port}/x"
+    late = LateSource(uri, lambda: open_source(uri, timeout=5.0), "did not answer", backoff=(0.0, 0.0), stop=stop)
+    read = threading.Thread(target=late.read, kwargs=dict(timeout=0.25), daemon=True)
+    try:
+        read.start()
+        time.sleep(0.3)
+        stop.set()
+        read.join(0.5)
+        alive = read.is_alive()
+        read.join(6)
+    finally:
+        late.close()
+        silent.close()
+    assert not alive, "the reader still waited for the camera's handshake after the stop"
+
+
+def test_an_rtmp_camera_that_answers_the_handshake_passes_and_a_silent_one_is_one_line():
+    peer, silent = RtmpPeer("127.0.86.85"), SilentPeer("127.0.86.85")
+    try:
+        answered = _probed(f"rtmp://127.0.86.85:{peer.port}/live/cam", "127.0.86.85", peer)
+        unanswered = _probed(f"rtmp://127.0.86.85:{silent.port}/live/cam", "127.0.86.85", silent)
+    finally:
+        peer.close()
+        silent.close()
+    assert answered[:2] == ("opened", 1)
+    assert len(peer.handshakes) == 1 and len(peer.handshakes[0]) == 1537 and peer.handshakes[0][0] == 3
+    assert unanswered[:2] == (f"127.0.86.85:{silent.port} accepts connections but does not answer (its rtmp "
+                              f"handshake unanswered for 1 s)", 0)
+    assert 0.9 < unanswered[2] < 1.5
 
 
 def test_a_camera_that_answers_and_then_hangs_is_opened_less_often():

@@ -5,12 +5,12 @@ unreachable held that lock for its whole open timeout on every retry, about half
 camera's reconnects waited behind it (measured: 44 % of its frames lost). A TCP connect to the camera's
 host and port, made before the open takes its turn and ended by the same stop, finds such a camera
 without the lock. A camera that accepts the connect and then says nothing (hung firmware) held the lock
-for its whole open: over rtsp:// and http:// the connect now also asks what FFmpeg's open asks first (an
-RTSP OPTIONS, an HTTP HEAD of the URL's path) and waits, still outside the lock, for any answer (a reply,
-an error status or a close all count). A camera that answers that and then hangs in its open (rtsps,
-https and rtmp get the connect only; a stream that never starts) still holds the lock; its opens that run
-out their time are spaced out (``HungOpens``), ever further apart up to ``HUNG_QUIET_MAX_S``, until one
-opens.
+for its whole open: the connect now also asks what FFmpeg's open asks first (``first_request``: an RTSP
+OPTIONS, an HTTP HEAD of the URL's path, the RTMP handshake's C0+C1; over rtsps:// and https:// after a
+TLS handshake, whose certificate the probe does not check) and waits, still outside the lock, for any
+answer (a reply, an error status, a TLS alert or a close all count). A camera that answers that and then
+hangs in its open (a stream that never starts) still holds the lock; its opens that run out their time
+are spaced out (``HungOpens``), ever further apart up to ``HUNG_QUIET_MAX_S``, until one opens.
 
 Not probed (opened as before): schemes whose connection is not to the URL's host and port (udp://,
 tcp:// may listen) and URLs FFmpeg may reach through an HTTP proxy (its http and tls protocols read the
@@ -23,6 +23,8 @@ import errno
 import os
 import selectors
 import socket
+import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -80,28 +82,38 @@ def probe_target(url: str) -> Optional[Target]:
 
 
 NO_ANSWER = "no answer"     # connect_failure's word for a camera that accepted and did not answer
+NO_TLS_ANSWER = "no TLS answer"     # ... that accepted and did not answer the TLS handshake
+TLS_SCHEMES = ("rtsps", "https")    # FFmpeg shakes hands (TLS) before it sends its first request
+_OPTIONS = "OPTIONS {scheme}://{where}{path} RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: mrkd\r\n\r\n"
+_HEAD = "HEAD {path} HTTP/1.0\r\nHost: {where}\r\nUser-Agent: mrkd\r\n\r\n"
+# What FFmpeg's open of each scheme sends first, and what the probe's one-line failure calls it
+FIRST_WORDS = {"rtsp": (_OPTIONS, "request"), "rtsps": (_OPTIONS, "request"), "http": (_HEAD, "request"),
+               "https": (_HEAD, "request"), "rtmp": (None, "handshake")}
 
 
 def first_request(url: str) -> Optional[bytes]:
-    """What FFmpeg's open of ``url`` sends first, for the probe to ask (credentials left out: any answer
-    will do, a 401 too); None for schemes whose first words are encrypted or binary (only the connect)."""
+    """What FFmpeg's open of ``url`` sends first (FIRST_WORDS; over TLS for TLS_SCHEMES), for the probe to
+    ask (credentials left out: any answer will do, a 401 too); for rtmp the handshake's C0 (version 3)
+    and C1 (time, 4 zero bytes, 1528 random ones). None for schemes not probed."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
+    if scheme not in FIRST_WORDS:
+        return None
+    if scheme == "rtmp":
+        return b"\x03" + struct.pack(">I", int(time.monotonic() * 1000) & 0xFFFFFFFF) + bytes(4) + os.urandom(1528)
     host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
     where = f"{host}:{parts.port}" if parts.port else f"{host}"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if scheme == "rtsp":
-        return f"OPTIONS rtsp://{where}{path} RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: mrkd\r\n\r\n".encode()
-    if scheme == "http":
-        return f"HEAD {path} HTTP/1.0\r\nHost: {where}\r\nUser-Agent: mrkd\r\n\r\n".encode()
-    return None
+    return FIRST_WORDS[scheme][0].format(scheme=scheme, where=where, path=path).encode()
 
 
-def connect_failure(target: Target, timeout_s: float, request: Optional[bytes] = None) -> Optional[str]:
+def connect_failure(target: Target, timeout_s: float, request: Optional[bytes] = None,
+                    tls: bool = False) -> Optional[str]:
     """Why a TCP connect to ``target`` failed within ``timeout_s`` ("timed out", "refused", "no route",
     "name not resolved"), or, with ``request``, why the camera did not answer it within the same time
-    (NO_ANSWER); None once one address connected (and answered), or once this thread's camera stopped
-    (the open that follows gives up too, open_turns.in_turn)."""
+    (NO_ANSWER; with ``tls``, sent after a TLS handshake: NO_TLS_ANSWER where that went unanswered); None
+    once one address connected (and answered), or once this thread's camera stopped (the open that
+    follows gives up too, open_turns.in_turn)."""
     deadline = time.monotonic() + timeout_s
     try:
         addresses = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
@@ -109,16 +121,16 @@ def connect_failure(target: Target, timeout_s: float, request: Optional[bytes] =
         return "name not resolved"
     failure = "timed out"
     for family, kind, protocol, _, address in addresses:
-        failure = _connect(family, kind, protocol, address, deadline, request)
-        if failure is None or failure in ("timed out", NO_ANSWER):   # done, stopped, or no time left for another
+        failure = _connect(family, kind, protocol, address, deadline, request, target.host if tls else None)
+        if failure is None or failure in ("timed out", NO_ANSWER, NO_TLS_ANSWER):   # done, stopped, or no time left for another
             return failure
     return failure
 
 
 def _connect(family: int, kind: int, protocol: int, address, deadline: float,
-             request: Optional[bytes] = None) -> Optional[str]:
-    """One non-blocking connect (then ``request`` sent and any answer awaited), watched in POLL_S slices
-    for the stop and the deadline."""
+             request: Optional[bytes] = None, tls_host: Optional[str] = None) -> Optional[str]:
+    """One non-blocking connect (then, with ``tls_host``, a TLS handshake naming it, and ``request`` sent
+    and any answer awaited), watched in POLL_S slices for the stop and the deadline."""
     with socket.socket(family, kind, protocol) as sock, selectors.DefaultSelector() as selector:
         sock.setblocking(False)
         code = sock.connect_ex(address)
@@ -136,26 +148,55 @@ def _connect(family: int, kind: int, protocol: int, address, deadline: float,
                 if code:
                     return _why(code)
                 break
-        return None if request is None else _answered(sock, selector, request, deadline)
+        if request is None:
+            return None
+        if tls_host is None:
+            return _answered(sock, selector, request, deadline)
+        selector.unregister(sock)        # the TLS socket takes its descriptor over
+        with _probe_tls().wrap_socket(sock, server_hostname=tls_host, do_handshake_on_connect=False) as tls:
+            selector.register(tls, selectors.EVENT_WRITE)
+            return _answered(tls, selector, request, deadline)
+
+
+def _probe_tls() -> ssl.SSLContext:
+    """A liveness probe's TLS: any certificate will do (FFmpeg's open checks it, or not, as it is set)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _answered(sock: socket.socket, selector: selectors.BaseSelector, request: bytes,
               deadline: float) -> Optional[str]:
-    """None once the connected camera answers ``request`` with anything (bytes, a reset or a close; a
-    small request fits the send buffer of a fresh connection), NO_ANSWER at the deadline."""
-    try:
-        sock.send(request)
-    except OSError:
-        return None           # it closed already: it answers, and the open will say what it says
-    selector.modify(sock, selectors.EVENT_READ)
+    """None once the connected camera answers ``request`` with anything (bytes, a reset, a close or, over
+    TLS, an alert; a small request fits the send buffer of a fresh connection), NO_ANSWER at the deadline.
+    An ``ssl.SSLSocket`` shakes hands first (NO_TLS_ANSWER at the deadline); TLS records that carry no
+    data (TLS 1.3's session tickets) are no answer."""
+    shaking, sent = isinstance(sock, ssl.SSLSocket), False
     while True:
-        if given_up():
-            return None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return NO_ANSWER
-        if selector.select(min(POLL_S, left)):
-            return None
+        try:
+            if shaking:
+                sock.do_handshake()
+                shaking = False
+            if not sent:
+                sock.send(request)
+                sent = True
+            sock.recv(1)
+            return None       # bytes, or a close
+        except (BlockingIOError, ssl.SSLWantReadError):
+            selector.modify(sock, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            selector.modify(sock, selectors.EVENT_WRITE)
+        except OSError:
+            return None       # a reset, an alert: it answers, and the open will say what it says
+        while True:
+            if given_up():
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return NO_TLS_ANSWER if shaking else NO_ANSWER
+            if selector.select(min(POLL_S, left)):
+                break
 
 
 def _why(code: int) -> str:
@@ -201,15 +242,18 @@ HUNG = HungOpens()     # process-wide, like the lock: a camera reopened by a new
 def probed_open(url: str, target: Target, timeout_s: float,
                 open_stream: Callable[[], Capture], opened: Callable[[Capture], bool]) -> Optional[Capture]:
     """``open_stream()`` in its turn (open_turns.in_turn) once the camera at ``target`` accepted a TCP
-    connect (and answered its first request, ``first_request``) and is not being left quiet after hung opens; Unreachable, without the turn, otherwise. None
-    where this thread's camera stopped first. ``opened(capture)``: whether the open succeeded."""
+    connect (and answered its first request, ``first_request``, after a TLS handshake for TLS_SCHEMES)
+    and is not being left quiet after hung opens; Unreachable, without the turn, otherwise. None where
+    this thread's camera stopped first. ``opened(capture)``: whether the open succeeded."""
     if HUNG.quiet_left(url) > 0:
         raise Unreachable(f"{target} accepts connections but its stream did not open in {timeout_s:g} s; "
                           f"its opens are spaced out, up to {HUNG_QUIET_MAX_S:g} s apart, until one succeeds")
-    failure = connect_failure(target, timeout_s, first_request(url))
-    if failure == NO_ANSWER:
-        raise Unreachable(f"{target} accepts connections but does not answer (its {urlsplit(url).scheme} "
-                          f"request unanswered for {timeout_s:g} s)")
+    scheme = urlsplit(url).scheme.lower()
+    failure = connect_failure(target, timeout_s, first_request(url), scheme in TLS_SCHEMES)
+    if failure in (NO_ANSWER, NO_TLS_ANSWER):
+        unanswered = "TLS handshake" if failure == NO_TLS_ANSWER else f"{scheme} {FIRST_WORDS[scheme][1]}"
+        raise Unreachable(f"{target} accepts connections but does not answer (its {unanswered} unanswered "
+                          f"for {timeout_s:g} s)")
     if failure is not None:
         HUNG.forget(url)
         raise Unreachable(f"cannot connect to {target} ({failure})")
