@@ -129,7 +129,7 @@ def run(quick: bool = False, image_size: Optional[int] = None, threads: int = 2)
 
 def camera_frame(runner) -> np.ndarray:
     """One image from the camera (for timing the model on what the camera delivers)."""
-    grab = runner.cameras[0].grabber.grab(time.time(), 2.0)
+    grab = runner.cameras[0].grabber.grab(time.monotonic(), 2.0)
     if grab.error:
         raise RuntimeError(f"the simulated camera gave no image: {grab.error}")
     return grab.images[0]

@@ -333,9 +333,9 @@ def test_a_live_cameras_image_after_a_clock_set_back_is_its_parts(monkeypatch):
         source = open_source(server.url, timeout=2.0)
         assert source.read(timeout=5.0) is not None
         monkeypatch.setattr(sources_module.time, "time", lambda: real_time() + offset[0])
-        trigger_wall, trigger_mono = time.time(), time.monotonic()
+        trigger_mono = time.monotonic()
         offset[0] = -3600.0                                  # set back an hour right after the trigger
-        grab = FrameGrabber(source).grab(trigger_wall, 2.0, trigger_mono=trigger_mono)
+        grab = FrameGrabber(source).grab(trigger_mono, 2.0)
         source.close()
     finally:
         server.close()
@@ -401,3 +401,55 @@ def test_slewing_over_a_long_pause_between_checks_is_no_step():
     assert said_lines == []
     watch.check(wall + 2 * pause * (1 + 400e-6) - 3600, mono + 2 * pause)   # then a real hour back
     assert len(said_lines) == 1 and "went back" in said_lines[0], said_lines
+
+
+GIGE_GRABS = """
+import sys, threading, time
+_never = threading.Event()
+time.sleep = lambda seconds: _never.wait(seconds)
+from pathlib import Path
+from mrkd.runtime.sources import open_source
+from mrkd.runtime.sources.gige import GigeSource
+clock_file, uri = Path(sys.argv[1]), sys.argv[2]
+send = GigeSource._send_trigger
+steps = iter(["-3600", "+0"])
+
+def stepped_send(self, *args, **kwargs):
+    # the wall clock steps after the grab noted when it triggered and before the camera is triggered:
+    # the image's leader packet is always stamped on the stepped clock
+    staged = clock_file.with_suffix(".new")
+    staged.write_text(next(steps) + chr(10))
+    staged.replace(clock_file)
+    return send(self, *args, **kwargs)
+
+source = open_source(uri, trigger="software")
+try:
+    print("first", source.grab(time.monotonic(), 3.0).error, flush=True)
+    GigeSource._send_trigger = stepped_send
+    for name in ("set back", "set forward again"):
+        grab = source.grab(time.monotonic(), 3.0)
+        print(name, grab.error, len(grab.images), source.stats.unclaimed, flush=True)
+finally:
+    source.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_gige_cameras_image_after_a_clock_step_is_its_triggers(tmp_path):
+    """A software-triggered GigE camera's image belongs to the trigger whose send came before the image's
+    leader packet. Aravis stamps the leader on the host's wall clock and the old code compared that with
+    the wall-clock time of the send: a clock set back an hour between the two made the image "older than
+    its trigger", discarded as an earlier trigger's (old code: "timeout: no image within 3 s", unclaimed
+    1). Run under libfaketime against Aravis' simulator, so Aravis' own stamp follows the stepped clock;
+    the leader's time is moved onto the monotonic clock when the buffer is popped, and compared there."""
+    from peers import require_gige_simulator, require_loopback_address
+    from mrkd.benchmarks.fake_gige import FakeGigeCamera
+    require_gige_simulator()
+    require_loopback_address("127.0.86.29")
+    clock_file = tmp_path / "clock"
+    with FakeGigeCamera("127.0.86.29", "STEPPED") as camera:
+        run = subprocess.run([sys.executable, "-c", GIGE_GRABS, str(clock_file), camera.uri],
+                             env=faked_env(clock_file), capture_output=True, text=True, timeout=120)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0 and lines[0] == "first None", (run.stdout, run.stderr[-2000:])
+    assert lines[1:] == ["set back None 1 0", "set forward again None 1 0"], (run.stdout, run.stderr[-2000:])

@@ -355,9 +355,9 @@ def test_closing_while_a_trigger_command_waits_on_a_dead_camera_returns_at_once(
     camera = simulator("127.0.86.28", "CLOSING")
     source = open_source(camera.uri, trigger="software")
     try:
-        assert source.grab(time.time(), 2.0).error is None
+        assert source.grab(time.monotonic(), 2.0).error is None
         camera.kill()
-        stalled = source.grab(time.time(), 0.3)
+        stalled = source.grab(time.monotonic(), 0.3)
         assert error_code(stalled.error) == ERROR_CODES["timeout"], stalled.error
         assert trigger_threads(), "the trigger command should still be inside Aravis"
     finally:
@@ -379,7 +379,7 @@ def test_closing_while_a_lost_camera_is_being_opened_again_returns_at_once(simul
     camera = simulator("127.0.86.33", "REOPEN")
     source = open_source(camera.uri, trigger="software")
     try:
-        assert source.grab(time.time(), 2.0).error is None
+        assert source.grab(time.monotonic(), 2.0).error is None
         camera.kill()
         wait_for(lambda: not source.up, 20, "the camera to be seen lost")
         time.sleep(0.3)          # the reader is inside its first open of the dead camera (about 2.5 s)
@@ -401,23 +401,23 @@ def test_a_trigger_command_answered_late_never_gives_its_image_to_the_next_part(
     camera = simulator("127.0.86.27", "PAUSED")
     source = open_source(camera.uri, trigger="software")
     try:
-        first = source.grab(time.time(), 2.0)
+        first = source.grab(time.monotonic(), 2.0)
         assert first.error is None and int(first.images[0][0, 0, 0]) == 121
         os.kill(camera.proc.pid, signal.SIGSTOP)
         wait_for(lambda: stopped(camera.proc.pid), 5, "the simulator to stop")   # the signal lands a moment later
         began = time.monotonic()
-        stalled = source.grab(time.time(), 0.4)
+        stalled = source.grab(time.monotonic(), 0.4)
         took = time.monotonic() - began
         assert stalled.error is not None and error_code(stalled.error) == ERROR_CODES["timeout"], stalled.error
         assert took < 0.4 + 1.0, took            # Aravis alone would have waited >= 2.5 s
         resume = threading.Timer(0.5, os.kill, (camera.proc.pid, signal.SIGCONT))
         resume.start()
         try:
-            second = source.grab(time.time(), 3.0)   # waits for the first command, answered at the resume
+            second = source.grab(time.monotonic(), 3.0)   # waits for the first command, answered at the resume
         finally:
             resume.join()
         assert second.error is None, second.error
-        third = source.grab(time.time(), 2.0)
+        third = source.grab(time.monotonic(), 2.0)
         assert third.error is None, third.error
         frames = [int(g.images[0][0, 0, 0]) - 120 for g in (second, third)]
         assert frames[0] >= 3 and frames[1] == frames[0] + 1, frames    # frame 2 is the stalled trigger's
@@ -457,14 +457,14 @@ def test_power_cycles_leave_threads_descriptors_and_sockets_bounded(simulator):
     source = open_source(camera.uri, trigger="software", backoff=(0.1, 0.5))
     measured = []
     try:
-        assert source.grab(time.time(), 2.0).error is None
+        assert source.grab(time.monotonic(), 2.0).error is None
         for cycle in range(5):
             camera.kill()                                   # power off while a part triggers it
-            assert source.grab(time.time(), 0.5).error is not None
+            assert source.grab(time.monotonic(), 0.5).error is not None
             wait_for(lambda: not source.up, 15, "the camera to show as down")
             camera.start()                                  # power on: a fresh camera, frames from 1
             wait_for(lambda: source.up, 20, "the camera to come back")
-            grabs = [source.grab(time.time(), 2.0) for _ in range(3)]
+            grabs = [source.grab(time.monotonic(), 2.0) for _ in range(3)]
             assert [g.error for g in grabs] == [None] * 3, (cycle, [g.error for g in grabs])
             frames = [int(g.images[0][0, 0, 0]) - 120 for g in grabs]
             # The first may be 2: the abandoned trigger's retry can reach the new camera
@@ -502,10 +502,10 @@ camera = FakeGigeCamera("127.0.86.61", "HELD", 0).start()
 source = open_source(camera.uri, trigger=trigger, backoff=(0.5, 1.0))
 source._lost = HeldAfterSet()
 if trigger == "software":
-    assert source.grab(time.time(), 2.0).error is None
+    assert source.grab(time.monotonic(), 2.0).error is None
 camera.kill()
 if trigger == "software":      # the trigger fails first; the heartbeat's loss comes while letting go
-    assert source.grab(time.time(), 0.5).error is not None
+    assert source.grab(time.monotonic(), 0.5).error is not None
 deadline = time.monotonic() + 40
 while time.monotonic() < deadline and not any(t.name == "gige-release" for t in threading.enumerate()):
     time.sleep(0.05)
@@ -586,7 +586,7 @@ def test_a_camera_another_application_controls_is_one_error_saying_so(simulator,
         del holder            # lets go of control (the last reference)
     source = open_source(camera.uri, trigger="software", name="top")
     try:
-        assert source.grab(time.time(), 2.0).error is None
+        assert source.grab(time.monotonic(), 2.0).error is None
     finally:
         source.close()
 
@@ -608,7 +608,7 @@ def test_a_camera_let_go_within_the_wait_is_opened(simulator, caplog):
     finally:
         letting_go.join()
     try:
-        assert source.grab(time.time(), 2.0).error is None
+        assert source.grab(time.monotonic(), 2.0).error is None
     finally:
         source.close()
     waited = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
@@ -755,7 +755,7 @@ def test_cameras_command_lists_the_simulator_and_its_serial_opens_it(simulator):
     for name in ("LISTED", listed[0]["device_id"]):       # by serial (through discovery) and by device id
         source = open_source(f"gige://{name}", trigger="software")
         try:
-            grab = source.grab(time.time(), 2.0)
+            grab = source.grab(time.monotonic(), 2.0)
             assert grab.error is None and grab.images[0].shape == (512, 512, 3)
         finally:
             source.close()
@@ -765,11 +765,11 @@ def test_a_late_image_is_never_taken_for_the_next_part(simulator):
     camera = simulator("127.0.86.21", "LATE")
     source = open_source(camera.uri, trigger="software")
     try:
-        early = source.grab(time.time(), 0.001)       # the simulator answers 0-40 ms later: too late
+        early = source.grab(time.monotonic(), 0.001)       # the simulator answers 0-40 ms later: too late
         assert early.error.startswith("timeout") and source.stats.timeouts == 1
-        second = source.grab(time.time(), 2.0)
+        second = source.grab(time.monotonic(), 2.0)
         assert second.error is None and source.stats.unclaimed == 1    # the late image was discarded first
-        third = source.grab(time.time(), 2.0)
+        third = source.grab(time.monotonic(), 2.0)
         assert third.error is None and source.stats.unclaimed == 1     # nothing left over from the second
     finally:
         source.close()
@@ -784,7 +784,7 @@ def test_every_software_triggered_image_is_its_own_triggers_under_lost_packets(s
     clean = simulator("127.0.86.23", "COUNTED")
     source = open_source(clean.uri, trigger="software")
     try:
-        firsts = [int(source.grab(time.time(), 2.0).images[0][0, 0, 0]) for _ in range(3)]
+        firsts = [int(source.grab(time.monotonic(), 2.0).images[0][0, 0, 0]) for _ in range(3)]
     finally:
         source.close()
     assert firsts == [121, 122, 123], firsts
@@ -795,7 +795,7 @@ def test_every_software_triggered_image_is_its_own_triggers_under_lost_packets(s
         for _ in range(60):
             if not source.up:
                 wait_for(lambda: source.up, 30, "the camera back")
-            grab = source.grab(time.time(), 0.05)
+            grab = source.grab(time.monotonic(), 0.05)
             if grab.error is None or not grab.error.startswith("camera down"):
                 sent += 1                           # one software trigger went out for this grab
             if grab.error is None:
@@ -824,15 +824,15 @@ def test_a_stream_that_stops_delivering_is_reopened(simulator):
     camera = simulator("127.0.86.24", "SILENT")
     source = open_source(camera.uri, trigger="software")
     try:
-        assert source.grab(time.time(), 2.0).error is None          # the simulator's first frame, 65401
+        assert source.grab(time.monotonic(), 2.0).error is None          # the simulator's first frame, 65401
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
             out.sendto(gvsp_image_leader(65402 + 50), ("127.0.0.1", source._stream.get_port()))
         time.sleep(0.5)                  # the forged frame is given up as incomplete (and discarded below)
-        silent = [source.grab(time.time(), 1.0) for _ in range(source.SILENT_TRIGGERS)]
+        silent = [source.grab(time.monotonic(), 1.0) for _ in range(source.SILENT_TRIGGERS)]
         assert [g.error for g in silent] == ["timeout: no image within 1 s"] * source.SILENT_TRIGGERS
         wait_for(lambda: source.stats.reconnects == 1 and source.up, 20, "the camera reopened")
         assert "software triggers in a row without an image" in source.stats.last_error
-        again = [source.grab(time.time(), 2.0) for _ in range(3)]
+        again = [source.grab(time.monotonic(), 2.0) for _ in range(3)]
         assert [g.error for g in again] == [None, None, None]
     finally:
         source.close()
@@ -870,7 +870,7 @@ def test_stray_packets_on_the_interface_while_the_camera_opens_cost_no_image(sim
             time.sleep(0.3)
             stop.set()
             flooder.join(5)
-            grabs = [source.grab(time.time(), 3.0) for _ in range(3)]
+            grabs = [source.grab(time.monotonic(), 3.0) for _ in range(3)]
             assert [g.error for g in grabs] == [None, None, None]
             assert all(g.images[0].shape == (512, 512, 3) for g in grabs)
         finally:
@@ -913,17 +913,17 @@ def test_another_camera_at_the_same_address_is_not_taken_for_the_one_the_run_sta
     first = simulator("127.0.86.22", "SWAP-A")
     source = open_source(first.uri, trigger="software", backoff=(0.1, 0.3))
     try:
-        assert source.grab(time.time(), 2.0).error is None
+        assert source.grab(time.monotonic(), 2.0).error is None
         first.kill()
         wait_for(lambda: not source.up, 15, "the camera to show as down")
         other = simulator("127.0.86.22", "SWAP-B")
         wait_for(lambda: "another camera answers there now (serial SWAP-B" in (source.stats.last_error or ""), 20,
                  "the swapped camera to be refused")
-        assert not source.up and source.grab(time.time(), 0.5).error == "camera down"
+        assert not source.up and source.grab(time.monotonic(), 0.5).error == "camera down"
         other.kill()
         first.start()
         wait_for(lambda: source.up, 20, "the first camera to come back")
-        assert source.grab(time.time(), 2.0).error is None and source.serial == "SWAP-A"
+        assert source.grab(time.monotonic(), 2.0).error is None and source.serial == "SWAP-A"
     finally:
         source.close()
 
@@ -943,7 +943,7 @@ def test_hardware_trigger_takes_only_images_of_its_own_trigger_and_never_shifts_
 
         def arrives(at, value):
             with source._cond:
-                source._arrivals.append(_Arrival(at + 0.002, np.full((4, 4, 3), value, np.uint8), "", at))
+                source._arrivals.append(_Arrival(time.time(), np.full((4, 4, 3), value, np.uint8), at + 0.002, "", at))
                 source._cond.notify_all()
 
         def part(trigger, *images, late=None):
@@ -954,7 +954,7 @@ def test_hardware_trigger_takes_only_images_of_its_own_trigger_and_never_shifts_
             grab = source.grab(trigger, timeout=1.0, count=1, early=0.25)
             return grab.error, [int(image[0, 0, 0]) for image in grab.images]
 
-        now = time.time()
+        now = time.monotonic()
         unclaimed = source.stats.unclaimed
         # a stray trigger 1 s before the part: not this part's image; its own comes 50 ms after the message
         assert part(now, (now - 1.0, 1), late=2) == (None, [2])

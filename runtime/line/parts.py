@@ -88,13 +88,12 @@ class FrameGrabber:
     def up(self) -> bool:
         return not self.source.ended
 
-    def grab(self, trigger_time: float, timeout: float, count: int = 1,
-             abort: Optional[threading.Event] = None, early: float = 0.0,
-             trigger_mono: Optional[float] = None) -> Grab:
-        """(``early`` is a hardware trigger's: a frame source has none.) A live source's frame taken before the
-        trigger is not this part's: compared on the monotonic clock (``trigger_mono``, the frame's
-        ``arrived``) where both are known; on the wall clock, set back an hour between the trigger and its
-        image, every frame was "before" it and the part timed out."""
+    def grab(self, trigger_mono: float, timeout: float, count: int = 1,
+             abort: Optional[threading.Event] = None, early: float = 0.0) -> Grab:
+        """(``early`` is a hardware trigger's: a frame source has none.) A live source's frame that arrived
+        before the trigger (``trigger_mono``, when mrkd heard of it) is not this part's: compared on the
+        monotonic clock; on the wall clock, set back an hour between the trigger and its image, every frame
+        was "before" it and the part timed out."""
         images: List[Frame] = []
         deadline = time.monotonic() + timeout
         while len(images) < count:
@@ -108,7 +107,7 @@ class FrameGrabber:
                 if time.monotonic() >= deadline:
                     return Grab(images, f"timeout: no image within {timeout:g} s")
                 continue
-            if self.source.live and _before(frame, trigger_time, trigger_mono):    # not this part's
+            if self.source.live and frame.arrived is not None and frame.arrived < trigger_mono:   # an earlier one
                 continue
             if time.monotonic() > deadline:     # a source that blocks (a slow share, a generator): too late
                 return Grab(images, f"timeout: no image within {timeout:g} s")
@@ -116,12 +115,6 @@ class FrameGrabber:
             self.images += 1
         return Grab(images, None, time.monotonic())
 
-
-def _before(frame: Frame, trigger_time: float, trigger_mono: Optional[float]) -> bool:
-    """The live ``frame`` came before the trigger: by the monotonic clock where both readings are known."""
-    if trigger_mono is not None and frame.arrived is not None:
-        return frame.arrived < trigger_mono
-    return frame.timestamp < trigger_time
 
 
 def grabber_for(source: Source):
@@ -446,10 +439,8 @@ class PartRunner:
         asked = time.monotonic()     # a software trigger is sent (a free run's next frame read) from here
         waited = asked - pending.mono
         late = self._late(waited, "waited")
-        futures = {c.name: self._pool.submit(c.grabber.grab, pending.wall, self.settings.timeout,
-                                             self.settings.images, self._abort, self.settings.early,
-                                             **({"trigger_mono": pending.mono} if isinstance(c.grabber, FrameGrabber)
-                                                else {}))
+        futures = {c.name: self._pool.submit(c.grabber.grab, pending.mono, self.settings.timeout,
+                                             self.settings.images, self._abort, self.settings.early)
                    for c in self.cameras if not (late and self._asked_for(c) and not self._sequence(c))}
         grabs = {name: future.result() for name, future in futures.items()}
         for camera in self.cameras:      # the ones asked too late, and images that came too late

@@ -18,7 +18,9 @@ is one GigeError naming camera, feature and value. The values read back are ``fe
 
 Software trigger, image to trigger: an image belongs to the trigger mrkd sent only if its first packet
 (the GVSP leader, whose arrival Aravis stamps as the buffer's system timestamp, host wall clock) came
-after that trigger was sent; an earlier trigger's image (one delayed by packet resends) is discarded and
+after that trigger was sent, compared on the monotonic clock: the stamp is moved onto it when the buffer
+is popped, milliseconds later, so a wall clock stepped between a trigger and its image (NTP, a
+technician) costs no part; an earlier trigger's image (one delayed by packet resends) is discarded and
 counted as unclaimed, never taken for a later part. After a trigger that got no image in time, the next
 trigger waits ``LATE_IMAGE_S`` for its late image to land first.
 
@@ -369,17 +371,32 @@ class _TriggerCommand:
 
 @dataclass
 class _Arrival:
-    wall: float                       # time.time() when the buffer was popped
+    wall: float                       # time.time() when the buffer was popped (the frame's timestamp)
     image: Optional[np.ndarray]       # None: an incomplete buffer
+    popped: float                     # time.monotonic() when the buffer was popped
     reason: str = ""
-    started: float = 0.0              # time.time() scale: when its leader packet arrived (0: unknown)
+    started: Optional[float] = None   # time.monotonic() scale: when its leader packet arrived (None: unknown)
     index: int = 0
     raw: Optional[RawImage] = None    # the camera's own bits where the image is not them (decode)
 
     @property
     def arrived(self) -> float:
-        """When it began to arrive: the leader packet's time, else when it was popped."""
-        return self.started or self.wall
+        """When it began to arrive (monotonic): the leader packet's time, else when it was popped."""
+        return self.popped if self.started is None else self.started
+
+
+# A buffer is popped within this long of its leader packet (a frame's packets and their resends); a
+# converted leader time outside it means the wall clock stepped in between: the pop time stands instead.
+LEADER_TO_POP_MAX_S = 5.0
+
+
+def leader_monotonic(stamp_ns: int, wall: float, popped: float) -> Optional[float]:
+    """Aravis' leader stamp (ns of the host's wall clock; 0: none) on the monotonic clock, by the two
+    clocks' offset read when the buffer was popped (``wall``, ``popped``); None where it cannot be had."""
+    if stamp_ns <= 0:
+        return None
+    started = popped - (wall - stamp_ns / 1e9)
+    return started if popped - LEADER_TO_POP_MAX_S <= started <= popped else None
 
 
 class GigeSource(LatestFrameSource):
@@ -700,14 +717,16 @@ class GigeSource(LatestFrameSource):
                         self.stats.dropped += 1
                     self._latest = Frame(index, image, time.time(), self.uri, raw, arrived=time.monotonic())
             else:
-                started = buffer.get_system_timestamp() / 1e9      # ns of the host's wall clock, or 0
-                self._arrivals.append(_Arrival(time.time(), image, reason, started, index, raw))
+                wall, popped = time.time(), time.monotonic()
+                started = leader_monotonic(buffer.get_system_timestamp(), wall, popped)
+                self._arrivals.append(_Arrival(wall, image, popped, reason, started, index, raw))
             self._cond.notify_all()
 
     # -- triggered mode
-    def grab(self, trigger_time: float, timeout: float, count: int = 1,
+    def grab(self, trigger_mono: float, timeout: float, count: int = 1,
              abort: Optional[threading.Event] = None, early: float = 0.25) -> Grab:
-        """The ``count`` image(s) of one part trigger (wall-clock ``trigger_time``), waiting at most
+        """The ``count`` image(s) of one part trigger (``trigger_mono``: when mrkd heard of it, on the
+        monotonic clock), waiting at most
         ``timeout`` seconds for each. Software: the camera is triggered once per image, and only an
         image whose leader packet arrived after that trigger was sent is its image (earlier ones are
         stale: counted as unclaimed). Hardware: an image whose leader arrived up to ``early`` seconds
@@ -739,18 +758,18 @@ class GigeSource(LatestFrameSource):
                     self.stats.unclaimed += len(self._arrivals)
                     self._arrivals.clear()
                 else:
-                    while self._arrivals and self._arrivals[0].arrived < trigger_time - early:
+                    while self._arrivals and self._arrivals[0].arrived < trigger_mono - early:
                         self._arrivals.popleft()
                         self.stats.unclaimed += 1
                     if not images:
-                        before = sum(1 for a in self._arrivals if a.arrived < trigger_time)
+                        before = sum(1 for a in self._arrivals if a.arrived < trigger_mono)
                         if before > count:
                             self.stats.unclaimed += before
                             for _ in range(before):
                                 self._arrivals.popleft()
                             return Grab(images, f"ambiguous: {before} images arrived in the {early:g} s before "
                                                 f"the trigger, {count} expected (a stray hardware trigger?)")
-            sent = time.time()
+            sent = time.monotonic()
             if self.trigger_mode == "software":
                 why = self._send_trigger(deadline, timeout, abort)
                 if why is not None:
@@ -870,9 +889,9 @@ class GigeSource(LatestFrameSource):
     def _fresh(self, sent: float) -> bool:
         """(Lock held.) Whether an image of the trigger sent at ``sent`` is waiting; a software-triggered
         camera's images whose leader came before it are an earlier trigger's: dropped, counted. (A buffer
-        without a leader has no time; it is incomplete, so it can only make this part ERROR, never wrong.)"""
+        without a leader time, or whose time a clock step spoilt, is judged by when it was popped.)"""
         if self.trigger_mode == "software":
-            while self._arrivals and 0.0 < self._arrivals[0].started < sent:
+            while self._arrivals and self._arrivals[0].arrived < sent:
                 self._arrivals.popleft()
                 self.stats.unclaimed += 1
         return bool(self._arrivals)
