@@ -288,6 +288,24 @@ def test_cli_triggers_from_stdin(model, folder, tmp_path):
     assert summary["parts"] == 4 and summary["triggers"] == 4 and summary["verdicts"]["NG"] == 1
 
 
+def test_a_folder_that_runs_out_says_why_every_later_part_is_error(model, folder, tmp_path, caplog):
+    """A triggered folder read once (no --loop) runs out of images and every later part is ERROR 'source
+    ended'. The old code told it as "camera cam: DOWN", the words of a camera fault, with nothing on why
+    every part from then on was an error; it names the folder's end and --loop now, once."""
+    from mrkd.runtime.cli import run_command
+    with caplog.at_level("WARNING", logger="mrkd.runtime.line.parts"):
+        result = CliRunner().invoke(run_command, [model, "--source", str(folder[0]), "--trigger", "software",
+                                                  "--trigger-stdin", "--status-every", "0", "--part-queue", "16",
+                                                  "--summary", str(tmp_path / "s.json")],
+                                    input="".join(f"P{i}\n" for i in range(9)), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["parts"] == 9 and summary["verdicts"]["ERROR"] == 3, summary["verdicts"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("camera ")]
+    assert said == ["camera cam0: DOWN: its images ran out (a folder or video file, read once without --loop): "
+                    "every later part is ERROR 'source ended'"], said
+
+
 def test_part_ids_with_control_characters_are_refused_and_reported_escaped(model, folder, tmp_path, caplog):
     """A part id travels into every log line of its part: an escape sequence from stdin rewrote the
     operator's terminal, a NUL or NEL (U+0085) went into the parts log as it came. Such a trigger is

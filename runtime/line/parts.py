@@ -76,6 +76,16 @@ def error_code(reason: str) -> int:
                 ERROR_CODES["unusable image"])
 
 
+def _down_why(grabber) -> str:
+    """What a camera that went down is told as: a folder or file that ran out of images is not a fault of
+    the camera but of the run's settings, and every later part is ERROR for it."""
+    source = getattr(grabber, "source", None)
+    if isinstance(grabber, FrameGrabber) and not source.live and source.ended:
+        return ("DOWN: its images ran out (a folder or video file, read once without --loop): every later "
+                "part is ERROR 'source ended'")
+    return "DOWN"
+
+
 class FrameGrabber:
     """A source without a trigger input (folder, video file, stream, ``ArraySource``): each grab
     takes its next frame(s). A folder in triggered mode is a camera that photographs the next part."""
@@ -660,7 +670,7 @@ class PartRunner:
                 changed = up != camera.up
                 camera.up = up
                 if changed and not force:
-                    logger.warning("camera %s: %s", camera.name, "up" if up else "DOWN")
+                    logger.warning("camera %s: %s", camera.name, "up" if up else _down_why(camera.grabber))
                 status = self._camera_status(camera)
                 # called later: bind it now; a newer status replaces it while the outputs are far behind
                 self._emit(lambda o, status=status: o.on_status(status),
