@@ -174,8 +174,11 @@ def live_model_controls(line, detectors, outputs, control: dict, output_settings
     attach_control(outputs, control, output_settings, slots)
     shadow = []
     if shadow_model:     # runtime/line/shadow.py: scores beside the live model, no alarms
+        from mrkd.runtime.line.loop import camera_mask
         from mrkd.runtime.line.shadow import ShadowScorer
-        shadow = [ShadowScorer(slots.open(shadow_model), slots=slots)]     # each swap starts a new comparison
+        masks = {camera.name: camera_mask(camera) for camera in line.cameras if camera.ignore_mask is not None}
+        # each swap starts a new comparison; the candidate reads each camera's image under its ignore mask
+        shadow = [ShadowScorer(slots.open(shadow_model), slots=slots, masks=masks)]
     return slots, shadow
 
 
@@ -245,7 +248,7 @@ def pop_camera_defaults(options: dict, part: dict) -> dict:
     """The camera fields the command line gives every camera (the line file may override them): the
     alarm settings (AlarmSettings' fields, the options of the same names) and the source's."""
     from mrkd.runtime.line.alarms import ALARM_FIELDS, parse_debounce
-    defaults = {name: options.pop(name) for name in (*ALARM_FIELDS, "size", "fps", "loop")}
+    defaults = {name: options.pop(name) for name in (*ALARM_FIELDS, "size", "fps", "loop", "ignore_mask")}
     defaults["debounce"] = parse_debounce(defaults["debounce"])
     from mrkd.runtime.line.linefile import MAX_DEBOUNCE_WINDOW
     if defaults["debounce"][1] > MAX_DEBOUNCE_WINDOW:
@@ -276,7 +279,8 @@ def refuse_empty_text(command: click.Command, values: dict) -> None:
 CAMERA_OPTIONS = {"threshold": ("threshold", "--threshold"), "debounce": ("debounce", "--debounce"),
                   "cooldown": ("cooldown", "--cooldown"), "cooldown_frames": ("cooldown_frames", "--cooldown-frames"),
                   "size": ("size", "--size"), "fps": ("fps", "--fps"), "loop": ("loop", "--loop"),
-                  "trigger": ("trigger_mode", "--trigger"), "features": ("features", "--feature")}
+                  "trigger": ("trigger_mode", "--trigger"), "features": ("features", "--feature"),
+                  "ignore_mask": ("ignore_mask", "--ignore-mask")}
 
 
 def line_file_overrides(line, camera_defaults: dict, ctx: click.Context) -> list:
@@ -463,6 +467,10 @@ def threshold_off_scale(threshold: float, detector) -> str:
 @click.option("--fps", type=FiniteFloatRange(0, 1000, min_open=True), default=None,
               help="Camera rate to request, or the rate to replay files/folders at (default: as fast as read).")
 @click.option("--loop", is_flag=True, help="Restart video files and folders at their end.")
+@click.option("--ignore-mask", type=click.Path(), default=None,
+              help="Image of the cameras' frame size, white where they are not judged (a date code, a clamp): "
+                   "the anomaly map there is set to 0 before the image score is taken (a line file's camera may "
+                   "set its own ignore_mask).")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the end-of-run summary as JSON to this file.")
 @error_boundary
@@ -547,6 +555,9 @@ def run_command(model, sources, line_file, **options):
         for detector in detectors.values():
             status_to_stderr(detector.describe())
         for camera in line.cameras:       # a camera's own threshold wins over its model's: say which is used
+            if camera.ignore_mask is not None:
+                from mrkd.runtime.line.loop import camera_mask
+                status_to_stderr(f"camera {camera.name}: {camera_mask(camera).describe()}")
             if camera.alarm.threshold is not None:
                 status_to_stderr(f"camera {camera.name}: threshold {camera.alarm.threshold} given (--threshold or "
                                  "the line file); the model's is not used")

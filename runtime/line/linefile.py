@@ -19,6 +19,7 @@ and alarm settings. Every error is one line naming the file, the camera and the 
     loop = false                       # restart files and folders at their end
     trigger = "software"               # free (default) / software / hardware: judge parts on trigger
     features = {ExposureTime = 5000, PixelFormat = "Mono8"}   # gige:// cameras: GenICam settings
+    ignore_mask = "masks/left.png"     # white where its images are not judged (a date code); the frames' size
 
     [part]                             # optional, triggered lines: which cameras make a part
     cameras = ["left", "right"]        # default: every camera
@@ -74,7 +75,7 @@ def _toml():
     return require("tomli", "a line file (--line) needs a TOML reader before Python 3.11")
 
 
-CAMERA_FIELDS = ("name", "source", "model", *ALARM_FIELDS, "size", "fps", "loop", "trigger", "features")
+CAMERA_FIELDS = ("name", "source", "model", *ALARM_FIELDS, "size", "fps", "loop", "trigger", "features", "ignore_mask")
 TOP_LEVEL = ("schema_version", "defaults", "camera", "part", "recipes", "inference", "plc")
 INFERENCE_FIELDS = ("backend", "threads", "providers", "postprocess")   # Line fields of the [inference] table
 PART_FIELDS = ("cameras", "images", "queue", "timeout", "early", "max_delay")
@@ -155,6 +156,11 @@ def _field(where: str, name: str, value: Any, folder: Path) -> Any:
         if value not in ("free", "software", "hardware"):
             raise bad('"free", "software" or "hardware"')
         return value
+    if name == "ignore_mask":
+        if not isinstance(value, str) or not value.strip():
+            raise bad("the path of a mask image (white where the camera's images are not judged)")
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else folder / path)
     if name == "features":
         if not isinstance(value, dict):
             raise bad("a table of GenICam features, e.g. {ExposureTime = 5000}")

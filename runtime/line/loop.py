@@ -40,6 +40,7 @@ from mrkd.runtime.calibration import frame_size_mismatch
 from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
+from mrkd.runtime.ignore_mask import IgnoreMask, IgnoreMaskError, load_ignore_mask, masked
 from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, call_each,
                                         keeps_camera_bits, stop_each)
 from mrkd.runtime.outputs.events import make_event
@@ -86,6 +87,8 @@ class Camera:
     fps: camera rate to request, or the rate files/folders are replayed at (free run only: refused
     with a trigger). features: GenICam (NAME, VALUE) settings of a gige:// camera. trigger: free
     (frames as they come) / software / hardware (one image per part trigger, runtime/line/parts.py).
+    ignore_mask: an image of the camera's frame size, white where its images are not judged
+    (runtime/ignore_mask.py).
     """
 
     name: str
@@ -97,6 +100,7 @@ class Camera:
     loop: bool = False
     features: Tuple[Tuple[str, str], ...] = ()
     trigger: str = "free"
+    ignore_mask: Optional[str] = None
     # Keyword shortcuts for the alarm settings (folded into ``alarm``; not attributes).
     threshold: dataclasses.InitVar[Optional[float]] = None
     debounce: dataclasses.InitVar[Optional[Tuple[int, int]]] = None
@@ -142,6 +146,16 @@ class Line:
         check_cameras(self.cameras)
 
 
+def camera_mask(camera: Camera) -> Optional[IgnoreMask]:
+    """The camera's ignore mask, read (LineError naming the camera where it cannot be used); None without."""
+    if camera.ignore_mask is None:
+        return None
+    try:
+        return load_ignore_mask(camera.ignore_mask)
+    except IgnoreMaskError as exc:
+        raise LineError(f"camera {camera.name!r}: {exc}") from None
+
+
 def check_cameras(cameras: Sequence[Camera]) -> None:
     """Raise LineError naming the camera when a name is unusable or repeated or a setting is out of range."""
     if not cameras:
@@ -172,6 +186,11 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
                             f"trigger {camera.trigger} it makes one image per trigger: leave fps (--fps) out")
         if camera.size is not None and (len(camera.size) != 2 or min(camera.size) < 1):
             raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
+        if camera.ignore_mask is not None:
+            mask = camera_mask(camera)
+            if camera.size is not None and tuple(camera.size) != mask.ignored.shape[::-1]:
+                raise LineError(f"camera {camera.name!r}: ignore mask {camera.ignore_mask} is {mask.size_text}, its "
+                                f"frames are resized to {camera.size[0]}x{camera.size[1]}: draw it at that size")
 
 
 # ---------------------------------------------------------------- reading: one thread per camera
@@ -349,6 +368,7 @@ class _CameraState:
     policy: AlarmPolicy
     feed: _Feed
     info: CameraInfo
+    mask: Optional[IgnoreMask]
     frames: int = 0
     alarms: int = 0
     latency: LatencyWindow = field(default_factory=LatencyWindow)
@@ -639,7 +659,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                               model=str(camera.model), model_sha256=detector.model_sha256,
                               backend=detector.backend.name, precision=detector.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
-            states.append(_CameraState(camera, detector, policy, feed, info))
+            states.append(_CameraState(camera, detector, policy, feed, info, camera_mask(camera)))
     except BaseException:
         for source in (sources or {}).values():
             source.close()
@@ -707,7 +727,8 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
             "frames": state.frames, "unjudged": state.feed.unjudged, "alarms": state.alarms, "up": state.up,
             "alarms_suppressed_by_cooldown": state.policy.suppressed,
             "latency_ms": state.latency.percentiles_ms(), "threshold": state.info.threshold,
-            "model": state.info.model, "model_sha256": state.info.model_sha256, "source_failed": state.feed.failure}
+            "model": state.info.model, "model_sha256": state.info.model_sha256, "source_failed": state.feed.failure,
+            "ignore_mask": state.mask.summary() if state.mask is not None else None}
     return stats.summary({"cameras": cameras, "events": stats.alarms, "outputs": outputs_summary(observers),
                           "failed_cameras": [s.camera.name for s in states if s.feed.failure],
                           "detector_calls": scored_calls, "rounds": rounds,
@@ -754,7 +775,12 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
         done = time.monotonic()
         infer_share = result.timings.get("infer", 0.0) / len(members)
         for i, (state, arrived) in enumerate(members):
-            frame, score, amap = arrived.frame, float(result.scores[i]), result.maps[i]
+            frame = arrived.frame
+            try:
+                amap, score = masked(state.mask, result.maps[i], float(result.scores[i]), frame.image.shape[:2],
+                                     detector.metadata)
+            except IgnoreMaskError as exc:     # its frames are not the mask's size: nothing it judges is right
+                raise LineError(f"camera {state.camera.name!r}: {exc}") from None
             latency = done - arrived.arrival
             state.frames += 1
             state.latency.add(latency)

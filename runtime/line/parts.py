@@ -40,9 +40,10 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tup
 from mrkd.errors import MrkdError
 from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.detector import Detector
+from mrkd.runtime.ignore_mask import IgnoreMask, masked
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
-from mrkd.runtime.line.loop import Line, line_detector, open_detectors, open_sources, source_summary
+from mrkd.runtime.line.loop import Line, camera_mask, line_detector, open_detectors, open_sources, source_summary
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import CONTROL_CHARACTERS_REFUSAL, PartSettings, has_control_characters, printable_id
@@ -74,6 +75,15 @@ class PartError(MrkdError, ValueError):
 def error_code(reason: str) -> int:
     return next((code for prefix, code in ERROR_CODES.items() if reason.startswith(prefix)),
                 ERROR_CODES["unusable image"])
+
+
+def _mask_misfit(camera: _Camera, frames: Sequence[Frame]) -> Optional[str]:
+    """Why a camera's images cannot be judged under its ignore mask (not the mask's size), else None."""
+    for frame in frames if camera.mask is not None else ():
+        why = camera.mask.misfit(frame.image.shape[:2])
+        if why:
+            return f"unusable image: {why}"
+    return None
 
 
 def _down_why(grabber) -> str:
@@ -148,6 +158,7 @@ class _Camera:
     grabber: object
     threshold_override: Optional[float]
     model: str
+    mask: Optional[IgnoreMask] = None
     up: bool = False
     images: int = 0
     errors: Dict[str, int] = field(default_factory=dict)
@@ -192,8 +203,8 @@ class PartRunner:
             if key not in slots:
                 slots.add(key, line_detector(line, model))
             self._recipe_models[number] = model
-        self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model))
-                        for n in names]
+        self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model),
+                                camera_mask(by_name[n])) for n in names]
         for camera in self.cameras:      # a part is OK or NG against a threshold: every model needs one
             needed = [] if camera.threshold_override is not None else [camera.model]
             for model in [*needed, *self._recipe_models.values()]:
@@ -463,6 +474,10 @@ class PartRunner:
                     grabs[camera.name] = Grab([], taken)
                 elif self.settings.max_delay is None:
                     self._warn_unbounded(pending, camera.name, grab.acquired_at - pending.mono, asked)
+            grab = grabs[camera.name]
+            misfit = _mask_misfit(camera, grab.frames) if grab.error is None else None
+            if misfit:
+                grabs[camera.name] = Grab([], misfit)
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
         groups: Dict[str, List[Tuple[_Camera, Frame]]] = {}      # model path -> its images
         for camera in self.cameras:
@@ -485,13 +500,14 @@ class PartRunner:
             infer_share = result.timings.get("infer", 0.0) / len(members)     # as the frame loop shares a batch
             sha256, detector = self.slots.sha256_of(key), self.detectors[key]
             for i, (camera, frame) in enumerate(members):
-                score = float(result.scores[i])
-                self.slots.note(key, frame.image, score)
+                self.slots.note(key, frame.image, float(result.scores[i]))     # the model's own score: a swap's check
+                amap, score = masked(camera.mask, result.maps[i], float(result.scores[i]), frame.image.shape[:2],
+                                     detector.metadata)
                 threshold = self._threshold(camera, pending.recipe, self.detectors[key])
                 index = first_index[camera.name] + len(scored.get(camera.name, ()))
                 judged.append(FrameResult(
                     camera=camera.name, frame_index=index, frame_time=pending.wall, image=frame.image,
-                    amap=result.maps[i], score=score, threshold=threshold,
+                    amap=amap, score=score, threshold=threshold,
                     anomalous=bool(is_anomalous(score, threshold)), infer_s=infer_share,
                     latency_s=max(0.0, done - (grabs[camera.name].acquired_at or done)), model_sha256=sha256,
                     backend=detector.backend.name, precision=detector.precision, raw=frame.raw))
@@ -690,7 +706,8 @@ class PartRunner:
             source = self._sources[camera.name]
             cameras[camera.name] = {"source": source_summary(source), "images": camera.images, "up": camera.up,
                                     "errors": dict(camera.errors), "model": camera.model,
-                                    "features": dict(getattr(source, "features_applied", {}))}
+                                    "features": dict(getattr(source, "features_applied", {})),
+                                    "ignore_mask": camera.mask.summary() if camera.mask is not None else None}
         elapsed = time.monotonic() - self._started_at if self._started_at else 0.0
         return {"mode": "parts", "parts": self.inspections, "verdicts": dict(self.verdicts),
                 "triggers": self.triggers, "missed_triggers": self.missed,

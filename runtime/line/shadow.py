@@ -29,8 +29,9 @@ import math
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
+from mrkd.runtime.ignore_mask import IgnoreMask, masked
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.metadata import model_file_sha256
 from mrkd.runtime.outputs.base import FrameResult, LineObserver, OutputHealth
@@ -91,12 +92,14 @@ class ShadowScorer(LineObserver):
     """Scores every judged frame (of ``cameras``, default all) with ``detector`` on its own thread.
     ``slots``: the line's ModelSlots (runtime/line/swap.py); each swap it applies starts a new pair."""
 
-    def __init__(self, detector, cameras=None, queue_size: int = 8, slots=None):
+    def __init__(self, detector, cameras=None, queue_size: int = 8, slots=None,
+                 masks: Optional[Mapping[str, IgnoreMask]] = None):
         if detector.threshold is None:
             from mrkd.errors import SettingError
             raise SettingError(f"--shadow {detector.model_path}: the candidate has no calibrated threshold")
         self.detector = detector
         self.cameras = set(cameras) if cameras else None
+        self.masks = dict(masks or {})       # camera -> its ignore mask: the candidate judges what the live model does
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, queue_size))
         self._lock = threading.Lock()
         self._tallies: Dict[int, _Tally] = {}     # pair number -> its comparison, from 1 in order of first frame
@@ -133,7 +136,7 @@ class ShadowScorer(LineObserver):
             if pair is None:                  # this live model's first frame, or its first since a swap
                 pair = self._current[live_sha256] = len(self._tallies) + 1
                 self._tallies[pair] = _Tally(live_sha256)
-        item = (image, float(live_score), bool(live_anomalous), pair)
+        item = (image, float(live_score), bool(live_anomalous), pair, self.masks.get(camera))
         while True:
             try:
                 self._queue.put_nowait(item)
@@ -158,9 +161,10 @@ class ShadowScorer(LineObserver):
             finally:
                 self._queue.task_done()
 
-    def _compare(self, image, live_score: float, live_decision: bool, pair: int) -> None:
+    def _compare(self, image, live_score: float, live_decision: bool, pair: int, mask: Optional[IgnoreMask]) -> None:
         try:
-            score = float(self.detector(image).scores[0])
+            result = self.detector(image)
+            _, score = masked(mask, result.maps[0], float(result.scores[0]), image.shape[:2], self.detector.metadata)
         except Exception:   # noqa: BLE001 - a failing candidate must not touch the line
             with self._lock:
                 self._tallies[pair].errors += 1

@@ -1,0 +1,211 @@
+"""A camera's ignore mask (runtime/ignore_mask.py): white areas of its images are not judged. The map
+pixels it ignores are checked against block averages written here (both resize modes), the masked
+score against a brute force over the Detector's own map, and the whole through `mrkd run`: a free run
+and a triggered cell (line file), the shadow candidate, and the mistakes a user makes with a mask."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime_fixtures import SIZE, build_tiny_model, normal_frame, write_frames
+
+from mrkd.runtime.ignore_mask import IgnoreMaskError, load_ignore_mask, masked
+
+H, W = 48, 64
+MASKED_DEFECT = (slice(8, 20), slice(10, 22))        # inside the white area below
+JUDGED_DEFECT = (slice(32, 44), slice(40, 52))       # outside it
+
+
+def write_mask(path: Path, white, shape=(H, W)) -> Path:
+    mask = np.zeros(shape, np.uint8)
+    for rows, cols in white:
+        mask[rows, cols] = 255
+    cv2.imwrite(str(path), mask)
+    return path
+
+
+def frame_with(rng, *patches) -> np.ndarray:
+    frame = normal_frame(rng, H, W)
+    for rows, cols in patches:
+        frame[rows, cols] = 255
+    return frame
+
+
+@pytest.fixture
+def model(tmp_path):
+    return str(build_tiny_model(tmp_path / "tiny.onnx"))
+
+
+@pytest.fixture
+def mask(tmp_path):
+    return write_mask(tmp_path / "mask.png", [(slice(0, 30), slice(0, 32))])
+
+
+def test_ignored_map_pixels_are_those_more_than_half_white_in_both_resize_modes():
+    from mrkd.runtime.ignore_mask import IgnoreMask
+    rng = np.random.default_rng(0)
+
+    def random_mask(shape):
+        ignored = np.zeros(shape, bool)
+        for _ in range(6):
+            top, left = rng.integers(0, shape[0] - 10), rng.integers(0, shape[1] - 10)
+            ignored[top:top + rng.integers(3, 30), left:left + rng.integers(3, 40)] = True
+        return IgnoreMask("m.png", "0" * 64, ignored)
+    # resize: 96x128 -> 32x32, each map pixel the mean of a 3x4 block
+    mask = random_mask((96, 128))
+    blocks = mask.ignored.reshape(32, 3, 32, 4).mean(axis=(1, 3))
+    assert np.array_equal(mask.grid((96, 128), 32, "resize"), blocks > 0.5)
+    # center_crop: shorter side 96 -> 32, 126 -> 42 (3x3 blocks), then the centre 32 columns (from 5)
+    mask = random_mask((96, 126))
+    crop = mask.ignored.reshape(32, 3, 42, 3).mean(axis=(1, 3))[:, 5:37]
+    assert np.array_equal(mask.grid((96, 126), 32, "center_crop"), crop > 0.5)
+
+
+def test_the_masked_score_is_the_maximum_of_the_detectors_map_outside_the_mask(model, mask):
+    from mrkd.runtime.detector import Detector
+    rng = np.random.default_rng(1)
+    frames = [frame_with(rng, MASKED_DEFECT), frame_with(rng, JUDGED_DEFECT), frame_with(rng),
+              frame_with(rng, MASKED_DEFECT, JUDGED_DEFECT)]
+    loaded = load_ignore_mask(mask)
+    keep = ~(cv2.resize(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+             .astype(np.float32) / 255 > 0.5)
+    detector = Detector(model, backend="onnxruntime")
+    try:
+        result = detector(frames)
+    finally:
+        detector.close()
+    for i, frame in enumerate(frames):
+        amap, score = masked(loaded, result.maps[i], float(result.scores[i]), frame.shape[:2], detector.metadata)
+        assert score == pytest.approx(float(result.maps[i][keep].max()), abs=1e-7)
+        assert np.array_equal(amap[~keep], np.zeros((~keep).sum(), np.float32))
+        assert np.array_equal(amap[keep], result.maps[i][keep]) and score <= result.scores[i] + 1e-7
+    threshold = detector.threshold
+    scores = [masked(loaded, result.maps[i], float(result.scores[i]), (H, W), detector.metadata)[1] for i in range(4)]
+    # the masked defect no longer reaches the threshold, the other one still does
+    assert [s >= threshold for s in scores] == [False, True, False, True]
+    assert [s >= threshold for s in result.scores] == [True, True, False, True]
+
+
+def run_mrkd(*args, stdin=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mrkd.cli", "run", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=180, cwd=cwd)
+
+
+def test_a_free_run_raises_no_alarm_where_the_mask_is_white(model, mask, tmp_path):
+    rng = np.random.default_rng(2)
+    frames = [frame_with(rng), frame_with(rng, MASKED_DEFECT), frame_with(rng), frame_with(rng, JUDGED_DEFECT),
+              frame_with(rng, MASKED_DEFECT), frame_with(rng)]
+    folder = write_frames(tmp_path / "frames", frames)
+    common = ["--source", folder, "--cooldown", "0", "--status-every", "0"]
+    unmasked = run_mrkd(model, *common, "--events", tmp_path / "all.jsonl", "--summary", tmp_path / "all.json")
+    assert unmasked.returncode == 0, unmasked.stderr
+    run = run_mrkd(model, *common, "--ignore-mask", mask, "--events", tmp_path / "ev.jsonl",
+                   "--summary", tmp_path / "s.json")
+    assert run.returncode == 0, run.stderr
+    frames_alarmed = lambda log: [json.loads(line)["frame_index"] for line in log.read_text().splitlines()]
+    assert frames_alarmed(tmp_path / "all.jsonl") == [1, 3, 4]
+    assert frames_alarmed(tmp_path / "ev.jsonl") == [3]
+    entry = json.loads((tmp_path / "s.json").read_text())["cameras"]["cam0"]["ignore_mask"]
+    assert entry["sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest() and entry["size"] == "64x48"
+    assert entry["ignored_fraction"] == pytest.approx(30 * 32 / (48 * 64), abs=1e-4)
+    assert f"camera cam0: ignore mask {mask} (64x48, 31.2% of its images not judged" in run.stderr
+
+
+def test_a_shadow_candidate_judges_under_the_cameras_mask(model, mask, tmp_path):
+    """The same model as live and shadow under a mask: the candidate must read the image as the live model
+    does, or every masked defect counts as a disagreement."""
+    rng = np.random.default_rng(3)
+    folder = write_frames(tmp_path / "frames", [frame_with(rng, MASKED_DEFECT) for _ in range(4)] + [frame_with(rng)])
+    shadow = tmp_path / "shadow.onnx"
+    build_tiny_model(shadow)
+    run = run_mrkd(model, "--source", folder, "--ignore-mask", mask, "--shadow", shadow, "--status-every", "0",
+                   "--summary", tmp_path / "s.json")
+    assert run.returncode == 0, run.stderr
+    compared = json.loads((tmp_path / "s.json").read_text())["shadow"]
+    assert compared["frames"] == 5 and compared["disagreements"] == 0, compared
+
+
+def test_a_triggered_cell_judges_parts_under_the_line_files_mask(model, tmp_path):
+    rng = np.random.default_rng(4)
+    write_mask(tmp_path / "masks.png", [(slice(0, 30), slice(0, 32))])
+    parts = write_frames(tmp_path / "parts", [frame_with(rng, MASKED_DEFECT), frame_with(rng, JUDGED_DEFECT),
+                                              frame_with(rng)])
+    cv2.imwrite(str(parts / "003.png"), normal_frame(rng, 40, 64))          # another size: not the mask's
+    line = tmp_path / "line.toml"
+    line.write_text(f'[[camera]]\nname = "top"\nsource = "parts"\nmodel = "{Path(model).name}"\n'
+                    f'trigger = "software"\nignore_mask = "masks.png"\n')
+    run = run_mrkd("--line", line, "--trigger-stdin", "--part-queue", "8", "--parts-log", tmp_path / "parts.jsonl",
+                   "--status-every", "0", stdin="A\nB\nC\nD\n")
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in (tmp_path / "parts.jsonl").read_text().splitlines()]
+    assert [r["verdict"] for r in records] == ["OK", "NG", "OK", "ERROR"], records
+    error = records[3]["cameras"][0]["error"]
+    assert error == (f"unusable image: ignore mask {tmp_path / 'masks.png'} is 64x48, the camera's images are "
+                     f"64x40: draw it on one of its images (or set the camera's size to the mask's)"), error
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "not_an_image", "all_white", "size_field", "line_type"])
+def test_mask_mistakes_are_one_line_errors(model, tmp_path, case):
+    folder = write_frames(tmp_path / "frames", [normal_frame(np.random.default_rng(5), H, W)])
+    mask = tmp_path / "mask.png"
+    extra, expected = [], ""
+    if case == "missing":
+        expected = f"ignore mask {mask}: cannot read it (No such file or directory)"
+    elif case == "folder":
+        mask.mkdir()
+        expected = f"ignore mask {mask}: is a folder; name the mask image"
+    elif case == "not_an_image":
+        mask.write_text("white on black")
+        expected = f"ignore mask {mask}: not an image OpenCV can read"
+    elif case == "all_white":
+        write_mask(mask, [(slice(None), slice(None))])
+        expected = f"ignore mask {mask}: every pixel is white (ignored), so nothing would be judged"
+    elif case == "size_field":
+        write_mask(mask, [(slice(0, 4), slice(0, 4))])
+        extra = ["--size", "32x24"]
+        expected = f"ignore mask {mask} is 64x48, its frames are resized to 32x24: draw it at that size"
+    if case == "line_type":
+        line = tmp_path / "line.toml"
+        line.write_text(f'[[camera]]\nname = "c"\nsource = "{folder}"\nmodel = "{model}"\nignore_mask = 3\n')
+        run = run_mrkd("--line", line)
+        expected = "ignore_mask: expected the path of a mask image"
+    else:
+        run = run_mrkd(model, "--source", folder, "--ignore-mask", mask, *extra)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and expected in errors[0], run.stderr
+
+
+def test_a_mask_read_at_another_size_than_the_frames_ends_a_free_run_in_one_line(model, tmp_path):
+    """A free-running camera's frames of another size than its mask: nothing it judges would be right."""
+    folder = write_frames(tmp_path / "frames", [normal_frame(np.random.default_rng(6), 40, 64)])
+    mask = write_mask(tmp_path / "mask.png", [(slice(0, 4), slice(0, 4))])
+    run = run_mrkd(model, "--source", folder, "--ignore-mask", mask)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert f"Error: camera 'cam0': ignore mask {mask} is 64x48, the camera's images are 64x40" in run.stderr
+
+
+def test_sixteen_bit_and_colour_masks_read_white_as_ignored(tmp_path):
+    """White is at least half of full scale, in any channel of a colour mask (its alpha is not read)."""
+    deep = np.zeros((8, 8), np.uint16)
+    deep[:3] = 65535
+    deep[3:, :2] = 30000                    # below half of 65535: judged
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    expected = np.zeros((8, 8), bool)
+    expected[:3] = True
+    assert np.array_equal(load_ignore_mask(tmp_path / "deep.png").ignored, expected)
+    colour = np.zeros((8, 8, 4), np.uint8)
+    colour[:, :, 3] = 255                   # opaque everywhere: alpha says nothing
+    colour[5:, 4:, 2] = 200                 # red paint
+    cv2.imwrite(str(tmp_path / "colour.png"), colour)
+    expected = np.zeros((8, 8), bool)
+    expected[5:, 4:] = True
+    assert np.array_equal(load_ignore_mask(tmp_path / "colour.png").ignored, expected)
