@@ -17,7 +17,7 @@ import pytest
 
 from runtime_fixtures import SIZE, build_tiny_model, normal_frame, write_frames
 
-from mrkd.runtime.ignore_mask import IgnoreMaskError, load_ignore_mask, masked
+from mrkd.runtime.ignore_mask import load_ignore_mask, masked
 
 H, W = 48, 64
 MASKED_DEFECT = (slice(8, 20), slice(10, 22))        # inside the white area below
