@@ -73,6 +73,7 @@ def test_an_anonymous_session_cannot_take_a_subscription_by_transfer(server):
     assert answer["status"] == "BadUserAccessDenied", answer
     assert answer["delivered"] is True, answer
     assert answer["own"] == OWN_GOOD, answer
+    assert answer["told"] == [], answer
 
 
 def test_a_session_of_the_same_user_takes_a_subscription_by_transfer(server):
@@ -85,6 +86,8 @@ def test_a_session_of_the_same_user_takes_a_subscription_by_transfer(server):
     assert answer["delivered"] is False, answer
     assert answer["received"] is True, answer
     assert answer["own"] == dict.fromkeys(OWN_GOOD, "BadSubscriptionIdInvalid"), answer      # no longer its own
+    # OPC 10000-4 5.14.7: the old session is told (asyncua told it nothing: its client went on waiting)
+    assert answer["told"] == ["GoodSubscriptionTransferred"], answer
 
 
 def test_a_session_is_not_taken_by_guessing_its_token(server):

@@ -16,12 +16,14 @@ anonymous client took the PLC's subscription and its ResultReady events with it.
 the server check that the new session acts for the same user as the one that owns it
 (Bad_UserAccessDenied otherwise): here the same user name, never an anonymous session (the spec's
 anonymous case, the same ApplicationUri over Sign or SignAndEncrypt, is not offered: a client that lost
-its session creates its subscriptions again).
+its session creates its subscriptions again). The old session is told (Good_SubscriptionTransferred),
+which asyncua did not do.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 
 
 def owns(session, subscription) -> bool:
@@ -101,6 +103,42 @@ def own_subscriptions_only(iserver) -> bool:
     return True
 
 
+def _connection_of(subscription):
+    """The connection (asyncua's UaProcessor) whose Publish requests ``subscription`` answers, or None."""
+    callback = getattr(subscription, "pub_request_callback", None)
+    connection = getattr(callback, "__self__", None)
+    return connection if hasattr(connection, "forward_publish_response") else None
+
+
+async def _tell_transferred(old, subscription) -> None:
+    """OPC 10000-4 5.14.7: the session a subscription was transferred from is told so, by a
+    StatusChangeNotification Good_SubscriptionTransferred answering one of its Publish requests (none
+    waiting: a client gone or between requests; it is not told). Its connection also forgets that it owed
+    this subscription an answer: asyncua would otherwise answer its next Publish request with the moved
+    subscription's notifications."""
+    from asyncua import ua
+    sid = subscription.data.SubscriptionId
+    pending = getattr(old, "_publish_results_subs", None)
+    if isinstance(pending, dict):
+        pending.pop(sid, None)
+    if not getattr(old, "_publish_requests", None):
+        return
+    request = old.get_publish_request(sid)
+    if isinstance(pending, dict):
+        pending.pop(sid, None)         # registered again where the waiting requests had all timed out
+    if request is None:
+        return
+    result = ua.PublishResult()
+    result.SubscriptionId = sid
+    # the number the subscription's next message will carry, as a keep-alive does: this one takes none
+    result.NotificationMessage.SequenceNumber = getattr(subscription, "_notification_seq", 1)
+    result.NotificationMessage.PublishTime = datetime.now(timezone.utc)
+    result.NotificationMessage.NotificationData = [
+        ua.StatusChangeNotification(Status=ua.StatusCode(ua.StatusCodes.GoodSubscriptionTransferred))]
+    result.AvailableSequenceNumbers = []
+    await old.forward_publish_response(result, request)
+
+
 class _SessionSubscriptions:
     """asyncua's SubscriptionService as one session may use it: an id of a subscription the session does
     not own is answered as an unknown one (Bad_SubscriptionIdInvalid): the whole request where the service
@@ -146,6 +184,9 @@ class _SessionSubscriptions:
         ids = list(params.SubscriptionIds or [])
         refused = [self._transfer_refused(i) for i in ids]
         allowed = [i for i, no in zip(ids, refused) if not no]
+        # the connections the moving subscriptions answered Publish requests on until now (another session's)
+        old_connections = {i: _connection_of(self._service.subscriptions.get(i)) for i in allowed
+                           if not self._owned(i)}
         results = iter(await self._service.transfer_subscriptions(ua.TransferSubscriptionsParameters(
             SubscriptionIds=allowed, SendInitialValues=params.SendInitialValues), session_id, callback)
             if allowed else [])
@@ -161,6 +202,9 @@ class _SessionSubscriptions:
                 _set_user(subscription, self._session.user)
                 if requests is not None:
                     subscription.pub_request_callback = requests
+                old = old_connections.get(i)
+                if old is not None and old is not getattr(requests, "__self__", None):
+                    await _tell_transferred(old, subscription)
         results = iter(results)
         return [ua.TransferResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)) if no
                 else next(results) for no in refused]

@@ -8,7 +8,8 @@
 //   {kind: "attempt", service, who, status: the second client's answer (a status name; its operation
 //    result where the service has one per item), detail, delivered: whether the victim got its job's
 //    ResultReady afterwards, received: whether the second client got it instead (a transfer answered Good:
-//    its own Publish requests; else null), own: {SERVICE: status} the victim's own calls on its subscription}
+//    its own Publish requests; else null), own: {SERVICE: status} the victim's own calls on its subscription,
+//    told: the status changes the victim's subscription was notified of (e.g. GoodSubscriptionTransferred)}
 // SERVICE: ModifySubscription, CreateMonitoredItems, ModifyMonitoredItems, SetMonitoringMode,
 // DeleteMonitoredItems, SetPublishingMode, Republish, Publish (an acknowledgement), TransferSubscriptions,
 // DeleteSubscriptions.
@@ -120,6 +121,8 @@ async function main() {
     { nodeId: system, attributeId: AttributeIds.EventNotifier },
     { samplingInterval: 0, queueSize: 100, filter: constructEventFilter([`${ns}:JobId`]) }, TimestampsToReturn.Both);
   item.on("changed", (values) => jobs.add(values[0].value));
+  const told = [];      // the StatusChangeNotifications the victim's subscription got (a transfer: Good_SubscriptionTransferred)
+  subscription.on("status_changed", (status) => told.push(statusName(status)));
   await sleep(300);
   const sid = subscription.subscriptionId;
   const mid = item.monitoredItemId;
@@ -167,7 +170,7 @@ async function main() {
     }
   }
   say({ kind: "attempt", service, who, status, detail, delivered, received, subscriptionId: sid, monitoredItemId: mid,
-    jobStatus: statusName(result.statusCode), own });
+    jobStatus: statusName(result.statusCode), own, told });
   await second.session.close().catch(() => {});
   await second.client.disconnect();
   await victim.session.close().catch(() => {});
