@@ -227,6 +227,8 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         if self.security is not None:
             from mrkd.runtime.plc.modbus_security import SecureListener
             self._secure = SecureListener(self.security)        # PlcError naming a file that does not load
+            from mrkd.runtime.plc.modbus_security import told_handshakes
+            self._secure.context.sslobject_class = told_handshakes(self._handshake_refused)
         _quiet_pymodbus()
         self._start_loop("modbus", 30)
         if self._error is not None or self.address is None:
@@ -299,6 +301,13 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         self.clients_refused += 1
         self._log_once(who, f"modbus: refused a connection from {who} ({why})")
         return None
+
+    def _handshake_refused(self, transport, why: str) -> None:
+        """(The loop thread.) OpenSSL refused a client in the TLS handshake: counted, and said once per client
+        address and reason."""
+        self.clients_refused += 1
+        who = _client_address(transport) if transport is not None else "?"
+        self._log_once((who, why), f"modbus: refused a connection from {who} ({why})")
 
     def _write_refused(self, transport, function_code: int) -> None:
         """A read-only client (its role may not write) asked for a write: answered exception 01."""

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 from dataclasses import dataclass
-from typing import FrozenSet, Optional
+from typing import Callable, FrozenSet, Optional
 
 from mrkd.runtime.plc import PlcError
 from mrkd.runtime.plc.trust import MODBUS_TRUST, TrustFolder, refusal_said
@@ -79,6 +80,60 @@ def certificate_role(certificate_der: bytes) -> Optional[str]:
         return data[start:].decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+# OpenSSL's reasons for a failed server handshake, as a commissioning engineer needs them
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL",
+            "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "WRONG_SSL_VERSION")
+_OLD_TLS = ("UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "TLSV1_ALERT_PROTOCOL_VERSION")
+
+
+def handshake_refusal(exc: ssl.SSLError) -> str:
+    """Why OpenSSL refused a client in the TLS handshake, in words (the OpenSSL reason in brackets)."""
+    reason = getattr(exc, "reason", None) or ""
+    if reason == "CERTIFICATE_VERIFY_FAILED":
+        why = "its certificate does not chain to a certificate of the trust folder"
+        detail = getattr(exc, "verify_message", None) or reason
+    elif reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        why, detail = "it presented no client certificate", reason
+    elif reason in _NOT_TLS:
+        why, detail = "it does not speak TLS (a plain Modbus TCP client on the TLS port?)", reason
+    elif reason in _OLD_TLS:
+        why, detail = "its TLS version is older than 1.2", reason
+    else:
+        why, detail = "its TLS handshake failed", reason or str(exc)
+    return f"TLS handshake: {why} (OpenSSL: {detail})"
+
+
+def told_handshakes(refused: Callable[[object, str], None]) -> type:
+    """An SSLObject class for ``SSLContext.sslobject_class`` whose failed handshake is told to
+    ``refused(transport or None, why)`` before it is raised on: asyncio drops a client refused in the
+    handshake without a word (debug level), so a PLC with the wrong certificate, or none, was refused and
+    nothing said why."""
+    class ToldHandshake(ssl.SSLObject):
+        def do_handshake(self):
+            try:
+                return super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                refused(_handshaking_transport(), handshake_refusal(exc))
+                raise
+    return ToldHandshake
+
+
+def _handshaking_transport():
+    """The transport of the asyncio SSLProtocol whose handshake called in (it holds it as ``_transport``;
+    an SSLObject does not know its connection), or None where this Python's asyncio keeps it elsewhere."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return None
+        transport = getattr(frame.f_locals.get("self"), "_transport", None)
+        if transport is not None and hasattr(transport, "get_extra_info"):
+            return transport
+        frame = frame.f_back
+    return None
 
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000     # OpenSSL's flag (x509_vfy.h); Python's ssl names no constant for it
