@@ -42,9 +42,13 @@ DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
               help="Checkpoints: images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
 @click.option("--accept-shift", is_flag=True, help=ACCEPT_SHIFT_HELP)
+@click.option("--ignore-mask", type=click.Path(), default=None,
+              help="Exported models: score GOOD under this ignore mask (white: not judged), as `mrkd run` judges a "
+                   "camera with it; recorded with the threshold, and `mrkd run` warns where a camera judges under "
+                   "another mask or none.")
 @error_boundary
 def calibrate_command(model, good, labelled, method, quantile, confidence, out, max_frames, size, backend,
-                      batch_size, device, accept_shift):
+                      batch_size, device, accept_shift, ignore_mask):
     """Set MODEL's alarm threshold from GOOD, optionally F1-optimal on --labelled images.
 
     MODEL is a checkpoint (.ckpt: GOOD is a folder or glob of good images, e.g. new parts from the line;
@@ -63,7 +67,7 @@ def calibrate_command(model, good, labelled, method, quantile, confidence, out, 
     given = {param.name for param in context.command.params if context.params.get(param.name) != param.default}
     exported = Path(model).suffix.lower() in EXPORTED_SUFFIXES
     # an option of the other kind of model was ignored without a word (--device cuda on an .onnx)
-    unused = sorted(given & ({"batch_size", "device"} if exported else {"max_frames", "backend"}))
+    unused = sorted(given & ({"batch_size", "device"} if exported else {"max_frames", "backend", "ignore_mask"}))
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
         raise click.UsageError(f"{flags}: for {'checkpoints' if exported else 'exported models'} only; "
@@ -82,7 +86,8 @@ def calibrate_command(model, good, labelled, method, quantile, confidence, out, 
         options = SourceOptions(size=SourceOptions.parse_size(size), reconnect=False).validate()
         result = calibrate_exported(model, good, labelled=labelled, quantile=quantile, method=method,
                                     confidence=confidence, max_frames=max_frames, backend=backend,
-                                    source_options=options, accept_shift=accept_shift, warn=warn)
+                                    source_options=options, accept_shift=accept_shift, warn=warn,
+                                    ignore_mask=ignore_mask)
         target = f"{model} (sidecar; was {result.previous_threshold})"
     else:
         if size:

@@ -20,6 +20,7 @@ import numpy as np
 from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
                                      CalibrationError, calibration_from_scores, check_calibration_shift,
                                      frame_size_label)
+from mrkd.runtime.ignore_mask import IgnoreMask, load_ignore_mask, masked
 from mrkd.runtime.metadata import file_sha256, sidecar_path
 from mrkd.runtime.line.loop import iter_frames
 from mrkd.runtime.sources import SourceOptions, SourceStats, open_source
@@ -57,10 +58,22 @@ def labelled_folder(folder) -> Tuple[List[str], np.ndarray]:
     return paths, labels
 
 
+def masked_scores(detector, frames: List[np.ndarray], mask: Optional[IgnoreMask]) -> np.ndarray:
+    """The detector's image scores of ``frames``, under ``mask`` where one is given (runtime/ignore_mask.py:
+    as `mrkd run` judges a camera with that ignore_mask)."""
+    result = detector(frames)
+    if mask is None:
+        return result.scores
+    return np.array([masked(mask, result.maps[i], float(result.scores[i]), frame.shape[:2], detector.metadata)[1]
+                     for i, frame in enumerate(frames)], dtype=np.float32)
+
+
 def score_source(detector, uri, max_frames: Optional[int] = None, batch_size: int = 8,
-                 progress: bool = True, options: Optional[SourceOptions] = None) -> Tuple[np.ndarray, SourceStats]:
-    """Scores of the frames of ``uri`` (any source open_source takes), in batches; bad frames are
-    skipped and counted by the source. A live source (camera, stream) needs ``max_frames``."""
+                 progress: bool = True, options: Optional[SourceOptions] = None,
+                 mask: Optional[IgnoreMask] = None) -> Tuple[np.ndarray, SourceStats]:
+    """Scores of the frames of ``uri`` (any source open_source takes), in batches, under ``mask`` where one
+    is given; bad frames are skipped and counted by the source. A live source (camera, stream) needs
+    ``max_frames``."""
     from tqdm import tqdm
     source = open_source(uri, options=options or SourceOptions(reconnect=False))
     if source.live and not max_frames:
@@ -74,10 +87,10 @@ def score_source(detector, uri, max_frames: Optional[int] = None, batch_size: in
                 pending += [frame.image for frame in frames]
                 bar.update(len(frames))
                 if len(pending) >= batch_size:
-                    scores.append(detector(pending).scores)
+                    scores.append(masked_scores(detector, pending, mask))
                     pending = []
             if pending:
-                scores.append(detector(pending).scores)
+                scores.append(masked_scores(detector, pending, mask))
     finally:
         source.close()
     if not scores:
@@ -90,7 +103,8 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
                        method: str = DEFAULT_METHOD, confidence: Optional[float] = None,
                        max_frames: Optional[int] = None, backend: str = "auto", progress: bool = True,
                        source_options: Optional[SourceOptions] = None, accept_shift: bool = False,
-                       warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> Calibration:
+                       warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr),
+                       ignore_mask: Optional[str] = None) -> Calibration:
     """Score ``good`` (folder, glob, video, camera or stream URI) with the exported model, set its
     threshold by the same rules training uses (mrkd.runtime.calibration; F1-optimal when ``labelled``,
     an MVTec-style test folder, is given) and rewrite the model's sidecar atomically. The model file is
@@ -98,26 +112,42 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
     falls back to that); the old threshold is kept as ``previous_threshold``, the frame size the scores
     were taken at as ``frame_size`` (the runtime warns when a run reads frames at another size). Good
     scores far from the ones the model recorded are refused unless ``accept_shift`` (then ``warn``ed):
-    mrkd.runtime.calibration.calibration_shift. Returns the Calibration."""
+    mrkd.runtime.calibration.calibration_shift. With ``ignore_mask`` (a mask image's path) the scores are
+    taken under it, as `mrkd run` judges a camera with that mask, and its sha256 is recorded (`mrkd run`
+    warns where a camera judges under another); the shift check is then against the good scores recorded
+    under the same mask only (another mask's, or whole images', are on another scale). Returns the
+    Calibration."""
     from mrkd.runtime.detector import Detector
     from mrkd.runtime.images import read_image
 
-    # the labelled folder's mistakes are said before a camera is scored for minutes
+    # the labelled folder's and the mask's mistakes are said before a camera is scored for minutes
     paths, labels = labelled_folder(labelled) if labelled else (None, None)
+    mask = load_ignore_mask(ignore_mask) if ignore_mask is not None else None
+    if mask is not None and source_options is not None and source_options.size is not None \
+            and tuple(source_options.size) != mask.ignored.shape[::-1]:
+        raise CalibrationError(f"ignore mask {ignore_mask} is {mask.size_text}, --size resizes the frames to "
+                               f"{source_options.size[0]}x{source_options.size[1]}: draw it at that size")
     detector = Detector(model_path, backend=backend)
     try:
         good_scores, stats = score_source(detector, good, max_frames=max_frames, progress=progress,
-                                          options=source_options)
+                                          options=source_options, mask=mask)
         labelled_scores = None
         if labelled:
-            labelled_scores = detector([read_image(p) for p in paths]).scores.astype(np.float64)
+            labelled_scores = masked_scores(detector, [read_image(p) for p in paths], mask).astype(np.float64)
         calibration = calibration_from_scores(
             good_scores, quantile, labels, labelled_scores, method,
             DEFAULT_CONFIDENCE if confidence is None else confidence, source=str(good),
             bad_frames=int(stats.bad_frames), previous_threshold=detector.metadata.threshold,
             frame_size=frame_size_label(source_options.size if source_options else None))
-        check_calibration_shift(detector.metadata.calibration, good_scores, calibration.threshold, accept_shift,
-                                str(model_path), warn)
+        calibration = dataclasses.replace(calibration, ignore_mask=mask.sha256 if mask is not None else None)
+        previous = detector.metadata.calibration
+        if previous is not None and previous.ignore_mask != calibration.ignore_mask:
+            # another scale: a mask only lowers scores, so only good scores above whole images' still say
+            # "these are not good parts"; under another mask nothing can be compared
+            upward = calibration.threshold > previous.threshold or (
+                previous.good_mean is not None and float(np.median(good_scores)) > previous.good_mean)
+            previous = previous if previous.ignore_mask is None and upward else None
+        check_calibration_shift(previous, good_scores, calibration.threshold, accept_shift, str(model_path), warn)
         metadata = dataclasses.replace(detector.metadata, calibration=calibration)
         if metadata.model_sha256 is None and metadata.engine is None:   # from embedded props: hash it now
             metadata.onnx_sha256 = file_sha256(model_path)

@@ -80,6 +80,9 @@ class Calibration:
     # The frame size the good scores were taken at: "WIDTHxHEIGHT" (mrkd calibrate --size) or "native"
     # (frames as the source gave them); None where it was not recorded (training's held-out images).
     frame_size: Optional[str] = None
+    # The sha256 of the ignore mask the good scores were taken under (mrkd calibrate --ignore-mask); None:
+    # whole images (or not recorded).
+    ignore_mask: Optional[str] = None
 
     _KEY_NAMES = {"method": "threshold_method"}
     _FRACTIONS = ("quantile", "confidence")
@@ -106,6 +109,9 @@ class Calibration:
             if f.name in ("method", "source"):
                 if not isinstance(value, str):
                     raise CalibrationError(f"{where}={value!r} must be a string")
+            elif f.name == "ignore_mask":
+                if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                    raise CalibrationError(f"{where}={value!r} must be a sha256 (64 lowercase hex digits)")
             elif f.name == "frame_size":
                 if not isinstance(value, str) or frame_size_label(value) is None:
                     raise CalibrationError(f"{where}={value!r} must be 'native' or WIDTHxHEIGHT")
@@ -191,6 +197,19 @@ def frame_size_mismatch(calibration: Optional["Calibration"], run_size: Any) -> 
             f"but this run reads them at {how(used)}: decisions will differ; run with "
             f"{'no --size' if calibration.frame_size == NATIVE_SIZE else '--size ' + calibration.frame_size} "
             f"or calibrate again at this size")
+
+
+def ignore_mask_mismatch(calibration: Optional["Calibration"], mask_sha256: Optional[str]) -> Optional[str]:
+    """Why the threshold may not fit a camera judging under the ignore mask ``mask_sha256`` (None: whole
+    images), or None. Only a threshold set under a mask is said: one set on whole images stays safe under
+    a mask (masked scores are never higher), it is only less tight."""
+    if calibration is None or calibration.ignore_mask is None or calibration.ignore_mask == mask_sha256:
+        return None
+    set_under = f"under the ignore mask sha256 {calibration.ignore_mask[:12]}"
+    judged = (f"under another one (sha256 {mask_sha256[:12]})" if mask_sha256 else
+              "whole images: what that mask left out now counts, expect false alarms there")
+    return (f"the threshold {calibration.threshold:.6g} was calibrated {set_under}, this camera judges {judged}; "
+            f"give it that ignore mask or calibrate again under its own")
 
 
 def finite_number(value: Any, where: str) -> float:

@@ -8,10 +8,11 @@ its anomaly map is resized to the frame's geometry exactly as the frame is (``pr
 so ``center_crop`` models too), a map pixel more than half inside the white area is set to 0, and the
 image score is the maximum of what is left. The map is smoothed before it is masked, so a bright
 don't-care area bleeds a few pixels (about 2 sigma of the model's blur) past its edge: draw it with that
-margin. Thresholds stay the model's: a masked score is never above the whole image's, so a mask only
-takes alarms away, where it was drawn (its good parts then score lower still; a camera's own threshold
-may be set tighter, e.g. from the summary of a run over good parts). The model's swap check and the
-shadow candidate see the same: the swap compares the two models' own scores, the shadow masks its own.
+margin. A threshold set on whole images stays safe under a mask (a masked score is never above the
+whole image's, so a mask only takes alarms away, where it was drawn), but it is set above whatever the
+white area showed on good parts: ``mrkd calibrate MODEL GOOD --ignore-mask MASK`` sets it on masked
+scores and records the mask's sha256, and a camera judging under another mask (or none) is warned about.
+The swap check compares the two models' own scores; the shadow candidate masks its own.
 """
 
 from __future__ import annotations

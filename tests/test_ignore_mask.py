@@ -209,3 +209,59 @@ def test_sixteen_bit_and_colour_masks_read_white_as_ignored(tmp_path):
     expected = np.zeros((8, 8), bool)
     expected[5:, 4:] = True
     assert np.array_equal(load_ignore_mask(tmp_path / "colour.png").ignored, expected)
+
+
+def run_calibrate(*args):
+    return subprocess.run([sys.executable, "-m", "mrkd.cli", "calibrate", *map(str, args)], capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_calibrating_under_a_mask_sets_the_threshold_on_masked_scores_and_runs_say_a_mismatch(mask, tmp_path):
+    """Good parts whose date code (here a bright patch in the white area) differs from part to part: whole,
+    their scores set the threshold above the date code's, blind to weaker defects elsewhere. Calibrated
+    under the mask, the threshold is set on the masked scores (checked against the scores computed here
+    from the Detector's own maps), the mask's sha256 is recorded, and a camera judging under another mask
+    or none is warned about at the start."""
+    from mrkd.runtime.calibration import calibration_from_scores
+    from mrkd.runtime.detector import Detector
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
+    rng = np.random.default_rng(7)
+    good = [frame_with(rng, (slice(8 + i % 5, 20), slice(10, 22 - i % 4))) for i in range(24)]
+    for i, frame in enumerate(good):        # the good parts' own faint marks, where they are judged
+        frame[34 + i % 6:38 + i % 6, 40:44] = 160 + i % 12
+    folder = write_frames(tmp_path / "good", good)
+    whole_model, masked_model = (str(build_tiny_model(tmp_path / f"{name}.onnx")) for name in ("whole", "masked"))
+    assert run_calibrate(whole_model, folder, "--accept-shift").returncode == 0
+    run = run_calibrate(masked_model, folder, "--ignore-mask", mask)
+    assert run.returncode == 0, run.stderr
+    whole = ModelMetadata.load(sidecar_path(whole_model)).calibration
+    calibration = ModelMetadata.load(sidecar_path(masked_model)).calibration
+    assert calibration.ignore_mask == hashlib.sha256(mask.read_bytes()).hexdigest() and whole.ignore_mask is None
+    keep = ~(cv2.resize(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+             .astype(np.float32) / 255 > 0.5)
+    detector = Detector(masked_model, backend="onnxruntime")
+    try:
+        maps = detector(good).maps
+    finally:
+        detector.close()
+    masked_good = np.array([m[keep].max() for m in maps], np.float64)
+    assert masked_good.min() > 0
+    expected = calibration_from_scores(masked_good, calibration.quantile, None, None, calibration.method)
+    assert calibration.threshold == pytest.approx(expected.threshold, rel=1e-6)
+    assert calibration.threshold < whole.threshold
+    # a camera judging whole images with the masked threshold is warned about; one under the mask is not
+    frames = write_frames(tmp_path / "frames", good[:2])
+    warned = run_mrkd(masked_model, "--source", frames, "--status-every", "0")
+    assert warned.returncode == 0, warned.stderr
+    assert (f"camera 'cam0': the threshold {calibration.threshold:.6g} was calibrated under the ignore mask sha256 "
+            f"{calibration.ignore_mask[:12]}, this camera judges whole images") in warned.stderr
+    quiet = run_mrkd(masked_model, "--source", frames, "--ignore-mask", mask, "--status-every", "0")
+    assert quiet.returncode == 0 and "was calibrated under" not in quiet.stderr, quiet.stderr
+
+
+def test_calibrating_a_checkpoint_under_a_mask_is_refused_in_one_line(tmp_path, mask):
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"not read")
+    run = run_calibrate(checkpoint, tmp_path, "--ignore-mask", mask)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "--ignore-mask: for exported models only; last.ckpt is a checkpoint" in run.stderr, run.stderr

@@ -36,7 +36,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Seq
 import numpy as np
 
 from mrkd.errors import MrkdError
-from mrkd.runtime.calibration import frame_size_mismatch
+from mrkd.runtime.calibration import frame_size_mismatch, ignore_mask_mismatch
 from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
@@ -154,6 +154,17 @@ def camera_mask(camera: Camera) -> Optional[IgnoreMask]:
         return load_ignore_mask(camera.ignore_mask)
     except IgnoreMaskError as exc:
         raise LineError(f"camera {camera.name!r}: {exc}") from None
+
+
+def calibration_mismatches(camera: Camera, detector: Detector, mask: Optional[IgnoreMask]) -> List[str]:
+    """Why the model's calibrated threshold may not fit this camera's scores (they depend on the frame size
+    and on the ignore mask); none where the camera sets its own threshold."""
+    if camera.alarm.threshold is not None:
+        return []
+    calibration = detector.metadata.calibration
+    return [problem for problem in (frame_size_mismatch(calibration, camera.size),
+                                    ignore_mask_mismatch(calibration, mask.sha256 if mask is not None else None))
+            if problem]
 
 
 def check_cameras(cameras: Sequence[Camera]) -> None:
@@ -646,10 +657,9 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
             source.keep_camera_bits(camera_bits)
         for camera in line.cameras:
             detector = detectors[str(Path(camera.model).resolve())]
-            size_problem = None if camera.alarm.threshold is not None else frame_size_mismatch(
-                detector.metadata.calibration, camera.size)
-            if size_problem:    # scores depend on the frame size: say so before the first decision
-                logger.warning("camera %r: %s", camera.name, size_problem)
+            mask = camera_mask(camera)
+            for problem in calibration_mismatches(camera, detector, mask):    # before the first decision
+                logger.warning("camera %r: %s", camera.name, problem)
             policy = (policies or {}).get(camera.name) or camera.alarm.policy(detector.threshold)
             threshold = policy.threshold
             source = sources[camera.name]
@@ -659,7 +669,7 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                               model=str(camera.model), model_sha256=detector.model_sha256,
                               backend=detector.backend.name, precision=detector.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
-            states.append(_CameraState(camera, detector, policy, feed, info, camera_mask(camera)))
+            states.append(_CameraState(camera, detector, policy, feed, info, mask))
     except BaseException:
         for source in (sources or {}).values():
             source.close()

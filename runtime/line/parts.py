@@ -43,7 +43,8 @@ from mrkd.runtime.detector import Detector
 from mrkd.runtime.ignore_mask import IgnoreMask, masked
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
-from mrkd.runtime.line.loop import Line, camera_mask, line_detector, open_detectors, open_sources, source_summary
+from mrkd.runtime.line.loop import (Line, calibration_mismatches, camera_mask, line_detector, open_detectors,
+                                    open_sources, source_summary)
 from mrkd.runtime.line.stats import LatencyWindow
 from mrkd.runtime.line.swap import ModelSlots, line_slots
 from mrkd.runtime.line.trigger import CONTROL_CHARACTERS_REFUSAL, PartSettings, has_control_characters, printable_id
@@ -205,6 +206,10 @@ class PartRunner:
             self._recipe_models[number] = model
         self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model),
                                 camera_mask(by_name[n])) for n in names]
+        for camera in self.cameras:      # scores depend on the frame size and the mask: before the first part
+            detector = self.detectors[str(Path(camera.model).resolve())]
+            for problem in calibration_mismatches(by_name[camera.name], detector, camera.mask):
+                logger.warning("camera %r: %s", camera.name, problem)
         for camera in self.cameras:      # a part is OK or NG against a threshold: every model needs one
             needed = [] if camera.threshold_override is not None else [camera.model]
             for model in [*needed, *self._recipe_models.values()]:
