@@ -55,6 +55,10 @@ class IgnoreMask:
         return {"path": self.path, "sha256": self.sha256, "size": self.size_text,
                 "ignored_fraction": round(self.ignored_fraction, 4)}
 
+    def short(self) -> str:
+        """For a camera card: the file's name and how much of the image is not judged."""
+        return f"{Path(self.path).name}, {self.ignored_fraction:.1%} not judged"
+
     def describe(self) -> str:
         return (f"ignore mask {self.path} ({self.size_text}, {self.ignored_fraction:.1%} of its images not judged, "
                 f"sha256 {self.sha256[:12]})")

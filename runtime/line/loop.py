@@ -668,7 +668,8 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
             info = CameraInfo(name=camera.name, source=redact_uri(getattr(source, "uri", camera.source)),
                               model=str(camera.model), model_sha256=detector.model_sha256,
                               backend=detector.backend.name, precision=detector.precision,
-                              threshold=float(threshold), threshold_source=_threshold_source(camera, detector))
+                              threshold=float(threshold), threshold_source=_threshold_source(camera, detector),
+                              ignore_mask=mask.short() if mask is not None else "")
             states.append(_CameraState(camera, detector, policy, feed, info, mask))
     except BaseException:
         for source in (sources or {}).values():

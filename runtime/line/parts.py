@@ -352,7 +352,7 @@ class PartRunner:
                           threshold=float(self._threshold(camera, 0, detector)),
                           threshold_source=("camera setting (line file or --threshold)"
                                             if camera.threshold_override is not None else detector.threshold_source),
-                          triggered=True)
+                          triggered=True, ignore_mask=camera.mask.short() if camera.mask is not None else "")
 
     def start(self) -> "PartRunner":
         infos = [self._info(camera) for camera in self.cameras]

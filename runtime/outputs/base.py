@@ -35,6 +35,7 @@ class CameraInfo:
     threshold: float
     threshold_source: str        # where the threshold came from, e.g. "sidecar model.json (calibrated on line)"
     triggered: bool = False      # judged per part (runtime/line/parts.py): no frames between parts
+    ignore_mask: str = ""        # what its ignore mask leaves out ("top.png, 3.1% not judged"), "" without one
 
 
 @dataclass(frozen=True)

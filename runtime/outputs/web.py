@@ -135,7 +135,8 @@ class _CameraView:
                 # the model that judges now (a hot swap replaces ``info``, see on_model)
                 "model": self.info.model, "model_sha256": self.info.model_sha256, "backend": self.info.backend,
                 "precision": self.info.precision,
-                "threshold": self.info.threshold, "threshold_source": self.info.threshold_source}
+                "threshold": self.info.threshold, "threshold_source": self.info.threshold_source,
+                "ignore_mask": self.info.ignore_mask}
 
 
 class OperatorServer(LineObserver):
