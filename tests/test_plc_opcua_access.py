@@ -108,3 +108,10 @@ def test_a_subscription_to_user_executable_is_told_what_a_read_is(servers):
                                                         True), who
         assert subscribed[who]["notified"] == dict.fromkeys(
             ("StartSingleJob", "GetResultById", "GetMonitoredItems", "StartSingleJob (re-enabled)"), True), who
+    # The session's user changes (ActivateSession with the other identity): the item is told the new user's
+    # value where it differs (asyncua sent nothing: the operator who logged in on the HMI's anonymous session
+    # went on being told he may not call StartSingleJob), and nothing where it is the same.
+    assert subscribed["default", "anonymous"]["changed"] is True
+    assert subscribed["default", "user"]["changed"] is False
+    assert subscribed["anonymous calls", "anonymous"]["changed"] == "none"
+    assert subscribed["anonymous calls", "user"]["changed"] == "none"

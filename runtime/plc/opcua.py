@@ -272,6 +272,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if not _user_executable_in_subscriptions(server.iserver, self._rules):
             logger.warning("opcua: this asyncua keeps its subscriptions elsewhere: anonymous sessions that "
                            "subscribe to UserExecutable are sent true on the methods they are refused")
+        elif not _user_executable_follows_identity(server.iserver):
+            logger.warning("opcua: this asyncua activates sessions elsewhere: a session that changes its user "
+                           "is not sent its new UserExecutable values")
         server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken] if self.user
                                    else [ua.AnonymousIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
@@ -1129,6 +1132,51 @@ def _user_executable_in_subscriptions(iserver, rules: _Rules) -> bool:
     unwrapped: list = []      # said once
 
     service.create_subscription = create_subscription
+    return True
+
+
+def _user_executable_follows_identity(iserver) -> bool:
+    """A session that changes its user (ActivateSession again, with another identity: OPC 10000-4 5.6.3) is
+    sent the UserExecutable values of its MonitoredItems anew, as the new user's: they were sent once, as
+    the old user's (an operator logging in on a HMI's anonymous session went on being told he may not call
+    StartSingleJob). Written against asyncua 2.1.0 (InternalSession.activate_session, each subscription's
+    monitored_item_srv and its trigger_datachange, which sends only a changed value). False, changing
+    nothing, where this asyncua has none of these."""
+    create = getattr(iserver, "create_session", None)
+    service = getattr(iserver, "subscription_service", None)
+    if create is None or not isinstance(getattr(service, "subscriptions", None), dict):
+        return False
+
+    async def send_again(session) -> None:
+        from asyncua import ua
+        for subscription in list(service.subscriptions.values()):
+            items = getattr(subscription, "monitored_item_srv", None)
+            if subscription.session_id != session.session_id or items is None:
+                continue
+            for handle, mid in list(getattr(items, "_monitored_datachange", {}).items()):
+                watched = getattr(items._monitored_items.get(mid), "read_value_id", None)
+                if watched is not None and watched.AttributeId == ua.AttributeIds.UserExecutable:
+                    await items.trigger_datachange(handle, watched.NodeId, watched.AttributeId)
+
+    def create_session(*args, **kwargs):
+        session = create(*args, **kwargs)
+        activate = getattr(session, "activate_session", None)
+        if getattr(session, "external", False) and activate is not None:
+            def activate_session(*a, **k):
+                before = getattr(session, "user", None)
+                result = activate(*a, **k)
+                after = getattr(session, "user", None)
+                if before is not None and (getattr(before, "role", None), getattr(before, "name", None)) != \
+                        (getattr(after, "role", None), getattr(after, "name", None)):
+                    task = asyncio.get_running_loop().create_task(send_again(session))   # after its answer
+                    sending.add(task)
+                    task.add_done_callback(sending.discard)
+                return result
+            session.activate_session = activate_session
+        return session
+
+    sending: set = set()      # the tasks under way (the loop holds them weakly)
+    iserver.create_session = create_session
     return True
 
 

@@ -3,10 +3,11 @@
 // each server, as an anonymous session and then as the user, it monitors UserExecutable of
 // VisionStateMachine/StartSingleJob, ResultManagement/GetResultById and the Server object's
 // GetMonitoredItems (i=11492), and of StartSingleJob once more created Disabled and then set to Reporting
-// (which sends its value again), reads the same attributes, and prints one JSON line per server and session:
+// (which sends its value again), reads the same attributes, then changes the session's user (ActivateSession
+// with the other identity: anonymous <-> the user) and prints one JSON line per server and session:
 //   {kind: "subscribed", url, session: "anonymous" | "user",
 //    notified: {NAME: value | "none" (no notification) | Bad status name (the item refused)},
-//    read: {NAME: value}}
+//    read: {NAME: value}, changed: StartSingleJob's value notified after the user changed, or "none"}
 // NAME: StartSingleJob, GetResultById, GetMonitoredItems, StartSingleJob (re-enabled).
 // Usage: node subscribe_access.js USER PASSWORD URL...
 const { AttributeIds, MessageSecurityMode, MonitoringMode, OPCUAClient, SecurityPolicy, TimestampsToReturn,
@@ -37,10 +38,12 @@ async function report(url, who, identity) {
     maxNotificationsPerPublish: 100, publishingEnabled: true, priority: 10,
   });
   const notified = {};
+  const latest = {};
   const monitor = async (name, nodeId, mode) => {
     const item = await subscription.monitor({ nodeId, attributeId: AttributeIds.UserExecutable },
       { samplingInterval: 0, queueSize: 10, discardOldest: true }, TimestampsToReturn.Both, mode);
     item.on("changed", (dataValue) => {
+      latest[name] = dataValue.statusCode.name === "Good" ? dataValue.value.value : dataValue.statusCode.name;
       if (!(name in notified)) {
         notified[name] = dataValue.statusCode.name === "Good" ? dataValue.value.value : dataValue.statusCode.name;
       }
@@ -63,7 +66,14 @@ async function report(url, who, identity) {
   Object.keys(methods).forEach((name, i) => {
     read[name] = values[i].statusCode.name === "Good" ? values[i].value.value : values[i].statusCode.name;
   });
-  say({ kind: "subscribed", url, session: who, notified, read });
+  delete latest.StartSingleJob;
+  await session.changeUser(who === "anonymous" ? { type: UserTokenType.UserName, userName: user, password }
+    : { type: UserTokenType.Anonymous });
+  for (let waited = 0; waited < 2000 && !("StartSingleJob" in latest); waited += 50) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const changed = "StartSingleJob" in latest ? latest.StartSingleJob : "none";
+  say({ kind: "subscribed", url, session: who, notified, read, changed });
   await subscription.terminate();
   await session.close();
   await client.disconnect();
