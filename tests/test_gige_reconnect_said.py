@@ -25,7 +25,7 @@ def test_a_swapped_camera_is_named_in_the_log_once_while_it_keeps_the_source_dow
     first = simulator(ADDRESS, "CELL-A")
     source = open_source(first.uri, trigger="software", backoff=(0.1, 0.3))
     try:
-        assert source.grab(time.time(), 2.0).error is None
+        assert source.grab(time.monotonic(), 2.0).error is None
         first.kill()
         wait_for(lambda: not source.up, 15, "the camera to show as down")
         simulator(ADDRESS, "CELL-B")
@@ -38,3 +38,19 @@ def test_a_swapped_camera_is_named_in_the_log_once_while_it_keeps_the_source_dow
         assert "camera" in lines[0] and first.uri.split("//")[1] in lines[0]
     finally:
         source.close()
+
+
+def test_a_camera_back_after_a_power_cycle_is_said_without_an_empty_feature_list(simulator, caplog):  # noqa: F811
+    """The reconnect line said "features re-applied {}" for a camera run with none (the soak's log)."""
+    caplog.set_level(logging.WARNING, logger="mrkd.runtime.sources.gige")
+    camera = simulator("127.0.86.36", "CYCLED")
+    source = open_source(camera.uri, trigger="software", backoff=(0.1, 0.3))
+    try:
+        assert source.grab(time.monotonic(), 2.0).error is None
+        camera.kill()
+        wait_for(lambda: not source.up, 15, "the camera to show as down")
+        camera.start()
+        wait_for(lambda: source.up, 20, "the camera to come back")
+    finally:
+        source.close()
+    assert said(caplog, "reconnected") == [f"camera {camera.uri}: reconnected"], said(caplog, "reconnected")

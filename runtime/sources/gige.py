@@ -655,7 +655,8 @@ class GigeSource(LatestFrameSource):
                     break
                 delay, refused = self._backoff[0], None
                 self.stats.reconnects += 1
-                logger.warning("camera %s: reconnected, features re-applied %s", self.name, self.features_applied)
+                logger.warning("camera %s: reconnected%s", self.name, f", features re-applied {self.features_applied}"
+                               if self.features_applied else "")
                 with self._cond:
                     self._cond.notify_all()
                 continue
