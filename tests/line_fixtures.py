@@ -4,6 +4,10 @@ a line run on a background thread, and an MQTT subscriber that records what arri
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from typing import List, Optional, Sequence
@@ -190,3 +194,38 @@ def broker(tmp_path):
     server = Mosquitto(folder=folder).start()
     yield server
     server.kill()
+
+
+class PageRun:
+    """`mrkd run ARGS --http 127.0.0.1:0` as a process, its stdin open (triggers for --trigger-stdin) and its
+    stderr lines collected (``lines``); ``url`` once the page said where it listens. ``close()`` ends the
+    input, waits for the run and returns its exit status."""
+
+    def __init__(self, *args, timeout: float = 60):
+        self.proc = subprocess.Popen([sys.executable, "-c", "from mrkd.cli import main; main()", "run",
+                                      *map(str, args), "--http", "127.0.0.1:0"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        self.lines: list = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
+                                        daemon=True)
+        self._reader.start()
+        if not wait_for(lambda: any("operator page" in line for line in self.lines), timeout):
+            self.close()
+            raise AssertionError(f"the run's page did not start: {self.stderr}")
+        self.url = re.search(r"operator page (http://\S+)/", self.stderr).group(1)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def trigger(self, *part_ids: str) -> None:
+        self.proc.stdin.write("".join(f"{part_id}\n" for part_id in part_ids))
+        self.proc.stdin.flush()
+
+    def close(self, timeout: float = 60) -> int:
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=timeout)
+        self._reader.join(10)
+        return self.proc.returncode

@@ -270,35 +270,23 @@ def test_calibrating_a_checkpoint_under_a_mask_is_refused_in_one_line(tmp_path, 
 def test_the_operator_page_names_each_cameras_mask(model, mask, tmp_path):
     """The page's camera card (from the SSE hello and every status) says the camera's ignore mask, so an
     operator who sees a blemish pass knows that area is not judged."""
-    import os
-    import re
-    import threading
-    import time
     import urllib.request
+    from line_fixtures import PageRun
     from peers import require_program
     from test_operator_page import CHROMIUM, CHROMIUM_ARGS
     require_program(CHROMIUM, ["chromium"])
     from playwright.sync_api import sync_playwright
     rng = np.random.default_rng(8)
     parts = write_frames(tmp_path / "parts", [frame_with(rng), frame_with(rng, MASKED_DEFECT)])
-    proc = subprocess.Popen([sys.executable, "-m", "mrkd.cli", "run", model, "--source", str(parts), "--loop",
-                             "--trigger", "software", "--trigger-stdin", "--ignore-mask", str(mask),
-                             "--http", "127.0.0.1:0", "--status-every", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines: list = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
+    run = PageRun(model, "--source", parts, "--loop", "--trigger", "software", "--trigger-stdin",
+                  "--ignore-mask", mask, "--status-every", "0")
     try:
-        deadline = time.monotonic() + 60
-        while not any("operator page" in line for line in lines) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        url = re.search(r"operator page (http://\S+)/", "".join(lines)).group(1)
+        url = run.url
         with urllib.request.urlopen(url + "/events", timeout=10) as stream:
             hello = None
-            while hello is None:
+            while hello is None:         # a hello before the line started names no camera yet; one follows
                 line = stream.readline().decode()
-                if line.startswith("data: ") and '"cameras"' in line:
+                if line.startswith("data: ") and '"cameras"' in line and json.loads(line[6:])["cameras"]:
                     hello = json.loads(line[len("data: "):])
         with sync_playwright() as playwright:       # what the card shows, in a real browser
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -313,9 +301,7 @@ def test_the_operator_page_names_each_cameras_mask(model, mask, tmp_path):
             finally:
                 browser.close()
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
-    reader.join(10)
-    assert proc.returncode == 0, "".join(lines)
+        status = run.close()
+    assert status == 0, run.stderr
     assert [c["ignore_mask"] for c in hello["cameras"]] == ["mask.png, 31.2% not judged"], hello["cameras"]
     assert shown.endswith(" · ignore mask mask.png, 31.2% not judged"), shown

@@ -6,19 +6,13 @@ second, and for every idle pause of the line): it is healthy while its camera is
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import sys
-import threading
 
 import cv2
 import numpy as np
 
-from line_fixtures import http_get, wait_for
+from line_fixtures import PageRun, http_get, wait_for
 from runtime_fixtures import build_tiny_model, defective_frame, normal_frame
-
-MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]
 
 
 def test_a_triggered_cell_is_healthy_between_parts_and_while_judging_them(tmp_path):
@@ -29,32 +23,21 @@ def test_a_triggered_cell_is_healthy_between_parts_and_while_judging_them(tmp_pa
     for i in range(4):
         cv2.imwrite(str(parts / f"p{i}.png"), defective_frame(rng) if i % 2 else normal_frame(rng))
     parts_log = tmp_path / "parts.jsonl"
-    proc = subprocess.Popen(MRKD + ["run", str(model), "--source", str(parts), "--loop", "--trigger", "software",
-                                    "--trigger-stdin", "--parts-log", str(parts_log), "--http", "127.0.0.1:0",
-                                    "--status-every", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines: list = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
+    run = PageRun(model, "--source", parts, "--loop", "--trigger", "software", "--trigger-stdin",
+                  "--parts-log", parts_log, "--status-every", "0")
     try:
-        assert wait_for(lambda: any("operator page" in line for line in lines), 60), lines
-        url = re.search(r"operator page (http://\S+)/", "".join(lines)).group(1)
+        url = run.url
         assert wait_for(lambda: json.loads(http_get(url + "/healthz")[1])["status"] != "starting", 30)
         code, body = http_get(url + "/healthz")            # up, no part yet: an idle line is a healthy one
         assert code == 200, body
         assert json.loads(body)["cameras"]["cam0"]["ok"] is True
-        for i in range(4):
-            proc.stdin.write(f"P-{i}\n")
-        proc.stdin.flush()
+        run.trigger(*(f"P-{i}" for i in range(4)))
         assert wait_for(lambda: parts_log.exists() and len(parts_log.read_text().splitlines()) == 4, 30)
         code, body = http_get(url + "/healthz")
         assert code == 200, body
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
-    reader.join(10)
-    assert proc.returncode == 0, "".join(lines)
+        status = run.close()
+    assert status == 0, run.stderr
     verdicts = [json.loads(line)["verdict"] for line in parts_log.read_text().splitlines()]
     assert verdicts == ["OK", "NG", "OK", "NG"]
 

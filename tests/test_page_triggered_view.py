@@ -6,20 +6,13 @@ image with its heat map, as a smart camera's display does, until the next part. 
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import threading
 import urllib.request
 
 import cv2
 import numpy as np
 
-from line_fixtures import wait_for
+from line_fixtures import PageRun, wait_for
 from runtime_fixtures import build_tiny_model, defective_frame, normal_frame
-
-MRKD = [sys.executable, "-c", "from mrkd.cli import main; main()"]
 
 
 def first_jpeg(url: str, timeout: float = 10.0) -> np.ndarray:
@@ -48,26 +41,14 @@ def test_a_triggered_cameras_live_view_shows_the_last_parts_image(tmp_path):
         cv2.imwrite(str(parts / f"p{i}.png"), defective_frame(rng) if i % 2 else normal_frame(rng))
     size = cv2.imread(str(parts / "p0.png")).shape
     parts_log = tmp_path / "parts.jsonl"
-    proc = subprocess.Popen(MRKD + ["run", str(model), "--source", str(parts), "--loop", "--trigger", "software",
-                                    "--trigger-stdin", "--parts-log", str(parts_log), "--http", "127.0.0.1:0",
-                                    "--status-every", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines: list = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
+    run = PageRun(model, "--source", parts, "--loop", "--trigger", "software", "--trigger-stdin",
+                  "--parts-log", parts_log, "--status-every", "0")
     try:
-        assert wait_for(lambda: any("operator page" in line for line in lines), 60), lines
-        url = re.search(r"operator page (http://\S+)/", "".join(lines)).group(1)
-        for i in range(2):
-            proc.stdin.write(f"P-{i}\n")
-        proc.stdin.flush()
+        run.trigger("P-0", "P-1")
         assert wait_for(lambda: parts_log.exists() and len(parts_log.read_text().splitlines()) == 2, 30)
-        shown = first_jpeg(url + "/stream/cam0.mjpg")
+        shown = first_jpeg(run.url + "/stream/cam0.mjpg")
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
-    reader.join(10)
-    assert proc.returncode == 0, "".join(lines)
+        status = run.close()
+    assert status == 0, run.stderr
     assert shown is not None, "the triggered camera's live view sent no image after two parts"
     assert shown.shape == size, (shown.shape, size)
