@@ -137,7 +137,6 @@ class FrameGrabber:
         return Grab(images, None, time.monotonic())
 
 
-
 def grabber_for(source: Source):
     """A GigE source in triggered mode grabs itself; any other source takes its next frames."""
     return source if callable(getattr(source, "grab", None)) and getattr(source, "trigger_mode", "free") != "free" \
