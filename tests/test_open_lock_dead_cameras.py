@@ -25,6 +25,7 @@ import pytest
 from mrkd.runtime.sources import SourceUnreachable, open_source
 from mrkd.runtime.sources.late import LateSource
 from mrkd.runtime.sources.reachable import Target, Unreachable, first_request, probe_target, probed_open
+from peers import require_program
 from runtime_fixtures import MjpegServer, build_tiny_model
 from test_stop_dead_cameras import SilentPeer
 
@@ -224,9 +225,10 @@ def test_the_probe_asks_what_ffmpeg_asks_first():
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     """A throwaway self-signed certificate and its key (the openssl command line, not our code)."""
+    openssl = require_program("openssl", ["openssl"])
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=camera.test"],
                    check=True, capture_output=True)
     return cert, key
