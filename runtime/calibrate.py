@@ -123,10 +123,10 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
     # the labelled folder's and the mask's mistakes are said before a camera is scored for minutes
     paths, labels = labelled_folder(labelled) if labelled else (None, None)
     mask = load_ignore_mask(ignore_mask) if ignore_mask is not None else None
-    if mask is not None and source_options is not None and source_options.size is not None \
-            and tuple(source_options.size) != mask.ignored.shape[::-1]:
-        raise CalibrationError(f"ignore mask {ignore_mask} is {mask.size_text}, --size resizes the frames to "
-                               f"{source_options.size[0]}x{source_options.size[1]}: draw it at that size")
+    size = source_options.size if source_options is not None else None
+    why = mask is not None and size is not None and mask.resize_misfit(size, "--size resizes the frames to")
+    if why:
+        raise CalibrationError(why)
     detector = Detector(model_path, backend=backend)
     try:
         good_scores, stats = score_source(detector, good, max_frames=max_frames, progress=progress,

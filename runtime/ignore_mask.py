@@ -63,6 +63,13 @@ class IgnoreMask:
         return (f"ignore mask {self.path} ({self.size_text}, {self.ignored_fraction:.1%} of its images not judged, "
                 f"sha256 {self.sha256[:12]})")
 
+    def resize_misfit(self, size: Tuple[int, int], resized: str) -> Optional[str]:
+        """Why frames resized to ``size`` (width, height; ``resized`` says by what) cannot be judged under
+        this mask, else None: checked before any frame is read."""
+        if tuple(size) == self.ignored.shape[::-1]:
+            return None
+        return f"ignore mask {self.path} is {self.size_text}, {resized} {size[0]}x{size[1]}: draw it at that size"
+
     def misfit(self, frame_hw: Tuple[int, int]) -> Optional[str]:
         """Why images of ``frame_hw`` (h, w) cannot be judged under this mask (another size), else None."""
         if tuple(frame_hw) == self.ignored.shape:

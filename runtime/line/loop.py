@@ -198,10 +198,9 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
         if camera.size is not None and (len(camera.size) != 2 or min(camera.size) < 1):
             raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
         if camera.ignore_mask is not None:
-            mask = camera_mask(camera)
-            if camera.size is not None and tuple(camera.size) != mask.ignored.shape[::-1]:
-                raise LineError(f"camera {camera.name!r}: ignore mask {camera.ignore_mask} is {mask.size_text}, its "
-                                f"frames are resized to {camera.size[0]}x{camera.size[1]}: draw it at that size")
+            why = camera.size and camera_mask(camera).resize_misfit(camera.size, "its frames are resized to")
+            if why:
+                raise LineError(f"camera {camera.name!r}: {why}")
 
 
 # ---------------------------------------------------------------- reading: one thread per camera
