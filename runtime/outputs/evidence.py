@@ -253,8 +253,8 @@ class EvidenceWriter(LineObserver):
             self._ahead_said = True
             logger.warning("%s: %d OK sample(s) are dated after this machine's clock (the latest %s, the clock says "
                            "%s): the clock is behind, or was ahead when they were written; OK samples are deleted "
-                           "oldest first by these dates, so these go last", self.folder, len(ahead), utc_text(max(ahead) / 1e9),
-                           utc_text(now_ns / 1e9))
+                           "oldest first by these dates, so these go last", self.folder, len(ahead),
+                           utc_text(max(ahead) / 1e9), utc_text(now_ns / 1e9))
 
     @property
     def used_bytes(self) -> int:

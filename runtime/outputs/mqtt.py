@@ -259,7 +259,8 @@ class _CameraLink:
             clock = CLOCK_REFUSALS.get(exc.verify_code)
             if clock is not None:     # a device booted at 1970 (no real-time clock): the clock, not the CA
                 return (f"the broker at {self.broker} presents a certificate {clock} by this machine's clock, which "
-                        f"says {utc_text(time.time())}: is the clock wrong (no real-time clock, NTP not synchronised yet)?")
+                        f"says {utc_text(time.time())}: is the clock wrong (no real-time clock, NTP not synchronised "
+                        f"yet)?")
             return f"the broker at {self.broker} presents a certificate --mqtt-ca does not trust ({exc.verify_message})"
         except ssl.SSLError as exc:
             return f"no TLS handshake with {self.broker} ({exc.reason or exc}; is it a TLS port?)"

@@ -225,9 +225,8 @@ class ModbusPlc(AsyncioServerThread, LineObserver):
         from mrkd.deps import require
         require("pymodbus", "the Modbus TCP server (--modbus) needs pymodbus")
         if self.security is not None:
-            from mrkd.runtime.plc.modbus_security import SecureListener
+            from mrkd.runtime.plc.modbus_security import SecureListener, told_handshakes
             self._secure = SecureListener(self.security)        # PlcError naming a file that does not load
-            from mrkd.runtime.plc.modbus_security import told_handshakes
             self._secure.context.sslobject_class = told_handshakes(self._handshake_refused)
         _quiet_pymodbus()
         self._start_loop("modbus", 30)

@@ -1146,6 +1146,7 @@ def _user_executable_follows_identity(iserver) -> bool:
     service = getattr(iserver, "subscription_service", None)
     if create is None or not isinstance(getattr(service, "subscriptions", None), dict):
         return False
+    sending: set = set()      # the tasks under way (the loop holds them weakly)
 
     async def send_again(session) -> None:
         from asyncua import ua
@@ -1175,7 +1176,6 @@ def _user_executable_follows_identity(iserver) -> bool:
             session.activate_session = activate_session
         return session
 
-    sending: set = set()      # the tasks under way (the loop holds them weakly)
     iserver.create_session = create_session
     return True
 
