@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
-from mrkd.atomic import sync_folder
+from mrkd.atomic import sync_folder, temporary_folder
 from mrkd.export.onnx_graph import ExportError
 from mrkd.runtime.metadata import sidecar_path
 
@@ -54,18 +54,19 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
     error or a stop leaves it empty. Messages of errors raised inside name ``out_dir``, not the staging."""
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
     try:
-        yield staging
-    except BaseException as exc:
-        exc.args = tuple(arg.replace(str(staging), str(out_dir)) if isinstance(arg, str) else arg
-                         for arg in exc.args)
-        shutil.rmtree(staging, ignore_errors=True)
+        with temporary_folder(out_dir, STAGING_PREFIX) as staging:
+            try:
+                yield staging
+            except BaseException as exc:
+                exc.args = tuple(arg.replace(str(staging), str(out_dir)) if isinstance(arg, str) else arg
+                                 for arg in exc.args)
+                raise
+    except BaseException:
         if made:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()        # only when empty
         raise
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def move_into_place(staging: Path, out_dir: Path) -> List[Path]:

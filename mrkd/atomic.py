@@ -11,11 +11,14 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import IO, Iterator
+
+from mrkd.stopping import stops_deferred
 
 _umask_lock = threading.Lock()
 logger = logging.getLogger(__name__)
@@ -76,6 +79,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def temporary_folder(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A fresh private folder in ``parent`` (mkdtemp), removed at the end whatever happens, unless the
+    caller renamed it away. It is made while Ctrl-C and SIGTERM wait (stops_deferred): a stop landing
+    between mkdtemp's mkdir and its return left a folder nobody knew the name of (seen in CI)."""
+    folder = None
+    try:
+        with stops_deferred():
+            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        yield folder
+    finally:
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def sync_folder(folder: str | os.PathLike) -> None:

@@ -173,6 +173,28 @@ def test_a_sigterm_while_the_set_is_moved_in_waits_until_it_is_whole(checkpoints
                                                      "model_fp16.onnx.json"]
 
 
+def test_a_sigterm_just_as_the_staging_folder_is_made_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    """A stop landing after mkdtemp made the staging folder and before its name was known left the folder
+    (and the output folder made for it) behind: now the folder is made while stops wait."""
+    import tempfile
+    from mrkd.export.file_set import STAGING_PREFIX
+    first, _ = checkpoints
+    real_mkdtemp, made = tempfile.mkdtemp, []
+
+    def mkdtemp_then_stopped(*args, **kwargs):
+        folder = real_mkdtemp(*args, **kwargs)
+        if os.path.basename(folder).startswith(STAGING_PREFIX) and not made:
+            made.append(folder)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return folder
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_stopped)
+    fresh = tmp_path / "fresh"
+    result = _export(first, fresh, "--no-engine")
+    assert len(made) == 1
+    assert result.exit_code == 143, result.output
+    assert not fresh.exists(), sorted(p.name for p in fresh.iterdir())
+
+
 def test_a_killed_exports_staging_folder_is_named_and_left_alone(checkpoints, tmp_path):
     """SIGKILL skips the clean-up of the hidden staging folder; the next export into that folder says so
     (it may also be an export running now, so it is not deleted) and exports as usual."""

@@ -701,6 +701,30 @@ def test_sigterm_during_a_refit_leaves_no_staging_folder(parent, tmp_path, monke
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sigterm_just_as_the_staging_folder_is_made_leaves_no_folder(parent, tmp_path, monkeypatch):
+    """CI once found a `.v2.XXXX` folder after a Ctrl-C: the stop landed after mkdtemp's mkdir, before its
+    name reached the code that removes it. Here SIGTERM's handler is called at that very point."""
+    import signal
+    import tempfile
+    from mrkd.stopping import Terminated, sigterm_interrupts
+    labels = write_labels(tmp_path / "labels.jsonl", good_marks(parent, 1))
+    real_mkdtemp, made = tempfile.mkdtemp, []
+
+    def mkdtemp_then_stopped(*args, **kwargs):
+        folder = real_mkdtemp(*args, **kwargs)
+        if os.path.basename(folder).startswith(".v2."):
+            made.append(folder)
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)    # as the signal would call it
+        return folder
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_stopped)
+    with pytest.raises(Terminated):
+        with sigterm_interrupts():
+            refit_checkpoint(parent / "parent.ckpt", labels, str(parent / "good"), tmp_path / "out" / "v2",
+                             export=False, echo=lambda line: None)
+    assert len(made) == 1                              # the folder was made, then the stop came
+    assert list((tmp_path / "out").iterdir()) == []   # and it is gone
+
+
 def test_refit_names_an_unreadable_good_image_without_a_train_option(parent, tmp_path):
     good = tmp_path / "good"
     shutil.copytree(parent / "good", good)

@@ -53,13 +53,12 @@ Images of the bank, and the confirmed defects, are found among the held-out good
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +67,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mrkd.atomic import current_umask, sync_folder
+from mrkd.atomic import current_umask, sync_folder, temporary_folder
 from mrkd.errors import MrkdError, one_line, warning_line
 from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration, \
     calibration_from_scores
@@ -1014,34 +1013,33 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     for leftover in leftover_staging(out_dir):
         echo(warning_line(f"{leftover} looks like the unfinished version of a refit that was killed (or one "
                           f"running now); it is not used: remove it once no refit runs"))
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:        # its message names the staging folder, which the user never typed
-        raise RefitError(f"{out_dir}: cannot be created ({exc.strerror or exc}); nothing written") from exc
-    try:
-        save_checkpoint(model.cpu(), staging / CHECKPOINT_NAME, extra=kept)
-        if export:       # the checkpoint carries the lineage; the export puts it into the sidecars
-            from mrkd.export.pipeline import export_checkpoint
-            # its lines name the files where they will be once the folder is renamed into place
-            export_checkpoint(staging / CHECKPOINT_NAME, staging,
-                              echo=lambda text: echo(text.replace(str(staging), str(out_dir))))
-        # mkdtemp's folder is private (0700); the version is a folder like any other (the line's account reads it)
-        os.chmod(staging, 0o777 & ~current_umask())
+    with contextlib.ExitStack() as stack:
         try:
-            os.rename(staging, out_dir)       # atomic; fails when out_dir appeared meanwhile
-        except OSError as exc:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = stack.enter_context(temporary_folder(out_dir.parent, f".{out_dir.name}."))
+        except OSError as exc:        # its message names the staging folder, which the user never typed
             raise RefitError(f"{out_dir}: cannot be created ({exc.strerror or exc}); nothing written") from exc
-        sync_folder(out_dir.parent)           # the rename too reaches the disk before "written" is said
-    except RefitError:
-        raise
-    except (OSError, MrkdError) as exc:
-        # a full disk or an export error names a file in the staging folder: say where it was going
-        raise RefitError(f"{out_dir}: cannot be written ("
-                         f"{one_line(exc).replace(str(staging), str(out_dir))}); nothing written") from exc
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            save_checkpoint(model.cpu(), staging / CHECKPOINT_NAME, extra=kept)
+            if export:       # the checkpoint carries the lineage; the export puts it into the sidecars
+                from mrkd.export.pipeline import export_checkpoint
+                # its lines name the files where they will be once the folder is renamed into place
+                export_checkpoint(staging / CHECKPOINT_NAME, staging,
+                                  echo=lambda text: echo(text.replace(str(staging), str(out_dir))))
+            # mkdtemp's folder is private (0700); the version is a folder like any other (the line's account
+            # reads it)
+            os.chmod(staging, 0o777 & ~current_umask())
+            try:
+                os.rename(staging, out_dir)       # atomic; fails when out_dir appeared meanwhile
+            except OSError as exc:
+                raise RefitError(f"{out_dir}: cannot be created ({exc.strerror or exc}); nothing written") from exc
+            sync_folder(out_dir.parent)           # the rename too reaches the disk before "written" is said
+        except RefitError:
+            raise
+        except (OSError, MrkdError) as exc:
+            # a full disk or an export error names a file in the staging folder: say where it was going
+            raise RefitError(f"{out_dir}: cannot be written ("
+                             f"{one_line(exc).replace(str(staging), str(out_dir))}); nothing written") from exc
     result.files = {p.name: str(out_dir / p.name) for p in sorted(out_dir.iterdir())}
     result.wall_seconds = time.perf_counter() - started
     return result
