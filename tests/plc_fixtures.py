@@ -20,6 +20,7 @@ import numpy as np
 from runtime_fixtures import build_tiny_model, defective_frame, normal_frame
 
 from mrkd.runtime.outputs.base import CameraJudgement, PartResult, TriggerReceipt, Verdict
+from mrkd.runtime.outputs.events import new_event_id
 
 
 class QueueTarget:
@@ -32,6 +33,7 @@ class QueueTarget:
         self.calls: List[tuple] = []
         self.observers: list = []
         self._online, self.sequence, self.inspections = True, 0, 0
+        self.run_id = new_event_id()
         self.lock = threading.Lock()
 
     def trigger(self, part_id: Optional[str] = None, recipe: Optional[int] = None) -> TriggerReceipt:
@@ -74,14 +76,15 @@ class QueueTarget:
             _, part_id, recipe = self.pending.pop(0)
             self.inspections += 1
             number = self.inspections
-        part = make_part(number, part_id, verdict, score, recipe=recipe or 0, error_code=error_code)
+        part = make_part(number, part_id, verdict, score, recipe=recipe or 0, error_code=error_code, run_id=self.run_id)
         for observer in self.observers:
             observer.on_part(part)
         return part
 
 
 def make_part(inspection_id: int, part_id: str, verdict: str = Verdict.OK, score: float = 0.05,
-              threshold: float = 0.1, recipe: int = 0, error_code: int = 0, verdict_s: float = 0.0123) -> PartResult:
+              threshold: float = 0.1, recipe: int = 0, error_code: int = 0, verdict_s: float = 0.0123,
+              run_id: str = "") -> PartResult:
     if verdict == Verdict.ERROR:
         score = math.nan
     camera = CameraJudgement("cam", score, threshold, verdict == Verdict.NG, 0 if verdict == Verdict.ERROR else 1,
@@ -89,7 +92,7 @@ def make_part(inspection_id: int, part_id: str, verdict: str = Verdict.OK, score
     return PartResult(inspection_id=inspection_id, part_id=str(part_id), verdict=verdict, score=score,
                       threshold=threshold, cameras=(camera,), model_sha256="0" * 64, recipe=recipe,
                       trigger_time=time.time(), acquired_s=0.001, verdict_s=verdict_s, error_code=error_code,
-                      error="cam: timeout" if verdict == Verdict.ERROR else None)
+                      error="cam: timeout" if verdict == Verdict.ERROR else None, run_id=run_id)
 
 
 def part_images(folder: Path, pattern: str, seed: int = 0) -> List[bool]:

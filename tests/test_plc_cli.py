@@ -154,8 +154,9 @@ def test_mrkd_run_with_opcua_and_modbus_on_one_line(tmp_path):
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, err[-2000:]
-    assert job == "1" and (reading.inspection_id, reading.part_id, reading.result_code) == (1, 77, 2)
     summary = json.loads(out[out.index("{"):])
+    assert job == f"{summary['run_id']}-1"                    # the JobId names the run
+    assert (reading.inspection_id, reading.part_id, reading.result_code) == (1, 77, 2)
     assert summary["parts"] == 1 and {"modbus", "opcua"} <= set(summary["outputs"])
     assert summary["outputs"]["opcua"]["ok"] and summary["outputs"]["modbus"]["ok"], summary["outputs"]
     assert "did not deliver" not in err, err

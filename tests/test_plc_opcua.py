@@ -160,12 +160,14 @@ def test_asyncua_single_jobs_events_and_variables(cell):
     jobs, events, last = asyncio.run(scenario())
     for i, (job, event) in enumerate(zip(jobs, events)):
         content = json.loads(event.ResultContent)
-        assert (event.JobId, event.ResultId, event.PartId, event.ResultState) == (job, str(i + 1), f"A-{i}", 1)
+        assert (event.JobId, event.ResultId, event.PartId, event.ResultState) == (
+            job, f"{runner.run_id}-{i + 1}", f"A-{i}", 1)
+        assert job == f"{runner.run_id}-{i + 1}" and content["run_id"] == runner.run_id   # one job, one part each
         assert event.IsPartial is False and event.MeasId == f"meas-{i}"
         assert content["verdict"] == ("NG" if PATTERN[i] == "d" else "OK") and content["ok"] == (PATTERN[i] == "g")
         assert content["score"] == pytest.approx(scores[i], abs=1e-5) and content["threshold"] == THRESHOLD
         assert content["cameras"][0]["score"] == pytest.approx(scores[i], abs=1e-5)
-    assert last["ResultId"] == "2" and last["JobId"] == jobs[1] and last["PartId"] == "A-1"
+    assert last["ResultId"] == f"{runner.run_id}-2" and last["JobId"] == jobs[1] and last["PartId"] == "A-1"
     assert last["Verdict"] == "NG" and last["ResultState"] == 1
     assert last["Score"] == pytest.approx(scores[1], abs=1e-5) and last["CameraScores"] == [pytest.approx(last["Score"])]
 
@@ -190,7 +192,7 @@ def test_node_opcua_client_starts_jobs_and_receives_result_ready(cell):
     assert [c["status"] for c in calls] == ["Good"] * 3 and len(events) == 3
     for i, (call, event) in enumerate(zip(calls, events)):
         index = first + i
-        assert event["jobId"] == call["jobId"] and event["resultId"] == str(index + 1)
+        assert event["jobId"] == call["jobId"] and event["resultId"] == f"{runner.run_id}-{index + 1}"
         assert event["partId"] == f"N-{i}" and event["resultState"] == 1 and event["isPartial"] is False
         assert event["resultContent"]["verdict"] == ("NG" if PATTERN[index] == "d" else "OK")
         assert event["resultContent"]["score"] == pytest.approx(scores[index], abs=1e-5)
@@ -305,7 +307,7 @@ def test_continuous_runs_into_the_folders_end_as_failed_results(cell):
             return job, list(s.events.received), mode
 
     job, events, mode = asyncio.run(scenario())
-    assert mode == "Ready" and job.startswith("continuous-")
+    assert mode == "Ready" and job.startswith(f"{runner.run_id}-continuous-")
     ours = [e for e in events if e.JobId == job]
     remaining = len(PATTERN) - start
     assert [json.loads(e.ResultContent)["verdict"] for e in ours[:remaining]] == \
@@ -545,7 +547,8 @@ def test_node_opcua_client_certificates_and_the_trust_folder(tmp_path):
         summary = runner.stop()
     assert seen["call"]["status"] == "Good" and after_trusted == 1
     event = seen["event"]
-    assert event["jobId"] == seen["call"]["jobId"] and event["resultId"] == "1" and event["partId"] == "node-secure-1"
+    assert event["jobId"] == seen["call"]["jobId"] and event["resultId"] == f"{runner.run_id}-1"
+    assert event["partId"] == "node-secure-1"
     assert event["resultState"] == 1 and event["isPartial"] is False and event["resultContent"]["verdict"] == "NG"
     assert stranger.returncode == 1 and "session" not in refused and "call" not in refused, stranger.stdout[-2000:]
     assert refused["error"]["stage"] == "session", refused
@@ -720,7 +723,8 @@ def test_a_part_another_source_triggered_with_the_jobs_part_id_never_answers_the
             return job, mode_after_other, await s.value("AutomaticModeState"), s.events.received
 
     job, mode_after_other, mode_after_job, events = asyncio.run(scenario())
-    assert [(e.ResultId, e.PartId, e.JobId) for e in events] == [("1", "7", ""), ("2", "7", job)]
+    run = cell.runner.run_id
+    assert [(e.ResultId, e.PartId, e.JobId) for e in events] == [(f"{run}-1", "7", ""), (f"{run}-2", "7", job)]
     assert events[1].MeasId == "meas-7" and events[0].MeasId == ""
     assert (mode_after_other, mode_after_job) == ("SingleExecution", "Ready")
 

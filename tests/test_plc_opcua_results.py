@@ -81,7 +81,7 @@ def test_a_client_back_after_its_session_timed_out_fetches_the_results_it_missed
         second_session = client.ask("restored")["sessionId"]
         judge(runner, ["after"], 5)
         events = client.ask("events 2")["events"]
-        missed = client.ask("missed 1 2")
+        missed = client.ask(f"missed {runner.run_id}-1 2")
     finally:
         if client is not None:
             client.close()
@@ -89,12 +89,13 @@ def test_a_client_back_after_its_session_timed_out_fetches_the_results_it_missed
         runner.stop()
     assert second_session != first_session
     # the gap's events are gone with the old session: what the methods are for
-    assert [(e["resultId"], e["partId"]) for e in events] == [("1", "before"), ("5", "after")]
+    rid = lambda n: f"{runner.run_id}-{n}"  # noqa: E731
+    assert [(e["resultId"], e["partId"]) for e in events] == [(rid(1), "before"), (rid(5), "after")]
     assert [(r["resultId"], r["partId"], r["verdict"], r["resultState"], r["type"]) for r in missed["results"]] == [
-        ("2", "gap-1", "NG", 1, "ResultDataType"), ("3", "gap-2", "OK", 1, "ResultDataType"),
-        ("4", "gap-3", "NG", 1, "ResultDataType"), ("5", "after", "OK", 1, "ResultDataType")]
+        (rid(2), "gap-1", "NG", 1, "ResultDataType"), (rid(3), "gap-2", "OK", 1, "ResultDataType"),
+        (rid(4), "gap-3", "NG", 1, "ResultDataType"), (rid(5), "after", "OK", 1, "ResultDataType")]
     # newest first, pages of two, until the page that reaches ResultId 1
-    assert missed["pages"] == [[0, ["5", "4"]], [2, ["3", "2"]], [4, ["1"]]]
+    assert missed["pages"] == [[0, [rid(5), rid(4)]], [2, [rid(3), rid(2)]], [4, [rid(1)]]]
     times = [r["creationTime"] for r in missed["results"]]
     assert times == sorted(times) and len(set(times)) == 4
 
@@ -113,10 +114,11 @@ def test_get_result_by_id_the_list_s_filters_and_the_history_bound(tmp_path: Pat
         judge(runner, [f"P-{i}" for i in range(1, 6)], 5)
         client = NodeOpcuaSteps(node, "results.js", server.url, USER, PASSWORD)
         described = client.ask("describe")["methods"]
-        latest = client.ask("byid 5")
-        as_text = client.ask("byid-text 3")
-        pushed_out = [client.ask(f"byid {i}")["status"] for i in (1, 2)]
-        never = client.ask("byid 6")["status"]
+        latest = client.ask(f"byid {runner.run_id}-5")
+        as_text = client.ask(f"byid-text {runner.run_id}-3")
+        pushed_out = [client.ask(f"byid {runner.run_id}-{i}")["status"] for i in (1, 2)]
+        never = client.ask(f"byid {runner.run_id}-6")["status"]
+        bare_number = client.ask("byid 5")["status"]          # another run's id for all it knows
         everything = client.ask("page 0 0")
         first_two, rest = client.ask("page 2 0"), client.ask("page 2 2")
         past_the_end = client.ask("page 2 4")
@@ -127,17 +129,19 @@ def test_get_result_by_id_the_list_s_filters_and_the_history_bound(tmp_path: Pat
         if client is not None:
             client.close()
         runner.stop()
+    rid = lambda n: f"{runner.run_id}-{n}"  # noqa: E731
     assert described == RESULT_METHODS
     assert latest["status"] == "Good" and latest["error"] == 0 and latest["handle"] > 0
     assert {k: latest["result"][k] for k in ("resultId", "partId", "verdict", "type")} == {
-        "resultId": "5", "partId": "P-5", "verdict": "OK", "type": "ResultDataType"}
+        "resultId": rid(5), "partId": "P-5", "verdict": "OK", "type": "ResultDataType"}
     assert (as_text["status"], as_text["result"]["partId"], as_text["result"]["verdict"]) == ("Good", "P-3", "OK")
-    assert pushed_out == ["BadNotFound", "BadNotFound"] and never == "BadNotFound"
+    assert pushed_out == ["BadNotFound", "BadNotFound"] and never == bare_number == "BadNotFound"
     ids = lambda page: [r["resultId"] for r in page["results"]]  # noqa: E731
-    assert (ids(everything), everything["isComplete"], everything["resultCount"]) == (["5", "4", "3"], True, 3)
-    assert (ids(first_two), first_two["isComplete"], ids(rest), rest["isComplete"]) == (["5", "4"], False, ["3"], True)
+    assert (ids(everything), everything["isComplete"], everything["resultCount"]) == ([rid(5), rid(4), rid(3)], True, 3)
+    assert (ids(first_two), first_two["isComplete"], ids(rest), rest["isComplete"]) == (
+        [rid(5), rid(4)], False, [rid(3)], True)
     assert (ids(past_the_end), past_the_end["isComplete"], past_the_end["resultCount"]) == ([], True, 0)
-    assert [(r["resultId"], r["verdict"]) for r in one_part["results"]] == [("4", "NG")] and ids(gone_part) == []
+    assert [(r["resultId"], r["verdict"]) for r in one_part["results"]] == [(rid(4), "NG")] and ids(gone_part) == []
     assert len({latest["handle"], everything["handle"], first_two["handle"], rest["handle"]}) == 4
     assert (released["status"], released["outputs"]) == ("Good", [0])
     assert unknown_handle["status"] == "BadInvalidArgument"
@@ -160,7 +164,8 @@ def test_anonymous_sessions_read_results_but_start_no_job(tmp_path: Path):
                 f"{ns}:GetResultListFiltered", ua.Variant(0, ua.VariantType.Int32),
                 *[ua.Variant(None, ua.VariantType.ExtensionObject)] * 8, ua.Variant(0, ua.VariantType.UInt32),
                 ua.Variant(0, ua.VariantType.UInt32), ua.Variant(0, ua.VariantType.Int32))
-            by_id = await results.call_method(f"{ns}:GetResultById", ua.Variant("1", ua.VariantType.String),
+            by_id = await results.call_method(f"{ns}:GetResultById",
+                                              ua.Variant(f"{runner.run_id}-1", ua.VariantType.String),
                                               ua.Variant(0, ua.VariantType.Int32))
             machine = await system.get_child(f"{ns}:VisionStateMachine")
             try:
@@ -176,5 +181,47 @@ def test_anonymous_sessions_read_results_but_start_no_job(tmp_path: Path):
     finally:
         runner.stop()
     assert listed[0] is True and listed[1] == 1 and [r.PartId.Id for r in listed[3]] == ["A-1"]
-    assert by_id[1].ResultId.Id == "1" and by_id[1].PartId.Id == "A-1" and by_id[2] == 0
+    assert by_id[1].ResultId.Id == f"{runner.run_id}-1" and by_id[1].PartId.Id == "A-1" and by_id[2] == 0
     assert start == "BadUserAccessDenied"
+
+
+def _results_of_one_run(folder: Path, pattern: str) -> tuple:
+    """A run (a part runner and its OPC UA server) that has judged ``pattern``'s parts: ([(ResultId, PartId)]
+    as node-opcua lists them, newest first; that client, still connected; the runner, still running)."""
+    node = require_node_client(OPCUA_CLIENT_DIR, ("node-opcua-client",))
+    folder.mkdir()
+    runner = folder_cell(folder, pattern, queue=4)
+    server = OpcUaPlc(runner, f"opc.tcp://{SERVER_HOST}:0", user=USER, password=PASSWORD).start()
+    runner.observers.append(server)
+    runner.start()
+    client = None
+    try:
+        judge(runner, [f"{folder.name}-{i}" for i in range(1, len(pattern) + 1)], len(pattern))
+        client = NodeOpcuaSteps(node, "results.js", server.url, USER, PASSWORD)
+        listed = client.ask("page 0 0")["results"]
+        return [(r["resultId"], r["partId"]) for r in listed], client, runner
+    except BaseException:
+        if client is not None:
+            client.close()
+        runner.stop()
+        raise
+
+
+def test_a_result_id_of_an_earlier_run_is_not_found_after_a_restart(tmp_path: Path):
+    """OPC 40100's ResultId is system-wide unique: inspection ids start at 1 every run, and the ResultId
+    was that number, so after a restart an MES that asked GetResultById for the earlier run's result "1"
+    was handed the new run's first part, another part, with Good. Now ids carry the run's id."""
+    first, client, runner = _results_of_one_run(tmp_path / "one", "gd")
+    client.close()
+    runner.stop()
+    second, client, runner = _results_of_one_run(tmp_path / "two", "g")
+    try:
+        earlier = [client.ask(f"byid {result_id}")["status"] for result_id, _ in first]
+        own = client.ask(f"byid {second[0][0]}")
+    finally:
+        client.close()
+        runner.stop()
+    assert [part for _, part in first] == ["one-2", "one-1"] and [part for _, part in second] == ["two-1"]
+    assert not {result_id for result_id, _ in first} & {result_id for result_id, _ in second}, (first, second)
+    assert earlier == ["BadNotFound", "BadNotFound"]            # not the new run's part under an old id
+    assert (own["status"], own["result"]["partId"]) == ("Good", "two-1")

@@ -44,7 +44,7 @@ def test_result_ready_events_reach_a_subscriber_of_the_server_object(served):
     first = runner.inspections
     seen = run_client(server, 3)
     assert seen["call"]["status"] == "Good"
-    expected = [[str(first + i + 1), f"S-{i}"] for i in range(3)]
+    expected = [[f"{runner.run_id}-{first + i + 1}", f"S-{i}"] for i in range(3)]
     assert seen["events"]["atVisionSystem"] == expected
     # each part once at the Server object too, its source still the VisionSystem
     assert seen["events"]["atServer"] == [[*pair, "VisionSystem"] for pair in expected]

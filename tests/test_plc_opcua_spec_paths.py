@@ -128,6 +128,6 @@ def test_spec_path_methods_in_asyncua_need_the_user_and_take_parameters_empty_or
         cell.close()
     assert anonymous == ("BadUserAccessDenied", "BadUserAccessDenied")
     assert [c[1] if isinstance(c, list) else c for c in calls] == [0, "SingleExecution", 0] * 2
-    assert calls[0][0] == "1" and calls[3][0] == "2"          # the JobIds
+    assert calls[0][0] == f"{cell.runner.run_id}-1" and calls[3][0] == f"{cell.runner.run_id}-2"   # the JobIds
     assert (wrong, scalar) == ("BadInvalidArgument", "BadInvalidArgument")
     assert cell.runner.triggers == 2          # the anonymous and the refused calls made no part

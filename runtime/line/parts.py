@@ -234,6 +234,7 @@ class PartRunner:
         self._thread: Optional[threading.Thread] = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.cameras)), thread_name_prefix="grab")
         self.triggers = self.missed = self.inspections = 0
+        self.run_id = new_event_id()     # with an inspection id, names a part across restarts
         self.missed_by_reason: Dict[str, int] = {}
         self.verdicts = dict.fromkeys(Verdict.ALL, 0)
         self.parts_by_model: Dict[str, int] = {}     # model sha256 -> parts it judged (a swap splits them)
@@ -611,7 +612,7 @@ class PartRunner:
                           recipe=pending.recipe, trigger_time=pending.wall,
                           acquired_s=max(0.0, (acquired or done) - pending.mono), verdict_s=done - pending.mono,
                           error_code=error_code(first_error) if first_error else 0,
-                          error="; ".join(errors) or None, sequence=pending.sequence)
+                          error="; ".join(errors) or None, sequence=pending.sequence, run_id=self.run_id)
         if verdict != Verdict.OK:
             part = replace(part, event_id=new_event_id())
         self.verdicts[verdict] += 1
@@ -713,7 +714,7 @@ class PartRunner:
                                     "features": dict(getattr(source, "features_applied", {})),
                                     "ignore_mask": camera.mask.summary() if camera.mask is not None else None}
         elapsed = time.monotonic() - self._started_at if self._started_at else 0.0
-        return {"mode": "parts", "parts": self.inspections, "verdicts": dict(self.verdicts),
+        return {"mode": "parts", "run_id": self.run_id, "parts": self.inspections, "verdicts": dict(self.verdicts),
                 "triggers": self.triggers, "missed_triggers": self.missed,
                 "missed_by_reason": dict(self.missed_by_reason),
                 "latency_ms": {k: w.percentiles_ms() for k, w in self.latency.items()},

@@ -81,6 +81,12 @@ class TriggerTarget(Protocol):
     def active_recipe(self) -> int:
         ...
 
+    @property
+    def run_id(self) -> str:
+        """Names this run (UTC start time + random digits): the parts' ``run_id``, the prefix of ids that
+        must not repeat after a restart (OPC UA ResultIds and JobIds)."""
+        ...
+
 
 # ---------------------------------------------------------------- how a line makes parts
 

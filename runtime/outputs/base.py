@@ -245,9 +245,10 @@ class CameraJudgement:
 class PartResult:
     """One part: one trigger -> one image (or N) from each camera of the part -> one verdict.
 
-    inspection_id counts judged parts from 1 over the run (the PLC matches it); part_id is the id
-    given with the trigger, or the trigger's sequence number as text. score/threshold are those of
-    the camera whose score/threshold ratio is highest (the one that decided an NG).
+    inspection_id counts judged parts from 1 over the run (the PLC matches it); run_id names the run
+    (PartRunner.run_id), so the two together name one part across restarts (``result_id``); part_id is
+    the id given with the trigger, or the trigger's sequence number as text. score/threshold are those
+    of the camera whose score/threshold ratio is highest (the one that decided an NG).
     """
 
     inspection_id: int
@@ -267,11 +268,18 @@ class PartResult:
     error: Optional[str] = None
     event_id: Optional[str] = None   # the NG/error event written for this part, if any
     sequence: int = 0            # the trigger's (TriggerReceipt.sequence): parts and missed triggers share it
+    run_id: str = ""             # the run that judged it (PartRunner.run_id)
     schema_version: int = PART_SCHEMA_VERSION
 
     @property
     def ok(self) -> bool:
         return self.verdict == Verdict.OK
+
+    @property
+    def result_id(self) -> str:
+        """``<run_id>-<inspection_id>``: unique across runs, as OPC 40100 asks of a ResultId (inspection
+        ids start again at 1 each run: a client that asked for result "5" after a restart got another part)."""
+        return f"{self.run_id}-{self.inspection_id}" if self.run_id else str(self.inspection_id)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ browse names; docs/PLC.md lists it):
   time (BadNotSupported).
 * ``VisionSystem/ResultManagement/LastResult``: the last judged part as variables (for clients that
   poll), and a ``ResultReadyEventType`` event per judged part emitted by ``VisionSystem`` with
-  ResultId (the inspection id), JobId, IsPartial, ResultState (processing state: 1 completed, 4 failed
-  for an ERROR part: OK/NG is not a processing state), PartId, MeasId, RecipeId and ResultContent
+  ResultId (``<run id>-<inspection id>``: system-wide unique as the spec asks, so never the id of
+  another run's result; JobIds likewise), JobId, IsPartial, ResultState (processing state: 1 completed,
+  4 failed for an ERROR part: OK/NG is not a processing state), PartId, MeasId, RecipeId and ResultContent
   (one JSON text: verdict OK/NG/ERROR, score, threshold, per-camera scores, error), and the nodeset's
   CreationTime (when the verdict was made), ExternalRecipeId and InternalRecipeId (both the recipe
   number, as RecipeId) and InternalConfigurationId (the SHA-256 of the model that judged the part).
@@ -566,7 +567,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         if self._shown() != ("Operational", "Ready"):
             return self._status("BadInvalidState")
         self.jobs += 1
-        job = f"continuous-{self.jobs}"
+        job = f"{self.target.run_id}-continuous-{self.jobs}"
         # the run's recipe is fixed at its start (its RecipeId, else the prepared one): every part of it
         # is judged alike, whatever the recipe management does while it runs
         checked = dict(checked, RecipeId=checked["RecipeId"].strip() or str(self.recipe))
@@ -715,9 +716,9 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         (published on this loop) always finds it."""
         if job is None:
             self.jobs += 1
-            job = str(self.jobs)
+            job = f"{self.target.run_id}-{self.jobs}"      # unique across restarts, as ResultIds
         recipe = self._recipe(checked["RecipeId"]) if checked["RecipeId"].strip() else self.recipe
-        part_id = checked["PartId"] or f"job-{job}"
+        part_id = checked["PartId"] or f"job-{self.jobs}"
         receipt = self.target.trigger(part_id, recipe)
         if not receipt.accepted:
             return None
@@ -753,7 +754,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         self._ng += part.verdict == Verdict.NG
         state = RESULT_FAILED if part.verdict == Verdict.ERROR else RESULT_COMPLETED
         content = json.dumps(result_content(part))
-        values = {"ResultId": str(part.inspection_id), "JobId": job, "PartId": part.part_id,
+        values = {"ResultId": part.result_id, "JobId": job, "PartId": part.part_id,
                   "ResultState": ua.Variant(state, ua.VariantType.Int32), "Verdict": part.verdict,
                   "Score": float(part.score), "Threshold": float(part.threshold),
                   "CameraNames": ua.Variant([c.camera for c in part.cameras], ua.VariantType.String),
@@ -773,7 +774,7 @@ class OpcUaPlc(AsyncioServerThread, LineObserver):
         await self._write_all(values)
         self.history.add(result_data(self._result_types, part, job, meas, product, state, content))
         event = self._events.event
-        event.ResultId, event.JobId, event.IsPartial, event.ResultState = str(part.inspection_id), job, False, state
+        event.ResultId, event.JobId, event.IsPartial, event.ResultState = part.result_id, job, False, state
         event.PartId, event.MeasId, event.RecipeId, event.ResultContent = part.part_id, meas, str(part.recipe), content
         # the recipe is the line file's number, whoever names it; the configuration that made the result is
         # the model that judged it (a hot swap or a refit changes it, the recipe number stays)
@@ -949,7 +950,8 @@ def result_content(part: PartResult) -> dict:
     def number(x):
         return None if not math.isfinite(x) else float(x)
     return {"verdict": part.verdict, "ok": part.verdict == Verdict.OK, "score": number(part.score),
-            "threshold": number(part.threshold), "inspection_id": part.inspection_id, "part_id": part.part_id,
+            "threshold": number(part.threshold), "inspection_id": part.inspection_id, "run_id": part.run_id,
+            "part_id": part.part_id,
             "recipe": part.recipe, "processing_ms": round(part.verdict_s * 1000.0, 3),
             "cameras": [{"camera": c.camera, "score": number(c.score), "threshold": number(c.threshold),
                          "ng": c.anomalous, "error": c.error} for c in part.cameras],

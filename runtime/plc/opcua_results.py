@@ -115,7 +115,7 @@ def result_data(types: Dict[str, object], part, job: str, meas: str, product: st
            "InternalRecipeId": str(part.recipe), "InternalConfigurationId": part.model_sha256, "ProductId": product,
            "JobId": job}
     result = types["ResultDataType class"](
-        ResultId=typed("ResultIdDataType", str(part.inspection_id)), HasTransferableDataOnFile=False,
+        ResultId=typed("ResultIdDataType", part.result_id), HasTransferableDataOnFile=False,
         IsPartial=False, IsSimulated=False, ResultState=state,
         MeasId=typed("MeasIdDataType", meas), PartId=typed("PartIdDataType", part.part_id),
         ExternalRecipeId=typed("RecipeIdExternalDataType", ids["ExternalRecipeId"]),
@@ -124,7 +124,7 @@ def result_data(types: Dict[str, object], part, job: str, meas: str, product: st
         InternalConfigurationId=typed("ConfigurationIdDataType", part.model_sha256),
         JobId=typed("JobIdDataType", job), CreationTime=datetime.fromtimestamp(end, timezone.utc),
         ProcessingTimes=times, ResultContent=[ua.Variant(content, ua.VariantType.String)])
-    return HeldResult(str(part.inspection_id), state, ids, result)
+    return HeldResult(part.result_id, state, ids, result)
 
 
 class ResultHistory:

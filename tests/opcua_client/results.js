@@ -12,7 +12,7 @@
 //   page MAX START [PARTID] -> {kind: "page", status, isComplete, resultCount, handle, results}
 //                       one GetResultListFiltered (ResultState 0, the other filters null, or PartId's Id)
 //   missed LAST MAX  -> {kind: "missed", results, pages}   what a reconnecting MES does: pages of MAX from
-//                       StartIndex 0 (newest first) until one reaches ResultId LAST or the list is complete;
+//                       StartIndex 0 (newest first) until one is ResultId LAST or the list is complete;
 //                       the results after LAST, oldest first, once each; pages: [StartIndex, ResultIds]
 //   byid ID          -> {kind: "byid", status, handle, result}   GetResultById(ResultIdDataType{Id: ID})
 //   byid-text ID     -> the same with a String ResultId
@@ -106,18 +106,24 @@ async function main() {
       } else if (command === "page") {
         say(await page(parseInt(first, 10), parseInt(second, 10), third));
       } else if (command === "missed") {
-        const last = parseInt(first, 10);
+        // ResultIds are names, not numbers (OPC 40100: a system-wide unique TrimmedString): the client
+        // keeps the last one it had and pages back from the newest until it meets it
+        const last = first;
         const max = parseInt(second, 10);
         const found = new Map();
         const pages = [];
-        for (let start = 0; ; start += max) {
+        let met = false;
+        for (let start = 0; !met; start += max) {
           const got = await page(max, start);
           if (got.status !== "Good") throw new Error(`GetResultListFiltered: ${got.status}`);
           pages.push([start, got.results.map((r) => r.resultId)]);
-          for (const r of got.results) if (parseInt(r.resultId, 10) > last) found.set(r.resultId, r);
-          if (got.isComplete || got.results.some((r) => parseInt(r.resultId, 10) <= last)) break;
+          for (const r of got.results) {
+            if (r.resultId === last) { met = true; break; }
+            if (!found.has(r.resultId)) found.set(r.resultId, r);
+          }
+          if (got.isComplete) break;
         }
-        const results = [...found.values()].sort((a, b) => parseInt(a.resultId, 10) - parseInt(b.resultId, 10));
+        const results = [...found.values()].reverse();
         say({ kind: "missed", results, pages });
       } else if (command === "byid" || command === "byid-text") {
         const id = command === "byid" ? await struct("GetResultById", "ResultId", first)
