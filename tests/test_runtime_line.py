@@ -187,11 +187,29 @@ def test_stop_event_ends_every_camera(tmp_path, two_models):
     pool = [normal_frame(rng) for _ in range(5)]
     line = Line(tuple(Camera(f"c{i}", pool, str(model_a), loop=True, fps=50.0) for i in range(2)))
     stop = threading.Event()
-    threading.Timer(1.0, stop.set).start()
-    started = time.monotonic()
-    summary = run_line(line, stop=stop, status=lambda text: None)
-    assert summary["stopped_early"] and time.monotonic() - started < 5.0
-    assert summary["cameras"]["c0"]["frames"] > 10 and summary["cameras"]["c1"]["frames"] > 10
+
+    class StopOnceBothRun(LineObserver):
+        """Sets ``stop`` once each camera has had 10 frames judged (a timer of 1 s let a loaded CI machine
+        judge fewer than 10 of a camera's 50 frames, and the test failed on load, not on stopping)."""
+        def __init__(self):
+            self.seen, self.set_at = {}, None
+
+        def on_frame(self, result):
+            self.seen[result.camera] = self.seen.get(result.camera, 0) + 1
+            if self.set_at is None and len(self.seen) == 2 and min(self.seen.values()) >= 10:
+                self.set_at = time.monotonic()
+                stop.set()
+    stopper = StopOnceBothRun()
+    backstop = threading.Timer(60.0, stop.set)       # a loop that judged too little fails below, never hangs
+    backstop.start()
+    try:
+        summary = run_line(line, [stopper], stop=stop, status=lambda text: None)
+    finally:
+        backstop.cancel()
+    ended = time.monotonic()
+    assert stopper.set_at is not None and summary["stopped_early"]
+    assert ended - stopper.set_at < 5.0                      # every camera ended, soon after the stop
+    assert summary["cameras"]["c0"]["frames"] >= 10 and summary["cameras"]["c1"]["frames"] >= 10
 
 
 def test_max_frames_is_per_camera(two_models):
