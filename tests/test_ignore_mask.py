@@ -113,8 +113,11 @@ def test_a_free_run_raises_no_alarm_where_the_mask_is_white(model, mask, tmp_pat
     frames_alarmed = lambda log: [json.loads(line)["frame_index"] for line in log.read_text().splitlines()]
     assert frames_alarmed(tmp_path / "all.jsonl") == [1, 3, 4]
     assert frames_alarmed(tmp_path / "ev.jsonl") == [3]
+    digest = hashlib.sha256(mask.read_bytes()).hexdigest()
+    under = lambda log: [json.loads(line)["ignore_mask_sha256"] for line in log.read_text().splitlines()]  # noqa: E731
+    assert under(tmp_path / "all.jsonl") == [None] * 3 and under(tmp_path / "ev.jsonl") == [digest]  # each event says
     entry = json.loads((tmp_path / "s.json").read_text())["cameras"]["cam0"]["ignore_mask"]
-    assert entry["sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest() and entry["size"] == "64x48"
+    assert entry["sha256"] == digest and entry["size"] == "64x48"
     assert entry["ignored_fraction"] == pytest.approx(30 * 32 / (48 * 64), abs=1e-4)
     assert f"camera cam0: ignore mask {mask} (64x48, 31.2% of its images not judged" in run.stderr
 
@@ -147,6 +150,8 @@ def test_a_triggered_cell_judges_parts_under_the_line_files_mask(model, tmp_path
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in (tmp_path / "parts.jsonl").read_text().splitlines()]
     assert [r["verdict"] for r in records] == ["OK", "NG", "OK", "ERROR"], records
+    digest = hashlib.sha256((tmp_path / "masks.png").read_bytes()).hexdigest()
+    assert [r["cameras"][0]["ignore_mask_sha256"] for r in records] == [digest] * 3 + [None]   # ERROR: none judged
     error = records[3]["cameras"][0]["error"]
     assert error == (f"unusable image: ignore mask {tmp_path / 'masks.png'} is 64x48, the camera's images are "
                      f"64x40: draw it on one of its images (or set the camera's size to the mask's)"), error

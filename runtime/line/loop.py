@@ -809,8 +809,10 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
                 alarm = decision.alarm
                 event = make_event(alarm, state.info.source, regions_from_map(amap, alarm.threshold, frame.image.shape[:2]),
                                    None, state.camera.name)     # its id and time from one clock reading
-                # the model that judged it and what it ran on (a hot swap changes them)
-                event.update(model_sha256=scored.model_sha256, backend=scored.backend, precision=scored.precision)
+                # the model that judged it and what it ran on (a hot swap changes them), and the mask its score
+                # was taken under (an auditor asks whether a place was judged at all)
+                event.update(model_sha256=scored.model_sha256, backend=scored.backend, precision=scored.precision,
+                             ignore_mask_sha256=state.mask.sha256 if state.mask is not None else None)
                 scored = dataclasses.replace(scored, event=event)
                 alarm_outputs.put(functools.partial(_deliver_alarm, observers, scored, alarm_outputs))
             call_each(observers, lambda o: o.on_frame(scored))

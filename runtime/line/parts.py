@@ -589,7 +589,8 @@ class PartRunner:
             view = max(images, key=lambda one: one.score)       # its threshold is this one (same detector)
             views[camera.name] = view
             judgements.append(CameraJudgement(camera.name, view.score, threshold,
-                                              bool(is_anomalous(view.score, threshold)), len(images)))
+                                              bool(is_anomalous(view.score, threshold)), len(images),
+                                              ignore_mask_sha256=camera.mask.sha256 if camera.mask else None))
         if errors:
             verdict = Verdict.ERROR
         else:

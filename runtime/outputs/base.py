@@ -232,6 +232,7 @@ class CameraJudgement:
     images: int = 0              # images scored for this part
     error: Optional[str] = None  # why this camera has no verdict ("timeout", "incomplete buffer", ...)
     snapshot: Optional[str] = None
+    ignore_mask_sha256: Optional[str] = None   # the mask its score was taken under (runtime/ignore_mask.py)
     evidence: Optional[str] = None         # the image as delivered, lossless (runtime/outputs/evidence.py)
     evidence_sha256: Optional[str] = None
     # The camera's own bits beside it, where the judged image is not them (a GigE camera in Mono10/12/16:
