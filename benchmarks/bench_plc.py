@@ -156,7 +156,7 @@ def opcua_jobs(url: str, parts: int, pipe) -> None:
                     received, job_id, result_id, emitted = await asyncio.wait_for(arrived.get(), 10)
                     if job_id == job:
                         break
-                rows.append((i, sent, received, int(result_id), emitted))
+                rows.append((i, sent, received, result_id, emitted))
             return rows
 
     try:
@@ -181,8 +181,9 @@ def _in_process(target, args, parts: int):
 def opcua_run(url: str, parts: int, judged: dict) -> dict:
     rows = _in_process(opcua_jobs, (url, parts), parts)
     latencies, verdicts, handshake, to_line, to_event, to_client, with_publish = [], [], [], [], [], [], []
-    for i, sent, received, inspection_id, emitted in rows:
-        part = judged[inspection_id]
+    by_result_id = {part.result_id: part for part in judged.values()}    # <run id>-<inspection id>
+    for i, sent, received, result_id, emitted in rows:
+        part = by_result_id[result_id]
         latencies.append(received - sent)
         verdicts.append(part.verdict_s)
         to_line.append(part.trigger_time - sent)

@@ -951,8 +951,7 @@ def result_content(part: PartResult) -> dict:
         return None if not math.isfinite(x) else float(x)
     return {"verdict": part.verdict, "ok": part.verdict == Verdict.OK, "score": number(part.score),
             "threshold": number(part.threshold), "inspection_id": part.inspection_id, "run_id": part.run_id,
-            "part_id": part.part_id,
-            "recipe": part.recipe, "processing_ms": round(part.verdict_s * 1000.0, 3),
+            "part_id": part.part_id, "recipe": part.recipe, "processing_ms": round(part.verdict_s * 1000.0, 3),
             "cameras": [{"camera": c.camera, "score": number(c.score), "threshold": number(c.threshold),
                          "ng": c.anomalous, "error": c.error} for c in part.cameras],
             "error_code": part.error_code, "error": part.error, "model_sha256": part.model_sha256}
