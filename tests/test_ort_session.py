@@ -75,13 +75,23 @@ def test_sessions_put_their_threads_to_sleep_when_a_run_returns():
         time.sleep(0.02)
         return (time.process_time() - start) * 1e3
     calls = {"idle": lambda: None, "ours": lambda: ours.run(None, feed), "spinning": lambda: spinning.run(None, feed)}
-    spent = {name: [] for name in calls}
-    for _ in range(15):
-        for name, call in calls.items():
-            time.sleep(0.1)          # the spinning session's threads have stopped before the next window
-            spent[name].append(busy_ms(call))
-    idle = float(np.median(spent["idle"]))
-    busy_ours, busy_spinning = (max(0.0, float(np.median(spent[name])) - idle) for name in ("ours", "spinning"))
-    # the measurement sees spinning where ORT's default spins (else the first bound proves nothing)
-    assert busy_spinning > 5.0, (busy_spinning, idle)
-    assert busy_ours < 0.25 * busy_spinning, (busy_ours, busy_spinning, idle)
+
+    def measured():
+        spent = {name: [] for name in calls}
+        for _ in range(15):
+            for name, call in calls.items():
+                time.sleep(0.1)          # the spinning session's threads have stopped before the next window
+                spent[name].append(busy_ms(call))
+        idle = float(np.median(spent["idle"]))
+        return (*(max(0.0, float(np.median(spent[name])) - idle) for name in ("ours", "spinning")), idle)
+    # The measurement must see spinning where ORT's default spins, else the bound below proves nothing. With
+    # both cores taken by the rest of the suite the spinning threads are not scheduled in the window and it
+    # does not (CI once read 4.0 ms for both): measured again, up to four times, until it sees them.
+    attempts = []
+    for _ in range(4):
+        attempts.append(measured())
+        if attempts[-1][1] > 5.0:
+            break
+    busy_ours, busy_spinning, idle = attempts[-1]
+    assert busy_spinning > 5.0, attempts
+    assert busy_ours < 0.25 * busy_spinning, attempts
