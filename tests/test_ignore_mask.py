@@ -189,6 +189,16 @@ def test_mask_mistakes_are_one_line_errors(model, tmp_path, case):
     assert len(errors) == 1 and expected in errors[0], run.stderr
 
 
+@pytest.mark.parametrize("size", [None, (64, 48)])
+def test_a_cameras_unreadable_mask_is_refused_when_the_line_is_checked_with_or_without_a_size(model, tmp_path, size):
+    """check_cameras (a line file's or the command line's cameras, before any camera or model opens) reads
+    every mask: a tidy once read it only for cameras that set a size, and the others' mistake came later."""
+    from mrkd.runtime.line.loop import Camera, LineError, check_cameras
+    camera = Camera("top", str(tmp_path), str(model), size=size, ignore_mask=str(tmp_path / "nope.png"))
+    with pytest.raises(LineError, match=r"nope\.png: cannot read it"):
+        check_cameras([camera])
+
+
 def test_a_mask_read_at_another_size_than_the_frames_ends_a_free_run_in_one_line(model, tmp_path):
     """A free-running camera's frames of another size than its mask: nothing it judges would be right."""
     folder = write_frames(tmp_path / "frames", [normal_frame(np.random.default_rng(6), 40, 64)])

@@ -198,7 +198,8 @@ def check_cameras(cameras: Sequence[Camera]) -> None:
         if camera.size is not None and (len(camera.size) != 2 or min(camera.size) < 1):
             raise LineError(f"camera {camera.name!r}: size must be WIDTHxHEIGHT with both >= 1, got {camera.size}")
         if camera.ignore_mask is not None:
-            why = camera.size and camera_mask(camera).resize_misfit(camera.size, "its frames are resized to")
+            mask = camera_mask(camera)       # read here, size or not: a mistake is said before anything opens
+            why = camera.size and mask.resize_misfit(camera.size, "its frames are resized to")
             if why:
                 raise LineError(f"camera {camera.name!r}: {why}")
 
