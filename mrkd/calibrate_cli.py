@@ -43,9 +43,9 @@ DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
 @click.option("--device", default="auto", show_default=True, help="Checkpoints: " + DEVICE_HELP)
 @click.option("--accept-shift", is_flag=True, help=ACCEPT_SHIFT_HELP)
 @click.option("--ignore-mask", type=click.Path(), default=None,
-              help="Exported models: score GOOD under this ignore mask (white: not judged), as `mrkd run` judges a "
+              help="Score GOOD (and --labelled) under this ignore mask (white: not judged), as `mrkd run` judges a "
                    "camera with it; recorded with the threshold, and `mrkd run` warns where a camera judges under "
-                   "another mask or none.")
+                   "another mask or none. The images must be the camera's (the mask's size).")
 @error_boundary
 def calibrate_command(model, good, labelled, method, quantile, confidence, out, max_frames, size, backend,
                       batch_size, device, accept_shift, ignore_mask):
@@ -67,7 +67,7 @@ def calibrate_command(model, good, labelled, method, quantile, confidence, out, 
     given = {param.name for param in context.command.params if context.params.get(param.name) != param.default}
     exported = Path(model).suffix.lower() in EXPORTED_SUFFIXES
     # an option of the other kind of model was ignored without a word (--device cuda on an .onnx)
-    unused = sorted(given & ({"batch_size", "device"} if exported else {"max_frames", "backend", "ignore_mask"}))
+    unused = sorted(given & ({"batch_size", "device"} if exported else {"max_frames", "backend"}))
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
         raise click.UsageError(f"{flags}: for {'checkpoints' if exported else 'exported models'} only; "
@@ -99,7 +99,8 @@ def calibrate_command(model, good, labelled, method, quantile, confidence, out, 
         from mrkd.train.evaluate import resolve_device
         result = recalibrate_checkpoint(
             model, good, out=out, labelled=labelled, quantile=quantile, method=method, confidence=confidence,
-            batch_size=batch_size, device=resolve_device(device), accept_shift=accept_shift, warn=warn)
+            batch_size=batch_size, device=resolve_device(device), accept_shift=accept_shift, warn=warn,
+            ignore_mask=ignore_mask)
         target = out or model
     extra = (f", F1 {result.f1_at_threshold:.3f} on the labelled images" if result.f1_at_threshold is not None
              else f", k {result.tolerance_k:.2f}" if result.tolerance_k is not None else "")

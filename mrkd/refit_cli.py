@@ -61,9 +61,15 @@ AUGMENT_CHOICES = ("none", "flips", "flips+rot90")     # train/refit.py AUGMENT_
                    "teach the bank that a part the wrong way round is good. Same growth stop and defect guard; 'flips' "
                    "takes about 4x the refit time, and on ELPV's test split it gained nothing over none "
                    "(benchmarks/RESULTS.md).")
+@click.option("--ignore-mask", type=click.Path(), default=None,
+              help="The camera's ignore mask (white: not judged, as `mrkd run --ignore-mask`): every score of the "
+                   "refit (the threshold's on --good, the confirmed defects', the reviewed images') is taken under it, as "
+                   "the camera takes it, and its sha256 is recorded with the threshold. Required when the reviewed "
+                   "alarms were judged under a mask (their events record it): a threshold set on whole images would "
+                   "let defects the camera flags now pass. The bank still learns the whole image.")
 @error_boundary
 def refit_command(model, labels, good, out, events, evidence, force, no_export, method, quantile, batch_size,
-                  defect_guard, reweight, augment):
+                  defect_guard, reweight, augment, ignore_mask):
     """Add the teacher patches of images an operator marked good to MODEL's memory bank (a checkpoint
     of a --score both/knn model; MRKD's weights are not touched), set the threshold again on --good,
     check the images marked defect, and write a new version (checkpoint, ONNX export; version,
@@ -73,12 +79,15 @@ def refit_command(model, labels, good, out, events, evidence, force, no_export, 
     out of --good by their pixels, whatever their files' bytes."""
     from mrkd.train.refit_args import check_refit_args
     checked = check_refit_args(model, labels, out)   # refused in milliseconds: before torch's import (seconds)
+    if ignore_mask is not None:
+        from mrkd.runtime.ignore_mask import load_ignore_mask
+        ignore_mask = load_ignore_mask(ignore_mask)
     with stops_in_one_line(lambda by: f"refit stopped ({by}); nothing written"):
         from mrkd.train.refit import refit_checkpoint
         result = refit_checkpoint(model, labels, good, out, force=force, export=not no_export, events=events,
                                   quantile=quantile, method=method, batch_size=batch_size,
                                   guard_keep=defect_guard, reweight=reweight, augment=augment, echo=click.echo,
-                                  checked=checked, evidence=evidence)
+                                  checked=checked, evidence=evidence, ignore_mask=ignore_mask)
     click.echo(f"version {result.lineage['version']} (parent {result.lineage['parent_sha256'][:12]}, labels "
                f"{result.lineage['labels_sha256'][:12]}) in {result.wall_seconds:.1f} s (the bank and threshold "
                f"{result.seconds:.1f} s): "

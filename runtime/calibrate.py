@@ -17,9 +17,10 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
+from mrkd.errors import warning_line
 from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
                                      CalibrationError, calibration_from_scores, check_calibration_shift,
-                                     frame_size_label)
+                                     frame_size_label, shift_reference)
 from mrkd.runtime.ignore_mask import IgnoreMask, load_ignore_mask, masked
 from mrkd.runtime.metadata import file_sha256, sidecar_path
 from mrkd.runtime.line.loop import iter_frames
@@ -129,6 +130,11 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
         raise CalibrationError(why)
     detector = Detector(model_path, backend=backend)
     try:
+        recorded = detector.metadata.calibration
+        if mask is None and recorded is not None and recorded.ignore_mask:
+            warn(warning_line(f"{model_path}: its threshold was set under an ignore mask (sha256 "
+                              f"{recorded.ignore_mask[:12]}); this one is set on whole images (--ignore-mask MASK "
+                              f"sets it as a camera with that mask judges)"))
         good_scores, stats = score_source(detector, good, max_frames=max_frames, progress=progress,
                                           options=source_options, mask=mask)
         labelled_scores = None
@@ -140,13 +146,7 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
             bad_frames=int(stats.bad_frames), previous_threshold=detector.metadata.threshold,
             frame_size=frame_size_label(source_options.size if source_options else None))
         calibration = dataclasses.replace(calibration, ignore_mask=mask.sha256 if mask is not None else None)
-        previous = detector.metadata.calibration
-        if previous is not None and previous.ignore_mask != calibration.ignore_mask:
-            # another scale: a mask only lowers scores, so only good scores above whole images' still say
-            # "these are not good parts"; under another mask nothing can be compared
-            upward = calibration.threshold > previous.threshold or (
-                previous.good_mean is not None and float(np.median(good_scores)) > previous.good_mean)
-            previous = previous if previous.ignore_mask is None and upward else None
+        previous = shift_reference(detector.metadata.calibration, calibration, good_scores)
         check_calibration_shift(previous, good_scores, calibration.threshold, accept_shift, str(model_path), warn)
         metadata = dataclasses.replace(detector.metadata, calibration=calibration)
         if metadata.model_sha256 is None and metadata.engine is None:   # from embedded props: hash it now

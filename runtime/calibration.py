@@ -440,6 +440,18 @@ def calibration_shift(previous: Optional[Calibration], good_scores, new_threshol
             + "; ".join(reasons) + ". Were these good parts? Pass --accept-shift to write it anyway")
 
 
+def shift_reference(previous: Optional[Calibration], new: Calibration, good_scores) -> Optional[Calibration]:
+    """The recorded calibration a new one's good scores can be compared with (check_calibration_shift), or
+    None: scores taken under another ignore mask are on another scale. A mask only lowers scores, so only
+    good scores above whole images' still say "these are not good parts"; under another mask nothing
+    can be compared."""
+    if previous is None or previous.ignore_mask == new.ignore_mask:
+        return previous
+    upward = new.threshold > previous.threshold or (
+        previous.good_mean is not None and float(np.median(good_scores)) > previous.good_mean)
+    return previous if previous.ignore_mask is None and upward else None
+
+
 def check_calibration_shift(previous: Optional[Calibration], good_scores, new_threshold: float,
                             accept_shift: bool, where: str, warn: Callable[[str], None]) -> None:
     """Refuse (CalibrationShiftError naming ``where``) a suspicious recalibration unless ``accept_shift``;

@@ -11,7 +11,8 @@ don't-care area bleeds a few pixels (about 2 sigma of the model's blur) past its
 margin. A threshold set on whole images stays safe under a mask (a masked score is never above the
 whole image's, so a mask only takes alarms away, where it was drawn), but it is set above whatever the
 white area showed on good parts: ``mrkd calibrate MODEL GOOD --ignore-mask MASK`` sets it on masked
-scores and records the mask's sha256, and a camera judging under another mask (or none) is warned about.
+scores and records the mask's sha256, and a camera judging under another mask (or none) is warned about;
+``mrkd refit --ignore-mask MASK`` does the same for a refit (train/calibrate.py score_images).
 The swap check compares the two models' own scores; the shadow candidate masks its own.
 """
 

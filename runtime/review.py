@@ -853,7 +853,7 @@ def _camera_record(event: dict, judged: dict) -> dict:
     # a part's event as one camera's alarm: its score, threshold, snapshot and evidence
     return dict(event, camera=judged["camera"], score=judged.get("score"), threshold=judged.get("threshold"),
                 snapshot=judged.get("snapshot"), evidence=judged.get("evidence"),
-                evidence_sha256=judged.get("evidence_sha256"))
+                evidence_sha256=judged.get("evidence_sha256"), ignore_mask_sha256=judged.get("ignore_mask_sha256"))
 
 
 def review_rows(event: dict) -> List[Tuple[Optional[str], dict]]:

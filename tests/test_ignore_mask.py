@@ -272,14 +272,10 @@ def test_calibrating_under_a_mask_sets_the_threshold_on_masked_scores_and_runs_s
             f"{calibration.ignore_mask[:12]}, this camera judges whole images") in warned.stderr
     quiet = run_mrkd(masked_model, "--source", frames, "--ignore-mask", mask, "--status-every", "0")
     assert quiet.returncode == 0 and "was calibrated under" not in quiet.stderr, quiet.stderr
-
-
-def test_calibrating_a_checkpoint_under_a_mask_is_refused_in_one_line(tmp_path, mask):
-    checkpoint = tmp_path / "last.ckpt"
-    checkpoint.write_bytes(b"not read")
-    run = run_calibrate(checkpoint, tmp_path, "--ignore-mask", mask)
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert "--ignore-mask: for exported models only; last.ckpt is a checkpoint" in run.stderr, run.stderr
+    # calibrated again without the mask: said, since the camera's threshold goes back to whole images
+    again = run_calibrate(masked_model, folder, "--accept-shift")
+    assert again.returncode == 0 and "its threshold was set under an ignore mask (sha256 " in again.stderr, again.stderr
+    assert ModelMetadata.load(sidecar_path(masked_model)).calibration.ignore_mask is None
 
 
 def test_the_operator_page_names_each_cameras_mask(model, mask, tmp_path):

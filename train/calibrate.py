@@ -7,13 +7,20 @@ the model metadata, so the edge runtime never re-types a threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from mrkd.errors import warning_line
 from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
-                                     calibration_from_scores, check_calibration_shift)
+                                     CalibrationError, calibration_from_scores, check_calibration_shift,
+                                     shift_reference)
+from mrkd.runtime.images import read_image
+
+if TYPE_CHECKING:
+    from mrkd.runtime.ignore_mask import IgnoreMask
 
 
 def _as_batches(images, model, batch_size: int, square: Optional[Callable[[str], np.ndarray]] = None):
@@ -36,37 +43,73 @@ def _as_batches(images, model, batch_size: int, square: Optional[Callable[[str],
 
 
 def score_images(model, images, batch_size: int = 8, device=None,
-                 square: Optional[Callable[[str], np.ndarray]] = None) -> np.ndarray:
+                 square: Optional[Callable[[str], np.ndarray]] = None, mask: Optional["IgnoreMask"] = None,
+                 frame_hw: Optional[Callable[[str], Tuple[int, int]]] = None) -> np.ndarray:
     """Image scores (max of the anomaly map) of a tensor N×3×H×W or of a list of image paths
-    (``square``: as _as_batches)."""
+    (``square``: as _as_batches). Under ``mask`` (paths only) each score is the one a camera judging under
+    that ignore mask takes (runtime/ignore_mask.py: the map's maximum outside the ignored area, at the
+    image's own geometry: ``frame_hw(path)``, default read from the file)."""
     import torch
     device = device or next(model.parameters()).device
     model.eval()
+    if mask is not None and isinstance(images, torch.Tensor):
+        raise ValueError("an ignore mask needs image paths (the frames' own size), not a tensor")
+    paths = images if isinstance(images, torch.Tensor) else list(images)
+    frame_hw = frame_hw or (lambda path: tuple(read_image(path).shape[:2]))
     out = []
     with torch.no_grad():
-        for batch in _as_batches(images, model, batch_size, square):
-            out.append(model.scores(batch.to(device)).float().cpu().numpy())
+        for batch in _as_batches(paths, model, batch_size, square):
+            if mask is None:
+                out.append(model.scores(batch.to(device)).float().cpu().numpy())
+                continue
+            maps = model.anomaly_map(batch.to(device))[:, 0].float().cpu().numpy()
+            done = sum(len(part) for part in out)
+            out.append(np.array([mask.apply(amap, frame_hw(paths[done + i]), model.config.image_size,
+                                            model.config.resize_mode)[1] for i, amap in enumerate(maps)], np.float32))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def mask_misfit(mask: "IgnoreMask", paths: Sequence[str], model,
+                frame_hw: Optional[Callable[[str], Tuple[int, int]]] = None) -> Optional[str]:
+    """Why ``mask`` cannot judge the first image of ``paths`` it cannot (not the size it was drawn at: a
+    mask is a camera's, and so are the images scored under it; or it leaves nothing of the model's map
+    judged), else None. ``frame_hw``: as score_images."""
+    from mrkd.runtime.ignore_mask import IgnoreMaskError
+    frame_hw = frame_hw or (lambda path: tuple(read_image(path).shape[:2]))
+    for path in paths:
+        h, w = frame_hw(path)
+        if (h, w) != mask.ignored.shape:
+            return (f"ignore mask {mask.path} is {mask.size_text}, image {path} is {w}x{h}: scores under a camera's "
+                    f"ignore mask are taken on that camera's images (its evidence, OK samples or good parts)")
+        try:
+            mask.grid((h, w), model.config.image_size, model.config.resize_mode)
+        except IgnoreMaskError as exc:
+            return str(exc)
+    return None
 
 
 def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa: F821
               labelled: Optional[Tuple[object, Sequence[int]]] = None, quantile: float = DEFAULT_QUANTILE,
               batch_size: int = 8, device=None, method: str = DEFAULT_METHOD,
               confidence: float = DEFAULT_CONFIDENCE,
-              check: Optional[Callable[[np.ndarray, Calibration], None]] = None) -> Calibration:
+              check: Optional[Callable[[np.ndarray, Calibration], None]] = None,
+              mask: Optional["IgnoreMask"] = None) -> Calibration:
     """Score ``good_images`` (paths or a normalised tensor) and store the calibration in the model.
 
     ``labelled``: optional ``(images, labels)`` with defective examples; the threshold is then the
     F1-optimal one on them instead of the good-score rule ``method`` (see threshold_from_good_scores).
-    ``check(good_scores, calibration)`` may refuse the result (raise) before it is stored.
+    ``check(good_scores, calibration)`` may refuse the result (raise) before it is stored. ``mask``:
+    scores taken under that ignore mask (score_images), its sha256 recorded with the threshold.
     Returns ``model.calibration``.
     """
-    good = score_images(model, good_images, batch_size, device)
+    good = score_images(model, good_images, batch_size, device, mask=mask)
     labels = labelled_scores = None
     if labelled is not None:
         labelled_images, labels = labelled
-        labelled_scores = score_images(model, labelled_images, batch_size, device)
+        labelled_scores = score_images(model, labelled_images, batch_size, device, mask=mask)
     result = calibration_from_scores(good, quantile, labels, labelled_scores, method, confidence)
+    if mask is not None:
+        result = dataclasses.replace(result, ignore_mask=mask.sha256)
     if check is not None:
         check(good, result)
     model.calibration = result
@@ -76,30 +119,45 @@ def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa:
 def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, quantile: float = DEFAULT_QUANTILE,
                            method: str = DEFAULT_METHOD, confidence: float = DEFAULT_CONFIDENCE,
                            batch_size: int = 8, device=None, accept_shift: bool = False,
-                           warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> Calibration:
+                           warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr),
+                           ignore_mask=None) -> Calibration:
     """Calibrate the model in ``checkpoint`` again and write it (atomically) to ``out`` or in place.
 
     ``good_images``: a folder or glob of good images, or a list of image paths; ``labelled``: optional
     MVTec-style test folder (see mrkd.runtime.calibrate.labelled_folder) for an F1-optimal threshold.
     Good scores far from the ones the checkpoint recorded are refused unless ``accept_shift``
-    (mrkd.runtime.calibration.calibration_shift). Everything else in the file (training state, epoch)
-    is kept. Returns the new calibration."""
+    (mrkd.runtime.calibration.calibration_shift). ``ignore_mask`` (a mask image's path): the scores are
+    taken under it, as `mrkd run` judges a camera with that mask, and its sha256 is recorded (the shift
+    check then compares only what shift_reference allows). Everything else in the file (training state,
+    epoch) is kept. Returns the new calibration."""
     from mrkd.runtime.calibrate import labelled_folder
+    from mrkd.runtime.ignore_mask import load_ignore_mask
     from mrkd.train.checkpoint import checkpoint_dict, model_from_dict, read_checkpoint, save_checkpoint
     from mrkd.train.data import scan_folder
     good = list(good_images) if isinstance(good_images, (list, tuple)) else scan_folder(good_images)
+    labelled = labelled_folder(labelled) if labelled else None
+    mask = load_ignore_mask(ignore_mask) if ignore_mask is not None else None
     data = read_checkpoint(checkpoint, warn=warn)
     model = model_from_dict(data, source=str(checkpoint))
     kept = {k: v for k, v in data.items() if k not in checkpoint_dict(model)}   # not the model's own entries
     if device is not None:
         model = model.to(device)
     previous = model.calibration
+    if mask is not None:
+        why = mask_misfit(mask, [*good, *(labelled[0] if labelled else ())], model)
+        if why:
+            raise CalibrationError(why)
+    elif previous is not None and previous.ignore_mask:
+        warn(warning_line(f"{checkpoint}: its threshold was set under an ignore mask (sha256 "
+                          f"{previous.ignore_mask[:12]}); this one is set on whole images (--ignore-mask MASK "
+                          f"sets it as a camera with that mask judges)"))
 
     def check(good_scores, result):
-        check_calibration_shift(previous, good_scores, result.threshold, accept_shift, str(checkpoint), warn)
+        check_calibration_shift(shift_reference(previous, result, good_scores), good_scores, result.threshold,
+                                accept_shift, str(checkpoint), warn)
         result.previous_threshold = None if previous is None else previous.threshold
 
-    calibrate(model, good, labelled=labelled_folder(labelled) if labelled else None, quantile=quantile,
-              batch_size=batch_size, device=device, method=method, confidence=confidence, check=check)
+    calibrate(model, good, labelled=labelled, quantile=quantile, batch_size=batch_size, device=device,
+              method=method, confidence=confidence, check=check, mask=mask)
     save_checkpoint(model.cpu(), out or checkpoint, extra=kept)
     return model.calibration

@@ -19,7 +19,9 @@
    Past the bank's cap (config.knn_max_patches) the whole bank is re-selected within the cap by the
    same greedy coreset (a warning says so).
 3. The threshold is set again (runtime/calibration.py's rules, the checkpoint's method and quantile)
-   on held-out good images that did not go into the bank.
+   on held-out good images that did not go into the bank; under the camera's ignore mask where it has
+   one (``ignore_mask``: every image score of the refit is then the masked one, as `mrkd run` takes it:
+   train/calibrate.py score_images).
    Defect guard: before that, a candidate patch is dropped when it lies within ``GUARD_KEEP`` x the
    nearest-bank distance of one of the ``GUARD_TOP`` most anomalous patches (by nearest-bank distance)
    of any image marked "defect", so the bank cannot learn those defect patterns as normal (a flagged
@@ -71,6 +73,7 @@ from mrkd.atomic import current_umask, sync_folder, temporary_folder
 from mrkd.errors import MrkdError, one_line, warning_line
 from mrkd.runtime.calibration import DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration, \
     calibration_from_scores
+from mrkd.runtime.ignore_mask import IgnoreMask, load_ignore_mask
 from mrkd.runtime.images import ImageReadError, read_image
 from mrkd.runtime.metadata import file_sha256
 from mrkd.runtime.review import DEFECT, GOOD, EventsLogRef, FileHashes, RecordedLog, ReviewLabel, \
@@ -140,6 +143,7 @@ class DecodedImages:
         self.image_size, self.resize_mode = image_size, resize_mode
         self._pixel_sha256: dict = {}     # path -> decoded_sha256 of its pixels
         self._squares: dict = {}
+        self._frame_hw: dict = {}         # path -> (h, w) of the decoded image: an ignore mask's geometry
         self.on_square: Optional[Callable[[], None]] = None    # called per square handed out: refit's progress
 
     def pixels_sha256(self, path) -> str:
@@ -162,10 +166,18 @@ class DecodedImages:
             self.on_square()
         return self._squares[key]
 
+    def frame_hw(self, path) -> Tuple[int, int]:
+        """(h, w) of the image at ``path`` as decoded (ImageReadError when it cannot be)."""
+        key = str(path)
+        if key not in self._frame_hw:
+            self._decode(key)
+        return self._frame_hw[key]
+
     def _decode(self, key: str) -> None:
         from mrkd.runtime.preprocess import resize_square
         pixels = read_image(key)
         self._pixel_sha256[key] = decoded_sha256(pixels)
+        self._frame_hw[key] = tuple(int(v) for v in pixels.shape[:2])
         self._squares[key] = resize_square(pixels, self.image_size, self.resize_mode)
 
     @classmethod
@@ -544,13 +556,29 @@ def apply_mrkd_share(model, share: float) -> None:
     model.config.scale_weights, model.config.knn_weight = head.scale_weights, head.knn_weight
 
 
+MASKED_OUT = -1e30      # an ignored pixel of the re-weighting's component maps: below every score, and finite,
+                        # so a share's weight times it is too
+
+
+def masked_maps(maps: Tuple[np.ndarray, np.ndarray], paths: Sequence[str], mask: Optional[IgnoreMask],
+                images: DecodedImages, model) -> Tuple[np.ndarray, np.ndarray]:
+    """component_maps' two parts of ``paths`` with each image's ignored pixels at MASKED_OUT, so that a
+    share's map maximum (share_scores) is the masked score (``mask`` None: as they are)."""
+    if mask is None:
+        return maps
+    ignored = np.stack([mask.grid(images.frame_hw(p), model.config.image_size, model.config.resize_mode)
+                        for p in paths]) if len(paths) else np.zeros((0,) + maps[0].shape[1:], bool)
+    return tuple(np.where(ignored, np.float32(MASKED_OUT), part) for part in maps)
+
+
 def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[str],
                 defect_paths: Sequence[str] = (), *, quantile: Optional[float] = None,
                 method: Optional[str] = None, confidence: Optional[float] = None, radius: Optional[float] = None,
                 radius_quantile: float = RADIUS_QUANTILE, seed: int = 0, batch_size: int = 8,
                 guard_top: int = GUARD_TOP, guard_keep: float = GUARD_KEEP,
                 reweight: bool = False, share_grid: Sequence[float] = MRKD_SHARE_GRID,
-                augment: Sequence[str] = (), images: Optional[DecodedImages] = None) -> RefitResult:
+                augment: Sequence[str] = (), images: Optional[DecodedImages] = None,
+                ignore_mask: Optional[IgnoreMask] = None) -> RefitResult:
     """Grow ``model``'s memory bank from ``good_paths`` and calibrate again on ``calibration_paths``
     (see the module's notes). Changes only the head's bank and ``model.calibration``. Defect guard:
     a candidate within ``guard_keep`` x the nearest-bank distance of one of the ``guard_top`` most
@@ -561,7 +589,10 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     stops the growth. ``augment``: transforms (AUGMENTS names, or a preset of AUGMENT_PRESETS) whose
     copies of each reviewed image are candidates too (default none). ``images``: where the images are
     read, each file decoded once (default: a DecodedImages of this refit's own; refit_checkpoint gives
-    the one that hashed them). A progress bar counts the images its passes read (image_passes)."""
+    the one that hashed them). ``ignore_mask``: every image score (the threshold's, the defect check's, the
+    reviewed images', re-weighting's) is taken under it, as a camera judging under that mask takes it, and
+    the calibration records its sha256; the bank's patches are the whole image's. A progress bar counts the
+    images its passes read (image_passes)."""
     if getattr(model.head, "memory_bank", None) is None:
         raise RefitError(f"the model has no memory bank (trained with --score {model.config.score}); refit "
                          f"adds reviewed good parts to the bank of a --score both or knn model")
@@ -571,6 +602,11 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
         raise RefitError("no held-out good images to set the threshold on")
     augment = augment_names(augment)
     images = images if images is not None else DecodedImages.of(model)
+    if ignore_mask is not None:
+        from mrkd.train.calibrate import mask_misfit
+        why = mask_misfit(ignore_mask, [*good_paths, *calibration_paths, *defect_paths], model, images.frame_hw)
+        if why:
+            raise RefitError(why)
     guarding = bool(defect_paths) and guard_keep > 0 and guard_top > 0
     bar = refit_bar(image_passes(len(good_paths), len(calibration_paths), len(defect_paths), radius is None,
                                  guarding, reweight))
@@ -578,7 +614,7 @@ def refit_model(model, good_paths: Sequence[str], calibration_paths: Sequence[st
     try:
         return _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, method, confidence, radius,
                             radius_quantile, seed, batch_size, guard_top, guard_keep, guarding, reweight, share_grid,
-                            augment, images)
+                            augment, images, ignore_mask)
     finally:
         images.on_square = None
         bar.close()
@@ -603,7 +639,7 @@ def refit_bar(total: int):
 
 def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, method, confidence, radius,
                  radius_quantile, seed, batch_size, guard_top, guard_keep, guarding, reweight, share_grid, augment,
-                 images) -> RefitResult:
+                 images, ignore_mask) -> RefitResult:
     """refit_model's work, its arguments checked and its progress bar counting ``images``' reads."""
     from mrkd.train.calibrate import score_images
     from mrkd.train.memory_bank import MemoryBank, greedy_coreset
@@ -611,7 +647,11 @@ def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, m
     head = model.head
 
     def scores(paths):
-        return score_images(model, list(paths), batch_size, square=images.square)
+        return score_images(model, list(paths), batch_size, square=images.square, mask=ignore_mask,
+                            frame_hw=images.frame_hw)
+
+    def maps(paths, banks=None):
+        return masked_maps(component_maps(model, paths, banks, batch_size, images), paths, ignore_mask, images, model)
     model.eval()
     previous = Calibration.of(model.calibration, "model calibration")
     quantile = quantile if quantile is not None else (previous.quantile if previous and previous.quantile
@@ -649,10 +689,10 @@ def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, m
             raise RefitError(f"re-weighting needs a --score both model (this one: --score {model.config.score})")
         new_rows, new_owner = candidates[added], owner[added]
         own_out = [torch.cat([bank, new_rows[new_owner != i]]) for i in range(len(good_paths))]
-        reviewed_maps = component_maps(model, good_paths, own_out, batch_size, images)
-        held_maps = component_maps(model, calibration_paths, None, batch_size, images)
+        reviewed_maps = maps(good_paths, own_out)
+        held_maps = maps(calibration_paths)
         good_maps = tuple(np.concatenate([a, b]) for a, b in zip(reviewed_maps, held_maps))
-        defect_maps = component_maps(model, defect_paths, None, batch_size, images) if defect_paths else \
+        defect_maps = maps(defect_paths) if defect_paths else \
             (np.zeros((0,) + good_maps[0].shape[1:]),) * 2
         chosen = choose_mrkd_share(good_maps, defect_maps, len(good_paths), share_grid)
         if chosen.moved:
@@ -662,6 +702,7 @@ def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, m
     calibration = calibration_from_scores(good_scores, quantile, method=method, confidence=confidence,
                                           previous_threshold=previous.threshold if previous else None,
                                           source=f"refit: {len(calibration_paths)} held-out good image(s)")
+    calibration = dataclasses.replace(calibration, ignore_mask=ignore_mask.sha256 if ignore_mask is not None else None)
     model.calibration = calibration.to_dict()
     defect_scores = scores(defect_paths) if defect_paths else np.zeros(0)
     missed = [str(p) for p, s in zip(defect_paths, defect_scores) if not s >= calibration.threshold]
@@ -676,6 +717,35 @@ def _refit_model(model, good_paths, calibration_paths, defect_paths, quantile, m
                        defect_scores_after=[float(s) for s in defect_scores], defects_missed=missed,
                        reviewed_still_flagged=still,
                        seconds=time.perf_counter() - started, guarded_patches=guarded, reweight=chosen)
+
+
+def check_ignore_mask(mask: Optional[IgnoreMask], reviewed: ReviewedImages, parent: Optional[Calibration],
+                      echo: Callable[[str], None]) -> None:
+    """Refuse (RefitError) a refit without the ignore mask its reviewed alarms were judged under (their
+    events record it), or the parent's threshold was set under: set on whole images, the threshold would
+    take in what the mask leaves out and sit above the camera's masked scores, so defects the camera
+    flags now would pass. A given mask that is none of theirs is warned about (a mask drawn again)."""
+    recorded = reviewed.ignore_masks()
+    parent_mask = parent.ignore_mask if parent is not None else None
+    if mask is None:
+        if recorded:
+            sha256, cameras = next(iter(recorded.items()))
+            others = f" and {len(recorded) - 1} other mask(s)" if len(recorded) > 1 else ""
+            raise RefitError(f"the reviewed alarms were judged under an ignore mask (sha256 {sha256[:12]}, camera "
+                             f"{', '.join(cameras)}{others}): give it as --ignore-mask MASK; set on whole images the "
+                             f"threshold would take in what the mask leaves out and let defects the camera flags now "
+                             f"pass; nothing written")
+        if parent_mask:
+            raise RefitError(f"the parent's threshold was set under an ignore mask (sha256 {parent_mask[:12]}): give "
+                             f"it as --ignore-mask MASK; set on whole images the threshold would take in what the "
+                             f"mask leaves out and let defects the camera flags now pass; nothing written")
+        return
+    known = list(recorded) + ([parent_mask] if parent_mask and parent_mask not in recorded else [])
+    if known and mask.sha256 not in known:
+        echo(warning_line(f"--ignore-mask {mask.path} (sha256 {mask.sha256[:12]}) is not the mask the reviewed alarms "
+                          f"or the parent's threshold were judged under (sha256 "
+                          f"{', '.join(s[:12] for s in known)}); the new threshold is set under {mask.path}, and "
+                          f"`mrkd run` warns about a camera judging under another"))
 
 
 def _distinct_pixels(paths: Sequence[str], pixels: Mapping[str, str], echo: Callable[[str], None]) -> List[str]:
@@ -751,6 +821,19 @@ class ReviewedImages:
     good: Tuple[str, ...]
     defect: Tuple[str, ...]
     skipped: Tuple[SkippedLabel, ...]
+    # (camera, the sha256 of the ignore mask its score was taken under, None: whole image) of each image
+    # whose event the log holds: the mask the refit's scores must be taken under too
+    judged_under: Tuple[Tuple[str, Optional[str]], ...] = ()
+
+    def ignore_masks(self) -> dict:
+        """{mask sha256: the cameras that judged under it} of the reviewed images' events."""
+        masks: dict = {}
+        for camera, sha256 in self.judged_under:
+            if sha256:
+                masks.setdefault(sha256, [])
+                if camera not in masks[sha256]:
+                    masks[sha256].append(camera)
+        return masks
 
 
 def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, events_path=None,
@@ -776,7 +859,7 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
         for note in _unchecked_notes(list(latest.values()), logs, labels_path):
             warn(note)
     # an image is counted once by its bytes: two events of one frame (one evidence file each) are one image
-    good, defect, skipped = {}, {}, []
+    good, defect, skipped, judged_under = {}, {}, [], []
     for label in latest.values():
         known, log_path, which = events, events_path, "the events log"
         found = logs.get(label.log_ref) if label.log_ref is not None else None
@@ -807,7 +890,10 @@ def reviewed_images(labels_path, events: Optional[Mapping[str, dict]] = None, ev
             warn(str(skipped[-1]))
             continue
         (good if label.label == GOOD else defect).setdefault(label.image_sha256, str(image))
-    return ReviewedImages(tuple(good.values()), tuple(defect.values()), tuple(skipped))
+        if one is not None:
+            mask = one.get("ignore_mask_sha256")
+            judged_under.append((str(one.get("camera") or ""), mask if isinstance(mask, str) and mask else None))
+    return ReviewedImages(tuple(good.values()), tuple(defect.values()), tuple(skipped), tuple(judged_under))
 
 
 def _other_log(label: ReviewLabel, events_path) -> str:
@@ -861,14 +947,16 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
                      batch_size: int = 8, guard_keep: float = GUARD_KEEP, reweight: bool = False,
                      radius_quantile: float = RADIUS_QUANTILE, augment: Sequence[str] = (),
                      echo: Callable[[str], None] = print, checked: Optional[CheckedRefitArgs] = None,
-                     evidence=None) -> RefitResult:
+                     evidence=None, ignore_mask=None) -> RefitResult:
     """Refit the checkpoint ``model_path`` from the labels at ``labels_path``; calibrate on the good
     images ``good`` (a folder, glob or list). Writes ``out_dir`` (default: beside the model,
     ``<stem>.v<N>``), which must not exist: model.ckpt (+ model.onnx and its sidecar with ``export``),
     built in a temporary folder and renamed into place at the end. ``events``: an events log whose
     ids the labels must name and whose evidence sha256 their images must have (default: each label's
     own recorded log, reviewed_images). ``evidence``: an evidence folder where the labels' images are
-    looked for when they are not at their paths (moved on its own: reviewed_images). ``radius_quantile``:
+    looked for when they are not at their paths (moved on its own: reviewed_images). ``ignore_mask``: a
+    mask image's path (or an IgnoreMask) the scores are taken under (refit_model; check_ignore_mask refuses
+    a refit without the mask its reviewed alarms were judged under). ``radius_quantile``:
     refit_model's growth stop; ``augment``: its augmented candidates. Raises RefitError when a
     confirmed defect is no longer flagged, or a label "defect confirmed" cannot be checked (its image is
     missing or changed), unless ``force``. ``checked``: check_refit_args' result for these arguments
@@ -907,6 +995,8 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
             raise RefitError(message + "; nothing written" + _moved_hint(unchecked, evidence) +
                              _other_log_hint(unchecked) + " (--force refits without them)")
         echo(warning_line(f"{message}; refit without them (--force)"))
+    mask = ignore_mask if ignore_mask is None or isinstance(ignore_mask, IgnoreMask) else load_ignore_mask(ignore_mask)
+    check_ignore_mask(mask, reviewed, Calibration.of(model.calibration, f"{model_path}: calibration"), echo)
     if not reviewed.good:
         skipped_good = [skip for skip in reviewed.skipped if skip.label == GOOD]
         raise RefitError(f"{labels_path}: no usable image marked good ({len(skipped_good)} marked good"
@@ -963,7 +1053,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
     try:
         result = refit_model(model, offered, held_out, reviewed.defect, quantile=quantile, method=method,
                              batch_size=batch_size, guard_keep=guard_keep, reweight=reweight,
-                             radius_quantile=radius_quantile, augment=augment, images=images)
+                             radius_quantile=radius_quantile, augment=augment, images=images, ignore_mask=mask)
     except DataError as exc:
         raise _unreadable(exc, good, held_out) from exc
     result.already_in_bank = tuple(already_in_bank)
@@ -973,7 +1063,7 @@ def refit_checkpoint(model_path, labels_path, good, out_dir=None, *, force: bool
          f"kept out by the defect guard"
          f"{', re-selected within the cap' if result.reselected else ''}); threshold "
          f"{_threshold_text(result.threshold_before)} -> {result.threshold_after:.6g} on {len(held_out)} held-out "
-         f"good image(s)")
+         f"good image(s){f' under ignore mask {mask.path}' if mask is not None else ''}")
     if result.reweight is not None:
         echo(f"re-weighting: MRKD share of the map {result.reweight.share:g} "
              f"({'moved' if result.reweight.moved else 'unchanged'}: {result.reweight.reason})")
