@@ -174,11 +174,10 @@ def live_model_controls(line, detectors, outputs, control: dict, output_settings
     attach_control(outputs, control, output_settings, slots)
     shadow = []
     if shadow_model:     # runtime/line/shadow.py: scores beside the live model, no alarms
-        from mrkd.runtime.line.loop import camera_mask
         from mrkd.runtime.line.shadow import ShadowScorer
-        masks = {camera.name: camera_mask(camera) for camera in line.cameras if camera.ignore_mask is not None}
-        # each swap starts a new comparison; the candidate reads each camera's image under its ignore mask
-        shadow = [ShadowScorer(slots.open(shadow_model), slots=slots, masks=masks)]
+        # each swap starts a new comparison; the candidate reads each image under the ignore mask the live
+        # model's score was taken under (FrameResult.ignore_mask)
+        shadow = [ShadowScorer(slots.open(shadow_model), slots=slots)]
     return slots, shadow
 
 

@@ -157,6 +157,69 @@ def test_a_triggered_cell_judges_parts_under_the_line_files_mask(model, tmp_path
                      f"64x40: draw it on one of its images (or set the camera's size to the mask's)"), error
 
 
+def test_a_recipe_judges_its_parts_under_its_own_masks(model, tmp_path):
+    """A variant whose date code sits elsewhere: [recipes.2] names its model and, for the camera, its own
+    mask; parts of recipe 0 are judged under the camera's mask, parts of recipe 2 under the recipe's. The
+    part records name the mask each was judged under, the summary lists the recipe's, and the shadow
+    candidate (the same model) reads each image under the live judgement's mask: no disagreement."""
+    from mrkd.runtime.detector import Detector
+    rng = np.random.default_rng(6)
+    write_mask(tmp_path / "own.png", [(slice(0, 30), slice(0, 32))])          # over MASKED_DEFECT
+    write_mask(tmp_path / "variant.png", [(slice(26, 48), slice(34, 64))])    # over JUDGED_DEFECT instead
+    frames = [frame_with(rng, JUDGED_DEFECT), frame_with(rng, JUDGED_DEFECT), frame_with(rng, MASKED_DEFECT),
+              frame_with(rng, MASKED_DEFECT)]
+    write_frames(tmp_path / "parts", frames)
+    variant = build_tiny_model(tmp_path / "variant.onnx")
+    shadow = build_tiny_model(tmp_path / "shadow.onnx")
+    line = tmp_path / "line.toml"
+    line.write_text(f'[[camera]]\nname = "top"\nsource = "parts"\nmodel = "{Path(model).name}"\n'
+                    f'trigger = "software"\nignore_mask = "own.png"\n'
+                    f'[recipes.2]\nmodel = "variant.onnx"\nignore_mask = {{top = "variant.png"}}\n')
+    run = run_mrkd("--line", line, "--trigger-stdin", "--part-queue", "8", "--parts-log", tmp_path / "parts.jsonl",
+                   "--summary", tmp_path / "s.json", "--shadow", shadow, "--status-every", "0",
+                   stdin="A\nB@2\nC\nD@2\n")
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in (tmp_path / "parts.jsonl").read_text().splitlines()]
+    assert [(r["part_id"], r["recipe"], r["verdict"]) for r in records] == [
+        ("A", 0, "NG"), ("B", 2, "OK"), ("C", 0, "OK"), ("D", 2, "NG")], records
+    own, other = (hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("own.png", "variant.png"))
+    assert [r["cameras"][0]["ignore_mask_sha256"] for r in records] == [own, other, own, other]
+    detector = Detector(str(variant), backend="onnxruntime")
+    try:
+        result = detector(frames[1])
+    finally:
+        detector.close()
+    expected = masked(load_ignore_mask(tmp_path / "variant.png"), result.maps[0], float(result.scores[0]), (H, W),
+                      detector.metadata)[1]
+    assert records[1]["cameras"][0]["score"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["cameras"]["top"]["recipe_ignore_masks"]["2"]["sha256"] == other, summary["cameras"]["top"]
+    assert summary["shadow"]["frames"] == 4 and summary["shadow"]["disagreements"] == 0, summary["shadow"]
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('[recipes.2]\nmodel = "tiny.onnx"\nignore_mask = {side = "m.png"}', "recipes.2.ignore_mask.side: not a camera"),
+    ('[recipes.2]\nmodel = "tiny.onnx"\nignore_mask = "m.png"', "recipes.2.ignore_mask: expected a table of camera"),
+    ('[recipes.2]\nmodel = "tiny.onnx"\nmask = {top = "m.png"}', "recipes.2.mask: unknown field"),
+    ('[recipes.2]\nignore_mask = {top = "m.png"}', "recipes.2: expected a recipe number"),
+    ('[recipes.2]\nmodel = "tiny.onnx"\nignore_mask = {top = "gone.png"}',
+     "recipes.2.ignore_mask.top: ignore mask {folder}/gone.png: cannot read it"),
+    ('[recipes.2]\nmodel = "tiny.onnx"\nignore_mask = {top = "small.png"}',
+     "recipes.2.ignore_mask.top: ignore mask {folder}/small.png is 32x24, the camera's frames are resized to 64x48"),
+])
+def test_a_recipes_mask_mistakes_are_one_line_errors_naming_the_field(model, tmp_path, body, expected):
+    write_frames(tmp_path / "frames", [normal_frame(np.random.default_rng(5), H, W)])
+    write_mask(tmp_path / "m.png", [(slice(0, 4), slice(0, 4))])
+    write_mask(tmp_path / "small.png", [(slice(0, 4), slice(0, 4))], shape=(24, 32))
+    line = tmp_path / "line.toml"
+    line.write_text(f'[[camera]]\nname = "top"\nsource = "frames"\nmodel = "{Path(model).name}"\n'
+                    f'trigger = "software"\nsize = "64x48"\n{body}\n')
+    run = run_mrkd("--line", line, "--trigger-stdin", stdin="")
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and expected.format(folder=tmp_path) in errors[0], run.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "folder", "not_an_image", "all_white", "size_field", "line_type"])
 def test_mask_mistakes_are_one_line_errors(model, tmp_path, case):
     folder = write_frames(tmp_path / "frames", [normal_frame(np.random.default_rng(5), H, W)])

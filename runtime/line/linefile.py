@@ -29,6 +29,9 @@ and alarm settings. Every error is one line naming the file, the camera and the 
 
     [recipes]                          # optional: recipe number -> model (0 is each camera's model)
     1 = "models/variant_b.onnx"
+    [recipes.2]                        # or a table: the model and ignore masks of this recipe's own
+    model = "models/variant_c.onnx"
+    ignore_mask = {left = "masks/c_left.png"}   # per camera; a camera not named keeps its ignore_mask
 
     [inference]                        # optional: how the models run (the command line's options win)
     backend = "openvino:bf16"          # as --backend: auto, onnxruntime, tensorrt, openvino[:fp32|bf16|auto|checked]
@@ -243,13 +246,46 @@ def parse_line(text: str, path: str = "line.toml", folder: Optional[Path] = None
     if "plc" in data:        # checked here, read by the CLI with load_plc_settings
         _plc_settings(path, data, folder)
     if "part" in data or "recipes" in data:
-        line_options = dict(line_options, part=_part_settings(path, data, folder, [c.name for c in cameras],
-                                                              line_options.get("part")))
+        line_options = dict(line_options, part=_part_settings(path, data, folder, cameras, line_options.get("part")))
     return Line(tuple(cameras), **line_options)
 
 
-def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[PartSettings]) -> PartSettings:
+def _recipe_masks(where: str, number: int, table: dict, folder: Path, cameras: Dict[str, Camera]):
+    """A [recipes.N] table's ignore masks as (number, camera, path), each read now (as a camera's own
+    ignore_mask is): a mistake is one line naming the field before anything opens."""
+    from mrkd.runtime.ignore_mask import IgnoreMaskError, load_ignore_mask
+    unknown = sorted(set(table) - {"model", "ignore_mask"})
+    if unknown:
+        raise LineFileError(f"{where}.{unknown[0]}: unknown field (known: model, ignore_mask)")
+    given = table.get("ignore_mask", {})
+    if not isinstance(given, dict):
+        raise LineFileError(f"{where}.ignore_mask: expected a table of camera = \"mask image\", e.g. "
+                            f"{{left = \"masks/b_left.png\"}}, got {given!r}")
+    masks = []
+    for name, value in given.items():
+        field = f"{where}.ignore_mask.{name}"
+        if name not in cameras:
+            raise LineFileError(f"{field}: not a camera of this line (cameras: {', '.join(cameras)})")
+        if not isinstance(value, str) or not value.strip():
+            raise LineFileError(f"{field}: expected the path of a mask image (white where the camera's images are "
+                                f"not judged), got {value!r}")
+        mask_path = Path(value).expanduser()
+        mask_path = str(mask_path if mask_path.is_absolute() else folder / mask_path)
+        try:
+            mask = load_ignore_mask(mask_path)
+        except IgnoreMaskError as exc:
+            raise LineFileError(f"{field}: {exc}") from None
+        size = cameras[name].size
+        why = size and mask.resize_misfit(size, "the camera's frames are resized to")
+        if why:
+            raise LineFileError(f"{field}: {why}")
+        masks.append((number, name, mask_path))
+    return masks
+
+
+def _part_settings(path: str, data: dict, folder: Path, line_cameras, base: Optional[PartSettings]) -> PartSettings:
     """[part] and [recipes] as PartSettings (over ``base``, the command line's); errors name the field."""
+    names = [camera.name for camera in line_cameras]
     table, recipes = data.get("part", {}), data.get("recipes", {})
     if not isinstance(table, dict):
         raise LineFileError(f"{path}: part: expected a table ([part])")
@@ -258,14 +294,21 @@ def _part_settings(path: str, data: dict, folder: Path, names, base: Optional[Pa
         raise LineFileError(f"{path}: part.{unknown[0]}: unknown field (known: {', '.join(PART_FIELDS)})")
     if not isinstance(recipes, dict):
         raise LineFileError(f"{path}: recipes: expected a table of NUMBER = \"model file\"")
-    parsed = []
-    for key, model in recipes.items():
+    parsed, masks = [], []
+    cameras = {camera.name: camera for camera in line_cameras}
+    for key, entry in recipes.items():
+        where = f"{path}: recipes.{key}"
+        model = entry.get("model") if isinstance(entry, dict) else entry
         if not (str(key).isascii() and str(key).isdigit()) or not isinstance(model, str) or not model.strip():
-            raise LineFileError(f"{path}: recipes.{key}: expected a recipe number = \"model file\", got {model!r}")
+            raise LineFileError(f"{where}: expected a recipe number = \"model file\" (or a table with model and "
+                                f"ignore_mask), got {entry!r}")
+        if isinstance(entry, dict):
+            masks += _recipe_masks(where, int(key), entry, folder, cameras)
         model = _resolve(model, folder)
-        _check_model_file(f"{path}: recipes.{key}", model)
+        _check_model_file(where, model)
         parsed.append((int(key), model))
-    settings = dict(dataclasses.asdict(base or PartSettings()), recipes=tuple(sorted(parsed)))
+    settings = dict(dataclasses.asdict(base or PartSettings()), recipes=tuple(sorted(parsed)),
+                    recipe_masks=tuple(sorted(masks)))
     for name, value in table.items():
         if name == "cameras" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise LineFileError(f"{path}: part.cameras: expected a list of camera names, got {value!r}")

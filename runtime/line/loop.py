@@ -803,7 +803,7 @@ def _score_round(taken: Dict[str, List[_Arrived]], by_name: Dict[str, _CameraSta
                 camera=state.camera.name, frame_index=frame.index, frame_time=frame.timestamp, image=frame.image,
                 amap=amap, score=score, threshold=state.policy.threshold, anomalous=decision.anomalous,
                 infer_s=infer_share, latency_s=latency, model_sha256=state.info.model_sha256, raw=frame.raw,
-                backend=state.info.backend, precision=state.info.precision)
+                backend=state.info.backend, precision=state.info.precision, ignore_mask=state.mask)
             if decision.alarm is not None:
                 state.alarms += 1
                 stats.alarms += 1

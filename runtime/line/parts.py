@@ -40,7 +40,7 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tup
 from mrkd.errors import MrkdError
 from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.detector import Detector
-from mrkd.runtime.ignore_mask import IgnoreMask, masked
+from mrkd.runtime.ignore_mask import IgnoreMask, IgnoreMaskError, load_ignore_mask, masked
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
 from mrkd.runtime.line.loop import (Line, calibration_mismatches, camera_mask, line_detector, open_detectors,
@@ -78,10 +78,11 @@ def error_code(reason: str) -> int:
                 ERROR_CODES["unusable image"])
 
 
-def _mask_misfit(camera: _Camera, frames: Sequence[Frame]) -> Optional[str]:
-    """Why a camera's images cannot be judged under its ignore mask (not the mask's size), else None."""
-    for frame in frames if camera.mask is not None else ():
-        why = camera.mask.misfit(frame.image.shape[:2])
+def _mask_misfit(mask: Optional[IgnoreMask], frames: Sequence[Frame]) -> Optional[str]:
+    """Why a camera's images cannot be judged under the ignore mask of its part's recipe (not the mask's
+    size), else None."""
+    for frame in frames if mask is not None else ():
+        why = mask.misfit(frame.image.shape[:2])
         if why:
             return f"unusable image: {why}"
     return None
@@ -205,10 +206,20 @@ class PartRunner:
             self._recipe_models[number] = model
         self.cameras = [_Camera(n, grabber_for(sources[n]), by_name[n].threshold, str(by_name[n].model),
                                 camera_mask(by_name[n])) for n in names]
+        self._recipe_masks: Dict[Tuple[int, str], IgnoreMask] = {}
+        for number, name, mask_path in self.settings.recipe_masks:
+            try:
+                self._recipe_masks[(number, name)] = load_ignore_mask(mask_path)
+            except IgnoreMaskError as exc:
+                raise PartError(f"recipe {number}, camera {name}: {exc}") from None
         for camera in self.cameras:      # scores depend on the frame size and the mask: before the first part
-            detector = self.detectors[str(Path(camera.model).resolve())]
-            for problem in calibration_mismatches(by_name[camera.name], detector, camera.mask):
-                logger.warning("camera %r: %s", camera.name, problem)
+            for number in self.recipes:
+                detector = self._detector(camera, number)
+                for problem in calibration_mismatches(by_name[camera.name], detector, self._mask(camera, number)):
+                    if number == 0:
+                        logger.warning("camera %r: %s", camera.name, problem)
+                    else:
+                        logger.warning("camera %r, recipe %d: %s", camera.name, number, problem)
         for camera in self.cameras:      # a part is OK or NG against a threshold: every model needs one
             needed = [] if camera.threshold_override is not None else [camera.model]
             for model in [*needed, *self._recipe_models.values()]:
@@ -331,6 +342,11 @@ class PartRunner:
     @property
     def recipes(self) -> Sequence[int]:
         return (0, *sorted(self._recipe_models))
+
+    def _mask(self, camera: _Camera, recipe: int) -> Optional[IgnoreMask]:
+        """The ignore mask ``camera``'s images are judged under in a part of ``recipe``: the recipe's own
+        for that camera ([recipes.N] ignore_mask), else the camera's."""
+        return self._recipe_masks.get((recipe, camera.name), camera.mask)
 
     @property
     def active_recipe(self) -> int:
@@ -480,7 +496,7 @@ class PartRunner:
                 elif self.settings.max_delay is None:
                     self._warn_unbounded(pending, camera.name, grab.acquired_at - pending.mono, asked)
             grab = grabs[camera.name]
-            misfit = _mask_misfit(camera, grab.frames) if grab.error is None else None
+            misfit = _mask_misfit(self._mask(camera, pending.recipe), grab.frames) if grab.error is None else None
             if misfit:
                 grabs[camera.name] = Grab([], misfit)
         acquired = max((g.acquired_at for g in grabs.values() if g.error is None), default=time.monotonic())
@@ -506,8 +522,8 @@ class PartRunner:
             sha256, detector = self.slots.sha256_of(key), self.detectors[key]
             for i, (camera, frame) in enumerate(members):
                 self.slots.note(key, frame.image, float(result.scores[i]))     # the model's own score: a swap's check
-                amap, score = masked(camera.mask, result.maps[i], float(result.scores[i]), frame.image.shape[:2],
-                                     detector.metadata)
+                amap, score = masked(self._mask(camera, pending.recipe), result.maps[i], float(result.scores[i]),
+                                     frame.image.shape[:2], detector.metadata)
                 threshold = self._threshold(camera, pending.recipe, self.detectors[key])
                 index = first_index[camera.name] + len(scored.get(camera.name, ()))
                 judged.append(FrameResult(
@@ -515,7 +531,8 @@ class PartRunner:
                     amap=amap, score=score, threshold=threshold,
                     anomalous=bool(is_anomalous(score, threshold)), infer_s=infer_share,
                     latency_s=max(0.0, done - (grabs[camera.name].acquired_at or done)), model_sha256=sha256,
-                    backend=detector.backend.name, precision=detector.precision, raw=frame.raw))
+                    backend=detector.backend.name, precision=detector.precision, raw=frame.raw,
+                    ignore_mask=self._mask(camera, pending.recipe)))
                 scored.setdefault(camera.name, []).append(judged[-1])
         self._report(pending, grabs, scored, model_s, acquired, judged)
         for camera in self.cameras:      # the candidates score the same images, on their own threads
@@ -524,7 +541,7 @@ class PartRunner:
             for one in scored.get(camera.name, ()):
                 for shadow in self.shadows:
                     shadow.offer(camera.name, one.image, one.score, bool(is_anomalous(one.score, threshold)),
-                                 live_sha)
+                                 live_sha, one.ignore_mask)
 
     @staticmethod
     def _asked_for(camera: _Camera) -> bool:
@@ -588,9 +605,10 @@ class PartRunner:
                 continue
             view = max(images, key=lambda one: one.score)       # its threshold is this one (same detector)
             views[camera.name] = view
+            mask = self._mask(camera, pending.recipe)
             judgements.append(CameraJudgement(camera.name, view.score, threshold,
                                               bool(is_anomalous(view.score, threshold)), len(images),
-                                              ignore_mask_sha256=camera.mask.sha256 if camera.mask else None))
+                                              ignore_mask_sha256=mask.sha256 if mask is not None else None))
         if errors:
             verdict = Verdict.ERROR
         else:
@@ -713,7 +731,10 @@ class PartRunner:
             cameras[camera.name] = {"source": source_summary(source), "images": camera.images, "up": camera.up,
                                     "errors": dict(camera.errors), "model": camera.model,
                                     "features": dict(getattr(source, "features_applied", {})),
-                                    "ignore_mask": camera.mask.summary() if camera.mask is not None else None}
+                                    "ignore_mask": camera.mask.summary() if camera.mask is not None else None,
+                                    "recipe_ignore_masks": {str(number): mask.summary() for (number, name), mask
+                                                            in sorted(self._recipe_masks.items())
+                                                            if name == camera.name}}
         elapsed = time.monotonic() - self._started_at if self._started_at else 0.0
         return {"mode": "parts", "run_id": self.run_id, "parts": self.inspections, "verdicts": dict(self.verdicts),
                 "triggers": self.triggers, "missed_triggers": self.missed,

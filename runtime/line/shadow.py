@@ -29,7 +29,7 @@ import math
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Optional
 
 from mrkd.runtime.ignore_mask import IgnoreMask, masked
 from mrkd.runtime.line.alarms import is_anomalous
@@ -92,14 +92,12 @@ class ShadowScorer(LineObserver):
     """Scores every judged frame (of ``cameras``, default all) with ``detector`` on its own thread.
     ``slots``: the line's ModelSlots (runtime/line/swap.py); each swap it applies starts a new pair."""
 
-    def __init__(self, detector, cameras=None, queue_size: int = 8, slots=None,
-                 masks: Optional[Mapping[str, IgnoreMask]] = None):
+    def __init__(self, detector, cameras=None, queue_size: int = 8, slots=None):
         if detector.threshold is None:
             from mrkd.errors import SettingError
             raise SettingError(f"--shadow {detector.model_path}: the candidate has no calibrated threshold")
         self.detector = detector
         self.cameras = set(cameras) if cameras else None
-        self.masks = dict(masks or {})       # camera -> its ignore mask: the candidate judges what the live model does
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, queue_size))
         self._lock = threading.Lock()
         self._tallies: Dict[int, _Tally] = {}     # pair number -> its comparison, from 1 in order of first frame
@@ -122,12 +120,13 @@ class ShadowScorer(LineObserver):
                 self._last_live = record.new_sha256
 
     def on_frame(self, result: FrameResult) -> None:
-        self.offer(result.camera, result.image, result.score, result.anomalous, result.model_sha256)
+        self.offer(result.camera, result.image, result.score, result.anomalous, result.model_sha256, result.ignore_mask)
 
-    def offer(self, camera: str, image, live_score: float, live_anomalous: bool, live_sha256: str = "") -> None:
+    def offer(self, camera: str, image, live_score: float, live_anomalous: bool, live_sha256: str = "",
+              mask: Optional[IgnoreMask] = None) -> None:
         """An image the live model ``live_sha256`` judged (``live_score``; ``live_anomalous``: its
-        decision): queued for the candidate, never waiting (the oldest waiting image is dropped and
-        counted)."""
+        decision) under the ignore ``mask`` (the candidate scores it under the same): queued for the
+        candidate, never waiting (the oldest waiting image is dropped and counted)."""
         if self.cameras is not None and camera not in self.cameras:
             return
         with self._lock:
@@ -136,7 +135,7 @@ class ShadowScorer(LineObserver):
             if pair is None:                  # this live model's first frame, or its first since a swap
                 pair = self._current[live_sha256] = len(self._tallies) + 1
                 self._tallies[pair] = _Tally(live_sha256)
-        item = (image, float(live_score), bool(live_anomalous), pair, self.masks.get(camera))
+        item = (image, float(live_score), bool(live_anomalous), pair, mask)
         while True:
             try:
                 self._queue.put_nowait(item)

@@ -108,6 +108,9 @@ class PartSettings:
     "late" (its image would show what is under the camera by then, on a moving line another part); None:
     no bound (a hardware-triggered camera exposes at the edge, so the wait does not move its image).
     recipes: recipe number -> model file (0 is each camera's own model and is always there).
+    recipe_masks: (recipe number, camera, mask image): the ignore mask that camera's images are judged
+    under when a part is judged with that recipe (a variant whose date code sits elsewhere); a camera a
+    recipe does not name keeps its own ``ignore_mask``.
     """
 
     cameras: Tuple[str, ...] = ()
@@ -117,6 +120,7 @@ class PartSettings:
     early: float = PART_DEFAULTS["early"]
     recipes: Tuple[Tuple[int, str], ...] = ()
     max_delay: Optional[float] = None
+    recipe_masks: Tuple[Tuple[int, str, str], ...] = ()
 
     def check(self, camera_names: Sequence[str]) -> "PartSettings":
         """Raise SettingError naming the setting that is out of range; returns self."""
@@ -140,6 +144,13 @@ class PartSettings:
         for number, model in self.recipes:
             if not isinstance(number, int) or number < 1 or number > 65535:
                 raise SettingError(f"recipes: recipe numbers are 1..65535 (0 is the line's own model), got {number!r}")
+        numbers = {number for number, _ in self.recipes}
+        for number, camera, _ in self.recipe_masks:
+            if number not in numbers:
+                raise SettingError(f"recipes.{number}.ignore_mask: recipe {number} has no model")
+            if camera not in camera_names:
+                raise SettingError(f"recipes.{number}.ignore_mask.{camera}: not a camera of this line "
+                                   f"(cameras: {', '.join(camera_names)})")
         return self
 
 

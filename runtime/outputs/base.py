@@ -13,11 +13,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from mrkd.runtime.raw_image import RawImage
+
+if TYPE_CHECKING:
+    from mrkd.runtime.ignore_mask import IgnoreMask
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class FrameResult:
     backend: str = ""             # what that model ran on (CameraInfo.backend, .precision): a swap may change
     precision: str = ""           # them, a new calibration of the same file too (bf16 comes and goes)
     raw: Optional[RawImage] = None  # the camera's own pixels where ``image`` is not them (GigE Mono10/12/16, Bayer)
+    ignore_mask: Optional["IgnoreMask"] = None   # the mask ``score`` was taken under (a part's recipe may set its
+                                                  # own); the shadow candidate scores under it too
 
 
 @dataclass(frozen=True)
