@@ -69,7 +69,7 @@ setup(
     python_requires=">=3.9",
     package_dir=PACKAGE_DIRS,
     packages=find_packages_in(PACKAGE_DIRS),
-    package_data={"mrkd.runtime.outputs": ["page.html"]},    # the operator page (runtime/outputs/web.py)
+    package_data={"mrkd.runtime.outputs": ["page.html", "mask_editor.html"]},    # the operator page (runtime/outputs/web.py)
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     install_requires=[

@@ -23,6 +23,9 @@ or more before it) and a read-only operator page.
   the frame, as after a restart, a bounded JPEG of the event's evidence file: alarm_images.py; else 404,
   and the page shows "no image"). In triggered mode an NG or ERROR part is shown as one alarm per camera
   that has an image (``?camera=NAME`` picks its image).
+* ``/mask/<camera>``: an ignore-mask editor (mask_editor.html): rectangles dragged over the camera's latest
+  judged image become a black/white PNG of that image's size, made and downloaded in the browser; the line
+  is not changed. ``/frame/<camera>.png``: that image, lossless (encoded on request; 404 before the first).
 
 Off the hot path by construction: the loop-thread hooks only store a reference to the newest result
 and put small records on bounded queues. JPEG encoding for the browser happens on one thread per
@@ -84,6 +87,8 @@ logger = logging.getLogger(__name__)
 PAGE_SCHEMA_VERSION = 1
 _STREAM_PATH = re.compile(r"^/stream/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.mjpg$")
 _ALARM_PATH = re.compile(r"^/alarm/([A-Za-z0-9_.:-]{1,80})\.jpg$")
+_MASK_EDITOR_PATH = re.compile(r"^/mask/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
+_FRAME_PATH = re.compile(r"^/frame/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.png$")
 # A POST body must arrive at this rate at least, or within the floor (whichever is longer; never past the
 # request's own deadline): a body that trickles cannot hold a connection for the whole request timeout.
 BODY_MIN_BYTES_PER_S = 1024
@@ -184,6 +189,7 @@ class OperatorServer(LineObserver):
         self.evidence_images: Optional[EvidenceThumbnails] = None
         self.evidence = evidence
         self.page = PAGE_HTML_FILE.read_bytes()
+        self.mask_editor = MASK_EDITOR_HTML_FILE.read_bytes()
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
         self.views: Dict[str, _CameraView] = {}
@@ -501,6 +507,16 @@ class OperatorServer(LineObserver):
     def unwatch(self, view: _CameraView) -> None:
         with view.cond:
             view.watchers -= 1
+
+    def latest_image(self, camera: str) -> Optional[bytes]:
+        """The latest image ``camera`` judged, as it was judged (after its ``size``: an ignore mask's size), as
+        a lossless PNG for the mask editor; None for an unknown camera or one that judged nothing yet."""
+        view = self.views.get(camera)
+        latest = view.latest if view is not None else None
+        if latest is None:
+            return None
+        ok, png = cv2.imencode(".png", latest.image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        return png.tobytes() if ok else None
 
     def alarm_image(self, event_id: str, camera: Optional[str] = None) -> Optional[Tuple[bytes, str]]:
         with self._alarm_lock:
@@ -951,6 +967,16 @@ def _handler_for(server: OperatorServer):
                     self._events()
                 elif _STREAM_PATH.match(path):
                     self._mjpeg(_STREAM_PATH.match(path).group(1))
+                elif _MASK_EDITOR_PATH.match(path):
+                    known = _MASK_EDITOR_PATH.match(path).group(1) in server.views
+                    self._send(200 if known else 404, server.mask_editor if known else b"no such camera\n",
+                               "text/html; charset=utf-8" if known else "text/plain")
+                elif _FRAME_PATH.match(path):
+                    png = server.latest_image(_FRAME_PATH.match(path).group(1))
+                    if png is None:
+                        self._send(404, b"no image of this camera (yet)\n", "text/plain")
+                    else:
+                        self._send(200, png, "image/png")
                 elif _ALARM_PATH.match(path):
                     query = parse_qs(self.path.partition("?")[2])
                     found = server.alarm_image(_ALARM_PATH.match(path).group(1), (query.get("camera") or [None])[0])
@@ -1079,6 +1105,7 @@ def _handler_for(server: OperatorServer):
 
 
 PAGE_HTML_FILE = Path(__file__).with_name("page.html")   # package data (setup.py)
+MASK_EDITOR_HTML_FILE = Path(__file__).with_name("mask_editor.html")   # likewise: /mask/<camera>
 
 
 def outputs_from(settings) -> list:

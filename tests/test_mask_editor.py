@@ -1,0 +1,108 @@
+"""The page's ignore-mask editor (/mask/<camera>), in headless Chromium against a live `mrkd run`: the camera's
+latest judged image comes back lossless at its own size (/frame/<camera>.png), rectangles dragged over it on a
+page shown smaller than the image become white in a downloaded PNG of the image's size, and that PNG is a mask
+`mrkd run --ignore-mask` takes. Nothing on the line changes (GET only)."""
+
+from __future__ import annotations
+
+import signal
+import urllib.error
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime_fixtures import build_tiny_model, normal_frame, write_frames
+
+H, W = 240, 320
+
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return answer.status, answer.headers.get("Content-Type"), answer.read()
+
+
+def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged_areas_white(tmp_path):
+    from line_fixtures import PageRun, wait_for
+    from peers import require_program
+    from test_operator_page import CHROMIUM, CHROMIUM_ARGS
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    from mrkd.runtime.ignore_mask import load_ignore_mask
+    rng = np.random.default_rng(11)
+    frames = [normal_frame(rng, H, W) for _ in range(3)]
+    folder = write_frames(tmp_path / "frames", frames)
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    run = PageRun(model, "--source", folder, "--loop", "--fps", "20", "--status-every", "0")
+    try:
+        url = run.url
+
+        def latest():
+            try:
+                return fetch(url + "/frame/cam0.png")
+            except urllib.error.HTTPError:
+                return None
+        assert wait_for(lambda: latest() is not None, 30), run.stderr
+        status, kind, body = latest()
+        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+        # lossless, as judged: exactly one of the frames
+        assert kind == "image/png" and image.shape == (H, W, 3)
+        assert any(np.array_equal(image, frame) for frame in frames)
+        for missing in ("/frame/nope.png", "/mask/nope"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                fetch(url + missing)
+            assert refused.value.code == 404
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                # narrower than the image: the page shows it scaled down, the mask must still be at its size
+                page = browser.new_page(viewport={"width": 240, "height": 1600}, accept_downloads=True)
+                page.goto(url + "/")
+                page.locator("#cam-cam0 a.mask-link").click()
+                page.wait_for_function("document.getElementById('frame').naturalWidth > 0", timeout=10000)
+                page.locator("#frame").scroll_into_view_if_needed()
+                box = page.locator("#frame").bounding_box()
+                assert box["width"] < W - 50, box
+
+                def drag(fx0, fy0, fx1, fy1):
+                    points = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+                              for fx, fy in ((fx0, fy0), (fx1, fy1))]
+                    page.mouse.move(*points[0])
+                    page.mouse.down()
+                    page.mouse.move((points[0][0] + points[1][0]) / 2, (points[0][1] + points[1][1]) / 2)
+                    page.mouse.move(*points[1])
+                    page.mouse.up()
+                    return [round((x - box["x"]) * W / box["width"]) for x, _ in points], \
+                        [round((y - box["y"]) * H / box["height"]) for _, y in points]
+                first = drag(0.1, 0.2, 0.4, 0.5)
+                drag(0.6, 0.6, 0.9, 0.9)
+                page.locator("#undo").click()                 # the second one taken back
+                page.wait_for_function("document.getElementById('download').dataset.ready === '1'", timeout=10000)
+                with page.expect_download() as waiting:
+                    page.locator("#download").click()
+                saved = tmp_path / "drawn.png"
+                waiting.value.save_as(saved)
+                assert waiting.value.suggested_filename == "cam0-ignore-mask.png"
+            finally:
+                browser.close()
+        mask = cv2.imread(str(saved), cv2.IMREAD_UNCHANGED)
+        assert mask.shape[:2] == (H, W), mask.shape
+        white = (mask[:, :, :3] if mask.ndim == 3 else mask[:, :, None]).min(axis=2) > 127
+        rows, cols = np.nonzero(white)
+        (x0, x1), (y0, y1) = first
+        # one rectangle, where the pointer went (to a pixel: the page's layout is fractional)
+        assert abs(cols.min() - x0) <= 1 and abs(cols.max() + 1 - x1) <= 1, (cols.min(), cols.max(), first)
+        assert abs(rows.min() - y0) <= 1 and abs(rows.max() + 1 - y1) <= 1, (rows.min(), rows.max(), first)
+        assert white.sum() == (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1)
+        loaded = load_ignore_mask(saved)
+        assert loaded.misfit((H, W)) is None and 0.05 < loaded.ignored_fraction < 0.15
+    finally:
+        if run.proc.poll() is None:
+            run.proc.send_signal(signal.SIGTERM)      # a looping free run ends on a stop, not on its input
+        status = run.close()
+    assert status == 0, run.stderr
+    # the run takes it (a folder without --loop: it ends after its frames)
+    masked = PageRun(model, "--source", folder, "--ignore-mask", saved, "--status-every", "0")
+    assert masked.close() == 0, masked.stderr
+    assert f"ignore mask {saved} (320x240" in masked.stderr, masked.stderr
