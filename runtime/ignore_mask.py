@@ -19,6 +19,7 @@ The swap check compares the two models' own scores; the shadow candidate masks i
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -105,6 +106,31 @@ class IgnoreMask:
                                   f"its metadata says {size}x{size}")
         judged = np.where(grid, np.float32(0), amap).astype(np.float32, copy=False)
         return judged, float(amap[~grid].max())
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    """How a model's anomaly map lies over a camera's frames: its side (``image_size``), how a frame is
+    brought to it (``resize_mode``) and the map's Gaussian blur (``sigma``, map pixels). What a mask's
+    margin depends on: the map is smoothed before it is masked."""
+
+    image_size: int
+    resize_mode: str
+    sigma: float
+
+    @classmethod
+    def of(cls, metadata) -> "MapGeometry":
+        return cls(int(metadata.image_size), str(metadata.resize_mode), float(metadata.sigma))
+
+    def blur_margin(self, frame_hw: Tuple[int, int]) -> Tuple[int, int]:
+        """(x, y): how many of a ``frame_hw`` (h, w) frame's pixels a bright area bleeds past its edge in
+        the smoothed map (two sigmas of the blur, in frame pixels): the margin to draw around it."""
+        h, w = frame_hw
+        if self.resize_mode == "center_crop":       # the shorter side is scaled to the map, the rest cropped
+            scale_x = scale_y = min(h, w) / self.image_size
+        else:
+            scale_x, scale_y = w / self.image_size, h / self.image_size
+        return math.ceil(2 * self.sigma * scale_x), math.ceil(2 * self.sigma * scale_y)
 
 
 def load_ignore_mask(path) -> IgnoreMask:

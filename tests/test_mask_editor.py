@@ -5,6 +5,7 @@ page shown smaller than the image become white in a downloaded PNG of the image'
 
 from __future__ import annotations
 
+import math
 import signal
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
     require_program(CHROMIUM, ["chromium"])
     from playwright.sync_api import sync_playwright
     from mrkd.runtime.ignore_mask import load_ignore_mask
+    from mrkd.runtime.metadata import ModelMetadata, sidecar_path
     rng = np.random.default_rng(11)
     frames = [normal_frame(rng, H, W) for _ in range(3)]
     folder = write_frames(tmp_path / "frames", frames)
@@ -45,6 +47,11 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
                 return None
         assert wait_for(lambda: latest() is not None, 30), run.stderr
         status, kind, body = latest()
+        # the blur's reach in frame pixels: two sigmas of the model's map, scaled from its side to the frame's
+        metadata = ModelMetadata.load(sidecar_path(model))
+        assert metadata.resize_mode == "resize"
+        margin = [math.ceil(2 * metadata.sigma * side / metadata.image_size) for side in (W, H)]
+        assert margin[0] > margin[1] > 0
         image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
         # lossless, as judged: exactly one of the frames
         assert kind == "image/png" and image.shape == (H, W, 3)
@@ -78,23 +85,32 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
                 first = drag(0.1, 0.2, 0.4, 0.5)
                 drag(0.6, 0.6, 0.9, 0.9)
                 page.locator("#undo").click()                 # the second one taken back
-                page.wait_for_function("document.getElementById('download').dataset.ready === '1'", timeout=10000)
-                with page.expect_download() as waiting:
-                    page.locator("#download").click()
-                saved = tmp_path / "drawn.png"
-                waiting.value.save_as(saved)
-                assert waiting.value.suggested_filename == "cam0-ignore-mask.png"
+
+                def download(ready, name):
+                    page.wait_for_function(f"document.getElementById('download').dataset.ready === '{ready}'",
+                                           timeout=10000)
+                    with page.expect_download() as waiting:
+                        page.locator("#download").click()
+                    waiting.value.save_as(tmp_path / name)
+                    assert waiting.value.suggested_filename == "cam0-ignore-mask.png"
+                    return tmp_path / name
+                widened = download("1+margin", "widened.png")      # the margin is on by default
+                assert page.locator("#margin-size").inner_text() == f"{margin[0]}×{margin[1]}"
+                page.locator("#margin").uncheck()
+                saved = download("1", "drawn.png")
             finally:
                 browser.close()
-        mask = cv2.imread(str(saved), cv2.IMREAD_UNCHANGED)
-        assert mask.shape[:2] == (H, W), mask.shape
-        white = (mask[:, :, :3] if mask.ndim == 3 else mask[:, :, None]).min(axis=2) > 127
-        rows, cols = np.nonzero(white)
         (x0, x1), (y0, y1) = first
-        # one rectangle, where the pointer went (to a pixel: the page's layout is fractional)
-        assert abs(cols.min() - x0) <= 1 and abs(cols.max() + 1 - x1) <= 1, (cols.min(), cols.max(), first)
-        assert abs(rows.min() - y0) <= 1 and abs(rows.max() + 1 - y1) <= 1, (rows.min(), rows.max(), first)
-        assert white.sum() == (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1)
+        # one rectangle, where the pointer went (to a pixel: the page's layout is fractional), and with the
+        # margin that rectangle widened by the blur's reach on every side
+        for path, (mx, my) in ((saved, (0, 0)), (widened, margin)):
+            mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            assert mask.shape[:2] == (H, W), mask.shape
+            white = (mask[:, :, :3] if mask.ndim == 3 else mask[:, :, None]).min(axis=2) > 127
+            rows, cols = np.nonzero(white)
+            assert abs(cols.min() - (x0 - mx)) <= 1 and abs(cols.max() + 1 - (x1 + mx)) <= 1, (path, cols.min(), first)
+            assert abs(rows.min() - (y0 - my)) <= 1 and abs(rows.max() + 1 - (y1 + my)) <= 1, (path, rows.min(), first)
+            assert white.sum() == (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1)
         loaded = load_ignore_mask(saved)
         assert loaded.misfit((H, W)) is None and 0.05 < loaded.ignored_fraction < 0.15
     finally:

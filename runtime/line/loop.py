@@ -40,7 +40,7 @@ from mrkd.runtime.calibration import frame_size_mismatch, ignore_mask_mismatch
 from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.line.alarms import ALARM_FIELDS, AlarmPolicy, AlarmSettings
 from mrkd.runtime.detector import STAGES, Detector
-from mrkd.runtime.ignore_mask import IgnoreMask, IgnoreMaskError, load_ignore_mask, masked
+from mrkd.runtime.ignore_mask import IgnoreMask, IgnoreMaskError, MapGeometry, load_ignore_mask, masked
 from mrkd.runtime.outputs.base import (CameraInfo, CameraStatus, FrameResult, LineObserver, call_each,
                                         keeps_camera_bits, stop_each)
 from mrkd.runtime.outputs.events import make_event
@@ -669,7 +669,8 @@ def run_line(line: Line, observers: Sequence[LineObserver] = (), settings: Optio
                               model=str(camera.model), model_sha256=detector.model_sha256,
                               backend=detector.backend.name, precision=detector.precision,
                               threshold=float(threshold), threshold_source=_threshold_source(camera, detector),
-                              ignore_mask=mask.short() if mask is not None else "")
+                              ignore_mask=mask.short() if mask is not None else "",
+                              map_geometry=MapGeometry.of(detector.metadata))
             states.append(_CameraState(camera, detector, policy, feed, info, mask))
     except BaseException:
         for source in (sources or {}).values():

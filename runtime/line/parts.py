@@ -40,7 +40,7 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tup
 from mrkd.errors import MrkdError
 from mrkd.runtime.clock_steps import ClockWatch
 from mrkd.runtime.detector import Detector
-from mrkd.runtime.ignore_mask import IgnoreMask, IgnoreMaskError, load_ignore_mask, masked
+from mrkd.runtime.ignore_mask import IgnoreMask, IgnoreMaskError, MapGeometry, load_ignore_mask, masked
 from mrkd.runtime.line.alarms import is_anomalous
 from mrkd.runtime.line.handover import MissedTriggers, StatusReport, Tell
 from mrkd.runtime.line.loop import (Line, calibration_mismatches, camera_mask, line_detector, open_detectors,
@@ -368,7 +368,8 @@ class PartRunner:
                           threshold=float(self._threshold(camera, 0, detector)),
                           threshold_source=("camera setting (line file or --threshold)"
                                             if camera.threshold_override is not None else detector.threshold_source),
-                          triggered=True, ignore_mask=camera.mask.short() if camera.mask is not None else "")
+                          triggered=True, ignore_mask=camera.mask.short() if camera.mask is not None else "",
+                          map_geometry=MapGeometry.of(detector.metadata))
 
     def start(self) -> "PartRunner":
         infos = [self._info(camera) for camera in self.cameras]

@@ -49,6 +49,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Mapping, MutableMappin
 import numpy as np
 
 from mrkd.errors import MrkdError
+from mrkd.runtime.ignore_mask import MapGeometry
 from mrkd.runtime.metadata import sidecar_path
 from mrkd.runtime.outputs.base import FrameResult, LineObserver
 
@@ -423,7 +424,8 @@ class ModelSlots(LineObserver):
                     state.info, model_sha256=sha, backend=detector.backend.name,
                     precision=getattr(detector, "precision", state.info.precision),
                     threshold=float(state.policy.threshold),
-                    threshold_source=detector.threshold_source if own else state.info.threshold_source)
+                    threshold_source=detector.threshold_source if own else state.info.threshold_source,
+                    map_geometry=MapGeometry.of(detector.metadata))
             slot.detector, slot.sha256 = detector, sha
             self.detectors[key] = detector
             with self._lock:        # the frames it was checked on, with its own scores, until new ones come

@@ -20,7 +20,7 @@ import numpy as np
 from mrkd.runtime.raw_image import RawImage
 
 if TYPE_CHECKING:
-    from mrkd.runtime.ignore_mask import IgnoreMask
+    from mrkd.runtime.ignore_mask import IgnoreMask, MapGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class CameraInfo:
     threshold_source: str        # where the threshold came from, e.g. "sidecar model.json (calibrated on line)"
     triggered: bool = False      # judged per part (runtime/line/parts.py): no frames between parts
     ignore_mask: str = ""        # what its ignore mask leaves out ("top.png, 3.1% not judged"), "" without one
+    map_geometry: Optional["MapGeometry"] = None   # its model's map over the frame (the mask editor's margin)
 
 
 @dataclass(frozen=True)

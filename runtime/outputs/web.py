@@ -25,7 +25,8 @@ or more before it) and a read-only operator page.
   that has an image (``?camera=NAME`` picks its image).
 * ``/mask/<camera>``: an ignore-mask editor (mask_editor.html): rectangles dragged over the camera's latest
   judged image become a black/white PNG of that image's size, made and downloaded in the browser; the line
-  is not changed. ``/frame/<camera>.png``: that image, lossless (encoded on request; 404 before the first).
+  is not changed. ``/frame/<camera>.png``: that image, lossless (encoded on request; 404 before the first),
+  with ``X-Mask-Margin: X Y``, how far its model's smoothed map lets a bright area bleed (MapGeometry).
 
 Off the hot path by construction: the loop-thread hooks only store a reference to the newest result
 and put small records on bounded queues. JPEG encoding for the browser happens on one thread per
@@ -508,15 +509,18 @@ class OperatorServer(LineObserver):
         with view.cond:
             view.watchers -= 1
 
-    def latest_image(self, camera: str) -> Optional[bytes]:
+    def latest_image(self, camera: str) -> Optional[Tuple[bytes, Optional[Tuple[int, int]]]]:
         """The latest image ``camera`` judged, as it was judged (after its ``size``: an ignore mask's size), as
-        a lossless PNG for the mask editor; None for an unknown camera or one that judged nothing yet."""
+        a lossless PNG for the mask editor, with the blur margin (x, y) of its model's map in that image's
+        pixels (MapGeometry.blur_margin; None when not known); None for an unknown camera or one that judged
+        nothing yet."""
         view = self.views.get(camera)
         latest = view.latest if view is not None else None
         if latest is None:
             return None
         ok, png = cv2.imencode(".png", latest.image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-        return png.tobytes() if ok else None
+        geometry = view.info.map_geometry
+        return (png.tobytes(), geometry.blur_margin(latest.image.shape[:2]) if geometry else None) if ok else None
 
     def alarm_image(self, event_id: str, camera: Optional[str] = None) -> Optional[Tuple[bytes, str]]:
         with self._alarm_lock:
@@ -972,11 +976,13 @@ def _handler_for(server: OperatorServer):
                     self._send(200 if known else 404, server.mask_editor if known else b"no such camera\n",
                                "text/html; charset=utf-8" if known else "text/plain")
                 elif _FRAME_PATH.match(path):
-                    png = server.latest_image(_FRAME_PATH.match(path).group(1))
-                    if png is None:
+                    found = server.latest_image(_FRAME_PATH.match(path).group(1))
+                    if found is None:
                         self._send(404, b"no image of this camera (yet)\n", "text/plain")
                     else:
-                        self._send(200, png, "image/png")
+                        png, margin = found
+                        extra = {"X-Mask-Margin": f"{margin[0]} {margin[1]}"} if margin else None
+                        self._send(200, png, "image/png", extra)
                 elif _ALARM_PATH.match(path):
                     query = parse_qs(self.path.partition("?")[2])
                     found = server.alarm_image(_ALARM_PATH.match(path).group(1), (query.get("camera") or [None])[0])
