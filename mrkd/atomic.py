@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -62,7 +63,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         except (FileExistsError, NotADirectoryError):   # a file where a folder should be ("File exists" said)
             above = next((p for p in (path.parent, *path.parent.parents) if p.exists()), path.parent)
             raise NotADirectoryError(errno.ENOTDIR, f"{path}: {above} is a file, not a folder") from None
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = None, None
+        while fd is None:
+            # named before it is made (mkstemp's name came back only after the file existed, so a stop landing
+            # in between left a file nobody knew of): a stop at any point finds the name here to remove
+            tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            except FileExistsError:     # another write's name: never removed as ours
+                tmp = None
         with os.fdopen(fd, mode) as handle:
             os.fchmod(handle.fileno(), new_file_mode())
             yield handle
@@ -109,13 +118,15 @@ def sync_folder(folder: str | os.PathLike) -> None:
 
 def remove_stale_staging(path: Path, stale_s: float = STALE_STAGING_S) -> None:
     """Remove the staging files ``atomic_open`` made for ``path`` (``.NAME.XXXXXXXX.tmp`` beside it) that no
-    write has touched for ``stale_s`` (or dated more than that ahead): left by a crash or a power cut."""
+    write has touched for ``stale_s`` (or dated more than that ahead): left by a crash, a SIGKILL or a power
+    cut."""
     prefix, now = f".{path.name}.", time.time()
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         for entry in entries:
+            # 8 random characters (atomic_open's; mkstemp's before), not another file's name
             middle = entry.name[len(prefix):-len(".tmp")]
             if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp") and len(middle) == 8
-                    and "." not in middle):      # mkstemp's 8 random characters, not another file's name
+                    and "." not in middle):
                 continue
             with contextlib.suppress(OSError):
                 if entry.is_file(follow_symlinks=False) and \

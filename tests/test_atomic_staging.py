@@ -29,3 +29,26 @@ def test_the_next_write_removes_a_stale_staging_file_of_the_same_file_only(tmp_p
     assert fresh.exists() and other.exists() and odd.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model.onnx.") and
                   p.name.count(".") == 4) == [fresh.name, odd.name]   # and nothing of the write itself left
+
+
+def test_a_stop_landing_as_the_staging_file_is_made_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C right after the staging file came into being, before its name was handed back (mkstemp's
+    window: the name was learnt only from its return): nothing is left, the target is untouched."""
+    import pytest
+    from mrkd.atomic import atomic_open
+    target = tmp_path / "labels.jsonl"
+    target.write_bytes(b"old")
+    real_open = os.open
+
+    def open_then_stop(name, flags, *args, **kwargs):
+        fd = real_open(name, flags, *args, **kwargs)
+        if str(name).endswith(".tmp"):
+            os.close(fd)
+            raise KeyboardInterrupt       # as a signal handler raises it, between the call and its result's use
+        return fd
+    monkeypatch.setattr(os, "open", open_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(target, "wb") as handle:
+            handle.write(b"new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.jsonl"] and target.read_bytes() == b"old"
