@@ -17,10 +17,9 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from mrkd.errors import warning_line
 from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
                                      CalibrationError, calibration_from_scores, check_calibration_shift,
-                                     frame_size_label, shift_reference)
+                                     frame_size_label, shift_reference, whole_image_recalibration)
 from mrkd.runtime.ignore_mask import IgnoreMask, load_ignore_mask, masked
 from mrkd.runtime.metadata import file_sha256, sidecar_path
 from mrkd.runtime.line.loop import iter_frames
@@ -130,11 +129,9 @@ def calibrate_exported(model_path: Union[str, Path], good, labelled=None, quanti
         raise CalibrationError(why)
     detector = Detector(model_path, backend=backend)
     try:
-        recorded = detector.metadata.calibration
-        if mask is None and recorded is not None and recorded.ignore_mask:
-            warn(warning_line(f"{model_path}: its threshold was set under an ignore mask (sha256 "
-                              f"{recorded.ignore_mask[:12]}); this one is set on whole images (--ignore-mask MASK "
-                              f"sets it as a camera with that mask judges)"))
+        note = whole_image_recalibration(detector.metadata.calibration, str(model_path)) if mask is None else None
+        if note:
+            warn(note)
         good_scores, stats = score_source(detector, good, max_frames=max_frames, progress=progress,
                                           options=source_options, mask=mask)
         labelled_scores = None

@@ -452,6 +452,16 @@ def shift_reference(previous: Optional[Calibration], new: Calibration, good_scor
     return previous if previous.ignore_mask is None and upward else None
 
 
+def whole_image_recalibration(previous: Optional[Calibration], where: str) -> Optional[str]:
+    """The warning line for calibrating ``where`` on whole images when its threshold was set under an
+    ignore mask (the camera that judges under it gets a threshold on another scale), else None."""
+    if previous is None or not previous.ignore_mask:
+        return None
+    return warning_line(f"{where}: its threshold was set under an ignore mask (sha256 {previous.ignore_mask[:12]}); "
+                        f"this one is set on whole images (--ignore-mask MASK sets it as a camera with that mask "
+                        f"judges)")
+
+
 def check_calibration_shift(previous: Optional[Calibration], good_scores, new_threshold: float,
                             accept_shift: bool, where: str, warn: Callable[[str], None]) -> None:
     """Refuse (CalibrationShiftError naming ``where``) a suspicious recalibration unless ``accept_shift``;

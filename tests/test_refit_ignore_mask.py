@@ -185,7 +185,7 @@ def test_reweightings_component_maps_under_a_mask_give_the_masked_scores(parent,
     assert (unmasked >= camera - 1e-4).all() and (unmasked > camera * 1.05).any(), (unmasked, camera)
 
 
-def test_calibrating_a_checkpoint_under_a_mask_sets_the_threshold_on_the_masked_maps(parent, tmp_path):
+def test_calibrating_a_checkpoint_under_a_mask_sets_the_threshold_on_the_masked_maps(parent, tmp_path, monkeypatch):
     """`mrkd calibrate model.ckpt GOOD --ignore-mask MASK` (it was refused before: exported models only):
     the threshold is set on each map's maximum outside the mask, computed here from the checkpoint's own
     maps and the mask resized by area (more than half white: ignored), and the mask's sha256 is recorded.
@@ -198,10 +198,21 @@ def test_calibrating_a_checkpoint_under_a_mask_sets_the_threshold_on_the_masked_
     from mrkd.train.checkpoint import load_checkpoint
     mask_path = write_mask(tmp_path / "mask.png")
     good = coded_good(parent, tmp_path / "good")
+    import collections
+    import mrkd.runtime.images as images
+    decodes, real_decode = collections.Counter(), images._decode
+
+    def counting(path):       # the one function that decodes a file
+        decodes[str(path)] += 1
+        return real_decode(path)
+    monkeypatch.setattr(images, "_decode", counting)
     runner = CliRunner()
     outcome = runner.invoke(calibrate_command, [str(parent / "parent.ckpt"), str(good), "--ignore-mask", str(mask_path),
                                                 "--out", str(tmp_path / "masked.ckpt"), "--accept-shift"])
     assert outcome.exit_code == 0, outcome.output
+    # each image decoded once for its size (the mask) and its square (the model): it was three times
+    assert sorted(decodes.values()) == [1] * len(list(good.iterdir())), decodes
+    monkeypatch.undo()
     model = load_checkpoint(tmp_path / "masked.ckpt").eval()
     calibration = Calibration.of(model.calibration)
     assert calibration.ignore_mask == file_sha256(mask_path)

@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mrkd.errors import warning_line
 from mrkd.runtime.calibration import (DEFAULT_CONFIDENCE, DEFAULT_METHOD, DEFAULT_QUANTILE, Calibration,
                                      CalibrationError, calibration_from_scores, check_calibration_shift,
-                                     shift_reference)
+                                     shift_reference, whole_image_recalibration)
 from mrkd.runtime.images import read_image
 
 if TYPE_CHECKING:
@@ -56,16 +55,16 @@ def score_images(model, images, batch_size: int = 8, device=None,
         raise ValueError("an ignore mask needs image paths (the frames' own size), not a tensor")
     paths = images if isinstance(images, torch.Tensor) else list(images)
     frame_hw = frame_hw or (lambda path: tuple(read_image(path).shape[:2]))
-    out = []
+    out, start = [], 0
     with torch.no_grad():
         for batch in _as_batches(paths, model, batch_size, square):
             if mask is None:
                 out.append(model.scores(batch.to(device)).float().cpu().numpy())
                 continue
             maps = model.anomaly_map(batch.to(device))[:, 0].float().cpu().numpy()
-            done = sum(len(part) for part in out)
-            out.append(np.array([mask.apply(amap, frame_hw(paths[done + i]), model.config.image_size,
-                                            model.config.resize_mode)[1] for i, amap in enumerate(maps)], np.float32))
+            out.append(np.array([mask.apply(amap, frame_hw(path), model.config.image_size, model.config.resize_mode)[1]
+                                 for amap, path in zip(maps, paths[start:start + len(maps)])], np.float32))
+            start += len(maps)
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -93,20 +92,23 @@ def calibrate(model, good_images: Union[Sequence[str], "torch.Tensor"],  # noqa:
               batch_size: int = 8, device=None, method: str = DEFAULT_METHOD,
               confidence: float = DEFAULT_CONFIDENCE,
               check: Optional[Callable[[np.ndarray, Calibration], None]] = None,
-              mask: Optional["IgnoreMask"] = None) -> Calibration:
+              mask: Optional["IgnoreMask"] = None, square: Optional[Callable[[str], np.ndarray]] = None,
+              frame_hw: Optional[Callable[[str], Tuple[int, int]]] = None) -> Calibration:
     """Score ``good_images`` (paths or a normalised tensor) and store the calibration in the model.
 
     ``labelled``: optional ``(images, labels)`` with defective examples; the threshold is then the
     F1-optimal one on them instead of the good-score rule ``method`` (see threshold_from_good_scores).
     ``check(good_scores, calibration)`` may refuse the result (raise) before it is stored. ``mask``:
     scores taken under that ignore mask (score_images), its sha256 recorded with the threshold.
+    ``square``, ``frame_hw``: as score_images (images decoded once by the caller).
     Returns ``model.calibration``.
     """
-    good = score_images(model, good_images, batch_size, device, mask=mask)
+    good = score_images(model, good_images, batch_size, device, square=square, mask=mask, frame_hw=frame_hw)
     labels = labelled_scores = None
     if labelled is not None:
         labelled_images, labels = labelled
-        labelled_scores = score_images(model, labelled_images, batch_size, device, mask=mask)
+        labelled_scores = score_images(model, labelled_images, batch_size, device, square=square, mask=mask,
+                                       frame_hw=frame_hw)
     result = calibration_from_scores(good, quantile, labels, labelled_scores, method, confidence)
     if mask is not None:
         result = dataclasses.replace(result, ignore_mask=mask.sha256)
@@ -143,14 +145,18 @@ def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, qua
     if device is not None:
         model = model.to(device)
     previous = model.calibration
+    images = None
     if mask is not None:
-        why = mask_misfit(mask, [*good, *(labelled[0] if labelled else ())], model)
+        # each image decoded once: its size for the mask, its square for the model (refit's cache)
+        from mrkd.train.refit import DecodedImages
+        images = DecodedImages.of(model)
+        why = mask_misfit(mask, [*good, *(labelled[0] if labelled else ())], model, images.frame_hw)
         if why:
             raise CalibrationError(why)
-    elif previous is not None and previous.ignore_mask:
-        warn(warning_line(f"{checkpoint}: its threshold was set under an ignore mask (sha256 "
-                          f"{previous.ignore_mask[:12]}); this one is set on whole images (--ignore-mask MASK "
-                          f"sets it as a camera with that mask judges)"))
+    else:
+        note = whole_image_recalibration(previous, str(checkpoint))
+        if note:
+            warn(note)
 
     def check(good_scores, result):
         check_calibration_shift(shift_reference(previous, result, good_scores), good_scores, result.threshold,
@@ -158,6 +164,8 @@ def recalibrate_checkpoint(checkpoint, good_images, out=None, labelled=None, qua
         result.previous_threshold = None if previous is None else previous.threshold
 
     calibrate(model, good, labelled=labelled, quantile=quantile, batch_size=batch_size, device=device,
-              method=method, confidence=confidence, check=check, mask=mask)
+              method=method, confidence=confidence, check=check, mask=mask,
+              square=images.square if images is not None else None,
+              frame_hw=images.frame_hw if images is not None else None)
     save_checkpoint(model.cpu(), out or checkpoint, extra=kept)
     return model.calibration
