@@ -318,6 +318,34 @@ def test_shadow_scores_every_part_image_without_verdicts_of_its_own(deploy, tmp_
         detector.close()
 
 
+def test_shadow_counts_images_left_unscored_at_the_stop_as_dropped(tmp_path):
+    """A candidate slower than the stop's drain: the images still queued are counted as dropped, so frames +
+    dropped is every image offered (before, they vanished from the summary without a count)."""
+    from mrkd.runtime.detector import Detector
+    gate = threading.Event()
+
+    class Gated:            # the real candidate, held at the gate (a candidate far slower than the line)
+        def __init__(self, detector):
+            self.inner = detector
+            self.threshold, self.model_path, self.metadata = detector.threshold, detector.model_path, detector.metadata
+
+        def __call__(self, image):
+            gate.wait(20)
+            return self.inner(image)
+
+        def close(self):
+            self.inner.close()
+    shadow = ShadowScorer(Gated(Detector(export_tiny_model(tmp_path / "candidate.onnx", threshold=0.5))))
+    for frame in rng_frames(5, seed=8):
+        shadow.offer("cam", frame, 0.2, False, "live")
+    threading.Timer(0.5, gate.set).start()       # after the drain: the image in hand is finished, not cut
+    shadow.on_stop(drain_s=0.2)
+    comparison = shadow.comparison()
+    # the worker holds one image at the gate (it may not have taken it yet on a loaded machine)
+    assert comparison.frames + comparison.dropped == 5 and comparison.dropped >= 4 and comparison.errors == 0
+    assert shadow.health().dropped == comparison.dropped
+
+
 def test_shadow_of_a_triggered_line_starts_a_new_comparison_at_each_swap_a_roll_back_too(deploy, tmp_path):
     """Parts judged by A, then v2, then A again (rolled back): the comparison after the roll back went on from
     A's first parts. Each swap the runner applies between parts starts a new pair."""

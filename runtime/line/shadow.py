@@ -226,10 +226,20 @@ class ShadowScorer(LineObserver):
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def on_stop(self) -> None:
-        self.drain(5.0)
+    def on_stop(self, drain_s: float = 5.0) -> None:
+        """Score what is queued (within ``drain_s``); what is still waiting then counts as dropped, so the
+        summary's frames and dropped add up to every image offered (nothing lost without a count)."""
+        self.drain(drain_s)
+        while True:
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            with self._lock:
+                self._tallies[left[3]].dropped += 1
         self._queue.put(None)
-        self._thread.join(timeout=5.0)
+        self._thread.join(timeout=max(5.0, drain_s))
         self.detector.close()
 
     def summary(self) -> dict:
