@@ -1,10 +1,12 @@
 """The page's ignore-mask editor (/mask/<camera>), in headless Chromium against a live `mrkd run`: the camera's
 latest judged image comes back lossless at its own size (/frame/<camera>.png), rectangles dragged over it on a
 page shown smaller than the image become white in a downloaded PNG of the image's size, and that PNG is a mask
-`mrkd run --ignore-mask` takes. Nothing on the line changes (GET only)."""
+`mrkd run --ignore-mask` takes. The mask the image was judged under comes back by its hash and is kept in the
+download unless unticked. Nothing on the line changes (GET only)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import signal
 import urllib.error
@@ -19,9 +21,15 @@ from runtime_fixtures import build_tiny_model, normal_frame, write_frames
 H, W = 240, 320
 
 
-def fetch(url):
+def fetch(url, header="Content-Type"):
     with urllib.request.urlopen(url, timeout=10) as answer:
-        return answer.status, answer.headers.get("Content-Type"), answer.read()
+        return answer.status, answer.headers.get(header), answer.read()
+
+
+def white_of(path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image.shape[:2] == (H, W), image.shape
+    return (image[:, :, :3] if image.ndim == 3 else image[:, :, None]).min(axis=2) > 127
 
 
 def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged_areas_white(tmp_path):
@@ -36,7 +44,12 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
     frames = [normal_frame(rng, H, W) for _ in range(3)]
     folder = write_frames(tmp_path / "frames", frames)
     model = build_tiny_model(tmp_path / "tiny.onnx")
-    run = PageRun(model, "--source", folder, "--loop", "--fps", "20", "--status-every", "0")
+    in_force = np.zeros((H, W), np.uint8)
+    in_force[180:230, 250:310] = 255              # the mask the line runs under: a corner the drags stay out of
+    cv2.imwrite(str(tmp_path / "in_force.png"), in_force)
+    in_force_sha = hashlib.sha256((tmp_path / "in_force.png").read_bytes()).hexdigest()
+    run = PageRun(model, "--source", folder, "--loop", "--fps", "20", "--status-every", "0",
+                  "--ignore-mask", tmp_path / "in_force.png")
     try:
         url = run.url
 
@@ -56,7 +69,12 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
         # lossless, as judged: exactly one of the frames
         assert kind == "image/png" and image.shape == (H, W, 3)
         assert any(np.array_equal(image, frame) for frame in frames)
-        for missing in ("/frame/nope.png", "/mask/nope"):
+        # the mask it was judged under, by its hash, white where not judged
+        assert fetch(url + "/frame/cam0.png", "X-Ignore-Mask")[1] == in_force_sha
+        status, kind, body = fetch(url + f"/ignore_mask/{in_force_sha}.png")
+        served = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert kind == "image/png" and np.array_equal(served, in_force)
+        for missing in ("/frame/nope.png", "/mask/nope", f"/ignore_mask/{'0' * 64}.png", "/ignore_mask/cam0.png"):
             with pytest.raises(urllib.error.HTTPError) as refused:
                 fetch(url + missing)
             assert refused.value.code == 404
@@ -94,7 +112,10 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
                     waiting.value.save_as(tmp_path / name)
                     assert waiting.value.suggested_filename == "cam0-ignore-mask.png"
                     return tmp_path / name
-                widened = download("1+margin", "widened.png")      # the margin is on by default
+                assert page.locator("#current-size").inner_text() == f"{(in_force > 0).mean():.1%} not judged"
+                kept = download("1+margin+current", "kept.png")  # the margin and the mask in force: on by default
+                page.locator("#current").uncheck()
+                widened = download("1+margin", "widened.png")
                 assert page.locator("#margin-size").inner_text() == f"{margin[0]}×{margin[1]}"
                 page.locator("#margin").uncheck()
                 saved = download("1", "drawn.png")
@@ -104,13 +125,12 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
         # one rectangle, where the pointer went (to a pixel: the page's layout is fractional), and with the
         # margin that rectangle widened by the blur's reach on every side
         for path, (mx, my) in ((saved, (0, 0)), (widened, margin)):
-            mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            assert mask.shape[:2] == (H, W), mask.shape
-            white = (mask[:, :, :3] if mask.ndim == 3 else mask[:, :, None]).min(axis=2) > 127
+            white = white_of(path)
             rows, cols = np.nonzero(white)
             assert abs(cols.min() - (x0 - mx)) <= 1 and abs(cols.max() + 1 - (x1 + mx)) <= 1, (path, cols.min(), first)
             assert abs(rows.min() - (y0 - my)) <= 1 and abs(rows.max() + 1 - (y1 + my)) <= 1, (path, rows.min(), first)
             assert white.sum() == (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1)
+        assert np.array_equal(white_of(kept), white_of(widened) | (in_force > 0))
         loaded = load_ignore_mask(saved)
         assert loaded.misfit((H, W)) is None and 0.05 < loaded.ignored_fraction < 0.15
     finally:

@@ -26,7 +26,10 @@ or more before it) and a read-only operator page.
 * ``/mask/<camera>``: an ignore-mask editor (mask_editor.html): rectangles dragged over the camera's latest
   judged image become a black/white PNG of that image's size, made and downloaded in the browser; the line
   is not changed. ``/frame/<camera>.png``: that image, lossless (encoded on request; 404 before the first),
-  with ``X-Mask-Margin: X Y``, how far its model's smoothed map lets a bright area bleed (MapGeometry).
+  with ``X-Mask-Margin: X Y``, how far its model's smoothed map lets a bright area bleed (MapGeometry), and
+  ``X-Ignore-Mask: SHA256`` when it was judged under a mask; ``/ignore_mask/<sha256>.png`` is that mask (white:
+  not judged), so the editor starts from the mask in force. Named by hash, not camera: a recipe change
+  between the two requests cannot pair an image with another image's mask.
 
 Off the hot path by construction: the loop-thread hooks only store a reference to the newest result
 and put small records on bounded queues. JPEG encoding for the browser happens on one thread per
@@ -71,8 +74,10 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, quote
 
 import cv2
+import numpy as np
 
 from mrkd.errors import SettingError
+from mrkd.runtime.ignore_mask import IgnoreMask
 from mrkd.runtime.addresses import is_loopback_host
 from mrkd.runtime.outputs.events import DropOldestQueue, part_event, wants_event
 from mrkd.runtime.outputs.recent_events import latest_events
@@ -90,6 +95,7 @@ _STREAM_PATH = re.compile(r"^/stream/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.mjpg$")
 _ALARM_PATH = re.compile(r"^/alarm/([A-Za-z0-9_.:-]{1,80})\.jpg$")
 _MASK_EDITOR_PATH = re.compile(r"^/mask/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
 _FRAME_PATH = re.compile(r"^/frame/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.png$")
+_IGNORE_MASK_PATH = re.compile(r"^/ignore_mask/([0-9a-f]{64})\.png$")
 # A POST body must arrive at this rate at least, or within the floor (whichever is longer; never past the
 # request's own deadline): a body that trickles cannot hold a connection for the whole request timeout.
 BODY_MIN_BYTES_PER_S = 1024
@@ -194,6 +200,7 @@ class OperatorServer(LineObserver):
         self.outputs: List[LineObserver] = []
         self.shadows: List[LineObserver] = []         # runtime/line/shadow.py ShadowScorer: comparison()
         self.views: Dict[str, _CameraView] = {}
+        self._masks: Dict[str, IgnoreMask] = {}      # sha256 -> every ignore mask a shown image was judged under
         self.cameras: List[CameraInfo] = []
         self.alarms: Deque[dict] = deque(maxlen=max_alarms)     # newest first: {"event", "camera", "result"}
         self._part_views: Dict[str, dict] = {}     # NG part's event id -> camera -> its view (FrameResult)
@@ -299,6 +306,8 @@ class OperatorServer(LineObserver):
         view = self.views.get(result.camera)
         if view is not None:
             view.latest = result
+            if result.ignore_mask is not None:       # a handful per run (a camera's, its recipes')
+                self._masks[result.ignore_mask.sha256] = result.ignore_mask
             view.frames += 1
             view.latencies.append(result.latency_s)
             view.arrivals.append(time.monotonic())
@@ -509,18 +518,29 @@ class OperatorServer(LineObserver):
         with view.cond:
             view.watchers -= 1
 
-    def latest_image(self, camera: str) -> Optional[Tuple[bytes, Optional[Tuple[int, int]]]]:
+    def latest_image(self, camera: str) -> Optional[Tuple[bytes, Optional[Tuple[int, int]], Optional[str]]]:
         """The latest image ``camera`` judged, as it was judged (after its ``size``: an ignore mask's size), as
         a lossless PNG for the mask editor, with the blur margin (x, y) of its model's map in that image's
-        pixels (MapGeometry.blur_margin; None when not known); None for an unknown camera or one that judged
-        nothing yet."""
+        pixels (MapGeometry.blur_margin; None when not known) and the sha256 of the ignore mask it was judged
+        under (None without one); None for an unknown camera or one that judged nothing yet."""
         view = self.views.get(camera)
         latest = view.latest if view is not None else None
         if latest is None:
             return None
         ok, png = cv2.imencode(".png", latest.image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         geometry = view.info.map_geometry
-        return (png.tobytes(), geometry.blur_margin(latest.image.shape[:2]) if geometry else None) if ok else None
+        margin = geometry.blur_margin(latest.image.shape[:2]) if geometry else None
+        mask = latest.ignore_mask.sha256 if latest.ignore_mask is not None else None
+        return (png.tobytes(), margin, mask) if ok else None
+
+    def ignore_mask_image(self, sha256: str) -> Optional[bytes]:
+        """An ignore mask a shown image was judged under, by its sha256, as a black/white PNG (white: not
+        judged); None for one not seen."""
+        mask = self._masks.get(sha256)
+        if mask is None:
+            return None
+        ok, png = cv2.imencode(".png", np.where(mask.ignored, 255, 0).astype(np.uint8))
+        return png.tobytes() if ok else None
 
     def alarm_image(self, event_id: str, camera: Optional[str] = None) -> Optional[Tuple[bytes, str]]:
         with self._alarm_lock:
@@ -980,9 +1000,17 @@ def _handler_for(server: OperatorServer):
                     if found is None:
                         self._send(404, b"no image of this camera (yet)\n", "text/plain")
                     else:
-                        png, margin = found
-                        extra = {"X-Mask-Margin": f"{margin[0]} {margin[1]}"} if margin else None
+                        png, margin, mask = found
+                        extra = {"X-Mask-Margin": f"{margin[0]} {margin[1]}"} if margin else {}
+                        if mask is not None:
+                            extra["X-Ignore-Mask"] = mask
                         self._send(200, png, "image/png", extra)
+                elif _IGNORE_MASK_PATH.match(path):
+                    mask_png = server.ignore_mask_image(_IGNORE_MASK_PATH.match(path).group(1))
+                    if mask_png is None:
+                        self._send(404, b"no such ignore mask on this line\n", "text/plain")
+                    else:
+                        self._send(200, mask_png, "image/png")
                 elif _ALARM_PATH.match(path):
                     query = parse_qs(self.path.partition("?")[2])
                     found = server.alarm_image(_ALARM_PATH.match(path).group(1), (query.get("camera") or [None])[0])
