@@ -114,6 +114,12 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
                     return tmp_path / name
                 assert page.locator("#current-size").inner_text() == f"{(in_force > 0).mean():.1%} not judged"
                 kept = download("1+margin+current", "kept.png")  # the margin and the mask in force: on by default
+                page.locator("#mode-judge").check()               # judge part of the mask in force again
+                judged_again = drag(0.75, 0.70, 0.875, 0.99)
+                edited = download("2+margin+current", "edited.png")
+                page.locator("#undo").click()
+                page.locator("#mode-ignore").check()
+                assert download("1+margin+current", "kept_again.png").read_bytes() == kept.read_bytes()
                 page.locator("#current").uncheck()
                 widened = download("1+margin", "widened.png")
                 assert page.locator("#margin-size").inner_text() == f"{margin[0]}×{margin[1]}"
@@ -131,6 +137,13 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
             assert abs(rows.min() - (y0 - my)) <= 1 and abs(rows.max() + 1 - (y1 + my)) <= 1, (path, rows.min(), first)
             assert white.sum() == (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1)
         assert np.array_equal(white_of(kept), white_of(widened) | (in_force > 0))
+        # judged again: black inside the dragged rectangle (as drawn, no margin), the rest as kept (to a pixel)
+        (jx0, jx1), (jy0, jy1) = judged_again
+        inside, outside = np.zeros((H, W), bool), np.ones((H, W), bool)
+        inside[jy0 + 1:jy1 - 1, jx0 + 1:jx1 - 1] = True
+        outside[max(jy0 - 1, 0):jy1 + 1, max(jx0 - 1, 0):jx1 + 1] = False
+        assert white_of(kept)[inside].any() and not white_of(edited)[inside].any()
+        assert np.array_equal(white_of(edited)[outside], white_of(kept)[outside])
         loaded = load_ignore_mask(saved)
         assert loaded.misfit((H, W)) is None and 0.05 < loaded.ignored_fraction < 0.15
     finally:
