@@ -125,6 +125,14 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
                 assert page.locator("#margin-size").inner_text() == f"{margin[0]}×{margin[1]}"
                 page.locator("#margin").uncheck()
                 saved = download("1", "drawn.png")
+                # a mask in force that cannot be read is said, and the download cannot count on it
+                unread = browser.new_page()
+                unread.route("**/ignore_mask/**", lambda route: route.fulfill(status=404, body="gone"))
+                unread.goto(url + "/mask/cam0")
+                unread.wait_for_function("document.getElementById('current-size').textContent.length > 0",
+                                         timeout=10000)
+                assert unread.locator("#current-size").inner_text() == "the mask in force could not be read: not kept"
+                assert unread.locator("#current").is_disabled() and not unread.locator("#current").is_checked()
             finally:
                 browser.close()
         (x0, x1), (y0, y1) = first
