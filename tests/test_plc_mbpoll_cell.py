@@ -128,7 +128,8 @@ def test_a_part_acknowledged_before_the_run_ends_still_gets_its_readable_result(
     stopping = threading.Thread(target=lambda: ended.update(summary=stop(), at=time.monotonic()))
     began = time.monotonic()
     stopping.start()          # the run ends before the PLC has read the result
-    state = wait_bits(port, lambda s: s["results_valid"] == 1)
+    # both: the part may be judged (Results Valid) before the stop has reached the server (Online 0)
+    state = wait_bits(port, lambda s: s["results_valid"] == 1 and s["online"] == 0)
     assert state["results_valid"] == 1 and state["online"] == 0 and state["trigger_ready"] == 0, state
     rc, values, err = mbpoll(port, "3", 0, INPUT_COUNT)
     assert rc == 0, err
