@@ -20,7 +20,6 @@ editor's mask (what leaving the area out costs: a defect there is not seen).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -155,7 +154,8 @@ def run(settings: MaskBenchSettings, work: Path, log=print) -> dict:
 
 def main(argv: Sequence[str] = None) -> None:
     import argparse
-    import tempfile
+
+    from mrkd.benchmarks.module_main import run_in_work
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--categories", nargs="+", default=list(MaskBenchSettings.categories),
                         help="ELPV categories (default: both)")
@@ -178,13 +178,7 @@ def main(argv: Sequence[str] = None) -> None:
     settings = MaskBenchSettings(image_size=args.image_size, epochs=args.epochs, max_train=args.max_train,
                                  seeds=tuple(args.seeds), categories=tuple(args.categories), split=args.split,
                                  margins=tuple(args.margins), threads=args.threads)
-    with tempfile.TemporaryDirectory() as scratch:
-        results = run(settings, args.work or Path(scratch))
-    text = json.dumps(results, indent=1)
-    if args.out:
-        from mrkd.atomic import atomic_write_text
-        atomic_write_text(args.out, text)
-    print(text)
+    run_in_work(lambda work: run(settings, work), args.work, args.out)
 
 
 if __name__ == "__main__":

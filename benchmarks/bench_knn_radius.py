@@ -14,7 +14,6 @@ sigma S in grid cells (0: unsmoothed). Validation cells only; the test split is 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Dict, Sequence
@@ -91,7 +90,8 @@ def run(categories: Sequence[str], radii: Sequence[int], work: Path, log=print) 
 
 def main(argv=None) -> None:
     import argparse
-    import tempfile
+
+    from mrkd.benchmarks.module_main import run_in_work
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--categories", nargs="+", default=["elpv_mono", "elpv_poly"],
                         help="ELPV categories (default: both)")
@@ -101,13 +101,7 @@ def main(argv=None) -> None:
                         help="folder for the ELPV layout (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        results = run(args.categories, args.radii, args.work or Path(scratch))
-    text = json.dumps(results, indent=1)
-    if args.out:
-        from mrkd.atomic import atomic_write_text
-        atomic_write_text(args.out, text)
-    print(text)
+    run_in_work(lambda work: run(args.categories, args.radii, work), args.work, args.out)
 
 
 if __name__ == "__main__":

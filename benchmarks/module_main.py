@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 QUICK_HELP = ("small sizes, seconds to a minute: checks the benchmark runs; ratios within one run still "
@@ -22,3 +23,16 @@ def benchmark_main(doc: str, run: Callable[..., dict], argv: Optional[Sequence[s
         add_options(parser)
     options = vars(parser.parse_args(argv))
     print(json.dumps(run(**options), indent=2))
+
+
+def run_in_work(run: Callable[[Path], dict], work: Optional[Path], out: Optional[Path]) -> None:
+    """``run(folder)`` in ``work`` (a temporary folder when None, removed after), its result printed as JSON
+    and, with ``out``, written there atomically: the tail of the ELPV studies' command lines."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as scratch:
+        results = run(work or Path(scratch))
+    text = json.dumps(results, indent=1)
+    if out:
+        from mrkd.atomic import atomic_write_text
+        atomic_write_text(out, text)
+    print(text)
