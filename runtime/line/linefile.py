@@ -162,8 +162,7 @@ def _field(where: str, name: str, value: Any, folder: Path) -> Any:
     if name == "ignore_mask":
         if not isinstance(value, str) or not value.strip():
             raise bad("the path of a mask image (white where the camera's images are not judged)")
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else folder / path)
+        return _in_folder(value, folder)
     if name == "features":
         if not isinstance(value, dict):
             raise bad("a table of GenICam features, e.g. {ExposureTime = 5000}")
@@ -176,12 +175,17 @@ def _field(where: str, name: str, value: Any, folder: Path) -> Any:
     raise LineFileError(f"{where}.{name}: unknown field (known: {', '.join(CAMERA_FIELDS)})")
 
 
+def _in_folder(text: str, folder: Path) -> str:
+    """A file's path as given, a relative one read from the line file's folder."""
+    path = Path(text).expanduser()
+    return str(path if path.is_absolute() else folder / path)
+
+
 def _resolve(text: str, folder: Path) -> str:
     """A relative path is read from the line file's folder; URIs and camera indices stay as they are."""
     if (text.isascii() and text.isdigit()) or "://" in text or text.lower().startswith(NETWORK_SCHEMES):
         return text
-    path = Path(text).expanduser()
-    return str(path if path.is_absolute() else folder / path)
+    return _in_folder(text, folder)
 
 
 def _check_model_file(where: str, model: str) -> None:
@@ -269,8 +273,7 @@ def _recipe_masks(where: str, number: int, table: dict, folder: Path, cameras: D
         if not isinstance(value, str) or not value.strip():
             raise LineFileError(f"{field}: expected the path of a mask image (white where the camera's images are "
                                 f"not judged), got {value!r}")
-        mask_path = Path(value).expanduser()
-        mask_path = str(mask_path if mask_path.is_absolute() else folder / mask_path)
+        mask_path = _in_folder(value, folder)
         try:
             mask = load_ignore_mask(mask_path)
         except IgnoreMaskError as exc:

@@ -523,8 +523,9 @@ class PartRunner:
             sha256, detector = self.slots.sha256_of(key), self.detectors[key]
             for i, (camera, frame) in enumerate(members):
                 self.slots.note(key, frame.image, float(result.scores[i]))     # the model's own score: a swap's check
-                amap, score = masked(self._mask(camera, pending.recipe), result.maps[i], float(result.scores[i]),
-                                     frame.image.shape[:2], detector.metadata)
+                mask = self._mask(camera, pending.recipe)
+                amap, score = masked(mask, result.maps[i], float(result.scores[i]), frame.image.shape[:2],
+                                     detector.metadata)
                 threshold = self._threshold(camera, pending.recipe, self.detectors[key])
                 index = first_index[camera.name] + len(scored.get(camera.name, ()))
                 judged.append(FrameResult(
@@ -533,7 +534,7 @@ class PartRunner:
                     anomalous=bool(is_anomalous(score, threshold)), infer_s=infer_share,
                     latency_s=max(0.0, done - (grabs[camera.name].acquired_at or done)), model_sha256=sha256,
                     backend=detector.backend.name, precision=detector.precision, raw=frame.raw,
-                    ignore_mask=self._mask(camera, pending.recipe)))
+                    ignore_mask=mask))
                 scored.setdefault(camera.name, []).append(judged[-1])
         self._report(pending, grabs, scored, model_s, acquired, judged)
         for camera in self.cameras:      # the candidates score the same images, on their own threads
@@ -606,7 +607,7 @@ class PartRunner:
                 continue
             view = max(images, key=lambda one: one.score)       # its threshold is this one (same detector)
             views[camera.name] = view
-            mask = self._mask(camera, pending.recipe)
+            mask = view.ignore_mask          # the one its score was taken under
             judgements.append(CameraJudgement(camera.name, view.score, threshold,
                                               bool(is_anomalous(view.score, threshold)), len(images),
                                               ignore_mask_sha256=mask.sha256 if mask is not None else None))

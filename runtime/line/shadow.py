@@ -141,13 +141,19 @@ class ShadowScorer(LineObserver):
                 self._queue.put_nowait(item)
                 return
             except queue.Full:
-                try:
-                    dropped = self._queue.get_nowait()
-                    self._queue.task_done()
-                    with self._lock:
-                        self._tallies[dropped[3]].dropped += 1
-                except queue.Empty:
-                    pass
+                self._drop_oldest()
+
+    def _drop_oldest(self) -> bool:
+        """Take the oldest waiting image off the queue unscored, counted as dropped in its pair; False when
+        none is waiting."""
+        try:
+            dropped = self._queue.get_nowait()
+        except queue.Empty:
+            return False
+        self._queue.task_done()
+        with self._lock:
+            self._tallies[dropped[3]].dropped += 1
+        return True
 
     def _work(self) -> None:
         while True:
@@ -230,14 +236,8 @@ class ShadowScorer(LineObserver):
         """Score what is queued (within ``drain_s``); what is still waiting then counts as dropped, so the
         summary's frames and dropped add up to every image offered (nothing lost without a count)."""
         self.drain(drain_s)
-        while True:
-            try:
-                left = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._queue.task_done()
-            with self._lock:
-                self._tallies[left[3]].dropped += 1
+        while self._drop_oldest():
+            pass
         self._queue.put(None)
         self._thread.join(timeout=max(5.0, drain_s))
         self.detector.close()
