@@ -20,7 +20,6 @@ editor's mask (what leaving the area out costs: a defect there is not seen).
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +33,6 @@ CELL = 300                                        # ELPV cells are 300 x 300
 CODE = (slice(10, 110), slice(10, 150))           # where the code is printed: rows, columns
 BLOCK = 10                                        # one block of the code, pixels
 MARGINS = (0.0, 1.0, 2.0, 4.0, 8.0)                  # mask margin around the code, in sigmas of the map's blur
-EDITOR_MARGIN = 2.0                               # what the page's editor adds (MapGeometry.blur_margin)
 
 
 @dataclass
@@ -69,13 +67,6 @@ def code_mask(margin_xy: Tuple[int, int], shape: Tuple[int, int] = (CELL, CELL))
     return mask
 
 
-def margin_pixels(sigmas: float, sigma: float, image_size: int, frame_hw: Tuple[int, int] = (CELL, CELL)):
-    """``sigmas`` blur sigmas (``sigma`` at model size ``image_size``) in a frame's pixels, (x, y), rounded up
-    as the editor rounds (MapGeometry.blur_margin is this at 2 sigmas, resize mode 'resize')."""
-    h, w = frame_hw
-    return math.ceil(sigmas * sigma * w / image_size), math.ceil(sigmas * sigma * h / image_size)
-
-
 def coded_copy(source: Path, target: Path, seed: int) -> List[Path]:
     """Every image under ``source`` written under ``target`` (same relative paths) with its own code."""
     import cv2
@@ -100,7 +91,7 @@ def run_category(layout_root: Path, work: Path, category: str, seed: int, settin
     from sklearn.metrics import roc_auc_score
 
     from mrkd.benchmarks.bench_quality import QualitySettings, train_mrkd
-    from mrkd.runtime.ignore_mask import load_ignore_mask
+    from mrkd.runtime.ignore_mask import BLUR_MARGIN_SIGMAS, MapGeometry, load_ignore_mask
     from mrkd.train.calibrate import score_images
     from mrkd.train.data import scan_category
     from mrkd.train.memory_bank import DEFAULT_MAX_PATCHES, fit_memory_bank
@@ -129,7 +120,8 @@ def run_category(layout_root: Path, work: Path, category: str, seed: int, settin
 
     def mask_of(model, sigmas: float):
         path = work / f"mask_{sigmas:g}.png"
-        cv2.imwrite(str(path), code_mask(margin_pixels(sigmas, model.config.sigma, settings.image_size)))
+        geometry = MapGeometry(settings.image_size, model.config.resize_mode, model.config.sigma)
+        cv2.imwrite(str(path), code_mask(geometry.blur_margin((CELL, CELL), sigmas)))
         return load_ignore_mask(path)
     model = trained(coded_root, coded, "coded")
     row = {"coded, no mask": auroc(model, coded)}
@@ -138,7 +130,8 @@ def run_category(layout_root: Path, work: Path, category: str, seed: int, settin
     del model
     reference = trained(layout_root, clean, "uncoded")
     row["no code, no mask"] = auroc(reference, clean)
-    row[f"no code, mask + {EDITOR_MARGIN:g} sigma"] = auroc(reference, clean, mask_of(reference, EDITOR_MARGIN))
+    row[f"no code, mask + {BLUR_MARGIN_SIGMAS:g} sigma"] = auroc(reference, clean,
+                                                               mask_of(reference, BLUR_MARGIN_SIGMAS))
     log(f"{category} seed {seed}: {row}")
     return row
 

@@ -108,6 +108,9 @@ class IgnoreMask:
         return judged, float(amap[~grid].max())
 
 
+BLUR_MARGIN_SIGMAS = 2.0      # the editor's margin: two sigmas of the map's blur (benchmarks/bench_ignore_mask.py)
+
+
 @dataclass(frozen=True)
 class MapGeometry:
     """How a model's anomaly map lies over a camera's frames: its side (``image_size``), how a frame is
@@ -122,15 +125,16 @@ class MapGeometry:
     def of(cls, metadata) -> "MapGeometry":
         return cls(int(metadata.image_size), str(metadata.resize_mode), float(metadata.sigma))
 
-    def blur_margin(self, frame_hw: Tuple[int, int]) -> Tuple[int, int]:
+    def blur_margin(self, frame_hw: Tuple[int, int], sigmas: float = BLUR_MARGIN_SIGMAS) -> Tuple[int, int]:
         """(x, y): how many of a ``frame_hw`` (h, w) frame's pixels a bright area bleeds past its edge in
-        the smoothed map (two sigmas of the blur, in frame pixels): the margin to draw around it."""
+        the smoothed map (``sigmas`` sigmas of the blur, in frame pixels, rounded up): the margin to draw
+        around it."""
         h, w = frame_hw
         if self.resize_mode == "center_crop":       # the shorter side is scaled to the map, the rest cropped
             scale_x = scale_y = min(h, w) / self.image_size
         else:
             scale_x, scale_y = w / self.image_size, h / self.image_size
-        return math.ceil(2 * self.sigma * scale_x), math.ceil(2 * self.sigma * scale_y)
+        return math.ceil(sigmas * self.sigma * scale_x), math.ceil(sigmas * self.sigma * scale_y)
 
 
 def load_ignore_mask(path) -> IgnoreMask:

@@ -1,5 +1,6 @@
 """bench_ignore_mask's coded cells and masks: the code stays inside its area, the masks cover it with the
-margin asked for, and the editor's margin (2 sigmas) is MapGeometry.blur_margin's."""
+margin asked for, and MapGeometry.blur_margin (which the bench and the editor share) is the blur's sigmas in
+the frame's pixels, rounded up, two by default."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_the_code_changes_only_its_area_and_differs_from_cell_to_cell():
 
 
 def test_masks_cover_the_code_widened_by_the_margin_and_the_editors_margin_is_the_runtimes():
-    from mrkd.benchmarks.bench_ignore_mask import CELL, CODE, code_mask, margin_pixels
+    import math
+    from mrkd.benchmarks.bench_ignore_mask import CELL, CODE, code_mask
     from mrkd.runtime.ignore_mask import MapGeometry
     rows, cols = CODE
     tight, wide = code_mask((0, 0)), code_mask((7, 3))
@@ -28,5 +30,9 @@ def test_masks_cover_the_code_widened_by_the_margin_and_the_editors_margin_is_th
     assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == \
         (cols.start - 7, cols.stop + 7, rows.start - 3, rows.stop + 3)
     for size, sigma in ((256, 4.0), (128, 4.0), (224, 2.5)):
-        assert margin_pixels(2.0, sigma, size) == MapGeometry(size, "resize", sigma).blur_margin((CELL, CELL))
-    assert margin_pixels(0.0, 4.0, 256) == (0, 0)
+        geometry = MapGeometry(size, "resize", sigma)
+        for sigmas in (1.0, 2.0, 8.0):
+            side = math.ceil(sigmas * sigma * CELL / size)
+            assert geometry.blur_margin((CELL, CELL), sigmas) == (side, side)
+        assert geometry.blur_margin((CELL, CELL)) == geometry.blur_margin((CELL, CELL), 2.0)
+        assert geometry.blur_margin((CELL, CELL), 0.0) == (0, 0)
