@@ -39,8 +39,9 @@ def add_loopback_address(address: str) -> Optional[str]:
 class FakeGigeCamera:
     """``start()``, ``kill()`` (a camera unplugged), ``start()`` again (powered back on)."""
 
-    def __init__(self, address: str, serial: str, lost_per_thousand: int = 0, program: str = PROGRAM):
-        self.address, self.serial, self.lost = address, serial, lost_per_thousand
+    def __init__(self, address: str, serial: str, lost_per_thousand: int = 0, program: str = PROGRAM,
+                 debug: str = ""):
+        self.address, self.serial, self.lost, self.debug = address, serial, lost_per_thousand, debug
         self.program = shutil.which(program) or program
         self.proc: Optional[subprocess.Popen] = None
         # Its messages go to a file: a pipe nobody reads fills up and then blocks the simulator's
@@ -60,6 +61,8 @@ class FakeGigeCamera:
         command = [self.program, "-i", self.address, "-s", self.serial]
         if self.lost:
             command += ["-r", str(self.lost)]
+        if self.debug:                  # Aravis' own log categories, e.g. "device:3,stream-thread:3"
+            command += ["-d", self.debug]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -16,18 +16,24 @@ Aravis 0.8 does not range-check feature values, so ``apply_features`` does: an u
 value outside the camera's bounds, an enumeration entry it lacks or a value that does not read back
 is one GigeError naming camera, feature and value. The values read back are ``features_applied``.
 
-Software trigger, image to trigger: an image belongs to the trigger mrkd sent only if its first packet
-(the GVSP leader, whose arrival Aravis stamps as the buffer's system timestamp, host wall clock) came
-after that trigger was sent, compared on the monotonic clock: the stamp is moved onto it when the buffer
-is popped, milliseconds later, so a wall clock stepped between a trigger and its image (NTP, a
-technician) costs no part; an earlier trigger's image (one delayed by packet resends) is discarded and
-counted as unclaimed, never taken for a later part. After a trigger that got no image in time, the next
-trigger waits ``LATE_IMAGE_S`` for its late image to land first.
+Software trigger, image to trigger: the camera numbers its images (the GVSP block id, 16-bit ids
+wrapping from 65535 to 1, or GigE Vision 2's 64-bit ones) and sends one per trigger it takes, so once
+one image has been matched, each trigger the camera took is owed the next number. An image numbered
+before the trigger's is an earlier trigger's (one delayed by packet resends or a busy camera, however
+late it lands): discarded and counted as unclaimed, never taken for a later part. Until a number is
+known (the first trigger after a connect) and for a buffer whose leader packet was lost (no number), an
+image belongs to the trigger only if its leader came after that trigger was sent, compared on the
+monotonic clock (Aravis stamps the leader's arrival with the host's wall clock; the stamp is moved onto
+the monotonic clock when the buffer is popped, so a wall clock stepped between a trigger and its image
+costs no part). After a trigger that got no image in time, the next trigger waits ``LATE_IMAGE_S`` for
+its late image to land first. A camera that made one image for two triggers (taken while busy) leaves
+the count one ahead; ``SHIFTED_TRIGGERS`` triggers in a row that see only earlier numbers take it again.
 
 A camera that stops answering (unplugged, power-cycled: Aravis' ``control-lost``, a failed trigger)
 is down; the reader reconnects with backoff and re-applies the features and trigger mode, to the same
 camera only (its serial number is checked: another camera at the same address stays refused). So is a
-software-triggered camera whose images stop arriving (``SILENT_TRIGGERS`` timeouts in a row).
+software-triggered camera whose images stop arriving (``SILENT_TRIGGERS`` timeouts in a row in which
+no image, not even an earlier trigger's late one, landed).
 
 A software trigger is a GVCP command that Aravis retries until the camera answers (5 tries of 0.5 s
 against a camera that just died; 2.5-4.6 s were seen), and Aravis 0.8.26 has no setting for that
@@ -378,6 +384,7 @@ class _Arrival:
     started: Optional[float] = None   # time.monotonic() scale: when its leader packet arrived (None: unknown)
     index: int = 0
     raw: Optional[RawImage] = None    # the camera's own bits where the image is not them (decode)
+    block_id: int = 0                 # the camera's number for the image (GVSP block id); 0: unknown
 
     @property
     def arrived(self) -> float:
@@ -399,6 +406,24 @@ def leader_monotonic(stamp_ns: int, wall: float, popped: float) -> Optional[floa
     return started if popped - LEADER_TO_POP_MAX_S <= started <= popped else None
 
 
+# GVSP numbers a camera's images: 16-bit block ids run 1..65535 and then 1 again (0 is not a block id);
+# GigE Vision 2's extended ids are 64-bit and do not wrap in practice.
+SHORT_BLOCK_IDS = 65535
+
+
+def block_id_after(block_id: int) -> int:
+    """The id of the image a camera sends after ``block_id``."""
+    return 1 if block_id == SHORT_BLOCK_IDS else block_id + 1
+
+
+def block_ids_apart(got: int, wanted: int) -> int:
+    """How many images after ``wanted`` ``got`` comes (negative: before it), across the 16-bit wrap."""
+    if got > SHORT_BLOCK_IDS or wanted > SHORT_BLOCK_IDS:
+        return got - wanted
+    apart = (got - wanted) % SHORT_BLOCK_IDS
+    return apart - SHORT_BLOCK_IDS if apart > SHORT_BLOCK_IDS // 2 else apart
+
+
 class GigeSource(LatestFrameSource):
     """A GigE Vision camera (module docstring). ``device``: IP, serial or Aravis device id."""
 
@@ -408,6 +433,7 @@ class GigeSource(LatestFrameSource):
     POP_US = 100_000                  # the reader's wait for a buffer: a stop is seen within this
     LATE_IMAGE_S = 0.2                # after a timeout, how long a late image may still take to land
     SILENT_TRIGGERS = 2               # software triggers in a row without any image: reopen the stream
+    SHIFTED_TRIGGERS = 3              # software triggers in a row seeing only earlier ids: count again
 
     def __init__(self, uri: str, device: str, features: Sequence[Tuple[str, str]] = (), trigger: str = "free",
                  size: Optional[Tuple[int, int]] = None, reconnect: bool = True,
@@ -431,6 +457,10 @@ class GigeSource(LatestFrameSource):
         self._generation = 0                      # counts connections
         self._timed_out = False                   # the last software trigger got no image in time
         self._silent = 0                          # software triggers in a row that got no image at all
+        self._arrived = 0                         # counts the images (whole or not) of triggered mode
+        self._next_block_id: Optional[int] = None  # the id the next software trigger's image gets (None: unknown)
+        self._shifted = 0                         # triggers in a row that saw only earlier triggers' images
+        self._earlier_after_sent = False          # this trigger saw an earlier trigger's image land after it
         self._command: Optional[_TriggerCommand] = None   # the last software trigger until it is settled
         self._lost_why = "control lost"           # what the reader says when it reconnects
         self._cond = threading.Condition()
@@ -556,6 +586,10 @@ class GigeSource(LatestFrameSource):
             device = camera.get_device()
             self._generation += 1
             generation = self._generation    # a dropped connection's late signal must not touch this one
+            with self._cond:                 # a camera opened again may number its images afresh
+                self._next_block_id = None
+                self.stats.unclaimed += len(self._arrivals)
+                self._arrivals.clear()
             self._lost_signal = (device, device.connect("control-lost", self._on_control_lost, generation))
             gige = isinstance(device, Arv.GvDevice)
             if gige:
@@ -666,6 +700,10 @@ class GigeSource(LatestFrameSource):
                 try:
                     self._take(buffer)
                 finally:
+                    # Aravis sets a buffer's block id and leader time only when the leader packet comes:
+                    # a buffer whose leader is lost would carry the ones of its last use.
+                    buffer.set_frame_id(0)
+                    buffer.set_system_timestamp(0)
                     stream.push_buffer(buffer)
             del stream, buffer     # the reader must not keep a lost camera's stream alive
         # A camera that is down, or whose trigger command is still inside Aravis (it holds the device's
@@ -720,7 +758,9 @@ class GigeSource(LatestFrameSource):
             else:
                 wall, popped = time.time(), time.monotonic()
                 started = leader_monotonic(buffer.get_system_timestamp(), wall, popped)
-                self._arrivals.append(_Arrival(wall, image, popped, reason, started, index, raw))
+                self._arrivals.append(_Arrival(wall, image, popped, reason, started, index, raw,
+                                               buffer.get_frame_id()))
+                self._arrived += 1
             self._cond.notify_all()
 
     # -- triggered mode
@@ -756,8 +796,11 @@ class GigeSource(LatestFrameSource):
                 if not self.up:
                     return Grab(images, "camera down")
                 if self.trigger_mode == "software":
+                    for stale in self._arrivals:
+                        self._learn(stale.block_id)
                     self.stats.unclaimed += len(self._arrivals)
                     self._arrivals.clear()
+                    seen = self._arrived
                 else:
                     while self._arrivals and self._arrivals[0].arrived < trigger_mono - early:
                         self._arrivals.popleft()
@@ -771,13 +814,19 @@ class GigeSource(LatestFrameSource):
                             return Grab(images, f"ambiguous: {before} images arrived in the {early:g} s before "
                                                 f"the trigger, {count} expected (a stray hardware trigger?)")
             sent = time.monotonic()
+            wanted: Optional[int] = None
             if self.trigger_mode == "software":
                 why = self._send_trigger(deadline, timeout, abort)
                 if why is not None:
                     return Grab(images, why)
+                with self._cond:
+                    wanted = self._next_block_id
+                    if wanted is not None:
+                        self._next_block_id = block_id_after(wanted)
+                    self._earlier_after_sent = False
 
             def ready() -> bool:
-                return (self._fresh(sent) or not self.up or self._stop.is_set()
+                return (self._fresh(sent, wanted) or not self.up or self._stop.is_set()
                         or (abort is not None and abort.is_set()))
             with self._cond:
                 got = ready()
@@ -791,7 +840,9 @@ class GigeSource(LatestFrameSource):
                     self.stats.timeouts += 1
                     self._timed_out = True
                     if self.trigger_mode == "software":
-                        self._silent += 1
+                        self._count_shifted()
+                        # images of earlier triggers still landing: the stream delivers, only late
+                        self._silent = self._silent + 1 if self._arrived == seen else 0
                         if self._silent >= self.SILENT_TRIGGERS:
                             # The camera answers but its images never arrive (a stream that stopped
                             # delivering, e.g. one whose frame ids were thrown off by a stray packet):
@@ -802,6 +853,9 @@ class GigeSource(LatestFrameSource):
                     return Grab(images, f"timeout: no image within {timeout:g} s")
                 arrival = self._arrivals.popleft()
                 self._silent = 0
+                if self.trigger_mode == "software":
+                    self._learn(arrival.block_id)
+                    self._shifted = 0
             if arrival.image is None:
                 return Grab(images, arrival.reason or "unusable image")
             images.append(Frame(arrival.index, arrival.image, arrival.wall, self.uri, arrival.raw))
@@ -847,6 +901,9 @@ class GigeSource(LatestFrameSource):
             self.stats.timeouts += 1
             return f"timeout: the camera did not answer the last trigger command within {timeout:g} s"
         if previous.abandoned and previous.error is None:
+            with self._cond:     # the camera took that trigger: its image, if it comes, has the next id
+                if self._next_block_id is not None and previous.generation == self._generation:
+                    self._next_block_id = block_id_after(self._next_block_id)
             settled = previous.answered_at + self.LATE_IMAGE_S
             self._stop.wait(max(0.0, min(settled, deadline) - time.monotonic()))
             if time.monotonic() < settled:      # past the deadline first: the next part waits out the rest
@@ -887,15 +944,42 @@ class GigeSource(LatestFrameSource):
             command.answered_at = time.monotonic()
             command.done.set()
 
-    def _fresh(self, sent: float) -> bool:
-        """(Lock held.) Whether an image of the trigger sent at ``sent`` is waiting; a software-triggered
-        camera's images whose leader came before it are an earlier trigger's: dropped, counted. (A buffer
-        without a leader time, or whose time a clock step spoilt, is judged by when it was popped.)"""
-        if self.trigger_mode == "software":
-            while self._arrivals and self._arrivals[0].arrived < sent:
-                self._arrivals.popleft()
-                self.stats.unclaimed += 1
-        return bool(self._arrivals)
+    def _fresh(self, sent: float, wanted: Optional[int]) -> bool:
+        """(Lock held.) Whether an image of the software trigger sent at ``sent`` is waiting, the image
+        the camera numbers ``wanted`` (None: not known yet). Images of earlier triggers are dropped,
+        counted: those numbered before ``wanted``, however late they land, and, where the number is not
+        known, those whose leader came before the trigger. (A buffer without a leader time, or whose
+        time a clock step spoilt, is judged by when it was popped.)"""
+        if self.trigger_mode != "software":
+            return bool(self._arrivals)
+        while self._arrivals:
+            arrival = self._arrivals[0]
+            if arrival.block_id and wanted is not None:
+                apart = block_ids_apart(arrival.block_id, wanted)
+                if apart == 0 or (apart > 0 and arrival.arrived >= sent):
+                    return True      # ahead of the count: an image no trigger of ours asked for came first
+                if apart < 0 and arrival.arrived >= sent:
+                    self._earlier_after_sent = True
+            elif arrival.arrived >= sent:
+                return True
+            self._arrivals.popleft()
+            self.stats.unclaimed += 1
+        return False
+
+    def _learn(self, block_id: int) -> None:
+        """(Lock held.) An image numbered ``block_id`` came: the next trigger's image comes after it."""
+        if block_id and (self._next_block_id is None or block_ids_apart(block_id, self._next_block_id) >= 0):
+            self._next_block_id = block_id_after(block_id)
+
+    def _count_shifted(self) -> None:
+        """(Lock held; a software trigger timed out.) A camera that made one image for two triggers (a
+        trigger while it was busy) numbers every later image one below the count: each trigger would see
+        only the image "of the one before" and time out. After SHIFTED_TRIGGERS such triggers in a row
+        the count is dropped and taken again from the next image."""
+        self._shifted = self._shifted + 1 if self._earlier_after_sent else 0
+        if self._shifted >= self.SHIFTED_TRIGGERS:
+            self._shifted = 0
+            self._next_block_id = None
 
     def close(self) -> None:
         if not self._stop.is_set():
