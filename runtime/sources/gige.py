@@ -768,9 +768,10 @@ class GigeSource(LatestFrameSource):
              abort: Optional[threading.Event] = None, early: float = 0.25) -> Grab:
         """The ``count`` image(s) of one part trigger (``trigger_mono``: when mrkd heard of it, on the
         monotonic clock), waiting at most
-        ``timeout`` seconds for each. Software: the camera is triggered once per image, and only an
-        image whose leader packet arrived after that trigger was sent is its image (earlier ones are
-        stale: counted as unclaimed). Hardware: an image whose leader arrived up to ``early`` seconds
+        ``timeout`` seconds for each. Software: the camera is triggered once per image, and its image
+        is the one numbered as that trigger's, or where no number is known, one whose leader packet
+        arrived after the trigger was sent (module docstring; earlier ones are stale: counted as
+        unclaimed). Hardware: an image whose leader arrived up to ``early`` seconds
         before mrkd heard of the trigger belongs to it (the camera's I/O may beat the PLC's message);
         older ones are unclaimed. More than ``count`` images in that early window is a stray trigger
         among them: the part is an ERROR ("ambiguous") and they are all unclaimed, rather than one taken
