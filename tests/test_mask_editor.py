@@ -163,3 +163,96 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
     masked = PageRun(model, "--source", folder, "--ignore-mask", saved, "--status-every", "0")
     assert masked.close() == 0, masked.stderr
     assert f"ignore mask {saved} (320x240" in masked.stderr, masked.stderr
+
+
+def centre_distances(corners) -> np.ndarray:
+    """Each pixel centre's signed distance to the polygon ``corners`` (x, y on pixel edges; > 0 inside),
+    by OpenCV's point-polygon test: the reference the page's canvas fill is checked against."""
+    contour = np.array(corners, np.float32).reshape(-1, 1, 2)
+    return np.array([[cv2.pointPolygonTest(contour, (x + 0.5, y + 0.5), True) for x in range(W)] for y in range(H)])
+
+
+def test_a_polygon_drawn_on_the_page_is_white_in_the_mask_to_within_a_pixel_of_its_edge(tmp_path):
+    """A concave polygon clicked corner by corner (closed on its first corner) on a page shown smaller
+    than the image, with and without the blur's margin (the polygon widened by a box of the margin, as a
+    rectangle is), a judge-again triangle inside it (closed by a double-click), and a polygon begun, its
+    last corner undone and dropped with Escape. The reference is OpenCV's point-polygon distance of each
+    pixel centre and scipy's box dilation; only pixels within 1.5 px of an edge may go either way."""
+    from scipy.ndimage import binary_dilation
+    from line_fixtures import PageRun
+    from peers import require_program
+    from test_operator_page import CHROMIUM, CHROMIUM_ARGS
+    require_program(CHROMIUM, ["chromium"])
+    from playwright.sync_api import sync_playwright
+    rng = np.random.default_rng(12)
+    folder = write_frames(tmp_path / "frames", [normal_frame(rng, H, W) for _ in range(3)])
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    run = PageRun(model, "--source", folder, "--loop", "--fps", "20", "--status-every", "0")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 240, "height": 1600}, accept_downloads=True)
+                page.goto(run.url + "/mask/cam0")
+                page.wait_for_function("document.getElementById('frame').naturalWidth > 0", timeout=30000)
+                page.locator("#frame").scroll_into_view_if_needed()
+                box = page.locator("#frame").bounding_box()
+                assert box["width"] < W - 50, box
+                margin = [int(v) for v in page.locator("#margin-size").inner_text().split("×")]
+                assert margin[0] > 0 and margin[1] > 0
+
+                def screen(fx, fy):
+                    return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
+
+                def corner(fx, fy):            # as the page rounds a pointer position to image pixels
+                    x, y = screen(fx, fy)
+                    return round((x - box["x"]) * W / box["width"]), round((y - box["y"]) * H / box["height"])
+
+                def download(ready, name):
+                    page.wait_for_function(f"document.getElementById('download').dataset.ready === '{ready}'",
+                                           timeout=10000)
+                    with page.expect_download() as waiting:
+                        page.locator("#download").click()
+                    waiting.value.save_as(tmp_path / name)
+                    return tmp_path / name
+                page.locator("#shape-polygon").check()
+                l_shape = [(0.15, 0.15), (0.7, 0.15), (0.7, 0.4), (0.4, 0.4), (0.4, 0.8), (0.15, 0.8)]
+                for fx, fy in l_shape:
+                    page.mouse.click(*screen(fx, fy))
+                page.mouse.click(*screen(*l_shape[0]))          # on the first corner: closed
+                widened = download("1+margin", "widened.png")
+                page.locator("#margin").uncheck()
+                drawn = download("1", "drawn.png")
+                page.mouse.click(*screen(0.8, 0.5))             # begun, a corner undone, dropped
+                page.mouse.click(*screen(0.9, 0.6))
+                page.locator("#undo").click()
+                page.keyboard.press("Escape")
+                assert download("1", "drawn_again.png").read_bytes() == drawn.read_bytes()
+                page.locator("#mode-judge").check()
+                triangle = [(0.2, 0.3), (0.35, 0.3), (0.2, 0.7)]
+                page.mouse.click(*screen(*triangle[0]))
+                page.mouse.click(*screen(*triangle[1]))
+                page.mouse.dblclick(*screen(*triangle[2]))      # a double-click closes it
+                judged_again = download("2", "judged_again.png")
+            finally:
+                browser.close()
+    finally:
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.close() == 0, run.stderr
+    band = 1.5
+    distance = centre_distances([corner(fx, fy) for fx, fy in l_shape])
+    sure_in, maybe_in = distance > band, distance > -band
+    assert sure_in.sum() > 0.1 * H * W
+    for path, (mx, my) in ((drawn, (0, 0)), (widened, margin)):
+        white = white_of(path)
+        box_of_margin = np.ones((2 * my + 1, 2 * mx + 1), bool)
+        must = binary_dilation(sure_in, box_of_margin) if mx else sure_in
+        may = binary_dilation(maybe_in, box_of_margin) if mx else maybe_in
+        assert white[must].all() and not white[~may].any(), (path, (white & ~may).sum(), (must & ~white).sum())
+        assert (may & ~must).sum() < 0.2 * must.sum()      # the undecided band is thin
+    assert white_of(widened).sum() > white_of(drawn).sum() + 100
+    # the triangle judged again, as drawn (no margin): black inside it, the rest as before
+    inside = centre_distances([corner(fx, fy) for fx, fy in triangle])
+    before, after = white_of(drawn), white_of(judged_again)
+    assert before[inside > band].all() and not after[inside > band].any()
+    assert np.array_equal(after[inside < -band], before[inside < -band])
