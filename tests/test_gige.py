@@ -1158,6 +1158,50 @@ def test_hardware_trigger_takes_only_images_of_its_own_trigger_and_never_shifts_
         source.close()
 
 
+def test_hardware_trigger_never_takes_an_earlier_parts_late_image_and_counts_again_after_a_skipped_trigger(
+        simulator, model):
+    """A hardware-triggered part's image held up in the network lands after the next part's trigger
+    message, inside that part's early window: by time it is the next part's. By the camera's block ids
+    it is not (each PLC trigger is owed the next id once one image was matched): discarded, counted,
+    and the part gets its own image. A camera that skipped a trigger (busy) leaves the count one ahead:
+    at most SHIFTED_TRIGGERS parts are ERROR, then the count is taken again. (The simulator cannot fire
+    its input line, so the camera's images, with their ids, are put where its stream puts them.)"""
+    from mrkd.runtime.sources.gige import _Arrival
+    camera = simulator("127.0.86.28", "HWIDS")
+    line = Line((Camera("cam", camera.uri, model, trigger="hardware"),))
+    source = open_part_sources(line, PartSettings())["cam"]
+    try:
+        wait_for(lambda: source.up, 10, "the camera")
+
+        def arrives(at, block_id):
+            with source._cond:
+                source._arrivals.append(_Arrival(time.time(), np.full((4, 4, 3), block_id % 250, np.uint8),
+                                                 at + 0.002, "", at, block_id=block_id))
+                source._cond.notify_all()
+
+        def part(trigger, *images):
+            for delay, block_id in images:           # (seconds after the PLC's message, block id)
+                threading.Timer(delay, arrives, (trigger + delay, block_id)).start()
+            grab = source.grab(trigger, timeout=0.4, count=1, early=0.25)
+            return grab.error and grab.error.split(":")[0], [int(image[0, 0, 0]) for image in grab.images]
+
+        now = time.monotonic()
+        assert part(now, (0.05, 10)) == (None, [10])                 # the count begins: 11 is owed next
+        assert part(now + 1, ) == ("timeout", [])                     # its image (11) is held up
+        unclaimed = source.stats.unclaimed
+        assert part(now + 2, (0.02, 11), (0.1, 12)) == (None, [12])  # 11 lands first: not this part's
+        assert source.stats.unclaimed == unclaimed + 1
+        # the camera skips the next trigger: each later image is one below the count
+        assert part(now + 3) == ("timeout", [])
+        shifted = [part(now + 4 + k, (0.05, 13 + k)) for k in range(GigeSource.SHIFTED_TRIGGERS)]
+        assert shifted == [("timeout", [])] * GigeSource.SHIFTED_TRIGGERS, shifted
+        after = 13 + GigeSource.SHIFTED_TRIGGERS
+        assert part(now + 8, (0.05, after)) == (None, [after])       # counted again from this image
+        assert part(now + 9, (0.02, after), (0.05, after + 1)) == (None, [after + 1])
+    finally:
+        source.close()
+
+
 def test_hardware_triggers_closer_than_the_part_timeout_are_warned_about_once(simulator, model, caplog):
     camera = simulator("127.0.86.20", "HWSPACE")
     recorder = Recorder()

@@ -18,7 +18,8 @@ is one GigeError naming camera, feature and value. The values read back are ``fe
 
 Software trigger, image to trigger: the camera numbers its images (the GVSP block id, 16-bit ids
 wrapping from 65535 to 1, or GigE Vision 2's 64-bit ones) and sends one per trigger it takes, so once
-one image has been matched, each trigger the camera took is owed the next number. An image numbered
+one image has been matched, each trigger the camera took is owed the next number (hardware trigger:
+each trigger the PLC reported; there the window of ``grab``'s ``early`` stands in for the send time). An image numbered
 before the trigger's is an earlier trigger's (one delayed by packet resends or a busy camera, however
 late it lands): discarded and counted as unclaimed, never taken for a later part. Until a number is
 known (the first trigger after a connect) and for a buffer whose leader packet was lost (no number), an
@@ -806,6 +807,10 @@ class GigeSource(LatestFrameSource):
                     while self._arrivals and self._arrivals[0].arrived < trigger_mono - early:
                         self._arrivals.popleft()
                         self.stats.unclaimed += 1
+                    wanted = self._owe_block_id()
+                    for late in [a for a in self._arrivals if self._earlier(a, wanted)]:
+                        self._arrivals.remove(late)          # an earlier part's, landed late: not a stray
+                        self.stats.unclaimed += 1
                     if not images:
                         before = sum(1 for a in self._arrivals if a.arrived < trigger_mono)
                         if before > count:
@@ -814,17 +819,14 @@ class GigeSource(LatestFrameSource):
                                 self._arrivals.popleft()
                             return Grab(images, f"ambiguous: {before} images arrived in the {early:g} s before "
                                                 f"the trigger, {count} expected (a stray hardware trigger?)")
-            sent = time.monotonic()
-            wanted: Optional[int] = None
+            sent = trigger_mono - early       # hardware: the window's start, as _fresh takes it
             if self.trigger_mode == "software":
+                sent = time.monotonic()
                 why = self._send_trigger(deadline, timeout, abort)
                 if why is not None:
                     return Grab(images, why)
                 with self._cond:
-                    wanted = self._next_block_id
-                    if wanted is not None:
-                        self._next_block_id = block_id_after(wanted)
-                    self._earlier_after_sent = False
+                    wanted = self._owe_block_id()
 
             def ready() -> bool:
                 return (self._fresh(sent, wanted) or not self.up or self._stop.is_set()
@@ -840,8 +842,8 @@ class GigeSource(LatestFrameSource):
                         return Grab(images, "line stopped")
                     self.stats.timeouts += 1
                     self._timed_out = True
+                    self._count_shifted()
                     if self.trigger_mode == "software":
-                        self._count_shifted()
                         # images of earlier triggers still landing: the stream delivers, only late
                         self._silent = self._silent + 1 if self._arrived == seen else 0
                         if self._silent >= self.SILENT_TRIGGERS:
@@ -854,9 +856,8 @@ class GigeSource(LatestFrameSource):
                     return Grab(images, f"timeout: no image within {timeout:g} s")
                 arrival = self._arrivals.popleft()
                 self._silent = 0
-                if self.trigger_mode == "software":
-                    self._learn(arrival.block_id)
-                    self._shifted = 0
+                self._learn(arrival.block_id)
+                self._shifted = 0
             if arrival.image is None:
                 return Grab(images, arrival.reason or "unusable image")
             images.append(Frame(arrival.index, arrival.image, arrival.wall, self.uri, arrival.raw))
@@ -946,13 +947,11 @@ class GigeSource(LatestFrameSource):
             command.done.set()
 
     def _fresh(self, sent: float, wanted: Optional[int]) -> bool:
-        """(Lock held.) Whether an image of the software trigger sent at ``sent`` is waiting, the image
-        the camera numbers ``wanted`` (None: not known yet). Images of earlier triggers are dropped,
-        counted: those numbered before ``wanted``, however late they land, and, where the number is not
-        known, those whose leader came before the trigger. (A buffer without a leader time, or whose
-        time a clock step spoilt, is judged by when it was popped.)"""
-        if self.trigger_mode != "software":
-            return bool(self._arrivals)
+        """(Lock held.) Whether an image of the trigger sent at ``sent`` (hardware: the start of its
+        early window) is waiting, the image the camera numbers ``wanted`` (None: not known yet). Images
+        of earlier triggers are dropped, counted: those numbered before ``wanted``, however late they
+        land, and, where the number is not known, those whose leader came before ``sent``. (A buffer
+        without a leader time, or whose time a clock step spoilt, is judged by when it was popped.)"""
         while self._arrivals:
             arrival = self._arrivals[0]
             if arrival.block_id and wanted is not None:
@@ -966,6 +965,19 @@ class GigeSource(LatestFrameSource):
             self._arrivals.popleft()
             self.stats.unclaimed += 1
         return False
+
+    def _owe_block_id(self) -> Optional[int]:
+        """(Lock held; a trigger the camera took.) The id its image will have (None: not known); the
+        next trigger is owed the one after."""
+        wanted = self._next_block_id
+        if wanted is not None:
+            self._next_block_id = block_id_after(wanted)
+        self._earlier_after_sent = False
+        return wanted
+
+    @staticmethod
+    def _earlier(arrival: _Arrival, wanted: Optional[int]) -> bool:
+        return bool(arrival.block_id) and wanted is not None and block_ids_apart(arrival.block_id, wanted) < 0
 
     def _learn(self, block_id: int) -> None:
         """(Lock held.) An image numbered ``block_id`` came: the next trigger's image comes after it."""
