@@ -1181,7 +1181,10 @@ def test_hardware_trigger_never_takes_an_earlier_parts_late_image_and_counts_aga
 
         def part(trigger, *images):
             for delay, block_id in images:           # (seconds after the PLC's message, block id)
-                threading.Timer(delay, arrives, (trigger + delay, block_id)).start()
+                if delay < 0:
+                    arrives(trigger + delay, block_id)
+                else:
+                    threading.Timer(delay, arrives, (trigger + delay, block_id)).start()
             grab = source.grab(trigger, timeout=0.4, count=1, early=0.25)
             return grab.error and grab.error.split(":")[0], [int(image[0, 0, 0]) for image in grab.images]
 
@@ -1191,9 +1194,10 @@ def test_hardware_trigger_never_takes_an_earlier_parts_late_image_and_counts_aga
         unclaimed = source.stats.unclaimed
         assert part(now + 2, (0.02, 11), (0.1, 12)) == (None, [12])  # 11 lands first: not this part's
         assert source.stats.unclaimed == unclaimed + 1
-        # the camera skips the next trigger: each later image is one below the count
+        # the camera skips the next trigger: each later image is one below the count (these beat the
+        # PLC's message, so they are there before the part waits)
         assert part(now + 3) == ("timeout", [])
-        shifted = [part(now + 4 + k, (0.05, 13 + k)) for k in range(GigeSource.SHIFTED_TRIGGERS)]
+        shifted = [part(now + 4 + k, (-0.1, 13 + k)) for k in range(GigeSource.SHIFTED_TRIGGERS)]
         assert shifted == [("timeout", [])] * GigeSource.SHIFTED_TRIGGERS, shifted
         after = 13 + GigeSource.SHIFTED_TRIGGERS
         assert part(now + 8, (0.05, after)) == (None, [after])       # counted again from this image

@@ -19,8 +19,8 @@ is one GigeError naming camera, feature and value. The values read back are ``fe
 Software trigger, image to trigger: the camera numbers its images (the GVSP block id, 16-bit ids
 wrapping from 65535 to 1, or GigE Vision 2's 64-bit ones) and sends one per trigger it takes, so once
 one image has been matched, each trigger the camera took is owed the next number (hardware trigger:
-each trigger the PLC reported; there the window of ``grab``'s ``early`` stands in for the send time). An image numbered
-before the trigger's is an earlier trigger's (one delayed by packet resends or a busy camera, however
+each trigger the PLC reported; the start of ``grab``'s ``early`` window stands in for the send time).
+An image numbered before the trigger's is an earlier trigger's (one delayed by packet resends or a busy camera, however
 late it lands): discarded and counted as unclaimed, never taken for a later part. Until a number is
 known (the first trigger after a connect) and for a buffer whose leader packet was lost (no number), an
 image belongs to the trigger only if its leader came after that trigger was sent, compared on the
@@ -434,7 +434,7 @@ class GigeSource(LatestFrameSource):
     POP_US = 100_000                  # the reader's wait for a buffer: a stop is seen within this
     LATE_IMAGE_S = 0.2                # after a timeout, how long a late image may still take to land
     SILENT_TRIGGERS = 2               # software triggers in a row without any image: reopen the stream
-    SHIFTED_TRIGGERS = 3              # software triggers in a row seeing only earlier ids: count again
+    SHIFTED_TRIGGERS = 3              # triggers in a row seeing only earlier ids: count again
 
     def __init__(self, uri: str, device: str, features: Sequence[Tuple[str, str]] = (), trigger: str = "free",
                  size: Optional[Tuple[int, int]] = None, reconnect: bool = True,
@@ -459,7 +459,7 @@ class GigeSource(LatestFrameSource):
         self._timed_out = False                   # the last software trigger got no image in time
         self._silent = 0                          # software triggers in a row that got no image at all
         self._arrived = 0                         # counts the images (whole or not) of triggered mode
-        self._next_block_id: Optional[int] = None  # the id the next software trigger's image gets (None: unknown)
+        self._next_block_id: Optional[int] = None  # the id the next trigger's image gets (None: unknown)
         self._shifted = 0                         # triggers in a row that saw only earlier triggers' images
         self._earlier_after_sent = False          # this trigger saw an earlier trigger's image land after it
         self._command: Optional[_TriggerCommand] = None   # the last software trigger until it is settled
@@ -811,6 +811,7 @@ class GigeSource(LatestFrameSource):
                     for late in [a for a in self._arrivals if self._earlier(a, wanted)]:
                         self._arrivals.remove(late)          # an earlier part's, landed late: not a stray
                         self.stats.unclaimed += 1
+                        self._earlier_after_sent = True
                     if not images:
                         before = sum(1 for a in self._arrivals if a.arrived < trigger_mono)
                         if before > count:
@@ -985,8 +986,8 @@ class GigeSource(LatestFrameSource):
             self._next_block_id = block_id_after(block_id)
 
     def _count_shifted(self) -> None:
-        """(Lock held; a software trigger timed out.) A camera that made one image for two triggers (a
-        trigger while it was busy) numbers every later image one below the count: each trigger would see
+        """(Lock held; a trigger timed out.) A camera that made one image for two triggers, or skipped one
+        (a trigger while it was busy), numbers every later image one below the count: each trigger would see
         only the image "of the one before" and time out. After SHIFTED_TRIGGERS such triggers in a row
         the count is dropped and taken again from the next image."""
         self._shifted = self._shifted + 1 if self._earlier_after_sent else 0
