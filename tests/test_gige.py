@@ -1116,23 +1116,33 @@ def test_another_camera_at_the_same_address_is_not_taken_for_the_one_the_run_sta
         source.close()
 
 
+def hardware_source(camera, model):
+    """The part source of a hardware-triggered camera, up."""
+    source = open_part_sources(Line((Camera("cam", camera.uri, model, trigger="hardware"),)), PartSettings())["cam"]
+    wait_for(lambda: source.up, 10, "the camera")
+    return source
+
+
+def put_image(source, leader_at: float, value: int, block_id: int = 0) -> None:
+    """An image of ``value`` where the camera's stream puts it (the simulator cannot fire its input
+    line), its leader at ``leader_at`` (monotonic), popped 2 ms later, numbered ``block_id`` (0: none)."""
+    from mrkd.runtime.sources.gige import _Arrival
+    with source._cond:
+        source._arrivals.append(_Arrival(time.time(), np.full((4, 4, 3), value, np.uint8), leader_at + 0.002, "",
+                                         leader_at, block_id=block_id))
+        source._cond.notify_all()
+
+
 def test_hardware_trigger_takes_only_images_of_its_own_trigger_and_never_shifts_a_part(simulator, model):
     """Images of a hardware-triggered camera are matched to the PLC's trigger by time. A stray trigger's
     image up to the part timeout (2 s) before it was taken for the part, and the part's own image was
     then taken by the next part: every later verdict one part late. Now only images of the ``early``
     window count; two of them there are one too many: the part is ERROR, never judged on another's image.
     (The simulator cannot fire its input line, so the camera's images are put where its stream puts them.)"""
-    from mrkd.runtime.sources.gige import _Arrival
-    camera = simulator("127.0.86.19", "HWMATCH")
-    line = Line((Camera("cam", camera.uri, model, trigger="hardware"),))
-    source = open_part_sources(line, PartSettings())["cam"]
+    source = hardware_source(simulator("127.0.86.19", "HWMATCH"), model)
     try:
-        wait_for(lambda: source.up, 10, "the camera")
-
         def arrives(at, value):
-            with source._cond:
-                source._arrivals.append(_Arrival(time.time(), np.full((4, 4, 3), value, np.uint8), at + 0.002, "", at))
-                source._cond.notify_all()
+            put_image(source, at, value)
 
         def part(trigger, *images, late=None):
             for at, value in images:
@@ -1166,18 +1176,10 @@ def test_hardware_trigger_never_takes_an_earlier_parts_late_image_and_counts_aga
     and the part gets its own image. A camera that skipped a trigger (busy) leaves the count one ahead:
     at most SHIFTED_TRIGGERS parts are ERROR, then the count is taken again. (The simulator cannot fire
     its input line, so the camera's images, with their ids, are put where its stream puts them.)"""
-    from mrkd.runtime.sources.gige import _Arrival
-    camera = simulator("127.0.86.28", "HWIDS")
-    line = Line((Camera("cam", camera.uri, model, trigger="hardware"),))
-    source = open_part_sources(line, PartSettings())["cam"]
+    source = hardware_source(simulator("127.0.86.28", "HWIDS"), model)
     try:
-        wait_for(lambda: source.up, 10, "the camera")
-
         def arrives(at, block_id):
-            with source._cond:
-                source._arrivals.append(_Arrival(time.time(), np.full((4, 4, 3), block_id % 250, np.uint8),
-                                                 at + 0.002, "", at, block_id=block_id))
-                source._cond.notify_all()
+            put_image(source, at, block_id % 250, block_id)
 
         def part(trigger, *images):
             for delay, block_id in images:           # (seconds after the PLC's message, block id)

@@ -32,6 +32,16 @@ def white_of(path):
     return (image[:, :, :3] if image.ndim == 3 else image[:, :, None]).min(axis=2) > 127
 
 
+def download_mask(page, ready, path):
+    """The page's mask once it is made for ``ready`` (what went into it: shapes, +margin, +current)."""
+    page.wait_for_function(f"document.getElementById('download').dataset.ready === '{ready}'", timeout=10000)
+    with page.expect_download() as waiting:
+        page.locator("#download").click()
+    waiting.value.save_as(path)
+    assert waiting.value.suggested_filename == "cam0-ignore-mask.png"
+    return path
+
+
 def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged_areas_white(tmp_path):
     from line_fixtures import PageRun, wait_for
     from peers import require_program
@@ -105,13 +115,7 @@ def test_a_mask_drawn_on_the_page_is_a_png_of_the_cameras_image_with_the_dragged
                 page.locator("#undo").click()                 # the second one taken back
 
                 def download(ready, name):
-                    page.wait_for_function(f"document.getElementById('download').dataset.ready === '{ready}'",
-                                           timeout=10000)
-                    with page.expect_download() as waiting:
-                        page.locator("#download").click()
-                    waiting.value.save_as(tmp_path / name)
-                    assert waiting.value.suggested_filename == "cam0-ignore-mask.png"
-                    return tmp_path / name
+                    return download_mask(page, ready, tmp_path / name)
                 assert page.locator("#current-size").inner_text() == f"{(in_force > 0).mean():.1%} not judged"
                 kept = download("1+margin+current", "kept.png")  # the margin and the mask in force: on by default
                 page.locator("#mode-judge").check()               # judge part of the mask in force again
@@ -209,12 +213,7 @@ def test_a_polygon_drawn_on_the_page_is_white_in_the_mask_to_within_a_pixel_of_i
                     return round((x - box["x"]) * W / box["width"]), round((y - box["y"]) * H / box["height"])
 
                 def download(ready, name):
-                    page.wait_for_function(f"document.getElementById('download').dataset.ready === '{ready}'",
-                                           timeout=10000)
-                    with page.expect_download() as waiting:
-                        page.locator("#download").click()
-                    waiting.value.save_as(tmp_path / name)
-                    return tmp_path / name
+                    return download_mask(page, ready, tmp_path / name)
                 page.locator("#shape-polygon").check()
                 l_shape = [(0.15, 0.15), (0.7, 0.15), (0.7, 0.4), (0.4, 0.4), (0.4, 0.8), (0.15, 0.8)]
                 for fx, fy in l_shape:
