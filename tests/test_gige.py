@@ -825,6 +825,26 @@ def not_their_own(grabs, triggers, frames):
     return judged, wrong
 
 
+def judged_by_the_simulator(camera, grabs, stats):
+    """The simulator's record once its last lines are in (triggers, frames) and how many grabs took an
+    image; fails naming every grab whose image was not made for its own trigger (``not_their_own``)."""
+    time.sleep(0.2)
+    triggers, frames = simulator_record(camera.messages(), time.time())
+    judged, wrong = not_their_own(grabs, triggers, frames)
+    assert not wrong, f"(grab began, ended, pixel, simulator sent it at): {wrong}; {stats}"
+    return triggers, frames, judged
+
+
+def first_whole_image(source, tries: int, timeout: float) -> None:
+    """Grab until an image comes whole (lost packets): from it the count of block ids begins."""
+    for _ in range(tries):
+        if source.grab(time.monotonic(), timeout).error is None:
+            break
+
+
+SIMULATOR_LOG = "device:3,stream-thread:3"     # its log of trigger writes and frames sent (simulator_record)
+
+
 def timed_grabs(source, count: int, timeout: float):
     grabs = []
     for _ in range(count):
@@ -856,13 +876,10 @@ def test_a_camera_that_makes_one_image_for_two_triggers_is_counted_again(simulat
     readout): the count of block ids is then one ahead of the camera, and each later image looks like
     an earlier trigger's. After SHIFTED_TRIGGERS such parts (ERROR, never an image of another trigger)
     the count is taken again and every part gets its own image."""
-    camera = simulator("127.0.86.26", "ONE-FOR-TWO", debug="device:3,stream-thread:3")
+    camera = simulator("127.0.86.26", "ONE-FOR-TWO", debug=SIMULATOR_LOG)
     source = open_source(camera.uri, trigger="software")
     try:
-        for _ in range(10):
-            if source.grab(time.monotonic(), 2.0).error is None:
-                break
-        source.LATE_IMAGE_S = 0.0
+        first_whole_image(source, 10, 2.0)
         for _ in range(20):                          # two triggers inside one of the simulator's looks
             source.LATE_IMAGE_S = 0.0
             source.grab(time.monotonic(), 0.02)
@@ -878,11 +895,8 @@ def test_a_camera_that_makes_one_image_for_two_triggers_is_counted_again(simulat
         stats = source.stats.as_dict()
     finally:
         source.close()
-    time.sleep(0.2)
-    triggers, frames = simulator_record(camera.messages(), time.time())
+    triggers, frames, _ = judged_by_the_simulator(camera, grabs, stats)
     assert len(triggers) == len(frames) + 1, (len(triggers), len(frames))     # that one image for two only
-    judged, wrong = not_their_own(grabs, triggers, frames)
-    assert not wrong, f"(grab began, ended, pixel, simulator sent it at): {wrong}; {stats}"
     # at most SHIFTED_TRIGGERS parts see only "earlier" images (the first may have missed the double one)
     assert all(pixel is not None for _, _, pixel in grabs[GigeSource.SHIFTED_TRIGGERS + 1:]), (grabs, stats)
 
@@ -897,14 +911,12 @@ def test_every_software_triggered_image_is_its_own_triggers_under_lost_packets(s
     trigger was written to it and when it sent each frame (an image's first pixel is its block id
     modulo 255), so an image is the part's when the simulator sent it after the part's grab began and
     a trigger written during the grab came before it (a frame made for two triggers is the later's)."""
-    camera = simulator("127.0.86.24", "COUNTED-LOSSY", lost=3, debug="device:3,stream-thread:3")
+    camera = simulator("127.0.86.24", "COUNTED-LOSSY", lost=3, debug=SIMULATOR_LOG)
     source = open_source(camera.uri, trigger="software")
     source.LATE_IMAGE_S = 0.0
     source.SILENT_TRIGGERS = 10 ** 6
     try:
-        for _ in range(20):                     # a whole image: the count of block ids begins
-            if source.grab(time.monotonic(), 5.0).error is None:
-                break
+        first_whole_image(source, 20, 5.0)
         grabs = []
 
         def wrapped():
@@ -914,12 +926,9 @@ def test_every_software_triggered_image_is_its_own_triggers_under_lost_packets(s
         stats = source.stats.as_dict()
     finally:
         source.close()
-    time.sleep(0.2)                              # the simulator's last lines
-    triggers, frames = simulator_record(camera.messages(), time.time())
+    triggers, frames, judged = judged_by_the_simulator(camera, grabs, stats)
     assert len(triggers) >= 100 and any(block_id < 100 for _, block_id in frames), (len(triggers), frames[-3:])
-    judged, wrong = not_their_own(grabs, triggers, frames)
     assert judged >= 20 and stats["unclaimed_images"] >= 5, (judged, stats)
-    assert not wrong, f"(grab began, ended, pixel, simulator sent it at): {wrong}; {stats}"
 
 
 STREAM_CHANNEL_0_PORT = 0x0D00           # GigE Vision bootstrap register: where the camera streams to
@@ -979,7 +988,7 @@ def test_an_image_held_up_in_the_network_is_never_taken_for_the_next_part(simula
     out and the whole image lands after the next trigger went out, behind LATE_IMAGE_S: its leader's
     arrival time says it is the next trigger's, its block id says it is not. The next part must get
     its own image (the simulator's log tells which trigger made which frame, as above)."""
-    camera = simulator("127.0.86.25", "HELD-UP", debug="device:3,stream-thread:3")
+    camera = simulator("127.0.86.25", "HELD-UP", debug=SIMULATOR_LOG)
     source = open_source(camera.uri, trigger="software")
     relay = HoldingRelay(source._stream.get_port(), every=3)
     try:
@@ -987,19 +996,14 @@ def test_an_image_held_up_in_the_network_is_never_taken_for_the_next_part(simula
         source._camera.stop_acquisition()          # the camera reads where to stream when it starts
         device.write_register(STREAM_CHANNEL_0_PORT, relay.port)
         source._camera.start_acquisition()
-        for _ in range(10):                        # a whole image: the count of block ids begins
-            if source.grab(time.monotonic(), 2.0).error is None:
-                break
+        first_whole_image(source, 10, 2.0)
         grabs = timed_grabs(source, 30, 0.3)
         stats = source.stats.as_dict()
     finally:
         source.close()
         relay.close()
-    time.sleep(0.2)
-    triggers, frames = simulator_record(camera.messages(), time.time())
-    judged, wrong = not_their_own(grabs, triggers, frames)
+    _, _, judged = judged_by_the_simulator(camera, grabs, stats)
     assert len(relay.held_ids) >= 8 and judged >= 10 and stats["unclaimed_images"] >= 5, (relay.held_ids, judged, stats)
-    assert not wrong, f"(grab began, ended, pixel, simulator sent it at): {wrong}; {stats}"
 
 
 def gvsp_image_leader(frame_id: int) -> bytes:
